@@ -1,0 +1,1236 @@
+//! The coordinator's job store: jobs, their state history, per-party results and the node
+//! registry, in one SQLite database (DESIGN §7).
+//!
+//! What is stored:
+//! - each job's [`JobSpec`] as its protobuf encoding, next to a few columns to query and order by
+//!   (kind, state, submitter, idempotency key, times);
+//! - every state a job entered, with the time and the reason, in order — the first entry is the
+//!   submission itself;
+//! - what each party reported ([`PsiOutcome`], protobuf bytes), one per node;
+//! - the last hello of each node.
+//!
+//! Jobs follow the state machine `pending → offered → running → succeeded | failed | vetoed |
+//! cancelled` (see [`transition_allowed`]); every change is one transaction that reads the
+//! current state, updates it and appends to the history, so a crash never leaves a state without
+//! its history row. Write transactions are `BEGIN IMMEDIATE`, so two processes sharing the file
+//! serialise (with a busy timeout) instead of failing mid-transaction.
+//!
+//! Time is never read here: callers pass `now_ms` (Unix milliseconds), so tests and the server's
+//! clock decide. Stored bytes are treated like bytes from a peer: a blob that does not decode,
+//! or a state number outside the enum, is [`StoreError::Corrupt`], never a panic.
+//!
+//! Every operation is a short, blocking SQLite call behind a mutex; from async code call it from
+//! `tokio::task::spawn_blocking` (or accept the brief block).
+
+use std::path::Path;
+use std::sync::{Mutex, MutexGuard};
+use std::time::Duration;
+
+use cleanroom_proto::v1::{JobInfo, JobSpec, JobState, PartyResult, PsiOutcome, StateChange};
+use prost::Message;
+use rand::TryRng;
+use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
+
+/// The schema applied to a new database, version [`SCHEMA_VERSION`].
+const SCHEMA: &str = include_str!("schema.sql");
+
+/// Version of [`SCHEMA`]; recorded in the `schema_version` table.
+pub const SCHEMA_VERSION: i64 = 1;
+
+/// Most jobs one [`JobStore::list`] call returns, whatever limit is asked for.
+pub const MAX_LIST_LIMIT: u32 = 1000;
+
+/// How long a statement waits for another connection's write lock before failing with "busy".
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Why a job store operation failed. Messages are written for the analyst who will read them.
+#[non_exhaustive]
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The database itself failed (I/O, lock timeout, constraint, …).
+    #[error("job store database error: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    /// The analyst reused an idempotency key for a different spec.
+    #[error(
+        "idempotency key '{key}' was already used for job {job_id} with a different spec; \
+         use a new key"
+    )]
+    IdempotencyConflict {
+        /// The key the analyst sent.
+        key: String,
+        /// The job the key already belongs to.
+        job_id: String,
+    },
+    /// The state machine does not allow this move; nothing was changed.
+    #[error(
+        "job {job_id} is {} and cannot move to {}",
+        state_name(.from),
+        state_name(.to)
+    )]
+    IllegalTransition {
+        /// The job.
+        job_id: String,
+        /// Its current state.
+        from: JobState,
+        /// The state that was asked for.
+        to: JobState,
+    },
+    /// No job has this id.
+    #[error("no job with id '{0}'")]
+    UnknownJob(String),
+    /// A result was reported for a node that is not one of the job's parties; nothing was stored.
+    #[error("node '{node}' is not a party of job {job_id}; its result was not stored")]
+    NotAParty {
+        /// The job.
+        job_id: String,
+        /// The node that is not in the job's spec.
+        node: String,
+    },
+    /// Stored data of a job does not decode (a blob, or a state number outside the enum).
+    #[error("stored data of job {job_id} is corrupt: {reason}")]
+    Corrupt {
+        /// The job whose row is corrupt.
+        job_id: String,
+        /// What failed to decode.
+        reason: String,
+    },
+    /// The database was written by a coordinator with another schema version.
+    #[error(
+        "the job store database has schema version {found}, this coordinator supports only \
+         version {supported}; use a matching coordinator version"
+    )]
+    UnsupportedSchema {
+        /// Version recorded in the database.
+        found: i64,
+        /// Version this code writes and reads.
+        supported: i64,
+    },
+    /// The operating system's random number generator failed while drawing a job id.
+    #[error("could not draw a job id from the operating system's random number generator: {0}")]
+    Randomness(String),
+}
+
+/// The outcome of [`JobStore::submit`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Submitted {
+    /// The job's id, `job-` followed by 16 lowercase hex digits.
+    pub job_id: String,
+    /// `false` when the idempotency key had already created this job.
+    pub created: bool,
+}
+
+/// A node as last seen by the coordinator.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeRecord {
+    /// The node's name (its certificate identity).
+    pub name: String,
+    /// `host:port` of its data-plane endpoint, from its last hello.
+    pub data_addr: String,
+    /// When that hello arrived, Unix milliseconds.
+    pub last_seen_ms: i64,
+}
+
+/// Lower-case name of a state, as analysts read it ("pending", "running", …).
+pub fn state_name(state: &JobState) -> &'static str {
+    match state {
+        JobState::Unspecified => "unspecified",
+        JobState::Pending => "pending",
+        JobState::Offered => "offered",
+        JobState::Running => "running",
+        JobState::Succeeded => "succeeded",
+        JobState::Failed => "failed",
+        JobState::Vetoed => "vetoed",
+        JobState::Cancelled => "cancelled",
+    }
+}
+
+/// Whether `state` is final (succeeded, failed, vetoed or cancelled): such a job never moves again.
+pub fn is_terminal(state: JobState) -> bool {
+    matches!(
+        state,
+        JobState::Succeeded | JobState::Failed | JobState::Vetoed | JobState::Cancelled
+    )
+}
+
+/// Whether the job state machine allows moving from `from` to `to`:
+/// pending → offered | failed | cancelled | vetoed; offered → running | vetoed | failed |
+/// cancelled; running → succeeded | failed | cancelled. Terminal states never move, and no state
+/// moves to itself.
+pub fn transition_allowed(from: JobState, to: JobState) -> bool {
+    use JobState::*;
+    matches!(
+        (from, to),
+        (Pending, Offered | Failed | Cancelled | Vetoed)
+            | (Offered, Running | Vetoed | Failed | Cancelled)
+            | (Running, Succeeded | Failed | Cancelled)
+    )
+}
+
+/// The job store. Cheap operations on one SQLite connection behind a mutex; share it in an `Arc`.
+#[derive(Debug)]
+pub struct JobStore {
+    conn: Mutex<Connection>,
+}
+
+impl JobStore {
+    /// Opens (creating on first start) the SQLite database at `path`: WAL journal, foreign keys
+    /// on, a busy timeout, and the schema of `schema.sql` applied if the database has none yet.
+    /// A database with another schema version is refused ([`StoreError::UnsupportedSchema`]).
+    pub fn open(path: &Path) -> Result<JobStore, StoreError> {
+        let mut conn = Connection::open(path)?;
+        conn.busy_timeout(BUSY_TIMEOUT)?;
+        // `journal_mode` answers with the mode in effect; WAL is a request, not a requirement
+        // (some file systems cannot do it, and the store is correct without it).
+        let _mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |row| row.get(0))?;
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.pragma_update(None, "foreign_keys", true)?;
+
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let has_version_table: bool = tx.query_row(
+            "SELECT EXISTS (SELECT 1 FROM sqlite_master \
+             WHERE type = 'table' AND name = 'schema_version')",
+            [],
+            |row| row.get(0),
+        )?;
+        let found: Option<i64> = if has_version_table {
+            tx.query_row("SELECT MAX(version) FROM schema_version", [], |row| {
+                row.get(0)
+            })?
+        } else {
+            None
+        };
+        match found {
+            None => {
+                tx.execute_batch(SCHEMA)?;
+                tx.execute(
+                    "INSERT INTO schema_version (version) VALUES (?1)",
+                    [SCHEMA_VERSION],
+                )?;
+            }
+            Some(SCHEMA_VERSION) => {}
+            // Migrations from older versions go here when there are any.
+            Some(found) => {
+                return Err(StoreError::UnsupportedSchema {
+                    found,
+                    supported: SCHEMA_VERSION,
+                });
+            }
+        }
+        tx.commit()?;
+        Ok(JobStore {
+            conn: Mutex::new(conn),
+        })
+    }
+
+    /// Submits a job: a new job in state pending with a fresh id, its first history row reading
+    /// "submitted by analyst `submitted_by`".
+    ///
+    /// Idempotent: if `idempotency_key` is non-empty and `submitted_by` already used it, the
+    /// answer is that job (`created: false`) when the spec is identical (compared as encoded
+    /// bytes), and [`StoreError::IdempotencyConflict`] otherwise. Keys are scoped to the
+    /// submitting analyst. An empty key always creates a new job.
+    pub fn submit(
+        &self,
+        spec: &JobSpec,
+        idempotency_key: &str,
+        submitted_by: &str,
+        now_ms: i64,
+    ) -> Result<Submitted, StoreError> {
+        let spec_bytes = spec.encode_to_vec();
+        let key = (!idempotency_key.is_empty()).then_some(idempotency_key);
+
+        let mut conn = self.lock();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        if let Some(key) = key {
+            let existing: Option<(String, Vec<u8>)> = tx
+                .query_row(
+                    "SELECT job_id, spec FROM jobs \
+                     WHERE submitted_by = ?1 AND idempotency_key = ?2",
+                    params![submitted_by, key],
+                    |row| Ok((row.get(0)?, row.get(1)?)),
+                )
+                .optional()?;
+            if let Some((job_id, stored)) = existing {
+                return if stored == spec_bytes {
+                    Ok(Submitted {
+                        job_id,
+                        created: false,
+                    })
+                } else {
+                    Err(StoreError::IdempotencyConflict {
+                        key: key.to_owned(),
+                        job_id,
+                    })
+                };
+            }
+        }
+
+        let job_id = loop {
+            let candidate = new_job_id()?;
+            let taken: bool = tx.query_row(
+                "SELECT EXISTS (SELECT 1 FROM jobs WHERE job_id = ?1)",
+                [&candidate],
+                |row| row.get(0),
+            )?;
+            if !taken {
+                break candidate;
+            }
+        };
+        let reason = format!("submitted by analyst {submitted_by}");
+        let pending = JobState::Pending as i32;
+        tx.execute(
+            "INSERT INTO jobs (job_id, idempotency_key, submitted_by, spec, kind, state, reason, \
+             created_ms, updated_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?8)",
+            params![
+                job_id,
+                key,
+                submitted_by,
+                spec_bytes,
+                spec.kind,
+                pending,
+                reason,
+                now_ms
+            ],
+        )?;
+        tx.execute(
+            "INSERT INTO job_history (job_id, state, at_ms, reason) VALUES (?1, ?2, ?3, ?4)",
+            params![job_id, pending, now_ms, reason],
+        )?;
+        tx.commit()?;
+        Ok(Submitted {
+            job_id,
+            created: true,
+        })
+    }
+
+    /// Moves a job to `to`, recording `now_ms` and `reason` in its history, in one transaction.
+    /// A move the state machine forbids ([`transition_allowed`]) is
+    /// [`StoreError::IllegalTransition`] and changes nothing; an unknown job is
+    /// [`StoreError::UnknownJob`].
+    pub fn transition(
+        &self,
+        job_id: &str,
+        to: JobState,
+        reason: &str,
+        now_ms: i64,
+    ) -> Result<(), StoreError> {
+        let mut conn = self.lock();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let stored: Option<i32> = tx
+            .query_row(
+                "SELECT state FROM jobs WHERE job_id = ?1",
+                [job_id],
+                |row| row.get(0),
+            )
+            .optional()?;
+        let Some(stored) = stored else {
+            return Err(StoreError::UnknownJob(job_id.to_owned()));
+        };
+        let from = decode_state(job_id, stored)?;
+        if !transition_allowed(from, to) {
+            return Err(StoreError::IllegalTransition {
+                job_id: job_id.to_owned(),
+                from,
+                to,
+            });
+        }
+        tx.execute(
+            "UPDATE jobs SET state = ?2, reason = ?3, updated_ms = ?4 WHERE job_id = ?1",
+            params![job_id, to as i32, reason, now_ms],
+        )?;
+        tx.execute(
+            "INSERT INTO job_history (job_id, state, at_ms, reason) VALUES (?1, ?2, ?3, ?4)",
+            params![job_id, to as i32, now_ms, reason],
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Stores what `node` reported for a job, replacing an earlier report of the same node.
+    /// The node must be one of the job's parties ([`StoreError::NotAParty`] otherwise).
+    pub fn put_result(
+        &self,
+        job_id: &str,
+        node: &str,
+        outcome: &PsiOutcome,
+    ) -> Result<(), StoreError> {
+        let mut conn = self.lock();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let spec: Option<Vec<u8>> = tx
+            .query_row("SELECT spec FROM jobs WHERE job_id = ?1", [job_id], |row| {
+                row.get(0)
+            })
+            .optional()?;
+        let Some(spec) = spec else {
+            return Err(StoreError::UnknownJob(job_id.to_owned()));
+        };
+        let spec = decode_spec(job_id, &spec)?;
+        if !spec.parties.iter().any(|party| party.node == node) {
+            return Err(StoreError::NotAParty {
+                job_id: job_id.to_owned(),
+                node: node.to_owned(),
+            });
+        }
+        tx.execute(
+            "INSERT INTO job_results (job_id, node, outcome) VALUES (?1, ?2, ?3) \
+             ON CONFLICT (job_id, node) DO UPDATE SET outcome = excluded.outcome",
+            params![job_id, node, outcome.encode_to_vec()],
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// The full view of a job for the analyst API: spec, state, reason of the last transition,
+    /// created/updated times, submitter, results (by node name) and history (in order).
+    /// `None` if no job has this id.
+    pub fn get(&self, job_id: &str) -> Result<Option<JobInfo>, StoreError> {
+        let mut conn = self.lock();
+        // One read transaction: the job, its results and its history come from one snapshot.
+        let tx = conn.transaction()?;
+        let info = load_job(&tx, job_id)?;
+        tx.commit()?;
+        Ok(info)
+    }
+
+    /// The most recently created jobs, newest first, at most `limit` of them (and never more
+    /// than [`MAX_LIST_LIMIT`]). A limit of 0 returns no jobs: choosing a default is the API's
+    /// business.
+    pub fn list(&self, limit: u32) -> Result<Vec<JobInfo>, StoreError> {
+        let limit = limit.min(MAX_LIST_LIMIT);
+        let mut conn = self.lock();
+        let tx = conn.transaction()?;
+        let ids = {
+            let mut stmt =
+                tx.prepare("SELECT job_id FROM jobs ORDER BY created_ms DESC, seq DESC LIMIT ?1")?;
+            stmt.query_map([limit], |row| row.get::<_, String>(0))?
+                .collect::<Result<Vec<_>, _>>()?
+        };
+        let mut jobs = Vec::with_capacity(ids.len());
+        for job_id in ids {
+            // The job cannot vanish inside this read transaction; skip it if it somehow did.
+            if let Some(info) = load_job(&tx, &job_id)? {
+                jobs.push(info);
+            }
+        }
+        tx.commit()?;
+        Ok(jobs)
+    }
+
+    /// Ids of the jobs not yet in a terminal state (pending, offered or running), oldest first:
+    /// at start-up the server fails them with a reason, so no job is left hanging or run twice.
+    pub fn unfinished(&self) -> Result<Vec<String>, StoreError> {
+        let conn = self.lock();
+        let mut stmt = conn
+            .prepare_cached("SELECT job_id FROM jobs WHERE state IN (?1, ?2, ?3) ORDER BY seq")?;
+        let ids = stmt
+            .query_map(
+                params![
+                    JobState::Pending as i32,
+                    JobState::Offered as i32,
+                    JobState::Running as i32
+                ],
+                |row| row.get(0),
+            )?
+            .collect::<Result<Vec<String>, _>>()?;
+        Ok(ids)
+    }
+
+    /// Remembers the last hello of a node: its data-plane address and when it was seen.
+    pub fn record_node(&self, name: &str, data_addr: &str, now_ms: i64) -> Result<(), StoreError> {
+        let conn = self.lock();
+        conn.execute(
+            "INSERT INTO nodes (name, data_addr, last_seen_ms) VALUES (?1, ?2, ?3) \
+             ON CONFLICT (name) DO UPDATE SET data_addr = excluded.data_addr, \
+             last_seen_ms = excluded.last_seen_ms",
+            params![name, data_addr, now_ms],
+        )?;
+        Ok(())
+    }
+
+    /// Every node that ever said hello, by name.
+    pub fn nodes(&self) -> Result<Vec<NodeRecord>, StoreError> {
+        let conn = self.lock();
+        let mut stmt =
+            conn.prepare_cached("SELECT name, data_addr, last_seen_ms FROM nodes ORDER BY name")?;
+        let nodes = stmt
+            .query_map([], |row| {
+                Ok(NodeRecord {
+                    name: row.get(0)?,
+                    data_addr: row.get(1)?,
+                    last_seen_ms: row.get(2)?,
+                })
+            })?
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(nodes)
+    }
+
+    /// The connection. A panic while it was held leaves nothing half-done (an open transaction
+    /// rolls back when dropped), so a poisoned lock is taken over rather than propagated.
+    fn lock(&self) -> MutexGuard<'_, Connection> {
+        self.conn
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// A fresh job id: `job-` and 16 lowercase hex digits from the operating system's RNG.
+fn new_job_id() -> Result<String, StoreError> {
+    let mut bytes = [0u8; 8];
+    rand::rngs::SysRng
+        .try_fill_bytes(&mut bytes)
+        .map_err(|err| StoreError::Randomness(err.to_string()))?;
+    let mut id = String::with_capacity(4 + 16);
+    id.push_str("job-");
+    for byte in bytes {
+        id.push_str(&format!("{byte:02x}"));
+    }
+    Ok(id)
+}
+
+/// A state number read from the database, which must name a real state.
+fn decode_state(job_id: &str, stored: i32) -> Result<JobState, StoreError> {
+    match JobState::try_from(stored) {
+        Ok(JobState::Unspecified) | Err(_) => Err(StoreError::Corrupt {
+            job_id: job_id.to_owned(),
+            reason: format!("state number {stored} is not a job state"),
+        }),
+        Ok(state) => Ok(state),
+    }
+}
+
+fn decode_spec(job_id: &str, bytes: &[u8]) -> Result<JobSpec, StoreError> {
+    JobSpec::decode(bytes).map_err(|err| StoreError::Corrupt {
+        job_id: job_id.to_owned(),
+        reason: format!("job spec does not decode: {err}"),
+    })
+}
+
+/// Builds the analyst view of one job from the rows of `conn` (`None` if the job is unknown).
+fn load_job(conn: &Connection, job_id: &str) -> Result<Option<JobInfo>, StoreError> {
+    type JobRow = (Vec<u8>, i32, String, i64, i64, String);
+    let row: Option<JobRow> = conn
+        .prepare_cached(
+            "SELECT spec, state, reason, created_ms, updated_ms, submitted_by \
+             FROM jobs WHERE job_id = ?1",
+        )?
+        .query_row([job_id], |row| {
+            Ok((
+                row.get(0)?,
+                row.get(1)?,
+                row.get(2)?,
+                row.get(3)?,
+                row.get(4)?,
+                row.get(5)?,
+            ))
+        })
+        .optional()?;
+    let Some((spec, state, reason, created_ms, updated_ms, submitted_by)) = row else {
+        return Ok(None);
+    };
+    let spec = decode_spec(job_id, &spec)?;
+    let state = decode_state(job_id, state)?;
+
+    let mut results = Vec::new();
+    {
+        let mut stmt = conn.prepare_cached(
+            "SELECT node, outcome FROM job_results WHERE job_id = ?1 ORDER BY node",
+        )?;
+        let mut rows = stmt.query([job_id])?;
+        while let Some(row) = rows.next()? {
+            let node: String = row.get(0)?;
+            let bytes: Vec<u8> = row.get(1)?;
+            let outcome =
+                PsiOutcome::decode(bytes.as_slice()).map_err(|err| StoreError::Corrupt {
+                    job_id: job_id.to_owned(),
+                    reason: format!("result of node '{node}' does not decode: {err}"),
+                })?;
+            results.push(PartyResult {
+                node,
+                outcome: Some(outcome),
+            });
+        }
+    }
+
+    let mut history = Vec::new();
+    {
+        let mut stmt = conn.prepare_cached(
+            "SELECT state, at_ms, reason FROM job_history WHERE job_id = ?1 ORDER BY id",
+        )?;
+        let mut rows = stmt.query([job_id])?;
+        while let Some(row) = rows.next()? {
+            let state = decode_state(job_id, row.get(0)?)?;
+            history.push(StateChange {
+                state: state as i32,
+                at_ms: row.get(1)?,
+                reason: row.get(2)?,
+            });
+        }
+    }
+
+    Ok(Some(JobInfo {
+        job_id: job_id.to_owned(),
+        spec: Some(spec),
+        state: state as i32,
+        reason,
+        created_ms,
+        updated_ms,
+        submitted_by,
+        results,
+        history,
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Barrier};
+
+    use cleanroom_proto::v1::{JobKind, PartySpec};
+    use tempfile::TempDir;
+
+    use super::*;
+
+    fn spec(purpose: &str) -> JobSpec {
+        JobSpec {
+            kind: JobKind::Overlap as i32,
+            parties: vec![
+                PartySpec {
+                    node: "acme".into(),
+                    dataset: "customers".into(),
+                    keys: vec!["email".into()],
+                    learns_membership: false,
+                },
+                PartySpec {
+                    node: "globex".into(),
+                    dataset: "subscribers".into(),
+                    keys: vec!["email".into()],
+                    learns_membership: false,
+                },
+            ],
+            purpose: purpose.into(),
+        }
+    }
+
+    fn outcome(intersection: u64) -> PsiOutcome {
+        PsiOutcome {
+            intersection,
+            own_set_size: 1000,
+            peer_set_size: 2000,
+            learned_membership: false,
+            matched_rows: 0,
+            membership_file: String::new(),
+            rows_read: 1010,
+            rows_rejected: 10,
+        }
+    }
+
+    fn open_temp() -> (TempDir, JobStore) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = JobStore::open(&dir.path().join("jobs.sqlite")).unwrap();
+        (dir, store)
+    }
+
+    fn state_of(store: &JobStore, job_id: &str) -> JobState {
+        let info = store.get(job_id).unwrap().unwrap();
+        JobState::try_from(info.state).unwrap()
+    }
+
+    /// Runs raw SQL on the store's connection, as a disk fault or a careless operator would.
+    fn tamper(store: &JobStore, sql: &str, job_id: &str) {
+        store.lock().execute(sql, [job_id]).unwrap();
+    }
+
+    #[test]
+    fn creates_on_first_open_and_reopen_keeps_jobs() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("jobs.sqlite");
+        assert!(!path.exists());
+        let job_id = {
+            let store = JobStore::open(&path).unwrap();
+            let journal: String = store
+                .lock()
+                .query_row("PRAGMA journal_mode", [], |row| row.get(0))
+                .unwrap();
+            assert_eq!(journal, "wal");
+            let foreign_keys: bool = store
+                .lock()
+                .query_row("PRAGMA foreign_keys", [], |row| row.get(0))
+                .unwrap();
+            assert!(foreign_keys);
+            let job = store.submit(&spec("q3"), "", "alice", 1_000).unwrap();
+            store
+                .transition(
+                    &job.job_id,
+                    JobState::Offered,
+                    "offered to acme and globex",
+                    1_001,
+                )
+                .unwrap();
+            store.record_node("acme", "10.0.0.1:7000", 900).unwrap();
+            job.job_id
+        };
+        assert!(path.exists());
+
+        let store = JobStore::open(&path).unwrap();
+        let info = store.get(&job_id).unwrap().unwrap();
+        assert_eq!(info.spec, Some(spec("q3")));
+        assert_eq!(info.state, JobState::Offered as i32);
+        assert_eq!(info.history.len(), 2);
+        assert_eq!(store.nodes().unwrap().len(), 1);
+        let versions: Vec<i64> = store
+            .lock()
+            .prepare("SELECT version FROM schema_version")
+            .unwrap()
+            .query_map([], |row| row.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(versions, vec![SCHEMA_VERSION]);
+    }
+
+    #[test]
+    fn newer_schema_version_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("jobs.sqlite");
+        drop(JobStore::open(&path).unwrap());
+        Connection::open(&path)
+            .unwrap()
+            .execute("UPDATE schema_version SET version = 2", [])
+            .unwrap();
+        let err = JobStore::open(&path).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                StoreError::UnsupportedSchema {
+                    found: 2,
+                    supported: 1
+                }
+            ),
+            "{err:?}"
+        );
+    }
+
+    #[test]
+    fn submit_creates_pending_job_with_fresh_id() {
+        let (_dir, store) = open_temp();
+        let job = store.submit(&spec("q3"), "", "alice", 1_000).unwrap();
+        assert!(job.created);
+        let hex = job.job_id.strip_prefix("job-").unwrap();
+        assert_eq!(hex.len(), 16);
+        assert!(
+            hex.chars()
+                .all(|c| c.is_ascii_digit() || ('a'..='f').contains(&c))
+        );
+
+        let info = store.get(&job.job_id).unwrap().unwrap();
+        assert_eq!(info.job_id, job.job_id);
+        assert_eq!(info.state, JobState::Pending as i32);
+        assert_eq!(info.reason, "submitted by analyst alice");
+        assert_eq!(info.submitted_by, "alice");
+        assert_eq!((info.created_ms, info.updated_ms), (1_000, 1_000));
+        assert!(info.results.is_empty());
+        assert_eq!(
+            info.history,
+            vec![StateChange {
+                state: JobState::Pending as i32,
+                at_ms: 1_000,
+                reason: "submitted by analyst alice".into(),
+            }]
+        );
+        assert_eq!(store.get("job-0000000000000000").unwrap(), None);
+    }
+
+    #[test]
+    fn idempotent_submit() {
+        let (_dir, store) = open_temp();
+        let first = store
+            .submit(&spec("q3"), "nightly-1", "alice", 1_000)
+            .unwrap();
+        assert!(first.created);
+
+        // Same key, same spec: the same job, not a new one.
+        let again = store
+            .submit(&spec("q3"), "nightly-1", "alice", 2_000)
+            .unwrap();
+        assert_eq!(
+            again,
+            Submitted {
+                job_id: first.job_id.clone(),
+                created: false
+            }
+        );
+
+        // Same key, other spec: refused, naming the key and the job.
+        let err = store
+            .submit(&spec("q4"), "nightly-1", "alice", 3_000)
+            .unwrap_err();
+        match &err {
+            StoreError::IdempotencyConflict { key, job_id } => {
+                assert_eq!(key, "nightly-1");
+                assert_eq!(job_id, &first.job_id);
+            }
+            other => panic!("expected a conflict, got {other:?}"),
+        }
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "idempotency key 'nightly-1' was already used for job {} with a different spec; \
+                 use a new key",
+                first.job_id
+            )
+        );
+
+        // Empty key: always a new job.
+        let a = store.submit(&spec("q3"), "", "alice", 4_000).unwrap();
+        let b = store.submit(&spec("q3"), "", "alice", 4_000).unwrap();
+        assert!(a.created && b.created);
+        assert_ne!(a.job_id, b.job_id);
+        assert_ne!(a.job_id, first.job_id);
+
+        // Keys are scoped to the analyst: bob's "nightly-1" is his own.
+        let bob = store
+            .submit(&spec("q4"), "nightly-1", "bob", 5_000)
+            .unwrap();
+        assert!(bob.created);
+        assert_ne!(bob.job_id, first.job_id);
+
+        assert_eq!(store.list(100).unwrap().len(), 4);
+        // The replayed submission did not touch the original job.
+        let info = store.get(&first.job_id).unwrap().unwrap();
+        assert_eq!(info.created_ms, 1_000);
+        assert_eq!(info.history.len(), 1);
+    }
+
+    #[test]
+    fn legal_transitions_follow_the_state_machine() {
+        let (_dir, store) = open_temp();
+        let paths: &[&[JobState]] = &[
+            &[JobState::Offered, JobState::Running, JobState::Succeeded],
+            &[JobState::Offered, JobState::Running, JobState::Failed],
+            &[JobState::Offered, JobState::Running, JobState::Cancelled],
+            &[JobState::Offered, JobState::Vetoed],
+            &[JobState::Offered, JobState::Failed],
+            &[JobState::Offered, JobState::Cancelled],
+            &[JobState::Failed],
+            &[JobState::Cancelled],
+            &[JobState::Vetoed],
+        ];
+        for path in paths {
+            let job = store.submit(&spec("q3"), "", "alice", 0).unwrap();
+            for (i, &to) in path.iter().enumerate() {
+                store
+                    .transition(&job.job_id, to, "step", i as i64 + 1)
+                    .unwrap();
+                assert_eq!(state_of(&store, &job.job_id), to);
+            }
+            assert!(is_terminal(*path.last().unwrap()));
+        }
+    }
+
+    #[test]
+    fn illegal_transitions_change_nothing() {
+        let (_dir, store) = open_temp();
+        let all = [
+            JobState::Unspecified,
+            JobState::Pending,
+            JobState::Offered,
+            JobState::Running,
+            JobState::Succeeded,
+            JobState::Failed,
+            JobState::Vetoed,
+            JobState::Cancelled,
+        ];
+        // Reach each state, then try every move the state machine forbids from it.
+        let reach: &[(JobState, &[JobState])] = &[
+            (JobState::Pending, &[]),
+            (JobState::Offered, &[JobState::Offered]),
+            (JobState::Running, &[JobState::Offered, JobState::Running]),
+            (
+                JobState::Succeeded,
+                &[JobState::Offered, JobState::Running, JobState::Succeeded],
+            ),
+            (JobState::Failed, &[JobState::Failed]),
+            (JobState::Vetoed, &[JobState::Vetoed]),
+            (JobState::Cancelled, &[JobState::Cancelled]),
+        ];
+        let mut illegal_tried = 0;
+        for &(state, steps) in reach {
+            let job = store.submit(&spec("q3"), "", "alice", 0).unwrap();
+            for &step in steps {
+                store.transition(&job.job_id, step, "step", 1).unwrap();
+            }
+            let before = store.get(&job.job_id).unwrap().unwrap();
+            assert_eq!(before.state, state as i32);
+            for to in all {
+                if transition_allowed(state, to) {
+                    continue;
+                }
+                illegal_tried += 1;
+                let err = store
+                    .transition(&job.job_id, to, "should not happen", 99)
+                    .unwrap_err();
+                match err {
+                    StoreError::IllegalTransition {
+                        ref job_id,
+                        from,
+                        to: got_to,
+                    } => {
+                        assert_eq!(job_id, &job.job_id);
+                        assert_eq!((from, got_to), (state, to));
+                    }
+                    other => panic!("expected an illegal transition, got {other:?}"),
+                }
+                assert_eq!(store.get(&job.job_id).unwrap().unwrap(), before);
+            }
+        }
+        // 4 terminal states × 8 targets + pending 4 + offered 4 + running 5.
+        assert_eq!(illegal_tried, 4 * 8 + 4 + 4 + 5);
+
+        let job = store.submit(&spec("q3"), "", "alice", 0).unwrap();
+        let err = store
+            .transition(&job.job_id, JobState::Succeeded, "", 1)
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!("job {} is pending and cannot move to succeeded", job.job_id)
+        );
+        assert!(matches!(
+            store.transition("job-ffffffffffffffff", JobState::Offered, "", 1),
+            Err(StoreError::UnknownJob(id)) if id == "job-ffffffffffffffff"
+        ));
+    }
+
+    #[test]
+    fn history_keeps_order_times_and_reasons() {
+        let (_dir, store) = open_temp();
+        let job = store.submit(&spec("q3"), "k", "alice", 100).unwrap();
+        store
+            .transition(
+                &job.job_id,
+                JobState::Offered,
+                "offered to acme, globex",
+                200,
+            )
+            .unwrap();
+        store
+            .transition(&job.job_id, JobState::Running, "both nodes accepted", 300)
+            .unwrap();
+        // Illegal attempts leave no trace in the history.
+        store
+            .transition(&job.job_id, JobState::Pending, "no", 350)
+            .unwrap_err();
+        // Times as the caller gives them, even out of order: the history order is insertion.
+        store
+            .transition(
+                &job.job_id,
+                JobState::Failed,
+                "globex: connection lost",
+                250,
+            )
+            .unwrap();
+
+        let info = store.get(&job.job_id).unwrap().unwrap();
+        let history: Vec<(JobState, i64, &str)> = info
+            .history
+            .iter()
+            .map(|c| {
+                (
+                    JobState::try_from(c.state).unwrap(),
+                    c.at_ms,
+                    c.reason.as_str(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            history,
+            vec![
+                (JobState::Pending, 100, "submitted by analyst alice"),
+                (JobState::Offered, 200, "offered to acme, globex"),
+                (JobState::Running, 300, "both nodes accepted"),
+                (JobState::Failed, 250, "globex: connection lost"),
+            ]
+        );
+        assert_eq!(info.state, JobState::Failed as i32);
+        assert_eq!(info.reason, "globex: connection lost");
+        assert_eq!((info.created_ms, info.updated_ms), (100, 250));
+    }
+
+    #[test]
+    fn results_round_trip_and_replace() {
+        let (_dir, store) = open_temp();
+        let job = store.submit(&spec("q3"), "", "alice", 0).unwrap();
+        store
+            .put_result(&job.job_id, "globex", &outcome(7))
+            .unwrap();
+        store.put_result(&job.job_id, "acme", &outcome(41)).unwrap();
+        // A second report from acme replaces the first.
+        store.put_result(&job.job_id, "acme", &outcome(42)).unwrap();
+
+        let info = store.get(&job.job_id).unwrap().unwrap();
+        assert_eq!(
+            info.results,
+            vec![
+                PartyResult {
+                    node: "acme".into(),
+                    outcome: Some(outcome(42)),
+                },
+                PartyResult {
+                    node: "globex".into(),
+                    outcome: Some(outcome(7)),
+                },
+            ]
+        );
+
+        let err = store
+            .put_result(&job.job_id, "initech", &outcome(1))
+            .unwrap_err();
+        assert!(
+            matches!(&err, StoreError::NotAParty { node, .. } if node == "initech"),
+            "{err:?}"
+        );
+        assert!(matches!(
+            store.put_result("job-ffffffffffffffff", "acme", &outcome(1)),
+            Err(StoreError::UnknownJob(_))
+        ));
+        assert_eq!(store.get(&job.job_id).unwrap().unwrap().results.len(), 2);
+    }
+
+    #[test]
+    fn list_is_newest_first_and_limited() {
+        let (_dir, store) = open_temp();
+        let mut ids = Vec::new();
+        for i in 0..5 {
+            ids.push(
+                store
+                    .submit(&spec("q3"), "", "alice", 1_000 + i)
+                    .unwrap()
+                    .job_id,
+            );
+        }
+        // Same creation time as the newest: insertion order breaks the tie.
+        ids.push(
+            store
+                .submit(&spec("q3"), "", "alice", 1_004)
+                .unwrap()
+                .job_id,
+        );
+        // A transition does not make a job "newer".
+        store
+            .transition(&ids[0], JobState::Cancelled, "analyst cancelled", 9_999)
+            .unwrap();
+
+        let listed: Vec<String> = store
+            .list(100)
+            .unwrap()
+            .into_iter()
+            .map(|info| info.job_id)
+            .collect();
+        let mut expected = ids.clone();
+        expected.reverse();
+        assert_eq!(listed, expected);
+
+        let two: Vec<String> = store
+            .list(2)
+            .unwrap()
+            .into_iter()
+            .map(|info| info.job_id)
+            .collect();
+        assert_eq!(two, expected[..2]);
+        assert!(store.list(0).unwrap().is_empty());
+        assert_eq!(store.list(u32::MAX).unwrap().len(), 6);
+        // Listed jobs are full views.
+        let oldest = store.list(100).unwrap().pop().unwrap();
+        assert_eq!(oldest.history.len(), 2);
+        assert_eq!(oldest.spec, Some(spec("q3")));
+    }
+
+    #[test]
+    fn list_caps_the_limit() {
+        let (_dir, store) = open_temp();
+        for i in 0..(MAX_LIST_LIMIT as i64 + 5) {
+            store.submit(&spec("q3"), "", "alice", i).unwrap();
+        }
+        assert_eq!(store.list(u32::MAX).unwrap().len(), MAX_LIST_LIMIT as usize);
+    }
+
+    #[test]
+    fn unfinished_lists_non_terminal_jobs() {
+        let (_dir, store) = open_temp();
+        let submit = || store.submit(&spec("q3"), "", "alice", 0).unwrap().job_id;
+        let pending = submit();
+        let offered = submit();
+        let running = submit();
+        let done = submit();
+        let vetoed = submit();
+        store
+            .transition(&offered, JobState::Offered, "", 1)
+            .unwrap();
+        store
+            .transition(&running, JobState::Offered, "", 1)
+            .unwrap();
+        store
+            .transition(&running, JobState::Running, "", 2)
+            .unwrap();
+        store.transition(&done, JobState::Offered, "", 1).unwrap();
+        store.transition(&done, JobState::Running, "", 2).unwrap();
+        store.transition(&done, JobState::Succeeded, "", 3).unwrap();
+        store
+            .transition(&vetoed, JobState::Vetoed, "acme: policy", 1)
+            .unwrap();
+
+        assert_eq!(
+            store.unfinished().unwrap(),
+            vec![pending.clone(), offered.clone(), running.clone()]
+        );
+        for id in [&pending, &offered, &running] {
+            store
+                .transition(id, JobState::Failed, "coordinator restarted", 10)
+                .unwrap();
+        }
+        assert!(store.unfinished().unwrap().is_empty());
+    }
+
+    #[test]
+    fn node_registry_upserts() {
+        let (_dir, store) = open_temp();
+        assert!(store.nodes().unwrap().is_empty());
+        store.record_node("globex", "10.0.0.2:7000", 100).unwrap();
+        store.record_node("acme", "10.0.0.1:7000", 200).unwrap();
+        store.record_node("acme", "10.0.0.9:7001", 300).unwrap();
+        assert_eq!(
+            store.nodes().unwrap(),
+            vec![
+                NodeRecord {
+                    name: "acme".into(),
+                    data_addr: "10.0.0.9:7001".into(),
+                    last_seen_ms: 300,
+                },
+                NodeRecord {
+                    name: "globex".into(),
+                    data_addr: "10.0.0.2:7000".into(),
+                    last_seen_ms: 100,
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn corrupt_stored_spec_is_an_error_not_a_panic() {
+        let (_dir, store) = open_temp();
+        let job = store.submit(&spec("q3"), "", "alice", 0).unwrap();
+        // 0xff starts a varint that never ends.
+        tamper(
+            &store,
+            "UPDATE jobs SET spec = x'ffffff' WHERE job_id = ?1",
+            &job.job_id,
+        );
+
+        for err in [
+            store.get(&job.job_id).unwrap_err(),
+            store.list(10).unwrap_err(),
+            store
+                .put_result(&job.job_id, "acme", &outcome(1))
+                .unwrap_err(),
+        ] {
+            match err {
+                StoreError::Corrupt { job_id, reason } => {
+                    assert_eq!(job_id, job.job_id);
+                    assert!(reason.contains("job spec"), "{reason}");
+                }
+                other => panic!("expected Corrupt, got {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn corrupt_state_and_result_are_errors_not_panics() {
+        let (_dir, store) = open_temp();
+        let job = store.submit(&spec("q3"), "", "alice", 0).unwrap();
+        store.put_result(&job.job_id, "acme", &outcome(1)).unwrap();
+        tamper(
+            &store,
+            "UPDATE job_results SET outcome = x'ff' WHERE job_id = ?1",
+            &job.job_id,
+        );
+        assert!(matches!(
+            store.get(&job.job_id),
+            Err(StoreError::Corrupt { .. })
+        ));
+
+        tamper(
+            &store,
+            "UPDATE jobs SET state = 99 WHERE job_id = ?1",
+            &job.job_id,
+        );
+        assert!(matches!(
+            store.transition(&job.job_id, JobState::Offered, "", 1),
+            Err(StoreError::Corrupt { .. })
+        ));
+        assert!(matches!(
+            store.get(&job.job_id),
+            Err(StoreError::Corrupt { .. })
+        ));
+    }
+
+    #[test]
+    fn concurrent_submits_with_one_key_create_one_job() {
+        let (_dir, store) = open_temp();
+        let store = Arc::new(store);
+        let barrier = Arc::new(Barrier::new(8));
+        let handles: Vec<_> = (0..8)
+            .map(|i| {
+                let store = Arc::clone(&store);
+                let barrier = Arc::clone(&barrier);
+                std::thread::spawn(move || {
+                    barrier.wait();
+                    store.submit(&spec("q3"), "nightly-1", "alice", i).unwrap()
+                })
+            })
+            .collect();
+        let results: Vec<Submitted> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+        assert_eq!(results.iter().filter(|s| s.created).count(), 1);
+        assert!(results.iter().all(|s| s.job_id == results[0].job_id));
+        assert_eq!(store.list(100).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn concurrent_submits_from_separate_connections_create_one_job() {
+        // As if several coordinator processes shared the file: SQLite's locks, not the mutex,
+        // must keep the key unique.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("jobs.sqlite");
+        drop(JobStore::open(&path).unwrap());
+        let barrier = Arc::new(Barrier::new(8));
+        let handles: Vec<_> = (0..8)
+            .map(|i| {
+                let path = path.clone();
+                let barrier = Arc::clone(&barrier);
+                std::thread::spawn(move || {
+                    let store = JobStore::open(&path).unwrap();
+                    barrier.wait();
+                    store.submit(&spec("q3"), "nightly-1", "alice", i).unwrap()
+                })
+            })
+            .collect();
+        let results: Vec<Submitted> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+        assert_eq!(results.iter().filter(|s| s.created).count(), 1);
+        assert!(results.iter().all(|s| s.job_id == results[0].job_id));
+        assert_eq!(JobStore::open(&path).unwrap().list(100).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn errors_read_well() {
+        let err = StoreError::IllegalTransition {
+            job_id: "job-0123456789abcdef".into(),
+            from: JobState::Succeeded,
+            to: JobState::Running,
+        };
+        assert_eq!(
+            err.to_string(),
+            "job job-0123456789abcdef is succeeded and cannot move to running"
+        );
+        assert_eq!(
+            StoreError::UnknownJob("job-x".into()).to_string(),
+            "no job with id 'job-x'"
+        );
+    }
+}
