@@ -21,7 +21,9 @@ pub struct ItemSetFull;
 impl std::fmt::Debug for ItemSet {
     // Items are raw identifiers: never print them.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ItemSet").field("len", &self.len()).finish_non_exhaustive()
+        f.debug_struct("ItemSet")
+            .field("len", &self.len())
+            .finish_non_exhaustive()
     }
 }
 
@@ -33,7 +35,11 @@ impl ItemSet {
 
     /// Appends one item.
     pub fn push(&mut self, item: &[u8]) -> Result<(), ItemSetFull> {
-        let end = self.bytes.len().checked_add(item.len()).ok_or(ItemSetFull)?;
+        let end = self
+            .bytes
+            .len()
+            .checked_add(item.len())
+            .ok_or(ItemSetFull)?;
         let end = u32::try_from(end).map_err(|_| ItemSetFull)?;
         self.bytes.extend_from_slice(item);
         self.ends.push(end);
@@ -123,7 +129,9 @@ mod tests {
 
     #[test]
     fn push_get_dedup() {
-        let mut s: ItemSet = [&b"b"[..], b"a", b"", b"b", b"c", b"a"].into_iter().collect();
+        let mut s: ItemSet = [&b"b"[..], b"a", b"", b"b", b"c", b"a"]
+            .into_iter()
+            .collect();
         assert_eq!(s.len(), 6);
         assert_eq!(s.get(2), Some(&b""[..]));
         assert_eq!(s.dedup(), 2);

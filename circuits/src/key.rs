@@ -1,0 +1,70 @@
+//! The per-job secret scalar.
+
+use curve25519_dalek::Scalar;
+use rand::rngs::SysRng;
+use rand_core::UnwrapErr;
+use zeroize::{Zeroize, Zeroizing};
+
+/// A party's secret exponent `k` for one PSI job.
+///
+/// Move-only (no `Clone`, no `Copy`, no serde), zeroized on drop, and its `Debug` is redacted:
+/// dalek's `Scalar` prints its bytes, so it never leaves this wrapper. A fresh key is drawn for
+/// every job; reusing one across jobs would let a peer link items between jobs.
+pub struct JobKey(Scalar);
+
+impl JobKey {
+    /// Draws a uniformly random non-zero scalar from the operating system's CSPRNG.
+    ///
+    /// # Panics
+    ///
+    /// Only if the operating system cannot provide randomness at all (the process could do
+    /// nothing safe without it).
+    pub fn generate() -> JobKey {
+        let mut rng = UnwrapErr(SysRng);
+        loop {
+            let k = Scalar::random(&mut rng);
+            // Zero has probability 2^-252; loop rather than hand out a key that blinds nothing.
+            if k != Scalar::ZERO {
+                return JobKey(k);
+            }
+        }
+    }
+
+    /// `k / 2 mod ℓ`: the scalar that, followed by `double_and_compress_batch`, yields `k·P`.
+    pub(crate) fn half(&self) -> Zeroizing<Scalar> {
+        Zeroizing::new(self.0.div_by_2())
+    }
+
+    /// The full scalar, for tests that check the halved-scalar trick against plain `k·P`.
+    #[cfg(test)]
+    pub(crate) fn scalar(&self) -> &Scalar {
+        &self.0
+    }
+}
+
+impl Drop for JobKey {
+    fn drop(&mut self) {
+        self.0.zeroize();
+    }
+}
+
+impl std::fmt::Debug for JobKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("JobKey(<redacted>)")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_is_redacted_and_keys_differ() {
+        let a = JobKey::generate();
+        let b = JobKey::generate();
+        assert_eq!(format!("{a:?}"), "JobKey(<redacted>)");
+        assert_ne!(a.0, b.0);
+        assert_ne!(a.0, Scalar::ZERO);
+        assert_eq!(*a.half() + *a.half(), a.0);
+    }
+}

@@ -1,0 +1,519 @@
+//! ECDH-PSI: the batch operations and one party's sans-IO session.
+
+use curve25519_dalek::ristretto::CompressedRistretto;
+use curve25519_dalek::traits::IsIdentity;
+use curve25519_dalek::{RistrettoPoint, Scalar};
+use rand::seq::SliceRandom;
+use rayon::prelude::*;
+
+use crate::{EncodedPoint, ItemSet, JobKey, POINT_LEN, PsiError, hash_to_group};
+
+/// Points per rayon task: large enough to amortise the batch inversion of
+/// `double_and_compress_batch`, small enough to balance across cores.
+const CHUNK: usize = 1024;
+
+/// Writes `2·P` for each `P` in `points`, compressed, into `out` (same length).
+fn double_and_compress_into(points: &[RistrettoPoint], out: &mut [EncodedPoint]) {
+    let compressed = RistrettoPoint::double_and_compress_batch(points);
+    for (o, c) in out.iter_mut().zip(compressed) {
+        *o = c.to_bytes();
+    }
+}
+
+/// `k·H(item)` for each item, compressed, in the set's order.
+///
+/// Computed as `2·((k/2)·H(item))` so that the doubling and the encoding share one batched
+/// inversion (`RistrettoPoint::double_and_compress_batch`), in rayon chunks of 1024 items with
+/// one scratch vector per chunk and no per-item allocation.
+pub fn blind_items(key: &JobKey, key_name: &str, items: &ItemSet) -> Vec<EncodedPoint> {
+    let half: &Scalar = &key.half();
+    let mut out = vec![[0u8; POINT_LEN]; items.len()];
+    out.par_chunks_mut(CHUNK)
+        .enumerate()
+        .for_each(|(c, out_chunk)| {
+            let start = c * CHUNK;
+            let points: Vec<RistrettoPoint> = (start..start + out_chunk.len())
+                .map(|i| half * hash_to_group(key_name, items.get(i).unwrap_or_default()))
+                .collect();
+            double_and_compress_into(&points, out_chunk);
+        });
+    out
+}
+
+/// Multiplies the peer's blinded points (concatenated 32-byte encodings) by our key.
+///
+/// Rejects a length that is not a multiple of [`POINT_LEN`], any encoding that does not
+/// decompress to a ristretto255 element, and the identity; the error names the lowest offending
+/// index in `points`. Uses the same halved-scalar batch encoding as [`blind_items`].
+pub fn reblind_points(key: &JobKey, points: &[u8]) -> Result<Vec<EncodedPoint>, PsiError> {
+    let (encodings, rest) = points.as_chunks::<POINT_LEN>();
+    if !rest.is_empty() {
+        return Err(PsiError::BatchNotMultipleOfPointLen { len: points.len() });
+    }
+    let half: &Scalar = &key.half();
+    let mut out = vec![[0u8; POINT_LEN]; encodings.len()];
+    let results: Vec<Result<(), PsiError>> = out
+        .par_chunks_mut(CHUNK)
+        .zip(encodings.par_chunks(CHUNK))
+        .enumerate()
+        .map(|(c, (out_chunk, in_chunk))| {
+            let mut pts = Vec::with_capacity(in_chunk.len());
+            for (j, enc) in in_chunk.iter().enumerate() {
+                let index = (c * CHUNK + j) as u64;
+                let p = CompressedRistretto(*enc)
+                    .decompress()
+                    .ok_or(PsiError::InvalidPoint { index })?;
+                if p.is_identity() {
+                    return Err(PsiError::IdentityPoint { index });
+                }
+                pts.push(half * p);
+            }
+            double_and_compress_into(&pts, out_chunk);
+            Ok(())
+        })
+        .collect();
+    // The first error in index order, so the report does not depend on scheduling.
+    results.into_iter().collect::<Result<(), _>>()?;
+    Ok(out)
+}
+
+/// Concatenates encodings into outgoing batches of at most `batch_size` points each.
+fn to_batches<'a>(
+    points: impl ExactSizeIterator<Item = &'a EncodedPoint>,
+    batch_size: usize,
+) -> Vec<Vec<u8>> {
+    let batch_size = batch_size.max(1);
+    let mut batches = Vec::with_capacity(points.len().div_ceil(batch_size));
+    let mut current = Vec::new();
+    for p in points {
+        if current.is_empty() {
+            current.reserve_exact(batch_size * POINT_LEN);
+        }
+        current.extend_from_slice(p);
+        if current.len() == batch_size * POINT_LEN {
+            batches.push(std::mem::take(&mut current));
+        }
+    }
+    if !current.is_empty() {
+        batches.push(current);
+    }
+    batches
+}
+
+/// Whether the set holds no item twice. `O(n)` for a set that went through
+/// [`ItemSet::dedup`] (strictly ascending); otherwise sorts indices.
+fn items_distinct(items: &ItemSet) -> bool {
+    let get = |i: usize| items.get(i).unwrap_or_default();
+    if (1..items.len()).all(|i| get(i - 1) < get(i)) {
+        return true;
+    }
+    let mut order: Vec<usize> = (0..items.len()).collect();
+    order.par_sort_unstable_by(|&a, &b| get(a).cmp(get(b)));
+    order.windows(2).all(|w| get(w[0]) != get(w[1]))
+}
+
+/// Sorted, and with no point twice.
+fn sort_and_check_distinct(points: &mut [EncodedPoint]) -> bool {
+    points.par_sort_unstable();
+    points.par_windows(2).all(|w| w[0] != w[1])
+}
+
+/// The policy and the shape of one party's PSI session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PsiParams {
+    /// Domain for [`hash_to_group`] (e.g. `"email"` or `"email+dob"`); both parties must agree.
+    pub key_name: String,
+    /// The smallest set size the peer may declare.
+    pub min_peer_set: u64,
+    /// The largest set size the peer may declare.
+    pub max_peer_set: u64,
+    /// `true`: the peer may learn which of ITS items matched, so its points are returned in the
+    /// order received; `false`: returned shuffled (the peer learns only the count).
+    pub return_in_order: bool,
+    /// `true`: compute which of OUR items matched. Needs the peer to return our points in order
+    /// (its `return_in_order`); the two settings are agreed out of band, and a peer that
+    /// shuffles anyway yields a wrong membership list (never a wrong count).
+    pub learn_membership: bool,
+    /// Points per outgoing batch (e.g. 4096); 0 is treated as 1.
+    pub batch_size: usize,
+}
+
+/// What every state carries.
+struct Common {
+    params: PsiParams,
+    key: JobKey,
+    own_size: u64,
+}
+
+impl Common {
+    fn debug_fields<'a, 'b>(
+        &self,
+        d: &'a mut std::fmt::DebugStruct<'a, 'b>,
+    ) -> &'a mut std::fmt::DebugStruct<'a, 'b> {
+        d.field("params", &self.params)
+            .field("own_size", &self.own_size)
+    }
+}
+
+/// Entry point of one party's ECDH-PSI session.
+///
+/// The flow, for each party (both run the same machine against each other):
+/// [`start`](Self::start) → send our declared size → [`AwaitingPeerSize::on_peer_size`] →
+/// [`ReadyToBlind::blind`] → send our batches → [`ExchangingPoints::on_peer_batch`] for each
+/// peer batch (send what it returns) → [`ExchangingPoints::on_peer_end`] (send what it returns,
+/// then our end-of-return total) → [`AwaitingReturn::on_returned_batch`] for each of our
+/// points coming back → [`AwaitingReturn::on_returned_end`] → [`PsiOutput`].
+#[derive(Debug)]
+pub struct PsiSession;
+
+impl PsiSession {
+    /// Begins a session over `items`, which must be distinct (call [`ItemSet::dedup`] first; a
+    /// set with duplicates is refused at [`AwaitingPeerSize::on_peer_size`] with
+    /// [`PsiError::DuplicateOwnItems`]). Returns our declared size, to send first, and the first
+    /// state.
+    pub fn start(params: PsiParams, key: JobKey, items: ItemSet) -> (u64, AwaitingPeerSize) {
+        let own_size = items.len() as u64;
+        let distinct = items_distinct(&items);
+        let state = AwaitingPeerSize {
+            common: Common {
+                params,
+                key,
+                own_size,
+            },
+            items,
+            distinct,
+        };
+        (own_size, state)
+    }
+}
+
+/// Waiting for the peer's declared set size.
+pub struct AwaitingPeerSize {
+    common: Common,
+    items: ItemSet,
+    distinct: bool,
+}
+
+impl std::fmt::Debug for AwaitingPeerSize {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.common
+            .debug_fields(&mut f.debug_struct("AwaitingPeerSize"))
+            .finish_non_exhaustive()
+    }
+}
+
+impl AwaitingPeerSize {
+    /// Checks the peer's declared size against the policy (before any exponentiation), and our
+    /// own inputs (distinct items, key name length).
+    pub fn on_peer_size(self, declared: u64) -> Result<ReadyToBlind, PsiError> {
+        let p = &self.common.params;
+        if declared < p.min_peer_set {
+            return Err(PsiError::PeerSetTooSmall {
+                declared,
+                min: p.min_peer_set,
+            });
+        }
+        if declared > p.max_peer_set {
+            return Err(PsiError::PeerSetTooLarge {
+                declared,
+                max: p.max_peer_set,
+            });
+        }
+        if p.key_name.len() > usize::from(u16::MAX) {
+            return Err(PsiError::KeyNameTooLong {
+                len: p.key_name.len(),
+            });
+        }
+        if self.common.own_size > u64::from(u32::MAX) {
+            return Err(PsiError::OwnSetTooLarge {
+                size: self.common.own_size,
+            });
+        }
+        if !self.distinct {
+            return Err(PsiError::DuplicateOwnItems);
+        }
+        Ok(ReadyToBlind {
+            common: self.common,
+            items: self.items,
+            peer_size: declared,
+        })
+    }
+}
+
+/// Sizes agreed; ready for the heavy step.
+pub struct ReadyToBlind {
+    common: Common,
+    items: ItemSet,
+    peer_size: u64,
+}
+
+impl std::fmt::Debug for ReadyToBlind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.common
+            .debug_fields(&mut f.debug_struct("ReadyToBlind"))
+            .field("peer_size", &self.peer_size)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ReadyToBlind {
+    /// Hashes and blinds our items, shuffles them (OS-seeded CSPRNG, Fisher–Yates), and returns
+    /// them as outgoing batches (each at most `batch_size` points of concatenated encodings) with
+    /// the next state. The item bytes are dropped here; only the shuffle permutation is kept,
+    /// and only when `learn_membership`.
+    pub fn blind(self) -> (Vec<Vec<u8>>, ExchangingPoints) {
+        let Self {
+            common,
+            items,
+            peer_size,
+        } = self;
+        let blinded = blind_items(&common.key, &common.params.key_name, &items);
+        drop(items);
+        // Fits: on_peer_size refused sets over u32::MAX items.
+        let mut perm: Vec<u32> = (0..blinded.len() as u32).collect();
+        perm.shuffle(&mut rand::rng());
+        let batches = to_batches(
+            perm.iter().map(|&i| &blinded[i as usize]),
+            common.params.batch_size,
+        );
+        drop(blinded);
+        let perm = common.params.learn_membership.then_some(perm);
+        // The peer's size is bounded by policy but still only a claim: cap the reservation.
+        let reserve = peer_size.min(1 << 20) as usize;
+        let next = ExchangingPoints {
+            peer_double: Vec::with_capacity(reserve),
+            returned: Returned {
+                points: Vec::new(),
+                own_size: common.own_size,
+            },
+            common,
+            peer_size,
+            perm,
+        };
+        (batches, next)
+    }
+}
+
+/// Our points as the peer returns them, `k_peer·k·H(x)`, in arrival order.
+struct Returned {
+    points: Vec<EncodedPoint>,
+    own_size: u64,
+}
+
+impl Returned {
+    fn push(&mut self, batch: &[u8]) -> Result<(), PsiError> {
+        let (encodings, rest) = batch.as_chunks::<POINT_LEN>();
+        if !rest.is_empty() {
+            return Err(PsiError::BatchNotMultipleOfPointLen { len: batch.len() });
+        }
+        let received = (self.points.len() + encodings.len()) as u64;
+        if received > self.own_size {
+            return Err(PsiError::TooManyReturnedPoints {
+                own: self.own_size,
+                received,
+            });
+        }
+        if self.points.is_empty() {
+            self.points
+                .reserve_exact(self.own_size as usize - encodings.len());
+        }
+        self.points.extend_from_slice(encodings);
+        Ok(())
+    }
+}
+
+/// Our batches are out; receiving the peer's blinded points and reblinding them.
+pub struct ExchangingPoints {
+    common: Common,
+    peer_size: u64,
+    /// `perm[j]` is the index in the original `ItemSet` of the `j`-th point we sent.
+    perm: Option<Vec<u32>>,
+    /// `k·k_peer·H(y)` for the peer's items, in received order.
+    peer_double: Vec<EncodedPoint>,
+    returned: Returned,
+}
+
+impl std::fmt::Debug for ExchangingPoints {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.common
+            .debug_fields(&mut f.debug_struct("ExchangingPoints"))
+            .field("peer_size", &self.peer_size)
+            .field("received", &self.peer_double.len())
+            .field("returned", &self.returned.points.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl ExchangingPoints {
+    /// One batch of the peer's blinded points: checks that it does not take the peer past its
+    /// declared size, then reblinds it. Returns the reblinded batch to send at once when
+    /// `return_in_order`, or `None` when returning shuffled (everything then comes out of
+    /// [`on_peer_end`](Self::on_peer_end)). Point errors name the index in the peer's stream.
+    pub fn on_peer_batch(
+        mut self,
+        batch: &[u8],
+    ) -> Result<(ExchangingPoints, Option<Vec<u8>>), PsiError> {
+        if !batch.len().is_multiple_of(POINT_LEN) {
+            return Err(PsiError::BatchNotMultipleOfPointLen { len: batch.len() });
+        }
+        let offset = self.peer_double.len() as u64;
+        let received = offset + (batch.len() / POINT_LEN) as u64;
+        if received > self.peer_size {
+            return Err(PsiError::TooManyPoints {
+                declared: self.peer_size,
+                received,
+            });
+        }
+        let reblinded = reblind_points(&self.common.key, batch).map_err(|e| match e {
+            PsiError::InvalidPoint { index } => PsiError::InvalidPoint {
+                index: index + offset,
+            },
+            PsiError::IdentityPoint { index } => PsiError::IdentityPoint {
+                index: index + offset,
+            },
+            other => other,
+        })?;
+        let out = self
+            .common
+            .params
+            .return_in_order
+            .then(|| reblinded.as_flattened().to_vec());
+        self.peer_double.extend_from_slice(&reblinded);
+        Ok((self, out))
+    }
+
+    /// A batch of our own points coming back before the peer's points have all arrived (the
+    /// peer may be ahead of us). Same checks as [`AwaitingReturn::on_returned_batch`].
+    pub fn on_returned_batch(mut self, batch: &[u8]) -> Result<ExchangingPoints, PsiError> {
+        self.returned.push(batch)?;
+        Ok(self)
+    }
+
+    /// The peer says it sent `total` points: that must equal both its declared size and what
+    /// arrived, and the points must be distinct. Returns the batches still to send (when
+    /// returning shuffled: all reblinded points, shuffled; otherwise none) and the next state.
+    pub fn on_peer_end(self, total: u64) -> Result<(Vec<Vec<u8>>, AwaitingReturn), PsiError> {
+        let Self {
+            common,
+            peer_size,
+            perm,
+            mut peer_double,
+            returned,
+        } = self;
+        let received = peer_double.len() as u64;
+        if total != peer_size || received != peer_size {
+            return Err(PsiError::TotalMismatch {
+                declared: peer_size,
+                announced: total,
+                received,
+            });
+        }
+        let outgoing = if common.params.return_in_order {
+            Vec::new()
+        } else {
+            let mut shuffled = peer_double.clone();
+            shuffled.shuffle(&mut rand::rng());
+            to_batches(shuffled.iter(), common.params.batch_size)
+        };
+        if !sort_and_check_distinct(&mut peer_double) {
+            return Err(PsiError::DuplicatePeerPoint);
+        }
+        let next = AwaitingReturn {
+            common,
+            peer_size,
+            perm,
+            peer_sorted: peer_double,
+            returned,
+        };
+        Ok((outgoing, next))
+    }
+}
+
+/// All the peer's points are in (and ours sent back); waiting for our own points to return.
+pub struct AwaitingReturn {
+    common: Common,
+    peer_size: u64,
+    perm: Option<Vec<u32>>,
+    /// `k·k_peer·H(y)` for the peer's items, sorted.
+    peer_sorted: Vec<EncodedPoint>,
+    returned: Returned,
+}
+
+impl std::fmt::Debug for AwaitingReturn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.common
+            .debug_fields(&mut f.debug_struct("AwaitingReturn"))
+            .field("peer_size", &self.peer_size)
+            .field("returned", &self.returned.points.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl AwaitingReturn {
+    /// A batch of OUR points, double-blinded and returned by the peer. Must not take the total
+    /// past our own size.
+    pub fn on_returned_batch(mut self, batch: &[u8]) -> Result<AwaitingReturn, PsiError> {
+        self.returned.push(batch)?;
+        Ok(self)
+    }
+
+    /// The peer says it returned `total` points: that must equal our size and what arrived, and
+    /// no point may come back twice. Compares our returned points with our reblinding of the
+    /// peer's set and returns the result.
+    pub fn on_returned_end(self, total: u64) -> Result<PsiOutput, PsiError> {
+        let Self {
+            common,
+            peer_size,
+            perm,
+            peer_sorted,
+            returned,
+        } = self;
+        let own = common.own_size;
+        let mut points = returned.points;
+        let received = points.len() as u64;
+        if total != own || received != own {
+            return Err(PsiError::ReturnedTotalMismatch {
+                own,
+                announced: total,
+                received,
+            });
+        }
+        let is_match = |p: &EncodedPoint| peer_sorted.binary_search(p).is_ok();
+        let membership = perm.map(|perm| {
+            let mut hits: Vec<u32> = points
+                .par_iter()
+                .zip(perm.par_iter())
+                .filter_map(|(p, &i)| is_match(p).then_some(i))
+                .collect();
+            hits.par_sort_unstable();
+            hits
+        });
+        let intersection = match &membership {
+            Some(hits) => hits.len() as u64,
+            None => points.par_iter().filter(|p| is_match(p)).count() as u64,
+        };
+        if !sort_and_check_distinct(&mut points) {
+            return Err(PsiError::DuplicateReturnedPoint);
+        }
+        Ok(PsiOutput {
+            intersection,
+            own_set_size: own,
+            peer_set_size: peer_size,
+            membership,
+        })
+    }
+}
+
+/// The result of one party's session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PsiOutput {
+    /// How many of our items the peer also holds.
+    pub intersection: u64,
+    /// Our set size.
+    pub own_set_size: u64,
+    /// The peer's set size.
+    pub peer_set_size: u64,
+    /// Indices into the [`ItemSet`] given to [`PsiSession::start`] of our items in the
+    /// intersection, sorted, when `learn_membership`; `None` otherwise.
+    pub membership: Option<Vec<u32>>,
+}
