@@ -1,0 +1,582 @@
+//! CSV ingestion: streams a dataset's file row by row and turns the requested identifier
+//! columns into join keys.
+//!
+//! A join key is the normalised value of each requested identifier, joined with the
+//! [`KEY_PART_SEPARATOR`] byte for a composite key. Rows where a key part does not normalise
+//! (or is too long, or not UTF-8, or missing) are counted as rejected and never matched. Errors
+//! and logs name the file, the row and the column, never a value: values are raw identifiers.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use cleanroom_circuits::ItemSet;
+
+use crate::config::{DatasetConfig, IdentifierConfig};
+use crate::normalise::{NormaliseError, Normaliser};
+
+/// The byte between the parts of a composite key (ASCII unit separator). A field containing it
+/// is rejected, so that no two different part lists can join to the same key.
+pub const KEY_PART_SEPARATOR: u8 = 0x1F;
+
+/// Longest raw field (bytes) accepted in an identifier column; a longer one rejects its row.
+pub const MAX_FIELD_BYTES: usize = 1024;
+
+/// How many rejected rows are logged (row, column, reason) per pass; the rest are only counted.
+const LOGGED_REJECTIONS: u64 = 10;
+
+/// Read buffer of the CSV reader.
+const READ_BUFFER: usize = 256 * 1024;
+
+/// The identifier names a job joins on, e.g. `["email"]` or `["email", "phone"]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeySpec {
+    /// Identifier names (as declared in the dataset config), in join order.
+    pub names: Vec<String>,
+}
+
+impl KeySpec {
+    /// A key spec from identifier names.
+    pub fn new<S: Into<String>>(names: impl IntoIterator<Item = S>) -> KeySpec {
+        KeySpec {
+            names: names.into_iter().map(Into::into).collect(),
+        }
+    }
+}
+
+/// The distinct join keys of a dataset, and what reading it found.
+#[derive(Debug, Clone)]
+pub struct LoadedKeys {
+    /// Distinct join keys, sorted (deduplicated with [`ItemSet::dedup`]).
+    pub items: ItemSet,
+    /// Data rows read (header excluded), rejected ones included.
+    pub rows_read: u64,
+    /// Rows skipped because a key part was missing, too long, not UTF-8 or did not normalise.
+    pub rows_rejected: u64,
+    /// Accepted rows whose key equals that of an earlier row.
+    pub duplicate_rows: u64,
+}
+
+/// Why a dataset could not be read.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum DatasetError {
+    /// The job names no identifier.
+    #[error("dataset '{dataset}': the job names no join key")]
+    NoKeys {
+        /// The dataset.
+        dataset: String,
+    },
+    /// The job names an identifier the dataset does not declare.
+    #[error("dataset '{dataset}' declares no identifier '{identifier}' (declared: {declared})")]
+    UnknownIdentifier {
+        /// The dataset.
+        dataset: String,
+        /// The identifier the job asked for.
+        identifier: String,
+        /// The declared identifier names, comma-separated.
+        declared: String,
+    },
+    /// The file could not be opened.
+    #[error("cannot open dataset file {}: {source}", path.display())]
+    Open {
+        /// The CSV file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The header row could not be read.
+    #[error("dataset file {}: cannot read the header row: {source}", path.display())]
+    Header {
+        /// The CSV file.
+        path: PathBuf,
+        /// The CSV error.
+        source: csv::Error,
+    },
+    /// An identifier's column is not in the header.
+    #[error("dataset file {} has no column '{column}' (its columns: {})", path.display(), headers.join(", "))]
+    MissingColumn {
+        /// The CSV file.
+        path: PathBuf,
+        /// The column the config names.
+        column: String,
+        /// The file's headers.
+        headers: Vec<String>,
+    },
+    /// An identifier's column appears more than once in the header.
+    #[error("dataset file {}: column '{column}' appears more than once in the header", path.display())]
+    AmbiguousColumn {
+        /// The CSV file.
+        path: PathBuf,
+        /// The repeated column.
+        column: String,
+    },
+    /// A row could not be read (I/O error or malformed CSV).
+    #[error("dataset file {}: row {row}: {source}", path.display())]
+    Row {
+        /// The CSV file.
+        path: PathBuf,
+        /// 1-based data row (header excluded) that failed.
+        row: u64,
+        /// The CSV error (it carries positions, not field values).
+        source: csv::Error,
+    },
+    /// The file has more data rows than the cap.
+    #[error("dataset file {} has more than {max_rows} data rows (the cap for one job)", path.display())]
+    TooManyRows {
+        /// The CSV file.
+        path: PathBuf,
+        /// The cap.
+        max_rows: u64,
+    },
+    /// The join keys exceed what an [`ItemSet`] holds.
+    #[error("dataset file {}: join keys exceed 4 GiB at row {row}", path.display())]
+    TooLarge {
+        /// The CSV file.
+        path: PathBuf,
+        /// The row at which the set filled up.
+        row: u64,
+    },
+}
+
+/// Why one row was rejected (logged with its row number and column, never its value).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+enum Rejection {
+    #[error("the row has no such field")]
+    Missing,
+    #[error("the field is longer than {MAX_FIELD_BYTES} bytes")]
+    TooLong,
+    #[error("the field is not UTF-8")]
+    NotUtf8,
+    #[error("the field contains the key separator byte 0x1F")]
+    Separator,
+    #[error("{0}")]
+    Normalise(NormaliseError),
+}
+
+/// The key name of a job: identifier names joined with `+` (`"email"`, `"email+phone"`). Used
+/// in agreements and as the hash-to-group domain.
+pub fn key_name(keys: &KeySpec) -> String {
+    keys.names.join("+")
+}
+
+/// Reads the dataset's CSV row by row (headers required), normalises each requested
+/// identifier, joins a composite key's parts with [`KEY_PART_SEPARATOR`], collects the keys and
+/// deduplicates them (which sorts them).
+///
+/// Rows where any key part is missing, longer than [`MAX_FIELD_BYTES`], not UTF-8 or fails to
+/// normalise are counted in `rows_rejected` and never matched. A file with more than
+/// `max_rows` data rows is refused with [`DatasetError::TooManyRows`].
+pub fn load_keys(
+    dataset: &DatasetConfig,
+    keys: &KeySpec,
+    max_rows: u64,
+) -> Result<LoadedKeys, DatasetError> {
+    let mut items = ItemSet::new();
+    let path = dataset.path.clone();
+    let (rows_read, rows_rejected) = for_each_key(dataset, keys, Some(max_rows), |row, key| {
+        items.push(key).map_err(|_| DatasetError::TooLarge {
+            path: path.clone(),
+            row,
+        })
+    })?;
+    let duplicate_rows = items.dedup() as u64;
+    Ok(LoadedKeys {
+        items,
+        rows_read,
+        rows_rejected,
+        duplicate_rows,
+    })
+}
+
+/// Second pass for `match`: streams the CSV again and returns the 1-based data-row numbers
+/// (header excluded), ascending, whose join key is in `matched` (a sorted, deduplicated set, as
+/// [`ItemSet::dedup`] leaves it). Rejected rows never match.
+pub fn matching_rows(
+    dataset: &DatasetConfig,
+    keys: &KeySpec,
+    matched: &ItemSet,
+) -> Result<Vec<u64>, DatasetError> {
+    let mut rows = Vec::new();
+    for_each_key(dataset, keys, None, |row, key| {
+        if matched.position_sorted(key).is_some() {
+            rows.push(row);
+        }
+        Ok(())
+    })?;
+    Ok(rows)
+}
+
+/// One requested key part: where it is in the row and how it is normalised.
+struct Part<'a> {
+    id: &'a IdentifierConfig,
+    index: usize,
+}
+
+/// Streams the file and calls `f(row, key)` for every accepted row; returns (rows read, rows
+/// rejected).
+fn for_each_key(
+    dataset: &DatasetConfig,
+    keys: &KeySpec,
+    max_rows: Option<u64>,
+    mut f: impl FnMut(u64, &[u8]) -> Result<(), DatasetError>,
+) -> Result<(u64, u64), DatasetError> {
+    let ids = resolve_identifiers(dataset, keys)?;
+    let path = dataset.path.as_path();
+    let file = File::open(path).map_err(|source| DatasetError::Open {
+        path: path.to_owned(),
+        source,
+    })?;
+    let mut reader = csv::ReaderBuilder::new()
+        .has_headers(true)
+        // Short rows are rejected one by one below rather than failing the whole file.
+        .flexible(true)
+        .buffer_capacity(READ_BUFFER)
+        .from_reader(file);
+    let parts = locate_columns(&mut reader, path, &ids)?;
+
+    let mut record = csv::ByteRecord::new();
+    let mut key: Vec<u8> = Vec::with_capacity(256);
+    let (mut rows, mut rejected) = (0u64, 0u64);
+    loop {
+        let row = rows + 1;
+        match reader.read_byte_record(&mut record) {
+            Ok(true) => {}
+            Ok(false) => break,
+            Err(source) => {
+                return Err(DatasetError::Row {
+                    path: path.to_owned(),
+                    row,
+                    source,
+                });
+            }
+        }
+        if let Some(max) = max_rows
+            && row > max
+        {
+            return Err(DatasetError::TooManyRows {
+                path: path.to_owned(),
+                max_rows: max,
+            });
+        }
+        rows = row;
+        match build_key(&record, &parts, &mut key) {
+            Ok(()) => f(row, &key)?,
+            Err((column, why)) => {
+                rejected += 1;
+                if rejected <= LOGGED_REJECTIONS {
+                    tracing::warn!(
+                        file = %path.display(),
+                        row,
+                        column,
+                        reason = %why,
+                        "row rejected"
+                    );
+                }
+            }
+        }
+    }
+    if rejected > LOGGED_REJECTIONS {
+        tracing::warn!(
+            file = %path.display(),
+            rejected,
+            logged = LOGGED_REJECTIONS,
+            "more rows rejected than logged"
+        );
+    }
+    Ok((rows, rejected))
+}
+
+fn resolve_identifiers<'a>(
+    dataset: &'a DatasetConfig,
+    keys: &KeySpec,
+) -> Result<Vec<&'a IdentifierConfig>, DatasetError> {
+    if keys.names.is_empty() {
+        return Err(DatasetError::NoKeys {
+            dataset: dataset.name.clone(),
+        });
+    }
+    keys.names
+        .iter()
+        .map(|name| {
+            dataset
+                .identifier(name)
+                .ok_or_else(|| DatasetError::UnknownIdentifier {
+                    dataset: dataset.name.clone(),
+                    identifier: name.clone(),
+                    declared: dataset.identifier_names(),
+                })
+        })
+        .collect()
+}
+
+fn locate_columns<'a>(
+    reader: &mut csv::Reader<File>,
+    path: &Path,
+    ids: &[&'a IdentifierConfig],
+) -> Result<Vec<Part<'a>>, DatasetError> {
+    let headers = reader.headers().map_err(|source| DatasetError::Header {
+        path: path.to_owned(),
+        source,
+    })?;
+    let headers: Vec<String> = headers.iter().map(|h| h.trim().to_owned()).collect();
+    ids.iter()
+        .map(|id| {
+            let mut found = headers
+                .iter()
+                .enumerate()
+                .filter(|(_, h)| **h == id.column)
+                .map(|(i, _)| i);
+            match (found.next(), found.next()) {
+                (Some(index), None) => Ok(Part { id, index }),
+                (Some(_), Some(_)) => Err(DatasetError::AmbiguousColumn {
+                    path: path.to_owned(),
+                    column: id.column.clone(),
+                }),
+                (None, _) => Err(DatasetError::MissingColumn {
+                    path: path.to_owned(),
+                    column: id.column.clone(),
+                    headers: headers.clone(),
+                }),
+            }
+        })
+        .collect()
+}
+
+/// Builds the row's join key into `key`, or says which column rejected the row and why.
+fn build_key<'c>(
+    record: &csv::ByteRecord,
+    parts: &[Part<'c>],
+    key: &mut Vec<u8>,
+) -> Result<(), (&'c str, Rejection)> {
+    key.clear();
+    for (i, part) in parts.iter().enumerate() {
+        let column = part.id.column.as_str();
+        let normalised = normalise_field(record.get(part.index), part.id.normaliser)
+            .map_err(|why| (column, why))?;
+        if i > 0 {
+            key.push(KEY_PART_SEPARATOR);
+        }
+        key.extend_from_slice(normalised.as_bytes());
+    }
+    Ok(())
+}
+
+fn normalise_field(field: Option<&[u8]>, normaliser: Normaliser) -> Result<String, Rejection> {
+    let field = field.ok_or(Rejection::Missing)?;
+    if field.len() > MAX_FIELD_BYTES {
+        return Err(Rejection::TooLong);
+    }
+    if field.contains(&KEY_PART_SEPARATOR) {
+        return Err(Rejection::Separator);
+    }
+    let text = std::str::from_utf8(field).map_err(|_| Rejection::NotUtf8)?;
+    normaliser.normalise(text).map_err(Rejection::Normalise)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::IdentifierConfig;
+    use std::io::Write;
+
+    const CSV: &str = "\
+customer_id,email,phone,amount_cents
+1,alice@example.com,+1 415 555 0100,10
+2,  ALICE@Example.com ,(415) 555-0100,20
+3,bob@example.com,415.555.0101,30
+4,not-an-email,+1 415 555 0102,40
+5,carol@example.com,,50
+6,\"dave@example.com\",001 415 555 0103,60
+7,bob@example.com,+1 999 555 0101,70
+";
+
+    fn dataset(dir: &Path, csv: &[u8]) -> DatasetConfig {
+        let path = dir.join("data.csv");
+        let mut f = File::create(&path).unwrap();
+        f.write_all(csv).unwrap();
+        DatasetConfig {
+            name: "customers".into(),
+            path,
+            identifiers: vec![
+                IdentifierConfig {
+                    name: "email".into(),
+                    column: "email".into(),
+                    normaliser: Normaliser::Email,
+                },
+                IdentifierConfig {
+                    name: "phone".into(),
+                    column: "phone".into(),
+                    normaliser: Normaliser::Phone,
+                },
+                IdentifierConfig {
+                    name: "id".into(),
+                    column: "customer_id".into(),
+                    normaliser: Normaliser::Generic,
+                },
+            ],
+        }
+    }
+
+    fn items(set: &ItemSet) -> Vec<String> {
+        set.iter()
+            .map(|i| String::from_utf8_lossy(i).into_owned())
+            .collect()
+    }
+
+    #[test]
+    fn single_key_dedups_and_rejects() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dataset(dir.path(), CSV.as_bytes());
+        let loaded = load_keys(&d, &KeySpec::new(["email"]), 100).unwrap();
+        assert_eq!(loaded.rows_read, 7);
+        assert_eq!(loaded.rows_rejected, 1);
+        assert_eq!(loaded.duplicate_rows, 2);
+        assert_eq!(
+            items(&loaded.items),
+            [
+                "alice@example.com",
+                "bob@example.com",
+                "carol@example.com",
+                "dave@example.com"
+            ]
+        );
+    }
+
+    #[test]
+    fn composite_key_joins_with_separator() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dataset(dir.path(), CSV.as_bytes());
+        let keys = KeySpec::new(["email", "phone"]);
+        assert_eq!(key_name(&keys), "email+phone");
+        let loaded = load_keys(&d, &keys, 100).unwrap();
+        // Row 4: bad email; row 5: empty phone.
+        assert_eq!(loaded.rows_rejected, 2);
+        assert_eq!(loaded.duplicate_rows, 1);
+        assert_eq!(
+            items(&loaded.items),
+            [
+                "alice@example.com\u{1f}+14155550100",
+                "bob@example.com\u{1f}+14155550101",
+                "bob@example.com\u{1f}+19995550101",
+                "dave@example.com\u{1f}+14155550103",
+            ]
+        );
+    }
+
+    #[test]
+    fn matching_rows_maps_keys_back_to_rows() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dataset(dir.path(), CSV.as_bytes());
+        let keys = KeySpec::new(["email"]);
+        let mut matched: ItemSet = [&b"bob@example.com"[..], b"alice@example.com", b"zed@x.y"]
+            .into_iter()
+            .collect();
+        matched.dedup();
+        assert_eq!(matching_rows(&d, &keys, &matched).unwrap(), [1, 2, 3, 7]);
+        assert!(
+            matching_rows(&d, &keys, &ItemSet::new())
+                .unwrap()
+                .is_empty()
+        );
+    }
+
+    #[test]
+    fn row_cap_is_enforced() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dataset(dir.path(), CSV.as_bytes());
+        assert_eq!(
+            load_keys(&d, &KeySpec::new(["email"]), 7)
+                .unwrap()
+                .rows_read,
+            7
+        );
+        let e = load_keys(&d, &KeySpec::new(["email"]), 6).unwrap_err();
+        assert!(matches!(e, DatasetError::TooManyRows { max_rows: 6, .. }));
+        let msg = e.to_string();
+        assert!(
+            msg.contains("more than 6 data rows") && msg.contains("data.csv"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn long_short_separator_and_non_utf8_fields_reject_the_row() {
+        let dir = tempfile::tempdir().unwrap();
+        let long = format!("{}@example.com", "a".repeat(MAX_FIELD_BYTES));
+        let mut csv = format!("customer_id,email,phone\n1,{long},+14155550100\n2\n").into_bytes();
+        csv.extend_from_slice(b"3,x\x1fy@example.com,+14155550100\n");
+        csv.extend_from_slice(b"4,caf\xe9@example.com,+14155550100\n");
+        csv.extend_from_slice(b"5,ok@example.com,+14155550100\n");
+        let d = dataset(dir.path(), &csv);
+        let loaded = load_keys(&d, &KeySpec::new(["email"]), 100).unwrap();
+        assert_eq!((loaded.rows_read, loaded.rows_rejected), (5, 4));
+        assert_eq!(items(&loaded.items), ["ok@example.com"]);
+    }
+
+    #[test]
+    fn missing_column_lists_headers() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dataset(dir.path(), b"id,mail\n1,a@b.c\n");
+        let e = load_keys(&d, &KeySpec::new(["email"]), 100).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "dataset file {} has no column 'email' (its columns: id, mail)",
+                d.path.display()
+            )
+        );
+        let d = dataset(dir.path(), b"email,email\na@b.c,a@b.c\n");
+        let e = load_keys(&d, &KeySpec::new(["email"]), 100).unwrap_err();
+        assert!(matches!(e, DatasetError::AmbiguousColumn { .. }));
+    }
+
+    #[test]
+    fn unknown_identifier_and_no_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dataset(dir.path(), CSV.as_bytes());
+        let e = load_keys(&d, &KeySpec::new(["ssn"]), 100).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "dataset 'customers' declares no identifier 'ssn' (declared: email, phone, id)"
+        );
+        let e = load_keys(&d, &KeySpec::new(Vec::<String>::new()), 100).unwrap_err();
+        assert!(matches!(e, DatasetError::NoKeys { .. }));
+    }
+
+    #[test]
+    fn missing_file_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut d = dataset(dir.path(), CSV.as_bytes());
+        d.path = dir.path().join("absent.csv");
+        let e = load_keys(&d, &KeySpec::new(["email"]), 100).unwrap_err();
+        assert!(e.to_string().contains("absent.csv"), "{e}");
+    }
+
+    #[test]
+    fn non_utf8_header_is_an_error_without_values() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dataset(dir.path(), b"id,e\xffmail\n1,secret@example.com\n");
+        let e = load_keys(&d, &KeySpec::new(["email"]), 100).unwrap_err();
+        assert!(matches!(e, DatasetError::Header { .. }), "{e}");
+        assert!(!e.to_string().contains("secret"));
+    }
+
+    #[test]
+    fn empty_file_after_header_gives_empty_set() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dataset(dir.path(), b"customer_id,email,phone\n");
+        let loaded = load_keys(&d, &KeySpec::new(["email"]), 100).unwrap();
+        assert_eq!((loaded.rows_read, loaded.items.len()), (0, 0));
+    }
+
+    #[test]
+    fn rereading_gives_the_same_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dataset(dir.path(), CSV.as_bytes());
+        let keys = KeySpec::new(["phone", "id"]);
+        let a = load_keys(&d, &keys, 100).unwrap();
+        let b = load_keys(&d, &keys, 100).unwrap();
+        assert_eq!(a.items, b.items);
+        assert_eq!(a.items.len(), 6);
+    }
+}
