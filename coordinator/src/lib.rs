@@ -1,1 +1,36 @@
-//! placeholder
+//! The cleanroom coordinator.
+//!
+//! It keeps the registry of connected nodes, the job store (SQLite), runs jobs by *offering* them
+//! to the nodes named in them, and serves the analyst API. It never sees records, keys, blinded
+//! identifiers or shares — only job metadata and the outcomes nodes choose to report.
+//!
+//! - [`config`]: the coordinator's TOML config;
+//! - [`store`]: the SQLite job store (states, history, results, node registry);
+//! - [`registry`]: the live control connections of nodes;
+//! - [`runner`]: one job from offer to result;
+//! - [`server`]: the QUIC endpoint: node control sessions and analyst requests;
+//! - [`client`]: the analyst side of the API, used by the CLI, the demo and the tests;
+//! - [`spec`]: validation of job specs submitted by analysts.
+#![warn(missing_docs)]
+
+pub mod client;
+pub mod config;
+pub mod error;
+pub mod registry;
+pub mod runner;
+pub mod server;
+pub mod spec;
+pub mod store;
+
+pub use client::AnalystClient;
+pub use config::CoordinatorConfig;
+pub use error::CoordinatorError;
+pub use server::serve;
+
+/// Milliseconds since the Unix epoch, the coordinator's one clock read.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}

@@ -1,0 +1,568 @@
+//! Drives one ECDH-PSI job (`overlap` or `match`) over the data plane.
+//!
+//! The protocol logic lives in `cleanroom_circuits::psi` as a sans-IO state machine; this module
+//! only moves its batches between QUIC streams and the CPU. Each party opens one unidirectional
+//! stream to the other and writes, in order:
+//!
+//! ```text
+//! PsiHello(set size, spec digest)      phase PSI_SIZE
+//! PointBatch* BatchEnd(total)          phase PSI_BLINDED          our items, k·H(x), shuffled
+//! PointBatch* BatchEnd(total)          phase PSI_DOUBLE_BLINDED   the peer's items, re-blinded
+//! BatchEnd(intersection)               phase PSI_DONE
+//! ```
+//!
+//! A reader task drains the peer's stream into memory as fast as it arrives, so neither side can
+//! stall the other through flow control while it computes; it caps what it buffers at what the
+//! policy and the declared sizes allow. CPU work runs on the blocking pool (rayon inside).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use cleanroom_circuits::{JobKey, POINT_LEN, PsiParams, PsiSession};
+use cleanroom_proto::v1::{
+    Abort, BatchEnd, Envelope, JobKind, JobSpec, Phase, PointBatch, PsiHello, PsiOutcome,
+    envelope::Body,
+};
+use cleanroom_transport::{FramedRecv, FramedSend, Identity};
+use prost::Message;
+use sha2::{Digest, Sha256};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::NodeError;
+use crate::agreement::Permit;
+use crate::dataplane::Handover;
+use crate::dataset;
+
+/// How long the responder waits for the initiator to connect.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(60);
+/// Upper bound on one job's data-plane exchange.
+const JOB_TIMEOUT: Duration = Duration::from_secs(3600);
+/// Points per batch frame: 128 KiB, well under the frame cap.
+const BATCH_POINTS: usize = 4096;
+/// Most rows a dataset may have for one job.
+const MAX_ROWS: u64 = 100_000_000;
+/// QUIC application error code when a job fails.
+const CLOSE_FAILED: u32 = 3;
+/// QUIC application error code when a job finished.
+const CLOSE_DONE: u32 = 0;
+
+/// Everything a job needs from the control plane.
+#[derive(Debug)]
+pub struct JobContext {
+    /// The job's id.
+    pub job_id: String,
+    /// The job as the coordinator described it.
+    pub spec: JobSpec,
+    /// This node's index in `spec.parties` (0 = initiator).
+    pub me: usize,
+    /// What the agreement permits for this job.
+    pub permit: Permit,
+    /// Where membership files go.
+    pub state_dir: PathBuf,
+    /// This node's name.
+    pub my_name: String,
+}
+
+/// Initiator: dial the responder, then run the exchange.
+pub async fn run_initiator(
+    job: JobContext,
+    endpoint: &quinn::Endpoint,
+    peer_addr: SocketAddr,
+) -> Result<PsiOutcome, NodeError> {
+    let peer = Identity::node(&job.permit.partner)?;
+    let conn = cleanroom_transport::connect(endpoint, peer_addr, &peer).await?;
+    let send = conn
+        .open_uni()
+        .await
+        .map_err(|e| NodeError::Job(format!("data plane to {peer}: {e}")))?;
+    let send = FramedSend::new(send);
+    let result = tokio::time::timeout(JOB_TIMEOUT, exchange(&job, &conn, send, None)).await;
+    finish_connection(&conn, result)
+}
+
+/// Responder: wait for the initiator's connection (routed by [`crate::dataplane`]), then run the
+/// exchange.
+pub async fn run_responder(
+    job: JobContext,
+    incoming: oneshot::Receiver<Handover>,
+) -> Result<PsiOutcome, NodeError> {
+    let handover = tokio::time::timeout(CONNECT_TIMEOUT, incoming)
+        .await
+        .map_err(|_| {
+            NodeError::Job(format!(
+                "node '{}' did not connect in time",
+                job.permit.partner
+            ))
+        })?
+        .map_err(|_| NodeError::Job("job cancelled while waiting for the peer".into()))?;
+    let conn = handover.conn;
+    let send = conn
+        .open_uni()
+        .await
+        .map_err(|e| NodeError::Job(format!("data plane: {e}")))?;
+    let send = FramedSend::new(send);
+    let first = Some((handover.recv, handover.hello));
+    let result = tokio::time::timeout(JOB_TIMEOUT, exchange(&job, &conn, send, first)).await;
+    finish_connection(&conn, result)
+}
+
+fn finish_connection(
+    conn: &quinn::Connection,
+    result: Result<Result<PsiOutcome, NodeError>, tokio::time::error::Elapsed>,
+) -> Result<PsiOutcome, NodeError> {
+    let result = result.unwrap_or_else(|_| Err(NodeError::Job("job timed out".into())));
+    match &result {
+        Ok(_) => conn.close(CLOSE_DONE.into(), b"done"),
+        Err(e) => conn.close(CLOSE_FAILED.into(), e.to_string().as_bytes()),
+    }
+    result
+}
+
+/// What the reader task passes on.
+enum Incoming {
+    Frame(Envelope),
+    Failed(String),
+}
+
+/// The symmetric part of the protocol, identical for both roles.
+async fn exchange(
+    job: &JobContext,
+    conn: &quinn::Connection,
+    send: FramedSend,
+    first: Option<(FramedRecv, Envelope)>,
+) -> Result<PsiOutcome, NodeError> {
+    let partner = job.permit.partner.clone();
+    let digest = spec_digest(&job.job_id, &job.spec);
+    let mut out = Outgoing {
+        send,
+        job_id: job.job_id.clone(),
+        phase: Phase::PsiSize,
+        seq: 0,
+    };
+
+    // Load our data first: it is ours, the agreement allows this job, and sizes must be declared.
+    let dataset = job.permit.dataset.clone();
+    let keys = job.permit.keys.clone();
+    let loaded = blocking(move || dataset::load_keys(&dataset, &keys, MAX_ROWS))
+        .await?
+        .map_err(|e| NodeError::Job(format!("dataset: {e}")))?;
+    let (rows_read, rows_rejected) = (loaded.rows_read, loaded.rows_rejected);
+    tracing::info!(
+        rows = rows_read,
+        rejected = rows_rejected,
+        distinct = loaded.items.len(),
+        "dataset loaded"
+    );
+
+    let params = PsiParams {
+        key_name: dataset::key_name(&job.permit.keys),
+        min_peer_set: job.permit.min_peer_set,
+        max_peer_set: job.permit.max_peer_set,
+        return_in_order: job.permit.partner_learns_membership,
+        learn_membership: job.permit.i_learn_membership,
+        batch_size: BATCH_POINTS,
+    };
+    let (own_size, session) = PsiSession::start(params, JobKey::generate(), loaded.items);
+    out.frame(
+        Phase::PsiSize,
+        Body::PsiHello(PsiHello {
+            sender: job.my_name.clone(),
+            set_size: own_size,
+            spec_digest: digest.to_vec(),
+        }),
+    )
+    .await?;
+
+    // The peer's stream: the responder got it with the connection, the initiator accepts it.
+    let (recv, hello) = match first {
+        Some((recv, hello)) => (recv, Some(hello)),
+        None => {
+            let stream = conn.accept_uni().await.map_err(|e| {
+                NodeError::Job(format!("node '{partner}' did not open its stream: {e}"))
+            })?;
+            (FramedRecv::new(stream), None)
+        }
+    };
+    // Cap what the reader may buffer: the peer's points (bounded by policy) plus ours returned.
+    let max_points = job.permit.max_peer_set.saturating_add(own_size);
+    let mut incoming = spawn_reader(recv, job.job_id.clone(), hello, max_points);
+
+    let result = async {
+        let hello = next_frame(&mut incoming, &partner).await?;
+        let peer_hello = expect_body(&hello, Phase::PsiSize, &partner, |b| match b {
+            Body::PsiHello(h) => Some(h.clone()),
+            _ => None,
+        })?;
+        if peer_hello.sender != partner {
+            return Err(violation(
+                &partner,
+                format!("hello names sender '{}'", peer_hello.sender),
+            ));
+        }
+        if peer_hello.spec_digest != digest {
+            return Err(violation(&partner, "it was given a different job spec"));
+        }
+        let session = session
+            .on_peer_size(peer_hello.set_size)
+            .map_err(|e| NodeError::Job(format!("refused: {e}")))?;
+
+        // Blind our items (the heavy step) and send them.
+        let (batches, mut exchanging) = blocking(move || session.blind()).await?;
+        out.points(Phase::PsiBlinded, batches).await?;
+        out.end(Phase::PsiBlinded, own_size).await?;
+
+        // Re-blind the peer's items as they arrive.
+        let mut seq_in = 0u64;
+        let mut awaiting = loop {
+            let env = next_frame(&mut incoming, &partner).await?;
+            check_phase(&env, Phase::PsiBlinded, &partner)?;
+            match env.body {
+                Some(Body::Points(PointBatch { seq, points })) => {
+                    check_seq(seq, &mut seq_in, &partner)?;
+                    let (next, reply) = blocking(move || exchanging.on_peer_batch(&points))
+                        .await?
+                        .map_err(|e| violation(&partner, e))?;
+                    exchanging = next;
+                    if let Some(reply) = reply {
+                        out.points(Phase::PsiDoubleBlinded, vec![reply]).await?;
+                    }
+                }
+                Some(Body::BatchEnd(BatchEnd { total })) => {
+                    let (rest, awaiting) = blocking(move || exchanging.on_peer_end(total))
+                        .await?
+                        .map_err(|e| violation(&partner, e))?;
+                    out.points(Phase::PsiDoubleBlinded, rest).await?;
+                    out.end(Phase::PsiDoubleBlinded, total).await?;
+                    break awaiting;
+                }
+                other => return Err(unexpected(&partner, Phase::PsiBlinded, other.as_ref())),
+            }
+        };
+
+        // Our items, returned double-blinded by the peer.
+        let mut seq_in = 0u64;
+        let output = loop {
+            let env = next_frame(&mut incoming, &partner).await?;
+            check_phase(&env, Phase::PsiDoubleBlinded, &partner)?;
+            match env.body {
+                Some(Body::Points(PointBatch { seq, points })) => {
+                    check_seq(seq, &mut seq_in, &partner)?;
+                    awaiting = blocking(move || awaiting.on_returned_batch(&points))
+                        .await?
+                        .map_err(|e| violation(&partner, e))?;
+                }
+                Some(Body::BatchEnd(BatchEnd { total })) => {
+                    break blocking(move || awaiting.on_returned_end(total))
+                        .await?
+                        .map_err(|e| violation(&partner, e))?;
+                }
+                other => {
+                    return Err(unexpected(
+                        &partner,
+                        Phase::PsiDoubleBlinded,
+                        other.as_ref(),
+                    ));
+                }
+            }
+        };
+
+        // Tell the peer we are done, with our count (which must equal theirs); wait for theirs.
+        out.end(Phase::PsiDone, output.intersection).await?;
+        out.send.finish()?;
+        let done = next_frame(&mut incoming, &partner).await?;
+        let peer_count = expect_body(&done, Phase::PsiDone, &partner, |b| match b {
+            Body::BatchEnd(e) => Some(e.total),
+            _ => None,
+        })?;
+        if peer_count != output.intersection {
+            return Err(violation(
+                &partner,
+                format!(
+                    "it counted {peer_count} shared items, we counted {}",
+                    output.intersection
+                ),
+            ));
+        }
+        Ok(output)
+    }
+    .await;
+
+    let output = match result {
+        Ok(o) => o,
+        Err(e) => {
+            // Best effort: tell the peer why, so its analyst sees the same reason.
+            let _ = out
+                .frame(
+                    Phase::PsiDone,
+                    Body::Abort(Abort {
+                        reason: e.to_string(),
+                    }),
+                )
+                .await;
+            return Err(e);
+        }
+    };
+    // Wait until the peer has everything we sent before the connection is closed.
+    let _ = tokio::time::timeout(Duration::from_secs(10), out.send.stopped()).await;
+
+    let mut outcome = PsiOutcome {
+        intersection: output.intersection,
+        own_set_size: output.own_set_size,
+        peer_set_size: output.peer_set_size,
+        learned_membership: false,
+        matched_rows: 0,
+        membership_file: String::new(),
+        rows_read,
+        rows_rejected,
+    };
+    if job.spec.kind == JobKind::Match as i32 {
+        if let Some(indices) = output.membership {
+            let (rows, path) = write_membership(job, indices, own_size).await?;
+            outcome.learned_membership = true;
+            outcome.matched_rows = rows;
+            outcome.membership_file = path.display().to_string();
+        }
+    }
+    Ok(outcome)
+}
+
+fn check_seq(seq: u64, expected: &mut u64, partner: &str) -> Result<(), NodeError> {
+    if seq != *expected {
+        return Err(violation(
+            partner,
+            format!("batch {seq} out of order (expected {expected})"),
+        ));
+    }
+    *expected += 1;
+    Ok(())
+}
+
+/// Maps matched item indices back to row numbers and writes them to the node's state dir.
+/// Row numbers, never identifiers: the file is safe to hand to the partner's own systems.
+async fn write_membership(
+    job: &JobContext,
+    indices: Vec<u32>,
+    own_size: u64,
+) -> Result<(u64, PathBuf), NodeError> {
+    let dataset = job.permit.dataset.clone();
+    let keys = job.permit.keys.clone();
+    let dir = job.state_dir.join("results");
+    let path = dir.join(format!("{}-membership.csv", job.job_id));
+    let out = path.clone();
+    blocking(move || -> Result<u64, NodeError> {
+        // Re-read the dataset: the same data dedups to the same sorted order, so the indices the
+        // protocol returned map to the same keys. A changed file is detected by its size.
+        let loaded = dataset::load_keys(&dataset, &keys, MAX_ROWS)
+            .map_err(|e| NodeError::Job(format!("dataset: {e}")))?;
+        if loaded.items.len() as u64 != own_size {
+            return Err(NodeError::Job("the dataset changed during the job".into()));
+        }
+        let mut matched = cleanroom_circuits::ItemSet::new();
+        for i in indices {
+            let item = loaded
+                .items
+                .get(i as usize)
+                .ok_or_else(|| NodeError::Job("membership index out of range".into()))?;
+            matched
+                .push(item)
+                .map_err(|e| NodeError::Job(e.to_string()))?;
+        }
+        matched.dedup();
+        let rows = dataset::matching_rows(&dataset, &keys, &matched)
+            .map_err(|e| NodeError::Job(format!("dataset: {e}")))?;
+        std::fs::create_dir_all(&dir).map_err(|e| NodeError::Io {
+            what: format!("creating {}", dir.display()),
+            source: e,
+        })?;
+        let mut text = String::from("row\n");
+        for r in &rows {
+            text.push_str(&r.to_string());
+            text.push('\n');
+        }
+        std::fs::write(&out, text).map_err(|e| NodeError::Io {
+            what: format!("writing {}", out.display()),
+            source: e,
+        })?;
+        Ok(rows.len() as u64)
+    })
+    .await?
+    .map(|rows| (rows, path))
+}
+
+/// Both parties hash the same spec with the job id; a mismatch means they were told different
+/// things (a confused or malicious coordinator).
+fn spec_digest(job_id: &str, spec: &JobSpec) -> [u8; 32] {
+    let mut h = Sha256::new();
+    h.update(b"cleanroom/1 job spec\0");
+    h.update(job_id.as_bytes());
+    h.update([0u8]);
+    h.update(spec.encode_to_vec());
+    h.finalize().into()
+}
+
+/// Reads the peer's stream into a channel as fast as it arrives, checking job ids and capping
+/// the number of points buffered.
+fn spawn_reader(
+    mut recv: FramedRecv,
+    job_id: String,
+    first: Option<Envelope>,
+    max_points: u64,
+) -> mpsc::UnboundedReceiver<Incoming> {
+    let (tx, rx) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        if let Some(first) = first {
+            let _ = tx.send(Incoming::Frame(first));
+        }
+        let mut points: u64 = 0;
+        loop {
+            let env = match recv.recv().await {
+                Ok(Some(env)) => env,
+                Ok(None) => return,
+                Err(e) => {
+                    let _ = tx.send(Incoming::Failed(e.to_string()));
+                    return;
+                }
+            };
+            if env.job_id != job_id {
+                let _ = tx.send(Incoming::Failed(format!(
+                    "frame for job '{}' on the stream of job '{job_id}'",
+                    env.job_id
+                )));
+                return;
+            }
+            if let Some(Body::Points(batch)) = &env.body {
+                points = points.saturating_add((batch.points.len() / POINT_LEN) as u64);
+                if points > max_points {
+                    let _ = tx.send(Incoming::Failed(format!(
+                        "sent more than the {max_points} points it may"
+                    )));
+                    return;
+                }
+            }
+            if tx.send(Incoming::Frame(env)).is_err() {
+                return;
+            }
+        }
+    });
+    rx
+}
+
+async fn next_frame(
+    incoming: &mut mpsc::UnboundedReceiver<Incoming>,
+    partner: &str,
+) -> Result<Envelope, NodeError> {
+    match incoming.recv().await {
+        Some(Incoming::Frame(env)) => {
+            if let Some(Body::Abort(Abort { reason })) = &env.body {
+                return Err(NodeError::Job(format!(
+                    "node '{partner}' aborted the job: {reason}"
+                )));
+            }
+            Ok(env)
+        }
+        Some(Incoming::Failed(reason)) => Err(violation(partner, reason)),
+        None => Err(NodeError::Job(format!(
+            "node '{partner}' closed its stream early"
+        ))),
+    }
+}
+
+fn check_phase(env: &Envelope, phase: Phase, partner: &str) -> Result<(), NodeError> {
+    if env.phase != phase as i32 {
+        return Err(violation(
+            partner,
+            format!(
+                "frame for phase {} while in phase {}",
+                env.phase,
+                phase.as_str_name()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+fn expect_body<T>(
+    env: &Envelope,
+    phase: Phase,
+    partner: &str,
+    pick: impl Fn(&Body) -> Option<T>,
+) -> Result<T, NodeError> {
+    check_phase(env, phase, partner)?;
+    env.body
+        .as_ref()
+        .and_then(pick)
+        .ok_or_else(|| unexpected(partner, phase, env.body.as_ref()))
+}
+
+fn unexpected(partner: &str, phase: Phase, body: Option<&Body>) -> NodeError {
+    let what = match body {
+        None => "an empty frame",
+        Some(Body::PsiHello(_)) => "a hello",
+        Some(Body::Points(_)) => "a point batch",
+        Some(Body::BatchEnd(_)) => "an end marker",
+        Some(_) => "a control-plane message",
+    };
+    violation(
+        partner,
+        format!("sent {what} in phase {}", phase.as_str_name()),
+    )
+}
+
+fn violation(partner: &str, reason: impl std::fmt::Display) -> NodeError {
+    NodeError::Protocol {
+        peer: format!("node '{partner}'"),
+        reason: reason.to_string(),
+    }
+}
+
+/// Our stream to the peer: frames stamped with the job id and phase, point batches numbered
+/// from 0 within each phase.
+struct Outgoing {
+    send: FramedSend,
+    job_id: String,
+    phase: Phase,
+    seq: u64,
+}
+
+impl Outgoing {
+    async fn frame(&mut self, phase: Phase, body: Body) -> Result<(), NodeError> {
+        if phase != self.phase {
+            self.phase = phase;
+            self.seq = 0;
+        }
+        let env = Envelope {
+            job_id: self.job_id.clone(),
+            phase: phase as i32,
+            body: Some(body),
+        };
+        Ok(self.send.send(&env).await?)
+    }
+
+    async fn points(&mut self, phase: Phase, batches: Vec<Vec<u8>>) -> Result<(), NodeError> {
+        for points in batches {
+            if phase != self.phase {
+                self.phase = phase;
+                self.seq = 0;
+            }
+            let seq = self.seq;
+            self.frame(phase, Body::Points(PointBatch { seq, points }))
+                .await?;
+            self.seq += 1;
+        }
+        Ok(())
+    }
+
+    async fn end(&mut self, phase: Phase, total: u64) -> Result<(), NodeError> {
+        self.frame(phase, Body::BatchEnd(BatchEnd { total })).await
+    }
+}
+
+/// Runs CPU work on the blocking pool, turning a panic into a job error.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, NodeError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| NodeError::Job(format!("internal error: {e}")))
+}
