@@ -17,7 +17,7 @@ const ROUNDS: usize = 5;
 /// Single-thread cost of each primitive, nanoseconds per operation (median of a few rounds).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct FloorCosts {
-    /// One [`hash_to_group`](crate::hash_to_group).
+    /// One [`hash_to_group`].
     pub hash_to_group_ns: f64,
     /// One variable-base scalar multiplication.
     pub scalar_mul_ns: f64,

@@ -429,3 +429,11 @@ proptest! {
         check_pair(rio_a, rio_b, rio_b, rio_a, sa, sb, bs);
     }
 }
+
+#[test]
+fn extreme_batch_sizes() {
+    // A shuffles and learns its membership from B's in-order return, and vice versa.
+    let (a, b) = (emails(0..20), emails(10..30));
+    check_pair(false, true, true, false, a.clone(), b.clone(), usize::MAX);
+    check_pair(true, false, false, true, a, b, 0);
+}

@@ -82,14 +82,17 @@ fn to_batches<'a>(
     points: impl ExactSizeIterator<Item = &'a EncodedPoint>,
     batch_size: usize,
 ) -> Vec<Vec<u8>> {
-    let batch_size = batch_size.max(1);
-    let mut batches = Vec::with_capacity(points.len().div_ceil(batch_size));
+    // A batch size from configuration may be absurd; never let it overflow or over-reserve.
+    let batch_size = batch_size.clamp(1, usize::MAX / POINT_LEN);
+    let mut remaining = points.len();
+    let mut batches = Vec::with_capacity(remaining.div_ceil(batch_size));
     let mut current = Vec::new();
     for p in points {
         if current.is_empty() {
-            current.reserve_exact(batch_size * POINT_LEN);
+            current.reserve_exact(batch_size.min(remaining) * POINT_LEN);
         }
         current.extend_from_slice(p);
+        remaining = remaining.saturating_sub(1);
         if current.len() == batch_size * POINT_LEN {
             batches.push(std::mem::take(&mut current));
         }
