@@ -223,13 +223,13 @@ async fn drive(shared: &Arc<Shared>, job_id: &str, spec: &JobSpec) -> Result<Str
     if !errors.is_empty() {
         return Err(failed(errors.join("; ")));
     }
-    if let [(_, a), (_, b)] = outcomes.as_slice() {
-        if a.intersection != b.intersection {
-            return Err(failed(format!(
-                "the nodes disagree on the result ({} vs {}); nothing is released",
-                a.intersection, b.intersection
-            )));
-        }
+    if let [(_, a), (_, b)] = outcomes.as_slice()
+        && a.intersection != b.intersection
+    {
+        return Err(failed(format!(
+            "the nodes disagree on the result ({} vs {}); nothing is released",
+            a.intersection, b.intersection
+        )));
     }
     for (node, outcome) in &outcomes {
         shared
@@ -254,9 +254,9 @@ fn record(
 }
 
 /// Awaits all futures concurrently, in order.
-async fn futures_join_all<F: std::future::Future>(futures: Vec<F>) -> Vec<F::Output>
+async fn futures_join_all<F>(futures: Vec<F>) -> Vec<F::Output>
 where
-    F: Send + 'static,
+    F: std::future::Future + Send + 'static,
     F::Output: Send + 'static,
 {
     let handles: Vec<_> = futures.into_iter().map(tokio::spawn).collect();

@@ -121,7 +121,7 @@ fn finish_connection(
 
 /// What the reader task passes on.
 enum Incoming {
-    Frame(Envelope),
+    Frame(Box<Envelope>),
     Failed(String),
 }
 
@@ -316,13 +316,11 @@ async fn exchange(
         rows_read,
         rows_rejected,
     };
-    if job.spec.kind == JobKind::Match as i32 {
-        if let Some(indices) = output.membership {
-            let (rows, path) = write_membership(job, indices, own_size).await?;
-            outcome.learned_membership = true;
-            outcome.matched_rows = rows;
-            outcome.membership_file = path.display().to_string();
-        }
+    if let (true, Some(indices)) = (job.spec.kind == JobKind::Match as i32, output.membership) {
+        let (rows, path) = write_membership(job, indices, own_size).await?;
+        outcome.learned_membership = true;
+        outcome.matched_rows = rows;
+        outcome.membership_file = path.display().to_string();
     }
     Ok(outcome)
 }
@@ -412,7 +410,7 @@ fn spawn_reader(
     let (tx, rx) = mpsc::unbounded_channel();
     tokio::spawn(async move {
         if let Some(first) = first {
-            let _ = tx.send(Incoming::Frame(first));
+            let _ = tx.send(Incoming::Frame(Box::new(first)));
         }
         let mut points: u64 = 0;
         loop {
@@ -440,7 +438,7 @@ fn spawn_reader(
                     return;
                 }
             }
-            if tx.send(Incoming::Frame(env)).is_err() {
+            if tx.send(Incoming::Frame(Box::new(env))).is_err() {
                 return;
             }
         }
@@ -459,7 +457,7 @@ async fn next_frame(
                     "node '{partner}' aborted the job: {reason}"
                 )));
             }
-            Ok(env)
+            Ok(*env)
         }
         Some(Incoming::Failed(reason)) => Err(violation(partner, reason)),
         None => Err(NodeError::Job(format!(
