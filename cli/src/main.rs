@@ -1,1 +1,93 @@
-fn main() {}
+//! `cleanroom`: the command line of the cleanroom runtime.
+//!
+//! Thin over the libraries: `pki` (transport), `synth` (synthetic data), `coordinator serve`,
+//! `node run` (the same as `cleanroom-node run`), `job` and `nodes` (the analyst API), `demo`
+//! (everything on loopback) and `bench` (the PSI benchmark against the cryptographic floor).
+
+mod args;
+mod bench;
+mod cluster;
+mod demo;
+mod job;
+mod output;
+mod synth;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+use crate::args::{Cli, Command, CoordinatorCommand, PkiCommand, PkiIssue};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    cleanroom_node::cli::init_tracing();
+    match execute(cli.command) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread().enable_all().build()?)
+}
+
+fn execute(command: Command) -> anyhow::Result<ExitCode> {
+    match command {
+        Command::Pki { command } => {
+            match command {
+                PkiCommand::Init { dir, consortium } => {
+                    let paths = cleanroom_transport::pki::init_ca(&dir, &consortium)?;
+                    println!("consortium CA written: {} (keep {} secret)", paths.cert.display(), paths.key.display());
+                }
+                PkiCommand::Issue { dir, out, who } => {
+                    let identity = match who {
+                        PkiIssue::Node { name } => cleanroom_transport::Identity::node(&name)?,
+                        PkiIssue::Analyst { name } => cleanroom_transport::Identity::analyst(&name)?,
+                        PkiIssue::Coordinator => cleanroom_transport::Identity::coordinator(),
+                    };
+                    let out = out.unwrap_or_else(|| dir.clone());
+                    let paths = cleanroom_transport::pki::issue(&dir, &identity, &out)?;
+                    println!("certificate for {identity}: {} (key {})", paths.cert.display(), paths.key.display());
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Synth(args) => {
+            let spec = synth::SynthSpec {
+                partners: args.partners.clone(),
+                rows: args.rows,
+                overlap: args.overlap,
+                seed: args.seed,
+            };
+            let truth = synth::write_synth(&spec, &args.out)?;
+            println!("{}", serde_json::to_string_pretty(&truth)?);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Coordinator { command: CoordinatorCommand::Serve { config, stop_on_stdin_eof } } => {
+            let cfg = cleanroom_coordinator::CoordinatorConfig::load(&config)?;
+            runtime()?.block_on(async move {
+                let (tx, rx) = tokio::sync::watch::channel(false);
+                tokio::spawn(async move {
+                    cleanroom_node::cli::wait_for_stop(stop_on_stdin_eof).await;
+                    let _ = tx.send(true);
+                });
+                cleanroom_coordinator::serve(cfg, rx, |addr| {
+                    // Supervisors (the demo, the tests) read this line to learn a port-0 address.
+                    println!("listening {addr}");
+                    use std::io::Write;
+                    let _ = std::io::stdout().flush();
+                })
+                .await
+            })?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Node(cli) => Ok(cleanroom_node::cli::main(cli)),
+        Command::Job { conn, command } => runtime()?.block_on(job::run(conn, command)),
+        Command::Nodes { conn, format } => runtime()?.block_on(job::nodes(conn, format)),
+        Command::Demo(args) => runtime()?.block_on(demo::run(args)),
+        Command::Bench { command } => runtime()?.block_on(bench::run(command)),
+    }
+}

@@ -1,1 +1,285 @@
-//! placeholder
+//! Harness for end-to-end tests: builds the real binaries, and starts a consortium of real
+//! processes on loopback (ephemeral ports) driven only through the command line, as an operator
+//! and an analyst would.
+#![allow(missing_docs, clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// Paths of the `cleanroom` and `cleanroom-node` binaries, built once per test process with
+/// the same profile as the tests.
+pub fn bins() -> &'static (PathBuf, PathBuf) {
+    static BINS: OnceLock<(PathBuf, PathBuf)> = OnceLock::new();
+    BINS.get_or_init(|| {
+        // target/<profile>/deps/<test-binary> → target/<profile>
+        let exe = std::env::current_exe().expect("test executable path");
+        let profile_dir = exe.parent().and_then(Path::parent).expect("target dir").to_owned();
+        let release = profile_dir.file_name().is_some_and(|n| n == "release");
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut cmd = Command::new(cargo);
+        cmd.args(["build", "--quiet", "-p", "cleanroom", "-p", "cleanroom-node", "--bins"]);
+        if release {
+            cmd.arg("--release");
+        }
+        let status = cmd.status().expect("running cargo build for the binaries");
+        assert!(status.success(), "building the binaries failed");
+        (profile_dir.join("cleanroom"), profile_dir.join("cleanroom-node"))
+    })
+}
+
+/// Runs `cleanroom ARGS` in `dir` and returns its output.
+pub fn cleanroom(dir: &Path, args: &[&str]) -> Output {
+    Command::new(&bins().0)
+        .args(args)
+        .current_dir(dir)
+        .env("RUST_LOG", "info")
+        .output()
+        .expect("running cleanroom")
+}
+
+/// Like [`cleanroom`] but asserts success.
+pub fn cleanroom_ok(dir: &Path, args: &[&str]) -> String {
+    let out = cleanroom(dir, args);
+    assert!(
+        out.status.success(),
+        "cleanroom {args:?} failed: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A process that stops gracefully when dropped (its stdin is closed) and is killed if it does
+/// not stop in time.
+pub struct Process {
+    pub name: String,
+    child: Child,
+    stdin: Option<ChildStdin>,
+    pub log: PathBuf,
+}
+
+impl Process {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The process's log so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Whether the process is still running.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// Stops the process and waits for it.
+    pub fn stop(&mut self) {
+        drop(self.stdin.take());
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// A consortium in a temporary directory: PKI, data, configs, coordinator and nodes.
+pub struct Consortium {
+    pub dir: tempfile::TempDir,
+    pub coordinator: Option<Process>,
+    pub addr: Option<SocketAddr>,
+    pub nodes: Vec<Process>,
+}
+
+impl Consortium {
+    /// A CA, a coordinator certificate and an analyst certificate ("alice").
+    pub fn new() -> Self {
+        let dir = tempfile::Builder::new().prefix("cleanroom-e2e-").tempdir().expect("tempdir");
+        cleanroom_ok(dir.path(), &["pki", "init", "--dir", "pki"]);
+        cleanroom_ok(dir.path(), &["pki", "issue", "--dir", "pki", "coordinator"]);
+        cleanroom_ok(dir.path(), &["pki", "issue", "--dir", "pki", "analyst", "alice"]);
+        std::fs::create_dir_all(dir.path().join("logs")).unwrap();
+        Self { dir, coordinator: None, addr: None, nodes: Vec::new() }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Writes synthetic data for `partners` and returns the ground truth.
+    pub fn synth(&self, partners: &str, rows: u64, overlap: f64, seed: u64) -> Value {
+        let out = cleanroom_ok(
+            self.path(),
+            &["synth", "--out", "data", "--partners", partners, "--rows", &rows.to_string(), "--overlap", &overlap.to_string(), "--seed", &seed.to_string()],
+        );
+        serde_json::from_str(&out).expect("synth prints the ground truth as JSON")
+    }
+
+    /// Starts the coordinator on an ephemeral port.
+    pub fn start_coordinator(&mut self) -> SocketAddr {
+        let cfg = self.path().join("coordinator.toml");
+        std::fs::write(
+            &cfg,
+            "listen = \"127.0.0.1:0\"\ndatabase = \"coordinator.db\"\noffer_timeout_secs = 10\n\n[tls]\nca = \"pki/ca.pem\"\ncert = \"pki/coordinator.pem\"\nkey = \"pki/coordinator.key\"\n",
+        )
+        .unwrap();
+        let log = self.path().join("logs/coordinator.log");
+        let mut child = Command::new(&bins().0)
+            .args(["coordinator", "serve", "--config"])
+            .arg(&cfg)
+            .arg("--stop-on-stdin-eof")
+            .current_dir(self.path())
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("starting the coordinator");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+        let addr: SocketAddr = line
+            .trim()
+            .strip_prefix("listening ")
+            .unwrap_or_else(|| panic!("coordinator said {line:?}; log: {}", std::fs::read_to_string(&log).unwrap_or_default()))
+            .parse()
+            .unwrap();
+        let stdin = child.stdin.take();
+        self.coordinator = Some(Process { name: "coordinator".into(), child, stdin, log });
+        self.addr = Some(addr);
+        addr
+    }
+
+    /// Writes a node config. `agreements` is TOML appended verbatim (the `[[agreement]]`
+    /// tables); the dataset `customers` is `data/<csv_of>.csv` with email and phone identifiers.
+    pub fn write_node_config(&self, name: &str, csv_of: &str, agreements: &str) -> PathBuf {
+        let addr = self.addr.expect("start the coordinator first");
+        let cfg = self.path().join(format!("{name}.toml"));
+        std::fs::write(
+            &cfg,
+            format!(
+                "name = \"{name}\"\ncoordinator = \"{addr}\"\nlisten = \"127.0.0.1:0\"\nstate_dir = \"state-{name}\"\n\n\
+                 [tls]\nca = \"pki/ca.pem\"\ncert = \"pki/node-{name}.pem\"\nkey = \"pki/node-{name}.key\"\n\n\
+                 [[dataset]]\nname = \"customers\"\npath = \"data/{csv_of}.csv\"\n\n\
+                 [[dataset.identifier]]\nname = \"email\"\ncolumn = \"email\"\nnormaliser = \"email\"\n\n\
+                 [[dataset.identifier]]\nname = \"phone\"\ncolumn = \"phone\"\nnormaliser = \"phone\"\n\n{agreements}"
+            ),
+        )
+        .unwrap();
+        cfg
+    }
+
+    /// Issues a node certificate (from this consortium's CA) unless it exists.
+    pub fn issue_node(&self, name: &str) {
+        if !self.path().join(format!("pki/node-{name}.pem")).exists() {
+            cleanroom_ok(self.path(), &["pki", "issue", "--dir", "pki", "node", name]);
+        }
+    }
+
+    /// Starts `cleanroom-node run` with the config `<name>.toml`.
+    pub fn start_node(&mut self, name: &str) {
+        let cfg = self.path().join(format!("{name}.toml"));
+        let log = self.path().join(format!("logs/{name}.log"));
+        let mut child = Command::new(&bins().1)
+            .args(["run", "--config"])
+            .arg(&cfg)
+            .arg("--stop-on-stdin-eof")
+            .current_dir(self.path())
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("starting a node");
+        let stdin = child.stdin.take();
+        self.nodes.push(Process { name: name.into(), child, stdin, log });
+    }
+
+    /// The analyst connection flags.
+    pub fn analyst_args(&self) -> Vec<String> {
+        vec![
+            "--coordinator".into(),
+            self.addr.expect("coordinator").to_string(),
+            "--ca".into(),
+            "pki/ca.pem".into(),
+            "--cert".into(),
+            "pki/analyst-alice.pem".into(),
+            "--key".into(),
+            "pki/analyst-alice.key".into(),
+        ]
+    }
+
+    /// `cleanroom nodes --format json`.
+    pub fn nodes_json(&self) -> Value {
+        let mut args = vec!["nodes".to_owned(), "--format".into(), "json".into()];
+        args.extend(self.analyst_args());
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        serde_json::from_str(&cleanroom_ok(self.path(), &args)).unwrap()
+    }
+
+    /// Waits until the named nodes are connected to the coordinator.
+    pub fn wait_connected(&self, names: &[&str]) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let nodes = self.nodes_json();
+            let up = names.iter().all(|n| {
+                nodes.as_array().unwrap().iter().any(|v| v["name"] == *n && v["connected"] == true)
+            });
+            if up {
+                return;
+            }
+            assert!(Instant::now() < deadline, "nodes {names:?} did not connect: {nodes}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// `cleanroom job submit ARGS --wait --format json`: the job as JSON and the exit code.
+    pub fn submit(&self, args: &[&str]) -> (Value, Option<i32>) {
+        let mut all: Vec<String> = vec!["job".into(), "submit".into()];
+        all.extend(args.iter().map(|s| s.to_string()));
+        all.extend(["--wait".into(), "--timeout".into(), "120".into(), "--format".into(), "json".into()]);
+        all.extend(self.analyst_args());
+        let all: Vec<&str> = all.iter().map(String::as_str).collect();
+        let out = cleanroom(self.path(), &all);
+        let text = String::from_utf8_lossy(&out.stdout);
+        let json = serde_json::from_str(&text).unwrap_or_else(|_| {
+            panic!("job submit printed no JSON: {text}\n{}", String::from_utf8_lossy(&out.stderr))
+        });
+        (json, out.status.code())
+    }
+
+    pub fn node(&self, name: &str) -> &Process {
+        self.nodes.iter().find(|p| p.name == name).expect("node")
+    }
+}
+
+impl Default for Consortium {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// An agreement allowing overlap and match on customers by email, with membership revealed.
+pub fn open_agreement(partner: &str) -> String {
+    format!(
+        "[[agreement]]\npartner = \"{partner}\"\npurposes = [\"overlap-reporting\", \"fraud-detection\"]\n\n\
+         [[agreement.allow]]\ncomputation = \"overlap\"\ndataset = \"customers\"\nkeys = [\"email\"]\n\n\
+         [[agreement.allow]]\ncomputation = \"match\"\ndataset = \"customers\"\nkeys = [\"email\"]\nreveal_membership_to_partner = true\n\n"
+    )
+}

@@ -1,0 +1,305 @@
+//! The command line, with clap derive. Every command's `--help` says what it does and what it
+//! needs.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// Clean-room computation between business partners: private set intersection over QUIC with
+/// mutual TLS, each partner's node enforcing its own agreement.
+///
+/// Start with `cleanroom demo`: it runs a coordinator and two partner nodes on loopback with
+/// synthetic data and prints the results of a real overlap and match job.
+#[derive(Debug, Parser)]
+#[command(name = "cleanroom", version, about, long_about)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Top-level commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run a coordinator and two partner nodes on loopback with synthetic data, run an overlap
+    /// and a match job, and print the results next to the ground truth.
+    Demo(DemoArgs),
+    /// Submit jobs and read their status and results (the analyst API).
+    Job {
+        /// How to reach the coordinator.
+        #[command(flatten)]
+        conn: ConnArgs,
+        /// Job subcommand.
+        #[command(subcommand)]
+        command: JobCommand,
+    },
+    /// List the nodes the coordinator knows and whether each is connected.
+    Nodes {
+        /// How to reach the coordinator.
+        #[command(flatten)]
+        conn: ConnArgs,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = Format::Table)]
+        format: Format,
+    },
+    /// The consortium's certificate authority and certificates (PEM files).
+    Pki {
+        /// PKI subcommand.
+        #[command(subcommand)]
+        command: PkiCommand,
+    },
+    /// Write synthetic partner datasets (CSV) with a known overlap, and the ground truth.
+    Synth(SynthArgs),
+    /// Run the coordinator.
+    Coordinator {
+        /// Coordinator subcommand.
+        #[command(subcommand)]
+        command: CoordinatorCommand,
+    },
+    /// Run a partner node (the same as the `cleanroom-node` binary).
+    #[command(hide = true)]
+    Node(cleanroom_node::cli::NodeCli),
+    /// Benchmarks that report throughput against the cryptographic cost floor.
+    Bench {
+        /// Benchmark to run.
+        #[command(subcommand)]
+        command: BenchCommand,
+    },
+}
+
+/// `cleanroom pki …`
+#[derive(Debug, Subcommand)]
+pub enum PkiCommand {
+    /// Create the consortium CA (ca.pem, ca.key) in DIR. Refuses to overwrite an existing CA.
+    Init {
+        /// Directory for the CA files.
+        #[arg(long, default_value = "pki")]
+        dir: PathBuf,
+        /// The consortium's name, written into the CA certificate.
+        #[arg(long, default_value = "cleanroom consortium")]
+        consortium: String,
+    },
+    /// Issue a certificate signed by the consortium CA.
+    Issue {
+        /// Directory holding ca.pem and ca.key.
+        #[arg(long, default_value = "pki")]
+        dir: PathBuf,
+        /// Where to write the certificate and key (default: the CA directory).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Whom the certificate is for.
+        #[command(subcommand)]
+        who: PkiIssue,
+    },
+}
+
+/// The subject of a certificate.
+#[derive(Debug, Subcommand)]
+pub enum PkiIssue {
+    /// A partner's node; NAME is the partner's identity that agreements name.
+    Node {
+        /// Partner name: 1–63 of a–z, 0–9 and '-'.
+        name: String,
+    },
+    /// The coordinator.
+    Coordinator,
+    /// An analyst who submits jobs.
+    Analyst {
+        /// Analyst name: 1–63 of a–z, 0–9 and '-'.
+        name: String,
+    },
+}
+
+/// `cleanroom coordinator …`
+#[derive(Debug, Subcommand)]
+pub enum CoordinatorCommand {
+    /// Run the coordinator until SIGINT or SIGTERM. Prints `listening ADDR` once bound.
+    Serve {
+        /// The coordinator's config file (see the README for an example).
+        #[arg(long, short, env = "CLEANROOM_COORDINATOR_CONFIG")]
+        config: PathBuf,
+        /// Also shut down when standard input closes (for supervisors and tests).
+        #[arg(long, hide = true)]
+        stop_on_stdin_eof: bool,
+    },
+}
+
+/// How the analyst CLI reaches and authenticates to the coordinator.
+#[derive(Debug, Clone, Args)]
+pub struct ConnArgs {
+    /// The coordinator's address.
+    #[arg(long, env = "CLEANROOM_COORDINATOR", default_value = "127.0.0.1:7400", global = true)]
+    pub coordinator: SocketAddr,
+    /// The consortium CA certificate.
+    #[arg(long, env = "CLEANROOM_CA", default_value = "pki/ca.pem", global = true)]
+    pub ca: PathBuf,
+    /// Your analyst certificate (`cleanroom pki issue analyst NAME`).
+    #[arg(long, env = "CLEANROOM_CERT", global = true)]
+    pub cert: Option<PathBuf>,
+    /// Your analyst key.
+    #[arg(long, env = "CLEANROOM_KEY", global = true)]
+    pub key: Option<PathBuf>,
+}
+
+/// Output formats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Format {
+    /// Aligned columns for people.
+    Table,
+    /// JSON for programs.
+    Json,
+    /// CSV for spreadsheets.
+    Csv,
+}
+
+/// `cleanroom job …`
+#[derive(Debug, Subcommand)]
+pub enum JobCommand {
+    /// Submit a job to the coordinator, which offers it to the nodes; each decides by its
+    /// agreement.
+    Submit(SubmitArgs),
+    /// A job's state, history, and (when done) results.
+    Status {
+        /// The job id printed by `job submit`.
+        job_id: String,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = Format::Table)]
+        format: Format,
+    },
+    /// Wait for a job to finish and print its results.
+    Result {
+        /// The job id printed by `job submit`.
+        job_id: String,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = Format::Table)]
+        format: Format,
+        /// Give up after this many seconds.
+        #[arg(long, default_value_t = 3600)]
+        timeout: u64,
+    },
+    /// The most recent jobs.
+    List {
+        /// How many.
+        #[arg(long, default_value_t = 20)]
+        limit: u32,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = Format::Table)]
+        format: Format,
+    },
+}
+
+/// Job kinds the CLI can submit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum KindArg {
+    /// How many records do the two partners share? (|A ∩ B| only)
+    Overlap,
+    /// Which of each side's records does the other side have too? (membership to the sides
+    /// the agreements allow, written on the nodes; the coordinator gets counts)
+    Match,
+}
+
+/// `cleanroom job submit …`
+#[derive(Debug, Args)]
+pub struct SubmitArgs {
+    /// The computation.
+    #[arg(value_enum)]
+    pub kind: KindArg,
+    /// The two partners, initiator first: `--between acme,globex`.
+    #[arg(long, value_delimiter = ',', required = true)]
+    pub between: Vec<String>,
+    /// Dataset at each party: `customers` (same name at both) or `acme:customers` once per
+    /// party.
+    #[arg(long, required = true)]
+    pub dataset: Vec<String>,
+    /// Join key(s): identifier names declared in the nodes' configs, e.g. `email` or
+    /// `email,phone` for a composite key.
+    #[arg(long, value_delimiter = ',', required = true)]
+    pub on: Vec<String>,
+    /// The purpose, which each node checks against its agreement.
+    #[arg(long)]
+    pub purpose: String,
+    /// For `match`: which parties ask to learn which of their records are shared
+    /// (default: both). Each partner's agreement must allow it.
+    #[arg(long, value_delimiter = ',')]
+    pub reveal_to: Option<Vec<String>>,
+    /// Resubmitting with the same key and spec returns the same job instead of a new one.
+    #[arg(long, default_value = "")]
+    pub idempotency_key: String,
+    /// Wait for the job to finish and print its result.
+    #[arg(long)]
+    pub wait: bool,
+    /// With --wait: give up after this many seconds.
+    #[arg(long, default_value_t = 3600)]
+    pub timeout: u64,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = Format::Table)]
+    pub format: Format,
+}
+
+/// `cleanroom synth …`
+#[derive(Debug, Args)]
+pub struct SynthArgs {
+    /// Output directory: one CSV per partner and truth.json.
+    #[arg(long, default_value = "data")]
+    pub out: PathBuf,
+    /// Partner names.
+    #[arg(long, value_delimiter = ',', default_value = "acme,globex")]
+    pub partners: Vec<String>,
+    /// Rows per partner.
+    #[arg(long, default_value_t = 10_000)]
+    pub rows: u64,
+    /// Fraction of each partner's rows that all partners share (0 to 1).
+    #[arg(long, default_value_t = 0.3)]
+    pub overlap: f64,
+    /// Random seed: the same seed gives the same files.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+}
+
+/// `cleanroom demo …`
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// Rows per partner.
+    #[arg(long, default_value_t = 20_000)]
+    pub rows: u64,
+    /// Fraction of rows the partners share.
+    #[arg(long, default_value_t = 0.3)]
+    pub overlap: f64,
+    /// Random seed for the synthetic data.
+    #[arg(long, default_value_t = 7)]
+    pub seed: u64,
+    /// Keep the working directory (PKI, data, configs, logs, databases) here instead of a
+    /// temporary directory that is removed afterwards.
+    #[arg(long)]
+    pub keep: Option<PathBuf>,
+}
+
+/// `cleanroom bench …`
+#[derive(Debug, Subcommand)]
+pub enum BenchCommand {
+    /// An overlap of N × N items between two node processes over loopback QUIC with mTLS,
+    /// submitted through the analyst API, against the cryptographic floor measured in the same
+    /// run. Build with --release.
+    Psi(BenchPsiArgs),
+}
+
+/// `cleanroom bench psi …`
+#[derive(Debug, Args)]
+pub struct BenchPsiArgs {
+    /// Items per side.
+    #[arg(long, default_value_t = 1 << 20)]
+    pub n: u64,
+    /// Fraction shared.
+    #[arg(long, default_value_t = 0.5)]
+    pub overlap: f64,
+    /// Repetitions of the job (the median is reported).
+    #[arg(long, default_value_t = 1)]
+    pub runs: u32,
+    /// Keep the working directory here.
+    #[arg(long)]
+    pub keep: Option<PathBuf>,
+    /// Print the figures as JSON too.
+    #[arg(long)]
+    pub json: bool,
+}

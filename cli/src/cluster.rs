@@ -1,0 +1,190 @@
+//! A whole consortium on loopback, for `cleanroom demo` and `cleanroom bench`: a PKI, a
+//! coordinator process and one node process per partner, each started from this very binary
+//! with its own config file, exactly as an operator would start them.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context};
+use cleanroom_coordinator::AnalystClient;
+use cleanroom_transport::{pki, Credentials, Identity};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+/// One partner: its name and its dataset (a CSV with an `email` column).
+#[derive(Debug, Clone)]
+pub struct Partner {
+    /// Partner name (the node's identity).
+    pub name: String,
+    /// The partner's CSV.
+    pub csv: PathBuf,
+}
+
+/// A running consortium.
+#[derive(Debug)]
+pub struct Cluster {
+    dir: PathBuf,
+    coordinator: Child,
+    nodes: BTreeMap<String, Child>,
+    /// The coordinator's address.
+    pub addr: SocketAddr,
+}
+
+impl Cluster {
+    /// Issues the PKI, writes the configs, starts the coordinator and the nodes, and waits
+    /// until every node is connected.
+    pub async fn start(dir: &Path, partners: &[Partner]) -> anyhow::Result<Cluster> {
+        let pki_dir = dir.join("pki");
+        pki::init_ca(&pki_dir, "cleanroom demo consortium")?;
+        pki::issue(&pki_dir, &Identity::coordinator(), &pki_dir)?;
+        pki::issue(&pki_dir, &Identity::analyst("demo")?, &pki_dir)?;
+        for p in partners {
+            pki::issue(&pki_dir, &Identity::node(&p.name)?, &pki_dir)?;
+        }
+        let logs = dir.join("logs");
+        std::fs::create_dir_all(&logs)?;
+
+        let coordinator_cfg = dir.join("coordinator.toml");
+        std::fs::write(
+            &coordinator_cfg,
+            format!(
+                "listen = \"127.0.0.1:0\"\ndatabase = \"coordinator.db\"\n\n[tls]\nca = \"pki/ca.pem\"\ncert = \"pki/coordinator.pem\"\nkey = \"pki/coordinator.key\"\n"
+            ),
+        )?;
+        let mut coordinator = spawn(
+            &["coordinator", "serve", "--config"],
+            &coordinator_cfg,
+            &logs.join("coordinator.log"),
+            true,
+        )?;
+        let addr = read_listen_line(&mut coordinator).await.with_context(|| {
+            format!("the coordinator did not start; see {}", logs.join("coordinator.log").display())
+        })?;
+
+        let mut nodes = BTreeMap::new();
+        for p in partners {
+            let cfg_path = dir.join(format!("{}.toml", p.name));
+            std::fs::write(&cfg_path, node_config(&p.name, addr, &p.csv, partners))?;
+            let child = spawn(&["node", "run", "--config"], &cfg_path, &logs.join(format!("{}.log", p.name)), false)?;
+            nodes.insert(p.name.clone(), child);
+        }
+        let cluster = Cluster { dir: dir.to_owned(), coordinator, nodes, addr };
+        cluster.wait_connected(Duration::from_secs(30)).await?;
+        Ok(cluster)
+    }
+
+    /// Credentials of the analyst "demo".
+    pub fn analyst_credentials(&self) -> anyhow::Result<Credentials> {
+        let pki_dir = self.dir.join("pki");
+        Ok(Credentials::load(
+            &pki_dir.join("ca.pem"),
+            &pki_dir.join("analyst-demo.pem"),
+            &pki_dir.join("analyst-demo.key"),
+        )?)
+    }
+
+    /// A connected analyst client.
+    pub async fn client(&self) -> anyhow::Result<AnalystClient> {
+        Ok(AnalystClient::connect(self.addr, &self.analyst_credentials()?).await?)
+    }
+
+    async fn wait_connected(&self, timeout: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + timeout;
+        let client = self.client().await?;
+        loop {
+            let nodes = client.nodes().await?;
+            let up = self
+                .nodes
+                .keys()
+                .all(|name| nodes.iter().any(|n| &n.name == name && n.connected));
+            if up {
+                client.close().await;
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("the nodes did not connect to the coordinator; see the logs in {}", self.dir.join("logs").display());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// The OS process id of a node.
+    pub fn node_pid(&self, name: &str) -> Option<u32> {
+        self.nodes.get(name).and_then(|c| c.id())
+    }
+
+    /// Stops every process gracefully (closing its standard input), killing any that does not
+    /// stop within a few seconds.
+    pub async fn stop(mut self) -> anyhow::Result<()> {
+        let mut children: Vec<(String, Child)> = std::mem::take(&mut self.nodes).into_iter().collect();
+        children.push(("coordinator".into(), std::mem::replace(&mut self.coordinator, dummy_child()?)));
+        for (_, child) in &mut children {
+            drop(child.stdin.take());
+        }
+        for (name, child) in &mut children {
+            match tokio::time::timeout(Duration::from_secs(10), child.wait()).await {
+                Ok(Ok(_)) => {}
+                _ => {
+                    tracing::warn!(process = %name, "did not stop in time; killing it");
+                    let _ = child.kill().await;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn dummy_child() -> anyhow::Result<Child> {
+    Ok(Command::new("true").stdin(Stdio::null()).stdout(Stdio::null()).spawn()?)
+}
+
+/// Starts this binary with `args CONFIG --stop-on-stdin-eof`, stderr to `log`.
+fn spawn(args: &[&str], config: &Path, log: &Path, stdout: bool) -> anyhow::Result<Child> {
+    let exe = std::env::current_exe().context("cannot find this program's path")?;
+    let log_file = std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
+    let mut cmd = Command::new(exe);
+    cmd.args(args)
+        .arg(config)
+        .arg("--stop-on-stdin-eof")
+        .stdin(Stdio::piped())
+        .stdout(if stdout { Stdio::piped() } else { Stdio::null() })
+        .stderr(Stdio::from(log_file))
+        .kill_on_drop(true);
+    Ok(cmd.spawn().with_context(|| format!("starting {}", args.join(" ")))?)
+}
+
+async fn read_listen_line(child: &mut Child) -> anyhow::Result<SocketAddr> {
+    let stdout = child.stdout.take().ok_or_else(|| anyhow!("no stdout"))?;
+    let mut lines = BufReader::new(stdout).lines();
+    let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
+        .await
+        .map_err(|_| anyhow!("timed out"))??
+        .ok_or_else(|| anyhow!("exited before listening"))?;
+    let addr = line.strip_prefix("listening ").ok_or_else(|| anyhow!("unexpected output"))?;
+    Ok(addr.trim().parse()?)
+}
+
+/// A node config that allows overlap and match on `customers` by email with every other
+/// partner, for the purposes the demo uses, and lets partners learn membership.
+fn node_config(name: &str, coordinator: SocketAddr, csv: &Path, partners: &[Partner]) -> String {
+    let mut cfg = format!(
+        "name = \"{name}\"\ncoordinator = \"{coordinator}\"\nlisten = \"127.0.0.1:0\"\nstate_dir = \"state-{name}\"\n\n\
+         [tls]\nca = \"pki/ca.pem\"\ncert = \"pki/node-{name}.pem\"\nkey = \"pki/node-{name}.key\"\n\n\
+         [[dataset]]\nname = \"customers\"\npath = \"{}\"\n\n\
+         [[dataset.identifier]]\nname = \"email\"\ncolumn = \"email\"\nnormaliser = \"email\"\n\n\
+         [[dataset.identifier]]\nname = \"phone\"\ncolumn = \"phone\"\nnormaliser = \"phone\"\n",
+        csv.display()
+    );
+    for other in partners.iter().filter(|p| p.name != name) {
+        cfg.push_str(&format!(
+            "\n[[agreement]]\npartner = \"{}\"\npurposes = [\"overlap-reporting\", \"fraud-detection\"]\n\n\
+             [[agreement.allow]]\ncomputation = \"overlap\"\ndataset = \"customers\"\nkeys = [\"email\"]\n\n\
+             [[agreement.allow]]\ncomputation = \"match\"\ndataset = \"customers\"\nkeys = [\"email\"]\nreveal_membership_to_partner = true\n",
+            other.name
+        ));
+    }
+    cfg
+}

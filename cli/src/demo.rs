@@ -1,0 +1,140 @@
+//! `cleanroom demo`: a whole consortium on loopback, one overlap and one match job, results
+//! printed next to the ground truth. Exits non-zero if any result is wrong.
+
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use cleanroom_coordinator::client::state_name;
+use cleanroom_proto::v1::{JobInfo, JobKind, JobSpec, JobState, PartySpec};
+use indicatif::{ProgressBar, ProgressStyle};
+
+use crate::args::DemoArgs;
+use crate::cluster::{Cluster, Partner};
+use crate::synth::{write_synth, SynthSpec};
+
+const PARTNERS: [&str; 2] = ["acme", "globex"];
+
+/// Runs the demo.
+pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
+    let temp;
+    let dir = match &args.keep {
+        Some(dir) => {
+            std::fs::create_dir_all(dir)?;
+            dir.clone()
+        }
+        None => {
+            temp = tempfile::Builder::new().prefix("cleanroom-demo-").tempdir()?;
+            temp.path().to_owned()
+        }
+    };
+    let progress = ProgressBar::new_spinner();
+    progress.set_style(ProgressStyle::with_template("{spinner} [{elapsed}] {msg}").unwrap_or_else(|_| ProgressStyle::default_spinner()));
+    progress.enable_steady_tick(Duration::from_millis(100));
+
+    progress.set_message(format!("writing synthetic data: {} rows per partner, {:.0}% shared", args.rows, args.overlap * 100.0));
+    let data_dir = dir.join("data");
+    let spec = SynthSpec {
+        partners: PARTNERS.iter().map(|s| s.to_string()).collect(),
+        rows: args.rows,
+        overlap: args.overlap,
+        seed: args.seed,
+    };
+    let truth = write_synth(&spec, &data_dir)?;
+    let expected = *truth
+        .pairwise_overlap
+        .get("acme,globex")
+        .context("the ground truth has no acme,globex overlap")?;
+
+    progress.set_message("issuing the PKI and starting the coordinator and two nodes (acme, globex)");
+    let partners: Vec<Partner> = PARTNERS
+        .iter()
+        .map(|name| Partner { name: name.to_string(), csv: data_dir.join(format!("{name}.csv")) })
+        .collect();
+    let cluster = Cluster::start(&dir, &partners).await?;
+    let client = cluster.client().await?;
+
+    let mut jobs = Vec::new();
+    for (kind, purpose) in [(JobKind::Overlap, "overlap-reporting"), (JobKind::Match, "fraud-detection")] {
+        let name = if kind == JobKind::Overlap { "overlap" } else { "match" };
+        progress.set_message(format!("running a {name} job on email between acme and globex"));
+        let spec = JobSpec {
+            kind: kind as i32,
+            parties: PARTNERS
+                .iter()
+                .map(|node| PartySpec {
+                    node: node.to_string(),
+                    dataset: "customers".into(),
+                    keys: vec!["email".into()],
+                    learns_membership: kind == JobKind::Match,
+                })
+                .collect(),
+            purpose: purpose.into(),
+        };
+        let started = Instant::now();
+        let job = client.submit(spec, "").await?;
+        let job = client
+            .wait(&job.job_id, Duration::from_secs(600), |info| {
+                progress.set_message(format!("{name} job {} is {}", info.job_id, state_name(info.state)));
+            })
+            .await?;
+        jobs.push((name, job, started.elapsed()));
+    }
+    progress.set_message("stopping the processes");
+    client.close().await;
+    cluster.stop().await?;
+    progress.finish_and_clear();
+
+    println!("cleanroom demo — {} rows per partner, seed {}, working directory {}", args.rows, args.seed, dir.display());
+    println!();
+    println!("{:<8} {:<22} {:<10} {:>10} {:>10} {:>8}  {}", "JOB", "ID", "STATE", "RESULT", "TRUTH", "TIME", "CHECK");
+    let mut all_ok = true;
+    for (name, job, elapsed) in &jobs {
+        let (result, ok) = check(job, expected);
+        all_ok &= ok;
+        println!(
+            "{:<8} {:<22} {:<10} {:>10} {:>10} {:>7.2}s  {}",
+            name,
+            job.job_id,
+            state_name(job.state),
+            result,
+            expected,
+            elapsed.as_secs_f64(),
+            if ok { "ok" } else { "WRONG" }
+        );
+        if job.state != JobState::Succeeded as i32 {
+            println!("         reason: {}", job.reason);
+        }
+        for r in &job.results {
+            if let Some(o) = &r.outcome {
+                if o.learned_membership {
+                    println!("         {} learned which {} of its rows are shared (row numbers in {})", r.node, o.matched_rows, o.membership_file);
+                }
+            }
+        }
+    }
+    println!();
+    println!("Neither node saw the other's records; the coordinator saw only the counts above.");
+    if args.keep.is_some() {
+        println!("Logs, configs and data are kept in {}.", dir.display());
+    }
+    Ok(if all_ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
+/// The job's result, and whether it is right: succeeded, count equals the truth, and for match
+/// each side's matched rows equal it too (the synthetic data has one row per customer).
+fn check(job: &JobInfo, expected: u64) -> (String, bool) {
+    if job.state != JobState::Succeeded as i32 {
+        return ("-".into(), false);
+    }
+    let Some(first) = job.results.first().and_then(|r| r.outcome.as_ref()) else {
+        return ("-".into(), false);
+    };
+    let is_match = job.spec.as_ref().is_some_and(|s| s.kind == JobKind::Match as i32);
+    let ok = job.results.iter().all(|r| {
+        r.outcome.as_ref().is_some_and(|o| {
+            o.intersection == expected && (!is_match || (o.learned_membership && o.matched_rows == expected))
+        })
+    });
+    (first.intersection.to_string(), ok)
+}

@@ -1,0 +1,134 @@
+//! `cleanroom job …` and `cleanroom nodes`: the analyst's commands.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use cleanroom_coordinator::AnalystClient;
+use cleanroom_proto::v1::{JobKind, JobSpec, JobState, PartySpec};
+use cleanroom_transport::Credentials;
+
+use crate::args::{ConnArgs, Format, JobCommand, KindArg, SubmitArgs};
+use crate::output;
+
+async fn connect(conn: &ConnArgs) -> anyhow::Result<AnalystClient> {
+    let (Some(cert), Some(key)) = (&conn.cert, &conn.key) else {
+        bail!("give your analyst certificate and key with --cert and --key (or CLEANROOM_CERT and CLEANROOM_KEY); issue them with `cleanroom pki issue analyst NAME`");
+    };
+    let creds = Credentials::load(&conn.ca, cert, key)?;
+    AnalystClient::connect(conn.coordinator, &creds)
+        .await
+        .with_context(|| format!("connecting to the coordinator at {}", conn.coordinator))
+}
+
+/// Exit code for a finished job: 0 if it succeeded, 2 if vetoed, 1 otherwise.
+fn exit_for(state: i32) -> ExitCode {
+    match JobState::try_from(state) {
+        Ok(JobState::Succeeded) => ExitCode::SUCCESS,
+        Ok(JobState::Vetoed) => ExitCode::from(2),
+        Ok(JobState::Pending | JobState::Offered | JobState::Running) => ExitCode::SUCCESS,
+        _ => ExitCode::FAILURE,
+    }
+}
+
+/// Builds the job spec from the command line.
+pub fn spec_from_args(args: &SubmitArgs) -> anyhow::Result<JobSpec> {
+    if args.between.len() != 2 {
+        bail!("--between takes exactly two partners, e.g. --between acme,globex");
+    }
+    let dataset_of = |node: &str| -> anyhow::Result<String> {
+        let mut plain = None;
+        for d in &args.dataset {
+            match d.split_once(':') {
+                Some((n, ds)) if n == node => return Ok(ds.to_owned()),
+                Some(_) => {}
+                None => plain = Some(d.clone()),
+            }
+        }
+        plain.with_context(|| format!("no dataset for '{node}': use --dataset NAME or --dataset {node}:NAME"))
+    };
+    let reveal = args.reveal_to.clone().unwrap_or_else(|| match args.kind {
+        KindArg::Match => args.between.clone(),
+        KindArg::Overlap => Vec::new(),
+    });
+    if args.kind == KindArg::Overlap && !reveal.is_empty() {
+        bail!("--reveal-to applies to match jobs only");
+    }
+    for r in &reveal {
+        if !args.between.contains(r) {
+            bail!("--reveal-to names '{r}', which is not one of --between");
+        }
+    }
+    let parties = args
+        .between
+        .iter()
+        .map(|node| {
+            Ok(PartySpec {
+                node: node.clone(),
+                dataset: dataset_of(node)?,
+                keys: args.on.clone(),
+                learns_membership: reveal.contains(node),
+            })
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    Ok(JobSpec {
+        kind: match args.kind {
+            KindArg::Overlap => JobKind::Overlap,
+            KindArg::Match => JobKind::Match,
+        } as i32,
+        parties,
+        purpose: args.purpose.clone(),
+    })
+}
+
+/// Runs a `job` subcommand.
+pub async fn run(conn: ConnArgs, command: JobCommand) -> anyhow::Result<ExitCode> {
+    match command {
+        JobCommand::Submit(args) => {
+            let spec = spec_from_args(&args)?;
+            let client = connect(&conn).await?;
+            let job = client.submit(spec, &args.idempotency_key).await?;
+            let job = if args.wait {
+                if args.format == Format::Table {
+                    eprintln!("submitted {}; waiting for it to finish…", job.job_id);
+                }
+                client.wait(&job.job_id, Duration::from_secs(args.timeout), |_| {}).await?
+            } else {
+                job
+            };
+            output::print_job(&job, args.format);
+            client.close().await;
+            Ok(exit_for(job.state))
+        }
+        JobCommand::Status { job_id, format } => {
+            let client = connect(&conn).await?;
+            let job = client.get(&job_id).await?;
+            output::print_job(&job, format);
+            client.close().await;
+            Ok(ExitCode::SUCCESS)
+        }
+        JobCommand::Result { job_id, format, timeout } => {
+            let client = connect(&conn).await?;
+            let job = client.wait(&job_id, Duration::from_secs(timeout), |_| {}).await?;
+            output::print_job(&job, format);
+            client.close().await;
+            Ok(exit_for(job.state))
+        }
+        JobCommand::List { limit, format } => {
+            let client = connect(&conn).await?;
+            let jobs = client.list(limit).await?;
+            output::print_jobs(&jobs, format);
+            client.close().await;
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// `cleanroom nodes`.
+pub async fn nodes(conn: ConnArgs, format: Format) -> anyhow::Result<ExitCode> {
+    let client = connect(&conn).await?;
+    let nodes = client.nodes().await?;
+    output::print_nodes(&nodes, format);
+    client.close().await;
+    Ok(ExitCode::SUCCESS)
+}
