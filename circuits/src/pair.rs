@@ -437,3 +437,29 @@ fn extreme_batch_sizes() {
     check_pair(false, true, true, false, a.clone(), b.clone(), usize::MAX);
     check_pair(true, false, false, true, a, b, 0);
 }
+
+/// A rough end-to-end timing against the floor (release: `cargo test -p cleanroom-circuits
+/// --release -- --ignored --nocapture wall_vs_floor`); asserts nothing about speed.
+#[test]
+#[ignore]
+fn wall_vs_floor() {
+    let n = 4000;
+    let floor = measure_floor(200);
+    let t = std::time::Instant::now();
+    check_pair(
+        true,
+        true,
+        true,
+        true,
+        emails(0..n),
+        emails(n / 2..n + n / 2),
+        4096,
+    );
+    let wall = t.elapsed().as_secs_f64();
+    let cores = rayon::current_num_threads();
+    let floor_s = floor.psi_floor_seconds(n as u64, n as u64, cores);
+    println!(
+        "{n} x {n}: wall {wall:.3} s, floor {floor_s:.3} s, ratio {:.2}",
+        wall / floor_s
+    );
+}
