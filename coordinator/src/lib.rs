@@ -10,14 +10,22 @@
 //! - [`runner`]: one job from offer to result;
 //! - [`server`]: the QUIC endpoint: node control sessions and analyst requests;
 //! - [`client`]: the analyst side of the API, used by the CLI, the demo and the tests;
-//! - [`spec`]: validation of job specs submitted by analysts.
+//! - [`spec`]: validation of job specs submitted by analysts;
+//! - [`clock`]: the clock behind the scheduler (a settable one for tests);
+//! - [`cron`]: cron expressions in IANA time zones;
+//! - [`schedule`]: recurring jobs: the sans-IO planner and the scheduler loop;
+//! - [`report`]: a schedule's history as HTML (trend chart, runs table), CSV and JSON.
 #![warn(missing_docs)]
 
 pub mod client;
+pub mod clock;
 pub mod config;
+pub mod cron;
 pub mod error;
 pub mod registry;
+pub mod report;
 pub mod runner;
+pub mod schedule;
 pub mod server;
 pub mod spec;
 pub mod store;

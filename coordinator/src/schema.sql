@@ -1,8 +1,9 @@
--- Job store of the cleanroom coordinator, schema version 1.
+-- Job store of the cleanroom coordinator, schema version 2.
 --
 -- Applied by `JobStore::open` in one transaction when the database has no schema yet; the
 -- version row it writes is what future migrations start from. Every statement is written so that
--- re-running the script on a version-1 database changes nothing.
+-- re-running the script on an existing database changes nothing: that is also the migration from
+-- version 1 (which lacked the `schedules` and `schedule_runs` tables).
 --
 -- Protobuf messages are stored as their encoded bytes (`spec`, `outcome`); the other columns
 -- exist to query and to order by. States are `cleanroom.v1.JobState` numbers.
@@ -60,3 +61,47 @@ CREATE TABLE IF NOT EXISTS nodes (
   data_addr    TEXT    NOT NULL,
   last_seen_ms INTEGER NOT NULL
 );
+
+-- Recurring jobs (version 2). A removed schedule keeps its row (`removed_ms` set) so that its
+-- runs keep their history; its name can then be used by a new schedule.
+CREATE TABLE IF NOT EXISTS schedules (
+  id                 INTEGER PRIMARY KEY AUTOINCREMENT,
+  name               TEXT    NOT NULL,
+  cron               TEXT    NOT NULL,
+  -- IANA name, 'UTC' by default.
+  timezone           TEXT    NOT NULL,
+  -- Encoded cleanroom.v1.JobSpec: what every run submits.
+  spec               BLOB    NOT NULL,
+  -- The analyst who added it; its jobs are submitted in that name.
+  owner              TEXT    NOT NULL,
+  paused             INTEGER NOT NULL DEFAULT 0,
+  created_ms         INTEGER NOT NULL,
+  -- Next cron occurrence not yet handled (fired or skipped); NULL if it never fires again.
+  next_run_ms        INTEGER,
+  -- The latest occurrence that was fired.
+  last_fired_ms      INTEGER,
+  -- Retry policy of failed or vetoed runs.
+  max_retries        INTEGER NOT NULL,
+  backoff_base_secs  INTEGER NOT NULL,
+  removed_ms         INTEGER
+);
+
+CREATE UNIQUE INDEX IF NOT EXISTS schedules_live_name ON schedules (name) WHERE removed_ms IS NULL;
+
+-- Every run of a schedule: one row per (occurrence, attempt). The uniqueness is what keeps a run
+-- from firing twice, even across a restart. A skipped occurrence (missed while the coordinator
+-- was down, see `schedule.rs`) has no job.
+CREATE TABLE IF NOT EXISTS schedule_runs (
+  id               INTEGER PRIMARY KEY AUTOINCREMENT,
+  schedule_id      INTEGER NOT NULL REFERENCES schedules (id),
+  scheduled_for_ms INTEGER NOT NULL,
+  attempt          INTEGER NOT NULL,
+  job_id           TEXT    REFERENCES jobs (job_id),
+  -- 'submitted' (a job exists), 'skipped' (missed while down) or 'not-submitted' (refused).
+  status           TEXT    NOT NULL,
+  note             TEXT    NOT NULL,
+  recorded_ms      INTEGER NOT NULL,
+  UNIQUE (schedule_id, scheduled_for_ms, attempt)
+);
+
+CREATE INDEX IF NOT EXISTS schedule_runs_by_time ON schedule_runs (schedule_id, scheduled_for_ms);

@@ -7,7 +7,9 @@
 //! - every state a job entered, with the time and the reason, in order — the first entry is the
 //!   submission itself;
 //! - what each party reported ([`PsiOutcome`], protobuf bytes), one per node;
-//! - the last hello of each node.
+//! - the last hello of each node;
+//! - recurring jobs ([`ScheduleRecord`]) and every run of them ([`ScheduleRun`]): which
+//!   occurrence, which attempt, which job — or that the occurrence was skipped.
 //!
 //! Jobs follow the state machine `pending → offered → running → succeeded | failed | vetoed |
 //! cancelled` (see [`transition_allowed`]); every change is one transaction that reads the
@@ -35,7 +37,7 @@ use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 const SCHEMA: &str = include_str!("schema.sql");
 
 /// Version of [`SCHEMA`]; recorded in the `schema_version` table.
-pub const SCHEMA_VERSION: i64 = 1;
+pub const SCHEMA_VERSION: i64 = 2;
 
 /// Most jobs one [`JobStore::list`] call returns, whatever limit is asked for.
 pub const MAX_LIST_LIMIT: u32 = 1000;
@@ -104,6 +106,23 @@ pub enum StoreError {
         found: i64,
         /// Version this code writes and reads.
         supported: i64,
+    },
+    /// No live schedule has this name.
+    #[error("no schedule named '{0}'; `cleanroom schedule list` shows the schedules")]
+    UnknownSchedule(String),
+    /// A live schedule already has this name.
+    #[error("a schedule named '{0}' already exists; remove it first or choose another name")]
+    ScheduleExists(String),
+    /// The schedule asked for is not valid (name, cron expression, time zone, spec, policy).
+    #[error("invalid schedule: {0}")]
+    InvalidSchedule(String),
+    /// Stored data of a schedule does not decode.
+    #[error("stored data of schedule '{name}' is corrupt: {reason}")]
+    CorruptSchedule {
+        /// The schedule.
+        name: String,
+        /// What failed to decode.
+        reason: String,
     },
     /// The operating system's random number generator failed while drawing a job id.
     #[error("could not draw a job id from the operating system's random number generator: {0}")]
@@ -208,7 +227,15 @@ impl JobStore {
                 )?;
             }
             Some(SCHEMA_VERSION) => {}
-            // Migrations from older versions go here when there are any.
+            // Version 2 only added tables (schedules, schedule_runs); the schema script creates
+            // what is missing and leaves the rest untouched.
+            Some(1) => {
+                tx.execute_batch(SCHEMA)?;
+                tx.execute(
+                    "INSERT INTO schema_version (version) VALUES (?1)",
+                    [SCHEMA_VERSION],
+                )?;
+            }
             Some(found) => {
                 return Err(StoreError::UnsupportedSchema {
                     found,
@@ -473,6 +500,658 @@ impl JobStore {
     }
 }
 
+/// Longest schedule name accepted.
+pub const MAX_SCHEDULE_NAME: usize = 64;
+
+/// Most retries a schedule may ask for.
+pub const MAX_RETRIES_LIMIT: u32 = 20;
+
+/// What an analyst asks for when adding a schedule.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewSchedule {
+    /// Unique among live schedules: letters, digits, `.`, `_`, `-`; at most
+    /// [`MAX_SCHEDULE_NAME`] bytes.
+    pub name: String,
+    /// Five-field cron expression (see [`crate::cron`]).
+    pub cron: String,
+    /// IANA time zone of the cron expression; empty means UTC.
+    pub timezone: String,
+    /// The job every run submits.
+    pub spec: JobSpec,
+    /// The analyst adding it; runs are submitted in that name.
+    pub owner: String,
+    /// How often a failed or vetoed run is retried (0: never), at most [`MAX_RETRIES_LIMIT`].
+    pub max_retries: u32,
+    /// Wait before retry `n` (1-based) is `backoff_base_secs × 2^(n-1)`; at least 1.
+    pub backoff_base_secs: u32,
+}
+
+/// A stored schedule.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ScheduleRecord {
+    /// Row id; runs refer to it (a removed schedule's name may be reused, its id is not).
+    pub id: i64,
+    /// The schedule's name.
+    pub name: String,
+    /// Cron expression.
+    pub cron: String,
+    /// IANA time zone name (`UTC` if none was given).
+    pub timezone: String,
+    /// The job every run submits.
+    pub spec: JobSpec,
+    /// The analyst who added it.
+    pub owner: String,
+    /// Paused schedules neither fire nor retry.
+    pub paused: bool,
+    /// When it was added.
+    pub created_ms: i64,
+    /// The next occurrence not yet handled; `None` if the expression never fires again.
+    pub next_run_ms: Option<i64>,
+    /// The latest occurrence that was fired.
+    pub last_fired_ms: Option<i64>,
+    /// Retry policy: how many retries of a failed or vetoed run.
+    pub max_retries: u32,
+    /// Retry policy: base of the exponential backoff, seconds.
+    pub backoff_base_secs: u32,
+    /// When it was removed (`None` while live).
+    pub removed_ms: Option<i64>,
+}
+
+/// What became of one (occurrence, attempt) of a schedule.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RunStatus {
+    /// A job was submitted; its state tells the rest.
+    Submitted,
+    /// The occurrence was missed while the coordinator was down and not run (catch-up rule).
+    Skipped,
+    /// The submission itself was refused (the note says why); not retried.
+    NotSubmitted,
+}
+
+impl RunStatus {
+    /// The name stored in the database (and shown in reports).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RunStatus::Submitted => "submitted",
+            RunStatus::Skipped => "skipped",
+            RunStatus::NotSubmitted => "not-submitted",
+        }
+    }
+
+    /// The status of a stored name.
+    pub fn parse(name: &str) -> Option<RunStatus> {
+        match name {
+            "submitted" => Some(RunStatus::Submitted),
+            "skipped" => Some(RunStatus::Skipped),
+            "not-submitted" => Some(RunStatus::NotSubmitted),
+            _ => None,
+        }
+    }
+}
+
+/// One run of a schedule, with the state of its job (for the planner and for reports).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ScheduleRun {
+    /// The schedule's name.
+    pub schedule: String,
+    /// The cron occurrence (or run-now time) this run is for.
+    pub scheduled_for_ms: i64,
+    /// 0 for the first attempt, then 1, 2, … for retries.
+    pub attempt: u32,
+    /// The job; `None` for a skipped occurrence.
+    pub job_id: Option<String>,
+    /// Whether a job was submitted, the occurrence skipped, or the submission refused.
+    pub status: RunStatus,
+    /// Why it was submitted or skipped ("cron", "retry 1 of 3", "run-now", "missed …").
+    pub note: String,
+    /// When the run was recorded.
+    pub recorded_ms: i64,
+    /// The job's state (`None` when skipped).
+    pub job_state: Option<JobState>,
+    /// The reason of the job's latest transition (empty when skipped).
+    pub job_reason: String,
+    /// When the job last changed state (its end time once terminal).
+    pub job_updated_ms: Option<i64>,
+    /// The released intersection size, if the parties reported one.
+    pub intersection: Option<u64>,
+}
+
+/// Checks a schedule name: non-empty, short, letters, digits, `.`, `_` and `-` only (it appears
+/// in idempotency keys and file names).
+pub fn validate_schedule_name(name: &str) -> Result<(), String> {
+    if name.is_empty() || name.len() > MAX_SCHEDULE_NAME {
+        return Err(format!(
+            "schedule name must be 1 to {MAX_SCHEDULE_NAME} characters"
+        ));
+    }
+    if !name
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+    {
+        return Err(format!(
+            "schedule name '{name}' may contain only letters, digits, '.', '_' and '-'"
+        ));
+    }
+    Ok(())
+}
+
+const SCHEDULE_COLUMNS: &str = "id, name, cron, timezone, spec, owner, paused, created_ms, \
+     next_run_ms, last_fired_ms, max_retries, backoff_base_secs, removed_ms";
+
+impl JobStore {
+    /// Adds a schedule. The name, the cron expression and time zone, the job spec
+    /// ([`crate::spec::validate`]) and the retry policy are checked
+    /// ([`StoreError::InvalidSchedule`]); a live schedule of the same name is
+    /// [`StoreError::ScheduleExists`]. Its first occurrence is the first cron time after `now_ms`.
+    pub fn add_schedule(
+        &self,
+        new: &NewSchedule,
+        now_ms: i64,
+    ) -> Result<ScheduleRecord, StoreError> {
+        validate_schedule_name(&new.name).map_err(StoreError::InvalidSchedule)?;
+        let cron = crate::cron::CronSchedule::parse(&new.cron, &new.timezone)
+            .map_err(|err| StoreError::InvalidSchedule(err.to_string()))?;
+        crate::spec::validate(&new.spec).map_err(StoreError::InvalidSchedule)?;
+        if new.max_retries > MAX_RETRIES_LIMIT {
+            return Err(StoreError::InvalidSchedule(format!(
+                "at most {MAX_RETRIES_LIMIT} retries, not {}",
+                new.max_retries
+            )));
+        }
+        if new.backoff_base_secs == 0 {
+            return Err(StoreError::InvalidSchedule(
+                "the retry backoff must be at least 1 second".into(),
+            ));
+        }
+        let next_run_ms = cron.next_after(now_ms);
+
+        let mut conn = self.lock();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let exists: bool = tx.query_row(
+            "SELECT EXISTS (SELECT 1 FROM schedules WHERE name = ?1 AND removed_ms IS NULL)",
+            [&new.name],
+            |row| row.get(0),
+        )?;
+        if exists {
+            return Err(StoreError::ScheduleExists(new.name.clone()));
+        }
+        tx.execute(
+            "INSERT INTO schedules (name, cron, timezone, spec, owner, paused, created_ms, \
+             next_run_ms, max_retries, backoff_base_secs) \
+             VALUES (?1, ?2, ?3, ?4, ?5, 0, ?6, ?7, ?8, ?9)",
+            params![
+                new.name,
+                cron.expression(),
+                cron.timezone(),
+                new.spec.encode_to_vec(),
+                new.owner,
+                now_ms,
+                next_run_ms,
+                new.max_retries,
+                new.backoff_base_secs
+            ],
+        )?;
+        let id = tx.last_insert_rowid();
+        tx.commit()?;
+        Ok(ScheduleRecord {
+            id,
+            name: new.name.clone(),
+            cron: cron.expression().to_owned(),
+            timezone: cron.timezone().to_owned(),
+            spec: new.spec.clone(),
+            owner: new.owner.clone(),
+            paused: false,
+            created_ms: now_ms,
+            next_run_ms,
+            last_fired_ms: None,
+            max_retries: new.max_retries,
+            backoff_base_secs: new.backoff_base_secs,
+            removed_ms: None,
+        })
+    }
+
+    /// The live (not removed) schedules, by name, paused ones included.
+    pub fn list_schedules(&self) -> Result<Vec<ScheduleRecord>, StoreError> {
+        let conn = self.lock();
+        let mut stmt = conn.prepare_cached(&format!(
+            "SELECT {SCHEDULE_COLUMNS} FROM schedules WHERE removed_ms IS NULL ORDER BY name"
+        ))?;
+        let rows = stmt
+            .query_map([], schedule_row)?
+            .collect::<Result<Vec<_>, _>>()?;
+        rows.into_iter().map(decode_schedule).collect()
+    }
+
+    /// The live schedule named `name`, if any.
+    pub fn get_schedule(&self, name: &str) -> Result<Option<ScheduleRecord>, StoreError> {
+        let conn = self.lock();
+        live_schedule(&conn, name)
+    }
+
+    /// The schedule whose history a report of `name` shows: the live one, else the most recently
+    /// removed one of that name.
+    pub fn schedule_for_report(&self, name: &str) -> Result<Option<ScheduleRecord>, StoreError> {
+        let conn = self.lock();
+        let row = conn
+            .prepare_cached(&format!(
+                "SELECT {SCHEDULE_COLUMNS} FROM schedules WHERE name = ?1 \
+                 ORDER BY removed_ms IS NULL DESC, id DESC LIMIT 1"
+            ))?
+            .query_row([name], schedule_row)
+            .optional()?;
+        row.map(decode_schedule).transpose()
+    }
+
+    /// Pauses a schedule: it neither fires nor retries until resumed. Pausing a paused schedule
+    /// changes nothing.
+    pub fn pause_schedule(&self, name: &str) -> Result<ScheduleRecord, StoreError> {
+        let mut conn = self.lock();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let changed = tx.execute(
+            "UPDATE schedules SET paused = 1 WHERE name = ?1 AND removed_ms IS NULL",
+            [name],
+        )?;
+        if changed == 0 {
+            return Err(StoreError::UnknownSchedule(name.to_owned()));
+        }
+        let record = live_schedule(&tx, name)?;
+        tx.commit()?;
+        record.ok_or_else(|| StoreError::UnknownSchedule(name.to_owned()))
+    }
+
+    /// Resumes a paused schedule. Occurrences that fell in the pause are not run (pausing means
+    /// "do not run"): the next occurrence is the first cron time after `now_ms`. Resuming a
+    /// running schedule changes nothing.
+    pub fn resume_schedule(&self, name: &str, now_ms: i64) -> Result<ScheduleRecord, StoreError> {
+        let mut conn = self.lock();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let Some(record) = live_schedule(&tx, name)? else {
+            return Err(StoreError::UnknownSchedule(name.to_owned()));
+        };
+        if !record.paused {
+            return Ok(record);
+        }
+        let cron =
+            crate::cron::CronSchedule::parse(&record.cron, &record.timezone).map_err(|err| {
+                StoreError::CorruptSchedule {
+                    name: name.to_owned(),
+                    reason: err.to_string(),
+                }
+            })?;
+        let next_run_ms = cron.next_after(now_ms);
+        tx.execute(
+            "UPDATE schedules SET paused = 0, next_run_ms = ?2 WHERE id = ?1",
+            params![record.id, next_run_ms],
+        )?;
+        tx.commit()?;
+        Ok(ScheduleRecord {
+            paused: false,
+            next_run_ms,
+            ..record
+        })
+    }
+
+    /// Removes a schedule: it stops firing and its name becomes free, but the row and all its
+    /// runs are kept, so the history (and its jobs) stay reportable
+    /// ([`JobStore::schedule_for_report`]).
+    pub fn remove_schedule(&self, name: &str, now_ms: i64) -> Result<(), StoreError> {
+        let conn = self.lock();
+        let changed = conn.execute(
+            "UPDATE schedules SET removed_ms = ?2 WHERE name = ?1 AND removed_ms IS NULL",
+            params![name, now_ms],
+        )?;
+        if changed == 0 {
+            return Err(StoreError::UnknownSchedule(name.to_owned()));
+        }
+        Ok(())
+    }
+
+    /// Live, unpaused schedules whose next occurrence is at or before `now_ms`.
+    pub fn due_schedules(&self, now_ms: i64) -> Result<Vec<ScheduleRecord>, StoreError> {
+        let conn = self.lock();
+        let mut stmt = conn.prepare_cached(&format!(
+            "SELECT {SCHEDULE_COLUMNS} FROM schedules WHERE removed_ms IS NULL AND paused = 0 \
+             AND next_run_ms IS NOT NULL AND next_run_ms <= ?1 ORDER BY name"
+        ))?;
+        let rows = stmt
+            .query_map([now_ms], schedule_row)?
+            .collect::<Result<Vec<_>, _>>()?;
+        rows.into_iter().map(decode_schedule).collect()
+    }
+
+    /// Records that attempt `attempt` of the occurrence `scheduled_for_ms` of schedule `name` was
+    /// submitted as job `job_id`. Returns `false` (and changes nothing) if that (occurrence,
+    /// attempt) was already recorded: a run is recorded once, whatever happens.
+    pub fn record_run(
+        &self,
+        name: &str,
+        scheduled_for_ms: i64,
+        attempt: u32,
+        job_id: &str,
+        note: &str,
+        now_ms: i64,
+    ) -> Result<bool, StoreError> {
+        let conn = self.lock();
+        let id = live_schedule_id(&conn, name)?;
+        let inserted = conn.execute(
+            "INSERT INTO schedule_runs (schedule_id, scheduled_for_ms, attempt, job_id, status, \
+             note, recorded_ms) VALUES (?1, ?2, ?3, ?4, 'submitted', ?5, ?6) \
+             ON CONFLICT (schedule_id, scheduled_for_ms, attempt) DO NOTHING",
+            params![id, scheduled_for_ms, attempt, job_id, note, now_ms],
+        )?;
+        Ok(inserted == 1)
+    }
+
+    /// Records that the occurrence `scheduled_for_ms` was skipped (with why); `false` if the
+    /// occurrence already has a first attempt recorded.
+    pub fn record_skipped(
+        &self,
+        name: &str,
+        scheduled_for_ms: i64,
+        note: &str,
+        now_ms: i64,
+    ) -> Result<bool, StoreError> {
+        self.record_without_job(name, scheduled_for_ms, 0, RunStatus::Skipped, note, now_ms)
+    }
+
+    /// Records that attempt `attempt` of an occurrence could not be submitted at all (the
+    /// submission itself was refused: `reason`); it is not retried. `false` if that attempt was
+    /// already recorded.
+    pub fn record_not_submitted(
+        &self,
+        name: &str,
+        scheduled_for_ms: i64,
+        attempt: u32,
+        reason: &str,
+        now_ms: i64,
+    ) -> Result<bool, StoreError> {
+        self.record_without_job(
+            name,
+            scheduled_for_ms,
+            attempt,
+            RunStatus::NotSubmitted,
+            reason,
+            now_ms,
+        )
+    }
+
+    fn record_without_job(
+        &self,
+        name: &str,
+        scheduled_for_ms: i64,
+        attempt: u32,
+        status: RunStatus,
+        note: &str,
+        now_ms: i64,
+    ) -> Result<bool, StoreError> {
+        let conn = self.lock();
+        let id = live_schedule_id(&conn, name)?;
+        let inserted = conn.execute(
+            "INSERT INTO schedule_runs (schedule_id, scheduled_for_ms, attempt, job_id, status, \
+             note, recorded_ms) VALUES (?1, ?2, ?3, NULL, ?4, ?5, ?6) \
+             ON CONFLICT (schedule_id, scheduled_for_ms, attempt) DO NOTHING",
+            params![id, scheduled_for_ms, attempt, status.as_str(), note, now_ms],
+        )?;
+        Ok(inserted == 1)
+    }
+
+    /// Moves a schedule past the occurrences it handled: `next_run_ms` is its next occurrence
+    /// (`None`: never again) and `fired_ms`, if given, the occurrence just fired.
+    pub fn advance_schedule(
+        &self,
+        name: &str,
+        next_run_ms: Option<i64>,
+        fired_ms: Option<i64>,
+    ) -> Result<(), StoreError> {
+        let conn = self.lock();
+        let changed = conn.execute(
+            "UPDATE schedules SET next_run_ms = ?2, \
+             last_fired_ms = COALESCE(?3, last_fired_ms) \
+             WHERE name = ?1 AND removed_ms IS NULL",
+            params![name, next_run_ms, fired_ms],
+        )?;
+        if changed == 0 {
+            return Err(StoreError::UnknownSchedule(name.to_owned()));
+        }
+        Ok(())
+    }
+
+    /// The runs of schedule `name` (the live one, else the latest removed one) scheduled at or
+    /// after `since_ms`, oldest first (by occurrence, then attempt), each with its job's state,
+    /// reason and released intersection.
+    pub fn runs(&self, name: &str, since_ms: i64) -> Result<Vec<ScheduleRun>, StoreError> {
+        let conn = self.lock();
+        let id: Option<i64> = conn
+            .query_row(
+                "SELECT id FROM schedules WHERE name = ?1 \
+                 ORDER BY removed_ms IS NULL DESC, id DESC LIMIT 1",
+                [name],
+                |row| row.get(0),
+            )
+            .optional()?;
+        let Some(id) = id else {
+            return Err(StoreError::UnknownSchedule(name.to_owned()));
+        };
+        load_runs(
+            &conn,
+            "r.schedule_id = ?1 AND r.scheduled_for_ms >= ?2",
+            params![id, since_ms],
+        )
+    }
+
+    /// For every live schedule, every recorded attempt of its latest recorded occurrence (what
+    /// the planner needs to decide on retries).
+    pub fn latest_runs(&self) -> Result<Vec<ScheduleRun>, StoreError> {
+        let conn = self.lock();
+        load_runs(
+            &conn,
+            "s.removed_ms IS NULL AND r.scheduled_for_ms = \
+             (SELECT MAX(r2.scheduled_for_ms) FROM schedule_runs r2 \
+              WHERE r2.schedule_id = r.schedule_id)",
+            params![],
+        )
+    }
+}
+
+type ScheduleRow = (
+    i64,
+    String,
+    String,
+    String,
+    Vec<u8>,
+    String,
+    bool,
+    i64,
+    Option<i64>,
+    Option<i64>,
+    i64,
+    i64,
+    Option<i64>,
+);
+
+fn schedule_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<ScheduleRow> {
+    Ok((
+        row.get(0)?,
+        row.get(1)?,
+        row.get(2)?,
+        row.get(3)?,
+        row.get(4)?,
+        row.get(5)?,
+        row.get(6)?,
+        row.get(7)?,
+        row.get(8)?,
+        row.get(9)?,
+        row.get(10)?,
+        row.get(11)?,
+        row.get(12)?,
+    ))
+}
+
+fn decode_schedule(row: ScheduleRow) -> Result<ScheduleRecord, StoreError> {
+    let (
+        id,
+        name,
+        cron,
+        timezone,
+        spec,
+        owner,
+        paused,
+        created_ms,
+        next_run_ms,
+        last_fired_ms,
+        max_retries,
+        backoff_base_secs,
+        removed_ms,
+    ) = row;
+    let corrupt = |reason: String| StoreError::CorruptSchedule {
+        name: name.clone(),
+        reason,
+    };
+    let spec = JobSpec::decode(spec.as_slice())
+        .map_err(|err| corrupt(format!("job spec does not decode: {err}")))?;
+    let max_retries = u32::try_from(max_retries)
+        .map_err(|_| corrupt(format!("max_retries {max_retries} out of range")))?;
+    let backoff_base_secs = u32::try_from(backoff_base_secs)
+        .map_err(|_| corrupt(format!("backoff {backoff_base_secs} out of range")))?;
+    Ok(ScheduleRecord {
+        id,
+        name,
+        cron,
+        timezone,
+        spec,
+        owner,
+        paused,
+        created_ms,
+        next_run_ms,
+        last_fired_ms,
+        max_retries,
+        backoff_base_secs,
+        removed_ms,
+    })
+}
+
+fn live_schedule(conn: &Connection, name: &str) -> Result<Option<ScheduleRecord>, StoreError> {
+    let row = conn
+        .prepare_cached(&format!(
+            "SELECT {SCHEDULE_COLUMNS} FROM schedules WHERE name = ?1 AND removed_ms IS NULL"
+        ))?
+        .query_row([name], schedule_row)
+        .optional()?;
+    row.map(decode_schedule).transpose()
+}
+
+fn live_schedule_id(conn: &Connection, name: &str) -> Result<i64, StoreError> {
+    conn.query_row(
+        "SELECT id FROM schedules WHERE name = ?1 AND removed_ms IS NULL",
+        [name],
+        |row| row.get(0),
+    )
+    .optional()?
+    .ok_or_else(|| StoreError::UnknownSchedule(name.to_owned()))
+}
+
+/// Runs matching `filter` (over `schedule_runs r` joined with `schedules s`), with their jobs.
+fn load_runs(
+    conn: &Connection,
+    filter: &str,
+    params: &[&dyn rusqlite::ToSql],
+) -> Result<Vec<ScheduleRun>, StoreError> {
+    type RunRow = (
+        String,
+        i64,
+        i64,
+        Option<String>,
+        String,
+        String,
+        i64,
+        Option<i32>,
+        Option<String>,
+        Option<i64>,
+    );
+    let rows: Vec<RunRow> = {
+        let mut stmt = conn.prepare_cached(&format!(
+            "SELECT s.name, r.scheduled_for_ms, r.attempt, r.job_id, r.status, r.note, \
+             r.recorded_ms, j.state, j.reason, j.updated_ms \
+             FROM schedule_runs r JOIN schedules s ON s.id = r.schedule_id \
+             LEFT JOIN jobs j ON j.job_id = r.job_id \
+             WHERE {filter} ORDER BY s.name, r.scheduled_for_ms, r.attempt"
+        ))?;
+        stmt.query_map(params, |row| {
+            Ok((
+                row.get(0)?,
+                row.get(1)?,
+                row.get(2)?,
+                row.get(3)?,
+                row.get(4)?,
+                row.get(5)?,
+                row.get(6)?,
+                row.get(7)?,
+                row.get(8)?,
+                row.get(9)?,
+            ))
+        })?
+        .collect::<Result<Vec<_>, _>>()?
+    };
+    let mut runs = Vec::with_capacity(rows.len());
+    let mut results = conn
+        .prepare_cached("SELECT node, outcome FROM job_results WHERE job_id = ?1 ORDER BY node")?;
+    for (
+        schedule,
+        scheduled_for_ms,
+        attempt,
+        job_id,
+        status,
+        note,
+        recorded_ms,
+        state,
+        reason,
+        updated_ms,
+    ) in rows
+    {
+        let attempt = u32::try_from(attempt).map_err(|_| StoreError::CorruptSchedule {
+            name: schedule.clone(),
+            reason: format!("attempt number {attempt} out of range"),
+        })?;
+        let run_status = RunStatus::parse(&status).ok_or_else(|| StoreError::CorruptSchedule {
+            name: schedule.clone(),
+            reason: format!("run status '{status}' is unknown"),
+        })?;
+        let job_state = match (&job_id, state) {
+            (Some(job_id), Some(state)) => Some(decode_state(job_id, state)?),
+            _ => None,
+        };
+        let mut intersection = None;
+        if let Some(job_id) = &job_id {
+            let mut rows = results.query([job_id])?;
+            if let Some(row) = rows.next()? {
+                let node: String = row.get(0)?;
+                let bytes: Vec<u8> = row.get(1)?;
+                let outcome =
+                    PsiOutcome::decode(bytes.as_slice()).map_err(|err| StoreError::Corrupt {
+                        job_id: job_id.clone(),
+                        reason: format!("result of node '{node}' does not decode: {err}"),
+                    })?;
+                intersection = Some(outcome.intersection);
+            }
+        }
+        runs.push(ScheduleRun {
+            schedule,
+            scheduled_for_ms,
+            attempt,
+            job_id,
+            status: run_status,
+            note,
+            recorded_ms,
+            job_state,
+            job_reason: reason.unwrap_or_default(),
+            job_updated_ms: updated_ms,
+            intersection,
+        });
+    }
+    Ok(runs)
+}
+
 /// A fresh job id: `job-` and 16 lowercase hex digits from the operating system's RNG.
 fn new_job_id() -> Result<String, StoreError> {
     let mut bytes = [0u8; 8];
@@ -694,15 +1373,15 @@ mod tests {
         drop(JobStore::open(&path).unwrap());
         Connection::open(&path)
             .unwrap()
-            .execute("UPDATE schema_version SET version = 2", [])
+            .execute("UPDATE schema_version SET version = 3", [])
             .unwrap();
         let err = JobStore::open(&path).unwrap_err();
         assert!(
             matches!(
                 err,
                 StoreError::UnsupportedSchema {
-                    found: 2,
-                    supported: 1
+                    found: 3,
+                    supported: 2
                 }
             ),
             "{err:?}"
