@@ -2,12 +2,18 @@
 //!
 //! The coordinator can ask, never order: [`check_offer`] decides from this node's own config
 //! alone whether it takes part in a job, and with what limits. A refusal carries one line an
-//! analyst can act on, naming the rule. (The full policy language — expiry, value columns,
-//! thresholds, budgets — comes later.)
+//! analyst can act on, naming the rule. The permit carries the limits the engine enforces at
+//! later phases: [`Permit::check_peer_size`] (before any exponentiation),
+//! [`Permit::check_input_size`] (after loading, before sending), [`Permit::release_count`] (the
+//! k-threshold), [`RunCounter`] (runs per period, fed from the audit log) and [`check_budget`]
+//! (the node-wide ε budget). [`recheck`] re-runs the check when the policy was reloaded.
 
 use cleanroom_proto::v1::{JobKind, JobSpec};
 
-use crate::config::{Computation, DatasetConfig, NodeConfig};
+use crate::config::{
+    Budget, Computation, DatasetConfig, Epsilon, Membership, NodeConfig, Period, PolicyDate,
+    Recipient, ValueColumn,
+};
 use crate::dataset::{KeySpec, key_name};
 
 /// What the agreement lets this node do in one accepted job.
@@ -33,6 +39,148 @@ pub struct Permit {
     /// Match only: this node learns which of its rows the partner shares. Always false for
     /// overlap.
     pub i_learn_membership: bool,
+    /// Who the entry lets learn membership (`none` for overlap).
+    pub membership: Membership,
+    /// Fewest distinct keys of ours (after consent and deletion filtering) the job may use.
+    pub min_input_size: u64,
+    /// k-threshold: a count below it is suppressed.
+    pub min_result: u64,
+    /// Who may receive counts.
+    pub counts_to: Vec<Recipient>,
+    /// ε per run, if the entry allows DP releases.
+    pub epsilon: Option<Epsilon>,
+    /// Runs allowed per period for this partner and entry (`None` = unlimited).
+    pub runs: Option<RunCounter>,
+    /// Value columns the job may use, with clipping bounds.
+    pub value_columns: Vec<ValueColumn>,
+    /// The consent column that filters rows for the job's purpose (`None` = all rows).
+    pub consent_column: Option<String>,
+    /// The agreement's expiry (last valid UTC day), if any.
+    pub expires: Option<PolicyDate>,
+}
+
+impl Permit {
+    /// Checks the size the partner declares against the entry's bounds; call it before any
+    /// exponentiation on the partner's data.
+    pub fn check_peer_size(&self, declared: u64) -> Result<(), Veto> {
+        if declared < self.min_peer_set {
+            return Err(veto(format!(
+                "{} declares {declared} keys < min_set_size {}",
+                self.partner, self.min_peer_set
+            )));
+        }
+        if declared > self.max_peer_set {
+            return Err(veto(format!(
+                "{} declares {declared} keys > max_set_size {}",
+                self.partner, self.max_peer_set
+            )));
+        }
+        Ok(())
+    }
+
+    /// Checks our own input (distinct keys after consent and deletion filtering) against
+    /// `min_input_size`; call it after loading, before anything is sent.
+    pub fn check_input_size(&self, distinct_keys: u64) -> Result<(), Veto> {
+        if distinct_keys < self.min_input_size {
+            return Err(veto(format!(
+                "input {distinct_keys} rows < min_input {}",
+                self.min_input_size
+            )));
+        }
+        Ok(())
+    }
+
+    /// The k-threshold: `Some(count)` when it may be released, `None` when it is below
+    /// `min_result` and must be suppressed.
+    pub fn release_count(&self, count: u64) -> Option<u64> {
+        (count >= self.min_result).then_some(count)
+    }
+
+    /// Whether `to` may receive the job's counts.
+    pub fn counts_allowed_to(&self, to: Recipient) -> bool {
+        self.counts_to.contains(&to)
+    }
+}
+
+/// The runs-per-period limit of one (partner, allow entry): pure, fed with the timestamps of
+/// past accepted runs (from the audit log).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RunCounter {
+    /// Accepted runs allowed per period.
+    pub limit: u64,
+    /// The period (a sliding window ending now).
+    pub period: Period,
+}
+
+impl RunCounter {
+    /// Refuses a new run if `limit` runs were accepted in the window `(now - period, now]`:
+    /// `runs per day exceeded (2/2)`. Timestamps in the future count (clock skew must not free
+    /// runs).
+    pub fn check(&self, past_runs_ms: &[i64], now_ms: i64) -> Result<(), Veto> {
+        let since = now_ms.saturating_sub(self.period.millis());
+        let used = past_runs_ms.iter().filter(|&&t| t > since).count() as u64;
+        if used >= self.limit {
+            return Err(veto(format!(
+                "runs per {} exceeded ({used}/{})",
+                self.period, self.limit
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Checks the node-wide ε budget: `spent` holds (timestamp ms, ε) of past releases; refuses a
+/// run of `epsilon` if it would take the spend in the window `(now - period, now]` above the
+/// budget. No budget configured = no node-wide cap.
+pub fn check_budget(
+    budget: Option<&Budget>,
+    spent: &[(i64, Epsilon)],
+    now_ms: i64,
+    epsilon: Epsilon,
+) -> Result<(), Veto> {
+    let Some(budget) = budget else {
+        return Ok(());
+    };
+    let since = now_ms.saturating_sub(budget.period.millis());
+    let used: f64 = spent
+        .iter()
+        .filter(|(t, _)| *t > since)
+        .map(|(_, e)| e.get())
+        .sum();
+    let cap = budget.epsilon_per_period.get();
+    if used + epsilon.get() > cap {
+        return Err(veto(format!(
+            "privacy budget per {} exceeded ({used} spent + {epsilon} > {cap})",
+            budget.period
+        )));
+    }
+    Ok(())
+}
+
+/// Milliseconds since the Unix epoch now (0 if the clock is before 1970).
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+/// Re-checks a running job against `cfg` (after a policy reload): the offer must still be
+/// accepted, with exactly the same permit; otherwise the job stops with the reason.
+pub fn recheck(
+    cfg: &NodeConfig,
+    spec: &JobSpec,
+    me: usize,
+    now_ms: i64,
+    permit: &Permit,
+) -> Result<(), Veto> {
+    let fresh = check_offer_at(cfg, spec, me, now_ms)?;
+    if &fresh != permit {
+        return Err(veto(format!(
+            "the policy for {} changed while the job ran; its terms no longer hold",
+            permit.partner
+        )));
+    }
+    Ok(())
 }
 
 /// Why this node refuses a job: one line for the analyst, naming the rule.
@@ -55,6 +203,19 @@ fn veto(reason: impl Into<String>) -> Veto {
 /// membership only if the entry reveals it. `learns_membership` flags are ignored for overlap
 /// (an overlap reveals no membership).
 pub fn check_offer(cfg: &NodeConfig, spec: &JobSpec, me: usize) -> Result<Permit, Veto> {
+    check_offer_at(cfg, spec, me, now_ms())
+}
+
+/// [`check_offer`] at a given time (`now_ms`, Unix milliseconds), which decides expiry: an
+/// agreement `expires = "2026-06-30"` is in force through that UTC day. Also checked: the
+/// agreement allows at least one computation, a dataset with `consent_required` has a consent
+/// column for the purpose, and for match this node learns membership only if the entry allows.
+pub fn check_offer_at(
+    cfg: &NodeConfig,
+    spec: &JobSpec,
+    me: usize,
+    now_ms: i64,
+) -> Result<Permit, Veto> {
     if spec.parties.len() != 2 {
         return Err(veto(format!(
             "this node takes part only in two-party jobs; the offer has {} parties",
@@ -94,11 +255,23 @@ pub fn check_offer(cfg: &NodeConfig, spec: &JobSpec, me: usize) -> Result<Permit
     let Some(agreement) = cfg.agreement_with(partner) else {
         return Err(veto(format!("no agreement with {partner}")));
     };
+    if let Some(expires) = agreement.expires {
+        let today = PolicyDate::from_unix_ms(now_ms);
+        if today.is_none_or(|t| t > expires) {
+            return Err(veto(format!(
+                "agreement with {partner} expired {expires}"
+            )));
+        }
+    }
+    if agreement.allow.is_empty() {
+        return Err(veto(format!(
+            "agreement with {partner} allows no computation (empty allow-list)"
+        )));
+    }
     if !agreement.allows_purpose(&spec.purpose) {
         return Err(veto(format!(
-            "purpose '{}' is not in the agreement with {partner} (allowed: {})",
-            spec.purpose,
-            agreement.purposes.join(", ")
+            "purpose '{}' not in agreement with {partner}",
+            spec.purpose.escape_default()
         )));
     }
     if mine.keys.is_empty() {
@@ -127,6 +300,13 @@ pub fn check_offer(cfg: &NodeConfig, spec: &JobSpec, me: usize) -> Result<Permit
             dataset.identifier_names()
         )));
     }
+    let consent_column = dataset.consent_column(&spec.purpose).map(str::to_owned);
+    if consent_column.is_none() && dataset.consent_required {
+        return Err(veto(format!(
+            "dataset {} has no consent column for purpose '{}' and requires consent",
+            dataset.name, spec.purpose
+        )));
+    }
     if theirs.keys.len() != mine.keys.len() {
         return Err(veto(format!(
             "the parties join on different numbers of key parts ({} here, {} at {partner})",
@@ -137,9 +317,16 @@ pub fn check_offer(cfg: &NodeConfig, spec: &JobSpec, me: usize) -> Result<Permit
     let (partner_learns_membership, i_learn_membership) = match computation {
         Computation::Overlap => (false, false),
         Computation::Match => {
-            if theirs.learns_membership && !entry.reveal_membership_to_partner {
+            let membership = entry.membership();
+            if theirs.learns_membership && !membership.to_partner() {
                 return Err(veto(format!(
                     "agreement with {partner} does not let {partner} learn membership"
+                )));
+            }
+            if mine.learns_membership && !membership.to_self() {
+                return Err(veto(format!(
+                    "agreement with {partner} does not let {} learn membership",
+                    cfg.name
                 )));
             }
             (theirs.learns_membership, mine.learns_membership)
@@ -155,6 +342,18 @@ pub fn check_offer(cfg: &NodeConfig, spec: &JobSpec, me: usize) -> Result<Permit
         max_peer_set: entry.max_set_size,
         partner_learns_membership,
         i_learn_membership,
+        membership: entry.membership(),
+        min_input_size: entry.min_input_size.get(),
+        min_result: entry.min_result.get(),
+        counts_to: entry.counts_to.clone(),
+        epsilon: entry.epsilon,
+        runs: entry.runs_per_period.map(|limit| RunCounter {
+            limit: limit.get(),
+            period: entry.period,
+        }),
+        value_columns: entry.value_columns.clone(),
+        consent_column,
+        expires: agreement.expires,
     })
 }
 
@@ -335,7 +534,7 @@ purposes = ["fraud-detection"]
         s.purpose = "marketing".into();
         assert_eq!(
             vetoed(&s, 0),
-            "purpose 'marketing' is not in the agreement with globex (allowed: overlap-reporting, fraud-detection)"
+            "purpose 'marketing' not in agreement with globex"
         );
     }
 

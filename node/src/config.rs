@@ -5,13 +5,15 @@
 //! ignored default. Relative paths are resolved against the directory of the config file.
 //! `node/testdata/node.example.toml` is a complete, commented example.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use crate::normalise::Normaliser;
+use toml::Spanned;
+
+use crate::normalise::{NormaliseOptions, Normaliser, parse_region};
 
 /// Longest name (node, partner, dataset, identifier, purpose) the config accepts.
 pub const MAX_NAME_LEN: usize = 63;
@@ -44,6 +46,157 @@ pub struct NodeConfig {
     /// One agreement per partner (`[[agreement]]`); no entry denies everything with a partner.
     #[serde(default, rename = "agreement")]
     pub agreements: Vec<Agreement>,
+    /// The node-wide privacy budget (`[budget]`); `None` = no node-wide cap.
+    #[serde(default)]
+    pub budget: Option<Budget>,
+}
+
+/// The node-wide privacy budget: the ε all jobs together may spend per period.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Budget {
+    /// ε allowed per period, over all partners.
+    pub epsilon_per_period: Epsilon,
+    /// The period (default day).
+    #[serde(default)]
+    pub period: Period,
+}
+
+/// A privacy parameter ε: finite and greater than 0 (checked when the config is read, so the
+/// TOML error names the line and key).
+#[derive(Debug, Clone, Copy, PartialEq, PartialOrd, Deserialize)]
+#[serde(try_from = "f64")]
+pub struct Epsilon(f64);
+
+// Sound: an Epsilon is never NaN.
+impl Eq for Epsilon {}
+
+impl Epsilon {
+    /// ε, when finite and > 0.
+    pub fn new(value: f64) -> Option<Epsilon> {
+        (value.is_finite() && value > 0.0).then_some(Epsilon(value))
+    }
+
+    /// The value.
+    pub fn get(self) -> f64 {
+        self.0
+    }
+}
+
+impl TryFrom<f64> for Epsilon {
+    type Error = String;
+
+    fn try_from(value: f64) -> Result<Self, Self::Error> {
+        Epsilon::new(value)
+            .ok_or_else(|| format!("epsilon must be a finite number greater than 0, not {value}"))
+    }
+}
+
+impl std::fmt::Display for Epsilon {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+/// The period of a rate limit or budget.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Period {
+    /// 3,600 seconds.
+    Hour,
+    /// 86,400 seconds (the default).
+    #[default]
+    Day,
+    /// 7 days.
+    Week,
+}
+
+impl Period {
+    /// The name used in config files and vetoes (`hour`, `day`, `week`).
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Period::Hour => "hour",
+            Period::Day => "day",
+            Period::Week => "week",
+        }
+    }
+
+    /// The length in milliseconds (a sliding window ending now).
+    pub fn millis(&self) -> i64 {
+        match self {
+            Period::Hour => 3_600_000,
+            Period::Day => 86_400_000,
+            Period::Week => 7 * 86_400_000,
+        }
+    }
+}
+
+impl std::fmt::Display for Period {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A calendar date written `"YYYY-MM-DD"` (an agreement's expiry; days are UTC).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize)]
+#[serde(try_from = "String")]
+pub struct PolicyDate(pub time::Date);
+
+impl PolicyDate {
+    /// Parses `YYYY-MM-DD`.
+    pub fn parse(text: &str) -> Option<PolicyDate> {
+        let b = text.as_bytes();
+        if b.len() != 10 || b[4] != b'-' || b[7] != b'-' {
+            return None;
+        }
+        let digits = |r: std::ops::Range<usize>| -> Option<u32> {
+            let part = text.get(r)?;
+            if part.bytes().all(|c| c.is_ascii_digit()) {
+                part.parse().ok()
+            } else {
+                None
+            }
+        };
+        let year = i32::try_from(digits(0..4)?).ok()?;
+        let month = time::Month::try_from(u8::try_from(digits(5..7)?).ok()?).ok()?;
+        let day = u8::try_from(digits(8..10)?).ok()?;
+        time::Date::from_calendar_date(year, month, day)
+            .ok()
+            .map(PolicyDate)
+    }
+
+    /// The UTC date of a Unix time in milliseconds (`None` out of range).
+    pub fn from_unix_ms(ms: i64) -> Option<PolicyDate> {
+        time::OffsetDateTime::from_unix_timestamp(ms.div_euclid(1000))
+            .ok()
+            .map(|t| PolicyDate(t.date()))
+    }
+}
+
+impl TryFrom<String> for PolicyDate {
+    type Error = String;
+
+    fn try_from(value: String) -> Result<Self, Self::Error> {
+        PolicyDate::parse(&value).ok_or_else(|| {
+            format!(
+                "'{}' is not a date written YYYY-MM-DD",
+                value.escape_default()
+            )
+        })
+    }
+}
+
+impl std::fmt::Display for PolicyDate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let d = self.0;
+        write!(
+            f,
+            "{:04}-{:02}-{:02}",
+            d.year(),
+            u8::from(d.month()),
+            d.day()
+        )
+    }
 }
 
 /// Paths of the node's PEM files.
@@ -69,6 +222,31 @@ pub struct DatasetConfig {
     /// Identifier columns (`[[dataset.identifier]]`).
     #[serde(default, rename = "identifier")]
     pub identifiers: Vec<IdentifierConfig>,
+    /// Value columns (`[[dataset.value]]`): integers with declared bounds.
+    #[serde(default, rename = "value")]
+    pub values: Vec<ValueColumn>,
+    /// Consent columns: purpose → boolean column (`true`, `1`, `yes` = consent, any case;
+    /// anything else, empty included, = no consent). Rows without consent for a job's purpose
+    /// are excluded and counted.
+    #[serde(default)]
+    pub consent: BTreeMap<String, String>,
+    /// If true, a job whose purpose has no consent column here is refused; if false (default),
+    /// such a job uses all rows.
+    #[serde(default)]
+    pub consent_required: bool,
+}
+
+/// An integer column with bounds (declared on a dataset, or the clipping bounds an allow entry
+/// grants on one).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ValueColumn {
+    /// The CSV header of the column.
+    pub column: Spanned<String>,
+    /// Smallest value (values below are clipped).
+    pub min: i64,
+    /// Largest value (values above are clipped).
+    pub max: i64,
 }
 
 /// One identifier (join-key) column of a dataset.
@@ -81,6 +259,31 @@ pub struct IdentifierConfig {
     pub column: String,
     /// How values are normalised before matching.
     pub normaliser: Normaliser,
+    /// Email only: apply the Gmail dot/plus rule (default false).
+    #[serde(default)]
+    pub gmail_rule: bool,
+    /// Generic only: fold case (default false).
+    #[serde(default)]
+    pub case_fold: bool,
+    /// Phone only: region (ISO 3166 alpha-2, e.g. `"GB"`) of numbers written without a
+    /// country code (default `"US"`).
+    #[serde(default)]
+    pub default_region: Option<String>,
+}
+
+impl IdentifierConfig {
+    /// The normaliser options this identifier sets (validated by the config).
+    pub fn options(&self) -> NormaliseOptions {
+        let mut o = NormaliseOptions {
+            gmail_rule: self.gmail_rule,
+            case_fold: self.case_fold,
+            ..NormaliseOptions::default()
+        };
+        if let Some(region) = self.default_region.as_deref().and_then(parse_region) {
+            o.default_region = region;
+        }
+        o
+    }
 }
 
 /// The agreement with one partner.
@@ -91,6 +294,9 @@ pub struct Agreement {
     pub partner: String,
     /// Purposes jobs with this partner may declare.
     pub purposes: Vec<String>,
+    /// Last day (UTC, inclusive) the agreement is in force; `None` = no expiry.
+    #[serde(default)]
+    pub expires: Option<PolicyDate>,
     /// Allowed computations (`[[agreement.allow]]`); none allows nothing.
     #[serde(default)]
     pub allow: Vec<AllowEntry>,
@@ -122,26 +328,173 @@ impl std::fmt::Display for Computation {
     }
 }
 
+/// Who learns `match` membership (which of one's own rows the other side shares).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Membership {
+    /// Neither side.
+    None,
+    /// This node only (the default, as before).
+    #[serde(rename = "self")]
+    SelfOnly,
+    /// The partner only.
+    Partner,
+    /// Both sides.
+    Both,
+}
+
+impl Membership {
+    /// The name used in config files.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Membership::None => "none",
+            Membership::SelfOnly => "self",
+            Membership::Partner => "partner",
+            Membership::Both => "both",
+        }
+    }
+
+    /// Whether this node may learn its own rows' membership.
+    pub fn to_self(&self) -> bool {
+        matches!(self, Membership::SelfOnly | Membership::Both)
+    }
+
+    /// Whether the partner may learn its rows' membership.
+    pub fn to_partner(&self) -> bool {
+        matches!(self, Membership::Partner | Membership::Both)
+    }
+}
+
+impl std::fmt::Display for Membership {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Who may receive a job's counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Recipient {
+    /// The partner node.
+    Partner,
+    /// The coordinator (and so the analyst).
+    Coordinator,
+}
+
+impl Recipient {
+    /// The name used in config files.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Recipient::Partner => "partner",
+            Recipient::Coordinator => "coordinator",
+        }
+    }
+}
+
 /// One allowed computation on one of this node's datasets.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AllowEntry {
     /// Which computation.
     pub computation: Computation,
-    /// Which of this node's datasets.
-    pub dataset: String,
+    /// Which of this node's datasets (spanned, so errors name its line).
+    pub dataset: Spanned<String>,
     /// Allowed join keys: each entry is one key set, composite keys joined with `+`
     /// (`"email+phone"`); a job's key set must equal one entry, order included.
     pub keys: Vec<String>,
-    /// Match only: whether the partner may learn which of its rows are shared with us.
+    /// Match only: who learns membership (default `self`). Read it with
+    /// [`AllowEntry::membership`].
     #[serde(default)]
-    pub reveal_membership_to_partner: bool,
+    pub membership: Option<Membership>,
+    /// Old spelling (match only): `true` = `membership = "both"`, `false` = `"self"`. Refused
+    /// together with `membership`.
+    #[serde(default)]
+    pub reveal_membership_to_partner: Option<bool>,
+    /// Value columns the computation may use, with clipping bounds (each declared on the
+    /// dataset, bounds inside the declared ones).
+    #[serde(default)]
+    pub value_columns: Vec<ValueColumn>,
+    /// Who may receive counts (default both).
+    #[serde(default = "default_counts_to")]
+    pub counts_to: Vec<Recipient>,
+    /// Fewest distinct keys of ours (after consent and deletion filtering) a job may use.
+    #[serde(default = "default_threshold")]
+    pub min_input_size: Threshold,
+    /// k-threshold: a count below it is suppressed, not released.
+    #[serde(default = "default_threshold")]
+    pub min_result: Threshold,
+    /// Accepted runs allowed per period per partner and computation entry; `None` = no limit.
+    #[serde(default)]
+    pub runs_per_period: Option<Threshold>,
+    /// The period of `runs_per_period` (default day).
+    #[serde(default)]
+    pub period: Period,
+    /// ε per run (for differentially private releases); `None` = no DP release allowed.
+    #[serde(default)]
+    pub epsilon: Option<Epsilon>,
     /// Smallest set size the partner may declare.
     #[serde(default = "default_min_set_size")]
     pub min_set_size: u64,
     /// Largest set size the partner may declare.
     #[serde(default = "default_max_set_size")]
     pub max_set_size: u64,
+}
+
+/// A count threshold: at least 1 (0 is refused when the config is read).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize)]
+#[serde(try_from = "i64")]
+pub struct Threshold(u64);
+
+impl Threshold {
+    /// A threshold of `n` ≥ 1.
+    pub fn new(n: u64) -> Option<Threshold> {
+        (n >= 1).then_some(Threshold(n))
+    }
+
+    /// The value (≥ 1).
+    pub fn get(self) -> u64 {
+        self.0
+    }
+}
+
+impl TryFrom<i64> for Threshold {
+    type Error = String;
+
+    fn try_from(value: i64) -> Result<Self, Self::Error> {
+        u64::try_from(value)
+            .ok()
+            .and_then(Threshold::new)
+            .ok_or_else(|| format!("threshold must be at least 1, not {value}"))
+    }
+}
+
+impl std::fmt::Display for Threshold {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+fn default_threshold() -> Threshold {
+    Threshold(1)
+}
+
+fn default_counts_to() -> Vec<Recipient> {
+    vec![Recipient::Partner, Recipient::Coordinator]
+}
+
+impl AllowEntry {
+    /// Who learns membership: `membership`, else the old `reveal_membership_to_partner`
+    /// (`true` = both), else `self`. Always [`Membership::None`] for overlap.
+    pub fn membership(&self) -> Membership {
+        if self.computation == Computation::Overlap {
+            return Membership::None;
+        }
+        match (self.membership, self.reveal_membership_to_partner) {
+            (Some(m), _) => m,
+            (None, Some(true)) => Membership::Both,
+            (None, _) => Membership::SelfOnly,
+        }
+    }
 }
 
 fn default_min_set_size() -> u64 {
@@ -202,7 +555,7 @@ impl NodeConfig {
             path: path.to_owned(),
             source,
         })?;
-        cfg.validate().map_err(|problem| ConfigError::Invalid {
+        cfg.validate(text).map_err(|problem| ConfigError::Invalid {
             path: path.to_owned(),
             problem,
         })?;
@@ -236,7 +589,7 @@ impl NodeConfig {
         }
     }
 
-    fn validate(&self) -> Result<(), String> {
+    fn validate(&self, text: &str) -> Result<(), String> {
         check_name("name", &self.name)?;
         let mut seen = HashSet::new();
         for d in &self.datasets {
@@ -260,6 +613,69 @@ impl NodeConfig {
                     return Err(format!(
                         "dataset '{}': identifier '{}' has an empty column",
                         d.name, id.name
+                    ));
+                }
+                let ctx = format!("dataset '{}': identifier '{}'", d.name, id.name);
+                if id.gmail_rule && id.normaliser != Normaliser::Email {
+                    return Err(format!(
+                        "{ctx}: key gmail_rule applies to normaliser email only"
+                    ));
+                }
+                if id.case_fold && id.normaliser != Normaliser::Generic {
+                    return Err(format!(
+                        "{ctx}: key case_fold applies to normaliser generic only"
+                    ));
+                }
+                if let Some(region) = &id.default_region {
+                    if id.normaliser != Normaliser::Phone {
+                        return Err(format!(
+                            "{ctx}: key default_region applies to normaliser phone only"
+                        ));
+                    }
+                    if parse_region(region).is_none() {
+                        return Err(format!(
+                            "{ctx}: key default_region '{}' is not a region the phone library \
+                             knows (two upper-case letters, e.g. US, GB)",
+                            region.escape_default()
+                        ));
+                    }
+                }
+            }
+            let mut cols = HashSet::new();
+            for v in &d.values {
+                let at = line_of(text, v.column.span());
+                if v.column.get_ref().is_empty() {
+                    return Err(format!(
+                        "line {at}: dataset '{}': key value.column is empty",
+                        d.name
+                    ));
+                }
+                if !cols.insert(v.column.get_ref().as_str()) {
+                    return Err(format!(
+                        "line {at}: dataset '{}': value column '{}' is declared twice",
+                        d.name,
+                        v.column.get_ref()
+                    ));
+                }
+                if v.min > v.max {
+                    return Err(format!(
+                        "line {at}: dataset '{}': value column '{}': min {} is above max {}",
+                        d.name,
+                        v.column.get_ref(),
+                        v.min,
+                        v.max
+                    ));
+                }
+            }
+            for (purpose, column) in &d.consent {
+                check_name(
+                    &format!("dataset '{}': key consent: purpose", d.name),
+                    purpose,
+                )?;
+                if column.is_empty() {
+                    return Err(format!(
+                        "dataset '{}': key consent.{purpose} names an empty column",
+                        d.name
                     ));
                 }
             }
@@ -287,30 +703,35 @@ impl NodeConfig {
                 check_name(&format!("{ctx}: purpose"), p)?;
             }
             for e in &a.allow {
-                self.validate_allow(&ctx, e)?;
+                let at = line_of(text, e.dataset.span());
+                self.validate_allow(&ctx, e, text)
+                    .map_err(|problem| format!("line {at}: {problem}"))?;
             }
         }
         Ok(())
     }
 
-    fn validate_allow(&self, ctx: &str, e: &AllowEntry) -> Result<(), String> {
-        let Some(d) = self.dataset(&e.dataset) else {
+    fn validate_allow(&self, ctx: &str, e: &AllowEntry, text: &str) -> Result<(), String> {
+        let Some(d) = self.dataset(e.dataset.get_ref()) else {
             return Err(format!(
                 "{ctx}: allow {} references dataset '{}', which is not declared",
-                e.computation, e.dataset
+                e.computation,
+                e.dataset.get_ref()
             ));
         };
         if e.keys.is_empty() {
             return Err(format!(
                 "{ctx}: allow {} on '{}' lists no keys",
-                e.computation, e.dataset
+                e.computation,
+                e.dataset.get_ref()
             ));
         }
         for key in &e.keys {
             if key.is_empty() {
                 return Err(format!(
                     "{ctx}: allow {} on '{}' has an empty key",
-                    e.computation, e.dataset
+                    e.computation,
+                    e.dataset.get_ref()
                 ));
             }
             let mut parts = HashSet::new();
@@ -328,21 +749,83 @@ impl NodeConfig {
                 if !parts.insert(part) {
                     return Err(format!(
                         "{ctx}: allow {} on '{}': key '{key}' repeats '{part}'",
-                        e.computation, e.dataset
+                        e.computation,
+                        e.dataset.get_ref()
                     ));
                 }
             }
         }
-        if e.reveal_membership_to_partner && e.computation != Computation::Match {
+        if e.membership.is_some() && e.reveal_membership_to_partner.is_some() {
             return Err(format!(
-                "{ctx}: allow {} on '{}': reveal_membership_to_partner applies to match only",
-                e.computation, e.dataset
+                "{ctx}: allow {} on '{}': set key membership or its old spelling \
+                 reveal_membership_to_partner, not both",
+                e.computation,
+                e.dataset.get_ref()
             ));
+        }
+        let overlap_membership = e.membership.is_some_and(|m| m != Membership::None)
+            || e.reveal_membership_to_partner == Some(true);
+        if e.computation == Computation::Overlap && overlap_membership {
+            return Err(format!(
+                "{ctx}: allow {} on '{}': key membership (reveal_membership_to_partner) applies \
+                 to match only",
+                e.computation,
+                e.dataset.get_ref()
+            ));
+        }
+        let mut seen = HashSet::new();
+        for r in &e.counts_to {
+            if !seen.insert(*r) {
+                return Err(format!(
+                    "{ctx}: allow {} on '{}': key counts_to lists '{}' twice",
+                    e.computation,
+                    e.dataset.get_ref(),
+                    r.as_str()
+                ));
+            }
+        }
+        let mut seen = HashSet::new();
+        for v in &e.value_columns {
+            let col = v.column.get_ref();
+            let at = line_of(text, v.column.span());
+            let Some(declared) = d.values.iter().find(|dv| dv.column.get_ref() == col) else {
+                return Err(format!(
+                    "{ctx}: allow {} on '{}': key value_columns (line {at}) names column \
+                     '{col}', which dataset '{}' does not declare as a value column (declared: \
+                     {})",
+                    e.computation,
+                    e.dataset.get_ref(),
+                    d.name,
+                    d.value_names()
+                ));
+            };
+            if !seen.insert(col.as_str()) {
+                return Err(format!(
+                    "{ctx}: allow {} on '{}': key value_columns lists '{col}' twice",
+                    e.computation,
+                    e.dataset.get_ref()
+                ));
+            }
+            if v.min > v.max || v.min < declared.min || v.max > declared.max {
+                return Err(format!(
+                    "{ctx}: allow {} on '{}': key value_columns (line {at}): bounds [{}, {}] of \
+                     '{col}' must be ordered and inside the dataset's [{}, {}]",
+                    e.computation,
+                    e.dataset.get_ref(),
+                    v.min,
+                    v.max,
+                    declared.min,
+                    declared.max
+                ));
+            }
         }
         if e.min_set_size > e.max_set_size {
             return Err(format!(
                 "{ctx}: allow {} on '{}': min_set_size {} is above max_set_size {}",
-                e.computation, e.dataset, e.min_set_size, e.max_set_size
+                e.computation,
+                e.dataset.get_ref(),
+                e.min_set_size,
+                e.max_set_size
             ));
         }
         Ok(())
@@ -350,6 +833,30 @@ impl NodeConfig {
 }
 
 impl DatasetConfig {
+    /// The declared value column `column`.
+    pub fn value(&self, column: &str) -> Option<&ValueColumn> {
+        self.values.iter().find(|v| v.column.get_ref() == column)
+    }
+
+    /// The declared value column names, comma-separated (for messages).
+    pub fn value_names(&self) -> String {
+        let names: Vec<&str> = self
+            .values
+            .iter()
+            .map(|v| v.column.get_ref().as_str())
+            .collect();
+        if names.is_empty() {
+            "none".to_owned()
+        } else {
+            names.join(", ")
+        }
+    }
+
+    /// The consent column for `purpose`, if one is configured.
+    pub fn consent_column(&self, purpose: &str) -> Option<&str> {
+        self.consent.get(purpose).map(String::as_str)
+    }
+
     /// The identifier called `name`.
     pub fn identifier(&self, name: &str) -> Option<&IdentifierConfig> {
         self.identifiers.iter().find(|i| i.name == name)
@@ -380,7 +887,9 @@ impl Agreement {
         key: &str,
     ) -> Option<&AllowEntry> {
         self.allow.iter().find(|e| {
-            e.computation == computation && e.dataset == dataset && e.keys.iter().any(|k| k == key)
+            e.computation == computation
+                && e.dataset.get_ref() == dataset
+                && e.keys.iter().any(|k| k == key)
         })
     }
 }
@@ -392,6 +901,16 @@ pub fn is_valid_name(name: &str) -> bool {
         && name
             .bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+}
+
+/// The 1-based line of a byte offset's span in `text`.
+fn line_of(text: &str, span: std::ops::Range<usize>) -> usize {
+    let end = span.start.min(text.len());
+    text.as_bytes()[..end]
+        .iter()
+        .filter(|&&b| b == b'\n')
+        .count()
+        + 1
 }
 
 fn check_name(what: &str, name: &str) -> Result<(), String> {
@@ -483,7 +1002,7 @@ purposes = ["overlap-reporting"]
         let e = a
             .find_allow(Computation::Match, "customers", "email+phone")
             .unwrap();
-        assert!(!e.reveal_membership_to_partner);
+        assert_eq!(e.membership(), Membership::SelfOnly);
         assert_eq!(
             (e.min_set_size, e.max_set_size),
             (DEFAULT_MIN_SET_SIZE, DEFAULT_MAX_SET_SIZE)

@@ -6,13 +6,14 @@
 //! (or is too long, or not UTF-8, or missing) are counted as rejected and never matched. Errors
 //! and logs name the file, the row and the column, never a value: values are raw identifiers.
 
+use std::collections::HashSet;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use cleanroom_circuits::ItemSet;
 
 use crate::config::{DatasetConfig, IdentifierConfig};
-use crate::normalise::{NormaliseError, Normaliser};
+use crate::normalise::{NormaliseError, NormaliseOptions, Normaliser};
 
 /// The byte between the parts of a composite key (ASCII unit separator). A field containing it
 /// is rejected, so that no two different part lists can join to the same key.
@@ -54,6 +55,64 @@ pub struct LoadedKeys {
     pub rows_rejected: u64,
     /// Accepted rows whose key equals that of an earlier row.
     pub duplicate_rows: u64,
+    /// Rows excluded because they lack consent for the job's purpose.
+    pub rows_excluded_consent: u64,
+    /// Rows excluded because one of their identifiers belongs to a forgotten subject.
+    pub rows_excluded_deleted: u64,
+}
+
+/// Forgotten subjects: keyed hashes ([`forget_hash`]) of normalised identifier values, with
+/// the node-local secret that keys them.
+#[derive(Clone)]
+pub struct Forgotten {
+    /// The node-local HMAC key.
+    pub secret: [u8; 32],
+    /// `forget_hash(secret, normalised value)` of every forgotten identifier value.
+    pub hashes: HashSet<[u8; 32]>,
+}
+
+impl std::fmt::Debug for Forgotten {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Forgotten")
+            .field("hashes", &self.hashes.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Which rows a job may use beyond key validity.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RowFilter<'a> {
+    /// The consent column for the job's purpose ([`crate::agreement::Permit::consent_column`]):
+    /// a row is used only if this field is `true`, `1` or `yes` (any case, trimmed). `None` =
+    /// no consent filter.
+    pub consent_column: Option<&'a str>,
+    /// Forgotten subjects: a row is excluded if ANY of the dataset's declared identifiers (not
+    /// only the job's keys) normalises to a forgotten value.
+    pub forgotten: Option<&'a Forgotten>,
+}
+
+/// The keyed hash naming a forgotten subject: HMAC-SHA256(secret, normalised identifier
+/// value). Keyed so that the deletion list does not reveal identifiers to whoever reads it.
+pub fn forget_hash(secret: &[u8; 32], normalised_key: &[u8]) -> [u8; 32] {
+    use sha2::{Digest, Sha256};
+    let mut block = [0u8; 64];
+    block[..32].copy_from_slice(secret);
+    let mut inner = Sha256::new();
+    inner.update(block.map(|b| b ^ 0x36));
+    inner.update(normalised_key);
+    let inner = inner.finalize();
+    let mut outer = Sha256::new();
+    outer.update(block.map(|b| b ^ 0x5c));
+    outer.update(inner);
+    let mut out = [0u8; 32];
+    out.copy_from_slice(&outer.finalize());
+    out
+}
+
+/// Whether a consent field says yes (`true`, `1`, `yes`, any case, trimmed).
+pub fn is_consent(field: &[u8]) -> bool {
+    let f = field.trim_ascii();
+    f.eq_ignore_ascii_case(b"true") || f == b"1" || f.eq_ignore_ascii_case(b"yes")
 }
 
 /// Why a dataset could not be read.
@@ -166,14 +225,27 @@ pub fn key_name(keys: &KeySpec) -> String {
 /// Rows where any key part is missing, longer than [`MAX_FIELD_BYTES`], not UTF-8 or fails to
 /// normalise are counted in `rows_rejected` and never matched. A file with more than
 /// `max_rows` data rows is refused with [`DatasetError::TooManyRows`].
+///
+/// No consent or deletion filter: a job with a purpose uses [`load_keys_for`].
 pub fn load_keys(
     dataset: &DatasetConfig,
     keys: &KeySpec,
     max_rows: u64,
 ) -> Result<LoadedKeys, DatasetError> {
+    load_keys_for(dataset, keys, RowFilter::default(), max_rows)
+}
+
+/// [`load_keys`] with a [`RowFilter`]: rows without consent (checked first) and rows of
+/// forgotten subjects (checked next) are excluded and counted, before key validity.
+pub fn load_keys_for(
+    dataset: &DatasetConfig,
+    keys: &KeySpec,
+    filter: RowFilter<'_>,
+    max_rows: u64,
+) -> Result<LoadedKeys, DatasetError> {
     let mut items = ItemSet::new();
     let path = dataset.path.clone();
-    let (rows_read, rows_rejected) = for_each_key(dataset, keys, Some(max_rows), |row, key| {
+    let counts = for_each_key(dataset, keys, filter, Some(max_rows), |row, key| {
         items.push(key).map_err(|_| DatasetError::TooLarge {
             path: path.clone(),
             row,
@@ -182,9 +254,11 @@ pub fn load_keys(
     let duplicate_rows = items.dedup() as u64;
     Ok(LoadedKeys {
         items,
-        rows_read,
-        rows_rejected,
+        rows_read: counts.read,
+        rows_rejected: counts.rejected,
         duplicate_rows,
+        rows_excluded_consent: counts.no_consent,
+        rows_excluded_deleted: counts.deleted,
     })
 }
 
@@ -196,8 +270,18 @@ pub fn matching_rows(
     keys: &KeySpec,
     matched: &ItemSet,
 ) -> Result<Vec<u64>, DatasetError> {
+    matching_rows_for(dataset, keys, RowFilter::default(), matched)
+}
+
+/// [`matching_rows`] with the same [`RowFilter`] as the load (excluded rows never match).
+pub fn matching_rows_for(
+    dataset: &DatasetConfig,
+    keys: &KeySpec,
+    filter: RowFilter<'_>,
+    matched: &ItemSet,
+) -> Result<Vec<u64>, DatasetError> {
     let mut rows = Vec::new();
-    for_each_key(dataset, keys, None, |row, key| {
+    for_each_key(dataset, keys, filter, None, |row, key| {
         if matched.position_sorted(key).is_some() {
             rows.push(row);
         }
@@ -209,18 +293,29 @@ pub fn matching_rows(
 /// One requested key part: where it is in the row and how it is normalised.
 struct Part<'a> {
     id: &'a IdentifierConfig,
+    opts: NormaliseOptions,
     index: usize,
 }
 
-/// Streams the file and calls `f(row, key)` for every accepted row; returns (rows read, rows
-/// rejected).
+/// Row counts of one pass.
+#[derive(Debug, Default)]
+struct Counts {
+    read: u64,
+    rejected: u64,
+    no_consent: u64,
+    deleted: u64,
+}
+
+/// Streams the file and calls `f(row, key)` for every accepted row.
 fn for_each_key(
     dataset: &DatasetConfig,
     keys: &KeySpec,
+    filter: RowFilter<'_>,
     max_rows: Option<u64>,
     mut f: impl FnMut(u64, &[u8]) -> Result<(), DatasetError>,
-) -> Result<(u64, u64), DatasetError> {
+) -> Result<Counts, DatasetError> {
     let ids = resolve_identifiers(dataset, keys)?;
+    let forgotten = filter.forgotten.filter(|fg| !fg.hashes.is_empty());
     let path = dataset.path.as_path();
     let file = File::open(path).map_err(|source| DatasetError::Open {
         path: path.to_owned(),
@@ -233,10 +328,20 @@ fn for_each_key(
         .buffer_capacity(READ_BUFFER)
         .from_reader(file);
     let parts = locate_columns(&mut reader, path, &ids)?;
+    let consent_index = match filter.consent_column {
+        Some(column) => Some(locate_column(&mut reader, path, column)?),
+        None => None,
+    };
+    let all_ids: Vec<&IdentifierConfig> = dataset.identifiers.iter().collect();
+    let all_parts = if forgotten.is_some() {
+        locate_columns(&mut reader, path, &all_ids)?
+    } else {
+        Vec::new()
+    };
 
     let mut record = csv::ByteRecord::new();
     let mut key: Vec<u8> = Vec::with_capacity(256);
-    let (mut rows, mut rejected) = (0u64, 0u64);
+    let (mut rows, mut rejected, mut no_consent, mut deleted) = (0u64, 0u64, 0u64, 0u64);
     loop {
         let row = rows + 1;
         match reader.read_byte_record(&mut record) {
@@ -259,6 +364,18 @@ fn for_each_key(
             });
         }
         rows = row;
+        if let Some(i) = consent_index
+            && !record.get(i).is_some_and(is_consent)
+        {
+            no_consent += 1;
+            continue;
+        }
+        if let Some(fg) = forgotten
+            && is_forgotten(&record, &all_parts, fg)
+        {
+            deleted += 1;
+            continue;
+        }
         match build_key(&record, &parts, &mut key) {
             Ok(()) => f(row, &key)?,
             Err((column, why)) => {
@@ -283,7 +400,50 @@ fn for_each_key(
             "more rows rejected than logged"
         );
     }
-    Ok((rows, rejected))
+    Ok(Counts {
+        read: rows,
+        rejected,
+        no_consent,
+        deleted,
+    })
+}
+
+/// Whether any declared identifier of the row normalises to a forgotten value.
+fn is_forgotten(record: &csv::ByteRecord, all: &[Part<'_>], fg: &Forgotten) -> bool {
+    all.iter().any(|p| {
+        normalise_field(record.get(p.index), p.id.normaliser, &p.opts)
+            .is_ok_and(|v| fg.hashes.contains(&forget_hash(&fg.secret, v.as_bytes())))
+    })
+}
+
+/// The index of one named column (exactly once in the header).
+fn locate_column(
+    reader: &mut csv::Reader<File>,
+    path: &Path,
+    column: &str,
+) -> Result<usize, DatasetError> {
+    let headers = reader.headers().map_err(|source| DatasetError::Header {
+        path: path.to_owned(),
+        source,
+    })?;
+    let headers: Vec<String> = headers.iter().map(|h| h.trim().to_owned()).collect();
+    let mut found = headers
+        .iter()
+        .enumerate()
+        .filter(|(_, h)| *h == column)
+        .map(|(i, _)| i);
+    match (found.next(), found.next()) {
+        (Some(index), None) => Ok(index),
+        (Some(_), Some(_)) => Err(DatasetError::AmbiguousColumn {
+            path: path.to_owned(),
+            column: column.to_owned(),
+        }),
+        (None, _) => Err(DatasetError::MissingColumn {
+            path: path.to_owned(),
+            column: column.to_owned(),
+            headers,
+        }),
+    }
 }
 
 fn resolve_identifiers<'a>(
@@ -327,7 +487,11 @@ fn locate_columns<'a>(
                 .filter(|(_, h)| **h == id.column)
                 .map(|(i, _)| i);
             match (found.next(), found.next()) {
-                (Some(index), None) => Ok(Part { id, index }),
+                (Some(index), None) => Ok(Part {
+                    id,
+                    opts: id.options(),
+                    index,
+                }),
                 (Some(_), Some(_)) => Err(DatasetError::AmbiguousColumn {
                     path: path.to_owned(),
                     column: id.column.clone(),
@@ -351,7 +515,7 @@ fn build_key<'c>(
     key.clear();
     for (i, part) in parts.iter().enumerate() {
         let column = part.id.column.as_str();
-        let normalised = normalise_field(record.get(part.index), part.id.normaliser)
+        let normalised = normalise_field(record.get(part.index), part.id.normaliser, &part.opts)
             .map_err(|why| (column, why))?;
         if i > 0 {
             key.push(KEY_PART_SEPARATOR);
@@ -361,7 +525,11 @@ fn build_key<'c>(
     Ok(())
 }
 
-fn normalise_field(field: Option<&[u8]>, normaliser: Normaliser) -> Result<String, Rejection> {
+fn normalise_field(
+    field: Option<&[u8]>,
+    normaliser: Normaliser,
+    options: &NormaliseOptions,
+) -> Result<String, Rejection> {
     let field = field.ok_or(Rejection::Missing)?;
     if field.len() > MAX_FIELD_BYTES {
         return Err(Rejection::TooLong);
@@ -370,7 +538,9 @@ fn normalise_field(field: Option<&[u8]>, normaliser: Normaliser) -> Result<Strin
         return Err(Rejection::Separator);
     }
     let text = std::str::from_utf8(field).map_err(|_| Rejection::NotUtf8)?;
-    normaliser.normalise(text).map_err(Rejection::Normalise)
+    normaliser
+        .normalise_with(text, options)
+        .map_err(Rejection::Normalise)
 }
 
 #[cfg(test)]
@@ -402,18 +572,30 @@ customer_id,email,phone,amount_cents
                     name: "email".into(),
                     column: "email".into(),
                     normaliser: Normaliser::Email,
+                    gmail_rule: false,
+                    case_fold: false,
+                    default_region: None,
                 },
                 IdentifierConfig {
                     name: "phone".into(),
                     column: "phone".into(),
                     normaliser: Normaliser::Phone,
+                    gmail_rule: false,
+                    case_fold: false,
+                    default_region: None,
                 },
                 IdentifierConfig {
                     name: "id".into(),
                     column: "customer_id".into(),
                     normaliser: Normaliser::Generic,
+                    gmail_rule: false,
+                    case_fold: false,
+                    default_region: None,
                 },
             ],
+            values: Vec::new(),
+            consent: Default::default(),
+            consent_required: false,
         }
     }
 
@@ -578,5 +760,109 @@ customer_id,email,phone,amount_cents
         let b = load_keys(&d, &keys, 100).unwrap();
         assert_eq!(a.items, b.items);
         assert_eq!(a.items.len(), 6);
+    }
+
+    const CONSENT_CSV: &str = "\
+customer_id,email,phone,consent_fraud
+1,alice@example.com,+14155550100,true
+2,bob@example.com,+14155550101,no
+3,carol@example.com,+14155550102, YES
+4,dave@example.com,+14155550103,
+5,erin@example.com,+14155550104,1
+6,not-an-email,+14155550105,true
+7,frank@example.com,+14155550106,false
+";
+
+    #[test]
+    fn consent_excludes_and_counts() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dataset(dir.path(), CONSENT_CSV.as_bytes());
+        let keys = KeySpec::new(["email"]);
+        let filter = RowFilter {
+            consent_column: Some("consent_fraud"),
+            forgotten: None,
+        };
+        let loaded = load_keys_for(&d, &keys, filter, 100).unwrap();
+        assert_eq!(loaded.rows_read, 7);
+        assert_eq!(loaded.rows_excluded_consent, 3);
+        assert_eq!(loaded.rows_rejected, 1);
+        assert_eq!(
+            items(&loaded.items),
+            ["alice@example.com", "carol@example.com", "erin@example.com"]
+        );
+        let mut matched: ItemSet = [&b"bob@example.com"[..], b"carol@example.com"]
+            .into_iter()
+            .collect();
+        matched.dedup();
+        assert_eq!(matching_rows_for(&d, &keys, filter, &matched).unwrap(), [3]);
+        assert_eq!(matching_rows(&d, &keys, &matched).unwrap(), [2, 3]);
+        // Without a filter every row counts.
+        let all = load_keys(&d, &keys, 100).unwrap();
+        assert_eq!((all.rows_excluded_consent, all.items.len()), (0, 6));
+        // A consent column missing from the file is an error naming it.
+        let bad = RowFilter {
+            consent_column: Some("consent_ads"),
+            forgotten: None,
+        };
+        let e = load_keys_for(&d, &keys, bad, 100).unwrap_err();
+        assert!(e.to_string().contains("no column 'consent_ads'"), "{e}");
+    }
+
+    #[test]
+    fn deletion_excludes_by_any_identifier_and_counts() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dataset(dir.path(), CONSENT_CSV.as_bytes());
+        let secret = [7u8; 32];
+        let forgotten = Forgotten {
+            secret,
+            hashes: [
+                forget_hash(&secret, b"bob@example.com"),
+                // Forgotten by phone; the job joins on email.
+                forget_hash(&secret, b"+14155550104"),
+            ]
+            .into_iter()
+            .collect(),
+        };
+        let filter = RowFilter {
+            consent_column: None,
+            forgotten: Some(&forgotten),
+        };
+        let loaded = load_keys_for(&d, &KeySpec::new(["email"]), filter, 100).unwrap();
+        assert_eq!(loaded.rows_excluded_deleted, 2);
+        assert_eq!(loaded.rows_rejected, 1);
+        assert_eq!(loaded.items.len(), 4);
+        assert!(!items(&loaded.items).contains(&"erin@example.com".to_owned()));
+        // Both filters: consent first.
+        let both = RowFilter {
+            consent_column: Some("consent_fraud"),
+            forgotten: Some(&forgotten),
+        };
+        let loaded = load_keys_for(&d, &KeySpec::new(["email"]), both, 100).unwrap();
+        assert_eq!((loaded.rows_excluded_consent, loaded.rows_excluded_deleted), (3, 1));
+        // A different secret forgets nobody.
+        let other = Forgotten {
+            secret: [8u8; 32],
+            hashes: forgotten.hashes.clone(),
+        };
+        let filter = RowFilter {
+            consent_column: None,
+            forgotten: Some(&other),
+        };
+        let loaded = load_keys_for(&d, &KeySpec::new(["email"]), filter, 100).unwrap();
+        assert_eq!(loaded.rows_excluded_deleted, 0);
+    }
+
+    #[test]
+    fn forget_hash_is_hmac_sha256() {
+        // RFC 4231 test case 2 uses a 4-byte key; check against a zero-padded 32-byte key, for
+        // which HMAC is identical.
+        let mut key = [0u8; 32];
+        key[..4].copy_from_slice(b"Jefe");
+        let mac = forget_hash(&key, b"what do ya want for nothing?");
+        let hex: String = mac.iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(
+            hex,
+            "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"
+        );
     }
 }

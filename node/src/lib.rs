@@ -23,6 +23,7 @@ pub mod dataplane;
 pub mod dataset;
 pub mod error;
 pub mod normalise;
+pub mod policy;
 pub mod psi_job;
 
 use std::sync::Arc;

@@ -1,0 +1,198 @@
+//! The policy as a whole: `cleanroom-node policy check FILE` ([`check_file`]) and the live
+//! policy of a running node ([`PolicyHolder`]), which a failed reload leaves unchanged.
+//!
+//! The policy is the node config (see [`crate::config`]): datasets, agreements and the budget.
+//! [`check_file`] validates it as start-up does, and also opens every dataset's CSV to check
+//! that the declared identifier, value and consent columns are in its header.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+
+use crate::config::{ConfigError, NodeConfig};
+
+/// What `policy check` prints: the validated config, one block per partner.
+#[derive(Debug, Clone)]
+pub struct PolicySummary {
+    /// The file checked.
+    pub path: PathBuf,
+    /// The validated config.
+    pub config: Arc<NodeConfig>,
+}
+
+impl std::fmt::Display for PolicySummary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let c = &self.config;
+        writeln!(f, "policy {} (node {}): OK", self.path.display(), c.name)?;
+        match &c.budget {
+            Some(b) => writeln!(
+                f,
+                "budget: epsilon {} per {}",
+                b.epsilon_per_period, b.period
+            )?,
+            None => writeln!(f, "budget: none (no node-wide epsilon cap)")?,
+        }
+        for d in &c.datasets {
+            let consent: Vec<String> = d.consent.iter().map(|(p, col)| format!("{p}={col}")).collect();
+            writeln!(
+                f,
+                "dataset {}: identifiers {}; values {}; consent {}{}",
+                d.name,
+                d.identifier_names(),
+                d.value_names(),
+                if consent.is_empty() { "none".to_owned() } else { consent.join(", ") },
+                if d.consent_required { " (required)" } else { "" }
+            )?;
+        }
+        if c.agreements.is_empty() {
+            writeln!(f, "no agreements: every job is refused")?;
+        }
+        for a in &c.agreements {
+            writeln!(f, "partner {}", a.partner)?;
+            writeln!(f, "  purposes: {}", a.purposes.join(", "))?;
+            match a.expires {
+                Some(d) => writeln!(f, "  expires: {d} (end of day, UTC)")?,
+                None => writeln!(f, "  expires: never")?,
+            }
+            if a.allow.is_empty() {
+                writeln!(f, "  allows nothing (empty allow-list)")?;
+            }
+            for e in &a.allow {
+                writeln!(
+                    f,
+                    "  allow {} on {} by {}",
+                    e.computation,
+                    e.dataset.get_ref(),
+                    e.keys.join(" | ")
+                )?;
+                let counts: Vec<&str> = e.counts_to.iter().map(|r| r.as_str()).collect();
+                writeln!(
+                    f,
+                    "    membership {}; counts to {}; min_input {}; min_result {}; peer set {}..={}",
+                    e.membership(),
+                    if counts.is_empty() { "nobody".to_owned() } else { counts.join(", ") },
+                    e.min_input_size,
+                    e.min_result,
+                    e.min_set_size,
+                    e.max_set_size
+                )?;
+                let runs = e
+                    .runs_per_period
+                    .map_or("unlimited".to_owned(), |n| format!("{n} per {}", e.period));
+                let eps = e.epsilon.map_or("none".to_owned(), |x| x.to_string());
+                writeln!(f, "    runs {runs}; epsilon per run {eps}")?;
+                for v in &e.value_columns {
+                    writeln!(
+                        f,
+                        "    value {} clipped to [{}, {}]",
+                        v.column.get_ref(),
+                        v.min,
+                        v.max
+                    )?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Loads and validates the policy at `path`, including the headers of the dataset files.
+pub fn check_file(path: impl AsRef<Path>) -> Result<PolicySummary, ConfigError> {
+    let path = path.as_ref();
+    let config = load_checked(path)?;
+    Ok(PolicySummary {
+        path: path.to_owned(),
+        config: Arc::new(config),
+    })
+}
+
+/// [`NodeConfig::load`] plus the dataset header check of [`check_file`].
+pub fn load_checked(path: &Path) -> Result<NodeConfig, ConfigError> {
+    let cfg = NodeConfig::load(path)?;
+    check_headers(&cfg).map_err(|problem| ConfigError::Invalid {
+        path: path.to_owned(),
+        problem,
+    })?;
+    Ok(cfg)
+}
+
+/// Every dataset file has a header with each declared column exactly once.
+fn check_headers(cfg: &NodeConfig) -> Result<(), String> {
+    for d in &cfg.datasets {
+        let file = d.path.display();
+        let mut reader = csv::ReaderBuilder::new()
+            .has_headers(true)
+            .from_path(&d.path)
+            .map_err(|e| format!("dataset '{}': cannot open {file}: {e}", d.name))?;
+        let headers: Vec<String> = reader
+            .headers()
+            .map_err(|e| format!("dataset '{}': cannot read the header of {file}: {e}", d.name))?
+            .iter()
+            .map(|h| h.trim().to_owned())
+            .collect();
+        let declared = d
+            .identifiers
+            .iter()
+            .map(|i| ("identifier", i.column.as_str()))
+            .chain(d.values.iter().map(|v| ("value", v.column.get_ref().as_str())))
+            .chain(d.consent.values().map(|c| ("consent", c.as_str())));
+        for (kind, column) in declared {
+            match headers.iter().filter(|h| *h == column).count() {
+                1 => {}
+                0 => {
+                    return Err(format!(
+                        "dataset '{}': {kind} column '{column}' is not in the header of {file} \
+                         (its columns: {})",
+                        d.name,
+                        headers.join(", ")
+                    ));
+                }
+                _ => {
+                    return Err(format!(
+                        "dataset '{}': {kind} column '{column}' appears more than once in the \
+                         header of {file}",
+                        d.name
+                    ));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The live policy: readers take an `Arc` snapshot; [`PolicyHolder::reload`] swaps in a new
+/// one only if it validates, so a failed reload keeps the last good policy.
+#[derive(Debug, Clone)]
+pub struct PolicyHolder {
+    inner: Arc<RwLock<(u64, Arc<NodeConfig>)>>,
+}
+
+impl PolicyHolder {
+    /// Holds `cfg` as generation 0.
+    pub fn new(cfg: NodeConfig) -> PolicyHolder {
+        PolicyHolder {
+            inner: Arc::new(RwLock::new((0, Arc::new(cfg)))),
+        }
+    }
+
+    /// The current policy.
+    pub fn current(&self) -> Arc<NodeConfig> {
+        self.snapshot().1
+    }
+
+    /// The current policy and its generation (incremented by each successful reload); a job
+    /// re-checks its offer ([`crate::agreement::recheck`]) when the generation moved.
+    pub fn snapshot(&self) -> (u64, Arc<NodeConfig>) {
+        let guard = self.inner.read().unwrap_or_else(|e| e.into_inner());
+        (guard.0, guard.1.clone())
+    }
+
+    /// Loads `path` with [`load_checked`]; on success it becomes the policy, on failure the
+    /// last good policy stays and the error is returned.
+    pub fn reload(&self, path: impl AsRef<Path>) -> Result<(), ConfigError> {
+        let fresh = load_checked(path.as_ref())?;
+        let mut guard = self.inner.write().unwrap_or_else(|e| e.into_inner());
+        guard.0 += 1;
+        guard.1 = Arc::new(fresh);
+        Ok(())
+    }
+}
