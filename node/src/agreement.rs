@@ -258,9 +258,7 @@ pub fn check_offer_at(
     if let Some(expires) = agreement.expires {
         let today = PolicyDate::from_unix_ms(now_ms);
         if today.is_none_or(|t| t > expires) {
-            return Err(veto(format!(
-                "agreement with {partner} expired {expires}"
-            )));
+            return Err(veto(format!("agreement with {partner} expired {expires}")));
         }
     }
     if agreement.allow.is_empty() {
@@ -633,5 +631,195 @@ purposes = ["fraud-detection"]
         let p = check_offer(&cfg(), &s, 1).unwrap();
         assert!(p.partner_learns_membership && !p.i_learn_membership);
         assert_eq!(p.partner, "initech");
+    }
+
+    const JULY_1_2026_MS: i64 = 1_782_864_000_000;
+
+    fn with(extra_agreement: &str, extra_allow: &str) -> NodeConfig {
+        let text = CONFIG
+            .replace(
+                "purposes = [\"overlap-reporting\", \"fraud-detection\"]",
+                &format!(
+                    "purposes = [\"overlap-reporting\", \"fraud-detection\"]\n{extra_agreement}"
+                ),
+            )
+            .replacen(
+                "  min_set_size = 10\n",
+                &format!("  min_set_size = 10\n{extra_allow}\n"),
+                1,
+            );
+        NodeConfig::parse(&text, Path::new("/srv/acme/node.toml")).unwrap()
+    }
+
+    #[test]
+    fn expired_agreement_is_vetoed() {
+        let c = with("expires = \"2026-06-30\"", "");
+        let last_day = JULY_1_2026_MS - 1;
+        assert!(check_offer_at(&c, &overlap(), 0, last_day).is_ok());
+        assert_eq!(
+            check_offer_at(&c, &overlap(), 0, JULY_1_2026_MS)
+                .unwrap_err()
+                .0,
+            "agreement with globex expired 2026-06-30"
+        );
+        let p = check_offer_at(&c, &overlap(), 0, last_day).unwrap();
+        assert_eq!(p.expires.unwrap().to_string(), "2026-06-30");
+    }
+
+    #[test]
+    fn empty_allow_list_denies() {
+        let mut c = cfg();
+        c.agreements[0].allow.clear();
+        assert_eq!(
+            check_offer(&c, &overlap(), 0).unwrap_err().0,
+            "agreement with globex allows no computation (empty allow-list)"
+        );
+    }
+
+    #[test]
+    fn purpose_wording() {
+        let mut s = overlap();
+        s.purpose = "marketing".into();
+        assert_eq!(
+            vetoed(&s, 0),
+            "purpose 'marketing' not in agreement with globex"
+        );
+    }
+
+    #[test]
+    fn permit_carries_limits() {
+        let c = with(
+            "",
+            "  min_input_size = 1000\n  min_result = 5\n  runs_per_period = 2\n  epsilon = 0.25\n  counts_to = [\"coordinator\"]",
+        );
+        let p = check_offer(&c, &overlap(), 0).unwrap();
+        assert_eq!((p.min_input_size, p.min_result), (1000, 5));
+        assert_eq!(p.epsilon.map(Epsilon::get), Some(0.25));
+        assert_eq!(
+            p.runs,
+            Some(RunCounter {
+                limit: 2,
+                period: Period::Day
+            })
+        );
+        assert!(p.counts_allowed_to(Recipient::Coordinator));
+        assert!(!p.counts_allowed_to(Recipient::Partner));
+        assert_eq!(
+            p.check_input_size(212).unwrap_err().0,
+            "input 212 rows < min_input 1000"
+        );
+        assert!(p.check_input_size(1000).is_ok());
+        assert_eq!(p.release_count(4), None);
+        assert_eq!(p.release_count(5), Some(5));
+        assert_eq!(
+            p.check_peer_size(9).unwrap_err().0,
+            "globex declares 9 keys < min_set_size 10"
+        );
+        assert_eq!(
+            p.check_peer_size(1001).unwrap_err().0,
+            "globex declares 1001 keys > max_set_size 1000"
+        );
+        assert!(p.check_peer_size(10).is_ok());
+    }
+
+    #[test]
+    fn run_counter_window() {
+        let day = 86_400_000;
+        let now = 10 * day;
+        let rc = RunCounter {
+            limit: 2,
+            period: Period::Day,
+        };
+        assert!(rc.check(&[], now).is_ok());
+        assert!(rc.check(&[now - 1000], now).is_ok());
+        assert_eq!(
+            rc.check(&[now - 1000, now - day + 1], now).unwrap_err().0,
+            "runs per day exceeded (2/2)"
+        );
+        // A run exactly one period ago has left the window.
+        assert!(rc.check(&[now - 1000, now - day], now).is_ok());
+        let hourly = RunCounter {
+            limit: 1,
+            period: Period::Hour,
+        };
+        assert_eq!(
+            hourly
+                .check(&[now - 60_000, now - 120_000], now)
+                .unwrap_err()
+                .0,
+            "runs per hour exceeded (2/1)"
+        );
+    }
+
+    #[test]
+    fn budget_window() {
+        let budget = Budget {
+            epsilon_per_period: Epsilon::new(1.0).unwrap(),
+            period: Period::Day,
+        };
+        let e = |x| Epsilon::new(x).unwrap();
+        let now = 100 * 86_400_000;
+        assert!(check_budget(None, &[(now, e(50.0))], now, e(1.0)).is_ok());
+        assert!(check_budget(Some(&budget), &[(now - 1, e(0.5))], now, e(0.5)).is_ok());
+        let msg = check_budget(Some(&budget), &[(now - 1, e(0.75))], now, e(0.5))
+            .unwrap_err()
+            .0;
+        assert_eq!(
+            msg,
+            "privacy budget per day exceeded (0.75 spent + 0.5 > 1)"
+        );
+        assert!(check_budget(Some(&budget), &[(now - 86_400_000, e(0.75))], now, e(0.5)).is_ok());
+    }
+
+    #[test]
+    fn membership_none_and_consent_required() {
+        let c = with("", "");
+        let mut c2 = c.clone();
+        c2.agreements[0].allow[1].membership = Some(Membership::None);
+        let s = spec(
+            JobKind::Match,
+            vec![
+                party("acme", &["email"], true),
+                party("globex", &["email"], false),
+            ],
+            "fraud-detection",
+        );
+        assert!(check_offer(&c, &s, 0).is_ok());
+        assert_eq!(
+            check_offer(&c2, &s, 0).unwrap_err().0,
+            "agreement with globex does not let acme learn membership"
+        );
+        let mut c3 = c.clone();
+        c3.datasets[0].consent_required = true;
+        c3.datasets[0]
+            .consent
+            .insert("overlap-reporting".into(), "consent_reporting".into());
+        let p = check_offer(&c3, &overlap(), 0).unwrap();
+        assert_eq!(p.consent_column.as_deref(), Some("consent_reporting"));
+        assert_eq!(
+            check_offer(&c3, &s, 0).unwrap_err().0,
+            "dataset customers has no consent column for purpose 'fraud-detection' and requires consent"
+        );
+    }
+
+    #[test]
+    fn recheck_detects_changes() {
+        let c = cfg();
+        let p = check_offer_at(&c, &overlap(), 0, 0).unwrap();
+        assert!(recheck(&c, &overlap(), 0, 0, &p).is_ok());
+        let mut tighter = c.clone();
+        tighter.agreements[0].allow[0].min_result = crate::config::Threshold::new(50).unwrap();
+        assert!(
+            recheck(&tighter, &overlap(), 0, 0, &p)
+                .unwrap_err()
+                .0
+                .contains("changed")
+        );
+        let mut gone = c.clone();
+        gone.agreements[0].purposes = vec!["fraud-detection".into()];
+        assert_eq!(
+            recheck(&gone, &overlap(), 0, 0, &p).unwrap_err().0,
+            "purpose 'overlap-reporting' not in agreement with globex"
+        );
     }
 }

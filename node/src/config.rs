@@ -1157,4 +1157,211 @@ purposes = ["overlap-reporting"]
         let twice = format!("{MINIMAL}\n[[agreement]]\npartner = \"globex\"\npurposes = [\"x\"]\n");
         assert!(invalid(&twice).contains("two agreements with 'globex'"));
     }
+
+    fn with_allow(extra: &str) -> String {
+        MINIMAL.replace(
+            "keys = [\"email\", \"email+phone\"]",
+            &format!("keys = [\"email\"]\n{extra}"),
+        )
+    }
+
+    #[test]
+    fn policy_fields_parse() {
+        let text = MINIMAL
+            .replace(
+                "purposes = [\"overlap-reporting\"]",
+                "purposes = [\"overlap-reporting\"]\nexpires = \"2026-06-30\"",
+            )
+            .replace(
+                "  normaliser = \"phone\"",
+                "  normaliser = \"phone\"\n  default_region = \"GB\"\n  [[dataset.value]]\n  column = \"amount_cents\"\n  min = 0\n  max = 1000000",
+            )
+            .replace(
+                "path = \"data/acme.csv\"",
+                "path = \"data/acme.csv\"\nconsent = { fraud-detection = \"consent_fraud\" }",
+            );
+        let text = format!(
+            "budget = {{ epsilon_per_period = 10, period = \"week\" }}\n{}",
+            text.replace(
+                "keys = [\"email\", \"email+phone\"]",
+                "keys = [\"email\"]\n  membership = \"both\"\n  min_input_size = 1000\n  min_result = 10\n  runs_per_period = 2\n  period = \"hour\"\n  epsilon = 0.5\n  counts_to = [\"coordinator\"]\n  value_columns = [{ column = \"amount_cents\", min = 0, max = 50000 }]"
+            )
+        );
+        let cfg = parse(&text).unwrap();
+        let b = cfg.budget.as_ref().unwrap();
+        assert_eq!((b.epsilon_per_period.get(), b.period), (10.0, Period::Week));
+        let a = cfg.agreement_with("globex").unwrap();
+        assert_eq!(a.expires.unwrap().to_string(), "2026-06-30");
+        let e = &a.allow[0];
+        assert_eq!(e.membership(), Membership::Both);
+        assert_eq!((e.min_input_size.get(), e.min_result.get()), (1000, 10));
+        assert_eq!(e.runs_per_period.map(Threshold::get), Some(2));
+        assert_eq!(e.period, Period::Hour);
+        assert_eq!(e.epsilon.map(Epsilon::get), Some(0.5));
+        assert_eq!(e.counts_to, [Recipient::Coordinator]);
+        assert_eq!(e.value_columns[0].max, 50000);
+        let d = cfg.dataset("customers").unwrap();
+        assert_eq!(d.consent_column("fraud-detection"), Some("consent_fraud"));
+        assert_eq!(d.consent_column("overlap-reporting"), None);
+        assert_eq!(
+            d.identifier("phone").unwrap().options().default_region,
+            crate::normalise::parse_region("GB").unwrap()
+        );
+        // Defaults.
+        let e = &parse(MINIMAL).unwrap().agreements[0].allow[0];
+        assert_eq!((e.min_input_size.get(), e.min_result.get()), (1, 1));
+        assert_eq!(e.runs_per_period, None);
+        assert_eq!(e.period, Period::Day);
+        assert_eq!(e.epsilon, None);
+        assert_eq!(e.counts_to, [Recipient::Partner, Recipient::Coordinator]);
+    }
+
+    #[test]
+    fn epsilon_must_be_finite_and_positive() {
+        for bad in ["0", "0.0", "-1.5", "nan", "inf", "-inf"] {
+            let msg = invalid(&with_allow(&format!("  epsilon = {bad}")));
+            assert!(msg.contains("epsilon"), "{bad}: {msg}");
+            assert!(msg.contains("line "), "{bad}: {msg}");
+            assert!(msg.contains("/etc/cleanroom/node.toml"), "{bad}: {msg}");
+        }
+        assert!(parse(&with_allow("  epsilon = 1")).is_ok());
+        let msg = invalid(&format!(
+            "budget = {{ epsilon_per_period = nan }}\n{MINIMAL}"
+        ));
+        assert!(msg.contains("epsilon"), "{msg}");
+    }
+
+    #[test]
+    fn thresholds_of_zero_are_errors() {
+        for key in ["min_input_size", "min_result", "runs_per_period"] {
+            let msg = invalid(&with_allow(&format!("  {key} = 0")));
+            assert!(
+                msg.contains(key) && msg.contains("at least 1") && msg.contains("line "),
+                "{msg}"
+            );
+            assert!(invalid(&with_allow(&format!("  {key} = -3"))).contains("at least 1"));
+        }
+    }
+
+    #[test]
+    fn unknown_policy_keys_and_values() {
+        assert!(invalid(&with_allow("  epsilom = 1.0")).contains("epsilom"));
+        assert!(invalid(&with_allow("  period = \"month\"")).contains("month"));
+        assert!(invalid(&with_allow("  counts_to = [\"analyst\"]")).contains("analyst"));
+        assert!(invalid(&with_allow("  membership = \"all\"")).contains("all"));
+        assert!(
+            invalid(&format!(
+                "budget = {{ epsilon_per_period = 1, cap = 2 }}\n{MINIMAL}"
+            ))
+            .contains("cap")
+        );
+        let msg = invalid(&MINIMAL.replace(
+            "purposes = [\"overlap-reporting\"]",
+            "purposes = [\"overlap-reporting\"]\nexpires = \"2026-02-30\"",
+        ));
+        assert!(
+            msg.contains("2026-02-30") && msg.contains("YYYY-MM-DD"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn unknown_value_column_and_bounds() {
+        let msg = invalid(&with_allow(
+            "  value_columns = [{ column = \"amount_cents\", min = 0, max = 1 }]",
+        ));
+        assert!(
+            msg.contains("'amount_cents'")
+                && msg.contains("declared: none")
+                && msg.contains("line 26:")
+                && msg.contains("(line 28)"),
+            "{msg}"
+        );
+        let declared = MINIMAL.replace(
+            "  normaliser = \"phone\"",
+            "  normaliser = \"phone\"\n  [[dataset.value]]\n  column = \"amount_cents\"\n  min = 0\n  max = 100",
+        );
+        let wide = declared.replace(
+            "keys = [\"email\", \"email+phone\"]",
+            "keys = [\"email\"]\n  value_columns = [{ column = \"amount_cents\", min = 0, max = 101 }]",
+        );
+        assert!(invalid(&wide).contains("inside the dataset's [0, 100]"));
+        let inverted = declared.replace("max = 100", "max = -1");
+        assert!(invalid(&inverted).contains("min 0 is above max -1"));
+    }
+
+    #[test]
+    fn membership_alias_and_rules() {
+        let e = parse(&with_allow("  reveal_membership_to_partner = true"))
+            .unwrap()
+            .agreements[0]
+            .allow[0]
+            .clone();
+        assert_eq!(e.membership(), Membership::Both);
+        let e = parse(&with_allow("  reveal_membership_to_partner = false"))
+            .unwrap()
+            .agreements[0]
+            .allow[0]
+            .clone();
+        assert_eq!(e.membership(), Membership::SelfOnly);
+        let e = parse(&with_allow("  membership = \"none\""))
+            .unwrap()
+            .agreements[0]
+            .allow[0]
+            .clone();
+        assert_eq!(e.membership(), Membership::None);
+        let msg = invalid(&with_allow(
+            "  membership = \"both\"\n  reveal_membership_to_partner = true",
+        ));
+        assert!(msg.contains("not both"), "{msg}");
+        let msg =
+            invalid(&with_allow("  membership = \"self\"").replace("\"match\"", "\"overlap\""));
+        assert!(msg.contains("match only"), "{msg}");
+        assert!(invalid(&with_allow("  counts_to = [\"partner\", \"partner\"]")).contains("twice"));
+    }
+
+    #[test]
+    fn normaliser_options_apply_to_their_normaliser_only() {
+        let msg = invalid(&MINIMAL.replace(
+            "  normaliser = \"phone\"",
+            "  normaliser = \"phone\"\n  gmail_rule = true",
+        ));
+        assert!(
+            msg.contains("gmail_rule applies to normaliser email only"),
+            "{msg}"
+        );
+        let msg = invalid(&MINIMAL.replace(
+            "  normaliser = \"email\"",
+            "  normaliser = \"email\"\n  case_fold = true",
+        ));
+        assert!(msg.contains("case_fold"), "{msg}");
+        let msg = invalid(&MINIMAL.replace(
+            "  normaliser = \"phone\"",
+            "  normaliser = \"phone\"\n  default_region = \"ZZ\"",
+        ));
+        assert!(msg.contains("default_region 'ZZ'"), "{msg}");
+        let cfg = parse(&MINIMAL.replace(
+            "  normaliser = \"email\"",
+            "  normaliser = \"email\"\n  gmail_rule = true",
+        ))
+        .unwrap();
+        assert!(cfg.datasets[0].identifiers[0].options().gmail_rule);
+    }
+
+    #[test]
+    fn dates_parse_strictly() {
+        assert!(PolicyDate::parse("2026-06-30").is_some());
+        for bad in [
+            "2026-6-30",
+            "2026-13-01",
+            "2026-06-31",
+            "26-06-30",
+            "2026/06/30",
+            "+026-06-30",
+        ] {
+            assert!(PolicyDate::parse(bad).is_none(), "{bad}");
+        }
+        let d = PolicyDate::from_unix_ms(1_782_864_000_000).unwrap();
+        assert_eq!(d.to_string(), "2026-07-01");
+    }
 }

@@ -838,7 +838,10 @@ customer_id,email,phone,consent_fraud
             forgotten: Some(&forgotten),
         };
         let loaded = load_keys_for(&d, &KeySpec::new(["email"]), both, 100).unwrap();
-        assert_eq!((loaded.rows_excluded_consent, loaded.rows_excluded_deleted), (3, 1));
+        assert_eq!(
+            (loaded.rows_excluded_consent, loaded.rows_excluded_deleted),
+            (3, 1)
+        );
         // A different secret forgets nobody.
         let other = Forgotten {
             secret: [8u8; 32],

@@ -32,15 +32,27 @@ impl std::fmt::Display for PolicySummary {
             None => writeln!(f, "budget: none (no node-wide epsilon cap)")?,
         }
         for d in &c.datasets {
-            let consent: Vec<String> = d.consent.iter().map(|(p, col)| format!("{p}={col}")).collect();
+            let consent: Vec<String> = d
+                .consent
+                .iter()
+                .map(|(p, col)| format!("{p}={col}"))
+                .collect();
             writeln!(
                 f,
                 "dataset {}: identifiers {}; values {}; consent {}{}",
                 d.name,
                 d.identifier_names(),
                 d.value_names(),
-                if consent.is_empty() { "none".to_owned() } else { consent.join(", ") },
-                if d.consent_required { " (required)" } else { "" }
+                if consent.is_empty() {
+                    "none".to_owned()
+                } else {
+                    consent.join(", ")
+                },
+                if d.consent_required {
+                    " (required)"
+                } else {
+                    ""
+                }
             )?;
         }
         if c.agreements.is_empty() {
@@ -69,7 +81,11 @@ impl std::fmt::Display for PolicySummary {
                     f,
                     "    membership {}; counts to {}; min_input {}; min_result {}; peer set {}..={}",
                     e.membership(),
-                    if counts.is_empty() { "nobody".to_owned() } else { counts.join(", ") },
+                    if counts.is_empty() {
+                        "nobody".to_owned()
+                    } else {
+                        counts.join(", ")
+                    },
                     e.min_input_size,
                     e.min_result,
                     e.min_set_size,
@@ -125,7 +141,12 @@ fn check_headers(cfg: &NodeConfig) -> Result<(), String> {
             .map_err(|e| format!("dataset '{}': cannot open {file}: {e}", d.name))?;
         let headers: Vec<String> = reader
             .headers()
-            .map_err(|e| format!("dataset '{}': cannot read the header of {file}: {e}", d.name))?
+            .map_err(|e| {
+                format!(
+                    "dataset '{}': cannot read the header of {file}: {e}",
+                    d.name
+                )
+            })?
             .iter()
             .map(|h| h.trim().to_owned())
             .collect();
@@ -133,7 +154,11 @@ fn check_headers(cfg: &NodeConfig) -> Result<(), String> {
             .identifiers
             .iter()
             .map(|i| ("identifier", i.column.as_str()))
-            .chain(d.values.iter().map(|v| ("value", v.column.get_ref().as_str())))
+            .chain(
+                d.values
+                    .iter()
+                    .map(|v| ("value", v.column.get_ref().as_str())),
+            )
             .chain(d.consent.values().map(|c| ("consent", c.as_str())));
         for (kind, column) in declared {
             match headers.iter().filter(|h| *h == column).count() {
@@ -194,5 +219,95 @@ impl PolicyHolder {
         guard.0 += 1;
         guard.1 = Arc::new(fresh);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CONFIG: &str = r#"
+name = "acme"
+coordinator = "127.0.0.1:7400"
+listen = "127.0.0.1:0"
+state_dir = "state"
+[tls]
+ca = "ca.pem"
+cert = "node.pem"
+key = "node.key"
+[[dataset]]
+name = "customers"
+path = "acme.csv"
+consent = { fraud-detection = "consent_fraud" }
+  [[dataset.identifier]]
+  name = "email"
+  column = "email"
+  normaliser = "email"
+  [[dataset.value]]
+  column = "amount_cents"
+  min = 0
+  max = 1000000
+[[agreement]]
+partner = "globex"
+purposes = ["fraud-detection"]
+expires = "2026-06-30"
+  [[agreement.allow]]
+  computation = "overlap"
+  dataset = "customers"
+  keys = ["email"]
+  min_result = 10
+"#;
+
+    fn setup(csv: &str) -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("acme.csv"), csv).unwrap();
+        let file = dir.path().join("node.toml");
+        std::fs::write(&file, CONFIG).unwrap();
+        (dir, file)
+    }
+
+    #[test]
+    fn check_file_summarises() {
+        let (_dir, file) = setup("email,amount_cents,consent_fraud\na@b.c,1,true\n");
+        let summary = check_file(&file).unwrap();
+        let text = summary.to_string();
+        assert!(text.contains("partner globex"), "{text}");
+        assert!(text.contains("expires: 2026-06-30"), "{text}");
+        assert!(text.contains("min_result 10"), "{text}");
+        assert!(
+            text.contains("consent fraud-detection=consent_fraud"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn check_file_checks_headers() {
+        let (_dir, file) = setup("email,amount_cents\na@b.c,1\n");
+        let msg = check_file(&file).unwrap_err().to_string();
+        assert!(
+            msg.contains("node.toml") && msg.contains("consent column 'consent_fraud'"),
+            "{msg}"
+        );
+        let (_dir, file) = setup("email,consent_fraud\na@b.c,1\n");
+        let msg = check_file(&file).unwrap_err().to_string();
+        assert!(msg.contains("value column 'amount_cents'"), "{msg}");
+    }
+
+    #[test]
+    fn failed_reload_keeps_the_last_good_policy() {
+        let (dir, file) = setup("email,amount_cents,consent_fraud\na@b.c,1,true\n");
+        let holder = PolicyHolder::new(load_checked(&file).unwrap());
+        assert_eq!(holder.snapshot().0, 0);
+        std::fs::write(&file, CONFIG.replace("min_result = 10", "min_result = 0")).unwrap();
+        let e = holder.reload(&file).unwrap_err().to_string();
+        assert!(e.contains("at least 1"), "{e}");
+        let (generation, cfg) = holder.snapshot();
+        assert_eq!(generation, 0);
+        assert_eq!(cfg.agreements[0].allow[0].min_result.get(), 10);
+        std::fs::write(&file, CONFIG.replace("min_result = 10", "min_result = 20")).unwrap();
+        holder.reload(&file).unwrap();
+        assert_eq!(holder.snapshot().0, 1);
+        assert_eq!(holder.current().agreements[0].allow[0].min_result.get(), 20);
+        drop(dir);
     }
 }
