@@ -18,6 +18,8 @@
 
 use std::fmt::Write as _;
 
+#[cfg(test)]
+use cleanroom_proto::v1::JobSpec;
 use cleanroom_proto::v1::{JobKind, JobState};
 use jiff::Timestamp;
 use jiff::tz::TimeZone;
@@ -843,4 +845,291 @@ fn heat(share: f64) -> (String, &'static str) {
     let (r, g, b) = (lerp(239.0, 30.0), lerp(246.0, 64.0), lerp(255.0, 175.0));
     let fg = if share > 0.55 { "#ffffff" } else { "#1f2933" };
     (format!("#{r:02x}{g:02x}{b:02x}"), fg)
+}
+
+#[cfg(test)]
+mod tests {
+    use cleanroom_proto::v1::{PartySpec, PsiOutcome};
+
+    use super::*;
+    use crate::store::{JobStore, NewSchedule};
+
+    const DAY: i64 = 86_400_000;
+    /// 2025-01-06 02:00 UTC.
+    const T0: i64 = 1_736_128_800_000;
+
+    /// Checks that every element is closed in order (void elements excepted), attributes are
+    /// quoted evenly, and no `<script` appears: a small well-formedness check for our output.
+    fn check_well_formed(html: &str) -> Result<(), String> {
+        const VOID: [&str; 4] = ["meta", "br", "hr", "img"];
+        let mut stack: Vec<String> = Vec::new();
+        let mut rest = html;
+        if !rest.starts_with("<!DOCTYPE html>") {
+            return Err("no doctype".into());
+        }
+        while let Some(start) = rest.find('<') {
+            rest = &rest[start..];
+            if rest.starts_with("<!") {
+                let end = rest.find('>').ok_or("unterminated declaration")?;
+                rest = &rest[end + 1..];
+                continue;
+            }
+            let end = rest.find('>').ok_or("unterminated tag")?;
+            let tag = &rest[1..end];
+            rest = &rest[end + 1..];
+            if tag.matches('"').count() % 2 != 0 {
+                return Err(format!("unbalanced quotes in <{tag}>"));
+            }
+            if let Some(name) = tag.strip_prefix('/') {
+                let open = stack.pop().ok_or(format!("</{name}> closes nothing"))?;
+                if open != name.trim() {
+                    return Err(format!("</{name}> closes <{open}>"));
+                }
+                continue;
+            }
+            let name: String = tag
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric())
+                .collect();
+            if name.is_empty() {
+                return Err(format!("bad tag <{tag}>"));
+            }
+            if name == "script" {
+                return Err("a script element".into());
+            }
+            if tag.ends_with('/') || VOID.contains(&name.as_str()) {
+                continue;
+            }
+            if name == "style" {
+                let close = rest.find("</style>").ok_or("unclosed style")?;
+                rest = &rest[close + "</style>".len()..];
+                continue;
+            }
+            stack.push(name);
+        }
+        if stack.is_empty() {
+            Ok(())
+        } else {
+            Err(format!("unclosed: {stack:?}"))
+        }
+    }
+
+    fn schedule_with_history() -> (tempfile::TempDir, ScheduleReport) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = JobStore::open(&dir.path().join("jobs.sqlite")).unwrap();
+        let party = |node: &str| PartySpec {
+            node: node.into(),
+            dataset: "customers".into(),
+            keys: vec!["email".into()],
+            learns_membership: false,
+        };
+        let spec = JobSpec {
+            kind: JobKind::Overlap as i32,
+            parties: vec![party("acme"), party("globex")],
+            purpose: "overlap-reporting".into(),
+        };
+        store
+            .add_schedule(
+                &NewSchedule {
+                    name: "acme-globex".into(),
+                    cron: "0 2 * * *".into(),
+                    timezone: "UTC".into(),
+                    spec: spec.clone(),
+                    owner: "alice".into(),
+                    max_retries: 1,
+                    backoff_base_secs: 60,
+                },
+                T0 - DAY,
+            )
+            .unwrap();
+        let values = [1200u64, 1250, 1190, 1300, 1342];
+        let mut day = 0;
+        for (i, value) in values.iter().enumerate() {
+            let at = T0 + day * DAY;
+            day += 1;
+            let job = store.submit(&spec, &format!("k{i}"), "alice", at).unwrap();
+            for state in [JobState::Offered, JobState::Running] {
+                store.transition(&job.job_id, state, "", at).unwrap();
+            }
+            store
+                .put_result(
+                    &job.job_id,
+                    "acme",
+                    &PsiOutcome {
+                        intersection: *value,
+                        ..PsiOutcome::default()
+                    },
+                )
+                .unwrap();
+            store
+                .transition(&job.job_id, JobState::Succeeded, "both agreed", at)
+                .unwrap();
+            store
+                .record_run("acme-globex", at, 0, &job.job_id, "cron", at)
+                .unwrap();
+            if i == 2 {
+                // A failed night with a hostile reason, and its vetoed retry.
+                let at = T0 + day * DAY;
+                day += 1;
+                let failed = store.submit(&spec, "f", "alice", at).unwrap();
+                store
+                    .transition(
+                        &failed.job_id,
+                        JobState::Failed,
+                        "<script>alert('x')</script>, \"quoted\"\nline",
+                        at,
+                    )
+                    .unwrap();
+                store
+                    .record_run("acme-globex", at, 0, &failed.job_id, "cron", at)
+                    .unwrap();
+                let vetoed = store.submit(&spec, "v", "alice", at).unwrap();
+                store
+                    .transition(&vetoed.job_id, JobState::Vetoed, "=cmd|' /C calc'!A0", at)
+                    .unwrap();
+                store
+                    .record_run("acme-globex", at, 1, &vetoed.job_id, "retry 1 of 1", at)
+                    .unwrap();
+                store
+                    .record_skipped("acme-globex", T0 + day * DAY, "missed: down", at)
+                    .unwrap();
+                day += 1;
+            }
+        }
+        let schedule = store.schedule_for_report("acme-globex").unwrap().unwrap();
+        let runs = store.runs("acme-globex", 0).unwrap();
+        let report = ScheduleReport::build(&schedule, &runs, T0 - DAY, T0 + 30 * DAY);
+        (dir, report)
+    }
+
+    #[test]
+    fn html_report_is_well_formed_with_a_point_per_success() {
+        let (_dir, mut report) = schedule_with_history();
+        assert_eq!(report.runs.len(), 8);
+        // Text the store would never accept is escaped all the same.
+        report.purpose = "overlap-reporting & <audit>".into();
+        let html = render_html(&report);
+        check_well_formed(&html).unwrap();
+        assert_eq!(html.matches("<svg class=\"chart\"").count(), 1);
+        assert_eq!(html.matches("<circle class=\"point\"").count(), 5);
+        assert_eq!(html.matches("<g class=\"failure-mark\"").count(), 2);
+        assert!(html.contains("<polyline"));
+        // Escaped, never raw.
+        assert!(!html.contains("<script"));
+        assert!(html.contains("&lt;script&gt;alert(&#39;x&#39;)&lt;/script&gt;"));
+        assert!(html.contains("overlap-reporting &amp; &lt;audit&gt;"));
+        // No external assets.
+        for needle in ["http://", "https://", "src=", "href=", "@import", "url("] {
+            let outside_ns = html.replace("xmlns=\"http://www.w3.org/2000/svg\"", "");
+            assert!(!outside_ns.contains(needle), "{needle}");
+        }
+        // Header and summary.
+        assert!(html.contains("<code>0 2 * * *</code> in UTC"));
+        assert!(html.contains("1,342"));
+        assert!(html.contains("▲ +42 (+3.2%)"));
+        let summary = report.summary();
+        assert_eq!(
+            (
+                summary.jobs,
+                summary.succeeded,
+                summary.failed_or_vetoed,
+                summary.skipped
+            ),
+            (7, 5, 2, 1)
+        );
+    }
+
+    #[test]
+    fn html_report_without_runs_still_renders() {
+        let (_dir, mut report) = schedule_with_history();
+        report.runs.clear();
+        let html = render_html(&report);
+        check_well_formed(&html).unwrap();
+        assert!(html.contains("No released figures"));
+        assert!(html.contains("No runs in this window"));
+        assert_eq!(html.matches("class=\"point\"").count(), 0);
+    }
+
+    #[test]
+    fn csv_parses_back() {
+        let (_dir, report) = schedule_with_history();
+        let csv = render_csv(&report);
+        let mut reader = csv::Reader::from_reader(csv.as_bytes());
+        let headers = reader.headers().unwrap().clone();
+        assert_eq!(&headers[5], "status");
+        let rows: Vec<csv::StringRecord> = reader.records().map(|r| r.unwrap()).collect();
+        assert_eq!(rows.len(), report.runs.len());
+        for (row, run) in rows.iter().zip(&report.runs) {
+            assert_eq!(row[2].parse::<i64>().unwrap(), run.scheduled_for_ms);
+            assert_eq!(&row[5], run.status);
+            assert_eq!(row[6].parse::<u64>().ok(), run.intersection, "{row:?}");
+        }
+        let failed = rows.iter().find(|r| &r[5] == "failed").unwrap();
+        assert_eq!(&failed[8], "<script>alert('x')</script>, \"quoted\"\nline");
+        // Formula-looking text is defused.
+        let vetoed = rows.iter().find(|r| &r[5] == "vetoed").unwrap();
+        assert_eq!(&vetoed[8], "'=cmd|' /C calc'!A0");
+    }
+
+    #[test]
+    fn json_round_trips() {
+        let (_dir, report) = schedule_with_history();
+        let json = render_json(&report);
+        assert_eq!(ScheduleReport::from_json(&json).unwrap(), report);
+        let value: serde_json::Value = serde_json::from_str(&json).unwrap();
+        assert_eq!(value["runs"].as_array().unwrap().len(), 8);
+        assert_eq!(value["runs"][0]["intersection"], 1200);
+    }
+
+    #[test]
+    fn matrix_is_a_heat_map() {
+        let m = OverlapMatrix {
+            title: "Q3 <overlaps>".into(),
+            parties: vec!["acme".into(), "globex".into(), "initech".into()],
+            cells: vec![
+                vec![
+                    MatrixCell::Empty,
+                    MatrixCell::Value(1000),
+                    MatrixCell::Forbidden,
+                ],
+                vec![
+                    MatrixCell::Value(1000),
+                    MatrixCell::Empty,
+                    MatrixCell::Value(100),
+                ],
+                vec![
+                    MatrixCell::Suppressed,
+                    MatrixCell::Failed("<b>timeout</b>".into()),
+                ],
+            ],
+        };
+        let html = render_matrix_html(&m);
+        check_well_formed(&html).unwrap();
+        assert!(html.contains("Q3 &lt;overlaps&gt;"));
+        assert_eq!(html.matches("class=\"cell value\"").count(), 3);
+        // The largest value gets the darkest colour.
+        assert!(html.contains("background:#1e40af;color:#ffffff\""));
+        assert!(html.contains(">forbidden</td>") && html.contains(">suppressed</td>"));
+        assert!(html.contains("title=\"&lt;b&gt;timeout&lt;/b&gt;\">failed</td>"));
+        // The missing cell renders empty.
+        assert_eq!(html.matches("class=\"cell self\"").count(), 3);
+    }
+
+    #[test]
+    fn since_windows_parse() {
+        assert_eq!(parse_since("90d"), Ok(90 * DAY));
+        assert_eq!(parse_since("2w"), Ok(14 * DAY));
+        assert_eq!(parse_since("12h"), Ok(12 * 3_600_000));
+        assert!(parse_since("90").unwrap_err().contains("no unit"));
+        assert!(parse_since("d").unwrap_err().contains("number"));
+        assert!(parse_since("5y").unwrap_err().contains("unknown unit"));
+    }
+
+    #[test]
+    fn axis_steps_are_nice() {
+        assert_eq!(nice_axis(1342, 5), (1500, 500));
+        assert_eq!(nice_axis(0, 5), (1, 1));
+        assert_eq!(nice_axis(97, 5), (100, 20));
+        assert_eq!(group_digits(1_234_567), "1,234,567");
+    }
 }

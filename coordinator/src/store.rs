@@ -1896,6 +1896,155 @@ mod tests {
         assert_eq!(JobStore::open(&path).unwrap().list(100).unwrap().len(), 1);
     }
 
+    fn new_schedule(name: &str) -> NewSchedule {
+        NewSchedule {
+            name: name.into(),
+            cron: "0 2 * * *".into(),
+            timezone: "Europe/Berlin".into(),
+            spec: spec("overlap-reporting"),
+            owner: "alice".into(),
+            max_retries: 2,
+            backoff_base_secs: 60,
+        }
+    }
+
+    #[test]
+    fn version_1_database_is_migrated_and_keeps_its_jobs() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("jobs.sqlite");
+        // A version-1 database: the v1 tables only.
+        let job_id = {
+            let store = JobStore::open(&path).unwrap();
+            let job = store.submit(&spec("q3"), "k1", "alice", 1_000).unwrap();
+            store
+                .lock()
+                .execute_batch(
+                    "DROP TABLE schedule_runs; DROP TABLE schedules; \
+                     DELETE FROM schema_version; INSERT INTO schema_version VALUES (1);",
+                )
+                .unwrap();
+            job.job_id
+        };
+        let store = JobStore::open(&path).unwrap();
+        let versions: Vec<i64> = store
+            .lock()
+            .prepare("SELECT version FROM schema_version ORDER BY version")
+            .unwrap()
+            .query_map([], |row| row.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(versions, vec![1, 2]);
+        assert_eq!(store.get(&job_id).unwrap().unwrap().spec, Some(spec("q3")));
+        store.add_schedule(&new_schedule("nightly"), 0).unwrap();
+        drop(store);
+        // And it opens again as version 2.
+        let store = JobStore::open(&path).unwrap();
+        assert_eq!(store.list_schedules().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn schedules_add_list_pause_resume_remove() {
+        let (_dir, store) = open_temp();
+        // 2025-01-06 00:00 UTC; 02:00 in Berlin is 01:00 UTC.
+        let now = 1_736_121_600_000;
+        let added = store.add_schedule(&new_schedule("nightly"), now).unwrap();
+        assert_eq!(added.next_run_ms, Some(now + 3_600_000));
+        assert_eq!(added.timezone, "Europe/Berlin");
+        assert_eq!(store.get_schedule("nightly").unwrap(), Some(added.clone()));
+        assert!(matches!(
+            store.add_schedule(&new_schedule("nightly"), now),
+            Err(StoreError::ScheduleExists(_))
+        ));
+        let bad = |edit: fn(&mut NewSchedule)| {
+            let mut new = new_schedule("x");
+            edit(&mut new);
+            match store.add_schedule(&new, now) {
+                Err(StoreError::InvalidSchedule(msg)) => msg,
+                other => panic!("expected invalid, got {other:?}"),
+            }
+        };
+        assert!(bad(|n| n.cron = "0 25 * * *".into()).contains("hour"));
+        assert!(bad(|n| n.timezone = "Nowhere/Land".into()).contains("time zone"));
+        assert!(bad(|n| n.name = "a b".into()).contains("may contain only"));
+        assert!(bad(|n| n.backoff_base_secs = 0).contains("at least 1 second"));
+        assert!(bad(|n| n.max_retries = 99).contains("at most"));
+        assert!(bad(|n| n.spec.parties.clear()).len() > 3);
+
+        assert!(store.pause_schedule("nightly").unwrap().paused);
+        assert!(
+            store
+                .due_schedules(now + 10 * 86_400_000)
+                .unwrap()
+                .is_empty()
+        );
+        let resumed = store.resume_schedule("nightly", now + 86_400_000).unwrap();
+        assert!(!resumed.paused);
+        assert_eq!(resumed.next_run_ms, Some(now + 86_400_000 + 3_600_000));
+        assert_eq!(store.due_schedules(now + 2 * 86_400_000).unwrap().len(), 1);
+
+        // Runs are recorded once per (occurrence, attempt).
+        let job = store
+            .submit(&spec("overlap-reporting"), "", "alice", now)
+            .unwrap();
+        assert!(
+            store
+                .record_run("nightly", 5, 0, &job.job_id, "cron", now)
+                .unwrap()
+        );
+        assert!(
+            !store
+                .record_run("nightly", 5, 0, &job.job_id, "cron", now)
+                .unwrap()
+        );
+        assert!(!store.record_skipped("nightly", 5, "missed", now).unwrap());
+        assert!(matches!(
+            store.record_run("nope", 5, 0, &job.job_id, "cron", now),
+            Err(StoreError::UnknownSchedule(_))
+        ));
+        // A run must name a real job.
+        assert!(
+            store
+                .record_run("nightly", 6, 0, "job-nope", "cron", now)
+                .is_err()
+        );
+
+        // Remove keeps the history; the name is free again.
+        store.remove_schedule("nightly", now).unwrap();
+        assert!(store.get_schedule("nightly").unwrap().is_none());
+        assert!(store.list_schedules().unwrap().is_empty());
+        assert_eq!(store.runs("nightly", 0).unwrap().len(), 1);
+        assert!(
+            store
+                .schedule_for_report("nightly")
+                .unwrap()
+                .unwrap()
+                .removed_ms
+                .is_some()
+        );
+        let again = store.add_schedule(&new_schedule("nightly"), now).unwrap();
+        assert_ne!(again.id, added.id);
+        assert!(store.runs("nightly", 0).unwrap().is_empty());
+        assert!(matches!(
+            store.remove_schedule("nope", now),
+            Err(StoreError::UnknownSchedule(_))
+        ));
+    }
+
+    #[test]
+    fn corrupt_schedule_spec_is_an_error() {
+        let (_dir, store) = open_temp();
+        store.add_schedule(&new_schedule("nightly"), 0).unwrap();
+        store
+            .lock()
+            .execute("UPDATE schedules SET spec = x'ffffff'", [])
+            .unwrap();
+        assert!(matches!(
+            store.list_schedules(),
+            Err(StoreError::CorruptSchedule { .. })
+        ));
+    }
+
     #[test]
     fn errors_read_well() {
         let err = StoreError::IllegalTransition {
