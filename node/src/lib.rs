@@ -16,6 +16,7 @@
 #![warn(missing_docs)]
 
 pub mod agreement;
+pub mod audit;
 pub mod cli;
 pub mod config;
 pub mod control;
@@ -25,6 +26,7 @@ pub mod error;
 pub mod normalise;
 pub mod policy;
 pub mod psi_job;
+pub mod transparency;
 
 use std::sync::Arc;
 
