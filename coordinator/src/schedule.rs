@@ -107,10 +107,11 @@ pub fn plan(now_ms: i64, schedules: &[ScheduleRecord], runs: &[ScheduleRun]) -> 
             plan_due(&mut planned, schedule, &cron, next, now_ms);
             continue;
         }
-        if let Some(run) = latest.get(schedule.name.as_str()) {
-            if let Some(retry) = plan_retry(schedule, run, now_ms) {
-                planned.push(retry);
-            }
+        if let Some(retry) = latest
+            .get(schedule.name.as_str())
+            .and_then(|run| plan_retry(schedule, run, now_ms))
+        {
+            planned.push(retry);
         }
     }
     planned
@@ -533,8 +534,8 @@ mod tests {
             .add_schedule(&new_schedule("nightly", "0 2 * * *", 0), now)
             .unwrap();
         assert_eq!(record.next_run_ms, Some(utc(2025, 1, 6, 2, 0)));
-        assert!(plan(utc(2025, 1, 6, 1, 59), &[record.clone()], &[]).is_empty());
-        let planned = plan(utc(2025, 1, 6, 2, 0), &[record.clone()], &[]);
+        assert!(plan(utc(2025, 1, 6, 1, 59), std::slice::from_ref(&record), &[]).is_empty());
+        let planned = plan(utc(2025, 1, 6, 2, 0), std::slice::from_ref(&record), &[]);
         assert_eq!(
             planned,
             vec![PlannedRun {
