@@ -1,7 +1,7 @@
 //! End to end: a coordinator and two nodes as real processes on loopback run overlap and match
 //! jobs submitted through the analyst CLI, and the results equal the plaintext truth.
 
-use cleanroom_e2e::{open_agreement, Consortium};
+use cleanroom_e2e::{Consortium, open_agreement};
 
 #[test]
 fn overlap_and_match_equal_the_plaintext_truth() {
@@ -18,7 +18,15 @@ fn overlap_and_match_equal_the_plaintext_truth() {
     c.wait_connected(&["acme", "globex"]);
 
     let (job, code) = c.submit(&[
-        "overlap", "--between", "acme,globex", "--dataset", "customers", "--on", "email", "--purpose", "overlap-reporting",
+        "overlap",
+        "--between",
+        "acme,globex",
+        "--dataset",
+        "customers",
+        "--on",
+        "email",
+        "--purpose",
+        "overlap-reporting",
     ]);
     assert_eq!(job["state"], "succeeded", "{job}");
     assert_eq!(code, Some(0));
@@ -31,8 +39,19 @@ fn overlap_and_match_equal_the_plaintext_truth() {
 
     // Match: only acme asks to learn membership; globex's agreement allows it.
     let (job, _) = c.submit(&[
-        "match", "--between", "acme,globex", "--dataset", "acme:customers", "--dataset", "globex:customers",
-        "--on", "email", "--purpose", "fraud-detection", "--reveal-to", "acme",
+        "match",
+        "--between",
+        "acme,globex",
+        "--dataset",
+        "acme:customers",
+        "--dataset",
+        "globex:customers",
+        "--on",
+        "email",
+        "--purpose",
+        "fraud-detection",
+        "--reveal-to",
+        "acme",
     ]);
     assert_eq!(job["state"], "succeeded", "{job}");
     let results = job["results"].as_array().unwrap();
@@ -45,7 +64,10 @@ fn overlap_and_match_equal_the_plaintext_truth() {
     let file = std::fs::read_to_string(acme["membership_file"].as_str().unwrap()).unwrap();
     let rows: Vec<&str> = file.lines().skip(1).collect();
     assert_eq!(rows.len() as u64, expected);
-    assert!(rows.iter().all(|r| r.parse::<u64>().is_ok()), "membership file holds row numbers");
+    assert!(
+        rows.iter().all(|r| r.parse::<u64>().is_ok()),
+        "membership file holds row numbers"
+    );
     assert!(!file.contains('@'));
 
     // The same rows, checked against the data: every listed row's email is at globex too.
@@ -55,18 +77,31 @@ fn overlap_and_match_equal_the_plaintext_truth() {
         let mut lines = text.lines();
         let header: Vec<&str> = lines.next().unwrap().split(',').collect();
         let col = header.iter().position(|h| *h == "email").unwrap();
-        lines.map(|l| norm(l.split(',').nth(col).unwrap())).collect()
+        lines
+            .map(|l| norm(l.split(',').nth(col).unwrap()))
+            .collect()
     };
     let acme_emails = read_emails("acme");
-    let globex_emails: std::collections::HashSet<String> = read_emails("globex").into_iter().collect();
+    let globex_emails: std::collections::HashSet<String> =
+        read_emails("globex").into_iter().collect();
     for r in rows {
         let row: usize = r.parse().unwrap();
-        assert!(globex_emails.contains(&acme_emails[row - 1]), "row {row} is not shared");
+        assert!(
+            globex_emails.contains(&acme_emails[row - 1]),
+            "row {row} is not shared"
+        );
     }
 
     // No raw identifier from the data appears in any log.
     for p in c.nodes.iter().chain(c.coordinator.iter()) {
         let log = p.log_text();
-        assert!(!acme_emails.iter().take(200).any(|e| log.contains(e.as_str())), "{} log leaks an email", p.name);
+        assert!(
+            !acme_emails
+                .iter()
+                .take(200)
+                .any(|e| log.contains(e.as_str())),
+            "{} log leaks an email",
+            p.name
+        );
     }
 }

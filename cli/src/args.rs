@@ -129,10 +129,20 @@ pub enum CoordinatorCommand {
 #[derive(Debug, Clone, Args)]
 pub struct ConnArgs {
     /// The coordinator's address.
-    #[arg(long, env = "CLEANROOM_COORDINATOR", default_value = "127.0.0.1:7400", global = true)]
+    #[arg(
+        long,
+        env = "CLEANROOM_COORDINATOR",
+        default_value = "127.0.0.1:7400",
+        global = true
+    )]
     pub coordinator: SocketAddr,
     /// The consortium CA certificate.
-    #[arg(long, env = "CLEANROOM_CA", default_value = "pki/ca.pem", global = true)]
+    #[arg(
+        long,
+        env = "CLEANROOM_CA",
+        default_value = "pki/ca.pem",
+        global = true
+    )]
     pub ca: PathBuf,
     /// Your analyst certificate (`cleanroom pki issue analyst NAME`).
     #[arg(long, env = "CLEANROOM_CERT", global = true)]

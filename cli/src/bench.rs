@@ -12,7 +12,7 @@ use serde_json::json;
 
 use crate::args::{BenchCommand, BenchPsiArgs};
 use crate::cluster::{Cluster, Partner};
-use crate::synth::{write_synth, SynthSpec};
+use crate::synth::{SynthSpec, write_synth};
 
 /// Runs a benchmark.
 pub async fn run(command: BenchCommand) -> anyhow::Result<ExitCode> {
@@ -36,9 +36,13 @@ fn median(v: &mut [f64]) -> f64 {
 
 async fn psi(args: BenchPsiArgs) -> anyhow::Result<ExitCode> {
     if cfg!(debug_assertions) {
-        eprintln!("warning: this is a debug build; benchmark figures are meaningless. Use `cargo run --release --bin cleanroom -- bench psi`.");
+        eprintln!(
+            "warning: this is a debug build; benchmark figures are meaningless. Use `cargo run --release --bin cleanroom -- bench psi`."
+        );
     }
-    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
     let temp;
     let dir = match &args.keep {
         Some(dir) => {
@@ -46,12 +50,17 @@ async fn psi(args: BenchPsiArgs) -> anyhow::Result<ExitCode> {
             dir.clone()
         }
         None => {
-            temp = tempfile::Builder::new().prefix("cleanroom-bench-").tempdir()?;
+            temp = tempfile::Builder::new()
+                .prefix("cleanroom-bench-")
+                .tempdir()?;
             temp.path().to_owned()
         }
     };
     let progress = ProgressBar::new_spinner();
-    progress.set_style(ProgressStyle::with_template("{spinner} [{elapsed}] {msg}").unwrap_or_else(|_| ProgressStyle::default_spinner()));
+    progress.set_style(
+        ProgressStyle::with_template("{spinner} [{elapsed}] {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+    );
     progress.enable_steady_tick(Duration::from_millis(100));
 
     progress.set_message("measuring the cryptographic floor on this machine");
@@ -62,15 +71,30 @@ async fn psi(args: BenchPsiArgs) -> anyhow::Result<ExitCode> {
     let data_dir = dir.join("data");
     let partners = ["acme", "globex"];
     let truth = write_synth(
-        &SynthSpec { partners: partners.iter().map(|s| s.to_string()).collect(), rows: args.n, overlap: args.overlap, seed: 42 },
+        &SynthSpec {
+            partners: partners.iter().map(|s| s.to_string()).collect(),
+            rows: args.n,
+            overlap: args.overlap,
+            seed: 42,
+        },
         &data_dir,
     )?;
-    let expected = truth.pairwise_overlap.get("acme,globex").copied().unwrap_or(0);
+    let expected = truth
+        .pairwise_overlap
+        .get("acme,globex")
+        .copied()
+        .unwrap_or(0);
 
     progress.set_message("starting the coordinator and two nodes");
     let cluster = Cluster::start(
         &dir,
-        &partners.iter().map(|n| Partner { name: n.to_string(), csv: data_dir.join(format!("{n}.csv")) }).collect::<Vec<_>>(),
+        &partners
+            .iter()
+            .map(|n| Partner {
+                name: n.to_string(),
+                csv: data_dir.join(format!("{n}.csv")),
+            })
+            .collect::<Vec<_>>(),
     )
     .await?;
     let client = cluster.client().await?;
@@ -78,34 +102,68 @@ async fn psi(args: BenchPsiArgs) -> anyhow::Result<ExitCode> {
     let mut walls = Vec::new();
     let mut correct = true;
     for run in 0..args.runs.max(1) {
-        progress.set_message(format!("run {}/{}: overlap of {} × {} items", run + 1, args.runs.max(1), args.n, args.n));
+        progress.set_message(format!(
+            "run {}/{}: overlap of {} × {} items",
+            run + 1,
+            args.runs.max(1),
+            args.n,
+            args.n
+        ));
         let spec = JobSpec {
             kind: JobKind::Overlap as i32,
             parties: partners
                 .iter()
-                .map(|node| PartySpec { node: node.to_string(), dataset: "customers".into(), keys: vec!["email".into()], learns_membership: false })
+                .map(|node| PartySpec {
+                    node: node.to_string(),
+                    dataset: "customers".into(),
+                    keys: vec!["email".into()],
+                    learns_membership: false,
+                })
                 .collect(),
             purpose: "overlap-reporting".into(),
         };
         let started = Instant::now();
         let job = client.submit(spec, "").await?;
-        let job = client.wait(&job.job_id, Duration::from_secs(7200), |_| {}).await?;
+        let job = client
+            .wait(&job.job_id, Duration::from_secs(7200), |_| {})
+            .await?;
         let wall = started.elapsed().as_secs_f64();
-        let got = job.results.first().and_then(|r| r.outcome.as_ref()).map(|o| o.intersection);
+        let got = job
+            .results
+            .first()
+            .and_then(|r| r.outcome.as_ref())
+            .map(|o| o.intersection);
         if job.state != JobState::Succeeded as i32 || got != Some(expected) {
             correct = false;
-            eprintln!("run {}: job {} {:?} (result {:?}, expected {expected}): {}", run + 1, job.job_id, job.state, got, job.reason);
+            eprintln!(
+                "run {}: job {} {:?} (result {:?}, expected {expected}): {}",
+                run + 1,
+                job.job_id,
+                job.state,
+                got,
+                job.reason
+            );
         }
         walls.push(wall);
     }
-    let rss: Vec<(String, Option<u64>)> = partners.iter().map(|n| (n.to_string(), cluster.node_pid(n).and_then(peak_rss))).collect();
+    let rss: Vec<(String, Option<u64>)> = partners
+        .iter()
+        .map(|n| (n.to_string(), cluster.node_pid(n).and_then(peak_rss)))
+        .collect();
     client.close().await;
     cluster.stop().await?;
     progress.finish_and_clear();
 
     let wall = median(&mut walls);
     let ratio = wall / floor_secs;
-    println!("bench psi: overlap of {} × {} items ({:.0}% shared), {} cores, {} run(s)", args.n, args.n, args.overlap * 100.0, cores, walls.len());
+    println!(
+        "bench psi: overlap of {} × {} items ({:.0}% shared), {} cores, {} run(s)",
+        args.n,
+        args.n,
+        args.overlap * 100.0,
+        cores,
+        walls.len()
+    );
     println!(
         "floor per item per party: {:.1} µs = hash-to-group {:.1} + 2 × scalar mul {:.1} + 2 × encode {:.1} + decode {:.1}",
         floor.per_item_ns() / 1e3,
@@ -114,17 +172,33 @@ async fn psi(args: BenchPsiArgs) -> anyhow::Result<ExitCode> {
         floor.compress_ns / 1e3,
         floor.decompress_ns / 1e3
     );
-    println!("floor for the job:        {floor_secs:.2} s  (2 × {} items × per-item cost / {cores} cores)", args.n);
+    println!(
+        "floor for the job:        {floor_secs:.2} s  (2 × {} items × per-item cost / {cores} cores)",
+        args.n
+    );
     println!("wall (submit → result):   {wall:.2} s  (median)");
     println!("ratio wall / floor:       {ratio:.3}");
-    println!("throughput per side:      {:.0} items/s", args.n as f64 / wall);
+    println!(
+        "throughput per side:      {:.0} items/s",
+        args.n as f64 / wall
+    );
     for (name, rss) in &rss {
         match rss {
-            Some(b) => println!("peak RSS {name:<8}          {:.1} MiB", *b as f64 / (1024.0 * 1024.0)),
+            Some(b) => println!(
+                "peak RSS {name:<8}          {:.1} MiB",
+                *b as f64 / (1024.0 * 1024.0)
+            ),
             None => println!("peak RSS {name:<8}          unavailable"),
         }
     }
-    println!("result:                   {}", if correct { "correct (equals the ground truth)" } else { "WRONG" });
+    println!(
+        "result:                   {}",
+        if correct {
+            "correct (equals the ground truth)"
+        } else {
+            "WRONG"
+        }
+    );
     if args.json {
         println!(
             "{}",
@@ -138,5 +212,9 @@ async fn psi(args: BenchPsiArgs) -> anyhow::Result<ExitCode> {
             })
         );
     }
-    Ok(if correct { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+    Ok(if correct {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }

@@ -8,9 +8,9 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, bail, Context};
+use anyhow::{Context, anyhow, bail};
 use cleanroom_coordinator::AnalystClient;
-use cleanroom_transport::{pki, Credentials, Identity};
+use cleanroom_transport::{Credentials, Identity, pki};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
@@ -50,9 +50,7 @@ impl Cluster {
         let coordinator_cfg = dir.join("coordinator.toml");
         std::fs::write(
             &coordinator_cfg,
-            format!(
-                "listen = \"127.0.0.1:0\"\ndatabase = \"coordinator.db\"\n\n[tls]\nca = \"pki/ca.pem\"\ncert = \"pki/coordinator.pem\"\nkey = \"pki/coordinator.key\"\n"
-            ),
+            "listen = \"127.0.0.1:0\"\ndatabase = \"coordinator.db\"\n\n[tls]\nca = \"pki/ca.pem\"\ncert = \"pki/coordinator.pem\"\nkey = \"pki/coordinator.key\"\n",
         )?;
         let mut coordinator = spawn(
             &["coordinator", "serve", "--config"],
@@ -61,17 +59,30 @@ impl Cluster {
             true,
         )?;
         let addr = read_listen_line(&mut coordinator).await.with_context(|| {
-            format!("the coordinator did not start; see {}", logs.join("coordinator.log").display())
+            format!(
+                "the coordinator did not start; see {}",
+                logs.join("coordinator.log").display()
+            )
         })?;
 
         let mut nodes = BTreeMap::new();
         for p in partners {
             let cfg_path = dir.join(format!("{}.toml", p.name));
             std::fs::write(&cfg_path, node_config(&p.name, addr, &p.csv, partners))?;
-            let child = spawn(&["node", "run", "--config"], &cfg_path, &logs.join(format!("{}.log", p.name)), false)?;
+            let child = spawn(
+                &["node", "run", "--config"],
+                &cfg_path,
+                &logs.join(format!("{}.log", p.name)),
+                false,
+            )?;
             nodes.insert(p.name.clone(), child);
         }
-        let cluster = Cluster { dir: dir.to_owned(), coordinator, nodes, addr };
+        let cluster = Cluster {
+            dir: dir.to_owned(),
+            coordinator,
+            nodes,
+            addr,
+        };
         cluster.wait_connected(Duration::from_secs(30)).await?;
         Ok(cluster)
     }
@@ -105,7 +116,10 @@ impl Cluster {
                 return Ok(());
             }
             if Instant::now() > deadline {
-                bail!("the nodes did not connect to the coordinator; see the logs in {}", self.dir.join("logs").display());
+                bail!(
+                    "the nodes did not connect to the coordinator; see the logs in {}",
+                    self.dir.join("logs").display()
+                );
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -119,8 +133,12 @@ impl Cluster {
     /// Stops every process gracefully (closing its standard input), killing any that does not
     /// stop within a few seconds.
     pub async fn stop(mut self) -> anyhow::Result<()> {
-        let mut children: Vec<(String, Child)> = std::mem::take(&mut self.nodes).into_iter().collect();
-        children.push(("coordinator".into(), std::mem::replace(&mut self.coordinator, dummy_child()?)));
+        let mut children: Vec<(String, Child)> =
+            std::mem::take(&mut self.nodes).into_iter().collect();
+        children.push((
+            "coordinator".into(),
+            std::mem::replace(&mut self.coordinator, dummy_child()?),
+        ));
         for (_, child) in &mut children {
             drop(child.stdin.take());
         }
@@ -138,22 +156,31 @@ impl Cluster {
 }
 
 fn dummy_child() -> anyhow::Result<Child> {
-    Ok(Command::new("true").stdin(Stdio::null()).stdout(Stdio::null()).spawn()?)
+    Ok(Command::new("true")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .spawn()?)
 }
 
 /// Starts this binary with `args CONFIG --stop-on-stdin-eof`, stderr to `log`.
 fn spawn(args: &[&str], config: &Path, log: &Path, stdout: bool) -> anyhow::Result<Child> {
     let exe = std::env::current_exe().context("cannot find this program's path")?;
-    let log_file = std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
+    let log_file =
+        std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
     let mut cmd = Command::new(exe);
     cmd.args(args)
         .arg(config)
         .arg("--stop-on-stdin-eof")
         .stdin(Stdio::piped())
-        .stdout(if stdout { Stdio::piped() } else { Stdio::null() })
+        .stdout(if stdout {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
         .stderr(Stdio::from(log_file))
         .kill_on_drop(true);
-    Ok(cmd.spawn().with_context(|| format!("starting {}", args.join(" ")))?)
+    cmd.spawn()
+        .with_context(|| format!("starting {}", args.join(" ")))
 }
 
 async fn read_listen_line(child: &mut Child) -> anyhow::Result<SocketAddr> {
@@ -163,7 +190,9 @@ async fn read_listen_line(child: &mut Child) -> anyhow::Result<SocketAddr> {
         .await
         .map_err(|_| anyhow!("timed out"))??
         .ok_or_else(|| anyhow!("exited before listening"))?;
-    let addr = line.strip_prefix("listening ").ok_or_else(|| anyhow!("unexpected output"))?;
+    let addr = line
+        .strip_prefix("listening ")
+        .ok_or_else(|| anyhow!("unexpected output"))?;
     Ok(addr.trim().parse()?)
 }
 

@@ -11,7 +11,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::args::DemoArgs;
 use crate::cluster::{Cluster, Partner};
-use crate::synth::{write_synth, SynthSpec};
+use crate::synth::{SynthSpec, write_synth};
 
 const PARTNERS: [&str; 2] = ["acme", "globex"];
 
@@ -24,15 +24,24 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
             dir.clone()
         }
         None => {
-            temp = tempfile::Builder::new().prefix("cleanroom-demo-").tempdir()?;
+            temp = tempfile::Builder::new()
+                .prefix("cleanroom-demo-")
+                .tempdir()?;
             temp.path().to_owned()
         }
     };
     let progress = ProgressBar::new_spinner();
-    progress.set_style(ProgressStyle::with_template("{spinner} [{elapsed}] {msg}").unwrap_or_else(|_| ProgressStyle::default_spinner()));
+    progress.set_style(
+        ProgressStyle::with_template("{spinner} [{elapsed}] {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+    );
     progress.enable_steady_tick(Duration::from_millis(100));
 
-    progress.set_message(format!("writing synthetic data: {} rows per partner, {:.0}% shared", args.rows, args.overlap * 100.0));
+    progress.set_message(format!(
+        "writing synthetic data: {} rows per partner, {:.0}% shared",
+        args.rows,
+        args.overlap * 100.0
+    ));
     let data_dir = dir.join("data");
     let spec = SynthSpec {
         partners: PARTNERS.iter().map(|s| s.to_string()).collect(),
@@ -46,18 +55,31 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
         .get("acme,globex")
         .context("the ground truth has no acme,globex overlap")?;
 
-    progress.set_message("issuing the PKI and starting the coordinator and two nodes (acme, globex)");
+    progress
+        .set_message("issuing the PKI and starting the coordinator and two nodes (acme, globex)");
     let partners: Vec<Partner> = PARTNERS
         .iter()
-        .map(|name| Partner { name: name.to_string(), csv: data_dir.join(format!("{name}.csv")) })
+        .map(|name| Partner {
+            name: name.to_string(),
+            csv: data_dir.join(format!("{name}.csv")),
+        })
         .collect();
     let cluster = Cluster::start(&dir, &partners).await?;
     let client = cluster.client().await?;
 
     let mut jobs = Vec::new();
-    for (kind, purpose) in [(JobKind::Overlap, "overlap-reporting"), (JobKind::Match, "fraud-detection")] {
-        let name = if kind == JobKind::Overlap { "overlap" } else { "match" };
-        progress.set_message(format!("running a {name} job on email between acme and globex"));
+    for (kind, purpose) in [
+        (JobKind::Overlap, "overlap-reporting"),
+        (JobKind::Match, "fraud-detection"),
+    ] {
+        let name = if kind == JobKind::Overlap {
+            "overlap"
+        } else {
+            "match"
+        };
+        progress.set_message(format!(
+            "running a {name} job on email between acme and globex"
+        ));
         let spec = JobSpec {
             kind: kind as i32,
             parties: PARTNERS
@@ -75,7 +97,11 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
         let job = client.submit(spec, "").await?;
         let job = client
             .wait(&job.job_id, Duration::from_secs(600), |info| {
-                progress.set_message(format!("{name} job {} is {}", info.job_id, state_name(info.state)));
+                progress.set_message(format!(
+                    "{name} job {} is {}",
+                    info.job_id,
+                    state_name(info.state)
+                ));
             })
             .await?;
         jobs.push((name, job, started.elapsed()));
@@ -85,9 +111,14 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
     cluster.stop().await?;
     progress.finish_and_clear();
 
-    println!("cleanroom demo — {} rows per partner, seed {}, working directory {}", args.rows, args.seed, dir.display());
+    println!(
+        "cleanroom demo — {} rows per partner, seed {}, working directory {}",
+        args.rows,
+        args.seed,
+        dir.display()
+    );
     println!();
-    println!("{:<8} {:<22} {:<10} {:>10} {:>10} {:>8}  {}", "JOB", "ID", "STATE", "RESULT", "TRUTH", "TIME", "CHECK");
+    println!("JOB      ID                     STATE          RESULT      TRUTH     TIME  CHECK");
     let mut all_ok = true;
     for (name, job, elapsed) in &jobs {
         let (result, ok) = check(job, expected);
@@ -106,10 +137,11 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
             println!("         reason: {}", job.reason);
         }
         for r in &job.results {
-            if let Some(o) = &r.outcome {
-                if o.learned_membership {
-                    println!("         {} learned which {} of its rows are shared (row numbers in {})", r.node, o.matched_rows, o.membership_file);
-                }
+            if let Some(o) = r.outcome.as_ref().filter(|o| o.learned_membership) {
+                println!(
+                    "         {} learned which {} of its rows are shared (row numbers in {})",
+                    r.node, o.matched_rows, o.membership_file
+                );
             }
         }
     }
@@ -118,7 +150,11 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
     if args.keep.is_some() {
         println!("Logs, configs and data are kept in {}.", dir.display());
     }
-    Ok(if all_ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+    Ok(if all_ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }
 
 /// The job's result, and whether it is right: succeeded, count equals the truth, and for match
@@ -130,10 +166,14 @@ fn check(job: &JobInfo, expected: u64) -> (String, bool) {
     let Some(first) = job.results.first().and_then(|r| r.outcome.as_ref()) else {
         return ("-".into(), false);
     };
-    let is_match = job.spec.as_ref().is_some_and(|s| s.kind == JobKind::Match as i32);
+    let is_match = job
+        .spec
+        .as_ref()
+        .is_some_and(|s| s.kind == JobKind::Match as i32);
     let ok = job.results.iter().all(|r| {
         r.outcome.as_ref().is_some_and(|o| {
-            o.intersection == expected && (!is_match || (o.learned_membership && o.matched_rows == expected))
+            o.intersection == expected
+                && (!is_match || (o.learned_membership && o.matched_rows == expected))
         })
     });
     (first.intersection.to_string(), ok)

@@ -1,24 +1,46 @@
 //! `cleanroom job …` and `cleanroom nodes`: the analyst's commands.
 
+use std::io::IsTerminal;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use anyhow::{bail, Context};
+use anyhow::{Context, bail};
 use cleanroom_coordinator::AnalystClient;
+use cleanroom_coordinator::client::state_name;
 use cleanroom_proto::v1::{JobKind, JobSpec, JobState, PartySpec};
 use cleanroom_transport::Credentials;
+use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::args::{ConnArgs, Format, JobCommand, KindArg, SubmitArgs};
 use crate::output;
 
 async fn connect(conn: &ConnArgs) -> anyhow::Result<AnalystClient> {
     let (Some(cert), Some(key)) = (&conn.cert, &conn.key) else {
-        bail!("give your analyst certificate and key with --cert and --key (or CLEANROOM_CERT and CLEANROOM_KEY); issue them with `cleanroom pki issue analyst NAME`");
+        bail!(
+            "give your analyst certificate and key with --cert and --key (or CLEANROOM_CERT and CLEANROOM_KEY); issue them with `cleanroom pki issue analyst NAME`"
+        );
     };
     let creds = Credentials::load(&conn.ca, cert, key)?;
     AnalystClient::connect(conn.coordinator, &creds)
         .await
         .with_context(|| format!("connecting to the coordinator at {}", conn.coordinator))
+}
+
+/// A spinner on stderr while waiting (hidden when stderr is not a terminal, so scripts and
+/// `--format json` output stay clean).
+fn spinner(job_id: &str) -> ProgressBar {
+    let progress = if std::io::stderr().is_terminal() {
+        ProgressBar::new_spinner()
+    } else {
+        ProgressBar::hidden()
+    };
+    progress.set_style(
+        ProgressStyle::with_template("{spinner} [{elapsed}] {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+    );
+    progress.set_message(format!("job {job_id} submitted; waiting for it to finish"));
+    progress.enable_steady_tick(Duration::from_millis(100));
+    progress
 }
 
 /// Exit code for a finished job: 0 if it succeeded, 2 if vetoed, 1 otherwise.
@@ -45,7 +67,9 @@ pub fn spec_from_args(args: &SubmitArgs) -> anyhow::Result<JobSpec> {
                 None => plain = Some(d.clone()),
             }
         }
-        plain.with_context(|| format!("no dataset for '{node}': use --dataset NAME or --dataset {node}:NAME"))
+        plain.with_context(|| {
+            format!("no dataset for '{node}': use --dataset NAME or --dataset {node}:NAME")
+        })
     };
     let reveal = args.reveal_to.clone().unwrap_or_else(|| match args.kind {
         KindArg::Match => args.between.clone(),
@@ -89,10 +113,18 @@ pub async fn run(conn: ConnArgs, command: JobCommand) -> anyhow::Result<ExitCode
             let client = connect(&conn).await?;
             let job = client.submit(spec, &args.idempotency_key).await?;
             let job = if args.wait {
-                if args.format == Format::Table {
-                    eprintln!("submitted {}; waiting for it to finish…", job.job_id);
-                }
-                client.wait(&job.job_id, Duration::from_secs(args.timeout), |_| {}).await?
+                let progress = spinner(&job.job_id);
+                let done = client
+                    .wait(&job.job_id, Duration::from_secs(args.timeout), |info| {
+                        progress.set_message(format!(
+                            "job {} is {}",
+                            info.job_id,
+                            state_name(info.state)
+                        ));
+                    })
+                    .await;
+                progress.finish_and_clear();
+                done?
             } else {
                 job
             };
@@ -107,9 +139,24 @@ pub async fn run(conn: ConnArgs, command: JobCommand) -> anyhow::Result<ExitCode
             client.close().await;
             Ok(ExitCode::SUCCESS)
         }
-        JobCommand::Result { job_id, format, timeout } => {
+        JobCommand::Result {
+            job_id,
+            format,
+            timeout,
+        } => {
             let client = connect(&conn).await?;
-            let job = client.wait(&job_id, Duration::from_secs(timeout), |_| {}).await?;
+            let progress = spinner(&job_id);
+            let job = client
+                .wait(&job_id, Duration::from_secs(timeout), |info| {
+                    progress.set_message(format!(
+                        "job {} is {}",
+                        info.job_id,
+                        state_name(info.state)
+                    ));
+                })
+                .await;
+            progress.finish_and_clear();
+            let job = job?;
             output::print_job(&job, format);
             client.close().await;
             Ok(exit_for(job.state))

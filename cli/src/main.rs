@@ -31,7 +31,9 @@ fn main() -> ExitCode {
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    Ok(tokio::runtime::Builder::new_multi_thread().enable_all().build()?)
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?)
 }
 
 fn execute(command: Command) -> anyhow::Result<ExitCode> {
@@ -40,17 +42,27 @@ fn execute(command: Command) -> anyhow::Result<ExitCode> {
             match command {
                 PkiCommand::Init { dir, consortium } => {
                     let paths = cleanroom_transport::pki::init_ca(&dir, &consortium)?;
-                    println!("consortium CA written: {} (keep {} secret)", paths.cert.display(), paths.key.display());
+                    println!(
+                        "consortium CA written: {} (keep {} secret)",
+                        paths.cert.display(),
+                        paths.key.display()
+                    );
                 }
                 PkiCommand::Issue { dir, out, who } => {
                     let identity = match who {
                         PkiIssue::Node { name } => cleanroom_transport::Identity::node(&name)?,
-                        PkiIssue::Analyst { name } => cleanroom_transport::Identity::analyst(&name)?,
+                        PkiIssue::Analyst { name } => {
+                            cleanroom_transport::Identity::analyst(&name)?
+                        }
                         PkiIssue::Coordinator => cleanroom_transport::Identity::coordinator(),
                     };
                     let out = out.unwrap_or_else(|| dir.clone());
                     let paths = cleanroom_transport::pki::issue(&dir, &identity, &out)?;
-                    println!("certificate for {identity}: {} (key {})", paths.cert.display(), paths.key.display());
+                    println!(
+                        "certificate for {identity}: {} (key {})",
+                        paths.cert.display(),
+                        paths.key.display()
+                    );
                 }
             }
             Ok(ExitCode::SUCCESS)
@@ -66,7 +78,13 @@ fn execute(command: Command) -> anyhow::Result<ExitCode> {
             println!("{}", serde_json::to_string_pretty(&truth)?);
             Ok(ExitCode::SUCCESS)
         }
-        Command::Coordinator { command: CoordinatorCommand::Serve { config, stop_on_stdin_eof } } => {
+        Command::Coordinator {
+            command:
+                CoordinatorCommand::Serve {
+                    config,
+                    stop_on_stdin_eof,
+                },
+        } => {
             let cfg = cleanroom_coordinator::CoordinatorConfig::load(&config)?;
             runtime()?.block_on(async move {
                 let (tx, rx) = tokio::sync::watch::channel(false);

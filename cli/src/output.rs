@@ -2,7 +2,7 @@
 
 use cleanroom_coordinator::client::state_name;
 use cleanroom_proto::v1::{JobInfo, JobKind, NodeInfo};
-use serde_json::{json, Value};
+use serde_json::{Value, json};
 
 use crate::args::Format;
 
@@ -69,35 +69,76 @@ pub fn job_json(job: &JobInfo) -> Value {
 /// Prints one job in the chosen format.
 pub fn print_job(job: &JobInfo, format: Format) {
     match format {
-        Format::Json => println!("{}", serde_json::to_string_pretty(&job_json(job)).unwrap_or_default()),
+        Format::Json => println!(
+            "{}",
+            serde_json::to_string_pretty(&job_json(job)).unwrap_or_default()
+        ),
         Format::Csv => print_jobs(std::slice::from_ref(job), Format::Csv),
         Format::Table => {
             let spec = job.spec.clone().unwrap_or_default();
-            let parties: Vec<String> = spec.parties.iter().map(|p| format!("{}:{}", p.node, p.dataset)).collect();
-            let keys = spec.parties.first().map(|p| p.keys.join(",")).unwrap_or_default();
+            let parties: Vec<String> = spec
+                .parties
+                .iter()
+                .map(|p| format!("{}:{}", p.node, p.dataset))
+                .collect();
+            let keys = spec
+                .parties
+                .first()
+                .map(|p| p.keys.join(","))
+                .unwrap_or_default();
             println!("job        {}", job.job_id);
-            println!("kind       {} on {} between {}", kind_name(spec.kind), keys, parties.join(" and "));
+            println!(
+                "kind       {} on {} between {}",
+                kind_name(spec.kind),
+                keys,
+                parties.join(" and ")
+            );
             println!("purpose    {}", spec.purpose);
-            println!("state      {}{}", state_name(job.state), if job.reason.is_empty() { String::new() } else { format!(" — {}", job.reason) });
-            println!("submitted  {} by {}", time(job.created_ms), job.submitted_by);
+            println!(
+                "state      {}{}",
+                state_name(job.state),
+                if job.reason.is_empty() {
+                    String::new()
+                } else {
+                    format!(" — {}", job.reason)
+                }
+            );
+            println!(
+                "submitted  {} by {}",
+                time(job.created_ms),
+                job.submitted_by
+            );
             if let Some(o) = job.results.first().and_then(|r| r.outcome.as_ref()) {
                 println!("result     {} shared", o.intersection);
             }
             for r in &job.results {
                 let o = r.outcome.clone().unwrap_or_default();
                 let membership = if o.learned_membership {
-                    format!("; {} matching rows listed in {} (on the node)", o.matched_rows, o.membership_file)
+                    format!(
+                        "; {} matching rows listed in {} (on the node)",
+                        o.matched_rows, o.membership_file
+                    )
                 } else {
                     String::new()
                 };
                 println!(
                     "  {:<10} {} distinct keys from {} rows ({} rejected), peer sent {}{}",
-                    r.node, o.own_set_size, o.rows_read, o.rows_rejected, o.peer_set_size, membership
+                    r.node,
+                    o.own_set_size,
+                    o.rows_read,
+                    o.rows_rejected,
+                    o.peer_set_size,
+                    membership
                 );
             }
             println!("history");
             for h in &job.history {
-                println!("  {}  {:<10} {}", time(h.at_ms), state_name(h.state), h.reason);
+                println!(
+                    "  {}  {:<10} {}",
+                    time(h.at_ms),
+                    state_name(h.state),
+                    h.reason
+                );
             }
         }
     }
@@ -108,38 +149,64 @@ pub fn print_jobs(jobs: &[JobInfo], format: Format) {
     match format {
         Format::Json => {
             let list: Vec<Value> = jobs.iter().map(job_json).collect();
-            println!("{}", serde_json::to_string_pretty(&list).unwrap_or_default());
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&list).unwrap_or_default()
+            );
         }
         Format::Csv => {
             println!("job_id,kind,state,purpose,parties,intersection,created,reason");
             for j in jobs {
                 let v = job_json(j);
-                let parties: Vec<String> = j.spec.clone().unwrap_or_default().parties.iter().map(|p| p.node.clone()).collect();
+                let parties: Vec<String> = j
+                    .spec
+                    .clone()
+                    .unwrap_or_default()
+                    .parties
+                    .iter()
+                    .map(|p| p.node.clone())
+                    .collect();
                 println!(
                     "{},{},{},{},{},{},{},{}",
                     j.job_id,
                     v["kind"].as_str().unwrap_or_default(),
                     state_name(j.state),
-                    csv_field(&v["purpose"].as_str().unwrap_or_default().to_owned()),
+                    csv_field(v["purpose"].as_str().unwrap_or_default()),
                     parties.join(";"),
-                    v["intersection"].as_u64().map(|n| n.to_string()).unwrap_or_default(),
+                    v["intersection"]
+                        .as_u64()
+                        .map(|n| n.to_string())
+                        .unwrap_or_default(),
                     time(j.created_ms),
                     csv_field(&j.reason)
                 );
             }
         }
         Format::Table => {
-            println!("{:<22} {:<8} {:<10} {:<20} {:>12}  {}", "JOB", "KIND", "STATE", "PARTIES", "SHARED", "REASON");
+            println!(
+                "{:<22} {:<8} {:<10} {:<20} {:>12}  REASON",
+                "JOB", "KIND", "STATE", "PARTIES", "SHARED"
+            );
             for j in jobs {
                 let v = job_json(j);
-                let parties: Vec<String> = j.spec.clone().unwrap_or_default().parties.iter().map(|p| p.node.clone()).collect();
+                let parties: Vec<String> = j
+                    .spec
+                    .clone()
+                    .unwrap_or_default()
+                    .parties
+                    .iter()
+                    .map(|p| p.node.clone())
+                    .collect();
                 println!(
                     "{:<22} {:<8} {:<10} {:<20} {:>12}  {}",
                     j.job_id,
                     v["kind"].as_str().unwrap_or_default(),
                     state_name(j.state),
                     parties.join(","),
-                    v["intersection"].as_u64().map(|n| n.to_string()).unwrap_or_else(|| "-".into()),
+                    v["intersection"]
+                        .as_u64()
+                        .map(|n| n.to_string())
+                        .unwrap_or_else(|| "-".into()),
                     j.reason
                 );
             }
@@ -155,18 +222,36 @@ pub fn print_nodes(nodes: &[NodeInfo], format: Format) {
                 .iter()
                 .map(|n| json!({"name": n.name, "data_addr": n.data_addr, "connected": n.connected, "last_seen_ms": n.last_seen_ms}))
                 .collect();
-            println!("{}", serde_json::to_string_pretty(&list).unwrap_or_default());
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&list).unwrap_or_default()
+            );
         }
         Format::Csv => {
             println!("name,data_addr,connected,last_seen");
             for n in nodes {
-                println!("{},{},{},{}", n.name, n.data_addr, n.connected, time(n.last_seen_ms));
+                println!(
+                    "{},{},{},{}",
+                    n.name,
+                    n.data_addr,
+                    n.connected,
+                    time(n.last_seen_ms)
+                );
             }
         }
         Format::Table => {
-            println!("{:<20} {:<24} {:<10} {}", "NODE", "DATA PLANE", "CONNECTED", "LAST SEEN");
+            println!(
+                "{:<20} {:<24} {:<10} LAST SEEN",
+                "NODE", "DATA PLANE", "CONNECTED"
+            );
             for n in nodes {
-                println!("{:<20} {:<24} {:<10} {}", n.name, n.data_addr, if n.connected { "yes" } else { "no" }, time(n.last_seen_ms));
+                println!(
+                    "{:<20} {:<24} {:<10} {}",
+                    n.name,
+                    n.data_addr,
+                    if n.connected { "yes" } else { "no" },
+                    time(n.last_seen_ms)
+                );
             }
         }
     }

@@ -189,14 +189,15 @@ async fn drive(shared: &Arc<Shared>, job_id: &str, spec: &JobSpec) -> Result<Str
         }
     }
 
-    // Collect both reports.
+    // Collect both reports. The first failure fails the job at once: a node that has given up
+    // must not leave the job waiting for its peer's deadline.
     let job_timeout = shared.cfg.job_timeout();
-    let mut reports = Vec::new();
+    let mut reports = tokio::task::JoinSet::new();
     for stream in streams {
         let node = stream.node.clone();
         let mut recv = stream.recv;
         let job_id = job_id.to_owned();
-        reports.push(async move {
+        reports.spawn(async move {
             let env = tokio::time::timeout(job_timeout, recv.recv_expect(&job_id, Phase::Report))
                 .await
                 .map_err(|_| format!("node '{node}' did not report within {job_timeout:?}"))?
@@ -211,18 +212,21 @@ async fn drive(shared: &Arc<Shared>, job_id: &str, spec: &JobSpec) -> Result<Str
             }
         });
     }
-    let reports = futures_join_all(reports).await;
     let mut outcomes: Vec<(String, PsiOutcome)> = Vec::new();
-    let mut errors = Vec::new();
-    for r in reports {
-        match r {
-            Ok(o) => outcomes.push(o),
-            Err(e) => errors.push(e),
+    while let Some(joined) = reports.join_next().await {
+        match joined {
+            Ok(Ok(outcome)) => outcomes.push(outcome),
+            Ok(Err(reason)) => {
+                reports.abort_all();
+                return Err(failed(reason));
+            }
+            Err(e) => {
+                reports.abort_all();
+                return Err(failed(format!("internal error collecting reports: {e}")));
+            }
         }
     }
-    if !errors.is_empty() {
-        return Err(failed(errors.join("; ")));
-    }
+    outcomes.sort_by(|a, b| a.0.cmp(&b.0));
     if let [(_, a), (_, b)] = outcomes.as_slice()
         && a.intersection != b.intersection
     {

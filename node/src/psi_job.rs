@@ -390,7 +390,7 @@ async fn write_membership(
 
 /// Both parties hash the same spec with the job id; a mismatch means they were told different
 /// things (a confused or malicious coordinator).
-fn spec_digest(job_id: &str, spec: &JobSpec) -> [u8; 32] {
+pub fn spec_digest(job_id: &str, spec: &JobSpec) -> [u8; 32] {
     let mut h = Sha256::new();
     h.update(b"cleanroom/1 job spec\0");
     h.update(job_id.as_bytes());

@@ -67,7 +67,10 @@ pub enum FrameError {
 pub fn encode_frame(envelope: &Envelope) -> Result<Vec<u8>, FrameError> {
     let len = envelope.encoded_len();
     if len > MAX_FRAME_LEN {
-        return Err(FrameError::TooLong { len, max: MAX_FRAME_LEN });
+        return Err(FrameError::TooLong {
+            len,
+            max: MAX_FRAME_LEN,
+        });
     }
     let mut out = Vec::with_capacity(LEN_PREFIX + len);
     // `len <= MAX_FRAME_LEN < u32::MAX`, so the cast is lossless.
@@ -82,7 +85,10 @@ pub fn encode_frame(envelope: &Envelope) -> Result<Vec<u8>, FrameError> {
 pub fn body_len(prefix: [u8; LEN_PREFIX]) -> Result<usize, FrameError> {
     let len = u32::from_be_bytes(prefix) as usize;
     if len > MAX_FRAME_LEN {
-        return Err(FrameError::TooLong { len, max: MAX_FRAME_LEN });
+        return Err(FrameError::TooLong {
+            len,
+            max: MAX_FRAME_LEN,
+        });
     }
     Ok(len)
 }
@@ -130,7 +136,9 @@ impl FrameDecoder {
         if self.buf.is_empty() {
             Ok(())
         } else {
-            Err(FrameError::Truncated { buffered: self.buf.len() })
+            Err(FrameError::Truncated {
+                buffered: self.buf.len(),
+            })
         }
     }
 }
@@ -144,7 +152,10 @@ pub fn check_envelope(envelope: &Envelope, job_id: &str, phase: Phase) -> Result
         });
     }
     if envelope.phase != phase as i32 {
-        return Err(FrameError::WrongPhase { expected: phase, got: envelope.phase });
+        return Err(FrameError::WrongPhase {
+            expected: phase,
+            got: envelope.phase,
+        });
     }
     Ok(())
 }
@@ -152,13 +163,15 @@ pub fn check_envelope(envelope: &Envelope, job_id: &str, phase: Phase) -> Result
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::v1::{envelope::Body, Abort};
+    use crate::v1::{Abort, envelope::Body};
 
     fn abort(job: &str, reason: &str) -> Envelope {
         Envelope {
             job_id: job.into(),
             phase: Phase::PsiDone as i32,
-            body: Some(Body::Abort(Abort { reason: reason.into() })),
+            body: Some(Body::Abort(Abort {
+                reason: reason.into(),
+            })),
         }
     }
 
@@ -199,14 +212,20 @@ mod tests {
         let mut dec = FrameDecoder::new();
         dec.push(&[0, 0, 0, 9, 1]);
         assert_eq!(dec.next_frame().unwrap(), None);
-        assert!(matches!(dec.finish(), Err(FrameError::Truncated { buffered: 5 })));
+        assert!(matches!(
+            dec.finish(),
+            Err(FrameError::Truncated { buffered: 5 })
+        ));
     }
 
     #[test]
     fn wrong_job_and_phase_named() {
         let e = abort("j1", "x");
         assert!(check_envelope(&e, "j1", Phase::PsiDone).is_ok());
-        assert!(matches!(check_envelope(&e, "j2", Phase::PsiDone), Err(FrameError::WrongJob { .. })));
+        assert!(matches!(
+            check_envelope(&e, "j2", Phase::PsiDone),
+            Err(FrameError::WrongJob { .. })
+        ));
         assert!(matches!(
             check_envelope(&e, "j1", Phase::PsiBlinded),
             Err(FrameError::WrongPhase { .. })

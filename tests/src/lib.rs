@@ -19,17 +19,32 @@ pub fn bins() -> &'static (PathBuf, PathBuf) {
     BINS.get_or_init(|| {
         // target/<profile>/deps/<test-binary> → target/<profile>
         let exe = std::env::current_exe().expect("test executable path");
-        let profile_dir = exe.parent().and_then(Path::parent).expect("target dir").to_owned();
+        let profile_dir = exe
+            .parent()
+            .and_then(Path::parent)
+            .expect("target dir")
+            .to_owned();
         let release = profile_dir.file_name().is_some_and(|n| n == "release");
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let mut cmd = Command::new(cargo);
-        cmd.args(["build", "--quiet", "-p", "cleanroom", "-p", "cleanroom-node", "--bins"]);
+        cmd.args([
+            "build",
+            "--quiet",
+            "-p",
+            "cleanroom",
+            "-p",
+            "cleanroom-node",
+            "--bins",
+        ]);
         if release {
             cmd.arg("--release");
         }
         let status = cmd.status().expect("running cargo build for the binaries");
         assert!(status.success(), "building the binaries failed");
-        (profile_dir.join("cleanroom"), profile_dir.join("cleanroom-node"))
+        (
+            profile_dir.join("cleanroom"),
+            profile_dir.join("cleanroom-node"),
+        )
     })
 }
 
@@ -57,6 +72,7 @@ pub fn cleanroom_ok(dir: &Path, args: &[&str]) -> String {
 
 /// A process that stops gracefully when dropped (its stdin is closed) and is killed if it does
 /// not stop in time.
+#[derive(Debug)]
 pub struct Process {
     pub name: String,
     child: Child,
@@ -101,6 +117,7 @@ impl Drop for Process {
 }
 
 /// A consortium in a temporary directory: PKI, data, configs, coordinator and nodes.
+#[derive(Debug)]
 pub struct Consortium {
     pub dir: tempfile::TempDir,
     pub coordinator: Option<Process>,
@@ -111,12 +128,23 @@ pub struct Consortium {
 impl Consortium {
     /// A CA, a coordinator certificate and an analyst certificate ("alice").
     pub fn new() -> Self {
-        let dir = tempfile::Builder::new().prefix("cleanroom-e2e-").tempdir().expect("tempdir");
+        let dir = tempfile::Builder::new()
+            .prefix("cleanroom-e2e-")
+            .tempdir()
+            .expect("tempdir");
         cleanroom_ok(dir.path(), &["pki", "init", "--dir", "pki"]);
         cleanroom_ok(dir.path(), &["pki", "issue", "--dir", "pki", "coordinator"]);
-        cleanroom_ok(dir.path(), &["pki", "issue", "--dir", "pki", "analyst", "alice"]);
+        cleanroom_ok(
+            dir.path(),
+            &["pki", "issue", "--dir", "pki", "analyst", "alice"],
+        );
         std::fs::create_dir_all(dir.path().join("logs")).unwrap();
-        Self { dir, coordinator: None, addr: None, nodes: Vec::new() }
+        Self {
+            dir,
+            coordinator: None,
+            addr: None,
+            nodes: Vec::new(),
+        }
     }
 
     pub fn path(&self) -> &Path {
@@ -127,7 +155,19 @@ impl Consortium {
     pub fn synth(&self, partners: &str, rows: u64, overlap: f64, seed: u64) -> Value {
         let out = cleanroom_ok(
             self.path(),
-            &["synth", "--out", "data", "--partners", partners, "--rows", &rows.to_string(), "--overlap", &overlap.to_string(), "--seed", &seed.to_string()],
+            &[
+                "synth",
+                "--out",
+                "data",
+                "--partners",
+                partners,
+                "--rows",
+                &rows.to_string(),
+                "--overlap",
+                &overlap.to_string(),
+                "--seed",
+                &seed.to_string(),
+            ],
         );
         serde_json::from_str(&out).expect("synth prints the ground truth as JSON")
     }
@@ -153,15 +193,27 @@ impl Consortium {
             .spawn()
             .expect("starting the coordinator");
         let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
         let addr: SocketAddr = line
             .trim()
             .strip_prefix("listening ")
-            .unwrap_or_else(|| panic!("coordinator said {line:?}; log: {}", std::fs::read_to_string(&log).unwrap_or_default()))
+            .unwrap_or_else(|| {
+                panic!(
+                    "coordinator said {line:?}; log: {}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                )
+            })
             .parse()
             .unwrap();
         let stdin = child.stdin.take();
-        self.coordinator = Some(Process { name: "coordinator".into(), child, stdin, log });
+        self.coordinator = Some(Process {
+            name: "coordinator".into(),
+            child,
+            stdin,
+            log,
+        });
         self.addr = Some(addr);
         addr
     }
@@ -208,7 +260,12 @@ impl Consortium {
             .spawn()
             .expect("starting a node");
         let stdin = child.stdin.take();
-        self.nodes.push(Process { name: name.into(), child, stdin, log });
+        self.nodes.push(Process {
+            name: name.into(),
+            child,
+            stdin,
+            log,
+        });
     }
 
     /// The analyst connection flags.
@@ -239,12 +296,19 @@ impl Consortium {
         loop {
             let nodes = self.nodes_json();
             let up = names.iter().all(|n| {
-                nodes.as_array().unwrap().iter().any(|v| v["name"] == *n && v["connected"] == true)
+                nodes
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .any(|v| v["name"] == *n && v["connected"] == true)
             });
             if up {
                 return;
             }
-            assert!(Instant::now() < deadline, "nodes {names:?} did not connect: {nodes}");
+            assert!(
+                Instant::now() < deadline,
+                "nodes {names:?} did not connect: {nodes}"
+            );
             std::thread::sleep(Duration::from_millis(100));
         }
     }
@@ -253,13 +317,22 @@ impl Consortium {
     pub fn submit(&self, args: &[&str]) -> (Value, Option<i32>) {
         let mut all: Vec<String> = vec!["job".into(), "submit".into()];
         all.extend(args.iter().map(|s| s.to_string()));
-        all.extend(["--wait".into(), "--timeout".into(), "120".into(), "--format".into(), "json".into()]);
+        all.extend([
+            "--wait".into(),
+            "--timeout".into(),
+            "120".into(),
+            "--format".into(),
+            "json".into(),
+        ]);
         all.extend(self.analyst_args());
         let all: Vec<&str> = all.iter().map(String::as_str).collect();
         let out = cleanroom(self.path(), &all);
         let text = String::from_utf8_lossy(&out.stdout);
         let json = serde_json::from_str(&text).unwrap_or_else(|_| {
-            panic!("job submit printed no JSON: {text}\n{}", String::from_utf8_lossy(&out.stderr))
+            panic!(
+                "job submit printed no JSON: {text}\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            )
         });
         (json, out.status.code())
     }
