@@ -18,6 +18,9 @@ use tracing::Instrument;
 use crate::now_ms;
 use crate::server::Shared;
 
+/// After the first failed report, how long to wait for the other parties' reasons.
+const FAILURE_GRACE: Duration = Duration::from_secs(3);
+
 /// How long a node has to confirm `Start`.
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -213,18 +216,31 @@ async fn drive(shared: &Arc<Shared>, job_id: &str, spec: &JobSpec) -> Result<Str
         });
     }
     let mut outcomes: Vec<(String, PsiOutcome)> = Vec::new();
-    while let Some(joined) = reports.join_next().await {
-        match joined {
-            Ok(Ok(outcome)) => outcomes.push(outcome),
-            Ok(Err(reason)) => {
-                reports.abort_all();
-                return Err(failed(reason));
+    let mut failures: Vec<String> = Vec::new();
+    loop {
+        // Once one party has failed, give the others a moment to say why (a node that saw a
+        // protocol violation reports it just after its misbehaving peer drops), then stop.
+        let next = if failures.is_empty() {
+            reports.join_next().await
+        } else {
+            match tokio::time::timeout(FAILURE_GRACE, reports.join_next()).await {
+                Ok(next) => next,
+                Err(_) => None,
             }
-            Err(e) => {
-                reports.abort_all();
-                return Err(failed(format!("internal error collecting reports: {e}")));
-            }
+        };
+        match next {
+            None => break,
+            Some(Ok(Ok(outcome))) => outcomes.push(outcome),
+            Some(Ok(Err(reason))) => failures.push(reason),
+            Some(Err(e)) => failures.push(format!("internal error collecting reports: {e}")),
         }
+    }
+    reports.abort_all();
+    if !failures.is_empty() {
+        // Reports from the nodes themselves first: they say what went wrong, "lost" says only
+        // that a party went away.
+        failures.sort_by_key(|f| f.contains(" lost: "));
+        return Err(failed(failures.join("; ")));
     }
     outcomes.sort_by(|a, b| a.0.cmp(&b.0));
     if let [(_, a), (_, b)] = outcomes.as_slice()

@@ -39,6 +39,23 @@ pub fn bins() -> &'static (PathBuf, PathBuf) {
         if release {
             cmd.arg("--release");
         }
+        // Cargo sets these for the test process; some build scripts (ring's) rerun when they
+        // change, so passing them on would rebuild half the tree on every test run.
+        for (name, _) in std::env::vars_os() {
+            let name = name.to_string_lossy().into_owned();
+            if name.starts_with("CARGO_PKG_")
+                || [
+                    "CARGO_MANIFEST_DIR",
+                    "CARGO_MANIFEST_PATH",
+                    "CARGO_CRATE_NAME",
+                    "CARGO_PRIMARY_PACKAGE",
+                    "OUT_DIR",
+                ]
+                .contains(&name.as_str())
+            {
+                cmd.env_remove(name);
+            }
+        }
         let status = cmd.status().expect("running cargo build for the binaries");
         assert!(status.success(), "building the binaries failed");
         (
