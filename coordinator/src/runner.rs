@@ -223,10 +223,9 @@ async fn drive(shared: &Arc<Shared>, job_id: &str, spec: &JobSpec) -> Result<Str
         let next = if failures.is_empty() {
             reports.join_next().await
         } else {
-            match tokio::time::timeout(FAILURE_GRACE, reports.join_next()).await {
-                Ok(next) => next,
-                Err(_) => None,
-            }
+            tokio::time::timeout(FAILURE_GRACE, reports.join_next())
+                .await
+                .unwrap_or_default()
         };
         match next {
             None => break,
