@@ -1,7 +1,7 @@
 //! Rendering jobs and nodes as a table, JSON or CSV.
 
 use cleanroom_coordinator::client::state_name;
-use cleanroom_proto::v1::{JobInfo, JobKind, NodeInfo};
+use cleanroom_proto::v1::{JobInfo, JobKind, NodeInfo, ScheduleInfo};
 use serde_json::{Value, json};
 
 use crate::args::Format;
@@ -45,7 +45,8 @@ pub fn job_json(job: &JobInfo) -> Value {
         "submitted_by": job.submitted_by,
         "created_ms": job.created_ms,
         "updated_ms": job.updated_ms,
-        "intersection": job.results.first().and_then(|r| r.outcome.as_ref()).map(|o| o.intersection),
+        "intersection": job.results.first().and_then(|r| r.outcome.as_ref()).filter(|o| !o.suppressed).map(|o| o.intersection),
+        "suppressed": job.results.iter().any(|r| r.outcome.as_ref().is_some_and(|o| o.suppressed)),
         "results": job.results.iter().map(|r| {
             let o = r.outcome.clone().unwrap_or_default();
             json!({
@@ -58,6 +59,10 @@ pub fn job_json(job: &JobInfo) -> Value {
                 "learned_membership": o.learned_membership,
                 "matched_rows": o.matched_rows,
                 "membership_file": o.membership_file,
+                "suppressed": o.suppressed,
+                "rows_excluded_consent": o.rows_excluded_consent,
+                "rows_excluded_deleted": o.rows_excluded_deleted,
+                "audit_head": o.audit_head,
             })
         }).collect::<Vec<_>>(),
         "history": job.history.iter().map(|h| json!({
@@ -109,7 +114,11 @@ pub fn print_job(job: &JobInfo, format: Format) {
                 job.submitted_by
             );
             if let Some(o) = job.results.first().and_then(|r| r.outcome.as_ref()) {
-                println!("result     {} shared", o.intersection);
+                if o.suppressed {
+                    println!("result     withheld by an agreement (below its minimum result)");
+                } else {
+                    println!("result     {} shared", o.intersection);
+                }
             }
             for r in &job.results {
                 let o = r.outcome.clone().unwrap_or_default();
@@ -122,13 +131,16 @@ pub fn print_job(job: &JobInfo, format: Format) {
                     String::new()
                 };
                 println!(
-                    "  {:<10} {} distinct keys from {} rows ({} rejected), peer sent {}{}",
+                    "  {:<10} {} distinct keys from {} rows ({} rejected, {} without consent, {} forgotten), peer sent {}{}; audit head {}",
                     r.node,
                     o.own_set_size,
                     o.rows_read,
                     o.rows_rejected,
+                    o.rows_excluded_consent,
+                    o.rows_excluded_deleted,
                     o.peer_set_size,
-                    membership
+                    membership,
+                    o.audit_head
                 );
             }
             println!("history");
@@ -251,6 +263,217 @@ pub fn print_nodes(nodes: &[NodeInfo], format: Format) {
                     n.data_addr,
                     if n.connected { "yes" } else { "no" },
                     time(n.last_seen_ms)
+                );
+            }
+        }
+    }
+}
+
+fn opt_time(ms: i64) -> String {
+    if ms == 0 { "-".to_owned() } else { time(ms) }
+}
+
+/// A schedule as JSON (stable field names, for scripts).
+pub fn schedule_json(s: &ScheduleInfo) -> Value {
+    let spec = s.spec.clone().unwrap_or_default();
+    json!({
+        "name": s.name,
+        "cron": s.cron,
+        "timezone": s.timezone,
+        "kind": kind_name(spec.kind),
+        "purpose": spec.purpose,
+        "parties": spec.parties.iter().map(|p| json!({
+            "node": p.node, "dataset": p.dataset, "keys": p.keys, "learns_membership": p.learns_membership,
+        })).collect::<Vec<_>>(),
+        "owner": s.owner,
+        "paused": s.paused,
+        "removed": s.removed_ms != 0,
+        "created_ms": s.created_ms,
+        "next_run_ms": (s.next_run_ms != 0).then_some(s.next_run_ms),
+        "last_fired_ms": (s.last_fired_ms != 0).then_some(s.last_fired_ms),
+        "removed_ms": (s.removed_ms != 0).then_some(s.removed_ms),
+        "max_retries": s.max_retries,
+        "backoff_base_secs": s.backoff_base_secs,
+        "runs": s.runs.iter().map(|r| json!({
+            "scheduled_for_ms": r.scheduled_for_ms,
+            "attempt": r.attempt,
+            "job_id": (!r.job_id.is_empty()).then_some(&r.job_id),
+            "status": r.status,
+            "state": if r.job_id.is_empty() { r.status.as_str() } else { state_name(r.job_state) },
+            "reason": r.job_reason,
+            "note": r.note,
+            "intersection": r.has_intersection.then_some(r.intersection),
+        })).collect::<Vec<_>>(),
+    })
+}
+
+fn schedule_status(s: &ScheduleInfo) -> &'static str {
+    if s.removed_ms != 0 {
+        "removed"
+    } else if s.paused {
+        "paused"
+    } else {
+        "active"
+    }
+}
+
+/// Prints one schedule (with its runs, if any) in the chosen format.
+pub fn print_schedule(s: &ScheduleInfo, format: Format) {
+    match format {
+        Format::Json => println!(
+            "{}",
+            serde_json::to_string_pretty(&schedule_json(s)).unwrap_or_default()
+        ),
+        Format::Csv if s.runs.is_empty() => print_schedules(std::slice::from_ref(s), Format::Csv),
+        Format::Csv => {
+            println!("schedule,scheduled_for,attempt,job_id,state,intersection,note,reason");
+            for r in &s.runs {
+                println!(
+                    "{},{},{},{},{},{},{},{}",
+                    s.name,
+                    time(r.scheduled_for_ms),
+                    r.attempt,
+                    r.job_id,
+                    if r.job_id.is_empty() {
+                        r.status.as_str()
+                    } else {
+                        state_name(r.job_state)
+                    },
+                    if r.has_intersection {
+                        r.intersection.to_string()
+                    } else {
+                        String::new()
+                    },
+                    csv_field(&r.note),
+                    csv_field(&r.job_reason)
+                );
+            }
+        }
+        Format::Table => {
+            let spec = s.spec.clone().unwrap_or_default();
+            let parties: Vec<String> = spec
+                .parties
+                .iter()
+                .map(|p| format!("{}:{}", p.node, p.dataset))
+                .collect();
+            let keys = spec
+                .parties
+                .first()
+                .map(|p| p.keys.join(","))
+                .unwrap_or_default();
+            println!("schedule   {} ({})", s.name, schedule_status(s));
+            println!(
+                "cron       {} ({})",
+                s.cron,
+                if s.timezone.is_empty() {
+                    "UTC"
+                } else {
+                    &s.timezone
+                }
+            );
+            println!(
+                "job        {} on {} between {}",
+                kind_name(spec.kind),
+                keys,
+                parties.join(" and ")
+            );
+            println!("purpose    {}", spec.purpose);
+            println!("owner      {}", s.owner);
+            println!(
+                "retries    up to {}, backoff {}s doubling",
+                s.max_retries, s.backoff_base_secs
+            );
+            println!("next run   {}", opt_time(s.next_run_ms));
+            println!("last fired {}", opt_time(s.last_fired_ms));
+            if !s.runs.is_empty() {
+                println!("runs");
+                println!(
+                    "  {:<21} {:>3} {:<22} {:<13} {:>12}  NOTE / REASON",
+                    "SCHEDULED FOR", "TRY", "JOB", "STATE", "SHARED"
+                );
+                for r in &s.runs {
+                    let why = if r.job_reason.is_empty() {
+                        r.note.clone()
+                    } else {
+                        format!("{} — {}", r.note, r.job_reason)
+                    };
+                    println!(
+                        "  {:<21} {:>3} {:<22} {:<13} {:>12}  {}",
+                        time(r.scheduled_for_ms),
+                        r.attempt,
+                        if r.job_id.is_empty() { "-" } else { &r.job_id },
+                        if r.job_id.is_empty() {
+                            r.status.as_str()
+                        } else {
+                            state_name(r.job_state)
+                        },
+                        if r.has_intersection {
+                            r.intersection.to_string()
+                        } else {
+                            "-".into()
+                        },
+                        why
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// Prints a list of schedules.
+pub fn print_schedules(list: &[ScheduleInfo], format: Format) {
+    match format {
+        Format::Json => {
+            let list: Vec<Value> = list.iter().map(schedule_json).collect();
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&list).unwrap_or_default()
+            );
+        }
+        Format::Csv => {
+            println!(
+                "name,status,cron,timezone,kind,parties,purpose,next_run,last_fired,max_retries,backoff_secs"
+            );
+            for s in list {
+                let spec = s.spec.clone().unwrap_or_default();
+                let parties: Vec<&str> = spec.parties.iter().map(|p| p.node.as_str()).collect();
+                println!(
+                    "{},{},{},{},{},{},{},{},{},{},{}",
+                    s.name,
+                    schedule_status(s),
+                    csv_field(&s.cron),
+                    s.timezone,
+                    kind_name(spec.kind),
+                    parties.join(";"),
+                    csv_field(&spec.purpose),
+                    opt_time(s.next_run_ms),
+                    opt_time(s.last_fired_ms),
+                    s.max_retries,
+                    s.backoff_base_secs
+                );
+            }
+        }
+        Format::Table => {
+            println!(
+                "{:<20} {:<8} {:<16} {:<14} {:<8} {:<16} NEXT RUN",
+                "SCHEDULE", "STATUS", "CRON", "TIMEZONE", "KIND", "PARTIES"
+            );
+            for s in list {
+                let spec = s.spec.clone().unwrap_or_default();
+                let parties: Vec<&str> = spec.parties.iter().map(|p| p.node.as_str()).collect();
+                println!(
+                    "{:<20} {:<8} {:<16} {:<14} {:<8} {:<16} {}",
+                    s.name,
+                    schedule_status(s),
+                    s.cron,
+                    if s.timezone.is_empty() {
+                        "UTC"
+                    } else {
+                        &s.timezone
+                    },
+                    kind_name(spec.kind),
+                    parties.join(","),
+                    opt_time(s.next_run_ms)
                 );
             }
         }

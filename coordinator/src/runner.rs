@@ -242,7 +242,15 @@ async fn drive(shared: &Arc<Shared>, job_id: &str, spec: &JobSpec) -> Result<Str
         return Err(failed(failures.join("; ")));
     }
     outcomes.sort_by(|a, b| a.0.cmp(&b.0));
-    if let [(_, a), (_, b)] = outcomes.as_slice()
+    // A count is released only if every node released it (the stricter agreement wins); a
+    // node that withholds it reports `suppressed`, and the others' figures are blanked too.
+    let withheld: Vec<String> = outcomes
+        .iter()
+        .filter(|(_, o)| o.suppressed)
+        .map(|(n, _)| n.clone())
+        .collect();
+    if withheld.is_empty()
+        && let [(_, a), (_, b)] = outcomes.as_slice()
         && a.intersection != b.intersection
     {
         return Err(failed(format!(
@@ -250,11 +258,21 @@ async fn drive(shared: &Arc<Shared>, job_id: &str, spec: &JobSpec) -> Result<Str
             a.intersection, b.intersection
         )));
     }
-    for (node, outcome) in &outcomes {
+    for (node, outcome) in &mut outcomes {
+        if !withheld.is_empty() {
+            outcome.intersection = 0;
+            outcome.suppressed = true;
+        }
         shared
             .store
             .put_result(job_id, node, outcome)
             .map_err(|e| failed(format!("storing the result: {e}")))?;
+    }
+    if !withheld.is_empty() {
+        return Ok(format!(
+            "count withheld by the agreement of {} (below its minimum result, or not releasable to the coordinator)",
+            withheld.join(", ")
+        ));
     }
     let count = outcomes.first().map(|(_, o)| o.intersection).unwrap_or(0);
     Ok(format!("intersection {count}"))

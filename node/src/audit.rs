@@ -971,6 +971,60 @@ impl AuditLog {
                 reason: reason.clone(),
             });
         }
+        // Another process (`cleanroom-node forget`) may append to the same log: take an
+        // exclusive lock for the append and catch up with what it wrote.
+        inner
+            .file
+            .lock()
+            .map_err(io_err(&self.path, "locking the log"))?;
+        let appended = self.append_locked(&mut inner, event, now_ms);
+        let _ = inner.file.unlock();
+        appended
+    }
+
+    /// Follows entries another process appended since we last wrote (the lock is held).
+    fn catch_up(&self, inner: &mut Inner) -> Result<(), AuditError> {
+        let disk_len = inner
+            .file
+            .metadata()
+            .map_err(io_err(&self.path, "reading metadata"))?
+            .len();
+        if disk_len == inner.len {
+            return Ok(());
+        }
+        let broken = |why: &str| {
+            AuditError::Invalid(format!(
+                "{} changed under this process ({why}); run `cleanroom-node audit verify`",
+                self.path.display()
+            ))
+        };
+        let bytes = std::fs::read(&self.path).map_err(io_err(&self.path, "reading"))?;
+        let (lines, torn) = split_lines(&bytes);
+        if torn.is_some() || disk_len < inner.len {
+            return Err(broken("it was truncated or ends mid-line"));
+        }
+        let last = lines
+            .last()
+            .and_then(|l| decode_line(l))
+            .ok_or_else(|| broken("its last line does not parse"))?;
+        if last.compute_hash() != last.hash || last.seq <= inner.head.seq {
+            return Err(broken("its last entry does not follow ours"));
+        }
+        inner.head = AuditHead {
+            seq: last.seq,
+            hash: last.hash,
+        };
+        inner.len = disk_len;
+        Ok(())
+    }
+
+    fn append_locked(
+        &self,
+        inner: &mut Inner,
+        event: AuditEvent,
+        now_ms: i64,
+    ) -> Result<AuditHead, AuditError> {
+        self.catch_up(inner)?;
         let mut entry = AuditEntry {
             seq: inner.head.seq + 1,
             at_ms: now_ms,

@@ -5,100 +5,26 @@
 //! party accepted, `Start` → `Ready` … `Report`. Every frame on a job stream must name that job
 //! and the phase the node expects; anything else ends the job with a protocol error.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::Mutex;
 use std::time::Duration;
 
 use cleanroom_proto::v1::{
     Envelope, HelloAck, NodeHello, OfferReply, Phase, Ready, Report, Role, envelope::Body,
 };
 use cleanroom_transport::{FramedRecv, FramedSend, Identity};
-use tokio::sync::{oneshot, watch};
+use tokio::sync::watch;
 use tracing::Instrument;
 
 use crate::NodeError;
-use crate::agreement::{self, Permit};
-use crate::config::NodeConfig;
-use crate::dataplane::Handover;
+use crate::audit::AuditEvent;
 use crate::psi_job;
+use crate::state::NodeState;
 
 /// How long the node waits for `Start` after accepting an offer.
 const START_TIMEOUT: Duration = Duration::from_secs(60);
 /// Longest pause between reconnection attempts to the coordinator.
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
-
-/// What the node's tasks share.
-#[derive(Debug)]
-pub struct NodeState {
-    /// The node's configuration.
-    pub cfg: NodeConfig,
-    /// The data-plane address other nodes dial.
-    pub advertise: SocketAddr,
-    /// Jobs in which this node is the responder and waits for the initiator's connection.
-    pending: Mutex<HashMap<String, PendingJob>>,
-}
-
-#[derive(Debug)]
-struct PendingJob {
-    partner: String,
-    deliver: oneshot::Sender<Handover>,
-}
-
-impl NodeState {
-    /// State for a node that advertises `advertise` as its data plane.
-    pub fn new(cfg: NodeConfig, advertise: SocketAddr) -> Self {
-        Self {
-            cfg,
-            advertise,
-            pending: Mutex::new(HashMap::new()),
-        }
-    }
-
-    /// Registers a job whose initiator will dial us; the returned receiver yields its connection.
-    fn expect_connection(&self, job_id: &str, partner: &str) -> oneshot::Receiver<Handover> {
-        let (tx, rx) = oneshot::channel();
-        let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
-        pending.insert(
-            job_id.to_owned(),
-            PendingJob {
-                partner: partner.to_owned(),
-                deliver: tx,
-            },
-        );
-        rx
-    }
-
-    /// Forgets a job that no longer waits for a connection.
-    fn forget(&self, job_id: &str) {
-        let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
-        pending.remove(job_id);
-    }
-
-    /// Hands an incoming data-plane connection to the job it names, if that job waits for
-    /// exactly this peer. Returns why not otherwise.
-    pub fn deliver(&self, job_id: &str, peer: &Identity, handover: Handover) -> Result<(), String> {
-        let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
-        let Some(job) = pending.get(job_id) else {
-            return Err(format!(
-                "no job '{job_id}' is waiting for a data-plane connection"
-            ));
-        };
-        if job.partner != peer.name {
-            return Err(format!(
-                "job '{job_id}' expects node '{}', but the connection is from {peer}",
-                job.partner
-            ));
-        }
-        let job = pending
-            .remove(job_id)
-            .ok_or_else(|| "job vanished".to_owned())?;
-        job.deliver
-            .send(handover)
-            .map_err(|_| format!("job '{job_id}' is no longer running"))
-    }
-}
 
 /// Keeps a control session with the coordinator until shutdown, reconnecting with backoff.
 pub async fn run(
@@ -132,14 +58,14 @@ pub async fn run(
 
 /// One control session: connect, hello, then serve job streams until the connection ends.
 async fn session(endpoint: &quinn::Endpoint, state: &Arc<NodeState>) -> Result<(), NodeError> {
-    let addr = state.cfg.coordinator;
+    let addr = state.cfg().coordinator;
     let conn = cleanroom_transport::connect(endpoint, addr, &Identity::coordinator()).await?;
     let (mut send, mut recv) = cleanroom_transport::open_bi(&conn).await?;
     send.send(&Envelope {
         job_id: String::new(),
         phase: Phase::Hello as i32,
         body: Some(Body::NodeHello(NodeHello {
-            node_name: state.cfg.name.clone(),
+            node_name: state.cfg().name.clone(),
             data_addr: state.advertise.to_string(),
             software_version: env!("CARGO_PKG_VERSION").to_owned(),
         })),
@@ -188,6 +114,16 @@ async fn job_stream(
         }
     };
     let job_id = offer.job_id.clone();
+    let my_name = state.cfg().name.clone();
+    let partner = match &offer.body {
+        Some(Body::Offer(o)) => o
+            .spec
+            .as_ref()
+            .and_then(|s| s.parties.iter().find(|p| p.node != my_name))
+            .map(|p| p.node.clone()),
+        _ => None,
+    }
+    .unwrap_or_default();
     let span = tracing::info_span!("job", job_id = %job_id);
     async move {
         if let Err(e) = run_offer(endpoint, &state, offer, &mut send, &mut recv).await {
@@ -200,8 +136,16 @@ async fn job_stream(
                 })),
             };
             let _ = send.send(&report).await;
+            let event = AuditEvent::JobError {
+                job_id: job_id.clone(),
+                partner,
+                reason: e.to_string(),
+            };
+            if let Err(audit) = state.audit.append(event, crate::agreement::now_ms()) {
+                tracing::error!(error = %audit, "could not audit the job's failure");
+            }
         }
-        state.forget(&job_id);
+        state.forget_pending(&job_id);
         let _ = send.finish();
     }
     .instrument(span)
@@ -230,17 +174,17 @@ async fn run_offer(
         Role::Responder => 1,
         Role::Unspecified => return Err(protocol("coordinator", "offer without a role")),
     };
-    let decision = agreement::check_offer(&state.cfg, &spec, me);
+    let decision = state.decide(&job_id, &spec, me, crate::agreement::now_ms());
     let reply = |accept: bool, reason: String| Envelope {
         job_id: job_id.clone(),
         phase: Phase::Offer as i32,
         body: Some(Body::OfferReply(OfferReply { accept, reason })),
     };
-    let permit: Permit = match decision {
-        Ok(permit) => {
+    let (generation, permit) = match decision {
+        Ok((generation, permit)) => {
             tracing::info!(partner = %permit.partner, purpose = %spec.purpose, "offer accepted");
             send.send(&reply(true, String::new())).await?;
-            permit
+            (generation, permit)
         }
         Err(veto) => {
             tracing::info!(reason = %veto, "offer vetoed");
@@ -278,13 +222,16 @@ async fn run_offer(
         phase: Phase::Start as i32,
         body: Some(Body::Ready(Ready {})),
     };
+    let cfg = state.cfg();
     let job = psi_job::JobContext {
         job_id: job_id.clone(),
         spec,
         me,
         permit,
-        state_dir: state.cfg.state_dir.clone(),
-        my_name: state.cfg.name.clone(),
+        generation,
+        state_dir: cfg.state_dir.clone(),
+        my_name: cfg.name.clone(),
+        state: state.clone(),
     };
     let outcome = if role == Role::Responder {
         let incoming = state.expect_connection(&job_id, &job.permit.partner);

@@ -13,7 +13,7 @@ use cleanroom_proto::v1::{Envelope, Phase, envelope::Body};
 use cleanroom_transport::{FramedRecv, Identity, PeerRole};
 use tokio::sync::watch;
 
-use crate::control::NodeState;
+use crate::state::NodeState;
 
 /// How long a new data-plane connection may take to say which job it is for.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);

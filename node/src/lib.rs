@@ -23,22 +23,49 @@ pub mod control;
 pub mod dataplane;
 pub mod dataset;
 pub mod error;
+pub mod forget;
 pub mod normalise;
 pub mod policy;
 pub mod psi_job;
+pub mod retention;
+pub mod state;
 pub mod transparency;
 
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use cleanroom_transport::{Credentials, Identity, TransportTuning};
+use sha2::{Digest, Sha256};
 use tokio::sync::watch;
+
+use crate::audit::{AuditEvent, AuditLog};
+use crate::policy::PolicyHolder;
+use crate::state::NodeState;
 
 pub use config::NodeConfig;
 pub use error::NodeError;
 
-/// Runs a node until `shutdown` turns true: binds the data plane, then keeps a control session
-/// with the coordinator open (reconnecting with backoff when it drops).
+/// Runs a node from its config file until `shutdown` turns true. Like [`run`], and also
+/// reloads the policy on SIGHUP (a reload that fails keeps the last good policy).
+pub async fn run_from(
+    config_path: PathBuf,
+    shutdown: watch::Receiver<bool>,
+) -> Result<(), NodeError> {
+    let cfg = policy::load_checked(&config_path).map_err(|e| NodeError::Config(e.to_string()))?;
+    serve(cfg, Some(config_path), shutdown).await
+}
+
+/// Runs a node until `shutdown` turns true: opens the audit log, binds the data plane, then
+/// keeps a control session with the coordinator open (reconnecting with backoff when it drops).
 pub async fn run(cfg: NodeConfig, shutdown: watch::Receiver<bool>) -> Result<(), NodeError> {
+    serve(cfg, None, shutdown).await
+}
+
+async fn serve(
+    cfg: NodeConfig,
+    config_path: Option<PathBuf>,
+    shutdown: watch::Receiver<bool>,
+) -> Result<(), NodeError> {
     let creds = Credentials::load(&cfg.tls.ca, &cfg.tls.cert, &cfg.tls.key)?;
     let me = creds.identity()?;
     let expected = Identity::node(&cfg.name)?;
@@ -51,6 +78,15 @@ pub async fn run(cfg: NodeConfig, shutdown: watch::Receiver<bool>) -> Result<(),
             cfg.name
         )));
     }
+    // No audit log, no node: every access must be recorded.
+    let audit =
+        AuditLog::open(&audit::audit_path(&cfg)).map_err(|e| NodeError::Config(e.to_string()))?;
+    audit
+        .append(
+            policy_loaded(&cfg, config_path.as_deref()),
+            agreement::now_ms(),
+        )
+        .map_err(|e| NodeError::Config(e.to_string()))?;
     let tuning = TransportTuning::default();
     let listen = cfg.listen;
     let endpoint = cleanroom_transport::server_endpoint(listen, &creds, &tuning)?;
@@ -61,7 +97,12 @@ pub async fn run(cfg: NodeConfig, shutdown: watch::Receiver<bool>) -> Result<(),
     let advertise = cfg.advertise.unwrap_or(bound);
     tracing::info!(node = %cfg.name, data_plane = %bound, advertise = %advertise, "node listening");
 
-    let state = Arc::new(control::NodeState::new(cfg, advertise));
+    let path = config_path.clone().unwrap_or_default();
+    let state = Arc::new(
+        NodeState::new(PolicyHolder::new(cfg), path, audit, advertise)
+            .map_err(|e| NodeError::Config(e.to_string()))?,
+    );
+    let reloads = config_path.map(|_| tokio::spawn(reload_on_sighup(state.clone())));
     let dataplane = tokio::spawn(dataplane::serve(
         endpoint.clone(),
         state.clone(),
@@ -70,6 +111,46 @@ pub async fn run(cfg: NodeConfig, shutdown: watch::Receiver<bool>) -> Result<(),
     let control = control::run(endpoint.clone(), state, shutdown.clone()).await;
     endpoint.close(0u32.into(), b"node shutting down");
     dataplane.abort();
+    if let Some(reloads) = reloads {
+        reloads.abort();
+    }
     endpoint.wait_idle().await;
     control
+}
+
+/// The audit entry for a loaded policy: the file's digest and the partners it names.
+fn policy_loaded(cfg: &NodeConfig, path: Option<&Path>) -> AuditEvent {
+    let bytes = path.and_then(|p| std::fs::read(p).ok()).unwrap_or_default();
+    AuditEvent::PolicyLoaded {
+        digest: audit::to_hex(&Sha256::digest(&bytes)),
+        agreements: cfg.agreements.iter().map(|a| a.partner.clone()).collect(),
+    }
+}
+
+/// Reloads the policy on SIGHUP; a reload that fails keeps the last good policy and says why.
+async fn reload_on_sighup(state: Arc<NodeState>) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let Ok(mut hup) = signal(SignalKind::hangup()) else {
+            return;
+        };
+        while hup.recv().await.is_some() {
+            match state.policy.reload(&state.config_path) {
+                Ok(()) => {
+                    let cfg = state.cfg();
+                    let event = policy_loaded(&cfg, Some(&state.config_path));
+                    if let Err(e) = state.audit.append(event, agreement::now_ms()) {
+                        tracing::error!(error = %e, "could not audit the policy reload");
+                    }
+                    tracing::info!(config = %state.config_path.display(), "policy reloaded");
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "policy reload failed; keeping the last good policy")
+                }
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = state;
 }

@@ -17,6 +17,7 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use cleanroom_circuits::{JobKey, POINT_LEN, PsiParams, PsiSession};
@@ -30,9 +31,13 @@ use sha2::{Digest, Sha256};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::NodeError;
-use crate::agreement::Permit;
+use crate::agreement::{Permit, now_ms};
+use crate::audit::{AuditEvent, AuditHead};
+use crate::config::Recipient;
 use crate::dataplane::Handover;
-use crate::dataset;
+use crate::dataset::{self, RowFilter};
+use crate::forget::ForgetStore;
+use crate::state::NodeState;
 
 /// How long the responder waits for the initiator to connect.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(60);
@@ -58,10 +63,44 @@ pub struct JobContext {
     pub me: usize,
     /// What the agreement permits for this job.
     pub permit: Permit,
+    /// The policy generation the offer was accepted under (re-checked at each phase).
+    pub generation: u64,
     /// Where membership files go.
     pub state_dir: PathBuf,
     /// This node's name.
     pub my_name: String,
+    /// The node's shared state: policy, audit log.
+    pub state: Arc<NodeState>,
+}
+
+impl JobContext {
+    /// Stops the job if a policy reload since the offer changed its terms.
+    fn recheck(&self) -> Result<(), NodeError> {
+        self.state
+            .recheck(self.generation, &self.spec, self.me, &self.permit, now_ms())
+            .map_err(|v| NodeError::Job(format!("refused: {v}")))
+    }
+
+    /// Appends to the audit log; an access or release that cannot be audited does not happen.
+    fn audit(&self, event: AuditEvent) -> Result<AuditHead, NodeError> {
+        self.state.audit.append(event, now_ms()).map_err(|e| {
+            tracing::error!(error = %e, "audit log write failed; stopping the job");
+            NodeError::Job(format!(
+                "node '{}' could not write its audit log; the job was stopped",
+                self.my_name
+            ))
+        })
+    }
+
+    /// The row filter for this job: consent for its purpose, and forgotten subjects.
+    fn forgotten(&self) -> Result<Option<dataset::Forgotten>, NodeError> {
+        let store = ForgetStore::open(&self.state_dir)
+            .map_err(|e| NodeError::Job(format!("deletion list: {e}")))?;
+        let forgotten = store
+            .load(&self.permit.dataset.name)
+            .map_err(|e| NodeError::Job(format!("deletion list: {e}")))?;
+        Ok(Some(forgotten))
+    }
 }
 
 /// Initiator: dial the responder, then run the exchange.
@@ -141,19 +180,45 @@ async fn exchange(
         seq: 0,
     };
 
-    // Load our data first: it is ours, the agreement allows this job, and sizes must be declared.
+    // Load our data first: it is ours, the agreement allows this job, and sizes must be
+    // declared. Rows without consent for the purpose and forgotten subjects never get in.
+    job.recheck()?;
     let dataset = job.permit.dataset.clone();
     let keys = job.permit.keys.clone();
-    let loaded = blocking(move || dataset::load_keys(&dataset, &keys, MAX_ROWS))
-        .await?
-        .map_err(|e| NodeError::Job(format!("dataset: {e}")))?;
+    let consent = job.permit.consent_column.clone();
+    let forgotten = job.forgotten()?;
+    let loaded = blocking(move || {
+        let filter = RowFilter {
+            consent_column: consent.as_deref(),
+            forgotten: forgotten.as_ref(),
+        };
+        dataset::load_keys_for(&dataset, &keys, filter, MAX_ROWS)
+    })
+    .await?
+    .map_err(|e| NodeError::Job(format!("dataset: {e}")))?;
     let (rows_read, rows_rejected) = (loaded.rows_read, loaded.rows_rejected);
+    let (excluded_consent, excluded_deleted) =
+        (loaded.rows_excluded_consent, loaded.rows_excluded_deleted);
     tracing::info!(
         rows = rows_read,
         rejected = rows_rejected,
+        excluded_consent,
+        excluded_deleted,
         distinct = loaded.items.len(),
         "dataset loaded"
     );
+    job.audit(AuditEvent::Access {
+        job_id: job.job_id.clone(),
+        dataset: job.permit.dataset.name.clone(),
+        columns: key_columns(&job.permit),
+        rows_read,
+        rows_rejected,
+        rows_excluded_consent: excluded_consent,
+        rows_excluded_deleted: excluded_deleted,
+    })?;
+    job.permit
+        .check_input_size(loaded.items.len() as u64)
+        .map_err(|v| NodeError::Job(format!("refused: {v}")))?;
 
     let params = PsiParams {
         key_name: dataset::key_name(&job.permit.keys),
@@ -203,9 +268,23 @@ async fn exchange(
         if peer_hello.spec_digest != digest {
             return Err(violation(&partner, "it was given a different job spec"));
         }
+        job.permit
+            .check_peer_size(peer_hello.set_size)
+            .map_err(|v| NodeError::Job(format!("refused: {v}")))?;
         let session = session
             .on_peer_size(peer_hello.set_size)
             .map_err(|e| NodeError::Job(format!("refused: {e}")))?;
+        job.recheck()?;
+        if job.permit.partner_learns_membership {
+            job.audit(AuditEvent::Release {
+                job_id: job.job_id.clone(),
+                partner: partner.clone(),
+                what: "which of the partner's records we hold (its membership)".into(),
+                to: vec![partner.clone()],
+                value: None,
+                epsilon: 0.0,
+            })?;
+        }
 
         // Blind our items (the heavy step) and send them.
         let (batches, mut exchanging) = blocking(move || session.blind()).await?;
@@ -306,8 +385,27 @@ async fn exchange(
     // Wait until the peer has everything we sent before the connection is closed.
     let _ = tokio::time::timeout(Duration::from_secs(10), out.send.stopped()).await;
 
+    // What may be released to the coordinator: the count, unless this node's agreement
+    // withholds it (below the minimum result, or counts not allowed to the coordinator).
+    job.recheck()?;
+    let released = job
+        .permit
+        .release_count(output.intersection)
+        .filter(|_| job.permit.counts_allowed_to(Recipient::Coordinator));
+    let head = job.audit(AuditEvent::Release {
+        job_id: job.job_id.clone(),
+        partner: partner.clone(),
+        what: if released.is_some() {
+            "intersection count".into()
+        } else {
+            "intersection count withheld (below the minimum result or not allowed)".into()
+        },
+        to: vec!["coordinator".into(), partner.clone()],
+        value: released,
+        epsilon: 0.0,
+    })?;
     let mut outcome = PsiOutcome {
-        intersection: output.intersection,
+        intersection: released.unwrap_or(0),
         own_set_size: output.own_set_size,
         peer_set_size: output.peer_set_size,
         learned_membership: false,
@@ -315,6 +413,10 @@ async fn exchange(
         membership_file: String::new(),
         rows_read,
         rows_rejected,
+        suppressed: released.is_none(),
+        audit_head: head.to_string(),
+        rows_excluded_consent: excluded_consent,
+        rows_excluded_deleted: excluded_deleted,
     };
     if let (true, Some(indices)) = (job.spec.kind == JobKind::Match as i32, output.membership) {
         let (rows, path) = write_membership(job, indices, own_size).await?;
@@ -323,6 +425,16 @@ async fn exchange(
         outcome.membership_file = path.display().to_string();
     }
     Ok(outcome)
+}
+
+/// The CSV columns a job's join keys read.
+fn key_columns(permit: &Permit) -> Vec<String> {
+    permit
+        .keys
+        .names
+        .iter()
+        .filter_map(|name| permit.dataset.identifier(name).map(|i| i.column.clone()))
+        .collect()
 }
 
 fn check_seq(seq: u64, expected: &mut u64, partner: &str) -> Result<(), NodeError> {
@@ -345,13 +457,19 @@ async fn write_membership(
 ) -> Result<(u64, PathBuf), NodeError> {
     let dataset = job.permit.dataset.clone();
     let keys = job.permit.keys.clone();
+    let consent = job.permit.consent_column.clone();
+    let forgotten = job.forgotten()?;
     let dir = job.state_dir.join("results");
     let path = dir.join(format!("{}-membership.csv", job.job_id));
     let out = path.clone();
     blocking(move || -> Result<u64, NodeError> {
         // Re-read the dataset: the same data dedups to the same sorted order, so the indices the
         // protocol returned map to the same keys. A changed file is detected by its size.
-        let loaded = dataset::load_keys(&dataset, &keys, MAX_ROWS)
+        let filter = RowFilter {
+            consent_column: consent.as_deref(),
+            forgotten: forgotten.as_ref(),
+        };
+        let loaded = dataset::load_keys_for(&dataset, &keys, filter, MAX_ROWS)
             .map_err(|e| NodeError::Job(format!("dataset: {e}")))?;
         if loaded.items.len() as u64 != own_size {
             return Err(NodeError::Job("the dataset changed during the job".into()));
@@ -367,7 +485,7 @@ async fn write_membership(
                 .map_err(|e| NodeError::Job(e.to_string()))?;
         }
         matched.dedup();
-        let rows = dataset::matching_rows(&dataset, &keys, &matched)
+        let rows = dataset::matching_rows_for(&dataset, &keys, filter, &matched)
             .map_err(|e| NodeError::Job(format!("dataset: {e}")))?;
         std::fs::create_dir_all(&dir).map_err(|e| NodeError::Io {
             what: format!("creating {}", dir.display()),
