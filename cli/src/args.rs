@@ -32,7 +32,25 @@ pub enum Command {
         conn: ConnArgs,
         /// Job subcommand.
         #[command(subcommand)]
-        command: JobCommand,
+        command: JobCli,
+    },
+    /// Recurring jobs: each run is an ordinary job, linked to its schedule.
+    Schedule {
+        /// How to reach the coordinator.
+        #[command(flatten)]
+        conn: ConnArgs,
+        /// Schedule subcommand.
+        #[command(subcommand)]
+        command: ScheduleCommand,
+    },
+    /// A schedule's history as an HTML page (trend chart and runs table), CSV or JSON.
+    Report {
+        /// How to reach the coordinator.
+        #[command(flatten)]
+        conn: ConnArgs,
+        /// Report options.
+        #[command(flatten)]
+        args: ReportArgs,
     },
     /// List the nodes the coordinator knows and whether each is connected.
     Nodes {
@@ -197,6 +215,166 @@ pub enum JobCommand {
         #[arg(long, value_enum, default_value_t = Format::Table)]
         format: Format,
     },
+}
+
+/// `cleanroom job …`: the job commands, and `retry`.
+#[derive(Debug, Subcommand)]
+pub enum JobCli {
+    /// The job commands.
+    #[command(flatten)]
+    Base(JobCommand),
+    /// Resubmit a failed, vetoed or cancelled job as a new job with the same spec (the new
+    /// job's history names the old one). Retrying the same job twice gives the same new job.
+    Retry {
+        /// The job to retry.
+        job_id: String,
+        /// Idempotency key of the new job (default: `retry:JOB_ID`).
+        #[arg(long, default_value = "")]
+        idempotency_key: String,
+        /// Wait for the new job to finish and print its result.
+        #[arg(long)]
+        wait: bool,
+        /// With --wait: give up after this many seconds.
+        #[arg(long, default_value_t = 3600)]
+        timeout: u64,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = Format::Table)]
+        format: Format,
+    },
+}
+
+/// `cleanroom schedule …`
+#[derive(Debug, Subcommand)]
+pub enum ScheduleCommand {
+    /// Add a schedule: `schedule add NAME --cron "0 2 * * *" [--timezone Europe/Paris] --
+    /// overlap --between acme,globex --dataset customers --on email --purpose
+    /// overlap-reporting`. The job words after `--` are those of `job submit` (the `--` may be
+    /// left out); give connection flags before them.
+    Add(ScheduleAddArgs),
+    /// The live schedules.
+    List {
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = Format::Table)]
+        format: Format,
+    },
+    /// A schedule with its runs and their jobs (a removed schedule's history too).
+    Show {
+        /// The schedule.
+        name: String,
+        /// Only runs scheduled in this window before now, e.g. 90d, 12h, 2w.
+        #[arg(long)]
+        since: Option<String>,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = Format::Table)]
+        format: Format,
+    },
+    /// Stop a schedule from firing and retrying until it is resumed.
+    Pause {
+        /// The schedule.
+        name: String,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = Format::Table)]
+        format: Format,
+    },
+    /// Resume a paused schedule; occurrences that fell in the pause are not run.
+    Resume {
+        /// The schedule.
+        name: String,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = Format::Table)]
+        format: Format,
+    },
+    /// Remove a schedule. Its runs and their jobs stay, and stay reportable.
+    Remove {
+        /// The schedule.
+        name: String,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = Format::Table)]
+        format: Format,
+    },
+    /// Submit the schedule's job now, as an extra run (paused schedules too).
+    RunNow {
+        /// The schedule.
+        name: String,
+        /// Wait for the job to finish and print its result.
+        #[arg(long)]
+        wait: bool,
+        /// With --wait: give up after this many seconds.
+        #[arg(long, default_value_t = 3600)]
+        timeout: u64,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = Format::Table)]
+        format: Format,
+    },
+}
+
+/// `cleanroom schedule add …`
+#[derive(Debug, Args)]
+pub struct ScheduleAddArgs {
+    /// The schedule's name: letters, digits, '.', '_' and '-'.
+    pub name: String,
+    /// Five-field cron expression: minute hour day-of-month month day-of-week, e.g.
+    /// "0 2 * * *" (every day at 02:00).
+    #[arg(long)]
+    pub cron: String,
+    /// IANA time zone of the cron expression, e.g. Europe/Paris (default: UTC).
+    #[arg(long, default_value = "")]
+    pub timezone: String,
+    /// How many times a failed or vetoed run is retried.
+    #[arg(long, default_value_t = 3)]
+    pub max_retries: u32,
+    /// Seconds before the first retry; each further retry waits twice as long.
+    #[arg(long, default_value_t = 60)]
+    pub backoff: u32,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = Format::Table)]
+    pub format: Format,
+    /// The job, as for `job submit`: `overlap --between acme,globex --dataset customers --on
+    /// email --purpose overlap-reporting`.
+    #[arg(
+        required = true,
+        num_args = 1..,
+        trailing_var_arg = true,
+        allow_hyphen_values = true,
+        value_name = "JOB"
+    )]
+    pub job: Vec<String>,
+}
+
+/// The job words of `schedule add`, parsed like `job submit`'s.
+#[derive(Debug, Parser)]
+#[command(name = "schedule add NAME --cron CRON --", no_binary_name = false)]
+pub struct ScheduledJobWords {
+    /// The job.
+    #[command(flatten)]
+    pub submit: SubmitArgs,
+}
+
+/// Formats of a report.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ReportFormat {
+    /// A self-contained page with a trend chart and the runs table.
+    Html,
+    /// One row per run.
+    Csv,
+    /// The report's data.
+    Json,
+}
+
+/// `cleanroom report …`
+#[derive(Debug, Args)]
+pub struct ReportArgs {
+    /// The schedule.
+    pub name: String,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = ReportFormat::Html)]
+    pub format: ReportFormat,
+    /// Only runs scheduled in this window before now, e.g. 90d, 12h, 2w (default: all).
+    #[arg(long)]
+    pub since: Option<String>,
+    /// Where to write the report (default: standard output).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
 }
 
 /// Job kinds the CLI can submit.

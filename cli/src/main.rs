@@ -1,7 +1,8 @@
 //! `cleanroom`: the command line of the cleanroom runtime.
 //!
 //! Thin over the libraries: `pki` (transport), `synth` (synthetic data), `coordinator serve`,
-//! `node run` (the same as `cleanroom-node run`), `job` and `nodes` (the analyst API), `demo`
+//! `node run` (the same as `cleanroom-node run`), `job` and `nodes` (the analyst API),
+//! `schedule` and `report` (recurring jobs and their reports), `demo`
 //! (everything on loopback) and `bench` (the PSI benchmark against the cryptographic floor).
 
 mod args;
@@ -10,13 +11,15 @@ mod cluster;
 mod demo;
 mod job;
 mod output;
+mod report;
+mod schedule;
 mod synth;
 
 use std::process::ExitCode;
 
 use clap::Parser;
 
-use crate::args::{Cli, Command, CoordinatorCommand, PkiCommand, PkiIssue};
+use crate::args::{Cli, Command, CoordinatorCommand, JobCli, PkiCommand, PkiIssue};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -103,7 +106,30 @@ fn execute(command: Command) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Node(cli) => Ok(cleanroom_node::cli::main(cli)),
-        Command::Job { conn, command } => runtime()?.block_on(job::run(conn, command)),
+        Command::Job {
+            conn,
+            command: JobCli::Base(command),
+        } => runtime()?.block_on(job::run(conn, command)),
+        Command::Job {
+            conn,
+            command:
+                JobCli::Retry {
+                    job_id,
+                    idempotency_key,
+                    wait,
+                    timeout,
+                    format,
+                },
+        } => runtime()?.block_on(schedule::retry(
+            conn,
+            &job_id,
+            &idempotency_key,
+            wait,
+            timeout,
+            format,
+        )),
+        Command::Schedule { conn, command } => runtime()?.block_on(schedule::run(conn, command)),
+        Command::Report { conn, args } => runtime()?.block_on(report::run(conn, args)),
         Command::Nodes { conn, format } => runtime()?.block_on(job::nodes(conn, format)),
         Command::Demo(args) => runtime()?.block_on(demo::run(args)),
         Command::Bench { command } => runtime()?.block_on(bench::run(command)),

@@ -4,8 +4,9 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use cleanroom_proto::v1::{
-    AnalystRequest, Envelope, GetJob, JobInfo, JobSpec, JobState, ListJobs, ListNodes, NodeInfo,
-    Phase, SubmitJob, analyst_request::Request, analyst_response::Response, envelope::Body,
+    AddSchedule, AnalystRequest, Envelope, GetJob, GetReport, JobInfo, JobSpec, JobState, ListJobs,
+    ListNodes, ListSchedules, NodeInfo, Phase, RetryJob, ScheduleInfo, ScheduleRef, SubmitJob,
+    analyst_request::Request, analyst_response::Response, envelope::Body,
 };
 use cleanroom_transport::{Credentials, Identity, TransportTuning};
 
@@ -89,6 +90,100 @@ impl AnalystClient {
         }
     }
 
+    /// Resubmits a failed, vetoed or cancelled job as a new job (its history names the old one).
+    /// An empty `idempotency_key` means `retry:<job_id>`: retrying the same job twice gives the
+    /// same new job.
+    pub async fn retry(
+        &self,
+        job_id: &str,
+        idempotency_key: &str,
+    ) -> Result<JobInfo, CoordinatorError> {
+        let request = Request::Retry(RetryJob {
+            idempotency_key: idempotency_key.to_owned(),
+        });
+        match self.call(job_id, request).await? {
+            Response::Job(info) => Ok(info),
+            _ => Err(protocol("expected a job")),
+        }
+    }
+
+    /// Adds a schedule.
+    pub async fn add_schedule(&self, add: AddSchedule) -> Result<ScheduleInfo, CoordinatorError> {
+        self.schedule_call(Request::AddSchedule(add)).await
+    }
+
+    /// The live schedules.
+    pub async fn list_schedules(&self) -> Result<Vec<ScheduleInfo>, CoordinatorError> {
+        match self
+            .call("", Request::ListSchedules(ListSchedules {}))
+            .await?
+        {
+            Response::Schedules(list) => Ok(list.schedules),
+            _ => Err(protocol("expected a schedule list")),
+        }
+    }
+
+    /// One schedule with its runs scheduled at or after `since_ms` (0: all).
+    pub async fn show_schedule(
+        &self,
+        name: &str,
+        since_ms: i64,
+    ) -> Result<ScheduleInfo, CoordinatorError> {
+        self.schedule_call(Request::ShowSchedule(ScheduleRef {
+            name: name.to_owned(),
+            since_ms,
+        }))
+        .await
+    }
+
+    /// Pauses a schedule.
+    pub async fn pause_schedule(&self, name: &str) -> Result<ScheduleInfo, CoordinatorError> {
+        self.schedule_call(Request::PauseSchedule(schedule_ref(name)))
+            .await
+    }
+
+    /// Resumes a paused schedule (occurrences during the pause are not run).
+    pub async fn resume_schedule(&self, name: &str) -> Result<ScheduleInfo, CoordinatorError> {
+        self.schedule_call(Request::ResumeSchedule(schedule_ref(name)))
+            .await
+    }
+
+    /// Removes a schedule (its history stays reportable).
+    pub async fn remove_schedule(&self, name: &str) -> Result<ScheduleInfo, CoordinatorError> {
+        self.schedule_call(Request::RemoveSchedule(schedule_ref(name)))
+            .await
+    }
+
+    /// Submits a schedule's job now; returns the job.
+    pub async fn run_schedule_now(&self, name: &str) -> Result<JobInfo, CoordinatorError> {
+        match self
+            .call("", Request::RunScheduleNow(schedule_ref(name)))
+            .await?
+        {
+            Response::Job(info) => Ok(info),
+            _ => Err(protocol("expected a job")),
+        }
+    }
+
+    /// A schedule's report as JSON (read it with `report::ScheduleReport::from_json`).
+    pub async fn report(&self, name: &str, since_ms: i64) -> Result<String, CoordinatorError> {
+        let request = Request::Report(GetReport {
+            name: name.to_owned(),
+            since_ms,
+        });
+        match self.call("", request).await? {
+            Response::ReportJson(json) => Ok(json),
+            _ => Err(protocol("expected a report")),
+        }
+    }
+
+    async fn schedule_call(&self, request: Request) -> Result<ScheduleInfo, CoordinatorError> {
+        match self.call("", request).await? {
+            Response::Schedule(info) => Ok(info),
+            _ => Err(protocol("expected a schedule")),
+        }
+    }
+
     /// Polls a job until it reaches a terminal state or `timeout` passes; `on_poll` sees each
     /// intermediate state (for progress display).
     pub async fn wait(
@@ -142,6 +237,13 @@ pub fn state_name(state: i32) -> &'static str {
         Ok(JobState::Vetoed) => "vetoed",
         Ok(JobState::Cancelled) => "cancelled",
         _ => "unknown",
+    }
+}
+
+fn schedule_ref(name: &str) -> ScheduleRef {
+    ScheduleRef {
+        name: name.to_owned(),
+        since_ms: 0,
     }
 }
 

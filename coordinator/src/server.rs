@@ -8,17 +8,24 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use cleanroom_proto::v1::{
-    AnalystResponse, Envelope, HelloAck, JobList, JobState, NodeInfo, NodeList, Phase,
-    analyst_request::Request, analyst_response::Response, envelope::Body,
+    AnalystResponse, Envelope, HelloAck, JobInfo, JobList, JobState, NodeInfo, NodeList, Phase,
+    ScheduleInfo, ScheduleList, ScheduleRunInfo, analyst_request::Request,
+    analyst_response::Response, envelope::Body,
 };
 use cleanroom_transport::{
     Credentials, FramedRecv, FramedSend, Identity, PeerRole, TransportTuning,
 };
 use tokio::sync::watch;
 
+use crate::clock::SystemClock;
 use crate::registry::{NodeHandle, Registry};
-use crate::store::JobStore;
+use crate::report::{ScheduleReport, render_json};
+use crate::schedule::{self, ScheduledJob};
+use crate::store::{JobStore, NewSchedule, ScheduleRecord, ScheduleRun};
 use crate::{CoordinatorConfig, CoordinatorError, now_ms, runner, spec};
+
+/// Backoff base of a schedule's retries when the analyst gives none, seconds.
+pub const DEFAULT_BACKOFF_SECS: u32 = 60;
 
 /// QUIC application error code for a refused connection.
 const CLOSE_REFUSED: u32 = 2;
@@ -52,14 +59,13 @@ pub async fn serve(
         )));
     }
     let store = JobStore::open(&cfg.database)?;
-    // A job that was under way when the coordinator stopped cannot be resumed yet: fail it
-    // cleanly so it is never left hanging and never runs twice.
-    for job_id in store.unfinished()? {
-        let reason = "the coordinator restarted while the job was in progress; submit it again";
-        if let Err(e) = store.transition(&job_id, JobState::Failed, reason, now_ms()) {
-            tracing::warn!(job_id = %job_id, error = %e, "could not fail an unfinished job");
-        }
-    }
+    // A job that was under way when the coordinator stopped cannot be resumed (the nodes have
+    // dropped its streams): fail it cleanly so it is never left hanging and never runs twice.
+    // The analyst can retry it; a scheduled run is retried by its schedule's retry policy.
+    fail_unfinished(
+        &store,
+        "the coordinator restarted while the job was in progress; retry it with `cleanroom job retry`",
+    )?;
     let endpoint =
         cleanroom_transport::server_endpoint(cfg.listen, &creds, &TransportTuning::default())?;
     let bound = endpoint.local_addr().map_err(|e| {
@@ -75,6 +81,19 @@ pub async fn serve(
         store,
         registry: Registry::default(),
     });
+    let scheduler = {
+        let shared = shared.clone();
+        let mut stop = shutdown.clone();
+        tokio::spawn(async move {
+            let submitter = shared.clone();
+            let submit = move |job: ScheduledJob| submit_scheduled(submitter.clone(), job);
+            schedule::run_scheduler(Arc::new(SystemClock), &shared.store, submit, async move {
+                // A dropped sender also means stop.
+                let _ = stop.wait_for(|stop| *stop).await;
+            })
+            .await;
+        })
+    };
     loop {
         let incoming = tokio::select! {
             i = endpoint.accept() => i,
@@ -101,10 +120,101 @@ pub async fn serve(
             }
         });
     }
+    tracing::info!("coordinator shutting down");
+    if let Err(e) = scheduler.await {
+        tracing::warn!(error = %e, "the scheduler task failed");
+    }
     endpoint.close(0u32.into(), b"coordinator shutting down");
     endpoint.wait_idle().await;
+    fail_unfinished(
+        &shared.store,
+        "the coordinator shut down while the job was in progress; retry it with `cleanroom job retry`",
+    )?;
     tracing::info!("coordinator stopped");
     Ok(())
+}
+
+/// Fails every job that is not in a terminal state, with `reason`.
+fn fail_unfinished(store: &JobStore, reason: &str) -> Result<(), CoordinatorError> {
+    for job_id in store.unfinished()? {
+        match store.transition(&job_id, JobState::Failed, reason, now_ms()) {
+            Ok(_) => tracing::warn!(job_id = %job_id, %reason, "unfinished job failed"),
+            Err(e) => {
+                tracing::warn!(job_id = %job_id, error = %e, "could not fail an unfinished job");
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Submits one job on behalf of the scheduler (or `schedule run-now`): validates the spec,
+/// stores it under the run's idempotency key and starts its runner if it is new. Returns the job
+/// id, or why the submission was refused.
+pub async fn submit_scheduled(shared: Arc<Shared>, job: ScheduledJob) -> Result<String, String> {
+    spec::validate(&job.spec)?;
+    let note = if job.attempt == 0 {
+        format!("schedule {}", job.schedule)
+    } else {
+        format!("schedule {}, retry {}", job.schedule, job.attempt)
+    };
+    let submitted = shared
+        .store
+        .submit_noted(&job.spec, &job.idempotency_key, &job.owner, &note, now_ms())
+        .map_err(|e| e.to_string())?;
+    if submitted.created {
+        tracing::info!(job_id = %submitted.job_id, schedule = %job.schedule, attempt = job.attempt, "scheduled job submitted");
+        let shared = shared.clone();
+        let job_id = submitted.job_id.clone();
+        let spec = job.spec;
+        tokio::spawn(async move { runner::run_job(shared, job_id, spec).await });
+    }
+    Ok(submitted.job_id)
+}
+
+/// A stored schedule as the analyst API sends it.
+pub fn schedule_info(record: &ScheduleRecord, runs: &[ScheduleRun]) -> ScheduleInfo {
+    ScheduleInfo {
+        name: record.name.clone(),
+        cron: record.cron.clone(),
+        timezone: record.timezone.clone(),
+        spec: Some(record.spec.clone()),
+        owner: record.owner.clone(),
+        paused: record.paused,
+        created_ms: record.created_ms,
+        next_run_ms: record.next_run_ms.unwrap_or(0),
+        last_fired_ms: record.last_fired_ms.unwrap_or(0),
+        max_retries: record.max_retries,
+        backoff_base_secs: record.backoff_base_secs,
+        removed_ms: record.removed_ms.unwrap_or(0),
+        runs: runs
+            .iter()
+            .map(|run| ScheduleRunInfo {
+                scheduled_for_ms: run.scheduled_for_ms,
+                attempt: run.attempt,
+                job_id: run.job_id.clone().unwrap_or_default(),
+                status: run.status.as_str().to_owned(),
+                note: run.note.clone(),
+                recorded_ms: run.recorded_ms,
+                job_state: run.job_state.map_or(0, |s| s as i32),
+                job_reason: run.job_reason.clone(),
+                has_intersection: run.intersection.is_some(),
+                intersection: run.intersection.unwrap_or(0),
+            })
+            .collect(),
+    }
+}
+
+fn job_info(shared: &Shared, job_id: &str) -> Result<JobInfo, CoordinatorError> {
+    shared
+        .store
+        .get(job_id)?
+        .ok_or_else(|| CoordinatorError::Refused(format!("job {job_id} vanished")))
+}
+
+fn unknown_schedule(name: &str) -> CoordinatorError {
+    CoordinatorError::Refused(format!(
+        "no schedule '{name}'; `cleanroom schedule list` shows the schedules"
+    ))
 }
 
 async fn node_session(shared: Arc<Shared>, conn: quinn::Connection, peer: Identity) {
@@ -186,7 +296,7 @@ async fn analyst_request(
         }
     };
     let job_id = env.job_id.clone();
-    let response = match handle(shared, peer, env) {
+    let response = match handle(shared, peer, env).await {
         Ok(r) => r,
         Err(e) => Response::Error(e.to_string()),
     };
@@ -204,7 +314,7 @@ async fn analyst_request(
     let _ = send.stopped().await;
 }
 
-fn handle(
+async fn handle(
     shared: &Arc<Shared>,
     peer: &Identity,
     env: Envelope,
@@ -277,6 +387,139 @@ fn handle(
                 })
                 .collect();
             Ok(Response::Nodes(NodeList { nodes }))
+        }
+        Some(Request::AddSchedule(add)) => {
+            let job_spec = add
+                .spec
+                .ok_or_else(|| CoordinatorError::Refused("schedule without a job spec".into()))?;
+            let record = shared.store.add_schedule(
+                &NewSchedule {
+                    name: add.name,
+                    cron: add.cron,
+                    timezone: add.timezone,
+                    spec: job_spec,
+                    owner: peer.name.clone(),
+                    max_retries: add.max_retries,
+                    backoff_base_secs: if add.backoff_base_secs == 0 {
+                        DEFAULT_BACKOFF_SECS
+                    } else {
+                        add.backoff_base_secs
+                    },
+                },
+                now_ms(),
+            )?;
+            tracing::info!(schedule = %record.name, cron = %record.cron, timezone = %record.timezone, analyst = %peer.name, "schedule added");
+            Ok(Response::Schedule(schedule_info(&record, &[])))
+        }
+        Some(Request::ListSchedules(_)) => Ok(Response::Schedules(ScheduleList {
+            schedules: shared
+                .store
+                .list_schedules()?
+                .iter()
+                .map(|r| schedule_info(r, &[]))
+                .collect(),
+        })),
+        Some(Request::ShowSchedule(r)) => {
+            let record = match shared.store.get_schedule(&r.name)? {
+                Some(record) => record,
+                None => shared
+                    .store
+                    .schedule_for_report(&r.name)?
+                    .ok_or_else(|| unknown_schedule(&r.name))?,
+            };
+            let runs = shared.store.runs(&r.name, r.since_ms)?;
+            Ok(Response::Schedule(schedule_info(&record, &runs)))
+        }
+        Some(Request::PauseSchedule(r)) => {
+            let record = shared.store.pause_schedule(&r.name)?;
+            tracing::info!(schedule = %r.name, analyst = %peer.name, "schedule paused");
+            Ok(Response::Schedule(schedule_info(&record, &[])))
+        }
+        Some(Request::ResumeSchedule(r)) => {
+            let record = shared.store.resume_schedule(&r.name, now_ms())?;
+            tracing::info!(schedule = %r.name, analyst = %peer.name, "schedule resumed");
+            Ok(Response::Schedule(schedule_info(&record, &[])))
+        }
+        Some(Request::RemoveSchedule(r)) => {
+            let record = shared
+                .store
+                .get_schedule(&r.name)?
+                .ok_or_else(|| unknown_schedule(&r.name))?;
+            let now = now_ms();
+            shared.store.remove_schedule(&r.name, now)?;
+            tracing::info!(schedule = %r.name, analyst = %peer.name, "schedule removed");
+            let record = ScheduleRecord {
+                removed_ms: Some(now),
+                ..record
+            };
+            Ok(Response::Schedule(schedule_info(&record, &[])))
+        }
+        Some(Request::RunScheduleNow(r)) => {
+            let submitter = shared.clone();
+            let submit = move |job: ScheduledJob| submit_scheduled(submitter.clone(), job);
+            let run = schedule::run_now(&shared.store, &r.name, now_ms(), &submit)
+                .await
+                .map_err(|e| CoordinatorError::Refused(e.to_string()))?;
+            tracing::info!(schedule = %r.name, job_id = %run.job_id, analyst = %peer.name, "schedule run now");
+            Ok(Response::Job(job_info(shared, &run.job_id)?))
+        }
+        Some(Request::Report(r)) => {
+            let record = shared
+                .store
+                .schedule_for_report(&r.name)?
+                .ok_or_else(|| unknown_schedule(&r.name))?;
+            let runs = shared.store.runs(&r.name, r.since_ms)?;
+            let report = ScheduleReport::build(&record, &runs, r.since_ms, now_ms());
+            Ok(Response::ReportJson(render_json(&report)))
+        }
+        Some(Request::Retry(retry)) => {
+            let old = shared.store.get(&env.job_id)?.ok_or_else(|| {
+                CoordinatorError::Refused(format!(
+                    "no job '{}'; `cleanroom job list` shows the known jobs",
+                    env.job_id
+                ))
+            })?;
+            match JobState::try_from(old.state) {
+                Ok(JobState::Failed | JobState::Vetoed | JobState::Cancelled) => {}
+                Ok(JobState::Succeeded) => {
+                    return Err(CoordinatorError::Refused(format!(
+                        "job {} succeeded; submit a new job to run it again",
+                        env.job_id
+                    )));
+                }
+                _ => {
+                    return Err(CoordinatorError::Refused(format!(
+                        "job {} has not finished; only a failed, vetoed or cancelled job can be retried",
+                        env.job_id
+                    )));
+                }
+            }
+            let job_spec = old
+                .spec
+                .ok_or_else(|| CoordinatorError::Refused("the job has no spec".into()))?;
+            spec::validate(&job_spec).map_err(CoordinatorError::Refused)?;
+            let key = if retry.idempotency_key.is_empty() {
+                format!("retry:{}", env.job_id)
+            } else {
+                retry.idempotency_key
+            };
+            if key.len() > 128 {
+                return Err(CoordinatorError::Refused(
+                    "idempotency key longer than 128 bytes".into(),
+                ));
+            }
+            let note = format!("retry of job {}", env.job_id);
+            let submitted =
+                shared
+                    .store
+                    .submit_noted(&job_spec, &key, &peer.name, &note, now_ms())?;
+            if submitted.created {
+                tracing::info!(job_id = %submitted.job_id, retry_of = %env.job_id, analyst = %peer.name, "job retried");
+                let shared = shared.clone();
+                let job_id = submitted.job_id.clone();
+                tokio::spawn(async move { runner::run_job(shared, job_id, job_spec).await });
+            }
+            Ok(Response::Job(job_info(shared, &submitted.job_id)?))
         }
         None => Err(CoordinatorError::Refused("empty request".into())),
     }

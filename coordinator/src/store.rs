@@ -263,6 +263,19 @@ impl JobStore {
         submitted_by: &str,
         now_ms: i64,
     ) -> Result<Submitted, StoreError> {
+        self.submit_noted(spec, idempotency_key, submitted_by, "", now_ms)
+    }
+
+    /// [`JobStore::submit`], with `note` (e.g. "retry of job …", "schedule nightly") appended to
+    /// the reason of the job's first history entry, so the job says where it came from.
+    pub fn submit_noted(
+        &self,
+        spec: &JobSpec,
+        idempotency_key: &str,
+        submitted_by: &str,
+        note: &str,
+        now_ms: i64,
+    ) -> Result<Submitted, StoreError> {
         let spec_bytes = spec.encode_to_vec();
         let key = (!idempotency_key.is_empty()).then_some(idempotency_key);
 
@@ -303,7 +316,11 @@ impl JobStore {
                 break candidate;
             }
         };
-        let reason = format!("submitted by analyst {submitted_by}");
+        let reason = if note.is_empty() {
+            format!("submitted by analyst {submitted_by}")
+        } else {
+            format!("submitted by analyst {submitted_by} ({note})")
+        };
         let pending = JobState::Pending as i32;
         tx.execute(
             "INSERT INTO jobs (job_id, idempotency_key, submitted_by, spec, kind, state, reason, \
