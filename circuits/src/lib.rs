@@ -65,6 +65,7 @@
 //! 1.75× faster; the portable build is the default.
 #![warn(missing_docs)]
 
+pub mod dp;
 mod error;
 pub mod floor;
 mod hash_to_group;
@@ -74,6 +75,7 @@ mod key;
 mod pair;
 mod psi;
 
+pub use dp::{DpError, Mechanism, Scale};
 pub use error::PsiError;
 pub use floor::{FloorCosts, measure_floor};
 pub use hash_to_group::{
