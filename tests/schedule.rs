@@ -1,0 +1,499 @@
+//! End to end: schedules, reports, retries and restart safety, with a real coordinator and two
+//! real nodes driven through the `cleanroom` command line.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use cleanroom_e2e::{Consortium, bins, cleanroom, cleanroom_ok, open_agreement};
+use serde_json::Value;
+
+/// `cleanroom WORD <analyst flags> REST…` (connection flags right after the first word, so that
+/// they come before the job words of `schedule add`).
+fn analyst_cmd(c: &Consortium, args: &[&str]) -> Vec<String> {
+    let mut all = vec![args[0].to_owned()];
+    all.extend(c.analyst_args());
+    all.extend(args[1..].iter().map(|s| s.to_string()));
+    all
+}
+
+fn analyst(c: &Consortium, args: &[&str]) -> std::process::Output {
+    let all = analyst_cmd(c, args);
+    let all: Vec<&str> = all.iter().map(String::as_str).collect();
+    cleanroom(c.path(), &all)
+}
+
+fn analyst_ok(c: &Consortium, args: &[&str]) -> String {
+    let all = analyst_cmd(c, args);
+    let all: Vec<&str> = all.iter().map(String::as_str).collect();
+    cleanroom_ok(c.path(), &all)
+}
+
+fn analyst_json(c: &Consortium, args: &[&str]) -> Value {
+    let out = analyst_ok(c, args);
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("{args:?} printed no JSON ({e}): {out}"))
+}
+
+const JOB: [&str; 9] = [
+    "overlap",
+    "--between",
+    "acme,globex",
+    "--dataset",
+    "customers",
+    "--on",
+    "email",
+    "--purpose",
+    "overlap-reporting",
+];
+
+fn start_nodes(c: &mut Consortium) {
+    for (me, other) in [("acme", "globex"), ("globex", "acme")] {
+        c.issue_node(me);
+        c.write_node_config(me, me, &open_agreement(other));
+        c.start_node(me);
+    }
+    c.wait_connected(&["acme", "globex"]);
+}
+
+/// Adds schedule `name` (cron far from now: it fires only through run-now) and returns it.
+fn add_schedule(c: &Consortium, name: &str, cron: &str, max_retries: &str) -> Value {
+    let mut args = vec![
+        "schedule",
+        "add",
+        name,
+        "--cron",
+        cron,
+        "--max-retries",
+        max_retries,
+        "--backoff",
+        "1",
+        "--format",
+        "json",
+        "--",
+    ];
+    args.extend(JOB);
+    analyst_json(c, &args)
+}
+
+#[test]
+fn schedule_runs_are_linked_jobs_and_reports_render() {
+    let mut c = Consortium::new();
+    let truth = c.synth("acme,globex", 400, 0.5, 3);
+    let expected = truth["pairwise_overlap"]["acme,globex"].as_u64().unwrap();
+    c.start_coordinator();
+    start_nodes(&mut c);
+
+    // Invalid schedules are refused with the reason.
+    let mut bad = vec!["schedule", "add", "bad", "--cron", "61 * * * *", "--"];
+    bad.extend(JOB);
+    let out = analyst(&c, &bad);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("invalid schedule"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // 02:00 on 1 January: far enough not to fire during the test.
+    let added = add_schedule(&c, "nightly", "0 2 1 1 *", "0");
+    assert_eq!(added["name"], "nightly", "{added}");
+    assert_eq!(added["paused"], false);
+    assert_eq!(added["owner"], "alice");
+    assert!(added["next_run_ms"].as_i64().unwrap() > 0);
+    // The same name again is refused.
+    let mut again = vec!["schedule", "add", "nightly", "--cron", "0 3 * * *"];
+    again.extend(JOB); // without `--`: also accepted
+    let out = analyst(&c, &again);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("already exists"));
+
+    let mut job_ids = Vec::new();
+    for _ in 0..3 {
+        let job = analyst_json(
+            &c,
+            &[
+                "schedule",
+                "run-now",
+                "nightly",
+                "--wait",
+                "--timeout",
+                "120",
+                "--format",
+                "json",
+            ],
+        );
+        assert_eq!(job["state"], "succeeded", "{job}");
+        assert_eq!(job["intersection"].as_u64(), Some(expected));
+        assert!(
+            job["history"][0]["reason"]
+                .as_str()
+                .unwrap()
+                .contains("schedule nightly"),
+            "{job}"
+        );
+        job_ids.push(job["job_id"].as_str().unwrap().to_owned());
+        // run-now records the run at the request's millisecond: keep them apart.
+        std::thread::sleep(Duration::from_millis(5));
+    }
+
+    let shown = analyst_json(&c, &["schedule", "show", "nightly", "--format", "json"]);
+    let runs = shown["runs"].as_array().unwrap();
+    assert_eq!(runs.len(), 3, "{shown}");
+    for (run, id) in runs.iter().zip(&job_ids) {
+        assert_eq!(run["job_id"], id.as_str());
+        assert_eq!(run["state"], "succeeded");
+        assert_eq!(run["note"], "run-now");
+        assert_eq!(run["intersection"].as_u64(), Some(expected));
+    }
+    let table = analyst_ok(&c, &["schedule", "show", "nightly"]);
+    for id in &job_ids {
+        assert!(table.contains(id.as_str()), "{table}");
+    }
+
+    // Reports: HTML with a chart of three points, CSV and JSON.
+    analyst_ok(
+        &c,
+        &[
+            "report",
+            "nightly",
+            "--format",
+            "html",
+            "--since",
+            "90d",
+            "--out",
+            "nightly.html",
+        ],
+    );
+    let html = std::fs::read_to_string(c.path().join("nightly.html")).unwrap();
+    assert!(html.starts_with("<!DOCTYPE html>") || html.starts_with("<!doctype html>"));
+    assert_eq!(html.matches("<svg class=\"chart\"").count(), 1);
+    assert_eq!(html.matches("<circle class=\"point\"").count(), 3);
+    assert!(html.trim_end().ends_with("</html>"));
+    check_renders_in_chromium(&c.path().join("nightly.html"));
+
+    analyst_ok(
+        &c,
+        &[
+            "report",
+            "nightly",
+            "--format",
+            "csv",
+            "--out",
+            "nightly.csv",
+        ],
+    );
+    let csv = std::fs::read_to_string(c.path().join("nightly.csv")).unwrap();
+    let lines: Vec<&str> = csv.lines().filter(|l| !l.is_empty()).collect();
+    assert_eq!(lines.len(), 4, "{csv}");
+    let columns = lines[0].split(',').count();
+    for id in &job_ids {
+        assert!(csv.contains(id.as_str()));
+    }
+    assert!(columns >= 4, "{csv}");
+
+    let json = analyst_json(&c, &["report", "nightly", "--format", "json"]);
+    assert_eq!(json["schedule"], "nightly");
+    assert_eq!(json["runs"].as_array().unwrap().len(), 3, "{json}");
+
+    // Pause, resume, remove.
+    let paused = analyst_json(&c, &["schedule", "pause", "nightly", "--format", "json"]);
+    assert_eq!(paused["paused"], true);
+    let list = analyst_json(&c, &["schedule", "list", "--format", "json"]);
+    assert_eq!(list[0]["paused"], true, "{list}");
+    let resumed = analyst_json(&c, &["schedule", "resume", "nightly", "--format", "json"]);
+    assert_eq!(resumed["paused"], false);
+    assert!(resumed["next_run_ms"].as_i64().unwrap() > 0);
+    let removed = analyst_json(&c, &["schedule", "remove", "nightly", "--format", "json"]);
+    assert_eq!(removed["removed"], true);
+    let list = analyst_json(&c, &["schedule", "list", "--format", "json"]);
+    assert_eq!(list.as_array().unwrap().len(), 0, "{list}");
+    let out = analyst(&c, &["schedule", "run-now", "nightly"]);
+    assert!(!out.status.success(), "a removed schedule does not run");
+    // Its history stays reportable.
+    let json = analyst_json(&c, &["report", "nightly", "--format", "json"]);
+    assert_eq!(json["removed"], true);
+    assert_eq!(json["runs"].as_array().unwrap().len(), 3);
+
+    // Idempotent submission: the same key and spec give the same job.
+    let mut args: Vec<&str> = JOB.to_vec();
+    args.extend(["--idempotency-key", "quarterly-2025-q1"]);
+    let (first, _) = c.submit(&args);
+    let (second, _) = c.submit(&args);
+    assert_eq!(first["job_id"], second["job_id"]);
+    assert_eq!(first["state"], "succeeded");
+}
+
+/// Opens the page in headless Chromium (installing Debian's `chromium` if it is absent and we
+/// may) and checks it renders: the DOM comes back with the chart and no error is logged.
+fn check_renders_in_chromium(page: &Path) {
+    let Some(chromium) = find_chromium() else {
+        eprintln!("chromium is not installed and could not be installed: rendering not checked");
+        return;
+    };
+    let profile = tempfile::tempdir().unwrap();
+    let out = Command::new(chromium)
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-dev-shm-usage",
+            "--enable-logging=stderr",
+            "--v=0",
+        ])
+        .arg(format!("--user-data-dir={}", profile.path().display()))
+        .arg("--dump-dom")
+        .arg(format!("file://{}", page.display()))
+        .output()
+        .expect("running chromium");
+    let dom = String::from_utf8_lossy(&out.stdout);
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "chromium failed: {log}");
+    assert!(
+        dom.contains("<svg class=\"chart\""),
+        "rendered DOM: {dom}\n{log}"
+    );
+    assert_eq!(dom.matches("class=\"point\"").count(), 3);
+    // Console errors from the page are logged as `CONSOLE(…)` / "Uncaught".
+    for line in log.lines() {
+        assert!(
+            !(line.contains("CONSOLE") && line.contains("rror")) && !line.contains("Uncaught"),
+            "the page logged an error: {line}"
+        );
+    }
+}
+
+fn find_chromium() -> Option<PathBuf> {
+    let find = || {
+        ["chromium", "chromium-browser"].iter().find_map(|name| {
+            let out = Command::new("sh")
+                .args(["-c", &format!("command -v {name}")])
+                .output()
+                .ok()?;
+            let path = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+            (out.status.success() && !path.is_empty()).then(|| PathBuf::from(path))
+        })
+    };
+    if let Some(p) = find() {
+        return Some(p);
+    }
+    // Debian's package, when we are allowed to install it.
+    let _ = Command::new("sh")
+        .args([
+            "-c",
+            "DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null 2>&1 || \
+             sudo -n env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null 2>&1",
+        ])
+        .status();
+    find()
+}
+
+// ---------------------------------------------------------------- restart safety
+
+/// A coordinator process started on a fixed address (so that nodes find it again after a
+/// restart), which we may SIGKILL.
+struct Coordinator {
+    child: Child,
+    _stdin: Option<std::process::ChildStdin>,
+}
+
+impl Coordinator {
+    fn start(dir: &Path, addr: SocketAddr, log_name: &str) -> Coordinator {
+        let cfg = dir.join("coordinator-fixed.toml");
+        std::fs::write(
+            &cfg,
+            format!(
+                "listen = \"{addr}\"\ndatabase = \"coordinator.db\"\noffer_timeout_secs = 10\n\n[tls]\nca = \"pki/ca.pem\"\ncert = \"pki/coordinator.pem\"\nkey = \"pki/coordinator.key\"\n"
+            ),
+        )
+        .unwrap();
+        let log = dir.join(format!("logs/{log_name}.log"));
+        let mut child = Command::new(&bins().0)
+            .args(["coordinator", "serve", "--config"])
+            .arg(&cfg)
+            .arg("--stop-on-stdin-eof")
+            .current_dir(dir)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("starting the coordinator");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert_eq!(
+            line.trim(),
+            format!("listening {addr}"),
+            "log: {}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+        let stdin = child.stdin.take();
+        Coordinator {
+            child,
+            _stdin: stdin,
+        }
+    }
+
+    fn kill9(&mut self) {
+        let status = Command::new("kill")
+            .args(["-9", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Coordinator {
+    fn drop(&mut self) {
+        drop(self._stdin.take());
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_udp_port() -> SocketAddr {
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    socket.local_addr().unwrap()
+}
+
+fn job_json(c: &Consortium, job_id: &str) -> Value {
+    analyst_json(c, &["job", "status", job_id, "--format", "json"])
+}
+
+fn wait_connected(c: &Consortium, names: &[&str], within: Duration) {
+    let deadline = Instant::now() + within;
+    loop {
+        let nodes = c.nodes_json();
+        let up = names.iter().all(|n| {
+            nodes
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|v| v["name"] == *n && v["connected"] == true)
+        });
+        if up {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "nodes {names:?} did not reconnect: {nodes}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn sigkill_mid_job_loses_nothing_and_runs_nothing_twice() {
+    let mut c = Consortium::new();
+    let truth = c.synth("acme,globex", 20_000, 0.3, 5);
+    let expected = truth["pairwise_overlap"]["acme,globex"].as_u64().unwrap();
+    let addr = free_udp_port();
+    let mut coordinator = Coordinator::start(c.path(), addr, "coordinator-1");
+    c.addr = Some(addr);
+    start_nodes(&mut c);
+
+    add_schedule(&c, "weekly", "0 2 * * 1", "0");
+
+    // A plain job and a scheduled run, both under way when the coordinator is killed.
+    let mut args = vec!["job", "submit"];
+    args.extend(JOB);
+    args.extend(["--format", "json"]);
+    let plain = analyst_json(&c, &args);
+    let plain_id = plain["job_id"].as_str().unwrap().to_owned();
+    let scheduled = analyst_json(&c, &["schedule", "run-now", "weekly", "--format", "json"]);
+    let scheduled_id = scheduled["job_id"].as_str().unwrap().to_owned();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let states: Vec<Value> = [&plain_id, &scheduled_id]
+            .iter()
+            .map(|id| job_json(&c, id)["state"].clone())
+            .collect();
+        if states.iter().all(|s| s == "running") {
+            break;
+        }
+        assert!(
+            states
+                .iter()
+                .all(|s| s == "pending" || s == "offered" || s == "running"),
+            "a job ended before the kill ({states:?}); make the dataset larger"
+        );
+        assert!(Instant::now() < deadline, "jobs never ran: {states:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    coordinator.kill9();
+
+    let _coordinator = Coordinator::start(c.path(), addr, "coordinator-2");
+    // Nodes reconnect by themselves.
+    wait_connected(&c, &["acme", "globex"], Duration::from_secs(60));
+
+    // Nothing lost: both jobs are there, failed with the restart as the reason, and never run
+    // twice (their history has exactly one terminal entry and no second `running`).
+    for id in [&plain_id, &scheduled_id] {
+        let job = job_json(&c, id);
+        assert_eq!(job["state"], "failed", "{job}");
+        assert!(
+            job["reason"]
+                .as_str()
+                .unwrap()
+                .contains("coordinator restarted"),
+            "{job}"
+        );
+        let history = job["history"].as_array().unwrap();
+        assert_eq!(
+            history.iter().filter(|h| h["state"] == "running").count(),
+            1,
+            "{job}"
+        );
+    }
+
+    // The scheduled run is not fired again (max-retries 0), across several scheduler ticks.
+    std::thread::sleep(Duration::from_secs(3));
+    let shown = analyst_json(&c, &["schedule", "show", "weekly", "--format", "json"]);
+    let runs = shown["runs"].as_array().unwrap();
+    assert_eq!(runs.len(), 1, "{shown}");
+    assert_eq!(runs[0]["job_id"], scheduled_id.as_str());
+    assert_eq!(runs[0]["state"], "failed");
+    let jobs = analyst_json(&c, &["job", "list", "--limit", "100", "--format", "json"]);
+    assert_eq!(jobs.as_array().unwrap().len(), 2, "{jobs}");
+
+    // A failed job can be retried: a new job, same spec, linked to the old one.
+    let retried = analyst_json(
+        &c,
+        &[
+            "job",
+            "retry",
+            &plain_id,
+            "--wait",
+            "--timeout",
+            "180",
+            "--format",
+            "json",
+        ],
+    );
+    assert_eq!(retried["state"], "succeeded", "{retried}");
+    assert_ne!(retried["job_id"], plain_id.as_str());
+    assert_eq!(retried["intersection"].as_u64(), Some(expected));
+    assert!(
+        retried["history"][0]["reason"]
+            .as_str()
+            .unwrap()
+            .contains(&format!("retry of job {plain_id}")),
+        "{retried}"
+    );
+    // Retrying again gives the same new job (idempotent); a succeeded job is not retried.
+    let again = analyst_json(&c, &["job", "retry", &plain_id, "--format", "json"]);
+    assert_eq!(again["job_id"], retried["job_id"]);
+    let out = analyst(&c, &["job", "retry", retried["job_id"].as_str().unwrap()]);
+    assert!(!out.status.success());
+}
