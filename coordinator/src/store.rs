@@ -1316,6 +1316,7 @@ mod tests {
             membership_file: String::new(),
             rows_read: 1010,
             rows_rejected: 10,
+            ..PsiOutcome::default()
         }
     }
 
