@@ -41,6 +41,41 @@ pub enum NodeCommand {
         #[arg(long, short, env = "CLEANROOM_NODE_CONFIG")]
         config: PathBuf,
     },
+    /// Validate a policy (the node config: datasets, agreements, budget) without running.
+    Policy {
+        /// What to do with it.
+        #[command(subcommand)]
+        command: PolicyCommand,
+    },
+    /// Forget a data subject: every future job excludes the rows of this subject (a row is
+    /// excluded if any of the dataset's identifiers matches).
+    ///
+    /// Records a keyed hash of the normalised value in `<state_dir>/forgotten.jsonl` (the raw
+    /// value is written nowhere; the key is `<state_dir>/forget.key`) and appends a Forget
+    /// entry to the audit log. Safe while the node runs: it reads the list for every job, and
+    /// audit appends are serialised with a file lock.
+    Forget {
+        /// The node's config file.
+        #[arg(long, short, env = "CLEANROOM_NODE_CONFIG")]
+        config: PathBuf,
+        /// The dataset the subject is in.
+        #[arg(long)]
+        dataset: String,
+        /// The subject's identifier as NAME=VALUE (NAME declared on the dataset), e.g.
+        /// `email=alice@example.com`; the value is normalised as the dataset's column is.
+        #[arg(long, value_name = "NAME=VALUE")]
+        key: String,
+    },
+    /// Delete job outputs (files in `<state_dir>/results/`, e.g. membership files) last
+    /// modified more than N days ago.
+    Purge {
+        /// The node's config file.
+        #[arg(long, short, env = "CLEANROOM_NODE_CONFIG")]
+        config: PathBuf,
+        /// Retention in days: files older than this are removed (0 = everything).
+        #[arg(long, value_name = "N")]
+        older_than_days: u64,
+    },
     /// Inspect the node's audit log (`<state_dir>/audit.log`).
     Audit {
         /// What to do with it.
@@ -59,6 +94,18 @@ pub enum NodeCommand {
         /// Output format.
         #[arg(long, value_enum, default_value_t = ReportFormat::Markdown)]
         format: ReportFormat,
+    },
+}
+
+/// `policy` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum PolicyCommand {
+    /// Load and validate FILE as the node would (and check that each dataset's CSV header has
+    /// the declared columns); print a summary per partner. Exit code 1 with the error (file,
+    /// line and key) on failure.
+    Check {
+        /// The policy (node config) file.
+        file: PathBuf,
     },
 }
 
@@ -132,6 +179,42 @@ fn execute(command: NodeCommand) -> anyhow::Result<ExitCode> {
             println!("{}: ok (node '{}')", config.display(), cfg.name);
             Ok(ExitCode::SUCCESS)
         }
+        NodeCommand::Policy {
+            command: PolicyCommand::Check { file },
+        } => {
+            let summary = crate::policy::check_file(&file)?;
+            print!("{summary}");
+            Ok(ExitCode::SUCCESS)
+        }
+        NodeCommand::Forget {
+            config,
+            dataset,
+            key,
+        } => run_forget(&config, &dataset, &key),
+        NodeCommand::Purge {
+            config,
+            older_than_days,
+        } => {
+            let cfg = NodeConfig::load(&config)?;
+            let report = crate::retention::purge(
+                &cfg.state_dir,
+                crate::retention::days(older_than_days),
+                std::time::SystemTime::now(),
+            )?;
+            println!(
+                "purged {} file(s) ({} bytes) older than {older_than_days} day(s) from {}; {} kept{}",
+                report.removed,
+                report.bytes_removed,
+                crate::retention::results_dir(&cfg.state_dir).display(),
+                report.kept,
+                if report.skipped > 0 {
+                    format!(", {} non-file entries left alone", report.skipped)
+                } else {
+                    String::new()
+                }
+            );
+            Ok(ExitCode::SUCCESS)
+        }
         NodeCommand::Audit { command } => run_audit(command),
         NodeCommand::Transparency {
             config,
@@ -183,6 +266,56 @@ fn execute(command: NodeCommand) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// `forget`: records the deletion, then audits it. The audit log is opened only for this
+/// command ([`audit::AuditLog::append`] locks the file, so a running node's appends and ours
+/// do not interleave).
+fn run_forget(config: &std::path::Path, dataset: &str, key: &str) -> anyhow::Result<ExitCode> {
+    let cfg = NodeConfig::load(config)?;
+    let Some(d) = cfg.dataset(dataset) else {
+        let declared: Vec<&str> = cfg.datasets.iter().map(|d| d.name.as_str()).collect();
+        anyhow::bail!(
+            "node '{}' has no dataset '{dataset}' (declared: {})",
+            cfg.name,
+            if declared.is_empty() {
+                "none".to_owned()
+            } else {
+                declared.join(", ")
+            }
+        );
+    };
+    let Some((identifier, value)) = key.split_once('=') else {
+        anyhow::bail!(
+            "--key must be NAME=VALUE with NAME one of dataset '{dataset}''s identifiers ({})",
+            d.identifier_names()
+        );
+    };
+    let identifier = identifier.trim();
+    if d.identifier(identifier).is_none() {
+        anyhow::bail!(
+            "dataset '{dataset}' declares no identifier '{identifier}' (declared: {})",
+            d.identifier_names()
+        );
+    }
+    // Opened (and verified) first: a broken log refuses the request before anything changes.
+    let log = audit::AuditLog::open(&audit::audit_path(&cfg))?;
+    let store = crate::forget::ForgetStore::open(&cfg.state_dir)?;
+    let hash = store.record(d, identifier, value)?;
+    let event = audit::AuditEvent::Forget {
+        dataset: dataset.to_owned(),
+        key_hash: audit::to_hex(&hash),
+    };
+    log.append(event, crate::agreement::now_ms()).map_err(|e| {
+        anyhow::anyhow!(
+            "the subject is forgotten (recorded in {}), but the audit entry could not be \
+             written: {e}",
+            store.list_path().display()
+        )
+    })?;
+    drop(log);
+    println!("forgotten: 1 subject in dataset {dataset} (effective for all future jobs)");
+    Ok(ExitCode::SUCCESS)
 }
 
 fn run_audit(command: AuditCommand) -> anyhow::Result<ExitCode> {

@@ -417,7 +417,7 @@ mod tests {
         }
         let b = ForgetStore::open(&state).unwrap();
         assert_eq!(a.secret, b.secret);
-        assert_eq!(format!("{a:?}").contains(&to_hex(&a.secret)), false);
+        assert!(!format!("{a:?}").contains(&to_hex(&a.secret)));
         // A different node gets a different key.
         let other = ForgetStore::open(dir.path().join("other")).unwrap();
         assert_ne!(a.secret, other.secret);

@@ -1,0 +1,484 @@
+//! End to end: each rule of the policy language refuses what it must, with its own wording, and
+//! is recorded in the refusing node's audit log; rules decided on the offer read no row. Consent
+//! and deletion filter exactly the rows they should.
+//!
+//! acme's policy varies per test; globex always has the open agreement with acme, so every
+//! refusal comes from acme.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::HashSet;
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use cleanroom_e2e::{Consortium, bins, open_agreement};
+use serde_json::Value;
+
+const ROWS: u64 = 500;
+
+/// An agreement with globex: `agreement` lines (after partner) and `allow` lines (after the
+/// overlap-by-email entry's keys).
+fn acme_agreement(agreement: &str, allow: &str) -> String {
+    format!(
+        "[[agreement]]\npartner = \"globex\"\npurposes = [\"overlap-reporting\", \"fraud-detection\"]\n{agreement}\n\n\
+         [[agreement.allow]]\ncomputation = \"overlap\"\ndataset = \"customers\"\nkeys = [\"email\"]\n{allow}\n"
+    )
+}
+
+/// A coordinator, acme with `acme_policy` (agreements TOML) and globex with the open agreement.
+fn pair(acme_policy: &str) -> Consortium {
+    let mut c = Consortium::new();
+    c.synth("acme,globex", ROWS, 0.5, 7);
+    c.start_coordinator();
+    c.issue_node("acme");
+    c.issue_node("globex");
+    c.write_node_config("acme", "acme", acme_policy);
+    c.write_node_config("globex", "globex", &open_agreement("acme"));
+    c.start_node("acme");
+    c.start_node("globex");
+    c.wait_connected(&["acme", "globex"]);
+    c
+}
+
+fn overlap(c: &Consortium, on: &str, purpose: &str) -> Value {
+    c.submit(&[
+        "overlap",
+        "--between",
+        "acme,globex",
+        "--dataset",
+        "customers",
+        "--on",
+        on,
+        "--purpose",
+        purpose,
+    ])
+    .0
+}
+
+fn config_path(c: &Consortium, node: &str) -> PathBuf {
+    c.path().join(format!("{node}.toml"))
+}
+
+/// `cleanroom-node ARGS` in the consortium's directory.
+fn node_cli(c: &Consortium, args: &[&str]) -> std::process::Output {
+    Command::new(&bins().1)
+        .args(args)
+        .current_dir(c.path())
+        .output()
+        .expect("running cleanroom-node")
+}
+
+/// The node's audit entries (`audit show --json`), optionally only one job's.
+fn audit_entries(c: &Consortium, node: &str, job: Option<&str>) -> Vec<Value> {
+    let cfg = config_path(c, node);
+    let mut args = vec!["audit", "show", "--config", cfg.to_str().unwrap(), "--json"];
+    if let Some(j) = job {
+        args.extend(["--job", j]);
+    }
+    let out = node_cli(c, &args);
+    assert!(
+        out.status.success(),
+        "audit show failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("audit show --json prints JSON lines"))
+        .collect()
+}
+
+fn kinds(entries: &[Value]) -> Vec<&str> {
+    entries
+        .iter()
+        .map(|e| e["event"]["kind"].as_str().unwrap_or(""))
+        .collect()
+}
+
+/// The job was vetoed by acme with a reason containing `wording`, acme audited the refusal
+/// (a Decision with accepted = false and that reason), and no node read a row for it.
+fn assert_vetoed_before_reading(c: &Consortium, job: &Value, wording: &str) {
+    assert_eq!(job["state"], "vetoed", "{job}");
+    let reason = job["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains(wording),
+        "reason {reason:?} lacks {wording:?}"
+    );
+    assert!(
+        reason.contains("acme"),
+        "reason names who refused: {reason}"
+    );
+    let id = job["job_id"].as_str().unwrap();
+    let entries = audit_entries(c, "acme", Some(id));
+    assert!(
+        entries.iter().any(|e| e["event"]["kind"] == "Decision"
+            && e["event"]["accepted"] == false
+            && e["event"]["reason"]
+                .as_str()
+                .is_some_and(|r| r.contains(wording))),
+        "acme's audit log lacks the refusal {wording:?}: {entries:?}"
+    );
+    for node in ["acme", "globex"] {
+        let entries = audit_entries(c, node, Some(id));
+        assert!(
+            !kinds(&entries).contains(&"Access") && !kinds(&entries).contains(&"Release"),
+            "{node} read or released data for a vetoed job: {entries:?}"
+        );
+    }
+}
+
+/// The job ended (vetoed, or failed mid-job) with `wording` in its reason, acme audited that
+/// reason, and nothing was released by either node.
+fn assert_refused_mid_job(c: &Consortium, job: &Value, wording: &str) {
+    let state = job["state"].as_str().unwrap_or_default();
+    assert!(state == "vetoed" || state == "failed", "{job}");
+    let reason = job["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains(wording),
+        "reason {reason:?} lacks {wording:?}"
+    );
+    let id = job["job_id"].as_str().unwrap();
+    let entries = audit_entries(c, "acme", Some(id));
+    assert!(
+        entries.iter().any(|e| e["event"]["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains(wording))),
+        "acme's audit log lacks {wording:?}: {entries:?}"
+    );
+    for node in ["acme", "globex"] {
+        let entries = audit_entries(c, node, Some(id));
+        assert!(
+            !kinds(&entries).contains(&"Release"),
+            "{node} released something for a refused job: {entries:?}"
+        );
+    }
+}
+
+fn assert_no_dataset_loaded(c: &Consortium) {
+    std::thread::sleep(Duration::from_millis(200));
+    for node in ["acme", "globex"] {
+        let log = c.node(node).log_text();
+        assert!(
+            !log.contains("dataset loaded"),
+            "{node} read data for a vetoed job:\n{log}"
+        );
+    }
+}
+
+#[test]
+fn purpose_not_in_agreement() {
+    let c = pair(&acme_agreement("", ""));
+    let job = overlap(&c, "email", "marketing");
+    assert_vetoed_before_reading(&c, &job, "purpose 'marketing' not in agreement with globex");
+    assert_no_dataset_loaded(&c);
+}
+
+#[test]
+fn expired_agreement() {
+    let c = pair(&acme_agreement("expires = \"2026-06-30\"", ""));
+    let job = overlap(&c, "email", "overlap-reporting");
+    assert_vetoed_before_reading(&c, &job, "agreement with globex expired 2026-06-30");
+    assert_no_dataset_loaded(&c);
+}
+
+#[test]
+fn computation_or_key_not_allowed() {
+    let c = pair(&acme_agreement("", ""));
+    let job = overlap(&c, "phone", "overlap-reporting");
+    assert_vetoed_before_reading(
+        &c,
+        &job,
+        "agreement with globex does not allow overlap on customers by phone",
+    );
+    let (job, _) = c.submit(&[
+        "match",
+        "--between",
+        "acme,globex",
+        "--dataset",
+        "customers",
+        "--on",
+        "email",
+        "--purpose",
+        "fraud-detection",
+        "--reveal-to",
+        "acme",
+    ]);
+    assert_vetoed_before_reading(
+        &c,
+        &job,
+        "agreement with globex does not allow match on customers by email",
+    );
+    assert_no_dataset_loaded(&c);
+}
+
+#[test]
+fn membership_not_allowed() {
+    let policy = format!(
+        "{}[[agreement.allow]]\ncomputation = \"match\"\ndataset = \"customers\"\nkeys = [\"email\"]\nmembership = \"self\"\n",
+        acme_agreement("", "")
+    );
+    let c = pair(&policy);
+    let (job, _) = c.submit(&[
+        "match",
+        "--between",
+        "acme,globex",
+        "--dataset",
+        "customers",
+        "--on",
+        "email",
+        "--purpose",
+        "fraud-detection",
+        "--reveal-to",
+        "globex",
+    ]);
+    assert_vetoed_before_reading(
+        &c,
+        &job,
+        "agreement with globex does not let globex learn membership",
+    );
+    assert_no_dataset_loaded(&c);
+}
+
+#[test]
+fn min_input_size() {
+    let c = pair(&acme_agreement("", "min_input_size = 100000"));
+    let job = overlap(&c, "email", "overlap-reporting");
+    assert_refused_mid_job(&c, &job, "rows < min_input 100000");
+    // "input N rows < min_input M" with N acme's distinct keys.
+    let reason = job["reason"].as_str().unwrap();
+    let n: u64 = reason
+        .split("input ")
+        .nth(1)
+        .and_then(|r| r.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no input size in {reason:?}"));
+    assert!(n > 0 && n <= ROWS, "{reason}");
+    assert_eq!(
+        n,
+        emails("acme", &c, None).len() as u64,
+        "N is acme's distinct keys: {reason}"
+    );
+}
+
+#[test]
+fn runs_per_day() {
+    let c = pair(&acme_agreement("", "runs_per_period = 2\nperiod = \"day\""));
+    for _ in 0..2 {
+        let job = overlap(&c, "email", "overlap-reporting");
+        assert_eq!(job["state"], "succeeded", "{job}");
+    }
+    let job = overlap(&c, "email", "overlap-reporting");
+    assert_vetoed_before_reading(&c, &job, "runs per day exceeded (2/2)");
+}
+
+#[test]
+fn peer_set_size_bounds() {
+    // globex declares about ROWS keys: below a min_set_size of 100000 ...
+    let c = pair(&acme_agreement("", "min_set_size = 100000"));
+    let job = overlap(&c, "email", "overlap-reporting");
+    assert_refused_mid_job(&c, &job, "< min_set_size 100000");
+    assert!(
+        job["reason"].as_str().unwrap().contains("globex declares"),
+        "{job}"
+    );
+    drop(c);
+    // ... and above a max_set_size of 10.
+    let c = pair(&acme_agreement("", "max_set_size = 10"));
+    let job = overlap(&c, "email", "overlap-reporting");
+    assert_refused_mid_job(&c, &job, "> max_set_size 10");
+    assert!(
+        job["reason"].as_str().unwrap().contains("globex declares"),
+        "{job}"
+    );
+}
+
+/// The normalised emails of a partner's CSV (trim + lowercase; every synthetic email is
+/// valid), optionally only of rows whose consent column says yes, with their raw forms.
+fn emails_raw(name: &str, c: &Consortium, consent: Option<&str>) -> Vec<(String, String)> {
+    let text = std::fs::read_to_string(c.path().join(format!("data/{name}.csv"))).unwrap();
+    let mut lines = text.lines();
+    let header: Vec<&str> = lines.next().unwrap().split(',').collect();
+    let col = |n: &str| header.iter().position(|h| *h == n).unwrap();
+    let email = col("email");
+    let consent = consent.map(col);
+    lines
+        .filter(|l| !l.is_empty())
+        .filter_map(|l| {
+            let fields: Vec<&str> = l.split(',').map(|f| f.trim_matches('"')).collect();
+            if let Some(i) = consent {
+                let v = fields[i].trim().to_lowercase();
+                if !(v == "true" || v == "1" || v == "yes") {
+                    return None;
+                }
+            }
+            Some((
+                fields[email].trim().to_lowercase(),
+                fields[email].to_owned(),
+            ))
+        })
+        .collect()
+}
+
+fn emails(name: &str, c: &Consortium, consent: Option<&str>) -> HashSet<String> {
+    emails_raw(name, c, consent)
+        .into_iter()
+        .map(|(n, _)| n)
+        .collect()
+}
+
+#[test]
+fn consent_filters_exactly_the_non_consenting_rows() {
+    let mut c = Consortium::new();
+    c.synth("acme,globex", ROWS, 0.5, 7);
+    c.start_coordinator();
+    c.issue_node("acme");
+    c.issue_node("globex");
+    let cfg = c.write_node_config("acme", "acme", &acme_agreement("", ""));
+    let text = std::fs::read_to_string(&cfg).unwrap().replace(
+        "path = \"data/acme.csv\"\n",
+        "path = \"data/acme.csv\"\nconsent = { \"overlap-reporting\" = \"consent_marketing\" }\n",
+    );
+    std::fs::write(&cfg, text).unwrap();
+    c.write_node_config("globex", "globex", &open_agreement("acme"));
+    c.start_node("acme");
+    c.start_node("globex");
+    c.wait_connected(&["acme", "globex"]);
+
+    let consenting = emails("acme", &c, Some("consent_marketing"));
+    let all = emails("acme", &c, None);
+    let globex = emails("globex", &c, None);
+    let expected = consenting.intersection(&globex).count() as u64;
+    let unfiltered = all.intersection(&globex).count() as u64;
+    assert!(
+        expected > 0 && expected < unfiltered,
+        "the data must make consent matter"
+    );
+
+    let job = overlap(&c, "email", "overlap-reporting");
+    assert_eq!(job["state"], "succeeded", "{job}");
+    assert_eq!(job["intersection"].as_u64(), Some(expected), "{job}");
+    // fraud-detection has no consent column at acme: every row counts.
+    let job = overlap(&c, "email", "fraud-detection");
+    assert_eq!(job["state"], "succeeded", "{job}");
+    assert_eq!(job["intersection"].as_u64(), Some(unfiltered), "{job}");
+    // The exclusions are audited.
+    let access: Vec<Value> = audit_entries(&c, "acme", None)
+        .into_iter()
+        .filter(|e| e["event"]["kind"] == "Access")
+        .collect();
+    let rows_without_consent =
+        ROWS - emails_raw("acme", &c, Some("consent_marketing")).len() as u64;
+    assert_eq!(
+        access[0]["event"]["rows_excluded_consent"].as_u64(),
+        Some(rows_without_consent),
+        "{access:?}"
+    );
+}
+
+/// Stops a node (removing it from the consortium) and waits until the coordinator sees it go.
+fn stop_node(c: &mut Consortium, name: &str) {
+    let i = c.nodes.iter().position(|p| p.name == name).unwrap();
+    let mut p = c.nodes.remove(i);
+    p.stop();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while Instant::now() < deadline {
+        let gone = c
+            .nodes_json()
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|n| n["name"] != name || n["connected"] == false);
+        if gone {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn forgotten_subjects_leave_the_overlap() {
+    let mut c = pair(&acme_agreement("", ""));
+    let globex = emails("globex", &c, None);
+    let shared: Vec<(String, String)> = emails_raw("acme", &c, None)
+        .into_iter()
+        .filter(|(n, _)| globex.contains(n))
+        .collect();
+    let before = overlap(&c, "email", "overlap-reporting");
+    assert_eq!(before["state"], "succeeded", "{before}");
+    let before = before["intersection"].as_u64().unwrap();
+    assert_eq!(before, shared.len() as u64);
+
+    // Forget k shared subjects (by their raw form in acme's file, which the CLI normalises).
+    stop_node(&mut c, "acme");
+    let k = 3;
+    let cfg = config_path(&c, "acme");
+    for (_, raw) in shared.iter().take(k) {
+        let out = node_cli(
+            &c,
+            &[
+                "forget",
+                "--config",
+                cfg.to_str().unwrap(),
+                "--dataset",
+                "customers",
+                "--key",
+                &format!("email={raw}"),
+            ],
+        );
+        assert!(
+            out.status.success(),
+            "forget failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout).trim(),
+            "forgotten: 1 subject in dataset customers (effective for all future jobs)"
+        );
+    }
+    // Unknown dataset, unknown identifier and a value that does not normalise are refused.
+    for (dataset, key, wording) in [
+        ("orders", "email=a@b.c", "no dataset 'orders'"),
+        ("customers", "ssn=123", "no identifier 'ssn'"),
+        ("customers", "email=not-an-email", "does not normalise"),
+    ] {
+        let out = node_cli(
+            &c,
+            &[
+                "forget",
+                "--config",
+                cfg.to_str().unwrap(),
+                "--dataset",
+                dataset,
+                "--key",
+                key,
+            ],
+        );
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains(wording), "{err}");
+        assert!(!err.contains("not-an-email"), "the value is echoed: {err}");
+    }
+    // The list and the audit log hold hashes, never the values.
+    let state = c.path().join("state-acme");
+    let list = std::fs::read_to_string(state.join("forgotten.jsonl")).unwrap();
+    assert_eq!(list.lines().count(), k);
+    let audit = std::fs::read_to_string(state.join("audit.log")).unwrap();
+    for (norm, raw) in shared.iter().take(k) {
+        for text in [&list, &audit] {
+            assert!(!text.contains(norm.as_str()) && !text.contains(raw.trim()));
+        }
+    }
+    let forgets: Vec<Value> = audit_entries(&c, "acme", None)
+        .into_iter()
+        .filter(|e| e["event"]["kind"] == "Forget")
+        .collect();
+    assert_eq!(forgets.len(), k, "{forgets:?}");
+
+    c.start_node("acme");
+    c.wait_connected(&["acme", "globex"]);
+    let after = overlap(&c, "email", "overlap-reporting");
+    assert_eq!(after["state"], "succeeded", "{after}");
+    assert_eq!(
+        after["intersection"].as_u64(),
+        Some(before - k as u64),
+        "{after}"
+    );
+}
