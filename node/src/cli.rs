@@ -182,9 +182,20 @@ fn execute(command: NodeCommand) -> anyhow::Result<ExitCode> {
         NodeCommand::Policy {
             command: PolicyCommand::Check { file },
         } => {
-            let summary = crate::policy::check_file(&file)?;
-            print!("{summary}");
-            Ok(ExitCode::SUCCESS)
+            // Printed by hand: the error's own text already names the file, line and key, and
+            // the anyhow chain would repeat the TOML message.
+            match crate::policy::check_file(&file) {
+                Ok(summary) => {
+                    use std::io::Write;
+                    // A closed pipe (`| head`) is not an error worth a panic.
+                    let _ = write!(std::io::stdout(), "{summary}");
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    Ok(ExitCode::FAILURE)
+                }
+            }
         }
         NodeCommand::Forget {
             config,
