@@ -49,6 +49,10 @@ pub struct NodeConfig {
     /// The node-wide privacy budget (`[budget]`); `None` = no node-wide cap.
     #[serde(default)]
     pub budget: Option<Budget>,
+    /// Days to keep job results (membership files) in the state directory; older ones are
+    /// purged at start and hourly. `None` = keep until an operator runs `cleanroom-node purge`.
+    #[serde(default)]
+    pub retention_days: Option<u64>,
 }
 
 /// The node-wide privacy budget: the ε all jobs together may spend per period.
@@ -590,6 +594,9 @@ impl NodeConfig {
     }
 
     fn validate(&self, text: &str) -> Result<(), String> {
+        if self.retention_days == Some(0) {
+            return Err("retention_days must be at least 1 (omit it to keep results)".into());
+        }
         check_name("name", &self.name)?;
         let mut seen = HashSet::new();
         for d in &self.datasets {

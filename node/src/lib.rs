@@ -103,6 +103,7 @@ async fn serve(
             .map_err(|e| NodeError::Config(e.to_string()))?,
     );
     let reloads = config_path.map(|_| tokio::spawn(reload_on_sighup(state.clone())));
+    let purger = tokio::spawn(purge_results(state.clone()));
     let dataplane = tokio::spawn(dataplane::serve(
         endpoint.clone(),
         state.clone(),
@@ -114,6 +115,7 @@ async fn serve(
     if let Some(reloads) = reloads {
         reloads.abort();
     }
+    purger.abort();
     endpoint.wait_idle().await;
     control
 }
@@ -124,6 +126,28 @@ fn policy_loaded(cfg: &NodeConfig, path: Option<&Path>) -> AuditEvent {
     AuditEvent::PolicyLoaded {
         digest: audit::to_hex(&Sha256::digest(&bytes)),
         agreements: cfg.agreements.iter().map(|a| a.partner.clone()).collect(),
+    }
+}
+
+/// Purges job results older than the policy's retention, at start and every hour.
+async fn purge_results(state: Arc<NodeState>) {
+    loop {
+        let cfg = state.cfg();
+        if let Some(days) = cfg.retention_days {
+            let dir = cfg.state_dir.clone();
+            let purged = tokio::task::spawn_blocking(move || {
+                retention::purge(&dir, retention::days(days), std::time::SystemTime::now())
+            })
+            .await;
+            match purged {
+                Ok(Ok(report)) => {
+                    tracing::info!(?report, retention_days = days, "purged old job results")
+                }
+                Ok(Err(e)) => tracing::warn!(error = %e, "purging old job results failed"),
+                Err(e) => tracing::warn!(error = %e, "purging old job results failed"),
+            }
+        }
+        tokio::time::sleep(std::time::Duration::from_secs(3600)).await;
     }
 }
 
