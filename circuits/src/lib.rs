@@ -65,6 +65,7 @@
 //! 1.75× faster; the portable build is the default.
 #![warn(missing_docs)]
 
+pub mod ahe;
 pub mod dp;
 mod error;
 pub mod floor;
