@@ -908,6 +908,14 @@ impl AuditLog {
         if !exists {
             sync_dir(path);
         }
+        // Another process may be appending (a running node while `forget` opens the log):
+        // verify and repair under the same lock `append` takes.
+        file.lock().map_err(io_err(path, "locking the log"))?;
+        // On error the file is dropped, which releases the lock.
+        Self::open_locked(path, head_path, file)
+    }
+
+    fn open_locked(path: &Path, head_path: PathBuf, file: File) -> Result<AuditLog, AuditError> {
         let report = verify(path, None)?;
         let mut len = file
             .metadata()
@@ -949,6 +957,9 @@ impl AuditLog {
         // Bring a lagging head file up to date.
         if read_head_file(&log.head_path).ok().flatten().as_ref() != Some(&report.head) {
             write_head(&log.head_path, &report.head)?;
+        }
+        if let Ok(inner) = log.inner.lock() {
+            let _ = inner.file.unlock();
         }
         Ok(log)
     }

@@ -514,21 +514,22 @@ fn default_max_set_size() -> u64 {
 #[non_exhaustive]
 pub enum ConfigError {
     /// The file could not be read.
-    #[error("cannot read config file {}: {source}", path.display())]
+    // The cause is part of the message, not a chained source: printed once, not twice.
+    #[error("cannot read config file {}: {error}", path.display())]
     Read {
         /// The config file.
         path: PathBuf,
         /// The I/O error.
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// The file is not valid TOML or does not fit the schema (toml's message names the line,
     /// column and key).
-    #[error("config file {}: {source}", path.display())]
+    #[error("config file {}: {error}", path.display())]
     Parse {
         /// The config file.
         path: PathBuf,
         /// The TOML error.
-        source: toml::de::Error,
+        error: toml::de::Error,
     },
     /// The file parses but breaks a rule.
     #[error("config file {}: {problem}", path.display())]
@@ -545,9 +546,9 @@ impl NodeConfig {
     /// its directory.
     pub fn load(path: impl AsRef<Path>) -> Result<NodeConfig, ConfigError> {
         let path = path.as_ref();
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
             path: path.to_owned(),
-            source,
+            error,
         })?;
         Self::parse(&text, path)
     }
@@ -555,9 +556,9 @@ impl NodeConfig {
     /// Parses and validates `text` as if it were read from `path` (which names the file in
     /// errors and anchors relative paths); nothing is read from disk.
     pub fn parse(text: &str, path: &Path) -> Result<NodeConfig, ConfigError> {
-        let mut cfg: NodeConfig = toml::from_str(text).map_err(|source| ConfigError::Parse {
+        let mut cfg: NodeConfig = toml::from_str(text).map_err(|error| ConfigError::Parse {
             path: path.to_owned(),
-            source,
+            error,
         })?;
         cfg.validate(text).map_err(|problem| ConfigError::Invalid {
             path: path.to_owned(),
