@@ -385,6 +385,36 @@ pub enum KindArg {
     /// Which of each side's records does the other side have too? (membership to the sides
     /// the agreements allow, written on the nodes; the coordinator gets counts)
     Match,
+    /// The overlaps of every pair of N partners (`--parties a,b,c`): one overlap job per pair,
+    /// shown as a matrix; pairs that an agreement forbids or whose count is withheld are
+    /// marked as such. Not for schedules (schedule the pairwise overlaps instead).
+    OverlapMatrix,
+}
+
+/// Output formats of `job submit`: those of every command, and an HTML page for
+/// `overlap-matrix`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum SubmitFormat {
+    /// Aligned columns for people.
+    Table,
+    /// JSON for programs.
+    Json,
+    /// CSV for spreadsheets.
+    Csv,
+    /// A self-contained HTML page (overlap-matrix only).
+    Html,
+}
+
+impl SubmitFormat {
+    /// The format of a single job (HTML is for the matrix only).
+    pub fn for_job(self) -> Option<Format> {
+        match self {
+            SubmitFormat::Table => Some(Format::Table),
+            SubmitFormat::Json => Some(Format::Json),
+            SubmitFormat::Csv => Some(Format::Csv),
+            SubmitFormat::Html => None,
+        }
+    }
 }
 
 /// `cleanroom job submit …`
@@ -394,8 +424,12 @@ pub struct SubmitArgs {
     #[arg(value_enum)]
     pub kind: KindArg,
     /// The two partners, initiator first: `--between acme,globex`.
-    #[arg(long, value_delimiter = ',', required = true)]
+    #[arg(long, value_delimiter = ',', required_unless_present = "parties")]
     pub between: Vec<String>,
+    /// For `overlap-matrix`: the partners, at least two: `--parties acme,globex,initech`.
+    /// Each pair runs with the one listed first as initiator.
+    #[arg(long, value_delimiter = ',', conflicts_with = "between")]
+    pub parties: Vec<String>,
     /// Dataset at each party: `customers` (same name at both) or `acme:customers` once per
     /// party.
     #[arg(long, required = true)]
@@ -417,12 +451,15 @@ pub struct SubmitArgs {
     /// Wait for the job to finish and print its result.
     #[arg(long)]
     pub wait: bool,
-    /// With --wait: give up after this many seconds.
+    /// With --wait: give up after this many seconds (overlap-matrix: for all its jobs).
     #[arg(long, default_value_t = 3600)]
     pub timeout: u64,
-    /// Output format.
-    #[arg(long, value_enum, default_value_t = Format::Table)]
-    pub format: Format,
+    /// Output format (`html`: overlap-matrix only).
+    #[arg(long, value_enum, default_value_t = SubmitFormat::Table)]
+    pub format: SubmitFormat,
+    /// For `overlap-matrix`: write the matrix here instead of standard output.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
 }
 
 /// `cleanroom synth …`

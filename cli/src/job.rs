@@ -14,7 +14,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use crate::args::{ConnArgs, Format, JobCommand, KindArg, SubmitArgs};
 use crate::output;
 
-async fn connect(conn: &ConnArgs) -> anyhow::Result<AnalystClient> {
+pub async fn connect(conn: &ConnArgs) -> anyhow::Result<AnalystClient> {
     let (Some(cert), Some(key)) = (&conn.cert, &conn.key) else {
         bail!(
             "give your analyst certificate and key with --cert and --key (or CLEANROOM_CERT and CLEANROOM_KEY); issue them with `cleanroom pki issue analyst NAME`"
@@ -55,7 +55,25 @@ fn exit_for(state: i32) -> ExitCode {
 
 /// Builds the job spec from the command line.
 pub fn spec_from_args(args: &SubmitArgs) -> anyhow::Result<JobSpec> {
-    if args.between.len() != 2 {
+    if args.kind == KindArg::OverlapMatrix {
+        bail!(
+            "overlap-matrix is not one job but one overlap job per pair of --parties; submit it with `job submit overlap-matrix` (a schedule runs one job: add one schedule per pair)"
+        );
+    }
+    if !args.parties.is_empty() {
+        bail!("--parties is for overlap-matrix; give the two partners with --between");
+    }
+    spec_for_pair(args, args.kind, &args.between)
+}
+
+/// The spec of a `kind` job between `between` (two partners, initiator first), with the
+/// dataset, keys, purpose and reveal options of `args`.
+pub fn spec_for_pair(
+    args: &SubmitArgs,
+    kind: KindArg,
+    between: &[String],
+) -> anyhow::Result<JobSpec> {
+    if between.len() != 2 {
         bail!("--between takes exactly two partners, e.g. --between acme,globex");
     }
     let dataset_of = |node: &str| -> anyhow::Result<String> {
@@ -71,20 +89,19 @@ pub fn spec_from_args(args: &SubmitArgs) -> anyhow::Result<JobSpec> {
             format!("no dataset for '{node}': use --dataset NAME or --dataset {node}:NAME")
         })
     };
-    let reveal = args.reveal_to.clone().unwrap_or_else(|| match args.kind {
-        KindArg::Match => args.between.clone(),
-        KindArg::Overlap => Vec::new(),
+    let reveal = args.reveal_to.clone().unwrap_or_else(|| match kind {
+        KindArg::Match => between.to_vec(),
+        KindArg::Overlap | KindArg::OverlapMatrix => Vec::new(),
     });
-    if args.kind == KindArg::Overlap && !reveal.is_empty() {
+    if kind != KindArg::Match && !reveal.is_empty() {
         bail!("--reveal-to applies to match jobs only");
     }
     for r in &reveal {
-        if !args.between.contains(r) {
+        if !between.contains(r) {
             bail!("--reveal-to names '{r}', which is not one of --between");
         }
     }
-    let parties = args
-        .between
+    let parties = between
         .iter()
         .map(|node| {
             Ok(PartySpec {
@@ -96,8 +113,8 @@ pub fn spec_from_args(args: &SubmitArgs) -> anyhow::Result<JobSpec> {
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
     Ok(JobSpec {
-        kind: match args.kind {
-            KindArg::Overlap => JobKind::Overlap,
+        kind: match kind {
+            KindArg::Overlap | KindArg::OverlapMatrix => JobKind::Overlap,
             KindArg::Match => JobKind::Match,
         } as i32,
         parties,
@@ -108,7 +125,16 @@ pub fn spec_from_args(args: &SubmitArgs) -> anyhow::Result<JobSpec> {
 /// Runs a `job` subcommand.
 pub async fn run(conn: ConnArgs, command: JobCommand) -> anyhow::Result<ExitCode> {
     match command {
+        JobCommand::Submit(args) if args.kind == KindArg::OverlapMatrix => {
+            crate::matrix::run(&conn, &args).await
+        }
         JobCommand::Submit(args) => {
+            let Some(format) = args.format.for_job() else {
+                bail!("--format html is for overlap-matrix; a job prints as table, json or csv");
+            };
+            if args.out.is_some() {
+                bail!("--out is for overlap-matrix; a job prints to standard output");
+            }
             let spec = spec_from_args(&args)?;
             let client = connect(&conn).await?;
             let job = client.submit(spec, &args.idempotency_key).await?;
@@ -128,7 +154,7 @@ pub async fn run(conn: ConnArgs, command: JobCommand) -> anyhow::Result<ExitCode
             } else {
                 job
             };
-            output::print_job(&job, args.format);
+            output::print_job(&job, format);
             client.close().await;
             Ok(exit_for(job.state))
         }

@@ -10,6 +10,7 @@ mod bench;
 mod cluster;
 mod demo;
 mod job;
+mod matrix;
 mod output;
 mod report;
 mod schedule;

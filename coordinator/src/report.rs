@@ -739,8 +739,8 @@ fn chart(out: &mut String, report: &ScheduleReport, tz: &TimeZone) {
 pub enum MatrixCell {
     /// The released intersection of the pair.
     Value(u64),
-    /// The partners' agreements do not allow this pair.
-    Forbidden,
+    /// The partners' agreements do not allow this pair (a node vetoed it); the reason.
+    Forbidden(String),
     /// Computed but not released (below the release threshold).
     Suppressed,
     /// The job failed or was vetoed; the reason.
@@ -812,10 +812,18 @@ pub fn render_matrix_html(matrix: &OverlapMatrix) -> String {
                         group_digits(*v)
                     );
                 }
-                MatrixCell::Forbidden => out.push_str(
-                    "<td class=\"cell forbidden\" title=\"not allowed by the agreements\">\
-                     forbidden</td>",
-                ),
+                MatrixCell::Forbidden(reason) => {
+                    let title = if reason.is_empty() {
+                        "not allowed by the agreements"
+                    } else {
+                        reason.as_str()
+                    };
+                    let _ = write!(
+                        out,
+                        "<td class=\"cell forbidden\" title=\"{}\">forbidden</td>",
+                        escape_html(title)
+                    );
+                }
                 MatrixCell::Suppressed => out.push_str(
                     "<td class=\"cell suppressed\" title=\"below the release threshold\">\
                      suppressed</td>",
@@ -1090,7 +1098,7 @@ mod tests {
                 vec![
                     MatrixCell::Empty,
                     MatrixCell::Value(1000),
-                    MatrixCell::Forbidden,
+                    MatrixCell::Forbidden("initech: <no agreement>".into()),
                 ],
                 vec![
                     MatrixCell::Value(1000),
@@ -1110,6 +1118,7 @@ mod tests {
         // The largest value gets the darkest colour.
         assert!(html.contains("background:#1e40af;color:#ffffff\""));
         assert!(html.contains(">forbidden</td>") && html.contains(">suppressed</td>"));
+        assert!(html.contains("title=\"initech: &lt;no agreement&gt;\">forbidden</td>"));
         assert!(html.contains("title=\"&lt;b&gt;timeout&lt;/b&gt;\">failed</td>"));
         // The missing cell renders empty.
         assert_eq!(html.matches("class=\"cell self\"").count(), 3);
