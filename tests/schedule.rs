@@ -338,6 +338,24 @@ impl Coordinator {
         }
     }
 
+    /// Sends SIGTERM and waits (at most 15 s) for the process to exit; returns its exit code
+    /// and how long it took.
+    fn term(&mut self) -> (Option<i32>, Duration) {
+        let sent = Instant::now();
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        while sent.elapsed() < Duration::from_secs(15) {
+            if let Ok(Some(exit)) = self.child.try_wait() {
+                return (exit.code(), sent.elapsed());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("the coordinator did not exit within 15 s of SIGTERM");
+    }
+
     fn kill9(&mut self) {
         let status = Command::new("kill")
             .args(["-9", &self.child.id().to_string()])
@@ -497,4 +515,80 @@ fn sigkill_mid_job_loses_nothing_and_runs_nothing_twice() {
     assert_eq!(again["job_id"], retried["job_id"]);
     let out = analyst(&c, &["job", "retry", retried["job_id"].as_str().unwrap()]);
     assert!(!out.status.success());
+}
+
+/// Waits until every job in `ids` is running.
+fn wait_running(c: &Consortium, ids: &[&str]) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let states: Vec<Value> = ids
+            .iter()
+            .map(|id| job_json(c, id)["state"].clone())
+            .collect();
+        if states.iter().all(|s| s == "running") {
+            return;
+        }
+        assert!(
+            states
+                .iter()
+                .all(|s| s == "pending" || s == "offered" || s == "running"),
+            "a job ended before the signal ({states:?}); make the dataset larger"
+        );
+        assert!(Instant::now() < deadline, "jobs never ran: {states:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn sigterm_stops_gracefully_idle_and_mid_job() {
+    let mut c = Consortium::new();
+    c.synth("acme,globex", 20_000, 0.3, 9);
+    let addr = free_udp_port();
+    let mut coordinator = Coordinator::start(c.path(), addr, "coordinator-term-1");
+    c.addr = Some(addr);
+    start_nodes(&mut c);
+
+    // Idle: exits 0 promptly.
+    let (code, took) = coordinator.term();
+    assert_eq!(code, Some(0), "exit after SIGTERM while idle");
+    assert!(took < Duration::from_secs(5), "took {took:?}");
+    let log = std::fs::read_to_string(c.path().join("logs/coordinator-term-1.log")).unwrap();
+    assert!(log.contains("coordinator stopped"), "{log}");
+
+    // Nodes keep retrying and reconnect to the restarted coordinator.
+    let mut coordinator = Coordinator::start(c.path(), addr, "coordinator-term-2");
+    wait_connected(&c, &["acme", "globex"], Duration::from_secs(60));
+
+    // While a job runs: exits 0 promptly, and the job is failed with the graceful-stop reason.
+    let mut args = vec!["job", "submit"];
+    args.extend(JOB);
+    args.extend(["--format", "json"]);
+    let job = analyst_json(&c, &args);
+    let job_id = job["job_id"].as_str().unwrap().to_owned();
+    wait_running(&c, &[&job_id]);
+    let (code, took) = coordinator.term();
+    assert_eq!(code, Some(0), "exit after SIGTERM mid-job");
+    assert!(took < Duration::from_secs(10), "took {took:?}");
+
+    let _coordinator = Coordinator::start(c.path(), addr, "coordinator-term-3");
+    wait_connected(&c, &["acme", "globex"], Duration::from_secs(60));
+    let job = job_json(&c, &job_id);
+    assert_eq!(job["state"], "failed", "{job}");
+    let history = job["history"].as_array().unwrap();
+    assert!(
+        history.iter().any(|h| h["reason"]
+            .as_str()
+            .unwrap()
+            .contains("coordinator shut down while the job was in progress")),
+        "the job is failed with the graceful-stop reason: {job}"
+    );
+    assert_eq!(
+        history.iter().filter(|h| h["state"] == "running").count(),
+        1,
+        "{job}"
+    );
+    // And the nodes run jobs again.
+    let (again, code) = c.submit(&JOB);
+    assert_eq!(code, Some(0), "{again}");
+    assert_eq!(again["state"], "succeeded", "{again}");
 }

@@ -27,6 +27,9 @@ use crate::{CoordinatorConfig, CoordinatorError, now_ms, runner, spec};
 /// Backoff base of a schedule's retries when the analyst gives none, seconds.
 pub const DEFAULT_BACKOFF_SECS: u32 = 60;
 
+/// Why a job under way at a graceful stop (SIGTERM/SIGINT) is failed.
+pub const SHUTDOWN_REASON: &str = "the coordinator shut down while the job was in progress; retry it with `cleanroom job retry`";
+
 /// QUIC application error code for a refused connection.
 const CLOSE_REFUSED: u32 = 2;
 /// Most jobs one list request returns.
@@ -124,12 +127,14 @@ pub async fn serve(
     if let Err(e) = scheduler.await {
         tracing::warn!(error = %e, "the scheduler task failed");
     }
+    // Fail the jobs under way *before* closing the connections: closing them makes the runners
+    // fail their jobs with "node lost", which would hide why. A runner's later transition of a
+    // failed job is refused by the state machine. Jobs submitted on a still-open analyst
+    // connection meanwhile are caught by the second pass.
+    fail_unfinished(&shared.store, SHUTDOWN_REASON)?;
     endpoint.close(0u32.into(), b"coordinator shutting down");
     endpoint.wait_idle().await;
-    fail_unfinished(
-        &shared.store,
-        "the coordinator shut down while the job was in progress; retry it with `cleanroom job retry`",
-    )?;
+    fail_unfinished(&shared.store, SHUTDOWN_REASON)?;
     tracing::info!("coordinator stopped");
     Ok(())
 }
