@@ -301,6 +301,15 @@ struct Coordinator {
 
 impl Coordinator {
     fn start(dir: &Path, addr: SocketAddr, log_name: &str) -> Coordinator {
+        Coordinator::start_env(dir, addr, log_name, &[])
+    }
+
+    fn start_env(
+        dir: &Path,
+        addr: SocketAddr,
+        log_name: &str,
+        env: &[(&str, &str)],
+    ) -> Coordinator {
         let cfg = dir.join("coordinator-fixed.toml");
         std::fs::write(
             &cfg,
@@ -316,6 +325,7 @@ impl Coordinator {
             .arg("--stop-on-stdin-eof")
             .current_dir(dir)
             .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(&log).unwrap())
@@ -591,4 +601,171 @@ fn sigterm_stops_gracefully_idle_and_mid_job() {
     let (again, code) = c.submit(&JOB);
     assert_eq!(code, Some(0), "{again}");
     assert_eq!(again["state"], "succeeded", "{again}");
+}
+
+// ---------------------------------------------------------------- notifications
+
+#[test]
+fn ended_runs_are_notified_by_file_and_command() {
+    let mut c = Consortium::new();
+    let truth = c.synth("acme,globex", 300, 0.5, 13);
+    let expected = truth["pairwise_overlap"]["acme,globex"].as_u64().unwrap();
+    let addr = free_udp_port();
+    let _coordinator = Coordinator::start_env(
+        c.path(),
+        addr,
+        "coordinator-notify",
+        &[("CLEANROOM_ALLOW_ON_DONE", "1")],
+    );
+    c.addr = Some(addr);
+    start_nodes(&mut c);
+
+    let notify_dir = c.path().join("notify");
+    let done_log = c.path().join("done.log");
+    // The run's facts reach the command through the environment only.
+    let on_done = format!(
+        "printf '%s %s %s %s\\n' \"$CLEANROOM_SCHEDULE\" \"$CLEANROOM_JOB_ID\" \"$CLEANROOM_STATE\" \"$CLEANROOM_RESULT\" >> '{}'",
+        done_log.display()
+    );
+    let notify_arg = notify_dir.to_str().unwrap().to_owned();
+    let mut args = vec![
+        "schedule",
+        "add",
+        "notified",
+        "--cron",
+        "0 2 1 1 *",
+        "--max-retries",
+        "0",
+        "--on-done",
+        &on_done,
+        "--notify-dir",
+        &notify_arg,
+        "--format",
+        "json",
+        "--",
+    ];
+    args.extend(JOB);
+    let added = analyst_json(&c, &args);
+    assert_eq!(added["notify_dir"], notify_arg.as_str(), "{added}");
+    assert_eq!(added["on_done"], on_done.as_str(), "{added}");
+
+    // A relative notify directory is refused; so is nothing else here.
+    let mut bad = vec![
+        "schedule",
+        "add",
+        "bad",
+        "--cron",
+        "0 2 1 1 *",
+        "--notify-dir",
+        "relative/dir",
+        "--",
+    ];
+    bad.extend(JOB);
+    let out = analyst(&c, &bad);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("absolute"));
+
+    // A failing command is logged, never fatal.
+    let mut failing = vec![
+        "schedule",
+        "add",
+        "failing",
+        "--cron",
+        "0 2 1 1 *",
+        "--max-retries",
+        "0",
+        "--on-done",
+        "echo oops >&2; exit 3",
+        "--",
+    ];
+    failing.extend(JOB);
+    analyst_ok(&c, &failing);
+
+    let mut job_ids = Vec::new();
+    for name in ["notified", "notified", "failing"] {
+        let job = analyst_json(
+            &c,
+            &[
+                "schedule",
+                "run-now",
+                name,
+                "--wait",
+                "--timeout",
+                "120",
+                "--format",
+                "json",
+            ],
+        );
+        assert_eq!(job["state"], "succeeded", "{job}");
+        if name == "notified" {
+            job_ids.push(job["job_id"].as_str().unwrap().to_owned());
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+
+    // One JSON file per run, and one line per run from the command.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let files = loop {
+        let mut files: Vec<PathBuf> = std::fs::read_dir(&notify_dir)
+            .map(|d| {
+                d.filter_map(|e| e.ok().map(|e| e.path()))
+                    .filter(|p| p.extension().is_some_and(|x| x == "json"))
+                    .collect()
+            })
+            .unwrap_or_default();
+        files.sort();
+        let lines = std::fs::read_to_string(&done_log)
+            .map(|t| t.lines().count())
+            .unwrap_or(0);
+        if files.len() >= 2 && lines >= 2 {
+            break files;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "notifications missing: {files:?}, {lines} command lines"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(files.len(), 2, "{files:?}");
+    let mut seen = Vec::new();
+    for file in &files {
+        let run: Value = serde_json::from_str(&std::fs::read_to_string(file).unwrap()).unwrap();
+        assert_eq!(run["schedule"], "notified", "{run}");
+        assert_eq!(run["state"], "succeeded", "{run}");
+        assert_eq!(run["result"].as_u64(), Some(expected), "{run}");
+        assert_eq!(run["note"], "run-now", "{run}");
+        seen.push(run["job_id"].as_str().unwrap().to_owned());
+    }
+    seen.sort();
+    let mut want = job_ids.clone();
+    want.sort();
+    assert_eq!(seen, want);
+    let log = std::fs::read_to_string(&done_log).unwrap();
+    for id in &job_ids {
+        assert!(
+            log.lines()
+                .any(|l| l == format!("notified {id} succeeded {expected}")),
+            "{log}"
+        );
+    }
+
+    // The failing command was run and logged; the coordinator carries on; nothing is
+    // notified twice across further scheduler ticks.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let log = std::fs::read_to_string(c.path().join("logs/coordinator-notify.log")).unwrap();
+        if log.contains("the on-done command failed") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{log}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(std::fs::read_dir(&notify_dir).unwrap().count(), 2);
+    assert_eq!(
+        std::fs::read_to_string(&done_log).unwrap().lines().count(),
+        2
+    );
+    let list = analyst_json(&c, &["schedule", "list", "--format", "json"]);
+    assert_eq!(list.as_array().unwrap().len(), 2, "{list}");
 }

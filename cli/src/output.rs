@@ -294,6 +294,8 @@ pub fn schedule_json(s: &ScheduleInfo) -> Value {
         "removed_ms": (s.removed_ms != 0).then_some(s.removed_ms),
         "max_retries": s.max_retries,
         "backoff_base_secs": s.backoff_base_secs,
+        "on_done": (!s.on_done.is_empty()).then_some(&s.on_done),
+        "notify_dir": (!s.notify_dir.is_empty()).then_some(&s.notify_dir),
         "runs": s.runs.iter().map(|r| json!({
             "scheduled_for_ms": r.scheduled_for_ms,
             "attempt": r.attempt,
@@ -378,6 +380,12 @@ pub fn print_schedule(s: &ScheduleInfo, format: Format) {
                 parties.join(" and ")
             );
             println!("purpose    {}", spec.purpose);
+            if !s.on_done.is_empty() {
+                println!("on done    {}", s.on_done);
+            }
+            if !s.notify_dir.is_empty() {
+                println!("notify     {}", s.notify_dir);
+            }
             println!("owner      {}", s.owner);
             println!(
                 "retries    up to {}, backoff {}s doubling",

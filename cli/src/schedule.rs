@@ -91,6 +91,8 @@ pub fn add_request(args: &ScheduleAddArgs) -> anyhow::Result<AddSchedule> {
         spec: Some(spec),
         max_retries: args.max_retries,
         backoff_base_secs: args.backoff,
+        on_done: args.on_done.clone().unwrap_or_default(),
+        notify_dir: args.notify_dir.clone().unwrap_or_default(),
     })
 }
 

@@ -1,9 +1,10 @@
--- Job store of the cleanroom coordinator, schema version 2.
+-- Job store of the cleanroom coordinator, schema version 3.
 --
 -- Applied by `JobStore::open` in one transaction when the database has no schema yet; the
 -- version row it writes is what future migrations start from. Every statement is written so that
 -- re-running the script on an existing database changes nothing: that is also the migration from
--- version 1 (which lacked the `schedules` and `schedule_runs` tables).
+-- version 1 (which lacked the `schedules` and `schedule_runs` tables) and from version 2 (which
+-- lacked `schedule_notify` and `schedule_run_notified`).
 --
 -- Protobuf messages are stored as their encoded bytes (`spec`, `outcome`); the other columns
 -- exist to query and to order by. States are `cleanroom.v1.JobState` numbers.
@@ -105,3 +106,19 @@ CREATE TABLE IF NOT EXISTS schedule_runs (
 );
 
 CREATE INDEX IF NOT EXISTS schedule_runs_by_time ON schedule_runs (schedule_id, scheduled_for_ms);
+
+-- Notifications of a schedule (version 3): when one of its runs ends (succeeded, failed or
+-- vetoed), run `on_done` and/or write the run's JSON into `notify_dir` (see `schedule.rs`).
+-- Empty means none; a schedule without a row has neither.
+CREATE TABLE IF NOT EXISTS schedule_notify (
+  schedule_id INTEGER PRIMARY KEY REFERENCES schedules (id),
+  on_done     TEXT    NOT NULL DEFAULT '',
+  notify_dir  TEXT    NOT NULL DEFAULT ''
+);
+
+-- Runs whose end has been notified (version 3): each run is notified at most once, even across
+-- a restart (it is recorded before the notification is carried out).
+CREATE TABLE IF NOT EXISTS schedule_run_notified (
+  run_id      INTEGER PRIMARY KEY REFERENCES schedule_runs (id),
+  notified_ms INTEGER NOT NULL
+);

@@ -21,14 +21,15 @@ use crate::clock::SystemClock;
 use crate::registry::{NodeHandle, Registry};
 use crate::report::{ScheduleReport, render_json};
 use crate::schedule::{self, ScheduledJob};
-use crate::store::{JobStore, NewSchedule, ScheduleRecord, ScheduleRun};
+use crate::store::{JobStore, NewSchedule, ScheduleNotify, ScheduleRecord, ScheduleRun};
 use crate::{CoordinatorConfig, CoordinatorError, now_ms, runner, spec};
 
 /// Backoff base of a schedule's retries when the analyst gives none, seconds.
 pub const DEFAULT_BACKOFF_SECS: u32 = 60;
 
 /// Why a job under way at a graceful stop (SIGTERM/SIGINT) is failed.
-pub const SHUTDOWN_REASON: &str = "the coordinator shut down while the job was in progress; retry it with `cleanroom job retry`";
+pub const SHUTDOWN_REASON: &str =
+    "the coordinator shut down while the job was in progress; retry it with `cleanroom job retry`";
 
 /// QUIC application error code for a refused connection.
 const CLOSE_REFUSED: u32 = 2;
@@ -139,6 +140,38 @@ pub async fn serve(
     Ok(())
 }
 
+/// The environment variable that lets analysts give schedules an `--on-done` command: the
+/// coordinator runs it on its own host, so the operator must opt in (`1`).
+pub const ALLOW_ON_DONE_ENV: &str = "CLEANROOM_ALLOW_ON_DONE";
+
+/// Longest `--on-done` command or `--notify-dir` path accepted.
+const MAX_NOTIFY_LEN: usize = 4096;
+
+/// Checks a schedule's notifications: the command only if the operator allows commands
+/// ([`ALLOW_ON_DONE_ENV`]), the directory an absolute path.
+fn check_notify(notify: &ScheduleNotify) -> Result<(), String> {
+    if notify.on_done.len() > MAX_NOTIFY_LEN || notify.notify_dir.len() > MAX_NOTIFY_LEN {
+        return Err(format!(
+            "--on-done and --notify-dir are limited to {MAX_NOTIFY_LEN} bytes"
+        ));
+    }
+    if notify.on_done.contains('\0') || notify.notify_dir.contains('\0') {
+        return Err("--on-done and --notify-dir may not contain NUL".into());
+    }
+    if !notify.on_done.is_empty() && std::env::var(ALLOW_ON_DONE_ENV).as_deref() != Ok("1") {
+        return Err(format!(
+            "this coordinator does not run --on-done commands (they run on its host); its operator can allow them with {ALLOW_ON_DONE_ENV}=1, or use --notify-dir"
+        ));
+    }
+    if !notify.notify_dir.is_empty() && !std::path::Path::new(&notify.notify_dir).is_absolute() {
+        return Err(format!(
+            "--notify-dir must be an absolute path on the coordinator's host, not '{}'",
+            notify.notify_dir
+        ));
+    }
+    Ok(())
+}
+
 /// Fails every job that is not in a terminal state, with `reason`.
 fn fail_unfinished(store: &JobStore, reason: &str) -> Result<(), CoordinatorError> {
     for job_id in store.unfinished()? {
@@ -178,7 +211,18 @@ pub async fn submit_scheduled(shared: Arc<Shared>, job: ScheduledJob) -> Result<
 
 /// A stored schedule as the analyst API sends it.
 pub fn schedule_info(record: &ScheduleRecord, runs: &[ScheduleRun]) -> ScheduleInfo {
+    schedule_info_notified(record, runs, &ScheduleNotify::default())
+}
+
+/// [`schedule_info`] with the schedule's notifications.
+pub fn schedule_info_notified(
+    record: &ScheduleRecord,
+    runs: &[ScheduleRun],
+    notify: &ScheduleNotify,
+) -> ScheduleInfo {
     ScheduleInfo {
+        on_done: notify.on_done.clone(),
+        notify_dir: notify.notify_dir.clone(),
         name: record.name.clone(),
         cron: record.cron.clone(),
         timezone: record.timezone.clone(),
@@ -397,6 +441,11 @@ async fn handle(
             let job_spec = add
                 .spec
                 .ok_or_else(|| CoordinatorError::Refused("schedule without a job spec".into()))?;
+            let notify = ScheduleNotify {
+                on_done: add.on_done,
+                notify_dir: add.notify_dir,
+            };
+            check_notify(&notify).map_err(CoordinatorError::Refused)?;
             let record = shared.store.add_schedule(
                 &NewSchedule {
                     name: add.name,
@@ -413,8 +462,15 @@ async fn handle(
                 },
                 now_ms(),
             )?;
-            tracing::info!(schedule = %record.name, cron = %record.cron, timezone = %record.timezone, analyst = %peer.name, "schedule added");
-            Ok(Response::Schedule(schedule_info(&record, &[])))
+            if !notify.is_empty() {
+                shared.store.set_schedule_notify(record.id, &notify)?;
+            }
+            tracing::info!(schedule = %record.name, cron = %record.cron, timezone = %record.timezone, analyst = %peer.name, on_done = %notify.on_done, notify_dir = %notify.notify_dir, "schedule added");
+            Ok(Response::Schedule(schedule_info_notified(
+                &record,
+                &[],
+                &notify,
+            )))
         }
         Some(Request::ListSchedules(_)) => Ok(Response::Schedules(ScheduleList {
             schedules: shared
@@ -433,7 +489,10 @@ async fn handle(
                     .ok_or_else(|| unknown_schedule(&r.name))?,
             };
             let runs = shared.store.runs(&r.name, r.since_ms)?;
-            Ok(Response::Schedule(schedule_info(&record, &runs)))
+            let notify = shared.store.schedule_notify(record.id)?;
+            Ok(Response::Schedule(schedule_info_notified(
+                &record, &runs, &notify,
+            )))
         }
         Some(Request::PauseSchedule(r)) => {
             let record = shared.store.pause_schedule(&r.name)?;

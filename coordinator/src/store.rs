@@ -37,7 +37,7 @@ use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 const SCHEMA: &str = include_str!("schema.sql");
 
 /// Version of [`SCHEMA`]; recorded in the `schema_version` table.
-pub const SCHEMA_VERSION: i64 = 2;
+pub const SCHEMA_VERSION: i64 = 3;
 
 /// Most jobs one [`JobStore::list`] call returns, whatever limit is asked for.
 pub const MAX_LIST_LIMIT: u32 = 1000;
@@ -227,9 +227,10 @@ impl JobStore {
                 )?;
             }
             Some(SCHEMA_VERSION) => {}
-            // Version 2 only added tables (schedules, schedule_runs); the schema script creates
-            // what is missing and leaves the rest untouched.
-            Some(1) => {
+            // Versions 2 and 3 only added tables (schedules, schedule_runs; schedule_notify,
+            // schedule_run_notified); the schema script creates what is missing and leaves the
+            // rest untouched.
+            Some(1 | 2) => {
                 tx.execute_batch(SCHEMA)?;
                 tx.execute(
                     "INSERT INTO schema_version (version) VALUES (?1)",
@@ -971,6 +972,128 @@ impl JobStore {
     }
 }
 
+/// Where a schedule's ended runs are announced (empty: not at all).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ScheduleNotify {
+    /// A command run by `sh -c` with the run's facts in `CLEANROOM_*` environment variables.
+    pub on_done: String,
+    /// A directory where the run's JSON is written, one file per run.
+    pub notify_dir: String,
+}
+
+impl ScheduleNotify {
+    /// Whether there is nothing to do.
+    pub fn is_empty(&self) -> bool {
+        self.on_done.is_empty() && self.notify_dir.is_empty()
+    }
+}
+
+/// A scheduled run that has ended and whose end is not yet notified.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EndedRun {
+    /// The run's row id.
+    pub run_id: i64,
+    /// The schedule's name.
+    pub schedule: String,
+    /// The occurrence.
+    pub scheduled_for_ms: i64,
+    /// The attempt.
+    pub attempt: u32,
+    /// Why it was run.
+    pub note: String,
+    /// Its job.
+    pub job_id: String,
+    /// What to do.
+    pub notify: ScheduleNotify,
+}
+
+impl JobStore {
+    /// Sets the notifications of schedule `schedule_id` (empty strings: none).
+    pub fn set_schedule_notify(
+        &self,
+        schedule_id: i64,
+        notify: &ScheduleNotify,
+    ) -> Result<(), StoreError> {
+        let conn = self.lock();
+        conn.execute(
+            "INSERT INTO schedule_notify (schedule_id, on_done, notify_dir) VALUES (?1, ?2, ?3) \
+             ON CONFLICT (schedule_id) DO UPDATE SET on_done = ?2, notify_dir = ?3",
+            params![schedule_id, notify.on_done, notify.notify_dir],
+        )?;
+        Ok(())
+    }
+
+    /// The notifications of schedule `schedule_id` (empty if none).
+    pub fn schedule_notify(&self, schedule_id: i64) -> Result<ScheduleNotify, StoreError> {
+        let conn = self.lock();
+        let found = conn
+            .query_row(
+                "SELECT on_done, notify_dir FROM schedule_notify WHERE schedule_id = ?1",
+                [schedule_id],
+                |row| {
+                    Ok(ScheduleNotify {
+                        on_done: row.get(0)?,
+                        notify_dir: row.get(1)?,
+                    })
+                },
+            )
+            .optional()?;
+        Ok(found.unwrap_or_default())
+    }
+
+    /// Runs of schedules with notifications whose job has ended (succeeded, failed or vetoed;
+    /// not cancelled) and that are not yet marked notified, oldest first.
+    pub fn ended_unnotified_runs(&self) -> Result<Vec<EndedRun>, StoreError> {
+        let conn = self.lock();
+        let mut stmt = conn.prepare_cached(
+            "SELECT r.id, s.name, r.scheduled_for_ms, r.attempt, r.note, r.job_id, \
+                    n.on_done, n.notify_dir \
+             FROM schedule_runs r \
+             JOIN schedules s ON s.id = r.schedule_id \
+             JOIN schedule_notify n ON n.schedule_id = r.schedule_id \
+             JOIN jobs j ON j.job_id = r.job_id \
+             WHERE r.status = 'submitted' AND j.state IN (?1, ?2, ?3) \
+               AND (n.on_done != '' OR n.notify_dir != '') \
+               AND NOT EXISTS (SELECT 1 FROM schedule_run_notified d WHERE d.run_id = r.id) \
+             ORDER BY r.id",
+        )?;
+        let rows = stmt
+            .query_map(
+                params![
+                    JobState::Succeeded as i32,
+                    JobState::Failed as i32,
+                    JobState::Vetoed as i32
+                ],
+                |row| {
+                    Ok(EndedRun {
+                        run_id: row.get(0)?,
+                        schedule: row.get(1)?,
+                        scheduled_for_ms: row.get(2)?,
+                        attempt: row.get(3)?,
+                        note: row.get(4)?,
+                        job_id: row.get(5)?,
+                        notify: ScheduleNotify {
+                            on_done: row.get(6)?,
+                            notify_dir: row.get(7)?,
+                        },
+                    })
+                },
+            )?
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(rows)
+    }
+
+    /// Marks run `run_id` notified; false if it already was (someone else notifies it).
+    pub fn mark_notified(&self, run_id: i64, now_ms: i64) -> Result<bool, StoreError> {
+        let conn = self.lock();
+        let changed = conn.execute(
+            "INSERT OR IGNORE INTO schedule_run_notified (run_id, notified_ms) VALUES (?1, ?2)",
+            params![run_id, now_ms],
+        )?;
+        Ok(changed > 0)
+    }
+}
+
 type ScheduleRow = (
     i64,
     String,
@@ -1391,15 +1514,15 @@ mod tests {
         drop(JobStore::open(&path).unwrap());
         Connection::open(&path)
             .unwrap()
-            .execute("UPDATE schema_version SET version = 3", [])
+            .execute("UPDATE schema_version SET version = 4", [])
             .unwrap();
         let err = JobStore::open(&path).unwrap_err();
         assert!(
             matches!(
                 err,
                 StoreError::UnsupportedSchema {
-                    found: 3,
-                    supported: 2
+                    found: 4,
+                    supported: 3
                 }
             ),
             "{err:?}"
@@ -1952,11 +2075,11 @@ mod tests {
             .unwrap()
             .collect::<Result<_, _>>()
             .unwrap();
-        assert_eq!(versions, vec![1, 2]);
+        assert_eq!(versions, vec![1, 3]);
         assert_eq!(store.get(&job_id).unwrap().unwrap().spec, Some(spec("q3")));
         store.add_schedule(&new_schedule("nightly"), 0).unwrap();
         drop(store);
-        // And it opens again as version 2.
+        // And it opens again as version 3.
         let store = JobStore::open(&path).unwrap();
         assert_eq!(store.list_schedules().unwrap().len(), 1);
     }
