@@ -47,6 +47,19 @@ const JOB_TIMEOUT: Duration = Duration::from_secs(3600);
 const BATCH_POINTS: usize = 4096;
 /// Most rows a dataset may have for one job.
 const MAX_ROWS: u64 = 100_000_000;
+/// Longest silence from the peer before its hello, and the base of the silence allowed later.
+const STALL_BASE: Duration = Duration::from_secs(60);
+/// Silence allowed per item of both sets on top of [`STALL_BASE`]: generous against the
+/// ~100 µs per item per party that a 2-core machine needs, so a slow but honest peer is never
+/// cut off while it blinds its set.
+const STALL_PER_ITEM: Duration = Duration::from_micros(400);
+
+/// How long the peer may stay silent once both set sizes are known.
+fn stall_deadline(own: u64, peer: u64) -> Duration {
+    let items = u32::try_from(own.saturating_add(peer)).unwrap_or(u32::MAX);
+    STALL_BASE.saturating_add(STALL_PER_ITEM.saturating_mul(items))
+}
+
 /// QUIC application error code when a job fails.
 const CLOSE_FAILED: u32 = 3;
 /// QUIC application error code when a job finished.
@@ -254,7 +267,7 @@ async fn exchange(
     let mut incoming = spawn_reader(recv, job.job_id.clone(), hello, max_points);
 
     let result = async {
-        let hello = next_frame(&mut incoming, &partner).await?;
+        let hello = next_frame(&mut incoming, &partner, STALL_BASE).await?;
         let peer_hello = expect_body(&hello, Phase::PsiSize, &partner, |b| match b {
             Body::PsiHello(h) => Some(h.clone()),
             _ => None,
@@ -271,6 +284,9 @@ async fn exchange(
         job.permit
             .check_peer_size(peer_hello.set_size)
             .map_err(|v| NodeError::Job(format!("refused: {v}")))?;
+        // A peer that stops sending (while QUIC keep-alives hold the connection open) is cut
+        // off once it has been silent longer than its share of the work could take.
+        let stall = stall_deadline(own_size, peer_hello.set_size);
         let session = session
             .on_peer_size(peer_hello.set_size)
             .map_err(|e| NodeError::Job(format!("refused: {e}")))?;
@@ -294,7 +310,7 @@ async fn exchange(
         // Re-blind the peer's items as they arrive.
         let mut seq_in = 0u64;
         let mut awaiting = loop {
-            let env = next_frame(&mut incoming, &partner).await?;
+            let env = next_frame(&mut incoming, &partner, stall).await?;
             check_phase(&env, Phase::PsiBlinded, &partner)?;
             match env.body {
                 Some(Body::Points(PointBatch { seq, points })) => {
@@ -322,7 +338,7 @@ async fn exchange(
         // Our items, returned double-blinded by the peer.
         let mut seq_in = 0u64;
         let output = loop {
-            let env = next_frame(&mut incoming, &partner).await?;
+            let env = next_frame(&mut incoming, &partner, stall).await?;
             check_phase(&env, Phase::PsiDoubleBlinded, &partner)?;
             match env.body {
                 Some(Body::Points(PointBatch { seq, points })) => {
@@ -349,7 +365,7 @@ async fn exchange(
         // Tell the peer we are done, with our count (which must equal theirs); wait for theirs.
         out.end(Phase::PsiDone, output.intersection).await?;
         out.send.finish()?;
-        let done = next_frame(&mut incoming, &partner).await?;
+        let done = next_frame(&mut incoming, &partner, stall).await?;
         let peer_count = expect_body(&done, Phase::PsiDone, &partner, |b| match b {
             Body::BatchEnd(e) => Some(e.total),
             _ => None,
@@ -567,8 +583,17 @@ fn spawn_reader(
 async fn next_frame(
     incoming: &mut mpsc::UnboundedReceiver<Incoming>,
     partner: &str,
+    stall: Duration,
 ) -> Result<Envelope, NodeError> {
-    match incoming.recv().await {
+    let next = tokio::time::timeout(stall, incoming.recv())
+        .await
+        .map_err(|_| {
+            NodeError::Job(format!(
+                "node '{partner}' sent nothing for {}s; the job was stopped",
+                stall.as_secs()
+            ))
+        })?;
+    match next {
         Some(Incoming::Frame(env)) => {
             if let Some(Body::Abort(Abort { reason })) = &env.body {
                 return Err(NodeError::Job(format!(
