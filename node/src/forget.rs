@@ -327,7 +327,10 @@ fn create_key(path: &Path) -> Result<[u8; 32], ForgetError> {
         options.mode(0o600);
     }
     // Written to a temporary name and linked into place, so a reader never sees a short key.
-    let tmp = path.with_extension(format!("key.tmp{}", std::process::id()));
+    // Unique per process and per call: jobs on several threads may race to create the key.
+    static ATTEMPT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let attempt = ATTEMPT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp = path.with_extension(format!("key.tmp{}-{attempt}", std::process::id()));
     let written = (|| {
         let mut f = options.open(&tmp)?;
         f.write_all(&key)?;
@@ -530,5 +533,28 @@ mod tests {
         assert_eq!(text.lines().count(), 2, "{text}");
         let fg = store.load("customers").unwrap();
         assert!(fg.hashes.contains(&h1) && fg.hashes.contains(&h2));
+    }
+}
+
+#[cfg(test)]
+mod race_tests {
+    use super::*;
+
+    /// Jobs start concurrently on one node; each opens the store, and the first use creates the
+    /// key. They must all end up with the same key and no error.
+    #[test]
+    fn concurrent_first_opens_agree_on_one_key() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let state = dir.path().join("state");
+        let keys: Vec<[u8; 32]> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..8)
+                .map(|_| s.spawn(|| ForgetStore::open(&state).map(|f| f.secret)))
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().expect("thread").expect("open"))
+                .collect()
+        });
+        assert!(keys.windows(2).all(|w| w[0] == w[1]));
     }
 }
