@@ -482,3 +482,63 @@ fn forgotten_subjects_leave_the_overlap() {
         "{after}"
     );
 }
+
+/// SIGHUP reloads the policy: a valid change applies to the next job; a broken file is refused
+/// and the last good policy stays in force.
+#[test]
+fn sighup_reloads_the_policy_and_a_broken_reload_keeps_the_last_good_one() {
+    let c = pair(&acme_agreement("", ""));
+    let job = overlap(&c, "email", "overlap-reporting");
+    assert_eq!(job["state"], "succeeded", "{job}");
+
+    let hup = |c: &Consortium| {
+        let pid = c.node("acme").pid().to_string();
+        let status = Command::new("kill").args(["-HUP", &pid]).status().unwrap();
+        assert!(status.success());
+    };
+    let wait_for_log = |c: &Consortium, needle: &str, count: usize| {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while c.node("acme").log_text().matches(needle).count() < count {
+            assert!(Instant::now() < deadline, "acme never logged {needle:?}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+
+    // Narrow the agreement to fraud detection and reload.
+    let path = config_path(&c, "acme");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let narrowed = text.replace(
+        "purposes = [\"overlap-reporting\", \"fraud-detection\"]",
+        "purposes = [\"fraud-detection\"]",
+    );
+    assert_ne!(text, narrowed);
+    std::fs::write(&path, &narrowed).unwrap();
+    hup(&c);
+    wait_for_log(&c, "policy reloaded", 1);
+    let job = overlap(&c, "email", "overlap-reporting");
+    assert_eq!(job["state"], "vetoed", "{job}");
+    assert!(
+        job["reason"]
+            .as_str()
+            .unwrap()
+            .contains("purpose 'overlap-reporting' not in agreement with globex"),
+        "{job}"
+    );
+
+    // A broken file: refused, and the narrowed policy stays in force.
+    std::fs::write(&path, format!("{narrowed}\nthis is not toml = = =\n")).unwrap();
+    hup(&c);
+    wait_for_log(&c, "policy reload failed", 1);
+    let job = overlap(&c, "email", "fraud-detection");
+    assert_eq!(job["state"], "succeeded", "{job}");
+    let job = overlap(&c, "email", "overlap-reporting");
+    assert_eq!(job["state"], "vetoed", "{job}");
+
+    // Each successful load is in the audit log (`audit show` reads the config: restore it).
+    std::fs::write(&path, &narrowed).unwrap();
+    let loads = audit_entries(&c, "acme", None)
+        .into_iter()
+        .filter(|e| e["event"]["kind"] == "PolicyLoaded")
+        .count();
+    assert_eq!(loads, 2, "start and one successful reload");
+}

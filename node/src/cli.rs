@@ -261,7 +261,6 @@ fn execute(command: NodeCommand) -> anyhow::Result<ExitCode> {
             config,
             stop_on_stdin_eof,
         } => {
-            let cfg = NodeConfig::load(&config)?;
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()?;
@@ -272,7 +271,9 @@ fn execute(command: NodeCommand) -> anyhow::Result<ExitCode> {
                     tracing::info!("shutting down");
                     let _ = tx.send(true);
                 });
-                crate::run(cfg, rx).await
+                // Loads and checks the policy (datasets' headers included) and reloads it on
+                // SIGHUP.
+                crate::run_from(config, rx).await
             })?;
             Ok(ExitCode::SUCCESS)
         }
