@@ -455,13 +455,11 @@ fn basepoint() -> Vec<u8> {
 }
 
 #[test]
-#[ignore = "bug: node/src/psi_job.rs runs exchange() under JOB_TIMEOUT (1 h) only; with QUIC keep-alives a peer that stalls after accepting holds the job `running` (seen: still running after 120 s)"]
 fn a_peer_that_stalls_after_its_hello_fails_the_job_by_a_deadline() {
     stall_case(0);
 }
 
 #[test]
-#[ignore = "bug: node/src/psi_job.rs runs exchange() under JOB_TIMEOUT (1 h) only; with QUIC keep-alives a peer that stalls after accepting holds the job `running` (seen: still running after 120 s)"]
 fn a_peer_that_stalls_mid_points_fails_the_job_by_a_deadline() {
     stall_case(1);
 }
