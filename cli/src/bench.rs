@@ -7,12 +7,12 @@ use std::time::{Duration, Instant};
 
 use cleanroom_circuits::floor::measure_floor;
 use cleanroom_proto::v1::{JobKind, JobSpec, JobState, PartySpec};
-use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 
 use crate::args::{BenchCommand, BenchPsiArgs};
 use crate::cluster::{Cluster, Partner};
 use crate::synth::{SynthSpec, write_synth};
+use crate::ui::{WorkDir, spinner};
 
 /// Runs a benchmark.
 pub async fn run(command: BenchCommand) -> anyhow::Result<ExitCode> {
@@ -43,25 +43,9 @@ async fn psi(args: BenchPsiArgs) -> anyhow::Result<ExitCode> {
     let cores = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1);
-    let temp;
-    let dir = match &args.keep {
-        Some(dir) => {
-            std::fs::create_dir_all(dir)?;
-            dir.clone()
-        }
-        None => {
-            temp = tempfile::Builder::new()
-                .prefix("cleanroom-bench-")
-                .tempdir()?;
-            temp.path().to_owned()
-        }
-    };
-    let progress = ProgressBar::new_spinner();
-    progress.set_style(
-        ProgressStyle::with_template("{spinner} [{elapsed}] {msg}")
-            .unwrap_or_else(|_| ProgressStyle::default_spinner()),
-    );
-    progress.enable_steady_tick(Duration::from_millis(100));
+    let workdir = WorkDir::new(args.keep.as_deref(), "cleanroom-bench-")?;
+    let dir = workdir.path().to_owned();
+    let progress = spinner("starting");
 
     progress.set_message("measuring the cryptographic floor on this machine");
     let floor = tokio::task::spawn_blocking(|| measure_floor(20_000)).await?;

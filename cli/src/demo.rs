@@ -7,35 +7,19 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use cleanroom_coordinator::client::state_name;
 use cleanroom_proto::v1::{JobInfo, JobKind, JobSpec, JobState, PartySpec};
-use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::args::DemoArgs;
 use crate::cluster::{Cluster, Partner};
 use crate::synth::{SynthSpec, write_synth};
+use crate::ui::{WorkDir, spinner};
 
 const PARTNERS: [&str; 2] = ["acme", "globex"];
 
 /// Runs the demo.
 pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
-    let temp;
-    let dir = match &args.keep {
-        Some(dir) => {
-            std::fs::create_dir_all(dir)?;
-            dir.clone()
-        }
-        None => {
-            temp = tempfile::Builder::new()
-                .prefix("cleanroom-demo-")
-                .tempdir()?;
-            temp.path().to_owned()
-        }
-    };
-    let progress = ProgressBar::new_spinner();
-    progress.set_style(
-        ProgressStyle::with_template("{spinner} [{elapsed}] {msg}")
-            .unwrap_or_else(|_| ProgressStyle::default_spinner()),
-    );
-    progress.enable_steady_tick(Duration::from_millis(100));
+    let workdir = WorkDir::new(args.keep.as_deref(), "cleanroom-demo-")?;
+    let dir = workdir.path().to_owned();
+    let progress = spinner("starting");
 
     progress.set_message(format!(
         "writing synthetic data: {} rows per partner, {:.0}% shared",

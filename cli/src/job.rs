@@ -1,6 +1,5 @@
 //! `cleanroom job …` and `cleanroom nodes`: the analyst's commands.
 
-use std::io::IsTerminal;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -9,10 +8,10 @@ use cleanroom_coordinator::AnalystClient;
 use cleanroom_coordinator::client::state_name;
 use cleanroom_proto::v1::{JobKind, JobSpec, JobState, PartySpec};
 use cleanroom_transport::Credentials;
-use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::args::{ConnArgs, Format, JobCommand, KindArg, SubmitArgs};
 use crate::output;
+use crate::ui::spinner;
 
 pub async fn connect(conn: &ConnArgs) -> anyhow::Result<AnalystClient> {
     let (Some(cert), Some(key)) = (&conn.cert, &conn.key) else {
@@ -24,23 +23,6 @@ pub async fn connect(conn: &ConnArgs) -> anyhow::Result<AnalystClient> {
     AnalystClient::connect(conn.coordinator, &creds)
         .await
         .with_context(|| format!("connecting to the coordinator at {}", conn.coordinator))
-}
-
-/// A spinner on stderr while waiting (hidden when stderr is not a terminal, so scripts and
-/// `--format json` output stay clean).
-fn spinner(job_id: &str) -> ProgressBar {
-    let progress = if std::io::stderr().is_terminal() {
-        ProgressBar::new_spinner()
-    } else {
-        ProgressBar::hidden()
-    };
-    progress.set_style(
-        ProgressStyle::with_template("{spinner} [{elapsed}] {msg}")
-            .unwrap_or_else(|_| ProgressStyle::default_spinner()),
-    );
-    progress.set_message(format!("job {job_id} submitted; waiting for it to finish"));
-    progress.enable_steady_tick(Duration::from_millis(100));
-    progress
 }
 
 /// Exit code for a finished job: 0 if it succeeded, 2 if vetoed, 1 otherwise.
@@ -139,7 +121,10 @@ pub async fn run(conn: ConnArgs, command: JobCommand) -> anyhow::Result<ExitCode
             let client = connect(&conn).await?;
             let job = client.submit(spec, &args.idempotency_key).await?;
             let job = if args.wait {
-                let progress = spinner(&job.job_id);
+                let progress = spinner(format!(
+                    "job {} submitted; waiting for it to finish",
+                    job.job_id
+                ));
                 let done = client
                     .wait(&job.job_id, Duration::from_secs(args.timeout), |info| {
                         progress.set_message(format!(
@@ -171,7 +156,7 @@ pub async fn run(conn: ConnArgs, command: JobCommand) -> anyhow::Result<ExitCode
             timeout,
         } => {
             let client = connect(&conn).await?;
-            let progress = spinner(&job_id);
+            let progress = spinner(format!("waiting for job {job_id}"));
             let job = client
                 .wait(&job_id, Duration::from_secs(timeout), |info| {
                     progress.set_message(format!(

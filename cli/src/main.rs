@@ -15,6 +15,7 @@ mod output;
 mod report;
 mod schedule;
 mod synth;
+mod ui;
 
 use std::process::ExitCode;
 

@@ -288,8 +288,8 @@ pub fn to_hex(bytes: &[u8]) -> String {
     s
 }
 
-/// Parses exactly 64 lowercase hex digits.
-fn hash_from_hex(s: &str) -> Option<[u8; 32]> {
+/// Parses exactly 64 lowercase hex digits (the inverse of [`to_hex`] for 32 bytes).
+pub fn hash_from_hex(s: &str) -> Option<[u8; 32]> {
     let s = s.as_bytes();
     if s.len() != 64 {
         return None;

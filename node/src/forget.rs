@@ -30,7 +30,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::audit::to_hex;
+use crate::audit::{hash_from_hex, to_hex};
 use crate::config::DatasetConfig;
 use crate::dataset::{Forgotten, KEY_PART_SEPARATOR, MAX_FIELD_BYTES, forget_hash};
 use crate::normalise::NormaliseError;
@@ -237,7 +237,7 @@ impl ForgetStore {
                 line: i + 1,
             };
             let entry: Entry = serde_json::from_slice(l).map_err(|_| bad())?;
-            let hash = from_hex(&entry.hash).ok_or_else(bad)?;
+            let hash = hash_from_hex(&entry.hash).ok_or_else(bad)?;
             if entry.dataset == dataset {
                 hashes.insert(hash);
             }
@@ -247,23 +247,6 @@ impl ForgetStore {
             hashes,
         })
     }
-}
-
-fn from_hex(s: &str) -> Option<[u8; 32]> {
-    let s = s.as_bytes();
-    if s.len() != 64 {
-        return None;
-    }
-    let nibble = |c: u8| match c {
-        b'0'..=b'9' => Some(c - b'0'),
-        b'a'..=b'f' => Some(c - b'a' + 10),
-        _ => None,
-    };
-    let mut out = [0u8; 32];
-    for (i, o) in out.iter_mut().enumerate() {
-        *o = (nibble(s[2 * i])? << 4) | nibble(s[2 * i + 1])?;
-    }
-    Some(out)
 }
 
 fn read_key(path: &Path) -> Result<Option<[u8; 32]>, ForgetError> {
