@@ -133,6 +133,10 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
     println!("Neither node saw the other's records; the coordinator saw only the counts above.");
     if args.keep.is_some() {
         println!("Logs, configs and data are kept in {}.", dir.display());
+    } else {
+        println!(
+            "The working directory is removed now; run `cleanroom demo --keep DIR` to keep its data, configs, logs, audit logs and membership files."
+        );
     }
     Ok(if all_ok {
         ExitCode::SUCCESS
