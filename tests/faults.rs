@@ -10,11 +10,8 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use cleanroom_e2e::fake_node::{self, BASEPOINT};
 use cleanroom_e2e::{Consortium, cleanroom, open_agreement};
-use cleanroom_proto::v1::{
-    Envelope, HelloAck, NodeHello, OfferReply, Phase, PointBatch, PsiHello, Ready, envelope::Body,
-};
-use cleanroom_transport::{Credentials, Identity, TransportTuning};
 use serde_json::Value;
 
 /// How long after the kill the job must have ended: the QUIC idle timeout (30 s) plus slack for
@@ -342,116 +339,21 @@ fn a_node_killed_at_each_phase_fails_the_job_cleanly_and_the_survivor_keeps_serv
     eprintln!("{}", report.join("\n"));
 }
 
-/// Plays node "mallory" for one job: registers, accepts the offer, dials the responder, sends a
-/// valid hello and `send_points` of its declared points, and then stalls (keeping the
-/// connection alive) for `stall`.
+/// Plays node "mallory" for one job: joins it as initiator, sends `send_points` of its 64
+/// declared points, and then stalls (keeping the connection alive) for `stall`.
 async fn stalling_mallory(
     dir: std::path::PathBuf,
     coordinator: SocketAddr,
     send_points: usize,
     stall: Duration,
 ) {
-    let creds = Credentials::load(
-        &dir.join("pki/ca.pem"),
-        &dir.join("pki/node-mallory.pem"),
-        &dir.join("pki/node-mallory.key"),
-    )
-    .unwrap();
-    let endpoint = cleanroom_transport::server_endpoint(
-        "127.0.0.1:0".parse().unwrap(),
-        &creds,
-        &TransportTuning::default(),
-    )
-    .unwrap();
-    let control = cleanroom_transport::connect(&endpoint, coordinator, &Identity::coordinator())
-        .await
-        .unwrap();
-    let (mut send, mut recv) = cleanroom_transport::open_bi(&control).await.unwrap();
-    send.send(&Envelope {
-        job_id: String::new(),
-        phase: Phase::Hello as i32,
-        body: Some(Body::NodeHello(NodeHello {
-            node_name: "mallory".into(),
-            data_addr: endpoint.local_addr().unwrap().to_string(),
-            software_version: "slow".into(),
-        })),
-    })
-    .await
-    .unwrap();
-    let ack = recv.recv().await.unwrap().unwrap();
-    assert!(matches!(ack.body, Some(Body::HelloAck(HelloAck { .. }))));
-
-    let (mut jsend, mut jrecv) = cleanroom_transport::accept_bi(&control).await.unwrap();
-    let offer = jrecv.recv().await.unwrap().unwrap();
-    let job_id = offer.job_id.clone();
-    let Some(Body::Offer(offer)) = offer.body else {
-        panic!("expected an offer")
-    };
-    let spec = offer.spec.unwrap();
-    jsend
-        .send(&Envelope {
-            job_id: job_id.clone(),
-            phase: Phase::Offer as i32,
-            body: Some(Body::OfferReply(OfferReply {
-                accept: true,
-                reason: String::new(),
-            })),
-        })
-        .await
-        .unwrap();
-    let start = jrecv.recv().await.unwrap().unwrap();
-    let Some(Body::Start(start)) = start.body else {
-        panic!("expected start")
-    };
-    jsend
-        .send(&Envelope {
-            job_id: job_id.clone(),
-            phase: Phase::Start as i32,
-            body: Some(Body::Ready(Ready {})),
-        })
-        .await
-        .unwrap();
-
-    let peer: SocketAddr = start.peer_addr.parse().unwrap();
-    let conn = cleanroom_transport::connect(&endpoint, peer, &Identity::node("acme").unwrap())
-        .await
-        .unwrap();
-    let mut data = cleanroom_transport::FramedSend::new(conn.open_uni().await.unwrap());
-    let declared = 64u64;
-    data.send(&Envelope {
-        job_id: job_id.clone(),
-        phase: Phase::PsiSize as i32,
-        body: Some(Body::PsiHello(PsiHello {
-            sender: "mallory".into(),
-            set_size: declared,
-            spec_digest: cleanroom_node::psi_job::spec_digest(&job_id, &spec).to_vec(),
-        })),
-    })
-    .await
-    .unwrap();
+    let mut job = fake_node::join_next_job(&dir, coordinator, "mallory", "acme", 64).await;
     if send_points > 0 {
         // Valid points, fewer than declared (a stall never gets as far as duplicate checks).
-        let points: Vec<u8> = basepoint().repeat(send_points);
-        let _ = data
-            .send(&Envelope {
-                job_id: job_id.clone(),
-                phase: Phase::PsiBlinded as i32,
-                body: Some(Body::Points(PointBatch { seq: 0, points })),
-            })
-            .await;
+        job.send_blinded(BASEPOINT.repeat(send_points), None).await;
     }
     // Stall: send nothing more, but keep the connection (and the control session) alive.
-    let _ = tokio::time::timeout(stall, conn.closed()).await;
-    drop(jsend);
-    drop(control);
-}
-
-/// The compressed ristretto255 basepoint (RFC 9496): a valid point.
-fn basepoint() -> Vec<u8> {
-    let hex = "e2f2ae0a6abc4e71a884a961c500515f58e30b6aa582dd8db6a65945e08d2d76";
-    (0..32)
-        .map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).unwrap())
-        .collect()
+    let _ = tokio::time::timeout(stall, job.conn.closed()).await;
 }
 
 #[test]

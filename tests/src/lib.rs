@@ -12,6 +12,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+pub mod fake_node;
+
 /// Paths of the `cleanroom` and `cleanroom-node` binaries, built once per test process with
 /// the same profile as the tests.
 pub fn bins() -> &'static (PathBuf, PathBuf) {

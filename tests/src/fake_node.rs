@@ -1,0 +1,159 @@
+//! A hand-driven node for hostile-peer tests: it holds a valid certificate, registers with the
+//! coordinator, accepts the next job it is offered as initiator, dials the responder and sends a
+//! correct hello — and from then on the test decides what it sends.
+
+use std::net::SocketAddr;
+use std::path::Path;
+
+use cleanroom_proto::v1::{
+    BatchEnd, Envelope, HelloAck, JobSpec, NodeHello, OfferReply, Phase, PointBatch, PsiHello,
+    Ready, envelope::Body,
+};
+use cleanroom_transport::{Credentials, FramedSend, Identity, TransportTuning};
+
+/// The compressed ristretto255 basepoint (RFC 9496): a valid point to send.
+pub const BASEPOINT: [u8; 32] = [
+    0xe2, 0xf2, 0xae, 0x0a, 0x6a, 0xbc, 0x4e, 0x71, 0xa8, 0x84, 0xa9, 0x61, 0xc5, 0x00, 0x51, 0x5f,
+    0x58, 0xe3, 0x0b, 0x6a, 0xa5, 0x82, 0xdd, 0x8d, 0xb6, 0xa6, 0x59, 0x45, 0xe0, 0x8d, 0x2d, 0x76,
+];
+
+/// A fake node in the middle of a job, after its hello; keep it alive as long as the test wants
+/// the connections open.
+#[derive(Debug)]
+pub struct FakeJob {
+    /// The job's id.
+    pub job_id: String,
+    /// Its spec as offered.
+    pub spec: JobSpec,
+    /// The data-plane connection to the responder.
+    pub conn: quinn::Connection,
+    /// Our stream to the responder (the hello has been sent on it).
+    pub data: FramedSend,
+    _control: quinn::Connection,
+    _job_stream: FramedSend,
+    _endpoint: quinn::Endpoint,
+}
+
+impl FakeJob {
+    /// Sends one envelope of this job.
+    pub async fn send(&mut self, phase: Phase, body: Body) {
+        let envelope = Envelope {
+            job_id: self.job_id.clone(),
+            phase: phase as i32,
+            body: Some(body),
+        };
+        // The honest side may already have hung up: that is what the tests provoke.
+        let _ = self.data.send(&envelope).await;
+    }
+
+    /// Sends a batch of blinded points and the end marker with `total`.
+    pub async fn send_blinded(&mut self, points: Vec<u8>, total: Option<u64>) {
+        self.send(
+            Phase::PsiBlinded,
+            Body::Points(PointBatch { seq: 0, points }),
+        )
+        .await;
+        if let Some(total) = total {
+            self.send(Phase::PsiBlinded, Body::BatchEnd(BatchEnd { total }))
+                .await;
+        }
+    }
+}
+
+/// Plays node `name` (its certificate must be in `<dir>/pki`): registers, accepts the next
+/// offer, confirms the start, dials the responder `peer` and sends a hello declaring `declared`
+/// items with the correct spec digest.
+pub async fn join_next_job(
+    dir: &Path,
+    coordinator: SocketAddr,
+    name: &str,
+    peer: &str,
+    declared: u64,
+) -> FakeJob {
+    let creds = Credentials::load(
+        &dir.join("pki/ca.pem"),
+        &dir.join(format!("pki/node-{name}.pem")),
+        &dir.join(format!("pki/node-{name}.key")),
+    )
+    .expect("fake node credentials");
+    let any: SocketAddr = "127.0.0.1:0".parse().expect("address");
+    let endpoint = cleanroom_transport::server_endpoint(any, &creds, &TransportTuning::default())
+        .expect("fake node endpoint");
+    let control = cleanroom_transport::connect(&endpoint, coordinator, &Identity::coordinator())
+        .await
+        .expect("connect to the coordinator");
+    let (mut send, mut recv) = cleanroom_transport::open_bi(&control)
+        .await
+        .expect("stream");
+    send.send(&Envelope {
+        job_id: String::new(),
+        phase: Phase::Hello as i32,
+        body: Some(Body::NodeHello(NodeHello {
+            node_name: name.into(),
+            data_addr: endpoint.local_addr().expect("bound").to_string(),
+            software_version: "fake".into(),
+        })),
+    })
+    .await
+    .expect("hello");
+    let ack = recv.recv().await.expect("ack").expect("ack");
+    assert!(matches!(ack.body, Some(Body::HelloAck(HelloAck { .. }))));
+
+    // The job stream: offer → accept → start → ready.
+    let (mut jsend, mut jrecv) = cleanroom_transport::accept_bi(&control).await.expect("job");
+    let offer = jrecv.recv().await.expect("offer").expect("offer");
+    let job_id = offer.job_id.clone();
+    let Some(Body::Offer(offer)) = offer.body else {
+        panic!("expected an offer")
+    };
+    let spec = offer.spec.expect("spec");
+    let reply = Body::OfferReply(OfferReply {
+        accept: true,
+        reason: String::new(),
+    });
+    jsend
+        .send(&Envelope {
+            job_id: job_id.clone(),
+            phase: Phase::Offer as i32,
+            body: Some(reply),
+        })
+        .await
+        .expect("offer reply");
+    let start = jrecv.recv().await.expect("start").expect("start");
+    let Some(Body::Start(start)) = start.body else {
+        panic!("expected start")
+    };
+    let ready = Body::Ready(Ready {});
+    jsend
+        .send(&Envelope {
+            job_id: job_id.clone(),
+            phase: Phase::Start as i32,
+            body: Some(ready),
+        })
+        .await
+        .expect("ready");
+
+    // The data plane, with a correct hello.
+    let peer_addr: SocketAddr = start.peer_addr.parse().expect("peer address");
+    let peer = Identity::node(peer).expect("peer name");
+    let conn = cleanroom_transport::connect(&endpoint, peer_addr, &peer)
+        .await
+        .expect("dial");
+    let data = FramedSend::new(conn.open_uni().await.expect("stream"));
+    let mut job = FakeJob {
+        job_id: job_id.clone(),
+        spec: spec.clone(),
+        conn,
+        data,
+        _control: control,
+        _job_stream: jsend,
+        _endpoint: endpoint,
+    };
+    let hello = Body::PsiHello(PsiHello {
+        sender: name.into(),
+        set_size: declared,
+        spec_digest: cleanroom_node::psi_job::spec_digest(&job_id, &spec).to_vec(),
+    });
+    job.send(Phase::PsiSize, hello).await;
+    job
+}
