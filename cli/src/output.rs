@@ -170,14 +170,7 @@ pub fn print_jobs(jobs: &[JobInfo], format: Format) {
             println!("job_id,kind,state,purpose,parties,intersection,created,reason");
             for j in jobs {
                 let v = job_json(j);
-                let parties: Vec<String> = j
-                    .spec
-                    .clone()
-                    .unwrap_or_default()
-                    .parties
-                    .iter()
-                    .map(|p| p.node.clone())
-                    .collect();
+                let parties = party_names(j);
                 println!(
                     "{},{},{},{},{},{},{},{}",
                     j.job_id,
@@ -201,14 +194,7 @@ pub fn print_jobs(jobs: &[JobInfo], format: Format) {
             );
             for j in jobs {
                 let v = job_json(j);
-                let parties: Vec<String> = j
-                    .spec
-                    .clone()
-                    .unwrap_or_default()
-                    .parties
-                    .iter()
-                    .map(|p| p.node.clone())
-                    .collect();
+                let parties = party_names(j);
                 println!(
                     "{:<22} {:<8} {:<10} {:<20} {:>12}  {}",
                     j.job_id,
@@ -486,6 +472,14 @@ pub fn print_schedules(list: &[ScheduleInfo], format: Format) {
             }
         }
     }
+}
+
+/// The job's party node names, in order.
+fn party_names(job: &JobInfo) -> Vec<String> {
+    job.spec
+        .as_ref()
+        .map(|s| s.parties.iter().map(|p| p.node.clone()).collect())
+        .unwrap_or_default()
 }
 
 fn csv_field(s: &str) -> String {
