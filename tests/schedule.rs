@@ -301,7 +301,7 @@ struct Coordinator {
 
 impl Coordinator {
     fn start(dir: &Path, addr: SocketAddr, log_name: &str) -> Coordinator {
-        Coordinator::start_env(dir, addr, log_name, &[])
+        Coordinator::start_with(dir, addr, log_name, &[], "")
     }
 
     fn start_env(
@@ -310,11 +310,22 @@ impl Coordinator {
         log_name: &str,
         env: &[(&str, &str)],
     ) -> Coordinator {
+        Coordinator::start_with(dir, addr, log_name, env, "")
+    }
+
+    /// Starts a coordinator; `settings` are extra top-level config lines.
+    fn start_with(
+        dir: &Path,
+        addr: SocketAddr,
+        log_name: &str,
+        env: &[(&str, &str)],
+        settings: &str,
+    ) -> Coordinator {
         let cfg = dir.join("coordinator-fixed.toml");
         std::fs::write(
             &cfg,
             format!(
-                "listen = \"{addr}\"\ndatabase = \"coordinator.db\"\noffer_timeout_secs = 10\n\n[tls]\nca = \"pki/ca.pem\"\ncert = \"pki/coordinator.pem\"\nkey = \"pki/coordinator.key\"\n"
+                "listen = \"{addr}\"\ndatabase = \"coordinator.db\"\noffer_timeout_secs = 10\n{settings}\n[tls]\nca = \"pki/ca.pem\"\ncert = \"pki/coordinator.pem\"\nkey = \"pki/coordinator.key\"\n"
             ),
         )
         .unwrap();
@@ -428,13 +439,16 @@ fn sigkill_mid_job_loses_nothing_and_runs_nothing_twice() {
     let truth = c.synth("acme,globex", 20_000, 0.3, 5);
     let expected = truth["pairwise_overlap"]["acme,globex"].as_u64().unwrap();
     let addr = free_udp_port();
-    let mut coordinator = Coordinator::start(c.path(), addr, "coordinator-1");
+    // Two jobs may run at once, so a third one waits, pending, when the coordinator is killed.
+    let limit = "max_running_jobs = 2\n";
+    let mut coordinator = Coordinator::start_with(c.path(), addr, "coordinator-1", &[], limit);
     c.addr = Some(addr);
     start_nodes(&mut c);
 
     add_schedule(&c, "weekly", "0 2 * * 1", "0");
 
-    // A plain job and a scheduled run, both under way when the coordinator is killed.
+    // A plain job and a scheduled run, both under way when the coordinator is killed, and a
+    // queued job that has not been offered yet.
     let mut args = vec!["job", "submit"];
     args.extend(JOB);
     args.extend(["--format", "json"]);
@@ -442,34 +456,21 @@ fn sigkill_mid_job_loses_nothing_and_runs_nothing_twice() {
     let plain_id = plain["job_id"].as_str().unwrap().to_owned();
     let scheduled = analyst_json(&c, &["schedule", "run-now", "weekly", "--format", "json"]);
     let scheduled_id = scheduled["job_id"].as_str().unwrap().to_owned();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let states: Vec<Value> = [&plain_id, &scheduled_id]
-            .iter()
-            .map(|id| job_json(&c, id)["state"].clone())
-            .collect();
-        if states.iter().all(|s| s == "running") {
-            break;
-        }
-        assert!(
-            states
-                .iter()
-                .all(|s| s == "pending" || s == "offered" || s == "running"),
-            "a job ended before the kill ({states:?}); make the dataset larger"
-        );
-        assert!(Instant::now() < deadline, "jobs never ran: {states:?}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let queued = analyst_json(&c, &args);
+    let queued_id = queued["job_id"].as_str().unwrap().to_owned();
+    wait_running(&c, &[&plain_id, &scheduled_id]);
+    assert_eq!(job_json(&c, &queued_id)["state"], "pending");
     coordinator.kill9();
 
-    let _coordinator = Coordinator::start(c.path(), addr, "coordinator-2");
+    let _coordinator = Coordinator::start_with(c.path(), addr, "coordinator-2", &[], limit);
     // Nodes reconnect by themselves.
     wait_connected(&c, &["acme", "globex"], Duration::from_secs(60));
 
-    // Nothing lost: both jobs are there, failed with the restart as the reason, and never run
-    // twice (their history has exactly one terminal entry and no second `running`).
-    for id in [&plain_id, &scheduled_id] {
-        let job = job_json(&c, id);
+    // Nothing lost: the two jobs under way are failed with the restart as the reason once their
+    // dead runner's leases expire, and never run twice (their history has exactly one terminal
+    // entry and no second `running`); the queued one is resumed and succeeds, run once.
+    let ended = wait_ended(&c, &[&plain_id, &scheduled_id, &queued_id]);
+    for job in &ended[..2] {
         assert_eq!(job["state"], "failed", "{job}");
         assert!(
             job["reason"]
@@ -478,13 +479,29 @@ fn sigkill_mid_job_loses_nothing_and_runs_nothing_twice() {
                 .contains("coordinator restarted"),
             "{job}"
         );
+    }
+    assert_eq!(ended[2]["state"], "succeeded", "{}", ended[2]);
+    assert_eq!(ended[2]["intersection"].as_u64(), Some(expected));
+    for job in &ended {
         let history = job["history"].as_array().unwrap();
         assert_eq!(
             history.iter().filter(|h| h["state"] == "running").count(),
             1,
             "{job}"
         );
+        assert_eq!(
+            history
+                .iter()
+                .filter(
+                    |h| ["succeeded", "failed", "vetoed"].contains(&h["state"].as_str().unwrap())
+                )
+                .count(),
+            1,
+            "{job}"
+        );
     }
+    let log = std::fs::read_to_string(c.path().join("logs/coordinator-2.log")).unwrap();
+    assert!(log.contains("pending job resumed"), "{log}");
 
     // The scheduled run is not fired again (max-retries 0), across several scheduler ticks.
     std::thread::sleep(Duration::from_secs(3));
@@ -494,7 +511,7 @@ fn sigkill_mid_job_loses_nothing_and_runs_nothing_twice() {
     assert_eq!(runs[0]["job_id"], scheduled_id.as_str());
     assert_eq!(runs[0]["state"], "failed");
     let jobs = analyst_json(&c, &["job", "list", "--limit", "100", "--format", "json"]);
-    assert_eq!(jobs.as_array().unwrap().len(), 2, "{jobs}");
+    assert_eq!(jobs.as_array().unwrap().len(), 3, "{jobs}");
 
     // A failed job can be retried: a new job, same spec, linked to the old one.
     let retried = analyst_json(
@@ -525,6 +542,22 @@ fn sigkill_mid_job_loses_nothing_and_runs_nothing_twice() {
     assert_eq!(again["job_id"], retried["job_id"]);
     let out = analyst(&c, &["job", "retry", retried["job_id"].as_str().unwrap()]);
     assert!(!out.status.success());
+}
+
+/// Waits (at most 120 s) until every job in `ids` has ended; returns them in order.
+fn wait_ended(c: &Consortium, ids: &[&str]) -> Vec<Value> {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let jobs: Vec<Value> = ids.iter().map(|id| job_json(c, id)).collect();
+        if jobs
+            .iter()
+            .all(|j| !["pending", "offered", "running"].contains(&j["state"].as_str().unwrap()))
+        {
+            return jobs;
+        }
+        assert!(Instant::now() < deadline, "jobs never ended: {jobs:?}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }
 
 /// Waits until every job in `ids` is running.
@@ -566,7 +599,9 @@ fn sigterm_stops_gracefully_idle_and_mid_job() {
     assert!(log.contains("coordinator stopped"), "{log}");
 
     // Nodes keep retrying and reconnect to the restarted coordinator.
-    let mut coordinator = Coordinator::start(c.path(), addr, "coordinator-term-2");
+    // One job at a time, so a second job waits, pending, when the coordinator is stopped.
+    let limit = "max_running_jobs = 1\n";
+    let mut coordinator = Coordinator::start_with(c.path(), addr, "coordinator-term-2", &[], limit);
     wait_connected(&c, &["acme", "globex"], Duration::from_secs(60));
 
     // While a job runs: exits 0 promptly, and the job is failed with the graceful-stop reason.
@@ -575,12 +610,15 @@ fn sigterm_stops_gracefully_idle_and_mid_job() {
     args.extend(["--format", "json"]);
     let job = analyst_json(&c, &args);
     let job_id = job["job_id"].as_str().unwrap().to_owned();
+    let queued = analyst_json(&c, &args);
+    let queued_id = queued["job_id"].as_str().unwrap().to_owned();
     wait_running(&c, &[&job_id]);
+    assert_eq!(job_json(&c, &queued_id)["state"], "pending");
     let (code, took) = coordinator.term();
     assert_eq!(code, Some(0), "exit after SIGTERM mid-job");
     assert!(took < Duration::from_secs(10), "took {took:?}");
 
-    let _coordinator = Coordinator::start(c.path(), addr, "coordinator-term-3");
+    let _coordinator = Coordinator::start_with(c.path(), addr, "coordinator-term-3", &[], limit);
     wait_connected(&c, &["acme", "globex"], Duration::from_secs(60));
     let job = job_json(&c, &job_id);
     assert_eq!(job["state"], "failed", "{job}");
@@ -596,6 +634,19 @@ fn sigterm_stops_gracefully_idle_and_mid_job() {
         history.iter().filter(|h| h["state"] == "running").count(),
         1,
         "{job}"
+    );
+    // The queued job was handed over, not failed: the next start resumes it at once.
+    let queued = &wait_ended(&c, &[&queued_id])[0];
+    assert_eq!(queued["state"], "succeeded", "{queued}");
+    assert_eq!(
+        queued["history"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|h| h["state"] == "running")
+            .count(),
+        1,
+        "{queued}"
     );
     // And the nodes run jobs again.
     let (again, code) = c.submit(&JOB);

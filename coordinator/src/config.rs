@@ -5,6 +5,7 @@
 //! database = "coordinator.db"    # SQLite job store, created on first start
 //! offer_timeout_secs = 15        # how long a node may take to accept or refuse an offer
 //! job_timeout_secs = 3600        # how long a running job may take
+//! max_running_jobs = 8           # jobs offered or running at once; later ones wait, pending
 //! [tls]
 //! ca = "pki/ca.pem"
 //! cert = "pki/coordinator.pem"
@@ -34,6 +35,10 @@ pub struct CoordinatorConfig {
     /// Seconds a running job may take.
     #[serde(default = "default_job_timeout")]
     pub job_timeout_secs: u64,
+    /// Most jobs offered or running at once; the others wait in `pending`, in submission
+    /// order. Each job keeps both nodes' CPUs busy, so running many at once only slows all.
+    #[serde(default = "default_max_running_jobs")]
+    pub max_running_jobs: usize,
     /// Certificates.
     pub tls: TlsFiles,
 }
@@ -56,6 +61,12 @@ fn default_offer_timeout() -> u64 {
 fn default_job_timeout() -> u64 {
     3600
 }
+fn default_max_running_jobs() -> usize {
+    8
+}
+
+/// Largest `max_running_jobs` accepted.
+const MAX_RUNNING_JOBS_LIMIT: usize = 1024;
 
 impl CoordinatorConfig {
     /// Reads and validates a config file.
@@ -80,6 +91,13 @@ impl CoordinatorConfig {
             return Err(CoordinatorError::Config(format!(
                 "{}: timeouts must be at least 1 second",
                 path.display()
+            )));
+        }
+        if !(1..=MAX_RUNNING_JOBS_LIMIT).contains(&cfg.max_running_jobs) {
+            return Err(CoordinatorError::Config(format!(
+                "{}: max_running_jobs must be between 1 and {MAX_RUNNING_JOBS_LIMIT}, not {}",
+                path.display(),
+                cfg.max_running_jobs
             )));
         }
         Ok(cfg)

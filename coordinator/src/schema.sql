@@ -1,10 +1,11 @@
--- Job store of the cleanroom coordinator, schema version 3.
+-- Job store of the cleanroom coordinator, schema version 4.
 --
 -- Applied by `JobStore::open` in one transaction when the database has no schema yet; the
 -- version row it writes is what future migrations start from. Every statement is written so that
 -- re-running the script on an existing database changes nothing: that is also the migration from
--- version 1 (which lacked the `schedules` and `schedule_runs` tables) and from version 2 (which
--- lacked `schedule_notify` and `schedule_run_notified`).
+-- version 1 (which lacked the `schedules` and `schedule_runs` tables), from version 2 (which
+-- lacked `schedule_notify` and `schedule_run_notified`) and from version 3 (which lacked
+-- `job_leases`).
 --
 -- Protobuf messages are stored as their encoded bytes (`spec`, `outcome`); the other columns
 -- exist to query and to order by. States are `cleanroom.v1.JobState` numbers.
@@ -121,4 +122,15 @@ CREATE TABLE IF NOT EXISTS schedule_notify (
 CREATE TABLE IF NOT EXISTS schedule_run_notified (
   run_id      INTEGER PRIMARY KEY REFERENCES schedule_runs (id),
   notified_ms INTEGER NOT NULL
+);
+
+-- Which coordinator instance is executing a job (version 4). A runner holds the lease of its job
+-- and renews it while it lives; a terminal transition deletes it. An unfinished job whose lease
+-- has expired (or that never had one) has no live runner: a pending one is resumed, an offered or
+-- running one is failed with a reason (the nodes dropped it with the runner's connections).
+CREATE TABLE IF NOT EXISTS job_leases (
+  job_id     TEXT    NOT NULL PRIMARY KEY REFERENCES jobs (job_id) ON DELETE CASCADE,
+  -- Random id of the coordinator process that holds it.
+  holder     TEXT    NOT NULL,
+  expires_ms INTEGER NOT NULL
 );

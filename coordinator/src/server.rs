@@ -6,6 +6,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use cleanroom_proto::v1::{
     AnalystResponse, Envelope, HelloAck, JobInfo, JobList, JobState, NodeInfo, NodeList, Phase,
@@ -15,13 +16,16 @@ use cleanroom_proto::v1::{
 use cleanroom_transport::{
     Credentials, FramedRecv, FramedSend, Identity, PeerRole, TransportTuning,
 };
-use tokio::sync::watch;
+use tokio::sync::{Semaphore, watch};
 
 use crate::clock::SystemClock;
 use crate::registry::{NodeHandle, Registry};
 use crate::report::{ScheduleReport, render_json};
+use crate::runner::Launch;
 use crate::schedule::{self, ScheduledJob};
-use crate::store::{JobStore, NewSchedule, ScheduleNotify, ScheduleRecord, ScheduleRun};
+use crate::store::{
+    JobStore, LeaseHolder, NewSchedule, ScheduleNotify, ScheduleRecord, ScheduleRun,
+};
 use crate::{CoordinatorConfig, CoordinatorError, now_ms, runner, spec};
 
 /// Backoff base of a schedule's retries when the analyst gives none, seconds.
@@ -45,6 +49,12 @@ pub struct Shared {
     pub store: JobStore,
     /// Connected nodes.
     pub registry: Registry,
+    /// This process as the holder of job leases.
+    pub holder: LeaseHolder,
+    /// One permit per job that may be offered or running at once (`max_running_jobs`).
+    pub slots: Semaphore,
+    /// Set at a graceful stop: runners still waiting for a slot leave their job pending.
+    pub stopping: AtomicBool,
 }
 
 /// Runs the coordinator until `shutdown` turns true. `on_bound` is called once with the bound
@@ -63,13 +73,7 @@ pub async fn serve(
         )));
     }
     let store = JobStore::open(&cfg.database)?;
-    // A job that was under way when the coordinator stopped cannot be resumed (the nodes have
-    // dropped its streams): fail it cleanly so it is never left hanging and never runs twice.
-    // The analyst can retry it; a scheduled run is retried by its schedule's retry policy.
-    fail_unfinished(
-        &store,
-        "the coordinator restarted while the job was in progress; retry it with `cleanroom job retry`",
-    )?;
+    let holder = LeaseHolder::generate()?;
     let endpoint =
         cleanroom_transport::server_endpoint(cfg.listen, &creds, &TransportTuning::default())?;
     let bound = endpoint.local_addr().map_err(|e| {
@@ -80,11 +84,30 @@ pub async fn serve(
     })?;
     tracing::info!(listen = %bound, database = %cfg.database.display(), "coordinator listening");
     on_bound(bound);
+    let slots = Semaphore::new(cfg.max_running_jobs);
     let shared = Arc::new(Shared {
         cfg,
         store,
         registry: Registry::default(),
+        holder,
+        slots,
+        stopping: AtomicBool::new(false),
     });
+    // Jobs left unfinished by an earlier coordinator are resumed or failed by the orphan sweep,
+    // once their leases have expired — at once if it stopped gracefully.
+    let sweeper = {
+        let shared = shared.clone();
+        let mut stop = shutdown.clone();
+        tokio::spawn(async move {
+            loop {
+                sweep_orphans(&shared);
+                tokio::select! {
+                    _ = tokio::time::sleep(runner::LEASE_RENEW) => {}
+                    _ = stop.wait_for(|stop| *stop) => break,
+                }
+            }
+        })
+    };
     let scheduler = {
         let shared = shared.clone();
         let mut stop = shutdown.clone();
@@ -125,17 +148,21 @@ pub async fn serve(
         });
     }
     tracing::info!("coordinator shutting down");
+    shared.stopping.store(true, Ordering::SeqCst);
     if let Err(e) = scheduler.await {
         tracing::warn!(error = %e, "the scheduler task failed");
     }
-    // Fail the jobs under way *before* closing the connections: closing them makes the runners
-    // fail their jobs with "node lost", which would hide why. A runner's later transition of a
-    // failed job is refused by the state machine. Jobs submitted on a still-open analyst
-    // connection meanwhile are caught by the second pass.
-    fail_unfinished(&shared.store, SHUTDOWN_REASON)?;
+    if let Err(e) = sweeper.await {
+        tracing::warn!(error = %e, "the orphan sweep task failed");
+    }
+    // Settle this process's jobs *before* closing the connections: closing them makes the
+    // runners fail their jobs with "node lost", which would hide why. A runner's later
+    // transition of a failed job is refused by the state machine. Jobs submitted on a still-open
+    // analyst connection meanwhile are caught by the second pass.
+    settle_own_jobs(&shared)?;
     endpoint.close(0u32.into(), b"coordinator shutting down");
     endpoint.wait_idle().await;
-    fail_unfinished(&shared.store, SHUTDOWN_REASON)?;
+    settle_own_jobs(&shared)?;
     tracing::info!("coordinator stopped");
     Ok(())
 }
@@ -172,17 +199,67 @@ fn check_notify(notify: &ScheduleNotify) -> Result<(), String> {
     Ok(())
 }
 
-/// Fails every job that is not in a terminal state, with `reason`.
-fn fail_unfinished(store: &JobStore, reason: &str) -> Result<(), CoordinatorError> {
-    for job_id in store.unfinished()? {
-        match store.transition(&job_id, JobState::Failed, reason, now_ms()) {
-            Ok(_) => tracing::warn!(job_id = %job_id, %reason, "unfinished job failed"),
-            Err(e) => {
-                tracing::warn!(job_id = %job_id, error = %e, "could not fail an unfinished job");
+/// Why a job whose runner died with its coordinator is failed: the nodes dropped it with the
+/// runner's connections, so it cannot be resumed, and it is never run a second time.
+pub const ORPHANED_REASON: &str = "the coordinator restarted (or stopped) while the job was in progress: its runner is gone and the nodes dropped the job; retry it with `cleanroom job retry`";
+
+/// Resumes or fails the unfinished jobs that have no live runner (no lease, or an expired one):
+/// a pending job was never offered, so it is taken over and run; an offered or running one is
+/// failed with [`ORPHANED_REASON`].
+fn sweep_orphans(shared: &Arc<Shared>) {
+    let orphans = match shared.store.orphaned(now_ms()) {
+        Ok(orphans) => orphans,
+        Err(e) => {
+            tracing::warn!(error = %e, "could not look for orphaned jobs");
+            return;
+        }
+    };
+    for orphan in orphans {
+        let job_id = orphan.job_id;
+        if orphan.state == JobState::Pending {
+            let spec = match shared.store.get(&job_id) {
+                Ok(Some(JobInfo {
+                    spec: Some(spec), ..
+                })) => spec,
+                Ok(_) => continue,
+                Err(e) => {
+                    // A spec that no longer decodes cannot run: say so rather than retry forever.
+                    let reason = format!("the stored job cannot be read ({e}); submit it again");
+                    fail(&shared.store, &job_id, &reason);
+                    continue;
+                }
+            };
+            if runner::start(shared, &job_id, spec, Launch::Resumed) {
+                tracing::info!(job_id = %job_id, "pending job resumed");
             }
+        } else {
+            fail(&shared.store, &job_id, ORPHANED_REASON);
+        }
+    }
+}
+
+/// At a graceful stop: fails this process's jobs that are under way (their nodes are about to
+/// lose them) with [`SHUTDOWN_REASON`], and releases its pending ones so that the next start
+/// resumes them at once.
+fn settle_own_jobs(shared: &Shared) -> Result<(), CoordinatorError> {
+    for job in shared.store.leased_by(&shared.holder)? {
+        if job.state == JobState::Pending {
+            if let Err(e) = shared.store.release_lease(&job.job_id, &shared.holder) {
+                tracing::warn!(job_id = %job.job_id, error = %e, "could not release a pending job");
+            }
+        } else {
+            fail(&shared.store, &job.job_id, SHUTDOWN_REASON);
         }
     }
     Ok(())
+}
+
+/// Fails one unfinished job with `reason`, logging what happened.
+fn fail(store: &JobStore, job_id: &str, reason: &str) {
+    match store.transition(job_id, JobState::Failed, reason, now_ms()) {
+        Ok(()) => tracing::warn!(job_id = %job_id, %reason, "unfinished job failed"),
+        Err(e) => tracing::warn!(job_id = %job_id, error = %e, "could not fail an unfinished job"),
+    }
 }
 
 /// Submits one job on behalf of the scheduler (or `schedule run-now`): validates the spec,
@@ -201,10 +278,7 @@ pub async fn submit_scheduled(shared: Arc<Shared>, job: ScheduledJob) -> Result<
         .map_err(|e| e.to_string())?;
     if submitted.created {
         tracing::info!(job_id = %submitted.job_id, schedule = %job.schedule, attempt = job.attempt, "scheduled job submitted");
-        let shared = shared.clone();
-        let job_id = submitted.job_id.clone();
-        let spec = job.spec;
-        tokio::spawn(async move { runner::run_job(shared, job_id, spec).await });
+        runner::start(&shared, &submitted.job_id, job.spec, Launch::New);
     }
     Ok(submitted.job_id)
 }
@@ -395,9 +469,7 @@ async fn handle(
                     .submit(&job_spec, &submit.idempotency_key, &peer.name, now_ms())?;
             if submitted.created {
                 tracing::info!(job_id = %submitted.job_id, analyst = %peer.name, "job submitted");
-                let shared = shared.clone();
-                let job_id = submitted.job_id.clone();
-                tokio::spawn(async move { runner::run_job(shared, job_id, job_spec).await });
+                runner::start(shared, &submitted.job_id, job_spec, Launch::New);
             }
             let info = shared
                 .store
@@ -579,9 +651,7 @@ async fn handle(
                     .submit_noted(&job_spec, &key, &peer.name, &note, now_ms())?;
             if submitted.created {
                 tracing::info!(job_id = %submitted.job_id, retry_of = %env.job_id, analyst = %peer.name, "job retried");
-                let shared = shared.clone();
-                let job_id = submitted.job_id.clone();
-                tokio::spawn(async move { runner::run_job(shared, job_id, job_spec).await });
+                runner::start(shared, &submitted.job_id, job_spec, Launch::New);
             }
             Ok(Response::Job(job_info(shared, &submitted.job_id)?))
         }

@@ -9,7 +9,8 @@
 //! - what each party reported ([`PsiOutcome`], protobuf bytes), one per node;
 //! - the last hello of each node;
 //! - recurring jobs ([`ScheduleRecord`]) and every run of them ([`ScheduleRun`]): which
-//!   occurrence, which attempt, which job — or that the occurrence was skipped.
+//!   occurrence, which attempt, which job — or that the occurrence was skipped;
+//! - the lease of every job a coordinator process is executing (see [`lease`]).
 //!
 //! Jobs follow the state machine `pending → offered → running → succeeded | failed | vetoed |
 //! cancelled` (see [`transition_allowed`]); every change is one transaction that reads the
@@ -33,11 +34,15 @@ use prost::Message;
 use rand::TryRng;
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 
+mod lease;
+
+pub use lease::{LeaseHolder, OrphanedJob};
+
 /// The schema applied to a new database, version [`SCHEMA_VERSION`].
 const SCHEMA: &str = include_str!("schema.sql");
 
 /// Version of [`SCHEMA`]; recorded in the `schema_version` table.
-pub const SCHEMA_VERSION: i64 = 3;
+pub const SCHEMA_VERSION: i64 = 4;
 
 /// Most jobs one [`JobStore::list`] call returns, whatever limit is asked for.
 pub const MAX_LIST_LIMIT: u32 = 1000;
@@ -227,10 +232,10 @@ impl JobStore {
                 )?;
             }
             Some(SCHEMA_VERSION) => {}
-            // Versions 2 and 3 only added tables (schedules, schedule_runs; schedule_notify,
-            // schedule_run_notified); the schema script creates what is missing and leaves the
-            // rest untouched.
-            Some(1 | 2) => {
+            // Versions 2, 3 and 4 only added tables (schedules, schedule_runs; schedule_notify,
+            // schedule_run_notified; job_leases); the schema script creates what is missing and
+            // leaves the rest untouched.
+            Some(1..=3) => {
                 tx.execute_batch(SCHEMA)?;
                 tx.execute(
                     "INSERT INTO schema_version (version) VALUES (?1)",
@@ -387,6 +392,10 @@ impl JobStore {
             "INSERT INTO job_history (job_id, state, at_ms, reason) VALUES (?1, ?2, ?3, ?4)",
             params![job_id, to as i32, now_ms, reason],
         )?;
+        // A finished job needs no runner: its lease goes with the same commit.
+        if is_terminal(to) {
+            tx.execute("DELETE FROM job_leases WHERE job_id = ?1", [job_id])?;
+        }
         tx.commit()?;
         Ok(())
     }
@@ -1408,7 +1417,7 @@ mod tests {
 
     use super::*;
 
-    fn spec(purpose: &str) -> JobSpec {
+    pub(super) fn spec(purpose: &str) -> JobSpec {
         JobSpec {
             kind: JobKind::Overlap as i32,
             parties: vec![
@@ -1443,7 +1452,7 @@ mod tests {
         }
     }
 
-    fn open_temp() -> (TempDir, JobStore) {
+    pub(super) fn open_temp() -> (TempDir, JobStore) {
         let dir = tempfile::tempdir().unwrap();
         let store = JobStore::open(&dir.path().join("jobs.sqlite")).unwrap();
         (dir, store)
@@ -1514,16 +1523,17 @@ mod tests {
         drop(JobStore::open(&path).unwrap());
         Connection::open(&path)
             .unwrap()
-            .execute("UPDATE schema_version SET version = 4", [])
+            .execute(
+                "UPDATE schema_version SET version = ?1",
+                [SCHEMA_VERSION + 1],
+            )
             .unwrap();
         let err = JobStore::open(&path).unwrap_err();
         assert!(
             matches!(
                 err,
-                StoreError::UnsupportedSchema {
-                    found: 4,
-                    supported: 3
-                }
+                StoreError::UnsupportedSchema { found, supported }
+                    if found == SCHEMA_VERSION + 1 && supported == SCHEMA_VERSION
             ),
             "{err:?}"
         );
@@ -2075,11 +2085,11 @@ mod tests {
             .unwrap()
             .collect::<Result<_, _>>()
             .unwrap();
-        assert_eq!(versions, vec![1, 3]);
+        assert_eq!(versions, vec![1, SCHEMA_VERSION]);
         assert_eq!(store.get(&job_id).unwrap().unwrap().spec, Some(spec("q3")));
         store.add_schedule(&new_schedule("nightly"), 0).unwrap();
         drop(store);
-        // And it opens again as version 3.
+        // And it opens again as the current version.
         let store = JobStore::open(&path).unwrap();
         assert_eq!(store.list_schedules().unwrap().len(), 1);
     }
