@@ -266,7 +266,9 @@ mod tests {
         };
         let store = JobStore::open(&path).unwrap();
         assert!(store.orphaned(TTL - 1).unwrap().is_empty());
-        assert_eq!(store.orphaned(TTL).unwrap().len(), 1);
+        let orphans = store.orphaned(TTL).unwrap();
+        assert_eq!(orphans.len(), 1);
+        assert_eq!(orphans[0].job_id, job);
         assert!(matches!(
             store.try_lease("job-nope", &a, 0, TTL),
             Err(StoreError::UnknownJob(_))
