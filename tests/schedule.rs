@@ -560,6 +560,125 @@ fn wait_ended(c: &Consortium, ids: &[&str]) -> Vec<Value> {
     }
 }
 
+/// The operator's walkthrough of issue 6: a nightly schedule run by hand several times, with the
+/// coordinator SIGKILLed and restarted and a node SIGKILLed and restarted in between; every run is
+/// in the history and the report exactly once, the failure with its reason, and the page renders.
+#[test]
+fn operator_walkthrough_survives_coordinator_and_node_restarts() {
+    let mut c = Consortium::new();
+    let truth = c.synth("acme,globex", 400, 0.5, 21);
+    let expected = truth["pairwise_overlap"]["acme,globex"].as_u64().unwrap();
+    let addr = free_udp_port();
+    let mut coordinator = Coordinator::start(c.path(), addr, "coordinator-op-1");
+    c.addr = Some(addr);
+    start_nodes(&mut c);
+    add_schedule(&c, "nightly", "0 2 * * *", "0");
+    let run_now = |c: &Consortium| {
+        // run-now records the run at the request's millisecond: keep runs apart.
+        std::thread::sleep(Duration::from_millis(5));
+        // `--wait` exits non-zero for a job that did not succeed; the JSON is printed either way.
+        let out = analyst(
+            c,
+            &[
+                "schedule",
+                "run-now",
+                "nightly",
+                "--wait",
+                "--timeout",
+                "120",
+                "--format",
+                "json",
+            ],
+        );
+        serde_json::from_slice::<Value>(&out.stdout).unwrap_or_else(|e| {
+            panic!(
+                "run-now printed no JSON ({e}): {}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })
+    };
+
+    let first = run_now(&c);
+    assert_eq!(first["state"], "succeeded", "{first}");
+
+    coordinator.kill9();
+    let _coordinator = Coordinator::start(c.path(), addr, "coordinator-op-2");
+    wait_connected(&c, &["acme", "globex"], Duration::from_secs(60));
+    let second = run_now(&c);
+    assert_eq!(second["state"], "succeeded", "{second}");
+
+    // A partner's node dies: the run fails with a reason that names it.
+    let globex = c.node("globex").pid().to_string();
+    let status = Command::new("kill").args(["-9", &globex]).status().unwrap();
+    assert!(status.success());
+    // Right away: the coordinator may not have noticed yet (that takes the QUIC idle timeout),
+    // so the offer itself may find the node gone.
+    let third = run_now(&c);
+    assert_eq!(third["state"], "failed", "{third}");
+    let reason = third["reason"].as_str().unwrap().to_owned();
+    assert!(reason.contains("node 'globex'"), "{third}");
+
+    // It comes back by itself once restarted, and the next run succeeds.
+    c.start_node("globex");
+    wait_connected(&c, &["acme", "globex"], Duration::from_secs(60));
+    let fourth = run_now(&c);
+    assert_eq!(fourth["state"], "succeeded", "{fourth}");
+
+    let ids: Vec<&str> = [&first, &second, &third, &fourth]
+        .iter()
+        .map(|j| j["job_id"].as_str().unwrap())
+        .collect();
+    let shown = analyst_json(&c, &["schedule", "show", "nightly", "--format", "json"]);
+    let runs = shown["runs"].as_array().unwrap();
+    let run_ids: Vec<&str> = runs.iter().map(|r| r["job_id"].as_str().unwrap()).collect();
+    assert_eq!(run_ids, ids, "every run once, in order: {shown}");
+    let states: Vec<&str> = runs.iter().map(|r| r["state"].as_str().unwrap()).collect();
+    assert_eq!(states, ["succeeded", "succeeded", "failed", "succeeded"]);
+    for run in runs.iter().filter(|r| r["state"] == "succeeded") {
+        assert_eq!(run["intersection"].as_u64(), Some(expected), "{run}");
+    }
+    let jobs = analyst_json(&c, &["job", "list", "--limit", "100", "--format", "json"]);
+    assert_eq!(
+        jobs.as_array().unwrap().len(),
+        4,
+        "no job run twice: {jobs}"
+    );
+
+    analyst_ok(
+        &c,
+        &[
+            "report",
+            "nightly",
+            "--format",
+            "html",
+            "--out",
+            "nightly.html",
+        ],
+    );
+    let html = std::fs::read_to_string(c.path().join("nightly.html")).unwrap();
+    for id in &ids {
+        assert!(html.contains(id), "{id} missing from the report");
+    }
+    let escaped = reason
+        .replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+        .replace('\'', "&#39;");
+    assert!(
+        html.contains(&escaped),
+        "the failure's reason is in the report"
+    );
+    assert_eq!(
+        html.matches("<circle class=\"point\"").count(),
+        3,
+        "one point per released count"
+    );
+    check_renders_in_chromium(&c.path().join("nightly.html"));
+    let json = analyst_json(&c, &["report", "nightly", "--format", "json"]);
+    assert_eq!(json["runs"].as_array().unwrap().len(), 4, "{json}");
+}
+
 /// Waits until every job in `ids` is running.
 fn wait_running(c: &Consortium, ids: &[&str]) {
     let deadline = Instant::now() + Duration::from_secs(60);
