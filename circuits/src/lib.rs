@@ -70,6 +70,7 @@ pub mod dp;
 mod error;
 pub mod floor;
 mod hash_to_group;
+pub mod intersection_sum;
 pub mod items;
 mod key;
 #[cfg(test)]

@@ -78,7 +78,7 @@ pub fn reblind_points(key: &JobKey, points: &[u8]) -> Result<Vec<EncodedPoint>, 
 }
 
 /// Concatenates encodings into outgoing batches of at most `batch_size` points each.
-fn to_batches<'a>(
+pub(crate) fn to_batches<'a>(
     points: impl ExactSizeIterator<Item = &'a EncodedPoint>,
     batch_size: usize,
 ) -> Vec<Vec<u8>> {
@@ -105,7 +105,7 @@ fn to_batches<'a>(
 
 /// Whether the set holds no item twice. `O(n)` for a set that went through
 /// [`ItemSet::dedup`] (strictly ascending); otherwise sorts indices.
-fn items_distinct(items: &ItemSet) -> bool {
+pub(crate) fn items_distinct(items: &ItemSet) -> bool {
     let get = |i: usize| items.get(i).unwrap_or_default();
     if (1..items.len()).all(|i| get(i - 1) < get(i)) {
         return true;
@@ -116,7 +116,7 @@ fn items_distinct(items: &ItemSet) -> bool {
 }
 
 /// Sorted, and with no point twice.
-fn sort_and_check_distinct(points: &mut [EncodedPoint]) -> bool {
+pub(crate) fn sort_and_check_distinct(points: &mut [EncodedPoint]) -> bool {
     points.par_sort_unstable();
     points.par_windows(2).all(|w| w[0] != w[1])
 }

@@ -1,0 +1,962 @@
+//! Private intersection-sum with cardinality (Ion et al., "On Deploying Secure Computing:
+//! Private Intersection-Sum-with-Cardinality", EuroS&P 2020 — Google's PJC): the sans-IO
+//! sessions of its two parties.
+//!
+//! The **key holder** (party A) has identifiers only; the **value holder** (party B) has
+//! identifiers and, per row, a fixed number of integer *cells* (e.g. one value column and a
+//! count of 1, or one-hot per group: the caller decides the layout, already clipped). The output
+//! is, per cell, the sum over the rows whose identifier A also holds — plus noise A adds under
+//! encryption — and only B can decrypt it.
+//!
+//! ```text
+//! A → B   size                              B → A   size, public key
+//! A → B   k_A·H(x), shuffled                B → A   k_B·H(y), shuffled (order π)
+//! B → A   k_B·k_A·H(x), shuffled            (A never returns B's points: B learns no count)
+//!         A computes k_A·k_B·H(y) in order π and finds which positions of π match
+//! B → A   Enc(cells of row π(j)) for every j, in order π, streamed
+//!         A adds up the ciphertexts of matched positions as they arrive (memory O(cells))
+//! A → B   per cell: Rerandomise(Sum + Enc(noise))
+//!         B decrypts the noised totals
+//! ```
+//!
+//! B sends its ciphertexts *after* it has returned A's points, so A knows which positions match
+//! before the first ciphertext arrives and never buffers them (160 bytes per cell and row would
+//! be 160 MiB per cell at 2^20 rows).
+//!
+//! # What each party learns
+//!
+//! A learns `|A ∩ B|` exactly (from the matched positions) and B's set size; it sees only
+//! ciphertexts of B's values. B learns A's set size and, per cell, the *noised* total — not the
+//! intersection size, since A never returns B's points (B's count cell carries A's noise too).
+//! The noise A adds protects A's membership information against B: B knows every one of its
+//! own values, so an exact total would tell it about which of its rows A holds.
+//!
+//! # Trust model
+//!
+//! Semi-honest, as the ECDH-PSI it extends ([`crate::psi`]), with every byte from the peer
+//! checked: points as in PSI, ciphertexts by [`crate::ahe`]'s decoder (canonical encodings, no
+//! identity `r·G`), row and cell counts against what was declared. A must re-randomise (done
+//! here) so that the sum's `r·G` does not tell B which rows were added.
+
+use rand::seq::SliceRandom;
+use rayon::prelude::*;
+
+use crate::ahe::{
+    AdditiveScheme, AheError, CIPHERTEXT_LEN, Ciphertext, ExpElGamal, MAX_SUMMANDS, PublicKey,
+    SecretKey, encrypt_batch, sum_selected,
+};
+use crate::psi::{
+    blind_items, items_distinct, reblind_points, sort_and_check_distinct, to_batches,
+};
+use crate::{EncodedPoint, ItemSet, JobKey, POINT_LEN, PsiError};
+
+/// Most cells per row: one-hot group layouts multiply the encryption work by the cell count,
+/// so a layout wider than this is a configuration error, not a workload.
+pub const MAX_CELLS: usize = 64;
+
+/// Upper bound on one ciphertext batch, in bytes (well under the 1 MiB frame cap).
+pub const MAX_CIPHERTEXT_BATCH_BYTES: usize = 512 * 1024;
+
+/// Why an intersection-sum session stopped. Carries counts and indices only, never values.
+#[non_exhaustive]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SumError {
+    /// A PSI-level violation (sizes, points, totals).
+    #[error(transparent)]
+    Psi(#[from] PsiError),
+    /// A ciphertext or key that does not decode, or a total outside the decryptable range.
+    #[error(transparent)]
+    Ahe(#[from] AheError),
+    /// The value holder's values are not `cells` per item.
+    #[error("{values} values for {items} items is not {cells} cells per item")]
+    ValuesNotAligned {
+        /// Items in the set.
+        items: usize,
+        /// Values given.
+        values: usize,
+        /// Cells per row.
+        cells: usize,
+    },
+    /// No cells, or more than [`MAX_CELLS`].
+    #[error("{cells} cells per row; between 1 and {max} are supported")]
+    BadCellCount {
+        /// Cells asked for.
+        cells: usize,
+        /// [`MAX_CELLS`].
+        max: usize,
+    },
+    /// A ciphertext batch that is not a whole number of rows.
+    #[error("ciphertext batch of {len} bytes is not a whole number of {row_len}-byte rows")]
+    CiphertextBatchNotWholeRows {
+        /// Bytes received.
+        len: usize,
+        /// Bytes per row (`cells × CIPHERTEXT_LEN`).
+        row_len: usize,
+    },
+    /// More ciphertext rows than the peer has items, or a total that disagrees with what came.
+    #[error("peer has {expected} rows but sent {received} ciphertext rows (announced {announced})")]
+    CiphertextRowsMismatch {
+        /// The peer's declared set size.
+        expected: u64,
+        /// Rows received.
+        received: u64,
+        /// Rows the peer said it sent (equal to `received` while still streaming).
+        announced: u64,
+    },
+    /// The intersection is larger than decryption is sized for.
+    #[error("intersection of {count} rows is larger than the {max} rows a sum supports")]
+    IntersectionTooLarge {
+        /// Matched rows.
+        count: u64,
+        /// [`MAX_SUMMANDS`].
+        max: usize,
+    },
+    /// The noised sums are not one ciphertext per cell.
+    #[error("noised sums of {len} bytes, expected {expected} ({cells} cells)")]
+    SumsWrongLength {
+        /// Bytes received.
+        len: usize,
+        /// Bytes expected.
+        expected: usize,
+        /// Cells per row.
+        cells: usize,
+    },
+    /// Noise given for a different number of cells.
+    #[error("noise for {given} cells, the layout has {cells}")]
+    NoiseWrongLength {
+        /// Noise values given.
+        given: usize,
+        /// Cells per row.
+        cells: usize,
+    },
+}
+
+/// The policy and the shape of one party's intersection-sum session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SumParams {
+    /// Domain for the hash to the group; both parties must agree.
+    pub key_name: String,
+    /// The smallest set size the peer may declare.
+    pub min_peer_set: u64,
+    /// The largest set size the peer may declare.
+    pub max_peer_set: u64,
+    /// Points per outgoing batch (e.g. 4096); 0 is treated as 1.
+    pub batch_size: usize,
+    /// Values per row of the value holder (agreed through the job spec).
+    pub cells: usize,
+}
+
+impl SumParams {
+    fn check_cells(&self) -> Result<(), SumError> {
+        if self.cells == 0 || self.cells > MAX_CELLS {
+            return Err(SumError::BadCellCount {
+                cells: self.cells,
+                max: MAX_CELLS,
+            });
+        }
+        Ok(())
+    }
+
+    /// Bytes of one row of ciphertexts.
+    pub fn row_len(&self) -> usize {
+        self.cells * CIPHERTEXT_LEN
+    }
+
+    /// Rows per ciphertext batch, so a batch stays under [`MAX_CIPHERTEXT_BATCH_BYTES`].
+    pub fn rows_per_ciphertext_batch(&self) -> usize {
+        (MAX_CIPHERTEXT_BATCH_BYTES / self.row_len().max(1)).max(1)
+    }
+}
+
+/// Checks a declared peer size against the policy and our own inputs, as PSI does.
+fn check_sizes(
+    params: &SumParams,
+    own_size: u64,
+    distinct: bool,
+    declared: u64,
+) -> Result<(), SumError> {
+    if declared < params.min_peer_set {
+        return Err(PsiError::PeerSetTooSmall {
+            declared,
+            min: params.min_peer_set,
+        }
+        .into());
+    }
+    if declared > params.max_peer_set {
+        return Err(PsiError::PeerSetTooLarge {
+            declared,
+            max: params.max_peer_set,
+        }
+        .into());
+    }
+    if params.key_name.len() > usize::from(u16::MAX) {
+        return Err(PsiError::KeyNameTooLong {
+            len: params.key_name.len(),
+        }
+        .into());
+    }
+    if own_size > u64::from(u32::MAX) {
+        return Err(PsiError::OwnSetTooLarge { size: own_size }.into());
+    }
+    if !distinct {
+        return Err(PsiError::DuplicateOwnItems.into());
+    }
+    Ok(())
+}
+
+/// Reblinds one batch of peer points, naming errors by their index in the peer's stream.
+fn reblind_at(key: &JobKey, batch: &[u8], offset: u64) -> Result<Vec<EncodedPoint>, PsiError> {
+    reblind_points(key, batch).map_err(|e| match e {
+        PsiError::InvalidPoint { index } => PsiError::InvalidPoint {
+            index: index + offset,
+        },
+        PsiError::IdentityPoint { index } => PsiError::IdentityPoint {
+            index: index + offset,
+        },
+        other => other,
+    })
+}
+
+/// Appends a batch of returned points, refusing more than `own_size` in all.
+fn push_returned(
+    returned: &mut Vec<EncodedPoint>,
+    batch: &[u8],
+    own_size: u64,
+) -> Result<(), PsiError> {
+    let (encodings, rest) = batch.as_chunks::<POINT_LEN>();
+    if !rest.is_empty() {
+        return Err(PsiError::BatchNotMultipleOfPointLen { len: batch.len() });
+    }
+    let received = (returned.len() + encodings.len()) as u64;
+    if received > own_size {
+        return Err(PsiError::TooManyReturnedPoints {
+            own: own_size,
+            received,
+        });
+    }
+    if returned.is_empty() {
+        returned.reserve_exact(own_size as usize - encodings.len());
+    }
+    returned.extend_from_slice(encodings);
+    Ok(())
+}
+
+// ---------------------------------------------------------------- value holder (B)
+
+/// Entry point of the value holder's session.
+///
+/// [`start`](Self::start) → send size and public key → [`VhAwaitingPeerSize::on_peer_size`] →
+/// [`VhReadyToBlind::blind`] → send the point batches → [`VhExchanging::on_peer_batch`] for each
+/// of A's batches → [`VhExchanging::on_peer_end`] (send the returned points) →
+/// [`VhEncrypting::next_batch`] until `None` (send each) → [`VhAwaitingSums::on_sums`].
+#[derive(Debug)]
+pub struct ValueHolderSession;
+
+/// What the value holder sends first.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ValueHolderHello {
+    /// Our declared set size.
+    pub set_size: u64,
+    /// Our fresh public key for this job ([`crate::ahe::PUBLIC_KEY_LEN`] bytes).
+    pub public_key: Vec<u8>,
+}
+
+struct VhCommon {
+    params: SumParams,
+    key: JobKey,
+    own_size: u64,
+    sk: SecretKey,
+    pk: PublicKey,
+}
+
+impl ValueHolderSession {
+    /// Begins a session over distinct `items` with `values` laid out row-major, `cells` per item
+    /// in the set's order. Draws a fresh encryption key pair for this job.
+    pub fn start(
+        params: SumParams,
+        key: JobKey,
+        items: ItemSet,
+        values: Vec<u64>,
+    ) -> Result<(ValueHolderHello, VhAwaitingPeerSize), SumError> {
+        params.check_cells()?;
+        if Some(values.len()) != items.len().checked_mul(params.cells) {
+            return Err(SumError::ValuesNotAligned {
+                items: items.len(),
+                values: values.len(),
+                cells: params.cells,
+            });
+        }
+        let (sk, pk) = ExpElGamal::keygen();
+        let own_size = items.len() as u64;
+        let hello = ValueHolderHello {
+            set_size: own_size,
+            public_key: pk.to_bytes().to_vec(),
+        };
+        let distinct = items_distinct(&items);
+        let state = VhAwaitingPeerSize {
+            common: VhCommon {
+                params,
+                key,
+                own_size,
+                sk,
+                pk,
+            },
+            items,
+            values,
+            distinct,
+        };
+        Ok((hello, state))
+    }
+}
+
+/// Waiting for the key holder's declared size.
+pub struct VhAwaitingPeerSize {
+    common: VhCommon,
+    items: ItemSet,
+    values: Vec<u64>,
+    distinct: bool,
+}
+
+impl std::fmt::Debug for VhAwaitingPeerSize {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VhAwaitingPeerSize")
+            .field("params", &self.common.params)
+            .field("own_size", &self.common.own_size)
+            .finish_non_exhaustive()
+    }
+}
+
+impl VhAwaitingPeerSize {
+    /// Checks the key holder's declared size against the policy before any exponentiation.
+    pub fn on_peer_size(self, declared: u64) -> Result<VhReadyToBlind, SumError> {
+        check_sizes(
+            &self.common.params,
+            self.common.own_size,
+            self.distinct,
+            declared,
+        )?;
+        Ok(VhReadyToBlind {
+            common: self.common,
+            items: self.items,
+            values: self.values,
+            peer_size: declared,
+        })
+    }
+}
+
+/// Sizes agreed.
+pub struct VhReadyToBlind {
+    common: VhCommon,
+    items: ItemSet,
+    values: Vec<u64>,
+    peer_size: u64,
+}
+
+impl std::fmt::Debug for VhReadyToBlind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VhReadyToBlind")
+            .field("peer_size", &self.peer_size)
+            .finish_non_exhaustive()
+    }
+}
+
+impl VhReadyToBlind {
+    /// Hashes, blinds and shuffles our items; returns the point batches to send and keeps the
+    /// shuffle, so the ciphertexts can later follow the same order. The item bytes are dropped.
+    pub fn blind(self) -> (Vec<Vec<u8>>, VhExchanging) {
+        let Self {
+            common,
+            items,
+            values,
+            peer_size,
+        } = self;
+        let blinded = blind_items(&common.key, &common.params.key_name, &items);
+        drop(items);
+        let mut perm: Vec<u32> = (0..blinded.len() as u32).collect();
+        perm.shuffle(&mut rand::rng());
+        let batches = to_batches(
+            perm.iter().map(|&i| &blinded[i as usize]),
+            common.params.batch_size,
+        );
+        drop(blinded);
+        let reserve = peer_size.min(1 << 20) as usize;
+        let next = VhExchanging {
+            common,
+            values,
+            perm,
+            peer_size,
+            peer_double: Vec::with_capacity(reserve),
+        };
+        (batches, next)
+    }
+}
+
+/// Our points are out; reblinding the key holder's.
+pub struct VhExchanging {
+    common: VhCommon,
+    values: Vec<u64>,
+    perm: Vec<u32>,
+    peer_size: u64,
+    peer_double: Vec<EncodedPoint>,
+}
+
+impl std::fmt::Debug for VhExchanging {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VhExchanging")
+            .field("peer_size", &self.peer_size)
+            .field("received", &self.peer_double.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl VhExchanging {
+    /// One batch of the key holder's blinded points: reblinded and kept (they go back shuffled,
+    /// all at once, so the key holder learns only which of them match, not which of its rows).
+    pub fn on_peer_batch(mut self, batch: &[u8]) -> Result<VhExchanging, SumError> {
+        if !batch.len().is_multiple_of(POINT_LEN) {
+            return Err(PsiError::BatchNotMultipleOfPointLen { len: batch.len() }.into());
+        }
+        let offset = self.peer_double.len() as u64;
+        let received = offset + (batch.len() / POINT_LEN) as u64;
+        if received > self.peer_size {
+            return Err(PsiError::TooManyPoints {
+                declared: self.peer_size,
+                received,
+            }
+            .into());
+        }
+        let reblinded = reblind_at(&self.common.key, batch, offset)?;
+        self.peer_double.extend_from_slice(&reblinded);
+        Ok(self)
+    }
+
+    /// The key holder says it sent `total` points: checks it, and returns them reblinded and
+    /// shuffled, in batches, with the encrypting state.
+    pub fn on_peer_end(self, total: u64) -> Result<(Vec<Vec<u8>>, VhEncrypting), SumError> {
+        let Self {
+            common,
+            values,
+            perm,
+            peer_size,
+            mut peer_double,
+        } = self;
+        let received = peer_double.len() as u64;
+        if total != peer_size || received != peer_size {
+            return Err(PsiError::TotalMismatch {
+                declared: peer_size,
+                announced: total,
+                received,
+            }
+            .into());
+        }
+        peer_double.shuffle(&mut rand::rng());
+        let outgoing = to_batches(peer_double.iter(), common.params.batch_size);
+        if !sort_and_check_distinct(&mut peer_double) {
+            return Err(PsiError::DuplicatePeerPoint.into());
+        }
+        drop(peer_double);
+        Ok((
+            outgoing,
+            VhEncrypting {
+                common,
+                values,
+                perm,
+                next_row: 0,
+            },
+        ))
+    }
+}
+
+/// Sending our rows' ciphertexts, in the order our points went out.
+pub struct VhEncrypting {
+    common: VhCommon,
+    values: Vec<u64>,
+    perm: Vec<u32>,
+    next_row: usize,
+}
+
+impl std::fmt::Debug for VhEncrypting {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VhEncrypting")
+            .field("next_row", &self.next_row)
+            .field("rows", &self.perm.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl VhEncrypting {
+    /// Encrypts and returns the next batch of rows (at most
+    /// [`SumParams::rows_per_ciphertext_batch`]), or `None` when every row has been sent.
+    /// Encryption is the value holder's heavy step: it runs on rayon inside.
+    pub fn next_batch(&mut self) -> Option<Vec<u8>> {
+        let rows = self.perm.len();
+        if self.next_row >= rows {
+            return None;
+        }
+        let cells = self.common.params.cells;
+        let end = (self.next_row + self.common.params.rows_per_ciphertext_batch()).min(rows);
+        let mut plain = Vec::with_capacity((end - self.next_row) * cells);
+        for &item in &self.perm[self.next_row..end] {
+            let start = item as usize * cells;
+            plain.extend_from_slice(&self.values[start..start + cells]);
+        }
+        self.next_row = end;
+        Some(encrypt_batch(&self.common.pk, &plain))
+    }
+
+    /// Rows sent so far (the total to announce once [`next_batch`](Self::next_batch) is `None`).
+    pub fn rows_sent(&self) -> u64 {
+        self.next_row as u64
+    }
+
+    /// Every row is out: wait for the noised sums. The values are dropped here.
+    pub fn finish(self) -> VhAwaitingSums {
+        VhAwaitingSums {
+            params: self.common.params,
+            sk: self.common.sk,
+        }
+    }
+}
+
+/// Waiting for the key holder's noised sums.
+pub struct VhAwaitingSums {
+    params: SumParams,
+    sk: SecretKey,
+}
+
+impl std::fmt::Debug for VhAwaitingSums {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VhAwaitingSums")
+            .field("cells", &self.params.cells)
+            .finish_non_exhaustive()
+    }
+}
+
+impl VhAwaitingSums {
+    /// Decrypts one ciphertext per cell: the noised totals, in cell order. Decryption of a cell
+    /// is a bounded baby-step giant-step search per limb; the cells run in parallel.
+    pub fn on_sums(self, bytes: &[u8]) -> Result<Vec<i128>, SumError> {
+        let expected = self.params.row_len();
+        if bytes.len() != expected {
+            return Err(SumError::SumsWrongLength {
+                len: bytes.len(),
+                expected,
+                cells: self.params.cells,
+            });
+        }
+        let sk = &self.sk;
+        bytes
+            .par_chunks_exact(CIPHERTEXT_LEN)
+            .map(|ct| {
+                let ct = ExpElGamal::decode(ct)?;
+                Ok(ExpElGamal::decrypt(sk, &ct)?)
+            })
+            .collect()
+    }
+}
+
+// ---------------------------------------------------------------- key holder (A)
+
+/// Entry point of the key holder's session.
+///
+/// [`start`](Self::start) → send size → [`KhAwaitingHello::on_peer_hello`] →
+/// [`KhReadyToBlind::blind`] → send the batches → [`KhReceivingPoints::on_peer_batch`] for each
+/// of B's batches → [`KhReceivingPoints::on_peer_end`] → [`KhAwaitingReturn::on_returned_batch`]
+/// for our points coming back → [`KhAwaitingReturn::on_returned_end`] (the count is known) →
+/// [`KhSumming::on_ciphertext_batch`] for each ciphertext batch →
+/// [`KhSumming::on_ciphertext_end`] → [`KhSummed::noised_sums`] → send them.
+#[derive(Debug)]
+pub struct KeyHolderSession;
+
+struct KhCommon {
+    params: SumParams,
+    key: JobKey,
+    own_size: u64,
+}
+
+impl KeyHolderSession {
+    /// Begins a session over distinct `items`; returns our declared size and the first state.
+    pub fn start(
+        params: SumParams,
+        key: JobKey,
+        items: ItemSet,
+    ) -> Result<(u64, KhAwaitingHello), SumError> {
+        params.check_cells()?;
+        let own_size = items.len() as u64;
+        let distinct = items_distinct(&items);
+        Ok((
+            own_size,
+            KhAwaitingHello {
+                common: KhCommon {
+                    params,
+                    key,
+                    own_size,
+                },
+                items,
+                distinct,
+            },
+        ))
+    }
+}
+
+/// Waiting for the value holder's size and public key.
+pub struct KhAwaitingHello {
+    common: KhCommon,
+    items: ItemSet,
+    distinct: bool,
+}
+
+impl std::fmt::Debug for KhAwaitingHello {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KhAwaitingHello")
+            .field("params", &self.common.params)
+            .field("own_size", &self.common.own_size)
+            .finish_non_exhaustive()
+    }
+}
+
+impl KhAwaitingHello {
+    /// Checks the value holder's declared size (before any exponentiation) and decodes its
+    /// public key (canonical points, no identity).
+    pub fn on_peer_hello(
+        self,
+        declared: u64,
+        public_key: &[u8],
+    ) -> Result<KhReadyToBlind, SumError> {
+        check_sizes(
+            &self.common.params,
+            self.common.own_size,
+            self.distinct,
+            declared,
+        )?;
+        let pk = PublicKey::from_bytes(public_key)?;
+        Ok(KhReadyToBlind {
+            common: self.common,
+            items: self.items,
+            peer_size: declared,
+            pk,
+        })
+    }
+}
+
+/// Sizes and key agreed.
+pub struct KhReadyToBlind {
+    common: KhCommon,
+    items: ItemSet,
+    peer_size: u64,
+    pk: PublicKey,
+}
+
+impl std::fmt::Debug for KhReadyToBlind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KhReadyToBlind")
+            .field("peer_size", &self.peer_size)
+            .finish_non_exhaustive()
+    }
+}
+
+impl KhReadyToBlind {
+    /// Hashes, blinds and shuffles our items; returns the batches to send. No permutation is
+    /// kept: the key holder never learns which of its own rows matched.
+    pub fn blind(self) -> (Vec<Vec<u8>>, KhReceivingPoints) {
+        let Self {
+            common,
+            items,
+            peer_size,
+            pk,
+        } = self;
+        let mut blinded = blind_items(&common.key, &common.params.key_name, &items);
+        drop(items);
+        blinded.shuffle(&mut rand::rng());
+        let batches = to_batches(blinded.iter(), common.params.batch_size);
+        drop(blinded);
+        let reserve = peer_size.min(1 << 20) as usize;
+        (
+            batches,
+            KhReceivingPoints {
+                common,
+                peer_size,
+                pk,
+                peer_double: Vec::with_capacity(reserve),
+            },
+        )
+    }
+}
+
+/// Reblinding the value holder's points, kept in its order (the ciphertexts follow it).
+pub struct KhReceivingPoints {
+    common: KhCommon,
+    peer_size: u64,
+    pk: PublicKey,
+    peer_double: Vec<EncodedPoint>,
+}
+
+impl std::fmt::Debug for KhReceivingPoints {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KhReceivingPoints")
+            .field("peer_size", &self.peer_size)
+            .field("received", &self.peer_double.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl KhReceivingPoints {
+    /// One batch of the value holder's blinded points.
+    pub fn on_peer_batch(mut self, batch: &[u8]) -> Result<KhReceivingPoints, SumError> {
+        if !batch.len().is_multiple_of(POINT_LEN) {
+            return Err(PsiError::BatchNotMultipleOfPointLen { len: batch.len() }.into());
+        }
+        let offset = self.peer_double.len() as u64;
+        let received = offset + (batch.len() / POINT_LEN) as u64;
+        if received > self.peer_size {
+            return Err(PsiError::TooManyPoints {
+                declared: self.peer_size,
+                received,
+            }
+            .into());
+        }
+        let reblinded = reblind_at(&self.common.key, batch, offset)?;
+        self.peer_double.extend_from_slice(&reblinded);
+        Ok(self)
+    }
+
+    /// The value holder says it sent `total` points: must equal its declared size and what
+    /// came, with no point twice.
+    pub fn on_peer_end(self, total: u64) -> Result<KhAwaitingReturn, SumError> {
+        let received = self.peer_double.len() as u64;
+        if total != self.peer_size || received != self.peer_size {
+            return Err(PsiError::TotalMismatch {
+                declared: self.peer_size,
+                announced: total,
+                received,
+            }
+            .into());
+        }
+        let mut sorted = self.peer_double.clone();
+        if !sort_and_check_distinct(&mut sorted) {
+            return Err(PsiError::DuplicatePeerPoint.into());
+        }
+        drop(sorted);
+        Ok(KhAwaitingReturn {
+            returned: Vec::new(),
+            common: self.common,
+            peer_size: self.peer_size,
+            pk: self.pk,
+            peer_double: self.peer_double,
+        })
+    }
+}
+
+/// Waiting for our own points, double-blinded and shuffled by the value holder.
+pub struct KhAwaitingReturn {
+    common: KhCommon,
+    peer_size: u64,
+    pk: PublicKey,
+    peer_double: Vec<EncodedPoint>,
+    returned: Vec<EncodedPoint>,
+}
+
+impl std::fmt::Debug for KhAwaitingReturn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KhAwaitingReturn")
+            .field("returned", &self.returned.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl KhAwaitingReturn {
+    /// A batch of our points coming back.
+    pub fn on_returned_batch(mut self, batch: &[u8]) -> Result<KhAwaitingReturn, SumError> {
+        push_returned(&mut self.returned, batch, self.common.own_size)?;
+        Ok(self)
+    }
+
+    /// The value holder says it returned `total` points: must equal our size and what came,
+    /// with no point twice. Finds which of the value holder's positions match.
+    pub fn on_returned_end(self, total: u64) -> Result<KhSumming, SumError> {
+        let Self {
+            common,
+            peer_size,
+            pk,
+            peer_double,
+            mut returned,
+        } = self;
+        let own = common.own_size;
+        let received = returned.len() as u64;
+        if total != own || received != own {
+            return Err(PsiError::ReturnedTotalMismatch {
+                own,
+                announced: total,
+                received,
+            }
+            .into());
+        }
+        if !sort_and_check_distinct(&mut returned) {
+            return Err(PsiError::DuplicateReturnedPoint.into());
+        }
+        let matched: Vec<bool> = peer_double
+            .par_iter()
+            .map(|p| returned.binary_search(p).is_ok())
+            .collect();
+        drop(returned);
+        drop(peer_double);
+        let intersection = matched.iter().filter(|&&m| m).count() as u64;
+        if intersection > MAX_SUMMANDS as u64 {
+            return Err(SumError::IntersectionTooLarge {
+                count: intersection,
+                max: MAX_SUMMANDS,
+            });
+        }
+        let cells = common.params.cells;
+        Ok(KhSumming {
+            common,
+            peer_size,
+            pk,
+            matched,
+            intersection,
+            rows_received: 0,
+            sums: vec![Ciphertext::zero(); cells],
+        })
+    }
+}
+
+/// The count is known; adding up the ciphertexts of matched rows as they arrive.
+pub struct KhSumming {
+    common: KhCommon,
+    peer_size: u64,
+    pk: PublicKey,
+    /// `matched[j]`: the value holder's `j`-th row (in its sending order) is in the intersection.
+    matched: Vec<bool>,
+    intersection: u64,
+    rows_received: u64,
+    sums: Vec<Ciphertext>,
+}
+
+impl std::fmt::Debug for KhSumming {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KhSumming")
+            .field("rows_received", &self.rows_received)
+            .field("peer_size", &self.peer_size)
+            .finish_non_exhaustive()
+    }
+}
+
+impl KhSumming {
+    /// `|A ∩ B|`, exact: the key holder learns it in this protocol.
+    pub fn intersection(&self) -> u64 {
+        self.intersection
+    }
+
+    /// One batch of ciphertext rows: the matched ones are decoded and added; the others are
+    /// not even decoded (an invalid ciphertext in an unmatched row cannot affect the result).
+    pub fn on_ciphertext_batch(mut self, batch: &[u8]) -> Result<KhSumming, SumError> {
+        let row_len = self.common.params.row_len();
+        if !batch.len().is_multiple_of(row_len) {
+            return Err(SumError::CiphertextBatchNotWholeRows {
+                len: batch.len(),
+                row_len,
+            });
+        }
+        let rows = (batch.len() / row_len) as u64;
+        let received = self.rows_received + rows;
+        if received > self.peer_size {
+            return Err(SumError::CiphertextRowsMismatch {
+                expected: self.peer_size,
+                received,
+                announced: received,
+            });
+        }
+        let first = self.rows_received as usize;
+        let matched_rows: Vec<u32> = (0..rows as u32)
+            .filter(|&r| self.matched[first + r as usize])
+            .collect();
+        let cells = self.common.params.cells;
+        for (cell, sum) in self.sums.iter_mut().enumerate() {
+            let indices: Vec<u32> = matched_rows
+                .iter()
+                .map(|&r| r * cells as u32 + cell as u32)
+                .collect();
+            let part = sum_selected(batch, &indices).map_err(|e| match e {
+                // Name the row in the peer's whole stream, not in this batch.
+                AheError::InvalidCiphertext { row, source } => AheError::InvalidCiphertext {
+                    row: (first as u32).saturating_add(row / cells as u32),
+                    source,
+                },
+                other => other,
+            })?;
+            *sum = ExpElGamal::add(sum, &part);
+        }
+        self.rows_received = received;
+        Ok(self)
+    }
+
+    /// The value holder says it sent `total` rows: must equal its set size and what came.
+    pub fn on_ciphertext_end(self, total: u64) -> Result<KhSummed, SumError> {
+        if total != self.peer_size || self.rows_received != self.peer_size {
+            return Err(SumError::CiphertextRowsMismatch {
+                expected: self.peer_size,
+                received: self.rows_received,
+                announced: total,
+            });
+        }
+        Ok(KhSummed {
+            pk: self.pk,
+            sums: self.sums,
+            intersection: self.intersection,
+            own_size: self.common.own_size,
+            peer_size: self.peer_size,
+        })
+    }
+}
+
+/// Every row is in; the encrypted exact sums, per cell.
+pub struct KhSummed {
+    pk: PublicKey,
+    sums: Vec<Ciphertext>,
+    intersection: u64,
+    own_size: u64,
+    peer_size: u64,
+}
+
+impl std::fmt::Debug for KhSummed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KhSummed")
+            .field("cells", &self.sums.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl KhSummed {
+    /// `|A ∩ B|`, exact.
+    pub fn intersection(&self) -> u64 {
+        self.intersection
+    }
+
+    /// Our set size and the peer's.
+    pub fn sizes(&self) -> (u64, u64) {
+        (self.own_size, self.peer_size)
+    }
+
+    /// Adds `noise[c]` to cell `c` under encryption, re-randomises every cell (so the sum's
+    /// `r·G` does not reveal which rows were added) and returns the ciphertexts to send, one
+    /// per cell, concatenated. `noise` is drawn by the caller from the policy's mechanism.
+    pub fn noised_sums(self, noise: &[i64]) -> Result<Vec<u8>, SumError> {
+        if noise.len() != self.sums.len() {
+            return Err(SumError::NoiseWrongLength {
+                given: noise.len(),
+                cells: self.sums.len(),
+            });
+        }
+        let mut out = Vec::with_capacity(self.sums.len() * CIPHERTEXT_LEN);
+        for (sum, &n) in self.sums.iter().zip(noise) {
+            let noised = ExpElGamal::add_plain(sum, n);
+            out.extend_from_slice(&ExpElGamal::encode(&ExpElGamal::rerandomize(
+                &self.pk, &noised,
+            )));
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests;
