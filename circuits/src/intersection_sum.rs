@@ -3,10 +3,14 @@
 //! sessions of its two parties.
 //!
 //! The **key holder** (party A) has identifiers only; the **value holder** (party B) has
-//! identifiers and, per row, a fixed number of integer *cells* (e.g. one value column and a
-//! count of 1, or one-hot per group: the caller decides the layout, already clipped). The output
-//! is, per cell, the sum over the rows whose identifier A also holds — plus noise A adds under
-//! encryption — and only B can decrypt it.
+//! identifiers and, per row, a fixed number of integer *cells* (e.g. a count of 1 and one cell
+//! per value column, or one-hot per group: the caller decides the layout, values already
+//! clipped). The output is, per cell, the sum over the rows whose identifier A also holds — plus
+//! noise A adds under encryption — and only B can decrypt it.
+//!
+//! A row travels as one packed ciphertext ([`crate::ahe::packed`]): one shared randomness and
+//! each cell only as many 16-bit limbs as its bounds need, so a count and two 32-bit amounts
+//! cost 6 fixed-base multiplications, not 15.
 //!
 //! ```text
 //! A → B   size                              B → A   size, public key
@@ -15,13 +19,13 @@
 //!         A computes k_A·k_B·H(y) in order π and finds which positions of π match
 //! B → A   Enc(cells of row π(j)) for every j, in order π, streamed
 //!         A adds up the ciphertexts of matched positions as they arrive (memory O(cells))
-//! A → B   per cell: Rerandomise(Sum + Enc(noise))
+//! A → B   Rerandomise(Sum + Enc(noise per cell)): one row ciphertext
 //!         B decrypts the noised totals
 //! ```
 //!
 //! B sends its ciphertexts *after* it has returned A's points, so A knows which positions match
 //! before the first ciphertext arrives and never buffers them (160 bytes per cell and row would
-//! be 160 MiB per cell at 2^20 rows).
+//! be 64 MiB per limb at 2^20 rows).
 //!
 //! # What each party learns
 //!
@@ -41,10 +45,11 @@
 use rand::seq::SliceRandom;
 use rayon::prelude::*;
 
-use crate::ahe::{
-    AdditiveScheme, AheError, CIPHERTEXT_LEN, Ciphertext, ExpElGamal, MAX_SUMMANDS, PublicKey,
-    SecretKey, encrypt_batch, sum_selected,
+use crate::ahe::packed::{
+    RowCiphertext, RowLayout, RowPublicKey, RowSecretKey, decrypt_cells, encrypt_rows, row_keygen,
+    sum_selected_rows,
 };
+use crate::ahe::{AheError, MAX_SUMMANDS};
 use crate::psi::{
     blind_items, items_distinct, reblind_points, sort_and_check_distinct, to_batches,
 };
@@ -67,6 +72,14 @@ pub enum SumError {
     /// A ciphertext or key that does not decode, or a total outside the decryptable range.
     #[error(transparent)]
     Ahe(#[from] AheError),
+    /// The value holder's layout has another number of cells than the job's.
+    #[error("the value holder's rows have {got} cells, the job has {expected}")]
+    LayoutMismatch {
+        /// Cells in the layout received or given.
+        got: usize,
+        /// Cells the job spec implies.
+        expected: usize,
+    },
     /// The value holder's values are not `cells` per item.
     #[error("{values} values for {items} items is not {cells} cells per item")]
     ValuesNotAligned {
@@ -111,16 +124,6 @@ pub enum SumError {
         /// [`MAX_SUMMANDS`].
         max: usize,
     },
-    /// The noised sums are not one ciphertext per cell.
-    #[error("noised sums of {len} bytes, expected {expected} ({cells} cells)")]
-    SumsWrongLength {
-        /// Bytes received.
-        len: usize,
-        /// Bytes expected.
-        expected: usize,
-        /// Cells per row.
-        cells: usize,
-    },
     /// Noise given for a different number of cells.
     #[error("noise for {given} cells, the layout has {cells}")]
     NoiseWrongLength {
@@ -156,16 +159,12 @@ impl SumParams {
         }
         Ok(())
     }
+}
 
-    /// Bytes of one row of ciphertexts.
-    pub fn row_len(&self) -> usize {
-        self.cells * CIPHERTEXT_LEN
-    }
-
-    /// Rows per ciphertext batch, so a batch stays under [`MAX_CIPHERTEXT_BATCH_BYTES`].
-    pub fn rows_per_ciphertext_batch(&self) -> usize {
-        (MAX_CIPHERTEXT_BATCH_BYTES / self.row_len().max(1)).max(1)
-    }
+/// Rows per ciphertext batch of `layout`, so a batch stays under
+/// [`MAX_CIPHERTEXT_BATCH_BYTES`].
+pub fn rows_per_ciphertext_batch(layout: &RowLayout) -> usize {
+    (MAX_CIPHERTEXT_BATCH_BYTES / layout.ciphertext_len()).max(1)
 }
 
 /// Checks a declared peer size against the policy and our own inputs, as PSI does.
@@ -257,7 +256,9 @@ pub struct ValueHolderSession;
 pub struct ValueHolderHello {
     /// Our declared set size.
     pub set_size: u64,
-    /// Our fresh public key for this job ([`crate::ahe::PUBLIC_KEY_LEN`] bytes).
+    /// Width in limbs of each cell of our rows ([`RowLayout::widths`]).
+    pub widths: Vec<u8>,
+    /// Our fresh public key for this job (32 bytes per limb).
     pub public_key: Vec<u8>,
 }
 
@@ -265,20 +266,29 @@ struct VhCommon {
     params: SumParams,
     key: JobKey,
     own_size: u64,
-    sk: SecretKey,
-    pk: PublicKey,
+    layout: RowLayout,
+    sk: RowSecretKey,
+    pk: RowPublicKey,
 }
 
 impl ValueHolderSession {
     /// Begins a session over distinct `items` with `values` laid out row-major, `cells` per item
-    /// in the set's order. Draws a fresh encryption key pair for this job.
+    /// in the set's order, each within its cell of `layout`. Draws a fresh encryption key pair
+    /// for this job.
     pub fn start(
         params: SumParams,
         key: JobKey,
         items: ItemSet,
+        layout: RowLayout,
         values: Vec<u64>,
     ) -> Result<(ValueHolderHello, VhAwaitingPeerSize), SumError> {
         params.check_cells()?;
+        if layout.cells() != params.cells {
+            return Err(SumError::LayoutMismatch {
+                got: layout.cells(),
+                expected: params.cells,
+            });
+        }
         if Some(values.len()) != items.len().checked_mul(params.cells) {
             return Err(SumError::ValuesNotAligned {
                 items: items.len(),
@@ -286,11 +296,12 @@ impl ValueHolderSession {
                 cells: params.cells,
             });
         }
-        let (sk, pk) = ExpElGamal::keygen();
+        let (sk, pk) = row_keygen(&layout);
         let own_size = items.len() as u64;
         let hello = ValueHolderHello {
             set_size: own_size,
-            public_key: pk.to_bytes().to_vec(),
+            widths: layout.widths().to_vec(),
+            public_key: pk.to_bytes(),
         };
         let distinct = items_distinct(&items);
         let state = VhAwaitingPeerSize {
@@ -298,6 +309,7 @@ impl ValueHolderSession {
                 params,
                 key,
                 own_size,
+                layout,
                 sk,
                 pk,
             },
@@ -485,23 +497,24 @@ impl std::fmt::Debug for VhEncrypting {
 }
 
 impl VhEncrypting {
-    /// Encrypts and returns the next batch of rows (at most
-    /// [`SumParams::rows_per_ciphertext_batch`]), or `None` when every row has been sent.
-    /// Encryption is the value holder's heavy step: it runs on rayon inside.
-    pub fn next_batch(&mut self) -> Option<Vec<u8>> {
+    /// Encrypts and returns the next batch of rows (at most [`rows_per_ciphertext_batch`]), or
+    /// `None` when every row has been sent. Encryption is the value holder's heavy step: it
+    /// runs on rayon inside. A value wider than its cell is an error (clip first).
+    pub fn next_batch(&mut self) -> Result<Option<Vec<u8>>, SumError> {
         let rows = self.perm.len();
         if self.next_row >= rows {
-            return None;
+            return Ok(None);
         }
         let cells = self.common.params.cells;
-        let end = (self.next_row + self.common.params.rows_per_ciphertext_batch()).min(rows);
+        let end = (self.next_row + rows_per_ciphertext_batch(&self.common.layout)).min(rows);
         let mut plain = Vec::with_capacity((end - self.next_row) * cells);
         for &item in &self.perm[self.next_row..end] {
             let start = item as usize * cells;
             plain.extend_from_slice(&self.values[start..start + cells]);
         }
+        let batch = encrypt_rows(&self.common.pk, &self.common.layout, &plain)?;
         self.next_row = end;
-        Some(encrypt_batch(&self.common.pk, &plain))
+        Ok(Some(batch))
     }
 
     /// Rows sent so far (the total to announce once [`next_batch`](Self::next_batch) is `None`).
@@ -512,7 +525,7 @@ impl VhEncrypting {
     /// Every row is out: wait for the noised sums. The values are dropped here.
     pub fn finish(self) -> VhAwaitingSums {
         VhAwaitingSums {
-            params: self.common.params,
+            layout: self.common.layout,
             sk: self.common.sk,
         }
     }
@@ -520,38 +533,24 @@ impl VhEncrypting {
 
 /// Waiting for the key holder's noised sums.
 pub struct VhAwaitingSums {
-    params: SumParams,
-    sk: SecretKey,
+    layout: RowLayout,
+    sk: RowSecretKey,
 }
 
 impl std::fmt::Debug for VhAwaitingSums {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("VhAwaitingSums")
-            .field("cells", &self.params.cells)
+            .field("layout", &self.layout)
             .finish_non_exhaustive()
     }
 }
 
 impl VhAwaitingSums {
-    /// Decrypts one ciphertext per cell: the noised totals, in cell order. Decryption of a cell
-    /// is a bounded baby-step giant-step search per limb; the cells run in parallel.
+    /// Decrypts the key holder's one row ciphertext: the noised totals, in cell order. Each
+    /// limb is a bounded baby-step giant-step search; the limbs run in parallel.
     pub fn on_sums(self, bytes: &[u8]) -> Result<Vec<i128>, SumError> {
-        let expected = self.params.row_len();
-        if bytes.len() != expected {
-            return Err(SumError::SumsWrongLength {
-                len: bytes.len(),
-                expected,
-                cells: self.params.cells,
-            });
-        }
-        let sk = &self.sk;
-        bytes
-            .par_chunks_exact(CIPHERTEXT_LEN)
-            .map(|ct| {
-                let ct = ExpElGamal::decode(ct)?;
-                Ok(ExpElGamal::decrypt(sk, &ct)?)
-            })
-            .collect()
+        let ct = RowCiphertext::decode(&self.layout, bytes)?;
+        Ok(decrypt_cells(&self.sk, &self.layout, &ct)?)
     }
 }
 
@@ -616,11 +615,13 @@ impl std::fmt::Debug for KhAwaitingHello {
 }
 
 impl KhAwaitingHello {
-    /// Checks the value holder's declared size (before any exponentiation) and decodes its
-    /// public key (canonical points, no identity).
+    /// Checks the value holder's declared size (before any exponentiation) and row layout
+    /// (the job's number of cells), and decodes its public key (canonical points, no
+    /// identity, one per limb).
     pub fn on_peer_hello(
         self,
         declared: u64,
+        widths: &[u8],
         public_key: &[u8],
     ) -> Result<KhReadyToBlind, SumError> {
         check_sizes(
@@ -629,22 +630,31 @@ impl KhAwaitingHello {
             self.distinct,
             declared,
         )?;
-        let pk = PublicKey::from_bytes(public_key)?;
+        let layout = RowLayout::new(widths)?;
+        if layout.cells() != self.common.params.cells {
+            return Err(SumError::LayoutMismatch {
+                got: layout.cells(),
+                expected: self.common.params.cells,
+            });
+        }
+        let pk = RowPublicKey::from_bytes(&layout, public_key)?;
         Ok(KhReadyToBlind {
             common: self.common,
             items: self.items,
             peer_size: declared,
+            layout,
             pk,
         })
     }
 }
 
-/// Sizes and key agreed.
+/// Sizes, layout and key agreed.
 pub struct KhReadyToBlind {
     common: KhCommon,
     items: ItemSet,
     peer_size: u64,
-    pk: PublicKey,
+    layout: RowLayout,
+    pk: RowPublicKey,
 }
 
 impl std::fmt::Debug for KhReadyToBlind {
@@ -655,6 +665,13 @@ impl std::fmt::Debug for KhReadyToBlind {
     }
 }
 
+/// What the key holder keeps about the value holder from its hello on.
+struct KhPeer {
+    size: u64,
+    layout: RowLayout,
+    pk: RowPublicKey,
+}
+
 impl KhReadyToBlind {
     /// Hashes, blinds and shuffles our items; returns the batches to send. No permutation is
     /// kept: the key holder never learns which of its own rows matched.
@@ -663,6 +680,7 @@ impl KhReadyToBlind {
             common,
             items,
             peer_size,
+            layout,
             pk,
         } = self;
         let mut blinded = blind_items(&common.key, &common.params.key_name, &items);
@@ -675,8 +693,11 @@ impl KhReadyToBlind {
             batches,
             KhReceivingPoints {
                 common,
-                peer_size,
-                pk,
+                peer: KhPeer {
+                    size: peer_size,
+                    layout,
+                    pk,
+                },
                 peer_double: Vec::with_capacity(reserve),
             },
         )
@@ -686,15 +707,14 @@ impl KhReadyToBlind {
 /// Reblinding the value holder's points, kept in its order (the ciphertexts follow it).
 pub struct KhReceivingPoints {
     common: KhCommon,
-    peer_size: u64,
-    pk: PublicKey,
+    peer: KhPeer,
     peer_double: Vec<EncodedPoint>,
 }
 
 impl std::fmt::Debug for KhReceivingPoints {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("KhReceivingPoints")
-            .field("peer_size", &self.peer_size)
+            .field("peer_size", &self.peer.size)
             .field("received", &self.peer_double.len())
             .finish_non_exhaustive()
     }
@@ -708,9 +728,9 @@ impl KhReceivingPoints {
         }
         let offset = self.peer_double.len() as u64;
         let received = offset + (batch.len() / POINT_LEN) as u64;
-        if received > self.peer_size {
+        if received > self.peer.size {
             return Err(PsiError::TooManyPoints {
-                declared: self.peer_size,
+                declared: self.peer.size,
                 received,
             }
             .into());
@@ -724,9 +744,9 @@ impl KhReceivingPoints {
     /// came, with no point twice.
     pub fn on_peer_end(self, total: u64) -> Result<KhAwaitingReturn, SumError> {
         let received = self.peer_double.len() as u64;
-        if total != self.peer_size || received != self.peer_size {
+        if total != self.peer.size || received != self.peer.size {
             return Err(PsiError::TotalMismatch {
-                declared: self.peer_size,
+                declared: self.peer.size,
                 announced: total,
                 received,
             }
@@ -740,8 +760,7 @@ impl KhReceivingPoints {
         Ok(KhAwaitingReturn {
             returned: Vec::new(),
             common: self.common,
-            peer_size: self.peer_size,
-            pk: self.pk,
+            peer: self.peer,
             peer_double: self.peer_double,
         })
     }
@@ -750,8 +769,7 @@ impl KhReceivingPoints {
 /// Waiting for our own points, double-blinded and shuffled by the value holder.
 pub struct KhAwaitingReturn {
     common: KhCommon,
-    peer_size: u64,
-    pk: PublicKey,
+    peer: KhPeer,
     peer_double: Vec<EncodedPoint>,
     returned: Vec<EncodedPoint>,
 }
@@ -776,8 +794,7 @@ impl KhAwaitingReturn {
     pub fn on_returned_end(self, total: u64) -> Result<KhSumming, SumError> {
         let Self {
             common,
-            peer_size,
-            pk,
+            peer,
             peer_double,
             mut returned,
         } = self;
@@ -807,36 +824,34 @@ impl KhAwaitingReturn {
                 max: MAX_SUMMANDS,
             });
         }
-        let cells = common.params.cells;
+        let sum = RowCiphertext::zero(&peer.layout);
         Ok(KhSumming {
-            common,
-            peer_size,
-            pk,
+            own_size: common.own_size,
+            peer,
             matched,
             intersection,
             rows_received: 0,
-            sums: vec![Ciphertext::zero(); cells],
+            sum,
         })
     }
 }
 
 /// The count is known; adding up the ciphertexts of matched rows as they arrive.
 pub struct KhSumming {
-    common: KhCommon,
-    peer_size: u64,
-    pk: PublicKey,
+    own_size: u64,
+    peer: KhPeer,
     /// `matched[j]`: the value holder's `j`-th row (in its sending order) is in the intersection.
     matched: Vec<bool>,
     intersection: u64,
     rows_received: u64,
-    sums: Vec<Ciphertext>,
+    sum: RowCiphertext,
 }
 
 impl std::fmt::Debug for KhSumming {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("KhSumming")
             .field("rows_received", &self.rows_received)
-            .field("peer_size", &self.peer_size)
+            .field("peer_size", &self.peer.size)
             .finish_non_exhaustive()
     }
 }
@@ -850,7 +865,7 @@ impl KhSumming {
     /// One batch of ciphertext rows: the matched ones are decoded and added; the others are
     /// not even decoded (an invalid ciphertext in an unmatched row cannot affect the result).
     pub fn on_ciphertext_batch(mut self, batch: &[u8]) -> Result<KhSumming, SumError> {
-        let row_len = self.common.params.row_len();
+        let row_len = self.peer.layout.ciphertext_len();
         if !batch.len().is_multiple_of(row_len) {
             return Err(SumError::CiphertextBatchNotWholeRows {
                 len: batch.len(),
@@ -859,9 +874,9 @@ impl KhSumming {
         }
         let rows = (batch.len() / row_len) as u64;
         let received = self.rows_received + rows;
-        if received > self.peer_size {
+        if received > self.peer.size {
             return Err(SumError::CiphertextRowsMismatch {
-                expected: self.peer_size,
+                expected: self.peer.size,
                 received,
                 announced: received,
             });
@@ -870,58 +885,50 @@ impl KhSumming {
         let matched_rows: Vec<u32> = (0..rows as u32)
             .filter(|&r| self.matched[first + r as usize])
             .collect();
-        let cells = self.common.params.cells;
-        for (cell, sum) in self.sums.iter_mut().enumerate() {
-            let indices: Vec<u32> = matched_rows
-                .iter()
-                .map(|&r| r * cells as u32 + cell as u32)
-                .collect();
-            let part = sum_selected(batch, &indices).map_err(|e| match e {
+        let part =
+            sum_selected_rows(&self.peer.layout, batch, &matched_rows).map_err(|e| match e {
                 // Name the row in the peer's whole stream, not in this batch.
                 AheError::InvalidCiphertext { row, source } => AheError::InvalidCiphertext {
-                    row: (first as u32).saturating_add(row / cells as u32),
+                    row: (first as u32).saturating_add(row),
                     source,
                 },
                 other => other,
             })?;
-            *sum = ExpElGamal::add(sum, &part);
-        }
+        self.sum.add(&part);
         self.rows_received = received;
         Ok(self)
     }
 
     /// The value holder says it sent `total` rows: must equal its set size and what came.
     pub fn on_ciphertext_end(self, total: u64) -> Result<KhSummed, SumError> {
-        if total != self.peer_size || self.rows_received != self.peer_size {
+        if total != self.peer.size || self.rows_received != self.peer.size {
             return Err(SumError::CiphertextRowsMismatch {
-                expected: self.peer_size,
+                expected: self.peer.size,
                 received: self.rows_received,
                 announced: total,
             });
         }
         Ok(KhSummed {
-            pk: self.pk,
-            sums: self.sums,
+            own_size: self.own_size,
+            peer: self.peer,
+            sum: self.sum,
             intersection: self.intersection,
-            own_size: self.common.own_size,
-            peer_size: self.peer_size,
         })
     }
 }
 
-/// Every row is in; the encrypted exact sums, per cell.
+/// Every row is in; the encrypted exact sums of every cell.
 pub struct KhSummed {
-    pk: PublicKey,
-    sums: Vec<Ciphertext>,
-    intersection: u64,
     own_size: u64,
-    peer_size: u64,
+    peer: KhPeer,
+    sum: RowCiphertext,
+    intersection: u64,
 }
 
 impl std::fmt::Debug for KhSummed {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("KhSummed")
-            .field("cells", &self.sums.len())
+            .field("cells", &self.peer.layout.cells())
             .finish_non_exhaustive()
     }
 }
@@ -934,27 +941,31 @@ impl KhSummed {
 
     /// Our set size and the peer's.
     pub fn sizes(&self) -> (u64, u64) {
-        (self.own_size, self.peer_size)
+        (self.own_size, self.peer.size)
     }
 
-    /// Adds `noise[c]` to cell `c` under encryption, re-randomises every cell (so the sum's
-    /// `r·G` does not reveal which rows were added) and returns the ciphertexts to send, one
-    /// per cell, concatenated. `noise` is drawn by the caller from the policy's mechanism.
+    /// The value holder's row layout (cell widths), e.g. to calibrate noise per cell.
+    pub fn layout(&self) -> &RowLayout {
+        &self.peer.layout
+    }
+
+    /// Adds `noise[c]` to cell `c` under encryption, re-randomises (so the sum's `r·G` does not
+    /// reveal which rows were added) and returns the one row ciphertext to send. `noise` is
+    /// drawn by the caller from the policy's mechanism.
     pub fn noised_sums(self, noise: &[i64]) -> Result<Vec<u8>, SumError> {
-        if noise.len() != self.sums.len() {
+        let layout = &self.peer.layout;
+        if noise.len() != layout.cells() {
             return Err(SumError::NoiseWrongLength {
                 given: noise.len(),
-                cells: self.sums.len(),
+                cells: layout.cells(),
             });
         }
-        let mut out = Vec::with_capacity(self.sums.len() * CIPHERTEXT_LEN);
-        for (sum, &n) in self.sums.iter().zip(noise) {
-            let noised = ExpElGamal::add_plain(sum, n);
-            out.extend_from_slice(&ExpElGamal::encode(&ExpElGamal::rerandomize(
-                &self.pk, &noised,
-            )));
+        let mut sum = self.sum;
+        for (cell, &n) in noise.iter().enumerate() {
+            sum.add_noise(layout, cell, n)?;
         }
-        Ok(out)
+        sum.rerandomize(&self.peer.pk);
+        Ok(sum.encode())
     }
 }
 

@@ -8,7 +8,11 @@ use proptest::prelude::*;
 
 use crate::*;
 
-fn params(return_in_order: bool, learn_membership: bool, batch_size: usize) -> PsiParams {
+pub(crate) fn params(
+    return_in_order: bool,
+    learn_membership: bool,
+    batch_size: usize,
+) -> PsiParams {
     PsiParams {
         key_name: "email".into(),
         min_peer_set: 0,
@@ -27,7 +31,7 @@ fn set(items: &[&[u8]]) -> ItemSet {
 
 /// Drives A and B to completion, interleaving their messages the way a network might (each
 /// side's points reach the other before its own have all been reblinded).
-fn run_pair(
+pub(crate) fn run_pair(
     pa: PsiParams,
     pb: PsiParams,
     a: ItemSet,

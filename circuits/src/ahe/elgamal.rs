@@ -135,7 +135,7 @@ impl Ciphertext {
     }
 }
 
-fn random_nonzero_scalar() -> Scalar {
+pub(super) fn random_nonzero_scalar() -> Scalar {
     let mut rng = UnwrapErr(SysRng);
     loop {
         let k = Scalar::random(&mut rng);
@@ -145,7 +145,7 @@ fn random_nonzero_scalar() -> Scalar {
     }
 }
 
-fn decompress(enc: &[u8], index: usize) -> Result<RistrettoPoint, AheError> {
+pub(super) fn decompress(enc: &[u8], index: usize) -> Result<RistrettoPoint, AheError> {
     CompressedRistretto::from_slice(enc)
         .ok()
         .and_then(|c| c.decompress())
@@ -170,7 +170,7 @@ fn half_nibble_tables() -> &'static [[RistrettoPoint; 16]; 4] {
 
 /// `limb·H` (`H = G/2`, `limb < 2^16`) by constant-time selection of one entry per nibble, so
 /// the time taken does not depend on the value.
-fn half_limb_point(limb: u64) -> RistrettoPoint {
+pub(super) fn half_limb_point(limb: u64) -> RistrettoPoint {
     let t = half_nibble_tables();
     let mut acc = RistrettoPoint::identity();
     for (p, row) in t.iter().enumerate() {

@@ -43,6 +43,7 @@
 //! plaintext, which the decrypting party is entitled to learn.
 mod dlog;
 mod elgamal;
+pub mod packed;
 
 pub use dlog::warm_up;
 pub use elgamal::{
@@ -127,6 +128,24 @@ pub enum AheError {
         count: usize,
         /// [`MAX_SUMMANDS`].
         max: usize,
+    },
+    /// A row layout that cannot be used (no cells, a cell of 0 or more than 4 limbs, too many
+    /// limbs), or a key, ciphertext or cell index that does not fit the layout.
+    #[error("row layout: {0}")]
+    BadLayout(String),
+    /// A value wider than its cell in the row layout (values must be clipped first).
+    #[error("value of row {row}, cell {cell} is wider than its cell")]
+    ValueTooWide {
+        /// The row.
+        row: u32,
+        /// The cell.
+        cell: usize,
+    },
+    /// Noise larger in magnitude than a cell's decryption window allows.
+    #[error("noise magnitude above {max}")]
+    NoiseTooLarge {
+        /// [`packed::MAX_NOISE`].
+        max: u64,
     },
     /// A limb's plaintext outside `[-LIMB_NEG_MARGIN, LIMB_MAX)`: the ciphertext sums more than
     /// the supported rows or noise, or was not produced by this key.
