@@ -18,7 +18,7 @@ esac
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 cd "$HERE" || exit 2
 
-TARGETS=(frame_decoder envelope_decode point_batch psi_session node_config csv_ingest normalise)
+TARGETS=(frame_decoder envelope_decode point_batch psi_session row_ciphertext sum_session node_config csv_ingest normalise)
 
 if ! command -v cargo >/dev/null 2>&1; then
     echo "fuzz: skipped: cargo is not installed"

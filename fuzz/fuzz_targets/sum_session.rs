@@ -1,0 +1,229 @@
+//! Drives the key holder's intersection-sum session through an arbitrary sequence of peer
+//! events: the value holder's hello (sizes, row layout, key — valid or raw), point batches,
+//! returned points and ciphertext rows, each either raw bytes or built from valid values so that
+//! the matching and summing are reachable. Any `SumError` ends the session (as it ends the job);
+//! a panic is a bug. On a successful end the intersection is at most both set sizes, and the
+//! noised sums are one row ciphertext of the peer's layout.
+#![no_main]
+
+use std::sync::LazyLock;
+
+use arbitrary::Arbitrary;
+use cleanroom_circuits::ahe::packed::{RowLayout, RowPublicKey, encrypt_rows, row_keygen};
+use cleanroom_circuits::intersection_sum::{
+    KeyHolderSession, KhAwaitingHello, KhAwaitingReturn, KhReadyToBlind, KhReceivingPoints,
+    KhSumming, SumParams,
+};
+use cleanroom_circuits::{EncodedPoint, ItemSet, JobKey, POINT_LEN, blind_items, reblind_points};
+use libfuzzer_sys::fuzz_target;
+
+const KEY_NAME: &str = "email";
+const OUR_ITEMS: [&[u8]; 6] = [b"a", b"b", b"c", b"d", b"e", b"f"];
+const PEER_ITEMS: [&[u8]; 6] = [b"a", b"c", b"e", b"x", b"y", b"z"];
+const MAX_BATCH: usize = 8;
+/// The honest value holder's layout: a count and a 32-bit amount.
+const WIDTHS: [u8; 2] = [1, 2];
+
+static PEER_KEY: LazyLock<JobKey> = LazyLock::new(JobKey::generate);
+static PEER_POINTS: LazyLock<Vec<EncodedPoint>> = LazyLock::new(|| {
+    let items: ItemSet = PEER_ITEMS.iter().copied().collect();
+    blind_items(&PEER_KEY, KEY_NAME, &items)
+});
+static PEER_PK: LazyLock<RowPublicKey> = LazyLock::new(|| {
+    let layout = RowLayout::new(&WIDTHS).expect("valid layout");
+    row_keygen(&layout).1
+});
+
+#[derive(Debug, Arbitrary)]
+enum Op {
+    /// The honest hello: its size, layout and key.
+    HelloValid(u8),
+    /// A hello with arbitrary widths and key bytes.
+    HelloRaw(u8, Vec<u8>, Vec<u8>),
+    Blind,
+    PeerBatchRaw(Vec<u8>),
+    PeerBatchValid(Vec<u8>),
+    PeerEnd(u64),
+    PeerEndHonest,
+    ReturnedBatchRaw(Vec<u8>),
+    ReturnedBatchValid(Vec<u8>),
+    ReturnedEnd(u64),
+    ReturnedEndHonest,
+    CiphertextsRaw(Vec<u8>),
+    /// Rows of valid ciphertexts under the honest key: (count, amount) per row.
+    CiphertextsValid(Vec<(u8, u16)>),
+    CiphertextEnd(u64),
+    CiphertextEndHonest,
+    Finish,
+}
+
+#[derive(Debug, Arbitrary)]
+struct Input {
+    item_mask: u8,
+    min_peer_set: u8,
+    max_peer_set: u8,
+    batch_size: u8,
+    ops: Vec<Op>,
+}
+
+enum State {
+    Hello(KhAwaitingHello),
+    Ready(KhReadyToBlind),
+    Points(KhReceivingPoints),
+    Return(KhAwaitingReturn),
+    Summing(KhSumming),
+}
+
+fn pick(pool: &[EncodedPoint], indices: &[u8]) -> Vec<u8> {
+    if pool.is_empty() {
+        return Vec::new();
+    }
+    indices
+        .iter()
+        .take(MAX_BATCH)
+        .flat_map(|&i| pool[usize::from(i) % pool.len()])
+        .collect()
+}
+
+fn cap(bytes: &[u8]) -> &[u8] {
+    &bytes[..bytes.len().min(MAX_BATCH * POINT_LEN * 8)]
+}
+
+fuzz_target!(|input: Input| {
+    let mut items = ItemSet::new();
+    for (i, item) in OUR_ITEMS.iter().enumerate() {
+        if input.item_mask & (1 << i) != 0 {
+            items.push(item).expect("tiny set");
+        }
+    }
+    let params = SumParams {
+        key_name: KEY_NAME.into(),
+        min_peer_set: u64::from(input.min_peer_set % 8),
+        max_peer_set: u64::from(input.max_peer_set % 8),
+        batch_size: usize::from(input.batch_size % 8),
+        cells: WIDTHS.len(),
+    };
+    let Ok((own_size, first)) = KeyHolderSession::start(params, JobKey::generate(), items) else {
+        return;
+    };
+    let layout = RowLayout::new(&WIDTHS).expect("valid layout");
+    let mut state = State::Hello(first);
+    let mut sent: Vec<EncodedPoint> = Vec::new();
+    let (mut points_in, mut returned_in, mut rows_in) = (0u64, 0u64, 0u64);
+
+    for op in input.ops.into_iter().take(24) {
+        state = match (state, op) {
+            (State::Hello(s), Op::HelloValid(size)) => {
+                match s.on_peer_hello(u64::from(size % 8), &WIDTHS, &PEER_PK.to_bytes()) {
+                    Ok(next) => State::Ready(next),
+                    Err(_) => return,
+                }
+            }
+            (State::Hello(s), Op::HelloRaw(size, widths, key)) => {
+                let widths: Vec<u8> = widths.into_iter().take(4).collect();
+                match s.on_peer_hello(u64::from(size % 8), &widths, cap(&key)) {
+                    Ok(next) => State::Ready(next),
+                    Err(_) => return,
+                }
+            }
+            (State::Ready(s), Op::Blind) => {
+                let (batches, next) = s.blind();
+                for b in &batches {
+                    assert!(!b.is_empty() && b.len() % POINT_LEN == 0, "bad outgoing batch");
+                    sent.extend_from_slice(b.as_chunks::<POINT_LEN>().0);
+                }
+                assert_eq!(sent.len() as u64, own_size);
+                State::Points(next)
+            }
+            (State::Points(s), op @ (Op::PeerBatchRaw(_) | Op::PeerBatchValid(_))) => {
+                let batch = match &op {
+                    Op::PeerBatchRaw(b) => cap(b).to_vec(),
+                    Op::PeerBatchValid(ix) => pick(&PEER_POINTS, ix),
+                    _ => unreachable!(),
+                };
+                match s.on_peer_batch(&batch) {
+                    Ok(next) => {
+                        points_in += (batch.len() / POINT_LEN) as u64;
+                        State::Points(next)
+                    }
+                    Err(_) => return,
+                }
+            }
+            (State::Points(s), op @ (Op::PeerEnd(_) | Op::PeerEndHonest)) => {
+                let total = if let Op::PeerEnd(t) = op { t } else { points_in };
+                match s.on_peer_end(total) {
+                    Ok(next) => State::Return(next),
+                    Err(_) => return,
+                }
+            }
+            (State::Return(s), op @ (Op::ReturnedBatchRaw(_) | Op::ReturnedBatchValid(_))) => {
+                let batch = match &op {
+                    Op::ReturnedBatchRaw(b) => cap(b).to_vec(),
+                    Op::ReturnedBatchValid(ix) => {
+                        let ours = reblind_points(&PEER_KEY, sent.as_flattened())
+                            .expect("our own points are valid");
+                        pick(&ours, ix)
+                    }
+                    _ => unreachable!(),
+                };
+                match s.on_returned_batch(&batch) {
+                    Ok(next) => {
+                        returned_in += (batch.len() / POINT_LEN) as u64;
+                        State::Return(next)
+                    }
+                    Err(_) => return,
+                }
+            }
+            (State::Return(s), op @ (Op::ReturnedEnd(_) | Op::ReturnedEndHonest)) => {
+                let total = if let Op::ReturnedEnd(t) = op { t } else { returned_in };
+                match s.on_returned_end(total) {
+                    Ok(next) => {
+                        assert!(next.intersection() <= own_size);
+                        State::Summing(next)
+                    }
+                    Err(_) => return,
+                }
+            }
+            (State::Summing(s), op @ (Op::CiphertextsRaw(_) | Op::CiphertextsValid(_))) => {
+                let batch = match op {
+                    Op::CiphertextsRaw(b) => cap(&b).to_vec(),
+                    Op::CiphertextsValid(rows) => {
+                        let values: Vec<u64> = rows
+                            .iter()
+                            .take(MAX_BATCH)
+                            .flat_map(|&(c, v)| [u64::from(c), u64::from(v)])
+                            .collect();
+                        encrypt_rows(&PEER_PK, &layout, &values).expect("values fit")
+                    }
+                    _ => unreachable!(),
+                };
+                match s.on_ciphertext_batch(&batch) {
+                    Ok(next) => {
+                        rows_in += (batch.len() / layout.ciphertext_len()) as u64;
+                        State::Summing(next)
+                    }
+                    Err(_) => return,
+                }
+            }
+            (State::Summing(s), op @ (Op::CiphertextEnd(_) | Op::CiphertextEndHonest)) => {
+                let total = if let Op::CiphertextEnd(t) = op { t } else { rows_in };
+                let Ok(summed) = s.on_ciphertext_end(total) else {
+                    return;
+                };
+                let (own, peer) = summed.sizes();
+                assert!(summed.intersection() <= own.min(peer));
+                let cells = summed.layout().cells();
+                let out = summed
+                    .noised_sums(&vec![3; cells])
+                    .expect("noise of the right length");
+                assert_eq!(out.len() % 32, 0);
+                return;
+            }
+            (s, Op::Finish) => {
+                drop(s);
+                return;
+            }
+            (s, _) => s,
+        };
+    }
+});
