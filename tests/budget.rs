@@ -1,0 +1,237 @@
+//! End to end: overlap jobs under policies that set ε release noised counts, charge each node's
+//! persistent ledger, and stop with a readable veto when a budget runs out — also after a node
+//! restart. `cleanroom-node budget` shows the spend.
+//!
+//! acme allows ε = 0.25 per run (discrete Laplace scale 4) with a budget of 1 per purpose per
+//! day with globex: four jobs, then vetoes. globex allows ε = 0.5 (scale 2) with no cap.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use cleanroom_e2e::{Consortium, bins};
+use serde_json::Value;
+
+const ROWS: u64 = 500;
+/// acme's ε per run and its per-purpose budget: exactly four runs fit.
+const ACME_EPSILON: f64 = 0.25;
+const RUNS_THAT_FIT: usize = 4;
+/// |noise| above this has probability below e^-25 for each party (scales 4 and 2), so the
+/// released count is within this bound of the truth.
+const NOISE_BOUND: i64 = 150;
+
+fn agreement(partner: &str, agreement_extra: &str, epsilon: f64) -> String {
+    format!(
+        "[[agreement]]\npartner = \"{partner}\"\npurposes = [\"overlap-reporting\"]\n{agreement_extra}\n\n\
+         [[agreement.allow]]\ncomputation = \"overlap\"\ndataset = \"customers\"\nkeys = [\"email\"]\nepsilon = {epsilon}\n\n"
+    )
+}
+
+fn overlap(c: &Consortium) -> Value {
+    c.submit(&[
+        "overlap",
+        "--between",
+        "acme,globex",
+        "--dataset",
+        "customers",
+        "--on",
+        "email",
+        "--purpose",
+        "overlap-reporting",
+    ])
+    .0
+}
+
+fn node_cli(c: &Consortium, args: &[&str]) -> String {
+    let out = Command::new(&bins().1)
+        .args(args)
+        .current_dir(c.path())
+        .output()
+        .expect("running cleanroom-node");
+    assert!(
+        out.status.success(),
+        "cleanroom-node {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// acme's budget line for globex / overlap-reporting, from `budget --format json`.
+fn acme_budget(c: &Consortium) -> Value {
+    let cfg = c.path().join("acme.toml");
+    let text = node_cli(
+        c,
+        &[
+            "budget",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--format",
+            "json",
+        ],
+    );
+    let lines: Value = serde_json::from_str(&text).expect("budget --format json prints JSON");
+    lines
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["partner"] == "globex" && l["purpose"] == "overlap-reporting")
+        .cloned()
+        .unwrap_or_else(|| panic!("no globex line in {text}"))
+}
+
+#[test]
+fn noised_overlaps_spend_the_budget_until_a_readable_veto_even_after_restart() {
+    let mut c = Consortium::new();
+    let truth = c.synth("acme,globex", ROWS, 0.5, 7);
+    let expected = truth["pairwise_overlap"]["acme,globex"].as_u64().unwrap() as i64;
+    c.start_coordinator();
+    c.issue_node("acme");
+    c.issue_node("globex");
+    c.write_node_config(
+        "acme",
+        "acme",
+        &agreement(
+            "globex",
+            "budget_per_purpose = { epsilon_per_period = 1.0, period = \"day\" }",
+            ACME_EPSILON,
+        ),
+    );
+    c.write_node_config("globex", "globex", &agreement("acme", "", 0.5));
+    c.start_node("acme");
+    c.start_node("globex");
+    c.wait_connected(&["acme", "globex"]);
+
+    let mut released = Vec::new();
+    for run in 0..RUNS_THAT_FIT {
+        let job = overlap(&c);
+        assert_eq!(job["state"], "succeeded", "run {run}: {job}");
+        let value = job["intersection"].as_i64().unwrap();
+        assert!(
+            (value - expected).abs() <= NOISE_BOUND,
+            "run {run}: released {value}, truth {expected}"
+        );
+        // Both nodes report the same noised value and the same noise terms.
+        let results = job["results"].as_array().unwrap();
+        assert_eq!(results.len(), 2);
+        for r in results {
+            assert_eq!(r["intersection"].as_i64(), Some(value), "{job}");
+        }
+        let noise = job["noise"].as_array().unwrap();
+        assert_eq!(noise.len(), 2, "{job}");
+        assert_eq!(noise[0]["node"], "acme");
+        assert_eq!(noise[0]["mechanism"], "discrete_laplace");
+        assert_eq!(noise[0]["epsilon"], ACME_EPSILON);
+        assert_eq!(noise[0]["scale"], "4");
+        assert_eq!(noise[0]["sensitivity"], 1);
+        assert_eq!(noise[1]["node"], "globex");
+        assert_eq!(noise[1]["scale"], "2");
+        let reason = job["reason"].as_str().unwrap();
+        assert!(reason.contains("noised: discrete_laplace"), "{reason}");
+
+        // acme's audit log records the release with its mechanism, ε and sensitivity; the value
+        // it records is the noised one.
+        let cfg = c.path().join("acme.toml");
+        let audit = node_cli(
+            &c,
+            &[
+                "audit",
+                "show",
+                "--config",
+                cfg.to_str().unwrap(),
+                "--json",
+                "--job",
+                job["job_id"].as_str().unwrap(),
+            ],
+        );
+        let release: Value = audit
+            .lines()
+            .map(|l| serde_json::from_str::<Value>(l).unwrap())
+            .find(|e| e["event"]["kind"] == "Release")
+            .expect("a Release entry");
+        assert_eq!(release["event"]["epsilon"], ACME_EPSILON);
+        assert_eq!(release["event"]["value"].as_i64(), Some(value));
+        let what = release["event"]["what"].as_str().unwrap();
+        assert!(
+            what.contains("discrete_laplace noise, sensitivity 1")
+                && what.contains("acme: ε 0.25 scale 4")
+                && what.contains("globex: ε 0.5 scale 2"),
+            "{what}"
+        );
+        released.push(value);
+    }
+    // Noise is fresh per job: four releases all equal to the truth would mean no noise
+    // (probability below 10^-4 with these scales).
+    assert!(
+        released.iter().any(|&v| v != expected),
+        "released {released:?}, truth {expected}: no noise?"
+    );
+
+    let spend = acme_budget(&c);
+    assert_eq!(spend["charges"], RUNS_THAT_FIT);
+    assert!(
+        (spend["spent"].as_f64().unwrap() - 1.0).abs() < 1e-9,
+        "{spend}"
+    );
+    assert_eq!(spend["remaining"].as_f64(), Some(0.0), "{spend}");
+    assert_eq!(spend["cap"].as_f64(), Some(1.0));
+    assert_eq!(spend["period"], "day");
+    let cfg = c.path().join("acme.toml");
+    let table = node_cli(&c, &["budget", "--config", cfg.to_str().unwrap()]);
+    assert!(
+        table.lines().any(|l| l.starts_with("globex")
+            && l.contains("overlap-reporting")
+            && l.contains(" 1 ")),
+        "{table}"
+    );
+
+    // The fifth is vetoed by acme with a reason that says what was spent and when it refreshes.
+    let job = overlap(&c);
+    assert_budget_veto(&job);
+
+    // The spend survives a restart of acme.
+    c.nodes.retain(|p| p.name != "acme");
+    c.start_node("acme");
+    let t0 = Instant::now();
+    let job = loop {
+        c.wait_connected(&["acme"]);
+        let job = overlap(&c);
+        // The coordinator may briefly hold the old control connection.
+        if job["state"] != "failed" || t0.elapsed() > Duration::from_secs(60) {
+            break job;
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    };
+    assert_budget_veto(&job);
+    assert_eq!(acme_budget(&c)["charges"], RUNS_THAT_FIT);
+    // Vetoed jobs charged nothing at globex either: its ledger holds the four runs.
+    let cfg = c.path().join("globex.toml");
+    let text = node_cli(
+        &c,
+        &[
+            "budget",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--format",
+            "csv",
+        ],
+    );
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("acme,overlap-reporting,day,,2,,4,")),
+        "{text}"
+    );
+}
+
+fn assert_budget_veto(job: &Value) {
+    assert_eq!(job["state"], "vetoed", "{job}");
+    let reason = job["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("node 'acme' refused")
+            && reason.contains(
+                "privacy budget for purpose 'overlap-reporting' with globex exhausted: 1 of 1 per \
+                 day spent, 0 remains, this job needs 0.25; enough refreshes at"
+            ),
+        "{reason}"
+    );
+    assert!(job["intersection"].is_null(), "{job}");
+}
