@@ -9,7 +9,7 @@
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use cleanroom_e2e::{Consortium, bins};
+use cleanroom_e2e::{Consortium, bins, cleanroom_ok};
 use serde_json::Value;
 
 const ROWS: u64 = 500;
@@ -157,8 +157,32 @@ fn noised_overlaps_spend_the_budget_until_a_readable_veto_even_after_restart() {
                 && what.contains("globex: ε 0.5 scale 2"),
             "{what}"
         );
+        if run == 0 {
+            // The analyst's table says the count is noised, and how.
+            let mut args = vec![
+                "job".to_owned(),
+                "status".into(),
+                job["job_id"].as_str().unwrap().into(),
+            ];
+            args.extend(c.analyst_args());
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            let table = cleanroom_ok(c.path(), &args);
+            eprintln!("{table}");
+            assert!(
+                table.contains(&format!("result     {value} shared (noised)")),
+                "{table}"
+            );
+            assert!(
+                table.contains(
+                    "noise      discrete_laplace, sensitivity 1: acme ε 0.25 (scale 4), globex ε \
+                     0.5 (scale 2)"
+                ),
+                "{table}"
+            );
+        }
         released.push(value);
     }
+    eprintln!("released {released:?}, truth {expected}");
     // Noise is fresh per job: four releases all equal to the truth would mean no noise
     // (probability below 10^-4 with these scales).
     assert!(
@@ -177,6 +201,7 @@ fn noised_overlaps_spend_the_budget_until_a_readable_veto_even_after_restart() {
     assert_eq!(spend["period"], "day");
     let cfg = c.path().join("acme.toml");
     let table = node_cli(&c, &["budget", "--config", cfg.to_str().unwrap()]);
+    eprintln!("{table}");
     assert!(
         table.lines().any(|l| l.starts_with("globex")
             && l.contains("overlap-reporting")
