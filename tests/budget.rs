@@ -6,10 +6,19 @@
 //! day with globex: four jobs, then vetoes. globex allows ε = 0.5 (scale 2) with no cap.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use std::collections::HashMap;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use cleanroom_e2e::{Consortium, bins, cleanroom_ok};
+use cleanroom_proto::v1::{
+    Envelope, HelloAck, JobKind, JobSpec, Offer, PartySpec, Phase, PsiOutcome, Report, Role, Start,
+    envelope::Body, report::Outcome,
+};
+use cleanroom_transport::{
+    Credentials, FramedRecv, FramedSend, TransportTuning, accept, accept_bi, open_bi,
+    server_endpoint,
+};
 use serde_json::Value;
 
 const ROWS: u64 = 500;
@@ -259,4 +268,218 @@ fn assert_budget_veto(job: &Value) {
         "{reason}"
     );
     assert!(job["intersection"].is_null(), "{job}");
+}
+
+/// One party's control session as the test's coordinator holds it.
+struct Registered {
+    conn: quinn::Connection,
+    data_addr: String,
+    _hello: (FramedSend, FramedRecv),
+}
+
+/// Offers `spec` as job `job_id` to both registered nodes (acme initiates), starts it and
+/// returns each node's report.
+async fn offer_and_run(
+    nodes: &HashMap<String, Registered>,
+    job_id: &str,
+    spec: &JobSpec,
+) -> Vec<(String, PsiOutcome)> {
+    let env = |phase: Phase, body: Body| Envelope {
+        job_id: job_id.to_owned(),
+        phase: phase as i32,
+        body: Some(body),
+    };
+    let mut streams = Vec::new();
+    for (i, party) in spec.parties.iter().enumerate() {
+        let role = if i == 0 {
+            Role::Initiator
+        } else {
+            Role::Responder
+        };
+        let (mut send, mut recv) = open_bi(&nodes[&party.node].conn).await.unwrap();
+        send.send(&env(
+            Phase::Offer,
+            Body::Offer(Offer {
+                spec: Some(spec.clone()),
+                role: role as i32,
+            }),
+        ))
+        .await
+        .unwrap();
+        let reply = recv.recv_expect(job_id, Phase::Offer).await.unwrap();
+        match reply.body {
+            Some(Body::OfferReply(r)) => assert!(r.accept, "{} refused: {}", party.node, r.reason),
+            other => panic!("expected an offer reply, got {other:?}"),
+        }
+        streams.push((party.node.clone(), role, send, recv));
+    }
+    // The responder first, so it waits for the initiator's connection.
+    streams.reverse();
+    let responder_addr = nodes[&streams[0].0].data_addr.clone();
+    for (_, role, send, recv) in &mut streams {
+        let peer_addr = if *role == Role::Initiator {
+            responder_addr.clone()
+        } else {
+            String::new()
+        };
+        send.send(&env(
+            Phase::Start,
+            Body::Start(Start {
+                role: *role as i32,
+                peer_addr,
+            }),
+        ))
+        .await
+        .unwrap();
+        recv.recv_expect(job_id, Phase::Start).await.unwrap();
+    }
+    let mut reports = Vec::new();
+    for (node, _, _send, recv) in &mut streams {
+        let report = recv.recv_expect(job_id, Phase::Report).await.unwrap();
+        match report.body {
+            Some(Body::Report(Report {
+                outcome: Some(Outcome::Psi(outcome)),
+            })) => reports.push((node.clone(), outcome)),
+            other => panic!("{node} reported {other:?}"),
+        }
+    }
+    reports.sort_by(|a, b| a.0.cmp(&b.0));
+    reports
+}
+
+/// A confused or hostile coordinator offers the very same job twice: the second run reports the
+/// stored noised value, draws nothing new and charges nothing — acme's budget fits exactly one
+/// run, and the duplicate is still accepted and answered.
+#[test]
+fn a_duplicated_offer_reports_the_stored_value_and_charges_once() {
+    let mut c = Consortium::new();
+    c.synth("acme,globex", ROWS, 0.5, 9);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let creds = Credentials::load(
+        &c.path().join("pki/ca.pem"),
+        &c.path().join("pki/coordinator.pem"),
+        &c.path().join("pki/coordinator.key"),
+    )
+    .unwrap();
+    let endpoint = rt.block_on(async {
+        server_endpoint(
+            "127.0.0.1:0".parse().unwrap(),
+            &creds,
+            &TransportTuning::default(),
+        )
+        .unwrap()
+    });
+    c.addr = Some(endpoint.local_addr().unwrap());
+    c.issue_node("acme");
+    c.issue_node("globex");
+    c.write_node_config(
+        "acme",
+        "acme",
+        &agreement(
+            "globex",
+            "budget_per_purpose = { epsilon_per_period = 0.25, period = \"day\" }",
+            ACME_EPSILON,
+        ),
+    );
+    c.write_node_config("globex", "globex", &agreement("acme", "", 0.5));
+    c.start_node("acme");
+    c.start_node("globex");
+
+    let spec = JobSpec {
+        kind: JobKind::Overlap as i32,
+        parties: ["acme", "globex"]
+            .map(|node| PartySpec {
+                node: node.into(),
+                dataset: "customers".into(),
+                keys: vec!["email".into()],
+                learns_membership: false,
+            })
+            .to_vec(),
+        purpose: "overlap-reporting".into(),
+    };
+    let (first, second, other) = rt.block_on(async {
+        let mut nodes = HashMap::new();
+        while nodes.len() < 2 {
+            let (conn, _) = tokio::time::timeout(Duration::from_secs(30), accept(&endpoint))
+                .await
+                .expect("the nodes register")
+                .unwrap()
+                .unwrap();
+            let (mut send, mut recv) = accept_bi(&conn).await.unwrap();
+            let hello = recv.recv_expect("", Phase::Hello).await.unwrap();
+            let Some(Body::NodeHello(hello)) = hello.body else {
+                panic!("expected a node hello")
+            };
+            send.send(&Envelope {
+                job_id: String::new(),
+                phase: Phase::Hello as i32,
+                body: Some(Body::HelloAck(HelloAck {
+                    coordinator_name: "test".into(),
+                })),
+            })
+            .await
+            .unwrap();
+            nodes.insert(
+                hello.node_name.clone(),
+                Registered {
+                    conn,
+                    data_addr: hello.data_addr,
+                    _hello: (send, recv),
+                },
+            );
+        }
+        let first = offer_and_run(&nodes, "job-dup", &spec).await;
+        let second = offer_and_run(&nodes, "job-dup", &spec).await;
+        // A new job id is a new release: acme's budget (one run) is spent, so acme refuses.
+        let (mut send, mut recv) = open_bi(&nodes["acme"].conn).await.unwrap();
+        send.send(&Envelope {
+            job_id: "job-new".into(),
+            phase: Phase::Offer as i32,
+            body: Some(Body::Offer(Offer {
+                spec: Some(spec.clone()),
+                role: Role::Initiator as i32,
+            })),
+        })
+        .await
+        .unwrap();
+        let other = recv.recv_expect("job-new", Phase::Offer).await.unwrap();
+        (first, second, other)
+    });
+    eprintln!("first {first:?}\nsecond {second:?}");
+    assert_eq!(first.len(), 2);
+    for ((node, a), (_, b)) in first.iter().zip(&second) {
+        assert!(!a.suppressed && !a.noise.is_empty(), "{node}: {a:?}");
+        assert_eq!(
+            a.intersection, b.intersection,
+            "{node}: the duplicate released another value"
+        );
+        assert_eq!(a.noise, b.noise, "{node}");
+    }
+    assert_eq!(first[0].1.intersection, first[1].1.intersection);
+    match other.body {
+        Some(Body::OfferReply(r)) => {
+            assert!(!r.accept);
+            assert!(r.reason.contains("exhausted"), "{}", r.reason);
+        }
+        other => panic!("expected an offer reply, got {other:?}"),
+    }
+    let spend = acme_budget(&c);
+    assert_eq!(spend["charges"], 1, "{spend}");
+    // globex (no cap) also charged once.
+    let cfg = c.path().join("globex.toml");
+    let text = node_cli(
+        &c,
+        &[
+            "budget",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--format",
+            "csv",
+        ],
+    );
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("acme,overlap-reporting,day,,0.5,,1,")),
+        "{text}"
+    );
 }
