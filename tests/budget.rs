@@ -483,3 +483,105 @@ fn a_duplicated_offer_reports_the_stored_value_and_charges_once() {
         "{text}"
     );
 }
+
+/// Fifty overlap jobs at once, each costing acme ε = 0.1 against a budget of 1: exactly ten are
+/// charged and release a count; every other one is refused for budget (vetoed at the offer, or
+/// refused at the charge when it lost the race), never released.
+#[test]
+fn fifty_concurrent_jobs_of_a_tenth_against_a_budget_of_one_run_exactly_ten() {
+    let mut c = Consortium::new();
+    let truth = c.synth("acme,globex", 200, 0.5, 3);
+    let expected = truth["pairwise_overlap"]["acme,globex"].as_u64().unwrap() as i64;
+    c.start_coordinator();
+    c.issue_node("acme");
+    c.issue_node("globex");
+    c.write_node_config(
+        "acme",
+        "acme",
+        &agreement(
+            "globex",
+            "budget_per_purpose = { epsilon_per_period = 1.0, period = \"day\" }",
+            0.1,
+        ),
+    );
+    // globex releases exactly (no epsilon): the noise is acme's alone.
+    c.write_node_config(
+        "globex",
+        "globex",
+        "[[agreement]]\npartner = \"acme\"\npurposes = [\"overlap-reporting\"]\n\n\
+         [[agreement.allow]]\ncomputation = \"overlap\"\ndataset = \"customers\"\nkeys = [\"email\"]\n",
+    );
+    c.start_node("acme");
+    c.start_node("globex");
+    c.wait_connected(&["acme", "globex"]);
+
+    let mut args: Vec<String> = [
+        "job",
+        "submit",
+        "overlap",
+        "--between",
+        "acme,globex",
+        "--dataset",
+        "customers",
+        "--on",
+        "email",
+        "--purpose",
+        "overlap-reporting",
+        "--wait",
+        "--timeout",
+        "300",
+        "--format",
+        "json",
+    ]
+    .map(str::to_owned)
+    .to_vec();
+    args.extend(c.analyst_args());
+    let children: Vec<_> = (0..50)
+        .map(|_| {
+            Command::new(&bins().0)
+                .args(&args)
+                .current_dir(c.path())
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let jobs: Vec<Value> = children
+        .into_iter()
+        .map(|child| {
+            let out = child.wait_with_output().unwrap();
+            serde_json::from_slice(&out.stdout).expect("job submit prints the job as JSON")
+        })
+        .collect();
+    let succeeded: Vec<&Value> = jobs.iter().filter(|j| j["state"] == "succeeded").collect();
+    for job in &jobs {
+        if job["state"] == "succeeded" {
+            let value = job["intersection"].as_i64().unwrap();
+            // Scale 10: |noise| > 300 has probability below e^-30.
+            assert!((value - expected).abs() <= 300, "{value} vs {expected}");
+        } else {
+            let reason = job["reason"].as_str().unwrap_or_default();
+            assert!(
+                reason.contains(
+                    "privacy budget for purpose 'overlap-reporting' with globex exhausted"
+                ),
+                "{job}"
+            );
+            assert!(job["intersection"].is_null(), "{job}");
+        }
+    }
+    let spend = acme_budget(&c);
+    eprintln!(
+        "{} succeeded, {} vetoed, {} failed; ledger {spend}",
+        succeeded.len(),
+        jobs.iter().filter(|j| j["state"] == "vetoed").count(),
+        jobs.iter().filter(|j| j["state"] == "failed").count()
+    );
+    assert_eq!(succeeded.len(), 10);
+    assert_eq!(spend["charges"], 10, "{spend}");
+    assert!(
+        (spend["spent"].as_f64().unwrap() - 1.0).abs() < 1e-9,
+        "{spend}"
+    );
+}

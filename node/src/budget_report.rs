@@ -76,11 +76,17 @@ fn line(
         purpose,
         period: period.as_str(),
         cap,
-        spent: spend.spent,
-        remaining: cap.map(|c| (c - spend.spent).max(0.0)),
+        spent: tidy(spend.spent),
+        remaining: cap.map(|c| tidy((c - spend.spent).max(0.0))),
         charges: spend.charges,
         next_refresh: spend.next_refresh_ms.map(show_time),
     }
+}
+
+/// Sums of decimal ε carry binary rounding (ten charges of 0.1 are 0.9999999999999999): round
+/// to 1e-9, the ledger's comparison slack, so JSON says 1 and 0 rather than 1 − 2^-53 and 1e-16.
+fn tidy(epsilon: f64) -> f64 {
+    (epsilon * 1e9).round() / 1e9
 }
 
 /// An aligned text table.
@@ -251,5 +257,18 @@ budget_per_purpose = { epsilon_per_period = 1, period = "day" }
         let json: serde_json::Value = serde_json::from_str(&to_json(&lines)).unwrap();
         assert_eq!(json[3]["remaining"], 4.25);
         assert_eq!(json[2]["cap"], serde_json::Value::Null);
+        // Ten charges of 0.1 read as 1 spent, 0 remaining.
+        for i in 0..10 {
+            ledger
+                .charge_and_store(
+                    &format!("t{i}"),
+                    &charge("globex", "fraud", 0.1),
+                    NOW,
+                    || Ok::<i64, String>(0),
+                )
+                .unwrap();
+        }
+        let lines = report(&cfg, &ledger, NOW).unwrap();
+        assert_eq!((lines[1].spent, lines[1].remaining), (1.0, Some(0.0)));
     }
 }
