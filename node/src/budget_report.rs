@@ -126,13 +126,17 @@ pub fn to_table(lines: &[BudgetLine]) -> String {
 pub fn to_csv(lines: &[BudgetLine]) -> String {
     let mut out = String::from("partner,purpose,period,cap,spent,remaining,charges,next_refresh\n");
     for l in lines {
-        let mut c = cells(l);
-        for cell in c.iter_mut() {
-            if cell == "none" || cell == "-" {
-                cell.clear();
-            }
-        }
-        out.push_str(&c.join(","));
+        let row = [
+            l.partner.clone(),
+            l.purpose.clone(),
+            l.period.to_owned(),
+            l.cap.map(show).unwrap_or_default(),
+            show(l.spent),
+            l.remaining.map(show).unwrap_or_default(),
+            l.charges.to_string(),
+            l.next_refresh.clone().unwrap_or_default(),
+        ];
+        out.push_str(&row.join(","));
         out.push('\n');
     }
     out
