@@ -1,7 +1,7 @@
 //! Rendering jobs and nodes as a table, JSON or CSV.
 
 use cleanroom_coordinator::client::state_name;
-use cleanroom_proto::v1::{JobInfo, JobKind, NodeInfo, ScheduleInfo};
+use cleanroom_proto::v1::{JobInfo, JobKind, NodeInfo, NoiseTerm, ScheduleInfo};
 use serde_json::{Value, json};
 
 use crate::args::Format;
@@ -47,6 +47,7 @@ pub fn job_json(job: &JobInfo) -> Value {
         "updated_ms": job.updated_ms,
         "intersection": job.results.first().and_then(|r| r.outcome.as_ref()).filter(|o| !o.suppressed).map(|o| o.intersection),
         "suppressed": job.results.iter().any(|r| r.outcome.as_ref().is_some_and(|o| o.suppressed)),
+        "noise": job.results.first().and_then(|r| r.outcome.as_ref()).map(|o| noise_json(&o.noise)).unwrap_or_default(),
         "results": job.results.iter().map(|r| {
             let o = r.outcome.clone().unwrap_or_default();
             json!({
@@ -63,12 +64,41 @@ pub fn job_json(job: &JobInfo) -> Value {
                 "rows_excluded_consent": o.rows_excluded_consent,
                 "rows_excluded_deleted": o.rows_excluded_deleted,
                 "audit_head": o.audit_head,
+                "noise": noise_json(&o.noise),
             })
         }).collect::<Vec<_>>(),
         "history": job.history.iter().map(|h| json!({
             "state": state_name(h.state), "at_ms": h.at_ms, "reason": h.reason,
         })).collect::<Vec<_>>(),
     })
+}
+
+/// The noise terms of a released count (empty: exact).
+fn noise_json(noise: &[NoiseTerm]) -> Vec<Value> {
+    noise
+        .iter()
+        .map(|t| {
+            json!({
+                "node": t.node, "mechanism": t.mechanism, "epsilon": t.epsilon,
+                "sensitivity": t.sensitivity, "scale": t.scale,
+            })
+        })
+        .collect()
+}
+
+/// One line saying how a count was noised: mechanism, sensitivity, each party's ε and scale.
+pub fn noise_line(noise: &[NoiseTerm]) -> Option<String> {
+    let first = noise.first()?;
+    let parts: Vec<String> = noise
+        .iter()
+        .map(|t| format!("{} ε {} (scale {})", t.node, t.epsilon, t.scale))
+        .collect();
+    Some(format!(
+        "{}, sensitivity {}: {}",
+        first.mechanism,
+        first.sensitivity,
+        parts.join(", ")
+    ))
 }
 
 /// Prints one job in the chosen format.
@@ -116,8 +146,13 @@ pub fn print_job(job: &JobInfo, format: Format) {
             if let Some(o) = job.results.first().and_then(|r| r.outcome.as_ref()) {
                 if o.suppressed {
                     println!("result     withheld by an agreement (below its minimum result)");
-                } else {
+                } else if o.noise.is_empty() {
                     println!("result     {} shared", o.intersection);
+                } else {
+                    println!("result     {} shared (noised)", o.intersection);
+                }
+                if let Some(line) = noise_line(&o.noise) {
+                    println!("noise      {line}");
                 }
             }
             for r in &job.results {
@@ -487,5 +522,57 @@ fn csv_field(s: &str) -> String {
         format!("\"{}\"", s.replace('"', "\"\""))
     } else {
         s.to_owned()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cleanroom_proto::v1::{PartyResult, PsiOutcome};
+
+    fn term(node: &str, epsilon: f64, scale: &str) -> NoiseTerm {
+        NoiseTerm {
+            node: node.into(),
+            mechanism: "discrete_laplace".into(),
+            epsilon,
+            sensitivity: 1,
+            scale: scale.into(),
+        }
+    }
+
+    #[test]
+    fn noised_results_show_mechanism_epsilon_and_scale() {
+        let noise = vec![term("acme", 0.5, "2"), term("globex", 1.0, "1")];
+        assert_eq!(
+            noise_line(&noise).unwrap(),
+            "discrete_laplace, sensitivity 1: acme ε 0.5 (scale 2), globex ε 1 (scale 1)"
+        );
+        assert_eq!(noise_line(&[]), None);
+        let job = JobInfo {
+            job_id: "job-1".into(),
+            results: vec![PartyResult {
+                node: "acme".into(),
+                outcome: Some(PsiOutcome {
+                    intersection: 97,
+                    noise,
+                    ..PsiOutcome::default()
+                }),
+            }],
+            ..JobInfo::default()
+        };
+        let v = job_json(&job);
+        assert_eq!(v["intersection"], 97);
+        assert_eq!(v["noise"][0]["mechanism"], "discrete_laplace");
+        assert_eq!(v["noise"][1]["epsilon"], 1.0);
+        assert_eq!(v["results"][0]["noise"][0]["scale"], "2");
+        // An exact result has an empty noise list.
+        let exact = JobInfo {
+            results: vec![PartyResult {
+                node: "acme".into(),
+                outcome: Some(PsiOutcome::default()),
+            }],
+            ..JobInfo::default()
+        };
+        assert_eq!(job_json(&exact)["noise"], json!([]));
     }
 }

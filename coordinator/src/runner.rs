@@ -356,10 +356,23 @@ async fn drive(
         && let [(_, a), (_, b)] = outcomes.as_slice()
         && a.intersection != b.intersection
     {
-        return Err(failed(format!(
-            "the nodes disagree on the result ({} vs {}); nothing is released",
-            a.intersection, b.intersection
-        )));
+        // Noised figures are not repeated here: the job failed, so nothing is released.
+        return Err(failed(if a.noise.is_empty() && b.noise.is_empty() {
+            format!(
+                "the nodes disagree on the result ({} vs {}); nothing is released",
+                a.intersection, b.intersection
+            )
+        } else {
+            "the nodes disagree on the noised result; nothing is released".to_owned()
+        }));
+    }
+    // Both nodes must describe the same noise (each adds its own and reports both terms).
+    if let [(_, a), (_, b)] = outcomes.as_slice()
+        && a.noise != b.noise
+    {
+        return Err(failed(
+            "the nodes disagree on the noise in the result; nothing is released",
+        ));
     }
     for (node, outcome) in &mut outcomes {
         if !withheld.is_empty() {
@@ -378,7 +391,25 @@ async fn drive(
         ));
     }
     let count = outcomes.first().map(|(_, o)| o.intersection).unwrap_or(0);
-    Ok(format!("intersection {count}"))
+    let noise = outcomes
+        .first()
+        .map(|(_, o)| o.noise.as_slice())
+        .unwrap_or(&[]);
+    if noise.is_empty() {
+        return Ok(format!("intersection {count}"));
+    }
+    let parts: Vec<String> = noise
+        .iter()
+        .map(|t| format!("{} ε {} scale {}", t.node, t.epsilon, t.scale))
+        .collect();
+    Ok(format!(
+        "intersection {count} (noised: {}, sensitivity 1; {})",
+        noise
+            .first()
+            .map(|t| t.mechanism.as_str())
+            .unwrap_or_default(),
+        parts.join(", ")
+    ))
 }
 
 /// Waits (at most [`RESUME_CONNECT_WAIT`]) until every party of `spec` is connected.

@@ -5,8 +5,9 @@
 //! analyst can act on, naming the rule. The permit carries the limits the engine enforces at
 //! later phases: [`Permit::check_peer_size`] (before any exponentiation),
 //! [`Permit::check_input_size`] (after loading, before sending), [`Permit::release_count`] (the
-//! k-threshold), [`RunCounter`] (runs per period, fed from the audit log) and [`check_budget`]
-//! (the node-wide ε budget). [`recheck`] re-runs the check when the policy was reloaded.
+//! k-threshold), [`RunCounter`] (runs per period, fed from the audit log) and
+//! [`Permit::charge`] (what a noised release charges to the ε budgets in [`crate::ledger`]).
+//! [`recheck`] re-runs the check when the policy was reloaded.
 
 use cleanroom_proto::v1::{JobKind, JobSpec};
 
@@ -49,6 +50,8 @@ pub struct Permit {
     pub counts_to: Vec<Recipient>,
     /// ε per run, if the entry allows DP releases.
     pub epsilon: Option<Epsilon>,
+    /// The agreement's ε cap per purpose with this partner (`budget_per_purpose`), if any.
+    pub purpose_budget: Option<Budget>,
     /// Runs allowed per period for this partner and entry (`None` = unlimited).
     pub runs: Option<RunCounter>,
     /// Value columns the job may use, with clipping bounds.
@@ -96,6 +99,21 @@ impl Permit {
         (count >= self.min_result).then_some(count)
     }
 
+    /// What a noised release under this permit charges to the ledger: its ε against the
+    /// agreement's per-purpose cap and the node-wide `budget`. `None` when the entry sets no ε
+    /// (an exact release, which charges nothing).
+    pub fn charge(&self, job_id: &str, budget: Option<&Budget>) -> Option<crate::ledger::Charge> {
+        let epsilon = self.epsilon?;
+        Some(crate::ledger::Charge {
+            job_id: job_id.to_owned(),
+            partner: self.partner.clone(),
+            purpose: self.purpose.clone(),
+            epsilon: epsilon.get(),
+            purpose_cap: self.purpose_budget.clone(),
+            node_cap: budget.cloned(),
+        })
+    }
+
     /// Whether `to` may receive the job's counts.
     pub fn counts_allowed_to(&self, to: Recipient) -> bool {
         self.counts_to.contains(&to)
@@ -127,34 +145,6 @@ impl RunCounter {
         }
         Ok(())
     }
-}
-
-/// Checks the node-wide ε budget: `spent` holds (timestamp ms, ε) of past releases; refuses a
-/// run of `epsilon` if it would take the spend in the window `(now - period, now]` above the
-/// budget. No budget configured = no node-wide cap.
-pub fn check_budget(
-    budget: Option<&Budget>,
-    spent: &[(i64, Epsilon)],
-    now_ms: i64,
-    epsilon: Epsilon,
-) -> Result<(), Veto> {
-    let Some(budget) = budget else {
-        return Ok(());
-    };
-    let since = now_ms.saturating_sub(budget.period.millis());
-    let used: f64 = spent
-        .iter()
-        .filter(|(t, _)| *t > since)
-        .map(|(_, e)| e.get())
-        .sum();
-    let cap = budget.epsilon_per_period.get();
-    if used + epsilon.get() > cap {
-        return Err(veto(format!(
-            "privacy budget per {} exceeded ({used} spent + {epsilon} > {cap})",
-            budget.period
-        )));
-    }
-    Ok(())
 }
 
 /// Milliseconds since the Unix epoch now (0 if the clock is before 1970).
@@ -345,6 +335,7 @@ pub fn check_offer_at(
         min_result: entry.min_result.get(),
         counts_to: entry.counts_to.clone(),
         epsilon: entry.epsilon,
+        purpose_budget: agreement.budget_per_purpose.clone(),
         runs: entry.runs_per_period.map(|limit| RunCounter {
             limit: limit.get(),
             period: entry.period,
@@ -752,23 +743,38 @@ purposes = ["fraud-detection"]
     }
 
     #[test]
-    fn budget_window() {
-        let budget = Budget {
-            epsilon_per_period: Epsilon::new(1.0).unwrap(),
+    fn charge_carries_both_caps() {
+        let c = with(
+            "budget_per_purpose = { epsilon_per_period = 2, period = \"week\" }",
+            "  epsilon = 0.25",
+        );
+        let p = check_offer(&c, &overlap(), 0).unwrap();
+        let node = Budget {
+            epsilon_per_period: Epsilon::new(5.0).unwrap(),
             period: Period::Day,
         };
-        let e = |x| Epsilon::new(x).unwrap();
-        let now = 100 * 86_400_000;
-        assert!(check_budget(None, &[(now, e(50.0))], now, e(1.0)).is_ok());
-        assert!(check_budget(Some(&budget), &[(now - 1, e(0.5))], now, e(0.5)).is_ok());
-        let msg = check_budget(Some(&budget), &[(now - 1, e(0.75))], now, e(0.5))
-            .unwrap_err()
-            .0;
+        let charge = p.charge("job-1", Some(&node)).unwrap();
         assert_eq!(
-            msg,
-            "privacy budget per day exceeded (0.75 spent + 0.5 > 1)"
+            (charge.job_id.as_str(), charge.partner.as_str()),
+            ("job-1", "globex")
         );
-        assert!(check_budget(Some(&budget), &[(now - 86_400_000, e(0.75))], now, e(0.5)).is_ok());
+        assert_eq!(
+            (charge.purpose.as_str(), charge.epsilon),
+            ("overlap-reporting", 0.25)
+        );
+        let cap = charge.purpose_cap.unwrap();
+        assert_eq!(
+            (cap.epsilon_per_period.get(), cap.period),
+            (2.0, Period::Week)
+        );
+        assert_eq!(charge.node_cap, Some(node));
+        // No ε: an exact release, nothing to charge.
+        assert!(
+            check_offer(&cfg(), &overlap(), 0)
+                .unwrap()
+                .charge("job-1", None)
+                .is_none()
+        );
     }
 
     #[test]

@@ -82,6 +82,22 @@ pub enum NodeCommand {
         #[command(subcommand)]
         command: AuditCommand,
     },
+    /// Show the privacy budget: ε spent and remaining per partner and purpose in the current
+    /// window, and node-wide.
+    ///
+    /// Reads the ledger (`<state_dir>/ledger.sqlite`, or the config's `ledger`) against the
+    /// policy's caps: each agreement's `budget_per_purpose` and the node-wide `[budget]`.
+    /// Windows slide: a charge counts for one period after it was made, and "next refresh" is
+    /// when the oldest charge in the window leaves it. Pairs without a cap are shown over the
+    /// node-wide period (a day if there is none). Safe while the node runs.
+    Budget {
+        /// The node's config file.
+        #[arg(long, short, env = "CLEANROOM_NODE_CONFIG")]
+        config: PathBuf,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = BudgetFormat::Table)]
+        format: BudgetFormat,
+    },
     /// Print a non-sensitive summary of the audit log, suitable to publish: partners, purposes,
     /// jobs by computation and outcome, ε released, releases per recipient.
     Transparency {
@@ -144,6 +160,17 @@ pub enum ReportFormat {
     Markdown,
     /// Pretty JSON.
     Json,
+}
+
+/// Output format of `budget`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum BudgetFormat {
+    /// An aligned table.
+    Table,
+    /// Pretty JSON (an array, one object per line of the table).
+    Json,
+    /// CSV with a header row.
+    Csv,
 }
 
 /// Sets up `tracing` to stderr; `RUST_LOG` overrides the default level (info).
@@ -227,6 +254,26 @@ fn execute(command: NodeCommand) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         NodeCommand::Audit { command } => run_audit(command),
+        NodeCommand::Budget { config, format } => {
+            let cfg = NodeConfig::load(&config)?;
+            let path = cfg.ledger_path();
+            // A node that never charged has no ledger yet: report zeros, create nothing.
+            let ledger = if path.exists() {
+                crate::ledger::Ledger::open(&path)
+            } else {
+                crate::ledger::Ledger::open(std::path::Path::new(":memory:"))
+            }
+            .map_err(|e| anyhow::anyhow!("ledger {}: {e}", path.display()))?;
+            let lines = crate::budget_report::report(&cfg, &ledger, crate::agreement::now_ms())?;
+            let text = match format {
+                BudgetFormat::Table => crate::budget_report::to_table(&lines),
+                BudgetFormat::Json => crate::budget_report::to_json(&lines) + "\n",
+                BudgetFormat::Csv => crate::budget_report::to_csv(&lines),
+            };
+            use std::io::Write;
+            let _ = write!(std::io::stdout(), "{text}");
+            Ok(ExitCode::SUCCESS)
+        }
         NodeCommand::Transparency {
             config,
             since,

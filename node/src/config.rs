@@ -49,13 +49,18 @@ pub struct NodeConfig {
     /// The node-wide privacy budget (`[budget]`); `None` = no node-wide cap.
     #[serde(default)]
     pub budget: Option<Budget>,
+    /// The privacy-budget ledger (SQLite): every ε charged and every noised release stored.
+    /// Default `<state_dir>/ledger.sqlite`, beside the audit log; read it with [`Self::ledger_path`].
+    #[serde(default)]
+    pub ledger: Option<PathBuf>,
     /// Days to keep job results (membership files) in the state directory; older ones are
     /// purged at start and hourly. `None` = keep until an operator runs `cleanroom-node purge`.
     #[serde(default)]
     pub retention_days: Option<u64>,
 }
 
-/// The node-wide privacy budget: the ε all jobs together may spend per period.
+/// A privacy budget: the ε that may be spent per period (sliding window). Used node-wide
+/// (`[budget]`, over all partners) and per partner and purpose (`budget_per_purpose`).
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Budget {
@@ -304,6 +309,11 @@ pub struct Agreement {
     /// Allowed computations (`[[agreement.allow]]`); none allows nothing.
     #[serde(default)]
     pub allow: Vec<AllowEntry>,
+    /// The ε this partner's jobs may spend per period **for each purpose** (`budget_per_purpose
+    /// = { epsilon_per_period = 1.0, period = "week" }`), charged in the ledger; `None` = no cap
+    /// beyond the node-wide `[budget]`.
+    #[serde(default)]
+    pub budget_per_purpose: Option<Budget>,
 }
 
 /// A computation the agreement allows.
@@ -579,6 +589,13 @@ impl NodeConfig {
         self.agreements.iter().find(|a| a.partner == partner)
     }
 
+    /// The privacy-budget ledger's file: `ledger` if set, else `<state_dir>/ledger.sqlite`.
+    pub fn ledger_path(&self) -> PathBuf {
+        self.ledger
+            .clone()
+            .unwrap_or_else(|| self.state_dir.join("ledger.sqlite"))
+    }
+
     fn resolve_paths(&mut self, base: &Path) {
         let resolve = |p: &mut PathBuf| {
             if p.is_relative() {
@@ -586,6 +603,9 @@ impl NodeConfig {
             }
         };
         resolve(&mut self.state_dir);
+        if let Some(ledger) = &mut self.ledger {
+            resolve(ledger);
+        }
         resolve(&mut self.tls.ca);
         resolve(&mut self.tls.cert);
         resolve(&mut self.tls.key);
@@ -595,6 +615,13 @@ impl NodeConfig {
     }
 
     fn validate(&self, text: &str) -> Result<(), String> {
+        if self
+            .ledger
+            .as_ref()
+            .is_some_and(|p| p.as_os_str().is_empty())
+        {
+            return Err("ledger is an empty path (omit it for <state_dir>/ledger.sqlite)".into());
+        }
         if self.retention_days == Some(0) {
             return Err("retention_days must be at least 1 (omit it to keep results)".into());
         }
@@ -714,6 +741,24 @@ impl NodeConfig {
                 let at = line_of(text, e.dataset.span());
                 self.validate_allow(&ctx, e, text)
                     .map_err(|problem| format!("line {at}: {problem}"))?;
+                // A run that costs more than a whole period's budget could never run: say so
+                // now rather than veto every job later.
+                let Some(epsilon) = e.epsilon else { continue };
+                let caps = [
+                    ("budget_per_purpose", a.budget_per_purpose.as_ref()),
+                    ("[budget]", self.budget.as_ref()),
+                ];
+                for (name, cap) in caps {
+                    if let Some(cap) = cap.filter(|c| epsilon > c.epsilon_per_period) {
+                        return Err(format!(
+                            "line {at}: {ctx}: allow {} on '{}': epsilon {epsilon} per run is \
+                             above the {name} epsilon_per_period {}, so no job could ever run",
+                            e.computation,
+                            e.dataset.get_ref(),
+                            cap.epsilon_per_period
+                        ));
+                    }
+                }
             }
         }
         Ok(())
@@ -1237,6 +1282,67 @@ purposes = ["overlap-reporting"]
             "budget = {{ epsilon_per_period = nan }}\n{MINIMAL}"
         ));
         assert!(msg.contains("epsilon"), "{msg}");
+    }
+
+    #[test]
+    fn budget_per_purpose_and_ledger_path() {
+        let text = MINIMAL.replace(
+            "purposes = [\"overlap-reporting\"]",
+            "purposes = [\"overlap-reporting\"]\nbudget_per_purpose = { epsilon_per_period = 1.5, period = \"week\" }",
+        );
+        let cfg = parse(&text).unwrap();
+        let b = cfg.agreements[0].budget_per_purpose.as_ref().unwrap();
+        assert_eq!((b.epsilon_per_period.get(), b.period), (1.5, Period::Week));
+        // Default ledger beside the audit log; a relative setting is resolved like other paths.
+        assert_eq!(
+            cfg.ledger_path(),
+            Path::new("/etc/cleanroom/state/ledger.sqlite")
+        );
+        let cfg = parse(&format!("ledger = \"db/budget.sqlite\"\n{text}")).unwrap();
+        assert_eq!(
+            cfg.ledger_path(),
+            Path::new("/etc/cleanroom/db/budget.sqlite")
+        );
+        assert!(invalid(&format!("ledger = \"\"\n{text}")).contains("ledger is an empty path"));
+        // Unknown keys inside the cap are errors, as everywhere.
+        let msg = invalid(&MINIMAL.replace(
+            "purposes = [\"overlap-reporting\"]",
+            "purposes = [\"overlap-reporting\"]\nbudget_per_purpose = { epsilon = 1 }",
+        ));
+        assert!(msg.contains("epsilon"), "{msg}");
+        let msg = invalid(&MINIMAL.replace(
+            "purposes = [\"overlap-reporting\"]",
+            "purposes = [\"overlap-reporting\"]\nbudget_per_purpose = { epsilon_per_period = 0 }",
+        ));
+        assert!(msg.contains("greater than 0"), "{msg}");
+    }
+
+    #[test]
+    fn epsilon_per_run_above_a_cap_is_an_error() {
+        let text = with_allow("  epsilon = 2").replace(
+            "purposes = [\"overlap-reporting\"]",
+            "purposes = [\"overlap-reporting\"]\nbudget_per_purpose = { epsilon_per_period = 1 }",
+        );
+        let msg = invalid(&text);
+        assert!(
+            msg.contains("epsilon 2 per run is above the budget_per_purpose epsilon_per_period 1"),
+            "{msg}"
+        );
+        let msg = invalid(&format!(
+            "budget = {{ epsilon_per_period = 1 }}\n{}",
+            with_allow("  epsilon = 1.5")
+        ));
+        assert!(
+            msg.contains("above the [budget] epsilon_per_period 1"),
+            "{msg}"
+        );
+        assert!(
+            parse(&format!(
+                "budget = {{ epsilon_per_period = 1 }}\n{}",
+                with_allow("  epsilon = 1")
+            ))
+            .is_ok()
+        );
     }
 
     #[test]

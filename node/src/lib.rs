@@ -10,13 +10,16 @@
 //! - [`config`]: the node's TOML config (endpoints, certificates, datasets, agreements);
 //! - [`normalise`], [`dataset`]: CSV ingestion and identifier normalisation;
 //! - [`agreement`]: the allow-list check run on every offer, before any data is read;
+//! - [`ledger`]: the persistent privacy-budget ledger (ε charged, noised releases stored);
 //! - [`control`]: the control session with the coordinator (hello, offers, start, report);
 //! - [`dataplane`]: the node's data-plane endpoint and the hand-over of incoming connections;
-//! - [`psi_job`]: drives the sans-IO ECDH-PSI session of `cleanroom-circuits` over QUIC.
+//! - [`psi_job`]: drives the sans-IO ECDH-PSI session of `cleanroom-circuits` over QUIC;
+//! - [`noised_release`]: the DP noise on an overlap count (draw, commitment, threshold).
 #![warn(missing_docs)]
 
 pub mod agreement;
 pub mod audit;
+pub mod budget_report;
 pub mod cli;
 pub mod config;
 pub mod control;
@@ -24,6 +27,8 @@ pub mod dataplane;
 pub mod dataset;
 pub mod error;
 pub mod forget;
+pub mod ledger;
+pub mod noised_release;
 pub mod normalise;
 pub mod policy;
 pub mod psi_job;
@@ -87,6 +92,9 @@ async fn serve(
             agreement::now_ms(),
         )
         .map_err(|e| NodeError::Config(e.to_string()))?;
+    // No ledger, no node: ε spent must survive restarts, and a node that cannot record it
+    // must not start releasing.
+    let ledger = open_ledger(&cfg)?;
     let tuning = TransportTuning::default();
     let listen = cfg.listen;
     let endpoint = cleanroom_transport::server_endpoint(listen, &creds, &tuning)?;
@@ -99,7 +107,7 @@ async fn serve(
 
     let path = config_path.clone().unwrap_or_default();
     let state = Arc::new(
-        NodeState::new(PolicyHolder::new(cfg), path, audit, advertise)
+        NodeState::new(PolicyHolder::new(cfg), path, audit, ledger, advertise)
             .map_err(|e| NodeError::Config(e.to_string()))?,
     );
     let reloads = config_path.map(|_| tokio::spawn(reload_on_sighup(state.clone())));
@@ -118,6 +126,19 @@ async fn serve(
     purger.abort();
     endpoint.wait_idle().await;
     control
+}
+
+/// Opens the node's privacy-budget ledger (creating its directory on first start).
+pub fn open_ledger(cfg: &NodeConfig) -> Result<ledger::Ledger, NodeError> {
+    let path = cfg.ledger_path();
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|e| NodeError::Io {
+            what: format!("creating the ledger's directory {}", dir.display()),
+            source: e,
+        })?;
+    }
+    ledger::Ledger::open(&path)
+        .map_err(|e| NodeError::Config(format!("ledger {}: {e}", path.display())))
 }
 
 /// The audit entry for a loaded policy: the file's digest and the partners it names.

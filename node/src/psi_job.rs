@@ -5,11 +5,17 @@
 //! stream to the other and writes, in order:
 //!
 //! ```text
-//! PsiHello(set size, spec digest)      phase PSI_SIZE
+//! PsiHello(set size, spec digest,     phase PSI_SIZE
+//!          [noise term, commitment])
 //! PointBatch* BatchEnd(total)          phase PSI_BLINDED          our items, k·H(x), shuffled
 //! PointBatch* BatchEnd(total)          phase PSI_DOUBLE_BLINDED   the peer's items, re-blinded
 //! BatchEnd(intersection)               phase PSI_DONE
+//! [NoiseReveal(noise, nonce)]          phase PSI_DONE             if the hello committed
 //! ```
+//!
+//! An `overlap` whose allow entry sets `epsilon` releases a noised count (see
+//! [`crate::noised_release`]): the node charges its ledger and draws its noise before its hello,
+//! commits to it there, and opens it after the count.
 //!
 //! A reader task drains the peer's stream into memory as fast as it arrives, so neither side can
 //! stall the other through flow control while it computes; it caps what it buffers at what the
@@ -22,8 +28,8 @@ use std::time::Duration;
 
 use cleanroom_circuits::{JobKey, POINT_LEN, PsiParams, PsiSession};
 use cleanroom_proto::v1::{
-    Abort, BatchEnd, Envelope, JobKind, JobSpec, Phase, PointBatch, PsiHello, PsiOutcome,
-    envelope::Body,
+    Abort, BatchEnd, Envelope, JobKind, JobSpec, NoiseReveal, NoiseTerm, Phase, PointBatch,
+    PsiHello, PsiOutcome, envelope::Body,
 };
 use cleanroom_transport::{FramedRecv, FramedSend, Identity};
 use prost::Message;
@@ -37,6 +43,7 @@ use crate::config::Recipient;
 use crate::dataplane::Handover;
 use crate::dataset::{self, RowFilter};
 use crate::forget::ForgetStore;
+use crate::noised_release::{self, OwnNoise};
 use crate::state::NodeState;
 
 /// How long the responder waits for the initiator to connect.
@@ -241,6 +248,17 @@ async fn exchange(
         learn_membership: job.permit.i_learn_membership,
         batch_size: BATCH_POINTS,
     };
+    // Charge the budget and draw our noise before anything is sent, so that the hello can
+    // commit to it.
+    let own_noise = charge_noise(job).await?;
+    let (noise, noise_commitment) = match &own_noise {
+        Some(own) => {
+            let nonce = own.nonce_bytes().map_err(NodeError::Job)?;
+            let c = noised_release::commitment(&job.job_id, &job.my_name, own.noise, &nonce);
+            (Some(own.term(&job.my_name)), c.to_vec())
+        }
+        None => (None, Vec::new()),
+    };
     let (own_size, session) = PsiSession::start(params, JobKey::generate(), loaded.items);
     out.frame(
         Phase::PsiSize,
@@ -248,6 +266,8 @@ async fn exchange(
             sender: job.my_name.clone(),
             set_size: own_size,
             spec_digest: digest.to_vec(),
+            noise,
+            noise_commitment,
         }),
     )
     .await?;
@@ -280,6 +300,15 @@ async fn exchange(
         }
         if peer_hello.spec_digest != digest {
             return Err(violation(&partner, "it was given a different job spec"));
+        }
+        let peer_noise = noised_release::check_peer_announcement(
+            &partner,
+            peer_hello.noise.as_ref(),
+            &peer_hello.noise_commitment,
+        )
+        .map_err(|e| violation(&partner, e))?;
+        if peer_noise.is_some() && job.spec.kind != JobKind::Overlap as i32 {
+            return Err(violation(&partner, "it announced noise for a match job"));
         }
         job.permit
             .check_peer_size(peer_hello.set_size)
@@ -362,8 +391,20 @@ async fn exchange(
             }
         };
 
-        // Tell the peer we are done, with our count (which must equal theirs); wait for theirs.
+        // Tell the peer we are done, with our count (which must equal theirs) and the opening
+        // of our noise commitment; wait for theirs.
         out.end(Phase::PsiDone, output.intersection).await?;
+        if let Some(own) = &own_noise {
+            let nonce = own.nonce_bytes().map_err(NodeError::Job)?;
+            out.frame(
+                Phase::PsiDone,
+                Body::NoiseReveal(NoiseReveal {
+                    noise: own.noise,
+                    nonce: nonce.to_vec(),
+                }),
+            )
+            .await?;
+        }
         out.send.finish()?;
         let done = next_frame(&mut incoming, &partner, stall).await?;
         let peer_count = expect_body(&done, Phase::PsiDone, &partner, |b| match b {
@@ -379,11 +420,30 @@ async fn exchange(
                 ),
             ));
         }
-        Ok(output)
+        let peer_noise = match peer_noise {
+            None => None,
+            Some(term) => {
+                let reveal = next_frame(&mut incoming, &partner, stall).await?;
+                let (noise, nonce) = expect_body(&reveal, Phase::PsiDone, &partner, |b| match b {
+                    Body::NoiseReveal(r) => Some((r.noise, r.nonce.clone())),
+                    _ => None,
+                })?;
+                noised_release::check_reveal(
+                    &job.job_id,
+                    &partner,
+                    &peer_hello.noise_commitment,
+                    noise,
+                    &nonce,
+                )
+                .map_err(|e| violation(&partner, e))?;
+                Some((term, noise))
+            }
+        };
+        Ok((output, peer_noise))
     }
     .await;
 
-    let output = match result {
+    let (output, peer_noise) = match result {
         Ok(o) => o,
         Err(e) => {
             // Best effort: tell the peer why, so its analyst sees the same reason.
@@ -401,24 +461,48 @@ async fn exchange(
     // Wait until the peer has everything we sent before the connection is closed.
     let _ = tokio::time::timeout(Duration::from_secs(10), out.send.stopped()).await;
 
-    // What may be released to the coordinator: the count, unless this node's agreement
-    // withholds it (below the minimum result, or counts not allowed to the coordinator).
+    // What may be released to the coordinator: the count (with both parties' noise, if any),
+    // unless this node's agreement withholds it (below the minimum result, or counts not
+    // allowed to the coordinator).
     job.recheck()?;
-    let released = job
-        .permit
-        .release_count(output.intersection)
-        .filter(|_| job.permit.counts_allowed_to(Recipient::Coordinator));
+    let mut noise_terms: Vec<NoiseTerm> = Vec::new();
+    let released = if own_noise.is_none() && peer_noise.is_none() {
+        job.permit
+            .release_count(output.intersection)
+            .filter(|_| job.permit.counts_allowed_to(Recipient::Coordinator))
+    } else {
+        let own = own_noise.as_ref().map_or(0, |o| o.noise);
+        let peer = peer_noise.as_ref().map_or(0, |(_, n)| *n);
+        if let Some(o) = &own_noise {
+            noise_terms.push(o.term(&job.my_name));
+        }
+        if let Some((t, _)) = &peer_noise {
+            noise_terms.push(t.clone());
+        }
+        noise_terms.sort_by(|a, b| a.node.cmp(&b.node));
+        let noised = noised_release::noised_count(output.intersection, own, peer);
+        let released = noised_release::threshold(noised, job.permit.min_result)
+            .filter(|_| job.permit.counts_allowed_to(Recipient::Coordinator));
+        settle(job, own_noise.is_some(), released).await?
+    };
+    let noise_note = if noise_terms.is_empty() {
+        String::new()
+    } else {
+        format!(" with {}", noised_release::describe(&noise_terms))
+    };
     let head = job.audit(AuditEvent::Release {
         job_id: job.job_id.clone(),
         partner: partner.clone(),
         what: if released.is_some() {
-            "intersection count".into()
+            format!("intersection count{noise_note}")
         } else {
-            "intersection count withheld (below the minimum result or not allowed)".into()
+            format!(
+                "intersection count{noise_note} withheld (below the minimum result or not allowed)"
+            )
         },
         to: vec!["coordinator".into(), partner.clone()],
         value: released,
-        epsilon: 0.0,
+        epsilon: own_noise.as_ref().map_or(0.0, |o| o.epsilon),
     })?;
     let mut outcome = PsiOutcome {
         intersection: released.unwrap_or(0),
@@ -433,6 +517,7 @@ async fn exchange(
         audit_head: head.to_string(),
         rows_excluded_consent: excluded_consent,
         rows_excluded_deleted: excluded_deleted,
+        noise: noise_terms,
     };
     if let (true, Some(indices)) = (job.spec.kind == JobKind::Match as i32, output.membership) {
         let (rows, path) = write_membership(job, indices, own_size).await?;
@@ -441,6 +526,62 @@ async fn exchange(
         outcome.membership_file = path.display().to_string();
     }
     Ok(outcome)
+}
+
+/// For an overlap whose allow entry sets ε: charges the ledger and draws this node's noise in
+/// one transaction (or gets the draw stored for this very job). `None` for exact releases.
+async fn charge_noise(job: &JobContext) -> Result<Option<OwnNoise>, NodeError> {
+    if job.spec.kind != JobKind::Overlap as i32 {
+        return Ok(None);
+    }
+    let cfg = job.state.cfg();
+    let Some(charge) = job.permit.charge(&job.job_id, cfg.budget.as_ref()) else {
+        return Ok(None);
+    };
+    let epsilon = charge.epsilon;
+    let state = job.state.clone();
+    let key = noised_release::release_key(&job.job_id, &job.spec);
+    let stored = blocking(move || {
+        state
+            .ledger
+            .charge_and_store(&key, &charge, now_ms(), || noised_release::draw(epsilon))
+    })
+    .await?
+    .map_err(|e| {
+        NodeError::Job(format!(
+            "refused: {}",
+            crate::state::budget_veto(&cfg.name, e)
+        ))
+    })?;
+    tracing::info!(
+        epsilon,
+        fresh = stored.fresh,
+        "privacy budget charged for a noised release"
+    );
+    Ok(Some(stored.draw))
+}
+
+/// Stores what this job releases in the ledger (if it charged there), first value wins: a
+/// duplicated job reports the identical value even if its count changed meanwhile.
+async fn settle(
+    job: &JobContext,
+    charged: bool,
+    released: Option<u64>,
+) -> Result<Option<u64>, NodeError> {
+    if !charged {
+        return Ok(released);
+    }
+    let state = job.state.clone();
+    let key = noised_release::release_key(&job.job_id, &job.spec);
+    blocking(move || state.ledger.settle(&key, &released))
+        .await?
+        .map_err(|e| {
+            tracing::error!(error = %e, "could not store the release in the ledger");
+            NodeError::Job(format!(
+                "node '{}' could not store the release in its privacy-budget ledger",
+                job.my_name
+            ))
+        })
 }
 
 /// The CSV columns a job's join keys read.
@@ -642,6 +783,7 @@ fn unexpected(partner: &str, phase: Phase, body: Option<&Body>) -> NodeError {
         Some(Body::PsiHello(_)) => "a hello",
         Some(Body::Points(_)) => "a point batch",
         Some(Body::BatchEnd(_)) => "an end marker",
+        Some(Body::NoiseReveal(_)) => "a noise reveal",
         Some(_) => "a control-plane message",
     };
     violation(

@@ -1,5 +1,5 @@
 //! What the node's tasks share: the current policy, the audit log, the run history that rate
-//! limits and the privacy budget are checked against, and the jobs waiting for a peer.
+//! limits are checked against, the privacy-budget ledger, and the jobs waiting for a peer.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -11,8 +11,9 @@ use tokio::sync::oneshot;
 
 use crate::agreement::{self, Permit, Veto};
 use crate::audit::{AuditError, AuditEvent, AuditLog};
-use crate::config::{Epsilon, NodeConfig};
+use crate::config::NodeConfig;
 use crate::dataplane::Handover;
+use crate::ledger::{Ledger, LedgerError};
 use crate::policy::PolicyHolder;
 
 /// Which allow entry a run was accepted under: rate limits count per entry.
@@ -35,11 +36,10 @@ impl RunKey {
     }
 }
 
-/// Accepted runs and ε released, rebuilt from the audit log at start.
+/// Accepted runs, rebuilt from the audit log at start. (ε spent lives in the ledger.)
 #[derive(Debug, Default)]
 struct History {
     runs: HashMap<RunKey, Vec<i64>>,
-    spent: Vec<(i64, Epsilon)>,
 }
 
 /// The node's shared state.
@@ -51,6 +51,8 @@ pub struct NodeState {
     pub config_path: PathBuf,
     /// The audit log. Every decision, access, release and error goes here first.
     pub audit: AuditLog,
+    /// The privacy-budget ledger: the one record of ε spent, and of noised releases.
+    pub ledger: Ledger,
     /// The data-plane address other nodes dial.
     pub advertise: SocketAddr,
     history: Mutex<History>,
@@ -69,34 +71,29 @@ impl NodeState {
         policy: PolicyHolder,
         config_path: PathBuf,
         audit: AuditLog,
+        ledger: Ledger,
         advertise: SocketAddr,
     ) -> Result<Self, AuditError> {
         let mut history = History::default();
         for entry in crate::audit::read_entries(audit.path())? {
-            match entry.event {
-                AuditEvent::Decision {
-                    partner,
-                    computation,
-                    dataset,
-                    keys,
-                    accepted: true,
-                    ..
-                } => {
-                    let key = RunKey::of(&partner, &computation, &dataset, &keys);
-                    history.runs.entry(key).or_default().push(entry.at_ms);
-                }
-                AuditEvent::Release { epsilon, .. } if epsilon > 0.0 => {
-                    if let Some(e) = Epsilon::new(epsilon) {
-                        history.spent.push((entry.at_ms, e));
-                    }
-                }
-                _ => {}
+            if let AuditEvent::Decision {
+                partner,
+                computation,
+                dataset,
+                keys,
+                accepted: true,
+                ..
+            } = entry.event
+            {
+                let key = RunKey::of(&partner, &computation, &dataset, &keys);
+                history.runs.entry(key).or_default().push(entry.at_ms);
             }
         }
         Ok(Self {
             policy,
             config_path,
             audit,
+            ledger,
             advertise,
             history: Mutex::new(history),
             pending: Mutex::new(HashMap::new()),
@@ -108,9 +105,12 @@ impl NodeState {
         self.policy.current()
     }
 
-    /// Decides an offer: the agreement, then its rate limit and the node-wide budget, and
-    /// records the decision in the audit log — all under one lock, so concurrent offers cannot
-    /// both take the last run. An offer whose decision cannot be audited is refused.
+    /// Decides an offer: the agreement, then its rate limit and whether its ε still fits the
+    /// budgets in the ledger, and records the decision in the audit log — all under one lock,
+    /// so concurrent offers cannot both take the last run. An offer whose decision cannot be
+    /// audited is refused. (The ε check here vetoes early with the reason; the binding charge is
+    /// made in the ledger when the job releases, so a job that loses a race for the last ε
+    /// still cannot overspend.)
     pub fn decide(
         &self,
         job_id: &str,
@@ -133,8 +133,19 @@ impl NodeState {
             if let Some(counter) = &permit.runs {
                 counter.check(history.runs.get(&key).map(Vec::as_slice).unwrap_or(&[]), now_ms)?;
             }
-            if let Some(epsilon) = permit.epsilon {
-                agreement::check_budget(cfg.budget.as_ref(), &history.spent, now_ms, epsilon)?;
+            // A duplicated offer of a job whose release is stored charges nothing, so it is
+            // not refused for budget: it will report the stored value.
+            if let Some(charge) = permit.charge(job_id, cfg.budget.as_ref()) {
+                let key = crate::noised_release::release_key(job_id, spec);
+                let stored = self
+                    .ledger
+                    .has(&key)
+                    .map_err(|e| budget_veto(&cfg.name, e))?;
+                if !stored {
+                    self.ledger
+                        .check(&charge, now_ms)
+                        .map_err(|e| budget_veto(&cfg.name, e))?;
+                }
             }
             Ok(permit)
         });
@@ -172,12 +183,6 @@ impl NodeState {
             .or_default()
             .push(now_ms);
         Ok((generation, permit))
-    }
-
-    /// Records ε spent by a release (for the node-wide budget).
-    pub fn record_spend(&self, now_ms: i64, epsilon: Epsilon) {
-        let mut history = self.history.lock().unwrap_or_else(|p| p.into_inner());
-        history.spent.push((now_ms, epsilon));
     }
 
     /// Re-checks a running job if the policy was reloaded since `generation`.
@@ -240,6 +245,21 @@ impl NodeState {
     }
 }
 
+/// A budget refusal is the analyst's veto reason as is; a ledger that cannot be read refuses
+/// every DP job (its details go to the node's log, not to the analyst).
+pub fn budget_veto(node: &str, error: LedgerError) -> Veto {
+    match error {
+        LedgerError::Refused(reason) => Veto(reason),
+        other => {
+            tracing::error!(error = %other, "privacy-budget ledger unusable; refusing DP jobs");
+            Veto(format!(
+                "node '{node}' cannot read its privacy-budget ledger, so it refuses jobs that \
+                 spend epsilon until that is fixed"
+            ))
+        }
+    }
+}
+
 fn run_key(spec: &cleanroom_proto::v1::JobSpec, me: usize, permit: &Permit) -> RunKey {
     let mine = spec.parties.get(me).cloned().unwrap_or_default();
     RunKey::of(
@@ -256,5 +276,116 @@ pub fn computation_name(kind: i32) -> &'static str {
         Ok(cleanroom_proto::v1::JobKind::Overlap) => "overlap",
         Ok(cleanroom_proto::v1::JobKind::Match) => "match",
         _ => "unknown",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ledger::Charge;
+    use cleanroom_proto::v1::{JobKind, JobSpec, PartySpec};
+    use std::path::Path;
+
+    const NOW: i64 = 1_782_864_000_000;
+
+    const CONFIG: &str = r#"
+name = "acme"
+coordinator = "127.0.0.1:7400"
+listen = "127.0.0.1:0"
+state_dir = "state"
+[tls]
+ca = "ca.pem"
+cert = "node.pem"
+key = "node.key"
+[[dataset]]
+name = "customers"
+path = "acme.csv"
+  [[dataset.identifier]]
+  name = "email"
+  column = "email"
+  normaliser = "email"
+[[agreement]]
+partner = "globex"
+purposes = ["reporting"]
+budget_per_purpose = { epsilon_per_period = 1, period = "day" }
+  [[agreement.allow]]
+  computation = "overlap"
+  dataset = "customers"
+  keys = ["email"]
+  epsilon = 0.5
+"#;
+
+    fn spec() -> JobSpec {
+        let party = |node: &str| PartySpec {
+            node: node.into(),
+            dataset: "customers".into(),
+            keys: vec!["email".into()],
+            learns_membership: false,
+        };
+        JobSpec {
+            kind: JobKind::Overlap as i32,
+            parties: vec![party("acme"), party("globex")],
+            purpose: "reporting".into(),
+        }
+    }
+
+    fn node_state(dir: &Path) -> NodeState {
+        let cfg = NodeConfig::parse(CONFIG, &dir.join("acme.toml")).unwrap();
+        let audit = AuditLog::open(&dir.join("audit.log")).unwrap();
+        let ledger = Ledger::open(&dir.join("ledger.sqlite")).unwrap();
+        NodeState::new(
+            PolicyHolder::new(cfg),
+            dir.join("acme.toml"),
+            audit,
+            ledger,
+            "127.0.0.1:1".parse().unwrap(),
+        )
+        .unwrap()
+    }
+
+    fn spend(state: &NodeState, job_id: &str) {
+        let charge = Charge {
+            job_id: job_id.into(),
+            partner: "globex".into(),
+            purpose: "reporting".into(),
+            epsilon: 0.5,
+            purpose_cap: None,
+            node_cap: None,
+        };
+        let key = crate::noised_release::release_key(job_id, &spec());
+        state
+            .ledger
+            .charge_and_store(&key, &charge, NOW - 1000, || Ok::<i64, String>(0))
+            .unwrap();
+    }
+
+    #[test]
+    fn offers_are_vetoed_when_the_ledger_budget_is_spent_but_duplicates_are_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = node_state(dir.path());
+        assert!(state.decide("job-1", &spec(), 0, NOW).is_ok());
+        spend(&state, "job-1");
+        spend(&state, "job-2");
+        let veto = state.decide("job-3", &spec(), 0, NOW).unwrap_err();
+        assert!(
+            veto.0.starts_with(
+                "privacy budget for purpose 'reporting' with globex exhausted: 1 of 1 per day \
+                 spent, 0 remains, this job needs 0.5"
+            ),
+            "{veto}"
+        );
+        // A duplicated offer of a job whose release is stored charges nothing: accepted.
+        assert!(state.decide("job-2", &spec(), 0, NOW).is_ok());
+        // The veto is audited.
+        let entries = crate::audit::read_entries(&dir.path().join("audit.log")).unwrap();
+        assert!(entries.iter().any(|e| matches!(
+            &e.event,
+            AuditEvent::Decision { job_id, accepted: false, reason, .. }
+                if job_id == "job-3" && reason.contains("exhausted")
+        )));
+        // The spend outlives the state (a restart): a fresh state still refuses.
+        drop(state);
+        let state = node_state(dir.path());
+        assert!(state.decide("job-4", &spec(), 0, NOW).is_err());
     }
 }

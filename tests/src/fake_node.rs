@@ -153,6 +153,7 @@ pub async fn join_next_job(
         sender: name.into(),
         set_size: declared,
         spec_digest: cleanroom_node::psi_job::spec_digest(&job_id, &spec).to_vec(),
+        ..PsiHello::default()
     });
     job.send(Phase::PsiSize, hello).await;
     job
