@@ -24,6 +24,7 @@ pub mod dataplane;
 pub mod dataset;
 pub mod error;
 pub mod forget;
+pub mod frame_budget;
 pub mod normalise;
 pub mod policy;
 pub mod psi_job;
