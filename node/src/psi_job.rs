@@ -25,7 +25,7 @@ use cleanroom_proto::v1::{
     Abort, BatchEnd, Envelope, JobKind, JobSpec, Phase, PointBatch, PsiHello, PsiOutcome,
     envelope::Body,
 };
-use cleanroom_transport::{FramedRecv, FramedSend, Identity};
+use cleanroom_transport::{FramedRecv, FramedSend, Identity, TransportError};
 use prost::Message;
 use sha2::{Digest, Sha256};
 use tokio::sync::{mpsc, oneshot};
@@ -176,6 +176,8 @@ fn finish_connection(
 enum Incoming {
     Frame(Box<Envelope>),
     Failed(String),
+    /// The connection itself went away (timed out, closed): no fault of the peer's bytes.
+    Lost(String),
 }
 
 /// The symmetric part of the protocol, identical for both roles.
@@ -551,6 +553,10 @@ fn spawn_reader(
                 None => match recv.recv().await {
                     Ok(Some(env)) => env,
                     Ok(None) => return,
+                    Err(TransportError::Closed { reason }) => {
+                        let _ = tx.send(Incoming::Lost(reason));
+                        return;
+                    }
                     Err(e) => {
                         let _ = tx.send(Incoming::Failed(e.to_string()));
                         return;
@@ -599,6 +605,9 @@ async fn next_frame(
             Ok(*env)
         }
         Some(Incoming::Failed(reason)) => Err(violation(partner, reason)),
+        Some(Incoming::Lost(reason)) => Err(NodeError::Job(format!(
+            "lost the connection to node '{partner}': {reason}"
+        ))),
         None => Err(NodeError::Job(format!(
             "node '{partner}' closed its stream early"
         ))),
