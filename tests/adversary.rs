@@ -1,7 +1,8 @@
 //! End to end with a hostile peer: node "mallory" has a valid certificate and an agreement with
 //! acme, joins a job with acme and then sends, at each phase, something an honest node never
 //! would — poisoned points, malformed frames, frames for another job or phase, batches of the
-//! wrong length, a flood of points, and replays of an earlier job's frames. For every case acme
+//! wrong length, a flood of points, and replays of an earlier job's frames; also after a valid
+//! blinded phase (while returning acme's points) and after an honest exchange (the count). For every case acme
 //! must end the job with a named error (the analyst sees it), audit a `JobError` carrying it,
 //! stay up, serve an honest job next, and keep its memory bounded.
 //!
@@ -14,6 +15,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use cleanroom_circuits::{ItemSet, JobKey, blind_items};
 use cleanroom_e2e::fake_node::{self, BASEPOINT, FakeJob};
 use cleanroom_e2e::{Consortium, open_agreement};
 use cleanroom_node::audit::AuditEvent;
@@ -68,6 +70,27 @@ enum Attack {
     DoneFirst,
     /// Point batches of almost 1 MiB each, 32 of them, against a declaration of 4 points.
     PointFlood,
+    // After a valid blinded phase (4 distinct valid points and their end marker), in the phase
+    // of acme's points returned double-blinded:
+    /// A returned batch of 33 bytes.
+    ReturnedNotWholePoints,
+    /// An empty returned batch.
+    ReturnedEmptyBatch,
+    /// 2 returned points and an end marker saying 2 (acme sent about 300).
+    ReturnedEndTotalDisagrees,
+    /// Returned batch number 1 first.
+    ReturnedOutOfSequence,
+    /// Another blinded batch after the blinded end marker.
+    BlindedAfterItsEnd,
+    /// The final count before any returned point.
+    DoneBeforeReturning,
+    // After an honest exchange (mallory holds acme's emails), as the last frame:
+    /// The true count plus one.
+    DoneWrongCount,
+    /// A point batch instead of the count.
+    DoneAsPointBatch,
+    /// A hello instead of the count.
+    DoneAsHello,
     /// The frames an honest mallory sent in an earlier, completed job, replayed verbatim.
     ReplayVerbatim(Vec<Envelope>),
     /// The same frames re-stamped with the new job's id.
@@ -98,6 +121,23 @@ impl Attack {
             Attack::SecondHello => "frame for phase 10 while in phase phase_psi_blinded".into(),
             Attack::DoneFirst => "frame for phase 13 while in phase phase_psi_blinded".into(),
             Attack::PointFlood => "sent more than the".into(),
+            Attack::ReturnedNotWholePoints => "batch of 33 bytes is not a whole number".into(),
+            Attack::ReturnedEmptyBatch => "sent an empty point batch".into(),
+            Attack::ReturnedEndTotalDisagrees => {
+                "the peer announced 2 returned and returned 2".into()
+            }
+            Attack::ReturnedOutOfSequence => "batch 1 out of order (expected 0)".into(),
+            Attack::BlindedAfterItsEnd => {
+                "frame for phase 11 while in phase phase_psi_double_blinded".into()
+            }
+            Attack::DoneBeforeReturning => {
+                "frame for phase 13 while in phase phase_psi_double_blinded".into()
+            }
+            Attack::DoneWrongCount => "it counted 301 shared items, we counted 300".into(),
+            // Every point it may send is in (300 its own, 300 returned): the reader refuses
+            // the one more before the job even looks at the frame.
+            Attack::DoneAsPointBatch => "sent more than the 600 points it may".into(),
+            Attack::DoneAsHello => "frame for phase 10 while in phase phase_psi_done".into(),
             Attack::ReplayVerbatim(_) => "on the stream of job".into(),
             Attack::ReplayRestamped(_) => "shared items, we counted 0".into(),
         }
@@ -109,7 +149,15 @@ impl Attack {
         debug.split('(').next().unwrap_or_default().to_owned()
     }
 
-    /// How many points mallory declares in its hello.
+    /// Whether mallory runs the protocol honestly up to the last frame (with acme's emails).
+    fn honest_until_done(&self) -> bool {
+        matches!(
+            self,
+            Attack::DoneWrongCount | Attack::DoneAsPointBatch | Attack::DoneAsHello
+        )
+    }
+
+    /// How many points mallory declares in its hello (when it does not run honestly).
     fn declared(&self) -> u64 {
         match self {
             Attack::ReplayVerbatim(frames) | Attack::ReplayRestamped(frames) => {
@@ -122,7 +170,7 @@ impl Attack {
         }
     }
 
-    async fn run(&self, job: &mut FakeJob) {
+    async fn run(&self, job: &mut FakeJob, items: Option<ItemSet>) {
         let n = DECLARED as usize;
         let points = |p: Vec<u8>| Body::Points(PointBatch { seq: 0, points: p });
         match self {
@@ -218,6 +266,67 @@ impl Attack {
                     job.send(Phase::PsiBlinded, Body::Points(batch)).await;
                 }
             }
+            Attack::ReturnedNotWholePoints => {
+                blinded_phase(job).await;
+                job.send(Phase::PsiDoubleBlinded, points(vec![1; 33])).await;
+            }
+            Attack::ReturnedEmptyBatch => {
+                blinded_phase(job).await;
+                job.send(Phase::PsiDoubleBlinded, points(Vec::new())).await;
+            }
+            Attack::ReturnedEndTotalDisagrees => {
+                let valid = blinded_phase(job).await;
+                job.send(Phase::PsiDoubleBlinded, points(valid[..64].to_vec()))
+                    .await;
+                job.send(
+                    Phase::PsiDoubleBlinded,
+                    Body::BatchEnd(BatchEnd { total: 2 }),
+                )
+                .await;
+            }
+            Attack::ReturnedOutOfSequence => {
+                let valid = blinded_phase(job).await;
+                let batch = PointBatch {
+                    seq: 1,
+                    points: valid,
+                };
+                job.send(Phase::PsiDoubleBlinded, Body::Points(batch)).await;
+            }
+            Attack::BlindedAfterItsEnd => {
+                let valid = blinded_phase(job).await;
+                let batch = PointBatch {
+                    seq: 1,
+                    points: valid,
+                };
+                job.send(Phase::PsiBlinded, Body::Points(batch)).await;
+            }
+            Attack::DoneBeforeReturning => {
+                blinded_phase(job).await;
+                job.send(Phase::PsiDone, Body::BatchEnd(BatchEnd { total: 0 }))
+                    .await;
+            }
+            Attack::DoneWrongCount | Attack::DoneAsPointBatch | Attack::DoneAsHello => {
+                let items = items.expect("an honest run needs items");
+                let hello = job.sent[0].clone();
+                let attack = self.clone();
+                let finale = move |job_id: &str, count: u64| {
+                    let (phase, body) = match attack {
+                        Attack::DoneWrongCount => (
+                            Phase::PsiDone,
+                            Body::BatchEnd(BatchEnd { total: count + 1 }),
+                        ),
+                        Attack::DoneAsPointBatch => (Phase::PsiDone, points(BASEPOINT.to_vec())),
+                        _ => (Phase::PsiSize, hello.body.expect("hello")),
+                    };
+                    Envelope {
+                        job_id: job_id.to_owned(),
+                        phase: phase as i32,
+                        body: Some(body),
+                    }
+                };
+                // acme refuses the last frame, so the honest run ends in an error.
+                let _ = job.run_honestly_then(items, "email", finale).await;
+            }
             Attack::ReplayVerbatim(frames) => {
                 // After the fresh hello: everything else exactly as recorded (old job id).
                 for env in &frames[1..] {
@@ -235,30 +344,47 @@ impl Attack {
     }
 }
 
+/// A valid blinded phase: 4 distinct valid points (4 made-up items blinded under a fresh key)
+/// and their end marker. Returns the points, valid material for later batches.
+async fn blinded_phase(job: &mut FakeJob) -> Vec<u8> {
+    let mut items = ItemSet::new();
+    for item in [b"a", b"b", b"c", b"d"] {
+        items.push(item).unwrap();
+    }
+    let valid = blind_items(&JobKey::generate(), "email", &items).concat();
+    job.send_blinded(valid.clone(), Some(DECLARED)).await;
+    valid
+}
+
+/// mallory's items for an honest run: the emails of `data/acme.csv` (its config says so), so
+/// the count is not zero.
+fn mallory_items(dir: &Path) -> ItemSet {
+    let cfg = cleanroom_node::NodeConfig::load(dir.join("mallory.toml")).expect("mallory.toml");
+    let keys = KeySpec::new(["email"]);
+    cleanroom_node::dataset::load_keys(cfg.dataset("customers").expect("dataset"), &keys, 1_000_000)
+        .expect("mallory's data")
+        .items
+}
+
 /// Plays node "mallory" for one job: joins it as initiator, carries out `attack`, and keeps the
 /// connection open until acme gives up on it.
 async fn mallory(dir: PathBuf, coordinator: SocketAddr, attack: Attack) {
-    let mut job =
-        fake_node::join_next_job(&dir, coordinator, "mallory", "acme", attack.declared()).await;
-    attack.run(&mut job).await;
+    let items = attack.honest_until_done().then(|| mallory_items(&dir));
+    let declared = items
+        .as_ref()
+        .map_or_else(|| attack.declared(), |i| i.len() as u64);
+    let mut job = fake_node::join_next_job(&dir, coordinator, "mallory", "acme", declared).await;
+    attack.run(&mut job, items).await;
     let _ = tokio::time::timeout(Duration::from_secs(60), job.conn.closed()).await;
 }
 
-/// Plays node "mallory" honestly for one job, with the emails of `data/acme.csv` (so the count
-/// is not zero), and returns the count and every frame it sent.
+/// Plays node "mallory" honestly for one job and returns the count and every frame it sent.
 async fn honest_mallory(dir: PathBuf, coordinator: SocketAddr) -> (u64, Vec<Envelope>) {
-    let cfg = cleanroom_node::NodeConfig::load(dir.join("mallory.toml")).expect("mallory.toml");
-    let keys = KeySpec::new(["email"]);
-    let loaded = cleanroom_node::dataset::load_keys(
-        cfg.dataset("customers").expect("dataset"),
-        &keys,
-        1_000_000,
-    )
-    .expect("mallory's data");
-    let declared = loaded.items.len() as u64;
+    let items = mallory_items(&dir);
+    let declared = items.len() as u64;
     let mut job = fake_node::join_next_job(&dir, coordinator, "mallory", "acme", declared).await;
     let count = job
-        .run_honestly(loaded.items, &cleanroom_node::dataset::key_name(&keys))
+        .run_honestly(items, "email")
         .await
         .expect("an honest run");
     job.report(PsiOutcome {
@@ -355,6 +481,15 @@ fn every_bad_message_at_every_phase_ends_the_job_with_a_named_error_and_the_node
         Attack::SecondHello,
         Attack::DoneFirst,
         Attack::PointFlood,
+        Attack::ReturnedNotWholePoints,
+        Attack::ReturnedEmptyBatch,
+        Attack::ReturnedEndTotalDisagrees,
+        Attack::ReturnedOutOfSequence,
+        Attack::BlindedAfterItsEnd,
+        Attack::DoneBeforeReturning,
+        Attack::DoneWrongCount,
+        Attack::DoneAsPointBatch,
+        Attack::DoneAsHello,
         Attack::ReplayVerbatim(recording.clone()),
         Attack::ReplayRestamped(recording),
     ];

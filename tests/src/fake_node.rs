@@ -86,6 +86,22 @@ impl FakeJob {
     /// number) against the responder, as `psi_job` does, and returns the intersection size.
     /// Everything sent is recorded in [`FakeJob::sent`].
     pub async fn run_honestly(&mut self, items: ItemSet, key_name: &str) -> Result<u64, String> {
+        let done = |job_id: &str, count: u64| Envelope {
+            job_id: job_id.to_owned(),
+            phase: Phase::PsiDone as i32,
+            body: Some(Body::BatchEnd(BatchEnd { total: count })),
+        };
+        self.run_honestly_then(items, key_name, done).await
+    }
+
+    /// Like [`FakeJob::run_honestly`], but the last frame (the count) is what `finale` makes of
+    /// the job id and the true count: a wrong count, a frame for another phase…
+    pub async fn run_honestly_then(
+        &mut self,
+        items: ItemSet,
+        key_name: &str,
+        finale: impl FnOnce(&str, u64) -> Envelope,
+    ) -> Result<u64, String> {
         let params = PsiParams {
             key_name: key_name.to_owned(),
             min_peer_set: 1,
@@ -161,13 +177,8 @@ impl FakeJob {
                 other => return Err(format!("unexpected {other:?} while awaiting our points")),
             }
         };
-        self.send(
-            Phase::PsiDone,
-            Body::BatchEnd(BatchEnd {
-                total: output.intersection,
-            }),
-        )
-        .await;
+        let last = finale(&self.job_id, output.intersection);
+        self.send_envelope(last).await;
         self.finish();
         let Some(Body::BatchEnd(done)) = next_envelope(&mut recv).await?.body else {
             return Err("expected the responder's count".into());
