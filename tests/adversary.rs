@@ -421,15 +421,25 @@ fn peak_rss_kib(pid: u32) -> u64 {
         .unwrap_or_else(|| panic!("no VmHWM in /proc/{pid}/status"))
 }
 
-/// acme's audit log: the `JobError` reason for `job_id`, if any.
+/// acme's audit log: the `JobError` reason for `job_id`. acme reports the failure to the
+/// coordinator before it appends the entry, so this waits a little for it.
 fn audited_error(dir: &Path, job_id: &str) -> Option<String> {
-    let entries = cleanroom_node::audit::read_entries(&dir.join("state-acme/audit.log")).unwrap();
-    entries.into_iter().find_map(|e| match e.event {
-        AuditEvent::JobError {
-            job_id: j, reason, ..
-        } if j == job_id => Some(reason),
-        _ => None,
-    })
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let log = dir.join("state-acme/audit.log");
+        // A line being appended may be read half-written: then look again.
+        let entries = cleanroom_node::audit::read_entries(&log).unwrap_or_default();
+        let found = entries.into_iter().find_map(|e| match e.event {
+            AuditEvent::JobError {
+                job_id: j, reason, ..
+            } if j == job_id => Some(reason),
+            _ => None,
+        });
+        if found.is_some() || Instant::now() > deadline {
+            return found;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 #[test]

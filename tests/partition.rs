@@ -91,7 +91,8 @@ fn submit_and_wait_for_exchange(c: &Consortium) -> String {
 /// The reason `name` audited for `job_id`'s failure, if it did.
 fn audited_error(c: &Consortium, name: &str, job_id: &str) -> Option<String> {
     let path = c.path().join(format!("state-{name}/audit.log"));
-    let entries = cleanroom_node::audit::read_entries(&path).unwrap();
+    // A line being appended may be read half-written: the caller polls.
+    let entries = cleanroom_node::audit::read_entries(&path).unwrap_or_default();
     entries.into_iter().find_map(|e| match e.event {
         AuditEvent::JobError {
             job_id: j, reason, ..
