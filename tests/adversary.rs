@@ -48,7 +48,7 @@ enum Attack {
     UndecodableEnvelope,
     /// An envelope whose only message is in a field this version does not know.
     UnknownMessageType,
-    /// An envelope whose phase is a number no phase has.
+    /// An end marker whose phase is a number no phase has.
     UnknownPhase,
     /// A point batch of 33 bytes.
     BatchNotWholePoints,
@@ -80,7 +80,8 @@ enum Attack {
     ReturnedEndTotalDisagrees,
     /// Returned batch number 1 first.
     ReturnedOutOfSequence,
-    /// Another blinded batch after the blinded end marker.
+    /// A second blinded end marker. (More blinded points after the end are cut off by the
+    /// reader's budget, as in `MorePointsThanDeclared`.)
     BlindedAfterItsEnd,
     /// The final count before any returned point.
     DoneBeforeReturning,
@@ -103,7 +104,7 @@ impl Attack {
         match self {
             Attack::UndecodablePoints => "not a valid ristretto255 encoding".into(),
             Attack::IdentityPoints => "identity".into(),
-            Attack::MorePointsThanDeclared => "declared 4 points but has sent 8".into(),
+            Attack::MorePointsThanDeclared => "sent more blinded points than the 4 it may".into(),
             Attack::TruncatedFrame => "stream ended inside a frame".into(),
             Attack::OversizedLengthPrefix => format!("exceeds the {MAX_FRAME_LEN}-byte cap"),
             Attack::UndecodableEnvelope => "malformed frame".into(),
@@ -120,7 +121,7 @@ impl Attack {
             }
             Attack::SecondHello => "frame for phase 10 while in phase phase_psi_blinded".into(),
             Attack::DoneFirst => "frame for phase 13 while in phase phase_psi_blinded".into(),
-            Attack::PointFlood => "sent more than the".into(),
+            Attack::PointFlood => "sent more blinded points than the 4 it may".into(),
             Attack::ReturnedNotWholePoints => "batch of 33 bytes is not a whole number".into(),
             Attack::ReturnedEmptyBatch => "sent an empty point batch".into(),
             Attack::ReturnedEndTotalDisagrees => {
@@ -134,9 +135,7 @@ impl Attack {
                 "frame for phase 13 while in phase phase_psi_double_blinded".into()
             }
             Attack::DoneWrongCount => "it counted 301 shared items, we counted 300".into(),
-            // Every point it may send is in (300 its own, 300 returned): the reader refuses
-            // the one more before the job even looks at the frame.
-            Attack::DoneAsPointBatch => "sent more than the 600 points it may".into(),
+            Attack::DoneAsPointBatch => "sent a point batch in phase phase_psi_done".into(),
             Attack::DoneAsHello => "frame for phase 10 while in phase phase_psi_done".into(),
             Attack::ReplayVerbatim(_) => "on the stream of job".into(),
             Attack::ReplayRestamped(_) => "shared items, we counted 0".into(),
@@ -214,7 +213,7 @@ impl Attack {
                 let env = Envelope {
                     job_id: job.job_id.clone(),
                     phase: 77,
-                    body: Some(points(BASEPOINT.repeat(n))),
+                    body: Some(Body::BatchEnd(BatchEnd { total: DECLARED })),
                 };
                 job.send_envelope(env).await;
             }
@@ -293,12 +292,12 @@ impl Attack {
                 job.send(Phase::PsiDoubleBlinded, Body::Points(batch)).await;
             }
             Attack::BlindedAfterItsEnd => {
-                let valid = blinded_phase(job).await;
-                let batch = PointBatch {
-                    seq: 1,
-                    points: valid,
-                };
-                job.send(Phase::PsiBlinded, Body::Points(batch)).await;
+                blinded_phase(job).await;
+                job.send(
+                    Phase::PsiBlinded,
+                    Body::BatchEnd(BatchEnd { total: DECLARED }),
+                )
+                .await;
             }
             Attack::DoneBeforeReturning => {
                 blinded_phase(job).await;
@@ -558,4 +557,59 @@ fn every_bad_message_at_every_phase_ends_the_job_with_a_named_error_and_the_node
     );
     let log = c.node("acme").log_text();
     assert!(!log.contains("panicked"), "acme panicked:\n{log}");
+}
+
+/// acme's peak resident memory in the flood test: its 200,000-row dataset loaded and blinded,
+/// but none of the flood buffered.
+const FLOOD_RSS_CAP_KIB: u64 = 128 * 1024;
+
+/// A peer that declares 4 points and then pushes 512 MiB of point batches while acme is busy
+/// loading and blinding a large set (the reader drains the stream meanwhile). Before the
+/// reader's budget lowered its cap to the declared size, acme buffered the whole flood (1 GiB
+/// sent: peak RSS 1.06 GB); now the first batch ends the job.
+#[test]
+fn a_point_flood_while_the_node_is_busy_is_not_buffered() {
+    let mut c = Consortium::new();
+    c.synth("acme", 200_000, 0.5, 6);
+    let coordinator = c.start_coordinator();
+    c.issue_node("acme");
+    c.issue_node("mallory");
+    c.write_node_config("acme", "acme", &open_agreement("mallory"));
+    c.start_node("acme");
+    c.wait_connected(&["acme"]);
+    let pid = c.node("acme").pid();
+    let before = peak_rss_kib(pid);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let dir = c.path().to_owned();
+    let evil = rt.spawn(async move {
+        let mut job = fake_node::join_next_job(&dir, coordinator, "mallory", "acme", 4).await;
+        let payload = BASEPOINT.repeat((MAX_FRAME_LEN - 1024) / 32);
+        for seq in 0..512 {
+            let batch = PointBatch {
+                seq,
+                points: payload.clone(),
+            };
+            job.send(Phase::PsiBlinded, Body::Points(batch)).await;
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(60), job.conn.closed()).await;
+    });
+    c.wait_connected(&["mallory"]);
+    let (job, _) = c.submit(&overlap("mallory,acme"));
+    evil.abort();
+    let after = peak_rss_kib(pid);
+    eprintln!(
+        "point flood: {} — {}; acme VmHWM {before} KiB before, {after} KiB after (cap {FLOOD_RSS_CAP_KIB} KiB)",
+        job["state"], job["reason"]
+    );
+    assert_eq!(job["state"], "failed", "{job}");
+    let reason = job["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("sent more blinded points than the 4 it may"),
+        "{reason}"
+    );
+    assert!(
+        after < FLOOD_RSS_CAP_KIB,
+        "acme's peak RSS {after} KiB is over {FLOOD_RSS_CAP_KIB} KiB"
+    );
+    assert!(c.nodes.iter_mut().all(|p| p.is_running()), "acme died");
 }

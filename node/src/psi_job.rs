@@ -265,7 +265,7 @@ async fn exchange(
             (FramedRecv::new(stream), None)
         }
     };
-    // Cap what the reader may buffer: the peer's points (as declared, within policy) plus ours
+    // Cap what the reader may buffer: the peer's points (as declared, within policy), ours
     // returned, and a few frames without points.
     let budget = FrameBudget::new(job.permit.max_peer_set, own_size);
     let mut incoming = spawn_reader(recv, job.job_id.clone(), hello, budget);
