@@ -1,7 +1,8 @@
 //! End to end with faults in real processes: a node killed with SIGKILL at each phase of a
 //! running job, and a peer that accepts a job and then stalls. The job must end `failed` with a
 //! reason naming the node within a deadline, nothing may be released for it, and the surviving
-//! node must keep serving.
+//! node must keep serving. And a node whose audit log cannot be written (a full disk, modelled
+//! by a file-size limit) must refuse every job without reading data, and recover.
 
 // Test-only code: a failed step is a failed test.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -11,7 +12,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use cleanroom_e2e::fake_node::{self, BASEPOINT};
-use cleanroom_e2e::{Consortium, cleanroom, open_agreement};
+use cleanroom_e2e::{Consortium, open_agreement};
 use serde_json::Value;
 
 /// How long after the kill the job must have ended: the QUIC idle timeout (30 s) plus slack for
@@ -62,39 +63,11 @@ fn overlap_args(pair: &str) -> Vec<String> {
 
 /// `cleanroom job submit ARGS --format json` without waiting: the job id.
 fn submit_nowait(c: &Consortium, args: &[String]) -> String {
-    let mut all: Vec<String> = vec!["job".into(), "submit".into()];
-    all.extend(args.iter().cloned());
-    all.extend(["--format".into(), "json".into()]);
-    all.extend(c.analyst_args());
-    let all: Vec<&str> = all.iter().map(String::as_str).collect();
-    let out = cleanroom(c.path(), &all);
-    let job: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|_| {
-        panic!(
-            "job submit printed no JSON: {}",
-            String::from_utf8_lossy(&out.stderr)
-        )
-    });
-    job["job_id"].as_str().unwrap().to_owned()
+    c.submit_nowait(&args.iter().map(String::as_str).collect::<Vec<_>>())
 }
 
-/// `cleanroom job status JOB --format json`.
 fn status(c: &Consortium, job_id: &str) -> Value {
-    let mut all: Vec<String> = vec![
-        "job".into(),
-        "status".into(),
-        job_id.into(),
-        "--format".into(),
-        "json".into(),
-    ];
-    all.extend(c.analyst_args());
-    let all: Vec<&str> = all.iter().map(String::as_str).collect();
-    let out = cleanroom(c.path(), &all);
-    serde_json::from_slice(&out.stdout).unwrap_or_else(|_| {
-        panic!(
-            "job status printed no JSON: {}",
-            String::from_utf8_lossy(&out.stderr)
-        )
-    })
+    c.job_status(job_id)
 }
 
 fn finished(job: &Value) -> bool {
@@ -105,14 +78,8 @@ fn finished(job: &Value) -> bool {
 
 /// Polls the job until it has finished or `limit` has passed; returns it and when it ended.
 fn wait_job(c: &Consortium, job_id: &str, limit: Duration) -> (Value, Instant) {
-    let deadline = Instant::now() + limit;
-    loop {
-        let job = status(c, job_id);
-        if finished(&job) || Instant::now() > deadline {
-            return (job, Instant::now());
-        }
-        std::thread::sleep(Duration::from_millis(250));
-    }
+    let job = c.wait_job(job_id, limit);
+    (job, Instant::now())
 }
 
 fn log_of(c: &Consortium, name: &str) -> String {
@@ -415,4 +382,109 @@ fn stall_case(send_points: usize) {
             .collect::<Vec<_>>(),
     );
     assert_eq!(next["state"], "succeeded", "{next}");
+}
+
+/// `prlimit --pid PID --fsize=SOFT:unlimited`: from now on the process may not grow any file
+/// past `soft` bytes (`None`: no limit).
+fn limit_file_size(pid: u32, soft: Option<u64>) {
+    let soft = soft.map_or_else(|| "unlimited".to_owned(), |n| n.to_string());
+    let out = std::process::Command::new("prlimit")
+        .args([
+            "--pid",
+            &pid.to_string(),
+            &format!("--fsize={soft}:unlimited"),
+        ])
+        .output()
+        .expect("running prlimit (util-linux)");
+    assert!(
+        out.status.success(),
+        "prlimit failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn a_node_whose_audit_log_cannot_be_written_refuses_jobs_reads_nothing_and_recovers() {
+    let mut c = Consortium::new();
+    c.synth("acme,globex", 300, 0.3, 33);
+    c.start_coordinator();
+    for (me, other) in [("acme", "globex"), ("globex", "acme")] {
+        c.issue_node(me);
+        c.write_node_config(me, me, &open_agreement(other));
+    }
+    c.start_node_limitable("acme");
+    c.start_node("globex");
+    c.wait_connected(&["acme", "globex"]);
+    let overlap = |c: &Consortium, pair: &str| {
+        let (job, _) = c.submit(
+            &overlap_args(pair)
+                .iter()
+                .map(String::as_str)
+                .collect::<Vec<_>>(),
+        );
+        job
+    };
+    let job = overlap(&c, "acme,globex");
+    assert_eq!(job["state"], "succeeded", "{job}");
+
+    // The disk is "full": acme may not grow any file past the audit log's present size, so its
+    // next audit append fails (EFBIG, as ENOSPC would on a full disk).
+    let audit = c.path().join("state-acme/audit.log");
+    let size = std::fs::metadata(&audit).unwrap().len();
+    let pid = c.node("acme").pid();
+    limit_file_size(pid, Some(size));
+    for pair in ["acme,globex", "globex,acme"] {
+        let job = overlap(&c, pair);
+        eprintln!(
+            "audit log unwritable, {pair}: {} — {}",
+            job["state"], job["reason"]
+        );
+        assert_eq!(job["state"], "vetoed", "{pair}: {job}");
+        let reason = job["reason"].as_str().unwrap();
+        assert!(
+            reason.contains("node 'acme' cannot write its audit log"),
+            "{pair}: the reason says why: {reason}"
+        );
+        // No data accessed: neither node loaded its dataset, and acme's log is unchanged (not
+        // even the decision could be recorded, which is why the job was refused).
+        let job_id = job["job_id"].as_str().unwrap();
+        for node in ["acme", "globex"] {
+            assert!(
+                !job_log_has(&c, node, job_id, "dataset loaded"),
+                "{pair}: {node} read its dataset for a refused job"
+            );
+        }
+        assert_eq!(std::fs::metadata(&audit).unwrap().len(), size);
+        assert!(
+            log_of(&c, "acme").contains("audit log write failed; refusing the job"),
+            "acme logs the failed write"
+        );
+    }
+    assert!(
+        c.nodes
+            .iter_mut()
+            .find(|p| p.name == "acme")
+            .unwrap()
+            .is_running(),
+        "acme died"
+    );
+
+    // Space is back: the next job runs, and the log (with no torn line) verifies.
+    limit_file_size(pid, None);
+    let job = overlap(&c, "acme,globex");
+    assert_eq!(job["state"], "succeeded", "after recovery: {job}");
+    let verify = std::process::Command::new(&cleanroom_e2e::bins().1)
+        .args(["audit", "verify", "--config"])
+        .arg(c.path().join("acme.toml"))
+        .current_dir(c.path())
+        .output()
+        .unwrap();
+    assert!(
+        verify.status.success(),
+        "acme's audit log verifies after the refused writes: {}{}",
+        String::from_utf8_lossy(&verify.stdout),
+        String::from_utf8_lossy(&verify.stderr)
+    );
+    let log = log_of(&c, "acme");
+    assert!(!log.contains("panicked"), "acme panicked:\n{log}");
 }

@@ -27,6 +27,7 @@ pub mod dataplane;
 pub mod dataset;
 pub mod error;
 pub mod forget;
+pub mod frame_budget;
 pub mod ledger;
 pub mod noised_release;
 pub mod normalise;

@@ -26,12 +26,12 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use cleanroom_circuits::{JobKey, POINT_LEN, PsiParams, PsiSession};
+use cleanroom_circuits::{JobKey, PsiParams, PsiSession};
 use cleanroom_proto::v1::{
     Abort, BatchEnd, Envelope, JobKind, JobSpec, NoiseReveal, NoiseTerm, Phase, PointBatch,
     PsiHello, PsiOutcome, envelope::Body,
 };
-use cleanroom_transport::{FramedRecv, FramedSend, Identity};
+use cleanroom_transport::{FramedRecv, FramedSend, Identity, TransportError};
 use prost::Message;
 use sha2::{Digest, Sha256};
 use tokio::sync::{mpsc, oneshot};
@@ -43,6 +43,7 @@ use crate::config::Recipient;
 use crate::dataplane::Handover;
 use crate::dataset::{self, RowFilter};
 use crate::forget::ForgetStore;
+use crate::frame_budget::FrameBudget;
 use crate::noised_release::{self, OwnNoise};
 use crate::state::NodeState;
 
@@ -182,6 +183,8 @@ fn finish_connection(
 enum Incoming {
     Frame(Box<Envelope>),
     Failed(String),
+    /// The connection itself went away (timed out, closed): no fault of the peer's bytes.
+    Lost(String),
 }
 
 /// The symmetric part of the protocol, identical for both roles.
@@ -282,9 +285,10 @@ async fn exchange(
             (FramedRecv::new(stream), None)
         }
     };
-    // Cap what the reader may buffer: the peer's points (bounded by policy) plus ours returned.
-    let max_points = job.permit.max_peer_set.saturating_add(own_size);
-    let mut incoming = spawn_reader(recv, job.job_id.clone(), hello, max_points);
+    // Cap what the reader may buffer: the peer's points (as declared, within policy), ours
+    // returned, and a few frames without points.
+    let budget = FrameBudget::new(job.permit.max_peer_set, own_size);
+    let mut incoming = spawn_reader(recv, job.job_id.clone(), hello, budget);
 
     let result = async {
         let hello = next_frame(&mut incoming, &partner, STALL_BASE).await?;
@@ -674,28 +678,31 @@ pub fn spec_digest(job_id: &str, spec: &JobSpec) -> [u8; 32] {
     h.finalize().into()
 }
 
-/// Reads the peer's stream into a channel as fast as it arrives, checking job ids and capping
-/// the number of points buffered.
+/// Reads the peer's stream into a channel as fast as it arrives, checking job ids and what the
+/// peer may make us buffer ([`FrameBudget`]).
 fn spawn_reader(
     mut recv: FramedRecv,
     job_id: String,
-    first: Option<Envelope>,
-    max_points: u64,
+    mut first: Option<Envelope>,
+    mut budget: FrameBudget,
 ) -> mpsc::UnboundedReceiver<Incoming> {
     let (tx, rx) = mpsc::unbounded_channel();
     tokio::spawn(async move {
-        if let Some(first) = first {
-            let _ = tx.send(Incoming::Frame(Box::new(first)));
-        }
-        let mut points: u64 = 0;
         loop {
-            let env = match recv.recv().await {
-                Ok(Some(env)) => env,
-                Ok(None) => return,
-                Err(e) => {
-                    let _ = tx.send(Incoming::Failed(e.to_string()));
-                    return;
-                }
+            let env = match first.take() {
+                Some(env) => env,
+                None => match recv.recv().await {
+                    Ok(Some(env)) => env,
+                    Ok(None) => return,
+                    Err(TransportError::Closed { reason }) => {
+                        let _ = tx.send(Incoming::Lost(reason));
+                        return;
+                    }
+                    Err(e) => {
+                        let _ = tx.send(Incoming::Failed(e.to_string()));
+                        return;
+                    }
+                },
             };
             if env.job_id != job_id {
                 let _ = tx.send(Incoming::Failed(format!(
@@ -704,14 +711,9 @@ fn spawn_reader(
                 )));
                 return;
             }
-            if let Some(Body::Points(batch)) = &env.body {
-                points = points.saturating_add((batch.points.len() / POINT_LEN) as u64);
-                if points > max_points {
-                    let _ = tx.send(Incoming::Failed(format!(
-                        "sent more than the {max_points} points it may"
-                    )));
-                    return;
-                }
+            if let Err(reason) = budget.admit(&env) {
+                let _ = tx.send(Incoming::Failed(reason));
+                return;
             }
             if tx.send(Incoming::Frame(Box::new(env))).is_err() {
                 return;
@@ -744,6 +746,9 @@ async fn next_frame(
             Ok(*env)
         }
         Some(Incoming::Failed(reason)) => Err(violation(partner, reason)),
+        Some(Incoming::Lost(reason)) => Err(NodeError::Job(format!(
+            "lost the connection to node '{partner}': {reason}"
+        ))),
         None => Err(NodeError::Job(format!(
             "node '{partner}' closed its stream early"
         ))),

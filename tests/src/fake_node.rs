@@ -1,15 +1,18 @@
 //! A hand-driven node for hostile-peer tests: it holds a valid certificate, registers with the
 //! coordinator, accepts the next job it is offered as initiator, dials the responder and sends a
-//! correct hello — and from then on the test decides what it sends.
+//! correct hello — and from then on the test decides what it sends: raw bytes, any envelope, or
+//! an honest run of the protocol ([`FakeJob::run_honestly`]) whose frames it records so a later
+//! job can replay them.
 
 use std::net::SocketAddr;
 use std::path::Path;
 
+use cleanroom_circuits::{ItemSet, JobKey, PsiParams, PsiSession};
 use cleanroom_proto::v1::{
     BatchEnd, Envelope, HelloAck, JobSpec, NodeHello, OfferReply, Phase, PointBatch, PsiHello,
-    Ready, envelope::Body,
+    PsiOutcome, Ready, Report, envelope::Body, report::Outcome,
 };
-use cleanroom_transport::{Credentials, FramedSend, Identity, TransportTuning};
+use cleanroom_transport::{Credentials, FramedRecv, FramedSend, Identity, TransportTuning};
 
 /// The compressed ristretto255 basepoint (RFC 9496): a valid point to send.
 pub const BASEPOINT: [u8; 32] = [
@@ -27,10 +30,13 @@ pub struct FakeJob {
     pub spec: JobSpec,
     /// The data-plane connection to the responder.
     pub conn: quinn::Connection,
-    /// Our stream to the responder (the hello has been sent on it).
-    pub data: FramedSend,
+    /// Our stream to the responder (the hello has been sent on it), unframed so that tests can
+    /// write bytes no honest encoder would produce.
+    pub data: quinn::SendStream,
+    /// Every envelope sent on `data` so far, in order (raw bytes are not recorded).
+    pub sent: Vec<Envelope>,
     _control: quinn::Connection,
-    _job_stream: FramedSend,
+    job_stream: FramedSend,
     _endpoint: quinn::Endpoint,
 }
 
@@ -42,8 +48,148 @@ impl FakeJob {
             phase: phase as i32,
             body: Some(body),
         };
+        self.send_envelope(envelope).await;
+    }
+
+    /// Sends `envelope` exactly as given (any job id, any phase) and records it.
+    pub async fn send_envelope(&mut self, envelope: Envelope) {
+        let frame = cleanroom_proto::encode_frame(&envelope).expect("envelope under the cap");
+        self.sent.push(envelope);
+        self.send_raw(&frame).await;
+    }
+
+    /// Writes `bytes` on the data stream as they are: truncated frames, bad length prefixes,
+    /// bodies that do not decode.
+    pub async fn send_raw(&mut self, bytes: &[u8]) {
         // The honest side may already have hung up: that is what the tests provoke.
-        let _ = self.data.send(&envelope).await;
+        let _ = self.data.write_all(bytes).await;
+    }
+
+    /// Ends our data stream (a clean end of stream after what was sent).
+    pub fn finish(&mut self) {
+        let _ = self.data.finish();
+    }
+
+    /// Reports the job's outcome to the coordinator, as an honest node does at the end.
+    pub async fn report(&mut self, outcome: PsiOutcome) {
+        let report = Envelope {
+            job_id: self.job_id.clone(),
+            phase: Phase::Report as i32,
+            body: Some(Body::Report(Report {
+                outcome: Some(Outcome::Psi(outcome)),
+            })),
+        };
+        let _ = self.job_stream.send(&report).await;
+    }
+
+    /// Runs the protocol honestly with `items` (distinct, sorted; the hello declared their
+    /// number) against the responder, as `psi_job` does, and returns the intersection size.
+    /// Everything sent is recorded in [`FakeJob::sent`].
+    pub async fn run_honestly(&mut self, items: ItemSet, key_name: &str) -> Result<u64, String> {
+        let done = |job_id: &str, count: u64| Envelope {
+            job_id: job_id.to_owned(),
+            phase: Phase::PsiDone as i32,
+            body: Some(Body::BatchEnd(BatchEnd { total: count })),
+        };
+        self.run_honestly_then(items, key_name, done).await
+    }
+
+    /// Like [`FakeJob::run_honestly`], but the last frame (the count) is what `finale` makes of
+    /// the job id and the true count: a wrong count, a frame for another phase…
+    pub async fn run_honestly_then(
+        &mut self,
+        items: ItemSet,
+        key_name: &str,
+        finale: impl FnOnce(&str, u64) -> Envelope,
+    ) -> Result<u64, String> {
+        let params = PsiParams {
+            key_name: key_name.to_owned(),
+            min_peer_set: 1,
+            max_peer_set: u64::MAX,
+            return_in_order: false,
+            learn_membership: false,
+            batch_size: 4096,
+        };
+        let (own_size, session) = PsiSession::start(params, JobKey::generate(), items);
+        let stream = self.conn.accept_uni().await.map_err(|e| e.to_string())?;
+        let mut recv = FramedRecv::new(stream);
+        let Some(Body::PsiHello(hello)) = next_envelope(&mut recv).await?.body else {
+            return Err("expected the responder's hello".into());
+        };
+        let session = session
+            .on_peer_size(hello.set_size)
+            .map_err(|e| e.to_string())?;
+        let (batches, mut exchanging) = session.blind();
+        for (seq, points) in batches.into_iter().enumerate() {
+            let seq = seq as u64;
+            self.send(Phase::PsiBlinded, Body::Points(PointBatch { seq, points }))
+                .await;
+        }
+        self.send(
+            Phase::PsiBlinded,
+            Body::BatchEnd(BatchEnd { total: own_size }),
+        )
+        .await;
+        // The responder's points, which we blind again and return (shuffled).
+        let mut awaiting = loop {
+            match next_envelope(&mut recv).await?.body {
+                Some(Body::Points(batch)) => {
+                    exchanging = exchanging
+                        .on_peer_batch(&batch.points)
+                        .map_err(|e| e.to_string())?
+                        .0;
+                }
+                Some(Body::BatchEnd(end)) => {
+                    let (rest, awaiting) = exchanging
+                        .on_peer_end(end.total)
+                        .map_err(|e| e.to_string())?;
+                    for (seq, points) in rest.into_iter().enumerate() {
+                        let seq = seq as u64;
+                        self.send(
+                            Phase::PsiDoubleBlinded,
+                            Body::Points(PointBatch { seq, points }),
+                        )
+                        .await;
+                    }
+                    self.send(
+                        Phase::PsiDoubleBlinded,
+                        Body::BatchEnd(BatchEnd { total: end.total }),
+                    )
+                    .await;
+                    break awaiting;
+                }
+                other => return Err(format!("unexpected {other:?} while exchanging")),
+            }
+        };
+        // Our points, returned double-blinded.
+        let output = loop {
+            match next_envelope(&mut recv).await?.body {
+                Some(Body::Points(batch)) => {
+                    awaiting = awaiting
+                        .on_returned_batch(&batch.points)
+                        .map_err(|e| e.to_string())?;
+                }
+                Some(Body::BatchEnd(end)) => {
+                    break awaiting
+                        .on_returned_end(end.total)
+                        .map_err(|e| e.to_string())?;
+                }
+                other => return Err(format!("unexpected {other:?} while awaiting our points")),
+            }
+        };
+        let last = finale(&self.job_id, output.intersection);
+        self.send_envelope(last).await;
+        self.finish();
+        let Some(Body::BatchEnd(done)) = next_envelope(&mut recv).await?.body else {
+            return Err("expected the responder's count".into());
+        };
+        if done.total != output.intersection {
+            return Err(format!(
+                "the responder counted {}, we counted {}",
+                done.total, output.intersection
+            ));
+        }
+        Ok(output.intersection)
     }
 
     /// Sends a batch of blinded points and the end marker with `total`.
@@ -58,6 +204,14 @@ impl FakeJob {
                 .await;
         }
     }
+}
+
+/// The responder's next frame; its stream must not end yet.
+async fn next_envelope(recv: &mut FramedRecv) -> Result<Envelope, String> {
+    recv.recv()
+        .await
+        .map_err(|e| e.to_string())?
+        .ok_or_else(|| "the responder ended its stream".to_owned())
 }
 
 /// Plays node `name` (its certificate must be in `<dir>/pki`): registers, accepts the next
@@ -139,14 +293,15 @@ pub async fn join_next_job(
     let conn = cleanroom_transport::connect(&endpoint, peer_addr, &peer)
         .await
         .expect("dial");
-    let data = FramedSend::new(conn.open_uni().await.expect("stream"));
+    let data = conn.open_uni().await.expect("stream");
     let mut job = FakeJob {
         job_id: job_id.clone(),
         spec: spec.clone(),
         conn,
         data,
+        sent: Vec::new(),
         _control: control,
-        _job_stream: jsend,
+        job_stream: jsend,
         _endpoint: endpoint,
     };
     let hello = Body::PsiHello(PsiHello {

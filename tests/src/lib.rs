@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 pub mod fake_node;
+pub mod proxy;
 
 /// Paths of the `cleanroom` and `cleanroom-node` binaries, built once per test process with
 /// the same profile as the tests.
@@ -265,19 +266,46 @@ impl Consortium {
 
     /// Starts `cleanroom-node run` with the config `<name>.toml`.
     pub fn start_node(&mut self, name: &str) {
+        self.spawn_node(name, false);
+    }
+
+    /// Like [`Consortium::start_node`], but ready for a file-size limit to be imposed on the
+    /// running node later (`prlimit --pid PID --fsize=N`), which models a full disk: the node
+    /// starts with SIGXFSZ ignored (`sh`'s `trap ''` survives `exec`), so a write past the limit
+    /// fails with EFBIG instead of killing it, and its log goes through a pipe that a thread of
+    /// the test copies to the log file, so the limit does not silence the log.
+    pub fn start_node_limitable(&mut self, name: &str) {
+        self.spawn_node(name, true);
+    }
+
+    fn spawn_node(&mut self, name: &str, limitable: bool) {
         let cfg = self.path().join(format!("{name}.toml"));
         let log = self.path().join(format!("logs/{name}.log"));
-        let mut child = Command::new(&bins().1)
-            .args(["run", "--config"])
+        let mut cmd = if limitable {
+            let mut sh = Command::new("sh");
+            sh.args(["-c", "trap '' XFSZ; exec \"$0\" \"$@\""])
+                .arg(&bins().1);
+            sh
+        } else {
+            Command::new(&bins().1)
+        };
+        cmd.args(["run", "--config"])
             .arg(&cfg)
             .arg("--stop-on-stdin-eof")
             .current_dir(self.path())
             .env("RUST_LOG", "info")
             .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .expect("starting a node");
+            .stdout(Stdio::null());
+        if limitable {
+            cmd.stderr(Stdio::piped());
+        } else {
+            cmd.stderr(std::fs::File::create(&log).unwrap());
+        }
+        let mut child = cmd.spawn().expect("starting a node");
+        if let Some(mut stderr) = child.stderr.take() {
+            let mut file = std::fs::File::create(&log).unwrap();
+            std::thread::spawn(move || std::io::copy(&mut stderr, &mut file));
+        }
         let stdin = child.stdin.take();
         self.nodes.push(Process {
             name: name.into(),
@@ -354,6 +382,58 @@ impl Consortium {
             )
         });
         (json, out.status.code())
+    }
+
+    /// `cleanroom job submit ARGS --format json` without waiting: the job id.
+    pub fn submit_nowait(&self, args: &[&str]) -> String {
+        let mut all: Vec<String> = vec!["job".into(), "submit".into()];
+        all.extend(args.iter().map(|s| s.to_string()));
+        all.extend(["--format".into(), "json".into()]);
+        all.extend(self.analyst_args());
+        let all: Vec<&str> = all.iter().map(String::as_str).collect();
+        let out = cleanroom(self.path(), &all);
+        let job: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|_| {
+            panic!(
+                "job submit printed no JSON: {}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        });
+        job["job_id"].as_str().expect("job id").to_owned()
+    }
+
+    /// `cleanroom job status JOB --format json`.
+    pub fn job_status(&self, job_id: &str) -> Value {
+        let mut all: Vec<String> = vec![
+            "job".into(),
+            "status".into(),
+            job_id.into(),
+            "--format".into(),
+            "json".into(),
+        ];
+        all.extend(self.analyst_args());
+        let all: Vec<&str> = all.iter().map(String::as_str).collect();
+        let out = cleanroom(self.path(), &all);
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|_| {
+            panic!(
+                "job status printed no JSON: {}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })
+    }
+
+    /// Polls the job until it has finished or `limit` has passed, and returns it.
+    pub fn wait_job(&self, job_id: &str, limit: Duration) -> Value {
+        let deadline = Instant::now() + limit;
+        loop {
+            let job = self.job_status(job_id);
+            let finished = ["succeeded", "failed", "vetoed", "cancelled"]
+                .iter()
+                .any(|s| job["state"] == *s);
+            if finished || Instant::now() > deadline {
+                return job;
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        }
     }
 
     pub fn node(&self, name: &str) -> &Process {

@@ -1,0 +1,227 @@
+//! End to end with a network partition between two nodes' data planes: a UDP proxy on loopback
+//! (`cleanroom_e2e::proxy`) sits between the initiator (acme) and the responder (globex), which
+//! advertises the proxy's address, so the coordinator's `Start` sends acme through it. The test
+//! cuts the proxy mid-job (every datagram dropped, both ways) and heals it.
+//!
+//! - Shorter than the QUIC idle timeout: QUIC retransmits, the job succeeds with the right count.
+//! - Longer than the idle timeout: both nodes fail the job with a readable reason, audit it,
+//!   release nothing; after healing, the pair serves the next job.
+//!
+//! The idle timeout is the transport's default (30 s, `TransportTuning`); nodes have no setting
+//! for it, so the long case waits that long.
+
+// Test-only code: a failed step is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use cleanroom_e2e::proxy::UdpProxy;
+use cleanroom_e2e::{Consortium, open_agreement};
+use cleanroom_node::audit::AuditEvent;
+use serde_json::Value;
+
+/// Rows per side: enough that the exchange is still under way when the cut comes.
+const ROWS: u64 = 20_000;
+/// The short partition, well under the idle timeout.
+const SHORT: Duration = Duration::from_secs(5);
+
+const OVERLAP: [&str; 9] = [
+    "overlap",
+    "--between",
+    "acme,globex",
+    "--dataset",
+    "customers",
+    "--on",
+    "email",
+    "--purpose",
+    "overlap-reporting",
+];
+
+/// The data-plane address a node logged at start (`node listening … data_plane=ADDR`).
+fn bound_data_plane(c: &Consortium, name: &str) -> SocketAddr {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let log = c.node(name).log_text();
+        let addr = log
+            .lines()
+            .filter(|l| l.contains("node listening"))
+            .find_map(|l| {
+                let rest = &l[l.find("data_plane")? + "data_plane".len()..];
+                let start = rest.find(|ch: char| ch.is_ascii_digit())?;
+                let addr: String = rest[start..]
+                    .chars()
+                    .take_while(|ch| ch.is_ascii_digit() || *ch == '.' || *ch == ':')
+                    .collect();
+                addr.parse().ok()
+            });
+        if let Some(addr) = addr {
+            return addr;
+        }
+        assert!(Instant::now() < deadline, "{name} never logged its address");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn job_log_has(c: &Consortium, name: &str, job_id: &str, needle: &str) -> bool {
+    c.node(name)
+        .log_text()
+        .lines()
+        .any(|l| l.contains(job_id) && l.contains(needle))
+}
+
+/// Submits the overlap and waits until both nodes have loaded their data for it (the data-plane
+/// connection is up: the responder loads only once the initiator has connected).
+fn submit_and_wait_for_exchange(c: &Consortium) -> String {
+    let job_id = c.submit_nowait(&OVERLAP);
+    let t0 = Instant::now();
+    while !(job_log_has(c, "acme", &job_id, "dataset loaded")
+        && job_log_has(c, "globex", &job_id, "dataset loaded"))
+    {
+        assert!(
+            t0.elapsed() < Duration::from_secs(120),
+            "job {job_id} never got to its exchange: {}",
+            c.job_status(&job_id)
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    job_id
+}
+
+/// The reason `name` audited for `job_id`'s failure, if it did.
+fn audited_error(c: &Consortium, name: &str, job_id: &str) -> Option<String> {
+    let path = c.path().join(format!("state-{name}/audit.log"));
+    // A line being appended may be read half-written: the caller polls.
+    let entries = cleanroom_node::audit::read_entries(&path).unwrap_or_default();
+    entries.into_iter().find_map(|e| match e.event {
+        AuditEvent::JobError {
+            job_id: j, reason, ..
+        } if j == job_id => Some(reason),
+        _ => None,
+    })
+}
+
+fn assert_count(job: &Value, expected: u64, what: &str) {
+    assert_eq!(job["state"], "succeeded", "{what}: {job}");
+    assert_eq!(
+        job["intersection"].as_u64(),
+        Some(expected),
+        "{what}: {job}"
+    );
+}
+
+#[test]
+fn a_partition_shorter_than_the_idle_timeout_is_survived_and_a_longer_one_fails_cleanly() {
+    let idle = cleanroom_transport::TransportTuning::default().idle_timeout;
+    let mut c = Consortium::new();
+    let truth = c.synth("acme,globex", ROWS, 0.3, 41);
+    let expected = truth["pairwise_overlap"]["acme,globex"].as_u64().unwrap();
+    c.start_coordinator();
+    for (me, other) in [("acme", "globex"), ("globex", "acme")] {
+        c.issue_node(me);
+        c.write_node_config(me, me, &open_agreement(other));
+    }
+    // globex advertises the proxy, so acme (the initiator) dials it; the proxy forwards to the
+    // port globex actually bound, which is known once it has started.
+    let proxy = UdpProxy::start();
+    let cfg = c.path().join("globex.toml");
+    let text = std::fs::read_to_string(&cfg).unwrap().replacen(
+        "listen = \"127.0.0.1:0\"\n",
+        &format!(
+            "listen = \"127.0.0.1:0\"\nadvertise = \"{}\"\n",
+            proxy.addr()
+        ),
+        1,
+    );
+    std::fs::write(&cfg, text).unwrap();
+    c.start_node("globex");
+    proxy.set_upstream(bound_data_plane(&c, "globex"));
+    c.start_node("acme");
+    c.wait_connected(&["acme", "globex"]);
+
+    // Through the proxy, undisturbed.
+    let t0 = Instant::now();
+    let job = c.wait_job(&c.submit_nowait(&OVERLAP), Duration::from_secs(300));
+    assert_count(&job, expected, "baseline");
+    let (forwarded, _) = proxy.counts();
+    assert!(forwarded > 0, "the data plane did not go through the proxy");
+    eprintln!(
+        "baseline through the proxy: {:?}, {forwarded} datagrams",
+        t0.elapsed()
+    );
+
+    // A: cut for SHORT mid-exchange, then heal.
+    let job_id = submit_and_wait_for_exchange(&c);
+    proxy.cut();
+    let at_cut = c.job_status(&job_id);
+    std::thread::sleep(SHORT);
+    proxy.heal();
+    let (_, dropped) = proxy.counts();
+    assert_eq!(
+        at_cut["state"], "running",
+        "the job ended before the cut; make it longer: {at_cut}"
+    );
+    let job = c.wait_job(&job_id, Duration::from_secs(300));
+    eprintln!(
+        "A: {SHORT:?} partition mid-exchange ({dropped} datagrams dropped): {} with {}",
+        job["state"], job["intersection"]
+    );
+    assert!(dropped > 0, "nothing was dropped during the cut");
+    assert_count(&job, expected, "after a short partition");
+
+    // B: cut mid-exchange for longer than the idle timeout.
+    let job_id = submit_and_wait_for_exchange(&c);
+    proxy.cut();
+    let cut_at = Instant::now();
+    let at_cut = c.job_status(&job_id);
+    assert_eq!(at_cut["state"], "running", "{at_cut}");
+    let job = c.wait_job(&job_id, idle + Duration::from_secs(90));
+    let took = cut_at.elapsed();
+    // Both sides must give up on their own while the partition lasts: the side whose idle timer
+    // fires second would otherwise see the first side's stateless reset after healing.
+    let deadline = cut_at + idle + Duration::from_secs(90);
+    let audited = loop {
+        let audited: Vec<Option<String>> = ["acme", "globex"]
+            .iter()
+            .map(|n| audited_error(&c, n, &job_id))
+            .collect();
+        if audited.iter().all(Option::is_some) || Instant::now() > deadline {
+            break audited;
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    };
+    let partition = cut_at.elapsed();
+    proxy.heal();
+    eprintln!(
+        "B: partition of {partition:?} (idle timeout {idle:?}): {} after {took:?}: {}",
+        job["state"], job["reason"]
+    );
+    assert!(partition > idle, "{partition:?}");
+    assert_eq!(job["state"], "failed", "{job}");
+    let reason = job["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("timed out") && (reason.contains("acme") || reason.contains("globex")),
+        "the reason says what happened: {reason}"
+    );
+    // A partition is nobody's misbehaviour: neither node may be blamed for a violation.
+    assert!(!reason.contains("protocol violation"), "{reason}");
+    assert!(job["intersection"].is_null(), "{job}");
+    assert!(
+        job["results"].as_array().is_none_or(Vec::is_empty),
+        "a failed job has results: {job}"
+    );
+    for (node, audited) in ["acme", "globex"].iter().zip(audited) {
+        let audited = audited.unwrap_or_else(|| panic!("{node} audited no JobError for {job_id}"));
+        eprintln!("B: {node} audited: {audited}");
+        assert!(
+            audited.contains("timed out") && !audited.contains("protocol violation"),
+            "{node} audited: {audited}"
+        );
+        let log = c.node(node).log_text();
+        assert!(!log.contains("panicked"), "{node} panicked:\n{log}");
+    }
+
+    // Healed: the pair serves the next job, through the proxy again.
+    let job = c.wait_job(&c.submit_nowait(&OVERLAP), Duration::from_secs(300));
+    assert_count(&job, expected, "after healing");
+}
