@@ -411,12 +411,13 @@ impl ExchangingPoints {
                 received,
             });
         }
+        // Shuffled in place rather than a shuffled copy: the sort below fixes the order anyway,
+        // and a copy would be one more encoding per peer item at this step's memory peak.
         let outgoing = if common.params.return_in_order {
             Vec::new()
         } else {
-            let mut shuffled = peer_double.clone();
-            shuffled.shuffle(&mut rand::rng());
-            to_batches(shuffled.iter(), common.params.batch_size)
+            peer_double.shuffle(&mut rand::rng());
+            to_batches(peer_double.iter(), common.params.batch_size)
         };
         if !sort_and_check_distinct(&mut peer_double) {
             return Err(PsiError::DuplicatePeerPoint);
