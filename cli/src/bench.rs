@@ -6,10 +6,10 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use cleanroom_circuits::floor::measure_floor;
-use cleanroom_proto::v1::{JobKind, JobSpec, JobState, PartySpec};
+use cleanroom_proto::v1::{AggregateSpec, JobKind, JobSpec, JobState, PartySpec};
 use serde_json::json;
 
-use crate::args::{BenchCommand, BenchPsiArgs};
+use crate::args::{BenchAggregateArgs, BenchCommand, BenchPsiArgs};
 use crate::cluster::{Cluster, Partner};
 use crate::synth::{SynthSpec, write_synth};
 use crate::ui::{WorkDir, spinner};
@@ -18,6 +18,7 @@ use crate::ui::{WorkDir, spinner};
 pub async fn run(command: BenchCommand) -> anyhow::Result<ExitCode> {
     match command {
         BenchCommand::Psi(args) => psi(args).await,
+        BenchCommand::Aggregate(args) => aggregate(args).await,
     }
 }
 
@@ -105,6 +106,7 @@ async fn psi(args: BenchPsiArgs) -> anyhow::Result<ExitCode> {
                 })
                 .collect(),
             purpose: "overlap-reporting".into(),
+            aggregate: None,
         };
         let started = Instant::now();
         let job = client.submit(spec, "").await?;
@@ -192,6 +194,182 @@ async fn psi(args: BenchPsiArgs) -> anyhow::Result<ExitCode> {
                 "items_per_s_per_side": args.n as f64 / wall,
                 "floor_ns": { "hash_to_group": floor.hash_to_group_ns, "scalar_mul": floor.scalar_mul_ns, "compress": floor.compress_ns, "decompress": floor.decompress_ns },
                 "peak_rss_bytes": rss.iter().map(|(n, b)| (n.clone(), json!(b))).collect::<serde_json::Map<_, _>>(),
+                "correct": correct,
+            })
+        );
+    }
+    Ok(if correct {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+/// `cleanroom bench aggregate`: N node processes, G groups, the synthetic chargebacks.
+async fn aggregate(args: BenchAggregateArgs) -> anyhow::Result<ExitCode> {
+    if cfg!(debug_assertions) {
+        eprintln!(
+            "warning: this is a debug build; benchmark figures are meaningless. Use `cargo run --release --bin cleanroom -- bench aggregate`."
+        );
+    }
+    anyhow::ensure!(args.parties >= 3, "an aggregate needs at least 3 parties");
+    anyhow::ensure!(
+        (crate::synth::CATEGORIES.len() as u64..=20_000).contains(&args.groups),
+        "--groups must be between {} and 20000",
+        crate::synth::CATEGORIES.len()
+    );
+    let workdir = WorkDir::new(args.keep.as_deref(), "cleanroom-bench-")?;
+    let dir = workdir.path().to_owned();
+    let progress = spinner("writing synthetic data");
+    let data_dir = dir.join("data");
+    let partners: Vec<String> = (1..=args.parties).map(|i| format!("p{i}")).collect();
+    let truth = write_synth(
+        &SynthSpec {
+            partners: partners.clone(),
+            rows: args.rows,
+            overlap: 0.3,
+            seed: 42,
+        },
+        &data_dir,
+    )?;
+    progress.set_message(format!(
+        "starting the coordinator and {} nodes",
+        partners.len()
+    ));
+    let cluster = Cluster::start(
+        &dir,
+        &partners
+            .iter()
+            .map(|n| Partner {
+                name: n.clone(),
+                csv: data_dir.join(format!("{n}.csv")),
+            })
+            .collect::<Vec<_>>(),
+    )
+    .await?;
+    let client = cluster.client().await?;
+    let mut labels: Vec<String> = crate::synth::CATEGORIES
+        .iter()
+        .map(|c| c.to_string())
+        .collect();
+    labels.extend((0..args.groups - labels.len() as u64).map(|i| format!("g{i}")));
+    let spec = JobSpec {
+        kind: JobKind::Aggregate as i32,
+        parties: partners
+            .iter()
+            .map(|node| PartySpec {
+                node: node.clone(),
+                dataset: "chargebacks".into(),
+                ..PartySpec::default()
+            })
+            .collect(),
+        purpose: "fraud-benchmark".into(),
+        aggregate: Some(AggregateSpec {
+            group_by: "category".into(),
+            groups: labels,
+            sums: vec!["amount".into()],
+            count: true,
+        }),
+    };
+
+    let mut walls = Vec::new();
+    let mut correct = true;
+    let mut bytes: Vec<(String, u64, u64)> = Vec::new();
+    for run in 0..args.runs.max(1) {
+        progress.set_message(format!(
+            "run {}/{}: aggregate of {} groups over {} parties",
+            run + 1,
+            args.runs.max(1),
+            args.groups,
+            args.parties
+        ));
+        let started = Instant::now();
+        let job = client.submit(spec.clone(), "").await?;
+        let job = client
+            .wait(&job.job_id, Duration::from_secs(7200), |_| {})
+            .await?;
+        walls.push(started.elapsed().as_secs_f64());
+        let Some(result) = job
+            .aggregate
+            .as_ref()
+            .filter(|_| job.state == JobState::Succeeded as i32)
+        else {
+            correct = false;
+            eprintln!(
+                "run {}: job {} did not succeed: {}",
+                run + 1,
+                job.job_id,
+                job.reason
+            );
+            continue;
+        };
+        // The categories' noised totals must be within 6 standard deviations of the truth.
+        let sd = |column: &str| {
+            result
+                .noise
+                .iter()
+                .find(|n| n.column == column)
+                .map_or(0.0, |n| n.total_sd)
+        };
+        for g in result.groups.iter().take(crate::synth::CATEGORIES.len()) {
+            let t = truth
+                .chargebacks_total
+                .get(&g.label)
+                .copied()
+                .unwrap_or_default();
+            let ok = !g.suppressed
+                && g.values.len() == 2
+                && ((g.values[0] - t.count as i64) as f64).abs() <= 6.0 * sd("count")
+                && ((g.values[1] - t.amount as i64) as f64).abs() <= 6.0 * sd("amount");
+            if !ok {
+                correct = false;
+                eprintln!(
+                    "run {}: group {} is off: {:?} vs {t:?}",
+                    run + 1,
+                    g.label,
+                    g.values
+                );
+            }
+        }
+        bytes = result
+            .parties
+            .iter()
+            .map(|p| (p.node.clone(), p.bytes_to_peers, p.bytes_to_coordinator))
+            .collect();
+    }
+    client.close().await;
+    cluster.stop().await?;
+    progress.finish_and_clear();
+
+    let wall = median(&mut walls);
+    println!(
+        "bench aggregate: {} groups (+ other) × 2 columns over {} parties, {} chargebacks per party, {} run(s)",
+        args.groups,
+        args.parties,
+        args.rows.div_ceil(5),
+        walls.len()
+    );
+    println!("wall (submit → result):   {wall:.2} s  (median)");
+    for (node, to_peers, to_coordinator) in &bytes {
+        println!(
+            "bytes sent by {node:<6}      {to_peers} B to peers, {to_coordinator} B to the coordinator"
+        );
+    }
+    println!(
+        "result:                   {}",
+        if correct {
+            "correct (every category within 6 sd of the ground truth)"
+        } else {
+            "WRONG"
+        }
+    );
+    if args.json {
+        println!(
+            "{}",
+            json!({
+                "groups": args.groups, "parties": args.parties, "rows": args.rows,
+                "runs": walls.len(), "wall_s": wall,
+                "bytes": bytes.iter().map(|(n, p, c)| json!({"node": n, "to_peers": p, "to_coordinator": c})).collect::<Vec<_>>(),
                 "correct": correct,
             })
         );

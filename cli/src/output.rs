@@ -10,6 +10,7 @@ fn kind_name(kind: i32) -> &'static str {
     match JobKind::try_from(kind) {
         Ok(JobKind::Overlap) => "overlap",
         Ok(JobKind::Match) => "match",
+        Ok(JobKind::Aggregate) => "aggregate",
         _ => "unknown",
     }
 }
@@ -73,6 +74,9 @@ pub fn job_json(job: &JobInfo) -> Value {
 
 /// Prints one job in the chosen format.
 pub fn print_job(job: &JobInfo, format: Format) {
+    if crate::aggregate_output::print_job(job, format) {
+        return;
+    }
     match format {
         Format::Json => println!(
             "{}",

@@ -57,6 +57,9 @@ fn failed(reason: impl Into<String>) -> Failure {
 }
 
 async fn drive(shared: &Arc<Shared>, job_id: &str, spec: &JobSpec) -> Result<String, Failure> {
+    if spec.kind == cleanroom_proto::v1::JobKind::Aggregate as i32 {
+        return crate::aggregate_runner::drive(shared, job_id, spec).await;
+    }
     // Every party must be connected before anything is offered.
     let mut handles = Vec::new();
     for (i, party) in spec.parties.iter().enumerate() {
@@ -174,6 +177,7 @@ async fn drive(shared: &Arc<Shared>, job_id: &str, spec: &JobSpec) -> Result<Str
             body: Some(Body::Start(Start {
                 role: stream.role as i32,
                 peer_addr,
+                peers: Vec::new(),
             })),
         };
         let node = stream.node.clone();
@@ -209,6 +213,9 @@ async fn drive(shared: &Arc<Shared>, job_id: &str, spec: &JobSpec) -> Result<Str
                 Some(Body::Report(r)) => match r.outcome {
                     Some(Outcome::Psi(outcome)) => Ok((node, outcome)),
                     Some(Outcome::Failure(reason)) => Err(format!("{node}: {reason}")),
+                    Some(Outcome::Aggregate(_)) => Err(format!(
+                        "node '{node}' sent an aggregate report for a PSI job"
+                    )),
                     None => Err(format!("node '{node}' sent an empty report")),
                 },
                 _ => Err(format!("node '{node}' sent something other than a report")),

@@ -254,10 +254,13 @@ pub fn schedule_info_notified(
 }
 
 fn job_info(shared: &Shared, job_id: &str) -> Result<JobInfo, CoordinatorError> {
-    shared
+    let mut info = shared
         .store
         .get(job_id)?
-        .ok_or_else(|| CoordinatorError::Refused(format!("job {job_id} vanished")))
+        .ok_or_else(|| CoordinatorError::Refused(format!("job {job_id} vanished")))?;
+    // Aggregate jobs keep their result in their own table.
+    info.aggregate = shared.store.get_aggregate_result(job_id)?;
+    Ok(info)
 }
 
 fn unknown_schedule(name: &str) -> CoordinatorError {
@@ -406,7 +409,10 @@ async fn handle(
             Ok(Response::Job(info))
         }
         Some(Request::Get(_)) => match shared.store.get(&env.job_id)? {
-            Some(info) => Ok(Response::Job(info)),
+            Some(mut info) => {
+                info.aggregate = shared.store.get_aggregate_result(&env.job_id)?;
+                Ok(Response::Job(info))
+            }
             None => Err(CoordinatorError::Refused(format!(
                 "no job '{}'; `cleanroom job list` shows the known jobs",
                 env.job_id

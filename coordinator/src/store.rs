@@ -244,6 +244,7 @@ impl JobStore {
                 });
             }
         }
+        migrate_aggregate_results(&tx)?;
         tx.commit()?;
         Ok(JobStore {
             conn: Mutex::new(conn),
@@ -1396,7 +1397,126 @@ fn load_job(conn: &Connection, job_id: &str) -> Result<Option<JobInfo>, StoreErr
         submitted_by,
         results,
         history,
+        aggregate: None,
     }))
+}
+
+// ---------------------------------------------------------------- aggregate results
+//
+// A separate migration step, kept apart from the numbered schema so that it merges cleanly with
+// other schema changes: the table is created if missing on every open (idempotent). One row per
+// succeeded aggregate job: the reconstructed, noised, thresholded result (prost-encoded
+// `AggregateResult`). Partials are never stored.
+
+const AGGREGATE_RESULTS_SCHEMA: &str = "CREATE TABLE IF NOT EXISTS aggregate_results (
+    job_id    TEXT PRIMARY KEY REFERENCES jobs (job_id) ON DELETE CASCADE,
+    result    BLOB NOT NULL,
+    stored_ms INTEGER NOT NULL
+)";
+
+fn migrate_aggregate_results(tx: &rusqlite::Transaction<'_>) -> Result<(), StoreError> {
+    tx.execute_batch(AGGREGATE_RESULTS_SCHEMA)?;
+    Ok(())
+}
+
+impl JobStore {
+    /// Stores the result of an aggregate job (replacing an earlier one for the same job).
+    pub fn put_aggregate_result(
+        &self,
+        job_id: &str,
+        result: &cleanroom_proto::v1::AggregateResult,
+        now_ms: i64,
+    ) -> Result<(), StoreError> {
+        let conn = self.lock();
+        let exists: bool = conn.query_row(
+            "SELECT EXISTS (SELECT 1 FROM jobs WHERE job_id = ?1)",
+            [job_id],
+            |row| row.get(0),
+        )?;
+        if !exists {
+            return Err(StoreError::UnknownJob(job_id.to_owned()));
+        }
+        conn.execute(
+            "INSERT INTO aggregate_results (job_id, result, stored_ms) VALUES (?1, ?2, ?3) \
+             ON CONFLICT (job_id) DO UPDATE SET result = excluded.result, \
+             stored_ms = excluded.stored_ms",
+            params![job_id, result.encode_to_vec(), now_ms],
+        )?;
+        Ok(())
+    }
+
+    /// The stored result of an aggregate job, if any.
+    pub fn get_aggregate_result(
+        &self,
+        job_id: &str,
+    ) -> Result<Option<cleanroom_proto::v1::AggregateResult>, StoreError> {
+        let conn = self.lock();
+        let blob: Option<Vec<u8>> = conn
+            .query_row(
+                "SELECT result FROM aggregate_results WHERE job_id = ?1",
+                [job_id],
+                |row| row.get(0),
+            )
+            .optional()?;
+        blob.map(|b| {
+            cleanroom_proto::v1::AggregateResult::decode(b.as_slice()).map_err(|e| {
+                StoreError::Corrupt {
+                    job_id: job_id.to_owned(),
+                    reason: format!("aggregate result: {e}"),
+                }
+            })
+        })
+        .transpose()
+    }
+}
+
+#[cfg(test)]
+mod aggregate_result_tests {
+    use super::*;
+    use cleanroom_proto::v1::{AggregateGroup, AggregateResult, JobKind, PartySpec};
+
+    #[test]
+    fn aggregate_results_round_trip_and_survive_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("jobs.db");
+        let store = JobStore::open(&path).unwrap();
+        let spec = JobSpec {
+            kind: JobKind::Aggregate as i32,
+            parties: ["a", "b", "c"]
+                .iter()
+                .map(|n| PartySpec {
+                    node: (*n).into(),
+                    dataset: "d".into(),
+                    ..PartySpec::default()
+                })
+                .collect(),
+            purpose: "p".into(),
+            aggregate: None,
+        };
+        let job = store.submit(&spec, "", "alice", 1).unwrap();
+        assert_eq!(store.get_aggregate_result(&job.job_id).unwrap(), None);
+        let result = AggregateResult {
+            columns: vec!["count".into(), "amount".into()],
+            groups: vec![AggregateGroup {
+                label: "x".into(),
+                suppressed: false,
+                values: vec![12, -3],
+            }],
+            min_result: 5,
+            ..AggregateResult::default()
+        };
+        store.put_aggregate_result(&job.job_id, &result, 2).unwrap();
+        assert!(matches!(
+            store.put_aggregate_result("job-nope", &result, 2),
+            Err(StoreError::UnknownJob(_))
+        ));
+        drop(store);
+        let store = JobStore::open(&path).unwrap();
+        assert_eq!(
+            store.get_aggregate_result(&job.job_id).unwrap(),
+            Some(result)
+        );
+    }
 }
 
 #[cfg(test)]
@@ -1426,6 +1546,7 @@ mod tests {
                 },
             ],
             purpose: purpose.into(),
+            aggregate: None,
         }
     }
 

@@ -15,6 +15,8 @@
 //! - [`psi_job`]: drives the sans-IO ECDH-PSI session of `cleanroom-circuits` over QUIC.
 #![warn(missing_docs)]
 
+pub mod aggregate_job;
+pub mod aggregate_policy;
 pub mod agreement;
 pub mod audit;
 pub mod cli;
