@@ -556,9 +556,15 @@ pub enum BenchCommand {
 #[derive(Debug, Args)]
 pub struct BenchAggregateArgs {
     /// Group labels in the job (the five synthetic categories, then `g0`, `g1`, …; at most
-    /// 20 000, the spec's cap).
+    /// 20 000, the spec's cap, unless --in-process).
     #[arg(long, default_value_t = 10_000)]
     pub groups: u64,
+    /// Run the protocol core in this process instead (no nodes, no network): every party's
+    /// split, share expansion, noise and partial, and the reconstruction, on random vectors of
+    /// `groups × 2` cells with ε = 1; bytes are the frames the nodes would send. For domains
+    /// beyond the spec's cap (up to 2^23 groups).
+    #[arg(long)]
+    pub in_process: bool,
     /// Partners (node processes), at least 3.
     #[arg(long, default_value_t = 5)]
     pub parties: u32,
