@@ -143,6 +143,49 @@ fn exact_totals_without_noise_and_nothing_of_a_partner_leaks() {
     for n in job["result"]["noise"].as_array().unwrap() {
         assert_eq!(n["noised"], false, "{n}");
     }
+    // Every party's statistics and audit head come with the result.
+    let stats = job["result"]["parties"].as_array().unwrap();
+    assert_eq!(stats.len(), 3);
+    for p in stats {
+        // Two hellos, each with a 32-byte seed and little else; the partial is 6 × 2 cells.
+        let to_peers = p["bytes_to_peers"].as_u64().unwrap();
+        assert!((2 * 32..2 * 200).contains(&to_peers), "{p}");
+        assert!(p["bytes_to_coordinator"].as_u64().unwrap() >= 12 * 8, "{p}");
+        assert!(!p["audit_head"].as_str().unwrap().is_empty(), "{p}");
+    }
+
+    // The table and CSV renderings of `job status`.
+    let job_id = job["job_id"].as_str().unwrap();
+    let show = |format: &str| {
+        let mut a: Vec<String> = ["job", "status", job_id, "--format", format]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        a.extend(c.analyst_args());
+        let a: Vec<&str> = a.iter().map(String::as_str).collect();
+        String::from_utf8(cleanroom(c.path(), &a).stdout).unwrap()
+    };
+    let table = show("table");
+    assert!(
+        table.contains("aggregate by category over 3 parties"),
+        "{table}"
+    );
+    assert!(table.contains("noise      none"), "{table}");
+    assert!(
+        table.contains("luxury") && table.contains("suppressed (below the minimum result)"),
+        "{table}"
+    );
+    let (count, amount) = truth_of(&truth, "home");
+    let csv = show("csv");
+    assert!(
+        csv.starts_with("group,suppressed,count,count_noise_sd,amount,amount_noise_sd\n"),
+        "{csv}"
+    );
+    assert!(
+        csv.contains(&format!("home,false,{count},0.00,{amount},0.00\n")),
+        "{csv}"
+    );
+    assert!(csv.contains("luxury,true,,0.00,,0.00\n"), "{csv}");
 
     // No log, audit log, state file or the coordinator's database holds one partner's own
     // per-group amount (as text, or as the little-endian cell a partial would carry), while
