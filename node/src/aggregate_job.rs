@@ -8,13 +8,15 @@
 //!    connection per peer *before* answering, so no peer can dial before it is expected.
 //! 2. **Start** names every peer with its data-plane address; they must be exactly the spec's
 //!    other parties.
-//! 3. **Load** the dataset's group and value columns (consent and deletion filters apply), clip
+//! 3. **Seeds.** Draw one fresh 32-byte seed per peer (independent of our data), dial every
+//!    peer (its certificate must name it) and send an `AggregateHello` with the spec digest, our
+//!    terms and its seed; receive one from every peer on the connection it dials to us (the
+//!    data plane routes it here only if its certificate names that peer). This runs while we
+//!    load, so a slow loader never makes its peers' waits time out.
+//! 4. **Load** the dataset's group and value columns (consent and deletion filters apply), clip
 //!    each value to the agreements' bounds and build the `groups × (1 + sums)` vector (count
-//!    first). Audited as an Access.
-//! 4. **Shares.** Split the vector: one fresh 32-byte seed per peer, our kept share the rest.
-//!    Dial every peer (its certificate must name it) and send an `AggregateHello` with the spec
-//!    digest, our terms and its seed; receive one from every peer on the connection it dials to
-//!    us (the data plane routes it here only if its certificate names that peer).
+//!    first); audited as an Access. Our kept share is the vector minus the peers' expanded
+//!    seeds.
 //! 5. **Partial.** Apply the strictest terms of all parties (smallest ε, most colluders, largest
 //!    k-threshold, largest sensitivities), add our kept share, the peers' expanded seeds and our
 //!    noise share, audit the Release and stream the partial to the coordinator in batches, then
@@ -300,39 +302,21 @@ impl AggregateJob {
         control: &mut FramedSend,
     ) -> Result<(), NodeError> {
         self.recheck()?;
-        let loaded = self.load().await?;
         let n = self.spec.parties.len();
-        check_no_overflow(
-            loaded.rows_used,
-            self.own_terms()
-                .sensitivities
-                .iter()
-                .copied()
-                .max()
-                .unwrap_or(1),
-            n,
-        )
-        .map_err(|e| NodeError::Job(format!("refused: {e}")))?;
-        self.terms
-            .permit
-            .check_input_size(loaded.rows_used)
-            .map_err(|v| NodeError::Job(format!("refused: {v}")))?;
-
-        let vector = loaded.vector;
-        let cells = vector.cells().len();
-        let groups = vector.groups();
-        let split = blocking(move || aggregate::split(&vector, n - 1))
-            .await?
-            .map_err(|e| NodeError::Job(format!("secret sharing: {e}")))?;
-        let own = split.own;
         let digest = crate::psi_job::spec_digest(&self.job_id, &self.spec);
         let my_terms = self.own_terms();
 
-        // Send every peer its seed on our own connection to it, and take theirs from the
-        // connections they dial to us, all at once.
+        // The seeds of the peers' shares do not depend on our data, so they go out first: the
+        // exchange is over within a round trip of Start, and a peer whose dataset loads slowly
+        // cannot make the others' data-plane waits time out. Only the share we keep is computed
+        // from the data, after loading.
+        let seeds = (1..n)
+            .map(|_| ShareSeed::generate())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| NodeError::Job(format!("secret sharing: {e}")))?;
         let mut sends = tokio::task::JoinSet::new();
         let mut bytes_to_peers = 0u64;
-        for ((peer, addr), seed) in peers.into_iter().zip(split.seeds) {
+        for ((peer, addr), seed) in peers.into_iter().zip(&seeds) {
             let hello = Envelope {
                 job_id: self.job_id.clone(),
                 phase: Phase::AggShare as i32,
@@ -353,6 +337,23 @@ impl AggregateJob {
             let digest = digest.to_vec();
             receives.spawn(async move { receive_share(job_id, peer, rx, digest).await });
         }
+
+        let loaded = self.load().await?;
+        check_no_overflow(
+            loaded.rows_used,
+            my_terms.sensitivities.iter().copied().max().unwrap_or(1),
+            n,
+        )
+        .map_err(|e| NodeError::Job(format!("refused: {e}")))?;
+        self.terms
+            .permit
+            .check_input_size(loaded.rows_used)
+            .map_err(|v| NodeError::Job(format!("refused: {v}")))?;
+        let vector = loaded.vector;
+        let cells = vector.cells().len();
+        let groups = vector.groups();
+        let own = blocking(move || aggregate::split_with_seeds(&vector, seeds).own).await?;
+
         let mut shares: Vec<(String, PeerShare, quinn::Connection)> = Vec::new();
         while let Some(r) = receives.join_next().await {
             match r {
