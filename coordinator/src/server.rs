@@ -424,9 +424,15 @@ async fn handle(
             } else {
                 list.limit.min(MAX_LIST)
             };
-            Ok(Response::Jobs(JobList {
-                jobs: shared.store.list(limit)?,
-            }))
+            let mut jobs = shared.store.list(limit)?;
+            // An aggregate spec may list up to 20 000 group labels; fifty of them would not
+            // fit in one frame. A listing does not need them (GetJob has them).
+            for job in &mut jobs {
+                if let Some(agg) = job.spec.as_mut().and_then(|s| s.aggregate.as_mut()) {
+                    agg.groups.clear();
+                }
+            }
+            Ok(Response::Jobs(JobList { jobs }))
         }
         Some(Request::Nodes(_)) => {
             let connected = shared.registry.names();

@@ -59,6 +59,12 @@ pub const MAX_GROUPS: usize = 20_000;
 pub const MAX_LABEL: usize = 64;
 /// Most summed columns.
 pub const MAX_SUMS: usize = 8;
+/// Most bytes of all group labels together, and most cells (groups, "(other)" included, times
+/// columns): with them the spec and the job's result (labels again, and up to 10 bytes a
+/// value) fit in one 1 MiB frame of `GetJob`.
+pub const MAX_LABEL_BYTES: usize = 128 * 1024;
+/// See [`MAX_LABEL_BYTES`].
+pub const MAX_RESULT_CELLS: usize = 50_000;
 /// The label of the group that collects rows whose label is not listed.
 pub const OTHER_GROUP: &str = "(other)";
 
@@ -116,8 +122,23 @@ fn validate_aggregate(spec: &JobSpec) -> Result<(), String> {
             return Err(format!("group label '{label}' is listed twice"));
         }
     }
+    let label_bytes: usize = agg.groups.iter().map(String::len).sum();
+    if label_bytes > MAX_LABEL_BYTES {
+        return Err(format!(
+            "the group labels take {label_bytes} bytes; at most {MAX_LABEL_BYTES} in all"
+        ));
+    }
     if agg.sums.len() > MAX_SUMS {
         return Err(format!("at most {MAX_SUMS} summed columns (--sum)"));
+    }
+    let cells = (agg.groups.len() + 1) * (1 + agg.sums.len());
+    if cells > MAX_RESULT_CELLS {
+        return Err(format!(
+            "{} groups (with \"(other)\") × {} columns (count and sums) is {cells} values; at most \
+             {MAX_RESULT_CELLS}: fewer groups or fewer --sum columns",
+            agg.groups.len() + 1,
+            1 + agg.sums.len()
+        ));
     }
     let mut sums = std::collections::HashSet::new();
     for column in &agg.sums {
@@ -260,5 +281,24 @@ mod tests {
             err(&|s| s.aggregate.as_mut().unwrap().sums.push("amount".into()))
                 .contains("summed twice")
         );
+        // Size caps: the spec and the result must fit in one frame.
+        assert!(
+            err(&|s| {
+                s.aggregate.as_mut().unwrap().groups =
+                    (0..3000).map(|i| format!("{i:0>60}")).collect();
+            })
+            .contains("bytes; at most")
+        );
+        assert!(
+            err(&|s| {
+                let a = s.aggregate.as_mut().unwrap();
+                a.groups = (0..20_000).map(|i| format!("g{i}")).collect();
+                a.sums = vec!["a".into(), "b".into()];
+            })
+            .contains("at most 50000")
+        );
+        let mut s = aggregate();
+        s.aggregate.as_mut().unwrap().groups = (0..20_000).map(|i| format!("g{i}")).collect();
+        assert_eq!(validate(&s), Ok(()));
     }
 }
