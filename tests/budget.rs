@@ -327,6 +327,7 @@ async fn offer_and_run(
             Body::Start(Start {
                 role: *role as i32,
                 peer_addr,
+                ..Start::default()
             }),
         ))
         .await
@@ -396,6 +397,7 @@ fn a_duplicated_offer_reports_the_stored_value_and_charges_once() {
             })
             .to_vec(),
         purpose: "overlap-reporting".into(),
+        ..JobSpec::default()
     };
     let (first, second, other) = rt.block_on(async {
         let mut nodes = HashMap::new();

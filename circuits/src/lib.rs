@@ -1,4 +1,5 @@
-//! Sans-IO cryptographic protocols of cleanroom: hash to group and ECDH-PSI.
+//! Sans-IO cryptographic protocols of cleanroom: hash to group, ECDH-PSI and secure aggregation
+//! ([`aggregate`]: additive secret sharing over `Z_2^64` with distributed noise).
 //!
 //! Nothing here touches a socket, a runtime or a clock (except [`floor`], the benchmark's
 //! measuring stick): the node feeds bytes in and sends what comes out. Batch work runs on rayon.
@@ -65,6 +66,7 @@
 //! 1.75× faster; the portable build is the default.
 #![warn(missing_docs)]
 
+pub mod aggregate;
 pub mod ahe;
 pub mod dp;
 mod error;

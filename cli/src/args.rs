@@ -400,6 +400,11 @@ pub enum KindArg {
     /// shown as a matrix; pairs that an agreement forbids or whose count is withheld are
     /// marked as such. Not for schedules (schedule the pairwise overlaps instead).
     OverlapMatrix,
+    /// Industry-wide totals per group over N ≥ 3 partners (`--parties a,b,c --group-by
+    /// category --groups x,y --sum amount --count`): each partner's figures are secret-shared
+    /// among the partners and only the noised total per group is reconstructed, at the
+    /// coordinator; groups whose noised count is below an agreement's minimum are suppressed.
+    Aggregate,
 }
 
 /// Output formats of `job submit`: those of every command, and an HTML page for
@@ -438,7 +443,8 @@ pub struct SubmitArgs {
     #[arg(long, value_delimiter = ',', required_unless_present = "parties")]
     pub between: Vec<String>,
     /// For `overlap-matrix`: the partners, at least two: `--parties acme,globex,initech`.
-    /// Each pair runs with the one listed first as initiator.
+    /// Each pair runs with the one listed first as initiator. For `aggregate`: the partners,
+    /// at least three.
     #[arg(long, value_delimiter = ',', conflicts_with = "between")]
     pub parties: Vec<String>,
     /// Dataset at each party: `customers` (same name at both) or `acme:customers` once per
@@ -447,8 +453,11 @@ pub struct SubmitArgs {
     pub dataset: Vec<String>,
     /// Join key(s): identifier names declared in the nodes' configs, e.g. `email` or
     /// `email,phone` for a composite key.
-    #[arg(long, value_delimiter = ',', required = true)]
+    #[arg(long, value_delimiter = ',', required_unless_present = "group_by")]
     pub on: Vec<String>,
+    /// What an `aggregate` job groups and sums (boxed: the other kinds do not need it).
+    #[command(flatten)]
+    pub aggregate: Box<AggregateArgs>,
     /// The purpose, which each node checks against its agreement.
     #[arg(long)]
     pub purpose: String,
@@ -471,6 +480,25 @@ pub struct SubmitArgs {
     /// For `overlap-matrix`: write the matrix here instead of standard output.
     #[arg(long)]
     pub out: Option<PathBuf>,
+}
+
+/// The `aggregate` options of `job submit`.
+#[derive(Debug, Args)]
+pub struct AggregateArgs {
+    /// For `aggregate`: the categorical column that names each row's group.
+    #[arg(long, conflicts_with = "on")]
+    pub group_by: Option<String>,
+    /// For `aggregate`: the group labels, in the order to report them (public: every partner
+    /// sums over the same list). Rows whose label is not listed are summed into "(other)".
+    #[arg(long, value_delimiter = ',', requires = "group_by")]
+    pub groups: Vec<String>,
+    /// For `aggregate`: value column(s) to sum per group, clipped to each partner's bounds.
+    #[arg(long, value_delimiter = ',', requires = "group_by")]
+    pub sum: Vec<String>,
+    /// For `aggregate`: also show the (noised) number of rows per group. The count is always
+    /// computed, since it decides which groups are suppressed.
+    #[arg(long, requires = "group_by")]
+    pub count: bool,
 }
 
 /// `cleanroom synth …`
@@ -518,6 +546,40 @@ pub enum BenchCommand {
     /// submitted through the analyst API, against the cryptographic floor measured in the same
     /// run. Build with --release.
     Psi(BenchPsiArgs),
+    /// An aggregate over N node processes (N ≥ 3) of G groups, submitted through the analyst
+    /// API: wall time from submission to result, and bytes each party sent. Build with
+    /// --release.
+    Aggregate(BenchAggregateArgs),
+}
+
+/// `cleanroom bench aggregate …`
+#[derive(Debug, Args)]
+pub struct BenchAggregateArgs {
+    /// Group labels in the job (the five synthetic categories, then `g0`, `g1`, …; at most
+    /// 20 000, the spec's cap, unless --in-process).
+    #[arg(long, default_value_t = 10_000)]
+    pub groups: u64,
+    /// Run the protocol core in this process instead (no nodes, no network): every party's
+    /// split, share expansion, noise and partial, and the reconstruction, on random vectors of
+    /// `groups × 2` cells with ε = 1; bytes are the frames the nodes would send. For domains
+    /// beyond the spec's cap (up to 2^23 groups).
+    #[arg(long)]
+    pub in_process: bool,
+    /// Partners (node processes), at least 3.
+    #[arg(long, default_value_t = 5)]
+    pub parties: u32,
+    /// Customers per partner; each partner's chargebacks file has a fifth of that.
+    #[arg(long, default_value_t = 100_000)]
+    pub rows: u64,
+    /// Repetitions of the job (the median is reported).
+    #[arg(long, default_value_t = 1)]
+    pub runs: u32,
+    /// Keep the working directory here.
+    #[arg(long)]
+    pub keep: Option<PathBuf>,
+    /// Print the figures as JSON too.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// `cleanroom bench psi …`

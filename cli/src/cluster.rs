@@ -197,21 +197,30 @@ async fn read_listen_line(child: &mut Child) -> anyhow::Result<SocketAddr> {
 }
 
 /// A node config that allows overlap and match on `customers` by email with every other
-/// partner, for the purposes the demo uses, and lets partners learn membership.
+/// partner, for the purposes the demo uses, and lets partners learn membership; and `aggregate`
+/// on `chargebacks` (the synthetic `<name>-chargebacks.csv` beside the customers file) by
+/// category, summing `amount` clipped to [0, 200000] cents, with ε = 1, k = 10 and the default
+/// collusion tolerance (all but one party).
 fn node_config(name: &str, coordinator: SocketAddr, csv: &Path, partners: &[Partner]) -> String {
     let mut cfg = format!(
         "name = \"{name}\"\ncoordinator = \"{coordinator}\"\nlisten = \"127.0.0.1:0\"\nstate_dir = \"state-{name}\"\n\n\
          [tls]\nca = \"pki/ca.pem\"\ncert = \"pki/node-{name}.pem\"\nkey = \"pki/node-{name}.key\"\n\n\
          [[dataset]]\nname = \"customers\"\npath = \"{}\"\n\n\
          [[dataset.identifier]]\nname = \"email\"\ncolumn = \"email\"\nnormaliser = \"email\"\n\n\
-         [[dataset.identifier]]\nname = \"phone\"\ncolumn = \"phone\"\nnormaliser = \"phone\"\n",
-        csv.display()
+         [[dataset.identifier]]\nname = \"phone\"\ncolumn = \"phone\"\nnormaliser = \"phone\"\n\n\
+         [[dataset]]\nname = \"chargebacks\"\npath = \"{}\"\n\n\
+         [[dataset.value]]\ncolumn = \"amount\"\nmin = 0\nmax = 10000000\n",
+        csv.display(),
+        csv.with_file_name(format!("{name}-chargebacks.csv"))
+            .display()
     );
     for other in partners.iter().filter(|p| p.name != name) {
         cfg.push_str(&format!(
-            "\n[[agreement]]\npartner = \"{}\"\npurposes = [\"overlap-reporting\", \"fraud-detection\"]\n\n\
+            "\n[[agreement]]\npartner = \"{}\"\npurposes = [\"overlap-reporting\", \"fraud-detection\", \"fraud-benchmark\"]\n\n\
              [[agreement.allow]]\ncomputation = \"overlap\"\ndataset = \"customers\"\nkeys = [\"email\"]\n\n\
-             [[agreement.allow]]\ncomputation = \"match\"\ndataset = \"customers\"\nkeys = [\"email\"]\nreveal_membership_to_partner = true\n",
+             [[agreement.allow]]\ncomputation = \"match\"\ndataset = \"customers\"\nkeys = [\"email\"]\nreveal_membership_to_partner = true\n\n\
+             [[agreement.allow]]\ncomputation = \"aggregate\"\ndataset = \"chargebacks\"\ngroup_by = [\"category\"]\n\
+             value_columns = [{{ column = \"amount\", min = 0, max = 200000 }}]\nepsilon = 1.0\nmin_result = 10\n",
             other.name
         ));
     }

@@ -76,6 +76,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
                 })
                 .collect(),
             purpose: purpose.into(),
+            aggregate: None,
         };
         let started = Instant::now();
         let job = client.submit(spec, "").await?;

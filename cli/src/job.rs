@@ -6,7 +6,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use cleanroom_coordinator::AnalystClient;
 use cleanroom_coordinator::client::state_name;
-use cleanroom_proto::v1::{JobKind, JobSpec, JobState, PartySpec};
+use cleanroom_proto::v1::{AggregateSpec, JobKind, JobSpec, JobState, PartySpec};
 use cleanroom_transport::Credentials;
 
 use crate::args::{ConnArgs, Format, JobCommand, KindArg, SubmitArgs};
@@ -42,8 +42,16 @@ pub fn spec_from_args(args: &SubmitArgs) -> anyhow::Result<JobSpec> {
             "overlap-matrix is not one job but one overlap job per pair of --parties; submit it with `job submit overlap-matrix` (a schedule runs one job: add one schedule per pair)"
         );
     }
+    if args.kind == KindArg::Aggregate {
+        return spec_for_aggregate(args);
+    }
+    if args.aggregate.group_by.is_some() {
+        bail!("--group-by, --groups, --sum and --count are for aggregate jobs");
+    }
     if !args.parties.is_empty() {
-        bail!("--parties is for overlap-matrix; give the two partners with --between");
+        bail!(
+            "--parties is for overlap-matrix and aggregate; give the two partners with --between"
+        );
     }
     spec_for_pair(args, args.kind, &args.between)
 }
@@ -58,22 +66,10 @@ pub fn spec_for_pair(
     if between.len() != 2 {
         bail!("--between takes exactly two partners, e.g. --between acme,globex");
     }
-    let dataset_of = |node: &str| -> anyhow::Result<String> {
-        let mut plain = None;
-        for d in &args.dataset {
-            match d.split_once(':') {
-                Some((n, ds)) if n == node => return Ok(ds.to_owned()),
-                Some(_) => {}
-                None => plain = Some(d.clone()),
-            }
-        }
-        plain.with_context(|| {
-            format!("no dataset for '{node}': use --dataset NAME or --dataset {node}:NAME")
-        })
-    };
+    let dataset_of = |node: &str| dataset_of(args, node);
     let reveal = args.reveal_to.clone().unwrap_or_else(|| match kind {
         KindArg::Match => between.to_vec(),
-        KindArg::Overlap | KindArg::OverlapMatrix => Vec::new(),
+        KindArg::Overlap | KindArg::OverlapMatrix | KindArg::Aggregate => Vec::new(),
     });
     if kind != KindArg::Match && !reveal.is_empty() {
         bail!("--reveal-to applies to match jobs only");
@@ -98,9 +94,70 @@ pub fn spec_for_pair(
         kind: match kind {
             KindArg::Overlap | KindArg::OverlapMatrix => JobKind::Overlap,
             KindArg::Match => JobKind::Match,
+            KindArg::Aggregate => bail!("aggregate is not a two-party job"),
         } as i32,
         parties,
         purpose: args.purpose.clone(),
+        aggregate: None,
+    })
+}
+
+/// The dataset of `node`: `--dataset NAME` (same at every party) or `--dataset node:NAME`.
+fn dataset_of(args: &SubmitArgs, node: &str) -> anyhow::Result<String> {
+    let mut plain = None;
+    for d in &args.dataset {
+        match d.split_once(':') {
+            Some((n, ds)) if n == node => return Ok(ds.to_owned()),
+            Some(_) => {}
+            None => plain = Some(d.clone()),
+        }
+    }
+    plain.with_context(|| {
+        format!("no dataset for '{node}': use --dataset NAME or --dataset {node}:NAME")
+    })
+}
+
+/// The spec of an `aggregate` job over `--parties` (at least three).
+pub fn spec_for_aggregate(args: &SubmitArgs) -> anyhow::Result<JobSpec> {
+    if args.parties.len() < 3 {
+        bail!("aggregate needs at least three partners: --parties acme,globex,initech");
+    }
+    if !args.on.is_empty() || args.reveal_to.is_some() {
+        bail!("aggregate joins nothing: --on and --reveal-to do not apply");
+    }
+    let Some(group_by) = args.aggregate.group_by.clone() else {
+        bail!("aggregate needs --group-by COLUMN");
+    };
+    if args.aggregate.groups.is_empty() {
+        bail!(
+            "aggregate needs the group labels: --groups a,b,c (public, the same for every partner)"
+        );
+    }
+    if args.aggregate.sum.is_empty() && !args.aggregate.count {
+        bail!("aggregate needs --sum COLUMN and/or --count");
+    }
+    let parties = args
+        .parties
+        .iter()
+        .map(|node| {
+            Ok(PartySpec {
+                node: node.clone(),
+                dataset: dataset_of(args, node)?,
+                keys: Vec::new(),
+                learns_membership: false,
+            })
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    Ok(JobSpec {
+        kind: JobKind::Aggregate as i32,
+        parties,
+        purpose: args.purpose.clone(),
+        aggregate: Some(AggregateSpec {
+            group_by,
+            groups: args.aggregate.groups.clone(),
+            sums: args.aggregate.sum.clone(),
+            count: args.aggregate.count,
+        }),
     })
 }
 

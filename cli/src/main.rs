@@ -5,6 +5,7 @@
 //! `schedule` and `report` (recurring jobs and their reports), `demo`
 //! (everything on loopback) and `bench` (the PSI benchmark against the cryptographic floor).
 
+mod aggregate_output;
 mod args;
 mod bench;
 mod cluster;

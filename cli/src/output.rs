@@ -10,6 +10,7 @@ fn kind_name(kind: i32) -> &'static str {
     match JobKind::try_from(kind) {
         Ok(JobKind::Overlap) => "overlap",
         Ok(JobKind::Match) => "match",
+        Ok(JobKind::Aggregate) => "aggregate",
         _ => "unknown",
     }
 }
@@ -103,6 +104,9 @@ pub fn noise_line(noise: &[NoiseTerm]) -> Option<String> {
 
 /// Prints one job in the chosen format.
 pub fn print_job(job: &JobInfo, format: Format) {
+    if crate::aggregate_output::print_job(job, format) {
+        return;
+    }
     match format {
         Format::Json => println!(
             "{}",

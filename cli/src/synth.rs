@@ -48,7 +48,29 @@ pub struct GroundTruth {
     pub pairwise_overlap: BTreeMap<String, u64>,
     /// The CSV file of each partner.
     pub files: BTreeMap<String, PathBuf>,
+    /// The `chargebacks` CSV of each partner (`chargeback_id,category,amount`, amounts in
+    /// integer cents), for aggregate jobs.
+    pub chargeback_files: BTreeMap<String, PathBuf>,
+    /// Per partner, per category: the rows and the summed amount of its chargebacks file.
+    pub chargebacks: BTreeMap<String, BTreeMap<String, GroupTruth>>,
+    /// Per category, over all partners: what an exact aggregate returns.
+    pub chargebacks_total: BTreeMap<String, GroupTruth>,
 }
+
+/// One group's plaintext figures.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct GroupTruth {
+    /// Rows in the group.
+    pub count: u64,
+    /// Sum of the amounts (integer cents).
+    pub amount: u64,
+}
+
+/// The CSV header of every generated chargebacks file.
+pub const CHARGEBACK_COLUMNS: [&str; 3] = ["chargeback_id", "category", "amount"];
+
+/// Largest chargeback amount generated, in cents.
+pub const MAX_CHARGEBACK_CENTS: u64 = 200_000;
 
 /// The CSV header of every generated file.
 pub const COLUMNS: [&str; 7] = [
@@ -125,6 +147,27 @@ pub fn write_synth(spec: &SynthSpec, out_dir: &Path) -> anyhow::Result<GroundTru
             pairwise_overlap.insert(format!("{x},{y}"), shared);
         }
     }
+    // Chargebacks: one row per fifth of a partner's customers (at least one), from a random
+    // stream of their own so that the customer files do not change.
+    let mut chargeback_files = BTreeMap::new();
+    let mut chargebacks = BTreeMap::new();
+    let mut chargebacks_total: BTreeMap<String, GroupTruth> = CATEGORIES
+        .iter()
+        .map(|c| ((*c).to_owned(), GroupTruth::default()))
+        .collect();
+    for (p, partner) in spec.partners.iter().enumerate() {
+        let path = out_dir.join(format!("{partner}-chargebacks.csv"));
+        let mut rng = StdRng::seed_from_u64(mix(spec.seed ^ mix(p as u64 + 1) ^ 0xc4a2_6eba_c000));
+        let per_group = write_chargebacks(&path, partner, rows.div_ceil(5).max(1), &mut rng)
+            .with_context(|| format!("writing {}", path.display()))?;
+        for (category, g) in &per_group {
+            let t = chargebacks_total.entry(category.clone()).or_default();
+            t.count += g.count;
+            t.amount += g.amount;
+        }
+        chargebacks.insert(partner.clone(), per_group);
+        chargeback_files.insert(partner.clone(), path);
+    }
     let truth = GroundTruth {
         partners: spec.partners.clone(),
         seed: spec.seed,
@@ -132,6 +175,9 @@ pub fn write_synth(spec: &SynthSpec, out_dir: &Path) -> anyhow::Result<GroundTru
         shared_by_all: shared,
         pairwise_overlap,
         files,
+        chargeback_files,
+        chargebacks,
+        chargebacks_total,
     };
     let truth_path = out_dir.join("truth.json");
     let mut text = serde_json::to_string_pretty(&truth)?;
@@ -239,6 +285,48 @@ fn write_partner(
     let inner = out.into_inner().map_err(|e| e.into_error())?;
     inner.into_inner().map_err(|e| e.into_error())?.sync_all()?;
     Ok(())
+}
+
+/// Writes one partner's chargebacks: `rows` rows, categories drawn with a skew of the
+/// partner's own (so partners differ), amounts uniform in 1..=MAX_CHARGEBACK_CENTS cents.
+/// Returns the plaintext count and sum per category (every category present, zeros included).
+fn write_chargebacks(
+    path: &Path,
+    partner: &str,
+    rows: u64,
+    rng: &mut StdRng,
+) -> anyhow::Result<BTreeMap<String, GroupTruth>> {
+    let file = File::create(path)?;
+    let mut out = csv::WriterBuilder::new()
+        .buffer_capacity(1 << 16)
+        .from_writer(BufWriter::with_capacity(1 << 16, file));
+    out.write_record(CHARGEBACK_COLUMNS)?;
+    // Weights 1..=5 in a partner-specific order: the first category is the rarest.
+    let mut weights: Vec<u32> = (1..=CATEGORIES.len() as u32).collect();
+    weights.shuffle(rng);
+    let total_weight: u32 = weights.iter().sum();
+    let mut truth: BTreeMap<String, GroupTruth> = CATEGORIES
+        .iter()
+        .map(|c| ((*c).to_owned(), GroupTruth::default()))
+        .collect();
+    for n in 0..rows {
+        let mut pick = rng.random_range(0..total_weight);
+        let mut index = 0;
+        while pick >= weights[index] {
+            pick -= weights[index];
+            index += 1;
+        }
+        let category = CATEGORIES[index];
+        let amount = rng.random_range(1..=MAX_CHARGEBACK_CENTS);
+        let id = format!("{partner}-cb-{:07}", n + 1);
+        out.write_record([id.as_str(), category, &amount.to_string()])?;
+        let t = truth.entry(category.to_owned()).or_default();
+        t.count += 1;
+        t.amount += amount;
+    }
+    let inner = out.into_inner().map_err(|e| e.into_error())?;
+    inner.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+    Ok(truth)
 }
 
 /// The customer's email in lower case. The local part ends with the customer index after a
@@ -498,5 +586,53 @@ mod tests {
         let truth = write_synth(&s, dir.path()).unwrap();
         eprintln!("2 x 2^20 rows in {:?}", start.elapsed());
         assert_eq!(truth.rows_per_partner, 1 << 20);
+    }
+
+    #[test]
+    fn chargebacks_match_their_truth() {
+        let dir = tempfile::tempdir().unwrap();
+        let spec = SynthSpec {
+            partners: vec!["acme".into(), "globex".into(), "initech".into()],
+            rows: 500,
+            overlap: 0.2,
+            seed: 3,
+        };
+        let truth = write_synth(&spec, dir.path()).unwrap();
+        let mut total: BTreeMap<String, GroupTruth> = BTreeMap::new();
+        for partner in &spec.partners {
+            let mut r = csv::Reader::from_path(&truth.chargeback_files[partner]).unwrap();
+            assert_eq!(
+                r.headers().unwrap().iter().collect::<Vec<_>>(),
+                CHARGEBACK_COLUMNS
+            );
+            let mut mine: BTreeMap<String, GroupTruth> = BTreeMap::new();
+            let mut rows = 0;
+            for rec in r.records() {
+                let rec = rec.unwrap();
+                let amount: u64 = rec[2].parse().unwrap();
+                assert!((1..=MAX_CHARGEBACK_CENTS).contains(&amount));
+                let g = mine.entry(rec[1].to_owned()).or_default();
+                g.count += 1;
+                g.amount += amount;
+                let t = total.entry(rec[1].to_owned()).or_default();
+                t.count += 1;
+                t.amount += amount;
+                rows += 1;
+            }
+            assert_eq!(rows, 100);
+            for (c, g) in &truth.chargebacks[partner] {
+                assert_eq!(
+                    mine.get(c).copied().unwrap_or_default(),
+                    *g,
+                    "{partner} {c}"
+                );
+            }
+        }
+        for (c, g) in &truth.chargebacks_total {
+            assert_eq!(total.get(c).copied().unwrap_or_default(), *g, "{c}");
+        }
+        // Deterministic.
+        let again = write_synth(&spec, dir.path()).unwrap();
+        assert_eq!(again.chargebacks_total, truth.chargebacks_total);
     }
 }

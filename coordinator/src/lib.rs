@@ -17,6 +17,7 @@
 //! - [`report`]: a schedule's history as HTML (trend chart, runs table), CSV and JSON.
 #![warn(missing_docs)]
 
+pub mod aggregate_runner;
 pub mod client;
 pub mod clock;
 pub mod config;

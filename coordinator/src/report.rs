@@ -935,6 +935,7 @@ mod tests {
             kind: JobKind::Overlap as i32,
             parties: vec![party("acme"), party("globex")],
             purpose: "overlap-reporting".into(),
+            aggregate: None,
         };
         store
             .add_schedule(

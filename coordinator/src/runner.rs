@@ -160,6 +160,9 @@ async fn drive(
     if launch == Launch::Resumed {
         wait_for_parties(shared, spec).await;
     }
+    if spec.kind == cleanroom_proto::v1::JobKind::Aggregate as i32 {
+        return crate::aggregate_runner::drive(shared, job_id, spec).await;
+    }
     // Every party must be connected before anything is offered.
     let mut handles = Vec::new();
     for (i, party) in spec.parties.iter().enumerate() {
@@ -277,6 +280,7 @@ async fn drive(
             body: Some(Body::Start(Start {
                 role: stream.role as i32,
                 peer_addr,
+                peers: Vec::new(),
             })),
         };
         let node = stream.node.clone();
@@ -312,6 +316,9 @@ async fn drive(
                 Some(Body::Report(r)) => match r.outcome {
                     Some(Outcome::Psi(outcome)) => Ok((node, outcome)),
                     Some(Outcome::Failure(reason)) => Err(format!("{node}: {reason}")),
+                    Some(Outcome::Aggregate(_)) => Err(format!(
+                        "node '{node}' sent an aggregate report for a PSI job"
+                    )),
                     None => Err(format!("node '{node}' sent an empty report")),
                 },
                 _ => Err(format!("node '{node}' sent something other than a report")),

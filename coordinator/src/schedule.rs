@@ -598,6 +598,7 @@ mod tests {
             kind: JobKind::Overlap as i32,
             parties: vec![party("acme", "customers"), party("globex", "subscribers")],
             purpose: "overlap-reporting".into(),
+            aggregate: None,
         }
     }
 

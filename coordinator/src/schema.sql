@@ -1,11 +1,11 @@
--- Job store of the cleanroom coordinator, schema version 4.
+-- Job store of the cleanroom coordinator, schema version 5.
 --
 -- Applied by `JobStore::open` in one transaction when the database has no schema yet; the
 -- version row it writes is what future migrations start from. Every statement is written so that
 -- re-running the script on an existing database changes nothing: that is also the migration from
 -- version 1 (which lacked the `schedules` and `schedule_runs` tables), from version 2 (which
--- lacked `schedule_notify` and `schedule_run_notified`) and from version 3 (which lacked
--- `job_leases`).
+-- lacked `schedule_notify` and `schedule_run_notified`), from version 3 (which lacked
+-- `job_leases`) and from version 4 (which lacked `aggregate_results`).
 --
 -- Protobuf messages are stored as their encoded bytes (`spec`, `outcome`); the other columns
 -- exist to query and to order by. States are `cleanroom.v1.JobState` numbers.
@@ -133,4 +133,12 @@ CREATE TABLE IF NOT EXISTS job_leases (
   -- Random id of the coordinator process that holds it.
   holder     TEXT    NOT NULL,
   expires_ms INTEGER NOT NULL
+);
+
+-- The result of each succeeded aggregate job (version 5): the reconstructed, noised,
+-- thresholded totals as an encoded cleanroom.v1.AggregateResult. Partials are never stored.
+CREATE TABLE IF NOT EXISTS aggregate_results (
+  job_id    TEXT    NOT NULL PRIMARY KEY REFERENCES jobs (job_id) ON DELETE CASCADE,
+  result    BLOB    NOT NULL,
+  stored_ms INTEGER NOT NULL
 );

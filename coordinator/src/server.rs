@@ -328,10 +328,13 @@ pub fn schedule_info_notified(
 }
 
 fn job_info(shared: &Shared, job_id: &str) -> Result<JobInfo, CoordinatorError> {
-    shared
+    let mut info = shared
         .store
         .get(job_id)?
-        .ok_or_else(|| CoordinatorError::Refused(format!("job {job_id} vanished")))
+        .ok_or_else(|| CoordinatorError::Refused(format!("job {job_id} vanished")))?;
+    // Aggregate jobs keep their result in their own table.
+    info.aggregate = shared.store.get_aggregate_result(job_id)?;
+    Ok(info)
 }
 
 fn unknown_schedule(name: &str) -> CoordinatorError {
@@ -478,7 +481,10 @@ async fn handle(
             Ok(Response::Job(info))
         }
         Some(Request::Get(_)) => match shared.store.get(&env.job_id)? {
-            Some(info) => Ok(Response::Job(info)),
+            Some(mut info) => {
+                info.aggregate = shared.store.get_aggregate_result(&env.job_id)?;
+                Ok(Response::Job(info))
+            }
             None => Err(CoordinatorError::Refused(format!(
                 "no job '{}'; `cleanroom job list` shows the known jobs",
                 env.job_id
@@ -490,9 +496,15 @@ async fn handle(
             } else {
                 list.limit.min(MAX_LIST)
             };
-            Ok(Response::Jobs(JobList {
-                jobs: shared.store.list(limit)?,
-            }))
+            let mut jobs = shared.store.list(limit)?;
+            // An aggregate spec may list up to 20 000 group labels; fifty of them would not
+            // fit in one frame. A listing does not need them (GetJob has them).
+            for job in &mut jobs {
+                if let Some(agg) = job.spec.as_mut().and_then(|s| s.aggregate.as_mut()) {
+                    agg.groups.clear();
+                }
+            }
+            Ok(Response::Jobs(JobList { jobs }))
         }
         Some(Request::Nodes(_)) => {
             let connected = shared.registry.names();

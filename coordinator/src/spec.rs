@@ -13,7 +13,10 @@ pub fn validate(spec: &JobSpec) -> Result<(), String> {
     let kind = JobKind::try_from(spec.kind).unwrap_or(JobKind::Unspecified);
     match kind {
         JobKind::Overlap | JobKind::Match => {}
-        JobKind::Unspecified => return Err("job kind must be overlap or match".into()),
+        JobKind::Aggregate => return validate_aggregate(spec),
+        JobKind::Unspecified => {
+            return Err("job kind must be overlap, match or aggregate".into());
+        }
     }
     if spec.parties.len() != 2 {
         return Err(format!(
@@ -44,6 +47,108 @@ pub fn validate(spec: &JobSpec) -> Result<(), String> {
     }
     if spec.parties[0].keys != spec.parties[1].keys {
         return Err("both parties must join on the same keys".into());
+    }
+    Ok(())
+}
+
+/// Most parties of an aggregate.
+pub const MAX_AGGREGATE_PARTIES: usize = 64;
+/// Most group labels an aggregate may list (the spec must fit in one frame, with its result).
+pub const MAX_GROUPS: usize = 20_000;
+/// Longest group label.
+pub const MAX_LABEL: usize = 64;
+/// Most summed columns.
+pub const MAX_SUMS: usize = 8;
+/// Most bytes of all group labels together, and most cells (groups, "(other)" included, times
+/// columns): with them the spec and the job's result (labels again, and up to 10 bytes a
+/// value) fit in one 1 MiB frame of `GetJob`.
+pub const MAX_LABEL_BYTES: usize = 128 * 1024;
+/// See [`MAX_LABEL_BYTES`].
+pub const MAX_RESULT_CELLS: usize = 50_000;
+/// The label of the group that collects rows whose label is not listed.
+pub const OTHER_GROUP: &str = "(other)";
+
+/// Checks an aggregate spec: 3 to 64 distinct parties, each naming a dataset and no join keys;
+/// a group-by column; 1 to 20 000 distinct group labels (printable, at most 64 bytes, not
+/// "(other)", which is added for rows outside the list); at most 8 distinct summed columns.
+fn validate_aggregate(spec: &JobSpec) -> Result<(), String> {
+    let n = spec.parties.len();
+    if !(3..=MAX_AGGREGATE_PARTIES).contains(&n) {
+        return Err(format!(
+            "aggregate needs 3 to {MAX_AGGREGATE_PARTIES} parties (--parties A,B,C), got {n}"
+        ));
+    }
+    check_name("purpose", &spec.purpose)?;
+    let mut nodes = std::collections::HashSet::new();
+    for party in &spec.parties {
+        Identity::node(&party.node).map_err(|e| format!("party '{}': {e}", party.node))?;
+        if !nodes.insert(party.node.as_str()) {
+            return Err(format!("party '{}' is named twice", party.node));
+        }
+        check_name("dataset", &party.dataset)?;
+        if !party.keys.is_empty() || party.learns_membership {
+            return Err("an aggregate joins nothing: no keys, no membership".into());
+        }
+    }
+    let Some(agg) = spec.aggregate.as_ref() else {
+        return Err("aggregate needs --group-by and the groups".into());
+    };
+    check_name("group-by column", &agg.group_by)?;
+    if agg.groups.is_empty() || agg.groups.len() > MAX_GROUPS {
+        return Err(format!(
+            "give 1 to {MAX_GROUPS} group labels (--groups), got {}",
+            agg.groups.len()
+        ));
+    }
+    let mut labels = std::collections::HashSet::new();
+    for label in &agg.groups {
+        if label.is_empty()
+            || label.len() > MAX_LABEL
+            || label.chars().any(char::is_control)
+            || label.trim() != label
+        {
+            return Err(format!(
+                "group label '{}' must be 1 to {MAX_LABEL} bytes, without control characters or \
+                 surrounding spaces",
+                label.escape_default()
+            ));
+        }
+        if label == OTHER_GROUP {
+            return Err(format!(
+                "'{OTHER_GROUP}' is reserved for rows whose group is not listed"
+            ));
+        }
+        if !labels.insert(label.as_str()) {
+            return Err(format!("group label '{label}' is listed twice"));
+        }
+    }
+    let label_bytes: usize = agg.groups.iter().map(String::len).sum();
+    if label_bytes > MAX_LABEL_BYTES {
+        return Err(format!(
+            "the group labels take {label_bytes} bytes; at most {MAX_LABEL_BYTES} in all"
+        ));
+    }
+    if agg.sums.len() > MAX_SUMS {
+        return Err(format!("at most {MAX_SUMS} summed columns (--sum)"));
+    }
+    let cells = (agg.groups.len() + 1) * (1 + agg.sums.len());
+    if cells > MAX_RESULT_CELLS {
+        return Err(format!(
+            "{} groups (with \"(other)\") × {} columns (count and sums) is {cells} values; at most \
+             {MAX_RESULT_CELLS}: fewer groups or fewer --sum columns",
+            agg.groups.len() + 1,
+            1 + agg.sums.len()
+        ));
+    }
+    let mut sums = std::collections::HashSet::new();
+    for column in &agg.sums {
+        check_name("summed column", column)?;
+        if !sums.insert(column.as_str()) {
+            return Err(format!("column '{column}' is summed twice"));
+        }
+    }
+    if agg.sums.is_empty() && !agg.count {
+        return Err("an aggregate needs --sum COLUMN or --count".into());
     }
     Ok(())
 }
@@ -82,6 +187,7 @@ mod tests {
             kind: JobKind::Overlap as i32,
             parties: vec![party("acme"), party("globex")],
             purpose: "overlap-reporting".into(),
+            aggregate: None,
         }
     }
 
@@ -110,5 +216,89 @@ mod tests {
         let mut s = spec();
         s.parties[1].keys = vec!["phone".into()];
         assert!(validate(&s).unwrap_err().contains("same keys"));
+    }
+
+    fn aggregate() -> JobSpec {
+        JobSpec {
+            kind: JobKind::Aggregate as i32,
+            parties: ["acme", "globex", "initech"]
+                .iter()
+                .map(|n| PartySpec {
+                    node: (*n).into(),
+                    dataset: "chargebacks".into(),
+                    keys: vec![],
+                    learns_membership: false,
+                })
+                .collect(),
+            purpose: "fraud-benchmark".into(),
+            aggregate: Some(cleanroom_proto::v1::AggregateSpec {
+                group_by: "category".into(),
+                groups: vec!["electronics".into(), "home".into()],
+                sums: vec!["amount".into()],
+                count: true,
+            }),
+        }
+    }
+
+    #[test]
+    fn aggregate_specs() {
+        assert_eq!(validate(&aggregate()), Ok(()));
+        let err = |f: &dyn Fn(&mut JobSpec)| {
+            let mut s = aggregate();
+            f(&mut s);
+            validate(&s).unwrap_err()
+        };
+        assert!(
+            err(&|s| {
+                s.parties.pop();
+            })
+            .contains("3 to 64 parties")
+        );
+        assert!(err(&|s| s.parties[2].node = "acme".into()).contains("twice"));
+        assert!(err(&|s| s.parties[0].keys = vec!["email".into()]).contains("joins nothing"));
+        assert!(err(&|s| s.aggregate = None).contains("--group-by"));
+        assert!(err(&|s| s.aggregate.as_mut().unwrap().groups.clear()).contains("group labels"));
+        assert!(
+            err(&|s| s.aggregate.as_mut().unwrap().groups.push("home".into()))
+                .contains("listed twice")
+        );
+        assert!(
+            err(&|s| s.aggregate.as_mut().unwrap().groups.push("(other)".into()))
+                .contains("reserved")
+        );
+        assert!(
+            err(&|s| s.aggregate.as_mut().unwrap().groups.push("a\nb".into())).contains("control")
+        );
+        assert!(
+            err(&|s| {
+                let a = s.aggregate.as_mut().unwrap();
+                a.sums.clear();
+                a.count = false;
+            })
+            .contains("--sum COLUMN or --count")
+        );
+        assert!(
+            err(&|s| s.aggregate.as_mut().unwrap().sums.push("amount".into()))
+                .contains("summed twice")
+        );
+        // Size caps: the spec and the result must fit in one frame.
+        assert!(
+            err(&|s| {
+                s.aggregate.as_mut().unwrap().groups =
+                    (0..3000).map(|i| format!("{i:0>60}")).collect();
+            })
+            .contains("bytes; at most")
+        );
+        assert!(
+            err(&|s| {
+                let a = s.aggregate.as_mut().unwrap();
+                a.groups = (0..20_000).map(|i| format!("g{i}")).collect();
+                a.sums = vec!["a".into(), "b".into()];
+            })
+            .contains("at most 50000")
+        );
+        let mut s = aggregate();
+        s.aggregate.as_mut().unwrap().groups = (0..20_000).map(|i| format!("g{i}")).collect();
+        assert_eq!(validate(&s), Ok(()));
     }
 }

@@ -42,7 +42,7 @@ pub use lease::{LeaseHolder, OrphanedJob};
 const SCHEMA: &str = include_str!("schema.sql");
 
 /// Version of [`SCHEMA`]; recorded in the `schema_version` table.
-pub const SCHEMA_VERSION: i64 = 4;
+pub const SCHEMA_VERSION: i64 = 5;
 
 /// Most jobs one [`JobStore::list`] call returns, whatever limit is asked for.
 pub const MAX_LIST_LIMIT: u32 = 1000;
@@ -232,10 +232,10 @@ impl JobStore {
                 )?;
             }
             Some(SCHEMA_VERSION) => {}
-            // Versions 2, 3 and 4 only added tables (schedules, schedule_runs; schedule_notify,
-            // schedule_run_notified; job_leases); the schema script creates what is missing and
-            // leaves the rest untouched.
-            Some(1..=3) => {
+            // Versions 2 to 5 only added tables (schedules, schedule_runs; schedule_notify,
+            // schedule_run_notified; job_leases; aggregate_results); the schema script creates
+            // what is missing and leaves the rest untouched.
+            Some(1..=4) => {
                 tx.execute_batch(SCHEMA)?;
                 tx.execute(
                     "INSERT INTO schema_version (version) VALUES (?1)",
@@ -1405,7 +1405,114 @@ fn load_job(conn: &Connection, job_id: &str) -> Result<Option<JobInfo>, StoreErr
         submitted_by,
         results,
         history,
+        aggregate: None,
     }))
+}
+
+// ---------------------------------------------------------------- aggregate results
+//
+// One row per succeeded aggregate job in `aggregate_results` (schema version 5): the
+// reconstructed, noised, thresholded result (prost-encoded `AggregateResult`). Partials are
+// never stored.
+
+impl JobStore {
+    /// Stores the result of an aggregate job (replacing an earlier one for the same job).
+    pub fn put_aggregate_result(
+        &self,
+        job_id: &str,
+        result: &cleanroom_proto::v1::AggregateResult,
+        now_ms: i64,
+    ) -> Result<(), StoreError> {
+        let conn = self.lock();
+        let exists: bool = conn.query_row(
+            "SELECT EXISTS (SELECT 1 FROM jobs WHERE job_id = ?1)",
+            [job_id],
+            |row| row.get(0),
+        )?;
+        if !exists {
+            return Err(StoreError::UnknownJob(job_id.to_owned()));
+        }
+        conn.execute(
+            "INSERT INTO aggregate_results (job_id, result, stored_ms) VALUES (?1, ?2, ?3) \
+             ON CONFLICT (job_id) DO UPDATE SET result = excluded.result, \
+             stored_ms = excluded.stored_ms",
+            params![job_id, result.encode_to_vec(), now_ms],
+        )?;
+        Ok(())
+    }
+
+    /// The stored result of an aggregate job, if any.
+    pub fn get_aggregate_result(
+        &self,
+        job_id: &str,
+    ) -> Result<Option<cleanroom_proto::v1::AggregateResult>, StoreError> {
+        let conn = self.lock();
+        let blob: Option<Vec<u8>> = conn
+            .query_row(
+                "SELECT result FROM aggregate_results WHERE job_id = ?1",
+                [job_id],
+                |row| row.get(0),
+            )
+            .optional()?;
+        blob.map(|b| {
+            cleanroom_proto::v1::AggregateResult::decode(b.as_slice()).map_err(|e| {
+                StoreError::Corrupt {
+                    job_id: job_id.to_owned(),
+                    reason: format!("aggregate result: {e}"),
+                }
+            })
+        })
+        .transpose()
+    }
+}
+
+#[cfg(test)]
+mod aggregate_result_tests {
+    use super::*;
+    use cleanroom_proto::v1::{AggregateGroup, AggregateResult, JobKind, PartySpec};
+
+    #[test]
+    fn aggregate_results_round_trip_and_survive_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("jobs.db");
+        let store = JobStore::open(&path).unwrap();
+        let spec = JobSpec {
+            kind: JobKind::Aggregate as i32,
+            parties: ["a", "b", "c"]
+                .iter()
+                .map(|n| PartySpec {
+                    node: (*n).into(),
+                    dataset: "d".into(),
+                    ..PartySpec::default()
+                })
+                .collect(),
+            purpose: "p".into(),
+            aggregate: None,
+        };
+        let job = store.submit(&spec, "", "alice", 1).unwrap();
+        assert_eq!(store.get_aggregate_result(&job.job_id).unwrap(), None);
+        let result = AggregateResult {
+            columns: vec!["count".into(), "amount".into()],
+            groups: vec![AggregateGroup {
+                label: "x".into(),
+                suppressed: false,
+                values: vec![12, -3],
+            }],
+            min_result: 5,
+            ..AggregateResult::default()
+        };
+        store.put_aggregate_result(&job.job_id, &result, 2).unwrap();
+        assert!(matches!(
+            store.put_aggregate_result("job-nope", &result, 2),
+            Err(StoreError::UnknownJob(_))
+        ));
+        drop(store);
+        let store = JobStore::open(&path).unwrap();
+        assert_eq!(
+            store.get_aggregate_result(&job.job_id).unwrap(),
+            Some(result)
+        );
+    }
 }
 
 #[cfg(test)]
@@ -1435,6 +1542,7 @@ mod tests {
                 },
             ],
             purpose: purpose.into(),
+            aggregate: None,
         }
     }
 

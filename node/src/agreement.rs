@@ -234,7 +234,8 @@ pub fn check_offer_at(
     let computation = match JobKind::try_from(spec.kind) {
         Ok(JobKind::Overlap) => Computation::Overlap,
         Ok(JobKind::Match) => Computation::Match,
-        Ok(JobKind::Unspecified) | Err(_) => {
+        // Aggregate offers are decided by `crate::aggregate_policy` (N parties).
+        Ok(JobKind::Unspecified | JobKind::Aggregate) | Err(_) => {
             return Err(veto(format!(
                 "job kind {} is not one this node runs (overlap, match)",
                 spec.kind
@@ -303,7 +304,7 @@ pub fn check_offer_at(
         )));
     }
     let (partner_learns_membership, i_learn_membership) = match computation {
-        Computation::Overlap => (false, false),
+        Computation::Overlap | Computation::Aggregate => (false, false),
         Computation::Match => {
             let membership = entry.membership();
             if theirs.learns_membership && !membership.to_partner() {
@@ -416,6 +417,7 @@ purposes = ["fraud-detection"]
             kind: kind as i32,
             parties,
             purpose: purpose.into(),
+            aggregate: None,
         }
     }
 

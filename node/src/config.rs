@@ -324,6 +324,8 @@ pub enum Computation {
     Overlap,
     /// Membership of each side's own records, to the sides allowed to learn it.
     Match,
+    /// Per-group sums and counts over N ≥ 3 parties by secret sharing (no keys).
+    Aggregate,
 }
 
 impl Computation {
@@ -332,6 +334,7 @@ impl Computation {
         match self {
             Computation::Overlap => "overlap",
             Computation::Match => "match",
+            Computation::Aggregate => "aggregate",
         }
     }
 }
@@ -414,7 +417,9 @@ pub struct AllowEntry {
     /// Which of this node's datasets (spanned, so errors name its line).
     pub dataset: Spanned<String>,
     /// Allowed join keys: each entry is one key set, composite keys joined with `+`
-    /// (`"email+phone"`); a job's key set must equal one entry, order included.
+    /// (`"email+phone"`); a job's key set must equal one entry, order included. Required for
+    /// overlap and match; must be absent for aggregate (which joins nothing).
+    #[serde(default)]
     pub keys: Vec<String>,
     /// Match only: who learns membership (default `self`). Read it with
     /// [`AllowEntry::membership`].
@@ -452,7 +457,22 @@ pub struct AllowEntry {
     /// Largest set size the partner may declare.
     #[serde(default = "default_max_set_size")]
     pub max_set_size: u64,
+    // What an `aggregate` entry adds (validation refuses these keys on other computations).
+    /// Aggregate only: categorical columns (CSV headers) a job may group by; at least one.
+    #[serde(default)]
+    pub group_by: Vec<String>,
+    /// Aggregate only: fewest parties a job must have (default and minimum 3).
+    #[serde(default)]
+    pub min_parties: Option<u32>,
+    /// Aggregate only: parties that may collude and subtract their own noise share (default:
+    /// all but one, so one honest party's noise alone gives the stated ε).
+    #[serde(default)]
+    pub max_colluders: Option<u32>,
 }
+
+/// Smallest number of parties of an aggregate job: with two, each learns the other's figures
+/// from the total.
+pub const MIN_AGGREGATE_PARTIES: u32 = 3;
 
 /// A count threshold: at least 1 (0 is refused when the config is read).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize)]
@@ -772,6 +792,17 @@ impl NodeConfig {
                 e.dataset.get_ref()
             ));
         };
+        if e.computation == Computation::Aggregate {
+            return validate_aggregate(ctx, e, d);
+        }
+        if !e.group_by.is_empty() || e.min_parties.is_some() || e.max_colluders.is_some() {
+            return Err(format!(
+                "{ctx}: allow {} on '{}': keys group_by, min_parties and max_colluders apply to \
+                 aggregate only",
+                e.computation,
+                e.dataset.get_ref()
+            ));
+        }
         if e.keys.is_empty() {
             return Err(format!(
                 "{ctx}: allow {} on '{}' lists no keys",
@@ -883,6 +914,58 @@ impl NodeConfig {
         }
         Ok(())
     }
+}
+
+/// The checks of an `aggregate` allow entry: no keys, no membership, at least one group-by
+/// column, at least 3 parties, value columns declared and inside the dataset's bounds.
+fn validate_aggregate(ctx: &str, e: &AllowEntry, d: &DatasetConfig) -> Result<(), String> {
+    let at = format!("{ctx}: allow aggregate on '{}'", e.dataset.get_ref());
+    if !e.keys.is_empty() {
+        return Err(format!("{at}: aggregate joins nothing; remove keys"));
+    }
+    if e.membership.is_some() || e.reveal_membership_to_partner.is_some() {
+        return Err(format!("{at}: membership applies to match only"));
+    }
+    if e.group_by.is_empty() {
+        return Err(format!(
+            "{at}: group_by must list the column(s) a job may group by"
+        ));
+    }
+    if e.group_by.iter().any(String::is_empty) {
+        return Err(format!("{at}: group_by has an empty column name"));
+    }
+    if e.min_parties.is_some_and(|n| n < MIN_AGGREGATE_PARTIES) {
+        return Err(format!(
+            "{at}: min_parties must be at least {MIN_AGGREGATE_PARTIES}"
+        ));
+    }
+    if !e.counts_to.contains(&Recipient::Coordinator) {
+        return Err(format!(
+            "{at}: an aggregate releases only to the coordinator; counts_to must include it"
+        ));
+    }
+    let mut seen = HashSet::new();
+    for v in &e.value_columns {
+        let col = v.column.get_ref();
+        let Some(declared) = d.value(col) else {
+            return Err(format!(
+                "{at}: value_columns names '{col}', which dataset '{}' does not declare \
+                 (declared: {})",
+                d.name,
+                d.value_names()
+            ));
+        };
+        if !seen.insert(col.as_str()) {
+            return Err(format!("{at}: value_columns lists '{col}' twice"));
+        }
+        if v.min > v.max || v.min < declared.min || v.max > declared.max {
+            return Err(format!(
+                "{at}: bounds [{}, {}] of '{col}' must be ordered and inside the dataset's [{}, {}]",
+                v.min, v.max, declared.min, declared.max
+            ));
+        }
+    }
+    Ok(())
 }
 
 impl DatasetConfig {
@@ -1477,5 +1560,79 @@ purposes = ["overlap-reporting"]
         }
         let d = PolicyDate::from_unix_ms(1_782_864_000_000).unwrap();
         assert_eq!(d.to_string(), "2026-07-01");
+    }
+
+    // ---- aggregate entries (group_by, min_parties, max_colluders)
+
+    fn with_aggregate(entry: &str) -> String {
+        MINIMAL
+            .replace(
+                "  normaliser = \"phone\"",
+                "  normaliser = \"phone\"\n  [[dataset.value]]\n  column = \"amount\"\n  min = 0\n  max = 100000",
+            )
+            .replace(
+                "  computation = \"match\"\n  dataset = \"customers\"\n  keys = [\"email\", \"email+phone\"]",
+                &format!("  computation = \"aggregate\"\n  dataset = \"customers\"\n{entry}"),
+            )
+    }
+
+    #[test]
+    fn aggregate_entry_parses() {
+        let cfg = parse(&with_aggregate(
+            "  group_by = [\"category\"]\n  min_parties = 4\n  max_colluders = 2\n  value_columns = [{ column = \"amount\", min = 0, max = 5000 }]\n  epsilon = 1.0",
+        ))
+        .unwrap();
+        let e = &cfg.agreement_with("globex").unwrap().allow[0];
+        assert_eq!(e.computation, Computation::Aggregate);
+        assert!(e.keys.is_empty());
+        assert_eq!(e.group_by, vec!["category".to_owned()]);
+        assert_eq!((e.min_parties, e.max_colluders), (Some(4), Some(2)));
+        // Defaults: 3 parties minimum, colluders unset (all but one).
+        let cfg = parse(&with_aggregate("  group_by = [\"category\"]")).unwrap();
+        let e = &cfg.agreement_with("globex").unwrap().allow[0];
+        assert_eq!((e.min_parties, e.max_colluders), (None, None));
+    }
+
+    #[test]
+    fn aggregate_entry_rules() {
+        assert!(invalid(&with_aggregate("")).contains("group_by must list"));
+        assert!(
+            invalid(&with_aggregate(
+                "  group_by = [\"category\"]\n  keys = [\"email\"]"
+            ))
+            .contains("remove keys")
+        );
+        assert!(
+            invalid(&with_aggregate(
+                "  group_by = [\"category\"]\n  min_parties = 2"
+            ))
+            .contains("at least 3")
+        );
+        assert!(
+            invalid(&with_aggregate(
+                "  group_by = [\"category\"]\n  counts_to = [\"partner\"]"
+            ))
+            .contains("counts_to must include")
+        );
+        assert!(
+            invalid(&with_aggregate(
+                "  group_by = [\"category\"]\n  value_columns = [{ column = \"amount\", min = 0, max = 100001 }]"
+            ))
+            .contains("inside the dataset's")
+        );
+        assert!(
+            invalid(&with_aggregate(
+                "  group_by = [\"category\"]\n  value_columns = [{ column = \"nope\", min = 0, max = 1 }]"
+            ))
+            .contains("does not declare")
+        );
+        // The aggregate keys are refused on other computations.
+        assert!(invalid(&with_allow("  group_by = [\"category\"]")).contains("aggregate only"));
+        assert!(invalid(&with_allow("  max_colluders = 1")).contains("aggregate only"));
+        // Overlap and match still need keys.
+        assert!(
+            invalid(&MINIMAL.replace("  keys = [\"email\", \"email+phone\"]\n", ""))
+                .contains("lists no keys")
+        );
     }
 }

@@ -116,11 +116,16 @@ async fn job_stream(
     let job_id = offer.job_id.clone();
     let my_name = state.cfg().name.clone();
     let partner = match &offer.body {
-        Some(Body::Offer(o)) => o
-            .spec
-            .as_ref()
-            .and_then(|s| s.parties.iter().find(|p| p.node != my_name))
-            .map(|p| p.node.clone()),
+        Some(Body::Offer(o)) => o.spec.as_ref().map(|s| {
+            // Every other party (one for PSI jobs, N − 1 for an aggregate), for the audit log.
+            let others: Vec<&str> = s
+                .parties
+                .iter()
+                .filter(|p| p.node != my_name)
+                .map(|p| p.node.as_str())
+                .collect();
+            others.join(",")
+        }),
         _ => None,
     }
     .unwrap_or_default();
@@ -168,11 +173,16 @@ async fn run_offer(
     let spec = offer
         .spec
         .ok_or_else(|| protocol("coordinator", "offer without a job spec"))?;
+    if spec.kind == cleanroom_proto::v1::JobKind::Aggregate as i32 {
+        return crate::aggregate_job::serve_offer(endpoint, state, job_id, spec, send, recv).await;
+    }
     let role = Role::try_from(offer.role).unwrap_or(Role::Unspecified);
     let me = match role {
         Role::Initiator => 0,
         Role::Responder => 1,
-        Role::Unspecified => return Err(protocol("coordinator", "offer without a role")),
+        Role::Unspecified | Role::Peer => {
+            return Err(protocol("coordinator", "offer without a two-party role"));
+        }
     };
     let decision = state.decide(&job_id, &spec, me, crate::agreement::now_ms());
     let reply = |accept: bool, reason: String| Envelope {

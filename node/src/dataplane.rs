@@ -2,7 +2,8 @@
 //! job that waits for it.
 //!
 //! A connection is accepted only from a certificate of role *node*; its first stream must open
-//! with a `PsiHello` naming a job that this node accepted, as responder, with exactly that peer.
+//! with a `PsiHello` naming a job that this node accepted, as responder, with exactly that peer
+//! (or an `AggregateHello` naming an aggregate job that waits for exactly that peer).
 //! Anything else is refused with a log line naming the peer and the reason, and the connection is
 //! closed: a stranger cannot make the node read a single row.
 
@@ -73,9 +74,14 @@ async fn route(state: &NodeState, conn: quinn::Connection, peer: &Identity) -> R
         .map_err(|_| "no hello in time".to_owned())?
         .map_err(|e| format!("unreadable hello: {e}"))?
         .ok_or_else(|| "stream ended before its hello".to_owned())?;
-    if hello.phase != Phase::PsiSize as i32 || !matches!(hello.body, Some(Body::PsiHello(_))) {
-        return Err("first frame is not a PsiHello".to_owned());
-    }
     let job_id = hello.job_id.clone();
+    if hello.phase == Phase::AggShare as i32 && matches!(hello.body, Some(Body::AggHello(_))) {
+        // Aggregate: one connection per peer and job, each waiting under its own key.
+        let key = crate::aggregate_job::pending_key(&job_id, &peer.name);
+        return state.deliver(&key, peer, Handover { conn, recv, hello });
+    }
+    if hello.phase != Phase::PsiSize as i32 || !matches!(hello.body, Some(Body::PsiHello(_))) {
+        return Err("first frame is not a PsiHello or an AggregateHello".to_owned());
+    }
     state.deliver(&job_id, peer, Handover { conn, recv, hello })
 }

@@ -290,6 +290,94 @@ pub fn matching_rows_for(
     Ok(rows)
 }
 
+/// Rows streamed by [`for_each_row_for`], and what filtering left out.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RowCounts {
+    /// Data rows read (header excluded), excluded ones included.
+    pub rows_read: u64,
+    /// Rows excluded because they lack consent for the job's purpose.
+    pub rows_excluded_consent: u64,
+    /// Rows excluded because one of their identifiers belongs to a forgotten subject.
+    pub rows_excluded_deleted: u64,
+}
+
+/// Streams the dataset's CSV and calls `f(row, fields)` for every row that passes the
+/// [`RowFilter`] (consent, then forgotten subjects), with the raw fields of `columns` in the
+/// order given (`None` where a short row lacks one). For computations that read columns rather
+/// than join keys (aggregate); the caller parses and validates the fields. Each named column must
+/// appear exactly once in the header; more than `max_rows` data rows is refused.
+pub fn for_each_row_for(
+    dataset: &DatasetConfig,
+    columns: &[&str],
+    filter: RowFilter<'_>,
+    max_rows: u64,
+    mut f: impl FnMut(u64, &[Option<&[u8]>]) -> Result<(), DatasetError>,
+) -> Result<RowCounts, DatasetError> {
+    let forgotten = filter.forgotten.filter(|fg| !fg.hashes.is_empty());
+    let path = dataset.path.as_path();
+    let file = File::open(path).map_err(|source| DatasetError::Open {
+        path: path.to_owned(),
+        source,
+    })?;
+    let mut reader = csv::ReaderBuilder::new()
+        .has_headers(true)
+        .flexible(true)
+        .buffer_capacity(READ_BUFFER)
+        .from_reader(file);
+    let indices = columns
+        .iter()
+        .map(|c| locate_column(&mut reader, path, c))
+        .collect::<Result<Vec<_>, _>>()?;
+    let consent_index = match filter.consent_column {
+        Some(column) => Some(locate_column(&mut reader, path, column)?),
+        None => None,
+    };
+    let all_ids: Vec<&IdentifierConfig> = dataset.identifiers.iter().collect();
+    let all_parts = if forgotten.is_some() {
+        locate_columns(&mut reader, path, &all_ids)?
+    } else {
+        Vec::new()
+    };
+    let mut record = csv::ByteRecord::new();
+    let mut counts = RowCounts::default();
+    loop {
+        let row = counts.rows_read + 1;
+        match reader.read_byte_record(&mut record) {
+            Ok(true) => {}
+            Ok(false) => break,
+            Err(source) => {
+                return Err(DatasetError::Row {
+                    path: path.to_owned(),
+                    row,
+                    source,
+                });
+            }
+        }
+        if row > max_rows {
+            return Err(DatasetError::TooManyRows {
+                path: path.to_owned(),
+                max_rows,
+            });
+        }
+        counts.rows_read = row;
+        if let Some(i) = consent_index
+            && !record.get(i).is_some_and(is_consent)
+        {
+            counts.rows_excluded_consent += 1;
+            continue;
+        }
+        if let Some(fg) = forgotten
+            && is_forgotten(&record, &all_parts, fg)
+        {
+            counts.rows_excluded_deleted += 1;
+            continue;
+        }
+        let fields: Vec<Option<&[u8]>> = indices.iter().map(|&i| record.get(i)).collect();
+        f(row, &fields)?;
+    }
+    Ok(counts)
+}
+
 /// One requested key part: where it is in the row and how it is normalised.
 struct Part<'a> {
     id: &'a IdentifierConfig,

@@ -17,6 +17,8 @@
 //! - [`noised_release`]: the DP noise on an overlap count (draw, commitment, threshold).
 #![warn(missing_docs)]
 
+pub mod aggregate_job;
+pub mod aggregate_policy;
 pub mod agreement;
 pub mod audit;
 pub mod budget_report;

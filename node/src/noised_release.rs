@@ -39,11 +39,17 @@ pub struct OwnNoise {
     pub scale: String,
 }
 
-/// The ledger key of a job's noised release: its spec digest (job id and spec), so a duplicated
-/// offer of the same job finds its stored draw, and a reused job id with another spec does not.
+/// The ledger key of a job's noised release: its kind and spec digest (job id and spec), so a
+/// duplicated offer of the same job finds its stored draw, and a reused job id with another spec
+/// does not. `overlap:<hex>` or `aggregate:<hex>`.
 pub fn release_key(job_id: &str, spec: &cleanroom_proto::v1::JobSpec) -> String {
+    let kind = if spec.kind == cleanroom_proto::v1::JobKind::Aggregate as i32 {
+        "aggregate"
+    } else {
+        "overlap"
+    };
     format!(
-        "overlap:{}",
+        "{kind}:{}",
         crate::audit::to_hex(&crate::psi_job::spec_digest(job_id, spec))
     )
 }

@@ -120,10 +120,16 @@ impl NodeState {
     ) -> Result<(u64, Permit), Veto> {
         let (generation, cfg) = self.policy.snapshot();
         let mut history = self.history.lock().unwrap_or_else(|p| p.into_inner());
-        let decision = agreement::check_offer_at(&cfg, spec, me, now_ms).and_then(|permit| {
+        let checked = if is_aggregate(spec) {
+            // N parties, one agreement with each peer; the release goes to the coordinator only.
+            crate::aggregate_policy::check_offer_at(&cfg, spec, me, now_ms).map(|p| p.permit)
+        } else {
+            agreement::check_offer_at(&cfg, spec, me, now_ms)
+        };
+        let decision = checked.and_then(|permit| {
             // ECDH-PSI gives both parties the count: an agreement that forbids the partner
             // learning counts cannot be honoured by this protocol, so the job is refused.
-            if !permit.counts_allowed_to(crate::config::Recipient::Partner) {
+            if !is_aggregate(spec) && !permit.counts_allowed_to(crate::config::Recipient::Partner) {
                 return Err(Veto(format!(
                     "this computation reveals the count to {}, and the agreement does not allow counts to the partner",
                     permit.partner
@@ -150,11 +156,14 @@ impl NodeState {
             Ok(permit)
         });
         let mine = spec.parties.get(me).cloned().unwrap_or_default();
-        let partner = spec
-            .parties
-            .get(1 - me.min(1))
-            .map(|p| p.node.clone())
-            .unwrap_or_default();
+        let partner = if is_aggregate(spec) {
+            aggregate_peers(spec, me)
+        } else {
+            spec.parties
+                .get(1 - me.min(1))
+                .map(|p| p.node.clone())
+                .unwrap_or_default()
+        };
         let event = AuditEvent::Decision {
             job_id: job_id.to_owned(),
             partner: partner.clone(),
@@ -196,6 +205,16 @@ impl NodeState {
     ) -> Result<(), Veto> {
         let (now_generation, cfg) = self.policy.snapshot();
         if now_generation == generation {
+            return Ok(());
+        }
+        if is_aggregate(spec) {
+            let fresh = crate::aggregate_policy::check_offer_at(&cfg, spec, me, now_ms)?;
+            if &fresh.permit != permit {
+                return Err(Veto(format!(
+                    "the policy for {} changed while the job ran; its terms no longer hold",
+                    permit.partner
+                )));
+            }
             return Ok(());
         }
         agreement::recheck(&cfg, spec, me, now_ms, permit)
@@ -275,8 +294,26 @@ pub fn computation_name(kind: i32) -> &'static str {
     match cleanroom_proto::v1::JobKind::try_from(kind) {
         Ok(cleanroom_proto::v1::JobKind::Overlap) => "overlap",
         Ok(cleanroom_proto::v1::JobKind::Match) => "match",
+        Ok(cleanroom_proto::v1::JobKind::Aggregate) => "aggregate",
         _ => "unknown",
     }
+}
+
+/// Whether `spec` is an N-party aggregate (decided by [`crate::aggregate_policy`]).
+fn is_aggregate(spec: &cleanroom_proto::v1::JobSpec) -> bool {
+    spec.kind == cleanroom_proto::v1::JobKind::Aggregate as i32
+}
+
+/// An aggregate's other parties, comma-separated (the audit log's partner field).
+fn aggregate_peers(spec: &cleanroom_proto::v1::JobSpec, me: usize) -> String {
+    let peers: Vec<&str> = spec
+        .parties
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != me)
+        .map(|(_, p)| p.node.as_str())
+        .collect();
+    peers.join(",")
 }
 
 #[cfg(test)]
@@ -326,6 +363,7 @@ budget_per_purpose = { epsilon_per_period = 1, period = "day" }
             kind: JobKind::Overlap as i32,
             parties: vec![party("acme"), party("globex")],
             purpose: "reporting".into(),
+            ..JobSpec::default()
         }
     }
 

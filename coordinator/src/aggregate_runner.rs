@@ -1,0 +1,510 @@
+//! Runs one `aggregate` job: offer it to all N parties, start them with every peer's address,
+//! collect N masked partial sums, reconstruct the noised totals and apply suppression.
+//!
+//! The coordinator never sees a party's own figures: each partial is that party's kept share
+//! plus the shares its peers expanded for it, plus its noise share — uniformly distributed on
+//! its own. Only the sum of all N partials is meaningful, and it carries every party's noise.
+//! If any party refuses, fails, goes away or reports a malformed partial, the job fails and
+//! nothing is stored: there is no partial release.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use cleanroom_circuits::aggregate::{decode_cells, reconstruct};
+use cleanroom_proto::v1::{
+    AggregateGroup, AggregateOutcome, AggregatePartyStats, AggregateResult, Envelope, JobSpec,
+    JobState, Offer, PeerEndpoint, Phase, Role, Start, envelope::Body, report::Outcome,
+};
+use cleanroom_transport::{FramedRecv, FramedSend};
+
+use crate::now_ms;
+use crate::server::Shared;
+use crate::spec::OTHER_GROUP;
+
+/// After the first failure, how long to wait for the other parties' reasons.
+const FAILURE_GRACE: Duration = Duration::from_secs(3);
+/// How long a node has to confirm `Start`.
+const READY_TIMEOUT: Duration = Duration::from_secs(30);
+
+type Failure = (JobState, String);
+
+fn failed(reason: impl Into<String>) -> Failure {
+    (JobState::Failed, reason.into())
+}
+
+/// One party's open job stream.
+struct Party {
+    node: String,
+    data_addr: String,
+    send: FramedSend,
+    recv: FramedRecv,
+}
+
+/// What one party reported.
+struct Reported {
+    node: String,
+    partial: Vec<u64>,
+    outcome: AggregateOutcome,
+}
+
+/// Drives an aggregate job to a result or a failure (the caller stores the final state).
+pub async fn drive(shared: &Arc<Shared>, job_id: &str, spec: &JobSpec) -> Result<String, Failure> {
+    let Some(agg) = spec.aggregate.as_ref() else {
+        return Err(failed("aggregate job without its group-by spec"));
+    };
+    let groups = agg.groups.len() + 1;
+    let columns = 1 + agg.sums.len();
+    let cells = groups * columns;
+
+    let mut handles = Vec::new();
+    for party in &spec.parties {
+        let Some(handle) = shared.registry.get(&party.node) else {
+            return Err(failed(format!(
+                "node '{}' is not connected to the coordinator; start it or check its config",
+                party.node
+            )));
+        };
+        handles.push((party.node.clone(), handle));
+    }
+    record(
+        shared,
+        job_id,
+        JobState::Offered,
+        &format!("offered to all {} parties", handles.len()),
+    )?;
+
+    let offer_timeout = shared.cfg.offer_timeout();
+    let mut offers = tokio::task::JoinSet::new();
+    for (index, (node, handle)) in handles.into_iter().enumerate() {
+        let spec = spec.clone();
+        let job_id = job_id.to_owned();
+        offers.spawn(async move {
+            let answer = tokio::time::timeout(offer_timeout, async {
+                let (mut send, mut recv) = cleanroom_transport::open_bi(&handle.conn)
+                    .await
+                    .map_err(|e| format!("node '{node}' is unreachable: {e}"))?;
+                send.send(&Envelope {
+                    job_id: job_id.clone(),
+                    phase: Phase::Offer as i32,
+                    body: Some(Body::Offer(Offer {
+                        spec: Some(spec),
+                        role: Role::Peer as i32,
+                    })),
+                })
+                .await
+                .map_err(|e| format!("node '{node}': {e}"))?;
+                let reply = recv
+                    .recv_expect(&job_id, Phase::Offer)
+                    .await
+                    .map_err(|e| format!("node '{node}' did not answer the offer: {e}"))?;
+                match reply.body {
+                    Some(Body::OfferReply(r)) if r.accept => Ok(Ok(Party {
+                        node: node.clone(),
+                        data_addr: handle.data_addr.clone(),
+                        send,
+                        recv,
+                    })),
+                    Some(Body::OfferReply(r)) => {
+                        Ok(Err(format!("node '{node}' refused: {}", r.reason)))
+                    }
+                    _ => Err(format!(
+                        "node '{node}' sent something other than an offer reply"
+                    )),
+                }
+            })
+            .await
+            .unwrap_or_else(|_| {
+                Err(format!(
+                    "node '{node}' did not answer the offer within {offer_timeout:?}"
+                ))
+            });
+            (index, answer)
+        });
+    }
+    let mut parties: Vec<(usize, Party)> = Vec::new();
+    let (mut vetoes, mut errors) = (Vec::new(), Vec::new());
+    while let Some(joined) = offers.join_next().await {
+        match joined {
+            Ok((i, Ok(Ok(party)))) => parties.push((i, party)),
+            Ok((_, Ok(Err(veto)))) => vetoes.push(veto),
+            Ok((_, Err(error))) => errors.push(error),
+            Err(e) => errors.push(format!("internal error: {e}")),
+        }
+    }
+    if !vetoes.is_empty() {
+        vetoes.sort();
+        return Err((JobState::Vetoed, vetoes.join("; ")));
+    }
+    if !errors.is_empty() {
+        errors.sort();
+        return Err(failed(errors.join("; ")));
+    }
+    parties.sort_by_key(|(i, _)| *i);
+    let mut parties: Vec<Party> = parties.into_iter().map(|(_, p)| p).collect();
+
+    record(
+        shared,
+        job_id,
+        JobState::Running,
+        &format!("all {} parties accepted; running", parties.len()),
+    )?;
+    let endpoints: Vec<PeerEndpoint> = parties
+        .iter()
+        .map(|p| PeerEndpoint {
+            node: p.node.clone(),
+            data_addr: p.data_addr.clone(),
+        })
+        .collect();
+    // Every party registered its expected peers before accepting, so the order of starts does
+    // not matter: a peer that dials early is expected.
+    for party in &mut parties {
+        let peers = endpoints
+            .iter()
+            .filter(|e| e.node != party.node)
+            .cloned()
+            .collect();
+        let start = Envelope {
+            job_id: job_id.to_owned(),
+            phase: Phase::Start as i32,
+            body: Some(Body::Start(Start {
+                role: Role::Peer as i32,
+                peer_addr: String::new(),
+                peers,
+            })),
+        };
+        let node = party.node.clone();
+        party
+            .send
+            .send(&start)
+            .await
+            .map_err(|e| failed(format!("node '{node}': {e}")))?;
+    }
+    for party in &mut parties {
+        let node = party.node.clone();
+        let ready =
+            tokio::time::timeout(READY_TIMEOUT, party.recv.recv_expect(job_id, Phase::Start))
+                .await
+                .map_err(|_| failed(format!("node '{node}' did not confirm the start")))?
+                .map_err(|e| failed(format!("node '{node}': {e}")))?;
+        if !matches!(ready.body, Some(Body::Ready(_))) {
+            return Err(failed(format!("node '{node}' did not confirm the start")));
+        }
+    }
+
+    // Collect every partial. Each task owns its party's whole stream: dropping it (on failure)
+    // tells that node the job is over.
+    let job_timeout = shared.cfg.job_timeout();
+    let mut reports = tokio::task::JoinSet::new();
+    for party in parties {
+        let job_id = job_id.to_owned();
+        reports.spawn(async move {
+            let node = party.node.clone();
+            tokio::time::timeout(job_timeout, collect(party, &job_id, cells))
+                .await
+                .unwrap_or_else(|_| {
+                    Err(format!(
+                        "node '{node}' did not report within {job_timeout:?}"
+                    ))
+                })
+        });
+    }
+    let mut reported: Vec<Reported> = Vec::new();
+    let mut failures: Vec<String> = Vec::new();
+    loop {
+        let next = if failures.is_empty() {
+            reports.join_next().await
+        } else {
+            tokio::time::timeout(FAILURE_GRACE, reports.join_next())
+                .await
+                .unwrap_or_default()
+        };
+        match next {
+            None => break,
+            Some(Ok(Ok(r))) => reported.push(r),
+            Some(Ok(Err(reason))) => failures.push(reason),
+            Some(Err(e)) => failures.push(format!("internal error collecting partials: {e}")),
+        }
+    }
+    reports.abort_all();
+    if !failures.is_empty() {
+        failures.sort_by_key(|f| f.contains(" lost: "));
+        return Err(failed(format!(
+            "{}; no partial result is released",
+            failures.join("; ")
+        )));
+    }
+    // Spec order, so the per-party statistics read in the order the analyst listed them.
+    reported.sort_by_key(|r| spec.parties.iter().position(|p| p.node == r.node));
+    let result = combine(&reported, spec)?;
+    let (shown, suppressed) = (
+        result.groups.iter().filter(|g| !g.suppressed).count(),
+        result.groups.iter().filter(|g| g.suppressed).count(),
+    );
+    shared
+        .store
+        .put_aggregate_result(job_id, &result, now_ms())
+        .map_err(|e| failed(format!("storing the result: {e}")))?;
+    Ok(format!(
+        "aggregate over {} parties: {shown} groups released, {suppressed} suppressed",
+        reported.len()
+    ))
+}
+
+/// Reads one party's partial batches and its outcome.
+async fn collect(mut party: Party, job_id: &str, cells: usize) -> Result<Reported, String> {
+    let node = party.node.clone();
+    let mut partial: Vec<u64> = Vec::with_capacity(cells);
+    let mut seq = 0u64;
+    loop {
+        let env = party
+            .recv
+            .recv()
+            .await
+            .map_err(|e| format!("node '{node}' lost: {e}"))?
+            .ok_or_else(|| format!("node '{node}' lost: its job stream ended"))?;
+        if env.job_id != job_id {
+            return Err(format!("node '{node}' sent a frame for another job"));
+        }
+        match env.body {
+            Some(Body::AggPartial(p)) if env.phase == Phase::AggPartial as i32 => {
+                if p.seq != seq {
+                    return Err(format!(
+                        "node '{node}' sent partial batch {} where {seq} was due",
+                        p.seq
+                    ));
+                }
+                decode_cells(&p.cells, &mut partial, cells)
+                    .map_err(|e| format!("node '{node}' sent a bad partial: {e}"))?;
+                seq += 1;
+            }
+            Some(Body::Report(r)) if env.phase == Phase::Report as i32 => {
+                return match r.outcome {
+                    Some(Outcome::Aggregate(outcome)) => {
+                        if partial.len() != cells || outcome.cells != cells as u64 {
+                            return Err(format!(
+                                "node '{node}' sent {} of {cells} partial cells",
+                                partial.len()
+                            ));
+                        }
+                        Ok(Reported {
+                            node,
+                            partial,
+                            outcome,
+                        })
+                    }
+                    Some(Outcome::Failure(reason)) => Err(format!("{node}: {reason}")),
+                    _ => Err(format!("node '{node}' sent a report of another job kind")),
+                };
+            }
+            _ => return Err(format!("node '{node}' sent an unexpected frame")),
+        }
+    }
+}
+
+/// Reconstructs the noised totals and applies the k-threshold on the noised count.
+fn combine(reported: &[Reported], spec: &JobSpec) -> Result<AggregateResult, Failure> {
+    let Some(agg) = spec.aggregate.as_ref() else {
+        return Err(failed("aggregate job without its group-by spec"));
+    };
+    let Some(first) = reported.first() else {
+        return Err(failed("no party reported"));
+    };
+    // Every party must have built its partial under the same joint terms.
+    if let Some(other) = reported
+        .iter()
+        .find(|r| r.outcome.terms_digest != first.outcome.terms_digest)
+    {
+        return Err(failed(format!(
+            "nodes '{}' and '{}' applied different terms; nothing is released",
+            first.node, other.node
+        )));
+    }
+    let partials: Vec<Vec<u64>> = reported.iter().map(|r| r.partial.clone()).collect();
+    let totals = reconstruct(&partials).map_err(|e| failed(format!("reconstruction: {e}")))?;
+    let columns = 1 + agg.sums.len();
+    let min_result = first.outcome.min_result.max(1);
+    let labels = agg
+        .groups
+        .iter()
+        .map(String::as_str)
+        .chain(std::iter::once(OTHER_GROUP));
+    let groups = labels
+        .zip(totals.chunks(columns))
+        .map(|(label, row)| {
+            let count = row.first().copied().unwrap_or(0);
+            let suppressed = count < i64::try_from(min_result).unwrap_or(i64::MAX);
+            let values = if suppressed {
+                Vec::new()
+            } else if agg.count {
+                row.to_vec()
+            } else {
+                row[1..].to_vec()
+            };
+            AggregateGroup {
+                label: label.to_owned(),
+                suppressed,
+                values,
+            }
+        })
+        .collect();
+    let mut names = Vec::new();
+    if agg.count {
+        names.push("count".to_owned());
+    }
+    names.extend(agg.sums.iter().cloned());
+    let zcdp_epsilon = first
+        .outcome
+        .noise
+        .iter()
+        .filter(|c| c.noised)
+        .map(|c| c.zcdp_epsilon * c.zcdp_epsilon)
+        .sum::<f64>()
+        .sqrt();
+    Ok(AggregateResult {
+        columns: names,
+        groups,
+        noise: first.outcome.noise.clone(),
+        min_result,
+        max_colluders: first.outcome.max_colluders,
+        zcdp_epsilon,
+        show_count: agg.count,
+        parties: reported
+            .iter()
+            .map(|r| AggregatePartyStats {
+                node: r.node.clone(),
+                rows_read: r.outcome.rows_read,
+                rows_excluded_consent: r.outcome.rows_excluded_consent,
+                rows_excluded_deleted: r.outcome.rows_excluded_deleted,
+                rows_other: r.outcome.rows_other,
+                audit_head: r.outcome.audit_head.clone(),
+                bytes_to_peers: r.outcome.bytes_to_peers,
+                bytes_to_coordinator: r.outcome.bytes_to_coordinator,
+            })
+            .collect(),
+    })
+}
+
+fn record(
+    shared: &Arc<Shared>,
+    job_id: &str,
+    state: JobState,
+    reason: &str,
+) -> Result<(), Failure> {
+    shared
+        .store
+        .transition(job_id, state, reason, now_ms())
+        .map_err(|e| failed(format!("job store: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cleanroom_circuits::aggregate::{GroupVector, accumulate_seed, split};
+    use cleanroom_proto::v1::{AggregateSpec, ColumnNoise, JobKind, PartySpec};
+
+    fn spec(count: bool) -> JobSpec {
+        JobSpec {
+            kind: JobKind::Aggregate as i32,
+            parties: ["a", "b", "c"]
+                .iter()
+                .map(|n| PartySpec {
+                    node: (*n).into(),
+                    dataset: "d".into(),
+                    ..PartySpec::default()
+                })
+                .collect(),
+            purpose: "p".into(),
+            aggregate: Some(AggregateSpec {
+                group_by: "category".into(),
+                groups: vec!["x".into(), "y".into()],
+                sums: vec!["amount".into()],
+                count,
+            }),
+        }
+    }
+
+    /// Three parties' partials of the given per-party vectors (3 groups × 2 columns).
+    fn reported(inputs: &[[i64; 6]; 3], digest: u8) -> Vec<Reported> {
+        let splits: Vec<_> = inputs
+            .iter()
+            .map(|x| {
+                let mut v = GroupVector::zeros(3, 2).unwrap();
+                for (i, &c) in x.iter().enumerate() {
+                    v.add(i / 2, i % 2, c).unwrap();
+                }
+                split(&v, 2).unwrap()
+            })
+            .collect();
+        (0..3)
+            .map(|i| {
+                let mut acc = splits[i].own.clone();
+                for (j, s) in splits.iter().enumerate() {
+                    if j != i {
+                        accumulate_seed(&mut acc, &s.seeds[if i < j { i } else { i - 1 }]);
+                    }
+                }
+                Reported {
+                    node: format!("n{i}"),
+                    partial: acc,
+                    outcome: AggregateOutcome {
+                        cells: 6,
+                        min_result: 5,
+                        terms_digest: vec![digest],
+                        noise: vec![ColumnNoise {
+                            column: "count".into(),
+                            ..ColumnNoise::default()
+                        }],
+                        ..AggregateOutcome::default()
+                    },
+                }
+            })
+            .collect()
+    }
+
+    #[test]
+    fn totals_are_reconstructed_and_small_groups_suppressed() {
+        let inputs = [
+            [3, 300, 1, 10, 0, 0],
+            [3, 30, 1, 20, 2, 5],
+            [4, -5, 1, 1, 0, 0],
+        ];
+        let r = combine(&reported(&inputs, 1), &spec(true)).unwrap();
+        assert_eq!(r.columns, vec!["count", "amount"]);
+        assert_eq!(r.groups[0].label, "x");
+        assert_eq!(r.groups[0].values, vec![10, 325]);
+        assert!(!r.groups[0].suppressed);
+        // y: count 3 < 5; (other): count 2 < 5.
+        assert!(r.groups[1].suppressed && r.groups[1].values.is_empty());
+        assert_eq!(r.groups[2].label, "(other)");
+        assert!(r.groups[2].suppressed);
+        // Without --count the count is used for suppression but not shown.
+        let r = combine(&reported(&inputs, 1), &spec(false)).unwrap();
+        assert_eq!(r.columns, vec!["amount"]);
+        assert_eq!(r.groups[0].values, vec![325]);
+    }
+
+    #[test]
+    fn different_terms_release_nothing() {
+        let inputs = [[1; 6], [1; 6], [1; 6]];
+        let mut r = reported(&inputs, 1);
+        r[2].outcome.terms_digest = vec![2];
+        let (state, reason) = combine(&r, &spec(true)).unwrap_err();
+        assert_eq!(state, JobState::Failed);
+        assert!(reason.contains("different terms"), "{reason}");
+    }
+
+    #[test]
+    fn one_partial_alone_reveals_nothing_of_its_party() {
+        // A party's partial is masked by its peers' seeds: for the same inputs, two runs give
+        // unrelated partials, while the totals agree.
+        let inputs = [[5, 500, 0, 0, 0, 0], [5, 1, 0, 0, 0, 0], [5, 2, 0, 0, 0, 0]];
+        let a = reported(&inputs, 1);
+        let b = reported(&inputs, 1);
+        assert_ne!(a[0].partial, b[0].partial);
+        assert_ne!(a[0].partial[1], 500);
+        let ta = combine(&a, &spec(true)).unwrap();
+        let tb = combine(&b, &spec(true)).unwrap();
+        assert_eq!(ta, tb);
+        assert_eq!(ta.groups[0].values, vec![15, 503]);
+    }
+}

@@ -1,0 +1,387 @@
+//! The allow-list check of an `aggregate` offer: N ≥ 3 parties, one agreement with each peer.
+//!
+//! An aggregate releases a total over every party's data to the coordinator, and each peer
+//! receives a share of ours; so this node takes part only if it has an agreement with **every**
+//! other party that lists the purpose and allows `aggregate` on the dataset the job names for
+//! it, grouped by the job's column, summing only value columns the entry lists. The terms that
+//! apply are the strictest of those entries: the largest `min_parties`, `min_result`,
+//! `min_input_size` and `max_colluders`, the smallest ε and runs-per-period, and per summed
+//! column the intersection of the clipping bounds.
+
+use std::collections::HashSet;
+
+use cleanroom_proto::v1::{JobKind, JobSpec};
+
+use crate::agreement::{Permit, RunCounter, Veto};
+use crate::config::{
+    AllowEntry, Computation, Epsilon, MIN_AGGREGATE_PARTIES, Membership, NodeConfig, PolicyDate,
+    Recipient, ValueColumn,
+};
+use crate::dataset::KeySpec;
+
+/// Most parties an aggregate may have (the circuits' cap).
+pub const MAX_PARTIES: usize = cleanroom_circuits::aggregate::MAX_PARTIES;
+
+/// What the agreements let this node do in one accepted aggregate job.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AggregatePermit {
+    /// The common permit (partner = the peers' names joined with `,`).
+    pub permit: Permit,
+    /// This node's index in `spec.parties`.
+    pub me: usize,
+    /// The other parties, in spec order.
+    pub peers: Vec<String>,
+    /// The column rows are grouped by.
+    pub group_by: String,
+    /// Parties that may collude (clamped below the party count).
+    pub max_colluders: u32,
+}
+
+/// This node's index in an aggregate spec (its name must appear exactly once).
+pub fn my_index(spec: &JobSpec, my_name: &str) -> Option<usize> {
+    let mut found = spec
+        .parties
+        .iter()
+        .enumerate()
+        .filter(|(_, p)| p.node == my_name);
+    match (found.next(), found.next()) {
+        (Some((i, _)), None) => Some(i),
+        _ => None,
+    }
+}
+
+/// Decides an aggregate offer for party `me` at `now_ms`. See the module docs for the rules.
+pub fn check_offer_at(
+    cfg: &NodeConfig,
+    spec: &JobSpec,
+    me: usize,
+    now_ms: i64,
+) -> Result<AggregatePermit, Veto> {
+    if JobKind::try_from(spec.kind) != Ok(JobKind::Aggregate) {
+        return Err(veto("not an aggregate job"));
+    }
+    let Some(agg) = spec.aggregate.as_ref() else {
+        return Err(veto("the aggregate job names no group-by column or sums"));
+    };
+    let n = spec.parties.len();
+    if !(MIN_AGGREGATE_PARTIES as usize..=MAX_PARTIES).contains(&n) {
+        return Err(veto(format!(
+            "an aggregate needs {MIN_AGGREGATE_PARTIES} to {MAX_PARTIES} parties; the offer has {n}"
+        )));
+    }
+    let mut names = HashSet::new();
+    if !spec.parties.iter().all(|p| names.insert(p.node.as_str())) {
+        return Err(veto("a node appears twice among the aggregate's parties"));
+    }
+    let Some(mine) = spec.parties.get(me) else {
+        return Err(veto(format!("offer places this node at party index {me}")));
+    };
+    if mine.node != cfg.name {
+        return Err(veto(format!(
+            "offer is for node {}, this is {}",
+            mine.node, cfg.name
+        )));
+    }
+    let Some(dataset) = cfg.dataset(&mine.dataset) else {
+        return Err(veto(format!(
+            "dataset {} does not exist on node {}",
+            mine.dataset, cfg.name
+        )));
+    };
+    let consent_column = dataset.consent_column(&spec.purpose).map(str::to_owned);
+    if consent_column.is_none() && dataset.consent_required {
+        return Err(veto(format!(
+            "dataset {} has no consent column for purpose '{}' and requires consent",
+            dataset.name, spec.purpose
+        )));
+    }
+
+    let peers: Vec<String> = spec
+        .parties
+        .iter()
+        .filter(|p| p.node != cfg.name)
+        .map(|p| p.node.clone())
+        .collect();
+    let mut entries: Vec<&AllowEntry> = Vec::new();
+    let mut expires: Option<PolicyDate> = None;
+    // The strictest per-purpose cap of the agreements involved: the aggregate's ε is charged
+    // once, under the peer set as its partner scope, against it.
+    let mut purpose_budget: Option<crate::config::Budget> = None;
+    for peer in &peers {
+        let Some(agreement) = cfg.agreement_with(peer) else {
+            return Err(veto(format!(
+                "no agreement with {peer}, one of the aggregate's parties"
+            )));
+        };
+        if let Some(e) = agreement.expires {
+            let today = PolicyDate::from_unix_ms(now_ms);
+            if today.is_none_or(|t| t > e) {
+                return Err(veto(format!("agreement with {peer} expired {e}")));
+            }
+            expires = Some(expires.map_or(e, |x: PolicyDate| x.min(e)));
+        }
+        if !agreement.allows_purpose(&spec.purpose) {
+            return Err(veto(format!(
+                "purpose '{}' not in agreement with {peer}",
+                spec.purpose.escape_default()
+            )));
+        }
+        let Some(entry) = agreement.allow.iter().find(|e| {
+            e.computation == Computation::Aggregate
+                && e.dataset.get_ref() == &mine.dataset
+                && e.group_by.iter().any(|g| g == &agg.group_by)
+        }) else {
+            return Err(veto(format!(
+                "agreement with {peer} does not allow aggregate on {} grouped by {}",
+                mine.dataset, agg.group_by
+            )));
+        };
+        entries.push(entry);
+        if let Some(b) = &agreement.budget_per_purpose
+            && purpose_budget
+                .as_ref()
+                .is_none_or(|p| b.epsilon_per_period.get() < p.epsilon_per_period.get())
+        {
+            purpose_budget = Some(b.clone());
+        }
+    }
+
+    let min_parties = entries
+        .iter()
+        .filter_map(|e| e.min_parties)
+        .max()
+        .unwrap_or(MIN_AGGREGATE_PARTIES)
+        .max(MIN_AGGREGATE_PARTIES);
+    if (n as u64) < u64::from(min_parties) {
+        return Err(veto(format!(
+            "the agreements require at least {min_parties} parties for an aggregate; the job has {n}"
+        )));
+    }
+    let max_colluders = entries
+        .iter()
+        .map(|e| e.max_colluders.unwrap_or(n as u32 - 1))
+        .max()
+        .unwrap_or(n as u32 - 1)
+        .min(n as u32 - 1);
+
+    let mut value_columns = Vec::new();
+    for column in &agg.sums {
+        let mut bounds: Option<(i64, i64)> = None;
+        let mut spanned = None;
+        for (entry, peer) in entries.iter().zip(&peers) {
+            let Some(v) = entry
+                .value_columns
+                .iter()
+                .find(|v| v.column.get_ref() == column)
+            else {
+                return Err(veto(format!(
+                    "agreement with {peer} does not allow summing '{column}' of {}",
+                    mine.dataset
+                )));
+            };
+            spanned.get_or_insert_with(|| v.column.clone());
+            bounds = Some(match bounds {
+                None => (v.min, v.max),
+                Some((lo, hi)) => (lo.max(v.min), hi.min(v.max)),
+            });
+        }
+        let (Some((min, max)), Some(column)) = (bounds, spanned) else {
+            return Err(veto("no agreement covers the summed columns"));
+        };
+        if min > max {
+            return Err(veto(format!(
+                "the agreements' clipping bounds for '{}' do not overlap",
+                column.get_ref()
+            )));
+        }
+        value_columns.push(ValueColumn { column, min, max });
+    }
+
+    let epsilon: Option<Epsilon> = entries
+        .iter()
+        .filter_map(|e| e.epsilon)
+        .min_by(|a, b| a.get().total_cmp(&b.get()));
+    let runs = entries
+        .iter()
+        .filter_map(|e| {
+            e.runs_per_period.map(|limit| RunCounter {
+                limit: limit.get(),
+                period: e.period,
+            })
+        })
+        .min_by_key(|r| r.limit);
+    let max_of = |f: fn(&AllowEntry) -> u64| entries.iter().map(|e| f(e)).max().unwrap_or(1);
+    let permit = Permit {
+        partner: peers.join(","),
+        computation: Computation::Aggregate,
+        purpose: spec.purpose.clone(),
+        dataset: dataset.clone(),
+        keys: KeySpec::new(Vec::<String>::new()),
+        min_peer_set: 0,
+        max_peer_set: u64::MAX,
+        partner_learns_membership: false,
+        i_learn_membership: false,
+        membership: Membership::None,
+        min_input_size: max_of(|e| e.min_input_size.get()),
+        min_result: max_of(|e| e.min_result.get()),
+        counts_to: vec![Recipient::Coordinator],
+        epsilon,
+        runs,
+        value_columns,
+        consent_column,
+        expires,
+        purpose_budget,
+    };
+    Ok(AggregatePermit {
+        permit,
+        me,
+        peers,
+        group_by: agg.group_by.clone(),
+        max_colluders,
+    })
+}
+
+fn veto(reason: impl Into<String>) -> Veto {
+    Veto(reason.into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cleanroom_proto::v1::{AggregateSpec, PartySpec};
+    use std::path::Path;
+
+    fn config(extra_globex: &str, extra_initech: &str) -> NodeConfig {
+        let text = format!(
+            r#"
+name = "acme"
+coordinator = "127.0.0.1:7400"
+listen = "127.0.0.1:0"
+state_dir = "state"
+[tls]
+ca = "ca.pem"
+cert = "node.pem"
+key = "node.key"
+[[dataset]]
+name = "chargebacks"
+path = "cb.csv"
+  [[dataset.value]]
+  column = "amount"
+  min = 0
+  max = 100000
+[[agreement]]
+partner = "globex"
+purposes = ["fraud-benchmark"]
+  [[agreement.allow]]
+  computation = "aggregate"
+  dataset = "chargebacks"
+  group_by = ["category"]
+  value_columns = [{{ column = "amount", min = 0, max = 5000 }}]
+{extra_globex}
+[[agreement]]
+partner = "initech"
+purposes = ["fraud-benchmark"]
+  [[agreement.allow]]
+  computation = "aggregate"
+  dataset = "chargebacks"
+  group_by = ["category"]
+  value_columns = [{{ column = "amount", min = 10, max = 8000 }}]
+{extra_initech}
+"#
+        );
+        NodeConfig::parse(&text, Path::new("/srv/acme/node.toml")).unwrap()
+    }
+
+    fn spec(parties: &[&str]) -> JobSpec {
+        JobSpec {
+            kind: JobKind::Aggregate as i32,
+            parties: parties
+                .iter()
+                .map(|n| PartySpec {
+                    node: (*n).into(),
+                    dataset: "chargebacks".into(),
+                    keys: vec![],
+                    learns_membership: false,
+                })
+                .collect(),
+            purpose: "fraud-benchmark".into(),
+            aggregate: Some(AggregateSpec {
+                group_by: "category".into(),
+                groups: vec!["a".into(), "b".into()],
+                sums: vec!["amount".into()],
+                count: true,
+            }),
+        }
+    }
+
+    fn vetoed(cfg: &NodeConfig, spec: &JobSpec, me: usize) -> String {
+        check_offer_at(cfg, spec, me, 0).unwrap_err().0
+    }
+
+    #[test]
+    fn strictest_terms_of_all_agreements_apply() {
+        let cfg = config(
+            "  epsilon = 0.5\n  min_result = 5\n  max_colluders = 1",
+            "  epsilon = 2.0\n  min_result = 3",
+        );
+        let p = check_offer_at(&cfg, &spec(&["globex", "acme", "initech"]), 1, 0).unwrap();
+        assert_eq!(p.me, 1);
+        assert_eq!(p.peers, vec!["globex".to_owned(), "initech".to_owned()]);
+        assert_eq!(p.permit.partner, "globex,initech");
+        assert_eq!(p.permit.epsilon.map(|e| e.get()), Some(0.5));
+        assert_eq!(p.permit.min_result, 5);
+        // initech's entry leaves colluders at the default: all but one.
+        assert_eq!(p.max_colluders, 2);
+        let v = &p.permit.value_columns[0];
+        assert_eq!((v.min, v.max), (10, 5000));
+        assert_eq!(p.group_by, "category");
+    }
+
+    #[test]
+    fn refusals_name_the_rule() {
+        let cfg = config("", "");
+        assert!(vetoed(&cfg, &spec(&["acme", "globex"]), 0).contains("3 to"));
+        assert!(vetoed(&cfg, &spec(&["acme", "globex", "acme"]), 0).contains("twice"));
+        assert!(
+            vetoed(&cfg, &spec(&["acme", "globex", "hooli"]), 0)
+                .contains("no agreement with hooli")
+        );
+        assert!(
+            vetoed(&cfg, &spec(&["acme", "globex", "initech"]), 1)
+                .contains("offer is for node globex")
+        );
+        let mut s = spec(&["acme", "globex", "initech"]);
+        s.purpose = "marketing".into();
+        assert!(vetoed(&cfg, &s, 0).contains("purpose 'marketing'"));
+        let mut s = spec(&["acme", "globex", "initech"]);
+        s.aggregate.as_mut().unwrap().group_by = "email".into();
+        assert!(vetoed(&cfg, &s, 0).contains("grouped by email"));
+        let mut s = spec(&["acme", "globex", "initech"]);
+        s.aggregate.as_mut().unwrap().sums = vec!["fee".into()];
+        assert!(vetoed(&cfg, &s, 0).contains("summing 'fee'"));
+        let mut s = spec(&["acme", "globex", "initech"]);
+        s.aggregate = None;
+        assert!(vetoed(&cfg, &s, 0).contains("names no group-by"));
+        let cfg = config("  min_parties = 4", "");
+        assert!(
+            vetoed(&cfg, &spec(&["acme", "globex", "initech"]), 0).contains("at least 4 parties")
+        );
+    }
+
+    #[test]
+    fn disjoint_bounds_are_refused() {
+        let cfg = config("", "").clone();
+        let mut cfg = cfg;
+        cfg.agreements[1].allow[0].value_columns[0].min = 6000;
+        cfg.agreements[1].allow[0].value_columns[0].max = 7000;
+        assert!(vetoed(&cfg, &spec(&["acme", "globex", "initech"]), 0).contains("do not overlap"));
+    }
+
+    #[test]
+    fn index_lookup() {
+        let s = spec(&["globex", "acme", "initech"]);
+        assert_eq!(my_index(&s, "acme"), Some(1));
+        assert_eq!(my_index(&s, "hooli"), None);
+        assert_eq!(my_index(&spec(&["acme", "acme", "x"]), "acme"), None);
+    }
+}

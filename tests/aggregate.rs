@@ -1,0 +1,463 @@
+//! End to end: `aggregate` jobs over 3 and 5 real node processes and a coordinator on
+//! loopback. Totals equal the plaintext truth of `cleanroom synth` exactly when no agreement
+//! asks for noise, and within the stated noise bound when one does; groups below the minimum
+//! result are suppressed; a node killed mid-job fails the job with a reason and no result; and
+//! no process's files or logs hold a partner's own per-group figures.
+
+// Test-only code: a failed step is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::{Duration, Instant};
+
+use cleanroom_e2e::{Consortium, cleanroom};
+use serde_json::Value;
+
+/// The categories `cleanroom synth` draws from.
+const CATEGORIES: [&str; 5] = ["electronics", "fashion", "home", "grocery", "travel"];
+
+/// Terms of each node's aggregate entries (appended to every `[[agreement.allow]]`).
+struct Terms {
+    extra: &'static str,
+}
+
+const EXACT: Terms = Terms {
+    extra: "min_result = 1\n",
+};
+const NOISED: Terms = Terms {
+    extra: "epsilon = 1.0\nmin_result = 10\n",
+};
+
+/// A node config with the synthetic `chargebacks` dataset (`data/<name>-chargebacks.csv`, or
+/// `path`) and an aggregate agreement with every other partner.
+fn write_config(c: &Consortium, name: &str, partners: &[&str], terms: &Terms, path: Option<&str>) {
+    let addr = c.addr.unwrap();
+    let path = path.map_or_else(|| format!("data/{name}-chargebacks.csv"), str::to_owned);
+    let mut cfg = format!(
+        "name = \"{name}\"\ncoordinator = \"{addr}\"\nlisten = \"127.0.0.1:0\"\nstate_dir = \"state-{name}\"\n\n\
+         [tls]\nca = \"pki/ca.pem\"\ncert = \"pki/node-{name}.pem\"\nkey = \"pki/node-{name}.key\"\n\n\
+         [[dataset]]\nname = \"chargebacks\"\npath = \"{path}\"\n\n\
+         [[dataset.value]]\ncolumn = \"amount\"\nmin = 0\nmax = 10000000\n\n"
+    );
+    for other in partners.iter().filter(|p| **p != name) {
+        cfg.push_str(&format!(
+            "[[agreement]]\npartner = \"{other}\"\npurposes = [\"fraud-benchmark\"]\n\n\
+             [[agreement.allow]]\ncomputation = \"aggregate\"\ndataset = \"chargebacks\"\n\
+             group_by = [\"category\"]\nvalue_columns = [{{ column = \"amount\", min = 0, max = 200000 }}]\n{}\n",
+            terms.extra
+        ));
+    }
+    std::fs::write(c.path().join(format!("{name}.toml")), cfg).unwrap();
+}
+
+/// A consortium of `partners` with synthetic data (`rows` customers each, a fifth of that in
+/// chargebacks), all nodes running under `terms`. Returns it and the ground truth.
+fn consortium(partners: &[&str], rows: u64, terms: &Terms) -> (Consortium, Value) {
+    let mut c = Consortium::new();
+    let truth = c.synth(&partners.join(","), rows, 0.3, 11);
+    c.start_coordinator();
+    for p in partners {
+        c.issue_node(p);
+        write_config(&c, p, partners, terms, None);
+        c.start_node(p);
+    }
+    c.wait_connected(partners);
+    (c, truth)
+}
+
+/// `job submit aggregate` over `partners`, grouping by the first four categories and a label
+/// no row has ("luxury"); the fifth category ends up in "(other)".
+fn submit(c: &Consortium, partners: &[&str]) -> (Value, Option<i32>) {
+    let groups = format!("{},luxury", CATEGORIES[..4].join(","));
+    c.submit(&[
+        "aggregate",
+        "--parties",
+        &partners.join(","),
+        "--dataset",
+        "chargebacks",
+        "--group-by",
+        "category",
+        "--groups",
+        &groups,
+        "--sum",
+        "amount",
+        "--count",
+        "--purpose",
+        "fraud-benchmark",
+    ])
+}
+
+/// The plaintext (count, amount) of a group label in the truth; "(other)" is the fifth
+/// category, "luxury" is empty.
+fn truth_of(truth: &Value, label: &str) -> (i64, i64) {
+    let key = if label == "(other)" {
+        CATEGORIES[4]
+    } else {
+        label
+    };
+    let g = &truth["chargebacks_total"][key];
+    (
+        g["count"].as_i64().unwrap_or(0),
+        g["amount"].as_i64().unwrap_or(0),
+    )
+}
+
+fn groups(job: &Value) -> Vec<Value> {
+    job["result"]["groups"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+}
+
+fn noise_sd(job: &Value, column: &str) -> f64 {
+    job["result"]["noise"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["column"] == column)
+        .and_then(|n| n["total_sd"].as_f64())
+        .unwrap()
+}
+
+#[test]
+fn exact_totals_without_noise_and_nothing_of_a_partner_leaks() {
+    let partners = ["acme", "globex", "initech"];
+    let (c, truth) = consortium(&partners, 300, &EXACT);
+    let (job, code) = submit(&c, &partners);
+    assert_eq!(job["state"], "succeeded", "{job}");
+    assert_eq!(code, Some(0));
+    let gs = groups(&job);
+    assert_eq!(gs.len(), 6, "{job}");
+    for g in &gs {
+        let label = g["group"].as_str().unwrap();
+        let (count, amount) = truth_of(&truth, label);
+        if label == "luxury" {
+            // No row: count 0 < min_result 1, suppressed, no values.
+            assert_eq!(g["suppressed"], true, "{g}");
+            assert!(g["values"].as_object().unwrap().is_empty());
+            continue;
+        }
+        assert_eq!(g["suppressed"], false, "{g}");
+        assert_eq!(g["values"]["count"], count, "{label}");
+        assert_eq!(g["values"]["amount"], amount, "{label}");
+    }
+    for n in job["result"]["noise"].as_array().unwrap() {
+        assert_eq!(n["noised"], false, "{n}");
+    }
+    // Every party's statistics and audit head come with the result.
+    let stats = job["result"]["parties"].as_array().unwrap();
+    assert_eq!(stats.len(), 3);
+    for p in stats {
+        // Two hellos, each with a 32-byte seed and little else; the partial is 6 × 2 cells.
+        let to_peers = p["bytes_to_peers"].as_u64().unwrap();
+        assert!((2 * 32..2 * 200).contains(&to_peers), "{p}");
+        assert!(p["bytes_to_coordinator"].as_u64().unwrap() >= 12 * 8, "{p}");
+        assert!(!p["audit_head"].as_str().unwrap().is_empty(), "{p}");
+    }
+
+    // The table and CSV renderings of `job status`.
+    let job_id = job["job_id"].as_str().unwrap();
+    let show = |format: &str| {
+        let mut a: Vec<String> = ["job", "status", job_id, "--format", format]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        a.extend(c.analyst_args());
+        let a: Vec<&str> = a.iter().map(String::as_str).collect();
+        String::from_utf8(cleanroom(c.path(), &a).stdout).unwrap()
+    };
+    let table = show("table");
+    assert!(
+        table.contains("aggregate by category over 3 parties"),
+        "{table}"
+    );
+    assert!(table.contains("noise      none"), "{table}");
+    assert!(
+        table.contains("luxury") && table.contains("suppressed (below the minimum result)"),
+        "{table}"
+    );
+    let (count, amount) = truth_of(&truth, "home");
+    let csv = show("csv");
+    assert!(
+        csv.starts_with("group,suppressed,count,count_noise_sd,amount,amount_noise_sd\n"),
+        "{csv}"
+    );
+    assert!(
+        csv.contains(&format!("home,false,{count},0.00,{amount},0.00\n")),
+        "{csv}"
+    );
+    assert!(csv.contains("luxury,true,,0.00,,0.00\n"), "{csv}");
+
+    // No log, audit log, state file or the coordinator's database holds one partner's own
+    // per-group amount (as text, or as the little-endian cell a partial would carry), while
+    // the released totals are in the database.
+    let mut artefacts = Vec::new();
+    let mut dirs = vec![c.path().to_owned()];
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                if !path.ends_with("data") && !path.ends_with("pki") {
+                    dirs.push(path);
+                }
+            } else {
+                artefacts.push(path);
+            }
+        }
+    }
+    let db = std::fs::read(c.path().join("coordinator.db")).unwrap();
+    assert!(!db.is_empty());
+    for partner in partners {
+        for category in CATEGORIES {
+            let own = truth["chargebacks"][partner][category]["amount"]
+                .as_u64()
+                .unwrap();
+            let text = own.to_string();
+            let cell = own.to_le_bytes();
+            for file in &artefacts {
+                let bytes = std::fs::read(file).unwrap_or_default();
+                assert!(
+                    !contains(&bytes, text.as_bytes()) && !contains(&bytes, &cell),
+                    "{} holds {partner}'s {category} figure",
+                    file.display()
+                );
+            }
+        }
+    }
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+#[test]
+fn noised_totals_are_within_the_stated_bound_and_small_groups_suppressed() {
+    let partners = ["acme", "globex", "initech"];
+    let (c, truth) = consortium(&partners, 1500, &NOISED);
+    let mut exact_everywhere = true;
+    for run in 0..3 {
+        let (job, code) = submit(&c, &partners);
+        assert_eq!(job["state"], "succeeded", "run {run}: {job}");
+        assert_eq!(code, Some(0));
+        let (sd_count, sd_amount) = (noise_sd(&job, "count"), noise_sd(&job, "amount"));
+        // ε = 1 split over two columns, all but one party may collude: each party adds
+        // σ = Δ·√2, so the total has sd Δ·√2·√3.
+        assert!(
+            (sd_count - 2f64.sqrt() * 3f64.sqrt()).abs() < 1e-3,
+            "{sd_count}"
+        );
+        assert!(
+            (sd_amount - 200_000.0 * 2f64.sqrt() * 3f64.sqrt()).abs() < 1.0,
+            "{sd_amount}"
+        );
+        assert_eq!(job["result"]["max_colluders"], 2);
+        assert!(job["result"]["zcdp_epsilon"].as_f64().unwrap() <= 1.0 + 1e-3);
+        for g in groups(&job) {
+            let label = g["group"].as_str().unwrap();
+            let (count, amount) = truth_of(&truth, label);
+            if label == "luxury" {
+                assert_eq!(g["suppressed"], true, "run {run}: {g}");
+                continue;
+            }
+            // Every real group has ≥ 10 rows by a wide margin (300 chargebacks per partner
+            // over 5 categories, weights 1..5: the rarest ≈ 20 per partner).
+            assert!(count >= 20, "{label}: {count}");
+            assert_eq!(g["suppressed"], false, "run {run}: {g}");
+            let got_count = g["values"]["count"].as_i64().unwrap();
+            let got_amount = g["values"]["amount"].as_i64().unwrap();
+            // Six standard deviations: a false alarm has probability ≈ 2·10⁻⁹ per value.
+            assert!(
+                ((got_count - count) as f64).abs() <= 6.0 * sd_count,
+                "run {run} {label}: count {got_count} vs {count} ± {sd_count}"
+            );
+            assert!(
+                ((got_amount - amount) as f64).abs() <= 6.0 * sd_amount,
+                "run {run} {label}: amount {got_amount} vs {amount} ± {sd_amount}"
+            );
+            exact_everywhere &= got_count == count && got_amount == amount;
+        }
+    }
+    assert!(!exact_everywhere, "noise was never added");
+    // Each node audited a release with the ε its agreements set.
+    for p in partners {
+        let log = std::fs::read_to_string(c.path().join(format!("state-{p}/audit.log"))).unwrap();
+        let releases = log
+            .lines()
+            .filter(|l| l.contains("aggregate partial sum") && l.contains("\"epsilon\":1"))
+            .count();
+        assert_eq!(releases, 3, "{p}: {log}");
+    }
+    // And charged ε = 1 per run to its privacy-budget ledger, once per job, under the other
+    // parties as the partner scope.
+    for p in partners {
+        let cfg = c.path().join(format!("{p}.toml"));
+        let out = std::process::Command::new(&cleanroom_e2e::bins().1)
+            .args(["budget", "--config"])
+            .arg(&cfg)
+            .args(["--format", "json"])
+            .current_dir(c.path())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let lines: Value = serde_json::from_slice(&out.stdout).unwrap();
+        let others: Vec<&str> = partners.iter().copied().filter(|q| q != &p).collect();
+        let scope = others.join(",");
+        let line = lines
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|l| l["partner"] == scope.as_str())
+            .unwrap_or_else(|| panic!("{p}: no ledger line for '{scope}' in {lines}"));
+        assert!(
+            (line["spent"].as_f64().unwrap() - 3.0).abs() < 1e-9,
+            "{p}: {line}"
+        );
+    }
+}
+
+#[test]
+fn five_parties_exact() {
+    let partners = ["acme", "globex", "initech", "hooli", "umbrella"];
+    let (c, truth) = consortium(&partners, 100, &EXACT);
+    let (job, _) = submit(&c, &partners);
+    assert_eq!(job["state"], "succeeded", "{job}");
+    for g in groups(&job) {
+        let label = g["group"].as_str().unwrap();
+        if label == "luxury" {
+            continue;
+        }
+        let (count, amount) = truth_of(&truth, label);
+        assert_eq!(g["values"]["count"], count, "{label}");
+        assert_eq!(g["values"]["amount"], amount, "{label}");
+    }
+}
+
+#[test]
+fn a_policy_requiring_more_parties_vetoes() {
+    let partners = ["acme", "globex", "initech"];
+    let strict = Terms {
+        extra: "min_parties = 4\n",
+    };
+    let mut c = Consortium::new();
+    c.synth(&partners.join(","), 50, 0.3, 5);
+    c.start_coordinator();
+    for p in partners {
+        c.issue_node(p);
+        let terms = if p == "globex" { &strict } else { &EXACT };
+        write_config(&c, p, &partners, terms, None);
+        c.start_node(p);
+    }
+    c.wait_connected(&partners);
+    let (job, code) = submit(&c, &partners);
+    assert_eq!(job["state"], "vetoed", "{job}");
+    assert_eq!(code, Some(2));
+    let reason = job["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("globex") && reason.contains("at least 4 parties"),
+        "{reason}"
+    );
+    assert!(job["result"].is_null());
+}
+
+/// A node whose dataset is a FIFO blocks while loading: the job is running, its peers wait for
+/// its share. Killing it (SIGKILL) must fail the job with a reason naming it, release nothing,
+/// and leave the survivors serving.
+#[test]
+fn a_node_killed_mid_job_fails_the_job_without_result() {
+    let partners = ["acme", "globex", "initech"];
+    let mut c = Consortium::new();
+    c.synth(&partners.join(","), 100, 0.3, 5);
+    c.start_coordinator();
+    // globex starts with a regular file (a node checks its datasets at start), which becomes a
+    // FIFO before the job.
+    let fifo = c.path().join("data/blocking.csv");
+    std::fs::copy(c.path().join("data/globex-chargebacks.csv"), &fifo).unwrap();
+    for p in partners {
+        c.issue_node(p);
+        let path = (p == "globex").then_some("data/blocking.csv");
+        write_config(&c, p, &partners, &EXACT, path);
+        c.start_node(p);
+    }
+    c.wait_connected(&partners);
+    std::fs::remove_file(&fifo).unwrap();
+    let status = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap();
+    assert!(status.success());
+
+    let groups = CATEGORIES.join(",");
+    let mut args: Vec<String> = [
+        "job",
+        "submit",
+        "aggregate",
+        "--parties",
+        "acme,globex,initech",
+        "--dataset",
+        "chargebacks",
+        "--group-by",
+        "category",
+        "--groups",
+        &groups,
+        "--sum",
+        "amount",
+        "--purpose",
+        "fraud-benchmark",
+        "--format",
+        "json",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    args.extend(c.analyst_args());
+    let args_ref: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = cleanroom(c.path(), &args_ref);
+    let job: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let job_id = job["job_id"].as_str().unwrap().to_owned();
+
+    let status = |c: &Consortium| -> Value {
+        let mut a: Vec<String> = ["job", "status", &job_id, "--format", "json"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        a.extend(c.analyst_args());
+        let a: Vec<&str> = a.iter().map(String::as_str).collect();
+        serde_json::from_slice(&cleanroom(c.path(), &a).stdout).unwrap()
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while status(&c)["state"] != "running" {
+        assert!(
+            Instant::now() < deadline,
+            "the job never ran: {}",
+            status(&c)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Give the other parties time to send their shares and wait for globex's.
+    std::thread::sleep(Duration::from_millis(500));
+    let pid = c.node("globex").pid();
+    let killed = std::process::Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let job = loop {
+        let job = status(&c);
+        if job["state"] != "running" {
+            break job;
+        }
+        assert!(Instant::now() < deadline, "the job did not end: {job}");
+        std::thread::sleep(Duration::from_millis(250));
+    };
+    assert_eq!(job["state"], "failed", "{job}");
+    let reason = job["reason"].as_str().unwrap();
+    println!("failed as expected: {reason}");
+    assert!(reason.contains("globex"), "{reason}");
+    assert!(reason.contains("no partial result is released"), "{reason}");
+    assert!(job["result"].is_null(), "{job}");
+}
