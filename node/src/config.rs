@@ -857,6 +857,16 @@ impl NodeConfig {
                 e.dataset.get_ref()
             ));
         }
+        // A match reveals which records are shared to the sides the entry names, and its count
+        // travels with that membership: noise on the count would protect nothing, so an ε here
+        // would be a promise the node cannot keep.
+        if e.computation == Computation::Match && e.epsilon.is_some() {
+            return Err(format!(
+                "{ctx}: allow {} on '{}': key epsilon does not apply to match (membership is released exactly); remove it, or allow overlap for a differentially private count",
+                e.computation,
+                e.dataset.get_ref()
+            ));
+        }
         let mut seen = HashSet::new();
         for r in &e.counts_to {
             if !seen.insert(*r) {
@@ -1301,6 +1311,11 @@ purposes = ["overlap-reporting"]
         )
     }
 
+    /// [`with_allow`] with MINIMAL's first entry made an overlap (ε applies to overlap only).
+    fn with_overlap_allow(extra: &str) -> String {
+        with_allow(extra).replacen("computation = \"match\"", "computation = \"overlap\"", 1)
+    }
+
     #[test]
     fn policy_fields_parse() {
         let text = MINIMAL
@@ -1320,7 +1335,7 @@ purposes = ["overlap-reporting"]
             "budget = {{ epsilon_per_period = 10, period = \"week\" }}\n{}",
             text.replace(
                 "keys = [\"email\", \"email+phone\"]",
-                "keys = [\"email\"]\n  membership = \"both\"\n  min_input_size = 1000\n  min_result = 10\n  runs_per_period = 2\n  period = \"hour\"\n  epsilon = 0.5\n  counts_to = [\"coordinator\"]\n  value_columns = [{ column = \"amount_cents\", min = 0, max = 50000 }]"
+                "keys = [\"email\"]\n  membership = \"both\"\n  min_input_size = 1000\n  min_result = 10\n  runs_per_period = 2\n  period = \"hour\"\n  counts_to = [\"coordinator\"]\n  value_columns = [{ column = \"amount_cents\", min = 0, max = 50000 }]"
             )
         );
         let cfg = parse(&text).unwrap();
@@ -1333,7 +1348,7 @@ purposes = ["overlap-reporting"]
         assert_eq!((e.min_input_size.get(), e.min_result.get()), (1000, 10));
         assert_eq!(e.runs_per_period.map(Threshold::get), Some(2));
         assert_eq!(e.period, Period::Hour);
-        assert_eq!(e.epsilon.map(Epsilon::get), Some(0.5));
+        assert_eq!(e.epsilon, None);
         assert_eq!(e.counts_to, [Recipient::Coordinator]);
         assert_eq!(e.value_columns[0].max, 50000);
         let d = cfg.dataset("customers").unwrap();
@@ -1355,12 +1370,16 @@ purposes = ["overlap-reporting"]
     #[test]
     fn epsilon_must_be_finite_and_positive() {
         for bad in ["0", "0.0", "-1.5", "nan", "inf", "-inf"] {
-            let msg = invalid(&with_allow(&format!("  epsilon = {bad}")));
+            let msg = invalid(&with_overlap_allow(&format!("  epsilon = {bad}")));
             assert!(msg.contains("epsilon"), "{bad}: {msg}");
             assert!(msg.contains("line "), "{bad}: {msg}");
             assert!(msg.contains("/etc/cleanroom/node.toml"), "{bad}: {msg}");
         }
-        assert!(parse(&with_allow("  epsilon = 1")).is_ok());
+        assert!(parse(&with_overlap_allow("  epsilon = 1")).is_ok());
+        // On a match, ε is refused: membership is released exactly, a noised count would
+        // protect nothing.
+        let msg = invalid(&with_allow("  epsilon = 1"));
+        assert!(msg.contains("epsilon does not apply to match"), "{msg}");
         let msg = invalid(&format!(
             "budget = {{ epsilon_per_period = nan }}\n{MINIMAL}"
         ));
@@ -1402,7 +1421,7 @@ purposes = ["overlap-reporting"]
 
     #[test]
     fn epsilon_per_run_above_a_cap_is_an_error() {
-        let text = with_allow("  epsilon = 2").replace(
+        let text = with_overlap_allow("  epsilon = 2").replace(
             "purposes = [\"overlap-reporting\"]",
             "purposes = [\"overlap-reporting\"]\nbudget_per_purpose = { epsilon_per_period = 1 }",
         );
@@ -1413,7 +1432,7 @@ purposes = ["overlap-reporting"]
         );
         let msg = invalid(&format!(
             "budget = {{ epsilon_per_period = 1 }}\n{}",
-            with_allow("  epsilon = 1.5")
+            with_overlap_allow("  epsilon = 1.5")
         ));
         assert!(
             msg.contains("above the [budget] epsilon_per_period 1"),
@@ -1422,7 +1441,7 @@ purposes = ["overlap-reporting"]
         assert!(
             parse(&format!(
                 "budget = {{ epsilon_per_period = 1 }}\n{}",
-                with_allow("  epsilon = 1")
+                with_overlap_allow("  epsilon = 1")
             ))
             .is_ok()
         );
