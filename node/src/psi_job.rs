@@ -47,8 +47,10 @@ use crate::frame_budget::FrameBudget;
 use crate::noised_release::{self, OwnNoise};
 use crate::state::NodeState;
 
-/// How long the responder waits for the initiator to connect.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long the responder waits for the initiator to connect. The initiator loads its dataset
+/// before it dials (up to [`MAX_ROWS`] rows), so this covers that load, not just a handshake; a
+/// dead initiator fails the job at the coordinator long before.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(600);
 /// Upper bound on one job's data-plane exchange.
 const JOB_TIMEOUT: Duration = Duration::from_secs(3600);
 /// Points per batch frame: 128 KiB, well under the frame cap.
@@ -131,13 +133,16 @@ pub async fn run_initiator(
     peer_addr: SocketAddr,
 ) -> Result<PsiOutcome, NodeError> {
     let peer = Identity::node(&job.permit.partner)?;
+    // Load before dialing: the responder's data plane expects our hello soon after we connect,
+    // and loading a large dataset takes longer than that.
+    let loaded = load_input(&job).await?;
     let conn = cleanroom_transport::connect(endpoint, peer_addr, &peer).await?;
     let send = conn
         .open_uni()
         .await
         .map_err(|e| NodeError::Job(format!("data plane to {peer}: {e}")))?;
     let send = FramedSend::new(send);
-    let result = tokio::time::timeout(JOB_TIMEOUT, exchange(&job, &conn, send, None)).await;
+    let result = tokio::time::timeout(JOB_TIMEOUT, exchange(&job, &conn, send, None, loaded)).await;
     finish_connection(&conn, result)
 }
 
@@ -163,7 +168,11 @@ pub async fn run_responder(
         .map_err(|e| NodeError::Job(format!("data plane: {e}")))?;
     let send = FramedSend::new(send);
     let first = Some((handover.recv, handover.hello));
-    let result = tokio::time::timeout(JOB_TIMEOUT, exchange(&job, &conn, send, first)).await;
+    let result = tokio::time::timeout(JOB_TIMEOUT, async {
+        let loaded = load_input(&job).await?;
+        exchange(&job, &conn, send, first, loaded).await
+    })
+    .await;
     finish_connection(&conn, result)
 }
 
@@ -187,24 +196,10 @@ enum Incoming {
     Lost(String),
 }
 
-/// The symmetric part of the protocol, identical for both roles.
-async fn exchange(
-    job: &JobContext,
-    conn: &quinn::Connection,
-    send: FramedSend,
-    first: Option<(FramedRecv, Envelope)>,
-) -> Result<PsiOutcome, NodeError> {
-    let partner = job.permit.partner.clone();
-    let digest = spec_digest(&job.job_id, &job.spec);
-    let mut out = Outgoing {
-        send,
-        job_id: job.job_id.clone(),
-        phase: Phase::PsiSize,
-        seq: 0,
-    };
-
-    // Load our data first: it is ours, the agreement allows this job, and sizes must be
-    // declared. Rows without consent for the purpose and forgotten subjects never get in.
+/// Loads our side of the job: it is ours, the agreement allows this job, and sizes must be
+/// declared. Rows without consent for the purpose and forgotten subjects never get in. The
+/// access is audited and our input size checked against the agreement before anything is sent.
+async fn load_input(job: &JobContext) -> Result<dataset::LoadedKeys, NodeError> {
     job.recheck()?;
     let dataset = job.permit.dataset.clone();
     let keys = job.permit.keys.clone();
@@ -242,6 +237,28 @@ async fn exchange(
     job.permit
         .check_input_size(loaded.items.len() as u64)
         .map_err(|v| NodeError::Job(format!("refused: {v}")))?;
+    Ok(loaded)
+}
+
+/// The symmetric part of the protocol, identical for both roles, over our loaded input.
+async fn exchange(
+    job: &JobContext,
+    conn: &quinn::Connection,
+    send: FramedSend,
+    first: Option<(FramedRecv, Envelope)>,
+    loaded: dataset::LoadedKeys,
+) -> Result<PsiOutcome, NodeError> {
+    let partner = job.permit.partner.clone();
+    let digest = spec_digest(&job.job_id, &job.spec);
+    let mut out = Outgoing {
+        send,
+        job_id: job.job_id.clone(),
+        phase: Phase::PsiSize,
+        seq: 0,
+    };
+    let (rows_read, rows_rejected) = (loaded.rows_read, loaded.rows_rejected);
+    let (excluded_consent, excluded_deleted) =
+        (loaded.rows_excluded_consent, loaded.rows_excluded_deleted);
 
     let params = PsiParams {
         key_name: dataset::key_name(&job.permit.keys),
