@@ -547,7 +547,7 @@ impl std::fmt::Debug for VhAwaitingSums {
 
 impl VhAwaitingSums {
     /// Decrypts the key holder's one row ciphertext: the noised totals, in cell order. Each
-    /// limb is a bounded baby-step giant-step search; the limbs run in parallel.
+    /// limb is a bounded baby-step giant-step search, parallel inside.
     pub fn on_sums(self, bytes: &[u8]) -> Result<Vec<i128>, SumError> {
         let ct = RowCiphertext::decode(&self.layout, bytes)?;
         Ok(decrypt_cells(&self.sk, &self.layout, &ct)?)

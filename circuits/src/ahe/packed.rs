@@ -401,7 +401,7 @@ pub fn sum_selected_rows(
         )
 }
 
-/// Decrypts every cell: each limb's sum by bounded baby-step giant-step (limbs in parallel),
+/// Decrypts every cell: each limb's sum by bounded baby-step giant-step (each search parallel),
 /// then each cell recombined from its own limbs, exactly, in `i128`. A limb outside
 /// `[-LIMB_NEG_MARGIN, LIMB_MAX)` is [`AheError::LimbOutOfRange`] after a capped search.
 pub fn decrypt_cells(
@@ -418,9 +418,13 @@ pub fn decrypt_cells(
         )));
     }
     let shift = RistrettoPoint::mul_base(&Scalar::from(LIMB_NEG_MARGIN));
+    // Limbs one after the other on the calling thread: each search is parallel inside, and the
+    // baby-step table is built on first use by whichever thread gets there. Searching limbs on
+    // rayon's workers could park every worker on that table's initialisation while another
+    // thread's build waits for a worker: a deadlock (seen with 2 workers in the test suite).
     let limbs: Vec<i128> =
-        ct.c.par_iter()
-            .zip(sk.0.par_iter())
+        ct.c.iter()
+            .zip(&sk.0)
             .enumerate()
             .map(|(i, (c, x))| {
                 let m = c - x * ct.r + shift;
