@@ -216,6 +216,26 @@ fn reblind_at(key: &JobKey, batch: &[u8], offset: u64) -> Result<Vec<EncodedPoin
     })
 }
 
+/// One batch of the peer's blinded points, reblinded and appended to `peer_double` in arrival
+/// order: refuses a length that is not whole points and a total above the peer's `declared` size.
+fn reblind_peer_batch(
+    key: &JobKey,
+    peer_double: &mut Vec<EncodedPoint>,
+    declared: u64,
+    batch: &[u8],
+) -> Result<(), PsiError> {
+    if !batch.len().is_multiple_of(POINT_LEN) {
+        return Err(PsiError::BatchNotMultipleOfPointLen { len: batch.len() });
+    }
+    let offset = peer_double.len() as u64;
+    let received = offset + (batch.len() / POINT_LEN) as u64;
+    if received > declared {
+        return Err(PsiError::TooManyPoints { declared, received });
+    }
+    peer_double.extend_from_slice(&reblind_at(key, batch, offset)?);
+    Ok(())
+}
+
 /// Appends a batch of returned points, refusing more than `own_size` in all.
 fn push_returned(
     returned: &mut Vec<EncodedPoint>,
@@ -425,20 +445,12 @@ impl VhExchanging {
     /// One batch of the key holder's blinded points: reblinded and kept (they go back shuffled,
     /// all at once, so the key holder learns only which of them match, not which of its rows).
     pub fn on_peer_batch(mut self, batch: &[u8]) -> Result<VhExchanging, SumError> {
-        if !batch.len().is_multiple_of(POINT_LEN) {
-            return Err(PsiError::BatchNotMultipleOfPointLen { len: batch.len() }.into());
-        }
-        let offset = self.peer_double.len() as u64;
-        let received = offset + (batch.len() / POINT_LEN) as u64;
-        if received > self.peer_size {
-            return Err(PsiError::TooManyPoints {
-                declared: self.peer_size,
-                received,
-            }
-            .into());
-        }
-        let reblinded = reblind_at(&self.common.key, batch, offset)?;
-        self.peer_double.extend_from_slice(&reblinded);
+        reblind_peer_batch(
+            &self.common.key,
+            &mut self.peer_double,
+            self.peer_size,
+            batch,
+        )?;
         Ok(self)
     }
 
@@ -723,20 +735,12 @@ impl std::fmt::Debug for KhReceivingPoints {
 impl KhReceivingPoints {
     /// One batch of the value holder's blinded points.
     pub fn on_peer_batch(mut self, batch: &[u8]) -> Result<KhReceivingPoints, SumError> {
-        if !batch.len().is_multiple_of(POINT_LEN) {
-            return Err(PsiError::BatchNotMultipleOfPointLen { len: batch.len() }.into());
-        }
-        let offset = self.peer_double.len() as u64;
-        let received = offset + (batch.len() / POINT_LEN) as u64;
-        if received > self.peer.size {
-            return Err(PsiError::TooManyPoints {
-                declared: self.peer.size,
-                received,
-            }
-            .into());
-        }
-        let reblinded = reblind_at(&self.common.key, batch, offset)?;
-        self.peer_double.extend_from_slice(&reblinded);
+        reblind_peer_batch(
+            &self.common.key,
+            &mut self.peer_double,
+            self.peer.size,
+            batch,
+        )?;
         Ok(self)
     }
 
