@@ -8,7 +8,6 @@
 //! nothing is stored: there is no partial release.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use cleanroom_circuits::aggregate::{decode_cells, reconstruct};
 use cleanroom_proto::v1::{
@@ -18,19 +17,9 @@ use cleanroom_proto::v1::{
 use cleanroom_transport::{FramedRecv, FramedSend};
 
 use crate::now_ms;
+use crate::runner::{FAILURE_GRACE, Failure, READY_TIMEOUT, failed, record};
 use crate::server::Shared;
 use crate::spec::OTHER_GROUP;
-
-/// After the first failure, how long to wait for the other parties' reasons.
-const FAILURE_GRACE: Duration = Duration::from_secs(3);
-/// How long a node has to confirm `Start`.
-const READY_TIMEOUT: Duration = Duration::from_secs(30);
-
-type Failure = (JobState, String);
-
-fn failed(reason: impl Into<String>) -> Failure {
-    (JobState::Failed, reason.into())
-}
 
 /// One party's open job stream.
 struct Party {
@@ -382,18 +371,6 @@ fn combine(reported: &[Reported], spec: &JobSpec) -> Result<AggregateResult, Fai
             })
             .collect(),
     })
-}
-
-fn record(
-    shared: &Arc<Shared>,
-    job_id: &str,
-    state: JobState,
-    reason: &str,
-) -> Result<(), Failure> {
-    shared
-        .store
-        .transition(job_id, state, reason, now_ms())
-        .map_err(|e| failed(format!("job store: {e}")))
 }
 
 #[cfg(test)]

@@ -24,10 +24,10 @@ use crate::now_ms;
 use crate::server::Shared;
 
 /// After the first failed report, how long to wait for the other parties' reasons.
-const FAILURE_GRACE: Duration = Duration::from_secs(3);
+pub(crate) const FAILURE_GRACE: Duration = Duration::from_secs(3);
 
 /// How long a node has to confirm `Start`.
-const READY_TIMEOUT: Duration = Duration::from_secs(30);
+pub(crate) const READY_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// How long a job lease lasts without renewal. A SIGKILLed coordinator's jobs are taken over
 /// (pending) or failed (under way) this long after its last renewal.
@@ -145,9 +145,10 @@ async fn keep_lease(shared: &Shared, job_id: &str) -> String {
     }
 }
 
-type Failure = (JobState, String);
+/// Why a job ended other than in success: its state and the reason.
+pub(crate) type Failure = (JobState, String);
 
-fn failed(reason: impl Into<String>) -> Failure {
+pub(crate) fn failed(reason: impl Into<String>) -> Failure {
     (JobState::Failed, reason.into())
 }
 
@@ -432,7 +433,8 @@ async fn wait_for_parties(shared: &Shared, spec: &JobSpec) {
     }
 }
 
-fn record(
+/// Stores a state change of the job, or fails the job if the store cannot.
+pub(crate) fn record(
     shared: &Arc<Shared>,
     job_id: &str,
     state: JobState,
