@@ -59,6 +59,18 @@ use crate::{EncodedPoint, ItemSet, JobKey, POINT_LEN, PsiError};
 /// so a layout wider than this is a configuration error, not a workload.
 pub const MAX_CELLS: usize = 64;
 
+/// Cells per row of an overlap-sum job: one group ("(all)") without grouping, else the listed
+/// groups and "(other)"; per group the count of shared identifiers and one cell per summed
+/// column. The node and the coordinator both size the job with it.
+pub fn job_cells(grouped: bool, listed_groups: usize, sums: usize) -> usize {
+    let groups = if grouped {
+        listed_groups.saturating_add(1)
+    } else {
+        1
+    };
+    groups.saturating_mul(sums.saturating_add(1))
+}
+
 /// Upper bound on one ciphertext batch, in bytes (well under the 1 MiB frame cap).
 pub const MAX_CIPHERTEXT_BATCH_BYTES: usize = 512 * 1024;
 

@@ -405,6 +405,14 @@ pub enum KindArg {
     /// among the partners and only the noised total per group is reconstructed, at the
     /// coordinator; groups whose noised count is below an agreement's minimum are suppressed.
     Aggregate,
+    /// Sums over the records two partners share (`--between keys,values --dataset
+    /// acme:customers --dataset payco:chargebacks --on email --sum amount,count --group-by
+    /// reason --groups fraud,dispute`): the first partner holds identifiers only, the second
+    /// also the summed columns. Per group: the number of shared identifiers (`count`) and each
+    /// column's total over them, clipped to the second partner's bounds and noised under
+    /// encryption by the first; only the second decrypts, and only noised totals. The first
+    /// partner learns the exact number of shared identifiers.
+    OverlapSum,
 }
 
 /// Output formats of `job submit`: those of every command, and an HTML page for
@@ -453,9 +461,10 @@ pub struct SubmitArgs {
     pub dataset: Vec<String>,
     /// Join key(s): identifier names declared in the nodes' configs, e.g. `email` or
     /// `email,phone` for a composite key.
-    #[arg(long, value_delimiter = ',', required_unless_present = "group_by")]
+    #[arg(long, value_delimiter = ',')]
     pub on: Vec<String>,
-    /// What an `aggregate` job groups and sums (boxed: the other kinds do not need it).
+    /// What an `aggregate` or `overlap-sum` job groups and sums (boxed: the other kinds do not
+    /// need it).
     #[command(flatten)]
     pub aggregate: Box<AggregateArgs>,
     /// The purpose, which each node checks against its agreement.
@@ -482,22 +491,24 @@ pub struct SubmitArgs {
     pub out: Option<PathBuf>,
 }
 
-/// The `aggregate` options of `job submit`.
+/// The `aggregate` and `overlap-sum` options of `job submit`.
 #[derive(Debug, Args)]
 pub struct AggregateArgs {
-    /// For `aggregate`: the categorical column that names each row's group.
-    #[arg(long, conflicts_with = "on")]
+    /// For `aggregate` and `overlap-sum`: the categorical column that names each row's group
+    /// (optional for `overlap-sum`).
+    #[arg(long)]
     pub group_by: Option<String>,
-    /// For `aggregate`: the group labels, in the order to report them (public: every partner
-    /// sums over the same list). Rows whose label is not listed are summed into "(other)".
+    /// The group labels, in the order to report them (public: every partner sums over the
+    /// same list). Rows whose label is not listed are summed into "(other)".
     #[arg(long, value_delimiter = ',', requires = "group_by")]
     pub groups: Vec<String>,
-    /// For `aggregate`: value column(s) to sum per group, clipped to each partner's bounds.
-    #[arg(long, value_delimiter = ',', requires = "group_by")]
+    /// Value column(s) to sum per group, clipped to the partners' bounds. For `overlap-sum`,
+    /// `count` in the list asks for the number of shared identifiers (same as --count).
+    #[arg(long, value_delimiter = ',')]
     pub sum: Vec<String>,
-    /// For `aggregate`: also show the (noised) number of rows per group. The count is always
-    /// computed, since it decides which groups are suppressed.
-    #[arg(long, requires = "group_by")]
+    /// Also show the (noised) count per group: rows for `aggregate`, shared identifiers for
+    /// `overlap-sum`. It is always computed, since it decides which groups are suppressed.
+    #[arg(long)]
     pub count: bool,
 }
 

@@ -107,6 +107,7 @@ async fn psi(args: BenchPsiArgs) -> anyhow::Result<ExitCode> {
                 .collect(),
             purpose: "overlap-reporting".into(),
             aggregate: None,
+            overlap_sum: None,
         };
         let started = Instant::now();
         let job = client.submit(spec, "").await?;
@@ -273,6 +274,7 @@ async fn aggregate(args: BenchAggregateArgs) -> anyhow::Result<ExitCode> {
             sums: vec!["amount".into()],
             count: true,
         }),
+        overlap_sum: None,
     };
 
     let mut walls = Vec::new();

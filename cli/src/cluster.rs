@@ -200,7 +200,9 @@ async fn read_listen_line(child: &mut Child) -> anyhow::Result<SocketAddr> {
 /// partner, for the purposes the demo uses, and lets partners learn membership; and `aggregate`
 /// on `chargebacks` (the synthetic `<name>-chargebacks.csv` beside the customers file) by
 /// category, summing `amount` clipped to [0, 200000] cents, with ε = 1, k = 10 and the default
-/// collusion tolerance (all but one party).
+/// collusion tolerance (all but one party); and `overlap-sum` on `customers` by email (either
+/// role), grouped by category, summing `amount_cents` clipped to [0, 500000] per customer, with
+/// ε = 1 and k = 10.
 fn node_config(name: &str, coordinator: SocketAddr, csv: &Path, partners: &[Partner]) -> String {
     let mut cfg = format!(
         "name = \"{name}\"\ncoordinator = \"{coordinator}\"\nlisten = \"127.0.0.1:0\"\nstate_dir = \"state-{name}\"\n\n\
@@ -208,6 +210,7 @@ fn node_config(name: &str, coordinator: SocketAddr, csv: &Path, partners: &[Part
          [[dataset]]\nname = \"customers\"\npath = \"{}\"\n\n\
          [[dataset.identifier]]\nname = \"email\"\ncolumn = \"email\"\nnormaliser = \"email\"\n\n\
          [[dataset.identifier]]\nname = \"phone\"\ncolumn = \"phone\"\nnormaliser = \"phone\"\n\n\
+         [[dataset.value]]\ncolumn = \"amount_cents\"\nmin = 0\nmax = 10000000\n\n\
          [[dataset]]\nname = \"chargebacks\"\npath = \"{}\"\n\n\
          [[dataset.value]]\ncolumn = \"amount\"\nmin = 0\nmax = 10000000\n",
         csv.display(),
@@ -220,7 +223,9 @@ fn node_config(name: &str, coordinator: SocketAddr, csv: &Path, partners: &[Part
              [[agreement.allow]]\ncomputation = \"overlap\"\ndataset = \"customers\"\nkeys = [\"email\"]\n\n\
              [[agreement.allow]]\ncomputation = \"match\"\ndataset = \"customers\"\nkeys = [\"email\"]\nreveal_membership_to_partner = true\n\n\
              [[agreement.allow]]\ncomputation = \"aggregate\"\ndataset = \"chargebacks\"\ngroup_by = [\"category\"]\n\
-             value_columns = [{{ column = \"amount\", min = 0, max = 200000 }}]\nepsilon = 1.0\nmin_result = 10\n",
+             value_columns = [{{ column = \"amount\", min = 0, max = 200000 }}]\nepsilon = 1.0\nmin_result = 10\n\n\
+             [[agreement.allow]]\ncomputation = \"overlap-sum\"\ndataset = \"customers\"\nkeys = [\"email\"]\ngroup_by = [\"category\"]\n\
+             value_columns = [{{ column = \"amount_cents\", min = 0, max = 500000 }}]\nepsilon = 1.0\nmin_result = 10\n",
             other.name
         ));
     }

@@ -1,16 +1,17 @@
-//! `cleanroom demo`: a whole consortium on loopback, one overlap and one match job, results
-//! printed next to the ground truth. Exits non-zero if any result is wrong.
+//! `cleanroom demo`: a whole consortium on loopback, one overlap, one match and one overlap-sum
+//! job, results printed next to the ground truth. Exits non-zero if any result is wrong (a
+//! noised figure: more than 15 standard deviations of its noise from the truth).
 
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use cleanroom_coordinator::client::state_name;
-use cleanroom_proto::v1::{JobInfo, JobKind, JobSpec, JobState, PartySpec};
+use cleanroom_proto::v1::{JobInfo, JobKind, JobSpec, JobState, OverlapSumSpec, PartySpec};
 
 use crate::args::DemoArgs;
 use crate::cluster::{Cluster, Partner};
-use crate::synth::{SynthSpec, write_synth};
+use crate::synth::{CATEGORIES, GroundTruth, SynthSpec, write_synth};
 use crate::ui::{WorkDir, spinner};
 
 const PARTNERS: [&str; 2] = ["acme", "globex"];
@@ -77,6 +78,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
                 .collect(),
             purpose: purpose.into(),
             aggregate: None,
+            overlap_sum: None,
         };
         let started = Instant::now();
         let job = client.submit(spec, "").await?;
@@ -91,6 +93,19 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
             .await?;
         jobs.push((name, job, started.elapsed()));
     }
+    progress.set_message("running an overlap-sum job: amounts of shared customers per category");
+    let started = Instant::now();
+    let job = client.submit(overlap_sum_spec(), "").await?;
+    let sum_job = client
+        .wait(&job.job_id, Duration::from_secs(600), |info| {
+            progress.set_message(format!(
+                "overlap-sum job {} is {}",
+                info.job_id,
+                state_name(info.state)
+            ));
+        })
+        .await?;
+    let sum_elapsed = started.elapsed();
     progress.set_message("stopping the processes");
     client.close().await;
     cluster.stop().await?;
@@ -131,7 +146,12 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
         }
     }
     println!();
-    println!("Neither node saw the other's records; the coordinator saw only the counts above.");
+    all_ok &= print_overlap_sum(&sum_job, &truth, sum_elapsed);
+    println!();
+    println!(
+        "Neither node saw the other's records; the coordinator saw only the counts and noised \
+         totals above."
+    );
     if args.keep.is_some() {
         println!("Logs, configs and data are kept in {}.", dir.display());
     } else {
@@ -144,6 +164,107 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
     } else {
         ExitCode::FAILURE
     })
+}
+
+/// The demo's overlap-sum: acme holds the identifiers, globex the amounts; per category, the
+/// shared customers and the sum of their amounts.
+fn overlap_sum_spec() -> JobSpec {
+    JobSpec {
+        kind: JobKind::OverlapSum as i32,
+        parties: PARTNERS
+            .iter()
+            .map(|node| PartySpec {
+                node: node.to_string(),
+                dataset: "customers".into(),
+                keys: vec!["email".into()],
+                learns_membership: false,
+            })
+            .collect(),
+        purpose: "fraud-detection".into(),
+        aggregate: None,
+        overlap_sum: Some(OverlapSumSpec {
+            sums: vec!["amount_cents".into()],
+            group_by: "category".into(),
+            groups: CATEGORIES.iter().map(|c| c.to_string()).collect(),
+            count: true,
+        }),
+    }
+}
+
+/// How many noise standard deviations a demo figure may be from the truth (a false alarm
+/// has probability below e^-15 per figure).
+const DEMO_SDS: f64 = 15.0;
+
+/// Prints the overlap-sum's noised cells next to the truth; returns whether every released
+/// figure is within [`DEMO_SDS`] standard deviations of its noise (exact figures must be equal).
+fn print_overlap_sum(job: &JobInfo, truth: &GroundTruth, elapsed: Duration) -> bool {
+    println!(
+        "overlap-sum {} {} in {:.2}s: acme's emails × globex's amount_cents by category",
+        job.job_id,
+        state_name(job.state),
+        elapsed.as_secs_f64()
+    );
+    let Some(release) = crate::sum_output::release(job).filter(|_| job.state == JobState::Succeeded as i32)
+    else {
+        println!("         reason: {}", job.reason);
+        return false;
+    };
+    let sd = |i: usize| {
+        release
+            .noise
+            .get(i)
+            .map_or(0.0, |n| crate::sum_output::laplace_sd(&n.scale))
+    };
+    let close = |noised: i64, exact: u64, sd: f64| {
+        (noised as f64 - exact as f64).abs() <= DEMO_SDS * sd.max(0.0) + 0.5
+    };
+    println!(
+        "  {:<12} {:>10} {:>10} {:>16} {:>16}  CHECK",
+        "CATEGORY", "SHARED", "TRUTH", "AMOUNT", "TRUTH"
+    );
+    let expected = &truth.shared_sums["globex"];
+    let mut ok = !release.withheld;
+    for g in &release.groups {
+        let t = expected.get(&g.label).copied().unwrap_or_default();
+        if g.suppressed {
+            // Only a small true count may be suppressed.
+            let fine = (t.count as f64) < release.min_result as f64 + DEMO_SDS * sd(0);
+            ok &= fine;
+            println!(
+                "  {:<12} {:>10} {:>10} {:>16} {:>16}  {}",
+                g.label,
+                "suppressed",
+                t.count,
+                "-",
+                t.amount,
+                if fine { "ok" } else { "WRONG" }
+            );
+            continue;
+        }
+        let (count, amount) = (
+            g.values.first().copied().unwrap_or(0),
+            g.values.get(1).copied().unwrap_or(0),
+        );
+        let fine = close(count, t.count, sd(0)) && close(amount, t.amount, sd(1));
+        ok &= fine;
+        println!(
+            "  {:<12} {:>10} {:>10} {:>16} {:>16}  {}",
+            g.label,
+            count,
+            t.count,
+            amount,
+            t.amount,
+            if fine { "ok" } else { "WRONG" }
+        );
+    }
+    println!(
+        "  noise: discrete Laplace added under encryption by acme, ε {} (count ±{:.1}, amount \
+         ±{:.0} one sd); globex decrypted only the noised totals",
+        release.epsilon,
+        sd(0),
+        sd(1)
+    );
+    ok
 }
 
 /// The job's result, and whether it is right: succeeded, count equals the truth, and for match

@@ -6,7 +6,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use cleanroom_coordinator::AnalystClient;
 use cleanroom_coordinator::client::state_name;
-use cleanroom_proto::v1::{AggregateSpec, JobKind, JobSpec, JobState, PartySpec};
+use cleanroom_proto::v1::{AggregateSpec, JobKind, JobSpec, JobState, OverlapSumSpec, PartySpec};
 use cleanroom_transport::Credentials;
 
 use crate::args::{ConnArgs, Format, JobCommand, KindArg, SubmitArgs};
@@ -45,8 +45,17 @@ pub fn spec_from_args(args: &SubmitArgs) -> anyhow::Result<JobSpec> {
     if args.kind == KindArg::Aggregate {
         return spec_for_aggregate(args);
     }
-    if args.aggregate.group_by.is_some() {
-        bail!("--group-by, --groups, --sum and --count are for aggregate jobs");
+    if args.on.is_empty() {
+        bail!("give the join key(s) with --on, e.g. --on email");
+    }
+    if args.kind == KindArg::OverlapSum {
+        return spec_for_overlap_sum(args);
+    }
+    if args.aggregate.group_by.is_some()
+        || !args.aggregate.sum.is_empty()
+        || args.aggregate.count
+    {
+        bail!("--group-by, --groups, --sum and --count are for aggregate and overlap-sum jobs");
     }
     if !args.parties.is_empty() {
         bail!(
@@ -69,7 +78,9 @@ pub fn spec_for_pair(
     let dataset_of = |node: &str| dataset_of(args, node);
     let reveal = args.reveal_to.clone().unwrap_or_else(|| match kind {
         KindArg::Match => between.to_vec(),
-        KindArg::Overlap | KindArg::OverlapMatrix | KindArg::Aggregate => Vec::new(),
+        KindArg::Overlap | KindArg::OverlapMatrix | KindArg::Aggregate | KindArg::OverlapSum => {
+            Vec::new()
+        }
     });
     if kind != KindArg::Match && !reveal.is_empty() {
         bail!("--reveal-to applies to match jobs only");
@@ -94,11 +105,13 @@ pub fn spec_for_pair(
         kind: match kind {
             KindArg::Overlap | KindArg::OverlapMatrix => JobKind::Overlap,
             KindArg::Match => JobKind::Match,
+            KindArg::OverlapSum => JobKind::OverlapSum,
             KindArg::Aggregate => bail!("aggregate is not a two-party job"),
         } as i32,
         parties,
         purpose: args.purpose.clone(),
         aggregate: None,
+        overlap_sum: None,
     })
 }
 
@@ -115,6 +128,37 @@ fn dataset_of(args: &SubmitArgs, node: &str) -> anyhow::Result<String> {
     plain.with_context(|| {
         format!("no dataset for '{node}': use --dataset NAME or --dataset {node}:NAME")
     })
+}
+
+/// The spec of an `overlap-sum` between `--between KEYS,VALUES`: the first partner holds the
+/// identifiers, the second the summed columns.
+pub fn spec_for_overlap_sum(args: &SubmitArgs) -> anyhow::Result<JobSpec> {
+    if !args.parties.is_empty() {
+        bail!("overlap-sum is between two partners: --between key-holder,value-holder");
+    }
+    let mut sums = Vec::new();
+    let mut count = args.aggregate.count;
+    for column in &args.aggregate.sum {
+        if column == "count" {
+            count = true;
+        } else {
+            sums.push(column.clone());
+        }
+    }
+    if sums.is_empty() && !count {
+        bail!("overlap-sum needs --sum COLUMN[,COLUMN…][,count]");
+    }
+    if args.aggregate.group_by.is_some() && args.aggregate.groups.is_empty() {
+        bail!("--group-by needs the group labels: --groups a,b,c (public, shown in this order)");
+    }
+    let mut spec = spec_for_pair(args, KindArg::OverlapSum, &args.between)?;
+    spec.overlap_sum = Some(OverlapSumSpec {
+        sums,
+        group_by: args.aggregate.group_by.clone().unwrap_or_default(),
+        groups: args.aggregate.groups.clone(),
+        count,
+    });
+    Ok(spec)
 }
 
 /// The spec of an `aggregate` job over `--parties` (at least three).
@@ -158,6 +202,7 @@ pub fn spec_for_aggregate(args: &SubmitArgs) -> anyhow::Result<JobSpec> {
             sums: args.aggregate.sum.clone(),
             count: args.aggregate.count,
         }),
+        overlap_sum: None,
     })
 }
 

@@ -15,6 +15,7 @@ mod matrix;
 mod output;
 mod report;
 mod schedule;
+mod sum_output;
 mod synth;
 mod ui;
 

@@ -11,6 +11,7 @@ fn kind_name(kind: i32) -> &'static str {
         Ok(JobKind::Overlap) => "overlap",
         Ok(JobKind::Match) => "match",
         Ok(JobKind::Aggregate) => "aggregate",
+        Ok(JobKind::OverlapSum) => "overlap-sum",
         _ => "unknown",
     }
 }
@@ -104,7 +105,8 @@ pub fn noise_line(noise: &[NoiseTerm]) -> Option<String> {
 
 /// Prints one job in the chosen format.
 pub fn print_job(job: &JobInfo, format: Format) {
-    if crate::aggregate_output::print_job(job, format) {
+    if crate::aggregate_output::print_job(job, format) || crate::sum_output::print_job(job, format)
+    {
         return;
     }
     match format {

@@ -55,6 +55,10 @@ pub struct GroundTruth {
     pub chargebacks: BTreeMap<String, BTreeMap<String, GroupTruth>>,
     /// Per category, over all partners: what an exact aggregate returns.
     pub chargebacks_total: BTreeMap<String, GroupTruth>,
+    /// Per partner as the value holder of an `overlap-sum` on `email` with any other partner
+    /// (every pair shares the same customers), per `category` of its customers file: the
+    /// shared customers (`count`) and the sum of their `amount_cents` (`amount`).
+    pub shared_sums: BTreeMap<String, BTreeMap<String, GroupTruth>>,
 }
 
 /// One group's plaintext figures.
@@ -127,15 +131,17 @@ pub fn write_synth(spec: &SynthSpec, out_dir: &Path) -> anyhow::Result<GroundTru
     let identity_key = mix(spec.seed ^ 0x5eed_1de7_7175_0000);
 
     let mut files = BTreeMap::new();
+    let mut shared_sums = BTreeMap::new();
     for (p, partner) in spec.partners.iter().enumerate() {
         let path = out_dir.join(format!("{partner}.csv"));
         let own_start = shared + p as u64 * own;
         let mut customers: Vec<u64> = (0..shared).chain(own_start..own_start + own).collect();
         let mut rng = StdRng::seed_from_u64(mix(spec.seed ^ mix(p as u64 + 1)));
         customers.shuffle(&mut rng);
-        write_partner(&path, partner, &customers, identity_key, &mut rng)
+        let sums = write_partner(&path, partner, &customers, shared, identity_key, &mut rng)
             .with_context(|| format!("writing {}", path.display()))?;
         files.insert(partner.clone(), path);
+        shared_sums.insert(partner.clone(), sums);
     }
 
     // Each partner's own range is disjoint from every other's, so any two partners share
@@ -178,6 +184,7 @@ pub fn write_synth(spec: &SynthSpec, out_dir: &Path) -> anyhow::Result<GroundTru
         chargeback_files,
         chargebacks,
         chargebacks_total,
+        shared_sums,
     };
     let truth_path = out_dir.join("truth.json");
     let mut text = serde_json::to_string_pretty(&truth)?;
@@ -239,13 +246,20 @@ struct Row {
     amount: Vec<u8>,
 }
 
+/// Writes one partner's customers file; returns, per category, the customers below `shared`
+/// (those every partner has) and the sum of their amounts.
 fn write_partner(
     path: &Path,
     partner: &str,
     customers: &[u64],
+    shared: u64,
     identity_key: u64,
     rng: &mut StdRng,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<BTreeMap<String, GroupTruth>> {
+    let mut sums: BTreeMap<String, GroupTruth> = CATEGORIES
+        .iter()
+        .map(|c| ((*c).to_owned(), GroupTruth::default()))
+        .collect();
     let file = File::create(path)?;
     let mut out = csv::WriterBuilder::new()
         .buffer_capacity(1 << 16)
@@ -260,8 +274,14 @@ fn write_partner(
         disguise_email(&mut row.email, rng);
         phone(&mut row.phone, identity, rng.random_range(0..6u8))?;
         row.amount.clear();
-        write!(row.amount, "{}", rng.random_range(100..=500_000u32))?;
+        let amount = rng.random_range(100..=500_000u32);
+        write!(row.amount, "{amount}")?;
         let category = CATEGORIES[rng.random_range(0..CATEGORIES.len())];
+        if customer < shared {
+            let t = sums.entry(category.to_owned()).or_default();
+            t.count += 1;
+            t.amount += u64::from(amount);
+        }
         let marketing = if rng.random_bool(0.6) {
             "true"
         } else {
@@ -284,7 +304,7 @@ fn write_partner(
     }
     let inner = out.into_inner().map_err(|e| e.into_error())?;
     inner.into_inner().map_err(|e| e.into_error())?.sync_all()?;
-    Ok(())
+    Ok(sums)
 }
 
 /// Writes one partner's chargebacks: `rows` rows, categories drawn with a skew of the
@@ -586,6 +606,36 @@ mod tests {
         let truth = write_synth(&s, dir.path()).unwrap();
         eprintln!("2 x 2^20 rows in {:?}", start.elapsed());
         assert_eq!(truth.rows_per_partner, 1 << 20);
+    }
+
+    #[test]
+    fn shared_sums_equal_an_independent_join() {
+        let dir = tempfile::tempdir().unwrap();
+        let truth = write_synth(&spec(), dir.path()).unwrap();
+        let emails = |p: &str| -> BTreeSet<String> {
+            read(&dir.path().join(format!("{p}.csv")))
+                .rows
+                .into_iter()
+                .map(|r| r.0)
+                .collect()
+        };
+        let keys = emails("acme");
+        let mut r = csv::Reader::from_path(dir.path().join("globex.csv")).unwrap();
+        let mut mine: BTreeMap<String, GroupTruth> = CATEGORIES
+            .iter()
+            .map(|c| ((*c).to_owned(), GroupTruth::default()))
+            .collect();
+        for rec in r.records() {
+            let rec = rec.unwrap();
+            if keys.contains(&Normaliser::Email.normalise(&rec[1]).unwrap()) {
+                let g = mine.get_mut(&rec[4]).unwrap();
+                g.count += 1;
+                g.amount += rec[3].parse::<u64>().unwrap();
+            }
+        }
+        assert_eq!(truth.shared_sums["globex"], mine);
+        let shared: u64 = mine.values().map(|g| g.count).sum();
+        assert_eq!(shared, truth.shared_by_all);
     }
 
     #[test]

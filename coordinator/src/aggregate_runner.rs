@@ -397,6 +397,7 @@ mod tests {
                 sums: vec!["amount".into()],
                 count,
             }),
+            overlap_sum: None,
         }
     }
 

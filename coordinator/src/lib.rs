@@ -15,6 +15,7 @@
 //! - [`cron`]: cron expressions in IANA time zones;
 //! - [`schedule`]: recurring jobs: the sans-IO planner and the scheduler loop;
 //! - [`report`]: a schedule's history as HTML (trend chart, runs table), CSV and JSON.
+//! - [`sum_result`]: the two reports of an overlap-sum, checked against each other and stored.
 #![warn(missing_docs)]
 
 pub mod aggregate_runner;
@@ -30,6 +31,7 @@ pub mod schedule;
 pub mod server;
 pub mod spec;
 pub mod store;
+pub mod sum_result;
 
 pub use client::AnalystClient;
 pub use config::CoordinatorConfig;

@@ -936,6 +936,7 @@ mod tests {
             parties: vec![party("acme"), party("globex")],
             purpose: "overlap-reporting".into(),
             aggregate: None,
+            overlap_sum: None,
         };
         store
             .add_schedule(

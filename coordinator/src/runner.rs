@@ -352,6 +352,9 @@ async fn drive(
         failures.sort_by_key(|f| f.contains(" lost: "));
         return Err(failed(failures.join("; ")));
     }
+    if spec.kind == cleanroom_proto::v1::JobKind::OverlapSum as i32 {
+        return crate::sum_result::settle(shared, job_id, spec, outcomes);
+    }
     outcomes.sort_by(|a, b| a.0.cmp(&b.0));
     // A count is released only if every node released it (the stricter agreement wins); a
     // node that withholds it reports `suppressed`, and the others' figures are blanked too.

@@ -599,6 +599,7 @@ mod tests {
             parties: vec![party("acme", "customers"), party("globex", "subscribers")],
             purpose: "overlap-reporting".into(),
             aggregate: None,
+            overlap_sum: None,
         }
     }
 

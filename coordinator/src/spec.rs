@@ -12,10 +12,10 @@ const MAX_KEYS: usize = 8;
 pub fn validate(spec: &JobSpec) -> Result<(), String> {
     let kind = JobKind::try_from(spec.kind).unwrap_or(JobKind::Unspecified);
     match kind {
-        JobKind::Overlap | JobKind::Match => {}
+        JobKind::Overlap | JobKind::Match | JobKind::OverlapSum => {}
         JobKind::Aggregate => return validate_aggregate(spec),
         JobKind::Unspecified => {
-            return Err("job kind must be overlap, match or aggregate".into());
+            return Err("job kind must be overlap, match, overlap-sum or aggregate".into());
         }
     }
     if spec.parties.len() != 2 {
@@ -47,6 +47,61 @@ pub fn validate(spec: &JobSpec) -> Result<(), String> {
     }
     if spec.parties[0].keys != spec.parties[1].keys {
         return Err("both parties must join on the same keys".into());
+    }
+    match (kind, spec.overlap_sum.as_ref()) {
+        (JobKind::OverlapSum, Some(sum)) => validate_overlap_sum(sum),
+        (JobKind::OverlapSum, None) => Err("overlap-sum needs --sum or --count".into()),
+        (_, Some(_)) => Err("only overlap-sum jobs carry sum columns".into()),
+        (_, None) => Ok(()),
+    }
+}
+
+/// Checks what an overlap-sum sums: distinct value columns (at most [`MAX_SUMS`]; "count" is
+/// the shared identifiers and is asked for with `count`), an optional group-by column with its
+/// labels, and at most [`cleanroom_circuits::intersection_sum::MAX_CELLS`] cells per row.
+fn validate_overlap_sum(sum: &cleanroom_proto::v1::OverlapSumSpec) -> Result<(), String> {
+    if sum.sums.len() > MAX_SUMS {
+        return Err(format!("at most {MAX_SUMS} summed columns (--sum)"));
+    }
+    let mut seen = std::collections::HashSet::new();
+    for column in &sum.sums {
+        check_name("summed column", column)?;
+        if column == "count" {
+            return Err("'count' is not a column: it is the number of shared identifiers, \
+                 asked for with --sum count (or --count)"
+                .into());
+        }
+        if !seen.insert(column.as_str()) {
+            return Err(format!("column '{column}' is summed twice"));
+        }
+    }
+    if sum.sums.is_empty() && !sum.count {
+        return Err("an overlap-sum needs --sum COLUMN[,count]".into());
+    }
+    if sum.group_by.is_empty() {
+        if !sum.groups.is_empty() {
+            return Err("group labels (--groups) need --group-by".into());
+        }
+    } else {
+        check_name("group-by column", &sum.group_by)?;
+        if sum.groups.is_empty() {
+            return Err("--group-by needs the group labels (--groups a,b,c)".into());
+        }
+        check_labels(&sum.groups)?;
+    }
+    let cells = cleanroom_circuits::intersection_sum::job_cells(
+        !sum.group_by.is_empty(),
+        sum.groups.len(),
+        sum.sums.len(),
+    );
+    let max = cleanroom_circuits::intersection_sum::MAX_CELLS;
+    if cells > max {
+        return Err(format!(
+            "{} groups × {} columns (count and sums) is {cells} encrypted cells per row; at most \
+             {max}: fewer groups or fewer --sum columns",
+            cells / (1 + sum.sums.len()),
+            1 + sum.sums.len()
+        ));
     }
     Ok(())
 }
@@ -100,28 +155,7 @@ fn validate_aggregate(spec: &JobSpec) -> Result<(), String> {
             agg.groups.len()
         ));
     }
-    let mut labels = std::collections::HashSet::new();
-    for label in &agg.groups {
-        if label.is_empty()
-            || label.len() > MAX_LABEL
-            || label.chars().any(char::is_control)
-            || label.trim() != label
-        {
-            return Err(format!(
-                "group label '{}' must be 1 to {MAX_LABEL} bytes, without control characters or \
-                 surrounding spaces",
-                label.escape_default()
-            ));
-        }
-        if label == OTHER_GROUP {
-            return Err(format!(
-                "'{OTHER_GROUP}' is reserved for rows whose group is not listed"
-            ));
-        }
-        if !labels.insert(label.as_str()) {
-            return Err(format!("group label '{label}' is listed twice"));
-        }
-    }
+    check_labels(&agg.groups)?;
     let label_bytes: usize = agg.groups.iter().map(String::len).sum();
     if label_bytes > MAX_LABEL_BYTES {
         return Err(format!(
@@ -149,6 +183,34 @@ fn validate_aggregate(spec: &JobSpec) -> Result<(), String> {
     }
     if agg.sums.is_empty() && !agg.count {
         return Err("an aggregate needs --sum COLUMN or --count".into());
+    }
+    Ok(())
+}
+
+/// Group labels: printable, 1 to [`MAX_LABEL`] bytes, no surrounding spaces, distinct, and not
+/// the reserved [`OTHER_GROUP`].
+fn check_labels(groups: &[String]) -> Result<(), String> {
+    let mut labels = std::collections::HashSet::new();
+    for label in groups {
+        if label.is_empty()
+            || label.len() > MAX_LABEL
+            || label.chars().any(char::is_control)
+            || label.trim() != label
+        {
+            return Err(format!(
+                "group label '{}' must be 1 to {MAX_LABEL} bytes, without control characters or \
+                 surrounding spaces",
+                label.escape_default()
+            ));
+        }
+        if label == OTHER_GROUP {
+            return Err(format!(
+                "'{OTHER_GROUP}' is reserved for rows whose group is not listed"
+            ));
+        }
+        if !labels.insert(label.as_str()) {
+            return Err(format!("group label '{label}' is listed twice"));
+        }
     }
     Ok(())
 }
@@ -188,6 +250,7 @@ mod tests {
             parties: vec![party("acme"), party("globex")],
             purpose: "overlap-reporting".into(),
             aggregate: None,
+            overlap_sum: None,
         }
     }
 
@@ -237,6 +300,7 @@ mod tests {
                 sums: vec!["amount".into()],
                 count: true,
             }),
+            overlap_sum: None,
         }
     }
 

@@ -1488,6 +1488,7 @@ mod aggregate_result_tests {
                 .collect(),
             purpose: "p".into(),
             aggregate: None,
+            overlap_sum: None,
         };
         let job = store.submit(&spec, "", "alice", 1).unwrap();
         assert_eq!(store.get_aggregate_result(&job.job_id).unwrap(), None);
@@ -1543,6 +1544,7 @@ mod tests {
             ],
             purpose: purpose.into(),
             aggregate: None,
+            overlap_sum: None,
         }
     }
 

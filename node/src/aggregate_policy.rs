@@ -231,6 +231,8 @@ pub fn check_offer_at(
         consent_column,
         expires,
         purpose_budget,
+        group_by: vec![agg.group_by.clone()],
+        sum_roles: Vec::new(),
     };
     Ok(AggregatePermit {
         permit,
@@ -311,6 +313,7 @@ purposes = ["fraud-benchmark"]
                 sums: vec!["amount".into()],
                 count: true,
             }),
+            overlap_sum: None,
         }
     }
 

@@ -60,6 +60,10 @@ pub struct Permit {
     pub consent_column: Option<String>,
     /// The agreement's expiry (last valid UTC day), if any.
     pub expires: Option<PolicyDate>,
+    /// Overlap-sum and aggregate: the columns a job may group by.
+    pub group_by: Vec<String>,
+    /// Overlap-sum: the roles this node may take (the entry's `roles`, both if absent).
+    pub sum_roles: Vec<crate::config::SumRole>,
 }
 
 impl Permit {
@@ -234,10 +238,11 @@ pub fn check_offer_at(
     let computation = match JobKind::try_from(spec.kind) {
         Ok(JobKind::Overlap) => Computation::Overlap,
         Ok(JobKind::Match) => Computation::Match,
+        Ok(JobKind::OverlapSum) => Computation::OverlapSum,
         // Aggregate offers are decided by `crate::aggregate_policy` (N parties).
         Ok(JobKind::Unspecified | JobKind::Aggregate) | Err(_) => {
             return Err(veto(format!(
-                "job kind {} is not one this node runs (overlap, match)",
+                "job kind {} is not one this node runs (overlap, match, overlap-sum)",
                 spec.kind
             )));
         }
@@ -304,7 +309,7 @@ pub fn check_offer_at(
         )));
     }
     let (partner_learns_membership, i_learn_membership) = match computation {
-        Computation::Overlap | Computation::Aggregate => (false, false),
+        Computation::Overlap | Computation::Aggregate | Computation::OverlapSum => (false, false),
         Computation::Match => {
             let membership = entry.membership();
             if theirs.learns_membership && !membership.to_partner() {
@@ -344,6 +349,13 @@ pub fn check_offer_at(
         value_columns: entry.value_columns.clone(),
         consent_column,
         expires: agreement.expires,
+        group_by: entry.group_by.clone(),
+        sum_roles: entry.roles.clone().unwrap_or_else(|| {
+            vec![
+                crate::config::SumRole::KeyHolder,
+                crate::config::SumRole::ValueHolder,
+            ]
+        }),
     })
 }
 
@@ -418,6 +430,7 @@ purposes = ["fraud-detection"]
             parties,
             purpose: purpose.into(),
             aggregate: None,
+            overlap_sum: None,
         }
     }
 
@@ -508,7 +521,7 @@ purposes = ["fraud-detection"]
         s.kind = 99;
         assert_eq!(
             vetoed(&s, 0),
-            "job kind 99 is not one this node runs (overlap, match)"
+            "job kind 99 is not one this node runs (overlap, match, overlap-sum)"
         );
     }
 

@@ -326,6 +326,32 @@ pub enum Computation {
     Match,
     /// Per-group sums and counts over N ≥ 3 parties by secret sharing (no keys).
     Aggregate,
+    /// Intersection-sum with cardinality: the number of shared identifiers and sums of the
+    /// value holder's columns over them, noised under encryption (two parties, keys).
+    #[serde(rename = "overlap-sum")]
+    OverlapSum,
+}
+
+/// The part a node plays in an `overlap-sum` job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SumRole {
+    /// Party A: identifiers only. It learns the exact number of shared identifiers (inherent
+    /// in the protocol) and sees only ciphertexts of the partner's values.
+    KeyHolder,
+    /// Party B: identifiers and values. It learns the noised totals only; the partner learns
+    /// how many identifiers are shared.
+    ValueHolder,
+}
+
+impl SumRole {
+    /// The name used in config files and vetoes.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            SumRole::KeyHolder => "key-holder",
+            SumRole::ValueHolder => "value-holder",
+        }
+    }
 }
 
 impl Computation {
@@ -335,6 +361,7 @@ impl Computation {
             Computation::Overlap => "overlap",
             Computation::Match => "match",
             Computation::Aggregate => "aggregate",
+            Computation::OverlapSum => "overlap-sum",
         }
     }
 }
@@ -468,6 +495,11 @@ pub struct AllowEntry {
     /// all but one, so one honest party's noise alone gives the stated ε).
     #[serde(default)]
     pub max_colluders: Option<u32>,
+    /// Overlap-sum only: the roles this node may take (`"key-holder"`, `"value-holder"`);
+    /// absent = both. Taking the value-holder role lets the partner learn the exact number of
+    /// shared identifiers; a policy that must not reveal it lists only `"key-holder"`.
+    #[serde(default)]
+    pub roles: Option<Vec<SumRole>>,
 }
 
 /// Smallest number of parties of an aggregate job: with two, each learns the other's figures
@@ -795,9 +827,19 @@ impl NodeConfig {
         if e.computation == Computation::Aggregate {
             return validate_aggregate(ctx, e, d);
         }
-        if !e.group_by.is_empty() || e.min_parties.is_some() || e.max_colluders.is_some() {
+        if e.computation == Computation::OverlapSum {
+            validate_overlap_sum(ctx, e)?;
+        } else if !e.group_by.is_empty() || e.roles.is_some() {
             return Err(format!(
-                "{ctx}: allow {} on '{}': keys group_by, min_parties and max_colluders apply to \
+                "{ctx}: allow {} on '{}': keys group_by and roles apply to overlap-sum and \
+                 aggregate only",
+                e.computation,
+                e.dataset.get_ref()
+            ));
+        }
+        if e.min_parties.is_some() || e.max_colluders.is_some() {
+            return Err(format!(
+                "{ctx}: allow {} on '{}': keys min_parties and max_colluders apply to \
                  aggregate only",
                 e.computation,
                 e.dataset.get_ref()
@@ -924,6 +966,39 @@ impl NodeConfig {
         }
         Ok(())
     }
+}
+
+/// The checks an `overlap-sum` allow entry adds: roles listed once each (at least one), no
+/// membership, group-by names not empty, and value bounds that are not negative (the values
+/// are encrypted as unsigned integers; the key holder adds noise, not the values).
+fn validate_overlap_sum(ctx: &str, e: &AllowEntry) -> Result<(), String> {
+    let at = format!("{ctx}: allow overlap-sum on '{}'", e.dataset.get_ref());
+    if let Some(roles) = &e.roles {
+        if roles.is_empty() {
+            return Err(format!(
+                "{at}: roles lists no role; give \"key-holder\", \"value-holder\" or both"
+            ));
+        }
+        let distinct: HashSet<_> = roles.iter().collect();
+        if distinct.len() != roles.len() {
+            return Err(format!("{at}: roles lists a role twice"));
+        }
+    }
+    if e.membership.is_some() || e.reveal_membership_to_partner.is_some() {
+        return Err(format!("{at}: membership applies to match only"));
+    }
+    if e.group_by.iter().any(String::is_empty) {
+        return Err(format!("{at}: group_by has an empty column name"));
+    }
+    if let Some(v) = e.value_columns.iter().find(|v| v.min < 0) {
+        return Err(format!(
+            "{at}: value_columns '{}' has a negative lower bound {}; overlap-sum sums values \
+             of 0 or more (shift the column, or raise min to 0)",
+            v.column.get_ref(),
+            v.min
+        ));
+    }
+    Ok(())
 }
 
 /// The checks of an `aggregate` allow entry: no keys, no membership, at least one group-by

@@ -243,10 +243,15 @@ async fn run_offer(
         my_name: cfg.name.clone(),
         state: state.clone(),
     };
+    let overlap_sum = job.spec.kind == cleanroom_proto::v1::JobKind::OverlapSum as i32;
     let outcome = if role == Role::Responder {
         let incoming = state.expect_connection(&job_id, &job.permit.partner);
         send.send(&ready).await?;
-        psi_job::run_responder(job, incoming).await
+        if overlap_sum {
+            crate::sum_job::run_value_holder(job, incoming).await
+        } else {
+            psi_job::run_responder(job, incoming).await
+        }
     } else {
         let peer_addr: SocketAddr = start.peer_addr.parse().map_err(|_| {
             protocol(
@@ -255,7 +260,11 @@ async fn run_offer(
             )
         })?;
         send.send(&ready).await?;
-        psi_job::run_initiator(job, &endpoint, peer_addr).await
+        if overlap_sum {
+            crate::sum_job::run_key_holder(job, &endpoint, peer_addr).await
+        } else {
+            psi_job::run_initiator(job, &endpoint, peer_addr).await
+        }
     }?;
     tracing::info!(
         intersection = outcome.intersection,

@@ -245,7 +245,7 @@ pub fn load_keys_for(
 ) -> Result<LoadedKeys, DatasetError> {
     let mut items = ItemSet::new();
     let path = dataset.path.clone();
-    let counts = for_each_key(dataset, keys, filter, Some(max_rows), |row, key| {
+    let counts = for_each_key(dataset, keys, &[], filter, Some(max_rows), |row, key, _| {
         items.push(key).map_err(|_| DatasetError::TooLarge {
             path: path.clone(),
             row,
@@ -281,7 +281,7 @@ pub fn matching_rows_for(
     matched: &ItemSet,
 ) -> Result<Vec<u64>, DatasetError> {
     let mut rows = Vec::new();
-    for_each_key(dataset, keys, filter, None, |row, key| {
+    for_each_key(dataset, keys, &[], filter, None, |row, key, _| {
         if matched.position_sorted(key).is_some() {
             rows.push(row);
         }
@@ -394,13 +394,49 @@ struct Counts {
     deleted: u64,
 }
 
-/// Streams the file and calls `f(row, key)` for every accepted row.
+/// Rows streamed by [`for_each_keyed_row_for`], and what filtering left out.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct KeyedRowCounts {
+    /// Data rows read (header excluded), excluded and rejected ones included.
+    pub rows_read: u64,
+    /// Rows skipped because a key part was missing, too long, not UTF-8 or did not normalise.
+    pub rows_rejected: u64,
+    /// Rows excluded because they lack consent for the job's purpose.
+    pub rows_excluded_consent: u64,
+    /// Rows excluded because one of their identifiers belongs to a forgotten subject.
+    pub rows_excluded_deleted: u64,
+}
+
+/// Streams the dataset's CSV and calls `f(row, key, fields)` for every row that passes the
+/// [`RowFilter`] and whose join key normalises, with the raw fields of `columns` in the order
+/// given (`None` where a short row lacks one). For computations that read values next to the
+/// key (overlap-sum); the caller parses and validates the fields. More than `max_rows` data rows
+/// is refused.
+pub fn for_each_keyed_row_for(
+    dataset: &DatasetConfig,
+    keys: &KeySpec,
+    columns: &[&str],
+    filter: RowFilter<'_>,
+    max_rows: u64,
+    f: impl FnMut(u64, &[u8], &[Option<&[u8]>]) -> Result<(), DatasetError>,
+) -> Result<KeyedRowCounts, DatasetError> {
+    let counts = for_each_key(dataset, keys, columns, filter, Some(max_rows), f)?;
+    Ok(KeyedRowCounts {
+        rows_read: counts.read,
+        rows_rejected: counts.rejected,
+        rows_excluded_consent: counts.no_consent,
+        rows_excluded_deleted: counts.deleted,
+    })
+}
+
+/// Streams the file and calls `f(row, key, fields of columns)` for every accepted row.
 fn for_each_key(
     dataset: &DatasetConfig,
     keys: &KeySpec,
+    columns: &[&str],
     filter: RowFilter<'_>,
     max_rows: Option<u64>,
-    mut f: impl FnMut(u64, &[u8]) -> Result<(), DatasetError>,
+    mut f: impl FnMut(u64, &[u8], &[Option<&[u8]>]) -> Result<(), DatasetError>,
 ) -> Result<Counts, DatasetError> {
     let ids = resolve_identifiers(dataset, keys)?;
     let forgotten = filter.forgotten.filter(|fg| !fg.hashes.is_empty());
@@ -416,6 +452,10 @@ fn for_each_key(
         .buffer_capacity(READ_BUFFER)
         .from_reader(file);
     let parts = locate_columns(&mut reader, path, &ids)?;
+    let column_indices = columns
+        .iter()
+        .map(|c| locate_column(&mut reader, path, c))
+        .collect::<Result<Vec<_>, _>>()?;
     let consent_index = match filter.consent_column {
         Some(column) => Some(locate_column(&mut reader, path, column)?),
         None => None,
@@ -465,7 +505,11 @@ fn for_each_key(
             continue;
         }
         match build_key(&record, &parts, &mut key) {
-            Ok(()) => f(row, &key)?,
+            Ok(()) => {
+                let fields: Vec<Option<&[u8]>> =
+                    column_indices.iter().map(|&i| record.get(i)).collect();
+                f(row, &key, &fields)?;
+            }
             Err((column, why)) => {
                 rejected += 1;
                 if rejected <= LOGGED_REJECTIONS {

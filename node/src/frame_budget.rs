@@ -9,6 +9,10 @@
 //! we sent, point batches in no other phase, no empty batch, and a handful of frames that carry
 //! no points (an honest peer sends four: three end markers and perhaps an abort; its hello is
 //! counted apart).
+//!
+//! An `overlap-sum` adds two phases: the value holder's encrypted rows (`SUM_ROWS`), admitted up
+//! to its declared set size times the row length its hello's layout implies, and the key
+//! holder's one result ciphertext (`SUM_RESULT`), admitted once.
 
 use cleanroom_circuits::POINT_LEN;
 use cleanroom_proto::v1::{Envelope, Phase, envelope::Body};
@@ -25,6 +29,10 @@ pub struct FrameBudget {
     returned: u64,
     other_frames: u32,
     hello_seen: bool,
+    /// Most bytes of encrypted rows (declared rows × row length; 0 until a value holder's hello).
+    max_row_bytes: u64,
+    row_bytes: u64,
+    result_batches: u32,
 }
 
 impl FrameBudget {
@@ -38,6 +46,9 @@ impl FrameBudget {
             returned: 0,
             other_frames: 0,
             hello_seen: false,
+            max_row_bytes: 0,
+            row_bytes: 0,
+            result_batches: 0,
         }
     }
 
@@ -65,6 +76,19 @@ impl FrameBudget {
                             self.own_size
                         ));
                     }
+                } else if env.phase == Phase::SumRows as i32 {
+                    self.row_bytes = self.row_bytes.saturating_add(batch.points.len() as u64);
+                    if self.row_bytes > self.max_row_bytes {
+                        return Err(format!(
+                            "sent more than the {} bytes of encrypted rows its hello declared",
+                            self.max_row_bytes
+                        ));
+                    }
+                } else if env.phase == Phase::SumResult as i32 {
+                    self.result_batches += 1;
+                    if self.result_batches > 1 {
+                        return Err("sent more than one result ciphertext".into());
+                    }
                 } else {
                     let phase = Phase::try_from(env.phase)
                         .map_or_else(|_| env.phase.to_string(), |p| p.as_str_name().to_owned());
@@ -76,6 +100,12 @@ impl FrameBudget {
             Some(Body::PsiHello(hello)) if !self.hello_seen => {
                 self.hello_seen = true;
                 self.max_blinded = self.max_blinded.min(hello.set_size);
+                if let Some(sum) = &hello.sum {
+                    // One 32-byte r·G plus 32 bytes per limb; each width is one byte.
+                    let limbs: u64 = sum.widths.iter().map(|&w| u64::from(w)).sum();
+                    let row_len = 32u64.saturating_mul(1 + limbs);
+                    self.max_row_bytes = self.max_blinded.saturating_mul(row_len);
+                }
             }
             _ => {
                 self.other_frames += 1;
@@ -134,6 +164,34 @@ mod tests {
         b.admit(&points(Phase::PsiBlinded, 4)).unwrap();
         let err = b.admit(&points(Phase::PsiBlinded, 1)).unwrap_err();
         assert_eq!(err, "sent more blinded points than the 4 it may");
+    }
+
+    #[test]
+    fn encrypted_rows_are_capped_at_what_the_value_holders_hello_declares() {
+        let mut b = FrameBudget::new(1_000, 3);
+        // Without a value holder's hello, no rows at all.
+        assert!(b.admit(&points(Phase::SumRows, 1)).is_err());
+        let mut b = FrameBudget::new(1_000, 3);
+        let mut h = hello(2);
+        if let Some(Body::PsiHello(hello)) = &mut h.body {
+            hello.sum = Some(cleanroom_proto::v1::SumTerms {
+                widths: vec![1, 2],
+                ..Default::default()
+            });
+        }
+        b.admit(&h).unwrap();
+        // 2 rows of 32 × (1 + 3) bytes = 256 bytes = 8 "points".
+        b.admit(&points(Phase::SumRows, 8)).unwrap();
+        assert!(
+            b.admit(&points(Phase::SumRows, 1))
+                .unwrap_err()
+                .contains("256 bytes of encrypted rows")
+        );
+        b.admit(&points(Phase::SumResult, 4)).unwrap();
+        assert_eq!(
+            b.admit(&points(Phase::SumResult, 4)).unwrap_err(),
+            "sent more than one result ciphertext"
+        );
     }
 
     #[test]

@@ -14,7 +14,9 @@
 //! - [`control`]: the control session with the coordinator (hello, offers, start, report);
 //! - [`dataplane`]: the node's data-plane endpoint and the hand-over of incoming connections;
 //! - [`psi_job`]: drives the sans-IO ECDH-PSI session of `cleanroom-circuits` over QUIC;
-//! - [`noised_release`]: the DP noise on an overlap count (draw, commitment, threshold).
+//! - [`noised_release`]: the DP noise on an overlap count (draw, commitment, threshold);
+//! - [`sum_policy`], [`sum_input`], [`sum_job`]: the `overlap-sum` job (intersection-sum with
+//!   cardinality): its terms, the value holder's input, and its driver over QUIC.
 #![warn(missing_docs)]
 
 pub mod aggregate_job;
@@ -37,6 +39,9 @@ pub mod policy;
 pub mod psi_job;
 pub mod retention;
 pub mod state;
+pub mod sum_input;
+pub mod sum_job;
+pub mod sum_policy;
 pub mod transparency;
 
 use std::path::{Path, PathBuf};

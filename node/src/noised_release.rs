@@ -41,12 +41,13 @@ pub struct OwnNoise {
 
 /// The ledger key of a job's noised release: its kind and spec digest (job id and spec), so a
 /// duplicated offer of the same job finds its stored draw, and a reused job id with another spec
-/// does not. `overlap:<hex>` or `aggregate:<hex>`.
+/// does not. `overlap:<hex>`, `overlap-sum:<hex>` or `aggregate:<hex>`.
 pub fn release_key(job_id: &str, spec: &cleanroom_proto::v1::JobSpec) -> String {
-    let kind = if spec.kind == cleanroom_proto::v1::JobKind::Aggregate as i32 {
-        "aggregate"
-    } else {
-        "overlap"
+    use cleanroom_proto::v1::JobKind;
+    let kind = match JobKind::try_from(spec.kind) {
+        Ok(JobKind::Aggregate) => "aggregate",
+        Ok(JobKind::OverlapSum) => "overlap-sum",
+        _ => "overlap",
     };
     format!(
         "{kind}:{}",

@@ -50,22 +50,22 @@ use crate::state::NodeState;
 /// How long the responder waits for the initiator to connect. The initiator loads its dataset
 /// before it dials (up to [`MAX_ROWS`] rows), so this covers that load, not just a handshake; a
 /// dead initiator fails the job at the coordinator long before.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(600);
+pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(600);
 /// Upper bound on one job's data-plane exchange.
-const JOB_TIMEOUT: Duration = Duration::from_secs(3600);
+pub(crate) const JOB_TIMEOUT: Duration = Duration::from_secs(3600);
 /// Points per batch frame: 128 KiB, well under the frame cap.
-const BATCH_POINTS: usize = 4096;
+pub(crate) const BATCH_POINTS: usize = 4096;
 /// Most rows a dataset may have for one job.
-const MAX_ROWS: u64 = 100_000_000;
+pub(crate) const MAX_ROWS: u64 = 100_000_000;
 /// Longest silence from the peer before its hello, and the base of the silence allowed later.
-const STALL_BASE: Duration = Duration::from_secs(60);
+pub(crate) const STALL_BASE: Duration = Duration::from_secs(60);
 /// Silence allowed per item of both sets on top of [`STALL_BASE`]: generous against the
 /// ~100 µs per item per party that a 2-core machine needs, so a slow but honest peer is never
 /// cut off while it blinds its set.
 const STALL_PER_ITEM: Duration = Duration::from_micros(400);
 
 /// How long the peer may stay silent once both set sizes are known.
-fn stall_deadline(own: u64, peer: u64) -> Duration {
+pub(crate) fn stall_deadline(own: u64, peer: u64) -> Duration {
     let items = u32::try_from(own.saturating_add(peer)).unwrap_or(u32::MAX);
     STALL_BASE.saturating_add(STALL_PER_ITEM.saturating_mul(items))
 }
@@ -98,14 +98,14 @@ pub struct JobContext {
 
 impl JobContext {
     /// Stops the job if a policy reload since the offer changed its terms.
-    fn recheck(&self) -> Result<(), NodeError> {
+    pub(crate) fn recheck(&self) -> Result<(), NodeError> {
         self.state
             .recheck(self.generation, &self.spec, self.me, &self.permit, now_ms())
             .map_err(|v| NodeError::Job(format!("refused: {v}")))
     }
 
     /// Appends to the audit log; an access or release that cannot be audited does not happen.
-    fn audit(&self, event: AuditEvent) -> Result<AuditHead, NodeError> {
+    pub(crate) fn audit(&self, event: AuditEvent) -> Result<AuditHead, NodeError> {
         self.state.audit.append(event, now_ms()).map_err(|e| {
             tracing::error!(error = %e, "audit log write failed; stopping the job");
             NodeError::Job(format!(
@@ -116,7 +116,7 @@ impl JobContext {
     }
 
     /// The row filter for this job: consent for its purpose, and forgotten subjects.
-    fn forgotten(&self) -> Result<Option<dataset::Forgotten>, NodeError> {
+    pub(crate) fn forgotten(&self) -> Result<Option<dataset::Forgotten>, NodeError> {
         let store = ForgetStore::open(&self.state_dir)
             .map_err(|e| NodeError::Job(format!("deletion list: {e}")))?;
         let forgotten = store
@@ -176,7 +176,7 @@ pub async fn run_responder(
     finish_connection(&conn, result)
 }
 
-fn finish_connection(
+pub(crate) fn finish_connection(
     conn: &quinn::Connection,
     result: Result<Result<PsiOutcome, NodeError>, tokio::time::error::Elapsed>,
 ) -> Result<PsiOutcome, NodeError> {
@@ -189,7 +189,7 @@ fn finish_connection(
 }
 
 /// What the reader task passes on.
-enum Incoming {
+pub(crate) enum Incoming {
     Frame(Box<Envelope>),
     Failed(String),
     /// The connection itself went away (timed out, closed): no fault of the peer's bytes.
@@ -199,7 +199,7 @@ enum Incoming {
 /// Loads our side of the job: it is ours, the agreement allows this job, and sizes must be
 /// declared. Rows without consent for the purpose and forgotten subjects never get in. The
 /// access is audited and our input size checked against the agreement before anything is sent.
-async fn load_input(job: &JobContext) -> Result<dataset::LoadedKeys, NodeError> {
+pub(crate) async fn load_input(job: &JobContext) -> Result<dataset::LoadedKeys, NodeError> {
     job.recheck()?;
     let dataset = job.permit.dataset.clone();
     let keys = job.permit.keys.clone();
@@ -250,12 +250,7 @@ async fn exchange(
 ) -> Result<PsiOutcome, NodeError> {
     let partner = job.permit.partner.clone();
     let digest = spec_digest(&job.job_id, &job.spec);
-    let mut out = Outgoing {
-        send,
-        job_id: job.job_id.clone(),
-        phase: Phase::PsiSize,
-        seq: 0,
-    };
+    let mut out = Outgoing::new(send, &job.job_id, Phase::PsiSize);
     let (rows_read, rows_rejected) = (loaded.rows_read, loaded.rows_rejected);
     let (excluded_consent, excluded_deleted) =
         (loaded.rows_excluded_consent, loaded.rows_excluded_deleted);
@@ -288,6 +283,7 @@ async fn exchange(
             spec_digest: digest.to_vec(),
             noise,
             noise_commitment,
+            sum: None,
         }),
     )
     .await?;
@@ -539,6 +535,8 @@ async fn exchange(
         rows_excluded_consent: excluded_consent,
         rows_excluded_deleted: excluded_deleted,
         noise: noise_terms,
+        sum: None,
+        bytes_to_peer: out.bytes,
     };
     if let (true, Some(indices)) = (job.spec.kind == JobKind::Match as i32, output.membership) {
         let (rows, path) = write_membership(job, indices, own_size).await?;
@@ -584,7 +582,7 @@ async fn charge_noise(job: &JobContext) -> Result<Option<OwnNoise>, NodeError> {
 
 /// Stores what this job releases in the ledger (if it charged there), first value wins: a
 /// duplicated job reports the identical value even if its count changed meanwhile.
-async fn settle(
+pub(crate) async fn settle(
     job: &JobContext,
     charged: bool,
     released: Option<u64>,
@@ -606,7 +604,7 @@ async fn settle(
 }
 
 /// The CSV columns a job's join keys read.
-fn key_columns(permit: &Permit) -> Vec<String> {
+pub(crate) fn key_columns(permit: &Permit) -> Vec<String> {
     permit
         .keys
         .names
@@ -615,7 +613,7 @@ fn key_columns(permit: &Permit) -> Vec<String> {
         .collect()
 }
 
-fn check_seq(seq: u64, expected: &mut u64, partner: &str) -> Result<(), NodeError> {
+pub(crate) fn check_seq(seq: u64, expected: &mut u64, partner: &str) -> Result<(), NodeError> {
     if seq != *expected {
         return Err(violation(
             partner,
@@ -697,7 +695,7 @@ pub fn spec_digest(job_id: &str, spec: &JobSpec) -> [u8; 32] {
 
 /// Reads the peer's stream into a channel as fast as it arrives, checking job ids and what the
 /// peer may make us buffer ([`FrameBudget`]).
-fn spawn_reader(
+pub(crate) fn spawn_reader(
     mut recv: FramedRecv,
     job_id: String,
     mut first: Option<Envelope>,
@@ -740,7 +738,7 @@ fn spawn_reader(
     rx
 }
 
-async fn next_frame(
+pub(crate) async fn next_frame(
     incoming: &mut mpsc::UnboundedReceiver<Incoming>,
     partner: &str,
     stall: Duration,
@@ -772,7 +770,7 @@ async fn next_frame(
     }
 }
 
-fn check_phase(env: &Envelope, phase: Phase, partner: &str) -> Result<(), NodeError> {
+pub(crate) fn check_phase(env: &Envelope, phase: Phase, partner: &str) -> Result<(), NodeError> {
     if env.phase != phase as i32 {
         return Err(violation(
             partner,
@@ -786,7 +784,7 @@ fn check_phase(env: &Envelope, phase: Phase, partner: &str) -> Result<(), NodeEr
     Ok(())
 }
 
-fn expect_body<T>(
+pub(crate) fn expect_body<T>(
     env: &Envelope,
     phase: Phase,
     partner: &str,
@@ -799,7 +797,7 @@ fn expect_body<T>(
         .ok_or_else(|| unexpected(partner, phase, env.body.as_ref()))
 }
 
-fn unexpected(partner: &str, phase: Phase, body: Option<&Body>) -> NodeError {
+pub(crate) fn unexpected(partner: &str, phase: Phase, body: Option<&Body>) -> NodeError {
     let what = match body {
         None => "an empty frame",
         Some(Body::PsiHello(_)) => "a hello",
@@ -814,7 +812,7 @@ fn unexpected(partner: &str, phase: Phase, body: Option<&Body>) -> NodeError {
     )
 }
 
-fn violation(partner: &str, reason: impl std::fmt::Display) -> NodeError {
+pub(crate) fn violation(partner: &str, reason: impl std::fmt::Display) -> NodeError {
     NodeError::Protocol {
         peer: format!("node '{partner}'"),
         reason: reason.to_string(),
@@ -823,15 +821,28 @@ fn violation(partner: &str, reason: impl std::fmt::Display) -> NodeError {
 
 /// Our stream to the peer: frames stamped with the job id and phase, point batches numbered
 /// from 0 within each phase.
-struct Outgoing {
-    send: FramedSend,
+pub(crate) struct Outgoing {
+    pub(crate) send: FramedSend,
     job_id: String,
     phase: Phase,
     seq: u64,
+    /// Bytes sent so far (framed).
+    pub(crate) bytes: u64,
 }
 
 impl Outgoing {
-    async fn frame(&mut self, phase: Phase, body: Body) -> Result<(), NodeError> {
+    /// A stream to the peer for `job_id`, starting in `phase`.
+    pub(crate) fn new(send: FramedSend, job_id: &str, phase: Phase) -> Outgoing {
+        Outgoing {
+            send,
+            job_id: job_id.to_owned(),
+            phase,
+            seq: 0,
+            bytes: 0,
+        }
+    }
+
+    pub(crate) async fn frame(&mut self, phase: Phase, body: Body) -> Result<(), NodeError> {
         if phase != self.phase {
             self.phase = phase;
             self.seq = 0;
@@ -841,10 +852,12 @@ impl Outgoing {
             phase: phase as i32,
             body: Some(body),
         };
+        // The frame's length prefix and body.
+        self.bytes += 4 + env.encoded_len() as u64;
         Ok(self.send.send(&env).await?)
     }
 
-    async fn points(&mut self, phase: Phase, batches: Vec<Vec<u8>>) -> Result<(), NodeError> {
+    pub(crate) async fn points(&mut self, phase: Phase, batches: Vec<Vec<u8>>) -> Result<(), NodeError> {
         for points in batches {
             if phase != self.phase {
                 self.phase = phase;
@@ -858,13 +871,13 @@ impl Outgoing {
         Ok(())
     }
 
-    async fn end(&mut self, phase: Phase, total: u64) -> Result<(), NodeError> {
+    pub(crate) async fn end(&mut self, phase: Phase, total: u64) -> Result<(), NodeError> {
         self.frame(phase, Body::BatchEnd(BatchEnd { total })).await
     }
 }
 
 /// Runs CPU work on the blocking pool, turning a panic into a job error.
-async fn blocking<T: Send + 'static>(
+pub(crate) async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> T + Send + 'static,
 ) -> Result<T, NodeError> {
     tokio::task::spawn_blocking(f)

@@ -135,6 +135,9 @@ impl NodeState {
                     permit.partner
                 )));
             }
+            if spec.kind == cleanroom_proto::v1::JobKind::OverlapSum as i32 {
+                crate::sum_policy::check_offer(&permit, spec, me)?;
+            }
             let key = run_key(spec, me, &permit);
             if let Some(counter) = &permit.runs {
                 counter.check(history.runs.get(&key).map(Vec::as_slice).unwrap_or(&[]), now_ms)?;
@@ -295,6 +298,7 @@ pub fn computation_name(kind: i32) -> &'static str {
         Ok(cleanroom_proto::v1::JobKind::Overlap) => "overlap",
         Ok(cleanroom_proto::v1::JobKind::Match) => "match",
         Ok(cleanroom_proto::v1::JobKind::Aggregate) => "aggregate",
+        Ok(cleanroom_proto::v1::JobKind::OverlapSum) => "overlap-sum",
         _ => "unknown",
     }
 }

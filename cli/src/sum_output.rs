@@ -1,0 +1,401 @@
+//! Rendering an `overlap-sum` job: per group, the noised number of shared identifiers and the
+//! noised sums, each column with its noise scale, suppressed groups marked; as a table, JSON or
+//! CSV.
+
+use cleanroom_coordinator::client::state_name;
+use cleanroom_proto::v1::{JobInfo, JobKind, NoiseTerm, PsiOutcome, SumRelease};
+use serde_json::{Value, json};
+
+use crate::args::Format;
+
+/// Prints `job` if it is an overlap-sum and returns true; false for other kinds.
+pub fn print_job(job: &JobInfo, format: Format) -> bool {
+    let Some(spec) = job.spec.as_ref() else {
+        return false;
+    };
+    if spec.kind != JobKind::OverlapSum as i32 {
+        return false;
+    }
+    match format {
+        Format::Json => println!(
+            "{}",
+            serde_json::to_string_pretty(&job_json(job)).unwrap_or_default()
+        ),
+        Format::Csv => print!("{}", csv(job)),
+        Format::Table => print!("{}", table(job)),
+    }
+    true
+}
+
+/// The value holder's report (party 1), which carries the release.
+fn value_holder(job: &JobInfo) -> Option<&PsiOutcome> {
+    let node = &job.spec.as_ref()?.parties.get(1)?.node;
+    job.results
+        .iter()
+        .find(|r| &r.node == node)
+        .and_then(|r| r.outcome.as_ref())
+}
+
+/// The release, if the job has one.
+pub fn release(job: &JobInfo) -> Option<&SumRelease> {
+    value_holder(job).and_then(|o| o.sum.as_ref())
+}
+
+/// Standard deviation of discrete Laplace noise of scale `t`: `√(2q)/(1−q)`, `q = e^{−1/t}`.
+/// For display only (the noise itself is drawn exactly).
+pub fn laplace_sd(scale: &str) -> f64 {
+    let t = match scale.split_once('/') {
+        Some((n, d)) => n.parse::<f64>().unwrap_or(0.0) / d.parse::<f64>().unwrap_or(1.0),
+        None => scale.parse::<f64>().unwrap_or(0.0),
+    };
+    if t <= 0.0 || !t.is_finite() {
+        return 0.0;
+    }
+    let q = (-1.0 / t).exp();
+    (2.0 * q).sqrt() / (1.0 - q)
+}
+
+fn column_noise(r: &SumRelease, i: usize) -> Option<&NoiseTerm> {
+    r.noise.get(i)
+}
+
+/// The job as JSON: the common job fields and an `overlap_sum` object.
+pub fn job_json(job: &JobInfo) -> Value {
+    let spec = job.spec.clone().unwrap_or_default();
+    let sum = spec.overlap_sum.clone().unwrap_or_default();
+    let result = release(job).map(|r| {
+        json!({
+            "intersection": (!r.withheld).then_some(r.intersection),
+            "withheld": r.withheld,
+            "epsilon": r.epsilon,
+            "min_result": r.min_result,
+            "columns": r.columns,
+            "noise": r.noise.iter().zip(&r.columns).map(|(n, c)| json!({
+                "column": c,
+                "drawn_by": n.node,
+                "mechanism": n.mechanism,
+                "epsilon": n.epsilon,
+                "sensitivity": n.sensitivity,
+                "scale": n.scale,
+                "sd": laplace_sd(&n.scale),
+            })).collect::<Vec<_>>(),
+            "groups": r.groups.iter().map(|g| {
+                let values: serde_json::Map<String, Value> = r
+                    .columns
+                    .iter()
+                    .zip(&g.values)
+                    .map(|(c, v)| (c.clone(), json!(v)))
+                    .collect();
+                json!({ "group": g.label, "suppressed": g.suppressed, "values": values })
+            }).collect::<Vec<_>>(),
+            "keys_with_several_groups": r.keys_with_several_groups,
+        })
+    });
+    json!({
+        "job_id": job.job_id,
+        "kind": "overlap-sum",
+        "state": state_name(job.state),
+        "reason": job.reason,
+        "purpose": spec.purpose,
+        "key_holder": spec.parties.first().map(|p| json!({ "node": p.node, "dataset": p.dataset })),
+        "value_holder": spec.parties.get(1).map(|p| json!({ "node": p.node, "dataset": p.dataset })),
+        "on": spec.parties.first().map(|p| p.keys.clone()).unwrap_or_default(),
+        "sums": sum.sums,
+        "group_by": sum.group_by,
+        "count": sum.count,
+        "submitted_by": job.submitted_by,
+        "created_ms": job.created_ms,
+        "updated_ms": job.updated_ms,
+        "result": result,
+        "parties": job.results.iter().map(|r| {
+            let o = r.outcome.clone().unwrap_or_default();
+            json!({
+                "node": r.node,
+                "distinct_keys": o.own_set_size,
+                "rows_read": o.rows_read,
+                "rows_rejected": o.rows_rejected,
+                "rows_excluded_consent": o.rows_excluded_consent,
+                "rows_excluded_deleted": o.rows_excluded_deleted,
+                "bytes_to_peer": o.bytes_to_peer,
+                "audit_head": o.audit_head,
+            })
+        }).collect::<Vec<_>>(),
+        "history": job.history.iter().map(|h| json!({
+            "state": state_name(h.state), "at_ms": h.at_ms, "reason": h.reason,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+/// One row per group: `group,suppressed,<col>,<col>_noise_scale,…`.
+fn csv(job: &JobInfo) -> String {
+    let Some(r) = release(job) else {
+        return format!(
+            "job_id,state,reason\n{},{},{}\n",
+            job.job_id,
+            state_name(job.state),
+            field(&job.reason)
+        );
+    };
+    let mut out = String::from("group,suppressed");
+    for c in &r.columns {
+        out.push_str(&format!(",{},{}_noise_scale", field(c), field(c)));
+    }
+    out.push('\n');
+    for g in &r.groups {
+        out.push_str(&format!("{},{}", field(&g.label), g.suppressed));
+        for i in 0..r.columns.len() {
+            let value = g.values.get(i).map(i64::to_string).unwrap_or_default();
+            let scale = column_noise(r, i).map_or("0", |n| n.scale.as_str());
+            out.push_str(&format!(",{value},{}", field(scale)));
+        }
+        out.push('\n');
+    }
+    out
+}
+
+fn table(job: &JobInfo) -> String {
+    let spec = job.spec.clone().unwrap_or_default();
+    let sum = spec.overlap_sum.clone().unwrap_or_default();
+    let party = |i: usize| {
+        spec.parties
+            .get(i)
+            .map(|p| format!("{}:{}", p.node, p.dataset))
+            .unwrap_or_default()
+    };
+    let mut out = String::new();
+    out.push_str(&format!("job        {}\n", job.job_id));
+    out.push_str(&format!(
+        "kind       overlap-sum on {} — keys {} × values {}{}\n",
+        spec.parties
+            .first()
+            .map(|p| p.keys.join(","))
+            .unwrap_or_default(),
+        party(0),
+        party(1),
+        if sum.group_by.is_empty() {
+            String::new()
+        } else {
+            format!(", grouped by {}", sum.group_by)
+        }
+    ));
+    out.push_str(&format!("purpose    {}\n", spec.purpose));
+    out.push_str(&format!(
+        "state      {}{}\n",
+        state_name(job.state),
+        if job.reason.is_empty() {
+            String::new()
+        } else {
+            format!(" — {}", job.reason)
+        }
+    ));
+    if let Some(r) = release(job) {
+        if r.noise.is_empty() {
+            out.push_str("noise      none (no agreement asks for it): totals are exact\n");
+        } else {
+            out.push_str(&format!(
+                "noise      discrete Laplace added under encryption by {}, ε {} in all (split over \
+                 the columns); ± is one standard deviation\n",
+                r.noise.first().map(|n| n.node.as_str()).unwrap_or("?"),
+                r.epsilon
+            ));
+        }
+        if r.withheld {
+            out.push_str(
+                "result     withheld by an agreement (below its minimum result, or not \
+                 releasable to the coordinator)\n",
+            );
+        } else {
+            out.push_str(&format!(
+                "shared     {} identifiers{}\n",
+                r.intersection,
+                if r.noise.is_empty() { "" } else { " (noised)" }
+            ));
+            out.push_str(&format!(
+                "suppressed groups whose noised count is below {}\n",
+                r.min_result
+            ));
+            let headers: Vec<String> = r
+                .columns
+                .iter()
+                .enumerate()
+                .map(|(i, c)| {
+                    let sd = column_noise(r, i).map_or(0.0, |n| laplace_sd(&n.scale));
+                    if sd > 0.0 {
+                        format!("{c} (±{sd:.1})")
+                    } else {
+                        c.clone()
+                    }
+                })
+                .collect();
+            let label_width = r
+                .groups
+                .iter()
+                .map(|g| g.label.chars().count())
+                .chain(std::iter::once(5))
+                .max()
+                .unwrap_or(5);
+            let widths: Vec<usize> = headers
+                .iter()
+                .enumerate()
+                .map(|(i, h)| {
+                    r.groups
+                        .iter()
+                        .filter_map(|g| g.values.get(i))
+                        .map(|v| v.to_string().len())
+                        .chain(std::iter::once(h.chars().count()))
+                        .max()
+                        .unwrap_or(1)
+                })
+                .collect();
+            out.push_str(&format!("  {:<label_width$}", "group"));
+            for (h, w) in headers.iter().zip(&widths) {
+                out.push_str(&format!("  {h:>w$}"));
+            }
+            out.push('\n');
+            for g in &r.groups {
+                out.push_str(&format!("  {:<label_width$}", g.label));
+                if g.suppressed {
+                    out.push_str("  suppressed (below the minimum result)");
+                } else {
+                    for (v, w) in g.values.iter().zip(&widths) {
+                        out.push_str(&format!("  {v:>w$}"));
+                    }
+                }
+                out.push('\n');
+            }
+        }
+    }
+    for r in &job.results {
+        let o = r.outcome.clone().unwrap_or_default();
+        out.push_str(&format!(
+            "  {:<10} {} distinct keys from {} rows ({} rejected, {} without consent, {} \
+             forgotten); sent {} B to its peer; audit head {}\n",
+            r.node,
+            o.own_set_size,
+            o.rows_read,
+            o.rows_rejected,
+            o.rows_excluded_consent,
+            o.rows_excluded_deleted,
+            o.bytes_to_peer,
+            o.audit_head
+        ));
+    }
+    out.push_str("history\n");
+    for h in &job.history {
+        out.push_str(&format!(
+            "  {}  {:<10} {}\n",
+            h.at_ms,
+            state_name(h.state),
+            h.reason
+        ));
+    }
+    out
+}
+
+fn field(s: &str) -> String {
+    if s.contains([',', '"', '\n']) {
+        format!("\"{}\"", s.replace('"', "\"\""))
+    } else {
+        s.to_owned()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cleanroom_proto::v1::{
+        AggregateGroup, JobSpec, JobState, OverlapSumSpec, PartyResult, PartySpec,
+    };
+
+    fn job() -> JobInfo {
+        let party = |n: &str| PartySpec {
+            node: n.into(),
+            dataset: "d".into(),
+            keys: vec!["email".into()],
+            learns_membership: false,
+        };
+        JobInfo {
+            job_id: "job-1".into(),
+            state: JobState::Succeeded as i32,
+            spec: Some(JobSpec {
+                kind: JobKind::OverlapSum as i32,
+                parties: vec![party("acme"), party("payco")],
+                overlap_sum: Some(OverlapSumSpec {
+                    sums: vec!["amount".into()],
+                    group_by: "reason".into(),
+                    groups: vec!["fraud".into()],
+                    count: true,
+                }),
+                ..JobSpec::default()
+            }),
+            results: vec![PartyResult {
+                node: "payco".into(),
+                outcome: Some(PsiOutcome {
+                    sum: Some(SumRelease {
+                        columns: vec!["count".into(), "amount".into()],
+                        groups: vec![
+                            AggregateGroup {
+                                label: "fraud".into(),
+                                suppressed: false,
+                                values: vec![42, 12345],
+                            },
+                            AggregateGroup {
+                                label: "(other)".into(),
+                                suppressed: true,
+                                values: vec![],
+                            },
+                        ],
+                        noise: vec![
+                            NoiseTerm {
+                                node: "acme".into(),
+                                scale: "2".into(),
+                                ..NoiseTerm::default()
+                            },
+                            NoiseTerm {
+                                node: "acme".into(),
+                                scale: "2000".into(),
+                                ..NoiseTerm::default()
+                            },
+                        ],
+                        epsilon: 1.0,
+                        min_result: 5,
+                        intersection: 44,
+                        ..SumRelease::default()
+                    }),
+                    ..PsiOutcome::default()
+                }),
+            }],
+            ..JobInfo::default()
+        }
+    }
+
+    #[test]
+    fn csv_marks_suppressed_groups_and_noise_scales() {
+        assert_eq!(
+            csv(&job()),
+            "group,suppressed,count,count_noise_scale,amount,amount_noise_scale\n\
+             fraud,false,42,2,12345,2000\n\
+             (other),true,,2,,2000\n"
+        );
+    }
+
+    #[test]
+    fn table_and_json() {
+        let t = table(&job());
+        assert!(t.contains("shared     44 identifiers (noised)"), "{t}");
+        assert!(t.contains("(other)  suppressed"), "{t}");
+        assert!(t.contains("amount (±"), "{t}");
+        let j = job_json(&job());
+        assert_eq!(j["result"]["groups"][0]["values"]["amount"], 12345);
+        assert_eq!(j["result"]["intersection"], 44);
+        assert!(!print_job(&JobInfo::default(), Format::Json));
+    }
+
+    #[test]
+    fn laplace_sd_matches_its_formula() {
+        // Scale 1: q = e^-1, sd = √(2q)/(1−q) ≈ 1.3606.
+        assert!((laplace_sd("1") - 1.3606).abs() < 1e-3);
+        assert!((laplace_sd("2/2") - laplace_sd("1")).abs() < 1e-12);
+        assert_eq!(laplace_sd("0"), 0.0);
+    }
+}

@@ -1,0 +1,130 @@
+//! The coordinator's side of an `overlap-sum`: checks what the two nodes reported and stores it.
+//!
+//! The value holder (party 1) reports the release: per group, the noised count and sums, or
+//! "suppressed". The key holder (party 0) reports the same terms (columns, noise, ε, threshold)
+//! and no figure: it knows the exact count and must not release it. The two descriptions must
+//! agree, or nothing is stored as a result and the job fails.
+
+use std::sync::Arc;
+
+use cleanroom_proto::v1::{JobSpec, PsiOutcome, SumRelease};
+
+use crate::runner::{Failure, failed};
+use crate::server::Shared;
+
+/// Checks and stores the two reports of an overlap-sum; returns the job's summary.
+pub(crate) fn settle(
+    shared: &Arc<Shared>,
+    job_id: &str,
+    spec: &JobSpec,
+    outcomes: Vec<(String, PsiOutcome)>,
+) -> Result<String, Failure> {
+    let (key_holder, value_holder) = match (spec.parties.first(), spec.parties.get(1)) {
+        (Some(a), Some(b)) => (a.node.as_str(), b.node.as_str()),
+        _ => return Err(failed("an overlap-sum needs two parties")),
+    };
+    let find = |node: &str| {
+        outcomes
+            .iter()
+            .find(|(n, _)| n == node)
+            .map(|(_, o)| o)
+            .ok_or_else(|| failed(format!("node '{node}' sent no report")))
+    };
+    let a = find(key_holder)?;
+    let b = find(value_holder)?;
+    let (Some(a_release), Some(b_release)) = (a.sum.as_ref(), b.sum.as_ref()) else {
+        return Err(failed(
+            "a node sent a report without the overlap-sum release; nothing is released",
+        ));
+    };
+    if !a_release.groups.is_empty() || a.intersection != 0 || !a.suppressed {
+        return Err(failed(format!(
+            "the key holder '{key_holder}' reported figures it must not release; nothing is \
+             released"
+        )));
+    }
+    if !same_terms(a_release, b_release) {
+        return Err(failed(
+            "the nodes disagree on the terms of the release (columns, noise, threshold); \
+             nothing is released",
+        ));
+    }
+    let expected_groups = spec
+        .overlap_sum
+        .as_ref()
+        .map_or(1, |s| if s.group_by.is_empty() { 1 } else { s.groups.len() + 1 });
+    if b_release.groups.len() != expected_groups
+        || b_release
+            .groups
+            .iter()
+            .any(|g| !g.suppressed && g.values.len() != b_release.columns.len())
+    {
+        return Err(failed(format!(
+            "the value holder '{value_holder}' reported a release of the wrong shape; nothing is \
+             released"
+        )));
+    }
+    for (node, outcome) in &outcomes {
+        shared
+            .store
+            .put_result(job_id, node, outcome)
+            .map_err(|e| failed(format!("storing the result: {e}")))?;
+    }
+    if b_release.withheld {
+        return Ok("overlap-sum withheld by the agreements (below the minimum result, or not \
+                   releasable to the coordinator)"
+            .to_owned());
+    }
+    let released = b_release.groups.iter().filter(|g| !g.suppressed).count();
+    let suppressed = b_release.groups.len() - released;
+    let noise = if b_release.noise.is_empty() {
+        "exact".to_owned()
+    } else {
+        format!("noised, ε {}", b_release.epsilon)
+    };
+    Ok(format!(
+        "overlap-sum: intersection {} ({noise}); {released} groups released, {suppressed} suppressed",
+        b_release.intersection
+    ))
+}
+
+/// The parts of a release both nodes compute alike.
+fn same_terms(a: &SumRelease, b: &SumRelease) -> bool {
+    a.columns == b.columns
+        && a.noise == b.noise
+        && a.epsilon.to_bits() == b.epsilon.to_bits()
+        && a.min_result == b.min_result
+        && a.show_count == b.show_count
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cleanroom_proto::v1::NoiseTerm;
+
+    #[test]
+    fn terms_must_match_exactly() {
+        let a = SumRelease {
+            columns: vec!["count".into(), "amount".into()],
+            noise: vec![NoiseTerm {
+                node: "acme".into(),
+                scale: "2".into(),
+                ..Default::default()
+            }],
+            epsilon: 1.0,
+            min_result: 5,
+            ..Default::default()
+        };
+        assert!(same_terms(&a, &a.clone()));
+        for change in [
+            |r: &mut SumRelease| r.min_result = 4,
+            |r: &mut SumRelease| r.epsilon = 0.5,
+            |r: &mut SumRelease| r.noise[0].scale = "1".into(),
+            |r: &mut SumRelease| r.columns.pop().map(|_| ()).unwrap_or(()),
+        ] {
+            let mut b = a.clone();
+            change(&mut b);
+            assert!(!same_terms(&a, &b));
+        }
+    }
+}

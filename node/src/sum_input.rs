@@ -1,0 +1,294 @@
+//! The value holder's input to an `overlap-sum`: its distinct join keys and, per key, one row of
+//! cells (see [`crate::sum_policy`] for the shape).
+//!
+//! An identifier may have several rows (several chargebacks on one account). They are combined
+//! into one contribution: each column's values are summed over the identifier's rows and the
+//! total clipped to the policy's bounds, so one identifier adds at most the bound to a column —
+//! the sensitivity the noise is scaled to. The identifier belongs to the group of its first row
+//! (rows of the same identifier with another label are counted in `keys_with_several_groups`).
+//! A row whose value field is missing or not an integer is skipped and counted.
+
+use std::collections::HashMap;
+
+use cleanroom_circuits::ItemSet;
+use cleanroom_circuits::ahe::packed::RowLayout;
+
+use crate::config::DatasetConfig;
+use crate::dataset::{self, KeySpec, KeyedRowCounts, RowFilter};
+use crate::sum_policy::{ColumnBound, SumShape};
+
+/// What [`load`] read.
+#[derive(Debug)]
+pub struct SumInput {
+    /// Distinct join keys, sorted.
+    pub items: ItemSet,
+    /// `items.len() × cells` values, row-major in the order of `items`.
+    pub values: Vec<u64>,
+    /// The narrowest layout for the bounds.
+    pub layout: RowLayout,
+    /// Per column, the largest contribution of one identifier (1 for the count).
+    pub sensitivities: Vec<u64>,
+    /// Rows read, rejected (key), excluded (consent, forgotten).
+    pub counts: KeyedRowCounts,
+    /// Rows skipped because a value field was missing or not an integer.
+    pub rows_bad_value: u64,
+    /// Identifiers whose rows carried more than one group label.
+    pub keys_with_several_groups: u64,
+}
+
+/// Reads the dataset for an overlap-sum of `shape`, grouping by `group_by` (if any) with the
+/// shape's labels, summing `bounds` (one per summed column, in order).
+pub fn load(
+    dataset: &DatasetConfig,
+    keys: &KeySpec,
+    group_by: Option<&str>,
+    shape: &SumShape,
+    bounds: &[ColumnBound],
+    filter: RowFilter<'_>,
+    max_rows: u64,
+) -> Result<SumInput, String> {
+    let sums = bounds.len();
+    let columns = 1 + sums;
+    if shape.columns.len() != columns {
+        return Err(format!(
+            "{} bounds for {} summed columns",
+            sums,
+            shape.columns.len() - 1
+        ));
+    }
+    // Listed labels map to their index; anything else goes to the last group ("(other)"), and
+    // an ungrouped job has one group.
+    let other = shape.labels.len() - 1;
+    let index: HashMap<&[u8], usize> = match group_by {
+        Some(_) => shape.labels[..other]
+            .iter()
+            .enumerate()
+            .map(|(i, l)| (l.as_bytes(), i))
+            .collect(),
+        None => HashMap::new(),
+    };
+    let mut read: Vec<&str> = Vec::with_capacity(1 + sums);
+    read.extend(bounds.iter().map(|b| b.column.as_str()));
+    if let Some(g) = group_by {
+        read.push(g);
+    }
+
+    // Every accepted row, in file order: its key (in an arena), its group and its values
+    // (clipped to [0, max] so that the per-key totals below cannot overflow).
+    let mut all = ItemSet::new();
+    let mut groups: Vec<u32> = Vec::new();
+    let mut values: Vec<u64> = Vec::new();
+    let mut bad = 0u64;
+    let mut row_values = vec![0u64; sums];
+    let path = dataset.path.clone();
+    let counts =
+        dataset::for_each_keyed_row_for(dataset, keys, &read, filter, max_rows, |row, key, f| {
+            for (i, b) in bounds.iter().enumerate() {
+                let parsed = f[i]
+                    .and_then(|v| std::str::from_utf8(v).ok())
+                    .and_then(|s| s.trim().parse::<i64>().ok());
+                let Some(v) = parsed else {
+                    bad += 1;
+                    return Ok(());
+                };
+                row_values[i] = u64::try_from(v).unwrap_or(0).min(b.max);
+            }
+            let group = match group_by {
+                Some(_) => {
+                    let label = f[sums].map(<[u8]>::trim_ascii).unwrap_or_default();
+                    index.get(label).copied().unwrap_or(other)
+                }
+                None => 0,
+            };
+            all.push(key).map_err(|_| dataset::DatasetError::TooLarge {
+                path: path.clone(),
+                row,
+            })?;
+            groups.push(group as u32);
+            values.extend_from_slice(&row_values);
+            Ok(())
+        })
+        .map_err(|e| e.to_string())?;
+
+    // Combine each identifier's rows: sort row indices by key, then walk runs of equal keys.
+    let mut order: Vec<u32> = (0..all.len() as u32).collect();
+    let key = |i: u32| all.get(i as usize).unwrap_or_default();
+    // Stable, so the first row of each identifier (in file order) comes first in its run.
+    order.sort_by(|&a, &b| key(a).cmp(key(b)));
+    let cells = shape.cells();
+    let mut items = ItemSet::new();
+    let mut out: Vec<u64> = Vec::new();
+    let mut several = 0u64;
+    let mut totals = vec![0u64; sums];
+    let mut start = 0;
+    while start < order.len() {
+        let first = order[start];
+        let mut end = start + 1;
+        while end < order.len() && key(order[end]) == key(first) {
+            end += 1;
+        }
+        let group = groups[first as usize] as usize;
+        totals.iter_mut().for_each(|t| *t = 0);
+        let mut mixed = false;
+        for &r in &order[start..end] {
+            mixed |= groups[r as usize] as usize != group;
+            let row = &values[r as usize * sums..(r as usize + 1) * sums];
+            for (t, v) in totals.iter_mut().zip(row) {
+                *t = t.saturating_add(*v);
+            }
+        }
+        several += u64::from(mixed);
+        items.push(key(first)).map_err(|e| e.to_string())?;
+        let base = out.len();
+        out.resize(base + cells, 0);
+        let cell = base + group * columns;
+        out[cell] = 1;
+        for (i, (t, b)) in totals.iter().zip(bounds).enumerate() {
+            out[cell + 1 + i] = (*t).clamp(b.min, b.max);
+        }
+        start = end;
+    }
+    let mut sensitivities = vec![1u64];
+    sensitivities.extend(bounds.iter().map(|b| b.max.max(1)));
+    let maxima: Vec<u64> = (0..cells).map(|c| sensitivities[c % columns]).collect();
+    let layout = RowLayout::for_maxima(&maxima).map_err(|e| e.to_string())?;
+    Ok(SumInput {
+        items,
+        values: out,
+        layout,
+        sensitivities,
+        counts,
+        rows_bad_value: bad,
+        keys_with_several_groups: several,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use crate::config::NodeConfig;
+    use cleanroom_proto::v1::OverlapSumSpec;
+
+    fn dataset(dir: &std::path::Path, csv: &str) -> DatasetConfig {
+        std::fs::write(dir.join("cb.csv"), csv).unwrap();
+        let toml = r#"
+name = "payco"
+coordinator = "127.0.0.1:7400"
+listen = "127.0.0.1:0"
+state_dir = "state"
+[tls]
+ca = "ca.pem"
+cert = "node.pem"
+key = "node.key"
+[[dataset]]
+name = "chargebacks"
+path = "cb.csv"
+  [[dataset.identifier]]
+  name = "email"
+  column = "email"
+  normaliser = "email"
+"#;
+        let cfg = NodeConfig::parse(toml, &dir.join("node.toml")).unwrap();
+        cfg.dataset("chargebacks").unwrap().clone()
+    }
+
+    fn bound(column: &str, min: u64, max: u64) -> ColumnBound {
+        ColumnBound {
+            column: column.into(),
+            min,
+            max,
+        }
+    }
+
+    #[test]
+    fn rows_of_one_identifier_are_summed_clipped_and_grouped_by_the_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dataset(
+            dir.path(),
+            "email,amount,reason\n\
+             b@x.com,50,fraud\n\
+             a@x.com,30,dispute\n\
+             A@x.com,40,fraud\n\
+             c@x.com,900,weird\n\
+             d@x.com,notanumber,fraud\n\
+             b@x.com,70,fraud\n\
+             e@x.com,-5,fraud\n",
+        );
+        let spec = OverlapSumSpec {
+            sums: vec!["amount".into()],
+            group_by: "reason".into(),
+            groups: vec!["fraud".into(), "dispute".into()],
+            count: true,
+        };
+        let shape = SumShape::of(&spec);
+        let input = load(
+            &d,
+            &KeySpec::new(["email"]),
+            Some("reason"),
+            &shape,
+            &[bound("amount", 0, 100)],
+            RowFilter::default(),
+            1000,
+        )
+        .unwrap();
+        // a (dispute, 30+40=70, second row labelled fraud), b (fraud, 50+70 clipped to 100),
+        // c ((other), 900 clipped to 100), e (fraud, -5 clipped to 0); d's value is bad.
+        assert_eq!(input.items.len(), 4);
+        assert_eq!(input.rows_bad_value, 1);
+        assert_eq!(input.keys_with_several_groups, 1);
+        assert_eq!(input.sensitivities, [1, 100]);
+        assert_eq!(input.layout.cells(), 6);
+        let row = |k: &str| {
+            let i = input.items.position_sorted(k.as_bytes()).unwrap();
+            input.values[i * 6..(i + 1) * 6].to_vec()
+        };
+        assert_eq!(row("a@x.com"), [0, 0, 1, 70, 0, 0]);
+        assert_eq!(row("b@x.com"), [1, 100, 0, 0, 0, 0]);
+        assert_eq!(row("c@x.com"), [0, 0, 0, 0, 1, 100]);
+        assert_eq!(row("e@x.com"), [1, 0, 0, 0, 0, 0]);
+    }
+
+    #[test]
+    fn an_ungrouped_job_has_one_group_and_the_lower_bound_applies_to_totals() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dataset(dir.path(), "email,amount\na@x.com,1\nb@x.com,20\n");
+        let spec = OverlapSumSpec {
+            sums: vec!["amount".into()],
+            ..Default::default()
+        };
+        let input = load(
+            &d,
+            &KeySpec::new(["email"]),
+            None,
+            &SumShape::of(&spec),
+            &[bound("amount", 5, 10)],
+            RowFilter::default(),
+            1000,
+        )
+        .unwrap();
+        assert_eq!(input.values, [1, 5, 1, 10]);
+    }
+
+    #[test]
+    fn a_missing_column_is_an_error_naming_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dataset(dir.path(), "email,amount\na@x.com,1\n");
+        let spec = OverlapSumSpec {
+            sums: vec!["fee".into()],
+            ..Default::default()
+        };
+        let e = load(
+            &d,
+            &KeySpec::new(["email"]),
+            None,
+            &SumShape::of(&spec),
+            &[bound("fee", 0, 10)],
+            RowFilter::default(),
+            1000,
+        )
+        .unwrap_err();
+        assert!(e.contains("fee"), "{e}");
+    }
+}
