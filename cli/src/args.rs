@@ -561,6 +561,10 @@ pub enum BenchCommand {
     /// API: wall time from submission to result, and bytes each party sent. Build with
     /// --release.
     Aggregate(BenchAggregateArgs),
+    /// An overlap-sum of N × N items (a count and two value columns, `amount_cents` and
+    /// `orders`) between two node processes, and a plain overlap of the same sets in the same
+    /// run: wall times, bytes each side sent, and their ratio. Build with --release.
+    OverlapSum(BenchPsiArgs),
 }
 
 /// `cleanroom bench aggregate …`

@@ -201,7 +201,8 @@ async fn read_listen_line(child: &mut Child) -> anyhow::Result<SocketAddr> {
 /// on `chargebacks` (the synthetic `<name>-chargebacks.csv` beside the customers file) by
 /// category, summing `amount` clipped to [0, 200000] cents, with ε = 1, k = 10 and the default
 /// collusion tolerance (all but one party); and `overlap-sum` on `customers` by email (either
-/// role), grouped by category, summing `amount_cents` clipped to [0, 500000] per customer, with
+/// role), grouped by category, summing `amount_cents` clipped to [0, 500000] and `orders` to
+/// [0, 100] per customer, with
 /// ε = 1 and k = 10.
 fn node_config(name: &str, coordinator: SocketAddr, csv: &Path, partners: &[Partner]) -> String {
     let mut cfg = format!(
@@ -211,6 +212,7 @@ fn node_config(name: &str, coordinator: SocketAddr, csv: &Path, partners: &[Part
          [[dataset.identifier]]\nname = \"email\"\ncolumn = \"email\"\nnormaliser = \"email\"\n\n\
          [[dataset.identifier]]\nname = \"phone\"\ncolumn = \"phone\"\nnormaliser = \"phone\"\n\n\
          [[dataset.value]]\ncolumn = \"amount_cents\"\nmin = 0\nmax = 10000000\n\n\
+         [[dataset.value]]\ncolumn = \"orders\"\nmin = 0\nmax = 1000\n\n\
          [[dataset]]\nname = \"chargebacks\"\npath = \"{}\"\n\n\
          [[dataset.value]]\ncolumn = \"amount\"\nmin = 0\nmax = 10000000\n",
         csv.display(),
@@ -225,7 +227,7 @@ fn node_config(name: &str, coordinator: SocketAddr, csv: &Path, partners: &[Part
              [[agreement.allow]]\ncomputation = \"aggregate\"\ndataset = \"chargebacks\"\ngroup_by = [\"category\"]\n\
              value_columns = [{{ column = \"amount\", min = 0, max = 200000 }}]\nepsilon = 1.0\nmin_result = 10\n\n\
              [[agreement.allow]]\ncomputation = \"overlap-sum\"\ndataset = \"customers\"\nkeys = [\"email\"]\ngroup_by = [\"category\"]\n\
-             value_columns = [{{ column = \"amount_cents\", min = 0, max = 500000 }}]\nepsilon = 1.0\nmin_result = 10\n",
+             value_columns = [{{ column = \"amount_cents\", min = 0, max = 500000 }}, {{ column = \"orders\", min = 0, max = 100 }}]\nepsilon = 1.0\nmin_result = 10\n",
             other.name
         ));
     }

@@ -204,7 +204,8 @@ fn print_overlap_sum(job: &JobInfo, truth: &GroundTruth, elapsed: Duration) -> b
         state_name(job.state),
         elapsed.as_secs_f64()
     );
-    let Some(release) = crate::sum_output::release(job).filter(|_| job.state == JobState::Succeeded as i32)
+    let Some(release) =
+        crate::sum_output::release(job).filter(|_| job.state == JobState::Succeeded as i32)
     else {
         println!("         reason: {}", job.reason);
         return false;

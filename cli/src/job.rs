@@ -51,10 +51,7 @@ pub fn spec_from_args(args: &SubmitArgs) -> anyhow::Result<JobSpec> {
     if args.kind == KindArg::OverlapSum {
         return spec_for_overlap_sum(args);
     }
-    if args.aggregate.group_by.is_some()
-        || !args.aggregate.sum.is_empty()
-        || args.aggregate.count
-    {
+    if args.aggregate.group_by.is_some() || !args.aggregate.sum.is_empty() || args.aggregate.count {
         bail!("--group-by, --groups, --sum and --count are for aggregate and overlap-sum jobs");
     }
     if !args.parties.is_empty() {

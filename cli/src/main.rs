@@ -8,6 +8,7 @@
 mod aggregate_output;
 mod args;
 mod bench;
+mod bench_sum;
 mod cluster;
 mod demo;
 mod job;

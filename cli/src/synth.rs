@@ -68,6 +68,8 @@ pub struct GroupTruth {
     pub count: u64,
     /// Sum of the amounts (integer cents).
     pub amount: u64,
+    /// Sum of the `orders` column (customers files only; 0 for chargebacks).
+    pub orders: u64,
 }
 
 /// The CSV header of every generated chargebacks file.
@@ -77,7 +79,7 @@ pub const CHARGEBACK_COLUMNS: [&str; 3] = ["chargeback_id", "category", "amount"
 pub const MAX_CHARGEBACK_CENTS: u64 = 200_000;
 
 /// The CSV header of every generated file.
-pub const COLUMNS: [&str; 7] = [
+pub const COLUMNS: [&str; 8] = [
     "customer_id",
     "email",
     "phone",
@@ -85,7 +87,11 @@ pub const COLUMNS: [&str; 7] = [
     "category",
     "consent_marketing",
     "consent_fraud",
+    "orders",
 ];
+
+/// Largest value of the `orders` column (orders of one customer, 1 to this).
+pub const MAX_ORDERS: u64 = 20;
 
 /// Values of the `category` column.
 pub const CATEGORIES: [&str; 5] = ["electronics", "fashion", "home", "grocery", "travel"];
@@ -277,10 +283,14 @@ fn write_partner(
         let amount = rng.random_range(100..=500_000u32);
         write!(row.amount, "{amount}")?;
         let category = CATEGORIES[rng.random_range(0..CATEGORIES.len())];
+        // A function of the customer, not of the random stream, so adding the column left
+        // every other column of a seed's files unchanged.
+        let orders = 1 + (identity >> 17) % MAX_ORDERS;
         if customer < shared {
             let t = sums.entry(category.to_owned()).or_default();
             t.count += 1;
             t.amount += u64::from(amount);
+            t.orders += orders;
         }
         let marketing = if rng.random_bool(0.6) {
             "true"
@@ -300,6 +310,7 @@ fn write_partner(
             category.as_bytes(),
             marketing.as_bytes(),
             fraud.as_bytes(),
+            orders.to_string().as_bytes(),
         ])?;
     }
     let inner = out.into_inner().map_err(|e| e.into_error())?;
@@ -631,6 +642,7 @@ mod tests {
                 let g = mine.get_mut(&rec[4]).unwrap();
                 g.count += 1;
                 g.amount += rec[3].parse::<u64>().unwrap();
+                g.orders += rec[7].parse::<u64>().unwrap();
             }
         }
         assert_eq!(truth.shared_sums["globex"], mine);

@@ -67,9 +67,11 @@ fn validate_overlap_sum(sum: &cleanroom_proto::v1::OverlapSumSpec) -> Result<(),
     for column in &sum.sums {
         check_name("summed column", column)?;
         if column == "count" {
-            return Err("'count' is not a column: it is the number of shared identifiers, \
+            return Err(
+                "'count' is not a column: it is the number of shared identifiers, \
                  asked for with --sum count (or --count)"
-                .into());
+                    .into(),
+            );
         }
         if !seen.insert(column.as_str()) {
             return Err(format!("column '{column}' is summed twice"));

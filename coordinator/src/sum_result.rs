@@ -49,10 +49,13 @@ pub(crate) fn settle(
              nothing is released",
         ));
     }
-    let expected_groups = spec
-        .overlap_sum
-        .as_ref()
-        .map_or(1, |s| if s.group_by.is_empty() { 1 } else { s.groups.len() + 1 });
+    let expected_groups = spec.overlap_sum.as_ref().map_or(1, |s| {
+        if s.group_by.is_empty() {
+            1
+        } else {
+            s.groups.len() + 1
+        }
+    });
     if b_release.groups.len() != expected_groups
         || b_release
             .groups
@@ -71,9 +74,11 @@ pub(crate) fn settle(
             .map_err(|e| failed(format!("storing the result: {e}")))?;
     }
     if b_release.withheld {
-        return Ok("overlap-sum withheld by the agreements (below the minimum result, or not \
+        return Ok(
+            "overlap-sum withheld by the agreements (below the minimum result, or not \
                    releasable to the coordinator)"
-            .to_owned());
+                .to_owned(),
+        );
     }
     let released = b_release.groups.iter().filter(|g| !g.suppressed).count();
     let suppressed = b_release.groups.len() - released;

@@ -857,7 +857,11 @@ impl Outgoing {
         Ok(self.send.send(&env).await?)
     }
 
-    pub(crate) async fn points(&mut self, phase: Phase, batches: Vec<Vec<u8>>) -> Result<(), NodeError> {
+    pub(crate) async fn points(
+        &mut self,
+        phase: Phase,
+        batches: Vec<Vec<u8>>,
+    ) -> Result<(), NodeError> {
         for points in batches {
             if phase != self.phase {
                 self.phase = phase;

@@ -102,7 +102,8 @@ pub async fn run_value_holder(
 
 /// The spec's shape and the session parameters, checked again at the start of the job.
 fn shape_and_params(job: &JobContext) -> Result<(SumShape, SumParams), NodeError> {
-    let sum = sum_policy::sum_spec(&job.spec).map_err(|v| NodeError::Job(format!("refused: {v}")))?;
+    let sum =
+        sum_policy::sum_spec(&job.spec).map_err(|v| NodeError::Job(format!("refused: {v}")))?;
     let shape = SumShape::of(sum);
     let params = SumParams {
         key_name: dataset::key_name(&job.permit.keys),
@@ -194,7 +195,10 @@ fn check_hello(
         return Err(violation(partner, "it was given a different job spec"));
     }
     if hello.noise.is_some() || !hello.noise_commitment.is_empty() {
-        return Err(violation(partner, "it announced overlap noise for an overlap-sum"));
+        return Err(violation(
+            partner,
+            "it announced overlap noise for an overlap-sum",
+        ));
     }
     let terms = hello
         .sum
@@ -557,10 +561,9 @@ async fn value_holder(
                         .map_err(|e| violation(&partner, e))?;
                 }
                 Some(Body::BatchEnd(BatchEnd { total })) => {
-                    let (returned, encrypting) =
-                        blocking(move || exchanging.on_peer_end(total))
-                            .await?
-                            .map_err(|e| violation(&partner, e))?;
+                    let (returned, encrypting) = blocking(move || exchanging.on_peer_end(total))
+                        .await?
+                        .map_err(|e| violation(&partner, e))?;
                     out.points(Phase::PsiDoubleBlinded, returned).await?;
                     out.end(Phase::PsiDoubleBlinded, total).await?;
                     break encrypting;

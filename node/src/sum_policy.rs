@@ -324,8 +324,8 @@ mod tests {
         assert_eq!(j.epsilon, Some(0.5));
         assert_eq!(j.min_result, 5);
         assert!(j.release_to_coordinator);
-        let none = joint_terms(&terms(0.0, 1, true, &[]), &terms(0.0, 1, false, &[1, 9]), 2)
-            .unwrap();
+        let none =
+            joint_terms(&terms(0.0, 1, true, &[]), &terms(0.0, 1, false, &[1, 9]), 2).unwrap();
         assert_eq!(none.epsilon, None);
         assert!(!none.release_to_coordinator);
         // One side asking for noise is enough.
@@ -349,8 +349,12 @@ mod tests {
 
     #[test]
     fn the_epsilon_is_split_exactly_over_the_columns() {
-        let j = joint_terms(&terms(1.0, 1, true, &[]), &terms(0.0, 1, true, &[1, 1000]), 2)
-            .unwrap();
+        let j = joint_terms(
+            &terms(1.0, 1, true, &[]),
+            &terms(0.0, 1, true, &[1, 1000]),
+            2,
+        )
+        .unwrap();
         let t = noise_terms(&j, "acme").unwrap();
         assert_eq!(t.len(), 2);
         // Count: scale 1 × 2 / 1 = 2; amount: 1000 × 2 / 1 = 2000; each column ε/2.
@@ -359,8 +363,8 @@ mod tests {
         assert!(t.iter().all(|t| t.epsilon == 0.5 && t.node == "acme"));
         let noise = draw_noise(&j, 6).unwrap();
         assert_eq!(noise.len(), 6);
-        let exact = joint_terms(&terms(0.0, 1, true, &[]), &terms(0.0, 1, true, &[1, 7]), 2)
-            .unwrap();
+        let exact =
+            joint_terms(&terms(0.0, 1, true, &[]), &terms(0.0, 1, true, &[1, 7]), 2).unwrap();
         assert_eq!(draw_noise(&exact, 4).unwrap(), vec![0; 4]);
         assert!(noise_terms(&exact, "acme").unwrap().is_empty());
     }

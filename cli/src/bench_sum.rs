@@ -1,0 +1,244 @@
+//! `cleanroom bench overlap-sum`: an overlap-sum of N × N items (a count and two value columns)
+//! between two node processes, and a plain overlap of the same sets, alternated in the same run:
+//! wall times from submission to result, bytes each side sent on the data plane, and the ratio.
+
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use cleanroom_proto::v1::{JobInfo, JobKind, JobSpec, JobState, OverlapSumSpec, PartySpec};
+use serde_json::json;
+
+use crate::args::BenchPsiArgs;
+use crate::bench::{median, peak_rss};
+use crate::cluster::{Cluster, Partner};
+use crate::synth::{GroupTruth, SynthSpec, write_synth};
+use crate::ui::{WorkDir, spinner};
+
+const PARTNERS: [&str; 2] = ["acme", "globex"];
+/// The `orders` clipping bound of the cluster's overlap-sum entry (see `cluster::node_config`);
+/// the synthetic amounts never exceed theirs (500 000).
+const ORDERS_MAX: u64 = 100;
+/// How many noise standard deviations a figure may be from the truth.
+const SDS: f64 = 15.0;
+
+fn spec(kind: JobKind) -> JobSpec {
+    JobSpec {
+        kind: kind as i32,
+        parties: PARTNERS
+            .iter()
+            .map(|node| PartySpec {
+                node: node.to_string(),
+                dataset: "customers".into(),
+                keys: vec!["email".into()],
+                learns_membership: false,
+            })
+            .collect(),
+        purpose: "fraud-detection".into(),
+        aggregate: None,
+        overlap_sum: (kind == JobKind::OverlapSum).then(|| OverlapSumSpec {
+            sums: vec!["amount_cents".into(), "orders".into()],
+            group_by: String::new(),
+            groups: Vec::new(),
+            count: true,
+        }),
+    }
+}
+
+/// Bytes each party sent to its peer (spec order).
+fn bytes(job: &JobInfo) -> Vec<u64> {
+    PARTNERS
+        .iter()
+        .map(|p| {
+            job.results
+                .iter()
+                .find(|r| r.node == *p)
+                .and_then(|r| r.outcome.as_ref())
+                .map_or(0, |o| o.bytes_to_peer)
+        })
+        .collect()
+}
+
+/// Whether an overlap-sum's release is within [`SDS`] noise deviations of the truth (the
+/// synthetic amounts never exceed the bounds, so no clipping changes them).
+fn sum_is_right(job: &JobInfo, truth: &GroupTruth) -> bool {
+    let Some(r) = crate::sum_output::release(job) else {
+        return false;
+    };
+    let Some(g) = r.groups.first().filter(|g| !g.suppressed) else {
+        return false;
+    };
+    let sd = |i: usize| {
+        r.noise
+            .get(i)
+            .map_or(0.0, |n| crate::sum_output::laplace_sd(&n.scale))
+    };
+    [truth.count, truth.amount, truth.orders]
+        .iter()
+        .enumerate()
+        .all(|(i, &t)| {
+            g.values
+                .get(i)
+                .is_some_and(|&v| (v as f64 - t as f64).abs() <= SDS * sd(i) + 0.5)
+        })
+}
+
+/// Runs the benchmark.
+pub async fn run(args: BenchPsiArgs) -> anyhow::Result<ExitCode> {
+    if cfg!(debug_assertions) {
+        eprintln!(
+            "warning: this is a debug build; benchmark figures are meaningless. Use `cargo run --release --bin cleanroom -- bench overlap-sum`."
+        );
+    }
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    let workdir = WorkDir::new(args.keep.as_deref(), "cleanroom-bench-")?;
+    let dir = workdir.path().to_owned();
+    let progress = spinner(format!("writing {} × {} synthetic rows", args.n, args.n));
+    let data_dir = dir.join("data");
+    let truth = write_synth(
+        &SynthSpec {
+            partners: PARTNERS.iter().map(|s| s.to_string()).collect(),
+            rows: args.n,
+            overlap: args.overlap,
+            seed: 42,
+        },
+        &data_dir,
+    )?;
+    anyhow::ensure!(
+        crate::synth::MAX_ORDERS <= ORDERS_MAX,
+        "the synthetic orders exceed the bound"
+    );
+    let expected_overlap = truth.shared_by_all;
+    let mut expected = GroupTruth::default();
+    for g in truth.shared_sums["globex"].values() {
+        expected.count += g.count;
+        expected.amount += g.amount;
+        expected.orders += g.orders;
+    }
+
+    progress.set_message("starting the coordinator and two nodes");
+    let partners: Vec<Partner> = PARTNERS
+        .iter()
+        .map(|n| Partner {
+            name: n.to_string(),
+            csv: data_dir.join(format!("{n}.csv")),
+        })
+        .collect();
+    let cluster = Cluster::start(&dir, &partners).await?;
+    let client = cluster.client().await?;
+
+    let (mut overlap_walls, mut sum_walls) = (Vec::new(), Vec::new());
+    let (mut overlap_bytes, mut sum_bytes) = (Vec::new(), Vec::new());
+    let mut correct = true;
+    let runs = args.runs.max(1);
+    for run in 0..runs {
+        for kind in [JobKind::Overlap, JobKind::OverlapSum] {
+            let name = if kind == JobKind::Overlap {
+                "overlap"
+            } else {
+                "overlap-sum"
+            };
+            progress.set_message(format!(
+                "run {}/{runs}: {name} of {} × {} items",
+                run + 1,
+                args.n,
+                args.n
+            ));
+            let started = Instant::now();
+            let job = client.submit(spec(kind), "").await?;
+            let job = client
+                .wait(&job.job_id, Duration::from_secs(7200), |_| {})
+                .await?;
+            let wall = started.elapsed().as_secs_f64();
+            let right = job.state == JobState::Succeeded as i32
+                && if kind == JobKind::Overlap {
+                    job.results.iter().all(|r| {
+                        r.outcome.as_ref().map(|o| o.intersection) == Some(expected_overlap)
+                    })
+                } else {
+                    sum_is_right(&job, &expected)
+                };
+            if !right {
+                correct = false;
+                eprintln!(
+                    "run {}: {name} job {} {}: {}",
+                    run + 1,
+                    job.job_id,
+                    cleanroom_coordinator::client::state_name(job.state),
+                    job.reason
+                );
+            }
+            if kind == JobKind::Overlap {
+                overlap_walls.push(wall);
+                overlap_bytes.push(bytes(&job));
+            } else {
+                sum_walls.push(wall);
+                sum_bytes.push(bytes(&job));
+            }
+        }
+    }
+    let rss: Vec<(String, Option<u64>)> = PARTNERS
+        .iter()
+        .map(|n| (n.to_string(), cluster.node_pid(n).and_then(peak_rss)))
+        .collect();
+    client.close().await;
+    cluster.stop().await?;
+    progress.finish_and_clear();
+
+    let overlap = median(&mut overlap_walls);
+    let sum = median(&mut sum_walls);
+    let ratio = sum / overlap;
+    let last = |v: &[Vec<u64>]| v.last().cloned().unwrap_or_default();
+    let (ob, sb) = (last(&overlap_bytes), last(&sum_bytes));
+    println!(
+        "bench overlap-sum: {} × {} items ({:.0}% shared), a count and 2 value columns, {cores} cores, {runs} run(s) of each",
+        args.n,
+        args.n,
+        args.overlap * 100.0
+    );
+    println!("overlap      wall {overlap:.2} s (median)");
+    println!("overlap-sum  wall {sum:.2} s (median)");
+    println!("ratio overlap-sum / overlap: {ratio:.2}");
+    for (i, p) in PARTNERS.iter().enumerate() {
+        println!(
+            "bytes sent by {p:<8} overlap {:>12}  overlap-sum {:>12}  ({})",
+            ob.get(i).copied().unwrap_or(0),
+            sb.get(i).copied().unwrap_or(0),
+            if i == 0 { "key holder" } else { "value holder" }
+        );
+    }
+    for (name, rss) in &rss {
+        if let Some(b) = rss {
+            println!(
+                "peak RSS {name:<8} {:.1} MiB (both jobs)",
+                *b as f64 / (1024.0 * 1024.0)
+            );
+        }
+    }
+    println!(
+        "result: {}",
+        if correct {
+            "correct (overlap exact; sums within 15 sd of the truth)"
+        } else {
+            "WRONG"
+        }
+    );
+    if args.json {
+        println!(
+            "{}",
+            json!({
+                "n": args.n, "overlap": args.overlap, "cores": cores, "runs": runs,
+                "overlap_wall_s": overlap, "overlap_sum_wall_s": sum, "ratio": ratio,
+                "overlap_bytes": ob, "overlap_sum_bytes": sb,
+                "peak_rss_bytes": rss.iter().map(|(n, b)| (n.clone(), json!(b))).collect::<serde_json::Map<_, _>>(),
+                "correct": correct,
+            })
+        );
+    }
+    Ok(if correct {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}

@@ -1,0 +1,286 @@
+//! End to end: `overlap-sum` (intersection-sum with cardinality) between two real node processes
+//! and a coordinator on loopback. acme holds the identifiers (key holder), globex the amounts
+//! (value holder).
+//!
+//! - Without noise (no ε in either policy) every group's count and clipped sum equal an
+//!   independent computation from the CSV files exactly; a group with no shared customer is
+//!   suppressed; CSV output marks it.
+//! - With ε, every figure lies within 15 standard deviations of the truth, no sum equals the
+//!   exact one (the value holder never decrypts an un-noised total), and both ledgers are charged.
+//! - A policy that refuses the key-holder role vetoes the job with a reason naming the roles.
+//! - No log, audit file or result file of either node holds an exact per-group sum.
+
+// Test-only code: a failed step is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::BTreeMap;
+
+use cleanroom_e2e::{Consortium, cleanroom};
+use serde_json::Value;
+
+/// Categories of `cleanroom synth`'s customers files.
+const CATEGORIES: [&str; 5] = ["electronics", "fashion", "home", "grocery", "travel"];
+/// The value holder's clipping bound per customer (amounts go up to 500 000).
+const CLIP: u64 = 300_000;
+
+/// The customers dataset's value column, then an overlap-sum agreement with `other`.
+fn agreements(other: &str, extra: &str) -> String {
+    format!(
+        "[[dataset.value]]\ncolumn = \"amount_cents\"\nmin = 0\nmax = 10000000\n\n\
+         [[agreement]]\npartner = \"{other}\"\npurposes = [\"fraud-detection\"]\n\n\
+         [[agreement.allow]]\ncomputation = \"overlap-sum\"\ndataset = \"customers\"\nkeys = [\"email\"]\n\
+         group_by = [\"category\"]\nvalue_columns = [{{ column = \"amount_cents\", min = 0, max = {CLIP} }}]\n{extra}\n"
+    )
+}
+
+/// acme and globex with 400 customers each, 150 shared, under the given extra terms.
+fn consortium(acme_extra: &str, globex_extra: &str) -> (Consortium, Value) {
+    let mut c = Consortium::new();
+    let truth = c.synth("acme,globex", 400, 0.375, 5);
+    c.start_coordinator();
+    for (name, other, extra) in [
+        ("acme", "globex", acme_extra),
+        ("globex", "acme", globex_extra),
+    ] {
+        c.issue_node(name);
+        c.write_node_config(name, name, &agreements(other, extra));
+        c.start_node(name);
+    }
+    c.wait_connected(&["acme", "globex"]);
+    (c, truth)
+}
+
+/// Groups by the first three categories and a label no row has; the last two categories end
+/// up in "(other)".
+fn submit(c: &Consortium, format: &str) -> (String, Option<i32>) {
+    let groups = format!("{},luxury", CATEGORIES[..3].join(","));
+    let mut all: Vec<String> = [
+        "job",
+        "submit",
+        "overlap-sum",
+        "--between",
+        "acme,globex",
+        "--dataset",
+        "customers",
+        "--on",
+        "email",
+        "--sum",
+        "amount_cents,count",
+        "--group-by",
+        "category",
+        "--groups",
+        &groups,
+        "--purpose",
+        "fraud-detection",
+        "--wait",
+        "--timeout",
+        "120",
+        "--format",
+        format,
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    all.extend(c.analyst_args());
+    let all: Vec<&str> = all.iter().map(String::as_str).collect();
+    let out = cleanroom(c.path(), &all);
+    (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        out.status.code(),
+    )
+}
+
+/// The expected (count, clipped sum) per reported group, computed from the files: a customer of
+/// globex is shared when its email's customer index (the digits ending its local part) is below
+/// the number shared by all; each customer has one row.
+fn expected(c: &Consortium, truth: &Value) -> BTreeMap<String, (i64, i64)> {
+    let shared = truth["shared_by_all"].as_u64().unwrap();
+    let text = std::fs::read_to_string(c.path().join("data/globex.csv")).unwrap();
+    let mut out: BTreeMap<String, (i64, i64)> = BTreeMap::new();
+    for label in ["electronics", "fashion", "home", "luxury", "(other)"] {
+        out.insert(label.into(), (0, 0));
+    }
+    for line in text.lines().skip(1) {
+        let fields: Vec<&str> = line.split(',').collect();
+        let local = fields[1].trim().split('@').next().unwrap();
+        let digits: String = local
+            .chars()
+            .rev()
+            .take_while(char::is_ascii_digit)
+            .collect::<Vec<_>>()
+            .into_iter()
+            .rev()
+            .collect();
+        if digits.parse::<u64>().unwrap() >= shared {
+            continue;
+        }
+        let amount: u64 = fields[3].parse().unwrap();
+        let label = if CATEGORIES[..3].contains(&fields[4]) {
+            fields[4]
+        } else {
+            "(other)"
+        };
+        let e = out.get_mut(label).unwrap();
+        e.0 += 1;
+        e.1 += amount.min(CLIP) as i64;
+    }
+    out
+}
+
+fn groups(job: &Value) -> Vec<Value> {
+    job["result"]["groups"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+}
+
+#[test]
+fn exact_sums_equal_the_truth_with_clipping_and_suppression() {
+    let (c, truth) = consortium("", "");
+    let (out, code) = submit(&c, "json");
+    let job: Value = serde_json::from_str(&out).unwrap_or_else(|_| panic!("{out}"));
+    assert_eq!(job["state"], "succeeded", "{job}");
+    assert_eq!(code, Some(0));
+    let want = expected(&c, &truth);
+    let gs = groups(&job);
+    assert_eq!(gs.len(), 5, "{job}");
+    let mut clipped_somewhere = false;
+    for g in &gs {
+        let label = g["group"].as_str().unwrap();
+        let (count, sum) = want[label];
+        if label == "luxury" {
+            assert_eq!(g["suppressed"], true, "{g}");
+            assert!(g["values"].as_object().unwrap().is_empty(), "{g}");
+            continue;
+        }
+        assert_eq!(g["suppressed"], false, "{g}");
+        assert_eq!(g["values"]["count"], count, "{label}: {job}");
+        assert_eq!(g["values"]["amount_cents"], sum, "{label}: {job}");
+        clipped_somewhere |= sum < count * 250_000;
+    }
+    assert!(clipped_somewhere, "the bound clipped nothing: {want:?}");
+    let shared = truth["shared_by_all"].as_i64().unwrap();
+    assert_eq!(job["result"]["intersection"], shared, "{job}");
+    assert!(job["result"]["noise"].as_array().unwrap().is_empty());
+    // Both sides sent something and report it.
+    for p in job["parties"].as_array().unwrap() {
+        assert!(p["bytes_to_peer"].as_u64().unwrap() > 0, "{p}");
+    }
+
+    // The same job as CSV marks the suppressed group.
+    let (csv, code) = submit(&c, "csv");
+    assert_eq!(code, Some(0), "{csv}");
+    assert!(
+        csv.starts_with(
+            "group,suppressed,count,count_noise_scale,amount_cents,amount_cents_noise_scale\n"
+        ),
+        "{csv}"
+    );
+    assert!(csv.contains("\nluxury,true,,0,,0\n"), "{csv}");
+
+    // Nothing on either node's disk or log holds an exact per-group sum, except the value
+    // holder's ledger-free release in its audit log, which records the released count only.
+    for name in ["acme", "globex"] {
+        let log = c.node(name).log_text();
+        for (label, (_, sum)) in &want {
+            if *sum > 0 {
+                assert!(
+                    !log.contains(&sum.to_string()),
+                    "{name}'s log holds the sum of {label}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn noised_sums_stay_within_the_bound_and_are_charged() {
+    let (c, truth) = consortium("epsilon = 1.0\nmin_result = 5\n", "epsilon = 2.0\n");
+    let (out, code) = submit(&c, "json");
+    let job: Value = serde_json::from_str(&out).unwrap_or_else(|_| panic!("{out}"));
+    assert_eq!(job["state"], "succeeded", "{job}");
+    assert_eq!(code, Some(0));
+    let result = &job["result"];
+    // The stricter ε (1.0) and threshold (5) apply; ε is split over the two columns.
+    assert_eq!(result["epsilon"], 1.0, "{job}");
+    assert_eq!(result["min_result"], 5, "{job}");
+    let noise = result["noise"].as_array().unwrap();
+    assert_eq!(noise.len(), 2);
+    assert_eq!(noise[0]["scale"], "2", "{job}");
+    assert_eq!(noise[1]["scale"], (2 * CLIP).to_string(), "{job}");
+    assert!(noise.iter().all(|n| n["drawn_by"] == "acme"));
+    let sd = |i: usize| noise[i]["sd"].as_f64().unwrap();
+    let want = expected(&c, &truth);
+    for g in groups(&job) {
+        let label = g["group"].as_str().unwrap();
+        let (count, sum) = want[label];
+        if g["suppressed"] == true {
+            assert!(
+                (count as f64) < 5.0 + 15.0 * sd(0),
+                "{label} suppressed: {g}"
+            );
+            continue;
+        }
+        let got_count = g["values"]["count"].as_i64().unwrap();
+        let got_sum = g["values"]["amount_cents"].as_i64().unwrap();
+        assert!(
+            ((got_count - count) as f64).abs() <= 15.0 * sd(0),
+            "{label}: {got_count} vs {count}"
+        );
+        assert!(
+            ((got_sum - sum) as f64).abs() <= 15.0 * sd(1),
+            "{label}: {got_sum} vs {sum}"
+        );
+        // Noise of scale 600 000 is zero with probability ≈ 1e-6: the value holder saw noise.
+        assert_ne!(got_sum, sum, "{label}: an exact sum was decrypted");
+    }
+    // Both nodes charged their ledgers the release's ε.
+    for name in ["acme", "globex"] {
+        let out = cleanroom_e2e_budget(&c, name);
+        let lines: Value = serde_json::from_str(&out).unwrap_or_else(|_| panic!("{out}"));
+        let line = lines
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|l| l["purpose"] == "fraud-detection")
+            .unwrap_or_else(|| panic!("{name}: {out}"));
+        assert_eq!(line["spent"], 1.0, "{name}: {out}");
+        assert_eq!(line["charges"], 1, "{name}: {out}");
+    }
+}
+
+/// `cleanroom-node budget --config <name>.toml --format json`.
+fn cleanroom_e2e_budget(c: &Consortium, name: &str) -> String {
+    let out = std::process::Command::new(&cleanroom_e2e::bins().1)
+        .args([
+            "budget",
+            "--config",
+            &format!("{name}.toml"),
+            "--format",
+            "json",
+        ])
+        .current_dir(c.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn a_policy_can_refuse_to_be_the_key_holder() {
+    let (c, _) = consortium("roles = [\"value-holder\"]\n", "");
+    let (out, code) = submit(&c, "json");
+    let job: Value = serde_json::from_str(&out).unwrap_or_else(|_| panic!("{out}"));
+    assert_eq!(job["state"], "vetoed", "{job}");
+    assert_ne!(code, Some(0));
+    let reason = job["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("does not let this node be the key-holder")
+            && reason.contains("roles: value-holder"),
+        "{reason}"
+    );
+}
