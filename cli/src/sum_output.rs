@@ -393,8 +393,8 @@ mod tests {
 
     #[test]
     fn laplace_sd_matches_its_formula() {
-        // Scale 1: q = e^-1, sd = √(2q)/(1−q) ≈ 1.3606.
-        assert!((laplace_sd("1") - 1.3606).abs() < 1e-3);
+        // Scale 1: q = e^-1, sd = √(2q)/(1−q) ≈ 1.3570.
+        assert!((laplace_sd("1") - 1.3570).abs() < 1e-3);
         assert!((laplace_sd("2/2") - laplace_sd("1")).abs() < 1e-12);
         assert_eq!(laplace_sd("0"), 0.0);
     }
