@@ -284,3 +284,188 @@ fn a_policy_can_refuse_to_be_the_key_holder() {
         "{reason}"
     );
 }
+
+/// The shared-flag recipe of docs/OVERLAP_SUM.md, end to end. Each side has a `flagged`
+/// dataset (accounts its fraud team flagged). A `match` on the flagged accounts tells acme —
+/// and only acme, as both policies say — which of its flagged accounts globex flagged too; an
+/// `overlap-sum` with acme's flagged accounts as keys and globex's customer amounts as values
+/// gives the amounts globex holds on the accounts acme flagged, per category.
+#[test]
+fn shared_flag_recipe_match_then_overlap_sum() {
+    let mut c = Consortium::new();
+    let truth = c.synth("acme,globex", 300, 0.5, 9);
+    // Flag every third acme customer and every second globex customer.
+    for (name, every) in [("acme", 3), ("globex", 2)] {
+        let text = std::fs::read_to_string(c.path().join(format!("data/{name}.csv"))).unwrap();
+        let mut lines = text.lines();
+        let mut out = format!("{}\n", lines.next().unwrap());
+        for line in lines.step_by(every) {
+            out.push_str(line);
+            out.push('\n');
+        }
+        std::fs::write(c.path().join(format!("data/{name}-flagged.csv")), out).unwrap();
+    }
+    c.start_coordinator();
+    let flagged = |name: &str| {
+        format!(
+            "[[dataset.value]]\ncolumn = \"amount_cents\"\nmin = 0\nmax = 10000000\n\n\
+             [[dataset]]\nname = \"flagged\"\npath = \"data/{name}-flagged.csv\"\n\n\
+             [[dataset.identifier]]\nname = \"email\"\ncolumn = \"email\"\nnormaliser = \"email\"\n\n"
+        )
+    };
+    let acme = format!(
+        "{}[[agreement]]\npartner = \"globex\"\npurposes = [\"fraud-detection\"]\n\n\
+         [[agreement.allow]]\ncomputation = \"match\"\ndataset = \"flagged\"\nkeys = [\"email\"]\nmembership = \"self\"\n\n\
+         [[agreement.allow]]\ncomputation = \"overlap-sum\"\ndataset = \"flagged\"\nkeys = [\"email\"]\nroles = [\"key-holder\"]\n",
+        flagged("acme")
+    );
+    let globex = format!(
+        "{}[[agreement]]\npartner = \"acme\"\npurposes = [\"fraud-detection\"]\n\n\
+         [[agreement.allow]]\ncomputation = \"match\"\ndataset = \"flagged\"\nkeys = [\"email\"]\nmembership = \"partner\"\n\n\
+         [[agreement.allow]]\ncomputation = \"overlap-sum\"\ndataset = \"customers\"\nkeys = [\"email\"]\nroles = [\"value-holder\"]\n\
+         group_by = [\"category\"]\nvalue_columns = [{{ column = \"amount_cents\", min = 0, max = 500000 }}]\n",
+        flagged("globex")
+    );
+    for (name, cfg) in [("acme", acme), ("globex", globex)] {
+        c.issue_node(name);
+        c.write_node_config(name, name, &cfg);
+        c.start_node(name);
+    }
+    c.wait_connected(&["acme", "globex"]);
+
+    // Which rows are shared: the customer index ends the email's local part.
+    let shared = truth["shared_by_all"].as_u64().unwrap();
+    let rows = |file: &str| -> Vec<(u64, String, u64)> {
+        let text = std::fs::read_to_string(c.path().join(file)).unwrap();
+        text.lines()
+            .skip(1)
+            .map(|line| {
+                let f: Vec<&str> = line.split(',').collect();
+                let local = f[1].trim().split('@').next().unwrap();
+                let digits: String = local
+                    .chars()
+                    .rev()
+                    .take_while(char::is_ascii_digit)
+                    .collect::<Vec<_>>()
+                    .into_iter()
+                    .rev()
+                    .collect();
+                (
+                    digits.parse().unwrap(),
+                    f[4].to_owned(),
+                    f[3].parse().unwrap(),
+                )
+            })
+            .collect()
+    };
+    let acme_flagged: std::collections::BTreeSet<u64> = rows("data/acme-flagged.csv")
+        .into_iter()
+        .map(|r| r.0)
+        .filter(|&i| i < shared)
+        .collect();
+    let globex_flagged: std::collections::BTreeSet<u64> = rows("data/globex-flagged.csv")
+        .into_iter()
+        .map(|r| r.0)
+        .collect();
+    let both = acme_flagged.intersection(&globex_flagged).count() as u64;
+
+    // 1. match: acme learns which of its flagged accounts globex flagged; globex learns none.
+    let (job, code) = c.submit(&[
+        "match",
+        "--between",
+        "acme,globex",
+        "--dataset",
+        "flagged",
+        "--on",
+        "email",
+        "--reveal-to",
+        "acme",
+        "--purpose",
+        "fraud-detection",
+    ]);
+    assert_eq!(job["state"], "succeeded", "{job}");
+    assert_eq!(code, Some(0));
+    for r in job["results"].as_array().unwrap() {
+        let learned = r["learned_membership"] == true;
+        assert_eq!(learned, r["node"] == "acme", "{r}");
+        if learned {
+            assert_eq!(r["matched_rows"], both, "{r}");
+        }
+    }
+    // globex's policy does not let globex learn membership: asking for it is vetoed.
+    let (job, _) = c.submit(&[
+        "match",
+        "--between",
+        "acme,globex",
+        "--dataset",
+        "flagged",
+        "--on",
+        "email",
+        "--purpose",
+        "fraud-detection",
+    ]);
+    assert_eq!(job["state"], "vetoed", "{job}");
+
+    // 2. overlap-sum: globex's amounts on the accounts acme flagged, per category.
+    let (job, code) = c.submit(&[
+        "overlap-sum",
+        "--between",
+        "acme,globex",
+        "--dataset",
+        "acme:flagged",
+        "--dataset",
+        "globex:customers",
+        "--on",
+        "email",
+        "--sum",
+        "amount_cents,count",
+        "--group-by",
+        "category",
+        "--groups",
+        &CATEGORIES.join(","),
+        "--purpose",
+        "fraud-detection",
+    ]);
+    assert_eq!(job["state"], "succeeded", "{job}");
+    assert_eq!(code, Some(0));
+    let mut want: BTreeMap<String, (i64, i64)> = BTreeMap::new();
+    for (index, category, amount) in rows("data/globex.csv") {
+        if acme_flagged.contains(&index) {
+            let e = want.entry(category).or_default();
+            e.0 += 1;
+            e.1 += amount.min(500_000) as i64;
+        }
+    }
+    for g in groups(&job) {
+        let label = g["group"].as_str().unwrap();
+        let (count, sum) = want.get(label).copied().unwrap_or_default();
+        if count == 0 {
+            assert_eq!(g["suppressed"], true, "{g}");
+            continue;
+        }
+        assert_eq!(g["values"]["count"], count, "{label}: {job}");
+        assert_eq!(g["values"]["amount_cents"], sum, "{label}: {job}");
+    }
+    assert_eq!(
+        job["result"]["intersection"],
+        acme_flagged.len() as i64,
+        "{job}"
+    );
+    // The roles are one-way: globex may not be the key holder.
+    let (job, _) = c.submit(&[
+        "overlap-sum",
+        "--between",
+        "globex,acme",
+        "--dataset",
+        "globex:customers",
+        "--dataset",
+        "acme:flagged",
+        "--on",
+        "email",
+        "--sum",
+        "count",
+        "--purpose",
+        "fraud-detection",
+    ]);
+    assert_eq!(job["state"], "vetoed", "{job}");
+}
