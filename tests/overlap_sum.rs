@@ -469,3 +469,186 @@ fn shared_flag_recipe_match_then_overlap_sum() {
     ]);
     assert_eq!(job["state"], "vetoed", "{job}");
 }
+
+/// What the fake key holder sends after a correct start.
+#[derive(Debug, Clone, Copy)]
+enum BadKeyHolder {
+    /// A hello without overlap-sum terms.
+    NoTerms,
+    /// A result that is not ristretto255 encodings.
+    UndecodableResult,
+    /// A result of valid points that decrypts outside the range a sum can take.
+    OutOfRangeResult,
+    /// A result one byte short.
+    ShortResult,
+}
+
+/// Plays node "mallory" as the key holder of the next overlap-sum: a correct run up to the
+/// result, then `bad`.
+async fn mallory(dir: std::path::PathBuf, coordinator: std::net::SocketAddr, bad: BadKeyHolder) {
+    use cleanroom_circuits::{ItemSet, JobKey, blind_items};
+    use cleanroom_e2e::fake_node::{BASEPOINT, join_next_job_with_hello};
+    use cleanroom_proto::v1::{BatchEnd, Phase, PointBatch, PsiHello, SumTerms, envelope::Body};
+    use cleanroom_transport::FramedRecv;
+
+    let mut items = ItemSet::new();
+    for i in 0..20u32 {
+        items
+            .push(format!("mallory-{i}@example.com").as_bytes())
+            .unwrap();
+    }
+    let terms = match bad {
+        BadKeyHolder::NoTerms => None,
+        _ => Some(SumTerms {
+            min_result: 1,
+            release_to_coordinator: true,
+            ..SumTerms::default()
+        }),
+    };
+    let mut job = join_next_job_with_hello(&dir, coordinator, "mallory", "globex", |id, spec| {
+        PsiHello {
+            sender: "mallory".into(),
+            set_size: 20,
+            spec_digest: cleanroom_node::psi_job::spec_digest(id, spec).to_vec(),
+            sum: terms,
+            ..PsiHello::default()
+        }
+    })
+    .await;
+    if let BadKeyHolder::NoTerms = bad {
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(30), job.conn.closed()).await;
+        return;
+    }
+    // globex's hello gives its row layout: 32 bytes for r·G and 32 per limb.
+    let stream = job.conn.accept_uni().await.unwrap();
+    let mut recv = FramedRecv::new(stream);
+    let hello = recv.recv().await.unwrap().unwrap();
+    let Some(Body::PsiHello(hello)) = hello.body else {
+        panic!("expected globex's hello")
+    };
+    let widths = hello.sum.unwrap().widths;
+    let limbs: usize = widths.iter().map(|&w| usize::from(w)).sum();
+    let points = blind_items(&JobKey::generate(), "email", &items).concat();
+    job.send(
+        Phase::PsiBlinded,
+        Body::Points(PointBatch { seq: 0, points }),
+    )
+    .await;
+    job.send(Phase::PsiBlinded, Body::BatchEnd(BatchEnd { total: 20 }))
+        .await;
+    // Read globex's points, our points returned and its rows, up to its end of rows.
+    loop {
+        let env = recv.recv().await.unwrap().unwrap();
+        if env.phase == Phase::SumRows as i32 && matches!(env.body, Some(Body::BatchEnd(_))) {
+            break;
+        }
+    }
+    let result = match bad {
+        BadKeyHolder::UndecodableResult => vec![0xff; 32 * (1 + limbs)],
+        // r·G = G and every limb G: each limb decrypts to (1 − x)·G, a random point.
+        BadKeyHolder::OutOfRangeResult => BASEPOINT.repeat(1 + limbs),
+        BadKeyHolder::ShortResult => vec![0; 32 * (1 + limbs) - 1],
+        BadKeyHolder::NoTerms => unreachable!(),
+    };
+    job.send(
+        Phase::SumResult,
+        Body::Points(PointBatch {
+            seq: 0,
+            points: result,
+        }),
+    )
+    .await;
+    job.send(Phase::PsiDone, Body::BatchEnd(BatchEnd { total: 0 }))
+        .await;
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(30), job.conn.closed()).await;
+}
+
+/// The value holder's audit log: the `JobError` reason for `job_id` (appended just after the
+/// failure is reported, so this waits a little for it).
+fn audited_error(c: &Consortium, node: &str, job_id: &str) -> Option<String> {
+    use cleanroom_node::audit::AuditEvent;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let log = c.path().join(format!("state-{node}/audit.log"));
+        let entries = cleanroom_node::audit::read_entries(&log).unwrap_or_default();
+        let found = entries.into_iter().find_map(|e| match e.event {
+            AuditEvent::JobError {
+                job_id: j, reason, ..
+            } if j == job_id => Some(reason),
+            _ => None,
+        });
+        if found.is_some() || std::time::Instant::now() > deadline {
+            return found;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+/// A key holder that sends no terms, or a result that does not decode, does not decrypt to a
+/// sum, or has the wrong length: the value holder ends each job with a named error, audits it,
+/// releases nothing, and serves the next.
+#[test]
+fn a_bad_result_ciphertext_ends_the_job_with_a_named_error() {
+    let mut c = Consortium::new();
+    c.synth("acme,globex", 200, 0.5, 3);
+    let coordinator = c.start_coordinator();
+    for name in ["globex", "mallory"] {
+        c.issue_node(name);
+    }
+    c.write_node_config("globex", "globex", &agreements("mallory", ""));
+    c.start_node("globex");
+    c.wait_connected(&["globex"]);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    for (bad, expect) in [
+        (BadKeyHolder::NoTerms, "carries no overlap-sum terms"),
+        (BadKeyHolder::UndecodableResult, "not a valid ristretto255"),
+        (
+            BadKeyHolder::OutOfRangeResult,
+            "outside the decryptable range",
+        ),
+        (BadKeyHolder::ShortResult, "encoding of"),
+    ] {
+        let evil = rt.spawn(mallory(c.path().to_owned(), coordinator, bad));
+        c.wait_connected(&["mallory"]);
+        let mut all: Vec<String> = [
+            "job",
+            "submit",
+            "overlap-sum",
+            "--between",
+            "mallory,globex",
+            "--dataset",
+            "customers",
+            "--on",
+            "email",
+            "--sum",
+            "amount_cents,count",
+            "--purpose",
+            "fraud-detection",
+            "--wait",
+            "--timeout",
+            "120",
+            "--format",
+            "json",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        all.extend(c.analyst_args());
+        let all: Vec<&str> = all.iter().map(String::as_str).collect();
+        let out = cleanroom(c.path(), &all);
+        let job: Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(job["state"], "failed", "{bad:?}: {job}");
+        let reason = job["reason"].as_str().unwrap();
+        assert!(
+            reason.contains("mallory") && reason.contains(expect),
+            "{bad:?}: {reason}"
+        );
+        assert!(job["result"].is_null(), "{bad:?}: nothing released: {job}");
+        let id = job["job_id"].as_str().unwrap();
+        let audited = audited_error(&c, "globex", id).unwrap_or_default();
+        assert!(audited.contains(expect), "{bad:?}: audited {audited:?}");
+        rt.block_on(evil).unwrap();
+    }
+    // Still serving: the node is up and registered.
+    c.wait_connected(&["globex"]);
+}

@@ -224,6 +224,24 @@ pub async fn join_next_job(
     peer: &str,
     declared: u64,
 ) -> FakeJob {
+    join_next_job_with_hello(dir, coordinator, name, peer, |job_id, spec| PsiHello {
+        sender: name.into(),
+        set_size: declared,
+        spec_digest: cleanroom_node::psi_job::spec_digest(job_id, spec).to_vec(),
+        ..PsiHello::default()
+    })
+    .await
+}
+
+/// Like [`join_next_job`], but the hello is what `hello` makes of the job id and spec (e.g. an
+/// overlap-sum hello with its terms).
+pub async fn join_next_job_with_hello(
+    dir: &Path,
+    coordinator: SocketAddr,
+    name: &str,
+    peer: &str,
+    hello: impl FnOnce(&str, &JobSpec) -> PsiHello,
+) -> FakeJob {
     let creds = Credentials::load(
         &dir.join("pki/ca.pem"),
         &dir.join(format!("pki/node-{name}.pem")),
@@ -304,12 +322,7 @@ pub async fn join_next_job(
         job_stream: jsend,
         _endpoint: endpoint,
     };
-    let hello = Body::PsiHello(PsiHello {
-        sender: name.into(),
-        set_size: declared,
-        spec_digest: cleanroom_node::psi_job::spec_digest(&job_id, &spec).to_vec(),
-        ..PsiHello::default()
-    });
+    let hello = Body::PsiHello(hello(&job_id, &spec));
     job.send(Phase::PsiSize, hello).await;
     job
 }
