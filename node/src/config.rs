@@ -1687,6 +1687,47 @@ purposes = ["overlap-reporting"]
         assert_eq!((e.min_parties, e.max_colluders), (None, None));
     }
 
+    fn with_overlap_sum(entry: &str) -> String {
+        with_aggregate("").replace(
+            "  computation = \"aggregate\"\n  dataset = \"customers\"\n",
+            &format!(
+                "  computation = \"overlap-sum\"\n  dataset = \"customers\"\n  keys = [\"email\"]\n{entry}\n"
+            ),
+        )
+    }
+
+    #[test]
+    fn overlap_sum_entry_parses_and_its_rules_hold() {
+        let cfg = parse(&with_overlap_sum(
+            "  roles = [\"value-holder\"]\n  group_by = [\"category\"]\n  value_columns = [{ column = \"amount\", min = 0, max = 5000 }]\n  epsilon = 1.0",
+        ))
+        .unwrap();
+        let e = &cfg.agreement_with("globex").unwrap().allow[0];
+        assert_eq!(e.computation, Computation::OverlapSum);
+        assert_eq!(e.roles, Some(vec![SumRole::ValueHolder]));
+        assert_eq!(e.group_by, vec!["category".to_owned()]);
+        // Roles default to both (None).
+        let cfg = parse(&with_overlap_sum("")).unwrap();
+        assert_eq!(cfg.agreement_with("globex").unwrap().allow[0].roles, None);
+        let msg = invalid(&with_overlap_sum("  roles = []"));
+        assert!(msg.contains("roles lists no role"), "{msg}");
+        let msg = invalid(&with_overlap_sum(
+            "  roles = [\"key-holder\", \"key-holder\"]",
+        ));
+        assert!(msg.contains("a role twice"), "{msg}");
+        assert!(invalid(&with_overlap_sum("  roles = [\"boss\"]")).contains("boss"));
+        let msg = invalid(&with_overlap_sum(
+            "  value_columns = [{ column = \"amount\", min = -1, max = 5 }]",
+        ));
+        assert!(msg.contains("negative lower bound"), "{msg}");
+        let msg = invalid(&with_overlap_sum("  membership = \"both\""));
+        assert!(msg.contains("match only"), "{msg}");
+        let msg = invalid(&with_overlap_sum("  min_parties = 3"));
+        assert!(msg.contains("aggregate only"), "{msg}");
+        // roles belong to overlap-sum.
+        assert!(invalid(&with_allow("  roles = [\"key-holder\"]")).contains("overlap-sum"));
+    }
+
     #[test]
     fn aggregate_entry_rules() {
         assert!(invalid(&with_aggregate("")).contains("group_by must list"));

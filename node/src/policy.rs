@@ -65,6 +65,14 @@ impl std::fmt::Display for PolicySummary {
                 Some(d) => writeln!(f, "  expires: {d} (end of day, UTC)")?,
                 None => writeln!(f, "  expires: never")?,
             }
+            match &a.budget_per_purpose {
+                Some(b) => writeln!(
+                    f,
+                    "  budget per purpose: epsilon {} per {}",
+                    b.epsilon_per_period, b.period
+                )?,
+                None => writeln!(f, "  budget per purpose: none (only the node-wide cap)")?,
+            }
             if a.allow.is_empty() {
                 writeln!(f, "  allows nothing (empty allow-list)")?;
             }
@@ -104,6 +112,15 @@ impl std::fmt::Display for PolicySummary {
                         v.min,
                         v.max
                     )?;
+                }
+                if !e.group_by.is_empty() {
+                    writeln!(f, "    group by {}", e.group_by.join(" | "))?;
+                }
+                if let Some(roles) = &e.roles {
+                    let roles: Vec<&str> = roles.iter().map(|r| r.as_str()).collect();
+                    writeln!(f, "    roles {}", roles.join(", "))?;
+                } else if e.computation == crate::config::Computation::OverlapSum {
+                    writeln!(f, "    roles key-holder, value-holder (both: the default)")?;
                 }
             }
         }
@@ -251,11 +268,20 @@ consent = { fraud-detection = "consent_fraud" }
 partner = "globex"
 purposes = ["fraud-detection"]
 expires = "2026-06-30"
+budget_per_purpose = { epsilon_per_period = 2.0, period = "week" }
   [[agreement.allow]]
   computation = "overlap"
   dataset = "customers"
   keys = ["email"]
   min_result = 10
+  [[agreement.allow]]
+  computation = "overlap-sum"
+  dataset = "customers"
+  keys = ["email"]
+  roles = ["value-holder"]
+  group_by = ["category"]
+  value_columns = [{ column = "amount_cents", min = 0, max = 500000 }]
+  epsilon = 0.5
 "#;
 
     fn setup(csv: &str) -> (tempfile::TempDir, PathBuf) {
@@ -274,6 +300,20 @@ expires = "2026-06-30"
         assert!(text.contains("partner globex"), "{text}");
         assert!(text.contains("expires: 2026-06-30"), "{text}");
         assert!(text.contains("min_result 10"), "{text}");
+        assert!(
+            text.contains("budget per purpose: epsilon 2 per week"),
+            "{text}"
+        );
+        assert!(
+            text.contains("allow overlap-sum on customers by email"),
+            "{text}"
+        );
+        assert!(text.contains("roles value-holder"), "{text}");
+        assert!(text.contains("group by category"), "{text}");
+        assert!(
+            text.contains("value amount_cents clipped to [0, 500000]"),
+            "{text}"
+        );
         assert!(
             text.contains("consent fraud-detection=consent_fraud"),
             "{text}"
