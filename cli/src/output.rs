@@ -35,6 +35,13 @@ fn time(ms: i64) -> String {
 /// A job as JSON (stable field names, for scripts).
 pub fn job_json(job: &JobInfo) -> Value {
     let spec = job.spec.clone().unwrap_or_default();
+    // The reports that carry a released figure (an overlap-sum key holder's carries none).
+    let released: Vec<&cleanroom_proto::v1::PsiOutcome> = job
+        .results
+        .iter()
+        .filter_map(|r| r.outcome.as_ref())
+        .filter(|o| !cleanroom_coordinator::store::releases_nothing(o))
+        .collect();
     json!({
         "job_id": job.job_id,
         "kind": kind_name(spec.kind),
@@ -47,8 +54,8 @@ pub fn job_json(job: &JobInfo) -> Value {
         "submitted_by": job.submitted_by,
         "created_ms": job.created_ms,
         "updated_ms": job.updated_ms,
-        "intersection": job.results.first().and_then(|r| r.outcome.as_ref()).filter(|o| !o.suppressed).map(|o| o.intersection),
-        "suppressed": job.results.iter().any(|r| r.outcome.as_ref().is_some_and(|o| o.suppressed)),
+        "intersection": released.first().filter(|o| !o.suppressed).map(|o| o.intersection),
+        "suppressed": released.iter().any(|o| o.suppressed),
         "noise": job.results.first().and_then(|r| r.outcome.as_ref()).map(|o| noise_json(&o.noise)).unwrap_or_default(),
         "results": job.results.iter().map(|r| {
             let o = r.outcome.clone().unwrap_or_default();

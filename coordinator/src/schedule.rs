@@ -446,6 +446,7 @@ fn released(job: &JobInfo) -> (Option<u64>, bool) {
         .results
         .iter()
         .filter_map(|r| r.outcome.as_ref())
+        .filter(|o| !crate::store::releases_nothing(o))
         .collect();
     if outcomes.iter().any(|o| o.suppressed) {
         return (None, true);

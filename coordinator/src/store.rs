@@ -168,6 +168,12 @@ pub fn state_name(state: &JobState) -> &'static str {
     }
 }
 
+/// Whether a report carries no released figure by design: an overlap-sum key holder's, which
+/// only repeats the release's terms (the value holder's report carries the figures).
+pub fn releases_nothing(outcome: &PsiOutcome) -> bool {
+    outcome.sum.as_ref().is_some_and(|s| s.groups.is_empty())
+}
+
 /// Whether `state` is final (succeeded, failed, vetoed or cancelled): such a job never moves again.
 pub fn is_terminal(state: JobState) -> bool {
     matches!(
@@ -1273,7 +1279,7 @@ fn load_runs(
         let mut intersection = None;
         if let Some(job_id) = &job_id {
             let mut rows = results.query([job_id])?;
-            if let Some(row) = rows.next()? {
+            while let Some(row) = rows.next()? {
                 let node: String = row.get(0)?;
                 let bytes: Vec<u8> = row.get(1)?;
                 let outcome =
@@ -1281,7 +1287,11 @@ fn load_runs(
                         job_id: job_id.clone(),
                         reason: format!("result of node '{node}' does not decode: {err}"),
                     })?;
+                if releases_nothing(&outcome) {
+                    continue;
+                }
                 intersection = Some(outcome.intersection);
+                break;
             }
         }
         runs.push(ScheduleRun {
