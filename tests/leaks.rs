@@ -1,4 +1,4 @@
-//! End to end: after real overlap and match jobs, no artefact of the consortium (logs, audit logs
+//! End to end: after real overlap, match and overlap-sum jobs, no artefact of the consortium (logs, audit logs
 //! and their heads, the coordinator's SQLite database and its journal, membership files,
 //! configs, state dirs) holds a raw or normalised identifier from the input data, and no text
 //! artefact holds a 64-hex-digit string that is not a known hash or digest (a secret scalar or a
@@ -93,7 +93,14 @@ fn no_artefact_holds_an_identifier_or_a_secret() {
     c.start_coordinator();
     for (me, other) in [("acme", "globex"), ("globex", "acme")] {
         c.issue_node(me);
-        c.write_node_config(me, me, &open_agreement(other));
+        // Also overlap-sum on the customers' amounts, either role, exact.
+        let agreements = format!(
+            "[[dataset.value]]\ncolumn = \"amount_cents\"\nmin = 0\nmax = 10000000\n\n{}\
+             [[agreement.allow]]\ncomputation = \"overlap-sum\"\ndataset = \"customers\"\n\
+             keys = [\"email\"]\nvalue_columns = [{{ column = \"amount_cents\", min = 0, max = 500000 }}]\n",
+            open_agreement(other)
+        );
+        c.write_node_config(me, me, &agreements);
         c.start_node(me);
     }
     c.wait_connected(&["acme", "globex"]);
@@ -124,6 +131,26 @@ fn no_artefact_holds_an_identifier_or_a_secret() {
         "--reveal-to",
         "acme",
     ];
+    let sum = [
+        "overlap-sum",
+        "--between",
+        "acme,globex",
+        "--dataset",
+        "customers",
+        "--on",
+        "email",
+        "--sum",
+        "amount_cents,count",
+        "--purpose",
+        "fraud-detection",
+    ];
+    let (job, _) = c.submit(&sum);
+    assert_eq!(job["state"], "succeeded", "{job}");
+    assert_eq!(
+        job["result"]["intersection"].as_u64(),
+        Some(expected),
+        "{job}"
+    );
     let mut jobs = Vec::new();
     for args in [&overlap[..], &overlap[..], &matching[..], &matching[..]] {
         let (job, _) = c.submit(args);
