@@ -90,37 +90,52 @@ fn submit(c: &Consortium, format: &str) -> (String, Option<i32>) {
     )
 }
 
+/// The customer index a synthetic email ends its local part with (`cleanroom synth` makes it so;
+/// the surface form around it varies).
+fn customer_index(email: &str) -> u64 {
+    let local = email.trim().split('@').next().unwrap();
+    let digits: String = local
+        .chars()
+        .rev()
+        .take_while(char::is_ascii_digit)
+        .collect::<Vec<_>>()
+        .into_iter()
+        .rev()
+        .collect();
+    digits.parse().unwrap()
+}
+
+/// (customer index, category, amount) of every row of a synthetic customers file.
+fn customer_rows(c: &Consortium, file: &str) -> Vec<(u64, String, u64)> {
+    let text = std::fs::read_to_string(c.path().join(file)).unwrap();
+    text.lines()
+        .skip(1)
+        .map(|line| {
+            let f: Vec<&str> = line.split(',').collect();
+            (customer_index(f[1]), f[4].to_owned(), f[3].parse().unwrap())
+        })
+        .collect()
+}
+
 /// The expected (count, clipped sum) per reported group, computed from the files: a customer of
-/// globex is shared when its email's customer index (the digits ending its local part) is below
-/// the number shared by all; each customer has one row.
+/// globex is shared when its index is below the number shared by all; each customer has one
+/// row.
 fn expected(c: &Consortium, truth: &Value) -> BTreeMap<String, (i64, i64)> {
     let shared = truth["shared_by_all"].as_u64().unwrap();
-    let text = std::fs::read_to_string(c.path().join("data/globex.csv")).unwrap();
     let mut out: BTreeMap<String, (i64, i64)> = BTreeMap::new();
     for label in ["electronics", "fashion", "home", "luxury", "(other)"] {
         out.insert(label.into(), (0, 0));
     }
-    for line in text.lines().skip(1) {
-        let fields: Vec<&str> = line.split(',').collect();
-        let local = fields[1].trim().split('@').next().unwrap();
-        let digits: String = local
-            .chars()
-            .rev()
-            .take_while(char::is_ascii_digit)
-            .collect::<Vec<_>>()
-            .into_iter()
-            .rev()
-            .collect();
-        if digits.parse::<u64>().unwrap() >= shared {
+    for (index, category, amount) in customer_rows(c, "data/globex.csv") {
+        if index >= shared {
             continue;
         }
-        let amount: u64 = fields[3].parse().unwrap();
-        let label = if CATEGORIES[..3].contains(&fields[4]) {
-            fields[4]
+        let label = if CATEGORIES[..3].contains(&category.as_str()) {
+            category
         } else {
-            "(other)"
+            "(other)".to_owned()
         };
-        let e = out.get_mut(label).unwrap();
+        let e = out.get_mut(&label).unwrap();
         e.0 += 1;
         e.1 += amount.min(CLIP) as i64;
     }
@@ -335,29 +350,7 @@ fn shared_flag_recipe_match_then_overlap_sum() {
 
     // Which rows are shared: the customer index ends the email's local part.
     let shared = truth["shared_by_all"].as_u64().unwrap();
-    let rows = |file: &str| -> Vec<(u64, String, u64)> {
-        let text = std::fs::read_to_string(c.path().join(file)).unwrap();
-        text.lines()
-            .skip(1)
-            .map(|line| {
-                let f: Vec<&str> = line.split(',').collect();
-                let local = f[1].trim().split('@').next().unwrap();
-                let digits: String = local
-                    .chars()
-                    .rev()
-                    .take_while(char::is_ascii_digit)
-                    .collect::<Vec<_>>()
-                    .into_iter()
-                    .rev()
-                    .collect();
-                (
-                    digits.parse().unwrap(),
-                    f[4].to_owned(),
-                    f[3].parse().unwrap(),
-                )
-            })
-            .collect()
-    };
+    let rows = |file: &str| customer_rows(&c, file);
     let acme_flagged: std::collections::BTreeSet<u64> = rows("data/acme-flagged.csv")
         .into_iter()
         .map(|r| r.0)

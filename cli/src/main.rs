@@ -11,6 +11,7 @@ mod bench;
 mod bench_sum;
 mod cluster;
 mod demo;
+mod group_table;
 mod job;
 mod matrix;
 mod output;

@@ -530,7 +530,8 @@ fn party_names(job: &JobInfo) -> Vec<String> {
         .unwrap_or_default()
 }
 
-fn csv_field(s: &str) -> String {
+/// `s` as one CSV field: quoted when it holds a comma, a quote or a newline.
+pub(crate) fn csv_field(s: &str) -> String {
     if s.contains([',', '"', '\n']) {
         format!("\"{}\"", s.replace('"', "\"\""))
     } else {

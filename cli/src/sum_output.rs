@@ -133,20 +133,28 @@ fn csv(job: &JobInfo) -> String {
             "job_id,state,reason\n{},{},{}\n",
             job.job_id,
             state_name(job.state),
-            field(&job.reason)
+            crate::output::csv_field(&job.reason)
         );
     };
     let mut out = String::from("group,suppressed");
     for c in &r.columns {
-        out.push_str(&format!(",{},{}_noise_scale", field(c), field(c)));
+        out.push_str(&format!(
+            ",{},{}_noise_scale",
+            crate::output::csv_field(c),
+            crate::output::csv_field(c)
+        ));
     }
     out.push('\n');
     for g in &r.groups {
-        out.push_str(&format!("{},{}", field(&g.label), g.suppressed));
+        out.push_str(&format!(
+            "{},{}",
+            crate::output::csv_field(&g.label),
+            g.suppressed
+        ));
         for i in 0..r.columns.len() {
             let value = g.values.get(i).map(i64::to_string).unwrap_or_default();
             let scale = column_noise(r, i).map_or("0", |n| n.scale.as_str());
-            out.push_str(&format!(",{value},{}", field(scale)));
+            out.push_str(&format!(",{value},{}", crate::output::csv_field(scale)));
         }
         out.push('\n');
     }
@@ -227,42 +235,7 @@ fn table(job: &JobInfo) -> String {
                     }
                 })
                 .collect();
-            let label_width = r
-                .groups
-                .iter()
-                .map(|g| g.label.chars().count())
-                .chain(std::iter::once(5))
-                .max()
-                .unwrap_or(5);
-            let widths: Vec<usize> = headers
-                .iter()
-                .enumerate()
-                .map(|(i, h)| {
-                    r.groups
-                        .iter()
-                        .filter_map(|g| g.values.get(i))
-                        .map(|v| v.to_string().len())
-                        .chain(std::iter::once(h.chars().count()))
-                        .max()
-                        .unwrap_or(1)
-                })
-                .collect();
-            out.push_str(&format!("  {:<label_width$}", "group"));
-            for (h, w) in headers.iter().zip(&widths) {
-                out.push_str(&format!("  {h:>w$}"));
-            }
-            out.push('\n');
-            for g in &r.groups {
-                out.push_str(&format!("  {:<label_width$}", g.label));
-                if g.suppressed {
-                    out.push_str("  suppressed (below the minimum result)");
-                } else {
-                    for (v, w) in g.values.iter().zip(&widths) {
-                        out.push_str(&format!("  {v:>w$}"));
-                    }
-                }
-                out.push('\n');
-            }
+            out.push_str(&crate::group_table::render(&headers, &r.groups));
         }
     }
     for r in &job.results {
@@ -290,14 +263,6 @@ fn table(job: &JobInfo) -> String {
         ));
     }
     out
-}
-
-fn field(s: &str) -> String {
-    if s.contains([',', '"', '\n']) {
-        format!("\"{}\"", s.replace('"', "\"\""))
-    } else {
-        s.to_owned()
-    }
 }
 
 #[cfg(test)]

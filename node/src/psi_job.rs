@@ -132,16 +132,10 @@ pub async fn run_initiator(
     endpoint: &quinn::Endpoint,
     peer_addr: SocketAddr,
 ) -> Result<PsiOutcome, NodeError> {
-    let peer = Identity::node(&job.permit.partner)?;
     // Load before dialing: the responder's data plane expects our hello soon after we connect,
     // and loading a large dataset takes longer than that.
     let loaded = load_input(&job).await?;
-    let conn = cleanroom_transport::connect(endpoint, peer_addr, &peer).await?;
-    let send = conn
-        .open_uni()
-        .await
-        .map_err(|e| NodeError::Job(format!("data plane to {peer}: {e}")))?;
-    let send = FramedSend::new(send);
+    let (conn, send) = dial(&job, endpoint, peer_addr).await?;
     let result = tokio::time::timeout(JOB_TIMEOUT, exchange(&job, &conn, send, None, loaded)).await;
     finish_connection(&conn, result)
 }
@@ -152,6 +146,37 @@ pub async fn run_responder(
     job: JobContext,
     incoming: oneshot::Receiver<Handover>,
 ) -> Result<PsiOutcome, NodeError> {
+    let (conn, send, recv, hello) = accept(&job, incoming).await?;
+    let result = tokio::time::timeout(JOB_TIMEOUT, async {
+        let loaded = load_input(&job).await?;
+        exchange(&job, &conn, send, Some((recv, hello)), loaded).await
+    })
+    .await;
+    finish_connection(&conn, result)
+}
+
+/// Dials the partner's data plane (its certificate must name it) and opens our stream.
+pub(crate) async fn dial(
+    job: &JobContext,
+    endpoint: &quinn::Endpoint,
+    peer_addr: SocketAddr,
+) -> Result<(quinn::Connection, FramedSend), NodeError> {
+    let peer = Identity::node(&job.permit.partner)?;
+    let conn = cleanroom_transport::connect(endpoint, peer_addr, &peer).await?;
+    let send = conn
+        .open_uni()
+        .await
+        .map_err(|e| NodeError::Job(format!("data plane to {peer}: {e}")))?;
+    Ok((conn, FramedSend::new(send)))
+}
+
+/// Waits (at most [`CONNECT_TIMEOUT`]) for the partner's connection, routed by
+/// [`crate::dataplane`], and opens our stream on it. Returns the connection, our stream, the
+/// partner's stream and its first frame.
+pub(crate) async fn accept(
+    job: &JobContext,
+    incoming: oneshot::Receiver<Handover>,
+) -> Result<(quinn::Connection, FramedSend, FramedRecv, Envelope), NodeError> {
     let handover = tokio::time::timeout(CONNECT_TIMEOUT, incoming)
         .await
         .map_err(|_| {
@@ -166,14 +191,7 @@ pub async fn run_responder(
         .open_uni()
         .await
         .map_err(|e| NodeError::Job(format!("data plane: {e}")))?;
-    let send = FramedSend::new(send);
-    let first = Some((handover.recv, handover.hello));
-    let result = tokio::time::timeout(JOB_TIMEOUT, async {
-        let loaded = load_input(&job).await?;
-        exchange(&job, &conn, send, first, loaded).await
-    })
-    .await;
-    finish_connection(&conn, result)
+    Ok((conn, FramedSend::new(send), handover.recv, handover.hello))
 }
 
 pub(crate) fn finish_connection(

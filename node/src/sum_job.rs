@@ -33,7 +33,7 @@ use cleanroom_proto::v1::{
     AggregateGroup, BatchEnd, Envelope, NoiseTerm, Phase, PointBatch, PsiHello, PsiOutcome,
     SumRelease, SumTerms, envelope::Body,
 };
-use cleanroom_transport::{FramedRecv, FramedSend, Identity};
+use cleanroom_transport::{FramedRecv, FramedSend};
 use tokio::sync::oneshot;
 
 use crate::NodeError;
@@ -43,8 +43,8 @@ use crate::dataplane::Handover;
 use crate::dataset::{self, RowFilter};
 use crate::frame_budget::FrameBudget;
 use crate::psi_job::{
-    BATCH_POINTS, CONNECT_TIMEOUT, JOB_TIMEOUT, JobContext, MAX_ROWS, Outgoing, STALL_BASE,
-    blocking, check_phase, check_seq, expect_body, finish_connection, key_columns, load_input,
+    BATCH_POINTS, JOB_TIMEOUT, JobContext, MAX_ROWS, Outgoing, STALL_BASE, accept, blocking,
+    check_phase, check_seq, dial, expect_body, finish_connection, key_columns, load_input,
     next_frame, spawn_reader, spec_digest, stall_deadline, unexpected, violation,
 };
 use crate::sum_input::{self, SumInput};
@@ -60,14 +60,8 @@ pub async fn run_key_holder(
     endpoint: &quinn::Endpoint,
     peer_addr: SocketAddr,
 ) -> Result<PsiOutcome, NodeError> {
-    let peer = Identity::node(&job.permit.partner)?;
     let loaded = load_input(&job).await?;
-    let conn = cleanroom_transport::connect(endpoint, peer_addr, &peer).await?;
-    let send = conn
-        .open_uni()
-        .await
-        .map_err(|e| NodeError::Job(format!("data plane to {peer}: {e}")))?;
-    let send = FramedSend::new(send);
+    let (conn, send) = dial(&job, endpoint, peer_addr).await?;
     let result = tokio::time::timeout(JOB_TIMEOUT, key_holder(&job, &conn, send, loaded)).await;
     finish_connection(&conn, result)
 }
@@ -77,24 +71,10 @@ pub async fn run_value_holder(
     job: JobContext,
     incoming: oneshot::Receiver<Handover>,
 ) -> Result<PsiOutcome, NodeError> {
-    let handover = tokio::time::timeout(CONNECT_TIMEOUT, incoming)
-        .await
-        .map_err(|_| {
-            NodeError::Job(format!(
-                "node '{}' did not connect in time",
-                job.permit.partner
-            ))
-        })?
-        .map_err(|_| NodeError::Job("job cancelled while waiting for the peer".into()))?;
-    let conn = handover.conn;
-    let send = conn
-        .open_uni()
-        .await
-        .map_err(|e| NodeError::Job(format!("data plane: {e}")))?;
-    let send = FramedSend::new(send);
+    let (conn, send, recv, hello) = accept(&job, incoming).await?;
     let result = tokio::time::timeout(JOB_TIMEOUT, async {
         let input = load_values(&job).await?;
-        value_holder(&job, send, handover.recv, handover.hello, input).await
+        value_holder(&job, send, recv, hello, input).await
     })
     .await;
     finish_connection(&conn, result)
