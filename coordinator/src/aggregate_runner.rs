@@ -249,7 +249,13 @@ async fn collect(mut party: Party, job_id: &str, cells: usize) -> Result<Reporte
             .recv
             .recv()
             .await
-            .map_err(|e| format!("node '{node}' lost: {e}"))?
+            .map_err(|e| match e {
+                // Bytes no honest node sends are its violation, not a lost connection.
+                cleanroom_transport::TransportError::Frame(_) => {
+                    format!("node '{node}' sent an unreadable frame: {e}")
+                }
+                _ => format!("node '{node}' lost: {e}"),
+            })?
             .ok_or_else(|| format!("node '{node}' lost: its job stream ended"))?;
         if env.job_id != job_id {
             return Err(format!("node '{node}' sent a frame for another job"));

@@ -40,7 +40,7 @@ use crate::NodeError;
 use crate::agreement::{Permit, now_ms};
 use crate::audit::{AuditEvent, AuditHead};
 use crate::config::Recipient;
-use crate::dataplane::Handover;
+use crate::dataplane::{Delivery, refused};
 use crate::dataset::{self, RowFilter};
 use crate::forget::ForgetStore;
 use crate::frame_budget::FrameBudget;
@@ -150,7 +150,7 @@ pub async fn run_initiator(
 /// exchange.
 pub async fn run_responder(
     job: JobContext,
-    incoming: oneshot::Receiver<Handover>,
+    incoming: oneshot::Receiver<Delivery>,
 ) -> Result<PsiOutcome, NodeError> {
     let handover = tokio::time::timeout(CONNECT_TIMEOUT, incoming)
         .await
@@ -160,7 +160,8 @@ pub async fn run_responder(
                 job.permit.partner
             ))
         })?
-        .map_err(|_| NodeError::Job("job cancelled while waiting for the peer".into()))?;
+        .map_err(|_| NodeError::Job("job cancelled while waiting for the peer".into()))?
+        .map_err(|reason| refused(&format!("node '{}'", job.permit.partner), &reason))?;
     let conn = handover.conn;
     let send = conn
         .open_uni()
