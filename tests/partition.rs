@@ -7,8 +7,13 @@
 //! - Longer than the idle timeout: both nodes fail the job with a readable reason, audit it,
 //!   release nothing; after healing, the pair serves the next job.
 //!
+//! The second test puts the proxy on the control plane instead, between acme and the
+//! coordinator (acme's config names the proxy as its coordinator): a short cut while a job runs
+//! is survived; a long one fails the job with a readable reason and no result, and acme
+//! reconnects by itself once healed and serves the next job.
+//!
 //! The idle timeout is the transport's default (30 s, `TransportTuning`); nodes have no setting
-//! for it, so the long case waits that long.
+//! for it, so the long cases wait that long.
 
 // Test-only code: a failed step is a failed test.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -337,6 +342,14 @@ fn a_control_plane_partition_shorter_than_the_idle_timeout_is_survived_and_a_lon
         job["results"].as_array().is_none_or(Vec::is_empty),
         "a failed job has results: {job}"
     );
+    // The data plane was up, so the nodes may have finished their exchange: what each did with
+    // the job it could not report (for the record; the coordinator released nothing either way).
+    for node in ["acme", "globex"] {
+        eprintln!(
+            "control B: {node} audited for the job: {:?}",
+            audited_error(&c, node, &job_id)
+        );
+    }
 
     // Healed: acme reconnects by itself and the pair serves the next job.
     let healed_at = Instant::now();
