@@ -166,3 +166,69 @@ async fn route(
         .deliver(&job_id, peer, Handover { conn, recv, hello })
         .map_err(|reason| (reason, ends()))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    const CONFIG: &str = r#"
+name = "acme"
+coordinator = "127.0.0.1:7400"
+listen = "127.0.0.1:0"
+state_dir = "state"
+[tls]
+ca = "pki/ca.pem"
+cert = "pki/node-acme.pem"
+key = "pki/node-acme.key"
+"#;
+
+    fn state(dir: &Path) -> NodeState {
+        let cfg = crate::NodeConfig::parse(CONFIG, &dir.join("node.toml")).unwrap();
+        NodeState::new(
+            crate::policy::PolicyHolder::new(cfg),
+            dir.join("node.toml"),
+            crate::audit::AuditLog::open(&dir.join("audit.log")).unwrap(),
+            crate::ledger::Ledger::open(&dir.join("ledger.sqlite")).unwrap(),
+            "127.0.0.1:1".parse().unwrap(),
+        )
+        .unwrap()
+    }
+
+    /// The reason a waiting job was given, or `None` if it still waits.
+    fn ended(rx: &mut tokio::sync::oneshot::Receiver<Delivery>) -> Option<String> {
+        match rx.try_recv() {
+            Ok(Err(reason)) => Some(reason),
+            Ok(Ok(_)) => panic!("a connection was delivered"),
+            Err(_) => None,
+        }
+    }
+
+    #[test]
+    fn a_refusal_ends_only_the_waits_it_proves_broken() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = state(dir.path());
+        let agg = crate::aggregate_job::pending_key;
+        let mut psi_mallory = state.expect_connection("job-1", "mallory");
+        let mut agg_mallory = state.expect_connection(&agg("job-2", "mallory"), "mallory");
+        let mut agg_globex = state.expect_connection(&agg("job-2", "globex"), "globex");
+        let mut psi_globex = state.expect_connection("job-3", "globex");
+
+        // A frame naming job-2 from globex ends globex's wait for job-2 only.
+        assert_eq!(state.refuse("globex", Some("job-2"), "bad frame"), 1);
+        assert_eq!(ended(&mut agg_globex).as_deref(), Some("bad frame"));
+        assert_eq!(ended(&mut psi_globex), None);
+        assert_eq!(ended(&mut agg_mallory), None);
+        // A frame naming a job that waits for someone else, or no job, ends nothing.
+        assert_eq!(state.refuse("mallory", Some("job-3"), "x"), 0);
+        assert_eq!(state.refuse("mallory", Some("job-9"), "x"), 0);
+        assert_eq!(ended(&mut psi_globex), None);
+        // An unreadable frame from mallory ends every wait for mallory, and only those.
+        assert_eq!(state.refuse("mallory", None, "unreadable"), 2);
+        assert_eq!(ended(&mut psi_mallory).as_deref(), Some("unreadable"));
+        assert_eq!(ended(&mut agg_mallory).as_deref(), Some("unreadable"));
+        assert_eq!(ended(&mut psi_globex), None);
+        // Ended waits are gone: a second refusal finds nothing.
+        assert_eq!(state.refuse("mallory", None, "again"), 0);
+    }
+}
