@@ -40,6 +40,8 @@ const HONEST: [&str; 2] = ["acme", "globex"];
 enum Attack {
     /// A hello whose spec digest is not the job's.
     WrongSpecDigest,
+    /// A hello of almost 1 MiB (the frame cap): its spec digest is that long.
+    HelloOfAlmostAMebibyte,
     /// A seed of 31 bytes.
     SeedOfWrongLength,
     /// Terms with ε = NaN.
@@ -52,6 +54,8 @@ enum Attack {
     TooManyColluders,
     /// Terms with one sensitivity for a job of two columns (count and amount).
     SensitivitiesOfWrongCount,
+    /// Terms with 100,000 sensitivities for a job of two columns.
+    HundredThousandSensitivities,
     /// Terms with a sensitivity no `i64` clipping bound gives (2^64 − 1).
     SensitivityTooLarge,
     /// A hello that says it is from globex.
@@ -79,6 +83,7 @@ impl Attack {
     fn expect(&self) -> String {
         match self {
             Attack::WrongSpecDigest => "the peer runs a different job spec".into(),
+            Attack::HelloOfAlmostAMebibyte => "the peer runs a different job spec".into(),
             Attack::SeedOfWrongLength => "a share seed is 32 bytes, got 31".into(),
             Attack::EpsilonNan => "hello declares epsilon nan".into(),
             Attack::EpsilonNegative => "hello declares epsilon -1".into(),
@@ -86,6 +91,9 @@ impl Attack {
             Attack::TooManyColluders => "hello declares 3 colluders among 3 parties".into(),
             Attack::SensitivitiesOfWrongCount => {
                 "hello declares 1 column sensitivities for a job of 2 columns".into()
+            }
+            Attack::HundredThousandSensitivities => {
+                "hello declares 100000 column sensitivities for a job of 2 columns".into()
             }
             Attack::SensitivityTooLarge => {
                 "hello declares a column sensitivity of 18446744073709551615".into()
@@ -133,6 +141,10 @@ impl Attack {
                 spec_digest: vec![7; 32],
                 ..party.hello()
             })),
+            Attack::HelloOfAlmostAMebibyte => frame(&party.envelope(AggregateHello {
+                spec_digest: vec![7; MAX_FRAME_LEN - 1024],
+                ..party.hello()
+            })),
             Attack::SeedOfWrongLength => frame(&party.envelope(AggregateHello {
                 share_seed: vec![7; 31],
                 ..party.hello()
@@ -142,6 +154,9 @@ impl Attack {
             Attack::EpsilonInfinite => with_terms(|t| t.epsilon = f64::INFINITY),
             Attack::TooManyColluders => with_terms(|t| t.max_colluders = 3),
             Attack::SensitivitiesOfWrongCount => with_terms(|t| t.sensitivities = vec![1]),
+            Attack::HundredThousandSensitivities => {
+                with_terms(|t| t.sensitivities = vec![u64::MAX; 100_000])
+            }
             Attack::SensitivityTooLarge => with_terms(|t| t.sensitivities[1] = u64::MAX),
             Attack::ClaimsToBeAnotherParty => frame(&party.envelope(AggregateHello {
                 sender: "globex".into(),
@@ -461,12 +476,14 @@ fn every_bad_message_of_an_aggregate_party_ends_the_job_with_a_named_error_and_n
 
     let attacks = vec![
         Attack::WrongSpecDigest,
+        Attack::HelloOfAlmostAMebibyte,
         Attack::SeedOfWrongLength,
         Attack::EpsilonNan,
         Attack::EpsilonNegative,
         Attack::EpsilonInfinite,
         Attack::TooManyColluders,
         Attack::SensitivitiesOfWrongCount,
+        Attack::HundredThousandSensitivities,
         Attack::SensitivityTooLarge,
         Attack::ClaimsToBeAnotherParty,
         Attack::SecondHello,
