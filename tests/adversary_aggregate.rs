@@ -218,6 +218,8 @@ enum BadPartial {
     TooManyCells,
     /// A length prefix of 4 GiB − 1 on the job's control stream.
     OversizedFrame,
+    /// A failure report whose reason is almost 1 MiB of text with terminal escapes in it.
+    HugeFailureReason,
 }
 
 impl BadPartial {
@@ -237,6 +239,8 @@ impl BadPartial {
             BadPartial::OversizedFrame => format!(
                 "node 'mallory' sent an unreadable frame: frame of 4294967295 bytes exceeds the {MAX_FRAME_LEN}-byte cap"
             ),
+            // Cut to 4 KiB, the escape made inert.
+            BadPartial::HugeFailureReason => "mallory: hostile \\u{1b}[2jxxx".into(),
         }
     }
 }
@@ -363,6 +367,15 @@ async fn bad_partial(
             party.send_control_raw(&u32::MAX.to_be_bytes()).await;
             party.send_control_raw(&[0; 1024]).await;
         }
+        BadPartial::HugeFailureReason => {
+            let reason = format!("hostile \u{1b}[2J{}", "x".repeat(MAX_FRAME_LEN - 2048));
+            let report = cleanroom_proto::v1::Report {
+                outcome: Some(cleanroom_proto::v1::report::Outcome::Failure(reason)),
+            };
+            party
+                .send_control(Phase::Report, Body::Report(report))
+                .await;
+        }
     }
     party.wait_for_the_end(Duration::from_secs(60)).await;
     to_acme
@@ -415,6 +428,7 @@ fn every_bad_message_of_an_aggregate_party_ends_the_job_with_a_named_error_and_n
         ("mallory", BadPartial::TooFewCells),
         ("mallory", BadPartial::TooManyCells),
         ("mallory", BadPartial::OversizedFrame),
+        ("mallory", BadPartial::HugeFailureReason),
     ] {
         let label = format!("{bad:?}");
         let t0 = Instant::now();
@@ -431,6 +445,10 @@ fn every_bad_message_of_an_aggregate_party_ends_the_job_with_a_named_error_and_n
             "{label}: the reason names the violation ({expect}): {reason}"
         );
         assert!(job["result"].is_null(), "{label}: released {job}");
+        assert!(
+            !reason.contains('\u{1b}') && reason.len() < 8 * 1024,
+            "{label}: a node's text reaches the analyst bounded and inert"
+        );
         let hello = rt.block_on(async {
             tokio::time::timeout(Duration::from_secs(60), evil)
                 .await
@@ -440,8 +458,10 @@ fn every_bad_message_of_an_aggregate_party_ends_the_job_with_a_named_error_and_n
         recorded.push((player, job["job_id"].as_str().unwrap().to_owned(), hello));
         still_up(&mut c, &label);
         next_job_succeeds(&c, &label);
+        let shown: String = reason.chars().take(160).collect();
         report.push(format!(
-            "partial {label}: failed after {took:.1?} with \"{reason}\"; no result; next job succeeded"
+            "partial {label}: failed after {took:.1?} with \"{shown}\" ({} bytes); no result; next job succeeded",
+            reason.len()
         ));
         eprintln!("{}", report.last().unwrap());
     }

@@ -93,9 +93,10 @@ pub async fn drive(shared: &Arc<Shared>, job_id: &str, spec: &JobSpec) -> Result
                         send,
                         recv,
                     })),
-                    Some(Body::OfferReply(r)) => {
-                        Ok(Err(format!("node '{node}' refused: {}", r.reason)))
-                    }
+                    Some(Body::OfferReply(r)) => Ok(Err(format!(
+                        "node '{node}' refused: {}",
+                        crate::untrusted::node_text(&r.reason)
+                    ))),
                     _ => Err(format!(
                         "node '{node}' sent something other than an offer reply"
                     )),
@@ -287,7 +288,9 @@ async fn collect(mut party: Party, job_id: &str, cells: usize) -> Result<Reporte
                             outcome,
                         })
                     }
-                    Some(Outcome::Failure(reason)) => Err(format!("{node}: {reason}")),
+                    Some(Outcome::Failure(reason)) => {
+                        Err(format!("{node}: {}", crate::untrusted::node_text(&reason)))
+                    }
                     _ => Err(format!("node '{node}' sent a report of another job kind")),
                 };
             }

@@ -14,7 +14,8 @@
 //! - [`clock`]: the clock behind the scheduler (a settable one for tests);
 //! - [`cron`]: cron expressions in IANA time zones;
 //! - [`schedule`]: recurring jobs: the sans-IO planner and the scheduler loop;
-//! - [`report`]: a schedule's history as HTML (trend chart, runs table), CSV and JSON.
+//! - [`report`]: a schedule's history as HTML (trend chart, runs table), CSV and JSON;
+//! - [`untrusted`]: bounding and defusing the text nodes send (refusal and failure reasons).
 #![warn(missing_docs)]
 
 pub mod aggregate_runner;
@@ -30,6 +31,7 @@ pub mod schedule;
 pub mod server;
 pub mod spec;
 pub mod store;
+pub mod untrusted;
 
 pub use client::AnalystClient;
 pub use config::CoordinatorConfig;
