@@ -613,3 +613,145 @@ fn a_point_flood_while_the_node_is_busy_is_not_buffered() {
     );
     assert!(c.nodes.iter_mut().all(|p| p.is_running()), "acme died");
 }
+
+/// How fast acme must fail a job whose peer's first data-plane frame is bad: the refusal ends
+/// the job at once (before the fix it waited for the peer's connection until a deadline). The
+/// bound leaves room for a loaded machine; the test prints the figures.
+const PROMPT_FAILURE: Duration = Duration::from_secs(5);
+
+/// A first data-plane frame that is not a hello (the data plane refuses the connection): the
+/// job waiting for that peer's connection fails at once with the refusal's reason, audited, and
+/// acme serves the next job. A connection that never sends its hello is refused after the data
+/// plane's 10 s hello deadline, and so is the job.
+#[test]
+fn a_bad_first_data_plane_frame_fails_the_waiting_job_at_once() {
+    let mut c = Consortium::new();
+    c.synth("acme,globex", 300, 0.5, 7);
+    let coordinator = c.start_coordinator();
+    for name in ["acme", "globex", "mallory"] {
+        c.issue_node(name);
+    }
+    let acme_agreements = format!("{}{}", open_agreement("globex"), open_agreement("mallory"));
+    c.write_node_config("acme", "acme", &acme_agreements);
+    c.write_node_config("globex", "globex", &open_agreement("acme"));
+    c.start_node("acme");
+    c.start_node("globex");
+    c.wait_connected(&["acme", "globex"]);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+
+    let undecodable = {
+        let mut bytes = 8u32.to_be_bytes().to_vec();
+        bytes.extend_from_slice(&[0xff; 8]);
+        bytes
+    };
+    let oversized = {
+        let mut bytes = u32::MAX.to_be_bytes().to_vec();
+        bytes.extend_from_slice(&[0; 1024]);
+        bytes
+    };
+    let truncated = {
+        let mut bytes = 100u32.to_be_bytes().to_vec();
+        bytes.extend_from_slice(&[7; 10]);
+        bytes
+    };
+    let cases: Vec<(&str, Option<Vec<u8>>, String, Duration)> = vec![
+        (
+            "undecodable",
+            Some(undecodable),
+            "connection was refused: unreadable hello: malformed frame".into(),
+            PROMPT_FAILURE,
+        ),
+        (
+            "oversized length prefix",
+            Some(oversized),
+            format!(
+                "unreadable hello: frame of 4294967295 bytes exceeds the {MAX_FRAME_LEN}-byte cap"
+            ),
+            PROMPT_FAILURE,
+        ),
+        (
+            "truncated",
+            Some(truncated),
+            "unreadable hello: stream ended inside a frame".into(),
+            PROMPT_FAILURE,
+        ),
+        (
+            "point batch first",
+            None,
+            "connection was refused: first frame (phase 11) is not a psihello".into(),
+            PROMPT_FAILURE,
+        ),
+        (
+            "no hello at all",
+            Some(Vec::new()),
+            "connection was refused: opened no stream within 10s".into(),
+            Duration::from_secs(10) + PROMPT_FAILURE,
+        ),
+    ];
+    for (label, bytes, expect, bound) in cases {
+        let dir = c.path().to_owned();
+        let evil = rt.spawn(async move {
+            let mut job =
+                fake_node::join_next_job_without_hello(&dir, coordinator, "mallory", "acme").await;
+            match bytes {
+                Some(bytes) => {
+                    job.send_raw(&bytes).await;
+                    if bytes.len() == 14 {
+                        job.finish();
+                    }
+                }
+                None => {
+                    job.send(
+                        Phase::PsiBlinded,
+                        Body::Points(PointBatch {
+                            seq: 0,
+                            points: BASEPOINT.to_vec(),
+                        }),
+                    )
+                    .await;
+                }
+            }
+            let _ = tokio::time::timeout(Duration::from_secs(60), job.conn.closed()).await;
+        });
+        c.wait_connected(&["mallory"]);
+        let job_id = c.submit_nowait(&overlap("mallory,acme"));
+        // From the moment the job runs (the fake node has its Start) to its failure.
+        let mut running_at = None;
+        let t0 = Instant::now();
+        let job = loop {
+            let job = c.job_status(&job_id);
+            match job["state"].as_str() {
+                Some("running") if running_at.is_none() => running_at = Some(Instant::now()),
+                Some("failed" | "succeeded" | "vetoed") => break job,
+                _ => {}
+            }
+            assert!(t0.elapsed() < Duration::from_secs(120), "{label}: {job}");
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let took = running_at.unwrap_or(t0).elapsed();
+        eprintln!(
+            "bad first frame, {label}: {} {took:.2?} after it started: {}",
+            job["state"], job["reason"]
+        );
+        assert_eq!(job["state"], "failed", "{label}: {job}");
+        let reason = job["reason"].as_str().unwrap().to_lowercase();
+        assert!(
+            reason.contains("mallory") && reason.contains(&expect),
+            "{label}: the reason names the violation ({expect}): {reason}"
+        );
+        assert!(
+            took < bound,
+            "{label}: failed {took:?} after it started, not within {bound:?}"
+        );
+        let audited = audited_error(c.path(), &job_id)
+            .unwrap_or_else(|| panic!("{label}: acme audited no JobError"));
+        assert!(audited.to_lowercase().contains(&expect), "{audited}");
+        rt.block_on(async {
+            let _ = tokio::time::timeout(Duration::from_secs(30), evil).await;
+        });
+        let (next, _) = c.submit(&overlap("globex,acme"));
+        assert_eq!(next["state"], "succeeded", "{label}: the next job: {next}");
+    }
+    let log = c.node("acme").log_text();
+    assert!(!log.contains("panicked"), "acme panicked:\n{log}");
+}

@@ -7,8 +7,13 @@
 //! - Longer than the idle timeout: both nodes fail the job with a readable reason, audit it,
 //!   release nothing; after healing, the pair serves the next job.
 //!
+//! The second test puts the proxy on the control plane instead, between acme and the
+//! coordinator (acme's config names the proxy as its coordinator): a short cut while a job runs
+//! is survived; a long one fails the job with a readable reason and no result, and acme
+//! reconnects by itself once healed and serves the next job.
+//!
 //! The idle timeout is the transport's default (30 s, `TransportTuning`); nodes have no setting
-//! for it, so the long case waits that long.
+//! for it, so the long cases wait that long.
 
 // Test-only code: a failed step is a failed test.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -224,4 +229,146 @@ fn a_partition_shorter_than_the_idle_timeout_is_survived_and_a_longer_one_fails_
     // Healed: the pair serves the next job, through the proxy again.
     let job = c.wait_job(&c.submit_nowait(&OVERLAP), Duration::from_secs(300));
     assert_count(&job, expected, "after healing");
+}
+
+/// How many lines of `name`'s log contain `needle`.
+fn count_lines(c: &Consortium, name: &str, needle: &str) -> usize {
+    c.node(name)
+        .log_text()
+        .lines()
+        .filter(|l| l.contains(needle))
+        .count()
+}
+
+/// A partition of the control plane: the UDP proxy sits between acme and the coordinator (acme's
+/// config names the proxy as its coordinator), the data plane between the nodes is direct.
+///
+/// - Shorter than the idle timeout while a job runs: QUIC retransmits the reports once healed;
+///   the job succeeds with the right count.
+/// - Longer than the idle timeout: the coordinator loses acme's control connection and fails
+///   the job with a readable reason, releasing nothing; acme's session times out too, and once
+///   healed acme reconnects by itself (its backoff is at most 5 s) and serves the next job.
+#[test]
+fn a_control_plane_partition_shorter_than_the_idle_timeout_is_survived_and_a_longer_one_fails_cleanly()
+ {
+    let idle = cleanroom_transport::TransportTuning::default().idle_timeout;
+    let mut c = Consortium::new();
+    let truth = c.synth("acme,globex", ROWS, 0.3, 43);
+    let expected = truth["pairwise_overlap"]["acme,globex"].as_u64().unwrap();
+    let coordinator = c.start_coordinator();
+    let proxy = UdpProxy::start();
+    proxy.set_upstream(coordinator);
+    for (me, other) in [("acme", "globex"), ("globex", "acme")] {
+        c.issue_node(me);
+        c.write_node_config(me, me, &open_agreement(other));
+    }
+    // acme dials the coordinator through the proxy.
+    let cfg = c.path().join("acme.toml");
+    let text = std::fs::read_to_string(&cfg).unwrap().replacen(
+        &format!("coordinator = \"{coordinator}\"\n"),
+        &format!("coordinator = \"{}\"\n", proxy.addr()),
+        1,
+    );
+    assert!(text.contains(&proxy.addr().to_string()), "{text}");
+    std::fs::write(&cfg, text).unwrap();
+    c.start_node("globex");
+    c.start_node("acme");
+    c.wait_connected(&["acme", "globex"]);
+    assert!(
+        proxy.counts().0 > 0,
+        "acme's control plane is not on the proxy"
+    );
+
+    // Through the proxy, undisturbed.
+    let job = c.wait_job(&c.submit_nowait(&OVERLAP), Duration::from_secs(300));
+    assert_count(&job, expected, "control-plane baseline");
+
+    // A: cut for SHORT once both nodes have loaded their data, then heal.
+    let job_id = submit_and_wait_for_exchange(&c);
+    proxy.cut();
+    let (_, dropped_before) = proxy.counts();
+    let at_cut = c.job_status(&job_id);
+    std::thread::sleep(SHORT);
+    proxy.heal();
+    let (_, dropped) = proxy.counts();
+    assert_eq!(at_cut["state"], "running", "{at_cut}");
+    let job = c.wait_job(&job_id, Duration::from_secs(300));
+    eprintln!(
+        "control A: {SHORT:?} partition mid-job ({} datagrams dropped): {} with {}",
+        dropped - dropped_before,
+        job["state"],
+        job["intersection"]
+    );
+    assert!(
+        dropped > dropped_before,
+        "nothing was dropped during the cut"
+    );
+    assert_count(&job, expected, "after a short control-plane partition");
+
+    // B: cut for longer than the idle timeout; keep it until the coordinator has failed the job
+    // and acme has noticed that its session is gone.
+    let sessions_failed = count_lines(&c, "acme", "control session with the coordinator failed");
+    let registered = count_lines(&c, "acme", "registered with the coordinator");
+    let job_id = submit_and_wait_for_exchange(&c);
+    proxy.cut();
+    let cut_at = Instant::now();
+    assert_eq!(c.job_status(&job_id)["state"], "running");
+    let job = c.wait_job(&job_id, idle + Duration::from_secs(90));
+    let took = cut_at.elapsed();
+    let deadline = cut_at + idle + Duration::from_secs(60);
+    while count_lines(&c, "acme", "control session with the coordinator failed") == sessions_failed
+    {
+        assert!(
+            Instant::now() < deadline,
+            "acme never noticed that its control session was gone"
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let partition = cut_at.elapsed();
+    proxy.heal();
+    eprintln!(
+        "control B: partition of {partition:?} (idle timeout {idle:?}): {} after {took:?}: {}",
+        job["state"], job["reason"]
+    );
+    assert!(partition > idle, "{partition:?}");
+    assert_eq!(job["state"], "failed", "{job}");
+    let reason = job["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("acme") && reason.contains("timed out"),
+        "the reason says what happened: {reason}"
+    );
+    assert!(job["intersection"].is_null(), "{job}");
+    assert!(
+        job["results"].as_array().is_none_or(Vec::is_empty),
+        "a failed job has results: {job}"
+    );
+    // The data plane was up, so the nodes may have finished their exchange: what each did with
+    // the job it could not report (for the record; the coordinator released nothing either way).
+    for node in ["acme", "globex"] {
+        eprintln!(
+            "control B: {node} audited for the job: {:?}",
+            audited_error(&c, node, &job_id)
+        );
+    }
+
+    // Healed: acme reconnects by itself and the pair serves the next job.
+    let healed_at = Instant::now();
+    c.wait_connected(&["acme"]);
+    while count_lines(&c, "acme", "registered with the coordinator") == registered {
+        assert!(
+            healed_at.elapsed() < Duration::from_secs(30),
+            "acme did not register again"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    eprintln!(
+        "control B: acme registered again {:?} after healing",
+        healed_at.elapsed()
+    );
+    let job = c.wait_job(&c.submit_nowait(&OVERLAP), Duration::from_secs(300));
+    assert_count(&job, expected, "after the control plane healed");
+    for node in ["acme", "globex"] {
+        let log = c.node(node).log_text();
+        assert!(!log.contains("panicked"), "{node} panicked:\n{log}");
+    }
 }

@@ -93,9 +93,10 @@ pub async fn drive(shared: &Arc<Shared>, job_id: &str, spec: &JobSpec) -> Result
                         send,
                         recv,
                     })),
-                    Some(Body::OfferReply(r)) => {
-                        Ok(Err(format!("node '{node}' refused: {}", r.reason)))
-                    }
+                    Some(Body::OfferReply(r)) => Ok(Err(format!(
+                        "node '{node}' refused: {}",
+                        crate::untrusted::node_text(&r.reason)
+                    ))),
                     _ => Err(format!(
                         "node '{node}' sent something other than an offer reply"
                     )),
@@ -249,7 +250,13 @@ async fn collect(mut party: Party, job_id: &str, cells: usize) -> Result<Reporte
             .recv
             .recv()
             .await
-            .map_err(|e| format!("node '{node}' lost: {e}"))?
+            .map_err(|e| match e {
+                // Bytes no honest node sends are its violation, not a lost connection.
+                cleanroom_transport::TransportError::Frame(_) => {
+                    format!("node '{node}' sent an unreadable frame: {e}")
+                }
+                _ => format!("node '{node}' lost: {e}"),
+            })?
             .ok_or_else(|| format!("node '{node}' lost: its job stream ended"))?;
         if env.job_id != job_id {
             return Err(format!("node '{node}' sent a frame for another job"));
@@ -281,7 +288,9 @@ async fn collect(mut party: Party, job_id: &str, cells: usize) -> Result<Reporte
                             outcome,
                         })
                     }
-                    Some(Outcome::Failure(reason)) => Err(format!("{node}: {reason}")),
+                    Some(Outcome::Failure(reason)) => {
+                        Err(format!("{node}: {}", crate::untrusted::node_text(&reason)))
+                    }
                     _ => Err(format!("node '{node}' sent a report of another job kind")),
                 };
             }

@@ -14,8 +14,9 @@
 //! - [`clock`]: the clock behind the scheduler (a settable one for tests);
 //! - [`cron`]: cron expressions in IANA time zones;
 //! - [`schedule`]: recurring jobs: the sans-IO planner and the scheduler loop;
-//! - [`report`]: a schedule's history as HTML (trend chart, runs table), CSV and JSON.
-//! - [`sum_result`]: the two reports of an overlap-sum, checked against each other and stored.
+//! - [`report`]: a schedule's history as HTML (trend chart, runs table), CSV and JSON;
+//! - [`sum_result`]: the two reports of an overlap-sum, checked against each other and stored;
+//! - [`untrusted`]: bounding and defusing the text nodes send (refusal and failure reasons).
 #![warn(missing_docs)]
 
 pub mod aggregate_runner;
@@ -32,6 +33,7 @@ pub mod server;
 pub mod spec;
 pub mod store;
 pub mod sum_result;
+pub mod untrusted;
 
 pub use client::AnalystClient;
 pub use config::CoordinatorConfig;

@@ -220,9 +220,10 @@ async fn drive(
                         send,
                         recv,
                     })),
-                    Some(Body::OfferReply(r)) => {
-                        Ok(Err(format!("node '{node}' refused: {}", r.reason)))
-                    }
+                    Some(Body::OfferReply(r)) => Ok(Err(format!(
+                        "node '{node}' refused: {}",
+                        crate::untrusted::node_text(&r.reason)
+                    ))),
                     _ => Err(format!(
                         "node '{node}' sent something other than an offer reply"
                     )),
@@ -316,7 +317,9 @@ async fn drive(
             match env.body {
                 Some(Body::Report(r)) => match r.outcome {
                     Some(Outcome::Psi(outcome)) => Ok((node, outcome)),
-                    Some(Outcome::Failure(reason)) => Err(format!("{node}: {reason}")),
+                    Some(Outcome::Failure(reason)) => {
+                        Err(format!("{node}: {}", crate::untrusted::node_text(&reason)))
+                    }
                     Some(Outcome::Aggregate(_)) => Err(format!(
                         "node '{node}' sent an aggregate report for a PSI job"
                     )),

@@ -46,7 +46,7 @@ use crate::NodeError;
 use crate::aggregate_policy::{self, AggregatePermit};
 use crate::agreement::now_ms;
 use crate::audit::{AuditEvent, AuditHead};
-use crate::dataplane::Handover;
+use crate::dataplane::{Delivery, refused};
 use crate::dataset::{self, RowFilter};
 use crate::forget::ForgetStore;
 use crate::state::NodeState;
@@ -338,7 +338,7 @@ impl AggregateJob {
         &self,
         endpoint: &quinn::Endpoint,
         peers: Vec<(String, SocketAddr)>,
-        incoming: Vec<(String, oneshot::Receiver<Handover>)>,
+        incoming: Vec<(String, oneshot::Receiver<Delivery>)>,
         control: &mut FramedSend,
     ) -> Result<(), NodeError> {
         self.recheck()?;
@@ -412,6 +412,12 @@ impl AggregateJob {
             }
         }
 
+        // Each peer's terms decide our noise and threshold: they must be terms an honest node
+        // can send, or the peer is named as the one that broke the protocol.
+        for (peer, share, _) in &shares {
+            check_peer_terms(&share.terms, n, my_terms.sensitivities.len())
+                .map_err(|e| protocol(peer, e))?;
+        }
         // The strictest terms of all parties, identical at every honest party.
         let all_terms: Vec<&AggregateTerms> = std::iter::once(&my_terms)
             .chain(shares.iter().map(|(_, s, _)| &s.terms))
@@ -640,6 +646,36 @@ pub fn load_vector(
     })
 }
 
+/// Checks terms a peer sent against what an honest node sends: ε finite and ≥ 0 (0 = no
+/// noise), fewer colluders than parties, one sensitivity per column of the job, each ≥ 1 and
+/// no larger than an `i64` clipping bound allows. (A huge ε or `min_result` needs no check: the
+/// joint terms take the smallest ε and the largest threshold, so they only make the release
+/// more private.)
+fn check_peer_terms(terms: &AggregateTerms, parties: usize, columns: usize) -> Result<(), String> {
+    if !terms.epsilon.is_finite() || terms.epsilon < 0.0 {
+        return Err(format!(
+            "hello declares epsilon {}, not a finite number >= 0",
+            terms.epsilon
+        ));
+    }
+    if terms.max_colluders as usize >= parties {
+        return Err(format!(
+            "hello declares {} colluders among {parties} parties",
+            terms.max_colluders
+        ));
+    }
+    if terms.sensitivities.len() != columns {
+        return Err(format!(
+            "hello declares {} column sensitivities for a job of {columns} columns",
+            terms.sensitivities.len()
+        ));
+    }
+    if let Some(s) = terms.sensitivities.iter().find(|&&s| s == 0 || s > 1 << 63) {
+        return Err(format!("hello declares a column sensitivity of {s}"));
+    }
+    Ok(())
+}
+
 /// The strictest of all parties' terms: smallest positive ε (none if no party asks for
 /// noise), most colluders (clamped below `n`), largest k-threshold, largest sensitivity per
 /// column. Every party must send one sensitivity per column.
@@ -756,13 +792,14 @@ async fn send_share(
 async fn receive_share(
     job_id: String,
     peer: String,
-    rx: oneshot::Receiver<Handover>,
+    rx: oneshot::Receiver<Delivery>,
     digest: Vec<u8>,
 ) -> Result<(String, PeerShare, quinn::Connection), NodeError> {
     let handover = tokio::time::timeout(PEER_TIMEOUT, rx)
         .await
         .map_err(|_| NodeError::Job(format!("party '{peer}' did not connect in time")))?
-        .map_err(|_| NodeError::Job("job cancelled while waiting for the peers".into()))?;
+        .map_err(|_| NodeError::Job("job cancelled while waiting for the peers".into()))?
+        .map_err(|reason| refused(&peer, &reason))?;
     let conn = handover.conn;
     let fail = |reason: String| {
         conn.close(CLOSE_FAILED.into(), reason.as_bytes());
@@ -908,6 +945,22 @@ mod tests {
         assert_eq!(j.max_colluders, 2, "clamped below the party count");
         assert!(joint_terms(&[&a, &z], 3).is_err());
         assert!(joint_terms(&[&terms(f64::NAN, 0, 1, &[1])], 3).is_err());
+    }
+
+    #[test]
+    fn peer_terms_an_honest_node_cannot_send_are_named() {
+        assert!(check_peer_terms(&terms(1.0, 2, 1, &[1, 200]), 3, 2).is_ok());
+        assert!(check_peer_terms(&terms(0.0, 0, u64::MAX, &[1, 1 << 63]), 3, 2).is_ok());
+        let e = |t: AggregateTerms| check_peer_terms(&t, 3, 2).unwrap_err();
+        assert!(e(terms(f64::NAN, 0, 1, &[1, 1])).contains("epsilon NaN"));
+        assert!(e(terms(-1.0, 0, 1, &[1, 1])).contains("epsilon -1"));
+        assert!(e(terms(f64::INFINITY, 0, 1, &[1, 1])).contains("epsilon inf"));
+        assert!(e(terms(1.0, 3, 1, &[1, 1])).contains("3 colluders among 3 parties"));
+        assert!(e(terms(1.0, 0, 1, &[1])).contains("1 column sensitivities for a job of 2"));
+        assert!(e(terms(1.0, 0, 1, &[1, 0])).contains("sensitivity of 0"));
+        assert!(
+            e(terms(1.0, 0, 1, &[1, u64::MAX])).contains("sensitivity of 18446744073709551615")
+        );
     }
 
     #[test]

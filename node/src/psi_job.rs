@@ -40,7 +40,7 @@ use crate::NodeError;
 use crate::agreement::{Permit, now_ms};
 use crate::audit::{AuditEvent, AuditHead};
 use crate::config::Recipient;
-use crate::dataplane::Handover;
+use crate::dataplane::{Delivery, refused};
 use crate::dataset::{self, RowFilter};
 use crate::forget::ForgetStore;
 use crate::frame_budget::FrameBudget;
@@ -144,7 +144,7 @@ pub async fn run_initiator(
 /// exchange.
 pub async fn run_responder(
     job: JobContext,
-    incoming: oneshot::Receiver<Handover>,
+    incoming: oneshot::Receiver<Delivery>,
 ) -> Result<PsiOutcome, NodeError> {
     let (conn, send, recv, hello) = accept(&job, incoming).await?;
     let result = tokio::time::timeout(JOB_TIMEOUT, async {
@@ -175,7 +175,7 @@ pub(crate) async fn dial(
 /// partner's stream and its first frame.
 pub(crate) async fn accept(
     job: &JobContext,
-    incoming: oneshot::Receiver<Handover>,
+    incoming: oneshot::Receiver<Delivery>,
 ) -> Result<(quinn::Connection, FramedSend, FramedRecv, Envelope), NodeError> {
     let handover = tokio::time::timeout(CONNECT_TIMEOUT, incoming)
         .await
@@ -185,7 +185,8 @@ pub(crate) async fn accept(
                 job.permit.partner
             ))
         })?
-        .map_err(|_| NodeError::Job("job cancelled while waiting for the peer".into()))?;
+        .map_err(|_| NodeError::Job("job cancelled while waiting for the peer".into()))?
+        .map_err(|reason| refused(&format!("node '{}'", job.permit.partner), &reason))?;
     let conn = handover.conn;
     let send = conn
         .open_uni()

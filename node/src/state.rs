@@ -12,7 +12,7 @@ use tokio::sync::oneshot;
 use crate::agreement::{self, Permit, Veto};
 use crate::audit::{AuditError, AuditEvent, AuditLog};
 use crate::config::NodeConfig;
-use crate::dataplane::Handover;
+use crate::dataplane::{Delivery, Handover};
 use crate::ledger::{Ledger, LedgerError};
 use crate::policy::PolicyHolder;
 
@@ -62,7 +62,7 @@ pub struct NodeState {
 #[derive(Debug)]
 struct PendingJob {
     partner: String,
-    deliver: oneshot::Sender<Handover>,
+    deliver: oneshot::Sender<Delivery>,
 }
 
 impl NodeState {
@@ -224,7 +224,7 @@ impl NodeState {
     }
 
     /// Registers a job whose initiator will dial us; the returned receiver yields its connection.
-    pub fn expect_connection(&self, job_id: &str, partner: &str) -> oneshot::Receiver<Handover> {
+    pub fn expect_connection(&self, job_id: &str, partner: &str) -> oneshot::Receiver<Delivery> {
         let (tx, rx) = oneshot::channel();
         let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
         pending.insert(
@@ -262,8 +262,32 @@ impl NodeState {
             .remove(job_id)
             .ok_or_else(|| "job vanished".to_owned())?;
         job.deliver
-            .send(handover)
+            .send(Ok(handover))
             .map_err(|_| format!("job '{job_id}' is no longer running"))
+    }
+
+    /// Ends, with `reason`, the wait of the jobs expecting a connection from node `peer` whose
+    /// data-plane connection was just refused: the job `job_id` (under either of its keys), or
+    /// every job waiting for `peer` when `None`. Jobs waiting for another node are never
+    /// touched. Returns how many waits it ended.
+    pub fn refuse(&self, peer: &str, job_id: Option<&str>, reason: &str) -> usize {
+        let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+        let keys: Vec<String> = pending
+            .iter()
+            .filter(|(key, job)| {
+                job.partner == peer
+                    && job_id.is_none_or(|j| {
+                        *key == j || **key == crate::aggregate_job::pending_key(j, peer)
+                    })
+            })
+            .map(|(key, _)| key.clone())
+            .collect();
+        for key in &keys {
+            if let Some(job) = pending.remove(key) {
+                let _ = job.deliver.send(Err(reason.to_owned()));
+            }
+        }
+        keys.len()
     }
 }
 

@@ -39,7 +39,7 @@ use tokio::sync::oneshot;
 use crate::NodeError;
 use crate::agreement::now_ms;
 use crate::audit::AuditEvent;
-use crate::dataplane::Handover;
+use crate::dataplane::Delivery;
 use crate::dataset::{self, RowFilter};
 use crate::frame_budget::FrameBudget;
 use crate::psi_job::{
@@ -69,7 +69,7 @@ pub async fn run_key_holder(
 /// Value holder: wait for the key holder's connection, load, run the exchange.
 pub async fn run_value_holder(
     job: JobContext,
-    incoming: oneshot::Receiver<Handover>,
+    incoming: oneshot::Receiver<Delivery>,
 ) -> Result<PsiOutcome, NodeError> {
     let (conn, send, recv, hello) = accept(&job, incoming).await?;
     let result = tokio::time::timeout(JOB_TIMEOUT, async {

@@ -3,14 +3,22 @@
 //! correct hello — and from then on the test decides what it sends: raw bytes, any envelope, or
 //! an honest run of the protocol ([`FakeJob::run_honestly`]) whose frames it records so a later
 //! job can replay them.
+//!
+//! [`join_next_aggregate`] plays a party of an `aggregate` job (N ≥ 3) the same way: it accepts,
+//! confirms the start, takes the honest parties' hellos, and the test decides what it sends
+//! each peer on the data plane and what it reports to the coordinator.
 
 use std::net::SocketAddr;
 use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
+use cleanroom_circuits::aggregate::{ShareSeed, encode_cells};
 use cleanroom_circuits::{ItemSet, JobKey, PsiParams, PsiSession};
 use cleanroom_proto::v1::{
-    BatchEnd, Envelope, HelloAck, JobSpec, NodeHello, OfferReply, Phase, PointBatch, PsiHello,
-    PsiOutcome, Ready, Report, envelope::Body, report::Outcome,
+    AggregateHello, AggregateOutcome, AggregatePartial, AggregateTerms, BatchEnd, Envelope,
+    HelloAck, JobKind, JobSpec, NodeHello, OfferReply, Phase, PointBatch, PsiHello, PsiOutcome,
+    Ready, Report, envelope::Body, report::Outcome,
 };
 use cleanroom_transport::{Credentials, FramedRecv, FramedSend, Identity, TransportTuning};
 
@@ -224,13 +232,15 @@ pub async fn join_next_job(
     peer: &str,
     declared: u64,
 ) -> FakeJob {
-    join_next_job_with_hello(dir, coordinator, name, peer, |job_id, spec| PsiHello {
+    let mut job = join_next_job_without_hello(dir, coordinator, name, peer).await;
+    let hello = Body::PsiHello(PsiHello {
         sender: name.into(),
         set_size: declared,
-        spec_digest: cleanroom_node::psi_job::spec_digest(job_id, spec).to_vec(),
+        spec_digest: cleanroom_node::psi_job::spec_digest(&job.job_id, &job.spec).to_vec(),
         ..PsiHello::default()
-    })
-    .await
+    });
+    job.send(Phase::PsiSize, hello).await;
+    job
 }
 
 /// Like [`join_next_job`], but the hello is what `hello` makes of the job id and spec (e.g. an
@@ -242,34 +252,22 @@ pub async fn join_next_job_with_hello(
     peer: &str,
     hello: impl FnOnce(&str, &JobSpec) -> PsiHello,
 ) -> FakeJob {
-    let creds = Credentials::load(
-        &dir.join("pki/ca.pem"),
-        &dir.join(format!("pki/node-{name}.pem")),
-        &dir.join(format!("pki/node-{name}.key")),
-    )
-    .expect("fake node credentials");
-    let any: SocketAddr = "127.0.0.1:0".parse().expect("address");
-    let endpoint = cleanroom_transport::server_endpoint(any, &creds, &TransportTuning::default())
-        .expect("fake node endpoint");
-    let control = cleanroom_transport::connect(&endpoint, coordinator, &Identity::coordinator())
-        .await
-        .expect("connect to the coordinator");
-    let (mut send, mut recv) = cleanroom_transport::open_bi(&control)
-        .await
-        .expect("stream");
-    send.send(&Envelope {
-        job_id: String::new(),
-        phase: Phase::Hello as i32,
-        body: Some(Body::NodeHello(NodeHello {
-            node_name: name.into(),
-            data_addr: endpoint.local_addr().expect("bound").to_string(),
-            software_version: "fake".into(),
-        })),
-    })
-    .await
-    .expect("hello");
-    let ack = recv.recv().await.expect("ack").expect("ack");
-    assert!(matches!(ack.body, Some(Body::HelloAck(HelloAck { .. }))));
+    let mut job = join_next_job_without_hello(dir, coordinator, name, peer).await;
+    let hello = Body::PsiHello(hello(&job.job_id, &job.spec));
+    job.send(Phase::PsiSize, hello).await;
+    job
+}
+
+/// Like [`join_next_job`], but stops after opening the data stream to the responder: nothing
+/// is written on it yet (QUIC does not even announce the stream), so the test chooses the
+/// first frame — or sends none.
+pub async fn join_next_job_without_hello(
+    dir: &Path,
+    coordinator: SocketAddr,
+    name: &str,
+    peer: &str,
+) -> FakeJob {
+    let (endpoint, control) = register(dir, coordinator, name).await;
 
     // The job stream: offer → accept → start → ready.
     let (mut jsend, mut jrecv) = cleanroom_transport::accept_bi(&control).await.expect("job");
@@ -312,17 +310,330 @@ pub async fn join_next_job_with_hello(
         .await
         .expect("dial");
     let data = conn.open_uni().await.expect("stream");
-    let mut job = FakeJob {
-        job_id: job_id.clone(),
-        spec: spec.clone(),
+    FakeJob {
+        job_id,
+        spec,
         conn,
         data,
         sent: Vec::new(),
         _control: control,
         job_stream: jsend,
         _endpoint: endpoint,
+    }
+}
+
+/// Registers node `name` (its certificate must be in `<dir>/pki`) with the coordinator: its
+/// endpoint (which also serves as its data plane) and control connection.
+async fn register(
+    dir: &Path,
+    coordinator: SocketAddr,
+    name: &str,
+) -> (quinn::Endpoint, quinn::Connection) {
+    let creds = Credentials::load(
+        &dir.join("pki/ca.pem"),
+        &dir.join(format!("pki/node-{name}.pem")),
+        &dir.join(format!("pki/node-{name}.key")),
+    )
+    .expect("fake node credentials");
+    let any: SocketAddr = "127.0.0.1:0".parse().expect("address");
+    let endpoint = cleanroom_transport::server_endpoint(any, &creds, &TransportTuning::default())
+        .expect("fake node endpoint");
+    let control = cleanroom_transport::connect(&endpoint, coordinator, &Identity::coordinator())
+        .await
+        .expect("connect to the coordinator");
+    let (mut send, mut recv) = cleanroom_transport::open_bi(&control)
+        .await
+        .expect("stream");
+    send.send(&Envelope {
+        job_id: String::new(),
+        phase: Phase::Hello as i32,
+        body: Some(Body::NodeHello(NodeHello {
+            node_name: name.into(),
+            data_addr: endpoint.local_addr().expect("bound").to_string(),
+            software_version: "fake".into(),
+        })),
+    })
+    .await
+    .expect("hello");
+    let ack = recv.recv().await.expect("ack").expect("ack");
+    assert!(matches!(ack.body, Some(Body::HelloAck(HelloAck { .. }))));
+    (endpoint, control)
+}
+
+/// A fake party of an `aggregate` job, after `Start`: it has accepted the offer, confirmed the
+/// start, knows every other party's data-plane address, and accepts (and records) the hellos
+/// the honest parties send it. From then on the test decides what it sends each peer — on a
+/// data-plane connection it dials ([`FakeParty::dial`]) — and what it reports to the
+/// coordinator on the job's control stream ([`FakeParty::send_control`]).
+#[derive(Debug)]
+pub struct FakeParty {
+    /// This fake node's name.
+    pub name: String,
+    /// The job's id.
+    pub job_id: String,
+    /// Its spec as offered.
+    pub spec: JobSpec,
+    /// Every other party with its data-plane address, as `Start` named them.
+    pub peers: Vec<(String, SocketAddr)>,
+    /// The data-plane connections dialled so far, kept open until the party is dropped.
+    pub conns: Vec<quinn::Connection>,
+    /// The hellos the honest parties sent us, as they arrived.
+    pub received: Arc<Mutex<Vec<Envelope>>>,
+    endpoint: quinn::Endpoint,
+    control: quinn::Connection,
+    /// The job's control stream, unframed so that tests can write any bytes on it.
+    job_send: quinn::SendStream,
+    _job_recv: FramedRecv,
+    acceptor: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for FakeParty {
+    fn drop(&mut self) {
+        self.acceptor.abort();
+    }
+}
+
+impl FakeParty {
+    /// The job's columns: the count, then each summed column.
+    pub fn columns(&self) -> usize {
+        1 + self.spec.aggregate.as_ref().map_or(0, |a| a.sums.len())
+    }
+
+    /// The job's cells: `(groups + 1) × columns`.
+    pub fn cells(&self) -> usize {
+        let groups = self.spec.aggregate.as_ref().map_or(0, |a| a.groups.len()) + 1;
+        groups * self.columns()
+    }
+
+    /// Terms an honest node could send: no noise, no colluders, threshold 1, sensitivity 1
+    /// per column (the joint terms take the strictest of all parties', so these change nothing).
+    pub fn honest_terms(&self) -> AggregateTerms {
+        AggregateTerms {
+            epsilon: 0.0,
+            max_colluders: 0,
+            min_result: 1,
+            sensitivities: vec![1; self.columns()],
+        }
+    }
+
+    /// A correct `AggregateHello` of this job for a peer, with a fresh seed.
+    pub fn hello(&self) -> AggregateHello {
+        let seed = ShareSeed::generate().expect("entropy");
+        AggregateHello {
+            sender: self.name.clone(),
+            spec_digest: cleanroom_node::psi_job::spec_digest(&self.job_id, &self.spec).to_vec(),
+            terms: Some(self.honest_terms()),
+            share_seed: seed.to_bytes(),
+        }
+    }
+
+    /// Wraps `hello` in an envelope of this job's share phase.
+    pub fn envelope(&self, hello: AggregateHello) -> Envelope {
+        Envelope {
+            job_id: self.job_id.clone(),
+            phase: Phase::AggShare as i32,
+            body: Some(Body::AggHello(hello)),
+        }
+    }
+
+    /// Dials `peer` (its certificate must name it) and opens the stream an honest party sends
+    /// its hello on; nothing is written yet (QUIC does not even announce the stream).
+    pub async fn dial(&mut self, peer: &str) -> quinn::SendStream {
+        let addr = self
+            .peers
+            .iter()
+            .find(|(name, _)| name == peer)
+            .map(|(_, addr)| *addr)
+            .unwrap_or_else(|| panic!("Start named no party '{peer}'"));
+        let identity = Identity::node(peer).expect("peer name");
+        let conn = cleanroom_transport::connect(&self.endpoint, addr, &identity)
+            .await
+            .expect("dial the peer");
+        let stream = conn.open_uni().await.expect("stream");
+        self.conns.push(conn);
+        stream
+    }
+
+    /// Dials `peer` and writes `bytes` on the stream, then ends it if `finish`.
+    pub async fn send_raw_to(&mut self, peer: &str, bytes: &[u8], finish: bool) {
+        let mut stream = self.dial(peer).await;
+        // The honest side may already have hung up: that is what the tests provoke.
+        let _ = stream.write_all(bytes).await;
+        if finish {
+            let _ = stream.finish();
+        }
+        // Keep the stream's data flowing until the peer has read it or hung up.
+        tokio::spawn(async move {
+            let _ = tokio::time::timeout(Duration::from_secs(60), stream.stopped()).await;
+        });
+    }
+
+    /// Dials `peer` and sends it `envelopes`, framed, then ends the stream (as an honest party
+    /// does after its one hello).
+    pub async fn send_to(&mut self, peer: &str, envelopes: &[Envelope]) {
+        let mut bytes = Vec::new();
+        for env in envelopes {
+            bytes.extend(cleanroom_proto::encode_frame(env).expect("envelope under the cap"));
+        }
+        self.send_raw_to(peer, &bytes, true).await;
+    }
+
+    /// Writes `bytes` on the job's control stream to the coordinator.
+    pub async fn send_control_raw(&mut self, bytes: &[u8]) {
+        let _ = self.job_send.write_all(bytes).await;
+    }
+
+    /// Sends `body` on the job's control stream, stamped with this job and `phase`.
+    pub async fn send_control(&mut self, phase: Phase, body: Body) {
+        let frame = cleanroom_proto::encode_frame(&Envelope {
+            job_id: self.job_id.clone(),
+            phase: phase as i32,
+            body: Some(body),
+        })
+        .expect("envelope under the cap");
+        self.send_control_raw(&frame).await;
+    }
+
+    /// Sends partial batch `seq` of `cells` (any number of them) to the coordinator.
+    pub async fn send_partial(&mut self, seq: u64, cells: &[u64]) {
+        let partial = AggregatePartial {
+            seq,
+            cells: encode_cells(cells),
+        };
+        self.send_control(Phase::AggPartial, Body::AggPartial(partial))
+            .await;
+    }
+
+    /// Reports an `AggregateOutcome` claiming `cells` cells.
+    pub async fn send_outcome(&mut self, cells: u64) {
+        let outcome = AggregateOutcome {
+            cells,
+            ..AggregateOutcome::default()
+        };
+        let report = Report {
+            outcome: Some(Outcome::Aggregate(outcome)),
+        };
+        self.send_control(Phase::Report, Body::Report(report)).await;
+    }
+
+    /// Waits (at most `limit`) until the honest parties have sent us `n` hellos.
+    pub async fn wait_for_hellos(&self, n: usize, limit: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + limit;
+        while tokio::time::Instant::now() < deadline {
+            if self
+                .received
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .len()
+                >= n
+            {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        false
+    }
+
+    /// Waits (at most `limit`) until the coordinator ends the job (it drops the job's stream,
+    /// or the whole control connection), then closes every connection of this fake node.
+    pub async fn wait_for_the_end(mut self, limit: Duration) {
+        let _ = tokio::time::timeout(limit, async {
+            tokio::select! {
+                _ = self._job_recv.recv() => {}
+                _ = self.control.closed() => {}
+            }
+        })
+        .await;
+        for conn in &self.conns {
+            conn.close(0u32.into(), b"fake party done");
+        }
+        self.control.close(0u32.into(), b"fake party done");
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
+    }
+}
+
+/// Plays node `name` in the next `aggregate` job it is offered: registers, accepts the offer,
+/// confirms the start and starts accepting the honest parties' hellos (recorded in
+/// [`FakeParty::received`]). It sends no hello of its own: the test does.
+pub async fn join_next_aggregate(dir: &Path, coordinator: SocketAddr, name: &str) -> FakeParty {
+    let (endpoint, control) = register(dir, coordinator, name).await;
+    let received = Arc::new(Mutex::new(Vec::new()));
+    let acceptor = {
+        let endpoint = endpoint.clone();
+        let received = received.clone();
+        tokio::spawn(async move {
+            while let Some(incoming) = endpoint.accept().await {
+                let received = received.clone();
+                tokio::spawn(async move {
+                    let Ok((conn, _)) = cleanroom_transport::handshake(incoming).await else {
+                        return;
+                    };
+                    let Ok(stream) = conn.accept_uni().await else {
+                        return;
+                    };
+                    let mut recv = FramedRecv::new(stream);
+                    while let Ok(Some(env)) = recv.recv().await {
+                        received.lock().unwrap_or_else(|p| p.into_inner()).push(env);
+                    }
+                    // Hold the connection until the honest party closes it.
+                    conn.closed().await;
+                });
+            }
+        })
     };
-    let hello = Body::PsiHello(hello(&job_id, &spec));
-    job.send(Phase::PsiSize, hello).await;
-    job
+
+    let (mut jsend, mut jrecv) = cleanroom_transport::accept_bi(&control).await.expect("job");
+    let offer = jrecv.recv().await.expect("offer").expect("offer");
+    let job_id = offer.job_id.clone();
+    let Some(Body::Offer(offer)) = offer.body else {
+        panic!("expected an offer")
+    };
+    let spec = offer.spec.expect("spec");
+    assert_eq!(
+        spec.kind,
+        JobKind::Aggregate as i32,
+        "the fake party expected an aggregate job"
+    );
+    let reply = Body::OfferReply(OfferReply {
+        accept: true,
+        reason: String::new(),
+    });
+    jsend
+        .send(&Envelope {
+            job_id: job_id.clone(),
+            phase: Phase::Offer as i32,
+            body: Some(reply),
+        })
+        .await
+        .expect("offer reply");
+    let start = jrecv.recv().await.expect("start").expect("start");
+    let Some(Body::Start(start)) = start.body else {
+        panic!("expected start")
+    };
+    jsend
+        .send(&Envelope {
+            job_id: job_id.clone(),
+            phase: Phase::Start as i32,
+            body: Some(Body::Ready(Ready {})),
+        })
+        .await
+        .expect("ready");
+    let peers = start
+        .peers
+        .iter()
+        .map(|p| (p.node.clone(), p.data_addr.parse().expect("peer address")))
+        .collect();
+    FakeParty {
+        name: name.to_owned(),
+        job_id,
+        spec,
+        peers,
+        conns: Vec::new(),
+        received,
+        endpoint,
+        control,
+        job_send: jsend.into_inner(),
+        _job_recv: jrecv,
+        acceptor,
+    }
 }
