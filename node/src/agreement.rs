@@ -514,10 +514,10 @@ purposes = ["fraud-detection"]
     }
 
     #[test]
-    fn kind_must_be_overlap_or_match() {
+    fn kind_must_be_one_this_node_runs() {
         let mut s = overlap();
         s.kind = JobKind::Unspecified as i32;
-        assert!(vetoed(&s, 0).contains("(overlap, match)"));
+        assert!(vetoed(&s, 0).contains("(overlap, match, overlap-sum)"));
         s.kind = 99;
         assert_eq!(
             vetoed(&s, 0),
