@@ -9,17 +9,60 @@
 
 use std::sync::Arc;
 
-use cleanroom_circuits::aggregate::{decode_cells, reconstruct};
+use cleanroom_circuits::aggregate::{
+    GroupDomain, MAX_CELLS, accumulate, decode_cells, reconstruct,
+};
 use cleanroom_proto::v1::{
-    AggregateGroup, AggregateOutcome, AggregatePartyStats, AggregateResult, Envelope, JobSpec,
-    JobState, Offer, PeerEndpoint, Phase, Role, Start, envelope::Body, report::Outcome,
+    AggregateGroup, AggregateOutcome, AggregatePartyStats, AggregateResult, AggregateSpec,
+    Envelope, JobSpec, JobState, Offer, PeerEndpoint, Phase, Role, Start, envelope::Body,
+    report::Outcome,
 };
 use cleanroom_transport::{FramedRecv, FramedSend};
 
 use crate::now_ms;
 use crate::runner::{FAILURE_GRACE, Failure, READY_TIMEOUT, failed, record};
 use crate::server::Shared;
-use crate::spec::OTHER_GROUP;
+
+/// Most partial cells the coordinator holds for one job (parties × groups × columns): 2^26,
+/// i.e. 512 MiB of partials at 8 bytes a cell. 10^6 groups × 2 columns × 3 parties is 6·10^6.
+pub const MAX_JOB_PARTIAL_CELLS: usize = 1 << 26;
+
+/// The group domain of an aggregate spec: its labels, or its integer range.
+pub fn domain_of(agg: &AggregateSpec) -> Result<GroupDomain, String> {
+    match &agg.group_range {
+        Some(r) if agg.groups.is_empty() => {
+            GroupDomain::range(r.lo, r.hi).map_err(|e| e.to_string())
+        }
+        Some(_) => {
+            Err("give group labels (--groups) or a group range (--group-range), not both".into())
+        }
+        None => Ok(GroupDomain::Labels(agg.groups.clone())),
+    }
+}
+
+/// Checks an integer-range domain at submission, before anything is stored or offered: no
+/// labels beside it, a non-empty range of at most
+/// [`cleanroom_circuits::aggregate::MAX_RANGE_GROUPS`] integers, a vector of at most
+/// [`MAX_CELLS`] cells, and at most [`MAX_JOB_PARTIAL_CELLS`] partial cells over all parties.
+pub fn validate_range_domain(parties: usize, agg: &AggregateSpec) -> Result<(), String> {
+    let domain = domain_of(agg)?;
+    let groups = domain.groups();
+    let columns = 1 + agg.sums.len();
+    let cells = groups.saturating_mul(columns);
+    if cells > MAX_CELLS {
+        return Err(format!(
+            "{groups} groups (with \"(other)\") × {columns} columns (count and sums) is {cells} \
+             cells; at most {MAX_CELLS}: a smaller --group-range or fewer --sum columns"
+        ));
+    }
+    if cells.saturating_mul(parties) > MAX_JOB_PARTIAL_CELLS {
+        return Err(format!(
+            "{cells} cells × {parties} parties is more partial sums than the coordinator holds \
+             for one job ({MAX_JOB_PARTIAL_CELLS} cells)"
+        ));
+    }
+    Ok(())
+}
 
 /// One party's open job stream.
 struct Party {
@@ -41,7 +84,8 @@ pub async fn drive(shared: &Arc<Shared>, job_id: &str, spec: &JobSpec) -> Result
     let Some(agg) = spec.aggregate.as_ref() else {
         return Err(failed("aggregate job without its group-by spec"));
     };
-    let groups = agg.groups.len() + 1;
+    let domain = domain_of(agg).map_err(failed)?;
+    let groups = domain.groups();
     let columns = 1 + agg.sums.len();
     let cells = groups * columns;
 
@@ -308,18 +352,20 @@ fn combine(reported: &[Reported], spec: &JobSpec) -> Result<AggregateResult, Fai
             first.node, other.node
         )));
     }
-    let partials: Vec<Vec<u64>> = reported.iter().map(|r| r.partial.clone()).collect();
-    let totals = reconstruct(&partials).map_err(|e| failed(format!("reconstruction: {e}")))?;
+    // Summed in place over the first partial's copy (no copy of every partial: at 10^6 groups
+    // each is 16 MB).
+    let mut sum = first.partial.clone();
+    for r in &reported[1..] {
+        accumulate(&mut sum, &r.partial).map_err(|e| failed(format!("reconstruction: {e}")))?;
+    }
+    let totals = reconstruct(&[sum]).map_err(|e| failed(format!("reconstruction: {e}")))?;
     let columns = 1 + agg.sums.len();
     let min_result = first.outcome.min_result.max(1);
-    let labels = agg
-        .groups
-        .iter()
-        .map(String::as_str)
-        .chain(std::iter::once(OTHER_GROUP));
-    let groups = labels
-        .zip(totals.chunks(columns))
-        .map(|(label, row)| {
+    let domain = domain_of(agg).map_err(failed)?;
+    let groups: Vec<AggregateGroup> = totals
+        .chunks(columns)
+        .enumerate()
+        .map(|(index, row)| {
             let count = row.first().copied().unwrap_or(0);
             let suppressed = count < i64::try_from(min_result).unwrap_or(i64::MAX);
             let values = if suppressed {
@@ -330,12 +376,13 @@ fn combine(reported: &[Reported], spec: &JobSpec) -> Result<AggregateResult, Fai
                 row[1..].to_vec()
             };
             AggregateGroup {
-                label: label.to_owned(),
+                label: domain.label(index),
                 suppressed,
                 values,
             }
         })
         .collect();
+    let total_groups = groups.len() as u64;
     let mut names = Vec::new();
     if agg.count {
         names.push("count".to_owned());
@@ -370,6 +417,7 @@ fn combine(reported: &[Reported], spec: &JobSpec) -> Result<AggregateResult, Fai
                 bytes_to_coordinator: r.outcome.bytes_to_coordinator,
             })
             .collect(),
+        total_groups,
     })
 }
 
@@ -396,6 +444,7 @@ mod tests {
                 groups: vec!["x".into(), "y".into()],
                 sums: vec!["amount".into()],
                 count,
+                group_range: None,
             }),
         }
     }
@@ -458,6 +507,67 @@ mod tests {
         let r = combine(&reported(&inputs, 1), &spec(false)).unwrap();
         assert_eq!(r.columns, vec!["amount"]);
         assert_eq!(r.groups[0].values, vec![325]);
+    }
+
+    #[test]
+    fn integer_domains_are_labelled_by_their_integers() {
+        let inputs = [
+            [3, 30, 1, 1, 2, 2],
+            [3, 30, 1, 1, 2, 2],
+            [3, 30, 1, 1, 2, 2],
+        ];
+        let mut s = spec(true);
+        let a = s.aggregate.as_mut().unwrap();
+        a.groups.clear();
+        a.group_range = Some(cleanroom_proto::v1::IntegerRange { lo: -1, hi: 1 });
+        let r = combine(&reported(&inputs, 1), &s).unwrap();
+        let labels: Vec<&str> = r.groups.iter().map(|g| g.label.as_str()).collect();
+        assert_eq!(labels, ["-1", "0", "(other)"]);
+        assert_eq!(r.total_groups, 3);
+        assert_eq!(r.groups[0].values, vec![9, 90]);
+        assert_eq!(r.groups[2].values, vec![6, 6]);
+    }
+
+    #[test]
+    fn range_domains_are_validated_before_any_work() {
+        use cleanroom_proto::v1::IntegerRange;
+        let agg = |lo, hi, sums: usize| AggregateSpec {
+            group_by: "bucket".into(),
+            groups: vec![],
+            sums: (0..sums).map(|i| format!("s{i}")).collect(),
+            count: true,
+            group_range: Some(IntegerRange { lo, hi }),
+        };
+        validate_range_domain(3, &agg(0, 1_000_000, 1)).unwrap();
+        validate_range_domain(3, &agg(-5, 5, 0)).unwrap();
+        assert!(
+            validate_range_domain(3, &agg(0, 0, 1))
+                .unwrap_err()
+                .contains("empty")
+        );
+        assert!(
+            validate_range_domain(3, &agg(0, 1 << 22, 1))
+                .unwrap_err()
+                .contains("at most 2097152")
+        );
+        assert!(
+            validate_range_domain(3, &agg(0, 1 << 21, 8))
+                .unwrap_err()
+                .contains("cells; at most")
+        );
+        // 2^21 groups × 2 columns × 64 parties: more partials than the coordinator holds.
+        assert!(
+            validate_range_domain(64, &agg(0, 1 << 21, 1))
+                .unwrap_err()
+                .contains("partial sums")
+        );
+        let mut both = agg(0, 10, 1);
+        both.groups = vec!["x".into()];
+        assert!(
+            validate_range_domain(3, &both)
+                .unwrap_err()
+                .contains("not both")
+        );
     }
 
     #[test]
