@@ -269,17 +269,19 @@ pub async fn drive(shared: &Arc<Shared>, job_id: &str, spec: &JobSpec) -> Result
     // Spec order, so the per-party statistics read in the order the analyst listed them.
     reported.sort_by_key(|r| spec.parties.iter().position(|p| p.node == r.node));
     let result = combine(&reported, spec)?;
+    let parties = reported.len();
+    // The partials are no longer needed (N × 16 MB at 10^6 groups).
+    drop(reported);
     let (shown, suppressed) = (
         result.groups.iter().filter(|g| !g.suppressed).count(),
         result.groups.iter().filter(|g| g.suppressed).count(),
     );
     shared
         .store
-        .put_aggregate_result(job_id, &result, now_ms())
+        .put_aggregate_result(job_id, result, now_ms())
         .map_err(|e| failed(format!("storing the result: {e}")))?;
     Ok(format!(
-        "aggregate over {} parties: {shown} groups released, {suppressed} suppressed",
-        reported.len()
+        "aggregate over {parties} parties: {shown} groups released, {suppressed} suppressed"
     ))
 }
 

@@ -1440,15 +1440,18 @@ impl JobStore {
     pub fn put_aggregate_result(
         &self,
         job_id: &str,
-        result: &cleanroom_proto::v1::AggregateResult,
+        result: cleanroom_proto::v1::AggregateResult,
         now_ms: i64,
     ) -> Result<(), StoreError> {
-        let mut meta = result.clone();
-        meta.total_groups = result.groups.len() as u64;
+        // Taken by value: a result of 10^6 groups is ~100 MB in memory, not to be copied.
+        let mut meta = result;
+        meta.total_groups = meta.groups.len() as u64;
         let paged = meta.encoded_len() > MAX_INLINE_RESULT_BYTES;
-        if paged {
-            meta.groups.clear();
-        }
+        let groups = if paged {
+            std::mem::take(&mut meta.groups)
+        } else {
+            Vec::new()
+        };
         let mut conn = self.lock();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let exists: bool = tx.query_row(
@@ -1473,7 +1476,7 @@ impl JobStore {
             let mut insert = tx.prepare_cached(
                 "INSERT INTO aggregate_result_pages (job_id, first_group, page) VALUES (?1, ?2, ?3)",
             )?;
-            for (i, chunk) in result.groups.chunks(STORE_PAGE_GROUPS).enumerate() {
+            for (i, chunk) in groups.chunks(STORE_PAGE_GROUPS).enumerate() {
                 let first = i * STORE_PAGE_GROUPS;
                 let page = cleanroom_proto::v1::AggregatePage {
                     offset: first as u64,
@@ -1652,9 +1655,11 @@ mod aggregate_result_tests {
             min_result: 5,
             ..AggregateResult::default()
         };
-        store.put_aggregate_result(&job.job_id, &result, 2).unwrap();
+        store
+            .put_aggregate_result(&job.job_id, result.clone(), 2)
+            .unwrap();
         assert!(matches!(
-            store.put_aggregate_result("job-nope", &result, 2),
+            store.put_aggregate_result("job-nope", result.clone(), 2),
             Err(StoreError::UnknownJob(_))
         ));
         drop(store);
@@ -1754,7 +1759,7 @@ mod aggregate_page_tests {
         let (_dir, store, job) = store_with_job();
         assert_eq!(store.get_aggregate_page(&job, 0, 0).unwrap(), None);
         let r = result(10, |i| format!("g{i}"), 2);
-        store.put_aggregate_result(&job, &r, 2).unwrap();
+        store.put_aggregate_result(&job, r.clone(), 2).unwrap();
         let got = store.get_aggregate_result(&job).unwrap().unwrap();
         assert_eq!(got.groups, r.groups);
         assert_eq!(got.total_groups, 10);
@@ -1787,7 +1792,7 @@ mod aggregate_page_tests {
             },
             2,
         );
-        store.put_aggregate_result(&job, &r, 2).unwrap();
+        store.put_aggregate_result(&job, r.clone(), 2).unwrap();
         let meta = store.get_aggregate_result(&job).unwrap().unwrap();
         assert!(
             meta.groups.is_empty(),
@@ -1832,7 +1837,7 @@ mod aggregate_page_tests {
         assert_eq!(all, r.groups);
         // Replacing the result replaces its pages.
         let small = result(3, |i| format!("x{i}"), 1);
-        store.put_aggregate_result(&job, &small, 3).unwrap();
+        store.put_aggregate_result(&job, small.clone(), 3).unwrap();
         assert_eq!(read_all(&store, &job, 0).0, small.groups);
     }
 
@@ -1842,7 +1847,7 @@ mod aggregate_page_tests {
         // 64-byte labels and 9 large negative values: ~170 bytes a group.
         let n = 20_000;
         let r = result(n, |i| format!("{i:0>64}"), 9);
-        store.put_aggregate_result(&job, &r, 2).unwrap();
+        store.put_aggregate_result(&job, r.clone(), 2).unwrap();
         let p = store.get_aggregate_page(&job, 0, 0).unwrap().unwrap();
         assert!(p.groups.len() < MAX_PAGE_GROUPS, "cut by bytes");
         assert!(!p.groups.is_empty());
