@@ -383,6 +383,39 @@ fn integer_domain_result_is_paged_and_exact() {
     assert!(table.contains("\n  99999 "), "{table:.2000}");
     assert!(!table.contains("groups shown"));
     assert!(table.contains("history"));
+
+    // A range beyond the cap, or labels and a range together, is refused at submission.
+    for (range, why) in [
+        ("0..3000000", "at most 2097152"),
+        ("5..5", "is empty"),
+        ("0..1e6", "two integers"),
+    ] {
+        let mut a: Vec<String> = [
+            "job",
+            "submit",
+            "aggregate",
+            "--parties",
+            "acme,globex,initech",
+            "--dataset",
+            "chargebacks",
+            "--group-by",
+            "bucket",
+            "--group-range",
+            range,
+            "--count",
+            "--purpose",
+            "fraud-benchmark",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        a.extend(c.analyst_args());
+        let a: Vec<&str> = a.iter().map(String::as_str).collect();
+        let out = cleanroom(c.path(), &a);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{range}");
+        assert!(stderr.contains(why), "{range}: {stderr}");
+    }
 }
 
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {
