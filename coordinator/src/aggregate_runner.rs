@@ -9,9 +9,7 @@
 
 use std::sync::Arc;
 
-use cleanroom_circuits::aggregate::{
-    GroupDomain, MAX_CELLS, accumulate, decode_cells, reconstruct,
-};
+use cleanroom_circuits::aggregate::{GroupDomain, MAX_CELLS, accumulate, decode_cells};
 use cleanroom_proto::v1::{
     AggregateGroup, AggregateOutcome, AggregatePartyStats, AggregateResult, AggregateSpec,
     Envelope, JobSpec, JobState, Offer, PeerEndpoint, Phase, Role, Start, envelope::Body,
@@ -23,8 +21,10 @@ use crate::now_ms;
 use crate::runner::{FAILURE_GRACE, Failure, READY_TIMEOUT, failed, record};
 use crate::server::Shared;
 
-/// Most partial cells the coordinator holds for one job (parties × groups × columns): 2^26,
-/// i.e. 512 MiB of partials at 8 bytes a cell. 10^6 groups × 2 columns × 3 parties is 6·10^6.
+/// Most partial cells the coordinator receives for one job (parties × groups × columns): 2^26,
+/// i.e. 512 MiB of partials on the wire. It holds only their running sum (at most
+/// [`MAX_CELLS`] cells) and one batch per party at a time. 10^6 groups × 2 columns × 3 parties
+/// is 6·10^6.
 pub const MAX_JOB_PARTIAL_CELLS: usize = 1 << 26;
 
 /// The group domain of an aggregate spec: its labels, or its integer range.
@@ -72,11 +72,25 @@ struct Party {
     recv: FramedRecv,
 }
 
-/// What one party reported.
+/// What one party reported (its partial went into the [`PartialSum`]).
 struct Reported {
     node: String,
-    partial: Vec<u64>,
     outcome: AggregateOutcome,
+}
+
+/// The running sum of all parties' partials: each batch is added (wrapping) at its place as it
+/// arrives, so the coordinator holds one vector whatever the number of parties. It means
+/// nothing until every party has sent all its cells, and is dropped if any fails.
+type PartialSum = Arc<std::sync::Mutex<Vec<u64>>>;
+
+/// Adds `batch` to `sum` from cell `at` on (bounds checked by the caller).
+fn add_batch(sum: &PartialSum, at: usize, batch: &[u64]) {
+    let mut sum = sum
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if let Some(cells) = sum.get_mut(at..at + batch.len()) {
+        accumulate(cells, batch).unwrap_or_default();
+    }
 }
 
 /// Drives an aggregate job to a result or a failure (the caller stores the final state).
@@ -227,12 +241,14 @@ pub async fn drive(shared: &Arc<Shared>, job_id: &str, spec: &JobSpec) -> Result
     // Collect every partial. Each task owns its party's whole stream: dropping it (on failure)
     // tells that node the job is over.
     let job_timeout = shared.cfg.job_timeout();
+    let sum: PartialSum = Arc::new(std::sync::Mutex::new(vec![0u64; cells]));
     let mut reports = tokio::task::JoinSet::new();
     for party in parties {
         let job_id = job_id.to_owned();
+        let sum = sum.clone();
         reports.spawn(async move {
             let node = party.node.clone();
-            tokio::time::timeout(job_timeout, collect(party, &job_id, cells))
+            tokio::time::timeout(job_timeout, collect(party, &job_id, cells, &sum))
                 .await
                 .unwrap_or_else(|_| {
                     Err(format!(
@@ -268,10 +284,13 @@ pub async fn drive(shared: &Arc<Shared>, job_id: &str, spec: &JobSpec) -> Result
     }
     // Spec order, so the per-party statistics read in the order the analyst listed them.
     reported.sort_by_key(|r| spec.parties.iter().position(|p| p.node == r.node));
-    let result = combine(&reported, spec)?;
+    let total = std::mem::take(
+        &mut *sum
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner),
+    );
+    let result = combine(total, &reported, spec)?;
     let parties = reported.len();
-    // The partials are no longer needed (N × 16 MB at 10^6 groups).
-    drop(reported);
     let (shown, suppressed) = (
         result.groups.iter().filter(|g| !g.suppressed).count(),
         result.groups.iter().filter(|g| g.suppressed).count(),
@@ -285,10 +304,16 @@ pub async fn drive(shared: &Arc<Shared>, job_id: &str, spec: &JobSpec) -> Result
     ))
 }
 
-/// Reads one party's partial batches and its outcome.
-async fn collect(mut party: Party, job_id: &str, cells: usize) -> Result<Reported, String> {
+/// Reads one party's partial batches, adding each to `sum`, and its outcome.
+async fn collect(
+    mut party: Party,
+    job_id: &str,
+    cells: usize,
+    sum: &PartialSum,
+) -> Result<Reported, String> {
     let node = party.node.clone();
-    let mut partial: Vec<u64> = Vec::with_capacity(cells);
+    let mut received = 0usize;
+    let mut batch: Vec<u64> = Vec::new();
     let mut seq = 0u64;
     loop {
         let env = party
@@ -308,24 +333,23 @@ async fn collect(mut party: Party, job_id: &str, cells: usize) -> Result<Reporte
                         p.seq
                     ));
                 }
-                decode_cells(&p.cells, &mut partial, cells)
-                    .map_err(|e| format!("node '{node}' sent a bad partial: {e}"))?;
+                batch.clear();
+                decode_cells(&p.cells, &mut batch, cells - received).map_err(|e| {
+                    format!("node '{node}' sent a bad partial (after {received} cells): {e}")
+                })?;
+                add_batch(sum, received, &batch);
+                received += batch.len();
                 seq += 1;
             }
             Some(Body::Report(r)) if env.phase == Phase::Report as i32 => {
                 return match r.outcome {
                     Some(Outcome::Aggregate(outcome)) => {
-                        if partial.len() != cells || outcome.cells != cells as u64 {
+                        if received != cells || outcome.cells != cells as u64 {
                             return Err(format!(
-                                "node '{node}' sent {} of {cells} partial cells",
-                                partial.len()
+                                "node '{node}' sent {received} of {cells} partial cells"
                             ));
                         }
-                        Ok(Reported {
-                            node,
-                            partial,
-                            outcome,
-                        })
+                        Ok(Reported { node, outcome })
                     }
                     Some(Outcome::Failure(reason)) => Err(format!("{node}: {reason}")),
                     _ => Err(format!("node '{node}' sent a report of another job kind")),
@@ -336,8 +360,13 @@ async fn collect(mut party: Party, job_id: &str, cells: usize) -> Result<Reporte
     }
 }
 
-/// Reconstructs the noised totals and applies the k-threshold on the noised count.
-fn combine(reported: &[Reported], spec: &JobSpec) -> Result<AggregateResult, Failure> {
+/// Reads the noised totals from the sum of all partials and applies the k-threshold on the
+/// noised count.
+fn combine(
+    sum: Vec<u64>,
+    reported: &[Reported],
+    spec: &JobSpec,
+) -> Result<AggregateResult, Failure> {
     let Some(agg) = spec.aggregate.as_ref() else {
         return Err(failed("aggregate job without its group-by spec"));
     };
@@ -354,13 +383,8 @@ fn combine(reported: &[Reported], spec: &JobSpec) -> Result<AggregateResult, Fai
             first.node, other.node
         )));
     }
-    // Summed in place over the first partial's copy (no copy of every partial: at 10^6 groups
-    // each is 16 MB).
-    let mut sum = first.partial.clone();
-    for r in &reported[1..] {
-        accumulate(&mut sum, &r.partial).map_err(|e| failed(format!("reconstruction: {e}")))?;
-    }
-    let totals = reconstruct(&[sum]).map_err(|e| failed(format!("reconstruction: {e}")))?;
+    // Each cell of the sum, read as a signed i64 (two's complement).
+    let totals: Vec<i64> = sum.into_iter().map(|c| c as i64).collect();
     let columns = 1 + agg.sums.len();
     let min_result = first.outcome.min_result.max(1);
     let domain = domain_of(agg).map_err(failed)?;
@@ -451,8 +475,26 @@ mod tests {
         }
     }
 
+    /// Three parties' reports and partials.
+    struct Run {
+        reported: Vec<Reported>,
+        partials: Vec<Vec<u64>>,
+    }
+
+    /// [`combine`] over the sum of the run's partials, as `collect` builds it.
+    fn combine_run(run: &Run, spec: &JobSpec) -> Result<AggregateResult, Failure> {
+        let sum: PartialSum = Arc::new(std::sync::Mutex::new(vec![0u64; 6]));
+        for p in &run.partials {
+            // In two batches, as a node may send them.
+            add_batch(&sum, 0, &p[..4]);
+            add_batch(&sum, 4, &p[4..]);
+        }
+        let total = std::mem::take(&mut *sum.lock().unwrap());
+        combine(total, &run.reported, spec)
+    }
+
     /// Three parties' partials of the given per-party vectors (3 groups × 2 columns).
-    fn reported(inputs: &[[i64; 6]; 3], digest: u8) -> Vec<Reported> {
+    fn reported(inputs: &[[i64; 6]; 3], digest: u8) -> Run {
         let splits: Vec<_> = inputs
             .iter()
             .map(|x| {
@@ -463,7 +505,7 @@ mod tests {
                 split(&v, 2).unwrap()
             })
             .collect();
-        (0..3)
+        let partials = (0..3)
             .map(|i| {
                 let mut acc = splits[i].own.clone();
                 for (j, s) in splits.iter().enumerate() {
@@ -471,22 +513,25 @@ mod tests {
                         accumulate_seed(&mut acc, &s.seeds[if i < j { i } else { i - 1 }]);
                     }
                 }
-                Reported {
-                    node: format!("n{i}"),
-                    partial: acc,
-                    outcome: AggregateOutcome {
-                        cells: 6,
-                        min_result: 5,
-                        terms_digest: vec![digest],
-                        noise: vec![ColumnNoise {
-                            column: "count".into(),
-                            ..ColumnNoise::default()
-                        }],
-                        ..AggregateOutcome::default()
-                    },
-                }
+                acc
             })
-            .collect()
+            .collect();
+        let reported = (0..3)
+            .map(|i| Reported {
+                node: format!("n{i}"),
+                outcome: AggregateOutcome {
+                    cells: 6,
+                    min_result: 5,
+                    terms_digest: vec![digest],
+                    noise: vec![ColumnNoise {
+                        column: "count".into(),
+                        ..ColumnNoise::default()
+                    }],
+                    ..AggregateOutcome::default()
+                },
+            })
+            .collect();
+        Run { reported, partials }
     }
 
     #[test]
@@ -496,7 +541,7 @@ mod tests {
             [3, 30, 1, 20, 2, 5],
             [4, -5, 1, 1, 0, 0],
         ];
-        let r = combine(&reported(&inputs, 1), &spec(true)).unwrap();
+        let r = combine_run(&reported(&inputs, 1), &spec(true)).unwrap();
         assert_eq!(r.columns, vec!["count", "amount"]);
         assert_eq!(r.groups[0].label, "x");
         assert_eq!(r.groups[0].values, vec![10, 325]);
@@ -506,7 +551,7 @@ mod tests {
         assert_eq!(r.groups[2].label, "(other)");
         assert!(r.groups[2].suppressed);
         // Without --count the count is used for suppression but not shown.
-        let r = combine(&reported(&inputs, 1), &spec(false)).unwrap();
+        let r = combine_run(&reported(&inputs, 1), &spec(false)).unwrap();
         assert_eq!(r.columns, vec!["amount"]);
         assert_eq!(r.groups[0].values, vec![325]);
     }
@@ -522,7 +567,7 @@ mod tests {
         let a = s.aggregate.as_mut().unwrap();
         a.groups.clear();
         a.group_range = Some(cleanroom_proto::v1::IntegerRange { lo: -1, hi: 1 });
-        let r = combine(&reported(&inputs, 1), &s).unwrap();
+        let r = combine_run(&reported(&inputs, 1), &s).unwrap();
         let labels: Vec<&str> = r.groups.iter().map(|g| g.label.as_str()).collect();
         assert_eq!(labels, ["-1", "0", "(other)"]);
         assert_eq!(r.total_groups, 3);
@@ -576,8 +621,8 @@ mod tests {
     fn different_terms_release_nothing() {
         let inputs = [[1; 6], [1; 6], [1; 6]];
         let mut r = reported(&inputs, 1);
-        r[2].outcome.terms_digest = vec![2];
-        let (state, reason) = combine(&r, &spec(true)).unwrap_err();
+        r.reported[2].outcome.terms_digest = vec![2];
+        let (state, reason) = combine_run(&r, &spec(true)).unwrap_err();
         assert_eq!(state, JobState::Failed);
         assert!(reason.contains("different terms"), "{reason}");
     }
@@ -589,10 +634,10 @@ mod tests {
         let inputs = [[5, 500, 0, 0, 0, 0], [5, 1, 0, 0, 0, 0], [5, 2, 0, 0, 0, 0]];
         let a = reported(&inputs, 1);
         let b = reported(&inputs, 1);
-        assert_ne!(a[0].partial, b[0].partial);
-        assert_ne!(a[0].partial[1], 500);
-        let ta = combine(&a, &spec(true)).unwrap();
-        let tb = combine(&b, &spec(true)).unwrap();
+        assert_ne!(a.partials[0], b.partials[0]);
+        assert_ne!(a.partials[0][1], 500);
+        let ta = combine_run(&a, &spec(true)).unwrap();
+        let tb = combine_run(&b, &spec(true)).unwrap();
         assert_eq!(ta, tb);
         assert_eq!(ta.groups[0].values, vec![15, 503]);
     }
