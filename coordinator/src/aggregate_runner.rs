@@ -289,15 +289,19 @@ pub async fn drive(shared: &Arc<Shared>, job_id: &str, spec: &JobSpec) -> Result
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner),
     );
-    let result = combine(total, &reported, spec)?;
+    let (meta, domain) = result_meta(&reported, spec)?;
     let parties = reported.len();
-    let (shown, suppressed) = (
-        result.groups.iter().filter(|g| !g.suppressed).count(),
-        result.groups.iter().filter(|g| g.suppressed).count(),
-    );
+    let (mut shown, mut suppressed) = (0usize, 0usize);
+    let groups = release_groups(&total, &meta, &domain).inspect(|g| {
+        if g.suppressed {
+            suppressed += 1;
+        } else {
+            shown += 1;
+        }
+    });
     shared
         .store
-        .put_aggregate_result(job_id, result, now_ms())
+        .put_aggregate_result_streamed(job_id, meta, groups, now_ms())
         .map_err(|e| failed(format!("storing the result: {e}")))?;
     Ok(format!(
         "aggregate over {parties} parties: {shown} groups released, {suppressed} suppressed"
@@ -361,12 +365,58 @@ async fn collect(
 }
 
 /// Reads the noised totals from the sum of all partials and applies the k-threshold on the
-/// noised count.
+/// noised count: the whole result in memory (tests; [`drive`] streams the groups instead).
+#[cfg(test)]
 fn combine(
     sum: Vec<u64>,
     reported: &[Reported],
     spec: &JobSpec,
 ) -> Result<AggregateResult, Failure> {
+    let (mut result, domain) = result_meta(reported, spec)?;
+    result.groups = release_groups(&sum, &result, &domain).collect();
+    result.total_groups = result.groups.len() as u64;
+    Ok(result)
+}
+
+/// The groups of the release, one per row of the summed totals (each cell read as a signed
+/// `i64`, two's complement), labelled by the domain, suppressed when the noised count is below
+/// the result's `min_result`; produced one at a time, so 10^6 groups are never all in memory.
+fn release_groups<'a>(
+    sum: &'a [u64],
+    meta: &AggregateResult,
+    domain: &'a GroupDomain,
+) -> impl Iterator<Item = AggregateGroup> + 'a {
+    // The count is always the first cell of a row; `columns` names only what is shown.
+    let columns = meta.columns.len() + usize::from(!meta.show_count);
+    let min_result = i64::try_from(meta.min_result).unwrap_or(i64::MAX);
+    let show_count = meta.show_count;
+    sum.chunks(columns.max(1))
+        .enumerate()
+        .map(move |(index, row)| {
+            let row: Vec<i64> = row.iter().map(|&c| c as i64).collect();
+            let count = row.first().copied().unwrap_or(0);
+            let suppressed = count < min_result;
+            let values = if suppressed {
+                Vec::new()
+            } else if show_count {
+                row
+            } else {
+                row[1..].to_vec()
+            };
+            AggregateGroup {
+                label: domain.label(index),
+                suppressed,
+                values,
+            }
+        })
+}
+
+/// Everything of the result but its groups, once every party's terms are checked equal; and
+/// the group domain that labels them.
+fn result_meta(
+    reported: &[Reported],
+    spec: &JobSpec,
+) -> Result<(AggregateResult, GroupDomain), Failure> {
     let Some(agg) = spec.aggregate.as_ref() else {
         return Err(failed("aggregate job without its group-by spec"));
     };
@@ -383,32 +433,8 @@ fn combine(
             first.node, other.node
         )));
     }
-    // Each cell of the sum, read as a signed i64 (two's complement).
-    let totals: Vec<i64> = sum.into_iter().map(|c| c as i64).collect();
-    let columns = 1 + agg.sums.len();
     let min_result = first.outcome.min_result.max(1);
     let domain = domain_of(agg).map_err(failed)?;
-    let groups: Vec<AggregateGroup> = totals
-        .chunks(columns)
-        .enumerate()
-        .map(|(index, row)| {
-            let count = row.first().copied().unwrap_or(0);
-            let suppressed = count < i64::try_from(min_result).unwrap_or(i64::MAX);
-            let values = if suppressed {
-                Vec::new()
-            } else if agg.count {
-                row.to_vec()
-            } else {
-                row[1..].to_vec()
-            };
-            AggregateGroup {
-                label: domain.label(index),
-                suppressed,
-                values,
-            }
-        })
-        .collect();
-    let total_groups = groups.len() as u64;
     let mut names = Vec::new();
     if agg.count {
         names.push("count".to_owned());
@@ -422,9 +448,9 @@ fn combine(
         .map(|c| c.zcdp_epsilon * c.zcdp_epsilon)
         .sum::<f64>()
         .sqrt();
-    Ok(AggregateResult {
+    let meta = AggregateResult {
         columns: names,
-        groups,
+        groups: Vec::new(),
         noise: first.outcome.noise.clone(),
         min_result,
         max_colluders: first.outcome.max_colluders,
@@ -443,8 +469,9 @@ fn combine(
                 bytes_to_coordinator: r.outcome.bytes_to_coordinator,
             })
             .collect(),
-        total_groups,
-    })
+        total_groups: 0,
+    };
+    Ok((meta, domain))
 }
 
 #[cfg(test)]

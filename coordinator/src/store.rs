@@ -1443,15 +1443,24 @@ impl JobStore {
         result: cleanroom_proto::v1::AggregateResult,
         now_ms: i64,
     ) -> Result<(), StoreError> {
-        // Taken by value: a result of 10^6 groups is ~100 MB in memory, not to be copied.
         let mut meta = result;
-        meta.total_groups = meta.groups.len() as u64;
-        let paged = meta.encoded_len() > MAX_INLINE_RESULT_BYTES;
-        let groups = if paged {
-            std::mem::take(&mut meta.groups)
-        } else {
-            Vec::new()
-        };
+        let groups = std::mem::take(&mut meta.groups);
+        self.put_aggregate_result_streamed(job_id, meta, groups.into_iter(), now_ms)
+    }
+
+    /// [`JobStore::put_aggregate_result`] with the groups given one at a time: they are held
+    /// only until their encoding passes [`MAX_INLINE_RESULT_BYTES`], then written in pages of
+    /// [`STORE_PAGE_GROUPS`] as they come, so a result of 10^6 groups is never whole in memory.
+    /// `meta`'s own groups and `total_groups` are replaced.
+    pub fn put_aggregate_result_streamed(
+        &self,
+        job_id: &str,
+        mut meta: cleanroom_proto::v1::AggregateResult,
+        groups: impl Iterator<Item = cleanroom_proto::v1::AggregateGroup>,
+        now_ms: i64,
+    ) -> Result<(), StoreError> {
+        use cleanroom_proto::v1::{AggregateGroup, AggregatePage};
+        meta.groups.clear();
         let mut conn = self.lock();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let exists: bool = tx.query_row(
@@ -1466,26 +1475,71 @@ impl JobStore {
             "DELETE FROM aggregate_result_pages WHERE job_id = ?1",
             [job_id],
         )?;
-        tx.execute(
-            "INSERT INTO aggregate_results (job_id, result, stored_ms) VALUES (?1, ?2, ?3) \
+        // The row first (the pages reference it), completed below.
+        let upsert = "INSERT INTO aggregate_results (job_id, result, stored_ms) VALUES (?1, ?2, ?3) \
              ON CONFLICT (job_id) DO UPDATE SET result = excluded.result, \
-             stored_ms = excluded.stored_ms",
-            params![job_id, meta.encode_to_vec(), now_ms],
-        )?;
-        if paged {
+             stored_ms = excluded.stored_ms";
+        tx.execute(upsert, params![job_id, meta.encode_to_vec(), now_ms])?;
+        // The encoding of the whole result as far as known: the rest, `total_groups` (at most
+        // 11 bytes) and the groups so far (each a length-delimited field).
+        let mut inline_len = meta.encoded_len() + 11;
+        let mut held: Vec<AggregateGroup> = Vec::new();
+        let mut paged = false;
+        let mut total = 0u64;
+        {
             let mut insert = tx.prepare_cached(
                 "INSERT INTO aggregate_result_pages (job_id, first_group, page) VALUES (?1, ?2, ?3)",
             )?;
-            for (i, chunk) in groups.chunks(STORE_PAGE_GROUPS).enumerate() {
-                let first = i * STORE_PAGE_GROUPS;
-                let page = cleanroom_proto::v1::AggregatePage {
-                    offset: first as u64,
-                    total_groups: meta.total_groups,
-                    groups: chunk.to_vec(),
+            let mut first = 0u64;
+            // Writes `page` as the stored page starting at group `first` (the total lives in
+            // the `aggregate_results` row, not in the pages).
+            let mut write = |page: Vec<AggregateGroup>| -> Result<(), StoreError> {
+                let page = AggregatePage {
+                    offset: first,
+                    total_groups: 0,
+                    groups: page,
                 };
-                insert.execute(params![job_id, first as i64, page.encode_to_vec()])?;
+                insert.execute(params![
+                    job_id,
+                    i64::try_from(first).unwrap_or(i64::MAX),
+                    page.encode_to_vec()
+                ])?;
+                first += page.groups.len() as u64;
+                Ok(())
+            };
+            for g in groups {
+                total += 1;
+                if !paged {
+                    let len = g.encoded_len();
+                    inline_len += 1 + prost::encoding::encoded_len_varint(len as u64) + len;
+                    held.push(g);
+                    if inline_len > MAX_INLINE_RESULT_BYTES {
+                        // Too large to answer whole: what is held goes to full pages, the
+                        // rest waits for the next groups.
+                        paged = true;
+                        let mut rest = std::mem::take(&mut held);
+                        while rest.len() >= STORE_PAGE_GROUPS {
+                            let tail = rest.split_off(STORE_PAGE_GROUPS);
+                            write(std::mem::replace(&mut rest, tail))?;
+                        }
+                        held = rest;
+                    }
+                } else {
+                    held.push(g);
+                    if held.len() == STORE_PAGE_GROUPS {
+                        write(std::mem::take(&mut held))?;
+                    }
+                }
+            }
+            if paged && !held.is_empty() {
+                write(std::mem::take(&mut held))?;
             }
         }
+        meta.total_groups = total;
+        if !paged {
+            meta.groups = held;
+        }
+        tx.execute(upsert, params![job_id, meta.encode_to_vec(), now_ms])?;
         tx.commit()?;
         Ok(())
     }
