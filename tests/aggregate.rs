@@ -42,7 +42,7 @@ fn write_config(c: &Consortium, name: &str, partners: &[&str], terms: &Terms, pa
         cfg.push_str(&format!(
             "[[agreement]]\npartner = \"{other}\"\npurposes = [\"fraud-benchmark\"]\n\n\
              [[agreement.allow]]\ncomputation = \"aggregate\"\ndataset = \"chargebacks\"\n\
-             group_by = [\"category\"]\nvalue_columns = [{{ column = \"amount\", min = 0, max = 200000 }}]\n{}\n",
+             group_by = [\"category\", \"bucket\"]\nvalue_columns = [{{ column = \"amount\", min = 0, max = 200000 }}]\n{}\n",
             terms.extra
         ));
     }
@@ -222,6 +222,199 @@ fn exact_totals_without_noise_and_nothing_of_a_partner_leaks() {
                 );
             }
         }
+    }
+}
+
+/// `cleanroom job result JOB ARGS` (as JSON unless ARGS give a format): stdout.
+fn job_result(c: &Consortium, job_id: &str, args: &[&str]) -> String {
+    let mut a: Vec<String> = vec!["job".into(), "result".into(), job_id.into()];
+    a.extend(args.iter().map(|s| s.to_string()));
+    a.extend(c.analyst_args());
+    let a: Vec<&str> = a.iter().map(String::as_str).collect();
+    let out = cleanroom(c.path(), &a);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// An integer group domain of 100 000 buckets over 3 real nodes, no noise: only the range
+/// travels, the result (~1 MB) is too large for one GetJob frame, so the CLI reads it page by
+/// page, and every group equals the plaintext truth computed from the partners' files; a
+/// bucket that is not an integer rejects its row, one outside the range lands in "(other)".
+#[test]
+fn integer_domain_result_is_paged_and_exact() {
+    const GROUPS: usize = 100_000;
+    let partners = ["acme", "globex", "initech"];
+    let mut c = Consortium::new();
+    c.synth(&partners.join(","), 60_000, 0.3, 5);
+    // Hostile rows in acme's file: a bucket that is no integer (rejected), one below the range
+    // and one far above it (both "(other)").
+    let acme = c.path().join("data/acme-chargebacks.csv");
+    let mut text = std::fs::read_to_string(&acme).unwrap();
+    text.push_str("x-1,home,100,twelve\nx-2,home,100,1.5\nx-3,home,7,-1\nx-4,home,9,99999999999\n");
+    std::fs::write(&acme, text).unwrap();
+    // The truth, from the files as the nodes will read them.
+    let mut truth = vec![(0i64, 0i64); GROUPS + 1];
+    let mut acme_other = 0u64;
+    for p in partners {
+        // The synthetic files hold no quoted fields: plain splitting reads them.
+        let text =
+            std::fs::read_to_string(c.path().join(format!("data/{p}-chargebacks.csv"))).unwrap();
+        for line in text.lines().skip(1) {
+            let rec: Vec<&str> = line.split(',').collect();
+            let Ok(bucket) = rec[3].parse::<i64>() else {
+                continue;
+            };
+            let amount: i64 = rec[2].parse().unwrap();
+            let g = usize::try_from(bucket)
+                .ok()
+                .filter(|b| *b < GROUPS)
+                .unwrap_or(GROUPS);
+            if g == GROUPS && p == "acme" {
+                acme_other += 1;
+            }
+            truth[g].0 += 1;
+            truth[g].1 += amount;
+        }
+    }
+    assert!(truth[..GROUPS].iter().filter(|t| t.0 > 0).count() > 1000);
+    c.start_coordinator();
+    for p in partners {
+        c.issue_node(p);
+        write_config(&c, p, &partners, &EXACT, None);
+        c.start_node(p);
+    }
+    c.wait_connected(&partners);
+
+    let started = Instant::now();
+    let (job, code) = c.submit(&[
+        "aggregate",
+        "--parties",
+        &partners.join(","),
+        "--dataset",
+        "chargebacks",
+        "--group-by",
+        "bucket",
+        "--group-range",
+        &format!("0..{GROUPS}"),
+        "--sum",
+        "amount",
+        "--count",
+        "--purpose",
+        "fraud-benchmark",
+    ]);
+    eprintln!("submit → streamed result: {:?}", started.elapsed());
+    assert_eq!(job["state"], "succeeded", "{job}");
+    assert_eq!(code, Some(0));
+    assert_eq!(job["group_range"]["hi"], GROUPS as i64);
+    assert_eq!(job["result"]["total_groups"], GROUPS as u64 + 1);
+    let check = |gs: &[Value], first: usize| {
+        for (i, g) in gs.iter().enumerate() {
+            let index = first + i;
+            let label = if index == GROUPS {
+                "(other)".to_owned()
+            } else {
+                index.to_string()
+            };
+            assert_eq!(g["group"], label.as_str(), "{g}");
+            let (count, amount) = truth[index];
+            if count == 0 {
+                assert_eq!(g["suppressed"], true, "{g}");
+            } else {
+                assert_eq!(g["suppressed"], false, "{g}");
+                assert_eq!(g["values"]["count"], count, "{g}");
+                assert_eq!(g["values"]["amount"], amount, "{g}");
+            }
+        }
+    };
+    let all = groups(&job);
+    assert_eq!(all.len(), GROUPS + 1);
+    check(&all, 0);
+    // The hostile lines: two rejected (in no group), two in "(other)".
+    let acme_stats = &job["result"]["parties"][0];
+    assert_eq!(acme_stats["node"], "acme");
+    assert_eq!(acme_stats["rows_other"], acme_other, "{acme_stats}");
+
+    // GetJob alone carries no groups of a result this large; it says how many there are.
+    let job_id = job["job_id"].as_str().unwrap();
+    let status = c.job_status(job_id);
+    assert!(groups(&status).is_empty(), "{status}");
+    assert_eq!(status["result"]["total_groups"], GROUPS as u64 + 1);
+
+    // A window across the end, in JSON and CSV.
+    let tail: Value = serde_json::from_str(&job_result(
+        &c,
+        job_id,
+        &["--format", "json", "--offset", "99990", "--limit", "50"],
+    ))
+    .unwrap();
+    let tail = groups(&tail);
+    assert_eq!(tail.len(), 11);
+    check(&tail, 99_990);
+    let csv = job_result(
+        &c,
+        job_id,
+        &["--format", "csv", "--offset", "16380", "--limit", "10"],
+    );
+    let lines: Vec<&str> = csv.lines().collect();
+    assert_eq!(lines.len(), 11, "{csv}");
+    assert!(lines[0].starts_with("group,suppressed,count"), "{csv}");
+    for (i, line) in lines[1..].iter().enumerate() {
+        let (count, amount) = truth[16_380 + i];
+        let expected = if count == 0 {
+            format!("{},true,,0.00,,0.00", 16_380 + i)
+        } else {
+            format!("{},false,{count},0.00,{amount},0.00", 16_380 + i)
+        };
+        assert_eq!(*line, expected);
+    }
+    // Past the end: the header and nothing else.
+    let empty = job_result(&c, job_id, &["--format", "csv", "--offset", "200000"]);
+    assert_eq!(empty.lines().count(), 1, "{empty}");
+    // The table streams every group too, and ends with the parties and the history.
+    let table = job_result(&c, job_id, &["--format", "table"]);
+    assert!(
+        table.contains("aggregate by bucket in 0..100000"),
+        "{table}"
+    );
+    assert!(table.contains("\n  99999 "), "{table:.2000}");
+    assert!(!table.contains("groups shown"));
+    assert!(table.contains("history"));
+
+    // A range beyond the cap, or labels and a range together, is refused at submission.
+    for (range, why) in [
+        ("0..3000000", "at most 2097152"),
+        ("5..5", "is empty"),
+        ("0..1e6", "two integers"),
+    ] {
+        let mut a: Vec<String> = [
+            "job",
+            "submit",
+            "aggregate",
+            "--parties",
+            "acme,globex,initech",
+            "--dataset",
+            "chargebacks",
+            "--group-by",
+            "bucket",
+            "--group-range",
+            range,
+            "--count",
+            "--purpose",
+            "fraud-benchmark",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        a.extend(c.analyst_args());
+        let a: Vec<&str> = a.iter().map(String::as_str).collect();
+        let out = cleanroom(c.path(), &a);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{range}");
+        assert!(stderr.contains(why), "{range}: {stderr}");
     }
 }
 

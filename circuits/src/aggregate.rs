@@ -147,6 +147,121 @@ pub enum AggregateError {
     Noise(#[from] DpError),
 }
 
+/// Most groups of an integer group domain ([`GroupDomain::Range`]): 2^21, so that a vector of
+/// the count and up to six sums stays within [`MAX_CELLS`] and a 10^6-group domain fits with
+/// room to spare.
+pub const MAX_RANGE_GROUPS: u64 = 1 << 21;
+
+/// The label of the group that collects rows outside the domain: unlisted labels, integers out of
+/// range. Always the last group.
+pub const OTHER_GROUP: &str = "(other)";
+
+/// The public group domain of an aggregate: every party builds its vector over the same groups
+/// in the same order, then one more, "(other)", for rows outside it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GroupDomain {
+    /// Listed labels: group `i` is `labels[i]`.
+    Labels(Vec<String>),
+    /// The integers `lo ≤ v < hi`: group `i` is `lo + i`. Only the bounds travel.
+    Range {
+        /// Smallest integer of the domain.
+        lo: i64,
+        /// One past the largest.
+        hi: i64,
+    },
+}
+
+/// Why an integer group domain was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum DomainError {
+    /// `hi ≤ lo`.
+    #[error("the group range {lo}..{hi} is empty (it is lo..hi with lo < hi, hi excluded)")]
+    Empty {
+        /// Lower bound.
+        lo: i64,
+        /// Upper bound (excluded).
+        hi: i64,
+    },
+    /// More than [`MAX_RANGE_GROUPS`] integers.
+    #[error("the group range {lo}..{hi} has {size} groups; at most {MAX_RANGE_GROUPS}")]
+    TooLarge {
+        /// Lower bound.
+        lo: i64,
+        /// Upper bound (excluded).
+        hi: i64,
+        /// Integers in the range.
+        size: u128,
+    },
+}
+
+impl GroupDomain {
+    /// An integer domain `[lo, hi)`, refused if empty or larger than [`MAX_RANGE_GROUPS`].
+    pub fn range(lo: i64, hi: i64) -> Result<GroupDomain, DomainError> {
+        if hi <= lo {
+            return Err(DomainError::Empty { lo, hi });
+        }
+        let size = (i128::from(hi) - i128::from(lo)) as u128;
+        if size > u128::from(MAX_RANGE_GROUPS) {
+            return Err(DomainError::TooLarge { lo, hi, size });
+        }
+        Ok(GroupDomain::Range { lo, hi })
+    }
+
+    /// Groups in the vector: the domain's, plus "(other)".
+    pub fn groups(&self) -> usize {
+        match self {
+            GroupDomain::Labels(l) => l.len() + 1,
+            // At most MAX_RANGE_GROUPS (checked by `range`); saturating for a hand-built value.
+            GroupDomain::Range { lo, hi } => {
+                usize::try_from((i128::from(*hi) - i128::from(*lo)).max(0))
+                    .unwrap_or(usize::MAX)
+                    .saturating_add(1)
+            }
+        }
+    }
+
+    /// The index of "(other)": the last group.
+    pub fn other(&self) -> usize {
+        self.groups() - 1
+    }
+
+    /// The label of group `index` ("(other)" for the last, and for anything past it).
+    pub fn label(&self, index: usize) -> String {
+        match self {
+            GroupDomain::Labels(l) => l
+                .get(index)
+                .cloned()
+                .unwrap_or_else(|| OTHER_GROUP.to_owned()),
+            GroupDomain::Range { lo, .. } => {
+                if index >= self.other() {
+                    OTHER_GROUP.to_owned()
+                } else {
+                    (i128::from(*lo) + index as i128).to_string()
+                }
+            }
+        }
+    }
+
+    /// The group of an integer value of an integer domain: `value − lo` if in range, else
+    /// "(other)". For a label domain, always "(other)" (use the label index instead).
+    pub fn group_of_integer(&self, value: i64) -> usize {
+        match self {
+            GroupDomain::Range { lo, hi } if (*lo..*hi).contains(&value) => {
+                (i128::from(value) - i128::from(*lo)) as usize
+            }
+            _ => self.other(),
+        }
+    }
+}
+
+/// Parses one field of an integer group-by column: optional surrounding ASCII spaces, an
+/// optional sign and decimal digits that fit an `i64`. `None` for anything else (the row is
+/// rejected, like a non-integer summed value).
+pub fn parse_group_integer(field: &[u8]) -> Option<i64> {
+    std::str::from_utf8(field.trim_ascii()).ok()?.parse().ok()
+}
+
 /// Clips `value` into `[min, max]` (the policy's bounds for a summed column).
 pub fn clip(value: i64, min: i64, max: i64) -> i64 {
     value.clamp(min, max.max(min))
@@ -641,6 +756,76 @@ mod tests {
                 prop_assert!(into.is_empty());
             }
             let _ = ShareSeed::decode(&bytes);
+        }
+    }
+
+    #[test]
+    fn integer_domains() {
+        let d = GroupDomain::range(-2, 3).unwrap();
+        assert_eq!(d.groups(), 6);
+        assert_eq!(d.other(), 5);
+        assert_eq!(
+            (0..7).map(|i| d.label(i)).collect::<Vec<_>>(),
+            ["-2", "-1", "0", "1", "2", "(other)", "(other)"]
+        );
+        // Bounds: lo is in, hi is out; outside goes to "(other)".
+        assert_eq!(d.group_of_integer(-2), 0);
+        assert_eq!(d.group_of_integer(2), 4);
+        assert_eq!(d.group_of_integer(3), 5);
+        assert_eq!(d.group_of_integer(-3), 5);
+        assert_eq!(d.group_of_integer(i64::MIN), 5);
+        assert_eq!(d.group_of_integer(i64::MAX), 5);
+        // Extremes of i64 do not overflow.
+        let top = GroupDomain::range(i64::MAX - 2, i64::MAX).unwrap();
+        assert_eq!(top.groups(), 3);
+        assert_eq!(top.label(1), (i64::MAX - 1).to_string());
+        assert_eq!(top.group_of_integer(i64::MAX - 1), 1);
+        assert_eq!(top.group_of_integer(i64::MAX), 2);
+        let bottom = GroupDomain::range(i64::MIN, i64::MIN + 1).unwrap();
+        assert_eq!(bottom.label(0), i64::MIN.to_string());
+        // Empty and oversized ranges are refused before anything is allocated.
+        assert!(matches!(
+            GroupDomain::range(5, 5),
+            Err(DomainError::Empty { .. })
+        ));
+        assert!(matches!(
+            GroupDomain::range(5, -5),
+            Err(DomainError::Empty { .. })
+        ));
+        assert!(GroupDomain::range(0, MAX_RANGE_GROUPS as i64).is_ok());
+        assert!(matches!(
+            GroupDomain::range(0, MAX_RANGE_GROUPS as i64 + 1),
+            Err(DomainError::TooLarge { .. })
+        ));
+        let e = GroupDomain::range(i64::MIN, i64::MAX).unwrap_err();
+        assert!(e.to_string().contains("at most 2097152"), "{e}");
+        // Label domains: "(other)" after the labels.
+        let l = GroupDomain::Labels(vec!["a".into(), "b".into()]);
+        assert_eq!(
+            (l.groups(), l.label(1), l.label(2)),
+            (3, "b".into(), "(other)".into())
+        );
+        assert_eq!(l.group_of_integer(0), 2);
+    }
+
+    #[test]
+    fn group_integers_parse_strictly() {
+        assert_eq!(parse_group_integer(b"42"), Some(42));
+        assert_eq!(parse_group_integer(b" -7 "), Some(-7));
+        assert_eq!(parse_group_integer(b"+3"), Some(3));
+        assert_eq!(parse_group_integer(b"-9223372036854775808"), Some(i64::MIN));
+        for bad in [
+            &b""[..],
+            b" ",
+            b"1.5",
+            b"1e3",
+            b"0x10",
+            b"12a",
+            b"9223372036854775808",
+            b"\xff\xfe",
+            b"1 2",
+        ] {
+            assert_eq!(parse_group_integer(bad), None, "{bad:?}");
         }
     }
 

@@ -205,6 +205,13 @@ pub enum JobCommand {
         /// Give up after this many seconds.
         #[arg(long, default_value_t = 3600)]
         timeout: u64,
+        /// Aggregate jobs: print groups from this index on (0: the first). Large results are
+        /// read from the coordinator page by page.
+        #[arg(long, default_value_t = 0)]
+        offset: u64,
+        /// Aggregate jobs: print at most this many groups (default: all).
+        #[arg(long)]
+        limit: Option<u64>,
     },
     /// The most recent jobs.
     List {
@@ -502,6 +509,12 @@ pub struct AggregateArgs {
     /// same list). Rows whose label is not listed are summed into "(other)".
     #[arg(long, value_delimiter = ',', requires = "group_by")]
     pub groups: Vec<String>,
+    /// For `aggregate`, instead of --groups: an integer domain LO..HI (HI excluded, e.g.
+    /// 0..1000000, at most 2^21 groups). The group-by column must hold integers; a row whose
+    /// value is not an integer is rejected, one outside the range is summed into "(other)".
+    /// Only the two bounds travel in the job, so large domains are cheap.
+    #[arg(long, requires = "group_by", conflicts_with = "groups")]
+    pub group_range: Option<String>,
     /// Value column(s) to sum per group, clipped to the partners' bounds. For `overlap-sum`,
     /// `count` in the list asks for the number of shared identifiers (same as --count).
     #[arg(long, value_delimiter = ',')]
@@ -571,9 +584,14 @@ pub enum BenchCommand {
 #[derive(Debug, Args)]
 pub struct BenchAggregateArgs {
     /// Group labels in the job (the five synthetic categories, then `g0`, `g1`, …; at most
-    /// 20 000, the spec's cap, unless --in-process).
+    /// 20 000, the spec's cap, unless --in-process or --integer-groups).
     #[arg(long, default_value_t = 10_000)]
     pub groups: u64,
+    /// Group by the synthetic integer `bucket` column over the range 0..GROUPS instead of
+    /// labels (only the two bounds travel in the job; up to 2^21 groups, e.g. --groups 1000000).
+    /// The result is then read back page by page and that read is timed too.
+    #[arg(long, conflicts_with = "in_process")]
+    pub integer_groups: bool,
     /// Run the protocol core in this process instead (no nodes, no network): every party's
     /// split, share expansion, noise and partial, and the reconstruction, on random vectors of
     /// `groups × 2` cells with ε = 1; bytes are the frames the nodes would send. For domains

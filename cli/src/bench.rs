@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use cleanroom_circuits::floor::measure_floor;
-use cleanroom_proto::v1::{AggregateSpec, JobKind, JobSpec, JobState, PartySpec};
+use cleanroom_proto::v1::{AggregateSpec, IntegerRange, JobKind, JobSpec, JobState, PartySpec};
 use serde_json::json;
 
 use crate::args::{BenchAggregateArgs, BenchCommand, BenchPsiArgs};
@@ -218,11 +218,19 @@ async fn aggregate(args: BenchAggregateArgs) -> anyhow::Result<ExitCode> {
     if args.in_process {
         return aggregate_in_process(&args);
     }
-    anyhow::ensure!(
-        (crate::synth::CATEGORIES.len() as u64..=20_000).contains(&args.groups),
-        "--groups must be between {} and 20000",
-        crate::synth::CATEGORIES.len()
-    );
+    if args.integer_groups {
+        anyhow::ensure!(
+            (1..=cleanroom_circuits::aggregate::MAX_RANGE_GROUPS).contains(&args.groups),
+            "--groups must be between 1 and {} with --integer-groups",
+            cleanroom_circuits::aggregate::MAX_RANGE_GROUPS
+        );
+    } else {
+        anyhow::ensure!(
+            (crate::synth::CATEGORIES.len() as u64..=20_000).contains(&args.groups),
+            "--groups must be between {} and 20000",
+            crate::synth::CATEGORIES.len()
+        );
+    }
     let workdir = WorkDir::new(args.keep.as_deref(), "cleanroom-bench-")?;
     let dir = workdir.path().to_owned();
     let progress = spinner("writing synthetic data");
@@ -253,11 +261,23 @@ async fn aggregate(args: BenchAggregateArgs) -> anyhow::Result<ExitCode> {
     )
     .await?;
     let client = cluster.client().await?;
-    let mut labels: Vec<String> = crate::synth::CATEGORIES
-        .iter()
-        .map(|c| c.to_string())
-        .collect();
-    labels.extend((0..args.groups - labels.len() as u64).map(|i| format!("g{i}")));
+    let (group_by, labels, group_range) = if args.integer_groups {
+        let hi = i64::try_from(args.groups)?;
+        ("bucket", Vec::new(), Some(IntegerRange { lo: 0, hi }))
+    } else {
+        let mut labels: Vec<String> = crate::synth::CATEGORIES
+            .iter()
+            .map(|c| c.to_string())
+            .collect();
+        labels.extend((0..args.groups - labels.len() as u64).map(|i| format!("g{i}")));
+        ("category", labels, None)
+    };
+    // Integer groups: the plaintext truth per bucket, from the files themselves.
+    let bucket_truth = if args.integer_groups {
+        bucket_truth(&truth.chargeback_files, args.groups)?
+    } else {
+        Vec::new()
+    };
     let spec = JobSpec {
         kind: JobKind::Aggregate as i32,
         parties: partners
@@ -270,15 +290,18 @@ async fn aggregate(args: BenchAggregateArgs) -> anyhow::Result<ExitCode> {
             .collect(),
         purpose: "fraud-benchmark".into(),
         aggregate: Some(AggregateSpec {
-            group_by: "category".into(),
+            group_by: group_by.into(),
             groups: labels,
             sums: vec!["amount".into()],
             count: true,
+            group_range,
         }),
         overlap_sum: None,
     };
 
     let mut walls = Vec::new();
+    let mut fetches = Vec::new();
+    let mut released = 0usize;
     let mut correct = true;
     let mut bytes: Vec<(String, u64, u64)> = Vec::new();
     for run in 0..args.runs.max(1) {
@@ -291,10 +314,14 @@ async fn aggregate(args: BenchAggregateArgs) -> anyhow::Result<ExitCode> {
         ));
         let started = Instant::now();
         let job = client.submit(spec.clone(), "").await?;
-        let job = client
+        let mut job = client
             .wait(&job.job_id, Duration::from_secs(7200), |_| {})
             .await?;
         walls.push(started.elapsed().as_secs_f64());
+        // Reading every group back, page by page when GetJob could not carry them.
+        let fetch_started = Instant::now();
+        client.fill_aggregate_groups(&mut job).await?;
+        fetches.push(fetch_started.elapsed().as_secs_f64());
         let Some(result) = job
             .aggregate
             .as_ref()
@@ -317,7 +344,21 @@ async fn aggregate(args: BenchAggregateArgs) -> anyhow::Result<ExitCode> {
                 .find(|n| n.column == column)
                 .map_or(0.0, |n| n.total_sd)
         };
-        for g in result.groups.iter().take(crate::synth::CATEGORIES.len()) {
+        if args.integer_groups {
+            let (ok, shown) =
+                check_buckets(result, &bucket_truth, 6.0 * sd("count"), 6.0 * sd("amount"));
+            released = shown;
+            if !ok {
+                correct = false;
+                eprintln!("run {}: the bucket totals are off", run + 1);
+            }
+        }
+        let categories = if args.integer_groups {
+            0
+        } else {
+            crate::synth::CATEGORIES.len()
+        };
+        for g in result.groups.iter().take(categories) {
             let t = truth
                 .chargebacks_total
                 .get(&g.label)
@@ -347,15 +388,44 @@ async fn aggregate(args: BenchAggregateArgs) -> anyhow::Result<ExitCode> {
     cluster.stop().await?;
     progress.finish_and_clear();
 
+    // Every run's figures, in run order, before the medians sort them.
+    let (run_walls, run_fetches) = (walls.clone(), fetches.clone());
     let wall = median(&mut walls);
+    let fetch = median(&mut fetches);
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
     println!(
-        "bench aggregate: {} groups (+ other) × 2 columns over {} parties, {} chargebacks per party, {} run(s)",
+        "bench aggregate: {} {} groups (+ other) × 2 columns over {} parties, {} chargebacks per party, {} run(s), {cores} cores",
         args.groups,
+        if args.integer_groups {
+            "integer"
+        } else {
+            "labelled"
+        },
         args.parties,
         args.rows.div_ceil(5),
         walls.len()
     );
-    println!("wall (submit → result):   {wall:.2} s  (median)");
+    let list = |v: &[f64]| {
+        v.iter()
+            .map(|x| format!("{x:.2}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    println!(
+        "wall (submit → result):   {wall:.2} s  (median; runs: {})",
+        list(&run_walls)
+    );
+    println!(
+        "result fetch (all pages): {fetch:.2} s  (median; runs: {})",
+        list(&run_fetches)
+    );
+    if args.integer_groups {
+        println!(
+            "groups released:          {released} (the rest suppressed below the minimum result)"
+        );
+    }
     for (node, to_peers, to_coordinator) in &bytes {
         println!(
             "bytes sent by {node:<6}      {to_peers} B to peers, {to_coordinator} B to the coordinator"
@@ -363,18 +433,21 @@ async fn aggregate(args: BenchAggregateArgs) -> anyhow::Result<ExitCode> {
     }
     println!(
         "result:                   {}",
-        if correct {
-            "correct (every category within 6 sd of the ground truth)"
-        } else {
-            "WRONG"
+        match (correct, args.integer_groups) {
+            (true, false) => "correct (every category within 6 sd of the ground truth)",
+            (true, true) =>
+                "correct (every group labelled by its bucket; every released one within 6 sd of the ground truth)",
+            (false, _) => "WRONG",
         }
     );
     if args.json {
         println!(
             "{}",
             json!({
-                "groups": args.groups, "parties": args.parties, "rows": args.rows,
-                "runs": walls.len(), "wall_s": wall,
+                "groups": args.groups, "integer_groups": args.integer_groups,
+                "parties": args.parties, "rows": args.rows, "cores": cores,
+                "runs": walls.len(), "wall_s": wall, "fetch_s": fetch,
+                "walls_s": run_walls, "fetches_s": run_fetches,
                 "bytes": bytes.iter().map(|(n, p, c)| json!({"node": n, "to_peers": p, "to_coordinator": c})).collect::<Vec<_>>(),
                 "correct": correct,
             })
@@ -385,6 +458,74 @@ async fn aggregate(args: BenchAggregateArgs) -> anyhow::Result<ExitCode> {
     } else {
         ExitCode::FAILURE
     })
+}
+
+/// Per bucket `0..groups` and then "(other)": the plaintext (count, amount) of all partners'
+/// chargebacks, read from the files.
+fn bucket_truth(
+    files: &std::collections::BTreeMap<String, std::path::PathBuf>,
+    groups: u64,
+) -> anyhow::Result<Vec<(i64, i64)>> {
+    let mut truth = vec![(0i64, 0i64); usize::try_from(groups)? + 1];
+    let other = truth.len() - 1;
+    for path in files.values() {
+        let mut reader = csv::Reader::from_path(path)?;
+        for record in reader.records() {
+            let record = record?;
+            let amount: i64 = record[2].parse()?;
+            let bucket: u64 = record[3].parse()?;
+            let t = &mut truth[if bucket < groups {
+                bucket as usize
+            } else {
+                other
+            }];
+            t.0 += 1;
+            t.1 += amount;
+        }
+    }
+    Ok(truth)
+}
+
+/// Every group of an integer-bucket result is labelled with its bucket, and every released
+/// group is within the bounds of the truth. Returns (correct, groups released).
+fn check_buckets(
+    result: &cleanroom_proto::v1::AggregateResult,
+    truth: &[(i64, i64)],
+    count_bound: f64,
+    amount_bound: f64,
+) -> (bool, usize) {
+    if result.groups.len() != truth.len() {
+        eprintln!(
+            "the result has {} groups, {} expected",
+            result.groups.len(),
+            truth.len()
+        );
+        return (false, 0);
+    }
+    let mut released = 0;
+    for (i, (g, t)) in result.groups.iter().zip(truth).enumerate() {
+        let label = if i + 1 == truth.len() {
+            "(other)".to_owned()
+        } else {
+            i.to_string()
+        };
+        if g.label != label {
+            eprintln!("group {i} is labelled {}", g.label);
+            return (false, released);
+        }
+        if g.suppressed {
+            continue;
+        }
+        released += 1;
+        let ok = g.values.len() == 2
+            && ((g.values[0] - t.0) as f64).abs() <= count_bound
+            && ((g.values[1] - t.1) as f64).abs() <= amount_bound;
+        if !ok {
+            eprintln!("group {label} is off: {:?} vs {t:?}", g.values);
+            return (false, released);
+        }
+    }
+    (true, released)
 }
 
 /// `bench aggregate --in-process`: the protocol core of every party in turn, timed per stage.

@@ -199,11 +199,10 @@ async fn read_listen_line(child: &mut Child) -> anyhow::Result<SocketAddr> {
 /// A node config that allows overlap and match on `customers` by email with every other
 /// partner, for the purposes the demo uses, and lets partners learn membership; and `aggregate`
 /// on `chargebacks` (the synthetic `<name>-chargebacks.csv` beside the customers file) by
-/// category, summing `amount` clipped to [0, 200000] cents, with ε = 1, k = 10 and the default
-/// collusion tolerance (all but one party); and `overlap-sum` on `customers` by email (either
-/// role), grouped by category, summing `amount_cents` clipped to [0, 500000] and `orders` to
-/// [0, 100] per customer, with
-/// ε = 1 and k = 10.
+/// category or by the integer bucket, summing `amount` clipped to [0, 200000] cents, with ε = 1,
+/// k = 10 and the default collusion tolerance (all but one party); and `overlap-sum` on
+/// `customers` by email (either role), grouped by category, summing `amount_cents` clipped to
+/// [0, 500000] and `orders` to [0, 100] per customer, with ε = 1 and k = 10.
 fn node_config(name: &str, coordinator: SocketAddr, csv: &Path, partners: &[Partner]) -> String {
     let mut cfg = format!(
         "name = \"{name}\"\ncoordinator = \"{coordinator}\"\nlisten = \"127.0.0.1:0\"\nstate_dir = \"state-{name}\"\n\n\
@@ -224,7 +223,7 @@ fn node_config(name: &str, coordinator: SocketAddr, csv: &Path, partners: &[Part
             "\n[[agreement]]\npartner = \"{}\"\npurposes = [\"overlap-reporting\", \"fraud-detection\", \"fraud-benchmark\"]\n\n\
              [[agreement.allow]]\ncomputation = \"overlap\"\ndataset = \"customers\"\nkeys = [\"email\"]\n\n\
              [[agreement.allow]]\ncomputation = \"match\"\ndataset = \"customers\"\nkeys = [\"email\"]\nreveal_membership_to_partner = true\n\n\
-             [[agreement.allow]]\ncomputation = \"aggregate\"\ndataset = \"chargebacks\"\ngroup_by = [\"category\"]\n\
+             [[agreement.allow]]\ncomputation = \"aggregate\"\ndataset = \"chargebacks\"\ngroup_by = [\"category\", \"bucket\"]\n\
              value_columns = [{{ column = \"amount\", min = 0, max = 200000 }}]\nepsilon = 1.0\nmin_result = 10\n\n\
              [[agreement.allow]]\ncomputation = \"overlap-sum\"\ndataset = \"customers\"\nkeys = [\"email\"]\ngroup_by = [\"category\"]\n\
              value_columns = [{{ column = \"amount_cents\", min = 0, max = 500000 }}, {{ column = \"orders\", min = 0, max = 100 }}]\nepsilon = 1.0\nmin_result = 10\n",

@@ -3,16 +3,23 @@
 
 use cleanroom_proto::v1::AggregateGroup;
 
-/// The table: a header line (`group` and `headers`), then one line per group, each indented by
-/// two spaces and ending in a newline.
-pub fn render(headers: &[String], groups: &[AggregateGroup]) -> String {
-    let label_width = groups
+/// Column widths of a group table: the label column's, then one per value column.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Widths {
+    label: usize,
+    values: Vec<usize>,
+}
+
+/// Widths that fit `headers` and the labels and values of `groups` (a paged table sizes itself
+/// on its first page).
+pub fn widths(headers: &[String], groups: &[AggregateGroup]) -> Widths {
+    let label = groups
         .iter()
         .map(|g| g.label.chars().count())
         .chain(std::iter::once(5))
         .max()
         .unwrap_or(5);
-    let widths: Vec<usize> = headers
+    let values = headers
         .iter()
         .enumerate()
         .map(|(i, h)| {
@@ -25,20 +32,40 @@ pub fn render(headers: &[String], groups: &[AggregateGroup]) -> String {
                 .unwrap_or(1)
         })
         .collect();
-    let mut out = format!("  {:<label_width$}", "group");
-    for (h, w) in headers.iter().zip(&widths) {
-        out.push_str(&format!("  {h:>w$}"));
+    Widths { label, values }
+}
+
+/// The header line (`group` and `headers`), indented by two spaces, with its newline.
+pub fn header_line(headers: &[String], w: &Widths) -> String {
+    let label = w.label;
+    let mut out = format!("  {:<label$}", "group");
+    for (h, width) in headers.iter().zip(&w.values) {
+        out.push_str(&format!("  {h:>width$}"));
     }
     out.push('\n');
-    for g in groups {
-        out.push_str(&format!("  {:<label_width$}", g.label));
-        if g.suppressed {
-            out.push_str("  suppressed (below the minimum result)");
-        } else {
-            for (v, w) in g.values.iter().zip(&widths) {
-                out.push_str(&format!("  {v:>w$}"));
-            }
+    out
+}
+
+/// One group's line (values, or "suppressed"), indented by two spaces, without a newline.
+pub fn group_line(g: &AggregateGroup, w: &Widths) -> String {
+    let label = w.label;
+    let mut line = format!("  {:<label$}", g.label);
+    if g.suppressed {
+        line.push_str("  suppressed (below the minimum result)");
+    } else {
+        for (v, width) in g.values.iter().zip(&w.values) {
+            line.push_str(&format!("  {v:>width$}"));
         }
+    }
+    line
+}
+
+/// The whole table: the header line, then one line per group, each ending in a newline.
+pub fn render(headers: &[String], groups: &[AggregateGroup]) -> String {
+    let w = widths(headers, groups);
+    let mut out = header_line(headers, &w);
+    for g in groups {
+        out.push_str(&group_line(g, &w));
         out.push('\n');
     }
     out

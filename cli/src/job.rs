@@ -6,7 +6,9 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use cleanroom_coordinator::AnalystClient;
 use cleanroom_coordinator::client::state_name;
-use cleanroom_proto::v1::{AggregateSpec, JobKind, JobSpec, JobState, OverlapSumSpec, PartySpec};
+use cleanroom_proto::v1::{
+    AggregateSpec, IntegerRange, JobKind, JobSpec, JobState, OverlapSumSpec, PartySpec,
+};
 use cleanroom_transport::Credentials;
 
 use crate::args::{ConnArgs, Format, JobCommand, KindArg, SubmitArgs};
@@ -169,9 +171,15 @@ pub fn spec_for_aggregate(args: &SubmitArgs) -> anyhow::Result<JobSpec> {
     let Some(group_by) = args.aggregate.group_by.clone() else {
         bail!("aggregate needs --group-by COLUMN");
     };
-    if args.aggregate.groups.is_empty() {
+    let group_range = args
+        .aggregate
+        .group_range
+        .as_deref()
+        .map(parse_group_range)
+        .transpose()?;
+    if args.aggregate.groups.is_empty() && group_range.is_none() {
         bail!(
-            "aggregate needs the group labels: --groups a,b,c (public, the same for every partner)"
+            "aggregate needs the group labels: --groups a,b,c (public, the same for every partner), or an integer domain: --group-range 0..1000000"
         );
     }
     if args.aggregate.sum.is_empty() && !args.aggregate.count {
@@ -198,9 +206,25 @@ pub fn spec_for_aggregate(args: &SubmitArgs) -> anyhow::Result<JobSpec> {
             groups: args.aggregate.groups.clone(),
             sums: args.aggregate.sum.clone(),
             count: args.aggregate.count,
+            group_range,
         }),
         overlap_sum: None,
     })
+}
+
+/// Parses `--group-range LO..HI` (HI excluded; either may be negative).
+pub fn parse_group_range(text: &str) -> anyhow::Result<IntegerRange> {
+    let parsed = text.split_once("..").and_then(|(lo, hi)| {
+        Some(IntegerRange {
+            lo: lo.trim().parse().ok()?,
+            hi: hi.trim().parse().ok()?,
+        })
+    });
+    match parsed {
+        Some(r) if r.lo < r.hi => Ok(r),
+        Some(_) => bail!("--group-range {text} is empty: give LO..HI with LO < HI (HI excluded)"),
+        None => bail!("--group-range takes two integers LO..HI, e.g. 0..1000000; got '{text}'"),
+    }
 }
 
 /// Runs a `job` subcommand.
@@ -238,7 +262,9 @@ pub async fn run(conn: ConnArgs, command: JobCommand) -> anyhow::Result<ExitCode
             } else {
                 job
             };
-            output::print_job(&job, format);
+            if !crate::aggregate_output::print_result(&client, &job, format, 0, None).await? {
+                output::print_job(&job, format);
+            }
             client.close().await;
             Ok(exit_for(job.state))
         }
@@ -253,6 +279,8 @@ pub async fn run(conn: ConnArgs, command: JobCommand) -> anyhow::Result<ExitCode
             job_id,
             format,
             timeout,
+            offset,
+            limit,
         } => {
             let client = connect(&conn).await?;
             let progress = spinner(format!("waiting for job {job_id}"));
@@ -267,7 +295,9 @@ pub async fn run(conn: ConnArgs, command: JobCommand) -> anyhow::Result<ExitCode
                 .await;
             progress.finish_and_clear();
             let job = job?;
-            output::print_job(&job, format);
+            if !crate::aggregate_output::print_result(&client, &job, format, offset, limit).await? {
+                output::print_job(&job, format);
+            }
             client.close().await;
             Ok(exit_for(job.state))
         }
@@ -288,4 +318,26 @@ pub async fn nodes(conn: ConnArgs, format: Format) -> anyhow::Result<ExitCode> {
     output::print_nodes(&nodes, format);
     client.close().await;
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod group_range_tests {
+    use super::parse_group_range;
+
+    #[test]
+    fn group_ranges_parse() {
+        let r = parse_group_range("0..1000000").unwrap();
+        assert_eq!((r.lo, r.hi), (0, 1_000_000));
+        let r = parse_group_range("-5..5").unwrap();
+        assert_eq!((r.lo, r.hi), (-5, 5));
+        assert!(
+            parse_group_range("5..5")
+                .unwrap_err()
+                .to_string()
+                .contains("empty")
+        );
+        for bad in ["", "5", "a..b", "1..", "..3", "1...3", "0..1e6"] {
+            assert!(parse_group_range(bad).is_err(), "{bad}");
+        }
+    }
 }

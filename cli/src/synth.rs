@@ -48,8 +48,8 @@ pub struct GroundTruth {
     pub pairwise_overlap: BTreeMap<String, u64>,
     /// The CSV file of each partner.
     pub files: BTreeMap<String, PathBuf>,
-    /// The `chargebacks` CSV of each partner (`chargeback_id,category,amount`, amounts in
-    /// integer cents), for aggregate jobs.
+    /// The `chargebacks` CSV of each partner (`chargeback_id,category,amount,bucket`, amounts
+    /// in integer cents, buckets integers in `0..CHARGEBACK_BUCKETS`), for aggregate jobs.
     pub chargeback_files: BTreeMap<String, PathBuf>,
     /// Per partner, per category: the rows and the summed amount of its chargebacks file.
     pub chargebacks: BTreeMap<String, BTreeMap<String, GroupTruth>>,
@@ -73,7 +73,19 @@ pub struct GroupTruth {
 }
 
 /// The CSV header of every generated chargebacks file.
-pub const CHARGEBACK_COLUMNS: [&str; 3] = ["chargeback_id", "category", "amount"];
+pub const CHARGEBACK_COLUMNS: [&str; 4] = ["chargeback_id", "category", "amount", "bucket"];
+
+/// The `bucket` column of the chargebacks holds integers in `0..CHARGEBACK_BUCKETS`, uniform
+/// and independent of the other columns: a fine-grained integer group domain for aggregate jobs
+/// (`--group-by bucket --group-range 0..1000000`). Its per-bucket truth is not in `truth.json`
+/// (10^6 entries); [`chargeback_bucket`] recomputes it, or read the files.
+pub const CHARGEBACK_BUCKETS: u64 = 1_000_000;
+
+/// The bucket of chargeback row `row` (from 0) of partner number `partner` (from 0) under
+/// `seed`: a hash, so the random stream of the other columns is unchanged by it.
+pub fn chargeback_bucket(seed: u64, partner: usize, row: u64) -> u64 {
+    mix(mix(seed ^ 0xb0c4_e7b0_c4e7) ^ mix(partner as u64 + 1) ^ row) % CHARGEBACK_BUCKETS
+}
 
 /// Largest chargeback amount generated, in cents.
 pub const MAX_CHARGEBACK_CENTS: u64 = 200_000;
@@ -170,8 +182,10 @@ pub fn write_synth(spec: &SynthSpec, out_dir: &Path) -> anyhow::Result<GroundTru
     for (p, partner) in spec.partners.iter().enumerate() {
         let path = out_dir.join(format!("{partner}-chargebacks.csv"));
         let mut rng = StdRng::seed_from_u64(mix(spec.seed ^ mix(p as u64 + 1) ^ 0xc4a2_6eba_c000));
-        let per_group = write_chargebacks(&path, partner, rows.div_ceil(5).max(1), &mut rng)
-            .with_context(|| format!("writing {}", path.display()))?;
+        let bucket = |row: u64| chargeback_bucket(spec.seed, p, row);
+        let per_group =
+            write_chargebacks(&path, partner, rows.div_ceil(5).max(1), &mut rng, bucket)
+                .with_context(|| format!("writing {}", path.display()))?;
         for (category, g) in &per_group {
             let t = chargebacks_total.entry(category.clone()).or_default();
             t.count += g.count;
@@ -319,13 +333,15 @@ fn write_partner(
 }
 
 /// Writes one partner's chargebacks: `rows` rows, categories drawn with a skew of the
-/// partner's own (so partners differ), amounts uniform in 1..=MAX_CHARGEBACK_CENTS cents.
+/// partner's own (so partners differ), amounts uniform in 1..=MAX_CHARGEBACK_CENTS cents, the
+/// bucket of row `n` from `bucket(n)`.
 /// Returns the plaintext count and sum per category (every category present, zeros included).
 fn write_chargebacks(
     path: &Path,
     partner: &str,
     rows: u64,
     rng: &mut StdRng,
+    bucket: impl Fn(u64) -> u64,
 ) -> anyhow::Result<BTreeMap<String, GroupTruth>> {
     let file = File::create(path)?;
     let mut out = csv::WriterBuilder::new()
@@ -350,7 +366,12 @@ fn write_chargebacks(
         let category = CATEGORIES[index];
         let amount = rng.random_range(1..=MAX_CHARGEBACK_CENTS);
         let id = format!("{partner}-cb-{:07}", n + 1);
-        out.write_record([id.as_str(), category, &amount.to_string()])?;
+        out.write_record([
+            id.as_str(),
+            category,
+            &amount.to_string(),
+            &bucket(n).to_string(),
+        ])?;
         let t = truth.entry(category.to_owned()).or_default();
         t.count += 1;
         t.amount += amount;
@@ -673,6 +694,10 @@ mod tests {
                 let rec = rec.unwrap();
                 let amount: u64 = rec[2].parse().unwrap();
                 assert!((1..=MAX_CHARGEBACK_CENTS).contains(&amount));
+                let bucket: u64 = rec[3].parse().unwrap();
+                let p = spec.partners.iter().position(|x| x == partner).unwrap();
+                assert_eq!(bucket, chargeback_bucket(spec.seed, p, rows));
+                assert!(bucket < CHARGEBACK_BUCKETS);
                 let g = mine.entry(rec[1].to_owned()).or_default();
                 g.count += 1;
                 g.amount += amount;

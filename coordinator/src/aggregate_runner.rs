@@ -9,17 +9,60 @@
 
 use std::sync::Arc;
 
-use cleanroom_circuits::aggregate::{decode_cells, reconstruct};
+use cleanroom_circuits::aggregate::{GroupDomain, MAX_CELLS, accumulate, decode_cells};
 use cleanroom_proto::v1::{
-    AggregateGroup, AggregateOutcome, AggregatePartyStats, AggregateResult, Envelope, JobSpec,
-    JobState, Offer, PeerEndpoint, Phase, Role, Start, envelope::Body, report::Outcome,
+    AggregateGroup, AggregateOutcome, AggregatePartyStats, AggregateResult, AggregateSpec,
+    Envelope, JobSpec, JobState, Offer, PeerEndpoint, Phase, Role, Start, envelope::Body,
+    report::Outcome,
 };
 use cleanroom_transport::{FramedRecv, FramedSend};
 
 use crate::now_ms;
 use crate::runner::{FAILURE_GRACE, Failure, READY_TIMEOUT, failed, record};
 use crate::server::Shared;
-use crate::spec::OTHER_GROUP;
+
+/// Most partial cells the coordinator receives for one job (parties × groups × columns): 2^26,
+/// i.e. 512 MiB of partials on the wire. It holds only their running sum (at most
+/// [`MAX_CELLS`] cells) and one batch per party at a time. 10^6 groups × 2 columns × 3 parties
+/// is 6·10^6.
+pub const MAX_JOB_PARTIAL_CELLS: usize = 1 << 26;
+
+/// The group domain of an aggregate spec: its labels, or its integer range.
+pub fn domain_of(agg: &AggregateSpec) -> Result<GroupDomain, String> {
+    match &agg.group_range {
+        Some(r) if agg.groups.is_empty() => {
+            GroupDomain::range(r.lo, r.hi).map_err(|e| e.to_string())
+        }
+        Some(_) => {
+            Err("give group labels (--groups) or a group range (--group-range), not both".into())
+        }
+        None => Ok(GroupDomain::Labels(agg.groups.clone())),
+    }
+}
+
+/// Checks an integer-range domain at submission, before anything is stored or offered: no
+/// labels beside it, a non-empty range of at most
+/// [`cleanroom_circuits::aggregate::MAX_RANGE_GROUPS`] integers, a vector of at most
+/// [`MAX_CELLS`] cells, and at most [`MAX_JOB_PARTIAL_CELLS`] partial cells over all parties.
+pub fn validate_range_domain(parties: usize, agg: &AggregateSpec) -> Result<(), String> {
+    let domain = domain_of(agg)?;
+    let groups = domain.groups();
+    let columns = 1 + agg.sums.len();
+    let cells = groups.saturating_mul(columns);
+    if cells > MAX_CELLS {
+        return Err(format!(
+            "{groups} groups (with \"(other)\") × {columns} columns (count and sums) is {cells} \
+             cells; at most {MAX_CELLS}: a smaller --group-range or fewer --sum columns"
+        ));
+    }
+    if cells.saturating_mul(parties) > MAX_JOB_PARTIAL_CELLS {
+        return Err(format!(
+            "{cells} cells × {parties} parties is more partial sums than the coordinator holds \
+             for one job ({MAX_JOB_PARTIAL_CELLS} cells)"
+        ));
+    }
+    Ok(())
+}
 
 /// One party's open job stream.
 struct Party {
@@ -29,11 +72,25 @@ struct Party {
     recv: FramedRecv,
 }
 
-/// What one party reported.
+/// What one party reported (its partial went into the [`PartialSum`]).
 struct Reported {
     node: String,
-    partial: Vec<u64>,
     outcome: AggregateOutcome,
+}
+
+/// The running sum of all parties' partials: each batch is added (wrapping) at its place as it
+/// arrives, so the coordinator holds one vector whatever the number of parties. It means
+/// nothing until every party has sent all its cells, and is dropped if any fails.
+type PartialSum = Arc<std::sync::Mutex<Vec<u64>>>;
+
+/// Adds `batch` to `sum` from cell `at` on (bounds checked by the caller).
+fn add_batch(sum: &PartialSum, at: usize, batch: &[u64]) {
+    let mut sum = sum
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if let Some(cells) = sum.get_mut(at..at + batch.len()) {
+        accumulate(cells, batch).unwrap_or_default();
+    }
 }
 
 /// Drives an aggregate job to a result or a failure (the caller stores the final state).
@@ -41,7 +98,8 @@ pub async fn drive(shared: &Arc<Shared>, job_id: &str, spec: &JobSpec) -> Result
     let Some(agg) = spec.aggregate.as_ref() else {
         return Err(failed("aggregate job without its group-by spec"));
     };
-    let groups = agg.groups.len() + 1;
+    let domain = domain_of(agg).map_err(failed)?;
+    let groups = domain.groups();
     let columns = 1 + agg.sums.len();
     let cells = groups * columns;
 
@@ -184,12 +242,14 @@ pub async fn drive(shared: &Arc<Shared>, job_id: &str, spec: &JobSpec) -> Result
     // Collect every partial. Each task owns its party's whole stream: dropping it (on failure)
     // tells that node the job is over.
     let job_timeout = shared.cfg.job_timeout();
+    let sum: PartialSum = Arc::new(std::sync::Mutex::new(vec![0u64; cells]));
     let mut reports = tokio::task::JoinSet::new();
     for party in parties {
         let job_id = job_id.to_owned();
+        let sum = sum.clone();
         reports.spawn(async move {
             let node = party.node.clone();
-            tokio::time::timeout(job_timeout, collect(party, &job_id, cells))
+            tokio::time::timeout(job_timeout, collect(party, &job_id, cells, &sum))
                 .await
                 .unwrap_or_else(|_| {
                     Err(format!(
@@ -225,25 +285,40 @@ pub async fn drive(shared: &Arc<Shared>, job_id: &str, spec: &JobSpec) -> Result
     }
     // Spec order, so the per-party statistics read in the order the analyst listed them.
     reported.sort_by_key(|r| spec.parties.iter().position(|p| p.node == r.node));
-    let result = combine(&reported, spec)?;
-    let (shown, suppressed) = (
-        result.groups.iter().filter(|g| !g.suppressed).count(),
-        result.groups.iter().filter(|g| g.suppressed).count(),
+    let total = std::mem::take(
+        &mut *sum
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner),
     );
+    let (meta, domain) = result_meta(&reported, spec)?;
+    let parties = reported.len();
+    let (mut shown, mut suppressed) = (0usize, 0usize);
+    let groups = release_groups(&total, &meta, &domain).inspect(|g| {
+        if g.suppressed {
+            suppressed += 1;
+        } else {
+            shown += 1;
+        }
+    });
     shared
         .store
-        .put_aggregate_result(job_id, &result, now_ms())
+        .put_aggregate_result_streamed(job_id, meta, groups, now_ms())
         .map_err(|e| failed(format!("storing the result: {e}")))?;
     Ok(format!(
-        "aggregate over {} parties: {shown} groups released, {suppressed} suppressed",
-        reported.len()
+        "aggregate over {parties} parties: {shown} groups released, {suppressed} suppressed"
     ))
 }
 
-/// Reads one party's partial batches and its outcome.
-async fn collect(mut party: Party, job_id: &str, cells: usize) -> Result<Reported, String> {
+/// Reads one party's partial batches, adding each to `sum`, and its outcome.
+async fn collect(
+    mut party: Party,
+    job_id: &str,
+    cells: usize,
+    sum: &PartialSum,
+) -> Result<Reported, String> {
     let node = party.node.clone();
-    let mut partial: Vec<u64> = Vec::with_capacity(cells);
+    let mut received = 0usize;
+    let mut batch: Vec<u64> = Vec::new();
     let mut seq = 0u64;
     loop {
         let env = party
@@ -269,24 +344,23 @@ async fn collect(mut party: Party, job_id: &str, cells: usize) -> Result<Reporte
                         p.seq
                     ));
                 }
-                decode_cells(&p.cells, &mut partial, cells)
-                    .map_err(|e| format!("node '{node}' sent a bad partial: {e}"))?;
+                batch.clear();
+                decode_cells(&p.cells, &mut batch, cells - received).map_err(|e| {
+                    format!("node '{node}' sent a bad partial (after {received} cells): {e}")
+                })?;
+                add_batch(sum, received, &batch);
+                received += batch.len();
                 seq += 1;
             }
             Some(Body::Report(r)) if env.phase == Phase::Report as i32 => {
                 return match r.outcome {
                     Some(Outcome::Aggregate(outcome)) => {
-                        if partial.len() != cells || outcome.cells != cells as u64 {
+                        if received != cells || outcome.cells != cells as u64 {
                             return Err(format!(
-                                "node '{node}' sent {} of {cells} partial cells",
-                                partial.len()
+                                "node '{node}' sent {received} of {cells} partial cells"
                             ));
                         }
-                        Ok(Reported {
-                            node,
-                            partial,
-                            outcome,
-                        })
+                        Ok(Reported { node, outcome })
                     }
                     Some(Outcome::Failure(reason)) => {
                         Err(format!("{node}: {}", crate::untrusted::node_text(&reason)))
@@ -299,8 +373,59 @@ async fn collect(mut party: Party, job_id: &str, cells: usize) -> Result<Reporte
     }
 }
 
-/// Reconstructs the noised totals and applies the k-threshold on the noised count.
-fn combine(reported: &[Reported], spec: &JobSpec) -> Result<AggregateResult, Failure> {
+/// Reads the noised totals from the sum of all partials and applies the k-threshold on the
+/// noised count: the whole result in memory (tests; [`drive`] streams the groups instead).
+#[cfg(test)]
+fn combine(
+    sum: Vec<u64>,
+    reported: &[Reported],
+    spec: &JobSpec,
+) -> Result<AggregateResult, Failure> {
+    let (mut result, domain) = result_meta(reported, spec)?;
+    result.groups = release_groups(&sum, &result, &domain).collect();
+    result.total_groups = result.groups.len() as u64;
+    Ok(result)
+}
+
+/// The groups of the release, one per row of the summed totals (each cell read as a signed
+/// `i64`, two's complement), labelled by the domain, suppressed when the noised count is below
+/// the result's `min_result`; produced one at a time, so 10^6 groups are never all in memory.
+fn release_groups<'a>(
+    sum: &'a [u64],
+    meta: &AggregateResult,
+    domain: &'a GroupDomain,
+) -> impl Iterator<Item = AggregateGroup> + 'a {
+    // The count is always the first cell of a row; `columns` names only what is shown.
+    let columns = meta.columns.len() + usize::from(!meta.show_count);
+    let min_result = i64::try_from(meta.min_result).unwrap_or(i64::MAX);
+    let show_count = meta.show_count;
+    sum.chunks(columns.max(1))
+        .enumerate()
+        .map(move |(index, row)| {
+            let row: Vec<i64> = row.iter().map(|&c| c as i64).collect();
+            let count = row.first().copied().unwrap_or(0);
+            let suppressed = count < min_result;
+            let values = if suppressed {
+                Vec::new()
+            } else if show_count {
+                row
+            } else {
+                row[1..].to_vec()
+            };
+            AggregateGroup {
+                label: domain.label(index),
+                suppressed,
+                values,
+            }
+        })
+}
+
+/// Everything of the result but its groups, once every party's terms are checked equal; and
+/// the group domain that labels them.
+fn result_meta(
+    reported: &[Reported],
+    spec: &JobSpec,
+) -> Result<(AggregateResult, GroupDomain), Failure> {
     let Some(agg) = spec.aggregate.as_ref() else {
         return Err(failed("aggregate job without its group-by spec"));
     };
@@ -317,34 +442,8 @@ fn combine(reported: &[Reported], spec: &JobSpec) -> Result<AggregateResult, Fai
             first.node, other.node
         )));
     }
-    let partials: Vec<Vec<u64>> = reported.iter().map(|r| r.partial.clone()).collect();
-    let totals = reconstruct(&partials).map_err(|e| failed(format!("reconstruction: {e}")))?;
-    let columns = 1 + agg.sums.len();
     let min_result = first.outcome.min_result.max(1);
-    let labels = agg
-        .groups
-        .iter()
-        .map(String::as_str)
-        .chain(std::iter::once(OTHER_GROUP));
-    let groups = labels
-        .zip(totals.chunks(columns))
-        .map(|(label, row)| {
-            let count = row.first().copied().unwrap_or(0);
-            let suppressed = count < i64::try_from(min_result).unwrap_or(i64::MAX);
-            let values = if suppressed {
-                Vec::new()
-            } else if agg.count {
-                row.to_vec()
-            } else {
-                row[1..].to_vec()
-            };
-            AggregateGroup {
-                label: label.to_owned(),
-                suppressed,
-                values,
-            }
-        })
-        .collect();
+    let domain = domain_of(agg).map_err(failed)?;
     let mut names = Vec::new();
     if agg.count {
         names.push("count".to_owned());
@@ -358,9 +457,9 @@ fn combine(reported: &[Reported], spec: &JobSpec) -> Result<AggregateResult, Fai
         .map(|c| c.zcdp_epsilon * c.zcdp_epsilon)
         .sum::<f64>()
         .sqrt();
-    Ok(AggregateResult {
+    let meta = AggregateResult {
         columns: names,
-        groups,
+        groups: Vec::new(),
         noise: first.outcome.noise.clone(),
         min_result,
         max_colluders: first.outcome.max_colluders,
@@ -379,7 +478,9 @@ fn combine(reported: &[Reported], spec: &JobSpec) -> Result<AggregateResult, Fai
                 bytes_to_coordinator: r.outcome.bytes_to_coordinator,
             })
             .collect(),
-    })
+        total_groups: 0,
+    };
+    Ok((meta, domain))
 }
 
 #[cfg(test)]
@@ -405,13 +506,32 @@ mod tests {
                 groups: vec!["x".into(), "y".into()],
                 sums: vec!["amount".into()],
                 count,
+                group_range: None,
             }),
             overlap_sum: None,
         }
     }
 
+    /// Three parties' reports and partials.
+    struct Run {
+        reported: Vec<Reported>,
+        partials: Vec<Vec<u64>>,
+    }
+
+    /// [`combine`] over the sum of the run's partials, as `collect` builds it.
+    fn combine_run(run: &Run, spec: &JobSpec) -> Result<AggregateResult, Failure> {
+        let sum: PartialSum = Arc::new(std::sync::Mutex::new(vec![0u64; 6]));
+        for p in &run.partials {
+            // In two batches, as a node may send them.
+            add_batch(&sum, 0, &p[..4]);
+            add_batch(&sum, 4, &p[4..]);
+        }
+        let total = std::mem::take(&mut *sum.lock().unwrap());
+        combine(total, &run.reported, spec)
+    }
+
     /// Three parties' partials of the given per-party vectors (3 groups × 2 columns).
-    fn reported(inputs: &[[i64; 6]; 3], digest: u8) -> Vec<Reported> {
+    fn reported(inputs: &[[i64; 6]; 3], digest: u8) -> Run {
         let splits: Vec<_> = inputs
             .iter()
             .map(|x| {
@@ -422,7 +542,7 @@ mod tests {
                 split(&v, 2).unwrap()
             })
             .collect();
-        (0..3)
+        let partials = (0..3)
             .map(|i| {
                 let mut acc = splits[i].own.clone();
                 for (j, s) in splits.iter().enumerate() {
@@ -430,22 +550,25 @@ mod tests {
                         accumulate_seed(&mut acc, &s.seeds[if i < j { i } else { i - 1 }]);
                     }
                 }
-                Reported {
-                    node: format!("n{i}"),
-                    partial: acc,
-                    outcome: AggregateOutcome {
-                        cells: 6,
-                        min_result: 5,
-                        terms_digest: vec![digest],
-                        noise: vec![ColumnNoise {
-                            column: "count".into(),
-                            ..ColumnNoise::default()
-                        }],
-                        ..AggregateOutcome::default()
-                    },
-                }
+                acc
             })
-            .collect()
+            .collect();
+        let reported = (0..3)
+            .map(|i| Reported {
+                node: format!("n{i}"),
+                outcome: AggregateOutcome {
+                    cells: 6,
+                    min_result: 5,
+                    terms_digest: vec![digest],
+                    noise: vec![ColumnNoise {
+                        column: "count".into(),
+                        ..ColumnNoise::default()
+                    }],
+                    ..AggregateOutcome::default()
+                },
+            })
+            .collect();
+        Run { reported, partials }
     }
 
     #[test]
@@ -455,7 +578,7 @@ mod tests {
             [3, 30, 1, 20, 2, 5],
             [4, -5, 1, 1, 0, 0],
         ];
-        let r = combine(&reported(&inputs, 1), &spec(true)).unwrap();
+        let r = combine_run(&reported(&inputs, 1), &spec(true)).unwrap();
         assert_eq!(r.columns, vec!["count", "amount"]);
         assert_eq!(r.groups[0].label, "x");
         assert_eq!(r.groups[0].values, vec![10, 325]);
@@ -465,17 +588,78 @@ mod tests {
         assert_eq!(r.groups[2].label, "(other)");
         assert!(r.groups[2].suppressed);
         // Without --count the count is used for suppression but not shown.
-        let r = combine(&reported(&inputs, 1), &spec(false)).unwrap();
+        let r = combine_run(&reported(&inputs, 1), &spec(false)).unwrap();
         assert_eq!(r.columns, vec!["amount"]);
         assert_eq!(r.groups[0].values, vec![325]);
+    }
+
+    #[test]
+    fn integer_domains_are_labelled_by_their_integers() {
+        let inputs = [
+            [3, 30, 1, 1, 2, 2],
+            [3, 30, 1, 1, 2, 2],
+            [3, 30, 1, 1, 2, 2],
+        ];
+        let mut s = spec(true);
+        let a = s.aggregate.as_mut().unwrap();
+        a.groups.clear();
+        a.group_range = Some(cleanroom_proto::v1::IntegerRange { lo: -1, hi: 1 });
+        let r = combine_run(&reported(&inputs, 1), &s).unwrap();
+        let labels: Vec<&str> = r.groups.iter().map(|g| g.label.as_str()).collect();
+        assert_eq!(labels, ["-1", "0", "(other)"]);
+        assert_eq!(r.total_groups, 3);
+        assert_eq!(r.groups[0].values, vec![9, 90]);
+        assert_eq!(r.groups[2].values, vec![6, 6]);
+    }
+
+    #[test]
+    fn range_domains_are_validated_before_any_work() {
+        use cleanroom_proto::v1::IntegerRange;
+        let agg = |lo, hi, sums: usize| AggregateSpec {
+            group_by: "bucket".into(),
+            groups: vec![],
+            sums: (0..sums).map(|i| format!("s{i}")).collect(),
+            count: true,
+            group_range: Some(IntegerRange { lo, hi }),
+        };
+        validate_range_domain(3, &agg(0, 1_000_000, 1)).unwrap();
+        validate_range_domain(3, &agg(-5, 5, 0)).unwrap();
+        assert!(
+            validate_range_domain(3, &agg(0, 0, 1))
+                .unwrap_err()
+                .contains("empty")
+        );
+        assert!(
+            validate_range_domain(3, &agg(0, 1 << 22, 1))
+                .unwrap_err()
+                .contains("at most 2097152")
+        );
+        assert!(
+            validate_range_domain(3, &agg(0, 1 << 21, 8))
+                .unwrap_err()
+                .contains("cells; at most")
+        );
+        // 2^21 groups × 2 columns × 64 parties: more partials than the coordinator holds.
+        assert!(
+            validate_range_domain(64, &agg(0, 1 << 21, 1))
+                .unwrap_err()
+                .contains("partial sums")
+        );
+        let mut both = agg(0, 10, 1);
+        both.groups = vec!["x".into()];
+        assert!(
+            validate_range_domain(3, &both)
+                .unwrap_err()
+                .contains("not both")
+        );
     }
 
     #[test]
     fn different_terms_release_nothing() {
         let inputs = [[1; 6], [1; 6], [1; 6]];
         let mut r = reported(&inputs, 1);
-        r[2].outcome.terms_digest = vec![2];
-        let (state, reason) = combine(&r, &spec(true)).unwrap_err();
+        r.reported[2].outcome.terms_digest = vec![2];
+        let (state, reason) = combine_run(&r, &spec(true)).unwrap_err();
         assert_eq!(state, JobState::Failed);
         assert!(reason.contains("different terms"), "{reason}");
     }
@@ -487,10 +671,10 @@ mod tests {
         let inputs = [[5, 500, 0, 0, 0, 0], [5, 1, 0, 0, 0, 0], [5, 2, 0, 0, 0, 0]];
         let a = reported(&inputs, 1);
         let b = reported(&inputs, 1);
-        assert_ne!(a[0].partial, b[0].partial);
-        assert_ne!(a[0].partial[1], 500);
-        let ta = combine(&a, &spec(true)).unwrap();
-        let tb = combine(&b, &spec(true)).unwrap();
+        assert_ne!(a.partials[0], b.partials[0]);
+        assert_ne!(a.partials[0][1], 500);
+        let ta = combine_run(&a, &spec(true)).unwrap();
+        let tb = combine_run(&b, &spec(true)).unwrap();
         assert_eq!(ta, tb);
         assert_eq!(ta.groups[0].values, vec![15, 503]);
     }

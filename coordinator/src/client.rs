@@ -4,9 +4,10 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use cleanroom_proto::v1::{
-    AddSchedule, AnalystRequest, Envelope, GetJob, GetReport, JobInfo, JobSpec, JobState, ListJobs,
-    ListNodes, ListSchedules, NodeInfo, Phase, RetryJob, ScheduleInfo, ScheduleRef, SubmitJob,
-    analyst_request::Request, analyst_response::Response, envelope::Body,
+    AddSchedule, AggregatePage, AnalystRequest, Envelope, GetAggregatePage, GetJob, GetReport,
+    JobInfo, JobSpec, JobState, ListJobs, ListNodes, ListSchedules, NodeInfo, Phase, RetryJob,
+    ScheduleInfo, ScheduleRef, SubmitJob, analyst_request::Request, analyst_response::Response,
+    envelope::Body,
 };
 use cleanroom_transport::{Credentials, Identity, TransportTuning};
 
@@ -72,6 +73,74 @@ impl AnalystClient {
             Response::Job(info) => Ok(info),
             _ => Err(protocol("expected a job")),
         }
+    }
+
+    /// Groups `offset`, `offset + 1`, … of a succeeded aggregate job's result: at most `limit`
+    /// (0: the coordinator's page cap), possibly fewer (each answer stays under the frame cap);
+    /// none past the end.
+    pub async fn aggregate_page(
+        &self,
+        job_id: &str,
+        offset: u64,
+        limit: u32,
+    ) -> Result<AggregatePage, CoordinatorError> {
+        let request = Request::AggregatePage(GetAggregatePage { offset, limit });
+        match self.call(job_id, request).await? {
+            Response::AggregatePage(page) if page.offset == offset => Ok(page),
+            Response::AggregatePage(_) => Err(protocol("aggregate page at the wrong offset")),
+            _ => Err(protocol("expected an aggregate page")),
+        }
+    }
+
+    /// Reads the groups `offset .. offset + count` (clamped to the result) of an aggregate job's
+    /// result page by page, handing each page to `each` as it arrives: the whole result never
+    /// has to be in memory at once.
+    pub async fn aggregate_groups(
+        &self,
+        job_id: &str,
+        offset: u64,
+        count: u64,
+        mut each: impl FnMut(&AggregatePage),
+    ) -> Result<(), CoordinatorError> {
+        let mut next = offset;
+        let end = offset.saturating_add(count);
+        while next < end {
+            let want = u32::try_from(end - next).unwrap_or(u32::MAX);
+            let page = self.aggregate_page(job_id, next, want).await?;
+            if page.groups.is_empty() {
+                if next < page.total_groups {
+                    return Err(protocol("the coordinator sent an empty aggregate page"));
+                }
+                break;
+            }
+            if page.groups.len() as u64 > end - next {
+                return Err(protocol("the coordinator sent more groups than asked"));
+            }
+            next += page.groups.len() as u64;
+            each(&page);
+        }
+        Ok(())
+    }
+
+    /// Completes `info`'s aggregate result with the groups GetJob left out (a result too large
+    /// for one frame comes without them).
+    pub async fn fill_aggregate_groups(&self, info: &mut JobInfo) -> Result<(), CoordinatorError> {
+        let Some(result) = info.aggregate.as_mut() else {
+            return Ok(());
+        };
+        if result.groups.len() as u64 >= result.total_groups {
+            return Ok(());
+        }
+        let (job_id, have) = (info.job_id.clone(), result.groups.len() as u64);
+        let mut groups = std::mem::take(&mut result.groups);
+        self.aggregate_groups(&job_id, have, u64::MAX, |page| {
+            groups.extend(page.groups.iter().cloned())
+        })
+        .await?;
+        if let Some(result) = info.aggregate.as_mut() {
+            result.groups = groups;
+        }
+        Ok(())
     }
 
     /// The most recent jobs.

@@ -1,11 +1,12 @@
--- Job store of the cleanroom coordinator, schema version 5.
+-- Job store of the cleanroom coordinator, schema version 6.
 --
 -- Applied by `JobStore::open` in one transaction when the database has no schema yet; the
 -- version row it writes is what future migrations start from. Every statement is written so that
 -- re-running the script on an existing database changes nothing: that is also the migration from
 -- version 1 (which lacked the `schedules` and `schedule_runs` tables), from version 2 (which
 -- lacked `schedule_notify` and `schedule_run_notified`), from version 3 (which lacked
--- `job_leases`) and from version 4 (which lacked `aggregate_results`).
+-- `job_leases`), from version 4 (which lacked `aggregate_results`) and from version 5 (which
+-- lacked `aggregate_result_pages`).
 --
 -- Protobuf messages are stored as their encoded bytes (`spec`, `outcome`); the other columns
 -- exist to query and to order by. States are `cleanroom.v1.JobState` numbers.
@@ -141,4 +142,16 @@ CREATE TABLE IF NOT EXISTS aggregate_results (
   job_id    TEXT    NOT NULL PRIMARY KEY REFERENCES jobs (job_id) ON DELETE CASCADE,
   result    BLOB    NOT NULL,
   stored_ms INTEGER NOT NULL
+);
+
+-- The groups of an aggregate result too large to answer in one GetJob frame (version 6), in
+-- pages: each row holds the groups first_group, first_group + 1, … as an encoded
+-- cleanroom.v1.AggregatePage. The `aggregate_results` row of such a job holds everything else
+-- (columns, noise, parties, total_groups) and no groups; a result that fits keeps its groups in
+-- that row and has no pages.
+CREATE TABLE IF NOT EXISTS aggregate_result_pages (
+  job_id      TEXT    NOT NULL REFERENCES aggregate_results (job_id) ON DELETE CASCADE,
+  first_group INTEGER NOT NULL,
+  page        BLOB    NOT NULL,
+  PRIMARY KEY (job_id, first_group)
 );

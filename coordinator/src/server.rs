@@ -490,6 +490,19 @@ async fn handle(
                 env.job_id
             ))),
         },
+        Some(Request::AggregatePage(page)) => {
+            match shared
+                .store
+                .get_aggregate_page(&env.job_id, page.offset, page.limit)?
+            {
+                Some(page) => Ok(Response::AggregatePage(page)),
+                None => Err(CoordinatorError::Refused(format!(
+                    "job '{}' has no aggregate result (unknown job, another kind, or not \
+                     succeeded yet)",
+                    env.job_id
+                ))),
+            }
+        }
         Some(Request::List(list)) => {
             let limit = if list.limit == 0 {
                 50

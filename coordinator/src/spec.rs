@@ -151,7 +151,9 @@ fn validate_aggregate(spec: &JobSpec) -> Result<(), String> {
         return Err("aggregate needs --group-by and the groups".into());
     };
     check_name("group-by column", &agg.group_by)?;
-    if agg.groups.is_empty() || agg.groups.len() > MAX_GROUPS {
+    if agg.group_range.is_some() {
+        crate::aggregate_runner::validate_range_domain(spec.parties.len(), agg)?;
+    } else if agg.groups.is_empty() || agg.groups.len() > MAX_GROUPS {
         return Err(format!(
             "give 1 to {MAX_GROUPS} group labels (--groups), got {}",
             agg.groups.len()
@@ -168,7 +170,7 @@ fn validate_aggregate(spec: &JobSpec) -> Result<(), String> {
         return Err(format!("at most {MAX_SUMS} summed columns (--sum)"));
     }
     let cells = (agg.groups.len() + 1) * (1 + agg.sums.len());
-    if cells > MAX_RESULT_CELLS {
+    if agg.group_range.is_none() && cells > MAX_RESULT_CELLS {
         return Err(format!(
             "{} groups (with \"(other)\") × {} columns (count and sums) is {cells} values; at most \
              {MAX_RESULT_CELLS}: fewer groups or fewer --sum columns",
@@ -301,6 +303,7 @@ mod tests {
                 groups: vec!["electronics".into(), "home".into()],
                 sums: vec!["amount".into()],
                 count: true,
+                group_range: None,
             }),
             overlap_sum: None,
         }

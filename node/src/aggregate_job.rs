@@ -32,7 +32,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use cleanroom_circuits::aggregate::{
-    self, GroupVector, NoisePlan, ShareSeed, check_no_overflow, clip, encode_cells,
+    self, GroupDomain, GroupVector, NoisePlan, ShareSeed, check_no_overflow, clip, encode_cells,
+    parse_group_integer,
 };
 use cleanroom_proto::v1::{
     AggregateHello, AggregateOutcome, AggregatePartial, AggregateTerms, ColumnNoise, Envelope,
@@ -61,8 +62,9 @@ const JOB_TIMEOUT: Duration = Duration::from_secs(3600);
 const MAX_ROWS: u64 = 100_000_000;
 /// Cells per partial batch: 512 KiB, well under the 1 MiB frame cap.
 pub const PARTIAL_BATCH_CELLS: usize = 1 << 16;
-/// The label of the group that collects rows whose label the spec does not list.
-pub const OTHER_GROUP: &str = "(other)";
+/// The label of the group that collects rows whose label the spec does not list (or whose
+/// integer is outside the spec's range).
+pub const OTHER_GROUP: &str = aggregate::OTHER_GROUP;
 /// QUIC close codes for the data-plane connections.
 const CLOSE_DONE: u32 = 0;
 const CLOSE_FAILED: u32 = 3;
@@ -540,18 +542,13 @@ impl AggregateJob {
             .iter()
             .map(|v| (v.column.get_ref().clone(), v.min, v.max))
             .collect();
-        let labels = self
-            .spec
-            .aggregate
-            .as_ref()
-            .map(|a| a.groups.clone())
-            .unwrap_or_default();
+        let domain = self.terms.domain.clone();
         let ds = dataset.clone();
         let loaded = blocking(move || {
             load_vector(
                 &ds,
                 &group_by,
-                &labels,
+                &domain,
                 &bounds,
                 RowFilter {
                     consent_column: consent.as_deref(),
@@ -590,23 +587,29 @@ pub struct Loaded {
     pub rows_other: u64,
 }
 
-/// Builds the clipped per-group vector of a dataset: one row per label of `labels` plus
+/// Builds the clipped per-group vector of a dataset: one row per group of `domain` plus
 /// "(other)", column 0 the row count and then each of `bounds` (column, min, max) summed after
-/// clipping. A row with a missing or non-integer value is rejected (counted, never summed).
+/// clipping. A row with a missing or non-integer value is rejected (counted, never summed); so
+/// is, for an integer domain, a row whose group field is not an integer. An integer outside the
+/// range, like an unlisted label, goes to "(other)".
 pub fn load_vector(
     dataset: &crate::config::DatasetConfig,
     group_by: &str,
-    labels: &[String],
+    domain: &GroupDomain,
     bounds: &[(String, i64, i64)],
     filter: RowFilter<'_>,
 ) -> Result<Loaded, NodeError> {
-    let index: HashMap<&[u8], usize> = labels
-        .iter()
-        .enumerate()
-        .map(|(i, l)| (l.as_bytes(), i))
-        .collect();
-    let other = labels.len();
-    let mut vector = GroupVector::zeros(labels.len() + 1, 1 + bounds.len())
+    let index: HashMap<&[u8], usize> = match domain {
+        GroupDomain::Labels(labels) => labels
+            .iter()
+            .enumerate()
+            .map(|(i, l)| (l.as_bytes(), i))
+            .collect(),
+        GroupDomain::Range { .. } => HashMap::new(),
+    };
+    let integer_groups = matches!(domain, GroupDomain::Range { .. });
+    let other = domain.other();
+    let mut vector = GroupVector::zeros(domain.groups(), 1 + bounds.len())
         .map_err(|e| NodeError::Job(format!("refused: {e}")))?;
     let mut columns: Vec<&str> = vec![group_by];
     columns.extend(bounds.iter().map(|(c, _, _)| c.as_str()));
@@ -623,8 +626,18 @@ pub fn load_vector(
             };
             values[i] = clip(v, *min, *max);
         }
-        let label = fields[0].map(<[u8]>::trim_ascii).unwrap_or_default();
-        let group = index.get(label).copied().unwrap_or(other);
+        let group = if integer_groups {
+            match fields[0].and_then(parse_group_integer) {
+                Some(v) => domain.group_of_integer(v),
+                None => {
+                    rejected += 1;
+                    return Ok(());
+                }
+            }
+        } else {
+            let label = fields[0].map(<[u8]>::trim_ascii).unwrap_or_default();
+            index.get(label).copied().unwrap_or(other)
+        };
         if group == other {
             in_other += 1;
         }
@@ -892,7 +905,7 @@ mod tests {
         let (_dir, d) = dataset(
             "id,category,amount,ok\n1,a,100,yes\n2,b,5000,yes\n3,a,-7,no\n4,zzz,10,yes\n5,b,abc,yes\n6, a ,1,yes\n",
         );
-        let labels = vec!["a".to_owned(), "b".to_owned()];
+        let labels = GroupDomain::Labels(vec!["a".to_owned(), "b".to_owned()]);
         let bounds = vec![("amount".to_owned(), 0, 1000)];
         let l = load_vector(
             &d,
@@ -915,8 +928,26 @@ mod tests {
     #[test]
     fn missing_group_column_fails_the_job() {
         let (_dir, d) = dataset("id,amount\n1,2\n");
-        let e = load_vector(&d, "category", &[], &[], RowFilter::default()).unwrap_err();
+        let none = GroupDomain::Labels(vec![]);
+        let e = load_vector(&d, "category", &none, &[], RowFilter::default()).unwrap_err();
         assert!(e.to_string().contains("no column 'category'"), "{e}");
+    }
+
+    #[test]
+    fn integer_domain_vector() {
+        // Range [10, 13): 10, 11, 12 and "(other)". Row 5's bucket is out of range (other),
+        // rows 6–8 have a bucket that is not an integer (rejected, not summed, not in other),
+        // row 9 has a bad amount (rejected).
+        let (_dir, d) = dataset(
+            "id,bucket,amount\n1,10,5\n2,12,7\n3, 12 ,1\n4,11,2000\n5,13,4\n6,x,9\n7,1.5,9\n8,,9\n9,10,oops\n10,-1,3\n",
+        );
+        let domain = GroupDomain::range(10, 13).unwrap();
+        let bounds = vec![("amount".to_owned(), 0, 1000)];
+        let l = load_vector(&d, "bucket", &domain, &bounds, RowFilter::default()).unwrap();
+        assert_eq!(l.counts.rows_read, 10);
+        assert_eq!((l.rows_used, l.rows_rejected, l.rows_other), (6, 4, 2));
+        assert_eq!(l.vector.groups(), 4);
+        assert_eq!(l.vector.cells(), &[1, 5, 1, 1000, 2, 8, 2, 7]);
     }
 
     fn terms(eps: f64, t: u32, k: u64, s: &[u64]) -> AggregateTerms {

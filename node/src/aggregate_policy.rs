@@ -10,7 +10,8 @@
 
 use std::collections::HashSet;
 
-use cleanroom_proto::v1::{JobKind, JobSpec};
+use cleanroom_circuits::aggregate::{GroupDomain, MAX_CELLS};
+use cleanroom_proto::v1::{AggregateSpec, JobKind, JobSpec};
 
 use crate::agreement::{Permit, RunCounter, Veto};
 use crate::config::{
@@ -35,6 +36,31 @@ pub struct AggregatePermit {
     pub group_by: String,
     /// Parties that may collude (clamped below the party count).
     pub max_colluders: u32,
+    /// The public group domain (labels, or an integer range), "(other)" not included.
+    pub domain: GroupDomain,
+}
+
+/// The group domain of an aggregate spec, checked before any work: labels or an integer range
+/// (not both), the range non-empty and at most [`cleanroom_circuits::aggregate::MAX_RANGE_GROUPS`],
+/// and the whole vector (groups and "(other)" times count and sums) within [`MAX_CELLS`].
+pub fn domain_of(agg: &AggregateSpec) -> Result<GroupDomain, String> {
+    let domain = match (&agg.group_range, agg.groups.is_empty()) {
+        (Some(_), false) => {
+            return Err("the aggregate gives both group labels and a group range".into());
+        }
+        (Some(r), true) => GroupDomain::range(r.lo, r.hi).map_err(|e| e.to_string())?,
+        (None, true) => return Err("the aggregate gives no group labels or range".into()),
+        (None, false) => GroupDomain::Labels(agg.groups.clone()),
+    };
+    let cells = domain.groups().saturating_mul(1 + agg.sums.len());
+    if cells > MAX_CELLS {
+        return Err(format!(
+            "{} groups (with \"(other)\") × {} columns is {cells} cells; at most {MAX_CELLS}",
+            domain.groups(),
+            1 + agg.sums.len()
+        ));
+    }
+    Ok(domain)
 }
 
 /// This node's index in an aggregate spec (its name must appear exactly once).
@@ -63,6 +89,7 @@ pub fn check_offer_at(
     let Some(agg) = spec.aggregate.as_ref() else {
         return Err(veto("the aggregate job names no group-by column or sums"));
     };
+    let domain = domain_of(agg).map_err(veto)?;
     let n = spec.parties.len();
     if !(MIN_AGGREGATE_PARTIES as usize..=MAX_PARTIES).contains(&n) {
         return Err(veto(format!(
@@ -240,6 +267,7 @@ pub fn check_offer_at(
         peers,
         group_by: agg.group_by.clone(),
         max_colluders,
+        domain,
     })
 }
 
@@ -312,6 +340,7 @@ purposes = ["fraud-benchmark"]
                 groups: vec!["a".into(), "b".into()],
                 sums: vec!["amount".into()],
                 count: true,
+                group_range: None,
             }),
             overlap_sum: None,
         }
@@ -369,6 +398,40 @@ purposes = ["fraud-benchmark"]
         assert!(
             vetoed(&cfg, &spec(&["acme", "globex", "initech"]), 0).contains("at least 4 parties")
         );
+    }
+
+    #[test]
+    fn integer_domains_are_checked_at_the_offer() {
+        use cleanroom_proto::v1::IntegerRange;
+        let cfg = config("", "");
+        let ranged = |lo, hi| {
+            let mut s = spec(&["acme", "globex", "initech"]);
+            let a = s.aggregate.as_mut().unwrap();
+            a.groups.clear();
+            a.group_range = Some(IntegerRange { lo, hi });
+            s
+        };
+        let p = check_offer_at(&cfg, &ranged(0, 1_000_000), 0, 0).unwrap();
+        assert_eq!(
+            p.domain,
+            GroupDomain::Range {
+                lo: 0,
+                hi: 1_000_000
+            }
+        );
+        assert_eq!(p.domain.groups(), 1_000_001);
+        assert!(vetoed(&cfg, &ranged(5, 5), 0).contains("is empty"));
+        assert!(vetoed(&cfg, &ranged(0, 1 << 22), 0).contains("at most 2097152"));
+        let mut both = ranged(0, 10);
+        both.aggregate.as_mut().unwrap().groups = vec!["a".into()];
+        assert!(vetoed(&cfg, &both, 0).contains("both group labels and a group range"));
+        let mut neither = ranged(0, 10);
+        neither.aggregate.as_mut().unwrap().group_range = None;
+        assert!(vetoed(&cfg, &neither, 0).contains("no group labels or range"));
+        // 2^21 groups with 8 sums: more cells than a vector may have.
+        let mut wide = ranged(0, 1 << 21);
+        wide.aggregate.as_mut().unwrap().sums = (0..8).map(|i| format!("s{i}")).collect();
+        assert!(vetoed(&cfg, &wide, 0).contains("cells; at most"));
     }
 
     #[test]
