@@ -374,7 +374,7 @@ async fn exchange(
 
         // Re-blind the peer's items as they arrive.
         let mut seq_in = 0u64;
-        let mut awaiting = loop {
+        let awaiting = loop {
             let env = next_frame(&mut incoming, &partner, stall).await?;
             check_phase(&env, Phase::PsiBlinded, &partner)?;
             match env.body {
@@ -401,31 +401,16 @@ async fn exchange(
         };
 
         // Our items, returned double-blinded by the peer.
-        let mut seq_in = 0u64;
-        let output = loop {
-            let env = next_frame(&mut incoming, &partner, stall).await?;
-            check_phase(&env, Phase::PsiDoubleBlinded, &partner)?;
-            match env.body {
-                Some(Body::Points(PointBatch { seq, points })) => {
-                    check_seq(seq, &mut seq_in, &partner)?;
-                    awaiting = blocking(move || awaiting.on_returned_batch(&points))
-                        .await?
-                        .map_err(|e| violation(&partner, e))?;
-                }
-                Some(Body::BatchEnd(BatchEnd { total })) => {
-                    break blocking(move || awaiting.on_returned_end(total))
-                        .await?
-                        .map_err(|e| violation(&partner, e))?;
-                }
-                other => {
-                    return Err(unexpected(
-                        &partner,
-                        Phase::PsiDoubleBlinded,
-                        other.as_ref(),
-                    ));
-                }
-            }
-        };
+        let output = receive_batches(
+            &mut incoming,
+            &partner,
+            stall,
+            Phase::PsiDoubleBlinded,
+            awaiting,
+            cleanroom_circuits::AwaitingReturn::on_returned_batch,
+            cleanroom_circuits::AwaitingReturn::on_returned_end,
+        )
+        .await?;
 
         // Tell the peer we are done, with our count (which must equal theirs) and the opening
         // of our noise commitment; wait for theirs.
@@ -786,6 +771,45 @@ pub(crate) async fn next_frame(
         None => Err(NodeError::Job(format!(
             "node '{partner}' closed its stream early"
         ))),
+    }
+}
+
+/// Receives one phase of the peer's point batches and its end marker: each batch goes, in
+/// sequence, to `on_batch` and the end marker's total to `on_end` (both on the blocking pool,
+/// their errors the peer's violations). A frame of another phase or kind, or a batch out of
+/// sequence, is a violation too.
+pub(crate) async fn receive_batches<S, T, E>(
+    incoming: &mut mpsc::UnboundedReceiver<Incoming>,
+    partner: &str,
+    stall: Duration,
+    phase: Phase,
+    mut state: S,
+    on_batch: fn(S, &[u8]) -> Result<S, E>,
+    on_end: fn(S, u64) -> Result<T, E>,
+) -> Result<T, NodeError>
+where
+    S: Send + 'static,
+    T: Send + 'static,
+    E: std::fmt::Display + Send + 'static,
+{
+    let mut seq_in = 0u64;
+    loop {
+        let env = next_frame(incoming, partner, stall).await?;
+        check_phase(&env, phase, partner)?;
+        match env.body {
+            Some(Body::Points(PointBatch { seq, points })) => {
+                check_seq(seq, &mut seq_in, partner)?;
+                state = blocking(move || on_batch(state, &points))
+                    .await?
+                    .map_err(|e| violation(partner, e))?;
+            }
+            Some(Body::BatchEnd(BatchEnd { total })) => {
+                return blocking(move || on_end(state, total))
+                    .await?
+                    .map_err(|e| violation(partner, e));
+            }
+            other => return Err(unexpected(partner, phase, other.as_ref())),
+        }
     }
 }
 

@@ -28,10 +28,13 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use cleanroom_circuits::JobKey;
-use cleanroom_circuits::intersection_sum::{KeyHolderSession, SumParams, ValueHolderSession};
+use cleanroom_circuits::intersection_sum::{
+    KeyHolderSession, KhAwaitingReturn, KhReceivingPoints, KhSumming, SumParams,
+    ValueHolderSession, VhExchanging,
+};
 use cleanroom_proto::v1::{
-    AggregateGroup, BatchEnd, Envelope, NoiseTerm, Phase, PointBatch, PsiHello, PsiOutcome,
-    SumRelease, SumTerms, envelope::Body,
+    AggregateGroup, Envelope, NoiseTerm, Phase, PsiHello, PsiOutcome, SumRelease, SumTerms,
+    envelope::Body,
 };
 use cleanroom_transport::{FramedRecv, FramedSend};
 use tokio::sync::oneshot;
@@ -43,9 +46,9 @@ use crate::dataplane::Delivery;
 use crate::dataset::{self, RowFilter};
 use crate::frame_budget::FrameBudget;
 use crate::psi_job::{
-    BATCH_POINTS, JOB_TIMEOUT, JobContext, MAX_ROWS, Outgoing, STALL_BASE, accept, blocking,
-    check_phase, check_seq, dial, expect_body, finish_connection, key_columns, load_input,
-    next_frame, spawn_reader, spec_digest, stall_deadline, unexpected, violation,
+    BATCH_POINTS, JOB_TIMEOUT, JobContext, MAX_ROWS, Outgoing, STALL_BASE, accept, blocking, dial,
+    expect_body, finish_connection, key_columns, load_input, next_frame, receive_batches,
+    spawn_reader, spec_digest, stall_deadline, violation,
 };
 use crate::sum_input::{self, SumInput};
 use crate::sum_policy::{self, JointTerms, SumShape};
@@ -291,76 +294,43 @@ async fn key_holder(
         let release = release_terms(job, &joint, &shape, &job.my_name)?;
         job.recheck()?;
 
-        let (batches, mut receiving) = blocking(move || session.blind()).await?;
+        let (batches, receiving) = blocking(move || session.blind()).await?;
         out.points(Phase::PsiBlinded, batches).await?;
         out.end(Phase::PsiBlinded, own_size).await?;
 
         // B's points, reblinded and kept in B's order.
-        let mut seq_in = 0u64;
-        let mut awaiting = loop {
-            let env = next_frame(&mut incoming, &partner, stall).await?;
-            check_phase(&env, Phase::PsiBlinded, &partner)?;
-            match env.body {
-                Some(Body::Points(PointBatch { seq, points })) => {
-                    check_seq(seq, &mut seq_in, &partner)?;
-                    receiving = blocking(move || receiving.on_peer_batch(&points))
-                        .await?
-                        .map_err(|e| violation(&partner, e))?;
-                }
-                Some(Body::BatchEnd(BatchEnd { total })) => {
-                    break blocking(move || receiving.on_peer_end(total))
-                        .await?
-                        .map_err(|e| violation(&partner, e))?;
-                }
-                other => return Err(unexpected(&partner, Phase::PsiBlinded, other.as_ref())),
-            }
-        };
+        let awaiting = receive_batches(
+            &mut incoming,
+            &partner,
+            stall,
+            Phase::PsiBlinded,
+            receiving,
+            KhReceivingPoints::on_peer_batch,
+            KhReceivingPoints::on_peer_end,
+        )
+        .await?;
         // Our own points, returned shuffled: which of B's positions match.
-        let mut seq_in = 0u64;
-        let mut summing = loop {
-            let env = next_frame(&mut incoming, &partner, stall).await?;
-            check_phase(&env, Phase::PsiDoubleBlinded, &partner)?;
-            match env.body {
-                Some(Body::Points(PointBatch { seq, points })) => {
-                    check_seq(seq, &mut seq_in, &partner)?;
-                    awaiting = blocking(move || awaiting.on_returned_batch(&points))
-                        .await?
-                        .map_err(|e| violation(&partner, e))?;
-                }
-                Some(Body::BatchEnd(BatchEnd { total })) => {
-                    break blocking(move || awaiting.on_returned_end(total))
-                        .await?
-                        .map_err(|e| violation(&partner, e))?;
-                }
-                other => {
-                    return Err(unexpected(
-                        &partner,
-                        Phase::PsiDoubleBlinded,
-                        other.as_ref(),
-                    ));
-                }
-            }
-        };
+        let summing = receive_batches(
+            &mut incoming,
+            &partner,
+            stall,
+            Phase::PsiDoubleBlinded,
+            awaiting,
+            KhAwaitingReturn::on_returned_batch,
+            KhAwaitingReturn::on_returned_end,
+        )
+        .await?;
         // B's encrypted rows: matched ones added as they arrive.
-        let mut seq_in = 0u64;
-        let summed = loop {
-            let env = next_frame(&mut incoming, &partner, stall).await?;
-            check_phase(&env, Phase::SumRows, &partner)?;
-            match env.body {
-                Some(Body::Points(PointBatch { seq, points })) => {
-                    check_seq(seq, &mut seq_in, &partner)?;
-                    summing = blocking(move || summing.on_ciphertext_batch(&points))
-                        .await?
-                        .map_err(|e| violation(&partner, e))?;
-                }
-                Some(Body::BatchEnd(BatchEnd { total })) => {
-                    break summing
-                        .on_ciphertext_end(total)
-                        .map_err(|e| violation(&partner, e))?;
-                }
-                other => return Err(unexpected(&partner, Phase::SumRows, other.as_ref())),
-            }
-        };
+        let summed = receive_batches(
+            &mut incoming,
+            &partner,
+            stall,
+            Phase::SumRows,
+            summing,
+            KhSumming::on_ciphertext_batch,
+            KhSumming::on_ciphertext_end,
+        )
+        .await?;
         let sizes = summed.sizes();
         let result = blocking(move || summed.noised_sums(&noise))
             .await?
@@ -524,33 +494,24 @@ async fn value_holder(
             .map_err(|e| NodeError::Job(format!("refused: {e}")))?;
         job.recheck()?;
 
-        let (batches, mut exchanging) = blocking(move || session.blind()).await?;
+        let (batches, exchanging) = blocking(move || session.blind()).await?;
         out.points(Phase::PsiBlinded, batches).await?;
         out.end(Phase::PsiBlinded, own_size).await?;
 
         // A's points: reblinded, then returned shuffled all at once.
-        let mut seq_in = 0u64;
-        let mut encrypting = loop {
-            let env = next_frame(&mut incoming, &partner, stall).await?;
-            check_phase(&env, Phase::PsiBlinded, &partner)?;
-            match env.body {
-                Some(Body::Points(PointBatch { seq, points })) => {
-                    check_seq(seq, &mut seq_in, &partner)?;
-                    exchanging = blocking(move || exchanging.on_peer_batch(&points))
-                        .await?
-                        .map_err(|e| violation(&partner, e))?;
-                }
-                Some(Body::BatchEnd(BatchEnd { total })) => {
-                    let (returned, encrypting) = blocking(move || exchanging.on_peer_end(total))
-                        .await?
-                        .map_err(|e| violation(&partner, e))?;
-                    out.points(Phase::PsiDoubleBlinded, returned).await?;
-                    out.end(Phase::PsiDoubleBlinded, total).await?;
-                    break encrypting;
-                }
-                other => return Err(unexpected(&partner, Phase::PsiBlinded, other.as_ref())),
-            }
-        };
+        let (returned, mut encrypting) = receive_batches(
+            &mut incoming,
+            &partner,
+            stall,
+            Phase::PsiBlinded,
+            exchanging,
+            VhExchanging::on_peer_batch,
+            VhExchanging::on_peer_end,
+        )
+        .await?;
+        // The session checked that A's end total equals its declared size.
+        out.points(Phase::PsiDoubleBlinded, returned).await?;
+        out.end(Phase::PsiDoubleBlinded, peer_size).await?;
         // Our rows, encrypted batch by batch (the heavy step), in the order our points went.
         loop {
             let (next, batch) = blocking(move || {
