@@ -530,6 +530,21 @@ fn party_names(job: &JobInfo) -> Vec<String> {
         .unwrap_or_default()
 }
 
+/// A job's state history as the table renderings end with: a `history` line, then one line per
+/// change (Unix ms, state, reason).
+pub(crate) fn history_text(job: &JobInfo) -> String {
+    let mut out = String::from("history\n");
+    for h in &job.history {
+        out.push_str(&format!(
+            "  {}  {:<10} {}\n",
+            h.at_ms,
+            state_name(h.state),
+            h.reason
+        ));
+    }
+    out
+}
+
 /// `s` as one CSV field: quoted when it holds a comma, a quote or a newline.
 pub(crate) fn csv_field(s: &str) -> String {
     if s.contains([',', '"', '\n']) {

@@ -253,15 +253,7 @@ fn table(job: &JobInfo) -> String {
             o.audit_head
         ));
     }
-    out.push_str("history\n");
-    for h in &job.history {
-        out.push_str(&format!(
-            "  {}  {:<10} {}\n",
-            h.at_ms,
-            state_name(h.state),
-            h.reason
-        ));
-    }
+    out.push_str(&crate::output::history_text(job));
     out
 }
 
