@@ -233,7 +233,7 @@ impl BadPartial {
                 format!("node 'mallory' sent {} of {cells} partial cells", cells - 1)
             }
             BadPartial::TooManyCells => format!(
-                "node 'mallory' sent a bad partial: received {} cells, the vector has {cells}",
+                "node 'mallory' sent a bad partial (after 0 cells): received {} cells, the vector has {cells}",
                 cells + 1
             ),
             BadPartial::OversizedFrame => format!(
