@@ -532,14 +532,26 @@ fn every_bad_message_of_an_aggregate_party_ends_the_job_with_a_named_error_and_n
         );
         assert!(job["result"].is_null(), "{label}: released {job}");
         let job_id = job["job_id"].as_str().unwrap();
+        // Every honest node audits the job's end. Each sees the bad hello, but the first to
+        // report it makes the coordinator stop the job at the other, which may then end it on
+        // that stop before it has read the hello: its audit then says so. At least one names
+        // the violation (and the coordinator's reason above names it).
+        let mut named = 0;
         for name in HONEST {
             let audited = audited_error(c.path(), name, job_id)
                 .unwrap_or_else(|| panic!("{label}: {name} audited no JobError for {job_id}"));
-            assert!(
-                audited.to_lowercase().contains(&expect),
-                "{label}: {name}'s audited reason names the violation ({expect}): {audited}"
-            );
+            let lower = audited.to_lowercase();
+            if lower.contains(&expect) {
+                named += 1;
+            } else {
+                assert!(
+                    lower.contains("the coordinator stopped the job"),
+                    "{label}: {name}'s audited reason names the violation ({expect}) or the \
+                     coordinator's stop: {audited}"
+                );
+            }
         }
+        assert!(named >= 1, "{label}: no honest node audited the violation");
         rt.block_on(async {
             let _ = tokio::time::timeout(Duration::from_secs(30), evil).await;
         });
