@@ -95,21 +95,7 @@ async fn psi(args: BenchPsiArgs) -> anyhow::Result<ExitCode> {
             args.n,
             args.n
         ));
-        let spec = JobSpec {
-            kind: JobKind::Overlap as i32,
-            parties: partners
-                .iter()
-                .map(|node| PartySpec {
-                    node: node.to_string(),
-                    dataset: "customers".into(),
-                    keys: vec!["email".into()],
-                    learns_membership: false,
-                })
-                .collect(),
-            purpose: "overlap-reporting".into(),
-            aggregate: None,
-            overlap_sum: None,
-        };
+        let spec = crate::cluster::customers_spec(&partners, JobKind::Overlap, "overlap-reporting");
         let started = Instant::now();
         let job = client.submit(spec, "").await?;
         let job = client

@@ -5,7 +5,7 @@
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use cleanroom_proto::v1::{JobInfo, JobKind, JobSpec, JobState, OverlapSumSpec, PartySpec};
+use cleanroom_proto::v1::{JobInfo, JobKind, JobSpec, JobState, OverlapSumSpec};
 use serde_json::json;
 
 use crate::args::BenchPsiArgs;
@@ -22,26 +22,16 @@ const ORDERS_MAX: u64 = 100;
 const SDS: f64 = 15.0;
 
 fn spec(kind: JobKind) -> JobSpec {
-    JobSpec {
-        kind: kind as i32,
-        parties: PARTNERS
-            .iter()
-            .map(|node| PartySpec {
-                node: node.to_string(),
-                dataset: "customers".into(),
-                keys: vec!["email".into()],
-                learns_membership: false,
-            })
-            .collect(),
-        purpose: "fraud-detection".into(),
-        aggregate: None,
-        overlap_sum: (kind == JobKind::OverlapSum).then(|| OverlapSumSpec {
+    let mut spec = crate::cluster::customers_spec(&PARTNERS, kind, "fraud-detection");
+    if kind == JobKind::OverlapSum {
+        spec.overlap_sum = Some(OverlapSumSpec {
             sums: vec!["amount_cents".into(), "orders".into()],
             group_by: String::new(),
             groups: Vec::new(),
             count: true,
-        }),
+        });
     }
+    spec
 }
 
 /// Bytes each party sent to its peer (spec order).

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, anyhow, bail};
 use cleanroom_coordinator::AnalystClient;
+use cleanroom_proto::v1::{JobKind, JobSpec, PartySpec};
 use cleanroom_transport::{Credentials, Identity, pki};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
@@ -231,4 +232,24 @@ fn node_config(name: &str, coordinator: SocketAddr, csv: &Path, partners: &[Part
         ));
     }
     cfg
+}
+
+/// A `kind` job between `partners` (initiator first) on the `customers` dataset by email, as
+/// [`node_config`] allows it; for `match`, every party asks to learn membership.
+pub fn customers_spec(partners: &[&str], kind: JobKind, purpose: &str) -> JobSpec {
+    JobSpec {
+        kind: kind as i32,
+        parties: partners
+            .iter()
+            .map(|node| PartySpec {
+                node: (*node).to_owned(),
+                dataset: "customers".into(),
+                keys: vec!["email".into()],
+                learns_membership: kind == JobKind::Match,
+            })
+            .collect(),
+        purpose: purpose.into(),
+        aggregate: None,
+        overlap_sum: None,
+    }
 }

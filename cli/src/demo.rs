@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use cleanroom_coordinator::client::state_name;
-use cleanroom_proto::v1::{JobInfo, JobKind, JobSpec, JobState, OverlapSumSpec, PartySpec};
+use cleanroom_proto::v1::{JobInfo, JobKind, JobSpec, JobState, OverlapSumSpec};
 
 use crate::args::DemoArgs;
 use crate::cluster::{Cluster, Partner};
@@ -65,21 +65,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
         progress.set_message(format!(
             "running a {name} job on email between acme and globex"
         ));
-        let spec = JobSpec {
-            kind: kind as i32,
-            parties: PARTNERS
-                .iter()
-                .map(|node| PartySpec {
-                    node: node.to_string(),
-                    dataset: "customers".into(),
-                    keys: vec!["email".into()],
-                    learns_membership: kind == JobKind::Match,
-                })
-                .collect(),
-            purpose: purpose.into(),
-            aggregate: None,
-            overlap_sum: None,
-        };
+        let spec = crate::cluster::customers_spec(&PARTNERS, kind, purpose);
         let started = Instant::now();
         let job = client.submit(spec, "").await?;
         let job = client
@@ -169,26 +155,15 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
 /// The demo's overlap-sum: acme holds the identifiers, globex the amounts; per category, the
 /// shared customers and the sum of their amounts.
 fn overlap_sum_spec() -> JobSpec {
-    JobSpec {
-        kind: JobKind::OverlapSum as i32,
-        parties: PARTNERS
-            .iter()
-            .map(|node| PartySpec {
-                node: node.to_string(),
-                dataset: "customers".into(),
-                keys: vec!["email".into()],
-                learns_membership: false,
-            })
-            .collect(),
-        purpose: "fraud-detection".into(),
-        aggregate: None,
-        overlap_sum: Some(OverlapSumSpec {
-            sums: vec!["amount_cents".into()],
-            group_by: "category".into(),
-            groups: CATEGORIES.iter().map(|c| c.to_string()).collect(),
-            count: true,
-        }),
-    }
+    let mut spec =
+        crate::cluster::customers_spec(&PARTNERS, JobKind::OverlapSum, "fraud-detection");
+    spec.overlap_sum = Some(OverlapSumSpec {
+        sums: vec!["amount_cents".into()],
+        group_by: "category".into(),
+        groups: CATEGORIES.iter().map(|c| c.to_string()).collect(),
+        count: true,
+    });
+    spec
 }
 
 /// How many noise standard deviations a demo figure may be from the truth (a false alarm
