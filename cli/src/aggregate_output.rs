@@ -150,10 +150,6 @@ fn job_json_without_groups(job: &JobInfo) -> Value {
             "groups": GROUPS_PLACEHOLDER,
             "parties": r.parties.iter().map(|p| json!({
                 "node": p.node,
-                "rows_read": p.rows_read,
-                "rows_excluded_consent": p.rows_excluded_consent,
-                "rows_excluded_deleted": p.rows_excluded_deleted,
-                "rows_other": p.rows_other,
                 "audit_head": p.audit_head,
                 "bytes_to_peers": p.bytes_to_peers,
                 "bytes_to_coordinator": p.bytes_to_coordinator,
@@ -416,15 +412,8 @@ fn table_tail(job: &JobInfo) -> String {
     if let Some(r) = job.aggregate.as_ref() {
         for p in &r.parties {
             out.push_str(&format!(
-                "  {:<10} {} rows read ({} without consent, {} forgotten, {} in (other)); sent {} B to peers, {} B to the coordinator; audit head {}\n",
-                p.node,
-                p.rows_read,
-                p.rows_excluded_consent,
-                p.rows_excluded_deleted,
-                p.rows_other,
-                p.bytes_to_peers,
-                p.bytes_to_coordinator,
-                p.audit_head
+                "  {:<10} sent {} B to peers, {} B to the coordinator; audit head {}\n",
+                p.node, p.bytes_to_peers, p.bytes_to_coordinator, p.audit_head
             ));
         }
     }

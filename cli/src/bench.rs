@@ -281,6 +281,7 @@ async fn aggregate(args: BenchAggregateArgs) -> anyhow::Result<ExitCode> {
             sums: vec!["amount".into()],
             count: true,
             group_range,
+            person: String::new(),
         }),
         overlap_sum: None,
     };

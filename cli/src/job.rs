@@ -47,6 +47,9 @@ pub fn spec_from_args(args: &SubmitArgs) -> anyhow::Result<JobSpec> {
     if args.kind == KindArg::Aggregate {
         return spec_for_aggregate(args);
     }
+    if args.aggregate.per_person.is_some() {
+        bail!("--per-person is for aggregate jobs");
+    }
     if args.on.is_empty() {
         bail!("give the join key(s) with --on, e.g. --on email");
     }
@@ -207,6 +210,7 @@ pub fn spec_for_aggregate(args: &SubmitArgs) -> anyhow::Result<JobSpec> {
             sums: args.aggregate.sum.clone(),
             count: args.aggregate.count,
             group_range,
+            person: args.aggregate.per_person.clone().unwrap_or_default(),
         }),
         overlap_sum: None,
     })

@@ -64,14 +64,10 @@ pub fn job_json(job: &JobInfo) -> Value {
                 "intersection": o.intersection,
                 "own_set_size": o.own_set_size,
                 "peer_set_size": o.peer_set_size,
-                "rows_read": o.rows_read,
-                "rows_rejected": o.rows_rejected,
                 "learned_membership": o.learned_membership,
                 "matched_rows": o.matched_rows,
                 "membership_file": o.membership_file,
                 "suppressed": o.suppressed,
-                "rows_excluded_consent": o.rows_excluded_consent,
-                "rows_excluded_deleted": o.rows_excluded_deleted,
                 "audit_head": o.audit_head,
                 "noise": noise_json(&o.noise),
             })
@@ -158,7 +154,10 @@ pub fn print_job(job: &JobInfo, format: Format) {
             );
             if let Some(o) = job.results.first().and_then(|r| r.outcome.as_ref()) {
                 if o.suppressed {
-                    println!("result     withheld by an agreement (below its minimum result)");
+                    println!(
+                        "result     withheld by an agreement (below its minimum result, or not \
+                         releasable to the coordinator)"
+                    );
                 } else if o.noise.is_empty() {
                     println!("result     {} shared", o.intersection);
                 } else {
@@ -179,16 +178,8 @@ pub fn print_job(job: &JobInfo, format: Format) {
                     String::new()
                 };
                 println!(
-                    "  {:<10} {} distinct keys from {} rows ({} rejected, {} without consent, {} forgotten), peer sent {}{}; audit head {}",
-                    r.node,
-                    o.own_set_size,
-                    o.rows_read,
-                    o.rows_rejected,
-                    o.rows_excluded_consent,
-                    o.rows_excluded_deleted,
-                    o.peer_set_size,
-                    membership,
-                    o.audit_head
+                    "  {:<10} {} distinct keys, peer sent {}{}; audit head {}",
+                    r.node, o.own_set_size, o.peer_set_size, membership, o.audit_head
                 );
             }
             println!("history");

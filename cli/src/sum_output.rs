@@ -112,10 +112,6 @@ pub fn job_json(job: &JobInfo) -> Value {
             json!({
                 "node": r.node,
                 "distinct_keys": o.own_set_size,
-                "rows_read": o.rows_read,
-                "rows_rejected": o.rows_rejected,
-                "rows_excluded_consent": o.rows_excluded_consent,
-                "rows_excluded_deleted": o.rows_excluded_deleted,
                 "bytes_to_peer": o.bytes_to_peer,
                 "audit_head": o.audit_head,
             })
@@ -241,16 +237,8 @@ fn table(job: &JobInfo) -> String {
     for r in &job.results {
         let o = r.outcome.clone().unwrap_or_default();
         out.push_str(&format!(
-            "  {:<10} {} distinct keys from {} rows ({} rejected, {} without consent, {} \
-             forgotten); sent {} B to its peer; audit head {}\n",
-            r.node,
-            o.own_set_size,
-            o.rows_read,
-            o.rows_rejected,
-            o.rows_excluded_consent,
-            o.rows_excluded_deleted,
-            o.bytes_to_peer,
-            o.audit_head
+            "  {:<10} {} distinct keys; sent {} B to its peer; audit head {}\n",
+            r.node, o.own_set_size, o.bytes_to_peer, o.audit_head
         ));
     }
     out.push_str(&crate::output::history_text(job));

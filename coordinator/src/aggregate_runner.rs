@@ -469,10 +469,6 @@ fn result_meta(
             .iter()
             .map(|r| AggregatePartyStats {
                 node: r.node.clone(),
-                rows_read: r.outcome.rows_read,
-                rows_excluded_consent: r.outcome.rows_excluded_consent,
-                rows_excluded_deleted: r.outcome.rows_excluded_deleted,
-                rows_other: r.outcome.rows_other,
                 audit_head: r.outcome.audit_head.clone(),
                 bytes_to_peers: r.outcome.bytes_to_peers,
                 bytes_to_coordinator: r.outcome.bytes_to_coordinator,

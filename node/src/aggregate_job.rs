@@ -15,12 +15,16 @@
 //!    load, so a slow loader never makes its peers' waits time out.
 //! 4. **Load** the dataset's group and value columns (consent and deletion filters apply), clip
 //!    each value to the agreements' bounds and build the `groups × (1 + sums)` vector (count
-//!    first); audited as an Access. Our kept share is the vector minus the peers' expanded
-//!    seeds.
+//!    first); audited as an Access. With per-person clipping (the spec names a person column,
+//!    as every agreement requires), a person's rows in the group of its first row are summed,
+//!    then clipped, and the person counted once. Our kept share is the vector minus the peers'
+//!    expanded seeds.
 //! 5. **Partial.** Apply the strictest terms of all parties (smallest ε, most colluders, largest
 //!    k-threshold, largest sensitivities), add our kept share, the peers' expanded seeds and our
 //!    noise share, audit the Release and stream the partial to the coordinator in batches, then
-//!    the `AggregateOutcome`.
+//!    the `AggregateOutcome`: public terms, the audit head and byte counts only. Our rows read,
+//!    excluded, rejected and counted in "(other)" are our own figures (with one group, rows read
+//!    minus the rest is our exact count): they stay in the audit log's Access entry.
 //!
 //! A peer that does not connect, sends a wrong hello or goes away fails the job here, and the
 //! coordinator fails it everywhere: it reconstructs only from all N partials. If the coordinator
@@ -253,30 +257,38 @@ impl AggregateJob {
         })
     }
 
-    /// This node's noise share for every cell. When the joint terms ask for noise, the ε is
-    /// charged to the ledger and the draw stored in the same transaction, under the key
-    /// `aggregate:<spec digest>`: a duplicated offer of this job gets the identical noise back
-    /// (and so the identical total) and is not charged again. Exact runs charge nothing.
-    async fn charge_noise(&self, plan: &NoisePlan, groups: usize) -> Result<Vec<i64>, NodeError> {
+    /// This node's noise share for every cell. When the joint terms ask for noise and our
+    /// agreements set ε, the release's zCDP ρ (what the honest parties' noise gives, KLS21:
+    /// `ρ = Σ_c ε_c²/2`) is charged to the ledger in the transaction that draws the noise, under
+    /// the key `aggregate:<spec digest>`; the draw is not kept, and a job whose release was
+    /// charged before is refused. Exact runs charge nothing.
+    async fn charge_noise(
+        &self,
+        plan: &NoisePlan,
+        joint: &JointTerms,
+        groups: usize,
+    ) -> Result<(Vec<i64>, f64), NodeError> {
         let cfg = self.state.cfg();
         let charge = if plan.is_noised() {
-            self.terms.permit.charge(&self.job_id, cfg.budget.as_ref())
+            self.terms.permit.charge(&self.job_id, &cfg)
         } else {
             None
         };
         let plan = plan.clone();
-        let Some(charge) = charge else {
+        let Some(mut charge) = charge else {
             return blocking(move || plan.draw(groups))
                 .await?
+                .map(|noise| (noise, 0.0))
                 .map_err(|e| NodeError::Job(format!("noise: {e}")));
         };
+        let rho = release_rho(&plan, &joint.sensitivities);
+        charge.loss = crate::ledger::Loss::Rho(rho);
         let key = crate::noised_release::release_key(&self.job_id, &self.spec);
         let state = self.state.clone();
-        let epsilon = charge.epsilon;
-        let stored = blocking(move || {
+        let drawn = blocking(move || {
             state
                 .ledger
-                .charge_and_store(&key, &charge, now_ms(), || plan.draw(groups))
+                .charge_and_draw(&key, &charge, now_ms(), || plan.draw(groups))
         })
         .await?
         .map_err(|e| {
@@ -285,12 +297,8 @@ impl AggregateJob {
                 crate::state::budget_veto(&cfg.name, e)
             ))
         })?;
-        tracing::info!(
-            epsilon,
-            fresh = stored.fresh,
-            "privacy budget charged for an aggregate"
-        );
-        Ok(stored.draw)
+        tracing::info!(rho, "privacy budget charged for an aggregate (zCDP)");
+        Ok((drawn, rho))
     }
 
     fn recheck(&self) -> Result<(), NodeError> {
@@ -438,7 +446,7 @@ impl AggregateJob {
             seeds.push(share.seed);
             in_conns.push(conn);
         }
-        let noise = self.charge_noise(&plan, groups).await?;
+        let (noise, rho) = self.charge_noise(&plan, &joint, groups).await?;
         let partial = blocking(move || -> Result<Vec<u64>, aggregate::AggregateError> {
             let mut acc = own;
             for seed in &seeds {
@@ -464,10 +472,25 @@ impl AggregateJob {
                  partials is meaningful){}",
                 groups,
                 joint.sensitivities.len(),
-                if plan.is_noised() {
-                    ", with this node's share of discrete Gaussian noise"
+                if !plan.is_noised() {
+                    ", no noise (no agreement asks for it)".to_owned()
+                } else if rho > 0.0 {
+                    let delta = self.state.cfg().delta();
+                    format!(
+                        ", with this node's share of discrete Gaussian noise: zCDP rho {} \
+                         charged (epsilon {} at delta {delta:e} on its own){}",
+                        crate::ledger::show(rho),
+                        crate::ledger::show(crate::ledger::epsilon_at(0.0, rho, delta)),
+                        if self.terms.person.is_some() {
+                            ", per person"
+                        } else {
+                            ", per row"
+                        }
+                    )
                 } else {
-                    ", no noise (no agreement asks for it)"
+                    ", with this node's share of discrete Gaussian noise (its agreements set no \
+                     epsilon: nothing charged)"
+                        .to_owned()
                 }
             ),
             to: vec!["coordinator".into()],
@@ -495,10 +518,6 @@ impl AggregateJob {
             noise,
             min_result: joint.min_result,
             max_colluders: joint.max_colluders,
-            rows_read: loaded.counts.rows_read,
-            rows_excluded_consent: loaded.counts.rows_excluded_consent,
-            rows_excluded_deleted: loaded.counts.rows_excluded_deleted,
-            rows_other: loaded.rows_other,
             audit_head: head.to_string(),
             bytes_to_peers,
             bytes_to_coordinator,
@@ -543,6 +562,7 @@ impl AggregateJob {
             .map(|v| (v.column.get_ref().clone(), v.min, v.max))
             .collect();
         let domain = self.terms.domain.clone();
+        let person = self.terms.person.clone();
         let ds = dataset.clone();
         let loaded = blocking(move || {
             load_vector(
@@ -550,6 +570,7 @@ impl AggregateJob {
                 &group_by,
                 &domain,
                 &bounds,
+                person.as_deref(),
                 RowFilter {
                     consent_column: consent.as_deref(),
                     forgotten: Some(&forgotten),
@@ -559,6 +580,7 @@ impl AggregateJob {
         .await??;
         let mut columns = vec![self.terms.group_by.clone()];
         columns.extend(self.columns().into_iter().skip(1));
+        columns.extend(self.terms.person.clone());
         self.audit(AuditEvent::Access {
             job_id: self.job_id.clone(),
             dataset: dataset.name.clone(),
@@ -567,6 +589,8 @@ impl AggregateJob {
             rows_rejected: loaded.rows_rejected,
             rows_excluded_consent: loaded.counts.rows_excluded_consent,
             rows_excluded_deleted: loaded.counts.rows_excluded_deleted,
+            rows_other: Some(loaded.rows_other),
+            persons: loaded.persons,
         })?;
         Ok(loaded)
     }
@@ -579,12 +603,30 @@ pub struct Loaded {
     pub vector: GroupVector,
     /// What the filters left out.
     pub counts: dataset::RowCounts,
-    /// Rows used (passed the filters and parsed).
+    /// Contributions summed: rows used (passed the filters and parsed), or with per-person
+    /// clipping the persons counted.
     pub rows_used: u64,
-    /// Rows whose value field was missing or not an integer (skipped).
+    /// Rows whose value field was missing or not an integer (skipped), or, with per-person
+    /// clipping, whose person field is empty.
     pub rows_rejected: u64,
-    /// Rows counted in "(other)".
+    /// Rows (persons, with per-person clipping) counted in "(other)".
     pub rows_other: u64,
+    /// Per-person clipping only: persons counted, rows left out.
+    pub persons: Option<crate::audit::PersonCounts>,
+}
+
+/// One person's contribution while its rows are read: the group of its first row and the sums
+/// of its rows in that group (saturating; clipped once all rows are read).
+struct PersonSum {
+    group: usize,
+    sums: Vec<i64>,
+}
+
+/// The zCDP ρ of a noised aggregate release: what the honest parties' noise gives each column
+/// (KLS21's `ε_c`, as reported in the result), composed: `ρ = Σ_c ε_c² / 2`.
+fn release_rho(plan: &NoisePlan, sensitivities: &[u64]) -> f64 {
+    let e = aggregate::composed_epsilon(&plan.describe(sensitivities));
+    e * e / 2.0
 }
 
 /// Builds the clipped per-group vector of a dataset: one row per group of `domain` plus
@@ -592,11 +634,18 @@ pub struct Loaded {
 /// clipping. A row with a missing or non-integer value is rejected (counted, never summed); so
 /// is, for an integer domain, a row whose group field is not an integer. An integer outside the
 /// range, like an unlisted label, goes to "(other)".
+///
+/// With a `person` column, contributions are per person instead: a person's rows in the group of
+/// its first (accepted) row are summed, each sum clipped once to its bounds, and the person
+/// counted once in that group; its rows in other groups are left out (counted in
+/// [`Loaded::persons`]), so one person moves one group's cells by at most the bounds, whatever
+/// number of rows it has. A row whose person field is empty is rejected.
 pub fn load_vector(
     dataset: &crate::config::DatasetConfig,
     group_by: &str,
     domain: &GroupDomain,
     bounds: &[(String, i64, i64)],
+    person: Option<&str>,
     filter: RowFilter<'_>,
 ) -> Result<Loaded, NodeError> {
     let index: HashMap<&[u8], usize> = match domain {
@@ -613,8 +662,12 @@ pub fn load_vector(
         .map_err(|e| NodeError::Job(format!("refused: {e}")))?;
     let mut columns: Vec<&str> = vec![group_by];
     columns.extend(bounds.iter().map(|(c, _, _)| c.as_str()));
+    columns.extend(person);
+    let person_field = 1 + bounds.len();
     let (mut used, mut rejected, mut in_other) = (0u64, 0u64, 0u64);
     let mut values = vec![0i64; bounds.len()];
+    let mut people: HashMap<Vec<u8>, PersonSum> = HashMap::new();
+    let mut outside_group = 0u64;
     let counts = dataset::for_each_row_for(dataset, &columns, filter, MAX_ROWS, |_, fields| {
         for (i, (_, min, max)) in bounds.iter().enumerate() {
             let parsed = fields[i + 1]
@@ -624,7 +677,12 @@ pub fn load_vector(
                 rejected += 1;
                 return Ok(());
             };
-            values[i] = clip(v, *min, *max);
+            // Per person, a row's value is clipped only as part of its person's sum.
+            values[i] = if person.is_some() {
+                v
+            } else {
+                clip(v, *min, *max)
+            };
         }
         let group = if integer_groups {
             match fields[0].and_then(parse_group_integer) {
@@ -638,6 +696,33 @@ pub fn load_vector(
             let label = fields[0].map(<[u8]>::trim_ascii).unwrap_or_default();
             index.get(label).copied().unwrap_or(other)
         };
+        if person.is_some() {
+            let id = fields[person_field]
+                .map(<[u8]>::trim_ascii)
+                .unwrap_or_default();
+            if id.is_empty() {
+                rejected += 1;
+                return Ok(());
+            }
+            match people.get_mut(id) {
+                None => {
+                    people.insert(
+                        id.to_vec(),
+                        PersonSum {
+                            group,
+                            sums: values.clone(),
+                        },
+                    );
+                }
+                Some(p) if p.group == group => {
+                    for (s, v) in p.sums.iter_mut().zip(&values) {
+                        *s = s.saturating_add(*v);
+                    }
+                }
+                Some(_) => outside_group += 1,
+            }
+            return Ok(());
+        }
         if group == other {
             in_other += 1;
         }
@@ -650,12 +735,27 @@ pub fn load_vector(
         Ok(())
     })
     .map_err(|e| NodeError::Job(e.to_string()))?;
+    let persons = person.map(|_| crate::audit::PersonCounts {
+        persons: people.len() as u64,
+        rows_outside_group: outside_group,
+    });
+    for p in people.into_values() {
+        if p.group == other {
+            in_other += 1;
+        }
+        used += 1;
+        let _ = vector.add(p.group, 0, 1);
+        for (i, (s, (_, min, max))) in p.sums.iter().zip(bounds).enumerate() {
+            let _ = vector.add(p.group, i + 1, clip(*s, *min, *max));
+        }
+    }
     Ok(Loaded {
         vector,
         counts,
         rows_used: used,
         rows_rejected: rejected,
         rows_other: in_other,
+        persons,
     })
 }
 
@@ -912,6 +1012,7 @@ mod tests {
             "category",
             &labels,
             &bounds,
+            None,
             RowFilter {
                 consent_column: Some("ok"),
                 forgotten: None,
@@ -929,7 +1030,7 @@ mod tests {
     fn missing_group_column_fails_the_job() {
         let (_dir, d) = dataset("id,amount\n1,2\n");
         let none = GroupDomain::Labels(vec![]);
-        let e = load_vector(&d, "category", &none, &[], RowFilter::default()).unwrap_err();
+        let e = load_vector(&d, "category", &none, &[], None, RowFilter::default()).unwrap_err();
         assert!(e.to_string().contains("no column 'category'"), "{e}");
     }
 
@@ -943,11 +1044,69 @@ mod tests {
         );
         let domain = GroupDomain::range(10, 13).unwrap();
         let bounds = vec![("amount".to_owned(), 0, 1000)];
-        let l = load_vector(&d, "bucket", &domain, &bounds, RowFilter::default()).unwrap();
+        let l = load_vector(&d, "bucket", &domain, &bounds, None, RowFilter::default()).unwrap();
         assert_eq!(l.counts.rows_read, 10);
         assert_eq!((l.rows_used, l.rows_rejected, l.rows_other), (6, 4, 2));
         assert_eq!(l.vector.groups(), 4);
         assert_eq!(l.vector.cells(), &[1, 5, 1, 1000, 2, 8, 2, 7]);
+    }
+
+    /// Per person: a person's rows in the group of its first row are summed, then clipped, and
+    /// the person counted once; its rows elsewhere are left out. Per row, the same file counts
+    /// every row and clips each value.
+    #[test]
+    fn per_person_clipping_sums_then_clips_and_counts_a_person_once() {
+        let (_dir, d) = dataset(
+            "customer,category,amount
+             p1,a,600
+p1,a,700
+p1,b,50
+p2,a,10
+p2,a,20
+p3,b,5000
+,a,1
+p4,zzz,3
+p4,zzz,4
+",
+        );
+        let labels = GroupDomain::Labels(vec!["a".to_owned(), "b".to_owned()]);
+        let bounds = vec![("amount".to_owned(), 0, 1000)];
+        let per_row =
+            load_vector(&d, "category", &labels, &bounds, None, RowFilter::default()).unwrap();
+        // a: 600 + 700 + 10 + 20 + 1 (5 rows); b: 50 + 1000 (clipped); other: 3 + 4.
+        assert_eq!(per_row.vector.cells(), &[5, 1331, 2, 1050, 2, 7]);
+        assert_eq!(per_row.persons, None);
+        let l = load_vector(
+            &d,
+            "category",
+            &labels,
+            &bounds,
+            Some("customer"),
+            RowFilter::default(),
+        )
+        .unwrap();
+        // a: p1 (600 + 700 = 1300, clipped to 1000) and p2 (30); b: p3 (5000 → 1000), p1's b
+        // row left out; other: p4 (7); the row without a person is rejected.
+        assert_eq!(l.vector.cells(), &[2, 1030, 1, 1000, 1, 7]);
+        assert_eq!((l.rows_used, l.rows_rejected, l.rows_other), (4, 1, 1));
+        assert_eq!(
+            l.persons,
+            Some(crate::audit::PersonCounts {
+                persons: 4,
+                rows_outside_group: 1
+            })
+        );
+        // A person column that is not in the file fails the job.
+        let e = load_vector(
+            &d,
+            "category",
+            &labels,
+            &bounds,
+            Some("nobody"),
+            RowFilter::default(),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("no column 'nobody'"), "{e}");
     }
 
     fn terms(eps: f64, t: u32, k: u64, s: &[u64]) -> AggregateTerms {

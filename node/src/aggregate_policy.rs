@@ -38,6 +38,9 @@ pub struct AggregatePermit {
     pub max_colluders: u32,
     /// The public group domain (labels, or an integer range), "(other)" not included.
     pub domain: GroupDomain,
+    /// Per-person clipping: the column naming each row's person (the spec's `person`, which
+    /// every agreement that names one must name alike); `None` = per-row clipping.
+    pub person: Option<String>,
 }
 
 /// The group domain of an aggregate spec, checked before any work: labels or an integer range
@@ -131,9 +134,9 @@ pub fn check_offer_at(
         .collect();
     let mut entries: Vec<&AllowEntry> = Vec::new();
     let mut expires: Option<PolicyDate> = None;
-    // The strictest per-purpose cap of the agreements involved: the aggregate's ε is charged
-    // once, under the peer set as its partner scope, against it.
-    let mut purpose_budget: Option<crate::config::Budget> = None;
+    // The per-purpose caps of the agreements involved: the aggregate's loss is charged once,
+    // under the peer set as its partner scope, and must fit every one of them.
+    let mut purpose_budgets: Vec<crate::config::Budget> = Vec::new();
     for peer in &peers {
         let Some(agreement) = cfg.agreement_with(peer) else {
             return Err(veto(format!(
@@ -163,13 +166,36 @@ pub fn check_offer_at(
                 mine.dataset, agg.group_by
             )));
         };
+        // Per-person clipping: an agreement that names a person column holds its ε for a
+        // person, so the job must clip per person on that column; one that names none has not
+        // let the node read another column, so the job must clip per row.
+        match (&entry.person, agg.person.is_empty()) {
+            (Some(p), false) if *p == agg.person => {}
+            (Some(p), _) => {
+                return Err(veto(format!(
+                    "agreement with {peer} requires per-person clipping on '{p}' (submit with \
+                     --per-person {p}){}",
+                    if agg.person.is_empty() {
+                        String::new()
+                    } else {
+                        format!("; the job names '{}'", agg.person.escape_default())
+                    }
+                )));
+            }
+            (None, false) => {
+                return Err(veto(format!(
+                    "agreement with {peer} names no person column, so it does not allow \
+                     per-person clipping on '{}'",
+                    agg.person.escape_default()
+                )));
+            }
+            (None, true) => {}
+        }
         entries.push(entry);
         if let Some(b) = &agreement.budget_per_purpose
-            && purpose_budget
-                .as_ref()
-                .is_none_or(|p| b.epsilon_per_period.get() < p.epsilon_per_period.get())
+            && !purpose_budgets.contains(b)
         {
-            purpose_budget = Some(b.clone());
+            purpose_budgets.push(b.clone());
         }
     }
 
@@ -257,7 +283,7 @@ pub fn check_offer_at(
         value_columns,
         consent_column,
         expires,
-        purpose_budget,
+        purpose_budgets,
         group_by: vec![agg.group_by.clone()],
         sum_roles: Vec::new(),
     };
@@ -268,6 +294,7 @@ pub fn check_offer_at(
         group_by: agg.group_by.clone(),
         max_colluders,
         domain,
+        person: (!agg.person.is_empty()).then(|| agg.person.clone()),
     })
 }
 
@@ -288,6 +315,7 @@ name = "acme"
 coordinator = "127.0.0.1:7400"
 listen = "127.0.0.1:0"
 state_dir = "state"
+budget = {{ epsilon_per_period = 100 }}
 [tls]
 ca = "ca.pem"
 cert = "node.pem"
@@ -341,6 +369,7 @@ purposes = ["fraud-benchmark"]
                 sums: vec!["amount".into()],
                 count: true,
                 group_range: None,
+                person: String::new(),
             }),
             overlap_sum: None,
         }
@@ -367,6 +396,57 @@ purposes = ["fraud-benchmark"]
         let v = &p.permit.value_columns[0];
         assert_eq!((v.min, v.max), (10, 5000));
         assert_eq!(p.group_by, "category");
+    }
+
+    /// An agreement that names a person column holds its ε for a person: the job must clip per
+    /// person on exactly that column; one that names none must not be asked to read another.
+    /// Every agreement's per-purpose cap travels with the charge.
+    #[test]
+    fn per_person_clipping_must_match_every_agreement() {
+        let with_person = |spec_person: &str| {
+            let mut s = spec(&["acme", "globex", "initech"]);
+            s.aggregate.as_mut().unwrap().person = spec_person.into();
+            s
+        };
+        let both = config("  person = \"customer\"", "  person = \"customer\"");
+        let p = check_offer_at(&both, &with_person("customer"), 0, 0).unwrap();
+        assert_eq!(p.person.as_deref(), Some("customer"));
+        assert_eq!(
+            vetoed(&both, &with_person(""), 0),
+            "agreement with globex requires per-person clipping on 'customer' (submit with \
+             --per-person customer)"
+        );
+        assert!(vetoed(&both, &with_person("account"), 0).ends_with("; the job names 'account'"));
+        let one = config("", "  person = \"customer\"");
+        assert_eq!(
+            vetoed(&one, &with_person("customer"), 0),
+            "agreement with globex names no person column, so it does not allow per-person \
+             clipping on 'customer'"
+        );
+        assert!(vetoed(&one, &with_person(""), 0).contains("agreement with initech requires"));
+        let none = config("", "");
+        assert_eq!(
+            check_offer_at(&none, &with_person(""), 0, 0)
+                .unwrap()
+                .person,
+            None
+        );
+
+        let mut caps = config("  epsilon = 1.0", "  epsilon = 1.0");
+        let cap = |e: f64| crate::config::Budget {
+            epsilon_per_period: Epsilon::new(e),
+            period: crate::config::Period::Week,
+            epsilon_lifetime: Epsilon::new(10.0 * e),
+        };
+        caps.agreements[0].budget_per_purpose = Some(cap(20.0));
+        caps.agreements[1].budget_per_purpose = Some(cap(30.0));
+        let p = check_offer_at(&caps, &with_person(""), 0, 0).unwrap();
+        assert_eq!(p.permit.purpose_budgets, vec![cap(20.0), cap(30.0)]);
+        // The charge is a zCDP ρ = ε²/2 against both caps and the node-wide one.
+        let charge = p.permit.charge("job-1", &caps).unwrap();
+        assert_eq!(charge.loss, crate::ledger::Loss::Rho(0.5));
+        assert_eq!(charge.purpose_caps.len(), 2);
+        assert_eq!(charge.partner, "globex,initech");
     }
 
     #[test]

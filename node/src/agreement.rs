@@ -50,8 +50,9 @@ pub struct Permit {
     pub counts_to: Vec<Recipient>,
     /// ε per run, if the entry allows DP releases.
     pub epsilon: Option<Epsilon>,
-    /// The agreement's ε cap per purpose with this partner (`budget_per_purpose`), if any.
-    pub purpose_budget: Option<Budget>,
+    /// The agreement's ε caps per purpose with this partner (`budget_per_purpose`): at most one
+    /// for a two-party job, one per agreement involved for an aggregate.
+    pub purpose_budgets: Vec<Budget>,
     /// Runs allowed per period for this partner and entry (`None` = unlimited).
     pub runs: Option<RunCounter>,
     /// Value columns the job may use, with clipping bounds.
@@ -103,18 +104,29 @@ impl Permit {
         (count >= self.min_result).then_some(count)
     }
 
-    /// What a noised release under this permit charges to the ledger: its ε against the
-    /// agreement's per-purpose cap and the node-wide `budget`. `None` when the entry sets no ε
-    /// (an exact release, which charges nothing).
-    pub fn charge(&self, job_id: &str, budget: Option<&Budget>) -> Option<crate::ledger::Charge> {
-        let epsilon = self.epsilon?;
+    /// The privacy loss of one release under this permit, if its entry sets ε: pure ε for the
+    /// discrete Laplace releases, ρ = ε²/2 for an aggregate (whose ε is a zCDP ε; the job
+    /// charges the ρ its noise actually gives, which is at most this up to KLS21's slack).
+    pub fn loss(&self) -> Option<crate::ledger::Loss> {
+        let e = self.epsilon?.get();
+        Some(match self.computation {
+            Computation::Aggregate => crate::ledger::Loss::Rho(e * e / 2.0),
+            _ => crate::ledger::Loss::Epsilon(e),
+        })
+    }
+
+    /// What a noised release under this permit charges to the ledger: its loss against the
+    /// agreements' per-purpose caps and the node-wide `[budget]` of `cfg`, read at its
+    /// `dp_delta`. `None` when the entry sets no ε (an exact release, which charges nothing).
+    pub fn charge(&self, job_id: &str, cfg: &NodeConfig) -> Option<crate::ledger::Charge> {
         Some(crate::ledger::Charge {
             job_id: job_id.to_owned(),
             partner: self.partner.clone(),
             purpose: self.purpose.clone(),
-            epsilon: epsilon.get(),
-            purpose_cap: self.purpose_budget.clone(),
-            node_cap: budget.cloned(),
+            loss: self.loss()?,
+            purpose_caps: self.purpose_budgets.clone(),
+            node_cap: cfg.budget.clone(),
+            delta: cfg.delta(),
         })
     }
 
@@ -341,7 +353,7 @@ pub fn check_offer_at(
         min_result: entry.min_result.get(),
         counts_to: entry.counts_to.clone(),
         epsilon: entry.epsilon,
-        purpose_budget: agreement.budget_per_purpose.clone(),
+        purpose_budgets: agreement.budget_per_purpose.iter().cloned().collect(),
         runs: entry.runs_per_period.map(|limit| RunCounter {
             limit: limit.get(),
             period: entry.period,
@@ -695,7 +707,7 @@ purposes = ["fraud-detection"]
     #[test]
     fn permit_carries_limits() {
         let c = with(
-            "",
+            "budget_per_purpose = { epsilon_per_period = 1 }",
             "  min_input_size = 1000\n  min_result = 5\n  runs_per_period = 2\n  epsilon = 0.25\n  counts_to = [\"coordinator\"]",
         );
         let p = check_offer(&c, &overlap(), 0).unwrap();
@@ -765,29 +777,35 @@ purposes = ["fraud-detection"]
         );
         let p = check_offer(&c, &overlap(), 0).unwrap();
         let node = Budget {
-            epsilon_per_period: Epsilon::new(5.0).unwrap(),
+            epsilon_per_period: Epsilon::new(5.0),
             period: Period::Day,
+            epsilon_lifetime: None,
         };
-        let charge = p.charge("job-1", Some(&node)).unwrap();
+        let mut with_node = c.clone();
+        with_node.budget = Some(node.clone());
+        let charge = p.charge("job-1", &with_node).unwrap();
         assert_eq!(
             (charge.job_id.as_str(), charge.partner.as_str()),
             ("job-1", "globex")
         );
         assert_eq!(
-            (charge.purpose.as_str(), charge.epsilon),
-            ("overlap-reporting", 0.25)
+            (charge.purpose.as_str(), charge.loss),
+            ("overlap-reporting", crate::ledger::Loss::Epsilon(0.25))
         );
-        let cap = charge.purpose_cap.unwrap();
+        let [cap] = charge.purpose_caps.as_slice() else {
+            panic!("{:?}", charge.purpose_caps)
+        };
         assert_eq!(
-            (cap.epsilon_per_period.get(), cap.period),
-            (2.0, Period::Week)
+            (cap.epsilon_per_period.map(Epsilon::get), cap.period),
+            (Some(2.0), Period::Week)
         );
         assert_eq!(charge.node_cap, Some(node));
+        assert_eq!(charge.delta, crate::config::DEFAULT_DP_DELTA);
         // No ε: an exact release, nothing to charge.
         assert!(
             check_offer(&cfg(), &overlap(), 0)
                 .unwrap()
-                .charge("job-1", None)
+                .charge("job-1", &cfg())
                 .is_none()
         );
     }

@@ -49,6 +49,16 @@ pub fn head_path(log: &Path) -> PathBuf {
     PathBuf::from(name)
 }
 
+/// What per-person clipping did with one party's rows (audited with its Access).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PersonCounts {
+    /// Distinct persons counted.
+    pub persons: u64,
+    /// Rows of a person outside the group of its first row (left out).
+    pub rows_outside_group: u64,
+}
+
 /// One audited event. Serialized tagged by `"kind"`; unknown fields are refused when reading.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", deny_unknown_fields)]
@@ -95,6 +105,15 @@ pub enum AuditEvent {
         rows_excluded_consent: u64,
         /// Rows excluded because the subject asked to be forgotten.
         rows_excluded_deleted: u64,
+        /// Aggregate: rows counted in "(other)" (an unlisted label or an integer out of range).
+        /// A party's own figure, kept here and never reported (absent in older entries and for
+        /// other job kinds).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        rows_other: Option<u64>,
+        /// Aggregate with per-person clipping: the persons counted, and the rows left out
+        /// because they lie outside the group of their person's first row.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        persons: Option<PersonCounts>,
     },
     /// Something was released.
     Release {
@@ -182,11 +201,22 @@ impl AuditEvent {
                 rows_rejected,
                 rows_excluded_consent,
                 rows_excluded_deleted,
+                rows_other,
+                persons,
                 ..
             } => format!(
                 "read {dataset} [{}]: {rows_read} rows, {rows_rejected} rejected, \
-                 {rows_excluded_consent} excluded (consent), {rows_excluded_deleted} excluded (deleted)",
-                columns.join(", ")
+                 {rows_excluded_consent} excluded (consent), {rows_excluded_deleted} excluded (deleted){}{}",
+                columns.join(", "),
+                rows_other
+                    .map(|n| format!(", {n} in (other)"))
+                    .unwrap_or_default(),
+                persons
+                    .map(|p| format!(
+                        ", {} persons ({} rows outside their person's group left out)",
+                        p.persons, p.rows_outside_group
+                    ))
+                    .unwrap_or_default()
             ),
             AuditEvent::Release {
                 partner,
@@ -1209,6 +1239,8 @@ pub(crate) mod tests {
                 rows_rejected: 3,
                 rows_excluded_consent: 20,
                 rows_excluded_deleted: 1,
+                rows_other: None,
+                persons: None,
             },
             AuditEvent::Release {
                 job_id: "j1".into(),
@@ -1340,6 +1372,48 @@ pub(crate) mod tests {
         assert!(r.is_ok(), "{:?}", r.problems);
         assert_eq!(r.entries, 5);
         assert_eq!(r.head.seq, 5);
+    }
+
+    /// An aggregate's own figures (rows in "(other)", per-person counts) are kept in its Access
+    /// entry; entries without them (older ones, other job kinds) keep their exact encoding.
+    #[test]
+    fn access_keeps_an_aggregates_own_figures_and_old_entries_stay_canonical() {
+        let old = &sample_events()[2];
+        let line = serde_json::to_string(old).unwrap();
+        assert!(
+            !line.contains("rows_other") && !line.contains("persons"),
+            "{line}"
+        );
+        let agg = AuditEvent::Access {
+            job_id: "j2".into(),
+            dataset: "chargebacks".into(),
+            columns: vec!["category".into(), "amount".into(), "customer".into()],
+            rows_read: 900,
+            rows_rejected: 2,
+            rows_excluded_consent: 0,
+            rows_excluded_deleted: 0,
+            rows_other: Some(17),
+            persons: Some(PersonCounts {
+                persons: 400,
+                rows_outside_group: 12,
+            }),
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.log");
+        let log = AuditLog::open(&path).unwrap();
+        log.append(old.clone(), 1).unwrap();
+        log.append(agg.clone(), 2).unwrap();
+        drop(log);
+        let entries = read_entries(&path).unwrap();
+        assert_eq!(entries[1].event, agg);
+        assert!(verify(&path, None).unwrap().is_ok());
+        assert!(
+            agg.summary().ends_with(
+                ", 17 in (other), 400 persons (12 rows outside their person's group left out)"
+            ),
+            "{}",
+            agg.summary()
+        );
     }
 
     #[test]

@@ -57,18 +57,108 @@ pub struct NodeConfig {
     /// purged at start and hourly. `None` = keep until an operator runs `cleanroom-node purge`.
     #[serde(default)]
     pub retention_days: Option<u64>,
+    /// The δ at which this node's ε caps are read once a zCDP release (an aggregate's discrete
+    /// Gaussian) is in the ledger; default [`DEFAULT_DP_DELTA`]. Read it with
+    /// [`Self::delta`].
+    #[serde(default)]
+    pub dp_delta: Option<Delta>,
 }
 
-/// A privacy budget: the ε that may be spent per period (sliding window). Used node-wide
-/// (`[budget]`, over all partners) and per partner and purpose (`budget_per_purpose`).
+/// A privacy budget: the ε that may be spent per period (sliding window), over the ledger's
+/// whole life, or both (at least one). Used node-wide (`[budget]`, over all partners) and per
+/// partner and purpose (`budget_per_purpose`). Caps are ε at the node's `dp_delta` (see
+/// [`crate::ledger`]: pure-ε charges add up as ε, zCDP charges as ρ).
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Budget {
-    /// ε allowed per period, over all partners.
-    pub epsilon_per_period: Epsilon,
+    /// ε allowed per period; `None` = no window cap (then `epsilon_lifetime` is set).
+    #[serde(default)]
+    pub epsilon_per_period: Option<Epsilon>,
     /// The period (default day).
     #[serde(default)]
     pub period: Period,
+    /// ε allowed over the ledger's whole life (never refreshes); `None` = no lifetime cap.
+    #[serde(default)]
+    pub epsilon_lifetime: Option<Epsilon>,
+}
+
+impl Budget {
+    /// `"epsilon 1 per day, 20 in all"` (what `policy check` and vetoes print).
+    pub fn describe(&self) -> String {
+        let mut parts = Vec::new();
+        if let Some(e) = self.epsilon_per_period {
+            parts.push(format!("epsilon {e} per {}", self.period));
+        }
+        if let Some(e) = self.epsilon_lifetime {
+            parts.push(format!("epsilon {e} in all (lifetime)"));
+        }
+        parts.join(", ")
+    }
+
+    fn validate(&self, name: &str) -> Result<(), String> {
+        if self.epsilon_per_period.is_none() && self.epsilon_lifetime.is_none() {
+            return Err(format!(
+                "{name} sets neither epsilon_per_period nor epsilon_lifetime; give at least one"
+            ));
+        }
+        if let (Some(p), Some(l)) = (self.epsilon_per_period, self.epsilon_lifetime)
+            && p > l
+        {
+            return Err(format!(
+                "{name}: epsilon_per_period {p} is above epsilon_lifetime {l}"
+            ));
+        }
+        Ok(())
+    }
+
+    /// The smallest of its caps (what one run must fit).
+    fn tightest(&self) -> f64 {
+        [self.epsilon_per_period, self.epsilon_lifetime]
+            .into_iter()
+            .flatten()
+            .map(Epsilon::get)
+            .fold(f64::INFINITY, f64::min)
+    }
+}
+
+/// The default δ at which ε caps are read when a release is (ε, δ)-DP rather than pure ε-DP
+/// (aggregate's discrete Gaussian): below one in a billion, far below one over the largest
+/// dataset a job may read (10^8 rows).
+pub const DEFAULT_DP_DELTA: f64 = 1e-9;
+
+/// The largest `dp_delta` the config accepts.
+pub const MAX_DP_DELTA: f64 = 1e-5;
+
+/// The δ of (ε, δ)-DP at which a node reads its caps: greater than 0 and at most
+/// [`MAX_DP_DELTA`] (checked when the config is read, so the TOML error names the line).
+#[derive(Debug, Clone, Copy, PartialEq, PartialOrd, Deserialize)]
+#[serde(try_from = "f64")]
+pub struct Delta(f64);
+
+// Sound: a Delta is never NaN.
+impl Eq for Delta {}
+
+impl Delta {
+    /// The value.
+    pub fn get(self) -> f64 {
+        self.0
+    }
+}
+
+impl TryFrom<f64> for Delta {
+    type Error = String;
+
+    fn try_from(value: f64) -> Result<Self, Self::Error> {
+        if value > 0.0 && value <= MAX_DP_DELTA {
+            Ok(Delta(value))
+        } else {
+            Err(format!(
+                "dp_delta must be greater than 0 and at most {MAX_DP_DELTA:e}, not {value} (δ is \
+                 the chance that a zCDP release exceeds its ε; keep it far below one over the \
+                 number of people in a dataset)"
+            ))
+        }
+    }
 }
 
 /// A privacy parameter ε: finite and greater than 0 (checked when the config is read, so the
@@ -500,6 +590,23 @@ pub struct AllowEntry {
     /// shared identifiers; a policy that must not reveal it lists only `"key-holder"`.
     #[serde(default)]
     pub roles: Option<Vec<SumRole>>,
+    /// Aggregate only: the column (CSV header) that names the person each row belongs to.
+    /// When set, a job must clip per person on exactly this column (`--per-person COLUMN`):
+    /// a person's rows are summed, then clipped, and the person is counted once, so ε protects
+    /// a person rather than a row. Absent: jobs clip per row and must not name a person column.
+    #[serde(default)]
+    pub person: Option<String>,
+}
+
+/// What one run of an allow entry with `epsilon` costs against a cap, as ε at `delta`: ε itself
+/// for a discrete Laplace release, and for an aggregate (whose `epsilon` is a zCDP ε, ρ = ε²/2)
+/// the (ε, δ) conversion of that ρ alone (see [`crate::ledger::epsilon_at`]).
+pub fn run_cost(computation: Computation, epsilon: Epsilon, delta: f64) -> f64 {
+    let e = epsilon.get();
+    match computation {
+        Computation::Aggregate => crate::ledger::epsilon_at(0.0, e * e / 2.0, delta),
+        _ => e,
+    }
 }
 
 /// Smallest number of parties of an aggregate job: with two, each learns the other's figures
@@ -641,6 +748,11 @@ impl NodeConfig {
         self.agreements.iter().find(|a| a.partner == partner)
     }
 
+    /// The δ at which ε caps are read (`dp_delta`, default [`DEFAULT_DP_DELTA`]).
+    pub fn delta(&self) -> f64 {
+        self.dp_delta.map_or(DEFAULT_DP_DELTA, |d| d.0)
+    }
+
     /// The privacy-budget ledger's file: `ledger` if set, else `<state_dir>/ledger.sqlite`.
     pub fn ledger_path(&self) -> PathBuf {
         self.ledger
@@ -676,6 +788,9 @@ impl NodeConfig {
         }
         if self.retention_days == Some(0) {
             return Err("retention_days must be at least 1 (omit it to keep results)".into());
+        }
+        if let Some(b) = &self.budget {
+            b.validate("[budget]")?;
         }
         check_name("name", &self.name)?;
         let mut seen = HashSet::new();
@@ -789,25 +904,53 @@ impl NodeConfig {
             for p in &a.purposes {
                 check_name(&format!("{ctx}: purpose"), p)?;
             }
+            if let Some(b) = &a.budget_per_purpose {
+                b.validate(&format!("{ctx}: budget_per_purpose"))?;
+            }
             for e in &a.allow {
                 let at = line_of(text, e.dataset.span());
                 self.validate_allow(&ctx, e, text)
                     .map_err(|problem| format!("line {at}: {problem}"))?;
-                // A run that costs more than a whole period's budget could never run: say so
-                // now rather than veto every job later.
                 let Some(epsilon) = e.epsilon else { continue };
+                // ε with no cap at all could be spent without end, and averaging enough noised
+                // releases removes the noise: refuse it.
+                if a.budget_per_purpose.is_none() && self.budget.is_none() {
+                    return Err(format!(
+                        "line {at}: {ctx}: allow {} on '{}' sets epsilon {epsilon} but no budget \
+                         caps it: set budget_per_purpose on the agreement or a node-wide \
+                         [budget] (epsilon_per_period and/or epsilon_lifetime); without one, \
+                         every run spends epsilon without limit and averaging runs removes the \
+                         noise",
+                        e.computation,
+                        e.dataset.get_ref(),
+                    ));
+                }
+                // A run that costs more than a whole cap could never run: say so now rather
+                // than veto every job later.
+                let cost = run_cost(e.computation, epsilon, self.delta());
                 let caps = [
                     ("budget_per_purpose", a.budget_per_purpose.as_ref()),
                     ("[budget]", self.budget.as_ref()),
                 ];
                 for (name, cap) in caps {
-                    if let Some(cap) = cap.filter(|c| epsilon > c.epsilon_per_period) {
+                    if let Some(cap) = cap.filter(|c| cost > c.tightest() + 1e-9) {
                         return Err(format!(
-                            "line {at}: {ctx}: allow {} on '{}': epsilon {epsilon} per run is \
-                             above the {name} epsilon_per_period {}, so no job could ever run",
+                            "line {at}: {ctx}: allow {} on '{}': one run costs epsilon {} \
+                             (epsilon {epsilon}{}), above the {name} cap ({}), so no job could \
+                             ever run",
                             e.computation,
                             e.dataset.get_ref(),
-                            cap.epsilon_per_period
+                            crate::ledger::show(cost),
+                            if e.computation == Computation::Aggregate {
+                                format!(
+                                    " read as zCDP, rho {}, at dp_delta {:e}",
+                                    crate::ledger::show(epsilon.get() * epsilon.get() / 2.0),
+                                    self.delta()
+                                )
+                            } else {
+                                String::new()
+                            },
+                            cap.describe()
                         ));
                     }
                 }
@@ -837,9 +980,9 @@ impl NodeConfig {
                 e.dataset.get_ref()
             ));
         }
-        if e.min_parties.is_some() || e.max_colluders.is_some() {
+        if e.min_parties.is_some() || e.max_colluders.is_some() || e.person.is_some() {
             return Err(format!(
-                "{ctx}: allow {} on '{}': keys min_parties and max_colluders apply to \
+                "{ctx}: allow {} on '{}': keys min_parties, max_colluders and person apply to \
                  aggregate only",
                 e.computation,
                 e.dataset.get_ref()
@@ -1018,6 +1161,15 @@ fn validate_aggregate(ctx: &str, e: &AllowEntry, d: &DatasetConfig) -> Result<()
     }
     if e.group_by.iter().any(String::is_empty) {
         return Err(format!("{at}: group_by has an empty column name"));
+    }
+    if e.person.as_ref().is_some_and(|p| p.is_empty()) {
+        return Err(format!("{at}: person names an empty column"));
+    }
+    if e.person.as_ref().is_some_and(|p| e.group_by.contains(p)) {
+        return Err(format!(
+            "{at}: person column '{}' is also a group_by column",
+            e.person.as_deref().unwrap_or_default()
+        ));
     }
     if e.min_parties.is_some_and(|n| n < MIN_AGGREGATE_PARTIES) {
         return Err(format!(
@@ -1415,7 +1567,12 @@ purposes = ["overlap-reporting"]
         );
         let cfg = parse(&text).unwrap();
         let b = cfg.budget.as_ref().unwrap();
-        assert_eq!((b.epsilon_per_period.get(), b.period), (10.0, Period::Week));
+        assert_eq!(
+            (b.epsilon_per_period.map(Epsilon::get), b.period),
+            (Some(10.0), Period::Week)
+        );
+        assert_eq!(b.epsilon_lifetime, None);
+        assert_eq!(cfg.delta(), DEFAULT_DP_DELTA);
         let a = cfg.agreement_with("globex").unwrap();
         assert_eq!(a.expires.unwrap().to_string(), "2026-06-30");
         let e = &a.allow[0];
@@ -1450,7 +1607,13 @@ purposes = ["overlap-reporting"]
             assert!(msg.contains("line "), "{bad}: {msg}");
             assert!(msg.contains("/etc/cleanroom/node.toml"), "{bad}: {msg}");
         }
-        assert!(parse(&with_overlap_allow("  epsilon = 1")).is_ok());
+        assert!(
+            parse(&format!(
+                "budget = {{ epsilon_lifetime = 5 }}\n{}",
+                with_overlap_allow("  epsilon = 1")
+            ))
+            .is_ok()
+        );
         // On a match, ε is refused: membership is released exactly, a noised count would
         // protect nothing.
         let msg = invalid(&with_allow("  epsilon = 1"));
@@ -1469,7 +1632,10 @@ purposes = ["overlap-reporting"]
         );
         let cfg = parse(&text).unwrap();
         let b = cfg.agreements[0].budget_per_purpose.as_ref().unwrap();
-        assert_eq!((b.epsilon_per_period.get(), b.period), (1.5, Period::Week));
+        assert_eq!(
+            (b.epsilon_per_period.map(Epsilon::get), b.period),
+            (Some(1.5), Period::Week)
+        );
         // Default ledger beside the audit log; a relative setting is resolved like other paths.
         assert_eq!(
             cfg.ledger_path(),
@@ -1494,6 +1660,56 @@ purposes = ["overlap-reporting"]
         assert!(msg.contains("greater than 0"), "{msg}");
     }
 
+    /// ε that no cap bounds could be spent without end (and averaging runs removes the
+    /// noise): refused when the config is read, with what to add.
+    #[test]
+    fn epsilon_without_any_cap_is_refused() {
+        let msg = invalid(&with_overlap_allow("  epsilon = 1"));
+        assert!(
+            msg.contains("allow overlap on 'customers' sets epsilon 1 but no budget caps it")
+                && msg.contains("budget_per_purpose")
+                && msg.contains("[budget]")
+                && msg.contains("line "),
+            "{msg}"
+        );
+        // Either cap is enough; so is a lifetime cap alone.
+        let capped = with_overlap_allow("  epsilon = 1").replace(
+            "purposes = [\"overlap-reporting\"]",
+            "purposes = [\"overlap-reporting\"]\nbudget_per_purpose = { epsilon_lifetime = 10 }",
+        );
+        let cfg = parse(&capped).unwrap();
+        let b = cfg.agreements[0].budget_per_purpose.as_ref().unwrap();
+        assert_eq!(b.epsilon_per_period, None);
+        assert_eq!(b.epsilon_lifetime.map(Epsilon::get), Some(10.0));
+        // A budget must cap something, and its window cannot exceed its lifetime.
+        let msg = invalid(&format!("budget = {{ period = \"day\" }}\n{MINIMAL}"));
+        assert!(
+            msg.contains("[budget] sets neither epsilon_per_period nor epsilon_lifetime"),
+            "{msg}"
+        );
+        let msg = invalid(&format!(
+            "budget = {{ epsilon_per_period = 3, epsilon_lifetime = 2 }}\n{MINIMAL}"
+        ));
+        assert!(
+            msg.contains("epsilon_per_period 3 is above epsilon_lifetime 2"),
+            "{msg}"
+        );
+        // dp_delta: in (0, 1e-5].
+        for bad in ["0", "-1e-9", "0.01", "nan"] {
+            let msg = invalid(&format!("dp_delta = {bad}\n{MINIMAL}"));
+            assert!(
+                msg.contains("dp_delta must be greater than 0"),
+                "{bad}: {msg}"
+            );
+        }
+        assert_eq!(
+            parse(&format!("dp_delta = 1e-7\n{MINIMAL}"))
+                .unwrap()
+                .delta(),
+            1e-7
+        );
+    }
+
     #[test]
     fn epsilon_per_run_above_a_cap_is_an_error() {
         let text = with_overlap_allow("  epsilon = 2").replace(
@@ -1502,15 +1718,18 @@ purposes = ["overlap-reporting"]
         );
         let msg = invalid(&text);
         assert!(
-            msg.contains("epsilon 2 per run is above the budget_per_purpose epsilon_per_period 1"),
+            msg.contains(
+                "one run costs epsilon 2 (epsilon 2), above the budget_per_purpose cap (epsilon 1 \
+                 per day)"
+            ),
             "{msg}"
         );
         let msg = invalid(&format!(
-            "budget = {{ epsilon_per_period = 1 }}\n{}",
+            "budget = {{ epsilon_per_period = 1, epsilon_lifetime = 1 }}\n{}",
             with_overlap_allow("  epsilon = 1.5")
         ));
         assert!(
-            msg.contains("above the [budget] epsilon_per_period 1"),
+            msg.contains("above the [budget] cap (epsilon 1 per day, epsilon 1 in all (lifetime))"),
             "{msg}"
         );
         assert!(
@@ -1672,8 +1891,11 @@ purposes = ["overlap-reporting"]
 
     #[test]
     fn aggregate_entry_parses() {
-        let cfg = parse(&with_aggregate(
-            "  group_by = [\"category\"]\n  min_parties = 4\n  max_colluders = 2\n  value_columns = [{ column = \"amount\", min = 0, max = 5000 }]\n  epsilon = 1.0",
+        let cfg = parse(&format!(
+            "budget = {{ epsilon_per_period = 20 }}\n{}",
+            with_aggregate(
+                "  group_by = [\"category\"]\n  min_parties = 4\n  max_colluders = 2\n  value_columns = [{ column = \"amount\", min = 0, max = 5000 }]\n  epsilon = 1.0\n  person = \"customer\"",
+            )
         ))
         .unwrap();
         let e = &cfg.agreement_with("globex").unwrap().allow[0];
@@ -1681,10 +1903,42 @@ purposes = ["overlap-reporting"]
         assert!(e.keys.is_empty());
         assert_eq!(e.group_by, vec!["category".to_owned()]);
         assert_eq!((e.min_parties, e.max_colluders), (Some(4), Some(2)));
-        // Defaults: 3 parties minimum, colluders unset (all but one).
+        assert_eq!(e.person.as_deref(), Some("customer"));
+        // Defaults: 3 parties minimum, colluders unset (all but one), per-row clipping.
         let cfg = parse(&with_aggregate("  group_by = [\"category\"]")).unwrap();
         let e = &cfg.agreement_with("globex").unwrap().allow[0];
         assert_eq!((e.min_parties, e.max_colluders), (None, None));
+        assert_eq!(e.person, None);
+        // An aggregate's ε is a zCDP ε: one run of ε 1 costs ρ 1/2, read at δ 1e-9 as
+        // 0.5 + 2·√(0.5·ln 1e9) ≈ 6.94; a cap of 5 could never pay for it.
+        let msg = invalid(&format!(
+            "budget = {{ epsilon_per_period = 5 }}\n{}",
+            with_aggregate("  group_by = [\"category\"]\n  epsilon = 1.0")
+        ));
+        assert!(
+            msg.contains(
+                "one run costs epsilon 6.937898 (epsilon 1 read as zCDP, rho 0.5, at dp_delta \
+                 1e-9), above the [budget] cap (epsilon 5 per day)"
+            ),
+            "{msg}"
+        );
+        // person: aggregate only, not empty, not a group-by column.
+        assert!(
+            invalid(&with_aggregate(
+                "  group_by = [\"category\"]\n  person = \"\""
+            ))
+            .contains("person names an empty column")
+        );
+        assert!(
+            invalid(&with_aggregate(
+                "  group_by = [\"category\"]\n  person = \"category\""
+            ))
+            .contains("person column 'category' is also a group_by column")
+        );
+        assert!(
+            invalid(&with_overlap_allow("  person = \"customer\""))
+                .contains("keys min_parties, max_colluders and person apply to aggregate only")
+        );
     }
 
     fn with_overlap_sum(entry: &str) -> String {
@@ -1698,8 +1952,11 @@ purposes = ["overlap-reporting"]
 
     #[test]
     fn overlap_sum_entry_parses_and_its_rules_hold() {
-        let cfg = parse(&with_overlap_sum(
-            "  roles = [\"value-holder\"]\n  group_by = [\"category\"]\n  value_columns = [{ column = \"amount\", min = 0, max = 5000 }]\n  epsilon = 1.0",
+        let cfg = parse(&format!(
+            "budget = {{ epsilon_lifetime = 20 }}\n{}",
+            with_overlap_sum(
+                "  roles = [\"value-holder\"]\n  group_by = [\"category\"]\n  value_columns = [{ column = \"amount\", min = 0, max = 5000 }]\n  epsilon = 1.0",
+            )
         ))
         .unwrap();
         let e = &cfg.agreement_with("globex").unwrap().allow[0];

@@ -13,7 +13,6 @@
 
 use cleanroom_circuits::{Mechanism, Scale};
 use cleanroom_proto::v1::NoiseTerm;
-use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 /// The L1 sensitivity of a count: one person changes it by at most one.
@@ -25,9 +24,9 @@ pub const MECHANISM: &str = "discrete_laplace";
 /// Length of a commitment nonce.
 pub const NONCE_LEN: usize = 32;
 
-/// This node's noise for one job, as the ledger stores it (drawn once, in the transaction that
-/// charges for it; a duplicated job gets the same draw back).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// This node's noise for one job: drawn once, in the ledger transaction that charges for it, and
+/// never stored (a job whose release was charged before is refused, never answered again).
+#[derive(Debug, Clone, PartialEq)]
 pub struct OwnNoise {
     /// The noise value.
     pub noise: i64,
@@ -40,8 +39,8 @@ pub struct OwnNoise {
 }
 
 /// The ledger key of a job's noised release: its kind and spec digest (job id and spec), so a
-/// duplicated offer of the same job finds its stored draw, and a reused job id with another spec
-/// does not. `overlap:<hex>`, `overlap-sum:<hex>` or `aggregate:<hex>`.
+/// repeated offer of the same job finds its charge and is refused. `overlap:<hex>`,
+/// `overlap-sum:<hex>` or `aggregate:<hex>`.
 pub fn release_key(job_id: &str, spec: &cleanroom_proto::v1::JobSpec) -> String {
     use cleanroom_proto::v1::JobKind;
     let kind = match JobKind::try_from(spec.kind) {
@@ -239,9 +238,6 @@ mod tests {
         assert!(check_reveal("job-2", "acme", &c, own.noise, &nonce).is_err());
         assert!(check_reveal("job-1", "globex", &c, own.noise, &nonce).is_err());
         assert!(check_reveal("job-1", "acme", &c, own.noise, &nonce[..31]).is_err());
-        // The stored draw round-trips through the ledger's JSON.
-        let json = serde_json::to_string(&own).unwrap();
-        assert_eq!(serde_json::from_str::<OwnNoise>(&json).unwrap(), own);
     }
 
     #[test]

@@ -24,13 +24,14 @@ impl std::fmt::Display for PolicySummary {
         let c = &self.config;
         writeln!(f, "policy {} (node {}): OK", self.path.display(), c.name)?;
         match &c.budget {
-            Some(b) => writeln!(
-                f,
-                "budget: epsilon {} per {}",
-                b.epsilon_per_period, b.period
-            )?,
+            Some(b) => writeln!(f, "budget: {}", b.describe())?,
             None => writeln!(f, "budget: none (no node-wide epsilon cap)")?,
         }
+        writeln!(
+            f,
+            "dp_delta: {:e} (caps are epsilon at this delta once a zCDP release is charged)",
+            c.delta()
+        )?;
         for d in &c.datasets {
             let consent: Vec<String> = d
                 .consent
@@ -66,11 +67,7 @@ impl std::fmt::Display for PolicySummary {
                 None => writeln!(f, "  expires: never")?,
             }
             match &a.budget_per_purpose {
-                Some(b) => writeln!(
-                    f,
-                    "  budget per purpose: epsilon {} per {}",
-                    b.epsilon_per_period, b.period
-                )?,
+                Some(b) => writeln!(f, "  budget per purpose: {}", b.describe())?,
                 None => writeln!(f, "  budget per purpose: none (only the node-wide cap)")?,
             }
             if a.allow.is_empty() {

@@ -6,6 +6,7 @@
 //!
 //! ```text
 //! PsiHello(set size, spec digest,     phase PSI_SIZE
+//!          release terms,
 //!          [noise term, commitment])
 //! PointBatch* BatchEnd(total)          phase PSI_BLINDED          our items, k·H(x), shuffled
 //! PointBatch* BatchEnd(total)          phase PSI_DOUBLE_BLINDED   the peer's items, re-blinded
@@ -16,6 +17,13 @@
 //! An `overlap` whose allow entry sets `epsilon` releases a noised count (see
 //! [`crate::noised_release`]): the node charges its ledger and draws its noise before its hello,
 //! commits to it there, and opens it after the count.
+//!
+//! Each hello carries the sender's release terms (its `min_result` and whether its agreement
+//! lets counts go to the coordinator). Both nodes apply the stricter of the two themselves, so a
+//! count under either threshold, or one either agreement keeps from the coordinator, never
+//! leaves either node, whatever the coordinator does; and a `match` whose count is under the
+//! joint threshold writes no membership. What a node reports of its own data is the released
+//! count only: its rows read, rejected and excluded stay in its audit log.
 //!
 //! A reader task drains the peer's stream into memory as fast as it arrives, so neither side can
 //! stall the other through flow control while it computes; it caps what it buffers at what the
@@ -29,7 +37,7 @@ use std::time::Duration;
 use cleanroom_circuits::{JobKey, PsiParams, PsiSession};
 use cleanroom_proto::v1::{
     Abort, BatchEnd, Envelope, JobKind, JobSpec, NoiseReveal, NoiseTerm, Phase, PointBatch,
-    PsiHello, PsiOutcome, envelope::Body,
+    PsiHello, PsiOutcome, ReleaseTerms, envelope::Body,
 };
 use cleanroom_transport::{FramedRecv, FramedSend, Identity, TransportError};
 use prost::Message;
@@ -252,6 +260,8 @@ pub(crate) async fn load_input(job: &JobContext) -> Result<dataset::LoadedKeys, 
         rows_rejected,
         rows_excluded_consent: excluded_consent,
         rows_excluded_deleted: excluded_deleted,
+        rows_other: None,
+        persons: None,
     })?;
     job.permit
         .check_input_size(loaded.items.len() as u64)
@@ -270,9 +280,7 @@ async fn exchange(
     let partner = job.permit.partner.clone();
     let digest = spec_digest(&job.job_id, &job.spec);
     let mut out = Outgoing::new(send, &job.job_id, Phase::PsiSize);
-    let (rows_read, rows_rejected) = (loaded.rows_read, loaded.rows_rejected);
-    let (excluded_consent, excluded_deleted) =
-        (loaded.rows_excluded_consent, loaded.rows_excluded_deleted);
+    let own_release = release_terms(&job.permit);
 
     let params = PsiParams {
         key_name: dataset::key_name(&job.permit.keys),
@@ -303,6 +311,7 @@ async fn exchange(
             noise,
             noise_commitment,
             sum: None,
+            release: Some(own_release),
         }),
     )
     .await?;
@@ -346,6 +355,8 @@ async fn exchange(
         if peer_noise.is_some() && job.spec.kind != JobKind::Overlap as i32 {
             return Err(violation(&partner, "it announced noise for a match job"));
         }
+        let joint = joint_release(&own_release, peer_hello.release.as_ref())
+            .map_err(|e| violation(&partner, e))?;
         job.permit
             .check_peer_size(peer_hello.set_size)
             .map_err(|v| NodeError::Job(format!("refused: {v}")))?;
@@ -460,11 +471,11 @@ async fn exchange(
                 Some((term, noise))
             }
         };
-        Ok((output, peer_noise))
+        Ok((output, peer_noise, joint))
     }
     .await;
 
-    let (output, peer_noise) = match result {
+    let (output, peer_noise, joint) = match result {
         Ok(o) => o,
         Err(e) => {
             // Best effort: tell the peer why, so its analyst sees the same reason.
@@ -483,14 +494,14 @@ async fn exchange(
     let _ = tokio::time::timeout(Duration::from_secs(10), out.send.stopped()).await;
 
     // What may be released to the coordinator: the count (with both parties' noise, if any),
-    // unless this node's agreement withholds it (below the minimum result, or counts not
+    // unless either agreement withholds it (below the joint minimum result, or counts not
     // allowed to the coordinator).
     job.recheck()?;
     let mut noise_terms: Vec<NoiseTerm> = Vec::new();
     let released = if own_noise.is_none() && peer_noise.is_none() {
-        job.permit
-            .release_count(output.intersection)
-            .filter(|_| job.permit.counts_allowed_to(Recipient::Coordinator))
+        (output.intersection >= joint.min_result)
+            .then_some(output.intersection)
+            .filter(|_| joint.counts_to_coordinator)
     } else {
         let own = own_noise.as_ref().map_or(0, |o| o.noise);
         let peer = peer_noise.as_ref().map_or(0, |(_, n)| *n);
@@ -502,8 +513,8 @@ async fn exchange(
         }
         noise_terms.sort_by(|a, b| a.node.cmp(&b.node));
         let noised = noised_release::noised_count(output.intersection, own, peer);
-        let released = noised_release::threshold(noised, job.permit.min_result)
-            .filter(|_| job.permit.counts_allowed_to(Recipient::Coordinator));
+        let released = noised_release::threshold(noised, joint.min_result)
+            .filter(|_| joint.counts_to_coordinator);
         settle(job, own_noise.is_some(), released).await?
     };
     let noise_note = if noise_terms.is_empty() {
@@ -518,7 +529,9 @@ async fn exchange(
             format!("intersection count{noise_note}")
         } else {
             format!(
-                "intersection count{noise_note} withheld (below the minimum result or not allowed)"
+                "intersection count{noise_note} withheld (below the joint minimum result {} or \
+                 not allowed to the coordinator by either agreement)",
+                joint.min_result
             )
         },
         to: vec!["coordinator".into(), partner.clone()],
@@ -532,42 +545,78 @@ async fn exchange(
         learned_membership: false,
         matched_rows: 0,
         membership_file: String::new(),
-        rows_read,
-        rows_rejected,
         suppressed: released.is_none(),
         audit_head: head.to_string(),
-        rows_excluded_consent: excluded_consent,
-        rows_excluded_deleted: excluded_deleted,
         noise: noise_terms,
         sum: None,
         bytes_to_peer: out.bytes,
     };
+    // Membership is the result itself: under the joint threshold it is withheld here too (an
+    // honest node writes none; a deviating one could compute it, see docs/SECURITY.md). Its row
+    // count gives the count away, so only a released count lets it be reported.
     if let (true, Some(indices)) = (job.spec.kind == JobKind::Match as i32, output.membership) {
-        let (rows, path) = write_membership(job, indices, own_size).await?;
-        outcome.learned_membership = true;
-        outcome.matched_rows = rows;
-        outcome.membership_file = path.display().to_string();
+        if output.intersection >= joint.min_result {
+            let (rows, path) = write_membership(job, indices, own_size).await?;
+            if released.is_some() {
+                outcome.learned_membership = true;
+                outcome.matched_rows = rows;
+                outcome.membership_file = path.display().to_string();
+            }
+        } else {
+            tracing::info!(
+                min_result = joint.min_result,
+                "membership withheld: the count is below the joint minimum result"
+            );
+        }
     }
     Ok(outcome)
 }
 
+/// This node's release terms, as its hello announces them.
+pub(crate) fn release_terms(permit: &Permit) -> ReleaseTerms {
+    ReleaseTerms {
+        min_result: permit.min_result.max(1),
+        counts_to_coordinator: permit.counts_allowed_to(Recipient::Coordinator),
+    }
+}
+
+/// The stricter of both parties' release terms: the larger threshold, and counts to the
+/// coordinator only if both agreements allow it. A hello without terms, or with a threshold
+/// of 0 (an honest node sends at least 1), is the peer's violation.
+pub(crate) fn joint_release(
+    own: &ReleaseTerms,
+    peer: Option<&ReleaseTerms>,
+) -> Result<ReleaseTerms, String> {
+    let peer = peer.ok_or("its hello carries no release terms")?;
+    if peer.min_result == 0 {
+        return Err("its hello declares a minimum result of 0 (at least 1)".into());
+    }
+    Ok(ReleaseTerms {
+        min_result: own.min_result.max(peer.min_result),
+        counts_to_coordinator: own.counts_to_coordinator && peer.counts_to_coordinator,
+    })
+}
+
 /// For an overlap whose allow entry sets ε: charges the ledger and draws this node's noise in
-/// one transaction (or gets the draw stored for this very job). `None` for exact releases.
+/// one transaction (the draw is not kept; a job whose release was charged before is refused).
+/// `None` for exact releases.
 async fn charge_noise(job: &JobContext) -> Result<Option<OwnNoise>, NodeError> {
     if job.spec.kind != JobKind::Overlap as i32 {
         return Ok(None);
     }
     let cfg = job.state.cfg();
-    let Some(charge) = job.permit.charge(&job.job_id, cfg.budget.as_ref()) else {
+    let Some(charge) = job.permit.charge(&job.job_id, &cfg) else {
         return Ok(None);
     };
-    let epsilon = charge.epsilon;
+    let Some(epsilon) = job.permit.epsilon.map(|e| e.get()) else {
+        return Ok(None);
+    };
     let state = job.state.clone();
     let key = noised_release::release_key(&job.job_id, &job.spec);
-    let stored = blocking(move || {
+    let drawn = blocking(move || {
         state
             .ledger
-            .charge_and_store(&key, &charge, now_ms(), || noised_release::draw(epsilon))
+            .charge_and_draw(&key, &charge, now_ms(), || noised_release::draw(epsilon))
     })
     .await?
     .map_err(|e| {
@@ -576,16 +625,12 @@ async fn charge_noise(job: &JobContext) -> Result<Option<OwnNoise>, NodeError> {
             crate::state::budget_veto(&cfg.name, e)
         ))
     })?;
-    tracing::info!(
-        epsilon,
-        fresh = stored.fresh,
-        "privacy budget charged for a noised release"
-    );
-    Ok(Some(stored.draw))
+    tracing::info!(epsilon, "privacy budget charged for a noised release");
+    Ok(Some(drawn))
 }
 
-/// Stores what this job releases in the ledger (if it charged there), first value wins: a
-/// duplicated job reports the identical value even if its count changed meanwhile.
+/// Records what this job released in the ledger (if it charged there): the value the
+/// coordinator receives, beside the charge, for the node's own records.
 pub(crate) async fn settle(
     job: &JobContext,
     charged: bool,
@@ -930,4 +975,36 @@ pub(crate) async fn blocking<T: Send + 'static>(
     tokio::task::spawn_blocking(f)
         .await
         .map_err(|e| NodeError::Job(format!("internal error: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn terms(min_result: u64, counts_to_coordinator: bool) -> ReleaseTerms {
+        ReleaseTerms {
+            min_result,
+            counts_to_coordinator,
+        }
+    }
+
+    /// Each node applies the stricter terms of both, so neither relies on the coordinator to
+    /// enforce the other's threshold or its `counts_to`.
+    #[test]
+    fn joint_release_terms_are_the_stricter_of_both() {
+        let joint = |own, peer| joint_release(&own, Some(&peer)).unwrap();
+        assert_eq!(joint(terms(10, true), terms(50, true)), terms(50, true));
+        assert_eq!(joint(terms(50, true), terms(10, true)), terms(50, true));
+        assert_eq!(joint(terms(1, true), terms(1, false)), terms(1, false));
+        assert_eq!(joint(terms(1, false), terms(1, true)), terms(1, false));
+        assert_eq!(
+            joint_release(&terms(1, true), None).unwrap_err(),
+            "its hello carries no release terms"
+        );
+        assert!(
+            joint_release(&terms(1, true), Some(&terms(0, true)))
+                .unwrap_err()
+                .contains("minimum result of 0")
+        );
+    }
 }

@@ -142,19 +142,14 @@ impl NodeState {
             if let Some(counter) = &permit.runs {
                 counter.check(history.runs.get(&key).map(Vec::as_slice).unwrap_or(&[]), now_ms)?;
             }
-            // A duplicated offer of a job whose release is stored charges nothing, so it is
-            // not refused for budget: it will report the stored value.
-            if let Some(charge) = permit.charge(job_id, cfg.budget.as_ref()) {
+            // A release that would spend ε must fit the budgets, and its key must never have
+            // been charged: a repeated offer of a charged job is refused (its data may have
+            // changed, and its noise was never kept).
+            if let Some(charge) = permit.charge(job_id, &cfg) {
                 let key = crate::noised_release::release_key(job_id, spec);
-                let stored = self
-                    .ledger
-                    .has(&key)
+                self.ledger
+                    .check(&key, &charge, now_ms)
                     .map_err(|e| budget_veto(&cfg.name, e))?;
-                if !stored {
-                    self.ledger
-                        .check(&charge, now_ms)
-                        .map_err(|e| budget_veto(&cfg.name, e))?;
-                }
             }
             Ok(permit)
         });
@@ -296,6 +291,7 @@ impl NodeState {
 pub fn budget_veto(node: &str, error: LedgerError) -> Veto {
     match error {
         LedgerError::Refused(reason) => Veto(reason),
+        e @ LedgerError::AlreadyCharged { .. } => Veto(e.to_string()),
         other => {
             tracing::error!(error = %other, "privacy-budget ledger unusable; refusing DP jobs");
             Veto(format!(
@@ -414,19 +410,22 @@ budget_per_purpose = { epsilon_per_period = 1, period = "day" }
             job_id: job_id.into(),
             partner: "globex".into(),
             purpose: "reporting".into(),
-            epsilon: 0.5,
-            purpose_cap: None,
+            loss: crate::ledger::Loss::Epsilon(0.5),
+            purpose_caps: Vec::new(),
             node_cap: None,
+            delta: crate::config::DEFAULT_DP_DELTA,
         };
         let key = crate::noised_release::release_key(job_id, &spec());
         state
             .ledger
-            .charge_and_store(&key, &charge, NOW - 1000, || Ok::<i64, String>(0))
+            .charge_and_draw(&key, &charge, NOW - 1000, || Ok::<i64, String>(0))
             .unwrap();
     }
 
+    /// Changed with the repeated-offer fix: a duplicated offer of a charged job used to be
+    /// accepted (to report its stored noise again over possibly changed data); it is refused.
     #[test]
-    fn offers_are_vetoed_when_the_ledger_budget_is_spent_but_duplicates_are_not() {
+    fn offers_are_vetoed_when_the_ledger_budget_is_spent_and_charged_jobs_are_never_repeated() {
         let dir = tempfile::tempdir().unwrap();
         let state = node_state(dir.path());
         assert!(state.decide("job-1", &spec(), 0, NOW).is_ok());
@@ -440,8 +439,16 @@ budget_per_purpose = { epsilon_per_period = 1, period = "day" }
             ),
             "{veto}"
         );
-        // A duplicated offer of a job whose release is stored charges nothing: accepted.
-        assert!(state.decide("job-2", &spec(), 0, NOW).is_ok());
+        // A repeated offer of a charged job is refused with what the analyst can do.
+        let veto = state.decide("job-2", &spec(), 0, NOW).unwrap_err();
+        assert!(
+            veto.0
+                .starts_with("job job-2's release was already charged")
+                && veto
+                    .0
+                    .ends_with("retry it as a new job with `cleanroom job retry job-2`"),
+            "{veto}"
+        );
         // The veto is audited.
         let entries = crate::audit::read_entries(&dir.path().join("audit.log")).unwrap();
         assert!(entries.iter().any(|e| matches!(

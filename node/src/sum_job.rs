@@ -150,6 +150,8 @@ async fn load_values(job: &JobContext) -> Result<SumInput, NodeError> {
         rows_rejected: input.counts.rows_rejected + input.rows_bad_value,
         rows_excluded_consent: input.counts.rows_excluded_consent,
         rows_excluded_deleted: input.counts.rows_excluded_deleted,
+        rows_other: None,
+        persons: None,
     })?;
     job.permit
         .check_input_size(input.items.len() as u64)
@@ -200,6 +202,7 @@ fn hello_frame(job: &JobContext, set_size: u64, digest: &[u8; 32], terms: SumTer
         noise: None,
         noise_commitment: Vec::new(),
         sum: Some(terms),
+        release: None,
     })
 }
 
@@ -238,8 +241,8 @@ fn release_terms(
 /// The ledger charge for this node, if its own entry sets ε: the release's (joint) ε.
 fn charge(job: &JobContext, joint: &JointTerms) -> Option<crate::ledger::Charge> {
     let cfg = job.state.cfg();
-    let mut charge = job.permit.charge(&job.job_id, cfg.budget.as_ref())?;
-    charge.epsilon = joint.epsilon?;
+    let mut charge = job.permit.charge(&job.job_id, &cfg)?;
+    charge.loss = crate::ledger::Loss::Epsilon(joint.epsilon?);
     Some(charge)
 }
 
@@ -261,9 +264,6 @@ async fn key_holder(
     let digest = spec_digest(&job.job_id, &job.spec);
     let (shape, params) = shape_and_params(job)?;
     let mut out = Outgoing::new(send, &job.job_id, Phase::PsiSize);
-    let (rows_read, rows_rejected) = (loaded.rows_read, loaded.rows_rejected);
-    let (excluded_consent, excluded_deleted) =
-        (loaded.rows_excluded_consent, loaded.rows_excluded_deleted);
     let own_terms = sum_policy::own_terms(&job.permit);
     let (own_size, session) = KeyHolderSession::start(params, JobKey::generate(), loaded.items)
         .map_err(|e| NodeError::Job(format!("refused: {e}")))?;
@@ -373,13 +373,9 @@ async fn key_holder(
         learned_membership: false,
         matched_rows: 0,
         membership_file: String::new(),
-        rows_read,
-        rows_rejected,
         // This node releases no figure.
         suppressed: true,
         audit_head: head.to_string(),
-        rows_excluded_consent: excluded_consent,
-        rows_excluded_deleted: excluded_deleted,
         noise: Vec::new(),
         sum: Some(release),
         bytes_to_peer: out.bytes,
@@ -402,25 +398,12 @@ async fn draw_noise(
     };
     let state = job.state.clone();
     let key = crate::noised_release::release_key(&job.job_id, &job.spec);
-    let epsilon = charge.epsilon;
-    let stored = blocking(move || {
-        state
-            .ledger
-            .charge_and_store(&key, &charge, now_ms(), fresh)
-    })
-    .await?
-    .map_err(|e| budget_refused(job, e))?;
-    tracing::info!(
-        epsilon,
-        fresh = stored.fresh,
-        "privacy budget charged for an overlap-sum"
-    );
-    if stored.draw.len() != cells {
-        return Err(NodeError::Job(
-            "the ledger holds noise of another shape for this job".into(),
-        ));
-    }
-    Ok(stored.draw)
+    let loss = charge.loss;
+    let drawn = blocking(move || state.ledger.charge_and_draw(&key, &charge, now_ms(), fresh))
+        .await?
+        .map_err(|e| budget_refused(job, e))?;
+    tracing::info!(%loss, "privacy budget charged for an overlap-sum");
+    Ok(drawn)
 }
 
 /// The value holder's side, over its loaded input.
@@ -440,9 +423,8 @@ async fn value_holder(
         values,
         layout,
         sensitivities,
-        counts,
-        rows_bad_value,
         keys_with_several_groups,
+        ..
     } = input;
     let mut own_terms = sum_policy::own_terms(&job.permit);
     own_terms.sensitivities = sensitivities;
@@ -482,7 +464,7 @@ async fn value_holder(
             blocking(move || {
                 state
                     .ledger
-                    .charge_and_store(&key, &charge, now_ms(), || Ok::<_, String>(()))
+                    .charge_and_draw(&key, &charge, now_ms(), || Ok::<_, String>(()))
             })
             .await?
             .map_err(|e| budget_refused(job, e))?;
@@ -610,12 +592,8 @@ async fn value_holder(
         learned_membership: false,
         matched_rows: 0,
         membership_file: String::new(),
-        rows_read: counts.rows_read,
-        rows_rejected: counts.rows_rejected + rows_bad_value,
         suppressed: release.withheld,
         audit_head: head.to_string(),
-        rows_excluded_consent: counts.rows_excluded_consent,
-        rows_excluded_deleted: counts.rows_excluded_deleted,
         noise: Vec::new(),
         sum: Some(release),
         bytes_to_peer: out.bytes,

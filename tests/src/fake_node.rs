@@ -237,6 +237,11 @@ pub async fn join_next_job(
         sender: name.into(),
         set_size: declared,
         spec_digest: cleanroom_node::psi_job::spec_digest(&job.job_id, &job.spec).to_vec(),
+        // Release terms an honest node with the default agreement sends.
+        release: Some(cleanroom_proto::v1::ReleaseTerms {
+            min_result: 1,
+            counts_to_coordinator: true,
+        }),
         ..PsiHello::default()
     });
     job.send(Phase::PsiSize, hello).await;
