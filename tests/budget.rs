@@ -3,22 +3,17 @@
 //! restart. `cleanroom-node budget` shows the spend.
 //!
 //! acme allows ε = 0.25 per run (discrete Laplace scale 4) with a budget of 1 per purpose per
-//! day with globex: four jobs, then vetoes. globex allows ε = 0.5 (scale 2) with no cap.
+//! day with globex: four jobs, then vetoes. globex allows ε = 0.5 (scale 2) under a lifetime cap
+//! that never binds. A repeated offer of a charged job is refused; a lifetime cap never
+//! refreshes; an ε no budget caps is refused when the policy is read.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::collections::HashMap;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use cleanroom_e2e::raw_coordinator::RawCoordinator;
 use cleanroom_e2e::{Consortium, bins, cleanroom_ok};
-use cleanroom_proto::v1::{
-    Envelope, HelloAck, JobKind, JobSpec, Offer, PartySpec, Phase, PsiOutcome, Report, Role, Start,
-    envelope::Body, report::Outcome,
-};
-use cleanroom_transport::{
-    Credentials, FramedRecv, FramedSend, TransportTuning, accept, accept_bi, open_bi,
-    server_endpoint,
-};
+use cleanroom_proto::v1::{JobKind, JobSpec, PartySpec, PsiOutcome, report::Outcome};
 use serde_json::Value;
 
 const ROWS: u64 = 500;
@@ -28,6 +23,8 @@ const RUNS_THAT_FIT: usize = 4;
 /// |noise| above this has probability below e^-25 for each party (scales 4 and 2), so the
 /// released count is within this bound of the truth.
 const NOISE_BOUND: i64 = 150;
+/// globex's cap: an ε must be capped, and this one never binds in these tests.
+const GLOBEX_CAP: &str = "budget_per_purpose = { epsilon_lifetime = 1000.0 }";
 
 fn agreement(partner: &str, agreement_extra: &str, epsilon: f64) -> String {
     format!(
@@ -105,7 +102,7 @@ fn noised_overlaps_spend_the_budget_until_a_readable_veto_even_after_restart() {
             ACME_EPSILON,
         ),
     );
-    c.write_node_config("globex", "globex", &agreement("acme", "", 0.5));
+    c.write_node_config("globex", "globex", &agreement("acme", GLOBEX_CAP, 0.5));
     c.start_node("acme");
     c.start_node("globex");
     c.wait_connected(&["acme", "globex"]);
@@ -270,107 +267,19 @@ fn assert_budget_veto(job: &Value) {
     assert!(job["intersection"].is_null(), "{job}");
 }
 
-/// One party's control session as the test's coordinator holds it.
-struct Registered {
-    conn: quinn::Connection,
-    data_addr: String,
-    _hello: (FramedSend, FramedRecv),
-}
-
-/// Offers `spec` as job `job_id` to both registered nodes (acme initiates), starts it and
-/// returns each node's report.
-async fn offer_and_run(
-    nodes: &HashMap<String, Registered>,
-    job_id: &str,
-    spec: &JobSpec,
-) -> Vec<(String, PsiOutcome)> {
-    let env = |phase: Phase, body: Body| Envelope {
-        job_id: job_id.to_owned(),
-        phase: phase as i32,
-        body: Some(body),
-    };
-    let mut streams = Vec::new();
-    for (i, party) in spec.parties.iter().enumerate() {
-        let role = if i == 0 {
-            Role::Initiator
-        } else {
-            Role::Responder
-        };
-        let (mut send, mut recv) = open_bi(&nodes[&party.node].conn).await.unwrap();
-        send.send(&env(
-            Phase::Offer,
-            Body::Offer(Offer {
-                spec: Some(spec.clone()),
-                role: role as i32,
-            }),
-        ))
-        .await
-        .unwrap();
-        let reply = recv.recv_expect(job_id, Phase::Offer).await.unwrap();
-        match reply.body {
-            Some(Body::OfferReply(r)) => assert!(r.accept, "{} refused: {}", party.node, r.reason),
-            other => panic!("expected an offer reply, got {other:?}"),
-        }
-        streams.push((party.node.clone(), role, send, recv));
-    }
-    // The responder first, so it waits for the initiator's connection.
-    streams.reverse();
-    let responder_addr = nodes[&streams[0].0].data_addr.clone();
-    for (_, role, send, recv) in &mut streams {
-        let peer_addr = if *role == Role::Initiator {
-            responder_addr.clone()
-        } else {
-            String::new()
-        };
-        send.send(&env(
-            Phase::Start,
-            Body::Start(Start {
-                role: *role as i32,
-                peer_addr,
-                ..Start::default()
-            }),
-        ))
-        .await
-        .unwrap();
-        recv.recv_expect(job_id, Phase::Start).await.unwrap();
-    }
-    let mut reports = Vec::new();
-    for (node, _, _send, recv) in &mut streams {
-        let report = recv.recv_expect(job_id, Phase::Report).await.unwrap();
-        match report.body {
-            Some(Body::Report(Report {
-                outcome: Some(Outcome::Psi(outcome)),
-            })) => reports.push((node.clone(), outcome)),
-            other => panic!("{node} reported {other:?}"),
-        }
-    }
-    reports.sort_by(|a, b| a.0.cmp(&b.0));
-    reports
-}
-
-/// A confused or hostile coordinator offers the very same job twice: the second run reports the
-/// stored noised value, draws nothing new and charges nothing — acme's budget fits exactly one
-/// run, and the duplicate is still accepted and answered.
+/// Repeated offers (issue 12): a confused or hostile coordinator offers the very same job
+/// twice, and the data changes in between (a subject forgotten at globex). acme, whose ε
+/// noises the count, used to answer the repeat with its stored noise over the new data, so the
+/// two releases differed by exactly the change, with no ε charged for the second. Now acme
+/// refuses the repeat at the offer with what the analyst can do, the second release never
+/// happens, a new job id is a new charged release, and acme's ledger holds no noise draw.
 #[test]
-fn a_duplicated_offer_reports_the_stored_value_and_charges_once() {
+fn a_repeated_offer_of_a_charged_job_is_refused_and_no_noise_is_kept() {
     let mut c = Consortium::new();
     c.synth("acme,globex", ROWS, 0.5, 9);
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let creds = Credentials::load(
-        &c.path().join("pki/ca.pem"),
-        &c.path().join("pki/coordinator.pem"),
-        &c.path().join("pki/coordinator.key"),
-    )
-    .unwrap();
-    let endpoint = rt.block_on(async {
-        server_endpoint(
-            "127.0.0.1:0".parse().unwrap(),
-            &creds,
-            &TransportTuning::default(),
-        )
-        .unwrap()
-    });
-    c.addr = Some(endpoint.local_addr().unwrap());
+    let (mut coordinator, addr) = rt.block_on(async { RawCoordinator::bind(c.path()) });
+    c.addr = Some(addr);
     c.issue_node("acme");
     c.issue_node("globex");
     c.write_node_config(
@@ -378,14 +287,19 @@ fn a_duplicated_offer_reports_the_stored_value_and_charges_once() {
         "acme",
         &agreement(
             "globex",
-            "budget_per_purpose = { epsilon_per_period = 0.25, period = \"day\" }",
+            "budget_per_purpose = { epsilon_per_period = 1.0, period = \"day\" }",
             ACME_EPSILON,
         ),
     );
-    c.write_node_config("globex", "globex", &agreement("acme", "", 0.5));
+    // globex releases exactly: the only noise is acme's.
+    c.write_node_config(
+        "globex",
+        "globex",
+        "[[agreement]]\npartner = \"acme\"\npurposes = [\"overlap-reporting\"]\n\n\
+         [[agreement.allow]]\ncomputation = \"overlap\"\ndataset = \"customers\"\nkeys = [\"email\"]\n",
+    );
     c.start_node("acme");
     c.start_node("globex");
-
     let spec = JobSpec {
         kind: JobKind::Overlap as i32,
         parties: ["acme", "globex"]
@@ -399,91 +313,155 @@ fn a_duplicated_offer_reports_the_stored_value_and_charges_once() {
         purpose: "overlap-reporting".into(),
         ..JobSpec::default()
     };
-    let (first, second, other) = rt.block_on(async {
-        let mut nodes = HashMap::new();
-        while nodes.len() < 2 {
-            let (conn, _) = tokio::time::timeout(Duration::from_secs(30), accept(&endpoint))
-                .await
-                .expect("the nodes register")
-                .unwrap()
-                .unwrap();
-            let (mut send, mut recv) = accept_bi(&conn).await.unwrap();
-            let hello = recv.recv_expect("", Phase::Hello).await.unwrap();
-            let Some(Body::NodeHello(hello)) = hello.body else {
-                panic!("expected a node hello")
-            };
-            send.send(&Envelope {
-                job_id: String::new(),
-                phase: Phase::Hello as i32,
-                body: Some(Body::HelloAck(HelloAck {
-                    coordinator_name: "test".into(),
-                })),
-            })
-            .await
-            .unwrap();
-            nodes.insert(
-                hello.node_name.clone(),
-                Registered {
-                    conn,
-                    data_addr: hello.data_addr,
-                    _hello: (send, recv),
-                },
-            );
-        }
-        let first = offer_and_run(&nodes, "job-dup", &spec).await;
-        let second = offer_and_run(&nodes, "job-dup", &spec).await;
-        // A new job id is a new release: acme's budget (one run) is spent, so acme refuses.
-        let (mut send, mut recv) = open_bi(&nodes["acme"].conn).await.unwrap();
-        send.send(&Envelope {
-            job_id: "job-new".into(),
-            phase: Phase::Offer as i32,
-            body: Some(Body::Offer(Offer {
-                spec: Some(spec.clone()),
-                role: Role::Initiator as i32,
-            })),
+    rt.block_on(coordinator.register(2));
+    let first = rt.block_on(coordinator.run("job-dup", &spec)).unwrap();
+    let released: Vec<&PsiOutcome> = first
+        .iter()
+        .map(|(node, o)| match o {
+            Outcome::Psi(p) => p,
+            other => panic!("{node}: {other:?}"),
         })
-        .await
-        .unwrap();
-        let other = recv.recv_expect("job-new", Phase::Offer).await.unwrap();
-        (first, second, other)
-    });
-    eprintln!("first {first:?}\nsecond {second:?}");
-    assert_eq!(first.len(), 2);
-    for ((node, a), (_, b)) in first.iter().zip(&second) {
-        assert!(!a.suppressed && !a.noise.is_empty(), "{node}: {a:?}");
-        assert_eq!(
-            a.intersection, b.intersection,
-            "{node}: the duplicate released another value"
-        );
-        assert_eq!(a.noise, b.noise, "{node}");
-    }
-    assert_eq!(first[0].1.intersection, first[1].1.intersection);
-    match other.body {
-        Some(Body::OfferReply(r)) => {
-            assert!(!r.accept);
-            assert!(r.reason.contains("exhausted"), "{}", r.reason);
-        }
-        other => panic!("expected an offer reply, got {other:?}"),
-    }
-    let spend = acme_budget(&c);
-    assert_eq!(spend["charges"], 1, "{spend}");
-    // globex (no cap) also charged once.
+        .collect();
+    assert!(!released[0].suppressed && !released[0].noise.is_empty());
+    assert_eq!(released[0].intersection, released[1].intersection);
+
+    // globex forgets a subject both hold: the data under the job has changed.
+    let shared = shared_email(&c);
     let cfg = c.path().join("globex.toml");
-    let text = node_cli(
+    node_cli(
         &c,
         &[
-            "budget",
+            "forget",
             "--config",
             cfg.to_str().unwrap(),
-            "--format",
-            "csv",
+            "--dataset",
+            "customers",
+            "--key",
+            &format!("email={shared}"),
         ],
     );
+    // The same job again: refused by acme before anything is read, with what to do.
+    let (node, reason) = rt.block_on(coordinator.run("job-dup", &spec)).unwrap_err();
+    assert_eq!(node, "acme");
     assert!(
-        text.lines()
-            .any(|l| l.starts_with("acme,overlap-reporting,day,,0.5,,1,")),
-        "{text}"
+        reason.starts_with("job job-dup's release was already charged (at ")
+            && reason
+                .contains("a release is never repeated, since the data under it may have changed")
+            && reason.ends_with("retry it as a new job with `cleanroom job retry job-dup`"),
+        "{reason}"
     );
+    // A new job over the new data is a new release, charged again.
+    let again = rt.block_on(coordinator.run("job-new", &spec)).unwrap();
+    for (node, o) in &again {
+        let Outcome::Psi(o) = o else {
+            panic!("{node}: {o:?}")
+        };
+        assert!(!o.suppressed, "{node}: {o:?}");
+    }
+    let spend = acme_budget(&c);
+    assert_eq!(spend["charges"], 2, "{spend}");
+    assert!(
+        (spend["spent"].as_f64().unwrap() - 0.5).abs() < 1e-9,
+        "{spend}"
+    );
+    // acme's audit log has the refusal; its ledger holds charges and released values only
+    // (a version-1 ledger kept each draw as {"noise":…,"nonce":…}).
+    let cfg = c.path().join("acme.toml");
+    let audit = node_cli(
+        &c,
+        &["audit", "show", "--config", cfg.to_str().unwrap(), "--json"],
+    );
+    assert!(
+        audit.lines().any(|l| l.contains("\"accepted\":false")
+            && l.contains("job job-dup's release was already charged")),
+        "{audit}"
+    );
+    let mut ledger = std::fs::read(c.path().join("state-acme/ledger.sqlite")).unwrap();
+    ledger.extend(std::fs::read(c.path().join("state-acme/ledger.sqlite-wal")).unwrap_or_default());
+    for needle in [&b"nonce"[..], b"\"noise\""] {
+        assert!(
+            !ledger.windows(needle.len()).any(|w| w == needle),
+            "acme's ledger stores its noise"
+        );
+    }
+}
+
+/// An email both acme's and globex's customers files hold.
+fn shared_email(c: &Consortium) -> String {
+    let emails = |name: &str| -> std::collections::HashSet<String> {
+        let text = std::fs::read_to_string(c.path().join(format!("data/{name}.csv"))).unwrap();
+        let mut lines = text.lines();
+        let header: Vec<&str> = lines.next().unwrap().split(',').collect();
+        let col = header.iter().position(|h| *h == "email").unwrap();
+        lines
+            .filter_map(|l| l.split(',').nth(col))
+            .map(|e| e.trim().to_lowercase())
+            .collect()
+    };
+    let acme = emails("acme");
+    let mut shared: Vec<String> = emails("globex").intersection(&acme).cloned().collect();
+    shared.sort();
+    shared
+        .into_iter()
+        .next()
+        .expect("acme and globex share a customer")
+}
+
+/// A lifetime cap never refreshes: two runs fit, the third is vetoed with a reason that says
+/// so, and `budget` shows the lifetime spend. An ε no budget caps is refused when the policy is
+/// read.
+#[test]
+fn a_lifetime_cap_stops_releases_for_good_and_uncapped_epsilon_is_refused() {
+    let mut c = Consortium::new();
+    c.synth("acme,globex", 200, 0.5, 4);
+    c.start_coordinator();
+    c.issue_node("acme");
+    c.issue_node("globex");
+    let uncapped = c.write_node_config("acme", "acme", &agreement("globex", "", ACME_EPSILON));
+    let out = Command::new(&bins().1)
+        .args(["policy", "check"])
+        .arg(&uncapped)
+        .current_dir(c.path())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("allow overlap on 'customers' sets epsilon 0.25 but no budget caps it"),
+        "{stderr}"
+    );
+    c.write_node_config(
+        "acme",
+        "acme",
+        &agreement(
+            "globex",
+            "budget_per_purpose = { epsilon_per_period = 10.0, period = \"hour\", epsilon_lifetime = 0.5 }",
+            ACME_EPSILON,
+        ),
+    );
+    c.write_node_config("globex", "globex", &agreement("acme", GLOBEX_CAP, 0.5));
+    c.start_node("acme");
+    c.start_node("globex");
+    c.wait_connected(&["acme", "globex"]);
+    for run in 0..2 {
+        assert_eq!(overlap(&c)["state"], "succeeded", "run {run}");
+    }
+    let job = overlap(&c);
+    assert_eq!(job["state"], "vetoed", "{job}");
+    let reason = job["reason"].as_str().unwrap();
+    assert!(
+        reason.contains(
+            "lifetime privacy budget for purpose 'overlap-reporting' with globex exhausted: 0.5 \
+             of 0.5 in all spent, 0 remains, this job needs 0.25; a lifetime budget never \
+             refreshes"
+        ),
+        "{reason}"
+    );
+    let spend = acme_budget(&c);
+    assert_eq!(spend["lifetime_cap"].as_f64(), Some(0.5), "{spend}");
+    assert_eq!(spend["lifetime_spent"].as_f64(), Some(0.5), "{spend}");
+    assert_eq!(spend["lifetime_remaining"].as_f64(), Some(0.0), "{spend}");
+    assert_eq!(spend["remaining"].as_f64(), Some(9.5), "{spend}");
 }
 
 /// Fifty overlap jobs at once, each costing acme ε = 0.1 against a budget of 1: exactly ten are

@@ -210,7 +210,11 @@ fn exact_sums_equal_the_truth_with_clipping_and_suppression() {
 
 #[test]
 fn noised_sums_stay_within_the_bound_and_are_charged() {
-    let (c, truth) = consortium("epsilon = 1.0\nmin_result = 5\n", "epsilon = 2.0\n");
+    // ε must be capped by a budget (a node refuses an uncapped ε when it reads its config).
+    let (c, truth) = consortium(
+        "epsilon = 1.0\nmin_result = 5\n[budget]\nepsilon_per_period = 100.0\n",
+        "epsilon = 2.0\n[budget]\nepsilon_per_period = 100.0\n",
+    );
     let (out, code) = submit(&c, "json");
     let job: Value = serde_json::from_str(&out).unwrap_or_else(|_| panic!("{out}"));
     assert_eq!(job["state"], "succeeded", "{job}");

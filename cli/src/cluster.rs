@@ -203,7 +203,9 @@ async fn read_listen_line(child: &mut Child) -> anyhow::Result<SocketAddr> {
 /// category or by the integer bucket, summing `amount` clipped to [0, 200000] cents, with ε = 1,
 /// k = 10 and the default collusion tolerance (all but one party); and `overlap-sum` on
 /// `customers` by email (either role), grouped by category, summing `amount_cents` clipped to
-/// [0, 500000] and `orders` to [0, 100] per customer, with ε = 1 and k = 10.
+/// [0, 500000] and `orders` to [0, 100] per customer, with ε = 1 and k = 10. Each purpose with
+/// each partner may spend ε 100 a day (an aggregate of ε 1 costs ≈ 6.9 of it on its own at the
+/// default δ), enough for the demo and the benches.
 fn node_config(name: &str, coordinator: SocketAddr, csv: &Path, partners: &[Partner]) -> String {
     let mut cfg = format!(
         "name = \"{name}\"\ncoordinator = \"{coordinator}\"\nlisten = \"127.0.0.1:0\"\nstate_dir = \"state-{name}\"\n\n\
@@ -221,7 +223,8 @@ fn node_config(name: &str, coordinator: SocketAddr, csv: &Path, partners: &[Part
     );
     for other in partners.iter().filter(|p| p.name != name) {
         cfg.push_str(&format!(
-            "\n[[agreement]]\npartner = \"{}\"\npurposes = [\"overlap-reporting\", \"fraud-detection\", \"fraud-benchmark\"]\n\n\
+            "\n[[agreement]]\npartner = \"{}\"\npurposes = [\"overlap-reporting\", \"fraud-detection\", \"fraud-benchmark\"]\n\
+             budget_per_purpose = {{ epsilon_per_period = 100.0, period = \"day\" }}\n\n\
              [[agreement.allow]]\ncomputation = \"overlap\"\ndataset = \"customers\"\nkeys = [\"email\"]\n\n\
              [[agreement.allow]]\ncomputation = \"match\"\ndataset = \"customers\"\nkeys = [\"email\"]\nreveal_membership_to_partner = true\n\n\
              [[agreement.allow]]\ncomputation = \"aggregate\"\ndataset = \"chargebacks\"\ngroup_by = [\"category\", \"bucket\"]\n\

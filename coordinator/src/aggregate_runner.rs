@@ -503,6 +503,7 @@ mod tests {
                 sums: vec!["amount".into()],
                 count,
                 group_range: None,
+                person: String::new(),
             }),
             overlap_sum: None,
         }
@@ -617,6 +618,7 @@ mod tests {
             sums: (0..sums).map(|i| format!("s{i}")).collect(),
             count: true,
             group_range: Some(IntegerRange { lo, hi }),
+            person: String::new(),
         };
         validate_range_domain(3, &agg(0, 1_000_000, 1)).unwrap();
         validate_range_domain(3, &agg(-5, 5, 0)).unwrap();

@@ -1,4 +1,4 @@
--- Job store of the cleanroom coordinator, schema version 6.
+-- Job store of the cleanroom coordinator, schema version 7.
 --
 -- Applied by `JobStore::open` in one transaction when the database has no schema yet; the
 -- version row it writes is what future migrations start from. Every statement is written so that
@@ -6,7 +6,9 @@
 -- version 1 (which lacked the `schedules` and `schedule_runs` tables), from version 2 (which
 -- lacked `schedule_notify` and `schedule_run_notified`), from version 3 (which lacked
 -- `job_leases`), from version 4 (which lacked `aggregate_results`) and from version 5 (which
--- lacked `aggregate_result_pages`).
+-- lacked `aggregate_result_pages`). Version 7 changed no table: its migration rewrites the stored
+-- outcomes and aggregate results without the fields that carried a party's own row counts
+-- (reserved in the wire protocol since), so a store written before holds none of them either.
 --
 -- Protobuf messages are stored as their encoded bytes (`spec`, `outcome`); the other columns
 -- exist to query and to order by. States are `cleanroom.v1.JobState` numbers.

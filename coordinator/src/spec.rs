@@ -304,6 +304,7 @@ mod tests {
                 sums: vec!["amount".into()],
                 count: true,
                 group_range: None,
+                person: String::new(),
             }),
             overlap_sum: None,
         }

@@ -38,11 +38,44 @@ mod lease;
 
 pub use lease::{LeaseHolder, OrphanedJob};
 
+/// Version 7's migration: decodes every stored PSI outcome and aggregate result and writes it
+/// back, so the fields the protocol now reserves (a party's rows read, rejected, excluded and in
+/// "(other)", which it used to report) are dropped: protobuf decoding skips them. A blob that
+/// does not decode is left as it is (it could not be shown anyway).
+fn scrub_party_figures(tx: &rusqlite::Transaction<'_>) -> Result<(), StoreError> {
+    use cleanroom_proto::v1::{AggregateResult, PsiOutcome};
+    let outcomes: Vec<(String, String, Vec<u8>)> = tx
+        .prepare("SELECT job_id, node, outcome FROM job_results")?
+        .query_map([], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))?
+        .collect::<Result<_, _>>()?;
+    for (job_id, node, bytes) in outcomes {
+        if let Ok(outcome) = PsiOutcome::decode(bytes.as_slice()) {
+            tx.execute(
+                "UPDATE job_results SET outcome = ?3 WHERE job_id = ?1 AND node = ?2",
+                params![job_id, node, outcome.encode_to_vec()],
+            )?;
+        }
+    }
+    let results: Vec<(String, Vec<u8>)> = tx
+        .prepare("SELECT job_id, result FROM aggregate_results")?
+        .query_map([], |row| Ok((row.get(0)?, row.get(1)?)))?
+        .collect::<Result<_, _>>()?;
+    for (job_id, bytes) in results {
+        if let Ok(result) = AggregateResult::decode(bytes.as_slice()) {
+            tx.execute(
+                "UPDATE aggregate_results SET result = ?2 WHERE job_id = ?1",
+                params![job_id, result.encode_to_vec()],
+            )?;
+        }
+    }
+    Ok(())
+}
+
 /// The schema applied to a new database, version [`SCHEMA_VERSION`].
 const SCHEMA: &str = include_str!("schema.sql");
 
 /// Version of [`SCHEMA`]; recorded in the `schema_version` table.
-pub const SCHEMA_VERSION: i64 = 6;
+pub const SCHEMA_VERSION: i64 = 7;
 
 /// Most jobs one [`JobStore::list`] call returns, whatever limit is asked for.
 pub const MAX_LIST_LIMIT: u32 = 1000;
@@ -222,6 +255,7 @@ impl JobStore {
             [],
             |row| row.get(0),
         )?;
+        let mut migrated = false;
         let found: Option<i64> = if has_version_table {
             tx.query_row("SELECT MAX(version) FROM schema_version", [], |row| {
                 row.get(0)
@@ -240,13 +274,16 @@ impl JobStore {
             Some(SCHEMA_VERSION) => {}
             // Versions 2 to 6 only added tables (schedules, schedule_runs; schedule_notify,
             // schedule_run_notified; job_leases; aggregate_results; aggregate_result_pages); the
-            // schema script creates what is missing and leaves the rest untouched.
-            Some(1..=5) => {
+            // schema script creates what is missing and leaves the rest untouched. Version 7
+            // scrubs the parties' own row counts from what was stored before.
+            Some(1..=6) => {
                 tx.execute_batch(SCHEMA)?;
+                scrub_party_figures(&tx)?;
                 tx.execute(
                     "INSERT INTO schema_version (version) VALUES (?1)",
                     [SCHEMA_VERSION],
                 )?;
+                migrated = true;
             }
             Some(found) => {
                 return Err(StoreError::UnsupportedSchema {
@@ -256,6 +293,10 @@ impl JobStore {
             }
         }
         tx.commit()?;
+        if migrated {
+            // The scrubbed bytes must not linger in free pages.
+            conn.execute_batch("VACUUM")?;
+        }
         Ok(JobStore {
             conn: Mutex::new(conn),
         })
@@ -1962,8 +2003,6 @@ mod tests {
             learned_membership: false,
             matched_rows: 0,
             membership_file: String::new(),
-            rows_read: 1010,
-            rows_rejected: 10,
             ..PsiOutcome::default()
         }
     }
@@ -2572,6 +2611,91 @@ mod tests {
             owner: "alice".into(),
             max_retries: 2,
             backoff_base_secs: 60,
+        }
+    }
+
+    /// A version-6 store holds outcomes and aggregate results that carried each party's row
+    /// counts (fields since reserved): opening it rewrites them without, and keeps the rest.
+    #[test]
+    fn version_6_results_lose_the_parties_row_counts() {
+        use cleanroom_proto::v1::{AggregatePartyStats, AggregateResult};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("jobs.sqlite");
+        // Field 7 (rows_read) = 918273 as an old node reported it; field 2 (rows_read) of a
+        // party's stats inside field 8 of an aggregate result = 564738.
+        let mut old_outcome = outcome(5).encode_to_vec();
+        old_outcome.extend([0x38, 0x81, 0x86, 0x38]);
+        assert_eq!(
+            PsiOutcome::decode(old_outcome.as_slice()).unwrap(),
+            outcome(5)
+        );
+        let mut party = AggregatePartyStats {
+            node: "acme".into(),
+            audit_head: "3:ab".into(),
+            ..AggregatePartyStats::default()
+        }
+        .encode_to_vec();
+        party.extend([0x10, 0x82, 0xbc, 0x22]);
+        let mut old_result = AggregateResult {
+            columns: vec!["count".into()],
+            min_result: 10,
+            ..AggregateResult::default()
+        }
+        .encode_to_vec();
+        old_result.push(0x42);
+        old_result.push(party.len() as u8);
+        old_result.extend(&party);
+        let job_id = {
+            let store = JobStore::open(&path).unwrap();
+            let job = store.submit(&spec("q3"), "k1", "alice", 1_000).unwrap();
+            store
+                .put_aggregate_result(&job.job_id, AggregateResult::default(), 2_000)
+                .unwrap();
+            let conn = store.lock();
+            conn.execute(
+                "INSERT INTO job_results (job_id, node, outcome) VALUES (?1, 'acme', ?2)",
+                params![job.job_id, old_outcome],
+            )
+            .unwrap();
+            conn.execute(
+                "UPDATE aggregate_results SET result = ?2 WHERE job_id = ?1",
+                params![job.job_id, old_result],
+            )
+            .unwrap();
+            conn.execute_batch(
+                "DELETE FROM schema_version; INSERT INTO schema_version VALUES (6);",
+            )
+            .unwrap();
+            job.job_id
+        };
+        let store = JobStore::open(&path).unwrap();
+        let (outcome_bytes, result_bytes): (Vec<u8>, Vec<u8>) = store
+            .lock()
+            .query_row(
+                "SELECT o.outcome, a.result FROM job_results o JOIN aggregate_results a \
+                 USING (job_id) WHERE job_id = ?1",
+                [&job_id],
+                |row| Ok((row.get(0)?, row.get(1)?)),
+            )
+            .unwrap();
+        assert_eq!(outcome_bytes, outcome(5).encode_to_vec());
+        let result = AggregateResult::decode(result_bytes.as_slice()).unwrap();
+        assert_eq!(result.parties[0].node, "acme");
+        assert_eq!(result.parties[0].audit_head, "3:ab");
+        assert_eq!(result_bytes, result.encode_to_vec());
+        assert!(
+            !result_bytes
+                .windows(4)
+                .any(|w| w == [0x10, 0x82, 0xbc, 0x22])
+        );
+        drop(store);
+        // Nor do the old bytes linger in the file.
+        let file = std::fs::read(&path).unwrap();
+        for needle in [[0x38u8, 0x81, 0x86, 0x38], [0x10, 0x82, 0xbc, 0x22]] {
+            assert!(
+                !file.windows(4).any(|w| w == needle),
+                "{needle:x?} survived"
+            );
         }
     }
 

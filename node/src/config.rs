@@ -101,13 +101,6 @@ impl Budget {
                 "{name} sets neither epsilon_per_period nor epsilon_lifetime; give at least one"
             ));
         }
-        if let (Some(p), Some(l)) = (self.epsilon_per_period, self.epsilon_lifetime)
-            && p > l
-        {
-            return Err(format!(
-                "{name}: epsilon_per_period {p} is above epsilon_lifetime {l}"
-            ));
-        }
         Ok(())
     }
 
@@ -1681,17 +1674,10 @@ purposes = ["overlap-reporting"]
         let b = cfg.agreements[0].budget_per_purpose.as_ref().unwrap();
         assert_eq!(b.epsilon_per_period, None);
         assert_eq!(b.epsilon_lifetime.map(Epsilon::get), Some(10.0));
-        // A budget must cap something, and its window cannot exceed its lifetime.
+        // A budget must cap something.
         let msg = invalid(&format!("budget = {{ period = \"day\" }}\n{MINIMAL}"));
         assert!(
             msg.contains("[budget] sets neither epsilon_per_period nor epsilon_lifetime"),
-            "{msg}"
-        );
-        let msg = invalid(&format!(
-            "budget = {{ epsilon_per_period = 3, epsilon_lifetime = 2 }}\n{MINIMAL}"
-        ));
-        assert!(
-            msg.contains("epsilon_per_period 3 is above epsilon_lifetime 2"),
             "{msg}"
         );
         // dp_delta: in (0, 1e-5].

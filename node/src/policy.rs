@@ -3,12 +3,17 @@
 //!
 //! The policy is the node config (see [`crate::config`]): datasets, agreements and the budget.
 //! [`check_file`] validates it as start-up does, and also opens every dataset's CSV to check
-//! that the declared identifier, value and consent columns are in its header.
+//! that the declared identifier, value and consent columns (and each aggregate entry's person
+//! column) are in its header.
+//!
+//! The summary says, under every allow entry, what a partner that **deviates** from the
+//! protocol can learn ([`deviating_partner_learns`]): the cryptography is secure against
+//! semi-honest parties only, and the agreement is what bounds the rest.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
-use crate::config::{ConfigError, NodeConfig};
+use crate::config::{AllowEntry, Computation, ConfigError, NodeConfig, SumRole};
 
 /// What `policy check` prints: the validated config, one block per partner.
 #[derive(Debug, Clone)]
@@ -99,8 +104,23 @@ impl std::fmt::Display for PolicySummary {
                 let runs = e
                     .runs_per_period
                     .map_or("unlimited".to_owned(), |n| format!("{n} per {}", e.period));
-                let eps = e.epsilon.map_or("none".to_owned(), |x| x.to_string());
+                let eps = match e.epsilon {
+                    None => "none".to_owned(),
+                    Some(x) if e.computation == Computation::Aggregate => format!(
+                        "{x} (zCDP: rho {} per run, costs epsilon {} at dp_delta {:e} on its own)",
+                        crate::ledger::show(x.get() * x.get() / 2.0),
+                        crate::ledger::show(crate::config::run_cost(e.computation, x, c.delta())),
+                        c.delta()
+                    ),
+                    Some(x) => format!("{x} (pure, discrete Laplace)"),
+                };
                 writeln!(f, "    runs {runs}; epsilon per run {eps}")?;
+                if let Some(p) = &e.person {
+                    writeln!(
+                        f,
+                        "    per person on column {p}: a person's rows are summed, then clipped"
+                    )?;
+                }
                 for v in &e.value_columns {
                     writeln!(
                         f,
@@ -119,9 +139,65 @@ impl std::fmt::Display for PolicySummary {
                 } else if e.computation == crate::config::Computation::OverlapSum {
                     writeln!(f, "    roles key-holder, value-holder (both: the default)")?;
                 }
+                for line in deviating_partner_learns(e, &a.partner) {
+                    writeln!(f, "    if {} deviates from the protocol: {line}", a.partner)?;
+                }
             }
         }
         Ok(())
+    }
+}
+
+/// What a partner that deviates from the protocol can learn through one allow entry, one line
+/// per role it can take, in words for the operator who signs the agreement. The semi-honest
+/// outputs are in docs/SECURITY.md; these lines are what the cryptography does not stop.
+pub fn deviating_partner_learns(e: &AllowEntry, partner: &str) -> Vec<String> {
+    let dataset = e.dataset.get_ref();
+    let membership = format!(
+        "{partner} can learn which of its own candidate identifiers are in {dataset} (up to \
+         max_set_size {} per run), not only how many: it blinds each candidate with a key of its \
+         own and tests what we return. No threshold or epsilon stops this; who the partner is, \
+         the set-size bounds and runs_per_period limit it",
+        e.max_set_size
+    );
+    match e.computation {
+        Computation::Overlap => vec![membership],
+        Computation::Match => vec![format!(
+            "{membership}. This holds whatever the entry's membership setting (here: {}) lets \
+             it learn honestly",
+            e.membership()
+        )],
+        Computation::OverlapSum => {
+            let roles = e
+                .roles
+                .clone()
+                .unwrap_or_else(|| vec![SumRole::KeyHolder, SumRole::ValueHolder]);
+            let mut lines = Vec::new();
+            if roles.contains(&SumRole::ValueHolder) {
+                lines.push(format!(
+                    "as key holder (we hold the values), {}",
+                    membership.replacen(&format!("{partner} can"), "it can", 1)
+                ));
+            }
+            if roles.contains(&SumRole::KeyHolder) {
+                lines.push(
+                    "as value holder (we are the key holder), it chooses the values it encrypts \
+                     and can pick them to test which of its rows we share; only the noise on \
+                     every total it decrypts bounds such a test, and where a column's bound \
+                     exceeds 65535 the current encoding noises only a cell's lowest 16-bit limb, \
+                     so the test is exact (docs/OVERLAP_SUM.md)"
+                        .to_owned(),
+                );
+            }
+            lines
+        }
+        Computation::Aggregate => vec![
+            "it receives only random seeds from us, so alone it learns nothing beyond the \
+             released totals; it can send a partial of its choosing (no validity proofs) and so \
+             distort or suppress the totals; together with the coordinator and every other \
+             party it learns our noised figures"
+                .to_owned(),
+        ],
     }
 }
 
@@ -173,7 +249,15 @@ fn check_headers(cfg: &NodeConfig) -> Result<(), String> {
                     .iter()
                     .map(|v| ("value", v.column.get_ref().as_str())),
             )
-            .chain(d.consent.values().map(|c| ("consent", c.as_str())));
+            .chain(d.consent.values().map(|c| ("consent", c.as_str())))
+            .chain(
+                cfg.agreements
+                    .iter()
+                    .flat_map(|a| &a.allow)
+                    .filter(|e| e.dataset.get_ref() == &d.name)
+                    .filter_map(|e| e.person.as_deref())
+                    .map(|p| ("person", p)),
+            );
         for (kind, column) in declared {
             match headers.iter().filter(|h| *h == column).count() {
                 1 => {}
@@ -313,6 +397,75 @@ budget_per_purpose = { epsilon_per_period = 2.0, period = "week" }
         );
         assert!(
             text.contains("consent fraud-detection=consent_fraud"),
+            "{text}"
+        );
+        // Under each entry: what a deviating partner can learn, per role it may take.
+        assert!(
+            text.contains(
+                "    if globex deviates from the protocol: globex can learn which of its own \
+                 candidate identifiers are in customers (up to max_set_size 100000000 per run), \
+                 not only how many"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "    if globex deviates from the protocol: as key holder (we hold the values), it \
+                 can learn which of its own candidate identifiers are in customers"
+            ),
+            "{text}"
+        );
+        assert!(
+            !text.contains("as value holder (we are the key holder)"),
+            "{text}"
+        );
+        assert!(
+            text.contains("epsilon per run 0.5 (pure, discrete Laplace)"),
+            "{text}"
+        );
+        assert!(text.contains("dp_delta: 1e-9"), "{text}");
+    }
+
+    #[test]
+    fn every_kind_says_what_a_deviating_partner_learns() {
+        let cfg = NodeConfig::parse(
+            &format!(
+                "budget = {{ epsilon_per_period = 20 }}\n{}",
+                CONFIG
+                    .replace("  roles = [\"value-holder\"]\n", "")
+                    .replace("epsilon_per_period = 2.0", "epsilon_per_period = 20.0")
+                    .replace(
+                        "  min_result = 10\n",
+                        "  min_result = 10\n  [[agreement.allow]]\n  computation = \"match\"\n  \
+                         dataset = \"customers\"\n  keys = [\"email\"]\n  [[agreement.allow]]\n  \
+                         computation = \"aggregate\"\n  dataset = \"customers\"\n  group_by = \
+                         [\"category\"]\n  epsilon = 1.0\n  person = \"customer\"\n",
+                    )
+            ),
+            Path::new("/srv/node.toml"),
+        )
+        .unwrap();
+        let text = PolicySummary {
+            path: "/srv/node.toml".into(),
+            config: Arc::new(cfg.clone()),
+        }
+        .to_string();
+        let lines: Vec<&str> = text
+            .lines()
+            .filter(|l| l.contains("if globex deviates from the protocol"))
+            .collect();
+        // overlap, match, aggregate, and overlap-sum in both roles.
+        assert_eq!(lines.len(), 5, "{text}");
+        assert!(lines[1].contains("whatever the entry's membership setting (here: self)"));
+        assert!(lines[2].contains("alone it learns nothing beyond the released totals"));
+        assert!(lines[3].contains("as key holder (we hold the values)"));
+        assert!(lines[4].contains("as value holder (we are the key holder)"));
+        assert!(
+            text.contains("epsilon per run 1 (zCDP: rho 0.5 per run, costs epsilon 6.937898"),
+            "{text}"
+        );
+        assert!(
+            text.contains("per person on column customer: a person's rows are summed"),
             "{text}"
         );
     }

@@ -14,6 +14,7 @@ use serde_json::Value;
 
 pub mod fake_node;
 pub mod proxy;
+pub mod raw_coordinator;
 
 /// Paths of the `cleanroom` and `cleanroom-node` binaries, built once per test process with
 /// the same profile as the tests.
