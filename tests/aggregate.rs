@@ -15,16 +15,20 @@ use serde_json::Value;
 /// The categories `cleanroom synth` draws from.
 const CATEGORIES: [&str; 5] = ["electronics", "fashion", "home", "grocery", "travel"];
 
-/// Terms of each node's aggregate entries (appended to every `[[agreement.allow]]`).
+/// Terms of each node's aggregate entries (appended to every `[[agreement.allow]]`) and
+/// agreements (after `purposes`).
 struct Terms {
     extra: &'static str,
+    agreement: &'static str,
 }
 
 const EXACT: Terms = Terms {
     extra: "min_result = 1\n",
+    agreement: "",
 };
 const NOISED: Terms = Terms {
     extra: "epsilon = 1.0\nmin_result = 10\n",
+    agreement: "budget_per_purpose = { epsilon_per_period = 100.0, period = \"day\" }\n",
 };
 
 /// A node config with the synthetic `chargebacks` dataset (`data/<name>-chargebacks.csv`, or
@@ -40,10 +44,10 @@ fn write_config(c: &Consortium, name: &str, partners: &[&str], terms: &Terms, pa
     );
     for other in partners.iter().filter(|p| **p != name) {
         cfg.push_str(&format!(
-            "[[agreement]]\npartner = \"{other}\"\npurposes = [\"fraud-benchmark\"]\n\n\
+            "[[agreement]]\npartner = \"{other}\"\npurposes = [\"fraud-benchmark\"]\n{}\n\
              [[agreement.allow]]\ncomputation = \"aggregate\"\ndataset = \"chargebacks\"\n\
              group_by = [\"category\", \"bucket\"]\nvalue_columns = [{{ column = \"amount\", min = 0, max = 200000 }}]\n{}\n",
-            terms.extra
+            terms.agreement, terms.extra
         ));
     }
     std::fs::write(c.path().join(format!("{name}.toml")), cfg).unwrap();
@@ -143,10 +147,36 @@ fn exact_totals_without_noise_and_nothing_of_a_partner_leaks() {
     for n in job["result"]["noise"].as_array().unwrap() {
         assert_eq!(n["noised"], false, "{n}");
     }
-    // Every party's statistics and audit head come with the result.
+    // Every party's audit head and byte counts come with the result, and nothing else of it:
+    // its rows read, excluded and in "(other)" are its own figures (issue 12: with one group,
+    // rows read minus the rest was its exact count, past the masks, the noise and the
+    // threshold). They stay in its audit log.
     let stats = job["result"]["parties"].as_array().unwrap();
     assert_eq!(stats.len(), 3);
     for p in stats {
+        let mut keys: Vec<&str> = p.as_object().unwrap().keys().map(String::as_str).collect();
+        keys.sort();
+        assert_eq!(
+            keys,
+            [
+                "audit_head",
+                "bytes_to_coordinator",
+                "bytes_to_peers",
+                "node"
+            ],
+            "{p}"
+        );
+        let node = p["node"].as_str().unwrap();
+        let own_rows: u64 = CATEGORIES
+            .iter()
+            .map(|k| truth["chargebacks"][node][k]["count"].as_u64().unwrap_or(0))
+            .sum();
+        let own_other = truth["chargebacks"][node][CATEGORIES[4]]["count"]
+            .as_u64()
+            .unwrap_or(0);
+        let access = audit_access(&c, node, job["job_id"].as_str().unwrap());
+        assert_eq!(access["rows_read"], own_rows, "{node}: {access}");
+        assert_eq!(access["rows_other"], own_other, "{node}: {access}");
         // Two hellos, each with a 32-byte seed and little else; the partial is 6 × 2 cells.
         let to_peers = p["bytes_to_peers"].as_u64().unwrap();
         assert!((2 * 32..2 * 200).contains(&to_peers), "{p}");
@@ -333,10 +363,14 @@ fn integer_domain_result_is_paged_and_exact() {
     let all = groups(&job);
     assert_eq!(all.len(), GROUPS + 1);
     check(&all, 0);
-    // The hostile lines: two rejected (in no group), two in "(other)".
+    // The hostile lines: two rejected (in no group), two in "(other)" — counted in acme's audit
+    // log, and in no report.
     let acme_stats = &job["result"]["parties"][0];
     assert_eq!(acme_stats["node"], "acme");
-    assert_eq!(acme_stats["rows_other"], acme_other, "{acme_stats}");
+    assert!(acme_stats.get("rows_other").is_none(), "{acme_stats}");
+    let access = audit_access(&c, "acme", job["job_id"].as_str().unwrap());
+    assert_eq!(access["rows_other"], acme_other, "{access}");
+    assert_eq!(access["rows_rejected"], 2, "{access}");
 
     // GetJob alone carries no groups of a result this large; it says how many there are.
     let job_id = job["job_id"].as_str().unwrap();
@@ -422,11 +456,28 @@ fn contains(haystack: &[u8], needle: &[u8]) -> bool {
     haystack.windows(needle.len()).any(|w| w == needle)
 }
 
+/// `node`'s audited Access of job `job_id` (its `event` object).
+fn audit_access(c: &Consortium, node: &str, job_id: &str) -> Value {
+    let out = std::process::Command::new(&cleanroom_e2e::bins().1)
+        .args(["audit", "show", "--json", "--job", job_id, "--config"])
+        .arg(c.path().join(format!("{node}.toml")))
+        .current_dir(c.path())
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .find(|e| e["event"]["kind"] == "Access")
+        .unwrap_or_else(|| panic!("{node} audited no access of {job_id}"))["event"]
+        .clone()
+}
+
 #[test]
 fn noised_totals_are_within_the_stated_bound_and_small_groups_suppressed() {
     let partners = ["acme", "globex", "initech"];
     let (c, truth) = consortium(&partners, 1500, &NOISED);
     let mut exact_everywhere = true;
+    let mut rho = 0.0;
     for run in 0..3 {
         let (job, code) = submit(&c, &partners);
         assert_eq!(job["state"], "succeeded", "run {run}: {job}");
@@ -443,7 +494,9 @@ fn noised_totals_are_within_the_stated_bound_and_small_groups_suppressed() {
             "{sd_amount}"
         );
         assert_eq!(job["result"]["max_colluders"], 2);
-        assert!(job["result"]["zcdp_epsilon"].as_f64().unwrap() <= 1.0 + 1e-3);
+        let zcdp = job["result"]["zcdp_epsilon"].as_f64().unwrap();
+        assert!(zcdp <= 1.0 + 1e-3);
+        rho += zcdp * zcdp / 2.0;
         for g in groups(&job) {
             let label = g["group"].as_str().unwrap();
             let (count, amount) = truth_of(&truth, label);
@@ -479,8 +532,11 @@ fn noised_totals_are_within_the_stated_bound_and_small_groups_suppressed() {
             .count();
         assert_eq!(releases, 3, "{p}: {log}");
     }
-    // And charged ε = 1 per run to its privacy-budget ledger, once per job, under the other
-    // parties as the partner scope.
+    // And charged its zCDP ρ per run (not ε as if it were pure: issue 12), once per job, under
+    // the other parties as the partner scope; the budget reads the ρ composed over the three
+    // runs at δ = 1e-9: ρ + 2·√(ρ·ln 1e9), which is what the caps hold.
+    let at_delta = rho + 2.0 * (rho * 1e9f64.ln()).sqrt();
+    assert!(at_delta > 3.0, "{at_delta}");
     for p in partners {
         let cfg = c.path().join(format!("{p}.toml"));
         let out = std::process::Command::new(&cleanroom_e2e::bins().1)
@@ -505,9 +561,14 @@ fn noised_totals_are_within_the_stated_bound_and_small_groups_suppressed() {
             .find(|l| l["partner"] == scope.as_str())
             .unwrap_or_else(|| panic!("{p}: no ledger line for '{scope}' in {lines}"));
         assert!(
-            (line["spent"].as_f64().unwrap() - 3.0).abs() < 1e-9,
-            "{p}: {line}"
+            (line["rho"].as_f64().unwrap() - rho).abs() < 1e-6,
+            "{p}: ρ {rho}, {line}"
         );
+        assert!(
+            (line["spent"].as_f64().unwrap() - at_delta).abs() < 1e-6,
+            "{p}: {at_delta}, {line}"
+        );
+        assert_eq!(line["charges"], 3, "{p}: {line}");
     }
 }
 
@@ -533,6 +594,7 @@ fn a_policy_requiring_more_parties_vetoes() {
     let partners = ["acme", "globex", "initech"];
     let strict = Terms {
         extra: "min_parties = 4\n",
+        agreement: "",
     };
     let mut c = Consortium::new();
     c.synth(&partners.join(","), 50, 0.3, 5);
@@ -653,4 +715,107 @@ fn a_node_killed_mid_job_fails_the_job_without_result() {
     assert!(reason.contains("globex"), "{reason}");
     assert!(reason.contains("no partial result is released"), "{reason}");
     assert!(job["result"].is_null(), "{job}");
+}
+
+/// Per-person clipping: with a person column named by every agreement and by the job, each
+/// party sums a person's rows in the group of its first row, clips the sum and counts the
+/// person once, so the noise (here: none, to check the totals exactly) protects a person. A
+/// job that does not clip per person, where the agreements require it, is vetoed with what to
+/// submit.
+#[test]
+fn per_person_clipping_counts_people_and_clips_their_sums() {
+    let partners = ["acme", "globex", "initech"];
+    let per_person = Terms {
+        extra: "min_result = 1\nperson = \"customer\"\n",
+        agreement: "",
+    };
+    let files = [
+        (
+            "acme",
+            // c1: two rows of 150 000 in electronics (300 000, clipped to 200 000) and one in
+            // home, left out (outside the group of its first row).
+            "customer,category,amount\nc1,electronics,150000\nc1,electronics,150000\nc1,home,5000\n\
+             c2,home,100\nc3,home,7\n",
+        ),
+        (
+            "globex",
+            "customer,category,amount\ng1,electronics,250000\ng2,electronics,10\ng2,electronics,20\n",
+        ),
+        (
+            "initech",
+            "customer,category,amount\ni1,home,1\ni1,home,2\ni2,fashion,400000\n",
+        ),
+    ];
+    let mut c = Consortium::new();
+    c.start_coordinator();
+    for (p, csv) in files {
+        std::fs::write(c.path().join(format!("{p}-people.csv")), csv).unwrap();
+        c.issue_node(p);
+        write_config(
+            &c,
+            p,
+            &partners,
+            &per_person,
+            Some(&format!("{p}-people.csv")),
+        );
+        c.start_node(p);
+    }
+    c.wait_connected(&partners);
+    let submit = |extra: &[&str]| {
+        let mut args = vec![
+            "aggregate",
+            "--parties",
+            "acme,globex,initech",
+            "--dataset",
+            "chargebacks",
+            "--group-by",
+            "category",
+            "--groups",
+            "electronics,fashion,home",
+            "--sum",
+            "amount",
+            "--count",
+            "--purpose",
+            "fraud-benchmark",
+        ];
+        args.extend(extra);
+        c.submit(&args).0
+    };
+    let vetoed = submit(&[]);
+    assert_eq!(vetoed["state"], "vetoed", "{vetoed}");
+    assert!(
+        vetoed["reason"].as_str().unwrap().contains(
+            "requires per-person clipping on 'customer' (submit with --per-person customer)"
+        ),
+        "{vetoed}"
+    );
+    let job = submit(&["--per-person", "customer"]);
+    assert_eq!(job["state"], "succeeded", "{job}");
+    let by_label: std::collections::HashMap<String, Value> = groups(&job)
+        .into_iter()
+        .map(|g| (g["group"].as_str().unwrap().to_owned(), g))
+        .collect();
+    // Per row these would be 5 rows and 500 030 in electronics, 5 rows in home.
+    for (label, count, amount) in [
+        ("electronics", 3, 400_030),
+        ("fashion", 1, 200_000),
+        ("home", 3, 110),
+    ] {
+        let g = &by_label[label];
+        assert_eq!(g["values"]["count"], count, "{label}: {g}");
+        assert_eq!(g["values"]["amount"], amount, "{label}: {g}");
+    }
+    assert_eq!(by_label["(other)"]["suppressed"], true);
+    // acme audited its persons and the row it left out.
+    let access = audit_access(&c, "acme", job["job_id"].as_str().unwrap());
+    assert_eq!(access["persons"]["persons"], 3, "{access}");
+    assert_eq!(access["persons"]["rows_outside_group"], 1, "{access}");
+    assert!(
+        access["columns"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c == "customer"),
+        "{access}"
+    );
 }

@@ -1,7 +1,12 @@
 //! End to end: a coordinator and two nodes as real processes on loopback run overlap and match
-//! jobs submitted through the analyst CLI, and the results equal the plaintext truth.
+//! jobs submitted through the analyst CLI, and the results equal the plaintext truth. Each node
+//! applies the stricter release terms of both agreements itself: what the coordinator receives
+//! (seen by a coordinator played by the test) carries no count, row count or membership that
+//! either agreement withholds.
 
+use cleanroom_e2e::raw_coordinator::RawCoordinator;
 use cleanroom_e2e::{Consortium, open_agreement};
+use cleanroom_proto::v1::{JobKind, JobSpec, PartySpec, PsiOutcome, report::Outcome};
 
 #[test]
 fn overlap_and_match_equal_the_plaintext_truth() {
@@ -34,8 +39,36 @@ fn overlap_and_match_equal_the_plaintext_truth() {
     for r in job["results"].as_array().unwrap() {
         assert_eq!(r["intersection"].as_u64(), Some(expected));
         assert_eq!(r["learned_membership"], false);
-        assert_eq!(r["rows_read"].as_u64(), Some(3000));
+        // A node's rows read, rejected and excluded are its own figures: they stay in its audit
+        // log and are in no report.
+        for own in [
+            "rows_read",
+            "rows_rejected",
+            "rows_excluded_consent",
+            "rows_excluded_deleted",
+        ] {
+            assert!(r.get(own).is_none(), "{own} left the node: {r}");
+        }
     }
+    let cfg = c.path().join("acme.toml");
+    let out = std::process::Command::new(&cleanroom_e2e::bins().1)
+        .args([
+            "audit",
+            "show",
+            "--json",
+            "--job",
+            job["job_id"].as_str().unwrap(),
+        ])
+        .arg("--config")
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    let access = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .find(|e| e["event"]["kind"] == "Access")
+        .expect("acme audited its access");
+    assert_eq!(access["event"]["rows_read"], 3000, "{access}");
 
     // Match: only acme asks to learn membership; globex's agreement allows it.
     let (job, _) = c.submit(&[
@@ -104,4 +137,92 @@ fn overlap_and_match_equal_the_plaintext_truth() {
             p.name
         );
     }
+}
+
+/// Thresholds (issue 12): each hello carries its sender's `min_result` and whether its
+/// agreement lets counts go to the coordinator, and each node withholds under the stricter of
+/// both itself. Before, only the node whose agreement was stricter withheld; the other reported
+/// the exact count (and, for a match, its matched rows and membership file) to the coordinator,
+/// which had to be trusted to blank it. The coordinator here is played by the test and sees the
+/// reports as sent.
+#[test]
+fn each_node_withholds_under_the_joint_terms_without_trusting_the_coordinator() {
+    let mut c = Consortium::new();
+    let truth = c.synth("acme,globex", 600, 0.4, 21);
+    let expected = truth["pairwise_overlap"]["acme,globex"].as_u64().unwrap();
+    assert!(expected > 0);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (mut coordinator, addr) = rt.block_on(async { RawCoordinator::bind(c.path()) });
+    c.addr = Some(addr);
+    // acme: by email, a threshold far above the count; by phone, counts to the partner only.
+    let acme = "[[agreement]]\npartner = \"globex\"\npurposes = [\"overlap-reporting\"]\n\n\
+        [[agreement.allow]]\ncomputation = \"overlap\"\ndataset = \"customers\"\nkeys = [\"email\"]\nmin_result = 1000000\n\n\
+        [[agreement.allow]]\ncomputation = \"overlap\"\ndataset = \"customers\"\nkeys = [\"phone\"]\ncounts_to = [\"partner\"]\n\n\
+        [[agreement.allow]]\ncomputation = \"match\"\ndataset = \"customers\"\nkeys = [\"email\"]\nmembership = \"both\"\nmin_result = 1000000\n\n\
+        [[agreement.allow]]\ncomputation = \"match\"\ndataset = \"customers\"\nkeys = [\"phone\"]\nmembership = \"both\"\ncounts_to = [\"partner\"]\n";
+    // globex: everything, with the defaults (threshold 1, counts to both).
+    let globex = "[[agreement]]\npartner = \"acme\"\npurposes = [\"overlap-reporting\"]\n\n\
+        [[agreement.allow]]\ncomputation = \"overlap\"\ndataset = \"customers\"\nkeys = [\"email\", \"phone\"]\n\n\
+        [[agreement.allow]]\ncomputation = \"match\"\ndataset = \"customers\"\nkeys = [\"email\", \"phone\"]\nmembership = \"both\"\n";
+    for (name, agreements) in [("acme", acme), ("globex", globex)] {
+        c.issue_node(name);
+        c.write_node_config(name, name, agreements);
+        c.start_node(name);
+    }
+    rt.block_on(coordinator.register(2));
+    let spec = |kind: JobKind, key: &str| JobSpec {
+        kind: kind as i32,
+        parties: ["acme", "globex"]
+            .map(|node| PartySpec {
+                node: node.into(),
+                dataset: "customers".into(),
+                keys: vec![key.into()],
+                learns_membership: kind == JobKind::Match,
+            })
+            .to_vec(),
+        purpose: "overlap-reporting".into(),
+        ..JobSpec::default()
+    };
+    let reports = |job_id: &str, kind: JobKind, key: &str| -> Vec<(String, PsiOutcome)> {
+        rt.block_on(coordinator.run(job_id, &spec(kind, key)))
+            .unwrap()
+            .into_iter()
+            .map(|(node, o)| match o {
+                Outcome::Psi(p) => (node, p),
+                other => panic!("{node}: {other:?}"),
+            })
+            .collect()
+    };
+    let results = |node: &str| c.path().join(format!("state-{node}/results"));
+    let files = |node: &str, job_id: &str| results(node).join(format!("{job_id}-membership.csv"));
+    for (job_id, kind, key) in [
+        ("ovl-threshold", JobKind::Overlap, "email"),
+        ("ovl-counts-to", JobKind::Overlap, "phone"),
+        ("match-threshold", JobKind::Match, "email"),
+        ("match-counts-to", JobKind::Match, "phone"),
+    ] {
+        for (node, o) in reports(job_id, kind, key) {
+            // Nothing of the count reaches the coordinator from either node.
+            assert!(o.suppressed, "{job_id} {node}: {o:?}");
+            assert_eq!(o.intersection, 0, "{job_id} {node}: {o:?}");
+            assert_eq!(o.matched_rows, 0, "{job_id} {node}: {o:?}");
+            assert!(!o.learned_membership, "{job_id} {node}: {o:?}");
+            assert!(o.membership_file.is_empty(), "{job_id} {node}: {o:?}");
+        }
+        if kind == JobKind::Match {
+            for node in ["acme", "globex"] {
+                let written = files(node, job_id).exists();
+                if key == "email" {
+                    // Under the joint threshold the membership is withheld at both nodes too.
+                    assert!(!written, "{node} wrote the membership of {job_id}");
+                } else {
+                    // Counts to the partner only: each learns its membership, as both
+                    // agreements allow, but reports no figure of it.
+                    assert!(written, "{node} wrote no membership for {job_id}");
+                }
+            }
+        }
+    }
+    let rows = std::fs::read_to_string(files("acme", "match-counts-to")).unwrap();
+    assert!(rows.lines().count() > 1, "{rows}");
 }
