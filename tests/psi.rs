@@ -226,3 +226,116 @@ fn each_node_withholds_under_the_joint_terms_without_trusting_the_coordinator() 
     let rows = std::fs::read_to_string(files("acme", "match-counts-to")).unwrap();
     assert!(rows.lines().count() > 1, "{rows}");
 }
+
+/// What a deviating partner can learn (issue 12 item 5; docs/SECURITY.md, README, `policy
+/// check`): mallory, in an `overlap` with acme, blinds each of its candidate identifiers with a
+/// scalar of its own instead of one job key. acme re-blinds them with its key and returns them
+/// shuffled, as the protocol says; mallory unblinds each returned point with each of its
+/// scalars (m² multiplications) and tests the result against acme's blinded points. It learns
+/// exactly which of its candidates acme holds, not only how many. This test pins the leak the
+/// documents state; a protocol that removes it would make it fail.
+#[test]
+fn a_deviating_partner_learns_which_of_its_candidates_we_hold() {
+    use cleanroom_e2e::fake_node;
+    use cleanroom_proto::v1::{BatchEnd, Phase, PointBatch, envelope::Body};
+    use curve25519_dalek::Scalar;
+    use curve25519_dalek::ristretto::CompressedRistretto;
+
+    let mut c = Consortium::new();
+    c.synth("acme", 300, 0.5, 8);
+    let coordinator = c.start_coordinator();
+    c.issue_node("acme");
+    c.issue_node("mallory");
+    c.write_node_config("acme", "acme", &open_agreement("mallory"));
+    c.start_node("acme");
+    c.wait_connected(&["acme"]);
+    // Ten of acme's customers and ten strangers, in one list.
+    let text = std::fs::read_to_string(c.path().join("data/acme.csv")).unwrap();
+    let mut lines = text.lines();
+    let header: Vec<&str> = lines.next().unwrap().split(',').collect();
+    let col = header.iter().position(|h| *h == "email").unwrap();
+    let mut candidates: Vec<(String, bool)> = lines
+        .take(10)
+        .map(|l| (l.split(',').nth(col).unwrap().trim().to_lowercase(), true))
+        .collect();
+    candidates.extend((0..10).map(|i| (format!("stranger-{i}@example.org"), false)));
+
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let dir = c.path().to_owned();
+    let probe = candidates.clone();
+    let attack = rt.spawn(async move {
+        let m = probe.len() as u64;
+        let mut job = fake_node::join_next_job(&dir, coordinator, "mallory", "acme", m).await;
+        // One scalar per candidate, instead of one key for all.
+        let scalars: Vec<Scalar> = (0..probe.len())
+            .map(|i| Scalar::from(1_000_003u64 + 7919 * i as u64))
+            .collect();
+        let mut points = Vec::new();
+        for ((email, _), r) in probe.iter().zip(&scalars) {
+            let p = r * cleanroom_circuits::hash_to_group("email", email.as_bytes());
+            points.extend_from_slice(p.compress().as_bytes());
+        }
+        job.send(
+            Phase::PsiBlinded,
+            Body::Points(PointBatch { seq: 0, points }),
+        )
+        .await;
+        job.send(Phase::PsiBlinded, Body::BatchEnd(BatchEnd { total: m }))
+            .await;
+        // acme's stream: its hello, its own items blinded by its key, then ours re-blinded.
+        let stream = job.conn.accept_uni().await.unwrap();
+        let mut recv = cleanroom_transport::FramedRecv::new(stream);
+        let mut theirs: std::collections::HashSet<[u8; 32]> = Default::default();
+        let mut returned: Vec<[u8; 32]> = Vec::new();
+        let mut ends = 0;
+        while ends < 2 {
+            let env = recv.recv().await.unwrap().expect("acme's stream goes on");
+            match env.body {
+                Some(Body::Points(b)) => {
+                    for chunk in b.points.chunks(32) {
+                        let point: [u8; 32] = chunk.try_into().unwrap();
+                        if env.phase == Phase::PsiBlinded as i32 {
+                            theirs.insert(point);
+                        } else {
+                            returned.push(point);
+                        }
+                    }
+                }
+                Some(Body::BatchEnd(_)) => ends += 1,
+                _ => {}
+            }
+        }
+        // k·r_i·H(x) for some i: unblind with every r_i and look for k·H(x) among acme's.
+        let held: Vec<bool> = scalars
+            .iter()
+            .map(|r| {
+                let inverse = r.invert();
+                returned.iter().any(|q| {
+                    let q = CompressedRistretto(*q).decompress().unwrap();
+                    theirs.contains((inverse * q).compress().as_bytes())
+                })
+            })
+            .collect();
+        (held, returned.len())
+    });
+    c.wait_connected(&["mallory"]);
+    let job_id = c.submit_nowait(&[
+        "overlap",
+        "--between",
+        "mallory,acme",
+        "--dataset",
+        "customers",
+        "--on",
+        "email",
+        "--purpose",
+        "overlap-reporting",
+    ]);
+    let (held, returned) = rt.block_on(attack).unwrap();
+    assert_eq!(returned, candidates.len(), "acme returned every candidate");
+    let truth: Vec<bool> = candidates.iter().map(|(_, held)| *held).collect();
+    assert_eq!(held, truth, "mallory read the membership of each candidate");
+    drop(rt);
+    // The job itself ends without a result (mallory never finishes).
+    let job = c.wait_job(&job_id, std::time::Duration::from_secs(120));
+    assert_ne!(job["state"], "succeeded", "{job}");
+}
