@@ -806,6 +806,7 @@ fn per_person_clipping_counts_people_and_clips_their_sums() {
         assert_eq!(g["values"]["amount"], amount, "{label}: {g}");
     }
     assert_eq!(by_label["(other)"]["suppressed"], true);
+    assert_eq!(job["per_person"], "customer", "{job}");
     // acme audited its persons and the row it left out.
     let access = audit_access(&c, "acme", job["job_id"].as_str().unwrap());
     assert_eq!(access["persons"]["persons"], 3, "{access}");

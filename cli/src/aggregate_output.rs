@@ -170,6 +170,7 @@ fn job_json_without_groups(job: &JobInfo) -> Value {
             .collect::<Vec<_>>(),
         "group_by": agg.group_by,
         "group_range": range,
+        "per_person": (!agg.person.is_empty()).then_some(&agg.person),
         "sums": agg.sums,
         "count": agg.count,
         "submitted_by": job.submitted_by,
@@ -359,10 +360,15 @@ fn table_head(job: &JobInfo) -> String {
         None => String::new(),
     };
     out.push_str(&format!(
-        "kind       aggregate by {}{domain} over {} parties ({})\n",
+        "kind       aggregate by {}{domain} over {} parties ({}){}\n",
         agg.group_by,
         parties.len(),
-        parties.join(", ")
+        parties.join(", "),
+        if agg.person.is_empty() {
+            String::new()
+        } else {
+            format!(", clipped per person ({})", agg.person)
+        }
     ));
     out.push_str(&format!("purpose    {}\n", spec.purpose));
     out.push_str(&format!(
@@ -438,6 +444,7 @@ mod tests {
                     sums: vec!["amount".into()],
                     count: true,
                     group_range: None,
+                    person: String::new(),
                 }),
                 ..JobSpec::default()
             }),

@@ -83,13 +83,15 @@ pub enum NodeCommand {
         command: AuditCommand,
     },
     /// Show the privacy budget: ε spent and remaining per partner and purpose in the current
-    /// window, and node-wide.
+    /// window and over the ledger's life, and node-wide.
     ///
     /// Reads the ledger (`<state_dir>/ledger.sqlite`, or the config's `ledger`) against the
     /// policy's caps: each agreement's `budget_per_purpose` and the node-wide `[budget]`.
     /// Windows slide: a charge counts for one period after it was made, and "next refresh" is
-    /// when the oldest charge in the window leaves it. Pairs without a cap are shown over the
-    /// node-wide period (a day if there is none). Safe while the node runs.
+    /// when the oldest charge in the window leaves it; a lifetime cap never refreshes. Spends are
+    /// ε at the config's `dp_delta`: Laplace charges add up as ε, aggregate (zCDP) charges as ρ,
+    /// shown on their own too. Pairs without a cap are shown over the node-wide period (a day if
+    /// there is none). Safe while the node runs.
     Budget {
         /// The node's config file.
         #[arg(long, short, env = "CLEANROOM_NODE_CONFIG")]
