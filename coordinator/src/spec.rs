@@ -151,6 +151,12 @@ fn validate_aggregate(spec: &JobSpec) -> Result<(), String> {
         return Err("aggregate needs --group-by and the groups".into());
     };
     check_name("group-by column", &agg.group_by)?;
+    if !agg.person.is_empty() {
+        check_name("person column (--per-person)", &agg.person)?;
+        if agg.person == agg.group_by {
+            return Err("the person column cannot be the group-by column".into());
+        }
+    }
     if agg.group_range.is_some() {
         crate::aggregate_runner::validate_range_domain(spec.parties.len(), agg)?;
     } else if agg.groups.is_empty() || agg.groups.len() > MAX_GROUPS {
@@ -327,6 +333,17 @@ mod tests {
         assert!(err(&|s| s.parties[2].node = "acme".into()).contains("twice"));
         assert!(err(&|s| s.parties[0].keys = vec!["email".into()]).contains("joins nothing"));
         assert!(err(&|s| s.aggregate = None).contains("--group-by"));
+        let mut per_person = aggregate();
+        per_person.aggregate.as_mut().unwrap().person = "customer_id".into();
+        assert_eq!(validate(&per_person), Ok(()));
+        assert!(
+            err(&|s| s.aggregate.as_mut().unwrap().person = "a b".into())
+                .contains("person column (--per-person) 'a b' may contain only")
+        );
+        assert!(
+            err(&|s| s.aggregate.as_mut().unwrap().person = "category".into())
+                .contains("cannot be the group-by column")
+        );
         assert!(err(&|s| s.aggregate.as_mut().unwrap().groups.clear()).contains("group labels"));
         assert!(
             err(&|s| s.aggregate.as_mut().unwrap().groups.push("home".into()))
