@@ -528,7 +528,12 @@ fn noised_totals_are_within_the_stated_bound_and_small_groups_suppressed() {
         let log = std::fs::read_to_string(c.path().join(format!("state-{p}/audit.log"))).unwrap();
         let releases = log
             .lines()
-            .filter(|l| l.contains("aggregate partial sum") && l.contains("\"epsilon\":1"))
+            .filter(|l| {
+                l.contains("aggregate partial sum")
+                    && l.contains("\"epsilon\":1")
+                    && l.contains("\"rho\":")
+                    && l.contains("zCDP rho")
+            })
             .count();
         assert_eq!(releases, 3, "{p}: {log}");
     }

@@ -496,6 +496,7 @@ impl AggregateJob {
             to: vec!["coordinator".into()],
             value: None,
             epsilon: epsilon_spent,
+            rho: (rho > 0.0).then_some(rho),
         })?;
 
         let mut bytes_to_coordinator = 0u64;

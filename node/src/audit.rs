@@ -127,8 +127,13 @@ pub enum AuditEvent {
         to: Vec<String>,
         /// The released number, if it is one (counts only; never identifiers).
         value: Option<u64>,
-        /// The ε spent by this release (0 for exact releases).
+        /// The ε spent by this release (0 for exact releases). For an aggregate, the zCDP ε of
+        /// the agreements; what it charged is `rho`.
         epsilon: f64,
+        /// The zCDP ρ this release charged (an aggregate's discrete Gaussian); absent for pure-ε
+        /// and exact releases (and in older entries).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        rho: Option<f64>,
     },
     /// A job failed.
     JobError {
@@ -224,11 +229,13 @@ impl AuditEvent {
                 to,
                 value,
                 epsilon,
+                rho,
                 ..
             } => format!(
-                "released {what}{} to [{}] (job with {partner}), ε = {epsilon}",
+                "released {what}{} to [{}] (job with {partner}), ε = {epsilon}{}",
                 value.map(|v| format!(" = {v}")).unwrap_or_default(),
-                to.join(", ")
+                to.join(", "),
+                rho.map(|r| format!(" (zCDP, ρ = {r})")).unwrap_or_default()
             ),
             AuditEvent::JobError {
                 partner, reason, ..
@@ -241,12 +248,17 @@ impl AuditEvent {
     }
 
     fn validate(&self) -> Result<(), AuditError> {
-        if let AuditEvent::Release { epsilon, .. } = self
-            && (!epsilon.is_finite() || *epsilon < 0.0)
-        {
-            return Err(AuditError::Invalid(format!(
-                "a release's ε must be finite and non-negative, not {epsilon}"
-            )));
+        if let AuditEvent::Release { epsilon, rho, .. } = self {
+            if !epsilon.is_finite() || *epsilon < 0.0 {
+                return Err(AuditError::Invalid(format!(
+                    "a release's ε must be finite and non-negative, not {epsilon}"
+                )));
+            }
+            if let Some(r) = rho.filter(|r| !r.is_finite() || *r < 0.0) {
+                return Err(AuditError::Invalid(format!(
+                    "a release's ρ must be finite and non-negative, not {r}"
+                )));
+            }
         }
         Ok(())
     }
@@ -1249,6 +1261,7 @@ pub(crate) mod tests {
                 to: vec!["coordinator".into(), "globex".into()],
                 value: Some(412),
                 epsilon: 0.5,
+                rho: None,
             },
             AuditEvent::Decision {
                 job_id: "j2".into(),

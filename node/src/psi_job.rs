@@ -375,6 +375,7 @@ async fn exchange(
                 to: vec![partner.clone()],
                 value: None,
                 epsilon: 0.0,
+                rho: None,
             })?;
         }
 
@@ -537,6 +538,7 @@ async fn exchange(
         to: vec!["coordinator".into(), partner.clone()],
         value: released,
         epsilon: own_noise.as_ref().map_or(0.0, |o| o.epsilon),
+        rho: None,
     })?;
     let mut outcome = PsiOutcome {
         intersection: released.unwrap_or(0),

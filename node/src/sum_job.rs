@@ -365,6 +365,7 @@ async fn key_holder(
         to: vec![partner.clone()],
         value: None,
         epsilon: release.epsilon,
+        rho: None,
     })?;
     Ok(PsiOutcome {
         intersection: 0,
@@ -584,6 +585,7 @@ async fn value_holder(
         to: vec!["coordinator".into()],
         value: (!release.withheld).then(|| u64::try_from(release.intersection).unwrap_or(0)),
         epsilon: release.epsilon,
+        rho: None,
     })?;
     Ok(PsiOutcome {
         intersection: u64::try_from(release.intersection).unwrap_or(0),

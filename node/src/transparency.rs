@@ -64,8 +64,10 @@ pub struct EpsilonSpent {
     pub purpose: String,
     /// Releases counted.
     pub releases: u64,
-    /// Total ε.
+    /// Total pure ε (discrete Laplace releases).
     pub epsilon: f64,
+    /// Total zCDP ρ (aggregate releases; their ε is a zCDP parameter, not added to `epsilon`).
+    pub rho: f64,
 }
 
 /// A count of releases.
@@ -115,7 +117,7 @@ pub fn summarize(
     let mut partners = BTreeSet::new();
     let mut purposes = BTreeSet::new();
     let mut jobs: BTreeMap<&str, Job> = BTreeMap::new();
-    let mut eps: BTreeMap<(String, String), (u64, f64)> = BTreeMap::new();
+    let mut eps: BTreeMap<(String, String), (u64, f64, f64)> = BTreeMap::new();
     let mut rel: BTreeMap<(String, String), u64> = BTreeMap::new();
     let mut policy_loads = 0;
     let mut deletion_requests = 0;
@@ -147,6 +149,7 @@ pub fn summarize(
                 what,
                 to,
                 epsilon,
+                rho,
                 ..
             } => {
                 partners.insert(partner.clone());
@@ -156,9 +159,12 @@ pub fn summarize(
                     .unwrap_or("unknown");
                 let slot = eps
                     .entry((partner.clone(), purpose.to_owned()))
-                    .or_insert((0, 0.0));
+                    .or_insert((0, 0.0, 0.0));
                 slot.0 += 1;
-                slot.1 += epsilon;
+                match rho {
+                    Some(r) => slot.2 += r,
+                    None => slot.1 += epsilon,
+                }
                 for r in to {
                     *rel.entry((r.clone(), what.clone())).or_insert(0) += 1;
                 }
@@ -224,12 +230,15 @@ pub fn summarize(
             .collect(),
         epsilon: eps
             .into_iter()
-            .map(|((partner, purpose), (releases, epsilon))| EpsilonSpent {
-                partner,
-                purpose,
-                releases,
-                epsilon,
-            })
+            .map(
+                |((partner, purpose), (releases, epsilon, rho))| EpsilonSpent {
+                    partner,
+                    purpose,
+                    releases,
+                    epsilon,
+                    rho,
+                },
+            )
             .collect(),
         releases: rel
             .into_iter()
@@ -312,16 +321,20 @@ impl Transparency {
         if self.epsilon.is_empty() {
             let _ = writeln!(s, "No releases in this period.\n");
         } else {
-            let _ = writeln!(s, "| partner | purpose | releases | ε total |");
-            let _ = writeln!(s, "|---|---|---:|---:|");
+            let _ = writeln!(
+                s,
+                "| partner | purpose | releases | ε total (Laplace) | ρ total (zCDP) |"
+            );
+            let _ = writeln!(s, "|---|---|---:|---:|---:|");
             for e in &self.epsilon {
                 let _ = writeln!(
                     s,
-                    "| {} | {} | {} | {} |",
+                    "| {} | {} | {} | {} | {} |",
                     cell(&e.partner),
                     cell(&e.purpose),
                     e.releases,
-                    e.epsilon
+                    e.epsilon,
+                    e.rho
                 );
             }
             let _ = writeln!(s);
@@ -352,6 +365,38 @@ mod tests {
     use super::*;
     use crate::audit::tests::make_log;
     use crate::audit::{parse_date_ms, read_entries, verify};
+
+    /// An aggregate's ε is a zCDP parameter: its releases add to the ρ total, never to the
+    /// pure-ε total.
+    #[test]
+    fn zcdp_releases_are_summed_as_rho() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = make_log(dir.path(), 8);
+        let log = crate::audit::AuditLog::open(&path).unwrap();
+        log.append(
+            AuditEvent::Release {
+                job_id: "j1".into(),
+                partner: "globex".into(),
+                what: "aggregate partial sum".into(),
+                to: vec!["coordinator".into()],
+                value: None,
+                epsilon: 1.0,
+                rho: Some(0.5),
+            },
+            1_700_000_100_000,
+        )
+        .unwrap();
+        drop(log);
+        let entries = read_entries(&path).unwrap();
+        let head = verify(&path, None).unwrap().head;
+        let t = summarize("acme", &entries, &head, None);
+        let e = &t.epsilon[0];
+        assert_eq!((e.epsilon, e.rho, e.releases), (0.5, 0.5, 2));
+        assert!(
+            t.to_markdown()
+                .contains("| ε total (Laplace) | ρ total (zCDP) |")
+        );
+    }
 
     #[test]
     fn audit_transparency_on_a_small_log() {
