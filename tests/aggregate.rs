@@ -174,6 +174,11 @@ fn exact_totals_without_noise_and_nothing_of_a_partner_leaks() {
         let own_other = truth["chargebacks"][node][CATEGORIES[4]]["count"]
             .as_u64()
             .unwrap_or(0);
+        // A partial's size is fixed by the spec: every party sent the coordinator as much.
+        assert_eq!(
+            p["bytes_to_coordinator"], stats[0]["bytes_to_coordinator"],
+            "{p}"
+        );
         let access = audit_access(&c, node, job["job_id"].as_str().unwrap());
         assert_eq!(access["rows_read"], own_rows, "{node}: {access}");
         assert_eq!(access["rows_other"], own_other, "{node}: {access}");
