@@ -60,14 +60,14 @@
 //! Per item and party the floor is one hash-to-group, two variable-base scalar
 //! multiplications, two encodings and one decoding ([`FloorCosts::per_item_ns`]); everything else
 //! (sorting, batching) is kept small next to it: rayon chunks of 1024 points, no per-item
-//! allocation, `sort_unstable` and binary search for matching. curve25519-dalek 5 selects its
-//! AVX-512 IFMA backend when built with that target feature (e.g.
-//! `RUSTFLAGS="-C target-cpu=native"` on a CPU that has it), making scalar multiplication about
-//! 1.75× faster; the portable build is the default.
+//! allocation, `sort_unstable` and binary search for matching. The workspace builds
+//! curve25519-dalek with its AVX-512 IFMA backend compiled in, and dalek picks it at run time on
+//! CPUs that have it (else AVX2, else serial): see [`curve_backend`].
 #![warn(missing_docs)]
 
 pub mod aggregate;
 pub mod ahe;
+pub mod backend;
 pub mod dp;
 mod error;
 pub mod floor;
@@ -79,6 +79,7 @@ mod key;
 mod pair;
 mod psi;
 
+pub use backend::curve_backend;
 pub use dp::{DpError, Mechanism, Scale};
 pub use error::PsiError;
 pub use floor::{FloorCosts, measure_floor};

@@ -139,6 +139,10 @@ async fn psi(args: BenchPsiArgs) -> anyhow::Result<ExitCode> {
         walls.len()
     );
     println!(
+        "curve backend:            {} (picked at run time; the nodes run the same build)",
+        cleanroom_circuits::curve_backend()
+    );
+    println!(
         "floor per item per party: {:.1} µs = hash-to-group {:.1} + 2 × scalar mul {:.1} + 2 × encode {:.1} + decode {:.1}",
         floor.per_item_ns() / 1e3,
         floor.hash_to_group_ns / 1e3,
@@ -178,6 +182,7 @@ async fn psi(args: BenchPsiArgs) -> anyhow::Result<ExitCode> {
             "{}",
             json!({
                 "n": args.n, "overlap": args.overlap, "cores": cores, "runs": walls.len(),
+                "backend": cleanroom_circuits::curve_backend(),
                 "wall_s": wall, "floor_s": floor_secs, "ratio": ratio,
                 "items_per_s_per_side": args.n as f64 / wall,
                 "floor_ns": { "hash_to_group": floor.hash_to_group_ns, "scalar_mul": floor.scalar_mul_ns, "compress": floor.compress_ns, "decompress": floor.decompress_ns },
