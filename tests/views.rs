@@ -12,7 +12,8 @@
 //!   SQLite database holds for the job (every table with a `job_id` column; protobuf blobs
 //!   decoded);
 //! - the analyst: the envelopes `cleanroom job status` received and the JSON it printed (and
-//!   `cleanroom job result` for aggregates).
+//!   `cleanroom job result` for aggregates; overlap and match jobs run as runs of a schedule,
+//!   and the schedule report's entry for the job is in the view too).
 //!
 //! A view is the list of fields seen, each path with the values it took. Every protobuf field
 //! is walked from the descriptors of `proto/cleanroom.proto` (compiled at run time), so a field
@@ -367,11 +368,52 @@ fn roles(scenario: &str) -> Vec<(&'static str, &'static str)> {
     }
 }
 
-/// Runs a scenario's job to its end and returns the job (as `job submit --wait` prints it).
+/// Whether a scenario's jobs run as runs of a schedule (overlap and match, the kinds schedule
+/// reports are for), so that the analyst's view includes the schedule's report.
+fn scheduled(scenario: &str) -> bool {
+    roles(scenario)[0].0 == "initiator"
+}
+
+/// Runs a scenario's job to its end and returns the job (as `job submit --wait` or
+/// `schedule run-now --wait` prints it).
 fn run_job(c: &Consortium, scenario: &str) -> Value {
     let args = submit_args(scenario);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let (job, _) = c.submit(&args);
+    if !scheduled(scenario) {
+        let (job, _) = c.submit(&args);
+        assert!(job["job_id"].is_string(), "{scenario}: {job}");
+        return job;
+    }
+    // A schedule whose cron (02:00 on 1 January) does not fire during the test; added once.
+    let name = format!("views-{scenario}");
+    // Connection flags go before the job's words.
+    let out = Command::new(&bins().0)
+        .args(["schedule", "add", &name, "--cron", "0 2 1 1 *"])
+        .args(c.analyst_args())
+        .arg("--")
+        .args(&args)
+        .current_dir(c.path())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() || err.contains("already exists"),
+        "schedule add: {err}"
+    );
+    let (out, _) = analyst(
+        c,
+        &[
+            "schedule",
+            "run-now",
+            &name,
+            "--wait",
+            "--timeout",
+            "120",
+            "--format",
+            "json",
+        ],
+    );
+    let job: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert!(job["job_id"].is_string(), "{scenario}: {job}");
     job
 }
@@ -427,6 +469,14 @@ const FRESH: &[(&str, &str)] = &[
     ("at_ms", "a time"),
     ("stored_ms", "a time"),
     ("expires_ms", "a time"),
+    ("scheduled_for_ms", "a time"),
+    ("recorded_ms", "a time"),
+    ("schedule_runs.id", "a schedule run's row number"),
+    (
+        "idempotency_key",
+        "a submission's key: chosen by the analyst, or a schedule's name and occurrence time",
+    ),
+    ("scheduled_for", "a time"),
     (
         "job_leases.holder",
         "the coordinator process holding a job lease",
@@ -763,6 +813,20 @@ fn record_views(c: &Consortium, scenario: &str, job_id: &str) -> Views {
     add_frames(&mut view, &read_transcript(&transcript));
     let status: Value = serde_json::from_slice(&out.stdout).unwrap();
     add_json(&mut view, "status/", &status);
+    if scheduled(scenario) {
+        // The schedule's report: this job's run (the report also lists the schedule's earlier
+        // runs, which are other jobs).
+        let name = format!("views-{scenario}");
+        let (out, _) = analyst(c, &["report", &name, "--format", "json"]);
+        let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+        let run = report["runs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["job_id"] == job_id)
+            .unwrap_or_else(|| panic!("{scenario}: no run of {job_id} in {report}"));
+        add_json(&mut view, "report/", run);
+    }
     if scenario.starts_with("aggregate") {
         let (out, transcript) = analyst(c, &["job", "result", job_id, "--format", "json"]);
         add_frames(&mut view, &read_transcript(&transcript));
