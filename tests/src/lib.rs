@@ -31,6 +31,10 @@ pub fn bins() -> &'static (PathBuf, PathBuf) {
         let release = profile_dir.file_name().is_some_and(|n| n == "release");
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let mut cmd = Command::new(cargo);
+        // With the transport's test instrumentation (`transcript`): a process started with
+        // CLEANROOM_TRANSCRIPT set records what it receives (tests/views.rs reads it). It is
+        // the same feature set as this crate's own dependency on the transport, so the two
+        // builds share their artefacts.
         cmd.args([
             "build",
             "--quiet",
@@ -39,6 +43,8 @@ pub fn bins() -> &'static (PathBuf, PathBuf) {
             "-p",
             "cleanroom-node",
             "--bins",
+            "--features",
+            "cleanroom-transport/transcript",
         ]);
         if release {
             cmd.arg("--release");
@@ -137,6 +143,10 @@ impl Drop for Process {
     }
 }
 
+/// The environment variable that makes a process record every envelope it receives (the
+/// transport's `transcript` feature, which the binaries the tests run are built with).
+pub const TRANSCRIPT_ENV: &str = "CLEANROOM_TRANSCRIPT";
+
 /// A consortium in a temporary directory: PKI, data, configs, coordinator and nodes.
 #[derive(Debug)]
 pub struct Consortium {
@@ -144,6 +154,9 @@ pub struct Consortium {
     pub coordinator: Option<Process>,
     pub addr: Option<SocketAddr>,
     pub nodes: Vec<Process>,
+    /// When set, every process started from now on records what it receives in
+    /// `<this dir>/<process name>.frames` (see [`Consortium::record_transcripts`]).
+    pub transcripts: Option<PathBuf>,
 }
 
 impl Consortium {
@@ -165,7 +178,25 @@ impl Consortium {
             coordinator: None,
             addr: None,
             nodes: Vec::new(),
+            transcripts: None,
         }
+    }
+
+    /// Makes every process started from now on record the envelopes it receives, in
+    /// `transcripts/<name>.frames` (the coordinator's name is `coordinator`). Returns the
+    /// directory.
+    pub fn record_transcripts(&mut self) -> PathBuf {
+        let dir = self.path().join("transcripts");
+        std::fs::create_dir_all(&dir).unwrap();
+        self.transcripts = Some(dir.clone());
+        dir
+    }
+
+    /// The transcript file of the process `name`, if transcripts are recorded.
+    pub fn transcript_of(&self, name: &str) -> Option<PathBuf> {
+        self.transcripts
+            .as_ref()
+            .map(|d| d.join(format!("{name}.frames")))
     }
 
     pub fn path(&self) -> &Path {
@@ -195,14 +226,33 @@ impl Consortium {
 
     /// Starts the coordinator on an ephemeral port.
     pub fn start_coordinator(&mut self) -> SocketAddr {
+        self.spawn_coordinator("127.0.0.1:0", "coordinator")
+    }
+
+    /// Stops the coordinator gracefully and starts a new coordinator process on the same
+    /// address and database, logging to `logs/<name>.log` (and recording its transcript as
+    /// `<name>`). The nodes reconnect by themselves.
+    pub fn restart_coordinator(&mut self, name: &str) -> SocketAddr {
+        let addr = self.addr.expect("start the coordinator first");
+        if let Some(mut old) = self.coordinator.take() {
+            old.stop();
+        }
+        self.spawn_coordinator(&addr.to_string(), name)
+    }
+
+    fn spawn_coordinator(&mut self, listen: &str, name: &str) -> SocketAddr {
         let cfg = self.path().join("coordinator.toml");
         std::fs::write(
             &cfg,
-            "listen = \"127.0.0.1:0\"\ndatabase = \"coordinator.db\"\noffer_timeout_secs = 10\n\n[tls]\nca = \"pki/ca.pem\"\ncert = \"pki/coordinator.pem\"\nkey = \"pki/coordinator.key\"\n",
+            format!("listen = \"{listen}\"\ndatabase = \"coordinator.db\"\noffer_timeout_secs = 10\n\n[tls]\nca = \"pki/ca.pem\"\ncert = \"pki/coordinator.pem\"\nkey = \"pki/coordinator.key\"\n"),
         )
         .unwrap();
-        let log = self.path().join("logs/coordinator.log");
-        let mut child = Command::new(&bins().0)
+        let log = self.path().join(format!("logs/{name}.log"));
+        let mut cmd = Command::new(&bins().0);
+        if let Some(t) = self.transcript_of(name) {
+            cmd.env(TRANSCRIPT_ENV, t);
+        }
+        let mut child = cmd
             .args(["coordinator", "serve", "--config"])
             .arg(&cfg)
             .arg("--stop-on-stdin-eof")
@@ -230,7 +280,7 @@ impl Consortium {
             .unwrap();
         let stdin = child.stdin.take();
         self.coordinator = Some(Process {
-            name: "coordinator".into(),
+            name: name.into(),
             child,
             stdin,
             log,
@@ -301,6 +351,9 @@ impl Consortium {
             cmd.stderr(Stdio::piped());
         } else {
             cmd.stderr(std::fs::File::create(&log).unwrap());
+        }
+        if let Some(t) = self.transcript_of(name) {
+            cmd.env(TRANSCRIPT_ENV, t);
         }
         let mut child = cmd.spawn().expect("starting a node");
         if let Some(mut stderr) = child.stderr.take() {

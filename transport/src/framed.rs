@@ -85,12 +85,19 @@ impl FramedSend {
 #[derive(Debug)]
 pub struct FramedRecv {
     inner: quinn::RecvStream,
+    /// This stream's number in the transcript (test builds only, see [`crate::transcript`]).
+    #[cfg(feature = "transcript")]
+    transcript_stream: u64,
 }
 
 impl FramedRecv {
     /// Wraps a receive stream.
     pub fn new(r: quinn::RecvStream) -> Self {
-        Self { inner: r }
+        Self {
+            inner: r,
+            #[cfg(feature = "transcript")]
+            transcript_stream: crate::transcript::next_stream(),
+        }
     }
 
     /// Next envelope; `Ok(None)` at a clean end of stream (exactly at a frame boundary). A
@@ -123,7 +130,10 @@ impl FramedRecv {
             }
             Err(ReadExactError::ReadError(e)) => return Err(read_err(e)),
         }
-        Ok(Some(decode_body(&body)?))
+        let envelope = decode_body(&body)?;
+        #[cfg(feature = "transcript")]
+        crate::transcript::record(self.transcript_stream, &body);
+        Ok(Some(envelope))
     }
 
     /// Next envelope, which must exist and belong to `job_id` and `phase`.

@@ -19,6 +19,8 @@ pub mod error;
 pub mod framed;
 pub mod identity;
 pub mod pki;
+#[cfg(feature = "transcript")]
+pub mod transcript;
 
 pub use endpoint::{
     ALPN, TransportTuning, accept, client_endpoint, connect, handshake, server_endpoint,
