@@ -8,9 +8,9 @@
 //! clipped). The output is, per cell, the sum over the rows whose identifier A also holds — plus
 //! noise A adds under encryption — and only B can decrypt it.
 //!
-//! A row travels as one packed ciphertext ([`crate::ahe::packed`]): one shared randomness and
-//! each cell only as many 16-bit limbs as its bounds need, so a count and two 32-bit amounts
-//! cost 6 fixed-base multiplications, not 15.
+//! A row travels as one packed Paillier ciphertext ([`crate::ahe::packed`]): each cell is a slot
+//! with headroom of a 2047-bit plaintext, so a count and up to 30 amounts cost one encryption
+//! (512 bytes), and each cell decrypts whole.
 //!
 //! ```text
 //! A → B   size                              B → A   size, public key
@@ -24,32 +24,33 @@
 //! ```
 //!
 //! B sends its ciphertexts *after* it has returned A's points, so A knows which positions match
-//! before the first ciphertext arrives and never buffers them (160 bytes per cell and row would
-//! be 64 MiB per limb at 2^20 rows).
+//! before the first ciphertext arrives and never buffers them (512 bytes a row would be 512 MiB
+//! at 2^20 rows).
 //!
 //! # What each party learns
 //!
 //! A learns `|A ∩ B|` exactly (from the matched positions) and B's set size; it sees only
 //! ciphertexts of B's values. B learns A's set size and, per cell, the *noised* total — not the
 //! intersection size, since A never returns B's points (B's count cell carries A's noise too).
-//! The noise A adds protects A's membership information against B: B knows every one of its
-//! own values, so an exact total would tell it about which of its rows A holds.
+//! B decrypts each cell whole, so it learns nothing per part of a cell. The noise A adds
+//! protects A's membership information against B: B knows every one of its own values, so an
+//! exact total would tell it about which of its rows A holds.
 //!
 //! # Trust model
 //!
 //! Semi-honest, as the ECDH-PSI it extends ([`crate::psi`]), with every byte from the peer
-//! checked: points as in PSI, ciphertexts by [`crate::ahe`]'s decoder (canonical encodings, no
-//! identity `r·G`), row and cell counts against what was declared. A must re-randomise (done
-//! here) so that the sum's `r·G` does not tell B which rows were added.
+//! checked: points as in PSI, ciphertexts by [`crate::ahe`]'s decoder (length, below `n²`, no
+//! factor shared with `n`), row and cell counts against what was declared. A must re-randomise
+//! (done here): B, which holds the secret key, could otherwise recover the product of the summed
+//! rows' randomness and test it against subsets of its rows.
 
 use rand::seq::SliceRandom;
 use rayon::prelude::*;
 
-use crate::ahe::packed::{
-    RowCiphertext, RowLayout, RowPublicKey, RowSecretKey, decrypt_cells, encrypt_rows, row_keygen,
-    sum_selected_rows,
+use crate::ahe::{
+    AheError, MAX_SUMMANDS, PublicKey, RowCiphertext, RowSum, SecretKey, SlotLayout, decrypt_cells,
+    encrypt_rows, sum_selected_rows,
 };
-use crate::ahe::{AheError, MAX_SUMMANDS};
 use crate::psi::{
     blind_items, items_distinct, reblind_points, sort_and_check_distinct, to_batches,
 };
@@ -115,7 +116,7 @@ pub enum SumError {
     CiphertextBatchNotWholeRows {
         /// Bytes received.
         len: usize,
-        /// Bytes per row (`cells × CIPHERTEXT_LEN`).
+        /// Bytes per row (`CIPHERTEXT_LEN` per plaintext of the layout).
         row_len: usize,
     },
     /// More ciphertext rows than the peer has items, or a total that disagrees with what came.
@@ -175,7 +176,7 @@ impl SumParams {
 
 /// Rows per ciphertext batch of `layout`, so a batch stays under
 /// [`MAX_CIPHERTEXT_BATCH_BYTES`].
-pub fn rows_per_ciphertext_batch(layout: &RowLayout) -> usize {
+pub fn rows_per_ciphertext_batch(layout: &SlotLayout) -> usize {
     (MAX_CIPHERTEXT_BATCH_BYTES / layout.ciphertext_len()).max(1)
 }
 
@@ -288,9 +289,9 @@ pub struct ValueHolderSession;
 pub struct ValueHolderHello {
     /// Our declared set size.
     pub set_size: u64,
-    /// Width in limbs of each cell of our rows ([`RowLayout::widths`]).
+    /// Width in bits of each cell's slot ([`SlotLayout::widths`]).
     pub widths: Vec<u8>,
-    /// Our fresh public key for this job (32 bytes per limb).
+    /// Our fresh Paillier public key for this job (`n`, 256 bytes).
     pub public_key: Vec<u8>,
 }
 
@@ -298,21 +299,22 @@ struct VhCommon {
     params: SumParams,
     key: JobKey,
     own_size: u64,
-    layout: RowLayout,
-    sk: RowSecretKey,
-    pk: RowPublicKey,
+    layout: SlotLayout,
+    sk: SecretKey,
 }
 
 impl ValueHolderSession {
     /// Begins a session over distinct `items` with `values` laid out row-major, `cells` per item
-    /// in the set's order, each within its cell of `layout`. Draws a fresh encryption key pair
-    /// for this job.
+    /// in the set's order, each within its cell of `layout`, under `paillier`, a fresh key pair
+    /// for this job ([`ahe::keygen`]: two safe primes, about a second with a long tail, so the
+    /// caller runs it off its async path).
     pub fn start(
         params: SumParams,
         key: JobKey,
         items: ItemSet,
-        layout: RowLayout,
+        layout: SlotLayout,
         values: Vec<u64>,
+        paillier: SecretKey,
     ) -> Result<(ValueHolderHello, VhAwaitingPeerSize), SumError> {
         params.check_cells()?;
         if layout.cells() != params.cells {
@@ -328,12 +330,12 @@ impl ValueHolderSession {
                 cells: params.cells,
             });
         }
-        let (sk, pk) = row_keygen(&layout);
+        let sk = paillier;
         let own_size = items.len() as u64;
         let hello = ValueHolderHello {
             set_size: own_size,
             widths: layout.widths().to_vec(),
-            public_key: pk.to_bytes(),
+            public_key: sk.public().to_bytes(),
         };
         let distinct = items_distinct(&items);
         let state = VhAwaitingPeerSize {
@@ -343,7 +345,6 @@ impl ValueHolderSession {
                 own_size,
                 layout,
                 sk,
-                pk,
             },
             items,
             values,
@@ -536,7 +537,7 @@ impl VhEncrypting {
             let start = item as usize * cells;
             plain.extend_from_slice(&self.values[start..start + cells]);
         }
-        let batch = encrypt_rows(&self.common.pk, &self.common.layout, &plain)?;
+        let batch = encrypt_rows(&self.common.sk, &self.common.layout, &plain)?;
         self.next_row = end;
         Ok(Some(batch))
     }
@@ -557,8 +558,8 @@ impl VhEncrypting {
 
 /// Waiting for the key holder's noised sums.
 pub struct VhAwaitingSums {
-    layout: RowLayout,
-    sk: RowSecretKey,
+    layout: SlotLayout,
+    sk: SecretKey,
 }
 
 impl std::fmt::Debug for VhAwaitingSums {
@@ -570,10 +571,10 @@ impl std::fmt::Debug for VhAwaitingSums {
 }
 
 impl VhAwaitingSums {
-    /// Decrypts the key holder's one row ciphertext: the noised totals, in cell order. Each
-    /// limb is a bounded baby-step giant-step search, parallel inside.
+    /// Decrypts the key holder's one row ciphertext: the noised totals, in cell order, each
+    /// cell's slot read from its whole plaintext.
     pub fn on_sums(self, bytes: &[u8]) -> Result<Vec<i128>, SumError> {
-        let ct = RowCiphertext::decode(&self.layout, bytes)?;
+        let ct = RowCiphertext::decode_own(&self.sk, &self.layout, bytes)?;
         Ok(decrypt_cells(&self.sk, &self.layout, &ct)?)
     }
 }
@@ -639,9 +640,9 @@ impl std::fmt::Debug for KhAwaitingHello {
 }
 
 impl KhAwaitingHello {
-    /// Checks the value holder's declared size (before any exponentiation) and row layout
-    /// (the job's number of cells), and decodes its public key (canonical points, no
-    /// identity, one per limb).
+    /// Checks the value holder's declared size (before any exponentiation) and slot layout
+    /// (the job's number of cells), and decodes its public key (a 2048-bit odd modulus without
+    /// small factors).
     pub fn on_peer_hello(
         self,
         declared: u64,
@@ -654,14 +655,14 @@ impl KhAwaitingHello {
             self.distinct,
             declared,
         )?;
-        let layout = RowLayout::new(widths)?;
+        let layout = SlotLayout::new(widths)?;
         if layout.cells() != self.common.params.cells {
             return Err(SumError::LayoutMismatch {
                 got: layout.cells(),
                 expected: self.common.params.cells,
             });
         }
-        let pk = RowPublicKey::from_bytes(&layout, public_key)?;
+        let pk = PublicKey::from_bytes(public_key)?;
         Ok(KhReadyToBlind {
             common: self.common,
             items: self.items,
@@ -677,8 +678,8 @@ pub struct KhReadyToBlind {
     common: KhCommon,
     items: ItemSet,
     peer_size: u64,
-    layout: RowLayout,
-    pk: RowPublicKey,
+    layout: SlotLayout,
+    pk: PublicKey,
 }
 
 impl std::fmt::Debug for KhReadyToBlind {
@@ -692,8 +693,8 @@ impl std::fmt::Debug for KhReadyToBlind {
 /// What the key holder keeps about the value holder from its hello on.
 struct KhPeer {
     size: u64,
-    layout: RowLayout,
-    pk: RowPublicKey,
+    layout: SlotLayout,
+    pk: PublicKey,
 }
 
 impl KhReadyToBlind {
@@ -840,7 +841,7 @@ impl KhAwaitingReturn {
                 max: MAX_SUMMANDS,
             });
         }
-        let sum = RowCiphertext::zero(&peer.layout);
+        let sum = RowSum::empty(&peer.layout);
         Ok(KhSumming {
             own_size: common.own_size,
             peer,
@@ -860,7 +861,7 @@ pub struct KhSumming {
     matched: Vec<bool>,
     intersection: u64,
     rows_received: u64,
-    sum: RowCiphertext,
+    sum: RowSum,
 }
 
 impl std::fmt::Debug for KhSumming {
@@ -901,8 +902,8 @@ impl KhSumming {
         let matched_rows: Vec<u32> = (0..rows as u32)
             .filter(|&r| self.matched[first + r as usize])
             .collect();
-        let part =
-            sum_selected_rows(&self.peer.layout, batch, &matched_rows).map_err(|e| match e {
+        let part = sum_selected_rows(&self.peer.pk, &self.peer.layout, batch, &matched_rows)
+            .map_err(|e| match e {
                 // Name the row in the peer's whole stream, not in this batch.
                 AheError::InvalidCiphertext { row, source } => AheError::InvalidCiphertext {
                     row: (first as u32).saturating_add(row),
@@ -910,7 +911,7 @@ impl KhSumming {
                 },
                 other => other,
             })?;
-        self.sum.add(&part);
+        self.sum.add(&self.peer.pk, &part);
         self.rows_received = received;
         Ok(self)
     }
@@ -937,7 +938,7 @@ impl KhSumming {
 pub struct KhSummed {
     own_size: u64,
     peer: KhPeer,
-    sum: RowCiphertext,
+    sum: RowSum,
     intersection: u64,
 }
 
@@ -960,14 +961,15 @@ impl KhSummed {
         (self.own_size, self.peer.size)
     }
 
-    /// The value holder's row layout (cell widths), e.g. to calibrate noise per cell.
-    pub fn layout(&self) -> &RowLayout {
+    /// The value holder's slot layout (cell widths), e.g. to calibrate noise per cell.
+    pub fn layout(&self) -> &SlotLayout {
         &self.peer.layout
     }
 
-    /// Adds `noise[c]` to cell `c` under encryption, re-randomises (so the sum's `r·G` does not
-    /// reveal which rows were added) and returns the one row ciphertext to send. `noise` is
-    /// drawn by the caller from the policy's mechanism.
+    /// Adds `noise[c]` (with the slots' public bias) to cell `c` under encryption,
+    /// re-randomises (so the value holder cannot recover the summed rows' randomness) and returns
+    /// the one row ciphertext to send. `noise` is drawn by the caller from the policy's
+    /// mechanism; zeros for an exact release.
     pub fn noised_sums(self, noise: &[i64]) -> Result<Vec<u8>, SumError> {
         let layout = &self.peer.layout;
         if noise.len() != layout.cells() {
@@ -976,11 +978,10 @@ impl KhSummed {
                 cells: layout.cells(),
             });
         }
-        let mut sum = self.sum;
-        for (cell, &n) in noise.iter().enumerate() {
-            sum.add_noise(layout, cell, n)?;
-        }
-        sum.rerandomize(&self.peer.pk);
+        let pk = &self.peer.pk;
+        let mut sum = self.sum.finish(pk);
+        sum.add_noise(pk, layout, noise)?;
+        sum.rerandomize(pk);
         Ok(sum.encode())
     }
 }

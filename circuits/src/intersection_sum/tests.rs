@@ -1,7 +1,7 @@
 //! Both parties of an intersection-sum session run against each other in memory.
 
 use super::*;
-use crate::ahe::packed::RowLayout;
+use crate::ahe::{self, SlotLayout};
 
 const KEY: &str = "email";
 
@@ -32,10 +32,15 @@ fn cells_of(i: u32) -> [u64; 2] {
 }
 
 /// The value holder's layout for `cells` cells: the first up to 2^32, the others counts.
-fn layout(cells: usize) -> RowLayout {
+fn layout(cells: usize) -> SlotLayout {
     let mut maxima = vec![1u64; cells];
     maxima[0] = u32::MAX.into();
-    RowLayout::for_maxima(&maxima).unwrap()
+    SlotLayout::for_maxima(&maxima).unwrap()
+}
+
+/// A fresh Paillier key, as the node draws one per job.
+fn paillier() -> crate::ahe::SecretKey {
+    ahe::keygen().unwrap()
 }
 
 /// Values of `set` (items made by [`items`]) laid out row-major.
@@ -53,9 +58,15 @@ fn values_for(set: &ItemSet) -> Vec<u64> {
 /// it with the value holder waiting for the sums.
 fn run(a: ItemSet, b: ItemSet, values: Vec<u64>, cells: usize) -> (KhSummed, VhAwaitingSums) {
     let (a_size, a) = KeyHolderSession::start(params(cells), JobKey::generate(), a).unwrap();
-    let (hello, b) =
-        ValueHolderSession::start(params(cells), JobKey::generate(), b, layout(cells), values)
-            .unwrap();
+    let (hello, b) = ValueHolderSession::start(
+        params(cells),
+        JobKey::generate(),
+        b,
+        layout(cells),
+        values,
+        paillier(),
+    )
+    .unwrap();
     let a = a
         .on_peer_hello(hello.set_size, &hello.widths, &hello.public_key)
         .unwrap();
@@ -119,13 +130,21 @@ fn an_empty_intersection_sums_to_the_noise_alone() {
 
 #[test]
 fn sums_are_rerandomised_before_they_leave() {
-    let (summed, _awaiting) = run(items(0..20), items(10..30), values_for(&items(10..30)), 2);
-    let plain = summed.sum.encode();
+    let (summed, awaiting) = run(items(0..20), items(10..30), values_for(&items(10..30)), 2);
+    // The same sum and noise without the re-randomisation: what the value holder could
+    // recover the summed rows' randomness from.
+    let pk = summed.peer.pk.clone();
+    let mut raw = summed.sum.clone().finish(&pk);
+    raw.add_noise(&pk, &summed.peer.layout, &[0, 0]).unwrap();
     let sent = summed.noised_sums(&[0, 0]).unwrap();
-    // Same plaintexts, but no 32-byte point of the sent ciphertexts equals the raw sums'.
-    for (p, s) in plain.chunks(32).zip(sent.chunks(32)) {
-        assert_ne!(p, s);
-    }
+    assert_eq!(raw.encode().len(), sent.len());
+    assert_ne!(raw.encode(), sent, "fresh randomness");
+    let truth: u64 = (10..20).map(|i| cells_of(i)[0]).sum();
+    assert_eq!(
+        awaiting.on_sums(&sent).unwrap(),
+        vec![i128::from(truth), 10],
+        "same plaintext"
+    );
 }
 
 #[test]
@@ -141,6 +160,72 @@ fn the_value_holder_never_receives_its_own_points_back() {
     ));
 }
 
+/// Issue 12, item 2: the value holder encrypts distinct powers of two in the high half of an
+/// amount (row `i` holds `2^(16+i)`, so a sum's bits 16..31 spell which of its 16 rows the key
+/// holder has) and tries to read membership from what it decrypts. Under the former scheme the
+/// key holder noised only a cell's lowest 16-bit limb and the value holder solved every limb on
+/// its own, so bits 16..31 came back exact and the read always succeeded. Now each cell is one
+/// slot decrypted whole: the value holder sees only `sum + noise`, and the noise the agreement
+/// calibrates to the column's bound wipes those bits out.
+#[test]
+fn a_value_holder_cannot_read_membership_from_high_bits() {
+    use crate::dp::{Mechanism, Scale};
+    let members = [0u32, 3, 5, 8, 9, 15];
+    let a_items = {
+        let mut set = ItemSet::new();
+        for i in members {
+            set.push(format!("user{i:06}@example.com").as_bytes())
+                .unwrap();
+        }
+        set.dedup();
+        set
+    };
+    let mask: i128 = members.iter().map(|&i| 1i128 << i).sum();
+    let b_items = items(0..16);
+    let values: Vec<u64> = b_items
+        .iter()
+        .flat_map(|item| {
+            let i: u32 = std::str::from_utf8(item).unwrap()[4..10].parse().unwrap();
+            [1u64 << (16 + i), 1]
+        })
+        .collect();
+    let read = |decrypted: i128| (decrypted >> 16) & 0xffff;
+
+    // Calibration: with no noise at all (neither agreement sets ε) the read is the membership
+    // (an exact sum is a membership oracle, which is why an exact release needs both policies).
+    let (summed, awaiting) = run(a_items.clone(), b_items.clone(), values.clone(), 2);
+    let exact = awaiting
+        .on_sums(&summed.noised_sums(&[0, 0]).unwrap())
+        .unwrap();
+    assert_eq!(read(exact[0]), mask);
+
+    // With the noise the node draws for ε = 1 over two columns, amount bound 2^32 − 1
+    // (scale = 2·(2^32 − 1) / 1), the value holder gets exactly sum + noise and nothing per bit.
+    let amount = Mechanism::DiscreteLaplace {
+        scale: Scale::from_epsilon(2 * u64::from(u32::MAX), 1.0).unwrap(),
+    };
+    let count = Mechanism::DiscreteLaplace {
+        scale: Scale::from_epsilon(2, 1.0).unwrap(),
+    };
+    let mut hits = 0;
+    for _ in 0..3 {
+        let noise = [amount.sample().unwrap(), count.sample().unwrap()];
+        let (summed, awaiting) = run(a_items.clone(), b_items.clone(), values.clone(), 2);
+        let got = awaiting
+            .on_sums(&summed.noised_sums(&noise).unwrap())
+            .unwrap();
+        assert_eq!(
+            got[0],
+            (mask << 16) + i128::from(noise[0]),
+            "the total plus noise"
+        );
+        assert_eq!(got[1], members.len() as i128 + i128::from(noise[1]));
+        hits += usize::from(read(got[0]) == mask);
+    }
+    // A read survives only if |noise| < 2^16 against a scale of 2^33: about 2^-17 per run.
+    assert_eq!(hits, 0, "the high bits must not spell the membership");
+}
+
 /// Drives A up to the ciphertext stage against an honest B; returns A summing, B encrypting.
 fn up_to_ciphertexts(cells: usize) -> (KhSumming, VhEncrypting) {
     let b_items = items(10..30);
@@ -153,6 +238,7 @@ fn up_to_ciphertexts(cells: usize) -> (KhSumming, VhEncrypting) {
         b_items,
         layout(cells),
         values,
+        paillier(),
     )
     .unwrap();
     let (a_batches, a) = a
@@ -213,15 +299,14 @@ fn an_invalid_ciphertext_in_a_matched_row_names_the_row() {
     let (a, mut b) = up_to_ciphertexts(1);
     let mut batch = b.next_batch().unwrap().unwrap();
     let matched = a.matched.iter().position(|&m| m).unwrap();
-    // Corrupt every byte of that row's r·G: not a canonical encoding.
+    // Every byte of that row 0xff: not below n².
     let row_len = a.peer.layout.ciphertext_len();
-    for byte in &mut batch[matched * row_len..matched * row_len + 32] {
-        *byte = 0xff;
-    }
+    batch[matched * row_len..(matched + 1) * row_len].fill(0xff);
     let err = a.on_ciphertext_batch(&batch).unwrap_err();
     match err {
-        SumError::Ahe(AheError::InvalidCiphertext { row, .. }) => {
+        SumError::Ahe(AheError::InvalidCiphertext { row, source }) => {
             assert_eq!(row as usize, matched);
+            assert_eq!(*source, AheError::OutOfRange);
         }
         other => panic!("{other}"),
     }
@@ -234,8 +319,15 @@ fn sizes_keys_and_layouts_are_checked_before_any_work() {
     let err = KeyHolderSession::start(params(MAX_CELLS + 1), JobKey::generate(), items(0..3))
         .unwrap_err();
     assert!(matches!(err, SumError::BadCellCount { .. }));
-    let start_b = |cells: usize, l: RowLayout, values: Vec<u64>| {
-        ValueHolderSession::start(params(cells), JobKey::generate(), items(0..3), l, values)
+    let start_b = |cells: usize, l: SlotLayout, values: Vec<u64>| {
+        ValueHolderSession::start(
+            params(cells),
+            JobKey::generate(),
+            items(0..3),
+            l,
+            values,
+            paillier(),
+        )
     };
     let err = start_b(2, layout(2), vec![1; 5]).unwrap_err();
     assert!(matches!(err, SumError::ValuesNotAligned { values: 5, .. }));
@@ -248,40 +340,42 @@ fn sizes_keys_and_layouts_are_checked_before_any_work() {
         }
     ));
 
-    // Widths [2, 1]: three limbs, so a 96-byte key.
+    // Two 65-bit slots; a key is a 256-byte modulus.
     let key_holder = || {
         KeyHolderSession::start(params(2), JobKey::generate(), items(0..3))
             .unwrap()
             .1
     };
     let err = key_holder()
-        .on_peer_hello(1 << 21, &[2, 1], &[0; 96])
+        .on_peer_hello(1 << 21, &[65, 65], &[0; 256])
         .unwrap_err();
     assert!(matches!(
         err,
         SumError::Psi(PsiError::PeerSetTooLarge { .. })
     ));
     let err = key_holder()
-        .on_peer_hello(3, &[2, 1], &[0; 96])
+        .on_peer_hello(3, &[65, 65], &[0; 256])
         .unwrap_err();
     assert!(
-        matches!(err, SumError::Ahe(_)),
-        "the identity is not a key: {err}"
+        matches!(err, SumError::Ahe(AheError::BadPublicKey(_))),
+        "zero is not a modulus: {err}"
     );
-    let err = key_holder().on_peer_hello(3, &[2, 1], &[1; 7]).unwrap_err();
+    let err = key_holder()
+        .on_peer_hello(3, &[65, 65], &[1; 7])
+        .unwrap_err();
     assert!(
         matches!(err, SumError::Ahe(AheError::WrongLength { .. })),
         "{err}"
     );
     let err = key_holder()
-        .on_peer_hello(3, &[2, 1, 1], &[1; 128])
+        .on_peer_hello(3, &[65, 65, 65], &[0xff; 256])
         .unwrap_err();
     assert!(
         matches!(err, SumError::LayoutMismatch { got: 3, .. }),
         "{err}"
     );
     let err = key_holder()
-        .on_peer_hello(3, &[9, 1], &[1; 96])
+        .on_peer_hello(3, &[9, 65], &[0xff; 256])
         .unwrap_err();
     assert!(
         matches!(err, SumError::Ahe(AheError::BadLayout(_))),
@@ -289,7 +383,7 @@ fn sizes_keys_and_layouts_are_checked_before_any_work() {
     );
 
     // Values wider than their cell are refused when encrypted (clipping is the caller's job).
-    let (hello, b) = start_b(2, layout(2), vec![1, 70_000, 3, 4, 5, 6]).unwrap();
+    let (hello, b) = start_b(2, layout(2), vec![1, 1 << 40, 3, 4, 5, 6]).unwrap();
     let (a_size, a) = KeyHolderSession::start(params(2), JobKey::generate(), items(0..3)).unwrap();
     let (a_batches, _) = a
         .on_peer_hello(hello.set_size, &hello.widths, &hello.public_key)
@@ -320,6 +414,7 @@ fn bad_points_from_either_side_are_refused() {
         items(0..4),
         layout(1),
         vec![1; 4],
+        paillier(),
     )
     .unwrap();
     let (_, b) = b.on_peer_size(4).unwrap().blind();
@@ -352,16 +447,16 @@ fn noise_must_match_the_layout() {
 
 #[test]
 fn ciphertext_batches_fit_a_frame() {
-    for widths in [vec![1], vec![1, 2, 2], vec![4; MAX_CELLS]] {
-        let l = RowLayout::new(&widths).unwrap();
+    for widths in [vec![65], vec![65, 65, 65], vec![97; MAX_CELLS]] {
+        let l = SlotLayout::new(&widths).unwrap();
         let rows = rows_per_ciphertext_batch(&l);
         assert!(rows >= 1 && rows * l.ciphertext_len() <= MAX_CIPHERTEXT_BATCH_BYTES);
     }
 }
 
-/// CPU cost of a whole intersection-sum (a count and two 32-bit amounts per row) against a
-/// plain ECDH-PSI overlap of the same sets, both parties in this process on one thread, the
-/// decryption table built beforehand (once per process):
+/// CPU cost of a whole intersection-sum (a count and two amounts per row) against a plain
+/// ECDH-PSI overlap of the same sets, both parties in this process on one thread, the value
+/// holder's key generation excluded (it varies with the safe-prime search):
 /// `cargo test --release -p cleanroom-circuits sum_vs_overlap -- --ignored --nocapture`.
 /// Asserts nothing about speed.
 #[test]
@@ -374,8 +469,6 @@ fn sum_vs_overlap_measure() {
         .build()
         .unwrap();
     let (a, b) = (items(0..n), items(n / 2..n + n / 2));
-    // The baby-step table is built once per process (a node builds it at start-up).
-    crate::ahe::warm_up();
     let overlap = pool.install(|| {
         let t = Instant::now();
         let (out, _) = crate::pair::run_pair(
@@ -388,7 +481,8 @@ fn sum_vs_overlap_measure() {
         assert_eq!(out.intersection, u64::from(n / 2));
         t.elapsed().as_secs_f64()
     });
-    let l = RowLayout::new(&[1, 2, 2]).unwrap();
+    let l = SlotLayout::for_maxima(&[1, 50_000, 1_000_000]).unwrap();
+    let key = paillier();
     let values: Vec<u64> = (0..b.len() as u64)
         .flat_map(|i| [1, i % 50_000, (i * 7) % 1_000_000])
         .collect();
@@ -397,7 +491,8 @@ fn sum_vs_overlap_measure() {
         let mut p = params(3);
         p.batch_size = 4096;
         let (a_size, ka) = KeyHolderSession::start(p.clone(), JobKey::generate(), a).unwrap();
-        let (hello, vb) = ValueHolderSession::start(p, JobKey::generate(), b, l, values).unwrap();
+        let (hello, vb) =
+            ValueHolderSession::start(p, JobKey::generate(), b, l, values, key).unwrap();
         let (a_batches, mut ka) = ka
             .on_peer_hello(hello.set_size, &hello.widths, &hello.public_key)
             .unwrap()
