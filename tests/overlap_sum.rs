@@ -5,8 +5,10 @@
 //! - Without noise (no ε in either policy) every group's count and clipped sum equal an
 //!   independent computation from the CSV files exactly; a group with no shared customer is
 //!   suppressed; CSV output marks it.
-//! - With ε, every figure lies within 15 standard deviations of the truth, no sum equals the
+//! - With ε, both nodes draw noise (the key holder under encryption, the value holder after
+//!   decryption), every figure lies within 15 standard deviations of the truth, no sum equals the
 //!   exact one (the value holder never decrypts an un-noised total), and both ledgers are charged.
+//! - Refunds (negative rows) are summed per customer before the total is clipped.
 //! - A policy that refuses the key-holder role vetoes the job with a reason naming the roles.
 //! - No log, audit file or result file of either node holds an exact per-group sum.
 
@@ -223,12 +225,30 @@ fn noised_sums_stay_within_the_bound_and_are_charged() {
     // The stricter ε (1.0) and threshold (5) apply; ε is split over the two columns.
     assert_eq!(result["epsilon"], 1.0, "{job}");
     assert_eq!(result["min_result"], 5, "{job}");
+    // Both nodes draw noise for each column (issue 12, item 7: the value holder's own draw
+    // protects its totals from a key holder that colludes with the coordinator).
     let noise = result["noise"].as_array().unwrap();
-    assert_eq!(noise.len(), 2);
-    assert_eq!(noise[0]["scale"], "2", "{job}");
-    assert_eq!(noise[1]["scale"], (2 * CLIP).to_string(), "{job}");
-    assert!(noise.iter().all(|n| n["drawn_by"] == "acme"));
-    let sd = |i: usize| noise[i]["sd"].as_f64().unwrap();
+    assert_eq!(noise.len(), 4, "{job}");
+    for (n, (column, by, scale)) in noise.iter().zip([
+        ("count", "acme", "2".to_owned()),
+        ("count", "globex", "2".to_owned()),
+        ("amount_cents", "acme", (2 * CLIP).to_string()),
+        ("amount_cents", "globex", (2 * CLIP).to_string()),
+    ]) {
+        assert_eq!(
+            (
+                n["column"].as_str(),
+                n["drawn_by"].as_str(),
+                n["scale"].as_str()
+            ),
+            (Some(column), Some(by), Some(scale.as_str())),
+            "{job}"
+        );
+    }
+    let sd = |i: usize| {
+        let column = ["count", "amount_cents"][i];
+        result["column_sd"][column].as_f64().unwrap()
+    };
     let want = expected(&c, &truth);
     for g in groups(&job) {
         let label = g["group"].as_str().unwrap();
@@ -265,6 +285,90 @@ fn noised_sums_stay_within_the_bound_and_are_charged() {
             .unwrap_or_else(|| panic!("{name}: {out}"));
         assert_eq!(line["spent"], 1.0, "{name}: {out}");
         assert_eq!(line["charges"], 1, "{name}: {out}");
+    }
+}
+
+/// Issue 18, item 2: globex's customers get refunds (negative rows) and extra charges; each
+/// customer's rows are summed first and the total clipped to [0, CLIP]. The truth is computed
+/// here from the file as written; clipping each row before summing would give larger sums.
+#[test]
+fn refunds_are_summed_per_customer_before_clipping() {
+    let (c, truth) = consortium("", "");
+    let shared = truth["shared_by_all"].as_u64().unwrap();
+    let path = c.path().join("data/globex.csv");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let mut extra = String::new();
+    for line in text.lines().skip(1) {
+        let f: Vec<&str> = line.split(',').collect();
+        let (index, amount): (u64, i64) = (customer_index(f[1]), f[3].parse().unwrap());
+        let mut row = f.clone();
+        let change = match index % 4 {
+            0 => -amount / 2,       // a partial refund
+            1 => -(amount + 1_000), // refunded in full and more: a net −1 000
+            2 => CLIP as i64,       // a second charge that the clipping bound cuts
+            _ => continue,
+        };
+        let change = change.to_string();
+        row[3] = &change;
+        extra.push_str(&row.join(","));
+        extra.push('\n');
+    }
+    std::fs::write(&path, format!("{text}{extra}")).unwrap();
+
+    // The truth: per customer the signed total of its rows, clipped, in its first row's group.
+    let mut totals: BTreeMap<u64, (String, i64)> = BTreeMap::new();
+    let written = std::fs::read_to_string(&path).unwrap();
+    for line in written.lines().skip(1) {
+        let f: Vec<&str> = line.split(',').collect();
+        let e = totals
+            .entry(customer_index(f[1]))
+            .or_insert_with(|| (f[4].to_owned(), 0));
+        e.1 += f[3].parse::<i64>().unwrap();
+    }
+    let mut want: BTreeMap<String, (i64, i64)> = BTreeMap::new();
+    let mut row_clipped: BTreeMap<String, i64> = BTreeMap::new();
+    for (index, (category, total)) in &totals {
+        if *index >= shared {
+            continue;
+        }
+        let label = if CATEGORIES[..3].contains(&category.as_str()) {
+            category.clone()
+        } else {
+            "(other)".to_owned()
+        };
+        let e = want.entry(label.clone()).or_default();
+        e.0 += 1;
+        e.1 += (*total).clamp(0, CLIP as i64);
+        // What clipping each row first gives, for the contrast below.
+        let per_row: i64 = written
+            .lines()
+            .skip(1)
+            .map(|l| l.split(',').collect::<Vec<_>>())
+            .filter(|f| customer_index(f[1]) == *index)
+            .map(|f| f[3].parse::<i64>().unwrap().clamp(0, CLIP as i64))
+            .sum::<i64>()
+            .min(CLIP as i64);
+        *row_clipped.entry(label).or_default() += per_row;
+    }
+    assert_ne!(
+        want.values().map(|v| v.1).collect::<Vec<_>>(),
+        row_clipped.values().copied().collect::<Vec<_>>(),
+        "the refunds must matter"
+    );
+
+    let (out, code) = submit(&c, "json");
+    let job: Value = serde_json::from_str(&out).unwrap_or_else(|_| panic!("{out}"));
+    assert_eq!(job["state"], "succeeded", "{job}");
+    assert_eq!(code, Some(0));
+    for g in groups(&job) {
+        let label = g["group"].as_str().unwrap();
+        let (count, sum) = want.get(label).copied().unwrap_or_default();
+        if count == 0 {
+            assert_eq!(g["suppressed"], true, "{g}");
+            continue;
+        }
+        assert_eq!(g["values"]["count"], count, "{label}: {job}");
+        assert_eq!(g["values"]["amount_cents"], sum, "{label}: {job}");
     }
 }
 
@@ -472,9 +576,11 @@ fn shared_flag_recipe_match_then_overlap_sum() {
 enum BadKeyHolder {
     /// A hello without overlap-sum terms.
     NoTerms,
-    /// A result that is not ristretto255 encodings.
+    /// A result that is not below n².
     UndecodableResult,
-    /// A result of valid points that decrypts outside the range a sum can take.
+    /// A result that shares a factor with n (zero).
+    NotAUnitResult,
+    /// A valid encryption of a plaintext no sum of the layout can be.
     OutOfRangeResult,
     /// A result one byte short.
     ShortResult,
@@ -484,7 +590,7 @@ enum BadKeyHolder {
 /// result, then `bad`.
 async fn mallory(dir: std::path::PathBuf, coordinator: std::net::SocketAddr, bad: BadKeyHolder) {
     use cleanroom_circuits::{ItemSet, JobKey, blind_items};
-    use cleanroom_e2e::fake_node::{BASEPOINT, join_next_job_with_hello};
+    use cleanroom_e2e::fake_node::join_next_job_with_hello;
     use cleanroom_proto::v1::{BatchEnd, Phase, PointBatch, PsiHello, SumTerms, envelope::Body};
     use cleanroom_transport::FramedRecv;
 
@@ -516,15 +622,17 @@ async fn mallory(dir: std::path::PathBuf, coordinator: std::net::SocketAddr, bad
         let _ = tokio::time::timeout(std::time::Duration::from_secs(30), job.conn.closed()).await;
         return;
     }
-    // globex's hello gives its row layout: 32 bytes for r·G and 32 per limb.
+    // globex's hello gives its slot layout and its Paillier modulus n.
     let stream = job.conn.accept_uni().await.unwrap();
     let mut recv = FramedRecv::new(stream);
     let hello = recv.recv().await.unwrap().unwrap();
     let Some(Body::PsiHello(hello)) = hello.body else {
         panic!("expected globex's hello")
     };
-    let widths = hello.sum.unwrap().widths;
-    let limbs: usize = widths.iter().map(|&w| usize::from(w)).sum();
+    let terms = hello.sum.unwrap();
+    let layout = cleanroom_circuits::ahe::SlotLayout::new(&terms.widths).unwrap();
+    let len = layout.ciphertext_len();
+    let n = crypto_bigint::U2048::from_be_slice(&terms.public_key);
     let points = blind_items(&JobKey::generate(), "email", &items).concat();
     job.send(
         Phase::PsiBlinded,
@@ -541,10 +649,16 @@ async fn mallory(dir: std::path::PathBuf, coordinator: std::net::SocketAddr, bad
         }
     }
     let result = match bad {
-        BadKeyHolder::UndecodableResult => vec![0xff; 32 * (1 + limbs)],
-        // r·G = G and every limb G: each limb decrypts to (1 − x)·G, a random point.
-        BadKeyHolder::OutOfRangeResult => BASEPOINT.repeat(1 + limbs),
-        BadKeyHolder::ShortResult => vec![0; 32 * (1 + limbs) - 1],
+        BadKeyHolder::UndecodableResult => vec![0xff; len],
+        BadKeyHolder::NotAUnitResult => vec![0; len],
+        // (1 + m·n) mod n² with m = 2^2040: an encryption of a plaintext far above the slots.
+        BadKeyHolder::OutOfRangeResult => {
+            let m = crypto_bigint::U2048::ONE.shl_vartime(2040);
+            let c: crypto_bigint::U4096 = m.concatenating_mul(&n);
+            let one = c.wrapping_add(&crypto_bigint::U4096::ONE).to_be_bytes();
+            one.as_ref().repeat(len / one.as_ref().len())
+        }
+        BadKeyHolder::ShortResult => vec![0; len - 1],
         BadKeyHolder::NoTerms => unreachable!(),
     };
     job.send(
@@ -598,11 +712,9 @@ fn a_bad_result_ciphertext_ends_the_job_with_a_named_error() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     for (bad, expect) in [
         (BadKeyHolder::NoTerms, "carries no overlap-sum terms"),
-        (BadKeyHolder::UndecodableResult, "not a valid ristretto255"),
-        (
-            BadKeyHolder::OutOfRangeResult,
-            "outside the decryptable range",
-        ),
+        (BadKeyHolder::UndecodableResult, "not below n²"),
+        (BadKeyHolder::NotAUnitResult, "shares a factor with n"),
+        (BadKeyHolder::OutOfRangeResult, "bits above its last slot"),
         (BadKeyHolder::ShortResult, "encoding of"),
     ] {
         let evil = rt.spawn(mallory(c.path().to_owned(), coordinator, bad));

@@ -57,11 +57,7 @@ fn sum_is_right(job: &JobInfo, truth: &GroupTruth) -> bool {
     let Some(g) = r.groups.first().filter(|g| !g.suppressed) else {
         return false;
     };
-    let sd = |i: usize| {
-        r.noise
-            .get(i)
-            .map_or(0.0, |n| crate::sum_output::laplace_sd(&n.scale))
-    };
+    let sd = |i: usize| crate::sum_output::column_sd(r, i);
     [truth.count, truth.amount, truth.orders]
         .iter()
         .enumerate()

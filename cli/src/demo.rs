@@ -185,12 +185,7 @@ fn print_overlap_sum(job: &JobInfo, truth: &GroundTruth, elapsed: Duration) -> b
         println!("         reason: {}", job.reason);
         return false;
     };
-    let sd = |i: usize| {
-        release
-            .noise
-            .get(i)
-            .map_or(0.0, |n| crate::sum_output::laplace_sd(&n.scale))
-    };
+    let sd = |i: usize| crate::sum_output::column_sd(release, i);
     let close = |noised: i64, exact: u64, sd: f64| {
         (noised as f64 - exact as f64).abs() <= DEMO_SDS * sd.max(0.0) + 0.5
     };

@@ -55,8 +55,23 @@ pub fn laplace_sd(scale: &str) -> f64 {
     (2.0 * q).sqrt() / (1.0 - q)
 }
 
-fn column_noise(r: &SumRelease, i: usize) -> Option<&NoiseTerm> {
-    r.noise.get(i)
+/// The noise terms of column `i`: one per party that drew noise for it (the key holder's under
+/// encryption, then the value holder's after decryption).
+pub fn column_terms(r: &SumRelease, i: usize) -> &[NoiseTerm] {
+    let per = r.noise.len() / r.columns.len().max(1);
+    if per == 0 {
+        return &[];
+    }
+    r.noise.chunks(per).nth(i).unwrap_or(&[])
+}
+
+/// Standard deviation of column `i`'s total noise (independent draws: variances add).
+pub fn column_sd(r: &SumRelease, i: usize) -> f64 {
+    column_terms(r, i)
+        .iter()
+        .map(|n| laplace_sd(&n.scale).powi(2))
+        .sum::<f64>()
+        .sqrt()
 }
 
 /// The job as JSON: the common job fields and an `overlap_sum` object.
@@ -70,15 +85,18 @@ pub fn job_json(job: &JobInfo) -> Value {
             "epsilon": r.epsilon,
             "min_result": r.min_result,
             "columns": r.columns,
-            "noise": r.noise.iter().zip(&r.columns).map(|(n, c)| json!({
-                "column": c,
-                "drawn_by": n.node,
-                "mechanism": n.mechanism,
-                "epsilon": n.epsilon,
-                "sensitivity": n.sensitivity,
-                "scale": n.scale,
-                "sd": laplace_sd(&n.scale),
-            })).collect::<Vec<_>>(),
+            "noise": r.columns.iter().enumerate().flat_map(|(i, c)| {
+                column_terms(r, i).iter().map(move |n| json!({
+                    "column": c,
+                    "drawn_by": n.node,
+                    "mechanism": n.mechanism,
+                    "epsilon": n.epsilon,
+                    "sensitivity": n.sensitivity,
+                    "scale": n.scale,
+                    "sd": laplace_sd(&n.scale),
+                }))
+            }).collect::<Vec<_>>(),
+            "column_sd": r.columns.iter().enumerate().map(|(i, c)| (c.clone(), json!(column_sd(r, i)))).collect::<serde_json::Map<_, _>>(),
             "groups": r.groups.iter().map(|g| {
                 let values: serde_json::Map<String, Value> = r
                     .columns
@@ -88,7 +106,6 @@ pub fn job_json(job: &JobInfo) -> Value {
                     .collect();
                 json!({ "group": g.label, "suppressed": g.suppressed, "values": values })
             }).collect::<Vec<_>>(),
-            "keys_with_several_groups": r.keys_with_several_groups,
         })
     });
     json!({
@@ -149,7 +166,7 @@ fn csv(job: &JobInfo) -> String {
         ));
         for i in 0..r.columns.len() {
             let value = g.values.get(i).map(i64::to_string).unwrap_or_default();
-            let scale = column_noise(r, i).map_or("0", |n| n.scale.as_str());
+            let scale = column_terms(r, i).first().map_or("0", |n| n.scale.as_str());
             out.push_str(&format!(",{value},{}", crate::output::csv_field(scale)));
         }
         out.push('\n');
@@ -196,11 +213,15 @@ fn table(job: &JobInfo) -> String {
         if r.noise.is_empty() {
             out.push_str("noise      none (no agreement asks for it): totals are exact\n");
         } else {
+            let mut drawers: Vec<&str> = r.noise.iter().map(|n| n.node.as_str()).collect();
+            drawers.sort_unstable();
+            drawers.dedup();
             out.push_str(&format!(
-                "noise      discrete Laplace added under encryption by {}, ε {} in all (split over \
-                 the columns); ± is one standard deviation\n",
-                r.noise.first().map(|n| n.node.as_str()).unwrap_or("?"),
-                r.epsilon
+                "noise      discrete Laplace for ε {} (split over the columns), drawn by each of \
+                 {} (the key holder's under encryption, the value holder's after decryption); ± \
+                 is one standard deviation of the total noise\n",
+                r.epsilon,
+                drawers.join(" and ")
             ));
         }
         if r.withheld {
@@ -210,7 +231,7 @@ fn table(job: &JobInfo) -> String {
             );
         } else {
             out.push_str(&format!(
-                "shared     {} identifiers{}\n",
+                "shared     {} identifiers in the released groups{}\n",
                 r.intersection,
                 if r.noise.is_empty() { "" } else { " (noised)" }
             ));
@@ -223,7 +244,7 @@ fn table(job: &JobInfo) -> String {
                 .iter()
                 .enumerate()
                 .map(|(i, c)| {
-                    let sd = column_noise(r, i).map_or(0.0, |n| laplace_sd(&n.scale));
+                    let sd = column_sd(r, i);
                     if sd > 0.0 {
                         format!("{c} (±{sd:.1})")
                     } else {
@@ -290,18 +311,18 @@ mod tests {
                                 values: vec![],
                             },
                         ],
-                        noise: vec![
-                            NoiseTerm {
-                                node: "acme".into(),
-                                scale: "2".into(),
-                                ..NoiseTerm::default()
-                            },
-                            NoiseTerm {
-                                node: "acme".into(),
-                                scale: "2000".into(),
-                                ..NoiseTerm::default()
-                            },
-                        ],
+                        noise: [
+                            ("acme", "2"),
+                            ("payco", "2"),
+                            ("acme", "2000"),
+                            ("payco", "2000"),
+                        ]
+                        .map(|(node, scale)| NoiseTerm {
+                            node: node.into(),
+                            scale: scale.into(),
+                            ..NoiseTerm::default()
+                        })
+                        .to_vec(),
                         epsilon: 1.0,
                         min_result: 5,
                         intersection: 44,
@@ -327,12 +348,24 @@ mod tests {
     #[test]
     fn table_and_json() {
         let t = table(&job());
-        assert!(t.contains("shared     44 identifiers (noised)"), "{t}");
+        assert!(
+            t.contains("shared     44 identifiers in the released groups (noised)"),
+            "{t}"
+        );
+        assert!(t.contains("drawn by each of acme and payco"), "{t}");
         assert!(t.contains("(other)  suppressed"), "{t}");
         assert!(t.contains("amount (±"), "{t}");
         let j = job_json(&job());
         assert_eq!(j["result"]["groups"][0]["values"]["amount"], 12345);
         assert_eq!(j["result"]["intersection"], 44);
+        assert_eq!(j["result"]["noise"].as_array().unwrap().len(), 4);
+        assert_eq!(j["result"]["noise"][1]["column"], "count");
+        assert_eq!(j["result"]["noise"][1]["drawn_by"], "payco");
+        assert_eq!(j["result"]["noise"][2]["column"], "amount");
+        // Two independent draws of scale 2: √2 times one draw's deviation.
+        let sd = j["result"]["column_sd"]["count"].as_f64().unwrap();
+        assert!((sd - 2f64.sqrt() * laplace_sd("2")).abs() < 1e-9, "{sd}");
+        assert!(j["result"].get("keys_with_several_groups").is_none());
         assert!(!print_job(&JobInfo::default(), Format::Json));
     }
 

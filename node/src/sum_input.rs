@@ -1,17 +1,19 @@
 //! The value holder's input to an `overlap-sum`: its distinct join keys and, per key, one row of
 //! cells (see [`crate::sum_policy`] for the shape).
 //!
-//! An identifier may have several rows (several chargebacks on one account). They are combined
-//! into one contribution: each column's values are summed over the identifier's rows and the
-//! total clipped to the policy's bounds, so one identifier adds at most the bound to a column —
-//! the sensitivity the noise is scaled to. The identifier belongs to the group of its first row
-//! (rows of the same identifier with another label are counted in `keys_with_several_groups`).
-//! A row whose value field is missing or not an integer is skipped and counted.
+//! An identifier may have several rows (several chargebacks on one account, and refunds as
+//! negative rows). They are combined into one contribution: each column's values are **summed
+//! first** over the identifier's rows, signed and exactly (in `i128`), and only the total is
+//! clipped to the policy's bounds, so a refund offsets the charge it refunds and one identifier
+//! adds at most the bound to a column — the sensitivity the noise is scaled to. The identifier
+//! belongs to the group of its first row (rows of the same identifier with another label are
+//! counted in `keys_with_several_groups`, a figure for this node's audit log only). A row whose
+//! value field is missing or not an integer is skipped and counted.
 
 use std::collections::HashMap;
 
 use cleanroom_circuits::ItemSet;
-use cleanroom_circuits::ahe::packed::RowLayout;
+use cleanroom_circuits::ahe::SlotLayout;
 
 use crate::config::DatasetConfig;
 use crate::dataset::{self, KeySpec, KeyedRowCounts, RowFilter};
@@ -24,15 +26,16 @@ pub struct SumInput {
     pub items: ItemSet,
     /// `items.len() × cells` values, row-major in the order of `items`.
     pub values: Vec<u64>,
-    /// The narrowest layout for the bounds.
-    pub layout: RowLayout,
+    /// The narrowest slot layout for the bounds.
+    pub layout: SlotLayout,
     /// Per column, the largest contribution of one identifier (1 for the count).
     pub sensitivities: Vec<u64>,
     /// Rows read, rejected (key), excluded (consent, forgotten).
     pub counts: KeyedRowCounts,
     /// Rows skipped because a value field was missing or not an integer.
     pub rows_bad_value: u64,
-    /// Identifiers whose rows carried more than one group label.
+    /// Identifiers whose rows carried more than one group label (this node's own figure: for
+    /// its audit log, never released).
     pub keys_with_several_groups: u64,
 }
 
@@ -73,17 +76,17 @@ pub fn load(
         read.push(g);
     }
 
-    // Every accepted row, in file order: its key (in an arena), its group and its values
-    // (clipped to [0, max] so that the per-key totals below cannot overflow).
+    // Every accepted row, in file order: its key (in an arena), its group and its signed
+    // values, unclipped (clipping applies to each identifier's total below).
     let mut all = ItemSet::new();
     let mut groups: Vec<u32> = Vec::new();
-    let mut values: Vec<u64> = Vec::new();
+    let mut values: Vec<i64> = Vec::new();
     let mut bad = 0u64;
-    let mut row_values = vec![0u64; sums];
+    let mut row_values = vec![0i64; sums];
     let path = dataset.path.clone();
     let counts =
         dataset::for_each_keyed_row_for(dataset, keys, &read, filter, max_rows, |row, key, f| {
-            for (i, b) in bounds.iter().enumerate() {
+            for (i, slot) in row_values.iter_mut().enumerate() {
                 let parsed = f[i]
                     .and_then(|v| std::str::from_utf8(v).ok())
                     .and_then(|s| s.trim().parse::<i64>().ok());
@@ -91,7 +94,7 @@ pub fn load(
                     bad += 1;
                     return Ok(());
                 };
-                row_values[i] = u64::try_from(v).unwrap_or(0).min(b.max);
+                *slot = v;
             }
             let group = match group_by {
                 Some(_) => {
@@ -119,7 +122,8 @@ pub fn load(
     let mut items = ItemSet::new();
     let mut out: Vec<u64> = Vec::new();
     let mut several = 0u64;
-    let mut totals = vec![0u64; sums];
+    // At most `max_rows` (≤ 2^27) rows of |v| ≤ 2^63 each: an i128 total never overflows.
+    let mut totals = vec![0i128; sums];
     let mut start = 0;
     while start < order.len() {
         let first = order[start];
@@ -134,7 +138,7 @@ pub fn load(
             mixed |= groups[r as usize] as usize != group;
             let row = &values[r as usize * sums..(r as usize + 1) * sums];
             for (t, v) in totals.iter_mut().zip(row) {
-                *t = t.saturating_add(*v);
+                *t += i128::from(*v);
             }
         }
         several += u64::from(mixed);
@@ -144,14 +148,16 @@ pub fn load(
         let cell = base + group * columns;
         out[cell] = 1;
         for (i, (t, b)) in totals.iter().zip(bounds).enumerate() {
-            out[cell + 1 + i] = (*t).clamp(b.min, b.max);
+            let clipped = (*t).clamp(i128::from(b.min), i128::from(b.max));
+            // Within [min, max] ⊂ [0, 2^63]: the conversion cannot fail.
+            out[cell + 1 + i] = u64::try_from(clipped).unwrap_or(b.max);
         }
         start = end;
     }
     let mut sensitivities = vec![1u64];
     sensitivities.extend(bounds.iter().map(|b| b.max.max(1)));
     let maxima: Vec<u64> = (0..cells).map(|c| sensitivities[c % columns]).collect();
-    let layout = RowLayout::for_maxima(&maxima).map_err(|e| e.to_string())?;
+    let layout = SlotLayout::for_maxima(&maxima).map_err(|e| e.to_string())?;
     Ok(SumInput {
         items,
         values: out,
@@ -248,6 +254,60 @@ path = "cb.csv"
         assert_eq!(row("b@x.com"), [1, 100, 0, 0, 0, 0]);
         assert_eq!(row("c@x.com"), [0, 0, 0, 0, 1, 100]);
         assert_eq!(row("e@x.com"), [1, 0, 0, 0, 0, 0]);
+    }
+
+    /// Issue 18, item 2: refunds are negative rows, and each identifier's rows are summed before
+    /// its total is clipped. The truth is computed here, independently, from the same rows.
+    #[test]
+    fn refunds_are_summed_before_the_total_is_clipped() {
+        let dir = tempfile::tempdir().unwrap();
+        let rows: [(&str, i64); 9] = [
+            ("a@x.com", 80),
+            ("a@x.com", -50), // refund: a's total is 30, not min(80, 60) + 0
+            ("b@x.com", 70),
+            ("b@x.com", 70),  // 140, clipped to 60
+            ("c@x.com", -20), // a net refund: -20, clipped to the lower bound 0
+            ("d@x.com", 100),
+            ("d@x.com", -100),
+            ("d@x.com", 45), // 45
+            ("e@x.com", 60),
+        ];
+        let mut csv = String::from("email,amount\n");
+        for (k, v) in rows {
+            csv.push_str(&format!("{k},{v}\n"));
+        }
+        let d = dataset(dir.path(), &csv);
+        let spec = OverlapSumSpec {
+            sums: vec!["amount".into()],
+            ..Default::default()
+        };
+        let (min, max) = (0i64, 60i64);
+        let input = load(
+            &d,
+            &KeySpec::new(["email"]),
+            None,
+            &SumShape::of(&spec),
+            &[bound("amount", min as u64, max as u64)],
+            RowFilter::default(),
+            1000,
+        )
+        .unwrap();
+        let mut truth: std::collections::BTreeMap<&str, i64> = Default::default();
+        for (k, v) in rows {
+            *truth.entry(k).or_default() += v;
+        }
+        assert_eq!(input.items.len(), truth.len());
+        for (k, total) in truth {
+            let i = input.items.position_sorted(k.as_bytes()).unwrap();
+            assert_eq!(
+                input.values[i * 2..i * 2 + 2],
+                [1, total.clamp(min, max) as u64],
+                "{k}"
+            );
+        }
+        // Clipping each row first would have given a 60 (80 → 60, −50 → 0), c 0, d 60 + 0 + 45.
+        let a = input.items.position_sorted(b"a@x.com").unwrap();
+        assert_eq!(input.values[a * 2 + 1], 30);
     }
 
     #[test]

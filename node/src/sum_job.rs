@@ -18,16 +18,22 @@
 //! BatchEnd(0)                                   BatchEnd(0)                       PSI_DONE
 //! ```
 //!
-//! A learns `|A ∩ B|` exactly (the protocol cannot avoid it) and releases nothing. B decrypts only
-//! the noised totals, applies the k-threshold to each group's noised count, and reports the
-//! release to the coordinator. With ε, A charges its ledger and stores its noise draw there (a
-//! duplicated offer adds the same noise); B charges its own ledger and stores what it released
-//! (a duplicated offer releases the same cells).
+//! The rows are packed Paillier ciphertexts (512 bytes, several cells per plaintext) under B's
+//! fresh per-job key; B decrypts each cell whole.
+//!
+//! A learns `|A ∩ B|` exactly (the protocol cannot avoid it) and releases nothing. With a joint ε,
+//! **both** add noise at it: A under encryption, B after decrypting (so neither B alone nor A
+//! with the coordinator sees an exact total). B then applies the k-threshold to each group's
+//! noised count and reports the release to the coordinator; its total count covers released
+//! groups only. A node whose entry sets ε charges its ledger before any data is read; a release
+//! key already charged is refused (the data under a repeated offer may have changed), and no
+//! noise draw is ever stored.
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use cleanroom_circuits::JobKey;
+use cleanroom_circuits::ahe::{self, SlotLayout};
 use cleanroom_circuits::intersection_sum::{
     KeyHolderSession, KhAwaitingReturn, KhReceivingPoints, KhSumming, SumParams,
     ValueHolderSession, VhExchanging,
@@ -222,9 +228,10 @@ fn release_terms(
     joint: &JointTerms,
     shape: &SumShape,
     key_holder: &str,
+    value_holder: &str,
 ) -> Result<SumRelease, NodeError> {
     let noise: Vec<NoiseTerm> =
-        sum_policy::noise_terms(joint, key_holder).map_err(NodeError::Job)?;
+        sum_policy::noise_terms(joint, key_holder, value_holder).map_err(NodeError::Job)?;
     Ok(SumRelease {
         columns: shape.columns.clone(),
         groups: Vec::new(),
@@ -234,8 +241,44 @@ fn release_terms(
         show_count: job.spec.overlap_sum.as_ref().is_some_and(|s| s.count),
         intersection: 0,
         withheld: !joint.release_to_coordinator,
-        keys_with_several_groups: 0,
     })
+}
+
+/// The slot layout the value holder's sensitivities imply (each cell as wide as its column's
+/// bound needs): its hello must announce exactly this one.
+fn expected_layout(joint: &JointTerms, shape: &SumShape) -> Result<SlotLayout, NodeError> {
+    let columns = joint.sensitivities.len().max(1);
+    let maxima: Vec<u64> = (0..shape.cells())
+        .map(|c| joint.sensitivities[c % columns])
+        .collect();
+    SlotLayout::for_maxima(&maxima).map_err(|e| NodeError::Job(format!("refused: {e}")))
+}
+
+/// Charges this node's ledger for the release, if its own entry sets ε, and draws this node's
+/// noise for the joint ε: one value per cell, zeros for an exact release. With a charge, the
+/// draw happens inside the ledger's transaction (`Ledger::charge_and_draw`), which refuses a
+/// release key charged before (a release is never repeated: the data under a repeated offer may
+/// have changed). The draw is kept in memory only, never stored.
+async fn charge_and_draw_noise(
+    job: &JobContext,
+    joint: &JointTerms,
+    cells: usize,
+) -> Result<Vec<i64>, NodeError> {
+    let fresh = {
+        let joint = joint.clone();
+        move || sum_policy::draw_noise(&joint, cells)
+    };
+    let Some(charge) = charge(job, joint) else {
+        return blocking(fresh).await?.map_err(NodeError::Job);
+    };
+    let state = job.state.clone();
+    let key = crate::noised_release::release_key(&job.job_id, &job.spec);
+    let loss = charge.loss;
+    let drawn = blocking(move || state.ledger.charge_and_draw(&key, &charge, now_ms(), fresh))
+        .await?
+        .map_err(|e| budget_refused(job, e))?;
+    tracing::info!(%loss, "privacy budget charged for an overlap-sum");
+    Ok(drawn)
 }
 
 /// The ledger charge for this node, if its own entry sets ε: the release's (joint) ε.
@@ -283,15 +326,21 @@ async fn key_holder(
         let hello = next_frame(&mut incoming, &partner, STALL_BASE).await?;
         let (peer_size, peer_terms) = check_hello(job, &hello, &digest)?;
         let joint = joint(&partner, &own_terms, &peer_terms, &shape)?;
+        if expected_layout(&joint, &shape)?.widths() != peer_terms.widths.as_slice() {
+            return Err(violation(
+                &partner,
+                "its slot layout does not match the bounds it declared",
+            ));
+        }
         let stall = stall_deadline(own_size, peer_size)
             .saturating_add(STALL_PER_ROW.saturating_mul(peer_size.min(u32::MAX.into()) as u32));
         let session = session
             .on_peer_hello(peer_size, &peer_terms.widths, &peer_terms.public_key)
             .map_err(|e| violation(&partner, e))?;
-        // The noise for the joint ε, drawn now (before anything is computed) and, if this
-        // node's entry sets ε, charged and stored in the ledger with it.
-        let noise = draw_noise(job, &joint, shape.cells()).await?;
-        let release = release_terms(job, &joint, &shape, &job.my_name)?;
+        // Charged (if this node's entry sets ε) before anything is computed; the noise for the
+        // joint ε is drawn fresh and never stored.
+        let noise = charge_and_draw_noise(job, &joint, shape.cells()).await?;
+        let release = release_terms(job, &joint, &shape, &job.my_name, &partner)?;
         job.recheck()?;
 
         let (batches, receiving) = blocking(move || session.blind()).await?;
@@ -383,30 +432,6 @@ async fn key_holder(
     })
 }
 
-/// The key holder's noise, one value per cell: from the ledger (charged now, or stored for this
-/// very job) if its entry sets ε, else drawn for the partner's ε; zeros for an exact release.
-async fn draw_noise(
-    job: &JobContext,
-    joint: &JointTerms,
-    cells: usize,
-) -> Result<Vec<i64>, NodeError> {
-    let fresh = {
-        let joint = joint.clone();
-        move || sum_policy::draw_noise(&joint, cells)
-    };
-    let Some(charge) = charge(job, joint) else {
-        return blocking(fresh).await?.map_err(NodeError::Job);
-    };
-    let state = job.state.clone();
-    let key = crate::noised_release::release_key(&job.job_id, &job.spec);
-    let loss = charge.loss;
-    let drawn = blocking(move || state.ledger.charge_and_draw(&key, &charge, now_ms(), fresh))
-        .await?
-        .map_err(|e| budget_refused(job, e))?;
-    tracing::info!(%loss, "privacy budget charged for an overlap-sum");
-    Ok(drawn)
-}
-
 /// The value holder's side, over its loaded input.
 async fn value_holder(
     job: &JobContext,
@@ -429,8 +454,12 @@ async fn value_holder(
     } = input;
     let mut own_terms = sum_policy::own_terms(&job.permit);
     own_terms.sensitivities = sensitivities;
+    // A fresh Paillier key for this job: two safe primes, about a second (off the runtime).
+    let paillier = blocking(ahe::keygen)
+        .await?
+        .map_err(|e| NodeError::Job(format!("generating this job's encryption key: {e}")))?;
     let (hello, session) =
-        ValueHolderSession::start(params, JobKey::generate(), items, layout, values)
+        ValueHolderSession::start(params, JobKey::generate(), items, layout, values, paillier)
             .map_err(|e| NodeError::Job(format!("refused: {e}")))?;
     let own_size = hello.set_size;
     own_terms.widths = hello.widths;
@@ -456,20 +485,11 @@ async fn value_holder(
             ));
         }
         let joint = joint(&partner, &peer_terms, &own_terms, &shape)?;
-        let release = release_terms(job, &joint, &shape, &partner)?;
-        // Charge our own ledger now, before any work, if our entry sets ε.
-        let charged = charge(job, &joint);
-        if let Some(charge) = charged.clone() {
-            let state = job.state.clone();
-            let key = crate::noised_release::release_key(&job.job_id, &job.spec);
-            blocking(move || {
-                state
-                    .ledger
-                    .charge_and_draw(&key, &charge, now_ms(), || Ok::<_, String>(()))
-            })
-            .await?
-            .map_err(|e| budget_refused(job, e))?;
-        }
+        let release = release_terms(job, &joint, &shape, &partner, &job.my_name)?;
+        // Charge our own ledger now, before any work, if our entry sets ε, and draw our own
+        // noise (added once the sums are decrypted; held in memory only).
+        let own_noise = charge_and_draw_noise(job, &joint, shape.cells()).await?;
+        let charged = charge(job, &joint).is_some();
         let stall = stall_deadline(own_size, peer_size)
             .saturating_add(STALL_PER_ROW.saturating_mul(own_size.min(u32::MAX.into()) as u32));
         let session = session
@@ -517,9 +537,22 @@ async fn value_holder(
             Body::Points(p) => Some(p.points.clone()),
             _ => None,
         })?;
-        let cells = blocking(move || awaiting.on_sums(&sums))
+        let mut cells = blocking(move || awaiting.on_sums(&sums))
             .await?
             .map_err(|e| violation(&partner, e))?;
+        // Our own noise for the joint ε, added before anything leaves this node: the key
+        // holder's noise alone would not protect our totals from a key holder that colludes
+        // with the coordinator.
+        if own_noise.len() != cells.len() {
+            return Err(NodeError::Job(format!(
+                "internal error: {} noise values for {} cells",
+                own_noise.len(),
+                cells.len()
+            )));
+        }
+        for (c, n) in cells.iter_mut().zip(own_noise) {
+            *c += i128::from(n);
+        }
         let done = next_frame(&mut incoming, &partner, stall).await?;
         expect_body(&done, Phase::PsiDone, &partner, |b| match b {
             Body::BatchEnd(_) => Some(()),
@@ -527,20 +560,19 @@ async fn value_holder(
         })?;
         out.end(Phase::PsiDone, 0).await?;
         out.send.finish()?;
-        Ok((peer_size, cells, release, charged.is_some()))
+        Ok((peer_size, cells, release, charged))
     }
     .await;
     let (peer_size, cells, mut release, charged) = abort_on_error(&mut out, result).await?;
     let _ = tokio::time::timeout(Duration::from_secs(10), out.send.stopped()).await;
 
-    // Threshold each group on its noised count; withhold all if a policy does not allow the
-    // release to the coordinator or the noised intersection is below the threshold.
+    // Threshold each group on its noised count; the total count covers released groups only
+    // (a total over every group minus the shown ones would give a suppressed group away).
+    // Withhold all if a policy does not allow the release to the coordinator or no group
+    // reaches the threshold.
     release.groups = threshold(&shape, &cells, release.min_result);
-    release.keys_with_several_groups = keys_with_several_groups;
-    // The intersection sums the noised counts of every group, suppressed ones included.
-    release.intersection = noised_counts(&shape, &cells);
-    let min = i64::try_from(release.min_result).unwrap_or(i64::MAX);
-    if release.withheld || release.intersection < min {
+    release.intersection = released_count(&release.groups);
+    if release.withheld || release.groups.iter().all(|g| g.suppressed) {
         release.withheld = true;
         release.intersection = 0;
         for g in &mut release.groups {
@@ -581,7 +613,10 @@ async fn value_holder(
                     format!(" with {}", describe(&release.noise))
                 }
             )
-        },
+        } + &format!(
+            "; {keys_with_several_groups} identifiers had rows under several group labels (each \
+             counted in its first row's group; this node's own figure, not released)"
+        ),
         to: vec!["coordinator".into()],
         value: (!release.withheld).then(|| u64::try_from(release.intersection).unwrap_or(0)),
         epsilon: release.epsilon,
@@ -620,12 +655,13 @@ async fn abort_on_error<T>(
     result
 }
 
-/// The sum of every group's noised count (cells are decrypted exactly as i128; a total outside
-/// i64 saturates).
-fn noised_counts(shape: &SumShape, cells: &[i128]) -> i64 {
-    let columns = shape.columns.len();
-    let total: i128 = cells.iter().step_by(columns).sum();
-    i64::try_from(total).unwrap_or(if total < 0 { i64::MIN } else { i64::MAX })
+/// The sum of the noised counts of the released (not suppressed) groups, saturating.
+fn released_count(groups: &[AggregateGroup]) -> i64 {
+    groups
+        .iter()
+        .filter(|g| !g.suppressed)
+        .filter_map(|g| g.values.first())
+        .fold(0i64, |t, &c| t.saturating_add(c))
 }
 
 /// Per group, the noised values; a group whose noised count is below `min_result` is
@@ -660,13 +696,21 @@ fn threshold(shape: &SumShape, cells: &[i128], min_result: u64) -> Vec<Aggregate
 fn describe(noise: &[NoiseTerm]) -> String {
     let parts: Vec<String> = noise
         .iter()
-        .map(|t| format!("ε {} scale {} (Δ {})", t.epsilon, t.scale, t.sensitivity))
+        .map(|t| {
+            format!(
+                "{}: ε {} scale {} (Δ {})",
+                t.node, t.epsilon, t.scale, t.sensitivity
+            )
+        })
         .collect();
-    format!("discrete Laplace noise per column: {}", parts.join(", "))
+    format!(
+        "discrete Laplace noise per column from each party: {}",
+        parts.join(", ")
+    )
 }
 
-/// What the value holder's ledger keeps of a release: the first one stored wins, so a
-/// duplicated offer releases the identical cells.
+/// What the value holder's ledger keeps of a release (the released figures, never a noise
+/// draw): the first one stored wins.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 struct StoredRelease {
     intersection: i64,
@@ -711,7 +755,7 @@ mod tests {
     use cleanroom_proto::v1::OverlapSumSpec;
 
     #[test]
-    fn groups_below_the_threshold_are_suppressed_and_the_count_sums_all_groups() {
+    fn groups_below_the_threshold_are_suppressed_and_the_count_sums_released_groups_only() {
         let shape = SumShape::of(&OverlapSumSpec {
             sums: vec!["amount".into()],
             group_by: "reason".into(),
@@ -725,6 +769,7 @@ mod tests {
         assert_eq!(groups[0].values, [12, 3400]);
         assert!(groups[1].suppressed);
         assert!(groups[1].values.is_empty());
-        assert_eq!(noised_counts(&shape, &cells), 14);
+        // 12, not 12 + 2: the suppressed group's count cannot be recomputed from the total.
+        assert_eq!(released_count(&groups), 12);
     }
 }

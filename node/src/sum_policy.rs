@@ -7,11 +7,15 @@
 //!
 //! Each party announces its terms in its hello ([`SumTerms`]); both apply the strictest of the two
 //! ([`joint_terms`]): the smaller ε (no noise only if neither policy asks for it), the larger
-//! k-threshold, and a release to the coordinator only if both allow it. The key holder draws the
-//! noise for the joint ε under encryption: discrete Laplace on every cell, ε split evenly over
-//! the columns (the count and each sum). One identifier is in one group and contributes at most
-//! its clipping bound to each column, so each column has L1 sensitivity equal to that bound
-//! across all its groups, and the release is ε-DP (sequential composition over the columns).
+//! k-threshold, and a release to the coordinator only if both allow it. **Both** parties add
+//! noise for the joint ε, as in `overlap`: the key holder under encryption (so the value holder
+//! never sees an exact total) and the value holder after decrypting, before it releases (so a key
+//! holder colluding with the coordinator cannot remove all the noise). Each draws discrete
+//! Laplace on every cell, ε split evenly over the columns (the count and each sum). One
+//! identifier is in one group and contributes at most its clipping bound to each column, so each
+//! column has L1 sensitivity equal to that bound across all its groups, and each party's noise
+//! alone makes the release ε-DP (sequential composition over the columns); the other party's
+//! draw only adds to it.
 
 use cleanroom_circuits::dp::{Mechanism, Scale};
 use cleanroom_circuits::intersection_sum::{MAX_CELLS, job_cells};
@@ -264,8 +268,13 @@ pub fn mechanisms(joint: &JointTerms) -> Result<Vec<Mechanism>, String> {
         .collect()
 }
 
-/// The noise terms results carry, one per column: drawn by `drawer` (the key holder).
-pub fn noise_terms(joint: &JointTerms, drawer: &str) -> Result<Vec<NoiseTerm>, String> {
+/// The noise terms results carry: per column, in column order, one term for each party's draw
+/// (the key holder's, then the value holder's). Empty for an exact release.
+pub fn noise_terms(
+    joint: &JointTerms,
+    key_holder: &str,
+    value_holder: &str,
+) -> Result<Vec<NoiseTerm>, String> {
     let Some(epsilon) = joint.epsilon else {
         return Ok(Vec::new());
     };
@@ -273,15 +282,20 @@ pub fn noise_terms(joint: &JointTerms, drawer: &str) -> Result<Vec<NoiseTerm>, S
     Ok(mechanisms(joint)?
         .iter()
         .zip(&joint.sensitivities)
-        .map(|(m, &s)| NoiseTerm {
-            node: drawer.to_owned(),
-            mechanism: MECHANISM.to_owned(),
-            epsilon: per_column,
-            sensitivity: s,
-            scale: m.scale().to_string(),
+        .flat_map(|(m, &s)| {
+            [key_holder, value_holder].map(|drawer| NoiseTerm {
+                node: drawer.to_owned(),
+                mechanism: MECHANISM.to_owned(),
+                epsilon: per_column,
+                sensitivity: s,
+                scale: m.scale().to_string(),
+            })
         })
         .collect())
 }
+
+/// Drawers per column in a release's noise terms ([`noise_terms`]).
+pub const DRAWERS: usize = 2;
 
 /// One noise draw per cell (cell `i` is column `i % columns`), from the OS CSPRNG through the
 /// exact sampler. All zeros for an exact release.
@@ -355,18 +369,28 @@ mod tests {
             2,
         )
         .unwrap();
-        let t = noise_terms(&j, "acme").unwrap();
-        assert_eq!(t.len(), 2);
-        // Count: scale 1 × 2 / 1 = 2; amount: 1000 × 2 / 1 = 2000; each column ε/2.
-        assert_eq!(t[0].scale, "2");
-        assert_eq!(t[1].scale, "2000");
-        assert!(t.iter().all(|t| t.epsilon == 0.5 && t.node == "acme"));
+        let t = noise_terms(&j, "acme", "payco").unwrap();
+        assert_eq!(t.len(), 2 * DRAWERS);
+        // Count: scale 1 × 2 / 1 = 2; amount: 1000 × 2 / 1 = 2000; each column ε/2, drawn by
+        // both parties.
+        assert_eq!(
+            t.iter()
+                .map(|t| (t.node.as_str(), t.scale.as_str()))
+                .collect::<Vec<_>>(),
+            [
+                ("acme", "2"),
+                ("payco", "2"),
+                ("acme", "2000"),
+                ("payco", "2000")
+            ]
+        );
+        assert!(t.iter().all(|t| t.epsilon == 0.5));
         let noise = draw_noise(&j, 6).unwrap();
         assert_eq!(noise.len(), 6);
         let exact =
             joint_terms(&terms(0.0, 1, true, &[]), &terms(0.0, 1, true, &[1, 7]), 2).unwrap();
         assert_eq!(draw_noise(&exact, 4).unwrap(), vec![0; 4]);
-        assert!(noise_terms(&exact, "acme").unwrap().is_empty());
+        assert!(noise_terms(&exact, "acme", "payco").unwrap().is_empty());
     }
 
     #[test]
