@@ -583,6 +583,60 @@ mod tests {
         }
     }
 
+    /// Per-row primitive costs on this machine, one thread:
+    /// `cargo test --release -p cleanroom-circuits paillier_measure -- --ignored --nocapture`.
+    #[test]
+    #[ignore = "measurement, run by hand in release mode"]
+    fn paillier_measure() {
+        use std::time::Instant;
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(1)
+            .build()
+            .unwrap();
+        let mut keygen = Vec::new();
+        for _ in 0..5 {
+            let t = Instant::now();
+            drop(crate::ahe::keygen().unwrap());
+            keygen.push(t.elapsed().as_secs_f64());
+        }
+        keygen.sort_by(f64::total_cmp);
+        let sk = key();
+        let pk = sk.public();
+        // The bench's row: a count and two amounts (one plaintext).
+        let l = SlotLayout::for_maxima(&[1, 500_000, 100]).unwrap();
+        let rows = 2000usize;
+        let values: Vec<u64> = (0..rows as u64).flat_map(|i| [1, i * 37 % 500_000, i % 100]).collect();
+        let us = |t: Instant, n: usize| t.elapsed().as_secs_f64() / n as f64 * 1e6;
+        let t = Instant::now();
+        let bytes = pool.install(|| encrypt_rows(sk, &l, &values).unwrap());
+        let encrypt = us(t, rows);
+        let all: Vec<u32> = (0..rows as u32).collect();
+        let t = Instant::now();
+        let sum = pool.install(|| sum_selected_rows(pk, &l, &bytes, &all).unwrap());
+        let add = us(t, rows);
+        let mut ct = sum.finish(pk);
+        let t = Instant::now();
+        ct.add_noise(pk, &l, &[1, -2, 3]).unwrap();
+        let noise = us(t, 1);
+        let t = Instant::now();
+        for _ in 0..10 {
+            ct.rerandomize(pk);
+        }
+        let rerandomize = us(t, 10);
+        let t = Instant::now();
+        for _ in 0..10 {
+            decrypt_cells(sk, &l, &ct).unwrap();
+        }
+        let decrypt = us(t, 10);
+        println!(
+            "Paillier 2048, one thread: keygen median {:.2} s (min {:.2}, max {:.2}); \
+             encrypt {encrypt:.0} µs/row; decode + add {add:.1} µs/row; add noise (bias + noise, \
+             one plaintext) {noise:.0} µs; rerandomize {rerandomize:.0} µs; decrypt one \
+             plaintext {decrypt:.0} µs",
+            keygen[2], keygen[0], keygen[4]
+        );
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig { cases: 12, ..ProptestConfig::default() })]
 
