@@ -59,8 +59,8 @@ use crate::psi_job::{
 use crate::sum_input::{self, SumInput};
 use crate::sum_policy::{self, JointTerms, SumShape};
 
-/// Silence allowed per row while the value holder encrypts (≈ 0.2 ms a row on one loaded core
-/// for a count and two amounts), on top of the PSI allowance.
+/// Silence allowed per row while the value holder encrypts (≈ 0.9 ms a Paillier row on one
+/// loaded core), on top of the PSI allowance.
 const STALL_PER_ROW: Duration = Duration::from_micros(2000);
 
 /// Key holder: load, dial the value holder, run the exchange.

@@ -605,7 +605,9 @@ mod tests {
         // The bench's row: a count and two amounts (one plaintext).
         let l = SlotLayout::for_maxima(&[1, 500_000, 100]).unwrap();
         let rows = 2000usize;
-        let values: Vec<u64> = (0..rows as u64).flat_map(|i| [1, i * 37 % 500_000, i % 100]).collect();
+        let values: Vec<u64> = (0..rows as u64)
+            .flat_map(|i| [1, i * 37 % 500_000, i % 100])
+            .collect();
         let us = |t: Instant, n: usize| t.elapsed().as_secs_f64() / n as f64 * 1e6;
         let t = Instant::now();
         let bytes = pool.install(|| encrypt_rows(sk, &l, &values).unwrap());
