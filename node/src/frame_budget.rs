@@ -101,9 +101,10 @@ impl FrameBudget {
                 self.hello_seen = true;
                 self.max_blinded = self.max_blinded.min(hello.set_size);
                 if let Some(sum) = &hello.sum {
-                    // One 32-byte r·G plus 32 bytes per limb; each width is one byte.
-                    let limbs: u64 = sum.widths.iter().map(|&w| u64::from(w)).sum();
-                    let row_len = 32u64.saturating_mul(1 + limbs);
+                    // One 512-byte Paillier ciphertext per plaintext of the slot layout the
+                    // widths describe; a layout the session would refuse allows no rows.
+                    let row_len = cleanroom_circuits::ahe::SlotLayout::new(&sum.widths)
+                        .map_or(0, |l| l.ciphertext_len() as u64);
                     self.max_row_bytes = self.max_blinded.saturating_mul(row_len);
                 }
             }
@@ -175,17 +176,17 @@ mod tests {
         let mut h = hello(2);
         if let Some(Body::PsiHello(hello)) = &mut h.body {
             hello.sum = Some(cleanroom_proto::v1::SumTerms {
-                widths: vec![1, 2],
+                widths: vec![65, 65],
                 ..Default::default()
             });
         }
         b.admit(&h).unwrap();
-        // 2 rows of 32 × (1 + 3) bytes = 256 bytes = 8 "points".
-        b.admit(&points(Phase::SumRows, 8)).unwrap();
+        // Two 65-bit slots fit one plaintext: 2 rows of 512 bytes = 1024 bytes = 32 "points".
+        b.admit(&points(Phase::SumRows, 32)).unwrap();
         assert!(
             b.admit(&points(Phase::SumRows, 1))
                 .unwrap_err()
-                .contains("256 bytes of encrypted rows")
+                .contains("1024 bytes of encrypted rows")
         );
         b.admit(&points(Phase::SumResult, 4)).unwrap();
         assert_eq!(

@@ -182,10 +182,9 @@ pub fn deviating_partner_learns(e: &AllowEntry, partner: &str) -> Vec<String> {
             if roles.contains(&SumRole::KeyHolder) {
                 lines.push(
                     "as value holder (we are the key holder), it chooses the values it encrypts \
-                     and can pick them to test which of its rows we share; only the noise on \
-                     every total it decrypts bounds such a test, and where a column's bound \
-                     exceeds 65535 the current encoding noises only a cell's lowest 16-bit limb, \
-                     so the test is exact (docs/OVERLAP_SUM.md)"
+                     and can pick them to test which of its rows we share; only our noise on \
+                     every total it decrypts (each cell whole) bounds such a test, and without \
+                     epsilon the test is exact (docs/OVERLAP_SUM.md)"
                         .to_owned(),
                 );
             }
