@@ -234,15 +234,15 @@ impl<'a, W: Write> Renderer<'a, W> {
                     "job_id,state,reason\n{},{},{}\n",
                     job.job_id,
                     state_name(job.state),
-                    crate::output::csv_field(&job.reason)
+                    crate::text::csv_field(&job.reason)
                 ),
                 Some(r) => {
                     let mut head = String::from("group,suppressed");
                     for c in &r.columns {
                         head.push_str(&format!(
                             ",{},{}_noise_sd",
-                            crate::output::csv_field(c),
-                            crate::output::csv_field(c)
+                            crate::text::csv_field(c),
+                            crate::text::csv_field(c)
                         ));
                     }
                     writeln!(self.out, "{head}")
@@ -271,8 +271,7 @@ impl<'a, W: Write> Renderer<'a, W> {
             }
             Format::Csv => {
                 for g in groups {
-                    let mut line =
-                        format!("{},{}", crate::output::csv_field(&g.label), g.suppressed);
+                    let mut line = format!("{},{}", crate::text::csv_field(&g.label), g.suppressed);
                     for (i, c) in r.columns.iter().enumerate() {
                         let value = g.values.get(i).map(i64::to_string).unwrap_or_default();
                         line.push_str(&format!(",{value},{:.2}", noise_sd(r, c)));
@@ -423,7 +422,7 @@ fn table_tail(job: &JobInfo) -> String {
             ));
         }
     }
-    out.push_str(&crate::output::history_text(job));
+    out.push_str(&crate::text::history_text(job));
     out
 }
 

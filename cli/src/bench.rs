@@ -11,6 +11,7 @@ use serde_json::json;
 
 use crate::args::{BenchAggregateArgs, BenchCommand, BenchPsiArgs};
 use crate::cluster::{Cluster, Partner};
+use crate::measure::{median, peak_rss};
 use crate::synth::{SynthSpec, write_synth};
 use crate::ui::{WorkDir, spinner};
 
@@ -21,19 +22,6 @@ pub async fn run(command: BenchCommand) -> anyhow::Result<ExitCode> {
         BenchCommand::Aggregate(args) => aggregate(args).await,
         BenchCommand::OverlapSum(args) => crate::bench_sum::run(args).await,
     }
-}
-
-/// Peak resident set size of a process (VmHWM), in bytes.
-pub(crate) fn peak_rss(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb * 1024)
-}
-
-pub(crate) fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
 }
 
 async fn psi(args: BenchPsiArgs) -> anyhow::Result<ExitCode> {

@@ -9,8 +9,8 @@ use cleanroom_proto::v1::{JobInfo, JobKind, JobSpec, JobState, OverlapSumSpec};
 use serde_json::json;
 
 use crate::args::BenchPsiArgs;
-use crate::bench::{median, peak_rss};
 use crate::cluster::{Cluster, Partner};
+use crate::measure::{median, peak_rss};
 use crate::synth::{GroupTruth, SynthSpec, write_synth};
 use crate::ui::{WorkDir, spinner};
 

@@ -1,36 +1,11 @@
 //! Rendering jobs and nodes as a table, JSON or CSV.
 
 use cleanroom_coordinator::client::state_name;
-use cleanroom_proto::v1::{JobInfo, JobKind, NodeInfo, NoiseTerm, ScheduleInfo};
+use cleanroom_proto::v1::{JobInfo, NodeInfo, NoiseTerm, ScheduleInfo};
 use serde_json::{Value, json};
 
 use crate::args::Format;
-
-fn kind_name(kind: i32) -> &'static str {
-    match JobKind::try_from(kind) {
-        Ok(JobKind::Overlap) => "overlap",
-        Ok(JobKind::Match) => "match",
-        Ok(JobKind::Aggregate) => "aggregate",
-        Ok(JobKind::OverlapSum) => "overlap-sum",
-        _ => "unknown",
-    }
-}
-
-fn time(ms: i64) -> String {
-    let secs = ms.div_euclid(1000);
-    match time::OffsetDateTime::from_unix_timestamp(secs) {
-        Ok(t) => format!(
-            "{:04}-{:02}-{:02} {:02}:{:02}:{:02}Z",
-            t.year(),
-            u8::from(t.month()),
-            t.day(),
-            t.hour(),
-            t.minute(),
-            t.second()
-        ),
-        Err(_) => ms.to_string(),
-    }
-}
+use crate::text::{csv_field, kind_name, time};
 
 /// A job as JSON (stable field names, for scripts).
 pub fn job_json(job: &JobInfo) -> Value {
@@ -519,30 +494,6 @@ fn party_names(job: &JobInfo) -> Vec<String> {
         .as_ref()
         .map(|s| s.parties.iter().map(|p| p.node.clone()).collect())
         .unwrap_or_default()
-}
-
-/// A job's state history as the table renderings end with: a `history` line, then one line per
-/// change (Unix ms, state, reason).
-pub(crate) fn history_text(job: &JobInfo) -> String {
-    let mut out = String::from("history\n");
-    for h in &job.history {
-        out.push_str(&format!(
-            "  {}  {:<10} {}\n",
-            h.at_ms,
-            state_name(h.state),
-            h.reason
-        ));
-    }
-    out
-}
-
-/// `s` as one CSV field: quoted when it holds a comma, a quote or a newline.
-pub(crate) fn csv_field(s: &str) -> String {
-    if s.contains([',', '"', '\n']) {
-        format!("\"{}\"", s.replace('"', "\"\""))
-    } else {
-        s.to_owned()
-    }
 }
 
 #[cfg(test)]

@@ -146,28 +146,28 @@ fn csv(job: &JobInfo) -> String {
             "job_id,state,reason\n{},{},{}\n",
             job.job_id,
             state_name(job.state),
-            crate::output::csv_field(&job.reason)
+            crate::text::csv_field(&job.reason)
         );
     };
     let mut out = String::from("group,suppressed");
     for c in &r.columns {
         out.push_str(&format!(
             ",{},{}_noise_scale",
-            crate::output::csv_field(c),
-            crate::output::csv_field(c)
+            crate::text::csv_field(c),
+            crate::text::csv_field(c)
         ));
     }
     out.push('\n');
     for g in &r.groups {
         out.push_str(&format!(
             "{},{}",
-            crate::output::csv_field(&g.label),
+            crate::text::csv_field(&g.label),
             g.suppressed
         ));
         for i in 0..r.columns.len() {
             let value = g.values.get(i).map(i64::to_string).unwrap_or_default();
             let scale = column_terms(r, i).first().map_or("0", |n| n.scale.as_str());
-            out.push_str(&format!(",{value},{}", crate::output::csv_field(scale)));
+            out.push_str(&format!(",{value},{}", crate::text::csv_field(scale)));
         }
         out.push('\n');
     }
@@ -262,7 +262,7 @@ fn table(job: &JobInfo) -> String {
             r.node, o.own_set_size, o.bytes_to_peer, o.audit_head
         ));
     }
-    out.push_str(&crate::output::history_text(job));
+    out.push_str(&crate::text::history_text(job));
     out
 }
 

@@ -13,7 +13,10 @@
 use cleanroom_proto::v1::JobState;
 use rusqlite::{OptionalExtension, TransactionBehavior, params};
 
-use super::{JobStore, StoreError, decode_state, is_terminal};
+use super::error::StoreError;
+use super::jobs::{decode_state, new_job_id};
+use super::schema::JobStore;
+use super::state::is_terminal;
 
 /// The identity of a coordinator process as a lease holder: random, fresh at every start, so a
 /// restarted process never mistakes its predecessor's leases for its own.
@@ -23,7 +26,7 @@ pub struct LeaseHolder(String);
 impl LeaseHolder {
     /// A fresh holder id from the operating system's RNG.
     pub fn generate() -> Result<LeaseHolder, StoreError> {
-        let id = super::new_job_id()?;
+        let id = new_job_id()?;
         Ok(LeaseHolder(id.replacen("job-", "coordinator-", 1)))
     }
 

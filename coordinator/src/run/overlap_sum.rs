@@ -1,4 +1,4 @@
-//! The coordinator's side of an `overlap-sum`: checks what the two nodes reported and stores it.
+//! `overlap-sum`: the two reports checked against each other, then stored.
 //!
 //! The value holder (party 1) reports the release: per group, the noised count and sums, or
 //! "suppressed". The key holder (party 0) reports the same terms (columns, noise, ε, threshold)
@@ -9,45 +9,71 @@ use std::sync::Arc;
 
 use cleanroom_proto::v1::{JobSpec, PsiOutcome, SumRelease};
 
-use crate::runner::{Failure, failed};
-use crate::server::Shared;
+use super::error::{JobError, PartyError, SettleError};
+use super::pipeline::{Kind, Party, Shape, psi_report};
+use crate::shared::Shared;
 
-/// Checks and stores the two reports of an overlap-sum; returns the job's summary.
-pub(crate) fn settle(
-    shared: &Arc<Shared>,
-    job_id: &str,
-    spec: &JobSpec,
-    outcomes: Vec<(String, PsiOutcome)>,
-) -> Result<String, Failure> {
+/// The settle of an overlap-sum.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct OverlapSum;
+
+impl Kind for OverlapSum {
+    type Report = (String, PsiOutcome);
+    const SHAPE: Shape = Shape::Pair;
+
+    async fn collect(
+        self: Arc<Self>,
+        party: Party,
+        job_id: String,
+    ) -> Result<Self::Report, PartyError> {
+        psi_report(party, &job_id).await
+    }
+
+    fn settle(
+        &self,
+        shared: &Shared,
+        job_id: &str,
+        spec: &JobSpec,
+        reports: Vec<Self::Report>,
+    ) -> Result<String, JobError> {
+        let release = check(spec, &reports)?;
+        for (node, outcome) in &reports {
+            shared
+                .store
+                .put_result(job_id, node, outcome)
+                .map_err(JobError::storing_result)?;
+        }
+        Ok(summary(&release))
+    }
+}
+
+/// Checks the two reports of an overlap-sum against each other and the spec; returns the value
+/// holder's release.
+fn check(spec: &JobSpec, outcomes: &[(String, PsiOutcome)]) -> Result<SumRelease, JobError> {
     let (key_holder, value_holder) = match (spec.parties.first(), spec.parties.get(1)) {
         (Some(a), Some(b)) => (a.node.as_str(), b.node.as_str()),
-        _ => return Err(failed("an overlap-sum needs two parties")),
+        _ => return Err(JobError::Spec("an overlap-sum needs two parties".into())),
     };
     let find = |node: &str| {
         outcomes
             .iter()
             .find(|(n, _)| n == node)
             .map(|(_, o)| o)
-            .ok_or_else(|| failed(format!("node '{node}' sent no report")))
+            .ok_or_else(|| SettleError::MissingReport { node: node.into() })
     };
     let a = find(key_holder)?;
     let b = find(value_holder)?;
     let (Some(a_release), Some(b_release)) = (a.sum.as_ref(), b.sum.as_ref()) else {
-        return Err(failed(
-            "a node sent a report without the overlap-sum release; nothing is released",
-        ));
+        return Err(SettleError::NoSumRelease.into());
     };
     if !a_release.groups.is_empty() || a.intersection != 0 || !a.suppressed {
-        return Err(failed(format!(
-            "the key holder '{key_holder}' reported figures it must not release; nothing is \
-             released"
-        )));
+        return Err(SettleError::KeyHolderReleased {
+            node: key_holder.into(),
+        }
+        .into());
     }
     if !same_terms(a_release, b_release) {
-        return Err(failed(
-            "the nodes disagree on the terms of the release (columns, noise, threshold); \
-             nothing is released",
-        ));
+        return Err(SettleError::SumTermsDisagree.into());
     }
     let expected_groups = spec.overlap_sum.as_ref().map_or(1, |s| {
         if s.group_by.is_empty() {
@@ -62,35 +88,32 @@ pub(crate) fn settle(
             .iter()
             .any(|g| !g.suppressed && g.values.len() != b_release.columns.len())
     {
-        return Err(failed(format!(
-            "the value holder '{value_holder}' reported a release of the wrong shape; nothing is \
-             released"
-        )));
+        return Err(SettleError::WrongShape {
+            node: value_holder.into(),
+        }
+        .into());
     }
-    for (node, outcome) in &outcomes {
-        shared
-            .store
-            .put_result(job_id, node, outcome)
-            .map_err(|e| failed(format!("storing the result: {e}")))?;
+    Ok(b_release.clone())
+}
+
+/// The job's summary.
+fn summary(release: &SumRelease) -> String {
+    if release.withheld {
+        return "overlap-sum withheld by the agreements (below the minimum result, or not \
+                releasable to the coordinator)"
+            .to_owned();
     }
-    if b_release.withheld {
-        return Ok(
-            "overlap-sum withheld by the agreements (below the minimum result, or not \
-                   releasable to the coordinator)"
-                .to_owned(),
-        );
-    }
-    let released = b_release.groups.iter().filter(|g| !g.suppressed).count();
-    let suppressed = b_release.groups.len() - released;
-    let noise = if b_release.noise.is_empty() {
+    let released = release.groups.iter().filter(|g| !g.suppressed).count();
+    let suppressed = release.groups.len() - released;
+    let noise = if release.noise.is_empty() {
         "exact".to_owned()
     } else {
-        format!("noised, ε {}", b_release.epsilon)
+        format!("noised, ε {}", release.epsilon)
     };
-    Ok(format!(
+    format!(
         "overlap-sum: intersection {} ({noise}); {released} groups released, {suppressed} suppressed",
-        b_release.intersection
-    ))
+        release.intersection
+    )
 }
 
 /// The parts of a release both nodes compute alike.
