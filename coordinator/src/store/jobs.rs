@@ -145,17 +145,7 @@ impl JobStore {
     ) -> Result<(), StoreError> {
         let mut conn = self.lock();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let stored: Option<i32> = tx
-            .query_row(
-                "SELECT state FROM jobs WHERE job_id = ?1",
-                [job_id],
-                |row| row.get(0),
-            )
-            .optional()?;
-        let Some(stored) = stored else {
-            return Err(StoreError::UnknownJob(job_id.to_owned()));
-        };
-        let from = decode_state(job_id, stored)?;
+        let from = stored_state(&tx, job_id)?;
         if !transition_allowed(from, to) {
             return Err(StoreError::IllegalTransition {
                 job_id: job_id.to_owned(),
@@ -278,6 +268,42 @@ pub(super) fn new_job_id() -> Result<String, StoreError> {
     Ok(id)
 }
 
+/// The stored state of a job ([`StoreError::UnknownJob`] if there is none).
+pub(super) fn stored_state(conn: &Connection, job_id: &str) -> Result<JobState, StoreError> {
+    let stored: Option<i32> = conn
+        .query_row(
+            "SELECT state FROM jobs WHERE job_id = ?1",
+            [job_id],
+            |row| row.get(0),
+        )
+        .optional()?;
+    match stored {
+        Some(stored) => decode_state(job_id, stored),
+        None => Err(StoreError::UnknownJob(job_id.to_owned())),
+    }
+}
+
+/// What each party reported for a job (`job_results`), by node name.
+pub(super) fn job_outcomes(
+    conn: &Connection,
+    job_id: &str,
+) -> Result<Vec<(String, PsiOutcome)>, StoreError> {
+    let mut stmt = conn
+        .prepare_cached("SELECT node, outcome FROM job_results WHERE job_id = ?1 ORDER BY node")?;
+    let mut rows = stmt.query([job_id])?;
+    let mut outcomes = Vec::new();
+    while let Some(row) = rows.next()? {
+        let node: String = row.get(0)?;
+        let bytes: Vec<u8> = row.get(1)?;
+        let outcome = PsiOutcome::decode(bytes.as_slice()).map_err(|err| StoreError::Corrupt {
+            job_id: job_id.to_owned(),
+            reason: format!("result of node '{node}' does not decode: {err}"),
+        })?;
+        outcomes.push((node, outcome));
+    }
+    Ok(outcomes)
+}
+
 /// A state number read from the database, which must name a real state.
 pub(super) fn decode_state(job_id: &str, stored: i32) -> Result<JobState, StoreError> {
     match JobState::try_from(stored) {
@@ -321,26 +347,13 @@ fn load_job(conn: &Connection, job_id: &str) -> Result<Option<JobInfo>, StoreErr
     let spec = decode_spec(job_id, &spec)?;
     let state = decode_state(job_id, state)?;
 
-    let mut results = Vec::new();
-    {
-        let mut stmt = conn.prepare_cached(
-            "SELECT node, outcome FROM job_results WHERE job_id = ?1 ORDER BY node",
-        )?;
-        let mut rows = stmt.query([job_id])?;
-        while let Some(row) = rows.next()? {
-            let node: String = row.get(0)?;
-            let bytes: Vec<u8> = row.get(1)?;
-            let outcome =
-                PsiOutcome::decode(bytes.as_slice()).map_err(|err| StoreError::Corrupt {
-                    job_id: job_id.to_owned(),
-                    reason: format!("result of node '{node}' does not decode: {err}"),
-                })?;
-            results.push(PartyResult {
-                node,
-                outcome: Some(outcome),
-            });
-        }
-    }
+    let results = job_outcomes(conn, job_id)?
+        .into_iter()
+        .map(|(node, outcome)| PartyResult {
+            node,
+            outcome: Some(outcome),
+        })
+        .collect();
 
     let mut history = Vec::new();
     {

@@ -11,10 +11,10 @@
 //! [`JobStore::transition`]), so a finished job never looks orphaned.
 
 use cleanroom_proto::v1::JobState;
-use rusqlite::{OptionalExtension, TransactionBehavior, params};
+use rusqlite::{TransactionBehavior, params};
 
 use super::error::StoreError;
-use super::jobs::{decode_state, new_job_id};
+use super::jobs::{decode_state, new_job_id, stored_state};
 use super::schema::JobStore;
 use super::state::is_terminal;
 
@@ -59,17 +59,7 @@ impl JobStore {
     ) -> Result<bool, StoreError> {
         let mut conn = self.lock();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let state: Option<i32> = tx
-            .query_row(
-                "SELECT state FROM jobs WHERE job_id = ?1",
-                [job_id],
-                |row| row.get(0),
-            )
-            .optional()?;
-        let Some(state) = state else {
-            return Err(StoreError::UnknownJob(job_id.to_owned()));
-        };
-        if is_terminal(decode_state(job_id, state)?) {
+        if is_terminal(stored_state(&tx, job_id)?) {
             return Ok(false);
         }
         let taken = tx.execute(

@@ -1,12 +1,11 @@
 //! Runs of schedules: which occurrence and attempt submitted which job (or was skipped), and
 //! the notification of ended runs.
 
-use cleanroom_proto::v1::{JobState, PsiOutcome};
-use prost::Message;
+use cleanroom_proto::v1::JobState;
 use rusqlite::{Connection, OptionalExtension, params};
 
 use super::error::StoreError;
-use super::jobs::decode_state;
+use super::jobs::{decode_state, job_outcomes};
 use super::results::releases_nothing;
 use super::schedules::live_schedule_id;
 use super::schema::JobStore;
@@ -84,15 +83,8 @@ impl JobStore {
         note: &str,
         now_ms: i64,
     ) -> Result<bool, StoreError> {
-        let conn = self.lock();
-        let id = live_schedule_id(&conn, name)?;
-        let inserted = conn.execute(
-            "INSERT INTO schedule_runs (schedule_id, scheduled_for_ms, attempt, job_id, status, \
-             note, recorded_ms) VALUES (?1, ?2, ?3, ?4, 'submitted', ?5, ?6) \
-             ON CONFLICT (schedule_id, scheduled_for_ms, attempt) DO NOTHING",
-            params![id, scheduled_for_ms, attempt, job_id, note, now_ms],
-        )?;
-        Ok(inserted == 1)
+        let run = (scheduled_for_ms, attempt, Some(job_id));
+        self.insert_run(name, run, RunStatus::Submitted, note, now_ms)
     }
 
     /// Records that the occurrence `scheduled_for_ms` was skipped (with why); `false` if the
@@ -104,7 +96,8 @@ impl JobStore {
         note: &str,
         now_ms: i64,
     ) -> Result<bool, StoreError> {
-        self.record_without_job(name, scheduled_for_ms, 0, RunStatus::Skipped, note, now_ms)
+        let run = (scheduled_for_ms, 0, None);
+        self.insert_run(name, run, RunStatus::Skipped, note, now_ms)
     }
 
     /// Records that attempt `attempt` of an occurrence could not be submitted at all (the
@@ -118,21 +111,16 @@ impl JobStore {
         reason: &str,
         now_ms: i64,
     ) -> Result<bool, StoreError> {
-        self.record_without_job(
-            name,
-            scheduled_for_ms,
-            attempt,
-            RunStatus::NotSubmitted,
-            reason,
-            now_ms,
-        )
+        let run = (scheduled_for_ms, attempt, None);
+        self.insert_run(name, run, RunStatus::NotSubmitted, reason, now_ms)
     }
 
-    fn record_without_job(
+    /// Records one run (occurrence, attempt, job) of schedule `name`, unless that occurrence
+    /// and attempt already has one; returns whether it was recorded.
+    fn insert_run(
         &self,
         name: &str,
-        scheduled_for_ms: i64,
-        attempt: u32,
+        (scheduled_for_ms, attempt, job_id): (i64, u32, Option<&str>),
         status: RunStatus,
         note: &str,
         now_ms: i64,
@@ -141,9 +129,9 @@ impl JobStore {
         let id = live_schedule_id(&conn, name)?;
         let inserted = conn.execute(
             "INSERT INTO schedule_runs (schedule_id, scheduled_for_ms, attempt, job_id, status, \
-             note, recorded_ms) VALUES (?1, ?2, ?3, NULL, ?4, ?5, ?6) \
+             note, recorded_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) \
              ON CONFLICT (schedule_id, scheduled_for_ms, attempt) DO NOTHING",
-            params![id, scheduled_for_ms, attempt, status.as_str(), note, now_ms],
+            params![id, scheduled_for_ms, attempt, job_id, status.as_str(), note, now_ms],
         )?;
         Ok(inserted == 1)
     }
@@ -371,8 +359,6 @@ fn load_runs(
         .collect::<Result<Vec<_>, _>>()?
     };
     let mut runs = Vec::with_capacity(rows.len());
-    let mut results = conn
-        .prepare_cached("SELECT node, outcome FROM job_results WHERE job_id = ?1 ORDER BY node")?;
     for (
         schedule,
         scheduled_for_ms,
@@ -398,24 +384,13 @@ fn load_runs(
             (Some(job_id), Some(state)) => Some(decode_state(job_id, state)?),
             _ => None,
         };
-        let mut intersection = None;
-        if let Some(job_id) = &job_id {
-            let mut rows = results.query([job_id])?;
-            while let Some(row) = rows.next()? {
-                let node: String = row.get(0)?;
-                let bytes: Vec<u8> = row.get(1)?;
-                let outcome =
-                    PsiOutcome::decode(bytes.as_slice()).map_err(|err| StoreError::Corrupt {
-                        job_id: job_id.clone(),
-                        reason: format!("result of node '{node}' does not decode: {err}"),
-                    })?;
-                if releases_nothing(&outcome) {
-                    continue;
-                }
-                intersection = Some(outcome.intersection);
-                break;
-            }
-        }
+        let intersection = match &job_id {
+            Some(job_id) => job_outcomes(conn, job_id)?
+                .into_iter()
+                .find(|(_, outcome)| !releases_nothing(outcome))
+                .map(|(_, outcome)| outcome.intersection),
+            None => None,
+        };
         runs.push(ScheduleRun {
             schedule,
             scheduled_for_ms,
