@@ -16,9 +16,8 @@ use cleanroom_proto::v1::{
 };
 
 use super::error::{JobError, PartyError, SettleError, Violation};
-use super::pipeline::{Kind, Party, Shape};
+use super::pipeline::{Job, Kind, Party, Shape};
 use crate::clock::now_ms;
-use crate::shared::Shared;
 use crate::spec::domain_of;
 use crate::untrusted::node_text;
 
@@ -81,13 +80,7 @@ impl Kind for Aggregate {
         collect(party, &job_id, self.cells, &self.sum).await
     }
 
-    fn settle(
-        &self,
-        shared: &Shared,
-        job_id: &str,
-        spec: &JobSpec,
-        reported: Vec<Self::Report>,
-    ) -> Result<String, JobError> {
+    fn settle(&self, job: &Job<'_>, reported: Vec<Self::Report>) -> Result<String, JobError> {
         // The reports come in spec order, so the per-party statistics read in the order the
         // analyst listed them.
         let total = std::mem::take(
@@ -96,7 +89,7 @@ impl Kind for Aggregate {
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner),
         );
-        let (meta, domain) = result_meta(&reported, spec)?;
+        let (meta, domain) = result_meta(&reported, job.spec)?;
         let parties = reported.len();
         let (mut shown, mut suppressed) = (0usize, 0usize);
         let groups = release_groups(&total, &meta, &domain).inspect(|g| {
@@ -106,9 +99,9 @@ impl Kind for Aggregate {
                 shown += 1;
             }
         });
-        shared
+        job.shared
             .store
-            .put_aggregate_result_streamed(job_id, meta, groups, now_ms())
+            .put_aggregate_result_streamed(job.id, meta, groups, now_ms())
             .map_err(JobError::storing_result)?;
         Ok(format!(
             "aggregate over {parties} parties: {shown} groups released, {suppressed} suppressed"

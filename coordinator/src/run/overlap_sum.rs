@@ -5,44 +5,23 @@
 //! and no figure: it knows the exact count and must not release it. The two descriptions must
 //! agree, or nothing is stored as a result and the job fails.
 
-use std::sync::Arc;
-
 use cleanroom_proto::v1::{JobSpec, PsiOutcome, SumRelease};
 
-use super::error::{JobError, PartyError, SettleError};
-use super::pipeline::{Kind, Party, Shape, psi_report};
-use crate::shared::Shared;
+use super::error::{JobError, SettleError};
+use super::pipeline::{Job, PairSettle};
 
 /// The settle of an overlap-sum.
 #[derive(Debug, Clone, Copy, Default)]
 pub(crate) struct OverlapSum;
 
-impl Kind for OverlapSum {
-    type Report = (String, PsiOutcome);
-    const SHAPE: Shape = Shape::Pair;
-
-    async fn collect(
-        self: Arc<Self>,
-        party: Party,
-        job_id: String,
-    ) -> Result<Self::Report, PartyError> {
-        psi_report(party, &job_id).await
-    }
-
+impl PairSettle for OverlapSum {
     fn settle(
         &self,
-        shared: &Shared,
-        job_id: &str,
-        spec: &JobSpec,
-        reports: Vec<Self::Report>,
+        job: &Job<'_>,
+        reports: Vec<(String, PsiOutcome)>,
     ) -> Result<String, JobError> {
-        let release = check(spec, &reports)?;
-        for (node, outcome) in &reports {
-            shared
-                .store
-                .put_result(job_id, node, outcome)
-                .map_err(JobError::storing_result)?;
-        }
+        let release = check(job.spec, &reports)?;
+        job.store_reports(&reports)?;
         Ok(summary(&release))
     }
 }

@@ -3,49 +3,30 @@
 //! released it (the stricter agreement wins): a node that withholds it reports `suppressed`,
 //! and the other's figures are blanked too.
 
-use std::sync::Arc;
+use cleanroom_proto::v1::PsiOutcome;
 
-use cleanroom_proto::v1::{JobSpec, PsiOutcome};
-
-use super::error::{JobError, PartyError, SettleError};
-use super::pipeline::{Kind, Party, Shape, psi_report};
-use crate::shared::Shared;
+use super::error::{JobError, SettleError};
+use super::pipeline::{Job, PairSettle};
 
 /// The settle of a two-party count.
 #[derive(Debug, Clone, Copy, Default)]
 pub(crate) struct Pairwise;
 
-impl Kind for Pairwise {
-    type Report = (String, PsiOutcome);
-    const SHAPE: Shape = Shape::Pair;
-
-    async fn collect(
-        self: Arc<Self>,
-        party: Party,
-        job_id: String,
-    ) -> Result<Self::Report, PartyError> {
-        psi_report(party, &job_id).await
-    }
-
+impl PairSettle for Pairwise {
     fn settle(
         &self,
-        shared: &Shared,
-        job_id: &str,
-        _spec: &JobSpec,
-        mut reports: Vec<Self::Report>,
+        job: &Job<'_>,
+        mut reports: Vec<(String, PsiOutcome)>,
     ) -> Result<String, JobError> {
         reports.sort_by(|a, b| a.0.cmp(&b.0));
         let withheld = compare(&reports)?;
-        for (node, outcome) in &mut reports {
-            if !withheld.is_empty() {
+        if !withheld.is_empty() {
+            for (_, outcome) in &mut reports {
                 outcome.intersection = 0;
                 outcome.suppressed = true;
             }
-            shared
-                .store
-                .put_result(job_id, node, outcome)
-                .map_err(JobError::storing_result)?;
         }
+        job.store_reports(&reports)?;
         Ok(summary(&reports, &withheld))
     }
 }

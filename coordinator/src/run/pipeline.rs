@@ -80,13 +80,68 @@ pub(crate) trait Kind: Send + Sync + 'static {
 
     /// Checks the reports (in the spec's party order) against each other, stores the result,
     /// and returns the job's summary (its succeeded reason).
-    fn settle(
-        &self,
-        shared: &Shared,
-        job_id: &str,
-        spec: &JobSpec,
-        reports: Vec<Self::Report>,
-    ) -> Result<String, JobError>;
+    fn settle(&self, job: &Job<'_>, reports: Vec<Self::Report>) -> Result<String, JobError>;
+}
+
+/// A two-party kind's settle: both parties report a [`PsiOutcome`].
+pub(crate) trait PairSettle: Send + Sync + 'static {
+    /// [`Kind::settle`] for the two reports.
+    fn settle(&self, job: &Job<'_>, reports: Vec<(String, PsiOutcome)>)
+    -> Result<String, JobError>;
+}
+
+/// A two-party kind in the pipeline: an initiator and a responder, each reporting a
+/// [`PsiOutcome`], settled by `S`.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct TwoParty<S>(pub S);
+
+impl<S: PairSettle> Kind for TwoParty<S> {
+    type Report = (String, PsiOutcome);
+    const SHAPE: Shape = Shape::Pair;
+
+    async fn collect(
+        self: Arc<Self>,
+        party: Party,
+        job_id: String,
+    ) -> Result<Self::Report, PartyError> {
+        psi_report(party, &job_id).await
+    }
+
+    fn settle(&self, job: &Job<'_>, reports: Vec<Self::Report>) -> Result<String, JobError> {
+        self.0.settle(job, reports)
+    }
+}
+
+/// The job a kind settles: the shared state to store its result in, its id and its spec.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Job<'a> {
+    /// What the coordinator's tasks share (the store).
+    pub shared: &'a Shared,
+    /// The job's id.
+    pub id: &'a str,
+    /// The job's spec.
+    pub spec: &'a JobSpec,
+}
+
+impl Job<'_> {
+    /// Stores a state change of the job, or fails the job if the store cannot.
+    pub(crate) fn record(&self, state: JobState, reason: &str) -> Result<(), JobError> {
+        self.shared
+            .store
+            .transition(self.id, state, reason, now_ms())
+            .map_err(JobError::store)
+    }
+
+    /// Stores each party's report as the job's result.
+    pub(crate) fn store_reports(&self, reports: &[(String, PsiOutcome)]) -> Result<(), JobError> {
+        for (node, outcome) in reports {
+            self.shared
+                .store
+                .put_result(self.id, node, outcome)
+                .map_err(JobError::storing_result)?;
+        }
+        Ok(())
+    }
 }
 
 /// Runs one job through the pipeline to its summary or its error (the caller stores the final
@@ -97,25 +152,38 @@ pub(crate) async fn run<K: Kind>(
     spec: &JobSpec,
     kind: K,
 ) -> Result<String, JobError> {
+    let job = Job {
+        shared,
+        id: job_id,
+        spec,
+    };
     let handles = connected(shared, spec, K::SHAPE)?;
     let everyone = everyone(handles.len());
-    record(
-        shared,
-        job_id,
-        JobState::Offered,
-        &format!("offered to {everyone}"),
-    )?;
+    job.record(JobState::Offered, &format!("offered to {everyone}"))?;
     let mut parties = offer_all(shared, job_id, spec, handles).await?;
-    record(
-        shared,
-        job_id,
-        JobState::Running,
-        &format!("{everyone} accepted; running"),
-    )?;
+    job.record(JobState::Running, &format!("{everyone} accepted; running"))?;
     start_all(job_id, &mut parties, K::SHAPE).await?;
     let kind = Arc::new(kind);
     let reports = collect_all(shared, job_id, parties, &kind).await?;
-    kind.settle(shared, job_id, spec, reports)
+    kind.settle(&job, reports)
+}
+
+/// `answer`, or the party's timeout at `stage` once `after` has passed.
+async fn timed<T>(
+    node: &str,
+    stage: Stage,
+    after: Duration,
+    answer: impl Future<Output = Result<T, PartyError>>,
+) -> Result<T, PartyError> {
+    tokio::time::timeout(after, answer)
+        .await
+        .unwrap_or_else(|_| {
+            Err(PartyError::Timeout {
+                node: node.to_owned(),
+                stage,
+                after,
+            })
+        })
 }
 
 /// "both nodes" or "all N parties".
@@ -125,19 +193,6 @@ fn everyone(n: usize) -> String {
     } else {
         format!("all {n} parties")
     }
-}
-
-/// Stores a state change of the job, or fails the job if the store cannot.
-pub(crate) fn record(
-    shared: &Shared,
-    job_id: &str,
-    state: JobState,
-    reason: &str,
-) -> Result<(), JobError> {
-    shared
-        .store
-        .transition(job_id, state, reason, now_ms())
-        .map_err(JobError::store)
 }
 
 /// Every party's connection and role: all must be connected before anything is offered.
@@ -184,17 +239,11 @@ async fn offer_all(
             })),
         };
         offers.spawn(async move {
-            let answer =
-                tokio::time::timeout(offer_timeout, offer_one(node.clone(), role, handle, offer))
-                    .await
-                    .unwrap_or_else(|_| {
-                        Err(PartyError::Timeout {
-                            node,
-                            stage: Stage::Offer,
-                            after: offer_timeout,
-                        })
-                    });
-            (index, answer)
+            let answer = offer_one(node.clone(), role, handle, offer);
+            (
+                index,
+                timed(&node, Stage::Offer, offer_timeout, answer).await,
+            )
         });
     }
     let mut answers = Vec::new();
@@ -300,29 +349,23 @@ async fn start_all(job_id: &str, parties: &mut [Party], shape: Shape) -> Result<
         }
         for &i in &wave {
             let party = &mut parties[i];
-            let node = party.node.clone();
-            let ready =
-                tokio::time::timeout(READY_TIMEOUT, party.recv.recv_expect(job_id, Phase::Start))
-                    .await
-                    .map_err(|_| {
-                        JobError::NotStarted(PartyError::Timeout {
-                            node: node.clone(),
-                            stage: Stage::Start,
-                            after: READY_TIMEOUT,
-                        })
+            let node = party.node.as_str();
+            let ready = async {
+                let ready = party.recv.recv_expect(job_id, Phase::Start).await;
+                match ready
+                    .map_err(|e| PartyError::Stream {
+                        node: node.to_owned(),
+                        error: e.to_string(),
                     })?
-                    .map_err(|e| {
-                        JobError::NotStarted(PartyError::Stream {
-                            node: node.clone(),
-                            error: e.to_string(),
-                        })
-                    })?;
-            if !matches!(ready.body, Some(Body::Ready(_))) {
-                return Err(JobError::NotStarted(PartyError::violation(
-                    &node,
-                    Violation::NotReady,
-                )));
-            }
+                    .body
+                {
+                    Some(Body::Ready(_)) => Ok(()),
+                    _ => Err(PartyError::violation(node, Violation::NotReady)),
+                }
+            };
+            timed(node, Stage::Start, READY_TIMEOUT, ready)
+                .await
+                .map_err(JobError::NotStarted)?;
         }
     }
     Ok(())
@@ -372,16 +415,10 @@ async fn collect_all<K: Kind>(
         let node = party.node.clone();
         let collect = kind.clone().collect(party, job_id.to_owned());
         tasks.spawn(async move {
-            let report = tokio::time::timeout(job_timeout, collect)
-                .await
-                .unwrap_or_else(|_| {
-                    Err(PartyError::Timeout {
-                        node,
-                        stage: Stage::Report,
-                        after: job_timeout,
-                    })
-                });
-            (index, report)
+            (
+                index,
+                timed(&node, Stage::Report, job_timeout, collect).await,
+            )
         });
     }
     let mut reports = Vec::new();

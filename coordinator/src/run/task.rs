@@ -16,7 +16,7 @@ use super::aggregate::Aggregate;
 use super::error::JobError;
 use super::overlap_sum::OverlapSum;
 use super::pairwise::Pairwise;
-use super::pipeline;
+use super::pipeline::{self, TwoParty};
 use crate::clock::now_ms;
 use crate::shared::Shared;
 
@@ -140,9 +140,9 @@ async fn drive(
     }
     match JobKind::try_from(spec.kind) {
         Ok(JobKind::Aggregate) => pipeline::run(shared, job_id, spec, Aggregate::new(spec)?).await,
-        Ok(JobKind::OverlapSum) => pipeline::run(shared, job_id, spec, OverlapSum).await,
+        Ok(JobKind::OverlapSum) => pipeline::run(shared, job_id, spec, TwoParty(OverlapSum)).await,
         // Overlap and match (validation refused every other kind at submission).
-        _ => pipeline::run(shared, job_id, spec, Pairwise).await,
+        _ => pipeline::run(shared, job_id, spec, TwoParty(Pairwise)).await,
     }
 }
 

@@ -11,7 +11,7 @@ use cleanroom_proto::v1::JobSpec;
 use super::notify::notify_ended;
 use super::planner::{RunAction, idempotency_key, plan};
 use crate::clock::Clock;
-use crate::store::{JobStore, StoreError};
+use crate::store::{JobStore, ScheduleRecord, StoreError};
 
 /// How often [`run_scheduler`] looks at the clock.
 pub const TICK: Duration = Duration::from_secs(1);
@@ -31,6 +31,38 @@ pub struct ScheduledJob {
     pub scheduled_for_ms: i64,
     /// The attempt (0 first).
     pub attempt: u32,
+}
+
+impl ScheduledJob {
+    /// Attempt `attempt` of `schedule`'s occurrence `scheduled_for_ms`, in its owner's name and
+    /// under its [`idempotency_key`].
+    pub fn run_of(schedule: &ScheduleRecord, scheduled_for_ms: i64, attempt: u32) -> ScheduledJob {
+        ScheduledJob {
+            schedule: schedule.name.clone(),
+            owner: schedule.owner.clone(),
+            spec: schedule.spec.clone(),
+            idempotency_key: idempotency_key(&schedule.name, scheduled_for_ms, attempt),
+            scheduled_for_ms,
+            attempt,
+        }
+    }
+}
+
+/// How the scheduler submits a job: it answers the job's id, or why the submission was refused.
+/// Any `Fn(ScheduledJob) -> impl Future<Output = Result<String, String>>` is one.
+pub trait Submit {
+    /// Submits `job`.
+    fn submit(&self, job: ScheduledJob) -> impl Future<Output = Result<String, String>>;
+}
+
+impl<F, Fut> Submit for F
+where
+    F: Fn(ScheduledJob) -> Fut,
+    Fut: Future<Output = Result<String, String>>,
+{
+    fn submit(&self, job: ScheduledJob) -> impl Future<Output = Result<String, String>> {
+        self(job)
+    }
 }
 
 /// Why a scheduler operation failed.
@@ -66,15 +98,11 @@ pub struct TickSummary {
 /// One pass of the scheduler at `now_ms`: plans ([`plan`]) and carries out the plan — records
 /// skips, submits through `submit` (which returns the job id, or why it was refused), records
 /// each run, and moves fired schedules to their next occurrence.
-pub async fn tick<F, Fut>(
+pub async fn tick(
     store: &JobStore,
     now_ms: i64,
-    submit: &F,
-) -> Result<TickSummary, StoreError>
-where
-    F: Fn(ScheduledJob) -> Fut,
-    Fut: Future<Output = Result<String, String>>,
-{
+    submit: &impl Submit,
+) -> Result<TickSummary, StoreError> {
     let schedules = store.list_schedules()?;
     let runs = store.latest_runs()?;
     let planned = plan(now_ms, &schedules, &runs);
@@ -90,15 +118,8 @@ where
                 }
             }
             RunAction::Fire | RunAction::Retry => {
-                let job = ScheduledJob {
-                    schedule: run.schedule.clone(),
-                    owner: schedule.owner.clone(),
-                    spec: schedule.spec.clone(),
-                    idempotency_key: run.idempotency_key(),
-                    scheduled_for_ms: run.scheduled_for_ms,
-                    attempt: run.attempt,
-                };
-                match submit(job).await {
+                let job = ScheduledJob::run_of(schedule, run.scheduled_for_ms, run.attempt);
+                match submit.submit(job).await {
                     Ok(job_id) => {
                         let recorded = store.record_run(
                             &run.schedule,
@@ -145,29 +166,23 @@ where
 
 /// The scheduler: a [`tick`] every [`TICK`] (by `clock`), until `shutdown` completes. Store
 /// errors are logged and the loop goes on.
-pub async fn run_scheduler<F, Fut>(
+pub async fn run_scheduler(
     clock: Arc<dyn Clock>,
     store: &JobStore,
-    submit: F,
+    submit: impl Submit,
     shutdown: impl Future<Output = ()>,
-) where
-    F: Fn(ScheduledJob) -> Fut,
-    Fut: Future<Output = Result<String, String>>,
-{
+) {
     run_scheduler_every(clock, store, submit, shutdown, TICK).await;
 }
 
 /// [`run_scheduler`] with another interval between ticks (tests use a few milliseconds).
-pub async fn run_scheduler_every<F, Fut>(
+pub async fn run_scheduler_every(
     clock: Arc<dyn Clock>,
     store: &JobStore,
-    submit: F,
+    submit: impl Submit,
     shutdown: impl Future<Output = ()>,
     every: Duration,
-) where
-    F: Fn(ScheduledJob) -> Fut,
-    Fut: Future<Output = Result<String, String>>,
-{
+) {
     tokio::pin!(shutdown);
     loop {
         if let Err(err) = tick(store, clock.now_ms(), &submit).await {
@@ -195,31 +210,23 @@ pub struct RunNow {
 /// `schedule run-now`: submits schedule `name`'s job at once, as an extra occurrence at `now_ms`
 /// (attempt 0; failed or vetoed, it is retried like any run). Works on paused schedules too; does
 /// not move the cron schedule.
-pub async fn run_now<F, Fut>(
+pub async fn run_now(
     store: &JobStore,
     name: &str,
     now_ms: i64,
-    submit: &F,
-) -> Result<RunNow, ScheduleError>
-where
-    F: Fn(ScheduledJob) -> Fut,
-    Fut: Future<Output = Result<String, String>>,
-{
+    submit: &impl Submit,
+) -> Result<RunNow, ScheduleError> {
     let schedule = store
         .get_schedule(name)?
         .ok_or_else(|| StoreError::UnknownSchedule(name.to_owned()))?;
-    let job = ScheduledJob {
-        schedule: schedule.name.clone(),
-        owner: schedule.owner.clone(),
-        spec: schedule.spec.clone(),
-        idempotency_key: idempotency_key(&schedule.name, now_ms, 0),
-        scheduled_for_ms: now_ms,
-        attempt: 0,
-    };
-    let job_id = submit(job).await.map_err(|reason| ScheduleError::Submit {
-        schedule: name.to_owned(),
-        reason,
-    })?;
+    let job = ScheduledJob::run_of(&schedule, now_ms, 0);
+    let job_id = submit
+        .submit(job)
+        .await
+        .map_err(|reason| ScheduleError::Submit {
+            schedule: name.to_owned(),
+            reason,
+        })?;
     store.record_run(name, now_ms, 0, &job_id, "run-now", now_ms)?;
     Ok(RunNow {
         job_id,

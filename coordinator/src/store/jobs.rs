@@ -330,16 +330,7 @@ fn load_job(conn: &Connection, job_id: &str) -> Result<Option<JobInfo>, StoreErr
             "SELECT spec, state, reason, created_ms, updated_ms, submitted_by \
              FROM jobs WHERE job_id = ?1",
         )?
-        .query_row([job_id], |row| {
-            Ok((
-                row.get(0)?,
-                row.get(1)?,
-                row.get(2)?,
-                row.get(3)?,
-                row.get(4)?,
-                row.get(5)?,
-            ))
-        })
+        .query_row([job_id], |row| JobRow::try_from(row))
         .optional()?;
     let Some((spec, state, reason, created_ms, updated_ms, submitted_by)) = row else {
         return Ok(None);

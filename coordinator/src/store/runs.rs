@@ -131,7 +131,15 @@ impl JobStore {
             "INSERT INTO schedule_runs (schedule_id, scheduled_for_ms, attempt, job_id, status, \
              note, recorded_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) \
              ON CONFLICT (schedule_id, scheduled_for_ms, attempt) DO NOTHING",
-            params![id, scheduled_for_ms, attempt, job_id, status.as_str(), note, now_ms],
+            params![
+                id,
+                scheduled_for_ms,
+                attempt,
+                job_id,
+                status.as_str(),
+                note,
+                now_ms
+            ],
         )?;
         Ok(inserted == 1)
     }
@@ -342,21 +350,8 @@ fn load_runs(
              LEFT JOIN jobs j ON j.job_id = r.job_id \
              WHERE {filter} ORDER BY s.name, r.scheduled_for_ms, r.attempt"
         ))?;
-        stmt.query_map(params, |row| {
-            Ok((
-                row.get(0)?,
-                row.get(1)?,
-                row.get(2)?,
-                row.get(3)?,
-                row.get(4)?,
-                row.get(5)?,
-                row.get(6)?,
-                row.get(7)?,
-                row.get(8)?,
-                row.get(9)?,
-            ))
-        })?
-        .collect::<Result<Vec<_>, _>>()?
+        stmt.query_map(params, |row| RunRow::try_from(row))?
+            .collect::<Result<Vec<_>, _>>()?
     };
     let mut runs = Vec::with_capacity(rows.len());
     for (

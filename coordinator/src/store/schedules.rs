@@ -268,58 +268,48 @@ impl JobStore {
     }
 }
 
-type ScheduleRow = (
-    i64,
-    String,
-    String,
-    String,
-    Vec<u8>,
-    String,
-    bool,
-    i64,
-    Option<i64>,
-    Option<i64>,
-    i64,
-    i64,
-    Option<i64>,
-);
+/// A schedule's row as stored: the record with its spec still encoded and its retry policy
+/// still as stored (both checked by [`decode_schedule`]).
+struct ScheduleRow {
+    record: ScheduleRecord,
+    spec: Vec<u8>,
+    max_retries: i64,
+    backoff_base_secs: i64,
+}
 
+/// Reads the columns of [`SCHEDULE_COLUMNS`], in order.
 fn schedule_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<ScheduleRow> {
-    Ok((
-        row.get(0)?,
-        row.get(1)?,
-        row.get(2)?,
-        row.get(3)?,
-        row.get(4)?,
-        row.get(5)?,
-        row.get(6)?,
-        row.get(7)?,
-        row.get(8)?,
-        row.get(9)?,
-        row.get(10)?,
-        row.get(11)?,
-        row.get(12)?,
-    ))
+    Ok(ScheduleRow {
+        record: ScheduleRecord {
+            id: row.get(0)?,
+            name: row.get(1)?,
+            cron: row.get(2)?,
+            timezone: row.get(3)?,
+            spec: JobSpec::default(),
+            owner: row.get(5)?,
+            paused: row.get(6)?,
+            created_ms: row.get(7)?,
+            next_run_ms: row.get(8)?,
+            last_fired_ms: row.get(9)?,
+            max_retries: 0,
+            backoff_base_secs: 0,
+            removed_ms: row.get(12)?,
+        },
+        spec: row.get(4)?,
+        max_retries: row.get(10)?,
+        backoff_base_secs: row.get(11)?,
+    })
 }
 
 fn decode_schedule(row: ScheduleRow) -> Result<ScheduleRecord, StoreError> {
-    let (
-        id,
-        name,
-        cron,
-        timezone,
+    let ScheduleRow {
+        record,
         spec,
-        owner,
-        paused,
-        created_ms,
-        next_run_ms,
-        last_fired_ms,
         max_retries,
         backoff_base_secs,
-        removed_ms,
-    ) = row;
+    } = row;
     let corrupt = |reason: String| StoreError::CorruptSchedule {
-        name: name.clone(),
+        name: record.name.clone(),
         reason,
     };
     let spec = JobSpec::decode(spec.as_slice())
@@ -329,19 +319,10 @@ fn decode_schedule(row: ScheduleRow) -> Result<ScheduleRecord, StoreError> {
     let backoff_base_secs = u32::try_from(backoff_base_secs)
         .map_err(|_| corrupt(format!("backoff {backoff_base_secs} out of range")))?;
     Ok(ScheduleRecord {
-        id,
-        name,
-        cron,
-        timezone,
         spec,
-        owner,
-        paused,
-        created_ms,
-        next_run_ms,
-        last_fired_ms,
         max_retries,
         backoff_base_secs,
-        removed_ms,
+        ..record
     })
 }
 
