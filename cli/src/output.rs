@@ -5,7 +5,7 @@ use cleanroom_proto::v1::{JobInfo, NodeInfo, NoiseTerm, ScheduleInfo};
 use serde_json::{Value, json};
 
 use crate::args::Format;
-use crate::text::{csv_field, kind_name, time};
+use crate::text::{csv_field, keys, kind_name, parties, print_json, state_line, time};
 
 /// A job as JSON (stable field names, for scripts).
 pub fn job_json(job: &JobInfo) -> Value {
@@ -47,9 +47,7 @@ pub fn job_json(job: &JobInfo) -> Value {
                 "noise": noise_json(&o.noise),
             })
         }).collect::<Vec<_>>(),
-        "history": job.history.iter().map(|h| json!({
-            "state": state_name(h.state), "at_ms": h.at_ms, "reason": h.reason,
-        })).collect::<Vec<_>>(),
+        "history": crate::text::history_json(job),
     })
 }
 
@@ -88,23 +86,11 @@ pub fn print_job(job: &JobInfo, format: Format) {
         return;
     }
     match format {
-        Format::Json => println!(
-            "{}",
-            serde_json::to_string_pretty(&job_json(job)).unwrap_or_default()
-        ),
+        Format::Json => print_json(&job_json(job)),
         Format::Csv => print_jobs(std::slice::from_ref(job), Format::Csv),
         Format::Table => {
             let spec = job.spec.clone().unwrap_or_default();
-            let parties: Vec<String> = spec
-                .parties
-                .iter()
-                .map(|p| format!("{}:{}", p.node, p.dataset))
-                .collect();
-            let keys = spec
-                .parties
-                .first()
-                .map(|p| p.keys.join(","))
-                .unwrap_or_default();
+            let (parties, keys) = (parties(&spec), keys(&spec));
             println!("job        {}", job.job_id);
             println!(
                 "kind       {} on {} between {}",
@@ -113,15 +99,7 @@ pub fn print_job(job: &JobInfo, format: Format) {
                 parties.join(" and ")
             );
             println!("purpose    {}", spec.purpose);
-            println!(
-                "state      {}{}",
-                state_name(job.state),
-                if job.reason.is_empty() {
-                    String::new()
-                } else {
-                    format!(" — {}", job.reason)
-                }
-            );
+            println!("{}", state_line(job));
             println!(
                 "submitted  {} by {}",
                 time(job.created_ms),
@@ -175,10 +153,7 @@ pub fn print_jobs(jobs: &[JobInfo], format: Format) {
     match format {
         Format::Json => {
             let list: Vec<Value> = jobs.iter().map(job_json).collect();
-            println!(
-                "{}",
-                serde_json::to_string_pretty(&list).unwrap_or_default()
-            );
+            print_json(&list);
         }
         Format::Csv => {
             println!("job_id,kind,state,purpose,parties,intersection,created,reason");
@@ -234,10 +209,7 @@ pub fn print_nodes(nodes: &[NodeInfo], format: Format) {
                 .iter()
                 .map(|n| json!({"name": n.name, "data_addr": n.data_addr, "connected": n.connected, "last_seen_ms": n.last_seen_ms}))
                 .collect();
-            println!(
-                "{}",
-                serde_json::to_string_pretty(&list).unwrap_or_default()
-            );
+            print_json(&list);
         }
         Format::Csv => {
             println!("name,data_addr,connected,last_seen");
@@ -322,10 +294,7 @@ fn schedule_status(s: &ScheduleInfo) -> &'static str {
 /// Prints one schedule (with its runs, if any) in the chosen format.
 pub fn print_schedule(s: &ScheduleInfo, format: Format) {
     match format {
-        Format::Json => println!(
-            "{}",
-            serde_json::to_string_pretty(&schedule_json(s)).unwrap_or_default()
-        ),
+        Format::Json => print_json(&schedule_json(s)),
         Format::Csv if s.runs.is_empty() => print_schedules(std::slice::from_ref(s), Format::Csv),
         Format::Csv => {
             println!("schedule,scheduled_for,attempt,job_id,state,intersection,note,reason");
@@ -353,16 +322,7 @@ pub fn print_schedule(s: &ScheduleInfo, format: Format) {
         }
         Format::Table => {
             let spec = s.spec.clone().unwrap_or_default();
-            let parties: Vec<String> = spec
-                .parties
-                .iter()
-                .map(|p| format!("{}:{}", p.node, p.dataset))
-                .collect();
-            let keys = spec
-                .parties
-                .first()
-                .map(|p| p.keys.join(","))
-                .unwrap_or_default();
+            let (parties, keys) = (parties(&spec), keys(&spec));
             println!("schedule   {} ({})", s.name, schedule_status(s));
             println!(
                 "cron       {} ({})",
@@ -433,10 +393,7 @@ pub fn print_schedules(list: &[ScheduleInfo], format: Format) {
     match format {
         Format::Json => {
             let list: Vec<Value> = list.iter().map(schedule_json).collect();
-            println!(
-                "{}",
-                serde_json::to_string_pretty(&list).unwrap_or_default()
-            );
+            print_json(&list);
         }
         Format::Csv => {
             println!(

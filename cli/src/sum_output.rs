@@ -7,6 +7,7 @@ use cleanroom_proto::v1::{JobInfo, JobKind, NoiseTerm, PsiOutcome, SumRelease};
 use serde_json::{Value, json};
 
 use crate::args::Format;
+use crate::text::print_json;
 
 /// Prints `job` if it is an overlap-sum and returns true; false for other kinds.
 pub fn print_job(job: &JobInfo, format: Format) -> bool {
@@ -17,10 +18,7 @@ pub fn print_job(job: &JobInfo, format: Format) -> bool {
         return false;
     }
     match format {
-        Format::Json => println!(
-            "{}",
-            serde_json::to_string_pretty(&job_json(job)).unwrap_or_default()
-        ),
+        Format::Json => print_json(&job_json(job)),
         Format::Csv => print!("{}", csv(job)),
         Format::Table => print!("{}", table(job)),
     }
@@ -97,15 +95,7 @@ pub fn job_json(job: &JobInfo) -> Value {
                 }))
             }).collect::<Vec<_>>(),
             "column_sd": r.columns.iter().enumerate().map(|(i, c)| (c.clone(), json!(column_sd(r, i)))).collect::<serde_json::Map<_, _>>(),
-            "groups": r.groups.iter().map(|g| {
-                let values: serde_json::Map<String, Value> = r
-                    .columns
-                    .iter()
-                    .zip(&g.values)
-                    .map(|(c, v)| (c.clone(), json!(v)))
-                    .collect();
-                json!({ "group": g.label, "suppressed": g.suppressed, "values": values })
-            }).collect::<Vec<_>>(),
+            "groups": r.groups.iter().map(|g| crate::group_table::group_json(&r.columns, g)).collect::<Vec<_>>(),
         })
     });
     json!({
@@ -133,21 +123,14 @@ pub fn job_json(job: &JobInfo) -> Value {
                 "audit_head": o.audit_head,
             })
         }).collect::<Vec<_>>(),
-        "history": job.history.iter().map(|h| json!({
-            "state": state_name(h.state), "at_ms": h.at_ms, "reason": h.reason,
-        })).collect::<Vec<_>>(),
+        "history": crate::text::history_json(job),
     })
 }
 
 /// One row per group: `group,suppressed,<col>,<col>_noise_scale,…`.
 fn csv(job: &JobInfo) -> String {
     let Some(r) = release(job) else {
-        return format!(
-            "job_id,state,reason\n{},{},{}\n",
-            job.job_id,
-            state_name(job.state),
-            crate::text::csv_field(&job.reason)
-        );
+        return crate::text::csv_without_result(job);
     };
     let mut out = String::from("group,suppressed");
     for c in &r.columns {
@@ -187,10 +170,7 @@ fn table(job: &JobInfo) -> String {
     out.push_str(&format!("job        {}\n", job.job_id));
     out.push_str(&format!(
         "kind       overlap-sum on {} — keys {} × values {}{}\n",
-        spec.parties
-            .first()
-            .map(|p| p.keys.join(","))
-            .unwrap_or_default(),
+        crate::text::keys(&spec),
         party(0),
         party(1),
         if sum.group_by.is_empty() {
@@ -200,15 +180,8 @@ fn table(job: &JobInfo) -> String {
         }
     ));
     out.push_str(&format!("purpose    {}\n", spec.purpose));
-    out.push_str(&format!(
-        "state      {}{}\n",
-        state_name(job.state),
-        if job.reason.is_empty() {
-            String::new()
-        } else {
-            format!(" — {}", job.reason)
-        }
-    ));
+    out.push_str(&crate::text::state_line(job));
+    out.push('\n');
     if let Some(r) = release(job) {
         if r.noise.is_empty() {
             out.push_str("noise      none (no agreement asks for it): totals are exact\n");

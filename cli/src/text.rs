@@ -2,7 +2,8 @@
 //! history that table renderings end with.
 
 use cleanroom_coordinator::client::state_name;
-use cleanroom_proto::v1::{JobInfo, JobKind};
+use cleanroom_proto::v1::{JobInfo, JobKind, JobSpec};
+use serde_json::{Value, json};
 
 /// A job kind as the CLI names it.
 pub fn kind_name(kind: i32) -> &'static str {
@@ -24,6 +25,32 @@ pub fn time(ms: i64) -> String {
     }
 }
 
+/// A spec's parties as `node:dataset`, in order.
+pub fn parties(spec: &JobSpec) -> Vec<String> {
+    spec.parties
+        .iter()
+        .map(|p| format!("{}:{}", p.node, p.dataset))
+        .collect()
+}
+
+/// The join keys of a spec (its first party's), as the tables print them.
+pub fn keys(spec: &JobSpec) -> String {
+    spec.parties
+        .first()
+        .map(|p| p.keys.join(","))
+        .unwrap_or_default()
+}
+
+/// The `state` line of a job's table: its state, then its reason after a dash.
+pub fn state_line(job: &JobInfo) -> String {
+    let state = state_name(job.state);
+    if job.reason.is_empty() {
+        format!("state      {state}")
+    } else {
+        format!("state      {state} — {}", job.reason)
+    }
+}
+
 /// A job's state history as the table renderings end with: a `history` line, then one line per
 /// change (Unix ms, state, reason).
 pub fn history_text(job: &JobInfo) -> String {
@@ -37,6 +64,32 @@ pub fn history_text(job: &JobInfo) -> String {
         ));
     }
     out
+}
+
+/// Prints `value` as pretty JSON on standard output.
+pub fn print_json(value: &impl serde::Serialize) {
+    println!(
+        "{}",
+        serde_json::to_string_pretty(value).unwrap_or_default()
+    );
+}
+
+/// A job's state history as JSON: one object per change (state, Unix ms, reason).
+pub fn history_json(job: &JobInfo) -> Vec<Value> {
+    job.history
+        .iter()
+        .map(|h| json!({ "state": state_name(h.state), "at_ms": h.at_ms, "reason": h.reason }))
+        .collect()
+}
+
+/// The CSV of a job that has no result (yet): its id, state and reason.
+pub fn csv_without_result(job: &JobInfo) -> String {
+    format!(
+        "job_id,state,reason\n{},{},{}\n",
+        job.job_id,
+        state_name(job.state),
+        csv_field(&job.reason)
+    )
 }
 
 /// `s` as one CSV field: quoted when it holds a comma, a quote or a line break.
