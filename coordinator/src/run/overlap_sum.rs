@@ -107,7 +107,84 @@ fn same_terms(a: &SumRelease, b: &SumRelease) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use cleanroom_proto::v1::NoiseTerm;
+    use cleanroom_proto::v1::{AggregateGroup, JobKind, NoiseTerm, OverlapSumSpec, PartySpec};
+
+    fn spec() -> JobSpec {
+        JobSpec {
+            kind: JobKind::OverlapSum as i32,
+            parties: ["acme", "globex"]
+                .iter()
+                .map(|n| PartySpec {
+                    node: (*n).into(),
+                    ..PartySpec::default()
+                })
+                .collect(),
+            overlap_sum: Some(OverlapSumSpec::default()),
+            ..JobSpec::default()
+        }
+    }
+
+    /// The key holder's and the value holder's reports of one ungrouped release.
+    fn reports() -> Vec<(String, PsiOutcome)> {
+        let terms = SumRelease {
+            columns: vec!["count".into(), "amount".into()],
+            epsilon: 1.0,
+            min_result: 5,
+            ..SumRelease::default()
+        };
+        let key_holder = PsiOutcome {
+            suppressed: true,
+            sum: Some(terms.clone()),
+            ..PsiOutcome::default()
+        };
+        let value_holder = PsiOutcome {
+            sum: Some(SumRelease {
+                intersection: 40,
+                groups: vec![AggregateGroup {
+                    label: String::new(),
+                    suppressed: false,
+                    values: vec![40, 1234],
+                }],
+                ..terms
+            }),
+            ..PsiOutcome::default()
+        };
+        vec![("acme".into(), key_holder), ("globex".into(), value_holder)]
+    }
+
+    #[test]
+    fn the_reports_are_checked_against_each_other() {
+        let release = check(&spec(), &reports()).unwrap();
+        assert_eq!(
+            summary(&release),
+            "overlap-sum: intersection 40 (exact); 1 groups released, 0 suppressed"
+        );
+        let fails = |edit: fn(&mut Vec<(String, PsiOutcome)>)| {
+            let mut r = reports();
+            edit(&mut r);
+            check(&spec(), &r).unwrap_err()
+        };
+        assert!(matches!(
+            fails(|r| r[0].1.intersection = 40),
+            JobError::Settle(SettleError::KeyHolderReleased { node }) if node == "acme"
+        ));
+        assert!(matches!(
+            fails(|r| r[1].1.sum = None),
+            JobError::Settle(SettleError::NoSumRelease)
+        ));
+        assert!(matches!(
+            fails(|r| r[1].1.sum.as_mut().unwrap().min_result = 1),
+            JobError::Settle(SettleError::SumTermsDisagree)
+        ));
+        assert!(matches!(
+            fails(|r| r[1].1.sum.as_mut().unwrap().groups[0].values.pop().map(|_| ()).unwrap()),
+            JobError::Settle(SettleError::WrongShape { node }) if node == "globex"
+        ));
+        assert!(matches!(
+            fails(|r| r.truncate(1)),
+            JobError::Settle(SettleError::MissingReport { node }) if node == "globex"
+        ));
+    }
 
     #[test]
     fn terms_must_match_exactly() {
