@@ -375,7 +375,35 @@ fn run_forget(config: &std::path::Path, dataset: &str, key: &str) -> anyhow::Res
         )
     })?;
     drop(log);
-    println!("forgotten: 1 subject in dataset {dataset} (effective for all future jobs)");
+    // What the key matches today, in this dataset and in every other one that declares the same
+    // identifier, so that a value that matches nothing (a typo, another format) is visible.
+    let mut counts = Vec::new();
+    let mut here = None;
+    for other in cfg
+        .datasets
+        .iter()
+        .filter(|o| o.identifier(identifier).is_some())
+    {
+        let n = store.matching_rows(other, identifier, value);
+        if other.name == dataset {
+            here = n.as_ref().ok().copied();
+        }
+        counts.push(match n {
+            Ok(n) => format!("{n} row{} in {}", if n == 1 { "" } else { "s" }, other.name),
+            Err(e) => format!("? rows in {} (cannot read it: {e})", other.name),
+        });
+    }
+    println!(
+        "forgotten: 1 subject in dataset {dataset} (effective for all future jobs); {identifier} \
+         matches {} today",
+        counts.join(", ")
+    );
+    if here == Some(0) {
+        eprintln!(
+            "warning: no row of dataset '{dataset}' has this {identifier} today, so no row is \
+             excluded now; check the value (rows are compared after normalisation)"
+        );
+    }
     Ok(ExitCode::SUCCESS)
 }
 
