@@ -130,3 +130,76 @@ fn phone_formats_overlap_and_forget_by_phone() {
     assert!(!t.contains("warning"), "{t}");
     assert_eq!(overlap(&c, "phone"), 3);
 }
+
+/// A node config for `name` in `dir` whose customers dataset is `path` and whose certificate
+/// is `cert` (`pki/<cert>.pem`).
+fn write_config(dir: &Path, file: &str, name: &str, path: &str, cert: &str) -> String {
+    std::fs::write(
+        dir.join(file),
+        format!(
+            "name = \"{name}\"\ncoordinator = \"127.0.0.1:9\"\nlisten = \"127.0.0.1:0\"\nstate_dir = \"state-{file}\"\n\n\
+             [tls]\nca = \"pki/ca.pem\"\ncert = \"pki/{cert}.pem\"\nkey = \"pki/{cert}.key\"\n\n\
+             [[dataset]]\nname = \"customers\"\npath = \"{path}\"\nconsent = {{ \"overlap-reporting\" = \"consent\" }}\n\n\
+             [[dataset.identifier]]\nname = \"email\"\ncolumn = \"email\"\nnormaliser = \"email\"\n\n\
+             [[dataset.value]]\ncolumn = \"amount\"\nmin = 0\nmax = 100\n\n{}",
+            phone_agreement("globex").replace("keys = [\"phone\", \"email\"]", "keys = [\"email\"]")
+        ),
+    )
+    .unwrap();
+    file.to_owned()
+}
+
+/// `cleanroom-node check` refuses every config `run` refuses at start, with the same reason,
+/// and passes the one `run` starts with.
+#[test]
+fn check_refuses_what_run_refuses() {
+    let c = Consortium::new();
+    let dir = c.path();
+    c.issue_node("acme");
+    c.issue_node("globex");
+    std::fs::create_dir_all(dir.join("data/a-directory.csv")).unwrap();
+    std::fs::write(dir.join("data/empty.csv"), "").unwrap();
+    std::fs::write(dir.join("data/good.csv"), "email,amount,consent\na@b.c,1,yes\n").unwrap();
+    std::fs::write(dir.join("data/no-id.csv"), "mail,amount,consent\na@b.c,1,yes\n").unwrap();
+    std::fs::write(dir.join("data/no-value.csv"), "email,consent\na@b.c,yes\n").unwrap();
+    std::fs::write(dir.join("data/no-consent.csv"), "email,amount\na@b.c,1\n").unwrap();
+    let cases = [
+        ("missing.toml", "data/missing.csv", "node-acme", "cannot open"),
+        ("dir.toml", "data/a-directory.csv", "node-acme", "a-directory.csv"),
+        ("empty.toml", "data/empty.csv", "node-acme", "identifier column 'email'"),
+        ("noid.toml", "data/no-id.csv", "node-acme", "identifier column 'email'"),
+        ("novalue.toml", "data/no-value.csv", "node-acme", "value column 'amount'"),
+        ("noconsent.toml", "data/no-consent.csv", "node-acme", "consent column 'consent'"),
+        ("other.toml", "data/good.csv", "node-globex", "globex"),
+        ("analyst.toml", "data/good.csv", "analyst-alice", "alice"),
+    ];
+    let run = |cfg: &str| {
+        // `run` stops at once on the closed stdin if it passes its start-up checks.
+        Command::new(&bins().1)
+            .args(["run", "--config", cfg, "--stop-on-stdin-eof"])
+            .current_dir(dir)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap()
+    };
+    for (file, path, cert, wording) in cases {
+        let cfg = write_config(dir, file, "acme", path, cert);
+        let out = node_cli(dir, &["check", "--config", &cfg]);
+        let t = text(&out);
+        assert!(!out.status.success(), "check passed {file}: {t}");
+        assert!(t.contains(wording), "{file}: check said {t}");
+        let started = run(&cfg);
+        assert!(
+            !started.status.success(),
+            "run started with {file}: {}",
+            text(&started)
+        );
+        assert!(text(&started).contains(wording), "{file}: run said {}", text(&started));
+    }
+    let cfg = write_config(dir, "good.toml", "acme", "data/good.csv", "node-acme");
+    let out = node_cli(dir, &["check", "--config", &cfg]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("ok (node 'acme'"), "{}", text(&out));
+    let started = run(&cfg);
+    assert!(started.status.success(), "{}", text(&started));
+}

@@ -203,9 +203,19 @@ pub fn main(cli: NodeCli) -> ExitCode {
 fn execute(command: NodeCommand) -> anyhow::Result<ExitCode> {
     match command {
         NodeCommand::Check { config } => {
-            let cfg = NodeConfig::load(&config)?;
-            cleanroom_transport::Credentials::load(&cfg.tls.ca, &cfg.tls.cert, &cfg.tls.key)?;
-            println!("{}: ok (node '{}')", config.display(), cfg.name);
+            // The same checks `run` makes before it starts.
+            let (cfg, _) = crate::preflight(&config)?;
+            println!(
+                "{}: ok (node '{}': config, {} dataset file(s), certificates{})",
+                config.display(),
+                cfg.name,
+                cfg.datasets.len(),
+                if crate::audit::audit_path(&cfg).exists() {
+                    ", audit log"
+                } else {
+                    ""
+                }
+            );
             Ok(ExitCode::SUCCESS)
         }
         NodeCommand::Policy {

@@ -64,21 +64,50 @@ pub async fn run_from(
     config_path: PathBuf,
     shutdown: watch::Receiver<bool>,
 ) -> Result<(), NodeError> {
-    let cfg = policy::load_checked(&config_path).map_err(|e| NodeError::Config(e.to_string()))?;
-    serve(cfg, Some(config_path), shutdown).await
+    let (cfg, creds) = preflight(&config_path)?;
+    serve(cfg, creds, Some(config_path), shutdown).await
 }
 
 /// Runs a node until `shutdown` turns true: opens the audit log, binds the data plane, then
 /// keeps a control session with the coordinator open (reconnecting with backoff when it drops).
 pub async fn run(cfg: NodeConfig, shutdown: watch::Receiver<bool>) -> Result<(), NodeError> {
-    serve(cfg, None, shutdown).await
+    let creds = credentials(&cfg)?;
+    serve(cfg, creds, None, shutdown).await
 }
 
-async fn serve(
-    cfg: NodeConfig,
-    config_path: Option<PathBuf>,
-    shutdown: watch::Receiver<bool>,
-) -> Result<(), NodeError> {
+/// Everything `run` checks before it starts, without starting anything or writing a file:
+/// the config (with every dataset file's header: identifier, value and consent columns), the
+/// certificates (they load, are this node's, and are a node's), and, when they exist, that the
+/// audit log verifies and the ledger opens. `cleanroom-node check` is this; `run` does it first.
+pub fn preflight(config_path: &Path) -> Result<(NodeConfig, Credentials), NodeError> {
+    let cfg = policy::load_checked(config_path).map_err(|e| NodeError::Config(e.to_string()))?;
+    let creds = credentials(&cfg)?;
+    let log = audit::audit_path(&cfg);
+    if log.exists() {
+        let report = audit::verify(&log, None).map_err(|e| NodeError::Config(e.to_string()))?;
+        // A torn last line is repaired at start; anything else refuses it.
+        let torn_only = matches!(
+            report.problems.as_slice(),
+            [] | [audit::Tamper::Incomplete { .. }]
+        );
+        if !torn_only {
+            return Err(NodeError::Config(format!(
+                "the audit log {} does not verify ({} problem(s), the first: {}); run \
+                 `cleanroom-node audit verify`",
+                log.display(),
+                report.problems.len(),
+                report.problems[0]
+            )));
+        }
+    }
+    if cfg.ledger_path().exists() {
+        open_ledger(&cfg)?;
+    }
+    Ok((cfg, creds))
+}
+
+/// Loads the node's certificates and checks that they name this node, as a node.
+fn credentials(cfg: &NodeConfig) -> Result<Credentials, NodeError> {
     let creds = Credentials::load(&cfg.tls.ca, &cfg.tls.cert, &cfg.tls.key)?;
     let me = creds.identity()?;
     let expected = Identity::node(&cfg.name)?;
@@ -91,6 +120,15 @@ async fn serve(
             cfg.name
         )));
     }
+    Ok(creds)
+}
+
+async fn serve(
+    cfg: NodeConfig,
+    creds: Credentials,
+    config_path: Option<PathBuf>,
+    shutdown: watch::Receiver<bool>,
+) -> Result<(), NodeError> {
     // No audit log, no node: every access must be recorded.
     let audit =
         AuditLog::open(&audit::audit_path(&cfg)).map_err(|e| NodeError::Config(e.to_string()))?;
