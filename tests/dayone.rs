@@ -159,17 +159,55 @@ fn check_refuses_what_run_refuses() {
     c.issue_node("globex");
     std::fs::create_dir_all(dir.join("data/a-directory.csv")).unwrap();
     std::fs::write(dir.join("data/empty.csv"), "").unwrap();
-    std::fs::write(dir.join("data/good.csv"), "email,amount,consent\na@b.c,1,yes\n").unwrap();
-    std::fs::write(dir.join("data/no-id.csv"), "mail,amount,consent\na@b.c,1,yes\n").unwrap();
+    std::fs::write(
+        dir.join("data/good.csv"),
+        "email,amount,consent\na@b.c,1,yes\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("data/no-id.csv"),
+        "mail,amount,consent\na@b.c,1,yes\n",
+    )
+    .unwrap();
     std::fs::write(dir.join("data/no-value.csv"), "email,consent\na@b.c,yes\n").unwrap();
     std::fs::write(dir.join("data/no-consent.csv"), "email,amount\na@b.c,1\n").unwrap();
     let cases = [
-        ("missing.toml", "data/missing.csv", "node-acme", "cannot open"),
-        ("dir.toml", "data/a-directory.csv", "node-acme", "a-directory.csv"),
-        ("empty.toml", "data/empty.csv", "node-acme", "identifier column 'email'"),
-        ("noid.toml", "data/no-id.csv", "node-acme", "identifier column 'email'"),
-        ("novalue.toml", "data/no-value.csv", "node-acme", "value column 'amount'"),
-        ("noconsent.toml", "data/no-consent.csv", "node-acme", "consent column 'consent'"),
+        (
+            "missing.toml",
+            "data/missing.csv",
+            "node-acme",
+            "cannot open",
+        ),
+        (
+            "dir.toml",
+            "data/a-directory.csv",
+            "node-acme",
+            "a-directory.csv",
+        ),
+        (
+            "empty.toml",
+            "data/empty.csv",
+            "node-acme",
+            "identifier column 'email'",
+        ),
+        (
+            "noid.toml",
+            "data/no-id.csv",
+            "node-acme",
+            "identifier column 'email'",
+        ),
+        (
+            "novalue.toml",
+            "data/no-value.csv",
+            "node-acme",
+            "value column 'amount'",
+        ),
+        (
+            "noconsent.toml",
+            "data/no-consent.csv",
+            "node-acme",
+            "consent column 'consent'",
+        ),
         ("other.toml", "data/good.csv", "node-globex", "globex"),
         ("analyst.toml", "data/good.csv", "analyst-alice", "alice"),
     ];
@@ -194,7 +232,11 @@ fn check_refuses_what_run_refuses() {
             "run started with {file}: {}",
             text(&started)
         );
-        assert!(text(&started).contains(wording), "{file}: run said {}", text(&started));
+        assert!(
+            text(&started).contains(wording),
+            "{file}: run said {}",
+            text(&started)
+        );
     }
     let cfg = write_config(dir, "good.toml", "acme", "data/good.csv", "node-acme");
     let out = node_cli(dir, &["check", "--config", &cfg]);
@@ -202,4 +244,128 @@ fn check_refuses_what_run_refuses() {
     assert!(text(&out).contains("ok (node 'acme'"), "{}", text(&out));
     let started = run(&cfg);
     assert!(started.status.success(), "{}", text(&started));
+}
+
+/// Runs `bin ARGS` with its standard output a pipe whose reader is already gone: the first
+/// write fails with EPIPE. Returns the exit code and standard error.
+fn with_closed_stdout(bin: &Path, dir: &Path, args: &[&str]) -> (Option<i32>, String) {
+    let mut child = Command::new(bin)
+        .args(args)
+        .current_dir(dir)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// `cleanroom job list | head -2`, and every other command of both binaries whose output
+/// nobody reads, exits 0 quietly: no panic, no exit code 101.
+#[test]
+fn a_closed_pipe_ends_every_command_quietly() {
+    let mut c = Consortium::new();
+    c.synth("acme,globex", 50, 0.5, 3);
+    c.start_coordinator();
+    for (me, other) in [("acme", "globex"), ("globex", "acme")] {
+        c.issue_node(me);
+        c.write_node_config(me, me, &cleanroom_e2e::open_agreement(other));
+        c.start_node(me);
+    }
+    c.wait_connected(&["acme", "globex"]);
+    let mut jobs = Vec::new();
+    for _ in 0..3 {
+        let (job, _) = c.submit(&[
+            "overlap",
+            "--between",
+            "acme,globex",
+            "--dataset",
+            "customers",
+            "--on",
+            "email",
+            "--purpose",
+            "overlap-reporting",
+        ]);
+        jobs.push(job["job_id"].as_str().unwrap().to_owned());
+    }
+    let analyst = c.analyst_args().join(" ");
+    // As a user types it: head prints two lines, and the pipeline's status is cleanroom's.
+    let out = Command::new("bash")
+        .args([
+            "-c",
+            &format!(
+                "set -o pipefail; {} job list {analyst} | head -2",
+                bins().0.display()
+            ),
+        ])
+        .current_dir(c.path())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), 2);
+    assert!(!text(&out).contains("panicked"), "{}", text(&out));
+
+    let with = |args: &[&str]| -> Vec<String> {
+        let mut v: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        v.extend(c.analyst_args());
+        v
+    };
+    let job = jobs[0].as_str();
+    let analyst_cmds = [
+        with(&["job", "list"]),
+        with(&["job", "list", "--format", "json"]),
+        with(&["job", "list", "--format", "csv"]),
+        with(&["job", "status", job]),
+        with(&["job", "status", job, "--format", "json"]),
+        with(&["nodes"]),
+        with(&["nodes", "--format", "csv"]),
+        with(&["schedule", "list"]),
+    ];
+    let other_cmds: Vec<Vec<String>> = [
+        vec!["--help"],
+        vec!["--version"],
+        vec!["pki", "init", "--dir", "pki-closed"],
+        vec![
+            "synth",
+            "--out",
+            "data-closed",
+            "--partners",
+            "a,b",
+            "--rows",
+            "10",
+        ],
+    ]
+    .iter()
+    .map(|v| v.iter().map(|s| s.to_string()).collect())
+    .collect();
+    for args in analyst_cmds.iter().chain(&other_cmds) {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let (code, stderr) = with_closed_stdout(&bins().0, c.path(), &args);
+        assert_eq!(code, Some(0), "cleanroom {args:?}: {stderr}");
+        assert!(!stderr.contains("panicked"), "cleanroom {args:?}: {stderr}");
+    }
+    let node_cmds: [&[&str]; 9] = [
+        &["--help"],
+        &["check", "--config", "acme.toml"],
+        &["policy", "check", "acme.toml"],
+        &["audit", "show", "--config", "acme.toml"],
+        &["audit", "show", "--config", "acme.toml", "--json"],
+        &["audit", "verify", "--config", "acme.toml"],
+        &["budget", "--config", "acme.toml", "--format", "json"],
+        &["transparency", "--config", "acme.toml"],
+        &["purge", "--config", "acme.toml", "--older-than-days", "30"],
+    ];
+    for args in node_cmds {
+        let (code, stderr) = with_closed_stdout(&bins().1, c.path(), args);
+        assert_eq!(code, Some(0), "cleanroom-node {args:?}: {stderr}");
+        assert!(
+            !stderr.contains("panicked"),
+            "cleanroom-node {args:?}: {stderr}"
+        );
+    }
 }

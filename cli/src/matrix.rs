@@ -306,7 +306,7 @@ pub async fn run(conn: &ConnArgs, args: &SubmitArgs) -> anyhow::Result<ExitCode>
             std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))?;
             eprintln!("overlap matrix written to {}", path.display());
         }
-        None => print!("{text}"),
+        None => cleanroom_node::out!("{text}"),
     }
     // Forbidden and suppressed pairs are answers; a failed pair is not.
     let failed = pairs

@@ -113,7 +113,7 @@ pub fn print_job(job: &JobInfo, format: Format) {
         return;
     }
     match format {
-        Format::Json => println!(
+        Format::Json => cleanroom_node::outln!(
             "{}",
             serde_json::to_string_pretty(&job_json(job)).unwrap_or_default()
         ),
@@ -130,15 +130,15 @@ pub fn print_job(job: &JobInfo, format: Format) {
                 .first()
                 .map(|p| p.keys.join(","))
                 .unwrap_or_default();
-            println!("job        {}", job.job_id);
-            println!(
+            cleanroom_node::outln!("job        {}", job.job_id);
+            cleanroom_node::outln!(
                 "kind       {} on {} between {}",
                 kind_name(spec.kind),
                 keys,
                 parties.join(" and ")
             );
-            println!("purpose    {}", spec.purpose);
-            println!(
+            cleanroom_node::outln!("purpose    {}", spec.purpose);
+            cleanroom_node::outln!(
                 "state      {}{}",
                 state_name(job.state),
                 if job.reason.is_empty() {
@@ -147,24 +147,24 @@ pub fn print_job(job: &JobInfo, format: Format) {
                     format!(" — {}", job.reason)
                 }
             );
-            println!(
+            cleanroom_node::outln!(
                 "submitted  {} by {}",
                 time(job.created_ms),
                 job.submitted_by
             );
             if let Some(o) = job.results.first().and_then(|r| r.outcome.as_ref()) {
                 if o.suppressed {
-                    println!(
+                    cleanroom_node::outln!(
                         "result     withheld by an agreement (below its minimum result, or not \
                          releasable to the coordinator)"
                     );
                 } else if o.noise.is_empty() {
-                    println!("result     {} shared", o.intersection);
+                    cleanroom_node::outln!("result     {} shared", o.intersection);
                 } else {
-                    println!("result     {} shared (noised)", o.intersection);
+                    cleanroom_node::outln!("result     {} shared (noised)", o.intersection);
                 }
                 if let Some(line) = noise_line(&o.noise) {
-                    println!("noise      {line}");
+                    cleanroom_node::outln!("noise      {line}");
                 }
             }
             for r in &job.results {
@@ -177,14 +177,14 @@ pub fn print_job(job: &JobInfo, format: Format) {
                 } else {
                     String::new()
                 };
-                println!(
+                cleanroom_node::outln!(
                     "  {:<10} {} distinct keys, peer sent {}{}; audit head {}",
                     r.node, o.own_set_size, o.peer_set_size, membership, o.audit_head
                 );
             }
-            println!("history");
+            cleanroom_node::outln!("history");
             for h in &job.history {
-                println!(
+                cleanroom_node::outln!(
                     "  {}  {:<10} {}",
                     time(h.at_ms),
                     state_name(h.state),
@@ -200,17 +200,17 @@ pub fn print_jobs(jobs: &[JobInfo], format: Format) {
     match format {
         Format::Json => {
             let list: Vec<Value> = jobs.iter().map(job_json).collect();
-            println!(
+            cleanroom_node::outln!(
                 "{}",
                 serde_json::to_string_pretty(&list).unwrap_or_default()
             );
         }
         Format::Csv => {
-            println!("job_id,kind,state,purpose,parties,intersection,created,reason");
+            cleanroom_node::outln!("job_id,kind,state,purpose,parties,intersection,created,reason");
             for j in jobs {
                 let v = job_json(j);
                 let parties = party_names(j);
-                println!(
+                cleanroom_node::outln!(
                     "{},{},{},{},{},{},{},{}",
                     j.job_id,
                     v["kind"].as_str().unwrap_or_default(),
@@ -227,14 +227,14 @@ pub fn print_jobs(jobs: &[JobInfo], format: Format) {
             }
         }
         Format::Table => {
-            println!(
+            cleanroom_node::outln!(
                 "{:<22} {:<8} {:<10} {:<20} {:>12}  REASON",
                 "JOB", "KIND", "STATE", "PARTIES", "SHARED"
             );
             for j in jobs {
                 let v = job_json(j);
                 let parties = party_names(j);
-                println!(
+                cleanroom_node::outln!(
                     "{:<22} {:<8} {:<10} {:<20} {:>12}  {}",
                     j.job_id,
                     v["kind"].as_str().unwrap_or_default(),
@@ -259,15 +259,15 @@ pub fn print_nodes(nodes: &[NodeInfo], format: Format) {
                 .iter()
                 .map(|n| json!({"name": n.name, "data_addr": n.data_addr, "connected": n.connected, "last_seen_ms": n.last_seen_ms}))
                 .collect();
-            println!(
+            cleanroom_node::outln!(
                 "{}",
                 serde_json::to_string_pretty(&list).unwrap_or_default()
             );
         }
         Format::Csv => {
-            println!("name,data_addr,connected,last_seen");
+            cleanroom_node::outln!("name,data_addr,connected,last_seen");
             for n in nodes {
-                println!(
+                cleanroom_node::outln!(
                     "{},{},{},{}",
                     n.name,
                     n.data_addr,
@@ -277,12 +277,12 @@ pub fn print_nodes(nodes: &[NodeInfo], format: Format) {
             }
         }
         Format::Table => {
-            println!(
+            cleanroom_node::outln!(
                 "{:<20} {:<24} {:<10} LAST SEEN",
                 "NODE", "DATA PLANE", "CONNECTED"
             );
             for n in nodes {
-                println!(
+                cleanroom_node::outln!(
                     "{:<20} {:<24} {:<10} {}",
                     n.name,
                     n.data_addr,
@@ -347,15 +347,15 @@ fn schedule_status(s: &ScheduleInfo) -> &'static str {
 /// Prints one schedule (with its runs, if any) in the chosen format.
 pub fn print_schedule(s: &ScheduleInfo, format: Format) {
     match format {
-        Format::Json => println!(
+        Format::Json => cleanroom_node::outln!(
             "{}",
             serde_json::to_string_pretty(&schedule_json(s)).unwrap_or_default()
         ),
         Format::Csv if s.runs.is_empty() => print_schedules(std::slice::from_ref(s), Format::Csv),
         Format::Csv => {
-            println!("schedule,scheduled_for,attempt,job_id,state,intersection,note,reason");
+            cleanroom_node::outln!("schedule,scheduled_for,attempt,job_id,state,intersection,note,reason");
             for r in &s.runs {
-                println!(
+                cleanroom_node::outln!(
                     "{},{},{},{},{},{},{},{}",
                     s.name,
                     time(r.scheduled_for_ms),
@@ -388,8 +388,8 @@ pub fn print_schedule(s: &ScheduleInfo, format: Format) {
                 .first()
                 .map(|p| p.keys.join(","))
                 .unwrap_or_default();
-            println!("schedule   {} ({})", s.name, schedule_status(s));
-            println!(
+            cleanroom_node::outln!("schedule   {} ({})", s.name, schedule_status(s));
+            cleanroom_node::outln!(
                 "cron       {} ({})",
                 s.cron,
                 if s.timezone.is_empty() {
@@ -398,29 +398,29 @@ pub fn print_schedule(s: &ScheduleInfo, format: Format) {
                     &s.timezone
                 }
             );
-            println!(
+            cleanroom_node::outln!(
                 "job        {} on {} between {}",
                 kind_name(spec.kind),
                 keys,
                 parties.join(" and ")
             );
-            println!("purpose    {}", spec.purpose);
+            cleanroom_node::outln!("purpose    {}", spec.purpose);
             if !s.on_done.is_empty() {
-                println!("on done    {}", s.on_done);
+                cleanroom_node::outln!("on done    {}", s.on_done);
             }
             if !s.notify_dir.is_empty() {
-                println!("notify     {}", s.notify_dir);
+                cleanroom_node::outln!("notify     {}", s.notify_dir);
             }
-            println!("owner      {}", s.owner);
-            println!(
+            cleanroom_node::outln!("owner      {}", s.owner);
+            cleanroom_node::outln!(
                 "retries    up to {}, backoff {}s doubling",
                 s.max_retries, s.backoff_base_secs
             );
-            println!("next run   {}", opt_time(s.next_run_ms));
-            println!("last fired {}", opt_time(s.last_fired_ms));
+            cleanroom_node::outln!("next run   {}", opt_time(s.next_run_ms));
+            cleanroom_node::outln!("last fired {}", opt_time(s.last_fired_ms));
             if !s.runs.is_empty() {
-                println!("runs");
-                println!(
+                cleanroom_node::outln!("runs");
+                cleanroom_node::outln!(
                     "  {:<21} {:>3} {:<22} {:<13} {:>12}  NOTE / REASON",
                     "SCHEDULED FOR", "TRY", "JOB", "STATE", "SHARED"
                 );
@@ -430,7 +430,7 @@ pub fn print_schedule(s: &ScheduleInfo, format: Format) {
                     } else {
                         format!("{} — {}", r.note, r.job_reason)
                     };
-                    println!(
+                    cleanroom_node::outln!(
                         "  {:<21} {:>3} {:<22} {:<13} {:>12}  {}",
                         time(r.scheduled_for_ms),
                         r.attempt,
@@ -458,19 +458,19 @@ pub fn print_schedules(list: &[ScheduleInfo], format: Format) {
     match format {
         Format::Json => {
             let list: Vec<Value> = list.iter().map(schedule_json).collect();
-            println!(
+            cleanroom_node::outln!(
                 "{}",
                 serde_json::to_string_pretty(&list).unwrap_or_default()
             );
         }
         Format::Csv => {
-            println!(
+            cleanroom_node::outln!(
                 "name,status,cron,timezone,kind,parties,purpose,next_run,last_fired,max_retries,backoff_secs"
             );
             for s in list {
                 let spec = s.spec.clone().unwrap_or_default();
                 let parties: Vec<&str> = spec.parties.iter().map(|p| p.node.as_str()).collect();
-                println!(
+                cleanroom_node::outln!(
                     "{},{},{},{},{},{},{},{},{},{},{}",
                     s.name,
                     schedule_status(s),
@@ -487,14 +487,14 @@ pub fn print_schedules(list: &[ScheduleInfo], format: Format) {
             }
         }
         Format::Table => {
-            println!(
+            cleanroom_node::outln!(
                 "{:<20} {:<8} {:<16} {:<14} {:<8} {:<16} NEXT RUN",
                 "SCHEDULE", "STATUS", "CRON", "TIMEZONE", "KIND", "PARTIES"
             );
             for s in list {
                 let spec = s.spec.clone().unwrap_or_default();
                 let parties: Vec<&str> = spec.parties.iter().map(|p| p.node.as_str()).collect();
-                println!(
+                cleanroom_node::outln!(
                     "{:<20} {:<8} {:<16} {:<14} {:<8} {:<16} {}",
                     s.name,
                     schedule_status(s),

@@ -17,12 +17,12 @@ pub fn print_job(job: &JobInfo, format: Format) -> bool {
         return false;
     }
     match format {
-        Format::Json => println!(
+        Format::Json => cleanroom_node::outln!(
             "{}",
             serde_json::to_string_pretty(&job_json(job)).unwrap_or_default()
         ),
-        Format::Csv => print!("{}", csv(job)),
-        Format::Table => print!("{}", table(job)),
+        Format::Csv => cleanroom_node::out!("{}", csv(job)),
+        Format::Table => cleanroom_node::out!("{}", table(job)),
     }
     true
 }

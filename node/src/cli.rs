@@ -175,6 +175,53 @@ pub enum BudgetFormat {
     Csv,
 }
 
+/// Writes to standard output. A reader that went away (`cleanroom job list | head -2`) ends
+/// the process at once and quietly with exit code 0, as `head` users expect; another write
+/// error ends it with exit code 1 and the reason. Every command's output goes through here
+/// ([`out!`](crate::out), [`outln!`](crate::outln)), in both binaries.
+pub fn write_stdout(args: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    if let Err(e) = std::io::stdout().lock().write_fmt(args) {
+        stdout_failed(&e);
+    }
+}
+
+/// Ends the process after a failed write to standard output (see [`write_stdout`]).
+pub fn stdout_failed(e: &std::io::Error) -> ! {
+    if e.kind() == std::io::ErrorKind::BrokenPipe {
+        std::process::exit(0);
+    }
+    eprintln!("error: writing to standard output: {e}");
+    std::process::exit(1)
+}
+
+/// Whether an error comes from writing to a closed pipe (see [`write_stdout`]).
+pub fn is_broken_pipe(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    })
+}
+
+/// `print!` that ends the process quietly when standard output is a closed pipe.
+#[macro_export]
+macro_rules! out {
+    ($($arg:tt)*) => {
+        $crate::cli::write_stdout(format_args!($($arg)*))
+    };
+}
+
+/// `println!` that ends the process quietly when standard output is a closed pipe.
+#[macro_export]
+macro_rules! outln {
+    () => {
+        $crate::cli::write_stdout(format_args!("\n"))
+    };
+    ($($arg:tt)*) => {
+        $crate::cli::write_stdout(format_args!("{}\n", format_args!($($arg)*)))
+    };
+}
+
 /// Sets up `tracing` to stderr; `RUST_LOG` overrides the default level (info).
 pub fn init_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
@@ -193,6 +240,7 @@ pub fn main(cli: NodeCli) -> ExitCode {
     init_tracing();
     match execute(cli.command) {
         Ok(code) => code,
+        Err(e) if is_broken_pipe(&e) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
@@ -205,7 +253,7 @@ fn execute(command: NodeCommand) -> anyhow::Result<ExitCode> {
         NodeCommand::Check { config } => {
             // The same checks `run` makes before it starts.
             let (cfg, _) = crate::preflight(&config)?;
-            println!(
+            crate::outln!(
                 "{}: ok (node '{}': config, {} dataset file(s), certificates{})",
                 config.display(),
                 cfg.name,
@@ -225,9 +273,7 @@ fn execute(command: NodeCommand) -> anyhow::Result<ExitCode> {
             // the anyhow chain would repeat the TOML message.
             match crate::policy::check_file(&file) {
                 Ok(summary) => {
-                    use std::io::Write;
-                    // A closed pipe (`| head`) is not an error worth a panic.
-                    let _ = write!(std::io::stdout(), "{summary}");
+                    crate::out!("{summary}");
                     Ok(ExitCode::SUCCESS)
                 }
                 Err(e) => {
@@ -251,7 +297,7 @@ fn execute(command: NodeCommand) -> anyhow::Result<ExitCode> {
                 crate::retention::days(older_than_days),
                 std::time::SystemTime::now(),
             )?;
-            println!(
+            crate::outln!(
                 "purged {} file(s) ({} bytes) older than {older_than_days} day(s) from {}; {} kept{}",
                 report.removed,
                 report.bytes_removed,
@@ -282,8 +328,7 @@ fn execute(command: NodeCommand) -> anyhow::Result<ExitCode> {
                 BudgetFormat::Json => crate::budget_report::to_json(&lines) + "\n",
                 BudgetFormat::Csv => crate::budget_report::to_csv(&lines),
             };
-            use std::io::Write;
-            let _ = write!(std::io::stdout(), "{text}");
+            crate::out!("{text}");
             Ok(ExitCode::SUCCESS)
         }
         NodeCommand::Transparency {
@@ -311,8 +356,8 @@ fn execute(command: NodeCommand) -> anyhow::Result<ExitCode> {
             let entries = audit::read_entries(&path)?;
             let t = crate::transparency::summarize(&cfg.name, &entries, &report.head, since_ms);
             match format {
-                ReportFormat::Markdown => print!("{}", t.to_markdown()),
-                ReportFormat::Json => println!("{}", t.to_json()),
+                ReportFormat::Markdown => crate::out!("{}", t.to_markdown()),
+                ReportFormat::Json => crate::outln!("{}", t.to_json()),
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -403,7 +448,7 @@ fn run_forget(config: &std::path::Path, dataset: &str, key: &str) -> anyhow::Res
             Err(e) => format!("? rows in {} (cannot read it: {e})", other.name),
         });
     }
-    println!(
+    crate::outln!(
         "forgotten: 1 subject in dataset {dataset} (effective for all future jobs); {identifier} \
          matches {} today",
         counts.join(", ")
@@ -427,17 +472,17 @@ fn run_audit(command: AuditCommand) -> anyhow::Result<ExitCode> {
             let path = audit::audit_path(&cfg);
             let report = audit::verify(&path, expect_head.as_ref())?;
             if report.is_ok() {
-                println!("ok: {} entries, head {}", report.entries, report.head);
+                crate::outln!("ok: {} entries, head {}", report.entries, report.head);
                 return Ok(ExitCode::SUCCESS);
             }
-            println!(
+            crate::outln!(
                 "{}: {} problem(s) in {} line(s):",
                 path.display(),
                 report.problems.len(),
                 report.entries
             );
             for p in &report.problems {
-                println!("  {p}");
+                crate::outln!("  {p}");
             }
             Ok(ExitCode::FAILURE)
         }
@@ -450,15 +495,18 @@ fn run_audit(command: AuditCommand) -> anyhow::Result<ExitCode> {
                 .filter(|e| job.is_none() || e.event.job_id() == job.as_deref());
             if json {
                 for e in selected {
-                    println!("{}", e.to_json_line());
+                    crate::outln!("{}", e.to_json_line());
                 }
             } else {
-                println!(
+                crate::outln!(
                     "{:>6}  {:<19}  {:<12}  {:<20}  summary",
-                    "seq", "time (UTC)", "kind", "job"
+                    "seq",
+                    "time (UTC)",
+                    "kind",
+                    "job"
                 );
                 for e in selected {
-                    println!(
+                    crate::outln!(
                         "{:>6}  {:<19}  {:<12}  {:<20}  {}",
                         e.seq,
                         audit::format_ms(e.at_ms),
