@@ -369,3 +369,54 @@ fn a_closed_pipe_ends_every_command_quietly() {
         );
     }
 }
+
+/// A second `run` on a state directory a running node holds exits non-zero at once, naming
+/// the holder's pid; the first node stays registered and keeps serving jobs.
+#[test]
+fn a_second_node_on_one_state_dir_is_refused() {
+    let mut c = Consortium::new();
+    c.synth("acme,globex", 50, 0.5, 4);
+    c.start_coordinator();
+    for (me, other) in [("acme", "globex"), ("globex", "acme")] {
+        c.issue_node(me);
+        c.write_node_config(me, me, &cleanroom_e2e::open_agreement(other));
+        c.start_node(me);
+    }
+    c.wait_connected(&["acme", "globex"]);
+    let pid = c.node("acme").pid();
+    let started = std::time::Instant::now();
+    let out = Command::new(&bins().1)
+        .args(["run", "--config", "acme.toml", "--stop-on-stdin-eof"])
+        .current_dir(c.path())
+        .stdin(std::process::Stdio::piped())
+        .output()
+        .unwrap();
+    let t = text(&out);
+    assert!(!out.status.success(), "{t}");
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(10),
+        "{t}"
+    );
+    assert!(t.contains(&format!("pid {pid}")), "{t}");
+    assert!(t.contains("state-acme"), "{t}");
+    let check = node_cli(c.path(), &["check", "--config", "acme.toml"]);
+    assert!(check.status.success(), "{}", text(&check));
+    assert!(
+        text(&check).contains(&format!("pid {pid}")),
+        "{}",
+        text(&check)
+    );
+    c.wait_connected(&["acme", "globex"]);
+    let (job, _) = c.submit(&[
+        "overlap",
+        "--between",
+        "acme,globex",
+        "--dataset",
+        "customers",
+        "--on",
+        "email",
+        "--purpose",
+        "overlap-reporting",
+    ]);
+    assert_eq!(job["state"], "succeeded", "{job}");
+}

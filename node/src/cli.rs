@@ -253,6 +253,13 @@ fn execute(command: NodeCommand) -> anyhow::Result<ExitCode> {
         NodeCommand::Check { config } => {
             // The same checks `run` makes before it starts.
             let (cfg, _) = crate::preflight(&config)?;
+            if let Some(pid) = crate::state_dir_holder(&cfg.state_dir) {
+                eprintln!(
+                    "warning: a node process (pid {pid}) is running on the state directory {}; \
+                     `run` with this config would refuse to start a second one",
+                    cfg.state_dir.display()
+                );
+            }
             crate::outln!(
                 "{}: ok (node '{}': config, {} dataset file(s), certificates{})",
                 config.display(),

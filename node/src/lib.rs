@@ -129,6 +129,9 @@ async fn serve(
     config_path: Option<PathBuf>,
     shutdown: watch::Receiver<bool>,
 ) -> Result<(), NodeError> {
+    // One node per state directory: two would share the audit log, the ledger and the
+    // coordinator's registration. Held until this function returns.
+    let _lock = lock_state_dir(&cfg.state_dir)?;
     // No audit log, no node: every access must be recorded.
     let audit =
         AuditLog::open(&audit::audit_path(&cfg)).map_err(|e| NodeError::Config(e.to_string()))?;
@@ -172,6 +175,67 @@ async fn serve(
     purger.abort();
     endpoint.wait_idle().await;
     control
+}
+
+/// The state directory's lock file, held (an advisory `flock`) by the running node.
+pub const LOCK_FILE: &str = "node.lock";
+
+/// Takes the state directory's lock for this process (creating the directory and the lock
+/// file) and writes this process's id into it. Refused, naming the holder's process id, if
+/// another process holds it. The lock is released when the returned file is dropped or the
+/// process ends (however it ends).
+pub fn lock_state_dir(state_dir: &Path) -> Result<std::fs::File, NodeError> {
+    use std::io::{Read, Seek, Write};
+    let io = |what: String| move |source| NodeError::Io { what, source };
+    std::fs::create_dir_all(state_dir).map_err(io(format!(
+        "creating the state directory {}",
+        state_dir.display()
+    )))?;
+    let path = state_dir.join(LOCK_FILE);
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .open(&path)
+        .map_err(io(format!("opening {}", path.display())))?;
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let mut holder = String::new();
+            let _ = file.read_to_string(&mut holder);
+            let holder = holder.trim();
+            return Err(NodeError::Config(format!(
+                "the state directory {} is in use by another node process (pid {}); stop it \
+                 first, or give this node its own state_dir",
+                state_dir.display(),
+                if holder.is_empty() { "unknown" } else { holder }
+            )));
+        }
+        Err(std::fs::TryLockError::Error(e)) => {
+            return Err(io(format!("locking {}", path.display()))(e));
+        }
+    }
+    file.set_len(0)
+        .and_then(|()| file.rewind())
+        .and_then(|()| writeln!(file, "{}", std::process::id()))
+        .and_then(|()| file.sync_data())
+        .map_err(io(format!("writing {}", path.display())))?;
+    Ok(file)
+}
+
+/// The process id holding the state directory's lock, if a process holds it (read without
+/// taking it).
+pub fn state_dir_holder(state_dir: &Path) -> Option<String> {
+    let file = std::fs::File::open(state_dir.join(LOCK_FILE)).ok()?;
+    match file.try_lock_shared() {
+        Ok(()) => None,
+        Err(_) => Some(
+            std::fs::read_to_string(state_dir.join(LOCK_FILE))
+                .map(|s| s.trim().to_owned())
+                .unwrap_or_default(),
+        ),
+    }
 }
 
 /// Opens the node's privacy-budget ledger (creating its directory on first start).
