@@ -420,3 +420,127 @@ fn a_second_node_on_one_state_dir_is_refused() {
     ]);
     assert_eq!(job["state"], "succeeded", "{job}");
 }
+
+/// A UDP port free on loopback now.
+fn free_udp_port() -> u16 {
+    std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Host names everywhere an address is written (`coordinator = "localhost:PORT"`, `advertise =
+/// "localhost:PORT"`, `CLEANROOM_COORDINATOR=localhost:PORT`); then the coordinator is killed
+/// and restarted on the same address: the nodes log a lost connection (not a protocol
+/// violation) and register again within the reconnect back-off (at most 5 s).
+#[test]
+fn host_names_and_a_coordinator_restart() {
+    let mut c = Consortium::new();
+    let truth = c.synth("acme,globex", 300, 0.5, 6);
+    let expected = truth["pairwise_overlap"]["acme,globex"].as_u64().unwrap();
+    let port = free_udp_port();
+    let listen = format!("127.0.0.1:{port}");
+    c.start_coordinator_at(&listen, "coordinator");
+    let mut advertised = Vec::new();
+    for (me, other) in [("acme", "globex"), ("globex", "acme")] {
+        c.issue_node(me);
+        let cfg = c.write_node_config(me, me, &cleanroom_e2e::open_agreement(other));
+        let data = free_udp_port();
+        let text = std::fs::read_to_string(&cfg)
+            .unwrap()
+            .replace(
+                &format!("coordinator = \"{listen}\""),
+                &format!("coordinator = \"localhost:{port}\""),
+            )
+            .replace(
+                "listen = \"127.0.0.1:0\"",
+                &format!("listen = \"127.0.0.1:{data}\"\nadvertise = \"localhost:{data}\""),
+            );
+        assert!(text.contains("localhost:"), "{text}");
+        std::fs::write(&cfg, text).unwrap();
+        advertised.push(format!("localhost:{data}"));
+        c.start_node(me);
+    }
+    c.wait_connected(&["acme", "globex"]);
+    // The analyst names the coordinator by host name too.
+    let dir = c.path().to_owned();
+    let analyst = |args: &[&str]| {
+        let mut all: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        all.extend(
+            [
+                "--ca",
+                "pki/ca.pem",
+                "--cert",
+                "pki/analyst-alice.pem",
+                "--key",
+                "pki/analyst-alice.key",
+            ]
+            .map(String::from),
+        );
+        let out = Command::new(&bins().0)
+            .args(&all)
+            .current_dir(&dir)
+            .env("CLEANROOM_COORDINATOR", format!("localhost:{port}"))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{all:?}: {}", text(&out));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let nodes = analyst(&["nodes", "--format", "json"]);
+    for a in &advertised {
+        assert!(nodes.contains(a), "{nodes}");
+    }
+    let overlap_job = || -> serde_json::Value {
+        let out = analyst(&[
+            "job",
+            "submit",
+            "overlap",
+            "--between",
+            "acme,globex",
+            "--dataset",
+            "customers",
+            "--on",
+            "email",
+            "--purpose",
+            "overlap-reporting",
+            "--wait",
+            "--timeout",
+            "120",
+            "--format",
+            "json",
+        ]);
+        serde_json::from_str(&out).unwrap()
+    };
+    // The initiator dials the responder at its advertised host name.
+    let job = overlap_job();
+    assert_eq!(job["state"], "succeeded", "{job}");
+    assert_eq!(job["intersection"].as_u64(), Some(expected), "{job}");
+
+    // Crash: SIGKILL, no goodbye to the nodes. Restart on the same address after a pause.
+    c.coordinator.as_mut().unwrap().kill();
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    c.start_coordinator_at(&listen, "coordinator-restarted");
+    let restarted = std::time::Instant::now();
+    c.wait_connected(&["acme", "globex"]);
+    let took = restarted.elapsed();
+    eprintln!("nodes registered again {took:?} after the restart");
+    assert!(
+        took < std::time::Duration::from_secs(6),
+        "nodes took {took:?} to register again"
+    );
+    for n in ["acme", "globex"] {
+        let log = c.node(n).log_text();
+        assert!(
+            !log.contains("protocol violation by coordinator"),
+            "{n}: {log}"
+        );
+        assert!(
+            log.contains("lost the connection to the coordinator"),
+            "{n}: {log}"
+        );
+    }
+    let job = overlap_job();
+    assert_eq!(job["state"], "succeeded", "{job}");
+    assert_eq!(job["intersection"].as_u64(), Some(expected), "{job}");
+}

@@ -1,7 +1,6 @@
 //! The command line, with clap derive. Every command's `--help` says what it does and what it
 //! needs.
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -146,14 +145,14 @@ pub enum CoordinatorCommand {
 /// How the analyst CLI reaches and authenticates to the coordinator.
 #[derive(Debug, Clone, Args)]
 pub struct ConnArgs {
-    /// The coordinator's address.
+    /// The coordinator's address: `host:port`, with a DNS name or an IP address.
     #[arg(
         long,
         env = "CLEANROOM_COORDINATOR",
         default_value = "127.0.0.1:7400",
         global = true
     )]
-    pub coordinator: SocketAddr,
+    pub coordinator: cleanroom_transport::HostPort,
     /// The consortium CA certificate.
     #[arg(
         long,

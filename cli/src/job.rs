@@ -22,7 +22,13 @@ pub async fn connect(conn: &ConnArgs) -> anyhow::Result<AnalystClient> {
         );
     };
     let creds = Credentials::load(&conn.ca, cert, key)?;
-    AnalystClient::connect(conn.coordinator, &creds)
+    // The TLS server name is the coordinator's consortium identity, not this host name.
+    let addr = conn
+        .coordinator
+        .resolve()
+        .await
+        .with_context(|| format!("connecting to the coordinator at {}", conn.coordinator))?;
+    AnalystClient::connect(addr, &creds)
         .await
         .with_context(|| format!("connecting to the coordinator at {}", conn.coordinator))
 }

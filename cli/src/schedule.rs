@@ -5,28 +5,19 @@ use std::io::IsTerminal;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use anyhow::{Context, bail};
+use anyhow::bail;
 use clap::Parser;
 use cleanroom_coordinator::AnalystClient;
 use cleanroom_coordinator::client::state_name;
 use cleanroom_proto::v1::{AddSchedule, JobInfo, JobState};
-use cleanroom_transport::Credentials;
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::args::{ConnArgs, Format, ScheduleAddArgs, ScheduleCommand, ScheduledJobWords};
 use crate::{job, output};
 
-/// Connects with the analyst's certificate.
+/// Connects with the analyst's certificate (as every analyst command does).
 pub async fn connect(conn: &ConnArgs) -> anyhow::Result<AnalystClient> {
-    let (Some(cert), Some(key)) = (&conn.cert, &conn.key) else {
-        bail!(
-            "give your analyst certificate and key with --cert and --key (or CLEANROOM_CERT and CLEANROOM_KEY); issue them with `cleanroom pki issue analyst NAME`"
-        );
-    };
-    let creds = Credentials::load(&conn.ca, cert, key)?;
-    AnalystClient::connect(conn.coordinator, &creds)
-        .await
-        .with_context(|| format!("connecting to the coordinator at {}", conn.coordinator))
+    job::connect(conn).await
 }
 
 /// Exit code for a job: 0 if it succeeded or is still under way, 2 if vetoed, 1 otherwise.

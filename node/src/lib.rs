@@ -151,7 +151,7 @@ async fn serve(
         what: format!("reading the data-plane address bound at {listen}"),
         source: e,
     })?;
-    let advertise = cfg.advertise.unwrap_or(bound);
+    let advertise = cfg.advertise.clone().unwrap_or_else(|| bound.into());
     tracing::info!(node = %cfg.name, data_plane = %bound, advertise = %advertise, "node listening");
 
     let path = config_path.clone().unwrap_or_default();
