@@ -544,3 +544,83 @@ fn host_names_and_a_coordinator_restart() {
     assert_eq!(job["state"], "succeeded", "{job}");
     assert_eq!(job["intersection"].as_u64(), Some(expected), "{job}");
 }
+
+/// The audit log of a running node is altered (one digit of its last entry, the length kept):
+/// the node notices before its next append and refuses that job and every later one, with a
+/// reason that says why; `audit show` marks the altered entry.
+#[test]
+fn a_tampered_audit_log_of_a_running_node_refuses_jobs() {
+    let mut c = Consortium::new();
+    c.synth("acme,globex", 50, 0.5, 8);
+    c.start_coordinator();
+    for (me, other) in [("acme", "globex"), ("globex", "acme")] {
+        c.issue_node(me);
+        c.write_node_config(me, me, &cleanroom_e2e::open_agreement(other));
+        c.start_node(me);
+    }
+    c.wait_connected(&["acme", "globex"]);
+    let job = || {
+        c.submit(&[
+            "overlap",
+            "--between",
+            "acme,globex",
+            "--dataset",
+            "customers",
+            "--on",
+            "email",
+            "--purpose",
+            "overlap-reporting",
+        ])
+        .0
+    };
+    assert_eq!(job()["state"], "succeeded");
+    let log = c.path().join("state-acme/audit.log");
+    let original = std::fs::read_to_string(&log).unwrap();
+    let cut = original[..original.len() - 1].rfind('\n').unwrap() + 1;
+    let last = &original[cut..];
+    let at = last.find("\"at_ms\":").unwrap() + "\"at_ms\":".len() + 3;
+    let digit = last.as_bytes()[at];
+    let other = if digit == b'1' { '2' } else { '1' };
+    let tampered = format!(
+        "{}{}{other}{}",
+        &original[..cut],
+        &last[..at],
+        &last[at + 1..]
+    );
+    assert_eq!(tampered.len(), original.len());
+    // Written in place (same file), as an editor that keeps the inode would.
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&log)
+        .unwrap()
+        .write_all_at_start(tampered.as_bytes());
+    for _ in 0..2 {
+        let j = job();
+        assert_eq!(j["state"], "vetoed", "{j}");
+        let reason = j["reason"].as_str().unwrap_or_default().to_owned() + &j.to_string();
+        assert!(
+            reason.contains("node 'acme' refuses every job: its audit log does not verify"),
+            "{j}"
+        );
+        assert!(reason.contains("was changed"), "{j}");
+    }
+    // Nothing was appended after the altered entry.
+    assert_eq!(std::fs::read_to_string(&log).unwrap(), tampered);
+    let out = node_cli(c.path(), &["audit", "show", "--config", "acme.toml"]);
+    let t = text(&out);
+    assert!(t.contains("TAMPERED"), "{t}");
+    assert!(t.contains("does not verify"), "{t}");
+}
+
+trait WriteAtStart {
+    fn write_all_at_start(self, bytes: &[u8]);
+}
+
+impl WriteAtStart for std::fs::File {
+    fn write_all_at_start(mut self, bytes: &[u8]) {
+        use std::io::{Seek, Write};
+        self.rewind().unwrap();
+        self.write_all(bytes).unwrap();
+        self.sync_all().unwrap();
+    }
+}

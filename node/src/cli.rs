@@ -496,34 +496,97 @@ fn run_audit(command: AuditCommand) -> anyhow::Result<ExitCode> {
         AuditCommand::Show { config, job, json } => {
             let cfg = NodeConfig::load(&config)?;
             let path = audit::audit_path(&cfg);
-            let entries = audit::read_entries(&path)?;
-            let selected = entries
-                .iter()
-                .filter(|e| job.is_none() || e.event.job_id() == job.as_deref());
+            // Each line is shown with what `audit verify` says about it, so an altered entry is
+            // never printed as if it were the log's.
+            let (lines, other) = audit::show_lines(&path)?;
+            let selected = lines.iter().filter(|l| {
+                job.is_none()
+                    || l.entry.as_ref().and_then(|e| e.event.job_id()) == job.as_deref()
+                    || (l.entry.is_none() && job.is_some())
+            });
+            let mut problems = other.len();
             if json {
-                for e in selected {
-                    crate::outln!("{}", e.to_json_line());
+                for l in selected {
+                    match (&l.entry, &l.check) {
+                        (Some(e), audit::LineCheck::Ok) => crate::outln!("{}", e.to_json_line()),
+                        (_, check) => {
+                            problems += 1;
+                            eprintln!("line {}: {}", l.line, check_text(check));
+                        }
+                    }
                 }
             } else {
                 crate::outln!(
-                    "{:>6}  {:<19}  {:<12}  {:<20}  summary",
+                    "{:>6}  {:<19}  {:<12}  {:<20}  {:<10}  summary",
                     "seq",
                     "time (UTC)",
                     "kind",
-                    "job"
+                    "job",
+                    "check"
                 );
-                for e in selected {
-                    crate::outln!(
-                        "{:>6}  {:<19}  {:<12}  {:<20}  {}",
-                        e.seq,
-                        audit::format_ms(e.at_ms),
-                        e.event.kind(),
-                        e.event.job_id().unwrap_or("-"),
-                        e.event.summary()
-                    );
+                for l in selected {
+                    if l.check != audit::LineCheck::Ok {
+                        problems += 1;
+                    }
+                    match &l.entry {
+                        Some(e) => crate::outln!(
+                            "{:>6}  {:<19}  {:<12}  {:<20}  {:<10}  {}{}",
+                            e.seq,
+                            audit::format_ms(e.at_ms),
+                            e.event.kind(),
+                            e.event.job_id().unwrap_or("-"),
+                            check_word(&l.check),
+                            e.event.summary(),
+                            match &l.check {
+                                audit::LineCheck::Bad(p) => format!(" [{p}]"),
+                                _ => String::new(),
+                            }
+                        ),
+                        None => crate::outln!(
+                            "{:>6}  {:<19}  {:<12}  {:<20}  {:<10}  line {}: {}",
+                            "?",
+                            "-",
+                            "-",
+                            "-",
+                            check_word(&l.check),
+                            l.line,
+                            check_text(&l.check)
+                        ),
+                    }
                 }
             }
+            for p in &other {
+                eprintln!("{p}");
+            }
+            if problems > 0 {
+                eprintln!(
+                    "warning: the audit log {} does not verify: entries marked TAMPERED or \
+                     UNVERIFIED are not the log's as written; run `cleanroom-node audit verify \
+                     --config {}`",
+                    path.display(),
+                    config.display()
+                );
+            }
             Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// The `check` column of `audit show`.
+fn check_word(check: &audit::LineCheck) -> &'static str {
+    match check {
+        audit::LineCheck::Ok => "ok",
+        audit::LineCheck::Bad(_) => "TAMPERED",
+        audit::LineCheck::Unverified => "UNVERIFIED",
+    }
+}
+
+fn check_text(check: &audit::LineCheck) -> String {
+    match check {
+        audit::LineCheck::Ok => "ok".into(),
+        audit::LineCheck::Bad(p) => format!("TAMPERED: {p}"),
+        audit::LineCheck::Unverified => {
+            "UNVERIFIED: follows a tampered entry, so its chain cannot be checked".into()
         }
     }
 }

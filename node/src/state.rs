@@ -177,6 +177,13 @@ impl NodeState {
         };
         if let Err(e) = self.audit.append(event, now_ms) {
             tracing::error!(error = %e, "audit log write failed; refusing the job");
+            if let crate::audit::AuditError::Tampered { reason, .. } = &e {
+                return Err(Veto(format!(
+                    "node '{}' refuses every job: its audit log does not verify ({reason}); its \
+                     operator must restore the log and restart the node",
+                    cfg.name
+                )));
+            }
             return Err(Veto(format!(
                 "node '{}' cannot write its audit log, so it refuses every job until that is fixed",
                 cfg.name
