@@ -109,7 +109,7 @@ pub fn matrix_json(matrix: &OverlapMatrix, pairs: &[PairResult], args: &SubmitAr
         "title": matrix.title,
         "parties": matrix.parties,
         "dataset": args.dataset,
-        "on": args.on,
+        "on": args.keys(),
         "purpose": args.purpose,
         "cells": matrix.cells.iter().map(|row| row.iter().map(cell_json).collect::<Vec<_>>()).collect::<Vec<_>>(),
         "pairs": pairs.iter().map(|p| {
@@ -288,7 +288,7 @@ pub async fn run(conn: &ConnArgs, args: &SubmitArgs) -> anyhow::Result<ExitCode>
     let title = format!(
         "Overlap of {} on {} ({})",
         args.dataset.join(", "),
-        args.on.join("+"),
+        args.keys().join("+"),
         args.purpose
     );
     let matrix = build_matrix(&title, parties, &pairs);

@@ -128,7 +128,7 @@ pub fn print_job(job: &JobInfo, format: Format) {
             let keys = spec
                 .parties
                 .first()
-                .map(|p| p.keys.join(","))
+                .map(|p| p.keys.join("+"))
                 .unwrap_or_default();
             cleanroom_node::outln!("job        {}", job.job_id);
             cleanroom_node::outln!(
@@ -386,7 +386,7 @@ pub fn print_schedule(s: &ScheduleInfo, format: Format) {
             let keys = spec
                 .parties
                 .first()
-                .map(|p| p.keys.join(","))
+                .map(|p| p.keys.join("+"))
                 .unwrap_or_default();
             cleanroom_node::outln!("schedule   {} ({})", s.name, schedule_status(s));
             cleanroom_node::outln!(

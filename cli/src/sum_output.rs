@@ -189,7 +189,7 @@ fn table(job: &JobInfo) -> String {
         "kind       overlap-sum on {} — keys {} × values {}{}\n",
         spec.parties
             .first()
-            .map(|p| p.keys.join(","))
+            .map(|p| p.keys.join("+"))
             .unwrap_or_default(),
         party(0),
         party(1),

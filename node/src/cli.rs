@@ -253,6 +253,12 @@ fn execute(command: NodeCommand) -> anyhow::Result<ExitCode> {
         NodeCommand::Check { config } => {
             // The same checks `run` makes before it starts.
             let (cfg, _) = crate::preflight(&config)?;
+            if let Some(today) = crate::config::PolicyDate::from_unix_ms(crate::agreement::now_ms())
+            {
+                for w in crate::policy::expiry_warnings(&cfg, today) {
+                    eprintln!("{w}");
+                }
+            }
             if let Some(pid) = crate::state_dir_holder(&cfg.state_dir) {
                 eprintln!(
                     "warning: a node process (pid {pid}) is running on the state directory {}; \

@@ -726,6 +726,19 @@ impl NodeConfig {
             path: path.to_owned(),
             error,
         })?;
+        // A composite key is written `email+phone` or `email,phone` (as on the command line);
+        // it is kept, checked and printed as `email+phone`.
+        for e in cfg.agreements.iter_mut().flat_map(|a| a.allow.iter_mut()) {
+            for key in &mut e.keys {
+                if key.contains(',') || key.contains(' ') {
+                    *key = key
+                        .split(['+', ','])
+                        .map(str::trim)
+                        .collect::<Vec<_>>()
+                        .join("+");
+                }
+            }
+        }
         cfg.validate(text).map_err(|problem| ConfigError::Invalid {
             path: path.to_owned(),
             problem,
@@ -1446,6 +1459,26 @@ purposes = ["overlap-reporting"]
         );
         assert!(is_valid_name(&"a".repeat(63)));
         assert!(!is_valid_name(""));
+    }
+
+    #[test]
+    fn composite_keys_are_written_either_way_and_kept_one_way() {
+        let cfg = parse(&MINIMAL.replace(
+            "keys = [\"email\", \"email+phone\"]",
+            "keys = [\"email\", \"email, phone\"]",
+        ))
+        .unwrap();
+        let a = cfg.agreement_with("globex").unwrap();
+        assert!(
+            a.find_allow(Computation::Match, "customers", "email+phone")
+                .is_some()
+        );
+        assert!(
+            a.allow
+                .iter()
+                .flat_map(|e| &e.keys)
+                .all(|k| !k.contains(','))
+        );
     }
 
     #[test]
