@@ -624,3 +624,238 @@ impl WriteAtStart for std::fs::File {
         self.sync_all().unwrap();
     }
 }
+
+/// The smaller things a new user tripped over, end to end: a dataset the node does not have,
+/// composite keys written both ways, the last time a node that left was seen, histories with
+/// times, budget JSON without "-0.0", and policy check's expiry warnings and aggregate lines.
+#[test]
+fn small_things_a_new_user_trips_over() {
+    let mut c = Consortium::new();
+    c.synth("acme,globex", 120, 0.5, 9);
+    c.start_coordinator();
+    let agreement = |partner: &str| {
+        format!(
+            "[[agreement]]\npartner = \"{partner}\"\npurposes = [\"overlap-reporting\"]\nexpires = \"2099-12-31\"\n\n\
+             [[agreement.allow]]\ncomputation = \"overlap\"\ndataset = \"customers\"\nkeys = [\"email\", \"email,phone\"]\nepsilon = 1.0\n\n"
+        )
+    };
+    for (me, other) in [("acme", "globex"), ("globex", "acme")] {
+        c.issue_node(me);
+        c.write_node_config(me, me, &agreement(other));
+        c.start_node(me);
+    }
+    c.wait_connected(&["acme", "globex"]);
+    let run = |on: &str, dataset: &str| {
+        c.submit(&[
+            "overlap",
+            "--between",
+            "acme,globex",
+            "--dataset",
+            dataset,
+            "--on",
+            on,
+            "--purpose",
+            "overlap-reporting",
+        ])
+        .0
+    };
+    // A dataset neither node has.
+    let j = run("email", "orders");
+    assert_eq!(j["state"], "vetoed", "{j}");
+    assert!(j.to_string().contains("has no dataset 'orders'"), "{j}");
+    assert!(!j.to_string().contains("does not allow"), "{j}");
+    // A composite key, written with '+' or ',' (the config wrote it with ','); both run.
+    for on in ["email+phone", "email,phone"] {
+        let j = run(on, "customers");
+        assert_eq!(j["state"], "succeeded", "--on {on}: {j}");
+    }
+    // Histories print times.
+    let id = run("email", "customers")["job_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let mut args = vec!["job".to_owned(), "status".into(), id];
+    args.extend(c.analyst_args());
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let status = cleanroom_e2e::cleanroom_ok(c.path(), &args);
+    let history = &status[status.find("history").unwrap()..];
+    assert!(
+        history.lines().skip(1).all(|l| l.trim().starts_with("20")),
+        "{history}"
+    );
+    // Budget JSON: a partner and purpose with nothing spent shows 0, not -0.0.
+    std::fs::write(
+        c.path().join("budget.toml"),
+        std::fs::read_to_string(c.path().join("acme.toml")).unwrap()
+            + "[[agreement]]\npartner = \"initech\"\npurposes = [\"audit\"]\nbudget_per_purpose = { epsilon_per_period = 1.0, period = \"week\" }\n\
+               [[agreement.allow]]\ncomputation = \"overlap\"\ndataset = \"customers\"\nkeys = [\"email\"]\n",
+    )
+    .unwrap();
+    let out = node_cli(
+        c.path(),
+        &["budget", "--config", "budget.toml", "--format", "json"],
+    );
+    let t = text(&out);
+    assert!(out.status.success(), "{t}");
+    assert!(t.contains("\"initech\""), "{t}");
+    assert!(!t.contains("-0.0") && !t.contains(": -0"), "{t}");
+    // policy check: an expired agreement and one expiring soon are warned of; an aggregate
+    // entry says what it groups by.
+    let soon = time::OffsetDateTime::now_utc().date() + time::Duration::days(10);
+    std::fs::write(
+        c.path().join("warn.toml"),
+        std::fs::read_to_string(c.path().join("acme.toml"))
+            .unwrap()
+            .replace("expires = \"2099-12-31\"", &format!("expires = \"{soon}\""))
+            + "[[agreement]]\npartner = \"initech\"\npurposes = [\"old\"]\nexpires = \"2020-01-31\"\n\
+               [[agreement.allow]]\ncomputation = \"aggregate\"\ndataset = \"customers\"\ngroup_by = [\"phone\"]\n",
+    )
+    .unwrap();
+    let out = node_cli(c.path(), &["policy", "check", "warn.toml"]);
+    let t = text(&out);
+    assert!(out.status.success(), "{t}");
+    assert!(
+        t.contains(&format!("agreement with globex expires {soon}")) && t.contains("in 10 days"),
+        "{t}"
+    );
+    assert!(
+        t.contains("agreement with initech expired 2020-01-31"),
+        "{t}"
+    );
+    assert!(t.contains("allow aggregate on customers by phone\n"), "{t}");
+    // LAST SEEN: a node that left was last seen when it left, not when it registered.
+    let registered = c.nodes_json();
+    let seen = |nodes: &serde_json::Value| {
+        nodes
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|n| n["name"] == "globex")
+            .unwrap()["last_seen_ms"]
+            .as_i64()
+            .unwrap()
+    };
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let before_stop = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    c.nodes
+        .iter_mut()
+        .find(|p| p.name == "globex")
+        .unwrap()
+        .stop();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let nodes = loop {
+        let nodes = c.nodes_json();
+        let gone = nodes
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|n| n["name"] == "globex" && n["connected"] == false);
+        if gone {
+            break nodes;
+        }
+        assert!(std::time::Instant::now() < deadline, "{nodes}");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    assert!(
+        seen(&nodes) >= before_stop,
+        "last seen {} is before the stop at {before_stop} (first seen {})",
+        seen(&nodes),
+        seen(&registered)
+    );
+}
+
+/// An aggregate over hand-made tables where some amounts are not numbers: the totals are those
+/// of the numeric rows, and each node's own audit log counts the rows it rejected (the
+/// coordinator is not told).
+#[test]
+fn aggregate_rows_with_non_numeric_values_are_counted_in_the_nodes_audit() {
+    let mut c = Consortium::new();
+    std::fs::create_dir_all(c.path().join("data")).unwrap();
+    let tables = [
+        (
+            "acme",
+            "category,amount\nfashion,100\nfashion,n/a\nhome,250\nhome,12.50\nhome,\n",
+            3,
+        ),
+        ("globex", "category,amount\nfashion,40\nhome,60\n", 0),
+        ("initech", "category,amount\nfashion,1\nfashion,one\n", 1),
+    ];
+    c.start_coordinator();
+    let names = ["acme", "globex", "initech"];
+    for (name, csv, _) in tables {
+        std::fs::write(c.path().join(format!("data/{name}-cb.csv")), csv).unwrap();
+        c.issue_node(name);
+        let addr = c.addr.unwrap();
+        let mut cfg = format!(
+            "name = \"{name}\"\ncoordinator = \"{addr}\"\nlisten = \"127.0.0.1:0\"\nstate_dir = \"state-{name}\"\n\n\
+             [tls]\nca = \"pki/ca.pem\"\ncert = \"pki/node-{name}.pem\"\nkey = \"pki/node-{name}.key\"\n\n\
+             [[dataset]]\nname = \"chargebacks\"\npath = \"data/{name}-cb.csv\"\n\n\
+             [[dataset.value]]\ncolumn = \"amount\"\nmin = 0\nmax = 100000\n\n"
+        );
+        for other in names.iter().filter(|o| **o != name) {
+            cfg.push_str(&format!(
+                "[[agreement]]\npartner = \"{other}\"\npurposes = [\"fraud-benchmark\"]\n\n\
+                 [[agreement.allow]]\ncomputation = \"aggregate\"\ndataset = \"chargebacks\"\n\
+                 group_by = [\"category\"]\nvalue_columns = [{{ column = \"amount\", min = 0, max = 100000 }}]\nmin_result = 1\n\n"
+            ));
+        }
+        std::fs::write(c.path().join(format!("{name}.toml")), cfg).unwrap();
+        c.start_node(name);
+    }
+    c.wait_connected(&names);
+    let (job, _) = c.submit(&[
+        "aggregate",
+        "--parties",
+        "acme,globex,initech",
+        "--dataset",
+        "chargebacks",
+        "--group-by",
+        "category",
+        "--groups",
+        "fashion,home",
+        "--sum",
+        "amount",
+        "--count",
+        "--purpose",
+        "fraud-benchmark",
+    ]);
+    assert_eq!(job["state"], "succeeded", "{job}");
+    // By hand: fashion = 100 + 40 + 1 over 3 rows; home = 250 + 60 over 2 rows.
+    let text_of = job.to_string();
+    for (group, count, sum) in [("fashion", 3, 141), ("home", 2, 310)] {
+        let g = job["result"]["groups"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|g| g["group"] == group)
+            .unwrap_or_else(|| panic!("{text_of}"));
+        assert_eq!(g["values"]["count"].as_i64(), Some(count), "{g}");
+        assert_eq!(g["values"]["amount"].as_i64(), Some(sum), "{g}");
+    }
+    for (name, _, rejected) in tables {
+        let out = node_cli(
+            c.path(),
+            &[
+                "audit",
+                "show",
+                "--config",
+                &format!("{name}.toml"),
+                "--json",
+            ],
+        );
+        let access: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .filter(|e| e["event"]["kind"] == "Access" || e["event"]["Access"].is_object())
+            .collect();
+        assert_eq!(access.len(), 1, "{name}: {}", text(&out));
+        let a = access[0].to_string();
+        assert!(
+            a.contains(&format!("\"rows_rejected\":{rejected}")),
+            "{name}: {a}"
+        );
+    }
+}

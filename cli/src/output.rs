@@ -182,15 +182,7 @@ pub fn print_job(job: &JobInfo, format: Format) {
                     r.node, o.own_set_size, o.peer_set_size, membership, o.audit_head
                 );
             }
-            cleanroom_node::outln!("history");
-            for h in &job.history {
-                cleanroom_node::outln!(
-                    "  {}  {:<10} {}",
-                    time(h.at_ms),
-                    state_name(h.state),
-                    h.reason
-                );
-            }
+            cleanroom_node::out!("{}", history_text(job));
         }
     }
 }
@@ -521,14 +513,14 @@ fn party_names(job: &JobInfo) -> Vec<String> {
         .unwrap_or_default()
 }
 
-/// A job's state history as the table renderings end with: a `history` line, then one line per
-/// change (Unix ms, state, reason).
+/// A job's state history as every table rendering ends with: a `history` line, then one line
+/// per change (time, state, reason).
 pub(crate) fn history_text(job: &JobInfo) -> String {
     let mut out = String::from("history\n");
     for h in &job.history {
         out.push_str(&format!(
             "  {}  {:<10} {}\n",
-            h.at_ms,
+            time(h.at_ms),
             state_name(h.state),
             h.reason
         ));
@@ -594,5 +586,25 @@ mod tests {
             ..JobInfo::default()
         };
         assert_eq!(job_json(&exact)["noise"], json!([]));
+    }
+
+    /// Every table rendering (overlap, overlap-sum, aggregate) ends with the history, its times
+    /// written as dates, not Unix milliseconds.
+    #[test]
+    fn histories_print_times() {
+        let job = JobInfo {
+            history: vec![cleanroom_proto::v1::StateChange {
+                state: cleanroom_proto::v1::JobState::Succeeded as i32,
+                at_ms: 1_782_864_000_123,
+                reason: "done".into(),
+            }],
+            ..JobInfo::default()
+        };
+        let text = history_text(&job);
+        assert!(
+            text.contains("2026-07-01 00:00:00Z  succeeded  done"),
+            "{text}"
+        );
+        assert!(!text.contains("1782864000123"), "{text}");
     }
 }

@@ -390,6 +390,10 @@ async fn node_session(shared: Arc<Shared>, conn: quinn::Connection, peer: Identi
     tracing::info!(node = %peer.name, data_plane = %data_addr, "node connected");
     let why = conn.closed().await;
     shared.registry.remove(&peer.name, &conn);
+    // The last time it was seen is when it left (a reconnection moves it on again).
+    if let Err(e) = shared.store.node_seen(&peer.name, now_ms()) {
+        tracing::warn!(node = %peer.name, error = %e, "could not record when the node left");
+    }
     tracing::info!(node = %peer.name, reason = %why, "node disconnected");
 }
 
@@ -521,15 +525,20 @@ async fn handle(
         }
         Some(Request::Nodes(_)) => {
             let connected = shared.registry.names();
+            let now = now_ms();
             let nodes = shared
                 .store
                 .nodes()?
                 .into_iter()
-                .map(|n| NodeInfo {
-                    connected: connected.contains(&n.name),
-                    name: n.name,
-                    data_addr: n.data_addr,
-                    last_seen_ms: n.last_seen_ms,
+                .map(|n| {
+                    // A connected node is seen now; one that left, when it left.
+                    let connected = connected.contains(&n.name);
+                    NodeInfo {
+                        connected,
+                        name: n.name,
+                        data_addr: n.data_addr,
+                        last_seen_ms: if connected { now } else { n.last_seen_ms },
+                    }
                 })
                 .collect();
             Ok(Response::Nodes(NodeList { nodes }))

@@ -548,6 +548,17 @@ impl JobStore {
         Ok(())
     }
 
+    /// Records that `name` was seen at `now_ms` (when its connection ends); never moves the
+    /// time back.
+    pub fn node_seen(&self, name: &str, now_ms: i64) -> Result<(), StoreError> {
+        let conn = self.lock();
+        conn.execute(
+            "UPDATE nodes SET last_seen_ms = MAX(last_seen_ms, ?2) WHERE name = ?1",
+            params![name, now_ms],
+        )?;
+        Ok(())
+    }
+
     /// Every node that ever said hello, by name.
     pub fn nodes(&self) -> Result<Vec<NodeRecord>, StoreError> {
         let conn = self.lock();
@@ -2472,6 +2483,18 @@ mod tests {
                 .unwrap();
         }
         assert!(store.unfinished().unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_node_is_last_seen_when_it_leaves() {
+        let (_dir, store) = open_temp();
+        store.record_node("acme", "10.0.0.1:7000", 100).unwrap();
+        store.node_seen("acme", 5_000).unwrap();
+        store.node_seen("acme", 4_000).unwrap();
+        store.node_seen("nobody", 6_000).unwrap();
+        let nodes = store.nodes().unwrap();
+        assert_eq!(nodes.len(), 1);
+        assert_eq!(nodes[0].last_seen_ms, 5_000);
     }
 
     #[test]

@@ -99,7 +99,9 @@ pub enum AuditEvent {
         columns: Vec<String>,
         /// Rows read from the source.
         rows_read: u64,
-        /// Rows rejected (unparsable identifiers).
+        /// Rows rejected: an identifier that does not normalise, or (aggregate, overlap-sum) a
+        /// value or group that is not an integer. Kept here, in the node's own log: the
+        /// coordinator is not told.
         rows_rejected: u64,
         /// Rows excluded because consent for the purpose is missing.
         rows_excluded_consent: u64,
