@@ -24,11 +24,11 @@ fn text(out: &Output) -> String {
     )
 }
 
-/// An agreement allowing overlap on customers by phone and by email.
+/// An agreement allowing overlap on customers by phone, by email and by both.
 fn phone_agreement(partner: &str) -> String {
     format!(
         "[[agreement]]\npartner = \"{partner}\"\npurposes = [\"overlap-reporting\"]\n\n\
-         [[agreement.allow]]\ncomputation = \"overlap\"\ndataset = \"customers\"\nkeys = [\"phone\", \"email\"]\n\n"
+         [[agreement.allow]]\ncomputation = \"overlap\"\ndataset = \"customers\"\nkeys = [\"phone\", \"email\", \"email+phone\"]\n\n"
     )
 }
 
@@ -57,28 +57,28 @@ fn overlap(c: &Consortium, key: &str) -> u64 {
 fn phone_formats_overlap_and_forget_by_phone() {
     let mut c = Consortium::new();
     std::fs::create_dir_all(c.path().join("data")).unwrap();
-    // Subjects P1..P5 by their E.164 numbers (national numbering plans, see
+    // Subjects P1..P6 by their E.164 numbers (national numbering plans, see
     // node/testdata/phone_vectors.csv): P1 +442079460018, P2 +14155550123, P3 +49301234567,
     // P4 +14155550199, P5 +61255501234, P6 +33199001234.
     std::fs::write(
         c.path().join("data/acme.csv"),
         "email,phone\n\
-         a1@example.com,+44 (0)20 7946 0018\n\
-         a2@example.com,+44 20 7946 0018\n\
-         a3@example.com,(415) 555-0123\n\
-         a4@example.com,+49 (0)30 1234567\n\
-         a5@example.com,+1 415 555 0199 ext. 12\n\
-         a6@example.com,+61 (0)2 5550 1234\n",
+         p1@example.com,+44 (0)20 7946 0018\n\
+         p1@example.com,+44 20 7946 0018\n\
+         p2@example.com,(415) 555-0123\n\
+         p3@example.com,+49 (0)30 1234567\n\
+         p4@example.com,+1 415 555 0199 ext. 12\n\
+         p5@example.com,+61 (0)2 5550 1234\n",
     )
     .unwrap();
     std::fs::write(
         c.path().join("data/globex.csv"),
         "email,phone\n\
-         g1@example.com,+44 20 7946 0018\n\
-         g2@example.com,415-555-0123\n\
-         g3@example.com,0049 30 1234567\n\
-         g4@example.com,+1 (415) 555-0199\n\
-         g5@example.com,+33 1 99 00 12 34\n",
+         P1@Example.com,+44 20 7946 0018\n\
+         p2@example.com,415-555-0123\n\
+         p3@example.com,0049 30 1234567\n\
+         p4@example.com,+1 (415) 555-0199\n\
+         p6@example.com,+33 1 99 00 12 34\n",
     )
     .unwrap();
     c.start_coordinator();
@@ -88,8 +88,9 @@ fn phone_formats_overlap_and_forget_by_phone() {
         c.start_node(me);
     }
     c.wait_connected(&["acme", "globex"]);
-    // Shared: P1, P2, P3, P4 (P5 and P6 are on one side only).
+    // Shared: P1, P2, P3, P4 (P5 and P6 are on one side only), by phone, by email and by both.
     assert_eq!(overlap(&c, "phone"), 4);
+    assert_eq!(overlap(&c, "email+phone"), 4);
 
     // A value that matches nothing says so.
     let out = node_cli(
@@ -129,6 +130,9 @@ fn phone_formats_overlap_and_forget_by_phone() {
     assert!(t.contains("matches 2 rows in customers"), "{t}");
     assert!(!t.contains("warning"), "{t}");
     assert_eq!(overlap(&c, "phone"), 3);
+    // The subject's rows are excluded whatever the job's key.
+    assert_eq!(overlap(&c, "email"), 3);
+    assert_eq!(overlap(&c, "email+phone"), 3);
 }
 
 /// A node config for `name` in `dir` whose customers dataset is `path` and whose certificate
@@ -142,7 +146,7 @@ fn write_config(dir: &Path, file: &str, name: &str, path: &str, cert: &str) -> S
              [[dataset]]\nname = \"customers\"\npath = \"{path}\"\nconsent = {{ \"overlap-reporting\" = \"consent\" }}\n\n\
              [[dataset.identifier]]\nname = \"email\"\ncolumn = \"email\"\nnormaliser = \"email\"\n\n\
              [[dataset.value]]\ncolumn = \"amount\"\nmin = 0\nmax = 100\n\n{}",
-            phone_agreement("globex").replace("keys = [\"phone\", \"email\"]", "keys = [\"email\"]")
+            phone_agreement("globex").replace("keys = [\"phone\", \"email\", \"email+phone\"]", "keys = [\"email\"]")
         ),
     )
     .unwrap();

@@ -447,11 +447,14 @@ fn run_forget(config: &std::path::Path, dataset: &str, key: &str) -> anyhow::Res
     // identifier, so that a value that matches nothing (a typo, another format) is visible.
     let mut counts = Vec::new();
     let mut here = None;
-    for other in cfg
-        .datasets
-        .iter()
-        .filter(|o| o.identifier(identifier).is_some())
-    {
+    for other in &cfg.datasets {
+        if other.identifier(identifier).is_none() {
+            counts.push(format!(
+                "none in {} (no identifier '{identifier}')",
+                other.name
+            ));
+            continue;
+        }
         let n = store.matching_rows(other, identifier, value);
         if other.name == dataset {
             here = n.as_ref().ok().copied();
