@@ -9,6 +9,9 @@
 
 use std::net::SocketAddr;
 
+/// Longest wait for a DNS answer.
+pub const RESOLVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// A `host:port` address: an IP literal, or a DNS name resolved when dialled.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct HostPort {
@@ -21,8 +24,8 @@ pub struct HostPort {
 /// Why a `host:port` address is not one.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error(
-    "'{text}' is not a host:port address (e.g. coord.example.com:7400, 10.0.0.1:7400, \
-     [2001:db8::1]:7400): {why}"
+    "'{}' is not a host:port address (e.g. coord.example.com:7400, 10.0.0.1:7400, \
+     [2001:db8::1]:7400): {why}", .text.escape_default()
 )]
 pub struct BadHostPort {
     /// The text given (an address, not a secret).
@@ -49,13 +52,24 @@ impl HostPort {
 
     /// Resolves the address for a socket bound to `local`: an IPv4 socket can reach only IPv4
     /// addresses, so a name is resolved to its first address of `local`'s family (an IPv6
-    /// socket takes any). An IP literal is returned as it is.
+    /// socket takes any). An IP literal is returned as it is. A lookup that takes longer than
+    /// [`RESOLVE_TIMEOUT`] fails.
     pub async fn resolve_for(&self, local: SocketAddr) -> Result<SocketAddr, std::io::Error> {
         if let Some(addr) = self.literal {
             return Ok(addr);
         }
-        let addrs: Vec<SocketAddr> = tokio::net::lookup_host((self.host.as_str(), self.port))
+        let lookup = tokio::net::lookup_host((self.host.as_str(), self.port));
+        let addrs: Vec<SocketAddr> = tokio::time::timeout(RESOLVE_TIMEOUT, lookup)
             .await
+            .map_err(|_| {
+                std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!(
+                        "cannot resolve '{}': no answer within {RESOLVE_TIMEOUT:?}",
+                        self.host
+                    ),
+                )
+            })?
             .map_err(|e| {
                 std::io::Error::new(e.kind(), format!("cannot resolve '{}': {e}", self.host))
             })?
