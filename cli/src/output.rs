@@ -179,7 +179,11 @@ pub fn print_job(job: &JobInfo, format: Format) {
                 };
                 cleanroom_node::outln!(
                     "  {:<10} {} distinct keys, peer sent {}{}; audit head {}",
-                    r.node, o.own_set_size, o.peer_set_size, membership, o.audit_head
+                    r.node,
+                    o.own_set_size,
+                    o.peer_set_size,
+                    membership,
+                    o.audit_head
                 );
             }
             cleanroom_node::out!("{}", history_text(job));
@@ -221,7 +225,11 @@ pub fn print_jobs(jobs: &[JobInfo], format: Format) {
         Format::Table => {
             cleanroom_node::outln!(
                 "{:<22} {:<8} {:<10} {:<20} {:>12}  REASON",
-                "JOB", "KIND", "STATE", "PARTIES", "SHARED"
+                "JOB",
+                "KIND",
+                "STATE",
+                "PARTIES",
+                "SHARED"
             );
             for j in jobs {
                 let v = job_json(j);
@@ -271,7 +279,9 @@ pub fn print_nodes(nodes: &[NodeInfo], format: Format) {
         Format::Table => {
             cleanroom_node::outln!(
                 "{:<20} {:<24} {:<10} LAST SEEN",
-                "NODE", "DATA PLANE", "CONNECTED"
+                "NODE",
+                "DATA PLANE",
+                "CONNECTED"
             );
             for n in nodes {
                 cleanroom_node::outln!(
@@ -345,7 +355,9 @@ pub fn print_schedule(s: &ScheduleInfo, format: Format) {
         ),
         Format::Csv if s.runs.is_empty() => print_schedules(std::slice::from_ref(s), Format::Csv),
         Format::Csv => {
-            cleanroom_node::outln!("schedule,scheduled_for,attempt,job_id,state,intersection,note,reason");
+            cleanroom_node::outln!(
+                "schedule,scheduled_for,attempt,job_id,state,intersection,note,reason"
+            );
             for r in &s.runs {
                 cleanroom_node::outln!(
                     "{},{},{},{},{},{},{},{}",
@@ -406,7 +418,8 @@ pub fn print_schedule(s: &ScheduleInfo, format: Format) {
             cleanroom_node::outln!("owner      {}", s.owner);
             cleanroom_node::outln!(
                 "retries    up to {}, backoff {}s doubling",
-                s.max_retries, s.backoff_base_secs
+                s.max_retries,
+                s.backoff_base_secs
             );
             cleanroom_node::outln!("next run   {}", opt_time(s.next_run_ms));
             cleanroom_node::outln!("last fired {}", opt_time(s.last_fired_ms));
@@ -414,7 +427,11 @@ pub fn print_schedule(s: &ScheduleInfo, format: Format) {
                 cleanroom_node::outln!("runs");
                 cleanroom_node::outln!(
                     "  {:<21} {:>3} {:<22} {:<13} {:>12}  NOTE / REASON",
-                    "SCHEDULED FOR", "TRY", "JOB", "STATE", "SHARED"
+                    "SCHEDULED FOR",
+                    "TRY",
+                    "JOB",
+                    "STATE",
+                    "SHARED"
                 );
                 for r in &s.runs {
                     let why = if r.job_reason.is_empty() {
@@ -481,7 +498,12 @@ pub fn print_schedules(list: &[ScheduleInfo], format: Format) {
         Format::Table => {
             cleanroom_node::outln!(
                 "{:<20} {:<8} {:<16} {:<14} {:<8} {:<16} NEXT RUN",
-                "SCHEDULE", "STATUS", "CRON", "TIMEZONE", "KIND", "PARTIES"
+                "SCHEDULE",
+                "STATUS",
+                "CRON",
+                "TIMEZONE",
+                "KIND",
+                "PARTIES"
             );
             for s in list {
                 let spec = s.spec.clone().unwrap_or_default();
