@@ -640,7 +640,7 @@ fn small_things_a_new_user_trips_over() {
     let agreement = |partner: &str| {
         format!(
             "[[agreement]]\npartner = \"{partner}\"\npurposes = [\"overlap-reporting\"]\nexpires = \"2099-12-31\"\n\n\
-             [[agreement.allow]]\ncomputation = \"overlap\"\ndataset = \"customers\"\nkeys = [\"email\", \"email,phone\"]\nepsilon = 1.0\n\n"
+             [[agreement.allow]]\ncomputation = \"overlap\"\ndataset = \"customers\"\nkeys = [\"email\", \"email,phone\"]\n\n"
         )
     };
     for (me, other) in [("acme", "globex"), ("globex", "acme")] {
