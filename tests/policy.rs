@@ -429,9 +429,11 @@ fn forgotten_subjects_leave_the_overlap() {
             "forget failed: {}",
             String::from_utf8_lossy(&out.stderr)
         );
+        // It says how many rows the key matches today (issue 18: a miss must be visible).
         assert_eq!(
             String::from_utf8_lossy(&out.stdout).trim(),
-            "forgotten: 1 subject in dataset customers (effective for all future jobs)"
+            "forgotten: 1 subject in dataset customers (effective for all future jobs); email \
+             matches 1 row in customers today"
         );
     }
     // Unknown dataset, unknown identifier and a value that does not normalise are refused.

@@ -13,7 +13,7 @@ use cleanroom_transport::Credentials;
 use crate::args::ConnArgs;
 use crate::ui::spinner;
 
-/// Connects with the analyst's certificate.
+/// Connects with the analyst's certificate (as every analyst command does).
 pub async fn connect(conn: &ConnArgs) -> anyhow::Result<AnalystClient> {
     let (Some(cert), Some(key)) = (&conn.cert, &conn.key) else {
         bail!(
@@ -21,7 +21,13 @@ pub async fn connect(conn: &ConnArgs) -> anyhow::Result<AnalystClient> {
         );
     };
     let creds = Credentials::load(&conn.ca, cert, key)?;
-    AnalystClient::connect(conn.coordinator, &creds)
+    // The TLS server name is the coordinator's consortium identity, not this host name.
+    let addr = conn
+        .coordinator
+        .resolve()
+        .await
+        .with_context(|| format!("connecting to the coordinator at {}", conn.coordinator))?;
+    AnalystClient::connect(addr, &creds)
         .await
         .with_context(|| format!("connecting to the coordinator at {}", conn.coordinator))
 }

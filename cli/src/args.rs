@@ -1,7 +1,6 @@
 //! The command line, with clap derive. Every command's `--help` says what it does and what it
 //! needs.
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -146,14 +145,14 @@ pub enum CoordinatorCommand {
 /// How the analyst CLI reaches and authenticates to the coordinator.
 #[derive(Debug, Clone, Args)]
 pub struct ConnArgs {
-    /// The coordinator's address.
+    /// The coordinator's address: `host:port`, with a DNS name or an IP address.
     #[arg(
         long,
         env = "CLEANROOM_COORDINATOR",
         default_value = "127.0.0.1:7400",
         global = true
     )]
-    pub coordinator: SocketAddr,
+    pub coordinator: cleanroom_transport::HostPort,
     /// The consortium CA certificate.
     #[arg(
         long,
@@ -466,8 +465,8 @@ pub struct SubmitArgs {
     /// party.
     #[arg(long, required = true)]
     pub dataset: Vec<String>,
-    /// Join key(s): identifier names declared in the nodes' configs, e.g. `email` or
-    /// `email,phone` for a composite key.
+    /// Join key(s): identifier names declared in the nodes' configs, e.g. `email`, or
+    /// `email+phone` (also written `email,phone`) for a composite key.
     #[arg(long, value_delimiter = ',')]
     pub on: Vec<String>,
     /// What an `aggregate` or `overlap-sum` job groups and sums (boxed: the other kinds do not
@@ -496,6 +495,18 @@ pub struct SubmitArgs {
     /// For `overlap-matrix`: write the matrix here instead of standard output.
     #[arg(long)]
     pub out: Option<PathBuf>,
+}
+
+impl SubmitArgs {
+    /// The join key's parts: `--on email+phone` and `--on email,phone` are the same composite
+    /// key (as `keys = ["email+phone"]` and `["email,phone"]` are in a node's config).
+    pub fn keys(&self) -> Vec<String> {
+        self.on
+            .iter()
+            .flat_map(|k| k.split('+'))
+            .map(|k| k.trim().to_owned())
+            .collect()
+    }
 }
 
 /// The `aggregate` and `overlap-sum` options of `job submit`.

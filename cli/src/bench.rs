@@ -99,7 +99,7 @@ async fn psi(args: BenchPsiArgs) -> anyhow::Result<ExitCode> {
 
     let wall = median(&mut walls);
     let ratio = wall / floor_secs;
-    println!(
+    cleanroom_node::outln!(
         "bench psi: overlap of {} × {} items ({:.0}% shared), {} cores, {} run(s)",
         args.n,
         args.n,
@@ -107,11 +107,11 @@ async fn psi(args: BenchPsiArgs) -> anyhow::Result<ExitCode> {
         cores,
         walls.len()
     );
-    println!(
+    cleanroom_node::outln!(
         "curve backend:            {} (picked at run time; the nodes run the same build)",
         cleanroom_circuits::curve_backend()
     );
-    println!(
+    cleanroom_node::outln!(
         "floor per item per party: {:.1} µs = hash-to-group {:.1} + 2 × scalar mul {:.1} + 2 × encode {:.1} + decode {:.1}",
         floor.per_item_ns() / 1e3,
         floor.hash_to_group_ns / 1e3,
@@ -119,26 +119,26 @@ async fn psi(args: BenchPsiArgs) -> anyhow::Result<ExitCode> {
         floor.compress_ns / 1e3,
         floor.decompress_ns / 1e3
     );
-    println!(
+    cleanroom_node::outln!(
         "floor for the job:        {floor_secs:.2} s  (2 × {} items × per-item cost / {cores} cores)",
         args.n
     );
-    println!("wall (submit → result):   {wall:.2} s  (median)");
-    println!("ratio wall / floor:       {ratio:.3}");
-    println!(
+    cleanroom_node::outln!("wall (submit → result):   {wall:.2} s  (median)");
+    cleanroom_node::outln!("ratio wall / floor:       {ratio:.3}");
+    cleanroom_node::outln!(
         "throughput per side:      {:.0} items/s",
         args.n as f64 / wall
     );
     for (name, rss) in &rss {
         match rss {
-            Some(b) => println!(
+            Some(b) => cleanroom_node::outln!(
                 "peak RSS {name:<8}          {:.1} MiB",
                 *b as f64 / (1024.0 * 1024.0)
             ),
-            None => println!("peak RSS {name:<8}          unavailable"),
+            None => cleanroom_node::outln!("peak RSS {name:<8}          unavailable"),
         }
     }
-    println!(
+    cleanroom_node::outln!(
         "result:                   {}",
         if correct {
             "correct (equals the ground truth)"
@@ -147,7 +147,7 @@ async fn psi(args: BenchPsiArgs) -> anyhow::Result<ExitCode> {
         }
     );
     if args.json {
-        println!(
+        cleanroom_node::outln!(
             "{}",
             json!({
                 "n": args.n, "overlap": args.overlap, "cores": cores, "runs": walls.len(),
@@ -336,7 +336,7 @@ async fn aggregate(args: BenchAggregateArgs) -> anyhow::Result<ExitCode> {
     let wall = median(&mut walls);
     let fetch = median(&mut fetches);
     let cores = cores();
-    println!(
+    cleanroom_node::outln!(
         "bench aggregate: {} {} groups (+ other) × 2 columns over {} parties, {} chargebacks per party, {} run(s), {cores} cores",
         args.groups,
         if args.integer_groups {
@@ -354,25 +354,25 @@ async fn aggregate(args: BenchAggregateArgs) -> anyhow::Result<ExitCode> {
             .collect::<Vec<_>>()
             .join(", ")
     };
-    println!(
+    cleanroom_node::outln!(
         "wall (submit → result):   {wall:.2} s  (median; runs: {})",
         list(&run_walls)
     );
-    println!(
+    cleanroom_node::outln!(
         "result fetch (all pages): {fetch:.2} s  (median; runs: {})",
         list(&run_fetches)
     );
     if args.integer_groups {
-        println!(
+        cleanroom_node::outln!(
             "groups released:          {released} (the rest suppressed below the minimum result)"
         );
     }
     for (node, to_peers, to_coordinator) in &bytes {
-        println!(
+        cleanroom_node::outln!(
             "bytes sent by {node:<6}      {to_peers} B to peers, {to_coordinator} B to the coordinator"
         );
     }
-    println!(
+    cleanroom_node::outln!(
         "result:                   {}",
         match (correct, args.integer_groups) {
             (true, false) => "correct (every category within 6 sd of the ground truth)",
@@ -382,7 +382,7 @@ async fn aggregate(args: BenchAggregateArgs) -> anyhow::Result<ExitCode> {
         }
     );
     if args.json {
-        println!(
+        cleanroom_node::outln!(
             "{}",
             json!({
                 "groups": args.groups, "integer_groups": args.integer_groups,
@@ -541,23 +541,23 @@ fn aggregate_in_process(args: &BenchAggregateArgs) -> anyhow::Result<ExitCode> {
     // partial in frames of 65 536 cells.
     let partial_bytes =
         encode_cells(&vec![0u64; cells]).len() as u64 + cells.div_ceil(1 << 16) as u64 * 64;
-    println!(
+    cleanroom_node::outln!(
         "bench aggregate --in-process: {groups} groups × {columns} columns over {n} parties, {} run(s), ε = 1",
         walls.len()
     );
-    println!(
+    cleanroom_node::outln!(
         "wall, all parties in turn on this thread pool: {wall:.2} s (median); per stage (mean over runs, all parties): split {:.2} s, expand peers' seeds {:.2} s, noise {:.2} s, reconstruct {:.2} s",
         stages[0] / runs,
         stages[1] / runs,
         stages[2] / runs,
         stages[3] / runs
     );
-    println!(
+    cleanroom_node::outln!(
         "one party's share of the work ≈ {:.2} s; bytes sent per party ≈ {} B to peers (seeds), {partial_bytes} B to the coordinator (partial)",
         (stages[0] + stages[1] + stages[2]) / runs / n as f64,
         (n as u64 - 1) * 124
     );
-    println!(
+    cleanroom_node::outln!(
         "result:                   {}",
         if correct {
             "correct (within 6 sd)"

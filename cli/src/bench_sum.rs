@@ -161,17 +161,17 @@ pub async fn run(args: BenchPsiArgs) -> anyhow::Result<ExitCode> {
     let ratio = sum / overlap;
     let last = |v: &[Vec<u64>]| v.last().cloned().unwrap_or_default();
     let (ob, sb) = (last(&overlap_bytes), last(&sum_bytes));
-    println!(
+    cleanroom_node::outln!(
         "bench overlap-sum: {} × {} items ({:.0}% shared), a count and 2 value columns, {cores} cores, {runs} run(s) of each",
         args.n,
         args.n,
         args.overlap * 100.0
     );
-    println!("overlap      wall {overlap:.2} s (median)");
-    println!("overlap-sum  wall {sum:.2} s (median)");
-    println!("ratio overlap-sum / overlap: {ratio:.2}");
+    cleanroom_node::outln!("overlap      wall {overlap:.2} s (median)");
+    cleanroom_node::outln!("overlap-sum  wall {sum:.2} s (median)");
+    cleanroom_node::outln!("ratio overlap-sum / overlap: {ratio:.2}");
     for (i, p) in PARTNERS.iter().enumerate() {
-        println!(
+        cleanroom_node::outln!(
             "bytes sent by {p:<8} overlap {:>12}  overlap-sum {:>12}  ({})",
             ob.get(i).copied().unwrap_or(0),
             sb.get(i).copied().unwrap_or(0),
@@ -180,13 +180,13 @@ pub async fn run(args: BenchPsiArgs) -> anyhow::Result<ExitCode> {
     }
     for (name, rss) in &rss {
         if let Some(b) = rss {
-            println!(
+            cleanroom_node::outln!(
                 "peak RSS {name:<8} {:.1} MiB (both jobs)",
                 *b as f64 / (1024.0 * 1024.0)
             );
         }
     }
-    println!(
+    cleanroom_node::outln!(
         "result: {}",
         if correct {
             "correct (overlap exact; sums within 15 sd of the truth)"
@@ -195,7 +195,7 @@ pub async fn run(args: BenchPsiArgs) -> anyhow::Result<ExitCode> {
         }
     );
     if args.json {
-        println!(
+        cleanroom_node::outln!(
             "{}",
             json!({
                 "n": args.n, "overlap": args.overlap, "cores": cores, "runs": runs,

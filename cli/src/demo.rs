@@ -94,19 +94,21 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
     cluster.stop().await?;
     progress.finish_and_clear();
 
-    println!(
+    cleanroom_node::outln!(
         "cleanroom demo — {} rows per partner, seed {}, working directory {}",
         args.rows,
         args.seed,
         dir.display()
     );
-    println!();
-    println!("JOB      ID                     STATE          RESULT      TRUTH     TIME  CHECK");
+    cleanroom_node::outln!();
+    cleanroom_node::outln!(
+        "JOB      ID                     STATE          RESULT      TRUTH     TIME  CHECK"
+    );
     let mut all_ok = true;
     for (name, job, elapsed) in &jobs {
         let (result, ok) = check(job, expected);
         all_ok &= ok;
-        println!(
+        cleanroom_node::outln!(
             "{:<8} {:<22} {:<10} {:>10} {:>10} {:>7.2}s  {}",
             name,
             job.job_id,
@@ -117,28 +119,30 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
             if ok { "ok" } else { "WRONG" }
         );
         if job.state != JobState::Succeeded as i32 {
-            println!("         reason: {}", job.reason);
+            cleanroom_node::outln!("         reason: {}", job.reason);
         }
         for r in &job.results {
             if let Some(o) = r.outcome.as_ref().filter(|o| o.learned_membership) {
-                println!(
+                cleanroom_node::outln!(
                     "         {} learned which {} of its rows are shared (row numbers in {})",
-                    r.node, o.matched_rows, o.membership_file
+                    r.node,
+                    o.matched_rows,
+                    o.membership_file
                 );
             }
         }
     }
-    println!();
+    cleanroom_node::outln!();
     all_ok &= print_overlap_sum(&sum_job, &truth, sum_elapsed);
-    println!();
-    println!(
+    cleanroom_node::outln!();
+    cleanroom_node::outln!(
         "Neither node saw the other's records; the coordinator saw only the counts and noised \
          totals above."
     );
     if args.keep.is_some() {
-        println!("Logs, configs and data are kept in {}.", dir.display());
+        cleanroom_node::outln!("Logs, configs and data are kept in {}.", dir.display());
     } else {
-        println!(
+        cleanroom_node::outln!(
             "The working directory is removed now; run `cleanroom demo --keep DIR` to keep its data, configs, logs, audit logs and membership files."
         );
     }
@@ -170,7 +174,7 @@ const DEMO_SDS: f64 = 15.0;
 /// Prints the overlap-sum's noised cells next to the truth; returns whether every released
 /// figure is within [`DEMO_SDS`] standard deviations of its noise (exact figures must be equal).
 fn print_overlap_sum(job: &JobInfo, truth: &GroundTruth, elapsed: Duration) -> bool {
-    println!(
+    cleanroom_node::outln!(
         "overlap-sum {} {} in {:.2}s: acme's emails × globex's amount_cents by category",
         job.job_id,
         state_name(job.state),
@@ -179,16 +183,20 @@ fn print_overlap_sum(job: &JobInfo, truth: &GroundTruth, elapsed: Duration) -> b
     let Some(release) =
         crate::sum_output::release(job).filter(|_| job.state == JobState::Succeeded as i32)
     else {
-        println!("         reason: {}", job.reason);
+        cleanroom_node::outln!("         reason: {}", job.reason);
         return false;
     };
     let sd = |i: usize| crate::sum_output::column_sd(release, i);
     let close = |noised: i64, exact: u64, sd: f64| {
         (noised as f64 - exact as f64).abs() <= DEMO_SDS * sd.max(0.0) + 0.5
     };
-    println!(
+    cleanroom_node::outln!(
         "  {:<12} {:>10} {:>10} {:>16} {:>16}  CHECK",
-        "CATEGORY", "SHARED", "TRUTH", "AMOUNT", "TRUTH"
+        "CATEGORY",
+        "SHARED",
+        "TRUTH",
+        "AMOUNT",
+        "TRUTH"
     );
     let expected = &truth.shared_sums["globex"];
     let mut ok = !release.withheld;
@@ -198,7 +206,7 @@ fn print_overlap_sum(job: &JobInfo, truth: &GroundTruth, elapsed: Duration) -> b
             // Only a small true count may be suppressed.
             let fine = (t.count as f64) < release.min_result as f64 + DEMO_SDS * sd(0);
             ok &= fine;
-            println!(
+            cleanroom_node::outln!(
                 "  {:<12} {:>10} {:>10} {:>16} {:>16}  {}",
                 g.label,
                 "suppressed",
@@ -215,7 +223,7 @@ fn print_overlap_sum(job: &JobInfo, truth: &GroundTruth, elapsed: Duration) -> b
         );
         let fine = close(count, t.count, sd(0)) && close(amount, t.amount, sd(1));
         ok &= fine;
-        println!(
+        cleanroom_node::outln!(
             "  {:<12} {:>10} {:>10} {:>16} {:>16}  {}",
             g.label,
             count,
@@ -225,7 +233,7 @@ fn print_overlap_sum(job: &JobInfo, truth: &GroundTruth, elapsed: Duration) -> b
             if fine { "ok" } else { "WRONG" }
         );
     }
-    println!(
+    cleanroom_node::outln!(
         "  noise: discrete Laplace added under encryption by acme, ε {} (count ±{:.1}, amount \
          ±{:.0} one sd); globex decrypted only the noised totals",
         release.epsilon,

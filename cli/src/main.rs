@@ -37,6 +37,7 @@ fn main() -> ExitCode {
     cleanroom_node::cli::init_tracing();
     match execute(cli.command) {
         Ok(code) => code,
+        Err(e) if cleanroom_node::cli::is_broken_pipe(&e) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
@@ -56,7 +57,7 @@ fn execute(command: Command) -> anyhow::Result<ExitCode> {
             match command {
                 PkiCommand::Init { dir, consortium } => {
                     let paths = cleanroom_transport::pki::init_ca(&dir, &consortium)?;
-                    println!(
+                    cleanroom_node::outln!(
                         "consortium CA written: {} (keep {} secret)",
                         paths.cert.display(),
                         paths.key.display()
@@ -72,7 +73,7 @@ fn execute(command: Command) -> anyhow::Result<ExitCode> {
                     };
                     let out = out.unwrap_or_else(|| dir.clone());
                     let paths = cleanroom_transport::pki::issue(&dir, &identity, &out)?;
-                    println!(
+                    cleanroom_node::outln!(
                         "certificate for {identity}: {} (key {})",
                         paths.cert.display(),
                         paths.key.display()
@@ -89,7 +90,7 @@ fn execute(command: Command) -> anyhow::Result<ExitCode> {
                 seed: args.seed,
             };
             let truth = synth::write_synth(&spec, &args.out)?;
-            println!("{}", serde_json::to_string_pretty(&truth)?);
+            cleanroom_node::outln!("{}", serde_json::to_string_pretty(&truth)?);
             Ok(ExitCode::SUCCESS)
         }
         Command::Coordinator {
@@ -108,9 +109,10 @@ fn execute(command: Command) -> anyhow::Result<ExitCode> {
                 });
                 cleanroom_coordinator::serve(cfg, rx, |addr| {
                     // Supervisors (the demo, the tests) read this line to learn a port-0 address.
-                    println!("listening {addr}");
+                    // A server does not stop because nobody reads its standard output.
                     use std::io::Write;
-                    let _ = std::io::stdout().flush();
+                    let mut out = std::io::stdout();
+                    let _ = writeln!(out, "listening {addr}").and_then(|()| out.flush());
                 })
                 .await
             })?;

@@ -111,7 +111,7 @@ pub fn matrix_json(matrix: &OverlapMatrix, pairs: &[PairResult], args: &SubmitAr
         "title": matrix.title,
         "parties": matrix.parties,
         "dataset": args.dataset,
-        "on": args.on,
+        "on": args.keys(),
         "purpose": args.purpose,
         "cells": matrix.cells.iter().map(|row| row.iter().map(cell_json).collect::<Vec<_>>()).collect::<Vec<_>>(),
         "pairs": pairs.iter().map(|p| {
@@ -277,7 +277,7 @@ pub async fn run(conn: &ConnArgs, args: &SubmitArgs) -> anyhow::Result<ExitCode>
     let title = format!(
         "Overlap of {} on {} ({})",
         args.dataset.join(", "),
-        args.on.join("+"),
+        args.keys().join("+"),
         args.purpose
     );
     let matrix = build_matrix(&title, parties, &pairs);
@@ -295,7 +295,7 @@ pub async fn run(conn: &ConnArgs, args: &SubmitArgs) -> anyhow::Result<ExitCode>
             std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))?;
             eprintln!("overlap matrix written to {}", path.display());
         }
-        None => print!("{text}"),
+        None => cleanroom_node::out!("{text}"),
     }
     // Forbidden and suppressed pairs are answers; a failed pair is not.
     let failed = pairs

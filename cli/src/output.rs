@@ -5,7 +5,9 @@ use cleanroom_proto::v1::{JobInfo, NodeInfo, NoiseTerm, ScheduleInfo};
 use serde_json::{Value, json};
 
 use crate::args::Format;
-use crate::text::{csv_field, keys, kind_name, parties, print_json, state_line, time};
+use crate::text::{
+    csv_field, history_text, keys, kind_name, parties, print_json, state_line, time,
+};
 
 /// A job as JSON (stable field names, for scripts).
 pub fn job_json(job: &JobInfo) -> Value {
@@ -91,33 +93,33 @@ pub fn print_job(job: &JobInfo, format: Format) {
         Format::Table => {
             let spec = job.spec.clone().unwrap_or_default();
             let (parties, keys) = (parties(&spec), keys(&spec));
-            println!("job        {}", job.job_id);
-            println!(
+            cleanroom_node::outln!("job        {}", job.job_id);
+            cleanroom_node::outln!(
                 "kind       {} on {} between {}",
                 kind_name(spec.kind),
                 keys,
                 parties.join(" and ")
             );
-            println!("purpose    {}", spec.purpose);
-            println!("{}", state_line(job));
-            println!(
+            cleanroom_node::outln!("purpose    {}", spec.purpose);
+            cleanroom_node::outln!("{}", state_line(job));
+            cleanroom_node::outln!(
                 "submitted  {} by {}",
                 time(job.created_ms),
                 job.submitted_by
             );
             if let Some(o) = job.results.first().and_then(|r| r.outcome.as_ref()) {
                 if o.suppressed {
-                    println!(
+                    cleanroom_node::outln!(
                         "result     withheld by an agreement (below its minimum result, or not \
                          releasable to the coordinator)"
                     );
                 } else if o.noise.is_empty() {
-                    println!("result     {} shared", o.intersection);
+                    cleanroom_node::outln!("result     {} shared", o.intersection);
                 } else {
-                    println!("result     {} shared (noised)", o.intersection);
+                    cleanroom_node::outln!("result     {} shared (noised)", o.intersection);
                 }
                 if let Some(line) = noise_line(&o.noise) {
-                    println!("noise      {line}");
+                    cleanroom_node::outln!("noise      {line}");
                 }
             }
             for r in &job.results {
@@ -130,20 +132,16 @@ pub fn print_job(job: &JobInfo, format: Format) {
                 } else {
                     String::new()
                 };
-                println!(
+                cleanroom_node::outln!(
                     "  {:<10} {} distinct keys, peer sent {}{}; audit head {}",
-                    r.node, o.own_set_size, o.peer_set_size, membership, o.audit_head
+                    r.node,
+                    o.own_set_size,
+                    o.peer_set_size,
+                    membership,
+                    o.audit_head
                 );
             }
-            println!("history");
-            for h in &job.history {
-                println!(
-                    "  {}  {:<10} {}",
-                    time(h.at_ms),
-                    state_name(h.state),
-                    h.reason
-                );
-            }
+            cleanroom_node::out!("{}", history_text(job));
         }
     }
 }
@@ -156,11 +154,11 @@ pub fn print_jobs(jobs: &[JobInfo], format: Format) {
             print_json(&list);
         }
         Format::Csv => {
-            println!("job_id,kind,state,purpose,parties,intersection,created,reason");
+            cleanroom_node::outln!("job_id,kind,state,purpose,parties,intersection,created,reason");
             for j in jobs {
                 let v = job_json(j);
                 let parties = party_names(j);
-                println!(
+                cleanroom_node::outln!(
                     "{},{},{},{},{},{},{},{}",
                     j.job_id,
                     v["kind"].as_str().unwrap_or_default(),
@@ -177,14 +175,18 @@ pub fn print_jobs(jobs: &[JobInfo], format: Format) {
             }
         }
         Format::Table => {
-            println!(
+            cleanroom_node::outln!(
                 "{:<22} {:<8} {:<10} {:<20} {:>12}  REASON",
-                "JOB", "KIND", "STATE", "PARTIES", "SHARED"
+                "JOB",
+                "KIND",
+                "STATE",
+                "PARTIES",
+                "SHARED"
             );
             for j in jobs {
                 let v = job_json(j);
                 let parties = party_names(j);
-                println!(
+                cleanroom_node::outln!(
                     "{:<22} {:<8} {:<10} {:<20} {:>12}  {}",
                     j.job_id,
                     v["kind"].as_str().unwrap_or_default(),
@@ -212,9 +214,9 @@ pub fn print_nodes(nodes: &[NodeInfo], format: Format) {
             print_json(&list);
         }
         Format::Csv => {
-            println!("name,data_addr,connected,last_seen");
+            cleanroom_node::outln!("name,data_addr,connected,last_seen");
             for n in nodes {
-                println!(
+                cleanroom_node::outln!(
                     "{},{},{},{}",
                     n.name,
                     n.data_addr,
@@ -224,12 +226,14 @@ pub fn print_nodes(nodes: &[NodeInfo], format: Format) {
             }
         }
         Format::Table => {
-            println!(
+            cleanroom_node::outln!(
                 "{:<20} {:<24} {:<10} LAST SEEN",
-                "NODE", "DATA PLANE", "CONNECTED"
+                "NODE",
+                "DATA PLANE",
+                "CONNECTED"
             );
             for n in nodes {
-                println!(
+                cleanroom_node::outln!(
                     "{:<20} {:<24} {:<10} {}",
                     n.name,
                     n.data_addr,
@@ -297,9 +301,11 @@ pub fn print_schedule(s: &ScheduleInfo, format: Format) {
         Format::Json => print_json(&schedule_json(s)),
         Format::Csv if s.runs.is_empty() => print_schedules(std::slice::from_ref(s), Format::Csv),
         Format::Csv => {
-            println!("schedule,scheduled_for,attempt,job_id,state,intersection,note,reason");
+            cleanroom_node::outln!(
+                "schedule,scheduled_for,attempt,job_id,state,intersection,note,reason"
+            );
             for r in &s.runs {
-                println!(
+                cleanroom_node::outln!(
                     "{},{},{},{},{},{},{},{}",
                     s.name,
                     time(r.scheduled_for_ms),
@@ -323,8 +329,8 @@ pub fn print_schedule(s: &ScheduleInfo, format: Format) {
         Format::Table => {
             let spec = s.spec.clone().unwrap_or_default();
             let (parties, keys) = (parties(&spec), keys(&spec));
-            println!("schedule   {} ({})", s.name, schedule_status(s));
-            println!(
+            cleanroom_node::outln!("schedule   {} ({})", s.name, schedule_status(s));
+            cleanroom_node::outln!(
                 "cron       {} ({})",
                 s.cron,
                 if s.timezone.is_empty() {
@@ -333,31 +339,36 @@ pub fn print_schedule(s: &ScheduleInfo, format: Format) {
                     &s.timezone
                 }
             );
-            println!(
+            cleanroom_node::outln!(
                 "job        {} on {} between {}",
                 kind_name(spec.kind),
                 keys,
                 parties.join(" and ")
             );
-            println!("purpose    {}", spec.purpose);
+            cleanroom_node::outln!("purpose    {}", spec.purpose);
             if !s.on_done.is_empty() {
-                println!("on done    {}", s.on_done);
+                cleanroom_node::outln!("on done    {}", s.on_done);
             }
             if !s.notify_dir.is_empty() {
-                println!("notify     {}", s.notify_dir);
+                cleanroom_node::outln!("notify     {}", s.notify_dir);
             }
-            println!("owner      {}", s.owner);
-            println!(
+            cleanroom_node::outln!("owner      {}", s.owner);
+            cleanroom_node::outln!(
                 "retries    up to {}, backoff {}s doubling",
-                s.max_retries, s.backoff_base_secs
+                s.max_retries,
+                s.backoff_base_secs
             );
-            println!("next run   {}", opt_time(s.next_run_ms));
-            println!("last fired {}", opt_time(s.last_fired_ms));
+            cleanroom_node::outln!("next run   {}", opt_time(s.next_run_ms));
+            cleanroom_node::outln!("last fired {}", opt_time(s.last_fired_ms));
             if !s.runs.is_empty() {
-                println!("runs");
-                println!(
+                cleanroom_node::outln!("runs");
+                cleanroom_node::outln!(
                     "  {:<21} {:>3} {:<22} {:<13} {:>12}  NOTE / REASON",
-                    "SCHEDULED FOR", "TRY", "JOB", "STATE", "SHARED"
+                    "SCHEDULED FOR",
+                    "TRY",
+                    "JOB",
+                    "STATE",
+                    "SHARED"
                 );
                 for r in &s.runs {
                     let why = if r.job_reason.is_empty() {
@@ -365,7 +376,7 @@ pub fn print_schedule(s: &ScheduleInfo, format: Format) {
                     } else {
                         format!("{} — {}", r.note, r.job_reason)
                     };
-                    println!(
+                    cleanroom_node::outln!(
                         "  {:<21} {:>3} {:<22} {:<13} {:>12}  {}",
                         time(r.scheduled_for_ms),
                         r.attempt,
@@ -396,13 +407,13 @@ pub fn print_schedules(list: &[ScheduleInfo], format: Format) {
             print_json(&list);
         }
         Format::Csv => {
-            println!(
+            cleanroom_node::outln!(
                 "name,status,cron,timezone,kind,parties,purpose,next_run,last_fired,max_retries,backoff_secs"
             );
             for s in list {
                 let spec = s.spec.clone().unwrap_or_default();
                 let parties: Vec<&str> = spec.parties.iter().map(|p| p.node.as_str()).collect();
-                println!(
+                cleanroom_node::outln!(
                     "{},{},{},{},{},{},{},{},{},{},{}",
                     s.name,
                     schedule_status(s),
@@ -419,14 +430,19 @@ pub fn print_schedules(list: &[ScheduleInfo], format: Format) {
             }
         }
         Format::Table => {
-            println!(
+            cleanroom_node::outln!(
                 "{:<20} {:<8} {:<16} {:<14} {:<8} {:<16} NEXT RUN",
-                "SCHEDULE", "STATUS", "CRON", "TIMEZONE", "KIND", "PARTIES"
+                "SCHEDULE",
+                "STATUS",
+                "CRON",
+                "TIMEZONE",
+                "KIND",
+                "PARTIES"
             );
             for s in list {
                 let spec = s.spec.clone().unwrap_or_default();
                 let parties: Vec<&str> = spec.parties.iter().map(|p| p.node.as_str()).collect();
-                println!(
+                cleanroom_node::outln!(
                     "{:<20} {:<8} {:<16} {:<14} {:<8} {:<16} {}",
                     s.name,
                     schedule_status(s),
@@ -502,5 +518,25 @@ mod tests {
             ..JobInfo::default()
         };
         assert_eq!(job_json(&exact)["noise"], json!([]));
+    }
+
+    /// Every table rendering (overlap, overlap-sum, aggregate) ends with the history, its times
+    /// written as dates, not Unix milliseconds.
+    #[test]
+    fn histories_print_times() {
+        let job = JobInfo {
+            history: vec![cleanroom_proto::v1::StateChange {
+                state: cleanroom_proto::v1::JobState::Succeeded as i32,
+                at_ms: 1_782_864_000_123,
+                reason: "done".into(),
+            }],
+            ..JobInfo::default()
+        };
+        let text = history_text(&job);
+        assert!(
+            text.contains("2026-07-01 00:00:00Z  succeeded  done"),
+            "{text}"
+        );
+        assert!(!text.contains("1782864000123"), "{text}");
     }
 }

@@ -34,7 +34,7 @@ pub async fn run(conn: ConnArgs, args: ReportArgs) -> anyhow::Result<ExitCode> {
                 path.display()
             );
         }
-        None => print!("{text}"),
+        None => cleanroom_node::out!("{text}"),
     }
     Ok(ExitCode::SUCCESS)
 }

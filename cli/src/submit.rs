@@ -69,7 +69,7 @@ pub fn spec_for_pair(
             Ok(PartySpec {
                 node: node.clone(),
                 dataset: dataset_of(node)?,
-                keys: args.on.clone(),
+                keys: args.keys(),
                 learns_membership: reveal.contains(node),
             })
         })

@@ -19,8 +19,8 @@ pub fn print_job(job: &JobInfo, format: Format) -> bool {
     }
     match format {
         Format::Json => print_json(&job_json(job)),
-        Format::Csv => print!("{}", csv(job)),
-        Format::Table => print!("{}", table(job)),
+        Format::Csv => cleanroom_node::out!("{}", csv(job)),
+        Format::Table => cleanroom_node::out!("{}", table(job)),
     }
     true
 }

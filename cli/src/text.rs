@@ -37,7 +37,7 @@ pub fn parties(spec: &JobSpec) -> Vec<String> {
 pub fn keys(spec: &JobSpec) -> String {
     spec.parties
         .first()
-        .map(|p| p.keys.join(","))
+        .map(|p| p.keys.join("+"))
         .unwrap_or_default()
 }
 
@@ -51,14 +51,14 @@ pub fn state_line(job: &JobInfo) -> String {
     }
 }
 
-/// A job's state history as the table renderings end with: a `history` line, then one line per
-/// change (Unix ms, state, reason).
+/// A job's state history as every table rendering ends with: a `history` line, then one line
+/// per change (time, state, reason).
 pub fn history_text(job: &JobInfo) -> String {
     let mut out = String::from("history\n");
     for h in &job.history {
         out.push_str(&format!(
             "  {}  {:<10} {}\n",
-            h.at_ms,
+            time(h.at_ms),
             state_name(h.state),
             h.reason
         ));
@@ -68,7 +68,7 @@ pub fn history_text(job: &JobInfo) -> String {
 
 /// Prints `value` as pretty JSON on standard output.
 pub fn print_json(value: &impl serde::Serialize) {
-    println!(
+    cleanroom_node::outln!(
         "{}",
         serde_json::to_string_pretty(value).unwrap_or_default()
     );

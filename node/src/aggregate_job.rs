@@ -133,7 +133,7 @@ pub async fn serve_offer(
     let result = async {
         tracing::info!(partner = %job.terms.permit.partner, purpose = %job.spec.purpose, "aggregate offer accepted");
         send.send(&reply(true, String::new())).await?;
-        let peers = job.await_start(recv).await?;
+        let peers = job.await_start(&endpoint, recv).await?;
         let Some(peers) = peers else {
             tracing::info!("job withdrawn by the coordinator before it started");
             return Ok(());
@@ -199,6 +199,7 @@ impl AggregateJob {
     /// Waits for Start and checks that it names exactly our peers. `None`: withdrawn.
     async fn await_start(
         &self,
+        endpoint: &quinn::Endpoint,
         recv: &mut FramedRecv,
     ) -> Result<Option<Vec<(String, SocketAddr)>>, NodeError> {
         let start = match tokio::time::timeout(START_TIMEOUT, recv.recv()).await {
@@ -235,12 +236,7 @@ impl AggregateJob {
                     format!("Start gives no address for party '{peer}'"),
                 ));
             };
-            let addr: SocketAddr = addr.parse().map_err(|_| {
-                protocol(
-                    "coordinator",
-                    format!("bad data-plane address for '{peer}'"),
-                )
-            })?;
+            let addr = crate::control::resolve_peer(endpoint, addr).await?;
             peers.push((peer.clone(), addr));
         }
         Ok(Some(peers))

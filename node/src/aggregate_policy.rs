@@ -114,8 +114,9 @@ pub fn check_offer_at(
     }
     let Some(dataset) = cfg.dataset(&mine.dataset) else {
         return Err(veto(format!(
-            "dataset {} does not exist on node {}",
-            mine.dataset, cfg.name
+            "node '{}' has no dataset '{}'",
+            cfg.name,
+            mine.dataset.escape_default()
         )));
     };
     let consent_column = dataset.consent_column(&spec.purpose).map(str::to_owned);

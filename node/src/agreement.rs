@@ -285,6 +285,15 @@ pub fn check_offer_at(
     }
     let keys = KeySpec::new(mine.keys.iter().cloned());
     let key = key_name(&keys);
+    // Said as it is: a job for a dataset this node does not have is not a matter of what the
+    // agreement allows.
+    if cfg.dataset(&mine.dataset).is_none() {
+        return Err(veto(format!(
+            "node '{}' has no dataset '{}'",
+            cfg.name,
+            mine.dataset.escape_default()
+        )));
+    }
     let Some(entry) = agreement.find_allow(computation, &mine.dataset, &key) else {
         return Err(veto(format!(
             "agreement with {partner} does not allow {computation} on {} by {key}",
@@ -295,8 +304,9 @@ pub fn check_offer_at(
     // names a dataset or identifier that is not there.
     let Some(dataset) = cfg.dataset(&mine.dataset) else {
         return Err(veto(format!(
-            "dataset {} does not exist on node {}",
-            mine.dataset, cfg.name
+            "node '{}' has no dataset '{}'",
+            cfg.name,
+            mine.dataset.escape_default()
         )));
     };
     if let Some(missing) = keys.names.iter().find(|k| dataset.identifier(k).is_none()) {
@@ -572,13 +582,18 @@ purposes = ["fraud-detection"]
             vetoed(&s, 0),
             "agreement with globex does not allow overlap on customers by phone+email"
         );
-        // Another dataset.
+        // Another dataset (declared, not allowed).
         let mut s = overlap();
         s.parties[0].dataset = "orders".into();
         assert_eq!(
             vetoed(&s, 0),
             "agreement with globex does not allow overlap on orders by email"
         );
+        // A dataset this node does not have is said as such, not as the agreement's refusal
+        // ("does not allow overlap on refunds by email", as it used to read).
+        let mut s = overlap();
+        s.parties[0].dataset = "refunds".into();
+        assert_eq!(vetoed(&s, 0), "node 'acme' has no dataset 'refunds'");
         let mut s = overlap();
         s.parties[0].keys.clear();
         assert_eq!(vetoed(&s, 0), "the offer names no join key for this node");
@@ -591,7 +606,7 @@ purposes = ["fraud-detection"]
         c.datasets.retain(|d| d.name != "customers");
         assert_eq!(
             check_offer(&c, &overlap(), 0).unwrap_err().0,
-            "dataset customers does not exist on node acme"
+            "node 'acme' has no dataset 'customers'"
         );
         let mut c = cfg();
         c.datasets[0].identifiers.retain(|i| i.name != "email");

@@ -99,7 +99,9 @@ pub enum AuditEvent {
         columns: Vec<String>,
         /// Rows read from the source.
         rows_read: u64,
-        /// Rows rejected (unparsable identifiers).
+        /// Rows rejected: an identifier that does not normalise, or (aggregate, overlap-sum) a
+        /// value or group that is not an integer. Kept here, in the node's own log: the
+        /// coordinator is not told.
         rows_rejected: u64,
         /// Rows excluded because consent for the purpose is missing.
         rows_excluded_consent: u64,
@@ -629,6 +631,19 @@ pub enum AuditError {
     /// The event cannot be recorded as given.
     #[error("audit event: {0}")]
     Invalid(String),
+    /// The log changed under the running node in a way its own appends and `forget` cannot
+    /// explain (its last entry or head file no longer match, or it was replaced); the log takes
+    /// no more entries until the node is restarted on a log that verifies.
+    #[error(
+        "audit log {} does not verify: {reason}; run `cleanroom-node audit verify --config …`",
+        path.display()
+    )]
+    Tampered {
+        /// The file.
+        path: PathBuf,
+        /// What no longer matches.
+        reason: String,
+    },
     /// An earlier write failed and could not be undone; the log takes no more entries.
     #[error("audit log {} unusable after an earlier failed write: {reason}", path.display())]
     Poisoned {
@@ -647,6 +662,32 @@ fn io_err<'a>(
         path: path.to_owned(),
         what,
         source,
+    }
+}
+
+/// The last complete line of the first `len` bytes of the file (without its newline), reading
+/// only the end of the file. `None` for an empty log.
+fn last_line(path: &Path, len: u64) -> std::io::Result<Option<Vec<u8>>> {
+    use std::io::{Read, Seek, SeekFrom};
+    if len == 0 {
+        return Ok(None);
+    }
+    let mut file = File::open(path)?;
+    let mut chunk = 4096u64;
+    loop {
+        let start = len.saturating_sub(chunk);
+        let mut buf = Vec::with_capacity((len - start) as usize);
+        file.seek(SeekFrom::Start(start))?;
+        Read::by_ref(&mut file)
+            .take(len - start)
+            .read_to_end(&mut buf)?;
+        // The byte before `len` is the last entry's newline.
+        let body = buf.strip_suffix(b"\n").unwrap_or(&buf);
+        match body.iter().rposition(|b| *b == b'\n') {
+            Some(p) => return Ok(Some(body[p + 1..].to_vec())),
+            None if start == 0 => return Ok(Some(body.to_vec())),
+            None => chunk *= 4,
+        }
     }
 }
 
@@ -896,6 +937,68 @@ pub fn verify(path: &Path, expected_head: Option<&AuditHead>) -> Result<VerifyRe
     })
 }
 
+/// One line of the log as `audit show` lists it, with what [`verify`] says about it.
+#[derive(Debug, Clone)]
+pub struct ShownLine {
+    /// The line (from 1).
+    pub line: u64,
+    /// The entry, if the line is one.
+    pub entry: Option<AuditEntry>,
+    /// Whether the entry can be trusted: [`LineCheck::Ok`] for every entry before the first
+    /// problem; an entry after it is [`LineCheck::Unverified`] (its chain passes through a
+    /// bad entry).
+    pub check: LineCheck,
+}
+
+/// What [`verify`] says about one line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LineCheck {
+    /// In a chain that verifies up to here.
+    Ok,
+    /// The line itself is bad (the problem, as `audit verify` words it).
+    Bad(String),
+    /// Follows a bad line: it cannot be verified.
+    Unverified,
+}
+
+/// Every line of the log with its check, and the problems that belong to no line (a cut log, a
+/// head file that disagrees), for `audit show`.
+pub fn show_lines(path: &Path) -> Result<(Vec<ShownLine>, Vec<Tamper>), AuditError> {
+    let report = verify(path, None)?;
+    let bytes = match std::fs::read(path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+        Err(e) => return Err(io_err(path, "reading")(e)),
+    };
+    let (lines, tail) = split_lines(&bytes);
+    let mut by_line: BTreeMap<u64, String> = BTreeMap::new();
+    let mut other = Vec::new();
+    for p in &report.problems {
+        match problem_line(p) {
+            u64::MAX => other.push(p.clone()),
+            line => {
+                by_line.entry(line).or_insert_with(|| p.to_string());
+            }
+        }
+    }
+    let first_bad = by_line.keys().next().copied().unwrap_or(u64::MAX);
+    let mut out = Vec::with_capacity(lines.len() + 1);
+    for (i, l) in lines.iter().chain(tail.as_slice()).enumerate() {
+        let line = i as u64 + 1;
+        let check = match by_line.get(&line) {
+            Some(problem) => LineCheck::Bad(problem.clone()),
+            None if line > first_bad => LineCheck::Unverified,
+            None => LineCheck::Ok,
+        };
+        out.push(ShownLine {
+            line,
+            entry: decode_line(l),
+            check,
+        });
+    }
+    Ok((out, other))
+}
+
 fn problem_line(t: &Tamper) -> u64 {
     match t {
         Tamper::Corrupted { line }
@@ -916,6 +1019,61 @@ struct Inner {
     /// Length of the file after the last complete entry.
     len: u64,
     poisoned: Option<String>,
+    /// The file as it was after our last append (or open): if it is still so at the next
+    /// append, nobody else wrote to it.
+    stamp: Option<FileStamp>,
+    /// Set once the log failed its tail check: every later append fails with it.
+    tampered: Option<String>,
+    /// Our last head-file write failed: the head file may lag by our last entry.
+    head_stale: bool,
+}
+
+/// What identifies a file's content cheaply: any write changes the change time (which no
+/// user-level call can set back), a replacement changes the inode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct FileStamp {
+    len: u64,
+    #[cfg(unix)]
+    dev: u64,
+    #[cfg(unix)]
+    ino: u64,
+    #[cfg(unix)]
+    ctime: (i64, i64),
+    #[cfg(not(unix))]
+    modified: Option<std::time::SystemTime>,
+}
+
+impl FileStamp {
+    fn of(m: &std::fs::Metadata) -> FileStamp {
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::MetadataExt;
+            FileStamp {
+                len: m.len(),
+                dev: m.dev(),
+                ino: m.ino(),
+                ctime: (m.ctime(), m.ctime_nsec()),
+            }
+        }
+        #[cfg(not(unix))]
+        FileStamp {
+            len: m.len(),
+            modified: m.modified().ok(),
+        }
+    }
+
+    /// Whether `other` is the same file (not another one put in its place).
+    fn same_file(&self, other: &FileStamp) -> bool {
+        #[cfg(unix)]
+        {
+            self.dev == other.dev && self.ino == other.ino
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = other;
+            true
+        }
+    }
 }
 
 /// The open, append-only audit log. `Send + Sync`; share it with `Arc`.
@@ -990,10 +1148,13 @@ impl AuditLog {
             path: path.to_owned(),
             head_path,
             inner: Mutex::new(Inner {
+                stamp: file.metadata().ok().map(|m| FileStamp::of(&m)),
                 file,
                 head: report.head.clone(),
                 len,
                 poisoned: None,
+                tampered: None,
+                head_stale: false,
             }),
         };
         // Bring a lagging head file up to date.
@@ -1020,6 +1181,12 @@ impl AuditLog {
         let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(reason) = &inner.poisoned {
             return Err(AuditError::Poisoned {
+                path: self.path.clone(),
+                reason: reason.clone(),
+            });
+        }
+        if let Some(reason) = &inner.tampered {
+            return Err(AuditError::Tampered {
                 path: self.path.clone(),
                 reason: reason.clone(),
             });
@@ -1051,23 +1218,112 @@ impl AuditLog {
                 self.path.display()
             ))
         };
-        let bytes = std::fs::read(&self.path).map_err(io_err(&self.path, "reading"))?;
-        let (lines, torn) = split_lines(&bytes);
-        if torn.is_some() || disk_len < inner.len {
-            return Err(broken("it was truncated or ends mid-line"));
+        if disk_len < inner.len {
+            return Err(broken("it was truncated"));
         }
-        let last = lines
-            .last()
-            .and_then(|l| decode_line(l))
-            .ok_or_else(|| broken("its last line does not parse"))?;
-        if last.compute_hash() != last.hash || last.seq <= inner.head.seq {
-            return Err(broken("its last entry does not follow ours"));
+        // Only what was appended since our last entry is read; each new entry must follow the
+        // one before it, starting from ours.
+        let mut added = Vec::new();
+        {
+            use std::io::{Read, Seek, SeekFrom};
+            let mut reader = File::open(&self.path).map_err(io_err(&self.path, "opening"))?;
+            reader
+                .seek(SeekFrom::Start(inner.len))
+                .and_then(|_| reader.take(disk_len - inner.len).read_to_end(&mut added))
+                .map_err(io_err(&self.path, "reading"))?;
         }
-        inner.head = AuditHead {
-            seq: last.seq,
-            hash: last.hash,
-        };
+        let (lines, torn) = split_lines(&added);
+        if torn.is_some() {
+            return Err(broken("it ends mid-line"));
+        }
+        let mut head = inner.head.clone();
+        for line in lines {
+            let entry =
+                decode_line(line).ok_or_else(|| broken("an appended line does not parse"))?;
+            if entry.compute_hash() != entry.hash
+                || entry.seq != head.seq + 1
+                || entry.prev != head.hash
+            {
+                return Err(broken("an appended entry does not follow ours"));
+            }
+            head = AuditHead {
+                seq: entry.seq,
+                hash: entry.hash,
+            };
+        }
+        inner.head = head;
         inner.len = disk_len;
+        Ok(())
+    }
+
+    /// Checks, before an append, that the log still ends with our last entry: the file under
+    /// the log's name is the one we write, its last line is our head entry (content and hash),
+    /// and the head file says the same. Cheap (one line and the head file are read); if the
+    /// file was written by anything since our last append (its change time moved, which a
+    /// `forget` append also does), the whole chain is verified as well.
+    fn verify_tail(&self, inner: &mut Inner) -> Result<(), String> {
+        let ours = inner
+            .file
+            .metadata()
+            .map_err(|e| format!("cannot read its metadata: {e}"))?;
+        let ours = FileStamp::of(&ours);
+        let named = std::fs::metadata(&self.path)
+            .map_err(|e| format!("the log file cannot be read under its name: {e}"))?;
+        if !FileStamp::of(&named).same_file(&ours) {
+            return Err("another file was put in place of the log".into());
+        }
+        if ours.len != inner.len {
+            return Err(format!(
+                "it is {} bytes long, but ends at byte {} after its last entry",
+                ours.len, inner.len
+            ));
+        }
+        let last = last_line(&self.path, inner.len).map_err(|e| format!("reading it: {e}"))?;
+        match last {
+            None if inner.head == AuditHead::genesis() => {}
+            None => {
+                return Err(format!(
+                    "it is empty, but its head is seq {}",
+                    inner.head.seq
+                ));
+            }
+            Some(line) => {
+                let entry = decode_line(&line).ok_or_else(|| {
+                    format!(
+                        "its last line (seq {}) is not a valid entry any more",
+                        inner.head.seq
+                    )
+                })?;
+                if entry.seq != inner.head.seq
+                    || entry.hash != inner.head.hash
+                    || entry.compute_hash() != entry.hash
+                {
+                    return Err(format!(
+                        "its last entry (seq {}) was changed",
+                        inner.head.seq
+                    ));
+                }
+            }
+        }
+        match read_head_file(&self.head_path) {
+            Ok(Some(h)) if h == inner.head => {}
+            // Rewritten with the next entry.
+            _ if inner.head_stale => {}
+            Ok(Some(h)) => {
+                return Err(format!(
+                    "the head file says {h}, but the log's last entry is {}",
+                    inner.head
+                ));
+            }
+            Ok(None) => return Err("the head file is missing".into()),
+            Err(e) => return Err(format!("the head file is unreadable: {e}")),
+        }
+        if inner.stamp != Some(ours) {
+            let report = verify(&self.path, None).map_err(|e| e.to_string())?;
+            if let Some(first) = report.problems.first() {
+                return Err(first.to_string());
+            }
+        }
         Ok(())
     }
 
@@ -1077,7 +1333,11 @@ impl AuditLog {
         event: AuditEvent,
         now_ms: i64,
     ) -> Result<AuditHead, AuditError> {
-        self.catch_up(inner)?;
+        self.catch_up(inner)
+            .map_err(|e| self.tampered(inner, e.to_string()))?;
+        if let Err(reason) = self.verify_tail(inner) {
+            return Err(self.tampered(inner, reason));
+        }
         let mut entry = AuditEntry {
             seq: inner.head.seq + 1,
             at_ms: now_ms,
@@ -1115,8 +1375,21 @@ impl AuditLog {
             hash: entry.hash,
         };
         inner.head = head.clone();
+        inner.stamp = inner.file.metadata().ok().map(|m| FileStamp::of(&m));
+        inner.head_stale = true;
         write_head(&self.head_path, &head)?;
+        inner.head_stale = false;
         Ok(head)
+    }
+
+    /// Records that the log failed its check: this and every later append fail with `reason`.
+    fn tampered(&self, inner: &mut Inner, reason: String) -> AuditError {
+        tracing::error!(log = %self.path.display(), %reason, "the audit log does not verify; refusing every job");
+        inner.tampered = Some(reason.clone());
+        AuditError::Tampered {
+            path: self.path.clone(),
+            reason,
+        }
     }
 
     /// The current head.
@@ -1740,10 +2013,14 @@ pub(crate) mod tests {
                 path: full.to_owned(),
                 head_path: dir.path().join("full.head"),
                 inner: Mutex::new(Inner {
+                    stamp: file.metadata().ok().map(|m| FileStamp::of(&m)),
                     file,
                     head: AuditHead::genesis(),
                     len: 0,
                     poisoned: None,
+                    tampered: None,
+                    // No head file was ever written for it.
+                    head_stale: true,
                 }),
             };
             let err = log.append(sample_events()[0].clone(), 0).unwrap_err();
@@ -1762,16 +2039,121 @@ pub(crate) mod tests {
             path: path.clone(),
             head_path: head_path(&path),
             inner: Mutex::new(Inner {
+                stamp: file.metadata().ok().map(|m| FileStamp::of(&m)),
                 file,
                 head: verify(&path, None).unwrap().head,
                 len: std::fs::metadata(&path).unwrap().len(),
                 poisoned: None,
+                tampered: None,
+                head_stale: false,
             }),
         };
         assert!(log.append(sample_events()[0].clone(), 0).is_err());
         assert_eq!(log.head().seq, 1);
         drop(log);
         assert!(verify(&path, None).unwrap().is_ok());
+    }
+
+    /// A log of the sample events, open, and its path.
+    fn open_log_with_entries(dir: &Path) -> (AuditLog, PathBuf) {
+        let path = dir.join("audit.log");
+        let log = AuditLog::open(&path).unwrap();
+        for (i, e) in sample_events().into_iter().enumerate() {
+            log.append(e, i as i64).unwrap();
+        }
+        // Coarse file timestamps: let the clock tick past our last append.
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        (log, path)
+    }
+
+    fn assert_refused_for_good(log: &AuditLog, wording: &str) {
+        for _ in 0..2 {
+            match log.append(sample_events()[0].clone(), 100) {
+                Err(AuditError::Tampered { reason, .. }) => {
+                    assert!(reason.contains(wording), "{reason}")
+                }
+                other => panic!("expected a tampered log, got {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn a_running_log_whose_last_entry_changes_refuses_appends() {
+        let dir = tempfile::tempdir().unwrap();
+        let (log, path) = open_log_with_entries(dir.path());
+        let text = std::fs::read_to_string(&path).unwrap();
+        // Same length: one digit of the last entry's time changed.
+        let cut = text[..text.len() - 1].rfind('\n').unwrap() + 1;
+        let tampered = format!(
+            "{}{}",
+            &text[..cut],
+            text[cut..].replacen("\"at_ms\":7", "\"at_ms\":8", 1)
+        );
+        assert_ne!(tampered, text);
+        assert_eq!(tampered.len(), text.len());
+        std::fs::write(&path, tampered).unwrap();
+        assert_refused_for_good(&log, "last entry (seq 8)");
+    }
+
+    #[test]
+    fn a_running_log_changed_in_the_middle_refuses_appends() {
+        let dir = tempfile::tempdir().unwrap();
+        let (log, path) = open_log_with_entries(dir.path());
+        let text = std::fs::read_to_string(&path).unwrap();
+        let tampered = text.replacen("\"at_ms\":2", "\"at_ms\":3", 1);
+        assert_eq!(tampered.len(), text.len());
+        std::fs::write(&path, tampered).unwrap();
+        assert_refused_for_good(&log, "line 3");
+    }
+
+    #[test]
+    fn a_running_log_replaced_or_cut_or_with_another_head_refuses_appends() {
+        let dir = tempfile::tempdir().unwrap();
+        let (log, path) = open_log_with_entries(dir.path());
+        let text = std::fs::read_to_string(&path).unwrap();
+        // Replaced by an identical copy under the same name (as `sed -i` or an editor does).
+        let copy = dir.path().join("copy");
+        std::fs::write(&copy, &text).unwrap();
+        std::fs::rename(&copy, &path).unwrap();
+        assert_refused_for_good(&log, "another file was put in place");
+
+        let dir = tempfile::tempdir().unwrap();
+        let (log, path) = open_log_with_entries(dir.path());
+        let text = std::fs::read_to_string(&path).unwrap();
+        let cut = text[..text.len() - 1].rfind('\n').unwrap() + 1;
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_len(cut as u64)
+            .unwrap();
+        assert_refused_for_good(&log, "truncated");
+
+        let dir = tempfile::tempdir().unwrap();
+        let (log, path) = open_log_with_entries(dir.path());
+        std::fs::write(head_path(&path), "3:".to_owned() + &"ab".repeat(32) + "\n").unwrap();
+        assert_refused_for_good(&log, "the head file says 3:");
+    }
+
+    #[test]
+    fn appends_of_another_writer_are_followed_not_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let (log, path) = open_log_with_entries(dir.path());
+        // `cleanroom-node forget` appends through its own handle while the node runs.
+        let other = AuditLog::open(&path).unwrap();
+        other.append(sample_events()[2].clone(), 50).unwrap();
+        drop(other);
+        let head = log.append(sample_events()[3].clone(), 51).unwrap();
+        assert_eq!(head.seq, 10);
+        assert!(verify(&path, Some(&head)).unwrap().is_ok());
+        // An appended line that does not chain from ours is not an append.
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        let mut text = std::fs::read_to_string(&path).unwrap();
+        let last = text.lines().last().unwrap().to_owned();
+        text.push_str(&last);
+        text.push('\n');
+        std::fs::write(&path, text).unwrap();
+        assert_refused_for_good(&log, "does not follow ours");
     }
 
     #[test]

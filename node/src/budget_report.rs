@@ -122,7 +122,8 @@ fn line(
 /// Sums of decimal ε carry binary rounding (ten charges of 0.1 are 0.9999999999999999): round
 /// to 1e-9, the ledger's comparison slack, so JSON says 1 and 0 rather than 1 − 2^-53 and 1e-16.
 fn tidy(epsilon: f64) -> f64 {
-    (epsilon * 1e9).round() / 1e9
+    // `+ 0.0` turns a negative zero (which rounding keeps) into zero.
+    (epsilon * 1e9).round() / 1e9 + 0.0
 }
 
 const HEADER: [&str; 12] = [
@@ -304,7 +305,10 @@ budget_per_purpose = { epsilon_per_period = 1, period = "day", epsilon_lifetime 
         assert_eq!(lines[0].remaining, Some(0.75));
         assert_eq!(lines[0].period, "day");
         assert_eq!(lines[1].spent, 0.0);
+        // Nothing spent is zero, not negative zero (which JSON prints as -0.0).
+        assert!(lines[1].spent.is_sign_positive());
         assert_eq!(lines[1].next_refresh, None);
+        assert!(!to_json(&lines).contains(": -0"), "{}", to_json(&lines));
         assert_eq!((lines[2].cap, lines[2].period), (None, "week"));
         assert_eq!(lines[3].spent, 0.75);
         assert_eq!(lines[3].remaining, Some(4.25));

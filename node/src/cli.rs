@@ -175,6 +175,53 @@ pub enum BudgetFormat {
     Csv,
 }
 
+/// Writes to standard output. A reader that went away (`cleanroom job list | head -2`) ends
+/// the process at once and quietly with exit code 0, as `head` users expect; another write
+/// error ends it with exit code 1 and the reason. Every command's output goes through here
+/// ([`out!`](crate::out), [`outln!`](crate::outln)), in both binaries.
+pub fn write_stdout(args: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    if let Err(e) = std::io::stdout().lock().write_fmt(args) {
+        stdout_failed(&e);
+    }
+}
+
+/// Ends the process after a failed write to standard output (see [`write_stdout`]).
+pub fn stdout_failed(e: &std::io::Error) -> ! {
+    if e.kind() == std::io::ErrorKind::BrokenPipe {
+        std::process::exit(0);
+    }
+    eprintln!("error: writing to standard output: {e}");
+    std::process::exit(1)
+}
+
+/// Whether an error comes from writing to a closed pipe (see [`write_stdout`]).
+pub fn is_broken_pipe(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    })
+}
+
+/// `print!` that ends the process quietly when standard output is a closed pipe.
+#[macro_export]
+macro_rules! out {
+    ($($arg:tt)*) => {
+        $crate::cli::write_stdout(format_args!($($arg)*))
+    };
+}
+
+/// `println!` that ends the process quietly when standard output is a closed pipe.
+#[macro_export]
+macro_rules! outln {
+    () => {
+        $crate::cli::write_stdout(format_args!("\n"))
+    };
+    ($($arg:tt)*) => {
+        $crate::cli::write_stdout(format_args!("{}\n", format_args!($($arg)*)))
+    };
+}
+
 /// Sets up `tracing` to stderr; `RUST_LOG` overrides the default level (info).
 pub fn init_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
@@ -193,6 +240,7 @@ pub fn main(cli: NodeCli) -> ExitCode {
     init_tracing();
     match execute(cli.command) {
         Ok(code) => code,
+        Err(e) if is_broken_pipe(&e) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
@@ -203,9 +251,32 @@ pub fn main(cli: NodeCli) -> ExitCode {
 fn execute(command: NodeCommand) -> anyhow::Result<ExitCode> {
     match command {
         NodeCommand::Check { config } => {
-            let cfg = NodeConfig::load(&config)?;
-            cleanroom_transport::Credentials::load(&cfg.tls.ca, &cfg.tls.cert, &cfg.tls.key)?;
-            println!("{}: ok (node '{}')", config.display(), cfg.name);
+            // The same checks `run` makes before it starts.
+            let (cfg, _) = crate::preflight(&config)?;
+            if let Some(today) = crate::config::PolicyDate::from_unix_ms(crate::agreement::now_ms())
+            {
+                for w in crate::policy::expiry_warnings(&cfg, today) {
+                    eprintln!("{w}");
+                }
+            }
+            if let Some(pid) = crate::state_dir_holder(&cfg.state_dir) {
+                eprintln!(
+                    "warning: a node process (pid {pid}) is running on the state directory {}; \
+                     `run` with this config would refuse to start a second one",
+                    cfg.state_dir.display()
+                );
+            }
+            crate::outln!(
+                "{}: ok (node '{}': config, {} dataset file(s), certificates{})",
+                config.display(),
+                cfg.name,
+                cfg.datasets.len(),
+                if crate::audit::audit_path(&cfg).exists() {
+                    ", audit log"
+                } else {
+                    ""
+                }
+            );
             Ok(ExitCode::SUCCESS)
         }
         NodeCommand::Policy {
@@ -215,9 +286,7 @@ fn execute(command: NodeCommand) -> anyhow::Result<ExitCode> {
             // the anyhow chain would repeat the TOML message.
             match crate::policy::check_file(&file) {
                 Ok(summary) => {
-                    use std::io::Write;
-                    // A closed pipe (`| head`) is not an error worth a panic.
-                    let _ = write!(std::io::stdout(), "{summary}");
+                    crate::out!("{summary}");
                     Ok(ExitCode::SUCCESS)
                 }
                 Err(e) => {
@@ -241,7 +310,7 @@ fn execute(command: NodeCommand) -> anyhow::Result<ExitCode> {
                 crate::retention::days(older_than_days),
                 std::time::SystemTime::now(),
             )?;
-            println!(
+            crate::outln!(
                 "purged {} file(s) ({} bytes) older than {older_than_days} day(s) from {}; {} kept{}",
                 report.removed,
                 report.bytes_removed,
@@ -272,8 +341,7 @@ fn execute(command: NodeCommand) -> anyhow::Result<ExitCode> {
                 BudgetFormat::Json => crate::budget_report::to_json(&lines) + "\n",
                 BudgetFormat::Csv => crate::budget_report::to_csv(&lines),
             };
-            use std::io::Write;
-            let _ = write!(std::io::stdout(), "{text}");
+            crate::out!("{text}");
             Ok(ExitCode::SUCCESS)
         }
         NodeCommand::Transparency {
@@ -301,8 +369,8 @@ fn execute(command: NodeCommand) -> anyhow::Result<ExitCode> {
             let entries = audit::read_entries(&path)?;
             let t = crate::transparency::summarize(&cfg.name, &entries, &report.head, since_ms);
             match format {
-                ReportFormat::Markdown => print!("{}", t.to_markdown()),
-                ReportFormat::Json => println!("{}", t.to_json()),
+                ReportFormat::Markdown => crate::out!("{}", t.to_markdown()),
+                ReportFormat::Json => crate::outln!("{}", t.to_json()),
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -375,7 +443,38 @@ fn run_forget(config: &std::path::Path, dataset: &str, key: &str) -> anyhow::Res
         )
     })?;
     drop(log);
-    println!("forgotten: 1 subject in dataset {dataset} (effective for all future jobs)");
+    // What the key matches today, in this dataset and in every other one that declares the same
+    // identifier, so that a value that matches nothing (a typo, another format) is visible.
+    let mut counts = Vec::new();
+    let mut here = None;
+    for other in &cfg.datasets {
+        if other.identifier(identifier).is_none() {
+            counts.push(format!(
+                "none in {} (no identifier '{identifier}')",
+                other.name
+            ));
+            continue;
+        }
+        let n = store.matching_rows(other, identifier, value);
+        if other.name == dataset {
+            here = n.as_ref().ok().copied();
+        }
+        counts.push(match n {
+            Ok(n) => format!("{n} row{} in {}", if n == 1 { "" } else { "s" }, other.name),
+            Err(e) => format!("? rows in {} (cannot read it: {e})", other.name),
+        });
+    }
+    crate::outln!(
+        "forgotten: 1 subject in dataset {dataset} (effective for all future jobs); {identifier} \
+         matches {} today",
+        counts.join(", ")
+    );
+    if here == Some(0) {
+        eprintln!(
+            "warning: no row of dataset '{dataset}' has this {identifier} today, so no row is \
+             excluded now; check the value (rows are compared after normalisation)"
+        );
+    }
     Ok(ExitCode::SUCCESS)
 }
 
@@ -389,48 +488,114 @@ fn run_audit(command: AuditCommand) -> anyhow::Result<ExitCode> {
             let path = audit::audit_path(&cfg);
             let report = audit::verify(&path, expect_head.as_ref())?;
             if report.is_ok() {
-                println!("ok: {} entries, head {}", report.entries, report.head);
+                crate::outln!("ok: {} entries, head {}", report.entries, report.head);
                 return Ok(ExitCode::SUCCESS);
             }
-            println!(
+            crate::outln!(
                 "{}: {} problem(s) in {} line(s):",
                 path.display(),
                 report.problems.len(),
                 report.entries
             );
             for p in &report.problems {
-                println!("  {p}");
+                crate::outln!("  {p}");
             }
             Ok(ExitCode::FAILURE)
         }
         AuditCommand::Show { config, job, json } => {
             let cfg = NodeConfig::load(&config)?;
             let path = audit::audit_path(&cfg);
-            let entries = audit::read_entries(&path)?;
-            let selected = entries
-                .iter()
-                .filter(|e| job.is_none() || e.event.job_id() == job.as_deref());
+            // Each line is shown with what `audit verify` says about it, so an altered entry is
+            // never printed as if it were the log's.
+            let (lines, other) = audit::show_lines(&path)?;
+            let selected = lines.iter().filter(|l| {
+                job.is_none()
+                    || l.entry.as_ref().and_then(|e| e.event.job_id()) == job.as_deref()
+                    || (l.entry.is_none() && job.is_some())
+            });
+            let mut problems = other.len();
             if json {
-                for e in selected {
-                    println!("{}", e.to_json_line());
+                for l in selected {
+                    match (&l.entry, &l.check) {
+                        (Some(e), audit::LineCheck::Ok) => crate::outln!("{}", e.to_json_line()),
+                        (_, check) => {
+                            problems += 1;
+                            eprintln!("line {}: {}", l.line, check_text(check));
+                        }
+                    }
                 }
             } else {
-                println!(
-                    "{:>6}  {:<19}  {:<12}  {:<20}  summary",
-                    "seq", "time (UTC)", "kind", "job"
+                crate::outln!(
+                    "{:>6}  {:<19}  {:<12}  {:<20}  {:<10}  summary",
+                    "seq",
+                    "time (UTC)",
+                    "kind",
+                    "job",
+                    "check"
                 );
-                for e in selected {
-                    println!(
-                        "{:>6}  {:<19}  {:<12}  {:<20}  {}",
-                        e.seq,
-                        audit::format_ms(e.at_ms),
-                        e.event.kind(),
-                        e.event.job_id().unwrap_or("-"),
-                        e.event.summary()
-                    );
+                for l in selected {
+                    if l.check != audit::LineCheck::Ok {
+                        problems += 1;
+                    }
+                    match &l.entry {
+                        Some(e) => crate::outln!(
+                            "{:>6}  {:<19}  {:<12}  {:<20}  {:<10}  {}{}",
+                            e.seq,
+                            audit::format_ms(e.at_ms),
+                            e.event.kind(),
+                            e.event.job_id().unwrap_or("-"),
+                            check_word(&l.check),
+                            e.event.summary(),
+                            match &l.check {
+                                audit::LineCheck::Bad(p) => format!(" [{p}]"),
+                                _ => String::new(),
+                            }
+                        ),
+                        None => crate::outln!(
+                            "{:>6}  {:<19}  {:<12}  {:<20}  {:<10}  line {}: {}",
+                            "?",
+                            "-",
+                            "-",
+                            "-",
+                            check_word(&l.check),
+                            l.line,
+                            check_text(&l.check)
+                        ),
+                    }
                 }
             }
+            for p in &other {
+                eprintln!("{p}");
+            }
+            if problems > 0 {
+                eprintln!(
+                    "warning: the audit log {} does not verify: entries marked TAMPERED or \
+                     UNVERIFIED are not the log's as written; run `cleanroom-node audit verify \
+                     --config {}`",
+                    path.display(),
+                    config.display()
+                );
+            }
             Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// The `check` column of `audit show`.
+fn check_word(check: &audit::LineCheck) -> &'static str {
+    match check {
+        audit::LineCheck::Ok => "ok",
+        audit::LineCheck::Bad(_) => "TAMPERED",
+        audit::LineCheck::Unverified => "UNVERIFIED",
+    }
+}
+
+fn check_text(check: &audit::LineCheck) -> String {
+    match check {
+        audit::LineCheck::Ok => "ok".into(),
+        audit::LineCheck::Bad(p) => format!("TAMPERED: {p}"),
+        audit::LineCheck::Unverified => {
+            "UNVERIFIED: follows a tampered entry, so its chain cannot be checked".into()
         }
     }
 }

@@ -7,6 +7,8 @@
 
 use std::collections::{BTreeMap, HashSet};
 use std::net::SocketAddr;
+
+use cleanroom_transport::HostPort;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
@@ -29,13 +31,15 @@ pub const DEFAULT_MAX_SET_SIZE: u64 = 100_000_000;
 pub struct NodeConfig {
     /// This node's name; must equal the identity in its certificate (checked by the engine).
     pub name: String,
-    /// The coordinator's QUIC address (`ip:port`).
-    pub coordinator: SocketAddr,
+    /// The coordinator's QUIC address (`host:port`: a DNS name, resolved at each connection,
+    /// or an IP address).
+    pub coordinator: HostPort,
     /// Data-plane bind address (port 0 = ephemeral).
     pub listen: SocketAddr,
-    /// Data-plane address other nodes dial (`ip:port`); `None` means the bound address.
+    /// Data-plane address other nodes dial (`host:port`: a DNS name they resolve, or an IP
+    /// address); `None` means the bound address.
     #[serde(default)]
-    pub advertise: Option<SocketAddr>,
+    pub advertise: Option<HostPort>,
     /// Where the node writes membership files and other state.
     pub state_dir: PathBuf,
     /// Certificate files.
@@ -722,6 +726,19 @@ impl NodeConfig {
             path: path.to_owned(),
             error,
         })?;
+        // A composite key is written `email+phone` or `email,phone` (as on the command line);
+        // it is kept, checked and printed as `email+phone`.
+        for e in cfg.agreements.iter_mut().flat_map(|a| a.allow.iter_mut()) {
+            for key in &mut e.keys {
+                if key.contains(',') || key.contains(' ') {
+                    *key = key
+                        .split(['+', ','])
+                        .map(str::trim)
+                        .collect::<Vec<_>>()
+                        .join("+");
+                }
+            }
+        }
         cfg.validate(text).map_err(|problem| ConfigError::Invalid {
             path: path.to_owned(),
             problem,
@@ -1445,6 +1462,26 @@ purposes = ["overlap-reporting"]
     }
 
     #[test]
+    fn composite_keys_are_written_either_way_and_kept_one_way() {
+        let cfg = parse(&MINIMAL.replace(
+            "keys = [\"email\", \"email+phone\"]",
+            "keys = [\"email\", \"email, phone\"]",
+        ))
+        .unwrap();
+        let a = cfg.agreement_with("globex").unwrap();
+        assert!(
+            a.find_allow(Computation::Match, "customers", "email+phone")
+                .is_some()
+        );
+        assert!(
+            a.allow
+                .iter()
+                .flat_map(|e| &e.keys)
+                .all(|k| !k.contains(','))
+        );
+    }
+
+    #[test]
     fn addresses_are_checked() {
         let msg = invalid(&MINIMAL.replace("\"127.0.0.1:7400\"", "\"coordinator\""));
         assert!(msg.contains("coordinator"), "{msg}");
@@ -1454,7 +1491,26 @@ purposes = ["overlap-reporting"]
             .unwrap();
         assert_eq!(cfg.advertise, Some("10.0.0.7:7501".parse().unwrap()));
         let msg = invalid(&MINIMAL.replace("state_dir", "advertise = \"10.0.0.7\"\nstate_dir"));
-        assert!(msg.contains("advertise"), "{msg}");
+        assert!(msg.contains("advertise"), "{msg}"); // DNS names are addresses too (resolved when dialled).
+        let cfg = parse(
+            &MINIMAL
+                .replace("\"127.0.0.1:7400\"", "\"localhost:7400\"")
+                .replace(
+                    "state_dir",
+                    "advertise = \"acme-node.example.internal:7501\"\nstate_dir",
+                ),
+        )
+        .unwrap();
+        assert_eq!(cfg.coordinator.to_string(), "localhost:7400");
+        assert_eq!(
+            cfg.advertise.map(|a| a.to_string()).as_deref(),
+            Some("acme-node.example.internal:7501")
+        );
+        let msg = invalid(&MINIMAL.replace("\"127.0.0.1:7400\"", "\"bad host:7400\""));
+        assert!(
+            msg.contains("coordinator") && msg.contains("host:port"),
+            "{msg}"
+        );
     }
 
     #[test]

@@ -37,14 +37,22 @@ pub async fn run(
         if *shutdown.borrow() {
             return Ok(());
         }
-        let session = session(&endpoint, &state);
+        let mut registered = false;
+        let session = session(&endpoint, &state, &mut registered);
         tokio::select! {
             result = session => match result {
                 Ok(()) => {
                     tracing::warn!("coordinator closed the control session; reconnecting");
                     backoff = Duration::from_millis(200);
                 }
-                Err(e) => tracing::warn!(error = %e, retry_in = ?backoff, "control session with the coordinator failed"),
+                Err(e) => {
+                    // A session that had registered starts the back-off afresh: the first
+                    // attempt after losing a working coordinator comes at once.
+                    if registered {
+                        backoff = Duration::from_millis(200);
+                    }
+                    tracing::warn!(error = %e, retry_in = ?backoff, "control session with the coordinator failed")
+                }
             },
             _ = shutdown.changed() => return Ok(()),
         }
@@ -57,8 +65,25 @@ pub async fn run(
 }
 
 /// One control session: connect, hello, then serve job streams until the connection ends.
-async fn session(endpoint: &quinn::Endpoint, state: &Arc<NodeState>) -> Result<(), NodeError> {
-    let addr = state.cfg().coordinator;
+async fn session(
+    endpoint: &quinn::Endpoint,
+    state: &Arc<NodeState>,
+    registered: &mut bool,
+) -> Result<(), NodeError> {
+    let coordinator = state.cfg().coordinator.clone();
+    let local = endpoint.local_addr().map_err(|e| NodeError::Io {
+        what: "reading the endpoint's address".into(),
+        source: e,
+    })?;
+    // Resolved at every connection: a coordinator that moved keeps its name. The TLS server
+    // name stays the coordinator's consortium identity, whatever the host name.
+    let addr = coordinator
+        .resolve_for(local)
+        .await
+        .map_err(|e| NodeError::Io {
+            what: format!("resolving the coordinator's address {coordinator}"),
+            source: e,
+        })?;
     let conn = cleanroom_transport::connect(endpoint, addr, &Identity::coordinator()).await?;
     let (mut send, mut recv) = cleanroom_transport::open_bi(&conn).await?;
     send.send(&Envelope {
@@ -78,15 +103,18 @@ async fn session(endpoint: &quinn::Endpoint, state: &Arc<NodeState>) -> Result<(
             reason: "expected HelloAck".into(),
         });
     };
-    tracing::info!(coordinator = %addr, "registered with the coordinator");
+    tracing::info!(coordinator = %coordinator, address = %addr, "registered with the coordinator");
+    *registered = true;
     loop {
         let (send, recv) = match conn.accept_bi().await {
             Ok((s, r)) => (FramedSend::new(s), FramedRecv::new(r)),
             Err(quinn::ConnectionError::ApplicationClosed(_)) => return Ok(()),
+            // A crash or restart of the coordinator (a stateless reset), or a network that
+            // dropped the connection: nothing the coordinator did wrong.
             Err(e) => {
-                return Err(NodeError::Protocol {
+                return Err(NodeError::Lost {
                     peer: "coordinator".into(),
-                    reason: format!("control connection lost: {e}"),
+                    reason: e.to_string(),
                 });
             }
         };
@@ -253,12 +281,7 @@ async fn run_offer(
             psi_job::run_responder(job, incoming).await
         }
     } else {
-        let peer_addr: SocketAddr = start.peer_addr.parse().map_err(|_| {
-            protocol(
-                "coordinator",
-                format!("bad peer address '{}'", start.peer_addr),
-            )
-        })?;
+        let peer_addr = resolve_peer(&endpoint, &start.peer_addr).await?;
         send.send(&ready).await?;
         if overlap_sum {
             crate::sum_job::run_key_holder(job, &endpoint, peer_addr).await
@@ -288,4 +311,23 @@ fn protocol(peer: &str, reason: impl std::fmt::Display) -> NodeError {
         peer: peer.to_owned(),
         reason: reason.to_string(),
     }
+}
+
+/// A peer's data-plane address as the coordinator relays it (`host:port`, as the peer
+/// advertises it), resolved for our endpoint. A name that does not resolve fails the job with
+/// the name; the TLS server name stays the peer's consortium identity.
+pub(crate) async fn resolve_peer(
+    endpoint: &quinn::Endpoint,
+    text: &str,
+) -> Result<SocketAddr, NodeError> {
+    let addr: cleanroom_transport::HostPort = text
+        .parse()
+        .map_err(|e| protocol("coordinator", format!("bad peer address: {e}")))?;
+    let local = endpoint.local_addr().map_err(|e| NodeError::Io {
+        what: "reading the endpoint's address".into(),
+        source: e,
+    })?;
+    addr.resolve_for(local)
+        .await
+        .map_err(|e| NodeError::Job(format!("cannot reach the peer's data plane at {addr}: {e}")))
 }

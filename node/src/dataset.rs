@@ -794,6 +794,22 @@ customer_id,email,phone,amount_cents
         );
     }
 
+    /// Row numbers count data records from 1 (the header is not one), not lines: a quoted
+    /// field with a line break in it is one record over two lines.
+    #[test]
+    fn row_numbers_are_data_records_not_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dataset(
+            dir.path(),
+            b"customer_id,email,phone\n1,\"a@x.y\",+14155550101\n\"2\nwith a break\",b@x.y,+14155550102\n3,c@x.y,+14155550103\n",
+        );
+        let keys = KeySpec::new(["email"]);
+        let mut matched: ItemSet = [&b"c@x.y"[..], b"b@x.y"].into_iter().collect();
+        matched.dedup();
+        // c@x.y is on line 5 of the file, and is data record 3.
+        assert_eq!(matching_rows(&d, &keys, &matched).unwrap(), [2, 3]);
+    }
+
     #[test]
     fn row_cap_is_enforced() {
         let dir = tempfile::tempdir().unwrap();

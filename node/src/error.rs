@@ -28,6 +28,15 @@ pub enum NodeError {
         /// What they did.
         reason: String,
     },
+    /// A connection ended without a violation: the peer crashed, restarted, or the network
+    /// dropped it (reset, idle timeout).
+    #[error("lost the connection to the {peer}: {reason}")]
+    Lost {
+        /// Whom the connection was with.
+        peer: String,
+        /// What QUIC reported.
+        reason: String,
+    },
     /// The job failed; the reason is meant for the analyst.
     #[error("{0}")]
     Job(String),

@@ -149,6 +149,51 @@ impl ForgetStore {
         identifier: &str,
         raw_value: &str,
     ) -> Result<[u8; 32], ForgetError> {
+        let hash = self.hash_of(dataset, identifier, raw_value)?;
+        let entry = Entry {
+            dataset: dataset.name.clone(),
+            hash: to_hex(&hash),
+        };
+        let mut line = serde_json::to_vec(&entry).unwrap_or_default();
+        line.push(b'\n');
+        self.append(&line)?;
+        Ok(hash)
+    }
+
+    /// How many rows of `dataset` the subject whose `identifier` is `raw_value` has today: the
+    /// rows a job would exclude if the subject were forgotten in it (the same test as a job's
+    /// [`RowFilter`](crate::dataset::RowFilter): any identifier of the row normalises to the
+    /// value). Reads the whole file; records nothing.
+    pub fn matching_rows(
+        &self,
+        dataset: &DatasetConfig,
+        identifier: &str,
+        raw_value: &str,
+    ) -> Result<u64, String> {
+        let hash = self
+            .hash_of(dataset, identifier, raw_value)
+            .map_err(|e| e.to_string())?;
+        let forgotten = Forgotten {
+            secret: self.secret,
+            hashes: std::iter::once(hash).collect(),
+        };
+        let filter = crate::dataset::RowFilter {
+            consent_column: None,
+            forgotten: Some(&forgotten),
+        };
+        crate::dataset::for_each_row_for(dataset, &[], filter, u64::MAX, |_, _| Ok(()))
+            .map(|counts| counts.rows_excluded_deleted)
+            .map_err(|e| e.to_string())
+    }
+
+    /// `forget_hash(secret, normalised)` of the value, normalised as the dataset's identifier
+    /// column is.
+    fn hash_of(
+        &self,
+        dataset: &DatasetConfig,
+        identifier: &str,
+        raw_value: &str,
+    ) -> Result<[u8; 32], ForgetError> {
         let id = dataset
             .identifier(identifier)
             .ok_or_else(|| ForgetError::UnknownIdentifier {
@@ -172,15 +217,7 @@ impl ForgetStore {
             .normaliser
             .normalise_with(raw_value, &id.options())
             .map_err(|e: NormaliseError| refuse(e.to_string()))?;
-        let hash = forget_hash(&self.secret, normalised.as_bytes());
-        let entry = Entry {
-            dataset: dataset.name.clone(),
-            hash: to_hex(&hash),
-        };
-        let mut line = serde_json::to_vec(&entry).unwrap_or_default();
-        line.push(b'\n');
-        self.append(&line)?;
-        Ok(hash)
+        Ok(forget_hash(&self.secret, normalised.as_bytes()))
     }
 
     fn append(&self, line: &[u8]) -> Result<(), ForgetError> {

@@ -64,21 +64,50 @@ pub async fn run_from(
     config_path: PathBuf,
     shutdown: watch::Receiver<bool>,
 ) -> Result<(), NodeError> {
-    let cfg = policy::load_checked(&config_path).map_err(|e| NodeError::Config(e.to_string()))?;
-    serve(cfg, Some(config_path), shutdown).await
+    let (cfg, creds) = preflight(&config_path)?;
+    serve(cfg, creds, Some(config_path), shutdown).await
 }
 
 /// Runs a node until `shutdown` turns true: opens the audit log, binds the data plane, then
 /// keeps a control session with the coordinator open (reconnecting with backoff when it drops).
 pub async fn run(cfg: NodeConfig, shutdown: watch::Receiver<bool>) -> Result<(), NodeError> {
-    serve(cfg, None, shutdown).await
+    let creds = credentials(&cfg)?;
+    serve(cfg, creds, None, shutdown).await
 }
 
-async fn serve(
-    cfg: NodeConfig,
-    config_path: Option<PathBuf>,
-    shutdown: watch::Receiver<bool>,
-) -> Result<(), NodeError> {
+/// Everything `run` checks before it starts, without starting anything or writing a file:
+/// the config (with every dataset file's header: identifier, value and consent columns), the
+/// certificates (they load, are this node's, and are a node's), and, when they exist, that the
+/// audit log verifies and the ledger opens. `cleanroom-node check` is this; `run` does it first.
+pub fn preflight(config_path: &Path) -> Result<(NodeConfig, Credentials), NodeError> {
+    let cfg = policy::load_checked(config_path).map_err(|e| NodeError::Config(e.to_string()))?;
+    let creds = credentials(&cfg)?;
+    let log = audit::audit_path(&cfg);
+    if log.exists() {
+        let report = audit::verify(&log, None).map_err(|e| NodeError::Config(e.to_string()))?;
+        // A torn last line is repaired at start; anything else refuses it.
+        let torn_only = matches!(
+            report.problems.as_slice(),
+            [] | [audit::Tamper::Incomplete { .. }]
+        );
+        if !torn_only {
+            return Err(NodeError::Config(format!(
+                "the audit log {} does not verify ({} problem(s), the first: {}); run \
+                 `cleanroom-node audit verify`",
+                log.display(),
+                report.problems.len(),
+                report.problems[0]
+            )));
+        }
+    }
+    if cfg.ledger_path().exists() {
+        open_ledger(&cfg)?;
+    }
+    Ok((cfg, creds))
+}
+
+/// Loads the node's certificates and checks that they name this node, as a node.
+fn credentials(cfg: &NodeConfig) -> Result<Credentials, NodeError> {
     let creds = Credentials::load(&cfg.tls.ca, &cfg.tls.cert, &cfg.tls.key)?;
     let me = creds.identity()?;
     let expected = Identity::node(&cfg.name)?;
@@ -91,6 +120,18 @@ async fn serve(
             cfg.name
         )));
     }
+    Ok(creds)
+}
+
+async fn serve(
+    cfg: NodeConfig,
+    creds: Credentials,
+    config_path: Option<PathBuf>,
+    shutdown: watch::Receiver<bool>,
+) -> Result<(), NodeError> {
+    // One node per state directory: two would share the audit log, the ledger and the
+    // coordinator's registration. Held until this function returns.
+    let _lock = lock_state_dir(&cfg.state_dir)?;
     // No audit log, no node: every access must be recorded.
     let audit =
         AuditLog::open(&audit::audit_path(&cfg)).map_err(|e| NodeError::Config(e.to_string()))?;
@@ -110,7 +151,7 @@ async fn serve(
         what: format!("reading the data-plane address bound at {listen}"),
         source: e,
     })?;
-    let advertise = cfg.advertise.unwrap_or(bound);
+    let advertise = cfg.advertise.clone().unwrap_or_else(|| bound.into());
     tracing::info!(node = %cfg.name, data_plane = %bound, advertise = %advertise, "node listening");
 
     let path = config_path.clone().unwrap_or_default();
@@ -134,6 +175,67 @@ async fn serve(
     purger.abort();
     endpoint.wait_idle().await;
     control
+}
+
+/// The state directory's lock file, held (an advisory `flock`) by the running node.
+pub const LOCK_FILE: &str = "node.lock";
+
+/// Takes the state directory's lock for this process (creating the directory and the lock
+/// file) and writes this process's id into it. Refused, naming the holder's process id, if
+/// another process holds it. The lock is released when the returned file is dropped or the
+/// process ends (however it ends).
+pub fn lock_state_dir(state_dir: &Path) -> Result<std::fs::File, NodeError> {
+    use std::io::{Read, Seek, Write};
+    let io = |what: String| move |source| NodeError::Io { what, source };
+    std::fs::create_dir_all(state_dir).map_err(io(format!(
+        "creating the state directory {}",
+        state_dir.display()
+    )))?;
+    let path = state_dir.join(LOCK_FILE);
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .open(&path)
+        .map_err(io(format!("opening {}", path.display())))?;
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let mut holder = String::new();
+            let _ = file.read_to_string(&mut holder);
+            let holder = holder.trim();
+            return Err(NodeError::Config(format!(
+                "the state directory {} is in use by another node process (pid {}); stop it \
+                 first, or give this node its own state_dir",
+                state_dir.display(),
+                if holder.is_empty() { "unknown" } else { holder }
+            )));
+        }
+        Err(std::fs::TryLockError::Error(e)) => {
+            return Err(io(format!("locking {}", path.display()))(e));
+        }
+    }
+    file.set_len(0)
+        .and_then(|()| file.rewind())
+        .and_then(|()| writeln!(file, "{}", std::process::id()))
+        .and_then(|()| file.sync_data())
+        .map_err(io(format!("writing {}", path.display())))?;
+    Ok(file)
+}
+
+/// The process id holding the state directory's lock, if a process holds it (read without
+/// taking it).
+pub fn state_dir_holder(state_dir: &Path) -> Option<String> {
+    let file = std::fs::File::open(state_dir.join(LOCK_FILE)).ok()?;
+    match file.try_lock_shared() {
+        Ok(()) => None,
+        Err(_) => Some(
+            std::fs::read_to_string(state_dir.join(LOCK_FILE))
+                .map(|s| s.trim().to_owned())
+                .unwrap_or_default(),
+        ),
+    }
 }
 
 /// Opens the node's privacy-budget ledger (creating its directory on first start).

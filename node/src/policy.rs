@@ -13,7 +13,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
-use crate::config::{AllowEntry, Computation, ConfigError, NodeConfig, SumRole};
+use crate::config::{AllowEntry, Computation, ConfigError, NodeConfig, PolicyDate, SumRole};
 
 /// What `policy check` prints: the validated config, one block per partner.
 #[derive(Debug, Clone)]
@@ -22,12 +22,52 @@ pub struct PolicySummary {
     pub path: PathBuf,
     /// The validated config.
     pub config: Arc<NodeConfig>,
+    /// Agreements that have expired or expire soon, as of the check ([`expiry_warnings`]).
+    pub warnings: Vec<String>,
+}
+
+/// How many days ahead `policy check` warns of an agreement's expiry.
+pub const EXPIRY_WARNING_DAYS: i64 = 30;
+
+/// A warning per agreement that expired before `today` (every job with that partner is refused)
+/// or expires within [`EXPIRY_WARNING_DAYS`] days of it (its last day in force included).
+pub fn expiry_warnings(cfg: &NodeConfig, today: PolicyDate) -> Vec<String> {
+    let mut out = Vec::new();
+    for a in &cfg.agreements {
+        let Some(expires) = a.expires else { continue };
+        let days = (expires.0 - today.0).whole_days();
+        if days < 0 {
+            out.push(format!(
+                "warning: the agreement with {} expired {expires} ({} day{} ago): every job with {} \
+                 is refused",
+                a.partner,
+                -days,
+                if days == -1 { "" } else { "s" },
+                a.partner
+            ));
+        } else if days < EXPIRY_WARNING_DAYS {
+            out.push(format!(
+                "warning: the agreement with {} expires {expires} (its last day in force; {}): \
+                 renew it before then",
+                a.partner,
+                match days {
+                    0 => "today".to_owned(),
+                    1 => "tomorrow".to_owned(),
+                    n => format!("in {n} days"),
+                }
+            ));
+        }
+    }
+    out
 }
 
 impl std::fmt::Display for PolicySummary {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let c = &self.config;
         writeln!(f, "policy {} (node {}): OK", self.path.display(), c.name)?;
+        for w in &self.warnings {
+            writeln!(f, "{w}")?;
+        }
         match &c.budget {
             Some(b) => writeln!(f, "budget: {}", b.describe())?,
             None => writeln!(f, "budget: none (no node-wide epsilon cap)")?,
@@ -79,12 +119,17 @@ impl std::fmt::Display for PolicySummary {
                 writeln!(f, "  allows nothing (empty allow-list)")?;
             }
             for e in &a.allow {
+                // An aggregate joins nothing: it is allowed by its group-by columns.
+                let by = if e.keys.is_empty() {
+                    e.group_by.join(" | ")
+                } else {
+                    e.keys.join(" | ")
+                };
                 writeln!(
                     f,
-                    "  allow {} on {} by {}",
+                    "  allow {} on {} by {by}",
                     e.computation,
                     e.dataset.get_ref(),
-                    e.keys.join(" | ")
                 )?;
                 let counts: Vec<&str> = e.counts_to.iter().map(|r| r.as_str()).collect();
                 writeln!(
@@ -202,11 +247,20 @@ pub fn deviating_partner_learns(e: &AllowEntry, partner: &str) -> Vec<String> {
 
 /// Loads and validates the policy at `path`, including the headers of the dataset files.
 pub fn check_file(path: impl AsRef<Path>) -> Result<PolicySummary, ConfigError> {
+    check_file_at(path, crate::agreement::now_ms())
+}
+
+/// [`check_file`] as of `now_ms` (Unix milliseconds), for the expiry warnings.
+pub fn check_file_at(path: impl AsRef<Path>, now_ms: i64) -> Result<PolicySummary, ConfigError> {
     let path = path.as_ref();
     let config = load_checked(path)?;
+    let warnings = PolicyDate::from_unix_ms(now_ms)
+        .map(|today| expiry_warnings(&config, today))
+        .unwrap_or_default();
     Ok(PolicySummary {
         path: path.to_owned(),
         config: Arc::new(config),
+        warnings,
     })
 }
 
@@ -447,6 +501,7 @@ budget_per_purpose = { epsilon_per_period = 2.0, period = "week" }
         let text = PolicySummary {
             path: "/srv/node.toml".into(),
             config: Arc::new(cfg.clone()),
+            warnings: Vec::new(),
         }
         .to_string();
         let lines: Vec<&str> = text
@@ -467,6 +522,66 @@ budget_per_purpose = { epsilon_per_period = 2.0, period = "week" }
             text.contains("per person on column customer: a person's rows are summed"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn check_file_warns_of_expired_and_expiring_agreements() {
+        let (_dir, file) = setup("email,amount_cents,consent_fraud\na@b.c,1,true\n");
+        let at = |date: &str| {
+            let d = PolicyDate::parse(date).unwrap().0;
+            d.midnight().assume_utc().unix_timestamp() * 1000 + 3_600_000
+        };
+        // The agreement expires 2026-06-30 (its last day in force).
+        let warnings = |date: &str| check_file_at(&file, at(date)).unwrap().warnings;
+        assert!(warnings("2026-05-31").is_empty());
+        let w = warnings("2026-06-01");
+        assert_eq!(w.len(), 1);
+        assert!(
+            w[0].contains("globex expires 2026-06-30") && w[0].contains("in 29 days"),
+            "{w:?}"
+        );
+        assert!(warnings("2026-06-30")[0].contains("(its last day in force; today)"));
+        let w = warnings("2026-07-02");
+        assert!(
+            w[0].contains("globex expired 2026-06-30 (2 days ago)"),
+            "{w:?}"
+        );
+        assert!(w[0].contains("every job with globex is refused"), "{w:?}");
+        let text = check_file_at(&file, at("2026-07-02")).unwrap().to_string();
+        assert!(
+            text.contains("warning: the agreement with globex expired"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn aggregate_allow_lines_name_their_group_columns() {
+        let (_dir, file) = setup("email,amount_cents,consent_fraud,category\na@b.c,1,true,x\n");
+        std::fs::write(
+            &file,
+            CONFIG.to_owned()
+                + "  [[agreement.allow]]\n  computation = \"aggregate\"\n  dataset = \"customers\"\n  \
+                   group_by = [\"category\"]\n  value_columns = [{ column = \"amount_cents\", min = 0, max = 100 }]\n",
+        )
+        .unwrap();
+        let text = check_file(&file).unwrap().to_string();
+        assert!(
+            text.contains("allow aggregate on customers by category\n"),
+            "{text}"
+        );
+    }
+
+    /// The example config shipped with the node is one a new operator can start from: no
+    /// agreement in it has expired or is about to.
+    #[test]
+    fn the_example_config_is_not_expired() {
+        let cfg = NodeConfig::parse(
+            include_str!("../testdata/node.example.toml"),
+            Path::new("node.example.toml"),
+        )
+        .unwrap();
+        let today = PolicyDate::from_unix_ms(crate::agreement::now_ms()).unwrap();
+        assert_eq!(expiry_warnings(&cfg, today), Vec::<String>::new());
     }
 
     #[test]

@@ -2,7 +2,6 @@
 //! limits are checked against, the privacy-budget ledger, and the jobs waiting for a peer.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Mutex;
 
@@ -54,7 +53,7 @@ pub struct NodeState {
     /// The privacy-budget ledger: the one record of ε spent, and of noised releases.
     pub ledger: Ledger,
     /// The data-plane address other nodes dial.
-    pub advertise: SocketAddr,
+    pub advertise: cleanroom_transport::HostPort,
     history: Mutex<History>,
     pending: Mutex<HashMap<String, PendingJob>>,
 }
@@ -72,7 +71,7 @@ impl NodeState {
         config_path: PathBuf,
         audit: AuditLog,
         ledger: Ledger,
-        advertise: SocketAddr,
+        advertise: cleanroom_transport::HostPort,
     ) -> Result<Self, AuditError> {
         let mut history = History::default();
         for entry in crate::audit::read_entries(audit.path())? {
@@ -178,6 +177,13 @@ impl NodeState {
         };
         if let Err(e) = self.audit.append(event, now_ms) {
             tracing::error!(error = %e, "audit log write failed; refusing the job");
+            if let crate::audit::AuditError::Tampered { reason, .. } = &e {
+                return Err(Veto(format!(
+                    "node '{}' refuses every job: its audit log does not verify ({reason}); its \
+                     operator must restore the log and restart the node",
+                    cfg.name
+                )));
+            }
             return Err(Veto(format!(
                 "node '{}' cannot write its audit log, so it refuses every job until that is fixed",
                 cfg.name

@@ -122,6 +122,12 @@ impl Process {
         matches!(self.child.try_wait(), Ok(None))
     }
 
+    /// Kills the process (SIGKILL) and waits for it.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     /// Stops the process and waits for it.
     pub fn stop(&mut self) {
         drop(self.stdin.take());
@@ -238,6 +244,12 @@ impl Consortium {
             old.stop();
         }
         self.spawn_coordinator(&addr.to_string(), name)
+    }
+
+    /// Starts a coordinator listening on `listen` (the database is kept across restarts),
+    /// logging to `logs/<name>.log`.
+    pub fn start_coordinator_at(&mut self, listen: &str, name: &str) -> SocketAddr {
+        self.spawn_coordinator(listen, name)
     }
 
     fn spawn_coordinator(&mut self, listen: &str, name: &str) -> SocketAddr {

@@ -40,7 +40,9 @@ impl Default for TransportTuning {
     fn default() -> Self {
         Self {
             idle_timeout: Duration::from_secs(30),
-            keep_alive: Duration::from_secs(5),
+            // Also how soon a node notices that the coordinator restarted: its next ping gets
+            // the new process's stateless reset (see `server_endpoint`).
+            keep_alive: Duration::from_secs(1),
         }
     }
 }
@@ -109,20 +111,62 @@ fn server_config(
 
 /// An endpoint bound to `bind` that accepts connections (client certificate required) and can
 /// also dial out with `creds`. Must be called inside a tokio runtime.
+///
+/// Its stateless-reset key is derived from the certificate's private key, so it survives a
+/// restart: a restarted coordinator (or node) that receives a packet of a connection its
+/// predecessor held answers with a stateless reset the peer accepts (RFC 9000 §10.3), and the
+/// peer learns at its next packet (a keep-alive at most [`TransportTuning::keep_alive`] later)
+/// that the connection is gone, instead of waiting for the idle timeout. A random key per
+/// process (quinn's default) made nodes wait 30 s to notice a restarted coordinator.
 pub fn server_endpoint(
     bind: SocketAddr,
     creds: &Credentials,
     tuning: &TransportTuning,
 ) -> Result<quinn::Endpoint, TransportError> {
-    let mut endpoint =
-        quinn::Endpoint::server(server_config(creds, tuning)?, bind).map_err(|e| {
-            TransportError::Bind {
-                addr: bind,
-                reason: e.to_string(),
-            }
-        })?;
+    let bind_err = |e: std::io::Error| TransportError::Bind {
+        addr: bind,
+        reason: e.to_string(),
+    };
+    let socket = std::net::UdpSocket::bind(bind).map_err(bind_err)?;
+    let runtime = quinn::default_runtime()
+        .ok_or_else(|| bind_err(std::io::Error::other("no async runtime found")))?;
+    let (reset_key, cid_key) = restart_keys(creds);
+    let mut endpoint_config = quinn::EndpointConfig::new(Arc::new(reset_key));
+    // Connection IDs are checked against a keyed hash before a reset is sent; with a random key
+    // per process, the restarted endpoint would drop its predecessor's IDs silently.
+    endpoint_config.cid_generator(move || {
+        Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
+    });
+    let mut endpoint = quinn::Endpoint::new(
+        endpoint_config,
+        Some(server_config(creds, tuning)?),
+        socket,
+        runtime,
+    )
+    .map_err(bind_err)?;
     endpoint.set_default_client_config(client_config(creds, tuning)?);
     Ok(endpoint)
+}
+
+/// The keys of an endpoint serving with `creds` that must survive its restarts: the
+/// stateless-reset key (HMAC-SHA256) and the key of its connection-ID hash, each derived from
+/// SHA-256(domain ‖ private key). Learning them needs the private key, and would only let an
+/// attacker reset this endpoint's connections.
+fn restart_keys(creds: &Credentials) -> (ring::hmac::Key, u64) {
+    let derive = |domain: &[u8]| {
+        let mut digest = ring::digest::Context::new(&ring::digest::SHA256);
+        digest.update(domain);
+        digest.update(creds.key.secret_der());
+        digest.finish()
+    };
+    let reset = derive(b"cleanroom/1 QUIC stateless reset key\0");
+    let cid = derive(b"cleanroom/1 QUIC connection ID key\0");
+    let mut cid_key = [0u8; 8];
+    cid_key.copy_from_slice(&cid.as_ref()[..8]);
+    (
+        ring::hmac::Key::new(ring::hmac::HMAC_SHA256, reset.as_ref()),
+        u64::from_le_bytes(cid_key),
+    )
 }
 
 /// A dial-only endpoint on an ephemeral port of the address family of `for_addr`. Must be

@@ -5,6 +5,8 @@
 //!   [`Credentials`].
 //! - [`identity`]: [`Identity`] = role + name, read from a CA-verified certificate
 //!   ([`peer_identity`]).
+//! - [`addr`]: [`HostPort`], a `host:port` address with a DNS name or an IP literal, resolved
+//!   when dialled.
 //! - [`endpoint`]: [`server_endpoint`], [`client_endpoint`], [`connect`], [`accept`] — TLS 1.3,
 //!   ALPN `cleanroom/1`, client certificates required everywhere.
 //! - [`framed`]: [`FramedSend`] / [`FramedRecv`] over quinn streams, length cap checked before
@@ -14,6 +16,7 @@
 //! install a process-wide default crypto provider.
 #![warn(missing_docs)]
 
+pub mod addr;
 pub mod endpoint;
 pub mod error;
 pub mod framed;
@@ -22,6 +25,7 @@ pub mod pki;
 #[cfg(feature = "transcript")]
 pub mod transcript;
 
+pub use addr::{BadHostPort, HostPort};
 pub use endpoint::{
     ALPN, TransportTuning, accept, client_endpoint, connect, handshake, server_endpoint,
 };

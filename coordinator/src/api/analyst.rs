@@ -234,15 +234,20 @@ async fn handle(
         }
         Some(Request::Nodes(_)) => {
             let connected = shared.registry.names();
+            let now = now_ms();
             let nodes = shared
                 .store
                 .nodes()?
                 .into_iter()
-                .map(|n| NodeInfo {
-                    connected: connected.contains(&n.name),
-                    name: n.name,
-                    data_addr: n.data_addr,
-                    last_seen_ms: n.last_seen_ms,
+                .map(|n| {
+                    // A connected node is seen now; one that left, when it left.
+                    let connected = connected.contains(&n.name);
+                    NodeInfo {
+                        connected,
+                        name: n.name,
+                        data_addr: n.data_addr,
+                        last_seen_ms: if connected { now } else { n.last_seen_ms },
+                    }
                 })
                 .collect();
             Ok(Response::Nodes(NodeList { nodes }))

@@ -243,5 +243,9 @@ async fn node_session(shared: Arc<Shared>, conn: quinn::Connection, peer: Identi
     tracing::info!(node = %peer.name, data_plane = %data_addr, "node connected");
     let why = conn.closed().await;
     shared.registry.remove(&peer.name, &conn);
+    // The last time it was seen is when it left (a reconnection moves it on again).
+    if let Err(e) = shared.store.node_seen(&peer.name, now_ms()) {
+        tracing::warn!(node = %peer.name, error = %e, "could not record when the node left");
+    }
     tracing::info!(node = %peer.name, reason = %why, "node disconnected");
 }

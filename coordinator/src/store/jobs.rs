@@ -236,6 +236,17 @@ impl JobStore {
         Ok(())
     }
 
+    /// Records that `name` was seen at `now_ms` (when its connection ends); never moves the
+    /// time back.
+    pub fn node_seen(&self, name: &str, now_ms: i64) -> Result<(), StoreError> {
+        let conn = self.lock();
+        conn.execute(
+            "UPDATE nodes SET last_seen_ms = MAX(last_seen_ms, ?2) WHERE name = ?1",
+            params![name, now_ms],
+        )?;
+        Ok(())
+    }
+
     /// Every node that ever said hello, by name.
     pub fn nodes(&self) -> Result<Vec<NodeRecord>, StoreError> {
         let conn = self.lock();

@@ -515,6 +515,18 @@ fn unfinished_lists_non_terminal_jobs() {
 }
 
 #[test]
+fn a_node_is_last_seen_when_it_leaves() {
+    let (_dir, store) = open_temp();
+    store.record_node("acme", "10.0.0.1:7000", 100).unwrap();
+    store.node_seen("acme", 5_000).unwrap();
+    store.node_seen("acme", 4_000).unwrap();
+    store.node_seen("nobody", 6_000).unwrap();
+    let nodes = store.nodes().unwrap();
+    assert_eq!(nodes.len(), 1);
+    assert_eq!(nodes[0].last_seen_ms, 5_000);
+}
+
+#[test]
 fn node_registry_upserts() {
     let (_dir, store) = open_temp();
     assert!(store.nodes().unwrap().is_empty());
