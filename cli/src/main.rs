@@ -107,12 +107,15 @@ fn execute(command: Command) -> anyhow::Result<ExitCode> {
                     cleanroom_node::cli::wait_for_stop(stop_on_stdin_eof).await;
                     let _ = tx.send(true);
                 });
-                cleanroom_coordinator::serve(cfg, rx, |addr| {
-                    // Supervisors (the demo, the tests) read this line to learn a port-0 address.
-                    // A server does not stop because nobody reads its standard output.
+                cleanroom_coordinator::serve(cfg, rx, |addr, web| {
+                    // Supervisors (the demo, the tests) read these lines to learn port-0
+                    // addresses. A server does not stop because nobody reads its standard output.
                     use std::io::Write;
                     let mut out = std::io::stdout();
                     let _ = writeln!(out, "listening {addr}").and_then(|()| out.flush());
+                    if let Some(web) = web {
+                        let _ = writeln!(out, "web {web}").and_then(|()| out.flush());
+                    }
                 })
                 .await
             })?;

@@ -30,6 +30,7 @@ pub mod clock;
 pub mod config;
 pub mod cron;
 pub mod error;
+pub mod metrics;
 pub mod registry;
 pub mod report;
 pub mod run;

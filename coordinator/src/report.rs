@@ -41,6 +41,10 @@ pub struct ReportRun {
     pub status: String,
     /// The released intersection size (succeeded runs).
     pub intersection: Option<u64>,
+    /// The smaller of the two set sizes the parties reported with it (succeeded runs): the
+    /// overlap rate is `intersection / smaller_set`. Absent in reports of older versions.
+    #[serde(default)]
+    pub smaller_set: Option<u64>,
     /// Scale of the noise added to the released figure; none is added yet.
     pub noise_scale: Option<f64>,
     /// Why it ended as it did (the job's last reason, or why it was skipped or refused).
@@ -132,6 +136,7 @@ impl ScheduleReport {
                     job_id: run.job_id.clone(),
                     status,
                     intersection: if released { run.intersection } else { None },
+                    smaller_set: if released { run.smaller_set } else { None },
                     noise_scale: None,
                     reason,
                     note: run.note.clone(),
