@@ -73,7 +73,9 @@ pub fn trend_svg(points: &[(i64, f64)], tz: &TimeZone, percent: bool) -> Option<
     let lo = points.iter().map(|p| p.1).fold(f64::INFINITY, f64::min);
     let hi = points.iter().map(|p| p.1).fold(f64::NEG_INFINITY, f64::max);
     let (y0, y1) = fitted_range(lo, hi);
-    let date_format = if x1 - x0 < 2 * 86_400_000 {
+    let date_format = if x1 - x0 < 3_600_000 {
+        "%H:%M:%S"
+    } else if x1 - x0 < 2 * 86_400_000 {
         "%m-%d %H:%M"
     } else {
         "%Y-%m-%d"

@@ -74,6 +74,8 @@ fn layout(title: &str, analyst: &Analyst, refresh: Option<u32>, body: Markup) ->
         html lang="en" {
             head {
                 meta charset="utf-8";
+                // No favicon request (it would be a 404 in the browser console).
+                link rel="icon" href="data:,";
                 @if let Some(s) = refresh { meta http-equiv="refresh" content=(s); }
                 title { (title) " · cleanroom" }
                 style { (PreEscaped(STYLE)) }
