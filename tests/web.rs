@@ -16,6 +16,7 @@ use serde_json::{Value, json};
 fn consortium() -> (Consortium, u64) {
     let mut c = Consortium::new();
     c.serve_web = true;
+    c.log_json = true;
     let truth = c.synth("acme,globex", 300, 0.4, 5);
     let expected = truth["pairwise_overlap"]["acme,globex"].as_u64().unwrap();
     c.start_coordinator();
@@ -196,6 +197,33 @@ fn the_console_refuses_strangers_answers_like_the_cli_and_counts_what_ran() {
     let page = bob.get(&format!("/jobs/{job_id}"));
     assert_eq!(page.status, 200);
     assert!(page.body.contains(&job_id) && page.body.contains("succeeded"));
+    // Pages load nothing: no script, no image, style or icon from elsewhere.
+    for path in [
+        "/jobs",
+        &format!("/jobs/{job_id}"),
+        "/nodes",
+        "/matrix",
+        "/jobs/new",
+    ] {
+        let body = bob.get(path).body;
+        for loads in ["<script", "src=", "href=\"http", "url("] {
+            assert!(!body.contains(loads), "{path} has {loads}");
+        }
+    }
+
+    // JSON logs: every line is an object, and the job's lines name it.
+    let log = c.coordinator.as_ref().unwrap().log_text();
+    let lines: Vec<Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    let ended = lines
+        .iter()
+        .find(|l| l["fields"]["message"] == "job ended" && l["span"]["job_id"] == job_id.as_str());
+    assert!(
+        ended.is_some(),
+        "no JSON line 'job ended' with span.job_id {job_id}:\n{log}"
+    );
 
     // /metrics agrees with the jobs run.
     let m = alice.get("/metrics").body;

@@ -34,7 +34,7 @@ use crate::args::{Cli, Command, CoordinatorCommand, JobCli, PkiCommand, PkiIssue
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    cleanroom_node::cli::init_tracing();
+    cleanroom_node::cli::init_tracing(cli.log_format);
     match execute(cli.command) {
         Ok(code) => code,
         Err(e) if cleanroom_node::cli::is_broken_pipe(&e) => ExitCode::SUCCESS,

@@ -2,8 +2,8 @@
 //!
 //! [`ScheduleReport::build`] gathers a schedule and its runs ([`JobStore::runs`]) into a plain,
 //! serialisable value; [`render_json`] is the value itself ([`ScheduleReport::from_json`] reads
-//! it back). The coordinator sends JSON; the CLI renders the HTML page (trend chart, runs table)
-//! and the CSV from it, so no HTML, SVG or CSV code lives in the coordinator.
+//! it back). The coordinator sends JSON; the CLI renders the HTML file (trend chart, runs table)
+//! and the CSV from it, and the web console (`api::web::pages`) its report page.
 //!
 //! [`JobStore::runs`]: crate::store::JobStore::runs
 

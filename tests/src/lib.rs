@@ -168,6 +168,8 @@ pub struct Consortium {
     /// running one does.
     pub serve_web: bool,
     pub web: Option<SocketAddr>,
+    /// Whether processes started from now on log JSON lines (`CLEANROOM_LOG_FORMAT=json`).
+    pub log_json: bool,
 }
 
 impl Consortium {
@@ -192,6 +194,7 @@ impl Consortium {
             transcripts: None,
             serve_web: false,
             web: None,
+            log_json: false,
         }
     }
 
@@ -272,6 +275,10 @@ impl Consortium {
             cmd.env(TRANSCRIPT_ENV, t);
         }
         let mut child = cmd
+            .env(
+                "CLEANROOM_LOG_FORMAT",
+                if self.log_json { "json" } else { "text" },
+            )
             .args(["coordinator", "serve", "--config"])
             .arg(&cfg)
             .arg("--stop-on-stdin-eof")
