@@ -395,3 +395,92 @@ fn a_browser_submits_a_job_from_the_console_and_sees_it_succeed() {
         browser.stop().await;
     });
 }
+
+#[test]
+fn demo_web_keeps_the_consortium_running_with_the_console_until_interrupted() {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+
+    /// Kills the demo if the test fails before it stops it.
+    struct Demo(std::process::Child);
+    impl Drop for Demo {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("demo");
+    let mut demo = Demo(
+        Command::new(&cleanroom_e2e::bins().0)
+            .args(["demo", "--rows", "500", "--web", "127.0.0.1:0", "--keep"])
+            .arg(&dir)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let mut out = BufReader::new(demo.0.stdout.take().unwrap());
+    let mut printed = String::new();
+    let port: u16 = loop {
+        let mut line = String::new();
+        assert!(
+            out.read_line(&mut line).unwrap() > 0,
+            "demo ended: {printed}"
+        );
+        printed.push_str(&line);
+        if let Some(url) = line.strip_prefix("metrics   https://coordinator.cleanroom:") {
+            break url.trim().trim_end_matches("/metrics").parse().unwrap();
+        }
+    };
+    // The credentials follow the URLs; the last line is the curl example.
+    while !printed.contains("  or: curl") {
+        let mut line = String::new();
+        assert!(
+            out.read_line(&mut line).unwrap() > 0,
+            "demo ended: {printed}"
+        );
+        printed.push_str(&line);
+    }
+    for wanted in [
+        "console   https://",
+        "health    https://",
+        "analyst-demo.pem",
+        "analyst-demo.key",
+        "ca.pem",
+    ] {
+        assert!(printed.contains(wanted), "{wanted} not printed: {printed}");
+    }
+    let web = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let analyst = Https::new(&dir, web, Some("analyst-demo"));
+    let jobs = analyst.get("/api/v1/jobs").json();
+    let states: Vec<&str> = jobs["jobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|j| j["state"].as_str().unwrap())
+        .collect();
+    assert_eq!(states, ["JOB_STATE_SUCCEEDED"; 3], "{jobs}");
+    let metrics = analyst.get("/metrics").body;
+    assert_eq!(
+        metric(&metrics, "cleanroom_coordinator_connected_nodes"),
+        Some(2.0),
+        "{metrics}"
+    );
+
+    let status = Command::new("kill")
+        .args(["-INT", &demo.0.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let code = loop {
+        if let Some(code) = demo.0.try_wait().unwrap() {
+            break code;
+        }
+        assert!(Instant::now() < deadline, "the demo did not stop on SIGINT");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(code.success(), "{code:?}");
+}

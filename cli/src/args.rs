@@ -588,6 +588,11 @@ pub struct DemoArgs {
     /// temporary directory that is removed afterwards.
     #[arg(long)]
     pub keep: Option<PathBuf>,
+    /// After the jobs, keep the consortium running with the coordinator's web console on this
+    /// address (e.g. 127.0.0.1:7443) until interrupted, printing the URLs and the analyst's
+    /// credentials.
+    #[arg(long, value_name = "ADDR")]
+    pub web: Option<std::net::SocketAddr>,
 }
 
 /// `cleanroom bench …`
