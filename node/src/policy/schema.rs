@@ -1,34 +1,41 @@
-//! The node's config file (TOML): identity, addresses, TLS files, datasets and the agreements
-//! (the allow-list of what this node computes with which partner).
+//! The config file's schema (TOML): identity, addresses, TLS files, datasets and the agreements
+//! (the allow-list of what this node computes with which partner), and the checks that turn
+//! what the file says into a [`NodeConfig`] whose allow entries are typed ([`Allow`]).
 //!
 //! Every table rejects unknown keys, so a misspelt setting is an error rather than a silently
 //! ignored default. Relative paths are resolved against the directory of the config file.
 //! `node/testdata/node.example.toml` is a complete, commented example.
+//!
+//! The file is read as `NodeConfig<AllowEntry>` (each `[[agreement.allow]]` as written, one flat
+//! table for every computation); [`NodeConfig::parse`] checks it and converts each entry into
+//! the [`Allow`] variant of its computation, whose per-kind rules live beside that kind's offer
+//! checks (`policy::psi`, `policy::overlap_sum`, `policy::aggregate`).
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::HashSet;
 use std::net::SocketAddr;
-
-use cleanroom_transport::HostPort;
 use std::path::{Path, PathBuf};
 
+use cleanroom_transport::HostPort;
 use serde::Deserialize;
-
 use toml::Spanned;
 
-use crate::normalise::{NormaliseOptions, Normaliser, parse_region};
+use crate::data::DatasetConfig;
+use crate::data::ValueColumn;
+use crate::data::normalise::{Normaliser, parse_region};
+use crate::ledger::{Budget, DEFAULT_DP_DELTA, Delta, Epsilon, Period};
 
-/// Longest name (node, partner, dataset, identifier, purpose) the config accepts.
-pub const MAX_NAME_LEN: usize = 63;
+use super::allow::Allow;
+use super::values::{
+    Computation, DEFAULT_MAX_SET_SIZE, DEFAULT_MIN_SET_SIZE, Membership, PolicyDate, Recipient,
+    SumRole, Threshold, check_name, default_threshold, line_of, run_cost,
+};
 
-/// Default lower bound on the partner's declared set size.
-pub const DEFAULT_MIN_SET_SIZE: u64 = 1;
-/// Default upper bound on the partner's declared set size.
-pub const DEFAULT_MAX_SET_SIZE: u64 = 100_000_000;
-
-/// The whole config file.
+/// The whole config file. `NodeConfig` (the default, `A = Allow`) is the checked policy the node
+/// runs on; `NodeConfig<AllowEntry>` is the file as written, before [`NodeConfig::parse`] checks
+/// it.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct NodeConfig {
+pub struct NodeConfig<A = Allow> {
     /// This node's name; must equal the identity in its certificate (checked by the engine).
     pub name: String,
     /// The coordinator's QUIC address (`host:port`: a DNS name, resolved at each connection,
@@ -48,8 +55,8 @@ pub struct NodeConfig {
     #[serde(default, rename = "dataset")]
     pub datasets: Vec<DatasetConfig>,
     /// One agreement per partner (`[[agreement]]`); no entry denies everything with a partner.
-    #[serde(default, rename = "agreement")]
-    pub agreements: Vec<Agreement>,
+    #[serde(default = "Vec::new", rename = "agreement")]
+    pub agreements: Vec<Agreement<A>>,
     /// The node-wide privacy budget (`[budget]`); `None` = no node-wide cap.
     #[serde(default)]
     pub budget: Option<Budget>,
@@ -68,233 +75,6 @@ pub struct NodeConfig {
     pub dp_delta: Option<Delta>,
 }
 
-/// A privacy budget: the ε that may be spent per period (sliding window), over the ledger's
-/// whole life, or both (at least one). Used node-wide (`[budget]`, over all partners) and per
-/// partner and purpose (`budget_per_purpose`). Caps are ε at the node's `dp_delta` (see
-/// [`crate::ledger`]: pure-ε charges add up as ε, zCDP charges as ρ).
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Budget {
-    /// ε allowed per period; `None` = no window cap (then `epsilon_lifetime` is set).
-    #[serde(default)]
-    pub epsilon_per_period: Option<Epsilon>,
-    /// The period (default day).
-    #[serde(default)]
-    pub period: Period,
-    /// ε allowed over the ledger's whole life (never refreshes); `None` = no lifetime cap.
-    #[serde(default)]
-    pub epsilon_lifetime: Option<Epsilon>,
-}
-
-impl Budget {
-    /// `"epsilon 1 per day, 20 in all"` (what `policy check` and vetoes print).
-    pub fn describe(&self) -> String {
-        let mut parts = Vec::new();
-        if let Some(e) = self.epsilon_per_period {
-            parts.push(format!("epsilon {e} per {}", self.period));
-        }
-        if let Some(e) = self.epsilon_lifetime {
-            parts.push(format!("epsilon {e} in all (lifetime)"));
-        }
-        parts.join(", ")
-    }
-
-    fn validate(&self, name: &str) -> Result<(), String> {
-        if self.epsilon_per_period.is_none() && self.epsilon_lifetime.is_none() {
-            return Err(format!(
-                "{name} sets neither epsilon_per_period nor epsilon_lifetime; give at least one"
-            ));
-        }
-        Ok(())
-    }
-
-    /// The smallest of its caps (what one run must fit).
-    fn tightest(&self) -> f64 {
-        [self.epsilon_per_period, self.epsilon_lifetime]
-            .into_iter()
-            .flatten()
-            .map(Epsilon::get)
-            .fold(f64::INFINITY, f64::min)
-    }
-}
-
-/// The default δ at which ε caps are read when a release is (ε, δ)-DP rather than pure ε-DP
-/// (aggregate's discrete Gaussian): below one in a billion, far below one over the largest
-/// dataset a job may read (10^8 rows).
-pub const DEFAULT_DP_DELTA: f64 = 1e-9;
-
-/// The largest `dp_delta` the config accepts.
-pub const MAX_DP_DELTA: f64 = 1e-5;
-
-/// The δ of (ε, δ)-DP at which a node reads its caps: greater than 0 and at most
-/// [`MAX_DP_DELTA`] (checked when the config is read, so the TOML error names the line).
-#[derive(Debug, Clone, Copy, PartialEq, PartialOrd, Deserialize)]
-#[serde(try_from = "f64")]
-pub struct Delta(f64);
-
-// Sound: a Delta is never NaN.
-impl Eq for Delta {}
-
-impl Delta {
-    /// The value.
-    pub fn get(self) -> f64 {
-        self.0
-    }
-}
-
-impl TryFrom<f64> for Delta {
-    type Error = String;
-
-    fn try_from(value: f64) -> Result<Self, Self::Error> {
-        if value > 0.0 && value <= MAX_DP_DELTA {
-            Ok(Delta(value))
-        } else {
-            Err(format!(
-                "dp_delta must be greater than 0 and at most {MAX_DP_DELTA:e}, not {value} (δ is \
-                 the chance that a zCDP release exceeds its ε; keep it far below one over the \
-                 number of people in a dataset)"
-            ))
-        }
-    }
-}
-
-/// A privacy parameter ε: finite and greater than 0 (checked when the config is read, so the
-/// TOML error names the line and key).
-#[derive(Debug, Clone, Copy, PartialEq, PartialOrd, Deserialize)]
-#[serde(try_from = "f64")]
-pub struct Epsilon(f64);
-
-// Sound: an Epsilon is never NaN.
-impl Eq for Epsilon {}
-
-impl Epsilon {
-    /// ε, when finite and > 0.
-    pub fn new(value: f64) -> Option<Epsilon> {
-        (value.is_finite() && value > 0.0).then_some(Epsilon(value))
-    }
-
-    /// The value.
-    pub fn get(self) -> f64 {
-        self.0
-    }
-}
-
-impl TryFrom<f64> for Epsilon {
-    type Error = String;
-
-    fn try_from(value: f64) -> Result<Self, Self::Error> {
-        Epsilon::new(value)
-            .ok_or_else(|| format!("epsilon must be a finite number greater than 0, not {value}"))
-    }
-}
-
-impl std::fmt::Display for Epsilon {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}", self.0)
-    }
-}
-
-/// The period of a rate limit or budget.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Period {
-    /// 3,600 seconds.
-    Hour,
-    /// 86,400 seconds (the default).
-    #[default]
-    Day,
-    /// 7 days.
-    Week,
-}
-
-impl Period {
-    /// The name used in config files and vetoes (`hour`, `day`, `week`).
-    pub fn as_str(&self) -> &'static str {
-        match self {
-            Period::Hour => "hour",
-            Period::Day => "day",
-            Period::Week => "week",
-        }
-    }
-
-    /// The length in milliseconds (a sliding window ending now).
-    pub fn millis(&self) -> i64 {
-        match self {
-            Period::Hour => 3_600_000,
-            Period::Day => 86_400_000,
-            Period::Week => 7 * 86_400_000,
-        }
-    }
-}
-
-impl std::fmt::Display for Period {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-/// A calendar date written `"YYYY-MM-DD"` (an agreement's expiry; days are UTC).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize)]
-#[serde(try_from = "String")]
-pub struct PolicyDate(pub time::Date);
-
-impl PolicyDate {
-    /// Parses `YYYY-MM-DD`.
-    pub fn parse(text: &str) -> Option<PolicyDate> {
-        let b = text.as_bytes();
-        if b.len() != 10 || b[4] != b'-' || b[7] != b'-' {
-            return None;
-        }
-        let digits = |r: std::ops::Range<usize>| -> Option<u32> {
-            let part = text.get(r)?;
-            if part.bytes().all(|c| c.is_ascii_digit()) {
-                part.parse().ok()
-            } else {
-                None
-            }
-        };
-        let year = i32::try_from(digits(0..4)?).ok()?;
-        let month = time::Month::try_from(u8::try_from(digits(5..7)?).ok()?).ok()?;
-        let day = u8::try_from(digits(8..10)?).ok()?;
-        time::Date::from_calendar_date(year, month, day)
-            .ok()
-            .map(PolicyDate)
-    }
-
-    /// The UTC date of a Unix time in milliseconds (`None` out of range).
-    pub fn from_unix_ms(ms: i64) -> Option<PolicyDate> {
-        time::OffsetDateTime::from_unix_timestamp(ms.div_euclid(1000))
-            .ok()
-            .map(|t| PolicyDate(t.date()))
-    }
-}
-
-impl TryFrom<String> for PolicyDate {
-    type Error = String;
-
-    fn try_from(value: String) -> Result<Self, Self::Error> {
-        PolicyDate::parse(&value).ok_or_else(|| {
-            format!(
-                "'{}' is not a date written YYYY-MM-DD",
-                value.escape_default()
-            )
-        })
-    }
-}
-
-impl std::fmt::Display for PolicyDate {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let d = self.0;
-        write!(
-            f,
-            "{:04}-{:02}-{:02}",
-            d.year(),
-            u8::from(d.month()),
-            d.day()
-        )
-    }
-}
-
 /// Paths of the node's PEM files.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -307,85 +87,10 @@ pub struct TlsConfig {
     pub key: PathBuf,
 }
 
-/// A dataset: one CSV file with a header row, and its identifier columns.
+/// The agreement with one partner (its allow entries typed, `A = Allow`, or as written).
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct DatasetConfig {
-    /// The name jobs use for this dataset.
-    pub name: String,
-    /// The CSV file.
-    pub path: PathBuf,
-    /// Identifier columns (`[[dataset.identifier]]`).
-    #[serde(default, rename = "identifier")]
-    pub identifiers: Vec<IdentifierConfig>,
-    /// Value columns (`[[dataset.value]]`): integers with declared bounds.
-    #[serde(default, rename = "value")]
-    pub values: Vec<ValueColumn>,
-    /// Consent columns: purpose → boolean column (`true`, `1`, `yes` = consent, any case;
-    /// anything else, empty included, = no consent). Rows without consent for a job's purpose
-    /// are excluded and counted.
-    #[serde(default)]
-    pub consent: BTreeMap<String, String>,
-    /// If true, a job whose purpose has no consent column here is refused; if false (default),
-    /// such a job uses all rows.
-    #[serde(default)]
-    pub consent_required: bool,
-}
-
-/// An integer column with bounds (declared on a dataset, or the clipping bounds an allow entry
-/// grants on one).
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ValueColumn {
-    /// The CSV header of the column.
-    pub column: Spanned<String>,
-    /// Smallest value (values below are clipped).
-    pub min: i64,
-    /// Largest value (values above are clipped).
-    pub max: i64,
-}
-
-/// One identifier (join-key) column of a dataset.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct IdentifierConfig {
-    /// The key name jobs use (`--on email`).
-    pub name: String,
-    /// The CSV header of the column.
-    pub column: String,
-    /// How values are normalised before matching.
-    pub normaliser: Normaliser,
-    /// Email only: apply the Gmail dot/plus rule (default false).
-    #[serde(default)]
-    pub gmail_rule: bool,
-    /// Generic only: fold case (default false).
-    #[serde(default)]
-    pub case_fold: bool,
-    /// Phone only: region (ISO 3166 alpha-2, e.g. `"GB"`) of numbers written without a
-    /// country code (default `"US"`).
-    #[serde(default)]
-    pub default_region: Option<String>,
-}
-
-impl IdentifierConfig {
-    /// The normaliser options this identifier sets (validated by the config).
-    pub fn options(&self) -> NormaliseOptions {
-        let mut o = NormaliseOptions {
-            gmail_rule: self.gmail_rule,
-            case_fold: self.case_fold,
-            ..NormaliseOptions::default()
-        };
-        if let Some(region) = self.default_region.as_deref().and_then(parse_region) {
-            o.default_region = region;
-        }
-        o
-    }
-}
-
-/// The agreement with one partner.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Agreement {
+pub struct Agreement<A = Allow> {
     /// The partner's node name (its certificate identity).
     pub partner: String,
     /// Purposes jobs with this partner may declare.
@@ -394,8 +99,8 @@ pub struct Agreement {
     #[serde(default)]
     pub expires: Option<PolicyDate>,
     /// Allowed computations (`[[agreement.allow]]`); none allows nothing.
-    #[serde(default)]
-    pub allow: Vec<AllowEntry>,
+    #[serde(default = "Vec::new")]
+    pub allow: Vec<A>,
     /// The ε this partner's jobs may spend per period **for each purpose** (`budget_per_purpose
     /// = { epsilon_per_period = 1.0, period = "week" }`), charged in the ledger; `None` = no cap
     /// beyond the node-wide `[budget]`.
@@ -403,126 +108,8 @@ pub struct Agreement {
     pub budget_per_purpose: Option<Budget>,
 }
 
-/// A computation the agreement allows.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Computation {
-    /// |A ∩ B| only.
-    Overlap,
-    /// Membership of each side's own records, to the sides allowed to learn it.
-    Match,
-    /// Per-group sums and counts over N ≥ 3 parties by secret sharing (no keys).
-    Aggregate,
-    /// Intersection-sum with cardinality: the number of shared identifiers and sums of the
-    /// value holder's columns over them, noised under encryption (two parties, keys).
-    #[serde(rename = "overlap-sum")]
-    OverlapSum,
-}
-
-/// The part a node plays in an `overlap-sum` job.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum SumRole {
-    /// Party A: identifiers only. It learns the exact number of shared identifiers (inherent
-    /// in the protocol) and sees only ciphertexts of the partner's values.
-    KeyHolder,
-    /// Party B: identifiers and values. It learns the noised totals only; the partner learns
-    /// how many identifiers are shared.
-    ValueHolder,
-}
-
-impl SumRole {
-    /// The name used in config files and vetoes.
-    pub fn as_str(&self) -> &'static str {
-        match self {
-            SumRole::KeyHolder => "key-holder",
-            SumRole::ValueHolder => "value-holder",
-        }
-    }
-}
-
-impl Computation {
-    /// The name used in config files and vetoes.
-    pub fn as_str(&self) -> &'static str {
-        match self {
-            Computation::Overlap => "overlap",
-            Computation::Match => "match",
-            Computation::Aggregate => "aggregate",
-            Computation::OverlapSum => "overlap-sum",
-        }
-    }
-}
-
-impl std::fmt::Display for Computation {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-/// Who learns `match` membership (which of one's own rows the other side shares).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Membership {
-    /// Neither side.
-    None,
-    /// This node only (the default, as before).
-    #[serde(rename = "self")]
-    SelfOnly,
-    /// The partner only.
-    Partner,
-    /// Both sides.
-    Both,
-}
-
-impl Membership {
-    /// The name used in config files.
-    pub fn as_str(&self) -> &'static str {
-        match self {
-            Membership::None => "none",
-            Membership::SelfOnly => "self",
-            Membership::Partner => "partner",
-            Membership::Both => "both",
-        }
-    }
-
-    /// Whether this node may learn its own rows' membership.
-    pub fn to_self(&self) -> bool {
-        matches!(self, Membership::SelfOnly | Membership::Both)
-    }
-
-    /// Whether the partner may learn its rows' membership.
-    pub fn to_partner(&self) -> bool {
-        matches!(self, Membership::Partner | Membership::Both)
-    }
-}
-
-impl std::fmt::Display for Membership {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-/// Who may receive a job's counts.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Recipient {
-    /// The partner node.
-    Partner,
-    /// The coordinator (and so the analyst).
-    Coordinator,
-}
-
-impl Recipient {
-    /// The name used in config files.
-    pub fn as_str(&self) -> &'static str {
-        match self {
-            Recipient::Partner => "partner",
-            Recipient::Coordinator => "coordinator",
-        }
-    }
-}
-
-/// One allowed computation on one of this node's datasets.
+/// One `[[agreement.allow]]` table as written: the same keys for every computation. Which keys a
+/// computation takes, and what they mean for it, is decided when it is checked into an [`Allow`].
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AllowEntry {
@@ -535,8 +122,7 @@ pub struct AllowEntry {
     /// overlap and match; must be absent for aggregate (which joins nothing).
     #[serde(default)]
     pub keys: Vec<String>,
-    /// Match only: who learns membership (default `self`). Read it with
-    /// [`AllowEntry::membership`].
+    /// Match only: who learns membership (default `self`).
     #[serde(default)]
     pub membership: Option<Membership>,
     /// Old spelling (match only): `true` = `membership = "both"`, `false` = `"self"`. Refused
@@ -595,76 +181,8 @@ pub struct AllowEntry {
     pub person: Option<String>,
 }
 
-/// What one run of an allow entry with `epsilon` costs against a cap, as ε at `delta`: ε itself
-/// for a discrete Laplace release, and for an aggregate (whose `epsilon` is a zCDP ε, ρ = ε²/2)
-/// the (ε, δ) conversion of that ρ alone (see [`crate::ledger::epsilon_at`]).
-pub fn run_cost(computation: Computation, epsilon: Epsilon, delta: f64) -> f64 {
-    let e = epsilon.get();
-    match computation {
-        Computation::Aggregate => crate::ledger::epsilon_at(0.0, e * e / 2.0, delta),
-        _ => e,
-    }
-}
-
-/// Smallest number of parties of an aggregate job: with two, each learns the other's figures
-/// from the total.
-pub const MIN_AGGREGATE_PARTIES: u32 = 3;
-
-/// A count threshold: at least 1 (0 is refused when the config is read).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize)]
-#[serde(try_from = "i64")]
-pub struct Threshold(u64);
-
-impl Threshold {
-    /// A threshold of `n` ≥ 1.
-    pub fn new(n: u64) -> Option<Threshold> {
-        (n >= 1).then_some(Threshold(n))
-    }
-
-    /// The value (≥ 1).
-    pub fn get(self) -> u64 {
-        self.0
-    }
-}
-
-impl TryFrom<i64> for Threshold {
-    type Error = String;
-
-    fn try_from(value: i64) -> Result<Self, Self::Error> {
-        u64::try_from(value)
-            .ok()
-            .and_then(Threshold::new)
-            .ok_or_else(|| format!("threshold must be at least 1, not {value}"))
-    }
-}
-
-impl std::fmt::Display for Threshold {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}", self.0)
-    }
-}
-
-fn default_threshold() -> Threshold {
-    Threshold(1)
-}
-
 fn default_counts_to() -> Vec<Recipient> {
     vec![Recipient::Partner, Recipient::Coordinator]
-}
-
-impl AllowEntry {
-    /// Who learns membership: `membership`, else the old `reveal_membership_to_partner`
-    /// (`true` = both), else `self`. Always [`Membership::None`] for overlap.
-    pub fn membership(&self) -> Membership {
-        if self.computation == Computation::Overlap {
-            return Membership::None;
-        }
-        match (self.membership, self.reveal_membership_to_partner) {
-            (Some(m), _) => m,
-            (None, Some(true)) => Membership::Both,
-            (None, _) => Membership::SelfOnly,
-        }
-    }
 }
 
 fn default_min_set_size() -> u64 {
@@ -722,13 +240,14 @@ impl NodeConfig {
     /// Parses and validates `text` as if it were read from `path` (which names the file in
     /// errors and anchors relative paths); nothing is read from disk.
     pub fn parse(text: &str, path: &Path) -> Result<NodeConfig, ConfigError> {
-        let mut cfg: NodeConfig = toml::from_str(text).map_err(|error| ConfigError::Parse {
-            path: path.to_owned(),
-            error,
-        })?;
+        let mut file: NodeConfig<AllowEntry> =
+            toml::from_str(text).map_err(|error| ConfigError::Parse {
+                path: path.to_owned(),
+                error,
+            })?;
         // A composite key is written `email+phone` or `email,phone` (as on the command line);
         // it is kept, checked and printed as `email+phone`.
-        for e in cfg.agreements.iter_mut().flat_map(|a| a.allow.iter_mut()) {
+        for e in file.agreements.iter_mut().flat_map(|a| a.allow.iter_mut()) {
             for key in &mut e.keys {
                 if key.contains(',') || key.contains(' ') {
                     *key = key
@@ -739,7 +258,7 @@ impl NodeConfig {
                 }
             }
         }
-        cfg.validate(text).map_err(|problem| ConfigError::Invalid {
+        let mut cfg = file.check(text).map_err(|problem| ConfigError::Invalid {
             path: path.to_owned(),
             problem,
         })?;
@@ -760,7 +279,12 @@ impl NodeConfig {
 
     /// The δ at which ε caps are read (`dp_delta`, default [`DEFAULT_DP_DELTA`]).
     pub fn delta(&self) -> f64 {
-        self.dp_delta.map_or(DEFAULT_DP_DELTA, |d| d.0)
+        self.dp_delta.map_or(DEFAULT_DP_DELTA, Delta::get)
+    }
+
+    /// The audit log's file: `<state_dir>/audit.log`.
+    pub fn audit_path(&self) -> PathBuf {
+        crate::audit::audit_path(&self.state_dir)
     }
 
     /// The privacy-budget ledger's file: `ledger` if set, else `<state_dir>/ledger.sqlite`.
@@ -787,24 +311,29 @@ impl NodeConfig {
             resolve(&mut d.path);
         }
     }
+}
 
-    fn validate(&self, text: &str) -> Result<(), String> {
-        if self
+impl NodeConfig<AllowEntry> {
+    /// Checks the file as written and types its allow entries: every rule of the file, and for
+    /// each `[[agreement.allow]]` the rules of its computation ([`Allow::check`]).
+    fn check(self, text: &str) -> Result<NodeConfig, String> {
+        let file = self;
+        if file
             .ledger
             .as_ref()
             .is_some_and(|p| p.as_os_str().is_empty())
         {
             return Err("ledger is an empty path (omit it for <state_dir>/ledger.sqlite)".into());
         }
-        if self.retention_days == Some(0) {
+        if file.retention_days == Some(0) {
             return Err("retention_days must be at least 1 (omit it to keep results)".into());
         }
-        if let Some(b) = &self.budget {
+        if let Some(b) = &file.budget {
             b.validate("[budget]")?;
         }
-        check_name("name", &self.name)?;
+        check_name("name", &file.name)?;
         let mut seen = HashSet::new();
-        for d in &self.datasets {
+        for d in &file.datasets {
             check_name("dataset name", &d.name)?;
             if !seen.insert(d.name.as_str()) {
                 return Err(format!("dataset '{}' is declared twice", d.name));
@@ -892,16 +421,18 @@ impl NodeConfig {
                 }
             }
         }
+        let delta = file.dp_delta.map_or(DEFAULT_DP_DELTA, Delta::get);
         let mut partners = HashSet::new();
-        for a in &self.agreements {
+        let mut agreements = Vec::with_capacity(file.agreements.len());
+        for a in file.agreements {
             check_name("agreement partner", &a.partner)?;
-            if a.partner == self.name {
+            if a.partner == file.name {
                 return Err(format!(
                     "agreement with '{}', which is this node",
                     a.partner
                 ));
             }
-            if !partners.insert(a.partner.as_str()) {
+            if !partners.insert(a.partner.clone()) {
                 return Err(format!(
                     "two agreements with '{}' (one per partner)",
                     a.partner
@@ -917,343 +448,98 @@ impl NodeConfig {
             if let Some(b) = &a.budget_per_purpose {
                 b.validate(&format!("{ctx}: budget_per_purpose"))?;
             }
+            let mut allow = Vec::with_capacity(a.allow.len());
             for e in &a.allow {
                 let at = line_of(text, e.dataset.span());
-                self.validate_allow(&ctx, e, text)
+                let typed = Allow::check(&ctx, e, &file.datasets, text)
                     .map_err(|problem| format!("line {at}: {problem}"))?;
-                let Some(epsilon) = e.epsilon else { continue };
-                // ε with no cap at all could be spent without end, and averaging enough noised
-                // releases removes the noise: refuse it.
-                if a.budget_per_purpose.is_none() && self.budget.is_none() {
-                    return Err(format!(
-                        "line {at}: {ctx}: allow {} on '{}' sets epsilon {epsilon} but no budget \
-                         caps it: set budget_per_purpose on the agreement or a node-wide \
-                         [budget] (epsilon_per_period and/or epsilon_lifetime); without one, \
-                         every run spends epsilon without limit and averaging runs removes the \
-                         noise",
-                        e.computation,
-                        e.dataset.get_ref(),
-                    ));
-                }
-                // A run that costs more than a whole cap could never run: say so now rather
-                // than veto every job later.
-                let cost = run_cost(e.computation, epsilon, self.delta());
-                let caps = [
-                    ("budget_per_purpose", a.budget_per_purpose.as_ref()),
-                    ("[budget]", self.budget.as_ref()),
-                ];
-                for (name, cap) in caps {
-                    if let Some(cap) = cap.filter(|c| cost > c.tightest() + 1e-9) {
-                        return Err(format!(
-                            "line {at}: {ctx}: allow {} on '{}': one run costs epsilon {} \
-                             (epsilon {epsilon}{}), above the {name} cap ({}), so no job could \
-                             ever run",
-                            e.computation,
-                            e.dataset.get_ref(),
-                            crate::ledger::show(cost),
-                            if e.computation == Computation::Aggregate {
-                                format!(
-                                    " read as zCDP, rho {}, at dp_delta {:e}",
-                                    crate::ledger::show(epsilon.get() * epsilon.get() / 2.0),
-                                    self.delta()
-                                )
-                            } else {
-                                String::new()
-                            },
-                            cap.describe()
-                        ));
-                    }
-                }
+                check_epsilon_caps(
+                    e,
+                    &ctx,
+                    at,
+                    a.budget_per_purpose.as_ref(),
+                    file.budget.as_ref(),
+                    delta,
+                )?;
+                allow.push(typed);
             }
+            agreements.push(Agreement {
+                partner: a.partner,
+                purposes: a.purposes,
+                expires: a.expires,
+                allow,
+                budget_per_purpose: a.budget_per_purpose,
+            });
         }
-        Ok(())
+        Ok(NodeConfig {
+            name: file.name,
+            coordinator: file.coordinator,
+            listen: file.listen,
+            advertise: file.advertise,
+            state_dir: file.state_dir,
+            tls: file.tls,
+            datasets: file.datasets,
+            agreements,
+            budget: file.budget,
+            ledger: file.ledger,
+            retention_days: file.retention_days,
+            dp_delta: file.dp_delta,
+        })
     }
+}
 
-    fn validate_allow(&self, ctx: &str, e: &AllowEntry, text: &str) -> Result<(), String> {
-        let Some(d) = self.dataset(e.dataset.get_ref()) else {
+/// An allow entry with ε must be capped by a budget, and one run must fit every cap.
+fn check_epsilon_caps(
+    e: &AllowEntry,
+    ctx: &str,
+    at: usize,
+    purpose_cap: Option<&Budget>,
+    node_cap: Option<&Budget>,
+    delta: f64,
+) -> Result<(), String> {
+    let Some(epsilon) = e.epsilon else {
+        return Ok(());
+    };
+    // ε with no cap at all could be spent without end, and averaging enough noised
+    // releases removes the noise: refuse it.
+    if purpose_cap.is_none() && node_cap.is_none() {
+        return Err(format!(
+            "line {at}: {ctx}: allow {} on '{}' sets epsilon {epsilon} but no budget \
+             caps it: set budget_per_purpose on the agreement or a node-wide \
+             [budget] (epsilon_per_period and/or epsilon_lifetime); without one, \
+             every run spends epsilon without limit and averaging runs removes the \
+             noise",
+            e.computation,
+            e.dataset.get_ref(),
+        ));
+    }
+    // A run that costs more than a whole cap could never run: say so now rather
+    // than veto every job later.
+    let cost = run_cost(e.computation, epsilon, delta);
+    let caps = [("budget_per_purpose", purpose_cap), ("[budget]", node_cap)];
+    for (name, cap) in caps {
+        if let Some(cap) = cap.filter(|c| cost > c.tightest() + 1e-9) {
             return Err(format!(
-                "{ctx}: allow {} references dataset '{}', which is not declared",
-                e.computation,
-                e.dataset.get_ref()
-            ));
-        };
-        if e.computation == Computation::Aggregate {
-            return validate_aggregate(ctx, e, d);
-        }
-        if e.computation == Computation::OverlapSum {
-            validate_overlap_sum(ctx, e)?;
-        } else if !e.group_by.is_empty() || e.roles.is_some() {
-            return Err(format!(
-                "{ctx}: allow {} on '{}': keys group_by and roles apply to overlap-sum and \
-                 aggregate only",
-                e.computation,
-                e.dataset.get_ref()
-            ));
-        }
-        if e.min_parties.is_some() || e.max_colluders.is_some() || e.person.is_some() {
-            return Err(format!(
-                "{ctx}: allow {} on '{}': keys min_parties, max_colluders and person apply to \
-                 aggregate only",
-                e.computation,
-                e.dataset.get_ref()
-            ));
-        }
-        if e.keys.is_empty() {
-            return Err(format!(
-                "{ctx}: allow {} on '{}' lists no keys",
-                e.computation,
-                e.dataset.get_ref()
-            ));
-        }
-        for key in &e.keys {
-            if key.is_empty() {
-                return Err(format!(
-                    "{ctx}: allow {} on '{}' has an empty key",
-                    e.computation,
-                    e.dataset.get_ref()
-                ));
-            }
-            let mut parts = HashSet::new();
-            for part in key.split('+') {
-                if d.identifier(part).is_none() {
-                    return Err(format!(
-                        "{ctx}: allow {} on '{}' uses key '{part}', which dataset '{}' does not \
-                         declare as an identifier (declared: {})",
-                        e.computation,
-                        e.dataset,
-                        d.name,
-                        d.identifier_names()
-                    ));
-                }
-                if !parts.insert(part) {
-                    return Err(format!(
-                        "{ctx}: allow {} on '{}': key '{key}' repeats '{part}'",
-                        e.computation,
-                        e.dataset.get_ref()
-                    ));
-                }
-            }
-        }
-        if e.membership.is_some() && e.reveal_membership_to_partner.is_some() {
-            return Err(format!(
-                "{ctx}: allow {} on '{}': set key membership or its old spelling \
-                 reveal_membership_to_partner, not both",
-                e.computation,
-                e.dataset.get_ref()
-            ));
-        }
-        let overlap_membership = e.membership.is_some_and(|m| m != Membership::None)
-            || e.reveal_membership_to_partner == Some(true);
-        if e.computation == Computation::Overlap && overlap_membership {
-            return Err(format!(
-                "{ctx}: allow {} on '{}': key membership (reveal_membership_to_partner) applies \
-                 to match only",
-                e.computation,
-                e.dataset.get_ref()
-            ));
-        }
-        // A match reveals which records are shared to the sides the entry names, and its count
-        // travels with that membership: noise on the count would protect nothing, so an ε here
-        // would be a promise the node cannot keep.
-        if e.computation == Computation::Match && e.epsilon.is_some() {
-            return Err(format!(
-                "{ctx}: allow {} on '{}': key epsilon does not apply to match (membership is released exactly); remove it, or allow overlap for a differentially private count",
-                e.computation,
-                e.dataset.get_ref()
-            ));
-        }
-        let mut seen = HashSet::new();
-        for r in &e.counts_to {
-            if !seen.insert(*r) {
-                return Err(format!(
-                    "{ctx}: allow {} on '{}': key counts_to lists '{}' twice",
-                    e.computation,
-                    e.dataset.get_ref(),
-                    r.as_str()
-                ));
-            }
-        }
-        let mut seen = HashSet::new();
-        for v in &e.value_columns {
-            let col = v.column.get_ref();
-            let at = line_of(text, v.column.span());
-            let Some(declared) = d.values.iter().find(|dv| dv.column.get_ref() == col) else {
-                return Err(format!(
-                    "{ctx}: allow {} on '{}': key value_columns (line {at}) names column \
-                     '{col}', which dataset '{}' does not declare as a value column (declared: \
-                     {})",
-                    e.computation,
-                    e.dataset.get_ref(),
-                    d.name,
-                    d.value_names()
-                ));
-            };
-            if !seen.insert(col.as_str()) {
-                return Err(format!(
-                    "{ctx}: allow {} on '{}': key value_columns lists '{col}' twice",
-                    e.computation,
-                    e.dataset.get_ref()
-                ));
-            }
-            if v.min > v.max || v.min < declared.min || v.max > declared.max {
-                return Err(format!(
-                    "{ctx}: allow {} on '{}': key value_columns (line {at}): bounds [{}, {}] of \
-                     '{col}' must be ordered and inside the dataset's [{}, {}]",
-                    e.computation,
-                    e.dataset.get_ref(),
-                    v.min,
-                    v.max,
-                    declared.min,
-                    declared.max
-                ));
-            }
-        }
-        if e.min_set_size > e.max_set_size {
-            return Err(format!(
-                "{ctx}: allow {} on '{}': min_set_size {} is above max_set_size {}",
+                "line {at}: {ctx}: allow {} on '{}': one run costs epsilon {} \
+                 (epsilon {epsilon}{}), above the {name} cap ({}), so no job could \
+                 ever run",
                 e.computation,
                 e.dataset.get_ref(),
-                e.min_set_size,
-                e.max_set_size
-            ));
-        }
-        Ok(())
-    }
-}
-
-/// The checks an `overlap-sum` allow entry adds: roles listed once each (at least one), no
-/// membership, group-by names not empty, and value bounds that are not negative (the values
-/// are encrypted as unsigned integers; the key holder adds noise, not the values).
-fn validate_overlap_sum(ctx: &str, e: &AllowEntry) -> Result<(), String> {
-    let at = format!("{ctx}: allow overlap-sum on '{}'", e.dataset.get_ref());
-    if let Some(roles) = &e.roles {
-        if roles.is_empty() {
-            return Err(format!(
-                "{at}: roles lists no role; give \"key-holder\", \"value-holder\" or both"
-            ));
-        }
-        let distinct: HashSet<_> = roles.iter().collect();
-        if distinct.len() != roles.len() {
-            return Err(format!("{at}: roles lists a role twice"));
-        }
-    }
-    if e.membership.is_some() || e.reveal_membership_to_partner.is_some() {
-        return Err(format!("{at}: membership applies to match only"));
-    }
-    if e.group_by.iter().any(String::is_empty) {
-        return Err(format!("{at}: group_by has an empty column name"));
-    }
-    if let Some(v) = e.value_columns.iter().find(|v| v.min < 0) {
-        return Err(format!(
-            "{at}: value_columns '{}' has a negative lower bound {}; overlap-sum sums values \
-             of 0 or more (shift the column, or raise min to 0)",
-            v.column.get_ref(),
-            v.min
-        ));
-    }
-    Ok(())
-}
-
-/// The checks of an `aggregate` allow entry: no keys, no membership, at least one group-by
-/// column, at least 3 parties, value columns declared and inside the dataset's bounds.
-fn validate_aggregate(ctx: &str, e: &AllowEntry, d: &DatasetConfig) -> Result<(), String> {
-    let at = format!("{ctx}: allow aggregate on '{}'", e.dataset.get_ref());
-    if !e.keys.is_empty() {
-        return Err(format!("{at}: aggregate joins nothing; remove keys"));
-    }
-    if e.membership.is_some() || e.reveal_membership_to_partner.is_some() {
-        return Err(format!("{at}: membership applies to match only"));
-    }
-    if e.group_by.is_empty() {
-        return Err(format!(
-            "{at}: group_by must list the column(s) a job may group by"
-        ));
-    }
-    if e.group_by.iter().any(String::is_empty) {
-        return Err(format!("{at}: group_by has an empty column name"));
-    }
-    if e.person.as_ref().is_some_and(|p| p.is_empty()) {
-        return Err(format!("{at}: person names an empty column"));
-    }
-    if e.person.as_ref().is_some_and(|p| e.group_by.contains(p)) {
-        return Err(format!(
-            "{at}: person column '{}' is also a group_by column",
-            e.person.as_deref().unwrap_or_default()
-        ));
-    }
-    if e.min_parties.is_some_and(|n| n < MIN_AGGREGATE_PARTIES) {
-        return Err(format!(
-            "{at}: min_parties must be at least {MIN_AGGREGATE_PARTIES}"
-        ));
-    }
-    if !e.counts_to.contains(&Recipient::Coordinator) {
-        return Err(format!(
-            "{at}: an aggregate releases only to the coordinator; counts_to must include it"
-        ));
-    }
-    let mut seen = HashSet::new();
-    for v in &e.value_columns {
-        let col = v.column.get_ref();
-        let Some(declared) = d.value(col) else {
-            return Err(format!(
-                "{at}: value_columns names '{col}', which dataset '{}' does not declare \
-                 (declared: {})",
-                d.name,
-                d.value_names()
-            ));
-        };
-        if !seen.insert(col.as_str()) {
-            return Err(format!("{at}: value_columns lists '{col}' twice"));
-        }
-        if v.min > v.max || v.min < declared.min || v.max > declared.max {
-            return Err(format!(
-                "{at}: bounds [{}, {}] of '{col}' must be ordered and inside the dataset's [{}, {}]",
-                v.min, v.max, declared.min, declared.max
+                crate::ledger::show(cost),
+                if e.computation == Computation::Aggregate {
+                    format!(
+                        " read as zCDP, rho {}, at dp_delta {:e}",
+                        crate::ledger::show(epsilon.get() * epsilon.get() / 2.0),
+                        delta
+                    )
+                } else {
+                    String::new()
+                },
+                cap.describe()
             ));
         }
     }
     Ok(())
-}
-
-impl DatasetConfig {
-    /// The declared value column `column`.
-    pub fn value(&self, column: &str) -> Option<&ValueColumn> {
-        self.values.iter().find(|v| v.column.get_ref() == column)
-    }
-
-    /// The declared value column names, comma-separated (for messages).
-    pub fn value_names(&self) -> String {
-        let names: Vec<&str> = self
-            .values
-            .iter()
-            .map(|v| v.column.get_ref().as_str())
-            .collect();
-        if names.is_empty() {
-            "none".to_owned()
-        } else {
-            names.join(", ")
-        }
-    }
-
-    /// The consent column for `purpose`, if one is configured.
-    pub fn consent_column(&self, purpose: &str) -> Option<&str> {
-        self.consent.get(purpose).map(String::as_str)
-    }
-
-    /// The identifier called `name`.
-    pub fn identifier(&self, name: &str) -> Option<&IdentifierConfig> {
-        self.identifiers.iter().find(|i| i.name == name)
-    }
-
-    /// The declared identifier names, comma-separated (for messages).
-    pub fn identifier_names(&self) -> String {
-        let names: Vec<&str> = self.identifiers.iter().map(|i| i.name.as_str()).collect();
-        if names.is_empty() {
-            "none".to_owned()
-        } else {
-            names.join(", ")
-        }
-    }
 }
 
 impl Agreement {
@@ -1263,55 +549,21 @@ impl Agreement {
     }
 
     /// The allow entry for `computation` on `dataset` whose keys include `key` (`"email+phone"`).
-    pub fn find_allow(
-        &self,
-        computation: Computation,
-        dataset: &str,
-        key: &str,
-    ) -> Option<&AllowEntry> {
+    pub fn find_allow(&self, computation: Computation, dataset: &str, key: &str) -> Option<&Allow> {
         self.allow.iter().find(|e| {
-            e.computation == computation
-                && e.dataset.get_ref() == dataset
-                && e.keys.iter().any(|k| k == key)
+            e.computation() == computation
+                && e.dataset() == dataset
+                && e.keys().iter().any(|k| k == key)
         })
-    }
-}
-
-/// Whether `name` is 1 to 63 characters of `a-z`, `0-9` and `-`.
-pub fn is_valid_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= MAX_NAME_LEN
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-}
-
-/// The 1-based line of a byte offset's span in `text`.
-fn line_of(text: &str, span: std::ops::Range<usize>) -> usize {
-    let end = span.start.min(text.len());
-    text.as_bytes()[..end]
-        .iter()
-        .filter(|&&b| b == b'\n')
-        .count()
-        + 1
-}
-
-fn check_name(what: &str, name: &str) -> Result<(), String> {
-    if is_valid_name(name) {
-        Ok(())
-    } else {
-        Err(format!(
-            "{what} '{}' is not 1 to {MAX_NAME_LEN} characters of a-z, 0-9 and '-'",
-            name.escape_default()
-        ))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::policy::is_valid_name;
 
-    const EXAMPLE: &str = include_str!("../testdata/node.example.toml");
+    const EXAMPLE: &str = include_str!("../../testdata/node.example.toml");
 
     const MINIMAL: &str = r#"
 name = "acme"
@@ -1387,7 +639,7 @@ purposes = ["overlap-reporting"]
             .unwrap();
         assert_eq!(e.membership(), Membership::SelfOnly);
         assert_eq!(
-            (e.min_set_size, e.max_set_size),
+            (e.terms().min_set_size, e.terms().max_set_size),
             (DEFAULT_MIN_SET_SIZE, DEFAULT_MAX_SET_SIZE)
         );
         assert!(
@@ -1476,7 +728,7 @@ purposes = ["overlap-reporting"]
         assert!(
             a.allow
                 .iter()
-                .flat_map(|e| &e.keys)
+                .flat_map(|e| e.keys())
                 .all(|k| !k.contains(','))
         );
     }
@@ -1626,6 +878,7 @@ purposes = ["overlap-reporting"]
         assert_eq!(a.expires.unwrap().to_string(), "2026-06-30");
         let e = &a.allow[0];
         assert_eq!(e.membership(), Membership::Both);
+        let e = e.terms();
         assert_eq!((e.min_input_size.get(), e.min_result.get()), (1000, 10));
         assert_eq!(e.runs_per_period.map(Threshold::get), Some(2));
         assert_eq!(e.period, Period::Hour);
@@ -1637,10 +890,12 @@ purposes = ["overlap-reporting"]
         assert_eq!(d.consent_column("overlap-reporting"), None);
         assert_eq!(
             d.identifier("phone").unwrap().options().default_region,
-            crate::normalise::parse_region("GB").unwrap()
+            crate::data::normalise::parse_region("GB").unwrap()
         );
         // Defaults.
-        let e = &parse(MINIMAL).unwrap().agreements[0].allow[0];
+        let e = parse(MINIMAL).unwrap().agreements[0].allow[0]
+            .terms()
+            .clone();
         assert_eq!((e.min_input_size.get(), e.min_result.get()), (1, 1));
         assert_eq!(e.runs_per_period, None);
         assert_eq!(e.period, Period::Day);
@@ -1941,14 +1196,19 @@ purposes = ["overlap-reporting"]
         ))
         .unwrap();
         let e = &cfg.agreement_with("globex").unwrap().allow[0];
-        assert_eq!(e.computation, Computation::Aggregate);
-        assert!(e.keys.is_empty());
+        assert_eq!(e.computation(), Computation::Aggregate);
+        assert!(e.keys().is_empty());
+        let Allow::Aggregate(e) = e else {
+            panic!("an aggregate entry")
+        };
         assert_eq!(e.group_by, vec!["category".to_owned()]);
         assert_eq!((e.min_parties, e.max_colluders), (Some(4), Some(2)));
         assert_eq!(e.person.as_deref(), Some("customer"));
         // Defaults: 3 parties minimum, colluders unset (all but one), per-row clipping.
         let cfg = parse(&with_aggregate("  group_by = [\"category\"]")).unwrap();
-        let e = &cfg.agreement_with("globex").unwrap().allow[0];
+        let Allow::Aggregate(e) = &cfg.agreement_with("globex").unwrap().allow[0] else {
+            panic!("an aggregate entry")
+        };
         assert_eq!((e.min_parties, e.max_colluders), (None, None));
         assert_eq!(e.person, None);
         // An aggregate's ε is a zCDP ε: one run of ε 1 costs ρ 1/2, read at δ 1e-9 as
@@ -2002,12 +1262,18 @@ purposes = ["overlap-reporting"]
         ))
         .unwrap();
         let e = &cfg.agreement_with("globex").unwrap().allow[0];
-        assert_eq!(e.computation, Computation::OverlapSum);
+        assert_eq!(e.computation(), Computation::OverlapSum);
+        let Allow::OverlapSum(e) = e else {
+            panic!("an overlap-sum entry")
+        };
         assert_eq!(e.roles, Some(vec![SumRole::ValueHolder]));
         assert_eq!(e.group_by, vec!["category".to_owned()]);
         // Roles default to both (None).
         let cfg = parse(&with_overlap_sum("")).unwrap();
-        assert_eq!(cfg.agreement_with("globex").unwrap().allow[0].roles, None);
+        let Allow::OverlapSum(e) = &cfg.agreement_with("globex").unwrap().allow[0] else {
+            panic!("an overlap-sum entry")
+        };
+        assert_eq!(e.roles, None);
         let msg = invalid(&with_overlap_sum("  roles = []"));
         assert!(msg.contains("roles lists no role"), "{msg}");
         let msg = invalid(&with_overlap_sum(

@@ -1,8 +1,8 @@
 //! Drives one `overlap-sum` job (private intersection-sum with cardinality) over the data plane.
 //!
 //! The protocol is `cleanroom_circuits::intersection_sum`'s two sans-IO sessions; this module
-//! moves their batches between QUIC streams and the CPU, like [`crate::psi_job`] does for PSI, and
-//! applies the agreement: roles, clipping, the joint ε and threshold ([`crate::sum_policy`]), the
+//! moves their batches between QUIC streams and the CPU, like [`crate::job::psi`] does for PSI, and
+//! applies the agreement: roles, clipping, the joint ε and threshold ([`crate::policy::overlap_sum`]), the
 //! ledger, the audit log. The key holder (party 0) dials; each party opens one unidirectional
 //! stream and writes, in order:
 //!
@@ -45,19 +45,20 @@ use cleanroom_proto::v1::{
 use cleanroom_transport::{FramedRecv, FramedSend};
 use tokio::sync::oneshot;
 
-use crate::NodeError;
-use crate::agreement::now_ms;
 use crate::audit::AuditEvent;
+use crate::clock::now_ms;
+use crate::data::dataset::{self, RowFilter};
+use crate::data::sum_input::{self, SumInput};
 use crate::dataplane::Delivery;
-use crate::dataset::{self, RowFilter};
-use crate::frame_budget::FrameBudget;
-use crate::psi_job::{
+use crate::error::NodeError;
+use crate::job::frame_budget::FrameBudget;
+use crate::job::psi::{
     BATCH_POINTS, JOB_TIMEOUT, JobContext, MAX_ROWS, Outgoing, STALL_BASE, accept, blocking, dial,
     expect_body, finish_connection, key_columns, load_input, next_frame, receive_batches,
-    spawn_reader, spec_digest, stall_deadline, violation,
+    spawn_reader, stall_deadline, violation,
 };
-use crate::sum_input::{self, SumInput};
-use crate::sum_policy::{self, JointTerms, SumShape};
+use crate::policy::overlap_sum::{self as sum_policy, JointTerms, SumShape};
+use crate::spec::spec_digest;
 
 /// Silence allowed per row while the value holder encrypts (≈ 0.9 ms a Paillier row on one
 /// loaded core), on top of the PSI allowance.
@@ -272,7 +273,7 @@ async fn charge_and_draw_noise(
         return blocking(fresh).await?.map_err(NodeError::Job);
     };
     let state = job.state.clone();
-    let key = crate::noised_release::release_key(&job.job_id, &job.spec);
+    let key = crate::spec::release_key(&job.job_id, &job.spec);
     let loss = charge.loss;
     let drawn = blocking(move || state.ledger.charge_and_draw(&key, &charge, now_ms(), fresh))
         .await?
@@ -582,7 +583,7 @@ async fn value_holder(
     }
     if charged {
         let state = job.state.clone();
-        let key = crate::noised_release::release_key(&job.job_id, &job.spec);
+        let key = crate::spec::release_key(&job.job_id, &job.spec);
         let stored = release.clone();
         release = blocking(move || state.ledger.settle(&key, &StoredRelease::from(&stored)))
             .await?

@@ -15,7 +15,7 @@
 //! ```
 //!
 //! An `overlap` whose allow entry sets `epsilon` releases a noised count (see
-//! [`crate::noised_release`]): the node charges its ledger and draws its noise before its hello,
+//! [`crate::job::noise`]): the node charges its ledger and draws its noise before its hello,
 //! commits to it there, and opens it after the count.
 //!
 //! Each hello carries the sender's release terms (its `min_result` and whether its agreement
@@ -41,18 +41,19 @@ use cleanroom_proto::v1::{
 };
 use cleanroom_transport::{FramedRecv, FramedSend, Identity, TransportError};
 use prost::Message;
-use sha2::{Digest, Sha256};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::NodeError;
-use crate::agreement::{Permit, now_ms};
 use crate::audit::{AuditEvent, AuditHead};
-use crate::config::Recipient;
+use crate::clock::now_ms;
+use crate::data::dataset::{self, RowFilter};
+use crate::data::forget::ForgetStore;
 use crate::dataplane::{Delivery, refused};
-use crate::dataset::{self, RowFilter};
-use crate::forget::ForgetStore;
-use crate::frame_budget::FrameBudget;
-use crate::noised_release::{self, OwnNoise};
+use crate::error::NodeError;
+use crate::job::frame_budget::FrameBudget;
+use crate::job::noise::{self as noised_release, OwnNoise};
+use crate::policy::Permit;
+use crate::policy::Recipient;
+use crate::spec::spec_digest;
 use crate::state::NodeState;
 
 /// How long the responder waits for the initiator to connect. The initiator loads its dataset
@@ -614,7 +615,7 @@ async fn charge_noise(job: &JobContext) -> Result<Option<OwnNoise>, NodeError> {
         return Ok(None);
     };
     let state = job.state.clone();
-    let key = noised_release::release_key(&job.job_id, &job.spec);
+    let key = crate::spec::release_key(&job.job_id, &job.spec);
     let drawn = blocking(move || {
         state
             .ledger
@@ -642,7 +643,7 @@ pub(crate) async fn settle(
         return Ok(released);
     }
     let state = job.state.clone();
-    let key = noised_release::release_key(&job.job_id, &job.spec);
+    let key = crate::spec::release_key(&job.job_id, &job.spec);
     blocking(move || state.ledger.settle(&key, &released))
         .await?
         .map_err(|e| {
@@ -731,17 +732,6 @@ async fn write_membership(
     })
     .await?
     .map(|rows| (rows, path))
-}
-
-/// Both parties hash the same spec with the job id; a mismatch means they were told different
-/// things (a confused or malicious coordinator).
-pub fn spec_digest(job_id: &str, spec: &JobSpec) -> [u8; 32] {
-    let mut h = Sha256::new();
-    h.update(b"cleanroom/1 job spec\0");
-    h.update(job_id.as_bytes());
-    h.update([0u8]);
-    h.update(spec.encode_to_vec());
-    h.finalize().into()
 }
 
 /// Reads the peer's stream into a channel as fast as it arrives, checking job ids and what the

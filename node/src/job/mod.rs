@@ -1,0 +1,8 @@
+//! The job wing: everything a job does at this node once the coordinator offers it.
+
+pub mod aggregate;
+pub mod frame_budget;
+pub mod noise;
+pub mod overlap_sum;
+pub mod psi;
+pub use crate::spec::spec_digest;
