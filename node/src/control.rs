@@ -259,7 +259,7 @@ async fn run_offer(
         body: Some(Body::Ready(Ready {})),
     };
     let cfg = state.cfg();
-    let job = crate::job::psi::JobContext {
+    let job = crate::job::driver::JobContext {
         job_id: job_id.clone(),
         spec,
         me,
@@ -278,7 +278,7 @@ async fn run_offer(
         if overlap_sum {
             crate::job::overlap_sum::run_value_holder(job, incoming).await
         } else {
-            crate::job::psi::run_responder(job, incoming).await
+            crate::job::driver::run_responder(job, incoming).await
         }
     } else {
         let peer_addr = crate::dataplane::resolve_peer(&endpoint, &start.peer_addr).await?;
@@ -286,7 +286,7 @@ async fn run_offer(
         if overlap_sum {
             crate::job::overlap_sum::run_key_holder(job, &endpoint, peer_addr).await
         } else {
-            crate::job::psi::run_initiator(job, &endpoint, peer_addr).await
+            crate::job::driver::run_initiator(job, &endpoint, peer_addr).await
         }
     }?;
     tracing::info!(

@@ -1,7 +1,7 @@
 //! Drives one `overlap-sum` job (private intersection-sum with cardinality) over the data plane.
 //!
 //! The protocol is `cleanroom_circuits::intersection_sum`'s two sans-IO sessions; this module
-//! moves their batches between QUIC streams and the CPU, like [`crate::job::psi`] does for PSI, and
+//! moves their batches between QUIC streams and the CPU, like [`crate::job::driver`] does for PSI, and
 //! applies the agreement: roles, clipping, the joint ε and threshold ([`crate::policy::overlap_sum`]), the
 //! ledger, the audit log. The key holder (party 0) dials; each party opens one unidirectional
 //! stream and writes, in order:
@@ -51,12 +51,12 @@ use crate::data::dataset::{self, RowFilter};
 use crate::data::sum_input::{self, SumInput};
 use crate::dataplane::Delivery;
 use crate::error::NodeError;
-use crate::job::frame_budget::FrameBudget;
-use crate::job::psi::{
+use crate::job::driver::{
     BATCH_POINTS, JOB_TIMEOUT, JobContext, MAX_ROWS, Outgoing, STALL_BASE, accept, blocking, dial,
     expect_body, finish_connection, key_columns, load_input, next_frame, receive_batches,
     spawn_reader, stall_deadline, violation,
 };
+use crate::job::frame_budget::FrameBudget;
 use crate::policy::overlap_sum::{self as sum_policy, JointTerms, SumShape};
 use crate::spec::spec_digest;
 
