@@ -232,9 +232,7 @@ async fn run_offer(
     // Wait for Start (or the coordinator dropping the stream because another party refused).
     let start = match tokio::time::timeout(START_TIMEOUT, recv.recv()).await {
         Err(_) => {
-            return Err(NodeError::Job(
-                "no Start from the coordinator in time".into(),
-            ));
+            return Err(crate::error::Timeout::NoStart.into());
         }
         Ok(Ok(None)) | Ok(Err(_)) => {
             tracing::info!("job withdrawn by the coordinator before it started");

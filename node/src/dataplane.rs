@@ -272,7 +272,11 @@ pub(crate) async fn resolve_peer(
             source: e,
         })?;
     addr.resolve_for(local).await.map_err(|e| {
-        crate::error::NodeError::Job(format!("cannot reach the peer's data plane at {addr}: {e}"))
+        crate::error::JobError::DataPlane {
+            what: format!("cannot reach the peer's data plane at {addr}"),
+            reason: e.to_string(),
+        }
+        .into()
     })
 }
 

@@ -50,7 +50,8 @@ use crate::data::aggregate_input::{Loaded, load_vector};
 use crate::data::dataset::RowFilter;
 use crate::data::forget::ForgetStore;
 use crate::dataplane::{Delivery, pending_key, refused};
-use crate::error::NodeError;
+use crate::error::{JobError, NodeError, Timeout};
+use crate::policy::Veto;
 use crate::policy::aggregate::{self as aggregate_policy, AggregatePermit};
 use crate::state::NodeState;
 
@@ -100,11 +101,9 @@ pub async fn serve_offer(
     };
     // The full terms (peers, group column, colluders), from the same policy generation.
     let terms = aggregate_policy::check_offer_at(&state.cfg(), &spec, me, now_ms())
-        .map_err(|v| NodeError::Job(format!("refused: {v}")))?;
+        .map_err(|v| NodeError::from(JobError::Refused(v)))?;
     if terms.permit != permit {
-        return Err(NodeError::Job(
-            "the policy changed while the offer was decided; try again".into(),
-        ));
+        return Err(JobError::PolicyChangedDuringOffer.into());
     }
     let mut incoming = Vec::new();
     for peer in &terms.peers {
@@ -139,10 +138,8 @@ pub async fn serve_offer(
         // The job runs until done, its deadline, or the coordinator dropping the stream.
         let run = tokio::time::timeout(JOB_TIMEOUT, job.run(&endpoint, peers, incoming, send));
         tokio::select! {
-            r = run => r.unwrap_or_else(|_| Err(NodeError::Job("job timed out".into()))),
-            _ = wait_for_withdrawal(recv) => Err(NodeError::Job(
-                "the coordinator stopped the job (another party failed or it shut down)".into(),
-            )),
+            r = run => r.unwrap_or_else(|_| Err(Timeout::Job.into())),
+            _ = wait_for_withdrawal(recv) => Err(JobError::Withdrawn.into()),
         }
     }
     .await;
@@ -196,9 +193,7 @@ impl AggregateJob {
     ) -> Result<Option<Vec<(String, SocketAddr)>>, NodeError> {
         let start = match tokio::time::timeout(START_TIMEOUT, recv.recv()).await {
             Err(_) => {
-                return Err(NodeError::Job(
-                    "no Start from the coordinator in time".into(),
-                ));
+                return Err(Timeout::NoStart.into());
             }
             Ok(Ok(None)) | Ok(Err(_)) => return Ok(None),
             Ok(Ok(Some(e))) => e,
@@ -238,10 +233,9 @@ impl AggregateJob {
     fn audit(&self, event: AuditEvent) -> Result<AuditHead, NodeError> {
         self.state.audit.append(event, now_ms()).map_err(|e| {
             tracing::error!(error = %e, "audit log write failed; stopping the job");
-            NodeError::Job(format!(
-                "node '{}' could not write its audit log; the job was stopped",
-                self.my_name()
-            ))
+            NodeError::from(JobError::Audit {
+                node: self.my_name().to_owned(),
+            })
         })
     }
 
@@ -267,7 +261,7 @@ impl AggregateJob {
             return blocking(move || plan.draw(groups))
                 .await?
                 .map(|noise| (noise, 0.0))
-                .map_err(|e| NodeError::Job(format!("noise: {e}")));
+                .map_err(|e| compute("noise", e));
         };
         let rho = release_rho(&plan, &joint.sensitivities);
         charge.loss = crate::ledger::Loss::Rho(rho);
@@ -279,12 +273,7 @@ impl AggregateJob {
                 .charge_and_draw(&key, &charge, now_ms(), || plan.draw(groups))
         })
         .await?
-        .map_err(|e| {
-            NodeError::Job(format!(
-                "refused: {}",
-                crate::state::budget_veto(&cfg.name, e)
-            ))
-        })?;
+        .map_err(|e| NodeError::from(JobError::Refused(crate::state::budget_veto(&cfg.name, e))))?;
         tracing::info!(rho, "privacy budget charged for an aggregate (zCDP)");
         Ok((drawn, rho))
     }
@@ -298,7 +287,7 @@ impl AggregateJob {
                 &self.terms.permit,
                 now_ms(),
             )
-            .map_err(|v| NodeError::Job(format!("refused: {v}")))
+            .map_err(|v| NodeError::from(JobError::Refused(v)))
     }
 
     /// Column names in vector order: the count, then the sums.
@@ -351,7 +340,7 @@ impl AggregateJob {
         let seeds = (1..n)
             .map(|_| ShareSeed::generate())
             .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| NodeError::Job(format!("secret sharing: {e}")))?;
+            .map_err(|e| compute("secret sharing", e))?;
         let mut sends = tokio::task::JoinSet::new();
         let mut bytes_to_peers = 0u64;
         for ((peer, addr), seed) in peers.into_iter().zip(&seeds) {
@@ -382,11 +371,11 @@ impl AggregateJob {
             my_terms.sensitivities.iter().copied().max().unwrap_or(1),
             n,
         )
-        .map_err(|e| NodeError::Job(format!("refused: {e}")))?;
+        .map_err(|e| NodeError::from(JobError::Refused(Veto(e.to_string()))))?;
         self.terms
             .permit
             .check_input_size(loaded.rows_used)
-            .map_err(|v| NodeError::Job(format!("refused: {v}")))?;
+            .map_err(|v| NodeError::from(JobError::Refused(v)))?;
         let vector = loaded.vector;
         let cells = vector.cells().len();
         let groups = vector.groups();
@@ -397,7 +386,7 @@ impl AggregateJob {
             match r {
                 Ok(Ok(s)) => shares.push(s),
                 Ok(Err(e)) => return Err(e),
-                Err(e) => return Err(NodeError::Job(format!("internal error: {e}"))),
+                Err(e) => return Err(JobError::Internal(e.to_string()).into()),
             }
         }
         // Kept open until we have reported, so no frame of ours or theirs is cut off.
@@ -406,7 +395,7 @@ impl AggregateJob {
             match r {
                 Ok(Ok(c)) => out_conns.push(c),
                 Ok(Err(e)) => return Err(e),
-                Err(e) => return Err(NodeError::Job(format!("internal error: {e}"))),
+                Err(e) => return Err(JobError::Internal(e.to_string()).into()),
             }
         }
 
@@ -420,13 +409,13 @@ impl AggregateJob {
         let all_terms: Vec<&AggregateTerms> = std::iter::once(&my_terms)
             .chain(shares.iter().map(|(_, s, _)| &s.terms))
             .collect();
-        let joint = joint_terms(&all_terms, n)
-            .map_err(|e| NodeError::Job(format!("the parties' terms do not fit: {e}")))?;
+        let joint =
+            joint_terms(&all_terms, n).map_err(|e| compute("the parties' terms do not fit", e))?;
         let plan = match joint.epsilon {
             Some(eps) => NoisePlan::new(eps, &joint.sensitivities, n, joint.max_colluders as usize),
             None => Ok(NoisePlan::none(joint.sensitivities.len(), n)),
         }
-        .map_err(|e| NodeError::Job(format!("noise: {e}")))?;
+        .map_err(|e| compute("noise", e))?;
 
         let mut in_conns = Vec::new();
         let mut seeds: Vec<ShareSeed> = Vec::new();
@@ -444,7 +433,7 @@ impl AggregateJob {
             Ok(acc)
         })
         .await?
-        .map_err(|e| NodeError::Job(format!("partial sum: {e}")))?;
+        .map_err(|e| compute("partial sum", e))?;
 
         self.recheck()?;
         let epsilon_spent = if plan.is_noised() {
@@ -536,10 +525,10 @@ impl AggregateJob {
         let dataset = self.terms.permit.dataset.clone();
         let forgotten = {
             let store = ForgetStore::open(&self.state.cfg().state_dir)
-                .map_err(|e| NodeError::Job(format!("deletion list: {e}")))?;
+                .map_err(|e| NodeError::from(JobError::DeletionList(e.to_string())))?;
             store
                 .load(&dataset.name)
-                .map_err(|e| NodeError::Job(format!("deletion list: {e}")))?
+                .map_err(|e| NodeError::from(JobError::DeletionList(e.to_string())))?
         };
         let consent = self.terms.permit.consent_column.clone();
         let group_by = self.terms.group_by.clone();
@@ -569,9 +558,9 @@ impl AggregateJob {
         .await?
         .map_err(|e| match e {
             crate::data::aggregate_input::AggregateInputError::Vector(reason) => {
-                NodeError::Job(format!("refused: {reason}"))
+                NodeError::from(JobError::Refused(Veto(reason)))
             }
-            other => NodeError::Job(other.to_string()),
+            other => JobError::Rows(other.to_string()).into(),
         })?;
         let mut columns = vec![self.terms.group_by.clone()];
         columns.extend(self.columns().into_iter().skip(1));
@@ -726,15 +715,15 @@ async fn send_share(
     let identity = Identity::node(&peer)?;
     let conn = cleanroom_transport::connect(&endpoint, addr, &identity)
         .await
-        .map_err(|e| NodeError::Job(format!("cannot reach party '{peer}': {e}")))?;
+        .map_err(|e| data_plane(format!("cannot reach party '{peer}'"), e))?;
     let stream = conn
         .open_uni()
         .await
-        .map_err(|e| NodeError::Job(format!("data plane to '{peer}': {e}")))?;
+        .map_err(|e| data_plane(format!("data plane to '{peer}'"), e))?;
     let mut send = FramedSend::new(stream);
     send.send(&hello)
         .await
-        .map_err(|e| NodeError::Job(format!("sending the share to '{peer}': {e}")))?;
+        .map_err(|e| data_plane(format!("sending the share to '{peer}'"), e))?;
     send.finish()?;
     Ok((conn, send))
 }
@@ -749,8 +738,12 @@ async fn receive_share(
 ) -> Result<(String, PeerShare, quinn::Connection), NodeError> {
     let handover = tokio::time::timeout(PEER_TIMEOUT, rx)
         .await
-        .map_err(|_| NodeError::Job(format!("party '{peer}' did not connect in time")))?
-        .map_err(|_| NodeError::Job("job cancelled while waiting for the peers".into()))?
+        .map_err(|_| NodeError::from(Timeout::PartyDidNotConnect(peer.to_owned())))?
+        .map_err(|_| {
+            NodeError::from(JobError::Cancelled {
+                waiting_for: "peers",
+            })
+        })?
         .map_err(|reason| refused(&peer, &reason))?;
     let conn = handover.conn;
     let fail = |reason: String| {
@@ -813,7 +806,25 @@ async fn blocking<T: Send + 'static>(
 ) -> Result<T, NodeError> {
     tokio::task::spawn_blocking(f)
         .await
-        .map_err(|e| NodeError::Job(format!("internal error: {e}")))
+        .map_err(|e| JobError::Internal(e.to_string()).into())
+}
+
+/// A local computation's failure, named by its step.
+fn compute(step: &'static str, e: impl std::fmt::Display) -> NodeError {
+    JobError::Compute {
+        step,
+        reason: e.to_string(),
+    }
+    .into()
+}
+
+/// A peer that could not be reached, or its stream not used (`what` says which step).
+fn data_plane(what: String, e: impl std::fmt::Display) -> NodeError {
+    JobError::DataPlane {
+        what,
+        reason: e.to_string(),
+    }
+    .into()
 }
 
 #[cfg(test)]

@@ -35,7 +35,7 @@ use crate::clock::now_ms;
 use crate::data::dataset::{self, RowFilter};
 use crate::data::forget::ForgetStore;
 use crate::dataplane::{Delivery, refused};
-use crate::error::NodeError;
+use crate::error::{JobError, NodeError, Party, Timeout};
 use crate::job::frame_budget::FrameBudget;
 use crate::job::noise::{self as noised_release, OwnNoise};
 use crate::job::psi::{Action, NoiseCommit, PsiConfig, PsiExchange, PsiProtocol};
@@ -85,27 +85,27 @@ impl JobContext {
     pub(crate) fn recheck(&self) -> Result<(), NodeError> {
         self.state
             .recheck(self.generation, &self.spec, self.me, &self.permit, now_ms())
-            .map_err(|v| NodeError::Job(format!("refused: {v}")))
+            .map_err(|v| NodeError::from(JobError::Refused(v)))
     }
 
     /// Appends to the audit log; an access or release that cannot be audited does not happen.
     pub(crate) fn audit(&self, event: AuditEvent) -> Result<AuditHead, NodeError> {
         self.state.audit.append(event, now_ms()).map_err(|e| {
             tracing::error!(error = %e, "audit log write failed; stopping the job");
-            NodeError::Job(format!(
-                "node '{}' could not write its audit log; the job was stopped",
-                self.my_name
-            ))
+            JobError::Audit {
+                node: self.my_name.clone(),
+            }
+            .into()
         })
     }
 
     /// The row filter for this job: consent for its purpose, and forgotten subjects.
     pub(crate) fn forgotten(&self) -> Result<Option<dataset::Forgotten>, NodeError> {
         let store = ForgetStore::open(&self.state_dir)
-            .map_err(|e| NodeError::Job(format!("deletion list: {e}")))?;
+            .map_err(|e| NodeError::from(JobError::DeletionList(e.to_string())))?;
         let forgotten = store
             .load(&self.permit.dataset.name)
-            .map_err(|e| NodeError::Job(format!("deletion list: {e}")))?;
+            .map_err(|e| NodeError::from(JobError::DeletionList(e.to_string())))?;
         Ok(Some(forgotten))
     }
 }
@@ -147,10 +147,12 @@ pub(crate) async fn dial(
 ) -> Result<(quinn::Connection, FramedSend), NodeError> {
     let peer = Identity::node(&job.permit.partner)?;
     let conn = cleanroom_transport::connect(endpoint, peer_addr, &peer).await?;
-    let send = conn
-        .open_uni()
-        .await
-        .map_err(|e| NodeError::Job(format!("data plane to {peer}: {e}")))?;
+    let send = conn.open_uni().await.map_err(|e| {
+        NodeError::from(JobError::DataPlane {
+            what: format!("data plane to {peer}"),
+            reason: e.to_string(),
+        })
+    })?;
     Ok((conn, FramedSend::new(send)))
 }
 
@@ -163,19 +165,20 @@ pub(crate) async fn accept(
 ) -> Result<(quinn::Connection, FramedSend, FramedRecv, Envelope), NodeError> {
     let handover = tokio::time::timeout(CONNECT_TIMEOUT, incoming)
         .await
+        .map_err(|_| NodeError::from(Timeout::NodeDidNotConnect(job.permit.partner.clone())))?
         .map_err(|_| {
-            NodeError::Job(format!(
-                "node '{}' did not connect in time",
-                job.permit.partner
-            ))
+            NodeError::from(JobError::Cancelled {
+                waiting_for: "peer",
+            })
         })?
-        .map_err(|_| NodeError::Job("job cancelled while waiting for the peer".into()))?
         .map_err(|reason| refused(&format!("node '{}'", job.permit.partner), &reason))?;
     let conn = handover.conn;
-    let send = conn
-        .open_uni()
-        .await
-        .map_err(|e| NodeError::Job(format!("data plane: {e}")))?;
+    let send = conn.open_uni().await.map_err(|e| {
+        NodeError::from(JobError::DataPlane {
+            what: "data plane".into(),
+            reason: e.to_string(),
+        })
+    })?;
     Ok((conn, FramedSend::new(send), handover.recv, handover.hello))
 }
 
@@ -183,7 +186,7 @@ pub(crate) fn finish_connection(
     conn: &quinn::Connection,
     result: Result<Result<PsiOutcome, NodeError>, tokio::time::error::Elapsed>,
 ) -> Result<PsiOutcome, NodeError> {
-    let result = result.unwrap_or_else(|_| Err(NodeError::Job("job timed out".into())));
+    let result = result.unwrap_or_else(|_| Err(Timeout::Job.into()));
     match &result {
         Ok(_) => conn.close(CLOSE_DONE.into(), b"done"),
         Err(e) => conn.close(CLOSE_FAILED.into(), e.to_string().as_bytes()),
@@ -216,7 +219,7 @@ pub(crate) async fn load_input(job: &JobContext) -> Result<dataset::LoadedKeys, 
         dataset::load_keys_for(&dataset, &keys, filter, MAX_ROWS)
     })
     .await?
-    .map_err(|e| NodeError::Job(format!("dataset: {e}")))?;
+    .map_err(|e| NodeError::from(JobError::Dataset(e.to_string())))?;
     let (rows_read, rows_rejected) = (loaded.rows_read, loaded.rows_rejected);
     let (excluded_consent, excluded_deleted) =
         (loaded.rows_excluded_consent, loaded.rows_excluded_deleted);
@@ -241,7 +244,7 @@ pub(crate) async fn load_input(job: &JobContext) -> Result<dataset::LoadedKeys, 
     })?;
     job.permit
         .check_input_size(loaded.items.len() as u64)
-        .map_err(|v| NodeError::Job(format!("refused: {v}")))?;
+        .map_err(|v| NodeError::from(JobError::Refused(v)))?;
     Ok(loaded)
 }
 
@@ -263,7 +266,7 @@ async fn exchange(
         Some(own) => Some(NoiseCommit {
             term: own.term(&job.my_name),
             noise: own.noise,
-            nonce: own.nonce_bytes().map_err(NodeError::Job)?,
+            nonce: own.nonce_bytes().map_err(JobError::Noise)?,
         }),
         None => None,
     };
@@ -288,7 +291,10 @@ async fn exchange(
         Some((recv, hello)) => (recv, Some(hello)),
         None => {
             let stream = conn.accept_uni().await.map_err(|e| {
-                NodeError::Job(format!("node '{partner}' did not open its stream: {e}"))
+                NodeError::from(JobError::DataPlane {
+                    what: format!("node '{partner}' did not open its stream"),
+                    reason: e.to_string(),
+                })
             })?;
             (FramedRecv::new(stream), None)
         }
@@ -301,7 +307,7 @@ async fn exchange(
     let exchanged = match run_protocol(job, &mut proto, &mut out, &mut incoming).await {
         Ok(()) => proto
             .into_exchange()
-            .ok_or_else(|| NodeError::Job("internal error: the protocol stopped early".into())),
+            .ok_or_else(|| JobError::Internal("the protocol stopped early".into()).into()),
         Err(e) => Err(e),
     };
     let PsiExchange {
@@ -476,12 +482,7 @@ async fn charge_noise(job: &JobContext) -> Result<Option<OwnNoise>, NodeError> {
             .charge_and_draw(&key, &charge, now_ms(), || noised_release::draw(epsilon))
     })
     .await?
-    .map_err(|e| {
-        NodeError::Job(format!(
-            "refused: {}",
-            crate::state::budget_veto(&cfg.name, e)
-        ))
-    })?;
+    .map_err(|e| NodeError::from(JobError::Refused(crate::state::budget_veto(&cfg.name, e))))?;
     tracing::info!(epsilon, "privacy budget charged for a noised release");
     Ok(Some(drawn))
 }
@@ -502,10 +503,9 @@ pub(crate) async fn settle(
         .await?
         .map_err(|e| {
             tracing::error!(error = %e, "could not store the release in the ledger");
-            NodeError::Job(format!(
-                "node '{}' could not store the release in its privacy-budget ledger",
-                job.my_name
-            ))
+            NodeError::from(JobError::Ledger {
+                node: job.my_name.clone(),
+            })
         })
 }
 
@@ -545,23 +545,23 @@ async fn write_membership(
             forgotten: forgotten.as_ref(),
         };
         let loaded = dataset::load_keys_for(&dataset, &keys, filter, MAX_ROWS)
-            .map_err(|e| NodeError::Job(format!("dataset: {e}")))?;
+            .map_err(|e| NodeError::from(JobError::Dataset(e.to_string())))?;
         if loaded.items.len() as u64 != own_size {
-            return Err(NodeError::Job("the dataset changed during the job".into()));
+            return Err(JobError::DatasetChanged.into());
         }
         let mut matched = cleanroom_circuits::ItemSet::new();
         for i in indices {
             let item = loaded
                 .items
                 .get(i as usize)
-                .ok_or_else(|| NodeError::Job("membership index out of range".into()))?;
+                .ok_or_else(|| JobError::Internal("membership index out of range".into()))?;
             matched
                 .push(item)
-                .map_err(|e| NodeError::Job(e.to_string()))?;
+                .map_err(|e| JobError::Internal(e.to_string()))?;
         }
         matched.dedup();
         let rows = dataset::matching_rows_for(&dataset, &keys, filter, &matched)
-            .map_err(|e| NodeError::Job(format!("dataset: {e}")))?;
+            .map_err(|e| NodeError::from(JobError::Dataset(e.to_string())))?;
         std::fs::create_dir_all(&dir).map_err(|e| NodeError::Io {
             what: format!("creating {}", dir.display()),
             source: e,
@@ -634,27 +634,32 @@ pub(crate) async fn next_frame(
     let next = tokio::time::timeout(stall, incoming.recv())
         .await
         .map_err(|_| {
-            NodeError::Job(format!(
-                "node '{partner}' sent nothing for {}s; the job was stopped",
-                stall.as_secs()
-            ))
+            NodeError::from(Timeout::Silent {
+                peer: Party::Node(partner.to_owned()),
+                secs: stall.as_secs(),
+            })
         })?;
     match next {
         Some(Incoming::Frame(env)) => {
             if let Some(Body::Abort(Abort { reason })) = &env.body {
-                return Err(NodeError::Job(format!(
-                    "node '{partner}' aborted the job: {reason}"
-                )));
+                return Err(JobError::Aborted {
+                    peer: Party::Node(partner.to_owned()),
+                    reason: reason.clone(),
+                }
+                .into());
             }
             Ok(*env)
         }
         Some(Incoming::Failed(reason)) => Err(violation(partner, reason)),
-        Some(Incoming::Lost(reason)) => Err(NodeError::Job(format!(
-            "lost the connection to node '{partner}': {reason}"
-        ))),
-        None => Err(NodeError::Job(format!(
-            "node '{partner}' closed its stream early"
-        ))),
+        Some(Incoming::Lost(reason)) => Err(JobError::Lost {
+            peer: Party::Node(partner.to_owned()),
+            reason,
+        }
+        .into()),
+        None => Err(JobError::ClosedEarly {
+            peer: Party::Node(partner.to_owned()),
+        }
+        .into()),
     }
 }
 
@@ -774,5 +779,5 @@ pub(crate) async fn blocking<T: Send + 'static>(
 ) -> Result<T, NodeError> {
     tokio::task::spawn_blocking(f)
         .await
-        .map_err(|e| NodeError::Job(format!("internal error: {e}")))
+        .map_err(|e| JobError::Internal(e.to_string()).into())
 }

@@ -37,7 +37,7 @@ use cleanroom_proto::v1::{
 
 use crate::audit::AuditEvent;
 use crate::data::dataset;
-use crate::job::error::{JobError, Party, Violation};
+use crate::error::{JobError, Party, Violation};
 use crate::job::noise::{self, NONCE_LEN};
 use crate::job::wire::{self, Outbox, STALL_BASE, stall_deadline};
 use crate::policy::{Permit, Recipient, Veto};

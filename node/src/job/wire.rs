@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use cleanroom_proto::v1::{BatchEnd, Envelope, Phase, PointBatch, envelope::Body};
 
-use super::error::Violation;
+use crate::error::Violation;
 
 /// Longest silence from the peer before its hello, and the base of the silence allowed later.
 pub const STALL_BASE: Duration = Duration::from_secs(60);

@@ -82,7 +82,7 @@ pub enum Violation {
     /// Bytes that are not a frame: truncated, oversized, or not an envelope.
     #[error("{0}")]
     Unreadable(String),
-    /// More than it may make us buffer ([`super::frame_budget`]).
+    /// More than it may make us buffer ([`crate::job::frame_budget`]).
     #[error("{0}")]
     OverBudget(String),
     /// A hello that names someone else as its sender.
@@ -180,6 +180,15 @@ pub enum JobError {
     /// The dataset could not be read for the job's keys.
     #[error("dataset: {0}")]
     Dataset(String),
+    /// The dataset changed between the two reads of a `match` (its size differs).
+    #[error("the dataset changed during the job")]
+    DatasetChanged,
+    /// This node's noise could not be drawn or opened (the reason says why).
+    #[error("{0}")]
+    Noise(String),
+    /// The policy was reloaded while an aggregate offer was being decided.
+    #[error("the policy changed while the offer was decided; try again")]
+    PolicyChangedDuringOffer,
     /// The dataset could not be read into an aggregate's vector (the reader's own words).
     #[error("{0}")]
     Rows(String),
@@ -251,17 +260,67 @@ impl JobError {
     }
 }
 
-/// Until the node's own error carries a [`JobError`], it keeps its words: a violation stays a
-/// protocol error naming the peer, anything else the analyst's sentence.
-impl From<JobError> for crate::error::NodeError {
-    fn from(e: JobError) -> Self {
-        match e {
-            JobError::Violation { by, violation } => crate::error::NodeError::Protocol {
-                peer: by.to_string(),
-                reason: violation.to_string(),
-            },
-            JobError::Transport(t) => crate::error::NodeError::Transport(t),
-            other => crate::error::NodeError::Job(other.to_string()),
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::NodeError;
+
+    /// What the analyst reads stays as the node wrote it before the errors were typed (the e2e
+    /// tests match these words); the variant is what code matches.
+    #[test]
+    fn errors_render_to_the_sentences_analysts_read() {
+        let cases: Vec<(NodeError, &str)> = vec![
+            (Timeout::Job.into(), "job timed out"),
+            (
+                Timeout::NodeDidNotConnect("globex".into()).into(),
+                "node 'globex' did not connect in time",
+            ),
+            (
+                Timeout::Silent {
+                    peer: Party::Node("globex".into()),
+                    secs: 60,
+                }
+                .into(),
+                "node 'globex' sent nothing for 60s; the job was stopped",
+            ),
+            (
+                JobError::Refused(Veto("input 3 rows < min_input 10".into())).into(),
+                "refused: input 3 rows < min_input 10",
+            ),
+            (
+                JobError::Audit {
+                    node: "acme".into(),
+                }
+                .into(),
+                "node 'acme' could not write its audit log; the job was stopped",
+            ),
+            (
+                JobError::violation(
+                    Party::Node("globex".into()),
+                    Violation::OutOfOrder {
+                        got: 3,
+                        expected: 0,
+                    },
+                )
+                .into(),
+                "protocol violation by node 'globex': batch 3 out of order (expected 0)",
+            ),
+            (
+                JobError::Lost {
+                    peer: Party::Node("globex".into()),
+                    reason: "closed".into(),
+                }
+                .into(),
+                "lost the connection to node 'globex': closed",
+            ),
+            (
+                JobError::Withdrawn.into(),
+                "the coordinator stopped the job (another party failed or it shut down)",
+            ),
+        ];
+        for (error, text) in cases {
+            assert!(matches!(error, NodeError::Job(_)), "{error:?}");
+            assert_eq!(error.to_string(), text);
         }
     }
 }
