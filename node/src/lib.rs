@@ -10,12 +10,14 @@
 //! - [`audit`]: the hash-chained audit log (event schema, chain format, writer, verifier);
 //! - [`ledger`]: the persistent privacy-budget ledger and the caps it enforces;
 //! - [`data`]: datasets, normalisers, consent and deletion filters, retention;
+//! - [`spec`]: how every room names a job (spec digest, release key, computation name);
 //! - [`policy`]: the agreement as code (the TOML schema, typed allow entries, each kind's offer
 //!   check);
+//! - [`error`]: the node's errors, and a job's ([`error::JobError`]), typed to the edge;
 //! - [`dataplane`]: the data-plane endpoint, which hands incoming connections to waiting jobs;
 //! - [`state`]: what the node's tasks share (policy, audit log, ledger, run history);
-//! - [`job`]: the job wing — one driver for every job's lifecycle and one sans-IO protocol per
-//!   kind;
+//! - [`job`]: the job wing — the async driver of a job's lifecycle, and the sans-IO protocols
+//!   it runs (`overlap` and `match` so far; see `job` for the others);
 //! - [`control`]: the control session with the coordinator;
 //! - [`run`], [`cli`]: running a node, and the `cleanroom-node` commands.
 #![warn(missing_docs)]

@@ -82,7 +82,7 @@ pub enum Violation {
     /// Bytes that are not a frame: truncated, oversized, or not an envelope.
     #[error("{0}")]
     Unreadable(String),
-    /// More than it may make us buffer ([`crate::job::frame_budget`]).
+    /// More than it may make us buffer (the job wing's frame budget).
     #[error("{0}")]
     OverBudget(String),
     /// A hello that names someone else as its sender.

@@ -71,7 +71,7 @@ const CLOSE_DONE: u32 = 0;
 const CLOSE_FAILED: u32 = 3;
 
 /// Serves an aggregate offer on the job's control stream, to the end of the job. Errors are
-/// reported and audited by the caller ([`crate::control`]).
+/// reported and audited by the caller (the control session).
 pub async fn serve_offer(
     endpoint: quinn::Endpoint,
     state: &Arc<NodeState>,
