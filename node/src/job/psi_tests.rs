@@ -672,3 +672,170 @@ fn joint_release_terms_are_the_stricter_of_both() {
             .contains("minimum result of 0")
     );
 }
+
+/// Globex's frames of an earlier, completed run of the same job, in order.
+fn recorded_run() -> Vec<Envelope> {
+    let mut pair = Pair::honest(JobKind::Overlap);
+    let mut frames = Vec::new();
+    pair.run(|env| {
+        frames.push(env.clone());
+        vec![env]
+    });
+    assert!(pair.acme.proto.is_finished());
+    frames
+}
+
+fn points_frame(phase: Phase, seq: u64, points: Vec<u8>) -> Envelope {
+    Envelope {
+        job_id: "job-1".into(),
+        phase: phase as i32,
+        body: Some(Body::Points(PointBatch { seq, points })),
+    }
+}
+
+type Tamper = Box<dyn FnMut(Envelope) -> Vec<Envelope>>;
+
+/// The hostile cases of `tests/adversary.rs` that are the protocol's to catch, each with the
+/// words that e2e test expects in the analyst's reason. (The others are the reader's: frames
+/// that do not decode, another job's id, an empty batch, more points than the hello declared
+/// or a flood of them; `frame_budget` and the transport's tests pin those.)
+#[test]
+fn the_adversary_cases_fail_at_the_protocol_with_the_e2e_words() {
+    let with_points = |phase: Phase, f: fn(&mut Vec<u8>)| -> Tamper {
+        Box::new(first_of(phase, is_points, move |mut env| {
+            if let Some(Body::Points(b)) = &mut env.body {
+                f(&mut b.points);
+            }
+            vec![env]
+        }))
+    };
+    let with_end = |phase: Phase, f: fn(&mut u64)| -> Tamper {
+        Box::new(first_of(phase, is_end, move |mut env| {
+            if let Some(Body::BatchEnd(e)) = &mut env.body {
+                f(&mut e.total);
+            }
+            vec![env]
+        }))
+    };
+    let replace_first = |phase: Phase, is: fn(&Body) -> bool, with: fn() -> Envelope| -> Tamper {
+        Box::new(first_of(phase, is, move |_| vec![with()]))
+    };
+    let done = || Outbox::new("job-1", Phase::PsiDone).end(Phase::PsiDone, 0);
+    let mut old = recorded_run().into_iter().skip(1);
+    let cases: Vec<(&str, Pair, Tamper, &str)> = vec![
+        (
+            "undecodable points",
+            Pair::honest(JobKind::Overlap),
+            with_points(Phase::PsiBlinded, |p| p[..32].fill(0xff)),
+            "not a valid ristretto255 encoding",
+        ),
+        (
+            "identity points",
+            Pair::honest(JobKind::Overlap),
+            with_points(Phase::PsiBlinded, |p| p[..32].fill(0)),
+            "identity",
+        ),
+        (
+            "batch not whole points",
+            Pair::honest(JobKind::Overlap),
+            with_points(Phase::PsiBlinded, |p| p.truncate(33)),
+            "batch of 33 bytes is not a whole number",
+        ),
+        (
+            "end total disagrees",
+            Pair::honest(JobKind::Overlap),
+            with_end(Phase::PsiBlinded, |t| *t -= 1),
+            "declared 40 points, announced 39 at the end",
+        ),
+        (
+            "end before all declared",
+            Pair::honest(JobKind::Overlap),
+            Box::new(hello(|h| h.set_size += 5)),
+            "announced 40 at the end, and sent 40",
+        ),
+        (
+            "double-blinded first",
+            Pair::honest(JobKind::Overlap),
+            replace_first(Phase::PsiBlinded, is_points, || {
+                points_frame(Phase::PsiDoubleBlinded, 0, vec![0; 32])
+            }),
+            "frame for phase 12 while in phase phase_psi_blinded",
+        ),
+        (
+            "second hello",
+            Pair::honest(JobKind::Overlap),
+            Box::new(nth(0, |env| vec![env.clone(), env])),
+            "frame for phase 10 while in phase phase_psi_blinded",
+        ),
+        (
+            "done first",
+            Pair::honest(JobKind::Overlap),
+            replace_first(Phase::PsiBlinded, is_points, done),
+            "frame for phase 13 while in phase phase_psi_blinded",
+        ),
+        (
+            "returned not whole points",
+            Pair::honest(JobKind::Overlap),
+            with_points(Phase::PsiDoubleBlinded, |p| p.truncate(33)),
+            "batch of 33 bytes is not a whole number",
+        ),
+        (
+            "returned end total disagrees",
+            Pair::honest(JobKind::Overlap),
+            with_points(Phase::PsiDoubleBlinded, |p| p.truncate(64)),
+            "the peer announced 30 returned and returned 2",
+        ),
+        (
+            "returned out of sequence",
+            Pair::honest(JobKind::Overlap),
+            Box::new(first_of(Phase::PsiDoubleBlinded, is_points, |mut env| {
+                if let Some(Body::Points(b)) = &mut env.body {
+                    b.seq = 1;
+                }
+                vec![env]
+            })),
+            "batch 1 out of order (expected 0)",
+        ),
+        (
+            "blinded after its end",
+            Pair::honest(JobKind::Overlap),
+            Box::new(first_of(Phase::PsiBlinded, is_end, |env| {
+                vec![env.clone(), env]
+            })),
+            "frame for phase 11 while in phase phase_psi_double_blinded",
+        ),
+        (
+            "done before returning",
+            Pair::honest(JobKind::Overlap),
+            replace_first(Phase::PsiDoubleBlinded, is_points, done),
+            "frame for phase 13 while in phase phase_psi_double_blinded",
+        ),
+        (
+            "done as hello",
+            Pair::honest(JobKind::Overlap),
+            replace_first(Phase::PsiDone, is_end, || {
+                Outbox::new("job-1", Phase::PsiSize)
+                    .frame(Phase::PsiSize, Body::PsiHello(PsiHello::default()))
+            }),
+            "frame for phase 10 while in phase phase_psi_done",
+        ),
+    ];
+    for (label, pair, tamper, expect) in cases {
+        let e = pair.acme_error(tamper);
+        by_globex(&e);
+        let reason = crate::error::NodeError::from(e).to_string().to_lowercase();
+        assert!(reason.contains(expect), "{label}: {reason}");
+    }
+    // The replay: globex's hello is fresh, everything after it is an earlier run's.
+    let mut i = 0;
+    let e = Pair::honest(JobKind::Overlap).acme_error(move |env| {
+        i += 1;
+        if i == 1 {
+            vec![env]
+        } else {
+            old.next().into_iter().collect()
+        }
+    });
+    let reason = crate::error::NodeError::from(e).to_string();
+    assert!(reason.contains("shared items, we counted 0"), "{reason}");
+}
