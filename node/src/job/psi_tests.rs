@@ -14,34 +14,18 @@ use crate::policy::NodeConfig;
 
 const NOW: i64 = 1_782_864_000_000;
 
-fn node_config(me: &str, partner: &str, computation: &str, extra: &str) -> NodeConfig {
+/// `me`'s config with one agreement, with `partner`, allowing `allow` (TOML inline-table keys)
+/// on its dataset `customers`.
+fn node_config(me: &str, partner: &str, allow: &str) -> NodeConfig {
     let text = format!(
         r#"
 name = "{me}"
 coordinator = "127.0.0.1:7400"
 listen = "127.0.0.1:0"
 state_dir = "state"
-[tls]
-ca = "ca.pem"
-cert = "node.pem"
-key = "node.key"
-[[dataset]]
-name = "customers"
-path = "customers.csv"
-  [[dataset.identifier]]
-  name = "email"
-  column = "email"
-  normaliser = "email"
-[[agreement]]
-partner = "{partner}"
-purposes = ["reporting"]
-  [[agreement.allow]]
-  computation = "{computation}"
-  dataset = "customers"
-  keys = ["email"]
-  min_set_size = 1
-  max_set_size = 1000
-  {extra}
+tls = {{ ca = "ca.pem", cert = "node.pem", key = "node.key" }}
+dataset = [{{ name = "customers", path = "customers.csv", identifier = [{{ name = "email", column = "email", normaliser = "email" }}] }}]
+agreement = [{{ partner = "{partner}", purposes = ["reporting"], allow = [{{ dataset = "customers", keys = ["email"], min_set_size = 1, max_set_size = 1000, {allow} }}] }}]
 "#
     );
     NodeConfig::parse(&text, Path::new("/nonexistent/node.toml")).expect("test config")
@@ -76,11 +60,11 @@ fn items(from: u32, to: u32) -> ItemSet {
 /// One side's protocol config for job `job-1`, as its policy permits it.
 fn config(me: usize, kind: JobKind) -> PsiConfig {
     let names = ["acme", "globex"];
-    let (computation, extra) = match kind {
-        JobKind::Match => ("match", r#"membership = "both""#),
-        _ => ("overlap", ""),
+    let allow = match kind {
+        JobKind::Match => r#"computation = "match", membership = "both""#,
+        _ => r#"computation = "overlap""#,
     };
-    let cfg = node_config(names[me], names[1 - me], computation, extra);
+    let cfg = node_config(names[me], names[1 - me], allow);
     let spec = spec(kind, kind == JobKind::Match);
     let permit = crate::policy::psi::check_offer_at(&cfg, &spec, me, NOW).expect("permitted");
     PsiConfig {
