@@ -19,7 +19,7 @@
 //! - [`job`]: the job wing — the async driver of a job's lifecycle, and the sans-IO protocols
 //!   it runs (`overlap` and `match` so far; see `job` for the others);
 //! - [`control`]: the control session with the coordinator;
-//! - [`run`], [`cli`]: running a node, and the `cleanroom-node` commands.
+//! - [`run`](mod@run), [`cli`]: running a node, and the `cleanroom-node` commands.
 #![warn(missing_docs)]
 
 pub mod audit;

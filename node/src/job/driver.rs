@@ -1,10 +1,10 @@
 //! The job driver: the async shell around the job protocols. It owns what every job does
 //! whatever its kind — dial or accept the peer's connection, read the peer's stream into memory
-//! as fast as it arrives ([`spawn_reader`], capped by [`FrameBudget`]), time out a silent peer,
+//! as fast as it arrives (`spawn_reader`, capped by [`FrameBudget`]), time out a silent peer,
 //! load the dataset and audit the access, re-check the policy, charge the ledger, run CPU work
 //! on the blocking pool, and release — and runs the kind's protocol, which does none of that.
 //!
-//! `overlap` and `match` run [`crate::job::psi::PsiProtocol`] through [`run_protocol`]; an
+//! `overlap` and `match` run [`crate::job::psi::PsiProtocol`] through `run_protocol`; an
 //! `overlap` whose allow entry sets `epsilon` releases a noised count (see
 //! [`crate::job::noise`]): the node charges its ledger and draws its noise before its hello,
 //! commits to it there, and opens it after the count.

@@ -16,9 +16,10 @@ use cleanroom_proto::v1::{AggregateSpec, JobKind, JobSpec};
 use crate::data::{DatasetConfig, KeySpec, ValueColumn};
 use crate::ledger::Epsilon;
 
+use super::allow::AllowEntry;
 use super::allow::{AggregateAllow, Allow, AllowTerms};
 use super::permit::{Permit, RunCounter, Veto};
-use super::schema::{AllowEntry, NodeConfig};
+use super::schema::NodeConfig;
 use super::values::{Computation, MIN_AGGREGATE_PARTIES, Membership, PolicyDate, Recipient};
 
 /// Most parties an aggregate may have (the circuits' cap).

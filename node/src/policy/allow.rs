@@ -9,11 +9,16 @@
 
 use std::collections::HashSet;
 
+use serde::Deserialize;
+use toml::Spanned;
+
 use crate::data::{DatasetConfig, ValueColumn};
 use crate::ledger::{Epsilon, Period};
 
-use super::schema::AllowEntry;
-use super::values::{Computation, Membership, Recipient, SumRole, Threshold, line_of};
+use super::values::{
+    Computation, DEFAULT_MAX_SET_SIZE, DEFAULT_MIN_SET_SIZE, Membership, Recipient, SumRole,
+    Threshold, default_threshold, line_of,
+};
 
 /// One allowed computation on one of this node's datasets, as checked.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -93,35 +98,92 @@ pub struct AggregateAllow {
     pub person: Option<String>,
 }
 
-impl Allow {
-    /// Checks one entry as written, in the context `ctx` (`agreement with 'globex'`), against
-    /// the declared datasets, and types it by its computation. The error names the rule (the
-    /// caller adds the line).
-    pub fn check(
-        ctx: &str,
-        e: &AllowEntry,
-        datasets: &[DatasetConfig],
-        text: &str,
-    ) -> Result<Allow, String> {
-        let Some(d) = datasets.iter().find(|d| d.name == *e.dataset.get_ref()) else {
-            return Err(format!(
-                "{ctx}: allow {} references dataset '{}', which is not declared",
-                e.computation,
-                e.dataset.get_ref()
-            ));
-        };
-        match e.computation {
-            Computation::Aggregate => {
-                super::aggregate::check_entry(ctx, e, d).map(Allow::Aggregate)
-            }
-            Computation::OverlapSum => {
-                super::overlap_sum::check_entry(ctx, e, d, text).map(Allow::OverlapSum)
-            }
-            Computation::Overlap => super::psi::check_entry(ctx, e, d, text).map(Allow::Overlap),
-            Computation::Match => super::psi::check_entry(ctx, e, d, text).map(Allow::Match),
-        }
-    }
+/// One `[[agreement.allow]]` table as written: the same keys for every computation. Which keys a
+/// computation takes, and what they mean for it, is decided when it is checked into an [`Allow`].
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AllowEntry {
+    /// Which computation.
+    pub computation: Computation,
+    /// Which of this node's datasets (spanned, so errors name its line).
+    pub dataset: Spanned<String>,
+    /// Allowed join keys: each entry is one key set, composite keys joined with `+`
+    /// (`"email+phone"`); a job's key set must equal one entry, order included. Required for
+    /// overlap and match; must be absent for aggregate (which joins nothing).
+    #[serde(default)]
+    pub keys: Vec<String>,
+    /// Match only: who learns membership (default `self`).
+    #[serde(default)]
+    pub membership: Option<Membership>,
+    /// Old spelling (match only): `true` = `membership = "both"`, `false` = `"self"`. Refused
+    /// together with `membership`.
+    #[serde(default)]
+    pub reveal_membership_to_partner: Option<bool>,
+    /// Value columns the computation may use, with clipping bounds (each declared on the
+    /// dataset, bounds inside the declared ones).
+    #[serde(default)]
+    pub value_columns: Vec<ValueColumn>,
+    /// Who may receive counts (default both).
+    #[serde(default = "default_counts_to")]
+    pub counts_to: Vec<Recipient>,
+    /// Fewest distinct keys of ours (after consent and deletion filtering) a job may use.
+    #[serde(default = "default_threshold")]
+    pub min_input_size: Threshold,
+    /// k-threshold: a count below it is suppressed, not released.
+    #[serde(default = "default_threshold")]
+    pub min_result: Threshold,
+    /// Accepted runs allowed per period per partner and computation entry; `None` = no limit.
+    #[serde(default)]
+    pub runs_per_period: Option<Threshold>,
+    /// The period of `runs_per_period` (default day).
+    #[serde(default)]
+    pub period: Period,
+    /// ε per run (for differentially private releases); `None` = no DP release allowed.
+    #[serde(default)]
+    pub epsilon: Option<Epsilon>,
+    /// Smallest set size the partner may declare.
+    #[serde(default = "default_min_set_size")]
+    pub min_set_size: u64,
+    /// Largest set size the partner may declare.
+    #[serde(default = "default_max_set_size")]
+    pub max_set_size: u64,
+    // What an `aggregate` entry adds (validation refuses these keys on other computations).
+    /// Aggregate only: categorical columns (CSV headers) a job may group by; at least one.
+    #[serde(default)]
+    pub group_by: Vec<String>,
+    /// Aggregate only: fewest parties a job must have (default and minimum 3).
+    #[serde(default)]
+    pub min_parties: Option<u32>,
+    /// Aggregate only: parties that may collude and subtract their own noise share (default:
+    /// all but one, so one honest party's noise alone gives the stated ε).
+    #[serde(default)]
+    pub max_colluders: Option<u32>,
+    /// Overlap-sum only: the roles this node may take (`"key-holder"`, `"value-holder"`);
+    /// absent = both. Taking the value-holder role lets the partner learn the exact number of
+    /// shared identifiers; a policy that must not reveal it lists only `"key-holder"`.
+    #[serde(default)]
+    pub roles: Option<Vec<SumRole>>,
+    /// Aggregate only: the column (CSV header) that names the person each row belongs to.
+    /// When set, a job must clip per person on exactly this column (`--per-person COLUMN`):
+    /// a person's rows are summed, then clipped, and the person is counted once, so ε protects
+    /// a person rather than a row. Absent: jobs clip per row and must not name a person column.
+    #[serde(default)]
+    pub person: Option<String>,
+}
 
+fn default_counts_to() -> Vec<Recipient> {
+    vec![Recipient::Partner, Recipient::Coordinator]
+}
+
+fn default_min_set_size() -> u64 {
+    DEFAULT_MIN_SET_SIZE
+}
+
+fn default_max_set_size() -> u64 {
+    DEFAULT_MAX_SET_SIZE
+}
+
+impl Allow {
     /// The computation.
     pub fn computation(&self) -> Computation {
         match self {

@@ -17,6 +17,7 @@
 pub mod aggregate;
 pub mod allow;
 pub mod overlap_sum;
+pub mod parse;
 pub mod permit;
 pub mod psi;
 pub mod schema;
@@ -28,9 +29,9 @@ use std::sync::{Arc, RwLock};
 
 pub use crate::data::{DatasetConfig, IdentifierConfig, ValueColumn};
 pub use crate::ledger::{Budget, DEFAULT_DP_DELTA, Delta, Epsilon, MAX_DP_DELTA, Period};
-pub use allow::{AggregateAllow, Allow, AllowTerms, OverlapSumAllow, PsiAllow};
+pub use allow::{AggregateAllow, Allow, AllowEntry, AllowTerms, OverlapSumAllow, PsiAllow};
 pub use permit::{Permit, RunCounter, Veto};
-pub use schema::{Agreement, AllowEntry, ConfigError, NodeConfig, TlsConfig};
+pub use schema::{Agreement, ConfigError, NodeConfig, TlsConfig};
 pub use summary::{EXPIRY_WARNING_DAYS, PolicySummary, deviating_partner_learns, expiry_warnings};
 pub use values::{
     Computation, DEFAULT_MAX_SET_SIZE, DEFAULT_MIN_SET_SIZE, MAX_NAME_LEN, MIN_AGGREGATE_PARTIES,

@@ -26,9 +26,9 @@ use cleanroom_proto::v1::{JobSpec, NoiseTerm, OverlapSumSpec, SumTerms};
 use crate::data::DatasetConfig;
 pub use crate::data::sum_input::{ALL_GROUP, COUNT_COLUMN, ColumnBound, OTHER_GROUP, SumShape};
 
+use super::allow::AllowEntry;
 use super::allow::{AllowTerms, OverlapSumAllow, check_keyed_terms, check_keys};
 use super::permit::{Permit, Veto};
-use super::schema::AllowEntry;
 use super::values::{Recipient, SumRole};
 
 /// Most summed columns (as the coordinator allows).

@@ -1,5 +1,5 @@
 //! The rules of the two-party kinds that join on keys: what an `overlap` or `match` allow entry
-//! may say ([`check_entry`]), and the agreement check run on every two-party offer (`overlap`,
+//! may say (`check_entry`), and the agreement check run on every two-party offer (`overlap`,
 //! `match`, and the base of `overlap-sum`'s), before any data is read.
 //!
 //! The coordinator can ask, never order: [`check_offer`] decides from this node's own config
@@ -11,9 +11,10 @@ use cleanroom_proto::v1::{JobKind, JobSpec};
 
 use crate::data::{DatasetConfig, KeySpec, key_name};
 
+use super::allow::AllowEntry;
 use super::allow::{Allow, AllowTerms, PsiAllow, check_keyed_terms, check_keys};
 use super::permit::{Permit, RunCounter, Veto, veto};
-use super::schema::{AllowEntry, NodeConfig};
+use super::schema::NodeConfig;
 use super::values::{Computation, Membership, PolicyDate, SumRole};
 
 /// The rules of an `overlap` or `match` entry, in order: no `group_by` or `roles`, the keys

@@ -1,6 +1,6 @@
 //! The config file's schema (TOML): identity, addresses, TLS files, datasets and the agreements
-//! (the allow-list of what this node computes with which partner), and the checks that turn
-//! what the file says into a [`NodeConfig`] whose allow entries are typed ([`Allow`]).
+//! (the allow-list of what this node computes with which partner). `policy::parse` checks what
+//! the file says and turns it into a [`NodeConfig`] whose allow entries are typed ([`Allow`]).
 //!
 //! Every table rejects unknown keys, so a misspelt setting is an error rather than a silently
 //! ignored default. Relative paths are resolved against the directory of the config file.
@@ -11,24 +11,17 @@
 //! the [`Allow`] variant of its computation, whose per-kind rules live beside that kind's offer
 //! checks (`policy::psi`, `policy::overlap_sum`, `policy::aggregate`).
 
-use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use cleanroom_transport::HostPort;
 use serde::Deserialize;
-use toml::Spanned;
 
 use crate::data::DatasetConfig;
-use crate::data::ValueColumn;
-use crate::data::normalise::{Normaliser, parse_region};
-use crate::ledger::{Budget, DEFAULT_DP_DELTA, Delta, Epsilon, Period};
+use crate::ledger::{Budget, DEFAULT_DP_DELTA, Delta};
 
 use super::allow::Allow;
-use super::values::{
-    Computation, DEFAULT_MAX_SET_SIZE, DEFAULT_MIN_SET_SIZE, Membership, PolicyDate, Recipient,
-    SumRole, Threshold, check_name, default_threshold, line_of, run_cost,
-};
+use super::values::{Computation, PolicyDate};
 
 /// The whole config file. `NodeConfig` (the default, `A = Allow`) is the checked policy the node
 /// runs on; `NodeConfig<AllowEntry>` is the file as written, before [`NodeConfig::parse`] checks
@@ -108,91 +101,6 @@ pub struct Agreement<A = Allow> {
     pub budget_per_purpose: Option<Budget>,
 }
 
-/// One `[[agreement.allow]]` table as written: the same keys for every computation. Which keys a
-/// computation takes, and what they mean for it, is decided when it is checked into an [`Allow`].
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct AllowEntry {
-    /// Which computation.
-    pub computation: Computation,
-    /// Which of this node's datasets (spanned, so errors name its line).
-    pub dataset: Spanned<String>,
-    /// Allowed join keys: each entry is one key set, composite keys joined with `+`
-    /// (`"email+phone"`); a job's key set must equal one entry, order included. Required for
-    /// overlap and match; must be absent for aggregate (which joins nothing).
-    #[serde(default)]
-    pub keys: Vec<String>,
-    /// Match only: who learns membership (default `self`).
-    #[serde(default)]
-    pub membership: Option<Membership>,
-    /// Old spelling (match only): `true` = `membership = "both"`, `false` = `"self"`. Refused
-    /// together with `membership`.
-    #[serde(default)]
-    pub reveal_membership_to_partner: Option<bool>,
-    /// Value columns the computation may use, with clipping bounds (each declared on the
-    /// dataset, bounds inside the declared ones).
-    #[serde(default)]
-    pub value_columns: Vec<ValueColumn>,
-    /// Who may receive counts (default both).
-    #[serde(default = "default_counts_to")]
-    pub counts_to: Vec<Recipient>,
-    /// Fewest distinct keys of ours (after consent and deletion filtering) a job may use.
-    #[serde(default = "default_threshold")]
-    pub min_input_size: Threshold,
-    /// k-threshold: a count below it is suppressed, not released.
-    #[serde(default = "default_threshold")]
-    pub min_result: Threshold,
-    /// Accepted runs allowed per period per partner and computation entry; `None` = no limit.
-    #[serde(default)]
-    pub runs_per_period: Option<Threshold>,
-    /// The period of `runs_per_period` (default day).
-    #[serde(default)]
-    pub period: Period,
-    /// ε per run (for differentially private releases); `None` = no DP release allowed.
-    #[serde(default)]
-    pub epsilon: Option<Epsilon>,
-    /// Smallest set size the partner may declare.
-    #[serde(default = "default_min_set_size")]
-    pub min_set_size: u64,
-    /// Largest set size the partner may declare.
-    #[serde(default = "default_max_set_size")]
-    pub max_set_size: u64,
-    // What an `aggregate` entry adds (validation refuses these keys on other computations).
-    /// Aggregate only: categorical columns (CSV headers) a job may group by; at least one.
-    #[serde(default)]
-    pub group_by: Vec<String>,
-    /// Aggregate only: fewest parties a job must have (default and minimum 3).
-    #[serde(default)]
-    pub min_parties: Option<u32>,
-    /// Aggregate only: parties that may collude and subtract their own noise share (default:
-    /// all but one, so one honest party's noise alone gives the stated ε).
-    #[serde(default)]
-    pub max_colluders: Option<u32>,
-    /// Overlap-sum only: the roles this node may take (`"key-holder"`, `"value-holder"`);
-    /// absent = both. Taking the value-holder role lets the partner learn the exact number of
-    /// shared identifiers; a policy that must not reveal it lists only `"key-holder"`.
-    #[serde(default)]
-    pub roles: Option<Vec<SumRole>>,
-    /// Aggregate only: the column (CSV header) that names the person each row belongs to.
-    /// When set, a job must clip per person on exactly this column (`--per-person COLUMN`):
-    /// a person's rows are summed, then clipped, and the person is counted once, so ε protects
-    /// a person rather than a row. Absent: jobs clip per row and must not name a person column.
-    #[serde(default)]
-    pub person: Option<String>,
-}
-
-fn default_counts_to() -> Vec<Recipient> {
-    vec![Recipient::Partner, Recipient::Coordinator]
-}
-
-fn default_min_set_size() -> u64 {
-    DEFAULT_MIN_SET_SIZE
-}
-
-fn default_max_set_size() -> u64 {
-    DEFAULT_MAX_SET_SIZE
-}
-
 /// The config file could not be used.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -226,47 +134,6 @@ pub enum ConfigError {
 }
 
 impl NodeConfig {
-    /// Reads, parses and validates the config file at `path`, resolving relative paths against
-    /// its directory.
-    pub fn load(path: impl AsRef<Path>) -> Result<NodeConfig, ConfigError> {
-        let path = path.as_ref();
-        let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
-            path: path.to_owned(),
-            error,
-        })?;
-        Self::parse(&text, path)
-    }
-
-    /// Parses and validates `text` as if it were read from `path` (which names the file in
-    /// errors and anchors relative paths); nothing is read from disk.
-    pub fn parse(text: &str, path: &Path) -> Result<NodeConfig, ConfigError> {
-        let mut file: NodeConfig<AllowEntry> =
-            toml::from_str(text).map_err(|error| ConfigError::Parse {
-                path: path.to_owned(),
-                error,
-            })?;
-        // A composite key is written `email+phone` or `email,phone` (as on the command line);
-        // it is kept, checked and printed as `email+phone`.
-        for e in file.agreements.iter_mut().flat_map(|a| a.allow.iter_mut()) {
-            for key in &mut e.keys {
-                if key.contains(',') || key.contains(' ') {
-                    *key = key
-                        .split(['+', ','])
-                        .map(str::trim)
-                        .collect::<Vec<_>>()
-                        .join("+");
-                }
-            }
-        }
-        let mut cfg = file.check(text).map_err(|problem| ConfigError::Invalid {
-            path: path.to_owned(),
-            problem,
-        })?;
-        let base = path.parent().unwrap_or(Path::new(""));
-        cfg.resolve_paths(base);
-        Ok(cfg)
-    }
-
     /// The dataset called `name`.
     pub fn dataset(&self, name: &str) -> Option<&DatasetConfig> {
         self.datasets.iter().find(|d| d.name == name)
@@ -294,7 +161,7 @@ impl NodeConfig {
             .unwrap_or_else(|| self.state_dir.join("ledger.sqlite"))
     }
 
-    fn resolve_paths(&mut self, base: &Path) {
+    pub(super) fn resolve_paths(&mut self, base: &Path) {
         let resolve = |p: &mut PathBuf| {
             if p.is_relative() {
                 *p = base.join(&*p);
@@ -311,235 +178,6 @@ impl NodeConfig {
             resolve(&mut d.path);
         }
     }
-}
-
-impl NodeConfig<AllowEntry> {
-    /// Checks the file as written and types its allow entries: every rule of the file, and for
-    /// each `[[agreement.allow]]` the rules of its computation ([`Allow::check`]).
-    fn check(self, text: &str) -> Result<NodeConfig, String> {
-        let file = self;
-        if file
-            .ledger
-            .as_ref()
-            .is_some_and(|p| p.as_os_str().is_empty())
-        {
-            return Err("ledger is an empty path (omit it for <state_dir>/ledger.sqlite)".into());
-        }
-        if file.retention_days == Some(0) {
-            return Err("retention_days must be at least 1 (omit it to keep results)".into());
-        }
-        if let Some(b) = &file.budget {
-            b.validate("[budget]")?;
-        }
-        check_name("name", &file.name)?;
-        let mut seen = HashSet::new();
-        for d in &file.datasets {
-            check_name("dataset name", &d.name)?;
-            if !seen.insert(d.name.as_str()) {
-                return Err(format!("dataset '{}' is declared twice", d.name));
-            }
-            if d.path.as_os_str().is_empty() {
-                return Err(format!("dataset '{}' has an empty path", d.name));
-            }
-            let mut ids = HashSet::new();
-            for id in &d.identifiers {
-                check_name(&format!("dataset '{}': identifier name", d.name), &id.name)?;
-                if !ids.insert(id.name.as_str()) {
-                    return Err(format!(
-                        "dataset '{}': identifier '{}' is declared twice",
-                        d.name, id.name
-                    ));
-                }
-                if id.column.is_empty() {
-                    return Err(format!(
-                        "dataset '{}': identifier '{}' has an empty column",
-                        d.name, id.name
-                    ));
-                }
-                let ctx = format!("dataset '{}': identifier '{}'", d.name, id.name);
-                if id.gmail_rule && id.normaliser != Normaliser::Email {
-                    return Err(format!(
-                        "{ctx}: key gmail_rule applies to normaliser email only"
-                    ));
-                }
-                if id.case_fold && id.normaliser != Normaliser::Generic {
-                    return Err(format!(
-                        "{ctx}: key case_fold applies to normaliser generic only"
-                    ));
-                }
-                if let Some(region) = &id.default_region {
-                    if id.normaliser != Normaliser::Phone {
-                        return Err(format!(
-                            "{ctx}: key default_region applies to normaliser phone only"
-                        ));
-                    }
-                    if parse_region(region).is_none() {
-                        return Err(format!(
-                            "{ctx}: key default_region '{}' is not a region the phone library \
-                             knows (two upper-case letters, e.g. US, GB)",
-                            region.escape_default()
-                        ));
-                    }
-                }
-            }
-            let mut cols = HashSet::new();
-            for v in &d.values {
-                let at = line_of(text, v.column.span());
-                if v.column.get_ref().is_empty() {
-                    return Err(format!(
-                        "line {at}: dataset '{}': key value.column is empty",
-                        d.name
-                    ));
-                }
-                if !cols.insert(v.column.get_ref().as_str()) {
-                    return Err(format!(
-                        "line {at}: dataset '{}': value column '{}' is declared twice",
-                        d.name,
-                        v.column.get_ref()
-                    ));
-                }
-                if v.min > v.max {
-                    return Err(format!(
-                        "line {at}: dataset '{}': value column '{}': min {} is above max {}",
-                        d.name,
-                        v.column.get_ref(),
-                        v.min,
-                        v.max
-                    ));
-                }
-            }
-            for (purpose, column) in &d.consent {
-                check_name(
-                    &format!("dataset '{}': key consent: purpose", d.name),
-                    purpose,
-                )?;
-                if column.is_empty() {
-                    return Err(format!(
-                        "dataset '{}': key consent.{purpose} names an empty column",
-                        d.name
-                    ));
-                }
-            }
-        }
-        let delta = file.dp_delta.map_or(DEFAULT_DP_DELTA, Delta::get);
-        let mut partners = HashSet::new();
-        let mut agreements = Vec::with_capacity(file.agreements.len());
-        for a in file.agreements {
-            check_name("agreement partner", &a.partner)?;
-            if a.partner == file.name {
-                return Err(format!(
-                    "agreement with '{}', which is this node",
-                    a.partner
-                ));
-            }
-            if !partners.insert(a.partner.clone()) {
-                return Err(format!(
-                    "two agreements with '{}' (one per partner)",
-                    a.partner
-                ));
-            }
-            let ctx = format!("agreement with '{}'", a.partner);
-            if a.purposes.is_empty() {
-                return Err(format!("{ctx}: no purposes (at least one is required)"));
-            }
-            for p in &a.purposes {
-                check_name(&format!("{ctx}: purpose"), p)?;
-            }
-            if let Some(b) = &a.budget_per_purpose {
-                b.validate(&format!("{ctx}: budget_per_purpose"))?;
-            }
-            let mut allow = Vec::with_capacity(a.allow.len());
-            for e in &a.allow {
-                let at = line_of(text, e.dataset.span());
-                let typed = Allow::check(&ctx, e, &file.datasets, text)
-                    .map_err(|problem| format!("line {at}: {problem}"))?;
-                check_epsilon_caps(
-                    e,
-                    &ctx,
-                    at,
-                    a.budget_per_purpose.as_ref(),
-                    file.budget.as_ref(),
-                    delta,
-                )?;
-                allow.push(typed);
-            }
-            agreements.push(Agreement {
-                partner: a.partner,
-                purposes: a.purposes,
-                expires: a.expires,
-                allow,
-                budget_per_purpose: a.budget_per_purpose,
-            });
-        }
-        Ok(NodeConfig {
-            name: file.name,
-            coordinator: file.coordinator,
-            listen: file.listen,
-            advertise: file.advertise,
-            state_dir: file.state_dir,
-            tls: file.tls,
-            datasets: file.datasets,
-            agreements,
-            budget: file.budget,
-            ledger: file.ledger,
-            retention_days: file.retention_days,
-            dp_delta: file.dp_delta,
-        })
-    }
-}
-
-/// An allow entry with ε must be capped by a budget, and one run must fit every cap.
-fn check_epsilon_caps(
-    e: &AllowEntry,
-    ctx: &str,
-    at: usize,
-    purpose_cap: Option<&Budget>,
-    node_cap: Option<&Budget>,
-    delta: f64,
-) -> Result<(), String> {
-    let Some(epsilon) = e.epsilon else {
-        return Ok(());
-    };
-    // ε with no cap at all could be spent without end, and averaging enough noised
-    // releases removes the noise: refuse it.
-    if purpose_cap.is_none() && node_cap.is_none() {
-        return Err(format!(
-            "line {at}: {ctx}: allow {} on '{}' sets epsilon {epsilon} but no budget \
-             caps it: set budget_per_purpose on the agreement or a node-wide \
-             [budget] (epsilon_per_period and/or epsilon_lifetime); without one, \
-             every run spends epsilon without limit and averaging runs removes the \
-             noise",
-            e.computation,
-            e.dataset.get_ref(),
-        ));
-    }
-    // A run that costs more than a whole cap could never run: say so now rather
-    // than veto every job later.
-    let cost = run_cost(e.computation, epsilon, delta);
-    let caps = [("budget_per_purpose", purpose_cap), ("[budget]", node_cap)];
-    for (name, cap) in caps {
-        if let Some(cap) = cap.filter(|c| cost > c.tightest() + 1e-9) {
-            return Err(format!(
-                "line {at}: {ctx}: allow {} on '{}': one run costs epsilon {} \
-                 (epsilon {epsilon}{}), above the {name} cap ({}), so no job could \
-                 ever run",
-                e.computation,
-                e.dataset.get_ref(),
-                crate::ledger::show(cost),
-                if e.computation == Computation::Aggregate {
-                    format!(
-                        " read as zCDP, rho {}, at dp_delta {:e}",
-                        crate::ledger::show(epsilon.get() * epsilon.get() / 2.0),
-                        delta
-                    )
-                } else {
-                    String::new()
-                },
-                cap.describe()
-            ));
-        }
-    }
-    Ok(())
 }
 
 impl Agreement {
@@ -561,7 +199,11 @@ impl Agreement {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::policy::is_valid_name;
+    use crate::data::normalise::Normaliser;
+    use crate::policy::{
+        DEFAULT_MAX_SET_SIZE, DEFAULT_MIN_SET_SIZE, Epsilon, Membership, Period, Recipient,
+        SumRole, Threshold, is_valid_name,
+    };
 
     const EXAMPLE: &str = include_str!("../../testdata/node.example.toml");
 
