@@ -11,6 +11,12 @@ use crate::report::format_with;
 /// The y range shown for values `lo..=hi`: the data with a margin of a tenth of its spread on
 /// each side (5 % of the value when all values are equal), rounded outwards to a round step.
 pub fn fitted_range(lo: f64, hi: f64) -> (f64, f64) {
+    let (a, b, _) = fitted_axis(lo, hi);
+    (a, b)
+}
+
+/// [`fitted_range`] and its step (1, 2 or 5 times a power of ten; about five steps).
+pub fn fitted_axis(lo: f64, hi: f64) -> (f64, f64, f64) {
     let spread = hi - lo;
     let margin = if spread > 0.0 {
         spread / 10.0
@@ -25,7 +31,7 @@ pub fn fitted_range(lo: f64, hi: f64) -> (f64, f64) {
     let b = (b / step).ceil() * step;
     // Counts and rates are never negative: do not show negative ticks for them.
     let a = if lo >= 0.0 && a < 0.0 { 0.0 } else { a };
-    (a, b)
+    (a, b, step)
 }
 
 /// 1, 2 or 5 times a power of ten, at least `raw`.
