@@ -292,11 +292,9 @@ impl Browser {
             "goog:loggingPrefs".into(),
             serde_json::json!({ "browser": "ALL" }),
         );
-        // fantoccini's HTTP client asks rustls for the process-wide provider (ring here; an
-        // error means one is installed already).
-        let _ = tokio_rustls::rustls::crypto::ring::default_provider().install_default();
-        let client = fantoccini::ClientBuilder::rustls()
-            .unwrap()
+        // chromedriver speaks plain HTTP on loopback.
+        let connector = hyper_util::client::legacy::connect::HttpConnector::new();
+        let client = fantoccini::ClientBuilder::new(connector)
             .capabilities(caps)
             .connect(&format!("http://127.0.0.1:{port}"))
             .await
