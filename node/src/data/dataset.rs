@@ -316,69 +316,22 @@ pub fn for_each_row_for(
     max_rows: u64,
     mut f: impl FnMut(u64, &[Option<&[u8]>]) -> Result<(), DatasetError>,
 ) -> Result<RowCounts, DatasetError> {
-    let forgotten = filter.forgotten.filter(|fg| !fg.hashes.is_empty());
-    let path = dataset.path.as_path();
-    let file = File::open(path).map_err(|source| DatasetError::Open {
-        path: path.to_owned(),
-        source,
-    })?;
-    let mut reader = csv::ReaderBuilder::new()
-        .has_headers(true)
-        .flexible(true)
-        .buffer_capacity(READ_BUFFER)
-        .from_reader(file);
+    let mut rows = Rows::open(dataset, max_rows)?;
     let indices = columns
         .iter()
-        .map(|c| locate_column(&mut reader, path, c))
+        .map(|c| rows.locate(c))
         .collect::<Result<Vec<_>, _>>()?;
-    let consent_index = match filter.consent_column {
-        Some(column) => Some(locate_column(&mut reader, path, column)?),
-        None => None,
-    };
-    let all_ids: Vec<&IdentifierConfig> = dataset.identifiers.iter().collect();
-    let all_parts = if forgotten.is_some() {
-        locate_columns(&mut reader, path, &all_ids)?
-    } else {
-        Vec::new()
-    };
+    let mut filter = rows.filter(dataset, filter)?;
     let mut record = csv::ByteRecord::new();
-    let mut counts = RowCounts::default();
-    loop {
-        let row = counts.rows_read + 1;
-        match reader.read_byte_record(&mut record) {
-            Ok(true) => {}
-            Ok(false) => break,
-            Err(source) => {
-                return Err(DatasetError::Row {
-                    path: path.to_owned(),
-                    row,
-                    source,
-                });
-            }
-        }
-        if row > max_rows {
-            return Err(DatasetError::TooManyRows {
-                path: path.to_owned(),
-                max_rows,
-            });
-        }
-        counts.rows_read = row;
-        if let Some(i) = consent_index
-            && !record.get(i).is_some_and(is_consent)
-        {
-            counts.rows_excluded_consent += 1;
-            continue;
-        }
-        if let Some(fg) = forgotten
-            && is_forgotten(&record, &all_parts, fg)
-        {
-            counts.rows_excluded_deleted += 1;
-            continue;
-        }
+    while let Some(row) = filter.next(&mut rows, &mut record)? {
         let fields: Vec<Option<&[u8]>> = indices.iter().map(|&i| record.get(i)).collect();
         f(row, &fields)?;
     }
-    Ok(counts)
+    Ok(RowCounts {
+        rows_read: filter.read,
+        rows_excluded_consent: filter.no_consent,
+        rows_excluded_deleted: filter.deleted,
+    })
 }
 
 /// One requested key part: where it is in the row and how it is normalised.
@@ -442,71 +395,18 @@ fn for_each_key(
     mut f: impl FnMut(u64, &[u8], &[Option<&[u8]>]) -> Result<(), DatasetError>,
 ) -> Result<Counts, DatasetError> {
     let ids = resolve_identifiers(dataset, keys)?;
-    let forgotten = filter.forgotten.filter(|fg| !fg.hashes.is_empty());
-    let path = dataset.path.as_path();
-    let file = File::open(path).map_err(|source| DatasetError::Open {
-        path: path.to_owned(),
-        source,
-    })?;
-    let mut reader = csv::ReaderBuilder::new()
-        .has_headers(true)
-        // Short rows are rejected one by one below rather than failing the whole file.
-        .flexible(true)
-        .buffer_capacity(READ_BUFFER)
-        .from_reader(file);
-    let parts = locate_columns(&mut reader, path, &ids)?;
+    let mut rows = Rows::open(dataset, max_rows)?;
+    let parts = locate_columns(&mut rows.reader, rows.path, &ids)?;
     let column_indices = columns
         .iter()
-        .map(|c| locate_column(&mut reader, path, c))
+        .map(|c| rows.locate(c))
         .collect::<Result<Vec<_>, _>>()?;
-    let consent_index = match filter.consent_column {
-        Some(column) => Some(locate_column(&mut reader, path, column)?),
-        None => None,
-    };
-    let all_ids: Vec<&IdentifierConfig> = dataset.identifiers.iter().collect();
-    let all_parts = if forgotten.is_some() {
-        locate_columns(&mut reader, path, &all_ids)?
-    } else {
-        Vec::new()
-    };
-
+    let mut filter = rows.filter(dataset, filter)?;
+    let path = rows.path;
     let mut record = csv::ByteRecord::new();
     let mut key: Vec<u8> = Vec::with_capacity(256);
-    let (mut rows, mut rejected, mut no_consent, mut deleted) = (0u64, 0u64, 0u64, 0u64);
-    loop {
-        let row = rows + 1;
-        match reader.read_byte_record(&mut record) {
-            Ok(true) => {}
-            Ok(false) => break,
-            Err(source) => {
-                return Err(DatasetError::Row {
-                    path: path.to_owned(),
-                    row,
-                    source,
-                });
-            }
-        }
-        if let Some(max) = max_rows
-            && row > max
-        {
-            return Err(DatasetError::TooManyRows {
-                path: path.to_owned(),
-                max_rows: max,
-            });
-        }
-        rows = row;
-        if let Some(i) = consent_index
-            && !record.get(i).is_some_and(is_consent)
-        {
-            no_consent += 1;
-            continue;
-        }
-        if let Some(fg) = forgotten
-            && is_forgotten(&record, &all_parts, fg)
-        {
-            deleted += 1;
-            continue;
-        }
+    let mut rejected = 0u64;
+    while let Some(row) = filter.next(&mut rows, &mut record)? {
         match build_key(&record, &parts, &mut key) {
             Ok(()) => {
                 let fields: Vec<Option<&[u8]>> =
@@ -536,11 +436,136 @@ fn for_each_key(
         );
     }
     Ok(Counts {
-        read: rows,
+        read: filter.read,
         rejected,
-        no_consent,
-        deleted,
+        no_consent: filter.no_consent,
+        deleted: filter.deleted,
     })
+}
+
+/// An open dataset file: a flexible CSV reader over its data rows, at most `max_rows` of them.
+struct Rows<'a> {
+    reader: csv::Reader<File>,
+    path: &'a Path,
+    max_rows: Option<u64>,
+}
+
+impl<'a> Rows<'a> {
+    /// Opens the dataset's file. Short rows are read (flexible) so that the callers can reject
+    /// them one by one rather than failing the whole file.
+    fn open(
+        dataset: &'a DatasetConfig,
+        max_rows: impl Into<Option<u64>>,
+    ) -> Result<Self, DatasetError> {
+        let path = dataset.path.as_path();
+        let file = File::open(path).map_err(|source| DatasetError::Open {
+            path: path.to_owned(),
+            source,
+        })?;
+        let reader = csv::ReaderBuilder::new()
+            .has_headers(true)
+            .flexible(true)
+            .buffer_capacity(READ_BUFFER)
+            .from_reader(file);
+        Ok(Rows {
+            reader,
+            path,
+            max_rows: max_rows.into(),
+        })
+    }
+
+    /// The index of one named column.
+    fn locate(&mut self, column: &str) -> Result<usize, DatasetError> {
+        locate_column(&mut self.reader, self.path, column)
+    }
+
+    /// Resolves the row filter's columns (the consent column, every declared identifier when
+    /// subjects are forgotten).
+    fn filter<'f>(
+        &mut self,
+        dataset: &'a DatasetConfig,
+        filter: RowFilter<'f>,
+    ) -> Result<Filtered<'a, 'f>, DatasetError> {
+        let forgotten = filter.forgotten.filter(|fg| !fg.hashes.is_empty());
+        let consent_index = match filter.consent_column {
+            Some(column) => Some(self.locate(column)?),
+            None => None,
+        };
+        let all_ids: Vec<&IdentifierConfig> = dataset.identifiers.iter().collect();
+        let all_parts = if forgotten.is_some() {
+            locate_columns(&mut self.reader, self.path, &all_ids)?
+        } else {
+            Vec::new()
+        };
+        Ok(Filtered {
+            consent_index,
+            forgotten,
+            all_parts,
+            read: 0,
+            no_consent: 0,
+            deleted: 0,
+        })
+    }
+}
+
+/// A [`RowFilter`] resolved against a file's header, and what it has let through so far.
+struct Filtered<'a, 'f> {
+    consent_index: Option<usize>,
+    forgotten: Option<&'f Forgotten>,
+    all_parts: Vec<Part<'a>>,
+    /// Data rows read.
+    read: u64,
+    /// Rows excluded for lack of consent.
+    no_consent: u64,
+    /// Rows excluded as a forgotten subject's.
+    deleted: u64,
+}
+
+impl Filtered<'_, '_> {
+    /// Reads the next row that passes the filter into `record`, and returns its number; `None`
+    /// at the end of the file. More rows than allowed, or an unreadable one, fail the pass.
+    fn next(
+        &mut self,
+        rows: &mut Rows<'_>,
+        record: &mut csv::ByteRecord,
+    ) -> Result<Option<u64>, DatasetError> {
+        loop {
+            let row = self.read + 1;
+            match rows.reader.read_byte_record(record) {
+                Ok(true) => {}
+                Ok(false) => return Ok(None),
+                Err(source) => {
+                    return Err(DatasetError::Row {
+                        path: rows.path.to_owned(),
+                        row,
+                        source,
+                    });
+                }
+            }
+            if let Some(max) = rows.max_rows
+                && row > max
+            {
+                return Err(DatasetError::TooManyRows {
+                    path: rows.path.to_owned(),
+                    max_rows: max,
+                });
+            }
+            self.read = row;
+            if let Some(i) = self.consent_index
+                && !record.get(i).is_some_and(is_consent)
+            {
+                self.no_consent += 1;
+                continue;
+            }
+            if let Some(fg) = self.forgotten
+                && is_forgotten(record, &self.all_parts, fg)
+            {
+                self.deleted += 1;
+                continue;
+            }
+            return Ok(Some(row));
+        }
+    }
 }
 
 /// Whether any declared identifier of the row normalises to a forgotten value.

@@ -217,11 +217,8 @@ pub fn check_offer_at(
                 "no agreement with {peer}, one of the aggregate's parties"
             )));
         };
+        agreement.check_in_force(now_ms)?;
         if let Some(e) = agreement.expires {
-            let today = PolicyDate::from_unix_ms(now_ms);
-            if today.is_none_or(|t| t > e) {
-                return Err(veto(format!("agreement with {peer} expired {e}")));
-            }
             expires = Some(expires.map_or(e, |x: PolicyDate| x.min(e)));
         }
         if !agreement.allows_purpose(&spec.purpose) {

@@ -15,7 +15,7 @@ use super::allow::AllowEntry;
 use super::allow::{Allow, AllowTerms, PsiAllow, check_keyed_terms, check_keys};
 use super::permit::{Permit, RunCounter, Veto, veto};
 use super::schema::NodeConfig;
-use super::values::{Computation, Membership, PolicyDate, SumRole};
+use super::values::{Computation, Membership, SumRole};
 
 /// The rules of an `overlap` or `match` entry, in order: no `group_by` or `roles`, the keys
 /// ([`check_keys`]), membership only on a match, no ε on a match (its count travels with the
@@ -136,12 +136,7 @@ pub fn check_offer_at(
     let Some(agreement) = cfg.agreement_with(partner) else {
         return Err(veto(format!("no agreement with {partner}")));
     };
-    if let Some(expires) = agreement.expires {
-        let today = PolicyDate::from_unix_ms(now_ms);
-        if today.is_none_or(|t| t > expires) {
-            return Err(veto(format!("agreement with {partner} expired {expires}")));
-        }
-    }
+    agreement.check_in_force(now_ms)?;
     if agreement.allow.is_empty() {
         return Err(veto(format!(
             "agreement with {partner} allows no computation (empty allow-list)"

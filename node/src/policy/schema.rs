@@ -181,6 +181,20 @@ impl NodeConfig {
 }
 
 impl Agreement {
+    /// Refuses a job at `now_ms` if the agreement has expired (its last day was before today,
+    /// UTC; a time that has no date counts as after it).
+    pub fn check_in_force(&self, now_ms: i64) -> Result<(), super::Veto> {
+        if let Some(expires) = self.expires
+            && PolicyDate::from_unix_ms(now_ms).is_none_or(|today| today > expires)
+        {
+            return Err(super::Veto(format!(
+                "agreement with {} expired {expires}",
+                self.partner
+            )));
+        }
+        Ok(())
+    }
+
     /// Whether `purpose` is one of this agreement's purposes.
     pub fn allows_purpose(&self, purpose: &str) -> bool {
         self.purposes.iter().any(|p| p == purpose)
