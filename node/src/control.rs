@@ -274,7 +274,7 @@ async fn run_offer(
             .expect_connection(&job_id, &job.permit.partner);
         send.send(&ready).await?;
         if overlap_sum {
-            crate::job::overlap_sum::run_value_holder(job, incoming).await
+            crate::job::driver::overlap_sum::run_value_holder(job, incoming).await
         } else {
             crate::job::driver::run_responder(job, incoming).await
         }
@@ -282,7 +282,7 @@ async fn run_offer(
         let peer_addr = crate::dataplane::resolve_peer(&endpoint, &start.peer_addr).await?;
         send.send(&ready).await?;
         if overlap_sum {
-            crate::job::overlap_sum::run_key_holder(job, &endpoint, peer_addr).await
+            crate::job::driver::overlap_sum::run_key_holder(job, &endpoint, peer_addr).await
         } else {
             crate::job::driver::run_initiator(job, &endpoint, peer_addr).await
         }

@@ -5,6 +5,7 @@ pub mod driver;
 pub mod frame_budget;
 pub mod noise;
 pub mod overlap_sum;
+pub mod protocol;
 pub mod psi;
 pub mod wire;
 pub use crate::error::{JobError, Party, Timeout, Violation};

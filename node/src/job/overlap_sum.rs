@@ -1,10 +1,14 @@
-//! Drives one `overlap-sum` job (private intersection-sum with cardinality) over the data plane.
+//! The `overlap-sum` job (private intersection-sum with cardinality) as a sans-IO protocol:
+//! [`KeyHolder`] and [`ValueHolder`] take the peer's frames, the results of CPU work and the
+//! noise drawn for them, and hand out [`Step`]s (send, re-check, compute, charge, finish). They
+//! never touch a socket, a task, the ledger or the clock; the job driver
+//! ([`crate::job::driver::overlap_sum`]) does, and `overlap_sum_tests.rs` drives the two
+//! against each other in memory.
 //!
-//! The protocol is `cleanroom_circuits::intersection_sum`'s two sans-IO sessions; this module
-//! moves their batches between QUIC streams and the CPU, like [`crate::job::driver`] does for PSI, and
-//! applies the agreement: roles, clipping, the joint ε and threshold ([`crate::policy::overlap_sum`]), the
-//! ledger, the audit log. The key holder (party 0) dials; each party opens one unidirectional
-//! stream and writes, in order:
+//! The cryptography is `cleanroom_circuits::intersection_sum`'s two by-value sessions; this
+//! file adds the wire order around them and the agreement's terms: roles, the joint ε and
+//! threshold ([`crate::policy::overlap_sum`]). The key holder (party 0) dials; each party opens
+//! one unidirectional stream and writes, in order:
 //!
 //! ```text
 //! key holder (A)                                value holder (B)
@@ -29,766 +33,906 @@
 //! key already charged is refused (the data under a repeated offer may have changed), and no
 //! noise draw is ever stored.
 
-use std::net::SocketAddr;
+use std::collections::VecDeque;
 use std::time::Duration;
 
 use cleanroom_circuits::JobKey;
-use cleanroom_circuits::ahe::{self, SlotLayout};
+use cleanroom_circuits::ahe::{SecretKey, SlotLayout};
 use cleanroom_circuits::intersection_sum::{
-    KeyHolderSession, KhAwaitingReturn, KhReceivingPoints, KhSumming, SumParams,
-    ValueHolderSession, VhExchanging,
+    KeyHolderSession, KhAwaitingHello, KhAwaitingReturn, KhReadyToBlind, KhReceivingPoints,
+    KhSummed, KhSumming, SumError, SumParams, ValueHolderSession, VhAwaitingPeerSize,
+    VhAwaitingSums, VhEncrypting, VhExchanging, VhReadyToBlind,
 };
 use cleanroom_proto::v1::{
-    AggregateGroup, Envelope, NoiseTerm, Phase, PsiHello, PsiOutcome, SumRelease, SumTerms,
+    Abort, BatchEnd, Envelope, NoiseTerm, Phase, PointBatch, PsiHello, SumRelease, SumTerms,
     envelope::Body,
 };
-use cleanroom_transport::{FramedRecv, FramedSend};
-use tokio::sync::oneshot;
 
-use crate::audit::AuditEvent;
-use crate::clock::now_ms;
-use crate::data::dataset::{self, RowFilter};
-use crate::data::sum_input::{self, SumInput};
-use crate::dataplane::Delivery;
-use crate::error::{JobError, NodeError};
-use crate::job::driver::{
-    BATCH_POINTS, JOB_TIMEOUT, JobContext, MAX_ROWS, Outgoing, STALL_BASE, accept, blocking, dial,
-    expect_body, finish_connection, key_columns, load_input, next_frame, receive_batches,
-    spawn_reader, stall_deadline, violation,
-};
-use crate::job::frame_budget::FrameBudget;
-use crate::policy::Veto;
+use crate::data::dataset;
+use crate::data::sum_input::SumInput;
+use crate::error::{JobError, Party, Violation};
+use crate::job::protocol::{NoiseRequest, Protocol, Step};
+use crate::job::psi::BATCH_POINTS;
+use crate::job::wire::{self, Outbox, STALL_BASE, stall_deadline};
+use crate::ledger::Loss;
 use crate::policy::overlap_sum::{self as sum_policy, JointTerms, SumShape};
-use crate::spec::spec_digest;
+use crate::policy::{Permit, Veto};
 
 /// Silence allowed per row while the value holder encrypts (≈ 0.9 ms a Paillier row on one
 /// loaded core), on top of the PSI allowance.
 const STALL_PER_ROW: Duration = Duration::from_micros(2000);
 
-/// Key holder: load, dial the value holder, run the exchange.
-pub async fn run_key_holder(
-    job: JobContext,
-    endpoint: &quinn::Endpoint,
-    peer_addr: SocketAddr,
-) -> Result<PsiOutcome, NodeError> {
-    let loaded = load_input(&job).await?;
-    let (conn, send) = dial(&job, endpoint, peer_addr).await?;
-    let result = tokio::time::timeout(JOB_TIMEOUT, key_holder(&job, &conn, send, loaded)).await;
-    finish_connection(&conn, result)
+/// What an overlap-sum job is, for the protocol: who, under which terms, of which shape.
+#[derive(Debug, Clone)]
+pub struct SumConfig {
+    /// The job's id.
+    pub job_id: String,
+    /// This node's name.
+    pub me: String,
+    /// What the agreement permits for this job.
+    pub permit: Permit,
+    /// The spec digest both parties must share ([`crate::spec::spec_digest`]).
+    pub digest: [u8; 32],
+    /// The spec's groups and columns.
+    pub shape: SumShape,
+    /// Whether the spec shows the count.
+    pub show_count: bool,
 }
 
-/// Value holder: wait for the key holder's connection, load, run the exchange.
-pub async fn run_value_holder(
-    job: JobContext,
-    incoming: oneshot::Receiver<Delivery>,
-) -> Result<PsiOutcome, NodeError> {
-    let (conn, send, recv, hello) = accept(&job, incoming).await?;
-    let result = tokio::time::timeout(JOB_TIMEOUT, async {
-        let input = load_values(&job).await?;
-        value_holder(&job, send, recv, hello, input).await
-    })
-    .await;
-    finish_connection(&conn, result)
-}
-
-/// The spec's shape and the session parameters, checked again at the start of the job.
-fn shape_and_params(job: &JobContext) -> Result<(SumShape, SumParams), NodeError> {
-    let sum = sum_policy::sum_spec(&job.spec).map_err(|v| NodeError::from(JobError::Refused(v)))?;
-    let shape = SumShape::of(sum);
-    let params = SumParams {
-        key_name: dataset::key_name(&job.permit.keys),
-        min_peer_set: job.permit.min_peer_set,
-        max_peer_set: job.permit.max_peer_set,
-        batch_size: BATCH_POINTS,
-        cells: shape.cells(),
-    };
-    Ok((shape, params))
-}
-
-/// Loads the value holder's keys and clipped values; audits the access; checks the input size.
-async fn load_values(job: &JobContext) -> Result<SumInput, NodeError> {
-    job.recheck()?;
-    let sum = sum_policy::sum_spec(&job.spec)
-        .map_err(|v| NodeError::from(JobError::Refused(v)))?
-        .clone();
-    let bounds = sum_policy::column_bounds(&job.permit, &sum)
-        .map_err(|v| NodeError::from(JobError::Refused(v)))?;
-    let shape = SumShape::of(&sum);
-    let dataset = job.permit.dataset.clone();
-    let keys = job.permit.keys.clone();
-    let consent = job.permit.consent_column.clone();
-    let forgotten = job.forgotten()?;
-    let group_by = (!sum.group_by.is_empty()).then(|| sum.group_by.clone());
-    let read_bounds = bounds.clone();
-    let input = blocking(move || {
-        let filter = RowFilter {
-            consent_column: consent.as_deref(),
-            forgotten: forgotten.as_ref(),
-        };
-        sum_input::load(
-            &dataset,
-            &keys,
-            group_by.as_deref(),
-            &shape,
-            &read_bounds,
-            filter,
-            MAX_ROWS,
-        )
-    })
-    .await?
-    .map_err(|e| NodeError::from(JobError::Dataset(e.to_string())))?;
-    tracing::info!(
-        rows = input.counts.rows_read,
-        rejected = input.counts.rows_rejected,
-        bad_values = input.rows_bad_value,
-        distinct = input.items.len(),
-        "dataset loaded"
-    );
-    let mut columns = key_columns(&job.permit);
-    columns.extend(bounds.iter().map(|b| b.column.clone()));
-    if !sum.group_by.is_empty() {
-        columns.push(sum.group_by.clone());
+impl SumConfig {
+    /// The session parameters of this job.
+    pub fn params(&self) -> SumParams {
+        SumParams {
+            key_name: dataset::key_name(&self.permit.keys),
+            min_peer_set: self.permit.min_peer_set,
+            max_peer_set: self.permit.max_peer_set,
+            batch_size: BATCH_POINTS,
+            cells: self.shape.cells(),
+        }
     }
-    job.audit(AuditEvent::Access {
-        job_id: job.job_id.clone(),
-        dataset: job.permit.dataset.name.clone(),
-        columns,
-        rows_read: input.counts.rows_read,
-        rows_rejected: input.counts.rows_rejected + input.rows_bad_value,
-        rows_excluded_consent: input.counts.rows_excluded_consent,
-        rows_excluded_deleted: input.counts.rows_excluded_deleted,
-        rows_other: None,
-        persons: None,
-    })?;
-    job.permit
-        .check_input_size(input.items.len() as u64)
-        .map_err(|v| NodeError::from(JobError::Refused(v)))?;
-    Ok(input)
-}
 
-/// The peer's hello: sender, spec digest, terms present; its size within the agreement.
-fn check_hello(
-    job: &JobContext,
-    env: &Envelope,
-    digest: &[u8; 32],
-) -> Result<(u64, SumTerms), NodeError> {
-    let partner = &job.permit.partner;
-    let hello = expect_body(env, Phase::PsiSize, partner, |b| match b {
-        Body::PsiHello(h) => Some(h.clone()),
-        _ => None,
-    })?;
-    if hello.sender != *partner {
-        return Err(violation(
-            partner,
-            format!("hello names sender '{}'", hello.sender),
-        ));
+    fn partner(&self) -> &str {
+        &self.permit.partner
     }
-    if hello.spec_digest != digest {
-        return Err(violation(partner, "it was given a different job spec"));
+
+    fn violation(&self, v: impl Into<Violation>) -> JobError {
+        JobError::violation(Party::Node(self.permit.partner.clone()), v)
     }
-    if hello.noise.is_some() || !hello.noise_commitment.is_empty() {
-        return Err(violation(
-            partner,
-            "it announced overlap noise for an overlap-sum",
-        ));
+
+    fn terms_violation(&self, what: impl Into<String>) -> JobError {
+        self.violation(Violation::Terms(what.into()))
     }
-    let terms = hello
-        .sum
-        .ok_or_else(|| violation(partner, "its hello carries no overlap-sum terms"))?;
-    job.permit
-        .check_peer_size(hello.set_size)
-        .map_err(|v| NodeError::from(JobError::Refused(v)))?;
-    Ok((hello.set_size, terms))
+
+    fn internal(&self, what: &str) -> JobError {
+        JobError::Internal(format!(
+            "overlap-sum protocol of job '{}': {what}",
+            self.job_id
+        ))
+    }
+
+    fn hello(&self, set_size: u64, terms: SumTerms) -> Body {
+        Body::PsiHello(PsiHello {
+            sender: self.me.clone(),
+            set_size,
+            spec_digest: self.digest.to_vec(),
+            noise: None,
+            noise_commitment: Vec::new(),
+            sum: Some(terms),
+            release: None,
+        })
+    }
+
+    /// The peer's hello: sender, spec digest, no overlap noise, terms present; its size within
+    /// the agreement.
+    fn check_hello(&self, env: &Envelope) -> Result<(u64, SumTerms), JobError> {
+        let hello = wire::expect_body(env, Phase::PsiSize, |b| match b {
+            Body::PsiHello(h) => Some(h.clone()),
+            _ => None,
+        })
+        .map_err(|v| self.violation(v))?;
+        if hello.sender != self.partner() {
+            return Err(self.violation(Violation::WrongSender(hello.sender)));
+        }
+        if hello.spec_digest != self.digest {
+            return Err(self.violation(Violation::SpecMismatch));
+        }
+        if hello.noise.is_some() || !hello.noise_commitment.is_empty() {
+            return Err(self.terms_violation("it announced overlap noise for an overlap-sum"));
+        }
+        let terms = hello
+            .sum
+            .ok_or_else(|| self.terms_violation("its hello carries no overlap-sum terms"))?;
+        self.permit
+            .check_peer_size(hello.set_size)
+            .map_err(JobError::Refused)?;
+        Ok((hello.set_size, terms))
+    }
+
+    fn joint(
+        &self,
+        key_holder: &SumTerms,
+        value_holder: &SumTerms,
+    ) -> Result<JointTerms, JobError> {
+        sum_policy::joint_terms(key_holder, value_holder, self.shape.columns.len())
+            .map_err(|e| self.terms_violation(format!("its overlap-sum terms: {e}")))
+    }
+
+    /// The release's description, the same at both parties (the coordinator compares them).
+    fn release(
+        &self,
+        joint: &JointTerms,
+        key_holder: &str,
+        value_holder: &str,
+    ) -> Result<SumRelease, JobError> {
+        let noise: Vec<NoiseTerm> =
+            sum_policy::noise_terms(joint, key_holder, value_holder).map_err(JobError::Noise)?;
+        Ok(SumRelease {
+            columns: self.shape.columns.clone(),
+            groups: Vec::new(),
+            noise,
+            epsilon: joint.epsilon.unwrap_or(0.0),
+            min_result: joint.min_result,
+            show_count: self.show_count,
+            intersection: 0,
+            withheld: !joint.release_to_coordinator,
+        })
+    }
+
+    /// This node's noise for the joint ε (one value per cell, zeros for an exact release), and
+    /// the release's loss the ledger is charged with if this node's entry sets ε.
+    fn noise_request(&self, joint: &JointTerms) -> Step<Never> {
+        let draw_joint = joint.clone();
+        let cells = self.shape.cells();
+        Step::Charge(NoiseRequest {
+            loss: joint.epsilon.map(Loss::Epsilon),
+            draw: Box::new(move || sum_policy::draw_noise(&draw_joint, cells)),
+        })
+    }
+
+    /// The silence allowed once both sizes are known: PSI's allowance, plus the value holder's
+    /// encryption of `rows`.
+    fn stall(own: u64, peer: u64, rows: u64) -> Duration {
+        stall_deadline(own, peer)
+            .saturating_add(STALL_PER_ROW.saturating_mul(rows.min(u32::MAX.into()) as u32))
+    }
 }
 
-fn hello_frame(job: &JobContext, set_size: u64, digest: &[u8; 32], terms: SumTerms) -> Body {
-    Body::PsiHello(PsiHello {
-        sender: job.my_name.clone(),
-        set_size,
-        spec_digest: digest.to_vec(),
-        noise: None,
-        noise_commitment: Vec::new(),
-        sum: Some(terms),
-        release: None,
-    })
-}
+/// No work (a [`Step`] that carries none).
+#[derive(Debug)]
+pub enum Never {}
 
-fn joint(
-    partner: &str,
-    key_holder: &SumTerms,
-    value_holder: &SumTerms,
-    shape: &SumShape,
-) -> Result<JointTerms, NodeError> {
-    sum_policy::joint_terms(key_holder, value_holder, shape.columns.len())
-        .map_err(|e| violation(partner, format!("its overlap-sum terms: {e}")))
-}
-
-/// The release's description, the same at both parties (the coordinator compares them).
-fn release_terms(
-    job: &JobContext,
-    joint: &JointTerms,
-    shape: &SumShape,
-    key_holder: &str,
-    value_holder: &str,
-) -> Result<SumRelease, NodeError> {
-    let noise: Vec<NoiseTerm> = sum_policy::noise_terms(joint, key_holder, value_holder)
-        .map_err(|e| NodeError::from(JobError::Noise(e)))?;
-    Ok(SumRelease {
-        columns: shape.columns.clone(),
-        groups: Vec::new(),
-        noise,
-        epsilon: joint.epsilon.unwrap_or(0.0),
-        min_result: joint.min_result,
-        show_count: job.spec.overlap_sum.as_ref().is_some_and(|s| s.count),
-        intersection: 0,
-        withheld: !joint.release_to_coordinator,
-    })
+fn widen<W>(step: Step<Never>) -> Step<W> {
+    match step {
+        Step::Send(e) => Step::Send(e),
+        Step::Recheck => Step::Recheck,
+        Step::Audit(a) => Step::Audit(a),
+        Step::Charge(c) => Step::Charge(c),
+        Step::Finish => Step::Finish,
+        Step::Compute(never) => match never {},
+    }
 }
 
 /// The slot layout the value holder's sensitivities imply (each cell as wide as its column's
 /// bound needs): its hello must announce exactly this one.
-fn expected_layout(joint: &JointTerms, shape: &SumShape) -> Result<SlotLayout, NodeError> {
+pub fn expected_layout(joint: &JointTerms, shape: &SumShape) -> Result<SlotLayout, JobError> {
     let columns = joint.sensitivities.len().max(1);
     let maxima: Vec<u64> = (0..shape.cells())
         .map(|c| joint.sensitivities[c % columns])
         .collect();
-    SlotLayout::for_maxima(&maxima)
-        .map_err(|e| NodeError::from(JobError::Refused(Veto(e.to_string()))))
+    SlotLayout::for_maxima(&maxima).map_err(|e| JobError::Refused(Veto(e.to_string())))
 }
 
-/// Charges this node's ledger for the release, if its own entry sets ε, and draws this node's
-/// noise for the joint ε: one value per cell, zeros for an exact release. With a charge, the
-/// draw happens inside the ledger's transaction (`Ledger::charge_and_draw`), which refuses a
-/// release key charged before (a release is never repeated: the data under a repeated offer may
-/// have changed). The draw is kept in memory only, never stored.
-async fn charge_and_draw_noise(
-    job: &JobContext,
-    joint: &JointTerms,
-    cells: usize,
-) -> Result<Vec<i64>, NodeError> {
-    let fresh = {
-        let joint = joint.clone();
-        move || sum_policy::draw_noise(&joint, cells)
-    };
-    let Some(charge) = charge(job, joint) else {
-        return blocking(fresh)
-            .await?
-            .map_err(|e| NodeError::from(JobError::Noise(e)));
-    };
-    let state = job.state.clone();
-    let key = crate::spec::release_key(&job.job_id, &job.spec);
-    let loss = charge.loss;
-    let drawn = blocking(move || state.ledger.charge_and_draw(&key, &charge, now_ms(), fresh))
-        .await?
-        .map_err(|e| budget_refused(job, e))?;
-    tracing::info!(%loss, "privacy budget charged for an overlap-sum");
-    Ok(drawn)
+/// Takes a frame of a batch phase: a point batch in sequence, or the end marker.
+enum Batch {
+    Points(Vec<u8>),
+    End(u64),
 }
 
-/// The ledger charge for this node, if its own entry sets ε: the release's (joint) ε.
-fn charge(job: &JobContext, joint: &JointTerms) -> Option<crate::ledger::Charge> {
-    let cfg = job.state.cfg();
-    let mut charge = job.permit.charge(&job.job_id, &cfg)?;
-    charge.loss = crate::ledger::Loss::Epsilon(joint.epsilon?);
-    Some(charge)
-}
-
-fn budget_refused(job: &JobContext, e: crate::ledger::LedgerError) -> NodeError {
-    NodeError::from(JobError::Refused(crate::state::budget_veto(
-        &job.state.cfg().name,
-        e,
-    )))
-}
-
-/// The key holder's side, over its loaded keys.
-async fn key_holder(
-    job: &JobContext,
-    conn: &quinn::Connection,
-    send: FramedSend,
-    loaded: dataset::LoadedKeys,
-) -> Result<PsiOutcome, NodeError> {
-    let partner = job.permit.partner.clone();
-    let digest = spec_digest(&job.job_id, &job.spec);
-    let (shape, params) = shape_and_params(job)?;
-    let mut out = Outgoing::new(send, &job.job_id, Phase::PsiSize);
-    let own_terms = sum_policy::own_terms(&job.permit);
-    let (own_size, session) = KeyHolderSession::start(params, JobKey::generate(), loaded.items)
-        .map_err(|e| NodeError::from(JobError::Refused(Veto(e.to_string()))))?;
-    out.frame(
-        Phase::PsiSize,
-        hello_frame(job, own_size, &digest, own_terms.clone()),
-    )
-    .await?;
-    let stream = conn.accept_uni().await.map_err(|e| {
-        NodeError::from(JobError::DataPlane {
-            what: format!("node '{partner}' did not open its stream"),
-            reason: e.to_string(),
-        })
-    })?;
-    let budget = FrameBudget::new(job.permit.max_peer_set, own_size);
-    let mut incoming = spawn_reader(FramedRecv::new(stream), job.job_id.clone(), None, budget);
-
-    let result = async {
-        let hello = next_frame(&mut incoming, &partner, STALL_BASE).await?;
-        let (peer_size, peer_terms) = check_hello(job, &hello, &digest)?;
-        let joint = joint(&partner, &own_terms, &peer_terms, &shape)?;
-        if expected_layout(&joint, &shape)?.widths() != peer_terms.widths.as_slice() {
-            return Err(violation(
-                &partner,
-                "its slot layout does not match the bounds it declared",
-            ));
+fn batch(
+    cfg: &SumConfig,
+    env: Envelope,
+    phase: Phase,
+    seq_in: &mut u64,
+) -> Result<Batch, JobError> {
+    wire::check_phase(&env, phase).map_err(|v| cfg.violation(v))?;
+    match env.body {
+        Some(Body::Points(PointBatch { seq, points })) => {
+            wire::check_seq(seq, seq_in).map_err(|v| cfg.violation(v))?;
+            Ok(Batch::Points(points))
         }
-        let stall = stall_deadline(own_size, peer_size)
-            .saturating_add(STALL_PER_ROW.saturating_mul(peer_size.min(u32::MAX.into()) as u32));
-        let session = session
-            .on_peer_hello(peer_size, &peer_terms.widths, &peer_terms.public_key)
-            .map_err(|e| violation(&partner, e))?;
-        // Charged (if this node's entry sets ε) before anything is computed; the noise for the
-        // joint ε is drawn fresh and never stored.
-        let noise = charge_and_draw_noise(job, &joint, shape.cells()).await?;
-        let release = release_terms(job, &joint, &shape, &job.my_name, &partner)?;
-        job.recheck()?;
+        Some(Body::BatchEnd(BatchEnd { total })) => Ok(Batch::End(total)),
+        other => Err(cfg.violation(wire::unexpected(phase, other.as_ref()))),
+    }
+}
 
-        let (batches, receiving) = blocking(move || session.blind()).await?;
-        out.points(Phase::PsiBlinded, batches).await?;
-        out.end(Phase::PsiBlinded, own_size).await?;
+/// The peer's closing end marker.
+fn closing(cfg: &SumConfig, env: &Envelope) -> Result<(), JobError> {
+    wire::expect_body(env, Phase::PsiDone, |b| match b {
+        Body::BatchEnd(_) => Some(()),
+        _ => None,
+    })
+    .map_err(|v| cfg.violation(v))
+}
 
-        // B's points, reblinded and kept in B's order.
-        let awaiting = receive_batches(
-            &mut incoming,
-            &partner,
-            stall,
-            Phase::PsiBlinded,
-            receiving,
-            KhReceivingPoints::on_peer_batch,
-            KhReceivingPoints::on_peer_end,
-        )
-        .await?;
-        // Our own points, returned shuffled: which of B's positions match.
-        let summing = receive_batches(
-            &mut incoming,
-            &partner,
-            stall,
-            Phase::PsiDoubleBlinded,
-            awaiting,
-            KhAwaitingReturn::on_returned_batch,
-            KhAwaitingReturn::on_returned_end,
-        )
-        .await?;
-        // B's encrypted rows: matched ones added as they arrive.
-        let summed = receive_batches(
-            &mut incoming,
-            &partner,
-            stall,
-            Phase::SumRows,
-            summing,
-            KhSumming::on_ciphertext_batch,
-            KhSumming::on_ciphertext_end,
-        )
-        .await?;
-        let sizes = summed.sizes();
-        let result = blocking(move || summed.noised_sums(&noise))
-            .await?
-            .map_err(|e| {
-                NodeError::from(JobError::Compute {
+fn aborted(cfg: &SumConfig, env: &Envelope) -> Result<(), JobError> {
+    if let Some(Body::Abort(Abort { reason })) = &env.body {
+        return Err(JobError::Aborted {
+            peer: Party::Node(cfg.partner().to_owned()),
+            reason: reason.clone(),
+        });
+    }
+    Ok(())
+}
+
+/// The key holder's CPU work; [`Protocol::run`] does it.
+#[derive(Debug)]
+pub enum KhWork {
+    /// Blind our items.
+    Blind(KhReadyToBlind),
+    /// Re-blind one batch of the value holder's points.
+    PeerBatch(KhReceivingPoints, Vec<u8>),
+    /// The value holder's points are all in.
+    PeerEnd(KhReceivingPoints, u64),
+    /// One batch of our points, returned.
+    Returned(KhAwaitingReturn, Vec<u8>),
+    /// All our points are back.
+    ReturnedEnd(KhAwaitingReturn, u64),
+    /// One batch of encrypted rows.
+    Rows(KhSumming, Vec<u8>),
+    /// All rows are in.
+    RowsEnd(KhSumming, u64),
+    /// Add our noise under encryption.
+    Noise(KhSummed, Vec<i64>),
+}
+
+/// The result of a [`KhWork`].
+#[derive(Debug)]
+pub enum KhDone {
+    /// Our blinded batches.
+    Blinded(Vec<Vec<u8>>, KhReceivingPoints),
+    /// A peer batch taken in.
+    PeerBatch(Result<KhReceivingPoints, SumError>),
+    /// The peer's points are in.
+    PeerEnd(Result<KhAwaitingReturn, SumError>),
+    /// A returned batch taken in.
+    Returned(Result<KhAwaitingReturn, SumError>),
+    /// Our points are back.
+    ReturnedEnd(Result<KhSumming, SumError>),
+    /// A batch of rows added.
+    Rows(Result<KhSumming, SumError>),
+    /// The rows are summed.
+    RowsEnd(Result<KhSummed, SumError>),
+    /// The noised sums, and both sizes.
+    Noise((u64, u64), Result<Vec<u8>, SumError>),
+}
+
+enum KhStage {
+    Hello(KhAwaitingHello),
+    Charging(KhReadyToBlind, JointTerms),
+    Busy,
+    PeerPoints(KhReceivingPoints),
+    Returning(KhAwaitingReturn),
+    Summing(KhSumming),
+    Closing((u64, u64)),
+    Finished((u64, u64)),
+    Over,
+}
+
+/// What the key holder's exchange produced.
+#[derive(Debug)]
+pub struct KhExchange {
+    /// Our set size and the value holder's.
+    pub sizes: (u64, u64),
+    /// The release both parties describe (the value holder fills in its figures).
+    pub release: SumRelease,
+}
+
+/// The key holder's protocol (party 0).
+pub struct KeyHolder {
+    cfg: SumConfig,
+    own_terms: SumTerms,
+    out: Outbox,
+    steps: VecDeque<Step<KhWork>>,
+    stage: KhStage,
+    own_size: u64,
+    peer_size: Option<u64>,
+    seq_in: u64,
+    noise: Vec<i64>,
+    release: Option<SumRelease>,
+}
+
+impl std::fmt::Debug for KeyHolder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeyHolder")
+            .field("job_id", &self.cfg.job_id)
+            .field("own_size", &self.own_size)
+            .finish_non_exhaustive()
+    }
+}
+
+impl KeyHolder {
+    /// Starts over our loaded keys with a fresh key: our hello is the first step.
+    pub fn start(
+        cfg: SumConfig,
+        key: JobKey,
+        items: cleanroom_circuits::ItemSet,
+    ) -> Result<Self, JobError> {
+        let own_terms = sum_policy::own_terms(&cfg.permit);
+        let (own_size, session) = KeyHolderSession::start(cfg.params(), key, items)
+            .map_err(|e| JobError::Refused(Veto(e.to_string())))?;
+        let mut out = Outbox::new(&cfg.job_id, Phase::PsiSize);
+        let hello = out.frame(Phase::PsiSize, cfg.hello(own_size, own_terms.clone()));
+        Ok(KeyHolder {
+            cfg,
+            own_terms,
+            out,
+            steps: VecDeque::from([Step::Send(Box::new(hello))]),
+            stage: KhStage::Hello(session),
+            own_size,
+            peer_size: None,
+            seq_in: 0,
+            noise: Vec::new(),
+            release: None,
+        })
+    }
+
+    /// Our set size, as the hello declares it.
+    pub fn own_size(&self) -> u64 {
+        self.own_size
+    }
+
+    /// The finished exchange; `None` before it is finished.
+    pub fn into_exchange(self) -> Option<KhExchange> {
+        match (self.stage, self.release) {
+            (KhStage::Finished(sizes), Some(release)) if self.steps.is_empty() => {
+                Some(KhExchange { sizes, release })
+            }
+            _ => None,
+        }
+    }
+
+    fn send(&mut self, env: Envelope) {
+        self.steps.push_back(Step::Send(Box::new(env)));
+    }
+
+    fn compute(&mut self, work: KhWork) {
+        self.stage = KhStage::Busy;
+        self.steps.push_back(Step::Compute(work));
+    }
+
+    fn fail<T>(&mut self, r: Result<T, JobError>) -> Result<T, JobError> {
+        if r.is_err() {
+            self.stage = KhStage::Over;
+            self.steps.clear();
+        }
+        r
+    }
+
+    fn on_frame(&mut self, stage: KhStage, env: Envelope) -> Result<(), JobError> {
+        aborted(&self.cfg, &env)?;
+        match stage {
+            KhStage::Hello(session) => {
+                let (peer_size, peer_terms) = self.cfg.check_hello(&env)?;
+                let joint = self.cfg.joint(&self.own_terms, &peer_terms)?;
+                if expected_layout(&joint, &self.cfg.shape)?.widths()
+                    != peer_terms.widths.as_slice()
+                {
+                    return Err(self
+                        .cfg
+                        .terms_violation("its slot layout does not match the bounds it declared"));
+                }
+                let ready = session
+                    .on_peer_hello(peer_size, &peer_terms.widths, &peer_terms.public_key)
+                    .map_err(|e| self.cfg.violation(e))?;
+                self.peer_size = Some(peer_size);
+                // Charged (if this node's entry sets ε) before anything is computed; the noise
+                // for the joint ε is drawn fresh and never stored.
+                self.steps.push_back(widen(self.cfg.noise_request(&joint)));
+                self.stage = KhStage::Charging(ready, joint);
+                Ok(())
+            }
+            KhStage::PeerPoints(s) => {
+                match batch(&self.cfg, env, Phase::PsiBlinded, &mut self.seq_in)? {
+                    Batch::Points(p) => self.compute(KhWork::PeerBatch(s, p)),
+                    Batch::End(total) => self.compute(KhWork::PeerEnd(s, total)),
+                }
+                Ok(())
+            }
+            KhStage::Returning(s) => {
+                match batch(&self.cfg, env, Phase::PsiDoubleBlinded, &mut self.seq_in)? {
+                    Batch::Points(p) => self.compute(KhWork::Returned(s, p)),
+                    Batch::End(total) => self.compute(KhWork::ReturnedEnd(s, total)),
+                }
+                Ok(())
+            }
+            KhStage::Summing(s) => {
+                match batch(&self.cfg, env, Phase::SumRows, &mut self.seq_in)? {
+                    Batch::Points(p) => self.compute(KhWork::Rows(s, p)),
+                    Batch::End(total) => self.compute(KhWork::RowsEnd(s, total)),
+                }
+                Ok(())
+            }
+            KhStage::Closing(sizes) => {
+                closing(&self.cfg, &env)?;
+                self.stage = KhStage::Finished(sizes);
+                Ok(())
+            }
+            KhStage::Charging(..) | KhStage::Busy | KhStage::Finished(_) | KhStage::Over => {
+                Err(self
+                    .cfg
+                    .internal("a frame was handed over while the protocol takes none"))
+            }
+        }
+    }
+
+    fn on_done(&mut self, done: KhDone) -> Result<(), JobError> {
+        if !matches!(self.stage, KhStage::Busy) {
+            return Err(self.cfg.internal("work came back that was not out"));
+        }
+        let cfg = &self.cfg;
+        let v = |e: SumError| cfg.violation(e);
+        match done {
+            KhDone::Blinded(batches, next) => {
+                for env in self.out.points(Phase::PsiBlinded, batches) {
+                    self.send(env);
+                }
+                let end = self.out.end(Phase::PsiBlinded, self.own_size);
+                self.send(end);
+                self.seq_in = 0;
+                self.stage = KhStage::PeerPoints(next);
+            }
+            KhDone::PeerBatch(r) => self.stage = KhStage::PeerPoints(r.map_err(v)?),
+            KhDone::PeerEnd(r) => {
+                // B's points, reblinded and kept in B's order; our own come back shuffled.
+                self.stage = KhStage::Returning(r.map_err(v)?);
+                self.seq_in = 0;
+            }
+            KhDone::Returned(r) => self.stage = KhStage::Returning(r.map_err(v)?),
+            KhDone::ReturnedEnd(r) => {
+                // B's encrypted rows: matched ones added as they arrive.
+                self.stage = KhStage::Summing(r.map_err(v)?);
+                self.seq_in = 0;
+            }
+            KhDone::Rows(r) => self.stage = KhStage::Summing(r.map_err(v)?),
+            KhDone::RowsEnd(r) => {
+                let summed = r.map_err(v)?;
+                let noise = std::mem::take(&mut self.noise);
+                self.compute(KhWork::Noise(summed, noise));
+            }
+            KhDone::Noise(sizes, r) => {
+                let result = r.map_err(|e| JobError::Compute {
                     step: "adding the noise",
                     reason: e.to_string(),
-                })
-            })?;
-        job.recheck()?;
-        out.points(Phase::SumResult, vec![result]).await?;
-        out.end(Phase::PsiDone, 0).await?;
-        out.send.finish()?;
-        let done = next_frame(&mut incoming, &partner, stall).await?;
-        expect_body(&done, Phase::PsiDone, &partner, |b| match b {
-            Body::BatchEnd(_) => Some(()),
-            _ => None,
-        })?;
-        Ok((sizes, release))
-    }
-    .await;
-    let ((own, peer), release) = abort_on_error(&mut out, result).await?;
-    let _ = tokio::time::timeout(Duration::from_secs(10), out.send.stopped()).await;
-
-    let head = job.audit(AuditEvent::Release {
-        job_id: job.job_id.clone(),
-        partner: partner.clone(),
-        what: format!(
-            "overlap-sum as key holder: encrypted sums{} returned to the value holder, which \
-             decrypts them; nothing released by this node",
-            if release.noise.is_empty() {
-                " (exact: no policy asks for noise)".to_owned()
-            } else {
-                format!(" with {}", describe(&release.noise))
+                })?;
+                self.steps.push_back(Step::Recheck);
+                for env in self.out.points(Phase::SumResult, vec![result]) {
+                    self.send(env);
+                }
+                let end = self.out.end(Phase::PsiDone, 0);
+                self.send(end);
+                self.steps.push_back(Step::Finish);
+                self.stage = KhStage::Closing(sizes);
             }
-        ),
-        to: vec![partner.clone()],
-        value: None,
-        epsilon: release.epsilon,
-        rho: None,
-    })?;
-    Ok(PsiOutcome {
-        intersection: 0,
-        own_set_size: own,
-        peer_set_size: peer,
-        learned_membership: false,
-        matched_rows: 0,
-        membership_file: String::new(),
-        // This node releases no figure.
-        suppressed: true,
-        audit_head: head.to_string(),
-        noise: Vec::new(),
-        sum: Some(release),
-        bytes_to_peer: out.bytes,
-    })
+        }
+        Ok(())
+    }
 }
 
-/// The value holder's side, over its loaded input.
-async fn value_holder(
-    job: &JobContext,
-    send: FramedSend,
-    recv: FramedRecv,
-    first: Envelope,
-    input: SumInput,
-) -> Result<PsiOutcome, NodeError> {
-    let partner = job.permit.partner.clone();
-    let digest = spec_digest(&job.job_id, &job.spec);
-    let (shape, params) = shape_and_params(job)?;
-    let mut out = Outgoing::new(send, &job.job_id, Phase::PsiSize);
-    let SumInput {
-        items,
-        values,
-        layout,
-        sensitivities,
-        keys_with_several_groups,
-        ..
-    } = input;
-    let mut own_terms = sum_policy::own_terms(&job.permit);
-    own_terms.sensitivities = sensitivities;
-    // A fresh Paillier key for this job: two safe primes, about a second (off the runtime).
-    let paillier = blocking(ahe::keygen).await?.map_err(|e| {
-        NodeError::from(JobError::Compute {
-            step: "generating this job's encryption key",
-            reason: e.to_string(),
-        })
-    })?;
-    let (hello, session) =
-        ValueHolderSession::start(params, JobKey::generate(), items, layout, values, paillier)
-            .map_err(|e| NodeError::from(JobError::Refused(Veto(e.to_string()))))?;
-    let own_size = hello.set_size;
-    own_terms.widths = hello.widths;
-    own_terms.public_key = hello.public_key;
-    out.frame(
-        Phase::PsiSize,
-        hello_frame(job, own_size, &digest, own_terms.clone()),
-    )
-    .await?;
-    let budget = FrameBudget::new(job.permit.max_peer_set, own_size);
-    let mut incoming = spawn_reader(recv, job.job_id.clone(), Some(first), budget);
+impl Protocol for KeyHolder {
+    type Work = KhWork;
+    type Done = KhDone;
 
-    let result = async {
-        let hello = next_frame(&mut incoming, &partner, STALL_BASE).await?;
-        let (peer_size, peer_terms) = check_hello(job, &hello, &digest)?;
-        if !peer_terms.widths.is_empty()
-            || !peer_terms.public_key.is_empty()
-            || !peer_terms.sensitivities.is_empty()
-        {
-            return Err(violation(
-                &partner,
-                "the key holder's hello carries a value holder's layout or key",
-            ));
+    fn next_step(&mut self) -> Option<Step<KhWork>> {
+        self.steps.pop_front()
+    }
+
+    fn run(work: KhWork) -> KhDone {
+        match work {
+            KhWork::Blind(s) => {
+                let (batches, next) = s.blind();
+                KhDone::Blinded(batches, next)
+            }
+            KhWork::PeerBatch(s, p) => KhDone::PeerBatch(s.on_peer_batch(&p)),
+            KhWork::PeerEnd(s, t) => KhDone::PeerEnd(s.on_peer_end(t)),
+            KhWork::Returned(s, p) => KhDone::Returned(s.on_returned_batch(&p)),
+            KhWork::ReturnedEnd(s, t) => KhDone::ReturnedEnd(s.on_returned_end(t)),
+            KhWork::Rows(s, p) => KhDone::Rows(s.on_ciphertext_batch(&p)),
+            KhWork::RowsEnd(s, t) => KhDone::RowsEnd(s.on_ciphertext_end(t)),
+            KhWork::Noise(s, noise) => {
+                let sizes = s.sizes();
+                KhDone::Noise(sizes, s.noised_sums(&noise))
+            }
         }
-        let joint = joint(&partner, &peer_terms, &own_terms, &shape)?;
-        let release = release_terms(job, &joint, &shape, &partner, &job.my_name)?;
-        // Charge our own ledger now, before any work, if our entry sets ε, and draw our own
-        // noise (added once the sums are decrypted; held in memory only).
-        let own_noise = charge_and_draw_noise(job, &joint, shape.cells()).await?;
-        let charged = charge(job, &joint).is_some();
-        let stall = stall_deadline(own_size, peer_size)
-            .saturating_add(STALL_PER_ROW.saturating_mul(own_size.min(u32::MAX.into()) as u32));
-        let session = session
-            .on_peer_size(peer_size)
-            .map_err(|e| NodeError::from(JobError::Refused(Veto(e.to_string()))))?;
-        job.recheck()?;
+    }
 
-        let (batches, exchanging) = blocking(move || session.blind()).await?;
-        out.points(Phase::PsiBlinded, batches).await?;
-        out.end(Phase::PsiBlinded, own_size).await?;
+    fn handle(&mut self, env: Envelope) -> Result<(), JobError> {
+        let stage = std::mem::replace(&mut self.stage, KhStage::Over);
+        let r = self.on_frame(stage, env);
+        self.fail(r)
+    }
 
-        // A's points: reblinded, then returned shuffled all at once.
-        let (returned, mut encrypting) = receive_batches(
-            &mut incoming,
-            &partner,
-            stall,
-            Phase::PsiBlinded,
-            exchanging,
-            VhExchanging::on_peer_batch,
-            VhExchanging::on_peer_end,
-        )
-        .await?;
-        // The session checked that A's end total equals its declared size.
-        out.points(Phase::PsiDoubleBlinded, returned).await?;
-        out.end(Phase::PsiDoubleBlinded, peer_size).await?;
-        // Our rows, encrypted batch by batch (the heavy step), in the order our points went.
-        loop {
-            let (next, batch) = blocking(move || {
-                let batch = encrypting.next_batch();
-                (encrypting, batch)
-            })
-            .await?;
-            encrypting = next;
-            match batch.map_err(|e| {
-                NodeError::from(JobError::Compute {
+    fn handle_done(&mut self, done: KhDone) -> Result<(), JobError> {
+        let r = self.on_done(done);
+        self.fail(r)
+    }
+
+    fn handle_noise(&mut self, noise: Vec<i64>, _charged: bool) -> Result<(), JobError> {
+        let r = match std::mem::replace(&mut self.stage, KhStage::Over) {
+            KhStage::Charging(ready, joint) => {
+                let me = self.cfg.me.clone();
+                match self.cfg.release(&joint, &me, self.cfg.partner()) {
+                    Ok(release) => {
+                        self.release = Some(release);
+                        self.noise = noise;
+                        self.steps.push_back(Step::Recheck);
+                        self.compute(KhWork::Blind(ready));
+                        Ok(())
+                    }
+                    Err(e) => Err(e),
+                }
+            }
+            _ => Err(self.cfg.internal("noise came back that was not asked for")),
+        };
+        self.fail(r)
+    }
+
+    fn is_finished(&self) -> bool {
+        matches!(self.stage, KhStage::Finished(_)) && self.steps.is_empty()
+    }
+
+    fn silence_allowed(&self) -> Duration {
+        self.peer_size.map_or(STALL_BASE, |peer| {
+            SumConfig::stall(self.own_size, peer, peer)
+        })
+    }
+}
+
+/// The value holder's CPU work; [`Protocol::run`] does it.
+#[derive(Debug)]
+pub enum VhWork {
+    /// Blind our items.
+    Blind(VhReadyToBlind),
+    /// Re-blind one batch of the key holder's points.
+    PeerBatch(VhExchanging, Vec<u8>),
+    /// The key holder's points are all in: shuffle them for return.
+    PeerEnd(VhExchanging, u64),
+    /// Encrypt the next batch of our rows (the heavy step).
+    Encrypt(VhEncrypting),
+    /// Decrypt the key holder's noised sums.
+    Decrypt(VhAwaitingSums, Vec<u8>),
+}
+
+/// The result of a [`VhWork`].
+#[derive(Debug)]
+pub enum VhDone {
+    /// Our blinded batches.
+    Blinded(Vec<Vec<u8>>, VhExchanging),
+    /// A peer batch taken in.
+    PeerBatch(Result<VhExchanging, SumError>),
+    /// The key holder's points to return, and the encryption to run.
+    PeerEnd(u64, Result<(Vec<Vec<u8>>, VhEncrypting), SumError>),
+    /// The next batch of encrypted rows (`None`: all sent).
+    Encrypted(VhEncrypting, Result<Option<Vec<u8>>, SumError>),
+    /// The decrypted cells.
+    Decrypted(Result<Vec<i128>, SumError>),
+}
+
+enum VhStage {
+    Hello(VhAwaitingPeerSize),
+    Charging(VhAwaitingPeerSize, u64),
+    Busy,
+    PeerPoints(VhExchanging),
+    Sums(VhAwaitingSums),
+    Closing(Vec<i128>),
+    Finished(Vec<i128>),
+    Over,
+}
+
+/// What the value holder's exchange produced.
+#[derive(Debug)]
+pub struct VhExchange {
+    /// Our set size and the key holder's.
+    pub sizes: (u64, u64),
+    /// The decrypted cells, our own noise added.
+    pub cells: Vec<i128>,
+    /// The release's description (figures still to fill in).
+    pub release: SumRelease,
+    /// Whether this node's ledger was charged.
+    pub charged: bool,
+}
+
+/// The value holder's protocol (party 1).
+pub struct ValueHolder {
+    cfg: SumConfig,
+    own_terms: SumTerms,
+    out: Outbox,
+    steps: VecDeque<Step<VhWork>>,
+    stage: VhStage,
+    own_size: u64,
+    peer_size: Option<u64>,
+    seq_in: u64,
+    noise: Vec<i64>,
+    charged: bool,
+    release: Option<SumRelease>,
+}
+
+impl std::fmt::Debug for ValueHolder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ValueHolder")
+            .field("job_id", &self.cfg.job_id)
+            .field("own_size", &self.own_size)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ValueHolder {
+    /// Starts over our loaded input, with a fresh PSI key and this job's fresh Paillier key:
+    /// our hello is the first step.
+    pub fn start(
+        cfg: SumConfig,
+        key: JobKey,
+        input: SumInput,
+        paillier: SecretKey,
+    ) -> Result<Self, JobError> {
+        let SumInput {
+            items,
+            values,
+            layout,
+            sensitivities,
+            ..
+        } = input;
+        let mut own_terms = sum_policy::own_terms(&cfg.permit);
+        own_terms.sensitivities = sensitivities;
+        let (hello, session) =
+            ValueHolderSession::start(cfg.params(), key, items, layout, values, paillier)
+                .map_err(|e| JobError::Refused(Veto(e.to_string())))?;
+        let own_size = hello.set_size;
+        own_terms.widths = hello.widths;
+        own_terms.public_key = hello.public_key;
+        let mut out = Outbox::new(&cfg.job_id, Phase::PsiSize);
+        let hello = out.frame(Phase::PsiSize, cfg.hello(own_size, own_terms.clone()));
+        Ok(ValueHolder {
+            cfg,
+            own_terms,
+            out,
+            steps: VecDeque::from([Step::Send(Box::new(hello))]),
+            stage: VhStage::Hello(session),
+            own_size,
+            peer_size: None,
+            seq_in: 0,
+            noise: Vec::new(),
+            charged: false,
+            release: None,
+        })
+    }
+
+    /// Our set size, as the hello declares it.
+    pub fn own_size(&self) -> u64 {
+        self.own_size
+    }
+
+    /// The finished exchange; `None` before it is finished.
+    pub fn into_exchange(self) -> Option<VhExchange> {
+        match (self.stage, self.release, self.peer_size) {
+            (VhStage::Finished(cells), Some(release), Some(peer)) if self.steps.is_empty() => {
+                Some(VhExchange {
+                    sizes: (self.own_size, peer),
+                    cells,
+                    release,
+                    charged: self.charged,
+                })
+            }
+            _ => None,
+        }
+    }
+
+    fn send(&mut self, env: Envelope) {
+        self.steps.push_back(Step::Send(Box::new(env)));
+    }
+
+    fn compute(&mut self, work: VhWork) {
+        self.stage = VhStage::Busy;
+        self.steps.push_back(Step::Compute(work));
+    }
+
+    fn fail<T>(&mut self, r: Result<T, JobError>) -> Result<T, JobError> {
+        if r.is_err() {
+            self.stage = VhStage::Over;
+            self.steps.clear();
+        }
+        r
+    }
+
+    fn on_frame(&mut self, stage: VhStage, env: Envelope) -> Result<(), JobError> {
+        aborted(&self.cfg, &env)?;
+        match stage {
+            VhStage::Hello(session) => {
+                let (peer_size, peer_terms) = self.cfg.check_hello(&env)?;
+                if !peer_terms.widths.is_empty()
+                    || !peer_terms.public_key.is_empty()
+                    || !peer_terms.sensitivities.is_empty()
+                {
+                    return Err(self.cfg.terms_violation(
+                        "the key holder's hello carries a value holder's layout or key",
+                    ));
+                }
+                let joint = self.cfg.joint(&peer_terms, &self.own_terms)?;
+                let me = self.cfg.me.clone();
+                self.release = Some(self.cfg.release(&joint, self.cfg.partner(), &me)?);
+                self.peer_size = Some(peer_size);
+                // Charge our own ledger now, before any work, if our entry sets ε, and draw our
+                // own noise (added once the sums are decrypted; held in memory only).
+                self.steps.push_back(widen(self.cfg.noise_request(&joint)));
+                self.stage = VhStage::Charging(session, peer_size);
+                Ok(())
+            }
+            VhStage::PeerPoints(s) => {
+                match batch(&self.cfg, env, Phase::PsiBlinded, &mut self.seq_in)? {
+                    Batch::Points(p) => self.compute(VhWork::PeerBatch(s, p)),
+                    Batch::End(total) => self.compute(VhWork::PeerEnd(s, total)),
+                }
+                Ok(())
+            }
+            VhStage::Sums(awaiting) => {
+                let sums = wire::expect_body(&env, Phase::SumResult, |b| match b {
+                    Body::Points(p) => Some(p.points.clone()),
+                    _ => None,
+                })
+                .map_err(|v| self.cfg.violation(v))?;
+                self.compute(VhWork::Decrypt(awaiting, sums));
+                Ok(())
+            }
+            VhStage::Closing(cells) => {
+                closing(&self.cfg, &env)?;
+                let end = self.out.end(Phase::PsiDone, 0);
+                self.send(end);
+                self.steps.push_back(Step::Finish);
+                self.stage = VhStage::Finished(cells);
+                Ok(())
+            }
+            VhStage::Charging(..) | VhStage::Busy | VhStage::Finished(_) | VhStage::Over => {
+                Err(self
+                    .cfg
+                    .internal("a frame was handed over while the protocol takes none"))
+            }
+        }
+    }
+
+    fn on_done(&mut self, done: VhDone) -> Result<(), JobError> {
+        if !matches!(self.stage, VhStage::Busy) {
+            return Err(self.cfg.internal("work came back that was not out"));
+        }
+        let cfg = &self.cfg;
+        let v = |e: SumError| cfg.violation(e);
+        match done {
+            VhDone::Blinded(batches, next) => {
+                for env in self.out.points(Phase::PsiBlinded, batches) {
+                    self.send(env);
+                }
+                let end = self.out.end(Phase::PsiBlinded, self.own_size);
+                self.send(end);
+                self.seq_in = 0;
+                self.stage = VhStage::PeerPoints(next);
+            }
+            VhDone::PeerBatch(r) => self.stage = VhStage::PeerPoints(r.map_err(v)?),
+            VhDone::PeerEnd(total, r) => {
+                // The session checked that A's end total equals its declared size.
+                let (returned, encrypting) = r.map_err(v)?;
+                for env in self.out.points(Phase::PsiDoubleBlinded, returned) {
+                    self.send(env);
+                }
+                let end = self.out.end(Phase::PsiDoubleBlinded, total);
+                self.send(end);
+                // Our rows, encrypted batch by batch, in the order our points went.
+                self.compute(VhWork::Encrypt(encrypting));
+            }
+            VhDone::Encrypted(encrypting, r) => {
+                let batch = r.map_err(|e| JobError::Compute {
                     step: "encrypting our rows",
                     reason: e.to_string(),
-                })
-            })? {
-                Some(batch) => out.points(Phase::SumRows, vec![batch]).await?,
-                None => break,
-            }
-        }
-        out.end(Phase::SumRows, encrypting.rows_sent()).await?;
-        let awaiting = encrypting.finish();
-
-        // The noised sums, then A's end marker.
-        let env = next_frame(&mut incoming, &partner, stall).await?;
-        let sums = expect_body(&env, Phase::SumResult, &partner, |b| match b {
-            Body::Points(p) => Some(p.points.clone()),
-            _ => None,
-        })?;
-        let mut cells = blocking(move || awaiting.on_sums(&sums))
-            .await?
-            .map_err(|e| violation(&partner, e))?;
-        // Our own noise for the joint ε, added before anything leaves this node: the key
-        // holder's noise alone would not protect our totals from a key holder that colludes
-        // with the coordinator.
-        if own_noise.len() != cells.len() {
-            return Err(JobError::Internal(format!(
-                "{} noise values for {} cells",
-                own_noise.len(),
-                cells.len()
-            ))
-            .into());
-        }
-        for (c, n) in cells.iter_mut().zip(own_noise) {
-            *c += i128::from(n);
-        }
-        let done = next_frame(&mut incoming, &partner, stall).await?;
-        expect_body(&done, Phase::PsiDone, &partner, |b| match b {
-            Body::BatchEnd(_) => Some(()),
-            _ => None,
-        })?;
-        out.end(Phase::PsiDone, 0).await?;
-        out.send.finish()?;
-        Ok((peer_size, cells, release, charged))
-    }
-    .await;
-    let (peer_size, cells, mut release, charged) = abort_on_error(&mut out, result).await?;
-    let _ = tokio::time::timeout(Duration::from_secs(10), out.send.stopped()).await;
-
-    // Threshold each group on its noised count; the total count covers released groups only
-    // (a total over every group minus the shown ones would give a suppressed group away).
-    // Withhold all if a policy does not allow the release to the coordinator or no group
-    // reaches the threshold.
-    release.groups = threshold(&shape, &cells, release.min_result);
-    release.intersection = released_count(&release.groups);
-    if release.withheld || release.groups.iter().all(|g| g.suppressed) {
-        release.withheld = true;
-        release.intersection = 0;
-        for g in &mut release.groups {
-            g.suppressed = true;
-            g.values.clear();
-        }
-    }
-    if charged {
-        let state = job.state.clone();
-        let key = crate::spec::release_key(&job.job_id, &job.spec);
-        let stored = release.clone();
-        release = blocking(move || state.ledger.settle(&key, &StoredRelease::from(&stored)))
-            .await?
-            .map_err(|e| {
-                tracing::error!(error = %e, "could not store the release in the ledger");
-                NodeError::from(JobError::Ledger {
-                    node: job.my_name.clone(),
-                })
-            })?
-            .apply(release);
-    }
-    let released = release.groups.iter().filter(|g| !g.suppressed).count();
-    let head = job.audit(AuditEvent::Release {
-        job_id: job.job_id.clone(),
-        partner: partner.clone(),
-        what: if release.withheld {
-            "overlap-sum: noised per-group counts and sums withheld (below the minimum result \
-             or not allowed to the coordinator)"
-                .to_owned()
-        } else {
-            format!(
-                "overlap-sum: noised counts and sums of {released} of {} groups{}",
-                release.groups.len(),
-                if release.noise.is_empty() {
-                    " (exact: no policy asks for noise)".to_owned()
-                } else {
-                    format!(" with {}", describe(&release.noise))
+                })?;
+                match batch {
+                    Some(batch) => {
+                        for env in self.out.points(Phase::SumRows, vec![batch]) {
+                            self.send(env);
+                        }
+                        self.compute(VhWork::Encrypt(encrypting));
+                    }
+                    None => {
+                        let end = self.out.end(Phase::SumRows, encrypting.rows_sent());
+                        self.send(end);
+                        self.stage = VhStage::Sums(encrypting.finish());
+                    }
                 }
-            )
-        } + &format!(
-            "; {keys_with_several_groups} identifiers had rows under several group labels (each \
-             counted in its first row's group; this node's own figure, not released)"
-        ),
-        to: vec!["coordinator".into()],
-        value: (!release.withheld).then(|| u64::try_from(release.intersection).unwrap_or(0)),
-        epsilon: release.epsilon,
-        rho: None,
-    })?;
-    Ok(PsiOutcome {
-        intersection: u64::try_from(release.intersection).unwrap_or(0),
-        own_set_size: own_size,
-        peer_set_size: peer_size,
-        learned_membership: false,
-        matched_rows: 0,
-        membership_file: String::new(),
-        suppressed: release.withheld,
-        audit_head: head.to_string(),
-        noise: Vec::new(),
-        sum: Some(release),
-        bytes_to_peer: out.bytes,
-    })
-}
-
-/// Sends the peer the reason a job failed (best effort) and passes the result on.
-async fn abort_on_error<T>(
-    out: &mut Outgoing,
-    result: Result<T, NodeError>,
-) -> Result<T, NodeError> {
-    if let Err(e) = &result {
-        let _ = out
-            .frame(
-                Phase::PsiDone,
-                Body::Abort(cleanroom_proto::v1::Abort {
-                    reason: e.to_string(),
-                }),
-            )
-            .await;
-    }
-    result
-}
-
-/// The sum of the noised counts of the released (not suppressed) groups, saturating.
-fn released_count(groups: &[AggregateGroup]) -> i64 {
-    groups
-        .iter()
-        .filter(|g| !g.suppressed)
-        .filter_map(|g| g.values.first())
-        .fold(0i64, |t, &c| t.saturating_add(c))
-}
-
-/// Per group, the noised values; a group whose noised count is below `min_result` is
-/// suppressed (no values).
-fn threshold(shape: &SumShape, cells: &[i128], min_result: u64) -> Vec<AggregateGroup> {
-    let columns = shape.columns.len();
-    let min = i128::from(min_result);
-    shape
-        .labels
-        .iter()
-        .zip(cells.chunks(columns))
-        .map(|(label, group)| {
-            let suppressed = group.first().is_none_or(|&c| c < min);
-            AggregateGroup {
-                label: label.clone(),
-                suppressed,
-                values: if suppressed {
-                    Vec::new()
-                } else {
-                    group
-                        .iter()
-                        .map(|&v| {
-                            i64::try_from(v).unwrap_or(if v < 0 { i64::MIN } else { i64::MAX })
-                        })
-                        .collect()
-                },
             }
-        })
-        .collect()
+            VhDone::Decrypted(r) => {
+                let mut cells = r.map_err(v)?;
+                // Our own noise for the joint ε, added before anything leaves this node: the
+                // key holder's noise alone would not protect our totals from a key holder that
+                // colludes with the coordinator.
+                let noise = std::mem::take(&mut self.noise);
+                if noise.len() != cells.len() {
+                    return Err(JobError::Internal(format!(
+                        "{} noise values for {} cells",
+                        noise.len(),
+                        cells.len()
+                    )));
+                }
+                for (c, n) in cells.iter_mut().zip(noise) {
+                    *c += i128::from(n);
+                }
+                self.stage = VhStage::Closing(cells);
+            }
+        }
+        Ok(())
+    }
 }
 
-fn describe(noise: &[NoiseTerm]) -> String {
-    let parts: Vec<String> = noise
-        .iter()
-        .map(|t| {
-            format!(
-                "{}: ε {} scale {} (Δ {})",
-                t.node, t.epsilon, t.scale, t.sensitivity
-            )
-        })
-        .collect();
-    format!(
-        "discrete Laplace noise per column from each party: {}",
-        parts.join(", ")
-    )
-}
+impl Protocol for ValueHolder {
+    type Work = VhWork;
+    type Done = VhDone;
 
-/// What the value holder's ledger keeps of a release (the released figures, never a noise
-/// draw): the first one stored wins.
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
-struct StoredRelease {
-    intersection: i64,
-    withheld: bool,
-    groups: Vec<(String, bool, Vec<i64>)>,
-}
+    fn next_step(&mut self) -> Option<Step<VhWork>> {
+        self.steps.pop_front()
+    }
 
-impl From<&SumRelease> for StoredRelease {
-    fn from(r: &SumRelease) -> Self {
-        StoredRelease {
-            intersection: r.intersection,
-            withheld: r.withheld,
-            groups: r
-                .groups
-                .iter()
-                .map(|g| (g.label.clone(), g.suppressed, g.values.clone()))
-                .collect(),
+    fn run(work: VhWork) -> VhDone {
+        match work {
+            VhWork::Blind(s) => {
+                let (batches, next) = s.blind();
+                VhDone::Blinded(batches, next)
+            }
+            VhWork::PeerBatch(s, p) => VhDone::PeerBatch(s.on_peer_batch(&p)),
+            VhWork::PeerEnd(s, total) => VhDone::PeerEnd(total, s.on_peer_end(total)),
+            VhWork::Encrypt(mut s) => {
+                let batch = s.next_batch();
+                VhDone::Encrypted(s, batch)
+            }
+            VhWork::Decrypt(s, sums) => VhDone::Decrypted(s.on_sums(&sums)),
         }
     }
-}
 
-impl StoredRelease {
-    fn apply(self, mut release: SumRelease) -> SumRelease {
-        release.intersection = self.intersection;
-        release.withheld = self.withheld;
-        release.groups = self
-            .groups
-            .into_iter()
-            .map(|(label, suppressed, values)| AggregateGroup {
-                label,
-                suppressed,
-                values,
-            })
-            .collect();
-        release
+    fn handle(&mut self, env: Envelope) -> Result<(), JobError> {
+        let stage = std::mem::replace(&mut self.stage, VhStage::Over);
+        let r = self.on_frame(stage, env);
+        self.fail(r)
+    }
+
+    fn handle_done(&mut self, done: VhDone) -> Result<(), JobError> {
+        let r = self.on_done(done);
+        self.fail(r)
+    }
+
+    fn handle_noise(&mut self, noise: Vec<i64>, charged: bool) -> Result<(), JobError> {
+        let r = match std::mem::replace(&mut self.stage, VhStage::Over) {
+            VhStage::Charging(session, peer_size) => {
+                self.noise = noise;
+                self.charged = charged;
+                match session.on_peer_size(peer_size) {
+                    Ok(ready) => {
+                        self.steps.push_back(Step::Recheck);
+                        self.compute(VhWork::Blind(ready));
+                        Ok(())
+                    }
+                    Err(e) => Err(JobError::Refused(Veto(e.to_string()))),
+                }
+            }
+            _ => Err(self.cfg.internal("noise came back that was not asked for")),
+        };
+        self.fail(r)
+    }
+
+    fn is_finished(&self) -> bool {
+        matches!(self.stage, VhStage::Finished(_)) && self.steps.is_empty()
+    }
+
+    fn silence_allowed(&self) -> Duration {
+        self.peer_size.map_or(STALL_BASE, |peer| {
+            SumConfig::stall(self.own_size, peer, self.own_size)
+        })
     }
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use cleanroom_proto::v1::OverlapSumSpec;
-
-    #[test]
-    fn groups_below_the_threshold_are_suppressed_and_the_count_sums_released_groups_only() {
-        let shape = SumShape::of(&OverlapSumSpec {
-            sums: vec!["amount".into()],
-            group_by: "reason".into(),
-            groups: vec!["fraud".into()],
-            count: true,
-        });
-        let cells = [12i128, 3400, 2, 90];
-        let groups = threshold(&shape, &cells, 5);
-        assert_eq!(groups.len(), 2);
-        assert!(!groups[0].suppressed);
-        assert_eq!(groups[0].values, [12, 3400]);
-        assert!(groups[1].suppressed);
-        assert!(groups[1].values.is_empty());
-        // 12, not 12 + 2: the suppressed group's count cannot be recomputed from the total.
-        assert_eq!(released_count(&groups), 12);
-    }
-}
+#[path = "overlap_sum_tests.rs"]
+mod tests;

@@ -23,8 +23,7 @@ use std::time::Duration;
 
 use cleanroom_circuits::JobKey;
 use cleanroom_proto::v1::{
-    Abort, BatchEnd, Envelope, JobKind, JobSpec, NoiseTerm, Phase, PointBatch, PsiOutcome,
-    ReleaseTerms, envelope::Body,
+    Abort, Envelope, JobKind, JobSpec, NoiseTerm, Phase, PsiOutcome, ReleaseTerms, envelope::Body,
 };
 use cleanroom_transport::{FramedRecv, FramedSend, Identity, TransportError};
 use prost::Message;
@@ -38,11 +37,14 @@ use crate::dataplane::{Delivery, refused};
 use crate::error::{JobError, NodeError, Party, Timeout};
 use crate::job::frame_budget::FrameBudget;
 use crate::job::noise::{self as noised_release, OwnNoise};
-use crate::job::psi::{Action, NoiseCommit, PsiConfig, PsiExchange, PsiProtocol};
-use crate::job::wire::{self, Outbox};
+use crate::job::protocol::{NoiseRequest, Protocol, Step};
+use crate::job::psi::{NoiseCommit, PsiConfig, PsiExchange, PsiProtocol};
+use crate::job::wire::Outbox;
 use crate::policy::Permit;
 use crate::spec::spec_digest;
 use crate::state::NodeState;
+
+pub mod overlap_sum;
 
 /// How long the responder waits for the initiator to connect. The initiator loads its dataset
 /// before it dials (up to [`MAX_ROWS`] rows), so this covers that load, not just a handshake; a
@@ -50,8 +52,6 @@ use crate::state::NodeState;
 pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(600);
 /// Upper bound on one job's data-plane exchange.
 pub(crate) const JOB_TIMEOUT: Duration = Duration::from_secs(3600);
-pub(crate) use crate::job::psi::BATCH_POINTS;
-pub(crate) use crate::job::wire::{STALL_BASE, stall_deadline};
 /// Most rows a dataset may have for one job.
 pub(crate) const MAX_ROWS: u64 = 100_000_000;
 /// QUIC application error code when a job fails.
@@ -257,8 +257,6 @@ async fn exchange(
     first: Option<(FramedRecv, Envelope)>,
     loaded: dataset::LoadedKeys,
 ) -> Result<PsiOutcome, NodeError> {
-    let partner = job.permit.partner.clone();
-    let mut out = Outgoing::new(send, &job.job_id, Phase::PsiSize);
     // Charge the budget and draw our noise before anything is sent, so that the hello can
     // commit to it.
     let own_noise = charge_noise(job).await?;
@@ -281,92 +279,147 @@ async fn exchange(
     };
     let mut proto = PsiProtocol::start(cfg, JobKey::generate(), loaded.items);
     let own_size = proto.own_size();
-    // Our hello goes out before we read anything.
-    if let Some(Action::Send(hello)) = proto.poll() {
-        out.send_env(&hello).await?;
-    }
-
-    // The peer's stream: the responder got it with the connection, the initiator accepts it.
-    let (recv, hello) = match first {
-        Some((recv, hello)) => (recv, Some(hello)),
-        None => {
-            let stream = conn.accept_uni().await.map_err(|e| {
-                NodeError::from(JobError::DataPlane {
-                    what: format!("node '{partner}' did not open its stream"),
-                    reason: e.to_string(),
-                })
-            })?;
-            (FramedRecv::new(stream), None)
-        }
-    };
-    // Cap what the reader may buffer: the peer's points (as declared, within policy), ours
-    // returned, and a few frames without points.
-    let budget = FrameBudget::new(job.permit.max_peer_set, own_size);
-    let mut incoming = spawn_reader(recv, job.job_id.clone(), hello, budget);
-
-    let exchanged = match run_protocol(job, &mut proto, &mut out, &mut incoming).await {
-        Ok(()) => proto
-            .into_exchange()
-            .ok_or_else(|| JobError::Internal("the protocol stopped early".into()).into()),
-        Err(e) => Err(e),
-    };
+    let bytes = run_exchange(job, conn, send, first, &mut proto, own_size).await?;
     let PsiExchange {
         output,
         peer_noise,
         joint,
-    } = match exchanged {
-        Ok(x) => x,
-        Err(e) => {
-            // Best effort: tell the peer why, so its analyst sees the same reason.
-            let _ = out
-                .frame(
-                    Phase::PsiDone,
-                    Body::Abort(Abort {
-                        reason: e.to_string(),
-                    }),
-                )
-                .await;
-            return Err(e);
-        }
-    };
-    // Wait until the peer has everything we sent before the connection is closed.
-    let _ = tokio::time::timeout(Duration::from_secs(10), out.send.stopped()).await;
-    release(
-        job, output, own_noise, peer_noise, joint, own_size, out.bytes,
-    )
-    .await
+    } = proto
+        .into_exchange()
+        .ok_or_else(|| JobError::Internal("the protocol stopped early".into()))?;
+    release(job, output, own_noise, peer_noise, joint, own_size, bytes).await
 }
 
-/// Runs a PSI protocol to its end: does what it asks, and feeds it the peer's frames (each
-/// within the silence it allows) and the results of its CPU work.
-async fn run_protocol(
+/// Runs a protocol's exchange over our stream and the peer's, for either role: our first
+/// frames (the hello) go out before we read anything; then the peer's stream is read (the
+/// responder got it with the connection, the initiator accepts it) until the protocol is
+/// finished. A failure is sent to the peer as an abort (best effort, so its analyst sees the
+/// same reason). Returns the bytes sent, once the peer has them all.
+pub(crate) async fn run_exchange<P: Protocol>(
     job: &JobContext,
-    proto: &mut PsiProtocol,
+    conn: &quinn::Connection,
+    send: FramedSend,
+    first: Option<(FramedRecv, Envelope)>,
+    proto: &mut P,
+    own_size: u64,
+) -> Result<u64, NodeError> {
+    let partner = job.permit.partner.clone();
+    let mut out = Outgoing::new(send, &job.job_id, Phase::PsiSize);
+    let result = async {
+        do_steps(job, proto, &mut out).await?;
+        let (recv, hello) = match first {
+            Some((recv, hello)) => (recv, Some(hello)),
+            None => {
+                let stream = conn.accept_uni().await.map_err(|e| {
+                    NodeError::from(JobError::DataPlane {
+                        what: format!("node '{partner}' did not open its stream"),
+                        reason: e.to_string(),
+                    })
+                })?;
+                (FramedRecv::new(stream), None)
+            }
+        };
+        // Cap what the reader may buffer: the peer's points (as declared, within policy), ours
+        // returned, and a few frames without points.
+        let budget = FrameBudget::new(job.permit.max_peer_set, own_size);
+        let mut incoming = spawn_reader(recv, job.job_id.clone(), hello, budget);
+        run_protocol(job, proto, &mut out, &mut incoming).await
+    }
+    .await;
+    if let Err(e) = &result {
+        let _ = out
+            .frame(
+                Phase::PsiDone,
+                Body::Abort(Abort {
+                    reason: e.to_string(),
+                }),
+            )
+            .await;
+    }
+    result?;
+    // Wait until the peer has everything we sent before the connection is closed.
+    let _ = tokio::time::timeout(Duration::from_secs(10), out.send.stopped()).await;
+    Ok(out.bytes)
+}
+
+/// Does what the protocol asks until it asks for nothing more: sends, re-checks, audits, CPU
+/// work (its result handed back), charges.
+async fn do_steps<P: Protocol>(
+    job: &JobContext,
+    proto: &mut P,
+    out: &mut Outgoing,
+) -> Result<(), NodeError> {
+    while let Some(step) = proto.next_step() {
+        match step {
+            Step::Send(env) => out.send_env(&env).await?,
+            Step::Recheck => job.recheck()?,
+            Step::Audit(event) => {
+                job.audit(event)?;
+            }
+            Step::Compute(work) => {
+                let done = blocking(move || P::run(work)).await?;
+                proto.handle_done(done)?;
+            }
+            Step::Charge(request) => {
+                let (noise, charged) = charge_and_draw(job, request).await?;
+                proto.handle_noise(noise, charged)?;
+            }
+            Step::Finish => out.send.finish()?,
+        }
+    }
+    Ok(())
+}
+
+/// Runs a protocol to its end: does what it asks, and feeds it the peer's frames (each within
+/// the silence it allows) and the results of its CPU work.
+async fn run_protocol<P: Protocol>(
+    job: &JobContext,
+    proto: &mut P,
     out: &mut Outgoing,
     incoming: &mut mpsc::UnboundedReceiver<Incoming>,
 ) -> Result<(), NodeError> {
     let partner = job.permit.partner.clone();
     loop {
-        while let Some(action) = proto.poll() {
-            match action {
-                Action::Send(env) => out.send_env(&env).await?,
-                Action::Recheck => job.recheck()?,
-                Action::Audit(event) => {
-                    job.audit(event)?;
-                }
-                Action::Compute(work) => {
-                    let done = blocking(move || work.run()).await?;
-                    proto.handle_done(done)?;
-                }
-                Action::Finish => out.send.finish()?,
-            }
-        }
+        do_steps(job, proto, out).await?;
         if proto.is_finished() {
             return Ok(());
         }
         let env = next_frame(incoming, &partner, proto.silence_allowed()).await?;
         proto.handle(env)?;
     }
+}
+
+/// Draws this node's noise for a [`NoiseRequest`], charging the ledger first in the same
+/// transaction if the release is noised and this node's own entry sets ε (the draw is not
+/// kept; a release key charged before is refused: the data under a repeated offer may have
+/// changed). Returns the draw and whether the ledger was charged.
+async fn charge_and_draw(
+    job: &JobContext,
+    request: NoiseRequest,
+) -> Result<(Vec<i64>, bool), NodeError> {
+    let cfg = job.state.cfg();
+    let NoiseRequest { loss, draw } = request;
+    let charge = match (loss, job.permit.charge(&job.job_id, &cfg)) {
+        (Some(loss), Some(mut charge)) => {
+            charge.loss = loss;
+            Some(charge)
+        }
+        _ => None,
+    };
+    let Some(charge) = charge else {
+        return blocking(draw)
+            .await?
+            .map(|noise| (noise, false))
+            .map_err(|e| NodeError::from(JobError::Noise(e)));
+    };
+    let state = job.state.clone();
+    let key = crate::spec::release_key(&job.job_id, &job.spec);
+    let loss = charge.loss;
+    let drawn = blocking(move || state.ledger.charge_and_draw(&key, &charge, now_ms(), draw))
+        .await?
+        .map_err(|e| NodeError::from(JobError::Refused(crate::state::budget_veto(&cfg.name, e))))?;
+    tracing::info!(%loss, "privacy budget charged for a noised release");
+    Ok((drawn, true))
 }
 
 /// What may be released to the coordinator: the count (with both parties' noise, if any),
@@ -519,10 +572,6 @@ pub(crate) fn key_columns(permit: &Permit) -> Vec<String> {
         .collect()
 }
 
-pub(crate) fn check_seq(seq: u64, expected: &mut u64, partner: &str) -> Result<(), NodeError> {
-    wire::check_seq(seq, expected).map_err(|v| violation(partner, v))
-}
-
 /// Maps matched item indices back to row numbers and writes them to the node's state dir.
 /// Row numbers, never identifiers: the file is safe to hand to the partner's own systems.
 async fn write_membership(
@@ -663,62 +712,6 @@ pub(crate) async fn next_frame(
     }
 }
 
-/// Receives one phase of the peer's point batches and its end marker: each batch goes, in
-/// sequence, to `on_batch` and the end marker's total to `on_end` (both on the blocking pool,
-/// their errors the peer's violations). A frame of another phase or kind, or a batch out of
-/// sequence, is a violation too.
-pub(crate) async fn receive_batches<S, T, E>(
-    incoming: &mut mpsc::UnboundedReceiver<Incoming>,
-    partner: &str,
-    stall: Duration,
-    phase: Phase,
-    mut state: S,
-    on_batch: fn(S, &[u8]) -> Result<S, E>,
-    on_end: fn(S, u64) -> Result<T, E>,
-) -> Result<T, NodeError>
-where
-    S: Send + 'static,
-    T: Send + 'static,
-    E: std::fmt::Display + Send + 'static,
-{
-    let mut seq_in = 0u64;
-    loop {
-        let env = next_frame(incoming, partner, stall).await?;
-        check_phase(&env, phase, partner)?;
-        match env.body {
-            Some(Body::Points(PointBatch { seq, points })) => {
-                check_seq(seq, &mut seq_in, partner)?;
-                state = blocking(move || on_batch(state, &points))
-                    .await?
-                    .map_err(|e| violation(partner, e))?;
-            }
-            Some(Body::BatchEnd(BatchEnd { total })) => {
-                return blocking(move || on_end(state, total))
-                    .await?
-                    .map_err(|e| violation(partner, e));
-            }
-            other => return Err(unexpected(partner, phase, other.as_ref())),
-        }
-    }
-}
-
-pub(crate) fn check_phase(env: &Envelope, phase: Phase, partner: &str) -> Result<(), NodeError> {
-    wire::check_phase(env, phase).map_err(|v| violation(partner, v))
-}
-
-pub(crate) fn expect_body<T>(
-    env: &Envelope,
-    phase: Phase,
-    partner: &str,
-    pick: impl Fn(&Body) -> Option<T>,
-) -> Result<T, NodeError> {
-    wire::expect_body(env, phase, pick).map_err(|v| violation(partner, v))
-}
-
-pub(crate) fn unexpected(partner: &str, phase: Phase, body: Option<&Body>) -> NodeError {
-    violation(partner, wire::unexpected(phase, body))
-}
-
 pub(crate) fn violation(partner: &str, reason: impl std::fmt::Display) -> NodeError {
     NodeError::Protocol {
         peer: format!("node '{partner}'"),
@@ -753,22 +746,6 @@ impl Outgoing {
 
     pub(crate) async fn frame(&mut self, phase: Phase, body: Body) -> Result<(), NodeError> {
         let env = self.outbox.frame(phase, body);
-        self.send_env(&env).await
-    }
-
-    pub(crate) async fn points(
-        &mut self,
-        phase: Phase,
-        batches: Vec<Vec<u8>>,
-    ) -> Result<(), NodeError> {
-        for env in self.outbox.points(phase, batches) {
-            self.send_env(&env).await?;
-        }
-        Ok(())
-    }
-
-    pub(crate) async fn end(&mut self, phase: Phase, total: u64) -> Result<(), NodeError> {
-        let env = self.outbox.end(phase, total);
         self.send_env(&env).await
     }
 }

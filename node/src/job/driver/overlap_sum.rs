@@ -1,0 +1,404 @@
+//! The driver's `overlap-sum` part: what each role loads before the protocol
+//! ([`crate::job::overlap_sum`]) runs, and what it releases and audits after.
+//!
+//! A learns `|A ∩ B|` exactly (the protocol cannot avoid it) and releases nothing. With a joint ε,
+//! **both** add noise at it: A under encryption, B after decrypting (so neither B alone nor A
+//! with the coordinator sees an exact total). B then applies the k-threshold to each group's
+//! noised count and reports the release to the coordinator; its total count covers released
+//! groups only. A node whose entry sets ε charges its ledger before any data is read; a release
+//! key already charged is refused (the data under a repeated offer may have changed), and no
+//! noise draw is ever stored.
+
+use std::net::SocketAddr;
+
+use cleanroom_circuits::JobKey;
+use cleanroom_circuits::ahe;
+use cleanroom_proto::v1::{AggregateGroup, Envelope, NoiseTerm, PsiOutcome, SumRelease};
+use cleanroom_transport::{FramedRecv, FramedSend};
+use tokio::sync::oneshot;
+
+use super::{
+    JOB_TIMEOUT, JobContext, MAX_ROWS, accept, blocking, dial, finish_connection, key_columns,
+    load_input, run_exchange,
+};
+use crate::audit::AuditEvent;
+use crate::data::dataset::{self, RowFilter};
+use crate::data::sum_input::{self, SumInput};
+use crate::dataplane::Delivery;
+use crate::error::{JobError, NodeError};
+use crate::job::overlap_sum::{KeyHolder, KhExchange, SumConfig, ValueHolder, VhExchange};
+use crate::policy::overlap_sum::{self as sum_policy, SumShape};
+use crate::spec::spec_digest;
+
+/// Key holder: load, dial the value holder, run the exchange.
+pub async fn run_key_holder(
+    job: JobContext,
+    endpoint: &quinn::Endpoint,
+    peer_addr: SocketAddr,
+) -> Result<PsiOutcome, NodeError> {
+    let loaded = load_input(&job).await?;
+    let (conn, send) = dial(&job, endpoint, peer_addr).await?;
+    let result = tokio::time::timeout(JOB_TIMEOUT, key_holder(&job, &conn, send, loaded)).await;
+    finish_connection(&conn, result)
+}
+
+/// Value holder: wait for the key holder's connection, load, run the exchange.
+pub async fn run_value_holder(
+    job: JobContext,
+    incoming: oneshot::Receiver<Delivery>,
+) -> Result<PsiOutcome, NodeError> {
+    let (conn, send, recv, hello) = accept(&job, incoming).await?;
+    let result = tokio::time::timeout(JOB_TIMEOUT, async {
+        let input = load_values(&job).await?;
+        value_holder(&job, &conn, send, recv, hello, input).await
+    })
+    .await;
+    finish_connection(&conn, result)
+}
+
+/// The protocol's view of the job, its shape checked again at the start of the job.
+fn config(job: &JobContext) -> Result<SumConfig, NodeError> {
+    let sum = sum_policy::sum_spec(&job.spec).map_err(|v| NodeError::from(JobError::Refused(v)))?;
+    Ok(SumConfig {
+        job_id: job.job_id.clone(),
+        me: job.my_name.clone(),
+        permit: job.permit.clone(),
+        digest: spec_digest(&job.job_id, &job.spec),
+        shape: SumShape::of(sum),
+        show_count: sum.count,
+    })
+}
+
+/// Loads the value holder's keys and clipped values; audits the access; checks the input size.
+async fn load_values(job: &JobContext) -> Result<SumInput, NodeError> {
+    job.recheck()?;
+    let sum = sum_policy::sum_spec(&job.spec)
+        .map_err(|v| NodeError::from(JobError::Refused(v)))?
+        .clone();
+    let bounds = sum_policy::column_bounds(&job.permit, &sum)
+        .map_err(|v| NodeError::from(JobError::Refused(v)))?;
+    let shape = SumShape::of(&sum);
+    let dataset = job.permit.dataset.clone();
+    let keys = job.permit.keys.clone();
+    let consent = job.permit.consent_column.clone();
+    let forgotten = job.forgotten()?;
+    let group_by = (!sum.group_by.is_empty()).then(|| sum.group_by.clone());
+    let read_bounds = bounds.clone();
+    let input = blocking(move || {
+        let filter = RowFilter {
+            consent_column: consent.as_deref(),
+            forgotten: forgotten.as_ref(),
+        };
+        sum_input::load(
+            &dataset,
+            &keys,
+            group_by.as_deref(),
+            &shape,
+            &read_bounds,
+            filter,
+            MAX_ROWS,
+        )
+    })
+    .await?
+    .map_err(|e| NodeError::from(JobError::Dataset(e.to_string())))?;
+    tracing::info!(
+        rows = input.counts.rows_read,
+        rejected = input.counts.rows_rejected,
+        bad_values = input.rows_bad_value,
+        distinct = input.items.len(),
+        "dataset loaded"
+    );
+    let mut columns = key_columns(&job.permit);
+    columns.extend(bounds.iter().map(|b| b.column.clone()));
+    if !sum.group_by.is_empty() {
+        columns.push(sum.group_by.clone());
+    }
+    job.audit(AuditEvent::Access {
+        job_id: job.job_id.clone(),
+        dataset: job.permit.dataset.name.clone(),
+        columns,
+        rows_read: input.counts.rows_read,
+        rows_rejected: input.counts.rows_rejected + input.rows_bad_value,
+        rows_excluded_consent: input.counts.rows_excluded_consent,
+        rows_excluded_deleted: input.counts.rows_excluded_deleted,
+        rows_other: None,
+        persons: None,
+    })?;
+    job.permit
+        .check_input_size(input.items.len() as u64)
+        .map_err(|v| NodeError::from(JobError::Refused(v)))?;
+    Ok(input)
+}
+
+/// The key holder's side, over its loaded keys: the exchange, then the audit of what it
+/// returned (it releases no figure).
+async fn key_holder(
+    job: &JobContext,
+    conn: &quinn::Connection,
+    send: FramedSend,
+    loaded: dataset::LoadedKeys,
+) -> Result<PsiOutcome, NodeError> {
+    let partner = job.permit.partner.clone();
+    let mut proto = KeyHolder::start(config(job)?, JobKey::generate(), loaded.items)?;
+    let own_size = proto.own_size();
+    let bytes = run_exchange(job, conn, send, None, &mut proto, own_size).await?;
+    let KhExchange {
+        sizes: (own, peer),
+        release,
+    } = proto
+        .into_exchange()
+        .ok_or_else(|| JobError::Internal("the protocol stopped early".into()))?;
+    let head = job.audit(AuditEvent::Release {
+        job_id: job.job_id.clone(),
+        partner: partner.clone(),
+        what: format!(
+            "overlap-sum as key holder: encrypted sums{} returned to the value holder, which \
+             decrypts them; nothing released by this node",
+            if release.noise.is_empty() {
+                " (exact: no policy asks for noise)".to_owned()
+            } else {
+                format!(" with {}", describe(&release.noise))
+            }
+        ),
+        to: vec![partner.clone()],
+        value: None,
+        epsilon: release.epsilon,
+        rho: None,
+    })?;
+    Ok(PsiOutcome {
+        intersection: 0,
+        own_set_size: own,
+        peer_set_size: peer,
+        learned_membership: false,
+        matched_rows: 0,
+        membership_file: String::new(),
+        // This node releases no figure.
+        suppressed: true,
+        audit_head: head.to_string(),
+        noise: Vec::new(),
+        sum: Some(release),
+        bytes_to_peer: bytes,
+    })
+}
+
+/// The value holder's side, over its loaded input: the exchange, then the thresholded release,
+/// settled in the ledger if it was charged, and audited.
+async fn value_holder(
+    job: &JobContext,
+    conn: &quinn::Connection,
+    send: FramedSend,
+    recv: FramedRecv,
+    first: Envelope,
+    input: SumInput,
+) -> Result<PsiOutcome, NodeError> {
+    let partner = job.permit.partner.clone();
+    let cfg = config(job)?;
+    let shape = cfg.shape.clone();
+    let keys_with_several_groups = input.keys_with_several_groups;
+    // A fresh Paillier key for this job: two safe primes, about a second (off the runtime).
+    let paillier = blocking(ahe::keygen).await?.map_err(|e| {
+        NodeError::from(JobError::Compute {
+            step: "generating this job's encryption key",
+            reason: e.to_string(),
+        })
+    })?;
+    let mut proto = ValueHolder::start(cfg, JobKey::generate(), input, paillier)?;
+    let own_size = proto.own_size();
+    let bytes = run_exchange(job, conn, send, Some((recv, first)), &mut proto, own_size).await?;
+    let VhExchange {
+        sizes: (_, peer_size),
+        cells,
+        mut release,
+        charged,
+    } = proto
+        .into_exchange()
+        .ok_or_else(|| JobError::Internal("the protocol stopped early".into()))?;
+
+    // Threshold each group on its noised count; the total count covers released groups only
+    // (a total over every group minus the shown ones would give a suppressed group away).
+    // Withhold all if a policy does not allow the release to the coordinator or no group
+    // reaches the threshold.
+    release.groups = threshold(&shape, &cells, release.min_result);
+    release.intersection = released_count(&release.groups);
+    if release.withheld || release.groups.iter().all(|g| g.suppressed) {
+        release.withheld = true;
+        release.intersection = 0;
+        for g in &mut release.groups {
+            g.suppressed = true;
+            g.values.clear();
+        }
+    }
+    if charged {
+        let state = job.state.clone();
+        let key = crate::spec::release_key(&job.job_id, &job.spec);
+        let stored = release.clone();
+        release = blocking(move || state.ledger.settle(&key, &StoredRelease::from(&stored)))
+            .await?
+            .map_err(|e| {
+                tracing::error!(error = %e, "could not store the release in the ledger");
+                NodeError::from(JobError::Ledger {
+                    node: job.my_name.clone(),
+                })
+            })?
+            .apply(release);
+    }
+    let released = release.groups.iter().filter(|g| !g.suppressed).count();
+    let head = job.audit(AuditEvent::Release {
+        job_id: job.job_id.clone(),
+        partner: partner.clone(),
+        what: if release.withheld {
+            "overlap-sum: noised per-group counts and sums withheld (below the minimum result \
+             or not allowed to the coordinator)"
+                .to_owned()
+        } else {
+            format!(
+                "overlap-sum: noised counts and sums of {released} of {} groups{}",
+                release.groups.len(),
+                if release.noise.is_empty() {
+                    " (exact: no policy asks for noise)".to_owned()
+                } else {
+                    format!(" with {}", describe(&release.noise))
+                }
+            )
+        } + &format!(
+            "; {keys_with_several_groups} identifiers had rows under several group labels (each \
+             counted in its first row's group; this node's own figure, not released)"
+        ),
+        to: vec!["coordinator".into()],
+        value: (!release.withheld).then(|| u64::try_from(release.intersection).unwrap_or(0)),
+        epsilon: release.epsilon,
+        rho: None,
+    })?;
+    Ok(PsiOutcome {
+        intersection: u64::try_from(release.intersection).unwrap_or(0),
+        own_set_size: own_size,
+        peer_set_size: peer_size,
+        learned_membership: false,
+        matched_rows: 0,
+        membership_file: String::new(),
+        suppressed: release.withheld,
+        audit_head: head.to_string(),
+        noise: Vec::new(),
+        sum: Some(release),
+        bytes_to_peer: bytes,
+    })
+}
+
+/// The sum of the noised counts of the released (not suppressed) groups, saturating.
+fn released_count(groups: &[AggregateGroup]) -> i64 {
+    groups
+        .iter()
+        .filter(|g| !g.suppressed)
+        .filter_map(|g| g.values.first())
+        .fold(0i64, |t, &c| t.saturating_add(c))
+}
+
+/// Per group, the noised values; a group whose noised count is below `min_result` is
+/// suppressed (no values).
+fn threshold(shape: &SumShape, cells: &[i128], min_result: u64) -> Vec<AggregateGroup> {
+    let columns = shape.columns.len();
+    let min = i128::from(min_result);
+    shape
+        .labels
+        .iter()
+        .zip(cells.chunks(columns))
+        .map(|(label, group)| {
+            let suppressed = group.first().is_none_or(|&c| c < min);
+            AggregateGroup {
+                label: label.clone(),
+                suppressed,
+                values: if suppressed {
+                    Vec::new()
+                } else {
+                    group
+                        .iter()
+                        .map(|&v| {
+                            i64::try_from(v).unwrap_or(if v < 0 { i64::MIN } else { i64::MAX })
+                        })
+                        .collect()
+                },
+            }
+        })
+        .collect()
+}
+
+fn describe(noise: &[NoiseTerm]) -> String {
+    let parts: Vec<String> = noise
+        .iter()
+        .map(|t| {
+            format!(
+                "{}: ε {} scale {} (Δ {})",
+                t.node, t.epsilon, t.scale, t.sensitivity
+            )
+        })
+        .collect();
+    format!(
+        "discrete Laplace noise per column from each party: {}",
+        parts.join(", ")
+    )
+}
+
+/// What the value holder's ledger keeps of a release (the released figures, never a noise
+/// draw): the first one stored wins.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+struct StoredRelease {
+    intersection: i64,
+    withheld: bool,
+    groups: Vec<(String, bool, Vec<i64>)>,
+}
+
+impl From<&SumRelease> for StoredRelease {
+    fn from(r: &SumRelease) -> Self {
+        StoredRelease {
+            intersection: r.intersection,
+            withheld: r.withheld,
+            groups: r
+                .groups
+                .iter()
+                .map(|g| (g.label.clone(), g.suppressed, g.values.clone()))
+                .collect(),
+        }
+    }
+}
+
+impl StoredRelease {
+    fn apply(self, mut release: SumRelease) -> SumRelease {
+        release.intersection = self.intersection;
+        release.withheld = self.withheld;
+        release.groups = self
+            .groups
+            .into_iter()
+            .map(|(label, suppressed, values)| AggregateGroup {
+                label,
+                suppressed,
+                values,
+            })
+            .collect();
+        release
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cleanroom_proto::v1::OverlapSumSpec;
+
+    #[test]
+    fn groups_below_the_threshold_are_suppressed_and_the_count_sums_released_groups_only() {
+        let shape = SumShape::of(&OverlapSumSpec {
+            sums: vec!["amount".into()],
+            group_by: "reason".into(),
+            groups: vec!["fraud".into()],
+            count: true,
+        });
+        let cells = [12i128, 3400, 2, 90];
+        let groups = threshold(&shape, &cells, 5);
+        assert_eq!(groups.len(), 2);
+        assert!(!groups[0].suppressed);
+        assert_eq!(groups[0].values, [12, 3400]);
+        assert!(groups[1].suppressed);
+        assert!(groups[1].values.is_empty());
+        // 12, not 12 + 2: the suppressed group's count cannot be recomputed from the total.
+        assert_eq!(released_count(&groups), 12);
+    }
+}

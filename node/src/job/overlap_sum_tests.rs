@@ -1,0 +1,573 @@
+//! The overlap-sum protocol's wire order, without sockets: a [`Pair`] runs the key holder (acme)
+//! and the value holder (globex) against each other in memory, doing their CPU work inline and
+//! drawing their noise as the driver would (the draws are kept here, so the noised sums can be
+//! checked exactly). Tamper hooks play either side hostile by changing, dropping, repeating or
+//! inventing its frames. The hostile cases `tests/overlap_sum.rs` needs processes for are here
+//! at the protocol level; what the reader catches (frames that do not decode, another job's id,
+//! oversize frames, a flood of points) is pinned by `frame_budget` and the transport's tests,
+//! and a stream that ends early by the driver (`JobError::ClosedEarly`).
+
+use std::collections::VecDeque;
+use std::path::Path;
+
+use cleanroom_circuits::{ItemSet, JobKey, ahe};
+use cleanroom_proto::v1::{JobKind, JobSpec, OverlapSumSpec, PartySpec};
+
+use super::*;
+use crate::data::dataset::KeyedRowCounts;
+use crate::policy::NodeConfig;
+
+const NOW: i64 = 1_782_864_000_000;
+/// Each side's clipping bound for `amount_cents`.
+const BOUND: u64 = 1000;
+
+/// `me`'s config with one overlap-sum agreement with `partner`; `extra` adds allow-entry keys.
+fn node_config(me: &str, partner: &str, extra: &str) -> NodeConfig {
+    let text = format!(
+        r#"
+name = "{me}"
+coordinator = "127.0.0.1:7400"
+listen = "127.0.0.1:0"
+state_dir = "state"
+tls = {{ ca = "ca.pem", cert = "node.pem", key = "node.key" }}
+dataset = [{{ name = "customers", path = "customers.csv", identifier = [{{ name = "email", column = "email", normaliser = "email" }}], value = [{{ column = "amount_cents", min = 0, max = 100000 }}] }}]
+agreement = [{{ partner = "{partner}", purposes = ["fraud-detection"], budget_per_purpose = {{ epsilon_per_period = 10, period = "day" }}, allow = [{{ computation = "overlap-sum", dataset = "customers", keys = ["email"], min_set_size = 1, max_set_size = 1000, value_columns = [{{ column = "amount_cents", min = 0, max = {BOUND} }}] {extra} }}] }}]
+"#
+    );
+    NodeConfig::parse(&text, Path::new("/nonexistent/node.toml")).expect("test config")
+}
+
+fn spec() -> JobSpec {
+    let party = |node: &str| PartySpec {
+        node: node.into(),
+        dataset: "customers".into(),
+        keys: vec!["email".into()],
+        learns_membership: false,
+    };
+    JobSpec {
+        kind: JobKind::OverlapSum as i32,
+        parties: vec![party("acme"), party("globex")],
+        purpose: "fraud-detection".into(),
+        overlap_sum: Some(OverlapSumSpec {
+            sums: vec!["amount_cents".into()],
+            group_by: String::new(),
+            groups: Vec::new(),
+            count: true,
+        }),
+        ..JobSpec::default()
+    }
+}
+
+/// One side's protocol config for job `job-1` (0 = acme, the key holder).
+fn config(me: usize, extra: &str) -> SumConfig {
+    let names = ["acme", "globex"];
+    let cfg = node_config(names[me], names[1 - me], extra);
+    let spec = spec();
+    let permit = crate::policy::psi::check_offer_at(&cfg, &spec, me, NOW).expect("permitted");
+    let sum = spec.overlap_sum.as_ref().expect("sum spec");
+    SumConfig {
+        job_id: "job-1".into(),
+        me: names[me].into(),
+        permit,
+        digest: crate::spec::spec_digest("job-1", &spec),
+        shape: SumShape::of(sum),
+        show_count: sum.count,
+    }
+}
+
+fn email(i: u32) -> String {
+    format!("person-{i}@example.com")
+}
+
+fn amount(i: u32) -> u64 {
+    u64::from(i) * 7
+}
+
+/// Items `from..to`, as a node's distinct keys.
+fn items(from: u32, to: u32) -> ItemSet {
+    let mut set = ItemSet::new();
+    for i in from..to {
+        set.push(email(i).as_bytes()).expect("room");
+    }
+    set.dedup();
+    set
+}
+
+/// The value holder's input over items `from..to`: a count and an amount per item, in the set's
+/// order, laid out as the loader lays them out.
+fn input(from: u32, to: u32) -> SumInput {
+    let items = items(from, to);
+    let mut values = Vec::new();
+    for item in items.iter() {
+        let i = (from..to)
+            .find(|&i| email(i).as_bytes() == item)
+            .expect("an item of ours");
+        values.extend([1, amount(i)]);
+    }
+    let sensitivities = vec![1, BOUND];
+    let layout = ahe::SlotLayout::for_maxima(&sensitivities).expect("layout");
+    SumInput {
+        items,
+        values,
+        layout,
+        sensitivities,
+        counts: KeyedRowCounts::default(),
+        rows_bad_value: 0,
+        keys_with_several_groups: 0,
+    }
+}
+
+/// One side: its protocol and what it did besides sending.
+struct Side<P: Protocol> {
+    proto: P,
+    inbox: VecDeque<Envelope>,
+    rechecks: usize,
+    /// The losses it asked to be charged, and the noise drawn for it.
+    charges: Vec<(Option<Loss>, Vec<i64>)>,
+    finished_stream: bool,
+    error: Option<JobError>,
+}
+
+impl<P: Protocol> Side<P> {
+    fn new(proto: P) -> Self {
+        Side {
+            proto,
+            inbox: VecDeque::new(),
+            rechecks: 0,
+            charges: Vec::new(),
+            finished_stream: false,
+            error: None,
+        }
+    }
+
+    /// Does what the protocol asks until it waits for a frame; returns the frames it sent.
+    fn drain(&mut self) -> Vec<Envelope> {
+        let mut sent = Vec::new();
+        while let Some(step) = self.proto.next_step() {
+            let r = match step {
+                Step::Send(env) => {
+                    assert!(
+                        !self.finished_stream,
+                        "a frame after the stream was finished"
+                    );
+                    sent.push(*env);
+                    Ok(())
+                }
+                Step::Recheck => {
+                    self.rechecks += 1;
+                    Ok(())
+                }
+                Step::Audit(_) => Ok(()),
+                Step::Compute(work) => self.proto.handle_done(P::run(work)),
+                Step::Charge(NoiseRequest { loss, draw }) => {
+                    let noise = draw().expect("noise");
+                    self.charges.push((loss, noise.clone()));
+                    self.proto.handle_noise(noise, loss.is_some())
+                }
+                Step::Finish => {
+                    self.finished_stream = true;
+                    Ok(())
+                }
+            };
+            if let Err(e) = r {
+                self.error = Some(e);
+                return sent;
+            }
+        }
+        sent
+    }
+
+    /// Hands over one waiting frame, if the side is still going.
+    fn step(&mut self) -> bool {
+        if self.error.is_some() || self.proto.is_finished() {
+            return false;
+        }
+        let Some(env) = self.inbox.pop_front() else {
+            return false;
+        };
+        if let Err(e) = self.proto.handle(env) {
+            self.error = Some(e);
+        }
+        true
+    }
+}
+
+type Tamper = Box<dyn FnMut(Envelope) -> Vec<Envelope>>;
+
+fn honest() -> Tamper {
+    Box::new(|env| vec![env])
+}
+
+/// The key holder (acme) and the value holder (globex), back to back.
+struct Pair {
+    acme: Side<KeyHolder>,
+    globex: Side<ValueHolder>,
+}
+
+impl Pair {
+    fn with(acme_extra: &str, globex_extra: &str) -> Pair {
+        let acme = KeyHolder::start(config(0, acme_extra), JobKey::generate(), items(0, 30))
+            .expect("key holder starts");
+        let globex = ValueHolder::start(
+            config(1, globex_extra),
+            JobKey::generate(),
+            input(10, 50),
+            ahe::keygen().expect("paillier key"),
+        )
+        .expect("value holder starts");
+        Pair {
+            acme: Side::new(acme),
+            globex: Side::new(globex),
+        }
+    }
+
+    fn honest() -> Pair {
+        Pair::with("", "")
+    }
+
+    /// Runs both sides until neither moves, passing acme's frames through `to_globex` and
+    /// globex's through `to_acme`.
+    fn run(&mut self, mut to_globex: Tamper, mut to_acme: Tamper) {
+        loop {
+            for env in self.acme.drain() {
+                self.globex.inbox.extend(to_globex(env));
+            }
+            for env in self.globex.drain() {
+                self.acme.inbox.extend(to_acme(env));
+            }
+            let moved_a = self.acme.step();
+            let moved_g = self.globex.step();
+            if !moved_a && !moved_g {
+                return;
+            }
+        }
+    }
+
+    /// Globex's error after acme's frames went through `tamper`.
+    fn globex_error(mut self, tamper: Tamper) -> JobError {
+        self.run(tamper, honest());
+        self.globex.error.expect("globex failed the job")
+    }
+
+    /// Acme's error after globex's frames went through `tamper`.
+    fn acme_error(mut self, tamper: Tamper) -> JobError {
+        self.run(honest(), tamper);
+        self.acme.error.expect("acme failed the job")
+    }
+}
+
+fn by(name: &str, e: &JobError) -> Violation {
+    match e {
+        JobError::Violation {
+            by: Party::Node(n),
+            violation,
+        } if n == name => violation.clone(),
+        other => panic!("not a violation by {name}: {other:?}"),
+    }
+}
+
+/// `f` applied to frame number `n` (0 = the hello), the others untouched.
+fn nth(n: usize, mut f: impl FnMut(Envelope) -> Vec<Envelope> + 'static) -> Tamper {
+    let mut i = 0;
+    Box::new(move |env| {
+        let here = i;
+        i += 1;
+        if here == n { f(env) } else { vec![env] }
+    })
+}
+
+/// `f` applied to the hello.
+fn hello(mut f: impl FnMut(&mut PsiHello) + 'static) -> Tamper {
+    nth(0, move |mut env| {
+        if let Some(Body::PsiHello(h)) = &mut env.body {
+            f(h);
+        }
+        vec![env]
+    })
+}
+
+/// `f` applied to the first frame of `phase` whose body `is` picks.
+fn first_of(
+    phase: Phase,
+    is: fn(&Body) -> bool,
+    mut f: impl FnMut(Envelope) -> Vec<Envelope> + 'static,
+) -> Tamper {
+    let mut done = false;
+    Box::new(move |env| {
+        if !done && env.phase == phase as i32 && env.body.as_ref().is_some_and(is) {
+            done = true;
+            f(env)
+        } else {
+            vec![env]
+        }
+    })
+}
+
+fn is_points(b: &Body) -> bool {
+    matches!(b, Body::Points(_))
+}
+
+/// The exact sums over the intersection (items 10..30): the count, then the amounts.
+fn truth() -> [i128; 2] {
+    [20, (10..30).map(|i| i128::from(amount(i))).sum()]
+}
+
+#[test]
+fn an_honest_run_gives_the_value_holder_the_exact_sums_and_the_key_holder_nothing() {
+    let mut pair = Pair::honest();
+    pair.run(honest(), honest());
+    assert!(pair.acme.error.is_none(), "{:?}", pair.acme.error);
+    assert!(pair.globex.error.is_none(), "{:?}", pair.globex.error);
+    assert!(pair.acme.finished_stream && pair.globex.finished_stream);
+    // One re-check after the hello, one before the result leaves the key holder.
+    assert_eq!(pair.acme.rechecks, 2);
+    assert_eq!(pair.globex.rechecks, 1);
+    // Nobody sets ε: nothing charged, zeros drawn.
+    for (loss, noise) in pair.acme.charges.iter().chain(&pair.globex.charges) {
+        assert!(loss.is_none());
+        assert_eq!(noise, &vec![0, 0]);
+    }
+    let kh = pair
+        .acme
+        .proto
+        .into_exchange()
+        .expect("key holder finished");
+    let vh = pair
+        .globex
+        .proto
+        .into_exchange()
+        .expect("value holder finished");
+    assert_eq!(kh.sizes, (30, 40));
+    assert_eq!(vh.sizes, (40, 30));
+    assert_eq!(vh.cells, truth());
+    assert!(!vh.charged);
+    // Both describe the same release, so the coordinator can compare them.
+    assert_eq!(kh.release, vh.release);
+    assert!(kh.release.noise.is_empty());
+}
+
+#[test]
+fn each_party_adds_its_own_noise_and_asks_to_be_charged_for_the_joint_epsilon() {
+    let mut pair = Pair::with(", epsilon = 0.5", ", epsilon = 1.0");
+    pair.run(honest(), honest());
+    assert!(pair.globex.error.is_none(), "{:?}", pair.globex.error);
+    let [(kh_loss, kh_noise)] = pair.acme.charges.as_slice() else {
+        panic!("one charge at the key holder")
+    };
+    let [(vh_loss, vh_noise)] = pair.globex.charges.as_slice() else {
+        panic!("one charge at the value holder")
+    };
+    // The joint ε is the smaller one, at both.
+    assert_eq!(*kh_loss, Some(Loss::Epsilon(0.5)));
+    assert_eq!(*vh_loss, Some(Loss::Epsilon(0.5)));
+    let vh = pair.globex.proto.into_exchange().expect("finished");
+    assert!(vh.charged);
+    let t = truth();
+    for c in 0..2 {
+        assert_eq!(
+            vh.cells[c],
+            t[c] + i128::from(kh_noise[c]) + i128::from(vh_noise[c]),
+            "cell {c}: the truth plus both parties' noise, exactly"
+        );
+    }
+    assert_eq!(vh.release.noise.len(), 4, "both parties, each column");
+}
+
+#[test]
+fn a_bad_key_holder_hello_is_refused_before_any_work() {
+    let e = Pair::honest().globex_error(hello(|h| h.sender = "mallory".into()));
+    assert_eq!(by("acme", &e), Violation::WrongSender("mallory".into()));
+    let e = Pair::honest().globex_error(hello(|h| h.spec_digest = vec![0; 32]));
+    assert_eq!(by("acme", &e), Violation::SpecMismatch);
+    let e = Pair::honest().globex_error(hello(|h| h.sum = None));
+    assert_eq!(
+        by("acme", &e),
+        Violation::Terms("its hello carries no overlap-sum terms".into())
+    );
+    let e = Pair::honest().globex_error(hello(|h| h.noise_commitment = vec![1; 32]));
+    assert_eq!(
+        by("acme", &e),
+        Violation::Terms("it announced overlap noise for an overlap-sum".into())
+    );
+    let e = Pair::honest().globex_error(hello(|h| {
+        if let Some(t) = &mut h.sum {
+            t.public_key = vec![1; 256];
+        }
+    }));
+    assert!(
+        by("acme", &e)
+            .to_string()
+            .contains("a value holder's layout or key")
+    );
+    let e = Pair::honest().globex_error(hello(|h| {
+        if let Some(t) = &mut h.sum {
+            t.min_result = 0;
+            t.epsilon = f64::NAN;
+        }
+    }));
+    assert!(
+        by("acme", &e)
+            .to_string()
+            .starts_with("its overlap-sum terms: ")
+    );
+    // A size the agreement does not allow is this node's policy refusing, not a violation.
+    let e = Pair::honest().globex_error(hello(|h| h.set_size = 5000));
+    assert!(matches!(e, JobError::Refused(_)), "{e:?}");
+}
+
+#[test]
+fn a_bad_value_holder_hello_is_refused_before_any_work() {
+    let e = Pair::honest().acme_error(hello(|h| {
+        if let Some(t) = &mut h.sum {
+            t.widths.push(8);
+        }
+    }));
+    assert_eq!(
+        by("globex", &e),
+        Violation::Terms("its slot layout does not match the bounds it declared".into())
+    );
+    let e = Pair::honest().acme_error(hello(|h| {
+        if let Some(t) = &mut h.sum {
+            t.public_key = vec![2; 256];
+        }
+    }));
+    assert!(matches!(by("globex", &e), Violation::Sum(_)), "{e:?}");
+    // No work was handed out before the hello was checked.
+    let mut pair = Pair::honest();
+    pair.run(
+        honest(),
+        hello(|h| {
+            h.sender = "mallory".into();
+        }),
+    );
+    assert_eq!(pair.acme.rechecks, 0);
+    assert!(pair.acme.charges.is_empty());
+}
+
+#[test]
+fn frames_of_another_phase_or_kind_are_violations() {
+    // A second hello where blinded points are due.
+    let e = Pair::honest().globex_error(nth(1, |env| {
+        let mut second = env.clone();
+        second.phase = Phase::PsiSize as i32;
+        second.body = Some(Body::PsiHello(PsiHello::default()));
+        vec![second, env]
+    }));
+    assert!(
+        matches!(by("acme", &e), Violation::WrongPhase { .. }),
+        "{e:?}"
+    );
+    // An end marker in the result phase, where the sums are due.
+    let e = Pair::honest().globex_error(first_of(Phase::SumResult, is_points, |mut env| {
+        env.body = Some(Body::BatchEnd(BatchEnd { total: 0 }));
+        vec![env]
+    }));
+    assert!(
+        matches!(by("acme", &e), Violation::Unexpected { .. }),
+        "{e:?}"
+    );
+    // The rows sent before the points were returned.
+    let e = Pair::honest().acme_error(first_of(Phase::PsiDoubleBlinded, is_points, |mut env| {
+        env.phase = Phase::SumRows as i32;
+        vec![env]
+    }));
+    assert!(
+        matches!(by("globex", &e), Violation::WrongPhase { .. }),
+        "{e:?}"
+    );
+}
+
+#[test]
+fn batches_out_of_order_or_replayed_are_violations() {
+    // The value holder's first blinded batch, sent twice.
+    let e = Pair::honest().acme_error(first_of(Phase::PsiBlinded, is_points, |env| {
+        vec![env.clone(), env]
+    }));
+    assert_eq!(
+        by("globex", &e),
+        Violation::OutOfOrder {
+            got: 0,
+            expected: 1
+        }
+    );
+    // A batch numbered ahead.
+    let e = Pair::honest().globex_error(first_of(Phase::PsiBlinded, is_points, |mut env| {
+        if let Some(Body::Points(b)) = &mut env.body {
+            b.seq = 3;
+        }
+        vec![env]
+    }));
+    assert_eq!(
+        by("acme", &e),
+        Violation::OutOfOrder {
+            got: 3,
+            expected: 0
+        }
+    );
+    // A row batch dropped: the key holder's count of rows falls short.
+    let e = Pair::honest().acme_error(first_of(Phase::SumRows, is_points, |_| Vec::new()));
+    assert!(matches!(by("globex", &e), Violation::Sum(_)), "{e:?}");
+}
+
+#[test]
+fn a_bad_result_ciphertext_is_the_key_holders_violation_with_the_e2e_words() {
+    let result = |f: fn(&mut Vec<u8>)| -> Tamper {
+        first_of(Phase::SumResult, is_points, move |mut env| {
+            if let Some(Body::Points(b)) = &mut env.body {
+                f(&mut b.points);
+            }
+            vec![env]
+        })
+    };
+    let words = |tamper| by("acme", &Pair::honest().globex_error(tamper)).to_string();
+    assert!(words(result(|p| p.fill(0xff))).contains("not below n²"));
+    assert!(words(result(|p| p.fill(0))).contains("shares a factor with n"));
+    assert!(
+        words(result(|p| {
+            p.pop();
+        }))
+        .contains("encoding of")
+    );
+}
+
+#[test]
+fn an_abort_ends_the_job_with_the_peers_reason() {
+    let e = Pair::honest().globex_error(nth(1, |env| {
+        vec![Envelope {
+            body: Some(Body::Abort(Abort {
+                reason: "disk full".into(),
+            })),
+            ..env
+        }]
+    }));
+    assert_eq!(e.to_string(), "node 'acme' aborted the job: disk full");
+}
+
+#[test]
+fn a_peer_that_stops_early_leaves_the_protocol_unfinished_with_its_silence_allowance() {
+    let mut pair = Pair::honest();
+    assert_eq!(pair.globex.proto.silence_allowed(), STALL_BASE);
+    // Acme sends its hello and its blinded points, then nothing more.
+    let mut sent = 0;
+    pair.run(
+        Box::new(move |env| {
+            sent += 1;
+            if sent <= 2 { vec![env] } else { Vec::new() }
+        }),
+        honest(),
+    );
+    assert!(pair.globex.error.is_none());
+    assert!(!pair.globex.proto.is_finished());
+    // Once both sizes are known the allowance covers both sets and our rows' encryption.
+    assert!(pair.globex.proto.silence_allowed() > stall_deadline(40, 30));
+    assert!(pair.globex.proto.into_exchange().is_none());
+}
+
+#[test]
+fn violations_read_as_they_did_in_the_async_code() {
+    let e = Pair::honest().globex_error(hello(|h| h.sum = None));
+    assert_eq!(
+        crate::error::NodeError::from(e).to_string(),
+        "protocol violation by node 'acme': its hello carries no overlap-sum terms"
+    );
+}
