@@ -14,7 +14,7 @@ use crate::clock::now_ms;
 use crate::error::CoordinatorError;
 use crate::report::{ScheduleReport, render_json};
 use crate::run::{self, Launch};
-use crate::schedule::{self, ScheduledJob, check_notify};
+use crate::schedule::{self, ScheduledJob, SubmitError, check_notify};
 use crate::shared::Shared;
 use crate::spec;
 use crate::store::{NewSchedule, ScheduleNotify, ScheduleRecord, ScheduleRun};
@@ -28,17 +28,20 @@ const MAX_LIST: u32 = 1000;
 /// Submits one job on behalf of the scheduler (or `schedule run-now`): validates the spec,
 /// stores it under the run's idempotency key and starts its runner if it is new. Returns the job
 /// id, or why the submission was refused.
-pub async fn submit_scheduled(shared: Arc<Shared>, job: ScheduledJob) -> Result<String, String> {
-    spec::validate(&job.spec)?;
+pub async fn submit_scheduled(
+    shared: Arc<Shared>,
+    job: ScheduledJob,
+) -> Result<String, SubmitError> {
+    spec::validate(&job.spec).map_err(SubmitError::InvalidSpec)?;
     let note = if job.attempt == 0 {
         format!("schedule {}", job.schedule)
     } else {
         format!("schedule {}, retry {}", job.schedule, job.attempt)
     };
-    let submitted = shared
-        .store
-        .submit_noted(&job.spec, &job.idempotency_key, &job.owner, &note, now_ms())
-        .map_err(|e| e.to_string())?;
+    let submitted =
+        shared
+            .store
+            .submit_noted(&job.spec, &job.idempotency_key, &job.owner, &note, now_ms())?;
     if submitted.created {
         tracing::info!(job_id = %submitted.job_id, schedule = %job.schedule, attempt = job.attempt, "scheduled job submitted");
         run::start(&shared, &submitted.job_id, job.spec, Launch::New);

@@ -49,19 +49,44 @@ impl ScheduledJob {
 }
 
 /// How the scheduler submits a job: it answers the job's id, or why the submission was refused.
-/// Any `Fn(ScheduledJob) -> impl Future<Output = Result<String, String>>` is one.
+/// Any `Fn(ScheduledJob) -> impl Future<Output = Result<String, E>>` is one, for an error `E`
+/// that converts into a [`SubmitError`].
 pub trait Submit {
     /// Submits `job`.
-    fn submit(&self, job: ScheduledJob) -> impl Future<Output = Result<String, String>>;
+    fn submit(&self, job: ScheduledJob) -> impl Future<Output = Result<String, SubmitError>>;
 }
 
-impl<F, Fut> Submit for F
+impl<F, Fut, E> Submit for F
 where
     F: Fn(ScheduledJob) -> Fut,
-    Fut: Future<Output = Result<String, String>>,
+    Fut: Future<Output = Result<String, E>>,
+    E: Into<SubmitError>,
 {
-    fn submit(&self, job: ScheduledJob) -> impl Future<Output = Result<String, String>> {
-        self(job)
+    fn submit(&self, job: ScheduledJob) -> impl Future<Output = Result<String, SubmitError>> {
+        let submitted = self(job);
+        async move { submitted.await.map_err(Into::into) }
+    }
+}
+
+/// Why a scheduled job was not submitted. Rendered to prose only where a person reads it: the
+/// schedule's run history and the log.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SubmitError {
+    /// The schedule's spec is not a job the coordinator runs (the validator's words).
+    #[error("{0}")]
+    InvalidSpec(String),
+    /// The store could not take the job.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The submitter refused the job for a reason of its own.
+    #[error("{0}")]
+    Refused(String),
+}
+
+impl From<String> for SubmitError {
+    fn from(reason: String) -> Self {
+        SubmitError::Refused(reason)
     }
 }
 
@@ -78,7 +103,7 @@ pub enum ScheduleError {
         /// The schedule.
         schedule: String,
         /// The refusal.
-        reason: String,
+        reason: SubmitError,
     },
 }
 
@@ -138,7 +163,8 @@ pub async fn tick(
                             }
                         }
                     }
-                    Err(reason) => {
+                    Err(refused) => {
+                        let reason = refused.to_string();
                         tracing::warn!(schedule = %run.schedule, %reason, "scheduled job refused");
                         if store.record_not_submitted(
                             &run.schedule,
