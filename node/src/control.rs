@@ -16,7 +16,9 @@ use tokio::sync::watch;
 use tracing::Instrument;
 
 use crate::audit::AuditEvent;
-use crate::error::NodeError;
+use crate::error::{JobError, NodeError};
+use crate::job::Side;
+use crate::kind::Kind;
 use crate::state::NodeState;
 
 /// How long the node waits for `Start` after accepting an offer.
@@ -199,7 +201,8 @@ async fn run_offer(
     let spec = offer
         .spec
         .ok_or_else(|| protocol("coordinator", "offer without a job spec"))?;
-    if spec.kind == cleanroom_proto::v1::JobKind::Aggregate as i32 {
+    let kind = Kind::of(&spec);
+    if kind.is_some_and(Kind::is_multiparty) {
         return crate::job::aggregate::serve_offer(endpoint, state, job_id, spec, send, recv).await;
     }
     let role = Role::try_from(offer.role).unwrap_or(Role::Unspecified);
@@ -267,25 +270,19 @@ async fn run_offer(
         my_name: cfg.name.clone(),
         state: state.clone(),
     };
-    let overlap_sum = job.spec.kind == cleanroom_proto::v1::JobKind::OverlapSum as i32;
+    // The policy vetoes a kind this node does not run, so an accepted offer has one.
+    let kind =
+        kind.ok_or_else(|| JobError::Internal("an offer of no known kind was accepted".into()))?;
     let outcome = if role == Role::Responder {
         let incoming = state
             .waiting
             .expect_connection(&job_id, &job.permit.partner);
         send.send(&ready).await?;
-        if overlap_sum {
-            crate::job::driver::overlap_sum::run_value_holder(job, incoming).await
-        } else {
-            crate::job::driver::run_responder(job, incoming).await
-        }
+        crate::job::run_two_party(kind, job, Side::Accept(incoming)).await
     } else {
         let peer_addr = crate::dataplane::resolve_peer(&endpoint, &start.peer_addr).await?;
         send.send(&ready).await?;
-        if overlap_sum {
-            crate::job::driver::overlap_sum::run_key_holder(job, &endpoint, peer_addr).await
-        } else {
-            crate::job::driver::run_initiator(job, &endpoint, peer_addr).await
-        }
+        crate::job::run_two_party(kind, job, Side::Dial(&endpoint, peer_addr)).await
     }?;
     tracing::info!(
         intersection = outcome.intersection,

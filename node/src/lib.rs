@@ -30,6 +30,7 @@ pub mod data;
 pub mod dataplane;
 pub mod error;
 pub mod job;
+pub mod kind;
 pub mod ledger;
 pub mod policy;
 pub mod run;

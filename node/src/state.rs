@@ -10,7 +10,7 @@ use crate::dataplane::Waiting;
 use crate::ledger::{Ledger, LedgerError};
 use crate::policy::NodeConfig;
 use crate::policy::PolicyHolder;
-use crate::policy::{self, Permit, Veto};
+use crate::policy::{Permit, Veto};
 
 /// Which allow entry a run was accepted under: rate limits count per entry.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -111,27 +111,13 @@ impl NodeState {
     ) -> Result<(u64, Permit), Veto> {
         let (generation, cfg) = self.policy.snapshot();
         let mut history = self.history.lock().unwrap_or_else(|p| p.into_inner());
-        let checked = if is_aggregate(spec) {
-            // N parties, one agreement with each peer; the release goes to the coordinator only.
-            crate::policy::aggregate::check_offer_at(&cfg, spec, me, now_ms).map(|p| p.permit)
-        } else {
-            policy::psi::check_offer_at(&cfg, spec, me, now_ms)
-        };
-        let decision = checked.and_then(|permit| {
-            // ECDH-PSI gives both parties the count: an agreement that forbids the partner
-            // learning counts cannot be honoured by this protocol, so the job is refused.
-            if !is_aggregate(spec) && !permit.counts_allowed_to(crate::policy::Recipient::Partner) {
-                return Err(Veto(format!(
-                    "this computation reveals the count to {}, and the agreement does not allow counts to the partner",
-                    permit.partner
-                )));
-            }
-            if spec.kind == cleanroom_proto::v1::JobKind::OverlapSum as i32 {
-                crate::policy::overlap_sum::check_offer(&permit, spec, me)?;
-            }
+        let decision = crate::kind::check_offer(&cfg, spec, me, now_ms).and_then(|permit| {
             let key = run_key(spec, me, &permit);
             if let Some(counter) = &permit.runs {
-                counter.check(history.runs.get(&key).map(Vec::as_slice).unwrap_or(&[]), now_ms)?;
+                counter.check(
+                    history.runs.get(&key).map(Vec::as_slice).unwrap_or(&[]),
+                    now_ms,
+                )?;
             }
             // A release that would spend ε must fit the budgets, and its key must never have
             // been charged: a repeated offer of a charged job is refused (its data may have
@@ -145,14 +131,7 @@ impl NodeState {
             Ok(permit)
         });
         let mine = spec.parties.get(me).cloned().unwrap_or_default();
-        let partner = if is_aggregate(spec) {
-            aggregate_peers(spec, me)
-        } else {
-            spec.parties
-                .get(1 - me.min(1))
-                .map(|p| p.node.clone())
-                .unwrap_or_default()
-        };
+        let partner = crate::kind::audit_partner(spec, me);
         let event = AuditEvent::Decision {
             job_id: job_id.to_owned(),
             partner: partner.clone(),
@@ -203,17 +182,7 @@ impl NodeState {
         if now_generation == generation {
             return Ok(());
         }
-        if is_aggregate(spec) {
-            let fresh = crate::policy::aggregate::check_offer_at(&cfg, spec, me, now_ms)?;
-            if &fresh.permit != permit {
-                return Err(Veto(format!(
-                    "the policy for {} changed while the job ran; its terms no longer hold",
-                    permit.partner
-                )));
-            }
-            return Ok(());
-        }
-        policy::psi::recheck(&cfg, spec, me, now_ms, permit)
+        crate::kind::recheck(&cfg, spec, me, now_ms, permit)
     }
 }
 
@@ -241,23 +210,6 @@ fn run_key(spec: &cleanroom_proto::v1::JobSpec, me: usize, permit: &Permit) -> R
         &mine.dataset,
         &mine.keys,
     )
-}
-
-/// Whether `spec` is an N-party aggregate (decided by [`crate::policy::aggregate`]).
-fn is_aggregate(spec: &cleanroom_proto::v1::JobSpec) -> bool {
-    spec.kind == cleanroom_proto::v1::JobKind::Aggregate as i32
-}
-
-/// An aggregate's other parties, comma-separated (the audit log's partner field).
-fn aggregate_peers(spec: &cleanroom_proto::v1::JobSpec, me: usize) -> String {
-    let peers: Vec<&str> = spec
-        .parties
-        .iter()
-        .enumerate()
-        .filter(|(i, _)| *i != me)
-        .map(|(_, p)| p.node.as_str())
-        .collect();
-    peers.join(",")
 }
 
 #[cfg(test)]
