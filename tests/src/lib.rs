@@ -163,6 +163,10 @@ pub struct Consortium {
     /// When set, every process started from now on records what it receives in
     /// `<this dir>/<process name>.frames` (see [`Consortium::record_transcripts`]).
     pub transcripts: Option<PathBuf>,
+    /// The directory (relative to the consortium's) holding each party's certificate and key:
+    /// `pki` (the CA's own directory) when the CA issued them, `keys` for a consortium whose
+    /// parties enrolled by certificate request ([`Consortium::enrolled`]).
+    pub keys: String,
 }
 
 impl Consortium {
@@ -185,7 +189,47 @@ impl Consortium {
             addr: None,
             nodes: Vec::new(),
             transcripts: None,
+            keys: "pki".into(),
         }
+    }
+
+    /// Like [`Consortium::new`], but the coordinator and alice enrol as real parties do: each
+    /// generates its key and a request in `keys/` (`cleanroom pki request`), and the CA in
+    /// `pki/` signs the request (`cleanroom pki sign`). The CA directory never holds their keys.
+    pub fn enrolled() -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("cleanroom-e2e-")
+            .tempdir()
+            .expect("tempdir");
+        cleanroom_ok(dir.path(), &["pki", "init", "--dir", "pki"]);
+        std::fs::create_dir_all(dir.path().join("logs")).unwrap();
+        let c = Self {
+            dir,
+            coordinator: None,
+            addr: None,
+            nodes: Vec::new(),
+            transcripts: None,
+            keys: "keys".into(),
+        };
+        c.enrol(&["--role", "coordinator"], "coordinator");
+        c.enrol(&["--role", "analyst", "--name", "alice"], "analyst-alice");
+        c
+    }
+
+    /// `cleanroom pki request ROLE_ARGS --out keys` then `cleanroom pki sign keys/STEM.csr`.
+    pub fn enrol(&self, role_args: &[&str], stem: &str) {
+        let mut args = vec!["pki", "request", "--out", "keys"];
+        args.extend(role_args);
+        cleanroom_ok(self.path(), &args);
+        cleanroom_ok(
+            self.path(),
+            &["pki", "sign", "--dir", "pki", &format!("keys/{stem}.csr")],
+        );
+    }
+
+    /// Enrols partner `name`'s node by certificate request (see [`Consortium::enrolled`]).
+    pub fn enrol_node(&self, name: &str) {
+        self.enrol(&["--role", "node", "--name", name], &format!("node-{name}"));
     }
 
     /// Makes every process started from now on record the envelopes it receives, in
@@ -256,7 +300,7 @@ impl Consortium {
         let cfg = self.path().join("coordinator.toml");
         std::fs::write(
             &cfg,
-            format!("listen = \"{listen}\"\ndatabase = \"coordinator.db\"\noffer_timeout_secs = 10\n\n[tls]\nca = \"pki/ca.pem\"\ncert = \"pki/coordinator.pem\"\nkey = \"pki/coordinator.key\"\n"),
+            format!("listen = \"{listen}\"\ndatabase = \"coordinator.db\"\noffer_timeout_secs = 10\n\n[tls]\nca = \"pki/ca.pem\"\ncert = \"{keys}/coordinator.pem\"\nkey = \"{keys}/coordinator.key\"\n", keys = self.keys),
         )
         .unwrap();
         let log = self.path().join(format!("logs/{name}.log"));
@@ -310,10 +354,11 @@ impl Consortium {
             &cfg,
             format!(
                 "name = \"{name}\"\ncoordinator = \"{addr}\"\nlisten = \"127.0.0.1:0\"\nstate_dir = \"state-{name}\"\n\n\
-                 [tls]\nca = \"pki/ca.pem\"\ncert = \"pki/node-{name}.pem\"\nkey = \"pki/node-{name}.key\"\n\n\
+                 [tls]\nca = \"pki/ca.pem\"\ncert = \"{keys}/node-{name}.pem\"\nkey = \"{keys}/node-{name}.key\"\n\n\
                  [[dataset]]\nname = \"customers\"\npath = \"data/{csv_of}.csv\"\n\n\
                  [[dataset.identifier]]\nname = \"email\"\ncolumn = \"email\"\nnormaliser = \"email\"\n\n\
-                 [[dataset.identifier]]\nname = \"phone\"\ncolumn = \"phone\"\nnormaliser = \"phone\"\n\n{agreements}"
+                 [[dataset.identifier]]\nname = \"phone\"\ncolumn = \"phone\"\nnormaliser = \"phone\"\n\n{agreements}",
+                keys = self.keys
             ),
         )
         .unwrap();
@@ -389,9 +434,9 @@ impl Consortium {
             "--ca".into(),
             "pki/ca.pem".into(),
             "--cert".into(),
-            "pki/analyst-alice.pem".into(),
+            format!("{}/analyst-alice.pem", self.keys),
             "--key".into(),
-            "pki/analyst-alice.key".into(),
+            format!("{}/analyst-alice.key", self.keys),
         ]
     }
 
