@@ -197,6 +197,29 @@ pub fn client_endpoint(
     Ok(endpoint)
 }
 
+/// The TLS alert a handshake failure carries (QUIC CRYPTO_ERROR 0x100 + alert), if any.
+fn tls_alert(e: &ConnectionError) -> Option<u64> {
+    let code: u64 = match e {
+        ConnectionError::TransportError(t) => t.code.into(),
+        ConnectionError::ConnectionClosed(c) => c.error_code.into(),
+        _ => return None,
+    };
+    (0x100..0x200).contains(&code).then_some(code - 0x100)
+}
+
+/// Why a connection ended, in words: a refusal of our own certificate says so.
+pub(crate) fn closed_reason(e: &ConnectionError) -> String {
+    match tls_alert(e) {
+        // certificate_revoked
+        Some(44) => {
+            format!("the peer refused our certificate: it is revoked by the consortium CA ({e})")
+        }
+        // certificate_expired
+        Some(45) => format!("the peer refused our certificate: it has expired ({e})"),
+        _ => e.to_string(),
+    }
+}
+
 fn is_tls_failure(e: &ConnectionError) -> bool {
     match e {
         ConnectionError::TransportError(t) => (0x100..0x200).contains(&u64::from(t.code)),
@@ -228,6 +251,7 @@ pub async fn connect(
             ConnectionError::TimedOut => {
                 format!("no answer; is {expected} running and listening at {addr}?")
             }
+            e if matches!(tls_alert(e), Some(44 | 45)) => closed_reason(e),
             e if is_tls_failure(e) => format!(
                 "TLS handshake failed ({e}); check that both sides have certificates from the \
                  same consortium CA, that they are not expired, and that {addr} is really {expected}"

@@ -908,3 +908,34 @@ fn revoke_by_name_needs_a_role_when_the_name_has_two() {
     pki::refresh_crl(&pki.ca_dir).unwrap();
     assert_eq!(pki::revocations(&pki.ca_dir).unwrap().len(), 2);
 }
+
+#[tokio::test]
+async fn a_revoked_client_is_told_its_certificate_is_revoked() {
+    let pki = Pki::new();
+    let coord = creds_with_crl(&pki, &Identity::coordinator());
+    let (coord_ep, addr) = server(&coord);
+    let bob = pki.creds(&Identity::analyst("bob").unwrap());
+    pki::revoke(
+        &pki.ca_dir,
+        &pki::RevokeTarget::Name {
+            name: "bob".into(),
+            role: None,
+        },
+    )
+    .unwrap();
+    assert!(coord.reload().unwrap());
+    let ep = client_endpoint(&bob, &TransportTuning::default(), addr).unwrap();
+    let server = tokio::spawn(async move { accept(&coord_ep).await.map(|r| r.is_ok()) });
+    // TLS 1.3: the client learns of the refusal at its first exchange.
+    let conn = timed(connect(&ep, addr, &Identity::coordinator()))
+        .await
+        .unwrap();
+    let (mut send, mut recv) = timed(open_bi(&conn)).await.unwrap();
+    let _ = send.send(&Envelope::default()).await;
+    let err = timed(recv.recv()).await.unwrap_err().to_string();
+    assert!(
+        err.contains("the peer refused our certificate: it is revoked by the consortium CA"),
+        "{err}"
+    );
+    assert_eq!(server.await.unwrap(), Some(false));
+}
