@@ -167,6 +167,9 @@ pub struct Consortium {
     /// `pki` (the CA's own directory) when the CA issued them, `keys` for a consortium whose
     /// parties enrolled by certificate request ([`Consortium::enrolled`]).
     pub keys: String,
+    /// When set, the coordinator's and nodes' configs name the CA's CRL (`pki/crl.pem`), which
+    /// they reload on change.
+    pub crl: bool,
 }
 
 impl Consortium {
@@ -190,6 +193,7 @@ impl Consortium {
             nodes: Vec::new(),
             transcripts: None,
             keys: "pki".into(),
+            crl: false,
         }
     }
 
@@ -210,6 +214,7 @@ impl Consortium {
             nodes: Vec::new(),
             transcripts: None,
             keys: "keys".into(),
+            crl: false,
         };
         c.enrol(&["--role", "coordinator"], "coordinator");
         c.enrol(&["--role", "analyst", "--name", "alice"], "analyst-alice");
@@ -225,6 +230,15 @@ impl Consortium {
             self.path(),
             &["pki", "sign", "--dir", "pki", &format!("keys/{stem}.csr")],
         );
+    }
+
+    /// The `[tls]` line naming the CRL, when [`Consortium::crl`] is set.
+    fn crl_line(&self) -> &'static str {
+        if self.crl {
+            "crl = \"pki/crl.pem\"\n"
+        } else {
+            ""
+        }
     }
 
     /// Enrols partner `name`'s node by certificate request (see [`Consortium::enrolled`]).
@@ -300,7 +314,7 @@ impl Consortium {
         let cfg = self.path().join("coordinator.toml");
         std::fs::write(
             &cfg,
-            format!("listen = \"{listen}\"\ndatabase = \"coordinator.db\"\noffer_timeout_secs = 10\n\n[tls]\nca = \"pki/ca.pem\"\ncert = \"{keys}/coordinator.pem\"\nkey = \"{keys}/coordinator.key\"\n", keys = self.keys),
+            format!("listen = \"{listen}\"\ndatabase = \"coordinator.db\"\noffer_timeout_secs = 10\n\n[tls]\nca = \"pki/ca.pem\"\ncert = \"{keys}/coordinator.pem\"\nkey = \"{keys}/coordinator.key\"\n{crl}", keys = self.keys, crl = self.crl_line()),
         )
         .unwrap();
         let log = self.path().join(format!("logs/{name}.log"));
@@ -354,11 +368,12 @@ impl Consortium {
             &cfg,
             format!(
                 "name = \"{name}\"\ncoordinator = \"{addr}\"\nlisten = \"127.0.0.1:0\"\nstate_dir = \"state-{name}\"\n\n\
-                 [tls]\nca = \"pki/ca.pem\"\ncert = \"{keys}/node-{name}.pem\"\nkey = \"{keys}/node-{name}.key\"\n\n\
+                 [tls]\nca = \"pki/ca.pem\"\ncert = \"{keys}/node-{name}.pem\"\nkey = \"{keys}/node-{name}.key\"\n{crl}\n\
                  [[dataset]]\nname = \"customers\"\npath = \"data/{csv_of}.csv\"\n\n\
                  [[dataset.identifier]]\nname = \"email\"\ncolumn = \"email\"\nnormaliser = \"email\"\n\n\
                  [[dataset.identifier]]\nname = \"phone\"\ncolumn = \"phone\"\nnormaliser = \"phone\"\n\n{agreements}",
-                keys = self.keys
+                keys = self.keys,
+                crl = self.crl_line()
             ),
         )
         .unwrap();

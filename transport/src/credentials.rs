@@ -385,10 +385,11 @@ impl Credentials {
     /// called inside a tokio runtime; the task ends when these credentials are dropped.
     pub fn spawn_reloader(&self, poll: Duration) -> tokio::task::JoinHandle<()> {
         let weak = Arc::downgrade(&self.shared);
+        // Registered before returning, so a SIGHUP sent once this returns is never the default
+        // action (which ends the process).
+        #[cfg(unix)]
+        let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
         tokio::spawn(async move {
-            #[cfg(unix)]
-            let mut hup =
-                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
             let mut last_error: Option<String> = None;
             loop {
                 #[cfg(unix)]

@@ -939,3 +939,52 @@ async fn a_revoked_client_is_told_its_certificate_is_revoked() {
     );
     assert_eq!(server.await.unwrap(), Some(false));
 }
+
+#[tokio::test]
+async fn sighup_reloads_at_once_and_a_change_is_seen_by_polling() {
+    let pki = Pki::new();
+    let globex = creds_with_crl(&pki, &node("globex"));
+    // A poll far longer than the test: only SIGHUP can reload.
+    let task = globex.spawn_reloader(Duration::from_secs(3600));
+    issue(&pki.ca_dir, &node("acme"), &pki.certs).unwrap();
+    pki::revoke(
+        &pki.ca_dir,
+        &pki::RevokeTarget::Name {
+            name: "acme".into(),
+            role: None,
+        },
+    )
+    .unwrap();
+    assert_eq!(globex.revoked_entries(), 0);
+    let status = std::process::Command::new("kill")
+        .args(["-HUP", &std::process::id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    timed(async {
+        while globex.revoked_entries() != 1 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    task.abort();
+
+    // Polling: a change is picked up within one poll.
+    let task = globex.spawn_reloader(Duration::from_millis(100));
+    issue(&pki.ca_dir, &node("initech"), &pki.certs).unwrap();
+    pki::revoke(
+        &pki.ca_dir,
+        &pki::RevokeTarget::Name {
+            name: "initech".into(),
+            role: None,
+        },
+    )
+    .unwrap();
+    timed(async {
+        while globex.revoked_entries() != 2 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    task.abort();
+}
