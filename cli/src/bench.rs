@@ -11,6 +11,7 @@ use serde_json::json;
 
 use crate::args::{BenchAggregateArgs, BenchCommand, BenchPsiArgs};
 use crate::cluster::{Cluster, Partner};
+use crate::measure::{cores, median, rss_json, verdict, warn_if_debug};
 use crate::synth::{SynthSpec, write_synth};
 use crate::ui::{WorkDir, spinner};
 
@@ -23,28 +24,9 @@ pub async fn run(command: BenchCommand) -> anyhow::Result<ExitCode> {
     }
 }
 
-/// Peak resident set size of a process (VmHWM), in bytes.
-pub(crate) fn peak_rss(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb * 1024)
-}
-
-pub(crate) fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
-}
-
 async fn psi(args: BenchPsiArgs) -> anyhow::Result<ExitCode> {
-    if cfg!(debug_assertions) {
-        eprintln!(
-            "warning: this is a debug build; benchmark figures are meaningless. Use `cargo run --release --bin cleanroom -- bench psi`."
-        );
-    }
-    let cores = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1);
+    warn_if_debug("psi");
+    let cores = cores();
     let workdir = WorkDir::new(args.keep.as_deref(), "cleanroom-bench-")?;
     let dir = workdir.path().to_owned();
     let progress = spinner("starting");
@@ -72,17 +54,7 @@ async fn psi(args: BenchPsiArgs) -> anyhow::Result<ExitCode> {
         .unwrap_or(0);
 
     progress.set_message("starting the coordinator and two nodes");
-    let cluster = Cluster::start(
-        &dir,
-        &partners
-            .iter()
-            .map(|n| Partner {
-                name: n.to_string(),
-                csv: data_dir.join(format!("{n}.csv")),
-            })
-            .collect::<Vec<_>>(),
-    )
-    .await?;
+    let cluster = Cluster::start(&dir, &Partner::all_in(&data_dir, &partners)).await?;
     let client = cluster.client().await?;
 
     let mut walls = Vec::new();
@@ -120,10 +92,7 @@ async fn psi(args: BenchPsiArgs) -> anyhow::Result<ExitCode> {
         }
         walls.push(wall);
     }
-    let rss: Vec<(String, Option<u64>)> = partners
-        .iter()
-        .map(|n| (n.to_string(), cluster.node_pid(n).and_then(peak_rss)))
-        .collect();
+    let rss = cluster.peak_rss(&partners);
     client.close().await;
     cluster.stop().await?;
     progress.finish_and_clear();
@@ -186,25 +155,17 @@ async fn psi(args: BenchPsiArgs) -> anyhow::Result<ExitCode> {
                 "wall_s": wall, "floor_s": floor_secs, "ratio": ratio,
                 "items_per_s_per_side": args.n as f64 / wall,
                 "floor_ns": { "hash_to_group": floor.hash_to_group_ns, "scalar_mul": floor.scalar_mul_ns, "compress": floor.compress_ns, "decompress": floor.decompress_ns },
-                "peak_rss_bytes": rss.iter().map(|(n, b)| (n.clone(), json!(b))).collect::<serde_json::Map<_, _>>(),
+                "peak_rss_bytes": rss_json(&rss),
                 "correct": correct,
             })
         );
     }
-    Ok(if correct {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    })
+    Ok(verdict(correct))
 }
 
 /// `cleanroom bench aggregate`: N node processes, G groups, the synthetic chargebacks.
 async fn aggregate(args: BenchAggregateArgs) -> anyhow::Result<ExitCode> {
-    if cfg!(debug_assertions) {
-        eprintln!(
-            "warning: this is a debug build; benchmark figures are meaningless. Use `cargo run --release --bin cleanroom -- bench aggregate`."
-        );
-    }
+    warn_if_debug("aggregate");
     anyhow::ensure!(args.parties >= 3, "an aggregate needs at least 3 parties");
     if args.in_process {
         return aggregate_in_process(&args);
@@ -240,17 +201,7 @@ async fn aggregate(args: BenchAggregateArgs) -> anyhow::Result<ExitCode> {
         "starting the coordinator and {} nodes",
         partners.len()
     ));
-    let cluster = Cluster::start(
-        &dir,
-        &partners
-            .iter()
-            .map(|n| Partner {
-                name: n.clone(),
-                csv: data_dir.join(format!("{n}.csv")),
-            })
-            .collect::<Vec<_>>(),
-    )
-    .await?;
+    let cluster = Cluster::start(&dir, &Partner::all_in(&data_dir, &partners)).await?;
     let client = cluster.client().await?;
     let (group_by, labels, group_range) = if args.integer_groups {
         let hi = i64::try_from(args.groups)?;
@@ -384,9 +335,7 @@ async fn aggregate(args: BenchAggregateArgs) -> anyhow::Result<ExitCode> {
     let (run_walls, run_fetches) = (walls.clone(), fetches.clone());
     let wall = median(&mut walls);
     let fetch = median(&mut fetches);
-    let cores = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1);
+    let cores = cores();
     cleanroom_node::outln!(
         "bench aggregate: {} {} groups (+ other) × 2 columns over {} parties, {} chargebacks per party, {} run(s), {cores} cores",
         args.groups,
@@ -445,11 +394,7 @@ async fn aggregate(args: BenchAggregateArgs) -> anyhow::Result<ExitCode> {
             })
         );
     }
-    Ok(if correct {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    })
+    Ok(verdict(correct))
 }
 
 /// Per bucket `0..groups` and then "(other)": the plaintext (count, amount) of all partners'
@@ -620,9 +565,5 @@ fn aggregate_in_process(args: &BenchAggregateArgs) -> anyhow::Result<ExitCode> {
             "WRONG"
         }
     );
-    Ok(if correct {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    })
+    Ok(verdict(correct))
 }

@@ -6,6 +6,7 @@
 //! (everything on loopback) and `bench` (the PSI benchmark against the cryptographic floor).
 
 mod aggregate_output;
+mod analyst;
 mod args;
 mod bench;
 mod bench_sum;
@@ -14,12 +15,16 @@ mod demo;
 mod group_table;
 mod job;
 mod matrix;
+mod measure;
 mod output;
 mod pki;
+mod render;
 mod report;
 mod schedule;
+mod submit;
 mod sum_output;
 mod synth;
+mod text;
 mod ui;
 
 use std::process::ExitCode;
