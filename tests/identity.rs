@@ -105,3 +105,269 @@ fn a_partner_enrolled_by_request_runs_jobs_and_the_ca_holds_no_partner_key() {
     let help = cleanroom_ok(c.path(), &["pki", "issue", "--help"]);
     assert!(help.contains("DEMO AND TESTS ONLY"), "{help}");
 }
+
+/// `cleanroom ARGS` with analyst `name`'s certificate from `keys/`.
+fn as_analyst(c: &Consortium, name: &str, args: &[&str]) -> std::process::Output {
+    // Connection flags right after the command word: a schedule's job words come last.
+    let mut all: Vec<String> = vec![args[0].to_owned()];
+    all.extend([
+        "--coordinator".into(),
+        c.addr.unwrap().to_string(),
+        "--ca".into(),
+        "pki/ca.pem".into(),
+        "--cert".into(),
+        format!("keys/analyst-{name}.pem"),
+        "--key".into(),
+        format!("keys/analyst-{name}.key"),
+    ]);
+    all.extend(args[1..].iter().map(|s| s.to_string()));
+    let all: Vec<&str> = all.iter().map(String::as_str).collect();
+    cleanroom(c.path(), &all)
+}
+
+/// Sends SIGHUP to `pid`: the process reloads its TLS files at once.
+fn hangup(pid: u32) {
+    let status = std::process::Command::new("kill")
+        .args(["-HUP", &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+fn data_addr(c: &Consortium, node: &str) -> std::net::SocketAddr {
+    c.nodes_json()
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["name"] == node)
+        .and_then(|n| n["data_addr"].as_str())
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+/// Dials `node`'s data plane with the certificate and key in `keys/<stem>.*`; returns the
+/// error the first exchange ends with (a refused client learns it there in TLS 1.3), or `None`
+/// when the node kept the connection up.
+fn data_plane_refusal(c: &Consortium, stem: &str, node: &str) -> Option<String> {
+    use cleanroom_transport::{Credentials, Identity, TransportTuning};
+    let creds = Credentials::load(
+        &c.path().join("pki/ca.pem"),
+        &c.path().join(format!("keys/{stem}.pem")),
+        &c.path().join(format!("keys/{stem}.key")),
+    )
+    .unwrap();
+    let addr = data_addr(c, node);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let ep = cleanroom_transport::client_endpoint(&creds, &TransportTuning::default(), addr)
+            .unwrap();
+        let conn =
+            match cleanroom_transport::connect(&ep, addr, &Identity::node(node).unwrap()).await {
+                Ok(conn) => conn,
+                Err(e) => return Some(e.to_string()),
+            };
+        let closed = tokio::time::timeout(std::time::Duration::from_secs(3), conn.closed()).await;
+        closed.ok().map(|e| e.to_string())
+    })
+}
+
+#[test]
+fn a_revoked_node_and_analyst_are_refused_within_one_reload() {
+    let mut c = Consortium::enrolled();
+    c.crl = true;
+    c.synth("acme,globex", 200, 0.5, 32);
+    c.start_coordinator();
+    // NODE-CRL: the nodes' configs name the CRL once the node reads it.
+    c.crl = false;
+    c.enrol(&["--role", "analyst", "--name", "bob"], "analyst-bob");
+    for (me, other) in [("acme", "globex"), ("globex", "acme")] {
+        c.enrol_node(me);
+        c.write_node_config(me, me, &open_agreement(other));
+        c.start_node(me);
+    }
+    c.wait_connected(&["acme", "globex"]);
+    assert_eq!(overlap(&c)["state"], "succeeded");
+    assert!(as_analyst(&c, "bob", &["nodes"]).status.success());
+    // Before: globex's certificate is welcome on acme's data plane.
+    assert_eq!(data_plane_refusal(&c, "node-globex", "acme"), None);
+    let acme_data = data_addr(&c, "acme");
+
+    let out = cleanroom_ok(c.path(), &["pki", "revoke", "--dir", "pki", "globex"]);
+    assert!(out.contains("revoked node globex"), "{out}");
+    cleanroom_ok(c.path(), &["pki", "revoke", "--dir", "pki", "bob"]);
+    // One reload: SIGHUP (the coordinator also polls the file every second).
+    hangup(c.coordinator.as_ref().unwrap().pid());
+
+    // Control plane: the coordinator closes globex's open connection and refuses it since.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let nodes = c.nodes_json();
+        let up = nodes
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|n| n["name"] == "globex" && n["connected"] == true);
+        if !up {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "globex still connected: {nodes}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let log = c.coordinator.as_ref().unwrap().log_text();
+    assert!(
+        log.contains("node globex is no longer trusted: its certificate is revoked"),
+        "{log}"
+    );
+    let _ = acme_data;
+    // The analyst: refused with a message that says why.
+    let out = as_analyst(&c, "bob", &["nodes"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("the peer refused our certificate: it is revoked by the consortium CA"),
+        "{err}"
+    );
+    // Alice is unaffected; a job with globex fails naming it.
+    let job = overlap(&c);
+    assert_ne!(job["state"], "succeeded", "{job}");
+    assert!(job.to_string().contains("globex"), "{job}");
+}
+
+/// `as_analyst`, expecting failure: the error text.
+fn refused(c: &Consortium, name: &str, args: &[&str]) -> String {
+    let out = as_analyst(c, name, args);
+    assert!(
+        !out.status.success(),
+        "{name} {args:?} was allowed: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn allowed(c: &Consortium, name: &str, args: &[&str]) -> String {
+    let out = as_analyst(c, name, args);
+    assert!(
+        out.status.success(),
+        "{name} {args:?} was refused: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn bob_can_neither_see_nor_touch_alices_jobs_and_schedules() {
+    let mut c = Consortium::enrolled();
+    c.coordinator_extra = "[[role]]\nname = \"auditors\"\ngrants = [\"read-all\"]\nanalysts = [\"carol\"]\n\n\
+                           [[role]]\nname = \"ops\"\ngrants = [\"schedule-admin\"]\nanalysts = [\"sched\"]\n"
+        .into();
+    c.synth("acme,globex", 200, 0.5, 33);
+    c.start_coordinator();
+    for who in ["bob", "carol", "sched"] {
+        c.enrol(
+            &["--role", "analyst", "--name", who],
+            &format!("analyst-{who}"),
+        );
+    }
+    for (me, other) in [("acme", "globex"), ("globex", "acme")] {
+        c.enrol_node(me);
+        c.write_node_config(me, me, &open_agreement(other));
+        c.start_node(me);
+    }
+    c.wait_connected(&["acme", "globex"]);
+
+    // alice's job (vetoed: an unknown purpose, so it can be retried) and schedule.
+    let job_args = [
+        "overlap",
+        "--between",
+        "acme,globex",
+        "--dataset",
+        "customers",
+        "--on",
+        "email",
+        "--purpose",
+        "marketing",
+    ];
+    let (job, _) = c.submit(&job_args);
+    assert_eq!(job["state"], "vetoed", "{job}");
+    let job_id = job["job_id"].as_str().unwrap().to_owned();
+    let mut add = vec!["schedule", "add", "nightly", "--cron", "0 2 * * *", "--"];
+    add.extend([
+        "overlap",
+        "--between",
+        "acme,globex",
+        "--dataset",
+        "customers",
+        "--on",
+        "email",
+        "--purpose",
+        "overlap-reporting",
+    ]);
+    allowed(&c, "alice", &add);
+
+    // bob: refused, and told whose it is and what would allow it.
+    let err = refused(&c, "bob", &["job", "status", &job_id]);
+    assert!(
+        err.contains(&format!(
+            "analyst bob may not see job {job_id}: it belongs to analyst alice"
+        )) && err.contains("read-all or admin"),
+        "{err}"
+    );
+    let err = refused(&c, "bob", &["job", "retry", &job_id]);
+    assert!(
+        err.contains(&format!(
+            "analyst bob may not act on job {job_id}: it belongs to analyst alice"
+        )),
+        "{err}"
+    );
+    for verb in ["pause", "resume", "remove", "run-now"] {
+        let err = refused(&c, "bob", &["schedule", verb, "nightly"]);
+        assert!(
+            err.contains(
+                "analyst bob may not act on schedule nightly: it belongs to analyst alice"
+            ) && err.contains("schedule-admin or admin"),
+            "{verb}: {err}"
+        );
+    }
+    let err = refused(&c, "bob", &["schedule", "show", "nightly"]);
+    assert!(
+        err.contains("analyst bob may not see schedule nightly"),
+        "{err}"
+    );
+    let err = refused(&c, "bob", &["report", "nightly", "--format", "json"]);
+    assert!(
+        err.contains("analyst bob may not see schedule nightly"),
+        "{err}"
+    );
+    // Listings show bob nothing of alice's.
+    let jobs = allowed(&c, "bob", &["job", "list", "--format", "json"]);
+    assert!(!jobs.contains(&job_id), "{jobs}");
+    let schedules = allowed(&c, "bob", &["schedule", "list", "--format", "json"]);
+    assert!(!schedules.contains("nightly"), "{schedules}");
+    // The schedule is untouched.
+    let shown = allowed(
+        &c,
+        "alice",
+        &["schedule", "show", "nightly", "--format", "json"],
+    );
+    assert!(
+        shown.contains("\"paused\": false") || shown.contains("\"paused\":false"),
+        "{shown}"
+    );
+
+    // carol (read-all) sees everything and acts on nothing of alice's.
+    allowed(&c, "carol", &["job", "status", &job_id]);
+    assert!(allowed(&c, "carol", &["job", "list", "--format", "json"]).contains(&job_id));
+    assert!(allowed(&c, "carol", &["schedule", "list", "--format", "json"]).contains("nightly"));
+    refused(&c, "carol", &["job", "retry", &job_id]);
+    refused(&c, "carol", &["schedule", "pause", "nightly"]);
+    // sched (schedule-admin) acts on alice's schedule, not on her one-off job.
+    allowed(&c, "sched", &["schedule", "pause", "nightly"]);
+    refused(&c, "sched", &["job", "status", &job_id]);
+    // alice acts on her own.
+    allowed(&c, "alice", &["schedule", "resume", "nightly"]);
+    allowed(&c, "alice", &["job", "retry", &job_id]);
+}

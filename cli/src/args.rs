@@ -437,15 +437,16 @@ pub struct ScheduleAddArgs {
     /// Seconds before the first retry; each further retry waits twice as long.
     #[arg(long, default_value_t = 60)]
     pub backoff: u32,
-    /// When a run ends (succeeded, failed or vetoed), the coordinator runs this command on its
-    /// host with `sh -c` (timeout 30 s), the run's facts in the environment only:
-    /// CLEANROOM_SCHEDULE, CLEANROOM_JOB_ID, CLEANROOM_STATE, CLEANROOM_RESULT (released count,
-    /// empty if none), CLEANROOM_REASON, CLEANROOM_RUN_JSON. Quote them ("$CLEANROOM_STATE").
-    /// The coordinator's operator must allow commands (CLEANROOM_ALLOW_ON_DONE=1).
-    #[arg(long, value_name = "CMD")]
+    /// When a run ends (succeeded, failed or vetoed), the coordinator runs this program on its
+    /// host, directly (no shell, no arguments; timeout 30 s), the run's facts in the
+    /// environment only: CLEANROOM_SCHEDULE, CLEANROOM_JOB_ID, CLEANROOM_STATE,
+    /// CLEANROOM_RESULT (released count, empty if none), CLEANROOM_REASON, CLEANROOM_RUN_JSON.
+    /// An absolute path inside a directory the coordinator's operator lists (`on_done_dirs`).
+    #[arg(long, value_name = "PROGRAM")]
     pub on_done: Option<String>,
     /// When a run ends, the coordinator writes its JSON into this directory on its host (an
-    /// absolute path), one file per run: SCHEDULE-OCCURRENCE-ATTEMPT-JOB.json.
+    /// absolute path inside a directory the coordinator's operator lists, `notify_dirs`), one
+    /// file per run: SCHEDULE-OCCURRENCE-ATTEMPT-JOB.json.
     #[arg(long, value_name = "DIR")]
     pub notify_dir: Option<String>,
     /// Output format.

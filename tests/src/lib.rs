@@ -170,6 +170,8 @@ pub struct Consortium {
     /// When set, the coordinator's and nodes' configs name the CA's CRL (`pki/crl.pem`), which
     /// they reload on change.
     pub crl: bool,
+    /// TOML appended to the coordinator's config (after its `[tls]` table: `[[role]]` tables).
+    pub coordinator_extra: String,
 }
 
 impl Consortium {
@@ -194,6 +196,7 @@ impl Consortium {
             transcripts: None,
             keys: "pki".into(),
             crl: false,
+            coordinator_extra: String::new(),
         }
     }
 
@@ -215,6 +218,7 @@ impl Consortium {
             transcripts: None,
             keys: "keys".into(),
             crl: false,
+            coordinator_extra: String::new(),
         };
         c.enrol(&["--role", "coordinator"], "coordinator");
         c.enrol(&["--role", "analyst", "--name", "alice"], "analyst-alice");
@@ -314,7 +318,7 @@ impl Consortium {
         let cfg = self.path().join("coordinator.toml");
         std::fs::write(
             &cfg,
-            format!("listen = \"{listen}\"\ndatabase = \"coordinator.db\"\noffer_timeout_secs = 10\n\n[tls]\nca = \"pki/ca.pem\"\ncert = \"{keys}/coordinator.pem\"\nkey = \"{keys}/coordinator.key\"\n{crl}", keys = self.keys, crl = self.crl_line()),
+            format!("listen = \"{listen}\"\ndatabase = \"coordinator.db\"\noffer_timeout_secs = 10\n\n[tls]\nca = \"pki/ca.pem\"\ncert = \"{keys}/coordinator.pem\"\nkey = \"{keys}/coordinator.key\"\n{crl}\n{extra}", keys = self.keys, crl = self.crl_line(), extra = self.coordinator_extra),
         )
         .unwrap();
         let log = self.path().join(format!("logs/{name}.log"));

@@ -160,7 +160,7 @@ impl FramedRecv {
 
 fn conn_err(e: quinn::ConnectionError) -> TransportError {
     TransportError::Closed {
-        reason: e.to_string(),
+        reason: crate::endpoint::closed_reason(&e),
     }
 }
 

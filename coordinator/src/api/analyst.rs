@@ -10,14 +10,15 @@ use cleanroom_proto::v1::{
 };
 use cleanroom_transport::{FramedRecv, FramedSend, Identity};
 
+use super::authz::{self, Action, Roles, Target};
 use crate::clock::now_ms;
 use crate::error::CoordinatorError;
 use crate::report::{ScheduleReport, render_json};
 use crate::run::{self, Launch};
-use crate::schedule::{self, ScheduledJob, check_notify};
+use crate::schedule::{self, Confinement, ScheduledJob, check_notify};
 use crate::shared::Shared;
 use crate::spec;
-use crate::store::{NewSchedule, ScheduleNotify, ScheduleRecord, ScheduleRun};
+use crate::store::{JobFilter, NewSchedule, ScheduleNotify, ScheduleRecord, ScheduleRun};
 
 /// Backoff base of a schedule's retries when the analyst gives none, seconds.
 pub const DEFAULT_BACKOFF_SECS: u32 = 60;
@@ -106,22 +107,76 @@ fn unknown_schedule(name: &str) -> CoordinatorError {
     ))
 }
 
-pub(super) async fn analyst_session(shared: Arc<Shared>, conn: quinn::Connection, peer: Identity) {
+pub(super) async fn analyst_session(
+    shared: Arc<Shared>,
+    roles: Arc<Roles>,
+    conn: quinn::Connection,
+    peer: Identity,
+) {
     loop {
         let (send, recv) = match cleanroom_transport::accept_bi(&conn).await {
             Ok(s) => s,
             Err(_) => return,
         };
         let shared = shared.clone();
+        let roles = roles.clone();
         let peer = peer.clone();
         tokio::spawn(async move {
-            analyst_request(&shared, &peer, send, recv).await;
+            analyst_request(&shared, &roles, &peer, send, recv).await;
         });
     }
 }
 
+/// Refuses unless `analyst` may do `action` on the job `info` (see [`authz::authorize`]).
+fn may_on_job(
+    shared: &Shared,
+    roles: &Roles,
+    analyst: &str,
+    action: Action,
+    info: &JobInfo,
+) -> Result<(), CoordinatorError> {
+    let target = Target {
+        id: &info.job_id,
+        owner: &info.submitted_by,
+        scheduled: shared.store.is_scheduled_run(&info.job_id)?,
+    };
+    authz::authorize(analyst, roles, action, &target)
+        .map(|_| ())
+        .map_err(|e| {
+            tracing::info!(analyst = %analyst, job_id = %info.job_id, "refused: {e}");
+            CoordinatorError::Refused(e.to_string())
+        })
+}
+
+/// Refuses unless `analyst` may do `action` on the schedule `record`.
+fn may_on_schedule(
+    roles: &Roles,
+    analyst: &str,
+    action: Action,
+    record: &ScheduleRecord,
+) -> Result<(), CoordinatorError> {
+    let target = Target {
+        id: &record.name,
+        owner: &record.owner,
+        scheduled: false,
+    };
+    authz::authorize(analyst, roles, action, &target)
+        .map(|_| ())
+        .map_err(|e| {
+            tracing::info!(analyst = %analyst, schedule = %record.name, "refused: {e}");
+            CoordinatorError::Refused(e.to_string())
+        })
+}
+
+fn unknown_job(job_id: &str) -> CoordinatorError {
+    CoordinatorError::Refused(format!(
+        "no job '{job_id}'; `cleanroom job list` shows the known jobs"
+    ))
+}
+
 async fn analyst_request(
     shared: &Arc<Shared>,
+    roles: &Roles,
     peer: &Identity,
     mut send: FramedSend,
     mut recv: FramedRecv,
@@ -135,7 +190,7 @@ async fn analyst_request(
         }
     };
     let job_id = env.job_id.clone();
-    let response = match handle(shared, peer, env).await {
+    let response = match handle(shared, roles, peer, env).await {
         Ok(r) => r,
         Err(e) => Response::Error(e.to_string()),
     };
@@ -155,6 +210,7 @@ async fn analyst_request(
 
 async fn handle(
     shared: &Arc<Shared>,
+    roles: &Roles,
     peer: &Identity,
     env: Envelope,
 ) -> Result<Response, CoordinatorError> {
@@ -195,15 +251,18 @@ async fn handle(
         }
         Some(Request::Get(_)) => match shared.store.get(&env.job_id)? {
             Some(mut info) => {
+                may_on_job(shared, roles, &peer.name, Action::ReadJob, &info)?;
                 info.aggregate = shared.store.get_aggregate_result(&env.job_id)?;
                 Ok(Response::Job(info))
             }
-            None => Err(CoordinatorError::Refused(format!(
-                "no job '{}'; `cleanroom job list` shows the known jobs",
-                env.job_id
-            ))),
+            None => Err(unknown_job(&env.job_id)),
         },
         Some(Request::AggregatePage(page)) => {
+            let info = shared
+                .store
+                .get(&env.job_id)?
+                .ok_or_else(|| unknown_job(&env.job_id))?;
+            may_on_job(shared, roles, &peer.name, Action::ReadJob, &info)?;
             match shared
                 .store
                 .get_aggregate_page(&env.job_id, page.offset, page.limit)?
@@ -222,7 +281,14 @@ async fn handle(
             } else {
                 list.limit.min(MAX_LIST)
             };
-            let mut jobs = shared.store.list(limit)?;
+            let filter = if authz::sees_all(&peer.name, roles, Action::ReadJob) {
+                JobFilter::All
+            } else if authz::sees_all(&peer.name, roles, Action::ActOnSchedule) {
+                JobFilter::OwnedByOrScheduled(peer.name.clone())
+            } else {
+                JobFilter::OwnedBy(peer.name.clone())
+            };
+            let mut jobs = shared.store.list_visible(limit, &filter)?;
             // An aggregate spec may list up to 20 000 group labels; fifty of them would not
             // fit in one frame. A listing does not need them (GetJob has them).
             for job in &mut jobs {
@@ -260,7 +326,8 @@ async fn handle(
                 on_done: add.on_done,
                 notify_dir: add.notify_dir,
             };
-            check_notify(&notify).map_err(CoordinatorError::Refused)?;
+            check_notify(&notify, &Confinement::from_config(&shared.cfg))
+                .map_err(CoordinatorError::Refused)?;
             let record = shared.store.add_schedule(
                 &NewSchedule {
                     name: add.name,
@@ -292,6 +359,7 @@ async fn handle(
                 .store
                 .list_schedules()?
                 .iter()
+                .filter(|r| may_on_schedule(roles, &peer.name, Action::ReadSchedule, r).is_ok())
                 .map(|r| schedule_info(r, &[]))
                 .collect(),
         })),
@@ -303,6 +371,7 @@ async fn handle(
                     .schedule_for_report(&r.name)?
                     .ok_or_else(|| unknown_schedule(&r.name))?,
             };
+            may_on_schedule(roles, &peer.name, Action::ReadSchedule, &record)?;
             let runs = shared.store.runs(&r.name, r.since_ms)?;
             let notify = shared.store.schedule_notify(record.id)?;
             Ok(Response::Schedule(schedule_info_notified(
@@ -310,11 +379,21 @@ async fn handle(
             )))
         }
         Some(Request::PauseSchedule(r)) => {
+            let current = shared
+                .store
+                .get_schedule(&r.name)?
+                .ok_or_else(|| unknown_schedule(&r.name))?;
+            may_on_schedule(roles, &peer.name, Action::ActOnSchedule, &current)?;
             let record = shared.store.pause_schedule(&r.name)?;
             tracing::info!(schedule = %r.name, analyst = %peer.name, "schedule paused");
             Ok(Response::Schedule(schedule_info(&record, &[])))
         }
         Some(Request::ResumeSchedule(r)) => {
+            let current = shared
+                .store
+                .get_schedule(&r.name)?
+                .ok_or_else(|| unknown_schedule(&r.name))?;
+            may_on_schedule(roles, &peer.name, Action::ActOnSchedule, &current)?;
             let record = shared.store.resume_schedule(&r.name, now_ms())?;
             tracing::info!(schedule = %r.name, analyst = %peer.name, "schedule resumed");
             Ok(Response::Schedule(schedule_info(&record, &[])))
@@ -324,6 +403,7 @@ async fn handle(
                 .store
                 .get_schedule(&r.name)?
                 .ok_or_else(|| unknown_schedule(&r.name))?;
+            may_on_schedule(roles, &peer.name, Action::ActOnSchedule, &record)?;
             let now = now_ms();
             shared.store.remove_schedule(&r.name, now)?;
             tracing::info!(schedule = %r.name, analyst = %peer.name, "schedule removed");
@@ -334,6 +414,11 @@ async fn handle(
             Ok(Response::Schedule(schedule_info(&record, &[])))
         }
         Some(Request::RunScheduleNow(r)) => {
+            let current = shared
+                .store
+                .get_schedule(&r.name)?
+                .ok_or_else(|| unknown_schedule(&r.name))?;
+            may_on_schedule(roles, &peer.name, Action::ActOnSchedule, &current)?;
             let submitter = shared.clone();
             let submit = move |job: ScheduledJob| submit_scheduled(submitter.clone(), job);
             let run = schedule::run_now(&shared.store, &r.name, now_ms(), &submit)
@@ -347,17 +432,17 @@ async fn handle(
                 .store
                 .schedule_for_report(&r.name)?
                 .ok_or_else(|| unknown_schedule(&r.name))?;
+            may_on_schedule(roles, &peer.name, Action::ReadSchedule, &record)?;
             let runs = shared.store.runs(&r.name, r.since_ms)?;
             let report = ScheduleReport::build(&record, &runs, r.since_ms, now_ms());
             Ok(Response::ReportJson(render_json(&report)))
         }
         Some(Request::Retry(retry)) => {
-            let old = shared.store.get(&env.job_id)?.ok_or_else(|| {
-                CoordinatorError::Refused(format!(
-                    "no job '{}'; `cleanroom job list` shows the known jobs",
-                    env.job_id
-                ))
-            })?;
+            let old = shared
+                .store
+                .get(&env.job_id)?
+                .ok_or_else(|| unknown_job(&env.job_id))?;
+            may_on_job(shared, roles, &peer.name, Action::ActOnJob, &old)?;
             match JobState::try_from(old.state) {
                 Ok(JobState::Failed | JobState::Vetoed | JobState::Cancelled) => {}
                 Ok(JobState::Succeeded) => {

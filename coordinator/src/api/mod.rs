@@ -1,8 +1,11 @@
 //! The coordinator's endpoint: [`server`] (the QUIC server shell: connections, node control
 //! sessions, the scheduler and the orphan sweep, graceful stop) and [`analyst`] (the analyst
-//! API's requests). Nothing below imports this room.
+//! API's requests) and [`authz`] (who may see and do what: the one decision both the QUIC API
+//! and the web console call). Nothing below imports this room, except the config, which reads
+//! [`authz`]'s role types.
 
 pub mod analyst;
+pub mod authz;
 pub mod server;
 
 pub use analyst::{DEFAULT_BACKOFF_SECS, schedule_info, schedule_info_notified, submit_scheduled};

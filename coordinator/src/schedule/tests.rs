@@ -418,9 +418,11 @@ async fn the_loop_ticks_by_the_clock_and_stops_on_shutdown() {
     let (submit, _) = fake_submit(&store, &clock, Ending::Succeed);
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let shared_clock: Arc<dyn Clock> = Arc::new(clock.clone());
+    let confinement = super::Confinement::default();
     let scheduler = run_scheduler_every(
         shared_clock,
         &store,
+        &confinement,
         submit,
         async {
             let _ = stopped.await;

@@ -44,7 +44,7 @@ mod state;
 mod tests;
 
 pub use error::StoreError;
-pub use jobs::{MAX_LIST_LIMIT, NodeRecord, Submitted};
+pub use jobs::{JobFilter, MAX_LIST_LIMIT, NodeRecord, Submitted};
 pub use lease::{LeaseHolder, OrphanedJob};
 pub use results::{
     MAX_INLINE_RESULT_BYTES, MAX_PAGE_BYTES, MAX_PAGE_GROUPS, STORE_PAGE_GROUPS, releases_nothing,
