@@ -353,6 +353,7 @@ purposes = ["fraud-benchmark"]
 
     fn spec(parties: &[&str]) -> JobSpec {
         JobSpec {
+            analyst: String::new(),
             kind: JobKind::Aggregate as i32,
             parties: parties
                 .iter()

@@ -448,6 +448,7 @@ purposes = ["fraud-detection"]
 
     fn spec(kind: JobKind, parties: Vec<PartySpec>, purpose: &str) -> JobSpec {
         JobSpec {
+            analyst: String::new(),
             kind: kind as i32,
             parties,
             purpose: purpose.into(),

@@ -29,8 +29,14 @@ const MAX_LIST: u32 = 1000;
 /// Submits one job on behalf of the scheduler (or `schedule run-now`): validates the spec,
 /// stores it under the run's idempotency key and starts its runner if it is new. Returns the job
 /// id, or why the submission was refused.
-pub async fn submit_scheduled(shared: Arc<Shared>, job: ScheduledJob) -> Result<String, String> {
+pub async fn submit_scheduled(
+    shared: Arc<Shared>,
+    mut job: ScheduledJob,
+) -> Result<String, String> {
     spec::validate(&job.spec)?;
+    // A scheduled run is its owner's request (schedules added before specs named the analyst
+    // have an empty name stored).
+    job.spec.analyst = job.owner.clone();
     let note = if job.attempt == 0 {
         format!("schedule {}", job.schedule)
     } else {
@@ -226,9 +232,12 @@ async fn handle(
     };
     match req.request {
         Some(Request::Submit(submit)) => {
-            let job_spec = submit
+            let mut job_spec = submit
                 .spec
                 .ok_or_else(|| CoordinatorError::Refused("submit without a job spec".into()))?;
+            // Who asked, from the certificate, whatever the request said: every node sees it
+            // (covered by the spec digest) and an agreement may restrict analysts.
+            job_spec.analyst = peer.name.clone();
             spec::validate(&job_spec).map_err(CoordinatorError::Refused)?;
             if submit.idempotency_key.len() > 128 {
                 return Err(CoordinatorError::Refused(
@@ -319,9 +328,10 @@ async fn handle(
             Ok(Response::Nodes(NodeList { nodes }))
         }
         Some(Request::AddSchedule(add)) => {
-            let job_spec = add
+            let mut job_spec = add
                 .spec
                 .ok_or_else(|| CoordinatorError::Refused("schedule without a job spec".into()))?;
+            job_spec.analyst = peer.name.clone();
             let notify = ScheduleNotify {
                 on_done: add.on_done,
                 notify_dir: add.notify_dir,
@@ -458,9 +468,11 @@ async fn handle(
                     )));
                 }
             }
-            let job_spec = old
+            let mut job_spec = old
                 .spec
                 .ok_or_else(|| CoordinatorError::Refused("the job has no spec".into()))?;
+            // The retry is the retrying analyst's request.
+            job_spec.analyst = peer.name.clone();
             spec::validate(&job_spec).map_err(CoordinatorError::Refused)?;
             let key = if retry.idempotency_key.is_empty() {
                 format!("retry:{}", env.job_id)

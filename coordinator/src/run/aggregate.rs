@@ -303,6 +303,7 @@ mod tests {
 
     fn spec(count: bool) -> JobSpec {
         JobSpec {
+            analyst: String::new(),
             kind: JobKind::Aggregate as i32,
             parties: ["a", "b", "c"]
                 .iter()

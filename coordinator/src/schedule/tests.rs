@@ -32,6 +32,7 @@ fn spec() -> JobSpec {
         learns_membership: false,
     };
     JobSpec {
+        analyst: String::new(),
         kind: JobKind::Overlap as i32,
         parties: vec![party("acme", "customers"), party("globex", "subscribers")],
         purpose: "overlap-reporting".into(),
