@@ -60,6 +60,21 @@ pub enum Command {
         #[arg(long, value_enum, default_value_t = Format::Table)]
         format: Format,
     },
+    /// The signed audit heads a node reported to the coordinator, one JSON object per line
+    /// (node, job_id, head, public_key and signature in hex, received_ms): give the file to the
+    /// node's operator for `cleanroom-node audit verify --heads FILE`. Needs the read-all or
+    /// admin grant.
+    AuditHeads {
+        /// How to reach the coordinator.
+        #[command(flatten)]
+        conn: ConnArgs,
+        /// The node.
+        #[arg(long)]
+        node: String,
+        /// Write here instead of standard output.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
     /// The consortium's certificate authority and certificates (PEM files).
     Pki {
         /// PKI subcommand.

@@ -54,6 +54,9 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 
 fn execute(command: Command) -> anyhow::Result<ExitCode> {
     match command {
+        Command::AuditHeads { conn, node, out } => {
+            runtime()?.block_on(pki::audit_heads(conn, &node, out.as_deref()))
+        }
         Command::Pki { command } => {
             pki::run(command)?;
             Ok(ExitCode::SUCCESS)

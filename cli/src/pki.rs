@@ -231,3 +231,45 @@ fn print_table(header: &[&str], rows: &[Vec<String>]) {
         outln!("{}", line(r.iter().map(String::as_str).collect()));
     }
 }
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// `cleanroom audit-heads --node NAME`: the node's signed heads as JSON lines.
+pub async fn audit_heads(
+    conn: crate::args::ConnArgs,
+    node: &str,
+    out: Option<&std::path::Path>,
+) -> anyhow::Result<std::process::ExitCode> {
+    let client = crate::analyst::connect(&conn).await?;
+    let heads = client.audit_heads(node).await?;
+    client.close().await;
+    let mut text = String::new();
+    for h in &heads {
+        let Some(signed) = &h.signed else { continue };
+        let line = serde_json::json!({
+            "node": h.node,
+            "job_id": h.job_id,
+            "head": signed.head,
+            "public_key": hex(&signed.public_key),
+            "signature": hex(&signed.signature),
+            "received_ms": h.received_ms,
+        });
+        text.push_str(&line.to_string());
+        text.push('\n');
+    }
+    match out {
+        Some(path) => {
+            std::fs::write(path, &text)
+                .map_err(|e| anyhow::anyhow!("{}: cannot write: {e}", path.display()))?;
+            eprintln!(
+                "{} signed heads of node {node} written to {}",
+                heads.len(),
+                path.display()
+            );
+        }
+        None => cleanroom_node::out!("{text}"),
+    }
+    Ok(std::process::ExitCode::SUCCESS)
+}

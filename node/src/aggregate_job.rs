@@ -92,7 +92,11 @@ pub async fn serve_offer(
     let reply = |accept: bool, reason: String| Envelope {
         job_id: job_id.clone(),
         phase: Phase::Offer as i32,
-        body: Some(Body::OfferReply(OfferReply { accept, reason })),
+        body: Some(Body::OfferReply(OfferReply {
+            accept,
+            reason,
+            signed_head: None,
+        })),
     };
     let my_name = state.cfg().name.clone();
     let Some(me) = aggregate_policy::my_index(&spec, &my_name) else {
@@ -525,6 +529,7 @@ impl AggregateJob {
                 phase: Phase::Report as i32,
                 body: Some(Body::Report(Report {
                     outcome: Some(Outcome::Aggregate(outcome)),
+                    signed_head: None,
                 })),
             })
             .await?;

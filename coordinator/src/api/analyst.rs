@@ -4,9 +4,9 @@
 use std::sync::Arc;
 
 use cleanroom_proto::v1::{
-    AnalystResponse, Envelope, JobInfo, JobList, JobState, NodeInfo, NodeList, Phase, ScheduleInfo,
-    ScheduleList, ScheduleRunInfo, analyst_request::Request, analyst_response::Response,
-    envelope::Body,
+    AnalystResponse, AuditHeads, Envelope, JobInfo, JobList, JobState, NodeInfo, NodeList, Phase,
+    ScheduleInfo, ScheduleList, ScheduleRunInfo, analyst_request::Request,
+    analyst_response::Response, envelope::Body,
 };
 use cleanroom_transport::{FramedRecv, FramedSend, Identity};
 
@@ -494,6 +494,20 @@ async fn handle(
                 run::start(shared, &submitted.job_id, job_spec, Launch::New);
             }
             Ok(Response::Job(job_info(shared, &submitted.job_id)?))
+        }
+        Some(Request::AuditHeads(r)) => {
+            // How many entries a node's log has, job by job, says how busy it was for every
+            // analyst: only a grant to see everything reaches it.
+            if !authz::sees_all(&peer.name, roles, Action::ReadJob) {
+                return Err(CoordinatorError::Refused(format!(
+                    "analyst {} may not read audit heads: they need the read-all or admin grant \
+                     of a [[role]] in the coordinator's config",
+                    peer.name
+                )));
+            }
+            Ok(Response::AuditHeads(AuditHeads {
+                heads: shared.store.audit_heads(&r.node)?,
+            }))
         }
         None => Err(CoordinatorError::Refused("empty request".into())),
     }
