@@ -370,4 +370,76 @@ fn bob_can_neither_see_nor_touch_alices_jobs_and_schedules() {
     // alice acts on her own.
     allowed(&c, "alice", &["schedule", "resume", "nightly"]);
     allowed(&c, "alice", &["job", "retry", &job_id]);
+
+    // The spec names the analyst from the certificate, whatever the request says: bob's
+    // request naming alice is stored (and offered to the nodes) as bob's.
+    let stored = submit_claiming(&c, "bob", "alice");
+    assert_eq!(stored["analyst"], "bob", "{stored}");
+    assert_eq!(stored["submitted_by"], "bob", "{stored}");
+    let shown = allowed(&c, "alice", &["job", "status", &job_id, "--format", "json"]);
+    let shown: serde_json::Value = serde_json::from_str(&shown).unwrap();
+    assert_eq!(shown["analyst"], "alice", "{shown}");
+}
+
+/// Submits an overlap job as analyst `who` (its certificate) with a spec that names `claimed`
+/// as the analyst, through the raw analyst API; returns the job as `job status` prints it.
+fn submit_claiming(c: &Consortium, who: &str, claimed: &str) -> serde_json::Value {
+    use cleanroom_proto::v1::analyst_request::Request;
+    use cleanroom_proto::v1::analyst_response::Response;
+    use cleanroom_proto::v1::envelope::Body;
+    use cleanroom_proto::v1::{
+        AnalystRequest, Envelope, JobKind, JobSpec, PartySpec, Phase, SubmitJob,
+    };
+    use cleanroom_transport::{Credentials, Identity, TransportTuning};
+    let creds = Credentials::load(
+        &c.path().join("pki/ca.pem"),
+        &c.path().join(format!("keys/analyst-{who}.pem")),
+        &c.path().join(format!("keys/analyst-{who}.key")),
+    )
+    .unwrap();
+    let addr = c.addr.unwrap();
+    let party = |node: &str| PartySpec {
+        node: node.into(),
+        dataset: "customers".into(),
+        keys: vec!["email".into()],
+        learns_membership: false,
+    };
+    let spec = JobSpec {
+        kind: JobKind::Overlap as i32,
+        parties: vec![party("acme"), party("globex")],
+        purpose: "overlap-reporting".into(),
+        analyst: claimed.into(),
+        ..JobSpec::default()
+    };
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let job_id = rt.block_on(async {
+        let ep = cleanroom_transport::client_endpoint(&creds, &TransportTuning::default(), addr)
+            .unwrap();
+        let conn = cleanroom_transport::connect(&ep, addr, &Identity::coordinator())
+            .await
+            .unwrap();
+        let (mut send, mut recv) = cleanroom_transport::open_bi(&conn).await.unwrap();
+        send.send(&Envelope {
+            job_id: String::new(),
+            phase: Phase::Analyst as i32,
+            body: Some(Body::AnalystRequest(AnalystRequest {
+                request: Some(Request::Submit(SubmitJob {
+                    spec: Some(spec),
+                    idempotency_key: String::new(),
+                })),
+            })),
+        })
+        .await
+        .unwrap();
+        let reply = recv.recv().await.unwrap().unwrap();
+        let Some(Body::AnalystResponse(r)) = reply.body else {
+            panic!("{reply:?}")
+        };
+        match r.response {
+            Some(Response::Job(info)) => info.job_id,
+            other => panic!("{other:?}"),
+        }
+    });
+    let out = allowed(c, who, &["job", "status", &job_id, "--format", "json"]);
+    serde_json::from_str(&out).unwrap()
 }
