@@ -8,9 +8,9 @@
 
 use serde::Serialize;
 
-use crate::NodeConfig;
-use crate::config::{Budget, Period};
+use crate::ledger::{Budget, Period};
 use crate::ledger::{Ledger, LedgerError, Spend, show, show_time};
+use crate::policy::NodeConfig;
 
 /// One line of the report: a (partner, purpose) budget, or the node-wide one.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -265,7 +265,7 @@ budget_per_purpose = { epsilon_per_period = 1, period = "day", epsilon_lifetime 
             loss: crate::ledger::Loss::Epsilon(epsilon),
             purpose_caps: Vec::new(),
             node_cap: None,
-            delta: crate::config::DEFAULT_DP_DELTA,
+            delta: crate::ledger::DEFAULT_DP_DELTA,
         }
     }
 

@@ -1,4 +1,8 @@
 //! The node's command line, shared by `cleanroom-node` and `cleanroom node`.
+//!
+//! [`budget`] builds what `cleanroom-node budget` prints.
+
+pub mod budget;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -6,8 +10,8 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand, ValueEnum};
 use tokio::sync::watch;
 
-use crate::NodeConfig;
 use crate::audit::{self, AuditHead};
+use crate::policy::NodeConfig;
 
 /// A partner's cleanroom node: holds your datasets and your agreements, dials the coordinator
 /// for control, and runs jobs with other partners' nodes over QUIC with mutual TLS.
@@ -252,14 +256,13 @@ fn execute(command: NodeCommand) -> anyhow::Result<ExitCode> {
     match command {
         NodeCommand::Check { config } => {
             // The same checks `run` makes before it starts.
-            let (cfg, _) = crate::preflight(&config)?;
-            if let Some(today) = crate::config::PolicyDate::from_unix_ms(crate::agreement::now_ms())
-            {
+            let (cfg, _) = crate::run::preflight(&config)?;
+            if let Some(today) = crate::policy::PolicyDate::from_unix_ms(crate::clock::now_ms()) {
                 for w in crate::policy::expiry_warnings(&cfg, today) {
                     eprintln!("{w}");
                 }
             }
-            if let Some(pid) = crate::state_dir_holder(&cfg.state_dir) {
+            if let Some(pid) = crate::run::state_dir_holder(&cfg.state_dir) {
                 eprintln!(
                     "warning: a node process (pid {pid}) is running on the state directory {}; \
                      `run` with this config would refuse to start a second one",
@@ -271,7 +274,7 @@ fn execute(command: NodeCommand) -> anyhow::Result<ExitCode> {
                 config.display(),
                 cfg.name,
                 cfg.datasets.len(),
-                if crate::audit::audit_path(&cfg).exists() {
+                if cfg.audit_path().exists() {
                     ", audit log"
                 } else {
                     ""
@@ -305,16 +308,16 @@ fn execute(command: NodeCommand) -> anyhow::Result<ExitCode> {
             older_than_days,
         } => {
             let cfg = NodeConfig::load(&config)?;
-            let report = crate::retention::purge(
+            let report = crate::data::retention::purge(
                 &cfg.state_dir,
-                crate::retention::days(older_than_days),
+                crate::data::retention::days(older_than_days),
                 std::time::SystemTime::now(),
             )?;
             crate::outln!(
                 "purged {} file(s) ({} bytes) older than {older_than_days} day(s) from {}; {} kept{}",
                 report.removed,
                 report.bytes_removed,
-                crate::retention::results_dir(&cfg.state_dir).display(),
+                crate::data::retention::results_dir(&cfg.state_dir).display(),
                 report.kept,
                 if report.skipped > 0 {
                     format!(", {} non-file entries left alone", report.skipped)
@@ -335,11 +338,11 @@ fn execute(command: NodeCommand) -> anyhow::Result<ExitCode> {
                 crate::ledger::Ledger::open(std::path::Path::new(":memory:"))
             }
             .map_err(|e| anyhow::anyhow!("ledger {}: {e}", path.display()))?;
-            let lines = crate::budget_report::report(&cfg, &ledger, crate::agreement::now_ms())?;
+            let lines = crate::cli::budget::report(&cfg, &ledger, crate::clock::now_ms())?;
             let text = match format {
-                BudgetFormat::Table => crate::budget_report::to_table(&lines),
-                BudgetFormat::Json => crate::budget_report::to_json(&lines) + "\n",
-                BudgetFormat::Csv => crate::budget_report::to_csv(&lines),
+                BudgetFormat::Table => crate::cli::budget::to_table(&lines),
+                BudgetFormat::Json => crate::cli::budget::to_json(&lines) + "\n",
+                BudgetFormat::Csv => crate::cli::budget::to_csv(&lines),
             };
             crate::out!("{text}");
             Ok(ExitCode::SUCCESS)
@@ -352,10 +355,10 @@ fn execute(command: NodeCommand) -> anyhow::Result<ExitCode> {
             let cfg = NodeConfig::load(&config)?;
             let since_ms = since
                 .as_deref()
-                .map(audit::parse_date_ms)
+                .map(crate::clock::parse_date_ms)
                 .transpose()
                 .map_err(anyhow::Error::msg)?;
-            let path = audit::audit_path(&cfg);
+            let path = cfg.audit_path();
             let report = audit::verify(&path, None)?;
             if !report.is_ok() {
                 anyhow::bail!(
@@ -367,7 +370,8 @@ fn execute(command: NodeCommand) -> anyhow::Result<ExitCode> {
                 );
             }
             let entries = audit::read_entries(&path)?;
-            let t = crate::transparency::summarize(&cfg.name, &entries, &report.head, since_ms);
+            let t =
+                crate::audit::transparency::summarize(&cfg.name, &entries, &report.head, since_ms);
             match format {
                 ReportFormat::Markdown => crate::out!("{}", t.to_markdown()),
                 ReportFormat::Json => crate::outln!("{}", t.to_json()),
@@ -390,7 +394,7 @@ fn execute(command: NodeCommand) -> anyhow::Result<ExitCode> {
                 });
                 // Loads and checks the policy (datasets' headers included) and reloads it on
                 // SIGHUP.
-                crate::run_from(config, rx).await
+                crate::run::run_from(config, rx).await
             })?;
             Ok(ExitCode::SUCCESS)
         }
@@ -428,14 +432,14 @@ fn run_forget(config: &std::path::Path, dataset: &str, key: &str) -> anyhow::Res
         );
     }
     // Opened (and verified) first: a broken log refuses the request before anything changes.
-    let log = audit::AuditLog::open(&audit::audit_path(&cfg))?;
-    let store = crate::forget::ForgetStore::open(&cfg.state_dir)?;
+    let log = audit::AuditLog::open(&cfg.audit_path())?;
+    let store = crate::data::forget::ForgetStore::open(&cfg.state_dir)?;
     let hash = store.record(d, identifier, value)?;
     let event = audit::AuditEvent::Forget {
         dataset: dataset.to_owned(),
         key_hash: audit::to_hex(&hash),
     };
-    log.append(event, crate::agreement::now_ms()).map_err(|e| {
+    log.append(event, crate::clock::now_ms()).map_err(|e| {
         anyhow::anyhow!(
             "the subject is forgotten (recorded in {}), but the audit entry could not be \
              written: {e}",
@@ -485,7 +489,7 @@ fn run_audit(command: AuditCommand) -> anyhow::Result<ExitCode> {
             expect_head,
         } => {
             let cfg = NodeConfig::load(&config)?;
-            let path = audit::audit_path(&cfg);
+            let path = cfg.audit_path();
             let report = audit::verify(&path, expect_head.as_ref())?;
             if report.is_ok() {
                 crate::outln!("ok: {} entries, head {}", report.entries, report.head);
@@ -504,7 +508,7 @@ fn run_audit(command: AuditCommand) -> anyhow::Result<ExitCode> {
         }
         AuditCommand::Show { config, job, json } => {
             let cfg = NodeConfig::load(&config)?;
-            let path = audit::audit_path(&cfg);
+            let path = cfg.audit_path();
             // Each line is shown with what `audit verify` says about it, so an altered entry is
             // never printed as if it were the log's.
             let (lines, other) = audit::show_lines(&path)?;
@@ -541,7 +545,7 @@ fn run_audit(command: AuditCommand) -> anyhow::Result<ExitCode> {
                         Some(e) => crate::outln!(
                             "{:>6}  {:<19}  {:<12}  {:<20}  {:<10}  {}{}",
                             e.seq,
-                            audit::format_ms(e.at_ms),
+                            crate::clock::format_ms(e.at_ms),
                             e.event.kind(),
                             e.event.job_id().unwrap_or("-"),
                             check_word(&l.check),

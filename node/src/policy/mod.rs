@@ -1,253 +1,46 @@
-//! The policy as a whole: `cleanroom-node policy check FILE` ([`check_file`]) and the live
-//! policy of a running node ([`PolicyHolder`]), which a failed reload leaves unchanged.
+//! The node's policy: its agreement with each partner, as code.
 //!
-//! The policy is the node config (see [`crate::config`]): datasets, agreements and the budget.
-//! [`check_file`] validates it as start-up does, and also opens every dataset's CSV to check
-//! that the declared identifier, value and consent columns (and each aggregate entry's person
-//! column) are in its header.
+//! - [`schema`]: the config file (TOML) and its checks, which type every allow entry;
+//! - [`values`]: the value types an agreement is written in;
+//! - [`allow`]: a checked allow entry, one [`Allow`] variant per computation;
+//! - [`psi`], [`overlap_sum`], [`aggregate`]: each kind's rules — what its allow entry may say
+//!   and the check of its offers, before any data is read;
+//! - [`permit`]: what an accepted offer lets a job do ([`Permit`]), and the [`Veto`];
+//! - [`summary`]: what `cleanroom-node policy check` prints;
+//! - here: `policy check` itself ([`check_file`]) and the live policy of a running node
+//!   ([`PolicyHolder`]), which a failed reload leaves unchanged.
 //!
-//! The summary says, under every allow entry, what a partner that **deviates** from the
-//! protocol can learn ([`deviating_partner_learns`]): the cryptography is secure against
-//! semi-honest parties only, and the agreement is what bounds the rest.
+//! [`check_file`] validates the policy as start-up does, and also opens every dataset's CSV to
+//! check that the declared identifier, value and consent columns (and each aggregate entry's
+//! person column) are in its header.
 
-use std::path::{Path, PathBuf};
+pub mod aggregate;
+pub mod allow;
+pub mod overlap_sum;
+pub mod parse;
+pub mod permit;
+pub mod psi;
+pub mod schema;
+pub mod summary;
+pub mod values;
+
+use std::path::Path;
 use std::sync::{Arc, RwLock};
 
-use crate::config::{AllowEntry, Computation, ConfigError, NodeConfig, PolicyDate, SumRole};
-
-/// What `policy check` prints: the validated config, one block per partner.
-#[derive(Debug, Clone)]
-pub struct PolicySummary {
-    /// The file checked.
-    pub path: PathBuf,
-    /// The validated config.
-    pub config: Arc<NodeConfig>,
-    /// Agreements that have expired or expire soon, as of the check ([`expiry_warnings`]).
-    pub warnings: Vec<String>,
-}
-
-/// How many days ahead `policy check` warns of an agreement's expiry.
-pub const EXPIRY_WARNING_DAYS: i64 = 30;
-
-/// A warning per agreement that expired before `today` (every job with that partner is refused)
-/// or expires within [`EXPIRY_WARNING_DAYS`] days of it (its last day in force included).
-pub fn expiry_warnings(cfg: &NodeConfig, today: PolicyDate) -> Vec<String> {
-    let mut out = Vec::new();
-    for a in &cfg.agreements {
-        let Some(expires) = a.expires else { continue };
-        let days = (expires.0 - today.0).whole_days();
-        if days < 0 {
-            out.push(format!(
-                "warning: the agreement with {} expired {expires} ({} day{} ago): every job with {} \
-                 is refused",
-                a.partner,
-                -days,
-                if days == -1 { "" } else { "s" },
-                a.partner
-            ));
-        } else if days < EXPIRY_WARNING_DAYS {
-            out.push(format!(
-                "warning: the agreement with {} expires {expires} (its last day in force; {}): \
-                 renew it before then",
-                a.partner,
-                match days {
-                    0 => "today".to_owned(),
-                    1 => "tomorrow".to_owned(),
-                    n => format!("in {n} days"),
-                }
-            ));
-        }
-    }
-    out
-}
-
-impl std::fmt::Display for PolicySummary {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let c = &self.config;
-        writeln!(f, "policy {} (node {}): OK", self.path.display(), c.name)?;
-        for w in &self.warnings {
-            writeln!(f, "{w}")?;
-        }
-        match &c.budget {
-            Some(b) => writeln!(f, "budget: {}", b.describe())?,
-            None => writeln!(f, "budget: none (no node-wide epsilon cap)")?,
-        }
-        writeln!(
-            f,
-            "dp_delta: {:e} (caps are epsilon at this delta once a zCDP release is charged)",
-            c.delta()
-        )?;
-        for d in &c.datasets {
-            let consent: Vec<String> = d
-                .consent
-                .iter()
-                .map(|(p, col)| format!("{p}={col}"))
-                .collect();
-            writeln!(
-                f,
-                "dataset {}: identifiers {}; values {}; consent {}{}",
-                d.name,
-                d.identifier_names(),
-                d.value_names(),
-                if consent.is_empty() {
-                    "none".to_owned()
-                } else {
-                    consent.join(", ")
-                },
-                if d.consent_required {
-                    " (required)"
-                } else {
-                    ""
-                }
-            )?;
-        }
-        if c.agreements.is_empty() {
-            writeln!(f, "no agreements: every job is refused")?;
-        }
-        for a in &c.agreements {
-            writeln!(f, "partner {}", a.partner)?;
-            writeln!(f, "  purposes: {}", a.purposes.join(", "))?;
-            match a.expires {
-                Some(d) => writeln!(f, "  expires: {d} (end of day, UTC)")?,
-                None => writeln!(f, "  expires: never")?,
-            }
-            match &a.budget_per_purpose {
-                Some(b) => writeln!(f, "  budget per purpose: {}", b.describe())?,
-                None => writeln!(f, "  budget per purpose: none (only the node-wide cap)")?,
-            }
-            if a.allow.is_empty() {
-                writeln!(f, "  allows nothing (empty allow-list)")?;
-            }
-            for e in &a.allow {
-                // An aggregate joins nothing: it is allowed by its group-by columns.
-                let by = if e.keys.is_empty() {
-                    e.group_by.join(" | ")
-                } else {
-                    e.keys.join(" | ")
-                };
-                writeln!(
-                    f,
-                    "  allow {} on {} by {by}",
-                    e.computation,
-                    e.dataset.get_ref(),
-                )?;
-                let counts: Vec<&str> = e.counts_to.iter().map(|r| r.as_str()).collect();
-                writeln!(
-                    f,
-                    "    membership {}; counts to {}; min_input {}; min_result {}; peer set {}..={}",
-                    e.membership(),
-                    if counts.is_empty() {
-                        "nobody".to_owned()
-                    } else {
-                        counts.join(", ")
-                    },
-                    e.min_input_size,
-                    e.min_result,
-                    e.min_set_size,
-                    e.max_set_size
-                )?;
-                let runs = e
-                    .runs_per_period
-                    .map_or("unlimited".to_owned(), |n| format!("{n} per {}", e.period));
-                let eps = match e.epsilon {
-                    None => "none".to_owned(),
-                    Some(x) if e.computation == Computation::Aggregate => format!(
-                        "{x} (zCDP: rho {} per run, costs epsilon {} at dp_delta {:e} on its own)",
-                        crate::ledger::show(x.get() * x.get() / 2.0),
-                        crate::ledger::show(crate::config::run_cost(e.computation, x, c.delta())),
-                        c.delta()
-                    ),
-                    Some(x) => format!("{x} (pure, discrete Laplace)"),
-                };
-                writeln!(f, "    runs {runs}; epsilon per run {eps}")?;
-                if let Some(p) = &e.person {
-                    writeln!(
-                        f,
-                        "    per person on column {p}: a person's rows are summed, then clipped"
-                    )?;
-                }
-                for v in &e.value_columns {
-                    writeln!(
-                        f,
-                        "    value {} clipped to [{}, {}]",
-                        v.column.get_ref(),
-                        v.min,
-                        v.max
-                    )?;
-                }
-                if !e.group_by.is_empty() {
-                    writeln!(f, "    group by {}", e.group_by.join(" | "))?;
-                }
-                if let Some(roles) = &e.roles {
-                    let roles: Vec<&str> = roles.iter().map(|r| r.as_str()).collect();
-                    writeln!(f, "    roles {}", roles.join(", "))?;
-                } else if e.computation == crate::config::Computation::OverlapSum {
-                    writeln!(f, "    roles key-holder, value-holder (both: the default)")?;
-                }
-                for line in deviating_partner_learns(e, &a.partner) {
-                    writeln!(f, "    if {} deviates from the protocol: {line}", a.partner)?;
-                }
-            }
-        }
-        Ok(())
-    }
-}
-
-/// What a partner that deviates from the protocol can learn through one allow entry, one line
-/// per role it can take, in words for the operator who signs the agreement. The semi-honest
-/// outputs are in docs/SECURITY.md; these lines are what the cryptography does not stop.
-pub fn deviating_partner_learns(e: &AllowEntry, partner: &str) -> Vec<String> {
-    let dataset = e.dataset.get_ref();
-    let membership = format!(
-        "{partner} can learn which of its own candidate identifiers are in {dataset} (up to \
-         max_set_size {} per run), not only how many: it blinds each candidate with a key of its \
-         own and tests what we return. No threshold or epsilon stops this; who the partner is, \
-         the set-size bounds and runs_per_period limit it",
-        e.max_set_size
-    );
-    match e.computation {
-        Computation::Overlap => vec![membership],
-        Computation::Match => vec![format!(
-            "{membership}. This holds whatever the entry's membership setting (here: {}) lets \
-             it learn honestly",
-            e.membership()
-        )],
-        Computation::OverlapSum => {
-            let roles = e
-                .roles
-                .clone()
-                .unwrap_or_else(|| vec![SumRole::KeyHolder, SumRole::ValueHolder]);
-            let mut lines = Vec::new();
-            if roles.contains(&SumRole::ValueHolder) {
-                lines.push(format!(
-                    "as key holder (we hold the values), {}",
-                    membership.replacen(&format!("{partner} can"), "it can", 1)
-                ));
-            }
-            if roles.contains(&SumRole::KeyHolder) {
-                lines.push(
-                    "as value holder (we are the key holder), it chooses the values it encrypts \
-                     and can pick them to test which of its rows we share; only our noise on \
-                     every total it decrypts (each cell whole) bounds such a test, and without \
-                     epsilon the test is exact (docs/OVERLAP_SUM.md)"
-                        .to_owned(),
-                );
-            }
-            lines
-        }
-        Computation::Aggregate => vec![
-            "it receives only random seeds from us, so alone it learns nothing beyond the \
-             released totals; it can send a partial of its choosing (no validity proofs) and so \
-             distort or suppress the totals; together with the coordinator and every other \
-             party it learns our noised figures"
-                .to_owned(),
-        ],
-    }
-}
+pub use crate::data::{DatasetConfig, IdentifierConfig, ValueColumn};
+pub use crate::ledger::{Budget, DEFAULT_DP_DELTA, Delta, Epsilon, MAX_DP_DELTA, Period};
+pub use allow::{AggregateAllow, Allow, AllowEntry, AllowTerms, OverlapSumAllow, PsiAllow};
+pub use permit::{Permit, RunCounter, Veto};
+pub use schema::{Agreement, ConfigError, NodeConfig, TlsConfig};
+pub use summary::{EXPIRY_WARNING_DAYS, PolicySummary, deviating_partner_learns, expiry_warnings};
+pub use values::{
+    Computation, DEFAULT_MAX_SET_SIZE, DEFAULT_MIN_SET_SIZE, MAX_NAME_LEN, MIN_AGGREGATE_PARTIES,
+    Membership, PolicyDate, Recipient, SumRole, Threshold, is_valid_name, run_cost,
+};
 
 /// Loads and validates the policy at `path`, including the headers of the dataset files.
 pub fn check_file(path: impl AsRef<Path>) -> Result<PolicySummary, ConfigError> {
-    check_file_at(path, crate::agreement::now_ms())
+    check_file_at(path, crate::clock::now_ms())
 }
 
 /// [`check_file`] as of `now_ms` (Unix milliseconds), for the expiry warnings.
@@ -307,8 +100,11 @@ fn check_headers(cfg: &NodeConfig) -> Result<(), String> {
                 cfg.agreements
                     .iter()
                     .flat_map(|a| &a.allow)
-                    .filter(|e| e.dataset.get_ref() == &d.name)
-                    .filter_map(|e| e.person.as_deref())
+                    .filter(|e| e.dataset() == d.name)
+                    .filter_map(|e| match e {
+                        Allow::Aggregate(a) => a.person.as_deref(),
+                        _ => None,
+                    })
                     .map(|p| ("person", p)),
             );
         for (kind, column) in declared {
@@ -356,7 +152,7 @@ impl PolicyHolder {
     }
 
     /// The current policy and its generation (incremented by each successful reload); a job
-    /// re-checks its offer ([`crate::agreement::recheck`]) when the generation moved.
+    /// re-checks its offer (the kind's offer check, again) when the generation moved.
     pub fn snapshot(&self) -> (u64, Arc<NodeConfig>) {
         let guard = self.inner.read().unwrap_or_else(|e| e.into_inner());
         (guard.0, guard.1.clone())
@@ -376,6 +172,7 @@ impl PolicyHolder {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::PathBuf;
 
     const CONFIG: &str = r#"
 name = "acme"
@@ -576,11 +373,11 @@ budget_per_purpose = { epsilon_per_period = 2.0, period = "week" }
     #[test]
     fn the_example_config_is_not_expired() {
         let cfg = NodeConfig::parse(
-            include_str!("../testdata/node.example.toml"),
+            include_str!("../../testdata/node.example.toml"),
             Path::new("node.example.toml"),
         )
         .unwrap();
-        let today = PolicyDate::from_unix_ms(crate::agreement::now_ms()).unwrap();
+        let today = PolicyDate::from_unix_ms(crate::clock::now_ms()).unwrap();
         assert_eq!(expiry_warnings(&cfg, today), Vec::<String>::new());
     }
 
@@ -607,11 +404,17 @@ budget_per_purpose = { epsilon_per_period = 2.0, period = "week" }
         assert!(e.contains("at least 1"), "{e}");
         let (generation, cfg) = holder.snapshot();
         assert_eq!(generation, 0);
-        assert_eq!(cfg.agreements[0].allow[0].min_result.get(), 10);
+        assert_eq!(cfg.agreements[0].allow[0].terms().min_result.get(), 10);
         std::fs::write(&file, CONFIG.replace("min_result = 10", "min_result = 20")).unwrap();
         holder.reload(&file).unwrap();
         assert_eq!(holder.snapshot().0, 1);
-        assert_eq!(holder.current().agreements[0].allow[0].min_result.get(), 20);
+        assert_eq!(
+            holder.current().agreements[0].allow[0]
+                .terms()
+                .min_result
+                .get(),
+            20
+        );
         drop(dir);
     }
 }

@@ -38,22 +38,6 @@ pub struct OwnNoise {
     pub scale: String,
 }
 
-/// The ledger key of a job's noised release: its kind and spec digest (job id and spec), so a
-/// repeated offer of the same job finds its charge and is refused. `overlap:<hex>`,
-/// `overlap-sum:<hex>` or `aggregate:<hex>`.
-pub fn release_key(job_id: &str, spec: &cleanroom_proto::v1::JobSpec) -> String {
-    use cleanroom_proto::v1::JobKind;
-    let kind = match JobKind::try_from(spec.kind) {
-        Ok(JobKind::Aggregate) => "aggregate",
-        Ok(JobKind::OverlapSum) => "overlap-sum",
-        _ => "overlap",
-    };
-    format!(
-        "{kind}:{}",
-        crate::audit::to_hex(&crate::psi_job::spec_digest(job_id, spec))
-    )
-}
-
 /// The discrete Laplace mechanism for a count at `epsilon`.
 pub fn mechanism(epsilon: f64) -> Result<Mechanism, String> {
     let scale = Scale::from_epsilon(COUNT_SENSITIVITY, epsilon).map_err(|e| e.to_string())?;

@@ -1,5 +1,5 @@
 //! The value holder's input to an `overlap-sum`: its distinct join keys and, per key, one row of
-//! cells (see [`crate::sum_policy`] for the shape).
+//! cells (in the [`SumShape`] of the job).
 //!
 //! An identifier may have several rows (several chargebacks on one account, and refunds as
 //! negative rows). They are combined into one contribution: each column's values are **summed
@@ -15,9 +15,58 @@ use std::collections::HashMap;
 use cleanroom_circuits::ItemSet;
 use cleanroom_circuits::ahe::SlotLayout;
 
-use crate::config::DatasetConfig;
-use crate::dataset::{self, KeySpec, KeyedRowCounts, RowFilter};
-use crate::sum_policy::{ColumnBound, SumShape};
+use cleanroom_proto::v1::OverlapSumSpec;
+
+use super::DatasetConfig;
+use super::dataset::{self, KeySpec, KeyedRowCounts, RowFilter};
+
+/// The label of the one group of an ungrouped job.
+pub const ALL_GROUP: &str = "(all)";
+/// The label of the group that collects identifiers whose label is not listed.
+pub const OTHER_GROUP: &str = "(other)";
+/// The name of the count column (shared identifiers per group).
+pub const COUNT_COLUMN: &str = "count";
+
+/// The shape of a job's rows: its groups and columns.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SumShape {
+    /// Group labels in cell order: the spec's then "(other)", or "(all)" ungrouped.
+    pub labels: Vec<String>,
+    /// Column names in cell order within a group: "count", then the summed columns.
+    pub columns: Vec<String>,
+}
+
+impl SumShape {
+    /// The shape a spec implies (the same at both parties).
+    pub fn of(sum: &OverlapSumSpec) -> SumShape {
+        let labels = if sum.group_by.is_empty() {
+            vec![ALL_GROUP.to_owned()]
+        } else {
+            let mut l = sum.groups.clone();
+            l.push(OTHER_GROUP.to_owned());
+            l
+        };
+        let mut columns = vec![COUNT_COLUMN.to_owned()];
+        columns.extend(sum.sums.iter().cloned());
+        SumShape { labels, columns }
+    }
+
+    /// Cells per row: groups × columns.
+    pub fn cells(&self) -> usize {
+        self.labels.len() * self.columns.len()
+    }
+}
+
+/// One summed column and the bounds the entry clips it to (per identifier, `0 ≤ min ≤ max`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ColumnBound {
+    /// The CSV header.
+    pub column: String,
+    /// Smallest per-identifier total.
+    pub min: u64,
+    /// Largest per-identifier total.
+    pub max: u64,
+}
 
 /// What [`load`] read.
 #[derive(Debug)]
@@ -174,30 +223,21 @@ mod tests {
     #![allow(clippy::unwrap_used)]
 
     use super::*;
-    use crate::config::NodeConfig;
-    use cleanroom_proto::v1::OverlapSumSpec;
 
     fn dataset(dir: &std::path::Path, csv: &str) -> DatasetConfig {
         std::fs::write(dir.join("cb.csv"), csv).unwrap();
+        // The dataset's table as a node config declares it (`[[dataset]]`), its path resolved.
         let toml = r#"
-name = "payco"
-coordinator = "127.0.0.1:7400"
-listen = "127.0.0.1:0"
-state_dir = "state"
-[tls]
-ca = "ca.pem"
-cert = "node.pem"
-key = "node.key"
-[[dataset]]
 name = "chargebacks"
 path = "cb.csv"
-  [[dataset.identifier]]
+  [[identifier]]
   name = "email"
   column = "email"
   normaliser = "email"
 "#;
-        let cfg = NodeConfig::parse(toml, &dir.join("node.toml")).unwrap();
-        cfg.dataset("chargebacks").unwrap().clone()
+        let mut d: DatasetConfig = toml::from_str(toml).unwrap();
+        d.path = dir.join("cb.csv");
+        d
     }
 
     fn bound(column: &str, min: u64, max: u64) -> ColumnBound {

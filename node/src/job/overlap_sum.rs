@@ -1,8 +1,8 @@
 //! Drives one `overlap-sum` job (private intersection-sum with cardinality) over the data plane.
 //!
 //! The protocol is `cleanroom_circuits::intersection_sum`'s two sans-IO sessions; this module
-//! moves their batches between QUIC streams and the CPU, like [`crate::psi_job`] does for PSI, and
-//! applies the agreement: roles, clipping, the joint ε and threshold ([`crate::sum_policy`]), the
+//! moves their batches between QUIC streams and the CPU, like [`crate::job::driver`] does for PSI, and
+//! applies the agreement: roles, clipping, the joint ε and threshold ([`crate::policy::overlap_sum`]), the
 //! ledger, the audit log. The key holder (party 0) dials; each party opens one unidirectional
 //! stream and writes, in order:
 //!
@@ -45,19 +45,21 @@ use cleanroom_proto::v1::{
 use cleanroom_transport::{FramedRecv, FramedSend};
 use tokio::sync::oneshot;
 
-use crate::NodeError;
-use crate::agreement::now_ms;
 use crate::audit::AuditEvent;
+use crate::clock::now_ms;
+use crate::data::dataset::{self, RowFilter};
+use crate::data::sum_input::{self, SumInput};
 use crate::dataplane::Delivery;
-use crate::dataset::{self, RowFilter};
-use crate::frame_budget::FrameBudget;
-use crate::psi_job::{
+use crate::error::{JobError, NodeError};
+use crate::job::driver::{
     BATCH_POINTS, JOB_TIMEOUT, JobContext, MAX_ROWS, Outgoing, STALL_BASE, accept, blocking, dial,
     expect_body, finish_connection, key_columns, load_input, next_frame, receive_batches,
-    spawn_reader, spec_digest, stall_deadline, violation,
+    spawn_reader, stall_deadline, violation,
 };
-use crate::sum_input::{self, SumInput};
-use crate::sum_policy::{self, JointTerms, SumShape};
+use crate::job::frame_budget::FrameBudget;
+use crate::policy::Veto;
+use crate::policy::overlap_sum::{self as sum_policy, JointTerms, SumShape};
+use crate::spec::spec_digest;
 
 /// Silence allowed per row while the value holder encrypts (≈ 0.9 ms a Paillier row on one
 /// loaded core), on top of the PSI allowance.
@@ -91,8 +93,7 @@ pub async fn run_value_holder(
 
 /// The spec's shape and the session parameters, checked again at the start of the job.
 fn shape_and_params(job: &JobContext) -> Result<(SumShape, SumParams), NodeError> {
-    let sum =
-        sum_policy::sum_spec(&job.spec).map_err(|v| NodeError::Job(format!("refused: {v}")))?;
+    let sum = sum_policy::sum_spec(&job.spec).map_err(|v| NodeError::from(JobError::Refused(v)))?;
     let shape = SumShape::of(sum);
     let params = SumParams {
         key_name: dataset::key_name(&job.permit.keys),
@@ -108,10 +109,10 @@ fn shape_and_params(job: &JobContext) -> Result<(SumShape, SumParams), NodeError
 async fn load_values(job: &JobContext) -> Result<SumInput, NodeError> {
     job.recheck()?;
     let sum = sum_policy::sum_spec(&job.spec)
-        .map_err(|v| NodeError::Job(format!("refused: {v}")))?
+        .map_err(|v| NodeError::from(JobError::Refused(v)))?
         .clone();
     let bounds = sum_policy::column_bounds(&job.permit, &sum)
-        .map_err(|v| NodeError::Job(format!("refused: {v}")))?;
+        .map_err(|v| NodeError::from(JobError::Refused(v)))?;
     let shape = SumShape::of(&sum);
     let dataset = job.permit.dataset.clone();
     let keys = job.permit.keys.clone();
@@ -135,7 +136,7 @@ async fn load_values(job: &JobContext) -> Result<SumInput, NodeError> {
         )
     })
     .await?
-    .map_err(|e| NodeError::Job(format!("dataset: {e}")))?;
+    .map_err(|e| NodeError::from(JobError::Dataset(e.to_string())))?;
     tracing::info!(
         rows = input.counts.rows_read,
         rejected = input.counts.rows_rejected,
@@ -161,7 +162,7 @@ async fn load_values(job: &JobContext) -> Result<SumInput, NodeError> {
     })?;
     job.permit
         .check_input_size(input.items.len() as u64)
-        .map_err(|v| NodeError::Job(format!("refused: {v}")))?;
+        .map_err(|v| NodeError::from(JobError::Refused(v)))?;
     Ok(input)
 }
 
@@ -196,7 +197,7 @@ fn check_hello(
         .ok_or_else(|| violation(partner, "its hello carries no overlap-sum terms"))?;
     job.permit
         .check_peer_size(hello.set_size)
-        .map_err(|v| NodeError::Job(format!("refused: {v}")))?;
+        .map_err(|v| NodeError::from(JobError::Refused(v)))?;
     Ok((hello.set_size, terms))
 }
 
@@ -230,8 +231,8 @@ fn release_terms(
     key_holder: &str,
     value_holder: &str,
 ) -> Result<SumRelease, NodeError> {
-    let noise: Vec<NoiseTerm> =
-        sum_policy::noise_terms(joint, key_holder, value_holder).map_err(NodeError::Job)?;
+    let noise: Vec<NoiseTerm> = sum_policy::noise_terms(joint, key_holder, value_holder)
+        .map_err(|e| NodeError::from(JobError::Noise(e)))?;
     Ok(SumRelease {
         columns: shape.columns.clone(),
         groups: Vec::new(),
@@ -251,7 +252,8 @@ fn expected_layout(joint: &JointTerms, shape: &SumShape) -> Result<SlotLayout, N
     let maxima: Vec<u64> = (0..shape.cells())
         .map(|c| joint.sensitivities[c % columns])
         .collect();
-    SlotLayout::for_maxima(&maxima).map_err(|e| NodeError::Job(format!("refused: {e}")))
+    SlotLayout::for_maxima(&maxima)
+        .map_err(|e| NodeError::from(JobError::Refused(Veto(e.to_string()))))
 }
 
 /// Charges this node's ledger for the release, if its own entry sets ε, and draws this node's
@@ -269,10 +271,12 @@ async fn charge_and_draw_noise(
         move || sum_policy::draw_noise(&joint, cells)
     };
     let Some(charge) = charge(job, joint) else {
-        return blocking(fresh).await?.map_err(NodeError::Job);
+        return blocking(fresh)
+            .await?
+            .map_err(|e| NodeError::from(JobError::Noise(e)));
     };
     let state = job.state.clone();
-    let key = crate::noised_release::release_key(&job.job_id, &job.spec);
+    let key = crate::spec::release_key(&job.job_id, &job.spec);
     let loss = charge.loss;
     let drawn = blocking(move || state.ledger.charge_and_draw(&key, &charge, now_ms(), fresh))
         .await?
@@ -290,10 +294,10 @@ fn charge(job: &JobContext, joint: &JointTerms) -> Option<crate::ledger::Charge>
 }
 
 fn budget_refused(job: &JobContext, e: crate::ledger::LedgerError) -> NodeError {
-    NodeError::Job(format!(
-        "refused: {}",
-        crate::state::budget_veto(&job.state.cfg().name, e)
-    ))
+    NodeError::from(JobError::Refused(crate::state::budget_veto(
+        &job.state.cfg().name,
+        e,
+    )))
 }
 
 /// The key holder's side, over its loaded keys.
@@ -309,16 +313,18 @@ async fn key_holder(
     let mut out = Outgoing::new(send, &job.job_id, Phase::PsiSize);
     let own_terms = sum_policy::own_terms(&job.permit);
     let (own_size, session) = KeyHolderSession::start(params, JobKey::generate(), loaded.items)
-        .map_err(|e| NodeError::Job(format!("refused: {e}")))?;
+        .map_err(|e| NodeError::from(JobError::Refused(Veto(e.to_string()))))?;
     out.frame(
         Phase::PsiSize,
         hello_frame(job, own_size, &digest, own_terms.clone()),
     )
     .await?;
-    let stream = conn
-        .accept_uni()
-        .await
-        .map_err(|e| NodeError::Job(format!("node '{partner}' did not open its stream: {e}")))?;
+    let stream = conn.accept_uni().await.map_err(|e| {
+        NodeError::from(JobError::DataPlane {
+            what: format!("node '{partner}' did not open its stream"),
+            reason: e.to_string(),
+        })
+    })?;
     let budget = FrameBudget::new(job.permit.max_peer_set, own_size);
     let mut incoming = spawn_reader(FramedRecv::new(stream), job.job_id.clone(), None, budget);
 
@@ -383,7 +389,12 @@ async fn key_holder(
         let sizes = summed.sizes();
         let result = blocking(move || summed.noised_sums(&noise))
             .await?
-            .map_err(|e| NodeError::Job(format!("adding the noise: {e}")))?;
+            .map_err(|e| {
+                NodeError::from(JobError::Compute {
+                    step: "adding the noise",
+                    reason: e.to_string(),
+                })
+            })?;
         job.recheck()?;
         out.points(Phase::SumResult, vec![result]).await?;
         out.end(Phase::PsiDone, 0).await?;
@@ -455,12 +466,15 @@ async fn value_holder(
     let mut own_terms = sum_policy::own_terms(&job.permit);
     own_terms.sensitivities = sensitivities;
     // A fresh Paillier key for this job: two safe primes, about a second (off the runtime).
-    let paillier = blocking(ahe::keygen)
-        .await?
-        .map_err(|e| NodeError::Job(format!("generating this job's encryption key: {e}")))?;
+    let paillier = blocking(ahe::keygen).await?.map_err(|e| {
+        NodeError::from(JobError::Compute {
+            step: "generating this job's encryption key",
+            reason: e.to_string(),
+        })
+    })?;
     let (hello, session) =
         ValueHolderSession::start(params, JobKey::generate(), items, layout, values, paillier)
-            .map_err(|e| NodeError::Job(format!("refused: {e}")))?;
+            .map_err(|e| NodeError::from(JobError::Refused(Veto(e.to_string()))))?;
     let own_size = hello.set_size;
     own_terms.widths = hello.widths;
     own_terms.public_key = hello.public_key;
@@ -494,7 +508,7 @@ async fn value_holder(
             .saturating_add(STALL_PER_ROW.saturating_mul(own_size.min(u32::MAX.into()) as u32));
         let session = session
             .on_peer_size(peer_size)
-            .map_err(|e| NodeError::Job(format!("refused: {e}")))?;
+            .map_err(|e| NodeError::from(JobError::Refused(Veto(e.to_string()))))?;
         job.recheck()?;
 
         let (batches, exchanging) = blocking(move || session.blind()).await?;
@@ -523,7 +537,12 @@ async fn value_holder(
             })
             .await?;
             encrypting = next;
-            match batch.map_err(|e| NodeError::Job(format!("encrypting our rows: {e}")))? {
+            match batch.map_err(|e| {
+                NodeError::from(JobError::Compute {
+                    step: "encrypting our rows",
+                    reason: e.to_string(),
+                })
+            })? {
                 Some(batch) => out.points(Phase::SumRows, vec![batch]).await?,
                 None => break,
             }
@@ -544,11 +563,12 @@ async fn value_holder(
         // holder's noise alone would not protect our totals from a key holder that colludes
         // with the coordinator.
         if own_noise.len() != cells.len() {
-            return Err(NodeError::Job(format!(
-                "internal error: {} noise values for {} cells",
+            return Err(JobError::Internal(format!(
+                "{} noise values for {} cells",
                 own_noise.len(),
                 cells.len()
-            )));
+            ))
+            .into());
         }
         for (c, n) in cells.iter_mut().zip(own_noise) {
             *c += i128::from(n);
@@ -582,16 +602,15 @@ async fn value_holder(
     }
     if charged {
         let state = job.state.clone();
-        let key = crate::noised_release::release_key(&job.job_id, &job.spec);
+        let key = crate::spec::release_key(&job.job_id, &job.spec);
         let stored = release.clone();
         release = blocking(move || state.ledger.settle(&key, &StoredRelease::from(&stored)))
             .await?
             .map_err(|e| {
                 tracing::error!(error = %e, "could not store the release in the ledger");
-                NodeError::Job(format!(
-                    "node '{}' could not store the release in its privacy-budget ledger",
-                    job.my_name
-                ))
+                NodeError::from(JobError::Ledger {
+                    node: job.my_name.clone(),
+                })
             })?
             .apply(release);
     }

@@ -1,21 +1,12 @@
-//! Drives one ECDH-PSI job (`overlap` or `match`) over the data plane.
+//! The job driver: the async shell around the job protocols. It owns what every job does
+//! whatever its kind — dial or accept the peer's connection, read the peer's stream into memory
+//! as fast as it arrives (`spawn_reader`, capped by [`FrameBudget`]), time out a silent peer,
+//! load the dataset and audit the access, re-check the policy, charge the ledger, run CPU work
+//! on the blocking pool, and release — and runs the kind's protocol, which does none of that.
 //!
-//! The protocol logic lives in `cleanroom_circuits::psi` as a sans-IO state machine; this module
-//! only moves its batches between QUIC streams and the CPU. Each party opens one unidirectional
-//! stream to the other and writes, in order:
-//!
-//! ```text
-//! PsiHello(set size, spec digest,     phase PSI_SIZE
-//!          release terms,
-//!          [noise term, commitment])
-//! PointBatch* BatchEnd(total)          phase PSI_BLINDED          our items, k·H(x), shuffled
-//! PointBatch* BatchEnd(total)          phase PSI_DOUBLE_BLINDED   the peer's items, re-blinded
-//! BatchEnd(intersection)               phase PSI_DONE
-//! [NoiseReveal(noise, nonce)]          phase PSI_DONE             if the hello committed
-//! ```
-//!
-//! An `overlap` whose allow entry sets `epsilon` releases a noised count (see
-//! [`crate::noised_release`]): the node charges its ledger and draws its noise before its hello,
+//! `overlap` and `match` run [`crate::job::psi::PsiProtocol`] through `run_protocol`; an
+//! `overlap` whose allow entry sets `epsilon` releases a noised count (see
+//! [`crate::job::noise`]): the node charges its ledger and draws its noise before its hello,
 //! commits to it there, and opens it after the count.
 //!
 //! Each hello carries the sender's release terms (its `min_result` and whether its agreement
@@ -24,35 +15,33 @@
 //! leaves either node, whatever the coordinator does; and a `match` whose count is under the
 //! joint threshold writes no membership. What a node reports of its own data is the released
 //! count only: its rows read, rejected and excluded stay in its audit log.
-//!
-//! A reader task drains the peer's stream into memory as fast as it arrives, so neither side can
-//! stall the other through flow control while it computes; it caps what it buffers at what the
-//! policy and the declared sizes allow. CPU work runs on the blocking pool (rayon inside).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use cleanroom_circuits::{JobKey, PsiParams, PsiSession};
+use cleanroom_circuits::JobKey;
 use cleanroom_proto::v1::{
-    Abort, BatchEnd, Envelope, JobKind, JobSpec, NoiseReveal, NoiseTerm, Phase, PointBatch,
-    PsiHello, PsiOutcome, ReleaseTerms, envelope::Body,
+    Abort, BatchEnd, Envelope, JobKind, JobSpec, NoiseTerm, Phase, PointBatch, PsiOutcome,
+    ReleaseTerms, envelope::Body,
 };
 use cleanroom_transport::{FramedRecv, FramedSend, Identity, TransportError};
 use prost::Message;
-use sha2::{Digest, Sha256};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::NodeError;
-use crate::agreement::{Permit, now_ms};
 use crate::audit::{AuditEvent, AuditHead};
-use crate::config::Recipient;
+use crate::clock::now_ms;
+use crate::data::dataset::{self, RowFilter};
+use crate::data::forget::ForgetStore;
 use crate::dataplane::{Delivery, refused};
-use crate::dataset::{self, RowFilter};
-use crate::forget::ForgetStore;
-use crate::frame_budget::FrameBudget;
-use crate::noised_release::{self, OwnNoise};
+use crate::error::{JobError, NodeError, Party, Timeout};
+use crate::job::frame_budget::FrameBudget;
+use crate::job::noise::{self as noised_release, OwnNoise};
+use crate::job::psi::{Action, NoiseCommit, PsiConfig, PsiExchange, PsiProtocol};
+use crate::job::wire::{self, Outbox};
+use crate::policy::Permit;
+use crate::spec::spec_digest;
 use crate::state::NodeState;
 
 /// How long the responder waits for the initiator to connect. The initiator loads its dataset
@@ -61,23 +50,10 @@ use crate::state::NodeState;
 pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(600);
 /// Upper bound on one job's data-plane exchange.
 pub(crate) const JOB_TIMEOUT: Duration = Duration::from_secs(3600);
-/// Points per batch frame: 128 KiB, well under the frame cap.
-pub(crate) const BATCH_POINTS: usize = 4096;
+pub(crate) use crate::job::psi::BATCH_POINTS;
+pub(crate) use crate::job::wire::{STALL_BASE, stall_deadline};
 /// Most rows a dataset may have for one job.
 pub(crate) const MAX_ROWS: u64 = 100_000_000;
-/// Longest silence from the peer before its hello, and the base of the silence allowed later.
-pub(crate) const STALL_BASE: Duration = Duration::from_secs(60);
-/// Silence allowed per item of both sets on top of [`STALL_BASE`]: generous against the
-/// ~100 µs per item per party that a 2-core machine needs, so a slow but honest peer is never
-/// cut off while it blinds its set.
-const STALL_PER_ITEM: Duration = Duration::from_micros(400);
-
-/// How long the peer may stay silent once both set sizes are known.
-pub(crate) fn stall_deadline(own: u64, peer: u64) -> Duration {
-    let items = u32::try_from(own.saturating_add(peer)).unwrap_or(u32::MAX);
-    STALL_BASE.saturating_add(STALL_PER_ITEM.saturating_mul(items))
-}
-
 /// QUIC application error code when a job fails.
 const CLOSE_FAILED: u32 = 3;
 /// QUIC application error code when a job finished.
@@ -109,27 +85,27 @@ impl JobContext {
     pub(crate) fn recheck(&self) -> Result<(), NodeError> {
         self.state
             .recheck(self.generation, &self.spec, self.me, &self.permit, now_ms())
-            .map_err(|v| NodeError::Job(format!("refused: {v}")))
+            .map_err(|v| NodeError::from(JobError::Refused(v)))
     }
 
     /// Appends to the audit log; an access or release that cannot be audited does not happen.
     pub(crate) fn audit(&self, event: AuditEvent) -> Result<AuditHead, NodeError> {
         self.state.audit.append(event, now_ms()).map_err(|e| {
             tracing::error!(error = %e, "audit log write failed; stopping the job");
-            NodeError::Job(format!(
-                "node '{}' could not write its audit log; the job was stopped",
-                self.my_name
-            ))
+            JobError::Audit {
+                node: self.my_name.clone(),
+            }
+            .into()
         })
     }
 
     /// The row filter for this job: consent for its purpose, and forgotten subjects.
     pub(crate) fn forgotten(&self) -> Result<Option<dataset::Forgotten>, NodeError> {
         let store = ForgetStore::open(&self.state_dir)
-            .map_err(|e| NodeError::Job(format!("deletion list: {e}")))?;
+            .map_err(|e| NodeError::from(JobError::DeletionList(e.to_string())))?;
         let forgotten = store
             .load(&self.permit.dataset.name)
-            .map_err(|e| NodeError::Job(format!("deletion list: {e}")))?;
+            .map_err(|e| NodeError::from(JobError::DeletionList(e.to_string())))?;
         Ok(Some(forgotten))
     }
 }
@@ -171,10 +147,12 @@ pub(crate) async fn dial(
 ) -> Result<(quinn::Connection, FramedSend), NodeError> {
     let peer = Identity::node(&job.permit.partner)?;
     let conn = cleanroom_transport::connect(endpoint, peer_addr, &peer).await?;
-    let send = conn
-        .open_uni()
-        .await
-        .map_err(|e| NodeError::Job(format!("data plane to {peer}: {e}")))?;
+    let send = conn.open_uni().await.map_err(|e| {
+        NodeError::from(JobError::DataPlane {
+            what: format!("data plane to {peer}"),
+            reason: e.to_string(),
+        })
+    })?;
     Ok((conn, FramedSend::new(send)))
 }
 
@@ -187,19 +165,20 @@ pub(crate) async fn accept(
 ) -> Result<(quinn::Connection, FramedSend, FramedRecv, Envelope), NodeError> {
     let handover = tokio::time::timeout(CONNECT_TIMEOUT, incoming)
         .await
+        .map_err(|_| NodeError::from(Timeout::NodeDidNotConnect(job.permit.partner.clone())))?
         .map_err(|_| {
-            NodeError::Job(format!(
-                "node '{}' did not connect in time",
-                job.permit.partner
-            ))
+            NodeError::from(JobError::Cancelled {
+                waiting_for: "peer",
+            })
         })?
-        .map_err(|_| NodeError::Job("job cancelled while waiting for the peer".into()))?
         .map_err(|reason| refused(&format!("node '{}'", job.permit.partner), &reason))?;
     let conn = handover.conn;
-    let send = conn
-        .open_uni()
-        .await
-        .map_err(|e| NodeError::Job(format!("data plane: {e}")))?;
+    let send = conn.open_uni().await.map_err(|e| {
+        NodeError::from(JobError::DataPlane {
+            what: "data plane".into(),
+            reason: e.to_string(),
+        })
+    })?;
     Ok((conn, FramedSend::new(send), handover.recv, handover.hello))
 }
 
@@ -207,7 +186,7 @@ pub(crate) fn finish_connection(
     conn: &quinn::Connection,
     result: Result<Result<PsiOutcome, NodeError>, tokio::time::error::Elapsed>,
 ) -> Result<PsiOutcome, NodeError> {
-    let result = result.unwrap_or_else(|_| Err(NodeError::Job("job timed out".into())));
+    let result = result.unwrap_or_else(|_| Err(Timeout::Job.into()));
     match &result {
         Ok(_) => conn.close(CLOSE_DONE.into(), b"done"),
         Err(e) => conn.close(CLOSE_FAILED.into(), e.to_string().as_bytes()),
@@ -240,7 +219,7 @@ pub(crate) async fn load_input(job: &JobContext) -> Result<dataset::LoadedKeys, 
         dataset::load_keys_for(&dataset, &keys, filter, MAX_ROWS)
     })
     .await?
-    .map_err(|e| NodeError::Job(format!("dataset: {e}")))?;
+    .map_err(|e| NodeError::from(JobError::Dataset(e.to_string())))?;
     let (rows_read, rows_rejected) = (loaded.rows_read, loaded.rows_rejected);
     let (excluded_consent, excluded_deleted) =
         (loaded.rows_excluded_consent, loaded.rows_excluded_deleted);
@@ -265,11 +244,12 @@ pub(crate) async fn load_input(job: &JobContext) -> Result<dataset::LoadedKeys, 
     })?;
     job.permit
         .check_input_size(loaded.items.len() as u64)
-        .map_err(|v| NodeError::Job(format!("refused: {v}")))?;
+        .map_err(|v| NodeError::from(JobError::Refused(v)))?;
     Ok(loaded)
 }
 
-/// The symmetric part of the protocol, identical for both roles, over our loaded input.
+/// The symmetric part of the job, identical for both roles, over our loaded input: the
+/// protocol's exchange, then the release.
 async fn exchange(
     job: &JobContext,
     conn: &quinn::Connection,
@@ -278,50 +258,43 @@ async fn exchange(
     loaded: dataset::LoadedKeys,
 ) -> Result<PsiOutcome, NodeError> {
     let partner = job.permit.partner.clone();
-    let digest = spec_digest(&job.job_id, &job.spec);
     let mut out = Outgoing::new(send, &job.job_id, Phase::PsiSize);
-    let own_release = release_terms(&job.permit);
-
-    let params = PsiParams {
-        key_name: dataset::key_name(&job.permit.keys),
-        min_peer_set: job.permit.min_peer_set,
-        max_peer_set: job.permit.max_peer_set,
-        return_in_order: job.permit.partner_learns_membership,
-        learn_membership: job.permit.i_learn_membership,
-        batch_size: BATCH_POINTS,
-    };
     // Charge the budget and draw our noise before anything is sent, so that the hello can
     // commit to it.
     let own_noise = charge_noise(job).await?;
-    let (noise, noise_commitment) = match &own_noise {
-        Some(own) => {
-            let nonce = own.nonce_bytes().map_err(NodeError::Job)?;
-            let c = noised_release::commitment(&job.job_id, &job.my_name, own.noise, &nonce);
-            (Some(own.term(&job.my_name)), c.to_vec())
-        }
-        None => (None, Vec::new()),
-    };
-    let (own_size, session) = PsiSession::start(params, JobKey::generate(), loaded.items);
-    out.frame(
-        Phase::PsiSize,
-        Body::PsiHello(PsiHello {
-            sender: job.my_name.clone(),
-            set_size: own_size,
-            spec_digest: digest.to_vec(),
-            noise,
-            noise_commitment,
-            sum: None,
-            release: Some(own_release),
+    let noise = match &own_noise {
+        Some(own) => Some(NoiseCommit {
+            term: own.term(&job.my_name),
+            noise: own.noise,
+            nonce: own.nonce_bytes().map_err(JobError::Noise)?,
         }),
-    )
-    .await?;
+        None => None,
+    };
+    let kind = JobKind::try_from(job.spec.kind).unwrap_or(JobKind::Overlap);
+    let cfg = PsiConfig {
+        job_id: job.job_id.clone(),
+        me: job.my_name.clone(),
+        kind,
+        permit: job.permit.clone(),
+        digest: spec_digest(&job.job_id, &job.spec),
+        noise,
+    };
+    let mut proto = PsiProtocol::start(cfg, JobKey::generate(), loaded.items);
+    let own_size = proto.own_size();
+    // Our hello goes out before we read anything.
+    if let Some(Action::Send(hello)) = proto.poll() {
+        out.send_env(&hello).await?;
+    }
 
     // The peer's stream: the responder got it with the connection, the initiator accepts it.
     let (recv, hello) = match first {
         Some((recv, hello)) => (recv, Some(hello)),
         None => {
             let stream = conn.accept_uni().await.map_err(|e| {
-                NodeError::Job(format!("node '{partner}' did not open its stream: {e}"))
+                NodeError::from(JobError::DataPlane {
+                    what: format!("node '{partner}' did not open its stream"),
+                    reason: e.to_string(),
+                })
             })?;
             (FramedRecv::new(stream), None)
         }
@@ -331,153 +304,18 @@ async fn exchange(
     let budget = FrameBudget::new(job.permit.max_peer_set, own_size);
     let mut incoming = spawn_reader(recv, job.job_id.clone(), hello, budget);
 
-    let result = async {
-        let hello = next_frame(&mut incoming, &partner, STALL_BASE).await?;
-        let peer_hello = expect_body(&hello, Phase::PsiSize, &partner, |b| match b {
-            Body::PsiHello(h) => Some(h.clone()),
-            _ => None,
-        })?;
-        if peer_hello.sender != partner {
-            return Err(violation(
-                &partner,
-                format!("hello names sender '{}'", peer_hello.sender),
-            ));
-        }
-        if peer_hello.spec_digest != digest {
-            return Err(violation(&partner, "it was given a different job spec"));
-        }
-        let peer_noise = noised_release::check_peer_announcement(
-            &partner,
-            peer_hello.noise.as_ref(),
-            &peer_hello.noise_commitment,
-        )
-        .map_err(|e| violation(&partner, e))?;
-        if peer_noise.is_some() && job.spec.kind != JobKind::Overlap as i32 {
-            return Err(violation(&partner, "it announced noise for a match job"));
-        }
-        let joint = joint_release(&own_release, peer_hello.release.as_ref())
-            .map_err(|e| violation(&partner, e))?;
-        job.permit
-            .check_peer_size(peer_hello.set_size)
-            .map_err(|v| NodeError::Job(format!("refused: {v}")))?;
-        // A peer that stops sending (while QUIC keep-alives hold the connection open) is cut
-        // off once it has been silent longer than its share of the work could take.
-        let stall = stall_deadline(own_size, peer_hello.set_size);
-        let session = session
-            .on_peer_size(peer_hello.set_size)
-            .map_err(|e| NodeError::Job(format!("refused: {e}")))?;
-        job.recheck()?;
-        if job.permit.partner_learns_membership {
-            job.audit(AuditEvent::Release {
-                job_id: job.job_id.clone(),
-                partner: partner.clone(),
-                what: "which of the partner's records we hold (its membership)".into(),
-                to: vec![partner.clone()],
-                value: None,
-                epsilon: 0.0,
-                rho: None,
-            })?;
-        }
-
-        // Blind our items (the heavy step) and send them.
-        let (batches, mut exchanging) = blocking(move || session.blind()).await?;
-        out.points(Phase::PsiBlinded, batches).await?;
-        out.end(Phase::PsiBlinded, own_size).await?;
-
-        // Re-blind the peer's items as they arrive.
-        let mut seq_in = 0u64;
-        let awaiting = loop {
-            let env = next_frame(&mut incoming, &partner, stall).await?;
-            check_phase(&env, Phase::PsiBlinded, &partner)?;
-            match env.body {
-                Some(Body::Points(PointBatch { seq, points })) => {
-                    check_seq(seq, &mut seq_in, &partner)?;
-                    let (next, reply) = blocking(move || exchanging.on_peer_batch(&points))
-                        .await?
-                        .map_err(|e| violation(&partner, e))?;
-                    exchanging = next;
-                    if let Some(reply) = reply {
-                        out.points(Phase::PsiDoubleBlinded, vec![reply]).await?;
-                    }
-                }
-                Some(Body::BatchEnd(BatchEnd { total })) => {
-                    let (rest, awaiting) = blocking(move || exchanging.on_peer_end(total))
-                        .await?
-                        .map_err(|e| violation(&partner, e))?;
-                    out.points(Phase::PsiDoubleBlinded, rest).await?;
-                    out.end(Phase::PsiDoubleBlinded, total).await?;
-                    break awaiting;
-                }
-                other => return Err(unexpected(&partner, Phase::PsiBlinded, other.as_ref())),
-            }
-        };
-
-        // Our items, returned double-blinded by the peer.
-        let output = receive_batches(
-            &mut incoming,
-            &partner,
-            stall,
-            Phase::PsiDoubleBlinded,
-            awaiting,
-            cleanroom_circuits::AwaitingReturn::on_returned_batch,
-            cleanroom_circuits::AwaitingReturn::on_returned_end,
-        )
-        .await?;
-
-        // Tell the peer we are done, with our count (which must equal theirs) and the opening
-        // of our noise commitment; wait for theirs.
-        out.end(Phase::PsiDone, output.intersection).await?;
-        if let Some(own) = &own_noise {
-            let nonce = own.nonce_bytes().map_err(NodeError::Job)?;
-            out.frame(
-                Phase::PsiDone,
-                Body::NoiseReveal(NoiseReveal {
-                    noise: own.noise,
-                    nonce: nonce.to_vec(),
-                }),
-            )
-            .await?;
-        }
-        out.send.finish()?;
-        let done = next_frame(&mut incoming, &partner, stall).await?;
-        let peer_count = expect_body(&done, Phase::PsiDone, &partner, |b| match b {
-            Body::BatchEnd(e) => Some(e.total),
-            _ => None,
-        })?;
-        if peer_count != output.intersection {
-            return Err(violation(
-                &partner,
-                format!(
-                    "it counted {peer_count} shared items, we counted {}",
-                    output.intersection
-                ),
-            ));
-        }
-        let peer_noise = match peer_noise {
-            None => None,
-            Some(term) => {
-                let reveal = next_frame(&mut incoming, &partner, stall).await?;
-                let (noise, nonce) = expect_body(&reveal, Phase::PsiDone, &partner, |b| match b {
-                    Body::NoiseReveal(r) => Some((r.noise, r.nonce.clone())),
-                    _ => None,
-                })?;
-                noised_release::check_reveal(
-                    &job.job_id,
-                    &partner,
-                    &peer_hello.noise_commitment,
-                    noise,
-                    &nonce,
-                )
-                .map_err(|e| violation(&partner, e))?;
-                Some((term, noise))
-            }
-        };
-        Ok((output, peer_noise, joint))
-    }
-    .await;
-
-    let (output, peer_noise, joint) = match result {
-        Ok(o) => o,
+    let exchanged = match run_protocol(job, &mut proto, &mut out, &mut incoming).await {
+        Ok(()) => proto
+            .into_exchange()
+            .ok_or_else(|| JobError::Internal("the protocol stopped early".into()).into()),
+        Err(e) => Err(e),
+    };
+    let PsiExchange {
+        output,
+        peer_noise,
+        joint,
+    } = match exchanged {
+        Ok(x) => x,
         Err(e) => {
             // Best effort: tell the peer why, so its analyst sees the same reason.
             let _ = out
@@ -493,10 +331,58 @@ async fn exchange(
     };
     // Wait until the peer has everything we sent before the connection is closed.
     let _ = tokio::time::timeout(Duration::from_secs(10), out.send.stopped()).await;
+    release(
+        job, output, own_noise, peer_noise, joint, own_size, out.bytes,
+    )
+    .await
+}
 
-    // What may be released to the coordinator: the count (with both parties' noise, if any),
-    // unless either agreement withholds it (below the joint minimum result, or counts not
-    // allowed to the coordinator).
+/// Runs a PSI protocol to its end: does what it asks, and feeds it the peer's frames (each
+/// within the silence it allows) and the results of its CPU work.
+async fn run_protocol(
+    job: &JobContext,
+    proto: &mut PsiProtocol,
+    out: &mut Outgoing,
+    incoming: &mut mpsc::UnboundedReceiver<Incoming>,
+) -> Result<(), NodeError> {
+    let partner = job.permit.partner.clone();
+    loop {
+        while let Some(action) = proto.poll() {
+            match action {
+                Action::Send(env) => out.send_env(&env).await?,
+                Action::Recheck => job.recheck()?,
+                Action::Audit(event) => {
+                    job.audit(event)?;
+                }
+                Action::Compute(work) => {
+                    let done = blocking(move || work.run()).await?;
+                    proto.handle_done(done)?;
+                }
+                Action::Finish => out.send.finish()?,
+            }
+        }
+        if proto.is_finished() {
+            return Ok(());
+        }
+        let env = next_frame(incoming, &partner, proto.silence_allowed()).await?;
+        proto.handle(env)?;
+    }
+}
+
+/// What may be released to the coordinator: the count (with both parties' noise, if any),
+/// unless either agreement withholds it (below the joint minimum result, or counts not allowed
+/// to the coordinator). Audited, and settled in the ledger if it was charged; a `match` writes
+/// its membership file.
+async fn release(
+    job: &JobContext,
+    output: cleanroom_circuits::PsiOutput,
+    own_noise: Option<OwnNoise>,
+    peer_noise: Option<(NoiseTerm, i64)>,
+    joint: ReleaseTerms,
+    own_size: u64,
+    bytes_to_peer: u64,
+) -> Result<PsiOutcome, NodeError> {
+    let partner = job.permit.partner.clone();
     job.recheck()?;
     let mut noise_terms: Vec<NoiseTerm> = Vec::new();
     let released = if own_noise.is_none() && peer_noise.is_none() {
@@ -551,7 +437,7 @@ async fn exchange(
         audit_head: head.to_string(),
         noise: noise_terms,
         sum: None,
-        bytes_to_peer: out.bytes,
+        bytes_to_peer,
     };
     // Membership is the result itself: under the joint threshold it is withheld here too (an
     // honest node writes none; a deviating one could compute it, see docs/SECURITY.md). Its row
@@ -574,31 +460,6 @@ async fn exchange(
     Ok(outcome)
 }
 
-/// This node's release terms, as its hello announces them.
-pub(crate) fn release_terms(permit: &Permit) -> ReleaseTerms {
-    ReleaseTerms {
-        min_result: permit.min_result.max(1),
-        counts_to_coordinator: permit.counts_allowed_to(Recipient::Coordinator),
-    }
-}
-
-/// The stricter of both parties' release terms: the larger threshold, and counts to the
-/// coordinator only if both agreements allow it. A hello without terms, or with a threshold
-/// of 0 (an honest node sends at least 1), is the peer's violation.
-pub(crate) fn joint_release(
-    own: &ReleaseTerms,
-    peer: Option<&ReleaseTerms>,
-) -> Result<ReleaseTerms, String> {
-    let peer = peer.ok_or("its hello carries no release terms")?;
-    if peer.min_result == 0 {
-        return Err("its hello declares a minimum result of 0 (at least 1)".into());
-    }
-    Ok(ReleaseTerms {
-        min_result: own.min_result.max(peer.min_result),
-        counts_to_coordinator: own.counts_to_coordinator && peer.counts_to_coordinator,
-    })
-}
-
 /// For an overlap whose allow entry sets ε: charges the ledger and draws this node's noise in
 /// one transaction (the draw is not kept; a job whose release was charged before is refused).
 /// `None` for exact releases.
@@ -614,19 +475,14 @@ async fn charge_noise(job: &JobContext) -> Result<Option<OwnNoise>, NodeError> {
         return Ok(None);
     };
     let state = job.state.clone();
-    let key = noised_release::release_key(&job.job_id, &job.spec);
+    let key = crate::spec::release_key(&job.job_id, &job.spec);
     let drawn = blocking(move || {
         state
             .ledger
             .charge_and_draw(&key, &charge, now_ms(), || noised_release::draw(epsilon))
     })
     .await?
-    .map_err(|e| {
-        NodeError::Job(format!(
-            "refused: {}",
-            crate::state::budget_veto(&cfg.name, e)
-        ))
-    })?;
+    .map_err(|e| NodeError::from(JobError::Refused(crate::state::budget_veto(&cfg.name, e))))?;
     tracing::info!(epsilon, "privacy budget charged for a noised release");
     Ok(Some(drawn))
 }
@@ -642,15 +498,14 @@ pub(crate) async fn settle(
         return Ok(released);
     }
     let state = job.state.clone();
-    let key = noised_release::release_key(&job.job_id, &job.spec);
+    let key = crate::spec::release_key(&job.job_id, &job.spec);
     blocking(move || state.ledger.settle(&key, &released))
         .await?
         .map_err(|e| {
             tracing::error!(error = %e, "could not store the release in the ledger");
-            NodeError::Job(format!(
-                "node '{}' could not store the release in its privacy-budget ledger",
-                job.my_name
-            ))
+            NodeError::from(JobError::Ledger {
+                node: job.my_name.clone(),
+            })
         })
 }
 
@@ -665,14 +520,7 @@ pub(crate) fn key_columns(permit: &Permit) -> Vec<String> {
 }
 
 pub(crate) fn check_seq(seq: u64, expected: &mut u64, partner: &str) -> Result<(), NodeError> {
-    if seq != *expected {
-        return Err(violation(
-            partner,
-            format!("batch {seq} out of order (expected {expected})"),
-        ));
-    }
-    *expected += 1;
-    Ok(())
+    wire::check_seq(seq, expected).map_err(|v| violation(partner, v))
 }
 
 /// Maps matched item indices back to row numbers and writes them to the node's state dir.
@@ -697,23 +545,23 @@ async fn write_membership(
             forgotten: forgotten.as_ref(),
         };
         let loaded = dataset::load_keys_for(&dataset, &keys, filter, MAX_ROWS)
-            .map_err(|e| NodeError::Job(format!("dataset: {e}")))?;
+            .map_err(|e| NodeError::from(JobError::Dataset(e.to_string())))?;
         if loaded.items.len() as u64 != own_size {
-            return Err(NodeError::Job("the dataset changed during the job".into()));
+            return Err(JobError::DatasetChanged.into());
         }
         let mut matched = cleanroom_circuits::ItemSet::new();
         for i in indices {
             let item = loaded
                 .items
                 .get(i as usize)
-                .ok_or_else(|| NodeError::Job("membership index out of range".into()))?;
+                .ok_or_else(|| JobError::Internal("membership index out of range".into()))?;
             matched
                 .push(item)
-                .map_err(|e| NodeError::Job(e.to_string()))?;
+                .map_err(|e| JobError::Internal(e.to_string()))?;
         }
         matched.dedup();
         let rows = dataset::matching_rows_for(&dataset, &keys, filter, &matched)
-            .map_err(|e| NodeError::Job(format!("dataset: {e}")))?;
+            .map_err(|e| NodeError::from(JobError::Dataset(e.to_string())))?;
         std::fs::create_dir_all(&dir).map_err(|e| NodeError::Io {
             what: format!("creating {}", dir.display()),
             source: e,
@@ -731,17 +579,6 @@ async fn write_membership(
     })
     .await?
     .map(|rows| (rows, path))
-}
-
-/// Both parties hash the same spec with the job id; a mismatch means they were told different
-/// things (a confused or malicious coordinator).
-pub fn spec_digest(job_id: &str, spec: &JobSpec) -> [u8; 32] {
-    let mut h = Sha256::new();
-    h.update(b"cleanroom/1 job spec\0");
-    h.update(job_id.as_bytes());
-    h.update([0u8]);
-    h.update(spec.encode_to_vec());
-    h.finalize().into()
 }
 
 /// Reads the peer's stream into a channel as fast as it arrives, checking job ids and what the
@@ -797,27 +634,32 @@ pub(crate) async fn next_frame(
     let next = tokio::time::timeout(stall, incoming.recv())
         .await
         .map_err(|_| {
-            NodeError::Job(format!(
-                "node '{partner}' sent nothing for {}s; the job was stopped",
-                stall.as_secs()
-            ))
+            NodeError::from(Timeout::Silent {
+                peer: Party::Node(partner.to_owned()),
+                secs: stall.as_secs(),
+            })
         })?;
     match next {
         Some(Incoming::Frame(env)) => {
             if let Some(Body::Abort(Abort { reason })) = &env.body {
-                return Err(NodeError::Job(format!(
-                    "node '{partner}' aborted the job: {reason}"
-                )));
+                return Err(JobError::Aborted {
+                    peer: Party::Node(partner.to_owned()),
+                    reason: reason.clone(),
+                }
+                .into());
             }
             Ok(*env)
         }
         Some(Incoming::Failed(reason)) => Err(violation(partner, reason)),
-        Some(Incoming::Lost(reason)) => Err(NodeError::Job(format!(
-            "lost the connection to node '{partner}': {reason}"
-        ))),
-        None => Err(NodeError::Job(format!(
-            "node '{partner}' closed its stream early"
-        ))),
+        Some(Incoming::Lost(reason)) => Err(JobError::Lost {
+            peer: Party::Node(partner.to_owned()),
+            reason,
+        }
+        .into()),
+        None => Err(JobError::ClosedEarly {
+            peer: Party::Node(partner.to_owned()),
+        }
+        .into()),
     }
 }
 
@@ -861,17 +703,7 @@ where
 }
 
 pub(crate) fn check_phase(env: &Envelope, phase: Phase, partner: &str) -> Result<(), NodeError> {
-    if env.phase != phase as i32 {
-        return Err(violation(
-            partner,
-            format!(
-                "frame for phase {} while in phase {}",
-                env.phase,
-                phase.as_str_name()
-            ),
-        ));
-    }
-    Ok(())
+    wire::check_phase(env, phase).map_err(|v| violation(partner, v))
 }
 
 pub(crate) fn expect_body<T>(
@@ -880,26 +712,11 @@ pub(crate) fn expect_body<T>(
     partner: &str,
     pick: impl Fn(&Body) -> Option<T>,
 ) -> Result<T, NodeError> {
-    check_phase(env, phase, partner)?;
-    env.body
-        .as_ref()
-        .and_then(pick)
-        .ok_or_else(|| unexpected(partner, phase, env.body.as_ref()))
+    wire::expect_body(env, phase, pick).map_err(|v| violation(partner, v))
 }
 
 pub(crate) fn unexpected(partner: &str, phase: Phase, body: Option<&Body>) -> NodeError {
-    let what = match body {
-        None => "an empty frame",
-        Some(Body::PsiHello(_)) => "a hello",
-        Some(Body::Points(_)) => "a point batch",
-        Some(Body::BatchEnd(_)) => "an end marker",
-        Some(Body::NoiseReveal(_)) => "a noise reveal",
-        Some(_) => "a control-plane message",
-    };
-    violation(
-        partner,
-        format!("sent {what} in phase {}", phase.as_str_name()),
-    )
+    violation(partner, wire::unexpected(phase, body))
 }
 
 pub(crate) fn violation(partner: &str, reason: impl std::fmt::Display) -> NodeError {
@@ -909,13 +726,10 @@ pub(crate) fn violation(partner: &str, reason: impl std::fmt::Display) -> NodeEr
     }
 }
 
-/// Our stream to the peer: frames stamped with the job id and phase, point batches numbered
-/// from 0 within each phase.
+/// Our stream to the peer: frames stamped and numbered by an [`Outbox`], and the bytes sent.
 pub(crate) struct Outgoing {
     pub(crate) send: FramedSend,
-    job_id: String,
-    phase: Phase,
-    seq: u64,
+    outbox: Outbox,
     /// Bytes sent so far (framed).
     pub(crate) bytes: u64,
 }
@@ -925,26 +739,21 @@ impl Outgoing {
     pub(crate) fn new(send: FramedSend, job_id: &str, phase: Phase) -> Outgoing {
         Outgoing {
             send,
-            job_id: job_id.to_owned(),
-            phase,
-            seq: 0,
+            outbox: Outbox::new(job_id, phase),
             bytes: 0,
         }
     }
 
-    pub(crate) async fn frame(&mut self, phase: Phase, body: Body) -> Result<(), NodeError> {
-        if phase != self.phase {
-            self.phase = phase;
-            self.seq = 0;
-        }
-        let env = Envelope {
-            job_id: self.job_id.clone(),
-            phase: phase as i32,
-            body: Some(body),
-        };
+    /// Sends a frame as it is.
+    pub(crate) async fn send_env(&mut self, env: &Envelope) -> Result<(), NodeError> {
         // The frame's length prefix and body.
         self.bytes += 4 + env.encoded_len() as u64;
-        Ok(self.send.send(&env).await?)
+        Ok(self.send.send(env).await?)
+    }
+
+    pub(crate) async fn frame(&mut self, phase: Phase, body: Body) -> Result<(), NodeError> {
+        let env = self.outbox.frame(phase, body);
+        self.send_env(&env).await
     }
 
     pub(crate) async fn points(
@@ -952,21 +761,15 @@ impl Outgoing {
         phase: Phase,
         batches: Vec<Vec<u8>>,
     ) -> Result<(), NodeError> {
-        for points in batches {
-            if phase != self.phase {
-                self.phase = phase;
-                self.seq = 0;
-            }
-            let seq = self.seq;
-            self.frame(phase, Body::Points(PointBatch { seq, points }))
-                .await?;
-            self.seq += 1;
+        for env in self.outbox.points(phase, batches) {
+            self.send_env(&env).await?;
         }
         Ok(())
     }
 
     pub(crate) async fn end(&mut self, phase: Phase, total: u64) -> Result<(), NodeError> {
-        self.frame(phase, Body::BatchEnd(BatchEnd { total })).await
+        let env = self.outbox.end(phase, total);
+        self.send_env(&env).await
     }
 }
 
@@ -976,37 +779,5 @@ pub(crate) async fn blocking<T: Send + 'static>(
 ) -> Result<T, NodeError> {
     tokio::task::spawn_blocking(f)
         .await
-        .map_err(|e| NodeError::Job(format!("internal error: {e}")))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn terms(min_result: u64, counts_to_coordinator: bool) -> ReleaseTerms {
-        ReleaseTerms {
-            min_result,
-            counts_to_coordinator,
-        }
-    }
-
-    /// Each node applies the stricter terms of both, so neither relies on the coordinator to
-    /// enforce the other's threshold or its `counts_to`.
-    #[test]
-    fn joint_release_terms_are_the_stricter_of_both() {
-        let joint = |own, peer| joint_release(&own, Some(&peer)).unwrap();
-        assert_eq!(joint(terms(10, true), terms(50, true)), terms(50, true));
-        assert_eq!(joint(terms(50, true), terms(10, true)), terms(50, true));
-        assert_eq!(joint(terms(1, true), terms(1, false)), terms(1, false));
-        assert_eq!(joint(terms(1, false), terms(1, true)), terms(1, false));
-        assert_eq!(
-            joint_release(&terms(1, true), None).unwrap_err(),
-            "its hello carries no release terms"
-        );
-        assert!(
-            joint_release(&terms(1, true), Some(&terms(0, true)))
-                .unwrap_err()
-                .contains("minimum result of 0")
-        );
-    }
+        .map_err(|e| JobError::Internal(e.to_string()).into())
 }

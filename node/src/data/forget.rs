@@ -3,7 +3,7 @@
 //! A forgotten subject is stored as a keyed hash of one normalised identifier value,
 //! [`forget_hash`]`(secret, normalised)`, never as the value itself. Every later job excludes
 //! a row if *any* of its dataset's declared identifiers normalises to a forgotten value
-//! ([`crate::dataset::RowFilter::forgotten`]).
+//! ([`crate::data::dataset::RowFilter::forgotten`]).
 //!
 //! Files, both in the node's `state_dir`:
 //! - `forget.key`: the node-local HMAC key, 32 bytes from the operating system's CSPRNG,
@@ -30,10 +30,10 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use super::dataset::{Forgotten, KEY_PART_SEPARATOR, MAX_FIELD_BYTES, forget_hash};
+use super::normalise::NormaliseError;
+use super::schema::DatasetConfig;
 use crate::audit::{hash_from_hex, to_hex};
-use crate::config::DatasetConfig;
-use crate::dataset::{Forgotten, KEY_PART_SEPARATOR, MAX_FIELD_BYTES, forget_hash};
-use crate::normalise::NormaliseError;
 
 /// The key file's name in `state_dir`.
 pub const KEY_FILE: &str = "forget.key";
@@ -162,7 +162,7 @@ impl ForgetStore {
 
     /// How many rows of `dataset` the subject whose `identifier` is `raw_value` has today: the
     /// rows a job would exclude if the subject were forgotten in it (the same test as a job's
-    /// [`RowFilter`](crate::dataset::RowFilter): any identifier of the row normalises to the
+    /// [`RowFilter`](crate::data::dataset::RowFilter): any identifier of the row normalises to the
     /// value). Reads the whole file; records nothing.
     pub fn matching_rows(
         &self,
@@ -177,11 +177,11 @@ impl ForgetStore {
             secret: self.secret,
             hashes: std::iter::once(hash).collect(),
         };
-        let filter = crate::dataset::RowFilter {
+        let filter = crate::data::dataset::RowFilter {
             consent_column: None,
             forgotten: Some(&forgotten),
         };
-        crate::dataset::for_each_row_for(dataset, &[], filter, u64::MAX, |_, _| Ok(()))
+        crate::data::dataset::for_each_row_for(dataset, &[], filter, u64::MAX, |_, _| Ok(()))
             .map(|counts| counts.rows_excluded_deleted)
             .map_err(|e| e.to_string())
     }
@@ -251,7 +251,7 @@ impl ForgetStore {
     }
 
     /// The forgotten subjects of `dataset`, with the key, for a job's
-    /// [`RowFilter`](crate::dataset::RowFilter). A missing list is an empty one; a torn last
+    /// [`RowFilter`](crate::data::dataset::RowFilter). A missing list is an empty one; a torn last
     /// line (an append that never returned) is ignored; any other bad line is an error (the
     /// job must not run without its deletions).
     pub fn load(&self, dataset: &str) -> Result<Forgotten, ForgetError> {
@@ -390,9 +390,9 @@ fn sync_dir(path: &Path) {
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
-    use crate::config::IdentifierConfig;
-    use crate::dataset::{KeySpec, RowFilter, load_keys_for};
-    use crate::normalise::Normaliser;
+    use crate::data::IdentifierConfig;
+    use crate::data::dataset::{KeySpec, RowFilter, load_keys_for};
+    use crate::data::normalise::Normaliser;
 
     fn dataset(dir: &Path) -> DatasetConfig {
         let path = dir.join("d.csv");

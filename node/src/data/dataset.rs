@@ -12,8 +12,11 @@ use std::path::{Path, PathBuf};
 
 use cleanroom_circuits::ItemSet;
 
-use crate::config::{DatasetConfig, IdentifierConfig};
-use crate::normalise::{NormaliseError, NormaliseOptions, Normaliser};
+use super::normalise::{NormaliseError, NormaliseOptions, Normaliser};
+use super::schema::{DatasetConfig, IdentifierConfig};
+
+/// Most rows a dataset may have for one job.
+pub const MAX_ROWS: u64 = 100_000_000;
 
 /// The byte between the parts of a composite key (ASCII unit separator). A field containing it
 /// is rejected, so that no two different part lists can join to the same key.
@@ -82,7 +85,7 @@ impl std::fmt::Debug for Forgotten {
 /// Which rows a job may use beyond key validity.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct RowFilter<'a> {
-    /// The consent column for the job's purpose ([`crate::agreement::Permit::consent_column`]):
+    /// The consent column for the job's purpose (the permit of the job names it):
     /// a row is used only if this field is `true`, `1` or `yes` (any case, trimmed). `None` =
     /// no consent filter.
     pub consent_column: Option<&'a str>,
@@ -678,7 +681,7 @@ fn normalise_field(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::IdentifierConfig;
+    use crate::data::IdentifierConfig;
     use std::io::Write;
 
     const CSV: &str = "\

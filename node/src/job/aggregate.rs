@@ -3,7 +3,7 @@
 //! The protocol (`cleanroom_circuits::aggregate`) in the order this module runs it:
 //!
 //! 1. **Offer.** The node decides against its agreements with *every* other party
-//!    ([`crate::aggregate_policy`], through [`NodeState::decide`], which audits the decision and
+//!    ([`crate::policy::aggregate`], through [`NodeState::decide`], which audits the decision and
 //!    checks the node-wide ε budget). If it accepts, it registers one expected data-plane
 //!    connection per peer *before* answering, so no peer can dial before it is expected.
 //! 2. **Start** names every peer with its data-plane address; they must be exactly the spec's
@@ -35,10 +35,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use cleanroom_circuits::aggregate::{
-    self, GroupDomain, GroupVector, NoisePlan, ShareSeed, check_no_overflow, clip, encode_cells,
-    parse_group_integer,
-};
+use cleanroom_circuits::aggregate::{self, NoisePlan, ShareSeed, check_no_overflow, encode_cells};
 use cleanroom_proto::v1::{
     AggregateHello, AggregateOutcome, AggregatePartial, AggregateTerms, ColumnNoise, Envelope,
     JobSpec, OfferReply, Phase, Ready, Report, envelope::Body, report::Outcome,
@@ -47,13 +44,15 @@ use cleanroom_transport::{FramedRecv, FramedSend, Identity};
 use sha2::{Digest, Sha256};
 use tokio::sync::oneshot;
 
-use crate::NodeError;
-use crate::aggregate_policy::{self, AggregatePermit};
-use crate::agreement::now_ms;
 use crate::audit::{AuditEvent, AuditHead};
-use crate::dataplane::{Delivery, refused};
-use crate::dataset::{self, RowFilter};
-use crate::forget::ForgetStore;
+use crate::clock::now_ms;
+use crate::data::aggregate_input::{Loaded, load_vector};
+use crate::data::dataset::RowFilter;
+use crate::data::forget::ForgetStore;
+use crate::dataplane::{Delivery, pending_key, refused};
+use crate::error::{JobError, NodeError, Timeout};
+use crate::policy::Veto;
+use crate::policy::aggregate::{self as aggregate_policy, AggregatePermit};
 use crate::state::NodeState;
 
 /// How long the node waits for `Start` after accepting.
@@ -62,8 +61,6 @@ const START_TIMEOUT: Duration = Duration::from_secs(60);
 const PEER_TIMEOUT: Duration = Duration::from_secs(60);
 /// Upper bound on one job.
 const JOB_TIMEOUT: Duration = Duration::from_secs(3600);
-/// Most rows one party's dataset may have for one job.
-const MAX_ROWS: u64 = 100_000_000;
 /// Cells per partial batch: 512 KiB, well under the 1 MiB frame cap.
 pub const PARTIAL_BATCH_CELLS: usize = 1 << 16;
 /// The label of the group that collects rows whose label the spec does not list (or whose
@@ -73,14 +70,8 @@ pub const OTHER_GROUP: &str = aggregate::OTHER_GROUP;
 const CLOSE_DONE: u32 = 0;
 const CLOSE_FAILED: u32 = 3;
 
-/// The key under which the data plane hands over `peer`'s connection for `job_id` (one per
-/// peer, so N − 1 connections can wait for one job).
-pub fn pending_key(job_id: &str, peer: &str) -> String {
-    format!("{job_id}#aggregate#{peer}")
-}
-
 /// Serves an aggregate offer on the job's control stream, to the end of the job. Errors are
-/// reported and audited by the caller ([`crate::control`]).
+/// reported and audited by the caller (the control session).
 pub async fn serve_offer(
     endpoint: quinn::Endpoint,
     state: &Arc<NodeState>,
@@ -114,17 +105,17 @@ pub async fn serve_offer(
     };
     // The full terms (peers, group column, colluders), from the same policy generation.
     let terms = aggregate_policy::check_offer_at(&state.cfg(), &spec, me, now_ms())
-        .map_err(|v| NodeError::Job(format!("refused: {v}")))?;
+        .map_err(|v| NodeError::from(JobError::Refused(v)))?;
     if terms.permit != permit {
-        return Err(NodeError::Job(
-            "the policy changed while the offer was decided; try again".into(),
-        ));
+        return Err(JobError::PolicyChangedDuringOffer.into());
     }
     let mut incoming = Vec::new();
     for peer in &terms.peers {
         incoming.push((
             peer.clone(),
-            state.expect_connection(&pending_key(&job_id, peer), peer),
+            state
+                .waiting
+                .expect_connection(&pending_key(&job_id, peer), peer),
         ));
     }
     let job = AggregateJob {
@@ -151,15 +142,13 @@ pub async fn serve_offer(
         // The job runs until done, its deadline, or the coordinator dropping the stream.
         let run = tokio::time::timeout(JOB_TIMEOUT, job.run(&endpoint, peers, incoming, send));
         tokio::select! {
-            r = run => r.unwrap_or_else(|_| Err(NodeError::Job("job timed out".into()))),
-            _ = wait_for_withdrawal(recv) => Err(NodeError::Job(
-                "the coordinator stopped the job (another party failed or it shut down)".into(),
-            )),
+            r = run => r.unwrap_or_else(|_| Err(Timeout::Job.into())),
+            _ = wait_for_withdrawal(recv) => Err(JobError::Withdrawn.into()),
         }
     }
     .await;
     for peer in &job.terms.peers {
-        state.forget_pending(&pending_key(&job_id, peer));
+        state.waiting.forget_pending(&pending_key(&job_id, peer));
     }
     result
 }
@@ -208,9 +197,7 @@ impl AggregateJob {
     ) -> Result<Option<Vec<(String, SocketAddr)>>, NodeError> {
         let start = match tokio::time::timeout(START_TIMEOUT, recv.recv()).await {
             Err(_) => {
-                return Err(NodeError::Job(
-                    "no Start from the coordinator in time".into(),
-                ));
+                return Err(Timeout::NoStart.into());
             }
             Ok(Ok(None)) | Ok(Err(_)) => return Ok(None),
             Ok(Ok(Some(e))) => e,
@@ -240,7 +227,7 @@ impl AggregateJob {
                     format!("Start gives no address for party '{peer}'"),
                 ));
             };
-            let addr = crate::control::resolve_peer(endpoint, addr).await?;
+            let addr = crate::dataplane::resolve_peer(endpoint, addr).await?;
             peers.push((peer.clone(), addr));
         }
         Ok(Some(peers))
@@ -250,10 +237,9 @@ impl AggregateJob {
     fn audit(&self, event: AuditEvent) -> Result<AuditHead, NodeError> {
         self.state.audit.append(event, now_ms()).map_err(|e| {
             tracing::error!(error = %e, "audit log write failed; stopping the job");
-            NodeError::Job(format!(
-                "node '{}' could not write its audit log; the job was stopped",
-                self.my_name()
-            ))
+            NodeError::from(JobError::Audit {
+                node: self.my_name().to_owned(),
+            })
         })
     }
 
@@ -279,11 +265,11 @@ impl AggregateJob {
             return blocking(move || plan.draw(groups))
                 .await?
                 .map(|noise| (noise, 0.0))
-                .map_err(|e| NodeError::Job(format!("noise: {e}")));
+                .map_err(|e| compute("noise", e));
         };
         let rho = release_rho(&plan, &joint.sensitivities);
         charge.loss = crate::ledger::Loss::Rho(rho);
-        let key = crate::noised_release::release_key(&self.job_id, &self.spec);
+        let key = crate::spec::release_key(&self.job_id, &self.spec);
         let state = self.state.clone();
         let drawn = blocking(move || {
             state
@@ -291,12 +277,7 @@ impl AggregateJob {
                 .charge_and_draw(&key, &charge, now_ms(), || plan.draw(groups))
         })
         .await?
-        .map_err(|e| {
-            NodeError::Job(format!(
-                "refused: {}",
-                crate::state::budget_veto(&cfg.name, e)
-            ))
-        })?;
+        .map_err(|e| NodeError::from(JobError::Refused(crate::state::budget_veto(&cfg.name, e))))?;
         tracing::info!(rho, "privacy budget charged for an aggregate (zCDP)");
         Ok((drawn, rho))
     }
@@ -310,7 +291,7 @@ impl AggregateJob {
                 &self.terms.permit,
                 now_ms(),
             )
-            .map_err(|v| NodeError::Job(format!("refused: {v}")))
+            .map_err(|v| NodeError::from(JobError::Refused(v)))
     }
 
     /// Column names in vector order: the count, then the sums.
@@ -353,7 +334,7 @@ impl AggregateJob {
     ) -> Result<(), NodeError> {
         self.recheck()?;
         let n = self.spec.parties.len();
-        let digest = crate::psi_job::spec_digest(&self.job_id, &self.spec);
+        let digest = crate::spec::spec_digest(&self.job_id, &self.spec);
         let my_terms = self.own_terms();
 
         // The seeds of the peers' shares do not depend on our data, so they go out first: the
@@ -363,7 +344,7 @@ impl AggregateJob {
         let seeds = (1..n)
             .map(|_| ShareSeed::generate())
             .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| NodeError::Job(format!("secret sharing: {e}")))?;
+            .map_err(|e| compute("secret sharing", e))?;
         let mut sends = tokio::task::JoinSet::new();
         let mut bytes_to_peers = 0u64;
         for ((peer, addr), seed) in peers.into_iter().zip(&seeds) {
@@ -394,11 +375,11 @@ impl AggregateJob {
             my_terms.sensitivities.iter().copied().max().unwrap_or(1),
             n,
         )
-        .map_err(|e| NodeError::Job(format!("refused: {e}")))?;
+        .map_err(|e| NodeError::from(JobError::Refused(Veto(e.to_string()))))?;
         self.terms
             .permit
             .check_input_size(loaded.rows_used)
-            .map_err(|v| NodeError::Job(format!("refused: {v}")))?;
+            .map_err(|v| NodeError::from(JobError::Refused(v)))?;
         let vector = loaded.vector;
         let cells = vector.cells().len();
         let groups = vector.groups();
@@ -409,7 +390,7 @@ impl AggregateJob {
             match r {
                 Ok(Ok(s)) => shares.push(s),
                 Ok(Err(e)) => return Err(e),
-                Err(e) => return Err(NodeError::Job(format!("internal error: {e}"))),
+                Err(e) => return Err(JobError::Internal(e.to_string()).into()),
             }
         }
         // Kept open until we have reported, so no frame of ours or theirs is cut off.
@@ -418,7 +399,7 @@ impl AggregateJob {
             match r {
                 Ok(Ok(c)) => out_conns.push(c),
                 Ok(Err(e)) => return Err(e),
-                Err(e) => return Err(NodeError::Job(format!("internal error: {e}"))),
+                Err(e) => return Err(JobError::Internal(e.to_string()).into()),
             }
         }
 
@@ -432,13 +413,13 @@ impl AggregateJob {
         let all_terms: Vec<&AggregateTerms> = std::iter::once(&my_terms)
             .chain(shares.iter().map(|(_, s, _)| &s.terms))
             .collect();
-        let joint = joint_terms(&all_terms, n)
-            .map_err(|e| NodeError::Job(format!("the parties' terms do not fit: {e}")))?;
+        let joint =
+            joint_terms(&all_terms, n).map_err(|e| compute("the parties' terms do not fit", e))?;
         let plan = match joint.epsilon {
             Some(eps) => NoisePlan::new(eps, &joint.sensitivities, n, joint.max_colluders as usize),
             None => Ok(NoisePlan::none(joint.sensitivities.len(), n)),
         }
-        .map_err(|e| NodeError::Job(format!("noise: {e}")))?;
+        .map_err(|e| compute("noise", e))?;
 
         let mut in_conns = Vec::new();
         let mut seeds: Vec<ShareSeed> = Vec::new();
@@ -456,7 +437,7 @@ impl AggregateJob {
             Ok(acc)
         })
         .await?
-        .map_err(|e| NodeError::Job(format!("partial sum: {e}")))?;
+        .map_err(|e| compute("partial sum", e))?;
 
         self.recheck()?;
         let epsilon_spent = if plan.is_noised() {
@@ -549,10 +530,10 @@ impl AggregateJob {
         let dataset = self.terms.permit.dataset.clone();
         let forgotten = {
             let store = ForgetStore::open(&self.state.cfg().state_dir)
-                .map_err(|e| NodeError::Job(format!("deletion list: {e}")))?;
+                .map_err(|e| NodeError::from(JobError::DeletionList(e.to_string())))?;
             store
                 .load(&dataset.name)
-                .map_err(|e| NodeError::Job(format!("deletion list: {e}")))?
+                .map_err(|e| NodeError::from(JobError::DeletionList(e.to_string())))?
         };
         let consent = self.terms.permit.consent_column.clone();
         let group_by = self.terms.group_by.clone();
@@ -579,7 +560,13 @@ impl AggregateJob {
                 },
             )
         })
-        .await??;
+        .await?
+        .map_err(|e| match e {
+            crate::data::aggregate_input::AggregateInputError::Vector(reason) => {
+                NodeError::from(JobError::Refused(Veto(reason)))
+            }
+            other => JobError::Rows(other.to_string()).into(),
+        })?;
         let mut columns = vec![self.terms.group_by.clone()];
         columns.extend(self.columns().into_iter().skip(1));
         columns.extend(self.terms.person.clone());
@@ -598,167 +585,11 @@ impl AggregateJob {
     }
 }
 
-/// A party's loaded input.
-#[derive(Debug)]
-pub struct Loaded {
-    /// `(groups + 1) × (1 + sums)` cells: count first, the "(other)" group last.
-    pub vector: GroupVector,
-    /// What the filters left out.
-    pub counts: dataset::RowCounts,
-    /// Contributions summed: rows used (passed the filters and parsed), or with per-person
-    /// clipping the persons counted.
-    pub rows_used: u64,
-    /// Rows whose value field was missing or not an integer (skipped), or, with per-person
-    /// clipping, whose person field is empty.
-    pub rows_rejected: u64,
-    /// Rows (persons, with per-person clipping) counted in "(other)".
-    pub rows_other: u64,
-    /// Per-person clipping only: persons counted, rows left out.
-    pub persons: Option<crate::audit::PersonCounts>,
-}
-
-/// One person's contribution while its rows are read: the group of its first row and the sums
-/// of its rows in that group (saturating; clipped once all rows are read).
-struct PersonSum {
-    group: usize,
-    sums: Vec<i64>,
-}
-
 /// The zCDP ρ of a noised aggregate release: what the honest parties' noise gives each column
 /// (KLS21's `ε_c`, as reported in the result), composed: `ρ = Σ_c ε_c² / 2`.
 fn release_rho(plan: &NoisePlan, sensitivities: &[u64]) -> f64 {
     let e = aggregate::composed_epsilon(&plan.describe(sensitivities));
     e * e / 2.0
-}
-
-/// Builds the clipped per-group vector of a dataset: one row per group of `domain` plus
-/// "(other)", column 0 the row count and then each of `bounds` (column, min, max) summed after
-/// clipping. A row with a missing or non-integer value is rejected (counted, never summed); so
-/// is, for an integer domain, a row whose group field is not an integer. An integer outside the
-/// range, like an unlisted label, goes to "(other)".
-///
-/// With a `person` column, contributions are per person instead: a person's rows in the group of
-/// its first (accepted) row are summed, each sum clipped once to its bounds, and the person
-/// counted once in that group; its rows in other groups are left out (counted in
-/// [`Loaded::persons`]), so one person moves one group's cells by at most the bounds, whatever
-/// number of rows it has. A row whose person field is empty is rejected.
-pub fn load_vector(
-    dataset: &crate::config::DatasetConfig,
-    group_by: &str,
-    domain: &GroupDomain,
-    bounds: &[(String, i64, i64)],
-    person: Option<&str>,
-    filter: RowFilter<'_>,
-) -> Result<Loaded, NodeError> {
-    let index: HashMap<&[u8], usize> = match domain {
-        GroupDomain::Labels(labels) => labels
-            .iter()
-            .enumerate()
-            .map(|(i, l)| (l.as_bytes(), i))
-            .collect(),
-        GroupDomain::Range { .. } => HashMap::new(),
-    };
-    let integer_groups = matches!(domain, GroupDomain::Range { .. });
-    let other = domain.other();
-    let mut vector = GroupVector::zeros(domain.groups(), 1 + bounds.len())
-        .map_err(|e| NodeError::Job(format!("refused: {e}")))?;
-    let mut columns: Vec<&str> = vec![group_by];
-    columns.extend(bounds.iter().map(|(c, _, _)| c.as_str()));
-    columns.extend(person);
-    let person_field = 1 + bounds.len();
-    let (mut used, mut rejected, mut in_other) = (0u64, 0u64, 0u64);
-    let mut values = vec![0i64; bounds.len()];
-    let mut people: HashMap<Vec<u8>, PersonSum> = HashMap::new();
-    let mut outside_group = 0u64;
-    let counts = dataset::for_each_row_for(dataset, &columns, filter, MAX_ROWS, |_, fields| {
-        for (i, (_, min, max)) in bounds.iter().enumerate() {
-            let parsed = fields[i + 1]
-                .and_then(|f| std::str::from_utf8(f).ok())
-                .and_then(|s| s.trim().parse::<i64>().ok());
-            let Some(v) = parsed else {
-                rejected += 1;
-                return Ok(());
-            };
-            // Per person, a row's value is clipped only as part of its person's sum.
-            values[i] = if person.is_some() {
-                v
-            } else {
-                clip(v, *min, *max)
-            };
-        }
-        let group = if integer_groups {
-            match fields[0].and_then(parse_group_integer) {
-                Some(v) => domain.group_of_integer(v),
-                None => {
-                    rejected += 1;
-                    return Ok(());
-                }
-            }
-        } else {
-            let label = fields[0].map(<[u8]>::trim_ascii).unwrap_or_default();
-            index.get(label).copied().unwrap_or(other)
-        };
-        if person.is_some() {
-            let id = fields[person_field]
-                .map(<[u8]>::trim_ascii)
-                .unwrap_or_default();
-            if id.is_empty() {
-                rejected += 1;
-                return Ok(());
-            }
-            match people.get_mut(id) {
-                None => {
-                    people.insert(
-                        id.to_vec(),
-                        PersonSum {
-                            group,
-                            sums: values.clone(),
-                        },
-                    );
-                }
-                Some(p) if p.group == group => {
-                    for (s, v) in p.sums.iter_mut().zip(&values) {
-                        *s = s.saturating_add(*v);
-                    }
-                }
-                Some(_) => outside_group += 1,
-            }
-            return Ok(());
-        }
-        if group == other {
-            in_other += 1;
-        }
-        used += 1;
-        // In range by construction: `group ≤ labels.len()`, columns = 1 + bounds.
-        let _ = vector.add(group, 0, 1);
-        for (i, v) in values.iter().enumerate() {
-            let _ = vector.add(group, i + 1, *v);
-        }
-        Ok(())
-    })
-    .map_err(|e| NodeError::Job(e.to_string()))?;
-    let persons = person.map(|_| crate::audit::PersonCounts {
-        persons: people.len() as u64,
-        rows_outside_group: outside_group,
-    });
-    for p in people.into_values() {
-        if p.group == other {
-            in_other += 1;
-        }
-        used += 1;
-        let _ = vector.add(p.group, 0, 1);
-        for (i, (s, (_, min, max))) in p.sums.iter().zip(bounds).enumerate() {
-            let _ = vector.add(p.group, i + 1, clip(*s, *min, *max));
-        }
-    }
-    Ok(Loaded {
-        vector,
-        counts,
-        rows_used: used,
-        rows_rejected: rejected,
-        rows_other: in_other,
-        persons,
-    })
 }
 
 /// Checks terms a peer sent against what an honest node sends: ε finite and ≥ 0 (0 = no
@@ -889,15 +720,15 @@ async fn send_share(
     let identity = Identity::node(&peer)?;
     let conn = cleanroom_transport::connect(&endpoint, addr, &identity)
         .await
-        .map_err(|e| NodeError::Job(format!("cannot reach party '{peer}': {e}")))?;
+        .map_err(|e| data_plane(format!("cannot reach party '{peer}'"), e))?;
     let stream = conn
         .open_uni()
         .await
-        .map_err(|e| NodeError::Job(format!("data plane to '{peer}': {e}")))?;
+        .map_err(|e| data_plane(format!("data plane to '{peer}'"), e))?;
     let mut send = FramedSend::new(stream);
     send.send(&hello)
         .await
-        .map_err(|e| NodeError::Job(format!("sending the share to '{peer}': {e}")))?;
+        .map_err(|e| data_plane(format!("sending the share to '{peer}'"), e))?;
     send.finish()?;
     Ok((conn, send))
 }
@@ -912,8 +743,12 @@ async fn receive_share(
 ) -> Result<(String, PeerShare, quinn::Connection), NodeError> {
     let handover = tokio::time::timeout(PEER_TIMEOUT, rx)
         .await
-        .map_err(|_| NodeError::Job(format!("party '{peer}' did not connect in time")))?
-        .map_err(|_| NodeError::Job("job cancelled while waiting for the peers".into()))?
+        .map_err(|_| NodeError::from(Timeout::PartyDidNotConnect(peer.to_owned())))?
+        .map_err(|_| {
+            NodeError::from(JobError::Cancelled {
+                waiting_for: "peers",
+            })
+        })?
         .map_err(|reason| refused(&peer, &reason))?;
     let conn = handover.conn;
     let fail = |reason: String| {
@@ -976,141 +811,30 @@ async fn blocking<T: Send + 'static>(
 ) -> Result<T, NodeError> {
     tokio::task::spawn_blocking(f)
         .await
-        .map_err(|e| NodeError::Job(format!("internal error: {e}")))
+        .map_err(|e| JobError::Internal(e.to_string()).into())
+}
+
+/// A local computation's failure, named by its step.
+fn compute(step: &'static str, e: impl std::fmt::Display) -> NodeError {
+    JobError::Compute {
+        step,
+        reason: e.to_string(),
+    }
+    .into()
+}
+
+/// A peer that could not be reached, or its stream not used (`what` says which step).
+fn data_plane(what: String, e: impl std::fmt::Display) -> NodeError {
+    JobError::DataPlane {
+        what,
+        reason: e.to_string(),
+    }
+    .into()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::io::Write;
-
-    fn dataset(csv: &str) -> (tempfile::TempDir, crate::config::DatasetConfig) {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("cb.csv");
-        std::fs::File::create(&path)
-            .unwrap()
-            .write_all(csv.as_bytes())
-            .unwrap();
-        let d = crate::config::DatasetConfig {
-            name: "chargebacks".into(),
-            path,
-            identifiers: vec![],
-            values: vec![],
-            consent: Default::default(),
-            consent_required: false,
-        };
-        (dir, d)
-    }
-
-    #[test]
-    fn vector_counts_clips_and_collects_other() {
-        let (_dir, d) = dataset(
-            "id,category,amount,ok\n1,a,100,yes\n2,b,5000,yes\n3,a,-7,no\n4,zzz,10,yes\n5,b,abc,yes\n6, a ,1,yes\n",
-        );
-        let labels = GroupDomain::Labels(vec!["a".to_owned(), "b".to_owned()]);
-        let bounds = vec![("amount".to_owned(), 0, 1000)];
-        let l = load_vector(
-            &d,
-            "category",
-            &labels,
-            &bounds,
-            None,
-            RowFilter {
-                consent_column: Some("ok"),
-                forgotten: None,
-            },
-        )
-        .unwrap();
-        assert_eq!(l.counts.rows_read, 6);
-        assert_eq!(l.counts.rows_excluded_consent, 1);
-        assert_eq!((l.rows_used, l.rows_rejected, l.rows_other), (4, 1, 1));
-        // a: rows 1 and 6 (trimmed label); b: row 2 clipped to 1000; other: row 4.
-        assert_eq!(l.vector.cells(), &[2, 101, 1, 1000, 1, 10]);
-    }
-
-    #[test]
-    fn missing_group_column_fails_the_job() {
-        let (_dir, d) = dataset("id,amount\n1,2\n");
-        let none = GroupDomain::Labels(vec![]);
-        let e = load_vector(&d, "category", &none, &[], None, RowFilter::default()).unwrap_err();
-        assert!(e.to_string().contains("no column 'category'"), "{e}");
-    }
-
-    #[test]
-    fn integer_domain_vector() {
-        // Range [10, 13): 10, 11, 12 and "(other)". Row 5's bucket is out of range (other),
-        // rows 6–8 have a bucket that is not an integer (rejected, not summed, not in other),
-        // row 9 has a bad amount (rejected).
-        let (_dir, d) = dataset(
-            "id,bucket,amount\n1,10,5\n2,12,7\n3, 12 ,1\n4,11,2000\n5,13,4\n6,x,9\n7,1.5,9\n8,,9\n9,10,oops\n10,-1,3\n",
-        );
-        let domain = GroupDomain::range(10, 13).unwrap();
-        let bounds = vec![("amount".to_owned(), 0, 1000)];
-        let l = load_vector(&d, "bucket", &domain, &bounds, None, RowFilter::default()).unwrap();
-        assert_eq!(l.counts.rows_read, 10);
-        assert_eq!((l.rows_used, l.rows_rejected, l.rows_other), (6, 4, 2));
-        assert_eq!(l.vector.groups(), 4);
-        assert_eq!(l.vector.cells(), &[1, 5, 1, 1000, 2, 8, 2, 7]);
-    }
-
-    /// Per person: a person's rows in the group of its first row are summed, then clipped, and
-    /// the person counted once; its rows elsewhere are left out. Per row, the same file counts
-    /// every row and clips each value.
-    #[test]
-    fn per_person_clipping_sums_then_clips_and_counts_a_person_once() {
-        let (_dir, d) = dataset(
-            "customer,category,amount
-             p1,a,600
-p1,a,700
-p1,b,50
-p2,a,10
-p2,a,20
-p3,b,5000
-,a,1
-p4,zzz,3
-p4,zzz,4
-",
-        );
-        let labels = GroupDomain::Labels(vec!["a".to_owned(), "b".to_owned()]);
-        let bounds = vec![("amount".to_owned(), 0, 1000)];
-        let per_row =
-            load_vector(&d, "category", &labels, &bounds, None, RowFilter::default()).unwrap();
-        // a: 600 + 700 + 10 + 20 + 1 (5 rows); b: 50 + 1000 (clipped); other: 3 + 4.
-        assert_eq!(per_row.vector.cells(), &[5, 1331, 2, 1050, 2, 7]);
-        assert_eq!(per_row.persons, None);
-        let l = load_vector(
-            &d,
-            "category",
-            &labels,
-            &bounds,
-            Some("customer"),
-            RowFilter::default(),
-        )
-        .unwrap();
-        // a: p1 (600 + 700 = 1300, clipped to 1000) and p2 (30); b: p3 (5000 → 1000), p1's b
-        // row left out; other: p4 (7); the row without a person is rejected.
-        assert_eq!(l.vector.cells(), &[2, 1030, 1, 1000, 1, 7]);
-        assert_eq!((l.rows_used, l.rows_rejected, l.rows_other), (4, 1, 1));
-        assert_eq!(
-            l.persons,
-            Some(crate::audit::PersonCounts {
-                persons: 4,
-                rows_outside_group: 1
-            })
-        );
-        // A person column that is not in the file fails the job.
-        let e = load_vector(
-            &d,
-            "category",
-            &labels,
-            &bounds,
-            Some("nobody"),
-            RowFilter::default(),
-        )
-        .unwrap_err();
-        assert!(e.to_string().contains("no column 'nobody'"), "{e}");
-    }
-
     fn terms(eps: f64, t: u32, k: u64, s: &[u64]) -> AggregateTerms {
         AggregateTerms {
             epsilon: eps,

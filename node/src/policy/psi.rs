@@ -1,201 +1,74 @@
-//! The allow-list check run on every offer, before any data is read.
+//! The rules of the two-party kinds that join on keys: what an `overlap` or `match` allow entry
+//! may say (`check_entry`), and the agreement check run on every two-party offer (`overlap`,
+//! `match`, and the base of `overlap-sum`'s), before any data is read.
 //!
 //! The coordinator can ask, never order: [`check_offer`] decides from this node's own config
 //! alone whether it takes part in a job, and with what limits. A refusal carries one line an
-//! analyst can act on, naming the rule. The permit carries the limits the engine enforces at
-//! later phases: [`Permit::check_peer_size`] (before any exponentiation),
-//! [`Permit::check_input_size`] (after loading, before sending), [`Permit::release_count`] (the
-//! k-threshold), [`RunCounter`] (runs per period, fed from the audit log) and
-//! [`Permit::charge`] (what a noised release charges to the ε budgets in [`crate::ledger`]).
-//! [`recheck`] re-runs the check when the policy was reloaded.
+//! analyst can act on, naming the rule. [`recheck`] re-runs the check when the policy was
+//! reloaded.
 
 use cleanroom_proto::v1::{JobKind, JobSpec};
 
-use crate::config::{
-    Budget, Computation, DatasetConfig, Epsilon, Membership, NodeConfig, Period, PolicyDate,
-    Recipient, ValueColumn,
-};
-use crate::dataset::{KeySpec, key_name};
+use crate::data::{DatasetConfig, KeySpec, key_name};
 
-/// What the agreement lets this node do in one accepted job.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Permit {
-    /// The other party's node name.
-    pub partner: String,
-    /// The computation.
-    pub computation: Computation,
-    /// The job's purpose (one of the agreement's).
-    pub purpose: String,
-    /// This node's dataset for the job.
-    pub dataset: DatasetConfig,
-    /// This node's join key (identifier names in order).
-    pub keys: KeySpec,
-    /// Smallest set size the partner may declare.
-    pub min_peer_set: u64,
-    /// Largest set size the partner may declare.
-    pub max_peer_set: u64,
-    /// Match only: the partner learns which of its rows we share (so we return its items in
-    /// order). Always false for overlap.
-    pub partner_learns_membership: bool,
-    /// Match only: this node learns which of its rows the partner shares. Always false for
-    /// overlap.
-    pub i_learn_membership: bool,
-    /// Who the entry lets learn membership (`none` for overlap).
-    pub membership: Membership,
-    /// Fewest distinct keys of ours (after consent and deletion filtering) the job may use.
-    pub min_input_size: u64,
-    /// k-threshold: a count below it is suppressed.
-    pub min_result: u64,
-    /// Who may receive counts.
-    pub counts_to: Vec<Recipient>,
-    /// ε per run, if the entry allows DP releases.
-    pub epsilon: Option<Epsilon>,
-    /// The agreement's ε caps per purpose with this partner (`budget_per_purpose`): at most one
-    /// for a two-party job, one per agreement involved for an aggregate.
-    pub purpose_budgets: Vec<Budget>,
-    /// Runs allowed per period for this partner and entry (`None` = unlimited).
-    pub runs: Option<RunCounter>,
-    /// Value columns the job may use, with clipping bounds.
-    pub value_columns: Vec<ValueColumn>,
-    /// The consent column that filters rows for the job's purpose (`None` = all rows).
-    pub consent_column: Option<String>,
-    /// The agreement's expiry (last valid UTC day), if any.
-    pub expires: Option<PolicyDate>,
-    /// Overlap-sum and aggregate: the columns a job may group by.
-    pub group_by: Vec<String>,
-    /// Overlap-sum: the roles this node may take (the entry's `roles`, both if absent).
-    pub sum_roles: Vec<crate::config::SumRole>,
-}
+use super::allow::AllowEntry;
+use super::allow::{Allow, AllowTerms, PsiAllow, check_keyed_terms, check_keys};
+use super::permit::{Permit, RunCounter, Veto, veto};
+use super::schema::NodeConfig;
+use super::values::{Computation, Membership, PolicyDate, SumRole};
 
-impl Permit {
-    /// Checks the size the partner declares against the entry's bounds; call it before any
-    /// exponentiation on the partner's data.
-    pub fn check_peer_size(&self, declared: u64) -> Result<(), Veto> {
-        if declared < self.min_peer_set {
-            return Err(veto(format!(
-                "{} declares {declared} keys < min_set_size {}",
-                self.partner, self.min_peer_set
-            )));
-        }
-        if declared > self.max_peer_set {
-            return Err(veto(format!(
-                "{} declares {declared} keys > max_set_size {}",
-                self.partner, self.max_peer_set
-            )));
-        }
-        Ok(())
+/// The rules of an `overlap` or `match` entry, in order: no `group_by` or `roles`, the keys
+/// ([`check_keys`]), membership only on a match, no ε on a match (its count travels with the
+/// membership it releases exactly), then the common terms ([`check_keyed_terms`]).
+pub(crate) fn check_entry(
+    ctx: &str,
+    e: &AllowEntry,
+    d: &DatasetConfig,
+    text: &str,
+) -> Result<PsiAllow, String> {
+    if !e.group_by.is_empty() || e.roles.is_some() {
+        return Err(format!(
+            "{ctx}: allow {} on '{}': keys group_by and roles apply to overlap-sum and \
+             aggregate only",
+            e.computation,
+            e.dataset.get_ref()
+        ));
     }
-
-    /// Checks our own input (distinct keys after consent and deletion filtering) against
-    /// `min_input_size`; call it after loading, before anything is sent.
-    pub fn check_input_size(&self, distinct_keys: u64) -> Result<(), Veto> {
-        if distinct_keys < self.min_input_size {
-            return Err(veto(format!(
-                "input {distinct_keys} rows < min_input {}",
-                self.min_input_size
-            )));
-        }
-        Ok(())
+    check_keys(ctx, e, d)?;
+    let overlap_membership = e.membership.is_some_and(|m| m != Membership::None)
+        || e.reveal_membership_to_partner == Some(true);
+    if e.computation == Computation::Overlap && overlap_membership {
+        return Err(format!(
+            "{ctx}: allow {} on '{}': key membership (reveal_membership_to_partner) applies \
+             to match only",
+            e.computation,
+            e.dataset.get_ref()
+        ));
     }
-
-    /// The k-threshold: `Some(count)` when it may be released, `None` when it is below
-    /// `min_result` and must be suppressed.
-    pub fn release_count(&self, count: u64) -> Option<u64> {
-        (count >= self.min_result).then_some(count)
+    // A match reveals which records are shared to the sides the entry names, and its count
+    // travels with that membership: noise on the count would protect nothing, so an ε here
+    // would be a promise the node cannot keep.
+    if e.computation == Computation::Match && e.epsilon.is_some() {
+        return Err(format!(
+            "{ctx}: allow {} on '{}': key epsilon does not apply to match (membership is released exactly); remove it, or allow overlap for a differentially private count",
+            e.computation,
+            e.dataset.get_ref()
+        ));
     }
-
-    /// The privacy loss of one release under this permit, if its entry sets ε: pure ε for the
-    /// discrete Laplace releases, ρ = ε²/2 for an aggregate (whose ε is a zCDP ε; the job
-    /// charges the ρ its noise actually gives, which is at most this up to KLS21's slack).
-    pub fn loss(&self) -> Option<crate::ledger::Loss> {
-        let e = self.epsilon?.get();
-        Some(match self.computation {
-            Computation::Aggregate => crate::ledger::Loss::Rho(e * e / 2.0),
-            _ => crate::ledger::Loss::Epsilon(e),
-        })
-    }
-
-    /// What a noised release under this permit charges to the ledger: its loss against the
-    /// agreements' per-purpose caps and the node-wide `[budget]` of `cfg`, read at its
-    /// `dp_delta`. `None` when the entry sets no ε (an exact release, which charges nothing).
-    pub fn charge(&self, job_id: &str, cfg: &NodeConfig) -> Option<crate::ledger::Charge> {
-        Some(crate::ledger::Charge {
-            job_id: job_id.to_owned(),
-            partner: self.partner.clone(),
-            purpose: self.purpose.clone(),
-            loss: self.loss()?,
-            purpose_caps: self.purpose_budgets.clone(),
-            node_cap: cfg.budget.clone(),
-            delta: cfg.delta(),
-        })
-    }
-
-    /// Whether `to` may receive the job's counts.
-    pub fn counts_allowed_to(&self, to: Recipient) -> bool {
-        self.counts_to.contains(&to)
-    }
-}
-
-/// The runs-per-period limit of one (partner, allow entry): pure, fed with the timestamps of
-/// past accepted runs (from the audit log).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct RunCounter {
-    /// Accepted runs allowed per period.
-    pub limit: u64,
-    /// The period (a sliding window ending now).
-    pub period: Period,
-}
-
-impl RunCounter {
-    /// Refuses a new run if `limit` runs were accepted in the window `(now - period, now]`:
-    /// `runs per day exceeded (2/2)`. Timestamps in the future count (clock skew must not free
-    /// runs).
-    pub fn check(&self, past_runs_ms: &[i64], now_ms: i64) -> Result<(), Veto> {
-        let since = now_ms.saturating_sub(self.period.millis());
-        let used = past_runs_ms.iter().filter(|&&t| t > since).count() as u64;
-        if used >= self.limit {
-            return Err(veto(format!(
-                "runs per {} exceeded ({used}/{})",
-                self.period, self.limit
-            )));
-        }
-        Ok(())
-    }
-}
-
-/// Milliseconds since the Unix epoch now (0 if the clock is before 1970).
-pub fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-}
-
-/// Re-checks a running job against `cfg` (after a policy reload): the offer must still be
-/// accepted, with exactly the same permit; otherwise the job stops with the reason.
-pub fn recheck(
-    cfg: &NodeConfig,
-    spec: &JobSpec,
-    me: usize,
-    now_ms: i64,
-    permit: &Permit,
-) -> Result<(), Veto> {
-    let fresh = check_offer_at(cfg, spec, me, now_ms)?;
-    if &fresh != permit {
-        return Err(veto(format!(
-            "the policy for {} changed while the job ran; its terms no longer hold",
-            permit.partner
-        )));
-    }
-    Ok(())
-}
-
-/// Why this node refuses a job: one line for the analyst, naming the rule.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{0}")]
-pub struct Veto(pub String);
-
-fn veto(reason: impl Into<String>) -> Veto {
-    Veto(reason.into())
+    check_keyed_terms(ctx, e, d, text)?;
+    // Who learns membership: `membership`, else the old `reveal_membership_to_partner` (`true`
+    // = both), else `self`; always none for overlap.
+    let membership = match (e.computation, e.membership, e.reveal_membership_to_partner) {
+        (Computation::Overlap, _, _) => Membership::None,
+        (_, Some(m), _) => m,
+        (_, None, Some(true)) => Membership::Both,
+        (_, None, _) => Membership::SelfOnly,
+    };
+    Ok(PsiAllow {
+        terms: AllowTerms::of(e),
+        keys: e.keys.clone(),
+        membership,
+    })
 }
 
 /// Decides whether this node takes part in `spec`, where `me` is this node's index in
@@ -209,7 +82,7 @@ fn veto(reason: impl Into<String>) -> Veto {
 /// membership only if the entry reveals it. `learns_membership` flags are ignored for overlap
 /// (an overlap reveals no membership).
 pub fn check_offer(cfg: &NodeConfig, spec: &JobSpec, me: usize) -> Result<Permit, Veto> {
-    check_offer_at(cfg, spec, me, now_ms())
+    check_offer_at(cfg, spec, me, crate::clock::now_ms())
 }
 
 /// [`check_offer`] at a given time (`now_ms`, Unix milliseconds), which decides expiry: an
@@ -251,7 +124,7 @@ pub fn check_offer_at(
         Ok(JobKind::Overlap) => Computation::Overlap,
         Ok(JobKind::Match) => Computation::Match,
         Ok(JobKind::OverlapSum) => Computation::OverlapSum,
-        // Aggregate offers are decided by `crate::aggregate_policy` (N parties).
+        // Aggregate offers are decided by `crate::policy::aggregate` (N parties).
         Ok(JobKind::Unspecified | JobKind::Aggregate) | Err(_) => {
             return Err(veto(format!(
                 "job kind {} is not one this node runs (overlap, match, overlap-sum)",
@@ -348,42 +221,63 @@ pub fn check_offer_at(
             (theirs.learns_membership, mine.learns_membership)
         }
     };
+    let terms = entry.terms();
+    let roles = match entry {
+        Allow::OverlapSum(a) => a.roles.clone(),
+        _ => None,
+    };
     Ok(Permit {
         partner: partner.to_owned(),
         computation,
         purpose: spec.purpose.clone(),
         dataset: dataset.clone(),
         keys,
-        min_peer_set: entry.min_set_size,
-        max_peer_set: entry.max_set_size,
+        min_peer_set: terms.min_set_size,
+        max_peer_set: terms.max_set_size,
         partner_learns_membership,
         i_learn_membership,
         membership: entry.membership(),
-        min_input_size: entry.min_input_size.get(),
-        min_result: entry.min_result.get(),
-        counts_to: entry.counts_to.clone(),
-        epsilon: entry.epsilon,
+        min_input_size: terms.min_input_size.get(),
+        min_result: terms.min_result.get(),
+        counts_to: terms.counts_to.clone(),
+        epsilon: terms.epsilon,
         purpose_budgets: agreement.budget_per_purpose.iter().cloned().collect(),
-        runs: entry.runs_per_period.map(|limit| RunCounter {
+        runs: terms.runs_per_period.map(|limit| RunCounter {
             limit: limit.get(),
-            period: entry.period,
+            period: terms.period,
         }),
-        value_columns: entry.value_columns.clone(),
+        value_columns: terms.value_columns.clone(),
         consent_column,
         expires: agreement.expires,
-        group_by: entry.group_by.clone(),
-        sum_roles: entry.roles.clone().unwrap_or_else(|| {
-            vec![
-                crate::config::SumRole::KeyHolder,
-                crate::config::SumRole::ValueHolder,
-            ]
-        }),
+        group_by: entry.group_by().to_vec(),
+        sum_roles: roles.unwrap_or_else(|| vec![SumRole::KeyHolder, SumRole::ValueHolder]),
     })
+}
+
+/// Re-checks a running job against `cfg` (after a policy reload): the offer must still be
+/// accepted, with exactly the same permit; otherwise the job stops with the reason.
+pub fn recheck(
+    cfg: &NodeConfig,
+    spec: &JobSpec,
+    me: usize,
+    now_ms: i64,
+    permit: &Permit,
+) -> Result<(), Veto> {
+    let fresh = check_offer_at(cfg, spec, me, now_ms)?;
+    if &fresh != permit {
+        return Err(veto(format!(
+            "the policy for {} changed while the job ran; its terms no longer hold",
+            permit.partner
+        )));
+    }
+    Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ledger::{Budget, Epsilon, Period};
+    use crate::policy::Recipient;
     use cleanroom_proto::v1::PartySpec;
     use std::path::Path;
 
@@ -642,8 +536,8 @@ purposes = ["fraud-detection"]
         assert_eq!(
             (p.min_peer_set, p.max_peer_set),
             (
-                crate::config::DEFAULT_MIN_SET_SIZE,
-                crate::config::DEFAULT_MAX_SET_SIZE
+                crate::policy::DEFAULT_MIN_SET_SIZE,
+                crate::policy::DEFAULT_MAX_SET_SIZE
             )
         );
 
@@ -816,7 +710,7 @@ purposes = ["fraud-detection"]
             (Some(2.0), Period::Week)
         );
         assert_eq!(charge.node_cap, Some(node));
-        assert_eq!(charge.delta, crate::config::DEFAULT_DP_DELTA);
+        assert_eq!(charge.delta, crate::ledger::DEFAULT_DP_DELTA);
         // No ε: an exact release, nothing to charge.
         assert!(
             check_offer(&cfg(), &overlap(), 0)
@@ -830,7 +724,10 @@ purposes = ["fraud-detection"]
     fn membership_none_and_consent_required() {
         let c = with("", "");
         let mut c2 = c.clone();
-        c2.agreements[0].allow[1].membership = Some(Membership::None);
+        let Allow::Match(entry) = &mut c2.agreements[0].allow[1] else {
+            panic!("the second entry is a match")
+        };
+        entry.membership = Membership::None;
         let s = spec(
             JobKind::Match,
             vec![
@@ -863,7 +760,8 @@ purposes = ["fraud-detection"]
         let p = check_offer_at(&c, &overlap(), 0, 0).unwrap();
         assert!(recheck(&c, &overlap(), 0, 0, &p).is_ok());
         let mut tighter = c.clone();
-        tighter.agreements[0].allow[0].min_result = crate::config::Threshold::new(50).unwrap();
+        tighter.agreements[0].allow[0].terms_mut().min_result =
+            crate::policy::Threshold::new(50).unwrap();
         assert!(
             recheck(&tighter, &overlap(), 0, 0, &p)
                 .unwrap_err()

@@ -54,7 +54,9 @@ use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use crate::config::{Budget, Period};
+mod caps;
+
+pub use caps::{Budget, DEFAULT_DP_DELTA, Delta, Epsilon, MAX_DP_DELTA, Period};
 
 /// Version of the schema below; recorded in `schema_version`.
 pub const SCHEMA_VERSION: i64 = 2;
@@ -610,13 +612,12 @@ pub fn show(epsilon: f64) -> String {
 
 /// A Unix-ms time as `YYYY-MM-DDTHH:MM:SSZ` (UTC).
 pub fn show_time(ms: i64) -> String {
-    format!("{}Z", crate::audit::format_ms(ms).replacen(' ', "T", 1))
+    format!("{}Z", crate::clock::format_ms(ms).replacen(' ', "T", 1))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Epsilon;
     use std::sync::{Arc, Barrier};
 
     const DAY: i64 = 86_400_000;

@@ -13,12 +13,14 @@ use std::collections::HashSet;
 use cleanroom_circuits::aggregate::{GroupDomain, MAX_CELLS};
 use cleanroom_proto::v1::{AggregateSpec, JobKind, JobSpec};
 
-use crate::agreement::{Permit, RunCounter, Veto};
-use crate::config::{
-    AllowEntry, Computation, Epsilon, MIN_AGGREGATE_PARTIES, Membership, NodeConfig, PolicyDate,
-    Recipient, ValueColumn,
-};
-use crate::dataset::KeySpec;
+use crate::data::{DatasetConfig, KeySpec, ValueColumn};
+use crate::ledger::Epsilon;
+
+use super::allow::AllowEntry;
+use super::allow::{AggregateAllow, Allow, AllowTerms};
+use super::permit::{Permit, RunCounter, Veto};
+use super::schema::NodeConfig;
+use super::values::{Computation, MIN_AGGREGATE_PARTIES, Membership, PolicyDate, Recipient};
 
 /// Most parties an aggregate may have (the circuits' cap).
 pub const MAX_PARTIES: usize = cleanroom_circuits::aggregate::MAX_PARTIES;
@@ -41,6 +43,77 @@ pub struct AggregatePermit {
     /// Per-person clipping: the column naming each row's person (the spec's `person`, which
     /// every agreement that names one must name alike); `None` = per-row clipping.
     pub person: Option<String>,
+}
+
+/// The checks of an `aggregate` allow entry: no keys, no membership, at least one group-by
+/// column, at least 3 parties, value columns declared and inside the dataset's bounds.
+pub(crate) fn check_entry(
+    ctx: &str,
+    e: &AllowEntry,
+    d: &DatasetConfig,
+) -> Result<AggregateAllow, String> {
+    let at = format!("{ctx}: allow aggregate on '{}'", e.dataset.get_ref());
+    if !e.keys.is_empty() {
+        return Err(format!("{at}: aggregate joins nothing; remove keys"));
+    }
+    if e.membership.is_some() || e.reveal_membership_to_partner.is_some() {
+        return Err(format!("{at}: membership applies to match only"));
+    }
+    if e.group_by.is_empty() {
+        return Err(format!(
+            "{at}: group_by must list the column(s) a job may group by"
+        ));
+    }
+    if e.group_by.iter().any(String::is_empty) {
+        return Err(format!("{at}: group_by has an empty column name"));
+    }
+    if e.person.as_ref().is_some_and(|p| p.is_empty()) {
+        return Err(format!("{at}: person names an empty column"));
+    }
+    if e.person.as_ref().is_some_and(|p| e.group_by.contains(p)) {
+        return Err(format!(
+            "{at}: person column '{}' is also a group_by column",
+            e.person.as_deref().unwrap_or_default()
+        ));
+    }
+    if e.min_parties.is_some_and(|n| n < MIN_AGGREGATE_PARTIES) {
+        return Err(format!(
+            "{at}: min_parties must be at least {MIN_AGGREGATE_PARTIES}"
+        ));
+    }
+    if !e.counts_to.contains(&Recipient::Coordinator) {
+        return Err(format!(
+            "{at}: an aggregate releases only to the coordinator; counts_to must include it"
+        ));
+    }
+    let mut seen = HashSet::new();
+    for v in &e.value_columns {
+        let col = v.column.get_ref();
+        let Some(declared) = d.value(col) else {
+            return Err(format!(
+                "{at}: value_columns names '{col}', which dataset '{}' does not declare \
+                 (declared: {})",
+                d.name,
+                d.value_names()
+            ));
+        };
+        if !seen.insert(col.as_str()) {
+            return Err(format!("{at}: value_columns lists '{col}' twice"));
+        }
+        if v.min > v.max || v.min < declared.min || v.max > declared.max {
+            return Err(format!(
+                "{at}: bounds [{}, {}] of '{col}' must be ordered and inside the dataset's [{}, {}]",
+                v.min, v.max, declared.min, declared.max
+            ));
+        }
+    }
+    Ok(AggregateAllow {
+        terms: AllowTerms::of(e),
+        group_by: e.group_by.clone(),
+        min_parties: e.min_parties,
+        max_colluders: e.max_colluders,
+        person: e.person.clone(),
+    })
 }
 
 /// The group domain of an aggregate spec, checked before any work: labels or an integer range
@@ -133,11 +206,11 @@ pub fn check_offer_at(
         .filter(|p| p.node != cfg.name)
         .map(|p| p.node.clone())
         .collect();
-    let mut entries: Vec<&AllowEntry> = Vec::new();
+    let mut entries: Vec<&AggregateAllow> = Vec::new();
     let mut expires: Option<PolicyDate> = None;
     // The per-purpose caps of the agreements involved: the aggregate's loss is charged once,
     // under the peer set as its partner scope, and must fit every one of them.
-    let mut purpose_budgets: Vec<crate::config::Budget> = Vec::new();
+    let mut purpose_budgets: Vec<crate::policy::Budget> = Vec::new();
     for peer in &peers {
         let Some(agreement) = cfg.agreement_with(peer) else {
             return Err(veto(format!(
@@ -157,10 +230,14 @@ pub fn check_offer_at(
                 spec.purpose.escape_default()
             )));
         }
-        let Some(entry) = agreement.allow.iter().find(|e| {
-            e.computation == Computation::Aggregate
-                && e.dataset.get_ref() == &mine.dataset
-                && e.group_by.iter().any(|g| g == &agg.group_by)
+        let Some(entry) = agreement.allow.iter().find_map(|e| match e {
+            Allow::Aggregate(a)
+                if a.terms.dataset == mine.dataset
+                    && a.group_by.iter().any(|g| g == &agg.group_by) =>
+            {
+                Some(a)
+            }
+            _ => None,
         }) else {
             return Err(veto(format!(
                 "agreement with {peer} does not allow aggregate on {} grouped by {}",
@@ -224,6 +301,7 @@ pub fn check_offer_at(
         let mut spanned = None;
         for (entry, peer) in entries.iter().zip(&peers) {
             let Some(v) = entry
+                .terms
                 .value_columns
                 .iter()
                 .find(|v| v.column.get_ref() == column)
@@ -253,18 +331,18 @@ pub fn check_offer_at(
 
     let epsilon: Option<Epsilon> = entries
         .iter()
-        .filter_map(|e| e.epsilon)
+        .filter_map(|e| e.terms.epsilon)
         .min_by(|a, b| a.get().total_cmp(&b.get()));
     let runs = entries
         .iter()
         .filter_map(|e| {
-            e.runs_per_period.map(|limit| RunCounter {
+            e.terms.runs_per_period.map(|limit| RunCounter {
                 limit: limit.get(),
-                period: e.period,
+                period: e.terms.period,
             })
         })
         .min_by_key(|r| r.limit);
-    let max_of = |f: fn(&AllowEntry) -> u64| entries.iter().map(|e| f(e)).max().unwrap_or(1);
+    let max_of = |f: fn(&AllowTerms) -> u64| entries.iter().map(|e| f(&e.terms)).max().unwrap_or(1);
     let permit = Permit {
         partner: peers.join(","),
         computation: Computation::Aggregate,
@@ -435,9 +513,9 @@ purposes = ["fraud-benchmark"]
         );
 
         let mut caps = config("  epsilon = 1.0", "  epsilon = 1.0");
-        let cap = |e: f64| crate::config::Budget {
+        let cap = |e: f64| crate::policy::Budget {
             epsilon_per_period: Epsilon::new(e),
-            period: crate::config::Period::Week,
+            period: crate::policy::Period::Week,
             epsilon_lifetime: Epsilon::new(10.0 * e),
         };
         caps.agreements[0].budget_per_purpose = Some(cap(20.0));
@@ -520,8 +598,8 @@ purposes = ["fraud-benchmark"]
     fn disjoint_bounds_are_refused() {
         let cfg = config("", "").clone();
         let mut cfg = cfg;
-        cfg.agreements[1].allow[0].value_columns[0].min = 6000;
-        cfg.agreements[1].allow[0].value_columns[0].max = 7000;
+        cfg.agreements[1].allow[0].terms_mut().value_columns[0].min = 6000;
+        cfg.agreements[1].allow[0].terms_mut().value_columns[0].max = 7000;
         assert!(vetoed(&cfg, &spec(&["acme", "globex", "initech"]), 0).contains("do not overlap"));
     }
 

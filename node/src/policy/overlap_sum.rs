@@ -17,19 +17,20 @@
 //! alone makes the release ε-DP (sequential composition over the columns); the other party's
 //! draw only adds to it.
 
+use std::collections::HashSet;
+
 use cleanroom_circuits::dp::{Mechanism, Scale};
 use cleanroom_circuits::intersection_sum::{MAX_CELLS, job_cells};
 use cleanroom_proto::v1::{JobSpec, NoiseTerm, OverlapSumSpec, SumTerms};
 
-use crate::agreement::{Permit, Veto};
-use crate::config::{Recipient, SumRole};
+use crate::data::DatasetConfig;
+pub use crate::data::sum_input::{ALL_GROUP, COUNT_COLUMN, ColumnBound, OTHER_GROUP, SumShape};
 
-/// The label of the one group of an ungrouped job.
-pub const ALL_GROUP: &str = "(all)";
-/// The label of the group that collects identifiers whose label is not listed.
-pub const OTHER_GROUP: &str = "(other)";
-/// The name of the count column (shared identifiers per group).
-pub const COUNT_COLUMN: &str = "count";
+use super::allow::AllowEntry;
+use super::allow::{AllowTerms, OverlapSumAllow, check_keyed_terms, check_keys};
+use super::permit::{Permit, Veto};
+use super::values::{Recipient, SumRole};
+
 /// Most summed columns (as the coordinator allows).
 pub const MAX_SUMS: usize = 8;
 /// The noise mechanism, as results name it.
@@ -44,34 +45,56 @@ pub fn role_of(me: usize) -> SumRole {
     }
 }
 
-/// The shape of a job's rows: its groups and columns.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SumShape {
-    /// Group labels in cell order: the spec's then "(other)", or "(all)" ungrouped.
-    pub labels: Vec<String>,
-    /// Column names in cell order within a group: "count", then the summed columns.
-    pub columns: Vec<String>,
+/// The checks an `overlap-sum` allow entry adds: roles listed once each (at least one), no
+/// membership, group-by names not empty, and value bounds that are not negative (the values
+/// are encrypted as unsigned integers; the key holder adds noise, not the values).
+fn check_own_rules(ctx: &str, e: &AllowEntry) -> Result<(), String> {
+    let at = format!("{ctx}: allow overlap-sum on '{}'", e.dataset.get_ref());
+    if let Some(roles) = &e.roles {
+        if roles.is_empty() {
+            return Err(format!(
+                "{at}: roles lists no role; give \"key-holder\", \"value-holder\" or both"
+            ));
+        }
+        let distinct: HashSet<_> = roles.iter().collect();
+        if distinct.len() != roles.len() {
+            return Err(format!("{at}: roles lists a role twice"));
+        }
+    }
+    if e.membership.is_some() || e.reveal_membership_to_partner.is_some() {
+        return Err(format!("{at}: membership applies to match only"));
+    }
+    if e.group_by.iter().any(String::is_empty) {
+        return Err(format!("{at}: group_by has an empty column name"));
+    }
+    if let Some(v) = e.value_columns.iter().find(|v| v.min < 0) {
+        return Err(format!(
+            "{at}: value_columns '{}' has a negative lower bound {}; overlap-sum sums values \
+             of 0 or more (shift the column, or raise min to 0)",
+            v.column.get_ref(),
+            v.min
+        ));
+    }
+    Ok(())
 }
 
-impl SumShape {
-    /// The shape a spec implies (the same at both parties).
-    pub fn of(sum: &OverlapSumSpec) -> SumShape {
-        let labels = if sum.group_by.is_empty() {
-            vec![ALL_GROUP.to_owned()]
-        } else {
-            let mut l = sum.groups.clone();
-            l.push(OTHER_GROUP.to_owned());
-            l
-        };
-        let mut columns = vec![COUNT_COLUMN.to_owned()];
-        columns.extend(sum.sums.iter().cloned());
-        SumShape { labels, columns }
-    }
-
-    /// Cells per row: groups × columns.
-    pub fn cells(&self) -> usize {
-        self.labels.len() * self.columns.len()
-    }
+/// The rules of an `overlap-sum` entry, in order: its own ([`check_own_rules`]), then the keys
+/// and common terms of every keyed entry.
+pub(crate) fn check_entry(
+    ctx: &str,
+    e: &AllowEntry,
+    d: &DatasetConfig,
+    text: &str,
+) -> Result<OverlapSumAllow, String> {
+    check_own_rules(ctx, e)?;
+    check_keys(ctx, e, d)?;
+    check_keyed_terms(ctx, e, d, text)?;
+    Ok(OverlapSumAllow {
+        terms: AllowTerms::of(e),
+        keys: e.keys.clone(),
+        roles: e.roles.clone(),
+        group_by: e.group_by.clone(),
+    })
 }
 
 /// The spec's overlap-sum part, checked again here (the coordinator may be wrong or hostile):
@@ -133,17 +156,6 @@ pub fn check_offer(permit: &Permit, spec: &JobSpec, me: usize) -> Result<(), Vet
         }
     }
     Ok(())
-}
-
-/// One summed column and the bounds the entry clips it to (per identifier, `0 ≤ min ≤ max`).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ColumnBound {
-    /// The CSV header.
-    pub column: String,
-    /// Smallest per-identifier total.
-    pub min: u64,
-    /// Largest per-identifier total.
-    pub max: u64,
 }
 
 /// The clipping bounds of every summed column, in the spec's order.

@@ -9,7 +9,9 @@ use std::fmt::Write as _;
 
 use serde::Serialize;
 
-use crate::audit::{AuditEntry, AuditEvent, AuditHead, format_ms};
+use crate::clock::format_ms;
+
+use super::{AuditEntry, AuditEvent, AuditHead};
 
 /// The summary.
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -364,7 +366,8 @@ impl Transparency {
 mod tests {
     use super::*;
     use crate::audit::tests::make_log;
-    use crate::audit::{parse_date_ms, read_entries, verify};
+    use crate::audit::{read_entries, verify};
+    use crate::clock::parse_date_ms;
 
     /// An aggregate's ε is a zCDP parameter: its releases add to the ρ total, never to the
     /// pure-ε total.

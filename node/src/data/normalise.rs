@@ -329,7 +329,7 @@ mod tests {
         o
     }
 
-    const VECTORS: &str = include_str!("../testdata/normalise_vectors.csv");
+    const VECTORS: &str = include_str!("../../testdata/normalise_vectors.csv");
 
     #[test]
     fn golden_vectors() {
@@ -463,7 +463,7 @@ mod tests {
         let mut reader = csv::ReaderBuilder::new()
             .comment(Some(b'#'))
             .trim(csv::Trim::None)
-            .from_reader(include_str!("../testdata/phone_vectors.csv").as_bytes());
+            .from_reader(include_str!("../../testdata/phone_vectors.csv").as_bytes());
         let mut failures = Vec::new();
         let mut n = 0;
         for v in reader.deserialize::<PhoneVector>() {
