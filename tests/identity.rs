@@ -178,8 +178,6 @@ fn a_revoked_node_and_analyst_are_refused_within_one_reload() {
     c.crl = true;
     c.synth("acme,globex", 200, 0.5, 32);
     c.start_coordinator();
-    // NODE-CRL: the nodes' configs name the CRL once the node reads it.
-    c.crl = false;
     c.enrol(&["--role", "analyst", "--name", "bob"], "analyst-bob");
     for (me, other) in [("acme", "globex"), ("globex", "acme")] {
         c.enrol_node(me);
@@ -196,8 +194,11 @@ fn a_revoked_node_and_analyst_are_refused_within_one_reload() {
     let out = cleanroom_ok(c.path(), &["pki", "revoke", "--dir", "pki", "globex"]);
     assert!(out.contains("revoked node globex"), "{out}");
     cleanroom_ok(c.path(), &["pki", "revoke", "--dir", "pki", "bob"]);
-    // One reload: SIGHUP (the coordinator also polls the file every second).
+    // One reload: SIGHUP to each process (they also poll the file every second).
     hangup(c.coordinator.as_ref().unwrap().pid());
+    for n in ["acme", "globex"] {
+        hangup(c.node(n).pid());
+    }
 
     // Control plane: the coordinator closes globex's open connection and refuses it since.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
@@ -222,6 +223,9 @@ fn a_revoked_node_and_analyst_are_refused_within_one_reload() {
         log.contains("node globex is no longer trusted: its certificate is revoked"),
         "{log}"
     );
+    // Data plane: acme refuses globex's certificate at the handshake.
+    let refusal = data_plane_refusal(&c, "node-globex", "acme").expect("refused");
+    assert!(refusal.to_lowercase().contains("revoked"), "{refusal}");
     let _ = acme_data;
     // The analyst: refused with a message that says why.
     let out = as_analyst(&c, "bob", &["nodes"]);
@@ -442,4 +446,161 @@ fn submit_claiming(c: &Consortium, who: &str, claimed: &str) -> serde_json::Valu
     });
     let out = allowed(c, who, &["job", "status", &job_id, "--format", "json"]);
     serde_json::from_str(&out).unwrap()
+}
+
+fn node_cli(c: &Consortium, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(&cleanroom_e2e::bins().1)
+        .args(args)
+        .current_dir(c.path())
+        .output()
+        .expect("running cleanroom-node")
+}
+
+/// The key fingerprint `pki show` prints for a certificate.
+fn fingerprint(c: &Consortium, cert: &str) -> String {
+    let show = cleanroom_ok(c.path(), &["pki", "show", cert]);
+    show.lines()
+        .find_map(|l| l.strip_prefix("key fingerprint: "))
+        .unwrap()
+        .to_owned()
+}
+
+/// `open_agreement(partner)` with extra lines in its `[[agreement]]` table.
+fn agreement_with(partner: &str, extra: &str) -> String {
+    open_agreement(partner).replacen(
+        &format!("partner = \"{partner}\"\n"),
+        &format!("partner = \"{partner}\"\n{extra}"),
+        1,
+    )
+}
+
+#[test]
+fn a_second_certificate_for_globex_is_refused_by_acmes_pin() {
+    let mut c = Consortium::enrolled();
+    c.synth("acme,globex", 200, 0.5, 34);
+    c.start_coordinator();
+    c.enrol_node("acme");
+    c.enrol_node("globex");
+    let pin = fingerprint(&c, "keys/node-globex.pem");
+    let acme_cfg = c.write_node_config(
+        "acme",
+        "acme",
+        &agreement_with("globex", &format!("partner_key = \"{pin}\"\n")),
+    );
+    c.write_node_config("globex", "globex", &open_agreement("acme"));
+    c.start_node("acme");
+    c.start_node("globex");
+    c.wait_connected(&["acme", "globex"]);
+    // The pinned partner runs jobs; `policy check` prints the pin.
+    assert_eq!(overlap(&c)["state"], "succeeded");
+    let check = node_cli(&c, &["policy", "check", acme_cfg.to_str().unwrap()]);
+    let check_text = String::from_utf8_lossy(&check.stdout);
+    assert!(check_text.contains(&pin), "{check_text}");
+
+    // The CA signs a second certificate for globex, for another key (an impostor's machine).
+    std::fs::create_dir_all(c.path().join("rogue")).unwrap();
+    cleanroom_ok(
+        c.path(),
+        &[
+            "pki", "request", "--role", "node", "--name", "globex", "--out", "rogue",
+        ],
+    );
+    let signed = cleanroom_ok(
+        c.path(),
+        &["pki", "sign", "--dir", "pki", "rogue/node-globex.csr"],
+    );
+    assert!(signed.contains("another key"), "{signed}");
+    std::fs::copy(
+        c.path().join("rogue/node-globex.pem"),
+        c.path().join("keys/rogue-globex.pem"),
+    )
+    .unwrap();
+    std::fs::copy(
+        c.path().join("rogue/node-globex.key"),
+        c.path().join("keys/rogue-globex.key"),
+    )
+    .unwrap();
+    let refusal = data_plane_refusal(&c, "rogue-globex", "acme").expect("refused");
+    assert!(refusal.contains("pin"), "{refusal}");
+    // Audited by acme, with both fingerprints.
+    let show = node_cli(
+        &c,
+        &[
+            "audit",
+            "show",
+            "--config",
+            acme_cfg.to_str().unwrap(),
+            "--json",
+        ],
+    );
+    let log = String::from_utf8_lossy(&show.stdout);
+    let rogue_pin = fingerprint(&c, "rogue/node-globex.pem");
+    assert!(
+        log.lines()
+            .any(|l| l.contains(&rogue_pin) && l.contains(&pin)),
+        "{log}"
+    );
+    // The real globex still works.
+    assert_eq!(overlap(&c)["state"], "succeeded");
+}
+
+#[test]
+fn an_agreement_naming_alice_vetoes_bobs_job() {
+    let mut c = Consortium::enrolled();
+    c.synth("acme,globex", 200, 0.5, 35);
+    c.start_coordinator();
+    c.enrol(&["--role", "analyst", "--name", "bob"], "analyst-bob");
+    c.enrol_node("acme");
+    c.enrol_node("globex");
+    let acme_cfg = c.write_node_config(
+        "acme",
+        "acme",
+        &agreement_with("globex", "analysts = [\"alice\"]\n"),
+    );
+    c.write_node_config("globex", "globex", &open_agreement("acme"));
+    c.start_node("acme");
+    c.start_node("globex");
+    c.wait_connected(&["acme", "globex"]);
+    assert_eq!(overlap(&c)["state"], "succeeded");
+    let out = as_analyst(
+        &c,
+        "bob",
+        &[
+            "job",
+            "submit",
+            "overlap",
+            "--between",
+            "acme,globex",
+            "--dataset",
+            "customers",
+            "--on",
+            "email",
+            "--purpose",
+            "overlap-reporting",
+            "--wait",
+            "--format",
+            "json",
+        ],
+    );
+    let job: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(job["state"], "vetoed", "{job}");
+    let reason = job.to_string();
+    assert!(
+        reason.contains("analyst bob") && reason.contains("alice"),
+        "{reason}"
+    );
+    let check = node_cli(&c, &["policy", "check", acme_cfg.to_str().unwrap()]);
+    assert!(String::from_utf8_lossy(&check.stdout).contains("alice"));
+    let show = node_cli(
+        &c,
+        &[
+            "audit",
+            "show",
+            "--config",
+            acme_cfg.to_str().unwrap(),
+            "--json",
+        ],
+    );
+    let log = String::from_utf8_lossy(&show.stdout);
+    assert!(log.lines().any(|l| l.contains("analyst bob")), "{log}");
 }

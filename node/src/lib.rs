@@ -31,6 +31,7 @@ pub mod dataplane;
 pub mod error;
 pub mod job;
 pub mod ledger;
+pub mod pin;
 pub mod policy;
 pub mod run;
 pub mod spec;

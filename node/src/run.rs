@@ -64,13 +64,18 @@ pub fn preflight(config_path: &Path) -> Result<(NodeConfig, Credentials), NodeEr
 
 /// Loads the node's certificates and checks that they name this node, as a node.
 fn credentials(cfg: &NodeConfig) -> Result<Credentials, NodeError> {
-    let creds = Credentials::load(&cfg.tls.ca, &cfg.tls.cert, &cfg.tls.key)?;
+    let creds = Credentials::load_files(cleanroom_transport::TlsFiles {
+        ca: cfg.tls.ca.clone(),
+        cert: cfg.tls.cert.clone(),
+        key: cfg.tls.key.clone(),
+        crl: cfg.tls.crl.clone(),
+    })?;
     let me = creds.identity()?;
     let expected = Identity::node(&cfg.name)?;
     if me != expected {
         return Err(NodeError::Config(format!(
-            "the certificate {} is for {me}, but the config names this node '{}'; issue a \
-             certificate with `cleanroom pki issue node {}`",
+            "the certificate {} is for {me}, but the config names this node '{}'; request one with \
+             `cleanroom pki request --role node --name {}` and have the CA sign it",
             cfg.tls.cert.display(),
             cfg.name,
             cfg.name
@@ -106,6 +111,9 @@ async fn serve(
         what: format!("reading the data-plane address bound at {listen}"),
         source: e,
     })?;
+    // The CA, certificate, key and CRL are reloaded on change or SIGHUP: the next handshake
+    // presents a renewed certificate and refuses a revoked peer.
+    let tls_reloader = creds.spawn_reloader(cleanroom_transport::RELOAD_POLL);
     let advertise = cfg.advertise.clone().unwrap_or_else(|| bound.into());
     tracing::info!(node = %cfg.name, data_plane = %bound, advertise = %advertise, "node listening");
 
@@ -116,9 +124,14 @@ async fn serve(
     );
     let reloads = config_path.map(|_| tokio::spawn(reload_on_sighup(state.clone())));
     let purger = tokio::spawn(purge_results(state.clone()));
+    let check: dataplane::PeerCheck = {
+        let state = state.clone();
+        Arc::new(move |peer, conn| crate::pin::check(&state, &peer.name, conn))
+    };
     let dataplane = tokio::spawn(dataplane::serve(
         endpoint.clone(),
         state.waiting.clone(),
+        check,
         shutdown.clone(),
     ));
     let control = control::run(endpoint.clone(), state, shutdown.clone()).await;
@@ -128,7 +141,9 @@ async fn serve(
         reloads.abort();
     }
     purger.abort();
+    tls_reloader.abort();
     endpoint.wait_idle().await;
+    drop(creds);
     control
 }
 

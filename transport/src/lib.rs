@@ -36,7 +36,7 @@ pub use endpoint::{
 };
 pub use error::TransportError;
 pub use framed::{FramedRecv, FramedSend, accept_bi, open_bi};
-pub use identity::{Identity, PeerRole, peer_identity};
+pub use identity::{Identity, PeerRole, peer_identity, peer_key_fingerprint};
 pub use pki::{CaPaths, CertPaths, init_ca, issue, issue_with_validity, key_fingerprint};
 
 #[cfg(test)]

@@ -230,6 +230,7 @@ pub fn check_offer_at(
                 spec.purpose.escape_default()
             )));
         }
+        agreement.check_analyst(&spec.analyst).map_err(veto)?;
         let Some(entry) = agreement.allow.iter().find_map(|e| match e {
             Allow::Aggregate(a)
                 if a.terms.dataset == mine.dataset
