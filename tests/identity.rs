@@ -604,3 +604,104 @@ fn an_agreement_naming_alice_vetoes_bobs_job() {
     let log = String::from_utf8_lossy(&show.stdout);
     assert!(log.lines().any(|l| l.contains("analyst bob")), "{log}");
 }
+
+#[test]
+fn a_rewritten_audit_suffix_is_detected_against_the_coordinators_heads() {
+    let mut c = Consortium::enrolled();
+    c.coordinator_extra =
+        "[[role]]\nname = \"auditors\"\ngrants = [\"read-all\"]\nanalysts = [\"carol\"]\n".into();
+    c.synth("acme,globex", 200, 0.5, 36);
+    c.start_coordinator();
+    c.enrol(&["--role", "analyst", "--name", "carol"], "analyst-carol");
+    for (me, other) in [("acme", "globex"), ("globex", "acme")] {
+        c.enrol_node(me);
+        c.write_node_config(me, me, &open_agreement(other));
+        c.start_node(me);
+    }
+    c.wait_connected(&["acme", "globex"]);
+    for _ in 0..3 {
+        assert_eq!(overlap(&c)["state"], "succeeded");
+    }
+    // alice may not export heads; carol (read-all) may.
+    let heads = c.path().join("heads.jsonl");
+    let err = refused(&c, "alice", &["audit-heads", "--node", "acme"]);
+    assert!(err.contains("read-all or admin"), "{err}");
+    allowed(
+        &c,
+        "carol",
+        &[
+            "audit-heads",
+            "--node",
+            "acme",
+            "--out",
+            heads.to_str().unwrap(),
+        ],
+    );
+    let lines = std::fs::read_to_string(&heads).unwrap();
+    assert!(lines.lines().count() >= 6, "{lines}");
+    let cfg = c.path().join("acme.toml");
+    let cfg_arg = cfg.to_str().unwrap();
+    let heads_arg = heads.to_str().unwrap();
+    let ok = node_cli(
+        &c,
+        &["audit", "verify", "--config", cfg_arg, "--heads", heads_arg],
+    );
+    assert!(ok.status.success(), "{ok:?}");
+
+    // Stop acme and rewrite, consistently, the three entries up to the latest head it
+    // reported (and every entry after them): each hash recomputed, the head file rewritten.
+    // The log still verifies on its own.
+    c.nodes
+        .iter_mut()
+        .find(|p| p.name == "acme")
+        .unwrap()
+        .stop();
+    let reported: u64 = lines
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            let head = v["head"].as_str().unwrap().to_owned();
+            head.split(':').next().unwrap().parse::<u64>().unwrap()
+        })
+        .max()
+        .unwrap();
+    let log_path = c.path().join("state-acme/audit.log");
+    let mut entries: Vec<cleanroom_node::audit::AuditEntry> =
+        cleanroom_node::audit::read_entries(&log_path).unwrap();
+    let first = usize::try_from(reported).unwrap() - 3;
+    for i in first..entries.len() {
+        if i > first {
+            entries[i].prev = entries[i - 1].hash;
+        }
+        entries[i].at_ms += 1;
+        entries[i].hash = entries[i].compute_hash();
+    }
+    let rewritten: String = entries
+        .iter()
+        .map(|e| format!("{}\n", e.to_json_line()))
+        .collect();
+    std::fs::write(&log_path, rewritten).unwrap();
+    let last = entries.last().unwrap();
+    std::fs::write(
+        c.path().join("state-acme/audit.log.head"),
+        format!(
+            "{}:{}\n",
+            last.seq,
+            cleanroom_node::audit::to_hex(&last.hash)
+        ),
+    )
+    .unwrap();
+    let alone = node_cli(&c, &["audit", "verify", "--config", cfg_arg]);
+    assert!(
+        alone.status.success(),
+        "the rewrite is consistent on its own: {alone:?}"
+    );
+    // Against the coordinator's heads: detected, naming the first rewritten entry.
+    let against = node_cli(
+        &c,
+        &["audit", "verify", "--config", cfg_arg, "--heads", heads_arg],
+    );
+    let out = String::from_utf8_lossy(&against.stdout);
+    assert!(!against.status.success(), "{out}");
+    assert!(out.contains(&format!("seq {}", first + 1)), "{out}");
+}

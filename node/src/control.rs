@@ -164,7 +164,7 @@ async fn job_stream(
                 phase: Phase::Report as i32,
                 body: Some(Body::Report(Report {
                     outcome: Some(cleanroom_proto::v1::report::Outcome::Failure(e.to_string())),
-                    signed_head: None,
+                    signed_head: state.signed_head(),
                 })),
             };
             let _ = send.send(&report).await;
@@ -218,7 +218,7 @@ async fn run_offer(
         body: Some(Body::OfferReply(OfferReply {
             accept,
             reason,
-            signed_head: None,
+            signed_head: state.signed_head(),
         })),
     };
     let (generation, permit) = match decision {
@@ -303,7 +303,7 @@ async fn run_offer(
         phase: Phase::Report as i32,
         body: Some(Body::Report(Report {
             outcome: Some(cleanroom_proto::v1::report::Outcome::Psi(outcome)),
-            signed_head: None,
+            signed_head: state.signed_head(),
         })),
     })
     .await?;

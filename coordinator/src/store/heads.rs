@@ -20,14 +20,22 @@ pub enum HeadVerdict {
     Refused(String),
 }
 
-/// Parses `SEQ:HEX` (64 lowercase hex digits); the sequence number.
-fn head_seq(head: &str) -> Option<i64> {
+/// Parses `SEQ:HEX` (64 lowercase hex digits): the sequence number and the hash.
+fn parse_head(head: &str) -> Option<(i64, Vec<u8>)> {
     let (seq, hash) = head.split_once(':')?;
     let ok = hash.len() == 64 && hash.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
     if !ok || seq.is_empty() || !seq.bytes().all(|b| b.is_ascii_digit()) {
         return None;
     }
-    seq.parse().ok()
+    let bytes = (0..64)
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&hash[i..i + 2], 16).ok())
+        .collect::<Option<Vec<u8>>>()?;
+    Some((seq.parse().ok()?, bytes))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 impl JobStore {
@@ -40,7 +48,7 @@ impl JobStore {
         signed: &SignedAuditHead,
         now_ms: i64,
     ) -> Result<HeadVerdict, StoreError> {
-        let Some(seq) = head_seq(&signed.head) else {
+        let Some((seq, hash)) = parse_head(&signed.head) else {
             return Ok(HeadVerdict::Refused(format!(
                 "'{}' is not an audit head (SEQ:HEX)",
                 signed.head.chars().take(100).collect::<String>()
@@ -54,13 +62,13 @@ impl JobStore {
         let conn = self.lock();
         conn.execute(
             "INSERT OR IGNORE INTO audit_heads \
-             (node, job_id, head, seq, public_key, signature, received_ms) \
+             (node, job_id, seq, hash, public_key, signature, received_ms) \
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
             params![
                 node,
                 job_id,
-                signed.head,
                 seq,
+                hash,
                 signed.public_key,
                 signed.signature,
                 now_ms
@@ -75,7 +83,7 @@ impl JobStore {
     pub fn audit_heads(&self, node: &str) -> Result<Vec<AuditHeadRecord>, StoreError> {
         let conn = self.lock();
         let mut stmt = conn.prepare_cached(
-            "SELECT job_id, head, public_key, signature, received_ms FROM audit_heads \
+            "SELECT job_id, seq, hash, public_key, signature, received_ms FROM audit_heads \
              WHERE node = ?1 ORDER BY seq DESC, id DESC LIMIT ?2",
         )?;
         let mut rows = stmt
@@ -84,11 +92,15 @@ impl JobStore {
                     node: node.to_owned(),
                     job_id: row.get(0)?,
                     signed: Some(SignedAuditHead {
-                        head: row.get(1)?,
-                        public_key: row.get(2)?,
-                        signature: row.get(3)?,
+                        head: format!(
+                            "{}:{}",
+                            row.get::<_, i64>(1)?,
+                            hex(&row.get::<_, Vec<u8>>(2)?)
+                        ),
+                        public_key: row.get(3)?,
+                        signature: row.get(4)?,
                     }),
-                    received_ms: row.get(4)?,
+                    received_ms: row.get(5)?,
                 })
             })?
             .collect::<Result<Vec<_>, _>>()?;

@@ -165,13 +165,13 @@ CREATE TABLE IF NOT EXISTS audit_heads (
   id          INTEGER PRIMARY KEY AUTOINCREMENT,
   node        TEXT    NOT NULL,
   job_id      TEXT    NOT NULL,
-  -- SEQ:HEX
-  head        TEXT    NOT NULL,
+  -- The head is SEQ:HASH; the hash is kept as 32 raw bytes.
   seq         INTEGER NOT NULL,
+  hash        BLOB    NOT NULL,
   public_key  BLOB    NOT NULL,
   signature   BLOB    NOT NULL,
   received_ms INTEGER NOT NULL,
-  UNIQUE (node, head, public_key)
+  UNIQUE (node, seq, hash, public_key)
 );
 
 CREATE INDEX IF NOT EXISTS audit_heads_by_node ON audit_heads (node, seq);

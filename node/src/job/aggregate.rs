@@ -86,7 +86,7 @@ pub async fn serve_offer(
         body: Some(Body::OfferReply(OfferReply {
             accept,
             reason,
-            signed_head: None,
+            signed_head: state.signed_head(),
         })),
     };
     let my_name = state.cfg().name.clone();
@@ -510,7 +510,7 @@ impl AggregateJob {
                 phase: Phase::Report as i32,
                 body: Some(Body::Report(Report {
                     outcome: Some(Outcome::Aggregate(outcome)),
-                    signed_head: None,
+                    signed_head: self.state.signed_head(),
                 })),
             })
             .await?;
