@@ -241,17 +241,10 @@ async fn node_session(shared: Arc<Shared>, conn: quinn::Connection, peer: Identi
                 reason: format!("hello claims to be '{}'", hello.node_name),
             });
         }
-        send.send(&Envelope {
-            job_id: String::new(),
-            phase: Phase::Hello as i32,
-            body: Some(Body::HelloAck(HelloAck {
-                coordinator_name: "coordinator".into(),
-            })),
-        })
-        .await?;
-        Ok(hello.data_addr)
+        Ok((send, recv, hello.data_addr))
     };
-    let data_addr = match hello.await {
+    // The hello stream stays open until the acknowledgement is sent, as before.
+    let (mut send, recv, data_addr) = match hello.await {
         Ok(a) => a,
         Err(e) => {
             tracing::warn!(peer = %peer, error = %e, "refused node");
@@ -262,6 +255,9 @@ async fn node_session(shared: Arc<Shared>, conn: quinn::Connection, peer: Identi
     if let Err(e) = shared.store.record_node(&peer.name, &data_addr, now_ms()) {
         tracing::warn!(node = %peer.name, error = %e, "could not record the node");
     }
+    // Registered before it is acknowledged: once a node has its HelloAck, every offer goes to
+    // this connection, never to the one it replaces (a node restarted within the idle timeout
+    // would otherwise see its first job offered on its dead predecessor's connection).
     shared.registry.insert(
         &peer.name,
         NodeHandle {
@@ -269,6 +265,21 @@ async fn node_session(shared: Arc<Shared>, conn: quinn::Connection, peer: Identi
             data_addr: data_addr.clone(),
         },
     );
+    let ack = send
+        .send(&Envelope {
+            job_id: String::new(),
+            phase: Phase::Hello as i32,
+            body: Some(Body::HelloAck(HelloAck {
+                coordinator_name: "coordinator".into(),
+            })),
+        })
+        .await;
+    drop((send, recv));
+    if let Err(e) = ack {
+        tracing::warn!(node = %peer.name, error = %e, "could not acknowledge the node");
+        shared.registry.remove(&peer.name, &conn);
+        return;
+    }
     tracing::info!(node = %peer.name, data_plane = %data_addr, "node connected");
     let why = conn.closed().await;
     shared.registry.remove(&peer.name, &conn);
