@@ -227,7 +227,7 @@ fn fail(store: &JobStore, job_id: &str, reason: &str) {
 
 async fn node_session(shared: Arc<Shared>, conn: quinn::Connection, peer: Identity) {
     let hello = async {
-        let (mut send, mut recv) = cleanroom_transport::accept_bi(&conn).await?;
+        let (send, mut recv) = cleanroom_transport::accept_bi(&conn).await?;
         let env = recv.recv_expect("", Phase::Hello).await?;
         let Some(Body::NodeHello(hello)) = env.body else {
             return Err(CoordinatorError::Protocol {
