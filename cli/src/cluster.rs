@@ -45,12 +45,23 @@ pub struct Cluster {
     nodes: BTreeMap<String, Child>,
     /// The coordinator's address.
     pub addr: SocketAddr,
+    /// Its web console's address, if it serves one.
+    pub web: Option<SocketAddr>,
 }
 
 impl Cluster {
     /// Issues the PKI, writes the configs, starts the coordinator and the nodes, and waits
     /// until every node is connected.
     pub async fn start(dir: &Path, partners: &[Partner]) -> anyhow::Result<Cluster> {
+        Self::start_with_web(dir, partners, None).await
+    }
+
+    /// [`Cluster::start`], the coordinator also serving its web console on `web`.
+    pub async fn start_with_web(
+        dir: &Path,
+        partners: &[Partner],
+        web: Option<SocketAddr>,
+    ) -> anyhow::Result<Cluster> {
         let pki_dir = dir.join("pki");
         pki::init_ca(&pki_dir, "cleanroom demo consortium")?;
         pki::issue(&pki_dir, &Identity::coordinator(), &pki_dir)?;
@@ -64,7 +75,10 @@ impl Cluster {
         let coordinator_cfg = dir.join("coordinator.toml");
         std::fs::write(
             &coordinator_cfg,
-            "listen = \"127.0.0.1:0\"\ndatabase = \"coordinator.db\"\n\n[tls]\nca = \"pki/ca.pem\"\ncert = \"pki/coordinator.pem\"\nkey = \"pki/coordinator.key\"\n",
+            format!(
+                "listen = \"127.0.0.1:0\"\ndatabase = \"coordinator.db\"\n\n[tls]\nca = \"pki/ca.pem\"\ncert = \"pki/coordinator.pem\"\nkey = \"pki/coordinator.key\"\n{}",
+                web.map_or(String::new(), |w| format!("\n[web]\nlisten = \"{w}\"\n"))
+            ),
         )?;
         let mut coordinator = spawn(
             &["coordinator", "serve", "--config"],
@@ -72,12 +86,14 @@ impl Cluster {
             &logs.join("coordinator.log"),
             true,
         )?;
-        let addr = read_listen_line(&mut coordinator).await.with_context(|| {
-            format!(
-                "the coordinator did not start; see {}",
-                logs.join("coordinator.log").display()
-            )
-        })?;
+        let (addr, web) = read_listen_lines(&mut coordinator, web.is_some())
+            .await
+            .with_context(|| {
+                format!(
+                    "the coordinator did not start; see {}",
+                    logs.join("coordinator.log").display()
+                )
+            })?;
 
         let mut nodes = BTreeMap::new();
         for p in partners {
@@ -96,6 +112,7 @@ impl Cluster {
             coordinator,
             nodes,
             addr,
+            web,
         };
         cluster.wait_connected(Duration::from_secs(30)).await?;
         Ok(cluster)
@@ -211,17 +228,26 @@ fn spawn(args: &[&str], config: &Path, log: &Path, stdout: bool) -> anyhow::Resu
         .with_context(|| format!("starting {}", args.join(" ")))
 }
 
-async fn read_listen_line(child: &mut Child) -> anyhow::Result<SocketAddr> {
+/// Reads `listening ADDR` and, when `web`, `web ADDR` from the coordinator's output.
+async fn read_listen_lines(
+    child: &mut Child,
+    web: bool,
+) -> anyhow::Result<(SocketAddr, Option<SocketAddr>)> {
     let stdout = child.stdout.take().ok_or_else(|| anyhow!("no stdout"))?;
     let mut lines = BufReader::new(stdout).lines();
-    let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
-        .await
-        .map_err(|_| anyhow!("timed out"))??
-        .ok_or_else(|| anyhow!("exited before listening"))?;
-    let addr = line
-        .strip_prefix("listening ")
-        .ok_or_else(|| anyhow!("unexpected output"))?;
-    Ok(addr.trim().parse()?)
+    let mut next = async |prefix: &str| -> anyhow::Result<SocketAddr> {
+        let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
+            .await
+            .map_err(|_| anyhow!("timed out"))??
+            .ok_or_else(|| anyhow!("exited before listening"))?;
+        let addr = line
+            .strip_prefix(prefix)
+            .ok_or_else(|| anyhow!("unexpected output: {line}"))?;
+        Ok(addr.trim().parse()?)
+    };
+    let addr = next("listening ").await?;
+    let web = if web { Some(next("web ").await?) } else { None };
+    Ok((addr, web))
 }
 
 /// A node config that allows overlap and match on `customers` by email with every other

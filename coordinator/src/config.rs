@@ -18,6 +18,9 @@
 //! name = "auditors"                # a role grants more: read-all, schedule-admin or admin
 //! grants = ["read-all"]
 //! analysts = ["carol"]
+//!
+//! [web]                            # optional: the web console, JSON API, /metrics, /healthz
+//! listen = "127.0.0.1:7443"        # HTTPS with the same certificates (port 0: ephemeral)
 //! ```
 //! Relative paths are resolved against the config file's directory.
 
@@ -62,6 +65,17 @@ pub struct CoordinatorConfig {
     /// Roles granting analysts more than their own jobs and schedules (see `api::authz`).
     #[serde(default, rename = "role")]
     pub roles: Vec<RoleConfig>,
+    /// The web console (HTTPS), if it is served.
+    #[serde(default)]
+    pub web: Option<WebConfig>,
+}
+
+/// The web console's server (`[web]`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebConfig {
+    /// Where the HTTPS server listens.
+    pub listen: SocketAddr,
 }
 
 /// PEM files of the coordinator's identity.

@@ -15,6 +15,7 @@ use serde_json::Value;
 pub mod fake_node;
 pub mod proxy;
 pub mod raw_coordinator;
+pub mod web;
 
 /// Paths of the `cleanroom` and `cleanroom-node` binaries, built once per test process with
 /// the same profile as the tests.
@@ -172,6 +173,12 @@ pub struct Consortium {
     pub crl: bool,
     /// TOML appended to the coordinator's config (after its `[tls]` table: `[[role]]` tables).
     pub coordinator_extra: String,
+    /// Whether coordinators started from now on serve the web console (`[web]`), and where the
+    /// running one does.
+    pub serve_web: bool,
+    pub web: Option<SocketAddr>,
+    /// Whether processes started from now on log JSON lines (`CLEANROOM_LOG_FORMAT=json`).
+    pub log_json: bool,
 }
 
 impl Consortium {
@@ -197,6 +204,9 @@ impl Consortium {
             keys: "pki".into(),
             crl: false,
             coordinator_extra: String::new(),
+            serve_web: false,
+            web: None,
+            log_json: false,
         }
     }
 
@@ -219,6 +229,9 @@ impl Consortium {
             keys: "keys".into(),
             crl: false,
             coordinator_extra: String::new(),
+            serve_web: false,
+            web: None,
+            log_json: false,
         };
         c.enrol(&["--role", "coordinator"], "coordinator");
         c.enrol(&["--role", "analyst", "--name", "alice"], "analyst-alice");
@@ -318,7 +331,7 @@ impl Consortium {
         let cfg = self.path().join("coordinator.toml");
         std::fs::write(
             &cfg,
-            format!("listen = \"{listen}\"\ndatabase = \"coordinator.db\"\noffer_timeout_secs = 10\n\n[tls]\nca = \"pki/ca.pem\"\ncert = \"{keys}/coordinator.pem\"\nkey = \"{keys}/coordinator.key\"\n{crl}\n{extra}", keys = self.keys, crl = self.crl_line(), extra = self.coordinator_extra),
+            format!("listen = \"{listen}\"\ndatabase = \"coordinator.db\"\noffer_timeout_secs = 10\n\n[tls]\nca = \"pki/ca.pem\"\ncert = \"{keys}/coordinator.pem\"\nkey = \"{keys}/coordinator.key\"\n{crl}\n{web}{extra}", keys = self.keys, crl = self.crl_line(), web = if self.serve_web { "\n[web]\nlisten = \"127.0.0.1:0\"\n" } else { "" }, extra = self.coordinator_extra),
         )
         .unwrap();
         let log = self.path().join(format!("logs/{name}.log"));
@@ -327,6 +340,10 @@ impl Consortium {
             cmd.env(TRANSCRIPT_ENV, t);
         }
         let mut child = cmd
+            .env(
+                "CLEANROOM_LOG_FORMAT",
+                if self.log_json { "json" } else { "text" },
+            )
             .args(["coordinator", "serve", "--config"])
             .arg(&cfg)
             .arg("--stop-on-stdin-eof")
@@ -338,9 +355,22 @@ impl Consortium {
             .spawn()
             .expect("starting the coordinator");
         let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
+        let mut stdout = BufReader::new(child.stdout.take().unwrap());
+        stdout.read_line(&mut line).unwrap();
+        self.web = None;
+        if self.serve_web {
+            let mut web = String::new();
+            stdout.read_line(&mut web).unwrap();
+            self.web = Some(
+                web.trim()
+                    .strip_prefix("web ")
+                    .unwrap_or_else(|| {
+                        panic!("coordinator said {web:?} instead of its web address")
+                    })
+                    .parse()
+                    .unwrap(),
+            );
+        }
         let addr: SocketAddr = line
             .trim()
             .strip_prefix("listening ")

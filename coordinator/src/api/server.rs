@@ -16,6 +16,7 @@ use tokio::sync::watch;
 
 use super::analyst::{analyst_session, submit_scheduled};
 use super::authz::Roles;
+use super::web::WebServer;
 use crate::clock::{SystemClock, now_ms};
 use crate::config::CoordinatorConfig;
 use crate::error::CoordinatorError;
@@ -33,11 +34,12 @@ pub const SHUTDOWN_REASON: &str =
 const CLOSE_REFUSED: u32 = 2;
 
 /// Runs the coordinator until `shutdown` turns true. `on_bound` is called once with the bound
-/// address (the CLI prints it, so tests and the demo can use port 0).
+/// QUIC address and the web console's, if `[web]` is set (the CLI prints them, so tests and the
+/// demo can use port 0).
 pub async fn serve(
     cfg: CoordinatorConfig,
     mut shutdown: watch::Receiver<bool>,
-    on_bound: impl FnOnce(SocketAddr),
+    on_bound: impl FnOnce(SocketAddr, Option<SocketAddr>),
 ) -> Result<(), CoordinatorError> {
     let creds = Arc::new(Credentials::load_files(cfg.tls_files())?);
     let me = creds.identity()?;
@@ -57,14 +59,20 @@ pub async fn serve(
             cfg.listen
         ))
     })?;
+    let web = match &cfg.web {
+        Some(web) => Some(WebServer::bind(web.listen, &creds).await?),
+        None => None,
+    };
     tracing::info!(listen = %bound, database = %cfg.database.display(), revoked_entries = creds.revoked_entries(), "coordinator listening");
     // The CA, certificate, key and CRL are reloaded on change or SIGHUP; the next handshake
     // uses them, and open connections of peers they no longer trust are closed (below).
     let reloader = creds.spawn_reloader(cleanroom_transport::RELOAD_POLL);
-    on_bound(bound);
+    on_bound(bound, web.as_ref().map(WebServer::addr));
     let roles = Arc::new(Roles::new(&cfg.roles));
     let confinement = Confinement::from_config(&cfg);
     let shared = Arc::new(Shared::new(cfg, store, holder));
+    let web =
+        web.map(|web| tokio::spawn(web.serve(shared.clone(), roles.clone(), shutdown.clone())));
     // Jobs left unfinished by an earlier coordinator are resumed or failed by the orphan sweep,
     // once their leases have expired — at once if it stopped gracefully.
     let sweeper = {
@@ -148,6 +156,12 @@ pub async fn serve(
     }
     if let Err(e) = sweeper.await {
         tracing::warn!(error = %e, "the orphan sweep task failed");
+    }
+    if let Some(Err(e)) = match web {
+        Some(web) => Some(web.await),
+        None => None,
+    } {
+        tracing::warn!(error = %e, "the web console task failed");
     }
     // Settle this process's jobs *before* closing the connections: closing them makes the
     // runners fail their jobs with "node lost", which would hide why. A runner's later
@@ -280,6 +294,7 @@ async fn node_session(shared: Arc<Shared>, conn: quinn::Connection, peer: Identi
         shared.registry.remove(&peer.name, &conn);
         return;
     }
+    shared.metrics.node_connected(&peer.name);
     tracing::info!(node = %peer.name, data_plane = %data_addr, "node connected");
     let why = conn.closed().await;
     shared.registry.remove(&peer.name, &conn);

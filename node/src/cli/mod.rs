@@ -18,6 +18,15 @@ use crate::policy::NodeConfig;
 #[derive(Debug, Parser)]
 #[command(name = "cleanroom-node", version, about, long_about = None)]
 pub struct NodeCli {
+    /// Log lines as text or as JSON objects (one a line; a job's lines carry its `job_id`).
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        default_value_t,
+        env = "CLEANROOM_LOG_FORMAT"
+    )]
+    pub log_format: LogFormat,
     /// What to do.
     #[command(subcommand)]
     pub command: NodeCommand,
@@ -232,22 +241,40 @@ macro_rules! outln {
     };
 }
 
+/// How log lines are written (`--log-format`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable text.
+    #[default]
+    Text,
+    /// One JSON object a line: `timestamp`, `level`, `fields`, `target`, and `span` with the
+    /// job's `job_id` for every line logged while a job runs.
+    Json,
+}
+
 /// Sets up `tracing` to stderr; `RUST_LOG` overrides the default level (info).
-pub fn init_tracing() {
+pub fn init_tracing(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,quinn=warn,rustls=warn"));
-    // Colours only on a terminal: logs redirected to files stay plain text.
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let _ = tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(ansi)
-        .try_init();
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Json => builder
+            .json()
+            .with_current_span(true)
+            .with_span_list(false)
+            .try_init(),
+        // Colours only on a terminal: logs redirected to files stay plain text.
+        LogFormat::Text => builder
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .try_init(),
+    };
 }
 
 /// Runs a parsed command line; errors are printed with what to do next.
 pub fn main(cli: NodeCli) -> ExitCode {
-    init_tracing();
+    init_tracing(cli.log_format);
     match execute(cli.command) {
         Ok(code) => code,
         Err(e) if is_broken_pipe(&e) => ExitCode::SUCCESS,
