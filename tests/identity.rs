@@ -6,6 +6,7 @@
 
 use std::path::{Path, PathBuf};
 
+use cleanroom_e2e::web::Https;
 use cleanroom_e2e::{Consortium, cleanroom, cleanroom_ok, open_agreement};
 
 fn overlap(c: &Consortium) -> serde_json::Value {
@@ -176,6 +177,7 @@ fn data_plane_refusal(c: &Consortium, stem: &str, node: &str) -> Option<String> 
 fn a_revoked_node_and_analyst_are_refused_within_one_reload() {
     let mut c = Consortium::enrolled();
     c.crl = true;
+    c.serve_web = true;
     c.synth("acme,globex", 200, 0.5, 32);
     c.start_coordinator();
     c.enrol(&["--role", "analyst", "--name", "bob"], "analyst-bob");
@@ -187,6 +189,8 @@ fn a_revoked_node_and_analyst_are_refused_within_one_reload() {
     c.wait_connected(&["acme", "globex"]);
     assert_eq!(overlap(&c)["state"], "succeeded");
     assert!(as_analyst(&c, "bob", &["nodes"]).status.success());
+    let bob_web = Https::with_keys(c.path(), "keys", c.web.unwrap(), Some("analyst-bob"));
+    assert_eq!(bob_web.get("/api/v1/nodes").status, 200);
     // Before: globex's certificate is welcome on acme's data plane.
     assert_eq!(data_plane_refusal(&c, "node-globex", "acme"), None);
     let acme_data = data_addr(&c, "acme");
@@ -234,6 +238,12 @@ fn a_revoked_node_and_analyst_are_refused_within_one_reload() {
     assert!(
         err.contains("the peer refused our certificate: it is revoked by the consortium CA"),
         "{err}"
+    );
+    // The web console checks the same CRL at every connection: bob gets no answer at all.
+    let web = bob_web.try_get("/api/v1/nodes");
+    assert!(
+        web.is_err(),
+        "bob's revoked certificate was answered: {web:?}"
     );
     // Alice is unaffected; a job with globex fails naming it.
     let job = overlap(&c);

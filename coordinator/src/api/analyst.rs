@@ -150,7 +150,7 @@ fn may_on_job(
         .map(|_| ())
         .map_err(|e| {
             tracing::info!(analyst = %analyst, job_id = %info.job_id, "refused: {e}");
-            CoordinatorError::Refused(e.to_string())
+            CoordinatorError::Forbidden(e.to_string())
         })
 }
 
@@ -170,7 +170,7 @@ fn may_on_schedule(
         .map(|_| ())
         .map_err(|e| {
             tracing::info!(analyst = %analyst, schedule = %record.name, "refused: {e}");
-            CoordinatorError::Refused(e.to_string())
+            CoordinatorError::Forbidden(e.to_string())
         })
 }
 
@@ -520,7 +520,7 @@ async fn handle(
             // How many entries a node's log has, job by job, says how busy it was for every
             // analyst: only a grant to see everything reaches it.
             if !authz::sees_all(&peer.name, roles, Action::ReadJob) {
-                return Err(CoordinatorError::Refused(format!(
+                return Err(CoordinatorError::Forbidden(format!(
                     "analyst {} may not read audit heads: they need the read-all or admin grant \
                      of a [[role]] in the coordinator's config",
                     peer.name

@@ -101,6 +101,9 @@ pub fn respond(result: Result<Resp, CoordinatorError>) -> Response {
         Err(CoordinatorError::Refused(message)) => {
             return error(refusal_status(&message), message);
         }
+        Err(CoordinatorError::Forbidden(message)) => {
+            return error(StatusCode::FORBIDDEN, message);
+        }
         Err(e) => {
             tracing::warn!(error = %e, "web console: request failed");
             return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string());

@@ -177,6 +177,9 @@ async fn ask(
         Err(crate::error::CoordinatorError::Refused(message)) => {
             Err(refused(analyst, refusal_status(&message), &message))
         }
+        Err(crate::error::CoordinatorError::Forbidden(message)) => {
+            Err(refused(analyst, StatusCode::FORBIDDEN, &message))
+        }
         Err(e) => Err(refused(
             analyst,
             StatusCode::INTERNAL_SERVER_ERROR,
