@@ -32,6 +32,7 @@ pub mod error;
 pub mod job;
 pub mod kind;
 pub mod ledger;
+pub mod pin;
 pub mod policy;
 pub mod run;
 pub mod spec;
