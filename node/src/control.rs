@@ -204,7 +204,10 @@ async fn run_offer(
         .ok_or_else(|| protocol("coordinator", "offer without a job spec"))?;
     let kind = Kind::of(&spec);
     if kind.is_some_and(Kind::is_multiparty) {
-        return crate::job::aggregate::serve_offer(endpoint, state, job_id, spec, send, recv).await;
+        return crate::job::driver::aggregate::serve_offer(
+            endpoint, state, job_id, spec, send, recv,
+        )
+        .await;
     }
     let role = Role::try_from(offer.role).unwrap_or(Role::Unspecified);
     let me = match role {

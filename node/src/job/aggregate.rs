@@ -1,6 +1,10 @@
-//! Drives one `aggregate` job at this node: offer, start, shares, partial sum, report.
+//! The `aggregate` job at this node as a sans-IO session: [`AggregateSession`] takes the
+//! loaded vector, each peer's hello and the results of its CPU work, and hands out
+//! [`AggStep`]s (send a hello to a peer, load, compute, charge, re-check, audit, report to the
+//! coordinator). It never touches a socket, a task, the ledger or the clock; the driver
+//! ([`crate::job::driver::aggregate`]) does, and the tests below run it without a network.
 //!
-//! The protocol (`cleanroom_circuits::aggregate`) in the order this module runs it:
+//! The protocol (`cleanroom_circuits::aggregate`) in the order the session runs it:
 //!
 //! 1. **Offer.** The node decides against its agreements with *every* other party
 //!    ([`crate::policy::aggregate`], through [`NodeState::decide`], which audits the decision and
@@ -30,149 +34,162 @@
 //! coordinator fails it everywhere: it reconstructs only from all N partials. If the coordinator
 //! drops the job's stream (another party failed), the job stops at once.
 
-use std::collections::HashMap;
-use std::net::SocketAddr;
-use std::sync::Arc;
-use std::time::Duration;
+use std::collections::BTreeMap;
 
-use cleanroom_circuits::aggregate::{self, NoisePlan, ShareSeed, check_no_overflow, encode_cells};
+use cleanroom_circuits::aggregate::{
+    self, AggregateError, GroupVector, NoisePlan, ShareSeed, check_no_overflow, encode_cells,
+};
 use cleanroom_proto::v1::{
     AggregateHello, AggregateOutcome, AggregatePartial, AggregateTerms, ColumnNoise, Envelope,
-    JobSpec, OfferReply, Phase, Ready, Report, envelope::Body, report::Outcome,
+    Phase, envelope::Body,
 };
-use cleanroom_transport::{FramedRecv, FramedSend, Identity};
 use sha2::{Digest, Sha256};
-use tokio::sync::oneshot;
 
-use crate::audit::{AuditEvent, AuditHead};
-use crate::clock::now_ms;
-use crate::data::aggregate_input::{Loaded, load_vector};
-use crate::data::dataset::RowFilter;
-use crate::data::forget::ForgetStore;
-use crate::dataplane::{Delivery, pending_key, refused};
-use crate::error::{JobError, NodeError, Timeout};
-use crate::policy::Veto;
-use crate::policy::aggregate::{self as aggregate_policy, AggregatePermit};
-use crate::state::NodeState;
+use crate::audit::AuditEvent;
+use crate::error::{JobError, Party, Violation};
+use crate::job::protocol::NoiseRequest;
+use crate::ledger::Loss;
+use crate::policy::{Permit, Veto};
 
-/// How long the node waits for `Start` after accepting.
-const START_TIMEOUT: Duration = Duration::from_secs(60);
-/// How long a peer has to connect and send its hello.
-const PEER_TIMEOUT: Duration = Duration::from_secs(60);
-/// Upper bound on one job.
-const JOB_TIMEOUT: Duration = Duration::from_secs(3600);
 /// Cells per partial batch: 512 KiB, well under the 1 MiB frame cap.
 pub const PARTIAL_BATCH_CELLS: usize = 1 << 16;
 /// The label of the group that collects rows whose label the spec does not list (or whose
 /// integer is outside the spec's range).
 pub const OTHER_GROUP: &str = aggregate::OTHER_GROUP;
-/// QUIC close codes for the data-plane connections.
-const CLOSE_DONE: u32 = 0;
-const CLOSE_FAILED: u32 = 3;
 
-/// Serves an aggregate offer on the job's control stream, to the end of the job. Errors are
-/// reported and audited by the caller (the control session).
-pub async fn serve_offer(
-    endpoint: quinn::Endpoint,
-    state: &Arc<NodeState>,
-    job_id: String,
-    spec: JobSpec,
-    send: &mut FramedSend,
-    recv: &mut FramedRecv,
-) -> Result<(), NodeError> {
-    let reply = |accept: bool, reason: String| Envelope {
-        job_id: job_id.clone(),
-        phase: Phase::Offer as i32,
-        body: Some(Body::OfferReply(OfferReply {
-            accept,
-            reason,
-            signed_head: state.signed_head(),
-        })),
-    };
-    let my_name = state.cfg().name.clone();
-    let Some(me) = aggregate_policy::my_index(&spec, &my_name) else {
-        let reason = format!("node '{my_name}' is not a party of this aggregate (exactly once)");
-        send.send(&reply(false, reason)).await?;
-        return Ok(());
-    };
-    let (generation, permit) = match state.decide(&job_id, &spec, me, now_ms()) {
-        Ok(d) => d,
-        Err(veto) => {
-            tracing::info!(reason = %veto, "offer vetoed");
-            send.send(&reply(false, veto.to_string())).await?;
-            return Ok(());
-        }
-    };
-    // The full terms (peers, group column, colluders), from the same policy generation.
-    let terms = aggregate_policy::check_offer_at(&state.cfg(), &spec, me, now_ms())
-        .map_err(|v| NodeError::from(JobError::Refused(v)))?;
-    if terms.permit != permit {
-        return Err(JobError::PolicyChangedDuringOffer.into());
-    }
-    let mut incoming = Vec::new();
-    for peer in &terms.peers {
-        incoming.push((
-            peer.clone(),
-            state
-                .waiting
-                .expect_connection(&pending_key(&job_id, peer), peer),
-        ));
-    }
-    let job = AggregateJob {
-        job_id: job_id.clone(),
-        spec,
-        terms,
-        generation,
-        state: state.clone(),
-    };
-    let result = async {
-        tracing::info!(partner = %job.terms.permit.partner, purpose = %job.spec.purpose, "aggregate offer accepted");
-        send.send(&reply(true, String::new())).await?;
-        let peers = job.await_start(&endpoint, recv).await?;
-        let Some(peers) = peers else {
-            tracing::info!("job withdrawn by the coordinator before it started");
-            return Ok(());
-        };
-        send.send(&Envelope {
-            job_id: job_id.clone(),
-            phase: Phase::Start as i32,
-            body: Some(Body::Ready(Ready {})),
-        })
-        .await?;
-        // The job runs until done, its deadline, or the coordinator dropping the stream.
-        let run = tokio::time::timeout(JOB_TIMEOUT, job.run(&endpoint, peers, incoming, send));
-        tokio::select! {
-            r = run => r.unwrap_or_else(|_| Err(Timeout::Job.into())),
-            _ = wait_for_withdrawal(recv) => Err(JobError::Withdrawn.into()),
-        }
-    }
-    .await;
-    for peer in &job.terms.peers {
-        state.waiting.forget_pending(&pending_key(&job_id, peer));
-    }
-    result
+/// What an aggregate job is, for the session.
+#[derive(Debug, Clone)]
+pub struct AggConfig {
+    /// The job's id.
+    pub job_id: String,
+    /// This node's name.
+    pub me: String,
+    /// The other parties, in the spec's order.
+    pub peers: Vec<String>,
+    /// The spec digest every party must share.
+    pub digest: [u8; 32],
+    /// What this node's agreements permit.
+    pub permit: Permit,
+    /// Our terms, as the hello sends them to every peer.
+    pub own_terms: AggregateTerms,
+    /// Column names in vector order: the count, then the sums.
+    pub columns: Vec<String>,
+    /// Whether clipping is per person (the audit's words).
+    pub per_person: bool,
+    /// The node's δ, to state the ε a charged ρ amounts to.
+    pub delta: f64,
 }
 
-/// Resolves when the coordinator's side of the job stream ends or sends anything (it sends
-/// nothing after Start).
-async fn wait_for_withdrawal(recv: &mut FramedRecv) {
-    let _ = recv.recv().await;
+/// What the driver does next for the session.
+pub enum AggStep {
+    /// Send this hello (with the seed of the peer's share) to `peer`, on its own connection.
+    Hello {
+        /// The peer.
+        peer: String,
+        /// The hello.
+        hello: Box<Envelope>,
+    },
+    /// Load the dataset into the clipped vector; hand it to [`AggregateSession::on_loaded`].
+    Load,
+    /// Run this on the CPU pool; hand the result to [`AggregateSession::handle_done`].
+    Compute(AggWork),
+    /// Wait until every hello of ours was delivered; then [`AggregateSession::on_delivered`].
+    AwaitDelivery,
+    /// Charge the ledger (if this node's entry sets ε) and draw the noise; hand it to
+    /// [`AggregateSession::handle_noise`].
+    Charge(NoiseRequest),
+    /// Stop unless the policy in force still permits the job.
+    Recheck,
+    /// Append this to the audit log; hand the head to [`AggregateSession::on_audited`].
+    Audit(AuditEvent),
+    /// Send this frame of the partial sum to the coordinator.
+    Partial(Box<Envelope>),
+    /// Report this outcome to the coordinator; the session is finished.
+    Report(Box<AggregateOutcome>),
 }
 
-/// One accepted aggregate job.
-#[derive(Debug)]
-struct AggregateJob {
-    job_id: String,
-    spec: JobSpec,
-    terms: AggregatePermit,
-    generation: u64,
-    state: Arc<NodeState>,
+impl std::fmt::Debug for AggStep {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            AggStep::Hello { peer, .. } => write!(f, "Hello({peer})"),
+            AggStep::Load => f.write_str("Load"),
+            AggStep::Compute(_) => f.write_str("Compute"),
+            AggStep::AwaitDelivery => f.write_str("AwaitDelivery"),
+            AggStep::Charge(r) => write!(f, "Charge({r:?})"),
+            AggStep::Recheck => f.write_str("Recheck"),
+            AggStep::Audit(_) => f.write_str("Audit"),
+            AggStep::Partial(_) => f.write_str("Partial"),
+            AggStep::Report(_) => f.write_str("Report"),
+        }
+    }
+}
+
+/// The session's CPU work; [`AggWork::run`] is pure.
+pub enum AggWork {
+    /// Our kept share: the vector minus the peers' expanded seeds.
+    Split(GroupVector, Vec<ShareSeed>),
+    /// The partial: our kept share, the peers' expanded seeds and our noise share.
+    Partial(Vec<u64>, Vec<ShareSeed>, Vec<i64>),
+}
+
+/// The result of an [`AggWork`].
+pub enum AggDone {
+    /// Our kept share.
+    Split(Vec<u64>),
+    /// The partial sum.
+    Partial(Result<Vec<u64>, AggregateError>),
+}
+
+impl AggWork {
+    /// Does the work.
+    pub fn run(self) -> AggDone {
+        match self {
+            AggWork::Split(vector, seeds) => {
+                AggDone::Split(aggregate::split_with_seeds(&vector, seeds).own)
+            }
+            AggWork::Partial(own, seeds, noise) => AggDone::Partial((|| {
+                let mut acc = own;
+                for seed in &seeds {
+                    aggregate::accumulate_seed(&mut acc, seed);
+                }
+                aggregate::add_noise(&mut acc, &noise)?;
+                Ok(acc)
+            })()),
+        }
+    }
 }
 
 /// What a peer sent us.
-struct PeerShare {
+pub struct PeerShare {
     seed: ShareSeed,
     terms: AggregateTerms,
+}
+
+// Shares, vectors and noise are secrets: their Debug names the variant only.
+impl std::fmt::Debug for PeerShare {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PeerShare")
+            .field("terms", &self.terms)
+            .finish_non_exhaustive()
+    }
+}
+
+impl std::fmt::Debug for AggWork {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            AggWork::Split(..) => "AggWork::Split",
+            AggWork::Partial(..) => "AggWork::Partial",
+        })
+    }
+}
+
+impl std::fmt::Debug for AggDone {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            AggDone::Split(..) => "AggDone::Split",
+            AggDone::Partial(..) => "AggDone::Partial",
+        })
+    }
 }
 
 /// The terms every party applies: the strictest of all parties' terms.
@@ -184,285 +201,321 @@ struct JointTerms {
     sensitivities: Vec<u64>,
 }
 
-impl AggregateJob {
-    fn my_name(&self) -> String {
-        self.state.cfg().name.clone()
+/// What the session knows of the release once the noise is planned.
+struct Plan {
+    plan: NoisePlan,
+    joint: JointTerms,
+    seeds: Vec<ShareSeed>,
+    own: Vec<u64>,
+}
+
+/// One party's aggregate session.
+pub struct AggregateSession {
+    cfg: AggConfig,
+    steps: std::collections::VecDeque<AggStep>,
+    /// Our seeds for the peers' shares, until our own share is split off.
+    seeds: Option<Vec<ShareSeed>>,
+    /// Cells and groups of our vector, once loaded.
+    shape: Option<(usize, usize)>,
+    own: Option<Vec<u64>>,
+    shares: BTreeMap<String, PeerShare>,
+    plan: Option<Plan>,
+    rho: f64,
+    partial: Option<Vec<u64>>,
+    bytes_to_peers: u64,
+    busy: bool,
+    finished: bool,
+}
+
+impl std::fmt::Debug for AggregateSession {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AggregateSession")
+            .field("job_id", &self.cfg.job_id)
+            .field("shares", &self.shares.len())
+            .finish_non_exhaustive()
     }
+}
 
-    /// Waits for Start and checks that it names exactly our peers. `None`: withdrawn.
-    async fn await_start(
-        &self,
-        endpoint: &quinn::Endpoint,
-        recv: &mut FramedRecv,
-    ) -> Result<Option<Vec<(String, SocketAddr)>>, NodeError> {
-        let start = match tokio::time::timeout(START_TIMEOUT, recv.recv()).await {
-            Err(_) => {
-                return Err(Timeout::NoStart.into());
-            }
-            Ok(Ok(None)) | Ok(Err(_)) => return Ok(None),
-            Ok(Ok(Some(e))) => e,
-        };
-        cleanroom_proto::frame::check_envelope(&start, &self.job_id, Phase::Start)
-            .map_err(|e| protocol("coordinator", e))?;
-        let Some(Body::Start(start)) = start.body else {
-            return Err(protocol("coordinator", "expected Start"));
-        };
-        let mut addrs: HashMap<&str, &str> = HashMap::new();
-        for p in &start.peers {
-            if addrs.insert(&p.node, &p.data_addr).is_some() {
-                return Err(protocol("coordinator", "Start names a peer twice"));
-            }
-        }
-        if addrs.len() != self.terms.peers.len() {
-            return Err(protocol(
-                "coordinator",
-                "Start does not name exactly the job's other parties",
-            ));
-        }
-        let mut peers = Vec::new();
-        for peer in &self.terms.peers {
-            let Some(addr) = addrs.get(peer.as_str()) else {
-                return Err(protocol(
-                    "coordinator",
-                    format!("Start gives no address for party '{peer}'"),
-                ));
-            };
-            let addr = crate::dataplane::resolve_peer(endpoint, addr).await?;
-            peers.push((peer.clone(), addr));
-        }
-        Ok(Some(peers))
-    }
-
-    /// Appends to the audit log; what cannot be audited does not happen.
-    fn audit(&self, event: AuditEvent) -> Result<AuditHead, NodeError> {
-        self.state.audit.append(event, now_ms()).map_err(|e| {
-            tracing::error!(error = %e, "audit log write failed; stopping the job");
-            NodeError::from(JobError::Audit {
-                node: self.my_name().to_owned(),
-            })
-        })
-    }
-
-    /// This node's noise share for every cell. When the joint terms ask for noise and our
-    /// agreements set ε, the release's zCDP ρ (what the honest parties' noise gives, KLS21:
-    /// `ρ = Σ_c ε_c²/2`) is charged to the ledger in the transaction that draws the noise, under
-    /// the key `aggregate:<spec digest>`; the draw is not kept, and a job whose release was
-    /// charged before is refused. Exact runs charge nothing.
-    async fn charge_noise(
-        &self,
-        plan: &NoisePlan,
-        joint: &JointTerms,
-        groups: usize,
-    ) -> Result<(Vec<i64>, f64), NodeError> {
-        let cfg = self.state.cfg();
-        let charge = if plan.is_noised() {
-            self.terms.permit.charge(&self.job_id, &cfg)
-        } else {
-            None
-        };
-        let plan = plan.clone();
-        let Some(mut charge) = charge else {
-            return blocking(move || plan.draw(groups))
-                .await?
-                .map(|noise| (noise, 0.0))
-                .map_err(|e| compute("noise", e));
-        };
-        let rho = release_rho(&plan, &joint.sensitivities);
-        charge.loss = crate::ledger::Loss::Rho(rho);
-        let key = crate::spec::release_key(&self.job_id, &self.spec);
-        let state = self.state.clone();
-        let drawn = blocking(move || {
-            state
-                .ledger
-                .charge_and_draw(&key, &charge, now_ms(), || plan.draw(groups))
-        })
-        .await?
-        .map_err(|e| NodeError::from(JobError::Refused(crate::state::budget_veto(&cfg.name, e))))?;
-        tracing::info!(rho, "privacy budget charged for an aggregate (zCDP)");
-        Ok((drawn, rho))
-    }
-
-    fn recheck(&self) -> Result<(), NodeError> {
-        self.state
-            .recheck(
-                self.generation,
-                &self.spec,
-                self.terms.me,
-                &self.terms.permit,
-                now_ms(),
-            )
-            .map_err(|v| NodeError::from(JobError::Refused(v)))
-    }
-
-    /// Column names in vector order: the count, then the sums.
-    fn columns(&self) -> Vec<String> {
-        let mut c = vec!["count".to_owned()];
-        c.extend(
-            self.terms
-                .permit
-                .value_columns
-                .iter()
-                .map(|v| v.column.get_ref().clone()),
-        );
-        c
-    }
-
-    /// Our terms as we send them to every peer.
-    fn own_terms(&self) -> AggregateTerms {
-        let mut sensitivities = vec![1u64];
-        sensitivities.extend(
-            self.terms
-                .permit
-                .value_columns
-                .iter()
-                .map(|v| v.min.unsigned_abs().max(v.max.unsigned_abs()).max(1)),
-        );
-        AggregateTerms {
-            epsilon: self.terms.permit.epsilon.map_or(0.0, |e| e.get()),
-            max_colluders: self.terms.max_colluders,
-            min_result: self.terms.permit.min_result,
-            sensitivities,
-        }
-    }
-
-    async fn run(
-        &self,
-        endpoint: &quinn::Endpoint,
-        peers: Vec<(String, SocketAddr)>,
-        incoming: Vec<(String, oneshot::Receiver<Delivery>)>,
-        control: &mut FramedSend,
-    ) -> Result<(), NodeError> {
-        self.recheck()?;
-        let n = self.spec.parties.len();
-        let digest = crate::spec::spec_digest(&self.job_id, &self.spec);
-        let my_terms = self.own_terms();
-
-        // The seeds of the peers' shares do not depend on our data, so they go out first: the
-        // exchange is over within a round trip of Start, and a peer whose dataset loads slowly
-        // cannot make the others' data-plane waits time out. Only the share we keep is computed
-        // from the data, after loading.
-        let seeds = (1..n)
-            .map(|_| ShareSeed::generate())
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| compute("secret sharing", e))?;
-        let mut sends = tokio::task::JoinSet::new();
-        let mut bytes_to_peers = 0u64;
-        for ((peer, addr), seed) in peers.into_iter().zip(&seeds) {
+impl AggregateSession {
+    /// Starts with one fresh seed per peer (in the order of `cfg.peers`). The seeds do not
+    /// depend on our data, so the hellos go out first: the exchange is over within a round trip
+    /// of Start, and a peer whose dataset loads slowly cannot make the others' waits time out.
+    /// Only the share we keep is computed from the data, after loading.
+    pub fn start(cfg: AggConfig, seeds: Vec<ShareSeed>) -> AggregateSession {
+        let mut steps = std::collections::VecDeque::new();
+        let mut bytes_to_peers = 0;
+        for (peer, seed) in cfg.peers.iter().zip(&seeds) {
             let hello = Envelope {
-                job_id: self.job_id.clone(),
+                job_id: cfg.job_id.clone(),
                 phase: Phase::AggShare as i32,
                 body: Some(Body::AggHello(AggregateHello {
-                    sender: self.my_name(),
-                    spec_digest: digest.to_vec(),
-                    terms: Some(my_terms.clone()),
+                    sender: cfg.me.clone(),
+                    spec_digest: cfg.digest.to_vec(),
+                    terms: Some(cfg.own_terms.clone()),
                     share_seed: seed.to_bytes(),
                 })),
             };
             bytes_to_peers += framed_len(&hello);
-            let endpoint = endpoint.clone();
-            sends.spawn(async move { send_share(endpoint, peer, addr, hello).await });
+            steps.push_back(AggStep::Hello {
+                peer: peer.clone(),
+                hello: Box::new(hello),
+            });
         }
-        let mut receives = tokio::task::JoinSet::new();
-        for (peer, rx) in incoming {
-            let job_id = self.job_id.clone();
-            let digest = digest.to_vec();
-            receives.spawn(async move { receive_share(job_id, peer, rx, digest).await });
+        steps.push_back(AggStep::Load);
+        AggregateSession {
+            cfg,
+            steps,
+            seeds: Some(seeds),
+            shape: None,
+            own: None,
+            shares: BTreeMap::new(),
+            plan: None,
+            rho: 0.0,
+            partial: None,
+            bytes_to_peers,
+            busy: false,
+            finished: false,
         }
+    }
 
-        let loaded = self.load().await?;
-        check_no_overflow(
-            loaded.rows_used,
-            my_terms.sensitivities.iter().copied().max().unwrap_or(1),
-            n,
-        )
-        .map_err(|e| NodeError::from(JobError::Refused(Veto(e.to_string()))))?;
-        self.terms
+    /// The next step, if any.
+    pub fn next_step(&mut self) -> Option<AggStep> {
+        self.steps.pop_front()
+    }
+
+    /// Whether the outcome has been handed out.
+    pub fn is_finished(&self) -> bool {
+        self.finished && self.steps.is_empty()
+    }
+
+    /// The peers whose hello is still due.
+    pub fn waiting_for(&self) -> Vec<&str> {
+        self.cfg
+            .peers
+            .iter()
+            .filter(|p| !self.shares.contains_key(p.as_str()))
+            .map(String::as_str)
+            .collect()
+    }
+
+    fn fail<T>(&mut self, r: Result<T, JobError>) -> Result<T, JobError> {
+        if r.is_err() {
+            self.steps.clear();
+            self.finished = false;
+            self.busy = true;
+        }
+        r
+    }
+
+    fn internal(&self, what: &str) -> JobError {
+        JobError::Internal(format!(
+            "aggregate session of job '{}': {what}",
+            self.cfg.job_id
+        ))
+    }
+
+    /// Takes our loaded vector and the contributions it sums: refuses sums that could overflow
+    /// or an input the agreement's sizes do not allow, then splits off our kept share.
+    pub fn on_loaded(&mut self, rows_used: u64, vector: GroupVector) -> Result<(), JobError> {
+        let r = self.loaded(rows_used, vector);
+        self.fail(r)
+    }
+
+    fn loaded(&mut self, rows_used: u64, vector: GroupVector) -> Result<(), JobError> {
+        let n = self.cfg.peers.len() + 1;
+        let max = self
+            .cfg
+            .own_terms
+            .sensitivities
+            .iter()
+            .copied()
+            .max()
+            .unwrap_or(1);
+        check_no_overflow(rows_used, max, n).map_err(|e| JobError::Refused(Veto(e.to_string())))?;
+        self.cfg
             .permit
-            .check_input_size(loaded.rows_used)
-            .map_err(|v| NodeError::from(JobError::Refused(v)))?;
-        let vector = loaded.vector;
-        let cells = vector.cells().len();
-        let groups = vector.groups();
-        let own = blocking(move || aggregate::split_with_seeds(&vector, seeds).own).await?;
+            .check_input_size(rows_used)
+            .map_err(JobError::Refused)?;
+        let seeds = self
+            .seeds
+            .take()
+            .ok_or_else(|| self.internal("loaded twice"))?;
+        self.shape = Some((vector.cells().len(), vector.groups()));
+        self.busy = true;
+        self.steps
+            .push_back(AggStep::Compute(AggWork::Split(vector, seeds)));
+        Ok(())
+    }
 
-        let mut shares: Vec<(String, PeerShare, quinn::Connection)> = Vec::new();
-        while let Some(r) = receives.join_next().await {
-            match r {
-                Ok(Ok(s)) => shares.push(s),
-                Ok(Err(e)) => return Err(e),
-                Err(e) => return Err(JobError::Internal(e.to_string()).into()),
-            }
-        }
-        // Kept open until we have reported, so no frame of ours or theirs is cut off.
-        let mut out_conns: Vec<(quinn::Connection, FramedSend)> = Vec::new();
-        while let Some(r) = sends.join_next().await {
-            match r {
-                Ok(Ok(c)) => out_conns.push(c),
-                Ok(Err(e)) => return Err(e),
-                Err(e) => return Err(JobError::Internal(e.to_string()).into()),
-            }
-        }
+    /// Takes `peer`'s hello (routed here only if the peer's certificate names it).
+    pub fn on_peer_hello(&mut self, peer: &str, hello: Envelope) -> Result<(), JobError> {
+        let r = check_hello(&self.cfg.job_id, peer, &self.cfg.digest, hello)
+            .map_err(|e| JobError::violation(Party::Peer(peer.to_owned()), Violation::Terms(e)))
+            .and_then(|share| self.share(peer, share));
+        self.fail(r)
+    }
 
+    /// Takes `peer`'s share, its hello already checked ([`check_hello`]).
+    pub fn on_peer_share(&mut self, peer: &str, share: PeerShare) -> Result<(), JobError> {
+        let r = self.share(peer, share);
+        self.fail(r)
+    }
+
+    fn share(&mut self, peer: &str, share: PeerShare) -> Result<(), JobError> {
+        if !self.cfg.peers.iter().any(|p| p == peer) {
+            return Err(self.internal("a share from a party that is not a peer"));
+        }
+        if self.shares.insert(peer.to_owned(), share).is_some() {
+            return Err(self.internal("a second share from one peer"));
+        }
+        self.gathered();
+        Ok(())
+    }
+
+    /// Once our share is split off and every peer's is in, the hellos must be delivered.
+    fn gathered(&mut self) {
+        if self.own.is_some() && self.shares.len() == self.cfg.peers.len() && !self.busy {
+            self.busy = true;
+            self.steps.push_back(AggStep::AwaitDelivery);
+        }
+    }
+
+    /// Every hello of ours was delivered: check the peers' terms, plan the noise and ask for it.
+    pub fn on_delivered(&mut self) -> Result<(), JobError> {
+        let r = self.delivered();
+        self.fail(r)
+    }
+
+    fn delivered(&mut self) -> Result<(), JobError> {
+        let n = self.cfg.peers.len() + 1;
+        let (own, (_, groups)) = match (self.own.take(), self.shape) {
+            (Some(own), Some(shape)) if self.shares.len() == self.cfg.peers.len() => (own, shape),
+            _ => return Err(self.internal("delivered before every share was in")),
+        };
         // Each peer's terms decide our noise and threshold: they must be terms an honest node
         // can send, or the peer is named as the one that broke the protocol.
-        for (peer, share, _) in &shares {
-            check_peer_terms(&share.terms, n, my_terms.sensitivities.len())
-                .map_err(|e| protocol(peer, e))?;
+        for peer in &self.cfg.peers {
+            let share = &self.shares[peer];
+            check_peer_terms(&share.terms, n, self.cfg.own_terms.sensitivities.len())
+                .map_err(|e| JobError::violation(Party::Peer(peer.clone()), Violation::Terms(e)))?;
         }
         // The strictest terms of all parties, identical at every honest party.
-        let all_terms: Vec<&AggregateTerms> = std::iter::once(&my_terms)
-            .chain(shares.iter().map(|(_, s, _)| &s.terms))
+        let all_terms: Vec<&AggregateTerms> = std::iter::once(&self.cfg.own_terms)
+            .chain(self.cfg.peers.iter().map(|p| &self.shares[p].terms))
             .collect();
-        let joint =
-            joint_terms(&all_terms, n).map_err(|e| compute("the parties' terms do not fit", e))?;
+        let joint = joint_terms(&all_terms, n).map_err(|e| JobError::Compute {
+            step: "the parties' terms do not fit",
+            reason: e,
+        })?;
         let plan = match joint.epsilon {
             Some(eps) => NoisePlan::new(eps, &joint.sensitivities, n, joint.max_colluders as usize),
             None => Ok(NoisePlan::none(joint.sensitivities.len(), n)),
         }
-        .map_err(|e| compute("noise", e))?;
+        .map_err(|e| JobError::Compute {
+            step: "noise",
+            reason: e.to_string(),
+        })?;
+        let seeds: Vec<ShareSeed> = std::mem::take(&mut self.shares)
+            .into_values()
+            .map(|s| s.seed)
+            .collect();
+        let loss = plan
+            .is_noised()
+            .then(|| Loss::Rho(release_rho(&plan, &joint.sensitivities)));
+        let draw_plan = plan.clone();
+        self.steps.push_back(AggStep::Charge(NoiseRequest {
+            loss,
+            draw: Box::new(move || draw_plan.draw(groups).map_err(|e| e.to_string())),
+        }));
+        self.plan = Some(Plan {
+            plan,
+            joint,
+            seeds,
+            own,
+        });
+        Ok(())
+    }
 
-        let mut in_conns = Vec::new();
-        let mut seeds: Vec<ShareSeed> = Vec::new();
-        for (_, share, conn) in shares {
-            seeds.push(share.seed);
-            in_conns.push(conn);
-        }
-        let (noise, rho) = self.charge_noise(&plan, &joint, groups).await?;
-        let partial = blocking(move || -> Result<Vec<u64>, aggregate::AggregateError> {
-            let mut acc = own;
-            for seed in &seeds {
-                aggregate::accumulate_seed(&mut acc, seed);
+    /// Takes this node's noise share; `charged`: the ledger was charged the release's ρ.
+    pub fn handle_noise(&mut self, noise: Vec<i64>, charged: bool) -> Result<(), JobError> {
+        let r = match self.plan.as_mut() {
+            Some(p) => {
+                self.rho = if charged {
+                    release_rho(&p.plan, &p.joint.sensitivities)
+                } else {
+                    0.0
+                };
+                let work = AggWork::Partial(
+                    std::mem::take(&mut p.own),
+                    std::mem::take(&mut p.seeds),
+                    noise,
+                );
+                self.steps.push_back(AggStep::Compute(work));
+                Ok(())
             }
-            aggregate::add_noise(&mut acc, &noise)?;
-            Ok(acc)
-        })
-        .await?
-        .map_err(|e| compute("partial sum", e))?;
+            None => Err(self.internal("noise came back that was not asked for")),
+        };
+        self.fail(r)
+    }
 
-        self.recheck()?;
-        let epsilon_spent = if plan.is_noised() {
-            self.terms.permit.epsilon.map_or(0.0, |e| e.get())
+    /// Takes the result of the last [`AggStep::Compute`].
+    pub fn handle_done(&mut self, done: AggDone) -> Result<(), JobError> {
+        let r = self.done(done);
+        self.fail(r)
+    }
+
+    fn done(&mut self, done: AggDone) -> Result<(), JobError> {
+        match done {
+            AggDone::Split(own) => {
+                self.own = Some(own);
+                self.busy = false;
+                self.gathered();
+            }
+            AggDone::Partial(r) => {
+                let partial = r.map_err(|e| JobError::Compute {
+                    step: "partial sum",
+                    reason: e.to_string(),
+                })?;
+                let p = self
+                    .plan
+                    .as_ref()
+                    .ok_or_else(|| self.internal("a partial without a plan"))?;
+                let event = self.release_event(p);
+                self.partial = Some(partial);
+                self.steps.push_back(AggStep::Recheck);
+                self.steps.push_back(AggStep::Audit(event));
+            }
+        }
+        Ok(())
+    }
+
+    fn release_event(&self, p: &Plan) -> AuditEvent {
+        let n = self.cfg.peers.len() + 1;
+        let groups = self.shape.map_or(0, |(_, g)| g);
+        let rho = self.rho;
+        let epsilon_spent = if p.plan.is_noised() {
+            self.cfg.permit.epsilon.map_or(0.0, |e| e.get())
         } else {
             0.0
         };
-        let head = self.audit(AuditEvent::Release {
-            job_id: self.job_id.clone(),
-            partner: self.terms.permit.partner.clone(),
+        AuditEvent::Release {
+            job_id: self.cfg.job_id.clone(),
+            partner: self.cfg.permit.partner.clone(),
             what: format!(
                 "aggregate partial sum of {} groups × {} columns (masked; only the sum of all {n} \
                  partials is meaningful){}",
                 groups,
-                joint.sensitivities.len(),
-                if !plan.is_noised() {
+                p.joint.sensitivities.len(),
+                if !p.plan.is_noised() {
                     ", no noise (no agreement asks for it)".to_owned()
                 } else if rho > 0.0 {
-                    let delta = self.state.cfg().delta();
+                    let delta = self.cfg.delta;
                     format!(
                         ", with this node's share of discrete Gaussian noise: zCDP rho {} \
                          charged (epsilon {} at delta {delta:e} on its own){}",
                         crate::ledger::show(rho),
                         crate::ledger::show(crate::ledger::epsilon_at(0.0, rho, delta)),
-                        if self.terms.person.is_some() {
+                        if self.cfg.per_person {
                             ", per person"
                         } else {
                             ", per row"
@@ -478,12 +531,27 @@ impl AggregateJob {
             value: None,
             epsilon: epsilon_spent,
             rho: (rho > 0.0).then_some(rho),
-        })?;
+        }
+    }
 
+    /// The release is audited (`head`): the partial goes to the coordinator in batches, then
+    /// the outcome (public terms, the audit head and byte counts only).
+    pub fn on_audited(&mut self, head: String) -> Result<(), JobError> {
+        let r = self.audited(head);
+        self.fail(r)
+    }
+
+    fn audited(&mut self, head: String) -> Result<(), JobError> {
+        let (Some(partial), Some(p), Some((cells, _))) =
+            (self.partial.take(), self.plan.as_ref(), self.shape)
+        else {
+            return Err(self.internal("audited before the partial was ready"));
+        };
         let mut bytes_to_coordinator = 0u64;
+        let mut frames = Vec::new();
         for (seq, batch) in (0u64..).zip(partial.chunks(PARTIAL_BATCH_CELLS)) {
             let frame = Envelope {
-                job_id: self.job_id.clone(),
+                job_id: self.cfg.job_id.clone(),
                 phase: Phase::AggPartial as i32,
                 body: Some(Body::AggPartial(AggregatePartial {
                     seq,
@@ -491,97 +559,22 @@ impl AggregateJob {
                 })),
             };
             bytes_to_coordinator += framed_len(&frame);
-            control.send(&frame).await?;
+            frames.push(AggStep::Partial(Box::new(frame)));
         }
-        let noise = describe_noise(&plan, &joint, &self.columns());
         let outcome = AggregateOutcome {
             cells: cells as u64,
-            terms_digest: terms_digest(&digest, &joint).to_vec(),
-            noise,
-            min_result: joint.min_result,
-            max_colluders: joint.max_colluders,
-            audit_head: head.to_string(),
-            bytes_to_peers,
+            terms_digest: terms_digest(&self.cfg.digest, &p.joint).to_vec(),
+            noise: describe_noise(&p.plan, &p.joint, &self.cfg.columns),
+            min_result: p.joint.min_result,
+            max_colluders: p.joint.max_colluders,
+            audit_head: head,
+            bytes_to_peers: self.bytes_to_peers,
             bytes_to_coordinator,
         };
-        control
-            .send(&Envelope {
-                job_id: self.job_id.clone(),
-                phase: Phase::Report as i32,
-                body: Some(Body::Report(Report {
-                    outcome: Some(Outcome::Aggregate(outcome)),
-                    signed_head: self.state.signed_head(),
-                })),
-            })
-            .await?;
-        tracing::info!(groups, cells, "aggregate partial reported");
-        for (conn, mut send) in out_conns {
-            // The peer has long read our hello (it could not have reported otherwise); wait
-            // briefly for the acknowledgement so closing cannot race it.
-            let _ = tokio::time::timeout(Duration::from_secs(5), send.stopped()).await;
-            conn.close(CLOSE_DONE.into(), b"done");
-        }
-        drop(in_conns);
+        self.steps.extend(frames);
+        self.steps.push_back(AggStep::Report(Box::new(outcome)));
+        self.finished = true;
         Ok(())
-    }
-
-    /// Reads the dataset into the clipped per-group vector.
-    async fn load(&self) -> Result<Loaded, NodeError> {
-        let dataset = self.terms.permit.dataset.clone();
-        let forgotten = {
-            let store = ForgetStore::open(&self.state.cfg().state_dir)
-                .map_err(|e| NodeError::from(JobError::DeletionList(e.to_string())))?;
-            store
-                .load(&dataset.name)
-                .map_err(|e| NodeError::from(JobError::DeletionList(e.to_string())))?
-        };
-        let consent = self.terms.permit.consent_column.clone();
-        let group_by = self.terms.group_by.clone();
-        let bounds: Vec<(String, i64, i64)> = self
-            .terms
-            .permit
-            .value_columns
-            .iter()
-            .map(|v| (v.column.get_ref().clone(), v.min, v.max))
-            .collect();
-        let domain = self.terms.domain.clone();
-        let person = self.terms.person.clone();
-        let ds = dataset.clone();
-        let loaded = blocking(move || {
-            load_vector(
-                &ds,
-                &group_by,
-                &domain,
-                &bounds,
-                person.as_deref(),
-                RowFilter {
-                    consent_column: consent.as_deref(),
-                    forgotten: Some(&forgotten),
-                },
-            )
-        })
-        .await?
-        .map_err(|e| match e {
-            crate::data::aggregate_input::AggregateInputError::Vector(reason) => {
-                NodeError::from(JobError::Refused(Veto(reason)))
-            }
-            other => JobError::Rows(other.to_string()).into(),
-        })?;
-        let mut columns = vec![self.terms.group_by.clone()];
-        columns.extend(self.columns().into_iter().skip(1));
-        columns.extend(self.terms.person.clone());
-        self.audit(AuditEvent::Access {
-            job_id: self.job_id.clone(),
-            dataset: dataset.name.clone(),
-            columns,
-            rows_read: loaded.counts.rows_read,
-            rows_rejected: loaded.rows_rejected,
-            rows_excluded_consent: loaded.counts.rows_excluded_consent,
-            rows_excluded_deleted: loaded.counts.rows_excluded_deleted,
-            rows_other: Some(loaded.rows_other),
-            persons: loaded.persons,
-        })?;
-        Ok(loaded)
     }
 }
 
@@ -597,7 +590,11 @@ fn release_rho(plan: &NoisePlan, sensitivities: &[u64]) -> f64 {
 /// no larger than an `i64` clipping bound allows. (A huge ε or `min_result` needs no check: the
 /// joint terms take the smallest ε and the largest threshold, so they only make the release
 /// more private.)
-fn check_peer_terms(terms: &AggregateTerms, parties: usize, columns: usize) -> Result<(), String> {
+pub fn check_peer_terms(
+    terms: &AggregateTerms,
+    parties: usize,
+    columns: usize,
+) -> Result<(), String> {
     if !terms.epsilon.is_finite() || terms.epsilon < 0.0 {
         return Err(format!(
             "hello declares epsilon {}, not a finite number >= 0",
@@ -708,69 +705,9 @@ fn framed_len(envelope: &Envelope) -> u64 {
     (envelope.encoded_len() + cleanroom_proto::frame::LEN_PREFIX) as u64
 }
 
-/// Dials `peer` and sends it its share's seed; returns the connection and the finished stream
-/// (closed when the job ends, so the frame is not cut off). Delivery is confirmed by the peer
-/// itself: it cannot compute its partial without our hello.
-async fn send_share(
-    endpoint: quinn::Endpoint,
-    peer: String,
-    addr: SocketAddr,
-    hello: Envelope,
-) -> Result<(quinn::Connection, FramedSend), NodeError> {
-    let identity = Identity::node(&peer)?;
-    let conn = cleanroom_transport::connect(&endpoint, addr, &identity)
-        .await
-        .map_err(|e| data_plane(format!("cannot reach party '{peer}'"), e))?;
-    let stream = conn
-        .open_uni()
-        .await
-        .map_err(|e| data_plane(format!("data plane to '{peer}'"), e))?;
-    let mut send = FramedSend::new(stream);
-    send.send(&hello)
-        .await
-        .map_err(|e| data_plane(format!("sending the share to '{peer}'"), e))?;
-    send.finish()?;
-    Ok((conn, send))
-}
-
-/// Waits for `peer`'s connection (routed here by the data plane only if the peer's
-/// certificate names it) and checks its hello.
-async fn receive_share(
-    job_id: String,
-    peer: String,
-    rx: oneshot::Receiver<Delivery>,
-    digest: Vec<u8>,
-) -> Result<(String, PeerShare, quinn::Connection), NodeError> {
-    let handover = tokio::time::timeout(PEER_TIMEOUT, rx)
-        .await
-        .map_err(|_| NodeError::from(Timeout::PartyDidNotConnect(peer.to_owned())))?
-        .map_err(|_| {
-            NodeError::from(JobError::Cancelled {
-                waiting_for: "peers",
-            })
-        })?
-        .map_err(|reason| refused(&peer, &reason))?;
-    let conn = handover.conn;
-    let fail = |reason: String| {
-        conn.close(CLOSE_FAILED.into(), reason.as_bytes());
-        protocol(&peer, reason)
-    };
-    let share = check_hello(&job_id, &peer, &digest, handover.hello).map_err(fail)?;
-    // The hello is all the peer sends: read its stream to the end (which also lets the peer
-    // know it was delivered).
-    let mut recv = handover.recv;
-    match tokio::time::timeout(PEER_TIMEOUT, recv.recv()).await {
-        Ok(Ok(None)) => {}
-        Ok(Ok(Some(_))) => return Err(fail("sent more than its hello".into())),
-        Ok(Err(e)) => return Err(fail(format!("broken share stream: {e}"))),
-        Err(_) => return Err(fail("did not end its share stream".into())),
-    }
-    Ok((peer, share, conn))
-}
-
 /// Checks a peer's `AggregateHello`: this job, the share phase, the sender it claims is the
 /// certificate's, the same spec, a well-formed seed and terms.
-fn check_hello(
+pub fn check_hello(
     job_id: &str,
     peer: &str,
     digest: &[u8],
@@ -796,40 +733,6 @@ fn check_hello(
         return Err("hello declares too many columns".into());
     }
     Ok(PeerShare { seed, terms })
-}
-
-fn protocol(peer: &str, reason: impl std::fmt::Display) -> NodeError {
-    NodeError::Protocol {
-        peer: peer.to_owned(),
-        reason: reason.to_string(),
-    }
-}
-
-/// Runs CPU work on the blocking pool, turning a panic into a job error.
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> T + Send + 'static,
-) -> Result<T, NodeError> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| JobError::Internal(e.to_string()).into())
-}
-
-/// A local computation's failure, named by its step.
-fn compute(step: &'static str, e: impl std::fmt::Display) -> NodeError {
-    JobError::Compute {
-        step,
-        reason: e.to_string(),
-    }
-    .into()
-}
-
-/// A peer that could not be reached, or its stream not used (`what` says which step).
-fn data_plane(what: String, e: impl std::fmt::Display) -> NodeError {
-    JobError::DataPlane {
-        what,
-        reason: e.to_string(),
-    }
-    .into()
 }
 
 #[cfg(test)]
@@ -910,3 +813,7 @@ mod tests {
         assert!(check_hello("job-1", "globex", &digest, other_job).is_err());
     }
 }
+
+#[cfg(test)]
+#[path = "aggregate_tests.rs"]
+mod session_tests;

@@ -44,6 +44,7 @@ use crate::policy::Permit;
 use crate::spec::spec_digest;
 use crate::state::NodeState;
 
+pub mod aggregate;
 pub mod overlap_sum;
 
 /// How long the responder waits for the initiator to connect. The initiator loads its dataset
