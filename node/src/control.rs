@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use cleanroom_proto::v1::{
-    Envelope, HelloAck, NodeHello, OfferReply, Phase, Ready, Report, Role, envelope::Body,
+    Envelope, HelloAck, NodeHello, Phase, Ready, Report, Role, envelope::Body,
 };
 use cleanroom_transport::{FramedRecv, FramedSend, Identity};
 use tokio::sync::watch;
@@ -218,15 +218,7 @@ async fn run_offer(
         }
     };
     let decision = state.decide(&job_id, &spec, me, crate::clock::now_ms());
-    let reply = |accept: bool, reason: String| Envelope {
-        job_id: job_id.clone(),
-        phase: Phase::Offer as i32,
-        body: Some(Body::OfferReply(OfferReply {
-            accept,
-            reason,
-            signed_head: state.signed_head(),
-        })),
-    };
+    let reply = |accept: bool, reason: String| state.offer_reply(&job_id, accept, reason);
     let (generation, permit) = match decision {
         Ok((generation, permit)) => {
             tracing::info!(partner = %permit.partner, purpose = %spec.purpose, "offer accepted");

@@ -5,6 +5,8 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
+use cleanroom_proto::v1::{Envelope, OfferReply, Phase, envelope::Body};
+
 use crate::audit::{AuditError, AuditEvent, AuditLog};
 use crate::dataplane::Waiting;
 use crate::ledger::{Ledger, LedgerError};
@@ -99,6 +101,19 @@ impl NodeState {
     pub fn with_audit_key(mut self, key: cleanroom_circuits::audit_head::AuditSigningKey) -> Self {
         self.audit_key = Some(key);
         self
+    }
+
+    /// This node's answer to offer `job_id`, with its signed audit head.
+    pub fn offer_reply(&self, job_id: &str, accept: bool, reason: String) -> Envelope {
+        Envelope {
+            job_id: job_id.to_owned(),
+            phase: Phase::Offer as i32,
+            body: Some(Body::OfferReply(OfferReply {
+                accept,
+                reason,
+                signed_head: self.signed_head(),
+            })),
+        }
     }
 
     /// The audit log's head now, signed with the node's audit key (reported with every offer

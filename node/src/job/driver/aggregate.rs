@@ -9,13 +9,12 @@ use std::time::Duration;
 
 use cleanroom_circuits::aggregate::ShareSeed;
 use cleanroom_proto::v1::{
-    AggregateTerms, Envelope, JobSpec, OfferReply, Phase, Ready, Report, envelope::Body,
-    report::Outcome,
+    AggregateTerms, Envelope, JobSpec, Phase, Ready, Report, envelope::Body, report::Outcome,
 };
 use cleanroom_transport::{FramedRecv, FramedSend, Identity};
 use tokio::sync::oneshot;
 
-use super::blocking;
+use super::{blocking, charge_and_draw};
 use crate::audit::{AuditEvent, AuditHead};
 use crate::clock::now_ms;
 use crate::data::aggregate_input::{Loaded, load_vector};
@@ -49,15 +48,7 @@ pub async fn serve_offer(
     send: &mut FramedSend,
     recv: &mut FramedRecv,
 ) -> Result<(), NodeError> {
-    let reply = |accept: bool, reason: String| Envelope {
-        job_id: job_id.clone(),
-        phase: Phase::Offer as i32,
-        body: Some(Body::OfferReply(OfferReply {
-            accept,
-            reason,
-            signed_head: state.signed_head(),
-        })),
-    };
+    let reply = |accept: bool, reason: String| state.offer_reply(&job_id, accept, reason);
     let my_name = state.cfg().name.clone();
     let Some(me) = aggregate_policy::my_index(&spec, &my_name) else {
         let reason = format!("node '{my_name}' is not a party of this aggregate (exactly once)");
@@ -203,31 +194,15 @@ impl AggregateJob {
     /// under the key `aggregate:<spec digest>`; the draw is not kept, and a job whose release was
     /// charged before is refused. Exact runs charge nothing.
     async fn charge(&self, request: NoiseRequest) -> Result<(Vec<i64>, bool), NodeError> {
-        let cfg = self.state.cfg();
-        let NoiseRequest { loss, draw } = request;
-        let charge = match (loss, self.terms.permit.charge(&self.job_id, &cfg)) {
-            (Some(loss), Some(mut charge)) => {
-                charge.loss = loss;
-                Some(charge)
-            }
-            _ => None,
-        };
-        let Some(charge) = charge else {
-            return blocking(draw)
-                .await?
-                .map(|noise| (noise, false))
-                .map_err(|e| compute("noise", e));
-        };
-        let key = crate::spec::release_key(&self.job_id, &self.spec);
-        let state = self.state.clone();
-        let loss = charge.loss;
-        let drawn = blocking(move || state.ledger.charge_and_draw(&key, &charge, now_ms(), draw))
-            .await?
-            .map_err(|e| {
-                NodeError::from(JobError::Refused(crate::state::budget_veto(&cfg.name, e)))
-            })?;
-        tracing::info!(%loss, "privacy budget charged for an aggregate (zCDP)");
-        Ok((drawn, true))
+        charge_and_draw(
+            &self.state,
+            &self.terms.permit,
+            &self.job_id,
+            &self.spec,
+            request,
+            |e| compute("noise", e),
+        )
+        .await
     }
 
     fn recheck(&self) -> Result<(), NodeError> {

@@ -100,6 +100,15 @@ impl JobContext {
         })
     }
 
+    /// Audits the access to our dataset and checks our input's size (`distinct` items) against
+    /// the agreement, before anything is sent.
+    pub(crate) fn admit(&self, access: AuditEvent, distinct: usize) -> Result<(), NodeError> {
+        self.audit(access)?;
+        self.permit
+            .check_input_size(distinct as u64)
+            .map_err(|v| NodeError::from(JobError::Refused(v)))
+    }
+
     /// The row filter for this job: consent for its purpose, and forgotten subjects.
     pub(crate) fn forgotten(&self) -> Result<Option<dataset::Forgotten>, NodeError> {
         let store = ForgetStore::open(&self.state_dir)
@@ -239,20 +248,20 @@ pub(crate) async fn load_input(job: &JobContext) -> Result<dataset::LoadedKeys, 
         distinct = loaded.items.len(),
         "dataset loaded"
     );
-    job.audit(AuditEvent::Access {
-        job_id: job.job_id.clone(),
-        dataset: job.permit.dataset.name.clone(),
-        columns: key_columns(&job.permit),
-        rows_read,
-        rows_rejected,
-        rows_excluded_consent: excluded_consent,
-        rows_excluded_deleted: excluded_deleted,
-        rows_other: None,
-        persons: None,
-    })?;
-    job.permit
-        .check_input_size(loaded.items.len() as u64)
-        .map_err(|v| NodeError::from(JobError::Refused(v)))?;
+    job.admit(
+        AuditEvent::Access {
+            job_id: job.job_id.clone(),
+            dataset: job.permit.dataset.name.clone(),
+            columns: key_columns(&job.permit),
+            rows_read,
+            rows_rejected,
+            rows_excluded_consent: excluded_consent,
+            rows_excluded_deleted: excluded_deleted,
+            rows_other: None,
+            persons: None,
+        },
+        loaded.items.len(),
+    )?;
     Ok(loaded)
 }
 
@@ -369,7 +378,15 @@ async fn do_steps<P: Protocol>(
                 proto.handle_done(done)?;
             }
             Step::Charge(request) => {
-                let (noise, charged) = charge_and_draw(job, request).await?;
+                let (noise, charged) = charge_and_draw(
+                    &job.state,
+                    &job.permit,
+                    &job.job_id,
+                    &job.spec,
+                    request,
+                    |e| JobError::Noise(e).into(),
+                )
+                .await?;
                 proto.handle_noise(noise, charged)?;
             }
             Step::Finish => out.send.finish()?,
@@ -400,14 +417,19 @@ async fn run_protocol<P: Protocol>(
 /// Draws this node's noise for a [`NoiseRequest`], charging the ledger first in the same
 /// transaction if the release is noised and this node's own entry sets ε (the draw is not
 /// kept; a release key charged before is refused: the data under a repeated offer may have
-/// changed). Returns the draw and whether the ledger was charged.
-async fn charge_and_draw(
-    job: &JobContext,
+/// changed). Returns the draw and whether the ledger was charged; a draw that fails outside a
+/// charge is `draw_failed`'s error.
+pub(crate) async fn charge_and_draw(
+    state: &Arc<NodeState>,
+    permit: &Permit,
+    job_id: &str,
+    spec: &JobSpec,
     request: NoiseRequest,
+    draw_failed: fn(String) -> NodeError,
 ) -> Result<(Vec<i64>, bool), NodeError> {
-    let cfg = job.state.cfg();
+    let cfg = state.cfg();
     let NoiseRequest { loss, draw } = request;
-    let charge = match (loss, job.permit.charge(&job.job_id, &cfg)) {
+    let charge = match (loss, permit.charge(job_id, &cfg)) {
         (Some(loss), Some(mut charge)) => {
             charge.loss = loss;
             Some(charge)
@@ -418,10 +440,10 @@ async fn charge_and_draw(
         return blocking(draw)
             .await?
             .map(|noise| (noise, false))
-            .map_err(|e| NodeError::from(JobError::Noise(e)));
+            .map_err(draw_failed);
     };
-    let state = job.state.clone();
-    let key = crate::spec::release_key(&job.job_id, &job.spec);
+    let state = state.clone();
+    let key = crate::spec::release_key(job_id, spec);
     let loss = charge.loss;
     let drawn = blocking(move || state.ledger.charge_and_draw(&key, &charge, now_ms(), draw))
         .await?

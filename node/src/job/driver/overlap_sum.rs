@@ -113,20 +113,20 @@ async fn load_values(job: &JobContext) -> Result<SumInput, NodeError> {
     if !sum.group_by.is_empty() {
         columns.push(sum.group_by.clone());
     }
-    job.audit(AuditEvent::Access {
-        job_id: job.job_id.clone(),
-        dataset: job.permit.dataset.name.clone(),
-        columns,
-        rows_read: input.counts.rows_read,
-        rows_rejected: input.counts.rows_rejected + input.rows_bad_value,
-        rows_excluded_consent: input.counts.rows_excluded_consent,
-        rows_excluded_deleted: input.counts.rows_excluded_deleted,
-        rows_other: None,
-        persons: None,
-    })?;
-    job.permit
-        .check_input_size(input.items.len() as u64)
-        .map_err(|v| NodeError::from(JobError::Refused(v)))?;
+    job.admit(
+        AuditEvent::Access {
+            job_id: job.job_id.clone(),
+            dataset: job.permit.dataset.name.clone(),
+            columns,
+            rows_read: input.counts.rows_read,
+            rows_rejected: input.counts.rows_rejected + input.rows_bad_value,
+            rows_excluded_consent: input.counts.rows_excluded_consent,
+            rows_excluded_deleted: input.counts.rows_excluded_deleted,
+            rows_other: None,
+            persons: None,
+        },
+        input.items.len(),
+    )?;
     Ok(input)
 }
 
