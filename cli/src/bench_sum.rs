@@ -8,9 +8,12 @@ use std::time::{Duration, Instant};
 use cleanroom_proto::v1::{JobInfo, JobKind, JobSpec, JobState, OverlapSumSpec};
 use serde_json::json;
 
+use cleanroom_circuits::measure_sum_floor;
+
 use crate::args::BenchPsiArgs;
 use crate::bench::{median, peak_rss};
 use crate::cluster::{Cluster, Partner};
+use crate::cpu::thread_cpu_time;
 use crate::synth::{GroupTruth, SynthSpec, write_synth};
 use crate::ui::{WorkDir, spinner};
 
@@ -75,12 +78,23 @@ pub async fn run(args: BenchPsiArgs) -> anyhow::Result<ExitCode> {
             "warning: this is a debug build; benchmark figures are meaningless. Use `cargo run --release --bin cleanroom -- bench overlap-sum`."
         );
     }
+    anyhow::ensure!(
+        args.threads.is_empty(),
+        "--threads is for bench psi; bench overlap-sum runs the nodes' default threads"
+    );
     let cores = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1);
     let workdir = WorkDir::new(args.keep.as_deref(), "cleanroom-bench-")?;
     let dir = workdir.path().to_owned();
-    let progress = spinner(format!("writing {} × {} synthetic rows", args.n, args.n));
+    let progress = spinner("measuring the cryptographic floor on this machine");
+    // The job's row: the count and the two columns' bounds (one Paillier plaintext), on one
+    // thread's CPU clock.
+    let floor = tokio::task::spawn_blocking(|| {
+        measure_sum_floor(&[1, 500_000, ORDERS_MAX], 200, 20_000, &thread_cpu_time)
+    })
+    .await??;
+    progress.set_message(format!("writing {} × {} synthetic rows", args.n, args.n));
     let data_dir = dir.join("data");
     let truth = write_synth(
         &SynthSpec {
@@ -183,8 +197,26 @@ pub async fn run(args: BenchPsiArgs) -> anyhow::Result<ExitCode> {
         args.n,
         args.overlap * 100.0
     );
-    cleanroom_node::outln!("overlap      wall {overlap:.2} s (median)");
-    cleanroom_node::outln!("overlap-sum  wall {sum:.2} s (median)");
+    let psi_floor = floor.psi.psi_floor_seconds(args.n, args.n, cores);
+    let sum_floor = floor.sum_floor_seconds(args.n, args.n, expected_overlap, cores);
+    cleanroom_node::outln!(
+        "overlap      wall {overlap:.2} s (median), floor {psi_floor:.2} s, wall / floor {:.3}",
+        overlap / psi_floor
+    );
+    cleanroom_node::outln!(
+        "overlap-sum  wall {sum:.2} s (median), floor {sum_floor:.2} s, wall / floor {:.3}",
+        sum / sum_floor
+    );
+    cleanroom_node::outln!(
+        "floor of the overlap-sum: the overlap's ({:.1} µs per item per party, {}) + one Paillier key {:.2} s + {} rows × encrypt {:.0} µs + {expected_overlap} shared rows × add {:.1} µs + finish {:.0} ms, over {cores} cores (one thread's CPU time)",
+        floor.psi.per_item_ns() / 1e3,
+        floor.psi.backend,
+        floor.keygen_ns / 1e9,
+        args.n,
+        floor.encrypt_row_ns / 1e3,
+        floor.add_row_ns / 1e3,
+        floor.finish_ns / 1e6
+    );
     cleanroom_node::outln!("ratio overlap-sum / overlap: {ratio:.2}");
     for (i, p) in PARTNERS.iter().enumerate() {
         cleanroom_node::outln!(
@@ -216,6 +248,17 @@ pub async fn run(args: BenchPsiArgs) -> anyhow::Result<ExitCode> {
             json!({
                 "n": args.n, "overlap": args.overlap, "cores": cores, "runs": runs,
                 "overlap_wall_s": overlap, "overlap_sum_wall_s": sum, "ratio": ratio,
+                "backend": floor.psi.backend,
+                "overlap_floor_s": psi_floor, "overlap_sum_floor_s": sum_floor,
+                "overlap_ratio_to_floor": overlap / psi_floor,
+                "overlap_sum_ratio_to_floor": sum / sum_floor,
+                "floor_ns": {
+                    "psi_per_item": floor.psi.per_item_ns(),
+                    "keygen": floor.keygen_ns,
+                    "encrypt_row": floor.encrypt_row_ns,
+                    "add_row": floor.add_row_ns,
+                    "finish": floor.finish_ns,
+                },
                 "overlap_bytes": ob, "overlap_sum_bytes": sb,
                 "peak_rss_bytes": rss.iter().map(|(n, b)| (n.clone(), json!(b))).collect::<serde_json::Map<_, _>>(),
                 "correct": correct,

@@ -38,6 +38,16 @@ impl Cluster {
     /// Issues the PKI, writes the configs, starts the coordinator and the nodes, and waits
     /// until every node is connected.
     pub async fn start(dir: &Path, partners: &[Partner]) -> anyhow::Result<Cluster> {
+        Self::start_with(dir, partners, &[]).await
+    }
+
+    /// [`start`](Self::start), with `node_env` set in every node process's environment (e.g.
+    /// `RAYON_NUM_THREADS`, the node's worker threads).
+    pub async fn start_with(
+        dir: &Path,
+        partners: &[Partner],
+        node_env: &[(&str, String)],
+    ) -> anyhow::Result<Cluster> {
         let pki_dir = dir.join("pki");
         pki::init_ca(&pki_dir, "cleanroom demo consortium")?;
         pki::issue(&pki_dir, &Identity::coordinator(), &pki_dir)?;
@@ -58,6 +68,7 @@ impl Cluster {
             &coordinator_cfg,
             &logs.join("coordinator.log"),
             true,
+            &[],
         )?;
         let addr = read_listen_line(&mut coordinator).await.with_context(|| {
             format!(
@@ -75,6 +86,7 @@ impl Cluster {
                 &cfg_path,
                 &logs.join(format!("{}.log", p.name)),
                 false,
+                node_env,
             )?;
             nodes.insert(p.name.clone(), child);
         }
@@ -163,8 +175,15 @@ fn dummy_child() -> anyhow::Result<Child> {
         .spawn()?)
 }
 
-/// Starts this binary with `args CONFIG --stop-on-stdin-eof`, stderr to `log`.
-fn spawn(args: &[&str], config: &Path, log: &Path, stdout: bool) -> anyhow::Result<Child> {
+/// Starts this binary with `args CONFIG --stop-on-stdin-eof`, stderr to `log`, `env` added to
+/// its environment.
+fn spawn(
+    args: &[&str],
+    config: &Path,
+    log: &Path,
+    stdout: bool,
+    env: &[(&str, String)],
+) -> anyhow::Result<Child> {
     let exe = std::env::current_exe().context("cannot find this program's path")?;
     let log_file =
         std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
@@ -179,6 +198,7 @@ fn spawn(args: &[&str], config: &Path, log: &Path, stdout: bool) -> anyhow::Resu
             Stdio::null()
         })
         .stderr(Stdio::from(log_file))
+        .envs(env.iter().map(|(k, v)| (k, v)))
         .kill_on_drop(true);
     cmd.spawn()
         .with_context(|| format!("starting {}", args.join(" ")))

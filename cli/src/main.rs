@@ -8,8 +8,10 @@
 mod aggregate_output;
 mod args;
 mod bench;
+mod bench_psi;
 mod bench_sum;
 mod cluster;
+mod cpu;
 mod demo;
 mod group_table;
 mod job;
