@@ -5,7 +5,8 @@
 //! ```text
 //! ReadyToBlind::stream ─▶ Streaming ──on_peer_end──▶ Matching ──on_returned_end──▶ PsiOutput
 //!                          blind_next                 blind_next
-//!                          on_peer_batch              on_returned_batch (compared at once)
+//!                          on_peer_batch              next_return (when shuffled)
+//!                                                     on_returned_batch (compared at once)
 //! ```
 //!
 //! Our own batches come out of `blind_next` in both states: a fast peer may finish sending its
@@ -14,8 +15,8 @@
 //!
 //! **The wire keeps its order.** Each party's stream still carries all its own points and their
 //! end marker first, then what it returns: a driver holds the batches that
-//! [`Streaming::on_peer_batch`] and [`Streaming::on_peer_end`] give it until its own end marker
-//! is out. Nothing is lost by that: the peer can compare a returned point only once it has all
+//! [`Streaming::on_peer_batch`] gives it (returning in order) until its own end marker is out,
+//! and asks [`Matching::next_return`] (returning shuffled) only after it. Nothing is lost by that: the peer can compare a returned point only once it has all
 //! of our points, which is when our end marker arrives. So returned points reach
 //! [`Matching`] only, and are compared there the moment they arrive.
 //!
@@ -42,7 +43,7 @@
 //! the whole set.
 //!
 //! **What is not streamed.** When the peer may learn only the count, the points we return to it
-//! must be shuffled as a whole ([`Streaming::on_peer_end`]): a batch returned before the peer's
+//! must be shuffled as a whole ([`Matching::next_return`]): a batch returned before the peer's
 //! last point arrived would tell the peer which of its batches the points in it answer, and so
 //! narrow down which of its items matched. So those go out after the peer's last point, as
 //! before; only their comparison at the peer is streamed.
@@ -51,15 +52,14 @@
 //!
 //! Per party: the identifiers until the last of our points is blinded, the send order (4 bytes
 //! an item, kept only to learn membership), the peer's points re-blinded (32 bytes an item,
-//! sorted once complete), and 16 bytes per returned point to detect a point returned twice.
-//! Returned points themselves are not kept.
+//! sorted once complete), the order of a shuffled return (4 bytes a peer item: the points go
+//! out of the sorted set in that order, without a shuffled copy), and 16 bytes per returned
+//! point to detect a point returned twice. Returned points themselves are not kept.
 
 use rand::seq::SliceRandom;
 use rayon::prelude::*;
 
-use super::{
-    Common, ReadyToBlind, blind_into, reblind_peer_batch, sort_and_check_distinct, to_batches,
-};
+use super::{Common, ReadyToBlind, blind_into, reblind_peer_batch, sort_and_check_distinct};
 use crate::{EncodedPoint, ItemSet, POINT_LEN, PsiError, PsiOutput};
 
 impl ReadyToBlind {
@@ -200,10 +200,9 @@ impl Streaming {
     }
 
     /// The peer says it sent `total` points: that must equal both its declared size and what
-    /// arrived, and the points must be distinct. Returns the batches still to send (when
-    /// returning shuffled: all re-blinded points, shuffled as a whole; otherwise none) and the
-    /// next state.
-    pub fn on_peer_end(self, total: u64) -> Result<(Vec<Vec<u8>>, Matching), PsiError> {
+    /// arrived, and the points must be distinct. Sorts them for matching. When returning
+    /// shuffled, the points to return then come out of [`Matching::next_return`].
+    pub fn on_peer_end(self, total: u64) -> Result<Matching, PsiError> {
         let Self {
             common,
             peer_size,
@@ -218,30 +217,32 @@ impl Streaming {
                 received,
             });
         }
-        // Shuffled in place: the sort below fixes the order anyway.
-        let outgoing = if common.params.return_in_order {
-            Vec::new()
-        } else {
-            peer_double.shuffle(&mut rand::rng());
-            to_batches(peer_double.iter(), common.params.batch_size)
-        };
         if !sort_and_check_distinct(&mut peer_double) {
             return Err(PsiError::DuplicatePeerPoint);
         }
+        // A uniform order over the sorted points is a uniform order over the points: the return
+        // is as shuffled as shuffling the received order, for 4 bytes a point instead of a
+        // shuffled copy of 32.
+        let return_order = (!common.params.return_in_order).then(|| {
+            // Fits: the peer's size is within its declaration, checked against u32 by policy
+            // bounds; a larger set could not have been received into memory anyway.
+            let mut order: Vec<u32> = (0..peer_double.len() as u32).collect();
+            order.shuffle(&mut rand::rng());
+            order
+        });
         let own_size = common.own_size as usize;
-        Ok((
-            outgoing,
-            Matching {
-                hits: common.params.learn_membership.then(Vec::new),
-                common,
-                peer_size,
-                own,
-                peer_sorted: peer_double,
-                received: 0,
-                count: 0,
-                fingerprints: Vec::with_capacity(own_size),
-            },
-        ))
+        Ok(Matching {
+            hits: common.params.learn_membership.then(Vec::new),
+            common,
+            peer_size,
+            own,
+            peer_sorted: peer_double,
+            return_order,
+            returned_out: 0,
+            received: 0,
+            count: 0,
+            fingerprints: Vec::with_capacity(own_size),
+        })
     }
 }
 
@@ -252,6 +253,10 @@ pub struct Matching {
     own: OwnStream,
     /// `k·k_peer·H(y)` for the peer's items, sorted.
     peer_sorted: Vec<EncodedPoint>,
+    /// When returning shuffled: the order in which `peer_sorted` goes back to the peer.
+    return_order: Option<Vec<u32>>,
+    /// Points handed out by [`Matching::next_return`] so far.
+    returned_out: usize,
     /// Our points returned so far.
     received: u64,
     /// Returned points found in `peer_sorted` (when not learning membership).
@@ -297,6 +302,28 @@ impl Matching {
     /// Whether every one of our points has been handed out.
     pub fn own_done(&self) -> bool {
         self.own.sent == self.own.total
+    }
+
+    /// When returning shuffled: the next batch of the peer's points, re-blinded, in a uniformly
+    /// random order drawn at [`Streaming::on_peer_end`] (at most `batch_size` points); `None`
+    /// once all are out, and always when returning in order (those went out batch by batch
+    /// from [`Streaming::on_peer_batch`]). The total to announce after them is the peer's size.
+    pub fn next_return(&mut self) -> Option<Vec<u8>> {
+        let order = self.return_order.as_ref()?;
+        if self.returned_out == order.len() {
+            self.return_order = None;
+            return None;
+        }
+        let end = self
+            .returned_out
+            .saturating_add(self.own.batch_size)
+            .min(order.len());
+        let mut out = Vec::with_capacity((end - self.returned_out) * POINT_LEN);
+        for &i in &order[self.returned_out..end] {
+            out.extend_from_slice(&self.peer_sorted[i as usize]);
+        }
+        self.returned_out = end;
+        Some(out)
     }
 
     /// Compares returned points (already checked against what we sent) with the peer's sorted

@@ -90,8 +90,8 @@ impl Party {
                 State::Streaming(s)
             }
             (State::Streaming(s), Msg::End(total)) => {
-                let (rest, m) = s.on_peer_end(total)?;
-                for r in rest {
+                let mut m = s.on_peer_end(total)?;
+                while let Some(r) = m.next_return() {
                     self.send_return(Msg::Returned(r), out);
                 }
                 self.send_return(Msg::ReturnedEnd(total), out);
@@ -321,6 +321,42 @@ fn the_send_order_is_uniform() {
     }
 }
 
+/// A shuffled return carries each of the peer's re-blinded points once, and every point lands
+/// in every position about equally often.
+#[test]
+fn the_shuffled_return_is_uniform() {
+    const ITEMS: usize = 4;
+    const RUNS: usize = 800;
+    let peer = emails(0..ITEMS as u32);
+    let peer_key = JobKey::generate();
+    let from_peer = blind_items(&peer_key, "email", &peer);
+    let mut counts = [[0usize; ITEMS]; ITEMS];
+    for _ in 0..RUNS {
+        let s = streaming(params(false, false, 1), emails(0..1), ITEMS as u64, 1);
+        let expected = reblind_points(&s.common.key, from_peer.as_flattened()).unwrap();
+        let (s, reply) = s.on_peer_batch(from_peer.as_flattened()).unwrap();
+        assert!(reply.is_none());
+        let mut m = s.on_peer_end(ITEMS as u64).unwrap();
+        let mut position = 0;
+        while let Some(batch) = m.next_return() {
+            let item = expected.iter().position(|p| p[..] == batch[..]).unwrap();
+            counts[item][position] += 1;
+            position += 1;
+        }
+        assert_eq!(position, ITEMS);
+    }
+    for row in counts {
+        for c in row {
+            assert!((110..=290).contains(&c), "{counts:?}");
+        }
+    }
+    // In order: nothing comes out of next_return (the replies went out batch by batch).
+    let s = streaming(params(true, false, 2), emails(0..1), 2, 1);
+    let (s, reply) = s.on_peer_batch(from_peer[..2].as_flattened()).unwrap();
+    assert_eq!(reply.map(|r| r.len()), Some(64));
+    assert!(s.on_peer_end(2).unwrap().next_return().is_none());
+}
+
 /// The identifiers are dropped with the last batch, and the order too unless we learn
 /// membership.
 #[test]
@@ -394,7 +430,7 @@ fn matching_rejects_bad_returns() {
         let (e, _) = streaming(p.clone(), emails(0..3), 1, sent)
             .on_peer_batch(&good)
             .unwrap();
-        e.on_peer_end(1).unwrap().1
+        e.on_peer_end(1).unwrap()
     };
     assert_eq!(
         ready(3).on_returned_batch(&[0u8; 33]).unwrap_err(),
@@ -470,7 +506,7 @@ fn a_matched_point_returned_twice_is_refused() {
     let (a, _) = a.on_peer_batch(&from_b).unwrap();
     let (_, back) = b.on_peer_batch(&from_a).unwrap();
     let back = back.unwrap();
-    let (_, a) = a.on_peer_end(2).unwrap();
+    let a = a.on_peer_end(2).unwrap();
     let first = &back[..POINT_LEN];
     let a = a.on_returned_batch(&[first, first].concat()).unwrap();
     assert_eq!(
