@@ -118,13 +118,7 @@ fn job_json(job: &JobInfo) -> Value {
 }
 
 fn group_json(r: &AggregateResult, g: &AggregateGroup) -> Value {
-    let values: serde_json::Map<String, Value> = r
-        .columns
-        .iter()
-        .zip(&g.values)
-        .map(|(c, v)| (c.clone(), json!(v)))
-        .collect();
-    json!({ "group": g.label, "suppressed": g.suppressed, "values": values })
+    crate::group_table::group_json(&r.columns, g)
 }
 
 /// [`job_json`] with [`GROUPS_PLACEHOLDER`] where the groups go.
@@ -177,9 +171,7 @@ fn job_json_without_groups(job: &JobInfo) -> Value {
         "created_ms": job.created_ms,
         "updated_ms": job.updated_ms,
         "result": result,
-        "history": job.history.iter().map(|h| json!({
-            "state": state_name(h.state), "at_ms": h.at_ms, "reason": h.reason,
-        })).collect::<Vec<_>>(),
+        "history": crate::text::history_json(job),
     })
 }
 
@@ -229,20 +221,14 @@ impl<'a, W: Write> Renderer<'a, W> {
                 Ok(())
             }
             Format::Csv => match job.aggregate.as_ref() {
-                None => write!(
-                    self.out,
-                    "job_id,state,reason\n{},{},{}\n",
-                    job.job_id,
-                    state_name(job.state),
-                    crate::output::csv_field(&job.reason)
-                ),
+                None => write!(self.out, "{}", crate::text::csv_without_result(job)),
                 Some(r) => {
                     let mut head = String::from("group,suppressed");
                     for c in &r.columns {
                         head.push_str(&format!(
                             ",{},{}_noise_sd",
-                            crate::output::csv_field(c),
-                            crate::output::csv_field(c)
+                            crate::text::csv_field(c),
+                            crate::text::csv_field(c)
                         ));
                     }
                     writeln!(self.out, "{head}")
@@ -271,8 +257,7 @@ impl<'a, W: Write> Renderer<'a, W> {
             }
             Format::Csv => {
                 for g in groups {
-                    let mut line =
-                        format!("{},{}", crate::output::csv_field(&g.label), g.suppressed);
+                    let mut line = format!("{},{}", crate::text::csv_field(&g.label), g.suppressed);
                     for (i, c) in r.columns.iter().enumerate() {
                         let value = g.values.get(i).map(i64::to_string).unwrap_or_default();
                         line.push_str(&format!(",{value},{:.2}", noise_sd(r, c)));
@@ -348,11 +333,7 @@ impl<'a, W: Write> Renderer<'a, W> {
 fn table_head(job: &JobInfo) -> String {
     let spec = job.spec.clone().unwrap_or_default();
     let agg = spec.aggregate.clone().unwrap_or_default();
-    let parties: Vec<String> = spec
-        .parties
-        .iter()
-        .map(|p| format!("{}:{}", p.node, p.dataset))
-        .collect();
+    let parties = crate::text::parties(&spec);
     let mut out = String::new();
     out.push_str(&format!("job        {}\n", job.job_id));
     let domain = match agg.group_range.as_ref() {
@@ -371,15 +352,8 @@ fn table_head(job: &JobInfo) -> String {
         }
     ));
     out.push_str(&format!("purpose    {}\n", spec.purpose));
-    out.push_str(&format!(
-        "state      {}{}\n",
-        state_name(job.state),
-        if job.reason.is_empty() {
-            String::new()
-        } else {
-            format!(" — {}", job.reason)
-        }
-    ));
+    out.push_str(&crate::text::state_line(job));
+    out.push('\n');
     if let Some(r) = job.aggregate.as_ref() {
         if r.noise.iter().any(|n| n.noised) {
             out.push_str(&format!(
@@ -423,7 +397,7 @@ fn table_tail(job: &JobInfo) -> String {
             ));
         }
     }
-    out.push_str(&crate::output::history_text(job));
+    out.push_str(&crate::text::history_text(job));
     out
 }
 

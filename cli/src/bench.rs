@@ -9,6 +9,7 @@ use serde_json::json;
 
 use crate::args::{BenchAggregateArgs, BenchCommand};
 use crate::cluster::{Cluster, Partner};
+use crate::measure::{cores, median, verdict, warn_if_debug};
 use crate::synth::{SynthSpec, write_synth};
 use crate::ui::{WorkDir, spinner};
 
@@ -21,26 +22,9 @@ pub async fn run(command: BenchCommand) -> anyhow::Result<ExitCode> {
     }
 }
 
-/// Peak resident set size of a process (VmHWM), in bytes.
-pub(crate) fn peak_rss(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb * 1024)
-}
-
-pub(crate) fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
-}
-
 /// `cleanroom bench aggregate`: N node processes, G groups, the synthetic chargebacks.
 async fn aggregate(args: BenchAggregateArgs) -> anyhow::Result<ExitCode> {
-    if cfg!(debug_assertions) {
-        eprintln!(
-            "warning: this is a debug build; benchmark figures are meaningless. Use `cargo run --release --bin cleanroom -- bench aggregate`."
-        );
-    }
+    warn_if_debug("aggregate");
     anyhow::ensure!(args.parties >= 3, "an aggregate needs at least 3 parties");
     if args.in_process {
         return aggregate_in_process(&args);
@@ -78,17 +62,7 @@ async fn aggregate(args: BenchAggregateArgs) -> anyhow::Result<ExitCode> {
         "starting the coordinator and {} nodes",
         partners.len()
     ));
-    let cluster = Cluster::start(
-        &dir,
-        &partners
-            .iter()
-            .map(|n| Partner {
-                name: n.clone(),
-                csv: data_dir.join(format!("{n}.csv")),
-            })
-            .collect::<Vec<_>>(),
-    )
-    .await?;
+    let cluster = Cluster::start(&dir, &Partner::all_in(&data_dir, &partners)).await?;
     let client = cluster.client().await?;
     let (group_by, labels, group_range) = if args.integer_groups {
         let hi = i64::try_from(args.groups)?;
@@ -222,9 +196,7 @@ async fn aggregate(args: BenchAggregateArgs) -> anyhow::Result<ExitCode> {
     let (run_walls, run_fetches) = (walls.clone(), fetches.clone());
     let wall = median(&mut walls);
     let fetch = median(&mut fetches);
-    let cores = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1);
+    let cores = cores();
     cleanroom_node::outln!(
         "bench aggregate: {} {} groups (+ other) × 2 columns over {} parties, {} chargebacks per party, {} run(s), {cores} cores",
         args.groups,
@@ -303,11 +275,7 @@ async fn aggregate(args: BenchAggregateArgs) -> anyhow::Result<ExitCode> {
             })
         );
     }
-    Ok(if correct {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    })
+    Ok(verdict(correct))
 }
 
 /// An aggregate job's floor, measured on this machine.
@@ -327,15 +295,12 @@ async fn aggregate_floor(args: &BenchAggregateArgs) -> anyhow::Result<AggregateF
         cleanroom_circuits::aggregate::NoisePlan::new(1.0, &[1, 200_000], parties, parties - 1)?;
     let sample = usize::try_from(args.groups.saturating_add(1).min(16_384))?;
     let costs = tokio::task::spawn_blocking(move || {
-        cleanroom_circuits::measure_aggregate_floor(&plan, sample, &crate::cpu::thread_cpu_time)
+        cleanroom_circuits::measure_aggregate_floor(&plan, sample, &crate::measure::thread_cpu_time)
     })
     .await??;
     let cells = args.groups.saturating_add(1).saturating_mul(2);
-    let cores = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1);
     Ok(AggregateFloor {
-        seconds: costs.aggregate_floor_seconds(cells, parties, cores),
+        seconds: costs.aggregate_floor_seconds(cells, parties, cores()),
         costs,
         cells,
     })
@@ -509,9 +474,5 @@ fn aggregate_in_process(args: &BenchAggregateArgs) -> anyhow::Result<ExitCode> {
             "WRONG"
         }
     );
-    Ok(if correct {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    })
+    Ok(verdict(correct))
 }

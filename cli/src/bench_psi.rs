@@ -10,9 +10,8 @@ use cleanroom_proto::v1::{JobKind, JobState};
 use serde_json::json;
 
 use crate::args::BenchPsiArgs;
-use crate::bench::{median, peak_rss};
 use crate::cluster::{Cluster, Partner};
-use crate::cpu::{CpuMark, thread_cpu_time};
+use crate::measure::{CpuMark, cores, median, rss_json, thread_cpu_time, verdict, warn_if_debug};
 use crate::synth::{SynthSpec, write_synth};
 use crate::ui::{WorkDir, spinner};
 
@@ -53,14 +52,8 @@ impl Runs {
 
 /// Runs the benchmark.
 pub async fn run(args: BenchPsiArgs) -> anyhow::Result<ExitCode> {
-    if cfg!(debug_assertions) {
-        eprintln!(
-            "warning: this is a debug build; benchmark figures are meaningless. Use `cargo run --release --bin cleanroom -- bench psi`."
-        );
-    }
-    let cores = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1);
+    warn_if_debug("psi");
+    let cores = cores();
     anyhow::ensure!(
         args.threads.iter().all(|&t| t >= 1),
         "--threads takes counts of at least 1"
@@ -90,13 +83,7 @@ pub async fn run(args: BenchPsiArgs) -> anyhow::Result<ExitCode> {
         .get("acme,globex")
         .copied()
         .unwrap_or(0);
-    let partners: Vec<Partner> = PARTNERS
-        .iter()
-        .map(|n| Partner {
-            name: n.to_string(),
-            csv: data_dir.join(format!("{n}.csv")),
-        })
-        .collect();
+    let partners = Partner::all_in(&data_dir, &PARTNERS);
 
     let mut configs: Vec<Runs> = if args.threads.is_empty() {
         vec![Runs::default()]
@@ -126,7 +113,7 @@ pub async fn run(args: BenchPsiArgs) -> anyhow::Result<ExitCode> {
             ));
             one_job(&cluster, c, expected, run).await?;
         }
-        c.keep_peak_rss(node_rss(&cluster));
+        c.keep_peak_rss(cluster.peak_rss(&PARTNERS));
         cluster.stop().await?;
     } else {
         // Fresh node processes per job and thread count, alternating, so that every count
@@ -147,7 +134,7 @@ pub async fn run(args: BenchPsiArgs) -> anyhow::Result<ExitCode> {
                 )
                 .await?;
                 one_job(&cluster, c, expected, run).await?;
-                c.keep_peak_rss(node_rss(&cluster));
+                c.keep_peak_rss(cluster.peak_rss(&PARTNERS));
                 cluster.stop().await?;
             }
         }
@@ -173,13 +160,6 @@ fn node_pids(cluster: &Cluster) -> Vec<u32> {
     PARTNERS
         .iter()
         .filter_map(|n| cluster.node_pid(n))
-        .collect()
-}
-
-fn node_rss(cluster: &Cluster) -> Vec<(String, Option<u64>)> {
-    PARTNERS
-        .iter()
-        .map(|n| (n.to_string(), cluster.node_pid(n).and_then(peak_rss)))
         .collect()
 }
 
@@ -298,7 +278,7 @@ fn report(
             "threads": c.threads, "wall_s": wall, "walls_s": walls, "ratio": ratio,
             "node_cpu_s": cpu, "cpu_ratio": cpu / floor_cpu, "other_cores": others,
             "items_per_s_per_side": n as f64 / wall,
-            "peak_rss_bytes": c.rss.iter().map(|(n, b)| (n.clone(), json!(b))).collect::<serde_json::Map<_, _>>(),
+            "peak_rss_bytes": rss_json(&c.rss),
         }));
     }
     let speedup = match configs {
@@ -355,9 +335,5 @@ fn report(
             })
         );
     }
-    Ok(if correct {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    })
+    Ok(verdict(correct))
 }

@@ -11,9 +11,8 @@ use serde_json::json;
 use cleanroom_circuits::measure_sum_floor;
 
 use crate::args::BenchPsiArgs;
-use crate::bench::{median, peak_rss};
 use crate::cluster::{Cluster, Partner};
-use crate::cpu::thread_cpu_time;
+use crate::measure::{cores, median, rss_json, thread_cpu_time, verdict, warn_if_debug};
 use crate::synth::{GroupTruth, SynthSpec, write_synth};
 use crate::ui::{WorkDir, spinner};
 
@@ -73,18 +72,12 @@ fn sum_is_right(job: &JobInfo, truth: &GroupTruth) -> bool {
 
 /// Runs the benchmark.
 pub async fn run(args: BenchPsiArgs) -> anyhow::Result<ExitCode> {
-    if cfg!(debug_assertions) {
-        eprintln!(
-            "warning: this is a debug build; benchmark figures are meaningless. Use `cargo run --release --bin cleanroom -- bench overlap-sum`."
-        );
-    }
+    warn_if_debug("overlap-sum");
     anyhow::ensure!(
         args.threads.is_empty(),
         "--threads is for bench psi; bench overlap-sum runs the nodes' default threads"
     );
-    let cores = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1);
+    let cores = cores();
     let workdir = WorkDir::new(args.keep.as_deref(), "cleanroom-bench-")?;
     let dir = workdir.path().to_owned();
     let progress = spinner("measuring the cryptographic floor on this machine");
@@ -118,14 +111,7 @@ pub async fn run(args: BenchPsiArgs) -> anyhow::Result<ExitCode> {
     }
 
     progress.set_message("starting the coordinator and two nodes");
-    let partners: Vec<Partner> = PARTNERS
-        .iter()
-        .map(|n| Partner {
-            name: n.to_string(),
-            csv: data_dir.join(format!("{n}.csv")),
-        })
-        .collect();
-    let cluster = Cluster::start(&dir, &partners).await?;
+    let cluster = Cluster::start(&dir, &Partner::all_in(&data_dir, &PARTNERS)).await?;
     let client = cluster.client().await?;
 
     let (mut overlap_walls, mut sum_walls) = (Vec::new(), Vec::new());
@@ -178,10 +164,7 @@ pub async fn run(args: BenchPsiArgs) -> anyhow::Result<ExitCode> {
             }
         }
     }
-    let rss: Vec<(String, Option<u64>)> = PARTNERS
-        .iter()
-        .map(|n| (n.to_string(), cluster.node_pid(n).and_then(peak_rss)))
-        .collect();
+    let rss = cluster.peak_rss(&PARTNERS);
     client.close().await;
     cluster.stop().await?;
     progress.finish_and_clear();
@@ -260,14 +243,10 @@ pub async fn run(args: BenchPsiArgs) -> anyhow::Result<ExitCode> {
                     "finish": floor.finish_ns,
                 },
                 "overlap_bytes": ob, "overlap_sum_bytes": sb,
-                "peak_rss_bytes": rss.iter().map(|(n, b)| (n.clone(), json!(b))).collect::<serde_json::Map<_, _>>(),
+                "peak_rss_bytes": rss_json(&rss),
                 "correct": correct,
             })
         );
     }
-    Ok(if correct {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    })
+    Ok(verdict(correct))
 }

@@ -24,6 +24,19 @@ pub struct Partner {
     pub csv: PathBuf,
 }
 
+impl Partner {
+    /// Partners `names`, each with its CSV `<name>.csv` in `data_dir` (as `synth` writes them).
+    pub fn all_in(data_dir: &Path, names: &[impl AsRef<str>]) -> Vec<Partner> {
+        names
+            .iter()
+            .map(|n| Partner {
+                name: n.as_ref().to_owned(),
+                csv: data_dir.join(format!("{}.csv", n.as_ref())),
+            })
+            .collect()
+    }
+}
+
 /// A running consortium.
 #[derive(Debug)]
 pub struct Cluster {
@@ -136,6 +149,20 @@ impl Cluster {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+
+    /// The peak resident set size of each named node, in bytes (`None` where unavailable).
+    pub fn peak_rss(&self, names: &[impl AsRef<str>]) -> Vec<(String, Option<u64>)> {
+        names
+            .iter()
+            .map(|n| {
+                let n = n.as_ref();
+                (
+                    n.to_owned(),
+                    self.node_pid(n).and_then(crate::measure::peak_rss),
+                )
+            })
+            .collect()
     }
 
     /// The OS process id of a node.

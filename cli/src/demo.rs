@@ -6,8 +6,10 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use cleanroom_coordinator::AnalystClient;
 use cleanroom_coordinator::client::state_name;
 use cleanroom_proto::v1::{JobInfo, JobKind, JobSpec, JobState, OverlapSumSpec};
+use indicatif::ProgressBar;
 
 use crate::args::DemoArgs;
 use crate::cluster::{Cluster, Partner};
@@ -15,6 +17,26 @@ use crate::synth::{CATEGORIES, GroundTruth, SynthSpec, write_synth};
 use crate::ui::{WorkDir, spinner};
 
 const PARTNERS: [&str; 2] = ["acme", "globex"];
+
+/// Submits `spec` and waits (at most 10 minutes) for it to end, showing its state.
+async fn submit_and_wait(
+    client: &AnalystClient,
+    progress: &ProgressBar,
+    name: &str,
+    spec: JobSpec,
+) -> anyhow::Result<JobInfo> {
+    let job = client.submit(spec, "").await?;
+    let job = client
+        .wait(&job.job_id, Duration::from_secs(600), |info| {
+            progress.set_message(format!(
+                "{name} job {} is {}",
+                info.job_id,
+                state_name(info.state)
+            ));
+        })
+        .await?;
+    Ok(job)
+}
 
 /// Runs the demo.
 pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
@@ -42,14 +64,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
 
     progress
         .set_message("issuing the PKI and starting the coordinator and two nodes (acme, globex)");
-    let partners: Vec<Partner> = PARTNERS
-        .iter()
-        .map(|name| Partner {
-            name: name.to_string(),
-            csv: data_dir.join(format!("{name}.csv")),
-        })
-        .collect();
-    let cluster = Cluster::start(&dir, &partners).await?;
+    let cluster = Cluster::start(&dir, &Partner::all_in(&data_dir, &PARTNERS)).await?;
     let client = cluster.client().await?;
 
     let mut jobs = Vec::new();
@@ -67,30 +82,12 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
         ));
         let spec = crate::cluster::customers_spec(&PARTNERS, kind, purpose);
         let started = Instant::now();
-        let job = client.submit(spec, "").await?;
-        let job = client
-            .wait(&job.job_id, Duration::from_secs(600), |info| {
-                progress.set_message(format!(
-                    "{name} job {} is {}",
-                    info.job_id,
-                    state_name(info.state)
-                ));
-            })
-            .await?;
+        let job = submit_and_wait(&client, &progress, name, spec).await?;
         jobs.push((name, job, started.elapsed()));
     }
     progress.set_message("running an overlap-sum job: amounts of shared customers per category");
     let started = Instant::now();
-    let job = client.submit(overlap_sum_spec(), "").await?;
-    let sum_job = client
-        .wait(&job.job_id, Duration::from_secs(600), |info| {
-            progress.set_message(format!(
-                "overlap-sum job {} is {}",
-                info.job_id,
-                state_name(info.state)
-            ));
-        })
-        .await?;
+    let sum_job = submit_and_wait(&client, &progress, "overlap-sum", overlap_sum_spec()).await?;
     let sum_elapsed = started.elapsed();
     progress.set_message("stopping the processes");
     client.close().await;

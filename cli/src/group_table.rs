@@ -2,6 +2,17 @@
 //! groups marked. Shared by the `aggregate` and `overlap-sum` renderings.
 
 use cleanroom_proto::v1::AggregateGroup;
+use serde_json::{Value, json};
+
+/// One group as JSON: its label, whether it is suppressed, and its values by column name.
+pub fn group_json(columns: &[String], g: &AggregateGroup) -> Value {
+    let values: serde_json::Map<String, Value> = columns
+        .iter()
+        .zip(&g.values)
+        .map(|(c, v)| (c.clone(), json!(v)))
+        .collect();
+    json!({ "group": g.label, "suppressed": g.suppressed, "values": values })
+}
 
 /// Column widths of a group table: the label column's, then one per value column.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -6,21 +6,25 @@
 //! (everything on loopback) and `bench` (the PSI benchmark against the cryptographic floor).
 
 mod aggregate_output;
+mod analyst;
 mod args;
 mod bench;
 mod bench_psi;
 mod bench_sum;
 mod cluster;
-mod cpu;
 mod demo;
 mod group_table;
 mod job;
 mod matrix;
+mod measure;
 mod output;
+mod render;
 mod report;
 mod schedule;
+mod submit;
 mod sum_output;
 mod synth;
+mod text;
 mod ui;
 
 use std::process::ExitCode;

@@ -7,7 +7,7 @@
 //! succeeded → the released count; vetoed → `forbidden` (with the node's reason); succeeded but
 //! withheld by an agreement (`suppressed`) → `suppressed`; failed or cancelled → `failed` (with
 //! the reason). Rendered as a table, JSON, CSV or an HTML page
-//! ([`cleanroom_coordinator::report::render_matrix_html`]).
+//! ([`crate::render::matrix::render_matrix_html`]).
 //!
 //! With `--idempotency-key K`, pair (a, b) is submitted with the key `K:a,b`, so running the
 //! same command again gives the same jobs.
@@ -18,12 +18,14 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use cleanroom_coordinator::client::state_name;
-use cleanroom_coordinator::report::{MatrixCell, OverlapMatrix, render_matrix_html};
 use cleanroom_proto::v1::{JobInfo, JobState};
 use serde_json::{Value, json};
 
+use crate::analyst::connect;
 use crate::args::{ConnArgs, KindArg, SubmitArgs, SubmitFormat};
-use crate::job;
+use crate::render::matrix::{MatrixCell, OverlapMatrix, render_matrix_html};
+use crate::submit::spec_for_pair;
+use crate::text::csv_text;
 
 /// One pair of the matrix and what became of its job.
 #[derive(Debug, Clone)]
@@ -123,32 +125,19 @@ pub fn matrix_json(matrix: &OverlapMatrix, pairs: &[PairResult], args: &SubmitAr
     })
 }
 
-fn csv_field(s: &str) -> String {
-    let s = if s.starts_with(['=', '+', '-', '@']) && s != "-" {
-        format!("'{s}")
-    } else {
-        s.to_owned()
-    };
-    if s.contains([',', '"', '\n', '\r']) {
-        format!("\"{}\"", s.replace('"', "\"\""))
-    } else {
-        s
-    }
-}
-
 /// The matrix as CSV: a header row of the parties, then one row per party.
 pub fn matrix_csv(matrix: &OverlapMatrix) -> String {
     let mut out = String::from("party");
     for p in &matrix.parties {
         out.push(',');
-        out.push_str(&csv_field(p));
+        out.push_str(&csv_text(p));
     }
     out.push('\n');
     for (i, p) in matrix.parties.iter().enumerate() {
-        out.push_str(&csv_field(p));
+        out.push_str(&csv_text(p));
         for cell in &matrix.cells[i] {
             out.push(',');
-            out.push_str(&csv_field(&cell_text(cell)));
+            out.push_str(&csv_text(&cell_text(cell)));
         }
         out.push('\n');
     }
@@ -229,12 +218,12 @@ pub async fn run(conn: &ConnArgs, args: &SubmitArgs) -> anyhow::Result<ExitCode>
     for i in 0..parties.len() {
         for j in i + 1..parties.len() {
             let between = [parties[i].clone(), parties[j].clone()];
-            let spec = job::spec_for_pair(args, KindArg::Overlap, &between)?;
+            let spec = spec_for_pair(args, KindArg::Overlap, &between)?;
             planned.push((i, j, spec));
         }
     }
 
-    let client = job::connect(conn).await?;
+    let client = connect(conn).await?;
     let deadline = Instant::now() + Duration::from_secs(args.timeout);
     let mut submitted = Vec::new();
     for (i, j, spec) in planned {

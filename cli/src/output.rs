@@ -1,36 +1,13 @@
 //! Rendering jobs and nodes as a table, JSON or CSV.
 
 use cleanroom_coordinator::client::state_name;
-use cleanroom_proto::v1::{JobInfo, JobKind, NodeInfo, NoiseTerm, ScheduleInfo};
+use cleanroom_proto::v1::{JobInfo, NodeInfo, NoiseTerm, ScheduleInfo};
 use serde_json::{Value, json};
 
 use crate::args::Format;
-
-fn kind_name(kind: i32) -> &'static str {
-    match JobKind::try_from(kind) {
-        Ok(JobKind::Overlap) => "overlap",
-        Ok(JobKind::Match) => "match",
-        Ok(JobKind::Aggregate) => "aggregate",
-        Ok(JobKind::OverlapSum) => "overlap-sum",
-        _ => "unknown",
-    }
-}
-
-fn time(ms: i64) -> String {
-    let secs = ms.div_euclid(1000);
-    match time::OffsetDateTime::from_unix_timestamp(secs) {
-        Ok(t) => format!(
-            "{:04}-{:02}-{:02} {:02}:{:02}:{:02}Z",
-            t.year(),
-            u8::from(t.month()),
-            t.day(),
-            t.hour(),
-            t.minute(),
-            t.second()
-        ),
-        Err(_) => ms.to_string(),
-    }
-}
+use crate::text::{
+    csv_field, history_text, keys, kind_name, parties, print_json, state_line, time,
+};
 
 /// A job as JSON (stable field names, for scripts).
 pub fn job_json(job: &JobInfo) -> Value {
@@ -72,9 +49,7 @@ pub fn job_json(job: &JobInfo) -> Value {
                 "noise": noise_json(&o.noise),
             })
         }).collect::<Vec<_>>(),
-        "history": job.history.iter().map(|h| json!({
-            "state": state_name(h.state), "at_ms": h.at_ms, "reason": h.reason,
-        })).collect::<Vec<_>>(),
+        "history": crate::text::history_json(job),
     })
 }
 
@@ -113,23 +88,11 @@ pub fn print_job(job: &JobInfo, format: Format) {
         return;
     }
     match format {
-        Format::Json => cleanroom_node::outln!(
-            "{}",
-            serde_json::to_string_pretty(&job_json(job)).unwrap_or_default()
-        ),
+        Format::Json => print_json(&job_json(job)),
         Format::Csv => print_jobs(std::slice::from_ref(job), Format::Csv),
         Format::Table => {
             let spec = job.spec.clone().unwrap_or_default();
-            let parties: Vec<String> = spec
-                .parties
-                .iter()
-                .map(|p| format!("{}:{}", p.node, p.dataset))
-                .collect();
-            let keys = spec
-                .parties
-                .first()
-                .map(|p| p.keys.join("+"))
-                .unwrap_or_default();
+            let (parties, keys) = (parties(&spec), keys(&spec));
             cleanroom_node::outln!("job        {}", job.job_id);
             cleanroom_node::outln!(
                 "kind       {} on {} between {}",
@@ -138,15 +101,7 @@ pub fn print_job(job: &JobInfo, format: Format) {
                 parties.join(" and ")
             );
             cleanroom_node::outln!("purpose    {}", spec.purpose);
-            cleanroom_node::outln!(
-                "state      {}{}",
-                state_name(job.state),
-                if job.reason.is_empty() {
-                    String::new()
-                } else {
-                    format!(" — {}", job.reason)
-                }
-            );
+            cleanroom_node::outln!("{}", state_line(job));
             cleanroom_node::outln!(
                 "submitted  {} by {}",
                 time(job.created_ms),
@@ -196,10 +151,7 @@ pub fn print_jobs(jobs: &[JobInfo], format: Format) {
     match format {
         Format::Json => {
             let list: Vec<Value> = jobs.iter().map(job_json).collect();
-            cleanroom_node::outln!(
-                "{}",
-                serde_json::to_string_pretty(&list).unwrap_or_default()
-            );
+            print_json(&list);
         }
         Format::Csv => {
             cleanroom_node::outln!("job_id,kind,state,purpose,parties,intersection,created,reason");
@@ -259,10 +211,7 @@ pub fn print_nodes(nodes: &[NodeInfo], format: Format) {
                 .iter()
                 .map(|n| json!({"name": n.name, "data_addr": n.data_addr, "connected": n.connected, "last_seen_ms": n.last_seen_ms}))
                 .collect();
-            cleanroom_node::outln!(
-                "{}",
-                serde_json::to_string_pretty(&list).unwrap_or_default()
-            );
+            print_json(&list);
         }
         Format::Csv => {
             cleanroom_node::outln!("name,data_addr,connected,last_seen");
@@ -349,10 +298,7 @@ fn schedule_status(s: &ScheduleInfo) -> &'static str {
 /// Prints one schedule (with its runs, if any) in the chosen format.
 pub fn print_schedule(s: &ScheduleInfo, format: Format) {
     match format {
-        Format::Json => cleanroom_node::outln!(
-            "{}",
-            serde_json::to_string_pretty(&schedule_json(s)).unwrap_or_default()
-        ),
+        Format::Json => print_json(&schedule_json(s)),
         Format::Csv if s.runs.is_empty() => print_schedules(std::slice::from_ref(s), Format::Csv),
         Format::Csv => {
             cleanroom_node::outln!(
@@ -382,16 +328,7 @@ pub fn print_schedule(s: &ScheduleInfo, format: Format) {
         }
         Format::Table => {
             let spec = s.spec.clone().unwrap_or_default();
-            let parties: Vec<String> = spec
-                .parties
-                .iter()
-                .map(|p| format!("{}:{}", p.node, p.dataset))
-                .collect();
-            let keys = spec
-                .parties
-                .first()
-                .map(|p| p.keys.join("+"))
-                .unwrap_or_default();
+            let (parties, keys) = (parties(&spec), keys(&spec));
             cleanroom_node::outln!("schedule   {} ({})", s.name, schedule_status(s));
             cleanroom_node::outln!(
                 "cron       {} ({})",
@@ -467,10 +404,7 @@ pub fn print_schedules(list: &[ScheduleInfo], format: Format) {
     match format {
         Format::Json => {
             let list: Vec<Value> = list.iter().map(schedule_json).collect();
-            cleanroom_node::outln!(
-                "{}",
-                serde_json::to_string_pretty(&list).unwrap_or_default()
-            );
+            print_json(&list);
         }
         Format::Csv => {
             cleanroom_node::outln!(
@@ -533,30 +467,6 @@ fn party_names(job: &JobInfo) -> Vec<String> {
         .as_ref()
         .map(|s| s.parties.iter().map(|p| p.node.clone()).collect())
         .unwrap_or_default()
-}
-
-/// A job's state history as every table rendering ends with: a `history` line, then one line
-/// per change (time, state, reason).
-pub(crate) fn history_text(job: &JobInfo) -> String {
-    let mut out = String::from("history\n");
-    for h in &job.history {
-        out.push_str(&format!(
-            "  {}  {:<10} {}\n",
-            time(h.at_ms),
-            state_name(h.state),
-            h.reason
-        ));
-    }
-    out
-}
-
-/// `s` as one CSV field: quoted when it holds a comma, a quote or a newline.
-pub(crate) fn csv_field(s: &str) -> String {
-    if s.contains([',', '"', '\n']) {
-        format!("\"{}\"", s.replace('"', "\"\""))
-    } else {
-        s.to_owned()
-    }
 }
 
 #[cfg(test)]

@@ -4,10 +4,12 @@
 use std::process::ExitCode;
 
 use anyhow::Context;
-use cleanroom_coordinator::report::{ScheduleReport, render_csv, render_html, render_json};
+use cleanroom_coordinator::report::{ScheduleReport, render_json};
 
+use crate::analyst::connect;
 use crate::args::{ConnArgs, ReportArgs, ReportFormat};
-use crate::schedule::{connect, since_ms};
+use crate::render::report::{render_csv, render_html};
+use crate::schedule::since_ms;
 
 /// Runs `cleanroom report`.
 pub async fn run(conn: ConnArgs, args: ReportArgs) -> anyhow::Result<ExitCode> {

@@ -1,66 +1,30 @@
 //! `cleanroom schedule …` and `cleanroom job retry`: recurring jobs and retries, through the
 //! analyst API.
 
-use std::io::IsTerminal;
 use std::process::ExitCode;
-use std::time::Duration;
 
 use anyhow::bail;
 use clap::Parser;
 use cleanroom_coordinator::AnalystClient;
-use cleanroom_coordinator::client::state_name;
-use cleanroom_proto::v1::{AddSchedule, JobInfo, JobState};
-use indicatif::{ProgressBar, ProgressStyle};
+use cleanroom_proto::v1::{AddSchedule, JobInfo};
 
+use crate::analyst::{connect, exit_for, wait};
 use crate::args::{ConnArgs, Format, ScheduleAddArgs, ScheduleCommand, ScheduledJobWords};
-use crate::{job, output};
-
-/// Connects with the analyst's certificate (as every analyst command does).
-pub async fn connect(conn: &ConnArgs) -> anyhow::Result<AnalystClient> {
-    job::connect(conn).await
-}
-
-/// Exit code for a job: 0 if it succeeded or is still under way, 2 if vetoed, 1 otherwise.
-fn exit_for(state: i32) -> ExitCode {
-    match JobState::try_from(state) {
-        Ok(JobState::Succeeded) => ExitCode::SUCCESS,
-        Ok(JobState::Vetoed) => ExitCode::from(2),
-        Ok(JobState::Pending | JobState::Offered | JobState::Running) => ExitCode::SUCCESS,
-        _ => ExitCode::FAILURE,
-    }
-}
+use crate::output;
+use crate::submit::spec_from_args;
 
 /// Waits for `job` if asked to, with a spinner on a terminal.
 async fn maybe_wait(
     client: &AnalystClient,
     job: JobInfo,
-    wait: bool,
+    wanted: bool,
     timeout: u64,
 ) -> anyhow::Result<JobInfo> {
-    if !wait {
+    if !wanted {
         return Ok(job);
     }
-    let progress = if std::io::stderr().is_terminal() {
-        ProgressBar::new_spinner()
-    } else {
-        ProgressBar::hidden()
-    };
-    progress.set_style(
-        ProgressStyle::with_template("{spinner} [{elapsed}] {msg}")
-            .unwrap_or_else(|_| ProgressStyle::default_spinner()),
-    );
-    progress.set_message(format!(
-        "job {} submitted; waiting for it to finish",
-        job.job_id
-    ));
-    progress.enable_steady_tick(Duration::from_millis(100));
-    let done = client
-        .wait(&job.job_id, Duration::from_secs(timeout), |info| {
-            progress.set_message(format!("job {} is {}", info.job_id, state_name(info.state)));
-        })
-        .await;
-    progress.finish_and_clear();
-    Ok(done?)
+    let waiting = format!("job {} submitted; waiting for it to finish", job.job_id);
+    wait(client, &job.job_id, timeout, waiting).await
 }
 
 /// The AddSchedule request of `schedule add`.
@@ -74,7 +38,7 @@ pub fn add_request(args: &ScheduleAddArgs) -> anyhow::Result<AddSchedule> {
             "--wait and --idempotency-key do not apply to a schedule's job (each run gets its own key); give connection and output flags before `--`"
         );
     }
-    let spec = job::spec_from_args(&words.submit)?;
+    let spec = spec_from_args(&words.submit)?;
     Ok(AddSchedule {
         name: args.name.clone(),
         cron: args.cron.clone(),

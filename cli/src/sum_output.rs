@@ -7,6 +7,7 @@ use cleanroom_proto::v1::{JobInfo, JobKind, NoiseTerm, PsiOutcome, SumRelease};
 use serde_json::{Value, json};
 
 use crate::args::Format;
+use crate::text::print_json;
 
 /// Prints `job` if it is an overlap-sum and returns true; false for other kinds.
 pub fn print_job(job: &JobInfo, format: Format) -> bool {
@@ -17,10 +18,7 @@ pub fn print_job(job: &JobInfo, format: Format) -> bool {
         return false;
     }
     match format {
-        Format::Json => cleanroom_node::outln!(
-            "{}",
-            serde_json::to_string_pretty(&job_json(job)).unwrap_or_default()
-        ),
+        Format::Json => print_json(&job_json(job)),
         Format::Csv => cleanroom_node::out!("{}", csv(job)),
         Format::Table => cleanroom_node::out!("{}", table(job)),
     }
@@ -97,15 +95,7 @@ pub fn job_json(job: &JobInfo) -> Value {
                 }))
             }).collect::<Vec<_>>(),
             "column_sd": r.columns.iter().enumerate().map(|(i, c)| (c.clone(), json!(column_sd(r, i)))).collect::<serde_json::Map<_, _>>(),
-            "groups": r.groups.iter().map(|g| {
-                let values: serde_json::Map<String, Value> = r
-                    .columns
-                    .iter()
-                    .zip(&g.values)
-                    .map(|(c, v)| (c.clone(), json!(v)))
-                    .collect();
-                json!({ "group": g.label, "suppressed": g.suppressed, "values": values })
-            }).collect::<Vec<_>>(),
+            "groups": r.groups.iter().map(|g| crate::group_table::group_json(&r.columns, g)).collect::<Vec<_>>(),
         })
     });
     json!({
@@ -133,41 +123,34 @@ pub fn job_json(job: &JobInfo) -> Value {
                 "audit_head": o.audit_head,
             })
         }).collect::<Vec<_>>(),
-        "history": job.history.iter().map(|h| json!({
-            "state": state_name(h.state), "at_ms": h.at_ms, "reason": h.reason,
-        })).collect::<Vec<_>>(),
+        "history": crate::text::history_json(job),
     })
 }
 
 /// One row per group: `group,suppressed,<col>,<col>_noise_scale,…`.
 fn csv(job: &JobInfo) -> String {
     let Some(r) = release(job) else {
-        return format!(
-            "job_id,state,reason\n{},{},{}\n",
-            job.job_id,
-            state_name(job.state),
-            crate::output::csv_field(&job.reason)
-        );
+        return crate::text::csv_without_result(job);
     };
     let mut out = String::from("group,suppressed");
     for c in &r.columns {
         out.push_str(&format!(
             ",{},{}_noise_scale",
-            crate::output::csv_field(c),
-            crate::output::csv_field(c)
+            crate::text::csv_field(c),
+            crate::text::csv_field(c)
         ));
     }
     out.push('\n');
     for g in &r.groups {
         out.push_str(&format!(
             "{},{}",
-            crate::output::csv_field(&g.label),
+            crate::text::csv_field(&g.label),
             g.suppressed
         ));
         for i in 0..r.columns.len() {
             let value = g.values.get(i).map(i64::to_string).unwrap_or_default();
             let scale = column_terms(r, i).first().map_or("0", |n| n.scale.as_str());
-            out.push_str(&format!(",{value},{}", crate::output::csv_field(scale)));
+            out.push_str(&format!(",{value},{}", crate::text::csv_field(scale)));
         }
         out.push('\n');
     }
@@ -187,10 +170,7 @@ fn table(job: &JobInfo) -> String {
     out.push_str(&format!("job        {}\n", job.job_id));
     out.push_str(&format!(
         "kind       overlap-sum on {} — keys {} × values {}{}\n",
-        spec.parties
-            .first()
-            .map(|p| p.keys.join("+"))
-            .unwrap_or_default(),
+        crate::text::keys(&spec),
         party(0),
         party(1),
         if sum.group_by.is_empty() {
@@ -200,15 +180,8 @@ fn table(job: &JobInfo) -> String {
         }
     ));
     out.push_str(&format!("purpose    {}\n", spec.purpose));
-    out.push_str(&format!(
-        "state      {}{}\n",
-        state_name(job.state),
-        if job.reason.is_empty() {
-            String::new()
-        } else {
-            format!(" — {}", job.reason)
-        }
-    ));
+    out.push_str(&crate::text::state_line(job));
+    out.push('\n');
     if let Some(r) = release(job) {
         if r.noise.is_empty() {
             out.push_str("noise      none (no agreement asks for it): totals are exact\n");
@@ -262,7 +235,7 @@ fn table(job: &JobInfo) -> String {
             r.node, o.own_set_size, o.bytes_to_peer, o.audit_head
         ));
     }
-    out.push_str(&crate::output::history_text(job));
+    out.push_str(&crate::text::history_text(job));
     out
 }
 

@@ -11,7 +11,7 @@ use cleanroom_proto::v1::{
 };
 use cleanroom_transport::{Credentials, Identity, TransportTuning};
 
-use crate::CoordinatorError;
+use crate::error::CoordinatorError;
 
 /// A connection to the coordinator, authenticated with an analyst certificate.
 #[derive(Debug)]

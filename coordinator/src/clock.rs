@@ -5,6 +5,14 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
 
+/// Milliseconds since the Unix epoch: the coordinator's one read of the wall clock.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
 /// A source of the current time, in Unix milliseconds.
 pub trait Clock: Send + Sync + std::fmt::Debug {
     /// The current time, milliseconds since the Unix epoch.
@@ -17,7 +25,7 @@ pub struct SystemClock;
 
 impl Clock for SystemClock {
     fn now_ms(&self) -> i64 {
-        crate::now_ms()
+        now_ms()
     }
 }
 

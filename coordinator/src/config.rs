@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::CoordinatorError;
+use crate::error::CoordinatorError;
 
 /// The coordinator's configuration.
 #[derive(Debug, Clone, Deserialize)]

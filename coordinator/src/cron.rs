@@ -15,6 +15,20 @@
 //! - a civil time that does not exist (the spring gap) fires when the clock has jumped, shifted by
 //!   the gap's length (02:30 on the day Berlin moves to summer time fires at 03:30 CEST);
 //! - a civil time that occurs twice (the autumn fold) fires once, at its first occurrence.
+//!
+//! All calendar arithmetic (month lengths, weekdays, zones and their transitions) is `jiff`'s.
+//!
+//! ## Why not a cron crate
+//!
+//! The maintained crates were weighed against the rules above and the tests below, and none
+//! keeps them. `jiff-cron` (0.3, on jiff) wants six or seven fields with seconds, numbers
+//! weekdays 1–7 from Sunday (so `0 2 * * 0` and `… * * 7` mean other days or fail), requires
+//! both day fields to match where classic cron accepts either, and fires twice in an autumn
+//! fold. `cron` is the same parser on chrono. `croner` is built on chrono's time zones, not
+//! jiff's and the system's tz database. Each would need
+//! this module's own checks in front of it to keep the error messages analysts read (the field,
+//! the value, the fix), which leaves little for the crate to do. So the parser stays ours: five
+//! fields, one function per field, evaluated with jiff.
 
 use jiff::Timestamp;
 use jiff::civil::{Date, DateTime};
@@ -268,11 +282,11 @@ impl CronSchedule {
         if self.dow_restricted && self.dom_restricted {
             return true;
         }
-        // Longest length of each month, February counted with its leap day.
-        const LONGEST: [u32; 13] = [0, 31, 29, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31];
-        (1..=12u32).any(|month| {
+        // Each month at its longest: in a leap year (2000), February has its 29th.
+        (1..=12i8).any(|month| {
+            let longest = Date::new(2000, month, 1).map_or(31, |d| d.days_in_month());
             self.months & (1 << month) != 0
-                && (1..=LONGEST[month as usize]).any(|day| self.days_of_month & (1 << day) != 0)
+                && (1..=longest).any(|day| self.days_of_month & (1 << day) != 0)
         })
     }
 }

@@ -4,22 +4,27 @@
 //! to the nodes named in them, and serves the analyst API. It never sees records, keys, blinded
 //! identifiers or shares — only job metadata and the outcomes nodes choose to report.
 //!
-//! - [`config`]: the coordinator's TOML config;
-//! - [`store`]: the SQLite job store (states, history, results, node registry);
-//! - [`registry`]: the live control connections of nodes;
-//! - [`runner`]: one job from offer to result;
-//! - [`server`]: the QUIC endpoint: node control sessions and analyst requests;
-//! - [`client`]: the analyst side of the API, used by the CLI, the demo and the tests;
-//! - [`spec`]: validation of job specs submitted by analysts;
-//! - [`clock`]: the clock behind the scheduler (a settable one for tests);
-//! - [`cron`]: cron expressions in IANA time zones;
-//! - [`schedule`]: recurring jobs: the sans-IO planner and the scheduler loop;
-//! - [`report`]: a schedule's history as HTML (trend chart, runs table), CSV and JSON;
-//! - [`sum_result`]: the two reports of an overlap-sum, checked against each other and stored;
-//! - [`untrusted`]: bounding and defusing the text nodes send (refusal and failure reasons).
+//! Rooms, from the bottom up (a module imports only modules above it in this list, never one
+//! below, so the crate has no import circles):
+//! - leaves: [`clock`] (the clock behind the scheduler, a settable one for tests, and
+//!   [`now_ms`]), [`cron`] (cron expressions in IANA time zones), [`spec`] (validation of the
+//!   job specs analysts submit), [`untrusted`] (bounding and defusing the text nodes send),
+//!   [`registry`] (the live control connections of nodes);
+//! - [`store`]: the SQLite job store (schema and migrations, jobs, results, schedules and their
+//!   runs, leases);
+//! - [`error`] and [`config`]: the coordinator's errors and its TOML config;
+//! - [`report`]: a schedule's history as data, sent to analysts as JSON;
+//! - [`shared`]: what the coordinator's tasks share (config, store, registry, lease holder);
+//! - [`run`]: one job from offer to result: the pipeline every kind goes through, and one
+//!   `settle` per kind;
+//! - [`schedule`]: recurring jobs: the sans-IO planner, the scheduler loop, notifications;
+//! - [`api`]: the QUIC endpoint: node control sessions, the analyst API, the orphan sweep;
+//! - [`client`]: the analyst side of the API, used by the CLI, the demo and the tests.
+//!
+//! Rendering (HTML pages, SVG charts, CSV) is the CLI's business: the coordinator sends data.
 #![warn(missing_docs)]
 
-pub mod aggregate_runner;
+pub mod api;
 pub mod client;
 pub mod clock;
 pub mod config;
@@ -27,23 +32,15 @@ pub mod cron;
 pub mod error;
 pub mod registry;
 pub mod report;
-pub mod runner;
+pub mod run;
 pub mod schedule;
-pub mod server;
+pub mod shared;
 pub mod spec;
 pub mod store;
-pub mod sum_result;
 pub mod untrusted;
 
+pub use api::serve;
 pub use client::AnalystClient;
+pub use clock::now_ms;
 pub use config::CoordinatorConfig;
 pub use error::CoordinatorError;
-pub use server::serve;
-
-/// Milliseconds since the Unix epoch, the coordinator's one clock read.
-pub fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}

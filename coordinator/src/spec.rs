@@ -1,6 +1,7 @@
 //! Validation of job specs submitted by analysts, before anything is stored or offered.
 
-use cleanroom_proto::v1::{JobKind, JobSpec};
+use cleanroom_circuits::aggregate::{GroupDomain, MAX_CELLS};
+use cleanroom_proto::v1::{AggregateSpec, JobKind, JobSpec};
 use cleanroom_transport::Identity;
 
 /// Longest purpose, dataset or key name accepted.
@@ -158,7 +159,7 @@ fn validate_aggregate(spec: &JobSpec) -> Result<(), String> {
         }
     }
     if agg.group_range.is_some() {
-        crate::aggregate_runner::validate_range_domain(spec.parties.len(), agg)?;
+        validate_range_domain(spec.parties.len(), agg)?;
     } else if agg.groups.is_empty() || agg.groups.len() > MAX_GROUPS {
         return Err(format!(
             "give 1 to {MAX_GROUPS} group labels (--groups), got {}",
@@ -193,6 +194,49 @@ fn validate_aggregate(spec: &JobSpec) -> Result<(), String> {
     }
     if agg.sums.is_empty() && !agg.count {
         return Err("an aggregate needs --sum COLUMN or --count".into());
+    }
+    Ok(())
+}
+
+/// Most partial cells the coordinator receives for one job (parties × groups × columns): 2^26,
+/// i.e. 512 MiB of partials on the wire. It holds only their running sum (at most
+/// [`MAX_CELLS`] cells) and one batch per party at a time. 10^6 groups × 2 columns × 3 parties
+/// is 6·10^6.
+pub const MAX_JOB_PARTIAL_CELLS: usize = 1 << 26;
+
+/// The group domain of an aggregate spec: its labels, or its integer range.
+pub fn domain_of(agg: &AggregateSpec) -> Result<GroupDomain, String> {
+    match &agg.group_range {
+        Some(r) if agg.groups.is_empty() => {
+            GroupDomain::range(r.lo, r.hi).map_err(|e| e.to_string())
+        }
+        Some(_) => {
+            Err("give group labels (--groups) or a group range (--group-range), not both".into())
+        }
+        None => Ok(GroupDomain::Labels(agg.groups.clone())),
+    }
+}
+
+/// Checks an integer-range domain at submission, before anything is stored or offered: no
+/// labels beside it, a non-empty range of at most
+/// [`cleanroom_circuits::aggregate::MAX_RANGE_GROUPS`] integers, a vector of at most
+/// [`MAX_CELLS`] cells, and at most [`MAX_JOB_PARTIAL_CELLS`] partial cells over all parties.
+pub fn validate_range_domain(parties: usize, agg: &AggregateSpec) -> Result<(), String> {
+    let domain = domain_of(agg)?;
+    let groups = domain.groups();
+    let columns = 1 + agg.sums.len();
+    let cells = groups.saturating_mul(columns);
+    if cells > MAX_CELLS {
+        return Err(format!(
+            "{groups} groups (with \"(other)\") × {columns} columns (count and sums) is {cells} \
+             cells; at most {MAX_CELLS}: a smaller --group-range or fewer --sum columns"
+        ));
+    }
+    if cells.saturating_mul(parties) > MAX_JOB_PARTIAL_CELLS {
+        return Err(format!(
+            "{cells} cells × {parties} parties is more partial sums than the coordinator holds \
+             for one job ({MAX_JOB_PARTIAL_CELLS} cells)"
+        ));
     }
     Ok(())
 }
@@ -387,5 +431,48 @@ mod tests {
         let mut s = aggregate();
         s.aggregate.as_mut().unwrap().groups = (0..20_000).map(|i| format!("g{i}")).collect();
         assert_eq!(validate(&s), Ok(()));
+    }
+
+    #[test]
+    fn range_domains_are_validated_before_any_work() {
+        use cleanroom_proto::v1::IntegerRange;
+        let agg = |lo, hi, sums: usize| AggregateSpec {
+            group_by: "bucket".into(),
+            groups: vec![],
+            sums: (0..sums).map(|i| format!("s{i}")).collect(),
+            count: true,
+            group_range: Some(IntegerRange { lo, hi }),
+            person: String::new(),
+        };
+        validate_range_domain(3, &agg(0, 1_000_000, 1)).unwrap();
+        validate_range_domain(3, &agg(-5, 5, 0)).unwrap();
+        assert!(
+            validate_range_domain(3, &agg(0, 0, 1))
+                .unwrap_err()
+                .contains("empty")
+        );
+        assert!(
+            validate_range_domain(3, &agg(0, 1 << 22, 1))
+                .unwrap_err()
+                .contains("at most 2097152")
+        );
+        assert!(
+            validate_range_domain(3, &agg(0, 1 << 21, 8))
+                .unwrap_err()
+                .contains("cells; at most")
+        );
+        // 2^21 groups × 2 columns × 64 parties: more partials than the coordinator holds.
+        assert!(
+            validate_range_domain(64, &agg(0, 1 << 21, 1))
+                .unwrap_err()
+                .contains("partial sums")
+        );
+        let mut both = agg(0, 10, 1);
+        both.groups = vec!["x".into()];
+        assert!(
+            validate_range_domain(3, &both)
+                .unwrap_err()
+                .contains("not both")
+        );
     }
 }

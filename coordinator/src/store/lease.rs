@@ -11,9 +11,12 @@
 //! [`JobStore::transition`]), so a finished job never looks orphaned.
 
 use cleanroom_proto::v1::JobState;
-use rusqlite::{OptionalExtension, TransactionBehavior, params};
+use rusqlite::{TransactionBehavior, params};
 
-use super::{JobStore, StoreError, decode_state, is_terminal};
+use super::error::StoreError;
+use super::jobs::{decode_state, new_job_id, stored_state};
+use super::schema::JobStore;
+use super::state::is_terminal;
 
 /// The identity of a coordinator process as a lease holder: random, fresh at every start, so a
 /// restarted process never mistakes its predecessor's leases for its own.
@@ -23,7 +26,7 @@ pub struct LeaseHolder(String);
 impl LeaseHolder {
     /// A fresh holder id from the operating system's RNG.
     pub fn generate() -> Result<LeaseHolder, StoreError> {
-        let id = super::new_job_id()?;
+        let id = new_job_id()?;
         Ok(LeaseHolder(id.replacen("job-", "coordinator-", 1)))
     }
 
@@ -56,17 +59,7 @@ impl JobStore {
     ) -> Result<bool, StoreError> {
         let mut conn = self.lock();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let state: Option<i32> = tx
-            .query_row(
-                "SELECT state FROM jobs WHERE job_id = ?1",
-                [job_id],
-                |row| row.get(0),
-            )
-            .optional()?;
-        let Some(state) = state else {
-            return Err(StoreError::UnknownJob(job_id.to_owned()));
-        };
-        if is_terminal(decode_state(job_id, state)?) {
+        if is_terminal(stored_state(&tx, job_id)?) {
             return Ok(false);
         }
         let taken = tx.execute(
