@@ -9,7 +9,7 @@ use serde_json::json;
 
 use crate::args::{BenchAggregateArgs, BenchCommand};
 use crate::cluster::{Cluster, Partner};
-use crate::measure::{cores, median, verdict, warn_if_debug};
+use crate::measure::{CpuMark, cores, median, verdict, warn_if_debug};
 use crate::synth::{SynthSpec, write_synth};
 use crate::ui::{WorkDir, spinner};
 
@@ -104,6 +104,11 @@ async fn aggregate(args: BenchAggregateArgs) -> anyhow::Result<ExitCode> {
     };
 
     let mut walls = Vec::new();
+    let mut others = Vec::new();
+    let pids: Vec<u32> = partners
+        .iter()
+        .filter_map(|p| cluster.node_pid(p))
+        .collect();
     let mut fetches = Vec::new();
     let mut released = 0usize;
     let mut correct = true;
@@ -116,12 +121,15 @@ async fn aggregate(args: BenchAggregateArgs) -> anyhow::Result<ExitCode> {
             args.groups,
             args.parties
         ));
+        let cpu_start = CpuMark::now(&pids);
         let started = Instant::now();
         let job = client.submit(spec.clone(), "").await?;
         let mut job = client
             .wait(&job.job_id, Duration::from_secs(7200), |_| {})
             .await?;
-        walls.push(started.elapsed().as_secs_f64());
+        let wall = started.elapsed().as_secs_f64();
+        walls.push(wall);
+        others.extend(CpuMark::now(&pids).since(&cpu_start).1.map(|o| o / wall));
         // Reading every group back, page by page when GetJob could not carry them.
         let fetch_started = Instant::now();
         client.fill_aggregate_groups(&mut job).await?;
@@ -233,6 +241,10 @@ async fn aggregate(args: BenchAggregateArgs) -> anyhow::Result<ExitCode> {
         floor.cells
     );
     cleanroom_node::outln!("ratio wall / floor:       {:.3}", wall / floor.seconds);
+    let other_cores = median(&mut others);
+    cleanroom_node::outln!(
+        "other processes:          {other_cores:.2} cores on average while the job ran (median; of {cores})"
+    );
     cleanroom_node::outln!(
         "result fetch (all pages): {fetch:.2} s  (median; runs: {})",
         list(&run_fetches)
@@ -263,7 +275,7 @@ async fn aggregate(args: BenchAggregateArgs) -> anyhow::Result<ExitCode> {
                 "groups": args.groups, "integer_groups": args.integer_groups,
                 "parties": args.parties, "rows": args.rows, "cores": cores,
                 "runs": walls.len(), "wall_s": wall, "fetch_s": fetch,
-                "floor_s": floor.seconds, "ratio": wall / floor.seconds,
+                "floor_s": floor.seconds, "ratio": wall / floor.seconds, "other_cores": other_cores,
                 "floor_ns": {
                     "expand_per_cell": floor.costs.expand_ns,
                     "noise_per_cell": floor.costs.noise_ns,

@@ -12,7 +12,7 @@ use cleanroom_circuits::measure_sum_floor;
 
 use crate::args::BenchPsiArgs;
 use crate::cluster::{Cluster, Partner};
-use crate::measure::{cores, median, rss_json, thread_cpu_time, verdict, warn_if_debug};
+use crate::measure::{CpuMark, cores, median, rss_json, thread_cpu_time, verdict, warn_if_debug};
 use crate::synth::{GroupTruth, SynthSpec, write_synth};
 use crate::ui::{WorkDir, spinner};
 
@@ -115,6 +115,11 @@ pub async fn run(args: BenchPsiArgs) -> anyhow::Result<ExitCode> {
     let client = cluster.client().await?;
 
     let (mut overlap_walls, mut sum_walls) = (Vec::new(), Vec::new());
+    let (mut overlap_others, mut sum_others) = (Vec::new(), Vec::new());
+    let pids: Vec<u32> = PARTNERS
+        .iter()
+        .filter_map(|p| cluster.node_pid(p))
+        .collect();
     let (mut overlap_bytes, mut sum_bytes) = (Vec::new(), Vec::new());
     let mut correct = true;
     let runs = args.runs.max(1);
@@ -131,12 +136,14 @@ pub async fn run(args: BenchPsiArgs) -> anyhow::Result<ExitCode> {
                 args.n,
                 args.n
             ));
+            let cpu_start = CpuMark::now(&pids);
             let started = Instant::now();
             let job = client.submit(spec(kind), "").await?;
             let job = client
                 .wait(&job.job_id, Duration::from_secs(7200), |_| {})
                 .await?;
             let wall = started.elapsed().as_secs_f64();
+            let others = CpuMark::now(&pids).since(&cpu_start).1.map(|o| o / wall);
             let right = job.state == JobState::Succeeded as i32
                 && if kind == JobKind::Overlap {
                     job.results.iter().all(|r| {
@@ -157,9 +164,11 @@ pub async fn run(args: BenchPsiArgs) -> anyhow::Result<ExitCode> {
             }
             if kind == JobKind::Overlap {
                 overlap_walls.push(wall);
+                overlap_others.extend(others);
                 overlap_bytes.push(bytes(&job));
             } else {
                 sum_walls.push(wall);
+                sum_others.extend(others);
                 sum_bytes.push(bytes(&job));
             }
         }
@@ -201,6 +210,10 @@ pub async fn run(args: BenchPsiArgs) -> anyhow::Result<ExitCode> {
         floor.finish_ns / 1e6
     );
     cleanroom_node::outln!("ratio overlap-sum / overlap: {ratio:.2}");
+    let (overlap_others, sum_others) = (median(&mut overlap_others), median(&mut sum_others));
+    cleanroom_node::outln!(
+        "other processes: {overlap_others:.2} cores during the overlaps, {sum_others:.2} during the overlap-sums (median; of {cores})"
+    );
     for (i, p) in PARTNERS.iter().enumerate() {
         cleanroom_node::outln!(
             "bytes sent by {p:<8} overlap {:>12}  overlap-sum {:>12}  ({})",
@@ -235,6 +248,7 @@ pub async fn run(args: BenchPsiArgs) -> anyhow::Result<ExitCode> {
                 "overlap_floor_s": psi_floor, "overlap_sum_floor_s": sum_floor,
                 "overlap_ratio_to_floor": overlap / psi_floor,
                 "overlap_sum_ratio_to_floor": sum / sum_floor,
+                "other_cores": { "overlap": overlap_others, "overlap_sum": sum_others },
                 "floor_ns": {
                     "psi_per_item": floor.psi.per_item_ns(),
                     "keygen": floor.keygen_ns,
