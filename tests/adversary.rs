@@ -19,7 +19,7 @@ use cleanroom_circuits::{ItemSet, JobKey, blind_items};
 use cleanroom_e2e::fake_node::{self, BASEPOINT, FakeJob};
 use cleanroom_e2e::{Consortium, open_agreement};
 use cleanroom_node::audit::AuditEvent;
-use cleanroom_node::dataset::KeySpec;
+use cleanroom_node::data::dataset::KeySpec;
 use cleanroom_proto::MAX_FRAME_LEN;
 use cleanroom_proto::v1::{BatchEnd, Envelope, Phase, PointBatch, PsiOutcome, envelope::Body};
 
@@ -360,9 +360,13 @@ async fn blinded_phase(job: &mut FakeJob) -> Vec<u8> {
 fn mallory_items(dir: &Path) -> ItemSet {
     let cfg = cleanroom_node::NodeConfig::load(dir.join("mallory.toml")).expect("mallory.toml");
     let keys = KeySpec::new(["email"]);
-    cleanroom_node::dataset::load_keys(cfg.dataset("customers").expect("dataset"), &keys, 1_000_000)
-        .expect("mallory's data")
-        .items
+    cleanroom_node::data::dataset::load_keys(
+        cfg.dataset("customers").expect("dataset"),
+        &keys,
+        1_000_000,
+    )
+    .expect("mallory's data")
+    .items
 }
 
 /// Plays node "mallory" for one job: joins it as initiator, carries out `attack`, and keeps the

@@ -16,7 +16,7 @@ use std::collections::{BTreeSet, HashSet};
 use std::path::{Path, PathBuf};
 
 use cleanroom_e2e::{Consortium, open_agreement};
-use cleanroom_node::normalise::Normaliser;
+use cleanroom_node::data::normalise::Normaliser;
 use serde_json::Value;
 
 /// The email and phone columns of a synthetic CSV, raw.

@@ -612,7 +612,7 @@ async fn mallory(dir: std::path::PathBuf, coordinator: std::net::SocketAddr, bad
         PsiHello {
             sender: "mallory".into(),
             set_size: 20,
-            spec_digest: cleanroom_node::psi_job::spec_digest(id, spec).to_vec(),
+            spec_digest: cleanroom_node::job::spec_digest(id, spec).to_vec(),
             sum: terms,
             ..PsiHello::default()
         }

@@ -433,6 +433,24 @@ fn wait_connected(c: &Consortium, names: &[&str], within: Duration) {
     }
 }
 
+/// Waits until the node's current process has logged its registration with the coordinator
+/// (a restarted node's log file starts afresh).
+fn wait_registered(c: &Consortium, name: &str, within: Duration) {
+    let log = c.path().join(format!("logs/{name}.log"));
+    let deadline = Instant::now() + within;
+    loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if text.contains("registered with the coordinator") {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{name} did not register again: {text}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 #[test]
 fn sigkill_mid_job_loses_nothing_and_runs_nothing_twice() {
     let mut c = Consortium::new();
@@ -618,8 +636,12 @@ fn operator_walkthrough_survives_coordinator_and_node_restarts() {
     let reason = third["reason"].as_str().unwrap().to_owned();
     assert!(reason.contains("node 'globex'"), "{third}");
 
-    // It comes back by itself once restarted, and the next run succeeds.
+    // It comes back by itself once restarted, and the next run succeeds. The coordinator may
+    // still list the dead process's connection as connected (until the QUIC idle timeout), so
+    // wait for the new process to be registered: the coordinator acknowledges a node only
+    // after it routes offers to the new connection.
     c.start_node("globex");
+    wait_registered(&c, "globex", Duration::from_secs(60));
     wait_connected(&c, &["acme", "globex"], Duration::from_secs(60));
     let fourth = run_now(&c);
     assert_eq!(fourth["state"], "succeeded", "{fourth}");

@@ -13,6 +13,15 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 #[derive(Debug, Parser)]
 #[command(name = "cleanroom", version, about, long_about)]
 pub struct Cli {
+    /// Log lines as text or as JSON objects (one a line; a job's lines carry its `job_id`).
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        default_value_t,
+        env = "CLEANROOM_LOG_FORMAT"
+    )]
+    pub log_format: cleanroom_node::cli::LogFormat,
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
@@ -579,6 +588,11 @@ pub struct DemoArgs {
     /// temporary directory that is removed afterwards.
     #[arg(long)]
     pub keep: Option<PathBuf>,
+    /// After the jobs, keep the consortium running with the coordinator's web console on this
+    /// address (e.g. 127.0.0.1:7443) until interrupted, printing the URLs and the analyst's
+    /// credentials.
+    #[arg(long, value_name = "ADDR")]
+    pub web: Option<std::net::SocketAddr>,
 }
 
 /// `cleanroom bench …`

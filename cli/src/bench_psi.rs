@@ -153,7 +153,7 @@ async fn start(
         .map(|t| ("RAYON_NUM_THREADS", t.to_string()))
         .into_iter()
         .collect();
-    Cluster::start_with(dir, partners, &env).await
+    Cluster::start_with(dir, partners, None, &env).await
 }
 
 fn node_pids(cluster: &Cluster) -> Vec<u32> {

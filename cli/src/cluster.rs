@@ -45,20 +45,32 @@ pub struct Cluster {
     nodes: BTreeMap<String, Child>,
     /// The coordinator's address.
     pub addr: SocketAddr,
+    /// Its web console's address, if it serves one.
+    pub web: Option<SocketAddr>,
 }
 
 impl Cluster {
     /// Issues the PKI, writes the configs, starts the coordinator and the nodes, and waits
     /// until every node is connected.
     pub async fn start(dir: &Path, partners: &[Partner]) -> anyhow::Result<Cluster> {
-        Self::start_with(dir, partners, &[]).await
+        Self::start_with(dir, partners, None, &[]).await
     }
 
-    /// [`start`](Self::start), with `node_env` set in every node process's environment (e.g.
-    /// `RAYON_NUM_THREADS`, the node's worker threads).
+    /// [`Cluster::start`], the coordinator also serving its web console on `web`.
+    pub async fn start_with_web(
+        dir: &Path,
+        partners: &[Partner],
+        web: Option<SocketAddr>,
+    ) -> anyhow::Result<Cluster> {
+        Self::start_with(dir, partners, web, &[]).await
+    }
+
+    /// [`Cluster::start_with_web`], with `node_env` set in every node process's environment
+    /// (e.g. `RAYON_NUM_THREADS`, the node's worker threads).
     pub async fn start_with(
         dir: &Path,
         partners: &[Partner],
+        web: Option<SocketAddr>,
         node_env: &[(&str, String)],
     ) -> anyhow::Result<Cluster> {
         let pki_dir = dir.join("pki");
@@ -74,7 +86,10 @@ impl Cluster {
         let coordinator_cfg = dir.join("coordinator.toml");
         std::fs::write(
             &coordinator_cfg,
-            "listen = \"127.0.0.1:0\"\ndatabase = \"coordinator.db\"\n\n[tls]\nca = \"pki/ca.pem\"\ncert = \"pki/coordinator.pem\"\nkey = \"pki/coordinator.key\"\n",
+            format!(
+                "listen = \"127.0.0.1:0\"\ndatabase = \"coordinator.db\"\n\n[tls]\nca = \"pki/ca.pem\"\ncert = \"pki/coordinator.pem\"\nkey = \"pki/coordinator.key\"\n{}",
+                web.map_or(String::new(), |w| format!("\n[web]\nlisten = \"{w}\"\n"))
+            ),
         )?;
         let mut coordinator = spawn(
             &["coordinator", "serve", "--config"],
@@ -83,12 +98,14 @@ impl Cluster {
             true,
             &[],
         )?;
-        let addr = read_listen_line(&mut coordinator).await.with_context(|| {
-            format!(
-                "the coordinator did not start; see {}",
-                logs.join("coordinator.log").display()
-            )
-        })?;
+        let (addr, web) = read_listen_lines(&mut coordinator, web.is_some())
+            .await
+            .with_context(|| {
+                format!(
+                    "the coordinator did not start; see {}",
+                    logs.join("coordinator.log").display()
+                )
+            })?;
 
         let mut nodes = BTreeMap::new();
         for p in partners {
@@ -108,6 +125,7 @@ impl Cluster {
             coordinator,
             nodes,
             addr,
+            web,
         };
         cluster.wait_connected(Duration::from_secs(30)).await?;
         Ok(cluster)
@@ -231,17 +249,26 @@ fn spawn(
         .with_context(|| format!("starting {}", args.join(" ")))
 }
 
-async fn read_listen_line(child: &mut Child) -> anyhow::Result<SocketAddr> {
+/// Reads `listening ADDR` and, when `web`, `web ADDR` from the coordinator's output.
+async fn read_listen_lines(
+    child: &mut Child,
+    web: bool,
+) -> anyhow::Result<(SocketAddr, Option<SocketAddr>)> {
     let stdout = child.stdout.take().ok_or_else(|| anyhow!("no stdout"))?;
     let mut lines = BufReader::new(stdout).lines();
-    let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
-        .await
-        .map_err(|_| anyhow!("timed out"))??
-        .ok_or_else(|| anyhow!("exited before listening"))?;
-    let addr = line
-        .strip_prefix("listening ")
-        .ok_or_else(|| anyhow!("unexpected output"))?;
-    Ok(addr.trim().parse()?)
+    let mut next = async |prefix: &str| -> anyhow::Result<SocketAddr> {
+        let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
+            .await
+            .map_err(|_| anyhow!("timed out"))??
+            .ok_or_else(|| anyhow!("exited before listening"))?;
+        let addr = line
+            .strip_prefix(prefix)
+            .ok_or_else(|| anyhow!("unexpected output: {line}"))?;
+        Ok(addr.trim().parse()?)
+    };
+    let addr = next("listening ").await?;
+    let web = if web { Some(next("web ").await?) } else { None };
+    Ok((addr, web))
 }
 
 /// A node config that allows overlap and match on `customers` by email with every other

@@ -64,7 +64,8 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
 
     progress
         .set_message("issuing the PKI and starting the coordinator and two nodes (acme, globex)");
-    let cluster = Cluster::start(&dir, &Partner::all_in(&data_dir, &PARTNERS)).await?;
+    let cluster =
+        Cluster::start_with_web(&dir, &Partner::all_in(&data_dir, &PARTNERS), args.web).await?;
     let client = cluster.client().await?;
 
     let mut jobs = Vec::new();
@@ -89,9 +90,14 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
     let started = Instant::now();
     let sum_job = submit_and_wait(&client, &progress, "overlap-sum", overlap_sum_spec()).await?;
     let sum_elapsed = started.elapsed();
-    progress.set_message("stopping the processes");
     client.close().await;
-    cluster.stop().await?;
+    let cluster = if args.web.is_some() {
+        Some(cluster)
+    } else {
+        progress.set_message("stopping the processes");
+        cluster.stop().await?;
+        None
+    };
     progress.finish_and_clear();
 
     cleanroom_node::outln!(
@@ -139,6 +145,9 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
         "Neither node saw the other's records; the coordinator saw only the counts and noised \
          totals above."
     );
+    if let Some(cluster) = cluster {
+        serve_until_interrupted(cluster, &dir).await?;
+    }
     if args.keep.is_some() {
         cleanroom_node::outln!("Logs, configs and data are kept in {}.", dir.display());
     } else {
@@ -151,6 +160,48 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
     } else {
         ExitCode::FAILURE
     })
+}
+
+/// `demo --web`: prints where the console is and how to reach it, then keeps the consortium
+/// running until SIGINT or SIGTERM.
+async fn serve_until_interrupted(cluster: Cluster, dir: &std::path::Path) -> anyhow::Result<()> {
+    let web = cluster
+        .web
+        .context("the coordinator did not report its web address")?;
+    let pki = dir.join("pki");
+    let base = format!("https://coordinator.cleanroom:{}", web.port());
+    cleanroom_node::outln!();
+    cleanroom_node::outln!("The consortium keeps running; interrupt (Ctrl-C) to stop it.");
+    cleanroom_node::outln!();
+    cleanroom_node::outln!(
+        "console   {base}/   (the coordinator's certificate names coordinator.cleanroom: map it to {} in /etc/hosts)",
+        web.ip()
+    );
+    cleanroom_node::outln!("JSON API  {base}/api/v1/jobs");
+    cleanroom_node::outln!("metrics   {base}/metrics");
+    cleanroom_node::outln!("health    {base}/healthz");
+    cleanroom_node::outln!();
+    cleanroom_node::outln!("Analyst credentials (analyst 'demo'):");
+    cleanroom_node::outln!("  CA           {}", pki.join("ca.pem").display());
+    cleanroom_node::outln!("  certificate  {}", pki.join("analyst-demo.pem").display());
+    cleanroom_node::outln!("  key          {}", pki.join("analyst-demo.key").display());
+    cleanroom_node::outln!(
+        "  for a browser: openssl pkcs12 -export -name demo -in {} -inkey {} -out demo.p12",
+        pki.join("analyst-demo.pem").display(),
+        pki.join("analyst-demo.key").display()
+    );
+    cleanroom_node::outln!("  then import demo.p12 and trust ca.pem (docs/API.md says how)");
+    cleanroom_node::outln!(
+        "  or: curl --resolve coordinator.cleanroom:{port}:{ip} --cacert {ca} --cert {cert} --key {key} {base}/api/v1/jobs",
+        port = web.port(),
+        ip = web.ip(),
+        ca = pki.join("ca.pem").display(),
+        cert = pki.join("analyst-demo.pem").display(),
+        key = pki.join("analyst-demo.key").display(),
+    );
+    cleanroom_node::cli::wait_for_stop(false).await;
+    cleanroom_node::outln!("stopping");
+    cluster.stop().await
 }
 
 /// The demo's overlap-sum: acme holds the identifiers, globex the amounts; per category, the

@@ -35,7 +35,7 @@ use crate::args::{Cli, Command, CoordinatorCommand, JobCli, PkiCommand, PkiIssue
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    cleanroom_node::cli::init_tracing();
+    cleanroom_node::cli::init_tracing(cli.log_format);
     match execute(cli.command) {
         Ok(code) => code,
         Err(e) if cleanroom_node::cli::is_broken_pipe(&e) => ExitCode::SUCCESS,
@@ -108,12 +108,15 @@ fn execute(command: Command) -> anyhow::Result<ExitCode> {
                     cleanroom_node::cli::wait_for_stop(stop_on_stdin_eof).await;
                     let _ = tx.send(true);
                 });
-                cleanroom_coordinator::serve(cfg, rx, |addr| {
-                    // Supervisors (the demo, the tests) read this line to learn a port-0 address.
-                    // A server does not stop because nobody reads its standard output.
+                cleanroom_coordinator::serve(cfg, rx, |addr, web| {
+                    // Supervisors (the demo, the tests) read these lines to learn port-0
+                    // addresses. A server does not stop because nobody reads its standard output.
                     use std::io::Write;
                     let mut out = std::io::stdout();
                     let _ = writeln!(out, "listening {addr}").and_then(|()| out.flush());
+                    if let Some(web) = web {
+                        let _ = writeln!(out, "web {web}").and_then(|()| out.flush());
+                    }
                 })
                 .await
             })?;

@@ -447,7 +447,7 @@ fn phone(buf: &mut Vec<u8>, identity: u64, layout: u8) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use cleanroom_node::normalise::Normaliser;
+    use cleanroom_node::data::normalise::Normaliser;
     use std::collections::{BTreeSet, HashMap};
 
     struct Parsed {

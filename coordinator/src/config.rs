@@ -10,6 +10,8 @@
 //! ca = "pki/ca.pem"
 //! cert = "pki/coordinator.pem"
 //! key = "pki/coordinator.key"
+//! [web]                          # optional: the web console, JSON API, /metrics, /healthz
+//! listen = "127.0.0.1:7443"      # HTTPS with the same certificates (port 0: ephemeral)
 //! ```
 //! Relative paths are resolved against the config file's directory.
 
@@ -41,6 +43,17 @@ pub struct CoordinatorConfig {
     pub max_running_jobs: usize,
     /// Certificates.
     pub tls: TlsFiles,
+    /// The web console (HTTPS), if it is served.
+    #[serde(default)]
+    pub web: Option<WebConfig>,
+}
+
+/// The web console's server (`[web]`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebConfig {
+    /// Where the HTTPS server listens.
+    pub listen: SocketAddr,
 }
 
 /// PEM files of the coordinator's identity.

@@ -18,10 +18,13 @@
 //! - [`run`]: one job from offer to result: the pipeline every kind goes through, and one
 //!   `settle` per kind;
 //! - [`schedule`]: recurring jobs: the sans-IO planner, the scheduler loop, notifications;
-//! - [`api`]: the QUIC endpoint: node control sessions, the analyst API, the orphan sweep;
+//! - [`metrics`]: the Prometheus metrics (a leaf);
+//! - [`api`]: the QUIC endpoint: node control sessions, the analyst API, the orphan sweep; and
+//!   the HTTPS web console, JSON API, `/metrics` and `/healthz` (`api::web`);
 //! - [`client`]: the analyst side of the API, used by the CLI, the demo and the tests.
 //!
-//! Rendering (HTML pages, SVG charts, CSV) is the CLI's business: the coordinator sends data.
+//! Static reports (HTML files, CSV) are the CLI's business: the QUIC API sends data. The web
+//! console renders its own pages (`api::web`).
 #![warn(missing_docs)]
 
 pub mod api;
@@ -30,6 +33,7 @@ pub mod clock;
 pub mod config;
 pub mod cron;
 pub mod error;
+pub mod metrics;
 pub mod registry;
 pub mod report;
 pub mod run;

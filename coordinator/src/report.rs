@@ -2,8 +2,8 @@
 //!
 //! [`ScheduleReport::build`] gathers a schedule and its runs ([`JobStore::runs`]) into a plain,
 //! serialisable value; [`render_json`] is the value itself ([`ScheduleReport::from_json`] reads
-//! it back). The coordinator sends JSON; the CLI renders the HTML page (trend chart, runs table)
-//! and the CSV from it, so no HTML, SVG or CSV code lives in the coordinator.
+//! it back). The coordinator sends JSON; the CLI renders the HTML file (trend chart, runs table)
+//! and the CSV from it, and the web console (`api::web::pages`) its report page.
 //!
 //! [`JobStore::runs`]: crate::store::JobStore::runs
 
@@ -41,6 +41,10 @@ pub struct ReportRun {
     pub status: String,
     /// The released intersection size (succeeded runs).
     pub intersection: Option<u64>,
+    /// The smaller of the two set sizes the parties reported with it (succeeded runs): the
+    /// overlap rate is `intersection / smaller_set`. Absent in reports of older versions.
+    #[serde(default)]
+    pub smaller_set: Option<u64>,
     /// Scale of the noise added to the released figure; none is added yet.
     pub noise_scale: Option<f64>,
     /// Why it ended as it did (the job's last reason, or why it was skipped or refused).
@@ -132,6 +136,7 @@ impl ScheduleReport {
                     job_id: run.job_id.clone(),
                     status,
                     intersection: if released { run.intersection } else { None },
+                    smaller_set: if released { run.smaller_set } else { None },
                     noise_scale: None,
                     reason,
                     note: run.note.clone(),

@@ -7,6 +7,7 @@ use std::sync::atomic::AtomicBool;
 use tokio::sync::Semaphore;
 
 use crate::config::CoordinatorConfig;
+use crate::metrics::Metrics;
 use crate::registry::Registry;
 use crate::store::{JobStore, LeaseHolder};
 
@@ -25,6 +26,8 @@ pub struct Shared {
     pub slots: Semaphore,
     /// Set at a graceful stop: runners still waiting for a slot leave their job pending.
     pub stopping: AtomicBool,
+    /// Prometheus metrics (`/metrics`).
+    pub metrics: Metrics,
 }
 
 impl Shared {
@@ -38,6 +41,7 @@ impl Shared {
             holder,
             slots,
             stopping: AtomicBool::new(false),
+            metrics: Metrics::new(),
         }
     }
 }

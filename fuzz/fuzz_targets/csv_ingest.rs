@@ -8,9 +8,9 @@
 use std::cell::RefCell;
 use std::io::Write;
 
-use cleanroom_node::config::{DatasetConfig, IdentifierConfig};
-use cleanroom_node::dataset::{KEY_PART_SEPARATOR, KeySpec, load_keys};
-use cleanroom_node::normalise::Normaliser;
+use cleanroom_node::data::{DatasetConfig, IdentifierConfig};
+use cleanroom_node::data::dataset::{KEY_PART_SEPARATOR, KeySpec, load_keys};
+use cleanroom_node::data::normalise::Normaliser;
 use libfuzzer_sys::fuzz_target;
 
 thread_local! {

@@ -4,7 +4,7 @@
 
 use std::path::Path;
 
-use cleanroom_node::config::{NodeConfig, is_valid_name};
+use cleanroom_node::policy::{NodeConfig, is_valid_name};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|text: &str| {

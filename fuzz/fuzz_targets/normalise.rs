@@ -3,7 +3,7 @@
 //! `phone` output is checked for its documented shape: `+`, then 8 to 15 digits, the first not 0.
 #![no_main]
 
-use cleanroom_node::normalise::{Normaliser, PHONE_MAX_DIGITS, PHONE_MIN_DIGITS};
+use cleanroom_node::data::normalise::{Normaliser, PHONE_MAX_DIGITS, PHONE_MIN_DIGITS};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|raw: &str| {

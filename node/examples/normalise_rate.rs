@@ -7,7 +7,7 @@
 
 use std::time::Instant;
 
-use cleanroom_node::normalise::{NormaliseOptions, Normaliser};
+use cleanroom_node::data::normalise::{NormaliseOptions, Normaliser};
 
 /// Phone numbers in eight layouts: North American (as `cleanroom synth` writes them) and
 /// British with and without the trunk prefix in parentheses.

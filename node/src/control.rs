@@ -5,7 +5,6 @@
 //! party accepted, `Start` → `Ready` … `Report`. Every frame on a job stream must name that job
 //! and the phase the node expects; anything else ends the job with a protocol error.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,9 +15,8 @@ use cleanroom_transport::{FramedRecv, FramedSend, Identity};
 use tokio::sync::watch;
 use tracing::Instrument;
 
-use crate::NodeError;
 use crate::audit::AuditEvent;
-use crate::psi_job;
+use crate::error::NodeError;
 use crate::state::NodeState;
 
 /// How long the node waits for `Start` after accepting an offer.
@@ -174,11 +172,11 @@ async fn job_stream(
                 partner,
                 reason: e.to_string(),
             };
-            if let Err(audit) = state.audit.append(event, crate::agreement::now_ms()) {
+            if let Err(audit) = state.audit.append(event, crate::clock::now_ms()) {
                 tracing::error!(error = %audit, "could not audit the job's failure");
             }
         }
-        state.forget_pending(&job_id);
+        state.waiting.forget_pending(&job_id);
         let _ = send.finish();
     }
     .instrument(span)
@@ -202,7 +200,7 @@ async fn run_offer(
         .spec
         .ok_or_else(|| protocol("coordinator", "offer without a job spec"))?;
     if spec.kind == cleanroom_proto::v1::JobKind::Aggregate as i32 {
-        return crate::aggregate_job::serve_offer(endpoint, state, job_id, spec, send, recv).await;
+        return crate::job::aggregate::serve_offer(endpoint, state, job_id, spec, send, recv).await;
     }
     let role = Role::try_from(offer.role).unwrap_or(Role::Unspecified);
     let me = match role {
@@ -212,7 +210,7 @@ async fn run_offer(
             return Err(protocol("coordinator", "offer without a two-party role"));
         }
     };
-    let decision = state.decide(&job_id, &spec, me, crate::agreement::now_ms());
+    let decision = state.decide(&job_id, &spec, me, crate::clock::now_ms());
     let reply = |accept: bool, reason: String| Envelope {
         job_id: job_id.clone(),
         phase: Phase::Offer as i32,
@@ -234,9 +232,7 @@ async fn run_offer(
     // Wait for Start (or the coordinator dropping the stream because another party refused).
     let start = match tokio::time::timeout(START_TIMEOUT, recv.recv()).await {
         Err(_) => {
-            return Err(NodeError::Job(
-                "no Start from the coordinator in time".into(),
-            ));
+            return Err(crate::error::Timeout::NoStart.into());
         }
         Ok(Ok(None)) | Ok(Err(_)) => {
             tracing::info!("job withdrawn by the coordinator before it started");
@@ -261,7 +257,7 @@ async fn run_offer(
         body: Some(Body::Ready(Ready {})),
     };
     let cfg = state.cfg();
-    let job = psi_job::JobContext {
+    let job = crate::job::driver::JobContext {
         job_id: job_id.clone(),
         spec,
         me,
@@ -273,20 +269,22 @@ async fn run_offer(
     };
     let overlap_sum = job.spec.kind == cleanroom_proto::v1::JobKind::OverlapSum as i32;
     let outcome = if role == Role::Responder {
-        let incoming = state.expect_connection(&job_id, &job.permit.partner);
+        let incoming = state
+            .waiting
+            .expect_connection(&job_id, &job.permit.partner);
         send.send(&ready).await?;
         if overlap_sum {
-            crate::sum_job::run_value_holder(job, incoming).await
+            crate::job::overlap_sum::run_value_holder(job, incoming).await
         } else {
-            psi_job::run_responder(job, incoming).await
+            crate::job::driver::run_responder(job, incoming).await
         }
     } else {
-        let peer_addr = resolve_peer(&endpoint, &start.peer_addr).await?;
+        let peer_addr = crate::dataplane::resolve_peer(&endpoint, &start.peer_addr).await?;
         send.send(&ready).await?;
         if overlap_sum {
-            crate::sum_job::run_key_holder(job, &endpoint, peer_addr).await
+            crate::job::overlap_sum::run_key_holder(job, &endpoint, peer_addr).await
         } else {
-            psi_job::run_initiator(job, &endpoint, peer_addr).await
+            crate::job::driver::run_initiator(job, &endpoint, peer_addr).await
         }
     }?;
     tracing::info!(
@@ -311,23 +309,4 @@ fn protocol(peer: &str, reason: impl std::fmt::Display) -> NodeError {
         peer: peer.to_owned(),
         reason: reason.to_string(),
     }
-}
-
-/// A peer's data-plane address as the coordinator relays it (`host:port`, as the peer
-/// advertises it), resolved for our endpoint. A name that does not resolve fails the job with
-/// the name; the TLS server name stays the peer's consortium identity.
-pub(crate) async fn resolve_peer(
-    endpoint: &quinn::Endpoint,
-    text: &str,
-) -> Result<SocketAddr, NodeError> {
-    let addr: cleanroom_transport::HostPort = text
-        .parse()
-        .map_err(|e| protocol("coordinator", format!("bad peer address: {e}")))?;
-    let local = endpoint.local_addr().map_err(|e| NodeError::Io {
-        what: "reading the endpoint's address".into(),
-        source: e,
-    })?;
-    addr.resolve_for(local)
-        .await
-        .map_err(|e| NodeError::Job(format!("cannot reach the peer's data plane at {addr}: {e}")))
 }

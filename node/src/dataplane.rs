@@ -17,14 +17,13 @@
 //! the job it was meant to disrupt still waits for its peer's real connection, until its
 //! deadline). A connection lost before its hello ends nothing either: that is the network.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use cleanroom_proto::v1::{Envelope, Phase, envelope::Body};
 use cleanroom_transport::{FramedRecv, Identity, PeerRole, TransportError};
-use tokio::sync::watch;
-
-use crate::state::NodeState;
+use tokio::sync::{oneshot, watch};
 
 /// How long a new data-plane connection may take to say which job it is for.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -38,8 +37,8 @@ pub type Delivery = Result<Handover, String>;
 
 /// The error of a job whose peer's data-plane connection was refused: the peer broke the
 /// protocol, and the refusal's reason says how.
-pub fn refused(peer: &str, reason: &str) -> crate::NodeError {
-    crate::NodeError::Protocol {
+pub fn refused(peer: &str, reason: &str) -> crate::error::NodeError {
+    crate::error::NodeError::Protocol {
         peer: peer.to_owned(),
         reason: format!("its data-plane connection was refused: {reason}"),
     }
@@ -67,10 +66,96 @@ pub struct Handover {
     pub hello: Envelope,
 }
 
+/// The jobs waiting for a peer's data-plane connection, each under its key: a two-party job's
+/// id, or [`pending_key`] for each peer of an aggregate.
+#[derive(Debug, Default)]
+pub struct Waiting {
+    jobs: Mutex<HashMap<String, PendingJob>>,
+}
+
+#[derive(Debug)]
+struct PendingJob {
+    partner: String,
+    deliver: oneshot::Sender<Delivery>,
+}
+
+/// The key under which the data plane hands over `peer`'s connection for the aggregate `job_id`
+/// (one per peer, so N − 1 connections can wait for one job).
+pub fn pending_key(job_id: &str, peer: &str) -> String {
+    format!("{job_id}#aggregate#{peer}")
+}
+
+impl Waiting {
+    /// Registers a job whose initiator will dial us; the returned receiver yields its connection.
+    pub fn expect_connection(&self, job_id: &str, partner: &str) -> oneshot::Receiver<Delivery> {
+        let (tx, rx) = oneshot::channel();
+        let mut pending = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
+        pending.insert(
+            job_id.to_owned(),
+            PendingJob {
+                partner: partner.to_owned(),
+                deliver: tx,
+            },
+        );
+        rx
+    }
+
+    /// Forgets a job that no longer waits for a connection.
+    pub fn forget_pending(&self, job_id: &str) {
+        let mut pending = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
+        pending.remove(job_id);
+    }
+
+    /// Hands an incoming data-plane connection to the job it names, if that job waits for
+    /// exactly this peer. Returns why not otherwise.
+    pub fn deliver(&self, job_id: &str, peer: &Identity, handover: Handover) -> Result<(), String> {
+        let mut pending = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(job) = pending.get(job_id) else {
+            return Err(format!(
+                "no job '{job_id}' is waiting for a data-plane connection"
+            ));
+        };
+        if job.partner != peer.name {
+            return Err(format!(
+                "job '{job_id}' expects node '{}', but the connection is from {peer}",
+                job.partner
+            ));
+        }
+        let job = pending
+            .remove(job_id)
+            .ok_or_else(|| "job vanished".to_owned())?;
+        job.deliver
+            .send(Ok(handover))
+            .map_err(|_| format!("job '{job_id}' is no longer running"))
+    }
+
+    /// Ends, with `reason`, the wait of the jobs expecting a connection from node `peer` whose
+    /// data-plane connection was just refused: the job `job_id` (under either of its keys), or
+    /// every job waiting for `peer` when `None`. Jobs waiting for another node are never
+    /// touched. Returns how many waits it ended.
+    pub fn refuse(&self, peer: &str, job_id: Option<&str>, reason: &str) -> usize {
+        let mut pending = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
+        let keys: Vec<String> = pending
+            .iter()
+            .filter(|(key, job)| {
+                job.partner == peer
+                    && job_id.is_none_or(|j| *key == j || **key == pending_key(j, peer))
+            })
+            .map(|(key, _)| key.clone())
+            .collect();
+        for key in &keys {
+            if let Some(job) = pending.remove(key) {
+                let _ = job.deliver.send(Err(reason.to_owned()));
+            }
+        }
+        keys.len()
+    }
+}
+
 /// Accepts data-plane connections until shutdown.
 pub async fn serve(
     endpoint: quinn::Endpoint,
-    state: Arc<NodeState>,
+    state: Arc<Waiting>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     loop {
@@ -104,7 +189,7 @@ pub async fn serve(
 }
 
 async fn route(
-    state: &NodeState,
+    state: &Waiting,
     conn: quinn::Connection,
     peer: &Identity,
 ) -> Result<(), (String, Ends)> {
@@ -148,7 +233,7 @@ async fn route(
     let ends = || Ends::Job(job_id.clone());
     if hello.phase == Phase::AggShare as i32 && matches!(hello.body, Some(Body::AggHello(_))) {
         // Aggregate: one connection per peer and job, each waiting under its own key.
-        let key = crate::aggregate_job::pending_key(&job_id, &peer.name);
+        let key = pending_key(&job_id, &peer.name);
         return state
             .deliver(&key, peer, Handover { conn, recv, hello })
             .map_err(|reason| (reason, ends()));
@@ -167,33 +252,37 @@ async fn route(
         .map_err(|reason| (reason, ends()))
 }
 
+/// A peer's data-plane address as the coordinator relays it (`host:port`, as the peer
+/// advertises it), resolved for our endpoint. A name that does not resolve fails the job with
+/// the name; the TLS server name stays the peer's consortium identity.
+pub(crate) async fn resolve_peer(
+    endpoint: &quinn::Endpoint,
+    text: &str,
+) -> Result<std::net::SocketAddr, crate::error::NodeError> {
+    let addr: cleanroom_transport::HostPort =
+        text.parse()
+            .map_err(|e| crate::error::NodeError::Protocol {
+                peer: "coordinator".to_owned(),
+                reason: format!("bad peer address: {e}"),
+            })?;
+    let local = endpoint
+        .local_addr()
+        .map_err(|e| crate::error::NodeError::Io {
+            what: "reading the endpoint's address".into(),
+            source: e,
+        })?;
+    addr.resolve_for(local).await.map_err(|e| {
+        crate::error::JobError::DataPlane {
+            what: format!("cannot reach the peer's data plane at {addr}"),
+            reason: e.to_string(),
+        }
+        .into()
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::path::Path;
-
-    const CONFIG: &str = r#"
-name = "acme"
-coordinator = "127.0.0.1:7400"
-listen = "127.0.0.1:0"
-state_dir = "state"
-[tls]
-ca = "pki/ca.pem"
-cert = "pki/node-acme.pem"
-key = "pki/node-acme.key"
-"#;
-
-    fn state(dir: &Path) -> NodeState {
-        let cfg = crate::NodeConfig::parse(CONFIG, &dir.join("node.toml")).unwrap();
-        NodeState::new(
-            crate::policy::PolicyHolder::new(cfg),
-            dir.join("node.toml"),
-            crate::audit::AuditLog::open(&dir.join("audit.log")).unwrap(),
-            crate::ledger::Ledger::open(&dir.join("ledger.sqlite")).unwrap(),
-            "127.0.0.1:1".parse().unwrap(),
-        )
-        .unwrap()
-    }
 
     /// The reason a waiting job was given, or `None` if it still waits.
     fn ended(rx: &mut tokio::sync::oneshot::Receiver<Delivery>) -> Option<String> {
@@ -206,9 +295,8 @@ key = "pki/node-acme.key"
 
     #[test]
     fn a_refusal_ends_only_the_waits_it_proves_broken() {
-        let dir = tempfile::tempdir().unwrap();
-        let state = state(dir.path());
-        let agg = crate::aggregate_job::pending_key;
+        let state = Waiting::default();
+        let agg = pending_key;
         let mut psi_mallory = state.expect_connection("job-1", "mallory");
         let mut agg_mallory = state.expect_connection(&agg("job-2", "mallory"), "mallory");
         let mut agg_globex = state.expect_connection(&agg("job-2", "globex"), "globex");

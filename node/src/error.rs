@@ -1,6 +1,10 @@
-//! Errors of the node.
+//! Errors of the node: [`NodeError`] for the node as a whole, and [`JobError`] for one job at this
+//! node, typed to the edge (the failure report and the audit log render it to prose).
 
 use cleanroom_transport::TransportError;
+
+pub mod job;
+pub use job::{JobError, Party, Timeout, Violation};
 
 /// Why the node (or one of its jobs) failed.
 #[derive(Debug, thiserror::Error)]
@@ -37,7 +41,13 @@ pub enum NodeError {
         /// What QUIC reported.
         reason: String,
     },
-    /// The job failed; the reason is meant for the analyst.
-    #[error("{0}")]
-    Job(String),
+    /// A job failed; the error renders as the sentence the analyst reads.
+    #[error(transparent)]
+    Job(#[from] JobError),
+}
+
+impl From<Timeout> for NodeError {
+    fn from(t: Timeout) -> Self {
+        NodeError::Job(JobError::Timeout(t))
+    }
 }

@@ -1,311 +1,41 @@
 //! A partner's cleanroom node.
 //!
-//! The node holds the partner's datasets and its agreement with each partner (an allow-list
-//! today; the full policy language comes later). It dials the coordinator for control (outbound
-//! only) and listens on a QUIC endpoint for the data plane with other nodes. The coordinator can
-//! *offer* a job; the node decides, against its own agreement and the peer's certificate
-//! identity, whether its data takes part.
+//! The node holds the partner's datasets and its agreement with each partner. It dials the
+//! coordinator for control (outbound only) and listens on a QUIC endpoint for the data plane with
+//! other nodes. The coordinator can *offer* a job; the node decides, against its own agreement
+//! and the peer's certificate identity, whether its data takes part.
 //!
-//! Layout:
-//! - [`config`]: the node's TOML config (endpoints, certificates, datasets, agreements);
-//! - [`normalise`], [`dataset`]: CSV ingestion and identifier normalisation;
-//! - [`agreement`]: the allow-list check run on every offer, before any data is read;
-//! - [`ledger`]: the persistent privacy-budget ledger (ε charged, noised releases stored);
-//! - [`control`]: the control session with the coordinator (hello, offers, start, report);
-//! - [`dataplane`]: the node's data-plane endpoint and the hand-over of incoming connections;
-//! - [`psi_job`]: drives the sans-IO ECDH-PSI session of `cleanroom-circuits` over QUIC;
-//! - [`noised_release`]: the DP noise on an overlap count (draw, commitment, threshold);
-//! - [`sum_policy`], [`sum_input`], [`sum_job`]: the `overlap-sum` job (intersection-sum with
-//!   cardinality): its terms, the value holder's input, and its driver over QUIC.
+//! Rooms (each depends only on the ones listed before it):
+//! - [`clock`]: Unix milliseconds and the calendar text the node prints;
+//! - [`audit`]: the hash-chained audit log (event schema, chain format, writer, verifier);
+//! - [`ledger`]: the persistent privacy-budget ledger and the caps it enforces;
+//! - [`data`]: datasets, normalisers, consent and deletion filters, retention;
+//! - [`spec`]: how every room names a job (spec digest, release key, computation name);
+//! - [`policy`]: the agreement as code (the TOML schema, typed allow entries, each kind's offer
+//!   check);
+//! - [`error`]: the node's errors, and a job's ([`error::JobError`]), typed to the edge;
+//! - [`dataplane`]: the data-plane endpoint, which hands incoming connections to waiting jobs;
+//! - [`state`]: what the node's tasks share (policy, audit log, ledger, run history);
+//! - [`job`]: the job wing — the async driver of a job's lifecycle, and the sans-IO protocols
+//!   it runs (`overlap` and `match` so far; see `job` for the others);
+//! - [`control`]: the control session with the coordinator;
+//! - [`run`](mod@run), [`cli`]: running a node, and the `cleanroom-node` commands.
 #![warn(missing_docs)]
 
-pub mod aggregate_job;
-pub mod aggregate_policy;
-pub mod agreement;
 pub mod audit;
-pub mod budget_report;
 pub mod cli;
-pub mod config;
+pub mod clock;
 pub mod control;
+pub mod data;
 pub mod dataplane;
-pub mod dataset;
 pub mod error;
-pub mod forget;
-pub mod frame_budget;
+pub mod job;
 pub mod ledger;
-pub mod noised_release;
-pub mod normalise;
 pub mod policy;
-pub mod psi_job;
-pub mod retention;
+pub mod run;
+pub mod spec;
 pub mod state;
-pub mod sum_input;
-pub mod sum_job;
-pub mod sum_policy;
-pub mod transparency;
 
-use std::path::{Path, PathBuf};
-use std::sync::Arc;
-
-use cleanroom_transport::{Credentials, Identity, TransportTuning};
-use sha2::{Digest, Sha256};
-use tokio::sync::watch;
-
-use crate::audit::{AuditEvent, AuditLog};
-use crate::policy::PolicyHolder;
-use crate::state::NodeState;
-
-pub use config::NodeConfig;
 pub use error::NodeError;
-
-/// Runs a node from its config file until `shutdown` turns true. Like [`run`], and also
-/// reloads the policy on SIGHUP (a reload that fails keeps the last good policy).
-pub async fn run_from(
-    config_path: PathBuf,
-    shutdown: watch::Receiver<bool>,
-) -> Result<(), NodeError> {
-    let (cfg, creds) = preflight(&config_path)?;
-    serve(cfg, creds, Some(config_path), shutdown).await
-}
-
-/// Runs a node until `shutdown` turns true: opens the audit log, binds the data plane, then
-/// keeps a control session with the coordinator open (reconnecting with backoff when it drops).
-pub async fn run(cfg: NodeConfig, shutdown: watch::Receiver<bool>) -> Result<(), NodeError> {
-    let creds = credentials(&cfg)?;
-    serve(cfg, creds, None, shutdown).await
-}
-
-/// Everything `run` checks before it starts, without starting anything or writing a file:
-/// the config (with every dataset file's header: identifier, value and consent columns), the
-/// certificates (they load, are this node's, and are a node's), and, when they exist, that the
-/// audit log verifies and the ledger opens. `cleanroom-node check` is this; `run` does it first.
-pub fn preflight(config_path: &Path) -> Result<(NodeConfig, Credentials), NodeError> {
-    let cfg = policy::load_checked(config_path).map_err(|e| NodeError::Config(e.to_string()))?;
-    let creds = credentials(&cfg)?;
-    let log = audit::audit_path(&cfg);
-    if log.exists() {
-        let report = audit::verify(&log, None).map_err(|e| NodeError::Config(e.to_string()))?;
-        // A torn last line is repaired at start; anything else refuses it.
-        let torn_only = matches!(
-            report.problems.as_slice(),
-            [] | [audit::Tamper::Incomplete { .. }]
-        );
-        if !torn_only {
-            return Err(NodeError::Config(format!(
-                "the audit log {} does not verify ({} problem(s), the first: {}); run \
-                 `cleanroom-node audit verify`",
-                log.display(),
-                report.problems.len(),
-                report.problems[0]
-            )));
-        }
-    }
-    if cfg.ledger_path().exists() {
-        open_ledger(&cfg)?;
-    }
-    Ok((cfg, creds))
-}
-
-/// Loads the node's certificates and checks that they name this node, as a node.
-fn credentials(cfg: &NodeConfig) -> Result<Credentials, NodeError> {
-    let creds = Credentials::load(&cfg.tls.ca, &cfg.tls.cert, &cfg.tls.key)?;
-    let me = creds.identity()?;
-    let expected = Identity::node(&cfg.name)?;
-    if me != expected {
-        return Err(NodeError::Config(format!(
-            "the certificate {} is for {me}, but the config names this node '{}'; issue a \
-             certificate with `cleanroom pki issue node {}`",
-            cfg.tls.cert.display(),
-            cfg.name,
-            cfg.name
-        )));
-    }
-    Ok(creds)
-}
-
-async fn serve(
-    cfg: NodeConfig,
-    creds: Credentials,
-    config_path: Option<PathBuf>,
-    shutdown: watch::Receiver<bool>,
-) -> Result<(), NodeError> {
-    // One node per state directory: two would share the audit log, the ledger and the
-    // coordinator's registration. Held until this function returns.
-    let _lock = lock_state_dir(&cfg.state_dir)?;
-    // No audit log, no node: every access must be recorded.
-    let audit =
-        AuditLog::open(&audit::audit_path(&cfg)).map_err(|e| NodeError::Config(e.to_string()))?;
-    audit
-        .append(
-            policy_loaded(&cfg, config_path.as_deref()),
-            agreement::now_ms(),
-        )
-        .map_err(|e| NodeError::Config(e.to_string()))?;
-    // No ledger, no node: ε spent must survive restarts, and a node that cannot record it
-    // must not start releasing.
-    let ledger = open_ledger(&cfg)?;
-    let tuning = TransportTuning::default();
-    let listen = cfg.listen;
-    let endpoint = cleanroom_transport::server_endpoint(listen, &creds, &tuning)?;
-    let bound = endpoint.local_addr().map_err(|e| NodeError::Io {
-        what: format!("reading the data-plane address bound at {listen}"),
-        source: e,
-    })?;
-    let advertise = cfg.advertise.clone().unwrap_or_else(|| bound.into());
-    tracing::info!(node = %cfg.name, data_plane = %bound, advertise = %advertise, "node listening");
-
-    let path = config_path.clone().unwrap_or_default();
-    let state = Arc::new(
-        NodeState::new(PolicyHolder::new(cfg), path, audit, ledger, advertise)
-            .map_err(|e| NodeError::Config(e.to_string()))?,
-    );
-    let reloads = config_path.map(|_| tokio::spawn(reload_on_sighup(state.clone())));
-    let purger = tokio::spawn(purge_results(state.clone()));
-    let dataplane = tokio::spawn(dataplane::serve(
-        endpoint.clone(),
-        state.clone(),
-        shutdown.clone(),
-    ));
-    let control = control::run(endpoint.clone(), state, shutdown.clone()).await;
-    endpoint.close(0u32.into(), b"node shutting down");
-    dataplane.abort();
-    if let Some(reloads) = reloads {
-        reloads.abort();
-    }
-    purger.abort();
-    endpoint.wait_idle().await;
-    control
-}
-
-/// The state directory's lock file, held (an advisory `flock`) by the running node.
-pub const LOCK_FILE: &str = "node.lock";
-
-/// Takes the state directory's lock for this process (creating the directory and the lock
-/// file) and writes this process's id into it. Refused, naming the holder's process id, if
-/// another process holds it. The lock is released when the returned file is dropped or the
-/// process ends (however it ends).
-pub fn lock_state_dir(state_dir: &Path) -> Result<std::fs::File, NodeError> {
-    use std::io::{Read, Seek, Write};
-    let io = |what: String| move |source| NodeError::Io { what, source };
-    std::fs::create_dir_all(state_dir).map_err(io(format!(
-        "creating the state directory {}",
-        state_dir.display()
-    )))?;
-    let path = state_dir.join(LOCK_FILE);
-    let mut file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .read(true)
-        .write(true)
-        .open(&path)
-        .map_err(io(format!("opening {}", path.display())))?;
-    match file.try_lock() {
-        Ok(()) => {}
-        Err(std::fs::TryLockError::WouldBlock) => {
-            let mut holder = String::new();
-            let _ = file.read_to_string(&mut holder);
-            let holder = holder.trim();
-            return Err(NodeError::Config(format!(
-                "the state directory {} is in use by another node process (pid {}); stop it \
-                 first, or give this node its own state_dir",
-                state_dir.display(),
-                if holder.is_empty() { "unknown" } else { holder }
-            )));
-        }
-        Err(std::fs::TryLockError::Error(e)) => {
-            return Err(io(format!("locking {}", path.display()))(e));
-        }
-    }
-    file.set_len(0)
-        .and_then(|()| file.rewind())
-        .and_then(|()| writeln!(file, "{}", std::process::id()))
-        .and_then(|()| file.sync_data())
-        .map_err(io(format!("writing {}", path.display())))?;
-    Ok(file)
-}
-
-/// The process id holding the state directory's lock, if a process holds it (read without
-/// taking it).
-pub fn state_dir_holder(state_dir: &Path) -> Option<String> {
-    let file = std::fs::File::open(state_dir.join(LOCK_FILE)).ok()?;
-    match file.try_lock_shared() {
-        Ok(()) => None,
-        Err(_) => Some(
-            std::fs::read_to_string(state_dir.join(LOCK_FILE))
-                .map(|s| s.trim().to_owned())
-                .unwrap_or_default(),
-        ),
-    }
-}
-
-/// Opens the node's privacy-budget ledger (creating its directory on first start).
-pub fn open_ledger(cfg: &NodeConfig) -> Result<ledger::Ledger, NodeError> {
-    let path = cfg.ledger_path();
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).map_err(|e| NodeError::Io {
-            what: format!("creating the ledger's directory {}", dir.display()),
-            source: e,
-        })?;
-    }
-    ledger::Ledger::open(&path)
-        .map_err(|e| NodeError::Config(format!("ledger {}: {e}", path.display())))
-}
-
-/// The audit entry for a loaded policy: the file's digest and the partners it names.
-fn policy_loaded(cfg: &NodeConfig, path: Option<&Path>) -> AuditEvent {
-    let bytes = path.and_then(|p| std::fs::read(p).ok()).unwrap_or_default();
-    AuditEvent::PolicyLoaded {
-        digest: audit::to_hex(&Sha256::digest(&bytes)),
-        agreements: cfg.agreements.iter().map(|a| a.partner.clone()).collect(),
-    }
-}
-
-/// Purges job results older than the policy's retention, at start and every hour.
-async fn purge_results(state: Arc<NodeState>) {
-    loop {
-        let cfg = state.cfg();
-        if let Some(days) = cfg.retention_days {
-            let dir = cfg.state_dir.clone();
-            let purged = tokio::task::spawn_blocking(move || {
-                retention::purge(&dir, retention::days(days), std::time::SystemTime::now())
-            })
-            .await;
-            match purged {
-                Ok(Ok(report)) => {
-                    tracing::info!(?report, retention_days = days, "purged old job results")
-                }
-                Ok(Err(e)) => tracing::warn!(error = %e, "purging old job results failed"),
-                Err(e) => tracing::warn!(error = %e, "purging old job results failed"),
-            }
-        }
-        tokio::time::sleep(std::time::Duration::from_secs(3600)).await;
-    }
-}
-
-/// Reloads the policy on SIGHUP; a reload that fails keeps the last good policy and says why.
-async fn reload_on_sighup(state: Arc<NodeState>) {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        let Ok(mut hup) = signal(SignalKind::hangup()) else {
-            return;
-        };
-        while hup.recv().await.is_some() {
-            match state.policy.reload(&state.config_path) {
-                Ok(()) => {
-                    let cfg = state.cfg();
-                    let event = policy_loaded(&cfg, Some(&state.config_path));
-                    if let Err(e) = state.audit.append(event, agreement::now_ms()) {
-                        tracing::error!(error = %e, "could not audit the policy reload");
-                    }
-                    tracing::info!(config = %state.config_path.display(), "policy reloaded");
-                }
-                Err(e) => {
-                    tracing::error!(error = %e, "policy reload failed; keeping the last good policy")
-                }
-            }
-        }
-    }
-    #[cfg(not(unix))]
-    let _ = state;
-}
+pub use policy::NodeConfig;
+pub use run::{preflight, run, run_from};

@@ -3,17 +3,14 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
-use cleanroom_transport::Identity;
-use tokio::sync::oneshot;
-
-use crate::agreement::{self, Permit, Veto};
 use crate::audit::{AuditError, AuditEvent, AuditLog};
-use crate::config::NodeConfig;
-use crate::dataplane::{Delivery, Handover};
+use crate::dataplane::Waiting;
 use crate::ledger::{Ledger, LedgerError};
+use crate::policy::NodeConfig;
 use crate::policy::PolicyHolder;
+use crate::policy::{self, Permit, Veto};
 
 /// Which allow entry a run was accepted under: rate limits count per entry.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -55,13 +52,8 @@ pub struct NodeState {
     /// The data-plane address other nodes dial.
     pub advertise: cleanroom_transport::HostPort,
     history: Mutex<History>,
-    pending: Mutex<HashMap<String, PendingJob>>,
-}
-
-#[derive(Debug)]
-struct PendingJob {
-    partner: String,
-    deliver: oneshot::Sender<Delivery>,
+    /// The jobs waiting for a peer's data-plane connection.
+    pub waiting: Arc<Waiting>,
 }
 
 impl NodeState {
@@ -95,7 +87,7 @@ impl NodeState {
             ledger,
             advertise,
             history: Mutex::new(history),
-            pending: Mutex::new(HashMap::new()),
+            waiting: Arc::new(Waiting::default()),
         })
     }
 
@@ -121,21 +113,21 @@ impl NodeState {
         let mut history = self.history.lock().unwrap_or_else(|p| p.into_inner());
         let checked = if is_aggregate(spec) {
             // N parties, one agreement with each peer; the release goes to the coordinator only.
-            crate::aggregate_policy::check_offer_at(&cfg, spec, me, now_ms).map(|p| p.permit)
+            crate::policy::aggregate::check_offer_at(&cfg, spec, me, now_ms).map(|p| p.permit)
         } else {
-            agreement::check_offer_at(&cfg, spec, me, now_ms)
+            policy::psi::check_offer_at(&cfg, spec, me, now_ms)
         };
         let decision = checked.and_then(|permit| {
             // ECDH-PSI gives both parties the count: an agreement that forbids the partner
             // learning counts cannot be honoured by this protocol, so the job is refused.
-            if !is_aggregate(spec) && !permit.counts_allowed_to(crate::config::Recipient::Partner) {
+            if !is_aggregate(spec) && !permit.counts_allowed_to(crate::policy::Recipient::Partner) {
                 return Err(Veto(format!(
                     "this computation reveals the count to {}, and the agreement does not allow counts to the partner",
                     permit.partner
                 )));
             }
             if spec.kind == cleanroom_proto::v1::JobKind::OverlapSum as i32 {
-                crate::sum_policy::check_offer(&permit, spec, me)?;
+                crate::policy::overlap_sum::check_offer(&permit, spec, me)?;
             }
             let key = run_key(spec, me, &permit);
             if let Some(counter) = &permit.runs {
@@ -145,7 +137,7 @@ impl NodeState {
             // been charged: a repeated offer of a charged job is refused (its data may have
             // changed, and its noise was never kept).
             if let Some(charge) = permit.charge(job_id, &cfg) {
-                let key = crate::noised_release::release_key(job_id, spec);
+                let key = crate::spec::release_key(job_id, spec);
                 self.ledger
                     .check(&key, &charge, now_ms)
                     .map_err(|e| budget_veto(&cfg.name, e))?;
@@ -165,7 +157,7 @@ impl NodeState {
             job_id: job_id.to_owned(),
             partner: partner.clone(),
             purpose: spec.purpose.clone(),
-            computation: computation_name(spec.kind).to_owned(),
+            computation: crate::spec::computation_name(spec.kind).to_owned(),
             dataset: mine.dataset.clone(),
             keys: mine.keys.clone(),
             accepted: decision.is_ok(),
@@ -212,7 +204,7 @@ impl NodeState {
             return Ok(());
         }
         if is_aggregate(spec) {
-            let fresh = crate::aggregate_policy::check_offer_at(&cfg, spec, me, now_ms)?;
+            let fresh = crate::policy::aggregate::check_offer_at(&cfg, spec, me, now_ms)?;
             if &fresh.permit != permit {
                 return Err(Veto(format!(
                     "the policy for {} changed while the job ran; its terms no longer hold",
@@ -221,74 +213,7 @@ impl NodeState {
             }
             return Ok(());
         }
-        agreement::recheck(&cfg, spec, me, now_ms, permit)
-    }
-
-    /// Registers a job whose initiator will dial us; the returned receiver yields its connection.
-    pub fn expect_connection(&self, job_id: &str, partner: &str) -> oneshot::Receiver<Delivery> {
-        let (tx, rx) = oneshot::channel();
-        let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
-        pending.insert(
-            job_id.to_owned(),
-            PendingJob {
-                partner: partner.to_owned(),
-                deliver: tx,
-            },
-        );
-        rx
-    }
-
-    /// Forgets a job that no longer waits for a connection.
-    pub fn forget_pending(&self, job_id: &str) {
-        let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
-        pending.remove(job_id);
-    }
-
-    /// Hands an incoming data-plane connection to the job it names, if that job waits for
-    /// exactly this peer. Returns why not otherwise.
-    pub fn deliver(&self, job_id: &str, peer: &Identity, handover: Handover) -> Result<(), String> {
-        let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
-        let Some(job) = pending.get(job_id) else {
-            return Err(format!(
-                "no job '{job_id}' is waiting for a data-plane connection"
-            ));
-        };
-        if job.partner != peer.name {
-            return Err(format!(
-                "job '{job_id}' expects node '{}', but the connection is from {peer}",
-                job.partner
-            ));
-        }
-        let job = pending
-            .remove(job_id)
-            .ok_or_else(|| "job vanished".to_owned())?;
-        job.deliver
-            .send(Ok(handover))
-            .map_err(|_| format!("job '{job_id}' is no longer running"))
-    }
-
-    /// Ends, with `reason`, the wait of the jobs expecting a connection from node `peer` whose
-    /// data-plane connection was just refused: the job `job_id` (under either of its keys), or
-    /// every job waiting for `peer` when `None`. Jobs waiting for another node are never
-    /// touched. Returns how many waits it ended.
-    pub fn refuse(&self, peer: &str, job_id: Option<&str>, reason: &str) -> usize {
-        let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
-        let keys: Vec<String> = pending
-            .iter()
-            .filter(|(key, job)| {
-                job.partner == peer
-                    && job_id.is_none_or(|j| {
-                        *key == j || **key == crate::aggregate_job::pending_key(j, peer)
-                    })
-            })
-            .map(|(key, _)| key.clone())
-            .collect();
-        for key in &keys {
-            if let Some(job) = pending.remove(key) {
-                let _ = job.deliver.send(Err(reason.to_owned()));
-            }
-        }
-        keys.len()
+        policy::psi::recheck(&cfg, spec, me, now_ms, permit)
     }
 }
 
@@ -312,24 +237,13 @@ fn run_key(spec: &cleanroom_proto::v1::JobSpec, me: usize, permit: &Permit) -> R
     let mine = spec.parties.get(me).cloned().unwrap_or_default();
     RunKey::of(
         &permit.partner,
-        computation_name(spec.kind),
+        crate::spec::computation_name(spec.kind),
         &mine.dataset,
         &mine.keys,
     )
 }
 
-/// The computation's name as the audit log and the policy spell it.
-pub fn computation_name(kind: i32) -> &'static str {
-    match cleanroom_proto::v1::JobKind::try_from(kind) {
-        Ok(cleanroom_proto::v1::JobKind::Overlap) => "overlap",
-        Ok(cleanroom_proto::v1::JobKind::Match) => "match",
-        Ok(cleanroom_proto::v1::JobKind::Aggregate) => "aggregate",
-        Ok(cleanroom_proto::v1::JobKind::OverlapSum) => "overlap-sum",
-        _ => "unknown",
-    }
-}
-
-/// Whether `spec` is an N-party aggregate (decided by [`crate::aggregate_policy`]).
+/// Whether `spec` is an N-party aggregate (decided by [`crate::policy::aggregate`]).
 fn is_aggregate(spec: &cleanroom_proto::v1::JobSpec) -> bool {
     spec.kind == cleanroom_proto::v1::JobKind::Aggregate as i32
 }
@@ -419,9 +333,9 @@ budget_per_purpose = { epsilon_per_period = 1, period = "day" }
             loss: crate::ledger::Loss::Epsilon(0.5),
             purpose_caps: Vec::new(),
             node_cap: None,
-            delta: crate::config::DEFAULT_DP_DELTA,
+            delta: crate::policy::DEFAULT_DP_DELTA,
         };
-        let key = crate::noised_release::release_key(job_id, &spec());
+        let key = crate::spec::release_key(job_id, &spec());
         state
             .ledger
             .charge_and_draw(&key, &charge, NOW - 1000, || Ok::<i64, String>(0))

@@ -15,6 +15,10 @@ pub mod v1 {
     include!(concat!(env!("OUT_DIR"), "/cleanroom.v1.rs"));
 }
 
+/// The compiled descriptors of `proto/cleanroom.proto` (a serialized `FileDescriptorSet`), for
+/// reading and writing the messages as JSON by reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/cleanroom.fds"));
+
 pub mod frame;
 
 pub use frame::{FrameDecoder, FrameError, MAX_FRAME_LEN, encode_frame};

@@ -236,7 +236,7 @@ pub async fn join_next_job(
     let hello = Body::PsiHello(PsiHello {
         sender: name.into(),
         set_size: declared,
-        spec_digest: cleanroom_node::psi_job::spec_digest(&job.job_id, &job.spec).to_vec(),
+        spec_digest: cleanroom_node::job::spec_digest(&job.job_id, &job.spec).to_vec(),
         // Release terms an honest node with the default agreement sends.
         release: Some(cleanroom_proto::v1::ReleaseTerms {
             min_result: 1,
@@ -426,7 +426,7 @@ impl FakeParty {
         let seed = ShareSeed::generate().expect("entropy");
         AggregateHello {
             sender: self.name.clone(),
-            spec_digest: cleanroom_node::psi_job::spec_digest(&self.job_id, &self.spec).to_vec(),
+            spec_digest: cleanroom_node::job::spec_digest(&self.job_id, &self.spec).to_vec(),
             terms: Some(self.honest_terms()),
             share_seed: seed.to_bytes(),
         }

@@ -15,6 +15,7 @@ use serde_json::Value;
 pub mod fake_node;
 pub mod proxy;
 pub mod raw_coordinator;
+pub mod web;
 
 /// Paths of the `cleanroom` and `cleanroom-node` binaries, built once per test process with
 /// the same profile as the tests.
@@ -163,6 +164,12 @@ pub struct Consortium {
     /// When set, every process started from now on records what it receives in
     /// `<this dir>/<process name>.frames` (see [`Consortium::record_transcripts`]).
     pub transcripts: Option<PathBuf>,
+    /// Whether coordinators started from now on serve the web console (`[web]`), and where the
+    /// running one does.
+    pub serve_web: bool,
+    pub web: Option<SocketAddr>,
+    /// Whether processes started from now on log JSON lines (`CLEANROOM_LOG_FORMAT=json`).
+    pub log_json: bool,
 }
 
 impl Consortium {
@@ -185,6 +192,9 @@ impl Consortium {
             addr: None,
             nodes: Vec::new(),
             transcripts: None,
+            serve_web: false,
+            web: None,
+            log_json: false,
         }
     }
 
@@ -256,7 +266,7 @@ impl Consortium {
         let cfg = self.path().join("coordinator.toml");
         std::fs::write(
             &cfg,
-            format!("listen = \"{listen}\"\ndatabase = \"coordinator.db\"\noffer_timeout_secs = 10\n\n[tls]\nca = \"pki/ca.pem\"\ncert = \"pki/coordinator.pem\"\nkey = \"pki/coordinator.key\"\n"),
+            format!("listen = \"{listen}\"\ndatabase = \"coordinator.db\"\noffer_timeout_secs = 10\n\n[tls]\nca = \"pki/ca.pem\"\ncert = \"pki/coordinator.pem\"\nkey = \"pki/coordinator.key\"\n{}", if self.serve_web { "\n[web]\nlisten = \"127.0.0.1:0\"\n" } else { "" }),
         )
         .unwrap();
         let log = self.path().join(format!("logs/{name}.log"));
@@ -265,6 +275,10 @@ impl Consortium {
             cmd.env(TRANSCRIPT_ENV, t);
         }
         let mut child = cmd
+            .env(
+                "CLEANROOM_LOG_FORMAT",
+                if self.log_json { "json" } else { "text" },
+            )
             .args(["coordinator", "serve", "--config"])
             .arg(&cfg)
             .arg("--stop-on-stdin-eof")
@@ -276,9 +290,22 @@ impl Consortium {
             .spawn()
             .expect("starting the coordinator");
         let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
+        let mut stdout = BufReader::new(child.stdout.take().unwrap());
+        stdout.read_line(&mut line).unwrap();
+        self.web = None;
+        if self.serve_web {
+            let mut web = String::new();
+            stdout.read_line(&mut web).unwrap();
+            self.web = Some(
+                web.trim()
+                    .strip_prefix("web ")
+                    .unwrap_or_else(|| {
+                        panic!("coordinator said {web:?} instead of its web address")
+                    })
+                    .parse()
+                    .unwrap(),
+            );
+        }
         let addr: SocketAddr = line
             .trim()
             .strip_prefix("listening ")

@@ -20,6 +20,7 @@ pub mod addr;
 pub mod endpoint;
 pub mod error;
 pub mod framed;
+pub mod https;
 pub mod identity;
 pub mod pki;
 #[cfg(feature = "transcript")]
@@ -31,6 +32,7 @@ pub use endpoint::{
 };
 pub use error::TransportError;
 pub use framed::{FramedRecv, FramedSend, accept_bi, open_bi};
+pub use https::{https_client_config, https_client_config_anonymous, https_server_config};
 pub use identity::{Identity, PeerRole, peer_identity};
 pub use pki::{CaPaths, CertPaths, Credentials, init_ca, issue, issue_with_validity};
 

@@ -9,6 +9,7 @@
 
 use std::fmt::Write as _;
 
+use cleanroom_coordinator::api::web::chart::fitted_axis;
 use cleanroom_coordinator::report::{ReportRun, ScheduleReport, format_time, format_with, zone};
 use jiff::tz::TimeZone;
 
@@ -65,7 +66,7 @@ pub fn render_html(report: &ScheduleReport) -> String {
     );
     let _ = writeln!(
         out,
-        "<p class=\"sub\">Recurring {} between {} · runs since {}</p>",
+        "<p class=\"sub\">Recurring {} between {} · {}</p>",
         escape_html(&report.kind),
         escape_html(
             &report
@@ -75,7 +76,7 @@ pub fn render_html(report: &ScheduleReport) -> String {
                 .collect::<Vec<_>>()
                 .join(" and ")
         ),
-        escape_html(&format_with(report.since_ms, &tz, "%Y-%m-%d"))
+        escape_html(&run_range(report, &tz))
     );
     out.push_str("</header>\n<dl class=\"meta\">\n");
     let _ = writeln!(
@@ -217,20 +218,19 @@ fn trend(last: Option<u64>, previous: Option<u64>) -> (String, &'static str) {
     }
 }
 
-/// A "nice" upper bound and step for an axis from 0 to `max` with about `ticks` ticks.
-fn nice_axis(max: u64, ticks: u64) -> (u64, u64) {
-    let max = max.max(1);
-    let raw = max.div_ceil(ticks).max(1);
-    let mut magnitude = 1u64;
-    while magnitude.saturating_mul(10) <= raw {
-        magnitude *= 10;
+/// The window the report covers, in words: the dates of its first and last runs (not the
+/// start of a window that defaults to 1970).
+fn run_range(report: &ScheduleReport, tz: &TimeZone) -> String {
+    let day = |ms: i64| format_with(ms, tz, "%Y-%m-%d");
+    match (report.runs.first(), report.runs.last()) {
+        (Some(a), Some(b)) => format!(
+            "runs from {} to {}",
+            day(a.scheduled_for_ms),
+            day(b.scheduled_for_ms)
+        ),
+        _ if report.since_ms > 0 => format!("no runs since {}", day(report.since_ms)),
+        _ => "no runs yet".to_owned(),
     }
-    let step = [1, 2, 5, 10]
-        .iter()
-        .map(|m| m * magnitude)
-        .find(|&s| s >= raw)
-        .unwrap_or(10 * magnitude);
-    (max.div_ceil(step) * step, step)
 }
 
 const CHART_W: f64 = 960.0;
@@ -269,13 +269,18 @@ fn chart(out: &mut String, report: &ScheduleReport, tz: &TimeZone) {
     }
     let x = |t: i64| LEFT + (t - t0) as f64 / (t1 - t0) as f64 * plot_w;
 
-    let max_value = points.iter().map(|&(_, v)| v).max().unwrap_or(0);
-    let (y_max, y_step) = nice_axis(max_value, 5);
-    let y = |v: u64| base_y - v as f64 / y_max as f64 * plot_h;
+    // The y-axis is fitted to the data, not started at 0: a fall from 2,468 to 2,408 shows.
+    let lo = points.iter().map(|&(_, v)| v).min().unwrap_or(0) as f64;
+    let hi = points.iter().map(|&(_, v)| v).max().unwrap_or(0) as f64;
+    let (y_min, y_max, y_step) = fitted_axis(lo, hi);
+    let yf = |v: f64| base_y - (v - y_min) / (y_max - y_min) * plot_h;
+    let y = |v: u64| yf(v as f64);
 
     // Grid and y labels.
-    let mut v = 0;
-    while v <= y_max {
+    let mut tick = 0.0;
+    while y_min + tick * y_step <= y_max + y_step / 1000.0 {
+        let v = (y_min + tick * y_step).round() as u64;
+        tick += 1.0;
         let yy = y(v);
         let _ = writeln!(
             out,
@@ -286,7 +291,6 @@ fn chart(out: &mut String, report: &ScheduleReport, tz: &TimeZone) {
             yy + 4.0,
             group_digits(v)
         );
-        v += y_step;
     }
     // Axes.
     let _ = writeln!(
@@ -571,10 +575,24 @@ mod tests {
     }
 
     #[test]
-    fn axis_steps_are_nice() {
-        assert_eq!(nice_axis(1342, 5), (1500, 500));
-        assert_eq!(nice_axis(0, 5), (1, 1));
-        assert_eq!(nice_axis(97, 5), (100, 20));
+    fn the_axis_is_fitted_and_the_window_has_real_dates() {
+        // Released values 1,190 to 1,342: the axis starts near them, not at 0 (which made a
+        // fall look flat), and the subtitle names the runs' dates, not 1970.
+        let (_dir, report) = schedule_with_history();
+        let html = render_html(&report);
+        assert!(
+            !html.contains("text-anchor=\"end\">0<"),
+            "the y-axis starts at 0"
+        );
+        let ticks: Vec<u64> = html
+            .split("text-anchor=\"end\">")
+            .skip(1)
+            .filter_map(|t| t.split('<').next()?.replace(',', "").parse().ok())
+            .collect();
+        let lowest = *ticks.iter().min().unwrap();
+        assert!((1100..=1190).contains(&lowest), "{ticks:?}");
+        assert!(!html.contains("1970"));
+        assert!(html.contains("runs from 20"), "no date range");
         assert_eq!(group_digits(1_234_567), "1,234,567");
     }
 }

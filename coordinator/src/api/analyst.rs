@@ -4,9 +4,9 @@
 use std::sync::Arc;
 
 use cleanroom_proto::v1::{
-    AnalystResponse, Envelope, JobInfo, JobList, JobState, NodeInfo, NodeList, Phase, ScheduleInfo,
-    ScheduleList, ScheduleRunInfo, analyst_request::Request, analyst_response::Response,
-    envelope::Body,
+    AnalystRequest, AnalystResponse, Envelope, JobInfo, JobList, JobState, NodeInfo, NodeList,
+    Phase, ScheduleInfo, ScheduleList, ScheduleRunInfo, analyst_request::Request,
+    analyst_response::Response, envelope::Body,
 };
 use cleanroom_transport::{FramedRecv, FramedSend, Identity};
 
@@ -151,6 +151,26 @@ async fn analyst_request(
     }
     let _ = send.finish();
     let _ = send.stopped().await;
+}
+
+/// Answers one analyst request, `job_id` being the job it is about (empty for none). This is
+/// the one entry point of the analyst API: the QUIC sessions and the web console (its JSON API
+/// and its pages) both call it, so they apply the same checks and the same visibility rules,
+/// decided in one place (today every analyst of the consortium sees every job and schedule).
+pub async fn answer(
+    shared: &Arc<Shared>,
+    peer: &Identity,
+    job_id: &str,
+    request: Request,
+) -> Result<Response, CoordinatorError> {
+    let env = Envelope {
+        job_id: job_id.to_owned(),
+        phase: Phase::Analyst as i32,
+        body: Some(Body::AnalystRequest(AnalystRequest {
+            request: Some(request),
+        })),
+    };
+    handle(shared, peer, env).await
 }
 
 async fn handle(

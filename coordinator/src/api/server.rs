@@ -15,6 +15,7 @@ use cleanroom_transport::{Credentials, Identity, PeerRole, TransportTuning};
 use tokio::sync::watch;
 
 use super::analyst::{analyst_session, submit_scheduled};
+use super::web::WebServer;
 use crate::clock::{SystemClock, now_ms};
 use crate::config::CoordinatorConfig;
 use crate::error::CoordinatorError;
@@ -32,11 +33,12 @@ pub const SHUTDOWN_REASON: &str =
 const CLOSE_REFUSED: u32 = 2;
 
 /// Runs the coordinator until `shutdown` turns true. `on_bound` is called once with the bound
-/// address (the CLI prints it, so tests and the demo can use port 0).
+/// QUIC address and the web console's, if `[web]` is set (the CLI prints them, so tests and the
+/// demo can use port 0).
 pub async fn serve(
     cfg: CoordinatorConfig,
     mut shutdown: watch::Receiver<bool>,
-    on_bound: impl FnOnce(SocketAddr),
+    on_bound: impl FnOnce(SocketAddr, Option<SocketAddr>),
 ) -> Result<(), CoordinatorError> {
     let creds = Credentials::load(&cfg.tls.ca, &cfg.tls.cert, &cfg.tls.key)?;
     let me = creds.identity()?;
@@ -56,9 +58,14 @@ pub async fn serve(
             cfg.listen
         ))
     })?;
+    let web = match &cfg.web {
+        Some(web) => Some(WebServer::bind(web.listen, &creds).await?),
+        None => None,
+    };
     tracing::info!(listen = %bound, database = %cfg.database.display(), "coordinator listening");
-    on_bound(bound);
+    on_bound(bound, web.as_ref().map(WebServer::addr));
     let shared = Arc::new(Shared::new(cfg, store, holder));
+    let web = web.map(|web| tokio::spawn(web.serve(shared.clone(), shutdown.clone())));
     // Jobs left unfinished by an earlier coordinator are resumed or failed by the orphan sweep,
     // once their leases have expired — at once if it stopped gracefully.
     let sweeper = {
@@ -120,6 +127,12 @@ pub async fn serve(
     }
     if let Err(e) = sweeper.await {
         tracing::warn!(error = %e, "the orphan sweep task failed");
+    }
+    if let Some(Err(e)) = match web {
+        Some(web) => Some(web.await),
+        None => None,
+    } {
+        tracing::warn!(error = %e, "the web console task failed");
     }
     // Settle this process's jobs *before* closing the connections: closing them makes the
     // runners fail their jobs with "node lost", which would hide why. A runner's later
@@ -198,7 +211,7 @@ fn fail(store: &JobStore, job_id: &str, reason: &str) {
 
 async fn node_session(shared: Arc<Shared>, conn: quinn::Connection, peer: Identity) {
     let hello = async {
-        let (mut send, mut recv) = cleanroom_transport::accept_bi(&conn).await?;
+        let (send, mut recv) = cleanroom_transport::accept_bi(&conn).await?;
         let env = recv.recv_expect("", Phase::Hello).await?;
         let Some(Body::NodeHello(hello)) = env.body else {
             return Err(CoordinatorError::Protocol {
@@ -212,17 +225,10 @@ async fn node_session(shared: Arc<Shared>, conn: quinn::Connection, peer: Identi
                 reason: format!("hello claims to be '{}'", hello.node_name),
             });
         }
-        send.send(&Envelope {
-            job_id: String::new(),
-            phase: Phase::Hello as i32,
-            body: Some(Body::HelloAck(HelloAck {
-                coordinator_name: "coordinator".into(),
-            })),
-        })
-        .await?;
-        Ok(hello.data_addr)
+        Ok((send, recv, hello.data_addr))
     };
-    let data_addr = match hello.await {
+    // The hello stream stays open until the acknowledgement is sent, as before.
+    let (mut send, recv, data_addr) = match hello.await {
         Ok(a) => a,
         Err(e) => {
             tracing::warn!(peer = %peer, error = %e, "refused node");
@@ -233,6 +239,9 @@ async fn node_session(shared: Arc<Shared>, conn: quinn::Connection, peer: Identi
     if let Err(e) = shared.store.record_node(&peer.name, &data_addr, now_ms()) {
         tracing::warn!(node = %peer.name, error = %e, "could not record the node");
     }
+    // Registered before it is acknowledged: once a node has its HelloAck, every offer goes to
+    // this connection, never to the one it replaces (a node restarted within the idle timeout
+    // would otherwise see its first job offered on its dead predecessor's connection).
     shared.registry.insert(
         &peer.name,
         NodeHandle {
@@ -240,6 +249,22 @@ async fn node_session(shared: Arc<Shared>, conn: quinn::Connection, peer: Identi
             data_addr: data_addr.clone(),
         },
     );
+    let ack = send
+        .send(&Envelope {
+            job_id: String::new(),
+            phase: Phase::Hello as i32,
+            body: Some(Body::HelloAck(HelloAck {
+                coordinator_name: "coordinator".into(),
+            })),
+        })
+        .await;
+    drop((send, recv));
+    if let Err(e) = ack {
+        tracing::warn!(node = %peer.name, error = %e, "could not acknowledge the node");
+        shared.registry.remove(&peer.name, &conn);
+        return;
+    }
+    shared.metrics.node_connected(&peer.name);
     tracing::info!(node = %peer.name, data_plane = %data_addr, "node connected");
     let why = conn.closed().await;
     shared.registry.remove(&peer.name, &conn);

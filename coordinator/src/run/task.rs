@@ -85,6 +85,7 @@ async fn run_job(shared: Arc<Shared>, job_id: String, spec: JobSpec, launch: Lau
         }
         Some(drive(&shared, &job_id, &spec, launch).await)
     };
+    let started = std::time::Instant::now();
     let outcome = tokio::select! {
         outcome = run.instrument(span.clone()) => outcome,
         lost = keep_lease(&shared, &job_id) => {
@@ -99,6 +100,10 @@ async fn run_job(shared: Arc<Shared>, job_id: String, spec: JobSpec, launch: Lau
         return;
     };
     // The one place a job's error becomes prose: the reason stored with its final state.
+    let vetoed_by: Vec<String> = match &outcome {
+        Err(JobError::Vetoed(vetoes)) => vetoes.iter().map(|v| v.node.clone()).collect(),
+        _ => Vec::new(),
+    };
     let (state, reason) = match outcome {
         Ok(summary) => (JobState::Succeeded, summary),
         Err(error) => (error.state(), error.to_string()),
@@ -107,6 +112,19 @@ async fn run_job(shared: Arc<Shared>, job_id: String, spec: JobSpec, launch: Lau
     if let Err(e) = shared.store.transition(&job_id, state, &reason, now_ms()) {
         tracing::warn!(error = %e, "could not record the job's end");
     }
+    // Items processed: the distinct identifiers each party reported for its own set.
+    let items = match shared.store.get(&job_id) {
+        Ok(Some(info)) if state == JobState::Succeeded => info
+            .results
+            .iter()
+            .filter_map(|r| r.outcome.as_ref())
+            .map(|o| o.own_set_size)
+            .fold(0u64, u64::saturating_add),
+        _ => 0,
+    };
+    shared
+        .metrics
+        .job_ended(spec.kind, state, started.elapsed(), items, &vetoed_by);
 }
 
 /// Renews the job's lease every [`LEASE_RENEW`]; returns (why) once it is lost. A renewal that

@@ -181,6 +181,27 @@ impl JobStore {
         Ok(info)
     }
 
+    /// How many jobs the store holds per (kind, state), as stored (`cleanroom.v1.JobKind` and
+    /// `JobState` numbers): the `/metrics` gauge of jobs by kind and state.
+    pub fn count_by_kind_and_state(&self) -> Result<Vec<(i32, i32, u64)>, StoreError> {
+        let conn = self.lock();
+        let mut stmt =
+            conn.prepare_cached("SELECT kind, state, COUNT(*) FROM jobs GROUP BY kind, state")?;
+        let rows = stmt
+            .query_map([], |row| {
+                Ok((
+                    row.get::<_, i32>(0)?,
+                    row.get::<_, i32>(1)?,
+                    row.get::<_, i64>(2)?,
+                ))
+            })?
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(rows
+            .into_iter()
+            .map(|(k, s, n)| (k, s, u64::try_from(n).unwrap_or(0)))
+            .collect())
+    }
+
     /// The most recently created jobs, newest first, at most `limit` of them (and never more
     /// than [`MAX_LIST_LIMIT`]). A limit of 0 returns no jobs: choosing a default is the API's
     /// business.

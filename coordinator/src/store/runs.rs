@@ -68,6 +68,9 @@ pub struct ScheduleRun {
     pub job_updated_ms: Option<i64>,
     /// The released intersection size, if the parties reported one.
     pub intersection: Option<u64>,
+    /// The smaller of the two parties' set sizes in the same report (the largest the
+    /// intersection could be): the base of the overlap rate.
+    pub smaller_set: Option<u64>,
 }
 
 impl JobStore {
@@ -379,13 +382,16 @@ fn load_runs(
             (Some(job_id), Some(state)) => Some(decode_state(job_id, state)?),
             _ => None,
         };
-        let intersection = match &job_id {
+        let released = match &job_id {
             Some(job_id) => job_outcomes(conn, job_id)?
                 .into_iter()
-                .find(|(_, outcome)| !releases_nothing(outcome))
-                .map(|(_, outcome)| outcome.intersection),
+                .find(|(_, outcome)| !releases_nothing(outcome)),
             None => None,
         };
+        let intersection = released.as_ref().map(|(_, o)| o.intersection);
+        let smaller_set = released
+            .as_ref()
+            .map(|(_, o)| o.own_set_size.min(o.peer_set_size));
         runs.push(ScheduleRun {
             schedule,
             scheduled_for_ms,
@@ -398,6 +404,7 @@ fn load_runs(
             job_reason: reason.unwrap_or_default(),
             job_updated_ms: updated_ms,
             intersection,
+            smaller_set,
         });
     }
     Ok(runs)

@@ -1,0 +1,222 @@
+//! The audit log's event schema: what one entry records.
+
+use serde::{Deserialize, Serialize};
+
+use super::AuditError;
+
+/// What per-person clipping did with one party's rows (audited with its Access).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PersonCounts {
+    /// Distinct persons counted.
+    pub persons: u64,
+    /// Rows of a person outside the group of its first row (left out).
+    pub rows_outside_group: u64,
+}
+
+/// One audited event. Serialized tagged by `"kind"`; unknown fields are refused when reading.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", deny_unknown_fields)]
+pub enum AuditEvent {
+    /// The node loaded its config / policy.
+    PolicyLoaded {
+        /// Hex SHA-256 of the config file.
+        digest: String,
+        /// The partners the node has agreements with.
+        agreements: Vec<String>,
+    },
+    /// An offer was accepted or vetoed.
+    Decision {
+        /// The job.
+        job_id: String,
+        /// The partner the job is with.
+        partner: String,
+        /// The declared purpose.
+        purpose: String,
+        /// The computation (e.g. `overlap`, `match`).
+        computation: String,
+        /// The local dataset named by the offer.
+        dataset: String,
+        /// The join keys (column names).
+        keys: Vec<String>,
+        /// Accepted (true) or vetoed (false).
+        accepted: bool,
+        /// Why (the veto reason, or the agreement clause that allowed it).
+        reason: String,
+    },
+    /// Data was read for a job.
+    Access {
+        /// The job.
+        job_id: String,
+        /// The dataset read.
+        dataset: String,
+        /// The columns read.
+        columns: Vec<String>,
+        /// Rows read from the source.
+        rows_read: u64,
+        /// Rows rejected: an identifier that does not normalise, or (aggregate, overlap-sum) a
+        /// value or group that is not an integer. Kept here, in the node's own log: the
+        /// coordinator is not told.
+        rows_rejected: u64,
+        /// Rows excluded because consent for the purpose is missing.
+        rows_excluded_consent: u64,
+        /// Rows excluded because the subject asked to be forgotten.
+        rows_excluded_deleted: u64,
+        /// Aggregate: rows counted in "(other)" (an unlisted label or an integer out of range).
+        /// A party's own figure, kept here and never reported (absent in older entries and for
+        /// other job kinds).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        rows_other: Option<u64>,
+        /// Aggregate with per-person clipping: the persons counted, and the rows left out
+        /// because they lie outside the group of their person's first row.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        persons: Option<PersonCounts>,
+    },
+    /// Something was released.
+    Release {
+        /// The job.
+        job_id: String,
+        /// The partner the job is with.
+        partner: String,
+        /// What was released, e.g. "intersection count".
+        what: String,
+        /// To whom, e.g. `["coordinator", "globex"]`.
+        to: Vec<String>,
+        /// The released number, if it is one (counts only; never identifiers).
+        value: Option<u64>,
+        /// The ε spent by this release (0 for exact releases). For an aggregate, the zCDP ε of
+        /// the agreements; what it charged is `rho`.
+        epsilon: f64,
+        /// The zCDP ρ this release charged (an aggregate's discrete Gaussian); absent for pure-ε
+        /// and exact releases (and in older entries).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        rho: Option<f64>,
+    },
+    /// A job failed.
+    JobError {
+        /// The job.
+        job_id: String,
+        /// The partner the job is with.
+        partner: String,
+        /// Why.
+        reason: String,
+    },
+    /// A subject was forgotten (deletion request).
+    Forget {
+        /// The dataset.
+        dataset: String,
+        /// A hash of the key (never the key).
+        key_hash: String,
+    },
+}
+
+impl AuditEvent {
+    /// The kind tag, as written in the log.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            AuditEvent::PolicyLoaded { .. } => "PolicyLoaded",
+            AuditEvent::Decision { .. } => "Decision",
+            AuditEvent::Access { .. } => "Access",
+            AuditEvent::Release { .. } => "Release",
+            AuditEvent::JobError { .. } => "JobError",
+            AuditEvent::Forget { .. } => "Forget",
+        }
+    }
+
+    /// The job this event belongs to, if any.
+    pub fn job_id(&self) -> Option<&str> {
+        match self {
+            AuditEvent::Decision { job_id, .. }
+            | AuditEvent::Access { job_id, .. }
+            | AuditEvent::Release { job_id, .. }
+            | AuditEvent::JobError { job_id, .. } => Some(job_id),
+            AuditEvent::PolicyLoaded { .. } | AuditEvent::Forget { .. } => None,
+        }
+    }
+
+    /// A one-line human summary (no job id, no time).
+    pub fn summary(&self) -> String {
+        match self {
+            AuditEvent::PolicyLoaded { digest, agreements } => format!(
+                "config sha256 {}…, agreements with [{}]",
+                digest.get(..16).unwrap_or(digest),
+                agreements.join(", ")
+            ),
+            AuditEvent::Decision {
+                partner,
+                purpose,
+                computation,
+                dataset,
+                keys,
+                accepted,
+                reason,
+                ..
+            } => format!(
+                "{} {computation} with {partner} for '{purpose}' on {dataset} by [{}]: {reason}",
+                if *accepted { "ACCEPTED" } else { "VETOED" },
+                keys.join(", ")
+            ),
+            AuditEvent::Access {
+                dataset,
+                columns,
+                rows_read,
+                rows_rejected,
+                rows_excluded_consent,
+                rows_excluded_deleted,
+                rows_other,
+                persons,
+                ..
+            } => format!(
+                "read {dataset} [{}]: {rows_read} rows, {rows_rejected} rejected, \
+                 {rows_excluded_consent} excluded (consent), {rows_excluded_deleted} excluded (deleted){}{}",
+                columns.join(", "),
+                rows_other
+                    .map(|n| format!(", {n} in (other)"))
+                    .unwrap_or_default(),
+                persons
+                    .map(|p| format!(
+                        ", {} persons ({} rows outside their person's group left out)",
+                        p.persons, p.rows_outside_group
+                    ))
+                    .unwrap_or_default()
+            ),
+            AuditEvent::Release {
+                partner,
+                what,
+                to,
+                value,
+                epsilon,
+                rho,
+                ..
+            } => format!(
+                "released {what}{} to [{}] (job with {partner}), ε = {epsilon}{}",
+                value.map(|v| format!(" = {v}")).unwrap_or_default(),
+                to.join(", "),
+                rho.map(|r| format!(" (zCDP, ρ = {r})")).unwrap_or_default()
+            ),
+            AuditEvent::JobError {
+                partner, reason, ..
+            } => format!("job with {partner} failed: {reason}"),
+            AuditEvent::Forget { dataset, key_hash } => format!(
+                "forgot a subject of {dataset} (key hash {}…)",
+                key_hash.get(..16).unwrap_or(key_hash)
+            ),
+        }
+    }
+
+    pub(crate) fn validate(&self) -> Result<(), AuditError> {
+        if let AuditEvent::Release { epsilon, rho, .. } = self {
+            if !epsilon.is_finite() || *epsilon < 0.0 {
+                return Err(AuditError::Invalid(format!(
+                    "a release's ε must be finite and non-negative, not {epsilon}"
+                )));
+            }
+            if let Some(r) = rho.filter(|r| !r.is_finite() || *r < 0.0) {
+                return Err(AuditError::Invalid(format!(
+                    "a release's ρ must be finite and non-negative, not {r}"
+                )));
+            }
+        }
+        Ok(())
+    }
+}

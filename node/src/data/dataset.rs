@@ -1,0 +1,1022 @@
+//! CSV ingestion: streams a dataset's file row by row and turns the requested identifier
+//! columns into join keys.
+//!
+//! A join key is the normalised value of each requested identifier, joined with the
+//! [`KEY_PART_SEPARATOR`] byte for a composite key. Rows where a key part does not normalise
+//! (or is too long, or not UTF-8, or missing) are counted as rejected and never matched. Errors
+//! and logs name the file, the row and the column, never a value: values are raw identifiers.
+
+use std::collections::HashSet;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use cleanroom_circuits::ItemSet;
+
+use super::normalise::{NormaliseError, NormaliseOptions, Normaliser};
+use super::schema::{DatasetConfig, IdentifierConfig};
+
+/// Most rows a dataset may have for one job.
+pub const MAX_ROWS: u64 = 100_000_000;
+
+/// The byte between the parts of a composite key (ASCII unit separator). A field containing it
+/// is rejected, so that no two different part lists can join to the same key.
+pub const KEY_PART_SEPARATOR: u8 = 0x1F;
+
+/// Longest raw field (bytes) accepted in an identifier column; a longer one rejects its row.
+pub const MAX_FIELD_BYTES: usize = 1024;
+
+/// How many rejected rows are logged (row, column, reason) per pass; the rest are only counted.
+const LOGGED_REJECTIONS: u64 = 10;
+
+/// Read buffer of the CSV reader.
+const READ_BUFFER: usize = 256 * 1024;
+
+/// The identifier names a job joins on, e.g. `["email"]` or `["email", "phone"]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeySpec {
+    /// Identifier names (as declared in the dataset config), in join order.
+    pub names: Vec<String>,
+}
+
+impl KeySpec {
+    /// A key spec from identifier names.
+    pub fn new<S: Into<String>>(names: impl IntoIterator<Item = S>) -> KeySpec {
+        KeySpec {
+            names: names.into_iter().map(Into::into).collect(),
+        }
+    }
+}
+
+/// The distinct join keys of a dataset, and what reading it found.
+#[derive(Debug, Clone)]
+pub struct LoadedKeys {
+    /// Distinct join keys, sorted (deduplicated with [`ItemSet::dedup`]).
+    pub items: ItemSet,
+    /// Data rows read (header excluded), rejected ones included.
+    pub rows_read: u64,
+    /// Rows skipped because a key part was missing, too long, not UTF-8 or did not normalise.
+    pub rows_rejected: u64,
+    /// Accepted rows whose key equals that of an earlier row.
+    pub duplicate_rows: u64,
+    /// Rows excluded because they lack consent for the job's purpose.
+    pub rows_excluded_consent: u64,
+    /// Rows excluded because one of their identifiers belongs to a forgotten subject.
+    pub rows_excluded_deleted: u64,
+}
+
+/// Forgotten subjects: keyed hashes ([`forget_hash`]) of normalised identifier values, with
+/// the node-local secret that keys them.
+#[derive(Clone)]
+pub struct Forgotten {
+    /// The node-local HMAC key.
+    pub secret: [u8; 32],
+    /// `forget_hash(secret, normalised value)` of every forgotten identifier value.
+    pub hashes: HashSet<[u8; 32]>,
+}
+
+impl std::fmt::Debug for Forgotten {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Forgotten")
+            .field("hashes", &self.hashes.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Which rows a job may use beyond key validity.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RowFilter<'a> {
+    /// The consent column for the job's purpose (the permit of the job names it):
+    /// a row is used only if this field is `true`, `1` or `yes` (any case, trimmed). `None` =
+    /// no consent filter.
+    pub consent_column: Option<&'a str>,
+    /// Forgotten subjects: a row is excluded if ANY of the dataset's declared identifiers (not
+    /// only the job's keys) normalises to a forgotten value.
+    pub forgotten: Option<&'a Forgotten>,
+}
+
+/// The keyed hash naming a forgotten subject: HMAC-SHA256(secret, normalised identifier
+/// value). Keyed so that the deletion list does not reveal identifiers to whoever reads it.
+pub fn forget_hash(secret: &[u8; 32], normalised_key: &[u8]) -> [u8; 32] {
+    use sha2::{Digest, Sha256};
+    let mut block = [0u8; 64];
+    block[..32].copy_from_slice(secret);
+    let mut inner = Sha256::new();
+    inner.update(block.map(|b| b ^ 0x36));
+    inner.update(normalised_key);
+    let inner = inner.finalize();
+    let mut outer = Sha256::new();
+    outer.update(block.map(|b| b ^ 0x5c));
+    outer.update(inner);
+    let mut out = [0u8; 32];
+    out.copy_from_slice(&outer.finalize());
+    out
+}
+
+/// Whether a consent field says yes (`true`, `1`, `yes`, any case, trimmed).
+pub fn is_consent(field: &[u8]) -> bool {
+    let f = field.trim_ascii();
+    f.eq_ignore_ascii_case(b"true") || f == b"1" || f.eq_ignore_ascii_case(b"yes")
+}
+
+/// Why a dataset could not be read.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum DatasetError {
+    /// The job names no identifier.
+    #[error("dataset '{dataset}': the job names no join key")]
+    NoKeys {
+        /// The dataset.
+        dataset: String,
+    },
+    /// The job names an identifier the dataset does not declare.
+    #[error("dataset '{dataset}' declares no identifier '{identifier}' (declared: {declared})")]
+    UnknownIdentifier {
+        /// The dataset.
+        dataset: String,
+        /// The identifier the job asked for.
+        identifier: String,
+        /// The declared identifier names, comma-separated.
+        declared: String,
+    },
+    /// The file could not be opened.
+    #[error("cannot open dataset file {}: {source}", path.display())]
+    Open {
+        /// The CSV file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The header row could not be read.
+    #[error("dataset file {}: cannot read the header row: {source}", path.display())]
+    Header {
+        /// The CSV file.
+        path: PathBuf,
+        /// The CSV error.
+        source: csv::Error,
+    },
+    /// An identifier's column is not in the header.
+    #[error("dataset file {} has no column '{column}' (its columns: {})", path.display(), headers.join(", "))]
+    MissingColumn {
+        /// The CSV file.
+        path: PathBuf,
+        /// The column the config names.
+        column: String,
+        /// The file's headers.
+        headers: Vec<String>,
+    },
+    /// An identifier's column appears more than once in the header.
+    #[error("dataset file {}: column '{column}' appears more than once in the header", path.display())]
+    AmbiguousColumn {
+        /// The CSV file.
+        path: PathBuf,
+        /// The repeated column.
+        column: String,
+    },
+    /// A row could not be read (I/O error or malformed CSV).
+    #[error("dataset file {}: row {row}: {source}", path.display())]
+    Row {
+        /// The CSV file.
+        path: PathBuf,
+        /// 1-based data row (header excluded) that failed.
+        row: u64,
+        /// The CSV error (it carries positions, not field values).
+        source: csv::Error,
+    },
+    /// The file has more data rows than the cap.
+    #[error("dataset file {} has more than {max_rows} data rows (the cap for one job)", path.display())]
+    TooManyRows {
+        /// The CSV file.
+        path: PathBuf,
+        /// The cap.
+        max_rows: u64,
+    },
+    /// The join keys exceed what an [`ItemSet`] holds.
+    #[error("dataset file {}: join keys exceed 4 GiB at row {row}", path.display())]
+    TooLarge {
+        /// The CSV file.
+        path: PathBuf,
+        /// The row at which the set filled up.
+        row: u64,
+    },
+}
+
+/// Why one row was rejected (logged with its row number and column, never its value).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+enum Rejection {
+    #[error("the row has no such field")]
+    Missing,
+    #[error("the field is longer than {MAX_FIELD_BYTES} bytes")]
+    TooLong,
+    #[error("the field is not UTF-8")]
+    NotUtf8,
+    #[error("the field contains the key separator byte 0x1F")]
+    Separator,
+    #[error("{0}")]
+    Normalise(NormaliseError),
+}
+
+/// The key name of a job: identifier names joined with `+` (`"email"`, `"email+phone"`). Used
+/// in agreements and as the hash-to-group domain.
+pub fn key_name(keys: &KeySpec) -> String {
+    keys.names.join("+")
+}
+
+/// Reads the dataset's CSV row by row (headers required), normalises each requested
+/// identifier, joins a composite key's parts with [`KEY_PART_SEPARATOR`], collects the keys and
+/// deduplicates them (which sorts them).
+///
+/// Rows where any key part is missing, longer than [`MAX_FIELD_BYTES`], not UTF-8 or fails to
+/// normalise are counted in `rows_rejected` and never matched. A file with more than
+/// `max_rows` data rows is refused with [`DatasetError::TooManyRows`].
+///
+/// No consent or deletion filter: a job with a purpose uses [`load_keys_for`].
+pub fn load_keys(
+    dataset: &DatasetConfig,
+    keys: &KeySpec,
+    max_rows: u64,
+) -> Result<LoadedKeys, DatasetError> {
+    load_keys_for(dataset, keys, RowFilter::default(), max_rows)
+}
+
+/// [`load_keys`] with a [`RowFilter`]: rows without consent (checked first) and rows of
+/// forgotten subjects (checked next) are excluded and counted, before key validity.
+pub fn load_keys_for(
+    dataset: &DatasetConfig,
+    keys: &KeySpec,
+    filter: RowFilter<'_>,
+    max_rows: u64,
+) -> Result<LoadedKeys, DatasetError> {
+    let mut items = ItemSet::new();
+    let path = dataset.path.clone();
+    let counts = for_each_key(dataset, keys, &[], filter, Some(max_rows), |row, key, _| {
+        items.push(key).map_err(|_| DatasetError::TooLarge {
+            path: path.clone(),
+            row,
+        })
+    })?;
+    let duplicate_rows = items.dedup() as u64;
+    Ok(LoadedKeys {
+        items,
+        rows_read: counts.read,
+        rows_rejected: counts.rejected,
+        duplicate_rows,
+        rows_excluded_consent: counts.no_consent,
+        rows_excluded_deleted: counts.deleted,
+    })
+}
+
+/// Second pass for `match`: streams the CSV again and returns the 1-based data-row numbers
+/// (header excluded), ascending, whose join key is in `matched` (a sorted, deduplicated set, as
+/// [`ItemSet::dedup`] leaves it). Rejected rows never match.
+pub fn matching_rows(
+    dataset: &DatasetConfig,
+    keys: &KeySpec,
+    matched: &ItemSet,
+) -> Result<Vec<u64>, DatasetError> {
+    matching_rows_for(dataset, keys, RowFilter::default(), matched)
+}
+
+/// [`matching_rows`] with the same [`RowFilter`] as the load (excluded rows never match).
+pub fn matching_rows_for(
+    dataset: &DatasetConfig,
+    keys: &KeySpec,
+    filter: RowFilter<'_>,
+    matched: &ItemSet,
+) -> Result<Vec<u64>, DatasetError> {
+    let mut rows = Vec::new();
+    for_each_key(dataset, keys, &[], filter, None, |row, key, _| {
+        if matched.position_sorted(key).is_some() {
+            rows.push(row);
+        }
+        Ok(())
+    })?;
+    Ok(rows)
+}
+
+/// Rows streamed by [`for_each_row_for`], and what filtering left out.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RowCounts {
+    /// Data rows read (header excluded), excluded ones included.
+    pub rows_read: u64,
+    /// Rows excluded because they lack consent for the job's purpose.
+    pub rows_excluded_consent: u64,
+    /// Rows excluded because one of their identifiers belongs to a forgotten subject.
+    pub rows_excluded_deleted: u64,
+}
+
+/// Streams the dataset's CSV and calls `f(row, fields)` for every row that passes the
+/// [`RowFilter`] (consent, then forgotten subjects), with the raw fields of `columns` in the
+/// order given (`None` where a short row lacks one). For computations that read columns rather
+/// than join keys (aggregate); the caller parses and validates the fields. Each named column must
+/// appear exactly once in the header; more than `max_rows` data rows is refused.
+pub fn for_each_row_for(
+    dataset: &DatasetConfig,
+    columns: &[&str],
+    filter: RowFilter<'_>,
+    max_rows: u64,
+    mut f: impl FnMut(u64, &[Option<&[u8]>]) -> Result<(), DatasetError>,
+) -> Result<RowCounts, DatasetError> {
+    let forgotten = filter.forgotten.filter(|fg| !fg.hashes.is_empty());
+    let path = dataset.path.as_path();
+    let file = File::open(path).map_err(|source| DatasetError::Open {
+        path: path.to_owned(),
+        source,
+    })?;
+    let mut reader = csv::ReaderBuilder::new()
+        .has_headers(true)
+        .flexible(true)
+        .buffer_capacity(READ_BUFFER)
+        .from_reader(file);
+    let indices = columns
+        .iter()
+        .map(|c| locate_column(&mut reader, path, c))
+        .collect::<Result<Vec<_>, _>>()?;
+    let consent_index = match filter.consent_column {
+        Some(column) => Some(locate_column(&mut reader, path, column)?),
+        None => None,
+    };
+    let all_ids: Vec<&IdentifierConfig> = dataset.identifiers.iter().collect();
+    let all_parts = if forgotten.is_some() {
+        locate_columns(&mut reader, path, &all_ids)?
+    } else {
+        Vec::new()
+    };
+    let mut record = csv::ByteRecord::new();
+    let mut counts = RowCounts::default();
+    loop {
+        let row = counts.rows_read + 1;
+        match reader.read_byte_record(&mut record) {
+            Ok(true) => {}
+            Ok(false) => break,
+            Err(source) => {
+                return Err(DatasetError::Row {
+                    path: path.to_owned(),
+                    row,
+                    source,
+                });
+            }
+        }
+        if row > max_rows {
+            return Err(DatasetError::TooManyRows {
+                path: path.to_owned(),
+                max_rows,
+            });
+        }
+        counts.rows_read = row;
+        if let Some(i) = consent_index
+            && !record.get(i).is_some_and(is_consent)
+        {
+            counts.rows_excluded_consent += 1;
+            continue;
+        }
+        if let Some(fg) = forgotten
+            && is_forgotten(&record, &all_parts, fg)
+        {
+            counts.rows_excluded_deleted += 1;
+            continue;
+        }
+        let fields: Vec<Option<&[u8]>> = indices.iter().map(|&i| record.get(i)).collect();
+        f(row, &fields)?;
+    }
+    Ok(counts)
+}
+
+/// One requested key part: where it is in the row and how it is normalised.
+struct Part<'a> {
+    id: &'a IdentifierConfig,
+    opts: NormaliseOptions,
+    index: usize,
+}
+
+/// Row counts of one pass.
+#[derive(Debug, Default)]
+struct Counts {
+    read: u64,
+    rejected: u64,
+    no_consent: u64,
+    deleted: u64,
+}
+
+/// Rows streamed by [`for_each_keyed_row_for`], and what filtering left out.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct KeyedRowCounts {
+    /// Data rows read (header excluded), excluded and rejected ones included.
+    pub rows_read: u64,
+    /// Rows skipped because a key part was missing, too long, not UTF-8 or did not normalise.
+    pub rows_rejected: u64,
+    /// Rows excluded because they lack consent for the job's purpose.
+    pub rows_excluded_consent: u64,
+    /// Rows excluded because one of their identifiers belongs to a forgotten subject.
+    pub rows_excluded_deleted: u64,
+}
+
+/// Streams the dataset's CSV and calls `f(row, key, fields)` for every row that passes the
+/// [`RowFilter`] and whose join key normalises, with the raw fields of `columns` in the order
+/// given (`None` where a short row lacks one). For computations that read values next to the
+/// key (overlap-sum); the caller parses and validates the fields. More than `max_rows` data rows
+/// is refused.
+pub fn for_each_keyed_row_for(
+    dataset: &DatasetConfig,
+    keys: &KeySpec,
+    columns: &[&str],
+    filter: RowFilter<'_>,
+    max_rows: u64,
+    f: impl FnMut(u64, &[u8], &[Option<&[u8]>]) -> Result<(), DatasetError>,
+) -> Result<KeyedRowCounts, DatasetError> {
+    let counts = for_each_key(dataset, keys, columns, filter, Some(max_rows), f)?;
+    Ok(KeyedRowCounts {
+        rows_read: counts.read,
+        rows_rejected: counts.rejected,
+        rows_excluded_consent: counts.no_consent,
+        rows_excluded_deleted: counts.deleted,
+    })
+}
+
+/// Streams the file and calls `f(row, key, fields of columns)` for every accepted row.
+fn for_each_key(
+    dataset: &DatasetConfig,
+    keys: &KeySpec,
+    columns: &[&str],
+    filter: RowFilter<'_>,
+    max_rows: Option<u64>,
+    mut f: impl FnMut(u64, &[u8], &[Option<&[u8]>]) -> Result<(), DatasetError>,
+) -> Result<Counts, DatasetError> {
+    let ids = resolve_identifiers(dataset, keys)?;
+    let forgotten = filter.forgotten.filter(|fg| !fg.hashes.is_empty());
+    let path = dataset.path.as_path();
+    let file = File::open(path).map_err(|source| DatasetError::Open {
+        path: path.to_owned(),
+        source,
+    })?;
+    let mut reader = csv::ReaderBuilder::new()
+        .has_headers(true)
+        // Short rows are rejected one by one below rather than failing the whole file.
+        .flexible(true)
+        .buffer_capacity(READ_BUFFER)
+        .from_reader(file);
+    let parts = locate_columns(&mut reader, path, &ids)?;
+    let column_indices = columns
+        .iter()
+        .map(|c| locate_column(&mut reader, path, c))
+        .collect::<Result<Vec<_>, _>>()?;
+    let consent_index = match filter.consent_column {
+        Some(column) => Some(locate_column(&mut reader, path, column)?),
+        None => None,
+    };
+    let all_ids: Vec<&IdentifierConfig> = dataset.identifiers.iter().collect();
+    let all_parts = if forgotten.is_some() {
+        locate_columns(&mut reader, path, &all_ids)?
+    } else {
+        Vec::new()
+    };
+
+    let mut record = csv::ByteRecord::new();
+    let mut key: Vec<u8> = Vec::with_capacity(256);
+    let (mut rows, mut rejected, mut no_consent, mut deleted) = (0u64, 0u64, 0u64, 0u64);
+    loop {
+        let row = rows + 1;
+        match reader.read_byte_record(&mut record) {
+            Ok(true) => {}
+            Ok(false) => break,
+            Err(source) => {
+                return Err(DatasetError::Row {
+                    path: path.to_owned(),
+                    row,
+                    source,
+                });
+            }
+        }
+        if let Some(max) = max_rows
+            && row > max
+        {
+            return Err(DatasetError::TooManyRows {
+                path: path.to_owned(),
+                max_rows: max,
+            });
+        }
+        rows = row;
+        if let Some(i) = consent_index
+            && !record.get(i).is_some_and(is_consent)
+        {
+            no_consent += 1;
+            continue;
+        }
+        if let Some(fg) = forgotten
+            && is_forgotten(&record, &all_parts, fg)
+        {
+            deleted += 1;
+            continue;
+        }
+        match build_key(&record, &parts, &mut key) {
+            Ok(()) => {
+                let fields: Vec<Option<&[u8]>> =
+                    column_indices.iter().map(|&i| record.get(i)).collect();
+                f(row, &key, &fields)?;
+            }
+            Err((column, why)) => {
+                rejected += 1;
+                if rejected <= LOGGED_REJECTIONS {
+                    tracing::warn!(
+                        file = %path.display(),
+                        row,
+                        column,
+                        reason = %why,
+                        "row rejected"
+                    );
+                }
+            }
+        }
+    }
+    if rejected > LOGGED_REJECTIONS {
+        tracing::warn!(
+            file = %path.display(),
+            rejected,
+            logged = LOGGED_REJECTIONS,
+            "more rows rejected than logged"
+        );
+    }
+    Ok(Counts {
+        read: rows,
+        rejected,
+        no_consent,
+        deleted,
+    })
+}
+
+/// Whether any declared identifier of the row normalises to a forgotten value.
+fn is_forgotten(record: &csv::ByteRecord, all: &[Part<'_>], fg: &Forgotten) -> bool {
+    all.iter().any(|p| {
+        normalise_field(record.get(p.index), p.id.normaliser, &p.opts)
+            .is_ok_and(|v| fg.hashes.contains(&forget_hash(&fg.secret, v.as_bytes())))
+    })
+}
+
+/// The index of one named column (exactly once in the header).
+fn locate_column(
+    reader: &mut csv::Reader<File>,
+    path: &Path,
+    column: &str,
+) -> Result<usize, DatasetError> {
+    let headers = reader.headers().map_err(|source| DatasetError::Header {
+        path: path.to_owned(),
+        source,
+    })?;
+    let headers: Vec<String> = headers.iter().map(|h| h.trim().to_owned()).collect();
+    let mut found = headers
+        .iter()
+        .enumerate()
+        .filter(|(_, h)| *h == column)
+        .map(|(i, _)| i);
+    match (found.next(), found.next()) {
+        (Some(index), None) => Ok(index),
+        (Some(_), Some(_)) => Err(DatasetError::AmbiguousColumn {
+            path: path.to_owned(),
+            column: column.to_owned(),
+        }),
+        (None, _) => Err(DatasetError::MissingColumn {
+            path: path.to_owned(),
+            column: column.to_owned(),
+            headers,
+        }),
+    }
+}
+
+fn resolve_identifiers<'a>(
+    dataset: &'a DatasetConfig,
+    keys: &KeySpec,
+) -> Result<Vec<&'a IdentifierConfig>, DatasetError> {
+    if keys.names.is_empty() {
+        return Err(DatasetError::NoKeys {
+            dataset: dataset.name.clone(),
+        });
+    }
+    keys.names
+        .iter()
+        .map(|name| {
+            dataset
+                .identifier(name)
+                .ok_or_else(|| DatasetError::UnknownIdentifier {
+                    dataset: dataset.name.clone(),
+                    identifier: name.clone(),
+                    declared: dataset.identifier_names(),
+                })
+        })
+        .collect()
+}
+
+fn locate_columns<'a>(
+    reader: &mut csv::Reader<File>,
+    path: &Path,
+    ids: &[&'a IdentifierConfig],
+) -> Result<Vec<Part<'a>>, DatasetError> {
+    let headers = reader.headers().map_err(|source| DatasetError::Header {
+        path: path.to_owned(),
+        source,
+    })?;
+    let headers: Vec<String> = headers.iter().map(|h| h.trim().to_owned()).collect();
+    ids.iter()
+        .map(|id| {
+            let mut found = headers
+                .iter()
+                .enumerate()
+                .filter(|(_, h)| **h == id.column)
+                .map(|(i, _)| i);
+            match (found.next(), found.next()) {
+                (Some(index), None) => Ok(Part {
+                    id,
+                    opts: id.options(),
+                    index,
+                }),
+                (Some(_), Some(_)) => Err(DatasetError::AmbiguousColumn {
+                    path: path.to_owned(),
+                    column: id.column.clone(),
+                }),
+                (None, _) => Err(DatasetError::MissingColumn {
+                    path: path.to_owned(),
+                    column: id.column.clone(),
+                    headers: headers.clone(),
+                }),
+            }
+        })
+        .collect()
+}
+
+/// Builds the row's join key into `key`, or says which column rejected the row and why.
+fn build_key<'c>(
+    record: &csv::ByteRecord,
+    parts: &[Part<'c>],
+    key: &mut Vec<u8>,
+) -> Result<(), (&'c str, Rejection)> {
+    key.clear();
+    for (i, part) in parts.iter().enumerate() {
+        let column = part.id.column.as_str();
+        let normalised = normalise_field(record.get(part.index), part.id.normaliser, &part.opts)
+            .map_err(|why| (column, why))?;
+        if i > 0 {
+            key.push(KEY_PART_SEPARATOR);
+        }
+        key.extend_from_slice(normalised.as_bytes());
+    }
+    Ok(())
+}
+
+fn normalise_field(
+    field: Option<&[u8]>,
+    normaliser: Normaliser,
+    options: &NormaliseOptions,
+) -> Result<String, Rejection> {
+    let field = field.ok_or(Rejection::Missing)?;
+    if field.len() > MAX_FIELD_BYTES {
+        return Err(Rejection::TooLong);
+    }
+    if field.contains(&KEY_PART_SEPARATOR) {
+        return Err(Rejection::Separator);
+    }
+    let text = std::str::from_utf8(field).map_err(|_| Rejection::NotUtf8)?;
+    normaliser
+        .normalise_with(text, options)
+        .map_err(Rejection::Normalise)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::data::IdentifierConfig;
+    use std::io::Write;
+
+    const CSV: &str = "\
+customer_id,email,phone,amount_cents
+1,alice@example.com,+1 415 555 0100,10
+2,  ALICE@Example.com ,(415) 555-0100,20
+3,bob@example.com,415.555.0101,30
+4,not-an-email,+1 415 555 0102,40
+5,carol@example.com,,50
+6,\"dave@example.com\",001 415 555 0103,60
+7,bob@example.com,+1 999 555 0101,70
+";
+
+    fn dataset(dir: &Path, csv: &[u8]) -> DatasetConfig {
+        let path = dir.join("data.csv");
+        let mut f = File::create(&path).unwrap();
+        f.write_all(csv).unwrap();
+        DatasetConfig {
+            name: "customers".into(),
+            path,
+            identifiers: vec![
+                IdentifierConfig {
+                    name: "email".into(),
+                    column: "email".into(),
+                    normaliser: Normaliser::Email,
+                    gmail_rule: false,
+                    case_fold: false,
+                    default_region: None,
+                },
+                IdentifierConfig {
+                    name: "phone".into(),
+                    column: "phone".into(),
+                    normaliser: Normaliser::Phone,
+                    gmail_rule: false,
+                    case_fold: false,
+                    default_region: None,
+                },
+                IdentifierConfig {
+                    name: "id".into(),
+                    column: "customer_id".into(),
+                    normaliser: Normaliser::Generic,
+                    gmail_rule: false,
+                    case_fold: false,
+                    default_region: None,
+                },
+            ],
+            values: Vec::new(),
+            consent: Default::default(),
+            consent_required: false,
+        }
+    }
+
+    fn items(set: &ItemSet) -> Vec<String> {
+        set.iter()
+            .map(|i| String::from_utf8_lossy(i).into_owned())
+            .collect()
+    }
+
+    #[test]
+    fn single_key_dedups_and_rejects() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dataset(dir.path(), CSV.as_bytes());
+        let loaded = load_keys(&d, &KeySpec::new(["email"]), 100).unwrap();
+        assert_eq!(loaded.rows_read, 7);
+        assert_eq!(loaded.rows_rejected, 1);
+        assert_eq!(loaded.duplicate_rows, 2);
+        assert_eq!(
+            items(&loaded.items),
+            [
+                "alice@example.com",
+                "bob@example.com",
+                "carol@example.com",
+                "dave@example.com"
+            ]
+        );
+    }
+
+    #[test]
+    fn composite_key_joins_with_separator() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dataset(dir.path(), CSV.as_bytes());
+        let keys = KeySpec::new(["email", "phone"]);
+        assert_eq!(key_name(&keys), "email+phone");
+        let loaded = load_keys(&d, &keys, 100).unwrap();
+        // Row 4: bad email; row 5: empty phone.
+        assert_eq!(loaded.rows_rejected, 2);
+        assert_eq!(loaded.duplicate_rows, 1);
+        assert_eq!(
+            items(&loaded.items),
+            [
+                "alice@example.com\u{1f}+14155550100",
+                "bob@example.com\u{1f}+14155550101",
+                "bob@example.com\u{1f}+19995550101",
+                "dave@example.com\u{1f}+14155550103",
+            ]
+        );
+    }
+
+    #[test]
+    fn matching_rows_maps_keys_back_to_rows() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dataset(dir.path(), CSV.as_bytes());
+        let keys = KeySpec::new(["email"]);
+        let mut matched: ItemSet = [&b"bob@example.com"[..], b"alice@example.com", b"zed@x.y"]
+            .into_iter()
+            .collect();
+        matched.dedup();
+        assert_eq!(matching_rows(&d, &keys, &matched).unwrap(), [1, 2, 3, 7]);
+        assert!(
+            matching_rows(&d, &keys, &ItemSet::new())
+                .unwrap()
+                .is_empty()
+        );
+    }
+
+    /// Row numbers count data records from 1 (the header is not one), not lines: a quoted
+    /// field with a line break in it is one record over two lines.
+    #[test]
+    fn row_numbers_are_data_records_not_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dataset(
+            dir.path(),
+            b"customer_id,email,phone\n1,\"a@x.y\",+14155550101\n\"2\nwith a break\",b@x.y,+14155550102\n3,c@x.y,+14155550103\n",
+        );
+        let keys = KeySpec::new(["email"]);
+        let mut matched: ItemSet = [&b"c@x.y"[..], b"b@x.y"].into_iter().collect();
+        matched.dedup();
+        // c@x.y is on line 5 of the file, and is data record 3.
+        assert_eq!(matching_rows(&d, &keys, &matched).unwrap(), [2, 3]);
+    }
+
+    #[test]
+    fn row_cap_is_enforced() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dataset(dir.path(), CSV.as_bytes());
+        assert_eq!(
+            load_keys(&d, &KeySpec::new(["email"]), 7)
+                .unwrap()
+                .rows_read,
+            7
+        );
+        let e = load_keys(&d, &KeySpec::new(["email"]), 6).unwrap_err();
+        assert!(matches!(e, DatasetError::TooManyRows { max_rows: 6, .. }));
+        let msg = e.to_string();
+        assert!(
+            msg.contains("more than 6 data rows") && msg.contains("data.csv"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn long_short_separator_and_non_utf8_fields_reject_the_row() {
+        let dir = tempfile::tempdir().unwrap();
+        let long = format!("{}@example.com", "a".repeat(MAX_FIELD_BYTES));
+        let mut csv = format!("customer_id,email,phone\n1,{long},+14155550100\n2\n").into_bytes();
+        csv.extend_from_slice(b"3,x\x1fy@example.com,+14155550100\n");
+        csv.extend_from_slice(b"4,caf\xe9@example.com,+14155550100\n");
+        csv.extend_from_slice(b"5,ok@example.com,+14155550100\n");
+        let d = dataset(dir.path(), &csv);
+        let loaded = load_keys(&d, &KeySpec::new(["email"]), 100).unwrap();
+        assert_eq!((loaded.rows_read, loaded.rows_rejected), (5, 4));
+        assert_eq!(items(&loaded.items), ["ok@example.com"]);
+    }
+
+    #[test]
+    fn missing_column_lists_headers() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dataset(dir.path(), b"id,mail\n1,a@b.c\n");
+        let e = load_keys(&d, &KeySpec::new(["email"]), 100).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "dataset file {} has no column 'email' (its columns: id, mail)",
+                d.path.display()
+            )
+        );
+        let d = dataset(dir.path(), b"email,email\na@b.c,a@b.c\n");
+        let e = load_keys(&d, &KeySpec::new(["email"]), 100).unwrap_err();
+        assert!(matches!(e, DatasetError::AmbiguousColumn { .. }));
+    }
+
+    #[test]
+    fn unknown_identifier_and_no_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dataset(dir.path(), CSV.as_bytes());
+        let e = load_keys(&d, &KeySpec::new(["ssn"]), 100).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "dataset 'customers' declares no identifier 'ssn' (declared: email, phone, id)"
+        );
+        let e = load_keys(&d, &KeySpec::new(Vec::<String>::new()), 100).unwrap_err();
+        assert!(matches!(e, DatasetError::NoKeys { .. }));
+    }
+
+    #[test]
+    fn missing_file_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut d = dataset(dir.path(), CSV.as_bytes());
+        d.path = dir.path().join("absent.csv");
+        let e = load_keys(&d, &KeySpec::new(["email"]), 100).unwrap_err();
+        assert!(e.to_string().contains("absent.csv"), "{e}");
+    }
+
+    #[test]
+    fn non_utf8_header_is_an_error_without_values() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dataset(dir.path(), b"id,e\xffmail\n1,secret@example.com\n");
+        let e = load_keys(&d, &KeySpec::new(["email"]), 100).unwrap_err();
+        assert!(matches!(e, DatasetError::Header { .. }), "{e}");
+        assert!(!e.to_string().contains("secret"));
+    }
+
+    #[test]
+    fn empty_file_after_header_gives_empty_set() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dataset(dir.path(), b"customer_id,email,phone\n");
+        let loaded = load_keys(&d, &KeySpec::new(["email"]), 100).unwrap();
+        assert_eq!((loaded.rows_read, loaded.items.len()), (0, 0));
+    }
+
+    #[test]
+    fn rereading_gives_the_same_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dataset(dir.path(), CSV.as_bytes());
+        let keys = KeySpec::new(["phone", "id"]);
+        let a = load_keys(&d, &keys, 100).unwrap();
+        let b = load_keys(&d, &keys, 100).unwrap();
+        assert_eq!(a.items, b.items);
+        assert_eq!(a.items.len(), 6);
+    }
+
+    const CONSENT_CSV: &str = "\
+customer_id,email,phone,consent_fraud
+1,alice@example.com,+14155550100,true
+2,bob@example.com,+14155550101,no
+3,carol@example.com,+14155550102, YES
+4,dave@example.com,+14155550103,
+5,erin@example.com,+14155550104,1
+6,not-an-email,+14155550105,true
+7,frank@example.com,+14155550106,false
+";
+
+    #[test]
+    fn consent_excludes_and_counts() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dataset(dir.path(), CONSENT_CSV.as_bytes());
+        let keys = KeySpec::new(["email"]);
+        let filter = RowFilter {
+            consent_column: Some("consent_fraud"),
+            forgotten: None,
+        };
+        let loaded = load_keys_for(&d, &keys, filter, 100).unwrap();
+        assert_eq!(loaded.rows_read, 7);
+        assert_eq!(loaded.rows_excluded_consent, 3);
+        assert_eq!(loaded.rows_rejected, 1);
+        assert_eq!(
+            items(&loaded.items),
+            ["alice@example.com", "carol@example.com", "erin@example.com"]
+        );
+        let mut matched: ItemSet = [&b"bob@example.com"[..], b"carol@example.com"]
+            .into_iter()
+            .collect();
+        matched.dedup();
+        assert_eq!(matching_rows_for(&d, &keys, filter, &matched).unwrap(), [3]);
+        assert_eq!(matching_rows(&d, &keys, &matched).unwrap(), [2, 3]);
+        // Without a filter every row counts.
+        let all = load_keys(&d, &keys, 100).unwrap();
+        assert_eq!((all.rows_excluded_consent, all.items.len()), (0, 6));
+        // A consent column missing from the file is an error naming it.
+        let bad = RowFilter {
+            consent_column: Some("consent_ads"),
+            forgotten: None,
+        };
+        let e = load_keys_for(&d, &keys, bad, 100).unwrap_err();
+        assert!(e.to_string().contains("no column 'consent_ads'"), "{e}");
+    }
+
+    #[test]
+    fn deletion_excludes_by_any_identifier_and_counts() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dataset(dir.path(), CONSENT_CSV.as_bytes());
+        let secret = [7u8; 32];
+        let forgotten = Forgotten {
+            secret,
+            hashes: [
+                forget_hash(&secret, b"bob@example.com"),
+                // Forgotten by phone; the job joins on email.
+                forget_hash(&secret, b"+14155550104"),
+            ]
+            .into_iter()
+            .collect(),
+        };
+        let filter = RowFilter {
+            consent_column: None,
+            forgotten: Some(&forgotten),
+        };
+        let loaded = load_keys_for(&d, &KeySpec::new(["email"]), filter, 100).unwrap();
+        assert_eq!(loaded.rows_excluded_deleted, 2);
+        assert_eq!(loaded.rows_rejected, 1);
+        assert_eq!(loaded.items.len(), 4);
+        assert!(!items(&loaded.items).contains(&"erin@example.com".to_owned()));
+        // Both filters: consent first.
+        let both = RowFilter {
+            consent_column: Some("consent_fraud"),
+            forgotten: Some(&forgotten),
+        };
+        let loaded = load_keys_for(&d, &KeySpec::new(["email"]), both, 100).unwrap();
+        assert_eq!(
+            (loaded.rows_excluded_consent, loaded.rows_excluded_deleted),
+            (3, 1)
+        );
+        // A different secret forgets nobody.
+        let other = Forgotten {
+            secret: [8u8; 32],
+            hashes: forgotten.hashes.clone(),
+        };
+        let filter = RowFilter {
+            consent_column: None,
+            forgotten: Some(&other),
+        };
+        let loaded = load_keys_for(&d, &KeySpec::new(["email"]), filter, 100).unwrap();
+        assert_eq!(loaded.rows_excluded_deleted, 0);
+    }
+
+    #[test]
+    fn forget_hash_is_hmac_sha256() {
+        // RFC 4231 test case 2 uses a 4-byte key; check against a zero-padded 32-byte key, for
+        // which HMAC is identical.
+        let mut key = [0u8; 32];
+        key[..4].copy_from_slice(b"Jefe");
+        let mac = forget_hash(&key, b"what do ya want for nothing?");
+        let hex: String = mac.iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(
+            hex,
+            "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"
+        );
+    }
+}

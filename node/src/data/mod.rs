@@ -1,0 +1,25 @@
+//! The node's data: its datasets as the config declares them, how rows are read and normalised,
+//! and what keeps rows out of a job or a file on disk.
+//!
+//! - [`schema`]: a dataset's declaration (file, identifier, value and consent columns);
+//! - [`normalise`]: identifier normalisers (email, phone to E.164, generic);
+//! - [`dataset`]: streaming CSV ingestion into join keys, through the consent and deletion
+//!   filters ([`RowFilter`]);
+//! - [`sum_input`]: an `overlap-sum` value holder's rows, summed per identifier then clipped;
+//! - [`aggregate_input`]: an `aggregate` party's clipped per-group vector;
+//! - [`forget`]: the deletion list (keyed hashes of forgotten identifiers);
+//! - [`retention`]: purging old job outputs.
+//!
+//! Nothing here knows about agreements or jobs: the policy decides which columns a job may read,
+//! and passes them in.
+
+pub mod aggregate_input;
+pub mod dataset;
+pub mod forget;
+pub mod normalise;
+pub mod retention;
+pub mod schema;
+pub mod sum_input;
+
+pub use dataset::{Forgotten, KeySpec, LoadedKeys, RowCounts, RowFilter, key_name};
+pub use schema::{DatasetConfig, IdentifierConfig, ValueColumn};

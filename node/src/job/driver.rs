@@ -1,0 +1,783 @@
+//! The job driver: the async shell around the job protocols. It owns what every job does
+//! whatever its kind — dial or accept the peer's connection, read the peer's stream into memory
+//! as fast as it arrives (`spawn_reader`, capped by [`FrameBudget`]), time out a silent peer,
+//! load the dataset and audit the access, re-check the policy, charge the ledger, run CPU work
+//! on the blocking pool, and release — and runs the kind's protocol, which does none of that.
+//!
+//! `overlap` and `match` run [`crate::job::psi::PsiProtocol`] through `run_protocol`; an
+//! `overlap` whose allow entry sets `epsilon` releases a noised count (see
+//! [`crate::job::noise`]): the node charges its ledger and draws its noise before its hello,
+//! commits to it there, and opens it after the count.
+//!
+//! Each hello carries the sender's release terms (its `min_result` and whether its agreement
+//! lets counts go to the coordinator). Both nodes apply the stricter of the two themselves, so a
+//! count under either threshold, or one either agreement keeps from the coordinator, never
+//! leaves either node, whatever the coordinator does; and a `match` whose count is under the
+//! joint threshold writes no membership. What a node reports of its own data is the released
+//! count only: its rows read, rejected and excluded stay in its audit log.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use cleanroom_circuits::JobKey;
+use cleanroom_proto::v1::{
+    Abort, BatchEnd, Envelope, JobKind, JobSpec, NoiseTerm, Phase, PointBatch, PsiOutcome,
+    ReleaseTerms, envelope::Body,
+};
+use cleanroom_transport::{FramedRecv, FramedSend, Identity, TransportError};
+use prost::Message;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::audit::{AuditEvent, AuditHead};
+use crate::clock::now_ms;
+use crate::data::dataset::{self, RowFilter};
+use crate::data::forget::ForgetStore;
+use crate::dataplane::{Delivery, refused};
+use crate::error::{JobError, NodeError, Party, Timeout};
+use crate::job::frame_budget::FrameBudget;
+use crate::job::noise::{self as noised_release, OwnNoise};
+use crate::job::psi::{Action, NoiseCommit, PsiConfig, PsiExchange, PsiProtocol};
+use crate::job::wire::{self, Outbox};
+use crate::policy::Permit;
+use crate::spec::spec_digest;
+use crate::state::NodeState;
+
+/// How long the responder waits for the initiator to connect. The initiator loads its dataset
+/// before it dials (up to [`MAX_ROWS`] rows), so this covers that load, not just a handshake; a
+/// dead initiator fails the job at the coordinator long before.
+pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(600);
+/// Upper bound on one job's data-plane exchange.
+pub(crate) const JOB_TIMEOUT: Duration = Duration::from_secs(3600);
+pub(crate) use crate::job::psi::BATCH_POINTS;
+pub(crate) use crate::job::wire::{STALL_BASE, stall_deadline};
+/// Most rows a dataset may have for one job.
+pub(crate) const MAX_ROWS: u64 = 100_000_000;
+/// QUIC application error code when a job fails.
+const CLOSE_FAILED: u32 = 3;
+/// QUIC application error code when a job finished.
+const CLOSE_DONE: u32 = 0;
+
+/// Everything a job needs from the control plane.
+#[derive(Debug)]
+pub struct JobContext {
+    /// The job's id.
+    pub job_id: String,
+    /// The job as the coordinator described it.
+    pub spec: JobSpec,
+    /// This node's index in `spec.parties` (0 = initiator).
+    pub me: usize,
+    /// What the agreement permits for this job.
+    pub permit: Permit,
+    /// The policy generation the offer was accepted under (re-checked at each phase).
+    pub generation: u64,
+    /// Where membership files go.
+    pub state_dir: PathBuf,
+    /// This node's name.
+    pub my_name: String,
+    /// The node's shared state: policy, audit log.
+    pub state: Arc<NodeState>,
+}
+
+impl JobContext {
+    /// Stops the job if a policy reload since the offer changed its terms.
+    pub(crate) fn recheck(&self) -> Result<(), NodeError> {
+        self.state
+            .recheck(self.generation, &self.spec, self.me, &self.permit, now_ms())
+            .map_err(|v| NodeError::from(JobError::Refused(v)))
+    }
+
+    /// Appends to the audit log; an access or release that cannot be audited does not happen.
+    pub(crate) fn audit(&self, event: AuditEvent) -> Result<AuditHead, NodeError> {
+        self.state.audit.append(event, now_ms()).map_err(|e| {
+            tracing::error!(error = %e, "audit log write failed; stopping the job");
+            JobError::Audit {
+                node: self.my_name.clone(),
+            }
+            .into()
+        })
+    }
+
+    /// The row filter for this job: consent for its purpose, and forgotten subjects.
+    pub(crate) fn forgotten(&self) -> Result<Option<dataset::Forgotten>, NodeError> {
+        let store = ForgetStore::open(&self.state_dir)
+            .map_err(|e| NodeError::from(JobError::DeletionList(e.to_string())))?;
+        let forgotten = store
+            .load(&self.permit.dataset.name)
+            .map_err(|e| NodeError::from(JobError::DeletionList(e.to_string())))?;
+        Ok(Some(forgotten))
+    }
+}
+
+/// Initiator: dial the responder, then run the exchange.
+pub async fn run_initiator(
+    job: JobContext,
+    endpoint: &quinn::Endpoint,
+    peer_addr: SocketAddr,
+) -> Result<PsiOutcome, NodeError> {
+    // Load before dialing: the responder's data plane expects our hello soon after we connect,
+    // and loading a large dataset takes longer than that.
+    let loaded = load_input(&job).await?;
+    let (conn, send) = dial(&job, endpoint, peer_addr).await?;
+    let result = tokio::time::timeout(JOB_TIMEOUT, exchange(&job, &conn, send, None, loaded)).await;
+    finish_connection(&conn, result)
+}
+
+/// Responder: wait for the initiator's connection (routed by [`crate::dataplane`]), then run the
+/// exchange.
+pub async fn run_responder(
+    job: JobContext,
+    incoming: oneshot::Receiver<Delivery>,
+) -> Result<PsiOutcome, NodeError> {
+    let (conn, send, recv, hello) = accept(&job, incoming).await?;
+    let result = tokio::time::timeout(JOB_TIMEOUT, async {
+        let loaded = load_input(&job).await?;
+        exchange(&job, &conn, send, Some((recv, hello)), loaded).await
+    })
+    .await;
+    finish_connection(&conn, result)
+}
+
+/// Dials the partner's data plane (its certificate must name it) and opens our stream.
+pub(crate) async fn dial(
+    job: &JobContext,
+    endpoint: &quinn::Endpoint,
+    peer_addr: SocketAddr,
+) -> Result<(quinn::Connection, FramedSend), NodeError> {
+    let peer = Identity::node(&job.permit.partner)?;
+    let conn = cleanroom_transport::connect(endpoint, peer_addr, &peer).await?;
+    let send = conn.open_uni().await.map_err(|e| {
+        NodeError::from(JobError::DataPlane {
+            what: format!("data plane to {peer}"),
+            reason: e.to_string(),
+        })
+    })?;
+    Ok((conn, FramedSend::new(send)))
+}
+
+/// Waits (at most [`CONNECT_TIMEOUT`]) for the partner's connection, routed by
+/// [`crate::dataplane`], and opens our stream on it. Returns the connection, our stream, the
+/// partner's stream and its first frame.
+pub(crate) async fn accept(
+    job: &JobContext,
+    incoming: oneshot::Receiver<Delivery>,
+) -> Result<(quinn::Connection, FramedSend, FramedRecv, Envelope), NodeError> {
+    let handover = tokio::time::timeout(CONNECT_TIMEOUT, incoming)
+        .await
+        .map_err(|_| NodeError::from(Timeout::NodeDidNotConnect(job.permit.partner.clone())))?
+        .map_err(|_| {
+            NodeError::from(JobError::Cancelled {
+                waiting_for: "peer",
+            })
+        })?
+        .map_err(|reason| refused(&format!("node '{}'", job.permit.partner), &reason))?;
+    let conn = handover.conn;
+    let send = conn.open_uni().await.map_err(|e| {
+        NodeError::from(JobError::DataPlane {
+            what: "data plane".into(),
+            reason: e.to_string(),
+        })
+    })?;
+    Ok((conn, FramedSend::new(send), handover.recv, handover.hello))
+}
+
+pub(crate) fn finish_connection(
+    conn: &quinn::Connection,
+    result: Result<Result<PsiOutcome, NodeError>, tokio::time::error::Elapsed>,
+) -> Result<PsiOutcome, NodeError> {
+    let result = result.unwrap_or_else(|_| Err(Timeout::Job.into()));
+    match &result {
+        Ok(_) => conn.close(CLOSE_DONE.into(), b"done"),
+        Err(e) => conn.close(CLOSE_FAILED.into(), e.to_string().as_bytes()),
+    }
+    result
+}
+
+/// What the reader task passes on.
+pub(crate) enum Incoming {
+    Frame(Box<Envelope>),
+    Failed(String),
+    /// The connection itself went away (timed out, closed): no fault of the peer's bytes.
+    Lost(String),
+}
+
+/// Loads our side of the job: it is ours, the agreement allows this job, and sizes must be
+/// declared. Rows without consent for the purpose and forgotten subjects never get in. The
+/// access is audited and our input size checked against the agreement before anything is sent.
+pub(crate) async fn load_input(job: &JobContext) -> Result<dataset::LoadedKeys, NodeError> {
+    job.recheck()?;
+    let dataset = job.permit.dataset.clone();
+    let keys = job.permit.keys.clone();
+    let consent = job.permit.consent_column.clone();
+    let forgotten = job.forgotten()?;
+    let loaded = blocking(move || {
+        let filter = RowFilter {
+            consent_column: consent.as_deref(),
+            forgotten: forgotten.as_ref(),
+        };
+        dataset::load_keys_for(&dataset, &keys, filter, MAX_ROWS)
+    })
+    .await?
+    .map_err(|e| NodeError::from(JobError::Dataset(e.to_string())))?;
+    let (rows_read, rows_rejected) = (loaded.rows_read, loaded.rows_rejected);
+    let (excluded_consent, excluded_deleted) =
+        (loaded.rows_excluded_consent, loaded.rows_excluded_deleted);
+    tracing::info!(
+        rows = rows_read,
+        rejected = rows_rejected,
+        excluded_consent,
+        excluded_deleted,
+        distinct = loaded.items.len(),
+        "dataset loaded"
+    );
+    job.audit(AuditEvent::Access {
+        job_id: job.job_id.clone(),
+        dataset: job.permit.dataset.name.clone(),
+        columns: key_columns(&job.permit),
+        rows_read,
+        rows_rejected,
+        rows_excluded_consent: excluded_consent,
+        rows_excluded_deleted: excluded_deleted,
+        rows_other: None,
+        persons: None,
+    })?;
+    job.permit
+        .check_input_size(loaded.items.len() as u64)
+        .map_err(|v| NodeError::from(JobError::Refused(v)))?;
+    Ok(loaded)
+}
+
+/// The symmetric part of the job, identical for both roles, over our loaded input: the
+/// protocol's exchange, then the release.
+async fn exchange(
+    job: &JobContext,
+    conn: &quinn::Connection,
+    send: FramedSend,
+    first: Option<(FramedRecv, Envelope)>,
+    loaded: dataset::LoadedKeys,
+) -> Result<PsiOutcome, NodeError> {
+    let partner = job.permit.partner.clone();
+    let mut out = Outgoing::new(send, &job.job_id, Phase::PsiSize);
+    // Charge the budget and draw our noise before anything is sent, so that the hello can
+    // commit to it.
+    let own_noise = charge_noise(job).await?;
+    let noise = match &own_noise {
+        Some(own) => Some(NoiseCommit {
+            term: own.term(&job.my_name),
+            noise: own.noise,
+            nonce: own.nonce_bytes().map_err(JobError::Noise)?,
+        }),
+        None => None,
+    };
+    let kind = JobKind::try_from(job.spec.kind).unwrap_or(JobKind::Overlap);
+    let cfg = PsiConfig {
+        job_id: job.job_id.clone(),
+        me: job.my_name.clone(),
+        kind,
+        permit: job.permit.clone(),
+        digest: spec_digest(&job.job_id, &job.spec),
+        noise,
+    };
+    let mut proto = PsiProtocol::start(cfg, JobKey::generate(), loaded.items);
+    let own_size = proto.own_size();
+    // Our hello goes out before we read anything.
+    if let Some(Action::Send(hello)) = proto.poll() {
+        out.send_env(&hello).await?;
+    }
+
+    // The peer's stream: the responder got it with the connection, the initiator accepts it.
+    let (recv, hello) = match first {
+        Some((recv, hello)) => (recv, Some(hello)),
+        None => {
+            let stream = conn.accept_uni().await.map_err(|e| {
+                NodeError::from(JobError::DataPlane {
+                    what: format!("node '{partner}' did not open its stream"),
+                    reason: e.to_string(),
+                })
+            })?;
+            (FramedRecv::new(stream), None)
+        }
+    };
+    // Cap what the reader may buffer: the peer's points (as declared, within policy), ours
+    // returned, and a few frames without points.
+    let budget = FrameBudget::new(job.permit.max_peer_set, own_size);
+    let mut incoming = spawn_reader(recv, job.job_id.clone(), hello, budget);
+
+    let exchanged = match run_protocol(job, &mut proto, &mut out, &mut incoming).await {
+        Ok(()) => proto
+            .into_exchange()
+            .ok_or_else(|| JobError::Internal("the protocol stopped early".into()).into()),
+        Err(e) => Err(e),
+    };
+    let PsiExchange {
+        output,
+        peer_noise,
+        joint,
+    } = match exchanged {
+        Ok(x) => x,
+        Err(e) => {
+            // Best effort: tell the peer why, so its analyst sees the same reason.
+            let _ = out
+                .frame(
+                    Phase::PsiDone,
+                    Body::Abort(Abort {
+                        reason: e.to_string(),
+                    }),
+                )
+                .await;
+            return Err(e);
+        }
+    };
+    // Wait until the peer has everything we sent before the connection is closed.
+    let _ = tokio::time::timeout(Duration::from_secs(10), out.send.stopped()).await;
+    release(
+        job, output, own_noise, peer_noise, joint, own_size, out.bytes,
+    )
+    .await
+}
+
+/// Runs a PSI protocol to its end: does what it asks, and feeds it the peer's frames (each
+/// within the silence it allows) and the results of its CPU work.
+async fn run_protocol(
+    job: &JobContext,
+    proto: &mut PsiProtocol,
+    out: &mut Outgoing,
+    incoming: &mut mpsc::UnboundedReceiver<Incoming>,
+) -> Result<(), NodeError> {
+    let partner = job.permit.partner.clone();
+    loop {
+        while let Some(action) = proto.poll() {
+            match action {
+                Action::Send(env) => out.send_env(&env).await?,
+                Action::Recheck => job.recheck()?,
+                Action::Audit(event) => {
+                    job.audit(event)?;
+                }
+                Action::Compute(work) => {
+                    let done = blocking(move || work.run()).await?;
+                    proto.handle_done(done)?;
+                }
+                Action::Finish => out.send.finish()?,
+            }
+        }
+        if proto.is_finished() {
+            return Ok(());
+        }
+        let env = next_frame(incoming, &partner, proto.silence_allowed()).await?;
+        proto.handle(env)?;
+    }
+}
+
+/// What may be released to the coordinator: the count (with both parties' noise, if any),
+/// unless either agreement withholds it (below the joint minimum result, or counts not allowed
+/// to the coordinator). Audited, and settled in the ledger if it was charged; a `match` writes
+/// its membership file.
+async fn release(
+    job: &JobContext,
+    output: cleanroom_circuits::PsiOutput,
+    own_noise: Option<OwnNoise>,
+    peer_noise: Option<(NoiseTerm, i64)>,
+    joint: ReleaseTerms,
+    own_size: u64,
+    bytes_to_peer: u64,
+) -> Result<PsiOutcome, NodeError> {
+    let partner = job.permit.partner.clone();
+    job.recheck()?;
+    let mut noise_terms: Vec<NoiseTerm> = Vec::new();
+    let released = if own_noise.is_none() && peer_noise.is_none() {
+        (output.intersection >= joint.min_result)
+            .then_some(output.intersection)
+            .filter(|_| joint.counts_to_coordinator)
+    } else {
+        let own = own_noise.as_ref().map_or(0, |o| o.noise);
+        let peer = peer_noise.as_ref().map_or(0, |(_, n)| *n);
+        if let Some(o) = &own_noise {
+            noise_terms.push(o.term(&job.my_name));
+        }
+        if let Some((t, _)) = &peer_noise {
+            noise_terms.push(t.clone());
+        }
+        noise_terms.sort_by(|a, b| a.node.cmp(&b.node));
+        let noised = noised_release::noised_count(output.intersection, own, peer);
+        let released = noised_release::threshold(noised, joint.min_result)
+            .filter(|_| joint.counts_to_coordinator);
+        settle(job, own_noise.is_some(), released).await?
+    };
+    let noise_note = if noise_terms.is_empty() {
+        String::new()
+    } else {
+        format!(" with {}", noised_release::describe(&noise_terms))
+    };
+    let head = job.audit(AuditEvent::Release {
+        job_id: job.job_id.clone(),
+        partner: partner.clone(),
+        what: if released.is_some() {
+            format!("intersection count{noise_note}")
+        } else {
+            format!(
+                "intersection count{noise_note} withheld (below the joint minimum result {} or \
+                 not allowed to the coordinator by either agreement)",
+                joint.min_result
+            )
+        },
+        to: vec!["coordinator".into(), partner.clone()],
+        value: released,
+        epsilon: own_noise.as_ref().map_or(0.0, |o| o.epsilon),
+        rho: None,
+    })?;
+    let mut outcome = PsiOutcome {
+        intersection: released.unwrap_or(0),
+        own_set_size: output.own_set_size,
+        peer_set_size: output.peer_set_size,
+        learned_membership: false,
+        matched_rows: 0,
+        membership_file: String::new(),
+        suppressed: released.is_none(),
+        audit_head: head.to_string(),
+        noise: noise_terms,
+        sum: None,
+        bytes_to_peer,
+    };
+    // Membership is the result itself: under the joint threshold it is withheld here too (an
+    // honest node writes none; a deviating one could compute it, see docs/SECURITY.md). Its row
+    // count gives the count away, so only a released count lets it be reported.
+    if let (true, Some(indices)) = (job.spec.kind == JobKind::Match as i32, output.membership) {
+        if output.intersection >= joint.min_result {
+            let (rows, path) = write_membership(job, indices, own_size).await?;
+            if released.is_some() {
+                outcome.learned_membership = true;
+                outcome.matched_rows = rows;
+                outcome.membership_file = path.display().to_string();
+            }
+        } else {
+            tracing::info!(
+                min_result = joint.min_result,
+                "membership withheld: the count is below the joint minimum result"
+            );
+        }
+    }
+    Ok(outcome)
+}
+
+/// For an overlap whose allow entry sets ε: charges the ledger and draws this node's noise in
+/// one transaction (the draw is not kept; a job whose release was charged before is refused).
+/// `None` for exact releases.
+async fn charge_noise(job: &JobContext) -> Result<Option<OwnNoise>, NodeError> {
+    if job.spec.kind != JobKind::Overlap as i32 {
+        return Ok(None);
+    }
+    let cfg = job.state.cfg();
+    let Some(charge) = job.permit.charge(&job.job_id, &cfg) else {
+        return Ok(None);
+    };
+    let Some(epsilon) = job.permit.epsilon.map(|e| e.get()) else {
+        return Ok(None);
+    };
+    let state = job.state.clone();
+    let key = crate::spec::release_key(&job.job_id, &job.spec);
+    let drawn = blocking(move || {
+        state
+            .ledger
+            .charge_and_draw(&key, &charge, now_ms(), || noised_release::draw(epsilon))
+    })
+    .await?
+    .map_err(|e| NodeError::from(JobError::Refused(crate::state::budget_veto(&cfg.name, e))))?;
+    tracing::info!(epsilon, "privacy budget charged for a noised release");
+    Ok(Some(drawn))
+}
+
+/// Records what this job released in the ledger (if it charged there): the value the
+/// coordinator receives, beside the charge, for the node's own records.
+pub(crate) async fn settle(
+    job: &JobContext,
+    charged: bool,
+    released: Option<u64>,
+) -> Result<Option<u64>, NodeError> {
+    if !charged {
+        return Ok(released);
+    }
+    let state = job.state.clone();
+    let key = crate::spec::release_key(&job.job_id, &job.spec);
+    blocking(move || state.ledger.settle(&key, &released))
+        .await?
+        .map_err(|e| {
+            tracing::error!(error = %e, "could not store the release in the ledger");
+            NodeError::from(JobError::Ledger {
+                node: job.my_name.clone(),
+            })
+        })
+}
+
+/// The CSV columns a job's join keys read.
+pub(crate) fn key_columns(permit: &Permit) -> Vec<String> {
+    permit
+        .keys
+        .names
+        .iter()
+        .filter_map(|name| permit.dataset.identifier(name).map(|i| i.column.clone()))
+        .collect()
+}
+
+pub(crate) fn check_seq(seq: u64, expected: &mut u64, partner: &str) -> Result<(), NodeError> {
+    wire::check_seq(seq, expected).map_err(|v| violation(partner, v))
+}
+
+/// Maps matched item indices back to row numbers and writes them to the node's state dir.
+/// Row numbers, never identifiers: the file is safe to hand to the partner's own systems.
+async fn write_membership(
+    job: &JobContext,
+    indices: Vec<u32>,
+    own_size: u64,
+) -> Result<(u64, PathBuf), NodeError> {
+    let dataset = job.permit.dataset.clone();
+    let keys = job.permit.keys.clone();
+    let consent = job.permit.consent_column.clone();
+    let forgotten = job.forgotten()?;
+    let dir = job.state_dir.join("results");
+    let path = dir.join(format!("{}-membership.csv", job.job_id));
+    let out = path.clone();
+    blocking(move || -> Result<u64, NodeError> {
+        // Re-read the dataset: the same data dedups to the same sorted order, so the indices the
+        // protocol returned map to the same keys. A changed file is detected by its size.
+        let filter = RowFilter {
+            consent_column: consent.as_deref(),
+            forgotten: forgotten.as_ref(),
+        };
+        let loaded = dataset::load_keys_for(&dataset, &keys, filter, MAX_ROWS)
+            .map_err(|e| NodeError::from(JobError::Dataset(e.to_string())))?;
+        if loaded.items.len() as u64 != own_size {
+            return Err(JobError::DatasetChanged.into());
+        }
+        let mut matched = cleanroom_circuits::ItemSet::new();
+        for i in indices {
+            let item = loaded
+                .items
+                .get(i as usize)
+                .ok_or_else(|| JobError::Internal("membership index out of range".into()))?;
+            matched
+                .push(item)
+                .map_err(|e| JobError::Internal(e.to_string()))?;
+        }
+        matched.dedup();
+        let rows = dataset::matching_rows_for(&dataset, &keys, filter, &matched)
+            .map_err(|e| NodeError::from(JobError::Dataset(e.to_string())))?;
+        std::fs::create_dir_all(&dir).map_err(|e| NodeError::Io {
+            what: format!("creating {}", dir.display()),
+            source: e,
+        })?;
+        let mut text = String::from("row\n");
+        for r in &rows {
+            text.push_str(&r.to_string());
+            text.push('\n');
+        }
+        std::fs::write(&out, text).map_err(|e| NodeError::Io {
+            what: format!("writing {}", out.display()),
+            source: e,
+        })?;
+        Ok(rows.len() as u64)
+    })
+    .await?
+    .map(|rows| (rows, path))
+}
+
+/// Reads the peer's stream into a channel as fast as it arrives, checking job ids and what the
+/// peer may make us buffer ([`FrameBudget`]).
+pub(crate) fn spawn_reader(
+    mut recv: FramedRecv,
+    job_id: String,
+    mut first: Option<Envelope>,
+    mut budget: FrameBudget,
+) -> mpsc::UnboundedReceiver<Incoming> {
+    let (tx, rx) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        loop {
+            let env = match first.take() {
+                Some(env) => env,
+                None => match recv.recv().await {
+                    Ok(Some(env)) => env,
+                    Ok(None) => return,
+                    Err(TransportError::Closed { reason }) => {
+                        let _ = tx.send(Incoming::Lost(reason));
+                        return;
+                    }
+                    Err(e) => {
+                        let _ = tx.send(Incoming::Failed(e.to_string()));
+                        return;
+                    }
+                },
+            };
+            if env.job_id != job_id {
+                let _ = tx.send(Incoming::Failed(format!(
+                    "frame for job '{}' on the stream of job '{job_id}'",
+                    env.job_id
+                )));
+                return;
+            }
+            if let Err(reason) = budget.admit(&env) {
+                let _ = tx.send(Incoming::Failed(reason));
+                return;
+            }
+            if tx.send(Incoming::Frame(Box::new(env))).is_err() {
+                return;
+            }
+        }
+    });
+    rx
+}
+
+pub(crate) async fn next_frame(
+    incoming: &mut mpsc::UnboundedReceiver<Incoming>,
+    partner: &str,
+    stall: Duration,
+) -> Result<Envelope, NodeError> {
+    let next = tokio::time::timeout(stall, incoming.recv())
+        .await
+        .map_err(|_| {
+            NodeError::from(Timeout::Silent {
+                peer: Party::Node(partner.to_owned()),
+                secs: stall.as_secs(),
+            })
+        })?;
+    match next {
+        Some(Incoming::Frame(env)) => {
+            if let Some(Body::Abort(Abort { reason })) = &env.body {
+                return Err(JobError::Aborted {
+                    peer: Party::Node(partner.to_owned()),
+                    reason: reason.clone(),
+                }
+                .into());
+            }
+            Ok(*env)
+        }
+        Some(Incoming::Failed(reason)) => Err(violation(partner, reason)),
+        Some(Incoming::Lost(reason)) => Err(JobError::Lost {
+            peer: Party::Node(partner.to_owned()),
+            reason,
+        }
+        .into()),
+        None => Err(JobError::ClosedEarly {
+            peer: Party::Node(partner.to_owned()),
+        }
+        .into()),
+    }
+}
+
+/// Receives one phase of the peer's point batches and its end marker: each batch goes, in
+/// sequence, to `on_batch` and the end marker's total to `on_end` (both on the blocking pool,
+/// their errors the peer's violations). A frame of another phase or kind, or a batch out of
+/// sequence, is a violation too.
+pub(crate) async fn receive_batches<S, T, E>(
+    incoming: &mut mpsc::UnboundedReceiver<Incoming>,
+    partner: &str,
+    stall: Duration,
+    phase: Phase,
+    mut state: S,
+    on_batch: fn(S, &[u8]) -> Result<S, E>,
+    on_end: fn(S, u64) -> Result<T, E>,
+) -> Result<T, NodeError>
+where
+    S: Send + 'static,
+    T: Send + 'static,
+    E: std::fmt::Display + Send + 'static,
+{
+    let mut seq_in = 0u64;
+    loop {
+        let env = next_frame(incoming, partner, stall).await?;
+        check_phase(&env, phase, partner)?;
+        match env.body {
+            Some(Body::Points(PointBatch { seq, points })) => {
+                check_seq(seq, &mut seq_in, partner)?;
+                state = blocking(move || on_batch(state, &points))
+                    .await?
+                    .map_err(|e| violation(partner, e))?;
+            }
+            Some(Body::BatchEnd(BatchEnd { total })) => {
+                return blocking(move || on_end(state, total))
+                    .await?
+                    .map_err(|e| violation(partner, e));
+            }
+            other => return Err(unexpected(partner, phase, other.as_ref())),
+        }
+    }
+}
+
+pub(crate) fn check_phase(env: &Envelope, phase: Phase, partner: &str) -> Result<(), NodeError> {
+    wire::check_phase(env, phase).map_err(|v| violation(partner, v))
+}
+
+pub(crate) fn expect_body<T>(
+    env: &Envelope,
+    phase: Phase,
+    partner: &str,
+    pick: impl Fn(&Body) -> Option<T>,
+) -> Result<T, NodeError> {
+    wire::expect_body(env, phase, pick).map_err(|v| violation(partner, v))
+}
+
+pub(crate) fn unexpected(partner: &str, phase: Phase, body: Option<&Body>) -> NodeError {
+    violation(partner, wire::unexpected(phase, body))
+}
+
+pub(crate) fn violation(partner: &str, reason: impl std::fmt::Display) -> NodeError {
+    NodeError::Protocol {
+        peer: format!("node '{partner}'"),
+        reason: reason.to_string(),
+    }
+}
+
+/// Our stream to the peer: frames stamped and numbered by an [`Outbox`], and the bytes sent.
+pub(crate) struct Outgoing {
+    pub(crate) send: FramedSend,
+    outbox: Outbox,
+    /// Bytes sent so far (framed).
+    pub(crate) bytes: u64,
+}
+
+impl Outgoing {
+    /// A stream to the peer for `job_id`, starting in `phase`.
+    pub(crate) fn new(send: FramedSend, job_id: &str, phase: Phase) -> Outgoing {
+        Outgoing {
+            send,
+            outbox: Outbox::new(job_id, phase),
+            bytes: 0,
+        }
+    }
+
+    /// Sends a frame as it is.
+    pub(crate) async fn send_env(&mut self, env: &Envelope) -> Result<(), NodeError> {
+        // The frame's length prefix and body.
+        self.bytes += 4 + env.encoded_len() as u64;
+        Ok(self.send.send(env).await?)
+    }
+
+    pub(crate) async fn frame(&mut self, phase: Phase, body: Body) -> Result<(), NodeError> {
+        let env = self.outbox.frame(phase, body);
+        self.send_env(&env).await
+    }
+
+    pub(crate) async fn points(
+        &mut self,
+        phase: Phase,
+        batches: Vec<Vec<u8>>,
+    ) -> Result<(), NodeError> {
+        for env in self.outbox.points(phase, batches) {
+            self.send_env(&env).await?;
+        }
+        Ok(())
+    }
+
+    pub(crate) async fn end(&mut self, phase: Phase, total: u64) -> Result<(), NodeError> {
+        let env = self.outbox.end(phase, total);
+        self.send_env(&env).await
+    }
+}
+
+/// Runs CPU work on the blocking pool, turning a panic into a job error.
+pub(crate) async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, NodeError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| JobError::Internal(e.to_string()).into())
+}

@@ -1,0 +1,569 @@
+//! The ECDH-PSI job (`overlap` and `match`) as a sans-IO protocol: [`PsiProtocol`] takes the
+//! peer's frames ([`PsiProtocol::handle`]) and the results of CPU work
+//! ([`PsiProtocol::handle_done`]), and hands out what to do next ([`PsiProtocol::poll`]): send a
+//! frame, re-check the policy, audit, run CPU work, finish our stream. It never touches a socket,
+//! a task or the clock; the job driver ([`crate::job::driver`]) does, and the tests below drive
+//! two of them against each other in memory.
+//!
+//! The cryptography is `cleanroom_circuits::psi`'s by-value session; this file adds the wire
+//! order around it. Each party writes, in order:
+//!
+//! ```text
+//! PsiHello(set size, spec digest,     phase PSI_SIZE
+//!          release terms,
+//!          [noise term, commitment])
+//! PointBatch* BatchEnd(total)          phase PSI_BLINDED          our items, k·H(x), shuffled
+//! PointBatch* BatchEnd(total)          phase PSI_DOUBLE_BLINDED   the peer's items, re-blinded
+//! BatchEnd(intersection)               phase PSI_DONE
+//! [NoiseReveal(noise, nonce)]          phase PSI_DONE             if the hello committed
+//! ```
+//!
+//! The hello is checked before any work on the peer's data: its sender, the spec digest, its
+//! noise announcement (an `overlap` only), its release terms and its declared size. Batches must
+//! come in their phase and in sequence; the counts must agree; a revealed noise must open the
+//! hello's commitment. Anything else is a [`Violation`] by the partner.
+
+use std::collections::VecDeque;
+use std::time::Duration;
+
+use cleanroom_circuits::{
+    AwaitingPeerSize, AwaitingReturn, ExchangingPoints, ItemSet, JobKey, PsiError, PsiOutput,
+    PsiParams, PsiSession, ReadyToBlind,
+};
+use cleanroom_proto::v1::{
+    Abort, BatchEnd, Envelope, JobKind, NoiseReveal, NoiseTerm, Phase, PointBatch, PsiHello,
+    ReleaseTerms, envelope::Body,
+};
+
+use crate::audit::AuditEvent;
+use crate::data::dataset;
+use crate::error::{JobError, Party, Violation};
+use crate::job::noise::{self, NONCE_LEN};
+use crate::job::wire::{self, Outbox, STALL_BASE, stall_deadline};
+use crate::policy::{Permit, Recipient, Veto};
+
+/// Points per batch frame: 128 KiB, well under the frame cap.
+pub const BATCH_POINTS: usize = 4096;
+
+/// What a PSI job is, for the protocol: who, which kind, under which terms.
+#[derive(Debug, Clone)]
+pub struct PsiConfig {
+    /// The job's id.
+    pub job_id: String,
+    /// This node's name.
+    pub me: String,
+    /// `overlap` or `match`.
+    pub kind: JobKind,
+    /// What the agreement permits for this job.
+    pub permit: Permit,
+    /// The spec digest both parties must share ([`crate::spec::spec_digest`]).
+    pub digest: [u8; 32],
+    /// This node's noise, if its allow entry sets ε (charged before the protocol starts).
+    pub noise: Option<NoiseCommit>,
+}
+
+/// This node's noise for the job, committed to in its hello and opened after the count.
+#[derive(Clone, PartialEq)]
+pub struct NoiseCommit {
+    /// How the noise was drawn, as the hello announces it.
+    pub term: NoiseTerm,
+    /// The noise value (secret until the reveal).
+    pub noise: i64,
+    /// The commitment nonce (secret until the reveal).
+    pub nonce: [u8; NONCE_LEN],
+}
+
+impl std::fmt::Debug for NoiseCommit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NoiseCommit")
+            .field("term", &self.term)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What the driver does next for the protocol.
+#[derive(Debug)]
+pub enum Action {
+    /// Write this frame to the peer.
+    Send(Box<Envelope>),
+    /// Stop unless the policy in force still permits the job.
+    Recheck,
+    /// Append this to the audit log before going on; stop if it cannot be written.
+    Audit(AuditEvent),
+    /// Run this on the CPU pool and hand the result to [`PsiProtocol::handle_done`].
+    Compute(Work),
+    /// Close our stream: everything has been written.
+    Finish,
+}
+
+/// CPU work of the protocol; [`Work::run`] is pure.
+#[derive(Debug)]
+pub enum Work {
+    /// Blind our items (the heavy step).
+    Blind(ReadyToBlind),
+    /// Re-blind one batch of the peer's items.
+    PeerBatch(ExchangingPoints, Vec<u8>),
+    /// The peer's items are all in: shuffle or order the rest.
+    PeerEnd(ExchangingPoints, u64),
+    /// One batch of our items, returned double-blinded.
+    Returned(AwaitingReturn, Vec<u8>),
+    /// All of our items are back: count.
+    ReturnedEnd(AwaitingReturn, u64),
+}
+
+/// The result of a [`Work`].
+#[derive(Debug)]
+pub enum Done {
+    /// Our blinded batches, and the session that re-blinds the peer's.
+    Blinded(Vec<Vec<u8>>, ExchangingPoints),
+    /// A re-blinded batch to return, if one is due.
+    PeerBatch(Result<(ExchangingPoints, Option<Vec<u8>>), PsiError>),
+    /// The last re-blinded batches to return, and the peer's total.
+    PeerEnd(u64, Result<(Vec<Vec<u8>>, AwaitingReturn), PsiError>),
+    /// A returned batch taken in.
+    Returned(Result<AwaitingReturn, PsiError>),
+    /// The count.
+    ReturnedEnd(Result<PsiOutput, PsiError>),
+}
+
+impl Work {
+    /// Does the work.
+    pub fn run(self) -> Done {
+        match self {
+            Work::Blind(s) => {
+                let (batches, next) = s.blind();
+                Done::Blinded(batches, next)
+            }
+            Work::PeerBatch(s, points) => Done::PeerBatch(s.on_peer_batch(&points)),
+            Work::PeerEnd(s, total) => Done::PeerEnd(total, s.on_peer_end(total)),
+            Work::Returned(s, points) => Done::Returned(s.on_returned_batch(&points)),
+            Work::ReturnedEnd(s, total) => Done::ReturnedEnd(s.on_returned_end(total)),
+        }
+    }
+}
+
+/// What the exchange produced: the count (and membership) from the session, the peer's noise
+/// (its term and opened value) and the stricter of both parties' release terms.
+#[derive(Debug)]
+pub struct PsiExchange {
+    /// The session's output.
+    pub output: PsiOutput,
+    /// The peer's noise, if its hello committed to some.
+    pub peer_noise: Option<(NoiseTerm, i64)>,
+    /// The joint release terms.
+    pub joint: ReleaseTerms,
+}
+
+/// Where the protocol is.
+enum Stage {
+    /// Our hello is out; the peer's is due.
+    Hello(AwaitingPeerSize),
+    /// CPU work is out; nothing else is taken until it comes back.
+    Busy,
+    /// The peer's blinded batches come in; we re-blind them.
+    Reblinding(ExchangingPoints),
+    /// Our items come back double-blinded.
+    Returning(AwaitingReturn),
+    /// Our count is out; the peer's is due.
+    Count(PsiOutput),
+    /// The counts agree; the peer's noise reveal is due.
+    Reveal(PsiOutput),
+    /// Done.
+    Finished(PsiExchange),
+    /// Failed or taken.
+    Over,
+}
+
+/// What the peer's hello settled.
+struct PeerTerms {
+    size: u64,
+    noise: Option<NoiseTerm>,
+    commitment: Vec<u8>,
+    joint: ReleaseTerms,
+}
+
+/// One party's PSI protocol.
+pub struct PsiProtocol {
+    cfg: PsiConfig,
+    partner: String,
+    out: Outbox,
+    actions: VecDeque<Action>,
+    stage: Stage,
+    own_size: u64,
+    peer: Option<PeerTerms>,
+    seq_in: u64,
+}
+
+impl std::fmt::Debug for PsiProtocol {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PsiProtocol")
+            .field("job_id", &self.cfg.job_id)
+            .field("partner", &self.partner)
+            .field("own_size", &self.own_size)
+            .finish_non_exhaustive()
+    }
+}
+
+/// This node's release terms, as its hello announces them.
+pub fn release_terms(permit: &Permit) -> ReleaseTerms {
+    ReleaseTerms {
+        min_result: permit.min_result.max(1),
+        counts_to_coordinator: permit.counts_allowed_to(Recipient::Coordinator),
+    }
+}
+
+/// The stricter of both parties' release terms: the larger threshold, and counts to the
+/// coordinator only if both agreements allow it. A hello without terms, or with a threshold
+/// of 0 (an honest node sends at least 1), is the peer's violation.
+pub fn joint_release(
+    own: &ReleaseTerms,
+    peer: Option<&ReleaseTerms>,
+) -> Result<ReleaseTerms, String> {
+    let peer = peer.ok_or("its hello carries no release terms")?;
+    if peer.min_result == 0 {
+        return Err("its hello declares a minimum result of 0 (at least 1)".into());
+    }
+    Ok(ReleaseTerms {
+        min_result: own.min_result.max(peer.min_result),
+        counts_to_coordinator: own.counts_to_coordinator && peer.counts_to_coordinator,
+    })
+}
+
+impl PsiProtocol {
+    /// Starts the protocol over our loaded items with a fresh key: our hello is the first
+    /// action.
+    pub fn start(cfg: PsiConfig, key: JobKey, items: ItemSet) -> PsiProtocol {
+        let permit = &cfg.permit;
+        let params = PsiParams {
+            key_name: dataset::key_name(&permit.keys),
+            min_peer_set: permit.min_peer_set,
+            max_peer_set: permit.max_peer_set,
+            return_in_order: permit.partner_learns_membership,
+            learn_membership: permit.i_learn_membership,
+            batch_size: BATCH_POINTS,
+        };
+        let (own_size, session) = PsiSession::start(params, key, items);
+        let (noise_term, noise_commitment) = match &cfg.noise {
+            Some(n) => (
+                Some(n.term.clone()),
+                noise::commitment(&cfg.job_id, &cfg.me, n.noise, &n.nonce).to_vec(),
+            ),
+            None => (None, Vec::new()),
+        };
+        let mut out = Outbox::new(&cfg.job_id, Phase::PsiSize);
+        let hello = out.frame(
+            Phase::PsiSize,
+            Body::PsiHello(PsiHello {
+                sender: cfg.me.clone(),
+                set_size: own_size,
+                spec_digest: cfg.digest.to_vec(),
+                noise: noise_term,
+                noise_commitment,
+                sum: None,
+                release: Some(release_terms(permit)),
+            }),
+        );
+        PsiProtocol {
+            partner: permit.partner.clone(),
+            cfg,
+            out,
+            actions: VecDeque::from([Action::Send(Box::new(hello))]),
+            stage: Stage::Hello(session),
+            own_size,
+            peer: None,
+            seq_in: 0,
+        }
+    }
+
+    /// Our set size (distinct items), as the hello declares it.
+    pub fn own_size(&self) -> u64 {
+        self.own_size
+    }
+
+    /// The next thing to do, if any.
+    pub fn poll(&mut self) -> Option<Action> {
+        self.actions.pop_front()
+    }
+
+    /// Whether the exchange is complete ([`PsiProtocol::into_exchange`] returns it).
+    pub fn is_finished(&self) -> bool {
+        matches!(self.stage, Stage::Finished(_)) && self.actions.is_empty()
+    }
+
+    /// The finished exchange; `None` before it is finished.
+    pub fn into_exchange(self) -> Option<PsiExchange> {
+        match self.stage {
+            Stage::Finished(x) if self.actions.is_empty() => Some(x),
+            _ => None,
+        }
+    }
+
+    /// How long the peer may stay silent now: a minute before its hello, then in proportion to
+    /// both set sizes.
+    pub fn silence_allowed(&self) -> Duration {
+        self.peer
+            .as_ref()
+            .map_or(STALL_BASE, |p| stall_deadline(self.own_size, p.size))
+    }
+
+    fn violation(&self, v: impl Into<Violation>) -> JobError {
+        JobError::violation(Party::Node(self.partner.clone()), v)
+    }
+
+    fn send(&mut self, env: Envelope) {
+        self.actions.push_back(Action::Send(Box::new(env)));
+    }
+
+    /// Takes the peer's next frame (the driver has checked its job id and size).
+    pub fn handle(&mut self, env: Envelope) -> Result<(), JobError> {
+        let stage = std::mem::replace(&mut self.stage, Stage::Over);
+        let result = self.on_frame(stage, env);
+        if result.is_err() {
+            self.stage = Stage::Over;
+            self.actions.clear();
+        }
+        result
+    }
+
+    /// Takes the result of the last [`Action::Compute`].
+    pub fn handle_done(&mut self, done: Done) -> Result<(), JobError> {
+        let result = self.on_done(done);
+        if result.is_err() {
+            self.stage = Stage::Over;
+            self.actions.clear();
+        }
+        result
+    }
+
+    fn on_frame(&mut self, stage: Stage, env: Envelope) -> Result<(), JobError> {
+        if let Some(Body::Abort(Abort { reason })) = &env.body {
+            return Err(JobError::Aborted {
+                peer: Party::Node(self.partner.clone()),
+                reason: reason.clone(),
+            });
+        }
+        match stage {
+            Stage::Hello(session) => self.on_hello(session, &env),
+            Stage::Reblinding(session) => {
+                wire::check_phase(&env, Phase::PsiBlinded).map_err(|v| self.violation(v))?;
+                match env.body {
+                    Some(Body::Points(PointBatch { seq, points })) => {
+                        wire::check_seq(seq, &mut self.seq_in).map_err(|v| self.violation(v))?;
+                        self.compute(Work::PeerBatch(session, points));
+                    }
+                    Some(Body::BatchEnd(BatchEnd { total })) => {
+                        self.compute(Work::PeerEnd(session, total));
+                    }
+                    other => {
+                        return Err(
+                            self.violation(wire::unexpected(Phase::PsiBlinded, other.as_ref()))
+                        );
+                    }
+                }
+                Ok(())
+            }
+            Stage::Returning(session) => {
+                wire::check_phase(&env, Phase::PsiDoubleBlinded).map_err(|v| self.violation(v))?;
+                match env.body {
+                    Some(Body::Points(PointBatch { seq, points })) => {
+                        wire::check_seq(seq, &mut self.seq_in).map_err(|v| self.violation(v))?;
+                        self.compute(Work::Returned(session, points));
+                    }
+                    Some(Body::BatchEnd(BatchEnd { total })) => {
+                        self.compute(Work::ReturnedEnd(session, total));
+                    }
+                    other => {
+                        return Err(self
+                            .violation(wire::unexpected(Phase::PsiDoubleBlinded, other.as_ref())));
+                    }
+                }
+                Ok(())
+            }
+            Stage::Count(output) => {
+                let peer_count = wire::expect_body(&env, Phase::PsiDone, |b| match b {
+                    Body::BatchEnd(e) => Some(e.total),
+                    _ => None,
+                })
+                .map_err(|v| self.violation(v))?;
+                if peer_count != output.intersection {
+                    return Err(self.violation(Violation::CountMismatch {
+                        theirs: peer_count,
+                        ours: output.intersection,
+                    }));
+                }
+                let awaits_reveal = self.peer.as_ref().is_some_and(|p| p.noise.is_some());
+                self.stage = if awaits_reveal {
+                    Stage::Reveal(output)
+                } else {
+                    self.finished(output, None)
+                };
+                Ok(())
+            }
+            Stage::Reveal(output) => {
+                let (value, nonce) = wire::expect_body(&env, Phase::PsiDone, |b| match b {
+                    Body::NoiseReveal(r) => Some((r.noise, r.nonce.clone())),
+                    _ => None,
+                })
+                .map_err(|v| self.violation(v))?;
+                let peer = self
+                    .peer
+                    .as_ref()
+                    .ok_or_else(|| self.internal("no peer terms"))?;
+                noise::check_reveal(
+                    &self.cfg.job_id,
+                    &self.partner,
+                    &peer.commitment,
+                    value,
+                    &nonce,
+                )
+                .map_err(|e| self.violation(Violation::Terms(e)))?;
+                let term = peer
+                    .noise
+                    .clone()
+                    .ok_or_else(|| self.internal("no peer noise"))?;
+                self.stage = self.finished(output, Some((term, value)));
+                Ok(())
+            }
+            Stage::Busy | Stage::Finished(_) | Stage::Over => {
+                Err(self.internal("a frame was handed over while the protocol takes none"))
+            }
+        }
+    }
+
+    fn internal(&self, what: &str) -> JobError {
+        JobError::Internal(format!("PSI protocol of job '{}': {what}", self.cfg.job_id))
+    }
+
+    fn compute(&mut self, work: Work) {
+        self.stage = Stage::Busy;
+        self.actions.push_back(Action::Compute(work));
+    }
+
+    fn finished(&self, output: PsiOutput, peer_noise: Option<(NoiseTerm, i64)>) -> Stage {
+        let joint = self.peer.as_ref().map(|p| p.joint).unwrap_or(ReleaseTerms {
+            min_result: u64::MAX,
+            counts_to_coordinator: false,
+        });
+        Stage::Finished(PsiExchange {
+            output,
+            peer_noise,
+            joint,
+        })
+    }
+
+    fn on_hello(&mut self, session: AwaitingPeerSize, env: &Envelope) -> Result<(), JobError> {
+        let hello = wire::expect_body(env, Phase::PsiSize, |b| match b {
+            Body::PsiHello(h) => Some(h.clone()),
+            _ => None,
+        })
+        .map_err(|v| self.violation(v))?;
+        if hello.sender != self.partner {
+            return Err(self.violation(Violation::WrongSender(hello.sender)));
+        }
+        if hello.spec_digest != self.cfg.digest {
+            return Err(self.violation(Violation::SpecMismatch));
+        }
+        let peer_noise = noise::check_peer_announcement(
+            &self.partner,
+            hello.noise.as_ref(),
+            &hello.noise_commitment,
+        )
+        .map_err(|e| self.violation(Violation::Terms(e)))?;
+        if peer_noise.is_some() && self.cfg.kind != JobKind::Overlap {
+            return Err(self.violation(Violation::Terms(
+                "it announced noise for a match job".into(),
+            )));
+        }
+        let joint = joint_release(&release_terms(&self.cfg.permit), hello.release.as_ref())
+            .map_err(|e| self.violation(Violation::Terms(e)))?;
+        self.cfg
+            .permit
+            .check_peer_size(hello.set_size)
+            .map_err(JobError::Refused)?;
+        let ready = session
+            .on_peer_size(hello.set_size)
+            .map_err(|e| JobError::Refused(Veto(e.to_string())))?;
+        self.peer = Some(PeerTerms {
+            size: hello.set_size,
+            noise: peer_noise,
+            commitment: hello.noise_commitment,
+            joint,
+        });
+        self.actions.push_back(Action::Recheck);
+        if self.cfg.permit.partner_learns_membership {
+            self.actions.push_back(Action::Audit(AuditEvent::Release {
+                job_id: self.cfg.job_id.clone(),
+                partner: self.partner.clone(),
+                what: "which of the partner's records we hold (its membership)".into(),
+                to: vec![self.partner.clone()],
+                value: None,
+                epsilon: 0.0,
+                rho: None,
+            }));
+        }
+        self.compute(Work::Blind(ready));
+        Ok(())
+    }
+
+    fn on_done(&mut self, done: Done) -> Result<(), JobError> {
+        if !matches!(self.stage, Stage::Busy) {
+            return Err(self.internal("work came back that was not out"));
+        }
+        let psi = |p: &Self, e: PsiError| p.violation(Violation::Psi(e));
+        match done {
+            Done::Blinded(batches, next) => {
+                for env in self.out.points(Phase::PsiBlinded, batches) {
+                    self.send(env);
+                }
+                let end = self.out.end(Phase::PsiBlinded, self.own_size);
+                self.send(end);
+                self.seq_in = 0;
+                self.stage = Stage::Reblinding(next);
+            }
+            Done::PeerBatch(r) => {
+                let (next, reply) = r.map_err(|e| psi(self, e))?;
+                if let Some(reply) = reply {
+                    for env in self.out.points(Phase::PsiDoubleBlinded, vec![reply]) {
+                        self.send(env);
+                    }
+                }
+                self.stage = Stage::Reblinding(next);
+            }
+            Done::PeerEnd(total, r) => {
+                let (rest, next) = r.map_err(|e| psi(self, e))?;
+                for env in self.out.points(Phase::PsiDoubleBlinded, rest) {
+                    self.send(env);
+                }
+                let end = self.out.end(Phase::PsiDoubleBlinded, total);
+                self.send(end);
+                self.seq_in = 0;
+                self.stage = Stage::Returning(next);
+            }
+            Done::Returned(r) => {
+                self.stage = Stage::Returning(r.map_err(|e| psi(self, e))?);
+            }
+            Done::ReturnedEnd(r) => {
+                let output = r.map_err(|e| psi(self, e))?;
+                let count = self.out.end(Phase::PsiDone, output.intersection);
+                self.send(count);
+                if let Some(n) = &self.cfg.noise {
+                    let reveal = self.out.frame(
+                        Phase::PsiDone,
+                        Body::NoiseReveal(NoiseReveal {
+                            noise: n.noise,
+                            nonce: n.nonce.to_vec(),
+                        }),
+                    );
+                    self.send(reveal);
+                }
+                self.actions.push_back(Action::Finish);
+                self.stage = Stage::Count(output);
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+#[path = "psi_tests.rs"]
+mod tests;

@@ -1,0 +1,825 @@
+//! The PSI protocol's wire order, without sockets: a [`Pair`] of protocols exchanges frames in
+//! memory (running their CPU work inline), and a tamper hook plays a hostile peer by changing,
+//! dropping, repeating or inventing the frames one side sends. Every hostile case that
+//! `tests/adversary.rs` needs processes for is here at the protocol level.
+
+use std::collections::VecDeque;
+use std::path::Path;
+
+use cleanroom_circuits::{ItemSet, JobKey};
+use cleanroom_proto::v1::{JobSpec, PartySpec};
+
+use super::*;
+use crate::policy::NodeConfig;
+
+const NOW: i64 = 1_782_864_000_000;
+
+/// `me`'s config with one agreement, with `partner`, allowing `allow` (TOML inline-table keys)
+/// on its dataset `customers`.
+fn node_config(me: &str, partner: &str, allow: &str) -> NodeConfig {
+    let text = format!(
+        r#"
+name = "{me}"
+coordinator = "127.0.0.1:7400"
+listen = "127.0.0.1:0"
+state_dir = "state"
+tls = {{ ca = "ca.pem", cert = "node.pem", key = "node.key" }}
+dataset = [{{ name = "customers", path = "customers.csv", identifier = [{{ name = "email", column = "email", normaliser = "email" }}] }}]
+agreement = [{{ partner = "{partner}", purposes = ["reporting"], allow = [{{ dataset = "customers", keys = ["email"], min_set_size = 1, max_set_size = 1000, {allow} }}] }}]
+"#
+    );
+    NodeConfig::parse(&text, Path::new("/nonexistent/node.toml")).expect("test config")
+}
+
+fn spec(kind: JobKind, learns: bool) -> JobSpec {
+    let party = |node: &str| PartySpec {
+        node: node.into(),
+        dataset: "customers".into(),
+        keys: vec!["email".into()],
+        learns_membership: learns,
+    };
+    JobSpec {
+        kind: kind as i32,
+        parties: vec![party("acme"), party("globex")],
+        purpose: "reporting".into(),
+        ..JobSpec::default()
+    }
+}
+
+/// Items `from..to`, as a node's distinct keys.
+fn items(from: u32, to: u32) -> ItemSet {
+    let mut set = ItemSet::new();
+    for i in from..to {
+        set.push(format!("person-{i}@example.com").as_bytes())
+            .expect("room");
+    }
+    set.dedup();
+    set
+}
+
+/// One side's protocol config for job `job-1`, as its policy permits it.
+fn config(me: usize, kind: JobKind) -> PsiConfig {
+    let names = ["acme", "globex"];
+    let allow = match kind {
+        JobKind::Match => r#"computation = "match", membership = "both""#,
+        _ => r#"computation = "overlap""#,
+    };
+    let cfg = node_config(names[me], names[1 - me], allow);
+    let spec = spec(kind, kind == JobKind::Match);
+    let permit = crate::policy::psi::check_offer_at(&cfg, &spec, me, NOW).expect("permitted");
+    PsiConfig {
+        job_id: "job-1".into(),
+        me: names[me].into(),
+        kind,
+        permit,
+        digest: crate::spec::spec_digest("job-1", &spec),
+        noise: None,
+    }
+}
+
+fn noise_for(me: &str) -> NoiseCommit {
+    let own = noise::draw(0.5).expect("noise");
+    NoiseCommit {
+        term: own.term(me),
+        noise: own.noise,
+        nonce: own.nonce_bytes().expect("nonce"),
+    }
+}
+
+/// One side: its protocol and what it did besides sending.
+struct Side {
+    proto: PsiProtocol,
+    inbox: VecDeque<Envelope>,
+    audited: Vec<AuditEvent>,
+    rechecks: usize,
+    finished_stream: bool,
+    error: Option<JobError>,
+}
+
+impl Side {
+    fn new(proto: PsiProtocol) -> Side {
+        Side {
+            proto,
+            inbox: VecDeque::new(),
+            audited: Vec::new(),
+            rechecks: 0,
+            finished_stream: false,
+            error: None,
+        }
+    }
+
+    /// Does what the protocol asks until it waits for a frame; returns the frames it sent.
+    fn drain(&mut self) -> Vec<Envelope> {
+        let mut sent = Vec::new();
+        while let Some(action) = self.proto.poll() {
+            match action {
+                Action::Send(env) => {
+                    assert!(
+                        !self.finished_stream,
+                        "a frame after the stream was finished"
+                    );
+                    sent.push(*env);
+                }
+                Action::Recheck => self.rechecks += 1,
+                Action::Audit(event) => self.audited.push(event),
+                Action::Compute(work) => {
+                    if let Err(e) = self.proto.handle_done(work.run()) {
+                        self.error = Some(e);
+                        return sent;
+                    }
+                }
+                Action::Finish => self.finished_stream = true,
+            }
+        }
+        sent
+    }
+
+    /// Hands over one waiting frame, if the side is still going.
+    fn step(&mut self) -> bool {
+        if self.error.is_some() || self.proto.is_finished() {
+            return false;
+        }
+        let Some(env) = self.inbox.pop_front() else {
+            return false;
+        };
+        if let Err(e) = self.proto.handle(env) {
+            self.error = Some(e);
+        }
+        true
+    }
+}
+
+/// Two protocols wired back to back; `tamper` rewrites each frame globex sends to acme (the
+/// hostile peer is globex, acme the honest node under test).
+struct Pair {
+    acme: Side,
+    globex: Side,
+}
+
+impl Pair {
+    fn new(acme: PsiConfig, acme_items: ItemSet, globex: PsiConfig, globex_items: ItemSet) -> Pair {
+        Pair {
+            acme: Side::new(PsiProtocol::start(acme, JobKey::generate(), acme_items)),
+            globex: Side::new(PsiProtocol::start(globex, JobKey::generate(), globex_items)),
+        }
+    }
+
+    fn honest(kind: JobKind) -> Pair {
+        Pair::new(
+            config(0, kind),
+            items(0, 30),
+            config(1, kind),
+            items(10, 50),
+        )
+    }
+
+    /// Runs both sides until neither moves, passing globex's frames through `tamper`.
+    fn run(&mut self, mut tamper: impl FnMut(Envelope) -> Vec<Envelope>) {
+        loop {
+            let from_acme = self.acme.drain();
+            self.globex.inbox.extend(from_acme);
+            let from_globex = self.globex.drain();
+            for env in from_globex {
+                self.acme.inbox.extend(tamper(env));
+            }
+            let moved_a = self.acme.step();
+            let moved_g = self.globex.step();
+            if !moved_a
+                && !moved_g
+                && self.acme.proto.poll_is_empty()
+                && self.globex.proto.poll_is_empty()
+            {
+                return;
+            }
+        }
+    }
+
+    fn run_honest(&mut self) {
+        self.run(|env| vec![env]);
+    }
+
+    /// Acme's error after globex's frames went through `tamper`.
+    fn acme_error(mut self, tamper: impl FnMut(Envelope) -> Vec<Envelope>) -> JobError {
+        self.run(tamper);
+        self.acme.error.expect("acme failed the job")
+    }
+}
+
+impl PsiProtocol {
+    fn poll_is_empty(&self) -> bool {
+        self.actions.is_empty()
+    }
+}
+
+fn by_globex(e: &JobError) -> &Violation {
+    match e {
+        JobError::Violation {
+            by: Party::Node(n),
+            violation,
+        } if n == "globex" => violation,
+        other => panic!("not a violation by globex: {other:?}"),
+    }
+}
+
+/// `f` applied to globex's frame number `n` (0 = its hello), the others untouched.
+fn nth(
+    n: usize,
+    mut f: impl FnMut(Envelope) -> Vec<Envelope>,
+) -> impl FnMut(Envelope) -> Vec<Envelope> {
+    let mut i = 0;
+    move |env| {
+        let here = i;
+        i += 1;
+        if here == n { f(env) } else { vec![env] }
+    }
+}
+
+/// `f` applied to globex's hello.
+fn hello(mut f: impl FnMut(&mut PsiHello)) -> impl FnMut(Envelope) -> Vec<Envelope> {
+    nth(0, move |mut env| {
+        if let Some(Body::PsiHello(h)) = &mut env.body {
+            f(h);
+        }
+        vec![env]
+    })
+}
+
+/// `f` applied to globex's first frame of `phase` carrying a body `is` picks.
+fn first_of(
+    phase: Phase,
+    is: fn(&Body) -> bool,
+    mut f: impl FnMut(Envelope) -> Vec<Envelope>,
+) -> impl FnMut(Envelope) -> Vec<Envelope> {
+    let mut done = false;
+    move |env| {
+        if !done && env.phase == phase as i32 && env.body.as_ref().is_some_and(is) {
+            done = true;
+            f(env)
+        } else {
+            vec![env]
+        }
+    }
+}
+
+fn is_points(b: &Body) -> bool {
+    matches!(b, Body::Points(_))
+}
+
+fn is_end(b: &Body) -> bool {
+    matches!(b, Body::BatchEnd(_))
+}
+
+#[test]
+fn an_honest_overlap_counts_the_intersection_on_both_sides() {
+    let mut pair = Pair::honest(JobKind::Overlap);
+    pair.run_honest();
+    for side in [&pair.acme, &pair.globex] {
+        assert!(side.error.is_none(), "{:?}", side.error);
+        assert!(side.finished_stream);
+        assert_eq!(
+            side.rechecks, 1,
+            "the policy is re-checked once the hello is in"
+        );
+        assert!(
+            side.audited.is_empty(),
+            "overlap releases no membership to the partner"
+        );
+    }
+    let a = pair.acme.proto.into_exchange().expect("finished");
+    let g = pair.globex.proto.into_exchange().expect("finished");
+    assert_eq!(a.output.intersection, 20);
+    assert_eq!(g.output.intersection, 20);
+    assert_eq!((a.output.own_set_size, a.output.peer_set_size), (30, 40));
+    assert!(a.peer_noise.is_none() && a.output.membership.is_none());
+    assert_eq!(a.joint.min_result, g.joint.min_result);
+}
+
+#[test]
+fn a_match_gives_each_side_its_own_matched_rows_and_audits_the_partners() {
+    let mut pair = Pair::honest(JobKind::Match);
+    pair.run_honest();
+    assert!(pair.acme.error.is_none() && pair.globex.error.is_none());
+    // Each side lets the partner learn membership, so each audits that release before blinding.
+    for side in [&pair.acme, &pair.globex] {
+        assert!(matches!(
+            side.audited.as_slice(),
+            [AuditEvent::Release { what, .. }] if what.contains("membership")
+        ));
+    }
+    let a = pair.acme.proto.into_exchange().expect("finished");
+    let mine = items(0, 30);
+    let matched: Vec<&[u8]> = a
+        .output
+        .membership
+        .expect("acme learns membership")
+        .iter()
+        .map(|&i| mine.get(i as usize).expect("index"))
+        .collect();
+    let shared = items(10, 30);
+    assert_eq!(matched, shared.iter().collect::<Vec<_>>());
+}
+
+#[test]
+fn committed_noise_is_revealed_and_checked() {
+    let (mut a, mut g) = (config(0, JobKind::Overlap), config(1, JobKind::Overlap));
+    a.noise = Some(noise_for("acme"));
+    g.noise = Some(noise_for("globex"));
+    let globex_noise = g.noise.as_ref().map(|n| n.noise);
+    let mut pair = Pair::new(a, items(0, 30), g, items(10, 50));
+    pair.run_honest();
+    let x = pair.acme.proto.into_exchange().expect("finished");
+    assert_eq!(
+        x.peer_noise.map(|(t, n)| (t.node, n)),
+        globex_noise.map(|n| ("globex".into(), n))
+    );
+    assert_eq!(x.output.intersection, 20);
+}
+
+#[test]
+fn a_hello_from_someone_else_or_for_another_spec_is_refused_before_any_work() {
+    let e = Pair::honest(JobKind::Overlap).acme_error(hello(|h| h.sender = "mallory".into()));
+    assert_eq!(by_globex(&e), &Violation::WrongSender("mallory".into()));
+    let e = Pair::honest(JobKind::Overlap).acme_error(hello(|h| h.spec_digest[0] ^= 1));
+    assert_eq!(by_globex(&e), &Violation::SpecMismatch);
+}
+
+#[test]
+fn bad_release_terms_are_violations() {
+    let e = Pair::honest(JobKind::Overlap).acme_error(hello(|h| h.release = None));
+    assert_eq!(
+        by_globex(&e),
+        &Violation::Terms("its hello carries no release terms".into())
+    );
+    let e = Pair::honest(JobKind::Overlap).acme_error(hello(|h| {
+        if let Some(r) = &mut h.release {
+            r.min_result = 0;
+        }
+    }));
+    assert!(matches!(by_globex(&e), Violation::Terms(t) if t.contains("minimum result of 0")));
+}
+
+#[test]
+fn noise_announced_for_a_match_or_without_a_commitment_is_a_violation() {
+    let term = noise_for("globex").term;
+    let t = term.clone();
+    let e = Pair::honest(JobKind::Match).acme_error(hello(move |h| {
+        h.noise = Some(t.clone());
+        h.noise_commitment = vec![7; 32];
+    }));
+    assert_eq!(
+        by_globex(&e),
+        &Violation::Terms("it announced noise for a match job".into())
+    );
+    let e = Pair::honest(JobKind::Overlap).acme_error(hello(move |h| h.noise = Some(term.clone())));
+    assert!(matches!(by_globex(&e), Violation::Terms(_)), "{e}");
+}
+
+#[test]
+fn a_set_size_outside_the_agreement_is_refused_by_policy() {
+    let e = Pair::honest(JobKind::Overlap).acme_error(hello(|h| h.set_size = 1_000_000));
+    match e {
+        JobError::Refused(v) => assert_eq!(v.0, "globex declares 1000000 keys > max_set_size 1000"),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn an_over_declared_size_is_caught_when_the_points_run_short() {
+    // Within policy, but more than globex sends: its end marker does not add up.
+    let e = Pair::honest(JobKind::Overlap).acme_error(hello(|h| h.set_size += 5));
+    assert!(matches!(by_globex(&e), Violation::Psi(_)), "{e}");
+}
+
+#[test]
+fn a_second_hello_is_a_frame_of_the_wrong_phase() {
+    let e = Pair::honest(JobKind::Overlap).acme_error(nth(0, |env| vec![env.clone(), env]));
+    assert_eq!(
+        by_globex(&e),
+        &Violation::WrongPhase {
+            got: Phase::PsiSize as i32,
+            expected: Phase::PsiBlinded
+        }
+    );
+}
+
+#[test]
+fn batches_out_of_order_or_replayed_are_violations() {
+    let e = Pair::honest(JobKind::Overlap).acme_error(first_of(
+        Phase::PsiBlinded,
+        is_points,
+        |mut env| {
+            if let Some(Body::Points(b)) = &mut env.body {
+                b.seq = 3;
+            }
+            vec![env]
+        },
+    ));
+    assert_eq!(
+        by_globex(&e),
+        &Violation::OutOfOrder {
+            got: 3,
+            expected: 0
+        }
+    );
+    let e =
+        Pair::honest(JobKind::Overlap).acme_error(first_of(Phase::PsiBlinded, is_points, |env| {
+            vec![env.clone(), env]
+        }));
+    assert_eq!(
+        by_globex(&e),
+        &Violation::OutOfOrder {
+            got: 0,
+            expected: 1
+        }
+    );
+    // A replayed returned batch, in the double-blinded phase.
+    let e = Pair::honest(JobKind::Overlap).acme_error(first_of(
+        Phase::PsiDoubleBlinded,
+        is_points,
+        |env| vec![env.clone(), env],
+    ));
+    assert_eq!(
+        by_globex(&e),
+        &Violation::OutOfOrder {
+            got: 0,
+            expected: 1
+        }
+    );
+}
+
+#[test]
+fn bad_points_are_the_sessions_violations() {
+    // Not a point encoding.
+    let e = Pair::honest(JobKind::Overlap).acme_error(first_of(
+        Phase::PsiBlinded,
+        is_points,
+        |mut env| {
+            if let Some(Body::Points(b)) = &mut env.body {
+                b.points[..32].fill(0xff);
+            }
+            vec![env]
+        },
+    ));
+    assert!(matches!(by_globex(&e), Violation::Psi(_)), "{e}");
+    // Not a whole number of points.
+    let e = Pair::honest(JobKind::Overlap).acme_error(first_of(
+        Phase::PsiBlinded,
+        is_points,
+        |mut env| {
+            if let Some(Body::Points(b)) = &mut env.body {
+                b.points.pop();
+            }
+            vec![env]
+        },
+    ));
+    assert!(matches!(by_globex(&e), Violation::Psi(_)), "{e}");
+    // Returned points that are not ours, double-blinded.
+    let e = Pair::honest(JobKind::Overlap).acme_error(first_of(
+        Phase::PsiDoubleBlinded,
+        is_points,
+        |mut env| {
+            if let Some(Body::Points(b)) = &mut env.body {
+                b.points.truncate(32);
+            }
+            vec![env]
+        },
+    ));
+    assert!(matches!(by_globex(&e), Violation::Psi(_)), "{e}");
+}
+
+#[test]
+fn frames_of_another_phase_or_kind_are_violations() {
+    let e = Pair::honest(JobKind::Overlap).acme_error(first_of(
+        Phase::PsiBlinded,
+        is_points,
+        |mut env| {
+            env.phase = 77;
+            vec![env]
+        },
+    ));
+    assert_eq!(
+        by_globex(&e),
+        &Violation::WrongPhase {
+            got: 77,
+            expected: Phase::PsiBlinded
+        }
+    );
+    let e = Pair::honest(JobKind::Overlap).acme_error(first_of(
+        Phase::PsiBlinded,
+        is_points,
+        |mut env| {
+            env.body = None;
+            vec![env]
+        },
+    ));
+    assert_eq!(
+        by_globex(&e),
+        &Violation::Unexpected {
+            what: "an empty frame",
+            phase: Phase::PsiBlinded
+        }
+    );
+    // Points where the count is due.
+    let e =
+        Pair::honest(JobKind::Overlap).acme_error(first_of(Phase::PsiDone, is_end, |mut env| {
+            env.body = Some(Body::Points(PointBatch {
+                seq: 0,
+                points: vec![0; 32],
+            }));
+            vec![env]
+        }));
+    assert_eq!(
+        by_globex(&e),
+        &Violation::Unexpected {
+            what: "a point batch",
+            phase: Phase::PsiDone
+        }
+    );
+    // A first frame that is not a hello.
+    let e = Pair::honest(JobKind::Overlap).acme_error(nth(0, |mut env| {
+        env.phase = Phase::PsiBlinded as i32;
+        vec![env]
+    }));
+    assert_eq!(
+        by_globex(&e),
+        &Violation::WrongPhase {
+            got: Phase::PsiBlinded as i32,
+            expected: Phase::PsiSize
+        }
+    );
+}
+
+#[test]
+fn a_count_that_differs_is_a_violation() {
+    let e =
+        Pair::honest(JobKind::Overlap).acme_error(first_of(Phase::PsiDone, is_end, |mut env| {
+            if let Some(Body::BatchEnd(end)) = &mut env.body {
+                end.total += 1;
+            }
+            vec![env]
+        }));
+    assert_eq!(
+        by_globex(&e),
+        &Violation::CountMismatch {
+            theirs: 21,
+            ours: 20
+        }
+    );
+}
+
+#[test]
+fn a_reveal_that_does_not_open_the_commitment_is_a_violation() {
+    let (a, mut g) = (config(0, JobKind::Overlap), config(1, JobKind::Overlap));
+    g.noise = Some(noise_for("globex"));
+    let pair = Pair::new(a, items(0, 30), g, items(10, 50));
+    let e = pair.acme_error(|mut env| {
+        if let Some(Body::NoiseReveal(r)) = &mut env.body {
+            r.noise += 1;
+        }
+        vec![env]
+    });
+    assert!(matches!(by_globex(&e), Violation::Terms(_)), "{e}");
+    // A committed peer that sends something else where its reveal is due.
+    let (a, mut g) = (config(0, JobKind::Overlap), config(1, JobKind::Overlap));
+    g.noise = Some(noise_for("globex"));
+    let pair = Pair::new(a, items(0, 30), g, items(10, 50));
+    let e = pair.acme_error(|env| match env.body {
+        Some(Body::NoiseReveal(_)) => {
+            vec![Outbox::new("job-1", Phase::PsiDone).end(Phase::PsiDone, 20)]
+        }
+        _ => vec![env],
+    });
+    assert_eq!(
+        by_globex(&e),
+        &Violation::Unexpected {
+            what: "an end marker",
+            phase: Phase::PsiDone
+        }
+    );
+}
+
+#[test]
+fn an_abort_ends_the_job_with_the_peers_reason() {
+    let e = Pair::honest(JobKind::Overlap).acme_error(nth(1, |env| {
+        vec![Envelope {
+            body: Some(Body::Abort(Abort {
+                reason: "disk full".into(),
+            })),
+            ..env
+        }]
+    }));
+    assert_eq!(e.to_string(), "node 'globex' aborted the job: disk full");
+}
+
+#[test]
+fn a_silent_peer_is_not_finished_and_gets_the_base_silence() {
+    let mut pair = Pair::honest(JobKind::Overlap);
+    assert_eq!(pair.acme.proto.silence_allowed(), STALL_BASE);
+    // Globex never speaks: acme sends its hello and waits.
+    pair.run(|_| Vec::new());
+    assert!(pair.acme.error.is_none());
+    assert!(!pair.acme.proto.is_finished());
+}
+
+#[test]
+fn violations_read_as_they_did_in_the_async_code() {
+    let e = Pair::honest(JobKind::Overlap).acme_error(hello(|h| h.sender = "mallory".into()));
+    assert_eq!(
+        crate::error::NodeError::from(e).to_string(),
+        "protocol violation by node 'globex': hello names sender 'mallory'"
+    );
+}
+
+fn terms(min_result: u64, counts_to_coordinator: bool) -> ReleaseTerms {
+    ReleaseTerms {
+        min_result,
+        counts_to_coordinator,
+    }
+}
+
+/// Each node applies the stricter terms of both, so neither relies on the coordinator to
+/// enforce the other's threshold or its `counts_to`.
+#[test]
+fn joint_release_terms_are_the_stricter_of_both() {
+    let joint = |own, peer| joint_release(&own, Some(&peer)).unwrap();
+    assert_eq!(joint(terms(10, true), terms(50, true)), terms(50, true));
+    assert_eq!(joint(terms(50, true), terms(10, true)), terms(50, true));
+    assert_eq!(joint(terms(1, true), terms(1, false)), terms(1, false));
+    assert_eq!(joint(terms(1, false), terms(1, true)), terms(1, false));
+    assert_eq!(
+        joint_release(&terms(1, true), None).unwrap_err(),
+        "its hello carries no release terms"
+    );
+    assert!(
+        joint_release(&terms(1, true), Some(&terms(0, true)))
+            .unwrap_err()
+            .contains("minimum result of 0")
+    );
+}
+
+/// Globex's frames of an earlier, completed run of the same job, in order.
+fn recorded_run() -> Vec<Envelope> {
+    let mut pair = Pair::honest(JobKind::Overlap);
+    let mut frames = Vec::new();
+    pair.run(|env| {
+        frames.push(env.clone());
+        vec![env]
+    });
+    assert!(pair.acme.proto.is_finished());
+    frames
+}
+
+fn points_frame(phase: Phase, seq: u64, points: Vec<u8>) -> Envelope {
+    Envelope {
+        job_id: "job-1".into(),
+        phase: phase as i32,
+        body: Some(Body::Points(PointBatch { seq, points })),
+    }
+}
+
+type Tamper = Box<dyn FnMut(Envelope) -> Vec<Envelope>>;
+
+/// The hostile cases of `tests/adversary.rs` that are the protocol's to catch, each with the
+/// words that e2e test expects in the analyst's reason. (The others are the reader's: frames
+/// that do not decode, another job's id, an empty batch, more points than the hello declared
+/// or a flood of them; `frame_budget` and the transport's tests pin those.)
+#[test]
+fn the_adversary_cases_fail_at_the_protocol_with_the_e2e_words() {
+    let with_points = |phase: Phase, f: fn(&mut Vec<u8>)| -> Tamper {
+        Box::new(first_of(phase, is_points, move |mut env| {
+            if let Some(Body::Points(b)) = &mut env.body {
+                f(&mut b.points);
+            }
+            vec![env]
+        }))
+    };
+    let with_end = |phase: Phase, f: fn(&mut u64)| -> Tamper {
+        Box::new(first_of(phase, is_end, move |mut env| {
+            if let Some(Body::BatchEnd(e)) = &mut env.body {
+                f(&mut e.total);
+            }
+            vec![env]
+        }))
+    };
+    let replace_first = |phase: Phase, is: fn(&Body) -> bool, with: fn() -> Envelope| -> Tamper {
+        Box::new(first_of(phase, is, move |_| vec![with()]))
+    };
+    let done = || Outbox::new("job-1", Phase::PsiDone).end(Phase::PsiDone, 0);
+    let mut old = recorded_run().into_iter().skip(1);
+    let cases: Vec<(&str, Pair, Tamper, &str)> = vec![
+        (
+            "undecodable points",
+            Pair::honest(JobKind::Overlap),
+            with_points(Phase::PsiBlinded, |p| p[..32].fill(0xff)),
+            "not a valid ristretto255 encoding",
+        ),
+        (
+            "identity points",
+            Pair::honest(JobKind::Overlap),
+            with_points(Phase::PsiBlinded, |p| p[..32].fill(0)),
+            "identity",
+        ),
+        (
+            "batch not whole points",
+            Pair::honest(JobKind::Overlap),
+            with_points(Phase::PsiBlinded, |p| p.truncate(33)),
+            "batch of 33 bytes is not a whole number",
+        ),
+        (
+            "end total disagrees",
+            Pair::honest(JobKind::Overlap),
+            with_end(Phase::PsiBlinded, |t| *t -= 1),
+            "declared 40 points, announced 39 at the end",
+        ),
+        (
+            "end before all declared",
+            Pair::honest(JobKind::Overlap),
+            Box::new(hello(|h| h.set_size += 5)),
+            "announced 40 at the end, and sent 40",
+        ),
+        (
+            "double-blinded first",
+            Pair::honest(JobKind::Overlap),
+            replace_first(Phase::PsiBlinded, is_points, || {
+                points_frame(Phase::PsiDoubleBlinded, 0, vec![0; 32])
+            }),
+            "frame for phase 12 while in phase phase_psi_blinded",
+        ),
+        (
+            "second hello",
+            Pair::honest(JobKind::Overlap),
+            Box::new(nth(0, |env| vec![env.clone(), env])),
+            "frame for phase 10 while in phase phase_psi_blinded",
+        ),
+        (
+            "done first",
+            Pair::honest(JobKind::Overlap),
+            replace_first(Phase::PsiBlinded, is_points, done),
+            "frame for phase 13 while in phase phase_psi_blinded",
+        ),
+        (
+            "returned not whole points",
+            Pair::honest(JobKind::Overlap),
+            with_points(Phase::PsiDoubleBlinded, |p| p.truncate(33)),
+            "batch of 33 bytes is not a whole number",
+        ),
+        (
+            "returned end total disagrees",
+            Pair::honest(JobKind::Overlap),
+            with_points(Phase::PsiDoubleBlinded, |p| p.truncate(64)),
+            "the peer announced 30 returned and returned 2",
+        ),
+        (
+            "returned out of sequence",
+            Pair::honest(JobKind::Overlap),
+            Box::new(first_of(Phase::PsiDoubleBlinded, is_points, |mut env| {
+                if let Some(Body::Points(b)) = &mut env.body {
+                    b.seq = 1;
+                }
+                vec![env]
+            })),
+            "batch 1 out of order (expected 0)",
+        ),
+        (
+            "blinded after its end",
+            Pair::honest(JobKind::Overlap),
+            Box::new(first_of(Phase::PsiBlinded, is_end, |env| {
+                vec![env.clone(), env]
+            })),
+            "frame for phase 11 while in phase phase_psi_double_blinded",
+        ),
+        (
+            "done before returning",
+            Pair::honest(JobKind::Overlap),
+            replace_first(Phase::PsiDoubleBlinded, is_points, done),
+            "frame for phase 13 while in phase phase_psi_double_blinded",
+        ),
+        (
+            "done as hello",
+            Pair::honest(JobKind::Overlap),
+            replace_first(Phase::PsiDone, is_end, || {
+                Outbox::new("job-1", Phase::PsiSize)
+                    .frame(Phase::PsiSize, Body::PsiHello(PsiHello::default()))
+            }),
+            "frame for phase 10 while in phase phase_psi_done",
+        ),
+    ];
+    for (label, pair, tamper, expect) in cases {
+        let e = pair.acme_error(tamper);
+        by_globex(&e);
+        let reason = crate::error::NodeError::from(e).to_string().to_lowercase();
+        assert!(reason.contains(expect), "{label}: {reason}");
+    }
+    // The replay: globex's hello is fresh, everything after it is an earlier run's.
+    let mut i = 0;
+    let e = Pair::honest(JobKind::Overlap).acme_error(move |env| {
+        i += 1;
+        if i == 1 {
+            vec![env]
+        } else {
+            old.next().into_iter().collect()
+        }
+    });
+    let reason = crate::error::NodeError::from(e).to_string();
+    assert!(reason.contains("shared items, we counted 0"), "{reason}");
+}

@@ -1,0 +1,420 @@
+//! The node's policy: its agreement with each partner, as code.
+//!
+//! - [`schema`]: the config file (TOML) and its checks, which type every allow entry;
+//! - [`values`]: the value types an agreement is written in;
+//! - [`allow`]: a checked allow entry, one [`Allow`] variant per computation;
+//! - [`psi`], [`overlap_sum`], [`aggregate`]: each kind's rules — what its allow entry may say
+//!   and the check of its offers, before any data is read;
+//! - [`permit`]: what an accepted offer lets a job do ([`Permit`]), and the [`Veto`];
+//! - [`summary`]: what `cleanroom-node policy check` prints;
+//! - here: `policy check` itself ([`check_file`]) and the live policy of a running node
+//!   ([`PolicyHolder`]), which a failed reload leaves unchanged.
+//!
+//! [`check_file`] validates the policy as start-up does, and also opens every dataset's CSV to
+//! check that the declared identifier, value and consent columns (and each aggregate entry's
+//! person column) are in its header.
+
+pub mod aggregate;
+pub mod allow;
+pub mod overlap_sum;
+pub mod parse;
+pub mod permit;
+pub mod psi;
+pub mod schema;
+pub mod summary;
+pub mod values;
+
+use std::path::Path;
+use std::sync::{Arc, RwLock};
+
+pub use crate::data::{DatasetConfig, IdentifierConfig, ValueColumn};
+pub use crate::ledger::{Budget, DEFAULT_DP_DELTA, Delta, Epsilon, MAX_DP_DELTA, Period};
+pub use allow::{AggregateAllow, Allow, AllowEntry, AllowTerms, OverlapSumAllow, PsiAllow};
+pub use permit::{Permit, RunCounter, Veto};
+pub use schema::{Agreement, ConfigError, NodeConfig, TlsConfig};
+pub use summary::{EXPIRY_WARNING_DAYS, PolicySummary, deviating_partner_learns, expiry_warnings};
+pub use values::{
+    Computation, DEFAULT_MAX_SET_SIZE, DEFAULT_MIN_SET_SIZE, MAX_NAME_LEN, MIN_AGGREGATE_PARTIES,
+    Membership, PolicyDate, Recipient, SumRole, Threshold, is_valid_name, run_cost,
+};
+
+/// Loads and validates the policy at `path`, including the headers of the dataset files.
+pub fn check_file(path: impl AsRef<Path>) -> Result<PolicySummary, ConfigError> {
+    check_file_at(path, crate::clock::now_ms())
+}
+
+/// [`check_file`] as of `now_ms` (Unix milliseconds), for the expiry warnings.
+pub fn check_file_at(path: impl AsRef<Path>, now_ms: i64) -> Result<PolicySummary, ConfigError> {
+    let path = path.as_ref();
+    let config = load_checked(path)?;
+    let warnings = PolicyDate::from_unix_ms(now_ms)
+        .map(|today| expiry_warnings(&config, today))
+        .unwrap_or_default();
+    Ok(PolicySummary {
+        path: path.to_owned(),
+        config: Arc::new(config),
+        warnings,
+    })
+}
+
+/// [`NodeConfig::load`] plus the dataset header check of [`check_file`].
+pub fn load_checked(path: &Path) -> Result<NodeConfig, ConfigError> {
+    let cfg = NodeConfig::load(path)?;
+    check_headers(&cfg).map_err(|problem| ConfigError::Invalid {
+        path: path.to_owned(),
+        problem,
+    })?;
+    Ok(cfg)
+}
+
+/// Every dataset file has a header with each declared column exactly once.
+fn check_headers(cfg: &NodeConfig) -> Result<(), String> {
+    for d in &cfg.datasets {
+        let file = d.path.display();
+        let mut reader = csv::ReaderBuilder::new()
+            .has_headers(true)
+            .from_path(&d.path)
+            .map_err(|e| format!("dataset '{}': cannot open {file}: {e}", d.name))?;
+        let headers: Vec<String> = reader
+            .headers()
+            .map_err(|e| {
+                format!(
+                    "dataset '{}': cannot read the header of {file}: {e}",
+                    d.name
+                )
+            })?
+            .iter()
+            .map(|h| h.trim().to_owned())
+            .collect();
+        let declared = d
+            .identifiers
+            .iter()
+            .map(|i| ("identifier", i.column.as_str()))
+            .chain(
+                d.values
+                    .iter()
+                    .map(|v| ("value", v.column.get_ref().as_str())),
+            )
+            .chain(d.consent.values().map(|c| ("consent", c.as_str())))
+            .chain(
+                cfg.agreements
+                    .iter()
+                    .flat_map(|a| &a.allow)
+                    .filter(|e| e.dataset() == d.name)
+                    .filter_map(|e| match e {
+                        Allow::Aggregate(a) => a.person.as_deref(),
+                        _ => None,
+                    })
+                    .map(|p| ("person", p)),
+            );
+        for (kind, column) in declared {
+            match headers.iter().filter(|h| *h == column).count() {
+                1 => {}
+                0 => {
+                    return Err(format!(
+                        "dataset '{}': {kind} column '{column}' is not in the header of {file} \
+                         (its columns: {})",
+                        d.name,
+                        headers.join(", ")
+                    ));
+                }
+                _ => {
+                    return Err(format!(
+                        "dataset '{}': {kind} column '{column}' appears more than once in the \
+                         header of {file}",
+                        d.name
+                    ));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The live policy: readers take an `Arc` snapshot; [`PolicyHolder::reload`] swaps in a new
+/// one only if it validates, so a failed reload keeps the last good policy.
+#[derive(Debug, Clone)]
+pub struct PolicyHolder {
+    inner: Arc<RwLock<(u64, Arc<NodeConfig>)>>,
+}
+
+impl PolicyHolder {
+    /// Holds `cfg` as generation 0.
+    pub fn new(cfg: NodeConfig) -> PolicyHolder {
+        PolicyHolder {
+            inner: Arc::new(RwLock::new((0, Arc::new(cfg)))),
+        }
+    }
+
+    /// The current policy.
+    pub fn current(&self) -> Arc<NodeConfig> {
+        self.snapshot().1
+    }
+
+    /// The current policy and its generation (incremented by each successful reload); a job
+    /// re-checks its offer (the kind's offer check, again) when the generation moved.
+    pub fn snapshot(&self) -> (u64, Arc<NodeConfig>) {
+        let guard = self.inner.read().unwrap_or_else(|e| e.into_inner());
+        (guard.0, guard.1.clone())
+    }
+
+    /// Loads `path` with [`load_checked`]; on success it becomes the policy, on failure the
+    /// last good policy stays and the error is returned.
+    pub fn reload(&self, path: impl AsRef<Path>) -> Result<(), ConfigError> {
+        let fresh = load_checked(path.as_ref())?;
+        let mut guard = self.inner.write().unwrap_or_else(|e| e.into_inner());
+        guard.0 += 1;
+        guard.1 = Arc::new(fresh);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::PathBuf;
+
+    const CONFIG: &str = r#"
+name = "acme"
+coordinator = "127.0.0.1:7400"
+listen = "127.0.0.1:0"
+state_dir = "state"
+[tls]
+ca = "ca.pem"
+cert = "node.pem"
+key = "node.key"
+[[dataset]]
+name = "customers"
+path = "acme.csv"
+consent = { fraud-detection = "consent_fraud" }
+  [[dataset.identifier]]
+  name = "email"
+  column = "email"
+  normaliser = "email"
+  [[dataset.value]]
+  column = "amount_cents"
+  min = 0
+  max = 1000000
+[[agreement]]
+partner = "globex"
+purposes = ["fraud-detection"]
+expires = "2026-06-30"
+budget_per_purpose = { epsilon_per_period = 2.0, period = "week" }
+  [[agreement.allow]]
+  computation = "overlap"
+  dataset = "customers"
+  keys = ["email"]
+  min_result = 10
+  [[agreement.allow]]
+  computation = "overlap-sum"
+  dataset = "customers"
+  keys = ["email"]
+  roles = ["value-holder"]
+  group_by = ["category"]
+  value_columns = [{ column = "amount_cents", min = 0, max = 500000 }]
+  epsilon = 0.5
+"#;
+
+    fn setup(csv: &str) -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("acme.csv"), csv).unwrap();
+        let file = dir.path().join("node.toml");
+        std::fs::write(&file, CONFIG).unwrap();
+        (dir, file)
+    }
+
+    #[test]
+    fn check_file_summarises() {
+        let (_dir, file) = setup("email,amount_cents,consent_fraud\na@b.c,1,true\n");
+        let summary = check_file(&file).unwrap();
+        let text = summary.to_string();
+        assert!(text.contains("partner globex"), "{text}");
+        assert!(text.contains("expires: 2026-06-30"), "{text}");
+        assert!(text.contains("min_result 10"), "{text}");
+        assert!(
+            text.contains("budget per purpose: epsilon 2 per week"),
+            "{text}"
+        );
+        assert!(
+            text.contains("allow overlap-sum on customers by email"),
+            "{text}"
+        );
+        assert!(text.contains("roles value-holder"), "{text}");
+        assert!(text.contains("group by category"), "{text}");
+        assert!(
+            text.contains("value amount_cents clipped to [0, 500000]"),
+            "{text}"
+        );
+        assert!(
+            text.contains("consent fraud-detection=consent_fraud"),
+            "{text}"
+        );
+        // Under each entry: what a deviating partner can learn, per role it may take.
+        assert!(
+            text.contains(
+                "    if globex deviates from the protocol: globex can learn which of its own \
+                 candidate identifiers are in customers (up to max_set_size 100000000 per run), \
+                 not only how many"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "    if globex deviates from the protocol: as key holder (we hold the values), it \
+                 can learn which of its own candidate identifiers are in customers"
+            ),
+            "{text}"
+        );
+        assert!(
+            !text.contains("as value holder (we are the key holder)"),
+            "{text}"
+        );
+        assert!(
+            text.contains("epsilon per run 0.5 (pure, discrete Laplace)"),
+            "{text}"
+        );
+        assert!(text.contains("dp_delta: 1e-9"), "{text}");
+    }
+
+    #[test]
+    fn every_kind_says_what_a_deviating_partner_learns() {
+        let cfg = NodeConfig::parse(
+            &format!(
+                "budget = {{ epsilon_per_period = 20 }}\n{}",
+                CONFIG
+                    .replace("  roles = [\"value-holder\"]\n", "")
+                    .replace("epsilon_per_period = 2.0", "epsilon_per_period = 20.0")
+                    .replace(
+                        "  min_result = 10\n",
+                        "  min_result = 10\n  [[agreement.allow]]\n  computation = \"match\"\n  \
+                         dataset = \"customers\"\n  keys = [\"email\"]\n  [[agreement.allow]]\n  \
+                         computation = \"aggregate\"\n  dataset = \"customers\"\n  group_by = \
+                         [\"category\"]\n  epsilon = 1.0\n  person = \"customer\"\n",
+                    )
+            ),
+            Path::new("/srv/node.toml"),
+        )
+        .unwrap();
+        let text = PolicySummary {
+            path: "/srv/node.toml".into(),
+            config: Arc::new(cfg.clone()),
+            warnings: Vec::new(),
+        }
+        .to_string();
+        let lines: Vec<&str> = text
+            .lines()
+            .filter(|l| l.contains("if globex deviates from the protocol"))
+            .collect();
+        // overlap, match, aggregate, and overlap-sum in both roles.
+        assert_eq!(lines.len(), 5, "{text}");
+        assert!(lines[1].contains("whatever the entry's membership setting (here: self)"));
+        assert!(lines[2].contains("alone it learns nothing beyond the released totals"));
+        assert!(lines[3].contains("as key holder (we hold the values)"));
+        assert!(lines[4].contains("as value holder (we are the key holder)"));
+        assert!(
+            text.contains("epsilon per run 1 (zCDP: rho 0.5 per run, costs epsilon 6.937898"),
+            "{text}"
+        );
+        assert!(
+            text.contains("per person on column customer: a person's rows are summed"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn check_file_warns_of_expired_and_expiring_agreements() {
+        let (_dir, file) = setup("email,amount_cents,consent_fraud\na@b.c,1,true\n");
+        let at = |date: &str| {
+            let d = PolicyDate::parse(date).unwrap().0;
+            d.midnight().assume_utc().unix_timestamp() * 1000 + 3_600_000
+        };
+        // The agreement expires 2026-06-30 (its last day in force).
+        let warnings = |date: &str| check_file_at(&file, at(date)).unwrap().warnings;
+        assert!(warnings("2026-05-31").is_empty());
+        let w = warnings("2026-06-01");
+        assert_eq!(w.len(), 1);
+        assert!(
+            w[0].contains("globex expires 2026-06-30") && w[0].contains("in 29 days"),
+            "{w:?}"
+        );
+        assert!(warnings("2026-06-30")[0].contains("(its last day in force; today)"));
+        let w = warnings("2026-07-02");
+        assert!(
+            w[0].contains("globex expired 2026-06-30 (2 days ago)"),
+            "{w:?}"
+        );
+        assert!(w[0].contains("every job with globex is refused"), "{w:?}");
+        let text = check_file_at(&file, at("2026-07-02")).unwrap().to_string();
+        assert!(
+            text.contains("warning: the agreement with globex expired"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn aggregate_allow_lines_name_their_group_columns() {
+        let (_dir, file) = setup("email,amount_cents,consent_fraud,category\na@b.c,1,true,x\n");
+        std::fs::write(
+            &file,
+            CONFIG.to_owned()
+                + "  [[agreement.allow]]\n  computation = \"aggregate\"\n  dataset = \"customers\"\n  \
+                   group_by = [\"category\"]\n  value_columns = [{ column = \"amount_cents\", min = 0, max = 100 }]\n",
+        )
+        .unwrap();
+        let text = check_file(&file).unwrap().to_string();
+        assert!(
+            text.contains("allow aggregate on customers by category\n"),
+            "{text}"
+        );
+    }
+
+    /// The example config shipped with the node is one a new operator can start from: no
+    /// agreement in it has expired or is about to.
+    #[test]
+    fn the_example_config_is_not_expired() {
+        let cfg = NodeConfig::parse(
+            include_str!("../../testdata/node.example.toml"),
+            Path::new("node.example.toml"),
+        )
+        .unwrap();
+        let today = PolicyDate::from_unix_ms(crate::clock::now_ms()).unwrap();
+        assert_eq!(expiry_warnings(&cfg, today), Vec::<String>::new());
+    }
+
+    #[test]
+    fn check_file_checks_headers() {
+        let (_dir, file) = setup("email,amount_cents\na@b.c,1\n");
+        let msg = check_file(&file).unwrap_err().to_string();
+        assert!(
+            msg.contains("node.toml") && msg.contains("consent column 'consent_fraud'"),
+            "{msg}"
+        );
+        let (_dir, file) = setup("email,consent_fraud\na@b.c,1\n");
+        let msg = check_file(&file).unwrap_err().to_string();
+        assert!(msg.contains("value column 'amount_cents'"), "{msg}");
+    }
+
+    #[test]
+    fn failed_reload_keeps_the_last_good_policy() {
+        let (dir, file) = setup("email,amount_cents,consent_fraud\na@b.c,1,true\n");
+        let holder = PolicyHolder::new(load_checked(&file).unwrap());
+        assert_eq!(holder.snapshot().0, 0);
+        std::fs::write(&file, CONFIG.replace("min_result = 10", "min_result = 0")).unwrap();
+        let e = holder.reload(&file).unwrap_err().to_string();
+        assert!(e.contains("at least 1"), "{e}");
+        let (generation, cfg) = holder.snapshot();
+        assert_eq!(generation, 0);
+        assert_eq!(cfg.agreements[0].allow[0].terms().min_result.get(), 10);
+        std::fs::write(&file, CONFIG.replace("min_result = 10", "min_result = 20")).unwrap();
+        holder.reload(&file).unwrap();
+        assert_eq!(holder.snapshot().0, 1);
+        assert_eq!(
+            holder.current().agreements[0].allow[0]
+                .terms()
+                .min_result
+                .get(),
+            20
+        );
+        drop(dir);
+    }
+}

@@ -1,0 +1,318 @@
+//! The checks that turn the config file as written ([`NodeConfig<AllowEntry>`]) into the typed
+//! policy the node runs on: every rule of the file, and for each `[[agreement.allow]]` the
+//! rules of its computation, which live beside that kind's offer check (`policy::psi`,
+//! `policy::overlap_sum`, `policy::aggregate`). This file sits above them, so none of them
+//! imports it.
+
+use std::collections::HashSet;
+use std::path::Path;
+
+use crate::data::DatasetConfig;
+use crate::data::normalise::{Normaliser, parse_region};
+use crate::ledger::{Budget, DEFAULT_DP_DELTA, Delta};
+
+use super::allow::{Allow, AllowEntry};
+use super::schema::{Agreement, ConfigError, NodeConfig};
+use super::values::{Computation, check_name, line_of, run_cost};
+
+impl NodeConfig {
+    /// Reads, parses and validates the config file at `path`, resolving relative paths against
+    /// its directory.
+    pub fn load(path: impl AsRef<Path>) -> Result<NodeConfig, ConfigError> {
+        let path = path.as_ref();
+        let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
+            path: path.to_owned(),
+            error,
+        })?;
+        Self::parse(&text, path)
+    }
+
+    /// Parses and validates `text` as if it were read from `path` (which names the file in
+    /// errors and anchors relative paths); nothing is read from disk.
+    pub fn parse(text: &str, path: &Path) -> Result<NodeConfig, ConfigError> {
+        let mut file: NodeConfig<AllowEntry> =
+            toml::from_str(text).map_err(|error| ConfigError::Parse {
+                path: path.to_owned(),
+                error,
+            })?;
+        // A composite key is written `email+phone` or `email,phone` (as on the command line);
+        // it is kept, checked and printed as `email+phone`.
+        for e in file.agreements.iter_mut().flat_map(|a| a.allow.iter_mut()) {
+            for key in &mut e.keys {
+                if key.contains(',') || key.contains(' ') {
+                    *key = key
+                        .split(['+', ','])
+                        .map(str::trim)
+                        .collect::<Vec<_>>()
+                        .join("+");
+                }
+            }
+        }
+        let mut cfg = file.check(text).map_err(|problem| ConfigError::Invalid {
+            path: path.to_owned(),
+            problem,
+        })?;
+        let base = path.parent().unwrap_or(Path::new(""));
+        cfg.resolve_paths(base);
+        Ok(cfg)
+    }
+}
+
+impl NodeConfig<AllowEntry> {
+    /// Checks the file as written and types its allow entries: every rule of the file, and for
+    /// each `[[agreement.allow]]` the rules of its computation ([`Allow::check`]).
+    fn check(self, text: &str) -> Result<NodeConfig, String> {
+        let file = self;
+        if file
+            .ledger
+            .as_ref()
+            .is_some_and(|p| p.as_os_str().is_empty())
+        {
+            return Err("ledger is an empty path (omit it for <state_dir>/ledger.sqlite)".into());
+        }
+        if file.retention_days == Some(0) {
+            return Err("retention_days must be at least 1 (omit it to keep results)".into());
+        }
+        if let Some(b) = &file.budget {
+            b.validate("[budget]")?;
+        }
+        check_name("name", &file.name)?;
+        let mut seen = HashSet::new();
+        for d in &file.datasets {
+            check_name("dataset name", &d.name)?;
+            if !seen.insert(d.name.as_str()) {
+                return Err(format!("dataset '{}' is declared twice", d.name));
+            }
+            if d.path.as_os_str().is_empty() {
+                return Err(format!("dataset '{}' has an empty path", d.name));
+            }
+            let mut ids = HashSet::new();
+            for id in &d.identifiers {
+                check_name(&format!("dataset '{}': identifier name", d.name), &id.name)?;
+                if !ids.insert(id.name.as_str()) {
+                    return Err(format!(
+                        "dataset '{}': identifier '{}' is declared twice",
+                        d.name, id.name
+                    ));
+                }
+                if id.column.is_empty() {
+                    return Err(format!(
+                        "dataset '{}': identifier '{}' has an empty column",
+                        d.name, id.name
+                    ));
+                }
+                let ctx = format!("dataset '{}': identifier '{}'", d.name, id.name);
+                if id.gmail_rule && id.normaliser != Normaliser::Email {
+                    return Err(format!(
+                        "{ctx}: key gmail_rule applies to normaliser email only"
+                    ));
+                }
+                if id.case_fold && id.normaliser != Normaliser::Generic {
+                    return Err(format!(
+                        "{ctx}: key case_fold applies to normaliser generic only"
+                    ));
+                }
+                if let Some(region) = &id.default_region {
+                    if id.normaliser != Normaliser::Phone {
+                        return Err(format!(
+                            "{ctx}: key default_region applies to normaliser phone only"
+                        ));
+                    }
+                    if parse_region(region).is_none() {
+                        return Err(format!(
+                            "{ctx}: key default_region '{}' is not a region the phone library \
+                             knows (two upper-case letters, e.g. US, GB)",
+                            region.escape_default()
+                        ));
+                    }
+                }
+            }
+            let mut cols = HashSet::new();
+            for v in &d.values {
+                let at = line_of(text, v.column.span());
+                if v.column.get_ref().is_empty() {
+                    return Err(format!(
+                        "line {at}: dataset '{}': key value.column is empty",
+                        d.name
+                    ));
+                }
+                if !cols.insert(v.column.get_ref().as_str()) {
+                    return Err(format!(
+                        "line {at}: dataset '{}': value column '{}' is declared twice",
+                        d.name,
+                        v.column.get_ref()
+                    ));
+                }
+                if v.min > v.max {
+                    return Err(format!(
+                        "line {at}: dataset '{}': value column '{}': min {} is above max {}",
+                        d.name,
+                        v.column.get_ref(),
+                        v.min,
+                        v.max
+                    ));
+                }
+            }
+            for (purpose, column) in &d.consent {
+                check_name(
+                    &format!("dataset '{}': key consent: purpose", d.name),
+                    purpose,
+                )?;
+                if column.is_empty() {
+                    return Err(format!(
+                        "dataset '{}': key consent.{purpose} names an empty column",
+                        d.name
+                    ));
+                }
+            }
+        }
+        let delta = file.dp_delta.map_or(DEFAULT_DP_DELTA, Delta::get);
+        let mut partners = HashSet::new();
+        let mut agreements = Vec::with_capacity(file.agreements.len());
+        for a in file.agreements {
+            check_name("agreement partner", &a.partner)?;
+            if a.partner == file.name {
+                return Err(format!(
+                    "agreement with '{}', which is this node",
+                    a.partner
+                ));
+            }
+            if !partners.insert(a.partner.clone()) {
+                return Err(format!(
+                    "two agreements with '{}' (one per partner)",
+                    a.partner
+                ));
+            }
+            let ctx = format!("agreement with '{}'", a.partner);
+            if a.purposes.is_empty() {
+                return Err(format!("{ctx}: no purposes (at least one is required)"));
+            }
+            for p in &a.purposes {
+                check_name(&format!("{ctx}: purpose"), p)?;
+            }
+            if let Some(b) = &a.budget_per_purpose {
+                b.validate(&format!("{ctx}: budget_per_purpose"))?;
+            }
+            let mut allow = Vec::with_capacity(a.allow.len());
+            for e in &a.allow {
+                let at = line_of(text, e.dataset.span());
+                let typed = Allow::check(&ctx, e, &file.datasets, text)
+                    .map_err(|problem| format!("line {at}: {problem}"))?;
+                check_epsilon_caps(
+                    e,
+                    &ctx,
+                    at,
+                    a.budget_per_purpose.as_ref(),
+                    file.budget.as_ref(),
+                    delta,
+                )?;
+                allow.push(typed);
+            }
+            agreements.push(Agreement {
+                partner: a.partner,
+                purposes: a.purposes,
+                expires: a.expires,
+                allow,
+                budget_per_purpose: a.budget_per_purpose,
+            });
+        }
+        Ok(NodeConfig {
+            name: file.name,
+            coordinator: file.coordinator,
+            listen: file.listen,
+            advertise: file.advertise,
+            state_dir: file.state_dir,
+            tls: file.tls,
+            datasets: file.datasets,
+            agreements,
+            budget: file.budget,
+            ledger: file.ledger,
+            retention_days: file.retention_days,
+            dp_delta: file.dp_delta,
+        })
+    }
+}
+
+/// An allow entry with ε must be capped by a budget, and one run must fit every cap.
+fn check_epsilon_caps(
+    e: &AllowEntry,
+    ctx: &str,
+    at: usize,
+    purpose_cap: Option<&Budget>,
+    node_cap: Option<&Budget>,
+    delta: f64,
+) -> Result<(), String> {
+    let Some(epsilon) = e.epsilon else {
+        return Ok(());
+    };
+    // ε with no cap at all could be spent without end, and averaging enough noised
+    // releases removes the noise: refuse it.
+    if purpose_cap.is_none() && node_cap.is_none() {
+        return Err(format!(
+            "line {at}: {ctx}: allow {} on '{}' sets epsilon {epsilon} but no budget \
+             caps it: set budget_per_purpose on the agreement or a node-wide \
+             [budget] (epsilon_per_period and/or epsilon_lifetime); without one, \
+             every run spends epsilon without limit and averaging runs removes the \
+             noise",
+            e.computation,
+            e.dataset.get_ref(),
+        ));
+    }
+    // A run that costs more than a whole cap could never run: say so now rather
+    // than veto every job later.
+    let cost = run_cost(e.computation, epsilon, delta);
+    let caps = [("budget_per_purpose", purpose_cap), ("[budget]", node_cap)];
+    for (name, cap) in caps {
+        if let Some(cap) = cap.filter(|c| cost > c.tightest() + 1e-9) {
+            return Err(format!(
+                "line {at}: {ctx}: allow {} on '{}': one run costs epsilon {} \
+                 (epsilon {epsilon}{}), above the {name} cap ({}), so no job could \
+                 ever run",
+                e.computation,
+                e.dataset.get_ref(),
+                crate::ledger::show(cost),
+                if e.computation == Computation::Aggregate {
+                    format!(
+                        " read as zCDP, rho {}, at dp_delta {:e}",
+                        crate::ledger::show(epsilon.get() * epsilon.get() / 2.0),
+                        delta
+                    )
+                } else {
+                    String::new()
+                },
+                cap.describe()
+            ));
+        }
+    }
+    Ok(())
+}
+
+impl Allow {
+    /// Checks one entry as written, in the context `ctx` (`agreement with 'globex'`), against
+    /// the declared datasets, and types it by its computation. The error names the rule (the
+    /// caller adds the line).
+    pub fn check(
+        ctx: &str,
+        e: &AllowEntry,
+        datasets: &[DatasetConfig],
+        text: &str,
+    ) -> Result<Allow, String> {
+        let Some(d) = datasets.iter().find(|d| d.name == *e.dataset.get_ref()) else {
+            return Err(format!(
+                "{ctx}: allow {} references dataset '{}', which is not declared",
+                e.computation,
+                e.dataset.get_ref()
+            ));
+        };
+        match e.computation {
+            Computation::Aggregate => {
+                super::aggregate::check_entry(ctx, e, d).map(Allow::Aggregate)
+            }
+            Computation::OverlapSum => {
+                super::overlap_sum::check_entry(ctx, e, d, text).map(Allow::OverlapSum)
+            }
+            Computation::Overlap => super::psi::check_entry(ctx, e, d, text).map(Allow::Overlap),
+            Computation::Match => super::psi::check_entry(ctx, e, d, text).map(Allow::Match),
+        }
+    }
+}
