@@ -648,15 +648,16 @@ pub(crate) async fn next_frame(
     frame_or_error(next, partner)
 }
 
-/// The peer's next frame if one has arrived already, without waiting.
+/// The peer's next frame if one has arrived already, without waiting. The end of the peer's
+/// stream is not an error here: the protocol may need nothing more ([`next_frame`] says so when
+/// it does).
 pub(crate) fn try_next_frame(
     incoming: &mut mpsc::UnboundedReceiver<Incoming>,
     partner: &str,
 ) -> Result<Option<Envelope>, NodeError> {
     match incoming.try_recv() {
         Ok(next) => frame_or_error(Some(next), partner).map(Some),
-        Err(mpsc::error::TryRecvError::Empty) => Ok(None),
-        Err(mpsc::error::TryRecvError::Disconnected) => frame_or_error(None, partner).map(Some),
+        Err(mpsc::error::TryRecvError::Empty | mpsc::error::TryRecvError::Disconnected) => Ok(None),
     }
 }
 
