@@ -121,17 +121,22 @@ impl Session {
     }
 }
 
+/// Batches one piece of CPU work takes at most: 16 384 points, a few tenths of a second. Each
+/// piece is one round trip to the CPU pool, and rayon's workers spin between pieces; fewer,
+/// larger pieces keep that overhead small while our batches still leave every piece.
+pub const BATCHES_PER_WORK: usize = 4;
+
 /// CPU work of the protocol; [`Work::run`] is pure.
 #[derive(Debug)]
 pub enum Work {
-    /// Blind the next batch of our items.
+    /// Blind the next batches of our items (at most [`BATCHES_PER_WORK`]).
     BlindNext(Session),
-    /// Re-blind one batch of the peer's items.
-    PeerBatch(Streaming, Vec<u8>),
+    /// Re-blind batches of the peer's items, in order.
+    PeerBatches(Streaming, Vec<Vec<u8>>),
     /// The peer's items are all in: check and sort them.
     PeerEnd(Streaming, u64),
-    /// One batch of our items, returned double-blinded: compare it.
-    Returned(Matching, Vec<u8>),
+    /// Batches of our items, returned double-blinded: compare them.
+    Returned(Matching, Vec<Vec<u8>>),
     /// All of our items are back: count.
     ReturnedEnd(Matching, u64),
 }
@@ -139,13 +144,13 @@ pub enum Work {
 /// The result of a [`Work`].
 #[derive(Debug)]
 pub enum Done {
-    /// The session, and our next blinded batch (none once all are out).
-    BlindNext(Session, Option<Vec<u8>>),
-    /// A re-blinded batch to return, if one is due (returning in order).
-    PeerBatch(Result<(Streaming, Option<Vec<u8>>), PsiError>),
+    /// The session, and our next blinded batches (none once all are out).
+    BlindNext(Session, Vec<Vec<u8>>),
+    /// The re-blinded batches to return, if due (returning in order).
+    PeerBatches(Result<(Streaming, Vec<Vec<u8>>), PsiError>),
     /// The peer's total, and the session that compares our returned points.
     PeerEnd(u64, Result<Matching, PsiError>),
-    /// A returned batch compared.
+    /// Returned batches compared.
     Returned(Result<Matching, PsiError>),
     /// The count.
     ReturnedEnd(Result<PsiOutput, PsiError>),
@@ -156,15 +161,38 @@ impl Work {
     pub fn run(self) -> Done {
         match self {
             Work::BlindNext(mut s) => {
-                let batch = match &mut s {
-                    Session::Streaming(x) => x.blind_next(),
-                    Session::Matching(x) => x.blind_next(),
-                };
-                Done::BlindNext(s, batch)
+                let mut batches = Vec::new();
+                while batches.len() < BATCHES_PER_WORK {
+                    let batch = match &mut s {
+                        Session::Streaming(x) => x.blind_next(),
+                        Session::Matching(x) => x.blind_next(),
+                    };
+                    match batch {
+                        Some(b) => batches.push(b),
+                        None => break,
+                    }
+                }
+                Done::BlindNext(s, batches)
             }
-            Work::PeerBatch(s, points) => Done::PeerBatch(s.on_peer_batch(&points)),
+            Work::PeerBatches(s, batches) => {
+                let run = || {
+                    let mut s = s;
+                    let mut replies = Vec::new();
+                    for points in &batches {
+                        let (next, reply) = s.on_peer_batch(points)?;
+                        s = next;
+                        replies.extend(reply);
+                    }
+                    Ok((s, replies))
+                };
+                Done::PeerBatches(run())
+            }
             Work::PeerEnd(s, total) => Done::PeerEnd(total, s.on_peer_end(total)),
-            Work::Returned(s, points) => Done::Returned(s.on_returned_batch(&points)),
+            Work::Returned(s, batches) => Done::Returned(
+                batches
+                    .iter()
+                    .try_fold(s, |s, points| s.on_returned_batch(points)),
+            ),
             Work::ReturnedEnd(s, total) => Done::ReturnedEnd(s.on_returned_end(total)),
         }
     }
@@ -323,6 +351,16 @@ impl PsiProtocol {
     /// Starts the protocol over our loaded items with a fresh key: our hello is the first
     /// action.
     pub fn start(cfg: PsiConfig, key: JobKey, items: ItemSet) -> PsiProtocol {
+        Self::start_batched(cfg, key, items, BATCH_POINTS)
+    }
+
+    /// [`start`](Self::start) with `batch_points` points per batch frame (tests use small ones).
+    pub(crate) fn start_batched(
+        cfg: PsiConfig,
+        key: JobKey,
+        items: ItemSet,
+        batch_points: usize,
+    ) -> PsiProtocol {
         let permit = &cfg.permit;
         let params = PsiParams {
             key_name: dataset::key_name(&permit.keys),
@@ -330,7 +368,7 @@ impl PsiProtocol {
             max_peer_set: permit.max_peer_set,
             return_in_order: permit.partner_learns_membership,
             learn_membership: permit.i_learn_membership,
-            batch_size: BATCH_POINTS,
+            batch_size: batch_points,
         };
         let (own_size, session) = PsiSession::start(params, key, items);
         let (noise_term, noise_commitment) = match &cfg.noise {
@@ -579,9 +617,29 @@ impl PsiProtocol {
         } else if input_ready {
             x.own_turn = true;
             match (x.inputs.pop_front(), session) {
-                (Some(Input::Points(p)), Session::Streaming(s)) => Work::PeerBatch(s, p),
+                (Some(Input::Points(p)), Session::Streaming(s)) => {
+                    let mut batches = vec![p];
+                    while batches.len() < BATCHES_PER_WORK
+                        && matches!(x.inputs.front(), Some(Input::Points(_)))
+                    {
+                        if let Some(Input::Points(p)) = x.inputs.pop_front() {
+                            batches.push(p);
+                        }
+                    }
+                    Work::PeerBatches(s, batches)
+                }
                 (Some(Input::End(total)), Session::Streaming(s)) => Work::PeerEnd(s, total),
-                (Some(Input::Returned(p)), Session::Matching(m)) => Work::Returned(m, p),
+                (Some(Input::Returned(p)), Session::Matching(m)) => {
+                    let mut batches = vec![p];
+                    while batches.len() < BATCHES_PER_WORK
+                        && matches!(x.inputs.front(), Some(Input::Returned(_)))
+                    {
+                        if let Some(Input::Returned(p)) = x.inputs.pop_front() {
+                            batches.push(p);
+                        }
+                    }
+                    Work::Returned(m, batches)
+                }
                 (Some(Input::ReturnedEnd(total)), Session::Matching(m)) => {
                     Work::ReturnedEnd(m, total)
                 }
@@ -673,27 +731,23 @@ impl PsiProtocol {
             return Err(self.internal("work came back that was not out"));
         }
         let session = match done {
-            Done::BlindNext(session, batch) => {
-                if let Some(batch) = batch {
-                    for env in self.out.points(Phase::PsiBlinded, vec![batch]) {
-                        self.actions.push_back(Action::Send(Box::new(env)));
-                    }
+            Done::BlindNext(session, batches) => {
+                for env in self.out.points(Phase::PsiBlinded, batches) {
+                    self.actions.push_back(Action::Send(Box::new(env)));
                 }
                 session
             }
-            Done::PeerBatch(r) => {
-                let (next, reply) = r.map_err(|e| psi(self, e))?;
+            Done::PeerBatches(r) => {
+                let (next, replies) = r.map_err(|e| psi(self, e))?;
                 let Stage::Exchange(x) = &mut self.stage else {
                     return Err(self.internal("the exchange went away"));
                 };
-                if let Some(reply) = reply {
-                    if x.own_end_sent {
-                        for env in self.out.points(Phase::PsiDoubleBlinded, vec![reply]) {
-                            self.actions.push_back(Action::Send(Box::new(env)));
-                        }
-                    } else {
-                        x.held.push(reply);
+                if x.own_end_sent {
+                    for env in self.out.points(Phase::PsiDoubleBlinded, replies) {
+                        self.actions.push_back(Action::Send(Box::new(env)));
                     }
+                } else {
+                    x.held.extend(replies);
                 }
                 Session::Streaming(next)
             }

@@ -289,7 +289,7 @@ enum Event {
 fn work_event(w: &Work) -> Event {
     match w {
         Work::BlindNext(_) => Event::Blind,
-        Work::PeerBatch(..) => Event::PeerBatch,
+        Work::PeerBatches(..) => Event::PeerBatch,
         Work::PeerEnd(..) => Event::PeerEnd,
         Work::Returned(..) => Event::Returned,
         Work::ReturnedEnd(..) => Event::ReturnedEnd,
@@ -358,9 +358,22 @@ fn run_as_driver(pair: &mut Pair) -> [Vec<Event>; 2] {
 #[test]
 fn points_go_out_as_they_are_blinded_and_the_peers_take_turns_with_ours() {
     for kind in [JobKind::Overlap, JobKind::Match] {
-        // Three batches of 4096 a side.
         let (a, g) = (config_up_to(0, kind, 20_000), config_up_to(1, kind, 20_000));
-        let mut pair = Pair::new(a, items(0, 9000), g, items(3000, 12000));
+        // Batches of 256 points: 36 a side, 9 pieces of CPU work.
+        let mut pair = Pair {
+            acme: Side::new(PsiProtocol::start_batched(
+                a,
+                JobKey::generate(),
+                items(0, 9000),
+                256,
+            )),
+            globex: Side::new(PsiProtocol::start_batched(
+                g,
+                JobKey::generate(),
+                items(3000, 12000),
+                256,
+            )),
+        };
         let [acme, _] = run_as_driver(&mut pair);
         assert!(pair.acme.error.is_none() && pair.globex.error.is_none());
         let blinded = Event::Sent(Phase::PsiBlinded, "points");
@@ -433,7 +446,20 @@ fn the_peers_final_frames_may_come_early() {
     let (mut a, mut g) = (config_up_to(0, kind, 20_000), config_up_to(1, kind, 20_000));
     a.noise = Some(noise_for("acme"));
     g.noise = Some(noise_for("globex"));
-    let mut pair = Pair::new(a, items(0, 9000), g, items(3000, 12000));
+    let mut pair = Pair {
+        acme: Side::new(PsiProtocol::start_batched(
+            a,
+            JobKey::generate(),
+            items(0, 9000),
+            256,
+        )),
+        globex: Side::new(PsiProtocol::start_batched(
+            g,
+            JobKey::generate(),
+            items(3000, 12000),
+            256,
+        )),
+    };
     // Globex's returns of acme's points, and all that follows, reach acme only once globex has
     // finished its stream (its count and reveal sent).
     let mut held = Vec::new();
