@@ -26,6 +26,11 @@
 //!    ([`AwaitingReturn::on_returned_end`]), and mapped back to our rows through the shuffle
 //!    permutation when membership is wanted.
 //!
+//! The node runs the streaming form of steps 2–4 ([`ReadyToBlind::stream`] → [`Streaming`] →
+//! [`Matching`]): the send order is drawn first and points are blinded and sent batch by batch,
+//! the peer's are re-blinded as they come, and returned points are compared as they arrive
+//! (`psi/stream.rs` explains why the pre-drawn order protects what the shuffle protects).
+//!
 //! Each state is consumed by the one input it expects ([`PsiSession::start`] →
 //! [`AwaitingPeerSize`] → [`ReadyToBlind`] → [`ExchangingPoints`] → [`AwaitingReturn`] →
 //! [`PsiOutput`]), so a message out of order does not type-check in the driver.
