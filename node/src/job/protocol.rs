@@ -52,6 +52,10 @@ pub trait Protocol {
     type Work: Send + 'static;
     /// The result of a [`Protocol::Work`].
     type Done: Send + 'static;
+    /// Whether the protocol takes the peer's frames that arrived while its work ran, right
+    /// after the work (PSI streams: it picks its next work from them); otherwise frames are
+    /// handed over only once it asks for nothing more.
+    const TAKES_FRAMES_BETWEEN_WORK: bool = false;
 
     /// The next step, if any.
     fn next_step(&mut self) -> Option<Step<Self::Work>>;
@@ -72,6 +76,7 @@ pub trait Protocol {
 impl Protocol for crate::job::psi::PsiProtocol {
     type Work = crate::job::psi::Work;
     type Done = crate::job::psi::Done;
+    const TAKES_FRAMES_BETWEEN_WORK: bool = true;
 
     fn next_step(&mut self) -> Option<Step<Self::Work>> {
         use crate::job::psi::Action;

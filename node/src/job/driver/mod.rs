@@ -134,17 +134,19 @@ pub async fn run_initiator(
     finish_connection(&conn, result)
 }
 
-/// Responder: wait for the initiator's connection (routed by [`crate::dataplane`]), then run the
-/// exchange.
+/// Responder: load our input while we wait for the initiator's connection (routed by
+/// [`crate::dataplane`]; the initiator loads its own before it dials, so the two loads overlap),
+/// then run the exchange.
 pub async fn run_responder(
     job: JobContext,
     incoming: oneshot::Receiver<Delivery>,
 ) -> Result<PsiOutcome, NodeError> {
-    let (conn, send, recv, hello) = accept(&job, incoming).await?;
-    let result = tokio::time::timeout(JOB_TIMEOUT, async {
-        let loaded = load_input(&job).await?;
-        exchange(&job, &conn, send, Some((recv, hello)), loaded).await
-    })
+    let ((conn, send, recv, hello), loaded) =
+        tokio::try_join!(accept(&job, incoming), load_input(&job))?;
+    let result = tokio::time::timeout(
+        JOB_TIMEOUT,
+        exchange(&job, &conn, send, Some((recv, hello)), loaded),
+    )
     .await;
     finish_connection(&conn, result)
 }
@@ -323,7 +325,7 @@ pub(crate) async fn run_exchange<P: Protocol>(
     let partner = job.permit.partner.clone();
     let mut out = Outgoing::new(send, &job.job_id, Phase::PsiSize);
     let result = async {
-        do_steps(job, proto, &mut out).await?;
+        do_steps(job, proto, &mut out, None).await?;
         let (recv, hello) = match first {
             Some((recv, hello)) => (recv, Some(hello)),
             None => {
@@ -365,6 +367,7 @@ async fn do_steps<P: Protocol>(
     job: &JobContext,
     proto: &mut P,
     out: &mut Outgoing,
+    mut incoming: Option<&mut mpsc::UnboundedReceiver<Incoming>>,
 ) -> Result<(), NodeError> {
     while let Some(step) = proto.next_step() {
         match step {
@@ -376,6 +379,15 @@ async fn do_steps<P: Protocol>(
             Step::Compute(work) => {
                 let done = blocking(move || P::run(work)).await?;
                 proto.handle_done(done)?;
+                // What arrived meanwhile, so a protocol that can choose its next work from it
+                // does (PSI's streaming exchange).
+                if P::TAKES_FRAMES_BETWEEN_WORK
+                    && let Some(incoming) = incoming.as_deref_mut()
+                {
+                    while let Some(env) = try_next_frame(incoming, &job.permit.partner)? {
+                        proto.handle(env)?;
+                    }
+                }
             }
             Step::Charge(request) => {
                 let (noise, charged) = charge_and_draw(
@@ -405,7 +417,7 @@ async fn run_protocol<P: Protocol>(
 ) -> Result<(), NodeError> {
     let partner = job.permit.partner.clone();
     loop {
-        do_steps(job, proto, out).await?;
+        do_steps(job, proto, out, Some(&mut *incoming)).await?;
         if proto.is_finished() {
             return Ok(());
         }
@@ -718,6 +730,24 @@ pub(crate) async fn next_frame(
                 secs: stall.as_secs(),
             })
         })?;
+    frame_or_error(next, partner)
+}
+
+/// The peer's next frame if one has arrived already, without waiting. The end of the peer's
+/// stream is not an error here: the protocol may need nothing more ([`next_frame`] says so when
+/// it does).
+pub(crate) fn try_next_frame(
+    incoming: &mut mpsc::UnboundedReceiver<Incoming>,
+    partner: &str,
+) -> Result<Option<Envelope>, NodeError> {
+    match incoming.try_recv() {
+        Ok(next) => frame_or_error(Some(next), partner).map(Some),
+        Err(mpsc::error::TryRecvError::Empty | mpsc::error::TryRecvError::Disconnected) => Ok(None),
+    }
+}
+
+/// What the reader passed on, as a frame or the job's error.
+fn frame_or_error(next: Option<Incoming>, partner: &str) -> Result<Envelope, NodeError> {
     match next {
         Some(Incoming::Frame(env)) => {
             if let Some(Body::Abort(Abort { reason })) = &env.body {
