@@ -874,15 +874,15 @@ fn malformed_csv_rows_are_rejected_audited_by_line_and_previewed() {
     let mut c = Consortium::new();
     std::fs::create_dir_all(c.path().join("data")).unwrap();
     // acme: line 3 has an extra field (read by position it would have joined on 'x@shift.io');
-    // line 5 opens a quote closed on line 6, swallowing p4's row into one field.
+    // line 5 opens a quote in the email closed on line 6, swallowing p4's row into one field.
     std::fs::write(
         c.path().join("data/acme.csv"),
         "email,phone\n\
          p1@example.com,+1 415 555 0101\n\
          x@shift.io,p2@example.com,+1 415 555 0102\n\
          p3@example.com,+1 415 555 0103\n\
-         p5@example.com,\"+1 415 555 0105\n\
-         p4@example.com,+1 415 555 0104\"\n\
+         \"p5@example.com,+1 415 555 0105\n\
+         p4@example.com\",+1 415 555 0104\n\
          p6@example.com,+1 415 555 0106\n",
     )
     .unwrap();
@@ -928,7 +928,10 @@ fn malformed_csv_rows_are_rejected_audited_by_line_and_previewed() {
     );
     assert!(preview.contains("field count"), "{preview}");
     assert!(preview.contains("line break in a field"), "{preview}");
-    assert!(preview.contains("line 3") && preview.contains("line 5"), "{preview}");
+    assert!(
+        preview.contains("line 3") && preview.contains("line 5"),
+        "{preview}"
+    );
     assert!(preview.contains("p1@example.com"), "{preview}");
 
     for me in ["acme", "globex"] {
@@ -951,7 +954,10 @@ fn malformed_csv_rows_are_rejected_audited_by_line_and_previewed() {
     assert_eq!(access.len(), 1, "{}", text(&out));
     let rejected = &access[0]["event"]["rejected"];
     assert_eq!(rejected["by_reason"]["field count"], 1, "{rejected}");
-    assert_eq!(rejected["by_reason"]["line break in a field"], 1, "{rejected}");
+    assert_eq!(
+        rejected["by_reason"]["line break in a field"], 1,
+        "{rejected}"
+    );
     let lines: Vec<u64> = rejected["first"]
         .as_array()
         .unwrap()
@@ -967,7 +973,9 @@ fn malformed_csv_rows_are_rejected_audited_by_line_and_previewed() {
         files.push(entry);
     }
     for file in files {
-        let Ok(bytes) = std::fs::read(&file) else { continue };
+        let Ok(bytes) = std::fs::read(&file) else {
+            continue;
+        };
         let body = String::from_utf8_lossy(&bytes);
         for id in ["p1@example.com", "p2@example.com", "x@shift.io", "555 0104"] {
             assert!(!body.contains(id), "{} holds {id}", file.display());

@@ -26,6 +26,14 @@ pub struct Rejections {
     pub by_reason: BTreeMap<String, u64>,
     /// The first rejected rows.
     pub first: Vec<RejectedRow>,
+    /// Rows kept although a field the pass does not read holds a line break (legal CSV, but
+    /// also what a quote left open in such a column looks like).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub multi_line_rows: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 impl Rejections {
@@ -34,9 +42,9 @@ impl Rejections {
         self.by_reason.values().sum()
     }
 
-    /// Whether no row was rejected.
+    /// Whether no row was rejected or kept with a line break.
     pub fn is_empty(&self) -> bool {
-        self.by_reason.is_empty()
+        self.by_reason.is_empty() && self.multi_line_rows == 0
     }
 }
 
@@ -225,18 +233,23 @@ impl AuditEvent {
                 "read {dataset} [{}]: {rows_read} rows, {rows_rejected} rejected{}, \
                  {rows_excluded_consent} excluded (consent), {rows_excluded_deleted} excluded (deleted){}{}",
                 columns.join(", "),
-                if rejected.is_empty() {
-                    String::new()
-                } else {
-                    format!(
-                        " ({})",
-                        rejected
-                            .by_reason
-                            .iter()
-                            .map(|(why, n)| format!("{n} {why}"))
-                            .collect::<Vec<_>>()
-                            .join(", ")
-                    )
+                {
+                    let mut parts: Vec<String> = rejected
+                        .by_reason
+                        .iter()
+                        .map(|(why, n)| format!("{n} {why}"))
+                        .collect();
+                    if rejected.multi_line_rows > 0 {
+                        parts.push(format!(
+                            "{} kept with a line break in an unread field",
+                            rejected.multi_line_rows
+                        ));
+                    }
+                    if parts.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" ({})", parts.join(", "))
+                    }
                 },
                 rows_other
                     .map(|n| format!(", {n} in (other)"))

@@ -27,7 +27,11 @@ pub fn run(
         anyhow::bail!(
             "node '{}' has no dataset '{dataset_name}' (declared: {})",
             cfg.name,
-            if declared.is_empty() { "none".to_owned() } else { declared.join(", ") }
+            if declared.is_empty() {
+                "none".to_owned()
+            } else {
+                declared.join(", ")
+            }
         );
     };
     let consent_column = match purpose {
@@ -65,7 +69,12 @@ pub fn run(
     );
     crate::outln!(
         "{:<14} {:>10} {:>10} {:>12} {:>12} {:>10}",
-        "identifier", "rows read", "rejected", "no consent", "forgotten", "distinct"
+        "identifier",
+        "rows read",
+        "rejected",
+        "no consent",
+        "forgotten",
+        "distinct"
     );
     let mut reasons = Vec::new();
     for id in &d.identifiers {
@@ -87,6 +96,13 @@ pub fn run(
             continue;
         }
         crate::outln!("\nrejected rows, keyed on {name}:");
+        if rejections.multi_line_rows > 0 {
+            crate::outln!(
+                "  {:>10}  kept, with a line break in a column this key does not read (legal \
+                 CSV, but also what an unclosed quote leaves: check the lines count)",
+                rejections.multi_line_rows
+            );
+        }
         for (why, n) in &rejections.by_reason {
             crate::outln!("  {n:>10}  {why}");
         }
@@ -109,11 +125,7 @@ pub fn run(
 }
 
 /// Prints the first `n` accepted rows' normalised identifiers (to stdout only).
-fn show_first_normalised(
-    d: &DatasetConfig,
-    filter: RowFilter<'_>,
-    n: usize,
-) -> anyhow::Result<()> {
+fn show_first_normalised(d: &DatasetConfig, filter: RowFilter<'_>, n: usize) -> anyhow::Result<()> {
     crate::outln!("\nfirst {n} accepted rows, normalised (shown here only, never logged):");
     for id in &d.identifiers {
         let keys = KeySpec::new([id.name.as_str()]);

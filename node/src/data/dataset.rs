@@ -275,9 +275,17 @@ impl Rejection {
     }
 }
 
-/// Whether the row is well formed: as many fields as the header, and no line break in any
-/// field. Checked before any field is used, so a malformed row is never read by position.
-fn malformed(record: &csv::ByteRecord, width: usize) -> Option<(Option<usize>, Rejection)> {
+/// Whether the row is well formed: as many fields as the header, and no line break in a field
+/// the pass reads (`read`: column indices). Checked before any field is used, so a malformed row
+/// is never read by position. A line break in a column the pass does not read is legal CSV (a
+/// note, an address) and only counted ([`Rejections::multi_line_rows`]): it is also what a quote
+/// left open there looks like, so the count makes it visible.
+fn malformed(
+    record: &csv::ByteRecord,
+    width: usize,
+    read: &[usize],
+    rejections: &mut Rejections,
+) -> Option<(Option<usize>, Rejection)> {
     if record.len() != width {
         return Some((
             None,
@@ -287,10 +295,14 @@ fn malformed(record: &csv::ByteRecord, width: usize) -> Option<(Option<usize>, R
             },
         ));
     }
-    record
-        .iter()
-        .position(|f| f.contains(&b'\n') || f.contains(&b'\r'))
-        .map(|i| (Some(i), Rejection::LineBreak))
+    let breaks = |f: &[u8]| f.contains(&b'\n') || f.contains(&b'\r');
+    if let Some(&i) = read.iter().find(|&&i| record.get(i).is_some_and(breaks)) {
+        return Some((Some(i), Rejection::LineBreak));
+    }
+    if record.iter().any(breaks) {
+        rejections.multi_line_rows += 1;
+    }
+    None
 }
 
 /// Opens the dataset's CSV for a pass (headers required). Malformed rows are rejected one by one
@@ -443,6 +455,12 @@ pub fn for_each_row_for(
     } else {
         Vec::new()
     };
+    let read: Vec<usize> = indices
+        .iter()
+        .copied()
+        .chain(consent_index)
+        .chain(all_parts.iter().map(|p| p.index))
+        .collect();
     let mut record = csv::ByteRecord::new();
     let mut counts = RowCounts::default();
     loop {
@@ -465,7 +483,9 @@ pub fn for_each_row_for(
             });
         }
         counts.rows_read = row;
-        if let Some((column, why)) = malformed(&record, headers.len()) {
+        if let Some((column, why)) =
+            malformed(&record, headers.len(), &read, &mut counts.rejections)
+        {
             let column = column.and_then(|i| headers.get(i)).map(String::as_str);
             counts
                 .rejections
@@ -575,6 +595,13 @@ fn for_each_key(
         Vec::new()
     };
 
+    let read: Vec<usize> = parts
+        .iter()
+        .map(|p| p.index)
+        .chain(column_indices.iter().copied())
+        .chain(consent_index)
+        .chain(all_parts.iter().map(|p| p.index))
+        .collect();
     let mut record = csv::ByteRecord::new();
     let mut key: Vec<u8> = Vec::with_capacity(256);
     let mut counts = Counts::default();
@@ -600,7 +627,9 @@ fn for_each_key(
             });
         }
         counts.read = row;
-        if let Some((column, why)) = malformed(&record, headers.len()) {
+        if let Some((column, why)) =
+            malformed(&record, headers.len(), &read, &mut counts.rejections)
+        {
             let column = column.and_then(|i| headers.get(i)).map(String::as_str);
             counts
                 .rejections
@@ -1112,38 +1141,50 @@ customer_id,email,phone,consent_fraud
         let d = dataset(dir.path(), csv.as_bytes());
         let loaded = load_keys(&d, &KeySpec::new(["email"]), 100).unwrap();
         assert_eq!(loaded.rows_read, 4);
-        assert_eq!(items(&loaded.items), ["alice@example.com", "dave@example.com"]);
+        assert_eq!(
+            items(&loaded.items),
+            ["alice@example.com", "dave@example.com"]
+        );
         assert_eq!(loaded.rows_rejected, 2);
         assert_eq!(loaded.rejections.by_reason["field count"], 2);
         let lines: Vec<u64> = loaded.rejections.first.iter().map(|r| r.line).collect();
         assert_eq!(lines, [3, 4]);
         assert!(
-            loaded.rejections.first[0].reason.contains("5 fields where the header has 4"),
+            loaded.rejections.first[0]
+                .reason
+                .contains("5 fields where the header has 4"),
             "{:?}",
             loaded.rejections.first
         );
     }
 
     /// An unterminated quote swallows the rows after it into one field; the row it starts is
-    /// rejected (by its field count, or by the line break when the count happens to match),
-    /// counted and located, instead of silently eating the next record.
+    /// rejected (by its field count, or by the line break in a column the job reads when the
+    /// count happens to match), counted and located, instead of silently eating the next record.
+    /// A line break in a column the job does not read is legal CSV: the row is kept, and counted.
     #[test]
     fn an_unterminated_quote_is_a_rejected_row_with_its_line() {
         let dir = tempfile::tempdir().unwrap();
-        // Row 2's last field opens a quote that closes only on row 4: rows 2–4 are one record
-        // of the right width, whose last field holds two line breaks.
+        // Line 3's email opens a quote that closes on line 4: one record of the right width
+        // whose email holds a line break.
         let csv = "customer_id,email,phone,amount_cents\n\
                    1,alice@example.com,+1 415 555 0100,10\n\
-                   2,bob@example.com,+1 415 555 0101,\"20\n\
-                   3,carol@example.com,+1 415 555 0102,30\n\
-                   4,dave@example.com,+1 415 555 0103,40\"\n\
+                   2,\"bob@example.com,+1 415 555 0101,20\n\
+                   3,carol@example.com\",+1 415 555 0102,30\n\
                    5,erin@example.com,+1 415 555 0104,50\n";
         let d = dataset(dir.path(), csv.as_bytes());
         let loaded = load_keys(&d, &KeySpec::new(["email"]), 100).unwrap();
-        assert_eq!(items(&loaded.items), ["alice@example.com", "erin@example.com"]);
+        assert_eq!(
+            items(&loaded.items),
+            ["alice@example.com", "erin@example.com"]
+        );
         assert_eq!(loaded.rejections.by_reason["line break in a field"], 1);
         let first = &loaded.rejections.first[0];
-        assert_eq!((first.line, first.column.as_deref()), (3, Some("amount_cents")));
+        assert_eq!((first.line, first.column.as_deref()), (3, Some("email")));
+        // Keyed on phone, the email is not read: the row is kept, its line break counted.
+        let by_phone = load_keys(&d, &KeySpec::new(["phone"]), 100).unwrap();
+        assert_eq!((by_phone.rows_rejected, by_phone.items.len()), (0, 3));
+        assert_eq!(by_phone.rejections.multi_line_rows, 1);
 
         // At the end of the file: the quote never closes, the last record is one field short.
         let csv = "customer_id,email,phone,amount_cents\n\
@@ -1167,10 +1208,16 @@ customer_id,email,phone,consent_fraud
                    3,carol@example.com,+1 415 555 0102,30,99\n";
         let d = dataset(dir.path(), csv.as_bytes());
         let mut seen = Vec::new();
-        let counts = for_each_row_for(&d, &["amount_cents"], RowFilter::default(), 100, |row, f| {
-            seen.push((row, f[0].map(<[u8]>::to_vec)));
-            Ok(())
-        })
+        let counts = for_each_row_for(
+            &d,
+            &["amount_cents"],
+            RowFilter::default(),
+            100,
+            |row, f| {
+                seen.push((row, f[0].map(<[u8]>::to_vec)));
+                Ok(())
+            },
+        )
         .unwrap();
         assert_eq!(seen, [(1, Some(b"10".to_vec()))]);
         assert_eq!((counts.rows_read, counts.rejections.total()), (3, 2));
@@ -1188,11 +1235,15 @@ customer_id,email,phone,consent_fraud
         let d = dataset(dir.path(), csv.as_bytes());
         let loaded = load_keys(&d, &KeySpec::new(["email"]), 100).unwrap();
         assert_eq!(loaded.rows_rejected, 3);
-        assert_eq!(loaded.rejections.by_reason.len(), 3, "{:?}", loaded.rejections);
+        assert_eq!(
+            loaded.rejections.by_reason.len(),
+            3,
+            "{:?}",
+            loaded.rejections
+        );
         let text = serde_json::to_string(&loaded.rejections).unwrap();
         for value in ["zed", "zoe", "example.com"] {
             assert!(!text.contains(value), "{text}");
         }
     }
 }
-
