@@ -1,5 +1,7 @@
 //! The audit log's event schema: what one entry records.
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 
 use super::AuditError;
@@ -12,6 +14,51 @@ pub struct PersonCounts {
     pub persons: u64,
     /// Rows of a person outside the group of its first row (left out).
     pub rows_outside_group: u64,
+}
+
+/// Rows rejected in one pass over a dataset (filled by `data::dataset`): how many for each reason, and where the first
+/// ten were (line and column, never a value).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Rejections {
+    /// Rows rejected for each reason (e.g. `"field count"`, `"line break in a field"`,
+    /// `"email without '@'"`).
+    pub by_reason: BTreeMap<String, u64>,
+    /// The first rejected rows.
+    pub first: Vec<RejectedRow>,
+    /// Rows kept although a field the pass does not read holds a line break (legal CSV, but
+    /// also what a quote left open in such a column looks like).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub multi_line_rows: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
+impl Rejections {
+    /// Rows rejected, all reasons.
+    pub fn total(&self) -> u64 {
+        self.by_reason.values().sum()
+    }
+
+    /// Whether no row was rejected or kept with a line break.
+    pub fn is_empty(&self) -> bool {
+        self.by_reason.is_empty() && self.multi_line_rows == 0
+    }
+}
+
+/// Where one row was rejected, and why. Holds no field value.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RejectedRow {
+    /// 1-based line of the file where the row starts (the header is line 1).
+    pub line: u64,
+    /// The column that rejected it, when one did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub column: Option<String>,
+    /// Why.
+    pub reason: String,
 }
 
 /// One audited event. Serialized tagged by `"kind"`; unknown fields are refused when reading.
@@ -71,6 +118,10 @@ pub enum AuditEvent {
         /// because they lie outside the group of their person's first row.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         persons: Option<PersonCounts>,
+        /// The rejected rows by reason, and where the first were (absent when none was, and in
+        /// older entries).
+        #[serde(default, skip_serializing_if = "Rejections::is_empty")]
+        rejected: Rejections,
     },
     /// Something was released.
     Release {
@@ -176,11 +227,30 @@ impl AuditEvent {
                 rows_excluded_deleted,
                 rows_other,
                 persons,
+                rejected,
                 ..
             } => format!(
-                "read {dataset} [{}]: {rows_read} rows, {rows_rejected} rejected, \
+                "read {dataset} [{}]: {rows_read} rows, {rows_rejected} rejected{}, \
                  {rows_excluded_consent} excluded (consent), {rows_excluded_deleted} excluded (deleted){}{}",
                 columns.join(", "),
+                {
+                    let mut parts: Vec<String> = rejected
+                        .by_reason
+                        .iter()
+                        .map(|(why, n)| format!("{n} {why}"))
+                        .collect();
+                    if rejected.multi_line_rows > 0 {
+                        parts.push(format!(
+                            "{} kept with a line break in an unread field",
+                            rejected.multi_line_rows
+                        ));
+                    }
+                    if parts.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" ({})", parts.join(", "))
+                    }
+                },
                 rows_other
                     .map(|n| format!(", {n} in (other)"))
                     .unwrap_or_default(),

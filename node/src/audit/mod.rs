@@ -34,7 +34,7 @@ use std::path::{Path, PathBuf};
 
 pub use chain::{AuditEntry, AuditHead, hash_from_hex, to_hex};
 pub(crate) use chain::{decode_line, encode_line, genesis_hash};
-pub use event::{AuditEvent, PersonCounts};
+pub use event::{AuditEvent, PersonCounts, RejectedRow, Rejections};
 pub use verify::{
     HeadSource, LineCheck, ShownLine, Tamper, VerifyReport, read_entries, show_lines, verify,
 };

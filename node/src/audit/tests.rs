@@ -30,6 +30,7 @@ pub(crate) fn sample_events() -> Vec<AuditEvent> {
             rows_excluded_deleted: 1,
             rows_other: None,
             persons: None,
+            rejected: Default::default(),
         },
         AuditEvent::Release {
             job_id: "j1".into(),
@@ -187,6 +188,7 @@ fn access_keeps_an_aggregates_own_figures_and_old_entries_stay_canonical() {
             persons: 400,
             rows_outside_group: 12,
         }),
+        rejected: Default::default(),
     };
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("a.log");

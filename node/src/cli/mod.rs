@@ -3,6 +3,7 @@
 //! [`budget`] builds what `cleanroom-node budget` prints.
 
 pub mod budget;
+mod preview;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -89,6 +90,12 @@ pub enum NodeCommand {
         #[arg(long, value_name = "N")]
         older_than_days: u64,
     },
+    /// Look at a dataset before a job reads it.
+    Dataset {
+        /// What to do with it.
+        #[command(subcommand)]
+        command: DatasetCommand,
+    },
     /// Inspect the node's audit log (`<state_dir>/audit.log`).
     Audit {
         /// What to do with it.
@@ -125,6 +132,32 @@ pub enum NodeCommand {
         /// Output format.
         #[arg(long, value_enum, default_value_t = ReportFormat::Markdown)]
         format: ReportFormat,
+    },
+}
+
+/// `dataset` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum DatasetCommand {
+    /// A dry run: what the dataset will contribute to a job, read exactly as a job reads it.
+    ///
+    /// Per declared identifier: rows read, rejected (by reason, with the lines of the first ten:
+    /// a row whose field count differs from the header's, a line break inside a field, an
+    /// identifier that does not normalise...), excluded for lack of consent for --purpose,
+    /// excluded as forgotten subjects, and distinct keys. Reads no identifier into any log.
+    Preview {
+        /// The node's config file.
+        #[arg(long, short, env = "CLEANROOM_NODE_CONFIG")]
+        config: PathBuf,
+        /// The dataset (as declared in the config).
+        #[arg(long)]
+        dataset: String,
+        /// Apply the consent column of this purpose, as a job for it would.
+        #[arg(long)]
+        purpose: Option<String>,
+        /// Also print what the first N accepted rows' identifiers normalise to — to this
+        /// terminal only (they are raw identifiers: never paste them into a ticket).
+        #[arg(long, value_name = "N", default_value_t = 0)]
+        show_normalised: usize,
     },
 }
 
@@ -361,6 +394,15 @@ fn execute(command: NodeCommand) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         NodeCommand::Audit { command } => run_audit(command),
+        NodeCommand::Dataset {
+            command:
+                DatasetCommand::Preview {
+                    config,
+                    dataset,
+                    purpose,
+                    show_normalised,
+                },
+        } => preview::run(&config, &dataset, purpose.as_deref(), show_normalised),
         NodeCommand::Budget { config, format } => {
             let cfg = NodeConfig::load(&config)?;
             let path = cfg.ledger_path();

@@ -30,8 +30,8 @@ pub struct Loaded {
     /// Contributions summed: rows used (passed the filters and parsed), or with per-person
     /// clipping the persons counted.
     pub rows_used: u64,
-    /// Rows whose value field was missing or not an integer (skipped), or, with per-person
-    /// clipping, whose person field is empty.
+    /// Rows that were malformed (see `counts.rejections`), whose value field was missing or not
+    /// an integer (skipped), or, with per-person clipping, whose person field is empty.
     pub rows_rejected: u64,
     /// Rows (persons, with per-person clipping) counted in "(other)".
     pub rows_other: u64,
@@ -168,9 +168,10 @@ pub fn load_vector(
     }
     Ok(Loaded {
         vector,
-        counts,
         rows_used: used,
-        rows_rejected: rejected,
+        // Malformed rows (the reader's) and rows with a bad value or person (ours).
+        rows_rejected: counts.rejections.total() + rejected,
+        counts,
         rows_other: in_other,
         persons,
     })

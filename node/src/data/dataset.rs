@@ -5,12 +5,19 @@
 //! [`KEY_PART_SEPARATOR`] byte for a composite key. Rows where a key part does not normalise
 //! (or is too long, or not UTF-8, or missing) are counted as rejected and never matched. Errors
 //! and logs name the file, the row and the column, never a value: values are raw identifiers.
+//!
+//! Reading is strict: a row whose number of fields differs from the header's, or with a line
+//! break inside a field (what an unterminated quote leaves: it swallows the rows after it into
+//! one field), is rejected whole rather than read by position. Every rejection is counted by
+//! reason in [`Rejections`], with the line of the first few; the job's audit entry keeps them.
 
 use std::collections::HashSet;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use cleanroom_circuits::ItemSet;
+
+pub use crate::audit::{RejectedRow, Rejections};
 
 use super::normalise::{NormaliseError, NormaliseOptions, Normaliser};
 use super::schema::{DatasetConfig, IdentifierConfig};
@@ -47,6 +54,41 @@ impl KeySpec {
     }
 }
 
+/// Counting while reading (the record is the audit log's, [`Rejections`]).
+impl Rejections {
+    /// Counts one rejected row (and keeps its place if it is among the first), logging the first.
+    fn record(&mut self, path: &Path, line: u64, column: Option<&str>, why: Rejection) {
+        *self.by_reason.entry(why.label()).or_default() += 1;
+        if (self.first.len() as u64) < LOGGED_REJECTIONS {
+            tracing::warn!(
+                file = %path.display(),
+                line,
+                column = column.unwrap_or(""),
+                reason = %why,
+                "row rejected"
+            );
+            self.first.push(RejectedRow {
+                line,
+                column: column.map(str::to_owned),
+                reason: why.to_string(),
+            });
+        }
+    }
+
+    /// Logs how many rejections went unlogged.
+    fn log_rest(&self, path: &Path) {
+        let total = self.total();
+        if total > LOGGED_REJECTIONS {
+            tracing::warn!(
+                file = %path.display(),
+                rejected = total,
+                logged = LOGGED_REJECTIONS,
+                "more rows rejected than logged"
+            );
+        }
+    }
+}
+
 /// The distinct join keys of a dataset, and what reading it found.
 #[derive(Debug, Clone)]
 pub struct LoadedKeys {
@@ -54,8 +96,11 @@ pub struct LoadedKeys {
     pub items: ItemSet,
     /// Data rows read (header excluded), rejected ones included.
     pub rows_read: u64,
-    /// Rows skipped because a key part was missing, too long, not UTF-8 or did not normalise.
+    /// Rows skipped because they were malformed or a key part was missing, too long, not UTF-8
+    /// or did not normalise.
     pub rows_rejected: u64,
+    /// The rejected rows by reason.
+    pub rejections: Rejections,
     /// Accepted rows whose key equals that of an earlier row.
     pub duplicate_rows: u64,
     /// Rows excluded because they lack consent for the job's purpose.
@@ -200,9 +245,13 @@ pub enum DatasetError {
     },
 }
 
-/// Why one row was rejected (logged with its row number and column, never its value).
+/// Why one row was rejected (logged with its line and column, never its value).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 enum Rejection {
+    #[error("the row has {found} fields where the header has {expected}")]
+    FieldCount { expected: usize, found: usize },
+    #[error("a field holds a line break (an unterminated quote swallows the rows after it)")]
+    LineBreak,
     #[error("the row has no such field")]
     Missing,
     #[error("the field is longer than {MAX_FIELD_BYTES} bytes")]
@@ -213,6 +262,76 @@ enum Rejection {
     Separator,
     #[error("{0}")]
     Normalise(NormaliseError),
+}
+
+impl Rejection {
+    /// The reason's name for counting: the message without the row's particulars.
+    fn label(self) -> String {
+        match self {
+            Rejection::FieldCount { .. } => "field count".to_owned(),
+            Rejection::LineBreak => "line break in a field".to_owned(),
+            other => other.to_string(),
+        }
+    }
+}
+
+/// Whether the row is well formed: as many fields as the header, and no line break in a field
+/// the pass reads (`read`: column indices). Checked before any field is used, so a malformed row
+/// is never read by position. A line break in a column the pass does not read is legal CSV (a
+/// note, an address) and only counted ([`Rejections::multi_line_rows`]): it is also what a quote
+/// left open there looks like, so the count makes it visible.
+fn malformed(
+    record: &csv::ByteRecord,
+    width: usize,
+    read: &[usize],
+    rejections: &mut Rejections,
+) -> Option<(Option<usize>, Rejection)> {
+    if record.len() != width {
+        return Some((
+            None,
+            Rejection::FieldCount {
+                expected: width,
+                found: record.len(),
+            },
+        ));
+    }
+    let breaks = |f: &[u8]| f.contains(&b'\n') || f.contains(&b'\r');
+    if let Some(&i) = read.iter().find(|&&i| record.get(i).is_some_and(breaks)) {
+        return Some((Some(i), Rejection::LineBreak));
+    }
+    if record.iter().any(breaks) {
+        rejections.multi_line_rows += 1;
+    }
+    None
+}
+
+/// Opens the dataset's CSV for a pass (headers required). Malformed rows are rejected one by one
+/// by the caller ([`malformed`]) rather than failing the whole file, hence `flexible`.
+fn open_csv(path: &Path) -> Result<(csv::Reader<File>, Vec<String>), DatasetError> {
+    let file = File::open(path).map_err(|source| DatasetError::Open {
+        path: path.to_owned(),
+        source,
+    })?;
+    let mut reader = csv::ReaderBuilder::new()
+        .has_headers(true)
+        .flexible(true)
+        .buffer_capacity(READ_BUFFER)
+        .from_reader(file);
+    let headers = reader
+        .headers()
+        .map_err(|source| DatasetError::Header {
+            path: path.to_owned(),
+            source,
+        })?
+        .iter()
+        .map(|h| h.trim().to_owned())
+        .collect();
+    Ok((reader, headers))
+}
+
+/// The line a record starts on (1-based; the header is line 1).
+fn line_of(record: &csv::ByteRecord) -> u64 {
+    record.position().map_or(0, |p| p.line())
 }
 
 /// The key name of a job: identifier names joined with `+` (`"email"`, `"email+phone"`). Used
@@ -258,7 +377,8 @@ pub fn load_keys_for(
     Ok(LoadedKeys {
         items,
         rows_read: counts.read,
-        rows_rejected: counts.rejected,
+        rows_rejected: counts.rejections.total(),
+        rejections: counts.rejections,
         duplicate_rows,
         rows_excluded_consent: counts.no_consent,
         rows_excluded_deleted: counts.deleted,
@@ -294,10 +414,12 @@ pub fn matching_rows_for(
 }
 
 /// Rows streamed by [`for_each_row_for`], and what filtering left out.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RowCounts {
-    /// Data rows read (header excluded), excluded ones included.
+    /// Data rows read (header excluded), excluded and malformed ones included.
     pub rows_read: u64,
+    /// Malformed rows (wrong field count, a line break in a field), by reason; never passed on.
+    pub rejections: Rejections,
     /// Rows excluded because they lack consent for the job's purpose.
     pub rows_excluded_consent: u64,
     /// Rows excluded because one of their identifiers belongs to a forgotten subject.
@@ -316,22 +438,77 @@ pub fn for_each_row_for(
     max_rows: u64,
     mut f: impl FnMut(u64, &[Option<&[u8]>]) -> Result<(), DatasetError>,
 ) -> Result<RowCounts, DatasetError> {
-    let mut rows = Rows::open(dataset, max_rows)?;
+    let forgotten = filter.forgotten.filter(|fg| !fg.hashes.is_empty());
+    let path = dataset.path.as_path();
+    let (mut reader, headers) = open_csv(path)?;
     let indices = columns
         .iter()
-        .map(|c| rows.locate(c))
+        .map(|c| locate_column(&headers, path, c))
         .collect::<Result<Vec<_>, _>>()?;
-    let mut filter = rows.filter(dataset, filter)?;
+    let consent_index = match filter.consent_column {
+        Some(column) => Some(locate_column(&headers, path, column)?),
+        None => None,
+    };
+    let all_ids: Vec<&IdentifierConfig> = dataset.identifiers.iter().collect();
+    let all_parts = if forgotten.is_some() {
+        locate_columns(&headers, path, &all_ids)?
+    } else {
+        Vec::new()
+    };
+    let read: Vec<usize> = indices
+        .iter()
+        .copied()
+        .chain(consent_index)
+        .chain(all_parts.iter().map(|p| p.index))
+        .collect();
     let mut record = csv::ByteRecord::new();
-    while let Some(row) = filter.next(&mut rows, &mut record)? {
+    let mut counts = RowCounts::default();
+    loop {
+        let row = counts.rows_read + 1;
+        match reader.read_byte_record(&mut record) {
+            Ok(true) => {}
+            Ok(false) => break,
+            Err(source) => {
+                return Err(DatasetError::Row {
+                    path: path.to_owned(),
+                    row,
+                    source,
+                });
+            }
+        }
+        if row > max_rows {
+            return Err(DatasetError::TooManyRows {
+                path: path.to_owned(),
+                max_rows,
+            });
+        }
+        counts.rows_read = row;
+        if let Some((column, why)) =
+            malformed(&record, headers.len(), &read, &mut counts.rejections)
+        {
+            let column = column.and_then(|i| headers.get(i)).map(String::as_str);
+            counts
+                .rejections
+                .record(path, line_of(&record), column, why);
+            continue;
+        }
+        if let Some(i) = consent_index
+            && !record.get(i).is_some_and(is_consent)
+        {
+            counts.rows_excluded_consent += 1;
+            continue;
+        }
+        if let Some(fg) = forgotten
+            && is_forgotten(&record, &all_parts, fg)
+        {
+            counts.rows_excluded_deleted += 1;
+            continue;
+        }
         let fields: Vec<Option<&[u8]>> = indices.iter().map(|&i| record.get(i)).collect();
         f(row, &fields)?;
     }
-    Ok(RowCounts {
-        rows_read: filter.read,
-        rows_excluded_consent: filter.no_consent,
-        rows_excluded_deleted: filter.deleted,
-    })
+    counts.rejections.log_rest(path);
+    Ok(counts)
 }
 
 /// One requested key part: where it is in the row and how it is normalised.
@@ -345,18 +522,21 @@ struct Part<'a> {
 #[derive(Debug, Default)]
 struct Counts {
     read: u64,
-    rejected: u64,
+    rejections: Rejections,
     no_consent: u64,
     deleted: u64,
 }
 
 /// Rows streamed by [`for_each_keyed_row_for`], and what filtering left out.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct KeyedRowCounts {
     /// Data rows read (header excluded), excluded and rejected ones included.
     pub rows_read: u64,
-    /// Rows skipped because a key part was missing, too long, not UTF-8 or did not normalise.
+    /// Rows skipped because they were malformed or a key part was missing, too long, not UTF-8
+    /// or did not normalise.
     pub rows_rejected: u64,
+    /// The rejected rows by reason.
+    pub rejections: Rejections,
     /// Rows excluded because they lack consent for the job's purpose.
     pub rows_excluded_consent: u64,
     /// Rows excluded because one of their identifiers belongs to a forgotten subject.
@@ -379,7 +559,8 @@ pub fn for_each_keyed_row_for(
     let counts = for_each_key(dataset, keys, columns, filter, Some(max_rows), f)?;
     Ok(KeyedRowCounts {
         rows_read: counts.read,
-        rows_rejected: counts.rejected,
+        rows_rejected: counts.rejections.total(),
+        rejections: counts.rejections,
         rows_excluded_consent: counts.no_consent,
         rows_excluded_deleted: counts.deleted,
     })
@@ -395,18 +576,78 @@ fn for_each_key(
     mut f: impl FnMut(u64, &[u8], &[Option<&[u8]>]) -> Result<(), DatasetError>,
 ) -> Result<Counts, DatasetError> {
     let ids = resolve_identifiers(dataset, keys)?;
-    let mut rows = Rows::open(dataset, max_rows)?;
-    let parts = locate_columns(&mut rows.reader, rows.path, &ids)?;
+    let forgotten = filter.forgotten.filter(|fg| !fg.hashes.is_empty());
+    let path = dataset.path.as_path();
+    let (mut reader, headers) = open_csv(path)?;
+    let parts = locate_columns(&headers, path, &ids)?;
     let column_indices = columns
         .iter()
-        .map(|c| rows.locate(c))
+        .map(|c| locate_column(&headers, path, c))
         .collect::<Result<Vec<_>, _>>()?;
-    let mut filter = rows.filter(dataset, filter)?;
-    let path = rows.path;
+    let consent_index = match filter.consent_column {
+        Some(column) => Some(locate_column(&headers, path, column)?),
+        None => None,
+    };
+    let all_ids: Vec<&IdentifierConfig> = dataset.identifiers.iter().collect();
+    let all_parts = if forgotten.is_some() {
+        locate_columns(&headers, path, &all_ids)?
+    } else {
+        Vec::new()
+    };
+
+    let read: Vec<usize> = parts
+        .iter()
+        .map(|p| p.index)
+        .chain(column_indices.iter().copied())
+        .chain(consent_index)
+        .chain(all_parts.iter().map(|p| p.index))
+        .collect();
     let mut record = csv::ByteRecord::new();
     let mut key: Vec<u8> = Vec::with_capacity(256);
-    let mut rejected = 0u64;
-    while let Some(row) = filter.next(&mut rows, &mut record)? {
+    let mut counts = Counts::default();
+    loop {
+        let row = counts.read + 1;
+        match reader.read_byte_record(&mut record) {
+            Ok(true) => {}
+            Ok(false) => break,
+            Err(source) => {
+                return Err(DatasetError::Row {
+                    path: path.to_owned(),
+                    row,
+                    source,
+                });
+            }
+        }
+        if let Some(max) = max_rows
+            && row > max
+        {
+            return Err(DatasetError::TooManyRows {
+                path: path.to_owned(),
+                max_rows: max,
+            });
+        }
+        counts.read = row;
+        if let Some((column, why)) =
+            malformed(&record, headers.len(), &read, &mut counts.rejections)
+        {
+            let column = column.and_then(|i| headers.get(i)).map(String::as_str);
+            counts
+                .rejections
+                .record(path, line_of(&record), column, why);
+            continue;
+        }
+        if let Some(i) = consent_index
+            && !record.get(i).is_some_and(is_consent)
+        {
+            counts.no_consent += 1;
+            continue;
+        }
+        if let Some(fg) = forgotten
+            && is_forgotten(&record, &all_parts, fg)
+        {
+            counts.deleted += 1;
+            continue;
+        }
         match build_key(&record, &parts, &mut key) {
             Ok(()) => {
                 let fields: Vec<Option<&[u8]>> =
@@ -414,158 +655,14 @@ fn for_each_key(
                 f(row, &key, &fields)?;
             }
             Err((column, why)) => {
-                rejected += 1;
-                if rejected <= LOGGED_REJECTIONS {
-                    tracing::warn!(
-                        file = %path.display(),
-                        row,
-                        column,
-                        reason = %why,
-                        "row rejected"
-                    );
-                }
+                counts
+                    .rejections
+                    .record(path, line_of(&record), Some(column), why);
             }
         }
     }
-    if rejected > LOGGED_REJECTIONS {
-        tracing::warn!(
-            file = %path.display(),
-            rejected,
-            logged = LOGGED_REJECTIONS,
-            "more rows rejected than logged"
-        );
-    }
-    Ok(Counts {
-        read: filter.read,
-        rejected,
-        no_consent: filter.no_consent,
-        deleted: filter.deleted,
-    })
-}
-
-/// An open dataset file: a flexible CSV reader over its data rows, at most `max_rows` of them.
-struct Rows<'a> {
-    reader: csv::Reader<File>,
-    path: &'a Path,
-    max_rows: Option<u64>,
-}
-
-impl<'a> Rows<'a> {
-    /// Opens the dataset's file. Short rows are read (flexible) so that the callers can reject
-    /// them one by one rather than failing the whole file.
-    fn open(
-        dataset: &'a DatasetConfig,
-        max_rows: impl Into<Option<u64>>,
-    ) -> Result<Self, DatasetError> {
-        let path = dataset.path.as_path();
-        let file = File::open(path).map_err(|source| DatasetError::Open {
-            path: path.to_owned(),
-            source,
-        })?;
-        let reader = csv::ReaderBuilder::new()
-            .has_headers(true)
-            .flexible(true)
-            .buffer_capacity(READ_BUFFER)
-            .from_reader(file);
-        Ok(Rows {
-            reader,
-            path,
-            max_rows: max_rows.into(),
-        })
-    }
-
-    /// The index of one named column.
-    fn locate(&mut self, column: &str) -> Result<usize, DatasetError> {
-        locate_column(&mut self.reader, self.path, column)
-    }
-
-    /// Resolves the row filter's columns (the consent column, every declared identifier when
-    /// subjects are forgotten).
-    fn filter<'f>(
-        &mut self,
-        dataset: &'a DatasetConfig,
-        filter: RowFilter<'f>,
-    ) -> Result<Filtered<'a, 'f>, DatasetError> {
-        let forgotten = filter.forgotten.filter(|fg| !fg.hashes.is_empty());
-        let consent_index = match filter.consent_column {
-            Some(column) => Some(self.locate(column)?),
-            None => None,
-        };
-        let all_ids: Vec<&IdentifierConfig> = dataset.identifiers.iter().collect();
-        let all_parts = if forgotten.is_some() {
-            locate_columns(&mut self.reader, self.path, &all_ids)?
-        } else {
-            Vec::new()
-        };
-        Ok(Filtered {
-            consent_index,
-            forgotten,
-            all_parts,
-            read: 0,
-            no_consent: 0,
-            deleted: 0,
-        })
-    }
-}
-
-/// A [`RowFilter`] resolved against a file's header, and what it has let through so far.
-struct Filtered<'a, 'f> {
-    consent_index: Option<usize>,
-    forgotten: Option<&'f Forgotten>,
-    all_parts: Vec<Part<'a>>,
-    /// Data rows read.
-    read: u64,
-    /// Rows excluded for lack of consent.
-    no_consent: u64,
-    /// Rows excluded as a forgotten subject's.
-    deleted: u64,
-}
-
-impl Filtered<'_, '_> {
-    /// Reads the next row that passes the filter into `record`, and returns its number; `None`
-    /// at the end of the file. More rows than allowed, or an unreadable one, fail the pass.
-    fn next(
-        &mut self,
-        rows: &mut Rows<'_>,
-        record: &mut csv::ByteRecord,
-    ) -> Result<Option<u64>, DatasetError> {
-        loop {
-            let row = self.read + 1;
-            match rows.reader.read_byte_record(record) {
-                Ok(true) => {}
-                Ok(false) => return Ok(None),
-                Err(source) => {
-                    return Err(DatasetError::Row {
-                        path: rows.path.to_owned(),
-                        row,
-                        source,
-                    });
-                }
-            }
-            if let Some(max) = rows.max_rows
-                && row > max
-            {
-                return Err(DatasetError::TooManyRows {
-                    path: rows.path.to_owned(),
-                    max_rows: max,
-                });
-            }
-            self.read = row;
-            if let Some(i) = self.consent_index
-                && !record.get(i).is_some_and(is_consent)
-            {
-                self.no_consent += 1;
-                continue;
-            }
-            if let Some(fg) = self.forgotten
-                && is_forgotten(record, &self.all_parts, fg)
-            {
-                self.deleted += 1;
-                continue;
-            }
-            return Ok(Some(row));
-        }
-    }
+    counts.rejections.log_rest(path);
+    Ok(counts)
 }
 
 /// Whether any declared identifier of the row normalises to a forgotten value.
@@ -577,16 +674,7 @@ fn is_forgotten(record: &csv::ByteRecord, all: &[Part<'_>], fg: &Forgotten) -> b
 }
 
 /// The index of one named column (exactly once in the header).
-fn locate_column(
-    reader: &mut csv::Reader<File>,
-    path: &Path,
-    column: &str,
-) -> Result<usize, DatasetError> {
-    let headers = reader.headers().map_err(|source| DatasetError::Header {
-        path: path.to_owned(),
-        source,
-    })?;
-    let headers: Vec<String> = headers.iter().map(|h| h.trim().to_owned()).collect();
+fn locate_column(headers: &[String], path: &Path, column: &str) -> Result<usize, DatasetError> {
     let mut found = headers
         .iter()
         .enumerate()
@@ -601,7 +689,7 @@ fn locate_column(
         (None, _) => Err(DatasetError::MissingColumn {
             path: path.to_owned(),
             column: column.to_owned(),
-            headers,
+            headers: headers.to_vec(),
         }),
     }
 }
@@ -630,15 +718,10 @@ fn resolve_identifiers<'a>(
 }
 
 fn locate_columns<'a>(
-    reader: &mut csv::Reader<File>,
+    headers: &[String],
     path: &Path,
     ids: &[&'a IdentifierConfig],
 ) -> Result<Vec<Part<'a>>, DatasetError> {
-    let headers = reader.headers().map_err(|source| DatasetError::Header {
-        path: path.to_owned(),
-        source,
-    })?;
-    let headers: Vec<String> = headers.iter().map(|h| h.trim().to_owned()).collect();
     ids.iter()
         .map(|id| {
             let mut found = headers
@@ -659,7 +742,7 @@ fn locate_columns<'a>(
                 (None, _) => Err(DatasetError::MissingColumn {
                     path: path.to_owned(),
                     column: id.column.clone(),
-                    headers: headers.clone(),
+                    headers: headers.to_vec(),
                 }),
             }
         })
@@ -1043,5 +1126,124 @@ customer_id,email,phone,consent_fraud
             hex,
             "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"
         );
+    }
+
+    /// A row with more or fewer fields than the header is rejected whole, never read by
+    /// position: a shifted row would otherwise put a phone number where the email was.
+    #[test]
+    fn a_row_with_the_wrong_field_count_is_rejected_not_read_by_position() {
+        let dir = tempfile::tempdir().unwrap();
+        let csv = "customer_id,email,phone,amount_cents\n\
+                   1,alice@example.com,+1 415 555 0100,10\n\
+                   2,bob@example.com,extra,+1 415 555 0101,20\n\
+                   3,carol@example.com\n\
+                   4,dave@example.com,+1 415 555 0103,40\n";
+        let d = dataset(dir.path(), csv.as_bytes());
+        let loaded = load_keys(&d, &KeySpec::new(["email"]), 100).unwrap();
+        assert_eq!(loaded.rows_read, 4);
+        assert_eq!(
+            items(&loaded.items),
+            ["alice@example.com", "dave@example.com"]
+        );
+        assert_eq!(loaded.rows_rejected, 2);
+        assert_eq!(loaded.rejections.by_reason["field count"], 2);
+        let lines: Vec<u64> = loaded.rejections.first.iter().map(|r| r.line).collect();
+        assert_eq!(lines, [3, 4]);
+        assert!(
+            loaded.rejections.first[0]
+                .reason
+                .contains("5 fields where the header has 4"),
+            "{:?}",
+            loaded.rejections.first
+        );
+    }
+
+    /// An unterminated quote swallows the rows after it into one field; the row it starts is
+    /// rejected (by its field count, or by the line break in a column the job reads when the
+    /// count happens to match), counted and located, instead of silently eating the next record.
+    /// A line break in a column the job does not read is legal CSV: the row is kept, and counted.
+    #[test]
+    fn an_unterminated_quote_is_a_rejected_row_with_its_line() {
+        let dir = tempfile::tempdir().unwrap();
+        // Line 3's email opens a quote that closes on line 4: one record of the right width
+        // whose email holds a line break.
+        let csv = "customer_id,email,phone,amount_cents\n\
+                   1,alice@example.com,+1 415 555 0100,10\n\
+                   2,\"bob@example.com,+1 415 555 0101,20\n\
+                   3,carol@example.com\",+1 415 555 0102,30\n\
+                   5,erin@example.com,+1 415 555 0104,50\n";
+        let d = dataset(dir.path(), csv.as_bytes());
+        let loaded = load_keys(&d, &KeySpec::new(["email"]), 100).unwrap();
+        assert_eq!(
+            items(&loaded.items),
+            ["alice@example.com", "erin@example.com"]
+        );
+        assert_eq!(loaded.rejections.by_reason["line break in a field"], 1);
+        let first = &loaded.rejections.first[0];
+        assert_eq!((first.line, first.column.as_deref()), (3, Some("email")));
+        // Keyed on phone, the email is not read: the row is kept, its line break counted.
+        let by_phone = load_keys(&d, &KeySpec::new(["phone"]), 100).unwrap();
+        assert_eq!((by_phone.rows_rejected, by_phone.items.len()), (0, 3));
+        assert_eq!(by_phone.rejections.multi_line_rows, 1);
+
+        // At the end of the file: the quote never closes, the last record is one field short.
+        let csv = "customer_id,email,phone,amount_cents\n\
+                   1,alice@example.com,+1 415 555 0100,10\n\
+                   2,\"bob@example.com,+1 415 555 0101,20\n\
+                   3,carol@example.com,+1 415 555 0102,30\n";
+        let d = dataset(dir.path(), csv.as_bytes());
+        let loaded = load_keys(&d, &KeySpec::new(["email"]), 100).unwrap();
+        assert_eq!(items(&loaded.items), ["alice@example.com"]);
+        assert_eq!(loaded.rejections.by_reason["field count"], 1);
+        assert_eq!(loaded.rejections.first[0].line, 3);
+    }
+
+    /// Column readers (aggregate) get the same strictness: a malformed row is never passed on.
+    #[test]
+    fn column_readers_never_see_a_malformed_row() {
+        let dir = tempfile::tempdir().unwrap();
+        let csv = "customer_id,email,phone,amount_cents\n\
+                   1,alice@example.com,+1 415 555 0100,10\n\
+                   2,bob@example.com,+1 415 555 0101\n\
+                   3,carol@example.com,+1 415 555 0102,30,99\n";
+        let d = dataset(dir.path(), csv.as_bytes());
+        let mut seen = Vec::new();
+        let counts = for_each_row_for(
+            &d,
+            &["amount_cents"],
+            RowFilter::default(),
+            100,
+            |row, f| {
+                seen.push((row, f[0].map(<[u8]>::to_vec)));
+                Ok(())
+            },
+        )
+        .unwrap();
+        assert_eq!(seen, [(1, Some(b"10".to_vec()))]);
+        assert_eq!((counts.rows_read, counts.rejections.total()), (3, 2));
+    }
+
+    /// Empty identifiers are rejected and counted under their own reason, and no reason or
+    /// location carries a value.
+    #[test]
+    fn reasons_name_no_value() {
+        let dir = tempfile::tempdir().unwrap();
+        let csv = "customer_id,email,phone,amount_cents\n\
+                   1,,+1 415 555 0100,10\n\
+                   2,zed-at-example.com,+1 415 555 0101,20\n\
+                   3,\"zoe@example.com\n\",+1 415 555 0102,30\n";
+        let d = dataset(dir.path(), csv.as_bytes());
+        let loaded = load_keys(&d, &KeySpec::new(["email"]), 100).unwrap();
+        assert_eq!(loaded.rows_rejected, 3);
+        assert_eq!(
+            loaded.rejections.by_reason.len(),
+            3,
+            "{:?}",
+            loaded.rejections
+        );
+        let text = serde_json::to_string(&loaded.rejections).unwrap();
+        for value in ["zed", "zoe", "example.com"] {
+            assert!(!text.contains(value), "{text}");
+        }
     }
 }

@@ -21,5 +21,7 @@ pub mod retention;
 pub mod schema;
 pub mod sum_input;
 
-pub use dataset::{Forgotten, KeySpec, LoadedKeys, RowCounts, RowFilter, key_name};
+pub use dataset::{
+    Forgotten, KeySpec, LoadedKeys, RejectedRow, Rejections, RowCounts, RowFilter, key_name,
+};
 pub use schema::{DatasetConfig, IdentifierConfig, ValueColumn};

@@ -428,6 +428,7 @@ impl AggregateJob {
             rows_excluded_deleted: loaded.counts.rows_excluded_deleted,
             rows_other: Some(loaded.rows_other),
             persons: loaded.persons,
+            rejected: loaded.counts.rejections.clone(),
         })?;
         Ok(loaded)
     }

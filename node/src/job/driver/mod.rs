@@ -261,6 +261,7 @@ pub(crate) async fn load_input(job: &JobContext) -> Result<dataset::LoadedKeys, 
             rows_excluded_deleted: excluded_deleted,
             rows_other: None,
             persons: None,
+            rejected: loaded.rejections.clone(),
         },
         loaded.items.len(),
     )?;

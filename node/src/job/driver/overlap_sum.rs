@@ -124,6 +124,7 @@ async fn load_values(job: &JobContext) -> Result<SumInput, NodeError> {
             rows_excluded_deleted: input.counts.rows_excluded_deleted,
             rows_other: None,
             persons: None,
+            rejected: input.counts.rejections.clone(),
         },
         input.items.len(),
     )?;
