@@ -110,12 +110,18 @@ async fn serve(
     tracing::info!(node = %cfg.name, data_plane = %bound, advertise = %advertise, "node listening");
 
     let path = config_path.clone().unwrap_or_default();
+    // Bound before anything runs: a dashboard that cannot listen stops the start.
+    let dashboard = match &cfg.dashboard {
+        Some(d) => Some(crate::dashboard::Dashboard::bind(d).await?),
+        None => None,
+    };
     let state = Arc::new(
         NodeState::new(PolicyHolder::new(cfg), path, audit, ledger, advertise)
             .map_err(|e| NodeError::Config(e.to_string()))?,
     );
     let reloads = config_path.map(|_| tokio::spawn(reload_on_sighup(state.clone())));
     let purger = tokio::spawn(purge_results(state.clone()));
+    let dashboard = dashboard.map(|d| tokio::spawn(d.serve(state.clone(), shutdown.clone())));
     let dataplane = tokio::spawn(dataplane::serve(
         endpoint.clone(),
         state.waiting.clone(),
@@ -128,6 +134,9 @@ async fn serve(
         reloads.abort();
     }
     purger.abort();
+    if let Some(dashboard) = dashboard {
+        dashboard.abort();
+    }
     endpoint.wait_idle().await;
     control
 }
