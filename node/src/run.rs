@@ -90,12 +90,7 @@ async fn serve(
     let _lock = lock_state_dir(&cfg.state_dir)?;
     // No audit log, no node: every access must be recorded.
     let audit = AuditLog::open(&cfg.audit_path()).map_err(|e| NodeError::Config(e.to_string()))?;
-    audit
-        .append(
-            policy_loaded(&cfg, config_path.as_deref()),
-            crate::clock::now_ms(),
-        )
-        .map_err(|e| NodeError::Config(e.to_string()))?;
+    let loaded = policy_loaded(&cfg, config_path.as_deref());
     // No ledger, no node: ε spent must survive restarts, and a node that cannot record it
     // must not start releasing.
     let ledger = open_ledger(&cfg)?;
@@ -119,6 +114,11 @@ async fn serve(
         NodeState::new(PolicyHolder::new(cfg), path, audit, ledger, advertise)
             .map_err(|e| NodeError::Config(e.to_string()))?,
     );
+    // Appended once the metrics observe the log (NodeState::new), before any job can run.
+    state
+        .audit
+        .append(loaded, crate::clock::now_ms())
+        .map_err(|e| NodeError::Config(e.to_string()))?;
     let reloads = config_path.map(|_| tokio::spawn(reload_on_sighup(state.clone())));
     let purger = tokio::spawn(purge_results(state.clone()));
     let dashboard = dashboard.map(|d| tokio::spawn(d.serve(state.clone(), shutdown.clone())));

@@ -43,6 +43,12 @@ fn date(ms: i64, format: &str) -> String {
         .unwrap_or_default()
 }
 
+/// Whether [`spend_svg`] draws `cap` for a spend reaching `max`: only when it is near the data
+/// (within twice the spend), as a cap far above would flatten the curve.
+pub fn cap_in_view(cap: f64, max: f64) -> bool {
+    cap <= 2.0 * max.max(f64::MIN_POSITIVE)
+}
+
 /// A step chart of the spend after each charge (`points`: (Unix ms, ε so far), oldest first),
 /// with the lifetime `cap` as a dashed line when given. `None` without points.
 pub fn spend_svg(points: &[(i64, f64)], cap: Option<f64>) -> Option<String> {
@@ -56,14 +62,14 @@ pub fn spend_svg(points: &[(i64, f64)], cap: Option<f64>) -> Option<String> {
     };
     let lo = points.iter().map(|p| p.1).fold(f64::INFINITY, f64::min);
     let mut hi = points.iter().map(|p| p.1).fold(f64::NEG_INFINITY, f64::max);
-    // The cap is drawn only when it is near the data (within twice the spend): a cap far above
-    // would flatten the curve.
-    let cap = cap.filter(|c| *c <= 2.0 * hi.max(f64::MIN_POSITIVE));
+    let cap = cap.filter(|c| cap_in_view(*c, hi));
     if let Some(c) = cap {
         hi = hi.max(c);
     }
     let (y0, y1) = fitted_range(lo, hi);
-    let format = if x1 - x0 < 3_600_000 {
+    let format = if x1 - x0 < 60_000 {
+        "%H:%M:%S%.3f"
+    } else if x1 - x0 < 3_600_000 {
         "%H:%M:%S"
     } else if x1 - x0 < 2 * 86_400_000 {
         "%m-%d %H:%M"

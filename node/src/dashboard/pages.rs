@@ -259,7 +259,8 @@ async fn budget_page(State(state): State<Arc<NodeState>>) -> Response {
                 @for (l, svg, n, range) in &charts {
                     div.chart {
                         div.muted style="padding:6px 10px" { (l.partner) " · " (l.purpose) " — " (n) " charge(s), " (range)
-                            @if let Some(cap) = l.lifetime_cap { ", lifetime cap " (show(cap)) " (dashed)" } }
+                            @if let Some(cap) = l.lifetime_cap { ", lifetime cap " (show(cap))
+                                @if super::chart::cap_in_view(cap, l.lifetime_spent) { " (dashed line)" } } }
                         (PreEscaped(svg))
                     }
                 }
