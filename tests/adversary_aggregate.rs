@@ -371,6 +371,7 @@ async fn bad_partial(
             let reason = format!("hostile \u{1b}[2J{}", "x".repeat(MAX_FRAME_LEN - 2048));
             let report = cleanroom_proto::v1::Report {
                 outcome: Some(cleanroom_proto::v1::report::Outcome::Failure(reason)),
+                signed_head: None,
             };
             party
                 .send_control(Phase::Report, Body::Report(report))

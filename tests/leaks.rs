@@ -258,8 +258,18 @@ fn no_artefact_holds_an_identifier_or_a_secret() {
                 leaks.push(format!("{rel}: {n}"));
             }
         }
-        // PEM files are base64, not hex; keys are expected there.
-        if !rel.starts_with("pki/") && !rel.starts_with("rogue/") {
+        // PEM files are base64, not hex; keys are expected there. A node's audit signing key
+        // file is a key file too (its seed in hex): it must be private to its owner.
+        let key_file = rel.ends_with("/audit-signing.key");
+        if key_file {
+            #[cfg(unix)]
+            {
+                use std::os::unix::fs::PermissionsExt;
+                let mode = std::fs::metadata(f).unwrap().permissions().mode() & 0o777;
+                assert_eq!(mode, 0o600, "{rel}");
+            }
+        }
+        if !rel.starts_with("pki/") && !rel.starts_with("rogue/") && !key_file {
             for run in long_hex_runs(&text) {
                 let allowed = run.len() % 64 == 0
                     && run

@@ -304,15 +304,6 @@ impl Coordinator {
         Coordinator::start_with(dir, addr, log_name, &[], "")
     }
 
-    fn start_env(
-        dir: &Path,
-        addr: SocketAddr,
-        log_name: &str,
-        env: &[(&str, &str)],
-    ) -> Coordinator {
-        Coordinator::start_with(dir, addr, log_name, env, "")
-    }
-
     /// Starts a coordinator; `settings` are extra top-level config lines.
     fn start_with(
         dir: &Path,
@@ -802,23 +793,43 @@ fn ended_runs_are_notified_by_file_and_command() {
     let mut c = Consortium::new();
     let truth = c.synth("acme,globex", 300, 0.5, 13);
     let expected = truth["pairwise_overlap"]["acme,globex"].as_u64().unwrap();
-    let addr = free_udp_port();
-    let _coordinator = Coordinator::start_env(
-        c.path(),
-        addr,
-        "coordinator-notify",
-        &[("CLEANROOM_ALLOW_ON_DONE", "1")],
+    // The operator lists where schedules may write files and which programs they may run.
+    let notify_root = c.path().join("notify-root");
+    let hooks = c.path().join("hooks");
+    std::fs::create_dir_all(&notify_root).unwrap();
+    std::fs::create_dir_all(&hooks).unwrap();
+    let done_log = c.path().join("done.log");
+    let write_hook = |name: &str, body: &str| {
+        let path = hooks.join(name);
+        std::fs::write(&path, format!("#!/bin/sh\n{body}\n")).unwrap();
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        }
+        path.to_str().unwrap().to_owned()
+    };
+    // The run's facts reach the program through the environment only.
+    let on_done = write_hook(
+        "record",
+        &format!(
+            "printf '%s %s %s %s\\n' \"$CLEANROOM_SCHEDULE\" \"$CLEANROOM_JOB_ID\" \"$CLEANROOM_STATE\" \"$CLEANROOM_RESULT\" >> '{}'",
+            done_log.display()
+        ),
     );
+    let failing_hook = write_hook("fail", "echo oops >&2; exit 3");
+    let addr = free_udp_port();
+    let settings = format!(
+        "notify_dirs = [\"{}\"]\non_done_dirs = [\"{}\"]\n",
+        notify_root.display(),
+        hooks.display()
+    );
+    let _coordinator =
+        Coordinator::start_with(c.path(), addr, "coordinator-notify", &[], &settings);
     c.addr = Some(addr);
     start_nodes(&mut c);
 
-    let notify_dir = c.path().join("notify");
-    let done_log = c.path().join("done.log");
-    // The run's facts reach the command through the environment only.
-    let on_done = format!(
-        "printf '%s %s %s %s\\n' \"$CLEANROOM_SCHEDULE\" \"$CLEANROOM_JOB_ID\" \"$CLEANROOM_STATE\" \"$CLEANROOM_RESULT\" >> '{}'",
-        done_log.display()
-    );
+    let notify_dir = notify_root.join("nightly");
     let notify_arg = notify_dir.to_str().unwrap().to_owned();
     let mut args = vec![
         "schedule",
@@ -841,23 +852,51 @@ fn ended_runs_are_notified_by_file_and_command() {
     assert_eq!(added["notify_dir"], notify_arg.as_str(), "{added}");
     assert_eq!(added["on_done"], on_done.as_str(), "{added}");
 
-    // A relative notify directory is refused; so is nothing else here.
-    let mut bad = vec![
-        "schedule",
-        "add",
-        "bad",
-        "--cron",
-        "0 2 1 1 *",
-        "--notify-dir",
-        "relative/dir",
-        "--",
-    ];
-    bad.extend(JOB);
-    let out = analyst(&c, &bad);
-    assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("absolute"));
+    // Refused, each with its reason: a relative notify directory, one outside the listed
+    // directories (also by '..' or a link), a shell command, a program outside the hooks.
+    let outside = c.path().join("elsewhere");
+    std::fs::create_dir_all(&outside).unwrap();
+    #[cfg(unix)]
+    std::os::unix::fs::symlink(&outside, notify_root.join("link")).unwrap();
+    let dotdot = format!("{}/../elsewhere", notify_root.display());
+    let via_link = format!("{}/link/x", notify_root.display());
+    let outside_arg = outside.to_str().unwrap().to_owned();
+    let outside_program = write_hook("../elsewhere-hook", "true");
+    for (flag, value, why) in [
+        ("--notify-dir", "relative/dir", "absolute"),
+        (
+            "--notify-dir",
+            outside_arg.as_str(),
+            "outside the directories",
+        ),
+        ("--notify-dir", dotdot.as_str(), "without '..'"),
+        ("--notify-dir", via_link.as_str(), "outside the directories"),
+        (
+            "--on-done",
+            "echo hi >> /tmp/x",
+            "absolute path of a program",
+        ),
+        ("--on-done", outside_program.as_str(), "without '..'"),
+        ("--on-done", "/bin/sh", "outside the directories"),
+    ] {
+        let mut bad = vec![
+            "schedule",
+            "add",
+            "bad",
+            "--cron",
+            "0 2 1 1 *",
+            flag,
+            value,
+            "--",
+        ];
+        bad.extend(JOB);
+        let out = analyst(&c, &bad);
+        assert!(!out.status.success(), "{flag} {value}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(why), "{flag} {value}: {err}");
+    }
 
-    // A failing command is logged, never fatal.
+    // A failing program is logged, never fatal.
     let mut failing = vec![
         "schedule",
         "add",
@@ -867,7 +906,7 @@ fn ended_runs_are_notified_by_file_and_command() {
         "--max-retries",
         "0",
         "--on-done",
-        "echo oops >&2; exit 3",
+        &failing_hook,
         "--",
     ];
     failing.extend(JOB);

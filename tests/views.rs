@@ -490,6 +490,21 @@ const FRESH: &[(&str, &str)] = &[
         "audit_head",
         "a node's audit-log head: a hash, and the log's length",
     ),
+    ("signed_head.head", "a node's audit-log head, as audit_head"),
+    (
+        "signature",
+        "an Ed25519 signature by the node's audit key over its audit head",
+    ),
+    (
+        "audit_heads.hash",
+        "the hash of a node's audit-log head, as audit_head",
+    ),
+    (
+        "audit_heads.seq",
+        "the length of a node's audit log at a head, as audit_head",
+    ),
+    ("audit_heads.id", "a kept head's row number"),
+    ("received_ms", "a time"),
     (
         "membership_file",
         "a path named after the job id, on the node's own disk",

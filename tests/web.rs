@@ -158,43 +158,65 @@ fn the_console_refuses_strangers_answers_like_the_cli_and_counts_what_ran() {
     );
     assert_eq!(alice.get("/api/v1/jobs/no-such-job").status, 404);
 
-    // An analyst sees over HTTPS exactly what the QUIC API shows it: bob's listing through the
-    // JSON API is bob's `cleanroom job list`.
-    let listed = bob.get("/api/v1/jobs?limit=50").json();
-    let mut over_https: Vec<String> = listed["jobs"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|j| j["job_id"].as_str().unwrap().to_owned())
-        .collect();
-    let bob_args = [
-        "job",
-        "list",
-        "--limit",
-        "50",
-        "--format",
-        "json",
-        "--coordinator",
-        &c.addr.unwrap().to_string(),
-        "--ca",
-        "pki/ca.pem",
-        "--cert",
-        "pki/analyst-bob.pem",
-        "--key",
-        "pki/analyst-bob.key",
-    ];
-    let cli: Value = serde_json::from_str(&cleanroom_ok(c.path(), &bob_args)).unwrap();
-    let mut over_quic: Vec<String> = cli
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|j| j["job_id"].as_str().unwrap().to_owned())
-        .collect();
-    over_https.sort();
-    over_quic.sort();
-    assert_eq!(over_https, over_quic);
-    assert_eq!(over_https.len(), 2, "exactly the two jobs were created");
-    let page = bob.get(&format!("/jobs/{job_id}"));
+    // An analyst sees over HTTPS exactly what the QUIC API shows it, as `api::authz` decides
+    // for both: alice's listing holds her two jobs, bob's none (he holds no grant), and bob is
+    // refused alice's job with the grant that would allow it.
+    let listing = |who: &str, client: &Https| {
+        let listed = client.get("/api/v1/jobs?limit=50").json();
+        let mut over_https: Vec<String> = listed["jobs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|j| j["job_id"].as_str().unwrap().to_owned())
+            .collect();
+        let (cert, key) = (
+            format!("pki/analyst-{who}.pem"),
+            format!("pki/analyst-{who}.key"),
+        );
+        let args = [
+            "job",
+            "list",
+            "--limit",
+            "50",
+            "--format",
+            "json",
+            "--coordinator",
+            &c.addr.unwrap().to_string(),
+            "--ca",
+            "pki/ca.pem",
+            "--cert",
+            &cert,
+            "--key",
+            &key,
+        ];
+        let cli: Value = serde_json::from_str(&cleanroom_ok(c.path(), &args)).unwrap();
+        let mut over_quic: Vec<String> = cli
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|j| j["job_id"].as_str().unwrap().to_owned())
+            .collect();
+        over_https.sort();
+        over_quic.sort();
+        assert_eq!(over_https, over_quic, "{who}");
+        over_https
+    };
+    assert_eq!(
+        listing("alice", &alice).len(),
+        2,
+        "exactly the two jobs were created"
+    );
+    assert!(listing("bob", &bob).is_empty());
+    for path in [format!("/jobs/{job_id}"), format!("/api/v1/jobs/{job_id}")] {
+        let refused = bob.get(&path);
+        assert_eq!(refused.status, 403, "{path}: {}", refused.body);
+        assert!(
+            refused.body.contains("read-all") && !refused.body.contains("intersection"),
+            "{path}: {}",
+            refused.body
+        );
+    }
+    let page = alice.get(&format!("/jobs/{job_id}"));
     assert_eq!(page.status, 200);
     assert!(page.body.contains(&job_id) && page.body.contains("succeeded"));
     // Pages load nothing: no script, no image, style or icon from elsewhere.
@@ -205,7 +227,7 @@ fn the_console_refuses_strangers_answers_like_the_cli_and_counts_what_ran() {
         "/matrix",
         "/jobs/new",
     ] {
-        let body = bob.get(path).body;
+        let body = alice.get(path).body;
         for loads in ["<script", "src=", "href=\"http", "url("] {
             assert!(!body.contains(loads), "{path} has {loads}");
         }

@@ -67,6 +67,7 @@
 
 pub mod aggregate;
 pub mod ahe;
+pub mod audit_head;
 pub mod backend;
 pub mod dp;
 mod error;

@@ -168,6 +168,7 @@ fn job_json_without_groups(job: &JobInfo) -> Value {
         "sums": agg.sums,
         "count": agg.count,
         "submitted_by": job.submitted_by,
+        "analyst": spec.analyst,
         "created_ms": job.created_ms,
         "updated_ms": job.updated_ms,
         "result": result,

@@ -17,7 +17,7 @@ use crate::ui::spinner;
 pub async fn connect(conn: &ConnArgs) -> anyhow::Result<AnalystClient> {
     let (Some(cert), Some(key)) = (&conn.cert, &conn.key) else {
         bail!(
-            "give your analyst certificate and key with --cert and --key (or CLEANROOM_CERT and CLEANROOM_KEY); issue them with `cleanroom pki issue analyst NAME`"
+            "give your analyst certificate and key with --cert and --key (or CLEANROOM_CERT and CLEANROOM_KEY); get them with `cleanroom pki request --role analyst --name NAME` and the CA's `cleanroom pki sign`"
         );
     };
     let creds = Credentials::load(&conn.ca, cert, key)?;

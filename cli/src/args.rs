@@ -69,6 +69,21 @@ pub enum Command {
         #[arg(long, value_enum, default_value_t = Format::Table)]
         format: Format,
     },
+    /// The signed audit heads a node reported to the coordinator, one JSON object per line
+    /// (node, job_id, head, public_key and signature in hex, received_ms): give the file to the
+    /// node's operator for `cleanroom-node audit verify --heads FILE`. Needs the read-all or
+    /// admin grant.
+    AuditHeads {
+        /// How to reach the coordinator.
+        #[command(flatten)]
+        conn: ConnArgs,
+        /// The node.
+        #[arg(long)]
+        node: String,
+        /// Write here instead of standard output.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
     /// The consortium's certificate authority and certificates (PEM files).
     Pki {
         /// PKI subcommand.
@@ -95,9 +110,14 @@ pub enum Command {
 }
 
 /// `cleanroom pki …`
+///
+/// Every party generates its own key: `pki request` on the party's machine, `pki sign` by the CA
+/// operator on the request, the certificate sent back. The CA directory never holds a party's
+/// private key.
 #[derive(Debug, Subcommand)]
 pub enum PkiCommand {
-    /// Create the consortium CA (ca.pem, ca.key) in DIR. Refuses to overwrite an existing CA.
+    /// Create the consortium CA (ca.pem, ca.key, an empty crl.pem) in DIR. Refuses to overwrite
+    /// an existing CA.
     Init {
         /// Directory for the CA files.
         #[arg(long, default_value = "pki")]
@@ -106,7 +126,85 @@ pub enum PkiCommand {
         #[arg(long, default_value = "cleanroom consortium")]
         consortium: String,
     },
-    /// Issue a certificate signed by the consortium CA.
+    /// Generate your private key (mode 0600) and a certificate request, on your own machine.
+    /// Writes OUT/<role>-<name>.key and OUT/<role>-<name>.csr (OUT/coordinator.* for the
+    /// coordinator). Send the .csr to the CA operator; the key never leaves OUT.
+    Request {
+        /// Your name: the partner name agreements use, or the analyst's name (1–63 of a–z, 0–9
+        /// and '-'); not given for the coordinator.
+        #[arg(long)]
+        name: Option<String>,
+        /// What the certificate is for.
+        #[arg(long, value_enum)]
+        role: RoleArg,
+        /// Directory for the key and the request.
+        #[arg(long, default_value = ".")]
+        out: PathBuf,
+        /// Renewal: keep the existing key in OUT and write a new request for it (pins on the
+        /// key stay valid). Without it an existing key is never overwritten.
+        #[arg(long)]
+        renew: bool,
+    },
+    /// Sign a certificate request (from `pki request`) with the consortium CA. The certificate
+    /// names the identity the request asks for, certifies the requester's key, and is valid
+    /// from an hour ago for DAYS days; a copy is kept in DIR/issued/.
+    Sign {
+        /// Directory holding ca.pem and ca.key.
+        #[arg(long, default_value = "pki")]
+        dir: PathBuf,
+        /// The request (.csr).
+        request: PathBuf,
+        /// Where to write the certificate (default: the request's path with .pem).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Validity in days.
+        #[arg(long, default_value_t = 365, value_parser = clap::value_parser!(u32).range(1..=3650))]
+        days: u32,
+        /// Replace an existing certificate at OUT (renewal), atomically: a running node or
+        /// coordinator that uses it reloads it whole.
+        #[arg(long)]
+        replace: bool,
+    },
+    /// Revoke certificates and rewrite the CA's CRL (DIR/crl.pem). Copy the CRL to every node
+    /// and the coordinator (the file their config's `crl` names): they reload it within a
+    /// second (or on SIGHUP), refuse the revoked certificates on every new connection and close
+    /// open connections that use them.
+    Revoke {
+        /// Directory holding the CA.
+        #[arg(long, default_value = "pki")]
+        dir: PathBuf,
+        /// Revoke every certificate issued to this name.
+        #[arg(required_unless_present = "serial", conflicts_with = "serial")]
+        name: Option<String>,
+        /// Only the certificates of this role (needed when the name has two).
+        #[arg(long, value_enum)]
+        role: Option<RoleArg>,
+        /// Revoke the one certificate with this serial number (as `pki list` prints it).
+        #[arg(long)]
+        serial: Option<String>,
+    },
+    /// Re-sign the CRL with the same entries and today's date (creates an empty one if missing).
+    Crl {
+        /// Directory holding the CA.
+        #[arg(long, default_value = "pki")]
+        dir: PathBuf,
+    },
+    /// List the certificates the CA has issued, with serial, key fingerprint, expiry and
+    /// whether each is revoked.
+    List {
+        /// Directory holding the CA.
+        #[arg(long, default_value = "pki")]
+        dir: PathBuf,
+    },
+    /// Print a certificate's identity, serial, expiry and key fingerprint (the `sha256:…` an
+    /// agreement's `partner_key` pins).
+    Show {
+        /// The certificate (PEM).
+        cert: PathBuf,
+    },
+    /// FOR THE DEMO AND TESTS ONLY: generate a key and a certificate in one step at the CA, so
+    /// whoever runs it holds the party's private key. Real parties use `pki request` and
+    /// `pki sign`.
     Issue {
         /// Directory holding ca.pem and ca.key.
         #[arg(long, default_value = "pki")]
@@ -118,6 +216,28 @@ pub enum PkiCommand {
         #[command(subcommand)]
         who: PkiIssue,
     },
+}
+
+/// A certificate's role.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum RoleArg {
+    /// A partner's node.
+    Node,
+    /// An analyst.
+    Analyst,
+    /// The coordinator.
+    Coordinator,
+}
+
+impl RoleArg {
+    /// The transport's role.
+    pub fn role(self) -> cleanroom_transport::PeerRole {
+        match self {
+            RoleArg::Node => cleanroom_transport::PeerRole::Node,
+            RoleArg::Analyst => cleanroom_transport::PeerRole::Analyst,
+            RoleArg::Coordinator => cleanroom_transport::PeerRole::Coordinator,
+        }
+    }
 }
 
 /// The subject of a certificate.
@@ -170,7 +290,7 @@ pub struct ConnArgs {
         global = true
     )]
     pub ca: PathBuf,
-    /// Your analyst certificate (`cleanroom pki issue analyst NAME`).
+    /// Your analyst certificate (from `cleanroom pki request --role analyst` and the CA).
     #[arg(long, env = "CLEANROOM_CERT", global = true)]
     pub cert: Option<PathBuf>,
     /// Your analyst key.
@@ -341,15 +461,16 @@ pub struct ScheduleAddArgs {
     /// Seconds before the first retry; each further retry waits twice as long.
     #[arg(long, default_value_t = 60)]
     pub backoff: u32,
-    /// When a run ends (succeeded, failed or vetoed), the coordinator runs this command on its
-    /// host with `sh -c` (timeout 30 s), the run's facts in the environment only:
-    /// CLEANROOM_SCHEDULE, CLEANROOM_JOB_ID, CLEANROOM_STATE, CLEANROOM_RESULT (released count,
-    /// empty if none), CLEANROOM_REASON, CLEANROOM_RUN_JSON. Quote them ("$CLEANROOM_STATE").
-    /// The coordinator's operator must allow commands (CLEANROOM_ALLOW_ON_DONE=1).
-    #[arg(long, value_name = "CMD")]
+    /// When a run ends (succeeded, failed or vetoed), the coordinator runs this program on its
+    /// host, directly (no shell, no arguments; timeout 30 s), the run's facts in the
+    /// environment only: CLEANROOM_SCHEDULE, CLEANROOM_JOB_ID, CLEANROOM_STATE,
+    /// CLEANROOM_RESULT (released count, empty if none), CLEANROOM_REASON, CLEANROOM_RUN_JSON.
+    /// An absolute path inside a directory the coordinator's operator lists (`on_done_dirs`).
+    #[arg(long, value_name = "PROGRAM")]
     pub on_done: Option<String>,
     /// When a run ends, the coordinator writes its JSON into this directory on its host (an
-    /// absolute path), one file per run: SCHEDULE-OCCURRENCE-ATTEMPT-JOB.json.
+    /// absolute path inside a directory the coordinator's operator lists, `notify_dirs`), one
+    /// file per run: SCHEDULE-OCCURRENCE-ATTEMPT-JOB.json.
     #[arg(long, value_name = "DIR")]
     pub notify_dir: Option<String>,
     /// Output format.

@@ -221,6 +221,7 @@ async fn aggregate(args: BenchAggregateArgs) -> anyhow::Result<ExitCode> {
         Vec::new()
     };
     let spec = JobSpec {
+        analyst: String::new(),
         kind: JobKind::Aggregate as i32,
         parties: partners
             .iter()

@@ -306,6 +306,7 @@ fn node_config(name: &str, coordinator: SocketAddr, csv: &Path, partners: &[Part
 /// [`node_config`] allows it; for `match`, every party asks to learn membership.
 pub fn customers_spec(partners: &[&str], kind: JobKind, purpose: &str) -> JobSpec {
     JobSpec {
+        analyst: String::new(),
         kind: kind as i32,
         parties: partners
             .iter()

@@ -17,6 +17,7 @@ mod job;
 mod matrix;
 mod measure;
 mod output;
+mod pki;
 mod render;
 mod report;
 mod schedule;
@@ -30,7 +31,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
-use crate::args::{Cli, Command, CoordinatorCommand, JobCli, PkiCommand, PkiIssue};
+use crate::args::{Cli, Command, CoordinatorCommand, JobCli};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -53,33 +54,11 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 
 fn execute(command: Command) -> anyhow::Result<ExitCode> {
     match command {
+        Command::AuditHeads { conn, node, out } => {
+            runtime()?.block_on(pki::audit_heads(conn, &node, out.as_deref()))
+        }
         Command::Pki { command } => {
-            match command {
-                PkiCommand::Init { dir, consortium } => {
-                    let paths = cleanroom_transport::pki::init_ca(&dir, &consortium)?;
-                    cleanroom_node::outln!(
-                        "consortium CA written: {} (keep {} secret)",
-                        paths.cert.display(),
-                        paths.key.display()
-                    );
-                }
-                PkiCommand::Issue { dir, out, who } => {
-                    let identity = match who {
-                        PkiIssue::Node { name } => cleanroom_transport::Identity::node(&name)?,
-                        PkiIssue::Analyst { name } => {
-                            cleanroom_transport::Identity::analyst(&name)?
-                        }
-                        PkiIssue::Coordinator => cleanroom_transport::Identity::coordinator(),
-                    };
-                    let out = out.unwrap_or_else(|| dir.clone());
-                    let paths = cleanroom_transport::pki::issue(&dir, &identity, &out)?;
-                    cleanroom_node::outln!(
-                        "certificate for {identity}: {} (key {})",
-                        paths.cert.display(),
-                        paths.key.display()
-                    );
-                }
-            }
+            pki::run(command)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Synth(args) => {

@@ -29,6 +29,7 @@ pub fn job_json(job: &JobInfo) -> Value {
             "node": p.node, "dataset": p.dataset, "keys": p.keys, "learns_membership": p.learns_membership,
         })).collect::<Vec<_>>(),
         "submitted_by": job.submitted_by,
+        "analyst": spec.analyst,
         "created_ms": job.created_ms,
         "updated_ms": job.updated_ms,
         "intersection": released.first().filter(|o| !o.suppressed).map(|o| o.intersection),

@@ -75,6 +75,7 @@ pub fn spec_for_pair(
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
     Ok(JobSpec {
+        analyst: String::new(), // set by the coordinator from the certificate
         kind: match kind {
             KindArg::Overlap | KindArg::OverlapMatrix => JobKind::Overlap,
             KindArg::Match => JobKind::Match,
@@ -172,6 +173,7 @@ pub fn spec_for_aggregate(args: &SubmitArgs) -> anyhow::Result<JobSpec> {
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
     Ok(JobSpec {
+        analyst: String::new(), // set by the coordinator from the certificate
         kind: JobKind::Aggregate as i32,
         parties,
         purpose: args.purpose.clone(),

@@ -4,10 +4,10 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use cleanroom_proto::v1::{
-    AddSchedule, AggregatePage, AnalystRequest, Envelope, GetAggregatePage, GetJob, GetReport,
-    JobInfo, JobSpec, JobState, ListJobs, ListNodes, ListSchedules, NodeInfo, Phase, RetryJob,
-    ScheduleInfo, ScheduleRef, SubmitJob, analyst_request::Request, analyst_response::Response,
-    envelope::Body,
+    AddSchedule, AggregatePage, AnalystRequest, AuditHeadRecord, Envelope, GetAggregatePage,
+    GetAuditHeads, GetJob, GetReport, JobInfo, JobSpec, JobState, ListJobs, ListNodes,
+    ListSchedules, NodeInfo, Phase, RetryJob, ScheduleInfo, ScheduleRef, SubmitJob,
+    analyst_request::Request, analyst_response::Response, envelope::Body,
 };
 use cleanroom_transport::{Credentials, Identity, TransportTuning};
 
@@ -156,6 +156,17 @@ impl AnalystClient {
         match self.call("", Request::Nodes(ListNodes {})).await? {
             Response::Nodes(list) => Ok(list.nodes),
             _ => Err(protocol("expected a node list")),
+        }
+    }
+
+    /// The signed audit heads `node` reported (needs the read-all or admin grant).
+    pub async fn audit_heads(&self, node: &str) -> Result<Vec<AuditHeadRecord>, CoordinatorError> {
+        let request = Request::AuditHeads(GetAuditHeads {
+            node: node.to_owned(),
+        });
+        match self.call("", request).await? {
+            Response::AuditHeads(list) => Ok(list.heads),
+            _ => Err(protocol("expected audit heads")),
         }
     }
 

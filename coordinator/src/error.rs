@@ -17,9 +17,13 @@ pub enum CoordinatorError {
     /// The job store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
-    /// The coordinator refused an analyst's request.
+    /// The coordinator refused an analyst's request (unknown job, bad spec, ...).
     #[error("{0}")]
     Refused(String),
+    /// The analyst may not see or do this (`api::authz` decided; the message names the grant
+    /// that would allow it).
+    #[error("{0}")]
+    Forbidden(String),
     /// A peer broke the protocol.
     #[error("protocol violation by {peer}: {reason}")]
     Protocol {

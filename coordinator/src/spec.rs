@@ -300,6 +300,7 @@ mod tests {
 
     fn spec() -> JobSpec {
         JobSpec {
+            analyst: String::new(),
             kind: JobKind::Overlap as i32,
             parties: vec![party("acme"), party("globex")],
             purpose: "overlap-reporting".into(),
@@ -337,6 +338,7 @@ mod tests {
 
     fn aggregate() -> JobSpec {
         JobSpec {
+            analyst: String::new(),
             kind: JobKind::Aggregate as i32,
             parties: ["acme", "globex", "initech"]
                 .iter()

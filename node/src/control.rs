@@ -169,6 +169,7 @@ async fn job_stream(
                 phase: Phase::Report as i32,
                 body: Some(Body::Report(Report {
                     outcome: Some(cleanroom_proto::v1::report::Outcome::Failure(e.to_string())),
+                    signed_head: state.signed_head(),
                 })),
             };
             let _ = send.send(&report).await;
@@ -219,7 +220,11 @@ async fn run_offer(
     let reply = |accept: bool, reason: String| Envelope {
         job_id: job_id.clone(),
         phase: Phase::Offer as i32,
-        body: Some(Body::OfferReply(OfferReply { accept, reason })),
+        body: Some(Body::OfferReply(OfferReply {
+            accept,
+            reason,
+            signed_head: state.signed_head(),
+        })),
     };
     let (generation, permit) = match decision {
         Ok((generation, permit)) => {
@@ -305,6 +310,7 @@ async fn run_offer(
         phase: Phase::Report as i32,
         body: Some(Body::Report(Report {
             outcome: Some(cleanroom_proto::v1::report::Outcome::Psi(outcome)),
+            signed_head: state.signed_head(),
         })),
     })
     .await?;

@@ -152,10 +152,15 @@ impl Waiting {
     }
 }
 
+/// A check of a connecting node's certificate before anything is read from it (the key its
+/// agreement pins, `crate::pin`): `Err` refuses the connection with the reason.
+pub type PeerCheck = Arc<dyn Fn(&Identity, &quinn::Connection) -> Result<(), String> + Send + Sync>;
+
 /// Accepts data-plane connections until shutdown.
 pub async fn serve(
     endpoint: quinn::Endpoint,
     state: Arc<Waiting>,
+    check: PeerCheck,
     mut shutdown: watch::Receiver<bool>,
 ) {
     loop {
@@ -165,12 +170,20 @@ pub async fn serve(
         };
         let Some(incoming) = incoming else { return };
         let state = state.clone();
+        let check = check.clone();
         // Handshakes run concurrently, so one slow peer cannot hold up the others.
         tokio::spawn(async move {
             // A failed handshake has been logged with the remote address and the reason.
             let Ok((conn, peer)) = cleanroom_transport::handshake(incoming).await else {
                 return;
             };
+            if peer.role == PeerRole::Node
+                && let Err(reason) = check(&peer, &conn)
+            {
+                tracing::warn!(peer = %peer, remote = %conn.remote_address(), %reason, "refused data-plane connection");
+                conn.close(CLOSE_REFUSED.into(), reason.as_bytes());
+                return;
+            }
             if let Err((reason, ends)) = route(&state, conn.clone(), &peer).await {
                 tracing::warn!(peer = %peer, remote = %conn.remote_address(), %reason, "refused data-plane connection");
                 conn.close(CLOSE_REFUSED.into(), reason.as_bytes());

@@ -36,6 +36,7 @@ pub mod error;
 pub mod job;
 pub mod ledger;
 pub mod metrics;
+pub mod pin;
 pub mod policy;
 pub mod run;
 pub mod spec;

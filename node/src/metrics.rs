@@ -355,7 +355,9 @@ impl NodeMetrics {
                     self.ended("unknown", "failed", 0.0);
                 }
             }
-            AuditEvent::PolicyLoaded { .. } | AuditEvent::Forget { .. } => {}
+            AuditEvent::PolicyLoaded { .. }
+            | AuditEvent::Forget { .. }
+            | AuditEvent::ConnectionRefused { .. } => {}
         }
     }
 

@@ -64,13 +64,18 @@ pub fn preflight(config_path: &Path) -> Result<(NodeConfig, Credentials), NodeEr
 
 /// Loads the node's certificates and checks that they name this node, as a node.
 fn credentials(cfg: &NodeConfig) -> Result<Credentials, NodeError> {
-    let creds = Credentials::load(&cfg.tls.ca, &cfg.tls.cert, &cfg.tls.key)?;
+    let creds = Credentials::load_files(cleanroom_transport::TlsFiles {
+        ca: cfg.tls.ca.clone(),
+        cert: cfg.tls.cert.clone(),
+        key: cfg.tls.key.clone(),
+        crl: cfg.tls.crl.clone(),
+    })?;
     let me = creds.identity()?;
     let expected = Identity::node(&cfg.name)?;
     if me != expected {
         return Err(NodeError::Config(format!(
-            "the certificate {} is for {me}, but the config names this node '{}'; issue a \
-             certificate with `cleanroom pki issue node {}`",
+            "the certificate {} is for {me}, but the config names this node '{}'; request one with \
+             `cleanroom pki request --role node --name {}` and have the CA sign it",
             cfg.tls.cert.display(),
             cfg.name,
             cfg.name
@@ -101,6 +106,9 @@ async fn serve(
         what: format!("reading the data-plane address bound at {listen}"),
         source: e,
     })?;
+    // The CA, certificate, key and CRL are reloaded on change or SIGHUP: the next handshake
+    // presents a renewed certificate and refuses a revoked peer.
+    let tls_reloader = creds.spawn_reloader(cleanroom_transport::RELOAD_POLL);
     let advertise = cfg.advertise.clone().unwrap_or_else(|| bound.into());
     tracing::info!(node = %cfg.name, data_plane = %bound, advertise = %advertise, "node listening");
 
@@ -110,9 +118,11 @@ async fn serve(
         Some(d) => Some(crate::dashboard::Dashboard::bind(d).await?),
         None => None,
     };
+    let audit_key = load_audit_key(&cfg.state_dir)?;
     let state = Arc::new(
         NodeState::new(PolicyHolder::new(cfg), path, audit, ledger, advertise)
-            .map_err(|e| NodeError::Config(e.to_string()))?,
+            .map_err(|e| NodeError::Config(e.to_string()))?
+            .with_audit_key(audit_key),
     );
     // Appended once the metrics observe the log (NodeState::new), before any job can run.
     state
@@ -122,9 +132,14 @@ async fn serve(
     let reloads = config_path.map(|_| tokio::spawn(reload_on_sighup(state.clone())));
     let purger = tokio::spawn(purge_results(state.clone()));
     let dashboard = dashboard.map(|d| tokio::spawn(d.serve(state.clone(), shutdown.clone())));
+    let check: dataplane::PeerCheck = {
+        let state = state.clone();
+        Arc::new(move |peer, conn| crate::pin::check(&state, &peer.name, conn))
+    };
     let dataplane = tokio::spawn(dataplane::serve(
         endpoint.clone(),
         state.waiting.clone(),
+        check,
         shutdown.clone(),
     ));
     let control = control::run(endpoint.clone(), state, shutdown.clone()).await;
@@ -137,8 +152,52 @@ async fn serve(
     if let Some(dashboard) = dashboard {
         dashboard.abort();
     }
+    tls_reloader.abort();
     endpoint.wait_idle().await;
+    drop(creds);
     control
+}
+
+/// The file of a node's audit signing key in its state directory.
+pub const AUDIT_KEY_FILE: &str = "audit-signing.key";
+
+/// The node's audit signing key (`<state_dir>/audit-signing.key`): read, or made on first start
+/// from the OS CSPRNG and written with mode 0600 (never overwritten). It signs every audit head
+/// the node reports; no other party holds it.
+pub fn load_audit_key(
+    state_dir: &Path,
+) -> Result<cleanroom_circuits::audit_head::AuditSigningKey, NodeError> {
+    use cleanroom_circuits::audit_head::AuditSigningKey;
+    use std::io::Write;
+    let path = state_dir.join(AUDIT_KEY_FILE);
+    let io = |what: String| move |source| NodeError::Io { what, source };
+    match std::fs::read_to_string(&path) {
+        Ok(text) => AuditSigningKey::from_text(&text)
+            .map_err(|e| NodeError::Config(format!("{}: {e}", path.display()))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            std::fs::create_dir_all(state_dir).map_err(io(format!(
+                "creating the state directory {}",
+                state_dir.display()
+            )))?;
+            let key = AuditSigningKey::generate();
+            let mut opts = std::fs::OpenOptions::new();
+            opts.write(true).create_new(true);
+            #[cfg(unix)]
+            {
+                use std::os::unix::fs::OpenOptionsExt;
+                opts.mode(0o600);
+            }
+            let mut file = opts
+                .open(&path)
+                .map_err(io(format!("creating {}", path.display())))?;
+            file.write_all(key.to_text().as_bytes())
+                .and_then(|()| file.sync_all())
+                .map_err(io(format!("writing {}", path.display())))?;
+            tracing::info!(file = %path.display(), "audit signing key created");
+            Ok(key)
+        }
+        Err(e) => Err(io(format!("reading {}", path.display()))(e)),
+    }
 }
 
 /// The state directory's lock file, held (an advisory `flock`) by the running node.

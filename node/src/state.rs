@@ -56,6 +56,9 @@ pub struct NodeState {
     pub waiting: Arc<Waiting>,
     /// The node's metrics, fed by every audit append (set up by [`NodeState::new`]).
     pub metrics: Arc<crate::metrics::NodeMetrics>,
+    /// The key this node signs its audit heads with (`<state_dir>/audit-signing.key`); `None`
+    /// only in tests that build a state without one.
+    audit_key: Option<cleanroom_circuits::audit_head::AuditSigningKey>,
 }
 
 impl NodeState {
@@ -94,6 +97,26 @@ impl NodeState {
             advertise,
             history: Mutex::new(history),
             waiting: Arc::new(Waiting::default()),
+            audit_key: None,
+        })
+    }
+
+    /// The state, signing its audit heads with `key`.
+    pub fn with_audit_key(mut self, key: cleanroom_circuits::audit_head::AuditSigningKey) -> Self {
+        self.audit_key = Some(key);
+        self
+    }
+
+    /// The audit log's head now, signed with the node's audit key (reported with every offer
+    /// reply and report, so the coordinator can keep it).
+    pub fn signed_head(&self) -> Option<cleanroom_proto::v1::SignedAuditHead> {
+        let key = self.audit_key.as_ref()?;
+        let head = self.audit.head().to_string();
+        let name = self.cfg().name.clone();
+        Some(cleanroom_proto::v1::SignedAuditHead {
+            signature: key.sign(&name, &head).to_vec(),
+            public_key: key.public_key().to_vec(),
+            head,
         })
     }
 

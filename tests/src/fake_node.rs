@@ -85,6 +85,7 @@ impl FakeJob {
             phase: Phase::Report as i32,
             body: Some(Body::Report(Report {
                 outcome: Some(Outcome::Psi(outcome)),
+                signed_head: None,
             })),
         };
         let _ = self.job_stream.send(&report).await;
@@ -285,6 +286,7 @@ pub async fn join_next_job_without_hello(
     let reply = Body::OfferReply(OfferReply {
         accept: true,
         reason: String::new(),
+        signed_head: None,
     });
     jsend
         .send(&Envelope {
@@ -517,6 +519,7 @@ impl FakeParty {
         };
         let report = Report {
             outcome: Some(Outcome::Aggregate(outcome)),
+            signed_head: None,
         };
         self.send_control(Phase::Report, Body::Report(report)).await;
     }
@@ -602,6 +605,7 @@ pub async fn join_next_aggregate(dir: &Path, coordinator: SocketAddr, name: &str
     let reply = Body::OfferReply(OfferReply {
         accept: true,
         reason: String::new(),
+        signed_head: None,
     });
     jsend
         .send(&Envelope {

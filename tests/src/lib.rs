@@ -164,6 +164,15 @@ pub struct Consortium {
     /// When set, every process started from now on records what it receives in
     /// `<this dir>/<process name>.frames` (see [`Consortium::record_transcripts`]).
     pub transcripts: Option<PathBuf>,
+    /// The directory (relative to the consortium's) holding each party's certificate and key:
+    /// `pki` (the CA's own directory) when the CA issued them, `keys` for a consortium whose
+    /// parties enrolled by certificate request ([`Consortium::enrolled`]).
+    pub keys: String,
+    /// When set, the coordinator's and nodes' configs name the CA's CRL (`pki/crl.pem`), which
+    /// they reload on change.
+    pub crl: bool,
+    /// TOML appended to the coordinator's config (after its `[tls]` table: `[[role]]` tables).
+    pub coordinator_extra: String,
     /// Whether coordinators started from now on serve the web console (`[web]`), and where the
     /// running one does.
     pub serve_web: bool,
@@ -192,10 +201,66 @@ impl Consortium {
             addr: None,
             nodes: Vec::new(),
             transcripts: None,
+            keys: "pki".into(),
+            crl: false,
+            coordinator_extra: String::new(),
             serve_web: false,
             web: None,
             log_json: false,
         }
+    }
+
+    /// Like [`Consortium::new`], but the coordinator and alice enrol as real parties do: each
+    /// generates its key and a request in `keys/` (`cleanroom pki request`), and the CA in
+    /// `pki/` signs the request (`cleanroom pki sign`). The CA directory never holds their keys.
+    pub fn enrolled() -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("cleanroom-e2e-")
+            .tempdir()
+            .expect("tempdir");
+        cleanroom_ok(dir.path(), &["pki", "init", "--dir", "pki"]);
+        std::fs::create_dir_all(dir.path().join("logs")).unwrap();
+        let c = Self {
+            dir,
+            coordinator: None,
+            addr: None,
+            nodes: Vec::new(),
+            transcripts: None,
+            keys: "keys".into(),
+            crl: false,
+            coordinator_extra: String::new(),
+            serve_web: false,
+            web: None,
+            log_json: false,
+        };
+        c.enrol(&["--role", "coordinator"], "coordinator");
+        c.enrol(&["--role", "analyst", "--name", "alice"], "analyst-alice");
+        c
+    }
+
+    /// `cleanroom pki request ROLE_ARGS --out keys` then `cleanroom pki sign keys/STEM.csr`.
+    pub fn enrol(&self, role_args: &[&str], stem: &str) {
+        let mut args = vec!["pki", "request", "--out", "keys"];
+        args.extend(role_args);
+        cleanroom_ok(self.path(), &args);
+        cleanroom_ok(
+            self.path(),
+            &["pki", "sign", "--dir", "pki", &format!("keys/{stem}.csr")],
+        );
+    }
+
+    /// The `[tls]` line naming the CRL, when [`Consortium::crl`] is set.
+    fn crl_line(&self) -> &'static str {
+        if self.crl {
+            "crl = \"pki/crl.pem\"\n"
+        } else {
+            ""
+        }
+    }
+
+    /// Enrols partner `name`'s node by certificate request (see [`Consortium::enrolled`]).
+    pub fn enrol_node(&self, name: &str) {
+        self.enrol(&["--role", "node", "--name", name], &format!("node-{name}"));
     }
 
     /// Makes every process started from now on record the envelopes it receives, in
@@ -266,7 +331,7 @@ impl Consortium {
         let cfg = self.path().join("coordinator.toml");
         std::fs::write(
             &cfg,
-            format!("listen = \"{listen}\"\ndatabase = \"coordinator.db\"\noffer_timeout_secs = 10\n\n[tls]\nca = \"pki/ca.pem\"\ncert = \"pki/coordinator.pem\"\nkey = \"pki/coordinator.key\"\n{}", if self.serve_web { "\n[web]\nlisten = \"127.0.0.1:0\"\n" } else { "" }),
+            format!("listen = \"{listen}\"\ndatabase = \"coordinator.db\"\noffer_timeout_secs = 10\n\n[tls]\nca = \"pki/ca.pem\"\ncert = \"{keys}/coordinator.pem\"\nkey = \"{keys}/coordinator.key\"\n{crl}\n{web}{extra}", keys = self.keys, crl = self.crl_line(), web = if self.serve_web { "\n[web]\nlisten = \"127.0.0.1:0\"\n" } else { "" }, extra = self.coordinator_extra),
         )
         .unwrap();
         let log = self.path().join(format!("logs/{name}.log"));
@@ -337,10 +402,12 @@ impl Consortium {
             &cfg,
             format!(
                 "name = \"{name}\"\ncoordinator = \"{addr}\"\nlisten = \"127.0.0.1:0\"\nstate_dir = \"state-{name}\"\n\n\
-                 [tls]\nca = \"pki/ca.pem\"\ncert = \"pki/node-{name}.pem\"\nkey = \"pki/node-{name}.key\"\n\n\
+                 [tls]\nca = \"pki/ca.pem\"\ncert = \"{keys}/node-{name}.pem\"\nkey = \"{keys}/node-{name}.key\"\n{crl}\n\
                  [[dataset]]\nname = \"customers\"\npath = \"data/{csv_of}.csv\"\n\n\
                  [[dataset.identifier]]\nname = \"email\"\ncolumn = \"email\"\nnormaliser = \"email\"\n\n\
-                 [[dataset.identifier]]\nname = \"phone\"\ncolumn = \"phone\"\nnormaliser = \"phone\"\n\n{agreements}"
+                 [[dataset.identifier]]\nname = \"phone\"\ncolumn = \"phone\"\nnormaliser = \"phone\"\n\n{agreements}",
+                keys = self.keys,
+                crl = self.crl_line()
             ),
         )
         .unwrap();
@@ -416,9 +483,9 @@ impl Consortium {
             "--ca".into(),
             "pki/ca.pem".into(),
             "--cert".into(),
-            "pki/analyst-alice.pem".into(),
+            format!("{}/analyst-alice.pem", self.keys),
             "--key".into(),
-            "pki/analyst-alice.key".into(),
+            format!("{}/analyst-alice.key", self.keys),
         ]
     }
 

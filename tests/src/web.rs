@@ -41,12 +41,19 @@ impl Https {
     /// A client presenting `pki/<stem>.pem` (e.g. `analyst-alice`, `node-acme`), or no
     /// certificate at all with `None`; `dir` holds `pki/`.
     pub fn new(dir: &Path, addr: SocketAddr, stem: Option<&str>) -> Https {
+        Https::with_keys(dir, "pki", addr, stem)
+    }
+
+    /// Like [`Https::new`] with the certificate and key in `dir/keys` (the CA stays in
+    /// `dir/pki`): parties that enrolled by certificate request.
+    pub fn with_keys(dir: &Path, keys: &str, addr: SocketAddr, stem: Option<&str>) -> Https {
         let pki = dir.join("pki");
+        let keys = dir.join(keys);
         let load = |stem: &str| {
             Credentials::load(
                 &pki.join("ca.pem"),
-                &pki.join(format!("{stem}.pem")),
-                &pki.join(format!("{stem}.key")),
+                &keys.join(format!("{stem}.pem")),
+                &keys.join(format!("{stem}.key")),
             )
             .unwrap()
         };
@@ -76,7 +83,7 @@ impl Https {
         )
     }
 
-    /// One request on a fresh connection (`Connection: close`).
+    /// One request on a fresh connection (`Connection: close`); panics if no HTTP answer comes.
     pub fn request(
         &self,
         method: &str,
@@ -84,15 +91,37 @@ impl Https {
         headers: &[(&str, &str)],
         body: Option<&str>,
     ) -> Reply {
+        self.try_request(method, path, headers, body)
+            .unwrap_or_else(|e| panic!("{method} {path}: {e}"))
+    }
+
+    /// `GET path`, or why no HTTP answer came (e.g. the server refused the certificate).
+    pub fn try_get(&self, path: &str) -> Result<Reply, String> {
+        self.try_request("GET", path, &[], None)
+    }
+
+    /// One request on a fresh connection (`Connection: close`), or why no HTTP answer came.
+    pub fn try_request(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: Option<&str>,
+    ) -> Result<Reply, String> {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .unwrap();
         rt.block_on(async {
-            let tcp = tokio::net::TcpStream::connect(self.addr).await.unwrap();
+            let tcp = tokio::net::TcpStream::connect(self.addr)
+                .await
+                .map_err(|e| format!("connect: {e}"))?;
             let connector = tokio_rustls::TlsConnector::from(self.tls.clone());
             let name = ServerName::try_from(COORDINATOR_HOST).unwrap();
-            let mut tls = connector.connect(name, tcp).await.unwrap();
+            let mut tls = connector
+                .connect(name, tcp)
+                .await
+                .map_err(|e| format!("TLS handshake: {e}"))?;
             let mut req = format!(
                 "{method} {path} HTTP/1.1\r\nHost: {COORDINATOR_HOST}:{}\r\nConnection: close\r\n",
                 self.addr.port()
@@ -102,24 +131,26 @@ impl Https {
             }
             let body = body.unwrap_or("");
             req.push_str(&format!("Content-Length: {}\r\n\r\n{body}", body.len()));
-            tls.write_all(req.as_bytes()).await.unwrap();
+            tls.write_all(req.as_bytes())
+                .await
+                .map_err(|e| format!("write: {e}"))?;
             let mut raw = Vec::new();
             // A server closing without close_notify is fine here: the body is complete.
-            let _ = tls.read_to_end(&mut raw).await;
+            let read = tls.read_to_end(&mut raw).await;
             let text = String::from_utf8_lossy(&raw).into_owned();
-            let (head, body) = text
-                .split_once("\r\n\r\n")
-                .unwrap_or_else(|| panic!("no HTTP answer: {text:?}"));
+            let Some((head, body)) = text.split_once("\r\n\r\n") else {
+                return Err(format!("no HTTP answer ({read:?}): {text:?}"));
+            };
             let status = head
                 .split_whitespace()
                 .nth(1)
                 .and_then(|s| s.parse().ok())
-                .unwrap_or_else(|| panic!("no status: {head}"));
-            Reply {
+                .ok_or_else(|| format!("no status: {head}"))?;
+            Ok(Reply {
                 status,
                 head: head.to_owned(),
                 body: body.to_owned(),
-            }
+            })
         })
     }
 }

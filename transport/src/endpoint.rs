@@ -16,9 +16,8 @@ use std::time::Duration;
 
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use quinn::{ConnectionError, IdleTimeout, TransportConfig, VarInt};
-use rustls::server::WebPkiClientVerifier;
 
-use crate::pki::provider;
+use crate::credentials::provider;
 use crate::{Credentials, Identity, TransportError, peer_identity};
 
 /// The ALPN protocol of cleanroom v1.
@@ -26,6 +25,8 @@ pub const ALPN: &[u8] = b"cleanroom/1";
 
 /// Application close code: the peer's certificate names no acceptable identity.
 pub const CLOSE_BAD_IDENTITY: VarInt = VarInt::from_u32(1);
+/// Application close code: a reload (a new CRL or CA) made the peer's certificate untrusted.
+pub const CLOSE_UNTRUSTED: VarInt = VarInt::from_u32(2);
 
 /// Timing knobs of every connection.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -74,13 +75,17 @@ fn client_config(
     creds: &Credentials,
     tuning: &TransportTuning,
 ) -> Result<quinn::ClientConfig, TransportError> {
+    let live = creds.live();
     let mut tls = rustls::ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(tls_err)?
-        .with_root_certificates(creds.roots.clone())
-        .with_client_auth_cert(creds.chain.clone(), creds.key.clone_key())
-        .map_err(tls_err)?;
+        .dangerous()
+        .with_custom_certificate_verifier(live.clone())
+        .with_client_cert_resolver(live);
     tls.alpn_protocols = vec![ALPN.to_vec()];
+    // No resumption: a resumed session skips certificate verification, so a peer revoked since
+    // could come back on an old ticket.
+    tls.resumption = rustls::client::Resumption::disabled();
     let quic = QuicClientConfig::try_from(tls).map_err(tls_err)?;
     let mut config = quinn::ClientConfig::new(Arc::new(quic));
     config.transport_config(transport_config(tuning)?);
@@ -91,18 +96,17 @@ fn server_config(
     creds: &Credentials,
     tuning: &TransportTuning,
 ) -> Result<quinn::ServerConfig, TransportError> {
-    let provider = provider();
-    let verifier =
-        WebPkiClientVerifier::builder_with_provider(creds.roots.clone(), provider.clone())
-            .build()
-            .map_err(tls_err)?;
-    let mut tls = rustls::ServerConfig::builder_with_provider(provider)
+    let live = creds.live();
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(tls_err)?
-        .with_client_cert_verifier(verifier)
-        .with_single_cert(creds.chain.clone(), creds.key.clone_key())
-        .map_err(tls_err)?;
+        .with_client_cert_verifier(live.clone())
+        .with_cert_resolver(live);
     tls.alpn_protocols = vec![ALPN.to_vec()];
+    // No resumption (see `client_config`): every handshake verifies the client's certificate
+    // under the current CA and CRL.
+    tls.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    tls.send_tls13_tickets = 0;
     let quic = QuicServerConfig::try_from(tls).map_err(tls_err)?;
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(quic));
     config.transport_config(transport_config(tuning)?);
@@ -152,11 +156,15 @@ pub fn server_endpoint(
 /// stateless-reset key (HMAC-SHA256) and the key of its connection-ID hash, each derived from
 /// SHA-256(domain ‖ private key). Learning them needs the private key, and would only let an
 /// attacker reset this endpoint's connections.
+///
+/// They are derived from the key loaded when the endpoint was made; a renewal with a new key
+/// takes effect for them at the next restart.
 fn restart_keys(creds: &Credentials) -> (ring::hmac::Key, u64) {
+    let key = zeroize::Zeroizing::new(creds.secret_key_der());
     let derive = |domain: &[u8]| {
         let mut digest = ring::digest::Context::new(&ring::digest::SHA256);
         digest.update(domain);
-        digest.update(creds.key.secret_der());
+        digest.update(key.as_slice());
         digest.finish()
     };
     let reset = derive(b"cleanroom/1 QUIC stateless reset key\0");
@@ -187,6 +195,29 @@ pub fn client_endpoint(
     })?;
     endpoint.set_default_client_config(client_config(creds, tuning)?);
     Ok(endpoint)
+}
+
+/// The TLS alert a handshake failure carries (QUIC CRYPTO_ERROR 0x100 + alert), if any.
+fn tls_alert(e: &ConnectionError) -> Option<u64> {
+    let code: u64 = match e {
+        ConnectionError::TransportError(t) => t.code.into(),
+        ConnectionError::ConnectionClosed(c) => c.error_code.into(),
+        _ => return None,
+    };
+    (0x100..0x200).contains(&code).then_some(code - 0x100)
+}
+
+/// Why a connection ended, in words: a refusal of our own certificate says so.
+pub(crate) fn closed_reason(e: &ConnectionError) -> String {
+    match tls_alert(e) {
+        // certificate_revoked
+        Some(44) => {
+            format!("the peer refused our certificate: it is revoked by the consortium CA ({e})")
+        }
+        // certificate_expired
+        Some(45) => format!("the peer refused our certificate: it has expired ({e})"),
+        _ => e.to_string(),
+    }
 }
 
 fn is_tls_failure(e: &ConnectionError) -> bool {
@@ -220,6 +251,7 @@ pub async fn connect(
             ConnectionError::TimedOut => {
                 format!("no answer; is {expected} running and listening at {addr}?")
             }
+            e if matches!(tls_alert(e), Some(44 | 45)) => closed_reason(e),
             e if is_tls_failure(e) => format!(
                 "TLS handshake failed ({e}); check that both sides have certificates from the \
                  same consortium CA, that they are not expired, and that {addr} is really {expected}"

@@ -53,6 +53,14 @@ pub enum TransportError {
         /// Identity presented.
         got: String,
     },
+    /// A reload (a new CRL or CA) made the certificate of a connected peer untrusted.
+    #[error("{peer} is no longer trusted: {reason}")]
+    Untrusted {
+        /// The peer's identity.
+        peer: String,
+        /// Why (revoked, expired…).
+        reason: String,
+    },
     /// The peer (or our own certificate) carries no cleanroom identity.
     #[error("no cleanroom identity in certificate: {reason}")]
     NoIdentity {

@@ -13,7 +13,7 @@ use crate::TransportError;
 fn read_err(e: ReadError) -> TransportError {
     match e {
         ReadError::ConnectionLost(c) => TransportError::Closed {
-            reason: c.to_string(),
+            reason: crate::endpoint::closed_reason(&c),
         },
         ReadError::Reset(code) => {
             TransportError::Stream(format!("reset by the peer (code {code})"))
@@ -25,7 +25,7 @@ fn read_err(e: ReadError) -> TransportError {
 fn write_err(e: WriteError) -> TransportError {
     match e {
         WriteError::ConnectionLost(c) => TransportError::Closed {
-            reason: c.to_string(),
+            reason: crate::endpoint::closed_reason(&c),
         },
         WriteError::Stopped(code) => {
             TransportError::Stream(format!("stopped by the peer (code {code})"))
@@ -69,7 +69,7 @@ impl FramedSend {
                 "stopped by the peer (code {code})"
             ))),
             Err(StoppedError::ConnectionLost(c)) => Err(TransportError::Closed {
-                reason: c.to_string(),
+                reason: crate::endpoint::closed_reason(&c),
             }),
             Err(e) => Err(TransportError::Stream(e.to_string())),
         }
@@ -160,7 +160,7 @@ impl FramedRecv {
 
 fn conn_err(e: quinn::ConnectionError) -> TransportError {
     TransportError::Closed {
-        reason: e.to_string(),
+        reason: crate::endpoint::closed_reason(&e),
     }
 }
 

@@ -188,6 +188,25 @@ pub fn peer_identity(conn: &quinn::Connection) -> Result<Identity, TransportErro
     Identity::from_cert(leaf)
 }
 
+/// The key fingerprint (`sha256:<hex>` of the SubjectPublicKeyInfo, see
+/// [`crate::key_fingerprint`]) of the peer's certificate on an established connection.
+pub fn peer_key_fingerprint(conn: &quinn::Connection) -> Result<String, TransportError> {
+    let any = conn
+        .peer_identity()
+        .ok_or_else(|| TransportError::NoIdentity {
+            reason: "the peer presented no certificate".to_owned(),
+        })?;
+    let chain = any
+        .downcast::<Vec<CertificateDer<'static>>>()
+        .map_err(|_| TransportError::NoIdentity {
+            reason: "the peer's credentials are not an X.509 chain".to_owned(),
+        })?;
+    let leaf = chain.first().ok_or_else(|| TransportError::NoIdentity {
+        reason: "the peer presented an empty certificate chain".to_owned(),
+    })?;
+    crate::pki::key_fingerprint(leaf)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

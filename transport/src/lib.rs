@@ -1,8 +1,10 @@
 //! Transport of cleanroom: the consortium PKI, QUIC endpoints with mutual TLS, and framed
 //! streams carrying one `cleanroom_proto::v1::Envelope` per frame.
 //!
-//! - [`pki`]: create the CA, issue certificates (identity in the SAN DNS name), load
-//!   [`Credentials`].
+//! - [`pki`]: the CA's side: create the CA, certificate requests generated where the key lives,
+//!   signing them, revocation and the CRL (identity in the SAN DNS name).
+//! - [`credentials`]: [`Credentials`], a process's CA, certificate, key and CRL, reloaded on
+//!   change or SIGHUP and consulted at every handshake.
 //! - [`identity`]: [`Identity`] = role + name, read from a CA-verified certificate
 //!   ([`peer_identity`]).
 //! - [`addr`]: [`HostPort`], a `host:port` address with a DNS name or an IP literal, resolved
@@ -17,6 +19,7 @@
 #![warn(missing_docs)]
 
 pub mod addr;
+pub mod credentials;
 pub mod endpoint;
 pub mod error;
 pub mod framed;
@@ -27,14 +30,16 @@ pub mod pki;
 pub mod transcript;
 
 pub use addr::{BadHostPort, HostPort};
+pub use credentials::{Credentials, RELOAD_POLL, TlsFiles};
 pub use endpoint::{
-    ALPN, TransportTuning, accept, client_endpoint, connect, handshake, server_endpoint,
+    ALPN, CLOSE_BAD_IDENTITY, CLOSE_UNTRUSTED, TransportTuning, accept, client_endpoint, connect,
+    handshake, server_endpoint,
 };
 pub use error::TransportError;
 pub use framed::{FramedRecv, FramedSend, accept_bi, open_bi};
 pub use https::{https_client_config, https_client_config_anonymous, https_server_config};
-pub use identity::{Identity, PeerRole, peer_identity};
-pub use pki::{CaPaths, CertPaths, Credentials, init_ca, issue, issue_with_validity};
+pub use identity::{Identity, PeerRole, peer_identity, peer_key_fingerprint};
+pub use pki::{CaPaths, CertPaths, init_ca, issue, issue_with_validity, key_fingerprint};
 
 #[cfg(test)]
 mod tests;

@@ -213,7 +213,7 @@ async fn client_without_certificate_is_refused() {
     for c in rustls_pki_types::CertificateDer::pem_file_iter(pki.ca_cert()).unwrap() {
         roots.add(c.unwrap()).unwrap();
     }
-    let mut tls = rustls::ClientConfig::builder_with_provider(pki::provider())
+    let mut tls = rustls::ClientConfig::builder_with_provider(crate::credentials::provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .unwrap()
         .with_root_certificates(roots)
@@ -540,4 +540,451 @@ async fn stream_ending_mid_frame_is_truncation() {
         ),
         "{err:?}"
     );
+}
+
+/// Every file under `dir` (recursively) that holds a PEM private key.
+fn private_keys_under(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            out.extend(private_keys_under(&path));
+        } else if std::fs::read_to_string(&path).is_ok_and(|t| t.contains("PRIVATE KEY")) {
+            out.push(path);
+        }
+    }
+    out
+}
+
+#[tokio::test]
+async fn a_party_enrolled_by_request_holds_the_only_copy_of_its_key() {
+    let pki = Pki::new();
+    let home = tempfile::tempdir().unwrap();
+    let req = pki::request(&node("acme"), home.path(), false).unwrap();
+    assert_eq!(req.key, home.path().join("node-acme.key"));
+    assert_eq!(req.csr, home.path().join("node-acme.csr"));
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&req.key).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+    }
+    assert!(
+        !std::fs::read_to_string(&req.csr)
+            .unwrap()
+            .contains("PRIVATE KEY")
+    );
+
+    let cert_path = home.path().join("node-acme.pem");
+    let signed = pki::sign(&pki.ca_dir, &req.csr, &cert_path, pki::CERT_VALIDITY, false).unwrap();
+    assert_eq!(signed.identity, node("acme"));
+    assert_eq!(signed.key_fingerprint, req.key_fingerprint);
+    assert_eq!(signed.serial.len(), 32, "{}", signed.serial);
+    // The CA directory holds its own key and no other.
+    assert_eq!(
+        private_keys_under(&pki.ca_dir),
+        vec![pki.ca_dir.join("ca.key")]
+    );
+    assert!(
+        pki.ca_dir
+            .join("issued")
+            .join(format!("{}.pem", signed.serial))
+            .exists()
+    );
+    let listed = pki::issued(&pki.ca_dir).unwrap();
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].serial, signed.serial);
+
+    // The certificate works: acme dials globex with it.
+    let acme = Credentials::load(&pki.ca_cert(), &cert_path, &req.key).unwrap();
+    assert_eq!(acme.identity().unwrap(), node("acme"));
+    assert_eq!(
+        key_fingerprint(&acme.chain()[0]).unwrap(),
+        req.key_fingerprint
+    );
+    let (globex_ep, addr) = server(&pki.creds(&node("globex")));
+    let ep = client_endpoint(&acme, &TransportTuning::default(), addr).unwrap();
+    let (accepted, dialed) = both(&globex_ep, &ep, addr, &node("globex")).await;
+    assert_eq!(accepted.unwrap().unwrap().1, node("acme"));
+    dialed.unwrap();
+
+    // Never overwritten: a second request refuses (pointing at --renew), signing onto an
+    // existing certificate refuses.
+    let err = pki::request(&node("acme"), home.path(), false).unwrap_err();
+    assert!(err.to_string().contains("--renew"), "{err}");
+    let err = pki::sign(&pki.ca_dir, &req.csr, &cert_path, pki::CERT_VALIDITY, false).unwrap_err();
+    assert!(err.to_string().contains("already exists"), "{err}");
+    // A renewal keeps the key, so the fingerprint (and pins on it) stay.
+    let renewed = pki::request(&node("acme"), home.path(), true).unwrap();
+    assert!(renewed.reused_key);
+    assert_eq!(renewed.key_fingerprint, req.key_fingerprint);
+}
+
+#[test]
+fn the_ca_signs_only_one_identity_and_verifies_the_request() {
+    let pki = Pki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out.pem");
+    let write_csr = |name: &str, sans: Vec<String>| {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let params = rcgen::CertificateParams::new(sans).unwrap();
+        let path = dir.path().join(name);
+        std::fs::write(
+            &path,
+            params.serialize_request(&key).unwrap().pem().unwrap(),
+        )
+        .unwrap();
+        path
+    };
+    for (csr, why) in [
+        (
+            write_csr(
+                "two.csr",
+                vec!["acme.node.cleanroom".into(), "globex.node.cleanroom".into()],
+            ),
+            "exactly one identity",
+        ),
+        (write_csr("none.csr", vec![]), "exactly one identity"),
+        (
+            write_csr("other.csr", vec!["www.example.com".into()]),
+            "not a cleanroom identity",
+        ),
+    ] {
+        let err = pki::sign(&pki.ca_dir, &csr, &out, pki::CERT_VALIDITY, false).unwrap_err();
+        assert!(err.to_string().contains(why), "{err}");
+    }
+    // A request whose signature does not verify (one byte of the key changed).
+    let good = pki::request(&node("acme"), dir.path(), false).unwrap();
+    let pem = std::fs::read_to_string(&good.csr).unwrap();
+    let der =
+        rustls_pki_types::CertificateSigningRequestDer::from_pem_slice(pem.as_bytes()).unwrap();
+    let mut bytes = der.as_ref().to_vec();
+    let n = bytes.len();
+    bytes[n - 10] ^= 1;
+    let bad = dir.path().join("bad.csr");
+    let b64 = rcgen_pem(&bytes);
+    std::fs::write(&bad, b64).unwrap();
+    let err = pki::sign(&pki.ca_dir, &bad, &out, pki::CERT_VALIDITY, false).unwrap_err();
+    assert!(err.to_string().contains("certificate request"), "{err}");
+    assert!(!out.exists());
+}
+
+/// PEM of a CSR's DER (base64 by hand: the test needs no extra crate).
+fn rcgen_pem(der: &[u8]) -> String {
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut b64 = String::new();
+    for chunk in der.chunks(3) {
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= chunk.len() {
+                b64.push(ALPHABET[((n >> (18 - 6 * i)) & 63) as usize] as char);
+            } else {
+                b64.push('=');
+            }
+        }
+    }
+    let lines: Vec<&str> = b64
+        .as_bytes()
+        .chunks(64)
+        .map(|c| std::str::from_utf8(c).unwrap())
+        .collect();
+    format!(
+        "-----BEGIN CERTIFICATE REQUEST-----\n{}\n-----END CERTIFICATE REQUEST-----\n",
+        lines.join("\n")
+    )
+}
+
+/// Credentials loaded with the CA's CRL.
+fn creds_with_crl(pki: &Pki, id: &Identity) -> Credentials {
+    let p = issue(&pki.ca_dir, id, &pki.certs).unwrap();
+    Credentials::load_files(TlsFiles {
+        ca: pki.ca_cert(),
+        cert: p.cert,
+        key: p.key,
+        crl: Some(pki.ca_dir.join("crl.pem")),
+    })
+    .unwrap()
+}
+
+#[tokio::test]
+async fn a_revoked_client_is_refused_after_one_reload_and_its_open_connection_closed() {
+    let pki = Pki::new();
+    let globex = creds_with_crl(&pki, &node("globex"));
+    assert_eq!(globex.revoked_entries(), 0);
+    let (globex_ep, addr) = server(&globex);
+    let acme = pki.creds(&node("acme"));
+    let ep = client_endpoint(&acme, &TransportTuning::default(), addr).unwrap();
+
+    // Before: accepted; the connection stays open.
+    let (accepted, dialed) = both(&globex_ep, &ep, addr, &node("globex")).await;
+    let (server_conn, _) = accepted.unwrap().unwrap();
+    let client_conn = dialed.unwrap();
+    globex.check_peer(&server_conn).unwrap();
+
+    let revoked = pki::revoke(
+        &pki.ca_dir,
+        &pki::RevokeTarget::Name {
+            name: "acme".into(),
+            role: None,
+        },
+    )
+    .unwrap();
+    assert_eq!(revoked.newly.len(), 1);
+    assert_eq!(pki::revocations(&pki.ca_dir).unwrap().len(), 1);
+    // Revoking again changes nothing.
+    let again = pki::revoke(
+        &pki.ca_dir,
+        &pki::RevokeTarget::Name {
+            name: "acme".into(),
+            role: Some(PeerRole::Node),
+        },
+    )
+    .unwrap();
+    assert_eq!((again.newly.len(), again.already), (0, 1));
+
+    // The open connection: `until_untrusted` fires at the reload, naming the reason.
+    let watcher = async { globex.until_untrusted(&server_conn).await };
+    let (untrusted, reloaded) =
+        timed(async { tokio::join!(watcher, async { globex.reload() }) }).await;
+    assert!(reloaded.unwrap());
+    assert_eq!(globex.revoked_entries(), 1);
+    let msg = untrusted.to_string();
+    assert!(
+        msg.contains("node acme") && msg.contains("revoked"),
+        "{msg}"
+    );
+    server_conn.close(CLOSE_UNTRUSTED, b"certificate revoked");
+    timed(client_conn.closed()).await;
+
+    // A new connection from the same client (same endpoint, so a session ticket could have
+    // been reused) is refused at the handshake.
+    let reason = refused_at_server(&globex_ep, connect(&ep, addr, &node("globex"))).await;
+    assert!(reason.to_lowercase().contains("revoked"), "{reason}");
+    // Another node is still welcome.
+    let initech = pki.creds(&node("initech"));
+    let ep2 = client_endpoint(&initech, &TransportTuning::default(), addr).unwrap();
+    let (accepted, dialed) = both(&globex_ep, &ep2, addr, &node("globex")).await;
+    assert_eq!(accepted.unwrap().unwrap().1, node("initech"));
+    dialed.unwrap();
+}
+
+#[tokio::test]
+async fn a_revoked_server_is_refused_by_its_client() {
+    let pki = Pki::new();
+    let (globex_ep, addr) = server(&pki.creds(&node("globex")));
+    let acme = creds_with_crl(&pki, &node("acme"));
+    pki::revoke(
+        &pki.ca_dir,
+        &pki::RevokeTarget::Name {
+            name: "globex".into(),
+            role: None,
+        },
+    )
+    .unwrap();
+    assert!(acme.reload().unwrap());
+    let ep = client_endpoint(&acme, &TransportTuning::default(), addr).unwrap();
+    let (_, dialed) = both(&globex_ep, &ep, addr, &node("globex")).await;
+    let msg = dialed.unwrap_err().to_string();
+    assert!(msg.to_lowercase().contains("revoked"), "{msg}");
+}
+
+#[tokio::test]
+async fn reload_presents_a_renewed_certificate_and_keeps_the_last_good_files() {
+    let pki = Pki::new();
+    let home = tempfile::tempdir().unwrap();
+    let req = pki::request(&node("globex"), home.path(), false).unwrap();
+    let cert = home.path().join("node-globex.pem");
+    let first = pki::sign(&pki.ca_dir, &req.csr, &cert, time::Duration::days(2), false).unwrap();
+    let globex = Credentials::load_files(TlsFiles {
+        ca: pki.ca_cert(),
+        cert: cert.clone(),
+        key: req.key.clone(),
+        crl: Some(pki.ca_dir.join("crl.pem")),
+    })
+    .unwrap();
+    let (globex_ep, addr) = server(&globex);
+    let acme = pki.creds(&node("acme"));
+    let ep = client_endpoint(&acme, &TransportTuning::default(), addr).unwrap();
+    let serial_seen = |conn: &quinn::Connection| {
+        let chain = conn
+            .peer_identity()
+            .unwrap()
+            .downcast::<Vec<rustls_pki_types::CertificateDer<'static>>>()
+            .unwrap();
+        let (_, c) = x509_parser::parse_x509_certificate(&chain[0]).unwrap();
+        pki_serial(c.raw_serial())
+    };
+    let (_, dialed) = both(&globex_ep, &ep, addr, &node("globex")).await;
+    assert_eq!(serial_seen(&dialed.unwrap()), first.serial);
+    assert!(!globex.reload().unwrap(), "nothing changed");
+
+    // Renewal: same key, new certificate swapped in place; the running endpoint presents it.
+    pki::request(&node("globex"), home.path(), true).unwrap();
+    let second = pki::sign(&pki.ca_dir, &req.csr, &cert, pki::CERT_VALIDITY, true).unwrap();
+    assert_ne!(second.serial, first.serial);
+    assert!(globex.reload().unwrap());
+    let (_, dialed) = both(&globex_ep, &ep, addr, &node("globex")).await;
+    assert_eq!(serial_seen(&dialed.unwrap()), second.serial);
+
+    // A broken file is not loaded: the last good certificate stays in use.
+    std::fs::write(&cert, "-----BEGIN CERTIFICATE-----\nnope\n").unwrap();
+    assert!(globex.reload().is_err());
+    let (_, dialed) = both(&globex_ep, &ep, addr, &node("globex")).await;
+    assert_eq!(serial_seen(&dialed.unwrap()), second.serial);
+    // Nor a certificate for another identity.
+    let other = issue(&pki.ca_dir, &node("initech"), &pki.certs).unwrap();
+    std::fs::copy(&other.cert, &cert).unwrap();
+    std::fs::copy(&other.key, &req.key).unwrap();
+    let err = globex.reload().unwrap_err().to_string();
+    assert!(err.contains("cannot change its identity"), "{err}");
+    // Nor a CRL from another CA.
+    let other_ca = Pki::named("Other");
+    std::fs::copy(other_ca.ca_dir.join("crl.pem"), pki.ca_dir.join("crl.pem")).unwrap();
+    let err = Credentials::load_files(TlsFiles {
+        ca: pki.ca_cert(),
+        cert: other.cert.clone(),
+        key: other.key.clone(),
+        crl: Some(pki.ca_dir.join("crl.pem")),
+    })
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("not from the CA"), "{err}");
+}
+
+fn pki_serial(raw: &[u8]) -> String {
+    let start = raw.iter().position(|&b| b != 0).unwrap_or(raw.len());
+    raw[start..].iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[test]
+fn revoke_by_name_needs_a_role_when_the_name_has_two() {
+    let pki = Pki::new();
+    issue(&pki.ca_dir, &node("sam"), &pki.certs).unwrap();
+    issue(&pki.ca_dir, &Identity::analyst("sam").unwrap(), &pki.certs).unwrap();
+    let by_name = |role| pki::RevokeTarget::Name {
+        name: "sam".into(),
+        role,
+    };
+    let err = pki::revoke(&pki.ca_dir, &by_name(None)).unwrap_err();
+    assert!(err.to_string().contains("--role"), "{err}");
+    let r = pki::revoke(&pki.ca_dir, &by_name(Some(PeerRole::Analyst))).unwrap();
+    assert_eq!(r.newly.len(), 1);
+    assert_eq!(r.newly[0].identity, Identity::analyst("sam").unwrap());
+    let err = pki::revoke(
+        &pki.ca_dir,
+        &pki::RevokeTarget::Name {
+            name: "nobody".into(),
+            role: None,
+        },
+    )
+    .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("no certificate issued to 'nobody'"),
+        "{err}"
+    );
+    // By serial: the node's one.
+    let serial = pki::issued(&pki.ca_dir)
+        .unwrap()
+        .into_iter()
+        .find(|c| c.identity == node("sam"))
+        .unwrap()
+        .serial;
+    let r = pki::revoke(&pki.ca_dir, &pki::RevokeTarget::Serial(serial.clone())).unwrap();
+    assert_eq!(r.newly[0].serial, serial);
+    let listed: Vec<String> = pki::revocations(&pki.ca_dir)
+        .unwrap()
+        .into_iter()
+        .map(|r| r.serial)
+        .collect();
+    assert_eq!(listed.len(), 2);
+    assert!(listed.contains(&serial));
+    // The CRL number grows with each CRL.
+    pki::refresh_crl(&pki.ca_dir).unwrap();
+    assert_eq!(pki::revocations(&pki.ca_dir).unwrap().len(), 2);
+}
+
+#[tokio::test]
+async fn a_revoked_client_is_told_its_certificate_is_revoked() {
+    let pki = Pki::new();
+    let coord = creds_with_crl(&pki, &Identity::coordinator());
+    let (coord_ep, addr) = server(&coord);
+    let bob = pki.creds(&Identity::analyst("bob").unwrap());
+    pki::revoke(
+        &pki.ca_dir,
+        &pki::RevokeTarget::Name {
+            name: "bob".into(),
+            role: None,
+        },
+    )
+    .unwrap();
+    assert!(coord.reload().unwrap());
+    let ep = client_endpoint(&bob, &TransportTuning::default(), addr).unwrap();
+    let server = tokio::spawn(async move { accept(&coord_ep).await.map(|r| r.is_ok()) });
+    // TLS 1.3: the client learns of the refusal at its first exchange.
+    let conn = timed(connect(&ep, addr, &Identity::coordinator()))
+        .await
+        .unwrap();
+    let (mut send, mut recv) = timed(open_bi(&conn)).await.unwrap();
+    let _ = send.send(&Envelope::default()).await;
+    let err = timed(recv.recv()).await.unwrap_err().to_string();
+    assert!(
+        err.contains("the peer refused our certificate: it is revoked by the consortium CA"),
+        "{err}"
+    );
+    assert_eq!(server.await.unwrap(), Some(false));
+}
+
+#[tokio::test]
+async fn sighup_reloads_at_once_and_a_change_is_seen_by_polling() {
+    let pki = Pki::new();
+    let globex = creds_with_crl(&pki, &node("globex"));
+    // A poll far longer than the test: only SIGHUP can reload.
+    let task = globex.spawn_reloader(Duration::from_secs(3600));
+    issue(&pki.ca_dir, &node("acme"), &pki.certs).unwrap();
+    pki::revoke(
+        &pki.ca_dir,
+        &pki::RevokeTarget::Name {
+            name: "acme".into(),
+            role: None,
+        },
+    )
+    .unwrap();
+    assert_eq!(globex.revoked_entries(), 0);
+    let status = std::process::Command::new("kill")
+        .args(["-HUP", &std::process::id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    timed(async {
+        while globex.revoked_entries() != 1 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    task.abort();
+
+    // Polling: a change is picked up within one poll.
+    let task = globex.spawn_reloader(Duration::from_millis(100));
+    issue(&pki.ca_dir, &node("initech"), &pki.certs).unwrap();
+    pki::revoke(
+        &pki.ca_dir,
+        &pki::RevokeTarget::Name {
+            name: "initech".into(),
+            role: None,
+        },
+    )
+    .unwrap();
+    timed(async {
+        while globex.revoked_entries() != 2 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    task.abort();
 }

@@ -415,6 +415,7 @@ mod tests {
             learns_membership: false,
         };
         let spec = JobSpec {
+            analyst: String::new(),
             kind: JobKind::Overlap as i32,
             parties: vec![party("acme"), party("globex")],
             purpose: "overlap-reporting".into(),

@@ -4,20 +4,21 @@
 use std::sync::Arc;
 
 use cleanroom_proto::v1::{
-    AnalystRequest, AnalystResponse, Envelope, JobInfo, JobList, JobState, NodeInfo, NodeList,
-    Phase, ScheduleInfo, ScheduleList, ScheduleRunInfo, analyst_request::Request,
+    AnalystRequest, AnalystResponse, AuditHeads, Envelope, JobInfo, JobList, JobState, NodeInfo,
+    NodeList, Phase, ScheduleInfo, ScheduleList, ScheduleRunInfo, analyst_request::Request,
     analyst_response::Response, envelope::Body,
 };
 use cleanroom_transport::{FramedRecv, FramedSend, Identity};
 
+use super::authz::{self, Action, Roles, Target};
 use crate::clock::now_ms;
 use crate::error::CoordinatorError;
 use crate::report::{ScheduleReport, render_json};
 use crate::run::{self, Launch};
-use crate::schedule::{self, ScheduledJob, check_notify};
+use crate::schedule::{self, Confinement, ScheduledJob, check_notify};
 use crate::shared::Shared;
 use crate::spec;
-use crate::store::{NewSchedule, ScheduleNotify, ScheduleRecord, ScheduleRun};
+use crate::store::{JobFilter, NewSchedule, ScheduleNotify, ScheduleRecord, ScheduleRun};
 
 /// Backoff base of a schedule's retries when the analyst gives none, seconds.
 pub const DEFAULT_BACKOFF_SECS: u32 = 60;
@@ -28,8 +29,14 @@ const MAX_LIST: u32 = 1000;
 /// Submits one job on behalf of the scheduler (or `schedule run-now`): validates the spec,
 /// stores it under the run's idempotency key and starts its runner if it is new. Returns the job
 /// id, or why the submission was refused.
-pub async fn submit_scheduled(shared: Arc<Shared>, job: ScheduledJob) -> Result<String, String> {
+pub async fn submit_scheduled(
+    shared: Arc<Shared>,
+    mut job: ScheduledJob,
+) -> Result<String, String> {
     spec::validate(&job.spec)?;
+    // A scheduled run is its owner's request (schedules added before specs named the analyst
+    // have an empty name stored).
+    job.spec.analyst = job.owner.clone();
     let note = if job.attempt == 0 {
         format!("schedule {}", job.schedule)
     } else {
@@ -106,22 +113,76 @@ fn unknown_schedule(name: &str) -> CoordinatorError {
     ))
 }
 
-pub(super) async fn analyst_session(shared: Arc<Shared>, conn: quinn::Connection, peer: Identity) {
+pub(super) async fn analyst_session(
+    shared: Arc<Shared>,
+    roles: Arc<Roles>,
+    conn: quinn::Connection,
+    peer: Identity,
+) {
     loop {
         let (send, recv) = match cleanroom_transport::accept_bi(&conn).await {
             Ok(s) => s,
             Err(_) => return,
         };
         let shared = shared.clone();
+        let roles = roles.clone();
         let peer = peer.clone();
         tokio::spawn(async move {
-            analyst_request(&shared, &peer, send, recv).await;
+            analyst_request(&shared, &roles, &peer, send, recv).await;
         });
     }
 }
 
+/// Refuses unless `analyst` may do `action` on the job `info` (see [`authz::authorize`]).
+fn may_on_job(
+    shared: &Shared,
+    roles: &Roles,
+    analyst: &str,
+    action: Action,
+    info: &JobInfo,
+) -> Result<(), CoordinatorError> {
+    let target = Target {
+        id: &info.job_id,
+        owner: &info.submitted_by,
+        scheduled: shared.store.is_scheduled_run(&info.job_id)?,
+    };
+    authz::authorize(analyst, roles, action, &target)
+        .map(|_| ())
+        .map_err(|e| {
+            tracing::info!(analyst = %analyst, job_id = %info.job_id, "refused: {e}");
+            CoordinatorError::Forbidden(e.to_string())
+        })
+}
+
+/// Refuses unless `analyst` may do `action` on the schedule `record`.
+fn may_on_schedule(
+    roles: &Roles,
+    analyst: &str,
+    action: Action,
+    record: &ScheduleRecord,
+) -> Result<(), CoordinatorError> {
+    let target = Target {
+        id: &record.name,
+        owner: &record.owner,
+        scheduled: false,
+    };
+    authz::authorize(analyst, roles, action, &target)
+        .map(|_| ())
+        .map_err(|e| {
+            tracing::info!(analyst = %analyst, schedule = %record.name, "refused: {e}");
+            CoordinatorError::Forbidden(e.to_string())
+        })
+}
+
+fn unknown_job(job_id: &str) -> CoordinatorError {
+    CoordinatorError::Refused(format!(
+        "no job '{job_id}'; `cleanroom job list` shows the known jobs"
+    ))
+}
+
 async fn analyst_request(
     shared: &Arc<Shared>,
+    roles: &Roles,
     peer: &Identity,
     mut send: FramedSend,
     mut recv: FramedRecv,
@@ -135,7 +196,7 @@ async fn analyst_request(
         }
     };
     let job_id = env.job_id.clone();
-    let response = match handle(shared, peer, env).await {
+    let response = match handle(shared, roles, peer, env).await {
         Ok(r) => r,
         Err(e) => Response::Error(e.to_string()),
     };
@@ -156,9 +217,10 @@ async fn analyst_request(
 /// Answers one analyst request, `job_id` being the job it is about (empty for none). This is
 /// the one entry point of the analyst API: the QUIC sessions and the web console (its JSON API
 /// and its pages) both call it, so they apply the same checks and the same visibility rules,
-/// decided in one place (today every analyst of the consortium sees every job and schedule).
+/// decided in one place ([`authz::authorize`]).
 pub async fn answer(
     shared: &Arc<Shared>,
+    roles: &Roles,
     peer: &Identity,
     job_id: &str,
     request: Request,
@@ -170,11 +232,12 @@ pub async fn answer(
             request: Some(request),
         })),
     };
-    handle(shared, peer, env).await
+    handle(shared, roles, peer, env).await
 }
 
 async fn handle(
     shared: &Arc<Shared>,
+    roles: &Roles,
     peer: &Identity,
     env: Envelope,
 ) -> Result<Response, CoordinatorError> {
@@ -190,9 +253,12 @@ async fn handle(
     };
     match req.request {
         Some(Request::Submit(submit)) => {
-            let job_spec = submit
+            let mut job_spec = submit
                 .spec
                 .ok_or_else(|| CoordinatorError::Refused("submit without a job spec".into()))?;
+            // Who asked, from the certificate, whatever the request said: every node sees it
+            // (covered by the spec digest) and an agreement may restrict analysts.
+            job_spec.analyst = peer.name.clone();
             spec::validate(&job_spec).map_err(CoordinatorError::Refused)?;
             if submit.idempotency_key.len() > 128 {
                 return Err(CoordinatorError::Refused(
@@ -215,15 +281,18 @@ async fn handle(
         }
         Some(Request::Get(_)) => match shared.store.get(&env.job_id)? {
             Some(mut info) => {
+                may_on_job(shared, roles, &peer.name, Action::ReadJob, &info)?;
                 info.aggregate = shared.store.get_aggregate_result(&env.job_id)?;
                 Ok(Response::Job(info))
             }
-            None => Err(CoordinatorError::Refused(format!(
-                "no job '{}'; `cleanroom job list` shows the known jobs",
-                env.job_id
-            ))),
+            None => Err(unknown_job(&env.job_id)),
         },
         Some(Request::AggregatePage(page)) => {
+            let info = shared
+                .store
+                .get(&env.job_id)?
+                .ok_or_else(|| unknown_job(&env.job_id))?;
+            may_on_job(shared, roles, &peer.name, Action::ReadJob, &info)?;
             match shared
                 .store
                 .get_aggregate_page(&env.job_id, page.offset, page.limit)?
@@ -242,7 +311,14 @@ async fn handle(
             } else {
                 list.limit.min(MAX_LIST)
             };
-            let mut jobs = shared.store.list(limit)?;
+            let filter = if authz::sees_all(&peer.name, roles, Action::ReadJob) {
+                JobFilter::All
+            } else if authz::sees_all(&peer.name, roles, Action::ActOnSchedule) {
+                JobFilter::OwnedByOrScheduled(peer.name.clone())
+            } else {
+                JobFilter::OwnedBy(peer.name.clone())
+            };
+            let mut jobs = shared.store.list_visible(limit, &filter)?;
             // An aggregate spec may list up to 20 000 group labels; fifty of them would not
             // fit in one frame. A listing does not need them (GetJob has them).
             for job in &mut jobs {
@@ -273,14 +349,16 @@ async fn handle(
             Ok(Response::Nodes(NodeList { nodes }))
         }
         Some(Request::AddSchedule(add)) => {
-            let job_spec = add
+            let mut job_spec = add
                 .spec
                 .ok_or_else(|| CoordinatorError::Refused("schedule without a job spec".into()))?;
+            job_spec.analyst = peer.name.clone();
             let notify = ScheduleNotify {
                 on_done: add.on_done,
                 notify_dir: add.notify_dir,
             };
-            check_notify(&notify).map_err(CoordinatorError::Refused)?;
+            check_notify(&notify, &Confinement::from_config(&shared.cfg))
+                .map_err(CoordinatorError::Refused)?;
             let record = shared.store.add_schedule(
                 &NewSchedule {
                     name: add.name,
@@ -312,6 +390,7 @@ async fn handle(
                 .store
                 .list_schedules()?
                 .iter()
+                .filter(|r| may_on_schedule(roles, &peer.name, Action::ReadSchedule, r).is_ok())
                 .map(|r| schedule_info(r, &[]))
                 .collect(),
         })),
@@ -323,6 +402,7 @@ async fn handle(
                     .schedule_for_report(&r.name)?
                     .ok_or_else(|| unknown_schedule(&r.name))?,
             };
+            may_on_schedule(roles, &peer.name, Action::ReadSchedule, &record)?;
             let runs = shared.store.runs(&r.name, r.since_ms)?;
             let notify = shared.store.schedule_notify(record.id)?;
             Ok(Response::Schedule(schedule_info_notified(
@@ -330,11 +410,21 @@ async fn handle(
             )))
         }
         Some(Request::PauseSchedule(r)) => {
+            let current = shared
+                .store
+                .get_schedule(&r.name)?
+                .ok_or_else(|| unknown_schedule(&r.name))?;
+            may_on_schedule(roles, &peer.name, Action::ActOnSchedule, &current)?;
             let record = shared.store.pause_schedule(&r.name)?;
             tracing::info!(schedule = %r.name, analyst = %peer.name, "schedule paused");
             Ok(Response::Schedule(schedule_info(&record, &[])))
         }
         Some(Request::ResumeSchedule(r)) => {
+            let current = shared
+                .store
+                .get_schedule(&r.name)?
+                .ok_or_else(|| unknown_schedule(&r.name))?;
+            may_on_schedule(roles, &peer.name, Action::ActOnSchedule, &current)?;
             let record = shared.store.resume_schedule(&r.name, now_ms())?;
             tracing::info!(schedule = %r.name, analyst = %peer.name, "schedule resumed");
             Ok(Response::Schedule(schedule_info(&record, &[])))
@@ -344,6 +434,7 @@ async fn handle(
                 .store
                 .get_schedule(&r.name)?
                 .ok_or_else(|| unknown_schedule(&r.name))?;
+            may_on_schedule(roles, &peer.name, Action::ActOnSchedule, &record)?;
             let now = now_ms();
             shared.store.remove_schedule(&r.name, now)?;
             tracing::info!(schedule = %r.name, analyst = %peer.name, "schedule removed");
@@ -354,6 +445,11 @@ async fn handle(
             Ok(Response::Schedule(schedule_info(&record, &[])))
         }
         Some(Request::RunScheduleNow(r)) => {
+            let current = shared
+                .store
+                .get_schedule(&r.name)?
+                .ok_or_else(|| unknown_schedule(&r.name))?;
+            may_on_schedule(roles, &peer.name, Action::ActOnSchedule, &current)?;
             let submitter = shared.clone();
             let submit = move |job: ScheduledJob| submit_scheduled(submitter.clone(), job);
             let run = schedule::run_now(&shared.store, &r.name, now_ms(), &submit)
@@ -367,17 +463,17 @@ async fn handle(
                 .store
                 .schedule_for_report(&r.name)?
                 .ok_or_else(|| unknown_schedule(&r.name))?;
+            may_on_schedule(roles, &peer.name, Action::ReadSchedule, &record)?;
             let runs = shared.store.runs(&r.name, r.since_ms)?;
             let report = ScheduleReport::build(&record, &runs, r.since_ms, now_ms());
             Ok(Response::ReportJson(render_json(&report)))
         }
         Some(Request::Retry(retry)) => {
-            let old = shared.store.get(&env.job_id)?.ok_or_else(|| {
-                CoordinatorError::Refused(format!(
-                    "no job '{}'; `cleanroom job list` shows the known jobs",
-                    env.job_id
-                ))
-            })?;
+            let old = shared
+                .store
+                .get(&env.job_id)?
+                .ok_or_else(|| unknown_job(&env.job_id))?;
+            may_on_job(shared, roles, &peer.name, Action::ActOnJob, &old)?;
             match JobState::try_from(old.state) {
                 Ok(JobState::Failed | JobState::Vetoed | JobState::Cancelled) => {}
                 Ok(JobState::Succeeded) => {
@@ -393,9 +489,11 @@ async fn handle(
                     )));
                 }
             }
-            let job_spec = old
+            let mut job_spec = old
                 .spec
                 .ok_or_else(|| CoordinatorError::Refused("the job has no spec".into()))?;
+            // The retry is the retrying analyst's request.
+            job_spec.analyst = peer.name.clone();
             spec::validate(&job_spec).map_err(CoordinatorError::Refused)?;
             let key = if retry.idempotency_key.is_empty() {
                 format!("retry:{}", env.job_id)
@@ -417,6 +515,20 @@ async fn handle(
                 run::start(shared, &submitted.job_id, job_spec, Launch::New);
             }
             Ok(Response::Job(job_info(shared, &submitted.job_id)?))
+        }
+        Some(Request::AuditHeads(r)) => {
+            // How many entries a node's log has, job by job, says how busy it was for every
+            // analyst: only a grant to see everything reaches it.
+            if !authz::sees_all(&peer.name, roles, Action::ReadJob) {
+                return Err(CoordinatorError::Forbidden(format!(
+                    "analyst {} may not read audit heads: they need the read-all or admin grant \
+                     of a [[role]] in the coordinator's config",
+                    peer.name
+                )));
+            }
+            Ok(Response::AuditHeads(AuditHeads {
+                heads: shared.store.audit_heads(&r.node)?,
+            }))
         }
         None => Err(CoordinatorError::Refused("empty request".into())),
     }

@@ -15,13 +15,14 @@ use cleanroom_transport::{Credentials, Identity, PeerRole, TransportTuning};
 use tokio::sync::watch;
 
 use super::analyst::{analyst_session, submit_scheduled};
+use super::authz::Roles;
 use super::web::WebServer;
 use crate::clock::{SystemClock, now_ms};
 use crate::config::CoordinatorConfig;
 use crate::error::CoordinatorError;
 use crate::registry::NodeHandle;
 use crate::run::{self, Launch};
-use crate::schedule::{self, ScheduledJob};
+use crate::schedule::{self, Confinement, ScheduledJob};
 use crate::shared::Shared;
 use crate::store::{JobStore, LeaseHolder};
 
@@ -40,11 +41,11 @@ pub async fn serve(
     mut shutdown: watch::Receiver<bool>,
     on_bound: impl FnOnce(SocketAddr, Option<SocketAddr>),
 ) -> Result<(), CoordinatorError> {
-    let creds = Credentials::load(&cfg.tls.ca, &cfg.tls.cert, &cfg.tls.key)?;
+    let creds = Arc::new(Credentials::load_files(cfg.tls_files())?);
     let me = creds.identity()?;
     if me.role != PeerRole::Coordinator {
         return Err(CoordinatorError::Config(format!(
-            "{} is a certificate for {me}, not the coordinator; issue one with `cleanroom pki issue coordinator`",
+            "{} is a certificate for {me}, not the coordinator; request one with `cleanroom pki request --role coordinator` and have the CA sign it",
             cfg.tls.cert.display()
         )));
     }
@@ -62,10 +63,16 @@ pub async fn serve(
         Some(web) => Some(WebServer::bind(web.listen, &creds).await?),
         None => None,
     };
-    tracing::info!(listen = %bound, database = %cfg.database.display(), "coordinator listening");
+    tracing::info!(listen = %bound, database = %cfg.database.display(), revoked_entries = creds.revoked_entries(), "coordinator listening");
+    // The CA, certificate, key and CRL are reloaded on change or SIGHUP; the next handshake
+    // uses them, and open connections of peers they no longer trust are closed (below).
+    let reloader = creds.spawn_reloader(cleanroom_transport::RELOAD_POLL);
     on_bound(bound, web.as_ref().map(WebServer::addr));
+    let roles = Arc::new(Roles::new(&cfg.roles));
+    let confinement = Confinement::from_config(&cfg);
     let shared = Arc::new(Shared::new(cfg, store, holder));
-    let web = web.map(|web| tokio::spawn(web.serve(shared.clone(), shutdown.clone())));
+    let web =
+        web.map(|web| tokio::spawn(web.serve(shared.clone(), roles.clone(), shutdown.clone())));
     // Jobs left unfinished by an earlier coordinator are resumed or failed by the orphan sweep,
     // once their leases have expired — at once if it stopped gracefully.
     let sweeper = {
@@ -87,10 +94,16 @@ pub async fn serve(
         tokio::spawn(async move {
             let submitter = shared.clone();
             let submit = move |job: ScheduledJob| submit_scheduled(submitter.clone(), job);
-            schedule::run_scheduler(Arc::new(SystemClock), &shared.store, submit, async move {
-                // A dropped sender also means stop.
-                let _ = stop.wait_for(|stop| *stop).await;
-            })
+            schedule::run_scheduler(
+                Arc::new(SystemClock),
+                &shared.store,
+                &confinement,
+                submit,
+                async move {
+                    // A dropped sender also means stop.
+                    let _ = stop.wait_for(|stop| *stop).await;
+                },
+            )
             .await;
         })
     };
@@ -101,23 +114,39 @@ pub async fn serve(
         };
         let Some(incoming) = incoming else { break };
         let shared = shared.clone();
+        let creds = creds.clone();
+        let roles = roles.clone();
         // Handshakes run concurrently, so one slow client cannot hold up the others.
         tokio::spawn(async move {
             // A failed handshake has been logged with the remote address and the reason.
             let Ok((conn, peer)) = cleanroom_transport::handshake(incoming).await else {
                 return;
             };
-            match peer.role {
-                PeerRole::Node => node_session(shared, conn, peer).await,
-                PeerRole::Analyst => analyst_session(shared, conn, peer).await,
-                PeerRole::Coordinator => {
-                    tracing::warn!(peer = %peer, remote = %conn.remote_address(), "refused: a coordinator certificate cannot connect as a client");
-                    conn.close(
-                        CLOSE_REFUSED.into(),
-                        b"coordinator certificates cannot connect here",
-                    );
+            let watched = conn.clone();
+            let session = async {
+                match peer.role {
+                    PeerRole::Node => node_session(shared, conn, peer.clone()).await,
+                    PeerRole::Analyst => analyst_session(shared, roles, conn, peer.clone()).await,
+                    PeerRole::Coordinator => {
+                        tracing::warn!(peer = %peer, remote = %conn.remote_address(), "refused: a coordinator certificate cannot connect as a client");
+                        conn.close(
+                            CLOSE_REFUSED.into(),
+                            b"coordinator certificates cannot connect here",
+                        );
+                    }
+                }
+            };
+            tokio::pin!(session);
+            // A reload that revokes the peer (or no longer trusts its CA) closes its open
+            // connection; the session then ends as for any closed connection.
+            tokio::select! {
+                () = &mut session => return,
+                why = creds.until_untrusted(&watched) => {
+                    tracing::warn!(remote = %watched.remote_address(), reason = %why, "closing the connection of a peer no longer trusted");
+                    watched.close(cleanroom_transport::CLOSE_UNTRUSTED, b"certificate no longer trusted");
                 }
             }
+            session.await;
         });
     }
     tracing::info!("coordinator shutting down");
@@ -142,6 +171,7 @@ pub async fn serve(
     endpoint.close(0u32.into(), b"coordinator shutting down");
     endpoint.wait_idle().await;
     settle_own_jobs(&shared)?;
+    reloader.abort();
     tracing::info!("coordinator stopped");
     Ok(())
 }

@@ -163,6 +163,7 @@ async fn collect(
                 seq += 1;
             }
             Some(Body::Report(r)) if env.phase == Phase::Report as i32 => {
+                party.heads.keep(&node, r.signed_head.as_ref());
                 return match r.outcome {
                     Some(Outcome::Aggregate(outcome)) => {
                         if received != cells || outcome.cells != cells as u64 {
@@ -303,6 +304,7 @@ mod tests {
 
     fn spec(count: bool) -> JobSpec {
         JobSpec {
+            analyst: String::new(),
             kind: JobKind::Aggregate as i32,
             parties: ["a", "b", "c"]
                 .iter()

@@ -11,8 +11,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use cleanroom_proto::v1::{
-    Envelope, JobSpec, JobState, Offer, PeerEndpoint, Phase, PsiOutcome, Role, Start,
-    envelope::Body, report::Outcome,
+    Envelope, JobSpec, JobState, Offer, PeerEndpoint, Phase, PsiOutcome, Role, SignedAuditHead,
+    Start, envelope::Body, report::Outcome,
 };
 use cleanroom_transport::{FramedRecv, FramedSend};
 use tokio::task::JoinSet;
@@ -21,6 +21,7 @@ use super::error::{JobError, PartyError, Stage, Veto, Violation};
 use crate::clock::now_ms;
 use crate::registry::NodeHandle;
 use crate::shared::Shared;
+use crate::store::HeadVerdict;
 use crate::untrusted::node_text;
 
 /// After the first failed report, how long to wait for the other parties' reasons.
@@ -54,6 +55,44 @@ pub(crate) struct Party {
     pub send: FramedSend,
     /// Its side.
     pub recv: FramedRecv,
+    /// Where the signed audit heads it reports go.
+    pub heads: HeadSink,
+}
+
+/// Where a job's parties' signed audit heads go: the store, once each signature checks (a head
+/// that does not verify is logged and dropped; the job goes on).
+#[derive(Clone)]
+pub(crate) struct HeadSink {
+    shared: Arc<Shared>,
+    job_id: String,
+}
+
+impl std::fmt::Debug for HeadSink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HeadSink")
+            .field("job_id", &self.job_id)
+            .finish()
+    }
+}
+
+impl HeadSink {
+    /// Keeps `node`'s signed head, if it sent one.
+    pub(crate) fn keep(&self, node: &str, signed: Option<&SignedAuditHead>) {
+        let Some(signed) = signed else { return };
+        match self
+            .shared
+            .store
+            .record_audit_head(node, &self.job_id, signed, now_ms())
+        {
+            Ok(HeadVerdict::Kept) => {}
+            Ok(HeadVerdict::Refused(reason)) => {
+                tracing::warn!(job_id = %self.job_id, node = %node, %reason, "dropped an audit head that does not verify");
+            }
+            Err(e) => {
+                tracing::warn!(job_id = %self.job_id, node = %node, error = %e, "could not store an audit head");
+            }
+        }
+    }
 }
 
 /// One job kind's part in the pipeline: how its parties are arranged, how one party's report is
@@ -222,7 +261,7 @@ fn connected(
 /// Offers the job to every party at once. Any veto vetoes the job; any other failure fails it;
 /// either way the streams of those that accepted are dropped, and they forget the job.
 async fn offer_all(
-    shared: &Shared,
+    shared: &Arc<Shared>,
     job_id: &str,
     spec: &JobSpec,
     handles: Vec<(String, Role, NodeHandle)>,
@@ -230,6 +269,10 @@ async fn offer_all(
     let offer_timeout = shared.cfg.offer_timeout();
     let mut offers = JoinSet::new();
     for (index, (node, role, handle)) in handles.into_iter().enumerate() {
+        let heads = HeadSink {
+            shared: shared.clone(),
+            job_id: job_id.to_owned(),
+        };
         let offer = Envelope {
             job_id: job_id.to_owned(),
             phase: Phase::Offer as i32,
@@ -239,7 +282,7 @@ async fn offer_all(
             })),
         };
         offers.spawn(async move {
-            let answer = offer_one(node.clone(), role, handle, offer);
+            let answer = offer_one(node.clone(), role, handle, offer, heads);
             (
                 index,
                 timed(&node, Stage::Offer, offer_timeout, answer).await,
@@ -284,6 +327,7 @@ async fn offer_one(
     role: Role,
     handle: NodeHandle,
     offer: Envelope,
+    heads: HeadSink,
 ) -> Result<Result<Party, Veto>, PartyError> {
     let (mut send, mut recv) = cleanroom_transport::open_bi(&handle.conn)
         .await
@@ -302,6 +346,9 @@ async fn offer_one(
             node: node.clone(),
             error: e.to_string(),
         })?;
+    if let Some(Body::OfferReply(r)) = &reply.body {
+        heads.keep(&node, r.signed_head.as_ref());
+    }
     match reply.body {
         Some(Body::OfferReply(r)) if r.accept => Ok(Ok(Party {
             node,
@@ -309,6 +356,7 @@ async fn offer_one(
             data_addr: handle.data_addr,
             send,
             recv,
+            heads,
         })),
         Some(Body::OfferReply(r)) => Ok(Err(Veto {
             node,
@@ -468,6 +516,9 @@ pub(crate) async fn psi_report(
             node: node.clone(),
             error: e.to_string(),
         })?;
+    if let Some(Body::Report(r)) = &env.body {
+        party.heads.keep(&node, r.signed_head.as_ref());
+    }
     let violation = match env.body {
         Some(Body::Report(r)) => match r.outcome {
             Some(Outcome::Psi(outcome)) => return Ok((node, outcome)),

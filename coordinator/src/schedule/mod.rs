@@ -31,7 +31,7 @@ pub mod scheduler;
 #[cfg(test)]
 mod tests;
 
-pub use notify::{ALLOW_ON_DONE_ENV, NOTIFY_TIMEOUT, check_notify, notify_ended, run_json};
+pub use notify::{Confinement, NOTIFY_TIMEOUT, check_notify, notify_ended, run_json};
 pub use planner::{MAX_SKIPPED_RECORDED, PlannedRun, RunAction, backoff_ms, idempotency_key, plan};
 pub use scheduler::{
     RunNow, ScheduleError, ScheduledJob, Submit, TICK, TickSummary, run_now, run_scheduler,

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use cleanroom_proto::v1::JobSpec;
 
-use super::notify::notify_ended;
+use super::notify::{Confinement, notify_ended};
 use super::planner::{RunAction, idempotency_key, plan};
 use crate::clock::Clock;
 use crate::store::{JobStore, ScheduleRecord, StoreError};
@@ -169,16 +169,18 @@ pub async fn tick(
 pub async fn run_scheduler(
     clock: Arc<dyn Clock>,
     store: &JobStore,
+    confinement: &Confinement,
     submit: impl Submit,
     shutdown: impl Future<Output = ()>,
 ) {
-    run_scheduler_every(clock, store, submit, shutdown, TICK).await;
+    run_scheduler_every(clock, store, confinement, submit, shutdown, TICK).await;
 }
 
 /// [`run_scheduler`] with another interval between ticks (tests use a few milliseconds).
 pub async fn run_scheduler_every(
     clock: Arc<dyn Clock>,
     store: &JobStore,
+    confinement: &Confinement,
     submit: impl Submit,
     shutdown: impl Future<Output = ()>,
     every: Duration,
@@ -188,7 +190,7 @@ pub async fn run_scheduler_every(
         if let Err(err) = tick(store, clock.now_ms(), &submit).await {
             tracing::warn!(error = %err, "scheduler tick failed");
         }
-        if let Err(err) = notify_ended(store, clock.now_ms()) {
+        if let Err(err) = notify_ended(store, confinement, clock.now_ms()) {
             tracing::warn!(error = %err, "could not look for ended scheduled runs to notify");
         }
         tokio::select! {

@@ -32,6 +32,7 @@ fn spec() -> JobSpec {
         learns_membership: false,
     };
     JobSpec {
+        analyst: String::new(),
         kind: JobKind::Overlap as i32,
         parties: vec![party("acme", "customers"), party("globex", "subscribers")],
         purpose: "overlap-reporting".into(),
@@ -418,9 +419,11 @@ async fn the_loop_ticks_by_the_clock_and_stops_on_shutdown() {
     let (submit, _) = fake_submit(&store, &clock, Ending::Succeed);
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let shared_clock: Arc<dyn Clock> = Arc::new(clock.clone());
+    let confinement = super::Confinement::default();
     let scheduler = run_scheduler_every(
         shared_clock,
         &store,
+        &confinement,
         submit,
         async {
             let _ = stopped.await;

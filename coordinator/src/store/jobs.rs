@@ -226,6 +226,46 @@ impl JobStore {
         Ok(jobs)
     }
 
+    /// Like [`JobStore::list`], restricted to what `filter` lets an analyst see (the API
+    /// decides the filter with `api::authz`).
+    pub fn list_visible(&self, limit: u32, filter: &JobFilter) -> Result<Vec<JobInfo>, StoreError> {
+        let (owner, scheduled) = match filter {
+            JobFilter::All => return self.list(limit),
+            JobFilter::OwnedBy(o) => (o.as_str(), false),
+            JobFilter::OwnedByOrScheduled(o) => (o.as_str(), true),
+        };
+        let limit = limit.min(MAX_LIST_LIMIT);
+        let mut conn = self.lock();
+        let tx = conn.transaction()?;
+        let ids = {
+            let mut stmt = tx.prepare(
+                "SELECT job_id FROM jobs WHERE submitted_by = ?2 \
+                   OR (?3 AND job_id IN (SELECT job_id FROM schedule_runs WHERE job_id IS NOT NULL)) \
+                 ORDER BY created_ms DESC, seq DESC LIMIT ?1",
+            )?;
+            stmt.query_map(params![limit, owner, scheduled], |row| {
+                row.get::<_, String>(0)
+            })?
+            .collect::<Result<Vec<_>, _>>()?
+        };
+        let mut jobs = Vec::with_capacity(ids.len());
+        for job_id in ids {
+            if let Some(info) = load_job(&tx, &job_id)? {
+                jobs.push(info);
+            }
+        }
+        tx.commit()?;
+        Ok(jobs)
+    }
+
+    /// Whether `job_id` is a run of a schedule.
+    pub fn is_scheduled_run(&self, job_id: &str) -> Result<bool, StoreError> {
+        let conn = self.lock();
+        let mut stmt =
+            conn.prepare_cached("SELECT EXISTS (SELECT 1 FROM schedule_runs WHERE job_id = ?1)")?;
+        Ok(stmt.query_row([job_id], |row| row.get::<_, bool>(0))?)
+    }
+
     /// Ids of the jobs not yet in a terminal state (pending, offered or running), oldest first:
     /// at start-up the server fails them with a reason, so no job is left hanging or run twice.
     pub fn unfinished(&self) -> Result<Vec<String>, StoreError> {
@@ -406,4 +446,15 @@ fn load_job(conn: &Connection, job_id: &str) -> Result<Option<JobInfo>, StoreErr
         history,
         aggregate: None,
     }))
+}
+
+/// Which jobs a listing shows (see [`JobStore::list_visible`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum JobFilter {
+    /// Every job.
+    All,
+    /// The jobs this analyst submitted (a scheduled run counts as its schedule owner's).
+    OwnedBy(String),
+    /// Those, and every run of a schedule.
+    OwnedByOrScheduled(String),
 }

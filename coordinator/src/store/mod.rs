@@ -10,7 +10,8 @@
 //! - the last hello of each node;
 //! - recurring jobs ([`ScheduleRecord`]) and every run of them ([`ScheduleRun`]): which
 //!   occurrence, which attempt, which job — or that the occurrence was skipped;
-//! - the lease of every job a coordinator process is executing (see [`lease`]).
+//! - the lease of every job a coordinator process is executing (see [`lease`]);
+//! - every signed audit head a node reported, once its signature checks ([`heads`]).
 //!
 //! Jobs follow the state machine `pending → offered → running → succeeded | failed | vetoed |
 //! cancelled` (see [`transition_allowed`]); every change is one transaction that reads the
@@ -33,6 +34,7 @@
 //! module, only its siblings.
 
 mod error;
+mod heads;
 mod jobs;
 mod lease;
 mod results;
@@ -44,7 +46,8 @@ mod state;
 mod tests;
 
 pub use error::StoreError;
-pub use jobs::{MAX_LIST_LIMIT, NodeRecord, Submitted};
+pub use heads::HeadVerdict;
+pub use jobs::{JobFilter, MAX_LIST_LIMIT, NodeRecord, Submitted};
 pub use lease::{LeaseHolder, OrphanedJob};
 pub use results::{
     MAX_INLINE_RESULT_BYTES, MAX_PAGE_BYTES, MAX_PAGE_GROUPS, STORE_PAGE_GROUPS, releases_nothing,

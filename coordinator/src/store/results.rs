@@ -327,6 +327,7 @@ mod aggregate_result_tests {
         let path = dir.path().join("jobs.db");
         let store = JobStore::open(&path).unwrap();
         let spec = JobSpec {
+            analyst: String::new(),
             kind: JobKind::Aggregate as i32,
             parties: ["a", "b", "c"]
                 .iter()
@@ -385,6 +386,7 @@ mod aggregate_page_tests {
         let dir = tempfile::tempdir().unwrap();
         let store = JobStore::open(&dir.path().join("jobs.db")).unwrap();
         let spec = JobSpec {
+            analyst: String::new(),
             kind: JobKind::Aggregate as i32,
             parties: ["a", "b", "c"]
                 .iter()

@@ -208,7 +208,7 @@ impl JobStore {
 /// Where a schedule's ended runs are announced (empty: not at all).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ScheduleNotify {
-    /// A command run by `sh -c` with the run's facts in `CLEANROOM_*` environment variables.
+    /// A program (absolute path, run directly) with the run's facts in `CLEANROOM_*` environment variables.
     pub on_done: String,
     /// A directory where the run's JSON is written, one file per run.
     pub notify_dir: String,

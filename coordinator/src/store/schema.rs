@@ -13,7 +13,7 @@ use super::error::StoreError;
 const SCHEMA: &str = include_str!("schema.sql");
 
 /// Version of [`SCHEMA`]; recorded in the `schema_version` table.
-pub const SCHEMA_VERSION: i64 = 7;
+pub const SCHEMA_VERSION: i64 = 8;
 
 /// How long a statement waits for another connection's write lock before failing with "busy".
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
@@ -97,15 +97,18 @@ impl JobStore {
             // Versions 2 to 6 only added tables (schedules, schedule_runs; schedule_notify,
             // schedule_run_notified; job_leases; aggregate_results; aggregate_result_pages); the
             // schema script creates what is missing and leaves the rest untouched. Version 7
-            // scrubs the parties' own row counts from what was stored before.
-            Some(1..=6) => {
+            // scrubs the parties' own row counts from what was stored before. Version 8 adds
+            // audit_heads.
+            Some(old @ 1..=7) => {
                 tx.execute_batch(SCHEMA)?;
-                scrub_party_figures(&tx)?;
+                if old < 7 {
+                    scrub_party_figures(&tx)?;
+                }
                 tx.execute(
                     "INSERT INTO schema_version (version) VALUES (?1)",
                     [SCHEMA_VERSION],
                 )?;
-                migrated = true;
+                migrated = old < 7;
             }
             Some(found) => {
                 return Err(StoreError::UnsupportedSchema {

@@ -157,3 +157,21 @@ CREATE TABLE IF NOT EXISTS aggregate_result_pages (
   page        BLOB    NOT NULL,
   PRIMARY KEY (job_id, first_group)
 );
+
+-- Every signed audit head a node reported (version 8), with the job whose offer reply or report
+-- carried it. The signature was checked before the row was written; the rows are what a node's
+-- log is verified against later (`cleanroom audit-heads`, `cleanroom-node audit verify --heads`).
+CREATE TABLE IF NOT EXISTS audit_heads (
+  id          INTEGER PRIMARY KEY AUTOINCREMENT,
+  node        TEXT    NOT NULL,
+  job_id      TEXT    NOT NULL,
+  -- The head is SEQ:HASH; the hash is kept as 32 raw bytes.
+  seq         INTEGER NOT NULL,
+  hash        BLOB    NOT NULL,
+  public_key  BLOB    NOT NULL,
+  signature   BLOB    NOT NULL,
+  received_ms INTEGER NOT NULL,
+  UNIQUE (node, seq, hash, public_key)
+);
+
+CREATE INDEX IF NOT EXISTS audit_heads_by_node ON audit_heads (node, seq);

@@ -14,6 +14,7 @@ use super::*;
 
 pub(super) fn spec(purpose: &str) -> JobSpec {
     JobSpec {
+        analyst: String::new(),
         kind: JobKind::Overlap as i32,
         parties: vec![
             PartySpec {

@@ -101,6 +101,14 @@ pub enum AuditEvent {
         /// Why.
         reason: String,
     },
+    /// A data-plane connection was refused before any job saw it (a certificate whose key is
+    /// not the one the partner's agreement pins).
+    ConnectionRefused {
+        /// The identity the certificate claims.
+        peer: String,
+        /// Why, with the presented and pinned key fingerprints.
+        reason: String,
+    },
     /// A subject was forgotten (deletion request).
     Forget {
         /// The dataset.
@@ -120,6 +128,7 @@ impl AuditEvent {
             AuditEvent::Release { .. } => "Release",
             AuditEvent::JobError { .. } => "JobError",
             AuditEvent::Forget { .. } => "Forget",
+            AuditEvent::ConnectionRefused { .. } => "ConnectionRefused",
         }
     }
 
@@ -130,7 +139,9 @@ impl AuditEvent {
             | AuditEvent::Access { job_id, .. }
             | AuditEvent::Release { job_id, .. }
             | AuditEvent::JobError { job_id, .. } => Some(job_id),
-            AuditEvent::PolicyLoaded { .. } | AuditEvent::Forget { .. } => None,
+            AuditEvent::PolicyLoaded { .. }
+            | AuditEvent::Forget { .. }
+            | AuditEvent::ConnectionRefused { .. } => None,
         }
     }
 
@@ -197,6 +208,9 @@ impl AuditEvent {
             AuditEvent::JobError {
                 partner, reason, ..
             } => format!("job with {partner} failed: {reason}"),
+            AuditEvent::ConnectionRefused { peer, reason } => {
+                format!("refused a data-plane connection from {peer}: {reason}")
+            }
             AuditEvent::Forget { dataset, key_hash } => format!(
                 "forgot a subject of {dataset} (key hash {}…)",
                 key_hash.get(..16).unwrap_or(key_hash)

@@ -127,6 +127,7 @@ pub fn summarize(
         match &e.event {
             AuditEvent::PolicyLoaded { .. } => policy_loads += 1,
             AuditEvent::Forget { .. } => deletion_requests += 1,
+            AuditEvent::ConnectionRefused { .. } => {}
             AuditEvent::Access { .. } => {}
             AuditEvent::Decision {
                 job_id,

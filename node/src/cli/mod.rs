@@ -153,6 +153,12 @@ pub enum AuditCommand {
         /// coordinator); a log shorter than it is truncated.
         #[arg(long, value_name = "SEQ:HEX")]
         expect_head: Option<AuditHead>,
+        /// The signed heads this node reported, as the coordinator kept them (`cleanroom
+        /// audit-heads --node NAME --out FILE`): each must be signed by this node's audit key
+        /// and name an entry the log still has, with that hash. Detects a rewritten suffix the
+        /// log and its head file agree on, once a later head was reported.
+        #[arg(long, value_name = "FILE")]
+        heads: Option<PathBuf>,
     },
     /// List entries (oldest first).
     Show {
@@ -509,15 +515,154 @@ fn run_forget(config: &std::path::Path, dataset: &str, key: &str) -> anyhow::Res
     Ok(ExitCode::SUCCESS)
 }
 
+/// One line of `cleanroom audit-heads`.
+#[derive(serde::Deserialize)]
+struct ReportedHead {
+    node: String,
+    job_id: String,
+    head: String,
+    public_key: String,
+    signature: String,
+}
+
+fn unhex(s: &str) -> Option<Vec<u8>> {
+    if !s.len().is_multiple_of(2) {
+        return None;
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
+        .collect()
+}
+
+/// Checks the log at `path` against the signed heads in `file`: each of this node's heads must
+/// carry a valid signature by this node's audit key, and the log's entry at its sequence number
+/// must have its hash. Returns the problems found, one line each.
+fn check_reported_heads(
+    cfg: &NodeConfig,
+    path: &std::path::Path,
+    file: &std::path::Path,
+) -> anyhow::Result<Vec<String>> {
+    use cleanroom_circuits::audit_head::{self, AuditSigningKey};
+    let key_path = cfg.state_dir.join(crate::run::AUDIT_KEY_FILE);
+    let key_text = std::fs::read_to_string(&key_path).map_err(|e| {
+        anyhow::anyhow!(
+            "{}: cannot read the audit signing key: {e}",
+            key_path.display()
+        )
+    })?;
+    let own = AuditSigningKey::from_text(&key_text)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", key_path.display()))?
+        .public_key();
+    let text = std::fs::read_to_string(file)
+        .map_err(|e| anyhow::anyhow!("{}: cannot read: {e}", file.display()))?;
+    let entries = audit::read_entries(path)?;
+    let mut problems = Vec::new();
+    let mut checked = 0;
+    for (n, line) in text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+    {
+        let h: ReportedHead = serde_json::from_str(line).map_err(|e| {
+            anyhow::anyhow!(
+                "{} line {}: not a reported head: {e}",
+                file.display(),
+                n + 1
+            )
+        })?;
+        if h.node != cfg.name {
+            continue;
+        }
+        let (Some(pk), Some(sig)) = (unhex(&h.public_key), unhex(&h.signature)) else {
+            problems.push(format!("line {}: key or signature is not hex", n + 1));
+            continue;
+        };
+        if let Err(e) = audit_head::verify(&cfg.name, &h.head, &pk, &sig) {
+            problems.push(format!("head {} (job {}): {e}", h.head, h.job_id));
+            continue;
+        }
+        if pk != own {
+            problems.push(format!(
+                "head {} (job {}) is signed by another key than this node's audit key",
+                h.head, h.job_id
+            ));
+            continue;
+        }
+        let head: AuditHead = match h.head.parse() {
+            Ok(head) => head,
+            Err(e) => {
+                problems.push(e);
+                continue;
+            }
+        };
+        checked += 1;
+        if head.seq == 0 {
+            continue;
+        }
+        match usize::try_from(head.seq - 1)
+            .ok()
+            .and_then(|i| entries.get(i))
+        {
+            None => problems.push(format!(
+                "the log was cut: head {} (job {}) names entry seq {}, the log has {} entries",
+                h.head,
+                h.job_id,
+                head.seq,
+                entries.len()
+            )),
+            Some(e) if e.hash != head.hash => problems.push(format!(
+                "entry seq {} was rewritten: its hash is not the one in head {} (job {}), \
+                 signed and reported by this node",
+                head.seq, h.head, h.job_id
+            )),
+            Some(_) => {}
+        }
+    }
+    if checked == 0 {
+        problems.push(format!(
+            "{} holds no head of node {} signed by it",
+            file.display(),
+            cfg.name
+        ));
+    }
+    Ok(problems)
+}
+
 fn run_audit(command: AuditCommand) -> anyhow::Result<ExitCode> {
     match command {
         AuditCommand::Verify {
             config,
             expect_head,
+            heads,
         } => {
             let cfg = NodeConfig::load(&config)?;
             let path = cfg.audit_path();
             let report = audit::verify(&path, expect_head.as_ref())?;
+            if let Some(heads) = heads {
+                let problems = check_reported_heads(&cfg, &path, &heads)?;
+                if !problems.is_empty() || !report.is_ok() {
+                    crate::outln!(
+                        "{}: {} problem(s) against the heads in {}:",
+                        path.display(),
+                        problems.len(),
+                        heads.display()
+                    );
+                    for p in &problems {
+                        crate::outln!("  {p}");
+                    }
+                    for p in &report.problems {
+                        crate::outln!("  {p}");
+                    }
+                    return Ok(ExitCode::FAILURE);
+                }
+                crate::outln!(
+                    "ok: {} entries, head {}; every reported head signed by this node matches",
+                    report.entries,
+                    report.head
+                );
+                return Ok(ExitCode::SUCCESS);
+            }
             if report.is_ok() {
                 crate::outln!("ok: {} entries, head {}", report.entries, report.head);
                 return Ok(ExitCode::SUCCESS);

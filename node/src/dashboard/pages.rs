@@ -323,6 +323,12 @@ async fn decisions(State(state): State<Arc<NodeState>>) -> Response {
             .filter(|e| matches!(e.event, AuditEvent::Decision { .. }))
             .take(RECENT)
             .collect();
+        let refused: Vec<&AuditEntry> = entries
+            .iter()
+            .rev()
+            .filter(|e| matches!(e.event, AuditEvent::ConnectionRefused { .. }))
+            .take(RECENT)
+            .collect();
         let failed: Vec<&AuditEntry> = entries
             .iter()
             .rev()
@@ -351,6 +357,17 @@ async fn decisions(State(state): State<Arc<NodeState>>) -> Response {
                                 td { (dataset) " · " (keys.join("+")) }
                                 td { (reason) }
                                 td { code { (job_id) } }
+                            }
+                        }
+                    }
+                }
+                @if !refused.is_empty() {
+                    h2 { "Refused data-plane connections" }
+                    table #refused {
+                        tr { th { "Time" } th { "Peer" } th { "Reason" } }
+                        @for e in &refused {
+                            @if let AuditEvent::ConnectionRefused { peer, reason } = &e.event {
+                                tr { td { (time(e.at_ms)) } td { (peer) } td { (reason) } }
                             }
                         }
                     }

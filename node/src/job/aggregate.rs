@@ -83,7 +83,11 @@ pub async fn serve_offer(
     let reply = |accept: bool, reason: String| Envelope {
         job_id: job_id.clone(),
         phase: Phase::Offer as i32,
-        body: Some(Body::OfferReply(OfferReply { accept, reason })),
+        body: Some(Body::OfferReply(OfferReply {
+            accept,
+            reason,
+            signed_head: state.signed_head(),
+        })),
     };
     let my_name = state.cfg().name.clone();
     let Some(me) = aggregate_policy::my_index(&spec, &my_name) else {
@@ -506,6 +510,7 @@ impl AggregateJob {
                 phase: Phase::Report as i32,
                 body: Some(Body::Report(Report {
                     outcome: Some(Outcome::Aggregate(outcome)),
+                    signed_head: self.state.signed_head(),
                 })),
             })
             .await?;

@@ -147,6 +147,13 @@ pub(crate) async fn dial(
 ) -> Result<(quinn::Connection, FramedSend), NodeError> {
     let peer = Identity::node(&job.permit.partner)?;
     let conn = cleanroom_transport::connect(endpoint, peer_addr, &peer).await?;
+    if let Err(reason) = crate::pin::check(&job.state, &job.permit.partner, &conn) {
+        conn.close(crate::dataplane::CLOSE_REFUSED.into(), reason.as_bytes());
+        return Err(NodeError::from(JobError::DataPlane {
+            what: format!("data plane to {peer}"),
+            reason,
+        }));
+    }
     let send = conn.open_uni().await.map_err(|e| {
         NodeError::from(JobError::DataPlane {
             what: format!("data plane to {peer}"),

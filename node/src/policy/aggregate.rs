@@ -230,6 +230,7 @@ pub fn check_offer_at(
                 spec.purpose.escape_default()
             )));
         }
+        agreement.check_analyst(&spec.analyst).map_err(veto)?;
         let Some(entry) = agreement.allow.iter().find_map(|e| match e {
             Allow::Aggregate(a)
                 if a.terms.dataset == mine.dataset
@@ -431,6 +432,7 @@ purposes = ["fraud-benchmark"]
 
     fn spec(parties: &[&str]) -> JobSpec {
         JobSpec {
+            analyst: String::new(),
             kind: JobKind::Aggregate as i32,
             parties: parties
                 .iter()

@@ -205,6 +205,20 @@ impl NodeConfig<AllowEntry> {
             if let Some(b) = &a.budget_per_purpose {
                 b.validate(&format!("{ctx}: budget_per_purpose"))?;
             }
+            if let Some(pin) = &a.partner_key {
+                let hex = pin.strip_prefix("sha256:").unwrap_or("");
+                if hex.len() != 64 || !hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+                    return Err(format!(
+                        "{ctx}: partner_key must be sha256: and 64 lower-case hex digits (what \
+                         `cleanroom pki show CERT` prints), not '{}'",
+                        pin.escape_default()
+                    ));
+                }
+            }
+            for analyst in &a.analysts {
+                cleanroom_transport::Identity::analyst(analyst)
+                    .map_err(|e| format!("{ctx}: analysts: {e}"))?;
+            }
             let mut allow = Vec::with_capacity(a.allow.len());
             for e in &a.allow {
                 let at = line_of(text, e.dataset.span());
@@ -226,6 +240,8 @@ impl NodeConfig<AllowEntry> {
                 expires: a.expires,
                 allow,
                 budget_per_purpose: a.budget_per_purpose,
+                partner_key: a.partner_key,
+                analysts: a.analysts,
             });
         }
         Ok(NodeConfig {

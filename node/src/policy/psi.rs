@@ -153,6 +153,7 @@ pub fn check_offer_at(
             spec.purpose.escape_default()
         )));
     }
+    agreement.check_analyst(&spec.analyst).map_err(veto)?;
     if mine.keys.is_empty() {
         return Err(veto("the offer names no join key for this node"));
     }
@@ -342,6 +343,7 @@ purposes = ["fraud-detection"]
 
     fn spec(kind: JobKind, parties: Vec<PartySpec>, purpose: &str) -> JobSpec {
         JobSpec {
+            analyst: String::new(),
             kind: kind as i32,
             parties,
             purpose: purpose.into(),

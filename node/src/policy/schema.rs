@@ -95,6 +95,11 @@ pub struct TlsConfig {
     pub cert: PathBuf,
     /// This node's private key.
     pub key: PathBuf,
+    /// The consortium CA's certificate revocation list (`cleanroom pki revoke` writes it).
+    /// Reloaded with the certificate and key on change or SIGHUP: a revoked peer is refused on
+    /// the data plane, a revoked coordinator on the control plane.
+    #[serde(default)]
+    pub crl: Option<PathBuf>,
 }
 
 /// The agreement with one partner (its allow entries typed, `A = Allow`, or as written).
@@ -116,6 +121,15 @@ pub struct Agreement<A = Allow> {
     /// beyond the node-wide `[budget]`.
     #[serde(default)]
     pub budget_per_purpose: Option<Budget>,
+    /// The partner's public key, pinned: `sha256:<hex>` of its certificate's
+    /// SubjectPublicKeyInfo (`cleanroom pki show` prints it). A data-plane connection from a
+    /// certificate for another key is refused and audited, even if the CA signed it.
+    #[serde(default)]
+    pub partner_key: Option<String>,
+    /// Analysts who may start jobs under this agreement (the job spec names the analyst); empty
+    /// = any analyst.
+    #[serde(default)]
+    pub analysts: Vec<String>,
 }
 
 /// The config file could not be used.
@@ -191,6 +205,9 @@ impl NodeConfig {
         resolve(&mut self.tls.ca);
         resolve(&mut self.tls.cert);
         resolve(&mut self.tls.key);
+        if let Some(crl) = &mut self.tls.crl {
+            resolve(crl);
+        }
         for d in &mut self.datasets {
             resolve(&mut d.path);
         }
@@ -198,6 +215,24 @@ impl NodeConfig {
 }
 
 impl Agreement {
+    /// Refuses a job `analyst` asked for when this agreement names its analysts and not this
+    /// one; the reason names the analyst.
+    pub fn check_analyst(&self, analyst: &str) -> Result<(), String> {
+        if self.analysts.is_empty() || self.analysts.iter().any(|a| a == analyst) {
+            return Ok(());
+        }
+        let who = if analyst.is_empty() {
+            "an unnamed analyst".to_owned()
+        } else {
+            format!("analyst {}", analyst.escape_default())
+        };
+        Err(format!(
+            "the agreement with {} does not let {who} start jobs (it names {})",
+            self.partner,
+            self.analysts.join(", ")
+        ))
+    }
+
     /// Whether `purpose` is one of this agreement's purposes.
     pub fn allows_purpose(&self, purpose: &str) -> bool {
         self.purposes.iter().any(|p| p == purpose)

@@ -106,6 +106,23 @@ impl std::fmt::Display for PolicySummary {
                 Some(d) => writeln!(f, "  expires: {d} (end of day, UTC)")?,
                 None => writeln!(f, "  expires: never")?,
             }
+            match &a.partner_key {
+                Some(pin) => writeln!(
+                    f,
+                    "  partner key: {pin} (pinned: a certificate for {} with another key is refused)",
+                    a.partner
+                )?,
+                None => writeln!(
+                    f,
+                    "  partner key: not pinned (any certificate the consortium CA signs for {} is accepted)",
+                    a.partner
+                )?,
+            }
+            if a.analysts.is_empty() {
+                writeln!(f, "  analysts: any")?;
+            } else {
+                writeln!(f, "  analysts: {}", a.analysts.join(", "))?;
+            }
             match &a.budget_per_purpose {
                 Some(b) => writeln!(f, "  budget per purpose: {}", b.describe())?,
                 None => writeln!(f, "  budget per purpose: none (only the node-wide cap)")?,

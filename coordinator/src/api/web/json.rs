@@ -94,11 +94,15 @@ pub fn respond(result: Result<Resp, CoordinatorError>) -> Response {
         Ok(Resp::Schedule(m)) => to_json("cleanroom.v1.ScheduleInfo", &m),
         Ok(Resp::Schedules(m)) => to_json("cleanroom.v1.ScheduleList", &m),
         Ok(Resp::AggregatePage(m)) => to_json("cleanroom.v1.AggregatePage", &m),
+        Ok(Resp::AuditHeads(m)) => to_json("cleanroom.v1.AuditHeads", &m),
         Ok(Resp::ReportJson(text)) => {
             serde_json::from_str(&text).map_err(|e| format!("the report is not JSON: {e}"))
         }
         Err(CoordinatorError::Refused(message)) => {
             return error(refusal_status(&message), message);
+        }
+        Err(CoordinatorError::Forbidden(message)) => {
+            return error(StatusCode::FORBIDDEN, message);
         }
         Err(e) => {
             tracing::warn!(error = %e, "web console: request failed");
@@ -125,7 +129,7 @@ fn error(status: StatusCode, message: String) -> Response {
 }
 
 async fn ask(shared: &Arc<Shared>, analyst: &Analyst, job_id: &str, request: Req) -> Response {
-    respond(answer(shared, &analyst.0, job_id, request).await)
+    respond(answer(shared, &analyst.1, &analyst.0, job_id, request).await)
 }
 
 /// A body in protobuf's JSON mapping (an empty body is the empty message).

@@ -37,6 +37,7 @@ use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use super::authz::Roles;
 use crate::error::CoordinatorError;
 use crate::shared::Shared;
 
@@ -52,9 +53,10 @@ pub enum Caller {
     Known(Identity),
 }
 
-/// An analyst's identity, for handlers that need one (the middleware has checked the role).
+/// An analyst's identity and the consortium's roles, for handlers that need one (the middleware
+/// has checked the role); what the analyst may see and do is decided by [`super::authz`].
 #[derive(Clone, Debug)]
-pub struct Analyst(pub Identity);
+pub struct Analyst(pub Identity, pub Arc<Roles>);
 
 /// A bound web server, not yet serving.
 pub struct WebServer {
@@ -99,8 +101,13 @@ impl WebServer {
     }
 
     /// Serves until `shutdown` turns true.
-    pub async fn serve(self, shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
-        let app = router(shared);
+    pub async fn serve(
+        self,
+        shared: Arc<Shared>,
+        roles: Arc<Roles>,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
+        let app = router(shared, roles);
         tracing::info!(listen = %self.addr, "web console listening");
         loop {
             let (tcp, remote) = tokio::select! {
@@ -150,7 +157,7 @@ impl WebServer {
 }
 
 /// Every route of the console.
-pub fn router(shared: Arc<Shared>) -> Router {
+pub fn router(shared: Arc<Shared>, roles: Arc<Roles>) -> Router {
     let analyst_routes = Router::new()
         .merge(pages::routes())
         .nest("/api/v1", json::routes())
@@ -162,6 +169,7 @@ pub fn router(shared: Arc<Shared>) -> Router {
             get(metrics).layer(middleware::from_fn(require_member)),
         )
         .merge(analyst_routes)
+        .layer(axum::Extension(roles))
         .with_state(shared)
 }
 
@@ -241,7 +249,15 @@ async fn require_analyst(mut req: Request, next: Next) -> Response {
         tracing::warn!(analyst = %id.name, path = %req.uri().path(), "web console: refused a cross-site request");
         return (StatusCode::FORBIDDEN, "403: cross-site request refused\n").into_response();
     }
-    req.extensions_mut().insert(Analyst(id));
+    let Some(roles) = req.extensions().get::<Arc<Roles>>().cloned() else {
+        // The router always carries the roles; a route mounted without them sees nothing.
+        return (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "500: the console has no roles\n",
+        )
+            .into_response();
+    };
+    req.extensions_mut().insert(Analyst(id, roles));
     next.run(req).await
 }
 

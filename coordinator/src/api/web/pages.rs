@@ -171,11 +171,14 @@ async fn ask(
     job_id: &str,
     request: Req,
 ) -> Result<Resp, Response> {
-    match answer(shared, &analyst.0, job_id, request).await {
+    match answer(shared, &analyst.1, &analyst.0, job_id, request).await {
         Ok(Resp::Error(message)) => Err(refused(analyst, refusal_status(&message), &message)),
         Ok(r) => Ok(r),
         Err(crate::error::CoordinatorError::Refused(message)) => {
             Err(refused(analyst, refusal_status(&message), &message))
+        }
+        Err(crate::error::CoordinatorError::Forbidden(message)) => {
+            Err(refused(analyst, StatusCode::FORBIDDEN, &message))
         }
         Err(e) => Err(refused(
             analyst,
@@ -431,6 +434,8 @@ pub fn spec_of(form: &SubmitForm) -> Result<JobSpec, String> {
         purpose: form.purpose.trim().to_owned(),
         aggregate,
         overlap_sum: None,
+        // The coordinator sets the submitting analyst from the certificate.
+        analyst: String::new(),
     })
 }
 
@@ -481,7 +486,7 @@ fn submit_form(
 }
 
 async fn node_names(shared: &Arc<Shared>, analyst: &Analyst) -> Vec<String> {
-    match answer(shared, &analyst.0, "", Req::Nodes(ListNodes {})).await {
+    match answer(shared, &analyst.1, &analyst.0, "", Req::Nodes(ListNodes {})).await {
         Ok(Resp::Nodes(list)) => list.nodes.into_iter().map(|n| n.name).collect(),
         _ => Vec::new(),
     }
@@ -520,7 +525,7 @@ async fn submit(
         spec: Some(spec),
         idempotency_key: form.idempotency_key.trim().to_owned(),
     });
-    match answer(&shared, &analyst.0, "", request).await {
+    match answer(&shared, &analyst.1, &analyst.0, "", request).await {
         Ok(Resp::Job(job)) => Redirect::to(&format!("/jobs/{}", job.job_id)).into_response(),
         Ok(Resp::Error(e)) => fail(e, node_names(&shared, &analyst).await),
         Ok(_) => unexpected(&analyst),
