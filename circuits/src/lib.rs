@@ -26,6 +26,11 @@
 //!    ([`AwaitingReturn::on_returned_end`]), and mapped back to our rows through the shuffle
 //!    permutation when membership is wanted.
 //!
+//! The node runs the streaming form of steps 2–4 ([`ReadyToBlind::stream`] → [`Streaming`] →
+//! [`Matching`]): the send order is drawn first and points are blinded and sent batch by batch,
+//! the peer's are re-blinded as they come, and returned points are compared as they arrive
+//! (`psi/stream.rs` explains why the pre-drawn order protects what the shuffle protects).
+//!
 //! Each state is consumed by the one input it expects ([`PsiSession::start`] →
 //! [`AwaitingPeerSize`] → [`ReadyToBlind`] → [`ExchangingPoints`] → [`AwaitingReturn`] →
 //! [`PsiOutput`]), so a message out of order does not type-check in the driver.
@@ -58,8 +63,9 @@
 //! # Performance and build options
 //!
 //! Per item and party the floor is one hash-to-group, two variable-base scalar
-//! multiplications, two encodings and one decoding ([`FloorCosts::per_item_ns`]); everything else
-//! (sorting, batching) is kept small next to it: rayon chunks of 1024 points, no per-item
+//! multiplications, two batched encodings (`double_and_compress_batch`, as above) and one
+//! decoding ([`FloorCosts::per_item_ns`]), each measured with the curve backend the process runs
+//! on; everything else (sorting, batching) is kept small next to it: rayon chunks of 1024 points, no per-item
 //! allocation, `sort_unstable` and binary search for matching. The workspace builds
 //! curve25519-dalek with its AVX-512 IFMA backend compiled in, and dalek picks it at run time on
 //! CPUs that have it (else AVX2, else serial): see [`curve_backend`].
@@ -83,15 +89,18 @@ mod psi;
 pub use backend::curve_backend;
 pub use dp::{DpError, Mechanism, Scale};
 pub use error::PsiError;
-pub use floor::{FloorCosts, measure_floor};
+pub use floor::{
+    AggregateFloorCosts, FloorCosts, SumFloorCosts, measure_aggregate_floor, measure_floor,
+    measure_floor_with, measure_sum_floor,
+};
 pub use hash_to_group::{
     HASH_TO_GROUP_DST, MAX_EXPAND_LEN, expand_message_xmd_sha512, hash_to_group,
 };
 pub use items::ItemSet;
 pub use key::JobKey;
 pub use psi::{
-    AwaitingPeerSize, AwaitingReturn, ExchangingPoints, PsiOutput, PsiParams, PsiSession,
-    ReadyToBlind, blind_items, reblind_points,
+    AwaitingPeerSize, AwaitingReturn, ExchangingPoints, Matching, PsiOutput, PsiParams, PsiSession,
+    ReadyToBlind, Streaming, blind_items, reblind_points,
 };
 
 /// Bytes in one compressed ristretto255 element.

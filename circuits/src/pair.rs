@@ -72,7 +72,7 @@ pub(crate) fn run_pair(
 }
 
 /// Indices (into the deduplicated `own`) of items that `other` also holds.
-fn plain_membership(own: &ItemSet, other: &ItemSet) -> Vec<u32> {
+pub(crate) fn plain_membership(own: &ItemSet, other: &ItemSet) -> Vec<u32> {
     let other: BTreeSet<&[u8]> = other.iter().collect();
     own.iter()
         .enumerate()
@@ -105,7 +105,7 @@ fn check_pair(rio_a: bool, lm_a: bool, rio_b: bool, lm_b: bool, a: ItemSet, b: I
     assert_eq!(ob.membership, lm_b.then_some(expect_b));
 }
 
-fn emails(range: std::ops::Range<u32>) -> ItemSet {
+pub(crate) fn emails(range: std::ops::Range<u32>) -> ItemSet {
     let mut s = ItemSet::new();
     for i in range {
         s.push(format!("user{i}@example.com").as_bytes()).unwrap();
@@ -167,7 +167,7 @@ fn blind_and_reblind_match_plain_scalar_multiplication() {
     assert_ne!(blind_items(&k1, "phone", &items), once);
 }
 
-fn one_valid_point() -> EncodedPoint {
+pub(crate) fn one_valid_point() -> EncodedPoint {
     hash_to_group("email", b"x").compress().to_bytes()
 }
 

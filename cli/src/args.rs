@@ -777,6 +777,11 @@ pub struct BenchPsiArgs {
     /// Fraction shared.
     #[arg(long, default_value_t = 0.5)]
     pub overlap: f64,
+    /// Worker threads per node (the node processes' `RAYON_NUM_THREADS`; bench psi only).
+    /// Several, e.g. `--threads 1,2`, run each run once per count with fresh node processes
+    /// and report the speed-up of the last count over the one before. Default: one per core.
+    #[arg(long, value_delimiter = ',')]
+    pub threads: Vec<usize>,
     /// Repetitions of the job (the median is reported).
     #[arg(long, default_value_t = 1)]
     pub runs: u32,

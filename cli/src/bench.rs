@@ -1,166 +1,25 @@
-//! `cleanroom bench psi`: an n × n overlap between two node processes over loopback QUIC with
-//! mutual TLS, submitted through the analyst API, against the cryptographic floor measured in
-//! the same run.
+//! `cleanroom bench`: the PSI benchmark (`bench_psi`), the overlap-sum benchmark (`bench_sum`)
+//! and, here, the aggregate benchmark.
 
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use cleanroom_circuits::floor::measure_floor;
 use cleanroom_proto::v1::{AggregateSpec, IntegerRange, JobKind, JobSpec, JobState, PartySpec};
 use serde_json::json;
 
-use crate::args::{BenchAggregateArgs, BenchCommand, BenchPsiArgs};
+use crate::args::{BenchAggregateArgs, BenchCommand};
 use crate::cluster::{Cluster, Partner};
-use crate::measure::{cores, median, rss_json, verdict, warn_if_debug};
+use crate::measure::{CpuMark, cores, median, verdict, warn_if_debug};
 use crate::synth::{SynthSpec, write_synth};
 use crate::ui::{WorkDir, spinner};
 
 /// Runs a benchmark.
 pub async fn run(command: BenchCommand) -> anyhow::Result<ExitCode> {
     match command {
-        BenchCommand::Psi(args) => psi(args).await,
+        BenchCommand::Psi(args) => crate::bench_psi::run(args).await,
         BenchCommand::Aggregate(args) => aggregate(args).await,
         BenchCommand::OverlapSum(args) => crate::bench_sum::run(args).await,
     }
-}
-
-async fn psi(args: BenchPsiArgs) -> anyhow::Result<ExitCode> {
-    warn_if_debug("psi");
-    let cores = cores();
-    let workdir = WorkDir::new(args.keep.as_deref(), "cleanroom-bench-")?;
-    let dir = workdir.path().to_owned();
-    let progress = spinner("starting");
-
-    progress.set_message("measuring the cryptographic floor on this machine");
-    let floor = tokio::task::spawn_blocking(|| measure_floor(20_000)).await?;
-    let floor_secs = floor.psi_floor_seconds(args.n, args.n, cores);
-
-    progress.set_message(format!("writing {} × {} synthetic rows", args.n, args.n));
-    let data_dir = dir.join("data");
-    let partners = ["acme", "globex"];
-    let truth = write_synth(
-        &SynthSpec {
-            partners: partners.iter().map(|s| s.to_string()).collect(),
-            rows: args.n,
-            overlap: args.overlap,
-            seed: 42,
-        },
-        &data_dir,
-    )?;
-    let expected = truth
-        .pairwise_overlap
-        .get("acme,globex")
-        .copied()
-        .unwrap_or(0);
-
-    progress.set_message("starting the coordinator and two nodes");
-    let cluster = Cluster::start(&dir, &Partner::all_in(&data_dir, &partners)).await?;
-    let client = cluster.client().await?;
-
-    let mut walls = Vec::new();
-    let mut correct = true;
-    for run in 0..args.runs.max(1) {
-        progress.set_message(format!(
-            "run {}/{}: overlap of {} × {} items",
-            run + 1,
-            args.runs.max(1),
-            args.n,
-            args.n
-        ));
-        let spec = crate::cluster::customers_spec(&partners, JobKind::Overlap, "overlap-reporting");
-        let started = Instant::now();
-        let job = client.submit(spec, "").await?;
-        let job = client
-            .wait(&job.job_id, Duration::from_secs(7200), |_| {})
-            .await?;
-        let wall = started.elapsed().as_secs_f64();
-        let got = job
-            .results
-            .first()
-            .and_then(|r| r.outcome.as_ref())
-            .map(|o| o.intersection);
-        if job.state != JobState::Succeeded as i32 || got != Some(expected) {
-            correct = false;
-            eprintln!(
-                "run {}: job {} {:?} (result {:?}, expected {expected}): {}",
-                run + 1,
-                job.job_id,
-                job.state,
-                got,
-                job.reason
-            );
-        }
-        walls.push(wall);
-    }
-    let rss = cluster.peak_rss(&partners);
-    client.close().await;
-    cluster.stop().await?;
-    progress.finish_and_clear();
-
-    let wall = median(&mut walls);
-    let ratio = wall / floor_secs;
-    cleanroom_node::outln!(
-        "bench psi: overlap of {} × {} items ({:.0}% shared), {} cores, {} run(s)",
-        args.n,
-        args.n,
-        args.overlap * 100.0,
-        cores,
-        walls.len()
-    );
-    cleanroom_node::outln!(
-        "curve backend:            {} (picked at run time; the nodes run the same build)",
-        cleanroom_circuits::curve_backend()
-    );
-    cleanroom_node::outln!(
-        "floor per item per party: {:.1} µs = hash-to-group {:.1} + 2 × scalar mul {:.1} + 2 × encode {:.1} + decode {:.1}",
-        floor.per_item_ns() / 1e3,
-        floor.hash_to_group_ns / 1e3,
-        floor.scalar_mul_ns / 1e3,
-        floor.compress_ns / 1e3,
-        floor.decompress_ns / 1e3
-    );
-    cleanroom_node::outln!(
-        "floor for the job:        {floor_secs:.2} s  (2 × {} items × per-item cost / {cores} cores)",
-        args.n
-    );
-    cleanroom_node::outln!("wall (submit → result):   {wall:.2} s  (median)");
-    cleanroom_node::outln!("ratio wall / floor:       {ratio:.3}");
-    cleanroom_node::outln!(
-        "throughput per side:      {:.0} items/s",
-        args.n as f64 / wall
-    );
-    for (name, rss) in &rss {
-        match rss {
-            Some(b) => cleanroom_node::outln!(
-                "peak RSS {name:<8}          {:.1} MiB",
-                *b as f64 / (1024.0 * 1024.0)
-            ),
-            None => cleanroom_node::outln!("peak RSS {name:<8}          unavailable"),
-        }
-    }
-    cleanroom_node::outln!(
-        "result:                   {}",
-        if correct {
-            "correct (equals the ground truth)"
-        } else {
-            "WRONG"
-        }
-    );
-    if args.json {
-        cleanroom_node::outln!(
-            "{}",
-            json!({
-                "n": args.n, "overlap": args.overlap, "cores": cores, "runs": walls.len(),
-                "backend": cleanroom_circuits::curve_backend(),
-                "wall_s": wall, "floor_s": floor_secs, "ratio": ratio,
-                "items_per_s_per_side": args.n as f64 / wall,
-                "floor_ns": { "hash_to_group": floor.hash_to_group_ns, "scalar_mul": floor.scalar_mul_ns, "compress": floor.compress_ns, "decompress": floor.decompress_ns },
-                "peak_rss_bytes": rss_json(&rss),
-                "correct": correct,
-            })
-        );
-    }
-    Ok(verdict(correct))
 }
 
 /// `cleanroom bench aggregate`: N node processes, G groups, the synthetic chargebacks.
@@ -185,7 +44,9 @@ async fn aggregate(args: BenchAggregateArgs) -> anyhow::Result<ExitCode> {
     }
     let workdir = WorkDir::new(args.keep.as_deref(), "cleanroom-bench-")?;
     let dir = workdir.path().to_owned();
-    let progress = spinner("writing synthetic data");
+    let progress = spinner("measuring the cryptographic floor on this machine");
+    let floor = aggregate_floor(&args).await?;
+    progress.set_message("writing synthetic data");
     let data_dir = dir.join("data");
     let partners: Vec<String> = (1..=args.parties).map(|i| format!("p{i}")).collect();
     let truth = write_synth(
@@ -244,6 +105,11 @@ async fn aggregate(args: BenchAggregateArgs) -> anyhow::Result<ExitCode> {
     };
 
     let mut walls = Vec::new();
+    let mut others = Vec::new();
+    let pids: Vec<u32> = partners
+        .iter()
+        .filter_map(|p| cluster.node_pid(p))
+        .collect();
     let mut fetches = Vec::new();
     let mut released = 0usize;
     let mut correct = true;
@@ -256,12 +122,15 @@ async fn aggregate(args: BenchAggregateArgs) -> anyhow::Result<ExitCode> {
             args.groups,
             args.parties
         ));
+        let cpu_start = CpuMark::now(&pids);
         let started = Instant::now();
         let job = client.submit(spec.clone(), "").await?;
         let mut job = client
             .wait(&job.job_id, Duration::from_secs(7200), |_| {})
             .await?;
-        walls.push(started.elapsed().as_secs_f64());
+        let wall = started.elapsed().as_secs_f64();
+        walls.push(wall);
+        others.extend(CpuMark::now(&pids).since(&cpu_start).1.map(|o| o / wall));
         // Reading every group back, page by page when GetJob could not carry them.
         let fetch_started = Instant::now();
         client.fill_aggregate_groups(&mut job).await?;
@@ -360,6 +229,24 @@ async fn aggregate(args: BenchAggregateArgs) -> anyhow::Result<ExitCode> {
         list(&run_walls)
     );
     cleanroom_node::outln!(
+        "floor per cell per party: {:.2} µs = 2 × {} seed expansions × {:.4} + noise draw {:.2}  (one thread's CPU time)",
+        floor.costs.per_cell_ns(args.parties as usize) / 1e3,
+        args.parties - 1,
+        floor.costs.expand_ns / 1e3,
+        floor.costs.noise_ns / 1e3
+    );
+    cleanroom_node::outln!(
+        "floor for the job:        {:.2} s  ({} parties × {} cells × per-cell cost / {cores} cores)",
+        floor.seconds,
+        args.parties,
+        floor.cells
+    );
+    cleanroom_node::outln!("ratio wall / floor:       {:.3}", wall / floor.seconds);
+    let other_cores = median(&mut others);
+    cleanroom_node::outln!(
+        "other processes:          {other_cores:.2} cores on average while the job ran (median; of {cores})"
+    );
+    cleanroom_node::outln!(
         "result fetch (all pages): {fetch:.2} s  (median; runs: {})",
         list(&run_fetches)
     );
@@ -389,6 +276,12 @@ async fn aggregate(args: BenchAggregateArgs) -> anyhow::Result<ExitCode> {
                 "groups": args.groups, "integer_groups": args.integer_groups,
                 "parties": args.parties, "rows": args.rows, "cores": cores,
                 "runs": walls.len(), "wall_s": wall, "fetch_s": fetch,
+                "floor_s": floor.seconds, "ratio": wall / floor.seconds, "other_cores": other_cores,
+                "floor_ns": {
+                    "expand_per_cell": floor.costs.expand_ns,
+                    "noise_per_cell": floor.costs.noise_ns,
+                    "per_cell_per_party": floor.costs.per_cell_ns(args.parties as usize),
+                },
                 "walls_s": run_walls, "fetches_s": run_fetches,
                 "bytes": bytes.iter().map(|(n, p, c)| json!({"node": n, "to_peers": p, "to_coordinator": c})).collect::<Vec<_>>(),
                 "correct": correct,
@@ -396,6 +289,34 @@ async fn aggregate(args: BenchAggregateArgs) -> anyhow::Result<ExitCode> {
         );
     }
     Ok(verdict(correct))
+}
+
+/// An aggregate job's floor, measured on this machine.
+struct AggregateFloor {
+    costs: cleanroom_circuits::AggregateFloorCosts,
+    /// Cells per party: (groups + "(other)") × (count, amount).
+    cells: u64,
+    seconds: f64,
+}
+
+/// Measures the floor of the benchmark's aggregate: its noise plan (ε = 1, the count and
+/// `amount` clipped to [0, 200 000], all but one party may collude), on up to 16 384 groups, on
+/// one thread's CPU clock; the job's cells are `(groups + 1) × 2` per party.
+async fn aggregate_floor(args: &BenchAggregateArgs) -> anyhow::Result<AggregateFloor> {
+    let parties = args.parties as usize;
+    let plan =
+        cleanroom_circuits::aggregate::NoisePlan::new(1.0, &[1, 200_000], parties, parties - 1)?;
+    let sample = usize::try_from(args.groups.saturating_add(1).min(16_384))?;
+    let costs = tokio::task::spawn_blocking(move || {
+        cleanroom_circuits::measure_aggregate_floor(&plan, sample, &crate::measure::thread_cpu_time)
+    })
+    .await??;
+    let cells = args.groups.saturating_add(1).saturating_mul(2);
+    Ok(AggregateFloor {
+        seconds: costs.aggregate_floor_seconds(cells, parties, cores()),
+        costs,
+        cells,
+    })
 }
 
 /// Per bucket `0..groups` and then "(other)": the plaintext (count, amount) of all partners'

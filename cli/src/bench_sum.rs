@@ -8,9 +8,11 @@ use std::time::{Duration, Instant};
 use cleanroom_proto::v1::{JobInfo, JobKind, JobSpec, JobState, OverlapSumSpec};
 use serde_json::json;
 
+use cleanroom_circuits::measure_sum_floor;
+
 use crate::args::BenchPsiArgs;
 use crate::cluster::{Cluster, Partner};
-use crate::measure::{cores, median, rss_json, verdict, warn_if_debug};
+use crate::measure::{CpuMark, cores, median, rss_json, thread_cpu_time, verdict, warn_if_debug};
 use crate::synth::{GroupTruth, SynthSpec, write_synth};
 use crate::ui::{WorkDir, spinner};
 
@@ -71,10 +73,21 @@ fn sum_is_right(job: &JobInfo, truth: &GroupTruth) -> bool {
 /// Runs the benchmark.
 pub async fn run(args: BenchPsiArgs) -> anyhow::Result<ExitCode> {
     warn_if_debug("overlap-sum");
+    anyhow::ensure!(
+        args.threads.is_empty(),
+        "--threads is for bench psi; bench overlap-sum runs the nodes' default threads"
+    );
     let cores = cores();
     let workdir = WorkDir::new(args.keep.as_deref(), "cleanroom-bench-")?;
     let dir = workdir.path().to_owned();
-    let progress = spinner(format!("writing {} × {} synthetic rows", args.n, args.n));
+    let progress = spinner("measuring the cryptographic floor on this machine");
+    // The job's row: the count and the two columns' bounds (one Paillier plaintext), on one
+    // thread's CPU clock.
+    let floor = tokio::task::spawn_blocking(|| {
+        measure_sum_floor(&[1, 500_000, ORDERS_MAX], 200, 20_000, &thread_cpu_time)
+    })
+    .await??;
+    progress.set_message(format!("writing {} × {} synthetic rows", args.n, args.n));
     let data_dir = dir.join("data");
     let truth = write_synth(
         &SynthSpec {
@@ -102,6 +115,11 @@ pub async fn run(args: BenchPsiArgs) -> anyhow::Result<ExitCode> {
     let client = cluster.client().await?;
 
     let (mut overlap_walls, mut sum_walls) = (Vec::new(), Vec::new());
+    let (mut overlap_others, mut sum_others) = (Vec::new(), Vec::new());
+    let pids: Vec<u32> = PARTNERS
+        .iter()
+        .filter_map(|p| cluster.node_pid(p))
+        .collect();
     let (mut overlap_bytes, mut sum_bytes) = (Vec::new(), Vec::new());
     let mut correct = true;
     let runs = args.runs.max(1);
@@ -118,12 +136,14 @@ pub async fn run(args: BenchPsiArgs) -> anyhow::Result<ExitCode> {
                 args.n,
                 args.n
             ));
+            let cpu_start = CpuMark::now(&pids);
             let started = Instant::now();
             let job = client.submit(spec(kind), "").await?;
             let job = client
                 .wait(&job.job_id, Duration::from_secs(7200), |_| {})
                 .await?;
             let wall = started.elapsed().as_secs_f64();
+            let others = CpuMark::now(&pids).since(&cpu_start).1.map(|o| o / wall);
             let right = job.state == JobState::Succeeded as i32
                 && if kind == JobKind::Overlap {
                     job.results.iter().all(|r| {
@@ -144,9 +164,11 @@ pub async fn run(args: BenchPsiArgs) -> anyhow::Result<ExitCode> {
             }
             if kind == JobKind::Overlap {
                 overlap_walls.push(wall);
+                overlap_others.extend(others);
                 overlap_bytes.push(bytes(&job));
             } else {
                 sum_walls.push(wall);
+                sum_others.extend(others);
                 sum_bytes.push(bytes(&job));
             }
         }
@@ -167,9 +189,31 @@ pub async fn run(args: BenchPsiArgs) -> anyhow::Result<ExitCode> {
         args.n,
         args.overlap * 100.0
     );
-    cleanroom_node::outln!("overlap      wall {overlap:.2} s (median)");
-    cleanroom_node::outln!("overlap-sum  wall {sum:.2} s (median)");
+    let psi_floor = floor.psi.psi_floor_seconds(args.n, args.n, cores);
+    let sum_floor = floor.sum_floor_seconds(args.n, args.n, expected_overlap, cores);
+    cleanroom_node::outln!(
+        "overlap      wall {overlap:.2} s (median), floor {psi_floor:.2} s, wall / floor {:.3}",
+        overlap / psi_floor
+    );
+    cleanroom_node::outln!(
+        "overlap-sum  wall {sum:.2} s (median), floor {sum_floor:.2} s, wall / floor {:.3}",
+        sum / sum_floor
+    );
+    cleanroom_node::outln!(
+        "floor of the overlap-sum: the overlap's ({:.1} µs per item per party, {}) + one Paillier key {:.2} s + {} rows × encrypt {:.0} µs + {expected_overlap} shared rows × add {:.1} µs + finish {:.0} ms, over {cores} cores (one thread's CPU time)",
+        floor.psi.per_item_ns() / 1e3,
+        floor.psi.backend,
+        floor.keygen_ns / 1e9,
+        args.n,
+        floor.encrypt_row_ns / 1e3,
+        floor.add_row_ns / 1e3,
+        floor.finish_ns / 1e6
+    );
     cleanroom_node::outln!("ratio overlap-sum / overlap: {ratio:.2}");
+    let (overlap_others, sum_others) = (median(&mut overlap_others), median(&mut sum_others));
+    cleanroom_node::outln!(
+        "other processes: {overlap_others:.2} cores during the overlaps, {sum_others:.2} during the overlap-sums (median; of {cores})"
+    );
     for (i, p) in PARTNERS.iter().enumerate() {
         cleanroom_node::outln!(
             "bytes sent by {p:<8} overlap {:>12}  overlap-sum {:>12}  ({})",
@@ -200,6 +244,18 @@ pub async fn run(args: BenchPsiArgs) -> anyhow::Result<ExitCode> {
             json!({
                 "n": args.n, "overlap": args.overlap, "cores": cores, "runs": runs,
                 "overlap_wall_s": overlap, "overlap_sum_wall_s": sum, "ratio": ratio,
+                "backend": floor.psi.backend,
+                "overlap_floor_s": psi_floor, "overlap_sum_floor_s": sum_floor,
+                "overlap_ratio_to_floor": overlap / psi_floor,
+                "overlap_sum_ratio_to_floor": sum / sum_floor,
+                "other_cores": { "overlap": overlap_others, "overlap_sum": sum_others },
+                "floor_ns": {
+                    "psi_per_item": floor.psi.per_item_ns(),
+                    "keygen": floor.keygen_ns,
+                    "encrypt_row": floor.encrypt_row_ns,
+                    "add_row": floor.add_row_ns,
+                    "finish": floor.finish_ns,
+                },
                 "overlap_bytes": ob, "overlap_sum_bytes": sb,
                 "peak_rss_bytes": rss_json(&rss),
                 "correct": correct,

@@ -55,7 +55,7 @@ impl Cluster {
     /// Issues the PKI, writes the configs, starts the coordinator and the nodes, and waits
     /// until every node is connected.
     pub async fn start(dir: &Path, partners: &[Partner]) -> anyhow::Result<Cluster> {
-        Self::start_with_web(dir, partners, None).await
+        Self::start_with(dir, partners, None, &[]).await
     }
 
     /// [`Cluster::start`], the coordinator also serving its web console on `web`.
@@ -63,6 +63,17 @@ impl Cluster {
         dir: &Path,
         partners: &[Partner],
         web: Option<SocketAddr>,
+    ) -> anyhow::Result<Cluster> {
+        Self::start_with(dir, partners, web, &[]).await
+    }
+
+    /// [`Cluster::start_with_web`], with `node_env` set in every node process's environment
+    /// (e.g. `RAYON_NUM_THREADS`, the node's worker threads).
+    pub async fn start_with(
+        dir: &Path,
+        partners: &[Partner],
+        web: Option<SocketAddr>,
+        node_env: &[(&str, String)],
     ) -> anyhow::Result<Cluster> {
         let pki_dir = dir.join("pki");
         pki::init_ca(&pki_dir, "cleanroom demo consortium")?;
@@ -87,6 +98,7 @@ impl Cluster {
             &coordinator_cfg,
             &logs.join("coordinator.log"),
             true,
+            &[],
         )?;
         let (addr, web) = read_listen_lines(&mut coordinator, web.is_some())
             .await
@@ -115,6 +127,7 @@ impl Cluster {
                 &cfg_path,
                 &logs.join(format!("{}.log", p.name)),
                 false,
+                node_env,
             )?;
             nodes.insert(p.name.clone(), child);
         }
@@ -219,8 +232,15 @@ fn dummy_child() -> anyhow::Result<Child> {
         .spawn()?)
 }
 
-/// Starts this binary with `args CONFIG --stop-on-stdin-eof`, stderr to `log`.
-fn spawn(args: &[&str], config: &Path, log: &Path, stdout: bool) -> anyhow::Result<Child> {
+/// Starts this binary with `args CONFIG --stop-on-stdin-eof`, stderr to `log`, `env` added to
+/// its environment.
+fn spawn(
+    args: &[&str],
+    config: &Path,
+    log: &Path,
+    stdout: bool,
+    env: &[(&str, String)],
+) -> anyhow::Result<Child> {
     let exe = std::env::current_exe().context("cannot find this program's path")?;
     let log_file =
         std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
@@ -235,6 +255,7 @@ fn spawn(args: &[&str], config: &Path, log: &Path, stdout: bool) -> anyhow::Resu
             Stdio::null()
         })
         .stderr(Stdio::from(log_file))
+        .envs(env.iter().map(|(k, v)| (k, v)))
         .kill_on_drop(true);
     cmd.spawn()
         .with_context(|| format!("starting {}", args.join(" ")))

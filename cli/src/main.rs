@@ -9,6 +9,7 @@ mod aggregate_output;
 mod analyst;
 mod args;
 mod bench;
+mod bench_psi;
 mod bench_sum;
 mod cluster;
 mod demo;

@@ -24,6 +24,12 @@ const START_TIMEOUT: Duration = Duration::from_secs(60);
 /// Longest pause between reconnection attempts to the coordinator.
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
+/// How long one connection attempt to the coordinator may take. Well under the QUIC idle
+/// timeout (30 s): an attempt made while a restarting coordinator is not yet listening would
+/// otherwise wait out QUIC's growing retransmission intervals, and the node would come back
+/// tens of seconds after the coordinator did. A fresh attempt starts at once instead.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Keeps a control session with the coordinator until shutdown, reconnecting with backoff.
 pub async fn run(
     endpoint: quinn::Endpoint,
@@ -86,7 +92,18 @@ async fn session(
             what: format!("resolving the coordinator's address {coordinator}"),
             source: e,
         })?;
-    let conn = cleanroom_transport::connect(endpoint, addr, &Identity::coordinator()).await?;
+    let conn = tokio::time::timeout(
+        CONNECT_TIMEOUT,
+        cleanroom_transport::connect(endpoint, addr, &Identity::coordinator()),
+    )
+    .await
+    .map_err(|_| NodeError::Lost {
+        peer: "coordinator".into(),
+        reason: format!(
+            "no answer from {addr} within {}s; is the coordinator running there?",
+            CONNECT_TIMEOUT.as_secs()
+        ),
+    })??;
     let (mut send, mut recv) = cleanroom_transport::open_bi(&conn).await?;
     send.send(&Envelope {
         job_id: String::new(),

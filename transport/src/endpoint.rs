@@ -204,7 +204,9 @@ fn tls_alert(e: &ConnectionError) -> Option<u64> {
         ConnectionError::ConnectionClosed(c) => c.error_code.into(),
         _ => return None,
     };
-    (0x100..0x200).contains(&code).then_some(code - 0x100)
+    // `then`, not `then_some`: the subtraction must not run for codes below 0x100 (a plain
+    // transport error such as a timeout), where it underflows.
+    (0x100..0x200).contains(&code).then(|| code - 0x100)
 }
 
 /// Why a connection ended, in words: a refusal of our own certificate says so.
@@ -309,4 +311,37 @@ pub async fn handshake(
         tracing::warn!(%remote, %reason, "refused incoming connection");
         TransportError::Handshake { remote, reason }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use quinn::ConnectionError;
+    use quinn_proto::{ConnectionClose, TransportErrorCode};
+
+    use super::tls_alert;
+
+    /// A connection closed with a transport error below the TLS range (here NO_ERROR and
+    /// PROTOCOL_VIOLATION) has no alert, and asking must not panic (it underflowed once, in
+    /// debug builds, and killed a node that lost its coordinator).
+    #[test]
+    fn a_closed_connection_without_a_tls_alert_has_none() {
+        for code in [
+            TransportErrorCode::NO_ERROR,
+            TransportErrorCode::PROTOCOL_VIOLATION,
+        ] {
+            let e = ConnectionError::ConnectionClosed(ConnectionClose {
+                error_code: code,
+                frame_type: None,
+                reason: Default::default(),
+            });
+            assert_eq!(tls_alert(&e), None);
+        }
+        let revoked = ConnectionError::ConnectionClosed(ConnectionClose {
+            error_code: TransportErrorCode::crypto(44),
+            frame_type: None,
+            reason: Default::default(),
+        });
+        assert_eq!(tls_alert(&revoked), Some(44));
+        assert_eq!(tls_alert(&ConnectionError::TimedOut), None);
+    }
 }

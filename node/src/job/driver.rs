@@ -124,17 +124,19 @@ pub async fn run_initiator(
     finish_connection(&conn, result)
 }
 
-/// Responder: wait for the initiator's connection (routed by [`crate::dataplane`]), then run the
-/// exchange.
+/// Responder: load our input while we wait for the initiator's connection (routed by
+/// [`crate::dataplane`]; the initiator loads its own before it dials, so the two loads overlap),
+/// then run the exchange.
 pub async fn run_responder(
     job: JobContext,
     incoming: oneshot::Receiver<Delivery>,
 ) -> Result<PsiOutcome, NodeError> {
-    let (conn, send, recv, hello) = accept(&job, incoming).await?;
-    let result = tokio::time::timeout(JOB_TIMEOUT, async {
-        let loaded = load_input(&job).await?;
-        exchange(&job, &conn, send, Some((recv, hello)), loaded).await
-    })
+    let ((conn, send, recv, hello), loaded) =
+        tokio::try_join!(accept(&job, incoming), load_input(&job))?;
+    let result = tokio::time::timeout(
+        JOB_TIMEOUT,
+        exchange(&job, &conn, send, Some((recv, hello)), loaded),
+    )
     .await;
     finish_connection(&conn, result)
 }
@@ -364,6 +366,10 @@ async fn run_protocol(
                 Action::Compute(work) => {
                     let done = blocking(move || work.run()).await?;
                     proto.handle_done(done)?;
+                    // What arrived meanwhile, so the protocol can choose its next work from it.
+                    while let Some(env) = try_next_frame(incoming, &partner)? {
+                        proto.handle(env)?;
+                    }
                 }
                 Action::Finish => out.send.finish()?,
             }
@@ -646,6 +652,24 @@ pub(crate) async fn next_frame(
                 secs: stall.as_secs(),
             })
         })?;
+    frame_or_error(next, partner)
+}
+
+/// The peer's next frame if one has arrived already, without waiting. The end of the peer's
+/// stream is not an error here: the protocol may need nothing more ([`next_frame`] says so when
+/// it does).
+pub(crate) fn try_next_frame(
+    incoming: &mut mpsc::UnboundedReceiver<Incoming>,
+    partner: &str,
+) -> Result<Option<Envelope>, NodeError> {
+    match incoming.try_recv() {
+        Ok(next) => frame_or_error(Some(next), partner).map(Some),
+        Err(mpsc::error::TryRecvError::Empty | mpsc::error::TryRecvError::Disconnected) => Ok(None),
+    }
+}
+
+/// What the reader passed on, as a frame or the job's error.
+fn frame_or_error(next: Option<Incoming>, partner: &str) -> Result<Envelope, NodeError> {
     match next {
         Some(Incoming::Frame(env)) => {
             if let Some(Body::Abort(Abort { reason })) = &env.body {

@@ -22,13 +22,20 @@
 //! noise announcement (an `overlap` only), its release terms and its declared size. Batches must
 //! come in their phase and in sequence; the counts must agree; a revealed noise must open the
 //! hello's commitment. Anything else is a [`Violation`] by the partner.
+//!
+//! **No phase waits for another** (`cleanroom_circuits::Streaming`): our points go out batch by
+//! batch as they are blinded, in a send order drawn before the first one; the peer's batches are
+//! re-blinded as they come, taking turns with our own; our points coming back are compared as
+//! they arrive. The peer's frames are checked against the wire order when they arrive and queue
+//! until the session is free ([`PsiProtocol::handle`] takes them while CPU work is out). The
+//! order on the wire is unchanged: what we return waits until our own end marker is out.
 
 use std::collections::VecDeque;
 use std::time::Duration;
 
 use cleanroom_circuits::{
-    AwaitingPeerSize, AwaitingReturn, ExchangingPoints, ItemSet, JobKey, PsiError, PsiOutput,
-    PsiParams, PsiSession, ReadyToBlind,
+    AwaitingPeerSize, ItemSet, JobKey, Matching, PsiError, PsiOutput, PsiParams, PsiSession,
+    Streaming,
 };
 use cleanroom_proto::v1::{
     Abort, BatchEnd, Envelope, JobKind, NoiseReveal, NoiseTerm, Phase, PointBatch, PsiHello,
@@ -96,32 +103,55 @@ pub enum Action {
     Finish,
 }
 
+/// Our session while the exchange runs: before the peer's points are all in, and after.
+#[derive(Debug)]
+pub enum Session {
+    /// Our points go out; the peer's come in.
+    Streaming(Streaming),
+    /// The peer's points are all in and sorted; ours come back.
+    Matching(Matching),
+}
+
+impl Session {
+    fn own_done(&self) -> bool {
+        match self {
+            Session::Streaming(s) => s.own_done(),
+            Session::Matching(m) => m.own_done(),
+        }
+    }
+}
+
+/// Batches one piece of CPU work takes at most: 16 384 points, a few tenths of a second. Each
+/// piece is one round trip to the CPU pool, and rayon's workers spin between pieces; fewer,
+/// larger pieces keep that overhead small while our batches still leave every piece.
+pub const BATCHES_PER_WORK: usize = 4;
+
 /// CPU work of the protocol; [`Work::run`] is pure.
 #[derive(Debug)]
 pub enum Work {
-    /// Blind our items (the heavy step).
-    Blind(ReadyToBlind),
-    /// Re-blind one batch of the peer's items.
-    PeerBatch(ExchangingPoints, Vec<u8>),
-    /// The peer's items are all in: shuffle or order the rest.
-    PeerEnd(ExchangingPoints, u64),
-    /// One batch of our items, returned double-blinded.
-    Returned(AwaitingReturn, Vec<u8>),
+    /// Blind the next batches of our items (at most [`BATCHES_PER_WORK`]).
+    BlindNext(Session),
+    /// Re-blind batches of the peer's items, in order.
+    PeerBatches(Streaming, Vec<Vec<u8>>),
+    /// The peer's items are all in: check and sort them.
+    PeerEnd(Streaming, u64),
+    /// Batches of our items, returned double-blinded: compare them.
+    Returned(Matching, Vec<Vec<u8>>),
     /// All of our items are back: count.
-    ReturnedEnd(AwaitingReturn, u64),
+    ReturnedEnd(Matching, u64),
 }
 
 /// The result of a [`Work`].
 #[derive(Debug)]
 pub enum Done {
-    /// Our blinded batches, and the session that re-blinds the peer's.
-    Blinded(Vec<Vec<u8>>, ExchangingPoints),
-    /// A re-blinded batch to return, if one is due.
-    PeerBatch(Result<(ExchangingPoints, Option<Vec<u8>>), PsiError>),
-    /// The last re-blinded batches to return, and the peer's total.
-    PeerEnd(u64, Result<(Vec<Vec<u8>>, AwaitingReturn), PsiError>),
-    /// A returned batch taken in.
-    Returned(Result<AwaitingReturn, PsiError>),
+    /// The session, and our next blinded batches (none once all are out).
+    BlindNext(Session, Vec<Vec<u8>>),
+    /// The re-blinded batches to return, if due (returning in order).
+    PeerBatches(Result<(Streaming, Vec<Vec<u8>>), PsiError>),
+    /// The peer's total, and the session that compares our returned points.
+    PeerEnd(u64, Result<Matching, PsiError>),
+    /// Returned batches compared.
+    Returned(Result<Matching, PsiError>),
     /// The count.
     ReturnedEnd(Result<PsiOutput, PsiError>),
 }
@@ -130,13 +160,39 @@ impl Work {
     /// Does the work.
     pub fn run(self) -> Done {
         match self {
-            Work::Blind(s) => {
-                let (batches, next) = s.blind();
-                Done::Blinded(batches, next)
+            Work::BlindNext(mut s) => {
+                let mut batches = Vec::new();
+                while batches.len() < BATCHES_PER_WORK {
+                    let batch = match &mut s {
+                        Session::Streaming(x) => x.blind_next(),
+                        Session::Matching(x) => x.blind_next(),
+                    };
+                    match batch {
+                        Some(b) => batches.push(b),
+                        None => break,
+                    }
+                }
+                Done::BlindNext(s, batches)
             }
-            Work::PeerBatch(s, points) => Done::PeerBatch(s.on_peer_batch(&points)),
+            Work::PeerBatches(s, batches) => {
+                let run = || {
+                    let mut s = s;
+                    let mut replies = Vec::new();
+                    for points in &batches {
+                        let (next, reply) = s.on_peer_batch(points)?;
+                        s = next;
+                        replies.extend(reply);
+                    }
+                    Ok((s, replies))
+                };
+                Done::PeerBatches(run())
+            }
             Work::PeerEnd(s, total) => Done::PeerEnd(total, s.on_peer_end(total)),
-            Work::Returned(s, points) => Done::Returned(s.on_returned_batch(&points)),
+            Work::Returned(s, batches) => Done::Returned(
+                batches
+                    .iter()
+                    .try_fold(s, |s, points| s.on_returned_batch(points)),
+            ),
             Work::ReturnedEnd(s, total) => Done::ReturnedEnd(s.on_returned_end(total)),
         }
     }
@@ -158,12 +214,8 @@ pub struct PsiExchange {
 enum Stage {
     /// Our hello is out; the peer's is due.
     Hello(AwaitingPeerSize),
-    /// CPU work is out; nothing else is taken until it comes back.
-    Busy,
-    /// The peer's blinded batches come in; we re-blind them.
-    Reblinding(ExchangingPoints),
-    /// Our items come back double-blinded.
-    Returning(AwaitingReturn),
+    /// Points travel both ways.
+    Exchange(Box<Exchange>),
     /// Our count is out; the peer's is due.
     Count(PsiOutput),
     /// The counts agree; the peer's noise reveal is due.
@@ -172,6 +224,73 @@ enum Stage {
     Finished(PsiExchange),
     /// Failed or taken.
     Over,
+}
+
+/// A frame of the peer's that passed the wire checks and waits for the session.
+#[derive(Debug)]
+enum Input {
+    Points(Vec<u8>),
+    End(u64),
+    Returned(Vec<u8>),
+    ReturnedEnd(u64),
+}
+
+/// Which phase the peer's stream is in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PeerPhase {
+    Blinded,
+    DoubleBlinded,
+    Done,
+}
+
+/// The exchange of points.
+struct Exchange {
+    /// `None` while its CPU work is out.
+    session: Option<Session>,
+    /// The peer's frames, checked on the wire, in order.
+    inputs: VecDeque<Input>,
+    /// Where the peer's stream is, and its next batch number there.
+    peer_phase: PeerPhase,
+    seq_in: u64,
+    /// The peer's frames of the final phase, kept until our count is out.
+    later: VecDeque<Envelope>,
+    /// Our end marker of the blinded phase is out.
+    own_end_sent: bool,
+    /// Returns (in order) computed before our end marker was out.
+    held: Vec<Vec<u8>>,
+    /// The peer's total, once all its points are in (our returns end with it).
+    peer_total: Option<u64>,
+    /// Our return end marker is out.
+    returns_closed: bool,
+    /// Our own blinding takes the next turn when both it and the peer's work could.
+    own_turn: bool,
+}
+
+impl Exchange {
+    fn new(session: Streaming) -> Exchange {
+        Exchange {
+            session: Some(Session::Streaming(session)),
+            inputs: VecDeque::new(),
+            peer_phase: PeerPhase::Blinded,
+            seq_in: 0,
+            later: VecDeque::new(),
+            own_end_sent: false,
+            held: Vec::new(),
+            peer_total: None,
+            returns_closed: false,
+            own_turn: true,
+        }
+    }
+
+    /// Whether the next input can be worked on by `session` now.
+    fn input_ready(&self, session: &Session) -> bool {
+        match (self.inputs.front(), session) {
+            (Some(Input::Points(_) | Input::End(_)), Session::Streaming(_)) => true,
+            (Some(Input::Returned(_)), Session::Matching(_)) => true,
+            (Some(Input::ReturnedEnd(_)), Session::Matching(_)) => self.returns_closed,
+            _ => false,
+        }
+    }
 }
 
 /// What the peer's hello settled.
@@ -191,7 +310,6 @@ pub struct PsiProtocol {
     stage: Stage,
     own_size: u64,
     peer: Option<PeerTerms>,
-    seq_in: u64,
 }
 
 impl std::fmt::Debug for PsiProtocol {
@@ -233,6 +351,16 @@ impl PsiProtocol {
     /// Starts the protocol over our loaded items with a fresh key: our hello is the first
     /// action.
     pub fn start(cfg: PsiConfig, key: JobKey, items: ItemSet) -> PsiProtocol {
+        Self::start_batched(cfg, key, items, BATCH_POINTS)
+    }
+
+    /// [`start`](Self::start) with `batch_points` points per batch frame (tests use small ones).
+    pub(crate) fn start_batched(
+        cfg: PsiConfig,
+        key: JobKey,
+        items: ItemSet,
+        batch_points: usize,
+    ) -> PsiProtocol {
         let permit = &cfg.permit;
         let params = PsiParams {
             key_name: dataset::key_name(&permit.keys),
@@ -240,7 +368,7 @@ impl PsiProtocol {
             max_peer_set: permit.max_peer_set,
             return_in_order: permit.partner_learns_membership,
             learn_membership: permit.i_learn_membership,
-            batch_size: BATCH_POINTS,
+            batch_size: batch_points,
         };
         let (own_size, session) = PsiSession::start(params, key, items);
         let (noise_term, noise_commitment) = match &cfg.noise {
@@ -271,7 +399,6 @@ impl PsiProtocol {
             stage: Stage::Hello(session),
             own_size,
             peer: None,
-            seq_in: 0,
         }
     }
 
@@ -282,6 +409,9 @@ impl PsiProtocol {
 
     /// The next thing to do, if any.
     pub fn poll(&mut self) -> Option<Action> {
+        if self.actions.is_empty() {
+            self.advance();
+        }
         self.actions.pop_front()
     }
 
@@ -344,40 +474,10 @@ impl PsiProtocol {
         }
         match stage {
             Stage::Hello(session) => self.on_hello(session, &env),
-            Stage::Reblinding(session) => {
-                wire::check_phase(&env, Phase::PsiBlinded).map_err(|v| self.violation(v))?;
-                match env.body {
-                    Some(Body::Points(PointBatch { seq, points })) => {
-                        wire::check_seq(seq, &mut self.seq_in).map_err(|v| self.violation(v))?;
-                        self.compute(Work::PeerBatch(session, points));
-                    }
-                    Some(Body::BatchEnd(BatchEnd { total })) => {
-                        self.compute(Work::PeerEnd(session, total));
-                    }
-                    other => {
-                        return Err(
-                            self.violation(wire::unexpected(Phase::PsiBlinded, other.as_ref()))
-                        );
-                    }
-                }
-                Ok(())
-            }
-            Stage::Returning(session) => {
-                wire::check_phase(&env, Phase::PsiDoubleBlinded).map_err(|v| self.violation(v))?;
-                match env.body {
-                    Some(Body::Points(PointBatch { seq, points })) => {
-                        wire::check_seq(seq, &mut self.seq_in).map_err(|v| self.violation(v))?;
-                        self.compute(Work::Returned(session, points));
-                    }
-                    Some(Body::BatchEnd(BatchEnd { total })) => {
-                        self.compute(Work::ReturnedEnd(session, total));
-                    }
-                    other => {
-                        return Err(self
-                            .violation(wire::unexpected(Phase::PsiDoubleBlinded, other.as_ref())));
-                    }
-                }
-                Ok(())
+            Stage::Exchange(mut x) => {
+                let taken = self.on_exchange_frame(&mut x, env);
+                self.stage = Stage::Exchange(x);
+                taken
             }
             Stage::Count(output) => {
                 let peer_count = wire::expect_body(&env, Phase::PsiDone, |b| match b {
@@ -424,7 +524,7 @@ impl PsiProtocol {
                 self.stage = self.finished(output, Some((term, value)));
                 Ok(())
             }
-            Stage::Busy | Stage::Finished(_) | Stage::Over => {
+            Stage::Finished(_) | Stage::Over => {
                 Err(self.internal("a frame was handed over while the protocol takes none"))
             }
         }
@@ -434,8 +534,125 @@ impl PsiProtocol {
         JobError::Internal(format!("PSI protocol of job '{}': {what}", self.cfg.job_id))
     }
 
-    fn compute(&mut self, work: Work) {
-        self.stage = Stage::Busy;
+    /// Checks one of the peer's frames against the wire order of the exchange and queues it for
+    /// the session (its content is the session's to check).
+    fn on_exchange_frame(&mut self, x: &mut Exchange, env: Envelope) -> Result<(), JobError> {
+        let phase = match x.peer_phase {
+            PeerPhase::Blinded => Phase::PsiBlinded,
+            PeerPhase::DoubleBlinded => Phase::PsiDoubleBlinded,
+            PeerPhase::Done => {
+                wire::check_phase(&env, Phase::PsiDone).map_err(|v| self.violation(v))?;
+                x.later.push_back(env);
+                return Ok(());
+            }
+        };
+        wire::check_phase(&env, phase).map_err(|v| self.violation(v))?;
+        let returned = x.peer_phase == PeerPhase::DoubleBlinded;
+        match env.body {
+            Some(Body::Points(PointBatch { seq, points })) => {
+                wire::check_seq(seq, &mut x.seq_in).map_err(|v| self.violation(v))?;
+                x.inputs.push_back(if returned {
+                    Input::Returned(points)
+                } else {
+                    Input::Points(points)
+                });
+            }
+            Some(Body::BatchEnd(BatchEnd { total })) => {
+                x.inputs.push_back(if returned {
+                    Input::ReturnedEnd(total)
+                } else {
+                    Input::End(total)
+                });
+                x.peer_phase = if returned {
+                    PeerPhase::Done
+                } else {
+                    PeerPhase::DoubleBlinded
+                };
+                x.seq_in = 0;
+            }
+            other => return Err(self.violation(wire::unexpected(phase, other.as_ref()))),
+        }
+        Ok(())
+    }
+
+    /// The exchange's next step when nothing is queued: our end marker once our points are out
+    /// (then the returns we held), one batch of our shuffled return, our return end marker, or
+    /// the next CPU work — our next batch and the peer's next input taking turns.
+    fn advance(&mut self) {
+        let Stage::Exchange(x) = &mut self.stage else {
+            return;
+        };
+        let Some(mut session) = x.session.take() else {
+            return;
+        };
+        if !x.own_end_sent && session.own_done() {
+            x.own_end_sent = true;
+            let end = self.out.end(Phase::PsiBlinded, self.own_size);
+            self.actions.push_back(Action::Send(Box::new(end)));
+            let held = std::mem::take(&mut x.held);
+            for env in self.out.points(Phase::PsiDoubleBlinded, held) {
+                self.actions.push_back(Action::Send(Box::new(env)));
+            }
+        }
+        if let (true, false, Some(total), Session::Matching(m)) =
+            (x.own_end_sent, x.returns_closed, x.peer_total, &mut session)
+        {
+            let env = match m.next_return() {
+                Some(batch) => self.out.points(Phase::PsiDoubleBlinded, vec![batch]),
+                None => {
+                    x.returns_closed = true;
+                    vec![self.out.end(Phase::PsiDoubleBlinded, total)]
+                }
+            };
+            self.actions
+                .extend(env.into_iter().map(|e| Action::Send(Box::new(e))));
+            x.session = Some(session);
+            return;
+        }
+        let own_left = !session.own_done();
+        let input_ready = x.input_ready(&session);
+        let work = if own_left && (x.own_turn || !input_ready) {
+            x.own_turn = false;
+            Work::BlindNext(session)
+        } else if input_ready {
+            x.own_turn = true;
+            match (x.inputs.pop_front(), session) {
+                (Some(Input::Points(p)), Session::Streaming(s)) => {
+                    let mut batches = vec![p];
+                    while batches.len() < BATCHES_PER_WORK
+                        && matches!(x.inputs.front(), Some(Input::Points(_)))
+                    {
+                        if let Some(Input::Points(p)) = x.inputs.pop_front() {
+                            batches.push(p);
+                        }
+                    }
+                    Work::PeerBatches(s, batches)
+                }
+                (Some(Input::End(total)), Session::Streaming(s)) => Work::PeerEnd(s, total),
+                (Some(Input::Returned(p)), Session::Matching(m)) => {
+                    let mut batches = vec![p];
+                    while batches.len() < BATCHES_PER_WORK
+                        && matches!(x.inputs.front(), Some(Input::Returned(_)))
+                    {
+                        if let Some(Input::Returned(p)) = x.inputs.pop_front() {
+                            batches.push(p);
+                        }
+                    }
+                    Work::Returned(m, batches)
+                }
+                (Some(Input::ReturnedEnd(total)), Session::Matching(m)) => {
+                    Work::ReturnedEnd(m, total)
+                }
+                // input_ready said otherwise.
+                (_, session) => {
+                    x.session = Some(session);
+                    return;
+                }
+            }
+        } else {
+            x.session = Some(session);
+            return;
+        };
         self.actions.push_back(Action::Compute(work));
     }
 
@@ -501,64 +718,90 @@ impl PsiProtocol {
                 rho: None,
             }));
         }
-        self.compute(Work::Blind(ready));
+        self.stage = Stage::Exchange(Box::new(Exchange::new(ready.stream())));
         Ok(())
     }
 
     fn on_done(&mut self, done: Done) -> Result<(), JobError> {
-        if !matches!(self.stage, Stage::Busy) {
+        let psi = |p: &Self, e: PsiError| p.violation(Violation::Psi(e));
+        let Stage::Exchange(x) = &mut self.stage else {
+            return Err(self.internal("work came back that was not out"));
+        };
+        if x.session.is_some() {
             return Err(self.internal("work came back that was not out"));
         }
-        let psi = |p: &Self, e: PsiError| p.violation(Violation::Psi(e));
-        match done {
-            Done::Blinded(batches, next) => {
+        let session = match done {
+            Done::BlindNext(session, batches) => {
                 for env in self.out.points(Phase::PsiBlinded, batches) {
-                    self.send(env);
+                    self.actions.push_back(Action::Send(Box::new(env)));
                 }
-                let end = self.out.end(Phase::PsiBlinded, self.own_size);
-                self.send(end);
-                self.seq_in = 0;
-                self.stage = Stage::Reblinding(next);
+                session
             }
-            Done::PeerBatch(r) => {
-                let (next, reply) = r.map_err(|e| psi(self, e))?;
-                if let Some(reply) = reply {
-                    for env in self.out.points(Phase::PsiDoubleBlinded, vec![reply]) {
-                        self.send(env);
+            Done::PeerBatches(r) => {
+                let (next, replies) = r.map_err(|e| psi(self, e))?;
+                let Stage::Exchange(x) = &mut self.stage else {
+                    return Err(self.internal("the exchange went away"));
+                };
+                if x.own_end_sent {
+                    for env in self.out.points(Phase::PsiDoubleBlinded, replies) {
+                        self.actions.push_back(Action::Send(Box::new(env)));
                     }
+                } else {
+                    x.held.extend(replies);
                 }
-                self.stage = Stage::Reblinding(next);
+                Session::Streaming(next)
             }
             Done::PeerEnd(total, r) => {
-                let (rest, next) = r.map_err(|e| psi(self, e))?;
-                for env in self.out.points(Phase::PsiDoubleBlinded, rest) {
-                    self.send(env);
+                let next = r.map_err(|e| psi(self, e))?;
+                if let Stage::Exchange(x) = &mut self.stage {
+                    x.peer_total = Some(total);
                 }
-                let end = self.out.end(Phase::PsiDoubleBlinded, total);
-                self.send(end);
-                self.seq_in = 0;
-                self.stage = Stage::Returning(next);
+                Session::Matching(next)
             }
-            Done::Returned(r) => {
-                self.stage = Stage::Returning(r.map_err(|e| psi(self, e))?);
-            }
+            Done::Returned(r) => Session::Matching(r.map_err(|e| psi(self, e))?),
             Done::ReturnedEnd(r) => {
                 let output = r.map_err(|e| psi(self, e))?;
-                let count = self.out.end(Phase::PsiDone, output.intersection);
-                self.send(count);
-                if let Some(n) = &self.cfg.noise {
-                    let reveal = self.out.frame(
-                        Phase::PsiDone,
-                        Body::NoiseReveal(NoiseReveal {
-                            noise: n.noise,
-                            nonce: n.nonce.to_vec(),
-                        }),
-                    );
-                    self.send(reveal);
-                }
-                self.actions.push_back(Action::Finish);
-                self.stage = Stage::Count(output);
+                return self.counted(output);
             }
+        };
+        match &mut self.stage {
+            Stage::Exchange(x) => {
+                x.session = Some(session);
+                Ok(())
+            }
+            _ => Err(self.internal("the exchange went away")),
+        }
+    }
+
+    /// Our points are all back and counted (our returns are out: see [`Exchange::input_ready`]):
+    /// the count and our noise reveal go out, our stream ends, and the peer's final frames that
+    /// came early are taken in order.
+    fn counted(&mut self, output: PsiOutput) -> Result<(), JobError> {
+        let later = match std::mem::replace(&mut self.stage, Stage::Over) {
+            Stage::Exchange(x) => x.later,
+            _ => return Err(self.internal("counted outside the exchange")),
+        };
+        let count = self.out.end(Phase::PsiDone, output.intersection);
+        self.send(count);
+        if let Some(n) = &self.cfg.noise {
+            let reveal = self.out.frame(
+                Phase::PsiDone,
+                Body::NoiseReveal(NoiseReveal {
+                    noise: n.noise,
+                    nonce: n.nonce.to_vec(),
+                }),
+            );
+            self.send(reveal);
+        }
+        self.actions.push_back(Action::Finish);
+        self.stage = Stage::Count(output);
+        for env in later {
+            if matches!(self.stage, Stage::Finished(_)) {
+                // What an honest peer never sends after its last frame is not read.
+                break;
+            }
+            let stage = std::mem::replace(&mut self.stage, Stage::Over);
+            self.on_frame(stage, env)?;
         }
         Ok(())
     }

@@ -15,8 +15,8 @@ use crate::policy::NodeConfig;
 const NOW: i64 = 1_782_864_000_000;
 
 /// `me`'s config with one agreement, with `partner`, allowing `allow` (TOML inline-table keys)
-/// on its dataset `customers`.
-fn node_config(me: &str, partner: &str, allow: &str) -> NodeConfig {
+/// on its dataset `customers` for partner sets of up to `max_set` keys.
+fn node_config(me: &str, partner: &str, allow: &str, max_set: u64) -> NodeConfig {
     let text = format!(
         r#"
 name = "{me}"
@@ -25,7 +25,7 @@ listen = "127.0.0.1:0"
 state_dir = "state"
 tls = {{ ca = "ca.pem", cert = "node.pem", key = "node.key" }}
 dataset = [{{ name = "customers", path = "customers.csv", identifier = [{{ name = "email", column = "email", normaliser = "email" }}] }}]
-agreement = [{{ partner = "{partner}", purposes = ["reporting"], allow = [{{ dataset = "customers", keys = ["email"], min_set_size = 1, max_set_size = 1000, {allow} }}] }}]
+agreement = [{{ partner = "{partner}", purposes = ["reporting"], allow = [{{ dataset = "customers", keys = ["email"], min_set_size = 1, max_set_size = {max_set}, {allow} }}] }}]
 "#
     );
     NodeConfig::parse(&text, Path::new("/nonexistent/node.toml")).expect("test config")
@@ -59,12 +59,17 @@ fn items(from: u32, to: u32) -> ItemSet {
 
 /// One side's protocol config for job `job-1`, as its policy permits it.
 fn config(me: usize, kind: JobKind) -> PsiConfig {
+    config_up_to(me, kind, 1000)
+}
+
+/// [`config`] for partner sets of up to `max_set` keys.
+fn config_up_to(me: usize, kind: JobKind, max_set: u64) -> PsiConfig {
     let names = ["acme", "globex"];
     let allow = match kind {
         JobKind::Match => r#"computation = "match", membership = "both""#,
         _ => r#"computation = "overlap""#,
     };
-    let cfg = node_config(names[me], names[1 - me], allow);
+    let cfg = node_config(names[me], names[1 - me], allow, max_set);
     let spec = spec(kind, kind == JobKind::Match);
     let permit = crate::policy::psi::check_offer_at(&cfg, &spec, me, NOW).expect("permitted");
     PsiConfig {
@@ -267,6 +272,224 @@ fn is_points(b: &Body) -> bool {
 
 fn is_end(b: &Body) -> bool {
     matches!(b, Body::BatchEnd(_))
+}
+
+/// What a side did, in order, when driven as the node's driver does: each CPU work it ran and
+/// each frame it sent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Event {
+    Blind,
+    PeerBatch,
+    PeerEnd,
+    Returned,
+    ReturnedEnd,
+    Sent(Phase, &'static str),
+}
+
+fn work_event(w: &Work) -> Event {
+    match w {
+        Work::BlindNext(_) => Event::Blind,
+        Work::PeerBatches(..) => Event::PeerBatch,
+        Work::PeerEnd(..) => Event::PeerEnd,
+        Work::Returned(..) => Event::Returned,
+        Work::ReturnedEnd(..) => Event::ReturnedEnd,
+    }
+}
+
+fn sent_event(env: &Envelope) -> Event {
+    let what = match env.body {
+        Some(Body::Points(_)) => "points",
+        Some(Body::BatchEnd(_)) => "end",
+        Some(Body::PsiHello(_)) => "hello",
+        _ => "other",
+    };
+    Event::Sent(
+        Phase::try_from(env.phase).unwrap_or(Phase::Unspecified),
+        what,
+    )
+}
+
+/// Runs both sides one action at a time, alternately, handing each side every frame that has
+/// reached it after each of its CPU works, as the node's driver does; returns each side's events.
+fn run_as_driver(pair: &mut Pair) -> [Vec<Event>; 2] {
+    let mut events = [Vec::new(), Vec::new()];
+    loop {
+        let mut moved = false;
+        for (i, events) in events.iter_mut().enumerate() {
+            let (side, other) = if i == 0 {
+                (&mut pair.acme, &mut pair.globex)
+            } else {
+                (&mut pair.globex, &mut pair.acme)
+            };
+            if side.error.is_some() {
+                continue;
+            }
+            match side.proto.poll() {
+                Some(Action::Send(env)) => {
+                    events.push(sent_event(&env));
+                    other.inbox.push_back(*env);
+                }
+                Some(Action::Compute(work)) => {
+                    events.push(work_event(&work));
+                    if let Err(e) = side.proto.handle_done(work.run()) {
+                        side.error = Some(e);
+                    }
+                    while side.error.is_none() && side.step() {}
+                }
+                Some(Action::Finish) => side.finished_stream = true,
+                Some(Action::Recheck) => side.rechecks += 1,
+                Some(Action::Audit(e)) => side.audited.push(e),
+                None => {
+                    if !side.step() {
+                        continue;
+                    }
+                }
+            }
+            moved = true;
+        }
+        if !moved {
+            return events;
+        }
+    }
+}
+
+/// Our points go out batch by batch as they are blinded, the peer's batches take turns with our
+/// own, and the wire order holds: every point we return follows our own end marker.
+#[test]
+fn points_go_out_as_they_are_blinded_and_the_peers_take_turns_with_ours() {
+    for kind in [JobKind::Overlap, JobKind::Match] {
+        let (a, g) = (config_up_to(0, kind, 20_000), config_up_to(1, kind, 20_000));
+        // Batches of 256 points: 36 a side, 9 pieces of CPU work.
+        let mut pair = Pair {
+            acme: Side::new(PsiProtocol::start_batched(
+                a,
+                JobKey::generate(),
+                items(0, 9000),
+                256,
+            )),
+            globex: Side::new(PsiProtocol::start_batched(
+                g,
+                JobKey::generate(),
+                items(3000, 12000),
+                256,
+            )),
+        };
+        let [acme, _] = run_as_driver(&mut pair);
+        assert!(pair.acme.error.is_none() && pair.globex.error.is_none());
+        let blinded = Event::Sent(Phase::PsiBlinded, "points");
+        // The first batch leaves before the second is blinded.
+        let first_sent = acme.iter().position(|e| *e == blinded).unwrap();
+        let blinds: Vec<usize> = (0..acme.len())
+            .filter(|&i| acme[i] == Event::Blind)
+            .collect();
+        assert!(
+            blinds.len() >= 3 && first_sent < blinds[1],
+            "{kind:?}: {acme:?}"
+        );
+        // The peer's first batch is re-blinded before our last one is blinded.
+        let first_peer = acme.iter().position(|e| *e == Event::PeerBatch).unwrap();
+        assert!(first_peer < blinds[blinds.len() - 1], "{kind:?}: {acme:?}");
+        // Wire order: our end marker, then what we return.
+        let end = acme
+            .iter()
+            .position(|e| *e == Event::Sent(Phase::PsiBlinded, "end"))
+            .unwrap();
+        let first_return = acme
+            .iter()
+            .position(|e| matches!(e, Event::Sent(Phase::PsiDoubleBlinded, _)))
+            .unwrap();
+        assert!(end < first_return, "{kind:?}: {acme:?}");
+        assert!(!acme[end..].contains(&blinded), "{kind:?}");
+        let a = pair.acme.proto.into_exchange().expect("finished");
+        assert_eq!(a.output.intersection, 6000, "{kind:?}");
+        if kind == JobKind::Match {
+            let mine = items(0, 9000);
+            let matched: Vec<&[u8]> = a
+                .output
+                .membership
+                .expect("membership")
+                .iter()
+                .map(|&i| mine.get(i as usize).expect("index"))
+                .collect();
+            assert_eq!(matched, items(3000, 9000).iter().collect::<Vec<_>>());
+        }
+    }
+}
+
+/// One action of `side`, as the node's driver takes it (after CPU work, every frame that has
+/// arrived is handed over); what it sends goes to `out`. Whether anything happened.
+fn act(side: &mut Side, out: &mut Vec<Envelope>) -> bool {
+    if side.error.is_some() {
+        return false;
+    }
+    match side.proto.poll() {
+        Some(Action::Send(env)) => out.push(*env),
+        Some(Action::Compute(work)) => {
+            if let Err(e) = side.proto.handle_done(work.run()) {
+                side.error = Some(e);
+            }
+            while side.error.is_none() && side.step() {}
+        }
+        Some(Action::Finish) => side.finished_stream = true,
+        Some(Action::Recheck) => side.rechecks += 1,
+        Some(Action::Audit(e)) => side.audited.push(e),
+        None => return side.step(),
+    }
+    true
+}
+
+/// The peer's count and reveal may arrive while we still have its returned points to compare:
+/// they wait, and are taken in order once our own count is out.
+#[test]
+fn the_peers_final_frames_may_come_early() {
+    let kind = JobKind::Overlap;
+    let (mut a, mut g) = (config_up_to(0, kind, 20_000), config_up_to(1, kind, 20_000));
+    a.noise = Some(noise_for("acme"));
+    g.noise = Some(noise_for("globex"));
+    let mut pair = Pair {
+        acme: Side::new(PsiProtocol::start_batched(
+            a,
+            JobKey::generate(),
+            items(0, 9000),
+            256,
+        )),
+        globex: Side::new(PsiProtocol::start_batched(
+            g,
+            JobKey::generate(),
+            items(3000, 12000),
+            256,
+        )),
+    };
+    // Globex's returns of acme's points, and all that follows, reach acme only once globex has
+    // finished its stream (its count and reveal sent).
+    let mut held = Vec::new();
+    loop {
+        let mut out = Vec::new();
+        let a = act(&mut pair.acme, &mut out);
+        pair.globex.inbox.extend(out);
+        let mut out = Vec::new();
+        let g = act(&mut pair.globex, &mut out);
+        for env in out {
+            if env.phase == Phase::PsiBlinded as i32 || env.phase == Phase::PsiSize as i32 {
+                pair.acme.inbox.push_back(env);
+            } else {
+                held.push(env);
+            }
+        }
+        let released = pair.globex.finished_stream && !held.is_empty();
+        if released {
+            assert!(held.iter().any(|e| e.phase == Phase::PsiDone as i32));
+            pair.acme.inbox.extend(held.drain(..));
+        }
+        if !a && !g && !released {
+            break;
+        }
+    }
+    assert!(pair.acme.error.is_none(), "{:?}", pair.acme.error);
+    assert!(pair.globex.error.is_none(), "{:?}", pair.globex.error);
+    let x = pair.acme.proto.into_exchange().expect("finished");
+    assert_eq!(x.output.intersection, 6000);
+    assert!(x.peer_noise.is_some());
 }
 
 #[test]

@@ -8,6 +8,10 @@ use rayon::prelude::*;
 
 use crate::{EncodedPoint, ItemSet, JobKey, POINT_LEN, PsiError, hash_to_group};
 
+mod stream;
+
+pub use stream::{Matching, Streaming};
+
 /// Points per rayon task: large enough to amortise the batch inversion of
 /// `double_and_compress_batch`, small enough to balance across cores.
 const CHUNK: usize = 1024;
@@ -26,18 +30,30 @@ fn double_and_compress_into(points: &[RistrettoPoint], out: &mut [EncodedPoint])
 /// inversion (`RistrettoPoint::double_and_compress_batch`), in rayon chunks of 1024 items with
 /// one scratch vector per chunk and no per-item allocation.
 pub fn blind_items(key: &JobKey, key_name: &str, items: &ItemSet) -> Vec<EncodedPoint> {
-    let half: &Scalar = &key.half();
     let mut out = vec![[0u8; POINT_LEN]; items.len()];
+    blind_into(key, key_name, items, |i| i, &mut out);
+    out
+}
+
+/// `k·H(items[index(j)])` into `out[j]` for every `j`, with the halved-scalar batch encoding of
+/// [`blind_items`], in rayon chunks of 1024.
+pub(crate) fn blind_into(
+    key: &JobKey,
+    key_name: &str,
+    items: &ItemSet,
+    index: impl Fn(usize) -> usize + Sync,
+    out: &mut [EncodedPoint],
+) {
+    let half: &Scalar = &key.half();
     out.par_chunks_mut(CHUNK)
         .enumerate()
         .for_each(|(c, out_chunk)| {
             let start = c * CHUNK;
             let points: Vec<RistrettoPoint> = (start..start + out_chunk.len())
-                .map(|i| half * hash_to_group(key_name, items.get(i).unwrap_or_default()))
+                .map(|j| half * hash_to_group(key_name, items.get(index(j)).unwrap_or_default()))
                 .collect();
             double_and_compress_into(&points, out_chunk);
         });
-    out
 }
 
 /// Multiplies the peer's blinded points (concatenated 32-byte encodings) by our key.
@@ -119,6 +135,43 @@ pub(crate) fn items_distinct(items: &ItemSet) -> bool {
 pub(crate) fn sort_and_check_distinct(points: &mut [EncodedPoint]) -> bool {
     points.par_sort_unstable();
     points.par_windows(2).all(|w| w[0] != w[1])
+}
+
+/// Re-blinds one batch of the peer's points into `peer_double` after checking that it does not
+/// take the peer past its declared size; returns it for sending at once when returning in order.
+/// Point errors name the index in the peer's whole stream.
+fn reblind_peer_batch(
+    common: &Common,
+    peer_size: u64,
+    peer_double: &mut Vec<EncodedPoint>,
+    batch: &[u8],
+) -> Result<Option<Vec<u8>>, PsiError> {
+    if !batch.len().is_multiple_of(POINT_LEN) {
+        return Err(PsiError::BatchNotMultipleOfPointLen { len: batch.len() });
+    }
+    let offset = peer_double.len() as u64;
+    let received = offset + (batch.len() / POINT_LEN) as u64;
+    if received > peer_size {
+        return Err(PsiError::TooManyPoints {
+            declared: peer_size,
+            received,
+        });
+    }
+    let reblinded = reblind_points(&common.key, batch).map_err(|e| match e {
+        PsiError::InvalidPoint { index } => PsiError::InvalidPoint {
+            index: index + offset,
+        },
+        PsiError::IdentityPoint { index } => PsiError::IdentityPoint {
+            index: index + offset,
+        },
+        other => other,
+    })?;
+    let out = common
+        .params
+        .return_in_order
+        .then(|| reblinded.as_flattened().to_vec());
+    peer_double.extend_from_slice(&reblinded);
+    Ok(out)
 }
 
 /// The policy and the shape of one party's PSI session.
@@ -356,32 +409,7 @@ impl ExchangingPoints {
         mut self,
         batch: &[u8],
     ) -> Result<(ExchangingPoints, Option<Vec<u8>>), PsiError> {
-        if !batch.len().is_multiple_of(POINT_LEN) {
-            return Err(PsiError::BatchNotMultipleOfPointLen { len: batch.len() });
-        }
-        let offset = self.peer_double.len() as u64;
-        let received = offset + (batch.len() / POINT_LEN) as u64;
-        if received > self.peer_size {
-            return Err(PsiError::TooManyPoints {
-                declared: self.peer_size,
-                received,
-            });
-        }
-        let reblinded = reblind_points(&self.common.key, batch).map_err(|e| match e {
-            PsiError::InvalidPoint { index } => PsiError::InvalidPoint {
-                index: index + offset,
-            },
-            PsiError::IdentityPoint { index } => PsiError::IdentityPoint {
-                index: index + offset,
-            },
-            other => other,
-        })?;
-        let out = self
-            .common
-            .params
-            .return_in_order
-            .then(|| reblinded.as_flattened().to_vec());
-        self.peer_double.extend_from_slice(&reblinded);
+        let out = reblind_peer_batch(&self.common, self.peer_size, &mut self.peer_double, batch)?;
         Ok((self, out))
     }
 

@@ -1,0 +1,392 @@
+//! The streaming exchange: our blinded points go out batch by batch as they are computed, the
+//! peer's points are re-blinded as they arrive, and our points coming back are compared with the
+//! peer's sorted set as they arrive. No phase waits for another to finish on the whole set.
+//!
+//! ```text
+//! ReadyToBlind::stream ─▶ Streaming ──on_peer_end──▶ Matching ──on_returned_end──▶ PsiOutput
+//!                          blind_next                 blind_next
+//!                          on_peer_batch              next_return (when shuffled)
+//!                                                     on_returned_batch (compared at once)
+//! ```
+//!
+//! Our own batches come out of `blind_next` in both states: a fast peer may finish sending its
+//! points before we have sent all of ours. A returned point is never accepted before we have
+//! sent the point it answers.
+//!
+//! **The wire keeps its order.** Each party's stream still carries all its own points and their
+//! end marker first, then what it returns: a driver holds the batches that
+//! [`Streaming::on_peer_batch`] gives it (returning in order) until its own end marker is out,
+//! and asks [`Matching::next_return`] (returning shuffled) only after it. Nothing is lost by that: the peer can compare a returned point only once it has all
+//! of our points, which is when our end marker arrives. So returned points reach
+//! [`Matching`] only, and are compared there the moment they arrive.
+//!
+//! # The send order, and what it protects
+//!
+//! **What the shuffle protects.** The peer re-blinds each of our points itself, so it knows
+//! `k_peer·k·H(x)` for the `j`-th point we sent; and for every item we share it sees the same
+//! value among its own points coming back from us. So for each shared item it learns *where in
+//! our stream* that item travelled. Our set is deduplicated into byte order, so without a
+//! shuffle those positions would tell the peer the rank of each shared identifier among ours:
+//! how many of our identifiers sort below it, and so, across shared items, the distribution of
+//! our identifiers it does not hold. The shuffle makes the stream's order a uniformly random
+//! permutation, independent of our items: the positions of shared items then carry nothing.
+//!
+//! **Why the new order keeps it.** [`ReadyToBlind::blind`] blinds every item in set order, then
+//! sends `blinded[π(0)], blinded[π(1)], …` for a uniformly random permutation `π`.
+//! [`ReadyToBlind::stream`] draws the same kind of `π` (Fisher–Yates over the OS-seeded CSPRNG)
+//! *first*, before any point is computed, and blinds the items in the order `π(0), π(1), …`.
+//! The `j`-th point on the wire is `k·H(item π(j))` in both, so the sequence the peer receives is
+//! the same function of (items, `k`, `π`), with `π` drawn from the same distribution and
+//! independently of the items. What changes is only *when* each batch leaves. The time to blind
+//! a batch depends on the number of hash blocks its items need (one more per 128 bytes of
+//! identifier), summed over a random subset of our items; the old order leaked the same sum over
+//! the whole set.
+//!
+//! **What is not streamed.** When the peer may learn only the count, the points we return to it
+//! must be shuffled as a whole ([`Matching::next_return`]): a batch returned before the peer's
+//! last point arrived would tell the peer which of its batches the points in it answer, and so
+//! narrow down which of its items matched. So those go out after the peer's last point, as
+//! before; only their comparison at the peer is streamed.
+//!
+//! # Memory
+//!
+//! Per party: the identifiers until the last of our points is blinded, the send order (4 bytes
+//! an item, kept only to learn membership), the peer's points re-blinded (32 bytes an item,
+//! sorted once complete), the order of a shuffled return (4 bytes a peer item: the points go
+//! out of the sorted set in that order, without a shuffled copy), and 16 bytes per returned
+//! point to detect a point returned twice. Returned points themselves are not kept.
+
+use rand::seq::SliceRandom;
+use rayon::prelude::*;
+
+use super::{Common, ReadyToBlind, blind_into, reblind_peer_batch, sort_and_check_distinct};
+use crate::{EncodedPoint, ItemSet, POINT_LEN, PsiError, PsiOutput};
+
+impl ReadyToBlind {
+    /// Starts the streaming exchange: draws the order in which our points will travel (a
+    /// uniformly random permutation from the OS-seeded CSPRNG) and computes nothing yet. Call
+    /// [`Streaming::blind_next`] for each batch to send; see the [module docs](self) for why
+    /// blinding in this order protects what [`blind`](Self::blind)'s shuffle protects.
+    pub fn stream(self) -> Streaming {
+        let Self {
+            common,
+            items,
+            peer_size,
+        } = self;
+        // Fits: on_peer_size refused sets over u32::MAX items.
+        let mut order: Vec<u32> = (0..items.len() as u32).collect();
+        order.shuffle(&mut rand::rng());
+        let own = OwnStream {
+            total: items.len(),
+            items,
+            order,
+            sent: 0,
+            batch_size: common.params.batch_size.max(1),
+            keep_order: common.params.learn_membership,
+        };
+        // The peer's size is bounded by policy but still only a claim: cap the reservation.
+        let reserve = peer_size.min(1 << 20) as usize;
+        Streaming {
+            common,
+            peer_size,
+            own,
+            peer_double: Vec::with_capacity(reserve),
+        }
+    }
+}
+
+/// Our items not yet blinded, in the order they will travel.
+struct OwnStream {
+    /// Our identifiers; emptied once the last of them is blinded.
+    items: ItemSet,
+    /// `order[j]` is the index in the `ItemSet` of the `j`-th point we send. Kept after the last
+    /// batch only when we learn membership.
+    order: Vec<u32>,
+    /// Points handed out so far.
+    sent: usize,
+    total: usize,
+    batch_size: usize,
+    keep_order: bool,
+}
+
+impl OwnStream {
+    fn next(&mut self, common: &Common) -> Option<Vec<u8>> {
+        if self.sent == self.total {
+            return None;
+        }
+        let end = self.sent.saturating_add(self.batch_size).min(self.total);
+        let order = &self.order[self.sent..end];
+        let mut out = vec![[0u8; POINT_LEN]; order.len()];
+        blind_into(
+            &common.key,
+            &common.params.key_name,
+            &self.items,
+            |j| order[j] as usize,
+            &mut out,
+        );
+        self.sent = end;
+        if self.sent == self.total {
+            // The identifiers are no longer needed: drop them as early as possible.
+            self.items = ItemSet::new();
+            if !self.keep_order {
+                self.order = Vec::new();
+            }
+        }
+        Some(out.into_flattened())
+    }
+}
+
+/// Our points go out as they are blinded; the peer's arrive and are re-blinded.
+pub struct Streaming {
+    common: Common,
+    peer_size: u64,
+    own: OwnStream,
+    /// `k·k_peer·H(y)` for the peer's items, in received order.
+    peer_double: Vec<EncodedPoint>,
+}
+
+impl std::fmt::Debug for Streaming {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.common
+            .debug_fields(&mut f.debug_struct("Streaming"))
+            .field("peer_size", &self.peer_size)
+            .field("sent", &self.own.sent)
+            .field("received", &self.peer_double.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Checks a batch of our returned points against what we have sent and received so far, and
+/// splits it into encodings.
+fn returned_points(batch: &[u8], sent: usize, received: u64) -> Result<&[EncodedPoint], PsiError> {
+    let (encodings, rest) = batch.as_chunks::<POINT_LEN>();
+    if !rest.is_empty() {
+        return Err(PsiError::BatchNotMultipleOfPointLen { len: batch.len() });
+    }
+    let received = received + encodings.len() as u64;
+    if received > sent as u64 {
+        return Err(PsiError::TooManyReturnedPoints {
+            own: sent as u64,
+            received,
+        });
+    }
+    Ok(encodings)
+}
+
+impl Streaming {
+    /// Blinds the next batch of our points (at most `batch_size`, in rayon chunks) and returns it
+    /// to send; `None` once all our points are out.
+    pub fn blind_next(&mut self) -> Option<Vec<u8>> {
+        self.own.next(&self.common)
+    }
+
+    /// How many of our points have been handed out by [`blind_next`](Self::blind_next).
+    pub fn own_sent(&self) -> u64 {
+        self.own.sent as u64
+    }
+
+    /// Whether every one of our points has been handed out.
+    pub fn own_done(&self) -> bool {
+        self.own.sent == self.own.total
+    }
+
+    /// One batch of the peer's blinded points: checked against its declared size, then
+    /// re-blinded. Returns the re-blinded batch to send at once when `return_in_order`, `None`
+    /// when returning shuffled (then everything comes out of
+    /// [`on_peer_end`](Self::on_peer_end)). Point errors name the index in the peer's stream.
+    pub fn on_peer_batch(mut self, batch: &[u8]) -> Result<(Streaming, Option<Vec<u8>>), PsiError> {
+        let out = reblind_peer_batch(&self.common, self.peer_size, &mut self.peer_double, batch)?;
+        Ok((self, out))
+    }
+
+    /// The peer says it sent `total` points: that must equal both its declared size and what
+    /// arrived, and the points must be distinct. Sorts them for matching. When returning
+    /// shuffled, the points to return then come out of [`Matching::next_return`].
+    pub fn on_peer_end(self, total: u64) -> Result<Matching, PsiError> {
+        let Self {
+            common,
+            peer_size,
+            own,
+            mut peer_double,
+        } = self;
+        let received = peer_double.len() as u64;
+        if total != peer_size || received != peer_size {
+            return Err(PsiError::TotalMismatch {
+                declared: peer_size,
+                announced: total,
+                received,
+            });
+        }
+        if !sort_and_check_distinct(&mut peer_double) {
+            return Err(PsiError::DuplicatePeerPoint);
+        }
+        // A uniform order over the sorted points is a uniform order over the points: the return
+        // is as shuffled as shuffling the received order, for 4 bytes a point instead of a
+        // shuffled copy of 32.
+        let return_order = (!common.params.return_in_order).then(|| {
+            // Fits: the peer's size is within its declaration, checked against u32 by policy
+            // bounds; a larger set could not have been received into memory anyway.
+            let mut order: Vec<u32> = (0..peer_double.len() as u32).collect();
+            order.shuffle(&mut rand::rng());
+            order
+        });
+        let own_size = common.own_size as usize;
+        Ok(Matching {
+            hits: common.params.learn_membership.then(Vec::new),
+            common,
+            peer_size,
+            own,
+            peer_sorted: peer_double,
+            return_order,
+            returned_out: 0,
+            received: 0,
+            count: 0,
+            fingerprints: Vec::with_capacity(own_size),
+        })
+    }
+}
+
+/// The peer's set is complete and sorted; our returned points are compared as they arrive.
+pub struct Matching {
+    common: Common,
+    peer_size: u64,
+    own: OwnStream,
+    /// `k·k_peer·H(y)` for the peer's items, sorted.
+    peer_sorted: Vec<EncodedPoint>,
+    /// When returning shuffled: the order in which `peer_sorted` goes back to the peer.
+    return_order: Option<Vec<u32>>,
+    /// Points handed out by [`Matching::next_return`] so far.
+    returned_out: usize,
+    /// Our points returned so far.
+    received: u64,
+    /// Returned points found in `peer_sorted` (when not learning membership).
+    count: u64,
+    /// Indices into our `ItemSet` of matched items (when learning membership).
+    hits: Option<Vec<u32>>,
+    /// The first 16 bytes of every returned point, to find one returned twice at the end.
+    fingerprints: Vec<u128>,
+}
+
+impl std::fmt::Debug for Matching {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.common
+            .debug_fields(&mut f.debug_struct("Matching"))
+            .field("peer_size", &self.peer_size)
+            .field("sent", &self.own.sent)
+            .field("returned", &self.received)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The first 16 bytes of an encoding. Two distinct honest points agree there with probability
+/// about `n²/2^129`; a peer would need some 2^64 work to make two differ only after them, and
+/// then only gets its own job refused.
+fn fingerprint(p: &EncodedPoint) -> u128 {
+    let mut b = [0u8; 16];
+    b.copy_from_slice(&p[..16]);
+    u128::from_le_bytes(b)
+}
+
+impl Matching {
+    /// Blinds the next batch of our points, as [`Streaming::blind_next`]; the peer may have sent
+    /// all of its points before we have sent all of ours.
+    pub fn blind_next(&mut self) -> Option<Vec<u8>> {
+        self.own.next(&self.common)
+    }
+
+    /// How many of our points have been handed out.
+    pub fn own_sent(&self) -> u64 {
+        self.own.sent as u64
+    }
+
+    /// Whether every one of our points has been handed out.
+    pub fn own_done(&self) -> bool {
+        self.own.sent == self.own.total
+    }
+
+    /// When returning shuffled: the next batch of the peer's points, re-blinded, in a uniformly
+    /// random order drawn at [`Streaming::on_peer_end`] (at most `batch_size` points); `None`
+    /// once all are out, and always when returning in order (those went out batch by batch
+    /// from [`Streaming::on_peer_batch`]). The total to announce after them is the peer's size.
+    pub fn next_return(&mut self) -> Option<Vec<u8>> {
+        let order = self.return_order.as_ref()?;
+        if self.returned_out == order.len() {
+            self.return_order = None;
+            return None;
+        }
+        let end = self
+            .returned_out
+            .saturating_add(self.own.batch_size)
+            .min(order.len());
+        let mut out = Vec::with_capacity((end - self.returned_out) * POINT_LEN);
+        for &i in &order[self.returned_out..end] {
+            out.extend_from_slice(&self.peer_sorted[i as usize]);
+        }
+        self.returned_out = end;
+        Some(out)
+    }
+
+    /// Compares returned points (already checked against what we sent) with the peer's sorted
+    /// set, in parallel, and tallies them.
+    fn compare(&mut self, points: &[EncodedPoint]) {
+        let peer = &self.peer_sorted;
+        let is_match = |p: &EncodedPoint| peer.binary_search(p).is_ok();
+        match &mut self.hits {
+            Some(hits) => {
+                let base = self.received as usize;
+                let order = &self.own.order;
+                let found: Vec<u32> = points
+                    .par_iter()
+                    .enumerate()
+                    .filter_map(|(t, p)| is_match(p).then(|| order[base + t]))
+                    .collect();
+                hits.extend(found);
+            }
+            None => self.count += points.par_iter().filter(|p| is_match(p)).count() as u64,
+        }
+        self.fingerprints.extend(points.iter().map(fingerprint));
+        self.received += points.len() as u64;
+    }
+
+    /// A batch of OUR points, double-blinded and returned by the peer: compared with the peer's
+    /// set at once and not kept. Must not take the total past what we have sent.
+    pub fn on_returned_batch(mut self, batch: &[u8]) -> Result<Matching, PsiError> {
+        let encodings = returned_points(batch, self.own.sent, self.received)?;
+        self.compare(encodings);
+        Ok(self)
+    }
+
+    /// The peer says it returned `total` points: that must equal our size and what arrived, and
+    /// no point may have come back twice. Returns the result.
+    pub fn on_returned_end(self, total: u64) -> Result<PsiOutput, PsiError> {
+        let own = self.common.own_size;
+        if total != own || self.received != own {
+            return Err(PsiError::ReturnedTotalMismatch {
+                own,
+                announced: total,
+                received: self.received,
+            });
+        }
+        let mut fingerprints = self.fingerprints;
+        fingerprints.par_sort_unstable();
+        if fingerprints.par_windows(2).any(|w| w[0] == w[1]) {
+            return Err(PsiError::DuplicateReturnedPoint);
+        }
+        let membership = self.hits.map(|mut hits| {
+            hits.par_sort_unstable();
+            hits
+        });
+        Ok(PsiOutput {
+            intersection: membership
+                .as_ref()
+                .map_or(self.count, |hits| hits.len() as u64),
+            own_set_size: own,
+            peer_set_size: self.peer_size,
+            membership,
+        })
+    }
+}
+
+#[cfg(test)]
+#[path = "stream_tests.rs"]
+mod tests;

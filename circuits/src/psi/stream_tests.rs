@@ -1,0 +1,537 @@
+//! The streaming exchange driven against itself under every interleaving a network allows, and
+//! its rejections.
+
+use std::collections::VecDeque;
+
+use proptest::prelude::*;
+
+use super::{Matching, Streaming};
+use crate::pair::{emails, one_valid_point, params, plain_membership};
+use crate::*;
+
+/// What travels on one party's stream, in the order the wire allows: its own points and their
+/// end marker, then what it returns and that end marker.
+#[derive(Debug)]
+enum Msg {
+    Points(Vec<u8>),
+    End(u64),
+    Returned(Vec<u8>),
+    ReturnedEnd(u64),
+}
+
+enum State {
+    Streaming(Streaming),
+    Matching(Matching),
+    Done(PsiOutput),
+}
+
+/// One party and the driver rules of the module docs: returns are held until our own end
+/// marker is out.
+struct Party {
+    state: Option<State>,
+    own_size: u64,
+    end_sent: bool,
+    held: Vec<Msg>,
+}
+
+impl Party {
+    fn new(p: PsiParams, items: ItemSet, peer_size: u64) -> Result<Party, PsiError> {
+        let (own_size, s) = PsiSession::start(p, JobKey::generate(), items);
+        Ok(Party {
+            state: Some(State::Streaming(s.on_peer_size(peer_size)?.stream())),
+            own_size,
+            end_sent: false,
+            held: Vec::new(),
+        })
+    }
+
+    fn own_done(&self) -> bool {
+        self.end_sent
+    }
+
+    /// Blinds and sends our next batch, and our end marker after the last one (then what we
+    /// held back).
+    fn blind(&mut self, out: &mut VecDeque<Msg>) {
+        let batch = match self.state.as_mut() {
+            Some(State::Streaming(s)) => s.blind_next(),
+            Some(State::Matching(m)) => m.blind_next(),
+            _ => None,
+        };
+        out.extend(batch.map(Msg::Points));
+        let done = match self.state.as_ref() {
+            Some(State::Streaming(s)) => s.own_done(),
+            Some(State::Matching(m)) => m.own_done(),
+            _ => true,
+        };
+        if done && !self.end_sent {
+            self.end_sent = true;
+            out.push_back(Msg::End(self.own_size));
+            out.extend(self.held.drain(..));
+        }
+    }
+
+    fn send_return(&mut self, msg: Msg, out: &mut VecDeque<Msg>) {
+        if self.end_sent {
+            out.push_back(msg);
+        } else {
+            self.held.push(msg);
+        }
+    }
+
+    /// Handles one message from the peer.
+    fn receive(&mut self, msg: Msg, out: &mut VecDeque<Msg>) -> Result<(), PsiError> {
+        let state = self.state.take().expect("a state");
+        self.state = Some(match (state, msg) {
+            (State::Streaming(s), Msg::Points(b)) => {
+                let (s, reply) = s.on_peer_batch(&b)?;
+                if let Some(r) = reply {
+                    self.send_return(Msg::Returned(r), out);
+                }
+                State::Streaming(s)
+            }
+            (State::Streaming(s), Msg::End(total)) => {
+                let mut m = s.on_peer_end(total)?;
+                while let Some(r) = m.next_return() {
+                    self.send_return(Msg::Returned(r), out);
+                }
+                self.send_return(Msg::ReturnedEnd(total), out);
+                State::Matching(m)
+            }
+            (State::Matching(m), Msg::Returned(b)) => State::Matching(m.on_returned_batch(&b)?),
+            (State::Matching(m), Msg::ReturnedEnd(total)) => {
+                assert!(m.own_done(), "all returned before we sent all");
+                State::Done(m.on_returned_end(total)?)
+            }
+            (_, msg) => panic!("the wire order was broken: {msg:?}"),
+        });
+        Ok(())
+    }
+
+    fn output(self) -> Option<PsiOutput> {
+        match self.state {
+            Some(State::Done(o)) => Some(o),
+            _ => None,
+        }
+    }
+}
+
+/// Drives A and B to completion; `schedule` picks, step by step, which party acts and whether
+/// it blinds or reads (so every interleaving of computing and arriving is reachable).
+fn run_stream_pair(
+    pa: PsiParams,
+    pb: PsiParams,
+    a: ItemSet,
+    b: ItemSet,
+    mut schedule: impl FnMut() -> u8,
+) -> Result<(PsiOutput, PsiOutput), PsiError> {
+    let (na, nb) = (a.len() as u64, b.len() as u64);
+    let mut parties = [Party::new(pa, a, nb)?, Party::new(pb, b, na)?];
+    // wires[i]: what party i sent, not yet read by the other.
+    let mut wires: [VecDeque<Msg>; 2] = [VecDeque::new(), VecDeque::new()];
+    loop {
+        let done = |p: &Party| matches!(p.state, Some(State::Done(_)));
+        if done(&parties[0]) && done(&parties[1]) {
+            break;
+        }
+        let pick = schedule();
+        let me = usize::from(pick & 1);
+        let peer = 1 - me;
+        let can_blind = !parties[me].own_done();
+        let can_read = !wires[peer].is_empty();
+        let [w0, w1] = &mut wires;
+        let (inbox, outbox) = if me == 0 { (w1, w0) } else { (w0, w1) };
+        if can_blind && (pick & 2 == 0 || !can_read) {
+            parties[me].blind(outbox);
+        } else if can_read {
+            let msg = inbox.pop_front().expect("a message");
+            parties[me].receive(msg, outbox)?;
+        } else if !parties[peer].own_done() || !wires[me].is_empty() {
+            // This party waits; the other one has something to do.
+            continue;
+        } else {
+            panic!("deadlock");
+        }
+    }
+    let [a, b] = parties;
+    Ok((a.output().expect("A done"), b.output().expect("B done")))
+}
+
+/// A small xorshift generator for schedules.
+fn schedule_from(seed: u64) -> impl FnMut() -> u8 {
+    let mut x = seed | 1;
+    move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x as u8
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn check_stream_pair(
+    rio_a: bool,
+    lm_a: bool,
+    rio_b: bool,
+    lm_b: bool,
+    a: ItemSet,
+    b: ItemSet,
+    bs: usize,
+    seed: u64,
+) {
+    let expect_a = plain_membership(&a, &b);
+    let expect_b = plain_membership(&b, &a);
+    let (oa, ob) = run_stream_pair(
+        params(rio_a, lm_a, bs),
+        params(rio_b, lm_b, bs),
+        a.clone(),
+        b.clone(),
+        schedule_from(seed),
+    )
+    .unwrap();
+    assert_eq!(oa.intersection, expect_a.len() as u64);
+    assert_eq!(ob.intersection, expect_a.len() as u64);
+    assert_eq!(
+        (oa.own_set_size, oa.peer_set_size),
+        (a.len() as u64, b.len() as u64)
+    );
+    assert_eq!(
+        (ob.own_set_size, ob.peer_set_size),
+        (b.len() as u64, a.len() as u64)
+    );
+    assert_eq!(oa.membership, lm_a.then_some(expect_a));
+    assert_eq!(ob.membership, lm_b.then_some(expect_b));
+}
+
+#[test]
+fn streaming_equals_plaintext_intersection_in_every_mode() {
+    for seed in 0..6 {
+        for rio_a in [false, true] {
+            for rio_b in [false, true] {
+                for lm_a in [false, true] {
+                    for lm_b in [false, true] {
+                        if (lm_a && !rio_b) || (lm_b && !rio_a) {
+                            continue;
+                        }
+                        check_stream_pair(
+                            rio_a,
+                            lm_a,
+                            rio_b,
+                            lm_b,
+                            emails(0..40),
+                            emails(25..90),
+                            7,
+                            seed,
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn streaming_edge_sets_and_batch_sizes() {
+    let e = || emails(0..0);
+    check_stream_pair(true, true, true, true, e(), e(), 4, 1);
+    check_stream_pair(true, true, true, true, e(), emails(0..5), 4, 2);
+    check_stream_pair(false, false, false, false, emails(0..5), emails(0..5), 4, 3);
+    check_stream_pair(true, true, true, true, emails(0..5), emails(5..9), 1, 4);
+    check_stream_pair(
+        false,
+        true,
+        true,
+        false,
+        emails(0..20),
+        emails(10..30),
+        usize::MAX,
+        5,
+    );
+    check_stream_pair(
+        true,
+        false,
+        false,
+        true,
+        emails(0..20),
+        emails(10..30),
+        0,
+        6,
+    );
+    // Crosses the 1024-point rayon chunk inside a batch.
+    check_stream_pair(
+        true,
+        true,
+        true,
+        true,
+        emails(0..1500),
+        emails(1000..1300),
+        1500,
+        7,
+    );
+}
+
+/// The points on the wire are the points [`ReadyToBlind::blind`] would send: every item's
+/// `k·H(x)` exactly once.
+#[test]
+fn the_stream_carries_each_blinded_item_once() {
+    let items = emails(0..300);
+    let (_, s) = PsiSession::start(params(false, false, 64), JobKey::generate(), items.clone());
+    let mut s = s.on_peer_size(1).unwrap().stream();
+    let expected = blind_items(&s.common.key, "email", &items);
+    let mut sent = Vec::new();
+    let mut sizes = Vec::new();
+    while let Some(batch) = s.blind_next() {
+        sizes.push(batch.len() / POINT_LEN);
+        let (points, rest) = batch.as_chunks::<POINT_LEN>();
+        assert!(rest.is_empty());
+        sent.extend_from_slice(points);
+    }
+    assert_eq!(sizes, [64, 64, 64, 64, 44]);
+    assert!(s.own_done() && s.blind_next().is_none());
+    assert_ne!(sent, expected, "the stream is not in set order");
+    sent.sort_unstable();
+    let mut expected = expected;
+    expected.sort_unstable();
+    assert_eq!(sent, expected);
+}
+
+/// The send order is a uniform permutation: over many sessions every item lands in every
+/// position about equally often (the bounds fail with probability far below 10⁻⁶).
+#[test]
+fn the_send_order_is_uniform() {
+    const ITEMS: usize = 4;
+    const RUNS: usize = 800;
+    let items = emails(0..ITEMS as u32);
+    let mut counts = [[0usize; ITEMS]; ITEMS];
+    for _ in 0..RUNS {
+        let (_, s) = PsiSession::start(params(false, false, 1), JobKey::generate(), items.clone());
+        let mut s = s.on_peer_size(1).unwrap().stream();
+        let blinded = blind_items(&s.common.key, "email", &items);
+        let mut position = 0;
+        while let Some(batch) = s.blind_next() {
+            let item = blinded.iter().position(|p| p[..] == batch[..]).unwrap();
+            counts[item][position] += 1;
+            position += 1;
+        }
+    }
+    // Expected 200 each; sd ≈ 12.2; ±90 is over 7 sd.
+    for row in counts {
+        for c in row {
+            assert!((110..=290).contains(&c), "{counts:?}");
+        }
+    }
+}
+
+/// A shuffled return carries each of the peer's re-blinded points once, and every point lands
+/// in every position about equally often.
+#[test]
+fn the_shuffled_return_is_uniform() {
+    const ITEMS: usize = 4;
+    const RUNS: usize = 800;
+    let peer = emails(0..ITEMS as u32);
+    let peer_key = JobKey::generate();
+    let from_peer = blind_items(&peer_key, "email", &peer);
+    let mut counts = [[0usize; ITEMS]; ITEMS];
+    for _ in 0..RUNS {
+        let s = streaming(params(false, false, 1), emails(0..1), ITEMS as u64, 1);
+        let expected = reblind_points(&s.common.key, from_peer.as_flattened()).unwrap();
+        let (s, reply) = s.on_peer_batch(from_peer.as_flattened()).unwrap();
+        assert!(reply.is_none());
+        let mut m = s.on_peer_end(ITEMS as u64).unwrap();
+        let mut position = 0;
+        while let Some(batch) = m.next_return() {
+            let item = expected.iter().position(|p| p[..] == batch[..]).unwrap();
+            counts[item][position] += 1;
+            position += 1;
+        }
+        assert_eq!(position, ITEMS);
+    }
+    for row in counts {
+        for c in row {
+            assert!((110..=290).contains(&c), "{counts:?}");
+        }
+    }
+    // In order: nothing comes out of next_return (the replies went out batch by batch).
+    let s = streaming(params(true, false, 2), emails(0..1), 2, 1);
+    let (s, reply) = s.on_peer_batch(from_peer[..2].as_flattened()).unwrap();
+    assert_eq!(reply.map(|r| r.len()), Some(64));
+    assert!(s.on_peer_end(2).unwrap().next_return().is_none());
+}
+
+/// The identifiers are dropped with the last batch, and the order too unless we learn
+/// membership.
+#[test]
+fn identifiers_leave_memory_with_the_last_batch() {
+    for learn in [false, true] {
+        let (_, s) = PsiSession::start(params(true, learn, 8), JobKey::generate(), emails(0..20));
+        let mut s = s.on_peer_size(1).unwrap().stream();
+        while s.own.sent < 16 {
+            s.blind_next();
+        }
+        assert_eq!(s.own.items.len(), 20);
+        s.blind_next();
+        assert_eq!(s.own.items.len(), 0);
+        assert_eq!(s.own.order.len(), if learn { 20 } else { 0 });
+    }
+}
+
+/// A streaming session that has received nothing yet, after `sent` of our points went out.
+fn streaming(p: PsiParams, items: ItemSet, peer_size: u64, sent: u64) -> Streaming {
+    let (_, s) = PsiSession::start(p, JobKey::generate(), items);
+    let mut s = s.on_peer_size(peer_size).unwrap().stream();
+    while s.own_sent() < sent {
+        s.blind_next();
+    }
+    s
+}
+
+#[test]
+fn streaming_rejects_peer_misbehaviour() {
+    let p = params(true, true, 4);
+    let good = one_valid_point();
+    let s = || streaming(p.clone(), emails(0..3), 2, 0);
+    assert_eq!(
+        s().on_peer_batch(&[1u8; 33]).unwrap_err(),
+        PsiError::BatchNotMultipleOfPointLen { len: 33 }
+    );
+    let (e, _) = streaming(p.clone(), emails(0..3), 5, 0)
+        .on_peer_batch(&good)
+        .unwrap();
+    assert_eq!(
+        e.on_peer_batch(&[good, [0xff; 32]].concat()).unwrap_err(),
+        PsiError::InvalidPoint { index: 2 }
+    );
+    let (e, _) = s().on_peer_batch(&good).unwrap();
+    assert_eq!(
+        e.on_peer_batch(&[good; 2].concat()).unwrap_err(),
+        PsiError::TooManyPoints {
+            declared: 2,
+            received: 3
+        }
+    );
+    let (e, _) = s().on_peer_batch(&good).unwrap();
+    assert_eq!(
+        e.on_peer_end(2).unwrap_err(),
+        PsiError::TotalMismatch {
+            declared: 2,
+            announced: 2,
+            received: 1
+        }
+    );
+    let (e, _) = s().on_peer_batch(&[good; 2].concat()).unwrap();
+    assert_eq!(e.on_peer_end(2).unwrap_err(), PsiError::DuplicatePeerPoint);
+}
+
+#[test]
+fn matching_rejects_bad_returns() {
+    let p = params(true, true, 2);
+    let good = one_valid_point();
+    // We sent `sent` of our 3 points; the peer's one point is in.
+    let ready = |sent| {
+        let (e, _) = streaming(p.clone(), emails(0..3), 1, sent)
+            .on_peer_batch(&good)
+            .unwrap();
+        e.on_peer_end(1).unwrap()
+    };
+    assert_eq!(
+        ready(3).on_returned_batch(&[0u8; 33]).unwrap_err(),
+        PsiError::BatchNotMultipleOfPointLen { len: 33 }
+    );
+    assert_eq!(
+        ready(3).on_returned_batch(&[good; 4].concat()).unwrap_err(),
+        PsiError::TooManyReturnedPoints {
+            own: 3,
+            received: 4
+        }
+    );
+    // Nothing comes back before we sent it.
+    assert_eq!(
+        ready(0).on_returned_batch(&good).unwrap_err(),
+        PsiError::TooManyReturnedPoints {
+            own: 0,
+            received: 1
+        }
+    );
+    let r = ready(2).on_returned_batch(&[good; 2].concat()).unwrap();
+    assert_eq!(
+        r.on_returned_batch(&good).unwrap_err(),
+        PsiError::TooManyReturnedPoints {
+            own: 2,
+            received: 3
+        }
+    );
+    let r = ready(3).on_returned_batch(&[good; 2].concat()).unwrap();
+    assert_eq!(
+        r.on_returned_end(3).unwrap_err(),
+        PsiError::ReturnedTotalMismatch {
+            own: 3,
+            announced: 3,
+            received: 2
+        }
+    );
+    // The same point twice, whether or not it matches.
+    let r = ready(3).on_returned_batch(&[good; 2].concat()).unwrap();
+    let r = r.on_returned_batch(&[7u8; 32]).unwrap();
+    assert_eq!(
+        r.on_returned_end(3).unwrap_err(),
+        PsiError::DuplicateReturnedPoint
+    );
+    let r = ready(3)
+        .on_returned_batch(&[[1u8; 32], [2; 32], [3; 32]].concat())
+        .unwrap();
+    assert_eq!(
+        r.on_returned_end(2).unwrap_err(),
+        PsiError::ReturnedTotalMismatch {
+            own: 3,
+            announced: 2,
+            received: 3
+        }
+    );
+    let r = ready(3)
+        .on_returned_batch(&[[1u8; 32], [2; 32], [3; 32]].concat())
+        .unwrap();
+    assert_eq!(r.on_returned_end(3).unwrap().intersection, 0);
+}
+
+/// A matched point returned twice would count one item twice: refused.
+#[test]
+fn a_matched_point_returned_twice_is_refused() {
+    let p = params(true, false, 4);
+    // The same two items on both sides; B returns A's points in order.
+    let (_, a) = PsiSession::start(p.clone(), JobKey::generate(), emails(0..2));
+    let (_, b) = PsiSession::start(p.clone(), JobKey::generate(), emails(0..2));
+    let mut a = a.on_peer_size(2).unwrap().stream();
+    let mut b = b.on_peer_size(2).unwrap().stream();
+    let from_a = a.blind_next().unwrap();
+    let from_b = b.blind_next().unwrap();
+    let (a, _) = a.on_peer_batch(&from_b).unwrap();
+    let (_, back) = b.on_peer_batch(&from_a).unwrap();
+    let back = back.unwrap();
+    let a = a.on_peer_end(2).unwrap();
+    let first = &back[..POINT_LEN];
+    let a = a.on_returned_batch(&[first, first].concat()).unwrap();
+    assert_eq!(
+        a.on_returned_end(2).unwrap_err(),
+        PsiError::DuplicateReturnedPoint
+    );
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 32, ..ProptestConfig::default() })]
+
+    #[test]
+    fn streaming_psi_equals_plaintext_intersection(
+        a in prop::collection::vec(prop::collection::vec(0u8..4, 0..3), 0..40),
+        b in prop::collection::vec(prop::collection::vec(0u8..4, 0..3), 0..40),
+        shared in prop::collection::vec(prop::collection::vec(any::<u8>(), 0..8), 0..24),
+        rio_a: bool,
+        rio_b: bool,
+        bs in 1usize..9,
+        seed: u64,
+    ) {
+        let mut sa: ItemSet = a.iter().chain(&shared).map(Vec::as_slice).collect();
+        let mut sb: ItemSet = b.iter().chain(&shared).map(Vec::as_slice).collect();
+        sa.dedup();
+        sb.dedup();
+        check_stream_pair(rio_a, rio_b, rio_b, rio_a, sa, sb, bs, seed);
+    }
+}
