@@ -46,10 +46,14 @@ pub async fn run(
         tokio::select! {
             result = session => match result {
                 Ok(()) => {
+                    state.metrics.control_lost();
                     tracing::warn!("coordinator closed the control session; reconnecting");
                     backoff = Duration::from_millis(200);
                 }
                 Err(e) => {
+                    if registered {
+                        state.metrics.control_lost();
+                    }
                     // A session that had registered starts the back-off afresh: the first
                     // attempt after losing a working coordinator comes at once.
                     if registered {
@@ -120,6 +124,7 @@ async fn session(
     };
     tracing::info!(coordinator = %coordinator, address = %addr, "registered with the coordinator");
     *registered = true;
+    state.metrics.control_registered();
     loop {
         let (send, recv) = match conn.accept_bi().await {
             Ok((s, r)) => (FramedSend::new(s), FramedRecv::new(r)),
@@ -289,6 +294,7 @@ async fn run_offer(
         my_name: cfg.name.clone(),
         state: state.clone(),
     };
+    let kind = job.spec.kind;
     let overlap_sum = job.spec.kind == cleanroom_proto::v1::JobKind::OverlapSum as i32;
     let outcome = if role == Role::Responder {
         let incoming = state
@@ -315,6 +321,7 @@ async fn run_offer(
         peer = outcome.peer_set_size,
         "job finished"
     );
+    state.metrics.bytes_sent(kind, outcome.bytes_to_peer);
     send.send(&Envelope {
         job_id: job_id.clone(),
         phase: Phase::Report as i32,
