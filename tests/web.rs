@@ -6,7 +6,7 @@
 
 use std::time::{Duration, Instant};
 
-use cleanroom_e2e::web::{Browser, COORDINATOR_HOST, Https};
+use cleanroom_e2e::web::{Browser, COORDINATOR_HOST, Https, http_get};
 use cleanroom_e2e::{Consortium, cleanroom_ok, open_agreement};
 use fantoccini::Locator;
 use serde_json::{Value, json};
@@ -473,6 +473,28 @@ fn demo_web_keeps_the_consortium_running_with_the_console_until_interrupted() {
         "ca.pem",
     ] {
         assert!(printed.contains(wanted), "{wanted} not printed: {printed}");
+    }
+    // Each node's dashboard and its /metrics, printed and answering.
+    let dashboards: Vec<std::net::SocketAddr> = printed
+        .lines()
+        .filter_map(|l| l.trim().split_once("  http://"))
+        .map(|(_, rest)| rest.split('/').next().unwrap().parse().unwrap())
+        .collect();
+    assert_eq!(dashboards.len(), 2, "one dashboard per node: {printed}");
+    for d in &dashboards {
+        assert!(d.ip().is_loopback(), "{d}");
+        assert!(
+            printed.contains(&format!("metrics http://{d}/metrics")),
+            "{printed}"
+        );
+        let page = http_get(*d, "/", None);
+        assert_eq!(page.status, 200, "{}", page.body);
+        let m = http_get(*d, "/metrics", None).body;
+        assert_eq!(
+            metric(&m, "cleanroom_node_coordinator_connected"),
+            Some(1.0),
+            "{m}"
+        );
     }
     let web = std::net::SocketAddr::from(([127, 0, 0, 1], port));
     let analyst = Https::new(&dir, web, Some("analyst-demo"));

@@ -47,6 +47,8 @@ pub struct Cluster {
     pub addr: SocketAddr,
     /// Its web console's address, if it serves one.
     pub web: Option<SocketAddr>,
+    /// Each node's privacy dashboard (with `/metrics`), when the console is served.
+    pub dashboards: BTreeMap<String, SocketAddr>,
 }
 
 impl Cluster {
@@ -108,9 +110,18 @@ impl Cluster {
             })?;
 
         let mut nodes = BTreeMap::new();
+        let mut dashboards = BTreeMap::new();
         for p in partners {
             let cfg_path = dir.join(format!("{}.toml", p.name));
-            std::fs::write(&cfg_path, node_config(&p.name, addr, &p.csv, partners))?;
+            let mut cfg = node_config(&p.name, addr, &p.csv, partners);
+            if web.is_some() {
+                // A free loopback port, found by binding and releasing it: the node binds it a
+                // moment later (and fails to start, with the reason in its log, if taken).
+                let listen = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+                cfg.push_str(&format!("\n[dashboard]\nlisten = \"{listen}\"\n"));
+                dashboards.insert(p.name.clone(), listen);
+            }
+            std::fs::write(&cfg_path, cfg)?;
             let child = spawn(
                 &["node", "run", "--config"],
                 &cfg_path,
@@ -126,6 +137,7 @@ impl Cluster {
             nodes,
             addr,
             web,
+            dashboards,
         };
         cluster.wait_connected(Duration::from_secs(30)).await?;
         Ok(cluster)

@@ -181,6 +181,11 @@ async fn serve_until_interrupted(cluster: Cluster, dir: &std::path::Path) -> any
     cleanroom_node::outln!("metrics   {base}/metrics");
     cleanroom_node::outln!("health    {base}/healthz");
     cleanroom_node::outln!();
+    cleanroom_node::outln!("Privacy dashboards (plain HTTP on loopback, no credentials):");
+    for (node, addr) in &cluster.dashboards {
+        cleanroom_node::outln!("  {node:<8}  http://{addr}/   metrics http://{addr}/metrics");
+    }
+    cleanroom_node::outln!();
     cleanroom_node::outln!("Analyst credentials (analyst 'demo'):");
     cleanroom_node::outln!("  CA           {}", pki.join("ca.pem").display());
     cleanroom_node::outln!("  certificate  {}", pki.join("analyst-demo.pem").display());

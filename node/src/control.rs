@@ -48,10 +48,14 @@ pub async fn run(
         tokio::select! {
             result = session => match result {
                 Ok(()) => {
+                    state.metrics.control_lost();
                     tracing::warn!("coordinator closed the control session; reconnecting");
                     backoff = Duration::from_millis(200);
                 }
                 Err(e) => {
+                    if registered {
+                        state.metrics.control_lost();
+                    }
                     // A session that had registered starts the back-off afresh: the first
                     // attempt after losing a working coordinator comes at once.
                     if registered {
@@ -122,6 +126,7 @@ async fn session(
     };
     tracing::info!(coordinator = %coordinator, address = %addr, "registered with the coordinator");
     *registered = true;
+    state.metrics.control_registered();
     loop {
         let (send, recv) = match conn.accept_bi().await {
             Ok((s, r)) => (FramedSend::new(s), FramedRecv::new(r)),
@@ -290,6 +295,7 @@ async fn run_offer(
     // The policy vetoes a kind this node does not run, so an accepted offer has one.
     let kind =
         kind.ok_or_else(|| JobError::Internal("an offer of no known kind was accepted".into()))?;
+    let spec_kind = job.spec.kind;
     let outcome = if role == Role::Responder {
         let incoming = state
             .waiting
@@ -307,6 +313,7 @@ async fn run_offer(
         peer = outcome.peer_set_size,
         "job finished"
     );
+    state.metrics.bytes_sent(spec_kind, outcome.bytes_to_peer);
     send.send(&Envelope {
         job_id: job_id.clone(),
         phase: Phase::Report as i32,

@@ -14,11 +14,14 @@
 //! - [`policy`]: the agreement as code (the TOML schema, typed allow entries, each kind's offer
 //!   check);
 //! - [`error`]: the node's errors, and a job's ([`error::JobError`]), typed to the edge;
+//! - [`metrics`]: the node's Prometheus metrics, fed by the audit log's appends;
 //! - [`dataplane`]: the data-plane endpoint, which hands incoming connections to waiting jobs;
 //! - [`state`]: what the node's tasks share (policy, audit log, ledger, run history);
 //! - [`job`]: the job wing — the async driver of a job's lifecycle, and the sans-IO protocols
 //!   it runs (`overlap` and `match` so far; see `job` for the others);
 //! - [`control`]: the control session with the coordinator;
+//! - [`dashboard`]: the privacy dashboard for the partner's privacy officer, with `/metrics`
+//!   and `/healthz`, on the loopback address of `[dashboard] listen`;
 //! - [`run`](mod@run), [`cli`]: running a node, and the `cleanroom-node` commands.
 #![warn(missing_docs)]
 
@@ -26,12 +29,14 @@ pub mod audit;
 pub mod cli;
 pub mod clock;
 pub mod control;
+pub mod dashboard;
 pub mod data;
 pub mod dataplane;
 pub mod error;
 pub mod job;
 pub mod kind;
 pub mod ledger;
+pub mod metrics;
 pub mod pin;
 pub mod policy;
 pub mod run;

@@ -95,12 +95,7 @@ async fn serve(
     let _lock = lock_state_dir(&cfg.state_dir)?;
     // No audit log, no node: every access must be recorded.
     let audit = AuditLog::open(&cfg.audit_path()).map_err(|e| NodeError::Config(e.to_string()))?;
-    audit
-        .append(
-            policy_loaded(&cfg, config_path.as_deref()),
-            crate::clock::now_ms(),
-        )
-        .map_err(|e| NodeError::Config(e.to_string()))?;
+    let loaded = policy_loaded(&cfg, config_path.as_deref());
     // No ledger, no node: ε spent must survive restarts, and a node that cannot record it
     // must not start releasing.
     let ledger = open_ledger(&cfg)?;
@@ -118,14 +113,25 @@ async fn serve(
     tracing::info!(node = %cfg.name, data_plane = %bound, advertise = %advertise, "node listening");
 
     let path = config_path.clone().unwrap_or_default();
+    // Bound before anything runs: a dashboard that cannot listen stops the start.
+    let dashboard = match &cfg.dashboard {
+        Some(d) => Some(crate::dashboard::Dashboard::bind(d).await?),
+        None => None,
+    };
     let audit_key = load_audit_key(&cfg.state_dir)?;
     let state = Arc::new(
         NodeState::new(PolicyHolder::new(cfg), path, audit, ledger, advertise)
             .map_err(|e| NodeError::Config(e.to_string()))?
             .with_audit_key(audit_key),
     );
+    // Appended once the metrics observe the log (NodeState::new), before any job can run.
+    state
+        .audit
+        .append(loaded, crate::clock::now_ms())
+        .map_err(|e| NodeError::Config(e.to_string()))?;
     let reloads = config_path.map(|_| tokio::spawn(reload_on_sighup(state.clone())));
     let purger = tokio::spawn(purge_results(state.clone()));
+    let dashboard = dashboard.map(|d| tokio::spawn(d.serve(state.clone(), shutdown.clone())));
     let check: dataplane::PeerCheck = {
         let state = state.clone();
         Arc::new(move |peer, conn| crate::pin::check(&state, &peer.name, conn))
@@ -143,6 +149,9 @@ async fn serve(
         reloads.abort();
     }
     purger.abort();
+    if let Some(dashboard) = dashboard {
+        dashboard.abort();
+    }
     tls_reloader.abort();
     endpoint.wait_idle().await;
     drop(creds);

@@ -56,6 +56,8 @@ pub struct NodeState {
     history: Mutex<History>,
     /// The jobs waiting for a peer's data-plane connection.
     pub waiting: Arc<Waiting>,
+    /// The node's metrics, fed by every audit append (set up by [`NodeState::new`]).
+    pub metrics: Arc<crate::metrics::NodeMetrics>,
     /// The key this node signs its audit heads with (`<state_dir>/audit-signing.key`); `None`
     /// only in tests that build a state without one.
     audit_key: Option<cleanroom_circuits::audit_head::AuditSigningKey>,
@@ -85,9 +87,13 @@ impl NodeState {
                 history.runs.entry(key).or_default().push(entry.at_ms);
             }
         }
+        let metrics = Arc::new(crate::metrics::NodeMetrics::new());
+        let observer = metrics.clone();
+        audit.observe(Box::new(move |event, at_ms| observer.audited(event, at_ms)));
         Ok(Self {
             policy,
             config_path,
+            metrics,
             audit,
             ledger,
             advertise,

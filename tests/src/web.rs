@@ -229,7 +229,7 @@ impl Drop for CertificatePolicy {
 pub struct Browser {
     pub client: fantoccini::Client,
     driver: Child,
-    _policy: CertificatePolicy,
+    _policy: Option<CertificatePolicy>,
     _home: tempfile::TempDir,
 }
 
@@ -282,7 +282,21 @@ impl Browser {
             serde_json::json!({ "AutoSelectCertificateForUrls": [rule.to_string()] }).to_string(),
         )
         .unwrap();
+        Self::launch(home, Some(policy)).await
+    }
 
+    /// Starts the browser without certificates, for a node's privacy dashboard (plain HTTP on
+    /// loopback).
+    pub async fn start_plain() -> Browser {
+        ensure_browser_tools();
+        let home = tempfile::Builder::new()
+            .prefix("cleanroom-browser-")
+            .tempdir()
+            .unwrap();
+        Self::launch(home, None).await
+    }
+
+    async fn launch(home: tempfile::TempDir, policy: Option<CertificatePolicy>) -> Browser {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
@@ -392,4 +406,62 @@ impl fantoccini::wd::WebDriverCompatibleCommand for BrowserLog {
     fn method_and_body(&self, _: &url::Url) -> (http::Method, Option<String>) {
         (http::Method::POST, Some(r#"{"type":"browser"}"#.to_owned()))
     }
+}
+
+/// `GET path` over plain HTTP/1.1 to `addr` (a node's dashboard), with `Host: host` (the
+/// address itself by default).
+pub fn http_get(addr: SocketAddr, path: &str, host: Option<&str>) -> Reply {
+    use std::io::{Read, Write};
+    let mut tcp = std::net::TcpStream::connect(addr).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let host = host.map_or_else(|| addr.to_string(), str::to_owned);
+    write!(
+        tcp,
+        "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut raw = Vec::new();
+    tcp.read_to_end(&mut raw).unwrap();
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .unwrap_or_else(|| panic!("no HTTP answer: {:?}", String::from_utf8_lossy(&raw)));
+    let head = String::from_utf8_lossy(&raw[..split]).into_owned();
+    let body = &raw[split + 4..];
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no status: {head}"));
+    // axum may chunk a body: undo it (on bytes: a chunk may end inside a character).
+    let body = if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        dechunk(body)
+    } else {
+        body.to_vec()
+    };
+    Reply {
+        status,
+        head,
+        body: String::from_utf8(body).expect("a UTF-8 body"),
+    }
+}
+
+fn dechunk(mut body: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    while let Some(eol) = body.windows(2).position(|w| w == b"\r\n") {
+        let size = String::from_utf8_lossy(&body[..eol]).into_owned();
+        let Ok(n) = usize::from_str_radix(size.trim(), 16) else {
+            break;
+        };
+        let rest = &body[eol + 2..];
+        if n == 0 || rest.len() < n {
+            break;
+        }
+        out.extend_from_slice(&rest[..n]);
+        body = rest[n..].strip_prefix(b"\r\n").unwrap_or(&rest[n..]);
+    }
+    out
 }

@@ -19,7 +19,7 @@ use crate::text::csv_text;
 /// The runs as CSV, one row per run, with a header row.
 pub fn render_csv(report: &ScheduleReport) -> String {
     let mut out = String::from(
-        "schedule,scheduled_for,scheduled_for_ms,attempt,job_id,status,intersection,noise_scale,reason,note\r\n",
+        "schedule,scheduled_for,scheduled_for_ms,attempt,job_id,status,intersection,noise_scale,reason,note,smaller_set,overlap_rate\r\n",
     );
     for run in &report.runs {
         let fields = [
@@ -33,6 +33,10 @@ pub fn render_csv(report: &ScheduleReport) -> String {
             run.noise_scale.map(|v| v.to_string()).unwrap_or_default(),
             csv_text(&run.reason),
             csv_text(&run.note),
+            run.smaller_set.map(|v| v.to_string()).unwrap_or_default(),
+            overlap_rate(run)
+                .map(|r| format!("{r:.4}"))
+                .unwrap_or_default(),
         ];
         out.push_str(&fields.join(","));
         out.push_str("\r\n");
@@ -135,6 +139,23 @@ pub fn render_html(report: &ScheduleReport) -> String {
     );
     let (trend, class) = trend(summary.last_value, summary.previous_value);
     card(&mut out, "Trend vs previous", &trend, class);
+    let last_released = report.runs.iter().rev().find(|r| r.intersection.is_some());
+    card(
+        &mut out,
+        "Last overlap rate",
+        &last_released
+            .and_then(overlap_rate)
+            .map_or_else(|| "—".to_owned(), percent),
+        "",
+    );
+    card(
+        &mut out,
+        "Last smaller set",
+        &last_released
+            .and_then(|r| r.smaller_set)
+            .map_or_else(|| "—".to_owned(), group_digits),
+        "",
+    );
     out.push_str("</div>\n");
 
     // Chart.
@@ -159,6 +180,7 @@ pub fn render_html(report: &ScheduleReport) -> String {
         out.push_str(
             "<table>\n<thead><tr><th>Scheduled for</th><th class=\"num\">Attempt</th>\
              <th>Job</th><th>Status</th><th class=\"num\">Intersection</th>\
+             <th class=\"num\">Smaller set</th><th class=\"num\">Overlap rate</th>\
              <th class=\"num\">Noise scale</th><th>Reason</th></tr></thead>\n<tbody>\n",
         );
         for run in report.runs.iter().rev() {
@@ -171,6 +193,7 @@ pub fn render_html(report: &ScheduleReport) -> String {
                 out,
                 "<tr><td>{}</td><td class=\"num\">{}</td><td><code>{}</code></td>\
                  <td><span class=\"pill {}\">{}</span></td><td class=\"num\">{}</td>\
+                 <td class=\"num\">{}</td><td class=\"num\">{}</td>\
                  <td class=\"num\">{}</td><td class=\"reason\">{}</td></tr>",
                 escape_html(&run.scheduled_for),
                 run.attempt,
@@ -178,6 +201,8 @@ pub fn render_html(report: &ScheduleReport) -> String {
                 status_class,
                 escape_html(&run.status),
                 run.intersection.map_or_else(String::new, group_digits),
+                run.smaller_set.map_or_else(String::new, group_digits),
+                overlap_rate(run).map_or_else(String::new, percent),
                 run.noise_scale.map_or_else(String::new, |v| v.to_string()),
                 escape_html(&run.reason)
             );
@@ -187,6 +212,17 @@ pub fn render_html(report: &ScheduleReport) -> String {
     out.push_str("</section>\n");
     page_end(&mut out, Some(&format_time(report.generated_ms, &tz)));
     out
+}
+
+/// A run's overlap rate: its released intersection over the smaller of the two set sizes
+/// (0 to 1); `None` without both, or with an empty smaller set.
+fn overlap_rate(run: &ReportRun) -> Option<f64> {
+    let (i, n) = (run.intersection?, run.smaller_set?);
+    (n > 0).then(|| i as f64 / n as f64)
+}
+
+fn percent(rate: f64) -> String {
+    format!("{:.1}%", rate * 100.0)
 }
 
 fn card(out: &mut String, label: &str, value: &str, class: &str) {
@@ -451,6 +487,8 @@ mod tests {
                     "acme",
                     &PsiOutcome {
                         intersection: *value,
+                        own_set_size: 4000,
+                        peer_set_size: 5000,
                         ..PsiOutcome::default()
                     },
                 )
@@ -521,6 +559,15 @@ mod tests {
         assert!(html.contains("<code>0 2 * * *</code> in UTC"));
         assert!(html.contains("1,342"));
         assert!(html.contains("▲ +42 (+3.2%)"));
+        // Rates and set sizes as well as counts: 1,342 of the smaller set of 4,000.
+        assert!(html.contains("Last overlap rate"));
+        assert!(html.contains(">33.6%<"), "no rate of the last run");
+        assert!(html.contains(">4,000<"), "no set size");
+        assert_eq!(
+            html.matches(">30.0%<").count(),
+            1,
+            "1,200 of 4,000 in the runs table"
+        );
         let summary = report.summary();
         assert_eq!(
             (
@@ -558,6 +605,8 @@ mod tests {
             assert_eq!(&row[5], run.status);
             assert_eq!(row[6].parse::<u64>().ok(), run.intersection, "{row:?}");
         }
+        let last = rows.iter().rev().find(|r| &r[5] == "succeeded").unwrap();
+        assert_eq!((&last[10], &last[11]), ("4000", "0.3355"));
         let failed = rows.iter().find(|r| &r[5] == "failed").unwrap();
         assert_eq!(&failed[8], "<script>alert('x')</script>, \"quoted\"\nline");
         // Formula-looking text is defused.

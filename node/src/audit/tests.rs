@@ -528,6 +528,7 @@ fn audit_write_failure_is_an_error_not_a_panic() {
                 // No head file was ever written for it.
                 head_stale: true,
             }),
+            observer: Default::default(),
         };
         let err = log.append(sample_events()[0].clone(), 0).unwrap_err();
         assert!(
@@ -553,6 +554,7 @@ fn audit_write_failure_is_an_error_not_a_panic() {
             tampered: None,
             head_stale: false,
         }),
+        observer: Default::default(),
     };
     assert!(log.append(sample_events()[0].clone(), 0).is_err());
     assert_eq!(log.head().seq, 1);

@@ -81,6 +81,18 @@ pub struct AuditLog {
     pub(super) path: PathBuf,
     pub(super) head_path: PathBuf,
     pub(super) inner: Mutex<Inner>,
+    pub(super) observer: std::sync::OnceLock<Observer>,
+}
+
+/// What is told of each appended event (the node's metrics): the event and its time.
+pub type AppendObserver = Box<dyn Fn(&AuditEvent, i64) + Send + Sync>;
+
+pub(super) struct Observer(AppendObserver);
+
+impl std::fmt::Debug for Observer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Observer")
+    }
 }
 
 impl AuditLog {
@@ -155,6 +167,7 @@ impl AuditLog {
                 tampered: None,
                 head_stale: false,
             }),
+            observer: std::sync::OnceLock::new(),
         };
         // Bring a lagging head file up to date.
         if read_head_file(&log.head_path).ok().flatten().as_ref() != Some(&report.head) {
@@ -196,9 +209,39 @@ impl AuditLog {
             .file
             .lock()
             .map_err(io_err(&self.path, "locking the log"))?;
+        let observed = self.observer.get().map(|_| event.clone());
         let appended = self.append_locked(&mut inner, event, now_ms);
         let _ = inner.file.unlock();
+        drop(inner);
+        if let (Ok(_), Some(event), Some(observer)) = (&appended, observed, self.observer.get()) {
+            (observer.0)(&event, now_ms);
+        }
         appended
+    }
+
+    /// Whether appends are still accepted: an error once a write failed (the log is poisoned)
+    /// or the log was found changed under this process.
+    pub fn writable(&self) -> Result<(), AuditError> {
+        let inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(reason) = &inner.poisoned {
+            return Err(AuditError::Poisoned {
+                path: self.path.clone(),
+                reason: reason.clone(),
+            });
+        }
+        if let Some(reason) = &inner.tampered {
+            return Err(AuditError::Tampered {
+                path: self.path.clone(),
+                reason: reason.clone(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Sets the one observer told of every event this process appends, once it is durable.
+    /// Returns false (and changes nothing) if one is already set.
+    pub fn observe(&self, observer: AppendObserver) -> bool {
+        self.observer.set(Observer(observer)).is_ok()
     }
 
     /// Follows entries another process appended since we last wrote (the lock is held).

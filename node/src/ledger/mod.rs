@@ -430,6 +430,26 @@ impl Ledger {
         })
     }
 
+    /// The ledger's whole history of one partner and purpose as a curve: after each charge
+    /// (oldest first), its time (Unix ms) and the spend so far, composed at `delta`.
+    pub fn spent_over_time(
+        &self,
+        scope: (&str, &str),
+        delta: f64,
+    ) -> Result<Vec<(i64, f64)>, LedgerError> {
+        let conn = self.lock();
+        let charges = window(&conn, Some(scope), None, i64::MAX)?;
+        let (mut epsilon, mut rho) = (0.0, 0.0);
+        Ok(charges
+            .iter()
+            .map(|c| {
+                epsilon += c.epsilon;
+                rho += c.rho;
+                (c.at_ms, epsilon_at(epsilon, rho, delta))
+            })
+            .collect())
+    }
+
     /// Every (partner, purpose) that was ever charged, sorted.
     pub fn scopes(&self) -> Result<Vec<(String, String)>, LedgerError> {
         let conn = self.lock();

@@ -31,7 +31,7 @@ pub use crate::data::{DatasetConfig, IdentifierConfig, ValueColumn};
 pub use crate::ledger::{Budget, DEFAULT_DP_DELTA, Delta, Epsilon, MAX_DP_DELTA, Period};
 pub use allow::{AggregateAllow, Allow, AllowEntry, AllowTerms, OverlapSumAllow, PsiAllow};
 pub use permit::{Permit, RunCounter, Veto};
-pub use schema::{Agreement, ConfigError, NodeConfig, TlsConfig};
+pub use schema::{Agreement, ConfigError, DashboardConfig, NodeConfig, TlsConfig};
 pub use summary::{EXPIRY_WARNING_DAYS, PolicySummary, deviating_partner_learns, expiry_warnings};
 pub use values::{
     Computation, DEFAULT_MAX_SET_SIZE, DEFAULT_MIN_SET_SIZE, MAX_NAME_LEN, MIN_AGGREGATE_PARTIES,
@@ -379,6 +379,26 @@ budget_per_purpose = { epsilon_per_period = 2.0, period = "week" }
         .unwrap();
         let today = PolicyDate::from_unix_ms(crate::clock::now_ms()).unwrap();
         assert_eq!(expiry_warnings(&cfg, today), Vec::<String>::new());
+    }
+
+    /// The dashboard is plain HTTP: a non-loopback address is refused unless allowed.
+    #[test]
+    fn the_dashboard_listens_on_loopback_unless_allowed() {
+        let example = include_str!("../../testdata/node.example.toml");
+        let cfg = NodeConfig::parse(example, Path::new("n.toml")).unwrap();
+        let listen = cfg.dashboard.unwrap().listen;
+        assert!(listen.ip().is_loopback(), "{listen}");
+        let open = example.replace("127.0.0.1:7600", "0.0.0.0:7600");
+        let err = NodeConfig::parse(&open, Path::new("n.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("not a loopback address"), "{err}");
+        let allowed = open.replace(
+            "listen = \"0.0.0.0:7600\"",
+            "listen = \"0.0.0.0:7600\"\nallow_non_loopback = true",
+        );
+        let cfg = NodeConfig::parse(&allowed, Path::new("n.toml")).unwrap();
+        assert!(cfg.dashboard.unwrap().allow_non_loopback);
     }
 
     #[test]

@@ -70,6 +70,18 @@ impl NodeConfig<AllowEntry> {
         {
             return Err("ledger is an empty path (omit it for <state_dir>/ledger.sqlite)".into());
         }
+        if let Some(d) = &file.dashboard
+            && !d.listen.ip().is_loopback()
+            && !d.allow_non_loopback
+        {
+            return Err(format!(
+                "[dashboard] listen = \"{}\" is not a loopback address: the dashboard is plain \
+                 HTTP without authentication, so anyone who can reach it reads the node's \
+                 agreements, budgets and decisions; listen on 127.0.0.1 and reach it through an \
+                 SSH tunnel, or set allow_non_loopback = true behind a proxy that authenticates",
+                d.listen
+            ));
+        }
         if file.retention_days == Some(0) {
             return Err("retention_days must be at least 1 (omit it to keep results)".into());
         }
@@ -245,6 +257,7 @@ impl NodeConfig<AllowEntry> {
             ledger: file.ledger,
             retention_days: file.retention_days,
             dp_delta: file.dp_delta,
+            dashboard: file.dashboard,
         })
     }
 }

@@ -66,6 +66,23 @@ pub struct NodeConfig<A = Allow> {
     /// [`Self::delta`].
     #[serde(default)]
     pub dp_delta: Option<Delta>,
+    /// The privacy dashboard, `/metrics` and `/healthz` (`[dashboard]`); `None` = not served.
+    #[serde(default)]
+    pub dashboard: Option<DashboardConfig>,
+}
+
+/// `[dashboard]`: where the node serves its privacy dashboard, `/metrics` and `/healthz`
+/// (plain HTTP; see docs/SECURITY.md).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DashboardConfig {
+    /// The address to listen on, e.g. `127.0.0.1:7600` (port 0 = ephemeral). A loopback
+    /// address unless `allow_non_loopback` is set.
+    pub listen: SocketAddr,
+    /// Serve on a non-loopback address too. Off by default: the dashboard is plain HTTP
+    /// without authentication, so anyone who can reach it reads it.
+    #[serde(default)]
+    pub allow_non_loopback: bool,
 }
 
 /// Paths of the node's PEM files.
