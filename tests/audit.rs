@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use cleanroom_e2e::{Consortium, bins, cleanroom_ok, open_agreement};
+use cleanroom_e2e::{Consortium, bins, cleanroom_ok};
 use serde_json::Value;
 
 fn node_cli(dir: &Path, args: &[&str]) -> Output {
@@ -75,12 +75,7 @@ fn audit_log_verifies_detects_tampering_and_matches_reported_heads() {
     let truth = c.synth("acme,globex", 400, 0.5, 5);
     let expected = truth["pairwise_overlap"]["acme,globex"].as_u64().unwrap();
     c.start_coordinator();
-    for (me, other) in [("acme", "globex"), ("globex", "acme")] {
-        c.issue_node(me);
-        c.write_node_config(me, me, &open_agreement(other));
-        c.start_node(me);
-    }
-    c.wait_connected(&["acme", "globex"]);
+    c.start_open_pair();
 
     // A couple of jobs: two accepted, one vetoed.
     let mut last_job = String::new();

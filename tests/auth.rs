@@ -34,12 +34,7 @@ fn running_pair() -> Consortium {
     let mut c = Consortium::new();
     c.synth("acme,globex", 300, 0.5, 21);
     c.start_coordinator();
-    for (me, other) in [("acme", "globex"), ("globex", "acme")] {
-        c.issue_node(me);
-        c.write_node_config(me, me, &open_agreement(other));
-        c.start_node(me);
-    }
-    c.wait_connected(&["acme", "globex"]);
+    c.start_open_pair();
     c
 }
 

@@ -16,6 +16,25 @@ fn node_cli(dir: &Path, args: &[&str]) -> Output {
         .expect("running cleanroom-node")
 }
 
+/// `cleanroom-node forget` of `key` in acme's customers, which must succeed: its output.
+fn forget_at_acme(c: &Consortium, key: &str) -> String {
+    let out = node_cli(
+        c.path(),
+        &[
+            "forget",
+            "--config",
+            "acme.toml",
+            "--dataset",
+            "customers",
+            "--key",
+            key,
+        ],
+    );
+    let t = text(&out);
+    assert!(out.status.success(), "{t}");
+    t
+}
+
 fn text(out: &Output) -> String {
     format!(
         "{}{}",
@@ -93,39 +112,13 @@ fn phone_formats_overlap_and_forget_by_phone() {
     assert_eq!(overlap(&c, "email+phone"), 4);
 
     // A value that matches nothing says so.
-    let out = node_cli(
-        c.path(),
-        &[
-            "forget",
-            "--config",
-            "acme.toml",
-            "--dataset",
-            "customers",
-            "--key",
-            "phone=+44 20 7946 0999",
-        ],
-    );
-    let t = text(&out);
-    assert!(out.status.success(), "{t}");
+    let t = forget_at_acme(&c, "phone=+44 20 7946 0999");
     assert!(t.contains("matches 0 rows in customers"), "{t}");
     assert!(t.contains("warning: no row"), "{t}");
     assert_eq!(overlap(&c, "phone"), 4);
 
     // P1 is written two ways at acme: both rows match, both are excluded.
-    let out = node_cli(
-        c.path(),
-        &[
-            "forget",
-            "--config",
-            "acme.toml",
-            "--dataset",
-            "customers",
-            "--key",
-            "phone=+44 20 7946 0018",
-        ],
-    );
-    let t = text(&out);
-    assert!(out.status.success(), "{t}");
+    let t = forget_at_acme(&c, "phone=+44 20 7946 0018");
     assert!(t.contains("forgotten: 1 subject"), "{t}");
     assert!(t.contains("matches 2 rows in customers"), "{t}");
     assert!(!t.contains("warning"), "{t}");
@@ -276,12 +269,7 @@ fn a_closed_pipe_ends_every_command_quietly() {
     let mut c = Consortium::new();
     c.synth("acme,globex", 50, 0.5, 3);
     c.start_coordinator();
-    for (me, other) in [("acme", "globex"), ("globex", "acme")] {
-        c.issue_node(me);
-        c.write_node_config(me, me, &cleanroom_e2e::open_agreement(other));
-        c.start_node(me);
-    }
-    c.wait_connected(&["acme", "globex"]);
+    c.start_open_pair();
     let mut jobs = Vec::new();
     for _ in 0..3 {
         let (job, _) = c.submit(&[
@@ -381,12 +369,7 @@ fn a_second_node_on_one_state_dir_is_refused() {
     let mut c = Consortium::new();
     c.synth("acme,globex", 50, 0.5, 4);
     c.start_coordinator();
-    for (me, other) in [("acme", "globex"), ("globex", "acme")] {
-        c.issue_node(me);
-        c.write_node_config(me, me, &cleanroom_e2e::open_agreement(other));
-        c.start_node(me);
-    }
-    c.wait_connected(&["acme", "globex"]);
+    c.start_open_pair();
     let pid = c.node("acme").pid();
     let started = std::time::Instant::now();
     let out = Command::new(&bins().1)
@@ -557,12 +540,7 @@ fn a_tampered_audit_log_of_a_running_node_refuses_jobs() {
     let mut c = Consortium::new();
     c.synth("acme,globex", 50, 0.5, 8);
     c.start_coordinator();
-    for (me, other) in [("acme", "globex"), ("globex", "acme")] {
-        c.issue_node(me);
-        c.write_node_config(me, me, &cleanroom_e2e::open_agreement(other));
-        c.start_node(me);
-    }
-    c.wait_connected(&["acme", "globex"]);
+    c.start_open_pair();
     let job = || {
         c.submit(&[
             "overlap",

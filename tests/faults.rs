@@ -125,12 +125,7 @@ fn pair(rows: u64, seed: u64) -> Consortium {
     let mut c = Consortium::new();
     c.synth("acme,globex", rows, 0.3, seed);
     c.start_coordinator();
-    for (me, other) in [("acme", "globex"), ("globex", "acme")] {
-        c.issue_node(me);
-        c.write_node_config(me, me, &open_agreement(other));
-        c.start_node(me);
-    }
-    c.wait_connected(&["acme", "globex"]);
+    c.start_open_pair();
     c
 }
 

@@ -15,12 +15,7 @@ fn overlap_and_match_equal_the_plaintext_truth() {
     let expected = truth["pairwise_overlap"]["acme,globex"].as_u64().unwrap();
     assert!(expected > 0);
     c.start_coordinator();
-    for (me, other) in [("acme", "globex"), ("globex", "acme")] {
-        c.issue_node(me);
-        c.write_node_config(me, me, &open_agreement(other));
-        c.start_node(me);
-    }
-    c.wait_connected(&["acme", "globex"]);
+    c.start_open_pair();
 
     let (job, code) = c.submit(&[
         "overlap",

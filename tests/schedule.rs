@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use cleanroom_e2e::{Consortium, bins, cleanroom, cleanroom_ok, open_agreement};
+use cleanroom_e2e::{Consortium, bins, cleanroom, cleanroom_ok};
 use serde_json::Value;
 
 /// `cleanroom WORD <analyst flags> REST…` (connection flags right after the first word, so that
@@ -50,12 +50,7 @@ const JOB: [&str; 9] = [
 ];
 
 fn start_nodes(c: &mut Consortium) {
-    for (me, other) in [("acme", "globex"), ("globex", "acme")] {
-        c.issue_node(me);
-        c.write_node_config(me, me, &open_agreement(other));
-        c.start_node(me);
-    }
-    c.wait_connected(&["acme", "globex"]);
+    c.start_open_pair();
 }
 
 /// Adds schedule `name` (cron far from now: it fires only through run-now) and returns it.

@@ -498,6 +498,18 @@ impl Consortium {
     }
 
     /// Waits until the named nodes are connected to the coordinator.
+    /// Issues, configures (each with [`open_agreement`] toward the other) and starts the nodes
+    /// `acme` and `globex` on the dataset `customers` of their own names, and waits until both
+    /// are connected. The coordinator must be running.
+    pub fn start_open_pair(&mut self) {
+        for (me, other) in [("acme", "globex"), ("globex", "acme")] {
+            self.issue_node(me);
+            self.write_node_config(me, me, &open_agreement(other));
+            self.start_node(me);
+        }
+        self.wait_connected(&["acme", "globex"]);
+    }
+
     pub fn wait_connected(&self, names: &[&str]) {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
