@@ -332,15 +332,7 @@ fn stall_case(send_points: usize) {
     let mut c = Consortium::new();
     c.synth("acme,globex", 300, 0.5, 32);
     let coordinator = c.start_coordinator();
-    for name in ["acme", "globex", "mallory"] {
-        c.issue_node(name);
-    }
-    let acme_agreements = format!("{}{}", open_agreement("globex"), open_agreement("mallory"));
-    c.write_node_config("acme", "acme", &acme_agreements);
-    c.write_node_config("globex", "globex", &open_agreement("acme"));
-    c.start_node("acme");
-    c.start_node("globex");
-    c.wait_connected(&["acme", "globex"]);
+    c.start_pair_open_to_mallory();
 
     let rt = tokio::runtime::Runtime::new().unwrap();
     let evil = rt.spawn(stalling_mallory(

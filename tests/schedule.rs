@@ -398,25 +398,7 @@ fn job_json(c: &Consortium, job_id: &str) -> Value {
 }
 
 fn wait_connected(c: &Consortium, names: &[&str], within: Duration) {
-    let deadline = Instant::now() + within;
-    loop {
-        let nodes = c.nodes_json();
-        let up = names.iter().all(|n| {
-            nodes
-                .as_array()
-                .unwrap()
-                .iter()
-                .any(|v| v["name"] == *n && v["connected"] == true)
-        });
-        if up {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "nodes {names:?} did not reconnect: {nodes}"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    c.wait_connected_within(names, within);
 }
 
 /// Waits until the node's current process has logged its registration with the coordinator

@@ -510,8 +510,27 @@ impl Consortium {
         self.wait_connected(&["acme", "globex"]);
     }
 
+    /// Like [`Consortium::start_open_pair`], with a certificate for `mallory` (a fake node a
+    /// test plays) whom acme's agreements also allow.
+    pub fn start_pair_open_to_mallory(&mut self) {
+        for name in ["acme", "globex", "mallory"] {
+            self.issue_node(name);
+        }
+        let acme_agreements = format!("{}{}", open_agreement("globex"), open_agreement("mallory"));
+        self.write_node_config("acme", "acme", &acme_agreements);
+        self.write_node_config("globex", "globex", &open_agreement("acme"));
+        self.start_node("acme");
+        self.start_node("globex");
+        self.wait_connected(&["acme", "globex"]);
+    }
+
     pub fn wait_connected(&self, names: &[&str]) {
-        let deadline = Instant::now() + Duration::from_secs(30);
+        self.wait_connected_within(names, Duration::from_secs(30));
+    }
+
+    /// Waits until every node of `names` is connected to the coordinator, for at most `within`.
+    pub fn wait_connected_within(&self, names: &[&str], within: Duration) {
+        let deadline = Instant::now() + within;
         loop {
             let nodes = self.nodes_json();
             let up = names.iter().all(|n| {

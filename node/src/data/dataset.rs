@@ -376,12 +376,12 @@ pub fn load_keys_for(
     let duplicate_rows = items.dedup() as u64;
     Ok(LoadedKeys {
         items,
-        rows_read: counts.read,
+        rows_read: counts.rows_read,
         rows_rejected: counts.rejections.total(),
         rejections: counts.rejections,
         duplicate_rows,
-        rows_excluded_consent: counts.no_consent,
-        rows_excluded_deleted: counts.deleted,
+        rows_excluded_consent: counts.rows_excluded_consent,
+        rows_excluded_deleted: counts.rows_excluded_deleted,
     })
 }
 
@@ -426,11 +426,133 @@ pub struct RowCounts {
     pub rows_excluded_deleted: u64,
 }
 
+/// One pass over the dataset's CSV: the records that are well formed ([`malformed`]) and pass
+/// the [`RowFilter`] (consent, then forgotten subjects), counted in [`RowCounts`] on the way.
+struct Pass<'a> {
+    path: &'a Path,
+    reader: csv::Reader<File>,
+    headers: Vec<String>,
+    /// The columns the pass reads: a line break in one of them rejects the row.
+    read: Vec<usize>,
+    consent_index: Option<usize>,
+    /// Forgotten subjects (non-empty) and where every declared identifier is.
+    forgotten: Option<(&'a Forgotten, Vec<Part<'a>>)>,
+    max_rows: Option<u64>,
+    record: csv::ByteRecord,
+    counts: RowCounts,
+}
+
+impl<'a> Pass<'a> {
+    /// Opens the file; `read` are the columns the caller will read (located with [`locate_column`]
+    /// or [`locate_columns`] on [`Pass::headers`] through `locate`).
+    fn open(
+        dataset: &'a DatasetConfig,
+        filter: RowFilter<'a>,
+        max_rows: Option<u64>,
+        locate: impl FnOnce(&[String], &Path) -> Result<Vec<usize>, DatasetError>,
+    ) -> Result<Pass<'a>, DatasetError> {
+        let path = dataset.path.as_path();
+        let (reader, headers) = open_csv(path)?;
+        let mut read = locate(&headers, path)?;
+        let consent_index = match filter.consent_column {
+            Some(column) => Some(locate_column(&headers, path, column)?),
+            None => None,
+        };
+        let forgotten = match filter.forgotten.filter(|fg| !fg.hashes.is_empty()) {
+            Some(fg) => {
+                let all_ids: Vec<&IdentifierConfig> = dataset.identifiers.iter().collect();
+                Some((fg, locate_columns(&headers, path, &all_ids)?))
+            }
+            None => None,
+        };
+        read.extend(consent_index);
+        if let Some((_, parts)) = &forgotten {
+            read.extend(parts.iter().map(|p| p.index));
+        }
+        Ok(Pass {
+            path,
+            reader,
+            headers,
+            read,
+            consent_index,
+            forgotten,
+            max_rows,
+            record: csv::ByteRecord::new(),
+            counts: RowCounts::default(),
+        })
+    }
+
+    /// Reads up to the next record that is well formed and passes the filter, in
+    /// [`Pass::record`]: its data-row number, or `None` at the end of the file.
+    fn next_row(&mut self) -> Result<Option<u64>, DatasetError> {
+        loop {
+            let row = self.counts.rows_read + 1;
+            match self.reader.read_byte_record(&mut self.record) {
+                Ok(true) => {}
+                Ok(false) => {
+                    self.counts.rejections.log_rest(self.path);
+                    return Ok(None);
+                }
+                Err(source) => {
+                    return Err(DatasetError::Row {
+                        path: self.path.to_owned(),
+                        row,
+                        source,
+                    });
+                }
+            }
+            if let Some(max) = self.max_rows
+                && row > max
+            {
+                return Err(DatasetError::TooManyRows {
+                    path: self.path.to_owned(),
+                    max_rows: max,
+                });
+            }
+            let counts = &mut self.counts;
+            counts.rows_read = row;
+            if let Some((column, why)) = malformed(
+                &self.record,
+                self.headers.len(),
+                &self.read,
+                &mut counts.rejections,
+            ) {
+                let column = column.and_then(|i| self.headers.get(i)).map(String::as_str);
+                counts
+                    .rejections
+                    .record(self.path, line_of(&self.record), column, why);
+                continue;
+            }
+            if let Some(i) = self.consent_index
+                && !self.record.get(i).is_some_and(is_consent)
+            {
+                counts.rows_excluded_consent += 1;
+                continue;
+            }
+            if let Some((fg, parts)) = &self.forgotten
+                && is_forgotten(&self.record, parts, fg)
+            {
+                counts.rows_excluded_deleted += 1;
+                continue;
+            }
+            return Ok(Some(row));
+        }
+    }
+
+    /// Counts a row the caller rejected.
+    fn reject(&mut self, column: &str, why: Rejection) {
+        let line = line_of(&self.record);
+        self.counts
+            .rejections
+            .record(self.path, line, Some(column), why);
+    }
+}
+
 /// Streams the dataset's CSV and calls `f(row, fields)` for every row that passes the
 /// [`RowFilter`] (consent, then forgotten subjects), with the raw fields of `columns` in the
-/// order given (`None` where a short row lacks one). For computations that read columns rather
-/// than join keys (aggregate); the caller parses and validates the fields. Each named column must
-/// appear exactly once in the header; more than `max_rows` data rows is refused.
+/// order given. For computations that read columns rather than join keys (aggregate); the caller
+/// parses and validates the fields. Each named column must appear exactly once in the header;
+/// more than `max_rows` data rows is refused.
 pub fn for_each_row_for(
     dataset: &DatasetConfig,
     columns: &[&str],
@@ -438,77 +560,18 @@ pub fn for_each_row_for(
     max_rows: u64,
     mut f: impl FnMut(u64, &[Option<&[u8]>]) -> Result<(), DatasetError>,
 ) -> Result<RowCounts, DatasetError> {
-    let forgotten = filter.forgotten.filter(|fg| !fg.hashes.is_empty());
-    let path = dataset.path.as_path();
-    let (mut reader, headers) = open_csv(path)?;
-    let indices = columns
-        .iter()
-        .map(|c| locate_column(&headers, path, c))
-        .collect::<Result<Vec<_>, _>>()?;
-    let consent_index = match filter.consent_column {
-        Some(column) => Some(locate_column(&headers, path, column)?),
-        None => None,
-    };
-    let all_ids: Vec<&IdentifierConfig> = dataset.identifiers.iter().collect();
-    let all_parts = if forgotten.is_some() {
-        locate_columns(&headers, path, &all_ids)?
-    } else {
-        Vec::new()
-    };
-    let read: Vec<usize> = indices
-        .iter()
-        .copied()
-        .chain(consent_index)
-        .chain(all_parts.iter().map(|p| p.index))
-        .collect();
-    let mut record = csv::ByteRecord::new();
-    let mut counts = RowCounts::default();
-    loop {
-        let row = counts.rows_read + 1;
-        match reader.read_byte_record(&mut record) {
-            Ok(true) => {}
-            Ok(false) => break,
-            Err(source) => {
-                return Err(DatasetError::Row {
-                    path: path.to_owned(),
-                    row,
-                    source,
-                });
-            }
-        }
-        if row > max_rows {
-            return Err(DatasetError::TooManyRows {
-                path: path.to_owned(),
-                max_rows,
-            });
-        }
-        counts.rows_read = row;
-        if let Some((column, why)) =
-            malformed(&record, headers.len(), &read, &mut counts.rejections)
-        {
-            let column = column.and_then(|i| headers.get(i)).map(String::as_str);
-            counts
-                .rejections
-                .record(path, line_of(&record), column, why);
-            continue;
-        }
-        if let Some(i) = consent_index
-            && !record.get(i).is_some_and(is_consent)
-        {
-            counts.rows_excluded_consent += 1;
-            continue;
-        }
-        if let Some(fg) = forgotten
-            && is_forgotten(&record, &all_parts, fg)
-        {
-            counts.rows_excluded_deleted += 1;
-            continue;
-        }
-        let fields: Vec<Option<&[u8]>> = indices.iter().map(|&i| record.get(i)).collect();
+    let mut pass = Pass::open(dataset, filter, Some(max_rows), |headers, path| {
+        columns
+            .iter()
+            .map(|c| locate_column(headers, path, c))
+            .collect()
+    })?;
+    let indices = pass.read[..columns.len()].to_vec();
+    while let Some(row) = pass.next_row()? {
+        let fields: Vec<Option<&[u8]>> = indices.iter().map(|&i| pass.record.get(i)).collect();
         f(row, &fields)?;
     }
-    counts.rejections.log_rest(path);
-    Ok(counts)
+    Ok(pass.counts)
 }
 
 /// One requested key part: where it is in the row and how it is normalised.
@@ -516,15 +579,6 @@ struct Part<'a> {
     id: &'a IdentifierConfig,
     opts: NormaliseOptions,
     index: usize,
-}
-
-/// Row counts of one pass.
-#[derive(Debug, Default)]
-struct Counts {
-    read: u64,
-    rejections: Rejections,
-    no_consent: u64,
-    deleted: u64,
 }
 
 /// Rows streamed by [`for_each_keyed_row_for`], and what filtering left out.
@@ -545,9 +599,8 @@ pub struct KeyedRowCounts {
 
 /// Streams the dataset's CSV and calls `f(row, key, fields)` for every row that passes the
 /// [`RowFilter`] and whose join key normalises, with the raw fields of `columns` in the order
-/// given (`None` where a short row lacks one). For computations that read values next to the
-/// key (overlap-sum); the caller parses and validates the fields. More than `max_rows` data rows
-/// is refused.
+/// given. For computations that read values next to the key (overlap-sum); the caller parses and
+/// validates the fields. More than `max_rows` data rows is refused.
 pub fn for_each_keyed_row_for(
     dataset: &DatasetConfig,
     keys: &KeySpec,
@@ -558,11 +611,11 @@ pub fn for_each_keyed_row_for(
 ) -> Result<KeyedRowCounts, DatasetError> {
     let counts = for_each_key(dataset, keys, columns, filter, Some(max_rows), f)?;
     Ok(KeyedRowCounts {
-        rows_read: counts.read,
+        rows_read: counts.rows_read,
         rows_rejected: counts.rejections.total(),
         rejections: counts.rejections,
-        rows_excluded_consent: counts.no_consent,
-        rows_excluded_deleted: counts.deleted,
+        rows_excluded_consent: counts.rows_excluded_consent,
+        rows_excluded_deleted: counts.rows_excluded_deleted,
     })
 }
 
@@ -574,95 +627,30 @@ fn for_each_key(
     filter: RowFilter<'_>,
     max_rows: Option<u64>,
     mut f: impl FnMut(u64, &[u8], &[Option<&[u8]>]) -> Result<(), DatasetError>,
-) -> Result<Counts, DatasetError> {
+) -> Result<RowCounts, DatasetError> {
     let ids = resolve_identifiers(dataset, keys)?;
-    let forgotten = filter.forgotten.filter(|fg| !fg.hashes.is_empty());
-    let path = dataset.path.as_path();
-    let (mut reader, headers) = open_csv(path)?;
-    let parts = locate_columns(&headers, path, &ids)?;
-    let column_indices = columns
-        .iter()
-        .map(|c| locate_column(&headers, path, c))
-        .collect::<Result<Vec<_>, _>>()?;
-    let consent_index = match filter.consent_column {
-        Some(column) => Some(locate_column(&headers, path, column)?),
-        None => None,
-    };
-    let all_ids: Vec<&IdentifierConfig> = dataset.identifiers.iter().collect();
-    let all_parts = if forgotten.is_some() {
-        locate_columns(&headers, path, &all_ids)?
-    } else {
-        Vec::new()
-    };
-
-    let read: Vec<usize> = parts
-        .iter()
-        .map(|p| p.index)
-        .chain(column_indices.iter().copied())
-        .chain(consent_index)
-        .chain(all_parts.iter().map(|p| p.index))
-        .collect();
-    let mut record = csv::ByteRecord::new();
+    let mut parts = Vec::new();
+    let mut pass = Pass::open(dataset, filter, max_rows, |headers, path| {
+        parts = locate_columns(headers, path, &ids)?;
+        parts
+            .iter()
+            .map(|p| Ok(p.index))
+            .chain(columns.iter().map(|c| locate_column(headers, path, c)))
+            .collect()
+    })?;
+    let column_indices = pass.read[parts.len()..parts.len() + columns.len()].to_vec();
     let mut key: Vec<u8> = Vec::with_capacity(256);
-    let mut counts = Counts::default();
-    loop {
-        let row = counts.read + 1;
-        match reader.read_byte_record(&mut record) {
-            Ok(true) => {}
-            Ok(false) => break,
-            Err(source) => {
-                return Err(DatasetError::Row {
-                    path: path.to_owned(),
-                    row,
-                    source,
-                });
-            }
-        }
-        if let Some(max) = max_rows
-            && row > max
-        {
-            return Err(DatasetError::TooManyRows {
-                path: path.to_owned(),
-                max_rows: max,
-            });
-        }
-        counts.read = row;
-        if let Some((column, why)) =
-            malformed(&record, headers.len(), &read, &mut counts.rejections)
-        {
-            let column = column.and_then(|i| headers.get(i)).map(String::as_str);
-            counts
-                .rejections
-                .record(path, line_of(&record), column, why);
-            continue;
-        }
-        if let Some(i) = consent_index
-            && !record.get(i).is_some_and(is_consent)
-        {
-            counts.no_consent += 1;
-            continue;
-        }
-        if let Some(fg) = forgotten
-            && is_forgotten(&record, &all_parts, fg)
-        {
-            counts.deleted += 1;
-            continue;
-        }
-        match build_key(&record, &parts, &mut key) {
+    while let Some(row) = pass.next_row()? {
+        match build_key(&pass.record, &parts, &mut key) {
             Ok(()) => {
                 let fields: Vec<Option<&[u8]>> =
-                    column_indices.iter().map(|&i| record.get(i)).collect();
+                    column_indices.iter().map(|&i| pass.record.get(i)).collect();
                 f(row, &key, &fields)?;
             }
-            Err((column, why)) => {
-                counts
-                    .rejections
-                    .record(path, line_of(&record), Some(column), why);
-            }
+            Err((column, why)) => pass.reject(column, why),
         }
     }
-    counts.rejections.log_rest(path);
-    Ok(counts)
+    Ok(pass.counts)
 }
 
 /// Whether any declared identifier of the row normalises to a forgotten value.
