@@ -75,14 +75,18 @@ fn job_log_has(c: &Consortium, name: &str, job_id: &str, needle: &str) -> bool {
         .any(|l| l.contains(job_id) && l.contains(needle))
 }
 
-/// Submits the overlap and waits until both nodes have loaded their data for it (the data-plane
-/// connection is up: the responder loads only once the initiator has connected).
+/// Submits the overlap and waits until both nodes have loaded their data for it and the
+/// data-plane connection between them is up.
 fn submit_and_wait_for_exchange(c: &Consortium) -> String {
     let job_id = c.submit_nowait(&OVERLAP);
     let t0 = Instant::now();
-    while !(job_log_has(c, "acme", &job_id, "dataset loaded")
-        && job_log_has(c, "globex", &job_id, "dataset loaded"))
-    {
+    // Both loaded and connected to each other: the exchange is under way. (Waiting for the loads
+    // alone raced the initiator's dial, which follows its load: a cut before it made the job fail
+    // at connecting instead of mid-exchange.)
+    while !["acme", "globex"].iter().all(|n| {
+        job_log_has(c, n, &job_id, "dataset loaded")
+            && job_log_has(c, n, &job_id, "data plane connected")
+    }) {
         assert!(
             t0.elapsed() < Duration::from_secs(120),
             "job {job_id} never got to its exchange: {}",

@@ -172,6 +172,7 @@ pub(crate) async fn dial(
             reason: e.to_string(),
         })
     })?;
+    tracing::info!(%peer, "data plane connected");
     Ok((conn, FramedSend::new(send)))
 }
 
@@ -198,6 +199,7 @@ pub(crate) async fn accept(
             reason: e.to_string(),
         })
     })?;
+    tracing::info!(peer = %job.permit.partner, "data plane connected");
     Ok((conn, FramedSend::new(send), handover.recv, handover.hello))
 }
 
