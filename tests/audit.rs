@@ -4,17 +4,13 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 
-use cleanroom_e2e::{Consortium, bins, cleanroom_ok};
+use cleanroom_e2e::{Consortium, cleanroom_ok};
 use serde_json::Value;
 
 fn node_cli(dir: &Path, args: &[&str]) -> Output {
-    Command::new(&bins().1)
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .expect("running cleanroom-node")
+    cleanroom_e2e::cleanroom_node(dir, args)
 }
 
 fn text(out: &Output) -> String {

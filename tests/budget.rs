@@ -49,17 +49,7 @@ fn overlap(c: &Consortium) -> Value {
 }
 
 fn node_cli(c: &Consortium, args: &[&str]) -> String {
-    let out = Command::new(&bins().1)
-        .args(args)
-        .current_dir(c.path())
-        .output()
-        .expect("running cleanroom-node");
-    assert!(
-        out.status.success(),
-        "cleanroom-node {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    cleanroom_e2e::cleanroom_node_ok(c.path(), args)
 }
 
 /// acme's budget line for globex / overlap-reporting, from `budget --format json`.

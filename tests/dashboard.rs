@@ -11,10 +11,9 @@
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
-use std::process::Command;
 
+use cleanroom_e2e::Consortium;
 use cleanroom_e2e::web::{Browser, http_get};
-use cleanroom_e2e::{Consortium, bins};
 use fantoccini::Locator;
 use serde_json::Value;
 
@@ -51,17 +50,7 @@ fn free_port() -> u16 {
 }
 
 fn node_cli(c: &Consortium, args: &[&str]) -> String {
-    let out = Command::new(&bins().1)
-        .args(args)
-        .current_dir(c.path())
-        .output()
-        .expect("running cleanroom-node");
-    assert!(
-        out.status.success(),
-        "cleanroom-node {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    cleanroom_e2e::cleanroom_node_ok(c.path(), args)
 }
 
 fn job(c: &Consortium, kind: &str, purpose: &str) -> Value {

@@ -9,11 +9,7 @@ use std::process::{Command, Output};
 use cleanroom_e2e::{Consortium, bins};
 
 fn node_cli(dir: &Path, args: &[&str]) -> Output {
-    Command::new(&bins().1)
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .expect("running cleanroom-node")
+    cleanroom_e2e::cleanroom_node(dir, args)
 }
 
 /// `cleanroom-node forget` of `key` in acme's customers, which must succeed: its output.

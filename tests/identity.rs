@@ -459,11 +459,7 @@ fn submit_claiming(c: &Consortium, who: &str, claimed: &str) -> serde_json::Valu
 }
 
 fn node_cli(c: &Consortium, args: &[&str]) -> std::process::Output {
-    std::process::Command::new(&cleanroom_e2e::bins().1)
-        .args(args)
-        .current_dir(c.path())
-        .output()
-        .expect("running cleanroom-node")
+    cleanroom_e2e::cleanroom_node(c.path(), args)
 }
 
 /// The key fingerprint `pki show` prints for a certificate.

@@ -98,6 +98,26 @@ pub fn cleanroom_ok(dir: &Path, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// Runs `cleanroom-node ARGS` in `dir` and returns its output.
+pub fn cleanroom_node(dir: &Path, args: &[&str]) -> Output {
+    Command::new(&bins().1)
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("running cleanroom-node")
+}
+
+/// Like [`cleanroom_node`] but asserts success; its standard output.
+pub fn cleanroom_node_ok(dir: &Path, args: &[&str]) -> String {
+    let out = cleanroom_node(dir, args);
+    assert!(
+        out.status.success(),
+        "cleanroom-node {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// A process that stops gracefully when dropped (its stdin is closed) and is killed if it does
 /// not stop in time.
 #[derive(Debug)]
