@@ -17,8 +17,7 @@ use std::time::{Duration, Instant};
 
 use cleanroom_circuits::{ItemSet, JobKey, blind_items};
 use cleanroom_e2e::fake_node::{self, BASEPOINT, FakeJob};
-use cleanroom_e2e::{Consortium, open_agreement};
-use cleanroom_node::audit::AuditEvent;
+use cleanroom_e2e::{Consortium, open_agreement, overlap_between, reason_of};
 use cleanroom_node::data::dataset::KeySpec;
 use cleanroom_proto::MAX_FRAME_LEN;
 use cleanroom_proto::v1::{BatchEnd, Envelope, Phase, PointBatch, PsiOutcome, envelope::Body};
@@ -400,20 +399,6 @@ async fn honest_mallory(dir: PathBuf, coordinator: SocketAddr) -> (u64, Vec<Enve
     (count, job.sent)
 }
 
-fn overlap(pair: &str) -> [&str; 9] {
-    [
-        "overlap",
-        "--between",
-        pair,
-        "--dataset",
-        "customers",
-        "--on",
-        "email",
-        "--purpose",
-        "overlap-reporting",
-    ]
-}
-
 /// `VmHWM` (peak resident set) of a process, in KiB.
 fn peak_rss_kib(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
@@ -424,32 +409,10 @@ fn peak_rss_kib(pid: u32) -> u64 {
         .unwrap_or_else(|| panic!("no VmHWM in /proc/{pid}/status"))
 }
 
-/// acme's audit log: the `JobError` reason for `job_id`. acme reports the failure to the
-/// coordinator before it appends the entry, so this waits a little for it.
-fn audited_error(dir: &Path, job_id: &str) -> Option<String> {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let log = dir.join("state-acme/audit.log");
-        // A line being appended may be read half-written: then look again.
-        let entries = cleanroom_node::audit::read_entries(&log).unwrap_or_default();
-        let found = entries.into_iter().find_map(|e| match e.event {
-            AuditEvent::JobError {
-                job_id: j, reason, ..
-            } if j == job_id => Some(reason),
-            _ => None,
-        });
-        if found.is_some() || Instant::now() > deadline {
-            return found;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 #[test]
 fn every_bad_message_at_every_phase_ends_the_job_with_a_named_error_and_the_node_keeps_serving() {
-    let mut c = Consortium::new();
-    c.synth("acme,globex", 300, 0.5, 5);
-    let coordinator = c.start_coordinator();
+    let (mut c, _) = Consortium::with_coordinator("acme,globex", 300, 0.5, 5);
+    let coordinator = c.addr.unwrap();
     for name in ["acme", "globex", "mallory"] {
         c.issue_node(name);
     }
@@ -467,7 +430,7 @@ fn every_bad_message_at_every_phase_ends_the_job_with_a_named_error_and_the_node
     // An honest job with mallory first: its frames are the material of the replays.
     let honest = rt.spawn(honest_mallory(c.path().to_owned(), coordinator));
     c.wait_connected(&["mallory"]);
-    let (job, _) = c.submit(&overlap("mallory,acme"));
+    let (job, _) = c.submit(&overlap_between("mallory,acme"));
     assert_eq!(job["state"], "succeeded", "{job}");
     let (count, recording) = rt.block_on(honest).unwrap();
     assert!(count > 0, "the recorded job shares items");
@@ -513,7 +476,7 @@ fn every_bad_message_at_every_phase_ends_the_job_with_a_named_error_and_the_node
         let t0 = Instant::now();
         let evil = rt.spawn(mallory(c.path().to_owned(), coordinator, attack));
         c.wait_connected(&["mallory"]);
-        let (job, _) = c.submit(&overlap("mallory,acme"));
+        let (job, _) = c.submit(&overlap_between("mallory,acme"));
         let took = t0.elapsed();
         assert_eq!(job["state"], "failed", "{label}: {job}");
         let reason = job["reason"].as_str().unwrap().to_lowercase();
@@ -523,7 +486,8 @@ fn every_bad_message_at_every_phase_ends_the_job_with_a_named_error_and_the_node
         );
         assert!(job["intersection"].is_null(), "{label}: {job}");
         let job_id = job["job_id"].as_str().unwrap();
-        let audited = audited_error(c.path(), job_id)
+        let audited = c
+            .audited_error("acme", job_id)
             .unwrap_or_else(|| panic!("{label}: acme audited no JobError for {job_id}"));
         assert!(
             audited.to_lowercase().contains(&expect),
@@ -541,7 +505,7 @@ fn every_bad_message_at_every_phase_ends_the_job_with_a_named_error_and_the_node
                 .is_running(),
             "{label}: acme died"
         );
-        let (next, _) = c.submit(&overlap("globex,acme"));
+        let (next, _) = c.submit(&overlap_between("globex,acme"));
         assert_eq!(next["state"], "succeeded", "{label}: the next job: {next}");
         let rss = peak_rss_kib(acme_pid);
         report.push(format!(
@@ -573,14 +537,9 @@ const FLOOD_RSS_CAP_KIB: u64 = 128 * 1024;
 /// sent: peak RSS 1.06 GB); now the first batch ends the job.
 #[test]
 fn a_point_flood_while_the_node_is_busy_is_not_buffered() {
-    let mut c = Consortium::new();
-    c.synth("acme", 200_000, 0.5, 6);
-    let coordinator = c.start_coordinator();
-    c.issue_node("acme");
-    c.issue_node("mallory");
-    c.write_node_config("acme", "acme", &open_agreement("mallory"));
-    c.start_node("acme");
-    c.wait_connected(&["acme"]);
+    let (mut c, _) = Consortium::with_coordinator("acme", 200_000, 0.5, 6);
+    let coordinator = c.addr.unwrap();
+    c.start_node_for_fake_peer("acme", "mallory", &open_agreement("mallory"));
     let pid = c.node("acme").pid();
     let before = peak_rss_kib(pid);
     let rt = tokio::runtime::Runtime::new().unwrap();
@@ -598,15 +557,14 @@ fn a_point_flood_while_the_node_is_busy_is_not_buffered() {
         let _ = tokio::time::timeout(Duration::from_secs(60), job.conn.closed()).await;
     });
     c.wait_connected(&["mallory"]);
-    let (job, _) = c.submit(&overlap("mallory,acme"));
+    let (job, _) = c.submit(&overlap_between("mallory,acme"));
     evil.abort();
     let after = peak_rss_kib(pid);
     eprintln!(
         "point flood: {} — {}; acme VmHWM {before} KiB before, {after} KiB after (cap {FLOOD_RSS_CAP_KIB} KiB)",
         job["state"], job["reason"]
     );
-    assert_eq!(job["state"], "failed", "{job}");
-    let reason = job["reason"].as_str().unwrap();
+    let reason = reason_of(&job, "failed");
     assert!(
         reason.contains("sent more blinded points than the 4 it may"),
         "{reason}"
@@ -629,9 +587,8 @@ const PROMPT_FAILURE: Duration = Duration::from_secs(5);
 /// plane's 10 s hello deadline, and so is the job.
 #[test]
 fn a_bad_first_data_plane_frame_fails_the_waiting_job_at_once() {
-    let mut c = Consortium::new();
-    c.synth("acme,globex", 300, 0.5, 7);
-    let coordinator = c.start_coordinator();
+    let (mut c, _) = Consortium::with_coordinator("acme,globex", 300, 0.5, 7);
+    let coordinator = c.addr.unwrap();
     c.start_pair_open_to_mallory();
     let rt = tokio::runtime::Runtime::new().unwrap();
 
@@ -710,7 +667,7 @@ fn a_bad_first_data_plane_frame_fails_the_waiting_job_at_once() {
             let _ = tokio::time::timeout(Duration::from_secs(60), job.conn.closed()).await;
         });
         c.wait_connected(&["mallory"]);
-        let job_id = c.submit_nowait(&overlap("mallory,acme"));
+        let job_id = c.submit_nowait(&overlap_between("mallory,acme"));
         // From the moment the job runs (the fake node has its Start) to its failure.
         let mut running_at = None;
         let t0 = Instant::now();
@@ -739,13 +696,14 @@ fn a_bad_first_data_plane_frame_fails_the_waiting_job_at_once() {
             took < bound,
             "{label}: failed {took:?} after it started, not within {bound:?}"
         );
-        let audited = audited_error(c.path(), &job_id)
+        let audited = c
+            .audited_error("acme", &job_id)
             .unwrap_or_else(|| panic!("{label}: acme audited no JobError"));
         assert!(audited.to_lowercase().contains(&expect), "{audited}");
         rt.block_on(async {
             let _ = tokio::time::timeout(Duration::from_secs(30), evil).await;
         });
-        let (next, _) = c.submit(&overlap("globex,acme"));
+        let (next, _) = c.submit(&overlap_between("globex,acme"));
         assert_eq!(next["state"], "succeeded", "{label}: the next job: {next}");
     }
     let log = c.node("acme").log_text();

@@ -19,12 +19,11 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use cleanroom_e2e::Consortium;
 use cleanroom_e2e::fake_node::{self, FakeParty};
-use cleanroom_node::audit::AuditEvent;
+use cleanroom_e2e::{Consortium, aggregate_job};
 use cleanroom_proto::MAX_FRAME_LEN;
 use cleanroom_proto::v1::{AggregateHello, Envelope, Phase, PointBatch, envelope::Body};
 use serde_json::Value;
@@ -248,11 +247,8 @@ impl BadPartial {
 /// A node config with the synthetic `chargebacks` dataset of `data_of` and an aggregate
 /// agreement (exact totals) with every one of `partners` but itself.
 fn write_config(c: &Consortium, name: &str, data_of: &str, partners: &[&str]) {
-    let addr = c.addr.unwrap();
     let mut cfg = format!(
-        "name = \"{name}\"\ncoordinator = \"{addr}\"\nlisten = \"127.0.0.1:0\"\nstate_dir = \"state-{name}\"\n\n\
-         [tls]\nca = \"pki/ca.pem\"\ncert = \"pki/node-{name}.pem\"\nkey = \"pki/node-{name}.key\"\n\n\
-         [[dataset]]\nname = \"chargebacks\"\npath = \"data/{data_of}-chargebacks.csv\"\n\n\
+        "[[dataset]]\nname = \"chargebacks\"\npath = \"data/{data_of}-chargebacks.csv\"\n\n\
          [[dataset.value]]\ncolumn = \"amount\"\nmin = 0\nmax = 10000000\n\n"
     );
     for other in partners.iter().filter(|p| **p != name) {
@@ -263,58 +259,21 @@ fn write_config(c: &Consortium, name: &str, data_of: &str, partners: &[&str]) {
              min_result = 1\n\n"
         ));
     }
-    std::fs::write(c.path().join(format!("{name}.toml")), cfg).unwrap();
+    c.write_node_toml(name, &cfg);
 }
 
-fn submit_args(parties: &str) -> [&str; 13] {
-    [
-        "aggregate",
-        "--parties",
-        parties,
-        "--dataset",
-        "chargebacks",
-        "--group-by",
-        "category",
-        "--groups",
-        "electronics,fashion,home,grocery,luxury",
-        "--sum",
-        "amount",
-        "--count",
-        "--purpose",
-    ]
+fn submit_args(parties: &str) -> Vec<&str> {
+    let mut args = aggregate_job(parties, "electronics,fashion,home,grocery,luxury").to_vec();
+    args.push("--count");
+    args
 }
 
 fn aggregate(c: &Consortium, parties: &str) -> Value {
-    let mut args = submit_args(parties).to_vec();
-    args.push("fraud-benchmark");
-    c.submit(&args).0
+    c.submit(&submit_args(parties)).0
 }
 
 fn aggregate_nowait(c: &Consortium, parties: &str) -> String {
-    let mut args = submit_args(parties).to_vec();
-    args.push("fraud-benchmark");
-    c.submit_nowait(&args)
-}
-
-/// `name`'s audited `JobError` reason for `job_id`, waiting a little for it (the node reports
-/// the failure before it appends the entry).
-fn audited_error(dir: &Path, name: &str, job_id: &str) -> Option<String> {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let log = dir.join(format!("state-{name}/audit.log"));
-        // A line being appended may be read half-written: then look again.
-        let entries = cleanroom_node::audit::read_entries(&log).unwrap_or_default();
-        let found = entries.into_iter().find_map(|e| match e.event {
-            AuditEvent::JobError {
-                job_id: j, reason, ..
-            } if j == job_id => Some(reason),
-            _ => None,
-        });
-        if found.is_some() || Instant::now() > deadline {
-            return found;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    c.submit_nowait(&submit_args(parties))
 }
 
 /// `VmHWM` (peak resident set) of a process, in KiB.
@@ -386,9 +345,8 @@ async fn bad_partial(
 fn every_bad_message_of_an_aggregate_party_ends_the_job_with_a_named_error_and_nothing_is_released()
 {
     let everyone = ["acme", "globex", "initech", "mallory", "trudy"];
-    let mut c = Consortium::new();
-    c.synth("acme,globex,initech", 300, 0.3, 13);
-    let coordinator = c.start_coordinator();
+    let (mut c, _) = Consortium::with_coordinator("acme,globex,initech", 300, 0.3, 13);
+    let coordinator = c.addr.unwrap();
     for name in everyone {
         c.issue_node(name);
     }
@@ -539,7 +497,8 @@ fn every_bad_message_of_an_aggregate_party_ends_the_job_with_a_named_error_and_n
         // the violation (and the coordinator's reason above names it).
         let mut named = 0;
         for name in HONEST {
-            let audited = audited_error(c.path(), name, job_id)
+            let audited = c
+                .audited_error(name, job_id)
                 .unwrap_or_else(|| panic!("{label}: {name} audited no JobError for {job_id}"));
             let lower = audited.to_lowercase();
             if lower.contains(&expect) {
@@ -579,7 +538,8 @@ fn every_bad_message_of_an_aggregate_party_ends_the_job_with_a_named_error_and_n
     );
     assert!(job["result"].is_null(), "replay: released {job}");
     for name in HONEST {
-        let audited = audited_error(c.path(), name, &replay_job)
+        let audited = c
+            .audited_error(name, &replay_job)
             .unwrap_or_else(|| panic!("replay: {name} audited no JobError"));
         assert!(audited.contains("did not connect in time"), "{audited}");
     }

@@ -9,7 +9,7 @@
 
 use std::time::{Duration, Instant};
 
-use cleanroom_e2e::{Consortium, cleanroom};
+use cleanroom_e2e::{Consortium, aggregate_job, reason_of};
 use serde_json::Value;
 
 /// The categories `cleanroom synth` draws from.
@@ -34,12 +34,9 @@ const NOISED: Terms = Terms {
 /// A node config with the synthetic `chargebacks` dataset (`data/<name>-chargebacks.csv`, or
 /// `path`) and an aggregate agreement with every other partner.
 fn write_config(c: &Consortium, name: &str, partners: &[&str], terms: &Terms, path: Option<&str>) {
-    let addr = c.addr.unwrap();
     let path = path.map_or_else(|| format!("data/{name}-chargebacks.csv"), str::to_owned);
     let mut cfg = format!(
-        "name = \"{name}\"\ncoordinator = \"{addr}\"\nlisten = \"127.0.0.1:0\"\nstate_dir = \"state-{name}\"\n\n\
-         [tls]\nca = \"pki/ca.pem\"\ncert = \"pki/node-{name}.pem\"\nkey = \"pki/node-{name}.key\"\n\n\
-         [[dataset]]\nname = \"chargebacks\"\npath = \"{path}\"\n\n\
+        "[[dataset]]\nname = \"chargebacks\"\npath = \"{path}\"\n\n\
          [[dataset.value]]\ncolumn = \"amount\"\nmin = 0\nmax = 10000000\n\n"
     );
     for other in partners.iter().filter(|p| **p != name) {
@@ -50,7 +47,7 @@ fn write_config(c: &Consortium, name: &str, partners: &[&str], terms: &Terms, pa
             terms.agreement, terms.extra
         ));
     }
-    std::fs::write(c.path().join(format!("{name}.toml")), cfg).unwrap();
+    c.write_node_toml(name, &cfg);
 }
 
 /// A consortium of `partners` with synthetic data (`rows` customers each, a fifth of that in
@@ -72,22 +69,13 @@ fn consortium(partners: &[&str], rows: u64, terms: &Terms) -> (Consortium, Value
 /// no row has ("luxury"); the fifth category ends up in "(other)".
 fn submit(c: &Consortium, partners: &[&str]) -> (Value, Option<i32>) {
     let groups = format!("{},luxury", CATEGORIES[..4].join(","));
-    c.submit(&[
-        "aggregate",
-        "--parties",
-        &partners.join(","),
-        "--dataset",
-        "chargebacks",
-        "--group-by",
-        "category",
-        "--groups",
-        &groups,
-        "--sum",
-        "amount",
-        "--count",
-        "--purpose",
-        "fraud-benchmark",
-    ])
+    c.submit(
+        &[
+            &aggregate_job(&partners.join(","), &groups)[..],
+            &["--count"],
+        ]
+        .concat(),
+    )
 }
 
 /// The plaintext (count, amount) of a group label in the truth; "(other)" is the fifth
@@ -179,7 +167,7 @@ fn exact_totals_without_noise_and_nothing_of_a_partner_leaks() {
             p["bytes_to_coordinator"], stats[0]["bytes_to_coordinator"],
             "{p}"
         );
-        let access = audit_access(&c, node, job["job_id"].as_str().unwrap());
+        let access = c.audited_access(node, job["job_id"].as_str().unwrap());
         assert_eq!(access["rows_read"], own_rows, "{node}: {access}");
         assert_eq!(access["rows_other"], own_other, "{node}: {access}");
         // Two hellos, each with a 32-byte seed and little else; the partial is 6 × 2 cells.
@@ -192,13 +180,11 @@ fn exact_totals_without_noise_and_nothing_of_a_partner_leaks() {
     // The table and CSV renderings of `job status`.
     let job_id = job["job_id"].as_str().unwrap();
     let show = |format: &str| {
-        let mut a: Vec<String> = ["job", "status", job_id, "--format", format]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
-        a.extend(c.analyst_args());
-        let a: Vec<&str> = a.iter().map(String::as_str).collect();
-        String::from_utf8(cleanroom(c.path(), &a).stdout).unwrap()
+        String::from_utf8(
+            c.as_analyst(&["job", "status", job_id, "--format", format])
+                .stdout,
+        )
+        .unwrap()
     };
     let table = show("table");
     assert!(
@@ -262,17 +248,7 @@ fn exact_totals_without_noise_and_nothing_of_a_partner_leaks() {
 
 /// `cleanroom job result JOB ARGS` (as JSON unless ARGS give a format): stdout.
 fn job_result(c: &Consortium, job_id: &str, args: &[&str]) -> String {
-    let mut a: Vec<String> = vec!["job".into(), "result".into(), job_id.into()];
-    a.extend(args.iter().map(|s| s.to_string()));
-    a.extend(c.analyst_args());
-    let a: Vec<&str> = a.iter().map(String::as_str).collect();
-    let out = cleanroom(c.path(), &a);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
+    c.as_analyst_ok(&[&["job", "result", job_id][..], args].concat())
 }
 
 /// An integer group domain of 100 000 buckets over 3 real nodes, no noise: only the range
@@ -373,7 +349,7 @@ fn integer_domain_result_is_paged_and_exact() {
     let acme_stats = &job["result"]["parties"][0];
     assert_eq!(acme_stats["node"], "acme");
     assert!(acme_stats.get("rows_other").is_none(), "{acme_stats}");
-    let access = audit_access(&c, "acme", job["job_id"].as_str().unwrap());
+    let access = c.audited_access("acme", job["job_id"].as_str().unwrap());
     assert_eq!(access["rows_other"], acme_other, "{access}");
     assert_eq!(access["rows_rejected"], 2, "{access}");
 
@@ -429,7 +405,7 @@ fn integer_domain_result_is_paged_and_exact() {
         ("5..5", "is empty"),
         ("0..1e6", "two integers"),
     ] {
-        let mut a: Vec<String> = [
+        let out = c.as_analyst(&[
             "job",
             "submit",
             "aggregate",
@@ -444,13 +420,7 @@ fn integer_domain_result_is_paged_and_exact() {
             "--count",
             "--purpose",
             "fraud-benchmark",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-        a.extend(c.analyst_args());
-        let a: Vec<&str> = a.iter().map(String::as_str).collect();
-        let out = cleanroom(c.path(), &a);
+        ]);
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "{range}");
         assert!(stderr.contains(why), "{range}: {stderr}");
@@ -459,22 +429,6 @@ fn integer_domain_result_is_paged_and_exact() {
 
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {
     haystack.windows(needle.len()).any(|w| w == needle)
-}
-
-/// `node`'s audited Access of job `job_id` (its `event` object).
-fn audit_access(c: &Consortium, node: &str, job_id: &str) -> Value {
-    let out = std::process::Command::new(&cleanroom_e2e::bins().1)
-        .args(["audit", "show", "--json", "--job", job_id, "--config"])
-        .arg(c.path().join(format!("{node}.toml")))
-        .current_dir(c.path())
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(|l| serde_json::from_str::<Value>(l).unwrap())
-        .find(|e| e["event"]["kind"] == "Access")
-        .unwrap_or_else(|| panic!("{node} audited no access of {job_id}"))["event"]
-        .clone()
 }
 
 #[test]
@@ -548,20 +502,7 @@ fn noised_totals_are_within_the_stated_bound_and_small_groups_suppressed() {
     let at_delta = rho + 2.0 * (rho * 1e9f64.ln()).sqrt();
     assert!(at_delta > 3.0, "{at_delta}");
     for p in partners {
-        let cfg = c.path().join(format!("{p}.toml"));
-        let out = std::process::Command::new(&cleanroom_e2e::bins().1)
-            .args(["budget", "--config"])
-            .arg(&cfg)
-            .args(["--format", "json"])
-            .current_dir(c.path())
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let lines: Value = serde_json::from_slice(&out.stdout).unwrap();
+        let lines = c.budget_json(p);
         let others: Vec<&str> = partners.iter().copied().filter(|q| q != &p).collect();
         let scope = others.join(",");
         let line = lines
@@ -617,9 +558,8 @@ fn a_policy_requiring_more_parties_vetoes() {
     }
     c.wait_connected(&partners);
     let (job, code) = submit(&c, &partners);
-    assert_eq!(job["state"], "vetoed", "{job}");
     assert_eq!(code, Some(2));
-    let reason = job["reason"].as_str().unwrap();
+    let reason = reason_of(&job, "vetoed");
     assert!(
         reason.contains("globex") && reason.contains("at least 4 parties"),
         "{reason}"
@@ -655,43 +595,8 @@ fn a_node_killed_mid_job_fails_the_job_without_result() {
     assert!(status.success());
 
     let groups = CATEGORIES.join(",");
-    let mut args: Vec<String> = [
-        "job",
-        "submit",
-        "aggregate",
-        "--parties",
-        "acme,globex,initech",
-        "--dataset",
-        "chargebacks",
-        "--group-by",
-        "category",
-        "--groups",
-        &groups,
-        "--sum",
-        "amount",
-        "--purpose",
-        "fraud-benchmark",
-        "--format",
-        "json",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    args.extend(c.analyst_args());
-    let args_ref: Vec<&str> = args.iter().map(String::as_str).collect();
-    let out = cleanroom(c.path(), &args_ref);
-    let job: Value = serde_json::from_slice(&out.stdout).unwrap();
-    let job_id = job["job_id"].as_str().unwrap().to_owned();
-
-    let status = |c: &Consortium| -> Value {
-        let mut a: Vec<String> = ["job", "status", &job_id, "--format", "json"]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
-        a.extend(c.analyst_args());
-        let a: Vec<&str> = a.iter().map(String::as_str).collect();
-        serde_json::from_slice(&cleanroom(c.path(), &a).stdout).unwrap()
-    };
+    let job_id = c.submit_nowait(&aggregate_job("acme,globex,initech", &groups));
+    let status = |c: &Consortium| -> Value { c.job_status(&job_id) };
     let deadline = Instant::now() + Duration::from_secs(60);
     while status(&c)["state"] != "running" {
         assert!(
@@ -719,8 +624,7 @@ fn a_node_killed_mid_job_fails_the_job_without_result() {
         assert!(Instant::now() < deadline, "the job did not end: {job}");
         std::thread::sleep(Duration::from_millis(250));
     };
-    assert_eq!(job["state"], "failed", "{job}");
-    let reason = job["reason"].as_str().unwrap();
+    let reason = reason_of(&job, "failed");
     println!("failed as expected: {reason}");
     assert!(reason.contains("globex"), "{reason}");
     assert!(reason.contains("no partial result is released"), "{reason}");
@@ -772,22 +676,8 @@ fn per_person_clipping_counts_people_and_clips_their_sums() {
     }
     c.wait_connected(&partners);
     let submit = |extra: &[&str]| {
-        let mut args = vec![
-            "aggregate",
-            "--parties",
-            "acme,globex,initech",
-            "--dataset",
-            "chargebacks",
-            "--group-by",
-            "category",
-            "--groups",
-            "electronics,fashion,home",
-            "--sum",
-            "amount",
-            "--count",
-            "--purpose",
-            "fraud-benchmark",
-        ];
+        let mut args = aggregate_job("acme,globex,initech", "electronics,fashion,home").to_vec();
+        args.push("--count");
         args.extend(extra);
         c.submit(&args).0
     };
@@ -818,7 +708,7 @@ fn per_person_clipping_counts_people_and_clips_their_sums() {
     assert_eq!(by_label["(other)"]["suppressed"], true);
     assert_eq!(job["per_person"], "customer", "{job}");
     // acme audited its persons and the row it left out.
-    let access = audit_access(&c, "acme", job["job_id"].as_str().unwrap());
+    let access = c.audited_access("acme", job["job_id"].as_str().unwrap());
     assert_eq!(access["persons"]["persons"], 3, "{access}");
     assert_eq!(access["persons"]["rows_outside_group"], 1, "{access}");
     assert!(

@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Output;
 
-use cleanroom_e2e::{Consortium, cleanroom_ok};
+use cleanroom_e2e::{Consortium, cleanroom_ok, overlap_job};
 use serde_json::Value;
 
 fn node_cli(dir: &Path, args: &[&str]) -> Output {
@@ -67,26 +67,13 @@ fn assert_detected(c: &Consortium, cfg: &Path, wording: &str) {
 
 #[test]
 fn audit_log_verifies_detects_tampering_and_matches_reported_heads() {
-    let mut c = Consortium::new();
-    let truth = c.synth("acme,globex", 400, 0.5, 5);
+    let (c, truth) = Consortium::open_pair(400, 0.5, 5);
     let expected = truth["pairwise_overlap"]["acme,globex"].as_u64().unwrap();
-    c.start_coordinator();
-    c.start_open_pair();
 
     // A couple of jobs: two accepted, one vetoed.
     let mut last_job = String::new();
     for purpose in ["overlap-reporting", "fraud-detection", "marketing"] {
-        let (job, _) = c.submit(&[
-            "overlap",
-            "--between",
-            "acme,globex",
-            "--dataset",
-            "customers",
-            "--on",
-            "email",
-            "--purpose",
-            purpose,
-        ]);
+        let (job, _) = c.submit(&overlap_job("acme,globex", "email", purpose));
         if purpose == "marketing" {
             assert_eq!(job["state"], "vetoed", "{job}");
         } else {

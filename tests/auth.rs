@@ -5,36 +5,18 @@
 // Test-only code: a failed step is a failed test.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::net::SocketAddr;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use cleanroom_e2e::{Consortium, bins, open_agreement};
-use cleanroom_transport::{Credentials, Identity, TransportTuning};
+use cleanroom_e2e::{Consortium, bins, open_agreement, overlap_between, reason_of};
+use cleanroom_transport::{Identity, TransportTuning};
 use serde_json::Value;
 use time::OffsetDateTime;
 
-fn overlap_between(pair: &str) -> Vec<&str> {
-    vec![
-        "overlap",
-        "--between",
-        pair,
-        "--dataset",
-        "customers",
-        "--on",
-        "email",
-        "--purpose",
-        "overlap-reporting",
-    ]
-}
-
 /// A coordinator with acme and globex connected (each with an agreement naming the other).
 fn running_pair() -> Consortium {
-    let mut c = Consortium::new();
-    c.synth("acme,globex", 300, 0.5, 21);
-    c.start_coordinator();
-    c.start_open_pair();
+    let (c, _) = Consortium::open_pair(300, 0.5, 21);
     c
 }
 
@@ -145,19 +127,6 @@ fn a_node_with_a_not_yet_valid_certificate_is_refused_by_the_coordinator() {
     );
 }
 
-/// acme's data-plane address, from `cleanroom nodes --format json`.
-fn data_addr(c: &Consortium, name: &str) -> SocketAddr {
-    c.nodes_json()
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|n| n["name"] == name)
-        .and_then(|n| n["data_addr"].as_str())
-        .unwrap()
-        .parse()
-        .unwrap()
-}
-
 #[test]
 fn an_analyst_certificate_cannot_act_as_a_node() {
     let c = running_pair();
@@ -199,13 +168,8 @@ fn an_analyst_certificate_cannot_act_as_a_node() {
     assert!(!registered(&c, "alice"));
 
     // 2. Driving the transport with the analyst's credentials against acme's data plane.
-    let creds = Credentials::load(
-        &c.path().join("pki/ca.pem"),
-        &c.path().join("pki/analyst-alice.pem"),
-        &c.path().join("pki/analyst-alice.key"),
-    )
-    .unwrap();
-    let addr = data_addr(&c, "acme");
+    let creds = c.credentials("analyst-alice");
+    let addr = c.data_addr("acme");
     let rt = tokio::runtime::Runtime::new().unwrap();
     let reason = rt.block_on(async {
         let endpoint =
@@ -325,27 +289,6 @@ fn a_client_without_a_certificate_is_refused_by_the_coordinator() {
     assert_eq!(job["state"], "succeeded", "{job}");
 }
 
-/// `cleanroom-node audit show --config <name>.toml --json`, one entry per line.
-fn audit_entries(c: &Consortium, name: &str) -> Vec<Value> {
-    let out = Command::new(&bins().1)
-        .args(["audit", "show", "--config"])
-        .arg(c.path().join(format!("{name}.toml")))
-        .arg("--json")
-        .current_dir(c.path())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "audit show failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter(|l| !l.trim().is_empty())
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
-
 /// The event of an audit entry: either the entry itself or its `event` field.
 fn event(e: &Value) -> &Value {
     if e.get("event").is_some_and(Value::is_object) {
@@ -357,9 +300,7 @@ fn event(e: &Value) -> &Value {
 
 #[test]
 fn a_valid_node_no_agreement_names_is_vetoed_and_audited() {
-    let mut c = Consortium::new();
-    c.synth("acme,initech", 300, 0.5, 22);
-    c.start_coordinator();
+    let (mut c, _) = Consortium::with_coordinator("acme,initech", 300, 0.5, 22);
     c.issue_node("acme");
     c.issue_node("initech");
     // acme has an agreement with globex only; initech believes it has one with acme.
@@ -371,15 +312,14 @@ fn a_valid_node_no_agreement_names_is_vetoed_and_audited() {
 
     for pair in ["initech,acme", "acme,initech"] {
         let (job, code) = c.submit(&overlap_between(pair));
-        assert_eq!(job["state"], "vetoed", "{job}");
         assert_eq!(code, Some(2));
-        let reason = job["reason"].as_str().unwrap();
+        let reason = reason_of(&job, "vetoed");
         assert!(
             reason.contains("acme") && reason.contains("no agreement with initech"),
             "{reason}"
         );
         let job_id = job["job_id"].as_str().or(job["id"].as_str()).unwrap();
-        let entries = audit_entries(&c, "acme");
+        let entries = c.audit_entries("acme", None);
         let decision = entries
             .iter()
             .map(event)

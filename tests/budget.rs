@@ -12,7 +12,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use cleanroom_e2e::raw_coordinator::RawCoordinator;
-use cleanroom_e2e::{Consortium, bins, cleanroom_ok};
+use cleanroom_e2e::{Consortium, OVERLAP, bins, cleanroom_ok, reason_of};
 use cleanroom_proto::v1::{JobKind, JobSpec, PartySpec, PsiOutcome, report::Outcome};
 use serde_json::Value;
 
@@ -33,19 +33,32 @@ fn agreement(partner: &str, agreement_extra: &str, epsilon: f64) -> String {
     )
 }
 
+/// acme's agreement with globex: ε `epsilon` per run under a budget of 1 per purpose per day.
+fn acme_daily_budget(epsilon: f64) -> String {
+    agreement(
+        "globex",
+        "budget_per_purpose = { epsilon_per_period = 1.0, period = \"day\" }",
+        epsilon,
+    )
+}
+
+/// globex's agreement with acme when it releases exactly (no ε): the noise is acme's alone.
+const GLOBEX_EXACT: &str = "[[agreement]]\npartner = \"acme\"\npurposes = [\"overlap-reporting\"]\n\n\
+     [[agreement.allow]]\ncomputation = \"overlap\"\ndataset = \"customers\"\nkeys = [\"email\"]\n";
+
+/// Issues, configures and starts acme (under [`acme_daily_budget`] of `acme_epsilon`) and
+/// globex (under `globex_agreements`).
+fn start_nodes(c: &mut Consortium, acme_epsilon: f64, globex_agreements: &str) {
+    c.issue_node("acme");
+    c.issue_node("globex");
+    c.write_node_config("acme", "acme", &acme_daily_budget(acme_epsilon));
+    c.write_node_config("globex", "globex", globex_agreements);
+    c.start_node("acme");
+    c.start_node("globex");
+}
+
 fn overlap(c: &Consortium) -> Value {
-    c.submit(&[
-        "overlap",
-        "--between",
-        "acme,globex",
-        "--dataset",
-        "customers",
-        "--on",
-        "email",
-        "--purpose",
-        "overlap-reporting",
-    ])
-    .0
+    c.submit(&OVERLAP).0
 }
 
 fn node_cli(c: &Consortium, args: &[&str]) -> String {
@@ -54,47 +67,21 @@ fn node_cli(c: &Consortium, args: &[&str]) -> String {
 
 /// acme's budget line for globex / overlap-reporting, from `budget --format json`.
 fn acme_budget(c: &Consortium) -> Value {
-    let cfg = c.path().join("acme.toml");
-    let text = node_cli(
-        c,
-        &[
-            "budget",
-            "--config",
-            cfg.to_str().unwrap(),
-            "--format",
-            "json",
-        ],
-    );
-    let lines: Value = serde_json::from_str(&text).expect("budget --format json prints JSON");
+    let lines = c.budget_json("acme");
     lines
         .as_array()
         .unwrap()
         .iter()
         .find(|l| l["partner"] == "globex" && l["purpose"] == "overlap-reporting")
         .cloned()
-        .unwrap_or_else(|| panic!("no globex line in {text}"))
+        .unwrap_or_else(|| panic!("no globex line in {lines}"))
 }
 
 #[test]
 fn noised_overlaps_spend_the_budget_until_a_readable_veto_even_after_restart() {
-    let mut c = Consortium::new();
-    let truth = c.synth("acme,globex", ROWS, 0.5, 7);
+    let (mut c, truth) = Consortium::with_coordinator("acme,globex", ROWS, 0.5, 7);
     let expected = truth["pairwise_overlap"]["acme,globex"].as_u64().unwrap() as i64;
-    c.start_coordinator();
-    c.issue_node("acme");
-    c.issue_node("globex");
-    c.write_node_config(
-        "acme",
-        "acme",
-        &agreement(
-            "globex",
-            "budget_per_purpose = { epsilon_per_period = 1.0, period = \"day\" }",
-            ACME_EPSILON,
-        ),
-    );
-    c.write_node_config("globex", "globex", &agreement("acme", GLOBEX_CAP, 0.5));
-    c.start_node("acme");
-    c.start_node("globex");
+    start_nodes(&mut c, ACME_EPSILON, &agreement("acme", GLOBEX_CAP, 0.5));
     c.wait_connected(&["acme", "globex"]);
 
     let mut released = Vec::new();
@@ -126,22 +113,9 @@ fn noised_overlaps_spend_the_budget_until_a_readable_veto_even_after_restart() {
 
         // acme's audit log records the release with its mechanism, ε and sensitivity; the value
         // it records is the noised one.
-        let cfg = c.path().join("acme.toml");
-        let audit = node_cli(
-            &c,
-            &[
-                "audit",
-                "show",
-                "--config",
-                cfg.to_str().unwrap(),
-                "--json",
-                "--job",
-                job["job_id"].as_str().unwrap(),
-            ],
-        );
-        let release: Value = audit
-            .lines()
-            .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        let release: Value = c
+            .audit_entries("acme", Some(job["job_id"].as_str().unwrap()))
+            .into_iter()
             .find(|e| e["event"]["kind"] == "Release")
             .expect("a Release entry");
         assert_eq!(release["event"]["epsilon"], ACME_EPSILON);
@@ -244,8 +218,7 @@ fn noised_overlaps_spend_the_budget_until_a_readable_veto_even_after_restart() {
 }
 
 fn assert_budget_veto(job: &Value) {
-    assert_eq!(job["state"], "vetoed", "{job}");
-    let reason = job["reason"].as_str().unwrap();
+    let reason = reason_of(job, "vetoed");
     assert!(
         reason.contains("node 'acme' refused")
             && reason.contains(
@@ -270,26 +243,8 @@ fn a_repeated_offer_of_a_charged_job_is_refused_and_no_noise_is_kept() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let (mut coordinator, addr) = rt.block_on(async { RawCoordinator::bind(c.path()) });
     c.addr = Some(addr);
-    c.issue_node("acme");
-    c.issue_node("globex");
-    c.write_node_config(
-        "acme",
-        "acme",
-        &agreement(
-            "globex",
-            "budget_per_purpose = { epsilon_per_period = 1.0, period = \"day\" }",
-            ACME_EPSILON,
-        ),
-    );
     // globex releases exactly: the only noise is acme's.
-    c.write_node_config(
-        "globex",
-        "globex",
-        "[[agreement]]\npartner = \"acme\"\npurposes = [\"overlap-reporting\"]\n\n\
-         [[agreement.allow]]\ncomputation = \"overlap\"\ndataset = \"customers\"\nkeys = [\"email\"]\n",
-    );
-    c.start_node("acme");
-    c.start_node("globex");
+    start_nodes(&mut c, ACME_EPSILON, GLOBEX_EXACT);
     let spec = JobSpec {
         kind: JobKind::Overlap as i32,
         parties: ["acme", "globex"]
@@ -317,19 +272,7 @@ fn a_repeated_offer_of_a_charged_job_is_refused_and_no_noise_is_kept() {
 
     // globex forgets a subject both hold: the data under the job has changed.
     let shared = shared_email(&c);
-    let cfg = c.path().join("globex.toml");
-    node_cli(
-        &c,
-        &[
-            "forget",
-            "--config",
-            cfg.to_str().unwrap(),
-            "--dataset",
-            "customers",
-            "--key",
-            &format!("email={shared}"),
-        ],
-    );
+    c.forget_ok("globex", "customers", &format!("email={shared}"));
     // The same job again: refused by acme before anything is read, with what to do.
     let (node, reason) = rt.block_on(coordinator.run("job-dup", &spec)).unwrap_err();
     assert_eq!(node, "acme");
@@ -356,15 +299,13 @@ fn a_repeated_offer_of_a_charged_job_is_refused_and_no_noise_is_kept() {
     );
     // acme's audit log has the refusal; its ledger holds charges and released values only
     // (a version-1 ledger kept each draw as {"noise":…,"nonce":…}).
-    let cfg = c.path().join("acme.toml");
-    let audit = node_cli(
-        &c,
-        &["audit", "show", "--config", cfg.to_str().unwrap(), "--json"],
-    );
+    let audit = c.audit_entries("acme", None);
     assert!(
-        audit.lines().any(|l| l.contains("\"accepted\":false")
-            && l.contains("job job-dup's release was already charged")),
-        "{audit}"
+        audit.iter().any(|e| e["event"]["accepted"] == false
+            && e["event"]["reason"]
+                .as_str()
+                .is_some_and(|r| r.contains("job job-dup's release was already charged"))),
+        "{audit:?}"
     );
     let mut ledger = std::fs::read(c.path().join("state-acme/ledger.sqlite")).unwrap();
     ledger.extend(std::fs::read(c.path().join("state-acme/ledger.sqlite-wal")).unwrap_or_default());
@@ -402,9 +343,7 @@ fn shared_email(c: &Consortium) -> String {
 /// read.
 #[test]
 fn a_lifetime_cap_stops_releases_for_good_and_uncapped_epsilon_is_refused() {
-    let mut c = Consortium::new();
-    c.synth("acme,globex", 200, 0.5, 4);
-    c.start_coordinator();
+    let (mut c, _) = Consortium::with_coordinator("acme,globex", 200, 0.5, 4);
     c.issue_node("acme");
     c.issue_node("globex");
     let uncapped = c.write_node_config("acme", "acme", &agreement("globex", "", ACME_EPSILON));
@@ -437,8 +376,7 @@ fn a_lifetime_cap_stops_releases_for_good_and_uncapped_epsilon_is_refused() {
         assert_eq!(overlap(&c)["state"], "succeeded", "run {run}");
     }
     let job = overlap(&c);
-    assert_eq!(job["state"], "vetoed", "{job}");
-    let reason = job["reason"].as_str().unwrap();
+    let reason = reason_of(&job, "vetoed");
     assert!(
         reason.contains(
             "lifetime privacy budget for purpose 'overlap-reporting' with globex exhausted: 0.5 \
@@ -459,52 +397,20 @@ fn a_lifetime_cap_stops_releases_for_good_and_uncapped_epsilon_is_refused() {
 /// refused at the charge when it lost the race), never released.
 #[test]
 fn fifty_concurrent_jobs_of_a_tenth_against_a_budget_of_one_run_exactly_ten() {
-    let mut c = Consortium::new();
-    let truth = c.synth("acme,globex", 200, 0.5, 3);
+    let (mut c, truth) = Consortium::with_coordinator("acme,globex", 200, 0.5, 3);
     let expected = truth["pairwise_overlap"]["acme,globex"].as_u64().unwrap() as i64;
-    c.start_coordinator();
-    c.issue_node("acme");
-    c.issue_node("globex");
-    c.write_node_config(
-        "acme",
-        "acme",
-        &agreement(
-            "globex",
-            "budget_per_purpose = { epsilon_per_period = 1.0, period = \"day\" }",
-            0.1,
-        ),
-    );
-    // globex releases exactly (no epsilon): the noise is acme's alone.
-    c.write_node_config(
-        "globex",
-        "globex",
-        "[[agreement]]\npartner = \"acme\"\npurposes = [\"overlap-reporting\"]\n\n\
-         [[agreement.allow]]\ncomputation = \"overlap\"\ndataset = \"customers\"\nkeys = [\"email\"]\n",
-    );
-    c.start_node("acme");
-    c.start_node("globex");
+    start_nodes(&mut c, 0.1, GLOBEX_EXACT);
     c.wait_connected(&["acme", "globex"]);
 
     let mut args: Vec<String> = [
-        "job",
-        "submit",
-        "overlap",
-        "--between",
-        "acme,globex",
-        "--dataset",
-        "customers",
-        "--on",
-        "email",
-        "--purpose",
-        "overlap-reporting",
-        "--wait",
-        "--timeout",
-        "300",
-        "--format",
-        "json",
+        &["job", "submit"][..],
+        &OVERLAP,
+        &["--wait", "--timeout", "300", "--format", "json"],
     ]
-    .map(str::to_owned)
-    .to_vec();
+    .concat()
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
     args.extend(c.analyst_args());
     let children: Vec<_> = (0..50)
         .map(|_| {

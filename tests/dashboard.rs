@@ -12,8 +12,8 @@
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
 
-use cleanroom_e2e::Consortium;
 use cleanroom_e2e::web::{Browser, http_get};
+use cleanroom_e2e::{Consortium, free_tcp_port, psi_job};
 use fantoccini::Locator;
 use serde_json::Value;
 
@@ -41,31 +41,12 @@ fn agreement(partner: &str, purposes: &str) -> String {
     )
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 fn node_cli(c: &Consortium, args: &[&str]) -> String {
     cleanroom_e2e::cleanroom_node_ok(c.path(), args)
 }
 
 fn job(c: &Consortium, kind: &str, purpose: &str) -> Value {
-    let args = [
-        kind,
-        "--between",
-        "acme,globex",
-        "--dataset",
-        "customers",
-        "--on",
-        "email",
-        "--purpose",
-        purpose,
-    ];
-    c.submit(&args).0
+    c.submit(&psi_job(kind, "acme,globex", "email", purpose)).0
 }
 
 /// Every identifier in a partner's synthetic file: each email and phone as written, lower-cased,
@@ -114,10 +95,8 @@ fn metric_sum(text: &str, name: &str) -> f64 {
 
 #[test]
 fn the_dashboard_shows_what_was_given_away_never_an_identifier_and_metrics_match_the_jobs() {
-    let mut c = Consortium::new();
-    c.synth("acme,globex", 300, 0.4, 17);
-    c.start_coordinator();
-    let port = free_port();
+    let (mut c, _) = Consortium::with_coordinator("acme,globex", 300, 0.4, 17);
+    let port = free_tcp_port();
     let both = "\"overlap-reporting\", \"fraud-detection\"";
     for (me, partner, purposes) in [
         ("acme", "globex", "\"overlap-reporting\""),
@@ -147,19 +126,8 @@ fn the_dashboard_shows_what_was_given_away_never_an_identifier_and_metrics_match
     // A deletion request at acme, for a subject acme holds (another process appends to the log).
     let acme_ids = identifiers(&c, "acme");
     let forgotten = acme_ids.iter().find(|i| i.contains('@')).unwrap().clone();
+    c.forget_ok("acme", "customers", &format!("email={forgotten}"));
     let cfg = c.path().join("acme.toml");
-    node_cli(
-        &c,
-        &[
-            "forget",
-            "--config",
-            cfg.to_str().unwrap(),
-            "--dataset",
-            "customers",
-            "--key",
-            &format!("email={forgotten}"),
-        ],
-    );
     assert!(
         std::fs::read_dir(c.path().join("state-acme/results"))
             .unwrap()
@@ -253,17 +221,7 @@ fn the_dashboard_shows_what_was_given_away_never_an_identifier_and_metrics_match
         ),
         Some(2.0)
     );
-    let spend: Value = serde_json::from_str(&node_cli(
-        &c,
-        &[
-            "budget",
-            "--config",
-            cfg.to_str().unwrap(),
-            "--format",
-            "json",
-        ],
-    ))
-    .unwrap();
+    let spend = c.budget_json("acme");
     let line = spend
         .as_array()
         .unwrap()
@@ -330,22 +288,10 @@ fn the_dashboard_shows_what_was_given_away_never_an_identifier_and_metrics_match
             b.goto(&format!("http://127.0.0.1:{port}{page}"))
                 .await
                 .unwrap();
-            let main = b
-                .find(Locator::Css("main h1"))
-                .await
-                .unwrap()
-                .text()
-                .await
-                .unwrap();
+            let main = browser.text_of(Locator::Css("main h1")).await;
             assert!(!main.is_empty(), "{page}");
             browser.screenshot(shot).await;
-            let errors: Vec<Value> = browser
-                .console()
-                .await
-                .into_iter()
-                .filter(|m| m["level"] == "SEVERE")
-                .collect();
-            assert!(errors.is_empty(), "console errors on {page}: {errors:?}");
+            browser.assert_no_console_errors(page).await;
         }
         b.goto(&format!("http://127.0.0.1:{port}/budget"))
             .await

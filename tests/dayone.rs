@@ -6,7 +6,7 @@
 use std::path::Path;
 use std::process::{Command, Output};
 
-use cleanroom_e2e::{Consortium, bins};
+use cleanroom_e2e::{Consortium, OVERLAP, aggregate_job, bins, free_udp_port, overlap_job};
 
 fn node_cli(dir: &Path, args: &[&str]) -> Output {
     cleanroom_e2e::cleanroom_node(dir, args)
@@ -49,17 +49,7 @@ fn phone_agreement(partner: &str) -> String {
 
 /// Overlap by `key` between acme and globex: the released count.
 fn overlap(c: &Consortium, key: &str) -> u64 {
-    let (job, code) = c.submit(&[
-        "overlap",
-        "--between",
-        "acme,globex",
-        "--dataset",
-        "customers",
-        "--on",
-        key,
-        "--purpose",
-        "overlap-reporting",
-    ]);
+    let (job, code) = c.submit(&overlap_job("acme,globex", key, "overlap-reporting"));
     assert_eq!(code, Some(0), "{job}");
     assert_eq!(job["state"], "succeeded", "{job}");
     job["intersection"].as_u64().unwrap()
@@ -262,23 +252,10 @@ fn with_closed_stdout(bin: &Path, dir: &Path, args: &[&str]) -> (Option<i32>, St
 /// nobody reads, exits 0 quietly: no panic, no exit code 101.
 #[test]
 fn a_closed_pipe_ends_every_command_quietly() {
-    let mut c = Consortium::new();
-    c.synth("acme,globex", 50, 0.5, 3);
-    c.start_coordinator();
-    c.start_open_pair();
+    let (c, _) = Consortium::open_pair(50, 0.5, 3);
     let mut jobs = Vec::new();
     for _ in 0..3 {
-        let (job, _) = c.submit(&[
-            "overlap",
-            "--between",
-            "acme,globex",
-            "--dataset",
-            "customers",
-            "--on",
-            "email",
-            "--purpose",
-            "overlap-reporting",
-        ]);
+        let (job, _) = c.submit(&OVERLAP);
         jobs.push(job["job_id"].as_str().unwrap().to_owned());
     }
     let analyst = c.analyst_args().join(" ");
@@ -362,10 +339,7 @@ fn a_closed_pipe_ends_every_command_quietly() {
 /// the holder's pid; the first node stays registered and keeps serving jobs.
 #[test]
 fn a_second_node_on_one_state_dir_is_refused() {
-    let mut c = Consortium::new();
-    c.synth("acme,globex", 50, 0.5, 4);
-    c.start_coordinator();
-    c.start_open_pair();
+    let (c, _) = Consortium::open_pair(50, 0.5, 4);
     let pid = c.node("acme").pid();
     let started = std::time::Instant::now();
     let out = Command::new(&bins().1)
@@ -390,29 +364,11 @@ fn a_second_node_on_one_state_dir_is_refused() {
         text(&check)
     );
     c.wait_connected(&["acme", "globex"]);
-    let (job, _) = c.submit(&[
-        "overlap",
-        "--between",
-        "acme,globex",
-        "--dataset",
-        "customers",
-        "--on",
-        "email",
-        "--purpose",
-        "overlap-reporting",
-    ]);
+    let (job, _) = c.submit(&OVERLAP);
     assert_eq!(job["state"], "succeeded", "{job}");
 }
 
 /// A UDP port free on loopback now.
-fn free_udp_port() -> u16 {
-    std::net::UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// Host names everywhere an address is written (`coordinator = "localhost:PORT"`, `advertise =
 /// "localhost:PORT"`, `CLEANROOM_COORDINATOR=localhost:PORT`); then the coordinator is killed
 /// and restarted on the same address: the nodes log a lost connection (not a protocol
@@ -475,24 +431,14 @@ fn host_names_and_a_coordinator_restart() {
         assert!(nodes.contains(a), "{nodes}");
     }
     let overlap_job = || -> serde_json::Value {
-        let out = analyst(&[
-            "job",
-            "submit",
-            "overlap",
-            "--between",
-            "acme,globex",
-            "--dataset",
-            "customers",
-            "--on",
-            "email",
-            "--purpose",
-            "overlap-reporting",
-            "--wait",
-            "--timeout",
-            "120",
-            "--format",
-            "json",
-        ]);
+        let out = analyst(
+            &[
+                &["job", "submit"][..],
+                &OVERLAP,
+                &["--wait", "--timeout", "120", "--format", "json"],
+            ]
+            .concat(),
+        );
         serde_json::from_str(&out).unwrap()
     };
     // The initiator dials the responder at its advertised host name.
@@ -533,24 +479,8 @@ fn host_names_and_a_coordinator_restart() {
 /// reason that says why; `audit show` marks the altered entry.
 #[test]
 fn a_tampered_audit_log_of_a_running_node_refuses_jobs() {
-    let mut c = Consortium::new();
-    c.synth("acme,globex", 50, 0.5, 8);
-    c.start_coordinator();
-    c.start_open_pair();
-    let job = || {
-        c.submit(&[
-            "overlap",
-            "--between",
-            "acme,globex",
-            "--dataset",
-            "customers",
-            "--on",
-            "email",
-            "--purpose",
-            "overlap-reporting",
-        ])
-        .0
-    };
+    let (c, _) = Consortium::open_pair(50, 0.5, 8);
+    let job = || c.submit(&OVERLAP).0;
     assert_eq!(job()["state"], "succeeded");
     let log = c.path().join("state-acme/audit.log");
     let original = std::fs::read_to_string(&log).unwrap();
@@ -608,9 +538,7 @@ impl WriteAtStart for std::fs::File {
 /// times, budget JSON without "-0.0", and policy check's expiry warnings and aggregate lines.
 #[test]
 fn small_things_a_new_user_trips_over() {
-    let mut c = Consortium::new();
-    c.synth("acme,globex", 120, 0.5, 9);
-    c.start_coordinator();
+    let (mut c, _) = Consortium::with_coordinator("acme,globex", 120, 0.5, 9);
     let agreement = |partner: &str| {
         format!(
             "[[agreement]]\npartner = \"{partner}\"\npurposes = [\"overlap-reporting\"]\nexpires = \"2099-12-31\"\n\n\
@@ -723,20 +651,7 @@ fn small_things_a_new_user_trips_over() {
         .find(|p| p.name == "globex")
         .unwrap()
         .stop();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    let nodes = loop {
-        let nodes = c.nodes_json();
-        let gone = nodes
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|n| n["name"] == "globex" && n["connected"] == false);
-        if gone {
-            break nodes;
-        }
-        assert!(std::time::Instant::now() < deadline, "{nodes}");
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    };
+    let nodes = c.wait_disconnected("globex", std::time::Duration::from_secs(20));
     assert!(
         seen(&nodes) >= before_stop,
         "last seen {} is before the stop at {before_stop} (first seen {})",
@@ -766,11 +681,8 @@ fn aggregate_rows_with_non_numeric_values_are_counted_in_the_nodes_audit() {
     for (name, csv, _) in tables {
         std::fs::write(c.path().join(format!("data/{name}-cb.csv")), csv).unwrap();
         c.issue_node(name);
-        let addr = c.addr.unwrap();
         let mut cfg = format!(
-            "name = \"{name}\"\ncoordinator = \"{addr}\"\nlisten = \"127.0.0.1:0\"\nstate_dir = \"state-{name}\"\n\n\
-             [tls]\nca = \"pki/ca.pem\"\ncert = \"pki/node-{name}.pem\"\nkey = \"pki/node-{name}.key\"\n\n\
-             [[dataset]]\nname = \"chargebacks\"\npath = \"data/{name}-cb.csv\"\n\n\
+            "[[dataset]]\nname = \"chargebacks\"\npath = \"data/{name}-cb.csv\"\n\n\
              [[dataset.value]]\ncolumn = \"amount\"\nmin = 0\nmax = 100000\n\n"
         );
         for other in names.iter().filter(|o| **o != name) {
@@ -780,26 +692,17 @@ fn aggregate_rows_with_non_numeric_values_are_counted_in_the_nodes_audit() {
                  group_by = [\"category\"]\nvalue_columns = [{{ column = \"amount\", min = 0, max = 100000 }}]\nmin_result = 1\n\n"
             ));
         }
-        std::fs::write(c.path().join(format!("{name}.toml")), cfg).unwrap();
+        c.write_node_toml(name, &cfg);
         c.start_node(name);
     }
     c.wait_connected(&names);
-    let (job, _) = c.submit(&[
-        "aggregate",
-        "--parties",
-        "acme,globex,initech",
-        "--dataset",
-        "chargebacks",
-        "--group-by",
-        "category",
-        "--groups",
-        "fashion,home",
-        "--sum",
-        "amount",
-        "--count",
-        "--purpose",
-        "fraud-benchmark",
-    ]);
+    let (job, _) = c.submit(
+        &[
+            &aggregate_job("acme,globex,initech", "fashion,home")[..],
+            &["--count"],
+        ]
+        .concat(),
+    );
     assert_eq!(job["state"], "succeeded", "{job}");
     // By hand: fashion = 100 + 40 + 1 over 3 rows; home = 250 + 60 over 2 rows.
     let text_of = job.to_string();

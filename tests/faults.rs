@@ -12,7 +12,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use cleanroom_e2e::fake_node::{self, BASEPOINT};
-use cleanroom_e2e::{Consortium, open_agreement};
+use cleanroom_e2e::{Consortium, open_agreement, overlap_between};
 use serde_json::Value;
 
 /// How long after the kill the job must have ended: the QUIC idle timeout (30 s) plus slack for
@@ -38,23 +38,6 @@ fn match_args(pair: &str) -> Vec<String> {
         "fraud-detection",
         "--reveal-to",
         a,
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect()
-}
-
-fn overlap_args(pair: &str) -> Vec<String> {
-    [
-        "overlap",
-        "--between",
-        pair,
-        "--dataset",
-        "customers",
-        "--on",
-        "email",
-        "--purpose",
-        "overlap-reporting",
     ]
     .iter()
     .map(|s| s.to_string())
@@ -122,10 +105,7 @@ fn files_named(dir: &Path, needle: &str) -> Vec<String> {
 }
 
 fn pair(rows: u64, seed: u64) -> Consortium {
-    let mut c = Consortium::new();
-    c.synth("acme,globex", rows, 0.3, seed);
-    c.start_coordinator();
-    c.start_open_pair();
+    let (c, _) = Consortium::open_pair(rows, 0.3, seed);
     c
 }
 
@@ -276,12 +256,7 @@ fn a_node_killed_at_each_phase_fails_the_job_cleanly_and_the_survivor_keeps_serv
         let t1 = Instant::now();
         let next = loop {
             c.wait_connected(&[victim]);
-            let (next, _) = c.submit(
-                &overlap_args("acme,globex")
-                    .iter()
-                    .map(String::as_str)
-                    .collect::<Vec<_>>(),
-            );
+            let (next, _) = c.submit(&overlap_between("acme,globex"));
             // The coordinator may still hold the killed node's dead control connection until
             // the idle timeout; the first job may fail on it.
             if next["state"] == "succeeded" || t1.elapsed() > Duration::from_secs(90) {
@@ -329,9 +304,8 @@ fn a_peer_that_stalls_mid_points_fails_the_job_by_a_deadline() {
 }
 
 fn stall_case(send_points: usize) {
-    let mut c = Consortium::new();
-    c.synth("acme,globex", 300, 0.5, 32);
-    let coordinator = c.start_coordinator();
+    let (mut c, _) = Consortium::with_coordinator("acme,globex", 300, 0.5, 32);
+    let coordinator = c.addr.unwrap();
     c.start_pair_open_to_mallory();
 
     let rt = tokio::runtime::Runtime::new().unwrap();
@@ -343,7 +317,7 @@ fn stall_case(send_points: usize) {
     ));
     c.wait_connected(&["mallory"]);
     let t0 = Instant::now();
-    let job_id = submit_nowait(&c, &overlap_args("mallory,acme"));
+    let job_id = c.submit_nowait(&overlap_between("mallory,acme"));
     let (job, ended) = wait_job(&c, &job_id, STALL_DEADLINE);
     let took = ended.duration_since(t0);
     eprintln!(
@@ -362,12 +336,7 @@ fn stall_case(send_points: usize) {
     assert!(job["reason"].as_str().unwrap().contains("mallory"), "{job}");
     assert!(job["intersection"].is_null(), "{job}");
     // acme keeps serving.
-    let (next, _) = c.submit(
-        &overlap_args("globex,acme")
-            .iter()
-            .map(String::as_str)
-            .collect::<Vec<_>>(),
-    );
+    let (next, _) = c.submit(&overlap_between("globex,acme"));
     assert_eq!(next["state"], "succeeded", "{next}");
 }
 
@@ -392,9 +361,7 @@ fn limit_file_size(pid: u32, soft: Option<u64>) {
 
 #[test]
 fn a_node_whose_audit_log_cannot_be_written_refuses_jobs_reads_nothing_and_recovers() {
-    let mut c = Consortium::new();
-    c.synth("acme,globex", 300, 0.3, 33);
-    c.start_coordinator();
+    let (mut c, _) = Consortium::with_coordinator("acme,globex", 300, 0.3, 33);
     for (me, other) in [("acme", "globex"), ("globex", "acme")] {
         c.issue_node(me);
         c.write_node_config(me, me, &open_agreement(other));
@@ -403,12 +370,7 @@ fn a_node_whose_audit_log_cannot_be_written_refuses_jobs_reads_nothing_and_recov
     c.start_node("globex");
     c.wait_connected(&["acme", "globex"]);
     let overlap = |c: &Consortium, pair: &str| {
-        let (job, _) = c.submit(
-            &overlap_args(pair)
-                .iter()
-                .map(String::as_str)
-                .collect::<Vec<_>>(),
-        );
+        let (job, _) = c.submit(&overlap_between(pair));
         job
     };
     let job = overlap(&c, "acme,globex");

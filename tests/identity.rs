@@ -7,21 +7,10 @@
 use std::path::{Path, PathBuf};
 
 use cleanroom_e2e::web::Https;
-use cleanroom_e2e::{Consortium, cleanroom, cleanroom_ok, open_agreement};
+use cleanroom_e2e::{Consortium, OVERLAP, cleanroom, cleanroom_ok, open_agreement, overlap_job};
 
 fn overlap(c: &Consortium) -> serde_json::Value {
-    let (job, _) = c.submit(&[
-        "overlap",
-        "--between",
-        "acme,globex",
-        "--dataset",
-        "customers",
-        "--on",
-        "email",
-        "--purpose",
-        "overlap-reporting",
-    ]);
-    job
+    c.submit(&OVERLAP).0
 }
 
 /// Every file under `dir` that holds a PEM private key.
@@ -45,12 +34,7 @@ fn enrolled_pair(rows: u64) -> (Consortium, u64) {
     let truth = c.synth("acme,globex", rows, 0.5, 31);
     let expected = truth["pairwise_overlap"]["acme,globex"].as_u64().unwrap();
     c.start_coordinator();
-    for (me, other) in [("acme", "globex"), ("globex", "acme")] {
-        c.enrol_node(me);
-        c.write_node_config(me, me, &open_agreement(other));
-        c.start_node(me);
-    }
-    c.wait_connected(&["acme", "globex"]);
+    c.start_open_pair();
     (c, expected)
 }
 
@@ -126,39 +110,13 @@ fn as_analyst(c: &Consortium, name: &str, args: &[&str]) -> std::process::Output
     cleanroom(c.path(), &all)
 }
 
-/// Sends SIGHUP to `pid`: the process reloads its TLS files at once.
-fn hangup(pid: u32) {
-    let status = std::process::Command::new("kill")
-        .args(["-HUP", &pid.to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
-}
-
-fn data_addr(c: &Consortium, node: &str) -> std::net::SocketAddr {
-    c.nodes_json()
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|n| n["name"] == node)
-        .and_then(|n| n["data_addr"].as_str())
-        .unwrap()
-        .parse()
-        .unwrap()
-}
-
 /// Dials `node`'s data plane with the certificate and key in `keys/<stem>.*`; returns the
 /// error the first exchange ends with (a refused client learns it there in TLS 1.3), or `None`
 /// when the node kept the connection up.
 fn data_plane_refusal(c: &Consortium, stem: &str, node: &str) -> Option<String> {
-    use cleanroom_transport::{Credentials, Identity, TransportTuning};
-    let creds = Credentials::load(
-        &c.path().join("pki/ca.pem"),
-        &c.path().join(format!("keys/{stem}.pem")),
-        &c.path().join(format!("keys/{stem}.key")),
-    )
-    .unwrap();
-    let addr = data_addr(c, node);
+    use cleanroom_transport::{Identity, TransportTuning};
+    let creds = c.credentials(stem);
+    let addr = c.data_addr(node);
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         let ep = cleanroom_transport::client_endpoint(&creds, &TransportTuning::default(), addr)
@@ -181,47 +139,26 @@ fn a_revoked_node_and_analyst_are_refused_within_one_reload() {
     c.synth("acme,globex", 200, 0.5, 32);
     c.start_coordinator();
     c.enrol(&["--role", "analyst", "--name", "bob"], "analyst-bob");
-    for (me, other) in [("acme", "globex"), ("globex", "acme")] {
-        c.enrol_node(me);
-        c.write_node_config(me, me, &open_agreement(other));
-        c.start_node(me);
-    }
-    c.wait_connected(&["acme", "globex"]);
+    c.start_open_pair();
     assert_eq!(overlap(&c)["state"], "succeeded");
     assert!(as_analyst(&c, "bob", &["nodes"]).status.success());
     let bob_web = Https::with_keys(c.path(), "keys", c.web.unwrap(), Some("analyst-bob"));
     assert_eq!(bob_web.get("/api/v1/nodes").status, 200);
     // Before: globex's certificate is welcome on acme's data plane.
     assert_eq!(data_plane_refusal(&c, "node-globex", "acme"), None);
-    let acme_data = data_addr(&c, "acme");
+    let acme_data = c.data_addr("acme");
 
     let out = cleanroom_ok(c.path(), &["pki", "revoke", "--dir", "pki", "globex"]);
     assert!(out.contains("revoked node globex"), "{out}");
     cleanroom_ok(c.path(), &["pki", "revoke", "--dir", "pki", "bob"]);
     // One reload: SIGHUP to each process (they also poll the file every second).
-    hangup(c.coordinator.as_ref().unwrap().pid());
+    c.coordinator.as_ref().unwrap().hang_up();
     for n in ["acme", "globex"] {
-        hangup(c.node(n).pid());
+        c.node(n).hang_up();
     }
 
     // Control plane: the coordinator closes globex's open connection and refuses it since.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    loop {
-        let nodes = c.nodes_json();
-        let up = nodes
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|n| n["name"] == "globex" && n["connected"] == true);
-        if !up {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "globex still connected: {nodes}"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
+    c.wait_disconnected("globex", std::time::Duration::from_secs(10));
     let log = c.coordinator.as_ref().unwrap().log_text();
     assert!(
         log.contains("node globex is no longer trusted: its certificate is revoked"),
@@ -286,40 +223,15 @@ fn bob_can_neither_see_nor_touch_alices_jobs_and_schedules() {
             &format!("analyst-{who}"),
         );
     }
-    for (me, other) in [("acme", "globex"), ("globex", "acme")] {
-        c.enrol_node(me);
-        c.write_node_config(me, me, &open_agreement(other));
-        c.start_node(me);
-    }
-    c.wait_connected(&["acme", "globex"]);
+    c.start_open_pair();
 
     // alice's job (vetoed: an unknown purpose, so it can be retried) and schedule.
-    let job_args = [
-        "overlap",
-        "--between",
-        "acme,globex",
-        "--dataset",
-        "customers",
-        "--on",
-        "email",
-        "--purpose",
-        "marketing",
-    ];
+    let job_args = overlap_job("acme,globex", "email", "marketing");
     let (job, _) = c.submit(&job_args);
     assert_eq!(job["state"], "vetoed", "{job}");
     let job_id = job["job_id"].as_str().unwrap().to_owned();
     let mut add = vec!["schedule", "add", "nightly", "--cron", "0 2 * * *", "--"];
-    add.extend([
-        "overlap",
-        "--between",
-        "acme,globex",
-        "--dataset",
-        "customers",
-        "--on",
-        "email",
-        "--purpose",
-        "overlap-reporting",
-    ]);
+    add.extend(OVERLAP);
     allowed(&c, "alice", &add);
 
     // bob: refused, and told whose it is and what would allow it.
@@ -404,13 +316,8 @@ fn submit_claiming(c: &Consortium, who: &str, claimed: &str) -> serde_json::Valu
     use cleanroom_proto::v1::{
         AnalystRequest, Envelope, JobKind, JobSpec, PartySpec, Phase, SubmitJob,
     };
-    use cleanroom_transport::{Credentials, Identity, TransportTuning};
-    let creds = Credentials::load(
-        &c.path().join("pki/ca.pem"),
-        &c.path().join(format!("keys/analyst-{who}.pem")),
-        &c.path().join(format!("keys/analyst-{who}.key")),
-    )
-    .unwrap();
+    use cleanroom_transport::{Identity, TransportTuning};
+    let creds = c.credentials(&format!("analyst-{who}"));
     let addr = c.addr.unwrap();
     let party = |node: &str| PartySpec {
         node: node.into(),
@@ -485,18 +392,13 @@ fn a_second_certificate_for_globex_is_refused_by_acmes_pin() {
     let mut c = Consortium::enrolled();
     c.synth("acme,globex", 200, 0.5, 34);
     c.start_coordinator();
-    c.enrol_node("acme");
     c.enrol_node("globex");
     let pin = fingerprint(&c, "keys/node-globex.pem");
-    let acme_cfg = c.write_node_config(
-        "acme",
-        "acme",
-        &agreement_with("globex", &format!("partner_key = \"{pin}\"\n")),
-    );
-    c.write_node_config("globex", "globex", &open_agreement("acme"));
-    c.start_node("acme");
-    c.start_node("globex");
-    c.wait_connected(&["acme", "globex"]);
+    c.start_pair(&agreement_with(
+        "globex",
+        &format!("partner_key = \"{pin}\"\n"),
+    ));
+    let acme_cfg = c.path().join("acme.toml");
     // The pinned partner runs jobs; `policy check` prints the pin.
     assert_eq!(overlap(&c)["state"], "succeeded");
     let check = node_cli(&c, &["policy", "check", acme_cfg.to_str().unwrap()]);
@@ -529,22 +431,14 @@ fn a_second_certificate_for_globex_is_refused_by_acmes_pin() {
     let refusal = data_plane_refusal(&c, "rogue-globex", "acme").expect("refused");
     assert!(refusal.contains("pin"), "{refusal}");
     // Audited by acme, with both fingerprints.
-    let show = node_cli(
-        &c,
-        &[
-            "audit",
-            "show",
-            "--config",
-            acme_cfg.to_str().unwrap(),
-            "--json",
-        ],
-    );
-    let log = String::from_utf8_lossy(&show.stdout);
+    let log = c.audit_entries("acme", None);
     let rogue_pin = fingerprint(&c, "rogue/node-globex.pem");
     assert!(
-        log.lines()
-            .any(|l| l.contains(&rogue_pin) && l.contains(&pin)),
-        "{log}"
+        log.iter().any(|e| {
+            let e = e.to_string();
+            e.contains(&rogue_pin) && e.contains(&pin)
+        }),
+        "{log:?}"
     );
     // The real globex still works.
     assert_eq!(overlap(&c)["state"], "succeeded");
@@ -556,37 +450,18 @@ fn an_agreement_naming_alice_vetoes_bobs_job() {
     c.synth("acme,globex", 200, 0.5, 35);
     c.start_coordinator();
     c.enrol(&["--role", "analyst", "--name", "bob"], "analyst-bob");
-    c.enrol_node("acme");
-    c.enrol_node("globex");
-    let acme_cfg = c.write_node_config(
-        "acme",
-        "acme",
-        &agreement_with("globex", "analysts = [\"alice\"]\n"),
-    );
-    c.write_node_config("globex", "globex", &open_agreement("acme"));
-    c.start_node("acme");
-    c.start_node("globex");
-    c.wait_connected(&["acme", "globex"]);
+    c.start_pair(&agreement_with("globex", "analysts = [\"alice\"]\n"));
+    let acme_cfg = c.path().join("acme.toml");
     assert_eq!(overlap(&c)["state"], "succeeded");
     let out = as_analyst(
         &c,
         "bob",
         &[
-            "job",
-            "submit",
-            "overlap",
-            "--between",
-            "acme,globex",
-            "--dataset",
-            "customers",
-            "--on",
-            "email",
-            "--purpose",
-            "overlap-reporting",
-            "--wait",
-            "--format",
-            "json",
-        ],
+            &["job", "submit"][..],
+            &OVERLAP,
+            &["--wait", "--format", "json"],
+        ]
+        .concat(),
     );
     let job: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(job["state"], "vetoed", "{job}");
@@ -597,18 +472,11 @@ fn an_agreement_naming_alice_vetoes_bobs_job() {
     );
     let check = node_cli(&c, &["policy", "check", acme_cfg.to_str().unwrap()]);
     assert!(String::from_utf8_lossy(&check.stdout).contains("alice"));
-    let show = node_cli(
-        &c,
-        &[
-            "audit",
-            "show",
-            "--config",
-            acme_cfg.to_str().unwrap(),
-            "--json",
-        ],
+    let log = c.audit_entries("acme", None);
+    assert!(
+        log.iter().any(|e| e.to_string().contains("analyst bob")),
+        "{log:?}"
     );
-    let log = String::from_utf8_lossy(&show.stdout);
-    assert!(log.lines().any(|l| l.contains("analyst bob")), "{log}");
 }
 
 #[test]
@@ -619,12 +487,7 @@ fn a_rewritten_audit_suffix_is_detected_against_the_coordinators_heads() {
     c.synth("acme,globex", 200, 0.5, 36);
     c.start_coordinator();
     c.enrol(&["--role", "analyst", "--name", "carol"], "analyst-carol");
-    for (me, other) in [("acme", "globex"), ("globex", "acme")] {
-        c.enrol_node(me);
-        c.write_node_config(me, me, &open_agreement(other));
-        c.start_node(me);
-    }
-    c.wait_connected(&["acme", "globex"]);
+    c.start_open_pair();
     for _ in 0..3 {
         assert_eq!(overlap(&c)["state"], "succeeded");
     }

@@ -15,7 +15,9 @@
 use std::collections::{BTreeSet, HashSet};
 use std::path::{Path, PathBuf};
 
-use cleanroom_e2e::{Consortium, open_agreement};
+use cleanroom_e2e::{
+    Consortium, MATCH_REVEALED_TO_ACME, OVERLAP, open_agreement, overlap_sum_between,
+};
 use cleanroom_node::data::normalise::Normaliser;
 use serde_json::Value;
 
@@ -87,10 +89,8 @@ fn hex_values(v: &Value, out: &mut HashSet<String>) {
 
 #[test]
 fn no_artefact_holds_an_identifier_or_a_secret() {
-    let mut c = Consortium::new();
-    let truth = c.synth("acme,globex", 3000, 0.4, 41);
+    let (mut c, truth) = Consortium::with_coordinator("acme,globex", 3000, 0.4, 41);
     let expected = truth["pairwise_overlap"]["acme,globex"].as_u64().unwrap();
-    c.start_coordinator();
     for (me, other) in [("acme", "globex"), ("globex", "acme")] {
         c.issue_node(me);
         // Also overlap-sum on the customers' amounts, either role, exact.
@@ -105,45 +105,7 @@ fn no_artefact_holds_an_identifier_or_a_secret() {
     }
     c.wait_connected(&["acme", "globex"]);
 
-    let overlap = [
-        "overlap",
-        "--between",
-        "acme,globex",
-        "--dataset",
-        "customers",
-        "--on",
-        "email",
-        "--purpose",
-        "overlap-reporting",
-    ];
-    let matching = [
-        "match",
-        "--between",
-        "acme,globex",
-        "--dataset",
-        "acme:customers",
-        "--dataset",
-        "globex:customers",
-        "--on",
-        "email",
-        "--purpose",
-        "fraud-detection",
-        "--reveal-to",
-        "acme",
-    ];
-    let sum = [
-        "overlap-sum",
-        "--between",
-        "acme,globex",
-        "--dataset",
-        "customers",
-        "--on",
-        "email",
-        "--sum",
-        "amount_cents,count",
-        "--purpose",
-        "fraud-detection",
-    ];
+    let sum = overlap_sum_between("acme,globex");
     let (job, _) = c.submit(&sum);
     assert_eq!(job["state"], "succeeded", "{job}");
     assert_eq!(
@@ -152,7 +114,12 @@ fn no_artefact_holds_an_identifier_or_a_secret() {
         "{job}"
     );
     let mut jobs = Vec::new();
-    for args in [&overlap[..], &overlap[..], &matching[..], &matching[..]] {
+    for args in [
+        &OVERLAP[..],
+        &OVERLAP[..],
+        &MATCH_REVEALED_TO_ACME[..],
+        &MATCH_REVEALED_TO_ACME[..],
+    ] {
         let (job, _) = c.submit(args);
         assert_eq!(job["state"], "succeeded", "{job}");
         assert_eq!(job["intersection"].as_u64(), Some(expected), "{job}");

@@ -17,7 +17,7 @@
 
 use std::collections::BTreeMap;
 
-use cleanroom_e2e::{Consortium, cleanroom};
+use cleanroom_e2e::{Consortium, overlap_sum_between};
 use serde_json::Value;
 
 /// Categories of `cleanroom synth`'s customers files.
@@ -37,9 +37,7 @@ fn agreements(other: &str, extra: &str) -> String {
 
 /// acme and globex with 400 customers each, 150 shared, under the given extra terms.
 fn consortium(acme_extra: &str, globex_extra: &str) -> (Consortium, Value) {
-    let mut c = Consortium::new();
-    let truth = c.synth("acme,globex", 400, 0.375, 5);
-    c.start_coordinator();
+    let (mut c, truth) = Consortium::with_coordinator("acme,globex", 400, 0.375, 5);
     for (name, other, extra) in [
         ("acme", "globex", acme_extra),
         ("globex", "acme", globex_extra),
@@ -56,40 +54,26 @@ fn consortium(acme_extra: &str, globex_extra: &str) -> (Consortium, Value) {
 /// up in "(other)".
 fn submit(c: &Consortium, format: &str) -> (String, Option<i32>) {
     let groups = format!("{},luxury", CATEGORIES[..3].join(","));
-    let mut all: Vec<String> = [
-        "job",
-        "submit",
-        "overlap-sum",
-        "--between",
-        "acme,globex",
-        "--dataset",
-        "customers",
-        "--on",
-        "email",
-        "--sum",
-        "amount_cents,count",
-        "--group-by",
-        "category",
-        "--groups",
-        &groups,
-        "--purpose",
-        "fraud-detection",
-        "--wait",
-        "--timeout",
-        "120",
-        "--format",
-        format,
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    all.extend(c.analyst_args());
-    let all: Vec<&str> = all.iter().map(String::as_str).collect();
-    let out = cleanroom(c.path(), &all);
+    let out = c.as_analyst(
+        &[
+            &["job", "submit"][..],
+            &overlap_sum_between("acme,globex"),
+            &["--group-by", "category", "--groups", &groups],
+            &["--wait", "--timeout", "120", "--format", format],
+        ]
+        .concat(),
+    );
     (
         String::from_utf8_lossy(&out.stdout).into_owned(),
         out.status.code(),
     )
+}
+
+/// [`submit`] as JSON: the job, and the exit code.
+fn submit_json(c: &Consortium) -> (Value, Option<i32>) {
+    let (out, code) = submit(c, "json");
+    let job = serde_json::from_str(&out).unwrap_or_else(|_| panic!("{out}"));
+    (job, code)
 }
 
 /// The customer index a synthetic email ends its local part with (`cleanroom synth` makes it so;
@@ -151,11 +135,25 @@ fn groups(job: &Value) -> Vec<Value> {
         .unwrap_or_default()
 }
 
+/// Every group of the job holds the (count, sum) `want` gives its label, and a group no shared
+/// customer falls in (none in `want`) is suppressed.
+fn assert_groups_exact(job: &Value, want: &BTreeMap<String, (i64, i64)>) {
+    for g in groups(job) {
+        let label = g["group"].as_str().unwrap();
+        let (count, sum) = want.get(label).copied().unwrap_or_default();
+        if count == 0 {
+            assert_eq!(g["suppressed"], true, "{g}");
+            continue;
+        }
+        assert_eq!(g["values"]["count"], count, "{label}: {job}");
+        assert_eq!(g["values"]["amount_cents"], sum, "{label}: {job}");
+    }
+}
+
 #[test]
 fn exact_sums_equal_the_truth_with_clipping_and_suppression() {
     let (c, truth) = consortium("", "");
-    let (out, code) = submit(&c, "json");
-    let job: Value = serde_json::from_str(&out).unwrap_or_else(|_| panic!("{out}"));
+    let (job, code) = submit_json(&c);
     assert_eq!(job["state"], "succeeded", "{job}");
     assert_eq!(code, Some(0));
     let want = expected(&c, &truth);
@@ -217,8 +215,7 @@ fn noised_sums_stay_within_the_bound_and_are_charged() {
         "epsilon = 1.0\nmin_result = 5\n[budget]\nepsilon_per_period = 100.0\n",
         "epsilon = 2.0\n[budget]\nepsilon_per_period = 100.0\n",
     );
-    let (out, code) = submit(&c, "json");
-    let job: Value = serde_json::from_str(&out).unwrap_or_else(|_| panic!("{out}"));
+    let (job, code) = submit_json(&c);
     assert_eq!(job["state"], "succeeded", "{job}");
     assert_eq!(code, Some(0));
     let result = &job["result"];
@@ -275,16 +272,15 @@ fn noised_sums_stay_within_the_bound_and_are_charged() {
     }
     // Both nodes charged their ledgers the release's ε.
     for name in ["acme", "globex"] {
-        let out = cleanroom_e2e_budget(&c, name);
-        let lines: Value = serde_json::from_str(&out).unwrap_or_else(|_| panic!("{out}"));
+        let lines = c.budget_json(name);
         let line = lines
             .as_array()
             .unwrap()
             .iter()
             .find(|l| l["purpose"] == "fraud-detection")
-            .unwrap_or_else(|| panic!("{name}: {out}"));
-        assert_eq!(line["spent"], 1.0, "{name}: {out}");
-        assert_eq!(line["charges"], 1, "{name}: {out}");
+            .unwrap_or_else(|| panic!("{name}: {lines}"));
+        assert_eq!(line["spent"], 1.0, "{name}: {lines}");
+        assert_eq!(line["charges"], 1, "{name}: {lines}");
     }
 }
 
@@ -356,48 +352,16 @@ fn refunds_are_summed_per_customer_before_clipping() {
         "the refunds must matter"
     );
 
-    let (out, code) = submit(&c, "json");
-    let job: Value = serde_json::from_str(&out).unwrap_or_else(|_| panic!("{out}"));
+    let (job, code) = submit_json(&c);
     assert_eq!(job["state"], "succeeded", "{job}");
     assert_eq!(code, Some(0));
-    for g in groups(&job) {
-        let label = g["group"].as_str().unwrap();
-        let (count, sum) = want.get(label).copied().unwrap_or_default();
-        if count == 0 {
-            assert_eq!(g["suppressed"], true, "{g}");
-            continue;
-        }
-        assert_eq!(g["values"]["count"], count, "{label}: {job}");
-        assert_eq!(g["values"]["amount_cents"], sum, "{label}: {job}");
-    }
-}
-
-/// `cleanroom-node budget --config <name>.toml --format json`.
-fn cleanroom_e2e_budget(c: &Consortium, name: &str) -> String {
-    let out = std::process::Command::new(&cleanroom_e2e::bins().1)
-        .args([
-            "budget",
-            "--config",
-            &format!("{name}.toml"),
-            "--format",
-            "json",
-        ])
-        .current_dir(c.path())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    assert_groups_exact(&job, &want);
 }
 
 #[test]
 fn a_policy_can_refuse_to_be_the_key_holder() {
     let (c, _) = consortium("roles = [\"value-holder\"]\n", "");
-    let (out, code) = submit(&c, "json");
-    let job: Value = serde_json::from_str(&out).unwrap_or_else(|_| panic!("{out}"));
+    let (job, code) = submit_json(&c);
     assert_eq!(job["state"], "vetoed", "{job}");
     assert_ne!(code, Some(0));
     let reason = job["reason"].as_str().unwrap();
@@ -470,20 +434,27 @@ fn shared_flag_recipe_match_then_overlap_sum() {
         .collect();
     let both = acme_flagged.intersection(&globex_flagged).count() as u64;
 
+    // A match of the flagged accounts by email, in which `learners` learn membership.
+    let match_flagged = |learners: &[&str]| {
+        let mut words = vec![
+            "match",
+            "--between",
+            "acme,globex",
+            "--dataset",
+            "flagged",
+            "--on",
+            "email",
+            "--purpose",
+            "fraud-detection",
+        ];
+        for who in learners {
+            words.extend(["--reveal-to", who]);
+        }
+        c.submit(&words)
+    };
+
     // 1. match: acme learns which of its flagged accounts globex flagged; globex learns none.
-    let (job, code) = c.submit(&[
-        "match",
-        "--between",
-        "acme,globex",
-        "--dataset",
-        "flagged",
-        "--on",
-        "email",
-        "--reveal-to",
-        "acme",
-        "--purpose",
-        "fraud-detection",
-    ]);
+    let (job, code) = match_flagged(&["acme"]);
     assert_eq!(job["state"], "succeeded", "{job}");
     assert_eq!(code, Some(0));
     for r in job["results"].as_array().unwrap() {
@@ -494,17 +465,7 @@ fn shared_flag_recipe_match_then_overlap_sum() {
         }
     }
     // globex's policy does not let globex learn membership: asking for it is vetoed.
-    let (job, _) = c.submit(&[
-        "match",
-        "--between",
-        "acme,globex",
-        "--dataset",
-        "flagged",
-        "--on",
-        "email",
-        "--purpose",
-        "fraud-detection",
-    ]);
+    let (job, _) = match_flagged(&[]);
     assert_eq!(job["state"], "vetoed", "{job}");
 
     // 2. overlap-sum: globex's amounts on the accounts acme flagged, per category.
@@ -537,16 +498,7 @@ fn shared_flag_recipe_match_then_overlap_sum() {
             e.1 += amount.min(500_000) as i64;
         }
     }
-    for g in groups(&job) {
-        let label = g["group"].as_str().unwrap();
-        let (count, sum) = want.get(label).copied().unwrap_or_default();
-        if count == 0 {
-            assert_eq!(g["suppressed"], true, "{g}");
-            continue;
-        }
-        assert_eq!(g["values"]["count"], count, "{label}: {job}");
-        assert_eq!(g["values"]["amount_cents"], sum, "{label}: {job}");
-    }
+    assert_groups_exact(&job, &want);
     assert_eq!(
         job["result"]["intersection"],
         acme_flagged.len() as i64,
@@ -674,41 +626,14 @@ async fn mallory(dir: std::path::PathBuf, coordinator: std::net::SocketAddr, bad
     let _ = tokio::time::timeout(std::time::Duration::from_secs(30), job.conn.closed()).await;
 }
 
-/// The value holder's audit log: the `JobError` reason for `job_id` (appended just after the
-/// failure is reported, so this waits a little for it).
-fn audited_error(c: &Consortium, node: &str, job_id: &str) -> Option<String> {
-    use cleanroom_node::audit::AuditEvent;
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    loop {
-        let log = c.path().join(format!("state-{node}/audit.log"));
-        let entries = cleanroom_node::audit::read_entries(&log).unwrap_or_default();
-        let found = entries.into_iter().find_map(|e| match e.event {
-            AuditEvent::JobError {
-                job_id: j, reason, ..
-            } if j == job_id => Some(reason),
-            _ => None,
-        });
-        if found.is_some() || std::time::Instant::now() > deadline {
-            return found;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
-}
-
 /// A key holder that sends no terms, or a result that does not decode, does not decrypt to a
 /// sum, or has the wrong length: the value holder ends each job with a named error, audits it,
 /// releases nothing, and serves the next.
 #[test]
 fn a_bad_result_ciphertext_ends_the_job_with_a_named_error() {
-    let mut c = Consortium::new();
-    c.synth("acme,globex", 200, 0.5, 3);
-    let coordinator = c.start_coordinator();
-    for name in ["globex", "mallory"] {
-        c.issue_node(name);
-    }
-    c.write_node_config("globex", "globex", &agreements("mallory", ""));
-    c.start_node("globex");
-    c.wait_connected(&["globex"]);
+    let (mut c, _) = Consortium::with_coordinator("acme,globex", 200, 0.5, 3);
+    let coordinator = c.addr.unwrap();
+    c.start_node_for_fake_peer("globex", "mallory", &agreements("mallory", ""));
     let rt = tokio::runtime::Runtime::new().unwrap();
     for (bad, expect) in [
         (BadKeyHolder::NoTerms, "carries no overlap-sum terms"),
@@ -719,33 +644,7 @@ fn a_bad_result_ciphertext_ends_the_job_with_a_named_error() {
     ] {
         let evil = rt.spawn(mallory(c.path().to_owned(), coordinator, bad));
         c.wait_connected(&["mallory"]);
-        let mut all: Vec<String> = [
-            "job",
-            "submit",
-            "overlap-sum",
-            "--between",
-            "mallory,globex",
-            "--dataset",
-            "customers",
-            "--on",
-            "email",
-            "--sum",
-            "amount_cents,count",
-            "--purpose",
-            "fraud-detection",
-            "--wait",
-            "--timeout",
-            "120",
-            "--format",
-            "json",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-        all.extend(c.analyst_args());
-        let all: Vec<&str> = all.iter().map(String::as_str).collect();
-        let out = cleanroom(c.path(), &all);
-        let job: Value = serde_json::from_slice(&out.stdout).unwrap();
+        let (job, _) = c.submit(&overlap_sum_between("mallory,globex"));
         assert_eq!(job["state"], "failed", "{bad:?}: {job}");
         let reason = job["reason"].as_str().unwrap();
         assert!(
@@ -754,7 +653,7 @@ fn a_bad_result_ciphertext_ends_the_job_with_a_named_error() {
         );
         assert!(job["result"].is_null(), "{bad:?}: nothing released: {job}");
         let id = job["job_id"].as_str().unwrap();
-        let audited = audited_error(&c, "globex", id).unwrap_or_default();
+        let audited = c.audited_error("globex", id).unwrap_or_default();
         assert!(audited.contains(expect), "{bad:?}: audited {audited:?}");
         rt.block_on(evil).unwrap();
     }

@@ -22,26 +22,13 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use cleanroom_e2e::proxy::UdpProxy;
-use cleanroom_e2e::{Consortium, open_agreement};
-use cleanroom_node::audit::AuditEvent;
+use cleanroom_e2e::{Consortium, OVERLAP, open_agreement, reason_of};
 use serde_json::Value;
 
 /// Rows per side: enough that the exchange is still under way when the cut comes.
 const ROWS: u64 = 20_000;
 /// The short partition, well under the idle timeout.
 const SHORT: Duration = Duration::from_secs(5);
-
-const OVERLAP: [&str; 9] = [
-    "overlap",
-    "--between",
-    "acme,globex",
-    "--dataset",
-    "customers",
-    "--on",
-    "email",
-    "--purpose",
-    "overlap-reporting",
-];
 
 /// The data-plane address a node logged at start (`node listening … data_plane=ADDR`).
 fn bound_data_plane(c: &Consortium, name: &str) -> SocketAddr {
@@ -97,19 +84,6 @@ fn submit_and_wait_for_exchange(c: &Consortium) -> String {
     job_id
 }
 
-/// The reason `name` audited for `job_id`'s failure, if it did.
-fn audited_error(c: &Consortium, name: &str, job_id: &str) -> Option<String> {
-    let path = c.path().join(format!("state-{name}/audit.log"));
-    // A line being appended may be read half-written: the caller polls.
-    let entries = cleanroom_node::audit::read_entries(&path).unwrap_or_default();
-    entries.into_iter().find_map(|e| match e.event {
-        AuditEvent::JobError {
-            job_id: j, reason, ..
-        } if j == job_id => Some(reason),
-        _ => None,
-    })
-}
-
 fn assert_count(job: &Value, expected: u64, what: &str) {
     assert_eq!(job["state"], "succeeded", "{what}: {job}");
     assert_eq!(
@@ -122,10 +96,8 @@ fn assert_count(job: &Value, expected: u64, what: &str) {
 #[test]
 fn a_partition_shorter_than_the_idle_timeout_is_survived_and_a_longer_one_fails_cleanly() {
     let idle = cleanroom_transport::TransportTuning::default().idle_timeout;
-    let mut c = Consortium::new();
-    let truth = c.synth("acme,globex", ROWS, 0.3, 41);
+    let (mut c, truth) = Consortium::with_coordinator("acme,globex", ROWS, 0.3, 41);
     let expected = truth["pairwise_overlap"]["acme,globex"].as_u64().unwrap();
-    c.start_coordinator();
     for (me, other) in [("acme", "globex"), ("globex", "acme")] {
         c.issue_node(me);
         c.write_node_config(me, me, &open_agreement(other));
@@ -192,7 +164,7 @@ fn a_partition_shorter_than_the_idle_timeout_is_survived_and_a_longer_one_fails_
     let audited = loop {
         let audited: Vec<Option<String>> = ["acme", "globex"]
             .iter()
-            .map(|n| audited_error(&c, n, &job_id))
+            .map(|n| c.audited_error_now(n, &job_id))
             .collect();
         if audited.iter().all(Option::is_some) || Instant::now() > deadline {
             break audited;
@@ -206,8 +178,7 @@ fn a_partition_shorter_than_the_idle_timeout_is_survived_and_a_longer_one_fails_
         job["state"], job["reason"]
     );
     assert!(partition > idle, "{partition:?}");
-    assert_eq!(job["state"], "failed", "{job}");
-    let reason = job["reason"].as_str().unwrap();
+    let reason = reason_of(&job, "failed");
     assert!(
         reason.contains("timed out") && (reason.contains("acme") || reason.contains("globex")),
         "the reason says what happened: {reason}"
@@ -256,10 +227,9 @@ fn count_lines(c: &Consortium, name: &str, needle: &str) -> usize {
 fn a_control_plane_partition_shorter_than_the_idle_timeout_is_survived_and_a_longer_one_fails_cleanly()
  {
     let idle = cleanroom_transport::TransportTuning::default().idle_timeout;
-    let mut c = Consortium::new();
-    let truth = c.synth("acme,globex", ROWS, 0.3, 43);
+    let (mut c, truth) = Consortium::with_coordinator("acme,globex", ROWS, 0.3, 43);
+    let coordinator = c.addr.unwrap();
     let expected = truth["pairwise_overlap"]["acme,globex"].as_u64().unwrap();
-    let coordinator = c.start_coordinator();
     let proxy = UdpProxy::start();
     proxy.set_upstream(coordinator);
     for (me, other) in [("acme", "globex"), ("globex", "acme")] {
@@ -335,8 +305,7 @@ fn a_control_plane_partition_shorter_than_the_idle_timeout_is_survived_and_a_lon
         job["state"], job["reason"]
     );
     assert!(partition > idle, "{partition:?}");
-    assert_eq!(job["state"], "failed", "{job}");
-    let reason = job["reason"].as_str().unwrap();
+    let reason = reason_of(&job, "failed");
     assert!(
         reason.contains("acme") && reason.contains("timed out"),
         "the reason says what happened: {reason}"
@@ -351,7 +320,7 @@ fn a_control_plane_partition_shorter_than_the_idle_timeout_is_survived_and_a_lon
     for node in ["acme", "globex"] {
         eprintln!(
             "control B: {node} audited for the job: {:?}",
-            audited_error(&c, node, &job_id)
+            c.audited_error_now(node, &job_id)
         );
     }
 

@@ -8,10 +8,11 @@
 
 use std::collections::HashSet;
 use std::path::PathBuf;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
-use cleanroom_e2e::{Consortium, bins, open_agreement};
+use cleanroom_e2e::{
+    Consortium, assert_no_dataset_loaded, open_agreement, overlap_job, psi_job, reason_of,
+};
 use serde_json::Value;
 
 const ROWS: u64 = 500;
@@ -27,64 +28,33 @@ fn acme_agreement(agreement: &str, allow: &str) -> String {
 
 /// A coordinator, acme with `acme_policy` (agreements TOML) and globex with the open agreement.
 fn pair(acme_policy: &str) -> Consortium {
-    let mut c = Consortium::new();
-    c.synth("acme,globex", ROWS, 0.5, 7);
-    c.start_coordinator();
-    c.issue_node("acme");
-    c.issue_node("globex");
-    c.write_node_config("acme", "acme", acme_policy);
-    c.write_node_config("globex", "globex", &open_agreement("acme"));
-    c.start_node("acme");
-    c.start_node("globex");
-    c.wait_connected(&["acme", "globex"]);
+    let (mut c, _) = Consortium::with_coordinator("acme,globex", ROWS, 0.5, 7);
+    c.start_pair(acme_policy);
     c
 }
 
 fn overlap(c: &Consortium, on: &str, purpose: &str) -> Value {
-    c.submit(&[
-        "overlap",
-        "--between",
-        "acme,globex",
-        "--dataset",
-        "customers",
-        "--on",
-        on,
-        "--purpose",
-        purpose,
-    ])
-    .0
+    c.submit(&overlap_job("acme,globex", on, purpose)).0
+}
+
+/// A match job by email for fraud-detection in which `learner` learns membership.
+fn match_revealed_to(c: &Consortium, learner: &str) -> Value {
+    let words = psi_job("match", "acme,globex", "email", "fraud-detection");
+    c.submit(&[&words[..], &["--reveal-to", learner]].concat())
+        .0
+}
+
+/// Starts the pair with `acme_policy`, submits an overlap by `key` for `purpose`, and checks
+/// that acme vetoes it with `wording` before any node reads a row.
+fn assert_overlap_vetoed_at_the_offer(acme_policy: &str, key: &str, purpose: &str, wording: &str) {
+    let c = pair(acme_policy);
+    let job = overlap(&c, key, purpose);
+    assert_vetoed_before_reading(&c, &job, wording);
+    assert_no_dataset_loaded(&c, &["acme", "globex"]);
 }
 
 fn config_path(c: &Consortium, node: &str) -> PathBuf {
     c.path().join(format!("{node}.toml"))
-}
-
-/// `cleanroom-node ARGS` in the consortium's directory.
-fn node_cli(c: &Consortium, args: &[&str]) -> std::process::Output {
-    Command::new(&bins().1)
-        .args(args)
-        .current_dir(c.path())
-        .output()
-        .expect("running cleanroom-node")
-}
-
-/// The node's audit entries (`audit show --json`), optionally only one job's.
-fn audit_entries(c: &Consortium, node: &str, job: Option<&str>) -> Vec<Value> {
-    let cfg = config_path(c, node);
-    let mut args = vec!["audit", "show", "--config", cfg.to_str().unwrap(), "--json"];
-    if let Some(j) = job {
-        args.extend(["--job", j]);
-    }
-    let out = node_cli(c, &args);
-    assert!(
-        out.status.success(),
-        "audit show failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("audit show --json prints JSON lines"))
-        .collect()
 }
 
 fn kinds(entries: &[Value]) -> Vec<&str> {
@@ -108,7 +78,7 @@ fn assert_vetoed_before_reading(c: &Consortium, job: &Value, wording: &str) {
         "reason names who refused: {reason}"
     );
     let id = job["job_id"].as_str().unwrap();
-    let entries = audit_entries(c, "acme", Some(id));
+    let entries = c.audit_entries("acme", Some(id));
     assert!(
         entries.iter().any(|e| e["event"]["kind"] == "Decision"
             && e["event"]["accepted"] == false
@@ -117,11 +87,17 @@ fn assert_vetoed_before_reading(c: &Consortium, job: &Value, wording: &str) {
                 .is_some_and(|r| r.contains(wording))),
         "acme's audit log lacks the refusal {wording:?}: {entries:?}"
     );
+    assert_neither_node_audited(c, id, &["Access", "Release"]);
+}
+
+/// Neither acme nor globex audited an entry of any of `kinds` for the job `id`.
+fn assert_neither_node_audited(c: &Consortium, id: &str, forbidden: &[&str]) {
     for node in ["acme", "globex"] {
-        let entries = audit_entries(c, node, Some(id));
+        let entries = c.audit_entries(node, Some(id));
+        let audited = kinds(&entries);
         assert!(
-            !kinds(&entries).contains(&"Access") && !kinds(&entries).contains(&"Release"),
-            "{node} read or released data for a vetoed job: {entries:?}"
+            !forbidden.iter().any(|k| audited.contains(k)),
+            "{node} audited one of {forbidden:?} for a refused job: {entries:?}"
         );
     }
 }
@@ -137,47 +113,34 @@ fn assert_refused_mid_job(c: &Consortium, job: &Value, wording: &str) {
         "reason {reason:?} lacks {wording:?}"
     );
     let id = job["job_id"].as_str().unwrap();
-    let entries = audit_entries(c, "acme", Some(id));
+    let entries = c.audit_entries("acme", Some(id));
     assert!(
         entries.iter().any(|e| e["event"]["reason"]
             .as_str()
             .is_some_and(|r| r.contains(wording))),
         "acme's audit log lacks {wording:?}: {entries:?}"
     );
-    for node in ["acme", "globex"] {
-        let entries = audit_entries(c, node, Some(id));
-        assert!(
-            !kinds(&entries).contains(&"Release"),
-            "{node} released something for a refused job: {entries:?}"
-        );
-    }
-}
-
-fn assert_no_dataset_loaded(c: &Consortium) {
-    std::thread::sleep(Duration::from_millis(200));
-    for node in ["acme", "globex"] {
-        let log = c.node(node).log_text();
-        assert!(
-            !log.contains("dataset loaded"),
-            "{node} read data for a vetoed job:\n{log}"
-        );
-    }
+    assert_neither_node_audited(c, id, &["Release"]);
 }
 
 #[test]
 fn purpose_not_in_agreement() {
-    let c = pair(&acme_agreement("", ""));
-    let job = overlap(&c, "email", "marketing");
-    assert_vetoed_before_reading(&c, &job, "purpose 'marketing' not in agreement with globex");
-    assert_no_dataset_loaded(&c);
+    assert_overlap_vetoed_at_the_offer(
+        &acme_agreement("", ""),
+        "email",
+        "marketing",
+        "purpose 'marketing' not in agreement with globex",
+    );
 }
 
 #[test]
 fn expired_agreement() {
-    let c = pair(&acme_agreement("expires = \"2026-06-30\"", ""));
-    let job = overlap(&c, "email", "overlap-reporting");
-    assert_vetoed_before_reading(&c, &job, "agreement with globex expired 2026-06-30");
-    assert_no_dataset_loaded(&c);
+    assert_overlap_vetoed_at_the_offer(
+        &acme_agreement("expires = \"2026-06-30\"", ""),
+        "email",
+        "overlap-reporting",
+        "agreement with globex expired 2026-06-30",
+    );
 }
 
 #[test]
@@ -189,25 +152,13 @@ fn computation_or_key_not_allowed() {
         &job,
         "agreement with globex does not allow overlap on customers by phone",
     );
-    let (job, _) = c.submit(&[
-        "match",
-        "--between",
-        "acme,globex",
-        "--dataset",
-        "customers",
-        "--on",
-        "email",
-        "--purpose",
-        "fraud-detection",
-        "--reveal-to",
-        "acme",
-    ]);
+    let job = match_revealed_to(&c, "acme");
     assert_vetoed_before_reading(
         &c,
         &job,
         "agreement with globex does not allow match on customers by email",
     );
-    assert_no_dataset_loaded(&c);
+    assert_no_dataset_loaded(&c, &["acme", "globex"]);
 }
 
 #[test]
@@ -217,25 +168,13 @@ fn membership_not_allowed() {
         acme_agreement("", "")
     );
     let c = pair(&policy);
-    let (job, _) = c.submit(&[
-        "match",
-        "--between",
-        "acme,globex",
-        "--dataset",
-        "customers",
-        "--on",
-        "email",
-        "--purpose",
-        "fraud-detection",
-        "--reveal-to",
-        "globex",
-    ]);
+    let job = match_revealed_to(&c, "globex");
     assert_vetoed_before_reading(
         &c,
         &job,
         "agreement with globex does not let globex learn membership",
     );
-    assert_no_dataset_loaded(&c);
+    assert_no_dataset_loaded(&c, &["acme", "globex"]);
 }
 
 #[test]
@@ -327,9 +266,7 @@ fn emails(name: &str, c: &Consortium, consent: Option<&str>) -> HashSet<String> 
 
 #[test]
 fn consent_filters_exactly_the_non_consenting_rows() {
-    let mut c = Consortium::new();
-    c.synth("acme,globex", ROWS, 0.5, 7);
-    c.start_coordinator();
+    let (mut c, _) = Consortium::with_coordinator("acme,globex", ROWS, 0.5, 7);
     c.issue_node("acme");
     c.issue_node("globex");
     let cfg = c.write_node_config("acme", "acme", &acme_agreement("", ""));
@@ -361,7 +298,8 @@ fn consent_filters_exactly_the_non_consenting_rows() {
     assert_eq!(job["state"], "succeeded", "{job}");
     assert_eq!(job["intersection"].as_u64(), Some(unfiltered), "{job}");
     // The exclusions are audited.
-    let access: Vec<Value> = audit_entries(&c, "acme", None)
+    let access: Vec<Value> = c
+        .audit_entries("acme", None)
         .into_iter()
         .filter(|e| e["event"]["kind"] == "Access")
         .collect();
@@ -379,19 +317,7 @@ fn stop_node(c: &mut Consortium, name: &str) {
     let i = c.nodes.iter().position(|p| p.name == name).unwrap();
     let mut p = c.nodes.remove(i);
     p.stop();
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while Instant::now() < deadline {
-        let gone = c
-            .nodes_json()
-            .as_array()
-            .unwrap()
-            .iter()
-            .all(|n| n["name"] != name || n["connected"] == false);
-        if gone {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    c.wait_disconnected(name, Duration::from_secs(15));
 }
 
 #[test]
@@ -410,28 +336,11 @@ fn forgotten_subjects_leave_the_overlap() {
     // Forget k shared subjects (by their raw form in acme's file, which the CLI normalises).
     stop_node(&mut c, "acme");
     let k = 3;
-    let cfg = config_path(&c, "acme");
     for (_, raw) in shared.iter().take(k) {
-        let out = node_cli(
-            &c,
-            &[
-                "forget",
-                "--config",
-                cfg.to_str().unwrap(),
-                "--dataset",
-                "customers",
-                "--key",
-                &format!("email={raw}"),
-            ],
-        );
-        assert!(
-            out.status.success(),
-            "forget failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let out = c.forget_ok("acme", "customers", &format!("email={raw}"));
         // It says how many rows the key matches today (issue 18: a miss must be visible).
         assert_eq!(
-            String::from_utf8_lossy(&out.stdout).trim(),
+            out.trim(),
             "forgotten: 1 subject in dataset customers (effective for all future jobs); email \
              matches 1 row in customers today"
         );
@@ -442,18 +351,7 @@ fn forgotten_subjects_leave_the_overlap() {
         ("customers", "ssn=123", "no identifier 'ssn'"),
         ("customers", "email=not-an-email", "does not normalise"),
     ] {
-        let out = node_cli(
-            &c,
-            &[
-                "forget",
-                "--config",
-                cfg.to_str().unwrap(),
-                "--dataset",
-                dataset,
-                "--key",
-                key,
-            ],
-        );
+        let out = c.forget("acme", dataset, key);
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success() && err.contains(wording), "{err}");
         assert!(!err.contains("not-an-email"), "the value is echoed: {err}");
@@ -468,7 +366,8 @@ fn forgotten_subjects_leave_the_overlap() {
             assert!(!text.contains(norm.as_str()) && !text.contains(raw.trim()));
         }
     }
-    let forgets: Vec<Value> = audit_entries(&c, "acme", None)
+    let forgets: Vec<Value> = c
+        .audit_entries("acme", None)
         .into_iter()
         .filter(|e| e["event"]["kind"] == "Forget")
         .collect();
@@ -493,11 +392,6 @@ fn sighup_reloads_the_policy_and_a_broken_reload_keeps_the_last_good_one() {
     let job = overlap(&c, "email", "overlap-reporting");
     assert_eq!(job["state"], "succeeded", "{job}");
 
-    let hup = |c: &Consortium| {
-        let pid = c.node("acme").pid().to_string();
-        let status = Command::new("kill").args(["-HUP", &pid]).status().unwrap();
-        assert!(status.success());
-    };
     let wait_for_log = |c: &Consortium, needle: &str, count: usize| {
         let deadline = Instant::now() + Duration::from_secs(20);
         while c.node("acme").log_text().matches(needle).count() < count {
@@ -515,21 +409,18 @@ fn sighup_reloads_the_policy_and_a_broken_reload_keeps_the_last_good_one() {
     );
     assert_ne!(text, narrowed);
     std::fs::write(&path, &narrowed).unwrap();
-    hup(&c);
+    c.node("acme").hang_up();
     wait_for_log(&c, "policy reloaded", 1);
     let job = overlap(&c, "email", "overlap-reporting");
-    assert_eq!(job["state"], "vetoed", "{job}");
     assert!(
-        job["reason"]
-            .as_str()
-            .unwrap()
+        reason_of(&job, "vetoed")
             .contains("purpose 'overlap-reporting' not in agreement with globex"),
         "{job}"
     );
 
     // A broken file: refused, and the narrowed policy stays in force.
     std::fs::write(&path, format!("{narrowed}\nthis is not toml = = =\n")).unwrap();
-    hup(&c);
+    c.node("acme").hang_up();
     wait_for_log(&c, "policy reload failed", 1);
     let job = overlap(&c, "email", "fraud-detection");
     assert_eq!(job["state"], "succeeded", "{job}");
@@ -538,7 +429,8 @@ fn sighup_reloads_the_policy_and_a_broken_reload_keeps_the_last_good_one() {
 
     // Each successful load is in the audit log (`audit show` reads the config: restore it).
     std::fs::write(&path, &narrowed).unwrap();
-    let loads = audit_entries(&c, "acme", None)
+    let loads = c
+        .audit_entries("acme", None)
         .into_iter()
         .filter(|e| e["event"]["kind"] == "PolicyLoaded")
         .count();

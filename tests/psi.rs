@@ -5,29 +5,16 @@
 //! either agreement withholds.
 
 use cleanroom_e2e::raw_coordinator::RawCoordinator;
-use cleanroom_e2e::{Consortium, open_agreement};
+use cleanroom_e2e::{Consortium, MATCH_REVEALED_TO_ACME, OVERLAP, open_agreement, overlap_job};
 use cleanroom_proto::v1::{JobKind, JobSpec, PartySpec, PsiOutcome, report::Outcome};
 
 #[test]
 fn overlap_and_match_equal_the_plaintext_truth() {
-    let mut c = Consortium::new();
-    let truth = c.synth("acme,globex", 3000, 0.4, 11);
+    let (c, truth) = Consortium::open_pair(3000, 0.4, 11);
     let expected = truth["pairwise_overlap"]["acme,globex"].as_u64().unwrap();
     assert!(expected > 0);
-    c.start_coordinator();
-    c.start_open_pair();
 
-    let (job, code) = c.submit(&[
-        "overlap",
-        "--between",
-        "acme,globex",
-        "--dataset",
-        "customers",
-        "--on",
-        "email",
-        "--purpose",
-        "overlap-reporting",
-    ]);
+    let (job, code) = c.submit(&OVERLAP);
     assert_eq!(job["state"], "succeeded", "{job}");
     assert_eq!(code, Some(0));
     assert_eq!(job["intersection"].as_u64(), Some(expected), "{job}");
@@ -45,42 +32,11 @@ fn overlap_and_match_equal_the_plaintext_truth() {
             assert!(r.get(own).is_none(), "{own} left the node: {r}");
         }
     }
-    let cfg = c.path().join("acme.toml");
-    let out = std::process::Command::new(&cleanroom_e2e::bins().1)
-        .args([
-            "audit",
-            "show",
-            "--json",
-            "--job",
-            job["job_id"].as_str().unwrap(),
-        ])
-        .arg("--config")
-        .arg(&cfg)
-        .output()
-        .unwrap();
-    let access = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
-        .find(|e| e["event"]["kind"] == "Access")
-        .expect("acme audited its access");
-    assert_eq!(access["event"]["rows_read"], 3000, "{access}");
+    let access = c.audited_access("acme", job["job_id"].as_str().unwrap());
+    assert_eq!(access["rows_read"], 3000, "{access}");
 
     // Match: only acme asks to learn membership; globex's agreement allows it.
-    let (job, _) = c.submit(&[
-        "match",
-        "--between",
-        "acme,globex",
-        "--dataset",
-        "acme:customers",
-        "--dataset",
-        "globex:customers",
-        "--on",
-        "email",
-        "--purpose",
-        "fraud-detection",
-        "--reveal-to",
-        "acme",
-    ]);
+    let (job, _) = c.submit(&MATCH_REVEALED_TO_ACME);
     assert_eq!(job["state"], "succeeded", "{job}");
     let results = job["results"].as_array().unwrap();
     let acme = results.iter().find(|r| r["node"] == "acme").unwrap();
@@ -236,14 +192,9 @@ fn a_deviating_partner_learns_which_of_its_candidates_we_hold() {
     use curve25519_dalek::Scalar;
     use curve25519_dalek::ristretto::CompressedRistretto;
 
-    let mut c = Consortium::new();
-    c.synth("acme", 300, 0.5, 8);
-    let coordinator = c.start_coordinator();
-    c.issue_node("acme");
-    c.issue_node("mallory");
-    c.write_node_config("acme", "acme", &open_agreement("mallory"));
-    c.start_node("acme");
-    c.wait_connected(&["acme"]);
+    let (mut c, _) = Consortium::with_coordinator("acme", 300, 0.5, 8);
+    let coordinator = c.addr.unwrap();
+    c.start_node_for_fake_peer("acme", "mallory", &open_agreement("mallory"));
     // Ten of acme's customers and ten strangers, in one list.
     let text = std::fs::read_to_string(c.path().join("data/acme.csv")).unwrap();
     let mut lines = text.lines();
@@ -314,17 +265,7 @@ fn a_deviating_partner_learns_which_of_its_candidates_we_hold() {
         (held, returned.len())
     });
     c.wait_connected(&["mallory"]);
-    let job_id = c.submit_nowait(&[
-        "overlap",
-        "--between",
-        "mallory,acme",
-        "--dataset",
-        "customers",
-        "--on",
-        "email",
-        "--purpose",
-        "overlap-reporting",
-    ]);
+    let job_id = c.submit_nowait(&overlap_job("mallory,acme", "email", "overlap-reporting"));
     let (held, returned) = rt.block_on(attack).unwrap();
     assert_eq!(returned, candidates.len(), "acme returned every candidate");
     let truth: Vec<bool> = candidates.iter().map(|(_, held)| *held).collect();

@@ -3,40 +3,25 @@
 
 use std::time::Duration;
 
-use cleanroom_e2e::{Consortium, cleanroom_ok, open_agreement};
+use cleanroom_e2e::{
+    Consortium, OVERLAP, assert_no_dataset_loaded, cleanroom_ok, open_agreement, overlap_job,
+    reason_of,
+};
 
-fn running_pair(c: &mut Consortium, acme_agreement: &str) {
-    c.synth("acme,globex", 500, 0.5, 3);
-    c.start_coordinator();
-    c.issue_node("acme");
-    c.issue_node("globex");
-    c.write_node_config("acme", "acme", acme_agreement);
-    c.write_node_config("globex", "globex", &open_agreement("acme"));
-    c.start_node("acme");
-    c.start_node("globex");
-    c.wait_connected(&["acme", "globex"]);
+/// acme and globex, each with the open agreement toward the other, 500 rows each.
+fn running_pair() -> Consortium {
+    let (c, _) = Consortium::open_pair(500, 0.5, 3);
+    c
 }
 
 #[test]
 fn a_job_the_agreement_does_not_permit_is_vetoed_and_no_data_is_read() {
-    let mut c = Consortium::new();
-    running_pair(&mut c, &open_agreement("globex"));
+    let c = running_pair();
 
     // A purpose outside acme's agreement.
-    let (job, code) = c.submit(&[
-        "overlap",
-        "--between",
-        "globex,acme",
-        "--dataset",
-        "customers",
-        "--on",
-        "email",
-        "--purpose",
-        "marketing",
-    ]);
-    assert_eq!(job["state"], "vetoed", "{job}");
+    let (job, code) = c.submit(&overlap_job("globex,acme", "email", "marketing"));
     assert_eq!(code, Some(2));
-    let reason = job["reason"].as_str().unwrap();
+    let reason = reason_of(&job, "vetoed");
     assert!(
         reason.contains("marketing"),
         "reason names the purpose: {reason}"
@@ -47,48 +32,19 @@ fn a_job_the_agreement_does_not_permit_is_vetoed_and_no_data_is_read() {
     );
 
     // A join key the agreement does not allow.
-    let (job, _) = c.submit(&[
-        "overlap",
-        "--between",
-        "acme,globex",
-        "--dataset",
-        "customers",
-        "--on",
-        "phone",
-        "--purpose",
-        "overlap-reporting",
-    ]);
+    let (job, _) = c.submit(&overlap_job("acme,globex", "phone", "overlap-reporting"));
     assert_eq!(job["state"], "vetoed", "{job}");
 
     // Neither node read a row for either vetoed job.
-    std::thread::sleep(Duration::from_millis(200));
-    for node in ["acme", "globex"] {
-        let log = c.node(node).log_text();
-        assert!(
-            !log.contains("dataset loaded"),
-            "{node} read data for a vetoed job:\n{log}"
-        );
-    }
+    assert_no_dataset_loaded(&c, &["acme", "globex"]);
 }
 
 #[test]
 fn a_job_with_an_offline_node_fails_with_a_readable_reason() {
-    let mut c = Consortium::new();
-    running_pair(&mut c, &open_agreement("globex"));
-    let (job, code) = c.submit(&[
-        "overlap",
-        "--between",
-        "acme,initech",
-        "--dataset",
-        "customers",
-        "--on",
-        "email",
-        "--purpose",
-        "overlap-reporting",
-    ]);
-    assert_eq!(job["state"], "failed", "{job}");
+    let mut c = running_pair();
+    let (job, code) = c.submit(&overlap_job("acme,initech", "email", "overlap-reporting"));
     assert_eq!(code, Some(1));
-    let reason = job["reason"].as_str().unwrap();
+    let reason = reason_of(&job, "failed");
     assert!(
         reason.contains("initech") && reason.contains("not connected"),
         "{reason}"
@@ -101,25 +57,14 @@ fn a_job_with_an_offline_node_fails_with_a_readable_reason() {
         .unwrap()
         .stop();
     std::thread::sleep(Duration::from_millis(500));
-    let (job, _) = c.submit(&[
-        "overlap",
-        "--between",
-        "acme,globex",
-        "--dataset",
-        "customers",
-        "--on",
-        "email",
-        "--purpose",
-        "overlap-reporting",
-    ]);
+    let (job, _) = c.submit(&OVERLAP);
     assert_eq!(job["state"], "failed", "{job}");
     assert!(job["reason"].as_str().unwrap().contains("globex"), "{job}");
 }
 
 #[test]
 fn a_node_with_a_certificate_from_another_ca_is_refused() {
-    let mut c = Consortium::new();
-    running_pair(&mut c, &open_agreement("globex"));
+    let mut c = running_pair();
     // Mallory has a CA of its own and calls itself acme-2; the coordinator must refuse it.
     cleanroom_ok(c.path(), &["pki", "init", "--dir", "rogue"]);
     cleanroom_ok(
@@ -155,44 +100,17 @@ fn a_node_with_a_certificate_from_another_ca_is_refused() {
         coordinator_log.to_lowercase().contains("handshake") || coordinator_log.contains("refused"),
         "the coordinator logs the refusal:\n{coordinator_log}"
     );
-    let (job, _) = c.submit(&[
-        "overlap",
-        "--between",
-        "mallory,acme",
-        "--dataset",
-        "customers",
-        "--on",
-        "email",
-        "--purpose",
-        "overlap-reporting",
-    ]);
+    let (job, _) = c.submit(&overlap_job("mallory,acme", "email", "overlap-reporting"));
     assert_eq!(job["state"], "failed", "{job}");
 }
 
 #[test]
 fn garbage_on_the_data_plane_is_refused_and_the_node_keeps_serving() {
-    use cleanroom_transport::{Credentials, Identity, TransportTuning};
-    let mut c = Consortium::new();
-    running_pair(&mut c, &open_agreement("globex"));
+    use cleanroom_transport::{Identity, TransportTuning};
+    let c = running_pair();
     // A legitimate certificate (globex's), but the bytes are garbage.
-    let creds = Credentials::load(
-        &c.path().join("pki/ca.pem"),
-        &c.path().join("pki/node-globex.pem"),
-        &c.path().join("pki/node-globex.key"),
-    )
-    .unwrap();
-    let acme_log = c.node("acme").log_text();
-    let data_addr: std::net::SocketAddr = c
-        .nodes_json()
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|n| n["name"] == "acme")
-        .and_then(|n| n["data_addr"].as_str())
-        .unwrap()
-        .parse()
-        .unwrap();
-    drop(acme_log);
+    let creds = c.credentials("node-globex");
+    let data_addr = c.data_addr("acme");
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         let endpoint =
@@ -225,16 +143,6 @@ fn garbage_on_the_data_plane_is_refused_and_the_node_keeps_serving() {
             .contains("refused data-plane connection")
     );
     // Still serving: a real job succeeds.
-    let (job, _) = c.submit(&[
-        "overlap",
-        "--between",
-        "globex,acme",
-        "--dataset",
-        "customers",
-        "--on",
-        "email",
-        "--purpose",
-        "overlap-reporting",
-    ]);
+    let (job, _) = c.submit(&overlap_job("globex,acme", "email", "overlap-reporting"));
     assert_eq!(job["state"], "succeeded", "{job}");
 }

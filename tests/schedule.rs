@@ -8,7 +8,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use cleanroom_e2e::{Consortium, bins, cleanroom, cleanroom_ok};
+use cleanroom_e2e::{
+    Consortium, OVERLAP, bins, cleanroom, cleanroom_ok, free_udp_port, reason_of, stop_gracefully,
+};
 use serde_json::Value;
 
 /// `cleanroom WORD <analyst flags> REST…` (connection flags right after the first word, so that
@@ -19,6 +21,18 @@ fn analyst_cmd(c: &Consortium, args: &[&str]) -> Vec<String> {
     all.extend(args[1..].iter().map(|s| s.to_string()));
     all
 }
+
+/// `schedule run-now nightly`, waiting for the run, as JSON.
+const RUN_NIGHTLY_NOW: [&str; 8] = [
+    "schedule",
+    "run-now",
+    "nightly",
+    "--wait",
+    "--timeout",
+    "120",
+    "--format",
+    "json",
+];
 
 fn analyst(c: &Consortium, args: &[&str]) -> std::process::Output {
     let all = analyst_cmd(c, args);
@@ -36,18 +50,6 @@ fn analyst_json(c: &Consortium, args: &[&str]) -> Value {
     let out = analyst_ok(c, args);
     serde_json::from_str(&out).unwrap_or_else(|e| panic!("{args:?} printed no JSON ({e}): {out}"))
 }
-
-const JOB: [&str; 9] = [
-    "overlap",
-    "--between",
-    "acme,globex",
-    "--dataset",
-    "customers",
-    "--on",
-    "email",
-    "--purpose",
-    "overlap-reporting",
-];
 
 fn start_nodes(c: &mut Consortium) {
     c.start_open_pair();
@@ -69,21 +71,19 @@ fn add_schedule(c: &Consortium, name: &str, cron: &str, max_retries: &str) -> Va
         "json",
         "--",
     ];
-    args.extend(JOB);
+    args.extend(OVERLAP);
     analyst_json(c, &args)
 }
 
 #[test]
 fn schedule_runs_are_linked_jobs_and_reports_render() {
-    let mut c = Consortium::new();
-    let truth = c.synth("acme,globex", 400, 0.5, 3);
+    let (mut c, truth) = Consortium::with_coordinator("acme,globex", 400, 0.5, 3);
     let expected = truth["pairwise_overlap"]["acme,globex"].as_u64().unwrap();
-    c.start_coordinator();
     start_nodes(&mut c);
 
     // Invalid schedules are refused with the reason.
     let mut bad = vec!["schedule", "add", "bad", "--cron", "61 * * * *", "--"];
-    bad.extend(JOB);
+    bad.extend(OVERLAP);
     let out = analyst(&c, &bad);
     assert!(!out.status.success());
     assert!(
@@ -100,25 +100,13 @@ fn schedule_runs_are_linked_jobs_and_reports_render() {
     assert!(added["next_run_ms"].as_i64().unwrap() > 0);
     // The same name again is refused.
     let mut again = vec!["schedule", "add", "nightly", "--cron", "0 3 * * *"];
-    again.extend(JOB); // without `--`: also accepted
+    again.extend(OVERLAP); // without `--`: also accepted
     let out = analyst(&c, &again);
     assert!(String::from_utf8_lossy(&out.stderr).contains("already exists"));
 
     let mut job_ids = Vec::new();
     for _ in 0..3 {
-        let job = analyst_json(
-            &c,
-            &[
-                "schedule",
-                "run-now",
-                "nightly",
-                "--wait",
-                "--timeout",
-                "120",
-                "--format",
-                "json",
-            ],
-        );
+        let job = analyst_json(&c, &RUN_NIGHTLY_NOW);
         assert_eq!(job["state"], "succeeded", "{job}");
         assert_eq!(job["intersection"].as_u64(), Some(expected));
         assert!(
@@ -148,20 +136,7 @@ fn schedule_runs_are_linked_jobs_and_reports_render() {
     }
 
     // Reports: HTML with a chart of three points, CSV and JSON.
-    analyst_ok(
-        &c,
-        &[
-            "report",
-            "nightly",
-            "--format",
-            "html",
-            "--since",
-            "90d",
-            "--out",
-            "nightly.html",
-        ],
-    );
-    let html = std::fs::read_to_string(c.path().join("nightly.html")).unwrap();
+    let html = nightly_html_report(&c, &["--since", "90d"]);
     assert!(html.starts_with("<!DOCTYPE html>") || html.starts_with("<!doctype html>"));
     assert_eq!(html.matches("<svg class=\"chart\"").count(), 1);
     assert_eq!(html.matches("<circle class=\"point\"").count(), 3);
@@ -212,7 +187,7 @@ fn schedule_runs_are_linked_jobs_and_reports_render() {
     assert_eq!(json["runs"].as_array().unwrap().len(), 3);
 
     // Idempotent submission: the same key and spec give the same job.
-    let mut args: Vec<&str> = JOB.to_vec();
+    let mut args: Vec<&str> = OVERLAP.to_vec();
     args.extend(["--idempotency-key", "quarterly-2025-q1"]);
     let (first, _) = c.submit(&args);
     let (second, _) = c.submit(&args);
@@ -375,22 +350,28 @@ impl Coordinator {
 
 impl Drop for Coordinator {
     fn drop(&mut self) {
-        drop(self._stdin.take());
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        stop_gracefully(&mut self.child, self._stdin.take());
     }
 }
 
-fn free_udp_port() -> SocketAddr {
-    let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-    socket.local_addr().unwrap()
+/// `report nightly --format html ARGS`, written to a file as an operator would: the page.
+fn nightly_html_report(c: &Consortium, args: &[&str]) -> String {
+    let mut all = vec![
+        "report",
+        "nightly",
+        "--format",
+        "html",
+        "--out",
+        "nightly.html",
+    ];
+    all.extend(args);
+    analyst_ok(c, &all);
+    std::fs::read_to_string(c.path().join("nightly.html")).unwrap()
+}
+
+/// A free loopback address for a coordinator that must restart on the same one.
+fn free_udp_addr() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], free_udp_port()))
 }
 
 fn job_json(c: &Consortium, job_id: &str) -> Value {
@@ -419,24 +400,38 @@ fn wait_registered(c: &Consortium, name: &str, within: Duration) {
     }
 }
 
-#[test]
-fn sigkill_mid_job_loses_nothing_and_runs_nothing_twice() {
+/// acme and globex with `rows` synthetic customers each (`overlap`, `seed` as `synth` takes
+/// them), under a coordinator on a fixed address (so that a restart keeps it) with `settings`,
+/// logging as `log_name`. Returns them, the true overlap and the coordinator.
+fn pair_at_a_fixed_address(
+    (rows, overlap, seed): (u64, f64, u64),
+    log_name: &str,
+    settings: &str,
+) -> (Consortium, u64, Coordinator) {
     let mut c = Consortium::new();
-    let truth = c.synth("acme,globex", 20_000, 0.3, 5);
+    let truth = c.synth("acme,globex", rows, overlap, seed);
     let expected = truth["pairwise_overlap"]["acme,globex"].as_u64().unwrap();
-    let addr = free_udp_port();
-    // Two jobs may run at once, so a third one waits, pending, when the coordinator is killed.
-    let limit = "max_running_jobs = 2\n";
-    let mut coordinator = Coordinator::start_with(c.path(), addr, "coordinator-1", &[], limit);
+    let addr = free_udp_addr();
+    let coordinator = Coordinator::start_with(c.path(), addr, log_name, &[], settings);
     c.addr = Some(addr);
     start_nodes(&mut c);
+    (c, expected, coordinator)
+}
+
+#[test]
+fn sigkill_mid_job_loses_nothing_and_runs_nothing_twice() {
+    // Two jobs may run at once, so a third one waits, pending, when the coordinator is killed.
+    let limit = "max_running_jobs = 2\n";
+    let (c, expected, mut coordinator) =
+        pair_at_a_fixed_address((20_000, 0.3, 5), "coordinator-1", limit);
+    let addr = c.addr.unwrap();
 
     add_schedule(&c, "weekly", "0 2 * * 1", "0");
 
     // A plain job and a scheduled run, both under way when the coordinator is killed, and a
     // queued job that has not been offered yet.
     let mut args = vec!["job", "submit"];
-    args.extend(JOB);
+    args.extend(OVERLAP);
     args.extend(["--format", "json"]);
     let plain = analyst_json(&c, &args);
     let plain_id = plain["job_id"].as_str().unwrap().to_owned();
@@ -457,12 +452,8 @@ fn sigkill_mid_job_loses_nothing_and_runs_nothing_twice() {
     // entry and no second `running`); the queued one is resumed and succeeds, run once.
     let ended = wait_ended(&c, &[&plain_id, &scheduled_id, &queued_id]);
     for job in &ended[..2] {
-        assert_eq!(job["state"], "failed", "{job}");
         assert!(
-            job["reason"]
-                .as_str()
-                .unwrap()
-                .contains("coordinator restarted"),
+            reason_of(job, "failed").contains("coordinator restarted"),
             "{job}"
         );
     }
@@ -551,31 +542,15 @@ fn wait_ended(c: &Consortium, ids: &[&str]) -> Vec<Value> {
 /// in the history and the report exactly once, the failure with its reason, and the page renders.
 #[test]
 fn operator_walkthrough_survives_coordinator_and_node_restarts() {
-    let mut c = Consortium::new();
-    let truth = c.synth("acme,globex", 400, 0.5, 21);
-    let expected = truth["pairwise_overlap"]["acme,globex"].as_u64().unwrap();
-    let addr = free_udp_port();
-    let mut coordinator = Coordinator::start(c.path(), addr, "coordinator-op-1");
-    c.addr = Some(addr);
-    start_nodes(&mut c);
+    let (mut c, expected, mut coordinator) =
+        pair_at_a_fixed_address((400, 0.5, 21), "coordinator-op-1", "");
+    let addr = c.addr.unwrap();
     add_schedule(&c, "nightly", "0 2 * * *", "0");
     let run_now = |c: &Consortium| {
         // run-now records the run at the request's millisecond: keep runs apart.
         std::thread::sleep(Duration::from_millis(5));
         // `--wait` exits non-zero for a job that did not succeed; the JSON is printed either way.
-        let out = analyst(
-            c,
-            &[
-                "schedule",
-                "run-now",
-                "nightly",
-                "--wait",
-                "--timeout",
-                "120",
-                "--format",
-                "json",
-            ],
-        );
+        let out = analyst(c, &RUN_NIGHTLY_NOW);
         serde_json::from_slice::<Value>(&out.stdout).unwrap_or_else(|e| {
             panic!(
                 "run-now printed no JSON ({e}): {}",
@@ -634,18 +609,7 @@ fn operator_walkthrough_survives_coordinator_and_node_restarts() {
         "no job run twice: {jobs}"
     );
 
-    analyst_ok(
-        &c,
-        &[
-            "report",
-            "nightly",
-            "--format",
-            "html",
-            "--out",
-            "nightly.html",
-        ],
-    );
-    let html = std::fs::read_to_string(c.path().join("nightly.html")).unwrap();
+    let html = nightly_html_report(&c, &[]);
     for id in &ids {
         assert!(html.contains(id), "{id} missing from the report");
     }
@@ -693,12 +657,9 @@ fn wait_running(c: &Consortium, ids: &[&str]) {
 
 #[test]
 fn sigterm_stops_gracefully_idle_and_mid_job() {
-    let mut c = Consortium::new();
-    c.synth("acme,globex", 20_000, 0.3, 9);
-    let addr = free_udp_port();
-    let mut coordinator = Coordinator::start(c.path(), addr, "coordinator-term-1");
-    c.addr = Some(addr);
-    start_nodes(&mut c);
+    let (c, _, mut coordinator) =
+        pair_at_a_fixed_address((20_000, 0.3, 9), "coordinator-term-1", "");
+    let addr = c.addr.unwrap();
 
     // Idle: exits 0 promptly.
     let (code, took) = coordinator.term();
@@ -715,7 +676,7 @@ fn sigterm_stops_gracefully_idle_and_mid_job() {
 
     // While a job runs: exits 0 promptly, and the job is failed with the graceful-stop reason.
     let mut args = vec!["job", "submit"];
-    args.extend(JOB);
+    args.extend(OVERLAP);
     args.extend(["--format", "json"]);
     let job = analyst_json(&c, &args);
     let job_id = job["job_id"].as_str().unwrap().to_owned();
@@ -758,7 +719,7 @@ fn sigterm_stops_gracefully_idle_and_mid_job() {
         "{queued}"
     );
     // And the nodes run jobs again.
-    let (again, code) = c.submit(&JOB);
+    let (again, code) = c.submit(&OVERLAP);
     assert_eq!(code, Some(0), "{again}");
     assert_eq!(again["state"], "succeeded", "{again}");
 }
@@ -795,7 +756,7 @@ fn ended_runs_are_notified_by_file_and_command() {
         ),
     );
     let failing_hook = write_hook("fail", "echo oops >&2; exit 3");
-    let addr = free_udp_port();
+    let addr = free_udp_addr();
     let settings = format!(
         "notify_dirs = [\"{}\"]\non_done_dirs = [\"{}\"]\n",
         notify_root.display(),
@@ -824,7 +785,7 @@ fn ended_runs_are_notified_by_file_and_command() {
         "json",
         "--",
     ];
-    args.extend(JOB);
+    args.extend(OVERLAP);
     let added = analyst_json(&c, &args);
     assert_eq!(added["notify_dir"], notify_arg.as_str(), "{added}");
     assert_eq!(added["on_done"], on_done.as_str(), "{added}");
@@ -866,7 +827,7 @@ fn ended_runs_are_notified_by_file_and_command() {
             value,
             "--",
         ];
-        bad.extend(JOB);
+        bad.extend(OVERLAP);
         let out = analyst(&c, &bad);
         assert!(!out.status.success(), "{flag} {value}");
         let err = String::from_utf8_lossy(&out.stderr);
@@ -886,7 +847,7 @@ fn ended_runs_are_notified_by_file_and_command() {
         &failing_hook,
         "--",
     ];
-    failing.extend(JOB);
+    failing.extend(OVERLAP);
     analyst_ok(&c, &failing);
 
     let mut job_ids = Vec::new();

@@ -7,7 +7,7 @@
 use std::time::{Duration, Instant};
 
 use cleanroom_e2e::web::{Browser, COORDINATOR_HOST, Https, http_get};
-use cleanroom_e2e::{Consortium, cleanroom_ok, open_agreement};
+use cleanroom_e2e::{Consortium, cleanroom_ok};
 use fantoccini::Locator;
 use serde_json::{Value, json};
 
@@ -20,12 +20,7 @@ fn consortium() -> (Consortium, u64) {
     let truth = c.synth("acme,globex", 300, 0.4, 5);
     let expected = truth["pairwise_overlap"]["acme,globex"].as_u64().unwrap();
     c.start_coordinator();
-    for (me, partner) in [("acme", "globex"), ("globex", "acme")] {
-        c.issue_node(me);
-        c.write_node_config(me, me, &open_agreement(partner));
-        c.start_node(me);
-    }
-    c.wait_connected(&["acme", "globex"]);
+    c.start_open_pair();
     (c, expected)
 }
 
@@ -317,16 +312,6 @@ async fn wait_for_text(browser: &Browser, css: &str, text: &str) -> String {
 }
 
 /// Fails on any error the browser's console logged.
-async fn assert_no_console_errors(browser: &Browser, page: &str) {
-    let errors: Vec<Value> = browser
-        .console()
-        .await
-        .into_iter()
-        .filter(|m| m["level"] == "SEVERE")
-        .collect();
-    assert!(errors.is_empty(), "console errors on {page}: {errors:?}");
-}
-
 #[test]
 fn a_browser_submits_a_job_from_the_console_and_sees_it_succeed() {
     let (c, expected) = consortium();
@@ -381,7 +366,7 @@ fn a_browser_submits_a_job_from_the_console_and_sees_it_succeed() {
         assert!(result.contains(&expected.to_string()), "{result}");
         assert!(result.contains('%'), "the rate is shown: {result}");
         browser.screenshot("console-job").await;
-        assert_no_console_errors(&browser, "the job page").await;
+        browser.assert_no_console_errors("the job page").await;
 
         for (path, shot, marker) in [
             ("/jobs", "console-jobs", "succeeded"),
@@ -390,29 +375,17 @@ fn a_browser_submits_a_job_from_the_console_and_sees_it_succeed() {
             ("/nodes", "console-nodes", "connected"),
         ] {
             b.goto(&format!("{base}{path}")).await.unwrap();
-            let body = b
-                .find(Locator::Css("main"))
-                .await
-                .unwrap()
-                .text()
-                .await
-                .unwrap();
+            let body = browser.text_of(Locator::Css("main")).await;
             assert!(body.contains(marker), "{path}: {body}");
             browser.screenshot(shot).await;
-            assert_no_console_errors(&browser, path).await;
+            browser.assert_no_console_errors(path).await;
         }
         // The report page's chart is inline SVG, with its y-axis fitted and dates.
         b.goto(&format!("{base}/schedules/weekly")).await.unwrap();
         let chart = b.find(Locator::Css("#count-chart svg")).await.unwrap();
         let svg = chart.html(false).await.unwrap();
         assert!(svg.contains("<circle"), "no points in the chart");
-        let range = b
-            .find(Locator::Id("range"))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let range = browser.text_of(Locator::Id("range")).await;
         assert!(!range.contains("1970"), "{range}");
         browser.stop().await;
     });

@@ -18,9 +18,9 @@ use cleanroom_circuits::{ItemSet, JobKey, PsiParams, PsiSession};
 use cleanroom_proto::v1::{
     AggregateHello, AggregateOutcome, AggregatePartial, AggregateTerms, BatchEnd, Envelope,
     HelloAck, JobKind, JobSpec, NodeHello, OfferReply, Phase, PointBatch, PsiHello, PsiOutcome,
-    Ready, Report, envelope::Body, report::Outcome,
+    Ready, Report, Start, envelope::Body, report::Outcome,
 };
-use cleanroom_transport::{Credentials, FramedRecv, FramedSend, Identity, TransportTuning};
+use cleanroom_transport::{FramedRecv, FramedSend, Identity, TransportTuning};
 
 /// The compressed ristretto255 basepoint (RFC 9496): a valid point to send.
 pub const BASEPOINT: [u8; 32] = [
@@ -274,41 +274,13 @@ pub async fn join_next_job_without_hello(
     peer: &str,
 ) -> FakeJob {
     let (endpoint, control) = register(dir, coordinator, name).await;
-
-    // The job stream: offer → accept → start → ready.
-    let (mut jsend, mut jrecv) = cleanroom_transport::accept_bi(&control).await.expect("job");
-    let offer = jrecv.recv().await.expect("offer").expect("offer");
-    let job_id = offer.job_id.clone();
-    let Some(Body::Offer(offer)) = offer.body else {
-        panic!("expected an offer")
-    };
-    let spec = offer.spec.expect("spec");
-    let reply = Body::OfferReply(OfferReply {
-        accept: true,
-        reason: String::new(),
-        signed_head: None,
-    });
-    jsend
-        .send(&Envelope {
-            job_id: job_id.clone(),
-            phase: Phase::Offer as i32,
-            body: Some(reply),
-        })
-        .await
-        .expect("offer reply");
-    let start = jrecv.recv().await.expect("start").expect("start");
-    let Some(Body::Start(start)) = start.body else {
-        panic!("expected start")
-    };
-    let ready = Body::Ready(Ready {});
-    jsend
-        .send(&Envelope {
-            job_id: job_id.clone(),
-            phase: Phase::Start as i32,
-            body: Some(ready),
-        })
-        .await
-        .expect("ready");
+    let AcceptedJob {
+        send: jsend,
+        job_id,
+        spec,
+        start,
+        ..
+    } = accept_next_job(&control).await;
 
     // The data plane, with a correct hello.
     let peer_addr: SocketAddr = start.peer_addr.parse().expect("peer address");
@@ -336,12 +308,7 @@ async fn register(
     coordinator: SocketAddr,
     name: &str,
 ) -> (quinn::Endpoint, quinn::Connection) {
-    let creds = Credentials::load(
-        &dir.join("pki/ca.pem"),
-        &dir.join(format!("pki/node-{name}.pem")),
-        &dir.join(format!("pki/node-{name}.key")),
-    )
-    .expect("fake node credentials");
+    let creds = crate::load_credentials(dir, "pki", &format!("node-{name}"));
     let any: SocketAddr = "127.0.0.1:0".parse().expect("address");
     let endpoint = cleanroom_transport::server_endpoint(any, &creds, &TransportTuning::default())
         .expect("fake node endpoint");
@@ -560,6 +527,57 @@ impl FakeParty {
     }
 }
 
+/// A job stream the fake node accepted, past the coordinator's opening.
+struct AcceptedJob {
+    send: FramedSend,
+    recv: FramedRecv,
+    job_id: String,
+    spec: JobSpec,
+    start: Start,
+}
+
+/// Accepts the next job stream on `control` and walks the opening of every job kind: the offer
+/// is accepted, and the start answered with ready.
+async fn accept_next_job(control: &quinn::Connection) -> AcceptedJob {
+    let (mut send, mut recv) = cleanroom_transport::accept_bi(control).await.expect("job");
+    let offer = recv.recv().await.expect("offer").expect("offer");
+    let job_id = offer.job_id.clone();
+    let Some(Body::Offer(offer)) = offer.body else {
+        panic!("expected an offer")
+    };
+    let spec = offer.spec.expect("spec");
+    let reply = Body::OfferReply(OfferReply {
+        accept: true,
+        reason: String::new(),
+        signed_head: None,
+    });
+    send.send(&Envelope {
+        job_id: job_id.clone(),
+        phase: Phase::Offer as i32,
+        body: Some(reply),
+    })
+    .await
+    .expect("offer reply");
+    let start = recv.recv().await.expect("start").expect("start");
+    let Some(Body::Start(start)) = start.body else {
+        panic!("expected start")
+    };
+    send.send(&Envelope {
+        job_id: job_id.clone(),
+        phase: Phase::Start as i32,
+        body: Some(Body::Ready(Ready {})),
+    })
+    .await
+    .expect("ready");
+    AcceptedJob {
+        send,
+        recv,
+        job_id,
+        spec,
+        start,
+    }
+}
+
 /// Plays node `name` in the next `aggregate` job it is offered: registers, accepts the offer,
 /// confirms the start and starts accepting the honest parties' hellos (recorded in
 /// [`FakeParty::received`]). It sends no hello of its own: the test does.
@@ -590,43 +608,18 @@ pub async fn join_next_aggregate(dir: &Path, coordinator: SocketAddr, name: &str
         })
     };
 
-    let (mut jsend, mut jrecv) = cleanroom_transport::accept_bi(&control).await.expect("job");
-    let offer = jrecv.recv().await.expect("offer").expect("offer");
-    let job_id = offer.job_id.clone();
-    let Some(Body::Offer(offer)) = offer.body else {
-        panic!("expected an offer")
-    };
-    let spec = offer.spec.expect("spec");
+    let AcceptedJob {
+        send: jsend,
+        recv: jrecv,
+        job_id,
+        spec,
+        start,
+    } = accept_next_job(&control).await;
     assert_eq!(
         spec.kind,
         JobKind::Aggregate as i32,
         "the fake party expected an aggregate job"
     );
-    let reply = Body::OfferReply(OfferReply {
-        accept: true,
-        reason: String::new(),
-        signed_head: None,
-    });
-    jsend
-        .send(&Envelope {
-            job_id: job_id.clone(),
-            phase: Phase::Offer as i32,
-            body: Some(reply),
-        })
-        .await
-        .expect("offer reply");
-    let start = jrecv.recv().await.expect("start").expect("start");
-    let Some(Body::Start(start)) = start.body else {
-        panic!("expected start")
-    };
-    jsend
-        .send(&Envelope {
-            job_id: job_id.clone(),
-            phase: Phase::Start as i32,
-            body: Some(Body::Ready(Ready {})),
-        })
-        .await
-        .expect("ready");
     let peers = start
         .peers
         .iter()

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 pub mod fake_node;
+pub mod operator;
 pub mod proxy;
 pub mod raw_coordinator;
 pub mod web;
@@ -86,12 +87,17 @@ pub fn cleanroom(dir: &Path, args: &[&str]) -> Output {
         .expect("running cleanroom")
 }
 
-/// Like [`cleanroom`] but asserts success.
+/// Like [`cleanroom`] but asserts success; its standard output.
 pub fn cleanroom_ok(dir: &Path, args: &[&str]) -> String {
-    let out = cleanroom(dir, args);
+    stdout_of_success("cleanroom", args, cleanroom(dir, args))
+}
+
+/// The standard output of `program ARGS`, which must have succeeded (else both its outputs
+/// are in the failure).
+pub(crate) fn stdout_of_success(program: &str, args: &[&str], out: Output) -> String {
     assert!(
         out.status.success(),
-        "cleanroom {args:?} failed: {}\n{}",
+        "{program} {args:?} failed: {}\n{}",
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
@@ -109,13 +115,7 @@ pub fn cleanroom_node(dir: &Path, args: &[&str]) -> Output {
 
 /// Like [`cleanroom_node`] but asserts success; its standard output.
 pub fn cleanroom_node_ok(dir: &Path, args: &[&str]) -> String {
-    let out = cleanroom_node(dir, args);
-    assert!(
-        out.status.success(),
-        "cleanroom-node {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    stdout_of_success("cleanroom-node", args, cleanroom_node(dir, args))
 }
 
 /// A process that stops gracefully when dropped (its stdin is closed) and is killed if it does
@@ -143,6 +143,15 @@ impl Process {
         matches!(self.child.try_wait(), Ok(None))
     }
 
+    /// Sends the process SIGHUP (a node reloads its policy and TLS files on it).
+    pub fn hang_up(&self) {
+        let status = Command::new("kill")
+            .args(["-HUP", &self.pid().to_string()])
+            .status()
+            .expect("running kill");
+        assert!(status.success(), "kill -HUP {} failed", self.pid());
+    }
+
     /// Kills the process (SIGKILL) and waits for it.
     pub fn kill(&mut self) {
         let _ = self.child.kill();
@@ -151,17 +160,23 @@ impl Process {
 
     /// Stops the process and waits for it.
     pub fn stop(&mut self) {
-        drop(self.stdin.take());
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        stop_gracefully(&mut self.child, self.stdin.take());
     }
+}
+
+/// Stops a process started with `--stop-on-stdin-eof`: closes its `stdin` and waits for it to
+/// exit, killing it if it has not within 10 s.
+pub fn stop_gracefully(child: &mut Child, stdin: Option<ChildStdin>) {
+    drop(stdin);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
 }
 
 impl Drop for Process {
@@ -204,16 +219,23 @@ pub struct Consortium {
 impl Consortium {
     /// A CA, a coordinator certificate and an analyst certificate ("alice").
     pub fn new() -> Self {
+        let c = Self::with_ca("pki");
+        cleanroom_ok(c.path(), &["pki", "issue", "--dir", "pki", "coordinator"]);
+        cleanroom_ok(
+            c.path(),
+            &["pki", "issue", "--dir", "pki", "analyst", "alice"],
+        );
+        c
+    }
+
+    /// A temporary directory with a CA in `pki/` and nothing running; the parties' certificates
+    /// and keys will be in `keys` ([`Consortium::keys`]).
+    fn with_ca(keys: &str) -> Self {
         let dir = tempfile::Builder::new()
             .prefix("cleanroom-e2e-")
             .tempdir()
             .expect("tempdir");
         cleanroom_ok(dir.path(), &["pki", "init", "--dir", "pki"]);
-        cleanroom_ok(dir.path(), &["pki", "issue", "--dir", "pki", "coordinator"]);
-        cleanroom_ok(
-            dir.path(),
-            &["pki", "issue", "--dir", "pki", "analyst", "alice"],
-        );
         std::fs::create_dir_all(dir.path().join("logs")).unwrap();
         Self {
             dir,
@@ -221,7 +243,7 @@ impl Consortium {
             addr: None,
             nodes: Vec::new(),
             transcripts: None,
-            keys: "pki".into(),
+            keys: keys.into(),
             crl: false,
             coordinator_extra: String::new(),
             serve_web: false,
@@ -230,29 +252,29 @@ impl Consortium {
         }
     }
 
+    /// A consortium with `cleanroom synth` data for `partners` (`rows` customers each, a share
+    /// `overlap` of them shared, from `seed`) and its coordinator running. Returns it with the
+    /// ground truth.
+    pub fn with_coordinator(partners: &str, rows: u64, overlap: f64, seed: u64) -> (Self, Value) {
+        let mut c = Self::new();
+        let truth = c.synth(partners, rows, overlap, seed);
+        c.start_coordinator();
+        (c, truth)
+    }
+
+    /// Like [`Consortium::with_coordinator`] for acme and globex, both running and connected
+    /// under the open agreement ([`Consortium::start_open_pair`]).
+    pub fn open_pair(rows: u64, overlap: f64, seed: u64) -> (Self, Value) {
+        let (mut c, truth) = Self::with_coordinator("acme,globex", rows, overlap, seed);
+        c.start_open_pair();
+        (c, truth)
+    }
+
     /// Like [`Consortium::new`], but the coordinator and alice enrol as real parties do: each
     /// generates its key and a request in `keys/` (`cleanroom pki request`), and the CA in
     /// `pki/` signs the request (`cleanroom pki sign`). The CA directory never holds their keys.
     pub fn enrolled() -> Self {
-        let dir = tempfile::Builder::new()
-            .prefix("cleanroom-e2e-")
-            .tempdir()
-            .expect("tempdir");
-        cleanroom_ok(dir.path(), &["pki", "init", "--dir", "pki"]);
-        std::fs::create_dir_all(dir.path().join("logs")).unwrap();
-        let c = Self {
-            dir,
-            coordinator: None,
-            addr: None,
-            nodes: Vec::new(),
-            transcripts: None,
-            keys: "keys".into(),
-            crl: false,
-            coordinator_extra: String::new(),
-            serve_web: false,
-            web: None,
-            log_json: false,
-        };
+        let c = Self::with_ca("keys");
         c.enrol(&["--role", "coordinator"], "coordinator");
         c.enrol(&["--role", "analyst", "--name", "alice"], "analyst-alice");
         c
@@ -267,6 +289,12 @@ impl Consortium {
             self.path(),
             &["pki", "sign", "--dir", "pki", &format!("keys/{stem}.csr")],
         );
+    }
+
+    /// The TLS credentials of party `stem` (e.g. `node-acme`, `analyst-alice`) where this
+    /// consortium keeps them ([`Consortium::keys`]).
+    pub fn credentials(&self, stem: &str) -> cleanroom_transport::Credentials {
+        load_credentials(self.path(), &self.keys, stem)
     }
 
     /// The `[tls]` line naming the CRL, when [`Consortium::crl`] is set.
@@ -416,16 +444,27 @@ impl Consortium {
     /// Writes a node config. `agreements` is TOML appended verbatim (the `[[agreement]]`
     /// tables); the dataset `customers` is `data/<csv_of>.csv` with email and phone identifiers.
     pub fn write_node_config(&self, name: &str, csv_of: &str, agreements: &str) -> PathBuf {
+        self.write_node_toml(
+            name,
+            &format!(
+                "[[dataset]]\nname = \"customers\"\npath = \"data/{csv_of}.csv\"\n\n\
+                 [[dataset.identifier]]\nname = \"email\"\ncolumn = \"email\"\nnormaliser = \"email\"\n\n\
+                 [[dataset.identifier]]\nname = \"phone\"\ncolumn = \"phone\"\nnormaliser = \"phone\"\n\n{agreements}"
+            ),
+        )
+    }
+
+    /// Writes the node config `<name>.toml`: the node's name, coordinator, listen address,
+    /// state directory and TLS files, then `tables` (its datasets, budget and agreements as
+    /// TOML) verbatim. Returns its path.
+    pub fn write_node_toml(&self, name: &str, tables: &str) -> PathBuf {
         let addr = self.addr.expect("start the coordinator first");
         let cfg = self.path().join(format!("{name}.toml"));
         std::fs::write(
             &cfg,
             format!(
                 "name = \"{name}\"\ncoordinator = \"{addr}\"\nlisten = \"127.0.0.1:0\"\nstate_dir = \"state-{name}\"\n\n\
-                 [tls]\nca = \"pki/ca.pem\"\ncert = \"{keys}/node-{name}.pem\"\nkey = \"{keys}/node-{name}.key\"\n{crl}\n\
-                 [[dataset]]\nname = \"customers\"\npath = \"data/{csv_of}.csv\"\n\n\
-                 [[dataset.identifier]]\nname = \"email\"\ncolumn = \"email\"\nnormaliser = \"email\"\n\n\
-                 [[dataset.identifier]]\nname = \"phone\"\ncolumn = \"phone\"\nnormaliser = \"phone\"\n\n{agreements}",
+                 [tls]\nca = \"pki/ca.pem\"\ncert = \"{keys}/node-{name}.pem\"\nkey = \"{keys}/node-{name}.key\"\n{crl}\n{tables}",
                 keys = self.keys,
                 crl = self.crl_line()
             ),
@@ -438,6 +477,19 @@ impl Consortium {
     pub fn issue_node(&self, name: &str) {
         if !self.path().join(format!("pki/node-{name}.pem")).exists() {
             cleanroom_ok(self.path(), &["pki", "issue", "--dir", "pki", "node", name]);
+        }
+    }
+
+    /// Gives node `name` a certificate the way this consortium's parties get theirs, unless it
+    /// has one: issued by the CA ([`Consortium::new`]) or enrolled by request
+    /// ([`Consortium::enrolled`]).
+    pub fn admit_node(&self, name: &str) {
+        if self.keys == "keys" {
+            if !self.path().join(format!("keys/node-{name}.pem")).exists() {
+                self.enrol_node(name);
+            }
+        } else {
+            self.issue_node(name);
         }
     }
 
@@ -511,39 +563,82 @@ impl Consortium {
 
     /// `cleanroom nodes --format json`.
     pub fn nodes_json(&self) -> Value {
-        let mut args = vec!["nodes".to_owned(), "--format".into(), "json".into()];
-        args.extend(self.analyst_args());
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        serde_json::from_str(&cleanroom_ok(self.path(), &args)).unwrap()
+        serde_json::from_str(&self.as_analyst_ok(&["nodes", "--format", "json"])).unwrap()
     }
 
-    /// Waits until the named nodes are connected to the coordinator.
-    /// Issues, configures (each with [`open_agreement`] toward the other) and starts the nodes
-    /// `acme` and `globex` on the dataset `customers` of their own names, and waits until both
-    /// are connected. The coordinator must be running.
+    /// The data-plane address node `name` registered with the coordinator.
+    pub fn data_addr(&self, name: &str) -> SocketAddr {
+        self.nodes_json()
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|n| n["name"] == name)
+            .and_then(|n| n["data_addr"].as_str())
+            .unwrap_or_else(|| panic!("node {name} registered no data address"))
+            .parse()
+            .unwrap()
+    }
+
+    /// Admits ([`Consortium::admit_node`]), configures (each with [`open_agreement`] toward the
+    /// other) and starts the nodes `acme` and `globex` on the dataset `customers` of their own
+    /// names, and waits until both are connected. The coordinator must be running.
     pub fn start_open_pair(&mut self) {
-        for (me, other) in [("acme", "globex"), ("globex", "acme")] {
-            self.issue_node(me);
-            self.write_node_config(me, me, &open_agreement(other));
-            self.start_node(me);
-        }
-        self.wait_connected(&["acme", "globex"]);
+        self.start_pair(&open_agreement("globex"));
     }
 
-    /// Like [`Consortium::start_open_pair`], with a certificate for `mallory` (a fake node a
-    /// test plays) whom acme's agreements also allow.
-    pub fn start_pair_open_to_mallory(&mut self) {
-        for name in ["acme", "globex", "mallory"] {
-            self.issue_node(name);
-        }
-        let acme_agreements = format!("{}{}", open_agreement("globex"), open_agreement("mallory"));
-        self.write_node_config("acme", "acme", &acme_agreements);
+    /// Like [`Consortium::start_open_pair`], but acme's agreements are `acme_agreements` (TOML);
+    /// globex keeps the open agreement with acme, so any refusal comes from acme.
+    pub fn start_pair(&mut self, acme_agreements: &str) {
+        self.admit_node("acme");
+        self.admit_node("globex");
+        self.write_node_config("acme", "acme", acme_agreements);
         self.write_node_config("globex", "globex", &open_agreement("acme"));
         self.start_node("acme");
         self.start_node("globex");
         self.wait_connected(&["acme", "globex"]);
     }
 
+    /// Like [`Consortium::start_open_pair`], with a certificate for `mallory` (a fake node a
+    /// test plays) whom acme's agreements also allow.
+    pub fn start_pair_open_to_mallory(&mut self) {
+        self.admit_node("mallory");
+        self.start_pair(&format!(
+            "{}{}",
+            open_agreement("globex"),
+            open_agreement("mallory")
+        ));
+    }
+
+    /// Admits `name` and `peer` (a fake node the test plays), starts `name` on its own
+    /// customers with `agreements`, and waits until it is connected.
+    pub fn start_node_for_fake_peer(&mut self, name: &str, peer: &str, agreements: &str) {
+        self.admit_node(name);
+        self.admit_node(peer);
+        self.write_node_config(name, name, agreements);
+        self.start_node(name);
+        self.wait_connected(&[name]);
+    }
+
+    /// Waits until the coordinator lists node `name` as disconnected (or not at all), for at most
+    /// `within`; returns its node list then.
+    pub fn wait_disconnected(&self, name: &str, within: Duration) -> Value {
+        let deadline = Instant::now() + within;
+        loop {
+            let nodes = self.nodes_json();
+            let up = nodes
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|n| n["name"] == name && n["connected"] == true);
+            if !up {
+                return nodes;
+            }
+            assert!(Instant::now() < deadline, "{name} still connected: {nodes}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Waits until every node of `names` is connected to the coordinator (at most 30 s).
     pub fn wait_connected(&self, names: &[&str]) {
         self.wait_connected_within(names, Duration::from_secs(30));
     }
@@ -571,20 +666,26 @@ impl Consortium {
         }
     }
 
-    /// `cleanroom job submit ARGS --wait --format json`: the job as JSON and the exit code.
-    pub fn submit(&self, args: &[&str]) -> (Value, Option<i32>) {
-        let mut all: Vec<String> = vec!["job".into(), "submit".into()];
-        all.extend(args.iter().map(|s| s.to_string()));
-        all.extend([
-            "--wait".into(),
-            "--timeout".into(),
-            "120".into(),
-            "--format".into(),
-            "json".into(),
-        ]);
+    /// `cleanroom ARGS` as the analyst alice: her connection flags follow `args` (so `args` must
+    /// not end in words after `--`).
+    pub fn as_analyst(&self, args: &[&str]) -> Output {
+        let mut all: Vec<String> = args.iter().map(|s| s.to_string()).collect();
         all.extend(self.analyst_args());
         let all: Vec<&str> = all.iter().map(String::as_str).collect();
-        let out = cleanroom(self.path(), &all);
+        cleanroom(self.path(), &all)
+    }
+
+    /// Like [`Consortium::as_analyst`] but asserts success; its standard output.
+    pub fn as_analyst_ok(&self, args: &[&str]) -> String {
+        stdout_of_success("cleanroom", args, self.as_analyst(args))
+    }
+
+    /// `cleanroom job submit ARGS --wait --format json`: the job as JSON and the exit code.
+    pub fn submit(&self, args: &[&str]) -> (Value, Option<i32>) {
+        let mut all = vec!["job", "submit"];
+        all.extend(args);
+        all.extend(["--wait", "--timeout", "120", "--format", "json"]);
+        let out = self.as_analyst(&all);
         let text = String::from_utf8_lossy(&out.stdout);
         let json = serde_json::from_str(&text).unwrap_or_else(|_| {
             panic!(
@@ -597,12 +698,10 @@ impl Consortium {
 
     /// `cleanroom job submit ARGS --format json` without waiting: the job id.
     pub fn submit_nowait(&self, args: &[&str]) -> String {
-        let mut all: Vec<String> = vec!["job".into(), "submit".into()];
-        all.extend(args.iter().map(|s| s.to_string()));
-        all.extend(["--format".into(), "json".into()]);
-        all.extend(self.analyst_args());
-        let all: Vec<&str> = all.iter().map(String::as_str).collect();
-        let out = cleanroom(self.path(), &all);
+        let mut all = vec!["job", "submit"];
+        all.extend(args);
+        all.extend(["--format", "json"]);
+        let out = self.as_analyst(&all);
         let job: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|_| {
             panic!(
                 "job submit printed no JSON: {}",
@@ -614,16 +713,7 @@ impl Consortium {
 
     /// `cleanroom job status JOB --format json`.
     pub fn job_status(&self, job_id: &str) -> Value {
-        let mut all: Vec<String> = vec![
-            "job".into(),
-            "status".into(),
-            job_id.into(),
-            "--format".into(),
-            "json".into(),
-        ];
-        all.extend(self.analyst_args());
-        let all: Vec<&str> = all.iter().map(String::as_str).collect();
-        let out = cleanroom(self.path(), &all);
+        let out = self.as_analyst(&["job", "status", job_id, "--format", "json"]);
         serde_json::from_slice(&out.stdout).unwrap_or_else(|_| {
             panic!(
                 "job status printed no JSON: {}",
@@ -665,4 +755,143 @@ pub fn open_agreement(partner: &str) -> String {
          [[agreement.allow]]\ncomputation = \"overlap\"\ndataset = \"customers\"\nkeys = [\"email\"]\n\n\
          [[agreement.allow]]\ncomputation = \"match\"\ndataset = \"customers\"\nkeys = [\"email\"]\nreveal_membership_to_partner = true\n\n"
     )
+}
+
+/// Asserts that `job` (as `job submit` or `job status` print it) ended in `state`; returns the
+/// reason it gives.
+pub fn reason_of<'a>(job: &'a Value, state: &str) -> &'a str {
+    assert_eq!(job["state"], state, "{job}");
+    job["reason"]
+        .as_str()
+        .unwrap_or_else(|| panic!("a {state} job gives no reason: {job}"))
+}
+
+/// A party's TLS credentials in the consortium directory `dir`: the CA's certificate
+/// `pki/ca.pem`, and the party's certificate and key `<keys>/<stem>.pem` and `.key` (`keys` is
+/// `pki` for parties the CA issued, `keys` for enrolled ones; `stem` e.g. `node-acme`).
+pub fn load_credentials(dir: &Path, keys: &str, stem: &str) -> cleanroom_transport::Credentials {
+    cleanroom_transport::Credentials::load(
+        &dir.join("pki/ca.pem"),
+        &dir.join(format!("{keys}/{stem}.pem")),
+        &dir.join(format!("{keys}/{stem}.key")),
+    )
+    .unwrap_or_else(|e| panic!("credentials of {stem} in {keys}/: {e}"))
+}
+
+/// A loopback TCP port that was free a moment ago.
+pub fn free_tcp_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.local_addr().unwrap().port()
+}
+
+/// A loopback UDP port (QUIC listens on UDP) that was free a moment ago.
+pub fn free_udp_port() -> u16 {
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    socket.local_addr().unwrap().port()
+}
+
+/// The words of a two-party job of `kind` (`overlap`, `match`) on each party's dataset
+/// `customers`: `KIND --between PAIR --dataset customers --on KEY --purpose PURPOSE`.
+pub const fn psi_job<'a>(
+    kind: &'a str,
+    pair: &'a str,
+    key: &'a str,
+    purpose: &'a str,
+) -> [&'a str; 9] {
+    [
+        kind,
+        "--between",
+        pair,
+        "--dataset",
+        "customers",
+        "--on",
+        key,
+        "--purpose",
+        purpose,
+    ]
+}
+
+/// The words of an overlap job on the dataset `customers` ([`psi_job`]).
+pub const fn overlap_job<'a>(pair: &'a str, key: &'a str, purpose: &'a str) -> [&'a str; 9] {
+    psi_job("overlap", pair, key, purpose)
+}
+
+/// An overlap job between `pair` by email, for overlap-reporting (what [`open_agreement`]
+/// allows).
+pub const fn overlap_between(pair: &str) -> [&str; 9] {
+    overlap_job(pair, "email", "overlap-reporting")
+}
+
+/// The overlap job most tests run: acme and globex by email, for overlap-reporting.
+pub const OVERLAP: [&str; 9] = overlap_between("acme,globex");
+
+/// The words of an overlap-sum job between `pair` on the dataset `customers` by email: the
+/// value holder (second of the pair) sums `amount_cents` and counts, for fraud-detection.
+pub const fn overlap_sum_between(pair: &str) -> [&str; 11] {
+    [
+        "overlap-sum",
+        "--between",
+        pair,
+        "--dataset",
+        "customers",
+        "--on",
+        "email",
+        "--sum",
+        "amount_cents,count",
+        "--purpose",
+        "fraud-detection",
+    ]
+}
+
+/// The words of an aggregate job over `parties` on their dataset `chargebacks`, summing
+/// `amount` per `category` for the labels `groups`, for fraud-benchmark (add `--count` to count
+/// rows too).
+pub const fn aggregate_job<'a>(parties: &'a str, groups: &'a str) -> [&'a str; 13] {
+    [
+        "aggregate",
+        "--parties",
+        parties,
+        "--dataset",
+        "chargebacks",
+        "--group-by",
+        "category",
+        "--groups",
+        groups,
+        "--sum",
+        "amount",
+        "--purpose",
+        "fraud-benchmark",
+    ]
+}
+
+/// The words of a match job in which acme learns which of its rows globex holds:
+/// `match --between acme,globex --dataset acme:customers --dataset globex:customers --on email
+/// --purpose fraud-detection --reveal-to acme`.
+pub const MATCH_REVEALED_TO_ACME: [&str; 13] = [
+    "match",
+    "--between",
+    "acme,globex",
+    "--dataset",
+    "acme:customers",
+    "--dataset",
+    "globex:customers",
+    "--on",
+    "email",
+    "--purpose",
+    "fraud-detection",
+    "--reveal-to",
+    "acme",
+];
+
+/// Asserts that no node of `names` has loaded a dataset (its log says so when it reads one),
+/// after giving a late read a moment to show.
+pub fn assert_no_dataset_loaded(c: &Consortium, names: &[&str]) {
+    std::thread::sleep(Duration::from_millis(200));
+    for node in names {
+        let log = c.node(node).log_text();
+        assert!(
+            !log.contains("dataset loaded"),
+            "{node} read data for a vetoed job:\n{log}"
+        );
+    }
 }

@@ -13,8 +13,7 @@ use cleanroom_proto::v1::{
     Envelope, HelloAck, JobSpec, Offer, Phase, Role, Start, envelope::Body, report::Outcome,
 };
 use cleanroom_transport::{
-    Credentials, FramedRecv, FramedSend, TransportTuning, accept, accept_bi, open_bi,
-    server_endpoint,
+    FramedRecv, FramedSend, TransportTuning, accept, accept_bi, open_bi, server_endpoint,
 };
 
 /// One node's control session.
@@ -44,12 +43,7 @@ impl RawCoordinator {
     /// Listens on loopback with the consortium's coordinator certificate (`<dir>/pki`). Give the
     /// returned address to the nodes' configs (`Consortium::addr`) before starting them.
     pub fn bind(dir: &Path) -> (RawCoordinator, SocketAddr) {
-        let creds = Credentials::load(
-            &dir.join("pki/ca.pem"),
-            &dir.join("pki/coordinator.pem"),
-            &dir.join("pki/coordinator.key"),
-        )
-        .unwrap();
+        let creds = crate::load_credentials(dir, "pki", "coordinator");
         let endpoint = server_endpoint(
             "127.0.0.1:0".parse().unwrap(),
             &creds,

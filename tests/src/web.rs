@@ -7,7 +7,6 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use cleanroom_transport::Credentials;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_rustls::rustls::pki_types::ServerName;
 
@@ -47,16 +46,7 @@ impl Https {
     /// Like [`Https::new`] with the certificate and key in `dir/keys` (the CA stays in
     /// `dir/pki`): parties that enrolled by certificate request.
     pub fn with_keys(dir: &Path, keys: &str, addr: SocketAddr, stem: Option<&str>) -> Https {
-        let pki = dir.join("pki");
-        let keys = dir.join(keys);
-        let load = |stem: &str| {
-            Credentials::load(
-                &pki.join("ca.pem"),
-                &keys.join(format!("{stem}.pem")),
-                &keys.join(format!("{stem}.key")),
-            )
-            .unwrap()
-        };
+        let load = |stem: &str| crate::load_credentials(dir, keys, stem);
         let tls = match stem {
             Some(stem) => cleanroom_transport::https_client_config(&load(stem)).unwrap(),
             // Only the CA is used from the coordinator's credentials here.
@@ -360,6 +350,29 @@ impl Browser {
             .await
             .expect("browser log");
         v.as_array().cloned().unwrap_or_default()
+    }
+
+    /// Asserts that the console holds no error (a SEVERE message) since the last look; `page`
+    /// names where the browser is in the failure message.
+    pub async fn assert_no_console_errors(&self, page: &str) {
+        let errors: Vec<serde_json::Value> = self
+            .console()
+            .await
+            .into_iter()
+            .filter(|m| m["level"] == "SEVERE")
+            .collect();
+        assert!(errors.is_empty(), "console errors on {page}: {errors:?}");
+    }
+
+    /// The text of the first element of the current page that `locator` finds.
+    pub async fn text_of(&self, locator: fantoccini::Locator<'_>) -> String {
+        self.client
+            .find(locator)
+            .await
+            .unwrap_or_else(|e| panic!("no {locator:?} on the page: {e}"))
+            .text()
+            .await
+            .unwrap()
     }
 
     /// Saves a screenshot as `target/browser-screenshots/<name>.png` and returns its path.
