@@ -42,6 +42,8 @@ pub mod policy;
 pub mod run;
 pub mod spec;
 pub mod state;
+#[cfg(test)]
+mod test_fixtures;
 
 pub use error::NodeError;
 pub use policy::NodeConfig;

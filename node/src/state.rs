@@ -259,28 +259,15 @@ fn run_key(spec: &cleanroom_proto::v1::JobSpec, me: usize, permit: &Permit) -> R
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ledger::Charge;
-    use cleanroom_proto::v1::{JobKind, JobSpec, PartySpec};
+    use cleanroom_proto::v1::{JobKind, JobSpec};
     use std::path::Path;
 
-    const NOW: i64 = 1_782_864_000_000;
+    use crate::test_fixtures::{CUSTOMERS, NOW, epsilon_charge, node_head, two_party_spec};
 
-    const CONFIG: &str = r#"
-name = "acme"
-coordinator = "127.0.0.1:7400"
-listen = "127.0.0.1:0"
-state_dir = "state"
-[tls]
-ca = "ca.pem"
-cert = "node.pem"
-key = "node.key"
-[[dataset]]
-name = "customers"
-path = "acme.csv"
-  [[dataset.identifier]]
-  name = "email"
-  column = "email"
-  normaliser = "email"
+    fn config_text() -> String {
+        node_head("acme")
+            + CUSTOMERS
+            + r#"
 [[agreement]]
 partner = "globex"
 purposes = ["reporting"]
@@ -290,25 +277,15 @@ budget_per_purpose = { epsilon_per_period = 1, period = "day" }
   dataset = "customers"
   keys = ["email"]
   epsilon = 0.5
-"#;
+"#
+    }
 
     fn spec() -> JobSpec {
-        let party = |node: &str| PartySpec {
-            node: node.into(),
-            dataset: "customers".into(),
-            keys: vec!["email".into()],
-            learns_membership: false,
-        };
-        JobSpec {
-            kind: JobKind::Overlap as i32,
-            parties: vec![party("acme"), party("globex")],
-            purpose: "reporting".into(),
-            ..JobSpec::default()
-        }
+        two_party_spec(JobKind::Overlap, "reporting", false)
     }
 
     fn node_state(dir: &Path) -> NodeState {
-        let cfg = NodeConfig::parse(CONFIG, &dir.join("acme.toml")).unwrap();
+        let cfg = NodeConfig::parse(&config_text(), &dir.join("acme.toml")).unwrap();
         let audit = AuditLog::open(&dir.join("audit.log")).unwrap();
         let ledger = Ledger::open(&dir.join("ledger.sqlite")).unwrap();
         NodeState::new(
@@ -322,15 +299,7 @@ budget_per_purpose = { epsilon_per_period = 1, period = "day" }
     }
 
     fn spend(state: &NodeState, job_id: &str) {
-        let charge = Charge {
-            job_id: job_id.into(),
-            partner: "globex".into(),
-            purpose: "reporting".into(),
-            loss: crate::ledger::Loss::Epsilon(0.5),
-            purpose_caps: Vec::new(),
-            node_cap: None,
-            delta: crate::policy::DEFAULT_DP_DELTA,
-        };
+        let charge = epsilon_charge(job_id, "globex", "reporting", 0.5);
         let key = crate::spec::release_key(job_id, &spec());
         state
             .ledger

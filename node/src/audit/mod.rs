@@ -39,6 +39,7 @@ pub use verify::{
     HeadSource, LineCheck, ShownLine, Tamper, VerifyReport, read_entries, show_lines, verify,
 };
 pub(crate) use verify::{last_line, read_head_file, split_lines};
+pub(crate) use writer::sync_dir;
 pub use writer::{AppendObserver, AuditLog};
 
 /// Where a node keeps its audit log: `<state_dir>/audit.log`.

@@ -585,62 +585,80 @@ fn assert_refused_for_good(log: &AuditLog, wording: &str) {
     }
 }
 
-#[test]
-fn a_running_log_whose_last_entry_changes_refuses_appends() {
+/// A fresh open log whose files `tamper` changes behind its back (given the log's folder, its
+/// path and its text): appends must then be refused for good, with `wording` in the reason.
+fn assert_tamper_refused(tamper: impl FnOnce(&Path, &Path, &str), wording: &str) {
     let dir = tempfile::tempdir().unwrap();
     let (log, path) = open_log_with_entries(dir.path());
     let text = std::fs::read_to_string(&path).unwrap();
-    // Same length: one digit of the last entry's time changed.
-    let cut = text[..text.len() - 1].rfind('\n').unwrap() + 1;
-    let tampered = format!(
-        "{}{}",
-        &text[..cut],
-        text[cut..].replacen("\"at_ms\":7", "\"at_ms\":8", 1)
-    );
+    tamper(dir.path(), &path, &text);
+    assert_refused_for_good(&log, wording);
+}
+
+/// Writes `tampered` over the log at `path`, whose text was `text`: changed, same length.
+fn overwrite_same_length(path: &Path, text: &str, tampered: String) {
     assert_ne!(tampered, text);
     assert_eq!(tampered.len(), text.len());
-    std::fs::write(&path, tampered).unwrap();
-    assert_refused_for_good(&log, "last entry (seq 8)");
+    std::fs::write(path, tampered).unwrap();
+}
+
+#[test]
+fn a_running_log_whose_last_entry_changes_refuses_appends() {
+    assert_tamper_refused(
+        |_, path, text| {
+            // Same length: one digit of the last entry's time changed.
+            let cut = text[..text.len() - 1].rfind('\n').unwrap() + 1;
+            let tampered = format!(
+                "{}{}",
+                &text[..cut],
+                text[cut..].replacen("\"at_ms\":7", "\"at_ms\":8", 1)
+            );
+            overwrite_same_length(path, text, tampered);
+        },
+        "last entry (seq 8)",
+    );
 }
 
 #[test]
 fn a_running_log_changed_in_the_middle_refuses_appends() {
-    let dir = tempfile::tempdir().unwrap();
-    let (log, path) = open_log_with_entries(dir.path());
-    let text = std::fs::read_to_string(&path).unwrap();
-    let tampered = text.replacen("\"at_ms\":2", "\"at_ms\":3", 1);
-    assert_eq!(tampered.len(), text.len());
-    std::fs::write(&path, tampered).unwrap();
-    assert_refused_for_good(&log, "line 3");
+    assert_tamper_refused(
+        |_, path, text| {
+            let tampered = text.replacen("\"at_ms\":2", "\"at_ms\":3", 1);
+            overwrite_same_length(path, text, tampered);
+        },
+        "line 3",
+    );
 }
 
 #[test]
 fn a_running_log_replaced_or_cut_or_with_another_head_refuses_appends() {
-    let dir = tempfile::tempdir().unwrap();
-    let (log, path) = open_log_with_entries(dir.path());
-    let text = std::fs::read_to_string(&path).unwrap();
     // Replaced by an identical copy under the same name (as `sed -i` or an editor does).
-    let copy = dir.path().join("copy");
-    std::fs::write(&copy, &text).unwrap();
-    std::fs::rename(&copy, &path).unwrap();
-    assert_refused_for_good(&log, "another file was put in place");
-
-    let dir = tempfile::tempdir().unwrap();
-    let (log, path) = open_log_with_entries(dir.path());
-    let text = std::fs::read_to_string(&path).unwrap();
-    let cut = text[..text.len() - 1].rfind('\n').unwrap() + 1;
-    std::fs::OpenOptions::new()
-        .write(true)
-        .open(&path)
-        .unwrap()
-        .set_len(cut as u64)
-        .unwrap();
-    assert_refused_for_good(&log, "truncated");
-
-    let dir = tempfile::tempdir().unwrap();
-    let (log, path) = open_log_with_entries(dir.path());
-    std::fs::write(head_path(&path), "3:".to_owned() + &"ab".repeat(32) + "\n").unwrap();
-    assert_refused_for_good(&log, "the head file says 3:");
+    assert_tamper_refused(
+        |dir, path, text| {
+            let copy = dir.join("copy");
+            std::fs::write(&copy, text).unwrap();
+            std::fs::rename(&copy, path).unwrap();
+        },
+        "another file was put in place",
+    );
+    assert_tamper_refused(
+        |_, path, text| {
+            let cut = text[..text.len() - 1].rfind('\n').unwrap() + 1;
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open(path)
+                .unwrap()
+                .set_len(cut as u64)
+                .unwrap();
+        },
+        "truncated",
+    );
+    assert_tamper_refused(
+        |_, path, _| {
+            std::fs::write(head_path(path), "3:".to_owned() + &"ab".repeat(32) + "\n").unwrap();
+        },
+        "the head file says 3:",
+    );
 }
 
 #[test]

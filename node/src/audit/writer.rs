@@ -191,18 +191,7 @@ impl AuditLog {
     pub fn append(&self, event: AuditEvent, now_ms: i64) -> Result<AuditHead, AuditError> {
         event.validate()?;
         let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(reason) = &inner.poisoned {
-            return Err(AuditError::Poisoned {
-                path: self.path.clone(),
-                reason: reason.clone(),
-            });
-        }
-        if let Some(reason) = &inner.tampered {
-            return Err(AuditError::Tampered {
-                path: self.path.clone(),
-                reason: reason.clone(),
-            });
-        }
+        self.refusal(&inner)?;
         // Another process (`cleanroom-node forget`) may append to the same log: take an
         // exclusive lock for the append and catch up with what it wrote.
         inner
@@ -223,6 +212,11 @@ impl AuditLog {
     /// or the log was found changed under this process.
     pub fn writable(&self) -> Result<(), AuditError> {
         let inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        self.refusal(&inner)
+    }
+
+    /// The error appends are refused with once a write failed or the log was found changed.
+    fn refusal(&self, inner: &Inner) -> Result<(), AuditError> {
         if let Some(reason) = &inner.poisoned {
             return Err(AuditError::Poisoned {
                 path: self.path.clone(),
@@ -460,7 +454,7 @@ fn write_head(head_path: &Path, head: &AuditHead) -> Result<(), AuditError> {
 }
 
 /// Best effort: makes a rename or creation in the file's directory durable.
-fn sync_dir(path: &Path) {
+pub(crate) fn sync_dir(path: &Path) {
     #[cfg(unix)]
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty())
         && let Ok(d) = File::open(dir)

@@ -224,28 +224,14 @@ fn cells(l: &BudgetLine) -> [String; 12] {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ledger::Charge;
+    use crate::test_fixtures::{CUSTOMERS, NOW, epsilon_charge, node_head};
     use std::path::Path;
 
-    const NOW: i64 = 1_782_864_000_000;
-
-    const CONFIG: &str = r#"
-name = "acme"
-coordinator = "127.0.0.1:7400"
-listen = "127.0.0.1:0"
-state_dir = "state"
-budget = { epsilon_per_period = 5, period = "week" }
-[tls]
-ca = "ca.pem"
-cert = "node.pem"
-key = "node.key"
-[[dataset]]
-name = "customers"
-path = "acme.csv"
-  [[dataset.identifier]]
-  name = "email"
-  column = "email"
-  normaliser = "email"
+    fn config_text() -> String {
+        node_head("acme")
+            + r#"budget = { epsilon_per_period = 5, period = "week" }"#
+            + CUSTOMERS
+            + r#"
 [[agreement]]
 partner = "globex"
 purposes = ["reporting", "fraud"]
@@ -255,23 +241,16 @@ budget_per_purpose = { epsilon_per_period = 1, period = "day", epsilon_lifetime 
   dataset = "customers"
   keys = ["email"]
   epsilon = 0.25
-"#;
+"#
+    }
 
-    fn charge(partner: &str, purpose: &str, epsilon: f64) -> Charge {
-        Charge {
-            job_id: "job".into(),
-            partner: partner.into(),
-            purpose: purpose.into(),
-            loss: crate::ledger::Loss::Epsilon(epsilon),
-            purpose_caps: Vec::new(),
-            node_cap: None,
-            delta: crate::ledger::DEFAULT_DP_DELTA,
-        }
+    fn charge(partner: &str, purpose: &str, epsilon: f64) -> crate::ledger::Charge {
+        epsilon_charge("job", partner, purpose, epsilon)
     }
 
     #[test]
     fn report_lists_policy_pairs_ledger_pairs_and_node_wide() {
-        let cfg = NodeConfig::parse(CONFIG, Path::new("/srv/acme/node.toml")).unwrap();
+        let cfg = NodeConfig::parse(&config_text(), Path::new("/srv/acme/node.toml")).unwrap();
         let ledger = Ledger::open(Path::new(":memory:")).unwrap();
         ledger
             .charge_and_draw(

@@ -33,7 +33,7 @@ use serde::{Deserialize, Serialize};
 use super::dataset::{Forgotten, KEY_PART_SEPARATOR, MAX_FIELD_BYTES, forget_hash};
 use super::normalise::NormaliseError;
 use super::schema::DatasetConfig;
-use crate::audit::{hash_from_hex, to_hex};
+use crate::audit::{hash_from_hex, sync_dir, to_hex};
 
 /// The key file's name in `state_dir`.
 pub const KEY_FILE: &str = "forget.key";
@@ -372,18 +372,6 @@ fn create_key(path: &Path) -> Result<[u8; 32], ForgetError> {
         }
         Err(e) => Err(io_err(path, "creating the key file")(e)),
     }
-}
-
-/// Best effort: makes a creation in the file's directory durable.
-fn sync_dir(path: &Path) {
-    #[cfg(unix)]
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty())
-        && let Ok(d) = File::open(dir)
-    {
-        let _ = d.sync_all();
-    }
-    #[cfg(not(unix))]
-    let _ = path;
 }
 
 #[cfg(test)]

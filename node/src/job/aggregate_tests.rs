@@ -2,79 +2,29 @@
 //! their hellos in memory, load test vectors, and their partials are summed as the coordinator
 //! sums them. Hostile hellos and terms are played by rewriting one party's hello.
 
+use cleanroom_proto::v1::JobSpec;
 use std::collections::{BTreeMap, VecDeque};
-use std::path::Path;
-
-use cleanroom_proto::v1::{AggregateSpec, JobKind, JobSpec, PartySpec};
 
 use super::*;
 use crate::policy::NodeConfig;
+use crate::test_fixtures::{aggregate_spec, chargebacks_config};
 
 const NAMES: [&str; 3] = ["acme", "globex", "initech"];
 
 /// `me`'s config: one aggregate agreement with each other party (`extra` adds entry keys).
 fn node_config(me: &str, extra: &str) -> NodeConfig {
-    let mut text = format!(
-        r#"
-name = "{me}"
-coordinator = "127.0.0.1:7400"
-listen = "127.0.0.1:0"
-state_dir = "state"
-budget = {{ epsilon_per_period = 100 }}
-[tls]
-ca = "ca.pem"
-cert = "node.pem"
-key = "node.key"
-[[dataset]]
-name = "chargebacks"
-path = "cb.csv"
-  [[dataset.value]]
-  column = "amount"
-  min = 0
-  max = 100000
-"#
-    );
-    for partner in NAMES.iter().filter(|n| **n != me) {
-        text.push_str(&format!(
-            r#"
-[[agreement]]
-partner = "{partner}"
-purposes = ["fraud-benchmark"]
-  [[agreement.allow]]
-  computation = "aggregate"
-  dataset = "chargebacks"
-  group_by = ["category"]
-  value_columns = [{{ column = "amount", min = 0, max = 5000 }}]
-{extra}
-"#
-        ));
-    }
-    NodeConfig::parse(&text, Path::new("/srv/node.toml")).expect("test config")
+    let allow =
+        format!("  value_columns = [{{ column = \"amount\", min = 0, max = 5000 }}]\n{extra}");
+    let agreements: Vec<(&str, &str)> = NAMES
+        .iter()
+        .filter(|n| **n != me)
+        .map(|n| (*n, allow.as_str()))
+        .collect();
+    chargebacks_config(me, &agreements)
 }
 
 fn spec() -> JobSpec {
-    JobSpec {
-        kind: JobKind::Aggregate as i32,
-        parties: NAMES
-            .iter()
-            .map(|n| PartySpec {
-                node: (*n).into(),
-                dataset: "chargebacks".into(),
-                keys: vec![],
-                learns_membership: false,
-            })
-            .collect(),
-        purpose: "fraud-benchmark".into(),
-        aggregate: Some(AggregateSpec {
-            group_by: "category".into(),
-            groups: vec!["a".into(), "b".into()],
-            sums: vec!["amount".into()],
-            count: true,
-            group_range: None,
-            person: String::new(),
-        }),
-        ..JobSpec::default()
-    }
+    aggregate_spec(&NAMES)
 }
 
 /// Party `me`'s session config, as its policy permits the job.

@@ -11,50 +11,36 @@ use std::collections::VecDeque;
 use std::path::Path;
 
 use cleanroom_circuits::{ItemSet, JobKey, ahe};
-use cleanroom_proto::v1::{JobKind, JobSpec, OverlapSumSpec, PartySpec};
+use cleanroom_proto::v1::{JobKind, JobSpec, OverlapSumSpec};
 
 use super::*;
 use crate::data::dataset::KeyedRowCounts;
 use crate::policy::NodeConfig;
+use crate::test_fixtures::{NOW, node_head, two_party_spec};
 
-const NOW: i64 = 1_782_864_000_000;
 /// Each side's clipping bound for `amount_cents`.
 const BOUND: u64 = 1000;
 
 /// `me`'s config with one overlap-sum agreement with `partner`; `extra` adds allow-entry keys.
 fn node_config(me: &str, partner: &str, extra: &str) -> NodeConfig {
-    let text = format!(
-        r#"
-name = "{me}"
-coordinator = "127.0.0.1:7400"
-listen = "127.0.0.1:0"
-state_dir = "state"
-tls = {{ ca = "ca.pem", cert = "node.pem", key = "node.key" }}
-dataset = [{{ name = "customers", path = "customers.csv", identifier = [{{ name = "email", column = "email", normaliser = "email" }}], value = [{{ column = "amount_cents", min = 0, max = 100000 }}] }}]
+    let text = node_head(me)
+        + &format!(
+            r#"dataset = [{{ name = "customers", path = "customers.csv", identifier = [{{ name = "email", column = "email", normaliser = "email" }}], value = [{{ column = "amount_cents", min = 0, max = 100000 }}] }}]
 agreement = [{{ partner = "{partner}", purposes = ["fraud-detection"], budget_per_purpose = {{ epsilon_per_period = 10, period = "day" }}, allow = [{{ computation = "overlap-sum", dataset = "customers", keys = ["email"], min_set_size = 1, max_set_size = 1000, value_columns = [{{ column = "amount_cents", min = 0, max = {BOUND} }}] {extra} }}] }}]
 "#
-    );
+        );
     NodeConfig::parse(&text, Path::new("/nonexistent/node.toml")).expect("test config")
 }
 
 fn spec() -> JobSpec {
-    let party = |node: &str| PartySpec {
-        node: node.into(),
-        dataset: "customers".into(),
-        keys: vec!["email".into()],
-        learns_membership: false,
-    };
     JobSpec {
-        kind: JobKind::OverlapSum as i32,
-        parties: vec![party("acme"), party("globex")],
-        purpose: "fraud-detection".into(),
         overlap_sum: Some(OverlapSumSpec {
             sums: vec!["amount_cents".into()],
             group_by: String::new(),
             groups: Vec::new(),
             count: true,
         }),
-        ..JobSpec::default()
+        ..two_party_spec(JobKind::OverlapSum, "fraud-detection", false)
     }
 }
 

@@ -7,43 +7,26 @@ use std::collections::VecDeque;
 use std::path::Path;
 
 use cleanroom_circuits::{ItemSet, JobKey};
-use cleanroom_proto::v1::{JobSpec, PartySpec};
+use cleanroom_proto::v1::JobSpec;
 
 use super::*;
 use crate::policy::NodeConfig;
-
-const NOW: i64 = 1_782_864_000_000;
+use crate::test_fixtures::{NOW, node_head, two_party_spec};
 
 /// `me`'s config with one agreement, with `partner`, allowing `allow` (TOML inline-table keys)
 /// on its dataset `customers` for partner sets of up to `max_set` keys.
 fn node_config(me: &str, partner: &str, allow: &str, max_set: u64) -> NodeConfig {
-    let text = format!(
-        r#"
-name = "{me}"
-coordinator = "127.0.0.1:7400"
-listen = "127.0.0.1:0"
-state_dir = "state"
-tls = {{ ca = "ca.pem", cert = "node.pem", key = "node.key" }}
-dataset = [{{ name = "customers", path = "customers.csv", identifier = [{{ name = "email", column = "email", normaliser = "email" }}] }}]
+    let text = node_head(me)
+        + &format!(
+            r#"dataset = [{{ name = "customers", path = "customers.csv", identifier = [{{ name = "email", column = "email", normaliser = "email" }}] }}]
 agreement = [{{ partner = "{partner}", purposes = ["reporting"], allow = [{{ dataset = "customers", keys = ["email"], min_set_size = 1, max_set_size = {max_set}, {allow} }}] }}]
 "#
-    );
+        );
     NodeConfig::parse(&text, Path::new("/nonexistent/node.toml")).expect("test config")
 }
 
 fn spec(kind: JobKind, learns: bool) -> JobSpec {
-    let party = |node: &str| PartySpec {
-        node: node.into(),
-        dataset: "customers".into(),
-        keys: vec!["email".into()],
-        learns_membership: learns,
-    };
-    JobSpec {
-        kind: kind as i32,
-        parties: vec![party("acme"), party("globex")],
-        purpose: "reporting".into(),
-        ..JobSpec::default()
-    }
+    two_party_spec(kind, "reporting", learns)
 }
 
 /// Items `from..to`, as a node's distinct keys.
@@ -166,6 +149,24 @@ impl Pair {
         Pair {
             acme: Side::new(PsiProtocol::start(acme, JobKey::generate(), acme_items)),
             globex: Side::new(PsiProtocol::start(globex, JobKey::generate(), globex_items)),
+        }
+    }
+
+    /// Batches of 256 points: acme holds items 0..9000, globex 3000..12000 (6000 in common).
+    fn batched(acme: PsiConfig, globex: PsiConfig) -> Pair {
+        Pair {
+            acme: Side::new(PsiProtocol::start_batched(
+                acme,
+                JobKey::generate(),
+                items(0, 9000),
+                256,
+            )),
+            globex: Side::new(PsiProtocol::start_batched(
+                globex,
+                JobKey::generate(),
+                items(3000, 12000),
+                256,
+            )),
         }
     }
 
@@ -321,31 +322,9 @@ fn run_as_driver(pair: &mut Pair) -> [Vec<Event>; 2] {
             } else {
                 (&mut pair.globex, &mut pair.acme)
             };
-            if side.error.is_some() {
-                continue;
-            }
-            match side.proto.poll() {
-                Some(Action::Send(env)) => {
-                    events.push(sent_event(&env));
-                    other.inbox.push_back(*env);
-                }
-                Some(Action::Compute(work)) => {
-                    events.push(work_event(&work));
-                    if let Err(e) = side.proto.handle_done(work.run()) {
-                        side.error = Some(e);
-                    }
-                    while side.error.is_none() && side.step() {}
-                }
-                Some(Action::Finish) => side.finished_stream = true,
-                Some(Action::Recheck) => side.rechecks += 1,
-                Some(Action::Audit(e)) => side.audited.push(e),
-                None => {
-                    if !side.step() {
-                        continue;
-                    }
-                }
-            }
-            moved = true;
+            let mut out = Vec::new();
+            moved |= act(side, &mut out, events);
+            other.inbox.extend(out);
         }
         if !moved {
             return events;
@@ -360,20 +339,7 @@ fn points_go_out_as_they_are_blinded_and_the_peers_take_turns_with_ours() {
     for kind in [JobKind::Overlap, JobKind::Match] {
         let (a, g) = (config_up_to(0, kind, 20_000), config_up_to(1, kind, 20_000));
         // Batches of 256 points: 36 a side, 9 pieces of CPU work.
-        let mut pair = Pair {
-            acme: Side::new(PsiProtocol::start_batched(
-                a,
-                JobKey::generate(),
-                items(0, 9000),
-                256,
-            )),
-            globex: Side::new(PsiProtocol::start_batched(
-                g,
-                JobKey::generate(),
-                items(3000, 12000),
-                256,
-            )),
-        };
+        let mut pair = Pair::batched(a, g);
         let [acme, _] = run_as_driver(&mut pair);
         assert!(pair.acme.error.is_none() && pair.globex.error.is_none());
         let blinded = Event::Sent(Phase::PsiBlinded, "points");
@@ -417,14 +383,19 @@ fn points_go_out_as_they_are_blinded_and_the_peers_take_turns_with_ours() {
 }
 
 /// One action of `side`, as the node's driver takes it (after CPU work, every frame that has
-/// arrived is handed over); what it sends goes to `out`. Whether anything happened.
-fn act(side: &mut Side, out: &mut Vec<Envelope>) -> bool {
+/// arrived is handed over); what it sends goes to `out`, and the work it ran and the frames it
+/// sent to `events`. Whether anything happened.
+fn act(side: &mut Side, out: &mut Vec<Envelope>, events: &mut Vec<Event>) -> bool {
     if side.error.is_some() {
         return false;
     }
     match side.proto.poll() {
-        Some(Action::Send(env)) => out.push(*env),
+        Some(Action::Send(env)) => {
+            events.push(sent_event(&env));
+            out.push(*env);
+        }
         Some(Action::Compute(work)) => {
+            events.push(work_event(&work));
             if let Err(e) = side.proto.handle_done(work.run()) {
                 side.error = Some(e);
             }
@@ -446,29 +417,16 @@ fn the_peers_final_frames_may_come_early() {
     let (mut a, mut g) = (config_up_to(0, kind, 20_000), config_up_to(1, kind, 20_000));
     a.noise = Some(noise_for("acme"));
     g.noise = Some(noise_for("globex"));
-    let mut pair = Pair {
-        acme: Side::new(PsiProtocol::start_batched(
-            a,
-            JobKey::generate(),
-            items(0, 9000),
-            256,
-        )),
-        globex: Side::new(PsiProtocol::start_batched(
-            g,
-            JobKey::generate(),
-            items(3000, 12000),
-            256,
-        )),
-    };
+    let mut pair = Pair::batched(a, g);
     // Globex's returns of acme's points, and all that follows, reach acme only once globex has
     // finished its stream (its count and reveal sent).
     let mut held = Vec::new();
     loop {
         let mut out = Vec::new();
-        let a = act(&mut pair.acme, &mut out);
+        let a = act(&mut pair.acme, &mut out, &mut Vec::new());
         pair.globex.inbox.extend(out);
         let mut out = Vec::new();
-        let g = act(&mut pair.globex, &mut out);
+        let g = act(&mut pair.globex, &mut out, &mut Vec::new());
         for env in out {
             if env.phase == Phase::PsiBlinded as i32 || env.phase == Phase::PsiSize as i32 {
                 pair.acme.inbox.push_back(env);
@@ -929,40 +887,35 @@ fn the_adversary_cases_fail_at_the_protocol_with_the_e2e_words() {
     };
     let done = || Outbox::new("job-1", Phase::PsiDone).end(Phase::PsiDone, 0);
     let mut old = recorded_run().into_iter().skip(1);
-    let cases: Vec<(&str, Pair, Tamper, &str)> = vec![
+    // Each case runs on a fresh honest overlap pair.
+    let cases: Vec<(&str, Tamper, &str)> = vec![
         (
             "undecodable points",
-            Pair::honest(JobKind::Overlap),
             with_points(Phase::PsiBlinded, |p| p[..32].fill(0xff)),
             "not a valid ristretto255 encoding",
         ),
         (
             "identity points",
-            Pair::honest(JobKind::Overlap),
             with_points(Phase::PsiBlinded, |p| p[..32].fill(0)),
             "identity",
         ),
         (
             "batch not whole points",
-            Pair::honest(JobKind::Overlap),
             with_points(Phase::PsiBlinded, |p| p.truncate(33)),
             "batch of 33 bytes is not a whole number",
         ),
         (
             "end total disagrees",
-            Pair::honest(JobKind::Overlap),
             with_end(Phase::PsiBlinded, |t| *t -= 1),
             "declared 40 points, announced 39 at the end",
         ),
         (
             "end before all declared",
-            Pair::honest(JobKind::Overlap),
             Box::new(hello(|h| h.set_size += 5)),
             "announced 40 at the end, and sent 40",
         ),
         (
             "double-blinded first",
-            Pair::honest(JobKind::Overlap),
             replace_first(Phase::PsiBlinded, is_points, || {
                 points_frame(Phase::PsiDoubleBlinded, 0, vec![0; 32])
             }),
@@ -970,31 +923,26 @@ fn the_adversary_cases_fail_at_the_protocol_with_the_e2e_words() {
         ),
         (
             "second hello",
-            Pair::honest(JobKind::Overlap),
             Box::new(nth(0, |env| vec![env.clone(), env])),
             "frame for phase 10 while in phase phase_psi_blinded",
         ),
         (
             "done first",
-            Pair::honest(JobKind::Overlap),
             replace_first(Phase::PsiBlinded, is_points, done),
             "frame for phase 13 while in phase phase_psi_blinded",
         ),
         (
             "returned not whole points",
-            Pair::honest(JobKind::Overlap),
             with_points(Phase::PsiDoubleBlinded, |p| p.truncate(33)),
             "batch of 33 bytes is not a whole number",
         ),
         (
             "returned end total disagrees",
-            Pair::honest(JobKind::Overlap),
             with_points(Phase::PsiDoubleBlinded, |p| p.truncate(64)),
             "the peer announced 30 returned and returned 2",
         ),
         (
             "returned out of sequence",
-            Pair::honest(JobKind::Overlap),
             Box::new(first_of(Phase::PsiDoubleBlinded, is_points, |mut env| {
                 if let Some(Body::Points(b)) = &mut env.body {
                     b.seq = 1;
@@ -1005,7 +953,6 @@ fn the_adversary_cases_fail_at_the_protocol_with_the_e2e_words() {
         ),
         (
             "blinded after its end",
-            Pair::honest(JobKind::Overlap),
             Box::new(first_of(Phase::PsiBlinded, is_end, |env| {
                 vec![env.clone(), env]
             })),
@@ -1013,13 +960,11 @@ fn the_adversary_cases_fail_at_the_protocol_with_the_e2e_words() {
         ),
         (
             "done before returning",
-            Pair::honest(JobKind::Overlap),
             replace_first(Phase::PsiDoubleBlinded, is_points, done),
             "frame for phase 13 while in phase phase_psi_double_blinded",
         ),
         (
             "done as hello",
-            Pair::honest(JobKind::Overlap),
             replace_first(Phase::PsiDone, is_end, || {
                 Outbox::new("job-1", Phase::PsiSize)
                     .frame(Phase::PsiSize, Body::PsiHello(PsiHello::default()))
@@ -1027,8 +972,8 @@ fn the_adversary_cases_fail_at_the_protocol_with_the_e2e_words() {
             "frame for phase 10 while in phase phase_psi_done",
         ),
     ];
-    for (label, pair, tamper, expect) in cases {
-        let e = pair.acme_error(tamper);
+    for (label, tamper, expect) in cases {
+        let e = Pair::honest(JobKind::Overlap).acme_error(tamper);
         by_globex(&e);
         let reason = crate::error::NodeError::from(e).to_string().to_lowercase();
         assert!(reason.contains(expect), "{label}: {reason}");

@@ -382,75 +382,22 @@ fn veto(reason: impl Into<String>) -> Veto {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use cleanroom_proto::v1::{AggregateSpec, PartySpec};
-    use std::path::Path;
+    use crate::test_fixtures::{aggregate_spec, chargebacks_config};
 
+    /// Acme's config: an aggregate agreement with globex (amounts clipped to [0, 5000]) and
+    /// one with initech ([10, 8000]), each entry going on with `extra_*`.
     fn config(extra_globex: &str, extra_initech: &str) -> NodeConfig {
-        let text = format!(
-            r#"
-name = "acme"
-coordinator = "127.0.0.1:7400"
-listen = "127.0.0.1:0"
-state_dir = "state"
-budget = {{ epsilon_per_period = 100 }}
-[tls]
-ca = "ca.pem"
-cert = "node.pem"
-key = "node.key"
-[[dataset]]
-name = "chargebacks"
-path = "cb.csv"
-  [[dataset.value]]
-  column = "amount"
-  min = 0
-  max = 100000
-[[agreement]]
-partner = "globex"
-purposes = ["fraud-benchmark"]
-  [[agreement.allow]]
-  computation = "aggregate"
-  dataset = "chargebacks"
-  group_by = ["category"]
-  value_columns = [{{ column = "amount", min = 0, max = 5000 }}]
-{extra_globex}
-[[agreement]]
-partner = "initech"
-purposes = ["fraud-benchmark"]
-  [[agreement.allow]]
-  computation = "aggregate"
-  dataset = "chargebacks"
-  group_by = ["category"]
-  value_columns = [{{ column = "amount", min = 10, max = 8000 }}]
-{extra_initech}
-"#
+        let globex = format!(
+            "  value_columns = [{{ column = \"amount\", min = 0, max = 5000 }}]\n{extra_globex}"
         );
-        NodeConfig::parse(&text, Path::new("/srv/acme/node.toml")).unwrap()
+        let initech = format!(
+            "  value_columns = [{{ column = \"amount\", min = 10, max = 8000 }}]\n{extra_initech}"
+        );
+        chargebacks_config("acme", &[("globex", &globex), ("initech", &initech)])
     }
 
     fn spec(parties: &[&str]) -> JobSpec {
-        JobSpec {
-            analyst: String::new(),
-            kind: JobKind::Aggregate as i32,
-            parties: parties
-                .iter()
-                .map(|n| PartySpec {
-                    node: (*n).into(),
-                    dataset: "chargebacks".into(),
-                    keys: vec![],
-                    learns_membership: false,
-                })
-                .collect(),
-            purpose: "fraud-benchmark".into(),
-            aggregate: Some(AggregateSpec {
-                group_by: "category".into(),
-                groups: vec!["a".into(), "b".into()],
-                sums: vec!["amount".into()],
-                count: true,
-                group_range: None,
-                person: String::new(),
-            }),
-            overlap_sum: None,
-        }
+        aggregate_spec(parties)
     }
 
     fn vetoed(cfg: &NodeConfig, spec: &JobSpec, me: usize) -> String {

@@ -172,17 +172,14 @@ impl PolicyHolder {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_fixtures::node_head;
     use std::path::PathBuf;
 
-    const CONFIG: &str = r#"
-name = "acme"
-coordinator = "127.0.0.1:7400"
-listen = "127.0.0.1:0"
-state_dir = "state"
-[tls]
-ca = "ca.pem"
-cert = "node.pem"
-key = "node.key"
+    /// Dataset `customers` with a consent column and a value column, and one agreement with
+    /// globex allowing an overlap and an overlap-sum.
+    fn config_text() -> String {
+        node_head("acme")
+            + r#"
 [[dataset]]
 name = "customers"
 path = "acme.csv"
@@ -213,13 +210,14 @@ budget_per_purpose = { epsilon_per_period = 2.0, period = "week" }
   group_by = ["category"]
   value_columns = [{ column = "amount_cents", min = 0, max = 500000 }]
   epsilon = 0.5
-"#;
+"#
+    }
 
     fn setup(csv: &str) -> (tempfile::TempDir, PathBuf) {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("acme.csv"), csv).unwrap();
         let file = dir.path().join("node.toml");
-        std::fs::write(&file, CONFIG).unwrap();
+        std::fs::write(&file, config_text()).unwrap();
         (dir, file)
     }
 
@@ -281,7 +279,7 @@ budget_per_purpose = { epsilon_per_period = 2.0, period = "week" }
         let cfg = NodeConfig::parse(
             &format!(
                 "budget = {{ epsilon_per_period = 20 }}\n{}",
-                CONFIG
+                config_text()
                     .replace("  roles = [\"value-holder\"]\n", "")
                     .replace("epsilon_per_period = 2.0", "epsilon_per_period = 20.0")
                     .replace(
@@ -356,7 +354,7 @@ budget_per_purpose = { epsilon_per_period = 2.0, period = "week" }
         let (_dir, file) = setup("email,amount_cents,consent_fraud,category\na@b.c,1,true,x\n");
         std::fs::write(
             &file,
-            CONFIG.to_owned()
+            config_text()
                 + "  [[agreement.allow]]\n  computation = \"aggregate\"\n  dataset = \"customers\"\n  \
                    group_by = [\"category\"]\n  value_columns = [{ column = \"amount_cents\", min = 0, max = 100 }]\n",
         )
@@ -419,13 +417,21 @@ budget_per_purpose = { epsilon_per_period = 2.0, period = "week" }
         let (dir, file) = setup("email,amount_cents,consent_fraud\na@b.c,1,true\n");
         let holder = PolicyHolder::new(load_checked(&file).unwrap());
         assert_eq!(holder.snapshot().0, 0);
-        std::fs::write(&file, CONFIG.replace("min_result = 10", "min_result = 0")).unwrap();
+        std::fs::write(
+            &file,
+            config_text().replace("min_result = 10", "min_result = 0"),
+        )
+        .unwrap();
         let e = holder.reload(&file).unwrap_err().to_string();
         assert!(e.contains("at least 1"), "{e}");
         let (generation, cfg) = holder.snapshot();
         assert_eq!(generation, 0);
         assert_eq!(cfg.agreements[0].allow[0].terms().min_result.get(), 10);
-        std::fs::write(&file, CONFIG.replace("min_result = 10", "min_result = 20")).unwrap();
+        std::fs::write(
+            &file,
+            config_text().replace("min_result = 10", "min_result = 20"),
+        )
+        .unwrap();
         holder.reload(&file).unwrap();
         assert_eq!(holder.snapshot().0, 1);
         assert_eq!(
