@@ -8,9 +8,9 @@
 use std::cell::RefCell;
 use std::io::Write;
 
-use cleanroom_node::data::{DatasetConfig, IdentifierConfig};
 use cleanroom_node::data::dataset::{KEY_PART_SEPARATOR, KeySpec, load_keys};
 use cleanroom_node::data::normalise::Normaliser;
+use cleanroom_node::data::{DatasetConfig, IdentifierConfig};
 use libfuzzer_sys::fuzz_target;
 
 thread_local! {
@@ -28,22 +28,14 @@ fuzz_target!(|data: &[u8]| {
         f.write_all(file).expect("write data.csv");
         drop(f);
 
-        let dataset = DatasetConfig {
-            name: "customers".into(),
+        let dataset = DatasetConfig::new(
+            "customers",
             path,
-            identifiers: vec![
-                IdentifierConfig {
-                    name: "email".into(),
-                    column: "email".into(),
-                    normaliser: Normaliser::Email,
-                },
-                IdentifierConfig {
-                    name: "id".into(),
-                    column: "id".into(),
-                    normaliser: Normaliser::Generic,
-                },
+            vec![
+                IdentifierConfig::new("email", "email", Normaliser::Email),
+                IdentifierConfig::new("id", "id", Normaliser::Generic),
             ],
-        };
+        );
         let keys = match selector % 3 {
             0 => KeySpec::new(["email"]),
             1 => KeySpec::new(["id"]),

@@ -27,8 +27,8 @@ fuzz_target!(|text: &str| {
         assert!(is_valid_name(&a.partner) && a.partner != cfg.name);
         assert!(!a.purposes.is_empty());
         for e in &a.allow {
-            assert!(cfg.dataset(&e.dataset).is_some());
-            assert!(e.min_set_size <= e.max_set_size);
+            assert!(cfg.dataset(e.dataset()).is_some());
+            assert!(e.terms().min_set_size <= e.terms().max_set_size);
         }
     }
 });

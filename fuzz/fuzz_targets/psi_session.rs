@@ -11,28 +11,27 @@
 //! membership list (when asked for) is strictly increasing, in range, and as long as the count.
 #![no_main]
 
+mod common;
+
 use std::sync::LazyLock;
 
 use arbitrary::Arbitrary;
 use cleanroom_circuits::{
-    AwaitingPeerSize, AwaitingReturn, EncodedPoint, ExchangingPoints, ItemSet, JobKey, POINT_LEN,
-    PsiParams, PsiSession, ReadyToBlind, blind_items, reblind_points,
+    AwaitingPeerSize, AwaitingReturn, EncodedPoint, ExchangingPoints, JobKey, POINT_LEN, PsiParams,
+    PsiSession, ReadyToBlind, reblind_points,
 };
+use common::{KEY_NAME, PEER_KEY, cap, counted, our_items, peer_points, pick, record_sent};
 use libfuzzer_sys::fuzz_target;
 
-const KEY_NAME: &str = "email";
 const OUR_ITEMS: [&[u8]; 8] = [b"a", b"b", b"c", b"d", b"e", b"f", b"g", b"h"];
 const PEER_ITEMS: [&[u8]; 8] = [b"a", b"c", b"e", b"x", b"y", b"z", b"h", b"q"];
 /// Largest batch (in points) an operation may carry: every point costs ~50 µs.
 const MAX_BATCH_POINTS: usize = 12;
+/// Longest raw batch an operation may carry: one byte short of a point more than the largest.
+const MAX_RAW: usize = MAX_BATCH_POINTS * POINT_LEN + POINT_LEN - 1;
 
-/// The simulated peer's key (one per process).
-static PEER_KEY: LazyLock<JobKey> = LazyLock::new(JobKey::generate);
 /// The peer's items blinded by the peer: valid points it would send us.
-static PEER_POINTS: LazyLock<Vec<EncodedPoint>> = LazyLock::new(|| {
-    let items: ItemSet = PEER_ITEMS.iter().copied().collect();
-    blind_items(&PEER_KEY, KEY_NAME, &items)
-});
+static PEER_POINTS: LazyLock<Vec<EncodedPoint>> = LazyLock::new(|| peer_points(&PEER_ITEMS));
 
 #[derive(Debug, Arbitrary)]
 enum Op {
@@ -76,29 +75,8 @@ enum State {
     Returning(AwaitingReturn),
 }
 
-/// A batch from indices into `pool`, capped in length.
-fn batch_from(pool: &[EncodedPoint], indices: &[u8]) -> Vec<u8> {
-    if pool.is_empty() {
-        return Vec::new();
-    }
-    indices
-        .iter()
-        .take(MAX_BATCH_POINTS)
-        .flat_map(|&i| pool[usize::from(i) % pool.len()])
-        .collect()
-}
-
-fn cap_raw(bytes: &[u8]) -> &[u8] {
-    &bytes[..bytes.len().min(MAX_BATCH_POINTS * POINT_LEN + POINT_LEN - 1)]
-}
-
 fuzz_target!(|input: Input| {
-    let mut items = ItemSet::new();
-    for (i, item) in OUR_ITEMS.iter().enumerate() {
-        if input.item_mask & (1 << i) != 0 {
-            items.push(item).expect("tiny set");
-        }
-    }
+    let mut items = our_items(&OUR_ITEMS, input.item_mask);
     if input.duplicate {
         items.push(OUR_ITEMS[0]).expect("tiny set");
     }
@@ -134,18 +112,14 @@ fuzz_target!(|input: Input| {
             },
             (State::Ready(s), Op::Blind) => {
                 let (batches, next) = s.blind();
-                for b in &batches {
-                    assert!(!b.is_empty() && b.len() % POINT_LEN == 0, "bad outgoing batch");
-                    let (chunks, _) = b.as_chunks::<POINT_LEN>();
-                    sent.extend_from_slice(chunks);
-                }
+                record_sent(&mut sent, &batches);
                 assert_eq!(sent.len() as u64, own_size, "blind sent the wrong number of points");
                 State::Exchanging(next)
             }
             (State::Exchanging(s), op @ (Op::PeerBatchRaw(_) | Op::PeerBatchValid(_))) => {
                 let batch = match &op {
-                    Op::PeerBatchRaw(b) => cap_raw(b).to_vec(),
-                    Op::PeerBatchValid(ix) => batch_from(&PEER_POINTS, ix),
+                    Op::PeerBatchRaw(b) => cap(b, MAX_RAW).to_vec(),
+                    Op::PeerBatchValid(ix) => pick(&PEER_POINTS, ix, MAX_BATCH_POINTS),
                     _ => unreachable!(),
                 };
                 match s.on_peer_batch(&batch) {
@@ -171,23 +145,19 @@ fuzz_target!(|input: Input| {
             }
             (State::Exchanging(s), op @ (Op::ReturnedBatchRaw(_) | Op::ReturnedBatchValid(_))) => {
                 let batch = returned_batch(&op, &sent, &mut ours_double);
-                match s.on_returned_batch(&batch) {
-                    Ok(next) => {
-                        returned_sent += (batch.len() / POINT_LEN) as u64;
-                        State::Exchanging(next)
-                    }
-                    Err(_) => return,
-                }
+                let taken = s.on_returned_batch(&batch);
+                let Some(next) = counted(taken, &batch, POINT_LEN, &mut returned_sent) else {
+                    return;
+                };
+                State::Exchanging(next)
             }
             (State::Returning(s), op @ (Op::ReturnedBatchRaw(_) | Op::ReturnedBatchValid(_))) => {
                 let batch = returned_batch(&op, &sent, &mut ours_double);
-                match s.on_returned_batch(&batch) {
-                    Ok(next) => {
-                        returned_sent += (batch.len() / POINT_LEN) as u64;
-                        State::Returning(next)
-                    }
-                    Err(_) => return,
-                }
+                let taken = s.on_returned_batch(&batch);
+                let Some(next) = counted(taken, &batch, POINT_LEN, &mut returned_sent) else {
+                    return;
+                };
+                State::Returning(next)
             }
             (State::Returning(s), op @ (Op::ReturnedEnd(_) | Op::ReturnedEndHonest)) => {
                 let total = match op {
@@ -225,12 +195,12 @@ fn returned_batch(
     ours_double: &mut Option<Vec<EncodedPoint>>,
 ) -> Vec<u8> {
     match op {
-        Op::ReturnedBatchRaw(b) => cap_raw(b).to_vec(),
+        Op::ReturnedBatchRaw(b) => cap(b, MAX_RAW).to_vec(),
         Op::ReturnedBatchValid(ix) => {
             let pool = ours_double.get_or_insert_with(|| {
                 reblind_points(&PEER_KEY, sent.as_flattened()).expect("our own points are valid")
             });
-            batch_from(pool, ix)
+            pick(pool, ix, MAX_BATCH_POINTS)
         }
         _ => Vec::new(),
     }

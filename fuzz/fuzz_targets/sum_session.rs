@@ -6,6 +6,8 @@
 //! noised sums are one row ciphertext of the peer's layout.
 #![no_main]
 
+mod common;
+
 use std::sync::LazyLock;
 
 use arbitrary::Arbitrary;
@@ -14,21 +16,19 @@ use cleanroom_circuits::intersection_sum::{
     KeyHolderSession, KhAwaitingHello, KhAwaitingReturn, KhReadyToBlind, KhReceivingPoints,
     KhSumming, SumParams,
 };
-use cleanroom_circuits::{EncodedPoint, ItemSet, JobKey, POINT_LEN, blind_items, reblind_points};
+use cleanroom_circuits::{EncodedPoint, JobKey, POINT_LEN, reblind_points};
+use common::{KEY_NAME, PEER_KEY, cap, counted, our_items, peer_points, pick, record_sent};
 use libfuzzer_sys::fuzz_target;
 
-const KEY_NAME: &str = "email";
 const OUR_ITEMS: [&[u8]; 6] = [b"a", b"b", b"c", b"d", b"e", b"f"];
 const PEER_ITEMS: [&[u8]; 6] = [b"a", b"c", b"e", b"x", b"y", b"z"];
 const MAX_BATCH: usize = 8;
+/// Longest raw batch (or key) an operation may carry.
+const MAX_RAW: usize = MAX_BATCH * POINT_LEN * 8;
 /// The honest value holder's slot layout: a count and a 32-bit amount.
 const WIDTHS: [u8; 2] = [65, 65];
 
-static PEER_KEY: LazyLock<JobKey> = LazyLock::new(JobKey::generate);
-static PEER_POINTS: LazyLock<Vec<EncodedPoint>> = LazyLock::new(|| {
-    let items: ItemSet = PEER_ITEMS.iter().copied().collect();
-    blind_items(&PEER_KEY, KEY_NAME, &items)
-});
+static PEER_POINTS: LazyLock<Vec<EncodedPoint>> = LazyLock::new(|| peer_points(&PEER_ITEMS));
 /// The honest value holder's Paillier key, one for the whole run (about a second to make).
 static PEER_SK: LazyLock<SecretKey> = LazyLock::new(|| ahe::keygen().expect("key generation"));
 
@@ -72,28 +72,8 @@ enum State {
     Summing(KhSumming),
 }
 
-fn pick(pool: &[EncodedPoint], indices: &[u8]) -> Vec<u8> {
-    if pool.is_empty() {
-        return Vec::new();
-    }
-    indices
-        .iter()
-        .take(MAX_BATCH)
-        .flat_map(|&i| pool[usize::from(i) % pool.len()])
-        .collect()
-}
-
-fn cap(bytes: &[u8]) -> &[u8] {
-    &bytes[..bytes.len().min(MAX_BATCH * POINT_LEN * 8)]
-}
-
 fuzz_target!(|input: Input| {
-    let mut items = ItemSet::new();
-    for (i, item) in OUR_ITEMS.iter().enumerate() {
-        if input.item_mask & (1 << i) != 0 {
-            items.push(item).expect("tiny set");
-        }
-    }
+    let items = our_items(&OUR_ITEMS, input.item_mask);
     let params = SumParams {
         key_name: KEY_NAME.into(),
         min_peer_set: u64::from(input.min_peer_set % 8),
@@ -119,33 +99,28 @@ fuzz_target!(|input: Input| {
             }
             (State::Hello(s), Op::HelloRaw(size, widths, key)) => {
                 let widths: Vec<u8> = widths.into_iter().take(4).collect();
-                match s.on_peer_hello(u64::from(size % 8), &widths, cap(&key)) {
+                match s.on_peer_hello(u64::from(size % 8), &widths, cap(&key, MAX_RAW)) {
                     Ok(next) => State::Ready(next),
                     Err(_) => return,
                 }
             }
             (State::Ready(s), Op::Blind) => {
                 let (batches, next) = s.blind();
-                for b in &batches {
-                    assert!(!b.is_empty() && b.len() % POINT_LEN == 0, "bad outgoing batch");
-                    sent.extend_from_slice(b.as_chunks::<POINT_LEN>().0);
-                }
+                record_sent(&mut sent, &batches);
                 assert_eq!(sent.len() as u64, own_size);
                 State::Points(next)
             }
             (State::Points(s), op @ (Op::PeerBatchRaw(_) | Op::PeerBatchValid(_))) => {
                 let batch = match &op {
-                    Op::PeerBatchRaw(b) => cap(b).to_vec(),
-                    Op::PeerBatchValid(ix) => pick(&PEER_POINTS, ix),
+                    Op::PeerBatchRaw(b) => cap(b, MAX_RAW).to_vec(),
+                    Op::PeerBatchValid(ix) => pick(&PEER_POINTS, ix, MAX_BATCH),
                     _ => unreachable!(),
                 };
-                match s.on_peer_batch(&batch) {
-                    Ok(next) => {
-                        points_in += (batch.len() / POINT_LEN) as u64;
-                        State::Points(next)
-                    }
-                    Err(_) => return,
-                }
+                let taken = s.on_peer_batch(&batch);
+                let Some(next) = counted(taken, &batch, POINT_LEN, &mut points_in) else {
+                    return;
+                };
+                State::Points(next)
             }
             (State::Points(s), op @ (Op::PeerEnd(_) | Op::PeerEndHonest)) => {
                 let total = if let Op::PeerEnd(t) = op { t } else { points_in };
@@ -156,21 +131,19 @@ fuzz_target!(|input: Input| {
             }
             (State::Return(s), op @ (Op::ReturnedBatchRaw(_) | Op::ReturnedBatchValid(_))) => {
                 let batch = match &op {
-                    Op::ReturnedBatchRaw(b) => cap(b).to_vec(),
+                    Op::ReturnedBatchRaw(b) => cap(b, MAX_RAW).to_vec(),
                     Op::ReturnedBatchValid(ix) => {
                         let ours = reblind_points(&PEER_KEY, sent.as_flattened())
                             .expect("our own points are valid");
-                        pick(&ours, ix)
+                        pick(&ours, ix, MAX_BATCH)
                     }
                     _ => unreachable!(),
                 };
-                match s.on_returned_batch(&batch) {
-                    Ok(next) => {
-                        returned_in += (batch.len() / POINT_LEN) as u64;
-                        State::Return(next)
-                    }
-                    Err(_) => return,
-                }
+                let taken = s.on_returned_batch(&batch);
+                let Some(next) = counted(taken, &batch, POINT_LEN, &mut returned_in) else {
+                    return;
+                };
+                State::Return(next)
             }
             (State::Return(s), op @ (Op::ReturnedEnd(_) | Op::ReturnedEndHonest)) => {
                 let total = if let Op::ReturnedEnd(t) = op { t } else { returned_in };
@@ -184,7 +157,7 @@ fuzz_target!(|input: Input| {
             }
             (State::Summing(s), op @ (Op::CiphertextsRaw(_) | Op::CiphertextsValid(_))) => {
                 let batch = match op {
-                    Op::CiphertextsRaw(b) => cap(&b).to_vec(),
+                    Op::CiphertextsRaw(b) => cap(&b, MAX_RAW).to_vec(),
                     Op::CiphertextsValid(rows) => {
                         let values: Vec<u64> = rows
                             .iter()
@@ -195,13 +168,12 @@ fuzz_target!(|input: Input| {
                     }
                     _ => unreachable!(),
                 };
-                match s.on_ciphertext_batch(&batch) {
-                    Ok(next) => {
-                        rows_in += (batch.len() / layout.ciphertext_len()) as u64;
-                        State::Summing(next)
-                    }
-                    Err(_) => return,
-                }
+                let taken = s.on_ciphertext_batch(&batch);
+                let Some(next) = counted(taken, &batch, layout.ciphertext_len(), &mut rows_in)
+                else {
+                    return;
+                };
+                State::Summing(next)
             }
             (State::Summing(s), op @ (Op::CiphertextEnd(_) | Op::CiphertextEndHonest)) => {
                 let total = if let Op::CiphertextEnd(t) = op { t } else { rows_in };
@@ -211,9 +183,7 @@ fuzz_target!(|input: Input| {
                 let (own, peer) = summed.sizes();
                 assert!(summed.intersection() <= own.min(peer));
                 let cells = summed.layout().cells();
-                let out = summed
-                    .noised_sums(&vec![3; cells])
-                    .expect("noise of the right length");
+                let out = summed.noised_sums(&vec![3; cells]).expect("noise of the right length");
                 assert_eq!(out.len(), layout.ciphertext_len());
                 return;
             }

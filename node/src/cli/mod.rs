@@ -476,23 +476,31 @@ fn execute(command: NodeCommand) -> anyhow::Result<ExitCode> {
     }
 }
 
-/// `forget`: records the deletion, then audits it. The audit log is opened only for this
-/// command ([`audit::AuditLog::append`] locks the file, so a running node's appends and ours
-/// do not interleave).
-fn run_forget(config: &std::path::Path, dataset: &str, key: &str) -> anyhow::Result<ExitCode> {
-    let cfg = NodeConfig::load(config)?;
-    let Some(d) = cfg.dataset(dataset) else {
+/// `cfg`'s dataset `name`, or an error that lists the datasets it declares.
+fn declared_dataset<'a>(
+    cfg: &'a NodeConfig,
+    name: &str,
+) -> anyhow::Result<&'a crate::data::DatasetConfig> {
+    cfg.dataset(name).ok_or_else(|| {
         let declared: Vec<&str> = cfg.datasets.iter().map(|d| d.name.as_str()).collect();
-        anyhow::bail!(
-            "node '{}' has no dataset '{dataset}' (declared: {})",
+        anyhow::anyhow!(
+            "node '{}' has no dataset '{name}' (declared: {})",
             cfg.name,
             if declared.is_empty() {
                 "none".to_owned()
             } else {
                 declared.join(", ")
             }
-        );
-    };
+        )
+    })
+}
+
+/// `forget`: records the deletion, then audits it. The audit log is opened only for this
+/// command ([`audit::AuditLog::append`] locks the file, so a running node's appends and ours
+/// do not interleave).
+fn run_forget(config: &std::path::Path, dataset: &str, key: &str) -> anyhow::Result<ExitCode> {
+    let cfg = NodeConfig::load(config)?;
+    let d = declared_dataset(&cfg, dataset)?;
     let Some((identifier, value)) = key.split_once('=') else {
         anyhow::bail!(
             "--key must be NAME=VALUE with NAME one of dataset '{dataset}''s identifiers ({})",

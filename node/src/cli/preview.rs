@@ -22,18 +22,7 @@ pub fn run(
     show_normalised: usize,
 ) -> anyhow::Result<ExitCode> {
     let cfg = NodeConfig::load(config)?;
-    let Some(d) = cfg.dataset(dataset_name) else {
-        let declared: Vec<&str> = cfg.datasets.iter().map(|d| d.name.as_str()).collect();
-        anyhow::bail!(
-            "node '{}' has no dataset '{dataset_name}' (declared: {})",
-            cfg.name,
-            if declared.is_empty() {
-                "none".to_owned()
-            } else {
-                declared.join(", ")
-            }
-        );
-    };
+    let d = super::declared_dataset(&cfg, dataset_name)?;
     let consent_column = match purpose {
         Some(p) => match d.consent_column(p) {
             Some(c) => Some(c),

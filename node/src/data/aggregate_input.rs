@@ -189,14 +189,7 @@ mod tests {
             .unwrap()
             .write_all(csv.as_bytes())
             .unwrap();
-        let d = DatasetConfig {
-            name: "chargebacks".into(),
-            path,
-            identifiers: vec![],
-            values: vec![],
-            consent: Default::default(),
-            consent_required: false,
-        };
+        let d = DatasetConfig::new("chargebacks", path, vec![]);
         (dir, d)
     }
 

@@ -795,39 +795,15 @@ customer_id,email,phone,amount_cents
         let path = dir.join("data.csv");
         let mut f = File::create(&path).unwrap();
         f.write_all(csv).unwrap();
-        DatasetConfig {
-            name: "customers".into(),
+        DatasetConfig::new(
+            "customers",
             path,
-            identifiers: vec![
-                IdentifierConfig {
-                    name: "email".into(),
-                    column: "email".into(),
-                    normaliser: Normaliser::Email,
-                    gmail_rule: false,
-                    case_fold: false,
-                    default_region: None,
-                },
-                IdentifierConfig {
-                    name: "phone".into(),
-                    column: "phone".into(),
-                    normaliser: Normaliser::Phone,
-                    gmail_rule: false,
-                    case_fold: false,
-                    default_region: None,
-                },
-                IdentifierConfig {
-                    name: "id".into(),
-                    column: "customer_id".into(),
-                    normaliser: Normaliser::Generic,
-                    gmail_rule: false,
-                    case_fold: false,
-                    default_region: None,
-                },
+            vec![
+                IdentifierConfig::new("email", "email", Normaliser::Email),
+                IdentifierConfig::new("phone", "phone", Normaliser::Phone),
+                IdentifierConfig::new("id", "customer_id", Normaliser::Generic),
             ],
-            values: Vec::new(),
-            consent: Default::default(),
-            consent_required: false,
-        }
+        )
     }
 
     fn items(set: &ItemSet) -> Vec<String> {

@@ -389,25 +389,15 @@ mod tests {
             "email,phone\n Alice@Example.com ,+1 202 555 0101\nbob@example.com,+1 202 555 0102\ncarol@example.com,+1 202 555 0103\n",
         )
         .unwrap();
-        let id = |name: &str, normaliser| IdentifierConfig {
-            name: name.into(),
-            column: name.into(),
-            normaliser,
-            gmail_rule: false,
-            case_fold: false,
-            default_region: None,
-        };
-        DatasetConfig {
-            name: "customers".into(),
+        let id = |name: &str, normaliser| IdentifierConfig::new(name, name, normaliser);
+        DatasetConfig::new(
+            "customers",
             path,
-            identifiers: vec![
+            vec![
                 id("email", Normaliser::Email),
                 id("phone", Normaliser::Phone),
             ],
-            values: vec![],
-            consent: Default::default(),
-            consent_required: false,
-        }
+        )
     }
 
     #[test]

@@ -70,6 +70,19 @@ pub struct IdentifierConfig {
 }
 
 impl IdentifierConfig {
+    /// Identifier `name` read from `column`, normalised by `normaliser` with its default
+    /// options (no Gmail rule, no case folding, the default phone region).
+    pub fn new(name: &str, column: &str, normaliser: Normaliser) -> Self {
+        IdentifierConfig {
+            name: name.into(),
+            column: column.into(),
+            normaliser,
+            gmail_rule: false,
+            case_fold: false,
+            default_region: None,
+        }
+    }
+
     /// The normaliser options this identifier sets (validated by the config).
     pub fn options(&self) -> NormaliseOptions {
         let mut o = NormaliseOptions {
@@ -85,6 +98,19 @@ impl IdentifierConfig {
 }
 
 impl DatasetConfig {
+    /// Dataset `name` in the CSV file `path`, keyed by `identifiers`, with no value or consent
+    /// columns.
+    pub fn new(name: &str, path: PathBuf, identifiers: Vec<IdentifierConfig>) -> Self {
+        DatasetConfig {
+            name: name.into(),
+            path,
+            identifiers,
+            values: Vec::new(),
+            consent: BTreeMap::new(),
+            consent_required: false,
+        }
+    }
+
     /// The declared value column `column`.
     pub fn value(&self, column: &str) -> Option<&ValueColumn> {
         self.values.iter().find(|v| v.column.get_ref() == column)
