@@ -595,25 +595,31 @@ fn assert_tamper_refused(tamper: impl FnOnce(&Path, &Path, &str), wording: &str)
     assert_refused_for_good(&log, wording);
 }
 
-/// Writes `tampered` over the log at `path`, whose text was `text`: changed, same length.
-fn overwrite_same_length(path: &Path, text: &str, tampered: String) {
-    assert_ne!(tampered, text);
-    assert_eq!(tampered.len(), text.len());
-    std::fs::write(path, tampered).unwrap();
+/// [`assert_tamper_refused`] for an edit of the log's text that keeps its length (so only the
+/// content tells).
+fn assert_same_length_edit_refused(edit: impl FnOnce(&str) -> String, wording: &str) {
+    assert_tamper_refused(
+        |_, path, text| {
+            let tampered = edit(text);
+            assert_ne!(tampered, text);
+            assert_eq!(tampered.len(), text.len());
+            std::fs::write(path, tampered).unwrap();
+        },
+        wording,
+    );
 }
 
 #[test]
 fn a_running_log_whose_last_entry_changes_refuses_appends() {
-    assert_tamper_refused(
-        |_, path, text| {
-            // Same length: one digit of the last entry's time changed.
+    // One digit of the last entry's time changed.
+    assert_same_length_edit_refused(
+        |text| {
             let cut = text[..text.len() - 1].rfind('\n').unwrap() + 1;
-            let tampered = format!(
+            format!(
                 "{}{}",
                 &text[..cut],
                 text[cut..].replacen("\"at_ms\":7", "\"at_ms\":8", 1)
-            );
-            overwrite_same_length(path, text, tampered);
+            )
         },
         "last entry (seq 8)",
     );
@@ -621,11 +627,8 @@ fn a_running_log_whose_last_entry_changes_refuses_appends() {
 
 #[test]
 fn a_running_log_changed_in_the_middle_refuses_appends() {
-    assert_tamper_refused(
-        |_, path, text| {
-            let tampered = text.replacen("\"at_ms\":2", "\"at_ms\":3", 1);
-            overwrite_same_length(path, text, tampered);
-        },
+    assert_same_length_edit_refused(
+        |text| text.replacen("\"at_ms\":2", "\"at_ms\":3", 1),
         "line 3",
     );
 }

@@ -109,6 +109,19 @@ pub struct LoadedKeys {
     pub rows_excluded_deleted: u64,
 }
 
+impl LoadedKeys {
+    /// What reading the dataset counted, as the audit log's access entry records it.
+    pub fn counts(&self) -> KeyedRowCounts {
+        KeyedRowCounts {
+            rows_read: self.rows_read,
+            rows_rejected: self.rows_rejected,
+            rejections: self.rejections.clone(),
+            rows_excluded_consent: self.rows_excluded_consent,
+            rows_excluded_deleted: self.rows_excluded_deleted,
+        }
+    }
+}
+
 /// Forgotten subjects: keyed hashes ([`forget_hash`]) of normalised identifier values, with
 /// the node-local secret that keys them.
 #[derive(Clone)]

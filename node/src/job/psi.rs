@@ -235,6 +235,47 @@ enum Input {
     ReturnedEnd(u64),
 }
 
+impl Input {
+    /// The peer's batch of its own points, if this is one (else this, back).
+    fn into_points(self) -> Result<Vec<u8>, Input> {
+        match self {
+            Input::Points(p) => Ok(p),
+            other => Err(other),
+        }
+    }
+
+    /// A batch of our points returned by the peer, if this is one (else this, back).
+    fn into_returned(self) -> Result<Vec<u8>, Input> {
+        match self {
+            Input::Returned(p) => Ok(p),
+            other => Err(other),
+        }
+    }
+}
+
+/// `first` and the batches of the same kind waiting right behind it in `inputs` (`same` says
+/// which), at most [`BATCHES_PER_WORK`] in all: one piece of work.
+fn gather(
+    first: Vec<u8>,
+    inputs: &mut VecDeque<Input>,
+    same: fn(Input) -> Result<Vec<u8>, Input>,
+) -> Vec<Vec<u8>> {
+    let mut batches = vec![first];
+    while batches.len() < BATCHES_PER_WORK {
+        let Some(next) = inputs.pop_front() else {
+            break;
+        };
+        match same(next) {
+            Ok(batch) => batches.push(batch),
+            Err(other) => {
+                inputs.push_front(other);
+                break;
+            }
+        }
+    }
+    batches
+}
+
 /// Which phase the peer's stream is in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum PeerPhase {
@@ -618,27 +659,11 @@ impl PsiProtocol {
             x.own_turn = true;
             match (x.inputs.pop_front(), session) {
                 (Some(Input::Points(p)), Session::Streaming(s)) => {
-                    let mut batches = vec![p];
-                    while batches.len() < BATCHES_PER_WORK
-                        && matches!(x.inputs.front(), Some(Input::Points(_)))
-                    {
-                        if let Some(Input::Points(p)) = x.inputs.pop_front() {
-                            batches.push(p);
-                        }
-                    }
-                    Work::PeerBatches(s, batches)
+                    Work::PeerBatches(s, gather(p, &mut x.inputs, Input::into_points))
                 }
                 (Some(Input::End(total)), Session::Streaming(s)) => Work::PeerEnd(s, total),
                 (Some(Input::Returned(p)), Session::Matching(m)) => {
-                    let mut batches = vec![p];
-                    while batches.len() < BATCHES_PER_WORK
-                        && matches!(x.inputs.front(), Some(Input::Returned(_)))
-                    {
-                        if let Some(Input::Returned(p)) = x.inputs.pop_front() {
-                            batches.push(p);
-                        }
-                    }
-                    Work::Returned(m, batches)
+                    Work::Returned(m, gather(p, &mut x.inputs, Input::into_returned))
                 }
                 (Some(Input::ReturnedEnd(total)), Session::Matching(m)) => {
                     Work::ReturnedEnd(m, total)

@@ -267,6 +267,16 @@ fn first_of(
     }
 }
 
+/// `f` applied to the points of globex's first batch of `phase`.
+fn on_points(phase: Phase, f: fn(&mut Vec<u8>)) -> impl FnMut(Envelope) -> Vec<Envelope> {
+    first_of(phase, is_points, move |mut env| {
+        if let Some(Body::Points(b)) = &mut env.body {
+            f(&mut b.points);
+        }
+        vec![env]
+    })
+}
+
 fn is_points(b: &Body) -> bool {
     matches!(b, Body::Points(_))
 }
@@ -631,40 +641,17 @@ fn batches_out_of_order_or_replayed_are_violations() {
 #[test]
 fn bad_points_are_the_sessions_violations() {
     // Not a point encoding.
-    let e = Pair::honest(JobKind::Overlap).acme_error(first_of(
-        Phase::PsiBlinded,
-        is_points,
-        |mut env| {
-            if let Some(Body::Points(b)) = &mut env.body {
-                b.points[..32].fill(0xff);
-            }
-            vec![env]
-        },
-    ));
+    let e = Pair::honest(JobKind::Overlap)
+        .acme_error(on_points(Phase::PsiBlinded, |p| p[..32].fill(0xff)));
     assert!(matches!(by_globex(&e), Violation::Psi(_)), "{e}");
     // Not a whole number of points.
-    let e = Pair::honest(JobKind::Overlap).acme_error(first_of(
-        Phase::PsiBlinded,
-        is_points,
-        |mut env| {
-            if let Some(Body::Points(b)) = &mut env.body {
-                b.points.pop();
-            }
-            vec![env]
-        },
-    ));
+    let e = Pair::honest(JobKind::Overlap).acme_error(on_points(Phase::PsiBlinded, |p| {
+        p.pop();
+    }));
     assert!(matches!(by_globex(&e), Violation::Psi(_)), "{e}");
     // Returned points that are not ours, double-blinded.
-    let e = Pair::honest(JobKind::Overlap).acme_error(first_of(
-        Phase::PsiDoubleBlinded,
-        is_points,
-        |mut env| {
-            if let Some(Body::Points(b)) = &mut env.body {
-                b.points.truncate(32);
-            }
-            vec![env]
-        },
-    ));
+    let e = Pair::honest(JobKind::Overlap)
+        .acme_error(on_points(Phase::PsiDoubleBlinded, |p| p.truncate(32)));
     assert!(matches!(by_globex(&e), Violation::Psi(_)), "{e}");
 }
 
@@ -866,14 +853,8 @@ type Tamper = Box<dyn FnMut(Envelope) -> Vec<Envelope>>;
 /// or a flood of them; `frame_budget` and the transport's tests pin those.)
 #[test]
 fn the_adversary_cases_fail_at_the_protocol_with_the_e2e_words() {
-    let with_points = |phase: Phase, f: fn(&mut Vec<u8>)| -> Tamper {
-        Box::new(first_of(phase, is_points, move |mut env| {
-            if let Some(Body::Points(b)) = &mut env.body {
-                f(&mut b.points);
-            }
-            vec![env]
-        }))
-    };
+    let with_points =
+        |phase: Phase, f: fn(&mut Vec<u8>)| -> Tamper { Box::new(on_points(phase, f)) };
     let with_end = |phase: Phase, f: fn(&mut u64)| -> Tamper {
         Box::new(first_of(phase, is_end, move |mut env| {
             if let Some(Body::BatchEnd(e)) = &mut env.body {

@@ -240,6 +240,14 @@ pub struct Ledger {
     conn: Mutex<Connection>,
 }
 
+/// Records that the ledger's tables are now at [`SCHEMA_VERSION`].
+fn record_schema_version(tx: &rusqlite::Transaction<'_>) -> rusqlite::Result<usize> {
+    tx.execute(
+        "INSERT INTO schema_version (version) VALUES (?1)",
+        [SCHEMA_VERSION],
+    )
+}
+
 impl Ledger {
     /// Opens (creating on first use) the ledger at `path`: WAL journal, full sync, a busy
     /// timeout, and the schema applied if the database has none; a version-1 ledger is migrated
@@ -269,19 +277,13 @@ impl Ledger {
             None => {
                 tx.execute_batch(SCHEMA_VERSION_TABLE)?;
                 tx.execute_batch(CHARGES_V2)?;
-                tx.execute(
-                    "INSERT INTO schema_version (version) VALUES (?1)",
-                    [SCHEMA_VERSION],
-                )?;
+                record_schema_version(&tx)?;
             }
             Some(1) => {
                 tx.execute_batch(MIGRATE_1_TO_2)?;
                 tx.execute_batch(CHARGES_V2)?;
                 tx.execute_batch(COPY_1_TO_2)?;
-                tx.execute(
-                    "INSERT INTO schema_version (version) VALUES (?1)",
-                    [SCHEMA_VERSION],
-                )?;
+                record_schema_version(&tx)?;
                 migrated = true;
             }
             Some(SCHEMA_VERSION) => {}

@@ -31,7 +31,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::audit::{AuditEvent, AuditHead};
 use crate::clock::now_ms;
-use crate::data::dataset::{self, RowFilter};
+use crate::data::dataset::{self, KeyedRowCounts, RowFilter};
 use crate::data::forget::ForgetStore;
 use crate::dataplane::{Delivery, refused};
 use crate::error::{JobError, NodeError, Party, Timeout};
@@ -100,10 +100,28 @@ impl JobContext {
         })
     }
 
-    /// Audits the access to our dataset and checks our input's size (`distinct` items) against
-    /// the agreement, before anything is sent.
-    pub(crate) fn admit(&self, access: AuditEvent, distinct: usize) -> Result<(), NodeError> {
-        self.audit(access)?;
+    /// Audits the access to our dataset (the `columns` read, the reader's `counts`, and
+    /// `bad_values` rows it accepted but whose values the job then rejected) and checks our
+    /// input's size (`distinct` items) against the agreement, before anything is sent.
+    pub(crate) fn admit(
+        &self,
+        columns: Vec<String>,
+        counts: &KeyedRowCounts,
+        bad_values: u64,
+        distinct: usize,
+    ) -> Result<(), NodeError> {
+        self.audit(AuditEvent::Access {
+            job_id: self.job_id.clone(),
+            dataset: self.permit.dataset.name.clone(),
+            columns,
+            rows_read: counts.rows_read,
+            rows_rejected: counts.rows_rejected + bad_values,
+            rows_excluded_consent: counts.rows_excluded_consent,
+            rows_excluded_deleted: counts.rows_excluded_deleted,
+            rows_other: None,
+            persons: None,
+            rejected: counts.rejections.clone(),
+        })?;
         self.permit
             .check_input_size(distinct as u64)
             .map_err(|v| NodeError::from(JobError::Refused(v)))
@@ -241,30 +259,18 @@ pub(crate) async fn load_input(job: &JobContext) -> Result<dataset::LoadedKeys, 
     })
     .await?
     .map_err(|e| NodeError::from(JobError::Dataset(e.to_string())))?;
-    let (rows_read, rows_rejected) = (loaded.rows_read, loaded.rows_rejected);
-    let (excluded_consent, excluded_deleted) =
-        (loaded.rows_excluded_consent, loaded.rows_excluded_deleted);
     tracing::info!(
-        rows = rows_read,
-        rejected = rows_rejected,
-        excluded_consent,
-        excluded_deleted,
+        rows = loaded.rows_read,
+        rejected = loaded.rows_rejected,
+        excluded_consent = loaded.rows_excluded_consent,
+        excluded_deleted = loaded.rows_excluded_deleted,
         distinct = loaded.items.len(),
         "dataset loaded"
     );
     job.admit(
-        AuditEvent::Access {
-            job_id: job.job_id.clone(),
-            dataset: job.permit.dataset.name.clone(),
-            columns: key_columns(&job.permit),
-            rows_read,
-            rows_rejected,
-            rows_excluded_consent: excluded_consent,
-            rows_excluded_deleted: excluded_deleted,
-            rows_other: None,
-            persons: None,
-            rejected: loaded.rejections.clone(),
-        },
+        key_columns(&job.permit),
+        &loaded.counts(),
+        0,
         loaded.items.len(),
     )?;
     Ok(loaded)

@@ -114,18 +114,9 @@ async fn load_values(job: &JobContext) -> Result<SumInput, NodeError> {
         columns.push(sum.group_by.clone());
     }
     job.admit(
-        AuditEvent::Access {
-            job_id: job.job_id.clone(),
-            dataset: job.permit.dataset.name.clone(),
-            columns,
-            rows_read: input.counts.rows_read,
-            rows_rejected: input.counts.rows_rejected + input.rows_bad_value,
-            rows_excluded_consent: input.counts.rows_excluded_consent,
-            rows_excluded_deleted: input.counts.rows_excluded_deleted,
-            rows_other: None,
-            persons: None,
-            rejected: input.counts.rejections.clone(),
-        },
+        columns,
+        &input.counts,
+        input.rows_bad_value,
         input.items.len(),
     )?;
     Ok(input)
