@@ -27,8 +27,8 @@ tls = {{ ca = "ca.pem", cert = "node.pem", key = "node.key" }}
     )
 }
 
-/// Dataset `customers` (in `acme.csv`) keyed by `email`; more `[[dataset.identifier]]` or
-/// `[[dataset.value]]` tables may follow it.
+/// Dataset `customers` (in `acme.csv`) keyed by `email` or `phone`; more
+/// `[[dataset.identifier]]` or `[[dataset.value]]` tables may follow it.
 pub(crate) const CUSTOMERS: &str = r#"
 [[dataset]]
 name = "customers"
@@ -37,6 +37,10 @@ path = "acme.csv"
   name = "email"
   column = "email"
   normaliser = "email"
+  [[dataset.identifier]]
+  name = "phone"
+  column = "phone"
+  normaliser = "phone"
 "#;
 
 /// A two-party job on both parties' `customers` keyed by `email`: acme (party 0) and globex.

@@ -7,6 +7,8 @@ pub mod noise;
 pub mod overlap_sum;
 pub mod protocol;
 pub mod psi;
+#[cfg(test)]
+mod test_pair;
 pub mod wire;
 pub use crate::error::{JobError, Party, Timeout, Violation};
 pub use crate::spec::spec_digest;

@@ -7,7 +7,6 @@
 //! oversize frames, a flood of points) is pinned by `frame_budget` and the transport's tests,
 //! and a stream that ends early by the driver (`JobError::ClosedEarly`).
 
-use std::collections::VecDeque;
 use std::path::Path;
 
 use cleanroom_circuits::{ItemSet, JobKey, ahe};
@@ -15,6 +14,7 @@ use cleanroom_proto::v1::{JobKind, JobSpec, OverlapSumSpec};
 
 use super::*;
 use crate::data::dataset::KeyedRowCounts;
+use crate::job::test_pair::{Side, abort_at, first_of, hello, is_points, nth, on_points};
 use crate::policy::NodeConfig;
 use crate::test_fixtures::{NOW, node_head, two_party_spec};
 
@@ -103,81 +103,6 @@ fn input(from: u32, to: u32) -> SumInput {
     }
 }
 
-/// One side: its protocol and what it did besides sending.
-struct Side<P: Protocol> {
-    proto: P,
-    inbox: VecDeque<Envelope>,
-    rechecks: usize,
-    /// The losses it asked to be charged, and the noise drawn for it.
-    charges: Vec<(Option<Loss>, Vec<i64>)>,
-    finished_stream: bool,
-    error: Option<JobError>,
-}
-
-impl<P: Protocol> Side<P> {
-    fn new(proto: P) -> Self {
-        Side {
-            proto,
-            inbox: VecDeque::new(),
-            rechecks: 0,
-            charges: Vec::new(),
-            finished_stream: false,
-            error: None,
-        }
-    }
-
-    /// Does what the protocol asks until it waits for a frame; returns the frames it sent.
-    fn drain(&mut self) -> Vec<Envelope> {
-        let mut sent = Vec::new();
-        while let Some(step) = self.proto.next_step() {
-            let r = match step {
-                Step::Send(env) => {
-                    assert!(
-                        !self.finished_stream,
-                        "a frame after the stream was finished"
-                    );
-                    sent.push(*env);
-                    Ok(())
-                }
-                Step::Recheck => {
-                    self.rechecks += 1;
-                    Ok(())
-                }
-                Step::Audit(_) => Ok(()),
-                Step::Compute(work) => self.proto.handle_done(P::run(work)),
-                Step::Charge(NoiseRequest { loss, draw }) => {
-                    let noise = draw().expect("noise");
-                    self.charges.push((loss, noise.clone()));
-                    self.proto.handle_noise(noise, loss.is_some())
-                }
-                Step::Finish => {
-                    self.finished_stream = true;
-                    Ok(())
-                }
-            };
-            if let Err(e) = r {
-                self.error = Some(e);
-                return sent;
-            }
-        }
-        sent
-    }
-
-    /// Hands over one waiting frame, if the side is still going.
-    fn step(&mut self) -> bool {
-        if self.error.is_some() || self.proto.is_finished() {
-            return false;
-        }
-        let Some(env) = self.inbox.pop_front() else {
-            return false;
-        };
-        if let Err(e) = self.proto.handle(env) {
-            self.error = Some(e);
-        }
-        true
-    }
-}
-
 type Tamper = Box<dyn FnMut(Envelope) -> Vec<Envelope>>;
 
 fn honest() -> Tamper {
@@ -230,14 +155,14 @@ impl Pair {
     }
 
     /// Globex's error after acme's frames went through `tamper`.
-    fn globex_error(mut self, tamper: Tamper) -> JobError {
-        self.run(tamper, honest());
+    fn globex_error(mut self, tamper: impl FnMut(Envelope) -> Vec<Envelope> + 'static) -> JobError {
+        self.run(Box::new(tamper), honest());
         self.globex.error.expect("globex failed the job")
     }
 
     /// Acme's error after globex's frames went through `tamper`.
-    fn acme_error(mut self, tamper: Tamper) -> JobError {
-        self.run(honest(), tamper);
+    fn acme_error(mut self, tamper: impl FnMut(Envelope) -> Vec<Envelope> + 'static) -> JobError {
+        self.run(honest(), Box::new(tamper));
         self.acme.error.expect("acme failed the job")
     }
 }
@@ -252,45 +177,13 @@ fn by(name: &str, e: &JobError) -> Violation {
     }
 }
 
-/// `f` applied to frame number `n` (0 = the hello), the others untouched.
-fn nth(n: usize, mut f: impl FnMut(Envelope) -> Vec<Envelope> + 'static) -> Tamper {
-    let mut i = 0;
-    Box::new(move |env| {
-        let here = i;
-        i += 1;
-        if here == n { f(env) } else { vec![env] }
-    })
-}
-
-/// `f` applied to the hello.
-fn hello(mut f: impl FnMut(&mut PsiHello) + 'static) -> Tamper {
-    nth(0, move |mut env| {
-        if let Some(Body::PsiHello(h)) = &mut env.body {
-            f(h);
-        }
-        vec![env]
-    })
-}
-
-/// `f` applied to the first frame of `phase` whose body `is` picks.
-fn first_of(
-    phase: Phase,
-    is: fn(&Body) -> bool,
-    mut f: impl FnMut(Envelope) -> Vec<Envelope> + 'static,
-) -> Tamper {
-    let mut done = false;
-    Box::new(move |env| {
-        if !done && env.phase == phase as i32 && env.body.as_ref().is_some_and(is) {
-            done = true;
-            f(env)
-        } else {
-            vec![env]
+/// `f` applied to the overlap-sum terms of the hello.
+fn sum_terms(mut f: impl FnMut(&mut SumTerms) + 'static) -> impl FnMut(Envelope) -> Vec<Envelope> {
+    hello(move |h| {
+        if let Some(t) = &mut h.sum {
+            f(t);
         }
     })
-}
-
-fn is_points(b: &Body) -> bool {
-    matches!(b, Body::Points(_))
 }
 
 /// The exact sums over the intersection (items 10..30): the count, then the amounts.
@@ -375,21 +268,17 @@ fn a_bad_key_holder_hello_is_refused_before_any_work() {
         by("acme", &e),
         Violation::Terms("it announced overlap noise for an overlap-sum".into())
     );
-    let e = Pair::honest().globex_error(hello(|h| {
-        if let Some(t) = &mut h.sum {
-            t.public_key = vec![1; 256];
-        }
+    let e = Pair::honest().globex_error(sum_terms(|t| {
+        t.public_key = vec![1; 256];
     }));
     assert!(
         by("acme", &e)
             .to_string()
             .contains("a value holder's layout or key")
     );
-    let e = Pair::honest().globex_error(hello(|h| {
-        if let Some(t) = &mut h.sum {
-            t.min_result = 0;
-            t.epsilon = f64::NAN;
-        }
+    let e = Pair::honest().globex_error(sum_terms(|t| {
+        t.min_result = 0;
+        t.epsilon = f64::NAN;
     }));
     assert!(
         by("acme", &e)
@@ -403,28 +292,24 @@ fn a_bad_key_holder_hello_is_refused_before_any_work() {
 
 #[test]
 fn a_bad_value_holder_hello_is_refused_before_any_work() {
-    let e = Pair::honest().acme_error(hello(|h| {
-        if let Some(t) = &mut h.sum {
-            t.widths.push(8);
-        }
+    let e = Pair::honest().acme_error(sum_terms(|t| {
+        t.widths.push(8);
     }));
     assert_eq!(
         by("globex", &e),
         Violation::Terms("its slot layout does not match the bounds it declared".into())
     );
-    let e = Pair::honest().acme_error(hello(|h| {
-        if let Some(t) = &mut h.sum {
-            t.public_key = vec![2; 256];
-        }
+    let e = Pair::honest().acme_error(sum_terms(|t| {
+        t.public_key = vec![2; 256];
     }));
     assert!(matches!(by("globex", &e), Violation::Sum(_)), "{e:?}");
     // No work was handed out before the hello was checked.
     let mut pair = Pair::honest();
     pair.run(
         honest(),
-        hello(|h| {
+        Box::new(hello(|h| {
             h.sender = "mallory".into();
-        }),
+        })),
     );
     assert_eq!(pair.acme.rechecks, 0);
     assert!(pair.acme.charges.is_empty());
@@ -497,15 +382,8 @@ fn batches_out_of_order_or_replayed_are_violations() {
 
 #[test]
 fn a_bad_result_ciphertext_is_the_key_holders_violation_with_the_e2e_words() {
-    let result = |f: fn(&mut Vec<u8>)| -> Tamper {
-        first_of(Phase::SumResult, is_points, move |mut env| {
-            if let Some(Body::Points(b)) = &mut env.body {
-                f(&mut b.points);
-            }
-            vec![env]
-        })
-    };
-    let words = |tamper| by("acme", &Pair::honest().globex_error(tamper)).to_string();
+    let result = |f: fn(&mut Vec<u8>)| -> Tamper { Box::new(on_points(Phase::SumResult, f)) };
+    let words = |tamper: Tamper| by("acme", &Pair::honest().globex_error(tamper)).to_string();
     assert!(words(result(|p| p.fill(0xff))).contains("not below n²"));
     assert!(words(result(|p| p.fill(0))).contains("shares a factor with n"));
     assert!(
@@ -518,14 +396,7 @@ fn a_bad_result_ciphertext_is_the_key_holders_violation_with_the_e2e_words() {
 
 #[test]
 fn an_abort_ends_the_job_with_the_peers_reason() {
-    let e = Pair::honest().globex_error(nth(1, |env| {
-        vec![Envelope {
-            body: Some(Body::Abort(Abort {
-                reason: "disk full".into(),
-            })),
-            ..env
-        }]
-    }));
+    let e = Pair::honest().globex_error(abort_at(1, "disk full"));
     assert_eq!(e.to_string(), "node 'acme' aborted the job: disk full");
 }
 

@@ -3,13 +3,13 @@
 //! dropping, repeating or inventing the frames one side sends. Every hostile case that
 //! `tests/adversary.rs` needs processes for is here at the protocol level.
 
-use std::collections::VecDeque;
 use std::path::Path;
 
 use cleanroom_circuits::{ItemSet, JobKey};
 use cleanroom_proto::v1::JobSpec;
 
 use super::*;
+use crate::job::test_pair::{Side, abort_at, first_of, hello, is_end, is_points, nth, on_points};
 use crate::policy::NodeConfig;
 use crate::test_fixtures::{NOW, node_head, two_party_spec};
 
@@ -74,74 +74,11 @@ fn noise_for(me: &str) -> NoiseCommit {
     }
 }
 
-/// One side: its protocol and what it did besides sending.
-struct Side {
-    proto: PsiProtocol,
-    inbox: VecDeque<Envelope>,
-    audited: Vec<AuditEvent>,
-    rechecks: usize,
-    finished_stream: bool,
-    error: Option<JobError>,
-}
-
-impl Side {
-    fn new(proto: PsiProtocol) -> Side {
-        Side {
-            proto,
-            inbox: VecDeque::new(),
-            audited: Vec::new(),
-            rechecks: 0,
-            finished_stream: false,
-            error: None,
-        }
-    }
-
-    /// Does what the protocol asks until it waits for a frame; returns the frames it sent.
-    fn drain(&mut self) -> Vec<Envelope> {
-        let mut sent = Vec::new();
-        while let Some(action) = self.proto.poll() {
-            match action {
-                Action::Send(env) => {
-                    assert!(
-                        !self.finished_stream,
-                        "a frame after the stream was finished"
-                    );
-                    sent.push(*env);
-                }
-                Action::Recheck => self.rechecks += 1,
-                Action::Audit(event) => self.audited.push(event),
-                Action::Compute(work) => {
-                    if let Err(e) = self.proto.handle_done(work.run()) {
-                        self.error = Some(e);
-                        return sent;
-                    }
-                }
-                Action::Finish => self.finished_stream = true,
-            }
-        }
-        sent
-    }
-
-    /// Hands over one waiting frame, if the side is still going.
-    fn step(&mut self) -> bool {
-        if self.error.is_some() || self.proto.is_finished() {
-            return false;
-        }
-        let Some(env) = self.inbox.pop_front() else {
-            return false;
-        };
-        if let Err(e) = self.proto.handle(env) {
-            self.error = Some(e);
-        }
-        true
-    }
-}
-
 /// Two protocols wired back to back; `tamper` rewrites each frame globex sends to acme (the
 /// hostile peer is globex, acme the honest node under test).
 struct Pair {
-    acme: Side,
-    globex: Side,
+    acme: Side<PsiProtocol>,
+    globex: Side<PsiProtocol>,
 }
 
 impl Pair {
@@ -225,64 +162,6 @@ fn by_globex(e: &JobError) -> &Violation {
         } if n == "globex" => violation,
         other => panic!("not a violation by globex: {other:?}"),
     }
-}
-
-/// `f` applied to globex's frame number `n` (0 = its hello), the others untouched.
-fn nth(
-    n: usize,
-    mut f: impl FnMut(Envelope) -> Vec<Envelope>,
-) -> impl FnMut(Envelope) -> Vec<Envelope> {
-    let mut i = 0;
-    move |env| {
-        let here = i;
-        i += 1;
-        if here == n { f(env) } else { vec![env] }
-    }
-}
-
-/// `f` applied to globex's hello.
-fn hello(mut f: impl FnMut(&mut PsiHello)) -> impl FnMut(Envelope) -> Vec<Envelope> {
-    nth(0, move |mut env| {
-        if let Some(Body::PsiHello(h)) = &mut env.body {
-            f(h);
-        }
-        vec![env]
-    })
-}
-
-/// `f` applied to globex's first frame of `phase` carrying a body `is` picks.
-fn first_of(
-    phase: Phase,
-    is: fn(&Body) -> bool,
-    mut f: impl FnMut(Envelope) -> Vec<Envelope>,
-) -> impl FnMut(Envelope) -> Vec<Envelope> {
-    let mut done = false;
-    move |env| {
-        if !done && env.phase == phase as i32 && env.body.as_ref().is_some_and(is) {
-            done = true;
-            f(env)
-        } else {
-            vec![env]
-        }
-    }
-}
-
-/// `f` applied to the points of globex's first batch of `phase`.
-fn on_points(phase: Phase, f: fn(&mut Vec<u8>)) -> impl FnMut(Envelope) -> Vec<Envelope> {
-    first_of(phase, is_points, move |mut env| {
-        if let Some(Body::Points(b)) = &mut env.body {
-            f(&mut b.points);
-        }
-        vec![env]
-    })
-}
-
-fn is_points(b: &Body) -> bool {
-    matches!(b, Body::Points(_))
-}
-
-fn is_end(b: &Body) -> bool {
-    matches!(b, Body::BatchEnd(_))
 }
 
 /// What a side did, in order, when driven as the node's driver does: each CPU work it ran and
@@ -395,7 +274,7 @@ fn points_go_out_as_they_are_blinded_and_the_peers_take_turns_with_ours() {
 /// One action of `side`, as the node's driver takes it (after CPU work, every frame that has
 /// arrived is handed over); what it sends goes to `out`, and the work it ran and the frames it
 /// sent to `events`. Whether anything happened.
-fn act(side: &mut Side, out: &mut Vec<Envelope>, events: &mut Vec<Event>) -> bool {
+fn act(side: &mut Side<PsiProtocol>, out: &mut Vec<Envelope>, events: &mut Vec<Event>) -> bool {
     if side.error.is_some() {
         return false;
     }
@@ -768,14 +647,7 @@ fn a_reveal_that_does_not_open_the_commitment_is_a_violation() {
 
 #[test]
 fn an_abort_ends_the_job_with_the_peers_reason() {
-    let e = Pair::honest(JobKind::Overlap).acme_error(nth(1, |env| {
-        vec![Envelope {
-            body: Some(Body::Abort(Abort {
-                reason: "disk full".into(),
-            })),
-            ..env
-        }]
-    }));
+    let e = Pair::honest(JobKind::Overlap).acme_error(abort_at(1, "disk full"));
     assert_eq!(e.to_string(), "node 'globex' aborted the job: disk full");
 }
 

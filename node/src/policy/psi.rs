@@ -282,10 +282,6 @@ mod tests {
         node_head("acme")
             + CUSTOMERS
             + r#"
-  [[dataset.identifier]]
-  name = "phone"
-  column = "phone"
-  normaliser = "phone"
 [[dataset]]
 name = "orders"
 path = "orders.csv"
