@@ -262,11 +262,11 @@ mod tests {
     use cleanroom_proto::v1::{JobKind, JobSpec};
     use std::path::Path;
 
-    use crate::test_fixtures::{CUSTOMERS, NOW, epsilon_charge, node_head, two_party_spec};
+    use crate::test_fixtures::{NOW, customers, epsilon_charge, node_head, two_party_spec};
 
     fn config_text() -> String {
         node_head("acme")
-            + CUSTOMERS
+            + &customers("acme.csv")
             + r#"
 [[agreement]]
 partner = "globex"

@@ -27,12 +27,13 @@ tls = {{ ca = "ca.pem", cert = "node.pem", key = "node.key" }}
     )
 }
 
-/// Dataset `customers` (in `acme.csv`) keyed by `email` or `phone`; more
+/// Dataset `customers` in the CSV file `path`, keyed by `email` or `phone`; more
 /// `[[dataset.identifier]]` or `[[dataset.value]]` tables may follow it.
-pub(crate) const CUSTOMERS: &str = r#"
-[[dataset]]
+pub(crate) fn customers(path: &str) -> String {
+    format!(
+        r#"[[dataset]]
 name = "customers"
-path = "acme.csv"
+path = "{path}"
   [[dataset.identifier]]
   name = "email"
   column = "email"
@@ -41,7 +42,9 @@ path = "acme.csv"
   name = "phone"
   column = "phone"
   normaliser = "phone"
-"#;
+"#
+    )
+}
 
 /// A two-party job on both parties' `customers` keyed by `email`: acme (party 0) and globex.
 pub(crate) fn two_party_spec(kind: JobKind, purpose: &str, learns_membership: bool) -> JobSpec {

@@ -224,13 +224,13 @@ fn cells(l: &BudgetLine) -> [String; 12] {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::test_fixtures::{CUSTOMERS, NOW, epsilon_charge, node_head};
+    use crate::test_fixtures::{NOW, customers, epsilon_charge, node_head};
     use std::path::Path;
 
     fn config_text() -> String {
         node_head("acme")
-            + r#"budget = { epsilon_per_period = 5, period = "week" }"#
-            + CUSTOMERS
+            + "budget = { epsilon_per_period = 5, period = \"week\" }\n"
+            + &customers("acme.csv")
             + r#"
 [[agreement]]
 partner = "globex"

@@ -274,13 +274,13 @@ mod tests {
     use super::*;
     use crate::ledger::{Budget, Epsilon, Period};
     use crate::policy::Recipient;
-    use crate::test_fixtures::{CUSTOMERS, node_head};
+    use crate::test_fixtures::{customers, node_head};
     use cleanroom_proto::v1::PartySpec;
     use std::path::Path;
 
     fn config_text() -> String {
         node_head("acme")
-            + CUSTOMERS
+            + &customers("acme.csv")
             + r#"
 [[dataset]]
 name = "orders"

@@ -270,10 +270,15 @@ mod tests {
         DEFAULT_MAX_SET_SIZE, DEFAULT_MIN_SET_SIZE, Epsilon, Membership, Period, Recipient,
         SumRole, Threshold, is_valid_name,
     };
+    use crate::test_fixtures::customers;
+    use std::sync::LazyLock;
 
     const EXAMPLE: &str = include_str!("../../testdata/node.example.toml");
 
-    const MINIMAL: &str = r#"
+    /// A small valid config: relative TLS and data paths (anchored at the config's directory)
+    /// and one agreement.
+    static MINIMAL: LazyLock<String> = LazyLock::new(|| {
+        r#"
 name = "acme"
 coordinator = "127.0.0.1:7400"
 listen = "127.0.0.1:0"
@@ -282,25 +287,18 @@ state_dir = "state"
 ca = "pki/ca.pem"
 cert = "pki/node-acme.pem"
 key = "/etc/cleanroom/node-acme.key"
-[[dataset]]
-name = "customers"
-path = "data/acme.csv"
-  [[dataset.identifier]]
-  name = "email"
-  column = "email"
-  normaliser = "email"
-  [[dataset.identifier]]
-  name = "phone"
-  column = "phone"
-  normaliser = "phone"
-[[agreement]]
+"#
+        .to_owned()
+            + &customers("data/acme.csv")
+            + r#"[[agreement]]
 partner = "globex"
 purposes = ["overlap-reporting"]
   [[agreement.allow]]
   computation = "match"
   dataset = "customers"
   keys = ["email", "email+phone"]
-"#;
+"#
+    });
 
     fn parse(text: &str) -> Result<NodeConfig, ConfigError> {
         NodeConfig::parse(text, Path::new("/etc/cleanroom/node.toml"))
@@ -333,7 +331,7 @@ purposes = ["overlap-reporting"]
 
     #[test]
     fn minimal_parses_with_defaults_and_resolved_paths() {
-        let cfg = parse(MINIMAL).unwrap();
+        let cfg = parse(&MINIMAL).unwrap();
         assert_eq!(cfg.advertise, None);
         assert_eq!(cfg.state_dir, Path::new("/etc/cleanroom/state"));
         assert_eq!(cfg.tls.ca, Path::new("/etc/cleanroom/pki/ca.pem"));
@@ -362,7 +360,7 @@ purposes = ["overlap-reporting"]
 
     #[test]
     fn relative_config_path_keeps_relative_paths() {
-        let cfg = NodeConfig::parse(MINIMAL, Path::new("node.toml")).unwrap();
+        let cfg = NodeConfig::parse(&MINIMAL, Path::new("node.toml")).unwrap();
         assert_eq!(cfg.tls.ca, Path::new("pki/ca.pem"));
     }
 
@@ -536,7 +534,10 @@ purposes = ["overlap-reporting"]
         assert!(msg.contains("match only"), "{msg}");
         let msg = invalid(&MINIMAL.replace("partner = \"globex\"", "partner = \"acme\""));
         assert!(msg.contains("this node"), "{msg}");
-        let twice = format!("{MINIMAL}\n[[agreement]]\npartner = \"globex\"\npurposes = [\"x\"]\n");
+        let twice = format!(
+            "{}\n[[agreement]]\npartner = \"globex\"\npurposes = [\"x\"]\n",
+            *MINIMAL
+        );
         assert!(invalid(&twice).contains("two agreements with 'globex'"));
     }
 
@@ -601,7 +602,7 @@ purposes = ["overlap-reporting"]
             crate::data::normalise::parse_region("GB").unwrap()
         );
         // Defaults.
-        let e = parse(MINIMAL).unwrap().agreements[0].allow[0]
+        let e = parse(&MINIMAL).unwrap().agreements[0].allow[0]
             .terms()
             .clone();
         assert_eq!((e.min_input_size.get(), e.min_result.get()), (1, 1));
@@ -631,7 +632,8 @@ purposes = ["overlap-reporting"]
         let msg = invalid(&with_allow("  epsilon = 1"));
         assert!(msg.contains("epsilon does not apply to match"), "{msg}");
         let msg = invalid(&format!(
-            "budget = {{ epsilon_per_period = nan }}\n{MINIMAL}"
+            "budget = {{ epsilon_per_period = nan }}\n{}",
+            *MINIMAL
         ));
         assert!(msg.contains("epsilon"), "{msg}");
     }
@@ -694,21 +696,21 @@ purposes = ["overlap-reporting"]
         assert_eq!(b.epsilon_per_period, None);
         assert_eq!(b.epsilon_lifetime.map(Epsilon::get), Some(10.0));
         // A budget must cap something.
-        let msg = invalid(&format!("budget = {{ period = \"day\" }}\n{MINIMAL}"));
+        let msg = invalid(&format!("budget = {{ period = \"day\" }}\n{}", *MINIMAL));
         assert!(
             msg.contains("[budget] sets neither epsilon_per_period nor epsilon_lifetime"),
             "{msg}"
         );
         // dp_delta: in (0, 1e-5].
         for bad in ["0", "-1e-9", "0.01", "nan"] {
-            let msg = invalid(&format!("dp_delta = {bad}\n{MINIMAL}"));
+            let msg = invalid(&format!("dp_delta = {bad}\n{}", *MINIMAL));
             assert!(
                 msg.contains("dp_delta must be greater than 0"),
                 "{bad}: {msg}"
             );
         }
         assert_eq!(
-            parse(&format!("dp_delta = 1e-7\n{MINIMAL}"))
+            parse(&format!("dp_delta = 1e-7\n{}", *MINIMAL))
                 .unwrap()
                 .delta(),
             1e-7
@@ -766,7 +768,8 @@ purposes = ["overlap-reporting"]
         assert!(invalid(&with_allow("  membership = \"all\"")).contains("all"));
         assert!(
             invalid(&format!(
-                "budget = {{ epsilon_per_period = 1, cap = 2 }}\n{MINIMAL}"
+                "budget = {{ epsilon_per_period = 1, cap = 2 }}\n{}",
+                *MINIMAL
             ))
             .contains("cap")
         );
