@@ -240,6 +240,34 @@ path = "cb.csv"
         d
     }
 
+    /// [`load`] keyed by `email`, with no row filter, for the job `spec` clipping by `bounds`.
+    fn load_by_email(
+        d: &DatasetConfig,
+        spec: &OverlapSumSpec,
+        bounds: &[ColumnBound],
+    ) -> Result<SumInput, String> {
+        let group_by = Some(spec.group_by.as_str()).filter(|g| !g.is_empty());
+        let keys = KeySpec::new(["email"]);
+        let shape = SumShape::of(spec);
+        load(
+            d,
+            &keys,
+            group_by,
+            &shape,
+            bounds,
+            RowFilter::default(),
+            1000,
+        )
+    }
+
+    /// An ungrouped job summing `column`.
+    fn ungrouped(column: &str) -> OverlapSumSpec {
+        OverlapSumSpec {
+            sums: vec![column.into()],
+            ..Default::default()
+        }
+    }
+
     fn bound(column: &str, min: u64, max: u64) -> ColumnBound {
         ColumnBound {
             column: column.into(),
@@ -268,17 +296,7 @@ path = "cb.csv"
             groups: vec!["fraud".into(), "dispute".into()],
             count: true,
         };
-        let shape = SumShape::of(&spec);
-        let input = load(
-            &d,
-            &KeySpec::new(["email"]),
-            Some("reason"),
-            &shape,
-            &[bound("amount", 0, 100)],
-            RowFilter::default(),
-            1000,
-        )
-        .unwrap();
+        let input = load_by_email(&d, &spec, &[bound("amount", 0, 100)]).unwrap();
         // a (dispute, 30+40=70, second row labelled fraud), b (fraud, 50+70 clipped to 100),
         // c ((other), 900 clipped to 100), e (fraud, -5 clipped to 0); d's value is bad.
         assert_eq!(input.items.len(), 4);
@@ -317,21 +335,9 @@ path = "cb.csv"
             csv.push_str(&format!("{k},{v}\n"));
         }
         let d = dataset(dir.path(), &csv);
-        let spec = OverlapSumSpec {
-            sums: vec!["amount".into()],
-            ..Default::default()
-        };
         let (min, max) = (0i64, 60i64);
-        let input = load(
-            &d,
-            &KeySpec::new(["email"]),
-            None,
-            &SumShape::of(&spec),
-            &[bound("amount", min as u64, max as u64)],
-            RowFilter::default(),
-            1000,
-        )
-        .unwrap();
+        let bounds = [bound("amount", min as u64, max as u64)];
+        let input = load_by_email(&d, &ungrouped("amount"), &bounds).unwrap();
         let mut truth: std::collections::BTreeMap<&str, i64> = Default::default();
         for (k, v) in rows {
             *truth.entry(k).or_default() += v;
@@ -354,20 +360,7 @@ path = "cb.csv"
     fn an_ungrouped_job_has_one_group_and_the_lower_bound_applies_to_totals() {
         let dir = tempfile::tempdir().unwrap();
         let d = dataset(dir.path(), "email,amount\na@x.com,1\nb@x.com,20\n");
-        let spec = OverlapSumSpec {
-            sums: vec!["amount".into()],
-            ..Default::default()
-        };
-        let input = load(
-            &d,
-            &KeySpec::new(["email"]),
-            None,
-            &SumShape::of(&spec),
-            &[bound("amount", 5, 10)],
-            RowFilter::default(),
-            1000,
-        )
-        .unwrap();
+        let input = load_by_email(&d, &ungrouped("amount"), &[bound("amount", 5, 10)]).unwrap();
         assert_eq!(input.values, [1, 5, 1, 10]);
     }
 
@@ -375,20 +368,7 @@ path = "cb.csv"
     fn a_missing_column_is_an_error_naming_it() {
         let dir = tempfile::tempdir().unwrap();
         let d = dataset(dir.path(), "email,amount\na@x.com,1\n");
-        let spec = OverlapSumSpec {
-            sums: vec!["fee".into()],
-            ..Default::default()
-        };
-        let e = load(
-            &d,
-            &KeySpec::new(["email"]),
-            None,
-            &SumShape::of(&spec),
-            &[bound("fee", 0, 10)],
-            RowFilter::default(),
-            1000,
-        )
-        .unwrap_err();
+        let e = load_by_email(&d, &ungrouped("fee"), &[bound("fee", 0, 10)]).unwrap_err();
         assert!(e.contains("fee"), "{e}");
     }
 }
