@@ -263,6 +263,28 @@ fn cell(s: &str) -> String {
         .replace(['\n', '\r'], " ")
 }
 
+/// A section of the Markdown report: `## heading`, then `empty` if there are no `rows`, else a
+/// table of `columns` (aligned by `align`, a Markdown alignment row) with a line per row.
+fn section(
+    s: &mut String,
+    heading: &str,
+    empty: &str,
+    columns: &[&str],
+    align: &str,
+    rows: impl ExactSizeIterator<Item = Vec<String>>,
+) {
+    let _ = writeln!(s, "## {heading}\n");
+    if rows.len() == 0 {
+        let _ = writeln!(s, "{empty}");
+        return;
+    }
+    let _ = writeln!(s, "| {} |", columns.join(" | "));
+    let _ = writeln!(s, "{align}");
+    for row in rows {
+        let _ = writeln!(s, "| {} |", row.join(" | "));
+    }
+}
+
 impl Transparency {
     /// The summary as JSON (pretty).
     pub fn to_json(&self) -> String {
@@ -300,65 +322,56 @@ impl Transparency {
             self.deletion_requests
         );
 
-        let _ = writeln!(s, "## Jobs\n");
-        if self.jobs.is_empty() {
-            let _ = writeln!(s, "No jobs in this period.\n");
-        } else {
-            let _ = writeln!(s, "| partner | purpose | computation | outcome | jobs |");
-            let _ = writeln!(s, "|---|---|---|---|---:|");
-            for j in &self.jobs {
-                let _ = writeln!(
-                    s,
-                    "| {} | {} | {} | {} | {} |",
+        section(
+            &mut s,
+            "Jobs",
+            "No jobs in this period.",
+            &["partner", "purpose", "computation", "outcome", "jobs"],
+            "|---|---|---|---|---:|",
+            self.jobs.iter().map(|j| {
+                vec![
                     cell(&j.partner),
                     cell(&j.purpose),
                     cell(&j.computation),
-                    j.outcome,
-                    j.jobs
-                );
-            }
-            let _ = writeln!(s);
-        }
-
-        let _ = writeln!(s, "## Privacy budget (ε) released\n");
-        if self.epsilon.is_empty() {
-            let _ = writeln!(s, "No releases in this period.\n");
-        } else {
-            let _ = writeln!(
-                s,
-                "| partner | purpose | releases | ε total (Laplace) | ρ total (zCDP) |"
-            );
-            let _ = writeln!(s, "|---|---|---:|---:|---:|");
-            for e in &self.epsilon {
-                let _ = writeln!(
-                    s,
-                    "| {} | {} | {} | {} | {} |",
+                    j.outcome.to_string(),
+                    j.jobs.to_string(),
+                ]
+            }),
+        );
+        let _ = writeln!(s);
+        section(
+            &mut s,
+            "Privacy budget (ε) released",
+            "No releases in this period.",
+            &[
+                "partner",
+                "purpose",
+                "releases",
+                "ε total (Laplace)",
+                "ρ total (zCDP)",
+            ],
+            "|---|---|---:|---:|---:|",
+            self.epsilon.iter().map(|e| {
+                vec![
                     cell(&e.partner),
                     cell(&e.purpose),
-                    e.releases,
-                    e.epsilon,
-                    e.rho
-                );
-            }
-            let _ = writeln!(s);
-        }
-
-        let _ = writeln!(s, "## Releases by recipient\n");
-        if self.releases.is_empty() {
-            let _ = writeln!(s, "None.");
-        } else {
-            let _ = writeln!(s, "| recipient | what | releases |");
-            let _ = writeln!(s, "|---|---|---:|");
-            for r in &self.releases {
-                let _ = writeln!(
-                    s,
-                    "| {} | {} | {} |",
-                    cell(&r.recipient),
-                    cell(&r.what),
-                    r.releases
-                );
-            }
-        }
+                    e.releases.to_string(),
+                    e.epsilon.to_string(),
+                    e.rho.to_string(),
+                ]
+            }),
+        );
+        let _ = writeln!(s);
+        section(
+            &mut s,
+            "Releases by recipient",
+            "None.",
+            &["recipient", "what", "releases"],
+            "|---|---|---:|",
+            self.releases
+                .iter()
+                .map(|r| vec![cell(&r.recipient), cell(&r.what), r.releases.to_string()]),
+        );
         s
     }
 }

@@ -142,6 +142,16 @@ fn read_log(state: &NodeState) -> Result<(VerifyReport, Vec<AuditEntry>), String
     Ok((report, entries))
 }
 
+/// The latest [`RECENT`] entries whose event `is` picks, newest first.
+fn latest(entries: &[AuditEntry], is: fn(&AuditEvent) -> bool) -> Vec<&AuditEntry> {
+    entries
+        .iter()
+        .rev()
+        .filter(|e| is(&e.event))
+        .take(RECENT)
+        .collect()
+}
+
 fn chain_badge(report: &VerifyReport) -> Markup {
     if report.is_ok() {
         badge("ok", "verified")
@@ -317,24 +327,9 @@ async fn decisions(State(state): State<Arc<NodeState>>) -> Response {
                 }
             }
         }
-        let recent: Vec<&AuditEntry> = entries
-            .iter()
-            .rev()
-            .filter(|e| matches!(e.event, AuditEvent::Decision { .. }))
-            .take(RECENT)
-            .collect();
-        let refused: Vec<&AuditEntry> = entries
-            .iter()
-            .rev()
-            .filter(|e| matches!(e.event, AuditEvent::ConnectionRefused { .. }))
-            .take(RECENT)
-            .collect();
-        let failed: Vec<&AuditEntry> = entries
-            .iter()
-            .rev()
-            .filter(|e| matches!(e.event, AuditEvent::JobError { .. }))
-            .take(RECENT)
-            .collect();
+        let recent = latest(&entries, |e| matches!(e, AuditEvent::Decision { .. }));
+        let refused = latest(&entries, |e| matches!(e, AuditEvent::ConnectionRefused { .. }));
+        let failed = latest(&entries, |e| matches!(e, AuditEvent::JobError { .. }));
         Ok(layout(
             "Decisions",
             &cfg.name,

@@ -431,19 +431,15 @@ mod tests {
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(
-                dir.path().join(KEY_FILE),
-                std::fs::Permissions::from_mode(0o600),
-            )
-            .unwrap();
+            let chmod = |mode| {
+                let mode = std::fs::Permissions::from_mode(mode);
+                std::fs::set_permissions(dir.path().join(KEY_FILE), mode).unwrap();
+            };
+            chmod(0o600);
             let msg = ForgetStore::open(dir.path()).unwrap_err().to_string();
             assert!(msg.contains("exactly 32 bytes"), "{msg}");
             std::fs::write(dir.path().join(KEY_FILE), [1u8; 32]).unwrap();
-            std::fs::set_permissions(
-                dir.path().join(KEY_FILE),
-                std::fs::Permissions::from_mode(0o644),
-            )
-            .unwrap();
+            chmod(0o644);
             let msg = ForgetStore::open(dir.path()).unwrap_err().to_string();
             assert!(msg.contains("chmod 600"), "{msg}");
         }
