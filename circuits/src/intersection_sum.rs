@@ -52,9 +52,10 @@ use crate::ahe::{
     encrypt_rows, sum_selected_rows,
 };
 use crate::psi::{
-    blind_items, items_distinct, reblind_points, sort_and_check_distinct, to_batches,
+    blind_items, blind_shuffled, check_peer_total, check_returned_total, items_distinct,
+    push_returned, reblind_into, sort_and_check_distinct, to_batches,
 };
-use crate::{EncodedPoint, ItemSet, JobKey, POINT_LEN, PsiError};
+use crate::{EncodedPoint, ItemSet, JobKey, PsiError};
 
 /// Most cells per row: one-hot group layouts multiply the encryption work by the cell count,
 /// so a layout wider than this is a configuration error, not a workload.
@@ -216,63 +217,6 @@ fn check_sizes(
     Ok(())
 }
 
-/// Reblinds one batch of peer points, naming errors by their index in the peer's stream.
-fn reblind_at(key: &JobKey, batch: &[u8], offset: u64) -> Result<Vec<EncodedPoint>, PsiError> {
-    reblind_points(key, batch).map_err(|e| match e {
-        PsiError::InvalidPoint { index } => PsiError::InvalidPoint {
-            index: index + offset,
-        },
-        PsiError::IdentityPoint { index } => PsiError::IdentityPoint {
-            index: index + offset,
-        },
-        other => other,
-    })
-}
-
-/// One batch of the peer's blinded points, reblinded and appended to `peer_double` in arrival
-/// order: refuses a length that is not whole points and a total above the peer's `declared` size.
-fn reblind_peer_batch(
-    key: &JobKey,
-    peer_double: &mut Vec<EncodedPoint>,
-    declared: u64,
-    batch: &[u8],
-) -> Result<(), PsiError> {
-    if !batch.len().is_multiple_of(POINT_LEN) {
-        return Err(PsiError::BatchNotMultipleOfPointLen { len: batch.len() });
-    }
-    let offset = peer_double.len() as u64;
-    let received = offset + (batch.len() / POINT_LEN) as u64;
-    if received > declared {
-        return Err(PsiError::TooManyPoints { declared, received });
-    }
-    peer_double.extend_from_slice(&reblind_at(key, batch, offset)?);
-    Ok(())
-}
-
-/// Appends a batch of returned points, refusing more than `own_size` in all.
-fn push_returned(
-    returned: &mut Vec<EncodedPoint>,
-    batch: &[u8],
-    own_size: u64,
-) -> Result<(), PsiError> {
-    let (encodings, rest) = batch.as_chunks::<POINT_LEN>();
-    if !rest.is_empty() {
-        return Err(PsiError::BatchNotMultipleOfPointLen { len: batch.len() });
-    }
-    let received = (returned.len() + encodings.len()) as u64;
-    if received > own_size {
-        return Err(PsiError::TooManyReturnedPoints {
-            own: own_size,
-            received,
-        });
-    }
-    if returned.is_empty() {
-        returned.reserve_exact(own_size as usize - encodings.len());
-    }
-    returned.extend_from_slice(encodings);
-    Ok(())
-}
-
 // ---------------------------------------------------------------- value holder (B)
 
 /// Entry point of the value holder's session.
@@ -415,15 +359,12 @@ impl VhReadyToBlind {
             values,
             peer_size,
         } = self;
-        let blinded = blind_items(&common.key, &common.params.key_name, &items);
-        drop(items);
-        let mut perm: Vec<u32> = (0..blinded.len() as u32).collect();
-        perm.shuffle(&mut rand::rng());
-        let batches = to_batches(
-            perm.iter().map(|&i| &blinded[i as usize]),
+        let (batches, perm) = blind_shuffled(
+            &common.key,
+            &common.params.key_name,
+            items,
             common.params.batch_size,
         );
-        drop(blinded);
         let reserve = peer_size.min(1 << 20) as usize;
         let next = VhExchanging {
             common,
@@ -458,10 +399,10 @@ impl VhExchanging {
     /// One batch of the key holder's blinded points: reblinded and kept (they go back shuffled,
     /// all at once, so the key holder learns only which of them match, not which of its rows).
     pub fn on_peer_batch(mut self, batch: &[u8]) -> Result<VhExchanging, SumError> {
-        reblind_peer_batch(
+        reblind_into(
             &self.common.key,
-            &mut self.peer_double,
             self.peer_size,
+            &mut self.peer_double,
             batch,
         )?;
         Ok(self)
@@ -477,15 +418,7 @@ impl VhExchanging {
             peer_size,
             mut peer_double,
         } = self;
-        let received = peer_double.len() as u64;
-        if total != peer_size || received != peer_size {
-            return Err(PsiError::TotalMismatch {
-                declared: peer_size,
-                announced: total,
-                received,
-            }
-            .into());
-        }
+        check_peer_total(peer_size, total, peer_double.len() as u64)?;
         peer_double.shuffle(&mut rand::rng());
         let outgoing = to_batches(peer_double.iter(), common.params.batch_size);
         if !sort_and_check_distinct(&mut peer_double) {
@@ -748,10 +681,10 @@ impl std::fmt::Debug for KhReceivingPoints {
 impl KhReceivingPoints {
     /// One batch of the value holder's blinded points.
     pub fn on_peer_batch(mut self, batch: &[u8]) -> Result<KhReceivingPoints, SumError> {
-        reblind_peer_batch(
+        reblind_into(
             &self.common.key,
-            &mut self.peer_double,
             self.peer.size,
+            &mut self.peer_double,
             batch,
         )?;
         Ok(self)
@@ -760,15 +693,7 @@ impl KhReceivingPoints {
     /// The value holder says it sent `total` points: must equal its declared size and what
     /// came, with no point twice.
     pub fn on_peer_end(self, total: u64) -> Result<KhAwaitingReturn, SumError> {
-        let received = self.peer_double.len() as u64;
-        if total != self.peer.size || received != self.peer.size {
-            return Err(PsiError::TotalMismatch {
-                declared: self.peer.size,
-                announced: total,
-                received,
-            }
-            .into());
-        }
+        check_peer_total(self.peer.size, total, self.peer_double.len() as u64)?;
         let mut sorted = self.peer_double.clone();
         if !sort_and_check_distinct(&mut sorted) {
             return Err(PsiError::DuplicatePeerPoint.into());
@@ -816,15 +741,7 @@ impl KhAwaitingReturn {
             mut returned,
         } = self;
         let own = common.own_size;
-        let received = returned.len() as u64;
-        if total != own || received != own {
-            return Err(PsiError::ReturnedTotalMismatch {
-                own,
-                announced: total,
-                received,
-            }
-            .into());
-        }
+        check_returned_total(own, total, returned.len() as u64)?;
         if !sort_and_check_distinct(&mut returned) {
             return Err(PsiError::DuplicateReturnedPoint.into());
         }

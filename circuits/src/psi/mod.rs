@@ -137,27 +137,42 @@ pub(crate) fn sort_and_check_distinct(points: &mut [EncodedPoint]) -> bool {
     points.par_windows(2).all(|w| w[0] != w[1])
 }
 
-/// Re-blinds one batch of the peer's points into `peer_double` after checking that it does not
-/// take the peer past its declared size; returns it for sending at once when returning in order.
-/// Point errors name the index in the peer's whole stream.
-fn reblind_peer_batch(
-    common: &Common,
-    peer_size: u64,
+/// Hashes and blinds `items` (dropping them once blinded), shuffles the points (OS-seeded
+/// CSPRNG, Fisher–Yates) and returns them as outgoing batches of at most `batch_size` points,
+/// with the shuffle: `perm[j]` is the index in `items` of the `j`-th point sent.
+pub(crate) fn blind_shuffled(
+    key: &JobKey,
+    key_name: &str,
+    items: ItemSet,
+    batch_size: usize,
+) -> (Vec<Vec<u8>>, Vec<u32>) {
+    let blinded = blind_items(key, key_name, &items);
+    drop(items);
+    // Fits: every session refuses sets over u32::MAX items before blinding.
+    let mut perm: Vec<u32> = (0..blinded.len() as u32).collect();
+    perm.shuffle(&mut rand::rng());
+    let batches = to_batches(perm.iter().map(|&i| &blinded[i as usize]), batch_size);
+    (batches, perm)
+}
+
+/// Re-blinds one batch of the peer's points and appends them to `peer_double`, after checking
+/// that the batch is whole points and does not take the peer past its `declared` size. Point
+/// errors name the index in the peer's whole stream.
+pub(crate) fn reblind_into(
+    key: &JobKey,
+    declared: u64,
     peer_double: &mut Vec<EncodedPoint>,
     batch: &[u8],
-) -> Result<Option<Vec<u8>>, PsiError> {
+) -> Result<(), PsiError> {
     if !batch.len().is_multiple_of(POINT_LEN) {
         return Err(PsiError::BatchNotMultipleOfPointLen { len: batch.len() });
     }
     let offset = peer_double.len() as u64;
     let received = offset + (batch.len() / POINT_LEN) as u64;
-    if received > peer_size {
-        return Err(PsiError::TooManyPoints {
-            declared: peer_size,
-            received,
-        });
+    if received > declared {
+        return Err(PsiError::TooManyPoints { declared, received });
     }
-    let reblinded = reblind_points(&common.key, batch).map_err(|e| match e {
+    let reblinded = reblind_points(key, batch).map_err(|e| match e {
         PsiError::InvalidPoint { index } => PsiError::InvalidPoint {
             index: index + offset,
         },
@@ -166,12 +181,94 @@ fn reblind_peer_batch(
         },
         other => other,
     })?;
+    peer_double.extend_from_slice(&reblinded);
+    Ok(())
+}
+
+/// Re-blinds one batch of the peer's points into `peer_double` ([`reblind_into`]); returns it
+/// for sending at once when returning in order.
+fn reblind_peer_batch(
+    common: &Common,
+    peer_size: u64,
+    peer_double: &mut Vec<EncodedPoint>,
+    batch: &[u8],
+) -> Result<Option<Vec<u8>>, PsiError> {
+    let start = peer_double.len();
+    reblind_into(&common.key, peer_size, peer_double, batch)?;
     let out = common
         .params
         .return_in_order
-        .then(|| reblinded.as_flattened().to_vec());
-    peer_double.extend_from_slice(&reblinded);
+        .then(|| peer_double[start..].as_flattened().to_vec());
     Ok(out)
+}
+
+/// The peer says it sent `announced` points: that must equal both its `declared` size and the
+/// number `received`.
+pub(crate) fn check_peer_total(
+    declared: u64,
+    announced: u64,
+    received: u64,
+) -> Result<(), PsiError> {
+    if announced != declared || received != declared {
+        return Err(PsiError::TotalMismatch {
+            declared,
+            announced,
+            received,
+        });
+    }
+    Ok(())
+}
+
+/// The peer says it returned `announced` of our points: that must equal both our size `own`
+/// and the number `received`.
+pub(crate) fn check_returned_total(
+    own: u64,
+    announced: u64,
+    received: u64,
+) -> Result<(), PsiError> {
+    if announced != own || received != own {
+        return Err(PsiError::ReturnedTotalMismatch {
+            own,
+            announced,
+            received,
+        });
+    }
+    Ok(())
+}
+
+/// Checks a batch of our points coming back against how many we `sent` and how many had come
+/// back before (`received`), and splits it into encodings.
+pub(crate) fn returned_points(
+    batch: &[u8],
+    sent: u64,
+    received: u64,
+) -> Result<&[EncodedPoint], PsiError> {
+    let (encodings, rest) = batch.as_chunks::<POINT_LEN>();
+    if !rest.is_empty() {
+        return Err(PsiError::BatchNotMultipleOfPointLen { len: batch.len() });
+    }
+    let received = received + encodings.len() as u64;
+    if received > sent {
+        return Err(PsiError::TooManyReturnedPoints {
+            own: sent,
+            received,
+        });
+    }
+    Ok(encodings)
+}
+
+/// Appends a batch of our returned points to `returned`, refusing more than `own_size` in all.
+pub(crate) fn push_returned(
+    returned: &mut Vec<EncodedPoint>,
+    batch: &[u8],
+    own_size: u64,
+) -> Result<(), PsiError> {
+    let encodings = returned_points(batch, own_size, returned.len() as u64)?;
+    if returned.is_empty() {
+        returned.reserve_exact(own_size as usize - encodings.len());
+    }
+    returned.extend_from_slice(encodings);
+    Ok(())
 }
 
 /// The policy and the shape of one party's PSI session.
@@ -323,16 +420,13 @@ impl ReadyToBlind {
             items,
             peer_size,
         } = self;
-        let blinded = blind_items(&common.key, &common.params.key_name, &items);
-        drop(items);
-        // Fits: on_peer_size refused sets over u32::MAX items.
-        let mut perm: Vec<u32> = (0..blinded.len() as u32).collect();
-        perm.shuffle(&mut rand::rng());
-        let batches = to_batches(
-            perm.iter().map(|&i| &blinded[i as usize]),
+        // on_peer_size refused sets over u32::MAX items.
+        let (batches, perm) = blind_shuffled(
+            &common.key,
+            &common.params.key_name,
+            items,
             common.params.batch_size,
         );
-        drop(blinded);
         let perm = common.params.learn_membership.then_some(perm);
         // The peer's size is bounded by policy but still only a claim: cap the reservation.
         let reserve = peer_size.min(1 << 20) as usize;
@@ -358,23 +452,7 @@ struct Returned {
 
 impl Returned {
     fn push(&mut self, batch: &[u8]) -> Result<(), PsiError> {
-        let (encodings, rest) = batch.as_chunks::<POINT_LEN>();
-        if !rest.is_empty() {
-            return Err(PsiError::BatchNotMultipleOfPointLen { len: batch.len() });
-        }
-        let received = (self.points.len() + encodings.len()) as u64;
-        if received > self.own_size {
-            return Err(PsiError::TooManyReturnedPoints {
-                own: self.own_size,
-                received,
-            });
-        }
-        if self.points.is_empty() {
-            self.points
-                .reserve_exact(self.own_size as usize - encodings.len());
-        }
-        self.points.extend_from_slice(encodings);
-        Ok(())
+        push_returned(&mut self.points, batch, self.own_size)
     }
 }
 
@@ -431,14 +509,7 @@ impl ExchangingPoints {
             mut peer_double,
             returned,
         } = self;
-        let received = peer_double.len() as u64;
-        if total != peer_size || received != peer_size {
-            return Err(PsiError::TotalMismatch {
-                declared: peer_size,
-                announced: total,
-                received,
-            });
-        }
+        check_peer_total(peer_size, total, peer_double.len() as u64)?;
         // Shuffled in place rather than a shuffled copy: the sort below fixes the order anyway,
         // and a copy would be one more encoding per peer item at this step's memory peak.
         let outgoing = if common.params.return_in_order {
@@ -502,14 +573,7 @@ impl AwaitingReturn {
         } = self;
         let own = common.own_size;
         let mut points = returned.points;
-        let received = points.len() as u64;
-        if total != own || received != own {
-            return Err(PsiError::ReturnedTotalMismatch {
-                own,
-                announced: total,
-                received,
-            });
-        }
+        check_returned_total(own, total, points.len() as u64)?;
         let is_match = |p: &EncodedPoint| peer_sorted.binary_search(p).is_ok();
         let membership = perm.map(|perm| {
             let mut hits: Vec<u32> = points

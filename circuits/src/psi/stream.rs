@@ -59,7 +59,10 @@
 use rand::seq::SliceRandom;
 use rayon::prelude::*;
 
-use super::{Common, ReadyToBlind, blind_into, reblind_peer_batch, sort_and_check_distinct};
+use super::{
+    Common, ReadyToBlind, blind_into, check_peer_total, check_returned_total, reblind_peer_batch,
+    returned_points, sort_and_check_distinct,
+};
 use crate::{EncodedPoint, ItemSet, POINT_LEN, PsiError, PsiOutput};
 
 impl ReadyToBlind {
@@ -156,23 +159,6 @@ impl std::fmt::Debug for Streaming {
     }
 }
 
-/// Checks a batch of our returned points against what we have sent and received so far, and
-/// splits it into encodings.
-fn returned_points(batch: &[u8], sent: usize, received: u64) -> Result<&[EncodedPoint], PsiError> {
-    let (encodings, rest) = batch.as_chunks::<POINT_LEN>();
-    if !rest.is_empty() {
-        return Err(PsiError::BatchNotMultipleOfPointLen { len: batch.len() });
-    }
-    let received = received + encodings.len() as u64;
-    if received > sent as u64 {
-        return Err(PsiError::TooManyReturnedPoints {
-            own: sent as u64,
-            received,
-        });
-    }
-    Ok(encodings)
-}
-
 impl Streaming {
     /// Blinds the next batch of our points (at most `batch_size`, in rayon chunks) and returns it
     /// to send; `None` once all our points are out.
@@ -209,14 +195,7 @@ impl Streaming {
             own,
             mut peer_double,
         } = self;
-        let received = peer_double.len() as u64;
-        if total != peer_size || received != peer_size {
-            return Err(PsiError::TotalMismatch {
-                declared: peer_size,
-                announced: total,
-                received,
-            });
-        }
+        check_peer_total(peer_size, total, peer_double.len() as u64)?;
         if !sort_and_check_distinct(&mut peer_double) {
             return Err(PsiError::DuplicatePeerPoint);
         }
@@ -351,7 +330,7 @@ impl Matching {
     /// A batch of OUR points, double-blinded and returned by the peer: compared with the peer's
     /// set at once and not kept. Must not take the total past what we have sent.
     pub fn on_returned_batch(mut self, batch: &[u8]) -> Result<Matching, PsiError> {
-        let encodings = returned_points(batch, self.own.sent, self.received)?;
+        let encodings = returned_points(batch, self.own.sent as u64, self.received)?;
         self.compare(encodings);
         Ok(self)
     }
@@ -360,13 +339,7 @@ impl Matching {
     /// no point may have come back twice. Returns the result.
     pub fn on_returned_end(self, total: u64) -> Result<PsiOutput, PsiError> {
         let own = self.common.own_size;
-        if total != own || self.received != own {
-            return Err(PsiError::ReturnedTotalMismatch {
-                own,
-                announced: total,
-                received: self.received,
-            });
-        }
+        check_returned_total(own, total, self.received)?;
         let mut fingerprints = self.fingerprints;
         fingerprints.par_sort_unstable();
         if fingerprints.par_windows(2).any(|w| w[0] == w[1]) {
