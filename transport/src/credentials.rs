@@ -16,12 +16,12 @@
 
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, OnceLock, RwLock};
 use std::time::Duration;
 
 use rustls::client::WebPkiServerVerifier;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::crypto::CryptoProvider;
+use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
 use rustls::sign::CertifiedKey;
@@ -34,6 +34,7 @@ use rustls_pki_types::{
 };
 use tokio::sync::watch;
 
+use crate::identity::{empty_chain, peer_chain};
 use crate::{Identity, TransportError};
 
 /// Largest CA, certificate, key or CRL file read.
@@ -346,7 +347,19 @@ impl Credentials {
 
     /// The dynamic resolver/verifier endpoints are built with.
     pub(crate) fn live(&self) -> Arc<Live> {
-        Arc::new(Live(self.shared.clone()))
+        Arc::new(Live {
+            shared: self.shared.clone(),
+            client_cert_mandatory: true,
+        })
+    }
+
+    /// [`Self::live`] with one difference: as a server it lets a client that presents no
+    /// certificate finish the handshake (one it does present is verified all the same).
+    pub(crate) fn live_client_cert_optional(&self) -> Arc<Live> {
+        Arc::new(Live {
+            shared: self.shared.clone(),
+            client_cert_mandatory: false,
+        })
     }
 
     /// Reads the files again and, when any changed and they still load (same identity), makes
@@ -430,11 +443,7 @@ impl Credentials {
     /// certificate chain is verified again, now.
     pub fn check_peer(&self, conn: &quinn::Connection) -> Result<(), TransportError> {
         let chain = peer_chain(conn)?;
-        let Some((leaf, intermediates)) = chain.split_first() else {
-            return Err(TransportError::NoIdentity {
-                reason: "the peer presented an empty certificate chain".to_owned(),
-            });
-        };
+        let (leaf, intermediates) = chain.split_first().ok_or_else(empty_chain)?;
         let peer = Identity::from_cert(leaf)
             .map(|i| i.to_string())
             .unwrap_or_else(|_| "the peer".to_owned());
@@ -478,27 +487,56 @@ pub(crate) fn describe_cert_error(e: &rustls::Error) -> String {
     }
 }
 
-fn peer_chain(conn: &quinn::Connection) -> Result<Vec<CertificateDer<'static>>, TransportError> {
-    let any = conn
-        .peer_identity()
-        .ok_or_else(|| TransportError::NoIdentity {
-            reason: "the peer presented no certificate".to_owned(),
-        })?;
-    any.downcast::<Vec<CertificateDer<'static>>>()
-        .map(|b| *b)
-        .map_err(|_| TransportError::NoIdentity {
-            reason: "the peer's credentials are not an X.509 chain".to_owned(),
-        })
+/// The handshake-signature algorithms of [`provider`]. Both WebPKI verifiers of a snapshot are
+/// built with that provider and check a handshake signature with these alone (not with the
+/// roots), so the client and server sides of [`Live`] share them.
+fn signature_algorithms() -> &'static WebPkiSupportedAlgorithms {
+    static ALGS: OnceLock<WebPkiSupportedAlgorithms> = OnceLock::new();
+    ALGS.get_or_init(|| provider().signature_verification_algorithms)
+}
+
+/// The three handshake-signature methods that [`ClientCertVerifier`] and [`ServerCertVerifier`]
+/// both declare, checked as the WebPKI verifiers check them. They are the same in both impls
+/// of [`Live`]; two traits' methods can share one body only through a macro.
+macro_rules! signature_checks {
+    () => {
+        fn verify_tls12_signature(
+            &self,
+            message: &[u8],
+            cert: &CertificateDer<'_>,
+            dss: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            rustls::crypto::verify_tls12_signature(message, cert, dss, signature_algorithms())
+        }
+
+        fn verify_tls13_signature(
+            &self,
+            message: &[u8],
+            cert: &CertificateDer<'_>,
+            dss: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            rustls::crypto::verify_tls13_signature(message, cert, dss, signature_algorithms())
+        }
+
+        fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+            signature_algorithms().supported_schemes()
+        }
+    };
 }
 
 /// The certificate resolver and peer verifier of every endpoint: each call reads the current
 /// snapshot, so a reload applies at the next handshake.
 #[derive(Debug)]
-pub(crate) struct Live(Arc<Shared>);
+pub(crate) struct Live {
+    shared: Arc<Shared>,
+    /// Whether a client must present a certificate (false only for HTTPS, whose application
+    /// answers such a client with a readable 401).
+    client_cert_mandatory: bool,
+}
 
 impl ResolvesServerCert for Live {
     fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        Some(self.0.snapshot().certified.clone())
+        Some(self.shared.snapshot().certified.clone())
     }
 }
 
@@ -508,7 +546,7 @@ impl rustls::client::ResolvesClientCert for Live {
         _root_hint_subjects: &[&[u8]],
         _sigschemes: &[SignatureScheme],
     ) -> Option<Arc<CertifiedKey>> {
-        Some(self.0.snapshot().certified.clone())
+        Some(self.shared.snapshot().certified.clone())
     }
 
     fn has_certs(&self) -> bool {
@@ -522,7 +560,7 @@ impl ClientCertVerifier for Live {
     }
 
     fn client_auth_mandatory(&self) -> bool {
-        true
+        self.client_cert_mandatory
     }
 
     fn root_hint_subjects(&self) -> &[DistinguishedName] {
@@ -537,39 +575,13 @@ impl ClientCertVerifier for Live {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        self.0
+        self.shared
             .snapshot()
             .client_verifier
             .verify_client_cert(end_entity, intermediates, now)
     }
 
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.0
-            .snapshot()
-            .client_verifier
-            .verify_tls12_signature(message, cert, dss)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.0
-            .snapshot()
-            .client_verifier
-            .verify_tls13_signature(message, cert, dss)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.snapshot().client_verifier.supported_verify_schemes()
-    }
+    signature_checks!();
 }
 
 impl ServerCertVerifier for Live {
@@ -581,7 +593,7 @@ impl ServerCertVerifier for Live {
         ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        self.0.snapshot().server_verifier.verify_server_cert(
+        self.shared.snapshot().server_verifier.verify_server_cert(
             end_entity,
             intermediates,
             server_name,
@@ -590,31 +602,5 @@ impl ServerCertVerifier for Live {
         )
     }
 
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.0
-            .snapshot()
-            .server_verifier
-            .verify_tls12_signature(message, cert, dss)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.0
-            .snapshot()
-            .server_verifier
-            .verify_tls13_signature(message, cert, dss)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.snapshot().server_verifier.supported_verify_schemes()
-    }
+    signature_checks!();
 }

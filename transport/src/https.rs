@@ -13,66 +13,11 @@
 
 use std::sync::Arc;
 
-use rustls::DistinguishedName;
-use rustls::SignatureScheme;
-use rustls::client::danger::HandshakeSignatureValid;
-use rustls::pki_types::{CertificateDer, UnixTime};
-use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
-
-use crate::credentials::{Live, provider};
+use crate::credentials::provider;
 use crate::{Credentials, TransportError};
 
 fn tls_err(e: impl std::fmt::Display) -> TransportError {
     TransportError::Tls(e.to_string())
-}
-
-/// The endpoints' verifier with one difference: a client may present no certificate.
-#[derive(Debug)]
-struct OptionalClientCert(Arc<Live>);
-
-impl ClientCertVerifier for OptionalClientCert {
-    fn offer_client_auth(&self) -> bool {
-        true
-    }
-
-    fn client_auth_mandatory(&self) -> bool {
-        false
-    }
-
-    fn root_hint_subjects(&self) -> &[DistinguishedName] {
-        self.0.root_hint_subjects()
-    }
-
-    fn verify_client_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        now: UnixTime,
-    ) -> Result<ClientCertVerified, rustls::Error> {
-        self.0.verify_client_cert(end_entity, intermediates, now)
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        ClientCertVerifier::verify_tls12_signature(self.0.as_ref(), message, cert, dss)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        ClientCertVerifier::verify_tls13_signature(self.0.as_ref(), message, cert, dss)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        ClientCertVerifier::supported_verify_schemes(self.0.as_ref())
-    }
 }
 
 /// A rustls server config for HTTPS (HTTP/1.1, TLS 1.2 and 1.3) serving `creds`' current
@@ -83,7 +28,7 @@ pub fn https_server_config(creds: &Credentials) -> Result<rustls::ServerConfig, 
     let mut tls = rustls::ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .map_err(tls_err)?
-        .with_client_cert_verifier(Arc::new(OptionalClientCert(live.clone())))
+        .with_client_cert_verifier(creds.live_client_cert_optional())
         .with_cert_resolver(live);
     tls.alpn_protocols = vec![b"http/1.1".to_vec()];
     tls.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
@@ -94,14 +39,7 @@ pub fn https_server_config(creds: &Credentials) -> Result<rustls::ServerConfig, 
 /// A rustls client config for HTTPS that trusts the consortium CA and presents `creds`'
 /// certificate (tests and scripts talking to the web console).
 pub fn https_client_config(creds: &Credentials) -> Result<rustls::ClientConfig, TransportError> {
-    let mut tls = rustls::ClientConfig::builder_with_provider(provider())
-        .with_safe_default_protocol_versions()
-        .map_err(tls_err)?
-        .with_root_certificates(creds.roots())
-        .with_client_cert_resolver(creds.live());
-    tls.alpn_protocols = vec![b"http/1.1".to_vec()];
-    tls.resumption = rustls::client::Resumption::disabled();
-    Ok(tls)
+    client_config(creds, true)
 }
 
 /// Like [`https_client_config`] without a client certificate (to check that the server
@@ -109,11 +47,22 @@ pub fn https_client_config(creds: &Credentials) -> Result<rustls::ClientConfig, 
 pub fn https_client_config_anonymous(
     creds: &Credentials,
 ) -> Result<rustls::ClientConfig, TransportError> {
-    let mut tls = rustls::ClientConfig::builder_with_provider(provider())
+    client_config(creds, false)
+}
+
+fn client_config(
+    creds: &Credentials,
+    present_cert: bool,
+) -> Result<rustls::ClientConfig, TransportError> {
+    let builder = rustls::ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .map_err(tls_err)?
-        .with_root_certificates(creds.roots())
-        .with_no_client_auth();
+        .with_root_certificates(creds.roots());
+    let mut tls = if present_cert {
+        builder.with_client_cert_resolver(creds.live())
+    } else {
+        builder.with_no_client_auth()
+    };
     tls.alpn_protocols = vec![b"http/1.1".to_vec()];
     tls.resumption = rustls::client::Resumption::disabled();
     Ok(tls)

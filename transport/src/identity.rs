@@ -169,42 +169,44 @@ impl fmt::Display for Identity {
     }
 }
 
-/// The identity of the peer of an established connection, read from its (already CA-verified)
-/// certificate's SAN DNS name.
-pub fn peer_identity(conn: &quinn::Connection) -> Result<Identity, TransportError> {
+/// The certificate chain the peer of an established connection presented.
+pub(crate) fn peer_chain(
+    conn: &quinn::Connection,
+) -> Result<Vec<CertificateDer<'static>>, TransportError> {
     let any = conn
         .peer_identity()
         .ok_or_else(|| TransportError::NoIdentity {
             reason: "the peer presented no certificate".to_owned(),
         })?;
-    let chain = any
-        .downcast::<Vec<CertificateDer<'static>>>()
+    any.downcast::<Vec<CertificateDer<'static>>>()
+        .map(|b| *b)
         .map_err(|_| TransportError::NoIdentity {
             reason: "the peer's credentials are not an X.509 chain".to_owned(),
-        })?;
-    let leaf = chain.first().ok_or_else(|| TransportError::NoIdentity {
+        })
+}
+
+/// The error for a peer whose chain holds no certificate.
+pub(crate) fn empty_chain() -> TransportError {
+    TransportError::NoIdentity {
         reason: "the peer presented an empty certificate chain".to_owned(),
-    })?;
-    Identity::from_cert(leaf)
+    }
+}
+
+/// The leaf certificate the peer of an established connection presented.
+fn peer_leaf(conn: &quinn::Connection) -> Result<CertificateDer<'static>, TransportError> {
+    peer_chain(conn)?.into_iter().next().ok_or_else(empty_chain)
+}
+
+/// The identity of the peer of an established connection, read from its (already CA-verified)
+/// certificate's SAN DNS name.
+pub fn peer_identity(conn: &quinn::Connection) -> Result<Identity, TransportError> {
+    Identity::from_cert(&peer_leaf(conn)?)
 }
 
 /// The key fingerprint (`sha256:<hex>` of the SubjectPublicKeyInfo, see
 /// [`crate::key_fingerprint`]) of the peer's certificate on an established connection.
 pub fn peer_key_fingerprint(conn: &quinn::Connection) -> Result<String, TransportError> {
-    let any = conn
-        .peer_identity()
-        .ok_or_else(|| TransportError::NoIdentity {
-            reason: "the peer presented no certificate".to_owned(),
-        })?;
-    let chain = any
-        .downcast::<Vec<CertificateDer<'static>>>()
-        .map_err(|_| TransportError::NoIdentity {
-            reason: "the peer's credentials are not an X.509 chain".to_owned(),
-        })?;
-    let leaf = chain.first().ok_or_else(|| TransportError::NoIdentity {
-        reason: "the peer presented an empty certificate chain".to_owned(),
-    })?;
-    crate::pki::key_fingerprint(leaf)
+    crate::pki::key_fingerprint(&peer_leaf(conn)?)
 }
 
 #[cfg(test)]

@@ -491,16 +491,37 @@ async fn recv_expect_rejects_other_job_and_missing_frame() {
     assert!(matches!(err, TransportError::Closed { .. }), "{err:?}");
 }
 
+/// Writes `writes` raw on a new stream from `client` (then finishes it when `finish`), and
+/// returns the error the framed receiver on `server` reports.
+async fn recv_error_after_raw(
+    client: &quinn::Connection,
+    server: &quinn::Connection,
+    writes: &[&[u8]],
+    finish: bool,
+) -> TransportError {
+    let (mut raw, _rx) = client.open_bi().await.unwrap();
+    for bytes in writes {
+        raw.write_all(bytes).await.unwrap();
+    }
+    if finish {
+        raw.finish().unwrap();
+    }
+    let (_tx, mut rx) = timed(accept_bi(server)).await.unwrap();
+    timed(rx.recv()).await.unwrap_err()
+}
+
 #[tokio::test]
 async fn oversized_length_prefix_is_refused_before_reading_the_body() {
     let (_pki, client, server, _e1, _e2) = pair().await;
-    let (mut raw, _rx) = client.open_bi().await.unwrap();
-    // Announce 4 GiB - 1 and send only a few bytes: the receiver must not wait for (or allocate)
-    // the body.
-    raw.write_all(&u32::MAX.to_be_bytes()).await.unwrap();
-    raw.write_all(&[1, 2, 3]).await.unwrap();
-    let (_tx, mut rx) = timed(accept_bi(&server)).await.unwrap();
-    let err = timed(rx.recv()).await.unwrap_err();
+    // Announce 4 GiB - 1 and send only a few bytes (without finishing): the receiver must not
+    // wait for (or allocate) the body.
+    let err = recv_error_after_raw(
+        &client,
+        &server,
+        &[&u32::MAX.to_be_bytes(), &[1, 2, 3]],
+        false,
+    )
+    .await;
     assert!(
         matches!(
             err,
@@ -513,33 +534,17 @@ async fn oversized_length_prefix_is_refused_before_reading_the_body() {
 #[tokio::test]
 async fn stream_ending_mid_frame_is_truncation() {
     let (_pki, client, server, _e1, _e2) = pair().await;
-    // Inside the body.
-    let (mut raw, _rx) = client.open_bi().await.unwrap();
-    raw.write_all(&[0, 0, 0, 9, 1]).await.unwrap();
-    raw.finish().unwrap();
-    let (_tx, mut rx) = timed(accept_bi(&server)).await.unwrap();
-    let err = timed(rx.recv()).await.unwrap_err();
-    assert!(
-        matches!(
-            err,
-            TransportError::Frame(FrameError::Truncated { buffered: 5 })
-        ),
-        "{err:?}"
-    );
-
-    // Inside the length prefix.
-    let (mut raw, _rx) = client.open_bi().await.unwrap();
-    raw.write_all(&[0, 0]).await.unwrap();
-    raw.finish().unwrap();
-    let (_tx, mut rx) = timed(accept_bi(&server)).await.unwrap();
-    let err = timed(rx.recv()).await.unwrap_err();
-    assert!(
-        matches!(
-            err,
-            TransportError::Frame(FrameError::Truncated { buffered: 2 })
-        ),
-        "{err:?}"
-    );
+    // Inside the body, then inside the length prefix.
+    for (bytes, buffered) in [(&[0, 0, 0, 9, 1][..], 5), (&[0, 0][..], 2)] {
+        let err = recv_error_after_raw(&client, &server, &[bytes], true).await;
+        assert!(
+            matches!(
+                err,
+                TransportError::Frame(FrameError::Truncated { buffered: b }) if b == buffered
+            ),
+            "{err:?}"
+        );
+    }
 }
 
 /// Every file under `dir` (recursively) that holds a PEM private key.
