@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use cleanroom_proto::v1::{
     AddSchedule, AggregatePage, AnalystRequest, AuditHeadRecord, Envelope, GetAggregatePage,
-    GetAuditHeads, GetJob, GetReport, JobInfo, JobSpec, JobState, ListJobs, ListNodes,
+    GetAuditHeads, GetJob, GetReport, JobInfo, JobKind, JobSpec, JobState, ListJobs, ListNodes,
     ListSchedules, NodeInfo, Phase, RetryJob, ScheduleInfo, ScheduleRef, SubmitJob,
     analyst_request::Request, analyst_response::Response, envelope::Body,
 };
@@ -304,6 +304,17 @@ pub fn is_terminal(state: i32) -> bool {
         JobState::try_from(state),
         Ok(JobState::Succeeded | JobState::Failed | JobState::Vetoed | JobState::Cancelled)
     )
+}
+
+/// A job kind's name as the CLI, the console and the metrics print it ("overlap-sum").
+pub fn kind_name(kind: i32) -> &'static str {
+    match JobKind::try_from(kind) {
+        Ok(JobKind::Overlap) => "overlap",
+        Ok(JobKind::Match) => "match",
+        Ok(JobKind::Aggregate) => "aggregate",
+        Ok(JobKind::OverlapSum) => "overlap-sum",
+        _ => "unknown",
+    }
 }
 
 /// A job state's name as the CLI prints it ("succeeded").

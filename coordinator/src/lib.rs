@@ -43,6 +43,9 @@ pub mod spec;
 pub mod store;
 pub mod untrusted;
 
+#[cfg(test)]
+mod test_support;
+
 pub use api::serve;
 pub use client::AnalystClient;
 pub use clock::now_ms;

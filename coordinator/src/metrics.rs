@@ -8,7 +8,7 @@
 
 use std::time::Duration;
 
-use cleanroom_proto::v1::{JobKind, JobState};
+use cleanroom_proto::v1::JobState;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -61,14 +61,7 @@ fn duration_histogram() -> Histogram {
 
 /// The label of a stored job kind.
 pub fn kind_name(kind: i32) -> String {
-    match JobKind::try_from(kind) {
-        Ok(JobKind::Overlap) => "overlap",
-        Ok(JobKind::Match) => "match",
-        Ok(JobKind::Aggregate) => "aggregate",
-        Ok(JobKind::OverlapSum) => "overlap-sum",
-        _ => "unknown",
-    }
-    .to_owned()
+    crate::client::kind_name(kind).to_owned()
 }
 
 /// The label of a job state.
@@ -208,6 +201,7 @@ impl Metrics {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use cleanroom_proto::v1::JobKind;
 
     #[test]
     fn exposition_has_the_gauges_and_counters() {

@@ -337,29 +337,17 @@ mod tests {
     }
 
     fn aggregate() -> JobSpec {
-        JobSpec {
-            analyst: String::new(),
-            kind: JobKind::Aggregate as i32,
-            parties: ["acme", "globex", "initech"]
-                .iter()
-                .map(|n| PartySpec {
-                    node: (*n).into(),
-                    dataset: "chargebacks".into(),
-                    keys: vec![],
-                    learns_membership: false,
-                })
-                .collect(),
-            purpose: "fraud-benchmark".into(),
-            aggregate: Some(cleanroom_proto::v1::AggregateSpec {
-                group_by: "category".into(),
-                groups: vec!["electronics".into(), "home".into()],
-                sums: vec!["amount".into()],
-                count: true,
-                group_range: None,
-                person: String::new(),
-            }),
-            overlap_sum: None,
-        }
+        crate::test_support::aggregate_job(
+            &["acme", "globex", "initech"],
+            "chargebacks",
+            "fraud-benchmark",
+            Some(crate::test_support::aggregate_spec(
+                "category",
+                &["electronics", "home"],
+                &["amount"],
+                true,
+            )),
+        )
     }
 
     #[test]

@@ -113,6 +113,21 @@ fn unknown_schedule(name: &str) -> CoordinatorError {
     ))
 }
 
+/// The schedule `name`, once `analyst` may act on it (pause, resume, remove or run it now).
+fn schedule_to_act_on(
+    shared: &Shared,
+    roles: &Roles,
+    analyst: &str,
+    name: &str,
+) -> Result<ScheduleRecord, CoordinatorError> {
+    let record = shared
+        .store
+        .get_schedule(name)?
+        .ok_or_else(|| unknown_schedule(name))?;
+    may_on_schedule(roles, analyst, Action::ActOnSchedule, &record)?;
+    Ok(record)
+}
+
 pub(super) async fn analyst_session(
     shared: Arc<Shared>,
     roles: Arc<Roles>,
@@ -410,31 +425,19 @@ async fn handle(
             )))
         }
         Some(Request::PauseSchedule(r)) => {
-            let current = shared
-                .store
-                .get_schedule(&r.name)?
-                .ok_or_else(|| unknown_schedule(&r.name))?;
-            may_on_schedule(roles, &peer.name, Action::ActOnSchedule, &current)?;
+            schedule_to_act_on(shared, roles, &peer.name, &r.name)?;
             let record = shared.store.pause_schedule(&r.name)?;
             tracing::info!(schedule = %r.name, analyst = %peer.name, "schedule paused");
             Ok(Response::Schedule(schedule_info(&record, &[])))
         }
         Some(Request::ResumeSchedule(r)) => {
-            let current = shared
-                .store
-                .get_schedule(&r.name)?
-                .ok_or_else(|| unknown_schedule(&r.name))?;
-            may_on_schedule(roles, &peer.name, Action::ActOnSchedule, &current)?;
+            schedule_to_act_on(shared, roles, &peer.name, &r.name)?;
             let record = shared.store.resume_schedule(&r.name, now_ms())?;
             tracing::info!(schedule = %r.name, analyst = %peer.name, "schedule resumed");
             Ok(Response::Schedule(schedule_info(&record, &[])))
         }
         Some(Request::RemoveSchedule(r)) => {
-            let record = shared
-                .store
-                .get_schedule(&r.name)?
-                .ok_or_else(|| unknown_schedule(&r.name))?;
-            may_on_schedule(roles, &peer.name, Action::ActOnSchedule, &record)?;
+            let record = schedule_to_act_on(shared, roles, &peer.name, &r.name)?;
             let now = now_ms();
             shared.store.remove_schedule(&r.name, now)?;
             tracing::info!(schedule = %r.name, analyst = %peer.name, "schedule removed");
@@ -445,11 +448,7 @@ async fn handle(
             Ok(Response::Schedule(schedule_info(&record, &[])))
         }
         Some(Request::RunScheduleNow(r)) => {
-            let current = shared
-                .store
-                .get_schedule(&r.name)?
-                .ok_or_else(|| unknown_schedule(&r.name))?;
-            may_on_schedule(roles, &peer.name, Action::ActOnSchedule, &current)?;
+            schedule_to_act_on(shared, roles, &peer.name, &r.name)?;
             let submitter = shared.clone();
             let submit = move |job: ScheduledJob| submit_scheduled(submitter.clone(), job);
             let run = schedule::run_now(&shared.store, &r.name, now_ms(), &submit)

@@ -300,31 +300,17 @@ fn result_meta(
 mod tests {
     use super::*;
     use cleanroom_circuits::aggregate::{GroupVector, accumulate_seed, split};
-    use cleanroom_proto::v1::{AggregateSpec, ColumnNoise, JobKind, JobState, PartySpec};
+    use cleanroom_proto::v1::{ColumnNoise, JobState};
+
+    use crate::test_support::{aggregate_job, aggregate_spec};
 
     fn spec(count: bool) -> JobSpec {
-        JobSpec {
-            analyst: String::new(),
-            kind: JobKind::Aggregate as i32,
-            parties: ["a", "b", "c"]
-                .iter()
-                .map(|n| PartySpec {
-                    node: (*n).into(),
-                    dataset: "d".into(),
-                    ..PartySpec::default()
-                })
-                .collect(),
-            purpose: "p".into(),
-            aggregate: Some(AggregateSpec {
-                group_by: "category".into(),
-                groups: vec!["x".into(), "y".into()],
-                sums: vec!["amount".into()],
-                count,
-                group_range: None,
-                person: String::new(),
-            }),
-            overlap_sum: None,
-        }
+        aggregate_job(
+            &["a", "b", "c"],
+            "d",
+            "p",
+            Some(aggregate_spec("category", &["x", "y"], &["amount"], count)),
+        )
     }
 
     /// Three parties' reports and partials.

@@ -3,7 +3,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use cleanroom_proto::v1::{JobKind, JobSpec, JobState, PartySpec, PsiOutcome};
+use cleanroom_proto::v1::{JobSpec, JobState, PsiOutcome};
 use jiff::civil::DateTime;
 use tempfile::TempDir;
 
@@ -25,20 +25,7 @@ fn utc(y: i16, mo: i8, d: i8, h: i8, mi: i8) -> i64 {
 }
 
 fn spec() -> JobSpec {
-    let party = |node: &str, dataset: &str| PartySpec {
-        node: node.into(),
-        dataset: dataset.into(),
-        keys: vec!["email".into()],
-        learns_membership: false,
-    };
-    JobSpec {
-        analyst: String::new(),
-        kind: JobKind::Overlap as i32,
-        parties: vec![party("acme", "customers"), party("globex", "subscribers")],
-        purpose: "overlap-reporting".into(),
-        aggregate: None,
-        overlap_sum: None,
-    }
+    crate::test_support::overlap_job("overlap-reporting")
 }
 
 fn new_schedule(name: &str, cron: &str, max_retries: u32) -> NewSchedule {
@@ -57,6 +44,27 @@ fn open_temp() -> (TempDir, Arc<JobStore>) {
     let dir = tempfile::tempdir().unwrap();
     let store = JobStore::open(&dir.path().join("jobs.sqlite")).unwrap();
     (dir, Arc::new(store))
+}
+
+/// Adds `schedules` (name, cron, max_retries) to `store` at `at`.
+fn add_schedules(store: &JobStore, at: i64, schedules: &[(&str, &str, u32)]) {
+    for &(name, cron, max_retries) in schedules {
+        store
+            .add_schedule(&new_schedule(name, cron, max_retries), at)
+            .unwrap();
+    }
+}
+
+/// A temporary store holding `schedules` added at `start`, and a test clock set to `start`.
+fn scheduled(start: i64, schedules: &[(&str, &str, u32)]) -> (TempDir, Arc<JobStore>, TestClock) {
+    let (dir, store) = open_temp();
+    add_schedules(&store, start, schedules);
+    (dir, store, TestClock::new(start))
+}
+
+/// One tick at the clock's time.
+async fn tick_now(store: &JobStore, clock: &TestClock, submit: &impl Submit) -> TickSummary {
+    tick(store, clock.now_ms(), submit).await.unwrap()
 }
 
 /// How the fake coordinator ends each submitted job.
@@ -153,18 +161,17 @@ fn plan_fires_due_and_nothing_early() {
 #[tokio::test]
 async fn a_simulated_week_fires_exactly_the_expected_jobs() {
     let start = utc(2025, 1, 6, 0, 0); // a Monday
-    let (_dir, store) = open_temp();
-    let clock = TestClock::new(start);
-    store
-        .add_schedule(&new_schedule("nightly", "0 2 * * *", 0), start)
-        .unwrap();
-    store
-        .add_schedule(&new_schedule("weekday", "30 9 * * MON-FRI", 0), start)
-        .unwrap();
+    let (_dir, store, clock) = scheduled(
+        start,
+        &[
+            ("nightly", "0 2 * * *", 0),
+            ("weekday", "30 9 * * MON-FRI", 0),
+        ],
+    );
     let (submit, keys) = fake_submit(&store, &clock, Ending::Succeed);
     let mut fired = 0;
     while clock.now_ms() < start + 7 * DAY {
-        let summary = tick(&store, clock.now_ms(), &submit).await.unwrap();
+        let summary = tick_now(&store, &clock, &submit).await;
         fired += summary.fired.len();
         assert!(summary.retried.is_empty() && summary.skipped == 0);
         clock.advance(5 * MIN);
@@ -214,41 +221,23 @@ async fn a_simulated_week_fires_exactly_the_expected_jobs() {
 #[tokio::test]
 async fn catch_up_after_downtime_fires_the_latest_once_and_records_skips() {
     let start = utc(2025, 1, 6, 0, 0);
-    let (_dir, store) = open_temp();
-    let clock = TestClock::new(start);
-    store
-        .add_schedule(&new_schedule("hourly", "0 * * * *", 0), start)
-        .unwrap();
+    let (_dir, store, clock) = scheduled(start, &[("hourly", "0 * * * *", 0)]);
     let (submit, _) = fake_submit(&store, &clock, Ending::Succeed);
     clock.set(utc(2025, 1, 6, 1, 0));
-    assert_eq!(
-        tick(&store, clock.now_ms(), &submit)
-            .await
-            .unwrap()
-            .fired
-            .len(),
-        1
-    );
+    assert_eq!(tick_now(&store, &clock, &submit).await.fired.len(), 1);
     // Down from 01:00 to 05:30: 02:00, 03:00, 04:00 and 05:00 were missed.
     clock.set(utc(2025, 1, 6, 5, 30));
-    let summary = tick(&store, clock.now_ms(), &submit).await.unwrap();
+    let summary = tick_now(&store, &clock, &submit).await;
     assert_eq!(summary.fired.len(), 1);
     assert_eq!(summary.skipped, 3);
     // The next tick has nothing to do; 06:00 fires normally.
     clock.set(utc(2025, 1, 6, 5, 31));
     assert_eq!(
-        tick(&store, clock.now_ms(), &submit).await.unwrap(),
+        tick_now(&store, &clock, &submit).await,
         TickSummary::default()
     );
     clock.set(utc(2025, 1, 6, 6, 0));
-    assert_eq!(
-        tick(&store, clock.now_ms(), &submit)
-            .await
-            .unwrap()
-            .fired
-            .len(),
-        1
-    );
+    assert_eq!(tick_now(&store, &clock, &submit).await.fired.len(), 1);
 
     let runs: Vec<(i64, RunStatus)> = store
         .runs("hourly", 0)
@@ -279,11 +268,7 @@ async fn catch_up_after_downtime_fires_the_latest_once_and_records_skips() {
 #[tokio::test]
 async fn vetoed_runs_are_retried_with_backoff_then_given_up() {
     let start = utc(2025, 1, 6, 0, 0);
-    let (_dir, store) = open_temp();
-    let clock = TestClock::new(start);
-    store
-        .add_schedule(&new_schedule("nightly", "0 2 * * *", 2), start)
-        .unwrap();
+    let (_dir, store, clock) = scheduled(start, &[("nightly", "0 2 * * *", 2)]);
     let (submit, keys) = fake_submit(&store, &clock, Ending::Veto);
     let t = utc(2025, 1, 6, 2, 0);
     let at = |offset_ms: i64| {
@@ -368,22 +353,14 @@ async fn a_restarted_scheduler_does_not_fire_twice() {
     let clock = TestClock::new(start);
     {
         let store = Arc::new(JobStore::open(&path).unwrap());
-        store
-            .add_schedule(&new_schedule("nightly", "0 2 * * *", 0), start)
-            .unwrap();
-        store
-            .add_schedule(&new_schedule("other", "0 3 * * *", 0), start)
-            .unwrap();
+        add_schedules(
+            &store,
+            start,
+            &[("nightly", "0 2 * * *", 0), ("other", "0 3 * * *", 0)],
+        );
         let (submit, _) = fake_submit(&store, &clock, Ending::Succeed);
         clock.set(utc(2025, 1, 6, 2, 0));
-        assert_eq!(
-            tick(&store, clock.now_ms(), &submit)
-                .await
-                .unwrap()
-                .fired
-                .len(),
-            1
-        );
+        assert_eq!(tick_now(&store, &clock, &submit).await.fired.len(), 1);
         // A crash between submitting and recording: the job exists, the run row does not.
         let key = idempotency_key("other", utc(2025, 1, 6, 3, 0), 0);
         store
@@ -400,7 +377,7 @@ async fn a_restarted_scheduler_does_not_fire_twice() {
         );
     }
     clock.set(utc(2025, 1, 6, 3, 0));
-    let s = tick(&store, clock.now_ms(), &submit).await.unwrap();
+    let s = tick_now(&store, &clock, &submit).await;
     assert_eq!(s.fired.len(), 1);
     // The half-done submission was completed, not repeated: 2 jobs in all.
     assert_eq!(store.list(100).unwrap().len(), 2);
@@ -411,11 +388,7 @@ async fn a_restarted_scheduler_does_not_fire_twice() {
 #[tokio::test]
 async fn the_loop_ticks_by_the_clock_and_stops_on_shutdown() {
     let start = utc(2025, 1, 6, 0, 0);
-    let (_dir, store) = open_temp();
-    let clock = TestClock::new(start);
-    store
-        .add_schedule(&new_schedule("nightly", "0 2 * * *", 0), start)
-        .unwrap();
+    let (_dir, store, clock) = scheduled(start, &[("nightly", "0 2 * * *", 0)]);
     let (submit, _) = fake_submit(&store, &clock, Ending::Succeed);
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let shared_clock: Arc<dyn Clock> = Arc::new(clock.clone());
@@ -455,16 +428,12 @@ async fn the_loop_ticks_by_the_clock_and_stops_on_shutdown() {
 #[tokio::test]
 async fn pause_resume_run_now_and_refused_submissions() {
     let start = utc(2025, 1, 6, 0, 0);
-    let (_dir, store) = open_temp();
-    let clock = TestClock::new(start);
-    store
-        .add_schedule(&new_schedule("nightly", "0 2 * * *", 3), start)
-        .unwrap();
+    let (_dir, store, clock) = scheduled(start, &[("nightly", "0 2 * * *", 3)]);
     let (submit, _) = fake_submit(&store, &clock, Ending::Succeed);
     assert!(store.pause_schedule("nightly").unwrap().paused);
     clock.set(utc(2025, 1, 8, 12, 0));
     assert_eq!(
-        tick(&store, clock.now_ms(), &submit).await.unwrap(),
+        tick_now(&store, &clock, &submit).await,
         TickSummary::default()
     );
     // Run-now works while paused.
@@ -480,7 +449,7 @@ async fn pause_resume_run_now_and_refused_submissions() {
     let resumed = store.resume_schedule("nightly", clock.now_ms()).unwrap();
     assert_eq!(resumed.next_run_ms, Some(utc(2025, 1, 9, 2, 0)));
     assert_eq!(
-        tick(&store, clock.now_ms(), &submit).await.unwrap(),
+        tick_now(&store, &clock, &submit).await,
         TickSummary::default()
     );
     // A refused submission is recorded with its reason and the schedule moves on.
@@ -495,7 +464,7 @@ async fn pause_resume_run_now_and_refused_submissions() {
     assert_eq!(last[0].note, "node 'acme' is unknown");
     clock.set(utc(2025, 1, 9, 3, 0));
     assert_eq!(
-        tick(&store, clock.now_ms(), &submit).await.unwrap(),
+        tick_now(&store, &clock, &submit).await,
         TickSummary::default()
     );
     assert!(matches!(

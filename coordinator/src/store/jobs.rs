@@ -206,24 +206,10 @@ impl JobStore {
     /// than [`MAX_LIST_LIMIT`]). A limit of 0 returns no jobs: choosing a default is the API's
     /// business.
     pub fn list(&self, limit: u32) -> Result<Vec<JobInfo>, StoreError> {
-        let limit = limit.min(MAX_LIST_LIMIT);
-        let mut conn = self.lock();
-        let tx = conn.transaction()?;
-        let ids = {
-            let mut stmt =
-                tx.prepare("SELECT job_id FROM jobs ORDER BY created_ms DESC, seq DESC LIMIT ?1")?;
-            stmt.query_map([limit], |row| row.get::<_, String>(0))?
-                .collect::<Result<Vec<_>, _>>()?
-        };
-        let mut jobs = Vec::with_capacity(ids.len());
-        for job_id in ids {
-            // The job cannot vanish inside this read transaction; skip it if it somehow did.
-            if let Some(info) = load_job(&tx, &job_id)? {
-                jobs.push(info);
-            }
-        }
-        tx.commit()?;
-        Ok(jobs)
+        self.load_listed(
+            "SELECT job_id FROM jobs ORDER BY created_ms DESC, seq DESC LIMIT ?1",
+            [limit.min(MAX_LIST_LIMIT)],
+        )
     }
 
     /// Like [`JobStore::list`], restricted to what `filter` lets an analyst see (the API
@@ -234,22 +220,30 @@ impl JobStore {
             JobFilter::OwnedBy(o) => (o.as_str(), false),
             JobFilter::OwnedByOrScheduled(o) => (o.as_str(), true),
         };
-        let limit = limit.min(MAX_LIST_LIMIT);
+        self.load_listed(
+            "SELECT job_id FROM jobs WHERE submitted_by = ?2 \
+               OR (?3 AND job_id IN (SELECT job_id FROM schedule_runs WHERE job_id IS NOT NULL)) \
+             ORDER BY created_ms DESC, seq DESC LIMIT ?1",
+            params![limit.min(MAX_LIST_LIMIT), owner, scheduled],
+        )
+    }
+
+    /// The jobs whose ids the query `sql` selects, in its order, loaded in one read transaction.
+    fn load_listed(
+        &self,
+        sql: &str,
+        params: impl rusqlite::Params,
+    ) -> Result<Vec<JobInfo>, StoreError> {
         let mut conn = self.lock();
         let tx = conn.transaction()?;
         let ids = {
-            let mut stmt = tx.prepare(
-                "SELECT job_id FROM jobs WHERE submitted_by = ?2 \
-                   OR (?3 AND job_id IN (SELECT job_id FROM schedule_runs WHERE job_id IS NOT NULL)) \
-                 ORDER BY created_ms DESC, seq DESC LIMIT ?1",
-            )?;
-            stmt.query_map(params![limit, owner, scheduled], |row| {
-                row.get::<_, String>(0)
-            })?
-            .collect::<Result<Vec<_>, _>>()?
+            let mut stmt = tx.prepare(sql)?;
+            stmt.query_map(params, |row| row.get::<_, String>(0))?
+                .collect::<Result<Vec<_>, _>>()?
         };
         let mut jobs = Vec::with_capacity(ids.len());
         for job_id in ids {
+            // The job cannot vanish inside this read transaction; skip it if it somehow did.
             if let Some(info) = load_job(&tx, &job_id)? {
                 jobs.push(info);
             }

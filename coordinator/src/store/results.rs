@@ -319,28 +319,14 @@ fn corrupt(job_id: &str, reason: impl Into<String>) -> StoreError {
 #[cfg(test)]
 mod aggregate_result_tests {
     use super::*;
-    use cleanroom_proto::v1::{AggregateGroup, AggregateResult, JobKind, JobSpec, PartySpec};
+    use cleanroom_proto::v1::{AggregateGroup, AggregateResult};
 
     #[test]
     fn aggregate_results_round_trip_and_survive_reopen() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("jobs.db");
         let store = JobStore::open(&path).unwrap();
-        let spec = JobSpec {
-            analyst: String::new(),
-            kind: JobKind::Aggregate as i32,
-            parties: ["a", "b", "c"]
-                .iter()
-                .map(|n| PartySpec {
-                    node: (*n).into(),
-                    dataset: "d".into(),
-                    ..PartySpec::default()
-                })
-                .collect(),
-            purpose: "p".into(),
-            aggregate: None,
-            overlap_sum: None,
-        };
+        let spec = crate::test_support::aggregate_job(&["a", "b", "c"], "d", "p", None);
         let job = store.submit(&spec, "", "alice", 1).unwrap();
         assert_eq!(store.get_aggregate_result(&job.job_id).unwrap(), None);
         let result = AggregateResult {
@@ -378,28 +364,14 @@ mod aggregate_page_tests {
     use super::*;
     use cleanroom_proto::frame::MAX_FRAME_LEN;
     use cleanroom_proto::v1::{
-        AggregateGroup, AggregatePage, AggregateResult, AnalystResponse, Envelope, JobKind,
-        JobSpec, PartySpec, analyst_response::Response, envelope::Body,
+        AggregateGroup, AggregatePage, AggregateResult, AnalystResponse, Envelope,
+        analyst_response::Response, envelope::Body,
     };
 
     fn store_with_job() -> (tempfile::TempDir, JobStore, String) {
         let dir = tempfile::tempdir().unwrap();
         let store = JobStore::open(&dir.path().join("jobs.db")).unwrap();
-        let spec = JobSpec {
-            analyst: String::new(),
-            kind: JobKind::Aggregate as i32,
-            parties: ["a", "b", "c"]
-                .iter()
-                .map(|n| PartySpec {
-                    node: (*n).into(),
-                    dataset: "d".into(),
-                    ..PartySpec::default()
-                })
-                .collect(),
-            purpose: "p".into(),
-            aggregate: None,
-            overlap_sum: None,
-        };
+        let spec = crate::test_support::aggregate_job(&["a", "b", "c"], "d", "p", None);
         let job = store.submit(&spec, "", "alice", 1).unwrap();
         (dir, store, job.job_id)
     }

@@ -3,38 +3,14 @@
 
 use std::sync::{Arc, Barrier};
 
-use cleanroom_proto::v1::{
-    JobKind, JobSpec, JobState, PartyResult, PartySpec, PsiOutcome, StateChange,
-};
+use cleanroom_proto::v1::{JobState, PartyResult, PsiOutcome, StateChange};
 use prost::Message;
 use rusqlite::{Connection, params};
 use tempfile::TempDir;
 
 use super::*;
 
-pub(super) fn spec(purpose: &str) -> JobSpec {
-    JobSpec {
-        analyst: String::new(),
-        kind: JobKind::Overlap as i32,
-        parties: vec![
-            PartySpec {
-                node: "acme".into(),
-                dataset: "customers".into(),
-                keys: vec!["email".into()],
-                learns_membership: false,
-            },
-            PartySpec {
-                node: "globex".into(),
-                dataset: "subscribers".into(),
-                keys: vec!["email".into()],
-                learns_membership: false,
-            },
-        ],
-        purpose: purpose.into(),
-        aggregate: None,
-        overlap_sum: None,
-    }
-}
+pub(super) use crate::test_support::overlap_job as spec;
 
 fn outcome(intersection: u64) -> PsiOutcome {
     PsiOutcome {
@@ -62,6 +38,18 @@ fn state_of(store: &JobStore, job_id: &str) -> JobState {
 /// Runs raw SQL on the store's connection, as a disk fault or a careless operator would.
 fn tamper(store: &JobStore, sql: &str, job_id: &str) {
     store.lock().execute(sql, [job_id]).unwrap();
+}
+
+/// The versions the store's `schema_version` table records, ascending.
+fn schema_versions(store: &JobStore) -> Vec<i64> {
+    store
+        .lock()
+        .prepare("SELECT version FROM schema_version ORDER BY version")
+        .unwrap()
+        .query_map([], |row| row.get(0))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap()
 }
 
 #[test]
@@ -101,15 +89,7 @@ fn creates_on_first_open_and_reopen_keeps_jobs() {
     assert_eq!(info.state, JobState::Offered as i32);
     assert_eq!(info.history.len(), 2);
     assert_eq!(store.nodes().unwrap().len(), 1);
-    let versions: Vec<i64> = store
-        .lock()
-        .prepare("SELECT version FROM schema_version")
-        .unwrap()
-        .query_map([], |row| row.get(0))
-        .unwrap()
-        .collect::<Result<_, _>>()
-        .unwrap();
-    assert_eq!(versions, vec![SCHEMA_VERSION]);
+    assert_eq!(schema_versions(&store), vec![SCHEMA_VERSION]);
 }
 
 #[test]
@@ -609,24 +589,38 @@ fn corrupt_state_and_result_are_errors_not_panics() {
     ));
 }
 
-#[test]
-fn concurrent_submits_with_one_key_create_one_job() {
-    let (_dir, store) = open_temp();
-    let store = Arc::new(store);
+/// Eight threads submit one key at once, each through the store `connect` gives it (before they
+/// start together); every one must be told of the same job, and only one that it created it.
+fn submit_at_once<S: std::borrow::Borrow<JobStore>>(
+    connect: impl Fn() -> S + Send + Sync + 'static,
+) {
+    let connect = Arc::new(connect);
     let barrier = Arc::new(Barrier::new(8));
     let handles: Vec<_> = (0..8)
         .map(|i| {
-            let store = Arc::clone(&store);
+            let connect = Arc::clone(&connect);
             let barrier = Arc::clone(&barrier);
             std::thread::spawn(move || {
+                let store = connect();
                 barrier.wait();
-                store.submit(&spec("q3"), "nightly-1", "alice", i).unwrap()
+                store
+                    .borrow()
+                    .submit(&spec("q3"), "nightly-1", "alice", i)
+                    .unwrap()
             })
         })
         .collect();
     let results: Vec<Submitted> = handles.into_iter().map(|h| h.join().unwrap()).collect();
     assert_eq!(results.iter().filter(|s| s.created).count(), 1);
     assert!(results.iter().all(|s| s.job_id == results[0].job_id));
+}
+
+#[test]
+fn concurrent_submits_with_one_key_create_one_job() {
+    let (_dir, store) = open_temp();
+    let store = Arc::new(store);
+    let shared = Arc::clone(&store);
+    submit_at_once(move || Arc::clone(&shared));
     assert_eq!(store.list(100).unwrap().len(), 1);
 }
 
@@ -637,21 +631,8 @@ fn concurrent_submits_from_separate_connections_create_one_job() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("jobs.sqlite");
     drop(JobStore::open(&path).unwrap());
-    let barrier = Arc::new(Barrier::new(8));
-    let handles: Vec<_> = (0..8)
-        .map(|i| {
-            let path = path.clone();
-            let barrier = Arc::clone(&barrier);
-            std::thread::spawn(move || {
-                let store = JobStore::open(&path).unwrap();
-                barrier.wait();
-                store.submit(&spec("q3"), "nightly-1", "alice", i).unwrap()
-            })
-        })
-        .collect();
-    let results: Vec<Submitted> = handles.into_iter().map(|h| h.join().unwrap()).collect();
-    assert_eq!(results.iter().filter(|s| s.created).count(), 1);
-    assert!(results.iter().all(|s| s.job_id == results[0].job_id));
+    let each = path.clone();
+    submit_at_once(move || JobStore::open(&each).unwrap());
     assert_eq!(JobStore::open(&path).unwrap().list(100).unwrap().len(), 1);
 }
 
@@ -768,15 +749,7 @@ fn version_1_database_is_migrated_and_keeps_its_jobs() {
         job.job_id
     };
     let store = JobStore::open(&path).unwrap();
-    let versions: Vec<i64> = store
-        .lock()
-        .prepare("SELECT version FROM schema_version ORDER BY version")
-        .unwrap()
-        .query_map([], |row| row.get(0))
-        .unwrap()
-        .collect::<Result<_, _>>()
-        .unwrap();
-    assert_eq!(versions, vec![1, SCHEMA_VERSION]);
+    assert_eq!(schema_versions(&store), vec![1, SCHEMA_VERSION]);
     assert_eq!(store.get(&job_id).unwrap().unwrap().spec, Some(spec("q3")));
     store.add_schedule(&new_schedule("nightly"), 0).unwrap();
     drop(store);

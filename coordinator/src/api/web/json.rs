@@ -11,7 +11,7 @@ use std::sync::{Arc, OnceLock};
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{MethodFilter, MethodRouter, get, on, post};
 use axum::{Extension, Json, Router};
 use cleanroom_proto::v1::analyst_request::Request as Req;
 use cleanroom_proto::v1::analyst_response::Response as Resp;
@@ -40,11 +40,20 @@ pub fn routes() -> Router<Arc<Shared>> {
         .route("/schedules", get(list_schedules).post(add_schedule))
         .route(
             "/schedules/{name}",
-            get(show_schedule).delete(remove_schedule),
+            get(show_schedule).merge(on_schedule(MethodFilter::DELETE, Req::RemoveSchedule)),
         )
-        .route("/schedules/{name}/pause", post(pause_schedule))
-        .route("/schedules/{name}/resume", post(resume_schedule))
-        .route("/schedules/{name}/run-now", post(run_schedule_now))
+        .route(
+            "/schedules/{name}/pause",
+            on_schedule(MethodFilter::POST, Req::PauseSchedule),
+        )
+        .route(
+            "/schedules/{name}/resume",
+            on_schedule(MethodFilter::POST, Req::ResumeSchedule),
+        )
+        .route(
+            "/schedules/{name}/run-now",
+            on_schedule(MethodFilter::POST, Req::RunScheduleNow),
+        )
         .route("/schedules/{name}/report", get(report))
 }
 
@@ -252,60 +261,17 @@ async fn show_schedule(
     ask(&shared, &analyst, "", Req::ShowSchedule(r)).await
 }
 
-async fn remove_schedule(
-    State(shared): State<Arc<Shared>>,
-    Extension(analyst): Extension<Analyst>,
-    Path(name): Path<String>,
-) -> Response {
-    ask(
-        &shared,
-        &analyst,
-        "",
-        Req::RemoveSchedule(schedule_ref(name, 0)),
+/// `method` on `/schedules/{name}…`, a body-less request that `make` builds from the schedule's
+/// name (remove, pause, resume, run now).
+fn on_schedule(method: MethodFilter, make: fn(ScheduleRef) -> Req) -> MethodRouter<Arc<Shared>> {
+    on(
+        method,
+        move |State(shared): State<Arc<Shared>>,
+              Extension(analyst): Extension<Analyst>,
+              Path(name): Path<String>| async move {
+            ask(&shared, &analyst, "", make(schedule_ref(name, 0))).await
+        },
     )
-    .await
-}
-
-async fn pause_schedule(
-    State(shared): State<Arc<Shared>>,
-    Extension(analyst): Extension<Analyst>,
-    Path(name): Path<String>,
-) -> Response {
-    ask(
-        &shared,
-        &analyst,
-        "",
-        Req::PauseSchedule(schedule_ref(name, 0)),
-    )
-    .await
-}
-
-async fn resume_schedule(
-    State(shared): State<Arc<Shared>>,
-    Extension(analyst): Extension<Analyst>,
-    Path(name): Path<String>,
-) -> Response {
-    ask(
-        &shared,
-        &analyst,
-        "",
-        Req::ResumeSchedule(schedule_ref(name, 0)),
-    )
-    .await
-}
-
-async fn run_schedule_now(
-    State(shared): State<Arc<Shared>>,
-    Extension(analyst): Extension<Analyst>,
-    Path(name): Path<String>,
-) -> Response {
-    ask(
-        &shared,
-        &analyst,
-        "",
-        Req::RunScheduleNow(schedule_ref(name, 0)),
-    )
-    .await
 }
 
 async fn report(
