@@ -376,14 +376,7 @@ fn table_head(job: &JobInfo) -> String {
 fn table_headers(r: &AggregateResult) -> Vec<String> {
     r.columns
         .iter()
-        .map(|c| {
-            let sd = noise_sd(r, c);
-            if sd > 0.0 {
-                format!("{c} (±{sd:.1})")
-            } else {
-                c.clone()
-            }
-        })
+        .map(|c| crate::group_table::column_header(c, noise_sd(r, c)))
         .collect()
 }
 
@@ -425,18 +418,7 @@ mod tests {
             }),
             aggregate: Some(AggregateResult {
                 columns: vec!["count".into(), "amount".into()],
-                groups: vec![
-                    AggregateGroup {
-                        label: "home".into(),
-                        suppressed: false,
-                        values: vec![42, 12345],
-                    },
-                    AggregateGroup {
-                        label: "(other)".into(),
-                        suppressed: true,
-                        values: vec![],
-                    },
-                ],
+                groups: crate::group_table::sample_groups("home"),
                 noise: vec![ColumnNoise {
                     column: "amount".into(),
                     noised: true,

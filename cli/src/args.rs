@@ -366,16 +366,23 @@ pub enum JobCli {
         /// Idempotency key of the new job (default: `retry:JOB_ID`).
         #[arg(long, default_value = "")]
         idempotency_key: String,
-        /// Wait for the new job to finish and print its result.
-        #[arg(long)]
-        wait: bool,
-        /// With --wait: give up after this many seconds.
-        #[arg(long, default_value_t = 3600)]
-        timeout: u64,
-        /// Output format.
-        #[arg(long, value_enum, default_value_t = Format::Table)]
-        format: Format,
+        #[command(flatten)]
+        then: WaitArgs,
     },
+}
+
+/// What to do with a job just submitted (by `job retry` or `schedule run-now`).
+#[derive(Debug, Args)]
+pub struct WaitArgs {
+    /// Wait for the job to finish and print its result.
+    #[arg(long)]
+    pub wait: bool,
+    /// With --wait: give up after this many seconds.
+    #[arg(long, default_value_t = 3600)]
+    pub timeout: u64,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = Format::Table)]
+    pub format: Format,
 }
 
 /// `cleanroom schedule …`
@@ -431,15 +438,8 @@ pub enum ScheduleCommand {
     RunNow {
         /// The schedule.
         name: String,
-        /// Wait for the job to finish and print its result.
-        #[arg(long)]
-        wait: bool,
-        /// With --wait: give up after this many seconds.
-        #[arg(long, default_value_t = 3600)]
-        timeout: u64,
-        /// Output format.
-        #[arg(long, value_enum, default_value_t = Format::Table)]
-        format: Format,
+        #[command(flatten)]
+        then: WaitArgs,
     },
 }
 
@@ -757,6 +757,13 @@ pub struct BenchAggregateArgs {
     /// Customers per partner; each partner's chargebacks file has a fifth of that.
     #[arg(long, default_value_t = 100_000)]
     pub rows: u64,
+    #[command(flatten)]
+    pub each: BenchRunArgs,
+}
+
+/// What every `cleanroom bench …` takes: how often to run, where to keep the work, JSON.
+#[derive(Debug, Args)]
+pub struct BenchRunArgs {
     /// Repetitions of the job (the median is reported).
     #[arg(long, default_value_t = 1)]
     pub runs: u32,
@@ -782,13 +789,6 @@ pub struct BenchPsiArgs {
     /// and report the speed-up of the last count over the one before. Default: one per core.
     #[arg(long, value_delimiter = ',')]
     pub threads: Vec<usize>,
-    /// Repetitions of the job (the median is reported).
-    #[arg(long, default_value_t = 1)]
-    pub runs: u32,
-    /// Keep the working directory here.
-    #[arg(long)]
-    pub keep: Option<PathBuf>,
-    /// Print the figures as JSON too.
-    #[arg(long)]
-    pub json: bool,
+    #[command(flatten)]
+    pub each: BenchRunArgs,
 }

@@ -42,7 +42,7 @@ async fn aggregate(args: BenchAggregateArgs) -> anyhow::Result<ExitCode> {
             crate::synth::CATEGORIES.len()
         );
     }
-    let workdir = WorkDir::new(args.keep.as_deref(), "cleanroom-bench-")?;
+    let workdir = WorkDir::new(args.each.keep.as_deref(), "cleanroom-bench-")?;
     let dir = workdir.path().to_owned();
     let progress = spinner("measuring the cryptographic floor on this machine");
     let floor = aggregate_floor(&args).await?;
@@ -114,11 +114,11 @@ async fn aggregate(args: BenchAggregateArgs) -> anyhow::Result<ExitCode> {
     let mut released = 0usize;
     let mut correct = true;
     let mut bytes: Vec<(String, u64, u64)> = Vec::new();
-    for run in 0..args.runs.max(1) {
+    for run in 0..args.each.runs.max(1) {
         progress.set_message(format!(
             "run {}/{}: aggregate of {} groups over {} parties",
             run + 1,
-            args.runs.max(1),
+            args.each.runs.max(1),
             args.groups,
             args.parties
         ));
@@ -269,7 +269,7 @@ async fn aggregate(args: BenchAggregateArgs) -> anyhow::Result<ExitCode> {
             (false, _) => "WRONG",
         }
     );
-    if args.json {
+    if args.each.json {
         cleanroom_node::outln!(
             "{}",
             json!({
@@ -403,7 +403,7 @@ fn aggregate_in_process(args: &BenchAggregateArgs) -> anyhow::Result<ExitCode> {
     let mut walls = Vec::new();
     let mut stages = [0f64; 4];
     let mut correct = true;
-    for _ in 0..args.runs.max(1) {
+    for _ in 0..args.each.runs.max(1) {
         // Random inputs: counts up to 50, amounts up to 50 × 200000.
         let inputs: Vec<GroupVector> = (0..n)
             .map(|_| {

@@ -2,6 +2,7 @@
 //! mutual TLS, submitted through the analyst API, against the cryptographic floor measured in
 //! the same run; optionally with 1, 2, … worker threads per node, to see how the job scales.
 
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
@@ -12,10 +13,30 @@ use serde_json::json;
 use crate::args::BenchPsiArgs;
 use crate::cluster::{Cluster, Partner};
 use crate::measure::{CpuMark, cores, median, rss_json, thread_cpu_time, verdict, warn_if_debug};
-use crate::synth::{SynthSpec, write_synth};
+use crate::synth::{GroundTruth, SynthSpec, write_synth};
 use crate::ui::{WorkDir, spinner};
 
-const PARTNERS: [&str; 2] = ["acme", "globex"];
+/// The two partners of a bench run.
+pub(crate) const PARTNERS: [&str; 2] = ["acme", "globex"];
+
+/// Writes a bench run's synthetic data (`args.n` rows per partner, `args.overlap` of them
+/// shared, a fixed seed) under `dir/data`; returns that folder and the ground truth.
+pub(crate) fn write_bench_data(
+    dir: &Path,
+    args: &BenchPsiArgs,
+) -> anyhow::Result<(PathBuf, GroundTruth)> {
+    let data_dir = dir.join("data");
+    let truth = write_synth(
+        &SynthSpec {
+            partners: PARTNERS.iter().map(|s| s.to_string()).collect(),
+            rows: args.n,
+            overlap: args.overlap,
+            seed: 42,
+        },
+        &data_dir,
+    )?;
+    Ok((data_dir, truth))
+}
 
 /// One configuration's jobs: worker threads per node (`None`: rayon's default, one per core).
 #[derive(Debug, Default)]
@@ -58,7 +79,7 @@ pub async fn run(args: BenchPsiArgs) -> anyhow::Result<ExitCode> {
         args.threads.iter().all(|&t| t >= 1),
         "--threads takes counts of at least 1"
     );
-    let workdir = WorkDir::new(args.keep.as_deref(), "cleanroom-bench-")?;
+    let workdir = WorkDir::new(args.each.keep.as_deref(), "cleanroom-bench-")?;
     let dir = workdir.path().to_owned();
     let progress = spinner("measuring the cryptographic floor on this machine");
     // On the thread's CPU clock: time the scheduler gives to other processes is not counted as
@@ -68,16 +89,7 @@ pub async fn run(args: BenchPsiArgs) -> anyhow::Result<ExitCode> {
     let floor_secs = floor.psi_floor_seconds(args.n, args.n, cores);
 
     progress.set_message(format!("writing {} × {} synthetic rows", args.n, args.n));
-    let data_dir = dir.join("data");
-    let truth = write_synth(
-        &SynthSpec {
-            partners: PARTNERS.iter().map(|s| s.to_string()).collect(),
-            rows: args.n,
-            overlap: args.overlap,
-            seed: 42,
-        },
-        &data_dir,
-    )?;
+    let (data_dir, truth) = write_bench_data(&dir, &args)?;
     let expected = truth
         .pairwise_overlap
         .get("acme,globex")
@@ -99,7 +111,7 @@ pub async fn run(args: BenchPsiArgs) -> anyhow::Result<ExitCode> {
     for c in &mut configs {
         c.correct = true;
     }
-    let runs = args.runs.max(1);
+    let runs = args.each.runs.max(1);
     if configs.len() == 1 {
         // One cluster for every run, as an operator's nodes would run job after job.
         let c = &mut configs[0];
@@ -156,7 +168,8 @@ async fn start(
     Cluster::start_with(dir, partners, None, &env).await
 }
 
-fn node_pids(cluster: &Cluster) -> Vec<u32> {
+/// The process ids of the bench's nodes that are running.
+pub(crate) fn node_pids(cluster: &Cluster) -> Vec<u32> {
     PARTNERS
         .iter()
         .filter_map(|n| cluster.node_pid(n))
@@ -219,7 +232,7 @@ fn report(
     cleanroom_node::outln!(
         "bench psi: overlap of {n} × {n} items ({:.0}% shared), {cores} cores, {} run(s)",
         args.overlap * 100.0,
-        args.runs.max(1)
+        args.each.runs.max(1)
     );
     cleanroom_node::outln!(
         "curve backend:            {} (picked at run time; the nodes run the same build)",
@@ -307,14 +320,14 @@ fn report(
             "WRONG"
         }
     );
-    if args.json {
+    if args.each.json {
         // The headline figures are those of the last configuration (the most threads, when
         // --threads lists them in increasing order).
         let last = by_threads.last().cloned().unwrap_or_default();
         cleanroom_node::outln!(
             "{}",
             json!({
-                "n": n, "overlap": args.overlap, "cores": cores, "runs": args.runs.max(1),
+                "n": n, "overlap": args.overlap, "cores": cores, "runs": args.each.runs.max(1),
                 "backend": floor.backend,
                 "wall_s": last["wall_s"], "floor_s": floor_secs, "ratio": last["ratio"],
                 "items_per_s_per_side": last["items_per_s_per_side"],

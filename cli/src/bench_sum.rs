@@ -11,12 +11,12 @@ use serde_json::json;
 use cleanroom_circuits::measure_sum_floor;
 
 use crate::args::BenchPsiArgs;
+use crate::bench_psi::{PARTNERS, node_pids, write_bench_data};
 use crate::cluster::{Cluster, Partner};
 use crate::measure::{CpuMark, cores, median, rss_json, thread_cpu_time, verdict, warn_if_debug};
-use crate::synth::{GroupTruth, SynthSpec, write_synth};
+use crate::synth::GroupTruth;
 use crate::ui::{WorkDir, spinner};
 
-const PARTNERS: [&str; 2] = ["acme", "globex"];
 /// The `orders` clipping bound of the cluster's overlap-sum entry (see `cluster::node_config`);
 /// the synthetic amounts never exceed theirs (500 000).
 const ORDERS_MAX: u64 = 100;
@@ -78,7 +78,7 @@ pub async fn run(args: BenchPsiArgs) -> anyhow::Result<ExitCode> {
         "--threads is for bench psi; bench overlap-sum runs the nodes' default threads"
     );
     let cores = cores();
-    let workdir = WorkDir::new(args.keep.as_deref(), "cleanroom-bench-")?;
+    let workdir = WorkDir::new(args.each.keep.as_deref(), "cleanroom-bench-")?;
     let dir = workdir.path().to_owned();
     let progress = spinner("measuring the cryptographic floor on this machine");
     // The job's row: the count and the two columns' bounds (one Paillier plaintext), on one
@@ -88,16 +88,7 @@ pub async fn run(args: BenchPsiArgs) -> anyhow::Result<ExitCode> {
     })
     .await??;
     progress.set_message(format!("writing {} × {} synthetic rows", args.n, args.n));
-    let data_dir = dir.join("data");
-    let truth = write_synth(
-        &SynthSpec {
-            partners: PARTNERS.iter().map(|s| s.to_string()).collect(),
-            rows: args.n,
-            overlap: args.overlap,
-            seed: 42,
-        },
-        &data_dir,
-    )?;
+    let (data_dir, truth) = write_bench_data(&dir, &args)?;
     anyhow::ensure!(
         crate::synth::MAX_ORDERS <= ORDERS_MAX,
         "the synthetic orders exceed the bound"
@@ -116,13 +107,10 @@ pub async fn run(args: BenchPsiArgs) -> anyhow::Result<ExitCode> {
 
     let (mut overlap_walls, mut sum_walls) = (Vec::new(), Vec::new());
     let (mut overlap_others, mut sum_others) = (Vec::new(), Vec::new());
-    let pids: Vec<u32> = PARTNERS
-        .iter()
-        .filter_map(|p| cluster.node_pid(p))
-        .collect();
+    let pids = node_pids(&cluster);
     let (mut overlap_bytes, mut sum_bytes) = (Vec::new(), Vec::new());
     let mut correct = true;
-    let runs = args.runs.max(1);
+    let runs = args.each.runs.max(1);
     for run in 0..runs {
         for kind in [JobKind::Overlap, JobKind::OverlapSum] {
             let name = if kind == JobKind::Overlap {
@@ -238,7 +226,7 @@ pub async fn run(args: BenchPsiArgs) -> anyhow::Result<ExitCode> {
             "WRONG"
         }
     );
-    if args.json {
+    if args.each.json {
         cleanroom_node::outln!(
             "{}",
             json!({

@@ -14,6 +14,16 @@ pub fn group_json(columns: &[String], g: &AggregateGroup) -> Value {
     json!({ "group": g.label, "suppressed": g.suppressed, "values": values })
 }
 
+/// A value column's header: its name, with the standard deviation of its noise when it has any
+/// (`amount (±12.5)`).
+pub fn column_header(name: &str, sd: f64) -> String {
+    if sd > 0.0 {
+        format!("{name} (±{sd:.1})")
+    } else {
+        name.to_owned()
+    }
+}
+
 /// Column widths of a group table: the label column's, then one per value column.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Widths {
@@ -82,24 +92,31 @@ pub fn render(headers: &[String], groups: &[AggregateGroup]) -> String {
     out
 }
 
+/// Two groups for the renderings' tests: `label` released with the values 42 and 12345, and
+/// `(other)` suppressed.
+#[cfg(test)]
+pub(crate) fn sample_groups(label: &str) -> Vec<AggregateGroup> {
+    vec![
+        AggregateGroup {
+            label: label.into(),
+            suppressed: false,
+            values: vec![42, 12345],
+        },
+        AggregateGroup {
+            label: "(other)".into(),
+            suppressed: true,
+            values: vec![],
+        },
+    ]
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn columns_align_and_suppressed_groups_are_marked() {
-        let groups = [
-            AggregateGroup {
-                label: "home".into(),
-                suppressed: false,
-                values: vec![42, 12345],
-            },
-            AggregateGroup {
-                label: "(other)".into(),
-                suppressed: true,
-                values: vec![],
-            },
-        ];
+        let groups = sample_groups("home");
         let t = render(&["count".into(), "amount".into()], &groups);
         assert_eq!(
             t,

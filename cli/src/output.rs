@@ -1,7 +1,7 @@
 //! Rendering jobs and nodes as a table, JSON or CSV.
 
 use cleanroom_coordinator::client::state_name;
-use cleanroom_proto::v1::{JobInfo, NodeInfo, NoiseTerm, ScheduleInfo};
+use cleanroom_proto::v1::{JobInfo, NodeInfo, NoiseTerm, PartySpec, ScheduleInfo, ScheduleRunInfo};
 use serde_json::{Value, json};
 
 use crate::args::Format;
@@ -25,9 +25,7 @@ pub fn job_json(job: &JobInfo) -> Value {
         "state": state_name(job.state),
         "reason": job.reason,
         "purpose": spec.purpose,
-        "parties": spec.parties.iter().map(|p| json!({
-            "node": p.node, "dataset": p.dataset, "keys": p.keys, "learns_membership": p.learns_membership,
-        })).collect::<Vec<_>>(),
+        "parties": parties_json(&spec.parties),
         "submitted_by": job.submitted_by,
         "analyst": spec.analyst,
         "created_ms": job.created_ms,
@@ -52,6 +50,18 @@ pub fn job_json(job: &JobInfo) -> Value {
         }).collect::<Vec<_>>(),
         "history": crate::text::history_json(job),
     })
+}
+
+/// A spec's parties as JSON.
+fn parties_json(parties: &[PartySpec]) -> Vec<Value> {
+    parties
+        .iter()
+        .map(|p| {
+            json!({
+                "node": p.node, "dataset": p.dataset, "keys": p.keys, "learns_membership": p.learns_membership,
+            })
+        })
+        .collect()
 }
 
 /// The noise terms of a released count (empty: exact).
@@ -259,9 +269,7 @@ pub fn schedule_json(s: &ScheduleInfo) -> Value {
         "timezone": s.timezone,
         "kind": kind_name(spec.kind),
         "purpose": spec.purpose,
-        "parties": spec.parties.iter().map(|p| json!({
-            "node": p.node, "dataset": p.dataset, "keys": p.keys, "learns_membership": p.learns_membership,
-        })).collect::<Vec<_>>(),
+        "parties": parties_json(&spec.parties),
         "owner": s.owner,
         "paused": s.paused,
         "removed": s.removed_ms != 0,
@@ -278,12 +286,30 @@ pub fn schedule_json(s: &ScheduleInfo) -> Value {
             "attempt": r.attempt,
             "job_id": (!r.job_id.is_empty()).then_some(&r.job_id),
             "status": r.status,
-            "state": if r.job_id.is_empty() { r.status.as_str() } else { state_name(r.job_state) },
+            "state": run_state(r),
             "reason": r.job_reason,
             "note": r.note,
             "intersection": r.has_intersection.then_some(r.intersection),
         })).collect::<Vec<_>>(),
     })
+}
+
+/// A run's job state, or the run's status when it has no job.
+fn run_state(r: &ScheduleRunInfo) -> &str {
+    if r.job_id.is_empty() {
+        r.status.as_str()
+    } else {
+        state_name(r.job_state)
+    }
+}
+
+/// The schedule's time zone (`UTC` when none is set).
+fn timezone(s: &ScheduleInfo) -> &str {
+    if s.timezone.is_empty() {
+        "UTC"
+    } else {
+        &s.timezone
+    }
 }
 
 fn schedule_status(s: &ScheduleInfo) -> &'static str {
@@ -312,11 +338,7 @@ pub fn print_schedule(s: &ScheduleInfo, format: Format) {
                     time(r.scheduled_for_ms),
                     r.attempt,
                     r.job_id,
-                    if r.job_id.is_empty() {
-                        r.status.as_str()
-                    } else {
-                        state_name(r.job_state)
-                    },
+                    run_state(r),
                     if r.has_intersection {
                         r.intersection.to_string()
                     } else {
@@ -331,15 +353,7 @@ pub fn print_schedule(s: &ScheduleInfo, format: Format) {
             let spec = s.spec.clone().unwrap_or_default();
             let (parties, keys) = (parties(&spec), keys(&spec));
             cleanroom_node::outln!("schedule   {} ({})", s.name, schedule_status(s));
-            cleanroom_node::outln!(
-                "cron       {} ({})",
-                s.cron,
-                if s.timezone.is_empty() {
-                    "UTC"
-                } else {
-                    &s.timezone
-                }
-            );
+            cleanroom_node::outln!("cron       {} ({})", s.cron, timezone(s));
             cleanroom_node::outln!(
                 "job        {} on {} between {}",
                 kind_name(spec.kind),
@@ -382,11 +396,7 @@ pub fn print_schedule(s: &ScheduleInfo, format: Format) {
                         time(r.scheduled_for_ms),
                         r.attempt,
                         if r.job_id.is_empty() { "-" } else { &r.job_id },
-                        if r.job_id.is_empty() {
-                            r.status.as_str()
-                        } else {
-                            state_name(r.job_state)
-                        },
+                        run_state(r),
                         if r.has_intersection {
                             r.intersection.to_string()
                         } else {
@@ -448,11 +458,7 @@ pub fn print_schedules(list: &[ScheduleInfo], format: Format) {
                     s.name,
                     schedule_status(s),
                     s.cron,
-                    if s.timezone.is_empty() {
-                        "UTC"
-                    } else {
-                        &s.timezone
-                    },
+                    timezone(s),
                     kind_name(spec.kind),
                     parties.join(","),
                     opt_time(s.next_run_ms)

@@ -9,22 +9,25 @@ use cleanroom_coordinator::AnalystClient;
 use cleanroom_proto::v1::{AddSchedule, JobInfo};
 
 use crate::analyst::{connect, exit_for, wait};
-use crate::args::{ConnArgs, Format, ScheduleAddArgs, ScheduleCommand, ScheduledJobWords};
+use crate::args::{ConnArgs, ScheduleAddArgs, ScheduleCommand, ScheduledJobWords, WaitArgs};
 use crate::output;
 use crate::submit::spec_from_args;
 
-/// Waits for `job` if asked to, with a spinner on a terminal.
-async fn maybe_wait(
+/// Waits for `job` when `then` asks to (with a spinner on a terminal), prints it, and gives the
+/// exit code its state means.
+async fn then_print(
     client: &AnalystClient,
     job: JobInfo,
-    wanted: bool,
-    timeout: u64,
-) -> anyhow::Result<JobInfo> {
-    if !wanted {
-        return Ok(job);
-    }
-    let waiting = format!("job {} submitted; waiting for it to finish", job.job_id);
-    wait(client, &job.job_id, timeout, waiting).await
+    then: &WaitArgs,
+) -> anyhow::Result<ExitCode> {
+    let job = if then.wait {
+        let waiting = format!("job {} submitted; waiting for it to finish", job.job_id);
+        wait(client, &job.job_id, then.timeout, waiting).await?
+    } else {
+        job
+    };
+    output::print_job(&job, then.format);
+    Ok(exit_for(job.state))
 }
 
 /// The AddSchedule request of `schedule add`.
@@ -91,16 +94,9 @@ pub async fn run(conn: ConnArgs, command: ScheduleCommand) -> anyhow::Result<Exi
             output::print_schedule(&client.remove_schedule(&name).await?, format);
             ExitCode::SUCCESS
         }
-        ScheduleCommand::RunNow {
-            name,
-            wait,
-            timeout,
-            format,
-        } => {
+        ScheduleCommand::RunNow { name, then } => {
             let job = client.run_schedule_now(&name).await?;
-            let job = maybe_wait(&client, job, wait, timeout).await?;
-            output::print_job(&job, format);
-            exit_for(job.state)
+            then_print(&client, job, &then).await?
         }
     };
     client.close().await;
@@ -112,16 +108,13 @@ pub async fn retry(
     conn: ConnArgs,
     job_id: &str,
     idempotency_key: &str,
-    wait: bool,
-    timeout: u64,
-    format: Format,
+    then: &WaitArgs,
 ) -> anyhow::Result<ExitCode> {
     let client = connect(&conn).await?;
     let job = client.retry(job_id, idempotency_key).await?;
-    let job = maybe_wait(&client, job, wait, timeout).await?;
-    output::print_job(&job, format);
+    let code = then_print(&client, job, then).await?;
     client.close().await;
-    Ok(exit_for(job.state))
+    Ok(code)
 }
 
 /// The start of a `--since` window, Unix ms (0 without one).

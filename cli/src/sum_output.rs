@@ -216,14 +216,7 @@ fn table(job: &JobInfo) -> String {
                 .columns
                 .iter()
                 .enumerate()
-                .map(|(i, c)| {
-                    let sd = column_sd(r, i);
-                    if sd > 0.0 {
-                        format!("{c} (±{sd:.1})")
-                    } else {
-                        c.clone()
-                    }
-                })
+                .map(|(i, c)| crate::group_table::column_header(c, column_sd(r, i)))
                 .collect();
             out.push_str(&crate::group_table::render(&headers, &r.groups));
         }
@@ -242,48 +235,27 @@ fn table(job: &JobInfo) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use cleanroom_proto::v1::{
-        AggregateGroup, JobSpec, JobState, OverlapSumSpec, PartyResult, PartySpec,
-    };
+    use cleanroom_proto::v1::{JobSpec, JobState, OverlapSumSpec, PartyResult};
 
     fn job() -> JobInfo {
-        let party = |n: &str| PartySpec {
-            node: n.into(),
-            dataset: "d".into(),
-            keys: vec!["email".into()],
-            learns_membership: false,
-        };
         JobInfo {
             job_id: "job-1".into(),
             state: JobState::Succeeded as i32,
             spec: Some(JobSpec {
-                kind: JobKind::OverlapSum as i32,
-                parties: vec![party("acme"), party("payco")],
                 overlap_sum: Some(OverlapSumSpec {
                     sums: vec!["amount".into()],
                     group_by: "reason".into(),
                     groups: vec!["fraud".into()],
                     count: true,
                 }),
-                ..JobSpec::default()
+                ..crate::cluster::customers_spec(&["acme", "payco"], JobKind::OverlapSum, "")
             }),
             results: vec![PartyResult {
                 node: "payco".into(),
                 outcome: Some(PsiOutcome {
                     sum: Some(SumRelease {
                         columns: vec!["count".into(), "amount".into()],
-                        groups: vec![
-                            AggregateGroup {
-                                label: "fraud".into(),
-                                suppressed: false,
-                                values: vec![42, 12345],
-                            },
-                            AggregateGroup {
-                                label: "(other)".into(),
-                                suppressed: true,
-                                values: vec![],
-                            },
-                        ],
+                        groups: crate::group_table::sample_groups("fraud"),
                         noise: [
                             ("acme", "2"),
                             ("payco", "2"),

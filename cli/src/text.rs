@@ -1,20 +1,10 @@
 //! Small text helpers every output of the CLI shares: times, job kinds, CSV cells, the state
 //! history that table renderings end with.
 
+pub use cleanroom_coordinator::client::kind_name;
 use cleanroom_coordinator::client::state_name;
-use cleanroom_proto::v1::{JobInfo, JobKind, JobSpec};
+use cleanroom_proto::v1::{JobInfo, JobSpec};
 use serde_json::{Value, json};
-
-/// A job kind as the CLI names it.
-pub fn kind_name(kind: i32) -> &'static str {
-    match JobKind::try_from(kind) {
-        Ok(JobKind::Overlap) => "overlap",
-        Ok(JobKind::Match) => "match",
-        Ok(JobKind::Aggregate) => "aggregate",
-        Ok(JobKind::OverlapSum) => "overlap-sum",
-        _ => "unknown",
-    }
-}
 
 /// Unix milliseconds as `YYYY-MM-DD HH:MM:SSZ` (UTC, to the second); the bare number if out of
 /// range.

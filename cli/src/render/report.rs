@@ -432,7 +432,7 @@ fn chart(out: &mut String, report: &ScheduleReport, tz: &TimeZone) {
 mod tests {
     use cleanroom_coordinator::report::render_json;
     use cleanroom_coordinator::store::{JobStore, NewSchedule};
-    use cleanroom_proto::v1::{JobKind, JobSpec, JobState, PartySpec, PsiOutcome};
+    use cleanroom_proto::v1::{JobKind, JobState, PsiOutcome};
 
     use super::super::page::check_well_formed;
     use super::*;
@@ -444,20 +444,11 @@ mod tests {
     fn schedule_with_history() -> (tempfile::TempDir, ScheduleReport) {
         let dir = tempfile::tempdir().unwrap();
         let store = JobStore::open(&dir.path().join("jobs.sqlite")).unwrap();
-        let party = |node: &str| PartySpec {
-            node: node.into(),
-            dataset: "customers".into(),
-            keys: vec!["email".into()],
-            learns_membership: false,
-        };
-        let spec = JobSpec {
-            analyst: String::new(),
-            kind: JobKind::Overlap as i32,
-            parties: vec![party("acme"), party("globex")],
-            purpose: "overlap-reporting".into(),
-            aggregate: None,
-            overlap_sum: None,
-        };
+        let spec = crate::cluster::customers_spec(
+            &["acme", "globex"],
+            JobKind::Overlap,
+            "overlap-reporting",
+        );
         store
             .add_schedule(
                 &NewSchedule {
@@ -472,6 +463,15 @@ mod tests {
                 T0 - DAY,
             )
             .unwrap();
+        // A run at `at` whose job (idempotency key `key`) ended at once in `state`, for `reason`.
+        let ended_run = |key: &str, attempt, state, reason: &str, note: &str, at| {
+            let job = store.submit(&spec, key, "alice", at).unwrap();
+            store.transition(&job.job_id, state, reason, at).unwrap();
+            store
+                .record_run("acme-globex", at, attempt, &job.job_id, note, at)
+                .unwrap();
+        };
+        let hostile = "<script>alert('x')</script>, \"quoted\"\nline";
         let values = [1200u64, 1250, 1190, 1300, 1342];
         let mut day = 0;
         for (i, value) in values.iter().enumerate() {
@@ -503,25 +503,15 @@ mod tests {
                 // A failed night with a hostile reason, and its vetoed retry.
                 let at = T0 + day * DAY;
                 day += 1;
-                let failed = store.submit(&spec, "f", "alice", at).unwrap();
-                store
-                    .transition(
-                        &failed.job_id,
-                        JobState::Failed,
-                        "<script>alert('x')</script>, \"quoted\"\nline",
-                        at,
-                    )
-                    .unwrap();
-                store
-                    .record_run("acme-globex", at, 0, &failed.job_id, "cron", at)
-                    .unwrap();
-                let vetoed = store.submit(&spec, "v", "alice", at).unwrap();
-                store
-                    .transition(&vetoed.job_id, JobState::Vetoed, "=cmd|' /C calc'!A0", at)
-                    .unwrap();
-                store
-                    .record_run("acme-globex", at, 1, &vetoed.job_id, "retry 1 of 1", at)
-                    .unwrap();
+                ended_run("f", 0, JobState::Failed, hostile, "cron", at);
+                ended_run(
+                    "v",
+                    1,
+                    JobState::Vetoed,
+                    "=cmd|' /C calc'!A0",
+                    "retry 1 of 1",
+                    at,
+                );
                 store
                     .record_skipped("acme-globex", T0 + day * DAY, "missed: down", at)
                     .unwrap();
