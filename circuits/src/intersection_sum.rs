@@ -52,8 +52,8 @@ use crate::ahe::{
     encrypt_rows, sum_selected_rows,
 };
 use crate::psi::{
-    blind_items, blind_shuffled, check_peer_total, check_returned_total, items_distinct,
-    push_returned, reblind_into, sort_and_check_distinct, to_batches,
+    Stream, blind_items, blind_shuffled, check_total, items_distinct, push_returned, reblind_into,
+    sort_and_check_distinct, to_batches,
 };
 use crate::{EncodedPoint, ItemSet, JobKey, PsiError};
 
@@ -418,7 +418,7 @@ impl VhExchanging {
             peer_size,
             mut peer_double,
         } = self;
-        check_peer_total(peer_size, total, peer_double.len() as u64)?;
+        check_total(Stream::Peer, peer_size, total, peer_double.len() as u64)?;
         peer_double.shuffle(&mut rand::rng());
         let outgoing = to_batches(peer_double.iter(), common.params.batch_size);
         if !sort_and_check_distinct(&mut peer_double) {
@@ -693,7 +693,12 @@ impl KhReceivingPoints {
     /// The value holder says it sent `total` points: must equal its declared size and what
     /// came, with no point twice.
     pub fn on_peer_end(self, total: u64) -> Result<KhAwaitingReturn, SumError> {
-        check_peer_total(self.peer.size, total, self.peer_double.len() as u64)?;
+        check_total(
+            Stream::Peer,
+            self.peer.size,
+            total,
+            self.peer_double.len() as u64,
+        )?;
         let mut sorted = self.peer_double.clone();
         if !sort_and_check_distinct(&mut sorted) {
             return Err(PsiError::DuplicatePeerPoint.into());
@@ -741,7 +746,7 @@ impl KhAwaitingReturn {
             mut returned,
         } = self;
         let own = common.own_size;
-        check_returned_total(own, total, returned.len() as u64)?;
+        check_total(Stream::Returned, own, total, returned.len() as u64)?;
         if !sort_and_check_distinct(&mut returned) {
             return Err(PsiError::DuplicateReturnedPoint.into());
         }

@@ -81,16 +81,26 @@ pub(crate) fn plain_membership(own: &ItemSet, other: &ItemSet) -> Vec<u32> {
         .collect()
 }
 
-fn check_pair(rio_a: bool, lm_a: bool, rio_b: bool, lm_b: bool, a: ItemSet, b: ItemSet, bs: usize) {
-    let expect_a = plain_membership(&a, &b);
-    let expect_b = plain_membership(&b, &a);
-    let (oa, ob) = run_pair(
-        params(rio_a, lm_a, bs),
-        params(rio_b, lm_b, bs),
-        a.clone(),
-        b.clone(),
-    )
-    .unwrap();
+/// Every `(return_in_order_a, learn_membership_a, return_in_order_b, learn_membership_b)` a job
+/// may ask for: a party may learn membership only if the peer returns in order.
+pub(crate) fn modes() -> impl Iterator<Item = (bool, bool, bool, bool)> {
+    let both = [false, true];
+    both.into_iter()
+        .flat_map(move |rio_a| both.map(|rio_b| (rio_a, rio_b)))
+        .flat_map(move |(rio_a, rio_b)| both.map(|lm_a| (rio_a, lm_a, rio_b)))
+        .flat_map(move |(rio_a, lm_a, rio_b)| both.map(|lm_b| (rio_a, lm_a, rio_b, lm_b)))
+        .filter(|&(rio_a, lm_a, rio_b, lm_b)| (!lm_a || rio_b) && (!lm_b || rio_a))
+}
+
+/// Checks the outputs of a run over `a` and `b` (A learning membership when `lm_a`, B when
+/// `lm_b`) against the plaintext intersection.
+pub(crate) fn check_outputs(
+    (a, b): (&ItemSet, &ItemSet),
+    (lm_a, lm_b): (bool, bool),
+    (oa, ob): (PsiOutput, PsiOutput),
+) {
+    let expect_a = plain_membership(a, b);
+    let expect_b = plain_membership(b, a);
     assert_eq!(oa.intersection, expect_a.len() as u64);
     assert_eq!(ob.intersection, expect_a.len() as u64);
     assert_eq!(
@@ -105,6 +115,17 @@ fn check_pair(rio_a: bool, lm_a: bool, rio_b: bool, lm_b: bool, a: ItemSet, b: I
     assert_eq!(ob.membership, lm_b.then_some(expect_b));
 }
 
+fn check_pair(rio_a: bool, lm_a: bool, rio_b: bool, lm_b: bool, a: ItemSet, b: ItemSet, bs: usize) {
+    let out = run_pair(
+        params(rio_a, lm_a, bs),
+        params(rio_b, lm_b, bs),
+        a.clone(),
+        b.clone(),
+    )
+    .unwrap();
+    check_outputs((&a, &b), (lm_a, lm_b), out);
+}
+
 pub(crate) fn emails(range: std::ops::Range<u32>) -> ItemSet {
     let mut s = ItemSet::new();
     for i in range {
@@ -116,18 +137,8 @@ pub(crate) fn emails(range: std::ops::Range<u32>) -> ItemSet {
 
 #[test]
 fn all_combinations_of_order_and_membership() {
-    // A party may learn membership only if the peer returns in order.
-    for rio_a in [false, true] {
-        for rio_b in [false, true] {
-            for lm_a in [false, true] {
-                for lm_b in [false, true] {
-                    if (lm_a && !rio_b) || (lm_b && !rio_a) {
-                        continue;
-                    }
-                    check_pair(rio_a, lm_a, rio_b, lm_b, emails(0..40), emails(25..90), 7);
-                }
-            }
-        }
+    for (rio_a, lm_a, rio_b, lm_b) in modes() {
+        check_pair(rio_a, lm_a, rio_b, lm_b, emails(0..40), emails(25..90), 7);
     }
 }
 

@@ -57,26 +57,48 @@ fn values_for(set: &ItemSet) -> Vec<u64> {
 /// Runs the key holder's session up to its sums, in the order the node drives it, and returns
 /// it with the value holder waiting for the sums.
 fn run(a: ItemSet, b: ItemSet, values: Vec<u64>, cells: usize) -> (KhSummed, VhAwaitingSums) {
-    let (a_size, a) = KeyHolderSession::start(params(cells), JobKey::generate(), a).unwrap();
-    let (hello, b) = ValueHolderSession::start(
-        params(cells),
-        JobKey::generate(),
-        b,
-        layout(cells),
-        values,
-        paillier(),
-    )
-    .unwrap();
-    let a = a
+    run_with(params(cells), layout(cells), paillier(), a, b, values)
+}
+
+/// [`run`] with the given parameters, slot layout and Paillier key.
+fn run_with(
+    p: SumParams,
+    layout: SlotLayout,
+    key: crate::ahe::SecretKey,
+    a: ItemSet,
+    b: ItemSet,
+    values: Vec<u64>,
+) -> (KhSummed, VhAwaitingSums) {
+    let (mut a, mut encrypting) = up_to_ciphertexts_with(p, layout, key, a, b, values);
+    while let Some(batch) = encrypting.next_batch().unwrap() {
+        a = a.on_ciphertext_batch(&batch).unwrap();
+    }
+    let rows = encrypting.rows_sent();
+    let a = a.on_ciphertext_end(rows).unwrap();
+    (a, encrypting.finish())
+}
+
+/// Drives both sessions, honest, up to the ciphertext stage; returns A summing, B encrypting.
+fn up_to_ciphertexts_with(
+    p: SumParams,
+    layout: SlotLayout,
+    key: crate::ahe::SecretKey,
+    a: ItemSet,
+    b: ItemSet,
+    values: Vec<u64>,
+) -> (KhSumming, VhEncrypting) {
+    let (a_size, a) = KeyHolderSession::start(p.clone(), JobKey::generate(), a).unwrap();
+    let (hello, b) =
+        ValueHolderSession::start(p, JobKey::generate(), b, layout, values, key).unwrap();
+    let (a_batches, a) = a
         .on_peer_hello(hello.set_size, &hello.widths, &hello.public_key)
-        .unwrap();
-    let b = b.on_peer_size(a_size).unwrap();
-    let (a_batches, a) = a.blind();
-    let (b_batches, mut b) = b.blind();
+        .unwrap()
+        .blind();
+    let (b_batches, mut b) = b.on_peer_size(a_size).unwrap().blind();
     for batch in &a_batches {
         b = b.on_peer_batch(batch).unwrap();
     }
-    let (returned, mut encrypting) = b.on_peer_end(a_size).unwrap();
+    let (returned, encrypting) = b.on_peer_end(a_size).unwrap();
     let mut a = a;
     for batch in &b_batches {
         a = a.on_peer_batch(batch).unwrap();
@@ -85,13 +107,7 @@ fn run(a: ItemSet, b: ItemSet, values: Vec<u64>, cells: usize) -> (KhSummed, VhA
     for batch in &returned {
         a = a.on_returned_batch(batch).unwrap();
     }
-    let mut a = a.on_returned_end(a_size).unwrap();
-    while let Some(batch) = encrypting.next_batch().unwrap() {
-        a = a.on_ciphertext_batch(&batch).unwrap();
-    }
-    let rows = encrypting.rows_sent();
-    let a = a.on_ciphertext_end(rows).unwrap();
-    (a, encrypting.finish())
+    (a.on_returned_end(a_size).unwrap(), encrypting)
 }
 
 #[test]
@@ -230,35 +246,14 @@ fn a_value_holder_cannot_read_membership_from_high_bits() {
 fn up_to_ciphertexts(cells: usize) -> (KhSumming, VhEncrypting) {
     let b_items = items(10..30);
     let values: Vec<u64> = (0..b_items.len() * cells).map(|v| v as u64 % 2).collect();
-    let (a_size, a) =
-        KeyHolderSession::start(params(cells), JobKey::generate(), items(0..20)).unwrap();
-    let (hello, b) = ValueHolderSession::start(
+    up_to_ciphertexts_with(
         params(cells),
-        JobKey::generate(),
-        b_items,
         layout(cells),
-        values,
         paillier(),
+        items(0..20),
+        b_items,
+        values,
     )
-    .unwrap();
-    let (a_batches, a) = a
-        .on_peer_hello(hello.set_size, &hello.widths, &hello.public_key)
-        .unwrap()
-        .blind();
-    let (b_batches, mut b) = b.on_peer_size(a_size).unwrap().blind();
-    for batch in &a_batches {
-        b = b.on_peer_batch(batch).unwrap();
-    }
-    let (returned, encrypting) = b.on_peer_end(a_size).unwrap();
-    let mut a = a;
-    for batch in &b_batches {
-        a = a.on_peer_batch(batch).unwrap();
-    }
-    let mut a = a.on_peer_end(hello.set_size).unwrap();
-    for batch in &returned {
-        a = a.on_returned_batch(batch).unwrap();
-    }
-    (a.on_returned_end(a_size).unwrap(), encrypting)
 }
 
 #[test]
@@ -490,32 +485,9 @@ fn sum_vs_overlap_measure() {
         let t = Instant::now();
         let mut p = params(3);
         p.batch_size = 4096;
-        let (a_size, ka) = KeyHolderSession::start(p.clone(), JobKey::generate(), a).unwrap();
-        let (hello, vb) =
-            ValueHolderSession::start(p, JobKey::generate(), b, l, values, key).unwrap();
-        let (a_batches, mut ka) = ka
-            .on_peer_hello(hello.set_size, &hello.widths, &hello.public_key)
-            .unwrap()
-            .blind();
-        let (b_batches, mut vb) = vb.on_peer_size(a_size).unwrap().blind();
-        for batch in &a_batches {
-            vb = vb.on_peer_batch(batch).unwrap();
-        }
-        let (returned, mut encrypting) = vb.on_peer_end(a_size).unwrap();
-        for batch in &b_batches {
-            ka = ka.on_peer_batch(batch).unwrap();
-        }
-        let mut ka = ka.on_peer_end(hello.set_size).unwrap();
-        for batch in &returned {
-            ka = ka.on_returned_batch(batch).unwrap();
-        }
-        let mut ka = ka.on_returned_end(a_size).unwrap();
-        while let Some(batch) = encrypting.next_batch().unwrap() {
-            ka = ka.on_ciphertext_batch(&batch).unwrap();
-        }
-        let summed = ka.on_ciphertext_end(encrypting.rows_sent()).unwrap();
+        let (summed, vb) = run_with(p, l, key, a, b, values);
         let sums = summed.noised_sums(&[3, -5, 7]).unwrap();
-        let totals = encrypting.finish().on_sums(&sums).unwrap();
+        let totals = vb.on_sums(&sums).unwrap();
         assert_eq!(totals[0], i128::from(n / 2) + 3);
         t.elapsed().as_secs_f64()
     });

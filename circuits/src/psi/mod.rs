@@ -202,38 +202,39 @@ fn reblind_peer_batch(
     Ok(out)
 }
 
-/// The peer says it sent `announced` points: that must equal both its `declared` size and the
-/// number `received`.
-pub(crate) fn check_peer_total(
-    declared: u64,
-    announced: u64,
-    received: u64,
-) -> Result<(), PsiError> {
-    if announced != declared || received != declared {
-        return Err(PsiError::TotalMismatch {
-            declared,
-            announced,
-            received,
-        });
-    }
-    Ok(())
+/// The stream an end message closes.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Stream {
+    /// The peer's blinded points.
+    Peer,
+    /// Our own points, which the peer returns re-blinded.
+    Returned,
 }
 
-/// The peer says it returned `announced` of our points: that must equal both our size `own`
-/// and the number `received`.
-pub(crate) fn check_returned_total(
-    own: u64,
+/// The peer's end message says `announced` points: that must equal both the `expected` count
+/// (the peer's declared size, or our own size for our returned points) and the number
+/// `received`.
+pub(crate) fn check_total(
+    stream: Stream,
+    expected: u64,
     announced: u64,
     received: u64,
 ) -> Result<(), PsiError> {
-    if announced != own || received != own {
-        return Err(PsiError::ReturnedTotalMismatch {
-            own,
+    if announced == expected && received == expected {
+        return Ok(());
+    }
+    Err(match stream {
+        Stream::Peer => PsiError::TotalMismatch {
+            declared: expected,
             announced,
             received,
-        });
-    }
-    Ok(())
+        },
+        Stream::Returned => PsiError::ReturnedTotalMismatch {
+            own: expected,
+            announced,
+            received,
+        },
+    })
 }
 
 /// Checks a batch of our points coming back against how many we `sent` and how many had come
@@ -509,7 +510,7 @@ impl ExchangingPoints {
             mut peer_double,
             returned,
         } = self;
-        check_peer_total(peer_size, total, peer_double.len() as u64)?;
+        check_total(Stream::Peer, peer_size, total, peer_double.len() as u64)?;
         // Shuffled in place rather than a shuffled copy: the sort below fixes the order anyway,
         // and a copy would be one more encoding per peer item at this step's memory peak.
         let outgoing = if common.params.return_in_order {
@@ -573,7 +574,7 @@ impl AwaitingReturn {
         } = self;
         let own = common.own_size;
         let mut points = returned.points;
-        check_returned_total(own, total, points.len() as u64)?;
+        check_total(Stream::Returned, own, total, points.len() as u64)?;
         let is_match = |p: &EncodedPoint| peer_sorted.binary_search(p).is_ok();
         let membership = perm.map(|perm| {
             let mut hits: Vec<u32> = points

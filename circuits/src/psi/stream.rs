@@ -60,8 +60,8 @@ use rand::seq::SliceRandom;
 use rayon::prelude::*;
 
 use super::{
-    Common, ReadyToBlind, blind_into, check_peer_total, check_returned_total, reblind_peer_batch,
-    returned_points, sort_and_check_distinct,
+    Common, ReadyToBlind, Stream, blind_into, check_total, reblind_peer_batch, returned_points,
+    sort_and_check_distinct,
 };
 use crate::{EncodedPoint, ItemSet, POINT_LEN, PsiError, PsiOutput};
 
@@ -195,7 +195,7 @@ impl Streaming {
             own,
             mut peer_double,
         } = self;
-        check_peer_total(peer_size, total, peer_double.len() as u64)?;
+        check_total(Stream::Peer, peer_size, total, peer_double.len() as u64)?;
         if !sort_and_check_distinct(&mut peer_double) {
             return Err(PsiError::DuplicatePeerPoint);
         }
@@ -339,7 +339,7 @@ impl Matching {
     /// no point may have come back twice. Returns the result.
     pub fn on_returned_end(self, total: u64) -> Result<PsiOutput, PsiError> {
         let own = self.common.own_size;
-        check_returned_total(own, total, self.received)?;
+        check_total(Stream::Returned, own, total, self.received)?;
         let mut fingerprints = self.fingerprints;
         fingerprints.par_sort_unstable();
         if fingerprints.par_windows(2).any(|w| w[0] == w[1]) {
