@@ -547,6 +547,14 @@ async fn stream_ending_mid_frame_is_truncation() {
     }
 }
 
+/// The revocation of the certificate of `name` (in `role`, when it names one).
+fn by_name(name: &str, role: Option<PeerRole>) -> pki::RevokeTarget {
+    pki::RevokeTarget::Name {
+        name: name.into(),
+        role,
+    }
+}
+
 /// Every file under `dir` (recursively) that holds a PEM private key.
 fn private_keys_under(dir: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();
@@ -731,25 +739,11 @@ async fn a_revoked_client_is_refused_after_one_reload_and_its_open_connection_cl
     let client_conn = dialed.unwrap();
     globex.check_peer(&server_conn).unwrap();
 
-    let revoked = pki::revoke(
-        &pki.ca_dir,
-        &pki::RevokeTarget::Name {
-            name: "acme".into(),
-            role: None,
-        },
-    )
-    .unwrap();
+    let revoked = pki::revoke(&pki.ca_dir, &by_name("acme", None)).unwrap();
     assert_eq!(revoked.newly.len(), 1);
     assert_eq!(pki::revocations(&pki.ca_dir).unwrap().len(), 1);
     // Revoking again changes nothing.
-    let again = pki::revoke(
-        &pki.ca_dir,
-        &pki::RevokeTarget::Name {
-            name: "acme".into(),
-            role: Some(PeerRole::Node),
-        },
-    )
-    .unwrap();
+    let again = pki::revoke(&pki.ca_dir, &by_name("acme", Some(PeerRole::Node))).unwrap();
     assert_eq!((again.newly.len(), again.already), (0, 1));
 
     // The open connection: `until_untrusted` fires at the reload, naming the reason.
@@ -783,14 +777,7 @@ async fn a_revoked_server_is_refused_by_its_client() {
     let pki = Pki::new();
     let (globex_ep, addr) = server(&pki.creds(&node("globex")));
     let acme = creds_with_crl(&pki, &node("acme"));
-    pki::revoke(
-        &pki.ca_dir,
-        &pki::RevokeTarget::Name {
-            name: "globex".into(),
-            role: None,
-        },
-    )
-    .unwrap();
+    pki::revoke(&pki.ca_dir, &by_name("globex", None)).unwrap();
     assert!(acme.reload().unwrap());
     let ep = client_endpoint(&acme, &TransportTuning::default(), addr).unwrap();
     let (_, dialed) = both(&globex_ep, &ep, addr, &node("globex")).await;
@@ -871,23 +858,13 @@ fn revoke_by_name_needs_a_role_when_the_name_has_two() {
     let pki = Pki::new();
     issue(&pki.ca_dir, &node("sam"), &pki.certs).unwrap();
     issue(&pki.ca_dir, &Identity::analyst("sam").unwrap(), &pki.certs).unwrap();
-    let by_name = |role| pki::RevokeTarget::Name {
-        name: "sam".into(),
-        role,
-    };
-    let err = pki::revoke(&pki.ca_dir, &by_name(None)).unwrap_err();
+    let sam = |role| by_name("sam", role);
+    let err = pki::revoke(&pki.ca_dir, &sam(None)).unwrap_err();
     assert!(err.to_string().contains("--role"), "{err}");
-    let r = pki::revoke(&pki.ca_dir, &by_name(Some(PeerRole::Analyst))).unwrap();
+    let r = pki::revoke(&pki.ca_dir, &sam(Some(PeerRole::Analyst))).unwrap();
     assert_eq!(r.newly.len(), 1);
     assert_eq!(r.newly[0].identity, Identity::analyst("sam").unwrap());
-    let err = pki::revoke(
-        &pki.ca_dir,
-        &pki::RevokeTarget::Name {
-            name: "nobody".into(),
-            role: None,
-        },
-    )
-    .unwrap_err();
+    let err = pki::revoke(&pki.ca_dir, &by_name("nobody", None)).unwrap_err();
     assert!(
         err.to_string()
             .contains("no certificate issued to 'nobody'"),
@@ -920,14 +897,7 @@ async fn a_revoked_client_is_told_its_certificate_is_revoked() {
     let coord = creds_with_crl(&pki, &Identity::coordinator());
     let (coord_ep, addr) = server(&coord);
     let bob = pki.creds(&Identity::analyst("bob").unwrap());
-    pki::revoke(
-        &pki.ca_dir,
-        &pki::RevokeTarget::Name {
-            name: "bob".into(),
-            role: None,
-        },
-    )
-    .unwrap();
+    pki::revoke(&pki.ca_dir, &by_name("bob", None)).unwrap();
     assert!(coord.reload().unwrap());
     let ep = client_endpoint(&bob, &TransportTuning::default(), addr).unwrap();
     let server = tokio::spawn(async move { accept(&coord_ep).await.map(|r| r.is_ok()) });
@@ -952,14 +922,7 @@ async fn sighup_reloads_at_once_and_a_change_is_seen_by_polling() {
     // A poll far longer than the test: only SIGHUP can reload.
     let task = globex.spawn_reloader(Duration::from_secs(3600));
     issue(&pki.ca_dir, &node("acme"), &pki.certs).unwrap();
-    pki::revoke(
-        &pki.ca_dir,
-        &pki::RevokeTarget::Name {
-            name: "acme".into(),
-            role: None,
-        },
-    )
-    .unwrap();
+    pki::revoke(&pki.ca_dir, &by_name("acme", None)).unwrap();
     assert_eq!(globex.revoked_entries(), 0);
     let status = std::process::Command::new("kill")
         .args(["-HUP", &std::process::id().to_string()])
@@ -977,14 +940,7 @@ async fn sighup_reloads_at_once_and_a_change_is_seen_by_polling() {
     // Polling: a change is picked up within one poll.
     let task = globex.spawn_reloader(Duration::from_millis(100));
     issue(&pki.ca_dir, &node("initech"), &pki.certs).unwrap();
-    pki::revoke(
-        &pki.ca_dir,
-        &pki::RevokeTarget::Name {
-            name: "initech".into(),
-            role: None,
-        },
-    )
-    .unwrap();
+    pki::revoke(&pki.ca_dir, &by_name("initech", None)).unwrap();
     timed(async {
         while globex.revoked_entries() != 2 {
             tokio::time::sleep(Duration::from_millis(20)).await;
