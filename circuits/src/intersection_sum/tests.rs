@@ -17,8 +17,13 @@ fn params(cells: usize) -> SumParams {
 
 /// `n` distinct items `prefix{i}`, in the sorted order `ItemSet::dedup` gives.
 fn items(range: std::ops::Range<u32>) -> ItemSet {
+    items_of(range)
+}
+
+/// The items `user{i:06}@example.com` for each `i` of `ids`, deduplicated and sorted.
+fn items_of(ids: impl IntoIterator<Item = u32>) -> ItemSet {
     let mut set = ItemSet::new();
-    for i in range {
+    for i in ids {
         set.push(format!("user{i:06}@example.com").as_bytes())
             .unwrap();
     }
@@ -43,14 +48,15 @@ fn paillier() -> crate::ahe::SecretKey {
     ahe::keygen().unwrap()
 }
 
+/// The `i` of an item made by [`items_of`].
+fn index_of(item: &[u8]) -> u32 {
+    std::str::from_utf8(item).unwrap()[4..10].parse().unwrap()
+}
+
 /// Values of `set` (items made by [`items`]) laid out row-major.
 fn values_for(set: &ItemSet) -> Vec<u64> {
     set.iter()
-        .flat_map(|item| {
-            let text = std::str::from_utf8(item).unwrap();
-            let i: u32 = text[4..10].parse().unwrap();
-            cells_of(i)
-        })
+        .flat_map(|item| cells_of(index_of(item)))
         .collect()
 }
 
@@ -187,23 +193,12 @@ fn the_value_holder_never_receives_its_own_points_back() {
 fn a_value_holder_cannot_read_membership_from_high_bits() {
     use crate::dp::{Mechanism, Scale};
     let members = [0u32, 3, 5, 8, 9, 15];
-    let a_items = {
-        let mut set = ItemSet::new();
-        for i in members {
-            set.push(format!("user{i:06}@example.com").as_bytes())
-                .unwrap();
-        }
-        set.dedup();
-        set
-    };
+    let a_items = items_of(members);
     let mask: i128 = members.iter().map(|&i| 1i128 << i).sum();
     let b_items = items(0..16);
     let values: Vec<u64> = b_items
         .iter()
-        .flat_map(|item| {
-            let i: u32 = std::str::from_utf8(item).unwrap()[4..10].parse().unwrap();
-            [1u64 << (16 + i), 1]
-        })
+        .flat_map(|item| [1u64 << (16 + index_of(item)), 1])
         .collect();
     let read = |decrypted: i128| (decrypted >> 16) & 0xffff;
 
