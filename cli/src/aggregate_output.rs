@@ -398,24 +398,21 @@ fn table_tail(job: &JobInfo) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use cleanroom_proto::v1::{AggregateGroup, AggregateSpec, ColumnNoise, JobSpec, JobState};
+    use cleanroom_proto::v1::{AggregateGroup, AggregateSpec, ColumnNoise, JobSpec};
 
     fn job() -> JobInfo {
-        JobInfo {
-            job_id: "job-1".into(),
-            state: JobState::Succeeded as i32,
-            spec: Some(JobSpec {
-                kind: JobKind::Aggregate as i32,
-                aggregate: Some(AggregateSpec {
-                    group_by: "category".into(),
-                    groups: vec!["home".into()],
-                    sums: vec!["amount".into()],
-                    count: true,
-                    group_range: None,
-                    person: String::new(),
-                }),
-                ..JobSpec::default()
+        let spec = JobSpec {
+            kind: JobKind::Aggregate as i32,
+            aggregate: Some(AggregateSpec {
+                group_by: "category".into(),
+                groups: vec!["home".into()],
+                sums: vec!["amount".into()],
+                count: true,
+                ..AggregateSpec::default()
             }),
+            ..JobSpec::default()
+        };
+        JobInfo {
             aggregate: Some(AggregateResult {
                 columns: vec!["count".into(), "amount".into()],
                 groups: crate::group_table::sample_groups("home"),
@@ -432,7 +429,7 @@ mod tests {
                 parties: vec![],
                 total_groups: 2,
             }),
-            ..JobInfo::default()
+            ..crate::group_table::succeeded_job(spec)
         }
     }
 

@@ -110,6 +110,17 @@ pub(crate) fn sample_groups(label: &str) -> Vec<AggregateGroup> {
     ]
 }
 
+/// A succeeded job `job-1` of `spec`, with nothing else, for the renderings' tests.
+#[cfg(test)]
+pub(crate) fn succeeded_job(spec: cleanroom_proto::v1::JobSpec) -> cleanroom_proto::v1::JobInfo {
+    cleanroom_proto::v1::JobInfo {
+        job_id: "job-1".into(),
+        state: cleanroom_proto::v1::JobState::Succeeded as i32,
+        spec: Some(spec),
+        ..Default::default()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -235,21 +235,19 @@ fn table(job: &JobInfo) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use cleanroom_proto::v1::{JobSpec, JobState, OverlapSumSpec, PartyResult};
+    use cleanroom_proto::v1::{JobSpec, OverlapSumSpec, PartyResult};
 
     fn job() -> JobInfo {
-        JobInfo {
-            job_id: "job-1".into(),
-            state: JobState::Succeeded as i32,
-            spec: Some(JobSpec {
-                overlap_sum: Some(OverlapSumSpec {
-                    sums: vec!["amount".into()],
-                    group_by: "reason".into(),
-                    groups: vec!["fraud".into()],
-                    count: true,
-                }),
-                ..crate::cluster::customers_spec(&["acme", "payco"], JobKind::OverlapSum, "")
+        let spec = JobSpec {
+            overlap_sum: Some(OverlapSumSpec {
+                sums: vec!["amount".into()],
+                group_by: "reason".into(),
+                groups: vec!["fraud".into()],
+                count: true,
             }),
+            ..crate::cluster::customers_spec(&["acme", "payco"], JobKind::OverlapSum, "")
+        };
+        JobInfo {
             results: vec![PartyResult {
                 node: "payco".into(),
                 outcome: Some(PsiOutcome {
@@ -276,7 +274,7 @@ mod tests {
                     ..PsiOutcome::default()
                 }),
             }],
-            ..JobInfo::default()
+            ..crate::group_table::succeeded_job(spec)
         }
     }
 
