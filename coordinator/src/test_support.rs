@@ -57,7 +57,6 @@ pub(crate) fn aggregate_spec(
         groups: groups.iter().map(|g| (*g).into()).collect(),
         sums: sums.iter().map(|s| (*s).into()).collect(),
         count,
-        group_range: None,
-        person: String::new(),
+        ..AggregateSpec::default()
     }
 }
