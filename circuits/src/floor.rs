@@ -120,6 +120,21 @@ pub fn measure_floor_with(samples: usize, clock: &Clock) -> FloorCosts {
 }
 
 impl FloorCosts {
+    /// Each primitive's median over several measurements of the same backend (`None` for none).
+    /// A benchmark measures the floor before, between and after its jobs: one measurement moves
+    /// by several per cent with the machine's state, and the median of a few does not.
+    pub fn median_of(measurements: &[FloorCosts]) -> Option<FloorCosts> {
+        let first = measurements.first()?;
+        let of = |f: fn(&FloorCosts) -> f64| median(measurements.iter().map(f).collect());
+        Some(FloorCosts {
+            backend: first.backend,
+            hash_to_group_ns: of(|c| c.hash_to_group_ns),
+            scalar_mul_ns: of(|c| c.scalar_mul_ns),
+            encode_ns: of(|c| c.encode_ns),
+            decode_ns: of(|c| c.decode_ns),
+        })
+    }
+
     /// Per item per party, the protocol needs one hash-to-group, two variable-base scalar
     /// multiplications and two batched encodes (blinding its own item, re-blinding the peer's)
     /// and one decode (the peer's point).
@@ -294,6 +309,28 @@ impl AggregateFloorCosts {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_median_of_floors_takes_each_primitive_s_middle_value() {
+        let floor = |h, m, e, d| FloorCosts {
+            backend: "serial",
+            hash_to_group_ns: h,
+            scalar_mul_ns: m,
+            encode_ns: e,
+            decode_ns: d,
+        };
+        let measured = [
+            floor(10.0, 15.0, 0.5, 4.0),
+            floor(12.0, 14.0, 0.7, 6.0),
+            floor(11.0, 16.0, 0.6, 5.0),
+        ];
+        // Per primitive, not the whole measurement with the median per-item cost.
+        assert_eq!(
+            FloorCosts::median_of(&measured),
+            Some(floor(11.0, 15.0, 0.6, 5.0))
+        );
+        assert_eq!(FloorCosts::median_of(&[]), None);
+    }
 
     #[test]
     fn floor_quick_run() {

@@ -34,6 +34,14 @@ use clap::Parser;
 
 use crate::args::{Cli, Command, CoordinatorCommand, JobCli};
 
+/// jemalloc instead of the system allocator. A node runs job after job, and its rayon workers
+/// allocate and free large buffers in many threads: glibc kept that memory in per-thread arenas
+/// (and raised its mmap threshold after the first job), so a node's peak grew from job to job.
+/// jemalloc, with the settings in `.cargo/config.toml`, returns freed pages within about a
+/// second (docs/BENCHMARKS.md, "Memory").
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     cleanroom_node::cli::init_tracing(cli.log_format);
@@ -120,5 +128,18 @@ fn execute(command: Command) -> anyhow::Result<ExitCode> {
         Command::Nodes { conn, format } => runtime()?.block_on(job::nodes(conn, format)),
         Command::Demo(args) => runtime()?.block_on(demo::run(args)),
         Command::Bench { command } => runtime()?.block_on(bench::run(command)),
+    }
+}
+
+#[cfg(test)]
+mod allocator_tests {
+    /// The settings in `.cargo/config.toml` reach the allocator: without its background thread
+    /// and short decay, freed pages stay with the process and a node's peak grows job by job.
+    #[test]
+    fn the_allocator_returns_freed_pages_in_the_background() {
+        assert_eq!(tikv_jemalloc_ctl::background_thread::read(), Ok(true));
+        let conf = tikv_jemalloc_ctl::config::malloc_conf::read().expect("malloc_conf");
+        assert!(conf.contains("dirty_decay_ms:1000"), "{conf}");
+        assert!(conf.contains("muzzy_decay_ms:0"), "{conf}");
     }
 }
