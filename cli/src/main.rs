@@ -35,8 +35,8 @@ use clap::Parser;
 use crate::args::{Cli, Command, CoordinatorCommand, JobCli};
 
 /// jemalloc instead of the system allocator. A node runs job after job, and its rayon workers
-/// allocate and free large buffers in many threads: glibc kept that memory in per-thread arenas
-/// (and raised its mmap threshold after the first job), so a node's peak grew from job to job.
+/// allocate and free large buffers in many threads: glibc kept what one job freed, so a node's
+/// peak grew from job to job.
 /// jemalloc, with the settings in `.cargo/config.toml`, returns freed pages within about a
 /// second (docs/BENCHMARKS.md, "Memory").
 #[global_allocator]

@@ -2,11 +2,7 @@
 
 use clap::Parser;
 
-/// jemalloc instead of the system allocator. A node runs job after job, and its rayon workers
-/// allocate and free large buffers in many threads: glibc kept that memory in per-thread arenas
-/// (and raised its mmap threshold after the first job), so a node's peak grew from job to job.
-/// jemalloc, with the settings in `.cargo/config.toml`, returns freed pages within about a
-/// second (docs/BENCHMARKS.md, "Memory").
+/// The same allocator, with the same settings, as the `cleanroom` binary: see `cli/src/main.rs`.
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
