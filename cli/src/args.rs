@@ -90,7 +90,8 @@ pub enum Command {
         #[command(subcommand)]
         command: PkiCommand,
     },
-    /// Write synthetic partner datasets (CSV) with a known overlap, and the ground truth.
+    /// Write synthetic partner datasets (CSV, Parquet or JSON lines) with a known overlap, and
+    /// the ground truth.
     Synth(SynthArgs),
     /// Run the coordinator.
     Coordinator {
@@ -673,12 +674,36 @@ pub struct AggregateArgs {
     pub per_person: Option<String>,
 }
 
+/// A dataset file format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum FileFormat {
+    /// Comma-separated values with a header row.
+    Csv,
+    /// Apache Parquet (integer columns typed Int64).
+    Parquet,
+    /// JSON lines, one object per row.
+    Jsonl,
+}
+
+impl From<FileFormat> for cleanroom_node::data::DataFormat {
+    fn from(f: FileFormat) -> Self {
+        match f {
+            FileFormat::Csv => cleanroom_node::data::DataFormat::Csv,
+            FileFormat::Parquet => cleanroom_node::data::DataFormat::Parquet,
+            FileFormat::Jsonl => cleanroom_node::data::DataFormat::Jsonl,
+        }
+    }
+}
+
 /// `cleanroom synth …`
 #[derive(Debug, Args)]
 pub struct SynthArgs {
-    /// Output directory: one CSV per partner and truth.json.
+    /// Output directory: one customers and one chargebacks file per partner, and truth.json.
     #[arg(long, default_value = "data")]
     pub out: PathBuf,
+    /// File format of the datasets.
+    #[arg(long, value_enum, default_value_t = FileFormat::Csv)]
+    pub format: FileFormat,
     /// Partner names.
     #[arg(long, value_delimiter = ',', default_value = "acme,globex")]
     pub partners: Vec<String>,
@@ -705,6 +730,10 @@ pub struct DemoArgs {
     /// Random seed for the synthetic data.
     #[arg(long, default_value_t = 7)]
     pub seed: u64,
+    /// File format of the partners' datasets: each node reads Parquet and JSON lines through
+    /// DataFusion, and CSV through the strict reader.
+    #[arg(long, value_enum, default_value_t = FileFormat::Csv)]
+    pub format: FileFormat,
     /// Keep the working directory (PKI, data, configs, logs, databases) here instead of a
     /// temporary directory that is removed afterwards.
     #[arg(long)]

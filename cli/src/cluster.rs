@@ -15,12 +15,13 @@ use cleanroom_transport::{Credentials, Identity, pki};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
-/// One partner: its name and its dataset (a CSV with an `email` column).
+/// One partner: its name and its customers dataset (with an `email` column).
 #[derive(Debug, Clone)]
 pub struct Partner {
     /// Partner name (the node's identity).
     pub name: String,
-    /// The partner's CSV.
+    /// The partner's customers file (CSV, Parquet or JSON lines); its chargebacks are
+    /// `<name>-chargebacks` beside it, in the same format.
     pub csv: PathBuf,
 }
 
@@ -32,6 +33,18 @@ impl Partner {
             .map(|n| Partner {
                 name: n.as_ref().to_owned(),
                 csv: data_dir.join(format!("{}.csv", n.as_ref())),
+            })
+            .collect()
+    }
+
+    /// The partners of a `synth` run, with the files it wrote (in whatever format).
+    pub fn from_truth(truth: &crate::synth::GroundTruth) -> Vec<Partner> {
+        truth
+            .files
+            .iter()
+            .map(|(name, file)| Partner {
+                name: name.clone(),
+                csv: file.clone(),
             })
             .collect()
     }
@@ -304,8 +317,11 @@ fn node_config(name: &str, coordinator: SocketAddr, csv: &Path, partners: &[Part
          [[dataset]]\nname = \"chargebacks\"\npath = \"{}\"\n\n\
          [[dataset.value]]\ncolumn = \"amount\"\nmin = 0\nmax = 10000000\n",
         csv.display(),
-        csv.with_file_name(format!("{name}-chargebacks.csv"))
-            .display()
+        csv.with_file_name(format!(
+            "{name}-chargebacks.{}",
+            csv.extension().and_then(|e| e.to_str()).unwrap_or("csv")
+        ))
+        .display()
     );
     for other in partners.iter().filter(|p| p.name != name) {
         cfg.push_str(&format!(

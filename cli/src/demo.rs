@@ -13,7 +13,7 @@ use indicatif::ProgressBar;
 
 use crate::args::DemoArgs;
 use crate::cluster::{Cluster, Partner};
-use crate::synth::{CATEGORIES, GroundTruth, SynthSpec, write_synth};
+use crate::synth::{CATEGORIES, GroundTruth, SynthSpec, write_synth_as};
 use crate::ui::{WorkDir, spinner};
 
 const PARTNERS: [&str; 2] = ["acme", "globex"];
@@ -56,7 +56,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
         overlap: args.overlap,
         seed: args.seed,
     };
-    let truth = write_synth(&spec, &data_dir)?;
+    let truth = write_synth_as(&spec, &data_dir, args.format.into())?;
     let expected = *truth
         .pairwise_overlap
         .get("acme,globex")
@@ -64,8 +64,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
 
     progress
         .set_message("issuing the PKI and starting the coordinator and two nodes (acme, globex)");
-    let cluster =
-        Cluster::start_with_web(&dir, &Partner::all_in(&data_dir, &PARTNERS), args.web).await?;
+    let cluster = Cluster::start_with_web(&dir, &Partner::from_truth(&truth), args.web).await?;
     let client = cluster.client().await?;
 
     let mut jobs = Vec::new();
@@ -101,8 +100,9 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
     progress.finish_and_clear();
 
     cleanroom_node::outln!(
-        "cleanroom demo — {} rows per partner, seed {}, working directory {}",
+        "cleanroom demo — {} rows per partner in {} files, seed {}, working directory {}",
         args.rows,
+        cleanroom_node::data::DataFormat::from(args.format),
         args.seed,
         dir.display()
     );

@@ -25,6 +25,7 @@ mod schedule;
 mod submit;
 mod sum_output;
 mod synth;
+mod synth_format;
 mod text;
 mod ui;
 
@@ -77,7 +78,7 @@ fn execute(command: Command) -> anyhow::Result<ExitCode> {
                 overlap: args.overlap,
                 seed: args.seed,
             };
-            let truth = synth::write_synth(&spec, &args.out)?;
+            let truth = synth::write_synth_as(&spec, &args.out, args.format.into())?;
             cleanroom_node::outln!("{}", serde_json::to_string_pretty(&truth)?);
             Ok(ExitCode::SUCCESS)
         }

@@ -46,9 +46,9 @@ pub struct GroundTruth {
     /// For each pair of partners, keyed `"a,b"` with the names in byte order: the number of
     /// distinct normalised emails both files contain, |A ∩ B|.
     pub pairwise_overlap: BTreeMap<String, u64>,
-    /// The CSV file of each partner.
+    /// The customers file of each partner (CSV unless `synth --format` says otherwise).
     pub files: BTreeMap<String, PathBuf>,
-    /// The `chargebacks` CSV of each partner (`chargeback_id,category,amount,bucket`, amounts
+    /// The `chargebacks` file of each partner (`chargeback_id,category,amount,bucket`, amounts
     /// in integer cents, buckets integers in `0..CHARGEBACK_BUCKETS`), for aggregate jobs.
     pub chargeback_files: BTreeMap<String, PathBuf>,
     /// Per partner, per category: the rows and the summed amount of its chargebacks file.
@@ -206,12 +206,31 @@ pub fn write_synth(spec: &SynthSpec, out_dir: &Path) -> anyhow::Result<GroundTru
         chargebacks_total,
         shared_sums,
     };
-    let truth_path = out_dir.join("truth.json");
-    let mut text = serde_json::to_string_pretty(&truth)?;
-    text.push('\n');
-    std::fs::write(&truth_path, text)
-        .with_context(|| format!("writing {}", truth_path.display()))?;
+    write_truth(&truth, out_dir)?;
     Ok(truth)
+}
+
+/// [`write_synth`], then the files rewritten in `format` (CSV: unchanged), and `truth.json`
+/// naming them.
+pub fn write_synth_as(
+    spec: &SynthSpec,
+    out_dir: &Path,
+    format: cleanroom_node::data::DataFormat,
+) -> anyhow::Result<GroundTruth> {
+    let mut truth = write_synth(spec, out_dir)?;
+    if format != cleanroom_node::data::DataFormat::Csv {
+        crate::synth_format::convert(&mut truth, format)?;
+        write_truth(&truth, out_dir)?;
+    }
+    Ok(truth)
+}
+
+/// Writes `<out_dir>/truth.json`.
+fn write_truth(truth: &GroundTruth, out_dir: &Path) -> anyhow::Result<()> {
+    let truth_path = out_dir.join("truth.json");
+    let mut text = serde_json::to_string_pretty(truth)?;
+    text.push('\n');
+    std::fs::write(&truth_path, text).with_context(|| format!("writing {}", truth_path.display()))
 }
 
 fn validate(spec: &SynthSpec) -> anyhow::Result<()> {

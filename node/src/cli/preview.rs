@@ -49,7 +49,7 @@ pub fn run(
     crate::outln!(
         "dataset {} ({}){}",
         d.name,
-        d.path.display(),
+        d.location(),
         match (purpose, consent_column) {
             (Some(p), Some(c)) => format!(", purpose '{p}': consent column '{c}'"),
             (Some(p), None) => format!(", purpose '{p}': no consent column, every row is used"),

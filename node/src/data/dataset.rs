@@ -1,4 +1,4 @@
-//! CSV ingestion: streams a dataset's file row by row and turns the requested identifier
+//! Ingestion: streams a dataset's rows (from any [`Source`]) and turns the requested identifier
 //! columns into join keys.
 //!
 //! A join key is the normalised value of each requested identifier, joined with the
@@ -6,14 +6,14 @@
 //! (or is too long, or not UTF-8, or missing) are counted as rejected and never matched. Errors
 //! and logs name the file, the row and the column, never a value: values are raw identifiers.
 //!
-//! Reading is strict: a row whose number of fields differs from the header's, or with a line
+//! Reading is strict: a CSV row whose number of fields differs from the header's, or with a line
 //! break inside a field (what an unterminated quote leaves: it swallows the rows after it into
-//! one field), is rejected whole rather than read by position. Every rejection is counted by
-//! reason in [`Rejections`], with the line of the first few; the job's audit entry keeps them.
+//! one field), is rejected whole rather than read by position. A null or empty identifier
+//! rejects its row too. Every rejection is counted by reason in [`Rejections`], with the place
+//! of the first few (the line of a CSV file, the row of other sources); the job's audit entry
+//! keeps them.
 
 use std::collections::HashSet;
-use std::fs::File;
-use std::path::{Path, PathBuf};
 
 use cleanroom_circuits::ItemSet;
 
@@ -21,6 +21,7 @@ pub use crate::audit::{RejectedRow, Rejections};
 
 use super::normalise::{NormaliseError, NormaliseOptions, Normaliser};
 use super::schema::{DatasetConfig, IdentifierConfig};
+use super::source::{Malformed, Source, SourceError};
 
 /// Most rows a dataset may have for one job.
 pub const MAX_ROWS: u64 = 100_000_000;
@@ -34,9 +35,6 @@ pub const MAX_FIELD_BYTES: usize = 1024;
 
 /// How many rejected rows are logged (row, column, reason) per pass; the rest are only counted.
 const LOGGED_REJECTIONS: u64 = 10;
-
-/// Read buffer of the CSV reader.
-const READ_BUFFER: usize = 256 * 1024;
 
 /// The identifier names a job joins on, e.g. `["email"]` or `["email", "phone"]`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -57,11 +55,11 @@ impl KeySpec {
 /// Counting while reading (the record is the audit log's, [`Rejections`]).
 impl Rejections {
     /// Counts one rejected row (and keeps its place if it is among the first), logging the first.
-    fn record(&mut self, path: &Path, line: u64, column: Option<&str>, why: Rejection) {
+    fn record(&mut self, origin: &str, line: u64, column: Option<&str>, why: Rejection) {
         *self.by_reason.entry(why.label()).or_default() += 1;
         if (self.first.len() as u64) < LOGGED_REJECTIONS {
             tracing::warn!(
-                file = %path.display(),
+                file = origin,
                 line,
                 column = column.unwrap_or(""),
                 reason = %why,
@@ -76,11 +74,11 @@ impl Rejections {
     }
 
     /// Logs how many rejections went unlogged.
-    fn log_rest(&self, path: &Path) {
+    fn log_rest(&self, origin: &str) {
         let total = self.total();
         if total > LOGGED_REJECTIONS {
             tracing::warn!(
-                file = %path.display(),
+                file = origin,
                 rejected = total,
                 logged = LOGGED_REJECTIONS,
                 "more rows rejected than logged"
@@ -196,63 +194,40 @@ pub enum DatasetError {
         /// The declared identifier names, comma-separated.
         declared: String,
     },
-    /// The file could not be opened.
-    #[error("cannot open dataset file {}: {source}", path.display())]
-    Open {
-        /// The CSV file.
-        path: PathBuf,
-        /// The I/O error.
-        source: std::io::Error,
-    },
-    /// The header row could not be read.
-    #[error("dataset file {}: cannot read the header row: {source}", path.display())]
-    Header {
-        /// The CSV file.
-        path: PathBuf,
-        /// The CSV error.
-        source: csv::Error,
-    },
-    /// An identifier's column is not in the header.
-    #[error("dataset file {} has no column '{column}' (its columns: {})", path.display(), headers.join(", "))]
+    /// The rows could not be read (a file, the engine, a malformed CSV).
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    /// A column the config names is not in the dataset.
+    #[error("dataset {location} has no column '{column}' (its columns: {})", headers.join(", "))]
     MissingColumn {
-        /// The CSV file.
-        path: PathBuf,
+        /// The dataset's path, URL or view.
+        location: String,
         /// The column the config names.
         column: String,
-        /// The file's headers.
+        /// The dataset's columns.
         headers: Vec<String>,
     },
-    /// An identifier's column appears more than once in the header.
-    #[error("dataset file {}: column '{column}' appears more than once in the header", path.display())]
+    /// A column the config names appears more than once.
+    #[error("dataset {location}: column '{column}' appears more than once")]
     AmbiguousColumn {
-        /// The CSV file.
-        path: PathBuf,
+        /// The dataset's path, URL or view.
+        location: String,
         /// The repeated column.
         column: String,
     },
-    /// A row could not be read (I/O error or malformed CSV).
-    #[error("dataset file {}: row {row}: {source}", path.display())]
-    Row {
-        /// The CSV file.
-        path: PathBuf,
-        /// 1-based data row (header excluded) that failed.
-        row: u64,
-        /// The CSV error (it carries positions, not field values).
-        source: csv::Error,
-    },
     /// The file has more data rows than the cap.
-    #[error("dataset file {} has more than {max_rows} data rows (the cap for one job)", path.display())]
+    #[error("dataset {location} has more than {max_rows} data rows (the cap for one job)")]
     TooManyRows {
-        /// The CSV file.
-        path: PathBuf,
+        /// The dataset's path, URL or view.
+        location: String,
         /// The cap.
         max_rows: u64,
     },
     /// The join keys exceed what an [`ItemSet`] holds.
-    #[error("dataset file {}: join keys exceed 4 GiB at row {row}", path.display())]
+    #[error("dataset {location}: join keys exceed 4 GiB at row {row}")]
     TooLarge {
-        /// The CSV file.
-        path: PathBuf,
+        /// The dataset's path, URL or view.
+        location: String,
         /// The row at which the set filled up.
         row: u64,
     },
@@ -265,8 +240,10 @@ enum Rejection {
     FieldCount { expected: usize, found: usize },
     #[error("a field holds a line break (an unterminated quote swallows the rows after it)")]
     LineBreak,
-    #[error("the row has no such field")]
+    #[error("the field is null or missing")]
     Missing,
+    #[error("the field is empty")]
+    Empty,
     #[error("the field is longer than {MAX_FIELD_BYTES} bytes")]
     TooLong,
     #[error("the field is not UTF-8")]
@@ -288,63 +265,13 @@ impl Rejection {
     }
 }
 
-/// Whether the row is well formed: as many fields as the header, and no line break in a field
-/// the pass reads (`read`: column indices). Checked before any field is used, so a malformed row
-/// is never read by position. A line break in a column the pass does not read is legal CSV (a
-/// note, an address) and only counted ([`Rejections::multi_line_rows`]): it is also what a quote
-/// left open there looks like, so the count makes it visible.
-fn malformed(
-    record: &csv::ByteRecord,
-    width: usize,
-    read: &[usize],
-    rejections: &mut Rejections,
-) -> Option<(Option<usize>, Rejection)> {
-    if record.len() != width {
-        return Some((
-            None,
-            Rejection::FieldCount {
-                expected: width,
-                found: record.len(),
-            },
-        ));
+impl From<Malformed> for Rejection {
+    fn from(m: Malformed) -> Rejection {
+        match m {
+            Malformed::FieldCount { expected, found } => Rejection::FieldCount { expected, found },
+            Malformed::LineBreak => Rejection::LineBreak,
+        }
     }
-    let breaks = |f: &[u8]| f.contains(&b'\n') || f.contains(&b'\r');
-    if let Some(&i) = read.iter().find(|&&i| record.get(i).is_some_and(breaks)) {
-        return Some((Some(i), Rejection::LineBreak));
-    }
-    if record.iter().any(breaks) {
-        rejections.multi_line_rows += 1;
-    }
-    None
-}
-
-/// Opens the dataset's CSV for a pass (headers required). Malformed rows are rejected one by one
-/// by the caller ([`malformed`]) rather than failing the whole file, hence `flexible`.
-fn open_csv(path: &Path) -> Result<(csv::Reader<File>, Vec<String>), DatasetError> {
-    let file = File::open(path).map_err(|source| DatasetError::Open {
-        path: path.to_owned(),
-        source,
-    })?;
-    let mut reader = csv::ReaderBuilder::new()
-        .has_headers(true)
-        .flexible(true)
-        .buffer_capacity(READ_BUFFER)
-        .from_reader(file);
-    let headers = reader
-        .headers()
-        .map_err(|source| DatasetError::Header {
-            path: path.to_owned(),
-            source,
-        })?
-        .iter()
-        .map(|h| h.trim().to_owned())
-        .collect();
-    Ok((reader, headers))
-}
-
-/// The line a record starts on (1-based; the header is line 1).
-fn line_of(record: &csv::ByteRecord) -> u64 {
-    record.position().map_or(0, |p| p.line())
 }
 
 /// The key name of a job: identifier names joined with `+` (`"email"`, `"email+phone"`). Used
@@ -379,10 +306,9 @@ pub fn load_keys_for(
     max_rows: u64,
 ) -> Result<LoadedKeys, DatasetError> {
     let mut items = ItemSet::new();
-    let path = dataset.path.clone();
     let counts = for_each_key(dataset, keys, &[], filter, Some(max_rows), |row, key, _| {
         items.push(key).map_err(|_| DatasetError::TooLarge {
-            path: path.clone(),
+            location: dataset.location(),
             row,
         })
     })?;
@@ -398,7 +324,7 @@ pub fn load_keys_for(
     })
 }
 
-/// Second pass for `match`: streams the CSV again and returns the 1-based data-row numbers
+/// Second pass for `match`: streams the dataset again and returns the 1-based data-row numbers
 /// (header excluded), ascending, whose join key is in `matched` (a sorted, deduplicated set, as
 /// [`ItemSet::dedup`] leaves it). Rejected rows never match.
 pub fn matching_rows(
@@ -439,42 +365,42 @@ pub struct RowCounts {
     pub rows_excluded_deleted: u64,
 }
 
-/// One pass over the dataset's CSV: the records that are well formed ([`malformed`]) and pass
-/// the [`RowFilter`] (consent, then forgotten subjects), counted in [`RowCounts`] on the way.
+/// One pass over the dataset: the records that are well formed ([`Source::malformed`]) and
+/// pass the [`RowFilter`] (consent, then forgotten subjects), counted in [`RowCounts`] on the
+/// way.
 struct Pass<'a> {
-    path: &'a Path,
-    reader: csv::Reader<File>,
-    headers: Vec<String>,
+    location: String,
+    source: Source,
     /// The columns the pass reads: a line break in one of them rejects the row.
     read: Vec<usize>,
     consent_index: Option<usize>,
     /// Forgotten subjects (non-empty) and where every declared identifier is.
     forgotten: Option<(&'a Forgotten, Vec<Part<'a>>)>,
     max_rows: Option<u64>,
-    record: csv::ByteRecord,
     counts: RowCounts,
 }
 
 impl<'a> Pass<'a> {
-    /// Opens the file; `read` are the columns the caller will read (located with [`locate_column`]
-    /// or [`locate_columns`] on [`Pass::headers`] through `locate`).
+    /// Opens the dataset; `read` are the columns the caller will read (located with
+    /// [`locate_column`] or [`locate_columns`] on the source's headers through `locate`).
     fn open(
         dataset: &'a DatasetConfig,
         filter: RowFilter<'a>,
         max_rows: Option<u64>,
-        locate: impl FnOnce(&[String], &Path) -> Result<Vec<usize>, DatasetError>,
+        locate: impl FnOnce(&[String], &str) -> Result<Vec<usize>, DatasetError>,
     ) -> Result<Pass<'a>, DatasetError> {
-        let path = dataset.path.as_path();
-        let (reader, headers) = open_csv(path)?;
-        let mut read = locate(&headers, path)?;
+        let location = dataset.location();
+        let mut source = Source::open(dataset)?;
+        let headers = source.headers();
+        let mut read = locate(headers, &location)?;
         let consent_index = match filter.consent_column {
-            Some(column) => Some(locate_column(&headers, path, column)?),
+            Some(column) => Some(locate_column(headers, &location, column)?),
             None => None,
         };
         let forgotten = match filter.forgotten.filter(|fg| !fg.hashes.is_empty()) {
             Some(fg) => {
                 let all_ids: Vec<&IdentifierConfig> = dataset.identifiers.iter().collect();
-                Some((fg, locate_columns(&headers, path, &all_ids)?))
+                Some((fg, locate_columns(headers, &location, &all_ids)?))
             }
             None => None,
         };
@@ -482,68 +408,60 @@ impl<'a> Pass<'a> {
         if let Some((_, parts)) = &forgotten {
             read.extend(parts.iter().map(|p| p.index));
         }
+        source.start(&read)?;
         Ok(Pass {
-            path,
-            reader,
-            headers,
+            location,
+            source,
             read,
             consent_index,
             forgotten,
             max_rows,
-            record: csv::ByteRecord::new(),
             counts: RowCounts::default(),
         })
     }
 
-    /// Reads up to the next record that is well formed and passes the filter, in
-    /// [`Pass::record`]: its data-row number, or `None` at the end of the file.
+    /// Reads up to the next record that is well formed and passes the filter: its data-row
+    /// number, or `None` at the end.
     fn next_row(&mut self) -> Result<Option<u64>, DatasetError> {
         loop {
             let row = self.counts.rows_read + 1;
-            match self.reader.read_byte_record(&mut self.record) {
-                Ok(true) => {}
-                Ok(false) => {
-                    self.counts.rejections.log_rest(self.path);
-                    return Ok(None);
-                }
-                Err(source) => {
-                    return Err(DatasetError::Row {
-                        path: self.path.to_owned(),
-                        row,
-                        source,
-                    });
-                }
+            if !self.source.advance()? {
+                self.counts.rejections.log_rest(&self.location);
+                return Ok(None);
             }
             if let Some(max) = self.max_rows
                 && row > max
             {
                 return Err(DatasetError::TooManyRows {
-                    path: self.path.to_owned(),
+                    location: self.location.clone(),
                     max_rows: max,
                 });
             }
             let counts = &mut self.counts;
             counts.rows_read = row;
-            if let Some((column, why)) = malformed(
-                &self.record,
-                self.headers.len(),
-                &self.read,
-                &mut counts.rejections,
-            ) {
-                let column = column.and_then(|i| self.headers.get(i)).map(String::as_str);
-                counts
-                    .rejections
-                    .record(self.path, line_of(&self.record), column, why);
+            if let Some((column, why)) = self
+                .source
+                .malformed(&self.read, &mut counts.rejections.multi_line_rows)
+            {
+                let column = column
+                    .and_then(|i| self.source.headers().get(i))
+                    .map(String::as_str);
+                counts.rejections.record(
+                    &self.source.origin(),
+                    self.source.location(),
+                    column,
+                    why.into(),
+                );
                 continue;
             }
             if let Some(i) = self.consent_index
-                && !self.record.get(i).is_some_and(is_consent)
+                && !self.source.field(i).is_some_and(is_consent)
             {
                 counts.rows_excluded_consent += 1;
                 continue;
             }
             if let Some((fg, parts)) = &self.forgotten
-                && is_forgotten(&self.record, parts, fg)
+                && is_forgotten(&self.source, parts, fg)
             {
                 counts.rows_excluded_deleted += 1;
                 continue;
@@ -554,14 +472,14 @@ impl<'a> Pass<'a> {
 
     /// Counts a row the caller rejected.
     fn reject(&mut self, column: &str, why: Rejection) {
-        let line = line_of(&self.record);
+        let (origin, line) = (self.source.origin(), self.source.location());
         self.counts
             .rejections
-            .record(self.path, line, Some(column), why);
+            .record(&origin, line, Some(column), why);
     }
 }
 
-/// Streams the dataset's CSV and calls `f(row, fields)` for every row that passes the
+/// Streams the dataset and calls `f(row, fields)` for every row that passes the
 /// [`RowFilter`] (consent, then forgotten subjects), with the raw fields of `columns` in the
 /// order given. For computations that read columns rather than join keys (aggregate); the caller
 /// parses and validates the fields. Each named column must appear exactly once in the header;
@@ -573,15 +491,15 @@ pub fn for_each_row_for(
     max_rows: u64,
     mut f: impl FnMut(u64, &[Option<&[u8]>]) -> Result<(), DatasetError>,
 ) -> Result<RowCounts, DatasetError> {
-    let mut pass = Pass::open(dataset, filter, Some(max_rows), |headers, path| {
+    let mut pass = Pass::open(dataset, filter, Some(max_rows), |headers, location| {
         columns
             .iter()
-            .map(|c| locate_column(headers, path, c))
+            .map(|c| locate_column(headers, location, c))
             .collect()
     })?;
     let indices = pass.read[..columns.len()].to_vec();
     while let Some(row) = pass.next_row()? {
-        let fields: Vec<Option<&[u8]>> = indices.iter().map(|&i| pass.record.get(i)).collect();
+        let fields: Vec<Option<&[u8]>> = indices.iter().map(|&i| pass.source.field(i)).collect();
         f(row, &fields)?;
     }
     Ok(pass.counts)
@@ -610,7 +528,7 @@ pub struct KeyedRowCounts {
     pub rows_excluded_deleted: u64,
 }
 
-/// Streams the dataset's CSV and calls `f(row, key, fields)` for every row that passes the
+/// Streams the dataset and calls `f(row, key, fields)` for every row that passes the
 /// [`RowFilter`] and whose join key normalises, with the raw fields of `columns` in the order
 /// given. For computations that read values next to the key (overlap-sum); the caller parses and
 /// validates the fields. More than `max_rows` data rows is refused.
@@ -643,21 +561,23 @@ fn for_each_key(
 ) -> Result<RowCounts, DatasetError> {
     let ids = resolve_identifiers(dataset, keys)?;
     let mut parts = Vec::new();
-    let mut pass = Pass::open(dataset, filter, max_rows, |headers, path| {
-        parts = locate_columns(headers, path, &ids)?;
+    let mut pass = Pass::open(dataset, filter, max_rows, |headers, location| {
+        parts = locate_columns(headers, location, &ids)?;
         parts
             .iter()
             .map(|p| Ok(p.index))
-            .chain(columns.iter().map(|c| locate_column(headers, path, c)))
+            .chain(columns.iter().map(|c| locate_column(headers, location, c)))
             .collect()
     })?;
     let column_indices = pass.read[parts.len()..parts.len() + columns.len()].to_vec();
     let mut key: Vec<u8> = Vec::with_capacity(256);
     while let Some(row) = pass.next_row()? {
-        match build_key(&pass.record, &parts, &mut key) {
+        match build_key(&pass.source, &parts, &mut key) {
             Ok(()) => {
-                let fields: Vec<Option<&[u8]>> =
-                    column_indices.iter().map(|&i| pass.record.get(i)).collect();
+                let fields: Vec<Option<&[u8]>> = column_indices
+                    .iter()
+                    .map(|&i| pass.source.field(i))
+                    .collect();
                 f(row, &key, &fields)?;
             }
             Err((column, why)) => pass.reject(column, why),
@@ -667,15 +587,15 @@ fn for_each_key(
 }
 
 /// Whether any declared identifier of the row normalises to a forgotten value.
-fn is_forgotten(record: &csv::ByteRecord, all: &[Part<'_>], fg: &Forgotten) -> bool {
+fn is_forgotten(record: &Source, all: &[Part<'_>], fg: &Forgotten) -> bool {
     all.iter().any(|p| {
-        normalise_field(record.get(p.index), p.id.normaliser, &p.opts)
+        normalise_field(record.field(p.index), p.id.normaliser, &p.opts)
             .is_ok_and(|v| fg.hashes.contains(&forget_hash(&fg.secret, v.as_bytes())))
     })
 }
 
 /// The index of one named column (exactly once in the header).
-fn locate_column(headers: &[String], path: &Path, column: &str) -> Result<usize, DatasetError> {
+fn locate_column(headers: &[String], location: &str, column: &str) -> Result<usize, DatasetError> {
     let mut found = headers
         .iter()
         .enumerate()
@@ -684,11 +604,11 @@ fn locate_column(headers: &[String], path: &Path, column: &str) -> Result<usize,
     match (found.next(), found.next()) {
         (Some(index), None) => Ok(index),
         (Some(_), Some(_)) => Err(DatasetError::AmbiguousColumn {
-            path: path.to_owned(),
+            location: location.to_owned(),
             column: column.to_owned(),
         }),
         (None, _) => Err(DatasetError::MissingColumn {
-            path: path.to_owned(),
+            location: location.to_owned(),
             column: column.to_owned(),
             headers: headers.to_vec(),
         }),
@@ -720,7 +640,7 @@ fn resolve_identifiers<'a>(
 
 fn locate_columns<'a>(
     headers: &[String],
-    path: &Path,
+    location: &str,
     ids: &[&'a IdentifierConfig],
 ) -> Result<Vec<Part<'a>>, DatasetError> {
     ids.iter()
@@ -737,11 +657,11 @@ fn locate_columns<'a>(
                     index,
                 }),
                 (Some(_), Some(_)) => Err(DatasetError::AmbiguousColumn {
-                    path: path.to_owned(),
+                    location: location.to_owned(),
                     column: id.column.clone(),
                 }),
                 (None, _) => Err(DatasetError::MissingColumn {
-                    path: path.to_owned(),
+                    location: location.to_owned(),
                     column: id.column.clone(),
                     headers: headers.to_vec(),
                 }),
@@ -752,14 +672,14 @@ fn locate_columns<'a>(
 
 /// Builds the row's join key into `key`, or says which column rejected the row and why.
 fn build_key<'c>(
-    record: &csv::ByteRecord,
+    record: &Source,
     parts: &[Part<'c>],
     key: &mut Vec<u8>,
 ) -> Result<(), (&'c str, Rejection)> {
     key.clear();
     for (i, part) in parts.iter().enumerate() {
         let column = part.id.column.as_str();
-        let normalised = normalise_field(record.get(part.index), part.id.normaliser, &part.opts)
+        let normalised = normalise_field(record.field(part.index), part.id.normaliser, &part.opts)
             .map_err(|why| (column, why))?;
         if i > 0 {
             key.push(KEY_PART_SEPARATOR);
@@ -775,6 +695,9 @@ fn normalise_field(
     options: &NormaliseOptions,
 ) -> Result<String, Rejection> {
     let field = field.ok_or(Rejection::Missing)?;
+    if field.trim_ascii().is_empty() {
+        return Err(Rejection::Empty);
+    }
     if field.len() > MAX_FIELD_BYTES {
         return Err(Rejection::TooLong);
     }
@@ -791,7 +714,9 @@ fn normalise_field(
 mod tests {
     use super::*;
     use crate::data::IdentifierConfig;
+    use std::fs::File;
     use std::io::Write;
+    use std::path::Path;
 
     const CSV: &str = "\
 customer_id,email,phone,amount_cents
@@ -939,7 +864,7 @@ customer_id,email,phone,amount_cents
         assert_eq!(
             e.to_string(),
             format!(
-                "dataset file {} has no column 'email' (its columns: id, mail)",
+                "dataset {} has no column 'email' (its columns: id, mail)",
                 d.path.display()
             )
         );
@@ -975,7 +900,10 @@ customer_id,email,phone,amount_cents
         let dir = tempfile::tempdir().unwrap();
         let d = dataset(dir.path(), b"id,e\xffmail\n1,secret@example.com\n");
         let e = load_keys(&d, &KeySpec::new(["email"]), 100).unwrap_err();
-        assert!(matches!(e, DatasetError::Header { .. }), "{e}");
+        assert!(
+            matches!(e, DatasetError::Source(SourceError::Header { .. })),
+            "{e}"
+        );
         assert!(!e.to_string().contains("secret"));
     }
 

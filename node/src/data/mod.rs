@@ -3,8 +3,10 @@
 //!
 //! - [`schema`]: a dataset's declaration (file, identifier, value and consent columns);
 //! - [`normalise`]: identifier normalisers (email, phone to E.164, generic);
-//! - [`dataset`]: streaming CSV ingestion into join keys, through the consent and deletion
-//!   filters ([`RowFilter`]);
+//! - [`source`]: where rows come from: the strict CSV reader for local CSV, DataFusion for
+//!   Parquet, JSON lines, remote files and SQL views;
+//! - [`dataset`]: streaming rows into join keys, through the consent and deletion filters
+//!   ([`RowFilter`]);
 //! - [`sum_input`]: an `overlap-sum` value holder's rows, summed per identifier then clipped;
 //! - [`aggregate_input`]: an `aggregate` party's clipped per-group vector;
 //! - [`forget`]: the deletion list (keyed hashes of forgotten identifiers);
@@ -19,9 +21,10 @@ pub mod forget;
 pub mod normalise;
 pub mod retention;
 pub mod schema;
+pub mod source;
 pub mod sum_input;
 
 pub use dataset::{
     Forgotten, KeySpec, LoadedKeys, RejectedRow, Rejections, RowCounts, RowFilter, key_name,
 };
-pub use schema::{DatasetConfig, IdentifierConfig, ValueColumn};
+pub use schema::{DataFormat, DatasetConfig, IdentifierConfig, TableConfig, ValueColumn};

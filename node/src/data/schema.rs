@@ -1,5 +1,6 @@
-//! Datasets as the node's config declares them: the CSV file, its identifier columns (with their
-//! normalisers), its value columns (integers with bounds) and its consent columns.
+//! Datasets as the node's config declares them: where the rows are (a file, directory or glob of
+//! CSV, Parquet or JSON lines, or a SQL view over such tables), its identifier columns (with
+//! their normalisers), its value columns (integers with bounds) and its consent columns.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -9,14 +10,25 @@ use toml::Spanned;
 
 use super::normalise::{NormaliseOptions, Normaliser, parse_region};
 
-/// A dataset: one CSV file with a header row, and its identifier columns.
+/// A dataset: a table of rows (files, or a SQL view), and its identifier columns.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DatasetConfig {
     /// The name jobs use for this dataset.
     pub name: String,
-    /// The CSV file.
+    /// The rows: a file, a directory or a glob, as a local path or a `file://` or `s3://` URL.
+    /// Empty for a SQL view (`sql`).
+    #[serde(default)]
     pub path: PathBuf,
+    /// The files' format; by default read from `path`'s extension.
+    #[serde(default)]
+    pub format: Option<DataFormat>,
+    /// A SQL view: the dataset is this query's result over `tables`.
+    #[serde(default)]
+    pub sql: Option<String>,
+    /// The tables a SQL view reads (`[[dataset.table]]`).
+    #[serde(default, rename = "table")]
+    pub tables: Vec<TableConfig>,
     /// Identifier columns (`[[dataset.identifier]]`).
     #[serde(default, rename = "identifier")]
     pub identifiers: Vec<IdentifierConfig>,
@@ -32,6 +44,75 @@ pub struct DatasetConfig {
     /// such a job uses all rows.
     #[serde(default)]
     pub consent_required: bool,
+}
+
+/// How a dataset's files are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DataFormat {
+    /// Comma-separated values with a header row (read strictly when local).
+    Csv,
+    /// Apache Parquet.
+    Parquet,
+    /// JSON lines: one object per line.
+    Jsonl,
+}
+
+impl DataFormat {
+    /// The format a path's extension names (`.csv`, `.parquet`/`.parq`, `.jsonl`/`.ndjson`/`.json`),
+    /// looking through a glob's last component too (`orders/*.parquet`).
+    pub fn from_extension(path: &str) -> Option<DataFormat> {
+        let ext = path.rsplit(['/', '.']).next()?;
+        if !path.contains('.') {
+            return None;
+        }
+        match ext.to_ascii_lowercase().as_str() {
+            "csv" => Some(DataFormat::Csv),
+            "parquet" | "parq" => Some(DataFormat::Parquet),
+            "jsonl" | "ndjson" | "json" => Some(DataFormat::Jsonl),
+            _ => None,
+        }
+    }
+
+    /// The extension files of this format have inside a directory.
+    pub fn extension(self) -> &'static str {
+        match self {
+            DataFormat::Csv => ".csv",
+            DataFormat::Parquet => ".parquet",
+            DataFormat::Jsonl => ".jsonl",
+        }
+    }
+}
+
+impl std::fmt::Display for DataFormat {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            DataFormat::Csv => "csv",
+            DataFormat::Parquet => "parquet",
+            DataFormat::Jsonl => "jsonl",
+        })
+    }
+}
+
+/// A table a SQL view reads: files like a dataset's own.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TableConfig {
+    /// The name the view's SQL uses.
+    pub name: String,
+    /// A file, directory or glob, as a local path or a `file://` or `s3://` URL.
+    pub path: PathBuf,
+    /// The files' format; by default read from `path`'s extension.
+    #[serde(default)]
+    pub format: Option<DataFormat>,
+}
+
+impl TableConfig {
+    /// The declared format, or the one the path's extension names.
+    pub fn format(&self) -> Option<DataFormat> {
+        self.format
+            .or_else(|| DataFormat::from_extension(&self.path.to_string_lossy()))
+    }
 }
 
 /// An integer column with bounds (declared on a dataset, or the clipping bounds an allow entry
@@ -104,10 +185,33 @@ impl DatasetConfig {
         DatasetConfig {
             name: name.into(),
             path,
+            format: None,
+            sql: None,
+            tables: Vec::new(),
             identifiers,
             values: Vec::new(),
             consent: BTreeMap::new(),
             consent_required: false,
+        }
+    }
+
+    /// The declared format, or the one the path's extension names (`None` for a SQL view).
+    pub fn format(&self) -> Option<DataFormat> {
+        if self.sql.is_some() {
+            return None;
+        }
+        self.format
+            .or_else(|| DataFormat::from_extension(&self.path.to_string_lossy()))
+    }
+
+    /// Where the rows are, for messages: the path or URL, or `SQL view over t1, t2`.
+    pub fn location(&self) -> String {
+        match &self.sql {
+            Some(_) => {
+                let names: Vec<&str> = self.tables.iter().map(|t| t.name.as_str()).collect();
+                format!("SQL view over {}", names.join(", "))
+            }
+            None => self.path.display().to_string(),
         }
     }
 

@@ -132,7 +132,7 @@ pub fn load(
     let mut values: Vec<i64> = Vec::new();
     let mut bad = 0u64;
     let mut row_values = vec![0i64; sums];
-    let path = dataset.path.clone();
+    let location = dataset.location();
     let counts =
         dataset::for_each_keyed_row_for(dataset, keys, &read, filter, max_rows, |row, key, f| {
             for (i, slot) in row_values.iter_mut().enumerate() {
@@ -153,7 +153,7 @@ pub fn load(
                 None => 0,
             };
             all.push(key).map_err(|_| dataset::DatasetError::TooLarge {
-                path: path.clone(),
+                location: location.clone(),
                 row,
             })?;
             groups.push(group as u32);

@@ -10,9 +10,10 @@
 //! - here: `policy check` itself ([`check_file`]) and the live policy of a running node
 //!   ([`PolicyHolder`]), which a failed reload leaves unchanged.
 //!
-//! [`check_file`] validates the policy as start-up does, and also opens every dataset's CSV to
-//! check that the declared identifier, value and consent columns (and each aggregate entry's
-//! person column) are in its header.
+//! [`check_file`] validates the policy as start-up does, and also opens every dataset (a CSV
+//! header, a Parquet footer, a view's plan) to check that the declared identifier, value and
+//! consent columns (and each aggregate entry's person column) are in it, and that a SQL view
+//! outputs no column an allow entry does not permit ([`permitted_columns`]).
 
 pub mod aggregate;
 pub mod allow;
@@ -67,25 +68,16 @@ pub fn load_checked(path: &Path) -> Result<NodeConfig, ConfigError> {
     Ok(cfg)
 }
 
-/// Every dataset file has a header with each declared column exactly once.
+/// Every dataset has each declared column exactly once, and a SQL view outputs only columns an
+/// allow entry permits.
 fn check_headers(cfg: &NodeConfig) -> Result<(), String> {
     for d in &cfg.datasets {
-        let file = d.path.display();
-        let mut reader = csv::ReaderBuilder::new()
-            .has_headers(true)
-            .from_path(&d.path)
-            .map_err(|e| format!("dataset '{}': cannot open {file}: {e}", d.name))?;
-        let headers: Vec<String> = reader
-            .headers()
-            .map_err(|e| {
-                format!(
-                    "dataset '{}': cannot read the header of {file}: {e}",
-                    d.name
-                )
-            })?
-            .iter()
-            .map(|h| h.trim().to_owned())
-            .collect();
+        let file = d.location();
+        // Opening plans the dataset and reads its column names (a CSV header, a Parquet
+        // footer, the view's output); no row is read.
+        let source = crate::data::source::Source::open(d)
+            .map_err(|e| format!("dataset '{}': {e}", d.name))?;
+        let headers = source.headers();
         let declared = d
             .identifiers
             .iter()
@@ -112,7 +104,7 @@ fn check_headers(cfg: &NodeConfig) -> Result<(), String> {
                 1 => {}
                 0 => {
                     return Err(format!(
-                        "dataset '{}': {kind} column '{column}' is not in the header of {file} \
+                        "dataset '{}': {kind} column '{column}' is not in {file} \
                          (its columns: {})",
                         d.name,
                         headers.join(", ")
@@ -120,15 +112,85 @@ fn check_headers(cfg: &NodeConfig) -> Result<(), String> {
                 }
                 _ => {
                     return Err(format!(
-                        "dataset '{}': {kind} column '{column}' appears more than once in the \
-                         header of {file}",
+                        "dataset '{}': {kind} column '{column}' appears more than once in \
+                         {file}",
                         d.name
                     ));
                 }
             }
         }
+        if d.sql.is_some() {
+            let permitted = permitted_columns(cfg, d);
+            let list = || {
+                if permitted.is_empty() {
+                    "none".to_owned()
+                } else {
+                    permitted.iter().copied().collect::<Vec<_>>().join(", ")
+                }
+            };
+            if let Some(extra) = headers.iter().find(|h| !permitted.contains(h.as_str())) {
+                return Err(format!(
+                    "dataset '{}': the sql view outputs column '{extra}', which no allow entry \
+                     permits (permitted: {}); select only the columns the agreements use",
+                    d.name,
+                    list()
+                ));
+            }
+            // Renaming does not launder a column: `SELECT ssn AS email` reads ssn.
+            if let Some(extra) = source
+                .view_reads()
+                .iter()
+                .find(|c| !permitted.contains(c.as_str()))
+            {
+                return Err(format!(
+                    "dataset '{}': the sql view reads column '{extra}' into its output, which \
+                     no allow entry permits (permitted: {}); conditions (WHERE, JOIN ON) may \
+                     use any column, the select list may not",
+                    d.name,
+                    list()
+                ));
+            }
+        }
     }
     Ok(())
+}
+
+/// The columns of `d` some allow entry lets a job read: the columns of the identifiers its keys
+/// join on, its value, group-by and person columns, and the dataset's consent columns (which
+/// only filter rows).
+pub fn permitted_columns<'a>(
+    cfg: &'a NodeConfig,
+    d: &'a crate::data::DatasetConfig,
+) -> std::collections::BTreeSet<&'a str> {
+    let mut permitted: std::collections::BTreeSet<&str> =
+        d.consent.values().map(String::as_str).collect();
+    for e in cfg
+        .agreements
+        .iter()
+        .flat_map(|a| &a.allow)
+        .filter(|e| e.dataset() == d.name)
+    {
+        for key in e.keys() {
+            for name in key.split('+') {
+                if let Some(id) = d.identifier(name) {
+                    permitted.insert(id.column.as_str());
+                }
+            }
+        }
+        permitted.extend(
+            e.terms()
+                .value_columns
+                .iter()
+                .map(|v| v.column.get_ref().as_str()),
+        );
+        permitted.extend(e.group_by().iter().map(String::as_str));
+        if let Allow::Aggregate(a) = e
+            && let Some(person) = a.person.as_deref()
+        {
+            permitted.insert(person);
+        }
+    }
+    permitted
 }
 
 /// The live policy: readers take an `Arc` snapshot; [`PolicyHolder::reload`] swaps in a new
@@ -410,6 +472,66 @@ budget_per_purpose = { epsilon_per_period = 2.0, period = "week" }
         let (_dir, file) = setup("email,consent_fraud\na@b.c,1\n");
         let msg = check_file(&file).unwrap_err().to_string();
         assert!(msg.contains("value column 'amount_cents'"), "{msg}");
+    }
+
+    /// The test config with `customers` as a SQL view selecting `select` from the CSV table
+    /// `orders` (columns email, amount_cents, consent_fraud, category, ssn).
+    fn view_setup(select: &str) -> (tempfile::TempDir, PathBuf) {
+        let (dir, file) =
+            setup("email,amount_cents,consent_fraud,category,ssn\na@b.c,1,true,home,123-45-6789\n");
+        let view = format!(
+            "name = \"customers\"\nsql = \"SELECT {select} FROM orders WHERE amount_cents > 0\"\n"
+        );
+        let text = config_text()
+            .replace("name = \"customers\"\npath = \"acme.csv\"\n", &view)
+            .replacen(
+                "[[agreement]]",
+                "  [[dataset.table]]\n  name = \"orders\"\n  path = \"acme.csv\"\n[[agreement]]",
+                1,
+            );
+        std::fs::write(&file, text).unwrap();
+        (dir, file)
+    }
+
+    #[test]
+    fn a_view_may_output_only_columns_an_allow_entry_permits() {
+        // email (the key), amount_cents (a value column), category (group-by) and the consent
+        // column are all permitted.
+        let (_dir, file) = view_setup("email, amount_cents, category, consent_fraud");
+        check_file(&file).unwrap();
+        // The filter may read ssn; the output may not carry it.
+        let (_dir, file) = view_setup("email, amount_cents, consent_fraud, ssn");
+        let msg = check_file(&file).unwrap_err().to_string();
+        assert!(
+            msg.contains("outputs column 'ssn', which no allow entry permits"),
+            "{msg}"
+        );
+        // Renaming does not launder a column.
+        let (_dir, file) = view_setup("ssn AS email, amount_cents, consent_fraud");
+        let msg = check_file(&file).unwrap_err().to_string();
+        assert!(msg.contains("reads column 'ssn'"), "{msg}");
+        let (_dir, file) = view_setup("concat(email, ssn) AS email, amount_cents, consent_fraud");
+        let msg = check_file(&file).unwrap_err().to_string();
+        assert!(msg.contains("reads column 'ssn'"), "{msg}");
+        let (_dir, file) = view_setup("email, amount_cents, consent_fraud, ssn AS note");
+        let msg = check_file(&file).unwrap_err().to_string();
+        assert!(msg.contains("'note'"), "{msg}");
+        // A view that writes is refused.
+        let (_dir, file) = view_setup("email FROM orders; DROP TABLE orders; SELECT email");
+        assert!(check_file(&file).is_err());
+    }
+
+    #[test]
+    fn a_dataset_has_a_path_or_a_view_and_a_known_format() {
+        let (_dir, file) = setup("email,amount_cents,consent_fraud\na@b.c,1,true\n");
+        let text = config_text().replace("path = \"acme.csv\"", "path = \"acme.data\"");
+        std::fs::write(&file, text).unwrap();
+        let msg = check_file(&file).unwrap_err().to_string();
+        assert!(msg.contains("cannot tell the format"), "{msg}");
+        let text = config_text().replace("path = \"acme.csv\"", "");
+        std::fs::write(&file, text).unwrap();
+        let msg = check_file(&file).unwrap_err().to_string();
+        assert!(msg.contains("no path"), "{msg}");
     }
 
     #[test]

@@ -95,9 +95,7 @@ impl NodeConfig<AllowEntry> {
             if !seen.insert(d.name.as_str()) {
                 return Err(format!("dataset '{}' is declared twice", d.name));
             }
-            if d.path.as_os_str().is_empty() {
-                return Err(format!("dataset '{}' has an empty path", d.name));
-            }
+            check_source(d)?;
             let mut ids = HashSet::new();
             for id in &d.identifiers {
                 check_name(&format!("dataset '{}': identifier name", d.name), &id.name)?;
@@ -342,6 +340,79 @@ impl Allow {
             }
             Computation::Overlap => super::psi::check_entry(ctx, e, d, text).map(Allow::Overlap),
             Computation::Match => super::psi::check_entry(ctx, e, d, text).map(Allow::Match),
+        }
+    }
+}
+
+/// A dataset reads either files (`path`) or a SQL view (`sql` over `[[dataset.table]]`), and the
+/// format of every file set is known.
+fn check_source(d: &crate::data::DatasetConfig) -> Result<(), String> {
+    let has_path = !d.path.as_os_str().is_empty();
+    match (&d.sql, has_path) {
+        (Some(_), true) => Err(format!(
+            "dataset '{}' has both a path and sql: a SQL view reads its [[dataset.table]] \
+             entries, so remove one",
+            d.name
+        )),
+        (None, false) => Err(format!(
+            "dataset '{}' has no path (a file, directory or glob) and no sql view",
+            d.name
+        )),
+        (None, true) => {
+            if !d.tables.is_empty() {
+                return Err(format!(
+                    "dataset '{}': [[dataset.table]] entries are read by a sql view only; add \
+                     `sql` or remove them",
+                    d.name
+                ));
+            }
+            if d.format().is_none() {
+                return Err(format!(
+                    "dataset '{}': cannot tell the format of {} from its extension; add \
+                     format = \"csv\", \"parquet\" or \"jsonl\"",
+                    d.name,
+                    d.path.display()
+                ));
+            }
+            Ok(())
+        }
+        (Some(sql), false) => {
+            if sql.trim().is_empty() {
+                return Err(format!("dataset '{}' has an empty sql view", d.name));
+            }
+            if d.tables.is_empty() {
+                return Err(format!(
+                    "dataset '{}': the sql view reads no table; declare each with \
+                     [[dataset.table]] (name, path)",
+                    d.name
+                ));
+            }
+            let mut names = HashSet::new();
+            for t in &d.tables {
+                check_name(&format!("dataset '{}': table name", d.name), &t.name)?;
+                if !names.insert(t.name.to_ascii_lowercase()) {
+                    return Err(format!(
+                        "dataset '{}': table '{}' is declared twice",
+                        d.name, t.name
+                    ));
+                }
+                if t.path.as_os_str().is_empty() {
+                    return Err(format!(
+                        "dataset '{}': table '{}' has an empty path",
+                        d.name, t.name
+                    ));
+                }
+                if t.format().is_none() {
+                    return Err(format!(
+                        "dataset '{}': cannot tell the format of table '{}' ({}) from its \
+                         extension; add format = \"csv\", \"parquet\" or \"jsonl\"",
+                        d.name,
+                        t.name,
+                        t.path.display()
+                    ));
+                }
+            }
+            Ok(())
         }
     }
 }

@@ -198,6 +198,20 @@ impl NodeConfig {
                 *p = base.join(&*p);
             }
         };
+        // A dataset's path may be a URL: `file://` becomes its local path, and a remote one
+        // (`s3://`) is kept as written.
+        let resolve_data = |p: &mut PathBuf| {
+            if p.as_os_str().is_empty() {
+                return;
+            }
+            let text = p.to_string_lossy();
+            if let Some(rest) = text.strip_prefix("file://") {
+                *p = PathBuf::from(rest);
+            } else if text.contains("://") {
+                return;
+            }
+            resolve(p);
+        };
         resolve(&mut self.state_dir);
         if let Some(ledger) = &mut self.ledger {
             resolve(ledger);
@@ -209,7 +223,10 @@ impl NodeConfig {
             resolve(crl);
         }
         for d in &mut self.datasets {
-            resolve(&mut d.path);
+            resolve_data(&mut d.path);
+            for t in &mut d.tables {
+                resolve_data(&mut t.path);
+            }
         }
     }
 }

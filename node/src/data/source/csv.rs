@@ -1,0 +1,260 @@
+//! Local CSV, read strictly: one file, a directory of `.csv` files, or a glob, in path order,
+//! as one table. Every file must have the same header row.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use super::{Malformed, SourceError};
+use crate::data::schema::DataFormat;
+
+/// Read buffer of the CSV reader.
+const READ_BUFFER: usize = 256 * 1024;
+
+/// The files of a local CSV dataset, read one after the other.
+#[derive(Debug)]
+pub struct CsvFiles {
+    /// The files still to open, in reverse order (the next one is last).
+    pending: Vec<PathBuf>,
+    /// The file being read.
+    path: PathBuf,
+    /// The first file (whose header the others must repeat).
+    first: PathBuf,
+    reader: ::csv::Reader<File>,
+    headers: Vec<String>,
+    record: ::csv::ByteRecord,
+    /// Data rows read so far, over all files.
+    rows: u64,
+}
+
+impl CsvFiles {
+    /// Lists the files at `location` and reads the first one's header.
+    pub fn open(location: &Path) -> Result<CsvFiles, SourceError> {
+        let mut pending = list_files(location)?;
+        pending.reverse();
+        let first = pending.pop().ok_or_else(|| SourceError::NoFiles {
+            location: location.display().to_string(),
+            format: DataFormat::Csv,
+        })?;
+        let (reader, headers) = open_csv(&first)?;
+        Ok(CsvFiles {
+            pending,
+            path: first.clone(),
+            first,
+            reader,
+            headers,
+            record: ::csv::ByteRecord::new(),
+            rows: 0,
+        })
+    }
+
+    /// The header row (trimmed).
+    pub fn headers(&self) -> &[String] {
+        &self.headers
+    }
+
+    /// The file being read.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Reads the next record, moving on to the next file at the end of one.
+    pub fn advance(&mut self) -> Result<bool, SourceError> {
+        loop {
+            match self.reader.read_byte_record(&mut self.record) {
+                Ok(true) => {
+                    self.rows += 1;
+                    return Ok(true);
+                }
+                Ok(false) => {}
+                Err(source) => {
+                    return Err(SourceError::Row {
+                        path: self.path.clone(),
+                        row: self.rows + 1,
+                        source,
+                    });
+                }
+            }
+            let Some(next) = self.pending.pop() else {
+                return Ok(false);
+            };
+            let (reader, headers) = open_csv(&next)?;
+            if headers != self.headers {
+                return Err(SourceError::HeaderMismatch {
+                    path: next,
+                    first: self.first.clone(),
+                });
+            }
+            self.reader = reader;
+            self.path = next;
+        }
+    }
+
+    /// The current record's field `i`.
+    pub fn field(&self, i: usize) -> Option<&[u8]> {
+        self.record.get(i)
+    }
+
+    /// The line the current record starts on (1-based; the header is line 1).
+    pub fn line(&self) -> u64 {
+        self.record.position().map_or(0, |p| p.line())
+    }
+
+    /// Whether the record is well formed: as many fields as the header, and no line break in a
+    /// field the pass reads (`read`). Checked before any field is used, so a malformed row is
+    /// never read by position. A line break in a column the pass does not read is legal CSV (a
+    /// note, an address) and only counted in `multi_line`.
+    pub fn malformed(
+        &self,
+        read: &[usize],
+        multi_line: &mut u64,
+    ) -> Option<(Option<usize>, Malformed)> {
+        let width = self.headers.len();
+        if self.record.len() != width {
+            return Some((
+                None,
+                Malformed::FieldCount {
+                    expected: width,
+                    found: self.record.len(),
+                },
+            ));
+        }
+        let breaks = |f: &[u8]| f.contains(&b'\n') || f.contains(&b'\r');
+        if let Some(&i) = read
+            .iter()
+            .find(|&&i| self.record.get(i).is_some_and(breaks))
+        {
+            return Some((Some(i), Malformed::LineBreak));
+        }
+        if self.record.iter().any(breaks) {
+            *multi_line += 1;
+        }
+        None
+    }
+}
+
+/// The files a local location names: the file itself, the `.csv` files of a directory, or the
+/// files a glob matches; sorted by path.
+fn list_files(location: &Path) -> Result<Vec<PathBuf>, SourceError> {
+    let text = location.to_string_lossy();
+    if text.contains(['*', '?', '[']) {
+        let paths = glob::glob(&text).map_err(|e| SourceError::Glob {
+            location: text.to_string(),
+            problem: e.to_string(),
+        })?;
+        let mut files = Vec::new();
+        for p in paths {
+            let p = p.map_err(|e| SourceError::Glob {
+                location: text.to_string(),
+                problem: e.to_string(),
+            })?;
+            if p.is_file() {
+                files.push(p);
+            }
+        }
+        files.sort();
+        return Ok(files);
+    }
+    if location.is_dir() {
+        let entries = std::fs::read_dir(location).map_err(|source| SourceError::Open {
+            path: location.to_owned(),
+            source,
+        })?;
+        let mut files = Vec::new();
+        for entry in entries {
+            let path = entry
+                .map_err(|source| SourceError::Open {
+                    path: location.to_owned(),
+                    source,
+                })?
+                .path();
+            let is_csv = path
+                .extension()
+                .is_some_and(|e| e.eq_ignore_ascii_case("csv"));
+            if is_csv && path.is_file() {
+                files.push(path);
+            }
+        }
+        files.sort();
+        return Ok(files);
+    }
+    Ok(vec![location.to_owned()])
+}
+
+/// Opens one CSV file for a pass (headers required). Malformed rows are rejected one by one by
+/// the caller ([`CsvFiles::malformed`]) rather than failing the whole file, hence `flexible`.
+fn open_csv(path: &Path) -> Result<(::csv::Reader<File>, Vec<String>), SourceError> {
+    let file = File::open(path).map_err(|source| SourceError::Open {
+        path: path.to_owned(),
+        source,
+    })?;
+    let mut reader = ::csv::ReaderBuilder::new()
+        .has_headers(true)
+        .flexible(true)
+        .buffer_capacity(READ_BUFFER)
+        .from_reader(file);
+    let headers = reader
+        .headers()
+        .map_err(|source| SourceError::Header {
+            path: path.to_owned(),
+            source,
+        })?
+        .iter()
+        .map(|h| h.trim().to_owned())
+        .collect();
+    Ok((reader, headers))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn read_all(files: &mut CsvFiles) -> Vec<(String, u64, String)> {
+        let mut out = Vec::new();
+        while files.advance().unwrap() {
+            let name = files
+                .path()
+                .file_name()
+                .unwrap()
+                .to_string_lossy()
+                .into_owned();
+            let field = String::from_utf8(files.field(0).unwrap().to_vec()).unwrap();
+            out.push((name, files.line(), field));
+        }
+        out
+    }
+
+    #[test]
+    fn a_directory_and_a_glob_read_their_files_in_path_order() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("b.csv"), "id\n3\n").unwrap();
+        std::fs::write(dir.path().join("a.csv"), "id\n1\n2\n").unwrap();
+        std::fs::write(dir.path().join("notes.txt"), "not csv").unwrap();
+        let expected = vec![
+            ("a.csv".to_owned(), 2, "1".to_owned()),
+            ("a.csv".to_owned(), 3, "2".to_owned()),
+            ("b.csv".to_owned(), 2, "3".to_owned()),
+        ];
+        assert_eq!(read_all(&mut CsvFiles::open(dir.path()).unwrap()), expected);
+        let glob = dir.path().join("*.csv");
+        assert_eq!(read_all(&mut CsvFiles::open(&glob).unwrap()), expected);
+    }
+
+    #[test]
+    fn files_with_another_header_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("a.csv"), "id\n1\n").unwrap();
+        std::fs::write(dir.path().join("b.csv"), "email\nx@example.com\n").unwrap();
+        let mut files = CsvFiles::open(dir.path()).unwrap();
+        assert!(files.advance().unwrap());
+        let err = files.advance().unwrap_err();
+        assert!(matches!(err, SourceError::HeaderMismatch { .. }), "{err}");
+        assert!(!err.to_string().contains("x@example.com"));
+    }
+
+    #[test]
+    fn an_empty_directory_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = CsvFiles::open(dir.path()).unwrap_err();
+        assert!(err.to_string().contains("no csv file found"), "{err}");
+    }
+}

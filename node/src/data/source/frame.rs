@@ -1,0 +1,511 @@
+//! Datasets read through Apache DataFusion: Parquet and JSON lines (a file, a directory or a
+//! glob; local or `s3://`), remote CSV, and SQL views over such tables.
+//!
+//! DataFusion is async and the node's dataset passes are not, so each open dataset gets a
+//! reader thread with its own single-threaded Tokio runtime. The thread plans the table (or the
+//! view), reports its column names, waits for the columns the pass reads, then streams record
+//! batches of just those columns, cast to text, through a channel of two batches: memory stays
+//! at a few batches whatever the dataset's size. The plan has one partition, so rows arrive in
+//! the same order on every pass (files in path order), which `match` relies on to map its
+//! second pass back to row numbers.
+//!
+//! Engine messages from reading rows can quote data (a value that failed to parse), so they are
+//! passed through [`redact`] before they reach an error, a log or the audit log. Registering a
+//! table reads rows too (to infer a JSON schema), so its messages are redacted as well; only
+//! errors of planning the view's SQL, which has read no row, are kept whole.
+
+use std::sync::Arc;
+use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
+
+use datafusion::arrow::array::{Array, StringArray};
+use datafusion::arrow::datatypes::DataType;
+use datafusion::common::tree_node::TreeNodeRecursion;
+use datafusion::common::{Column, TableReference};
+use datafusion::execution::options::{CsvReadOptions, JsonReadOptions, ParquetReadOptions};
+use datafusion::logical_expr::LogicalPlan;
+use datafusion::prelude::{DataFrame, Expr, SQLOptions, SessionConfig, SessionContext, cast};
+use futures::StreamExt;
+
+use super::SourceError;
+use crate::data::schema::{DataFormat, DatasetConfig};
+
+/// Record batches the reader thread may have ready ahead of the pass.
+const BATCHES_AHEAD: usize = 2;
+
+/// Rows per batch.
+const BATCH_ROWS: usize = 8192;
+
+/// JSON lines read to infer a table's columns (a column first seen later is not read).
+const JSON_INFER_ROWS: usize = 100_000;
+
+/// Longest engine message kept (after [`redact`]).
+const MAX_MESSAGE: usize = 400;
+
+/// What the reader thread sends.
+enum Message {
+    Batch(Vec<StringArray>),
+    Done,
+    Failed(SourceError),
+}
+
+/// A dataset being read through DataFusion.
+pub struct Frame {
+    dataset: String,
+    location: String,
+    headers: Vec<String>,
+    /// A view's base-table columns that its select lists read ([`select_reads`]).
+    reads: Vec<String>,
+    /// Sends the columns to read; taken by [`Frame::start`].
+    projection: Option<tokio::sync::oneshot::Sender<Vec<usize>>>,
+    batches: Receiver<Message>,
+    /// For each column of [`Frame::headers`], its place in the current batch (read ones only).
+    slot: Vec<Option<usize>>,
+    columns: Vec<StringArray>,
+    /// The next row of the current batch.
+    next: usize,
+    /// Rows handed out so far (the current one is `rows`).
+    rows: u64,
+    done: bool,
+}
+
+impl std::fmt::Debug for Frame {
+    // Not derived: the current batch holds raw identifiers.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Frame")
+            .field("dataset", &self.dataset)
+            .field("location", &self.location)
+            .field("headers", &self.headers)
+            .field("rows", &self.rows)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What the reader thread needs to plan the dataset (owned: it outlives the caller's borrow).
+struct Plan {
+    dataset: String,
+    location: String,
+    /// `(table name, path or URL, format)`; the dataset itself is the table `dataset`.
+    tables: Vec<(String, String, DataFormat)>,
+    sql: Option<String>,
+}
+
+impl Frame {
+    /// Starts the reader thread, which plans the dataset and reports its columns.
+    pub fn open(dataset: &DatasetConfig) -> Result<Frame, SourceError> {
+        let plan = Plan::of(dataset);
+        let engine = |message: String| SourceError::Engine {
+            dataset: dataset.name.clone(),
+            location: dataset.location(),
+            message,
+        };
+        let (ready_tx, ready_rx) = sync_channel(1);
+        let (projection_tx, projection_rx) = tokio::sync::oneshot::channel();
+        let (batch_tx, batch_rx) = sync_channel(BATCHES_AHEAD);
+        std::thread::Builder::new()
+            .name("dataset-reader".into())
+            .spawn(move || serve(plan, ready_tx, projection_rx, batch_tx))
+            .map_err(|e| engine(format!("cannot start the reader thread: {e}")))?;
+        let (headers, reads) = ready_rx
+            .recv()
+            .map_err(|_| engine("the reader thread stopped before reading the schema".into()))??;
+        Ok(Frame {
+            dataset: dataset.name.clone(),
+            location: dataset.location(),
+            slot: vec![None; headers.len()],
+            headers,
+            reads,
+            projection: Some(projection_tx),
+            batches: batch_rx,
+            columns: Vec::new(),
+            next: 0,
+            rows: 0,
+            done: false,
+        })
+    }
+
+    /// The dataset's column names, in order.
+    pub fn headers(&self) -> &[String] {
+        &self.headers
+    }
+
+    /// For a SQL view: the columns of its tables that its select lists (subqueries included)
+    /// read, sorted; empty for files. Conditions (`WHERE`, `JOIN … ON`, `HAVING`) may read
+    /// other columns: they decide which rows, not what a row says.
+    pub fn view_reads(&self) -> &[String] {
+        &self.reads
+    }
+
+    /// Where the rows are (for messages).
+    pub fn location(&self) -> &str {
+        &self.location
+    }
+
+    /// Asks the reader thread for the columns at `read`, and nothing else.
+    pub fn start(&mut self, read: &[usize]) -> Result<(), SourceError> {
+        let mut wanted: Vec<usize> = read.to_vec();
+        wanted.sort_unstable();
+        wanted.dedup();
+        for (place, &i) in wanted.iter().enumerate() {
+            if let Some(slot) = self.slot.get_mut(i) {
+                *slot = Some(place);
+            }
+        }
+        let sent = self
+            .projection
+            .take()
+            .map(|tx| tx.send(wanted).is_ok())
+            .unwrap_or(false);
+        if !sent {
+            return Err(self.failure("the reader thread is not waiting for columns"));
+        }
+        Ok(())
+    }
+
+    /// Moves to the next row, fetching the next batch when this one is used up.
+    pub fn advance(&mut self) -> Result<bool, SourceError> {
+        while self.columns.first().is_none_or(|c| self.next >= c.len()) {
+            if self.done {
+                return Ok(false);
+            }
+            match self.batches.recv() {
+                Ok(Message::Batch(columns)) => {
+                    self.columns = columns;
+                    self.next = 0;
+                }
+                Ok(Message::Done) => {
+                    self.done = true;
+                    self.columns.clear();
+                }
+                Ok(Message::Failed(e)) => return Err(e),
+                // A reader that stops without saying `Done` must not pass for the end of the
+                // data: the counts would be short.
+                Err(_) => return Err(self.failure("the reader thread stopped mid-way")),
+            }
+        }
+        self.next += 1;
+        self.rows += 1;
+        Ok(true)
+    }
+
+    /// The current row's field `i`; `None` if it is null or the column was not asked for.
+    pub fn field(&self, i: usize) -> Option<&[u8]> {
+        let column = self.columns.get((*self.slot.get(i)?)?)?;
+        let row = self.next.checked_sub(1)?;
+        (row < column.len() && !column.is_null(row)).then(|| column.value(row).as_bytes())
+    }
+
+    /// The current row (1-based, over the whole dataset).
+    pub fn row(&self) -> u64 {
+        self.rows
+    }
+
+    fn failure(&self, message: &str) -> SourceError {
+        SourceError::Engine {
+            dataset: self.dataset.clone(),
+            location: self.location.clone(),
+            message: message.to_owned(),
+        }
+    }
+}
+
+impl Plan {
+    fn of(d: &DatasetConfig) -> Plan {
+        let tables = match &d.sql {
+            Some(_) => d
+                .tables
+                .iter()
+                .filter_map(|t| {
+                    let format = t.format()?;
+                    Some((t.name.clone(), location_text(&t.path), format))
+                })
+                .collect(),
+            None => d
+                .format()
+                .map(|f| ("dataset".to_owned(), location_text(&d.path), f))
+                .into_iter()
+                .collect(),
+        };
+        Plan {
+            dataset: d.name.clone(),
+            location: d.location(),
+            tables,
+            sql: d.sql.clone(),
+        }
+    }
+
+    /// An error of reading data (registering a table infers its schema from rows; streaming
+    /// reads them): its message is [`redact`]ed.
+    fn error(&self, message: String) -> SourceError {
+        self.plan_error(redact(&message))
+    }
+
+    /// An error of planning the view's SQL against the tables' schemas: no row has been read,
+    /// so the message (which names tables and columns) is kept whole.
+    fn plan_error(&self, message: String) -> SourceError {
+        SourceError::Engine {
+            dataset: self.dataset.clone(),
+            location: self.location.clone(),
+            message,
+        }
+    }
+
+    /// Registers the tables and plans the dataset: the table itself, or the view's query; with
+    /// a view's [`select_reads`].
+    async fn frame(&self) -> Result<(DataFrame, Vec<String>), SourceError> {
+        let config = SessionConfig::new()
+            .with_target_partitions(1)
+            .with_batch_size(BATCH_ROWS);
+        let ctx = SessionContext::new_with_config(config);
+        for (name, location, format) in &self.tables {
+            register(&ctx, name, location, *format)
+                .await
+                .map_err(|e| self.error(format!("table '{name}' ({location}): {e}")))?;
+        }
+        match &self.sql {
+            None => ctx
+                .table(TableReference::bare("dataset"))
+                .await
+                .map(|frame| (frame, Vec::new()))
+                .map_err(|e| self.plan_error(e.to_string())),
+            Some(sql) => {
+                // A view reads; it never writes, creates or changes settings.
+                let options = SQLOptions::new()
+                    .with_allow_ddl(false)
+                    .with_allow_dml(false)
+                    .with_allow_statements(false);
+                let frame = ctx
+                    .sql_with_options(sql, options)
+                    .await
+                    .map_err(|e| self.plan_error(format!("the sql view: {e}")))?;
+                let mut base = std::collections::BTreeSet::new();
+                for (name, _, _) in &self.tables {
+                    let table = ctx
+                        .table_provider(TableReference::bare(name.as_str()))
+                        .await
+                        .map_err(|e| self.error(e.to_string()))?;
+                    base.extend(table.schema().fields().iter().map(|f| f.name().clone()));
+                }
+                let reads = select_reads(frame.logical_plan(), &base)
+                    .map_err(|e| self.error(format!("the sql view: {e}")))?;
+                Ok((frame, reads))
+            }
+        }
+    }
+}
+
+/// A path as DataFusion takes it: a local directory ends with `/`.
+fn location_text(path: &std::path::Path) -> String {
+    let text = path.to_string_lossy().into_owned();
+    if !text.contains("://") && !text.ends_with('/') && path.is_dir() {
+        return text + "/";
+    }
+    text
+}
+
+/// Registers one table: its object store if it is remote, then its files.
+async fn register(
+    ctx: &SessionContext,
+    name: &str,
+    location: &str,
+    format: DataFormat,
+) -> Result<(), String> {
+    if let Some(rest) = location.strip_prefix("s3://") {
+        let bucket = rest.split('/').next().unwrap_or_default();
+        let store = object_store::aws::AmazonS3Builder::from_env()
+            .with_bucket_name(bucket)
+            .build()
+            .map_err(|e| format!("s3 (credentials come from AWS_* variables): {e}"))?;
+        let url = url::Url::parse(&format!("s3://{bucket}")).map_err(|e| e.to_string())?;
+        ctx.register_object_store(&url, Arc::new(store));
+    } else if location.contains("://") {
+        return Err("only local paths, file:// and s3:// URLs are supported".into());
+    }
+    // A single file is read whatever its extension; a directory or glob reads the format's.
+    let single_file = !location.ends_with('/') && !location.contains(['*', '?', '[']);
+    let extension = if single_file {
+        location
+            .rsplit('/')
+            .next()
+            .and_then(|file| file.rfind('.').map(|dot| &file[dot..]))
+            .unwrap_or("")
+    } else {
+        format.extension()
+    };
+    let table = TableReference::bare(name.to_owned());
+    let result = match format {
+        DataFormat::Parquet => {
+            let options = ParquetReadOptions::default().file_extension(extension);
+            ctx.register_parquet(table, location, options).await
+        }
+        DataFormat::Jsonl => {
+            let mut options = JsonReadOptions::default().file_extension(extension);
+            options.schema_infer_max_records = JSON_INFER_ROWS;
+            ctx.register_json(table, location, options).await
+        }
+        DataFormat::Csv => {
+            // Remote CSV: DataFusion's reader fails the job on a malformed row, naming its line
+            // (local CSV goes through the strict reader, which rejects the row instead).
+            let options = CsvReadOptions::new()
+                .has_header(true)
+                .file_extension(extension);
+            ctx.register_csv(table, location, options).await
+        }
+    };
+    result.map_err(|e| e.to_string())
+}
+
+/// The reader thread: plans the dataset, reports its columns, waits for the projection, then
+/// streams the projected columns as text.
+fn serve(
+    plan: Plan,
+    ready: SyncSender<Result<(Vec<String>, Vec<String>), SourceError>>,
+    projection: tokio::sync::oneshot::Receiver<Vec<usize>>,
+    out: SyncSender<Message>,
+) {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            let _ = ready.send(Err(plan.error(format!("cannot start a runtime: {e}"))));
+            return;
+        }
+    };
+    runtime.block_on(async move {
+        let (frame, reads) = match plan.frame().await {
+            Ok(planned) => planned,
+            Err(e) => {
+                let _ = ready.send(Err(e));
+                return;
+            }
+        };
+        let names = frame
+            .schema()
+            .fields()
+            .iter()
+            .map(|f| f.name().clone())
+            .collect();
+        if ready.send(Ok((names, reads))).is_err() {
+            return;
+        }
+        // The pass may end here (a header check): then the sender is dropped and we stop.
+        let Ok(read) = projection.await else {
+            return;
+        };
+        let message = match stream(&plan, frame, &read, &out).await {
+            Ok(()) => Message::Done,
+            Err(e) => Message::Failed(e),
+        };
+        let _ = out.send(message);
+    });
+}
+
+/// Streams the columns at `read` as text into `out`, until the end or until the pass hangs up.
+async fn stream(
+    plan: &Plan,
+    frame: DataFrame,
+    read: &[usize],
+    out: &SyncSender<Message>,
+) -> Result<(), SourceError> {
+    let schema = frame.schema().clone();
+    let columns: Vec<Expr> = read
+        .iter()
+        .map(|&i| {
+            let (qualifier, field) = schema.qualified_field(i);
+            cast(
+                Expr::Column(Column::from((qualifier, field))),
+                DataType::Utf8,
+            )
+            .alias(format!("c{i}"))
+        })
+        .collect();
+    let mut batches = frame
+        .select(columns)
+        .map_err(|e| plan.error(e.to_string()))?
+        .execute_stream()
+        .await
+        .map_err(|e| plan.error(e.to_string()))?;
+    while let Some(batch) = batches.next().await {
+        let batch = batch.map_err(|e| plan.error(e.to_string()))?;
+        if batch.num_rows() == 0 {
+            continue;
+        }
+        let mut text = Vec::with_capacity(batch.num_columns());
+        for column in batch.columns() {
+            let strings = column
+                .as_any()
+                .downcast_ref::<StringArray>()
+                .ok_or_else(|| plan.error("a column did not cast to text".into()))?;
+            text.push(strings.clone());
+        }
+        if out.send(Message::Batch(text)).is_err() {
+            return Ok(());
+        }
+    }
+    Ok(())
+}
+
+/// The base-table columns (`base`: every column of the view's tables) that the plan's select
+/// lists read: the expressions of its projections, aggregates and windows, in subqueries too.
+/// Sorted and deduplicated.
+fn select_reads(
+    plan: &LogicalPlan,
+    base: &std::collections::BTreeSet<String>,
+) -> datafusion::error::Result<Vec<String>> {
+    let mut reads = std::collections::BTreeSet::new();
+    plan.apply_with_subqueries(|node| {
+        let expressions: Vec<&Expr> = match node {
+            LogicalPlan::Projection(p) => p.expr.iter().collect(),
+            LogicalPlan::Aggregate(a) => a.group_expr.iter().chain(&a.aggr_expr).collect(),
+            LogicalPlan::Window(w) => w.window_expr.iter().collect(),
+            _ => Vec::new(),
+        };
+        for e in expressions {
+            for column in e.column_refs() {
+                if base.contains(&column.name) {
+                    reads.insert(column.name.clone());
+                }
+            }
+        }
+        Ok(TreeNodeRecursion::Continue)
+    })?;
+    Ok(reads.into_iter().collect())
+}
+
+/// An engine message without what it quotes: text between single quotes (how DataFusion and
+/// Arrow quote a value that failed) becomes `'…'`, and the message is cut to [`MAX_MESSAGE`].
+pub fn redact(message: &str) -> String {
+    let mut out = String::with_capacity(message.len().min(MAX_MESSAGE));
+    let mut quoted = false;
+    for c in message.chars() {
+        if c == '\'' {
+            if !quoted {
+                out.push_str("'…'");
+            }
+            quoted = !quoted;
+        } else if !quoted {
+            out.push(c);
+        }
+        if out.len() >= MAX_MESSAGE {
+            out.push_str(" …");
+            break;
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redact_drops_quoted_text() {
+        assert_eq!(
+            redact("Cannot cast string 'alice@example.com' to value of Int64 type"),
+            "Cannot cast string '…' to value of Int64 type"
+        );
+        assert_eq!(redact("unterminated 'quote"), "unterminated '…'");
+        assert!(redact(&"x".repeat(1000)).len() < MAX_MESSAGE + 10);
+    }
+}

@@ -1,0 +1,276 @@
+//! Datasets read through DataFusion, end to end through the dataset passes: Parquet with
+//! nullable and nested columns, JSON lines, directories and globs, SQL views.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use datafusion::arrow::array::{
+    ArrayRef, BooleanArray, Int64Array, ListBuilder, StringArray, StringBuilder, StructArray,
+};
+use datafusion::arrow::datatypes::{DataType, Field};
+use datafusion::arrow::record_batch::RecordBatch;
+use datafusion::parquet::arrow::ArrowWriter;
+
+use crate::data::dataset::{self, KeySpec, RowFilter};
+use crate::data::normalise::Normaliser;
+use crate::data::{DataFormat, DatasetConfig, IdentifierConfig, TableConfig};
+
+/// Eight customers: ids 1..=8; emails with a null (3), an empty one (5), a case/space variant
+/// of 1 (row 2), one that does not normalise (7); consent false on 4; a nested `contact`
+/// struct (with a phone) and a list column the jobs never read.
+fn customers() -> RecordBatch {
+    let id = Int64Array::from((1..=8).collect::<Vec<i64>>());
+    let email = StringArray::from(vec![
+        Some("alice@example.com"),
+        Some("  ALICE@Example.com "),
+        None,
+        Some("dave@example.com"),
+        Some(""),
+        Some("frank@example.com"),
+        Some("not an email"),
+        Some("heidi@example.com"),
+    ]);
+    let amount = Int64Array::from(vec![
+        Some(10),
+        Some(20),
+        Some(30),
+        None,
+        Some(50),
+        Some(60),
+        Some(70),
+        Some(80),
+    ]);
+    let consent = BooleanArray::from(vec![true, true, true, false, true, true, true, true]);
+    let phone = StringArray::from(vec!["+14155550100"; 8]);
+    let contact = StructArray::from(vec![(
+        Arc::new(Field::new("phone", DataType::Utf8, true)),
+        Arc::new(phone) as ArrayRef,
+    )]);
+    let mut tags = ListBuilder::new(StringBuilder::new());
+    for i in 0..8 {
+        tags.values().append_value(format!("t{i}"));
+        tags.append(i % 2 == 0);
+    }
+    RecordBatch::try_from_iter(vec![
+        ("customer_id", Arc::new(id) as ArrayRef),
+        ("email", Arc::new(email) as ArrayRef),
+        ("amount_cents", Arc::new(amount) as ArrayRef),
+        ("consent_fraud", Arc::new(consent) as ArrayRef),
+        ("contact", Arc::new(contact) as ArrayRef),
+        ("tags", Arc::new(tags.finish()) as ArrayRef),
+    ])
+    .unwrap()
+}
+
+fn write_parquet(path: &Path, batch: &RecordBatch) {
+    let file = std::fs::File::create(path).unwrap();
+    let mut writer = ArrowWriter::try_new(file, batch.schema(), None).unwrap();
+    writer.write(batch).unwrap();
+    writer.close().unwrap();
+}
+
+fn email_dataset(path: &Path) -> DatasetConfig {
+    let mut d = DatasetConfig::new(
+        "customers",
+        path.to_owned(),
+        vec![IdentifierConfig::new("email", "email", Normaliser::Email)],
+    );
+    d.consent
+        .insert("fraud-detection".into(), "consent_fraud".into());
+    d
+}
+
+fn keys_of(d: &DatasetConfig, consent: Option<&str>) -> (Vec<String>, dataset::LoadedKeys) {
+    let filter = RowFilter {
+        consent_column: consent,
+        forgotten: None,
+    };
+    let loaded = dataset::load_keys_for(d, &KeySpec::new(["email"]), filter, 1000).unwrap();
+    let items = loaded
+        .items
+        .iter()
+        .map(|k| String::from_utf8(k.to_vec()).unwrap())
+        .collect();
+    (items, loaded)
+}
+
+#[test]
+fn parquet_with_nullable_and_nested_columns_reads_keys_and_rejects_nulls() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("customers.parquet");
+    write_parquet(&path, &customers());
+    let d = email_dataset(&path);
+    assert_eq!(d.format(), Some(DataFormat::Parquet));
+    let (items, loaded) = keys_of(&d, Some("consent_fraud"));
+    assert_eq!(
+        items,
+        [
+            "alice@example.com",
+            "frank@example.com",
+            "heidi@example.com"
+        ]
+    );
+    assert_eq!(loaded.rows_read, 8);
+    assert_eq!(loaded.rows_excluded_consent, 1);
+    assert_eq!(loaded.duplicate_rows, 1);
+    assert_eq!(loaded.rows_rejected, 3);
+    let reasons = &loaded.rejections.by_reason;
+    assert_eq!(
+        reasons.get("the field is null or missing"),
+        Some(&1),
+        "{reasons:?}"
+    );
+    assert_eq!(reasons.get("the field is empty"), Some(&1), "{reasons:?}");
+    // Rejections are placed by row (1-based), never by value.
+    let rows: Vec<u64> = loaded.rejections.first.iter().map(|r| r.line).collect();
+    assert_eq!(rows, [3, 5, 7]);
+    let text = format!("{:?}", loaded.rejections);
+    assert!(!text.contains("not an email"), "{text}");
+}
+
+#[test]
+fn value_columns_read_as_decimal_text_and_match_maps_back_to_rows() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("customers.parquet");
+    write_parquet(&path, &customers());
+    let d = email_dataset(&path);
+    let mut seen = Vec::new();
+    let filter = RowFilter::default();
+    dataset::for_each_keyed_row_for(
+        &d,
+        &KeySpec::new(["email"]),
+        &["amount_cents"],
+        filter,
+        1000,
+        |row, _, fields| {
+            seen.push((
+                row,
+                fields[0].map(|f| String::from_utf8(f.to_vec()).unwrap()),
+            ));
+            Ok(())
+        },
+    )
+    .unwrap();
+    assert_eq!(
+        seen,
+        [
+            (1, Some("10".into())),
+            (2, Some("20".into())),
+            (4, None),
+            (6, Some("60".into())),
+            (8, Some("80".into()))
+        ]
+    );
+    let (_, loaded) = keys_of(&d, None);
+    let mut matched = cleanroom_circuits::ItemSet::new();
+    matched.push(b"alice@example.com").unwrap();
+    let rows = dataset::matching_rows_for(&d, &KeySpec::new(["email"]), filter, &matched).unwrap();
+    assert_eq!(rows, [1, 2]);
+    assert_eq!(loaded.items.len(), 4);
+}
+
+#[test]
+fn json_lines_a_directory_and_a_glob_read_every_file_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let lines = dir.path().join("c.jsonl");
+    std::fs::write(
+        &lines,
+        "{\"email\":\"a@example.com\",\"consent_fraud\":true}\n\
+         {\"email\":null,\"consent_fraud\":true}\n\
+         {\"consent_fraud\":true}\n\
+         {\"email\":\"b@example.com\",\"consent_fraud\":false,\"extra\":{\"x\":1}}\n",
+    )
+    .unwrap();
+    let (items, loaded) = keys_of(&email_dataset(&lines), Some("consent_fraud"));
+    assert_eq!(items, ["a@example.com"]);
+    assert_eq!((loaded.rows_read, loaded.rows_rejected), (4, 2));
+    assert_eq!(loaded.rows_excluded_consent, 1);
+
+    let parts = dir.path().join("parts");
+    std::fs::create_dir(&parts).unwrap();
+    let batch = customers();
+    write_parquet(&parts.join("part-1.parquet"), &batch.slice(4, 4));
+    write_parquet(&parts.join("part-0.parquet"), &batch.slice(0, 4));
+    std::fs::write(parts.join("_SUCCESS"), "").unwrap();
+    let mut whole = email_dataset(&parts);
+    whole.format = Some(DataFormat::Parquet);
+    let glob = email_dataset(&parts.join("part-*.parquet"));
+    for d in [whole, glob] {
+        let (items, loaded) = keys_of(&d, None);
+        assert_eq!(loaded.rows_read, 8);
+        assert_eq!(items.len(), 4, "{items:?}");
+        let mut matched = cleanroom_circuits::ItemSet::new();
+        matched.push(b"heidi@example.com").unwrap();
+        let rows = dataset::matching_rows_for(
+            &d,
+            &KeySpec::new(["email"]),
+            RowFilter::default(),
+            &matched,
+        )
+        .unwrap();
+        assert_eq!(rows, [8], "files are read in path order");
+    }
+}
+
+fn view(dir: &Path, sql: &str) -> DatasetConfig {
+    let path = dir.join("orders.parquet");
+    write_parquet(&path, &customers());
+    let mut d = email_dataset(Path::new(""));
+    d.path = Default::default();
+    d.sql = Some(sql.to_owned());
+    d.tables = vec![TableConfig {
+        name: "orders".into(),
+        path,
+        format: None,
+    }];
+    d
+}
+
+#[test]
+fn a_sql_view_filters_renames_and_reaches_into_structs() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = view(
+        dir.path(),
+        "SELECT lower(trim(email)) AS email, contact['phone'] AS phone, consent_fraud \
+         FROM orders WHERE customer_id > 1",
+    );
+    let (items, loaded) = keys_of(&d, Some("consent_fraud"));
+    assert_eq!(
+        items,
+        [
+            "alice@example.com",
+            "frank@example.com",
+            "heidi@example.com"
+        ]
+    );
+    assert_eq!(loaded.rows_read, 7);
+    let mut phones = 0;
+    dataset::for_each_row_for(&d, &["phone"], RowFilter::default(), 100, |_, f| {
+        assert_eq!(f[0], Some(&b"+14155550100"[..]));
+        phones += 1;
+        Ok(())
+    })
+    .unwrap();
+    assert_eq!(phones, 7);
+    let source = super::Source::open(&d).unwrap();
+    assert_eq!(source.view_reads(), ["consent_fraud", "contact", "email"]);
+}
+
+#[test]
+fn engine_errors_name_no_value() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = view(
+        dir.path(),
+        "SELECT CAST(email AS BIGINT) AS email FROM orders",
+    );
+    let err = dataset::load_keys_for(&d, &KeySpec::new(["email"]), RowFilter::default(), 100)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("customers"), "{err}");
+    assert!(!err.contains("alice"), "{err}");
+    let d = view(dir.path(), "SELECT email FROM nowhere");
+    let err = super::Source::open(&d).unwrap_err().to_string();
+    assert!(err.contains("nowhere"), "{err}");
+    let d = view(dir.path(), "INSERT INTO orders VALUES (1)");
+    assert!(super::Source::open(&d).is_err());
+}

@@ -1,0 +1,198 @@
+//! Where a dataset's rows come from, read one record at a time as raw fields.
+//!
+//! Two readers, one interface ([`Source`]):
+//! - [`csv::CsvFiles`]: local CSV (a file, a directory or a glob), read strictly: a row whose
+//!   field count differs from the header's, or with a line break in a field the job reads, is
+//!   reported as [`Malformed`] rather than read by position;
+//! - [`frame::Frame`]: everything else, through Apache DataFusion: Parquet and JSON lines
+//!   (local or `s3://`), remote CSV, and SQL views over such tables. Only the columns a job reads
+//!   are selected, so the engine reads no other column (Parquet projection pushdown).
+//!
+//! A field is raw bytes: `None` for a null (or a missing field), text otherwise. DataFusion
+//! columns are cast to text, so an integer value column reads as its decimal digits, and a
+//! boolean consent column as `true`/`false`.
+
+pub mod csv;
+pub mod frame;
+
+use std::path::PathBuf;
+
+use super::schema::{DataFormat, DatasetConfig};
+
+/// Why a dataset could not be opened or read. Messages name files, rows and columns, never a
+/// field's value.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SourceError {
+    /// A file could not be opened.
+    #[error("cannot open dataset file {}: {source}", path.display())]
+    Open {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// A local directory or glob named no file.
+    #[error("{location}: no {format} file found")]
+    NoFiles {
+        /// The directory or glob.
+        location: String,
+        /// The format looked for.
+        format: DataFormat,
+    },
+    /// The glob could not be read.
+    #[error("{location}: {problem}")]
+    Glob {
+        /// The glob.
+        location: String,
+        /// What is wrong with it.
+        problem: String,
+    },
+    /// A CSV header row could not be read.
+    #[error("dataset file {}: cannot read the header row: {source}", path.display())]
+    Header {
+        /// The CSV file.
+        path: PathBuf,
+        /// The CSV error.
+        source: ::csv::Error,
+    },
+    /// The files of one CSV dataset do not share a header.
+    #[error("dataset file {} has a different header from {}", path.display(), first.display())]
+    HeaderMismatch {
+        /// The file that differs.
+        path: PathBuf,
+        /// The first file.
+        first: PathBuf,
+    },
+    /// A CSV row could not be read (I/O error or malformed CSV).
+    #[error("dataset file {}: row {row}: {source}", path.display())]
+    Row {
+        /// The CSV file.
+        path: PathBuf,
+        /// 1-based data row (header excluded) that failed.
+        row: u64,
+        /// The CSV error (it carries positions, not field values).
+        source: ::csv::Error,
+    },
+    /// DataFusion could not plan or read the dataset.
+    #[error("dataset '{dataset}' ({location}): {message}")]
+    Engine {
+        /// The dataset.
+        dataset: String,
+        /// Its path, URL or view.
+        location: String,
+        /// The engine's message (quoted text removed when it came from reading rows).
+        message: String,
+    },
+}
+
+/// Why a CSV record is not read at all.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Malformed {
+    /// The record has another number of fields than the header.
+    FieldCount {
+        /// The header's.
+        expected: usize,
+        /// The record's.
+        found: usize,
+    },
+    /// A field the job reads holds a line break (what an unterminated quote leaves).
+    LineBreak,
+}
+
+/// A dataset's rows, one record at a time.
+#[derive(Debug)]
+pub enum Source {
+    /// Local CSV, read strictly.
+    Csv(csv::CsvFiles),
+    /// DataFusion: Parquet, JSON lines, remote CSV, SQL views.
+    Frame(frame::Frame),
+}
+
+impl Source {
+    /// Opens the dataset and reads its column names (nothing else yet).
+    pub fn open(dataset: &DatasetConfig) -> Result<Source, SourceError> {
+        if dataset.sql.is_none()
+            && dataset.format() == Some(DataFormat::Csv)
+            && !dataset.path.to_string_lossy().contains("://")
+        {
+            return Ok(Source::Csv(csv::CsvFiles::open(&dataset.path)?));
+        }
+        Ok(Source::Frame(frame::Frame::open(dataset)?))
+    }
+
+    /// The dataset's column names, in order.
+    pub fn headers(&self) -> &[String] {
+        match self {
+            Source::Csv(s) => s.headers(),
+            Source::Frame(s) => s.headers(),
+        }
+    }
+
+    /// For a SQL view, the columns of its tables its select lists read (see
+    /// [`frame::Frame::view_reads`]); empty otherwise.
+    pub fn view_reads(&self) -> &[String] {
+        match self {
+            Source::Csv(_) => &[],
+            Source::Frame(s) => s.view_reads(),
+        }
+    }
+
+    /// Starts reading rows; only the columns at `read` (indices into [`Source::headers`]) will
+    /// be asked for.
+    pub fn start(&mut self, read: &[usize]) -> Result<(), SourceError> {
+        match self {
+            Source::Csv(_) => Ok(()),
+            Source::Frame(s) => s.start(read),
+        }
+    }
+
+    /// Moves to the next record; `false` at the end.
+    pub fn advance(&mut self) -> Result<bool, SourceError> {
+        match self {
+            Source::Csv(s) => s.advance(),
+            Source::Frame(s) => s.advance(),
+        }
+    }
+
+    /// The current record's field `i` (an index into [`Source::headers`]); `None` if null.
+    pub fn field(&self, i: usize) -> Option<&[u8]> {
+        match self {
+            Source::Csv(s) => s.field(i),
+            Source::Frame(s) => s.field(i),
+        }
+    }
+
+    /// Whether the current record must not be read, and which column says so. `read`: the
+    /// columns the pass reads. `multi_line` is counted when a column the pass does not read
+    /// holds a line break (legal CSV, but also what a quote left open looks like).
+    pub fn malformed(
+        &self,
+        read: &[usize],
+        multi_line: &mut u64,
+    ) -> Option<(Option<usize>, Malformed)> {
+        match self {
+            Source::Csv(s) => s.malformed(read, multi_line),
+            Source::Frame(_) => None,
+        }
+    }
+
+    /// Where the current record is: its line in a CSV file, its 1-based row otherwise.
+    pub fn location(&self) -> u64 {
+        match self {
+            Source::Csv(s) => s.line(),
+            Source::Frame(s) => s.row(),
+        }
+    }
+
+    /// The file the current record is in, or the dataset's location (for logs and errors).
+    pub fn origin(&self) -> String {
+        match self {
+            Source::Csv(s) => s.path().display().to_string(),
+            Source::Frame(s) => s.location().to_owned(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod frame_tests;
