@@ -2,7 +2,6 @@
 //! DataFusion, with typed columns (integers as Int64, the rest as text), row order kept.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use anyhow::Context;
 use cleanroom_node::data::DataFormat;
@@ -132,7 +131,7 @@ mod tests {
                     let frame = match format {
                         DataFormat::Parquet => ctx.read_parquet(&path, Default::default()).await?,
                         _ => {
-                            let options = datafusion::prelude::NdJsonReadOptions::default()
+                            let options = datafusion::execution::options::JsonReadOptions::default()
                                 .file_extension(".jsonl");
                             ctx.read_json(&path, options).await?
                         }
