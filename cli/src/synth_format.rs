@@ -131,8 +131,9 @@ mod tests {
                     let frame = match format {
                         DataFormat::Parquet => ctx.read_parquet(&path, Default::default()).await?,
                         _ => {
-                            let options = datafusion::execution::options::JsonReadOptions::default()
-                                .file_extension(".jsonl");
+                            let options =
+                                datafusion::execution::options::JsonReadOptions::default()
+                                    .file_extension(".jsonl");
                             ctx.read_json(&path, options).await?
                         }
                     };
