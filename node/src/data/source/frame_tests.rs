@@ -62,6 +62,13 @@ fn customers() -> RecordBatch {
     .unwrap()
 }
 
+/// The distinct keys of [`customers`] with consent: rows 1 and 2 (one key), 6 and 8.
+const CONSENTED_KEYS: [&str; 3] = [
+    "alice@example.com",
+    "frank@example.com",
+    "heidi@example.com",
+];
+
 fn write_parquet(path: &Path, batch: &RecordBatch) {
     let file = std::fs::File::create(path).unwrap();
     let mut writer = ArrowWriter::try_new(file, batch.schema(), None).unwrap();
@@ -102,14 +109,7 @@ fn parquet_with_nullable_and_nested_columns_reads_keys_and_rejects_nulls() {
     let d = email_dataset(&path);
     assert_eq!(d.format(), Some(DataFormat::Parquet));
     let (items, loaded) = keys_of(&d, Some("consent_fraud"));
-    assert_eq!(
-        items,
-        [
-            "alice@example.com",
-            "frank@example.com",
-            "heidi@example.com"
-        ]
-    );
+    assert_eq!(items, CONSENTED_KEYS);
     assert_eq!(loaded.rows_read, 8);
     assert_eq!(loaded.rows_excluded_consent, 1);
     assert_eq!(loaded.duplicate_rows, 1);
@@ -235,14 +235,7 @@ fn a_sql_view_filters_renames_and_reaches_into_structs() {
          FROM orders WHERE customer_id > 1",
     );
     let (items, loaded) = keys_of(&d, Some("consent_fraud"));
-    assert_eq!(
-        items,
-        [
-            "alice@example.com",
-            "frank@example.com",
-            "heidi@example.com"
-        ]
-    );
+    assert_eq!(items, CONSENTED_KEYS);
     assert_eq!(loaded.rows_read, 7);
     let mut phones = 0;
     dataset::for_each_row_for(&d, &["phone"], RowFilter::default(), 100, |_, f| {
