@@ -41,6 +41,9 @@ const JSON_INFER_ROWS: usize = 100_000;
 /// Longest engine message kept (after [`redact`]).
 const MAX_MESSAGE: usize = 400;
 
+/// What the reader thread reports once planned: the column names, and a view's select reads.
+type Schema = (Vec<String>, Vec<String>);
+
 /// What the reader thread sends.
 enum Message {
     Batch(Vec<StringArray>),
@@ -358,7 +361,7 @@ async fn register(
 /// streams the projected columns as text.
 fn serve(
     plan: Plan,
-    ready: SyncSender<Result<(Vec<String>, Vec<String>), SourceError>>,
+    ready: SyncSender<Result<Schema, SourceError>>,
     projection: tokio::sync::oneshot::Receiver<Vec<usize>>,
     out: SyncSender<Message>,
 ) {
