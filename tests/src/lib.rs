@@ -35,16 +35,16 @@ pub fn bins() -> &'static (PathBuf, PathBuf) {
         let mut cmd = Command::new(cargo);
         // With the transport's test instrumentation (`transcript`): a process started with
         // CLEANROOM_TRANSCRIPT set records what it receives (tests/views.rs reads it). It is
-        // the same feature set as this crate's own dependency on the transport, so the two
-        // builds share their artefacts.
+        // the same feature set as this crate's own dependency on the transport. The whole
+        // workspace with its test targets is named so that cargo unifies features exactly as
+        // `cargo test --workspace` does: with only the two binaries selected, some shared
+        // crates got other features, and the DataFusion stack was compiled a second time
+        // (≈5 min on the 2-core CI machine). After `cargo test --workspace` it is all fresh.
         cmd.args([
             "build",
             "--quiet",
-            "-p",
-            "cleanroom",
-            "-p",
-            "cleanroom-node",
-            "--bins",
+            "--workspace",
+            "--all-targets",
             "--features",
             "cleanroom-transport/transcript",
         ]);
