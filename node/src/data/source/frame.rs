@@ -346,8 +346,8 @@ async fn register(
             ctx.register_json(table, location, options).await
         }
         DataFormat::Csv => {
-            // Remote CSV: DataFusion's reader fails the job on a malformed row, naming its line
-            // (local CSV goes through the strict reader, which rejects the row instead).
+            // Remote CSV and a view's CSV tables: DataFusion's reader, with its own rules for
+            // malformed rows (local CSV goes through the strict reader, which rejects them).
             let options = CsvReadOptions::new()
                 .has_header(true)
                 .file_extension(extension);
