@@ -89,6 +89,22 @@ pub enum PsiError {
     /// The same point appeared twice among our returned points; an honest peer cannot produce that.
     #[error("peer returned the same double-blinded point twice")]
     DuplicateReturnedPoint,
+    /// A bucket of spilled points holds far more than an even spread would put there: the
+    /// peer's points (which our key makes uniform) or our returned points (which its key makes
+    /// uniform) were chosen to fill one bucket, and so this node's memory.
+    #[error("the peer's {what} fall unevenly: one bucket holds more than {cap} of them")]
+    UnevenPoints {
+        /// "points" or "returned points".
+        what: &'static str,
+        /// The most a bucket may hold.
+        cap: u64,
+    },
+    /// The session's spill files could not be written or read (this node's disk, not the peer).
+    #[error("the job's spill files failed: {0}")]
+    Spill(String),
+    /// The spilled exchange computes a count only; membership needs the in-memory exchange.
+    #[error("a job that releases membership cannot run with spilled sets")]
+    SpilledMembership,
     /// Our own item set was not deduplicated (call [`ItemSet::dedup`](crate::ItemSet::dedup)).
     #[error("our own item set contains duplicates; deduplicate before starting")]
     DuplicateOwnItems,

@@ -98,6 +98,7 @@ pub use hash_to_group::{
 };
 pub use items::ItemSet;
 pub use key::JobKey;
+pub use psi::spill;
 pub use psi::{
     AwaitingPeerSize, AwaitingReturn, ExchangingPoints, Matching, PsiOutput, PsiParams, PsiSession,
     ReadyToBlind, Streaming, blind_items, reblind_points,

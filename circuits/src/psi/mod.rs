@@ -8,8 +8,10 @@ use rayon::prelude::*;
 
 use crate::{EncodedPoint, ItemSet, JobKey, POINT_LEN, PsiError, hash_to_group};
 
+pub mod spill;
 mod stream;
 
+use spill::{PointSet, PointStore, SpilledOwn};
 pub use stream::{Matching, Streaming};
 
 /// Points per rayon task: large enough to amortise the batch inversion of
@@ -164,10 +166,23 @@ pub(crate) fn reblind_into(
     peer_double: &mut Vec<EncodedPoint>,
     batch: &[u8],
 ) -> Result<(), PsiError> {
+    let reblinded = reblind_checked(key, declared, peer_double.len() as u64, batch)?;
+    peer_double.extend_from_slice(&reblinded);
+    Ok(())
+}
+
+/// Re-blinds one batch of the peer's points that follows `offset` earlier ones, after checking
+/// that the batch is whole points and does not take the peer past its `declared` size. Point
+/// errors name the index in the peer's whole stream.
+pub(crate) fn reblind_checked(
+    key: &JobKey,
+    declared: u64,
+    offset: u64,
+    batch: &[u8],
+) -> Result<Vec<EncodedPoint>, PsiError> {
     if !batch.len().is_multiple_of(POINT_LEN) {
         return Err(PsiError::BatchNotMultipleOfPointLen { len: batch.len() });
     }
-    let offset = peer_double.len() as u64;
     let received = offset + (batch.len() / POINT_LEN) as u64;
     if received > declared {
         return Err(PsiError::TooManyPoints { declared, received });
@@ -181,8 +196,7 @@ pub(crate) fn reblind_into(
         },
         other => other,
     })?;
-    peer_double.extend_from_slice(&reblinded);
-    Ok(())
+    Ok(reblinded)
 }
 
 /// Re-blinds one batch of the peer's points into `peer_double` ([`reblind_into`]); returns it
@@ -297,6 +311,8 @@ struct Common {
     params: PsiParams,
     key: JobKey,
     own_size: u64,
+    /// Where a spilled session keeps its sets ([`PsiSession::start_spilled`]); `None` in memory.
+    store: Option<Box<dyn PointStore>>,
 }
 
 impl Common {
@@ -333,11 +349,37 @@ impl PsiSession {
                 params,
                 key,
                 own_size,
+                store: None,
             },
             items,
             distinct,
         };
         (own_size, state)
+    }
+
+    /// Begins a session over our own set already blinded with `key` and spilled
+    /// ([`OwnSetBuilder`]): the session's memory then holds a bucket, not a set (see
+    /// `spill.rs`). Counts only: parameters that return or learn membership are refused.
+    pub fn start_spilled(
+        params: PsiParams,
+        key: JobKey,
+        own: SpilledOwn,
+    ) -> Result<(u64, AwaitingPeerSize), PsiError> {
+        if params.return_in_order || params.learn_membership {
+            return Err(PsiError::SpilledMembership);
+        }
+        let own_size = own.size();
+        let state = AwaitingPeerSize {
+            common: Common {
+                params,
+                key,
+                own_size,
+                store: Some(own.store),
+            },
+            items: ItemSet::new(),
+            distinct: true,
+        };
+        Ok((own_size, state))
     }
 }
 
@@ -417,17 +459,31 @@ impl ReadyToBlind {
     /// and only when `learn_membership`.
     pub fn blind(self) -> (Vec<Vec<u8>>, ExchangingPoints) {
         let Self {
-            common,
+            mut common,
             items,
             peer_size,
         } = self;
-        // on_peer_size refused sets over u32::MAX items.
-        let (batches, perm) = blind_shuffled(
-            &common.key,
-            &common.params.key_name,
-            items,
-            common.params.batch_size,
-        );
+        let mut failed = None;
+        let (batches, perm) = match common.store.as_mut() {
+            // A spilled set is blinded already: read it whole (this path bounds nothing).
+            Some(store) => match spill::read_all(store.as_mut(), PointSet::Own) {
+                Ok(mut points) => {
+                    points.shuffle(&mut rand::rng());
+                    (to_batches(points.iter(), common.params.batch_size), Vec::new())
+                }
+                Err(e) => {
+                    failed = Some(e);
+                    (Vec::new(), Vec::new())
+                }
+            },
+            // on_peer_size refused sets over u32::MAX items.
+            None => blind_shuffled(
+                &common.key,
+                &common.params.key_name,
+                items,
+                common.params.batch_size,
+            ),
+        };
         let perm = common.params.learn_membership.then_some(perm);
         // The peer's size is bounded by policy but still only a claim: cap the reservation.
         let reserve = peer_size.min(1 << 20) as usize;
@@ -440,6 +496,7 @@ impl ReadyToBlind {
             common,
             peer_size,
             perm,
+            failed,
         };
         (batches, next)
     }
@@ -466,6 +523,8 @@ pub struct ExchangingPoints {
     /// `k·k_peer·H(y)` for the peer's items, in received order.
     peer_double: Vec<EncodedPoint>,
     returned: Returned,
+    /// Reading a spilled set failed in [`ReadyToBlind::blind`]: the next step returns it.
+    failed: Option<PsiError>,
 }
 
 impl std::fmt::Debug for ExchangingPoints {
@@ -488,6 +547,9 @@ impl ExchangingPoints {
         mut self,
         batch: &[u8],
     ) -> Result<(ExchangingPoints, Option<Vec<u8>>), PsiError> {
+        if let Some(e) = self.failed.take() {
+            return Err(e);
+        }
         let out = reblind_peer_batch(&self.common, self.peer_size, &mut self.peer_double, batch)?;
         Ok((self, out))
     }
@@ -495,6 +557,9 @@ impl ExchangingPoints {
     /// A batch of our own points coming back before the peer's points have all arrived (the
     /// peer may be ahead of us). Same checks as [`AwaitingReturn::on_returned_batch`].
     pub fn on_returned_batch(mut self, batch: &[u8]) -> Result<ExchangingPoints, PsiError> {
+        if let Some(e) = self.failed.take() {
+            return Err(e);
+        }
         self.returned.push(batch)?;
         Ok(self)
     }
@@ -509,7 +574,11 @@ impl ExchangingPoints {
             perm,
             mut peer_double,
             returned,
+            failed,
         } = self;
+        if let Some(e) = failed {
+            return Err(e);
+        }
         check_total(Stream::Peer, peer_size, total, peer_double.len() as u64)?;
         // Shuffled in place rather than a shuffled copy: the sort below fixes the order anyway,
         // and a copy would be one more encoding per peer item at this step's memory peak.

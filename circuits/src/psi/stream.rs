@@ -59,11 +59,23 @@
 use rand::seq::SliceRandom;
 use rayon::prelude::*;
 
+use super::spill::{
+    BUCKETS, BucketReader, PointSet, PointStore, append_by_bucket, bucket_cap, count_matches,
+    sort_buckets_distinct,
+};
 use super::{
-    Common, ReadyToBlind, Stream, blind_into, check_total, reblind_peer_batch, returned_points,
-    sort_and_check_distinct,
+    Common, ReadyToBlind, Stream, blind_into, check_total, reblind_checked, reblind_peer_batch,
+    returned_points, sort_and_check_distinct,
 };
 use crate::{EncodedPoint, ItemSet, POINT_LEN, PsiError, PsiOutput};
+
+/// The store of a spilled session (`Some` whenever a spilled reader or tally exists).
+fn store(common: &mut Common) -> Result<&mut dyn PointStore, PsiError> {
+    match common.store.as_mut() {
+        Some(store) => Ok(store.as_mut()),
+        None => Err(PsiError::Spill("the session has no store".into())),
+    }
+}
 
 impl ReadyToBlind {
     /// Starts the streaming exchange: draws the order in which our points will travel (a
@@ -76,24 +88,38 @@ impl ReadyToBlind {
             items,
             peer_size,
         } = self;
-        // Fits: on_peer_size refused sets over u32::MAX items.
-        let mut order: Vec<u32> = (0..items.len() as u32).collect();
-        order.shuffle(&mut rand::rng());
+        let spilled = common.store.is_some();
+        // A spilled set goes out sorted by its encodings (see spill.rs for why that order is
+        // as good as a drawn one); an in-memory set in a drawn order.
+        let order = if spilled {
+            Vec::new()
+        } else {
+            // Fits: on_peer_size refused sets over u32::MAX items.
+            let mut order: Vec<u32> = (0..items.len() as u32).collect();
+            order.shuffle(&mut rand::rng());
+            order
+        };
         let own = OwnStream {
-            total: items.len(),
+            total: common.own_size as usize,
             items,
             order,
+            spilled: spilled.then(|| BucketReader::new(PointSet::Own)),
             sent: 0,
             batch_size: common.params.batch_size.max(1),
             keep_order: common.params.learn_membership,
         };
         // The peer's size is bounded by policy but still only a claim: cap the reservation.
-        let reserve = peer_size.min(1 << 20) as usize;
+        let reserve = if spilled {
+            0
+        } else {
+            peer_size.min(1 << 20) as usize
+        };
         Streaming {
             common,
             peer_size,
             own,
             peer_double: Vec::with_capacity(reserve),
+            peer_spilled: spilled.then(SpillTally::default),
         }
     }
 }
@@ -105,6 +131,8 @@ struct OwnStream {
     /// `order[j]` is the index in the `ItemSet` of the `j`-th point we send. Kept after the last
     /// batch only when we learn membership.
     order: Vec<u32>,
+    /// A spilled set: read from its buckets instead (`items` and `order` stay empty).
+    spilled: Option<BucketReader>,
     /// Points handed out so far.
     sent: usize,
     total: usize,
@@ -113,9 +141,22 @@ struct OwnStream {
 }
 
 impl OwnStream {
-    fn next(&mut self, common: &Common) -> Option<Vec<u8>> {
+    fn next(&mut self, common: &mut Common) -> Result<Option<Vec<u8>>, PsiError> {
         if self.sent == self.total {
-            return None;
+            return Ok(None);
+        }
+        if let Some(reader) = &mut self.spilled {
+            let batch = reader.next(store(common)?, self.batch_size)?;
+            let got = batch.as_ref().map_or(0, |b| b.len() / POINT_LEN);
+            if got == 0 || self.sent + got > self.total {
+                return Err(PsiError::Spill(format!(
+                    "our spilled set holds {} points where {} were counted",
+                    self.sent + got,
+                    self.total
+                )));
+            }
+            self.sent += got;
+            return Ok(batch);
         }
         let end = self.sent.saturating_add(self.batch_size).min(self.total);
         let order = &self.order[self.sent..end];
@@ -135,7 +176,23 @@ impl OwnStream {
                 self.order = Vec::new();
             }
         }
-        Some(out.into_flattened())
+        Ok(Some(out.into_flattened()))
+    }
+}
+
+/// How many points a spilled set has in each bucket, and in all.
+#[derive(Debug)]
+struct SpillTally {
+    counts: Box<[u64; BUCKETS]>,
+    total: u64,
+}
+
+impl Default for SpillTally {
+    fn default() -> Self {
+        SpillTally {
+            counts: Box::new([0; BUCKETS]),
+            total: 0,
+        }
     }
 }
 
@@ -144,8 +201,10 @@ pub struct Streaming {
     common: Common,
     peer_size: u64,
     own: OwnStream,
-    /// `k·k_peer·H(y)` for the peer's items, in received order.
+    /// `k·k_peer·H(y)` for the peer's items, in received order (in memory).
     peer_double: Vec<EncodedPoint>,
+    /// A spilled session: the peer's points went to the store instead.
+    peer_spilled: Option<SpillTally>,
 }
 
 impl std::fmt::Debug for Streaming {
@@ -154,16 +213,23 @@ impl std::fmt::Debug for Streaming {
             .debug_fields(&mut f.debug_struct("Streaming"))
             .field("peer_size", &self.peer_size)
             .field("sent", &self.own.sent)
-            .field("received", &self.peer_double.len())
+            .field("received", &self.peer_received())
             .finish_non_exhaustive()
     }
 }
 
 impl Streaming {
+    fn peer_received(&self) -> u64 {
+        self.peer_spilled
+            .as_ref()
+            .map_or(self.peer_double.len() as u64, |t| t.total)
+    }
+
     /// Blinds the next batch of our points (at most `batch_size`, in rayon chunks) and returns it
-    /// to send; `None` once all our points are out.
-    pub fn blind_next(&mut self) -> Option<Vec<u8>> {
-        self.own.next(&self.common)
+    /// to send; `None` once all our points are out. A spilled session reads them instead (they
+    /// were blinded as the dataset was read); only its store can fail.
+    pub fn blind_next(&mut self) -> Result<Option<Vec<u8>>, PsiError> {
+        self.own.next(&mut self.common)
     }
 
     /// How many of our points have been handed out by [`blind_next`](Self::blind_next).
@@ -181,28 +247,49 @@ impl Streaming {
     /// when returning shuffled (then everything comes out of
     /// [`on_peer_end`](Self::on_peer_end)). Point errors name the index in the peer's stream.
     pub fn on_peer_batch(mut self, batch: &[u8]) -> Result<(Streaming, Option<Vec<u8>>), PsiError> {
-        let out = reblind_peer_batch(&self.common, self.peer_size, &mut self.peer_double, batch)?;
-        Ok((self, out))
+        let Some(tally) = &mut self.peer_spilled else {
+            let out =
+                reblind_peer_batch(&self.common, self.peer_size, &mut self.peer_double, batch)?;
+            return Ok((self, out));
+        };
+        let points = reblind_checked(&self.common.key, self.peer_size, tally.total, batch)?;
+        tally.total += points.len() as u64;
+        let cap = (bucket_cap(self.peer_size), "points");
+        append_by_bucket(
+            store(&mut self.common)?,
+            PointSet::Peer,
+            &points,
+            &mut tally.counts,
+            Some(cap),
+        )?;
+        Ok((self, None))
     }
 
     /// The peer says it sent `total` points: that must equal both its declared size and what
     /// arrived, and the points must be distinct. Sorts them for matching. When returning
     /// shuffled, the points to return then come out of [`Matching::next_return`].
     pub fn on_peer_end(self, total: u64) -> Result<Matching, PsiError> {
+        let received = self.peer_received();
         let Self {
-            common,
+            mut common,
             peer_size,
             own,
             mut peer_double,
+            peer_spilled,
         } = self;
-        check_total(Stream::Peer, peer_size, total, peer_double.len() as u64)?;
-        if !sort_and_check_distinct(&mut peer_double) {
+        check_total(Stream::Peer, peer_size, total, received)?;
+        let distinct = match peer_spilled {
+            Some(_) => sort_buckets_distinct(store(&mut common)?, PointSet::Peer)?,
+            None => sort_and_check_distinct(&mut peer_double),
+        };
+        if !distinct {
             return Err(PsiError::DuplicatePeerPoint);
         }
+        let spilled = peer_spilled.is_some();
         // A uniform order over the sorted points is a uniform order over the points: the return
         // is as shuffled as shuffling the received order, for 4 bytes a point instead of a
         // shuffled copy of 32.
-        let return_order = (!common.params.return_in_order).then(|| {
+        let return_order = (!common.params.return_in_order && !spilled).then(|| {
             // Fits: the peer's size is within its declaration, checked against u32 by policy
             // bounds; a larger set could not have been received into memory anyway.
             let mut order: Vec<u32> = (0..peer_double.len() as u32).collect();
@@ -217,10 +304,13 @@ impl Streaming {
             own,
             peer_sorted: peer_double,
             return_order,
+            return_reader: spilled.then(|| BucketReader::new(PointSet::Peer)),
+            returned_spilled: spilled.then(SpillTally::default),
+            deferred: None,
             returned_out: 0,
             received: 0,
             count: 0,
-            fingerprints: Vec::with_capacity(own_size),
+            fingerprints: Vec::with_capacity(if spilled { 0 } else { own_size }),
         })
     }
 }
@@ -234,6 +324,12 @@ pub struct Matching {
     peer_sorted: Vec<EncodedPoint>,
     /// When returning shuffled: the order in which `peer_sorted` goes back to the peer.
     return_order: Option<Vec<u32>>,
+    /// A spilled session returns the peer's points from the store, sorted, bucket by bucket.
+    return_reader: Option<BucketReader>,
+    /// A spilled session's returned points, spilled as they arrive and counted at the end.
+    returned_spilled: Option<SpillTally>,
+    /// A store failure while returning, reported by the next step that can fail.
+    deferred: Option<PsiError>,
     /// Points handed out by [`Matching::next_return`] so far.
     returned_out: usize,
     /// Our points returned so far.
@@ -269,8 +365,8 @@ fn fingerprint(p: &EncodedPoint) -> u128 {
 impl Matching {
     /// Blinds the next batch of our points, as [`Streaming::blind_next`]; the peer may have sent
     /// all of its points before we have sent all of ours.
-    pub fn blind_next(&mut self) -> Option<Vec<u8>> {
-        self.own.next(&self.common)
+    pub fn blind_next(&mut self) -> Result<Option<Vec<u8>>, PsiError> {
+        self.own.next(&mut self.common)
     }
 
     /// How many of our points have been handed out.
@@ -288,6 +384,29 @@ impl Matching {
     /// once all are out, and always when returning in order (those went out batch by batch
     /// from [`Streaming::on_peer_batch`]). The total to announce after them is the peer's size.
     pub fn next_return(&mut self) -> Option<Vec<u8>> {
+        if let Some(reader) = &mut self.return_reader {
+            let batch = match store(&mut self.common) {
+                Ok(store) => reader.next(store, self.own.batch_size),
+                Err(e) => Err(e),
+            };
+            return match batch {
+                Ok(Some(batch)) => {
+                    self.returned_out += batch.len() / POINT_LEN;
+                    Some(batch)
+                }
+                Ok(None) => {
+                    self.return_reader = None;
+                    None
+                }
+                Err(e) => {
+                    // Our return ends short (the peer will see its total fall short); this
+                    // node's own next step reports the cause.
+                    self.deferred = Some(e);
+                    self.return_reader = None;
+                    None
+                }
+            };
+        }
         let order = self.return_order.as_ref()?;
         if self.returned_out == order.len() {
             self.return_order = None;
@@ -307,7 +426,18 @@ impl Matching {
 
     /// Compares returned points (already checked against what we sent) with the peer's sorted
     /// set, in parallel, and tallies them.
-    fn compare(&mut self, points: &[EncodedPoint]) {
+    fn compare(&mut self, points: &[EncodedPoint]) -> Result<(), PsiError> {
+        if let Some(tally) = &mut self.returned_spilled {
+            let cap = (bucket_cap(self.common.own_size), "returned points");
+            let store = match self.common.store.as_mut() {
+                Some(store) => store.as_mut(),
+                None => return Err(PsiError::Spill("the session has no store".into())),
+            };
+            append_by_bucket(store, PointSet::Returned, points, &mut tally.counts, Some(cap))?;
+            tally.total += points.len() as u64;
+            self.received += points.len() as u64;
+            return Ok(());
+        }
         let peer = &self.peer_sorted;
         let is_match = |p: &EncodedPoint| peer.binary_search(p).is_ok();
         match &mut self.hits {
@@ -325,21 +455,37 @@ impl Matching {
         }
         self.fingerprints.extend(points.iter().map(fingerprint));
         self.received += points.len() as u64;
+        Ok(())
     }
 
     /// A batch of OUR points, double-blinded and returned by the peer: compared with the peer's
     /// set at once and not kept. Must not take the total past what we have sent.
     pub fn on_returned_batch(mut self, batch: &[u8]) -> Result<Matching, PsiError> {
+        if let Some(e) = self.deferred.take() {
+            return Err(e);
+        }
         let encodings = returned_points(batch, self.own.sent as u64, self.received)?;
-        self.compare(encodings);
+        self.compare(encodings)?;
         Ok(self)
     }
 
     /// The peer says it returned `total` points: that must equal our size and what arrived, and
     /// no point may have come back twice. Returns the result.
-    pub fn on_returned_end(self, total: u64) -> Result<PsiOutput, PsiError> {
+    pub fn on_returned_end(mut self, total: u64) -> Result<PsiOutput, PsiError> {
+        if let Some(e) = self.deferred.take() {
+            return Err(e);
+        }
         let own = self.common.own_size;
         check_total(Stream::Returned, own, total, self.received)?;
+        if self.returned_spilled.is_some() {
+            let intersection = count_matches(store(&mut self.common)?)?;
+            return Ok(PsiOutput {
+                intersection,
+                own_set_size: own,
+                peer_set_size: self.peer_size,
+                membership: None,
+            });
+        }
         let mut fingerprints = self.fingerprints;
         fingerprints.par_sort_unstable();
         if fingerprints.par_windows(2).any(|w| w[0] == w[1]) {

@@ -5,6 +5,7 @@ use std::collections::VecDeque;
 
 use proptest::prelude::*;
 
+use crate::spill::{MemoryStore, OwnSetBuilder, SpilledOwn, bucket_cap, bucket_of};
 use super::{Matching, Streaming};
 use crate::pair::{check_outputs, emails, modes, one_valid_point, params};
 use crate::*;
@@ -36,7 +37,20 @@ struct Party {
 
 impl Party {
     fn new(p: PsiParams, items: ItemSet, peer_size: u64) -> Result<Party, PsiError> {
-        let (own_size, s) = PsiSession::start(p, JobKey::generate(), items);
+        Party::with(PsiSession::start(p, JobKey::generate(), items), peer_size)
+    }
+
+    /// A party whose set is blinded as it is read, in chunks, and spilled to a store.
+    fn spilled(p: PsiParams, items: ItemSet, peer_size: u64) -> Result<Party, PsiError> {
+        let key = JobKey::generate();
+        let own = spill_with(&key, &items);
+        Party::with(PsiSession::start_spilled(p, key, own)?, peer_size)
+    }
+
+    fn with(
+        (own_size, s): (u64, crate::AwaitingPeerSize),
+        peer_size: u64,
+    ) -> Result<Party, PsiError> {
         Ok(Party {
             state: Some(State::Streaming(s.on_peer_size(peer_size)?.stream())),
             own_size,
@@ -53,8 +67,8 @@ impl Party {
     /// held back).
     fn blind(&mut self, out: &mut VecDeque<Msg>) {
         let batch = match self.state.as_mut() {
-            Some(State::Streaming(s)) => s.blind_next(),
-            Some(State::Matching(m)) => m.blind_next(),
+            Some(State::Streaming(s)) => s.blind_next().unwrap(),
+            Some(State::Matching(m)) => m.blind_next().unwrap(),
             _ => None,
         };
         out.extend(batch.map(Msg::Points));
@@ -122,10 +136,18 @@ fn run_stream_pair(
     pb: PsiParams,
     a: ItemSet,
     b: ItemSet,
-    mut schedule: impl FnMut() -> u8,
+    schedule: impl FnMut() -> u8,
 ) -> Result<(PsiOutput, PsiOutput), PsiError> {
     let (na, nb) = (a.len() as u64, b.len() as u64);
-    let mut parties = [Party::new(pa, a, nb)?, Party::new(pb, b, na)?];
+    let parties = [Party::new(pa, a, nb)?, Party::new(pb, b, na)?];
+    drive(parties, schedule)
+}
+
+/// Drives two parties built by the caller to completion (see [`run_stream_pair`]).
+fn drive(
+    mut parties: [Party; 2],
+    mut schedule: impl FnMut() -> u8,
+) -> Result<(PsiOutput, PsiOutput), PsiError> {
     // wires[i]: what party i sent, not yet read by the other.
     let mut wires: [VecDeque<Msg>; 2] = [VecDeque::new(), VecDeque::new()];
     loop {
@@ -154,6 +176,19 @@ fn run_stream_pair(
     }
     let [a, b] = parties;
     Ok((a.output().expect("A done"), b.output().expect("B done")))
+}
+
+/// Our set as [`OwnSetBuilder`] makes it while a dataset is read: blinded in chunks with the
+/// session's key, spilled to a store in memory.
+fn spill_with(key: &JobKey, items: &ItemSet) -> SpilledOwn {
+    let mut builder = OwnSetBuilder::new(Box::new(MemoryStore::default()));
+    let all: Vec<&[u8]> = items.iter().collect();
+    for chunk in all.chunks(17) {
+        builder
+            .add(key, "email", &chunk.iter().copied().collect())
+            .unwrap();
+    }
+    builder.finish().unwrap()
 }
 
 /// A small xorshift generator for schedules.
@@ -249,14 +284,14 @@ fn the_stream_carries_each_blinded_item_once() {
     let expected = blind_items(&s.common.key, "email", &items);
     let mut sent = Vec::new();
     let mut sizes = Vec::new();
-    while let Some(batch) = s.blind_next() {
+    while let Some(batch) = s.blind_next().unwrap() {
         sizes.push(batch.len() / POINT_LEN);
         let (points, rest) = batch.as_chunks::<POINT_LEN>();
         assert!(rest.is_empty());
         sent.extend_from_slice(points);
     }
     assert_eq!(sizes, [64, 64, 64, 64, 44]);
-    assert!(s.own_done() && s.blind_next().is_none());
+    assert!(s.own_done() && s.blind_next().unwrap().is_none());
     assert_ne!(sent, expected, "the stream is not in set order");
     sent.sort_unstable();
     let mut expected = expected;
@@ -277,7 +312,7 @@ fn the_send_order_is_uniform() {
         let mut s = s.on_peer_size(1).unwrap().stream();
         let blinded = blind_items(&s.common.key, "email", &items);
         let mut position = 0;
-        while let Some(batch) = s.blind_next() {
+        while let Some(batch) = s.blind_next().unwrap() {
             let item = blinded.iter().position(|p| p[..] == batch[..]).unwrap();
             counts[item][position] += 1;
             position += 1;
@@ -335,10 +370,10 @@ fn identifiers_leave_memory_with_the_last_batch() {
         let (_, s) = PsiSession::start(params(true, learn, 8), JobKey::generate(), emails(0..20));
         let mut s = s.on_peer_size(1).unwrap().stream();
         while s.own.sent < 16 {
-            s.blind_next();
+            s.blind_next().unwrap();
         }
         assert_eq!(s.own.items.len(), 20);
-        s.blind_next();
+        s.blind_next().unwrap();
         assert_eq!(s.own.items.len(), 0);
         assert_eq!(s.own.order.len(), if learn { 20 } else { 0 });
     }
@@ -349,7 +384,7 @@ fn streaming(p: PsiParams, items: ItemSet, peer_size: u64, sent: u64) -> Streami
     let (_, s) = PsiSession::start(p, JobKey::generate(), items);
     let mut s = s.on_peer_size(peer_size).unwrap().stream();
     while s.own_sent() < sent {
-        s.blind_next();
+        s.blind_next().unwrap();
     }
     s
 }
@@ -471,8 +506,8 @@ fn a_matched_point_returned_twice_is_refused() {
     let (_, b) = PsiSession::start(p.clone(), JobKey::generate(), emails(0..2));
     let mut a = a.on_peer_size(2).unwrap().stream();
     let mut b = b.on_peer_size(2).unwrap().stream();
-    let from_a = a.blind_next().unwrap();
-    let from_b = b.blind_next().unwrap();
+    let from_a = a.blind_next().unwrap().unwrap();
+    let from_b = b.blind_next().unwrap().unwrap();
     let (a, _) = a.on_peer_batch(&from_b).unwrap();
     let (_, back) = b.on_peer_batch(&from_a).unwrap();
     let back = back.unwrap();
@@ -504,4 +539,104 @@ proptest! {
         sb.dedup();
         check_stream_pair(rio_a, rio_b, rio_b, rio_a, sa, sb, bs, seed);
     }
+}
+
+/// Spilled sessions count what in-memory ones count, against each other and against an
+/// in-memory peer (the wire is the same), under many interleavings and batch sizes.
+#[test]
+fn spilled_sessions_count_like_in_memory_ones() {
+    for seed in 0..4 {
+        for (spill_a, spill_b) in [(true, true), (true, false), (false, true)] {
+            for bs in [1, 7, 4096] {
+                let (a, b) = (emails(0..300), emails(200..700));
+                let party = |spilled: bool, items: &ItemSet, peer: u64| {
+                    let p = params(false, false, bs);
+                    if spilled {
+                        Party::spilled(p, items.clone(), peer).unwrap()
+                    } else {
+                        Party::new(p, items.clone(), peer).unwrap()
+                    }
+                };
+                let parties = [party(spill_a, &a, 500), party(spill_b, &b, 300)];
+                let out = drive(parties, schedule_from(seed)).unwrap();
+                assert_eq!(out_count(&out), 100);
+                check_outputs((&a, &b), (false, false), out);
+            }
+        }
+    }
+}
+
+fn out_count(out: &(PsiOutput, PsiOutput)) -> u64 {
+    assert_eq!(out.0.intersection, out.1.intersection);
+    out.0.intersection
+}
+
+#[test]
+fn a_spilled_set_is_deduplicated_and_goes_out_sorted() {
+    let key = JobKey::generate();
+    let items = emails(0..500);
+    let mut builder = OwnSetBuilder::new(Box::new(MemoryStore::default()));
+    builder.add(&key, "email", &items).unwrap();
+    builder.add(&key, "email", &emails(100..200)).unwrap();
+    let own = builder.finish().unwrap();
+    assert_eq!((own.size(), own.duplicates()), (500, 100));
+    let expected = blind_items(&key, "email", &items);
+    let (n, s) = PsiSession::start_spilled(params(false, false, 64), key, own).unwrap();
+    assert_eq!(n, 500);
+    let mut s = s.on_peer_size(1).unwrap().stream();
+    let mut sent = Vec::new();
+    while let Some(batch) = s.blind_next().unwrap() {
+        sent.extend_from_slice(batch.as_chunks::<32>().0);
+    }
+    // Bucket by bucket, each sorted: sorted by (bucket, encoding).
+    let key_of = |p: &[u8; 32]| (bucket_of(p), *p);
+    assert!(sent.windows(2).all(|w| key_of(&w[0]) < key_of(&w[1])));
+    let mut expected = expected;
+    expected.sort_by_key(key_of);
+    assert_eq!(sent, expected);
+}
+
+#[test]
+fn a_spilled_session_refuses_membership_and_duplicate_peer_points() {
+    let spilled = || {
+        let key = JobKey::generate();
+        let own = spill_with(&key, &emails(0..3));
+        (key, own)
+    };
+    for (rio, lm) in [(true, false), (false, true)] {
+        let (key, own) = spilled();
+        assert_eq!(
+            PsiSession::start_spilled(params(rio, lm, 4), key, own).unwrap_err(),
+            PsiError::SpilledMembership
+        );
+    }
+    let (key, own) = spilled();
+    let (_, s) = PsiSession::start_spilled(params(false, false, 4), key, own).unwrap();
+    let s = s.on_peer_size(2).unwrap().stream();
+    let good = one_valid_point();
+    let (s, reply) = s.on_peer_batch(&[good; 2].concat()).unwrap();
+    assert!(reply.is_none());
+    assert_eq!(s.on_peer_end(2).unwrap_err(), PsiError::DuplicatePeerPoint);
+}
+
+/// A peer that returns the same point over and over fills one bucket: cut off at the cap, not
+/// held until the end.
+#[test]
+fn a_spilled_session_cuts_off_returns_piled_into_one_bucket() {
+    let n = 4200u32;
+    let key = JobKey::generate();
+    let own = spill_with(&key, &emails(0..n));
+    let (_, s) = PsiSession::start_spilled(params(false, false, 8192), key, own).unwrap();
+    let mut s = s.on_peer_size(1).unwrap().stream();
+    while s.blind_next().unwrap().is_some() {}
+    let (s, _) = s.on_peer_batch(&one_valid_point()).unwrap();
+    let m = s.on_peer_end(1).unwrap();
+    let piled = vec![one_valid_point(); n as usize].concat();
+    assert_eq!(
+        m.on_returned_batch(&piled).unwrap_err(),
+        PsiError::UnevenPoints {
+            what: "returned points",
+            cap: bucket_cap(u64::from(n))
+        }
+    );
 }

@@ -1,0 +1,343 @@
+//! Point sets kept in buckets outside memory, so that a session's memory does not grow with the
+//! sets (a node's `memory_limit`).
+//!
+//! A spilled session keeps three sets of 32-byte encodings, each split into [`BUCKETS`] buckets
+//! by one byte of the encoding: our own blinded points (`Own`), the peer's points re-blinded
+//! (`Peer`) and our points as the peer returns them (`Returned`). Each bucket is read back
+//! whole, one at a time, so memory holds a bucket (about `n / 256` points) rather than a set.
+//! Where the buckets live is the caller's: [`PointStore`] is files on the node's disk, and
+//! [`MemoryStore`] for tests.
+//!
+//! # What changes on the wire, and why it reveals nothing more
+//!
+//! Nothing in the frames changes. What changes is the order of two streams:
+//!
+//! - **Our points go out sorted by their encoding** (bucket by bucket, each sorted), not in a
+//!   drawn permutation. The in-memory stream shuffles so that the position of a shared item in
+//!   our stream says nothing about the item ([`super::stream`]'s module docs). Sorting by
+//!   `k·H(x)` gives the same: `k` is uniform and secret, so under DDH the encodings are
+//!   indistinguishable from independent uniform strings, and their order is a uniformly random
+//!   permutation of our items that is independent of the items.
+//! - **The points we return go out sorted by their encoding**, after the peer's last point, for
+//!   the same reason: the peer knows `k_peer·H(y)` but not `k·k_peer·H(y)`, so the sorted order
+//!   cannot be linked to the order it sent.
+//!
+//! Our points are blinded while the dataset is read, so identifiers are never held as a set.
+//! The key exists before the peer's hello; nothing blinded leaves before the hello is checked.
+//!
+//! # What the peer can do to our memory
+//!
+//! Our re-blinding makes the peer's points uniform whatever it sends, and its key makes our
+//! returned points uniform when it is honest. A bucket that holds more than
+//! [`bucket_cap`] points ends the job ([`PsiError::UnevenPoints`]); an honest run exceeds it
+//! with negligible probability (the cap is twice the mean plus 4096).
+
+use std::collections::HashMap;
+
+use crate::{EncodedPoint, ItemSet, JobKey, POINT_LEN, PsiError, blind_items};
+
+/// Buckets per set.
+pub const BUCKETS: usize = 256;
+
+/// Which bucket a point goes to: its second byte (the first byte's low bit is always 0 in a
+/// canonical encoding; the second is uniform).
+pub fn bucket_of(point: &EncodedPoint) -> usize {
+    usize::from(point[1])
+}
+
+/// The most points a bucket of a set of `total` points may hold before the set is declared
+/// uneven: twice the mean, plus 4096 so that small sets never trip it.
+pub fn bucket_cap(total: u64) -> u64 {
+    (total / BUCKETS as u64).saturating_mul(2).saturating_add(4096)
+}
+
+/// One of a spilled session's three point sets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum PointSet {
+    /// Our own points, `k·H(x)`: sorted and deduplicated once the dataset is read.
+    Own,
+    /// The peer's points re-blinded, `k·k_peer·H(y)`.
+    Peer,
+    /// Our points as the peer returns them, `k_peer·k·H(x)`.
+    Returned,
+}
+
+/// Where a spilled session's buckets live. Each bucket is appended to and read back whole.
+pub trait PointStore: Send + std::fmt::Debug {
+    /// Appends concatenated encodings to a bucket.
+    fn append(&mut self, set: PointSet, bucket: usize, points: &[u8]) -> std::io::Result<()>;
+    /// Everything appended to or put in the bucket, in order (empty if nothing was).
+    fn read(&mut self, set: PointSet, bucket: usize) -> std::io::Result<Vec<u8>>;
+    /// Replaces the bucket's contents.
+    fn put(&mut self, set: PointSet, bucket: usize, points: &[u8]) -> std::io::Result<()>;
+    /// Bytes written so far, appended or put.
+    fn bytes_written(&self) -> u64;
+}
+
+/// A [`PointStore`] in memory, for tests (it bounds nothing).
+#[derive(Debug, Default)]
+pub struct MemoryStore {
+    buckets: HashMap<(PointSet, usize), Vec<u8>>,
+    written: u64,
+}
+
+impl PointStore for MemoryStore {
+    fn append(&mut self, set: PointSet, bucket: usize, points: &[u8]) -> std::io::Result<()> {
+        self.written += points.len() as u64;
+        self.buckets
+            .entry((set, bucket))
+            .or_default()
+            .extend_from_slice(points);
+        Ok(())
+    }
+
+    fn read(&mut self, set: PointSet, bucket: usize) -> std::io::Result<Vec<u8>> {
+        Ok(self.buckets.get(&(set, bucket)).cloned().unwrap_or_default())
+    }
+
+    fn put(&mut self, set: PointSet, bucket: usize, points: &[u8]) -> std::io::Result<()> {
+        self.written += points.len() as u64;
+        self.buckets.insert((set, bucket), points.to_vec());
+        Ok(())
+    }
+
+    fn bytes_written(&self) -> u64 {
+        self.written
+    }
+}
+
+pub(crate) fn spill_error(e: std::io::Error) -> PsiError {
+    PsiError::Spill(e.to_string())
+}
+
+/// Splits `points` by bucket and appends each part; `counts[b]` tallies bucket `b`. With `cap`,
+/// a bucket over it ends the session ([`PsiError::UnevenPoints`] naming `what`).
+pub(crate) fn append_by_bucket(
+    store: &mut dyn PointStore,
+    set: PointSet,
+    points: &[EncodedPoint],
+    counts: &mut [u64; BUCKETS],
+    cap: Option<(u64, &'static str)>,
+) -> Result<(), PsiError> {
+    let mut parts: Vec<Vec<u8>> = vec![Vec::new(); BUCKETS];
+    for p in points {
+        let b = bucket_of(p);
+        parts[b].extend_from_slice(p);
+        counts[b] += 1;
+        if let Some((cap, what)) = cap
+            && counts[b] > cap
+        {
+            return Err(PsiError::UnevenPoints { what, cap });
+        }
+    }
+    for (b, part) in parts.iter().enumerate() {
+        if !part.is_empty() {
+            store.append(set, b, part).map_err(spill_error)?;
+        }
+    }
+    Ok(())
+}
+
+/// A bucket read back as encodings (a torn tail cannot happen: only whole points are written).
+pub(crate) fn read_bucket(
+    store: &mut dyn PointStore,
+    set: PointSet,
+    bucket: usize,
+) -> Result<Vec<EncodedPoint>, PsiError> {
+    let bytes = store.read(set, bucket).map_err(spill_error)?;
+    let (points, rest) = bytes.as_chunks::<POINT_LEN>();
+    if !rest.is_empty() {
+        return Err(PsiError::Spill(format!(
+            "a {set:?} bucket holds {} bytes, not whole points",
+            bytes.len()
+        )));
+    }
+    Ok(points.to_vec())
+}
+
+/// Every point of a set, bucket after bucket.
+pub(crate) fn read_all(
+    store: &mut dyn PointStore,
+    set: PointSet,
+) -> Result<Vec<EncodedPoint>, PsiError> {
+    let mut all = Vec::new();
+    for b in 0..BUCKETS {
+        all.extend(read_bucket(store, set, b)?);
+    }
+    Ok(all)
+}
+
+/// Builds our own set while the dataset is read: each chunk of identifiers is blinded at once
+/// and its points go to their buckets; [`finish`](Self::finish) sorts and deduplicates each
+/// bucket. The identifiers themselves are never kept.
+#[derive(Debug)]
+pub struct OwnSetBuilder {
+    store: Box<dyn PointStore>,
+    counts: Box<[u64; BUCKETS]>,
+}
+
+impl OwnSetBuilder {
+    /// An empty set over `store`.
+    pub fn new(store: Box<dyn PointStore>) -> Self {
+        OwnSetBuilder {
+            store,
+            counts: Box::new([0; BUCKETS]),
+        }
+    }
+
+    /// Blinds `items` with `key` under `key_name` (the same [`blind_items`] as the in-memory
+    /// exchange, so either kind of session can face the other) and spills the points.
+    pub fn add(&mut self, key: &JobKey, key_name: &str, items: &ItemSet) -> Result<(), PsiError> {
+        let points = blind_items(key, key_name, items);
+        append_by_bucket(
+            self.store.as_mut(),
+            PointSet::Own,
+            &points,
+            &mut self.counts,
+            None,
+        )
+    }
+
+    /// Sorts and deduplicates every bucket: equal identifiers gave equal points.
+    pub fn finish(mut self) -> Result<SpilledOwn, PsiError> {
+        let mut size = 0u64;
+        let mut duplicates = 0u64;
+        for b in 0..BUCKETS {
+            let mut points = read_bucket(self.store.as_mut(), PointSet::Own, b)?;
+            let before = points.len();
+            points.sort_unstable();
+            points.dedup();
+            duplicates += (before - points.len()) as u64;
+            size += points.len() as u64;
+            self.store
+                .put(PointSet::Own, b, points.as_flattened())
+                .map_err(spill_error)?;
+        }
+        Ok(SpilledOwn {
+            store: self.store,
+            size,
+            duplicates,
+        })
+    }
+}
+
+/// Our own set, blinded, sorted and deduplicated in its buckets; start a session over it with
+/// [`PsiSession::start_spilled`](super::PsiSession::start_spilled).
+#[derive(Debug)]
+pub struct SpilledOwn {
+    pub(crate) store: Box<dyn PointStore>,
+    size: u64,
+    duplicates: u64,
+}
+
+impl SpilledOwn {
+    /// Distinct items.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Items that repeated an earlier one.
+    pub fn duplicates(&self) -> u64 {
+        self.duplicates
+    }
+
+    /// Bytes written to the store so far.
+    pub fn bytes_written(&self) -> u64 {
+        self.store.bytes_written()
+    }
+}
+
+/// Reads one set's buckets in order, a batch at a time; holds one bucket.
+#[derive(Debug)]
+pub(crate) struct BucketReader {
+    set: PointSet,
+    next_bucket: usize,
+    current: Vec<EncodedPoint>,
+    pos: usize,
+}
+
+impl BucketReader {
+    pub(crate) fn new(set: PointSet) -> Self {
+        BucketReader {
+            set,
+            next_bucket: 0,
+            current: Vec::new(),
+            pos: 0,
+        }
+    }
+
+    /// Up to `batch_size` points, concatenated; `None` once every bucket is read.
+    pub(crate) fn next(
+        &mut self,
+        store: &mut dyn PointStore,
+        batch_size: usize,
+    ) -> Result<Option<Vec<u8>>, PsiError> {
+        let batch_size = batch_size.max(1);
+        let mut out = Vec::new();
+        while out.len() < batch_size * POINT_LEN {
+            if self.pos == self.current.len() {
+                if self.next_bucket == BUCKETS {
+                    break;
+                }
+                self.current = read_bucket(store, self.set, self.next_bucket)?;
+                self.next_bucket += 1;
+                self.pos = 0;
+                continue;
+            }
+            let take = (batch_size - out.len() / POINT_LEN).min(self.current.len() - self.pos);
+            out.extend_from_slice(self.current[self.pos..self.pos + take].as_flattened());
+            self.pos += take;
+        }
+        if self.pos == self.current.len() {
+            self.current = Vec::new();
+            self.pos = 0;
+        }
+        Ok((!out.is_empty()).then_some(out))
+    }
+}
+
+/// Sorts each bucket of `set` and checks that no point is there twice; returns `false` at the
+/// first duplicate.
+pub(crate) fn sort_buckets_distinct(
+    store: &mut dyn PointStore,
+    set: PointSet,
+) -> Result<bool, PsiError> {
+    for b in 0..BUCKETS {
+        let mut points = read_bucket(store, set, b)?;
+        points.sort_unstable();
+        if points.windows(2).any(|w| w[0] == w[1]) {
+            return Ok(false);
+        }
+        store
+            .put(set, b, points.as_flattened())
+            .map_err(spill_error)?;
+    }
+    Ok(true)
+}
+
+/// Counts the returned points found among the peer's, bucket by bucket (both sets sorted by
+/// [`sort_buckets_distinct`]); fails on a point returned twice.
+pub(crate) fn count_matches(store: &mut dyn PointStore) -> Result<u64, PsiError> {
+    let mut count = 0u64;
+    for b in 0..BUCKETS {
+        let mut returned = read_bucket(store, PointSet::Returned, b)?;
+        returned.sort_unstable();
+        if returned.windows(2).any(|w| w[0] == w[1]) {
+            return Err(PsiError::DuplicateReturnedPoint);
+        }
+        let peer = read_bucket(store, PointSet::Peer, b)?;
+        let (mut i, mut j) = (0, 0);
+        while i < returned.len() && j < peer.len() {
+            match returned[i].cmp(&peer[j]) {
+                std::cmp::Ordering::Less => i += 1,
+                std::cmp::Ordering::Greater => j += 1,
+                std::cmp::Ordering::Equal => {
+                    count += 1;
+                    i += 1;
+                    j += 1;
+                }
+            }
+        }
+    }
+    Ok(count)
+}
