@@ -275,3 +275,53 @@ fn a_deviating_partner_learns_which_of_its_candidates_we_hold() {
     let job = c.wait_job(&job_id, std::time::Duration::from_secs(120));
     assert_ne!(job["state"], "succeeded", "{job}");
 }
+
+/// A node with a `memory_limit` runs count-only jobs over spilled sets. Against a node without
+/// one (the wire is the same), the overlap equals the truth; the node says what it spilled, and
+/// its job's spill directory is gone when the job ends; a `match` job (membership) runs in
+/// memory on the same node and is still right.
+#[test]
+fn a_memory_limited_node_spills_counts_right_and_cleans_up() {
+    let (mut c, truth) = Consortium::with_coordinator("acme,globex", 3000, 0.4, 77);
+    let expected = truth["pairwise_overlap"]["acme,globex"].as_u64().unwrap();
+    c.node_top
+        .insert("acme".into(), "memory_limit = \"256MiB\"\n".into());
+    c.start_open_pair();
+
+    let (job, code) = c.submit(&cleanroom_e2e::overlap_between("acme,globex"));
+    assert_eq!(code, Some(0), "{job}");
+    assert_eq!(job["intersection"].as_u64(), Some(expected), "{job}");
+
+    let acme_log = c.node("acme").log_text();
+    let spilled = acme_log
+        .lines()
+        .find(|l| l.contains("spill files written"))
+        .unwrap_or_else(|| panic!("acme did not spill:\n{acme_log}"));
+    // Own points (written, then sorted and rewritten), the peer's, and the returned ones:
+    // at least 32 bytes for each of 3000 + 3000 + 3000 points.
+    let bytes: u64 = spilled
+        .split("spilled_bytes=")
+        .nth(1)
+        .and_then(|r| r.split(|ch: char| !ch.is_ascii_digit()).next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no byte count in: {spilled}"));
+    assert!(bytes >= 9000 * 32, "{spilled}");
+    assert!(
+        !c.node("globex").log_text().contains("spill files written"),
+        "globex has no memory_limit and must not spill"
+    );
+    let spill_dir = c.path().join("state-acme/spill");
+    assert!(spill_dir.is_dir(), "acme's spill directory was not made");
+    let left: Vec<_> = std::fs::read_dir(&spill_dir).unwrap().collect();
+    assert!(left.is_empty(), "the job's spill files were left: {left:?}");
+
+    // Membership needs the in-memory exchange: the same node runs it there.
+    let (job, code) = c.submit(&cleanroom_e2e::psi_job(
+        "match",
+        "acme,globex",
+        "email",
+        "fraud-detection",
+    ));
+    assert_eq!(code, Some(0), "{job}");
+    assert_eq!(job["intersection"].as_u64(), Some(expected), "{job}");
+}

@@ -51,6 +51,8 @@ struct Runs {
     others: Vec<f64>,
     /// Peak RSS per node: over all jobs of one cluster, or the largest single-cluster peak.
     rss: Vec<(String, Option<u64>)>,
+    /// The most bytes each node spilled in one job (under `--memory-limit`).
+    spilled: Vec<(String, Option<u64>)>,
     correct: bool,
 }
 
@@ -68,6 +70,20 @@ impl Runs {
             return;
         }
         for ((_, kept), (_, new)) in self.rss.iter_mut().zip(rss) {
+            *kept = (*kept).max(new);
+        }
+    }
+
+    fn keep_spilled(&mut self, cluster: &Cluster) {
+        let now: Vec<(String, Option<u64>)> = PARTNERS
+            .iter()
+            .map(|n| (n.to_string(), cluster.spilled_bytes(n)))
+            .collect();
+        if self.spilled.is_empty() {
+            self.spilled = now;
+            return;
+        }
+        for ((_, kept), (_, new)) in self.spilled.iter_mut().zip(now) {
             *kept = (*kept).max(new);
         }
     }
@@ -114,7 +130,7 @@ pub async fn run(args: BenchPsiArgs) -> anyhow::Result<ExitCode> {
     if configs.len() == 1 {
         // One cluster for every run, as an operator's nodes would run job after job.
         let c = &mut configs[0];
-        let cluster = start(&dir.join("cluster"), &partners, c.threads).await?;
+        let cluster = start(&dir.join("cluster"), &partners, c.threads, &args).await?;
         for run in 0..runs {
             progress.set_message(format!(
                 "run {}/{runs}: overlap of {} × {} items",
@@ -126,6 +142,7 @@ pub async fn run(args: BenchPsiArgs) -> anyhow::Result<ExitCode> {
             floors.push(measure_floor().await?);
         }
         c.keep_peak_rss(cluster.peak_rss(&PARTNERS));
+        c.keep_spilled(&cluster);
         cluster.stop().await?;
     } else {
         // Fresh node processes per job and thread count, alternating, so that every count
@@ -143,10 +160,12 @@ pub async fn run(args: BenchPsiArgs) -> anyhow::Result<ExitCode> {
                     &dir.join(format!("cluster-{run}-{i}")),
                     &partners,
                     c.threads,
+                    &args,
                 )
                 .await?;
                 one_job(&cluster, c, expected, run).await?;
                 c.keep_peak_rss(cluster.peak_rss(&PARTNERS));
+                c.keep_spilled(&cluster);
                 cluster.stop().await?;
                 floors.push(measure_floor().await?);
             }
@@ -172,13 +191,18 @@ async fn start(
     dir: &std::path::Path,
     partners: &[Partner],
     threads: Option<usize>,
+    args: &BenchPsiArgs,
 ) -> anyhow::Result<Cluster> {
     std::fs::create_dir_all(dir)?;
     let env: Vec<(&str, String)> = threads
         .map(|t| ("RAYON_NUM_THREADS", t.to_string()))
         .into_iter()
         .collect();
-    Cluster::start_with(dir, partners, None, &env).await
+    // Bytes as a number: exactly what was asked, whatever the unit was written as.
+    let top = args.memory_limit.map_or(String::new(), |m| {
+        format!("memory_limit = {}\n", m.as_u64())
+    });
+    Cluster::start_with(dir, partners, None, &env, &top).await
 }
 
 /// The process ids of the bench's nodes that are running.
@@ -248,6 +272,9 @@ fn report(
         args.overlap * 100.0,
         args.each.runs.max(1)
     );
+    if let Some(limit) = args.memory_limit {
+        cleanroom_node::outln!("memory_limit:             {limit} per node (sets spilled to disk)");
+    }
     cleanroom_node::outln!(
         "curve backend:            {} (picked at run time; the nodes run the same build)",
         floor.backend
@@ -310,11 +337,21 @@ fn report(
                 None => cleanroom_node::outln!("peak RSS {name:<8}          unavailable"),
             }
         }
+        for (name, bytes) in &c.spilled {
+            cleanroom_node::outln!(
+                "spilled {name:<8}           {}",
+                bytes.map_or("nothing".to_owned(), |b| format!(
+                    "{:.1} MiB (the job's largest)",
+                    b as f64 / (1024.0 * 1024.0)
+                ))
+            );
+        }
         by_threads.push(json!({
             "threads": c.threads, "wall_s": wall, "walls_s": walls, "ratio": ratio,
             "node_cpu_s": cpu, "cpu_ratio": cpu / floor_cpu, "other_cores": others,
             "items_per_s_per_side": n as f64 / wall,
             "peak_rss_bytes": rss_json(&c.rss),
+            "spilled_bytes": rss_json(&c.spilled),
         }));
     }
     let speedup = match configs {

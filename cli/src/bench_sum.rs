@@ -77,6 +77,10 @@ pub async fn run(args: BenchPsiArgs) -> anyhow::Result<ExitCode> {
         args.threads.is_empty(),
         "--threads is for bench psi; bench overlap-sum runs the nodes' default threads"
     );
+    anyhow::ensure!(
+        args.memory_limit.is_none(),
+        "--memory-limit is for bench psi; overlap-sum keeps its sets in memory"
+    );
     let cores = cores();
     let workdir = WorkDir::new(args.each.keep.as_deref(), "cleanroom-bench-")?;
     let dir = workdir.path().to_owned();

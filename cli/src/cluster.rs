@@ -68,7 +68,7 @@ impl Cluster {
     /// Issues the PKI, writes the configs, starts the coordinator and the nodes, and waits
     /// until every node is connected.
     pub async fn start(dir: &Path, partners: &[Partner]) -> anyhow::Result<Cluster> {
-        Self::start_with(dir, partners, None, &[]).await
+        Self::start_with(dir, partners, None, &[], "").await
     }
 
     /// [`Cluster::start`], the coordinator also serving its web console on `web`.
@@ -77,16 +77,18 @@ impl Cluster {
         partners: &[Partner],
         web: Option<SocketAddr>,
     ) -> anyhow::Result<Cluster> {
-        Self::start_with(dir, partners, web, &[]).await
+        Self::start_with(dir, partners, web, &[], "").await
     }
 
     /// [`Cluster::start_with_web`], with `node_env` set in every node process's environment
-    /// (e.g. `RAYON_NUM_THREADS`, the node's worker threads).
+    /// (e.g. `RAYON_NUM_THREADS`, the node's worker threads) and `node_top` written at the top
+    /// of every node's config (e.g. `memory_limit = "1GiB"`).
     pub async fn start_with(
         dir: &Path,
         partners: &[Partner],
         web: Option<SocketAddr>,
         node_env: &[(&str, String)],
+        node_top: &str,
     ) -> anyhow::Result<Cluster> {
         let pki_dir = dir.join("pki");
         pki::init_ca(&pki_dir, "cleanroom demo consortium")?;
@@ -126,7 +128,7 @@ impl Cluster {
         let mut dashboards = BTreeMap::new();
         for p in partners {
             let cfg_path = dir.join(format!("{}.toml", p.name));
-            let mut cfg = node_config(&p.name, addr, &p.csv, partners);
+            let mut cfg = node_config(&p.name, addr, &p.csv, partners, node_top);
             if web.is_some() {
                 // A free loopback port, found by binding and releasing it: the node binds it a
                 // moment later (and fails to start, with the reason in its log, if taken).
@@ -154,6 +156,19 @@ impl Cluster {
         };
         cluster.wait_connected(Duration::from_secs(30)).await?;
         Ok(cluster)
+    }
+
+    /// The largest `spilled_bytes` node `name` has logged ("spill files written"), if any.
+    pub fn spilled_bytes(&self, name: &str) -> Option<u64> {
+        let log =
+            std::fs::read_to_string(self.dir.join("logs").join(format!("{name}.log"))).ok()?;
+        log.lines()
+            .filter_map(|l| l.split("spilled_bytes=").nth(1))
+            .filter_map(|rest| {
+                let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+                digits.parse::<u64>().ok()
+            })
+            .max()
     }
 
     /// Credentials of the analyst "demo".
@@ -305,9 +320,15 @@ async fn read_listen_lines(
 /// [0, 500000] and `orders` to [0, 100] per customer, with ε = 1 and k = 10. Each purpose with
 /// each partner may spend ε 100 a day (an aggregate of ε 1 costs ≈ 6.9 of it on its own at the
 /// default δ), enough for the demo and the benches.
-fn node_config(name: &str, coordinator: SocketAddr, csv: &Path, partners: &[Partner]) -> String {
+fn node_config(
+    name: &str,
+    coordinator: SocketAddr,
+    csv: &Path,
+    partners: &[Partner],
+    top: &str,
+) -> String {
     let mut cfg = format!(
-        "name = \"{name}\"\ncoordinator = \"{coordinator}\"\nlisten = \"127.0.0.1:0\"\nstate_dir = \"state-{name}\"\n\n\
+        "name = \"{name}\"\ncoordinator = \"{coordinator}\"\nlisten = \"127.0.0.1:0\"\nstate_dir = \"state-{name}\"\n{top}\n\
          [tls]\nca = \"pki/ca.pem\"\ncert = \"pki/node-{name}.pem\"\nkey = \"pki/node-{name}.key\"\n\n\
          [[dataset]]\nname = \"customers\"\npath = \"{}\"\n\n\
          [[dataset.identifier]]\nname = \"email\"\ncolumn = \"email\"\nnormaliser = \"email\"\n\n\

@@ -214,6 +214,9 @@ pub struct Consortium {
     pub web: Option<SocketAddr>,
     /// Whether processes started from now on log JSON lines (`CLEANROOM_LOG_FORMAT=json`).
     pub log_json: bool,
+    /// Top-level keys written into node configs from now on, by node name (e.g.
+    /// `memory_limit = "256MiB"`).
+    pub node_top: std::collections::HashMap<String, String>,
 }
 
 impl Consortium {
@@ -249,6 +252,7 @@ impl Consortium {
             serve_web: false,
             web: None,
             log_json: false,
+            node_top: std::collections::HashMap::new(),
         }
     }
 
@@ -463,10 +467,11 @@ impl Consortium {
         std::fs::write(
             &cfg,
             format!(
-                "name = \"{name}\"\ncoordinator = \"{addr}\"\nlisten = \"127.0.0.1:0\"\nstate_dir = \"state-{name}\"\n\n\
+                "name = \"{name}\"\ncoordinator = \"{addr}\"\nlisten = \"127.0.0.1:0\"\nstate_dir = \"state-{name}\"\n{top}\n\
                  [tls]\nca = \"pki/ca.pem\"\ncert = \"{keys}/node-{name}.pem\"\nkey = \"{keys}/node-{name}.key\"\n{crl}\n{tables}",
                 keys = self.keys,
-                crl = self.crl_line()
+                crl = self.crl_line(),
+                top = self.node_top.get(name).map_or("", String::as_str)
             ),
         )
         .unwrap();

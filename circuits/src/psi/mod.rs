@@ -469,7 +469,10 @@ impl ReadyToBlind {
             Some(store) => match spill::read_all(store.as_mut(), PointSet::Own) {
                 Ok(mut points) => {
                     points.shuffle(&mut rand::rng());
-                    (to_batches(points.iter(), common.params.batch_size), Vec::new())
+                    (
+                        to_batches(points.iter(), common.params.batch_size),
+                        Vec::new(),
+                    )
                 }
                 Err(e) => {
                     failed = Some(e);
@@ -666,6 +669,7 @@ impl AwaitingReturn {
             own_set_size: own,
             peer_set_size: peer_size,
             membership,
+            spilled_bytes: 0,
         })
     }
 }
@@ -682,4 +686,6 @@ pub struct PsiOutput {
     /// Indices into the [`ItemSet`] given to [`PsiSession::start`] of our items in the
     /// intersection, sorted, when `learn_membership`; `None` otherwise.
     pub membership: Option<Vec<u32>>,
+    /// Bytes a spilled session wrote to its store (0 in memory).
+    pub spilled_bytes: u64,
 }

@@ -48,7 +48,9 @@ pub fn bucket_of(point: &EncodedPoint) -> usize {
 /// The most points a bucket of a set of `total` points may hold before the set is declared
 /// uneven: twice the mean, plus 4096 so that small sets never trip it.
 pub fn bucket_cap(total: u64) -> u64 {
-    (total / BUCKETS as u64).saturating_mul(2).saturating_add(4096)
+    (total / BUCKETS as u64)
+        .saturating_mul(2)
+        .saturating_add(4096)
 }
 
 /// One of a spilled session's three point sets.
@@ -92,7 +94,11 @@ impl PointStore for MemoryStore {
     }
 
     fn read(&mut self, set: PointSet, bucket: usize) -> std::io::Result<Vec<u8>> {
-        Ok(self.buckets.get(&(set, bucket)).cloned().unwrap_or_default())
+        Ok(self
+            .buckets
+            .get(&(set, bucket))
+            .cloned()
+            .unwrap_or_default())
     }
 
     fn put(&mut self, set: PointSet, bucket: usize, points: &[u8]) -> std::io::Result<()> {

@@ -433,7 +433,13 @@ impl Matching {
                 Some(store) => store.as_mut(),
                 None => return Err(PsiError::Spill("the session has no store".into())),
             };
-            append_by_bucket(store, PointSet::Returned, points, &mut tally.counts, Some(cap))?;
+            append_by_bucket(
+                store,
+                PointSet::Returned,
+                points,
+                &mut tally.counts,
+                Some(cap),
+            )?;
             tally.total += points.len() as u64;
             self.received += points.len() as u64;
             return Ok(());
@@ -478,12 +484,14 @@ impl Matching {
         let own = self.common.own_size;
         check_total(Stream::Returned, own, total, self.received)?;
         if self.returned_spilled.is_some() {
-            let intersection = count_matches(store(&mut self.common)?)?;
+            let store = store(&mut self.common)?;
+            let intersection = count_matches(store)?;
             return Ok(PsiOutput {
                 intersection,
                 own_set_size: own,
                 peer_set_size: self.peer_size,
                 membership: None,
+                spilled_bytes: store.bytes_written(),
             });
         }
         let mut fingerprints = self.fingerprints;
@@ -502,6 +510,7 @@ impl Matching {
             own_set_size: own,
             peer_set_size: self.peer_size,
             membership,
+            spilled_bytes: 0,
         })
     }
 }

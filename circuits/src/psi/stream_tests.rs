@@ -5,9 +5,9 @@ use std::collections::VecDeque;
 
 use proptest::prelude::*;
 
-use crate::spill::{MemoryStore, OwnSetBuilder, SpilledOwn, bucket_cap, bucket_of};
 use super::{Matching, Streaming};
 use crate::pair::{check_outputs, emails, modes, one_valid_point, params};
+use crate::spill::{MemoryStore, OwnSetBuilder, SpilledOwn, bucket_cap, bucket_of};
 use crate::*;
 
 /// What travels on one party's stream, in the order the wire allows: its own points and their

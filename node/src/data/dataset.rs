@@ -178,6 +178,9 @@ pub fn is_consent(field: &[u8]) -> bool {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum DatasetError {
+    /// The keys could not be blinded into the job's spill files (this node's disk).
+    #[error("the job's spill files failed: {0}")]
+    Spill(String),
     /// The job names no identifier.
     #[error("dataset '{dataset}': the job names no join key")]
     NoKeys {
@@ -319,6 +322,46 @@ pub fn load_keys_for(
         rows_rejected: counts.rejections.total(),
         rejections: counts.rejections,
         duplicate_rows,
+        rows_excluded_consent: counts.rows_excluded_consent,
+        rows_excluded_deleted: counts.rows_excluded_deleted,
+    })
+}
+
+/// Keys per chunk that [`load_keys_chunked`] hands over: enough for the blinding to keep every
+/// core busy, few enough to stay small (a few hundred KiB).
+pub const KEY_CHUNK: usize = 16_384;
+
+/// [`load_keys_for`] for a job whose memory is bounded: the keys go to `sink` in chunks of
+/// [`KEY_CHUNK`] as they are read, neither deduplicated nor kept. The result's `items` is empty
+/// and its `duplicate_rows` 0; the sink's owner knows the duplicates.
+pub fn load_keys_chunked(
+    dataset: &DatasetConfig,
+    keys: &KeySpec,
+    filter: RowFilter<'_>,
+    max_rows: u64,
+    mut sink: impl FnMut(&ItemSet) -> Result<(), DatasetError>,
+) -> Result<LoadedKeys, DatasetError> {
+    let mut chunk = ItemSet::new();
+    let counts = for_each_key(dataset, keys, &[], filter, Some(max_rows), |row, key, _| {
+        chunk.push(key).map_err(|_| DatasetError::TooLarge {
+            location: dataset.location(),
+            row,
+        })?;
+        if chunk.len() == KEY_CHUNK {
+            sink(&chunk)?;
+            chunk = ItemSet::new();
+        }
+        Ok(())
+    })?;
+    if !chunk.is_empty() {
+        sink(&chunk)?;
+    }
+    Ok(LoadedKeys {
+        items: ItemSet::new(),
+        rows_read: counts.rows_read,
+        rows_rejected: counts.rejections.total(),
+        rejections: counts.rejections,
+        duplicate_rows: 0,
         rows_excluded_consent: counts.rows_excluded_consent,
         rows_excluded_deleted: counts.rows_excluded_deleted,
     })

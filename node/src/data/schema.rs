@@ -10,6 +10,15 @@ use toml::Spanned;
 
 use super::normalise::{NormaliseOptions, Normaliser, parse_region};
 
+/// The node-wide limits the data engine runs under (`memory_limit`, `spill_dir`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EngineLimits {
+    /// Bytes; `None` = no bound.
+    pub memory_limit: Option<u64>,
+    /// Where the engine may spill.
+    pub spill_dir: PathBuf,
+}
+
 /// A dataset: a table of rows (files, or a SQL view), and its identifier columns.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -44,6 +53,10 @@ pub struct DatasetConfig {
     /// such a job uses all rows.
     #[serde(default)]
     pub consent_required: bool,
+    /// The node's memory bound and spill directory, copied from the node config when it is read
+    /// (not written in a dataset).
+    #[serde(skip)]
+    pub engine: EngineLimits,
 }
 
 /// How a dataset's files are written.
@@ -192,6 +205,7 @@ impl DatasetConfig {
             values: Vec::new(),
             consent: BTreeMap::new(),
             consent_required: false,
+            engine: EngineLimits::default(),
         }
     }
 

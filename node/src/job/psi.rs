@@ -33,6 +33,7 @@
 use std::collections::VecDeque;
 use std::time::Duration;
 
+use cleanroom_circuits::spill::SpilledOwn;
 use cleanroom_circuits::{
     AwaitingPeerSize, ItemSet, JobKey, Matching, PsiError, PsiOutput, PsiParams, PsiSession,
     Streaming,
@@ -46,7 +47,7 @@ use crate::audit::AuditEvent;
 use crate::data::dataset;
 use crate::error::{JobError, Party, Violation};
 use crate::job::noise::{self, NONCE_LEN};
-use crate::job::wire::{self, Outbox, STALL_BASE, stall_deadline};
+use crate::job::wire::{self, Outbox, stall_deadline};
 use crate::policy::{Permit, Recipient, Veto};
 
 /// Points per batch frame: 128 KiB, well under the frame cap.
@@ -129,7 +130,8 @@ pub const BATCHES_PER_WORK: usize = 4;
 /// CPU work of the protocol; [`Work::run`] is pure.
 #[derive(Debug)]
 pub enum Work {
-    /// Blind the next batches of our items (at most [`BATCHES_PER_WORK`]).
+    /// Blind the next batches of our items (at most [`BATCHES_PER_WORK`]); a spilled session
+    /// reads them.
     BlindNext(Session),
     /// Re-blind batches of the peer's items, in order.
     PeerBatches(Streaming, Vec<Vec<u8>>),
@@ -145,7 +147,7 @@ pub enum Work {
 #[derive(Debug)]
 pub enum Done {
     /// The session, and our next blinded batches (none once all are out).
-    BlindNext(Session, Vec<Vec<u8>>),
+    BlindNext(Result<(Session, Vec<Vec<u8>>), PsiError>),
     /// The re-blinded batches to return, if due (returning in order).
     PeerBatches(Result<(Streaming, Vec<Vec<u8>>), PsiError>),
     /// The peer's total, and the session that compares our returned points.
@@ -161,18 +163,22 @@ impl Work {
     pub fn run(self) -> Done {
         match self {
             Work::BlindNext(mut s) => {
-                let mut batches = Vec::new();
-                while batches.len() < BATCHES_PER_WORK {
-                    let batch = match &mut s {
-                        Session::Streaming(x) => x.blind_next(),
-                        Session::Matching(x) => x.blind_next(),
-                    };
-                    match batch {
-                        Some(b) => batches.push(b),
-                        None => break,
+                let mut run = || {
+                    let mut batches = Vec::new();
+                    while batches.len() < BATCHES_PER_WORK {
+                        let batch = match &mut s {
+                            Session::Streaming(x) => x.blind_next()?,
+                            Session::Matching(x) => x.blind_next()?,
+                        };
+                        match batch {
+                            Some(b) => batches.push(b),
+                            None => break,
+                        }
                     }
-                }
-                Done::BlindNext(s, batches)
+                    Ok(batches)
+                };
+                let batches = run();
+                Done::BlindNext(batches.map(|b| (s, b)))
             }
             Work::PeerBatches(s, batches) => {
                 let run = || {
@@ -402,16 +408,48 @@ impl PsiProtocol {
         items: ItemSet,
         batch_points: usize,
     ) -> PsiProtocol {
-        let permit = &cfg.permit;
-        let params = PsiParams {
+        let params = Self::params(&cfg.permit, batch_points);
+        Self::with_session(cfg, PsiSession::start(params, key, items))
+    }
+
+    /// Starts the protocol over our set blinded with `key` as it was read and spilled
+    /// ([`cleanroom_circuits::spill`]): the same wire, with memory that does not grow with the
+    /// sets. A job that releases membership is refused ([`PsiError::SpilledMembership`]).
+    pub fn start_spilled(
+        cfg: PsiConfig,
+        key: JobKey,
+        own: SpilledOwn,
+    ) -> Result<PsiProtocol, PsiError> {
+        Self::start_spilled_batched(cfg, key, own, BATCH_POINTS)
+    }
+
+    /// [`start_spilled`](Self::start_spilled) with `batch_points` points per batch frame.
+    pub(crate) fn start_spilled_batched(
+        cfg: PsiConfig,
+        key: JobKey,
+        own: SpilledOwn,
+        batch_points: usize,
+    ) -> Result<PsiProtocol, PsiError> {
+        let params = Self::params(&cfg.permit, batch_points);
+        Ok(Self::with_session(
+            cfg,
+            PsiSession::start_spilled(params, key, own)?,
+        ))
+    }
+
+    fn params(permit: &Permit, batch_points: usize) -> PsiParams {
+        PsiParams {
             key_name: dataset::key_name(&permit.keys),
             min_peer_set: permit.min_peer_set,
             max_peer_set: permit.max_peer_set,
             return_in_order: permit.partner_learns_membership,
             learn_membership: permit.i_learn_membership,
             batch_size: batch_points,
-        };
-        let (own_size, session) = PsiSession::start(params, key, items);
+        }
+    }
+
+    fn with_session(cfg: PsiConfig, (own_size, session): (u64, AwaitingPeerSize)) -> PsiProtocol {
+        let permit = &cfg.permit;
         let (noise_term, noise_commitment) = match &cfg.noise {
             Some(n) => (
                 Some(n.term.clone()),
@@ -469,12 +507,14 @@ impl PsiProtocol {
         }
     }
 
-    /// How long the peer may stay silent now: a minute before its hello, then in proportion to
-    /// both set sizes.
+    /// How long the peer may stay silent now: before its hello, what reading and blinding the
+    /// largest set the agreement accepts may take (a peer under a `memory_limit` blinds its set
+    /// while it reads it, before it can say its size); then in proportion to both set sizes.
     pub fn silence_allowed(&self) -> Duration {
-        self.peer
-            .as_ref()
-            .map_or(STALL_BASE, |p| stall_deadline(self.own_size, p.size))
+        self.peer.as_ref().map_or_else(
+            || stall_deadline(0, self.cfg.permit.max_peer_set),
+            |p| stall_deadline(self.own_size, p.size),
+        )
     }
 
     fn violation(&self, v: impl Into<Violation>) -> JobError {
@@ -748,7 +788,11 @@ impl PsiProtocol {
     }
 
     fn on_done(&mut self, done: Done) -> Result<(), JobError> {
-        let psi = |p: &Self, e: PsiError| p.violation(Violation::Psi(e));
+        // The session's errors are the peer's, except a failure of our own spill files.
+        let psi = |p: &Self, e: PsiError| match e {
+            PsiError::Spill(_) | PsiError::SpilledMembership => p.internal(&e.to_string()),
+            e => p.violation(Violation::Psi(e)),
+        };
         let Stage::Exchange(x) = &mut self.stage else {
             return Err(self.internal("work came back that was not out"));
         };
@@ -756,7 +800,8 @@ impl PsiProtocol {
             return Err(self.internal("work came back that was not out"));
         }
         let session = match done {
-            Done::BlindNext(session, batches) => {
+            Done::BlindNext(r) => {
+                let (session, batches) = r.map_err(|e| psi(self, e))?;
                 for env in self.out.points(Phase::PsiBlinded, batches) {
                     self.actions.push_back(Action::Send(Box::new(env)));
                 }

@@ -652,9 +652,14 @@ fn an_abort_ends_the_job_with_the_peers_reason() {
 }
 
 #[test]
-fn a_silent_peer_is_not_finished_and_gets_the_base_silence() {
+fn a_silent_peer_is_not_finished_and_gets_time_to_read_the_largest_set_before_its_hello() {
     let mut pair = Pair::honest(JobKind::Overlap);
-    assert_eq!(pair.acme.proto.silence_allowed(), STALL_BASE);
+    let max = pair.acme.proto.cfg.permit.max_peer_set;
+    assert_eq!(
+        pair.acme.proto.silence_allowed(),
+        crate::job::wire::stall_deadline(0, max)
+    );
+    assert!(pair.acme.proto.silence_allowed() > crate::job::wire::STALL_BASE);
     // Globex never speaks: acme sends its hello and waits.
     pair.run(|_| Vec::new());
     assert!(pair.acme.error.is_none());
@@ -843,4 +848,42 @@ fn the_adversary_cases_fail_at_the_protocol_with_the_e2e_words() {
     });
     let reason = crate::error::NodeError::from(e).to_string();
     assert!(reason.contains("shared items, we counted 0"), "{reason}");
+}
+
+/// A spilled side (its set blinded as it was read, kept in a store) runs the same wire as an
+/// in-memory side, in batches, and both count the same; a spilled side that would release
+/// membership is refused at start.
+#[test]
+fn a_spilled_side_and_an_in_memory_side_count_the_same() {
+    use cleanroom_circuits::spill::{MemoryStore, OwnSetBuilder};
+    let kind = JobKind::Overlap;
+    let (a, g) = (config_up_to(0, kind, 20_000), config_up_to(1, kind, 20_000));
+    let key = JobKey::generate();
+    let mut own = OwnSetBuilder::new(Box::new(MemoryStore::default()));
+    own.add(&key, &dataset::key_name(&a.permit.keys), &items(0, 9000))
+        .unwrap();
+    let acme = PsiProtocol::start_spilled_batched(a, key, own.finish().unwrap(), 256).unwrap();
+    let mut pair = Pair {
+        acme: Side::new(acme),
+        globex: Side::new(PsiProtocol::start_batched(
+            g,
+            JobKey::generate(),
+            items(3000, 12000),
+            256,
+        )),
+    };
+    pair.run_honest();
+    assert!(pair.acme.error.is_none(), "{:?}", pair.acme.error);
+    assert!(pair.globex.error.is_none(), "{:?}", pair.globex.error);
+    let a = pair.acme.proto.into_exchange().expect("finished");
+    let g = pair.globex.proto.into_exchange().expect("finished");
+    assert_eq!((a.output.intersection, g.output.intersection), (6000, 6000));
+    assert!(a.output.spilled_bytes >= 3 * 9000 * 32);
+    assert_eq!(g.output.spilled_bytes, 0);
+
+    let mut m = config(0, JobKind::Match);
+    m.permit.i_learn_membership = true;
+    let key = JobKey::generate();
+    let own = OwnSetBuilder::new(Box::new(MemoryStore::default()));
+    assert!(PsiProtocol::start_spilled(m, key, own.finish().unwrap()).is_err());
 }

@@ -461,6 +461,34 @@ budget_per_purpose = { epsilon_per_period = 2.0, period = "week" }
         assert!(cfg.dashboard.unwrap().allow_non_loopback);
     }
 
+    /// `memory_limit` reads sizes with units, reaches every dataset's engine, and is refused
+    /// below what a node needs; the spill directory defaults under the state directory.
+    #[test]
+    fn the_memory_limit_is_read_with_units_and_has_a_floor() {
+        let example = include_str!("../../testdata/node.example.toml");
+        let top = |line: &str| example.replacen("\nstate_dir", &format!("\n{line}\nstate_dir"), 1);
+        let cfg = NodeConfig::parse(&top("memory_limit = \"1GiB\""), Path::new("n.toml")).unwrap();
+        assert_eq!(cfg.memory_limit_bytes(), Some(1 << 30));
+        assert_eq!(cfg.spill_dir(), cfg.state_dir.join("spill"));
+        for d in &cfg.datasets {
+            assert_eq!(d.engine.memory_limit, Some(1 << 30));
+            assert_eq!(d.engine.spill_dir, cfg.state_dir.join("spill"));
+        }
+        let cfg = NodeConfig::parse(example, Path::new("n.toml")).unwrap();
+        assert_eq!(cfg.memory_limit_bytes(), None);
+        let err = NodeConfig::parse(&top("memory_limit = \"64MiB\""), Path::new("n.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("memory_limit") && err.contains("below"),
+            "{err}"
+        );
+        let err = NodeConfig::parse(&top("memory_limit = \"lots\""), Path::new("n.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("memory_limit"), "{err}");
+    }
+
     #[test]
     fn check_file_checks_headers() {
         let (_dir, file) = setup("email,amount_cents\na@b.c,1\n");

@@ -58,6 +58,9 @@ impl NodeConfig {
     }
 }
 
+/// The smallest `memory_limit` accepted: the process, its runtime and one job's buffers.
+pub const MIN_MEMORY_LIMIT: u64 = 128 << 20;
+
 impl NodeConfig<AllowEntry> {
     /// Checks the file as written and types its allow entries: every rule of the file, and for
     /// each `[[agreement.allow]]` the rules of its computation ([`Allow::check`]).
@@ -81,6 +84,22 @@ impl NodeConfig<AllowEntry> {
                  SSH tunnel, or set allow_non_loopback = true behind a proxy that authenticates",
                 d.listen
             ));
+        }
+        if let Some(limit) = file.memory_limit
+            && limit.as_u64() < MIN_MEMORY_LIMIT
+        {
+            return Err(format!(
+                "memory_limit = \"{limit}\" is below {}: the node itself needs about that much \
+                 (raise it, or omit it for no bound)",
+                bytesize::ByteSize(MIN_MEMORY_LIMIT)
+            ));
+        }
+        if file
+            .spill_dir
+            .as_ref()
+            .is_some_and(|p| p.as_os_str().is_empty())
+        {
+            return Err("spill_dir is an empty path (omit it for <state_dir>/spill)".into());
         }
         if file.retention_days == Some(0) {
             return Err("retention_days must be at least 1 (omit it to keep results)".into());
@@ -256,6 +275,8 @@ impl NodeConfig<AllowEntry> {
             retention_days: file.retention_days,
             dp_delta: file.dp_delta,
             dashboard: file.dashboard,
+            memory_limit: file.memory_limit,
+            spill_dir: file.spill_dir,
         })
     }
 }

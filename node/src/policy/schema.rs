@@ -69,6 +69,14 @@ pub struct NodeConfig<A = Allow> {
     /// The privacy dashboard, `/metrics` and `/healthz` (`[dashboard]`); `None` = not served.
     #[serde(default)]
     pub dashboard: Option<DashboardConfig>,
+    /// The most memory a job's data work should take (`memory_limit = "1GiB"`); `None` = no
+    /// bound. Overlap jobs then keep their point sets in spill files, and the data engine's
+    /// memory pool is capped at half of it. Read it with [`Self::memory_limit_bytes`].
+    #[serde(default)]
+    pub memory_limit: Option<bytesize::ByteSize>,
+    /// Where spill files go; default `<state_dir>/spill`. Read it with [`Self::spill_dir`].
+    #[serde(default)]
+    pub spill_dir: Option<PathBuf>,
 }
 
 /// `[dashboard]`: where the node serves its privacy dashboard, `/metrics` and `/healthz`
@@ -185,6 +193,18 @@ impl NodeConfig {
         crate::audit::audit_path(&self.state_dir)
     }
 
+    /// `memory_limit` in bytes.
+    pub fn memory_limit_bytes(&self) -> Option<u64> {
+        self.memory_limit.map(|b| b.as_u64())
+    }
+
+    /// Where spill files go: `spill_dir` if set, else `<state_dir>/spill`.
+    pub fn spill_dir(&self) -> PathBuf {
+        self.spill_dir
+            .clone()
+            .unwrap_or_else(|| self.state_dir.join("spill"))
+    }
+
     /// The privacy-budget ledger's file: `ledger` if set, else `<state_dir>/ledger.sqlite`.
     pub fn ledger_path(&self) -> PathBuf {
         self.ledger
@@ -216,17 +236,28 @@ impl NodeConfig {
         if let Some(ledger) = &mut self.ledger {
             resolve(ledger);
         }
+        if let Some(spill) = &mut self.spill_dir {
+            resolve(spill);
+        }
         resolve(&mut self.tls.ca);
         resolve(&mut self.tls.cert);
         resolve(&mut self.tls.key);
         if let Some(crl) = &mut self.tls.crl {
             resolve(crl);
         }
+        let engine = crate::data::schema::EngineLimits {
+            memory_limit: self.memory_limit.map(|b| b.as_u64()),
+            spill_dir: self
+                .spill_dir
+                .clone()
+                .unwrap_or_else(|| self.state_dir.join("spill")),
+        };
         for d in &mut self.datasets {
             resolve_data(&mut d.path);
             for t in &mut d.tables {
                 resolve_data(&mut t.path);
             }
+            d.engine = engine.clone();
         }
     }
 }

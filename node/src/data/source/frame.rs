@@ -21,13 +21,15 @@ use datafusion::arrow::array::{Array, StringArray};
 use datafusion::arrow::datatypes::DataType;
 use datafusion::common::tree_node::TreeNodeRecursion;
 use datafusion::common::{Column, TableReference};
+use datafusion::execution::memory_pool::FairSpillPool;
 use datafusion::execution::options::{CsvReadOptions, JsonReadOptions, ParquetReadOptions};
+use datafusion::execution::runtime_env::{RuntimeEnv, RuntimeEnvBuilder};
 use datafusion::logical_expr::LogicalPlan;
 use datafusion::prelude::{DataFrame, Expr, SQLOptions, SessionConfig, SessionContext, cast};
 use futures::StreamExt;
 
 use super::SourceError;
-use crate::data::schema::{DataFormat, DatasetConfig};
+use crate::data::schema::{DataFormat, DatasetConfig, EngineLimits};
 
 /// Record batches the reader thread may have ready ahead of the pass.
 const BATCHES_AHEAD: usize = 2;
@@ -90,6 +92,7 @@ struct Plan {
     /// `(table name, path or URL, format)`; the dataset itself is the table `dataset`.
     tables: Vec<(String, String, DataFormat)>,
     sql: Option<String>,
+    engine: EngineLimits,
 }
 
 impl Frame {
@@ -233,7 +236,31 @@ impl Plan {
             location: d.location(),
             tables,
             sql: d.sql.clone(),
+            engine: d.engine.clone(),
         }
+    }
+
+    /// The engine's runtime: under a `memory_limit`, a memory pool of half of it (the rest is
+    /// the job's: its points, buffers and the process) and spill files in the node's spill
+    /// directory. A view whose sort or join needs more fails with the engine's "resources
+    /// exhausted" error rather than taking the node's memory.
+    fn runtime(&self) -> Result<Arc<RuntimeEnv>, SourceError> {
+        let mut builder = RuntimeEnvBuilder::new();
+        if let Some(limit) = self.engine.memory_limit {
+            std::fs::create_dir_all(&self.engine.spill_dir).map_err(|e| {
+                self.plan_error(format!(
+                    "cannot create the spill directory {}: {e}",
+                    self.engine.spill_dir.display()
+                ))
+            })?;
+            let pool = usize::try_from(limit / 2).unwrap_or(usize::MAX);
+            builder = builder
+                .with_memory_pool(Arc::new(FairSpillPool::new(pool)))
+                .with_temp_file_path(self.engine.spill_dir.clone());
+        }
+        builder
+            .build_arc()
+            .map_err(|e| self.plan_error(format!("the data engine could not start: {e}")))
     }
 
     /// An error of reading data (registering a table infers its schema from rows; streaming
@@ -258,7 +285,7 @@ impl Plan {
         let config = SessionConfig::new()
             .with_target_partitions(1)
             .with_batch_size(BATCH_ROWS);
-        let ctx = SessionContext::new_with_config(config);
+        let ctx = SessionContext::new_with_config_rt(config, self.runtime()?);
         for (name, location, format) in &self.tables {
             register(&ctx, name, location, *format)
                 .await

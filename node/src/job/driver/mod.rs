@@ -21,7 +21,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use cleanroom_circuits::JobKey;
+use cleanroom_circuits::spill::{OwnSetBuilder, SpilledOwn};
+use cleanroom_circuits::{ItemSet, JobKey};
 use cleanroom_proto::v1::{
     Abort, Envelope, JobKind, JobSpec, NoiseTerm, Phase, PsiOutcome, ReleaseTerms, envelope::Body,
 };
@@ -39,6 +40,7 @@ use crate::job::frame_budget::FrameBudget;
 use crate::job::noise::{self as noised_release, OwnNoise};
 use crate::job::protocol::{NoiseRequest, Protocol, Step};
 use crate::job::psi::{NoiseCommit, PsiConfig, PsiExchange, PsiProtocol};
+use crate::job::spill::FileStore;
 use crate::job::wire::Outbox;
 use crate::policy::Permit;
 use crate::spec::spec_digest;
@@ -48,9 +50,10 @@ pub mod aggregate;
 pub mod overlap_sum;
 
 /// How long the responder waits for the initiator to connect. The initiator loads its dataset
-/// before it dials (up to [`MAX_ROWS`] rows), so this covers that load, not just a handshake; a
-/// dead initiator fails the job at the coordinator long before.
-pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(600);
+/// before it dials (up to [`MAX_ROWS`] rows; under a `memory_limit` it also blinds them then:
+/// about 8 minutes for 2^24 on a shared 2-core machine), so this covers that load, not just a
+/// handshake; a dead initiator fails the job at the coordinator long before.
+pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(1800);
 /// Upper bound on one job's data-plane exchange.
 pub(crate) const JOB_TIMEOUT: Duration = Duration::from_secs(3600);
 /// Most rows a dataset may have for one job.
@@ -146,7 +149,7 @@ pub async fn run_initiator(
 ) -> Result<PsiOutcome, NodeError> {
     // Load before dialing: the responder's data plane expects our hello soon after we connect,
     // and loading a large dataset takes longer than that.
-    let loaded = load_input(&job).await?;
+    let loaded = load_input(&job, Spill::WhenLimited).await?;
     let (conn, send) = dial(&job, endpoint, peer_addr).await?;
     let result = tokio::time::timeout(JOB_TIMEOUT, exchange(&job, &conn, send, None, loaded)).await;
     finish_connection(&conn, result)
@@ -160,7 +163,7 @@ pub async fn run_responder(
     incoming: oneshot::Receiver<Delivery>,
 ) -> Result<PsiOutcome, NodeError> {
     let ((conn, send, recv, hello), loaded) =
-        tokio::try_join!(accept(&job, incoming), load_input(&job))?;
+        tokio::try_join!(accept(&job, incoming), load_input(&job, Spill::WhenLimited))?;
     let result = tokio::time::timeout(
         JOB_TIMEOUT,
         exchange(&job, &conn, send, Some((recv, hello)), loaded),
@@ -241,39 +244,96 @@ pub(crate) enum Incoming {
     Lost(String),
 }
 
+/// Whether a job's keys may be spilled ([`load_input`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Spill {
+    /// When the node has a `memory_limit` and the job releases no membership.
+    WhenLimited,
+    /// Never: the protocol has no spilled form.
+    Never,
+}
+
+/// Our input to a PSI exchange.
+pub(crate) enum PsiInput {
+    /// The distinct identifiers, in memory.
+    Items(ItemSet),
+    /// Our points, blinded with the job's key as the dataset was read, in the job's spill files
+    /// (the node has a `memory_limit` and the job releases no membership).
+    Spilled(JobKey, SpilledOwn),
+}
+
+impl PsiInput {
+    fn distinct(&self) -> usize {
+        match self {
+            PsiInput::Items(items) => items.len(),
+            // Fits: a spilled set comes from at most MAX_ROWS rows.
+            PsiInput::Spilled(_, own) => own.size() as usize,
+        }
+    }
+}
+
 /// Loads our side of the job: it is ours, the agreement allows this job, and sizes must be
 /// declared. Rows without consent for the purpose and forgotten subjects never get in. The
 /// access is audited and our input size checked against the agreement before anything is sent.
-pub(crate) async fn load_input(job: &JobContext) -> Result<dataset::LoadedKeys, NodeError> {
+///
+/// Under a `memory_limit`, a count-only job's keys are blinded as they are read and spilled
+/// ([`PsiInput::Spilled`]): the node then never holds its identifiers as a set.
+pub(crate) async fn load_input(
+    job: &JobContext,
+    spill: Spill,
+) -> Result<(dataset::LoadedKeys, PsiInput), NodeError> {
     job.recheck()?;
     let dataset = job.permit.dataset.clone();
     let keys = job.permit.keys.clone();
     let consent = job.permit.consent_column.clone();
     let forgotten = job.forgotten()?;
-    let loaded = blocking(move || {
+    let cfg = job.state.cfg();
+    let counts_only = !job.permit.i_learn_membership && !job.permit.partner_learns_membership;
+    let spill_dir = (spill == Spill::WhenLimited && cfg.memory_limit.is_some() && counts_only)
+        .then(|| cfg.spill_dir());
+    let job_id = job.job_id.clone();
+    let (loaded, input) = blocking(move || {
         let filter = RowFilter {
             consent_column: consent.as_deref(),
             forgotten: forgotten.as_ref(),
         };
-        dataset::load_keys_for(&dataset, &keys, filter, MAX_ROWS)
+        let Some(spill_dir) = spill_dir else {
+            let mut loaded = dataset::load_keys_for(&dataset, &keys, filter, MAX_ROWS)?;
+            let items = std::mem::take(&mut loaded.items);
+            return Ok((loaded, PsiInput::Items(items)));
+        };
+        let spill_failed = |e: &dyn std::fmt::Display| dataset::DatasetError::Spill(e.to_string());
+        let store = FileStore::create(&spill_dir, &job_id).map_err(|e| {
+            spill_failed(&format!(
+                "cannot create them in {}: {e}",
+                spill_dir.display()
+            ))
+        })?;
+        let key = JobKey::generate();
+        let key_name = dataset::key_name(&keys);
+        let mut own = OwnSetBuilder::new(Box::new(store));
+        let mut loaded = dataset::load_keys_chunked(&dataset, &keys, filter, MAX_ROWS, |chunk| {
+            own.add(&key, &key_name, chunk)
+                .map_err(|e| spill_failed(&e))
+        })?;
+        let own = own.finish().map_err(|e| spill_failed(&e))?;
+        loaded.duplicate_rows = own.duplicates();
+        Ok((loaded, PsiInput::Spilled(key, own)))
     })
     .await?
-    .map_err(|e| NodeError::from(JobError::Dataset(e.to_string())))?;
+    .map_err(|e: dataset::DatasetError| NodeError::from(JobError::Dataset(e.to_string())))?;
+    let distinct = input.distinct();
     tracing::info!(
         rows = loaded.rows_read,
         rejected = loaded.rows_rejected,
         excluded_consent = loaded.rows_excluded_consent,
         excluded_deleted = loaded.rows_excluded_deleted,
-        distinct = loaded.items.len(),
+        distinct,
+        spilled = matches!(input, PsiInput::Spilled(..)),
         "dataset loaded"
     );
-    job.admit(
-        key_columns(&job.permit),
-        &loaded.counts(),
-        0,
-        loaded.items.len(),
-    )?;
-    Ok(loaded)
+    job.admit(key_columns(&job.permit), &loaded.counts(), 0, distinct)?;
+    Ok((loaded, input))
 }
 
 /// The symmetric part of the job, identical for both roles, over our loaded input: the
@@ -283,7 +343,7 @@ async fn exchange(
     conn: &quinn::Connection,
     send: FramedSend,
     first: Option<(FramedRecv, Envelope)>,
-    loaded: dataset::LoadedKeys,
+    (_, input): (dataset::LoadedKeys, PsiInput),
 ) -> Result<PsiOutcome, NodeError> {
     // Charge the budget and draw our noise before anything is sent, so that the hello can
     // commit to it.
@@ -305,7 +365,11 @@ async fn exchange(
         digest: spec_digest(&job.job_id, &job.spec),
         noise,
     };
-    let mut proto = PsiProtocol::start(cfg, JobKey::generate(), loaded.items);
+    let mut proto = match input {
+        PsiInput::Items(items) => PsiProtocol::start(cfg, JobKey::generate(), items),
+        PsiInput::Spilled(key, own) => PsiProtocol::start_spilled(cfg, key, own)
+            .map_err(|e| JobError::Internal(e.to_string()))?,
+    };
     let own_size = proto.own_size();
     let bytes = run_exchange(job, conn, send, first, &mut proto, own_size).await?;
     let PsiExchange {
@@ -315,6 +379,9 @@ async fn exchange(
     } = proto
         .into_exchange()
         .ok_or_else(|| JobError::Internal("the protocol stopped early".into()))?;
+    if output.spilled_bytes > 0 {
+        tracing::info!(spilled_bytes = output.spilled_bytes, "spill files written");
+    }
     release(job, output, own_noise, peer_noise, joint, own_size, bytes).await
 }
 

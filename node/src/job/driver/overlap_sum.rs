@@ -18,8 +18,8 @@ use cleanroom_transport::{FramedRecv, FramedSend};
 use tokio::sync::oneshot;
 
 use super::{
-    JOB_TIMEOUT, JobContext, MAX_ROWS, accept, blocking, dial, finish_connection, key_columns,
-    load_input, run_exchange,
+    JOB_TIMEOUT, JobContext, MAX_ROWS, PsiInput, Spill, accept, blocking, dial, finish_connection,
+    key_columns, load_input, run_exchange,
 };
 use crate::audit::AuditEvent;
 use crate::data::dataset::{self, RowFilter};
@@ -36,7 +36,8 @@ pub async fn run_key_holder(
     endpoint: &quinn::Endpoint,
     peer_addr: SocketAddr,
 ) -> Result<PsiOutcome, NodeError> {
-    let loaded = load_input(&job).await?;
+    // The key holder's keys stay in memory: its exchange has no spilled form.
+    let loaded = load_input(&job, Spill::Never).await?;
     let (conn, send) = dial(&job, endpoint, peer_addr).await?;
     let result = tokio::time::timeout(JOB_TIMEOUT, key_holder(&job, &conn, send, loaded)).await;
     finish_connection(&conn, result)
@@ -128,10 +129,13 @@ async fn key_holder(
     job: &JobContext,
     conn: &quinn::Connection,
     send: FramedSend,
-    loaded: dataset::LoadedKeys,
+    (_, input): (dataset::LoadedKeys, PsiInput),
 ) -> Result<PsiOutcome, NodeError> {
     let partner = job.permit.partner.clone();
-    let mut proto = KeyHolder::start(config(job)?, JobKey::generate(), loaded.items)?;
+    let PsiInput::Items(items) = input else {
+        return Err(JobError::Internal("the key holder's keys were spilled".into()).into());
+    };
+    let mut proto = KeyHolder::start(config(job)?, JobKey::generate(), items)?;
     let own_size = proto.own_size();
     let bytes = run_exchange(job, conn, send, None, &mut proto, own_size).await?;
     let KhExchange {

@@ -1,0 +1,145 @@
+//! A job's spill files: the buckets of a spilled PSI session ([`cleanroom_circuits::spill`]) in
+//! a directory of their own under the node's spill directory, removed when the job ends (the
+//! store is dropped with the session, on success, failure or cancellation).
+//!
+//! What is in them: blinded points only (`k·H(x)`, `k·k_peer·H(y)`, `k_peer·k·H(x)`), never an
+//! identifier. Without the job's key, which never leaves memory, they are uniform strings.
+
+use std::collections::HashMap;
+use std::fs::{File, OpenOptions};
+use std::io::{BufWriter, ErrorKind, Write};
+use std::path::{Path, PathBuf};
+
+use cleanroom_circuits::spill::{PointSet, PointStore};
+
+/// Each open bucket's write buffer. At most one set's 256 buckets are written at a time.
+const WRITE_BUFFER: usize = 8 << 10;
+
+/// `<dir>/<set>-<bucket>`.
+fn bucket_path(dir: &Path, set: PointSet, bucket: usize) -> PathBuf {
+    let set = match set {
+        PointSet::Own => "own",
+        PointSet::Peer => "peer",
+        PointSet::Returned => "returned",
+    };
+    dir.join(format!("{set}-{bucket:03}"))
+}
+
+/// The buckets as files in the job's own directory.
+#[derive(Debug)]
+pub struct FileStore {
+    dir: tempfile::TempDir,
+    writers: HashMap<(PointSet, usize), BufWriter<File>>,
+    written: u64,
+}
+
+impl FileStore {
+    /// A fresh directory under `spill_dir` (created if missing), named after the job.
+    pub fn create(spill_dir: &Path, job_id: &str) -> std::io::Result<FileStore> {
+        std::fs::create_dir_all(spill_dir)?;
+        // Job ids come from the coordinator: keep the characters that are safe in a name.
+        let name: String = job_id
+            .chars()
+            .filter(|c| c.is_ascii_alphanumeric() || *c == '-')
+            .take(64)
+            .collect();
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("psi-{name}-"))
+            .tempdir_in(spill_dir)?;
+        Ok(FileStore {
+            dir,
+            writers: HashMap::new(),
+            written: 0,
+        })
+    }
+
+    /// The job's directory.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    fn path(&self, set: PointSet, bucket: usize) -> PathBuf {
+        bucket_path(self.dir.path(), set, bucket)
+    }
+
+    /// Flushes and closes the bucket's writer, if it is open.
+    fn close(&mut self, set: PointSet, bucket: usize) -> std::io::Result<()> {
+        match self.writers.remove(&(set, bucket)) {
+            Some(mut w) => w.flush(),
+            None => Ok(()),
+        }
+    }
+}
+
+impl PointStore for FileStore {
+    fn append(&mut self, set: PointSet, bucket: usize, points: &[u8]) -> std::io::Result<()> {
+        let writer = match self.writers.entry((set, bucket)) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(e) => {
+                let path = bucket_path(self.dir.path(), set, bucket);
+                let file = OpenOptions::new().create(true).append(true).open(path)?;
+                e.insert(BufWriter::with_capacity(WRITE_BUFFER, file))
+            }
+        };
+        writer.write_all(points)?;
+        self.written += points.len() as u64;
+        Ok(())
+    }
+
+    fn read(&mut self, set: PointSet, bucket: usize) -> std::io::Result<Vec<u8>> {
+        self.close(set, bucket)?;
+        match std::fs::read(self.path(set, bucket)) {
+            Ok(bytes) => Ok(bytes),
+            Err(e) if e.kind() == ErrorKind::NotFound => Ok(Vec::new()),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn put(&mut self, set: PointSet, bucket: usize, points: &[u8]) -> std::io::Result<()> {
+        self.close(set, bucket)?;
+        std::fs::write(self.path(set, bucket), points)?;
+        self.written += points.len() as u64;
+        Ok(())
+    }
+
+    fn bytes_written(&self) -> u64 {
+        self.written
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buckets_round_trip_and_the_directory_goes_with_the_store() {
+        let root = tempfile::tempdir().unwrap();
+        let mut store = FileStore::create(&root.path().join("spill"), "job/../1").unwrap();
+        let dir = store.dir().to_path_buf();
+        assert!(dir.starts_with(root.path().join("spill")));
+        assert!(
+            dir.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("psi-job1-")
+        );
+        assert_eq!(store.read(PointSet::Peer, 3).unwrap(), Vec::<u8>::new());
+        store.append(PointSet::Peer, 3, &[1; 32]).unwrap();
+        store.append(PointSet::Peer, 3, &[2; 32]).unwrap();
+        store.append(PointSet::Returned, 3, &[9; 32]).unwrap();
+        assert_eq!(
+            store.read(PointSet::Peer, 3).unwrap(),
+            [[1u8; 32], [2; 32]].concat()
+        );
+        store.put(PointSet::Peer, 3, &[7; 32]).unwrap();
+        store.append(PointSet::Peer, 3, &[8; 32]).unwrap();
+        assert_eq!(
+            store.read(PointSet::Peer, 3).unwrap(),
+            [[7u8; 32], [8; 32]].concat()
+        );
+        assert_eq!(store.read(PointSet::Returned, 3).unwrap(), vec![9; 32]);
+        assert_eq!(store.bytes_written(), 5 * 32);
+        drop(store);
+        assert!(!dir.exists());
+    }
+}
