@@ -84,7 +84,7 @@ impl Protocol for crate::job::psi::PsiProtocol {
             Action::Send(env) => Step::Send(env),
             Action::Recheck => Step::Recheck,
             Action::Audit(event) => Step::Audit(event),
-            Action::Compute(work) => Step::Compute(work),
+            Action::Compute(work) => Step::Compute(*work),
             Action::Finish => Step::Finish,
         })
     }

@@ -99,7 +99,7 @@ pub enum Action {
     /// Append this to the audit log before going on; stop if it cannot be written.
     Audit(AuditEvent),
     /// Run this on the CPU pool and hand the result to [`PsiProtocol::handle_done`].
-    Compute(Work),
+    Compute(Box<Work>),
     /// Close our stream: everything has been written.
     Finish,
 }
@@ -718,7 +718,7 @@ impl PsiProtocol {
             x.session = Some(session);
             return;
         };
-        self.actions.push_back(Action::Compute(work));
+        self.actions.push_back(Action::Compute(Box::new(work)));
     }
 
     fn finished(&self, output: PsiOutput, peer_noise: Option<(NoiseTerm, i64)>) -> Stage {
