@@ -62,6 +62,8 @@ pub enum PointSet {
     Peer,
     /// Our points as the peer returns them, `k_peer·k·H(x)`.
     Returned,
+    /// The peer's points as they came, `k_peer·H(y)`, in one bucket (0), until re-blinded.
+    PeerRaw,
 }
 
 /// Where a spilled session's buckets live. Each bucket is appended to and read back whole.
@@ -70,6 +72,14 @@ pub trait PointStore: Send + std::fmt::Debug {
     fn append(&mut self, set: PointSet, bucket: usize, points: &[u8]) -> std::io::Result<()>;
     /// Everything appended to or put in the bucket, in order (empty if nothing was).
     fn read(&mut self, set: PointSet, bucket: usize) -> std::io::Result<Vec<u8>>;
+    /// Up to `len` bytes of the bucket from byte `offset` (fewer at its end, none past it).
+    fn read_at(
+        &mut self,
+        set: PointSet,
+        bucket: usize,
+        offset: u64,
+        len: usize,
+    ) -> std::io::Result<Vec<u8>>;
     /// Replaces the bucket's contents.
     fn put(&mut self, set: PointSet, bucket: usize, points: &[u8]) -> std::io::Result<()>;
     /// Bytes written so far, appended or put.
@@ -99,6 +109,19 @@ impl PointStore for MemoryStore {
             .get(&(set, bucket))
             .cloned()
             .unwrap_or_default())
+    }
+
+    fn read_at(
+        &mut self,
+        set: PointSet,
+        bucket: usize,
+        offset: u64,
+        len: usize,
+    ) -> std::io::Result<Vec<u8>> {
+        let bytes = self.buckets.get(&(set, bucket)).map_or(&[][..], Vec::as_slice);
+        let start = usize::try_from(offset).unwrap_or(usize::MAX).min(bytes.len());
+        let end = start.saturating_add(len).min(bytes.len());
+        Ok(bytes[start..end].to_vec())
     }
 
     fn put(&mut self, set: PointSet, bucket: usize, points: &[u8]) -> std::io::Result<()> {

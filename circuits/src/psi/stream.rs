@@ -61,7 +61,7 @@ use rayon::prelude::*;
 
 use super::spill::{
     BUCKETS, BucketReader, PointSet, PointStore, append_by_bucket, bucket_cap, count_matches,
-    sort_buckets_distinct,
+    sort_buckets_distinct, spill_error,
 };
 use super::{
     Common, ReadyToBlind, Stream, blind_into, check_total, reblind_checked, reblind_peer_batch,
@@ -119,7 +119,7 @@ impl ReadyToBlind {
             peer_size,
             own,
             peer_double: Vec::with_capacity(reserve),
-            peer_spilled: spilled.then(SpillTally::default),
+            peer_raw: spilled.then_some(0),
         }
     }
 }
@@ -180,6 +180,25 @@ impl OwnStream {
     }
 }
 
+/// What a spilled session does after the peer's last point: re-blind the peer's stored points
+/// in pieces into their buckets, sort each bucket, return them bucket by bucket; meanwhile our
+/// returned points go to their own buckets as they arrive, and are counted at the end.
+#[derive(Debug, Default)]
+struct SpilledMatching {
+    /// The peer's points re-blinded so far.
+    reblinded: u64,
+    /// Per bucket, the peer's re-blinded points.
+    peer: SpillTally,
+    /// Every bucket of the peer's points is sorted and free of duplicates.
+    sorted: bool,
+    /// Reads the sorted buckets back to return them (set once sorted).
+    return_reader: Option<BucketReader>,
+    /// Our returned points, per bucket.
+    returned: SpillTally,
+    /// A store failure while returning, reported by the next step that can fail.
+    deferred: Option<PsiError>,
+}
+
 /// How many points a spilled set has in each bucket, and in all.
 #[derive(Debug)]
 struct SpillTally {
@@ -203,8 +222,9 @@ pub struct Streaming {
     own: OwnStream,
     /// `k·k_peer·H(y)` for the peer's items, in received order (in memory).
     peer_double: Vec<EncodedPoint>,
-    /// A spilled session: the peer's points went to the store instead.
-    peer_spilled: Option<SpillTally>,
+    /// A spilled session: how many of the peer's points went to the store as they came
+    /// (re-blinded only after its last one, in pieces: [`Matching::reblind_next`]).
+    peer_raw: Option<u64>,
 }
 
 impl std::fmt::Debug for Streaming {
@@ -220,9 +240,7 @@ impl std::fmt::Debug for Streaming {
 
 impl Streaming {
     fn peer_received(&self) -> u64 {
-        self.peer_spilled
-            .as_ref()
-            .map_or(self.peer_double.len() as u64, |t| t.total)
+        self.peer_raw.unwrap_or(self.peer_double.len() as u64)
     }
 
     /// Blinds the next batch of our points (at most `batch_size`, in rayon chunks) and returns it
@@ -246,22 +264,29 @@ impl Streaming {
     /// re-blinded. Returns the re-blinded batch to send at once when `return_in_order`, `None`
     /// when returning shuffled (then everything comes out of
     /// [`on_peer_end`](Self::on_peer_end)). Point errors name the index in the peer's stream.
+    ///
+    /// A spilled session only stores the batch as it came (its points are checked when they
+    /// are re-blinded): the peer's points then never wait in memory for our CPU.
     pub fn on_peer_batch(mut self, batch: &[u8]) -> Result<(Streaming, Option<Vec<u8>>), PsiError> {
-        let Some(tally) = &mut self.peer_spilled else {
+        let Some(received) = self.peer_raw else {
             let out =
                 reblind_peer_batch(&self.common, self.peer_size, &mut self.peer_double, batch)?;
             return Ok((self, out));
         };
-        let points = reblind_checked(&self.common.key, self.peer_size, tally.total, batch)?;
-        tally.total += points.len() as u64;
-        let cap = (bucket_cap(self.peer_size), "points");
-        append_by_bucket(
-            store(&mut self.common)?,
-            PointSet::Peer,
-            &points,
-            &mut tally.counts,
-            Some(cap),
-        )?;
+        if !batch.len().is_multiple_of(POINT_LEN) {
+            return Err(PsiError::BatchNotMultipleOfPointLen { len: batch.len() });
+        }
+        let now = received + (batch.len() / POINT_LEN) as u64;
+        if now > self.peer_size {
+            return Err(PsiError::TooManyPoints {
+                declared: self.peer_size,
+                received: now,
+            });
+        }
+        store(&mut self.common)?
+            .append(PointSet::PeerRaw, 0, batch)
+            .map_err(spill_error)?;
+        self.peer_raw = Some(now);
         Ok((self, None))
     }
 
@@ -271,21 +296,17 @@ impl Streaming {
     pub fn on_peer_end(self, total: u64) -> Result<Matching, PsiError> {
         let received = self.peer_received();
         let Self {
-            mut common,
+            common,
             peer_size,
             own,
             mut peer_double,
-            peer_spilled,
+            peer_raw,
         } = self;
         check_total(Stream::Peer, peer_size, total, received)?;
-        let distinct = match peer_spilled {
-            Some(_) => sort_buckets_distinct(store(&mut common)?, PointSet::Peer)?,
-            None => sort_and_check_distinct(&mut peer_double),
-        };
-        if !distinct {
+        let spilled = peer_raw.is_some();
+        if !spilled && !sort_and_check_distinct(&mut peer_double) {
             return Err(PsiError::DuplicatePeerPoint);
         }
-        let spilled = peer_spilled.is_some();
         // A uniform order over the sorted points is a uniform order over the points: the return
         // is as shuffled as shuffling the received order, for 4 bytes a point instead of a
         // shuffled copy of 32.
@@ -304,9 +325,7 @@ impl Streaming {
             own,
             peer_sorted: peer_double,
             return_order,
-            return_reader: spilled.then(|| BucketReader::new(PointSet::Peer)),
-            returned_spilled: spilled.then(SpillTally::default),
-            deferred: None,
+            spilled: spilled.then(|| Box::new(SpilledMatching::default())),
             returned_out: 0,
             received: 0,
             count: 0,
@@ -324,12 +343,8 @@ pub struct Matching {
     peer_sorted: Vec<EncodedPoint>,
     /// When returning shuffled: the order in which `peer_sorted` goes back to the peer.
     return_order: Option<Vec<u32>>,
-    /// A spilled session returns the peer's points from the store, sorted, bucket by bucket.
-    return_reader: Option<BucketReader>,
-    /// A spilled session's returned points, spilled as they arrive and counted at the end.
-    returned_spilled: Option<SpillTally>,
-    /// A store failure while returning, reported by the next step that can fail.
-    deferred: Option<PsiError>,
+    /// A spilled session's state (see [`SpilledMatching`]).
+    spilled: Option<Box<SpilledMatching>>,
     /// Points handed out by [`Matching::next_return`] so far.
     returned_out: usize,
     /// Our points returned so far.
@@ -379,12 +394,74 @@ impl Matching {
         self.own.sent == self.own.total
     }
 
+    /// Whether a spilled session still has the peer's stored points to re-blind and sort
+    /// ([`reblind_next`](Self::reblind_next)); nothing is returned before. Always `false` in
+    /// memory.
+    pub fn reblind_pending(&self) -> bool {
+        self.spilled.as_ref().is_some_and(|sp| !sp.sorted)
+    }
+
+    /// A spilled session: re-blinds up to `points` more of the peer's stored points into their
+    /// buckets; once all are, sorts every bucket and checks that no point came twice. Point
+    /// errors name the index in the peer's stream.
+    pub fn reblind_next(&mut self, points: usize) -> Result<(), PsiError> {
+        let Some(sp) = self.spilled.as_mut() else {
+            return Ok(());
+        };
+        if sp.sorted {
+            return Ok(());
+        }
+        let store = match self.common.store.as_mut() {
+            Some(store) => store.as_mut(),
+            None => return Err(PsiError::Spill("the session has no store".into())),
+        };
+        if sp.reblinded < self.peer_size {
+            let raw = store
+                .read_at(
+                    PointSet::PeerRaw,
+                    0,
+                    sp.reblinded * POINT_LEN as u64,
+                    points.max(1) * POINT_LEN,
+                )
+                .map_err(spill_error)?;
+            if raw.is_empty() {
+                return Err(PsiError::Spill(format!(
+                    "the peer's stored points end after {} of {}",
+                    sp.reblinded, self.peer_size
+                )));
+            }
+            let reblinded = reblind_checked(&self.common.key, self.peer_size, sp.reblinded, &raw)?;
+            sp.reblinded += reblinded.len() as u64;
+            let cap = (bucket_cap(self.peer_size), "points");
+            append_by_bucket(
+                store,
+                PointSet::Peer,
+                &reblinded,
+                &mut sp.peer.counts,
+                Some(cap),
+            )?;
+            if sp.reblinded < self.peer_size {
+                return Ok(());
+            }
+        }
+        if !sort_buckets_distinct(store, PointSet::Peer)? {
+            return Err(PsiError::DuplicatePeerPoint);
+        }
+        // The points as they came are no longer needed.
+        store.put(PointSet::PeerRaw, 0, &[]).map_err(spill_error)?;
+        sp.sorted = true;
+        sp.return_reader = Some(BucketReader::new(PointSet::Peer));
+        Ok(())
+    }
+
     /// When returning shuffled: the next batch of the peer's points, re-blinded, in a uniformly
     /// random order drawn at [`Streaming::on_peer_end`] (at most `batch_size` points); `None`
     /// once all are out, and always when returning in order (those went out batch by batch
     /// from [`Streaming::on_peer_batch`]). The total to announce after them is the peer's size.
     pub fn next_return(&mut self) -> Option<Vec<u8>> {
-        if let Some(reader) = &mut self.return_reader {
+        if let Some(sp) = &mut self.spilled {
+            // Nothing before every bucket is sorted (the driver waits for reblind_pending).
+            let reader = sp.return_reader.as_mut()?;
             let batch = match store(&mut self.common) {
                 Ok(store) => reader.next(store, self.own.batch_size),
                 Err(e) => Err(e),
@@ -395,14 +472,14 @@ impl Matching {
                     Some(batch)
                 }
                 Ok(None) => {
-                    self.return_reader = None;
+                    sp.return_reader = None;
                     None
                 }
                 Err(e) => {
                     // Our return ends short (the peer will see its total fall short); this
                     // node's own next step reports the cause.
-                    self.deferred = Some(e);
-                    self.return_reader = None;
+                    sp.deferred = Some(e);
+                    sp.return_reader = None;
                     None
                 }
             };
@@ -427,20 +504,16 @@ impl Matching {
     /// Compares returned points (already checked against what we sent) with the peer's sorted
     /// set, in parallel, and tallies them.
     fn compare(&mut self, points: &[EncodedPoint]) -> Result<(), PsiError> {
-        if let Some(tally) = &mut self.returned_spilled {
+        if let Some(sp) = &mut self.spilled {
             let cap = (bucket_cap(self.common.own_size), "returned points");
-            let store = match self.common.store.as_mut() {
-                Some(store) => store.as_mut(),
-                None => return Err(PsiError::Spill("the session has no store".into())),
-            };
             append_by_bucket(
-                store,
+                store(&mut self.common)?,
                 PointSet::Returned,
                 points,
-                &mut tally.counts,
+                &mut sp.returned.counts,
                 Some(cap),
             )?;
-            tally.total += points.len() as u64;
+            sp.returned.total += points.len() as u64;
             self.received += points.len() as u64;
             return Ok(());
         }
@@ -467,7 +540,7 @@ impl Matching {
     /// A batch of OUR points, double-blinded and returned by the peer: compared with the peer's
     /// set at once and not kept. Must not take the total past what we have sent.
     pub fn on_returned_batch(mut self, batch: &[u8]) -> Result<Matching, PsiError> {
-        if let Some(e) = self.deferred.take() {
+        if let Some(e) = self.spilled.as_mut().and_then(|sp| sp.deferred.take()) {
             return Err(e);
         }
         let encodings = returned_points(batch, self.own.sent as u64, self.received)?;
@@ -478,12 +551,17 @@ impl Matching {
     /// The peer says it returned `total` points: that must equal our size and what arrived, and
     /// no point may have come back twice. Returns the result.
     pub fn on_returned_end(mut self, total: u64) -> Result<PsiOutput, PsiError> {
-        if let Some(e) = self.deferred.take() {
+        if let Some(e) = self.spilled.as_mut().and_then(|sp| sp.deferred.take()) {
             return Err(e);
         }
         let own = self.common.own_size;
         check_total(Stream::Returned, own, total, self.received)?;
-        if self.returned_spilled.is_some() {
+        if let Some(sp) = &self.spilled {
+            if !sp.sorted {
+                return Err(PsiError::Spill(
+                    "counted before the peer's points were all re-blinded".into(),
+                ));
+            }
             let store = store(&mut self.common)?;
             let intersection = count_matches(store)?;
             return Ok(PsiOutput {

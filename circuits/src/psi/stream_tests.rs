@@ -105,6 +105,9 @@ impl Party {
             }
             (State::Streaming(s), Msg::End(total)) => {
                 let mut m = s.on_peer_end(total)?;
+                while m.reblind_pending() {
+                    m.reblind_next(5)?;
+                }
                 while let Some(r) = m.next_return() {
                     self.send_return(Msg::Returned(r), out);
                 }
@@ -616,7 +619,10 @@ fn a_spilled_session_refuses_membership_and_duplicate_peer_points() {
     let good = one_valid_point();
     let (s, reply) = s.on_peer_batch(&[good; 2].concat()).unwrap();
     assert!(reply.is_none());
-    assert_eq!(s.on_peer_end(2).unwrap_err(), PsiError::DuplicatePeerPoint);
+    // Stored as it came; found once re-blinded and sorted, before anything is returned.
+    let mut m = s.on_peer_end(2).unwrap();
+    assert!(m.reblind_pending() && m.next_return().is_none());
+    assert_eq!(m.reblind_next(64).unwrap_err(), PsiError::DuplicatePeerPoint);
 }
 
 /// A peer that returns the same point over and over fills one bucket: cut off at the cap, not
@@ -630,7 +636,9 @@ fn a_spilled_session_cuts_off_returns_piled_into_one_bucket() {
     let mut s = s.on_peer_size(1).unwrap().stream();
     while s.blind_next().unwrap().is_some() {}
     let (s, _) = s.on_peer_batch(&one_valid_point()).unwrap();
-    let m = s.on_peer_end(1).unwrap();
+    let mut m = s.on_peer_end(1).unwrap();
+    m.reblind_next(64).unwrap();
+    assert!(!m.reblind_pending());
     let piled = vec![one_valid_point(); n as usize].concat();
     assert_eq!(
         m.on_returned_batch(&piled).unwrap_err(),
@@ -638,5 +646,48 @@ fn a_spilled_session_cuts_off_returns_piled_into_one_bucket() {
             what: "returned points",
             cap: bucket_cap(u64::from(n))
         }
+    );
+}
+
+/// A spilled session stores the peer's points as they come and checks them when it re-blinds
+/// them, naming the index in the peer's stream; more points than declared are refused at once.
+#[test]
+fn a_spilled_session_checks_the_peers_points_when_it_reblinds_them() {
+    let start = |peer: u64| {
+        let key = JobKey::generate();
+        let own = spill_with(&key, &emails(0..3));
+        let (_, s) = PsiSession::start_spilled(params(false, false, 4), key, own).unwrap();
+        s.on_peer_size(peer).unwrap().stream()
+    };
+    let good = one_valid_point();
+    let (s, _) = start(3)
+        .on_peer_batch(&[good, [0xff; 32]].concat())
+        .unwrap();
+    let (s, _) = s.on_peer_batch(&good).unwrap();
+    let mut m = s.on_peer_end(3).unwrap();
+    m.reblind_next(1).unwrap();
+    assert_eq!(
+        m.reblind_next(1).unwrap_err(),
+        PsiError::InvalidPoint { index: 1 }
+    );
+    let (s, _) = start(3).on_peer_batch(&good).unwrap();
+    assert_eq!(
+        s.on_peer_end(3).unwrap_err(),
+        PsiError::TotalMismatch {
+            declared: 3,
+            announced: 3,
+            received: 1
+        }
+    );
+    assert_eq!(
+        start(1).on_peer_batch(&[good; 2].concat()).unwrap_err(),
+        PsiError::TooManyPoints {
+            declared: 1,
+            received: 2
+        }
+    );
+    assert_eq!(
+        start(1).on_peer_batch(&[0u8; 33]).unwrap_err(),
+        PsiError::BatchNotMultipleOfPointLen { len: 33 }
     );
 }

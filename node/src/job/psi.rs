@@ -141,6 +141,8 @@ pub enum Work {
     Returned(Matching, Vec<Vec<u8>>),
     /// All of our items are back: count.
     ReturnedEnd(Matching, u64),
+    /// A spilled session: re-blind the next piece of the peer's stored points.
+    Reblind(Matching),
 }
 
 /// The result of a [`Work`].
@@ -156,6 +158,8 @@ pub enum Done {
     Returned(Result<Matching, PsiError>),
     /// The count.
     ReturnedEnd(Result<PsiOutput, PsiError>),
+    /// A piece of the peer's stored points re-blinded.
+    Reblind(Result<Matching, PsiError>),
 }
 
 impl Work {
@@ -200,6 +204,10 @@ impl Work {
                     .try_fold(s, |s, points| s.on_returned_batch(points)),
             ),
             Work::ReturnedEnd(s, total) => Done::ReturnedEnd(s.on_returned_end(total)),
+            Work::Reblind(mut s) => Done::Reblind(
+                s.reblind_next(BATCHES_PER_WORK * BATCH_POINTS)
+                    .map(|()| s),
+            ),
         }
     }
 }
@@ -677,6 +685,7 @@ impl PsiProtocol {
         }
         if let (true, false, Some(total), Session::Matching(m)) =
             (x.own_end_sent, x.returns_closed, x.peer_total, &mut session)
+            && !m.reblind_pending()
         {
             let env = match m.next_return() {
                 Some(batch) => self.out.points(Phase::PsiDoubleBlinded, vec![batch]),
@@ -692,9 +701,20 @@ impl PsiProtocol {
         }
         let own_left = !session.own_done();
         let input_ready = x.input_ready(&session);
+        // A spilled session's heavy step, taken when nothing cheaper waits.
+        let reblind =
+            !input_ready && matches!(&session, Session::Matching(m) if m.reblind_pending());
         let work = if own_left && (x.own_turn || !input_ready) {
             x.own_turn = false;
             Work::BlindNext(session)
+        } else if reblind {
+            match session {
+                Session::Matching(m) => Work::Reblind(m),
+                other => {
+                    x.session = Some(other);
+                    return;
+                }
+            }
         } else if input_ready {
             x.own_turn = true;
             match (x.inputs.pop_front(), session) {
@@ -829,6 +849,7 @@ impl PsiProtocol {
                 Session::Matching(next)
             }
             Done::Returned(r) => Session::Matching(r.map_err(|e| psi(self, e))?),
+            Done::Reblind(r) => Session::Matching(r.map_err(|e| psi(self, e))?),
             Done::ReturnedEnd(r) => {
                 let output = r.map_err(|e| psi(self, e))?;
                 return self.counted(output);

@@ -173,6 +173,7 @@ enum Event {
     PeerEnd,
     Returned,
     ReturnedEnd,
+    Reblind,
     Sent(Phase, &'static str),
 }
 
@@ -183,6 +184,7 @@ fn work_event(w: &Work) -> Event {
         Work::PeerEnd(..) => Event::PeerEnd,
         Work::Returned(..) => Event::Returned,
         Work::ReturnedEnd(..) => Event::ReturnedEnd,
+        Work::Reblind(..) => Event::Reblind,
     }
 }
 

@@ -2,12 +2,12 @@
 //! a directory of their own under the node's spill directory, removed when the job ends (the
 //! store is dropped with the session, on success, failure or cancellation).
 //!
-//! What is in them: blinded points only (`k·H(x)`, `k·k_peer·H(y)`, `k_peer·k·H(x)`), never an
-//! identifier. Without the job's key, which never leaves memory, they are uniform strings.
+//! What is in them: blinded points only (`k·H(x)`, `k_peer·H(y)` as the peer sent them,
+//! `k·k_peer·H(y)`, `k_peer·k·H(x)`), never an identifier. Without the job's key, which never leaves memory, they are uniform strings.
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
-use std::io::{BufWriter, ErrorKind, Write};
+use std::io::{BufWriter, ErrorKind, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
 use cleanroom_circuits::spill::{PointSet, PointStore};
@@ -21,6 +21,7 @@ fn bucket_path(dir: &Path, set: PointSet, bucket: usize) -> PathBuf {
         PointSet::Own => "own",
         PointSet::Peer => "peer",
         PointSet::Returned => "returned",
+        PointSet::PeerRaw => "peer-raw",
     };
     dir.join(format!("{set}-{bucket:03}"))
 }
@@ -95,6 +96,25 @@ impl PointStore for FileStore {
         }
     }
 
+    fn read_at(
+        &mut self,
+        set: PointSet,
+        bucket: usize,
+        offset: u64,
+        len: usize,
+    ) -> std::io::Result<Vec<u8>> {
+        self.close(set, bucket)?;
+        let mut file = match File::open(self.path(set, bucket)) {
+            Ok(file) => file,
+            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(e),
+        };
+        file.seek(SeekFrom::Start(offset))?;
+        let mut out = Vec::with_capacity(len);
+        file.take(len as u64).read_to_end(&mut out)?;
+        Ok(out)
+    }
+
     fn put(&mut self, set: PointSet, bucket: usize, points: &[u8]) -> std::io::Result<()> {
         self.close(set, bucket)?;
         std::fs::write(self.path(set, bucket), points)?;
@@ -138,7 +158,11 @@ mod tests {
             [[7u8; 32], [8; 32]].concat()
         );
         assert_eq!(store.read(PointSet::Returned, 3).unwrap(), vec![9; 32]);
-        assert_eq!(store.bytes_written(), 5 * 32);
+        store.append(PointSet::PeerRaw, 0, &[5; 96]).unwrap();
+        assert_eq!(store.read_at(PointSet::PeerRaw, 0, 64, 64).unwrap(), vec![5; 32]);
+        assert_eq!(store.read_at(PointSet::PeerRaw, 0, 96, 64).unwrap(), Vec::<u8>::new());
+        assert_eq!(store.read_at(PointSet::Own, 0, 0, 64).unwrap(), Vec::<u8>::new());
+        assert_eq!(store.bytes_written(), 8 * 32);
         drop(store);
         assert!(!dir.exists());
     }
