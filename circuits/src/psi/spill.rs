@@ -118,8 +118,13 @@ impl PointStore for MemoryStore {
         offset: u64,
         len: usize,
     ) -> std::io::Result<Vec<u8>> {
-        let bytes = self.buckets.get(&(set, bucket)).map_or(&[][..], Vec::as_slice);
-        let start = usize::try_from(offset).unwrap_or(usize::MAX).min(bytes.len());
+        let bytes = self
+            .buckets
+            .get(&(set, bucket))
+            .map_or(&[][..], Vec::as_slice);
+        let start = usize::try_from(offset)
+            .unwrap_or(usize::MAX)
+            .min(bytes.len());
         let end = start.saturating_add(len).min(bytes.len());
         Ok(bytes[start..end].to_vec())
     }

@@ -622,7 +622,10 @@ fn a_spilled_session_refuses_membership_and_duplicate_peer_points() {
     // Stored as it came; found once re-blinded and sorted, before anything is returned.
     let mut m = s.on_peer_end(2).unwrap();
     assert!(m.reblind_pending() && m.next_return().is_none());
-    assert_eq!(m.reblind_next(64).unwrap_err(), PsiError::DuplicatePeerPoint);
+    assert_eq!(
+        m.reblind_next(64).unwrap_err(),
+        PsiError::DuplicatePeerPoint
+    );
 }
 
 /// A peer that returns the same point over and over fills one bucket: cut off at the cap, not

@@ -204,10 +204,9 @@ impl Work {
                     .try_fold(s, |s, points| s.on_returned_batch(points)),
             ),
             Work::ReturnedEnd(s, total) => Done::ReturnedEnd(s.on_returned_end(total)),
-            Work::Reblind(mut s) => Done::Reblind(
-                s.reblind_next(BATCHES_PER_WORK * BATCH_POINTS)
-                    .map(|()| s),
-            ),
+            Work::Reblind(mut s) => {
+                Done::Reblind(s.reblind_next(BATCHES_PER_WORK * BATCH_POINTS).map(|()| s))
+            }
         }
     }
 }

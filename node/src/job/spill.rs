@@ -159,9 +159,18 @@ mod tests {
         );
         assert_eq!(store.read(PointSet::Returned, 3).unwrap(), vec![9; 32]);
         store.append(PointSet::PeerRaw, 0, &[5; 96]).unwrap();
-        assert_eq!(store.read_at(PointSet::PeerRaw, 0, 64, 64).unwrap(), vec![5; 32]);
-        assert_eq!(store.read_at(PointSet::PeerRaw, 0, 96, 64).unwrap(), Vec::<u8>::new());
-        assert_eq!(store.read_at(PointSet::Own, 0, 0, 64).unwrap(), Vec::<u8>::new());
+        assert_eq!(
+            store.read_at(PointSet::PeerRaw, 0, 64, 64).unwrap(),
+            vec![5; 32]
+        );
+        assert_eq!(
+            store.read_at(PointSet::PeerRaw, 0, 96, 64).unwrap(),
+            Vec::<u8>::new()
+        );
+        assert_eq!(
+            store.read_at(PointSet::Own, 0, 0, 64).unwrap(),
+            Vec::<u8>::new()
+        );
         assert_eq!(store.bytes_written(), 8 * 32);
         drop(store);
         assert!(!dir.exists());
