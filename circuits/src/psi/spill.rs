@@ -330,22 +330,20 @@ impl BucketReader {
     }
 }
 
-/// Sorts each bucket of `set` and checks that no point is there twice; returns `false` at the
-/// first duplicate.
-pub(crate) fn sort_buckets_distinct(
+/// Sorts bucket `b` of `set` and checks that no point is there twice; `false` on a duplicate.
+pub(crate) fn sort_bucket_distinct(
     store: &mut dyn PointStore,
     set: PointSet,
+    b: usize,
 ) -> Result<bool, PsiError> {
-    for b in 0..BUCKETS {
-        let mut points = read_bucket(store, set, b)?;
-        points.sort_unstable();
-        if points.windows(2).any(|w| w[0] == w[1]) {
-            return Ok(false);
-        }
-        store
-            .put(set, b, points.as_flattened())
-            .map_err(spill_error)?;
+    let mut points = read_bucket(store, set, b)?;
+    points.sort_unstable();
+    if points.windows(2).any(|w| w[0] == w[1]) {
+        return Ok(false);
     }
+    store
+        .put(set, b, points.as_flattened())
+        .map_err(spill_error)?;
     Ok(true)
 }
 

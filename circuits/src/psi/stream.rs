@@ -61,7 +61,7 @@ use rayon::prelude::*;
 
 use super::spill::{
     BUCKETS, BucketReader, PointSet, PointStore, append_by_bucket, bucket_cap, count_matches,
-    sort_buckets_distinct, spill_error,
+    sort_bucket_distinct, spill_error,
 };
 use super::{
     Common, ReadyToBlind, Stream, blind_into, check_total, reblind_checked, reblind_peer_batch,
@@ -189,6 +189,8 @@ struct SpilledMatching {
     reblinded: u64,
     /// Per bucket, the peer's re-blinded points.
     peer: SpillTally,
+    /// Buckets of the peer's points sorted so far (one per piece, once all are re-blinded).
+    buckets_sorted: usize,
     /// Every bucket of the peer's points is sorted and free of duplicates.
     sorted: bool,
     /// Reads the sorted buckets back to return them (set once sorted).
@@ -402,8 +404,9 @@ impl Matching {
     }
 
     /// A spilled session: re-blinds up to `points` more of the peer's stored points into their
-    /// buckets; once all are, sorts every bucket and checks that no point came twice. Point
-    /// errors name the index in the peer's stream.
+    /// buckets; once all are, sorts one bucket per call and checks that no point came twice in
+    /// it. Pieces stay small so that what arrives meanwhile (our returned points) is taken
+    /// between them rather than held. Point errors name the index in the peer's stream.
     pub fn reblind_next(&mut self, points: usize) -> Result<(), PsiError> {
         let Some(sp) = self.spilled.as_mut() else {
             return Ok(());
@@ -440,12 +443,16 @@ impl Matching {
                 &mut sp.peer.counts,
                 Some(cap),
             )?;
-            if sp.reblinded < self.peer_size {
+            return Ok(());
+        }
+        if sp.buckets_sorted < BUCKETS {
+            if !sort_bucket_distinct(store, PointSet::Peer, sp.buckets_sorted)? {
+                return Err(PsiError::DuplicatePeerPoint);
+            }
+            sp.buckets_sorted += 1;
+            if sp.buckets_sorted < BUCKETS {
                 return Ok(());
             }
-        }
-        if !sort_buckets_distinct(store, PointSet::Peer)? {
-            return Err(PsiError::DuplicatePeerPoint);
         }
         // The points as they came are no longer needed.
         store.put(PointSet::PeerRaw, 0, &[]).map_err(spill_error)?;
