@@ -373,3 +373,33 @@ pub(crate) fn count_matches(store: &mut dyn PointStore) -> Result<u64, PsiError>
     }
     Ok(count)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What reaches the store is points: no identifier, nor any part of one, is ever written.
+    #[test]
+    fn a_spilled_set_holds_no_identifier() {
+        let key = JobKey::generate();
+        let items: ItemSet = (0..2000)
+            .map(|i| format!("customer{i:04}@example.com"))
+            .collect::<Vec<_>>()
+            .iter()
+            .map(|s| s.as_bytes())
+            .collect();
+        let mut builder = OwnSetBuilder::new(Box::new(MemoryStore::default()));
+        builder.add(&key, "email", &items).unwrap();
+        let own = builder.finish().unwrap();
+        assert_eq!(own.size(), 2000);
+        let mut all = Vec::new();
+        let mut store = own.store;
+        for b in 0..BUCKETS {
+            all.extend(store.read(PointSet::Own, b).unwrap());
+        }
+        assert_eq!(all.len(), 2000 * POINT_LEN);
+        for needle in [&b"@example.com"[..], b"customer"] {
+            assert!(!all.windows(needle.len()).any(|w| w == needle));
+        }
+    }
+}
