@@ -108,6 +108,19 @@ pub struct LoadedKeys {
 }
 
 impl LoadedKeys {
+    /// The keys of one pass with what the pass counted.
+    fn from_counts(items: ItemSet, counts: RowCounts, duplicate_rows: u64) -> LoadedKeys {
+        LoadedKeys {
+            items,
+            rows_read: counts.rows_read,
+            rows_rejected: counts.rejections.total(),
+            rejections: counts.rejections,
+            duplicate_rows,
+            rows_excluded_consent: counts.rows_excluded_consent,
+            rows_excluded_deleted: counts.rows_excluded_deleted,
+        }
+    }
+
     /// What reading the dataset counted, as the audit log's access entry records it.
     pub fn counts(&self) -> KeyedRowCounts {
         KeyedRowCounts {
@@ -316,15 +329,7 @@ pub fn load_keys_for(
         })
     })?;
     let duplicate_rows = items.dedup() as u64;
-    Ok(LoadedKeys {
-        items,
-        rows_read: counts.rows_read,
-        rows_rejected: counts.rejections.total(),
-        rejections: counts.rejections,
-        duplicate_rows,
-        rows_excluded_consent: counts.rows_excluded_consent,
-        rows_excluded_deleted: counts.rows_excluded_deleted,
-    })
+    Ok(LoadedKeys::from_counts(items, counts, duplicate_rows))
 }
 
 /// Keys per chunk that [`load_keys_chunked`] hands over: enough for the blinding to keep every
@@ -356,15 +361,7 @@ pub fn load_keys_chunked(
     if !chunk.is_empty() {
         sink(&chunk)?;
     }
-    Ok(LoadedKeys {
-        items: ItemSet::new(),
-        rows_read: counts.rows_read,
-        rows_rejected: counts.rejections.total(),
-        rejections: counts.rejections,
-        duplicate_rows: 0,
-        rows_excluded_consent: counts.rows_excluded_consent,
-        rows_excluded_deleted: counts.rows_excluded_deleted,
-    })
+    Ok(LoadedKeys::from_counts(ItemSet::new(), counts, 0))
 }
 
 /// Second pass for `match`: streams the dataset again and returns the 1-based data-row numbers
