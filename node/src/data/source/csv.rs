@@ -118,14 +118,13 @@ impl CsvFiles {
                 },
             ));
         }
-        let breaks = |f: &[u8]| f.contains(&b'\n') || f.contains(&b'\r');
         if let Some(&i) = read
             .iter()
-            .find(|&&i| self.record.get(i).is_some_and(breaks))
+            .find(|&&i| self.record.get(i).is_some_and(super::has_line_break))
         {
             return Some((Some(i), Malformed::LineBreak));
         }
-        if self.record.iter().any(breaks) {
+        if self.record.iter().any(super::has_line_break) {
             *multi_line += 1;
         }
         None

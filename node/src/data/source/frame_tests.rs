@@ -310,3 +310,72 @@ fn a_view_runs_in_a_memory_pool_of_half_the_limit() {
     assert_eq!(first, ["user00000@example.com", "user00001@example.com"]);
     assert!(spill.is_dir());
 }
+
+/// `alice,1` / a row with a field too few / `carol` with a quote that closes a line late, so
+/// that its field swallows `dave`'s / `erin`.
+const MALFORMED_CSV: &str = "email,amount_cents\n\
+    alice@example.com,1\n\
+    bob@example.com\n\
+    \"carol@example.com,3\n\
+    dave@example.com\",4\n\
+    erin@example.com,5\n";
+
+/// A `file://` CSV is read by the strict reader, like a plain path: the short row and the row the
+/// open quote swallowed are rejected by reason and placed by line.
+#[test]
+fn a_file_url_csv_is_read_strictly() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("customers.csv");
+    std::fs::write(&path, MALFORMED_CSV).unwrap();
+    let url = url::Url::from_file_path(&path).unwrap();
+    let d = email_dataset(Path::new(url.as_str()));
+    assert!(matches!(
+        super::Source::open(&d).unwrap(),
+        super::Source::Csv(_)
+    ));
+    let (items, loaded) = keys_of(&d, None);
+    assert_eq!(items, ["alice@example.com", "erin@example.com"]);
+    let lines: Vec<u64> = loaded.rejections.first.iter().map(|r| r.line).collect();
+    assert_eq!(lines, [3, 4], "{:?}", loaded.rejections);
+}
+
+/// In a view over CSV the engine reads the rows. A row with a field too few fails the pass,
+/// naming the line and no value; a field that swallowed a line (an open quote) is rejected by
+/// the same rule as the strict reader, never read as an identifier.
+#[test]
+fn a_view_over_malformed_csv_never_reads_by_position() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("orders.csv");
+    let table = |path: &Path| TableConfig {
+        name: "orders".into(),
+        path: path.to_owned(),
+        format: None,
+    };
+    let mut d = email_dataset(Path::new(""));
+    d.path = Default::default();
+    d.sql = Some("SELECT email FROM orders".into());
+    d.tables = vec![table(&path)];
+
+    std::fs::write(&path, MALFORMED_CSV).unwrap();
+    let err = dataset::load_keys_for(&d, &KeySpec::new(["email"]), RowFilter::default(), 100)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("line"), "{err}");
+    assert!(!err.contains("bob@"), "{err}");
+
+    let swallowed = MALFORMED_CSV.replace("bob@example.com\n", "bob@example.com,2\n");
+    std::fs::write(&path, swallowed).unwrap();
+    let (items, loaded) = keys_of(&d, None);
+    assert_eq!(
+        items,
+        ["alice@example.com", "bob@example.com", "erin@example.com"]
+    );
+    let lines: Vec<u64> = loaded.rejections.first.iter().map(|r| r.line).collect();
+    assert_eq!(lines, [3], "{:?}", loaded.rejections);
+    let reasons = &loaded.rejections.by_reason;
+    assert_eq!(
+        reasons.get("line break in a field"),
+        Some(&1),
+        "{reasons:?}"
+    );
+}

@@ -114,9 +114,9 @@ impl Source {
     pub fn open(dataset: &DatasetConfig) -> Result<Source, SourceError> {
         if dataset.sql.is_none()
             && dataset.format() == Some(DataFormat::Csv)
-            && !dataset.path.to_string_lossy().contains("://")
+            && let Some(local) = local_path(&dataset.path)
         {
-            return Ok(Source::Csv(csv::CsvFiles::open(&dataset.path)?));
+            return Ok(Source::Csv(csv::CsvFiles::open(&local)?));
         }
         Ok(Source::Frame(frame::Frame::open(dataset)?))
     }
@@ -173,7 +173,13 @@ impl Source {
     ) -> Option<(Option<usize>, Malformed)> {
         match self {
             Source::Csv(s) => s.malformed(read, multi_line),
-            Source::Frame(_) => None,
+            // The engine has already refused a CSV row with the wrong field count (the pass
+            // fails, naming its line); a line break in a read field is what an unterminated
+            // quote leaves, in CSV read by the engine as in the strict reader.
+            Source::Frame(s) => read
+                .iter()
+                .find(|&&i| s.field(i).is_some_and(has_line_break))
+                .map(|&i| (Some(i), Malformed::LineBreak)),
         }
     }
 
@@ -192,6 +198,30 @@ impl Source {
             Source::Frame(s) => s.location().to_owned(),
         }
     }
+}
+
+/// Whether a field holds a line break: a value no identifier or amount has, and what an
+/// unterminated quote leaves in the field it opened.
+fn has_line_break(field: &[u8]) -> bool {
+    field.contains(&b'\n') || field.contains(&b'\r')
+}
+
+/// The local path a dataset location names: a plain path, or a `file://` URL (read by the strict
+/// CSV reader like a plain path); `None` for a remote URL.
+fn local_path(location: &std::path::Path) -> Option<PathBuf> {
+    let text = location.to_string_lossy();
+    if !text.contains("://") {
+        return Some(location.to_owned());
+    }
+    let url = url::Url::parse(&text).ok()?;
+    if url.scheme() != "file" {
+        return None;
+    }
+    // A `?` or `#` would have started a query or a fragment: such a URL goes to the engine.
+    if url.query().is_some() || url.fragment().is_some() {
+        return None;
+    }
+    url.to_file_path().ok()
 }
 
 #[cfg(test)]
