@@ -1,13 +1,15 @@
 //! End to end: datasets in other formats than CSV, read by real nodes through DataFusion. The
 //! demo over Parquet files; a real overlap and match between a node whose dataset is a Parquet
 //! file and one whose dataset is a SQL view, against a truth counted here from the CSV files
-//! `synth` writes with the same seed; a view the agreement does not cover, refused by `check`.
+//! `synth` writes with the same seed; the same on a Ballista cluster; a view the agreement does
+//! not cover, refused by `check`.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::BTreeSet;
 use std::path::Path;
 use std::process::Command;
 
+use cleanroom_e2e::ballista::Ballista;
 use cleanroom_e2e::{Consortium, bins, cleanroom_node, cleanroom_ok, open_agreement};
 
 /// `cleanroom demo --format parquet` runs every job over Parquet files and checks each figure
@@ -35,6 +37,33 @@ fn the_demo_runs_over_parquet() {
         !data.join("acme.csv").exists(),
         "the nodes must read Parquet, not CSV"
     );
+}
+
+/// `cleanroom demo --engine ballista`: both nodes read on a local Ballista cluster (a scheduler
+/// and two executors the demo starts and stops); every figure equals the truth, and each
+/// executor ran a share of the reads.
+#[test]
+fn the_demo_runs_on_a_ballista_cluster() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(&bins().0)
+        .args(["demo", "--rows", "2000", "--engine", "ballista", "--keep"])
+        .arg(dir.path().join("demo"))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!stdout.contains("WRONG"), "{stdout}");
+    for i in [1, 2] {
+        let line = stdout
+            .lines()
+            .find(|l| l.starts_with(&format!("Ballista executor {i}:")))
+            .unwrap_or_else(|| panic!("no share for executor {i}: {stdout}"));
+        assert!(!line.contains(": 0 tasks"), "{line}");
+    }
 }
 
 /// `(row number from 1, email trimmed and lower-cased, category)` of a `synth` CSV.
@@ -70,7 +99,57 @@ fn globex_view(select: &str) -> String {
 
 #[test]
 fn parquet_meets_a_sql_view_in_a_real_overlap_and_match() {
-    let (mut c, _) = Consortium::with_coordinator("acme,globex", 600, 0.5, 31);
+    parquet_meets_a_view(600, None);
+}
+
+/// The same jobs with both nodes' reads on a Ballista cluster (a scheduler and two executors,
+/// real processes): the same count and the same matched rows as the truth, which the node's
+/// own engine gives above. Every executor ran a share of the reads (its own counters), and no
+/// identifier reached the cluster's logs.
+#[test]
+fn a_ballista_cluster_reads_the_same_rows_and_every_executor_takes_a_share() {
+    let c = parquet_meets_a_view(3000, Some(2));
+    let cluster = c.ballista.as_ref().unwrap();
+    let shares = cluster.shares();
+    assert_eq!(shares.len(), 2);
+    for (i, (tasks, rows)) in shares.iter().enumerate() {
+        assert!(
+            *tasks > 0 && *rows > 0,
+            "executor {} ran nothing: {shares:?}",
+            i + 1
+        );
+    }
+    // Each read job reads one dataset whole: acme's 3000 rows, globex's 3000 (the view's filter
+    // runs on the executors, so fewer come out); overlap and match read each at least once.
+    let total: u64 = shares.iter().map(|(_, rows)| rows).sum();
+    assert!(total >= 2 * 3000, "{shares:?}");
+    let emails: Vec<String> = rows_of(&c.path().join("data/acme.csv"))
+        .into_iter()
+        .take(200)
+        .map(|(_, email, _)| email)
+        .collect();
+    for process in cluster.executors.iter().chain([&cluster.scheduler]) {
+        let log = process.log_text().to_lowercase();
+        if let Some(e) = emails.iter().find(|e| log.contains(e.as_str())) {
+            panic!("{} logged the identifier {e}", process.name);
+        }
+    }
+    // The executors' outputs are rows of the datasets: gone once they stop.
+    let mut c = c;
+    drop(c.ballista.take());
+    for i in [1, 2] {
+        let work = c.path().join(format!("executor-{i}"));
+        let left: Vec<_> = std::fs::read_dir(&work).unwrap().collect();
+        assert!(left.is_empty(), "executor {i} left {left:?}");
+    }
+}
+
+/// acme's customers as Parquet, globex's a view over its CSV (`rows` each, from one seed);
+/// overlap and match between them against the truth counted from the CSVs. With `executors`,
+/// both nodes read on a Ballista cluster of that many executors.
+fn parquet_meets_a_view(rows: u64, executors: Option<usize>) -> Consortium {
+    let (mut c, _) = Consortium::with_coordinator("acme,globex", rows, 0.5, 31);
+    let rows = rows.to_string();
     // The same customers again, as Parquet: acme's node reads those.
     cleanroom_ok(
         c.path(),
@@ -81,7 +160,7 @@ fn parquet_meets_a_sql_view_in_a_real_overlap_and_match() {
             "--partners",
             "acme,globex",
             "--rows",
-            "600",
+            &rows,
             "--overlap",
             "0.5",
             "--seed",
@@ -109,6 +188,12 @@ fn parquet_meets_a_sql_view_in_a_real_overlap_and_match() {
         .map(|(row, _, _)| *row)
         .collect();
 
+    if let Some(executors) = executors {
+        let cluster = Ballista::start(c.path(), executors, 600);
+        c.node_top.insert("acme".into(), cluster.engine_line());
+        c.node_top.insert("globex".into(), cluster.engine_line());
+        c.ballista = Some(cluster);
+    }
     c.admit_node("acme");
     c.admit_node("globex");
     c.write_node_toml(
@@ -149,6 +234,7 @@ fn parquet_meets_a_sql_view_in_a_real_overlap_and_match() {
         written, acme_rows,
         "acme's matched Parquet rows are the CSV's rows"
     );
+    c
 }
 
 #[test]

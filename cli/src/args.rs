@@ -102,6 +102,14 @@ pub enum Command {
     /// Run a partner node (the same as the `cleanroom-node` binary).
     #[command(hide = true)]
     Node(cleanroom_node::cli::NodeCli),
+    /// Run a Ballista scheduler for a partner's own cluster: nodes with
+    /// `engine = { ballista = "df://HOST:PORT" }` send their dataset reads to it. Prints
+    /// `listening ADDR` once bound; runs until SIGINT or SIGTERM.
+    Scheduler(SchedulerArgs),
+    /// Run a Ballista executor of a partner's cluster: it registers with the scheduler and runs
+    /// the tasks of the node's dataset reads. Logs `executor: task done` with its task and row
+    /// counts after every task; runs until SIGINT or SIGTERM.
+    Executor(ExecutorArgs),
     /// Benchmarks that report throughput against the cryptographic cost floor.
     Bench {
         /// Benchmark to run.
@@ -256,6 +264,45 @@ pub enum PkiIssue {
         /// Analyst name: 1–63 of a–z, 0–9 and '-'.
         name: String,
     },
+}
+
+/// `cleanroom scheduler`
+#[derive(Debug, Args)]
+pub struct SchedulerArgs {
+    /// Where to listen (port 0: any free port; the bound address is printed).
+    #[arg(long, default_value = "127.0.0.1:50050")]
+    pub listen: std::net::SocketAddr,
+    /// Seconds a read's output (rows of the dataset) stays in the executors' work directories
+    /// after the read's last task; the node must have fetched it by then.
+    #[arg(long, default_value_t = 600, value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    pub keep_results_secs: u64,
+    /// Also shut down when standard input closes (for supervisors and tests).
+    #[arg(long, hide = true)]
+    pub stop_on_stdin_eof: bool,
+}
+
+/// `cleanroom executor`
+#[derive(Debug, Args)]
+pub struct ExecutorArgs {
+    /// The scheduler's address.
+    #[arg(long, default_value = "127.0.0.1:50050")]
+    pub scheduler: std::net::SocketAddr,
+    /// The address to listen on (its ports are picked free).
+    #[arg(long, default_value = "127.0.0.1")]
+    pub bind: std::net::IpAddr,
+    /// Where stage outputs are kept until the node or another executor fetches them.
+    #[arg(long)]
+    pub work_dir: PathBuf,
+    /// Tasks run at once (default: the machine's cores).
+    #[arg(long)]
+    pub slots: Option<usize>,
+    /// The most memory the tasks' buffers take, e.g. `8GiB` (default: Ballista's share of the
+    /// machine).
+    #[arg(long)]
+    pub memory_pool: Option<bytesize::ByteSize>,
+    /// Also shut down when standard input closes (for supervisors and tests).
+    #[arg(long, hide = true)]
+    pub stop_on_stdin_eof: bool,
 }
 
 /// `cleanroom coordinator …`
@@ -674,6 +721,15 @@ pub struct AggregateArgs {
     pub per_person: Option<String>,
 }
 
+/// Where a node's dataset reads run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum EngineArg {
+    /// DataFusion in the node's own process.
+    InProcess,
+    /// A Ballista cluster (`engine = { ballista = "df://…" }` in the node's config).
+    Ballista,
+}
+
 /// A dataset file format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum FileFormat {
@@ -734,6 +790,10 @@ pub struct DemoArgs {
     /// DataFusion, and CSV through the strict reader.
     #[arg(long, value_enum, default_value_t = FileFormat::Csv)]
     pub format: FileFormat,
+    /// Where each node's dataset reads run: in its own process, or on a local Ballista cluster
+    /// (a scheduler and two executors) that the demo starts first and stops last.
+    #[arg(long, value_enum, default_value_t = EngineArg::InProcess)]
+    pub engine: EngineArg,
     /// Keep the working directory (PKI, data, configs, logs, databases) here instead of a
     /// temporary directory that is removed afterwards.
     #[arg(long)]

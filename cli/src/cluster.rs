@@ -71,16 +71,8 @@ impl Cluster {
         Self::start_with(dir, partners, None, &[], "").await
     }
 
-    /// [`Cluster::start`], the coordinator also serving its web console on `web`.
-    pub async fn start_with_web(
-        dir: &Path,
-        partners: &[Partner],
-        web: Option<SocketAddr>,
-    ) -> anyhow::Result<Cluster> {
-        Self::start_with(dir, partners, web, &[], "").await
-    }
-
-    /// [`Cluster::start_with_web`], with `node_env` set in every node process's environment
+    /// [`Cluster::start`], the coordinator also serving its web console on `web` if given, with
+    /// `node_env` set in every node process's environment
     /// (e.g. `RAYON_NUM_THREADS`, the node's worker threads) and `node_top` written at the top
     /// of every node's config (e.g. `memory_limit = "1GiB"`).
     pub async fn start_with(
@@ -262,7 +254,7 @@ fn dummy_child() -> anyhow::Result<Child> {
 
 /// Starts this binary with `args CONFIG --stop-on-stdin-eof`, stderr to `log`, `env` added to
 /// its environment.
-fn spawn(
+pub(crate) fn spawn(
     args: &[&str],
     config: &Path,
     log: &Path,
@@ -290,7 +282,7 @@ fn spawn(
 }
 
 /// Reads `listening ADDR` and, when `web`, `web ADDR` from the coordinator's output.
-async fn read_listen_lines(
+pub(crate) async fn read_listen_lines(
     child: &mut Child,
     web: bool,
 ) -> anyhow::Result<(SocketAddr, Option<SocketAddr>)> {

@@ -11,7 +11,7 @@ use cleanroom_coordinator::client::state_name;
 use cleanroom_proto::v1::{JobInfo, JobKind, JobSpec, JobState, OverlapSumSpec};
 use indicatif::ProgressBar;
 
-use crate::args::DemoArgs;
+use crate::args::{DemoArgs, EngineArg};
 use crate::cluster::{Cluster, Partner};
 use crate::synth::{CATEGORIES, GroundTruth, SynthSpec, write_synth_as};
 use crate::ui::{WorkDir, spinner};
@@ -64,7 +64,18 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
 
     progress
         .set_message("issuing the PKI and starting the coordinator and two nodes (acme, globex)");
-    let cluster = Cluster::start_with_web(&dir, &Partner::from_truth(&truth), args.web).await?;
+    let ballista = match args.engine {
+        EngineArg::InProcess => None,
+        EngineArg::Ballista => {
+            progress.set_message("starting a Ballista scheduler and two executors");
+            Some(crate::scale::LocalCluster::start(&dir, 2).await?)
+        }
+    };
+    let node_top = ballista
+        .as_ref()
+        .map_or(String::new(), crate::scale::LocalCluster::engine_line);
+    let partners = Partner::from_truth(&truth);
+    let cluster = Cluster::start_with(&dir, &partners, args.web, &[], &node_top).await?;
     let client = cluster.client().await?;
 
     let mut jobs = Vec::new();
@@ -145,8 +156,20 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
         "Neither node saw the other's records; the coordinator saw only the counts and noised \
          totals above."
     );
+    if let Some(ballista) = &ballista {
+        cleanroom_node::outln!();
+        for (i, (tasks, rows)) in ballista.shares().into_iter().enumerate() {
+            cleanroom_node::outln!(
+                "Ballista executor {}: {tasks} tasks, {rows} rows read for the nodes",
+                i + 1
+            );
+        }
+    }
     if let Some(cluster) = cluster {
         serve_until_interrupted(cluster, &dir).await?;
+    }
+    if let Some(ballista) = ballista {
+        ballista.stop().await;
     }
     if args.keep.is_some() {
         cleanroom_node::outln!("Logs, configs and data are kept in {}.", dir.display());

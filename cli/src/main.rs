@@ -21,6 +21,7 @@ mod output;
 mod pki;
 mod render;
 mod report;
+mod scale;
 mod schedule;
 mod submit;
 mod sum_output;
@@ -111,6 +112,8 @@ fn execute(command: Command) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Node(cli) => Ok(cleanroom_node::cli::main(cli)),
+        Command::Scheduler(args) => runtime()?.block_on(scale::scheduler(args)),
+        Command::Executor(args) => runtime()?.block_on(scale::executor(args)),
         Command::Job {
             conn,
             command: JobCli::Base(command),

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use cleanroom_node::data::DataFormat;
 use datafusion::arrow::datatypes::{DataType, Field, Schema};
+use datafusion::config::TableParquetOptions;
 use datafusion::dataframe::DataFrameWriteOptions;
 use datafusion::prelude::{CsvReadOptions, SessionConfig, SessionContext};
 
@@ -66,7 +67,13 @@ fn rewrite(from: &Path, to: &Path, format: DataFormat) -> anyhow::Result<()> {
             .await?;
         let write = DataFrameWriteOptions::new().with_single_file_output(true);
         match format {
-            DataFormat::Parquet => frame.write_parquet(&to, write, None).await?,
+            DataFormat::Parquet => {
+                // Row groups of 8192 rows, as warehouse exports have: a Ballista cluster splits
+                // a file's read by row group, so a demo file is read by every executor.
+                let mut parquet = TableParquetOptions::default();
+                parquet.global.max_row_group_size = 8192;
+                frame.write_parquet(&to, write, Some(parquet)).await?
+            }
             DataFormat::Jsonl => frame.write_json(&to, write, None).await?,
             DataFormat::Csv => frame.write_csv(&to, write, None).await?,
         };

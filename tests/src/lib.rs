@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+pub mod ballista;
 pub mod fake_node;
 pub mod operator;
 pub mod proxy;
@@ -217,6 +218,8 @@ pub struct Consortium {
     /// Top-level keys written into node configs from now on, by node name (e.g.
     /// `memory_limit = "256MiB"`).
     pub node_top: std::collections::HashMap<String, String>,
+    /// The Ballista cluster the nodes read on, if one was started ([`ballista::Ballista`]).
+    pub ballista: Option<ballista::Ballista>,
 }
 
 impl Consortium {
@@ -253,6 +256,7 @@ impl Consortium {
             web: None,
             log_json: false,
             node_top: std::collections::HashMap::new(),
+            ballista: None,
         }
     }
 

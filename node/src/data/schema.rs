@@ -13,10 +13,21 @@ use super::normalise::{NormaliseOptions, Normaliser, parse_region};
 /// The node-wide limits the data engine runs under (`memory_limit`, `spill_dir`).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct EngineLimits {
+    /// The partner's Ballista cluster, when the reads run there.
+    pub cluster: Option<Cluster>,
     /// Bytes; `None` = no bound.
     pub memory_limit: Option<u64>,
     /// Where the engine may spill.
     pub spill_dir: PathBuf,
+}
+
+/// A Ballista cluster the dataset reads run on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cluster {
+    /// The scheduler, `df://HOST:PORT`.
+    pub url: String,
+    /// Parts each read is split into.
+    pub partitions: usize,
 }
 
 /// A dataset: a table of rows (files, or a SQL view), and its identifier columns.

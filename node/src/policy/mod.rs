@@ -489,6 +489,50 @@ budget_per_purpose = { epsilon_per_period = 2.0, period = "week" }
         assert!(err.contains("memory_limit"), "{err}");
     }
 
+    /// `engine = { ballista = … }` reaches every dataset with its partitions; a URL that is not
+    /// `df://HOST:PORT`, zero partitions, or partitions without a cluster are refused.
+    #[test]
+    fn the_engine_names_a_ballista_cluster_for_every_dataset() {
+        let example = include_str!("../../testdata/node.example.toml");
+        let top = |line: &str| example.replacen("\nstate_dir", &format!("\n{line}\nstate_dir"), 1);
+        let cfg = NodeConfig::parse(
+            &top("engine = { ballista = \"df://10.0.0.5:50050\", partitions = 64 }"),
+            Path::new("n.toml"),
+        )
+        .unwrap();
+        for d in &cfg.datasets {
+            let cluster = d.engine.cluster.as_ref().unwrap();
+            assert_eq!(cluster.url, "df://10.0.0.5:50050");
+            assert_eq!(cluster.partitions, 64);
+        }
+        let cfg = NodeConfig::parse(
+            &top("engine = { ballista = \"df://10.0.0.5:50050\" }"),
+            Path::new("n.toml"),
+        )
+        .unwrap();
+        assert_eq!(
+            cfg.datasets[0].engine.cluster.as_ref().unwrap().partitions,
+            schema::DEFAULT_CLUSTER_PARTITIONS
+        );
+        let cfg = NodeConfig::parse(example, Path::new("n.toml")).unwrap();
+        assert!(cfg.datasets.iter().all(|d| d.engine.cluster.is_none()));
+        for (line, says) in [
+            ("engine = { ballista = \"http://h:1\" }", "df://HOST:PORT"),
+            ("engine = { ballista = \"df://h\" }", "df://HOST:PORT"),
+            (
+                "engine = { ballista = \"df://h:1\", partitions = 0 }",
+                "partitions",
+            ),
+            ("engine = { partitions = 8 }", "only read with ballista"),
+            ("engine = { spark = \"x\" }", "spark"),
+        ] {
+            let err = NodeConfig::parse(&top(line), Path::new("n.toml"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(says), "{line}: {err}");
+        }
+    }
+
     #[test]
     fn check_file_checks_headers() {
         let (_dir, file) = setup("email,amount_cents\na@b.c,1\n");

@@ -94,6 +94,23 @@ impl NodeConfig<AllowEntry> {
                 bytesize::ByteSize(MIN_MEMORY_LIMIT)
             ));
         }
+        if let Some(url) = &file.engine.ballista
+            && !url
+                .strip_prefix("df://")
+                .is_some_and(|rest| rest.contains(':') && !rest.contains('/'))
+        {
+            return Err(format!(
+                "engine: ballista = \"{url}\" is not a scheduler URL; write \"df://HOST:PORT\""
+            ));
+        }
+        if file.engine.partitions == Some(0) || file.engine.partitions > Some(4096) {
+            return Err("engine: partitions must be between 1 and 4096".into());
+        }
+        if file.engine.partitions.is_some() && file.engine.ballista.is_none() {
+            return Err(
+                "engine: partitions is only read with ballista = \"df://HOST:PORT\"".into(),
+            );
+        }
         if file
             .spill_dir
             .as_ref()
@@ -277,6 +294,7 @@ impl NodeConfig<AllowEntry> {
             dashboard: file.dashboard,
             memory_limit: file.memory_limit,
             spill_dir: file.spill_dir,
+            engine: file.engine,
         })
     }
 }

@@ -77,7 +77,27 @@ pub struct NodeConfig<A = Allow> {
     /// Where spill files go; default `<state_dir>/spill`. Read it with [`Self::spill_dir`].
     #[serde(default)]
     pub spill_dir: Option<PathBuf>,
+    /// Where the dataset reads run: in this process (the default), or on the partner's Ballista
+    /// cluster (`engine = { ballista = "df://HOST:PORT" }`).
+    #[serde(default)]
+    pub engine: EngineConfig,
 }
+
+/// `engine = { ballista = "df://HOST:PORT", partitions = 16 }`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EngineConfig {
+    /// The Ballista scheduler's URL; `None`: the engine runs in the node's process.
+    #[serde(default)]
+    pub ballista: Option<String>,
+    /// How many parts a dataset read is split into on the cluster (tasks that run in parallel
+    /// across the executors); default [`DEFAULT_CLUSTER_PARTITIONS`].
+    #[serde(default)]
+    pub partitions: Option<usize>,
+}
+
+/// Parts a dataset read is split into on a Ballista cluster, unless `partitions` says.
+pub const DEFAULT_CLUSTER_PARTITIONS: usize = 16;
 
 /// `[dashboard]`: where the node serves its privacy dashboard, `/metrics` and `/healthz`
 /// (plain HTTP; see docs/SECURITY.md).
@@ -246,6 +266,14 @@ impl NodeConfig {
             resolve(crl);
         }
         let engine = crate::data::schema::EngineLimits {
+            cluster: self
+                .engine
+                .ballista
+                .clone()
+                .map(|url| crate::data::schema::Cluster {
+                    url,
+                    partitions: self.engine.partitions.unwrap_or(DEFAULT_CLUSTER_PARTITIONS),
+                }),
             memory_limit: self.memory_limit.map(|b| b.as_u64()),
             spill_dir: self
                 .spill_dir

@@ -29,13 +29,18 @@ use datafusion::prelude::{DataFrame, Expr, SQLOptions, SessionConfig, SessionCon
 use futures::StreamExt;
 
 use super::SourceError;
-use crate::data::schema::{DataFormat, DatasetConfig, EngineLimits};
+use crate::data::schema::{Cluster, DataFormat, DatasetConfig, EngineLimits};
+use ballista::prelude::SessionContextExt;
+use datafusion::execution::session_state::SessionStateBuilder;
 
 /// Record batches the reader thread may have ready ahead of the pass.
 const BATCHES_AHEAD: usize = 2;
 
 /// Rows per batch.
 const BATCH_ROWS: usize = 8192;
+
+/// On a Ballista cluster, files from this size up are split between tasks.
+const CLUSTER_SPLIT_BYTES: usize = 64 * 1024;
 
 /// JSON lines read to infer a table's columns (a column first seen later is not read).
 const JSON_INFER_ROWS: usize = 100_000;
@@ -263,6 +268,27 @@ impl Plan {
             .map_err(|e| self.plan_error(format!("the data engine could not start: {e}")))
     }
 
+    /// A session on the partner's Ballista cluster: the plan is made here (a table's schema is
+    /// read from its files), then runs on the executors in `partitions` parts. The parts'
+    /// outputs come back one after another in part order, and the parts are files (or their
+    /// row groups) in path order, so every pass sees the rows in the same order, as `match`
+    /// needs.
+    async fn remote(&self, cluster: &Cluster) -> Result<SessionContext, SourceError> {
+        let mut config = SessionConfig::new()
+            .with_target_partitions(cluster.partitions)
+            .with_batch_size(BATCH_ROWS);
+        // Split files from this size up (CSV and JSON lines by byte range, Parquet by row
+        // group), not from DataFusion's 1 MiB: a cluster has executors to keep busy.
+        config.options_mut().optimizer.repartition_file_min_size = CLUSTER_SPLIT_BYTES;
+        let state = SessionStateBuilder::new()
+            .with_config(config)
+            .with_default_features()
+            .build();
+        SessionContext::remote_with_state(&cluster.url, state)
+            .await
+            .map_err(|e| self.plan_error(format!("the Ballista cluster at {}: {e}", cluster.url)))
+    }
+
     /// An error of reading data (registering a table infers its schema from rows; streaming
     /// reads them): its message is [`redact`]ed.
     fn error(&self, message: String) -> SourceError {
@@ -282,10 +308,15 @@ impl Plan {
     /// Registers the tables and plans the dataset: the table itself, or the view's query; with
     /// a view's [`select_reads`].
     async fn frame(&self) -> Result<(DataFrame, Vec<String>), SourceError> {
-        let config = SessionConfig::new()
-            .with_target_partitions(1)
-            .with_batch_size(BATCH_ROWS);
-        let ctx = SessionContext::new_with_config_rt(config, self.runtime()?);
+        let ctx = match &self.engine.cluster {
+            None => {
+                let config = SessionConfig::new()
+                    .with_target_partitions(1)
+                    .with_batch_size(BATCH_ROWS);
+                SessionContext::new_with_config_rt(config, self.runtime()?)
+            }
+            Some(cluster) => self.remote(cluster).await?,
+        };
         for (name, location, format) in &self.tables {
             register(&ctx, name, location, *format)
                 .await

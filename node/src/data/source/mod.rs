@@ -112,7 +112,10 @@ pub enum Source {
 impl Source {
     /// Opens the dataset and reads its column names (nothing else yet).
     pub fn open(dataset: &DatasetConfig) -> Result<Source, SourceError> {
+        // On a Ballista cluster every read runs on the executors, CSV too (by the engine's
+        // reader: a row with the wrong field count fails the pass, naming its line).
         if dataset.sql.is_none()
+            && dataset.engine.cluster.is_none()
             && dataset.format() == Some(DataFormat::Csv)
             && let Some(local) = local_path(&dataset.path)
         {

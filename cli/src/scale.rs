@@ -1,0 +1,156 @@
+//! `cleanroom scheduler` and `cleanroom executor`: a partner's own Ballista cluster.
+
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use crate::args::{ExecutorArgs, SchedulerArgs};
+use cleanroom_scale::executor::{Counters, ExecutorOptions};
+
+/// Serves until a stop signal (or standard input's end, for supervisors).
+pub async fn scheduler(args: SchedulerArgs) -> anyhow::Result<ExitCode> {
+    let keep = std::time::Duration::from_secs(args.keep_results_secs);
+    let (addr, serve) = cleanroom_scale::scheduler::start(args.listen, keep).await?;
+    {
+        // Supervisors (the demo, the tests) read this line to learn a port-0 address.
+        use std::io::Write;
+        let mut out = std::io::stdout();
+        let _ = writeln!(out, "listening {addr}").and_then(|()| out.flush());
+    }
+    tracing::info!(%addr, "scheduler listening");
+    tokio::select! {
+        result = serve => result?,
+        () = cleanroom_node::cli::wait_for_stop(args.stop_on_stdin_eof) => {}
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Runs tasks until a stop signal (or standard input's end).
+pub async fn executor(args: ExecutorArgs) -> anyhow::Result<ExitCode> {
+    let options = ExecutorOptions {
+        scheduler: args.scheduler,
+        bind: args.bind,
+        work_dir: args.work_dir,
+        slots: args.slots.unwrap_or_else(|| {
+            std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+        }),
+        memory_pool: args.memory_pool.map(|b| b.as_u64()),
+    };
+    let counters = Arc::new(Counters::default());
+    tokio::select! {
+        result = cleanroom_scale::executor::run(options, counters.clone()) => result?,
+        () = cleanroom_node::cli::wait_for_stop(args.stop_on_stdin_eof) => {}
+    }
+    tracing::info!(
+        tasks = counters.tasks(),
+        rows = counters.rows(),
+        "executor stopped"
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// A Ballista cluster on loopback for `cleanroom demo --engine ballista`: a scheduler and
+/// executor processes started from this binary, as an operator would start them.
+#[derive(Debug)]
+pub struct LocalCluster {
+    scheduler: tokio::process::Child,
+    executors: Vec<(std::path::PathBuf, tokio::process::Child)>,
+    /// The scheduler's address.
+    pub addr: std::net::SocketAddr,
+}
+
+/// What Ballista's executor logs once the scheduler has taken it in (ballista-executor 55).
+const REGISTERED: &str = "Executor registration succeed";
+
+impl LocalCluster {
+    /// Starts the scheduler and `executors` executors of one task slot each (logs and work
+    /// directories under `dir`), and waits until every executor has registered.
+    pub async fn start(dir: &std::path::Path, executors: usize) -> anyhow::Result<LocalCluster> {
+        use anyhow::Context;
+        let logs = dir.join("logs");
+        std::fs::create_dir_all(&logs)?;
+        let mut scheduler = crate::cluster::spawn(
+            &["scheduler", "--listen"],
+            std::path::Path::new("127.0.0.1:0"),
+            &logs.join("scheduler.log"),
+            true,
+            &[],
+        )?;
+        let (addr, _) = crate::cluster::read_listen_lines(&mut scheduler, false)
+            .await
+            .context("the Ballista scheduler did not start; see logs/scheduler.log")?;
+        let scheduler_arg = addr.to_string();
+        let mut started = Vec::new();
+        for i in 1..=executors {
+            let log = logs.join(format!("executor-{i}.log"));
+            let child = crate::cluster::spawn(
+                &[
+                    "executor",
+                    "--scheduler",
+                    &scheduler_arg,
+                    "--slots",
+                    "1",
+                    "--work-dir",
+                ],
+                &dir.join(format!("executor-{i}")),
+                &log,
+                false,
+                &[],
+            )?;
+            started.push((log, child));
+        }
+        let cluster = LocalCluster {
+            scheduler,
+            executors: started,
+            addr,
+        };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        for (log, _) in &cluster.executors {
+            while !std::fs::read_to_string(log).is_ok_and(|t| t.contains(REGISTERED)) {
+                if std::time::Instant::now() > deadline {
+                    anyhow::bail!(
+                        "a Ballista executor did not register; see {}",
+                        log.display()
+                    );
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
+        Ok(cluster)
+    }
+
+    /// The node config line that sends its reads here.
+    pub fn engine_line(&self) -> String {
+        format!("engine = {{ ballista = \"df://{}\" }}\n", self.addr)
+    }
+
+    /// Each executor's tasks and rows so far, from the last count it logged.
+    pub fn shares(&self) -> Vec<(u64, u64)> {
+        self.executors
+            .iter()
+            .map(|(log, _)| {
+                cleanroom_scale::executor::counts_in_log(
+                    &std::fs::read_to_string(log).unwrap_or_default(),
+                )
+            })
+            .collect()
+    }
+
+    /// Stops the executors, then the scheduler.
+    pub async fn stop(mut self) {
+        for (_, child) in &mut self.executors {
+            drop(child.stdin.take());
+        }
+        for (_, child) in &mut self.executors {
+            stop_child(child).await;
+        }
+        drop(self.scheduler.stdin.take());
+        stop_child(&mut self.scheduler).await;
+    }
+}
+
+async fn stop_child(child: &mut tokio::process::Child) {
+    let waited = tokio::time::timeout(std::time::Duration::from_secs(10), child.wait()).await;
+    if !matches!(waited, Ok(Ok(_))) {
+        let _ = child.kill().await;
+    }
+}

@@ -1,0 +1,121 @@
+//! A partner's Ballista cluster on loopback: `cleanroom scheduler` and `cleanroom executor`
+//! processes, started as an operator starts them.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::{Process, bins};
+
+/// What Ballista's executor logs once the scheduler has taken it in (ballista-executor 55).
+const REGISTERED: &str = "Executor registration succeed";
+
+/// A running scheduler and its executors; stopped when dropped.
+#[derive(Debug)]
+pub struct Ballista {
+    pub scheduler: Process,
+    pub executors: Vec<Process>,
+    pub addr: SocketAddr,
+}
+
+impl Ballista {
+    /// Starts a scheduler and `executors` executors of one task slot each (logs in
+    /// `dir/logs`, work directories `dir/executor-N`), and waits until all have registered.
+    /// `keep_results_secs`: the scheduler's `--keep-results-secs`.
+    pub fn start(dir: &Path, executors: usize, keep_results_secs: u64) -> Ballista {
+        let log = dir.join("logs/scheduler.log");
+        let mut child = Command::new(&bins().0)
+            .args([
+                "scheduler",
+                "--listen",
+                "127.0.0.1:0",
+                "--stop-on-stdin-eof",
+            ])
+            .args(["--keep-results-secs", &keep_results_secs.to_string()])
+            .current_dir(dir)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("starting the scheduler");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let addr: SocketAddr = line
+            .trim()
+            .strip_prefix("listening ")
+            .unwrap_or_else(|| {
+                panic!(
+                    "scheduler said {line:?}; log: {}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                )
+            })
+            .parse()
+            .unwrap();
+        let stdin = child.stdin.take();
+        let scheduler = Process {
+            name: "scheduler".into(),
+            child,
+            stdin,
+            log,
+        };
+        let executors = (1..=executors)
+            .map(|i| {
+                let log = dir.join(format!("logs/executor-{i}.log"));
+                let mut child = Command::new(&bins().0)
+                    .args(["executor", "--scheduler", &addr.to_string(), "--slots", "1"])
+                    .arg("--work-dir")
+                    .arg(dir.join(format!("executor-{i}")))
+                    .arg("--stop-on-stdin-eof")
+                    .current_dir(dir)
+                    .env("RUST_LOG", "info")
+                    .stdin(Stdio::piped())
+                    .stdout(Stdio::null())
+                    .stderr(std::fs::File::create(&log).unwrap())
+                    .spawn()
+                    .expect("starting an executor");
+                let stdin = child.stdin.take();
+                Process {
+                    name: format!("executor-{i}"),
+                    child,
+                    stdin,
+                    log,
+                }
+            })
+            .collect::<Vec<_>>();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        for e in &executors {
+            while !e.log_text().contains(REGISTERED) {
+                assert!(
+                    Instant::now() < deadline,
+                    "{} did not register: {}",
+                    e.name,
+                    e.log_text()
+                );
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        Ballista {
+            scheduler,
+            executors,
+            addr,
+        }
+    }
+
+    /// The node config line that sends a node's reads to this cluster.
+    pub fn engine_line(&self) -> String {
+        format!("engine = {{ ballista = \"df://{}\" }}\n", self.addr)
+    }
+
+    /// Each executor's `(tasks, rows)`, from the last count it logged.
+    pub fn shares(&self) -> Vec<(u64, u64)> {
+        self.executors
+            .iter()
+            .map(|e| cleanroom_scale::executor::counts_in_log(&e.log_text()))
+            .collect()
+    }
+}
