@@ -93,6 +93,15 @@ async fn serve(
     // One node per state directory: two would share the audit log, the ledger and the
     // coordinator's registration. Held until this function returns.
     let _lock = lock_state_dir(&cfg.state_dir)?;
+    // A node killed during a job left its blinded points on disk: nobody will read them.
+    match crate::job::spill::sweep(&cfg.spill_dir()) {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(
+            removed = n,
+            "removed spill directories left by an earlier run"
+        ),
+        Err(e) => tracing::warn!(error = %e, "could not sweep the spill directory"),
+    }
     // No audit log, no node: every access must be recorded.
     let audit = AuditLog::open(&cfg.audit_path()).map_err(|e| NodeError::Config(e.to_string()))?;
     let loaded = policy_loaded(&cfg, config_path.as_deref());

@@ -30,6 +30,9 @@ fn bucket_path(dir: &Path, set: PointSet, bucket: usize) -> PathBuf {
 #[derive(Debug)]
 pub struct FileStore {
     dir: tempfile::TempDir,
+    /// Locked while the store lives, so that [`sweep`] tells a running job's directory from one
+    /// a killed node left (the lock goes with the process, however it ends).
+    _lock: File,
     writers: HashMap<(PointSet, usize), BufWriter<File>>,
     written: u64,
 }
@@ -45,10 +48,13 @@ impl FileStore {
             .take(64)
             .collect();
         let dir = tempfile::Builder::new()
-            .prefix(&format!("psi-{name}-"))
+            .prefix(&format!("{JOB_DIR_PREFIX}{name}-"))
             .tempdir_in(spill_dir)?;
+        let lock = File::create(dir.path().join(LOCK_FILE))?;
+        lock.try_lock().map_err(std::io::Error::other)?;
         Ok(FileStore {
             dir,
+            _lock: lock,
             writers: HashMap::new(),
             written: 0,
         })
@@ -70,6 +76,45 @@ impl FileStore {
             None => Ok(()),
         }
     }
+}
+
+/// How a job's spill directory is named: `psi-<job>-<random>`.
+const JOB_DIR_PREFIX: &str = "psi-";
+
+/// The file a running job holds locked in its spill directory.
+const LOCK_FILE: &str = "lock";
+
+/// Removes the job directories under `spill_dir` that no running job holds: what a node killed
+/// during a job left behind. Run at the node's start; a directory another process still holds
+/// (a node sharing the spill directory) is kept. Returns how many were removed.
+pub fn sweep(spill_dir: &Path) -> std::io::Result<usize> {
+    let entries = match std::fs::read_dir(spill_dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == ErrorKind::NotFound => return Ok(0),
+        Err(e) => return Err(e),
+    };
+    let mut removed = 0;
+    for entry in entries {
+        let entry = entry?;
+        let ours = entry
+            .file_name()
+            .to_str()
+            .is_some_and(|n| n.starts_with(JOB_DIR_PREFIX));
+        if !ours || !entry.file_type()?.is_dir() {
+            continue;
+        }
+        let held = match File::open(entry.path().join(LOCK_FILE)) {
+            Ok(lock) => matches!(lock.try_lock(), Err(std::fs::TryLockError::WouldBlock)),
+            // Killed between making the directory and its lock file.
+            Err(e) if e.kind() == ErrorKind::NotFound => false,
+            Err(e) => return Err(e),
+        };
+        if !held {
+            std::fs::remove_dir_all(entry.path())?;
+            removed += 1;
+        }
+    }
+    Ok(removed)
 }
 
 impl PointStore for FileStore {
@@ -130,6 +175,32 @@ impl PointStore for FileStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A killed node's job directories (lock file free, or none) are swept; a running job's
+    /// (its lock held) and anything not named like a job directory are kept.
+    #[test]
+    fn sweep_removes_what_a_killed_node_left_and_keeps_a_running_job() {
+        let root = tempfile::tempdir().unwrap();
+        let spill = root.path().join("spill");
+        let running = FileStore::create(&spill, "job-running").unwrap();
+        let left = spill.join("psi-job-killed-abc");
+        std::fs::create_dir_all(&left).unwrap();
+        std::fs::write(left.join(LOCK_FILE), "").unwrap();
+        std::fs::write(left.join("own-007"), [7u8; 64]).unwrap();
+        let no_lock = spill.join("psi-job-early-def");
+        std::fs::create_dir_all(&no_lock).unwrap();
+        let other = spill.join("datafusion-xyz");
+        std::fs::create_dir_all(&other).unwrap();
+
+        assert_eq!(sweep(&spill).unwrap(), 2);
+        assert!(!left.exists() && !no_lock.exists());
+        assert!(
+            running.dir().is_dir(),
+            "a running job's directory was swept"
+        );
+        assert!(other.is_dir(), "only job directories are ours to sweep");
+        assert_eq!(sweep(&root.path().join("none")).unwrap(), 0);
+    }
 
     #[test]
     fn buckets_round_trip_and_the_directory_goes_with_the_store() {
