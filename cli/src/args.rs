@@ -882,6 +882,10 @@ pub struct BenchPsiArgs {
     /// keeps its point sets in spill files, and the bytes each node spilled are reported.
     #[arg(long)]
     pub memory_limit: Option<bytesize::ByteSize>,
+    /// Where the nodes' dataset reads run: in their processes, or on a local Ballista cluster
+    /// of two executors (on the same machine, so they share its cores with the nodes).
+    #[arg(long, value_enum, default_value_t = EngineArg::InProcess)]
+    pub engine: EngineArg,
     #[command(flatten)]
     pub each: BenchRunArgs,
 }

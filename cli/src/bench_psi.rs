@@ -12,7 +12,7 @@ use cleanroom_circuits::floor::{FloorCosts, measure_floor_with};
 use cleanroom_proto::v1::{JobKind, JobState};
 use serde_json::json;
 
-use crate::args::BenchPsiArgs;
+use crate::args::{BenchPsiArgs, EngineArg};
 use crate::cluster::{Cluster, Partner};
 use crate::measure::{CpuMark, cores, median, rss_json, thread_cpu_time, verdict, warn_if_debug};
 use crate::synth::{GroundTruth, SynthSpec, write_synth};
@@ -199,10 +199,19 @@ async fn start(
         .into_iter()
         .collect();
     // Bytes as a number: exactly what was asked, whatever the unit was written as.
-    let top = args.memory_limit.map_or(String::new(), |m| {
+    let mut top = args.memory_limit.map_or(String::new(), |m| {
         format!("memory_limit = {}\n", m.as_u64())
     });
-    Cluster::start_with(dir, partners, None, &env, &top).await
+    let engine = match args.engine {
+        EngineArg::InProcess => None,
+        EngineArg::Ballista => Some(crate::scale::LocalCluster::start(dir, 2).await?),
+    };
+    if let Some(engine) = &engine {
+        top.push_str(&engine.engine_line());
+    }
+    let mut cluster = Cluster::start_with(dir, partners, None, &env, &top).await?;
+    cluster.engine = engine;
+    Ok(cluster)
 }
 
 /// The process ids of the bench's nodes that are running.
@@ -274,6 +283,11 @@ fn report(
     );
     if let Some(limit) = args.memory_limit {
         cleanroom_node::outln!("memory_limit:             {limit} per node (sets spilled to disk)");
+    }
+    if args.engine == EngineArg::Ballista {
+        cleanroom_node::outln!(
+            "engine:                   Ballista, 2 executors on this machine (dataset reads)"
+        );
     }
     cleanroom_node::outln!(
         "curve backend:            {} (picked at run time; the nodes run the same build)",
@@ -389,6 +403,7 @@ fn report(
             json!({
                 "n": n, "overlap": args.overlap, "cores": cores, "runs": args.each.runs.max(1),
                 "backend": floor.backend,
+                "engine": if args.engine == EngineArg::Ballista { "ballista" } else { "in-process" },
                 "wall_s": last["wall_s"], "floor_s": floor_secs, "ratio": last["ratio"],
                 "items_per_s_per_side": last["items_per_s_per_side"],
                 "node_cpu_s": last["node_cpu_s"], "cpu_ratio": last["cpu_ratio"],

@@ -62,6 +62,8 @@ pub struct Cluster {
     pub web: Option<SocketAddr>,
     /// Each node's privacy dashboard (with `/metrics`), when the console is served.
     pub dashboards: BTreeMap<String, SocketAddr>,
+    /// The Ballista cluster the nodes read on, if any; stopped after them.
+    pub engine: Option<crate::scale::LocalCluster>,
 }
 
 impl Cluster {
@@ -145,6 +147,7 @@ impl Cluster {
             addr,
             web,
             dashboards,
+            engine: None,
         };
         cluster.wait_connected(Duration::from_secs(30)).await?;
         Ok(cluster)
@@ -240,6 +243,9 @@ impl Cluster {
                     let _ = child.kill().await;
                 }
             }
+        }
+        if let Some(engine) = self.engine.take() {
+            engine.stop().await;
         }
         Ok(())
     }

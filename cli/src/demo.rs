@@ -75,7 +75,8 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
         .as_ref()
         .map_or(String::new(), crate::scale::LocalCluster::engine_line);
     let partners = Partner::from_truth(&truth);
-    let cluster = Cluster::start_with(&dir, &partners, args.web, &[], &node_top).await?;
+    let mut cluster = Cluster::start_with(&dir, &partners, args.web, &[], &node_top).await?;
+    cluster.engine = ballista;
     let client = cluster.client().await?;
 
     let mut jobs = Vec::new();
@@ -101,6 +102,10 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
     let sum_job = submit_and_wait(&client, &progress, "overlap-sum", overlap_sum_spec()).await?;
     let sum_elapsed = started.elapsed();
     client.close().await;
+    let shares = cluster
+        .engine
+        .as_ref()
+        .map(crate::scale::LocalCluster::shares);
     let cluster = if args.web.is_some() {
         Some(cluster)
     } else {
@@ -156,9 +161,9 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
         "Neither node saw the other's records; the coordinator saw only the counts and noised \
          totals above."
     );
-    if let Some(ballista) = &ballista {
+    if let Some(shares) = shares {
         cleanroom_node::outln!();
-        for (i, (tasks, rows)) in ballista.shares().into_iter().enumerate() {
+        for (i, (tasks, rows)) in shares.into_iter().enumerate() {
             cleanroom_node::outln!(
                 "Ballista executor {}: {tasks} tasks, {rows} rows read for the nodes",
                 i + 1
@@ -167,9 +172,6 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
     }
     if let Some(cluster) = cluster {
         serve_until_interrupted(cluster, &dir).await?;
-    }
-    if let Some(ballista) = ballista {
-        ballista.stop().await;
     }
     if args.keep.is_some() {
         cleanroom_node::outln!("Logs, configs and data are kept in {}.", dir.display());
