@@ -751,7 +751,8 @@ fn malformed_csv_rows_are_rejected_audited_by_line_and_previewed() {
     let mut c = Consortium::new();
     std::fs::create_dir_all(c.path().join("data")).unwrap();
     // acme: line 3 has an extra field (read by position it would have joined on 'x@shift.io');
-    // line 5 opens a quote in the email closed on line 6, swallowing p4's row into one field.
+    // line 5 opens a quote in the email closed on line 6, swallowing p4's row into one field:
+    // line 5 is rejected, and line 6, read again on its own, for the quote it closes.
     std::fs::write(
         c.path().join("data/acme.csv"),
         "email,phone\n\
@@ -796,17 +797,19 @@ fn malformed_csv_rows_are_rejected_audited_by_line_and_previewed() {
     );
     let preview = text(&out);
     assert!(out.status.success(), "{preview}");
-    // Per identifier: 5 records read (lines 5–6 are one), 2 rejected, 3 distinct.
+    // Per identifier: 6 records read (the open quote costs line 5 only), 3 rejected, 3
+    // distinct.
     assert!(
         preview
             .lines()
-            .any(|l| l.split_whitespace().collect::<Vec<_>>() == ["email", "5", "2", "0", "0", "3"]),
+            .any(|l| l.split_whitespace().collect::<Vec<_>>() == ["email", "6", "3", "0", "0", "3"]),
         "{preview}"
     );
     assert!(preview.contains("field count"), "{preview}");
     assert!(preview.contains("line break in a field"), "{preview}");
+    assert!(preview.contains("quote in a field"), "{preview}");
     assert!(
-        preview.contains("line 3") && preview.contains("line 5"),
+        preview.contains("line 3") && preview.contains("line 5") && preview.contains("line 6"),
         "{preview}"
     );
     assert!(preview.contains("p1@example.com"), "{preview}");
@@ -835,13 +838,14 @@ fn malformed_csv_rows_are_rejected_audited_by_line_and_previewed() {
         rejected["by_reason"]["line break in a field"], 1,
         "{rejected}"
     );
+    assert_eq!(rejected["by_reason"]["quote in a field"], 1, "{rejected}");
     let lines: Vec<u64> = rejected["first"]
         .as_array()
         .unwrap()
         .iter()
         .map(|r| r["line"].as_u64().unwrap())
         .collect();
-    assert_eq!(lines, [3, 5], "{rejected}");
+    assert_eq!(lines, [3, 5, 6], "{rejected}");
 
     // No identifier in the node's log, audit log or state files — not even the ones the
     // preview printed.

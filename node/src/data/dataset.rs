@@ -254,8 +254,10 @@ pub enum DatasetError {
 enum Rejection {
     #[error("the row has {found} fields where the header has {expected}")]
     FieldCount { expected: usize, found: usize },
-    #[error("a field holds a line break (an unterminated quote swallows the rows after it)")]
+    #[error("a field holds a line break (what a quote left open makes of its line)")]
     LineBreak,
+    #[error("a field holds a quote character (what a quote left open leaves behind)")]
+    StrayQuote,
     #[error("the field is null or missing")]
     Missing,
     #[error("the field is empty")]
@@ -276,6 +278,7 @@ impl Rejection {
         match self {
             Rejection::FieldCount { .. } => "field count".to_owned(),
             Rejection::LineBreak => "line break in a field".to_owned(),
+            Rejection::StrayQuote => "quote in a field".to_owned(),
             other => other.to_string(),
         }
     }
@@ -286,6 +289,7 @@ impl From<Malformed> for Rejection {
         match m {
             Malformed::FieldCount { expected, found } => Rejection::FieldCount { expected, found },
             Malformed::LineBreak => Rejection::LineBreak,
+            Malformed::StrayQuote => Rejection::StrayQuote,
         }
     }
 }
@@ -1103,10 +1107,11 @@ customer_id,email,phone,consent_fraud
         );
     }
 
-    /// An unterminated quote swallows the rows after it into one field; the row it starts is
+    /// An unterminated quote swallows the rows after it into one field; the line it starts is
     /// rejected (by its field count, or by the line break in a column the job reads when the
-    /// count happens to match), counted and located, instead of silently eating the next record.
-    /// A line break in a column the job does not read is legal CSV: the row is kept, and counted.
+    /// count happens to match), counted and located, and the lines it swallowed are read again
+    /// (one where the quote closes holds a `"`, and is rejected for it). A line break in a
+    /// column the job does not read is legal CSV: the row is kept, and counted.
     #[test]
     fn an_unterminated_quote_is_a_rejected_row_with_its_line() {
         let dir = tempfile::tempdir().unwrap();
@@ -1131,16 +1136,21 @@ customer_id,email,phone,consent_fraud
         assert_eq!((by_phone.rows_rejected, by_phone.items.len()), (0, 3));
         assert_eq!(by_phone.rejections.multi_line_rows, 1);
 
-        // At the end of the file: the quote never closes, the last record is one field short.
+        // The quote never closes: read as one record to the end of the file, it is a field
+        // short. Only its first line is rejected; carol's line, which it swallowed, is read.
         let csv = "customer_id,email,phone,amount_cents\n\
                    1,alice@example.com,+1 415 555 0100,10\n\
                    2,\"bob@example.com,+1 415 555 0101,20\n\
                    3,carol@example.com,+1 415 555 0102,30\n";
         let d = dataset(dir.path(), csv.as_bytes());
         let loaded = load_keys(&d, &KeySpec::new(["email"]), 100).unwrap();
-        assert_eq!(items(&loaded.items), ["alice@example.com"]);
+        assert_eq!(
+            items(&loaded.items),
+            ["alice@example.com", "carol@example.com"]
+        );
         assert_eq!(loaded.rejections.by_reason["field count"], 1);
         assert_eq!(loaded.rejections.first[0].line, 3);
+        assert_eq!(loaded.rows_read, 3);
     }
 
     /// Column readers (aggregate) get the same strictness: a malformed row is never passed on.
@@ -1179,10 +1189,12 @@ customer_id,email,phone,consent_fraud
                    3,\"zoe@example.com\n\",+1 415 555 0102,30\n";
         let d = dataset(dir.path(), csv.as_bytes());
         let loaded = load_keys(&d, &KeySpec::new(["email"]), 100).unwrap();
-        assert_eq!(loaded.rows_rejected, 3);
+        // zoe's record spans two lines: its first is rejected (line break), and its second,
+        // read again on its own, opens a quote that never closes (field count).
+        assert_eq!(loaded.rows_rejected, 4);
         assert_eq!(
             loaded.rejections.by_reason.len(),
-            3,
+            4,
             "{:?}",
             loaded.rejections
         );

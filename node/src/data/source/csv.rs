@@ -24,6 +24,12 @@ pub struct CsvFiles {
     record: ::csv::ByteRecord,
     /// Data rows read so far, over all files.
     rows: u64,
+    /// Where the current record ends: the next record's line (to tell a record that spans
+    /// lines).
+    end_line: u64,
+    /// Set by [`CsvFiles::malformed`] on a malformed record that spans lines: the next read
+    /// starts again at its second line ([`CsvFiles::resume_after_first_line`]).
+    resume: std::cell::RefCell<Option<::csv::Position>>,
 }
 
 impl CsvFiles {
@@ -44,6 +50,8 @@ impl CsvFiles {
             headers,
             record: ::csv::ByteRecord::new(),
             rows: 0,
+            end_line: 0,
+            resume: std::cell::RefCell::new(None),
         })
     }
 
@@ -59,10 +67,14 @@ impl CsvFiles {
 
     /// Reads the next record, moving on to the next file at the end of one.
     pub fn advance(&mut self) -> Result<bool, SourceError> {
+        if let Some(start) = self.resume.get_mut().take() {
+            self.resume_after_first_line(start)?;
+        }
         loop {
             match self.reader.read_byte_record(&mut self.record) {
                 Ok(true) => {
                     self.rows += 1;
+                    self.end_line = self.reader.position().line();
                     return Ok(true);
                 }
                 Ok(false) => {}
@@ -103,11 +115,26 @@ impl CsvFiles {
     /// field the pass reads (`read`). Checked before any field is used, so a malformed row is
     /// never read by position. A line break in a column the pass does not read is legal CSV (a
     /// note, an address) and only counted in `multi_line`.
+    ///
+    /// A malformed record that spans lines is what a quote left open makes: it swallowed the
+    /// lines after its first. Only that first line is rejected; the next read starts again at
+    /// the second, so the records the quote swallowed are read as the records they are.
     pub fn malformed(
         &self,
         read: &[usize],
         multi_line: &mut u64,
     ) -> Option<(Option<usize>, Malformed)> {
+        let problem = self.problem(read, multi_line);
+        if problem.is_some()
+            && let Some(start) = self.record.position()
+            && self.end_line > start.line() + 1
+        {
+            *self.resume.borrow_mut() = Some(start.clone());
+        }
+        problem
+    }
+
+    fn problem(&self, read: &[usize], multi_line: &mut u64) -> Option<(Option<usize>, Malformed)> {
         let width = self.headers.len();
         if self.record.len() != width {
             return Some((
@@ -124,10 +151,61 @@ impl CsvFiles {
         {
             return Some((Some(i), Malformed::LineBreak));
         }
+        if let Some(&i) = read
+            .iter()
+            .find(|&&i| self.record.get(i).is_some_and(|f| f.contains(&b'"')))
+        {
+            return Some((Some(i), Malformed::StrayQuote));
+        }
         if self.record.iter().any(super::has_line_break) {
             *multi_line += 1;
         }
         None
+    }
+}
+
+impl CsvFiles {
+    /// Moves the reader to the line after the one `start` is on, with a fresh parser (no quote
+    /// open): the first line of a malformed record stays rejected, and the lines it swallowed
+    /// are read again as records.
+    fn resume_after_first_line(&mut self, start: ::csv::Position) -> Result<(), SourceError> {
+        use std::io::{BufRead, BufReader, Seek, SeekFrom};
+        let io = |path: &Path, source| SourceError::Open {
+            path: path.to_owned(),
+            source,
+        };
+        let file = self.reader.get_mut();
+        file.seek(SeekFrom::Start(start.byte()))
+            .map_err(|e| io(&self.path, e))?;
+        // The first line's length, read in bounded pieces (a line may be long).
+        let mut line = BufReader::with_capacity(64 * 1024, &mut *file);
+        let mut skipped = 0u64;
+        loop {
+            let buf = line.fill_buf().map_err(|e| io(&self.path, e))?;
+            if buf.is_empty() {
+                break;
+            }
+            match buf.iter().position(|&b| b == b'\n') {
+                Some(at) => {
+                    skipped += at as u64 + 1;
+                    break;
+                }
+                None => {
+                    let n = buf.len();
+                    skipped += n as u64;
+                    line.consume(n);
+                }
+            }
+        }
+        let mut next = ::csv::Position::new();
+        next.set_byte(start.byte() + skipped)
+            .set_line(start.line() + 1)
+            .set_record(start.record() + 1);
+        self.reader.seek(next).map_err(|e| SourceError::Row {
+            path: self.path.clone(),
+            row: self.rows + 1,
+            source: e,
+        })
     }
 }
 
@@ -248,6 +326,59 @@ mod tests {
         let err = files.advance().unwrap_err();
         assert!(matches!(err, SourceError::HeaderMismatch { .. }), "{err}");
         assert!(!err.to_string().contains("x@example.com"));
+    }
+
+    /// Each record of `text` (one file, column 0 read): its line and its field, or why it is
+    /// malformed.
+    fn records(text: &str) -> Vec<(u64, String)> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.csv");
+        std::fs::write(&path, text).unwrap();
+        let mut files = CsvFiles::open(&path).unwrap();
+        let mut out = Vec::new();
+        let mut multi_line = 0;
+        while files.advance().unwrap() {
+            let what = match files.malformed(&[0], &mut multi_line) {
+                Some((_, m)) => format!("{m:?}"),
+                None => String::from_utf8(files.field(0).unwrap().to_vec()).unwrap(),
+            };
+            out.push((files.line(), what));
+        }
+        out
+    }
+
+    /// A quote left open costs its own line only: the lines it swallowed are read again as the
+    /// records they are, whether the quote never closes or closes on a later line.
+    #[test]
+    fn a_quote_left_open_costs_its_own_line_only() {
+        let never_closes = "email,n\na@x.y,1\n\"b@x.y,2\nc@x.y,3\nd@x.y,4\n";
+        let field_count = "FieldCount { expected: 2, found: 1 }".to_owned();
+        assert_eq!(
+            records(never_closes),
+            [
+                (2, "a@x.y".to_owned()),
+                (3, field_count),
+                (4, "c@x.y".to_owned()),
+                (5, "d@x.y".to_owned()),
+            ]
+        );
+        let closes_later = "email,n\na@x.y,1\n\"b@x.y,2\nc@x.y,3\nd@x.y\",4\ne@x.y,5\n";
+        assert_eq!(
+            records(closes_later),
+            [
+                (2, "a@x.y".to_owned()),
+                (3, "LineBreak".to_owned()),
+                (4, "c@x.y".to_owned()),
+                (5, "StrayQuote".to_owned()),
+                (6, "e@x.y".to_owned()),
+            ]
+        );
+        // A quoted field that spans lines in a column the pass does not read is legal CSV.
+        let note = "email,note\na@x.y,\"two\nlines\"\nb@x.y,x\n";
+        assert_eq!(
+            records(note),
+            [(2, "a@x.y".to_owned()), (4, "b@x.y".to_owned())]
+        );
     }
 
     #[test]

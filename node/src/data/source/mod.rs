@@ -98,6 +98,9 @@ pub enum Malformed {
     },
     /// A field the job reads holds a line break (what an unterminated quote leaves).
     LineBreak,
+    /// A field the job reads holds a `"` (local CSV): no identifier or amount has one, and a
+    /// quote left open on an earlier line leaves one where it closes.
+    StrayQuote,
 }
 
 /// A dataset's rows, one record at a time.
