@@ -12,25 +12,34 @@ use std::process::Command;
 use cleanroom_e2e::ballista::Ballista;
 use cleanroom_e2e::{Consortium, bins, cleanroom_node, cleanroom_ok, open_agreement};
 
-/// `cleanroom demo --format parquet` runs every job over Parquet files and checks each figure
-/// against the truth (it exits non-zero on any mismatch).
-#[test]
-fn the_demo_runs_over_parquet() {
-    let dir = tempfile::tempdir().unwrap();
+/// Runs `cleanroom demo ARGS --keep DIR/demo` and checks it exits 0 with no figure wrong (it
+/// checks each against the truth); returns its standard output.
+fn demo_ok(dir: &Path, args: &[&str]) -> String {
     let out = Command::new(&bins().0)
-        .args(["demo", "--rows", "400", "--format", "parquet", "--keep"])
-        .arg(dir.path().join("demo"))
+        .arg("demo")
+        .args(args)
+        .arg("--keep")
+        .arg(dir.join("demo"))
         .output()
         .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(
         out.status.success(),
         "{stdout}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(stdout.contains("in parquet files"), "{stdout}");
     assert!(stdout.contains("ok"), "{stdout}");
     assert!(!stdout.contains("WRONG"), "{stdout}");
+    stdout
+}
+
+/// `cleanroom demo --format parquet` runs every job over Parquet files and checks each figure
+/// against the truth (it exits non-zero on any mismatch).
+#[test]
+fn the_demo_runs_over_parquet() {
+    let dir = tempfile::tempdir().unwrap();
+    let stdout = demo_ok(dir.path(), &["--rows", "400", "--format", "parquet"]);
+    assert!(stdout.contains("in parquet files"), "{stdout}");
     let data = dir.path().join("demo/data");
     assert!(data.join("acme.parquet").exists());
     assert!(
@@ -45,18 +54,7 @@ fn the_demo_runs_over_parquet() {
 #[test]
 fn the_demo_runs_on_a_ballista_cluster() {
     let dir = tempfile::tempdir().unwrap();
-    let out = Command::new(&bins().0)
-        .args(["demo", "--rows", "2000", "--engine", "ballista", "--keep"])
-        .arg(dir.path().join("demo"))
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(!stdout.contains("WRONG"), "{stdout}");
+    let stdout = demo_ok(dir.path(), &["--rows", "2000", "--engine", "ballista"]);
     for i in [1, 2] {
         let line = stdout
             .lines()
@@ -221,17 +219,20 @@ fn parquet_meets_a_view(rows: u64, executors: Option<usize>) -> Consortium {
     ));
     assert_eq!(code, Some(0), "{job}");
     let job_id = job["job_id"].as_str().unwrap();
-    let file = c
-        .path()
-        .join(format!("state-acme/results/{job_id}-membership.csv"));
-    let written: Vec<u64> = std::fs::read_to_string(&file)
-        .unwrap()
-        .lines()
-        .skip(1)
-        .map(|l| l.parse().unwrap())
-        .collect();
+    let membership = |node: &str| -> Vec<u64> {
+        let file = c
+            .path()
+            .join(format!("state-{node}/results/{job_id}-membership.csv"));
+        std::fs::read_to_string(&file)
+            .unwrap()
+            .lines()
+            .skip(1)
+            .map(|l| l.parse().unwrap())
+            .collect()
+    };
     assert_eq!(
-        written, acme_rows,
+        membership("acme"),
+        acme_rows,
         "acme's matched Parquet rows are the CSV's rows"
     );
     // globex's rows are numbered in the order its view produces them: the CSV's order with the
@@ -243,16 +244,11 @@ fn parquet_meets_a_view(rows: u64, executors: Option<usize>) -> Consortium {
         .filter(|(_, (_, email, _))| acme_emails.contains(email.as_str()))
         .map(|(i, _)| i as u64 + 1)
         .collect();
-    let file = c
-        .path()
-        .join(format!("state-globex/results/{job_id}-membership.csv"));
-    let written: Vec<u64> = std::fs::read_to_string(&file)
-        .unwrap()
-        .lines()
-        .skip(1)
-        .map(|l| l.parse().unwrap())
-        .collect();
-    assert_eq!(written, globex_rows, "globex's matched rows of its view");
+    assert_eq!(
+        membership("globex"),
+        globex_rows,
+        "globex's matched rows of its view"
+    );
     c
 }
 

@@ -12,6 +12,28 @@ use crate::{Process, bins};
 /// What Ballista's executor logs once the scheduler has taken it in (ballista-executor 55).
 const REGISTERED: &str = "Executor registration succeed";
 
+/// Starts `cleanroom ARGS --stop-on-stdin-eof` in `dir`, its log in `dir/logs/NAME.log`.
+fn spawn(dir: &Path, name: &str, args: &[&str], stdout: Stdio) -> Process {
+    let log = dir.join(format!("logs/{name}.log"));
+    let mut child = Command::new(&bins().0)
+        .args(args)
+        .arg("--stop-on-stdin-eof")
+        .current_dir(dir)
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::piped())
+        .stdout(stdout)
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap_or_else(|e| panic!("starting the {name}: {e}"));
+    let stdin = child.stdin.take();
+    Process {
+        name: name.into(),
+        child,
+        stdin,
+        log,
+    }
+}
+
 /// A running scheduler and its executors; stopped when dropped.
 #[derive(Debug)]
 pub struct Ballista {
@@ -25,66 +47,37 @@ impl Ballista {
     /// `dir/logs`, work directories `dir/executor-N`), and waits until all have registered.
     /// `keep_results_secs`: the scheduler's `--keep-results-secs`.
     pub fn start(dir: &Path, executors: usize, keep_results_secs: u64) -> Ballista {
-        let log = dir.join("logs/scheduler.log");
-        let mut child = Command::new(&bins().0)
-            .args([
+        let keep = keep_results_secs.to_string();
+        let mut scheduler = spawn(
+            dir,
+            "scheduler",
+            &[
                 "scheduler",
                 "--listen",
                 "127.0.0.1:0",
-                "--stop-on-stdin-eof",
-            ])
-            .args(["--keep-results-secs", &keep_results_secs.to_string()])
-            .current_dir(dir)
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .expect("starting the scheduler");
+                "--keep-results-secs",
+                &keep,
+            ],
+            Stdio::piped(),
+        );
         let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
+        BufReader::new(scheduler.child.stdout.take().unwrap())
             .read_line(&mut line)
             .unwrap();
         let addr: SocketAddr = line
             .trim()
             .strip_prefix("listening ")
-            .unwrap_or_else(|| {
-                panic!(
-                    "scheduler said {line:?}; log: {}",
-                    std::fs::read_to_string(&log).unwrap_or_default()
-                )
-            })
+            .unwrap_or_else(|| panic!("scheduler said {line:?}; log: {}", scheduler.log_text()))
             .parse()
             .unwrap();
-        let stdin = child.stdin.take();
-        let scheduler = Process {
-            name: "scheduler".into(),
-            child,
-            stdin,
-            log,
-        };
+        let scheduler_arg = addr.to_string();
         let executors = (1..=executors)
             .map(|i| {
-                let log = dir.join(format!("logs/executor-{i}.log"));
-                let mut child = Command::new(&bins().0)
-                    .args(["executor", "--scheduler", &addr.to_string(), "--slots", "1"])
-                    .arg("--work-dir")
-                    .arg(dir.join(format!("executor-{i}")))
-                    .arg("--stop-on-stdin-eof")
-                    .current_dir(dir)
-                    .env("RUST_LOG", "info")
-                    .stdin(Stdio::piped())
-                    .stdout(Stdio::null())
-                    .stderr(std::fs::File::create(&log).unwrap())
-                    .spawn()
-                    .expect("starting an executor");
-                let stdin = child.stdin.take();
-                Process {
-                    name: format!("executor-{i}"),
-                    child,
-                    stdin,
-                    log,
-                }
+                let work = dir.join(format!("executor-{i}"));
+                let work = work.to_str().unwrap();
+                let args = ["executor", "--scheduler", &scheduler_arg, "--slots", "1"];
+                let args = [&args[..], &["--work-dir", work]].concat();
+                spawn(dir, &format!("executor-{i}"), &args, Stdio::null())
             })
             .collect::<Vec<_>>();
         let deadline = Instant::now() + Duration::from_secs(60);
