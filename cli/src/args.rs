@@ -284,9 +284,9 @@ pub struct SchedulerArgs {
 /// `cleanroom executor`
 #[derive(Debug, Args)]
 pub struct ExecutorArgs {
-    /// The scheduler's address.
+    /// The scheduler's address: `host:port`, with a DNS name or an IP address.
     #[arg(long, default_value = "127.0.0.1:50050")]
-    pub scheduler: std::net::SocketAddr,
+    pub scheduler: cleanroom_transport::HostPort,
     /// The address to listen on (its ports are picked free).
     #[arg(long, default_value = "127.0.0.1")]
     pub bind: std::net::IpAddr,

@@ -27,7 +27,7 @@ pub async fn scheduler(args: SchedulerArgs) -> anyhow::Result<ExitCode> {
 /// Runs tasks until a stop signal (or standard input's end).
 pub async fn executor(args: ExecutorArgs) -> anyhow::Result<ExitCode> {
     let options = ExecutorOptions {
-        scheduler: args.scheduler,
+        scheduler: (args.scheduler.host().to_owned(), args.scheduler.port()),
         bind: args.bind,
         work_dir: args.work_dir,
         slots: args.slots.unwrap_or_else(|| {

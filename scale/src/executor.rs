@@ -1,7 +1,7 @@
 //! A Ballista executor: runs the tasks the scheduler pushes to it, and counts them.
 
 use std::fmt;
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -23,8 +23,8 @@ use datafusion::prelude::SessionConfig;
 /// How an executor runs.
 #[derive(Debug, Clone)]
 pub struct ExecutorOptions {
-    /// The scheduler's address.
-    pub scheduler: SocketAddr,
+    /// The scheduler's host (a name or an IP address) and port.
+    pub scheduler: (String, u16),
     /// The address this executor listens on (its data and task ports are picked free).
     pub bind: IpAddr,
     /// Where it keeps the stage outputs other executors and the node fetch.
@@ -102,8 +102,8 @@ pub async fn run(options: ExecutorOptions, counters: Arc<Counters>) -> anyhow::R
         external_host: Some(options.bind.to_string()),
         port: free_port(options.bind)?,
         grpc_port: free_port(options.bind)?,
-        scheduler_host: options.scheduler.ip().to_string(),
-        scheduler_port: options.scheduler.port(),
+        scheduler_host: options.scheduler.0.clone(),
+        scheduler_port: options.scheduler.1,
         scheduler_connect_timeout_seconds: 30,
         vcores: options.slots.max(1),
         task_scheduling_policy: TaskSchedulingPolicy::PushStaged,
