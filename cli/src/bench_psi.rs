@@ -199,19 +199,10 @@ async fn start(
         .into_iter()
         .collect();
     // Bytes as a number: exactly what was asked, whatever the unit was written as.
-    let mut top = args.memory_limit.map_or(String::new(), |m| {
+    let top = args.memory_limit.map_or(String::new(), |m| {
         format!("memory_limit = {}\n", m.as_u64())
     });
-    let engine = match args.engine {
-        EngineArg::InProcess => None,
-        EngineArg::Ballista => Some(crate::scale::LocalCluster::start(dir, 2).await?),
-    };
-    if let Some(engine) = &engine {
-        top.push_str(&engine.engine_line());
-    }
-    let mut cluster = Cluster::start_with(dir, partners, None, &env, &top).await?;
-    cluster.engine = engine;
-    Ok(cluster)
+    Cluster::start_with(dir, partners, None, &env, &top, args.engine).await
 }
 
 /// The process ids of the bench's nodes that are running.

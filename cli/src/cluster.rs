@@ -10,6 +10,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, anyhow, bail};
 use cleanroom_coordinator::AnalystClient;
+
+use crate::args::EngineArg;
 use cleanroom_proto::v1::{JobKind, JobSpec, PartySpec};
 use cleanroom_transport::{Credentials, Identity, pki};
 use tokio::io::{AsyncBufReadExt, BufReader};
@@ -70,20 +72,31 @@ impl Cluster {
     /// Issues the PKI, writes the configs, starts the coordinator and the nodes, and waits
     /// until every node is connected.
     pub async fn start(dir: &Path, partners: &[Partner]) -> anyhow::Result<Cluster> {
-        Self::start_with(dir, partners, None, &[], "").await
+        Self::start_with(dir, partners, None, &[], "", EngineArg::InProcess).await
     }
 
     /// [`Cluster::start`], the coordinator also serving its web console on `web` if given, with
     /// `node_env` set in every node process's environment
     /// (e.g. `RAYON_NUM_THREADS`, the node's worker threads) and `node_top` written at the top
-    /// of every node's config (e.g. `memory_limit = "1GiB"`).
+    /// of every node's config (e.g. `memory_limit = "1GiB"`). With `EngineArg::Ballista`, a
+    /// local Ballista cluster of two executors is started first and the nodes read on it.
     pub async fn start_with(
         dir: &Path,
         partners: &[Partner],
         web: Option<SocketAddr>,
         node_env: &[(&str, String)],
         node_top: &str,
+        engine: EngineArg,
     ) -> anyhow::Result<Cluster> {
+        let engine = match engine {
+            EngineArg::InProcess => None,
+            EngineArg::Ballista => Some(crate::scale::LocalCluster::start(dir, 2).await?),
+        };
+        let node_top = match &engine {
+            Some(engine) => format!("{node_top}{}", engine.engine_line()),
+            None => node_top.to_owned(),
+        };
+        let node_top = node_top.as_str();
         let pki_dir = dir.join("pki");
         pki::init_ca(&pki_dir, "cleanroom demo consortium")?;
         pki::issue(&pki_dir, &Identity::coordinator(), &pki_dir)?;
@@ -147,7 +160,7 @@ impl Cluster {
             addr,
             web,
             dashboards,
-            engine: None,
+            engine,
         };
         cluster.wait_connected(Duration::from_secs(30)).await?;
         Ok(cluster)
@@ -232,22 +245,28 @@ impl Cluster {
             "coordinator".into(),
             std::mem::replace(&mut self.coordinator, dummy_child()?),
         ));
-        for (_, child) in &mut children {
-            drop(child.stdin.take());
-        }
-        for (name, child) in &mut children {
-            match tokio::time::timeout(Duration::from_secs(10), child.wait()).await {
-                Ok(Ok(_)) => {}
-                _ => {
-                    tracing::warn!(process = %name, "did not stop in time; killing it");
-                    let _ = child.kill().await;
-                }
-            }
-        }
+        stop_all(&mut children).await;
         if let Some(engine) = self.engine.take() {
             engine.stop().await;
         }
         Ok(())
+    }
+}
+
+/// Stops processes started with `--stop-on-stdin-eof`: closes every standard input, then waits
+/// for each, killing any that has not stopped within 10 s.
+pub(crate) async fn stop_all(children: &mut [(String, Child)]) {
+    for (_, child) in children.iter_mut() {
+        drop(child.stdin.take());
+    }
+    for (name, child) in children.iter_mut() {
+        match tokio::time::timeout(Duration::from_secs(10), child.wait()).await {
+            Ok(Ok(_)) => {}
+            _ => {
+                tracing::warn!(process = %name, "did not stop in time; killing it");
+                let _ = child.kill().await;
+            }
+        }
     }
 }
 

@@ -11,7 +11,7 @@ use cleanroom_coordinator::client::state_name;
 use cleanroom_proto::v1::{JobInfo, JobKind, JobSpec, JobState, OverlapSumSpec};
 use indicatif::ProgressBar;
 
-use crate::args::{DemoArgs, EngineArg};
+use crate::args::DemoArgs;
 use crate::cluster::{Cluster, Partner};
 use crate::synth::{CATEGORIES, GroundTruth, SynthSpec, write_synth_as};
 use crate::ui::{WorkDir, spinner};
@@ -64,19 +64,15 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
 
     progress
         .set_message("issuing the PKI and starting the coordinator and two nodes (acme, globex)");
-    let ballista = match args.engine {
-        EngineArg::InProcess => None,
-        EngineArg::Ballista => {
-            progress.set_message("starting a Ballista scheduler and two executors");
-            Some(crate::scale::LocalCluster::start(&dir, 2).await?)
-        }
-    };
-    let node_top = ballista
-        .as_ref()
-        .map_or(String::new(), crate::scale::LocalCluster::engine_line);
-    let partners = Partner::from_truth(&truth);
-    let mut cluster = Cluster::start_with(&dir, &partners, args.web, &[], &node_top).await?;
-    cluster.engine = ballista;
+    let cluster = Cluster::start_with(
+        &dir,
+        &Partner::from_truth(&truth),
+        args.web,
+        &[],
+        "",
+        args.engine,
+    )
+    .await?;
     let client = cluster.client().await?;
 
     let mut jobs = Vec::new();

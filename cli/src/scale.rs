@@ -58,9 +58,6 @@ pub struct LocalCluster {
     pub addr: std::net::SocketAddr,
 }
 
-/// What Ballista's executor logs once the scheduler has taken it in (ballista-executor 55).
-const REGISTERED: &str = "Executor registration succeed";
-
 impl LocalCluster {
     /// Starts the scheduler and `executors` executors of one task slot each (logs and work
     /// directories under `dir`), and waits until every executor has registered.
@@ -105,7 +102,9 @@ impl LocalCluster {
         };
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
         for (log, _) in &cluster.executors {
-            while !std::fs::read_to_string(log).is_ok_and(|t| t.contains(REGISTERED)) {
+            while !std::fs::read_to_string(log)
+                .is_ok_and(|t| t.contains(cleanroom_scale::executor::REGISTERED))
+            {
                 if std::time::Instant::now() > deadline {
                     anyhow::bail!(
                         "a Ballista executor did not register; see {}",
@@ -120,7 +119,7 @@ impl LocalCluster {
 
     /// The node config line that sends its reads here.
     pub fn engine_line(&self) -> String {
-        format!("engine = {{ ballista = \"df://{}\" }}\n", self.addr)
+        cleanroom_scale::scheduler::engine_line(self.addr)
     }
 
     /// Each executor's tasks and rows so far, from the last count it logged.
@@ -136,21 +135,14 @@ impl LocalCluster {
     }
 
     /// Stops the executors, then the scheduler.
-    pub async fn stop(mut self) {
-        for (_, child) in &mut self.executors {
-            drop(child.stdin.take());
-        }
-        for (_, child) in &mut self.executors {
-            stop_child(child).await;
-        }
-        drop(self.scheduler.stdin.take());
-        stop_child(&mut self.scheduler).await;
-    }
-}
-
-async fn stop_child(child: &mut tokio::process::Child) {
-    let waited = tokio::time::timeout(std::time::Duration::from_secs(10), child.wait()).await;
-    if !matches!(waited, Ok(Ok(_))) {
-        let _ = child.kill().await;
+    pub async fn stop(self) {
+        let mut executors: Vec<(String, tokio::process::Child)> = self
+            .executors
+            .into_iter()
+            .enumerate()
+            .map(|(i, (_, child))| (format!("executor-{}", i + 1), child))
+            .collect();
+        crate::cluster::stop_all(&mut executors).await;
+        crate::cluster::stop_all(&mut [("scheduler".to_owned(), self.scheduler)]).await;
     }
 }

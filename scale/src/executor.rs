@@ -55,6 +55,10 @@ impl Counters {
     }
 }
 
+/// What Ballista's executor logs once the scheduler has taken it in (ballista-executor 55):
+/// supervisors wait for it before they send work.
+pub const REGISTERED: &str = "Executor registration succeed";
+
 /// What every finished task logs, with the executor's running `tasks=` and `rows=`.
 pub const TASK_DONE: &str = "executor: task done";
 

@@ -50,3 +50,8 @@ pub async fn start(
     };
     Ok((addr, serve))
 }
+
+/// The node config line that sends a node's reads to the scheduler at `addr`.
+pub fn engine_line(addr: SocketAddr) -> String {
+    format!("engine = {{ ballista = \"df://{addr}\" }}\n")
+}

@@ -9,9 +9,6 @@ use std::time::{Duration, Instant};
 
 use crate::{Process, bins};
 
-/// What Ballista's executor logs once the scheduler has taken it in (ballista-executor 55).
-const REGISTERED: &str = "Executor registration succeed";
-
 /// Starts `cleanroom ARGS --stop-on-stdin-eof` in `dir`, its log in `dir/logs/NAME.log`.
 fn spawn(dir: &Path, name: &str, args: &[&str], stdout: Stdio) -> Process {
     let log = dir.join(format!("logs/{name}.log"));
@@ -82,7 +79,7 @@ impl Ballista {
             .collect::<Vec<_>>();
         let deadline = Instant::now() + Duration::from_secs(60);
         for e in &executors {
-            while !e.log_text().contains(REGISTERED) {
+            while !e.log_text().contains(cleanroom_scale::executor::REGISTERED) {
                 assert!(
                     Instant::now() < deadline,
                     "{} did not register: {}",
@@ -101,7 +98,7 @@ impl Ballista {
 
     /// The node config line that sends a node's reads to this cluster.
     pub fn engine_line(&self) -> String {
-        format!("engine = {{ ballista = \"df://{}\" }}\n", self.addr)
+        cleanroom_scale::scheduler::engine_line(self.addr)
     }
 
     /// Each executor's `(tasks, rows)`, from the last count it logged.

@@ -244,13 +244,10 @@ impl NodeConfig {
             if p.as_os_str().is_empty() {
                 return;
             }
-            let text = p.to_string_lossy();
-            if let Some(rest) = text.strip_prefix("file://") {
-                *p = PathBuf::from(rest);
-            } else if text.contains("://") {
-                return;
+            if let Some(local) = crate::data::source::local_path(p) {
+                *p = local;
+                resolve(p);
             }
-            resolve(p);
         };
         resolve(&mut self.state_dir);
         if let Some(ledger) = &mut self.ledger {

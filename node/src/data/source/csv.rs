@@ -24,9 +24,6 @@ pub struct CsvFiles {
     record: ::csv::ByteRecord,
     /// Data rows read so far, over all files.
     rows: u64,
-    /// Where the current record ends: the next record's line (to tell a record that spans
-    /// lines).
-    end_line: u64,
     /// Set by [`CsvFiles::malformed`] on a malformed record that spans lines: the next read
     /// starts again at its second line ([`CsvFiles::resume_after_first_line`]).
     resume: std::cell::RefCell<Option<::csv::Position>>,
@@ -50,7 +47,6 @@ impl CsvFiles {
             headers,
             record: ::csv::ByteRecord::new(),
             rows: 0,
-            end_line: 0,
             resume: std::cell::RefCell::new(None),
         })
     }
@@ -74,7 +70,6 @@ impl CsvFiles {
             match self.reader.read_byte_record(&mut self.record) {
                 Ok(true) => {
                     self.rows += 1;
-                    self.end_line = self.reader.position().line();
                     return Ok(true);
                 }
                 Ok(false) => {}
@@ -127,7 +122,8 @@ impl CsvFiles {
         let problem = self.problem(read, multi_line);
         if problem.is_some()
             && let Some(start) = self.record.position()
-            && self.end_line > start.line() + 1
+            // The reader stands where the record ended: at the next record's line.
+            && self.reader.position().line() > start.line() + 1
         {
             *self.resume.borrow_mut() = Some(start.clone());
         }
@@ -162,9 +158,7 @@ impl CsvFiles {
         }
         None
     }
-}
 
-impl CsvFiles {
     /// Moves the reader to the line after the one `start` is on, with a fresh parser (no quote
     /// open): the first line of a malformed record stays rejected, and the lines it swallowed
     /// are read again as records.

@@ -213,8 +213,9 @@ fn has_line_break(field: &[u8]) -> bool {
 }
 
 /// The local path a dataset location names: a plain path, or a `file://` URL (read by the strict
-/// CSV reader like a plain path); `None` for a remote URL.
-fn local_path(location: &std::path::Path) -> Option<PathBuf> {
+/// CSV reader like a plain path); `None` for a remote URL. The node's config resolves dataset
+/// paths with it too.
+pub fn local_path(location: &std::path::Path) -> Option<PathBuf> {
     let text = location.to_string_lossy();
     if !text.contains("://") {
         return Some(location.to_owned());
