@@ -188,8 +188,11 @@ fn parquet_meets_a_view(rows: u64, executors: Option<usize>) -> Consortium {
 
     if let Some(executors) = executors {
         let cluster = Ballista::start(c.path(), executors, 600);
-        c.node_top.insert("acme".into(), cluster.engine_line());
-        c.node_top.insert("globex".into(), cluster.engine_line());
+        // acme's overlap blinding runs on the executors too (it names their sealing key);
+        // globex's reads only.
+        c.node_top.insert("acme".into(), cluster.engine_line(true));
+        c.node_top
+            .insert("globex".into(), cluster.engine_line(false));
         c.ballista = Some(cluster);
     }
     c.admit_node("acme");
@@ -210,6 +213,26 @@ fn parquet_meets_a_view(rows: u64, executors: Option<usize>) -> Consortium {
     let (job, code) = c.submit(&cleanroom_e2e::overlap_between("acme,globex"));
     assert_eq!(code, Some(0), "{job}");
     assert_eq!(job["intersection"].as_u64(), Some(truth), "{job}");
+    let access = c.audited_access("acme", job["job_id"].as_str().unwrap());
+    assert_eq!(access["rows_read"].to_string(), rows, "{access}");
+    assert_eq!(access["rows_rejected"], 0, "{access}");
+    if executors.is_some() {
+        let log = |name: &str| {
+            c.nodes
+                .iter()
+                .find(|p| p.name == name)
+                .map(|p| p.log_text())
+                .unwrap()
+        };
+        assert!(
+            log("acme").contains("on_executors=true"),
+            "acme blinded on the executors"
+        );
+        assert!(
+            log("globex").contains("on_executors=false"),
+            "globex blinded itself"
+        );
+    }
 
     let (job, code) = c.submit(&cleanroom_e2e::psi_job(
         "match",

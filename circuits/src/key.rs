@@ -35,6 +35,19 @@ impl JobKey {
         Zeroizing::new(self.0.div_by_2())
     }
 
+    /// The key's 32 bytes, for sealing it to a partner's own executors (which blind the
+    /// node's identifiers on a Ballista cluster). The caller seals them at once; the buffer is
+    /// zeroized when dropped.
+    pub fn to_secret_bytes(&self) -> Zeroizing<[u8; 32]> {
+        Zeroizing::new(self.0.to_bytes())
+    }
+
+    /// The key sealed bytes name: `None` unless they are a canonical, non-zero scalar.
+    pub fn from_secret_bytes(bytes: &[u8; 32]) -> Option<JobKey> {
+        let k = Option::<Scalar>::from(Scalar::from_canonical_bytes(*bytes))?;
+        (k != Scalar::ZERO).then_some(JobKey(k))
+    }
+
     /// The full scalar, for tests that check the halved-scalar trick against plain `k·P`.
     #[cfg(test)]
     pub(crate) fn scalar(&self) -> &Scalar {
@@ -66,5 +79,14 @@ mod tests {
         assert_ne!(a.0, b.0);
         assert_ne!(a.0, Scalar::ZERO);
         assert_eq!(*a.half() + *a.half(), a.0);
+    }
+
+    #[test]
+    fn secret_bytes_round_trip_and_refuse_zero_and_non_canonical() {
+        let a = JobKey::generate();
+        let back = JobKey::from_secret_bytes(&a.to_secret_bytes()).expect("canonical");
+        assert_eq!(back.0, a.0);
+        assert!(JobKey::from_secret_bytes(&[0; 32]).is_none());
+        assert!(JobKey::from_secret_bytes(&[0xff; 32]).is_none());
     }
 }

@@ -110,6 +110,10 @@ pub enum Command {
     /// the tasks of the node's dataset reads. Logs `executor: task done` with its task and row
     /// counts after every task; runs until SIGINT or SIGTERM.
     Executor(ExecutorArgs),
+    /// Write a new key a node shares with its Ballista executors: give the file to
+    /// `cleanroom executor --sealing-key` and to the node's `engine.sealing_key`. The node seals
+    /// each overlap's job key under it, so the plans the scheduler sees carry a ciphertext.
+    SealingKey(SealingKeyArgs),
     /// Benchmarks that report throughput against the cryptographic cost floor.
     Bench {
         /// Benchmark to run.
@@ -300,9 +304,22 @@ pub struct ExecutorArgs {
     /// machine).
     #[arg(long)]
     pub memory_pool: Option<bytesize::ByteSize>,
+    /// The key file the partner's node names as `engine.sealing_key` (64 hex digits; make one
+    /// with `cleanroom sealing-key --out FILE`). With it, this executor runs an overlap's
+    /// normalising, filtering and blinding; without it, only reads.
+    #[arg(long)]
+    pub sealing_key: Option<PathBuf>,
     /// Also shut down when standard input closes (for supervisors and tests).
     #[arg(long, hide = true)]
     pub stop_on_stdin_eof: bool,
+}
+
+/// `cleanroom sealing-key`
+#[derive(Debug, Args)]
+pub struct SealingKeyArgs {
+    /// The file to write (created with mode 0600; an existing file is never overwritten).
+    #[arg(long)]
+    pub out: PathBuf,
 }
 
 /// `cleanroom coordinator …`

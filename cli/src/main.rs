@@ -114,6 +114,7 @@ fn execute(command: Command) -> anyhow::Result<ExitCode> {
         Command::Node(cli) => Ok(cleanroom_node::cli::main(cli)),
         Command::Scheduler(args) => runtime()?.block_on(scale::scheduler(args)),
         Command::Executor(args) => runtime()?.block_on(scale::executor(args)),
+        Command::SealingKey(args) => scale::sealing_key(&args),
         Command::Job {
             conn,
             command: JobCli::Base(command),

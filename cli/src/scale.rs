@@ -4,12 +4,14 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use crate::args::{ExecutorArgs, SchedulerArgs};
+use cleanroom_node::data::cluster_pass::{PassUdf, SealingKey};
 use cleanroom_scale::executor::{Counters, ExecutorOptions};
 
 /// Serves until a stop signal (or standard input's end, for supervisors).
 pub async fn scheduler(args: SchedulerArgs) -> anyhow::Result<ExitCode> {
     let keep = std::time::Duration::from_secs(args.keep_results_secs);
-    let (addr, serve) = cleanroom_scale::scheduler::start(args.listen, keep).await?;
+    let functions = vec![Arc::new(PassUdf::planner())];
+    let (addr, serve) = cleanroom_scale::scheduler::start(args.listen, keep, functions).await?;
     {
         // Supervisors (the demo, the tests) read this line to learn a port-0 address.
         use std::io::Write;
@@ -34,6 +36,13 @@ pub async fn executor(args: ExecutorArgs) -> anyhow::Result<ExitCode> {
             std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
         }),
         memory_pool: args.memory_pool.map(|b| b.as_u64()),
+        // Without a key the pass still decodes, and refuses to run with a message that says so.
+        functions: vec![Arc::new(match &args.sealing_key {
+            Some(path) => PassUdf::executor(Arc::new(
+                SealingKey::read(path).map_err(anyhow::Error::msg)?,
+            )),
+            None => PassUdf::planner(),
+        })],
     };
     let counters = Arc::new(Counters::default());
     tokio::select! {
@@ -48,6 +57,27 @@ pub async fn executor(args: ExecutorArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// Writes a new sealing key file (mode 0600, never over an existing file).
+pub fn sealing_key(args: &crate::args::SealingKeyArgs) -> anyhow::Result<ExitCode> {
+    write_sealing_key(&args.out)?;
+    println!("wrote {}", args.out.display());
+    Ok(ExitCode::SUCCESS)
+}
+
+fn write_sealing_key(path: &std::path::Path) -> anyhow::Result<()> {
+    use anyhow::Context;
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let text = SealingKey::generate_hex().map_err(anyhow::Error::msg)?;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .and_then(|mut f| f.write_all(text.as_bytes()))
+        .with_context(|| format!("cannot write a new key to {}", path.display()))
+}
+
 /// A Ballista cluster on loopback for `cleanroom demo --engine ballista`: a scheduler and
 /// executor processes started from this binary, as an operator would start them.
 #[derive(Debug)]
@@ -56,6 +86,8 @@ pub struct LocalCluster {
     executors: Vec<(std::path::PathBuf, tokio::process::Child)>,
     /// The scheduler's address.
     pub addr: std::net::SocketAddr,
+    /// The key file the executors and the nodes share.
+    sealing_key: std::path::PathBuf,
 }
 
 impl LocalCluster {
@@ -76,6 +108,9 @@ impl LocalCluster {
             .await
             .context("the Ballista scheduler did not start; see logs/scheduler.log")?;
         let scheduler_arg = addr.to_string();
+        let sealing_key = dir.join("executors.key");
+        write_sealing_key(&sealing_key)?;
+        let key_arg = sealing_key.to_string_lossy().into_owned();
         let mut started = Vec::new();
         for i in 1..=executors {
             let log = logs.join(format!("executor-{i}.log"));
@@ -86,6 +121,8 @@ impl LocalCluster {
                     &scheduler_arg,
                     "--slots",
                     "1",
+                    "--sealing-key",
+                    &key_arg,
                     "--work-dir",
                 ],
                 &dir.join(format!("executor-{i}")),
@@ -99,6 +136,7 @@ impl LocalCluster {
             scheduler,
             executors: started,
             addr,
+            sealing_key,
         };
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
         for (log, _) in &cluster.executors {
@@ -117,9 +155,9 @@ impl LocalCluster {
         Ok(cluster)
     }
 
-    /// The node config line that sends its reads here.
+    /// The node config line that sends its reads, and its overlaps' blinding, here.
     pub fn engine_line(&self) -> String {
-        cleanroom_scale::scheduler::engine_line(self.addr)
+        cleanroom_scale::scheduler::engine_line(self.addr, Some(&self.sealing_key))
     }
 
     /// Each executor's tasks and rows so far, from the last count it logged.
@@ -144,5 +182,24 @@ impl LocalCluster {
             .collect();
         crate::cluster::stop_all(&mut executors).await;
         crate::cluster::stop_all(&mut [("scheduler".to_owned(), self.scheduler)]).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_sealing_key_is_private_readable_and_never_overwritten() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("executors.key");
+        write_sealing_key(&path).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        SealingKey::read(&path).unwrap();
+        let before = std::fs::read(&path).unwrap();
+        assert!(write_sealing_key(&path).is_err());
+        assert_eq!(std::fs::read(&path).unwrap(), before);
     }
 }

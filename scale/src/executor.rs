@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use anyhow::Context;
 use ballista_core::JobId;
 use ballista_core::config::TaskSchedulingPolicy;
+use ballista_core::registry::BallistaFunctionRegistry;
 use ballista_core::serde::protobuf::ShuffleWritePartition;
 use ballista_executor::execution_engine::{
     DefaultExecutionEngine, ExecutionEngine, QueryStageExecutor,
@@ -16,6 +17,7 @@ use ballista_executor::execution_engine::{
 use ballista_executor::executor_process::{ExecutorProcessConfig, start_executor_process};
 use datafusion::error::Result as EngineResult;
 use datafusion::execution::context::TaskContext;
+use datafusion::logical_expr::ScalarUDF;
 use datafusion::physical_plan::ExecutionPlan;
 use datafusion::physical_plan::metrics::MetricsSet;
 use datafusion::prelude::SessionConfig;
@@ -34,6 +36,8 @@ pub struct ExecutorOptions {
     /// The most memory its tasks' buffers may take, in bytes; `None`: Ballista's default share
     /// of the machine.
     pub memory_pool: Option<u64>,
+    /// Functions the node's plans call, beyond DataFusion's (the node's executor pass).
+    pub functions: Vec<Arc<ScalarUDF>>,
 }
 
 /// What one executor has run since it started.
@@ -116,6 +120,13 @@ pub async fn run(options: ExecutorOptions, counters: Arc<Counters>) -> anyhow::R
         memory_pool_size: options.memory_pool,
         ..ExecutorProcessConfig::default()
     };
+    let mut registry = BallistaFunctionRegistry::default();
+    for f in &options.functions {
+        registry
+            .scalar_functions
+            .insert(f.name().to_owned(), Arc::clone(f));
+    }
+    config.override_function_registry = Some(Arc::new(registry));
     config.override_execution_engine = Some(Arc::new(CountingEngine {
         inner: DefaultExecutionEngine::new(),
         counters,

@@ -5,10 +5,14 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use ballista_core::config::TaskSchedulingPolicy;
+use ballista_core::utils::default_session_builder;
 use ballista_scheduler::cluster::BallistaCluster;
 use ballista_scheduler::config::SchedulerConfig;
 use ballista_scheduler::scheduler_process::{create_scheduler, start_grpc_service_with_listener};
 use ballista_scheduler::scheduler_server::SchedulerServer;
+use datafusion::execution::FunctionRegistry;
+use datafusion::logical_expr::ScalarUDF;
+use datafusion::prelude::SessionConfig;
 use datafusion_proto::protobuf::{LogicalPlanNode, PhysicalPlanNode};
 
 /// Binds `bind` (port 0: any free port) and returns the bound address and the future that
@@ -19,9 +23,13 @@ use datafusion_proto::protobuf::{LogicalPlanNode, PhysicalPlanNode};
 /// `keep_results` after the job's last task the scheduler tells the executors to delete it.
 /// Those files are rows of the partner's own dataset (the columns the job reads), so the
 /// shorter the better, but a node must fetch every part within it.
+///
+/// `functions`: the functions the node's plans call beyond DataFusion's; the scheduler plans
+/// with them (it never runs them).
 pub async fn start(
     bind: SocketAddr,
     keep_results: std::time::Duration,
+    functions: Vec<Arc<ScalarUDF>>,
 ) -> anyhow::Result<(
     SocketAddr,
     impl std::future::Future<Output = anyhow::Result<()>>,
@@ -34,6 +42,13 @@ pub async fn start(
         .with_scheduler_policy(TaskSchedulingPolicy::PushStaged)
         .with_port(addr.port())
         .with_finished_job_data_clean_up_interval_seconds(keep_results.as_secs().max(1));
+    config.override_session_builder = Some(Arc::new(move |session: SessionConfig| {
+        let mut state = default_session_builder(session)?;
+        for f in &functions {
+            state.register_udf(Arc::clone(f))?;
+        }
+        Ok(state)
+    }));
     config.bind_host = addr.ip().to_string();
     config.external_host = addr.ip().to_string();
     let cluster = BallistaCluster::new_from_config(&config)
@@ -51,7 +66,14 @@ pub async fn start(
     Ok((addr, serve))
 }
 
-/// The node config line that sends a node's reads to the scheduler at `addr`.
-pub fn engine_line(addr: SocketAddr) -> String {
-    format!("engine = {{ ballista = \"df://{addr}\" }}\n")
+/// The node config line that sends a node's reads to the scheduler at `addr`; with the
+/// executors' `sealing_key` file, its overlaps' blinding too.
+pub fn engine_line(addr: SocketAddr, sealing_key: Option<&std::path::Path>) -> String {
+    match sealing_key {
+        None => format!("engine = {{ ballista = \"df://{addr}\" }}\n"),
+        Some(key) => format!(
+            "engine = {{ ballista = \"df://{addr}\", sealing_key = {:?} }}\n",
+            key.display().to_string()
+        ),
+    }
 }

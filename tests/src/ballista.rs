@@ -37,6 +37,8 @@ pub struct Ballista {
     pub scheduler: Process,
     pub executors: Vec<Process>,
     pub addr: SocketAddr,
+    /// The key file the executors hold (`--sealing-key`).
+    pub sealing_key: std::path::PathBuf,
 }
 
 impl Ballista {
@@ -68,11 +70,27 @@ impl Ballista {
             .parse()
             .unwrap();
         let scheduler_arg = addr.to_string();
+        let sealing_key = dir.join("executors.key");
+        let out = Command::new(&bins().0)
+            .args(["sealing-key", "--out"])
+            .arg(&sealing_key)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        let key_arg = sealing_key.to_str().unwrap().to_owned();
         let executors = (1..=executors)
             .map(|i| {
                 let work = dir.join(format!("executor-{i}"));
                 let work = work.to_str().unwrap();
-                let args = ["executor", "--scheduler", &scheduler_arg, "--slots", "1"];
+                let args = [
+                    "executor",
+                    "--scheduler",
+                    &scheduler_arg,
+                    "--slots",
+                    "1",
+                    "--sealing-key",
+                    &key_arg,
+                ];
                 let args = [&args[..], &["--work-dir", work]].concat();
                 spawn(dir, &format!("executor-{i}"), &args, Stdio::null())
             })
@@ -93,12 +111,15 @@ impl Ballista {
             scheduler,
             executors,
             addr,
+            sealing_key,
         }
     }
 
-    /// The node config line that sends a node's reads to this cluster.
-    pub fn engine_line(&self) -> String {
-        cleanroom_scale::scheduler::engine_line(self.addr)
+    /// The node config line that sends a node's reads to this cluster; `sealed`: its
+    /// overlaps' blinding too.
+    pub fn engine_line(&self, sealed: bool) -> String {
+        let key = sealed.then_some(self.sealing_key.as_path());
+        cleanroom_scale::scheduler::engine_line(self.addr, key)
     }
 
     /// Each executor's `(tasks, rows)`, from the last count it logged.

@@ -232,6 +232,18 @@ impl OwnSetBuilder {
         )
     }
 
+    /// Spills points blinded elsewhere with this session's key (a partner's own executors,
+    /// [`blind_items`]'s encoding): concatenated 32-byte encodings.
+    pub fn add_points(&mut self, points: &[EncodedPoint]) -> Result<(), PsiError> {
+        append_by_bucket(
+            self.store.as_mut(),
+            PointSet::Own,
+            points,
+            &mut self.counts,
+            None,
+        )
+    }
+
     /// Sorts and deduplicates every bucket: equal identifiers gave equal points.
     pub fn finish(mut self) -> Result<SpilledOwn, PsiError> {
         let mut size = 0u64;

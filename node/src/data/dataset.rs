@@ -15,12 +15,15 @@
 
 use std::collections::HashSet;
 
-use cleanroom_circuits::ItemSet;
+use cleanroom_circuits::{EncodedPoint, ItemSet, JobKey};
+use zeroize::Zeroizing;
 
 pub use crate::audit::{RejectedRow, Rejections};
 
+use super::cluster_pass::{ForgetSpec, Outcome, PartSpec, PassSpec, SealingKey};
 use super::normalise::{NormaliseError, NormaliseOptions, Normaliser};
 use super::schema::{DatasetConfig, IdentifierConfig};
+use super::source::frame::Frame;
 use super::source::{Malformed, Source, SourceError};
 
 /// Most rows a dataset may have for one job.
@@ -251,7 +254,7 @@ pub enum DatasetError {
 
 /// Why one row was rejected (logged with its line and column, never its value).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-enum Rejection {
+pub(crate) enum Rejection {
     #[error("the row has {found} fields where the header has {expected}")]
     FieldCount { expected: usize, found: usize },
     #[error("a field holds a line break (what a quote left open makes of its line)")]
@@ -281,6 +284,71 @@ impl Rejection {
             Rejection::StrayQuote => "quote in a field".to_owned(),
             other => other.to_string(),
         }
+    }
+}
+
+/// The codes an executor pass ([`super::cluster_pass`]) sends a rejection as: a kind byte and,
+/// for a phone's digit count, that count.
+impl Rejection {
+    pub(crate) fn to_code(self) -> Option<[u8; 3]> {
+        use NormaliseError as N;
+        let (kind, n) = match self {
+            Rejection::FieldCount { .. } => return None,
+            Rejection::LineBreak => (1, 0),
+            Rejection::Missing => (2, 0),
+            Rejection::Empty => (3, 0),
+            Rejection::TooLong => (4, 0),
+            Rejection::NotUtf8 => (5, 0),
+            Rejection::Separator => (6, 0),
+            Rejection::StrayQuote => (7, 0),
+            Rejection::Normalise(e) => match e {
+                N::EmailEmpty => (20, 0),
+                N::EmailNoAt => (21, 0),
+                N::EmailManyAt => (22, 0),
+                N::EmailEmptyLocal => (23, 0),
+                N::EmailEmptyDomain => (24, 0),
+                N::EmailWhitespace => (25, 0),
+                N::PhoneEmpty => (30, 0),
+                N::PhoneCountryCode => (31, 0),
+                N::PhoneUnparsable => (32, 0),
+                N::PhoneTooShort => (33, 0),
+                N::PhoneTooLong => (34, 0),
+                N::PhoneLength { digits } => (35, u16::try_from(digits).unwrap_or(u16::MAX)),
+                N::GenericEmpty => (40, 0),
+            },
+        };
+        let [lo, hi] = n.to_le_bytes();
+        Some([kind, lo, hi])
+    }
+
+    pub(crate) fn from_code(code: [u8; 3]) -> Option<Rejection> {
+        use NormaliseError as N;
+        let n = usize::from(u16::from_le_bytes([code[1], code[2]]));
+        Some(match code[0] {
+            1 => Rejection::LineBreak,
+            2 => Rejection::Missing,
+            3 => Rejection::Empty,
+            4 => Rejection::TooLong,
+            5 => Rejection::NotUtf8,
+            6 => Rejection::Separator,
+            7 => Rejection::StrayQuote,
+            kind => Rejection::Normalise(match kind {
+                20 => N::EmailEmpty,
+                21 => N::EmailNoAt,
+                22 => N::EmailManyAt,
+                23 => N::EmailEmptyLocal,
+                24 => N::EmailEmptyDomain,
+                25 => N::EmailWhitespace,
+                30 => N::PhoneEmpty,
+                31 => N::PhoneCountryCode,
+                32 => N::PhoneUnparsable,
+                33 => N::PhoneTooShort,
+                34 => N::PhoneTooLong,
+                35 => N::PhoneLength { digits: n },
+                40 => N::GenericEmpty,
+                _ => return None,
+            }),
+        })
     }
 }
 
@@ -362,6 +430,112 @@ pub fn load_keys_chunked(
         }
         Ok(())
     })?;
+    if !chunk.is_empty() {
+        sink(&chunk)?;
+    }
+    Ok(LoadedKeys::from_counts(ItemSet::new(), counts, 0))
+}
+
+/// [`load_keys_chunked`] on the partner's Ballista executors: the pass (consent, forgotten
+/// subjects, normalising, hashing and blinding with `key`) runs there
+/// ([`super::cluster_pass`]), sealed under `sealing`; the node counts the outcomes as its own
+/// pass would and hands the points to `sink` in chunks of [`KEY_CHUNK`], neither deduplicated
+/// nor kept. A dataset read in this process (no cluster) is refused.
+pub fn blind_keys_on_cluster(
+    dataset: &DatasetConfig,
+    keys: &KeySpec,
+    filter: RowFilter<'_>,
+    max_rows: u64,
+    key: &JobKey,
+    sealing: &SealingKey,
+    mut sink: impl FnMut(&[EncodedPoint]) -> Result<(), DatasetError>,
+) -> Result<LoadedKeys, DatasetError> {
+    let location = dataset.location();
+    let engine = |message: String| {
+        DatasetError::Source(SourceError::Engine {
+            dataset: dataset.name.clone(),
+            location: location.clone(),
+            message,
+        })
+    };
+    if dataset.engine.cluster.is_none() {
+        return Err(engine("an executor pass needs a Ballista cluster".into()));
+    }
+    let ids = resolve_identifiers(dataset, keys)?;
+    let mut frame = Frame::open(dataset)?;
+    let headers = frame.headers().to_vec();
+    let parts = locate_columns(&headers, &location, &ids)?;
+    let mut read: Vec<usize> = parts.iter().map(|p| p.index).collect();
+    let consent = match filter.consent_column {
+        Some(column) => Some(locate_column(&headers, &location, column)?),
+        None => None,
+    };
+    read.extend(consent);
+    let forget = match filter.forgotten.filter(|fg| !fg.hashes.is_empty()) {
+        Some(fg) => {
+            let all: Vec<&IdentifierConfig> = dataset.identifiers.iter().collect();
+            let all = locate_columns(&headers, &location, &all)?;
+            read.extend(all.iter().map(|p| p.index));
+            Some(ForgetSpec {
+                secret: Zeroizing::new(fg.secret),
+                hashes: fg.hashes.clone(),
+                parts: all.iter().map(Part::spec).collect(),
+            })
+        }
+        None => None,
+    };
+    let spec = PassSpec {
+        key: JobKey::from_secret_bytes(&key.to_secret_bytes())
+            .ok_or_else(|| engine("the job key cannot be sealed".into()))?,
+        key_name: key_name(keys),
+        parts: parts.iter().map(Part::spec).collect(),
+        consent: consent.is_some(),
+        forget,
+    };
+    let sealed = spec.seal(sealing).map_err(engine)?;
+    drop(spec);
+    frame.start_pass(&read, sealed)?;
+
+    let mut counts = RowCounts::default();
+    let mut chunk: Vec<EncodedPoint> = Vec::with_capacity(KEY_CHUNK);
+    while frame.advance()? {
+        let row = counts.rows_read + 1;
+        if row > max_rows {
+            return Err(DatasetError::TooManyRows { location, max_rows });
+        }
+        counts.rows_read = row;
+        let outcome = frame.outcome().and_then(Outcome::decode).ok_or_else(|| {
+            engine(format!(
+                "an executor returned an outcome this node cannot read at row {row} (are the \
+                 executors running this node's version?)"
+            ))
+        })?;
+        let column = |place: usize| {
+            read.get(place)
+                .and_then(|&i| headers.get(i))
+                .map(String::as_str)
+        };
+        match outcome {
+            Outcome::Malformed(place) => {
+                counts
+                    .rejections
+                    .record(&location, row, column(place), Rejection::LineBreak);
+            }
+            Outcome::NoConsent => counts.rows_excluded_consent += 1,
+            Outcome::Forgotten => counts.rows_excluded_deleted += 1,
+            Outcome::Rejected(place, why) => {
+                counts.rejections.record(&location, row, column(place), why);
+            }
+            Outcome::Accepted(point) => {
+                chunk.push(point);
+                if chunk.len() == KEY_CHUNK {
+                    sink(&chunk)?;
+                    chunk.clear();
+                }
+            }
+        }
+    }
+    counts.rejections.log_rest(&location);
     if !chunk.is_empty() {
         sink(&chunk)?;
     }
@@ -556,6 +730,16 @@ struct Part<'a> {
     index: usize,
 }
 
+impl Part<'_> {
+    /// How the executors normalise it ([`super::cluster_pass`]).
+    fn spec(&self) -> PartSpec {
+        PartSpec {
+            normaliser: self.id.normaliser,
+            options: self.opts,
+        }
+    }
+}
+
 /// Rows streamed by [`for_each_keyed_row_for`], and what filtering left out.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct KeyedRowCounts {
@@ -733,7 +917,7 @@ fn build_key<'c>(
     Ok(())
 }
 
-fn normalise_field(
+pub(crate) fn normalise_field(
     field: Option<&[u8]>,
     normaliser: Normaliser,
     options: &NormaliseOptions,

@@ -28,6 +28,9 @@ pub struct Cluster {
     pub url: String,
     /// Parts each read is split into.
     pub partitions: usize,
+    /// The key file the node shares with its executors; with it, an overlap's blinding runs
+    /// there too ([`super::cluster_pass`]).
+    pub sealing_key: Option<PathBuf>,
 }
 
 /// A dataset: a table of rows (files, or a SQL view), and its identifier columns.

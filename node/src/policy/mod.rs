@@ -505,6 +505,21 @@ budget_per_purpose = { epsilon_per_period = 2.0, period = "week" }
             assert_eq!(cluster.url, "df://10.0.0.5:50050");
             assert_eq!(cluster.partitions, 64);
         }
+        assert!(
+            cfg.datasets
+                .iter()
+                .all(|d| d.engine.cluster.as_ref().unwrap().sealing_key.is_none())
+        );
+        let cfg = NodeConfig::parse(
+            &top("engine = { ballista = \"df://h:1\", sealing_key = \"keys/executors.key\" }"),
+            Path::new("/etc/cleanroom/n.toml"),
+        )
+        .unwrap();
+        assert_eq!(
+            cfg.datasets[0].engine.cluster.as_ref().unwrap().sealing_key,
+            Some(Path::new("/etc/cleanroom/keys/executors.key").to_path_buf()),
+            "a relative key path is read beside the config"
+        );
         let cfg = NodeConfig::parse(
             &top("engine = { ballista = \"df://10.0.0.5:50050\" }"),
             Path::new("n.toml"),
@@ -524,6 +539,10 @@ budget_per_purpose = { epsilon_per_period = 2.0, period = "week" }
                 "partitions",
             ),
             ("engine = { partitions = 8 }", "only read with ballista"),
+            (
+                "engine = { sealing_key = \"k\" }",
+                "only read with ballista",
+            ),
             ("engine = { spark = \"x\" }", "spark"),
         ] {
             let err = NodeConfig::parse(&top(line), Path::new("n.toml"))

@@ -106,6 +106,11 @@ impl NodeConfig<AllowEntry> {
         if file.engine.partitions == Some(0) || file.engine.partitions > Some(4096) {
             return Err("engine: partitions must be between 1 and 4096".into());
         }
+        if file.engine.sealing_key.is_some() && file.engine.ballista.is_none() {
+            return Err(
+                "engine: sealing_key is only read with ballista = \"df://HOST:PORT\"".into(),
+            );
+        }
         if file.engine.partitions.is_some() && file.engine.ballista.is_none() {
             return Err(
                 "engine: partitions is only read with ballista = \"df://HOST:PORT\"".into(),

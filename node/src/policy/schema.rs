@@ -83,7 +83,7 @@ pub struct NodeConfig<A = Allow> {
     pub engine: EngineConfig,
 }
 
-/// `engine = { ballista = "df://HOST:PORT", partitions = 16 }`.
+/// `engine = { ballista = "df://HOST:PORT", partitions = 16, sealing_key = "executors.key" }`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EngineConfig {
@@ -94,6 +94,11 @@ pub struct EngineConfig {
     /// across the executors); default [`DEFAULT_CLUSTER_PARTITIONS`].
     #[serde(default)]
     pub partitions: Option<usize>,
+    /// A file of 64 hex digits the executors hold too (`cleanroom executor --sealing-key`):
+    /// with it, an overlap's normalising, filtering and blinding run on the executors, the
+    /// job key sealed under it.
+    #[serde(default)]
+    pub sealing_key: Option<PathBuf>,
 }
 
 /// Parts a dataset read is split into on a Ballista cluster, unless `partitions` says.
@@ -256,6 +261,9 @@ impl NodeConfig {
         if let Some(spill) = &mut self.spill_dir {
             resolve(spill);
         }
+        if let Some(key) = &mut self.engine.sealing_key {
+            resolve(key);
+        }
         resolve(&mut self.tls.ca);
         resolve(&mut self.tls.cert);
         resolve(&mut self.tls.key);
@@ -270,6 +278,7 @@ impl NodeConfig {
                 .map(|url| crate::data::schema::Cluster {
                     url,
                     partitions: self.engine.partitions.unwrap_or(DEFAULT_CLUSTER_PARTITIONS),
+                    sealing_key: self.engine.sealing_key.clone(),
                 }),
             memory_limit: self.memory_limit.map(|b| b.as_u64()),
             spill_dir: self

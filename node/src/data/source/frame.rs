@@ -17,18 +17,20 @@
 use std::sync::Arc;
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 
-use datafusion::arrow::array::{Array, StringArray};
+use datafusion::arrow::array::{Array, BinaryArray, StringArray};
 use datafusion::arrow::datatypes::DataType;
 use datafusion::common::tree_node::TreeNodeRecursion;
-use datafusion::common::{Column, TableReference};
+use datafusion::common::{Column, ScalarValue, TableReference};
 use datafusion::execution::memory_pool::FairSpillPool;
 use datafusion::execution::options::{CsvReadOptions, JsonReadOptions, ParquetReadOptions};
 use datafusion::execution::runtime_env::{RuntimeEnv, RuntimeEnvBuilder};
 use datafusion::logical_expr::LogicalPlan;
-use datafusion::prelude::{DataFrame, Expr, SQLOptions, SessionConfig, SessionContext, cast};
+use datafusion::logical_expr::expr::ScalarFunction;
+use datafusion::prelude::{DataFrame, Expr, SQLOptions, SessionConfig, SessionContext, cast, lit};
 use futures::StreamExt;
 
 use super::SourceError;
+use crate::data::cluster_pass::PassUdf;
 use crate::data::schema::{Cluster, DataFormat, DatasetConfig, EngineLimits};
 use ballista::prelude::SessionContextExt;
 use datafusion::execution::session_state::SessionStateBuilder;
@@ -51,9 +53,18 @@ const MAX_MESSAGE: usize = 400;
 /// What the reader thread reports once planned: the column names, and a view's select reads.
 type Schema = (Vec<String>, Vec<String>);
 
+/// What the pass asks the reader thread for: columns, or an executor pass over them.
+struct Request {
+    read: Vec<usize>,
+    /// The pass's sealed spec; `None` for columns as text.
+    sealed: Option<Vec<u8>>,
+}
+
 /// What the reader thread sends.
 enum Message {
     Batch(Vec<StringArray>),
+    /// The outcomes of an executor pass ([`Frame::start_pass`]).
+    Outcomes(BinaryArray),
     Done,
     Failed(SourceError),
 }
@@ -66,11 +77,13 @@ pub struct Frame {
     /// A view's base-table columns that its select lists read ([`select_reads`]).
     reads: Vec<String>,
     /// Sends the columns to read; taken by [`Frame::start`].
-    projection: Option<tokio::sync::oneshot::Sender<Vec<usize>>>,
+    projection: Option<tokio::sync::oneshot::Sender<Request>>,
     batches: Receiver<Message>,
     /// For each column of [`Frame::headers`], its place in the current batch (read ones only).
     slot: Vec<Option<usize>>,
     columns: Vec<StringArray>,
+    /// The current batch of an executor pass.
+    outcomes: Option<BinaryArray>,
     /// The next row of the current batch.
     next: usize,
     /// Rows handed out so far (the current one is `rows`).
@@ -128,6 +141,7 @@ impl Frame {
             projection: Some(projection_tx),
             batches: batch_rx,
             columns: Vec::new(),
+            outcomes: None,
             next: 0,
             rows: 0,
             done: false,
@@ -161,10 +175,27 @@ impl Frame {
                 *slot = Some(place);
             }
         }
+        self.request(Request {
+            read: wanted,
+            sealed: None,
+        })
+    }
+
+    /// Asks for an executor pass instead of columns ([`crate::data::cluster_pass`]): each row
+    /// becomes one outcome ([`Frame::outcome`]) of the pass function over the columns at `read`
+    /// (in that order, repeats kept), its spec `sealed`. Only a dataset on a cluster can.
+    pub fn start_pass(&mut self, read: &[usize], sealed: Vec<u8>) -> Result<(), SourceError> {
+        self.request(Request {
+            read: read.to_vec(),
+            sealed: Some(sealed),
+        })
+    }
+
+    fn request(&mut self, request: Request) -> Result<(), SourceError> {
         let sent = self
             .projection
             .take()
-            .map(|tx| tx.send(wanted).is_ok())
+            .map(|tx| tx.send(request).is_ok())
             .unwrap_or(false);
         if !sent {
             return Err(self.failure("the reader thread is not waiting for columns"));
@@ -174,7 +205,7 @@ impl Frame {
 
     /// Moves to the next row, fetching the next batch when this one is used up.
     pub fn advance(&mut self) -> Result<bool, SourceError> {
-        while self.columns.first().is_none_or(|c| self.next >= c.len()) {
+        while self.next >= self.batch_rows() {
             if self.done {
                 return Ok(false);
             }
@@ -183,9 +214,14 @@ impl Frame {
                     self.columns = columns;
                     self.next = 0;
                 }
+                Ok(Message::Outcomes(outcomes)) => {
+                    self.outcomes = Some(outcomes);
+                    self.next = 0;
+                }
                 Ok(Message::Done) => {
                     self.done = true;
                     self.columns.clear();
+                    self.outcomes = None;
                 }
                 Ok(Message::Failed(e)) => return Err(e),
                 // A reader that stops without saying `Done` must not pass for the end of the
@@ -196,6 +232,21 @@ impl Frame {
         self.next += 1;
         self.rows += 1;
         Ok(true)
+    }
+
+    /// Rows in the current batch.
+    fn batch_rows(&self) -> usize {
+        match &self.outcomes {
+            Some(outcomes) => outcomes.len(),
+            None => self.columns.first().map_or(0, Array::len),
+        }
+    }
+
+    /// The current row's outcome in an executor pass ([`Frame::start_pass`]).
+    pub fn outcome(&self) -> Option<&[u8]> {
+        let outcomes = self.outcomes.as_ref()?;
+        let row = self.next.checked_sub(1)?;
+        (row < outcomes.len() && !outcomes.is_null(row)).then(|| outcomes.value(row))
     }
 
     /// The current row's field `i`; `None` if it is null or the column was not asked for.
@@ -420,7 +471,7 @@ async fn register(
 fn serve(
     plan: Plan,
     ready: SyncSender<Result<Schema, SourceError>>,
-    projection: tokio::sync::oneshot::Receiver<Vec<usize>>,
+    projection: tokio::sync::oneshot::Receiver<Request>,
     out: SyncSender<Message>,
 ) {
     let runtime = match tokio::runtime::Builder::new_current_thread()
@@ -451,10 +502,14 @@ fn serve(
             return;
         }
         // The pass may end here (a header check): then the sender is dropped and we stop.
-        let Ok(read) = projection.await else {
+        let Ok(request) = projection.await else {
             return;
         };
-        let message = match stream(&plan, frame, &read, &out).await {
+        let result = match request.sealed {
+            None => stream(&plan, frame, &request.read, &out).await,
+            Some(sealed) => stream_pass(&plan, frame, &request.read, sealed, &out).await,
+        };
+        let message = match result {
             Ok(()) => Message::Done,
             Err(e) => Message::Failed(e),
         };
@@ -501,6 +556,53 @@ async fn stream(
             text.push(strings.clone());
         }
         if out.send(Message::Batch(text)).is_err() {
+            return Ok(());
+        }
+    }
+    Ok(())
+}
+
+/// Runs the pass function over the columns at `read` on the cluster's executors and streams
+/// its outcomes into `out`.
+async fn stream_pass(
+    plan: &Plan,
+    frame: DataFrame,
+    read: &[usize],
+    sealed: Vec<u8>,
+    out: &SyncSender<Message>,
+) -> Result<(), SourceError> {
+    if plan.engine.cluster.is_none() {
+        return Err(plan.plan_error("an executor pass needs a Ballista cluster".into()));
+    }
+    let schema = frame.schema().clone();
+    let mut args = vec![lit(ScalarValue::Binary(Some(sealed)))];
+    args.extend(read.iter().map(|&i| {
+        let (qualifier, field) = schema.qualified_field(i);
+        cast(
+            Expr::Column(Column::from((qualifier, field))),
+            DataType::Utf8,
+        )
+    }));
+    let pass = Expr::ScalarFunction(ScalarFunction::new_udf(Arc::new(PassUdf::planner()), args))
+        .alias("outcome");
+    let mut batches = frame
+        .select(vec![pass])
+        .map_err(|e| plan.error(e.to_string()))?
+        .execute_stream()
+        .await
+        .map_err(|e| plan.error(e.to_string()))?;
+    while let Some(batch) = batches.next().await {
+        let batch = batch.map_err(|e| plan.error(e.to_string()))?;
+        if batch.num_rows() == 0 {
+            continue;
+        }
+        let outcomes = batch
+            .column(0)
+            .as_any()
+            .downcast_ref::<BinaryArray>()
+            .ok_or_else(|| plan.error("the executors' pass did not return outcomes".into()))?
+            .clone();
+        if out.send(Message::Outcomes(outcomes)).is_err() {
             return Ok(());
         }
     }

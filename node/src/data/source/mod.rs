@@ -208,7 +208,7 @@ impl Source {
 
 /// Whether a field holds a line break: a value no identifier or amount has, and what an
 /// unterminated quote leaves in the field it opened.
-fn has_line_break(field: &[u8]) -> bool {
+pub(crate) fn has_line_break(field: &[u8]) -> bool {
     field.contains(&b'\n') || field.contains(&b'\r')
 }
 

@@ -21,7 +21,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use cleanroom_circuits::spill::{OwnSetBuilder, SpilledOwn};
+use cleanroom_circuits::spill::{MemoryStore, OwnSetBuilder, PointStore, SpilledOwn};
 use cleanroom_circuits::{ItemSet, JobKey};
 use cleanroom_proto::v1::{
     Abort, Envelope, JobKind, JobSpec, NoiseTerm, Phase, PsiOutcome, ReleaseTerms, envelope::Body,
@@ -32,6 +32,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::audit::{AuditEvent, AuditHead};
 use crate::clock::now_ms;
+use crate::data::cluster_pass::SealingKey;
 use crate::data::dataset::{self, KeyedRowCounts, RowFilter};
 use crate::data::forget::ForgetStore;
 use crate::dataplane::{Delivery, refused};
@@ -289,33 +290,63 @@ pub(crate) async fn load_input(
     let forgotten = job.forgotten()?;
     let cfg = job.state.cfg();
     let counts_only = !job.permit.i_learn_membership && !job.permit.partner_learns_membership;
-    let spill_dir = (spill == Spill::WhenLimited && cfg.memory_limit.is_some() && counts_only)
-        .then(|| cfg.spill_dir());
+    let spilled_form = spill == Spill::WhenLimited && counts_only;
+    let spill_dir = (spilled_form && cfg.memory_limit.is_some()).then(|| cfg.spill_dir());
+    // With a sealing key, an overlap's pass (blinding included) runs on the partner's
+    // executors; its points are then kept like a limited node's, in buckets.
+    let sealing = match dataset
+        .engine
+        .cluster
+        .as_ref()
+        .and_then(|c| c.sealing_key.as_ref())
+    {
+        Some(path) if spilled_form => {
+            Some(SealingKey::read(path).map_err(|e| NodeError::from(JobError::Dataset(e)))?)
+        }
+        _ => None,
+    };
+    let on_executors = sealing.is_some();
     let job_id = job.job_id.clone();
     let (loaded, input) = blocking(move || {
         let filter = RowFilter {
             consent_column: consent.as_deref(),
             forgotten: forgotten.as_ref(),
         };
-        let Some(spill_dir) = spill_dir else {
-            let mut loaded = dataset::load_keys_for(&dataset, &keys, filter, MAX_ROWS)?;
-            let items = std::mem::take(&mut loaded.items);
-            return Ok((loaded, PsiInput::Items(items)));
-        };
         let spill_failed = |e: &dyn std::fmt::Display| dataset::DatasetError::Spill(e.to_string());
-        let store = FileStore::create(&spill_dir, &job_id).map_err(|e| {
-            spill_failed(&format!(
-                "cannot create them in {}: {e}",
-                spill_dir.display()
-            ))
-        })?;
+        let store: Box<dyn PointStore> = match (spill_dir, &sealing) {
+            (None, None) => {
+                let mut loaded = dataset::load_keys_for(&dataset, &keys, filter, MAX_ROWS)?;
+                let items = std::mem::take(&mut loaded.items);
+                return Ok((loaded, PsiInput::Items(items)));
+            }
+            (Some(spill_dir), _) => {
+                Box::new(FileStore::create(&spill_dir, &job_id).map_err(|e| {
+                    spill_failed(&format!(
+                        "cannot create them in {}: {e}",
+                        spill_dir.display()
+                    ))
+                })?)
+            }
+            (None, Some(_)) => Box::new(MemoryStore::default()),
+        };
         let key = JobKey::generate();
         let key_name = dataset::key_name(&keys);
-        let mut own = OwnSetBuilder::new(Box::new(store));
-        let mut loaded = dataset::load_keys_chunked(&dataset, &keys, filter, MAX_ROWS, |chunk| {
-            own.add(&key, &key_name, chunk)
-                .map_err(|e| spill_failed(&e))
-        })?;
+        let mut own = OwnSetBuilder::new(store);
+        let mut loaded = match &sealing {
+            Some(sealing) => dataset::blind_keys_on_cluster(
+                &dataset,
+                &keys,
+                filter,
+                MAX_ROWS,
+                &key,
+                sealing,
+                |points| own.add_points(points).map_err(|e| spill_failed(&e)),
+            )?,
+            None => dataset::load_keys_chunked(&dataset, &keys, filter, MAX_ROWS, |chunk| {
+                own.add(&key, &key_name, chunk)
+                    .map_err(|e| spill_failed(&e))
+            })?,
+        };
         let own = own.finish().map_err(|e| spill_failed(&e))?;
         loaded.duplicate_rows = own.duplicates();
         Ok((loaded, PsiInput::Spilled(key, own)))
@@ -330,6 +361,7 @@ pub(crate) async fn load_input(
         excluded_deleted = loaded.rows_excluded_deleted,
         distinct,
         spilled = matches!(input, PsiInput::Spilled(..)),
+        on_executors,
         "dataset loaded"
     );
     job.admit(key_columns(&job.permit), &loaded.counts(), 0, distinct)?;

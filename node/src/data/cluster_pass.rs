@@ -1,0 +1,557 @@
+//! An overlap's dataset pass on the partner's own Ballista executors: reading, the consent
+//! filter, normalising, the deletion filter, hashing to the group and blinding, in
+//! parallel over the dataset's parts. The node keeps the exchange with the partner, the
+//! deletion list's lookup, the counting and the deduplication.
+//!
+//! The pass is one scalar function, [`UDF_NAME`], over the columns the node's own pass reads
+//! (in the same order: key parts, the consent column, every declared identifier when subjects
+//! are forgotten). Its first argument is the job's [`PassSpec`] — the job key, the forget
+//! secret and how each column is normalised — sealed with ChaCha20-Poly1305 under a
+//! [`SealingKey`] that the node and its executors share (a file each reads at start). So the
+//! plan, its display, the scheduler's state and the executors' logs hold only a ciphertext; an
+//! executor opens it for each batch and zeroizes what it opened when the batch is done.
+//!
+//! Per row the function returns an outcome ([`Outcome`]): malformed, no consent, forgotten,
+//! rejected by a key column (with its reason) or accepted with its blinded point `k·H(key)`.
+//! The checks run in the node's order (malformed, consent, forgotten, key), so the counts
+//! equal the in-process pass's. The deletion list's keyed hashes travel sealed in the spec, so
+//! no per-row pseudonym that would be stable across jobs leaves the executor.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use cleanroom_circuits::{EncodedPoint, ItemSet, JobKey, POINT_LEN, blind_items};
+use datafusion::arrow::array::{Array, ArrayRef, BinaryBuilder, StringArray};
+use datafusion::arrow::datatypes::DataType;
+use datafusion::common::{DataFusionError, ScalarValue};
+use datafusion::logical_expr::{
+    ColumnarValue, ScalarFunctionArgs, ScalarUDF, ScalarUDFImpl, Signature, Volatility,
+};
+use ring::aead::{Aad, CHACHA20_POLY1305, LessSafeKey, NONCE_LEN, Nonce, UnboundKey};
+use ring::rand::{SecureRandom, SystemRandom};
+use zeroize::Zeroizing;
+
+use super::dataset::{KEY_PART_SEPARATOR, Rejection, forget_hash, is_consent, normalise_field};
+use super::normalise::{NormaliseOptions, Normaliser, parse_region};
+use super::source::has_line_break;
+
+/// The function's name in plans (the executors' and the scheduler's registries).
+pub const UDF_NAME: &str = "cleanroom_pass";
+
+/// Binds a sealed spec to its use: a ciphertext made for anything else does not open.
+const AAD: &[u8] = b"cleanroom executor pass v1";
+
+/// The spec's encoding version.
+const SPEC_VERSION: u8 = 1;
+
+/// The key a node and its executors share. Its file holds 64 hex digits (32 random bytes);
+/// `cleanroom executor --sealing-key F` and the node's `engine = { …, sealing_key = "F" }`
+/// name the same file (or copies of it).
+pub struct SealingKey(LessSafeKey);
+
+impl std::fmt::Debug for SealingKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SealingKey(<redacted>)")
+    }
+}
+
+impl SealingKey {
+    /// Reads a key file (64 hex digits; surrounding whitespace ignored). The error names the
+    /// file and what is wrong, never its contents.
+    pub fn read(path: &std::path::Path) -> Result<SealingKey, String> {
+        let text = Zeroizing::new(
+            std::fs::read_to_string(path)
+                .map_err(|e| format!("cannot read the sealing key {}: {e}", path.display()))?,
+        );
+        let mut bytes = Zeroizing::new([0u8; 32]);
+        hex::decode_to_slice(text.trim(), bytes.as_mut()).map_err(|_| {
+            format!(
+                "the sealing key {} is not 64 hex digits (make one with `cleanroom sealing-key \
+                 --out FILE`)",
+                path.display()
+            )
+        })?;
+        SealingKey::from_bytes(&bytes)
+    }
+
+    /// A key from its 32 bytes.
+    pub fn from_bytes(bytes: &[u8; 32]) -> Result<SealingKey, String> {
+        UnboundKey::new(&CHACHA20_POLY1305, bytes)
+            .map(|k| SealingKey(LessSafeKey::new(k)))
+            .map_err(|_| "the sealing key cannot be used".to_owned())
+    }
+
+    /// A fresh key file's contents: 64 hex digits and a newline.
+    pub fn generate_hex() -> Result<Zeroizing<String>, String> {
+        let mut bytes = Zeroizing::new([0u8; 32]);
+        SystemRandom::new()
+            .fill(bytes.as_mut())
+            .map_err(|_| "the operating system gave no randomness".to_owned())?;
+        Ok(Zeroizing::new(hex::encode(bytes.as_ref()) + "\n"))
+    }
+
+    /// `nonce ‖ ciphertext ‖ tag` of `plain`, under a random nonce.
+    fn seal(&self, plain: &[u8]) -> Result<Vec<u8>, String> {
+        let mut nonce = [0u8; NONCE_LEN];
+        SystemRandom::new()
+            .fill(&mut nonce)
+            .map_err(|_| "the operating system gave no randomness".to_owned())?;
+        let mut sealed = Vec::with_capacity(NONCE_LEN + plain.len() + 16);
+        sealed.extend_from_slice(&nonce);
+        sealed.extend_from_slice(plain);
+        let mut body = sealed.split_off(NONCE_LEN);
+        self.0
+            .seal_in_place_append_tag(
+                Nonce::assume_unique_for_key(nonce),
+                Aad::from(AAD),
+                &mut body,
+            )
+            .map_err(|_| "cannot seal the job's pass".to_owned())?;
+        sealed.extend_from_slice(&body);
+        Ok(sealed)
+    }
+
+    /// What [`seal`](Self::seal) sealed, or `None` if it was sealed under another key or
+    /// changed.
+    fn open(&self, sealed: &[u8]) -> Option<Zeroizing<Vec<u8>>> {
+        let nonce = Nonce::try_assume_unique_for_key(sealed.get(..NONCE_LEN)?).ok()?;
+        let mut body = Zeroizing::new(sealed.get(NONCE_LEN..)?.to_vec());
+        let plain_len = self
+            .0
+            .open_in_place(nonce, Aad::from(AAD), body.as_mut_slice())
+            .ok()?
+            .len();
+        body.truncate(plain_len);
+        Some(body)
+    }
+}
+
+/// How one column is normalised.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PartSpec {
+    /// The identifier's normaliser.
+    pub normaliser: Normaliser,
+    /// Its options.
+    pub options: NormaliseOptions,
+}
+
+/// The deletion list, for the executors: a row is forgotten if any declared identifier
+/// normalises to a value whose keyed hash is listed.
+#[derive(Clone)]
+pub struct ForgetSpec {
+    /// The node-local HMAC key.
+    pub secret: Zeroizing<[u8; 32]>,
+    /// The listed hashes.
+    pub hashes: HashSet<[u8; 32]>,
+    /// Every declared identifier, in the function's column order.
+    pub parts: Vec<PartSpec>,
+}
+
+impl std::fmt::Debug for ForgetSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ForgetSpec")
+            .field("hashes", &self.hashes.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// What the executors need for one job's pass. Holds the job key: never logged (its `Debug`
+/// is [`JobKey`]'s, redacted), only ever sealed.
+#[derive(Debug)]
+pub struct PassSpec {
+    /// The job key the points are blinded with.
+    pub key: JobKey,
+    /// The hash-to-group domain (the job's key name).
+    pub key_name: String,
+    /// The join key's parts, joined with [`KEY_PART_SEPARATOR`].
+    pub parts: Vec<PartSpec>,
+    /// Whether a consent column follows the key parts.
+    pub consent: bool,
+    /// When subjects are forgotten: the deletion list and every declared identifier.
+    pub forget: Option<ForgetSpec>,
+}
+
+impl PassSpec {
+    /// How many columns the function takes after the sealed spec.
+    pub fn columns(&self) -> usize {
+        self.parts.len()
+            + usize::from(self.consent)
+            + self.forget.as_ref().map_or(0, |f| f.parts.len())
+    }
+
+    /// The spec sealed under `key`: the plan's first argument.
+    pub fn seal(&self, key: &SealingKey) -> Result<Vec<u8>, String> {
+        key.seal(&self.encode()?)
+    }
+
+    fn encode(&self) -> Result<Zeroizing<Vec<u8>>, String> {
+        let mut out = Zeroizing::new(Vec::with_capacity(128));
+        out.push(SPEC_VERSION);
+        out.extend_from_slice(self.key.to_secret_bytes().as_ref());
+        let name = self.key_name.as_bytes();
+        let name_len = u16::try_from(name.len()).map_err(|_| "the key name is too long")?;
+        out.extend_from_slice(&name_len.to_le_bytes());
+        out.extend_from_slice(name);
+        encode_parts(&mut out, &self.parts)?;
+        out.push(u8::from(self.consent));
+        match &self.forget {
+            None => out.push(0),
+            Some(forget) => {
+                out.push(1);
+                out.extend_from_slice(forget.secret.as_ref());
+                encode_parts(&mut out, &forget.parts)?;
+                let n = u32::try_from(forget.hashes.len()).map_err(|_| "too many forgotten")?;
+                out.extend_from_slice(&n.to_le_bytes());
+                for h in &forget.hashes {
+                    out.extend_from_slice(h);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    fn decode(bytes: &[u8]) -> Option<PassSpec> {
+        let mut r = Reader(bytes);
+        if r.byte()? != SPEC_VERSION {
+            return None;
+        }
+        let key = JobKey::from_secret_bytes(&Zeroizing::new(r.array::<32>()?))?;
+        let name_len = u16::from_le_bytes(r.array::<2>()?);
+        let key_name = String::from_utf8(r.take(usize::from(name_len))?.to_vec()).ok()?;
+        let parts = decode_parts(&mut r)?;
+        let consent = match r.byte()? {
+            0 => false,
+            1 => true,
+            _ => return None,
+        };
+        let forget = match r.byte()? {
+            0 => None,
+            1 => {
+                let secret = Zeroizing::new(r.array::<32>()?);
+                let parts = decode_parts(&mut r)?;
+                let n = u32::from_le_bytes(r.array()?);
+                // Bounded by the spec's own length before anything is reserved.
+                if r.0.len() / 32 < n as usize {
+                    return None;
+                }
+                let mut hashes = HashSet::with_capacity(n as usize);
+                for _ in 0..n {
+                    hashes.insert(r.array::<32>()?);
+                }
+                Some(ForgetSpec {
+                    secret,
+                    hashes,
+                    parts,
+                })
+            }
+            _ => return None,
+        };
+        r.0.is_empty().then_some(PassSpec {
+            key,
+            key_name,
+            parts,
+            consent,
+            forget,
+        })
+    }
+}
+
+fn encode_parts(out: &mut Vec<u8>, parts: &[PartSpec]) -> Result<(), String> {
+    out.push(u8::try_from(parts.len()).map_err(|_| "more than 255 identifiers")?);
+    for p in parts {
+        out.push(match p.normaliser {
+            Normaliser::Email => 0,
+            Normaliser::Phone => 1,
+            Normaliser::Generic => 2,
+        });
+        out.push(u8::from(p.options.gmail_rule));
+        out.push(u8::from(p.options.case_fold));
+        let region = p.options.default_region.to_string();
+        out.push(u8::try_from(region.len()).map_err(|_| "a region code is too long")?);
+        out.extend_from_slice(region.as_bytes());
+    }
+    Ok(())
+}
+
+fn decode_parts(r: &mut Reader<'_>) -> Option<Vec<PartSpec>> {
+    let n = r.byte()?;
+    (0..n)
+        .map(|_| {
+            let normaliser = match r.byte()? {
+                0 => Normaliser::Email,
+                1 => Normaliser::Phone,
+                2 => Normaliser::Generic,
+                _ => return None,
+            };
+            let gmail_rule = r.byte()? == 1;
+            let case_fold = r.byte()? == 1;
+            let len = r.byte()?;
+            let region = std::str::from_utf8(r.take(usize::from(len))?).ok()?;
+            Some(PartSpec {
+                normaliser,
+                options: NormaliseOptions {
+                    gmail_rule,
+                    case_fold,
+                    default_region: parse_region(region)?,
+                },
+            })
+        })
+        .collect()
+}
+
+/// Reads a byte string front to back; every read is bounds-checked.
+struct Reader<'a>(&'a [u8]);
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+        if self.0.len() < n {
+            return None;
+        }
+        let (head, rest) = self.0.split_at(n);
+        self.0 = rest;
+        Some(head)
+    }
+
+    fn byte(&mut self) -> Option<u8> {
+        self.take(1).map(|b| b[0])
+    }
+
+    fn array<const N: usize>(&mut self) -> Option<[u8; N]> {
+        self.take(N)?.try_into().ok()
+    }
+}
+
+const MALFORMED: u8 = 1;
+const NO_CONSENT: u8 = 2;
+const REJECTED: u8 = 3;
+const ACCEPTED: u8 = 4;
+const FORGOTTEN: u8 = 5;
+
+/// One row's outcome, as the node reads it back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Outcome {
+    /// A read column (its place among the function's columns) holds a line break.
+    Malformed(usize),
+    /// The consent column does not say yes.
+    NoConsent,
+    /// An identifier of the row belongs to a forgotten subject.
+    Forgotten,
+    /// A key part (its place) rejected the row, and why.
+    Rejected(usize, Rejection),
+    /// The row's key, blinded with the job key.
+    Accepted(EncodedPoint),
+}
+
+impl Outcome {
+    /// Reads an outcome; `None` if the bytes are not one (an executor of another version).
+    pub(crate) fn decode(bytes: &[u8]) -> Option<Outcome> {
+        let mut r = Reader(bytes);
+        let outcome = match r.byte()? {
+            MALFORMED => Outcome::Malformed(usize::from(u16::from_le_bytes(r.array()?))),
+            NO_CONSENT => Outcome::NoConsent,
+            FORGOTTEN => Outcome::Forgotten,
+            REJECTED => {
+                let part = usize::from(r.byte()?);
+                Outcome::Rejected(part, Rejection::from_code(r.array()?)?)
+            }
+            ACCEPTED => Outcome::Accepted(r.array::<POINT_LEN>()?),
+            _ => return None,
+        };
+        r.0.is_empty().then_some(outcome)
+    }
+}
+
+/// The pass function. The node and the scheduler hold it without a key (to plan and to
+/// decode plans); an executor holds the [`SealingKey`] and runs it.
+#[derive(Debug, PartialEq, Eq, Hash)]
+pub struct PassUdf {
+    signature: Signature,
+    #[allow(clippy::struct_field_names)]
+    opener: Option<OpenerRef>,
+}
+
+/// The executor's key, compared by identity (a UDF must be `Eq` and `Hash`).
+#[derive(Debug, Clone)]
+struct OpenerRef(Arc<SealingKey>);
+
+impl PartialEq for OpenerRef {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+impl Eq for OpenerRef {}
+impl std::hash::Hash for OpenerRef {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        Arc::as_ptr(&self.0).hash(state);
+    }
+}
+
+impl PassUdf {
+    /// The function as the node and the scheduler hold it: it plans, it never runs.
+    pub fn planner() -> ScalarUDF {
+        ScalarUDF::new_from_impl(PassUdf {
+            signature: Signature::variadic_any(Volatility::Volatile),
+            opener: None,
+        })
+    }
+
+    /// The function as an executor holds it, with the key it opens specs with.
+    pub fn executor(key: Arc<SealingKey>) -> ScalarUDF {
+        ScalarUDF::new_from_impl(PassUdf {
+            signature: Signature::variadic_any(Volatility::Volatile),
+            opener: Some(OpenerRef(key)),
+        })
+    }
+}
+
+impl ScalarUDFImpl for PassUdf {
+    fn name(&self) -> &str {
+        UDF_NAME
+    }
+
+    fn signature(&self) -> &Signature {
+        &self.signature
+    }
+
+    fn return_type(&self, _: &[DataType]) -> datafusion::error::Result<DataType> {
+        Ok(DataType::Binary)
+    }
+
+    fn invoke_with_args(
+        &self,
+        args: ScalarFunctionArgs,
+    ) -> datafusion::error::Result<ColumnarValue> {
+        let fail = |m: &str| DataFusionError::Execution(format!("{UDF_NAME}: {m}"));
+        let Some(OpenerRef(key)) = &self.opener else {
+            return Err(fail(
+                "this process holds no sealing key (run the pass on a `cleanroom executor` \
+                 started with --sealing-key)",
+            ));
+        };
+        let (sealed, columns) = args
+            .args
+            .split_first()
+            .ok_or_else(|| fail("no sealed spec"))?;
+        let ColumnarValue::Scalar(ScalarValue::Binary(Some(sealed))) = sealed else {
+            return Err(fail("the first argument is not a sealed spec"));
+        };
+        let plain = key.open(sealed).ok_or_else(|| {
+            fail("the spec does not open with this executor's sealing key (the node's engine.sealing_key and the executor's --sealing-key must be the same key)")
+        })?;
+        let spec = PassSpec::decode(&plain).ok_or_else(|| {
+            fail("the spec is not one this executor reads (a node of another version?)")
+        })?;
+        drop(plain);
+        if columns.len() != spec.columns() {
+            return Err(fail("the plan's columns do not match its spec"));
+        }
+        let arrays = ColumnarValue::values_to_arrays(columns)?;
+        let text: Vec<&StringArray> = arrays
+            .iter()
+            .map(|a| a.as_any().downcast_ref::<StringArray>())
+            .collect::<Option<_>>()
+            .ok_or_else(|| fail("a column is not text"))?;
+        Ok(ColumnarValue::Array(run_pass(
+            &spec,
+            &text,
+            args.number_rows,
+        )))
+    }
+}
+
+/// The outcomes of `rows` rows whose columns are `text` (the spec's layout).
+fn run_pass(spec: &PassSpec, text: &[&StringArray], rows: usize) -> ArrayRef {
+    let field = |c: usize, row: usize| -> Option<&[u8]> {
+        let column = text[c];
+        (!column.is_null(row)).then(|| column.value(row).as_bytes())
+    };
+    let consent_at = spec.parts.len();
+    let forget_at = consent_at + usize::from(spec.consent);
+    // Each row's outcome without its point; accepted keys go to one batch for blinding.
+    let mut pending: Vec<Zeroizing<Vec<u8>>> = Vec::with_capacity(rows);
+    let mut keys = ItemSet::new();
+    let mut accepted: Vec<usize> = Vec::new();
+    let mut key = Zeroizing::new(Vec::with_capacity(256));
+    for row in 0..rows {
+        let mut out = Zeroizing::new(Vec::new());
+        if let Some(c) = (0..text.len()).find(|&c| field(c, row).is_some_and(has_line_break)) {
+            out.push(MALFORMED);
+            out.extend_from_slice(&u16::try_from(c).unwrap_or(u16::MAX).to_le_bytes());
+            pending.push(out);
+            continue;
+        }
+        if spec.consent && !field(consent_at, row).is_some_and(is_consent) {
+            out.push(NO_CONSENT);
+            pending.push(out);
+            continue;
+        }
+        if let Some(forget) = &spec.forget
+            && forget.parts.iter().enumerate().any(|(j, p)| {
+                normalise_field(field(forget_at + j, row), p.normaliser, &p.options).is_ok_and(
+                    |v| {
+                        forget
+                            .hashes
+                            .contains(&forget_hash(&forget.secret, v.as_bytes()))
+                    },
+                )
+            })
+        {
+            out.push(FORGOTTEN);
+            pending.push(out);
+            continue;
+        }
+        key.clear();
+        let mut rejected = None;
+        for (j, p) in spec.parts.iter().enumerate() {
+            match normalise_field(field(j, row), p.normaliser, &p.options) {
+                Ok(v) => {
+                    if j > 0 {
+                        key.push(KEY_PART_SEPARATOR);
+                    }
+                    key.extend_from_slice(v.as_bytes());
+                }
+                Err(why) => {
+                    rejected = Some((j, why));
+                    break;
+                }
+            }
+        }
+        match rejected.map(|(j, why)| (j, why.to_code())) {
+            Some((j, Some(code))) => {
+                out.push(REJECTED);
+                out.push(u8::try_from(j).unwrap_or(u8::MAX));
+                out.extend_from_slice(&code);
+            }
+            // A reason with no code (none the normalisers give): the node refuses the
+            // outcome rather than count it wrongly.
+            Some((_, None)) => out.push(0),
+            None if keys.push(&key).is_ok() => {
+                accepted.push(row);
+                out.push(ACCEPTED);
+            }
+            None => out.push(0),
+        }
+        pending.push(out);
+    }
+    let points = blind_items(&spec.key, &spec.key_name, &keys);
+    drop(keys);
+    let mut builder = BinaryBuilder::with_capacity(rows, rows * (1 + POINT_LEN));
+    let mut next_point = accepted.iter().zip(&points).peekable();
+    for (row, out) in pending.iter().enumerate() {
+        match next_point.peek() {
+            Some((r, point)) if **r == row => {
+                let mut bytes = [0u8; 1 + POINT_LEN];
+                bytes[0] = ACCEPTED;
+                bytes[1..].copy_from_slice(point.as_slice());
+                builder.append_value(bytes);
+                next_point.next();
+            }
+            _ => builder.append_value(out.as_slice()),
+        }
+    }
+    Arc::new(builder.finish())
+}
+
+#[cfg(test)]
+#[path = "cluster_pass_tests.rs"]
+mod tests;

@@ -1,0 +1,313 @@
+use super::*;
+use crate::data::dataset::forget_hash;
+use crate::data::normalise::NormaliseError;
+use cleanroom_circuits::blind_items;
+use datafusion::arrow::array::{BinaryArray, StringArray};
+use datafusion::arrow::datatypes::Field;
+use datafusion::config::ConfigOptions;
+
+fn email() -> PartSpec {
+    PartSpec {
+        normaliser: Normaliser::Email,
+        options: NormaliseOptions::default(),
+    }
+}
+
+fn phone() -> PartSpec {
+    PartSpec {
+        normaliser: Normaliser::Phone,
+        options: NormaliseOptions::default(),
+    }
+}
+
+fn sealing() -> Arc<SealingKey> {
+    Arc::new(SealingKey::from_bytes(&[7; 32]).expect("key"))
+}
+
+/// Runs the executor's function over `columns` (text, `None` = null) with `spec` sealed.
+fn run(spec: &PassSpec, key: &Arc<SealingKey>, columns: &[Vec<Option<&str>>]) -> Vec<Vec<u8>> {
+    let udf = PassUdf::executor(Arc::clone(key));
+    let rows = columns[0].len();
+    let mut args = vec![ColumnarValue::Scalar(ScalarValue::Binary(Some(
+        spec.seal(key).expect("seal"),
+    )))];
+    args.extend(
+        columns
+            .iter()
+            .map(|c| ColumnarValue::Array(Arc::new(StringArray::from(c.clone())))),
+    );
+    let arg_fields = (0..args.len())
+        .map(|i| Arc::new(Field::new(format!("a{i}"), DataType::Utf8, true)))
+        .collect();
+    let out = udf
+        .invoke_with_args(ScalarFunctionArgs {
+            args,
+            arg_fields,
+            number_rows: rows,
+            return_field: Arc::new(Field::new("outcome", DataType::Binary, false)),
+            config_options: Arc::new(ConfigOptions::default()),
+        })
+        .expect("the pass runs");
+    let ColumnarValue::Array(out) = out else {
+        panic!("an array")
+    };
+    let out = out.as_any().downcast_ref::<BinaryArray>().expect("binary");
+    (0..rows).map(|r| out.value(r).to_vec()).collect()
+}
+
+fn decoded(outcomes: &[Vec<u8>]) -> Vec<Outcome> {
+    outcomes
+        .iter()
+        .map(|o| Outcome::decode(o).expect("an outcome"))
+        .collect()
+}
+
+fn point_of(key: &JobKey, key_name: &str, item: &str) -> EncodedPoint {
+    let mut items = ItemSet::new();
+    items.push(item.as_bytes()).expect("push");
+    blind_items(key, key_name, &items)[0]
+}
+
+#[test]
+fn the_pass_gives_what_the_node_would_in_its_order() {
+    let key = JobKey::generate();
+    let copy = JobKey::from_secret_bytes(&key.to_secret_bytes()).expect("key");
+    let secret = [9u8; 32];
+    let forgotten_phone = forget_hash(&secret, b"+14155550109");
+    let spec = PassSpec {
+        key: copy,
+        key_name: "email".into(),
+        parts: vec![email()],
+        consent: true,
+        forget: Some(ForgetSpec {
+            secret: Zeroizing::new(secret),
+            hashes: [forgotten_phone].into_iter().collect(),
+            parts: vec![email(), phone()],
+        }),
+    };
+    // Columns: the key (email), consent, then every declared identifier (email, phone).
+    let emails = vec![
+        Some(" Alice@Example.com "),
+        Some("bob@example.com"),
+        Some("carol@example.com"),
+        Some("not-an-email"),
+        Some("dave@example.com"),
+        None,
+        Some("line\nbreak@example.com"),
+    ];
+    let consent = vec![
+        Some("yes"),
+        Some("no"),
+        Some("TRUE"),
+        Some("1"),
+        Some("true"),
+        Some("yes"),
+        Some("yes"),
+    ];
+    let phones = vec![
+        Some("+1 415 555 0100"),
+        None,
+        Some("(415) 555-0109"),
+        None,
+        Some("garbage"),
+        None,
+        None,
+    ];
+    let out = decoded(&run(
+        &spec,
+        &sealing(),
+        &[emails.clone(), consent, emails, phones],
+    ));
+    assert_eq!(
+        out,
+        vec![
+            Outcome::Accepted(point_of(&key, "email", "alice@example.com")),
+            Outcome::NoConsent,
+            // Forgotten by its phone, though its email is fine.
+            Outcome::Forgotten,
+            Outcome::Rejected(0, Rejection::Normalise(NormaliseError::EmailNoAt)),
+            // A phone that does not normalise does not make a row forgotten.
+            Outcome::Accepted(point_of(&key, "email", "dave@example.com")),
+            Outcome::Rejected(0, Rejection::Missing),
+            // The line break is in the key column: its place (0) names it.
+            Outcome::Malformed(0),
+        ]
+    );
+}
+
+#[test]
+fn a_composite_key_joins_its_parts_as_the_node_does() {
+    let key = JobKey::generate();
+    let spec = PassSpec {
+        key: JobKey::from_secret_bytes(&key.to_secret_bytes()).expect("key"),
+        key_name: "email+phone".into(),
+        parts: vec![email(), phone()],
+        consent: false,
+        forget: None,
+    };
+    let out = decoded(&run(
+        &spec,
+        &sealing(),
+        &[
+            vec![Some("a@example.com"), Some("b@example.com")],
+            vec![Some("+1 415 555 0100"), Some("12")],
+        ],
+    ));
+    let joined = "a@example.com\u{1f}+14155550100";
+    assert_eq!(
+        out[0],
+        Outcome::Accepted(point_of(&key, "email+phone", joined))
+    );
+    assert!(matches!(
+        out[1],
+        Outcome::Rejected(1, Rejection::Normalise(_))
+    ));
+}
+
+#[test]
+fn a_spec_opens_only_under_its_key_and_the_plan_carries_no_secret() {
+    let key = JobKey::generate();
+    let secret_bytes = key.to_secret_bytes();
+    let spec = PassSpec {
+        key,
+        key_name: "email".into(),
+        parts: vec![email()],
+        consent: false,
+        forget: None,
+    };
+    let sealed = spec.seal(&sealing()).expect("seal");
+    // The sealed bytes hold neither the key nor the key name in the clear.
+    assert!(!sealed.windows(32).any(|w| w == secret_bytes.as_ref()));
+    assert!(!sealed.windows(5).any(|w| w == b"email"));
+    // Another key, or one changed byte, does not open it.
+    let other = SealingKey::from_bytes(&[8; 32]).expect("key");
+    assert!(other.open(&sealed).is_none());
+    let mut changed = sealed.clone();
+    let last = changed.len() - 1;
+    changed[last] ^= 1;
+    assert!(sealing().open(&changed).is_none());
+    // Sealing twice gives two ciphertexts (fresh nonces).
+    assert_ne!(spec.seal(&sealing()).expect("seal"), sealed);
+
+    // The plan's display and its serialised form (what the scheduler stores and executors
+    // receive) carry the ciphertext only.
+    let udf = Arc::new(PassUdf::planner());
+    let expr = datafusion::prelude::Expr::ScalarFunction(
+        datafusion::logical_expr::expr::ScalarFunction::new_udf(
+            udf,
+            vec![
+                datafusion::prelude::lit(ScalarValue::Binary(Some(sealed))),
+                datafusion::prelude::col("email"),
+            ],
+        ),
+    );
+    let shown = format!("{expr} {expr:?}");
+    let hex_key = hex::encode(secret_bytes.as_ref());
+    assert!(!shown.contains(&hex_key));
+    let bytes = datafusion_proto::bytes::Serializeable::to_bytes(&expr).expect("serialise");
+    assert!(!bytes.windows(32).any(|w| w == secret_bytes.as_ref()));
+}
+
+#[test]
+fn without_the_right_key_the_pass_fails_clearly() {
+    let spec = PassSpec {
+        key: JobKey::generate(),
+        key_name: "email".into(),
+        parts: vec![email()],
+        consent: false,
+        forget: None,
+    };
+    let sealed = spec.seal(&sealing()).expect("seal");
+    let call = |udf: ScalarUDF| {
+        udf.invoke_with_args(ScalarFunctionArgs {
+            args: vec![
+                ColumnarValue::Scalar(ScalarValue::Binary(Some(sealed.clone()))),
+                ColumnarValue::Array(Arc::new(StringArray::from(vec![Some("a@example.com")]))),
+            ],
+            arg_fields: vec![
+                Arc::new(Field::new("s", DataType::Binary, false)),
+                Arc::new(Field::new("e", DataType::Utf8, true)),
+            ],
+            number_rows: 1,
+            return_field: Arc::new(Field::new("outcome", DataType::Binary, false)),
+            config_options: Arc::new(ConfigOptions::default()),
+        })
+        .expect_err("refused")
+        .to_string()
+    };
+    assert!(call(PassUdf::planner()).contains("no sealing key"));
+    let other = Arc::new(SealingKey::from_bytes(&[8; 32]).expect("key"));
+    assert!(call(PassUdf::executor(other)).contains("does not open"));
+}
+
+#[test]
+fn hostile_outcomes_and_specs_are_refused_not_trusted() {
+    assert_eq!(Outcome::decode(&[]), None);
+    assert_eq!(Outcome::decode(&[9]), None);
+    assert_eq!(Outcome::decode(&[ACCEPTED, 1, 2]), None);
+    assert_eq!(Outcome::decode(&[NO_CONSENT, 0]), None);
+    assert_eq!(Outcome::decode(&[REJECTED, 0, 99, 0, 0]), None);
+    assert_eq!(PassSpec::decode(&[]).map(|_| ()), None);
+    assert_eq!(PassSpec::decode(&[SPEC_VERSION; 40]).map(|_| ()), None);
+    // A spec that claims more forgotten hashes than it holds reserves nothing.
+    let spec = PassSpec {
+        key: JobKey::generate(),
+        key_name: "email".into(),
+        parts: vec![email()],
+        consent: false,
+        forget: Some(ForgetSpec {
+            secret: Zeroizing::new([1; 32]),
+            hashes: HashSet::new(),
+            parts: vec![email()],
+        }),
+    };
+    let mut bytes = spec.encode().expect("encode").to_vec();
+    let n = bytes.len();
+    bytes[n - 4..].copy_from_slice(&u32::MAX.to_le_bytes());
+    assert_eq!(PassSpec::decode(&bytes).map(|_| ()), None);
+}
+
+#[test]
+fn every_rejection_the_normalisers_give_round_trips() {
+    use NormaliseError as N;
+    let all = [
+        Rejection::LineBreak,
+        Rejection::StrayQuote,
+        Rejection::Missing,
+        Rejection::Empty,
+        Rejection::TooLong,
+        Rejection::NotUtf8,
+        Rejection::Separator,
+        Rejection::Normalise(N::EmailEmpty),
+        Rejection::Normalise(N::EmailNoAt),
+        Rejection::Normalise(N::EmailManyAt),
+        Rejection::Normalise(N::EmailEmptyLocal),
+        Rejection::Normalise(N::EmailEmptyDomain),
+        Rejection::Normalise(N::EmailWhitespace),
+        Rejection::Normalise(N::PhoneEmpty),
+        Rejection::Normalise(N::PhoneCountryCode),
+        Rejection::Normalise(N::PhoneUnparsable),
+        Rejection::Normalise(N::PhoneTooShort),
+        Rejection::Normalise(N::PhoneTooLong),
+        Rejection::Normalise(N::PhoneLength { digits: 17 }),
+        Rejection::Normalise(N::GenericEmpty),
+    ];
+    for r in all {
+        let code = r.to_code().expect("a code");
+        assert_eq!(Rejection::from_code(code), Some(r));
+    }
+}
+
+#[test]
+fn a_sealing_key_file_is_read_and_bad_ones_are_named_not_quoted() {
+    let dir = tempfile::tempdir().expect("dir");
+    let good = dir.path().join("good.key");
+    std::fs::write(&good, SealingKey::generate_hex().expect("hex").as_bytes()).expect("write");
+    SealingKey::read(&good).expect("reads");
+    let bad = dir.path().join("bad.key");
+    std::fs::write(&bad, "not-a-secret-but-a-typo").expect("write");
+    let e = SealingKey::read(&bad).expect_err("refused");
+    assert!(e.contains("64 hex digits") && !e.contains("typo"), "{e}");
+    let e = SealingKey::read(&dir.path().join("missing")).expect_err("refused");
+    assert!(e.contains("cannot read"), "{e}");
+}
