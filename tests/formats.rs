@@ -299,3 +299,134 @@ fn check_refuses_a_view_that_reads_what_no_agreement_permits() {
         assert!(err.contains(says), "{select}: {err}");
     }
 }
+
+/// The same overlap with acme's pass in its node and on its executors (sealed): the same
+/// figures, and each equal to the truth counted here. acme's JSON lines exercise every outcome
+/// the pass gives: rows without consent, a forgotten subject, emails that do not normalise,
+/// null emails, a line break in an email, and duplicates.
+#[test]
+fn the_executors_pass_counts_what_the_node_counts() {
+    let in_process = messy_overlap(None);
+    let on_executors = messy_overlap(Some(2));
+    assert_eq!(in_process, on_executors);
+}
+
+/// Runs the overlap of [`the_executors_pass_counts_what_the_node_counts`]: the intersection
+/// and acme's audited rows read, rejected, without consent and forgotten.
+fn messy_overlap(executors: Option<usize>) -> (u64, [u64; 4]) {
+    let (mut c, _) = Consortium::with_coordinator("acme,globex", 400, 0.5, 41);
+    let acme = rows_of(&c.path().join("data/acme.csv"));
+    let globex: BTreeSet<String> = rows_of(&c.path().join("data/globex.csv"))
+        .into_iter()
+        .map(|(_, email, _)| email)
+        .collect();
+    // A shared customer to forget, whose row is otherwise kept.
+    let forgotten = acme
+        .iter()
+        .find(|(row, email, _)| {
+            globex.contains(email) && [7, 11, 13, 17].iter().all(|d| row % d != 0)
+        })
+        .map(|(_, email, _)| email.clone())
+        .unwrap();
+    let mut lines = String::new();
+    let (mut kept, mut rejected, mut no_consent, mut deleted) = (BTreeSet::new(), 0, 0, 0);
+    let rows: Vec<_> = acme.iter().chain(acme.iter().take(5)).collect();
+    for (row, email, _) in &rows {
+        let consent = if row % 7 == 0 { "no" } else { "yes" };
+        let email = match row {
+            r if r % 17 == 0 => serde_json::Value::from(format!("x\n{email}")),
+            r if r % 13 == 0 => serde_json::Value::Null,
+            r if r % 11 == 0 => serde_json::Value::from("not-an-email"),
+            _ => serde_json::Value::from(format!(" {} ", email.to_uppercase())),
+        };
+        lines += &serde_json::json!({"email": email, "consent_marketing": consent}).to_string();
+        lines.push('\n');
+        if row % 17 == 0 {
+            rejected += 1;
+        } else if row % 7 == 0 {
+            no_consent += 1;
+        } else if email.as_str().map(|e| e.trim().to_lowercase()) == Some(forgotten.clone()) {
+            deleted += 1;
+        } else if row % 13 == 0 || row % 11 == 0 {
+            rejected += 1;
+        } else if let Some(e) = email.as_str() {
+            kept.insert(e.trim().to_lowercase());
+        }
+    }
+    let truth = kept.intersection(&globex).count() as u64;
+    std::fs::create_dir_all(c.path().join("data-j")).unwrap();
+    std::fs::write(c.path().join("data-j/acme.jsonl"), lines).unwrap();
+
+    if let Some(executors) = executors {
+        let cluster = Ballista::start(c.path(), executors, 600);
+        c.node_top.insert("acme".into(), cluster.engine_line(true));
+        c.ballista = Some(cluster);
+    }
+    c.admit_node("acme");
+    c.admit_node("globex");
+    c.write_node_toml(
+        "acme",
+        &format!(
+            "[[dataset]]\nname = \"customers\"\npath = \"data-j/acme.jsonl\"\n\
+             consent = {{ \"overlap-reporting\" = \"consent_marketing\" }}\n\n\
+             [[dataset.identifier]]\nname = \"email\"\ncolumn = \"email\"\nnormaliser = \"email\"\n\n{}",
+            open_agreement("globex")
+        ),
+    );
+    c.write_node_toml(
+        "globex",
+        &format!(
+            "[[dataset]]\nname = \"customers\"\npath = \"data/globex.csv\"\n\n\
+             [[dataset.identifier]]\nname = \"email\"\ncolumn = \"email\"\nnormaliser = \"email\"\n\n{}",
+            open_agreement("acme")
+        ),
+    );
+    c.forget_ok("acme", "customers", &format!("email={forgotten}"));
+    c.start_node("acme");
+    c.start_node("globex");
+    c.wait_connected(&["acme", "globex"]);
+    let (job, code) = c.submit(&cleanroom_e2e::overlap_between("acme,globex"));
+    assert_eq!(code, Some(0), "{job}");
+    let intersection = job["intersection"].as_u64().unwrap();
+    assert_eq!(intersection, truth, "{job}");
+    let access = c.audited_access("acme", job["job_id"].as_str().unwrap());
+    let figure = |k: &str| {
+        access[k]
+            .as_u64()
+            .unwrap_or_else(|| panic!("{k}: {access}"))
+    };
+    let figures = [
+        figure("rows_read"),
+        figure("rows_rejected"),
+        figure("rows_excluded_consent"),
+        figure("rows_excluded_deleted"),
+    ];
+    assert_eq!(
+        figures,
+        [rows.len() as u64, rejected, no_consent, deleted],
+        "{access}"
+    );
+    if executors.is_some() {
+        let log = c
+            .nodes
+            .iter()
+            .find(|p| p.name == "acme")
+            .unwrap()
+            .log_text();
+        assert!(
+            log.contains("on_executors=true"),
+            "acme blinded on the executors"
+        );
+        // The executors' logs hold no email of the data.
+        let cluster = c.ballista.as_ref().unwrap();
+        for process in cluster.executors.iter().chain([&cluster.scheduler]) {
+            let text = process.log_text().to_lowercase();
+            assert!(
+                !text.contains(&forgotten),
+                "{} logged an email",
+                process.name
+            );
+        }
+    }
+    (intersection, figures)
+}
