@@ -17,7 +17,7 @@
 use std::sync::Arc;
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 
-use datafusion::arrow::array::{Array, BinaryArray, StringArray};
+use datafusion::arrow::array::{Array, BinaryArray, RecordBatch, StringArray};
 use datafusion::arrow::datatypes::DataType;
 use datafusion::common::tree_node::TreeNodeRecursion;
 use datafusion::common::{Column, ScalarValue, TableReference};
@@ -536,8 +536,31 @@ async fn stream(
             .alias(format!("c{i}"))
         })
         .collect();
+    send_batches(plan, frame, columns, out, |batch| {
+        let mut text = Vec::with_capacity(batch.num_columns());
+        for column in batch.columns() {
+            let strings = column
+                .as_any()
+                .downcast_ref::<StringArray>()
+                .ok_or_else(|| plan.error("a column did not cast to text".into()))?;
+            text.push(strings.clone());
+        }
+        Ok(Message::Batch(text))
+    })
+    .await
+}
+
+/// Runs `frame` projected to `exprs` and sends every batch with rows, as `message` makes it,
+/// into `out`, until the end or until the pass hangs up.
+async fn send_batches(
+    plan: &Plan,
+    frame: DataFrame,
+    exprs: Vec<Expr>,
+    out: &SyncSender<Message>,
+    message: impl Fn(&RecordBatch) -> Result<Message, SourceError>,
+) -> Result<(), SourceError> {
     let mut batches = frame
-        .select(columns)
+        .select(exprs)
         .map_err(|e| plan.error(e.to_string()))?
         .execute_stream()
         .await
@@ -547,15 +570,7 @@ async fn stream(
         if batch.num_rows() == 0 {
             continue;
         }
-        let mut text = Vec::with_capacity(batch.num_columns());
-        for column in batch.columns() {
-            let strings = column
-                .as_any()
-                .downcast_ref::<StringArray>()
-                .ok_or_else(|| plan.error("a column did not cast to text".into()))?;
-            text.push(strings.clone());
-        }
-        if out.send(Message::Batch(text)).is_err() {
+        if out.send(message(&batch)?).is_err() {
             return Ok(());
         }
     }
@@ -585,28 +600,15 @@ async fn stream_pass(
     }));
     let pass = Expr::ScalarFunction(ScalarFunction::new_udf(Arc::new(PassUdf::planner()), args))
         .alias("outcome");
-    let mut batches = frame
-        .select(vec![pass])
-        .map_err(|e| plan.error(e.to_string()))?
-        .execute_stream()
-        .await
-        .map_err(|e| plan.error(e.to_string()))?;
-    while let Some(batch) = batches.next().await {
-        let batch = batch.map_err(|e| plan.error(e.to_string()))?;
-        if batch.num_rows() == 0 {
-            continue;
-        }
+    send_batches(plan, frame, vec![pass], out, |batch| {
         let outcomes = batch
             .column(0)
             .as_any()
             .downcast_ref::<BinaryArray>()
-            .ok_or_else(|| plan.error("the executors' pass did not return outcomes".into()))?
-            .clone();
-        if out.send(Message::Outcomes(outcomes)).is_err() {
-            return Ok(());
-        }
-    }
-    Ok(())
+            .ok_or_else(|| plan.error("the executors' pass did not return outcomes".into()))?;
+        Ok(Message::Outcomes(outcomes.clone()))
+    })
+    .await
 }
 
 /// The base-table columns (`base`: every column of the view's tables) that the plan's select
