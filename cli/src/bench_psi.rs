@@ -277,7 +277,7 @@ fn report(
     }
     if args.engine == EngineArg::Ballista {
         cleanroom_node::outln!(
-            "engine:                   Ballista, 2 executors on this machine (dataset reads)"
+            "engine:                   Ballista, 2 executors on this machine (the dataset pass and own-set blinding)"
         );
     }
     cleanroom_node::outln!(
