@@ -466,24 +466,12 @@ pub fn blind_keys_on_cluster(
     let headers = frame.headers().to_vec();
     let parts = locate_columns(&headers, &location, &ids)?;
     let mut read: Vec<usize> = parts.iter().map(|p| p.index).collect();
-    let consent = match filter.consent_column {
-        Some(column) => Some(locate_column(&headers, &location, column)?),
-        None => None,
-    };
-    read.extend(consent);
-    let forget = match filter.forgotten.filter(|fg| !fg.hashes.is_empty()) {
-        Some(fg) => {
-            let all: Vec<&IdentifierConfig> = dataset.identifiers.iter().collect();
-            let all = locate_columns(&headers, &location, &all)?;
-            read.extend(all.iter().map(|p| p.index));
-            Some(ForgetSpec {
-                secret: Zeroizing::new(fg.secret),
-                hashes: fg.hashes.clone(),
-                parts: all.iter().map(Part::spec).collect(),
-            })
-        }
-        None => None,
-    };
+    let (consent, forgotten) = locate_filter(dataset, &headers, &location, filter, &mut read)?;
+    let forget = forgotten.map(|(fg, all)| ForgetSpec {
+        secret: Zeroizing::new(fg.secret),
+        hashes: fg.hashes.clone(),
+        parts: all.iter().map(Part::spec).collect(),
+    });
     let spec = PassSpec {
         key: JobKey::from_secret_bytes(&key.to_secret_bytes())
             .ok_or_else(|| engine("the job key cannot be sealed".into()))?,
@@ -611,21 +599,8 @@ impl<'a> Pass<'a> {
         let mut source = Source::open(dataset)?;
         let headers = source.headers();
         let mut read = locate(headers, &location)?;
-        let consent_index = match filter.consent_column {
-            Some(column) => Some(locate_column(headers, &location, column)?),
-            None => None,
-        };
-        let forgotten = match filter.forgotten.filter(|fg| !fg.hashes.is_empty()) {
-            Some(fg) => {
-                let all_ids: Vec<&IdentifierConfig> = dataset.identifiers.iter().collect();
-                Some((fg, locate_columns(headers, &location, &all_ids)?))
-            }
-            None => None,
-        };
-        read.extend(consent_index);
-        if let Some((_, parts)) = &forgotten {
-            read.extend(parts.iter().map(|p| p.index));
-        }
+        let (consent_index, forgotten) =
+            locate_filter(dataset, headers, &location, filter, &mut read)?;
         source.start(&read)?;
         Ok(Pass {
             location,
@@ -721,6 +696,34 @@ pub fn for_each_row_for(
         f(row, &fields)?;
     }
     Ok(pass.counts)
+}
+
+/// Where the [`RowFilter`]'s columns are: the consent column, and every declared identifier
+/// when subjects are forgotten. Appends them to `read` (the columns a pass reads), in that order.
+#[allow(clippy::type_complexity)]
+fn locate_filter<'a>(
+    dataset: &'a DatasetConfig,
+    headers: &[String],
+    location: &str,
+    filter: RowFilter<'a>,
+    read: &mut Vec<usize>,
+) -> Result<(Option<usize>, Option<(&'a Forgotten, Vec<Part<'a>>)>), DatasetError> {
+    let consent = match filter.consent_column {
+        Some(column) => Some(locate_column(headers, location, column)?),
+        None => None,
+    };
+    let forgotten = match filter.forgotten.filter(|fg| !fg.hashes.is_empty()) {
+        Some(fg) => {
+            let all_ids: Vec<&IdentifierConfig> = dataset.identifiers.iter().collect();
+            Some((fg, locate_columns(headers, location, &all_ids)?))
+        }
+        None => None,
+    };
+    read.extend(consent);
+    if let Some((_, parts)) = &forgotten {
+        read.extend(parts.iter().map(|p| p.index));
+    }
+    Ok((consent, forgotten))
 }
 
 /// One requested key part: where it is in the row and how it is normalised.
