@@ -28,8 +28,11 @@ use cleanroom_proto::MAX_FRAME_LEN;
 use cleanroom_proto::v1::{AggregateHello, Envelope, Phase, PointBatch, envelope::Body};
 use serde_json::Value;
 
-/// acme's peak resident memory after every attack must stay below this (the test prints it).
-const RSS_CAP_KIB: u64 = 64 * 1024;
+/// How far acme's peak resident memory may rise over the attacks, above its peak after an
+/// honest job (the test prints both). The attacks' own data is at most a few MiB (the largest
+/// is a hello of almost 1 MiB). A growth, not a total: the total holds the debug binary's code
+/// pages, which grew to about 60 MiB as DataFusion and Ballista were linked in.
+const RSS_GROWTH_CAP_KIB: u64 = 32 * 1024;
 
 /// The honest parties of every hostile job.
 const HONEST: [&str; 2] = ["acme", "globex"];
@@ -359,6 +362,7 @@ fn every_bad_message_of_an_aggregate_party_ends_the_job_with_a_named_error_and_n
     let acme_pid = c.node("acme").pid();
     let honest_job = aggregate(&c, "acme,globex,initech");
     assert_eq!(honest_job["state"], "succeeded", "{honest_job}");
+    let honest_peak = peak_rss_kib(acme_pid);
     let t_all = Instant::now();
     let mut report = Vec::new();
 
@@ -561,14 +565,16 @@ fn every_bad_message_of_an_aggregate_party_ends_the_job_with_a_named_error_and_n
     eprintln!("{}", report.last().unwrap());
 
     let rss = peak_rss_kib(acme_pid);
+    let growth = rss.saturating_sub(honest_peak);
     eprintln!(
-        "{} bad inputs tried in {:.0?}, all refused with a named error; acme peak RSS {rss} KiB (cap {RSS_CAP_KIB} KiB)",
+        "{} bad inputs tried in {:.0?}, all refused with a named error; acme peak RSS {rss} KiB, \
+         {growth} KiB over its {honest_peak} KiB after the honest job (cap {RSS_GROWTH_CAP_KIB} KiB)",
         report.len() + 1,
         t_all.elapsed()
     );
     assert!(
-        rss < RSS_CAP_KIB,
-        "acme's peak RSS {rss} KiB is over {RSS_CAP_KIB} KiB"
+        growth < RSS_GROWTH_CAP_KIB,
+        "acme's peak RSS grew {growth} KiB over the attacks, over {RSS_GROWTH_CAP_KIB} KiB"
     );
     for name in HONEST {
         let log = c.node(name).log_text();

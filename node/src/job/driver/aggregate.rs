@@ -4,14 +4,14 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use cleanroom_circuits::aggregate::ShareSeed;
 use cleanroom_proto::v1::{
     AggregateTerms, Envelope, JobSpec, Phase, Ready, Report, envelope::Body, report::Outcome,
 };
-use cleanroom_transport::{FramedRecv, FramedSend, Identity};
+use cleanroom_transport::{FramedRecv, FramedSend, Identity, TransportError};
 use tokio::sync::oneshot;
 
 use super::{blocking, charge_and_draw};
@@ -21,7 +21,7 @@ use crate::data::aggregate_input::{Loaded, load_vector};
 use crate::data::dataset::RowFilter;
 use crate::data::forget::ForgetStore;
 use crate::dataplane::{Delivery, pending_key, refused};
-use crate::error::{JobError, NodeError, Timeout};
+use crate::error::{JobError, NodeError, Party, Timeout};
 use crate::job::aggregate::{AggConfig, AggStep, AggregateSession, PeerShare, check_hello};
 use crate::job::protocol::NoiseRequest;
 use crate::policy::Veto;
@@ -100,11 +100,19 @@ pub async fn serve_offer(
         })
         .await?;
         // The job runs until done, its deadline, or the coordinator dropping the stream.
-        let run = tokio::time::timeout(JOB_TIMEOUT, job.run(&endpoint, peers, incoming, send));
-        tokio::select! {
+        let conns = JobConnections::default();
+        let run = tokio::time::timeout(
+            JOB_TIMEOUT,
+            job.run(&endpoint, peers, incoming, send, &conns),
+        );
+        let result = tokio::select! {
             r = run => r.unwrap_or_else(|_| Err(Timeout::Job.into())),
             _ = wait_for_withdrawal(recv) => Err(JobError::Withdrawn.into()),
+        };
+        if let Err(e) = &result {
+            conns.fail_all(&e.to_string());
         }
+        result
     }
     .await;
     for peer in &job.terms.peers {
@@ -270,6 +278,7 @@ impl AggregateJob {
         peers: Vec<(String, SocketAddr)>,
         incoming: Vec<(String, oneshot::Receiver<Delivery>)>,
         control: &mut FramedSend,
+        conns: &JobConnections,
     ) -> Result<(), NodeError> {
         self.recheck()?;
         let n = self.spec.parties.len();
@@ -285,7 +294,8 @@ impl AggregateJob {
         for (peer, rx) in incoming {
             let job_id = self.job_id.clone();
             let digest = digest.to_vec();
-            receives.spawn(async move { receive_share(job_id, peer, rx, digest).await });
+            let conns = conns.clone();
+            receives.spawn(async move { receive_share(job_id, peer, rx, digest, conns).await });
         }
         // Kept open until we have reported, so no frame of ours or theirs is cut off.
         let mut out_conns: Vec<(quinn::Connection, FramedSend)> = Vec::new();
@@ -298,7 +308,10 @@ impl AggregateJob {
                             JobError::Internal(format!("no address for party '{peer}'"))
                         })?;
                         let endpoint = endpoint.clone();
-                        sends.spawn(async move { send_share(endpoint, peer, addr, *hello).await });
+                        let conns = conns.clone();
+                        sends.spawn(async move {
+                            send_share(endpoint, peer, addr, *hello, conns).await
+                        });
                     }
                     AggStep::Load => {
                         let loaded = self.load().await?;
@@ -442,11 +455,13 @@ async fn send_share(
     peer: String,
     addr: SocketAddr,
     hello: Envelope,
+    conns: JobConnections,
 ) -> Result<(quinn::Connection, FramedSend), NodeError> {
     let identity = Identity::node(&peer)?;
     let conn = cleanroom_transport::connect(&endpoint, addr, &identity)
         .await
         .map_err(|e| data_plane(format!("cannot reach party '{peer}'"), e))?;
+    conns.add(&conn);
     let stream = conn
         .open_uni()
         .await
@@ -466,6 +481,7 @@ async fn receive_share(
     peer: String,
     rx: oneshot::Receiver<Delivery>,
     digest: Vec<u8>,
+    conns: JobConnections,
 ) -> Result<(String, PeerShare, quinn::Connection), NodeError> {
     let handover = tokio::time::timeout(PEER_TIMEOUT, rx)
         .await
@@ -477,6 +493,7 @@ async fn receive_share(
         })?
         .map_err(|reason| refused(&peer, &reason))?;
     let conn = handover.conn;
+    conns.add(&conn);
     let fail = |reason: String| {
         conn.close(CLOSE_FAILED.into(), reason.as_bytes());
         protocol(&peer, reason)
@@ -488,10 +505,69 @@ async fn receive_share(
     match tokio::time::timeout(PEER_TIMEOUT, recv.recv()).await {
         Ok(Ok(None)) => {}
         Ok(Ok(Some(_))) => return Err(fail("sent more than its hello".into())),
+        // The peer closed its connection before we read the end of its stream: its job ended
+        // (it says why), which is not a violation of ours to report.
+        Ok(Err(TransportError::Closed { .. })) => {
+            return Err(peer_ended(&peer, conn.close_reason()));
+        }
         Ok(Err(e)) => return Err(fail(format!("broken share stream: {e}"))),
         Err(_) => return Err(fail("did not end its share stream".into())),
     }
     Ok((peer, share, conn))
+}
+
+/// The longest part of a peer's own closing words we keep (they reach our audit log).
+const PEER_REASON_MAX: usize = 512;
+
+/// Why `peer`'s connection closed: its own reason when it ended the job (`CLOSE_FAILED`),
+/// otherwise a lost connection.
+fn peer_ended(peer: &str, close: Option<quinn::ConnectionError>) -> NodeError {
+    let party = Party::Peer(peer.to_owned());
+    match close {
+        Some(quinn::ConnectionError::ApplicationClosed(close))
+            if close.error_code == CLOSE_FAILED.into() =>
+        {
+            let words = String::from_utf8_lossy(&close.reason);
+            let reason: String = words
+                .chars()
+                .take(PEER_REASON_MAX)
+                .map(|c| if c.is_control() { ' ' } else { c })
+                .collect();
+            JobError::Aborted {
+                peer: party,
+                reason,
+            }
+            .into()
+        }
+        other => JobError::Lost {
+            peer: party,
+            reason: other.map_or_else(|| "closed".to_owned(), |e| e.to_string()),
+        }
+        .into(),
+    }
+}
+
+/// Every data-plane connection of one job, both ways. When the job fails, each is closed with
+/// `CLOSE_FAILED` and the reason, so a peer still reading from us learns that our job ended and
+/// why; a connection merely dropped would close with code 0, and the peer would take it for a
+/// broken stream of ours.
+#[derive(Clone, Default)]
+struct JobConnections(Arc<Mutex<Vec<quinn::Connection>>>);
+
+impl JobConnections {
+    fn add(&self, conn: &quinn::Connection) {
+        if let Ok(mut conns) = self.0.lock() {
+            conns.push(conn.clone());
+        }
+    }
+
+    fn fail_all(&self, reason: &str) {
+        let Ok(conns) = self.0.lock() else { return };
+        let words: String = reason.chars().take(PEER_REASON_MAX).collect();
+        for conn in conns.iter() {
+            conn.close(CLOSE_FAILED.into(), words.as_bytes());
+        }
+    }
 }
 
 fn protocol(peer: &str, reason: impl std::fmt::Display) -> NodeError {
@@ -517,4 +593,42 @@ fn data_plane(what: String, e: impl std::fmt::Display) -> NodeError {
         reason: e.to_string(),
     }
     .into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn closed(code: u32, reason: &str) -> Option<quinn::ConnectionError> {
+        Some(quinn::ConnectionError::ApplicationClosed(
+            quinn::ApplicationClose {
+                error_code: code.into(),
+                reason: reason.as_bytes().to_vec().into(),
+            },
+        ))
+    }
+
+    #[test]
+    fn a_peer_that_ended_its_job_is_named_with_its_reason_not_as_a_violation() {
+        let ended = peer_ended(
+            "acme",
+            closed(CLOSE_FAILED, "protocol violation by mallory: bad\u{1b}[2J"),
+        );
+        assert_eq!(
+            ended.to_string(),
+            "acme aborted the job: protocol violation by mallory: bad [2J"
+        );
+        let long = "x".repeat(5000);
+        let ended = peer_ended("acme", closed(CLOSE_FAILED, &long)).to_string();
+        assert!(ended.len() < PEER_REASON_MAX + 64, "{ended}");
+        // A connection dropped without a word (code 0) or lost is the network's or the
+        // peer's crash: a lost connection, never a violation.
+        for close in [closed(CLOSE_DONE, ""), None] {
+            let lost = peer_ended("acme", close);
+            assert!(
+                matches!(lost, NodeError::Job(JobError::Lost { .. })),
+                "{lost}"
+            );
+        }
+    }
 }
