@@ -271,15 +271,18 @@ pub(crate) enum Rejection {
     NotUtf8,
     #[error("the field contains the key separator byte 0x1F")]
     Separator,
+    #[error("the field does not read as its column's type ({kind}, from the file's first rows)")]
+    ColumnType { kind: &'static str },
     #[error("{0}")]
     Normalise(NormaliseError),
 }
 
 impl Rejection {
     /// The reason's name for counting: the message without the row's particulars.
-    fn label(self) -> String {
+    pub(crate) fn label(self) -> String {
         match self {
             Rejection::FieldCount { .. } => "field count".to_owned(),
+            Rejection::ColumnType { .. } => "field type".to_owned(),
             Rejection::LineBreak => "line break in a field".to_owned(),
             Rejection::StrayQuote => "quote in a field".to_owned(),
             other => other.to_string(),
@@ -293,7 +296,7 @@ impl Rejection {
     pub(crate) fn to_code(self) -> Option<[u8; 3]> {
         use NormaliseError as N;
         let (kind, n) = match self {
-            Rejection::FieldCount { .. } => return None,
+            Rejection::FieldCount { .. } | Rejection::ColumnType { .. } => return None,
             Rejection::LineBreak => (1, 0),
             Rejection::Missing => (2, 0),
             Rejection::Empty => (3, 0),
@@ -619,6 +622,7 @@ impl<'a> Pass<'a> {
         loop {
             let row = self.counts.rows_read + 1;
             if !self.source.advance()? {
+                self.count_table_rejections();
                 self.counts.rejections.log_rest(&self.location);
                 return Ok(None);
             }
@@ -660,6 +664,23 @@ impl<'a> Pass<'a> {
                 continue;
             }
             return Ok(Some(row));
+        }
+    }
+
+    /// Counts the rows a view's CSV tables rejected (the view never saw them) as read and
+    /// rejected, with the file and line of the first.
+    fn count_table_rejections(&mut self) {
+        let table = self.source.take_table_rejections();
+        let counts = &mut self.counts;
+        counts.rows_read += table.total();
+        counts.rejections.multi_line_rows += table.multi_line_rows;
+        for r in table.placed {
+            counts
+                .rejections
+                .record(&r.origin, r.line, r.column.as_deref(), r.why);
+        }
+        for (reason, n) in table.more {
+            *counts.rejections.by_reason.entry(reason).or_default() += n;
         }
     }
 

@@ -30,6 +30,7 @@ use datafusion::prelude::{DataFrame, Expr, SQLOptions, SessionConfig, SessionCon
 use futures::StreamExt;
 
 use super::SourceError;
+use super::strict_table::{Rejected, StrictCsvTable, TableRejections};
 use crate::data::cluster_pass::PassUdf;
 use crate::data::schema::{Cluster, DataFormat, DatasetConfig, EngineLimits};
 use ballista::prelude::SessionContextExt;
@@ -78,6 +79,8 @@ pub struct Frame {
     reads: Vec<String>,
     /// Sends the columns to read; taken by [`Frame::start`].
     projection: Option<tokio::sync::oneshot::Sender<Request>>,
+    /// What a view's local CSV tables rejected ([`StrictCsvTable`]).
+    rejected: TableRejections,
     batches: Receiver<Message>,
     /// For each column of [`Frame::headers`], its place in the current batch (read ones only).
     slot: Vec<Option<usize>>,
@@ -111,12 +114,15 @@ struct Plan {
     tables: Vec<(String, String, DataFormat)>,
     sql: Option<String>,
     engine: EngineLimits,
+    /// Shared with the view's local CSV tables, which record their rejected rows in it.
+    rejected: TableRejections,
 }
 
 impl Frame {
     /// Starts the reader thread, which plans the dataset and reports its columns.
     pub fn open(dataset: &DatasetConfig) -> Result<Frame, SourceError> {
         let plan = Plan::of(dataset);
+        let rejected = plan.rejected.clone();
         let engine = |message: String| SourceError::Engine {
             dataset: dataset.name.clone(),
             location: dataset.location(),
@@ -139,6 +145,7 @@ impl Frame {
             headers,
             reads,
             projection: Some(projection_tx),
+            rejected,
             batches: batch_rx,
             columns: Vec::new(),
             outcomes: None,
@@ -151,6 +158,11 @@ impl Frame {
     /// The dataset's column names, in order.
     pub fn headers(&self) -> &[String] {
         &self.headers
+    }
+
+    /// The rows a view's local CSV tables rejected so far (taken: a second call starts at zero).
+    pub fn take_table_rejections(&self) -> Rejected {
+        self.rejected.take()
     }
 
     /// For a SQL view: the columns of its tables that its select lists (subqueries included)
@@ -293,6 +305,7 @@ impl Plan {
             tables,
             sql: d.sql.clone(),
             engine: d.engine.clone(),
+            rejected: TableRejections::default(),
         }
     }
 
@@ -369,6 +382,17 @@ impl Plan {
             Some(cluster) => self.remote(cluster).await?,
         };
         for (name, location, format) in &self.tables {
+            // In process, a view's local CSV tables are read strictly: a malformed row is
+            // rejected, not a failed read. (On a cluster the executors read them.)
+            if self.engine.cluster.is_none()
+                && *format == DataFormat::Csv
+                && let Some(path) = super::local_path(std::path::Path::new(location))
+            {
+                let table = StrictCsvTable::open(path, self.rejected.clone())?;
+                ctx.register_table(TableReference::bare(name.as_str()), Arc::new(table))
+                    .map_err(|e| self.error(format!("table '{name}' ({location}): {e}")))?;
+                continue;
+            }
             register(&ctx, name, location, *format)
                 .await
                 .map_err(|e| self.error(format!("table '{name}' ({location}): {e}")))?;
@@ -455,8 +479,8 @@ async fn register(
             ctx.register_json(table, location, options).await
         }
         DataFormat::Csv => {
-            // Remote CSV and a view's CSV tables: DataFusion's reader, with its own rules for
-            // malformed rows (local CSV goes through the strict reader, which rejects them).
+            // Remote CSV, and CSV tables on a cluster: DataFusion's reader, which fails the read
+            // on a row with the wrong field count (local CSV in process is read strictly).
             let options = CsvReadOptions::new()
                 .has_header(true)
                 .file_extension(extension);

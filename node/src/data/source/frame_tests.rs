@@ -340,43 +340,95 @@ fn a_file_url_csv_is_read_strictly() {
     assert_eq!(lines, [3, 4, 5], "{:?}", loaded.rejections);
 }
 
-/// In a view over CSV the engine reads the rows. A row with a field too few fails the pass,
-/// naming the line and no value; a field that swallowed a line (an open quote) is rejected by
-/// the same rule as the strict reader, never read as an identifier.
+/// In a view, a local CSV table is read by the same strict rules: the short row, the line of
+/// the open quote and the line where it closes are rejected by reason and placed by line, and
+/// the view reads the rest (DataFusion's own reader would fail the whole read).
 #[test]
-fn a_view_over_malformed_csv_never_reads_by_position() {
+fn a_view_over_malformed_csv_rejects_rows_and_reads_the_rest() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("orders.csv");
-    let table = |path: &Path| TableConfig {
-        name: "orders".into(),
-        path: path.to_owned(),
-        format: None,
-    };
+    std::fs::write(&path, MALFORMED_CSV).unwrap();
     let mut d = email_dataset(Path::new(""));
     d.path = Default::default();
     d.sql = Some("SELECT email FROM orders".into());
-    d.tables = vec![table(&path)];
-
-    std::fs::write(&path, MALFORMED_CSV).unwrap();
-    let err = dataset::load_keys_for(&d, &KeySpec::new(["email"]), RowFilter::default(), 100)
-        .unwrap_err()
-        .to_string();
-    assert!(err.contains("line"), "{err}");
-    assert!(!err.contains("bob@"), "{err}");
-
-    let swallowed = MALFORMED_CSV.replace("bob@example.com\n", "bob@example.com,2\n");
-    std::fs::write(&path, swallowed).unwrap();
+    d.tables = vec![TableConfig {
+        name: "orders".into(),
+        path: path.clone(),
+        format: None,
+    }];
     let (items, loaded) = keys_of(&d, None);
-    assert_eq!(
-        items,
-        ["alice@example.com", "bob@example.com", "erin@example.com"]
-    );
+    assert_eq!(items, ["alice@example.com", "erin@example.com"]);
     let lines: Vec<u64> = loaded.rejections.first.iter().map(|r| r.line).collect();
-    assert_eq!(lines, [3], "{:?}", loaded.rejections);
+    assert_eq!(lines, [3, 4, 5], "{:?}", loaded.rejections);
     let reasons = &loaded.rejections.by_reason;
+    assert_eq!(reasons.get("field count"), Some(&1), "{reasons:?}");
     assert_eq!(
         reasons.get("line break in a field"),
         Some(&1),
         "{reasons:?}"
     );
+    assert_eq!(reasons.get("quote in a field"), Some(&1), "{reasons:?}");
+    // Read: the view's two rows and the three rejected ones.
+    assert_eq!(loaded.rows_read, 5);
+    assert_eq!(loaded.rows_rejected, 3);
+    // The reasons and places name no value.
+    let audit = format!("{:?}", loaded.rejections);
+    assert!(
+        !audit.contains("bob@") && !audit.contains("carol@"),
+        "{audit}"
+    );
+}
+
+/// A view's CSV columns are typed from the first rows: numbers compare as numbers, a column of
+/// phone numbers with a leading 0 stays text with its 0, and a later value that is not a number
+/// rejects its row instead of failing the read.
+#[test]
+fn a_view_types_csv_columns_keeps_leading_zeros_and_rejects_a_later_misfit() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("orders.csv");
+    let mut csv = String::from("email,phone,amount,day\n");
+    let rows = super::strict_table::INFER_ROWS + 200;
+    let misfit = super::strict_table::INFER_ROWS + 100;
+    for i in 0..rows {
+        let amount = if i == misfit {
+            "n/a".to_owned()
+        } else {
+            i.to_string()
+        };
+        let day = 1 + i % 28;
+        csv.push_str(&format!(
+            "user{i}@example.com,0151{i:07},{amount},2026-02-{day:02}\n"
+        ));
+    }
+    std::fs::write(&path, csv).unwrap();
+    let mut d = email_dataset(Path::new(""));
+    d.path = Default::default();
+    d.sql = Some(
+        "SELECT email, phone FROM orders \
+         WHERE amount >= 500 AND extract(day FROM day) <= 14"
+            .into(),
+    );
+    d.tables = vec![TableConfig {
+        name: "orders".into(),
+        path,
+        format: None,
+    }];
+    let mut phones = Vec::new();
+    dataset::for_each_row_for(&d, &["phone"], RowFilter::default(), 10_000, |_, f| {
+        phones.push(String::from_utf8(f[0].unwrap().to_vec()).unwrap());
+        Ok(())
+    })
+    .unwrap();
+    // As text, "99" >= "500" would hold; as numbers, rows 500.. pass, less the misfit (whose
+    // day, 1 + 1100 % 28 = 9, passes), and the day is a date, of which the first 14 pass.
+    let expected = (500..rows).filter(|&i| i != misfit && i % 28 < 14).count();
+    assert_eq!(phones.len(), expected);
+    // Row 504 is the first from 500 on with a day up to 14; its phone keeps its 0.
+    assert_eq!(phones[0], "01510000504");
+    let (_, loaded) = keys_of(&d, None);
+    let reasons = &loaded.rejections.by_reason;
+    assert_eq!(reasons.get("field type"), Some(&1), "{reasons:?}");
+    let line = loaded.rejections.first[0].line;
+    assert_eq!(line, misfit as u64 + 2, "the header is line 1");
+    assert_eq!(loaded.rejections.first[0].column.as_deref(), Some("amount"));
 }

@@ -14,6 +14,7 @@
 
 pub mod csv;
 pub mod frame;
+pub mod strict_table;
 
 use std::path::PathBuf;
 
@@ -186,6 +187,15 @@ impl Source {
                 .iter()
                 .find(|&&i| s.field(i).is_some_and(has_line_break))
                 .map(|&i| (Some(i), Malformed::LineBreak)),
+        }
+    }
+
+    /// The rows a view's local CSV tables rejected before the view saw them (taken; empty for
+    /// anything but a view). Complete once [`Source::advance`] has returned `false`.
+    pub fn take_table_rejections(&self) -> strict_table::Rejected {
+        match self {
+            Source::Csv(_) => strict_table::Rejected::default(),
+            Source::Frame(s) => s.take_table_rejections(),
         }
     }
 
