@@ -30,4 +30,6 @@ pub mod sum_input;
 pub use dataset::{
     Forgotten, KeySpec, LoadedKeys, RejectedRow, Rejections, RowCounts, RowFilter, key_name,
 };
-pub use schema::{DataFormat, DatasetConfig, IdentifierConfig, TableConfig, ValueColumn};
+pub use schema::{
+    DataFormat, DatasetConfig, Delimiter, IdentifierConfig, TableConfig, ValueColumn,
+};

@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-use serde::Deserialize;
+use serde::{Deserialize, Deserializer};
 use toml::Spanned;
 
 use super::normalise::{NormaliseOptions, Normaliser, parse_region};
@@ -46,6 +46,9 @@ pub struct DatasetConfig {
     /// The files' format; by default read from `path`'s extension.
     #[serde(default)]
     pub format: Option<DataFormat>,
+    /// CSV only: the byte between fields (`delimiter = ";"`; default `,`).
+    #[serde(default)]
+    pub delimiter: Delimiter,
     /// A SQL view: the dataset is this query's result over `tables`.
     #[serde(default)]
     pub sql: Option<String>,
@@ -132,6 +135,61 @@ pub struct TableConfig {
     /// The files' format; by default read from `path`'s extension.
     #[serde(default)]
     pub format: Option<DataFormat>,
+    /// CSV only: the byte between fields (default `,`).
+    #[serde(default)]
+    pub delimiter: Delimiter,
+}
+
+/// The byte between a CSV file's fields: one ASCII character that is not a quote, a line break,
+/// a letter or a digit (`","`, `";"`, `"|"`, a tab as `"\t"` or `"tab"`). Default `,`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Delimiter(u8);
+
+impl Default for Delimiter {
+    fn default() -> Self {
+        Delimiter(b',')
+    }
+}
+
+impl Delimiter {
+    /// Reads a delimiter as the config writes it.
+    pub fn parse(text: &str) -> Result<Delimiter, String> {
+        let text = if text.eq_ignore_ascii_case("tab") {
+            "\t"
+        } else {
+            text
+        };
+        match text.as_bytes() {
+            [b] if b.is_ascii()
+                && !b.is_ascii_alphanumeric()
+                && !matches!(b, b'"' | b'\n' | b'\r') =>
+            {
+                Ok(Delimiter(*b))
+            }
+            _ => Err(
+                "delimiter must be one ASCII character other than a quote, a line break, \
+                      a letter or a digit, such as \",\", \";\", \"|\" or \"tab\""
+                    .to_owned(),
+            ),
+        }
+    }
+
+    /// The byte.
+    pub fn byte(self) -> u8 {
+        self.0
+    }
+
+    /// Whether it is the default `,`.
+    pub fn is_default(self) -> bool {
+        self == Delimiter::default()
+    }
+}
+
+impl<'de> Deserialize<'de> for Delimiter {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        Delimiter::parse(&text).map_err(serde::de::Error::custom)
+    }
 }
 
 impl TableConfig {
@@ -213,6 +271,7 @@ impl DatasetConfig {
             name: name.into(),
             path,
             format: None,
+            delimiter: Delimiter::default(),
             sql: None,
             tables: Vec::new(),
             identifiers,
@@ -280,5 +339,40 @@ impl DatasetConfig {
         } else {
             names.join(", ")
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Delimiter;
+
+    #[test]
+    fn a_delimiter_is_one_ascii_character_that_cannot_be_data() {
+        for (text, byte) in [
+            (",", b','),
+            (";", b';'),
+            ("|", b'|'),
+            ("\t", b'\t'),
+            ("tab", b'\t'),
+        ] {
+            assert_eq!(
+                Delimiter::parse(text).map(Delimiter::byte),
+                Ok(byte),
+                "{text:?}"
+            );
+        }
+        for bad in ["", ";;", "\"", "\n", "a", "7", "é", "\r"] {
+            assert!(Delimiter::parse(bad).is_err(), "{bad:?}");
+        }
+        #[derive(Debug, serde::Deserialize)]
+        struct T {
+            delimiter: Delimiter,
+        }
+        let t: T = toml::from_str("delimiter = \"\\t\"").unwrap();
+        assert_eq!(t.delimiter.byte(), b'\t');
+        let err = toml::from_str::<T>("delimiter = \"ab\"")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("one ASCII character"), "{err}");
     }
 }

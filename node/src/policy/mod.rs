@@ -623,6 +623,39 @@ budget_per_purpose = { epsilon_per_period = 2.0, period = "week" }
         std::fs::write(&file, text).unwrap();
         let msg = check_file(&file).unwrap_err().to_string();
         assert!(msg.contains("no path"), "{msg}");
+        // A delimiter is CSV's: on Parquet it is refused, and a bad one is named.
+        let text = config_text().replace(
+            "path = \"acme.csv\"",
+            "path = \"acme.parquet\"\ndelimiter = \";\"",
+        );
+        std::fs::write(&file, text).unwrap();
+        let msg = check_file(&file).unwrap_err().to_string();
+        assert!(msg.contains("delimiter applies to CSV only"), "{msg}");
+        let text = config_text().replace(
+            "path = \"acme.csv\"",
+            "path = \"acme.csv\"\ndelimiter = \"ab\"",
+        );
+        std::fs::write(&file, text).unwrap();
+        let msg = check_file(&file).unwrap_err().to_string();
+        assert!(msg.contains("one ASCII character"), "{msg}");
+        // With it, a semicolon file passes the check.
+        std::fs::write(
+            file.with_file_name("acme.csv"),
+            "email;amount_cents;consent_fraud\na@b.c;1;true\n",
+        )
+        .unwrap();
+        std::fs::write(&file, config_text()).unwrap();
+        let msg = check_file(&file).unwrap_err().to_string();
+        assert!(
+            msg.contains("email"),
+            "without it, the header is one column: {msg}"
+        );
+        let text = config_text().replace(
+            "path = \"acme.csv\"",
+            "path = \"acme.csv\"\ndelimiter = \";\"",
+        );
+        std::fs::write(&file, text).unwrap();
+        check_file(&file).unwrap();
     }
 
     #[test]

@@ -7,8 +7,8 @@
 use std::collections::HashSet;
 use std::path::Path;
 
-use crate::data::DatasetConfig;
 use crate::data::normalise::{Normaliser, parse_region};
+use crate::data::{DataFormat, DatasetConfig};
 use crate::ledger::{Budget, DEFAULT_DP_DELTA, Delta};
 
 use super::allow::{Allow, AllowEntry};
@@ -418,6 +418,12 @@ fn check_source(d: &crate::data::DatasetConfig) -> Result<(), String> {
                     d.path.display()
                 ));
             }
+            if d.format() != Some(DataFormat::Csv) && !d.delimiter.is_default() {
+                return Err(format!(
+                    "dataset '{}': delimiter applies to CSV only; remove it",
+                    d.name
+                ));
+            }
             Ok(())
         }
         (Some(sql), false) => {
@@ -428,6 +434,13 @@ fn check_source(d: &crate::data::DatasetConfig) -> Result<(), String> {
                 return Err(format!(
                     "dataset '{}': the sql view reads no table; declare each with \
                      [[dataset.table]] (name, path)",
+                    d.name
+                ));
+            }
+            if !d.delimiter.is_default() {
+                return Err(format!(
+                    "dataset '{}': a sql view has no delimiter; set it on its CSV \
+                     [[dataset.table]] entries",
                     d.name
                 ));
             }
@@ -453,6 +466,12 @@ fn check_source(d: &crate::data::DatasetConfig) -> Result<(), String> {
                         d.name,
                         t.name,
                         t.path.display()
+                    ));
+                }
+                if t.format() != Some(DataFormat::Csv) && !t.delimiter.is_default() {
+                    return Err(format!(
+                        "dataset '{}': table '{}': delimiter applies to CSV only; remove it",
+                        d.name, t.name
                     ));
                 }
             }

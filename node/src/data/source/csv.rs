@@ -5,7 +5,7 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use super::{Malformed, SourceError};
-use crate::data::schema::DataFormat;
+use crate::data::schema::{DataFormat, Delimiter};
 
 /// Read buffer of the CSV reader.
 const READ_BUFFER: usize = 256 * 1024;
@@ -13,6 +13,7 @@ const READ_BUFFER: usize = 256 * 1024;
 /// The files of a local CSV dataset, read one after the other.
 #[derive(Debug)]
 pub struct CsvFiles {
+    delimiter: Delimiter,
     /// The files still to open, in reverse order (the next one is last).
     pending: Vec<PathBuf>,
     /// The file being read.
@@ -30,16 +31,18 @@ pub struct CsvFiles {
 }
 
 impl CsvFiles {
-    /// Lists the files at `location` and reads the first one's header.
-    pub fn open(location: &Path) -> Result<CsvFiles, SourceError> {
+    /// Lists the files at `location` and reads the first one's header; fields are separated by
+    /// `delimiter`.
+    pub fn open(location: &Path, delimiter: Delimiter) -> Result<CsvFiles, SourceError> {
         let mut pending = list_files(location)?;
         pending.reverse();
         let first = pending.pop().ok_or_else(|| SourceError::NoFiles {
             location: location.display().to_string(),
             format: DataFormat::Csv,
         })?;
-        let (reader, headers) = open_csv(&first)?;
+        let (reader, headers) = open_csv(&first, delimiter)?;
         Ok(CsvFiles {
+            delimiter,
             pending,
             path: first.clone(),
             first,
@@ -84,7 +87,7 @@ impl CsvFiles {
             let Some(next) = self.pending.pop() else {
                 return Ok(false);
             };
-            let (reader, headers) = open_csv(&next)?;
+            let (reader, headers) = open_csv(&next, self.delimiter)?;
             if headers != self.headers {
                 return Err(SourceError::HeaderMismatch {
                     path: next,
@@ -253,13 +256,17 @@ fn list_files(location: &Path) -> Result<Vec<PathBuf>, SourceError> {
 
 /// Opens one CSV file for a pass (headers required). Malformed rows are rejected one by one by
 /// the caller ([`CsvFiles::malformed`]) rather than failing the whole file, hence `flexible`.
-fn open_csv(path: &Path) -> Result<(::csv::Reader<File>, Vec<String>), SourceError> {
+fn open_csv(
+    path: &Path,
+    delimiter: Delimiter,
+) -> Result<(::csv::Reader<File>, Vec<String>), SourceError> {
     let file = File::open(path).map_err(|source| SourceError::Open {
         path: path.to_owned(),
         source,
     })?;
     let mut reader = ::csv::ReaderBuilder::new()
         .has_headers(true)
+        .delimiter(delimiter.byte())
         .flexible(true)
         .buffer_capacity(READ_BUFFER)
         .from_reader(file);
@@ -305,9 +312,15 @@ mod tests {
             ("a.csv".to_owned(), 3, "2".to_owned()),
             ("b.csv".to_owned(), 2, "3".to_owned()),
         ];
-        assert_eq!(read_all(&mut CsvFiles::open(dir.path()).unwrap()), expected);
+        assert_eq!(
+            read_all(&mut CsvFiles::open(dir.path(), Delimiter::default()).unwrap()),
+            expected
+        );
         let glob = dir.path().join("*.csv");
-        assert_eq!(read_all(&mut CsvFiles::open(&glob).unwrap()), expected);
+        assert_eq!(
+            read_all(&mut CsvFiles::open(&glob, Delimiter::default()).unwrap()),
+            expected
+        );
     }
 
     #[test]
@@ -315,7 +328,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("a.csv"), "id\n1\n").unwrap();
         std::fs::write(dir.path().join("b.csv"), "email\nx@example.com\n").unwrap();
-        let mut files = CsvFiles::open(dir.path()).unwrap();
+        let mut files = CsvFiles::open(dir.path(), Delimiter::default()).unwrap();
         assert!(files.advance().unwrap());
         let err = files.advance().unwrap_err();
         assert!(matches!(err, SourceError::HeaderMismatch { .. }), "{err}");
@@ -328,7 +341,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("a.csv");
         std::fs::write(&path, text).unwrap();
-        let mut files = CsvFiles::open(&path).unwrap();
+        let mut files = CsvFiles::open(&path, Delimiter::default()).unwrap();
         let mut out = Vec::new();
         let mut multi_line = 0;
         while files.advance().unwrap() {
@@ -378,7 +391,7 @@ mod tests {
     #[test]
     fn an_empty_directory_is_named() {
         let dir = tempfile::tempdir().unwrap();
-        let err = CsvFiles::open(dir.path()).unwrap_err();
+        let err = CsvFiles::open(dir.path(), Delimiter::default()).unwrap_err();
         assert!(err.to_string().contains("no csv file found"), "{err}");
     }
 }

@@ -32,7 +32,7 @@ use futures::StreamExt;
 use super::SourceError;
 use super::strict_table::{Rejected, StrictCsvTable, TableRejections};
 use crate::data::cluster_pass::PassUdf;
-use crate::data::schema::{Cluster, DataFormat, DatasetConfig, EngineLimits};
+use crate::data::schema::{Cluster, DataFormat, DatasetConfig, Delimiter, EngineLimits};
 use ballista::prelude::SessionContextExt;
 use datafusion::execution::session_state::SessionStateBuilder;
 
@@ -106,12 +106,20 @@ impl std::fmt::Debug for Frame {
     }
 }
 
+/// One table of a plan: its name, path or URL, format, and (CSV) delimiter.
+struct Table {
+    name: String,
+    location: String,
+    format: DataFormat,
+    delimiter: Delimiter,
+}
+
 /// What the reader thread needs to plan the dataset (owned: it outlives the caller's borrow).
 struct Plan {
     dataset: String,
     location: String,
-    /// `(table name, path or URL, format)`; the dataset itself is the table `dataset`.
-    tables: Vec<(String, String, DataFormat)>,
+    /// The tables to register; the dataset itself is the table `dataset`.
+    tables: Vec<Table>,
     sql: Option<String>,
     engine: EngineLimits,
     /// Shared with the view's local CSV tables, which record their rejected rows in it.
@@ -289,13 +297,22 @@ impl Plan {
                 .tables
                 .iter()
                 .filter_map(|t| {
-                    let format = t.format()?;
-                    Some((t.name.clone(), location_text(&t.path), format))
+                    Some(Table {
+                        name: t.name.clone(),
+                        location: location_text(&t.path),
+                        format: t.format()?,
+                        delimiter: t.delimiter,
+                    })
                 })
                 .collect(),
             None => d
                 .format()
-                .map(|f| ("dataset".to_owned(), location_text(&d.path), f))
+                .map(|format| Table {
+                    name: "dataset".to_owned(),
+                    location: location_text(&d.path),
+                    format,
+                    delimiter: d.delimiter,
+                })
                 .into_iter()
                 .collect(),
         };
@@ -381,19 +398,25 @@ impl Plan {
             }
             Some(cluster) => self.remote(cluster).await?,
         };
-        for (name, location, format) in &self.tables {
+        for Table {
+            name,
+            location,
+            format,
+            delimiter,
+        } in &self.tables
+        {
             // In process, a view's local CSV tables are read strictly: a malformed row is
             // rejected, not a failed read. (On a cluster the executors read them.)
             if self.engine.cluster.is_none()
                 && *format == DataFormat::Csv
                 && let Some(path) = super::local_path(std::path::Path::new(location))
             {
-                let table = StrictCsvTable::open(path, self.rejected.clone())?;
+                let table = StrictCsvTable::open(path, *delimiter, self.rejected.clone())?;
                 ctx.register_table(TableReference::bare(name.as_str()), Arc::new(table))
                     .map_err(|e| self.error(format!("table '{name}' ({location}): {e}")))?;
                 continue;
             }
-            register(&ctx, name, location, *format)
+            register(&ctx, name, location, *format, *delimiter)
                 .await
                 .map_err(|e| self.error(format!("table '{name}' ({location}): {e}")))?;
         }
@@ -414,7 +437,7 @@ impl Plan {
                     .await
                     .map_err(|e| self.plan_error(format!("the sql view: {e}")))?;
                 let mut base = std::collections::BTreeSet::new();
-                for (name, _, _) in &self.tables {
+                for Table { name, .. } in &self.tables {
                     let table = ctx
                         .table_provider(TableReference::bare(name.as_str()))
                         .await
@@ -444,6 +467,7 @@ async fn register(
     name: &str,
     location: &str,
     format: DataFormat,
+    delimiter: Delimiter,
 ) -> Result<(), String> {
     if let Some(rest) = location.strip_prefix("s3://") {
         let bucket = rest.split('/').next().unwrap_or_default();
@@ -483,6 +507,7 @@ async fn register(
             // on a row with the wrong field count (local CSV in process is read strictly).
             let options = CsvReadOptions::new()
                 .has_header(true)
+                .delimiter(delimiter.byte())
                 .file_extension(extension);
             ctx.register_csv(table, location, options).await
         }

@@ -222,6 +222,7 @@ fn view(dir: &Path, sql: &str) -> DatasetConfig {
         name: "orders".into(),
         path,
         format: None,
+        delimiter: Default::default(),
     }];
     d
 }
@@ -288,6 +289,7 @@ fn a_view_runs_in_a_memory_pool_of_half_the_limit() {
         name: "big".into(),
         path,
         format: None,
+        delimiter: Default::default(),
     }];
     let spill = dir.path().join("spill");
     d.engine.spill_dir = spill.clone();
@@ -355,6 +357,7 @@ fn a_view_over_malformed_csv_rejects_rows_and_reads_the_rest() {
         name: "orders".into(),
         path: path.clone(),
         format: None,
+        delimiter: Default::default(),
     }];
     let (items, loaded) = keys_of(&d, None);
     assert_eq!(items, ["alice@example.com", "erin@example.com"]);
@@ -412,6 +415,7 @@ fn a_view_types_csv_columns_keeps_leading_zeros_and_rejects_a_later_misfit() {
         name: "orders".into(),
         path,
         format: None,
+        delimiter: Default::default(),
     }];
     let mut phones = Vec::new();
     dataset::for_each_row_for(&d, &["phone"], RowFilter::default(), 10_000, |_, f| {
@@ -431,4 +435,40 @@ fn a_view_types_csv_columns_keeps_leading_zeros_and_rejects_a_later_misfit() {
     let line = loaded.rejections.first[0].line;
     assert_eq!(line, misfit as u64 + 2, "the header is line 1");
     assert_eq!(loaded.rejections.first[0].column.as_deref(), Some("amount"));
+}
+
+/// A semicolon-separated file as a spreadsheet exports it (a byte-order mark, CRLF line ends):
+/// read with `delimiter = ";"`, as a dataset and as a view's table. With the default `,` its
+/// header is one column, and the job's column is named as missing rather than read wrong.
+#[test]
+fn a_semicolon_file_with_a_byte_order_mark_reads_with_its_delimiter() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("kunden.csv");
+    std::fs::write(
+        &path,
+        "\u{feff}email;name\r\nalice@example.com;Alice\r\nbob@example.com;Bob, Jr.\r\n",
+    )
+    .unwrap();
+    let mut d = email_dataset(&path);
+    let err = dataset::load_keys_for(&d, &KeySpec::new(["email"]), RowFilter::default(), 100)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("email"), "{err}");
+
+    d.delimiter = crate::data::Delimiter::parse(";").unwrap();
+    let (items, loaded) = keys_of(&d, None);
+    assert_eq!(items, ["alice@example.com", "bob@example.com"]);
+    assert_eq!(loaded.rows_rejected, 0);
+
+    let mut v = email_dataset(Path::new(""));
+    v.path = Default::default();
+    v.sql = Some("SELECT email FROM kunden WHERE name <> 'Alice'".into());
+    v.tables = vec![TableConfig {
+        name: "kunden".into(),
+        path,
+        format: None,
+        delimiter: crate::data::Delimiter::parse(";").unwrap(),
+    }];
+    let (items, _) = keys_of(&v, None);
+    assert_eq!(items, ["bob@example.com"]);
 }

@@ -123,7 +123,7 @@ impl Source {
             && dataset.format() == Some(DataFormat::Csv)
             && let Some(local) = local_path(&dataset.path)
         {
-            return Ok(Source::Csv(csv::CsvFiles::open(&local)?));
+            return Ok(Source::Csv(csv::CsvFiles::open(&local, dataset.delimiter)?));
         }
         Ok(Source::Frame(frame::Frame::open(dataset)?))
     }

@@ -40,6 +40,7 @@ use datafusion::physical_plan::streaming::{PartitionStream, StreamingTableExec};
 use super::SourceError;
 use super::csv::CsvFiles;
 use crate::data::dataset::Rejection;
+use crate::data::schema::Delimiter;
 
 /// Well-formed rows read to infer the columns' types.
 pub const INFER_ROWS: usize = 1000;
@@ -138,6 +139,7 @@ impl Kind {
 #[derive(Debug)]
 pub struct StrictCsvTable {
     location: PathBuf,
+    delimiter: Delimiter,
     schema: SchemaRef,
     kinds: Arc<[Kind]>,
     rejected: TableRejections,
@@ -145,8 +147,12 @@ pub struct StrictCsvTable {
 
 impl StrictCsvTable {
     /// Reads the header and infers the columns' types from the first rows.
-    pub fn open(location: PathBuf, rejected: TableRejections) -> Result<Self, SourceError> {
-        let mut files = CsvFiles::open(&location)?;
+    pub fn open(
+        location: PathBuf,
+        delimiter: Delimiter,
+        rejected: TableRejections,
+    ) -> Result<Self, SourceError> {
+        let mut files = CsvFiles::open(&location, delimiter)?;
         let headers = files.headers().to_vec();
         let kinds = infer_kinds(&mut files)?;
         let fields: Vec<Field> = headers
@@ -156,6 +162,7 @@ impl StrictCsvTable {
             .collect();
         Ok(StrictCsvTable {
             location,
+            delimiter,
             schema: Arc::new(Schema::new(fields)),
             kinds: kinds.into(),
             rejected,
@@ -269,6 +276,7 @@ impl TableProvider for StrictCsvTable {
             .unwrap_or_else(|| (0..self.kinds.len()).collect());
         let partition = Arc::new(StrictScan {
             location: self.location.clone(),
+            delimiter: self.delimiter,
             schema: Arc::clone(&self.schema),
             kinds: Arc::clone(&self.kinds),
             read,
@@ -291,6 +299,7 @@ impl TableProvider for StrictCsvTable {
 #[derive(Debug)]
 struct StrictScan {
     location: PathBuf,
+    delimiter: Delimiter,
     schema: SchemaRef,
     kinds: Arc<[Kind]>,
     read: Vec<usize>,
@@ -305,7 +314,7 @@ impl PartitionStream for StrictScan {
     fn execute(&self, ctx: Arc<TaskContext>) -> SendableRecordBatchStream {
         let batch_rows = ctx.session_config().batch_size().max(1);
         let batches: Box<dyn Iterator<Item = Result<RecordBatch>> + Send> =
-            match CsvFiles::open(&self.location) {
+            match CsvFiles::open(&self.location, self.delimiter) {
                 Ok(files) => Box::new(Batches {
                     files,
                     schema: Arc::clone(&self.schema),
