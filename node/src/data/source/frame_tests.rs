@@ -13,7 +13,7 @@ use datafusion::parquet::arrow::ArrowWriter;
 
 use crate::data::dataset::{self, KeySpec, RowFilter};
 use crate::data::normalise::Normaliser;
-use crate::data::{DataFormat, DatasetConfig, IdentifierConfig, TableConfig};
+use crate::data::{DataFormat, DatasetConfig, Delimiter, IdentifierConfig, TableConfig};
 
 /// Eight customers: ids 1..=8; emails with a null (3), an empty one (5), a case/space variant
 /// of 1 (row 2), one that does not normalise (7); consent false on 4; a nested `contact`
@@ -215,14 +215,19 @@ fn json_lines_a_directory_and_a_glob_read_every_file_in_order() {
 fn view(dir: &Path, sql: &str) -> DatasetConfig {
     let path = dir.join("orders.parquet");
     write_parquet(&path, &customers());
+    view_over("orders", &path, sql, Delimiter::default())
+}
+
+/// The email dataset as a SQL view `sql` over one table, `name`, at `path`.
+fn view_over(name: &str, path: &Path, sql: &str, delimiter: Delimiter) -> DatasetConfig {
     let mut d = email_dataset(Path::new(""));
     d.path = Default::default();
     d.sql = Some(sql.to_owned());
     d.tables = vec![TableConfig {
-        name: "orders".into(),
-        path,
+        name: name.into(),
+        path: path.to_owned(),
         format: None,
-        delimiter: Default::default(),
+        delimiter,
     }];
     d
 }
@@ -282,15 +287,12 @@ fn a_view_runs_in_a_memory_pool_of_half_the_limit() {
         csv.push_str(&format!("user{i:05}@example.com\n"));
     }
     std::fs::write(&path, csv).unwrap();
-    let mut d = email_dataset(Path::new(""));
-    d.path = Default::default();
-    d.sql = Some("SELECT email FROM big ORDER BY email".into());
-    d.tables = vec![TableConfig {
-        name: "big".into(),
-        path,
-        format: None,
-        delimiter: Default::default(),
-    }];
+    let mut d = view_over(
+        "big",
+        &path,
+        "SELECT email FROM big ORDER BY email",
+        Delimiter::default(),
+    );
     let spill = dir.path().join("spill");
     d.engine.spill_dir = spill.clone();
 
@@ -350,15 +352,12 @@ fn a_view_over_malformed_csv_rejects_rows_and_reads_the_rest() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("orders.csv");
     std::fs::write(&path, MALFORMED_CSV).unwrap();
-    let mut d = email_dataset(Path::new(""));
-    d.path = Default::default();
-    d.sql = Some("SELECT email FROM orders".into());
-    d.tables = vec![TableConfig {
-        name: "orders".into(),
-        path: path.clone(),
-        format: None,
-        delimiter: Default::default(),
-    }];
+    let d = view_over(
+        "orders",
+        &path,
+        "SELECT email FROM orders",
+        Delimiter::default(),
+    );
     let (items, loaded) = keys_of(&d, None);
     assert_eq!(items, ["alice@example.com", "erin@example.com"]);
     let lines: Vec<u64> = loaded.rejections.first.iter().map(|r| r.line).collect();
@@ -404,19 +403,13 @@ fn a_view_types_csv_columns_keeps_leading_zeros_and_rejects_a_later_misfit() {
         ));
     }
     std::fs::write(&path, csv).unwrap();
-    let mut d = email_dataset(Path::new(""));
-    d.path = Default::default();
-    d.sql = Some(
+    let d = view_over(
+        "orders",
+        &path,
         "SELECT email, phone FROM orders \
-         WHERE amount >= 500 AND extract(day FROM day) <= 14"
-            .into(),
+         WHERE amount >= 500 AND extract(day FROM day) <= 14",
+        Delimiter::default(),
     );
-    d.tables = vec![TableConfig {
-        name: "orders".into(),
-        path,
-        format: None,
-        delimiter: Default::default(),
-    }];
     let mut phones = Vec::new();
     dataset::for_each_row_for(&d, &["phone"], RowFilter::default(), 10_000, |_, f| {
         phones.push(String::from_utf8(f[0].unwrap().to_vec()).unwrap());
@@ -455,20 +448,18 @@ fn a_semicolon_file_with_a_byte_order_mark_reads_with_its_delimiter() {
         .to_string();
     assert!(err.contains("email"), "{err}");
 
-    d.delimiter = crate::data::Delimiter::parse(";").unwrap();
+    let semicolon = Delimiter::parse(";").unwrap();
+    d.delimiter = semicolon;
     let (items, loaded) = keys_of(&d, None);
     assert_eq!(items, ["alice@example.com", "bob@example.com"]);
     assert_eq!(loaded.rows_rejected, 0);
 
-    let mut v = email_dataset(Path::new(""));
-    v.path = Default::default();
-    v.sql = Some("SELECT email FROM kunden WHERE name <> 'Alice'".into());
-    v.tables = vec![TableConfig {
-        name: "kunden".into(),
-        path,
-        format: None,
-        delimiter: crate::data::Delimiter::parse(";").unwrap(),
-    }];
+    let v = view_over(
+        "kunden",
+        &path,
+        "SELECT email FROM kunden WHERE name <> 'Alice'",
+        semicolon,
+    );
     let (items, _) = keys_of(&v, None);
     assert_eq!(items, ["bob@example.com"]);
 }
