@@ -373,7 +373,17 @@ impl Plan {
     /// An error of reading data (registering a table infers its schema from rows; streaming
     /// reads them): its message is [`redact`]ed.
     fn error(&self, message: String) -> SourceError {
-        self.plan_error(redact(&message))
+        let mut message = redact(&message);
+        if self.sql.is_some() && message.contains("Cast error") {
+            // The usual cause: a CSV column typed as text from its first rows, compared or
+            // summed as a number in the view.
+            message.push_str(
+                " (a view cast a value to a number: a CSV column is text when its first 1000 \
+                 rows hold a value that is not one; write TRY_CAST(column AS BIGINT) in the \
+                 view to read such values as null, or clean the file)",
+            );
+        }
+        self.plan_error(message)
     }
 
     /// An error of planning the view's SQL against the tables' schemas: no row has been read,

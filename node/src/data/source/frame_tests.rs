@@ -463,3 +463,36 @@ fn a_semicolon_file_with_a_byte_order_mark_reads_with_its_delimiter() {
     let (items, _) = keys_of(&v, None);
     assert_eq!(items, ["bob@example.com"]);
 }
+
+/// A CSV column with `n/a` among its first rows is text; a view that compares it with a number
+/// fails on the cast, and the error says what to write instead (the value itself cut out).
+/// With TRY_CAST the view reads the other rows.
+#[test]
+fn a_text_column_cast_in_a_view_fails_with_what_to_do() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("orders.csv");
+    std::fs::write(
+        &path,
+        "email,amount\nalice@example.com,10\nbob@example.com,n/a\n",
+    )
+    .unwrap();
+    let d = view_over(
+        "orders",
+        &path,
+        "SELECT email FROM orders WHERE amount >= 1",
+        Delimiter::default(),
+    );
+    let err = dataset::load_keys_for(&d, &KeySpec::new(["email"]), RowFilter::default(), 100)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("TRY_CAST"), "{err}");
+    assert!(!err.contains("n/a"), "{err}");
+    let d = view_over(
+        "orders",
+        &path,
+        "SELECT email FROM orders WHERE TRY_CAST(amount AS BIGINT) >= 1",
+        Delimiter::default(),
+    );
+    let (items, _) = keys_of(&d, None);
+    assert_eq!(items, ["alice@example.com"]);
+}
