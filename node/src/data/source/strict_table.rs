@@ -424,6 +424,17 @@ fn read_value(field: Option<&[u8]>, kind: Kind) -> Result<Value<'_>, Rejection> 
 }
 
 impl Batches {
+    /// Records the current row as rejected, at its file and line.
+    fn reject(&self, column: Option<usize>, why: Rejection) {
+        let rejection = TableRejection {
+            origin: self.files.path().display().to_string(),
+            line: self.files.line(),
+            column: column.and_then(|i| self.files.headers().get(i).cloned()),
+            why,
+        };
+        self.rejected.with(|r| r.record(rejection));
+    }
+
     /// The next batch of well-formed rows, or `None` at the end.
     fn next_batch(&mut self) -> Result<Option<RecordBatch>, SourceError> {
         let mut columns: Vec<Column> = self
@@ -434,39 +445,22 @@ impl Batches {
         let mut rows = 0;
         let mut multi_line = 0;
         while rows < self.batch_rows && self.files.advance()? {
-            let origin = || self.files.path().display().to_string();
-            let column_name = |i: usize| self.files.headers().get(i).cloned();
             if let Some((column, why)) = self.files.malformed(&self.read, &mut multi_line) {
-                let rejection = TableRejection {
-                    origin: origin(),
-                    line: self.files.line(),
-                    column: column.and_then(column_name),
-                    why: Rejection::from(why),
-                };
-                self.rejected.with(|r| r.record(rejection));
+                self.reject(column, why.into());
                 continue;
             }
-            let mut values = Vec::with_capacity(self.read.len());
-            let mut bad = None;
-            for &i in &self.read {
-                match read_value(self.files.field(i), self.kinds[i]) {
-                    Ok(value) => values.push(value),
-                    Err(why) => {
-                        bad = Some((i, why));
-                        break;
-                    }
+            let values: Result<Vec<Value<'_>>, (usize, Rejection)> = self
+                .read
+                .iter()
+                .map(|&i| read_value(self.files.field(i), self.kinds[i]).map_err(|why| (i, why)))
+                .collect();
+            let values = match values {
+                Ok(values) => values,
+                Err((i, why)) => {
+                    self.reject(Some(i), why);
+                    continue;
                 }
-            }
-            if let Some((i, why)) = bad {
-                let rejection = TableRejection {
-                    origin: origin(),
-                    line: self.files.line(),
-                    column: column_name(i),
-                    why,
-                };
-                self.rejected.with(|r| r.record(rejection));
-                continue;
-            }
+            };
             for (column, value) in columns.iter_mut().zip(values) {
                 column.push(value);
             }

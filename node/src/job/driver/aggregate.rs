@@ -14,7 +14,9 @@ use cleanroom_proto::v1::{
 use cleanroom_transport::{FramedRecv, FramedSend, Identity, TransportError};
 use tokio::sync::oneshot;
 
-use super::{blocking, charge_and_draw};
+// The data plane's close codes and job deadline are the pairwise driver's: a peer reads our
+// `CLOSE_FAILED` as "its job ended" whichever kind of job it was.
+use super::{CLOSE_DONE, CLOSE_FAILED, JOB_TIMEOUT, blocking, charge_and_draw};
 use crate::audit::{AuditEvent, AuditHead};
 use crate::clock::now_ms;
 use crate::data::aggregate_input::{Loaded, load_vector};
@@ -32,11 +34,6 @@ use crate::state::NodeState;
 const START_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long a peer has to connect and send its hello.
 const PEER_TIMEOUT: Duration = Duration::from_secs(60);
-/// Upper bound on one job.
-const JOB_TIMEOUT: Duration = Duration::from_secs(3600);
-/// QUIC close codes for the data-plane connections.
-const CLOSE_DONE: u32 = 0;
-const CLOSE_FAILED: u32 = 3;
 
 /// Serves an aggregate offer on the job's control stream, to the end of the job. Errors are
 /// reported and audited by the caller (the control session).
