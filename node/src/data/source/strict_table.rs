@@ -171,11 +171,14 @@ impl StrictCsvTable {
 }
 
 /// Each column's kind: the narrowest of integer, decimal number, true/false, date that every
-/// non-empty value of the first [`INFER_ROWS`] well-formed rows reads as; text otherwise.
+/// non-empty value of the first [`INFER_ROWS`] well-formed rows reads as; text otherwise, and
+/// text for a column with no value there.
 fn infer_kinds(files: &mut CsvFiles) -> Result<Vec<Kind>, SourceError> {
     let width = files.headers().len();
-    // Per column: may it still be an integer, a number, a boolean?
-    let mut may = vec![(true, true, true, true); width];
+    // Per column: may it still be an integer, a number, a boolean, a date? A column with no
+    // value yet is none of them: it stays text.
+    let mut may = vec![(false, false, false, false); width];
+    let mut seen = vec![false; width];
     let all: Vec<usize> = (0..width).collect();
     let mut multi_line = 0;
     let mut rows = 0;
@@ -188,6 +191,9 @@ fn infer_kinds(files: &mut CsvFiles) -> Result<Vec<Kind>, SourceError> {
             let Some(field) = files.field(i).filter(|f| !f.is_empty()) else {
                 continue;
             };
+            if !std::mem::replace(&mut seen[i], true) {
+                *may = (true, true, true, true);
+            }
             let text = std::str::from_utf8(field).unwrap_or("\u{0}");
             if keeps_digits(text) {
                 *may = (false, false, false, false);
@@ -202,7 +208,6 @@ fn infer_kinds(files: &mut CsvFiles) -> Result<Vec<Kind>, SourceError> {
     Ok(may
         .into_iter()
         .map(|m| match m {
-            _ if rows == 0 => Kind::Text,
             (true, ..) => Kind::Int,
             (_, true, ..) => Kind::Float,
             (_, _, true, _) => Kind::Bool,
@@ -506,5 +511,46 @@ impl Iterator for Batches {
                 Some(Err(external(e)))
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Each kind from the first rows, as the README lists them; a phone with a leading 0 or `+`
+    /// stays text, and a column of empty fields is text.
+    #[test]
+    fn columns_are_typed_from_their_first_rows() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.csv");
+        std::fs::write(
+            &path,
+            "n,x,flag,day,name,phone,intl,blank\n\
+             1,1.5,true,2026-01-31,ann,0151234,+49151,\n\
+             -2,3,FALSE,2026-02-01,bo,4915123,+1415,\n",
+        )
+        .unwrap();
+        let table =
+            StrictCsvTable::open(path, Delimiter::default(), TableRejections::default()).unwrap();
+        let types: Vec<DataType> = table
+            .schema()
+            .fields()
+            .iter()
+            .map(|f| f.data_type().clone())
+            .collect();
+        assert_eq!(
+            types,
+            [
+                DataType::Int64,
+                DataType::Float64,
+                DataType::Boolean,
+                DataType::Date32,
+                DataType::Utf8,
+                DataType::Utf8,
+                DataType::Utf8,
+                DataType::Utf8,
+            ]
+        );
     }
 }
