@@ -1,8 +1,9 @@
 //! The job driver: the async shell around the job protocols. It owns what every job does
-//! whatever its kind — dial or accept the peer's connection, read the peer's stream into memory
-//! as fast as it arrives (`spawn_reader`, capped by [`FrameBudget`]), time out a silent peer,
-//! load the dataset and audit the access, re-check the policy, charge the ledger, run CPU work
-//! on the blocking pool, and release — and runs the kind's protocol, which does none of that.
+//! whatever its kind — dial or accept the peer's connection, read the peer's stream as fast as it
+//! arrives ([`peer_stream`]: capped by [`FrameBudget`], and under a `memory_limit` held in memory
+//! only up to a bound), time out a silent peer, load the dataset and audit the access, re-check
+//! the policy, charge the ledger, run CPU work on the blocking pool, and release — and runs the
+//! kind's protocol, which does none of that.
 //!
 //! `overlap` and `match` run [`crate::job::psi::PsiProtocol`] through `run_protocol`; an
 //! `overlap` whose allow entry sets `epsilon` releases a noised count (see
@@ -26,9 +27,9 @@ use cleanroom_circuits::{ItemSet, JobKey};
 use cleanroom_proto::v1::{
     Abort, Envelope, JobKind, JobSpec, NoiseTerm, Phase, PsiOutcome, ReleaseTerms, envelope::Body,
 };
-use cleanroom_transport::{FramedRecv, FramedSend, Identity, TransportError};
+use cleanroom_transport::{FramedRecv, FramedSend, Identity};
 use prost::Message;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 
 use crate::audit::{AuditEvent, AuditHead};
 use crate::clock::now_ms;
@@ -36,7 +37,7 @@ use crate::data::cluster_pass::SealingKey;
 use crate::data::dataset::{self, KeyedRowCounts, RowFilter};
 use crate::data::forget::ForgetStore;
 use crate::dataplane::{Delivery, refused};
-use crate::error::{JobError, NodeError, Party, Timeout};
+use crate::error::{JobError, NodeError, Timeout};
 use crate::job::frame_budget::FrameBudget;
 use crate::job::noise::{self as noised_release, OwnNoise};
 use crate::job::protocol::{NoiseRequest, Protocol, Step};
@@ -49,6 +50,9 @@ use crate::state::NodeState;
 
 pub mod aggregate;
 pub mod overlap_sum;
+mod peer_stream;
+
+use peer_stream::{FRAMES_BETWEEN_WORK, PeerFrames, ReadAhead, spawn_reader};
 
 /// How long the responder waits for the initiator to connect. The initiator loads its dataset
 /// before it dials (up to [`MAX_ROWS`] rows; under a `memory_limit` it also blinds them then:
@@ -235,14 +239,6 @@ pub(crate) fn finish_connection(
         Err(e) => conn.close(CLOSE_FAILED.into(), e.to_string().as_bytes()),
     }
     result
-}
-
-/// What the reader task passes on.
-pub(crate) enum Incoming {
-    Frame(Box<Envelope>),
-    Failed(String),
-    /// The connection itself went away (timed out, closed): no fault of the peer's bytes.
-    Lost(String),
 }
 
 /// Whether a job's keys may be spilled ([`load_input`]).
@@ -449,8 +445,25 @@ pub(crate) async fn run_exchange<P: Protocol>(
         // Cap what the reader may buffer: the peer's points (as declared, within policy), ours
         // returned, and a few frames without points.
         let budget = FrameBudget::new(job.permit.max_peer_set, own_size);
-        let mut incoming = spawn_reader(recv, job.job_id.clone(), hello, budget);
-        run_protocol(job, proto, &mut out, &mut incoming).await
+        // Under a memory_limit, what waits for the protocol is bounded in memory too.
+        let bound = {
+            let cfg = job.state.cfg();
+            cfg.memory_limit_bytes()
+                .map(|limit| (ReadAhead::for_limit(limit), cfg.spill_dir()))
+        };
+        let (queue, mut incoming) = peer_stream::queue(
+            &partner,
+            bound.as_ref().map(|(ahead, dir)| (*ahead, dir.as_path())),
+        )?;
+        spawn_reader(recv, job.job_id.clone(), hello, budget, queue);
+        run_protocol(job, proto, &mut out, &mut incoming).await?;
+        if incoming.read_back() > 0 {
+            tracing::info!(
+                read_ahead_bytes = incoming.read_back(),
+                "the peer's frames waited in a spill file"
+            );
+        }
+        Ok::<(), NodeError>(())
     }
     .await;
     if let Err(e) = &result {
@@ -475,7 +488,7 @@ async fn do_steps<P: Protocol>(
     job: &JobContext,
     proto: &mut P,
     out: &mut Outgoing,
-    mut incoming: Option<&mut mpsc::UnboundedReceiver<Incoming>>,
+    mut incoming: Option<&mut PeerFrames>,
 ) -> Result<(), NodeError> {
     while let Some(step) = proto.next_step() {
         match step {
@@ -488,11 +501,15 @@ async fn do_steps<P: Protocol>(
                 let done = blocking(move || P::run(work)).await?;
                 proto.handle_done(done)?;
                 // What arrived meanwhile, so a protocol that can choose its next work from it
-                // does (PSI's streaming exchange).
+                // does (PSI's streaming exchange). A few frames at a time: the rest waits in
+                // the queue, whose memory is bounded.
                 if P::TAKES_FRAMES_BETWEEN_WORK
                     && let Some(incoming) = incoming.as_deref_mut()
                 {
-                    while let Some(env) = try_next_frame(incoming, &job.permit.partner)? {
+                    for _ in 0..FRAMES_BETWEEN_WORK {
+                        let Some(env) = incoming.try_next()? else {
+                            break;
+                        };
                         proto.handle(env)?;
                     }
                 }
@@ -521,15 +538,14 @@ async fn run_protocol<P: Protocol>(
     job: &JobContext,
     proto: &mut P,
     out: &mut Outgoing,
-    incoming: &mut mpsc::UnboundedReceiver<Incoming>,
+    incoming: &mut PeerFrames,
 ) -> Result<(), NodeError> {
-    let partner = job.permit.partner.clone();
     loop {
         do_steps(job, proto, out, Some(&mut *incoming)).await?;
         if proto.is_finished() {
             return Ok(());
         }
-        let env = next_frame(incoming, &partner, proto.silence_allowed()).await?;
+        let env = incoming.next(proto.silence_allowed()).await?;
         proto.handle(env)?;
     }
 }
@@ -778,106 +794,6 @@ async fn write_membership(
     })
     .await?
     .map(|rows| (rows, path))
-}
-
-/// Reads the peer's stream into a channel as fast as it arrives, checking job ids and what the
-/// peer may make us buffer ([`FrameBudget`]).
-pub(crate) fn spawn_reader(
-    mut recv: FramedRecv,
-    job_id: String,
-    mut first: Option<Envelope>,
-    mut budget: FrameBudget,
-) -> mpsc::UnboundedReceiver<Incoming> {
-    let (tx, rx) = mpsc::unbounded_channel();
-    tokio::spawn(async move {
-        loop {
-            let env = match first.take() {
-                Some(env) => env,
-                None => match recv.recv().await {
-                    Ok(Some(env)) => env,
-                    Ok(None) => return,
-                    Err(TransportError::Closed { reason }) => {
-                        let _ = tx.send(Incoming::Lost(reason));
-                        return;
-                    }
-                    Err(e) => {
-                        let _ = tx.send(Incoming::Failed(e.to_string()));
-                        return;
-                    }
-                },
-            };
-            if env.job_id != job_id {
-                let _ = tx.send(Incoming::Failed(format!(
-                    "frame for job '{}' on the stream of job '{job_id}'",
-                    env.job_id
-                )));
-                return;
-            }
-            if let Err(reason) = budget.admit(&env) {
-                let _ = tx.send(Incoming::Failed(reason));
-                return;
-            }
-            if tx.send(Incoming::Frame(Box::new(env))).is_err() {
-                return;
-            }
-        }
-    });
-    rx
-}
-
-pub(crate) async fn next_frame(
-    incoming: &mut mpsc::UnboundedReceiver<Incoming>,
-    partner: &str,
-    stall: Duration,
-) -> Result<Envelope, NodeError> {
-    let next = tokio::time::timeout(stall, incoming.recv())
-        .await
-        .map_err(|_| {
-            NodeError::from(Timeout::Silent {
-                peer: Party::Node(partner.to_owned()),
-                secs: stall.as_secs(),
-            })
-        })?;
-    frame_or_error(next, partner)
-}
-
-/// The peer's next frame if one has arrived already, without waiting. The end of the peer's
-/// stream is not an error here: the protocol may need nothing more ([`next_frame`] says so when
-/// it does).
-pub(crate) fn try_next_frame(
-    incoming: &mut mpsc::UnboundedReceiver<Incoming>,
-    partner: &str,
-) -> Result<Option<Envelope>, NodeError> {
-    match incoming.try_recv() {
-        Ok(next) => frame_or_error(Some(next), partner).map(Some),
-        Err(mpsc::error::TryRecvError::Empty | mpsc::error::TryRecvError::Disconnected) => Ok(None),
-    }
-}
-
-/// What the reader passed on, as a frame or the job's error.
-fn frame_or_error(next: Option<Incoming>, partner: &str) -> Result<Envelope, NodeError> {
-    match next {
-        Some(Incoming::Frame(env)) => {
-            if let Some(Body::Abort(Abort { reason })) = &env.body {
-                return Err(JobError::Aborted {
-                    peer: Party::Node(partner.to_owned()),
-                    reason: reason.clone(),
-                }
-                .into());
-            }
-            Ok(*env)
-        }
-        Some(Incoming::Failed(reason)) => Err(violation(partner, reason)),
-        Some(Incoming::Lost(reason)) => Err(JobError::Lost {
-            peer: Party::Node(partner.to_owned()),
-            reason,
-        }
-        .into()),
-        None => Err(JobError::ClosedEarly {
-            peer: Party::Node(partner.to_owned()),
-        }
-        .into()),
-    }
 }
 
 pub(crate) fn violation(partner: &str, reason: impl std::fmt::Display) -> NodeError {
