@@ -272,6 +272,21 @@ fn parquet_meets_a_view(rows: u64, executors: Option<usize>) -> Consortium {
         globex_rows,
         "globex's matched rows of its view"
     );
+    if executors.is_some() {
+        // The match's keys were blinded on acme's executors too, and its membership found
+        // there (a second pass with the same key): the rows above are theirs.
+        let acme = c
+            .nodes
+            .iter()
+            .find(|p| p.name == "acme")
+            .unwrap()
+            .log_text();
+        assert_eq!(
+            acme.matches("on_executors=true").count(),
+            2,
+            "acme blinded the overlap's and the match's keys on the executors"
+        );
+    }
     c
 }
 

@@ -352,6 +352,33 @@ impl PsiSession {
                 store: None,
             },
             items,
+            blinded: Vec::new(),
+            distinct,
+        };
+        (own_size, state)
+    }
+
+    /// Begins a session over our own set already blinded with `key`: `k·H(x)` for each of our
+    /// distinct items, as the executors' pass computes them. The points are sorted here; a
+    /// point twice is refused at [`AwaitingPeerSize::on_peer_size`] with
+    /// [`PsiError::DuplicateOwnItems`]. Everything else is the in-memory session, membership
+    /// included: [`PsiOutput::membership`] then holds indices into the sorted points.
+    pub fn start_blinded(
+        params: PsiParams,
+        key: JobKey,
+        mut points: Vec<EncodedPoint>,
+    ) -> (u64, AwaitingPeerSize) {
+        let own_size = points.len() as u64;
+        let distinct = sort_and_check_distinct(&mut points);
+        let state = AwaitingPeerSize {
+            common: Common {
+                params,
+                key,
+                own_size,
+                store: None,
+            },
+            items: ItemSet::new(),
+            blinded: points,
             distinct,
         };
         (own_size, state)
@@ -377,6 +404,7 @@ impl PsiSession {
                 store: Some(own.store),
             },
             items: ItemSet::new(),
+            blinded: Vec::new(),
             distinct: true,
         };
         Ok((own_size, state))
@@ -387,6 +415,8 @@ impl PsiSession {
 pub struct AwaitingPeerSize {
     common: Common,
     items: ItemSet,
+    /// Our points, when the session began blinded ([`PsiSession::start_blinded`]).
+    blinded: Vec<EncodedPoint>,
     distinct: bool,
 }
 
@@ -431,6 +461,7 @@ impl AwaitingPeerSize {
         Ok(ReadyToBlind {
             common: self.common,
             items: self.items,
+            blinded: self.blinded,
             peer_size: declared,
         })
     }
@@ -440,6 +471,8 @@ impl AwaitingPeerSize {
 pub struct ReadyToBlind {
     common: Common,
     items: ItemSet,
+    /// Our points, when the session began blinded (`items` is then empty).
+    blinded: Vec<EncodedPoint>,
     peer_size: u64,
 }
 
@@ -461,10 +494,22 @@ impl ReadyToBlind {
         let Self {
             mut common,
             items,
+            blinded,
             peer_size,
         } = self;
         let mut failed = None;
         let (batches, perm) = match common.store.as_mut() {
+            // Blinded already: only the shuffle.
+            None if !blinded.is_empty() => {
+                // Fits: on_peer_size refused sets over u32::MAX items.
+                let mut perm: Vec<u32> = (0..blinded.len() as u32).collect();
+                perm.shuffle(&mut rand::rng());
+                let batches = to_batches(
+                    perm.iter().map(|&i| &blinded[i as usize]),
+                    common.params.batch_size,
+                );
+                (batches, perm)
+            }
             // A spilled set is blinded already: read it whole (this path bounds nothing).
             Some(store) => match spill::read_all(store.as_mut(), PointSet::Own) {
                 Ok(mut points) => {

@@ -86,6 +86,7 @@ impl ReadyToBlind {
         let Self {
             common,
             items,
+            blinded,
             peer_size,
         } = self;
         let spilled = common.store.is_some();
@@ -95,13 +96,14 @@ impl ReadyToBlind {
             Vec::new()
         } else {
             // Fits: on_peer_size refused sets over u32::MAX items.
-            let mut order: Vec<u32> = (0..items.len() as u32).collect();
+            let mut order: Vec<u32> = (0..common.own_size as u32).collect();
             order.shuffle(&mut rand::rng());
             order
         };
         let own = OwnStream {
             total: common.own_size as usize,
             items,
+            blinded,
             order,
             spilled: spilled.then(|| BucketReader::new(PointSet::Own)),
             sent: 0,
@@ -128,8 +130,10 @@ impl ReadyToBlind {
 struct OwnStream {
     /// Our identifiers; emptied once the last of them is blinded.
     items: ItemSet,
-    /// `order[j]` is the index in the `ItemSet` of the `j`-th point we send. Kept after the last
-    /// batch only when we learn membership.
+    /// Our points instead, when the session began blinded (`items` is then empty).
+    blinded: Vec<EncodedPoint>,
+    /// `order[j]` is the index in the `ItemSet` (or in `blinded`) of the `j`-th point we send.
+    /// Kept after the last batch only when we learn membership.
     order: Vec<u32>,
     /// A spilled set: read from its buckets instead (`items` and `order` stay empty).
     spilled: Option<BucketReader>,
@@ -160,23 +164,34 @@ impl OwnStream {
         }
         let end = self.sent.saturating_add(self.batch_size).min(self.total);
         let order = &self.order[self.sent..end];
-        let mut out = vec![[0u8; POINT_LEN]; order.len()];
-        blind_into(
-            &common.key,
-            &common.params.key_name,
-            &self.items,
-            |j| order[j] as usize,
-            &mut out,
-        );
+        let out = if self.blinded.is_empty() {
+            let mut out = vec![[0u8; POINT_LEN]; order.len()];
+            blind_into(
+                &common.key,
+                &common.params.key_name,
+                &self.items,
+                |j| order[j] as usize,
+                &mut out,
+            );
+            out.into_flattened()
+        } else {
+            // `order` is a permutation of the indices of `blinded`.
+            let mut out = Vec::with_capacity(order.len() * POINT_LEN);
+            for &i in order {
+                out.extend_from_slice(&self.blinded[i as usize]);
+            }
+            out
+        };
         self.sent = end;
         if self.sent == self.total {
             // The identifiers are no longer needed: drop them as early as possible.
             self.items = ItemSet::new();
+            self.blinded = Vec::new();
             if !self.keep_order {
                 self.order = Vec::new();
             }
         }
-        Ok(Some(out.into_flattened()))
+        Ok(Some(out))
     }
 }
 

@@ -702,3 +702,106 @@ fn a_spilled_session_checks_the_peers_points_when_it_reblinds_them() {
         PsiError::BatchNotMultipleOfPointLen { len: 33 }
     );
 }
+
+/// Membership indices into `sorted` (a blinded session's points) as indices into `items`, the
+/// set they were blinded from, so that [`check_outputs`] can read them.
+fn to_item_indices(
+    membership: Option<Vec<u32>>,
+    sorted: &[EncodedPoint],
+    key_name: &str,
+    key: &JobKey,
+    items: &ItemSet,
+) -> Option<Vec<u32>> {
+    let of_item: std::collections::HashMap<EncodedPoint, u32> = blind_items(key, key_name, items)
+        .into_iter()
+        .enumerate()
+        .map(|(i, p)| (p, i as u32))
+        .collect();
+    membership.map(|m| {
+        let mut items: Vec<u32> = m.iter().map(|&i| of_item[&sorted[i as usize]]).collect();
+        items.sort_unstable();
+        items
+    })
+}
+
+/// A session that begins with its points already blinded (the executors' pass computed them)
+/// gives the count and, when it learns membership, the indices of its matched points: the same
+/// items as the plaintext intersection, in every mode, against a session over items.
+#[test]
+fn a_session_begun_blinded_learns_the_same_membership_over_its_points() {
+    for seed in 0..4 {
+        for (rio_a, lm_a, rio_b, lm_b) in modes() {
+            for bs in [1, 7, 4096] {
+                let (a, b) = (emails(0..60), emails(35..120));
+                let key = JobKey::generate();
+                let pa = params(rio_a, lm_a, bs);
+                let mut sorted = blind_items(&key, &pa.key_name, &a);
+                let start = PsiSession::start_blinded(pa, copy_of(&key), sorted.clone());
+                sorted.sort_unstable();
+                let parties = [
+                    Party::with(start, b.len() as u64).unwrap(),
+                    Party::new(params(rio_b, lm_b, bs), b.clone(), a.len() as u64).unwrap(),
+                ];
+                let (mut oa, ob) = drive(parties, schedule_from(seed)).unwrap();
+                oa.membership = to_item_indices(oa.membership, &sorted, "email", &key, &a);
+                check_outputs((&a, &b), (lm_a, lm_b), (oa, ob));
+            }
+        }
+    }
+}
+
+/// The same through [`ReadyToBlind::blind`], which sends the whole set at once.
+#[test]
+fn a_session_begun_blinded_learns_membership_when_it_sends_at_once() {
+    let (a, b) = (emails(0..50), emails(20..90));
+    let key = JobKey::generate();
+    let mut sorted = blind_items(&key, "email", &a);
+    let (size_a, sa) =
+        PsiSession::start_blinded(params(true, true, 8), copy_of(&key), sorted.clone());
+    sorted.sort_unstable();
+    let (size_b, sb) = PsiSession::start(params(true, true, 8), JobKey::generate(), b.clone());
+    let (out_a, mut sa) = sa.on_peer_size(size_b).unwrap().blind();
+    let (out_b, mut sb) = sb.on_peer_size(size_a).unwrap().blind();
+    let mut to_a = Vec::new();
+    for batch in &out_a {
+        let (next, ret) = sb.on_peer_batch(batch).unwrap();
+        sb = next;
+        to_a.extend(ret);
+    }
+    let mut to_b = Vec::new();
+    for batch in &out_b {
+        let (next, ret) = sa.on_peer_batch(batch).unwrap();
+        sa = next;
+        to_b.extend(ret);
+    }
+    let (rest_a, sa) = sa.on_peer_end(size_b).unwrap();
+    let (rest_b, sb) = sb.on_peer_end(size_a).unwrap();
+    let (mut sa, mut sb) = (sa, sb);
+    for ret in to_a.iter().chain(&rest_b) {
+        sa = sa.on_returned_batch(ret).unwrap();
+    }
+    for ret in to_b.iter().chain(&rest_a) {
+        sb = sb.on_returned_batch(ret).unwrap();
+    }
+    let mut oa = sa.on_returned_end(size_a).unwrap();
+    let ob = sb.on_returned_end(size_b).unwrap();
+    oa.membership = to_item_indices(oa.membership, &sorted, "email", &key, &a);
+    check_outputs((&a, &b), (true, true), (oa, ob));
+}
+
+/// A blinded set with a point twice is refused before anything is sent.
+#[test]
+fn a_blinded_set_with_a_point_twice_is_refused() {
+    let key = JobKey::generate();
+    let mut points = blind_items(&key, "email", &emails(0..5));
+    points.push(points[2]);
+    let (_, s) = PsiSession::start_blinded(params(false, false, 8), key, points);
+    assert!(matches!(
+        s.on_peer_size(5),
+        Err(PsiError::DuplicateOwnItems)
+    ));
+}
+
+fn copy_of(key: &JobKey) -> JobKey {
+    JobKey::from_secret_bytes(&key.to_secret_bytes()).expect("a key")
+}

@@ -453,6 +453,66 @@ pub fn blind_keys_on_cluster(
     sealing: &SealingKey,
     mut sink: impl FnMut(&[EncodedPoint]) -> Result<(), DatasetError>,
 ) -> Result<LoadedKeys, DatasetError> {
+    let mut chunk: Vec<EncodedPoint> = Vec::with_capacity(KEY_CHUNK);
+    let counts = pass_on_cluster(dataset, keys, filter, max_rows, key, sealing, |_, point| {
+        chunk.push(point);
+        if chunk.len() == KEY_CHUNK {
+            sink(&chunk)?;
+            chunk.clear();
+        }
+        Ok(())
+    })?;
+    if !chunk.is_empty() {
+        sink(&chunk)?;
+    }
+    Ok(LoadedKeys::from_counts(ItemSet::new(), counts, 0))
+}
+
+/// Second pass of a `match` whose points the executors computed: the same pass with the same
+/// `key`, returning the 1-based data-row numbers, ascending, whose point is in `matched`, the
+/// pass's counts, and how many of the matched points it found (the caller compares both with
+/// the first pass, to tell a dataset that changed in between).
+pub fn matching_rows_on_cluster(
+    dataset: &DatasetConfig,
+    keys: &KeySpec,
+    filter: RowFilter<'_>,
+    max_rows: u64,
+    key: &JobKey,
+    sealing: &SealingKey,
+    matched: &HashSet<EncodedPoint>,
+) -> Result<(Vec<u64>, RowCounts, usize), DatasetError> {
+    let mut rows = Vec::new();
+    let mut found = HashSet::new();
+    let counts = pass_on_cluster(
+        dataset,
+        keys,
+        filter,
+        max_rows,
+        key,
+        sealing,
+        |row, point| {
+            if matched.contains(&point) {
+                rows.push(row);
+                found.insert(point);
+            }
+            Ok(())
+        },
+    )?;
+    Ok((rows, counts, found.len()))
+}
+
+/// The executors' pass over the dataset ([`super::cluster_pass`]): counts the outcomes as the
+/// node's own pass would, and hands each accepted row's number and point to `accepted`, in the
+/// order the plan returns the rows (the parts of the data in order).
+fn pass_on_cluster(
+    dataset: &DatasetConfig,
+    keys: &KeySpec,
+    filter: RowFilter<'_>,
+    max_rows: u64,
+    key: &JobKey,
+    sealing: &SealingKey,
+    mut accepted: impl FnMut(u64, EncodedPoint) -> Result<(), DatasetError>,
+) -> Result<RowCounts, DatasetError> {
     let location = dataset.location();
     let engine = |message: String| {
         DatasetError::Source(SourceError::Engine {
@@ -488,7 +548,6 @@ pub fn blind_keys_on_cluster(
     frame.start_pass(&read, sealed)?;
 
     let mut counts = RowCounts::default();
-    let mut chunk: Vec<EncodedPoint> = Vec::with_capacity(KEY_CHUNK);
     while frame.advance()? {
         let row = counts.rows_read + 1;
         if row > max_rows {
@@ -517,20 +576,11 @@ pub fn blind_keys_on_cluster(
             Outcome::Rejected(place, why) => {
                 counts.rejections.record(&location, row, column(place), why);
             }
-            Outcome::Accepted(point) => {
-                chunk.push(point);
-                if chunk.len() == KEY_CHUNK {
-                    sink(&chunk)?;
-                    chunk.clear();
-                }
-            }
+            Outcome::Accepted(point) => accepted(row, point)?,
         }
     }
     counts.rejections.log_rest(&location);
-    if !chunk.is_empty() {
-        sink(&chunk)?;
-    }
-    Ok(LoadedKeys::from_counts(ItemSet::new(), counts, 0))
+    Ok(counts)
 }
 
 /// Second pass for `match`: streams the dataset again and returns the 1-based data-row numbers

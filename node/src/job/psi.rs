@@ -35,8 +35,8 @@ use std::time::Duration;
 
 use cleanroom_circuits::spill::SpilledOwn;
 use cleanroom_circuits::{
-    AwaitingPeerSize, ItemSet, JobKey, Matching, PsiError, PsiOutput, PsiParams, PsiSession,
-    Streaming,
+    AwaitingPeerSize, EncodedPoint, ItemSet, JobKey, Matching, PsiError, PsiOutput, PsiParams,
+    PsiSession, Streaming,
 };
 use cleanroom_proto::v1::{
     Abort, BatchEnd, Envelope, JobKind, NoiseReveal, NoiseTerm, Phase, PointBatch, PsiHello,
@@ -417,6 +417,14 @@ impl PsiProtocol {
     ) -> PsiProtocol {
         let params = Self::params(&cfg.permit, batch_points);
         Self::with_session(cfg, PsiSession::start(params, key, items))
+    }
+
+    /// Starts the protocol over our set blinded with `key` on the executors (`k·H(x)` for
+    /// each distinct key): the in-memory exchange, membership included; its indices then
+    /// refer to the points in sorted order.
+    pub fn start_blinded(cfg: PsiConfig, key: JobKey, points: Vec<EncodedPoint>) -> PsiProtocol {
+        let params = Self::params(&cfg.permit, BATCH_POINTS);
+        Self::with_session(cfg, PsiSession::start_blinded(params, key, points))
     }
 
     /// Starts the protocol over our set blinded with `key` as it was read and spilled

@@ -23,12 +23,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use cleanroom_circuits::spill::{MemoryStore, OwnSetBuilder, PointStore, SpilledOwn};
-use cleanroom_circuits::{ItemSet, JobKey};
+use cleanroom_circuits::{EncodedPoint, ItemSet, JobKey};
 use cleanroom_proto::v1::{
     Abort, Envelope, JobKind, JobSpec, NoiseTerm, Phase, PsiOutcome, ReleaseTerms, envelope::Body,
 };
 use cleanroom_transport::{FramedRecv, FramedSend, Identity};
 use prost::Message;
+use rayon::slice::ParallelSliceMut;
 use tokio::sync::oneshot;
 
 use crate::audit::{AuditEvent, AuditHead};
@@ -257,6 +258,19 @@ pub(crate) enum PsiInput {
     /// Our points, blinded with the job's key as the dataset was read, in the job's spill files
     /// (the node has a `memory_limit` and the job releases no membership).
     Spilled(JobKey, SpilledOwn),
+    /// Our points, blinded on the executors, in memory (a `match` on a node whose cluster has
+    /// a sealing key).
+    Blinded(Box<BlindedOnExecutors>),
+}
+
+/// A `match`'s own set as the executors blinded it, and what its membership pass needs: the
+/// same key and sealing key, and the first pass's row count to tell a changed dataset.
+pub(crate) struct BlindedOnExecutors {
+    key: JobKey,
+    /// `k·H(x)` for each distinct key, sorted: the session's membership indices refer to them.
+    points: Vec<EncodedPoint>,
+    sealing: SealingKey,
+    rows_read: u64,
 }
 
 impl PsiInput {
@@ -265,8 +279,17 @@ impl PsiInput {
             PsiInput::Items(items) => items.len(),
             // Fits: a spilled set comes from at most MAX_ROWS rows.
             PsiInput::Spilled(_, own) => own.size() as usize,
+            PsiInput::Blinded(own) => own.points.len(),
         }
     }
+}
+
+/// How a `match` finds the rows of its matched keys.
+enum MembershipPass {
+    /// Read the dataset again in this process (or through the cluster) and compare keys.
+    Reread,
+    /// Run the executors' pass again with the job's key and compare points.
+    OnExecutors(Box<BlindedOnExecutors>),
 }
 
 /// Loads our side of the job: it is ours, the agreement allows this job, and sizes must be
@@ -288,15 +311,16 @@ pub(crate) async fn load_input(
     let counts_only = !job.permit.i_learn_membership && !job.permit.partner_learns_membership;
     let spilled_form = spill == Spill::WhenLimited && counts_only;
     let spill_dir = (spilled_form && cfg.memory_limit.is_some()).then(|| cfg.spill_dir());
-    // With a sealing key, an overlap's pass (blinding included) runs on the partner's
-    // executors; its points are then kept like a limited node's, in buckets.
+    // With a sealing key, the pass of an overlap or a match (blinding included) runs on the
+    // partner's executors. An overlap's points are then kept like a limited node's, in
+    // buckets; a match's in memory, sorted, for the membership it learns.
     let sealing = match dataset
         .engine
         .cluster
         .as_ref()
         .and_then(|c| c.sealing_key.as_ref())
     {
-        Some(path) if spilled_form => {
+        Some(path) if spill == Spill::WhenLimited => {
             Some(SealingKey::read(path).map_err(|e| NodeError::from(JobError::Dataset(e)))?)
         }
         _ => None,
@@ -309,6 +333,37 @@ pub(crate) async fn load_input(
             forgotten: forgotten.as_ref(),
         };
         let spill_failed = |e: &dyn std::fmt::Display| dataset::DatasetError::Spill(e.to_string());
+        let sealing = match sealing {
+            Some(sealing) if !counts_only => {
+                let key = JobKey::generate();
+                let mut points: Vec<EncodedPoint> = Vec::new();
+                let mut loaded = dataset::blind_keys_on_cluster(
+                    &dataset,
+                    &keys,
+                    filter,
+                    MAX_ROWS,
+                    &key,
+                    &sealing,
+                    |chunk| {
+                        points.extend_from_slice(chunk);
+                        Ok(())
+                    },
+                )?;
+                points.par_sort_unstable();
+                let rows = points.len();
+                points.dedup();
+                loaded.duplicate_rows = (rows - points.len()) as u64;
+                let rows_read = loaded.rows_read;
+                let own = BlindedOnExecutors {
+                    key,
+                    points,
+                    sealing,
+                    rows_read,
+                };
+                return Ok((loaded, PsiInput::Blinded(Box::new(own))));
+            }
+            other => other,
+        };
         let store: Box<dyn PointStore> = match (spill_dir, &sealing) {
             (None, None) => {
                 let mut loaded = dataset::load_keys_for(&dataset, &keys, filter, MAX_ROWS)?;
@@ -393,10 +448,23 @@ async fn exchange(
         digest: spec_digest(&job.job_id, &job.spec),
         noise,
     };
-    let mut proto = match input {
-        PsiInput::Items(items) => PsiProtocol::start(cfg, JobKey::generate(), items),
-        PsiInput::Spilled(key, own) => PsiProtocol::start_spilled(cfg, key, own)
-            .map_err(|e| JobError::Internal(e.to_string()))?,
+    let (mut proto, membership_pass) = match input {
+        PsiInput::Items(items) => (
+            PsiProtocol::start(cfg, JobKey::generate(), items),
+            MembershipPass::Reread,
+        ),
+        PsiInput::Spilled(key, own) => (
+            PsiProtocol::start_spilled(cfg, key, own)
+                .map_err(|e| JobError::Internal(e.to_string()))?,
+            MembershipPass::Reread,
+        ),
+        PsiInput::Blinded(own) => {
+            // The session gets a copy of the key and points; the membership pass keeps these.
+            let key = JobKey::from_secret_bytes(&own.key.to_secret_bytes())
+                .ok_or_else(|| JobError::Internal("the job key cannot be copied".into()))?;
+            let proto = PsiProtocol::start_blinded(cfg, key, own.points.clone());
+            (proto, MembershipPass::OnExecutors(own))
+        }
     };
     let own_size = proto.own_size();
     let bytes = run_exchange(job, conn, send, first, &mut proto, own_size).await?;
@@ -410,7 +478,23 @@ async fn exchange(
     if output.spilled_bytes > 0 {
         tracing::info!(spilled_bytes = output.spilled_bytes, "spill files written");
     }
-    release(job, output, own_noise, peer_noise, joint, own_size, bytes).await
+    let sides = Sides {
+        own_noise,
+        peer_noise,
+        joint,
+        own_size,
+        bytes_to_peer: bytes,
+    };
+    release(job, output, sides, membership_pass).await
+}
+
+/// What the release needs besides the protocol's output.
+struct Sides {
+    own_noise: Option<OwnNoise>,
+    peer_noise: Option<(NoiseTerm, i64)>,
+    joint: ReleaseTerms,
+    own_size: u64,
+    bytes_to_peer: u64,
 }
 
 /// Runs a protocol's exchange over our stream and the peer's, for either role: our first
@@ -595,12 +679,16 @@ pub(crate) async fn charge_and_draw(
 async fn release(
     job: &JobContext,
     output: cleanroom_circuits::PsiOutput,
-    own_noise: Option<OwnNoise>,
-    peer_noise: Option<(NoiseTerm, i64)>,
-    joint: ReleaseTerms,
-    own_size: u64,
-    bytes_to_peer: u64,
+    sides: Sides,
+    membership_pass: MembershipPass,
 ) -> Result<PsiOutcome, NodeError> {
+    let Sides {
+        own_noise,
+        peer_noise,
+        joint,
+        own_size,
+        bytes_to_peer,
+    } = sides;
     let partner = job.permit.partner.clone();
     job.recheck()?;
     let mut noise_terms: Vec<NoiseTerm> = Vec::new();
@@ -663,7 +751,7 @@ async fn release(
     // count gives the count away, so only a released count lets it be reported.
     if let (true, Some(indices)) = (job.spec.kind == JobKind::Match as i32, output.membership) {
         if output.intersection >= joint.min_result {
-            let (rows, path) = write_membership(job, indices, own_size).await?;
+            let (rows, path) = write_membership(job, indices, own_size, membership_pass).await?;
             if released.is_some() {
                 outcome.learned_membership = true;
                 outcome.matched_rows = rows;
@@ -744,6 +832,7 @@ async fn write_membership(
     job: &JobContext,
     indices: Vec<u32>,
     own_size: u64,
+    pass: MembershipPass,
 ) -> Result<(u64, PathBuf), NodeError> {
     let dataset = job.permit.dataset.clone();
     let keys = job.permit.keys.clone();
@@ -753,47 +842,101 @@ async fn write_membership(
     let path = dir.join(format!("{}-membership.csv", job.job_id));
     let out = path.clone();
     blocking(move || -> Result<u64, NodeError> {
-        // Re-read the dataset: the same data dedups to the same sorted order, so the indices the
-        // protocol returned map to the same keys. A changed file is detected by its size.
         let filter = RowFilter {
             consent_column: consent.as_deref(),
             forgotten: forgotten.as_ref(),
         };
-        let loaded = dataset::load_keys_for(&dataset, &keys, filter, MAX_ROWS)
-            .map_err(|e| NodeError::from(JobError::Dataset(e.to_string())))?;
-        if loaded.items.len() as u64 != own_size {
-            return Err(JobError::DatasetChanged.into());
-        }
-        let mut matched = cleanroom_circuits::ItemSet::new();
-        for i in indices {
-            let item = loaded
-                .items
-                .get(i as usize)
-                .ok_or_else(|| JobError::Internal("membership index out of range".into()))?;
-            matched
-                .push(item)
-                .map_err(|e| JobError::Internal(e.to_string()))?;
-        }
-        matched.dedup();
-        let rows = dataset::matching_rows_for(&dataset, &keys, filter, &matched)
-            .map_err(|e| NodeError::from(JobError::Dataset(e.to_string())))?;
-        std::fs::create_dir_all(&dir).map_err(|e| NodeError::Io {
-            what: format!("creating {}", dir.display()),
-            source: e,
-        })?;
-        let mut text = String::from("row\n");
-        for r in &rows {
-            text.push_str(&r.to_string());
-            text.push('\n');
-        }
-        std::fs::write(&out, text).map_err(|e| NodeError::Io {
-            what: format!("writing {}", out.display()),
-            source: e,
-        })?;
+        let rows = match pass {
+            MembershipPass::OnExecutors(own) => {
+                rows_on_executors(&dataset, &keys, filter, indices, own)?
+            }
+            MembershipPass::Reread => reread_rows(&dataset, &keys, filter, indices, own_size)?,
+        };
+        write_rows(&dir, &out, &rows)?;
         Ok(rows.len() as u64)
     })
     .await?
     .map(|rows| (rows, path))
+}
+
+/// The rows of the matched points: the executors' pass again, with the job's key. A dataset
+/// whose row count changed, or in which a matched point is no longer found, changed.
+fn rows_on_executors(
+    dataset: &crate::data::schema::DatasetConfig,
+    keys: &dataset::KeySpec,
+    filter: RowFilter<'_>,
+    indices: Vec<u32>,
+    own: Box<BlindedOnExecutors>,
+) -> Result<Vec<u64>, NodeError> {
+    let mut matched = std::collections::HashSet::with_capacity(indices.len());
+    for i in indices {
+        let point = own
+            .points
+            .get(i as usize)
+            .ok_or_else(|| JobError::Internal("membership index out of range".into()))?;
+        matched.insert(*point);
+    }
+    let (rows, counts, found) = dataset::matching_rows_on_cluster(
+        dataset,
+        keys,
+        filter,
+        MAX_ROWS,
+        &own.key,
+        &own.sealing,
+        &matched,
+    )
+    .map_err(|e| NodeError::from(JobError::Dataset(e.to_string())))?;
+    if counts.rows_read != own.rows_read || found != matched.len() {
+        return Err(JobError::DatasetChanged.into());
+    }
+    Ok(rows)
+}
+
+/// The rows of the matched keys: the dataset read again. The same data dedups to the same
+/// sorted order, so the indices the protocol returned map to the same keys. A changed file is
+/// detected by its size.
+fn reread_rows(
+    dataset: &crate::data::schema::DatasetConfig,
+    keys: &dataset::KeySpec,
+    filter: RowFilter<'_>,
+    indices: Vec<u32>,
+    own_size: u64,
+) -> Result<Vec<u64>, NodeError> {
+    let loaded = dataset::load_keys_for(dataset, keys, filter, MAX_ROWS)
+        .map_err(|e| NodeError::from(JobError::Dataset(e.to_string())))?;
+    if loaded.items.len() as u64 != own_size {
+        return Err(JobError::DatasetChanged.into());
+    }
+    let mut matched = cleanroom_circuits::ItemSet::new();
+    for i in indices {
+        let item = loaded
+            .items
+            .get(i as usize)
+            .ok_or_else(|| JobError::Internal("membership index out of range".into()))?;
+        matched
+            .push(item)
+            .map_err(|e| JobError::Internal(e.to_string()))?;
+    }
+    matched.dedup();
+    dataset::matching_rows_for(dataset, keys, filter, &matched)
+        .map_err(|e| NodeError::from(JobError::Dataset(e.to_string())))
+}
+
+/// Writes the membership file: a header, then one row number a line.
+fn write_rows(dir: &std::path::Path, out: &std::path::Path, rows: &[u64]) -> Result<(), NodeError> {
+    std::fs::create_dir_all(dir).map_err(|e| NodeError::Io {
+        what: format!("creating {}", dir.display()),
+        source: e,
+    })?;
+    let mut text = String::from("row\n");
+    for r in rows {
+        text.push_str(&r.to_string());
+        text.push('\n');
+    }
+    std::fs::write(out, text).map_err(|e| NodeError::Io {
+        what: format!("writing {}", out.display()),
+        source: e,
+    })
 }
 
 pub(crate) fn violation(partner: &str, reason: impl std::fmt::Display) -> NodeError {
