@@ -57,6 +57,13 @@ pub trait Protocol {
     /// handed over only once it asks for nothing more.
     const TAKES_FRAMES_BETWEEN_WORK: bool = false;
 
+    /// The peer's frames it has taken and not used yet. Between pieces of work the driver
+    /// hands it more only while this is short, so that what the peer sends faster than the
+    /// work goes waits in the driver's queue, whose memory is bounded.
+    fn backlog(&self) -> usize {
+        0
+    }
+
     /// The next step, if any.
     fn next_step(&mut self) -> Option<Step<Self::Work>>;
     /// Does the work (pure).
@@ -110,6 +117,10 @@ impl Protocol for crate::job::psi::PsiProtocol {
 
     fn is_finished(&self) -> bool {
         crate::job::psi::PsiProtocol::is_finished(self)
+    }
+
+    fn backlog(&self) -> usize {
+        crate::job::psi::PsiProtocol::backlog(self)
     }
 
     fn silence_allowed(&self) -> Duration {

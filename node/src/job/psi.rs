@@ -514,6 +514,14 @@ impl PsiProtocol {
         matches!(self.stage, Stage::Finished(_)) && self.actions.is_empty()
     }
 
+    /// The peer's frames taken and not yet worked on.
+    pub fn backlog(&self) -> usize {
+        match &self.stage {
+            Stage::Exchange(x) => x.inputs.len(),
+            _ => 0,
+        }
+    }
+
     /// The finished exchange; `None` before it is finished.
     pub fn into_exchange(self) -> Option<PsiExchange> {
         match self.stage {

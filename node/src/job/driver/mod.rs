@@ -585,12 +585,12 @@ async fn do_steps<P: Protocol>(
                 let done = blocking(move || P::run(work)).await?;
                 proto.handle_done(done)?;
                 // What arrived meanwhile, so a protocol that can choose its next work from it
-                // does (PSI's streaming exchange). A few frames at a time: the rest waits in
-                // the queue, whose memory is bounded.
+                // does (PSI's streaming exchange). Only up to a short backlog: the rest waits
+                // in the queue, whose memory is bounded.
                 if P::TAKES_FRAMES_BETWEEN_WORK
                     && let Some(incoming) = incoming.as_deref_mut()
                 {
-                    for _ in 0..FRAMES_BETWEEN_WORK {
+                    while proto.backlog() < FRAMES_BETWEEN_WORK {
                         let Some(env) = incoming.try_next()? else {
                             break;
                         };

@@ -27,9 +27,11 @@ use super::violation;
 use crate::error::{JobError, NodeError, Party, Timeout};
 use crate::job::frame_budget::FrameBudget;
 
-/// Frames the driver moves from the queue into the protocol between two pieces of CPU work. A
-/// piece takes at most four batches, so this keeps the protocol supplied, while the rest waits
-/// here, where its memory is bounded.
+/// The most frames the driver lets the protocol hold unused ([`Protocol::backlog`]) when it
+/// hands over what arrived between two pieces of CPU work. A piece takes at most four batches,
+/// so this keeps the protocol supplied, while the rest waits here, where its memory is bounded.
+///
+/// [`Protocol::backlog`]: crate::job::protocol::Protocol::backlog
 pub(crate) const FRAMES_BETWEEN_WORK: usize = 16;
 
 /// The bounds on the queue of a node with a `memory_limit`.
