@@ -889,3 +889,38 @@ fn a_spilled_side_and_an_in_memory_side_count_the_same() {
     let own = OwnSetBuilder::new(Box::new(MemoryStore::default()));
     assert!(PsiProtocol::start_spilled(m, key, own.finish().unwrap()).is_err());
 }
+
+/// The peer's frames a protocol has taken and not worked on are its backlog, which the driver
+/// keeps short (the rest waits in its bounded queue); work takes them off.
+#[test]
+fn the_backlog_counts_frames_taken_and_not_yet_worked_on() {
+    let kind = JobKind::Overlap;
+    let mut pair = Pair::batched(config_up_to(0, kind, 20_000), config_up_to(1, kind, 20_000));
+    let acme_hello = pair.acme.drain();
+    pair.globex.inbox.extend(acme_hello);
+    // globex: its hello, then (with acme's) all its points and their end marker.
+    let mut from_globex = pair.globex.drain();
+    while pair.globex.step() {
+        from_globex.extend(pair.globex.drain());
+    }
+    let batches = from_globex
+        .iter()
+        .filter(|e| matches!(e.body, Some(Body::Points(_))))
+        .count();
+    assert_eq!(batches, 9000_usize.div_ceil(256));
+    assert_eq!(pair.acme.proto.backlog(), 0);
+    let mut frames = from_globex.into_iter();
+    pair.acme
+        .proto
+        .handle(frames.next().expect("hello"))
+        .expect("globex's hello");
+    pair.acme.drain();
+    assert_eq!(pair.acme.proto.backlog(), 0);
+    // Taken without working: every batch and the end marker wait.
+    for env in frames {
+        pair.acme.proto.handle(env).expect("an honest frame");
+    }
+    assert_eq!(pair.acme.proto.backlog(), batches + 1);
+    pair.acme.drain();
+    assert_eq!(pair.acme.proto.backlog(), 0);
+}
