@@ -1,5 +1,6 @@
 //! End to end with faults in real processes: a node killed with SIGKILL at each phase of a
-//! running job, and a peer that accepts a job and then stalls. The job must end `failed` with a
+//! running job, a peer that accepts a job and then stalls, and one that leaves the coordinator
+//! mid-job (the honest node must then stop at once). The job must end `failed` with a
 //! reason naming the node within a deadline, nothing may be released for it, and the surviving
 //! node must keep serving. And a node whose audit log cannot be written (a full disk, modelled
 //! by a file-size limit) must refuse every job without reading data, and recover.
@@ -291,6 +292,64 @@ async fn stalling_mallory(
     }
     // Stall: send nothing more, but keep the connection (and the control session) alive.
     let _ = tokio::time::timeout(stall, job.conn.closed()).await;
+}
+
+/// Plays node "mallory" for one job: joins it as initiator with its hello, then leaves the
+/// coordinator but keeps its data-plane connection open and silent for up to `stay`.
+async fn mallory_leaving_the_coordinator(
+    dir: std::path::PathBuf,
+    coordinator: SocketAddr,
+    stay: Duration,
+) -> Result<(), tokio::time::error::Elapsed> {
+    let job = fake_node::join_next_job(&dir, coordinator, "mallory", "acme", 64).await;
+    job.leave_the_coordinator();
+    tokio::time::timeout(stay, job.conn.closed())
+        .await
+        .map(drop)
+}
+
+/// A peer leaves the coordinator mid-job and keeps its data-plane connection open and silent.
+/// The coordinator fails the job and drops acme's job stream; acme stops at once instead of
+/// waiting out its silence deadline (60 s): it audits the coordinator's stop and closes the
+/// peer's connection.
+#[test]
+fn a_node_stops_a_job_the_coordinator_gave_up() {
+    let (mut c, _) = Consortium::with_coordinator("acme,globex", 300, 0.5, 33);
+    let coordinator = c.addr.unwrap();
+    c.start_pair_open_to_mallory();
+
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let evil = rt.spawn(mallory_leaving_the_coordinator(
+        c.path().to_owned(),
+        coordinator,
+        Duration::from_secs(120),
+    ));
+    c.wait_connected(&["mallory"]);
+    let t0 = Instant::now();
+    let job_id = c.submit_nowait(&overlap_between("mallory,acme"));
+    let (job, _) = wait_job(&c, &job_id, Duration::from_secs(60));
+    assert_eq!(job["state"], "failed", "{job}");
+    let reason = c
+        .audited_error("acme", &job_id)
+        .unwrap_or_else(|| panic!("acme audited no end of {job_id}:\n{}", log_of(&c, "acme")));
+    let took = t0.elapsed();
+    assert!(
+        reason.contains("the coordinator stopped the job"),
+        "acme's audited reason: {reason}"
+    );
+    assert!(
+        took < Duration::from_secs(30),
+        "acme stopped after {took:?}"
+    );
+    // acme closed mallory's data-plane connection as it stopped.
+    let closed = rt
+        .block_on(async { tokio::time::timeout(Duration::from_secs(20), evil).await })
+        .expect("mallory's task ends")
+        .unwrap();
+    assert!(closed.is_ok(), "acme left mallory's connection open");
+    // acme keeps serving.
+    let (next, _) = c.submit(&overlap_between("globex,acme"));
+    assert_eq!(next["state"], "succeeded", "{next}");
 }
 
 #[test]

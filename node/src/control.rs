@@ -296,16 +296,23 @@ async fn run_offer(
     let kind =
         kind.ok_or_else(|| JobError::Internal("an offer of no known kind was accepted".into()))?;
     let spec_kind = job.spec.kind;
-    let outcome = if role == Role::Responder {
+    let side = if role == Role::Responder {
         let incoming = state
             .waiting
             .expect_connection(&job_id, &job.permit.partner);
         send.send(&ready).await?;
-        crate::job::run_two_party(kind, job, Side::Accept(incoming)).await
+        Side::Accept(incoming)
     } else {
         let peer_addr = crate::dataplane::resolve_peer(&endpoint, &start.peer_addr).await?;
         send.send(&ready).await?;
-        crate::job::run_two_party(kind, job, Side::Dial(&endpoint, peer_addr)).await
+        Side::Dial(&endpoint, peer_addr)
+    };
+    // The job runs until it is done, or until the coordinator drops the job's stream (the
+    // other party failed, the job timed out, the coordinator went away): nobody would collect
+    // the result, so the job stops here too, and the peer's connection with it.
+    let outcome = tokio::select! {
+        outcome = crate::job::run_two_party(kind, job, side) => outcome,
+        () = crate::job::driver::wait_for_withdrawal(recv) => Err(JobError::Withdrawn.into()),
     }?;
     tracing::info!(
         intersection = outcome.intersection,

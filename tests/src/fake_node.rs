@@ -43,7 +43,7 @@ pub struct FakeJob {
     pub data: quinn::SendStream,
     /// Every envelope sent on `data` so far, in order (raw bytes are not recorded).
     pub sent: Vec<Envelope>,
-    _control: quinn::Connection,
+    control: quinn::Connection,
     job_stream: FramedSend,
     _endpoint: quinn::Endpoint,
 }
@@ -71,6 +71,12 @@ impl FakeJob {
     pub async fn send_raw(&mut self, bytes: &[u8]) {
         // The honest side may already have hung up: that is what the tests provoke.
         let _ = self.data.write_all(bytes).await;
+    }
+
+    /// Leaves the coordinator mid-job: closes the control connection (the coordinator then
+    /// fails the job) and keeps the data-plane connection open.
+    pub fn leave_the_coordinator(&self) {
+        self.control.close(0u32.into(), b"gone");
     }
 
     /// Ends our data stream (a clean end of stream after what was sent).
@@ -295,7 +301,7 @@ pub async fn join_next_job_without_hello(
         conn,
         data,
         sent: Vec::new(),
-        _control: control,
+        control,
         job_stream: jsend,
         _endpoint: endpoint,
     }

@@ -16,7 +16,9 @@ use tokio::sync::oneshot;
 
 // The data plane's close codes and job deadline are the pairwise driver's: a peer reads our
 // `CLOSE_FAILED` as "its job ended" whichever kind of job it was.
-use super::{CLOSE_DONE, CLOSE_FAILED, JOB_TIMEOUT, blocking, charge_and_draw};
+use super::{
+    CLOSE_DONE, CLOSE_FAILED, JOB_TIMEOUT, blocking, charge_and_draw, wait_for_withdrawal,
+};
 use crate::audit::{AuditEvent, AuditHead};
 use crate::clock::now_ms;
 use crate::data::aggregate_input::{Loaded, load_vector};
@@ -116,12 +118,6 @@ pub async fn serve_offer(
         state.waiting.forget_pending(&pending_key(&job_id, peer));
     }
     result
-}
-
-/// Resolves when the coordinator's side of the job stream ends or sends anything (it sends
-/// nothing after Start).
-async fn wait_for_withdrawal(recv: &mut FramedRecv) {
-    let _ = recv.recv().await;
 }
 
 /// One accepted aggregate job.

@@ -53,7 +53,7 @@ pub mod aggregate;
 pub mod overlap_sum;
 mod peer_stream;
 
-use peer_stream::{FRAMES_BETWEEN_WORK, PeerFrames, ReadAhead, spawn_reader};
+use peer_stream::{FRAMES_BETWEEN_WORK, PeerFrames, ReadAhead};
 
 /// How long the responder waits for the initiator to connect. The initiator loads its dataset
 /// before it dials (up to [`MAX_ROWS`] rows; under a `memory_limit` it also blinds them then:
@@ -535,11 +535,14 @@ pub(crate) async fn run_exchange<P: Protocol>(
             cfg.memory_limit_bytes()
                 .map(|limit| (ReadAhead::for_limit(limit), cfg.spill_dir()))
         };
-        let (queue, mut incoming) = peer_stream::queue(
+        let mut incoming = peer_stream::read_peer(
+            recv,
+            job.job_id.clone(),
+            hello,
+            budget,
             &partner,
             bound.as_ref().map(|(ahead, dir)| (*ahead, dir.as_path())),
         )?;
-        spawn_reader(recv, job.job_id.clone(), hello, budget, queue);
         run_protocol(job, proto, &mut out, &mut incoming).await?;
         if incoming.read_back() > 0 {
             tracing::info!(
@@ -975,6 +978,12 @@ impl Outgoing {
         let env = self.outbox.frame(phase, body);
         self.send_env(&env).await
     }
+}
+
+/// Resolves when the coordinator's side of a job stream ends or sends anything: it sends
+/// nothing after Start, so either means it has given the job up.
+pub(crate) async fn wait_for_withdrawal(recv: &mut FramedRecv) {
+    let _ = recv.recv().await;
 }
 
 /// Runs CPU work on the blocking pool, turning a panic into a job error.

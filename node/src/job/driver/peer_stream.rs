@@ -139,6 +139,18 @@ pub(crate) struct PeerFrames {
     partner: String,
     /// Bytes of points read back from the file so far.
     read_back: u64,
+    /// The reader task, stopped when the job drops its frames: its stream would otherwise keep
+    /// the peer's connection open after the job ended (a job given up by the coordinator is
+    /// dropped, not ended).
+    reader: Option<tokio::task::AbortHandle>,
+}
+
+impl Drop for PeerFrames {
+    fn drop(&mut self) {
+        if let Some(reader) = &self.reader {
+            reader.abort();
+        }
+    }
 }
 
 /// A queue for the peer's frames: in memory only, or bounded by `ahead` with the rest in an
@@ -178,20 +190,37 @@ pub(crate) fn queue(
             file,
             partner: partner.to_owned(),
             read_back: 0,
+            reader: None,
         },
     ))
 }
 
+/// The peer's frames from `recv` (after `first`, if the hello came with the connection), read
+/// by a task of their own into a [`queue`] bounded by `bound`; the task stops when they are
+/// dropped.
+pub(crate) fn read_peer(
+    recv: FramedRecv,
+    job_id: String,
+    first: Option<Envelope>,
+    budget: FrameBudget,
+    partner: &str,
+    bound: Option<(ReadAhead, &Path)>,
+) -> Result<PeerFrames, NodeError> {
+    let (queue, mut frames) = queue(partner, bound)?;
+    frames.reader = Some(spawn_reader(recv, job_id, first, budget, queue));
+    Ok(frames)
+}
+
 /// Reads the peer's stream into `queue` as fast as it arrives, checking job ids and what the
 /// peer may make us buffer ([`FrameBudget`]).
-pub(crate) fn spawn_reader(
+fn spawn_reader(
     mut recv: FramedRecv,
     job_id: String,
     mut first: Option<Envelope>,
     mut budget: FrameBudget,
     mut queue: QueueIn,
-) {
-    tokio::spawn(async move {
+) -> tokio::task::AbortHandle {
+    let task = tokio::spawn(async move {
         loop {
             let env = match first.take() {
                 Some(env) => env,
@@ -218,6 +247,7 @@ pub(crate) fn spawn_reader(
             }
         }
     });
+    task.abort_handle()
 }
 
 impl PeerFrames {
