@@ -478,18 +478,18 @@ async fn exchange(
     if output.spilled_bytes > 0 {
         tracing::info!(spilled_bytes = output.spilled_bytes, "spill files written");
     }
-    let sides = Sides {
+    let inputs = ReleaseInputs {
         own_noise,
         peer_noise,
         joint,
         own_size,
         bytes_to_peer: bytes,
     };
-    release(job, output, sides, membership_pass).await
+    release(job, output, inputs, membership_pass).await
 }
 
 /// What the release needs besides the protocol's output.
-struct Sides {
+struct ReleaseInputs {
     own_noise: Option<OwnNoise>,
     peer_noise: Option<(NoiseTerm, i64)>,
     joint: ReleaseTerms,
@@ -682,16 +682,16 @@ pub(crate) async fn charge_and_draw(
 async fn release(
     job: &JobContext,
     output: cleanroom_circuits::PsiOutput,
-    sides: Sides,
+    inputs: ReleaseInputs,
     membership_pass: MembershipPass,
 ) -> Result<PsiOutcome, NodeError> {
-    let Sides {
+    let ReleaseInputs {
         own_noise,
         peer_noise,
         joint,
         own_size,
         bytes_to_peer,
-    } = sides;
+    } = inputs;
     let partner = job.permit.partner.clone();
     job.recheck()?;
     let mut noise_terms: Vec<NoiseTerm> = Vec::new();
