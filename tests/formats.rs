@@ -326,6 +326,139 @@ fn the_executors_pass_counts_what_the_node_counts() {
     assert_eq!(in_process, on_executors);
 }
 
+/// CSV on a cluster is read line by line and split strictly: on the executors for acme's
+/// sealed pass, on the node for its dry run. Rows with the wrong field count, a quote left open
+/// or a quote in the email are rejected, a quote in a column the job does not read is text, and
+/// every figure equals the truth counted here (DataFusion's own reader would fail the read).
+#[test]
+fn a_cluster_reads_malformed_csv_strictly() {
+    let (mut c, _) = Consortium::with_coordinator("acme,globex", 400, 0.5, 43);
+    let acme = rows_of(&c.path().join("data/acme.csv"));
+    let globex: BTreeSet<String> = rows_of(&c.path().join("data/globex.csv"))
+        .into_iter()
+        .map(|(_, email, _)| email)
+        .collect();
+    let mut csv = String::from("email;note;consent_marketing\n");
+    let (mut kept, mut rejected, mut no_consent) = (BTreeSet::new(), 0u64, 0u64);
+    for (row, email, _) in &acme {
+        let line = match row {
+            r if r % 17 == 0 => format!("{email};n;yes;extra"),
+            r if r % 13 == 0 => format!("{email};\"open;yes"),
+            r if r % 11 == 0 => format!("\"{email}\"\"\";n;yes"),
+            r if r % 7 == 0 => format!("{email};n;no"),
+            r if r % 5 == 0 => format!("{email};5\" screen;yes"),
+            r if r % 3 == 0 => format!("\"{}\";\"a; b\";yes", email.to_uppercase()),
+            _ => format!(" {email} ;n;yes"),
+        };
+        match row {
+            r if [17, 13, 11].iter().any(|d| r % d == 0) => rejected += 1,
+            r if r % 7 == 0 => no_consent += 1,
+            _ => {
+                kept.insert(email.clone());
+            }
+        }
+        csv += &line;
+        csv.push('\n');
+    }
+    let truth = kept.intersection(&globex).count() as u64;
+    std::fs::create_dir_all(c.path().join("data-m")).unwrap();
+    std::fs::write(c.path().join("data-m/acme.csv"), csv).unwrap();
+
+    let cluster = Ballista::start(c.path(), 2, 600);
+    c.node_top.insert("acme".into(), cluster.engine_line(true));
+    c.ballista = Some(cluster);
+    c.admit_node("acme");
+    c.admit_node("globex");
+    let config = c.write_node_toml(
+        "acme",
+        &format!(
+            "[[dataset]]\nname = \"customers\"\npath = \"data-m/acme.csv\"\ndelimiter = \";\"\n\
+             consent = {{ \"overlap-reporting\" = \"consent_marketing\" }}\n\n\
+             [[dataset.identifier]]\nname = \"email\"\ncolumn = \"email\"\nnormaliser = \"email\"\n\n{}",
+            open_agreement("globex")
+        ),
+    );
+    let preview = cleanroom_node(
+        c.path(),
+        &[
+            "dataset",
+            "preview",
+            "--config",
+            config.to_str().unwrap(),
+            "--dataset",
+            "customers",
+            "--purpose",
+            "overlap-reporting",
+        ],
+    );
+    let text = String::from_utf8_lossy(&preview.stdout);
+    assert!(
+        preview.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&preview.stderr)
+    );
+    let figures: Vec<String> = [
+        acme.len() as u64,
+        rejected,
+        no_consent,
+        0,
+        kept.len() as u64,
+    ]
+    .iter()
+    .map(u64::to_string)
+    .collect();
+    assert!(
+        text.lines().any(|l| {
+            let words: Vec<&str> = l.split_whitespace().collect();
+            words.first() == Some(&"email") && words[1..] == figures
+        }),
+        "want email {figures:?}:\n{text}"
+    );
+    for reason in ["field count", "quote in a field"] {
+        assert!(text.contains(reason), "{reason}: {text}");
+    }
+
+    c.write_node_toml(
+        "globex",
+        &format!(
+            "[[dataset]]\nname = \"customers\"\npath = \"data/globex.csv\"\n\n\
+             [[dataset.identifier]]\nname = \"email\"\ncolumn = \"email\"\nnormaliser = \"email\"\n\n{}",
+            open_agreement("acme")
+        ),
+    );
+    c.start_node("acme");
+    c.start_node("globex");
+    c.wait_connected(&["acme", "globex"]);
+    let (job, code) = c.submit(&cleanroom_e2e::overlap_between("acme,globex"));
+    assert_eq!(code, Some(0), "{job}");
+    assert_eq!(job["intersection"].as_u64(), Some(truth), "{job}");
+    let access = c.audited_access("acme", job["job_id"].as_str().unwrap());
+    let figure = |k: &str| {
+        access[k]
+            .as_u64()
+            .unwrap_or_else(|| panic!("{k}: {access}"))
+    };
+    assert_eq!(
+        [
+            figure("rows_read"),
+            figure("rows_rejected"),
+            figure("rows_excluded_consent"),
+        ],
+        [acme.len() as u64, rejected, no_consent],
+        "{access}"
+    );
+    let log = c
+        .nodes
+        .iter()
+        .find(|p| p.name == "acme")
+        .unwrap()
+        .log_text();
+    assert!(
+        log.contains("on_executors=true"),
+        "acme's pass ran on the executors"
+    );
+}
+
 /// Runs the overlap of [`the_executors_pass_counts_what_the_node_counts`]: the intersection
 /// and acme's audited rows read, rejected, without consent and forgotten.
 fn messy_overlap(executors: Option<usize>) -> (u64, [u64; 4]) {

@@ -33,7 +33,8 @@ use zeroize::Zeroizing;
 
 use super::dataset::{KEY_PART_SEPARATOR, Rejection, forget_hash, is_consent, normalise_field};
 use super::normalise::{NormaliseOptions, Normaliser, parse_region};
-use super::source::has_line_break;
+use super::source::csv_line::LineRecord;
+use super::source::{Malformed, has_line_break};
 
 /// The function's name in plans (the executors' and the scheduler's registries).
 pub const UDF_NAME: &str = "cleanroom_pass";
@@ -42,7 +43,7 @@ pub const UDF_NAME: &str = "cleanroom_pass";
 const AAD: &[u8] = b"cleanroom executor pass v1";
 
 /// The spec's encoding version.
-const SPEC_VERSION: u8 = 1;
+const SPEC_VERSION: u8 = 2;
 
 /// The key a node and its executors share. Its file holds 64 hex digits (32 random bytes);
 /// `cleanroom executor --sealing-key F` and the node's `engine = { …, sealing_key = "F" }`
@@ -169,14 +170,36 @@ pub struct PassSpec {
     pub consent: bool,
     /// When subjects are forgotten: the deletion list and every declared identifier.
     pub forget: Option<ForgetSpec>,
+    /// CSV read line by line: the function takes the line and splits it.
+    pub lines: Option<LineLayout>,
+}
+
+/// How the executors split a CSV line ([`super::source::csv_line`]) into the function's
+/// columns.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LineLayout {
+    /// The dataset's delimiter.
+    pub delimiter: u8,
+    /// The header's number of fields.
+    pub width: usize,
+    /// For each of the function's columns, its field in the line.
+    pub columns: Vec<usize>,
 }
 
 impl PassSpec {
-    /// How many columns the function takes after the sealed spec.
-    pub fn columns(&self) -> usize {
+    /// How many columns the function reads (from the line, if it takes a line).
+    fn reads(&self) -> usize {
         self.parts.len()
             + usize::from(self.consent)
             + self.forget.as_ref().map_or(0, |f| f.parts.len())
+    }
+
+    /// How many columns the function takes after the sealed spec: the line, or its reads.
+    pub fn columns(&self) -> usize {
+        match self.lines {
+            Some(_) => 1,
+            None => self.reads(),
+        }
     }
 
     /// The spec sealed under `key`: the plan's first argument.
@@ -204,6 +227,21 @@ impl PassSpec {
                 out.extend_from_slice(&n.to_le_bytes());
                 for h in &forget.hashes {
                     out.extend_from_slice(h);
+                }
+            }
+        }
+        match &self.lines {
+            None => out.push(0),
+            Some(layout) => {
+                out.push(1);
+                out.push(layout.delimiter);
+                let width = u32::try_from(layout.width).map_err(|_| "too many columns")?;
+                out.extend_from_slice(&width.to_le_bytes());
+                let n = u16::try_from(layout.columns.len()).map_err(|_| "too many columns")?;
+                out.extend_from_slice(&n.to_le_bytes());
+                for &c in &layout.columns {
+                    let c = u32::try_from(c).map_err(|_| "too many columns")?;
+                    out.extend_from_slice(&c.to_le_bytes());
                 }
             }
         }
@@ -246,13 +284,39 @@ impl PassSpec {
             }
             _ => return None,
         };
-        r.0.is_empty().then_some(PassSpec {
+        let lines = match r.byte()? {
+            0 => None,
+            1 => {
+                let delimiter = r.byte()?;
+                let width = u32::from_le_bytes(r.array()?) as usize;
+                let n = u16::from_le_bytes(r.array()?);
+                let columns = (0..n)
+                    .map(|_| Some(u32::from_le_bytes(r.array()?) as usize))
+                    .collect::<Option<Vec<usize>>>()?;
+                if columns.iter().any(|&c| c >= width) {
+                    return None;
+                }
+                Some(LineLayout {
+                    delimiter,
+                    width,
+                    columns,
+                })
+            }
+            _ => return None,
+        };
+        let spec = PassSpec {
             key,
             key_name,
             parts,
             consent,
             forget,
-        })
+            lines,
+        };
+        let layout_fits = spec
+            .lines
+            .as_ref()
+            .is_none_or(|l| l.columns.len() == spec.reads());
+        (r.0.is_empty() && layout_fits).then_some(spec)
     }
 }
 
@@ -322,6 +386,13 @@ impl<'a> Reader<'a> {
 }
 
 const MALFORMED: u8 = 1;
+/// The kinds of a malformed row, after its place.
+const LINE_BREAK: u8 = 1;
+const STRAY_QUOTE: u8 = 2;
+const OPEN_QUOTE: u8 = 3;
+const FIELD_COUNT: u8 = 4;
+/// The place of a malformed row that no one column made so (its field count).
+const NO_PLACE: u16 = u16::MAX;
 const NO_CONSENT: u8 = 2;
 const REJECTED: u8 = 3;
 const ACCEPTED: u8 = 4;
@@ -330,8 +401,9 @@ const FORGOTTEN: u8 = 5;
 /// One row's outcome, as the node reads it back.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Outcome {
-    /// A read column (its place among the function's columns) holds a line break.
-    Malformed(usize),
+    /// The row is not read, and why: a read column (its place among the function's columns)
+    /// holds a line break or a quote, or the line is not one record.
+    Malformed(Option<usize>, Malformed),
     /// The consent column does not say yes.
     NoConsent,
     /// An identifier of the row belongs to a forgotten subject.
@@ -347,7 +419,23 @@ impl Outcome {
     pub(crate) fn decode(bytes: &[u8]) -> Option<Outcome> {
         let mut r = Reader(bytes);
         let outcome = match r.byte()? {
-            MALFORMED => Outcome::Malformed(usize::from(u16::from_le_bytes(r.array()?))),
+            MALFORMED => {
+                let place = match u16::from_le_bytes(r.array()?) {
+                    NO_PLACE => None,
+                    place => Some(usize::from(place)),
+                };
+                let why = match r.byte()? {
+                    LINE_BREAK => Malformed::LineBreak,
+                    STRAY_QUOTE => Malformed::StrayQuote,
+                    OPEN_QUOTE => Malformed::OpenQuote,
+                    FIELD_COUNT => Malformed::FieldCount {
+                        expected: u32::from_le_bytes(r.array()?) as usize,
+                        found: u32::from_le_bytes(r.array()?) as usize,
+                    },
+                    _ => return None,
+                };
+                Outcome::Malformed(place, why)
+            }
             NO_CONSENT => Outcome::NoConsent,
             FORGOTTEN => Outcome::Forgotten,
             REJECTED => {
@@ -451,49 +539,116 @@ impl ScalarUDFImpl for PassUdf {
             .map(|a| a.as_any().downcast_ref::<StringArray>())
             .collect::<Option<_>>()
             .ok_or_else(|| fail("a column is not text"))?;
+        let rows = match (&spec.lines, text.as_slice()) {
+            (None, _) => Rows::Columns(text),
+            (Some(layout), [lines]) => Rows::Lines {
+                lines,
+                layout,
+                record: LineRecord::default(),
+            },
+            (Some(_), _) => return Err(fail("the plan's columns do not match its spec")),
+        };
         Ok(ColumnarValue::Array(run_pass(
             &spec,
-            &text,
+            rows,
             args.number_rows,
         )))
     }
 }
 
-/// The outcomes of `rows` rows whose columns are `text` (the spec's layout).
-fn run_pass(spec: &PassSpec, text: &[&StringArray], rows: usize) -> ArrayRef {
-    let field = |c: usize, row: usize| -> Option<&[u8]> {
-        let column = text[c];
-        (!column.is_null(row)).then(|| column.value(row).as_bytes())
-    };
+/// The rows of one batch as the pass reads them: its columns, or its CSV lines, split.
+enum Rows<'a> {
+    Columns(Vec<&'a StringArray>),
+    Lines {
+        lines: &'a StringArray,
+        layout: &'a LineLayout,
+        /// The current line, split.
+        record: LineRecord,
+    },
+}
+
+impl Rows<'_> {
+    /// Moves to `row`, and says why it must not be read, if it must not: the place among the
+    /// function's columns of the column that says so, and why.
+    fn load(&mut self, row: usize) -> Option<(Option<usize>, Malformed)> {
+        match self {
+            Rows::Columns(columns) => columns
+                .iter()
+                .position(|c| text_at(c, row).is_some_and(has_line_break))
+                .map(|place| (Some(place), Malformed::LineBreak)),
+            Rows::Lines {
+                lines,
+                layout,
+                record,
+            } => {
+                record.split(text_at(lines, row).unwrap_or_default(), layout.delimiter);
+                let (field, why) = record.malformed(layout.width, &layout.columns)?;
+                let place = field.and_then(|f| layout.columns.iter().position(|&c| c == f));
+                Some((place, why))
+            }
+        }
+    }
+
+    /// Column `c` of the function (the spec's layout) in the row last loaded.
+    fn field(&self, row: usize, c: usize) -> Option<&[u8]> {
+        match self {
+            Rows::Columns(columns) => text_at(columns.get(c)?, row),
+            Rows::Lines { layout, record, .. } => record.get(*layout.columns.get(c)?),
+        }
+    }
+}
+
+fn text_at(column: &StringArray, row: usize) -> Option<&[u8]> {
+    (row < column.len() && !column.is_null(row)).then(|| column.value(row).as_bytes())
+}
+
+/// A malformed row's outcome: its place (if one column made it so) and why.
+fn malformed_outcome(out: &mut Vec<u8>, place: Option<usize>, why: Malformed) {
+    out.push(MALFORMED);
+    let place = place.map_or(NO_PLACE, |p| u16::try_from(p).unwrap_or(NO_PLACE));
+    out.extend_from_slice(&place.to_le_bytes());
+    match why {
+        Malformed::LineBreak => out.push(LINE_BREAK),
+        Malformed::StrayQuote => out.push(STRAY_QUOTE),
+        Malformed::OpenQuote => out.push(OPEN_QUOTE),
+        Malformed::FieldCount { expected, found } => {
+            out.push(FIELD_COUNT);
+            for n in [expected, found] {
+                out.extend_from_slice(&u32::try_from(n).unwrap_or(u32::MAX).to_le_bytes());
+            }
+        }
+    }
+}
+
+/// The outcomes of the `count` rows of `rows`.
+fn run_pass(spec: &PassSpec, mut rows: Rows<'_>, count: usize) -> ArrayRef {
     let consent_at = spec.parts.len();
     let forget_at = consent_at + usize::from(spec.consent);
     // Each row's outcome without its point; accepted keys go to one batch for blinding.
-    let mut pending: Vec<Zeroizing<Vec<u8>>> = Vec::with_capacity(rows);
+    let mut pending: Vec<Zeroizing<Vec<u8>>> = Vec::with_capacity(count);
     let mut keys = ItemSet::new();
     let mut accepted: Vec<usize> = Vec::new();
     let mut key = Zeroizing::new(Vec::with_capacity(256));
-    for row in 0..rows {
+    for row in 0..count {
         let mut out = Zeroizing::new(Vec::new());
-        if let Some(c) = (0..text.len()).find(|&c| field(c, row).is_some_and(has_line_break)) {
-            out.push(MALFORMED);
-            out.extend_from_slice(&u16::try_from(c).unwrap_or(u16::MAX).to_le_bytes());
+        if let Some((place, why)) = rows.load(row) {
+            malformed_outcome(&mut out, place, why);
             pending.push(out);
             continue;
         }
-        if spec.consent && !field(consent_at, row).is_some_and(is_consent) {
+        let field = |c: usize| rows.field(row, c);
+        if spec.consent && !field(consent_at).is_some_and(is_consent) {
             out.push(NO_CONSENT);
             pending.push(out);
             continue;
         }
         if let Some(forget) = &spec.forget
             && forget.parts.iter().enumerate().any(|(j, p)| {
-                normalise_field(field(forget_at + j, row), p.normaliser, &p.options).is_ok_and(
-                    |v| {
-                        forget
-                            .hashes
-                            .contains(&forget_hash(&forget.secret, v.as_bytes()))
-                    },
-                )
+                normalise_field(field(forget_at + j), p.normaliser, &p.options).is_ok_and(|v| {
+                    forget
+                        .hashes
+                        .contains(&forget_hash(&forget.secret, v.as_bytes()))
+                })
             })
         {
             out.push(FORGOTTEN);
@@ -503,7 +658,7 @@ fn run_pass(spec: &PassSpec, text: &[&StringArray], rows: usize) -> ArrayRef {
         key.clear();
         let mut rejected = None;
         for (j, p) in spec.parts.iter().enumerate() {
-            match normalise_field(field(j, row), p.normaliser, &p.options) {
+            match normalise_field(field(j), p.normaliser, &p.options) {
                 Ok(v) => {
                     if j > 0 {
                         key.push(KEY_PART_SEPARATOR);
@@ -535,7 +690,7 @@ fn run_pass(spec: &PassSpec, text: &[&StringArray], rows: usize) -> ArrayRef {
     }
     let points = blind_items(&spec.key, &spec.key_name, &keys);
     drop(keys);
-    let mut builder = BinaryBuilder::with_capacity(rows, rows * (1 + POINT_LEN));
+    let mut builder = BinaryBuilder::with_capacity(count, count * (1 + POINT_LEN));
     let mut next_point = accepted.iter().zip(&points).peekable();
     for (row, out) in pending.iter().enumerate() {
         match next_point.peek() {

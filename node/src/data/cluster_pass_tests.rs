@@ -84,6 +84,7 @@ fn the_pass_gives_what_the_node_would_in_its_order() {
             hashes: [forgotten_phone].into_iter().collect(),
             parts: vec![email(), phone()],
         }),
+        lines: None,
     };
     // Columns: the key (email), consent, then every declared identifier (email, phone).
     let emails = vec![
@@ -130,7 +131,7 @@ fn the_pass_gives_what_the_node_would_in_its_order() {
             Outcome::Accepted(point_of(&key, "email", "dave@example.com")),
             Outcome::Rejected(0, Rejection::Missing),
             // The line break is in the key column: its place (0) names it.
-            Outcome::Malformed(0),
+            Outcome::Malformed(Some(0), Malformed::LineBreak),
         ]
     );
 }
@@ -144,6 +145,7 @@ fn a_composite_key_joins_its_parts_as_the_node_does() {
         parts: vec![email(), phone()],
         consent: false,
         forget: None,
+        lines: None,
     };
     let out = decoded(&run(
         &spec,
@@ -174,6 +176,7 @@ fn a_spec_opens_only_under_its_key_and_the_plan_carries_no_secret() {
         parts: vec![email()],
         consent: false,
         forget: None,
+        lines: None,
     };
     let sealed = spec.seal(&sealing()).expect("seal");
     // The sealed bytes hold neither the key nor the key name in the clear.
@@ -216,6 +219,7 @@ fn without_the_right_key_the_pass_fails_clearly() {
         parts: vec![email()],
         consent: false,
         forget: None,
+        lines: None,
     };
     let sealed = spec.seal(&sealing()).expect("seal");
     let call = |udf: ScalarUDF| {
@@ -260,10 +264,12 @@ fn hostile_outcomes_and_specs_are_refused_not_trusted() {
             hashes: HashSet::new(),
             parts: vec![email()],
         }),
+        lines: None,
     };
     let mut bytes = spec.encode().expect("encode").to_vec();
     let n = bytes.len();
-    bytes[n - 4..].copy_from_slice(&u32::MAX.to_le_bytes());
+    // The count is the last field before the (absent) line layout's byte.
+    bytes[n - 5..n - 1].copy_from_slice(&u32::MAX.to_le_bytes());
     assert_eq!(PassSpec::decode(&bytes).map(|_| ()), None);
 }
 
@@ -273,6 +279,7 @@ fn every_rejection_the_normalisers_give_round_trips() {
     let all = [
         Rejection::LineBreak,
         Rejection::StrayQuote,
+        Rejection::OpenQuote,
         Rejection::Missing,
         Rejection::Empty,
         Rejection::TooLong,
@@ -310,4 +317,105 @@ fn a_sealing_key_file_is_read_and_bad_ones_are_named_not_quoted() {
     assert!(e.contains("64 hex digits") && !e.contains("typo"), "{e}");
     let e = SealingKey::read(&dir.path().join("missing")).expect_err("refused");
     assert!(e.contains("cannot read"), "{e}");
+}
+
+#[test]
+fn a_csv_line_is_split_and_checked_as_the_node_reads_one() {
+    let key = JobKey::generate();
+    let copy = JobKey::from_secret_bytes(&key.to_secret_bytes()).expect("key");
+    // Header: id;note;email;consent. The function reads email (2), then consent (3).
+    let spec = PassSpec {
+        key: copy,
+        key_name: "email".into(),
+        parts: vec![email()],
+        consent: true,
+        forget: None,
+        lines: Some(LineLayout {
+            delimiter: b';',
+            width: 4,
+            columns: vec![2, 3],
+        }),
+    };
+    let lines = vec![
+        Some("1;plain;Alice@Example.com;yes"),
+        // A quote in a field not read is text, as in the local reader.
+        Some("2;5\" screen;bob@example.com;yes"),
+        Some("3;\"a; quoted\";\"carol@example.com\";yes"),
+        Some("4;too;few"),
+        Some("5;x;dave@example.com;yes;extra"),
+        Some("6;\"left open;erin@example.com;yes"),
+        Some("7;x;\"frank\"\"@example.com\";yes"),
+        Some("8;x;gina@example.com;\"no"),
+        Some("9;x;hank@example.com;no"),
+    ];
+    let out = decoded(&run(&spec, &sealing(), &[lines]));
+    let count = |found| Malformed::FieldCount { expected: 4, found };
+    assert_eq!(
+        out,
+        vec![
+            Outcome::Accepted(point_of(&key, "email", "alice@example.com")),
+            Outcome::Accepted(point_of(&key, "email", "bob@example.com")),
+            Outcome::Accepted(point_of(&key, "email", "carol@example.com")),
+            Outcome::Malformed(None, count(3)),
+            Outcome::Malformed(None, count(5)),
+            // The open quote swallowed the rest of its line: two fields short.
+            Outcome::Malformed(None, count(2)),
+            // The email (the function's column 0) holds a quote.
+            Outcome::Malformed(Some(0), Malformed::StrayQuote),
+            Outcome::Malformed(None, Malformed::OpenQuote),
+            Outcome::NoConsent,
+        ]
+    );
+}
+
+#[test]
+fn every_malformed_outcome_round_trips() {
+    for (place, why) in [
+        (Some(0), Malformed::LineBreak),
+        (Some(3), Malformed::StrayQuote),
+        (None, Malformed::OpenQuote),
+        (
+            None,
+            Malformed::FieldCount {
+                expected: 7,
+                found: 70_000,
+            },
+        ),
+    ] {
+        let mut out = Vec::new();
+        malformed_outcome(&mut out, place, why);
+        assert_eq!(Outcome::decode(&out), Some(Outcome::Malformed(place, why)));
+    }
+    assert_eq!(Outcome::decode(&[MALFORMED, 0, 0, 9]), None);
+    assert_eq!(Outcome::decode(&[MALFORMED, 0, 0, FIELD_COUNT, 1]), None);
+}
+
+#[test]
+fn a_line_layout_that_does_not_fit_is_refused() {
+    let spec = |columns: Vec<usize>| PassSpec {
+        key: JobKey::generate(),
+        key_name: "email".into(),
+        parts: vec![email()],
+        consent: true,
+        forget: None,
+        lines: Some(LineLayout {
+            delimiter: b',',
+            width: 3,
+            columns,
+        }),
+    };
+    let decodes = |s: PassSpec| PassSpec::decode(&s.encode().expect("encode")).is_some();
+    assert!(decodes(spec(vec![0, 2])));
+    assert_eq!(
+        PassSpec::decode(&spec(vec![0, 2]).encode().expect("encode")).and_then(|s| s.lines),
+        Some(LineLayout {
+            delimiter: b',',
+            width: 3,
+            columns: vec![0, 2]
+        })
+    );
+    // A field past the header's width, or another number of columns than the spec reads.
+    assert!(!decodes(spec(vec![0, 3])));
+    assert!(!decodes(spec(vec![0])));
+    assert!(!decodes(spec(vec![0, 1, 2])));
 }

@@ -20,7 +20,7 @@ use zeroize::Zeroizing;
 
 pub use crate::audit::{RejectedRow, Rejections};
 
-use super::cluster_pass::{ForgetSpec, Outcome, PartSpec, PassSpec, SealingKey};
+use super::cluster_pass::{ForgetSpec, LineLayout, Outcome, PartSpec, PassSpec, SealingKey};
 use super::normalise::{NormaliseError, NormaliseOptions, Normaliser};
 use super::schema::{DatasetConfig, IdentifierConfig};
 use super::source::frame::Frame;
@@ -261,6 +261,8 @@ pub(crate) enum Rejection {
     LineBreak,
     #[error("a field holds a quote character (what a quote left open leaves behind)")]
     StrayQuote,
+    #[error("a quote is still open at the end of the line (a record over two lines)")]
+    OpenQuote,
     #[error("the field is null or missing")]
     Missing,
     #[error("the field is empty")]
@@ -285,6 +287,7 @@ impl Rejection {
             Rejection::ColumnType { .. } => "field type".to_owned(),
             Rejection::LineBreak => "line break in a field".to_owned(),
             Rejection::StrayQuote => "quote in a field".to_owned(),
+            Rejection::OpenQuote => "quote left open".to_owned(),
             other => other.to_string(),
         }
     }
@@ -304,6 +307,7 @@ impl Rejection {
             Rejection::NotUtf8 => (5, 0),
             Rejection::Separator => (6, 0),
             Rejection::StrayQuote => (7, 0),
+            Rejection::OpenQuote => (8, 0),
             Rejection::Normalise(e) => match e {
                 N::EmailEmpty => (20, 0),
                 N::EmailNoAt => (21, 0),
@@ -335,6 +339,7 @@ impl Rejection {
             5 => Rejection::NotUtf8,
             6 => Rejection::Separator,
             7 => Rejection::StrayQuote,
+            8 => Rejection::OpenQuote,
             kind => Rejection::Normalise(match kind {
                 20 => N::EmailEmpty,
                 21 => N::EmailNoAt,
@@ -361,6 +366,7 @@ impl From<Malformed> for Rejection {
             Malformed::FieldCount { expected, found } => Rejection::FieldCount { expected, found },
             Malformed::LineBreak => Rejection::LineBreak,
             Malformed::StrayQuote => Rejection::StrayQuote,
+            Malformed::OpenQuote => Rejection::OpenQuote,
         }
     }
 }
@@ -542,6 +548,11 @@ fn pass_on_cluster(
         parts: parts.iter().map(Part::spec).collect(),
         consent: consent.is_some(),
         forget,
+        lines: frame.line_delimiter().map(|delimiter| LineLayout {
+            delimiter,
+            width: headers.len(),
+            columns: read.clone(),
+        }),
     };
     let sealed = spec.seal(sealing).map_err(engine)?;
     drop(spec);
@@ -566,10 +577,9 @@ fn pass_on_cluster(
                 .map(String::as_str)
         };
         match outcome {
-            Outcome::Malformed(place) => {
-                counts
-                    .rejections
-                    .record(&location, row, column(place), Rejection::LineBreak);
+            Outcome::Malformed(place, why) => {
+                let column = place.and_then(column);
+                counts.rejections.record(&location, row, column, why.into());
             }
             Outcome::NoConsent => counts.rows_excluded_consent += 1,
             Outcome::Forgotten => counts.rows_excluded_deleted += 1,

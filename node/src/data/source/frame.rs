@@ -29,8 +29,9 @@ use datafusion::logical_expr::expr::ScalarFunction;
 use datafusion::prelude::{DataFrame, Expr, SQLOptions, SessionConfig, SessionContext, cast, lit};
 use futures::StreamExt;
 
-use super::SourceError;
+use super::csv_line::{LINE_DELIMITER, LINE_QUOTE, LineRecord, header_names};
 use super::strict_table::{Rejected, StrictCsvTable, TableRejections};
+use super::{Malformed, SourceError};
 use crate::data::cluster_pass::PassUdf;
 use crate::data::schema::{Cluster, DataFormat, DatasetConfig, Delimiter, EngineLimits};
 use ballista::prelude::SessionContextExt;
@@ -92,6 +93,16 @@ pub struct Frame {
     /// Rows handed out so far (the current one is `rows`).
     rows: u64,
     done: bool,
+    /// CSV read line by line: the current line, split.
+    lines: Option<Lines>,
+}
+
+/// A CSV dataset read line by line ([`super::csv_line`]): the one column is the line, split
+/// here (or, in an executor pass, on the executors).
+#[derive(Default)]
+struct Lines {
+    delimiter: u8,
+    record: LineRecord,
 }
 
 impl std::fmt::Debug for Frame {
@@ -112,6 +123,8 @@ struct Table {
     location: String,
     format: DataFormat,
     delimiter: Delimiter,
+    /// CSV that DataFusion reads as one text column per line, split by [`super::csv_line`].
+    lines: bool,
 }
 
 /// What the reader thread needs to plan the dataset (owned: it outlives the caller's borrow).
@@ -129,8 +142,26 @@ struct Plan {
 impl Frame {
     /// Starts the reader thread, which plans the dataset and reports its columns.
     pub fn open(dataset: &DatasetConfig) -> Result<Frame, SourceError> {
-        let plan = Plan::of(dataset);
+        Frame::open_plan(dataset, Plan::of(dataset))
+    }
+
+    /// A CSV dataset read line by line in process, as it is on a cluster (for tests: in
+    /// process, a local CSV file is read by the strict reader).
+    #[cfg(test)]
+    pub(crate) fn open_lines(dataset: &DatasetConfig) -> Result<Frame, SourceError> {
+        let mut plan = Plan::of(dataset);
+        for table in &mut plan.tables {
+            table.lines = true;
+        }
+        Frame::open_plan(dataset, plan)
+    }
+
+    fn open_plan(dataset: &DatasetConfig, plan: Plan) -> Result<Frame, SourceError> {
         let rejected = plan.rejected.clone();
+        let lines = plan.line_delimiter().map(|delimiter| Lines {
+            delimiter,
+            record: LineRecord::default(),
+        });
         let engine = |message: String| SourceError::Engine {
             dataset: dataset.name.clone(),
             location: dataset.location(),
@@ -160,6 +191,7 @@ impl Frame {
             next: 0,
             rows: 0,
             done: false,
+            lines,
         })
     }
 
@@ -185,8 +217,21 @@ impl Frame {
         &self.location
     }
 
+    /// The delimiter of a CSV dataset read line by line (on a cluster or from object storage),
+    /// whose lines an executor pass must split ([`super::csv_line`]); `None` otherwise.
+    pub fn line_delimiter(&self) -> Option<u8> {
+        self.lines.as_ref().map(|l| l.delimiter)
+    }
+
     /// Asks the reader thread for the columns at `read`, and nothing else.
     pub fn start(&mut self, read: &[usize]) -> Result<(), SourceError> {
+        if self.lines.is_some() {
+            // The line is the one column; fields are split from it.
+            return self.request(Request {
+                read: vec![0],
+                sealed: None,
+            });
+        }
         let mut wanted: Vec<usize> = read.to_vec();
         wanted.sort_unstable();
         wanted.dedup();
@@ -203,10 +248,15 @@ impl Frame {
 
     /// Asks for an executor pass instead of columns ([`crate::data::cluster_pass`]): each row
     /// becomes one outcome ([`Frame::outcome`]) of the pass function over the columns at `read`
-    /// (in that order, repeats kept), its spec `sealed`. Only a dataset on a cluster can.
+    /// (in that order, repeats kept), its spec `sealed`. Only a dataset on a cluster can. A CSV
+    /// dataset read line by line passes its line, and the spec says which fields to take.
     pub fn start_pass(&mut self, read: &[usize], sealed: Vec<u8>) -> Result<(), SourceError> {
+        let read = match self.lines {
+            Some(_) => vec![0],
+            None => read.to_vec(),
+        };
         self.request(Request {
-            read: read.to_vec(),
+            read,
             sealed: Some(sealed),
         })
     }
@@ -251,6 +301,16 @@ impl Frame {
         }
         self.next += 1;
         self.rows += 1;
+        if let Some(lines) = &mut self.lines
+            && self.outcomes.is_none()
+        {
+            let line = self
+                .columns
+                .first()
+                .filter(|c| !c.is_null(self.next - 1))
+                .map_or(&b""[..], |c| c.value(self.next - 1).as_bytes());
+            lines.record.split(line, lines.delimiter);
+        }
         Ok(true)
     }
 
@@ -271,9 +331,25 @@ impl Frame {
 
     /// The current row's field `i`; `None` if it is null or the column was not asked for.
     pub fn field(&self, i: usize) -> Option<&[u8]> {
+        if let Some(lines) = &self.lines {
+            return lines.record.get(i);
+        }
         let column = self.columns.get((*self.slot.get(i)?)?)?;
         let row = self.next.checked_sub(1)?;
         (row < column.len() && !column.is_null(row)).then(|| column.value(row).as_bytes())
+    }
+
+    /// Whether the current row must not be read, and which column says so (`read`: the
+    /// columns the pass reads). A line read on its own is checked as [`LineRecord::malformed`]
+    /// says; other rows only for a line break in a read field, which is what an unterminated
+    /// quote leaves in CSV read by the engine (a view's table on a cluster).
+    pub fn malformed(&self, read: &[usize]) -> Option<(Option<usize>, Malformed)> {
+        if let Some(lines) = &self.lines {
+            return lines.record.malformed(self.headers.len(), read);
+        }
+        read.iter()
+            .find(|&&i| self.field(i).is_some_and(super::has_line_break))
+            .map(|&i| (Some(i), Malformed::LineBreak))
     }
 
     /// The current row (1-based, over the whole dataset).
@@ -302,6 +378,7 @@ impl Plan {
                         location: location_text(&t.path),
                         format: t.format()?,
                         delimiter: t.delimiter,
+                        lines: false,
                     })
                 })
                 .collect(),
@@ -312,6 +389,10 @@ impl Plan {
                     location: location_text(&d.path),
                     format,
                     delimiter: d.delimiter,
+                    // In process, local CSV is read by the strict reader (not here); CSV on a
+                    // cluster or from object storage is read line by line.
+                    lines: format == DataFormat::Csv
+                        && (d.engine.cluster.is_some() || super::local_path(&d.path).is_none()),
                 })
                 .into_iter()
                 .collect(),
@@ -323,6 +404,14 @@ impl Plan {
             sql: d.sql.clone(),
             engine: d.engine.clone(),
             rejected: TableRejections::default(),
+        }
+    }
+
+    /// The delimiter of a dataset that is one CSV table read line by line.
+    fn line_delimiter(&self) -> Option<u8> {
+        match (self.sql.as_ref(), self.tables.as_slice()) {
+            (None, [table]) if table.lines => Some(table.delimiter.byte()),
+            _ => None,
         }
     }
 
@@ -374,6 +463,15 @@ impl Plan {
     /// reads them): its message is [`redact`]ed.
     fn error(&self, message: String) -> SourceError {
         let mut message = redact(&message);
+        if self.line_delimiter().is_some()
+            && (message.contains("unequal lengths") || message.contains("number of fields"))
+        {
+            message.push_str(
+                " (CSV on a cluster or from object storage is read line by line, and this line \
+                 holds the control byte 0x1E, which that read cannot take: remove it from the \
+                 file)",
+            );
+        }
         if self.sql.is_some() && message.contains("Cast error") {
             // The usual cause: a CSV column typed as text from its first rows, compared or
             // summed as a number in the view.
@@ -413,11 +511,13 @@ impl Plan {
             location,
             format,
             delimiter,
+            lines,
         } in &self.tables
         {
             // In process, a view's local CSV tables are read strictly: a malformed row is
             // rejected, not a failed read. (On a cluster the executors read them.)
-            if self.engine.cluster.is_none()
+            if !*lines
+                && self.engine.cluster.is_none()
                 && *format == DataFormat::Csv
                 && let Some(path) = super::local_path(std::path::Path::new(location))
             {
@@ -426,7 +526,7 @@ impl Plan {
                     .map_err(|e| self.error(format!("table '{name}' ({location}): {e}")))?;
                 continue;
             }
-            register(&ctx, name, location, *format, *delimiter)
+            register(&ctx, name, location, *format, *delimiter, *lines)
                 .await
                 .map_err(|e| self.error(format!("table '{name}' ({location}): {e}")))?;
         }
@@ -478,6 +578,7 @@ async fn register(
     location: &str,
     format: DataFormat,
     delimiter: Delimiter,
+    lines: bool,
 ) -> Result<(), String> {
     if let Some(rest) = location.strip_prefix("s3://") {
         let bucket = rest.split('/').next().unwrap_or_default();
@@ -512,9 +613,10 @@ async fn register(
             options.schema_infer_max_records = JSON_INFER_ROWS;
             ctx.register_json(table, location, options).await
         }
+        DataFormat::Csv if lines => return register_lines(ctx, table, location, extension).await,
         DataFormat::Csv => {
-            // Remote CSV, and CSV tables on a cluster: DataFusion's reader, which fails the read
-            // on a row with the wrong field count (local CSV in process is read strictly).
+            // A view's CSV tables on a cluster: DataFusion's reader, which fails the read on a
+            // row with the wrong field count (local CSV in process is read strictly).
             let options = CsvReadOptions::new()
                 .has_header(true)
                 .delimiter(delimiter.byte())
@@ -523,6 +625,46 @@ async fn register(
         }
     };
     result.map_err(|e| e.to_string())
+}
+
+/// Registers CSV as one text column per line ([`super::csv_line`]), named by the header line.
+async fn register_lines(
+    ctx: &SessionContext,
+    table: TableReference,
+    location: &str,
+    extension: &str,
+) -> Result<(), String> {
+    let options = || {
+        CsvReadOptions::new()
+            .has_header(true)
+            .delimiter(LINE_DELIMITER)
+            .quote(LINE_QUOTE)
+            .file_extension(extension)
+    };
+    ctx.register_csv(table.clone(), location, options())
+        .await
+        .map_err(|e| e.to_string())?;
+    let schema = ctx
+        .table_provider(table.clone())
+        .await
+        .map_err(|e| e.to_string())?
+        .schema();
+    match schema.fields().iter().as_slice() {
+        [line] if line.data_type() == &DataType::Utf8 => Ok(()),
+        // Lines that all read as numbers (a one-column file): text all the same, or a phone
+        // number's leading 0 would be lost.
+        [line] => {
+            let text = datafusion::arrow::datatypes::Schema::new(vec![
+                datafusion::arrow::datatypes::Field::new(line.name(), DataType::Utf8, true),
+            ]);
+            ctx.deregister_table(table.clone())
+                .map_err(|e| e.to_string())?;
+            ctx.register_csv(table, location, options().schema(&text))
+                .await
+                .map_err(|e| e.to_string())
+        }
+        _ => Err("the CSV files do not all have the same header line".into()),
+    }
 }
 
 /// The reader thread: plans the dataset, reports its columns, waits for the projection, then
@@ -551,12 +693,15 @@ fn serve(
                 return;
             }
         };
-        let names = frame
+        let mut names: Vec<String> = frame
             .schema()
             .fields()
             .iter()
             .map(|f| f.name().clone())
             .collect();
+        if let (Some(delimiter), [line]) = (plan.line_delimiter(), names.as_slice()) {
+            names = header_names(line, delimiter);
+        }
         if ready.send(Ok((names, reads))).is_err() {
             return;
         }

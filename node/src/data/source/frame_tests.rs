@@ -496,3 +496,143 @@ fn a_text_column_cast_in_a_view_fails_with_what_to_do() {
     let (items, _) = keys_of(&d, None);
     assert_eq!(items, ["alice@example.com"]);
 }
+
+/// One row as a test sees it: malformed (and why), or its fields.
+type SeenRow = (
+    Option<(Option<usize>, super::Malformed)>,
+    Vec<Option<String>>,
+);
+
+/// Every line of `csv` read both ways, local strict reader and line by line through the
+/// engine: (malformed as the pass reading `read` sees it, the fields when well formed).
+fn both_ways(csv: &str, delimiter: Delimiter, read: &[usize]) -> [Vec<SeenRow>; 2] {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("customers.csv");
+    std::fs::write(&path, csv).unwrap();
+    let mut d = email_dataset(&path);
+    d.delimiter = delimiter;
+    let local = super::Source::open(&d).unwrap();
+    assert!(matches!(local, super::Source::Csv(_)));
+    let lines = super::Source::Frame(super::frame::Frame::open_lines(&d).unwrap());
+    [local, lines].map(|mut source| {
+        assert_eq!(source.headers(), ["email", "phone", "consent"]);
+        source.start(read).unwrap();
+        let mut rows = Vec::new();
+        let mut multi_line = 0;
+        while source.advance().unwrap() {
+            let malformed = source.malformed(read, &mut multi_line);
+            let fields = match malformed {
+                Some(_) => Vec::new(),
+                None => (0..3)
+                    .map(|i| {
+                        source
+                            .field(i)
+                            .map(|f| String::from_utf8(f.to_vec()).unwrap())
+                    })
+                    .collect(),
+            };
+            rows.push((malformed, fields));
+        }
+        rows
+    })
+}
+
+/// CSV read line by line (on a cluster, from object storage) is split as strictly as the local
+/// reader splits it: on files whose records each fit on one line, every row is rejected or read
+/// alike, with the same fields.
+#[test]
+fn csv_read_line_by_line_agrees_with_the_local_reader() {
+    let csv = "\u{feff}email,phone,consent\r\n\
+        alice@example.com,0151 2345,yes\r\n\
+        \"bob,jr@example.com\",\"+49 \"\"30\"\"\",no\r\n\
+        short,row\r\n\
+        carol@example.com,5\" tall,yes\r\n\
+        dave@example.com,\"\",\"\"\r\n\
+        too,many,fields,here\r\n\
+        \"erin\"\"@example.com\",1,yes\r\n\
+        \r\n\
+        ,,\r\n\
+        frank@example.com,0049 30,\"yes\"\r\n";
+    // The pass reads email and consent: the quote in carol's phone is text.
+    let [local, lines] = both_ways(csv, Delimiter::default(), &[0, 2]);
+    assert_eq!(local.len(), 9, "{local:?}");
+    assert_eq!(lines, local);
+    let rejected = local.iter().filter(|(m, _)| m.is_some()).count();
+    assert_eq!(rejected, 3, "short, too many, erin's quote: {local:?}");
+    // Reading the phone too rejects carol's row and bob's.
+    let [local, lines] = both_ways(csv, Delimiter::default(), &[0, 1]);
+    assert_eq!(lines, local);
+    assert_eq!(local.iter().filter(|(m, _)| m.is_some()).count(), 5);
+
+    let semicolons = "email;phone;consent\nalice@example.com;01512345;yes\nbob;x\n";
+    let [local, lines] = both_ways(semicolons, Delimiter::parse(";").unwrap(), &[0, 1]);
+    assert_eq!(lines, local);
+    assert_eq!(local[0].1[1].as_deref(), Some("01512345"));
+}
+
+/// What the line-by-line read cannot follow: a quote left open. The local reader rejects the
+/// line it opens on and reads the next as a record; line by line, the open quote's line is
+/// rejected for it, and the next line is read on its own as well.
+#[test]
+fn a_quote_left_open_costs_its_line_read_line_by_line() {
+    let csv = "email,phone,consent\nalice@example.com,\"0151,yes\nbob@example.com,2,yes\n";
+    let [local, lines] = both_ways(csv, Delimiter::default(), &[0, 2]);
+    assert_eq!(local.len(), 2, "{local:?}");
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    assert!(lines[0].0.is_some() && local[0].0.is_some());
+    assert_eq!(lines[1], local[1]);
+    let csv = "email,phone,consent\nalice@example.com,1,\"yes\n";
+    let [_, lines] = both_ways(csv, Delimiter::default(), &[0, 2]);
+    assert_eq!(lines[0].0, Some((None, super::Malformed::OpenQuote)));
+}
+
+/// A one-column file of digits is read as text (DataFusion would type it as numbers and drop
+/// the leading 0).
+#[test]
+fn a_one_column_csv_of_digits_keeps_its_leading_zeros_line_by_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("phones.csv");
+    std::fs::write(&path, "phone\n0151234567\n0049301234\n").unwrap();
+    let mut d = email_dataset(&path);
+    d.identifiers[0].column = "phone".into();
+    let mut lines = super::Source::Frame(super::frame::Frame::open_lines(&d).unwrap());
+    assert_eq!(lines.headers(), ["phone"]);
+    lines.start(&[0]).unwrap();
+    let mut read = Vec::new();
+    while lines.advance().unwrap() {
+        read.push(String::from_utf8(lines.field(0).unwrap().to_vec()).unwrap());
+    }
+    assert_eq!(read, ["0151234567", "0049301234"]);
+}
+
+/// A line holding the byte DataFusion is told separates fields fails the read with a message
+/// that names the line and says what to do, and quotes no value.
+#[test]
+fn a_line_holding_the_line_delimiter_fails_the_read_clearly() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("customers.csv");
+    std::fs::write(
+        &path,
+        "email,phone,consent\nalice@example.com,1,yes\nsecret\u{1e}@example.com,2,yes\n",
+    )
+    .unwrap();
+    let d = email_dataset(&path);
+    // The engine finds it while it reads the columns (a long file: while it streams).
+    let err = match super::frame::Frame::open_lines(&d) {
+        Err(e) => e.to_string(),
+        Ok(frame) => {
+            let mut lines = super::Source::Frame(frame);
+            lines.start(&[0]).unwrap();
+            loop {
+                match lines.advance() {
+                    Ok(true) => {}
+                    Ok(false) => panic!("read to the end"),
+                    Err(e) => break e.to_string(),
+                }
+            }
+        }
+    };
+    assert!(err.contains("line 3"), "{err}");
+    assert!(!err.contains("secret"), "{err}");
+    assert!(err.contains("0x1E"), "{err}");
+}

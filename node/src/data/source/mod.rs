@@ -13,6 +13,7 @@
 //! boolean consent column as `true`/`false`.
 
 pub mod csv;
+pub mod csv_line;
 pub mod frame;
 pub mod strict_table;
 
@@ -102,6 +103,8 @@ pub enum Malformed {
     /// A field the job reads holds a `"` (local CSV): no identifier or amount has one, and a
     /// quote left open on an earlier line leaves one where it closes.
     StrayQuote,
+    /// A quote still open at the end of a line that is read on its own ([`csv_line`]).
+    OpenQuote,
 }
 
 /// A dataset's rows, one record at a time.
@@ -116,8 +119,8 @@ pub enum Source {
 impl Source {
     /// Opens the dataset and reads its column names (nothing else yet).
     pub fn open(dataset: &DatasetConfig) -> Result<Source, SourceError> {
-        // On a Ballista cluster every read runs on the executors, CSV too (by the engine's
-        // reader: a row with the wrong field count fails the pass, naming its line).
+        // On a Ballista cluster every read runs on the executors, CSV too: read line by line
+        // and split strictly ([`csv_line`]), as CSV from object storage is.
         if dataset.sql.is_none()
             && dataset.engine.cluster.is_none()
             && dataset.format() == Some(DataFormat::Csv)
@@ -180,13 +183,7 @@ impl Source {
     ) -> Option<(Option<usize>, Malformed)> {
         match self {
             Source::Csv(s) => s.malformed(read, multi_line),
-            // The engine has already refused a CSV row with the wrong field count (the pass
-            // fails, naming its line); a line break in a read field is what an unterminated
-            // quote leaves, in CSV read by the engine as in the strict reader.
-            Source::Frame(s) => read
-                .iter()
-                .find(|&&i| s.field(i).is_some_and(has_line_break))
-                .map(|&i| (Some(i), Malformed::LineBreak)),
+            Source::Frame(s) => s.malformed(read),
         }
     }
 
