@@ -326,10 +326,16 @@ fn the_executors_pass_counts_what_the_node_counts() {
     assert_eq!(in_process, on_executors);
 }
 
+/// The overlap-sum terms both nodes of [`a_cluster_reads_malformed_csv_strictly`] add to their
+/// agreement (each then names its role).
+const SUM_TERMS: &str = "[[agreement.allow]]\ncomputation = \"overlap-sum\"\n\
+                         dataset = \"customers\"\nkeys = [\"email\"]\n";
+
 /// CSV on a cluster is read line by line and split strictly: on the executors for acme's
 /// sealed pass, on the node for its dry run. Rows with the wrong field count, a quote left open
 /// or a quote in the email are rejected, a quote in a column the job does not read is text, and
 /// every figure equals the truth counted here (DataFusion's own reader would fail the read).
+/// Then an overlap-sum with acme as the key holder, its keys blinded on the executors too.
 #[test]
 fn a_cluster_reads_malformed_csv_strictly() {
     let (mut c, _) = Consortium::with_coordinator("acme,globex", 400, 0.5, 43);
@@ -373,8 +379,10 @@ fn a_cluster_reads_malformed_csv_strictly() {
         "acme",
         &format!(
             "[[dataset]]\nname = \"customers\"\npath = \"data-m/acme.csv\"\ndelimiter = \";\"\n\
-             consent = {{ \"overlap-reporting\" = \"consent_marketing\" }}\n\n\
-             [[dataset.identifier]]\nname = \"email\"\ncolumn = \"email\"\nnormaliser = \"email\"\n\n{}",
+             consent = {{ \"overlap-reporting\" = \"consent_marketing\", \
+             \"fraud-detection\" = \"consent_marketing\" }}\n\n\
+             [[dataset.identifier]]\nname = \"email\"\ncolumn = \"email\"\nnormaliser = \"email\"\n\n\
+             {}{SUM_TERMS}roles = [\"key-holder\"]\n",
             open_agreement("globex")
         ),
     );
@@ -422,7 +430,10 @@ fn a_cluster_reads_malformed_csv_strictly() {
         "globex",
         &format!(
             "[[dataset]]\nname = \"customers\"\npath = \"data/globex.csv\"\n\n\
-             [[dataset.identifier]]\nname = \"email\"\ncolumn = \"email\"\nnormaliser = \"email\"\n\n{}",
+             [[dataset.identifier]]\nname = \"email\"\ncolumn = \"email\"\nnormaliser = \"email\"\n\n\
+             [[dataset.value]]\ncolumn = \"amount_cents\"\nmin = 0\nmax = 10000000\n\n\
+             {}{SUM_TERMS}roles = [\"value-holder\"]\n\
+             value_columns = [{{ column = \"amount_cents\", min = 0, max = 10000000 }}]\n",
             open_agreement("acme")
         ),
     );
@@ -456,6 +467,47 @@ fn a_cluster_reads_malformed_csv_strictly() {
     assert!(
         log.contains("on_executors=true"),
         "acme's pass ran on the executors"
+    );
+
+    // An overlap-sum with acme as the key holder: its keys are blinded on the executors too.
+    // globex sums its customers' amounts (no clipping: the bound is above every amount).
+    let amounts: Vec<(String, u64)> = {
+        let mut reader = csv::Reader::from_path(c.path().join("data/globex.csv")).unwrap();
+        let headers = reader.headers().unwrap().clone();
+        let at = |name: &str| headers.iter().position(|h| h == name).unwrap();
+        let (email, amount) = (at("email"), at("amount_cents"));
+        reader
+            .records()
+            .map(|r| {
+                let r = r.unwrap();
+                (r[email].trim().to_lowercase(), r[amount].parse().unwrap())
+            })
+            .collect()
+    };
+    let shared: Vec<u64> = amounts
+        .iter()
+        .filter(|(email, _)| kept.contains(email))
+        .map(|(_, amount)| *amount)
+        .collect();
+    let (job, code) = c.submit(&cleanroom_e2e::overlap_sum_between("acme,globex"));
+    assert_eq!(code, Some(0), "{job}");
+    let all = &job["result"]["groups"][0];
+    assert_eq!(all["values"]["count"], shared.len() as u64, "{job}");
+    assert_eq!(
+        all["values"]["amount_cents"],
+        shared.iter().sum::<u64>(),
+        "{job}"
+    );
+    let log = c
+        .nodes
+        .iter()
+        .find(|p| p.name == "acme")
+        .unwrap()
+        .log_text();
+    assert_eq!(
+        log.matches("on_executors=true").count(),
+        2,
+        "the key holder's keys were blinded on the executors"
     );
 }
 

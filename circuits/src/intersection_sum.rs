@@ -549,17 +549,48 @@ impl KeyHolderSession {
                     key,
                     own_size,
                 },
-                items,
+                own: OwnKeys::Items(items),
+                distinct,
+            },
+        ))
+    }
+
+    /// Begins a session over our own keys already blinded with `key` (`k·H(x)` for each
+    /// distinct key; on the partner's executors, say): the session sends them, shuffled,
+    /// instead of blinding items.
+    pub fn start_blinded(
+        params: SumParams,
+        key: JobKey,
+        mut points: Vec<EncodedPoint>,
+    ) -> Result<(u64, KhAwaitingHello), SumError> {
+        params.check_cells()?;
+        let own_size = points.len() as u64;
+        let distinct = sort_and_check_distinct(&mut points);
+        Ok((
+            own_size,
+            KhAwaitingHello {
+                common: KhCommon {
+                    params,
+                    key,
+                    own_size,
+                },
+                own: OwnKeys::Points(points),
                 distinct,
             },
         ))
     }
 }
 
+/// The key holder's own keys: identifiers to blind, or points blinded already.
+enum OwnKeys {
+    Items(ItemSet),
+    Points(Vec<EncodedPoint>),
+}
+
 /// Waiting for the value holder's size and public key.
 pub struct KhAwaitingHello {
     common: KhCommon,
-    items: ItemSet,
+    own: OwnKeys,
     distinct: bool,
 }
 
@@ -598,7 +629,7 @@ impl KhAwaitingHello {
         let pk = PublicKey::from_bytes(public_key)?;
         Ok(KhReadyToBlind {
             common: self.common,
-            items: self.items,
+            own: self.own,
             peer_size: declared,
             layout,
             pk,
@@ -609,7 +640,7 @@ impl KhAwaitingHello {
 /// Sizes, layout and key agreed.
 pub struct KhReadyToBlind {
     common: KhCommon,
-    items: ItemSet,
+    own: OwnKeys,
     peer_size: u64,
     layout: SlotLayout,
     pk: PublicKey,
@@ -631,18 +662,21 @@ struct KhPeer {
 }
 
 impl KhReadyToBlind {
-    /// Hashes, blinds and shuffles our items; returns the batches to send. No permutation is
-    /// kept: the key holder never learns which of its own rows matched.
+    /// Hashes, blinds and shuffles our items (or shuffles our points, blinded already);
+    /// returns the batches to send. No permutation is kept: the key holder never learns which
+    /// of its own rows matched.
     pub fn blind(self) -> (Vec<Vec<u8>>, KhReceivingPoints) {
         let Self {
             common,
-            items,
+            own,
             peer_size,
             layout,
             pk,
         } = self;
-        let mut blinded = blind_items(&common.key, &common.params.key_name, &items);
-        drop(items);
+        let mut blinded = match own {
+            OwnKeys::Items(items) => blind_items(&common.key, &common.params.key_name, &items),
+            OwnKeys::Points(points) => points,
+        };
         blinded.shuffle(&mut rand::rng());
         let batches = to_batches(blinded.iter(), common.params.batch_size);
         drop(blinded);

@@ -93,7 +93,19 @@ fn up_to_ciphertexts_with(
     b: ItemSet,
     values: Vec<u64>,
 ) -> (KhSumming, VhEncrypting) {
-    let (a_size, a) = KeyHolderSession::start(p.clone(), JobKey::generate(), a).unwrap();
+    let a = KeyHolderSession::start(p.clone(), JobKey::generate(), a).unwrap();
+    up_to_ciphertexts_from(p, layout, key, a, b, values)
+}
+
+/// [`up_to_ciphertexts_with`] with the key holder's session started already.
+fn up_to_ciphertexts_from(
+    p: SumParams,
+    layout: SlotLayout,
+    key: crate::ahe::SecretKey,
+    (a_size, a): (u64, KhAwaitingHello),
+    b: ItemSet,
+    values: Vec<u64>,
+) -> (KhSumming, VhEncrypting) {
     let (hello, b) =
         ValueHolderSession::start(p, JobKey::generate(), b, layout, values, key).unwrap();
     let (a_batches, a) = a
@@ -129,6 +141,53 @@ fn sums_over_the_intersection_equal_the_plaintext_truth() {
     let totals = awaiting.on_sums(&sums).unwrap();
     let truth: u64 = (200..300).map(|i| cells_of(i)[0]).sum();
     assert_eq!(totals, vec![i128::from(truth), 100]);
+}
+
+/// A key holder whose keys were blinded elsewhere with the job key (on the executors) sums
+/// the same as one that blinds them itself; a point twice makes the sizes check fail.
+#[test]
+fn a_key_holder_started_from_its_points_sums_the_same() {
+    let a = items(0..300);
+    let b = items(200..500);
+    let values = values_for(&b);
+    let key = JobKey::generate();
+    let copy = JobKey::from_secret_bytes(&key.to_secret_bytes()).unwrap();
+    let mut points = blind_items(&key, &params(2).key_name, &a);
+    points.reverse();
+    let started = KeyHolderSession::start_blinded(params(2), copy, points).unwrap();
+    let (mut summing, mut encrypting) =
+        up_to_ciphertexts_from(params(2), layout(2), paillier(), started, b, values);
+    while let Some(batch) = encrypting.next_batch().unwrap() {
+        summing = summing.on_ciphertext_batch(&batch).unwrap();
+    }
+    let rows = encrypting.rows_sent();
+    let summed = summing.on_ciphertext_end(rows).unwrap();
+    assert_eq!(summed.intersection(), 100);
+    assert_eq!(summed.sizes(), (300, 300));
+    let totals = encrypting
+        .finish()
+        .on_sums(&summed.noised_sums(&[0, 0]).unwrap())
+        .unwrap();
+    let truth: u64 = (200..300).map(|i| cells_of(i)[0]).sum();
+    assert_eq!(totals, vec![i128::from(truth), 100]);
+
+    let key = JobKey::generate();
+    let mut twice = blind_items(&key, &params(2).key_name, &items(0..3));
+    twice.push(twice[0]);
+    let (_, a) = KeyHolderSession::start_blinded(params(2), key, twice).unwrap();
+    let (hello, _) = ValueHolderSession::start(
+        params(2),
+        JobKey::generate(),
+        items(0..3),
+        layout(2),
+        values_for(&items(0..3)),
+        paillier(),
+    )
+    .unwrap();
+    assert!(
+        a.on_peer_hello(hello.set_size, &hello.widths, &hello.public_key)
+            .is_err()
+    );
 }
 
 #[test]

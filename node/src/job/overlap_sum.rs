@@ -357,9 +357,27 @@ impl KeyHolder {
         key: JobKey,
         items: cleanroom_circuits::ItemSet,
     ) -> Result<Self, JobError> {
+        let started = KeyHolderSession::start(cfg.params(), key, items);
+        KeyHolder::started(cfg, started)
+    }
+
+    /// Starts over our keys blinded with `key` already (`k·H(x)`, by the partner's
+    /// executors), distinct: the same as [`KeyHolder::start`] without the blinding.
+    pub fn start_blinded(
+        cfg: SumConfig,
+        key: JobKey,
+        points: Vec<cleanroom_circuits::EncodedPoint>,
+    ) -> Result<Self, JobError> {
+        let started = KeyHolderSession::start_blinded(cfg.params(), key, points);
+        KeyHolder::started(cfg, started)
+    }
+
+    fn started(
+        cfg: SumConfig,
+        started: Result<(u64, KhAwaitingHello), SumError>,
+    ) -> Result<Self, JobError> {
         let own_terms = sum_policy::own_terms(&cfg.permit);
-        let (own_size, session) = KeyHolderSession::start(cfg.params(), key, items)
-            .map_err(|e| JobError::Refused(Veto(e.to_string())))?;
+        let (own_size, session) = started.map_err(|e| JobError::Refused(Veto(e.to_string())))?;
         let mut out = Outbox::new(&cfg.job_id, Phase::PsiSize);
         let hello = out.frame(Phase::PsiSize, cfg.hello(own_size, own_terms.clone()));
         Ok(KeyHolder {

@@ -247,7 +247,8 @@ pub(crate) fn finish_connection(
 pub(crate) enum Spill {
     /// When the node has a `memory_limit` and the job releases no membership.
     WhenLimited,
-    /// Never: the protocol has no spilled form.
+    /// Never: the protocol has no spilled form. Keys blinded on the executors are kept in
+    /// memory ([`PsiInput::Blinded`]).
     Never,
 }
 
@@ -258,8 +259,8 @@ pub(crate) enum PsiInput {
     /// Our points, blinded with the job's key as the dataset was read, in the job's spill files
     /// (the node has a `memory_limit` and the job releases no membership).
     Spilled(JobKey, SpilledOwn),
-    /// Our points, blinded on the executors, in memory (a `match` on a node whose cluster has
-    /// a sealing key).
+    /// Our points, blinded on the executors, in memory (a `match`, or an overlap-sum's key
+    /// holder, on a node whose cluster has a sealing key).
     Blinded(Box<BlindedOnExecutors>),
 }
 
@@ -271,6 +272,13 @@ pub(crate) struct BlindedOnExecutors {
     points: Vec<EncodedPoint>,
     sealing: SealingKey,
     rows_read: u64,
+}
+
+impl BlindedOnExecutors {
+    /// The job key and the sorted, distinct points it blinded.
+    pub(crate) fn into_key_and_points(self) -> (JobKey, Vec<EncodedPoint>) {
+        (self.key, self.points)
+    }
 }
 
 impl PsiInput {
@@ -311,20 +319,22 @@ pub(crate) async fn load_input(
     let counts_only = !job.permit.i_learn_membership && !job.permit.partner_learns_membership;
     let spilled_form = spill == Spill::WhenLimited && counts_only;
     let spill_dir = (spilled_form && cfg.memory_limit.is_some()).then(|| cfg.spill_dir());
-    // With a sealing key, the pass of an overlap or a match (blinding included) runs on the
-    // partner's executors. An overlap's points are then kept like a limited node's, in
-    // buckets; a match's in memory, sorted, for the membership it learns.
+    // With a sealing key, the pass (blinding included) runs on the partner's executors. An
+    // overlap's points are then kept like a limited node's, in buckets; a match's in memory,
+    // sorted, for the membership it learns, and so are those of a protocol with no spilled
+    // form (an overlap-sum's key holder).
     let sealing = match dataset
         .engine
         .cluster
         .as_ref()
         .and_then(|c| c.sealing_key.as_ref())
     {
-        Some(path) if spill == Spill::WhenLimited => {
+        Some(path) => {
             Some(SealingKey::read(path).map_err(|e| NodeError::from(JobError::Dataset(e)))?)
         }
-        _ => None,
+        None => None,
     };
+    let in_memory = !counts_only || spill == Spill::Never;
     let on_executors = sealing.is_some();
     let job_id = job.job_id.clone();
     let (loaded, input) = blocking(move || {
@@ -334,7 +344,7 @@ pub(crate) async fn load_input(
         };
         let spill_failed = |e: &dyn std::fmt::Display| dataset::DatasetError::Spill(e.to_string());
         let sealing = match sealing {
-            Some(sealing) if !counts_only => {
+            Some(sealing) if in_memory => {
                 let key = JobKey::generate();
                 let mut points: Vec<EncodedPoint> = Vec::new();
                 let mut loaded = dataset::blind_keys_on_cluster(

@@ -36,7 +36,8 @@ pub async fn run_key_holder(
     endpoint: &quinn::Endpoint,
     peer_addr: SocketAddr,
 ) -> Result<PsiOutcome, NodeError> {
-    // The key holder's keys stay in memory: its exchange has no spilled form.
+    // The key holder's keys stay in memory: its exchange has no spilled form. With a sealing
+    // key they are blinded on the partner's executors.
     let loaded = load_input(&job, Spill::Never).await?;
     let (conn, send) = dial(&job, endpoint, peer_addr).await?;
     let result = tokio::time::timeout(JOB_TIMEOUT, key_holder(&job, &conn, send, loaded)).await;
@@ -132,10 +133,16 @@ async fn key_holder(
     (_, input): (dataset::LoadedKeys, PsiInput),
 ) -> Result<PsiOutcome, NodeError> {
     let partner = job.permit.partner.clone();
-    let PsiInput::Items(items) = input else {
-        return Err(JobError::Internal("the key holder's keys were spilled".into()).into());
+    let mut proto = match input {
+        PsiInput::Items(items) => KeyHolder::start(config(job)?, JobKey::generate(), items)?,
+        PsiInput::Blinded(own) => {
+            let (key, points) = own.into_key_and_points();
+            KeyHolder::start_blinded(config(job)?, key, points)?
+        }
+        PsiInput::Spilled(..) => {
+            return Err(JobError::Internal("the key holder's keys were spilled".into()).into());
+        }
     };
-    let mut proto = KeyHolder::start(config(job)?, JobKey::generate(), items)?;
     let own_size = proto.own_size();
     let bytes = run_exchange(job, conn, send, None, &mut proto, own_size).await?;
     let KhExchange {
