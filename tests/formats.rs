@@ -5,7 +5,7 @@
 //! not cover, refused by `check`.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::process::Command;
 
@@ -335,7 +335,7 @@ const SUM_TERMS: &str = "[[agreement.allow]]\ncomputation = \"overlap-sum\"\n\
 /// sealed pass, on the node for its dry run. Rows with the wrong field count, a quote left open
 /// or a quote in the email are rejected, a quote in a column the job does not read is text, and
 /// every figure equals the truth counted here (DataFusion's own reader would fail the read).
-/// Then an overlap-sum with acme as the key holder, its keys blinded on the executors too.
+/// Then an overlap-sum, grouped and clipped, with both parties' passes on the executors.
 #[test]
 fn a_cluster_reads_malformed_csv_strictly() {
     let (mut c, _) = Consortium::with_coordinator("acme,globex", 400, 0.5, 43);
@@ -372,6 +372,8 @@ fn a_cluster_reads_malformed_csv_strictly() {
 
     let cluster = Ballista::start(c.path(), 2, 600);
     c.node_top.insert("acme".into(), cluster.engine_line(true));
+    c.node_top
+        .insert("globex".into(), cluster.engine_line(true));
     c.ballista = Some(cluster);
     c.admit_node("acme");
     c.admit_node("globex");
@@ -432,8 +434,8 @@ fn a_cluster_reads_malformed_csv_strictly() {
             "[[dataset]]\nname = \"customers\"\npath = \"data/globex.csv\"\n\n\
              [[dataset.identifier]]\nname = \"email\"\ncolumn = \"email\"\nnormaliser = \"email\"\n\n\
              [[dataset.value]]\ncolumn = \"amount_cents\"\nmin = 0\nmax = 10000000\n\n\
-             {}{SUM_TERMS}roles = [\"value-holder\"]\n\
-             value_columns = [{{ column = \"amount_cents\", min = 0, max = 10000000 }}]\n",
+             {}{SUM_TERMS}roles = [\"value-holder\"]\ngroup_by = [\"category\"]\n\
+             value_columns = [{{ column = \"amount_cents\", min = 0, max = 300000 }}]\n",
             open_agreement("acme")
         ),
     );
@@ -469,46 +471,66 @@ fn a_cluster_reads_malformed_csv_strictly() {
         "acme's pass ran on the executors"
     );
 
-    // An overlap-sum with acme as the key holder: its keys are blinded on the executors too.
-    // globex sums its customers' amounts (no clipping: the bound is above every amount).
-    let amounts: Vec<(String, u64)> = {
-        let mut reader = csv::Reader::from_path(c.path().join("data/globex.csv")).unwrap();
-        let headers = reader.headers().unwrap().clone();
-        let at = |name: &str| headers.iter().position(|h| h == name).unwrap();
-        let (email, amount) = (at("email"), at("amount_cents"));
-        reader
-            .records()
-            .map(|r| {
-                let r = r.unwrap();
-                (r[email].trim().to_lowercase(), r[amount].parse().unwrap())
-            })
-            .collect()
-    };
-    let shared: Vec<u64> = amounts
-        .iter()
-        .filter(|(email, _)| kept.contains(email))
-        .map(|(_, amount)| *amount)
-        .collect();
-    let (job, code) = c.submit(&cleanroom_e2e::overlap_sum_between("acme,globex"));
+    // An overlap-sum, both passes on the executors: acme's keys as the key holder; globex's
+    // keys, amounts and categories as the value holder. Each customer's amounts are summed,
+    // clipped to CLIP, and counted in the group of its first row.
+    const CLIP: u64 = 300_000;
+    let listed = ["electronics", "fashion"];
+    let mut per_customer: BTreeMap<String, (String, u64)> = BTreeMap::new();
+    let mut reader = csv::Reader::from_path(c.path().join("data/globex.csv")).unwrap();
+    let headers = reader.headers().unwrap().clone();
+    let at = |name: &str| headers.iter().position(|h| h == name).unwrap();
+    let (email, amount, category) = (at("email"), at("amount_cents"), at("category"));
+    for r in reader.records() {
+        let r = r.unwrap();
+        let group = if listed.contains(&&r[category]) {
+            r[category].to_owned()
+        } else {
+            "(other)".to_owned()
+        };
+        let entry = per_customer
+            .entry(r[email].trim().to_lowercase())
+            .or_insert((group, 0));
+        entry.1 += r[amount].parse::<u64>().unwrap();
+    }
+    let mut want: BTreeMap<String, (u64, u64)> = BTreeMap::new();
+    for (email, (group, total)) in &per_customer {
+        if kept.contains(email) {
+            let g = want.entry(group.clone()).or_default();
+            g.0 += 1;
+            g.1 += (*total).min(CLIP);
+        }
+    }
+    let (job, code) = c.submit(
+        &[
+            &cleanroom_e2e::overlap_sum_between("acme,globex")[..],
+            &["--group-by", "category", "--groups", &listed.join(",")],
+        ]
+        .concat(),
+    );
     assert_eq!(code, Some(0), "{job}");
-    let all = &job["result"]["groups"][0];
-    assert_eq!(all["values"]["count"], shared.len() as u64, "{job}");
-    assert_eq!(
-        all["values"]["amount_cents"],
-        shared.iter().sum::<u64>(),
-        "{job}"
-    );
-    let log = c
-        .nodes
-        .iter()
-        .find(|p| p.name == "acme")
-        .unwrap()
-        .log_text();
-    assert_eq!(
-        log.matches("on_executors=true").count(),
-        2,
-        "the key holder's keys were blinded on the executors"
-    );
+    let groups = job["result"]["groups"].as_array().unwrap();
+    assert_eq!(groups.len(), 3, "{job}");
+    let mut shown = 0;
+    for g in groups {
+        let label = g["group"].as_str().unwrap();
+        if g["suppressed"] == true {
+            continue;
+        }
+        shown += 1;
+        let (count, sum) = want[label];
+        assert_eq!(g["values"]["count"], count, "{label}: {job}");
+        assert_eq!(g["values"]["amount_cents"], sum, "{label}: {job}");
+    }
+    assert!(shown >= 2, "{job}");
+    for (node, passes) in [("acme", 2), ("globex", 2)] {
+        let log = c.nodes.iter().find(|p| p.name == node).unwrap().log_text();
+        assert_eq!(
+            log.matches("on_executors=true").count(),
+            passes,
+            "{node}'s passes ran on the executors"
+        );
+    }
 }
 
 /// Runs the overlap of [`the_executors_pass_counts_what_the_node_counts`]: the intersection

@@ -52,8 +52,8 @@ use crate::ahe::{
     encrypt_rows, sum_selected_rows,
 };
 use crate::psi::{
-    Stream, blind_items, blind_shuffled, check_total, items_distinct, push_returned, reblind_into,
-    sort_and_check_distinct, to_batches,
+    Stream, blind_items, blind_shuffled, check_total, items_distinct, points_distinct,
+    push_returned, reblind_into, shuffled, sort_and_check_distinct, to_batches,
 };
 use crate::{EncodedPoint, ItemSet, JobKey, PsiError};
 
@@ -260,6 +260,36 @@ impl ValueHolderSession {
         values: Vec<u64>,
         paillier: SecretKey,
     ) -> Result<(ValueHolderHello, VhAwaitingPeerSize), SumError> {
+        let distinct = items_distinct(&items);
+        let own = OwnKeys::Items(items);
+        Self::begin(params, key, own, distinct, layout, values, paillier)
+    }
+
+    /// [`ValueHolderSession::start`] over our keys already blinded with `key` (`k·H(x)` for
+    /// each distinct key; on the partner's executors, say), `values` in their order: the
+    /// session shuffles and sends them instead of blinding items.
+    pub fn start_blinded(
+        params: SumParams,
+        key: JobKey,
+        points: Vec<EncodedPoint>,
+        layout: SlotLayout,
+        values: Vec<u64>,
+        paillier: SecretKey,
+    ) -> Result<(ValueHolderHello, VhAwaitingPeerSize), SumError> {
+        let distinct = points_distinct(&points);
+        let own = OwnKeys::Points(points);
+        Self::begin(params, key, own, distinct, layout, values, paillier)
+    }
+
+    fn begin(
+        params: SumParams,
+        key: JobKey,
+        own: OwnKeys,
+        distinct: bool,
+        layout: SlotLayout,
+        values: Vec<u64>,
+        paillier: SecretKey,
+    ) -> Result<(ValueHolderHello, VhAwaitingPeerSize), SumError> {
         params.check_cells()?;
         if layout.cells() != params.cells {
             return Err(SumError::LayoutMismatch {
@@ -267,21 +297,20 @@ impl ValueHolderSession {
                 expected: params.cells,
             });
         }
-        if Some(values.len()) != items.len().checked_mul(params.cells) {
+        if Some(values.len()) != own.len().checked_mul(params.cells) {
             return Err(SumError::ValuesNotAligned {
-                items: items.len(),
+                items: own.len(),
                 values: values.len(),
                 cells: params.cells,
             });
         }
         let sk = paillier;
-        let own_size = items.len() as u64;
+        let own_size = own.len() as u64;
         let hello = ValueHolderHello {
             set_size: own_size,
             widths: layout.widths().to_vec(),
             public_key: sk.public().to_bytes(),
         };
-        let distinct = items_distinct(&items);
         let state = VhAwaitingPeerSize {
             common: VhCommon {
                 params,
@@ -290,7 +319,7 @@ impl ValueHolderSession {
                 layout,
                 sk,
             },
-            items,
+            own,
             values,
             distinct,
         };
@@ -301,7 +330,7 @@ impl ValueHolderSession {
 /// Waiting for the key holder's declared size.
 pub struct VhAwaitingPeerSize {
     common: VhCommon,
-    items: ItemSet,
+    own: OwnKeys,
     values: Vec<u64>,
     distinct: bool,
 }
@@ -326,7 +355,7 @@ impl VhAwaitingPeerSize {
         )?;
         Ok(VhReadyToBlind {
             common: self.common,
-            items: self.items,
+            own: self.own,
             values: self.values,
             peer_size: declared,
         })
@@ -336,7 +365,7 @@ impl VhAwaitingPeerSize {
 /// Sizes agreed.
 pub struct VhReadyToBlind {
     common: VhCommon,
-    items: ItemSet,
+    own: OwnKeys,
     values: Vec<u64>,
     peer_size: u64,
 }
@@ -350,21 +379,23 @@ impl std::fmt::Debug for VhReadyToBlind {
 }
 
 impl VhReadyToBlind {
-    /// Hashes, blinds and shuffles our items; returns the point batches to send and keeps the
-    /// shuffle, so the ciphertexts can later follow the same order. The item bytes are dropped.
+    /// Hashes, blinds and shuffles our items (or shuffles our points, blinded already);
+    /// returns the point batches to send and keeps the shuffle, so the ciphertexts can later
+    /// follow the same order. The item bytes are dropped.
     pub fn blind(self) -> (Vec<Vec<u8>>, VhExchanging) {
         let Self {
             common,
-            items,
+            own,
             values,
             peer_size,
         } = self;
-        let (batches, perm) = blind_shuffled(
-            &common.key,
-            &common.params.key_name,
-            items,
-            common.params.batch_size,
-        );
+        let batch_size = common.params.batch_size;
+        let (batches, perm) = match own {
+            OwnKeys::Items(items) => {
+                blind_shuffled(&common.key, &common.params.key_name, items, batch_size)
+            }
+            OwnKeys::Points(points) => shuffled(&points, batch_size),
+        };
         let reserve = peer_size.min(1 << 20) as usize;
         let next = VhExchanging {
             common,
@@ -581,10 +612,19 @@ impl KeyHolderSession {
     }
 }
 
-/// The key holder's own keys: identifiers to blind, or points blinded already.
+/// A party's own keys: identifiers to blind, or points blinded already.
 enum OwnKeys {
     Items(ItemSet),
     Points(Vec<EncodedPoint>),
+}
+
+impl OwnKeys {
+    fn len(&self) -> usize {
+        match self {
+            OwnKeys::Items(items) => items.len(),
+            OwnKeys::Points(points) => points.len(),
+        }
+    }
 }
 
 /// Waiting for the value holder's size and public key.

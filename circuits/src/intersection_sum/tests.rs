@@ -94,20 +94,15 @@ fn up_to_ciphertexts_with(
     values: Vec<u64>,
 ) -> (KhSumming, VhEncrypting) {
     let a = KeyHolderSession::start(p.clone(), JobKey::generate(), a).unwrap();
-    up_to_ciphertexts_from(p, layout, key, a, b, values)
+    let b = ValueHolderSession::start(p, JobKey::generate(), b, layout, values, key).unwrap();
+    up_to_ciphertexts_from(a, b)
 }
 
-/// [`up_to_ciphertexts_with`] with the key holder's session started already.
+/// [`up_to_ciphertexts_with`] with both sessions started already.
 fn up_to_ciphertexts_from(
-    p: SumParams,
-    layout: SlotLayout,
-    key: crate::ahe::SecretKey,
     (a_size, a): (u64, KhAwaitingHello),
-    b: ItemSet,
-    values: Vec<u64>,
+    (hello, b): (ValueHolderHello, VhAwaitingPeerSize),
 ) -> (KhSumming, VhEncrypting) {
-    let (hello, b) =
-        ValueHolderSession::start(p, JobKey::generate(), b, layout, values, key).unwrap();
     let (a_batches, a) = a
         .on_peer_hello(hello.set_size, &hello.widths, &hello.public_key)
         .unwrap()
@@ -154,22 +149,17 @@ fn a_key_holder_started_from_its_points_sums_the_same() {
     let copy = JobKey::from_secret_bytes(&key.to_secret_bytes()).unwrap();
     let mut points = blind_items(&key, &params(2).key_name, &a);
     points.reverse();
-    let started = KeyHolderSession::start_blinded(params(2), copy, points).unwrap();
-    let (mut summing, mut encrypting) =
-        up_to_ciphertexts_from(params(2), layout(2), paillier(), started, b, values);
-    while let Some(batch) = encrypting.next_batch().unwrap() {
-        summing = summing.on_ciphertext_batch(&batch).unwrap();
-    }
-    let rows = encrypting.rows_sent();
-    let summed = summing.on_ciphertext_end(rows).unwrap();
-    assert_eq!(summed.intersection(), 100);
-    assert_eq!(summed.sizes(), (300, 300));
-    let totals = encrypting
-        .finish()
-        .on_sums(&summed.noised_sums(&[0, 0]).unwrap())
-        .unwrap();
-    let truth: u64 = (200..300).map(|i| cells_of(i)[0]).sum();
-    assert_eq!(totals, vec![i128::from(truth), 100]);
+    let a = KeyHolderSession::start_blinded(params(2), copy, points).unwrap();
+    let b = ValueHolderSession::start(
+        params(2),
+        JobKey::generate(),
+        b,
+        layout(2),
+        values,
+        paillier(),
+    )
+    .unwrap();
+    sum_to_the_end(a, b, 300, 200..300);
 
     let key = JobKey::generate();
     let mut twice = blind_items(&key, &params(2).key_name, &items(0..3));
@@ -188,6 +178,56 @@ fn a_key_holder_started_from_its_points_sums_the_same() {
         a.on_peer_hello(hello.set_size, &hello.widths, &hello.public_key)
             .is_err()
     );
+}
+
+/// The same for a value holder whose points were blinded elsewhere, its values in their order.
+#[test]
+fn a_value_holder_started_from_its_points_sums_the_same() {
+    let a = items(0..300);
+    let b = items(200..500);
+    let values = values_for(&b);
+    let key = JobKey::generate();
+    let copy = JobKey::from_secret_bytes(&key.to_secret_bytes()).unwrap();
+    let points = blind_items(&key, &params(2).key_name, &b);
+    let a = KeyHolderSession::start(params(2), JobKey::generate(), a).unwrap();
+    let b =
+        ValueHolderSession::start_blinded(params(2), copy, points, layout(2), values, paillier())
+            .unwrap();
+    sum_to_the_end(a, b, 300, 200..300);
+
+    let key = JobKey::generate();
+    let mut twice = blind_items(&key, &params(2).key_name, &items(0..3));
+    twice.push(twice[1]);
+    let values = vec![1; 8];
+    let (_, b) =
+        ValueHolderSession::start_blinded(params(2), key, twice, layout(2), values, paillier())
+            .unwrap();
+    assert!(b.on_peer_size(3).is_err(), "a point twice");
+}
+
+/// Runs both sessions to the sums; checks the count, sizes and the first column's total over
+/// the `shared` indices.
+fn sum_to_the_end(
+    a: (u64, KhAwaitingHello),
+    b: (ValueHolderHello, VhAwaitingPeerSize),
+    size: u64,
+    shared: std::ops::Range<u32>,
+) {
+    let (mut summing, mut encrypting) = up_to_ciphertexts_from(a, b);
+    while let Some(batch) = encrypting.next_batch().unwrap() {
+        summing = summing.on_ciphertext_batch(&batch).unwrap();
+    }
+    let rows = encrypting.rows_sent();
+    let summed = summing.on_ciphertext_end(rows).unwrap();
+    let count = shared.len() as i128;
+    assert_eq!(i128::from(summed.intersection()), count);
+    assert_eq!(summed.sizes(), (size, size));
+    let totals = encrypting
+        .finish()
+        .on_sums(&summed.noised_sums(&[0, 0]).unwrap())
+        .unwrap();
+    let truth: u64 = shared.map(|i| cells_of(i)[0]).sum();
+    assert_eq!(totals, vec![i128::from(truth), count]);
 }
 
 #[test]

@@ -150,11 +150,26 @@ pub(crate) fn blind_shuffled(
 ) -> (Vec<Vec<u8>>, Vec<u32>) {
     let blinded = blind_items(key, key_name, &items);
     drop(items);
+    shuffled(&blinded, batch_size)
+}
+
+/// `blinded` shuffled (OS-seeded CSPRNG, Fisher–Yates) into outgoing batches of at most
+/// `batch_size` points, with the shuffle: `perm[j]` is the index of the `j`-th point sent.
+pub(crate) fn shuffled(blinded: &[EncodedPoint], batch_size: usize) -> (Vec<Vec<u8>>, Vec<u32>) {
     // Fits: every session refuses sets over u32::MAX items before blinding.
     let mut perm: Vec<u32> = (0..blinded.len() as u32).collect();
     perm.shuffle(&mut rand::rng());
     let batches = to_batches(perm.iter().map(|&i| &blinded[i as usize]), batch_size);
     (batches, perm)
+}
+
+/// Whether no point is in `points` twice (in any order).
+pub(crate) fn points_distinct(points: &[EncodedPoint]) -> bool {
+    if points.windows(2).all(|w| w[0] < w[1]) {
+        return true;
+    }
+    let mut sorted = points.to_vec();
+    sort_and_check_distinct(&mut sorted)
 }
 
 /// Re-blinds one batch of the peer's points and appends them to `peer_double`, after checking

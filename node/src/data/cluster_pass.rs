@@ -172,6 +172,37 @@ pub struct PassSpec {
     pub forget: Option<ForgetSpec>,
     /// CSV read line by line: the function takes the line and splits it.
     pub lines: Option<LineLayout>,
+    /// An overlap-sum's value holder: each accepted row's values and group come back too.
+    pub values: Option<ValuesSpec>,
+}
+
+/// The value columns of an overlap-sum's value holder, after the columns above: each summed
+/// column, then the group column if the job groups.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ValuesSpec {
+    /// How many summed columns.
+    pub sums: usize,
+    /// The listed group labels, in the job's order; a label not listed is the group after
+    /// them ("(other)"). `None`: the job does not group (every row is group 0).
+    pub groups: Option<Vec<String>>,
+}
+
+impl ValuesSpec {
+    /// How many columns it reads.
+    fn reads(&self) -> usize {
+        self.sums + usize::from(self.groups.is_some())
+    }
+
+    /// The group a row's label falls in.
+    fn group_of(&self, label: Option<&[u8]>) -> u32 {
+        let Some(groups) = &self.groups else {
+            return 0;
+        };
+        let label = label.map(<[u8]>::trim_ascii).unwrap_or_default();
+        let at = groups.iter().position(|g| g.as_bytes() == label);
+        // Fits: a spec holds at most u16::MAX labels.
+        at.unwrap_or(groups.len()) as u32
+    }
 }
 
 /// How the executors split a CSV line ([`super::source::csv_line`]) into the function's
@@ -192,6 +223,7 @@ impl PassSpec {
         self.parts.len()
             + usize::from(self.consent)
             + self.forget.as_ref().map_or(0, |f| f.parts.len())
+            + self.values.as_ref().map_or(0, ValuesSpec::reads)
     }
 
     /// How many columns the function takes after the sealed spec: the line, or its reads.
@@ -242,6 +274,28 @@ impl PassSpec {
                 for &c in &layout.columns {
                     let c = u32::try_from(c).map_err(|_| "too many columns")?;
                     out.extend_from_slice(&c.to_le_bytes());
+                }
+            }
+        }
+        match &self.values {
+            None => out.push(0),
+            Some(values) => {
+                out.push(1);
+                let sums = u16::try_from(values.sums).map_err(|_| "too many summed columns")?;
+                out.extend_from_slice(&sums.to_le_bytes());
+                match &values.groups {
+                    None => out.push(0),
+                    Some(groups) => {
+                        out.push(1);
+                        let n = u16::try_from(groups.len()).map_err(|_| "too many groups")?;
+                        out.extend_from_slice(&n.to_le_bytes());
+                        for g in groups {
+                            let len =
+                                u16::try_from(g.len()).map_err(|_| "a group label is too long")?;
+                            out.extend_from_slice(&len.to_le_bytes());
+                            out.extend_from_slice(g.as_bytes());
+                        }
+                    }
                 }
             }
         }
@@ -304,6 +358,28 @@ impl PassSpec {
             }
             _ => return None,
         };
+        let values = match r.byte()? {
+            0 => None,
+            1 => {
+                let sums = usize::from(u16::from_le_bytes(r.array()?));
+                let groups = match r.byte()? {
+                    0 => None,
+                    1 => {
+                        let n = u16::from_le_bytes(r.array()?);
+                        let groups = (0..n)
+                            .map(|_| {
+                                let len = u16::from_le_bytes(r.array()?);
+                                String::from_utf8(r.take(usize::from(len))?.to_vec()).ok()
+                            })
+                            .collect::<Option<Vec<String>>>()?;
+                        Some(groups)
+                    }
+                    _ => return None,
+                };
+                Some(ValuesSpec { sums, groups })
+            }
+            _ => return None,
+        };
         let spec = PassSpec {
             key,
             key_name,
@@ -311,6 +387,7 @@ impl PassSpec {
             consent,
             forget,
             lines,
+            values,
         };
         let layout_fits = spec
             .lines
@@ -397,9 +474,13 @@ const NO_CONSENT: u8 = 2;
 const REJECTED: u8 = 3;
 const ACCEPTED: u8 = 4;
 const FORGOTTEN: u8 = 5;
+/// Accepted, with the row's group and values (an overlap-sum's value holder).
+const VALUED: u8 = 6;
+/// Accepted by its key, but a value is missing or not an integer: the row is skipped.
+const BAD_VALUE: u8 = 7;
 
 /// One row's outcome, as the node reads it back.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Outcome {
     /// The row is not read, and why: a read column (its place among the function's columns)
     /// holds a line break or a quote, or the line is not one record.
@@ -412,6 +493,10 @@ pub(crate) enum Outcome {
     Rejected(usize, Rejection),
     /// The row's key, blinded with the job key.
     Accepted(EncodedPoint),
+    /// The same with the row's group and values (an overlap-sum's value holder).
+    Valued(EncodedPoint, u32, Vec<i64>),
+    /// The key is accepted, but a value is missing or not an integer.
+    BadValue,
 }
 
 impl Outcome {
@@ -443,6 +528,19 @@ impl Outcome {
                 Outcome::Rejected(part, Rejection::from_code(r.array()?)?)
             }
             ACCEPTED => Outcome::Accepted(r.array::<POINT_LEN>()?),
+            VALUED => {
+                let point = r.array::<POINT_LEN>()?;
+                let group = u32::from_le_bytes(r.array()?);
+                if r.0.len() % 8 != 0 {
+                    return None;
+                }
+                let mut values = Vec::with_capacity(r.0.len() / 8);
+                while !r.0.is_empty() {
+                    values.push(i64::from_le_bytes(r.array()?));
+                }
+                Outcome::Valued(point, group, values)
+            }
+            BAD_VALUE => Outcome::BadValue,
             _ => return None,
         };
         r.0.is_empty().then_some(outcome)
@@ -624,6 +722,9 @@ fn malformed_outcome(out: &mut Vec<u8>, place: Option<usize>, why: Malformed) {
 fn run_pass(spec: &PassSpec, mut rows: Rows<'_>, count: usize) -> ArrayRef {
     let consent_at = spec.parts.len();
     let forget_at = consent_at + usize::from(spec.consent);
+    let values_at = forget_at + spec.forget.as_ref().map_or(0, |f| f.parts.len());
+    // An accepted row's group and values, after its outcome byte (the point goes between).
+    let mut valued: Vec<Vec<u8>> = Vec::new();
     // Each row's outcome without its point; accepted keys go to one batch for blinding.
     let mut pending: Vec<Zeroizing<Vec<u8>>> = Vec::with_capacity(count);
     let mut keys = ItemSet::new();
@@ -680,31 +781,69 @@ fn run_pass(spec: &PassSpec, mut rows: Rows<'_>, count: usize) -> ArrayRef {
             // A reason with no code (none the normalisers give): the node refuses the
             // outcome rather than count it wrongly.
             Some((_, None)) => out.push(0),
-            None if keys.push(&key).is_ok() => {
-                accepted.push(row);
-                out.push(ACCEPTED);
-            }
-            None => out.push(0),
+            None => match spec
+                .values
+                .as_ref()
+                .map(|v| values_of(v, values_at, &field))
+            {
+                Some(None) => out.push(BAD_VALUE),
+                tail if keys.push(&key).is_ok() => {
+                    accepted.push(row);
+                    valued.extend(tail.flatten());
+                    out.push(ACCEPTED);
+                }
+                _ => out.push(0),
+            },
         }
         pending.push(out);
     }
     let points = blind_items(&spec.key, &spec.key_name, &keys);
     drop(keys);
     let mut builder = BinaryBuilder::with_capacity(count, count * (1 + POINT_LEN));
-    let mut next_point = accepted.iter().zip(&points).peekable();
+    let mut next_point = accepted.iter().zip(&points).enumerate().peekable();
+    let mut bytes = Vec::with_capacity(1 + POINT_LEN + 4 + 8 * 16);
     for (row, out) in pending.iter().enumerate() {
         match next_point.peek() {
-            Some((r, point)) if **r == row => {
-                let mut bytes = [0u8; 1 + POINT_LEN];
-                bytes[0] = ACCEPTED;
-                bytes[1..].copy_from_slice(point.as_slice());
-                builder.append_value(bytes);
+            Some((i, (r, point))) if **r == row => {
+                bytes.clear();
+                match valued.get(*i) {
+                    None => bytes.push(ACCEPTED),
+                    Some(_) => bytes.push(VALUED),
+                }
+                bytes.extend_from_slice(point.as_slice());
+                if let Some(tail) = valued.get(*i) {
+                    bytes.extend_from_slice(tail);
+                }
+                builder.append_value(&bytes);
                 next_point.next();
             }
             _ => builder.append_value(out.as_slice()),
         }
     }
     Arc::new(builder.finish())
+}
+
+/// An accepted row's group and values, encoded as they follow its point (`u32` group, then
+/// each value as `i64`, little-endian); `None` if a value is missing or not an integer.
+fn values_of<'a>(
+    spec: &ValuesSpec,
+    at: usize,
+    field: &impl Fn(usize) -> Option<&'a [u8]>,
+) -> Option<Vec<u8>> {
+    let mut tail = Vec::with_capacity(4 + 8 * spec.sums);
+    let group = spec.group_of(if spec.groups.is_some() {
+        field(at + spec.sums)
+    } else {
+        None
+    });
+    tail.extend_from_slice(&group.to_le_bytes());
+    for i in 0..spec.sums {
+        let value = field(at + i)
+            .and_then(|v| std::str::from_utf8(v).ok())
+            .and_then(|v| v.trim().parse::<i64>().ok())?;
+        tail.extend_from_slice(&value.to_le_bytes());
+    }
+    Some(tail)
 }
 
 #[cfg(test)]

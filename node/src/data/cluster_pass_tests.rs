@@ -84,6 +84,7 @@ fn the_pass_gives_what_the_node_would_in_its_order() {
             hashes: [forgotten_phone].into_iter().collect(),
             parts: vec![email(), phone()],
         }),
+        values: None,
         lines: None,
     };
     // Columns: the key (email), consent, then every declared identifier (email, phone).
@@ -145,6 +146,7 @@ fn a_composite_key_joins_its_parts_as_the_node_does() {
         parts: vec![email(), phone()],
         consent: false,
         forget: None,
+        values: None,
         lines: None,
     };
     let out = decoded(&run(
@@ -176,6 +178,7 @@ fn a_spec_opens_only_under_its_key_and_the_plan_carries_no_secret() {
         parts: vec![email()],
         consent: false,
         forget: None,
+        values: None,
         lines: None,
     };
     let sealed = spec.seal(&sealing()).expect("seal");
@@ -219,6 +222,7 @@ fn without_the_right_key_the_pass_fails_clearly() {
         parts: vec![email()],
         consent: false,
         forget: None,
+        values: None,
         lines: None,
     };
     let sealed = spec.seal(&sealing()).expect("seal");
@@ -264,6 +268,7 @@ fn hostile_outcomes_and_specs_are_refused_not_trusted() {
             hashes: HashSet::new(),
             parts: vec![email()],
         }),
+        values: None,
         lines: None,
     };
     let mut bytes = spec.encode().expect("encode").to_vec();
@@ -330,6 +335,7 @@ fn a_csv_line_is_split_and_checked_as_the_node_reads_one() {
         parts: vec![email()],
         consent: true,
         forget: None,
+        values: None,
         lines: Some(LineLayout {
             delimiter: b';',
             width: 4,
@@ -398,6 +404,7 @@ fn a_line_layout_that_does_not_fit_is_refused() {
         parts: vec![email()],
         consent: true,
         forget: None,
+        values: None,
         lines: Some(LineLayout {
             delimiter: b',',
             width: 3,
@@ -418,4 +425,78 @@ fn a_line_layout_that_does_not_fit_is_refused() {
     assert!(!decodes(spec(vec![0, 3])));
     assert!(!decodes(spec(vec![0])));
     assert!(!decodes(spec(vec![0, 1, 2])));
+}
+
+#[test]
+fn a_value_holders_pass_returns_each_rows_group_and_values() {
+    let key = JobKey::generate();
+    let copy = JobKey::from_secret_bytes(&key.to_secret_bytes()).expect("key");
+    // Columns: the key (email), then the summed columns (amount, fee), then the group.
+    let spec = PassSpec {
+        key: copy,
+        key_name: "email".into(),
+        parts: vec![email()],
+        consent: false,
+        forget: None,
+        values: Some(ValuesSpec {
+            sums: 2,
+            groups: Some(vec!["fraud".into(), "dispute".into()]),
+        }),
+        lines: None,
+    };
+    let emails = vec![
+        Some("a@x.com"),
+        Some("b@x.com"),
+        Some("c@x.com"),
+        Some("d@x.com"),
+        Some("not-an-email"),
+    ];
+    let amounts = vec![Some(" 50 "), Some("-7"), Some("5"), Some("n/a"), Some("1")];
+    let fees = vec![Some("1"), Some("2"), Some("3"), Some("4"), Some("x")];
+    let groups = vec![Some(" dispute "), Some("fraud"), Some("travel"), None, None];
+    let out = decoded(&run(&spec, &sealing(), &[emails, amounts, fees, groups]));
+    let point = |e: &str| point_of(&key, "email", e);
+    assert_eq!(
+        out,
+        vec![
+            Outcome::Valued(point("a@x.com"), 1, vec![50, 1]),
+            Outcome::Valued(point("b@x.com"), 0, vec![-7, 2]),
+            // A label not listed is the group after the listed ones.
+            Outcome::Valued(point("c@x.com"), 2, vec![5, 3]),
+            Outcome::BadValue,
+            // The key is checked first: a bad key is rejected, whatever its values.
+            Outcome::Rejected(0, Rejection::Normalise(NormaliseError::EmailNoAt)),
+        ]
+    );
+
+    // Ungrouped, from CSV lines: every row is group 0.
+    let spec = PassSpec {
+        key: JobKey::from_secret_bytes(&key.to_secret_bytes()).expect("key"),
+        key_name: "email".into(),
+        parts: vec![email()],
+        consent: false,
+        forget: None,
+        values: Some(ValuesSpec {
+            sums: 1,
+            groups: None,
+        }),
+        lines: Some(LineLayout {
+            delimiter: b',',
+            width: 3,
+            columns: vec![0, 2],
+        }),
+    };
+    let lines = vec![Some("a@x.com,note,12"), Some("b@x.com,note,")];
+    let out = decoded(&run(&spec, &sealing(), &[lines]));
+    assert_eq!(
+        out,
+        vec![
+            Outcome::Valued(point("a@x.com"), 0, vec![12]),
+            Outcome::BadValue
+        ]
+    );
+    // The spec round trips, values included.
+    let decoded_spec = PassSpec::decode(&spec.encode().expect("encode")).expect("decodes");
+    assert_eq!(decoded_spec.values, spec.values);
+    assert_eq!(Outcome::decode(&[VALUED; 1 + POINT_LEN + 4 + 3]), None);
 }

@@ -20,7 +20,9 @@ use zeroize::Zeroizing;
 
 pub use crate::audit::{RejectedRow, Rejections};
 
-use super::cluster_pass::{ForgetSpec, LineLayout, Outcome, PartSpec, PassSpec, SealingKey};
+use super::cluster_pass::{
+    ForgetSpec, LineLayout, Outcome, PartSpec, PassSpec, SealingKey, ValuesSpec,
+};
 use super::normalise::{NormaliseError, NormaliseOptions, Normaliser};
 use super::schema::{DatasetConfig, IdentifierConfig};
 use super::source::frame::Frame;
@@ -460,8 +462,13 @@ pub fn blind_keys_on_cluster(
     mut sink: impl FnMut(&[EncodedPoint]) -> Result<(), DatasetError>,
 ) -> Result<LoadedKeys, DatasetError> {
     let mut chunk: Vec<EncodedPoint> = Vec::with_capacity(KEY_CHUNK);
-    let counts = pass_on_cluster(dataset, keys, filter, max_rows, key, sealing, |_, point| {
-        chunk.push(point);
+    let sealed = Sealed {
+        key,
+        sealing,
+        values: None,
+    };
+    let counts = pass_on_cluster(dataset, keys, filter, max_rows, sealed, |_, outcome| {
+        chunk.push(accepted_point(dataset, outcome)?);
         if chunk.len() == KEY_CHUNK {
             sink(&chunk)?;
             chunk.clear();
@@ -489,36 +496,66 @@ pub fn matching_rows_on_cluster(
 ) -> Result<(Vec<u64>, RowCounts, usize), DatasetError> {
     let mut rows = Vec::new();
     let mut found = HashSet::new();
-    let counts = pass_on_cluster(
-        dataset,
-        keys,
-        filter,
-        max_rows,
+    let sealed = Sealed {
         key,
         sealing,
-        |row, point| {
-            if matched.contains(&point) {
-                rows.push(row);
-                found.insert(point);
-            }
-            Ok(())
-        },
-    )?;
+        values: None,
+    };
+    let counts = pass_on_cluster(dataset, keys, filter, max_rows, sealed, |row, outcome| {
+        let point = accepted_point(dataset, outcome)?;
+        if matched.contains(&point) {
+            rows.push(row);
+            found.insert(point);
+        }
+        Ok(())
+    })?;
     Ok((rows, counts, found.len()))
 }
 
+/// What an executor pass is sealed with: the job key, the sealing key, and for an
+/// overlap-sum's value holder the columns whose values come back with each point.
+#[derive(Debug)]
+pub struct Sealed<'a> {
+    /// The job key the points are blinded with.
+    pub key: &'a JobKey,
+    /// The key the node and its executors share.
+    pub sealing: &'a SealingKey,
+    /// The summed columns (then the group column, if the spec groups) and how to read them.
+    pub values: Option<(Vec<&'a str>, ValuesSpec)>,
+}
+
+/// An accepted row's point; an error for an outcome a pass without values never gives.
+fn accepted_point(dataset: &DatasetConfig, outcome: Outcome) -> Result<EncodedPoint, DatasetError> {
+    match outcome {
+        Outcome::Accepted(point) => Ok(point),
+        _ => Err(DatasetError::Source(SourceError::Engine {
+            dataset: dataset.name.clone(),
+            location: dataset.location(),
+            message: "an executor returned values this pass did not ask for (are the \
+                      executors running this node's version?)"
+                .into(),
+        })),
+    }
+}
+
 /// The executors' pass over the dataset ([`super::cluster_pass`]): counts the outcomes as the
-/// node's own pass would, and hands each accepted row's number and point to `accepted`, in the
-/// order the plan returns the rows (the parts of the data in order).
-fn pass_on_cluster(
+/// node's own pass would, and hands each row accepted by its key to `accepted` with its number
+/// (its point: [`Outcome::Accepted`]; with values: [`Outcome::Valued`] or
+/// [`Outcome::BadValue`]), in the order the plan returns the rows (the parts of the data in
+/// order).
+pub(crate) fn pass_on_cluster(
     dataset: &DatasetConfig,
     keys: &KeySpec,
     filter: RowFilter<'_>,
     max_rows: u64,
-    key: &JobKey,
-    sealing: &SealingKey,
-    mut accepted: impl FnMut(u64, EncodedPoint) -> Result<(), DatasetError>,
+    sealed: Sealed<'_>,
+    mut accepted: impl FnMut(u64, Outcome) -> Result<(), DatasetError>,
 ) -> Result<RowCounts, DatasetError> {
+    let Sealed {
+        key,
+        sealing,
+        values,
+    } = sealed;
     let location = dataset.location();
     let engine = |message: String| {
         DatasetError::Source(SourceError::Engine {
@@ -536,6 +573,15 @@ fn pass_on_cluster(
     let parts = locate_columns(&headers, &location, &ids)?;
     let mut read: Vec<usize> = parts.iter().map(|p| p.index).collect();
     let (consent, forgotten) = locate_filter(dataset, &headers, &location, filter, &mut read)?;
+    let values = match values {
+        Some((columns, spec)) => {
+            for column in columns {
+                read.push(locate_column(&headers, &location, column)?);
+            }
+            Some(spec)
+        }
+        None => None,
+    };
     let forget = forgotten.map(|(fg, all)| ForgetSpec {
         secret: Zeroizing::new(fg.secret),
         hashes: fg.hashes.clone(),
@@ -553,6 +599,7 @@ fn pass_on_cluster(
             width: headers.len(),
             columns: read.clone(),
         }),
+        values,
     };
     let sealed = spec.seal(sealing).map_err(engine)?;
     drop(spec);
@@ -586,7 +633,7 @@ fn pass_on_cluster(
             Outcome::Rejected(place, why) => {
                 counts.rejections.record(&location, row, column(place), why);
             }
-            Outcome::Accepted(point) => accepted(row, point)?,
+            accepted_row => accepted(row, accepted_row)?,
         }
     }
     counts.rejections.log_rest(&location);
@@ -853,13 +900,19 @@ pub fn for_each_keyed_row_for(
     f: impl FnMut(u64, &[u8], &[Option<&[u8]>]) -> Result<(), DatasetError>,
 ) -> Result<KeyedRowCounts, DatasetError> {
     let counts = for_each_key(dataset, keys, columns, filter, Some(max_rows), f)?;
-    Ok(KeyedRowCounts {
-        rows_read: counts.rows_read,
-        rows_rejected: counts.rejections.total(),
-        rejections: counts.rejections,
-        rows_excluded_consent: counts.rows_excluded_consent,
-        rows_excluded_deleted: counts.rows_excluded_deleted,
-    })
+    Ok(KeyedRowCounts::from(counts))
+}
+
+impl From<RowCounts> for KeyedRowCounts {
+    fn from(counts: RowCounts) -> KeyedRowCounts {
+        KeyedRowCounts {
+            rows_read: counts.rows_read,
+            rows_rejected: counts.rejections.total(),
+            rejections: counts.rejections,
+            rows_excluded_consent: counts.rows_excluded_consent,
+            rows_excluded_deleted: counts.rows_excluded_deleted,
+        }
+    }
 }
 
 /// Streams the file and calls `f(row, key, fields of columns)` for every accepted row.

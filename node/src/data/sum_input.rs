@@ -12,13 +12,14 @@
 
 use std::collections::HashMap;
 
-use cleanroom_circuits::ItemSet;
 use cleanroom_circuits::ahe::SlotLayout;
+use cleanroom_circuits::{EncodedPoint, ItemSet, JobKey};
 
 use cleanroom_proto::v1::OverlapSumSpec;
 
 use super::DatasetConfig;
-use super::dataset::{self, KeySpec, KeyedRowCounts, RowFilter};
+use super::cluster_pass::{Outcome, SealingKey, ValuesSpec};
+use super::dataset::{self, KeySpec, KeyedRowCounts, RowFilter, Sealed};
 
 /// The label of the one group of an ungrouped job.
 pub const ALL_GROUP: &str = "(all)";
@@ -68,12 +69,36 @@ pub struct ColumnBound {
     pub max: u64,
 }
 
+/// The value holder's distinct keys: identifiers, or points the executors blinded.
+#[derive(Debug)]
+pub enum SumKeys {
+    /// Distinct join keys, sorted.
+    Items(ItemSet),
+    /// `k·H(x)` for each distinct join key, sorted, and the job key `k` ([`load_on_cluster`]).
+    Blinded(JobKey, Vec<EncodedPoint>),
+}
+
+impl SumKeys {
+    /// How many distinct keys.
+    pub fn len(&self) -> usize {
+        match self {
+            SumKeys::Items(items) => items.len(),
+            SumKeys::Blinded(_, points) => points.len(),
+        }
+    }
+
+    /// Whether there is none.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
 /// What [`load`] read.
 #[derive(Debug)]
 pub struct SumInput {
-    /// Distinct join keys, sorted.
-    pub items: ItemSet,
-    /// `items.len() × cells` values, row-major in the order of `items`.
+    /// The distinct keys.
+    pub keys: SumKeys,
+    /// `keys.len() × cells` values, row-major in the order of `keys`.
     pub values: Vec<u64>,
     /// The narrowest slot layout for the bounds.
     pub layout: SlotLayout,
@@ -99,15 +124,7 @@ pub fn load(
     filter: RowFilter<'_>,
     max_rows: u64,
 ) -> Result<SumInput, String> {
-    let sums = bounds.len();
-    let columns = 1 + sums;
-    if shape.columns.len() != columns {
-        return Err(format!(
-            "{} bounds for {} summed columns",
-            sums,
-            shape.columns.len() - 1
-        ));
-    }
+    let sums = check_shape(shape, bounds)?;
     // Listed labels map to their index; anything else goes to the last group ("(other)"), and
     // an ungrouped job has one group.
     let other = shape.labels.len() - 1;
@@ -162,13 +179,151 @@ pub fn load(
         })
         .map_err(|e| e.to_string())?;
 
-    // Combine each identifier's rows: sort row indices by key, then walk runs of equal keys.
-    let mut order: Vec<u32> = (0..all.len() as u32).collect();
-    let key = |i: u32| all.get(i as usize).unwrap_or_default();
-    // Stable, so the first row of each identifier (in file order) comes first in its run.
+    let combined = combine(
+        all.len(),
+        |i| all.get(i as usize).unwrap_or_default(),
+        &groups,
+        &values,
+        shape,
+        bounds,
+    )?;
+    let mut items = ItemSet::new();
+    for &first in &combined.firsts {
+        items
+            .push(all.get(first as usize).unwrap_or_default())
+            .map_err(|e| e.to_string())?;
+    }
+    combined.into_input(SumKeys::Items(items), counts, bad, (shape, bounds))
+}
+
+/// [`load`] with the pass on the partner's Ballista executors ([`super::cluster_pass`]): they
+/// read, filter, normalise and blind each row's key with `key`, and parse its values and group;
+/// the node combines each identifier's rows by its point as [`load`] does by its key. The
+/// result holds points ([`SumKeys::Blinded`]), never identifiers.
+#[allow(clippy::too_many_arguments)]
+pub fn load_on_cluster(
+    dataset: &DatasetConfig,
+    keys: &KeySpec,
+    group_by: Option<&str>,
+    shape: &SumShape,
+    bounds: &[ColumnBound],
+    filter: RowFilter<'_>,
+    max_rows: u64,
+    (key, sealing): (JobKey, &SealingKey),
+) -> Result<SumInput, String> {
+    let sums = check_shape(shape, bounds)?;
+    let mut columns: Vec<&str> = bounds.iter().map(|b| b.column.as_str()).collect();
+    columns.extend(group_by);
+    let spec = ValuesSpec {
+        sums,
+        groups: group_by.map(|_| shape.labels[..shape.labels.len() - 1].to_vec()),
+    };
+    let sealed = Sealed {
+        key: &key,
+        sealing,
+        values: Some((columns, spec)),
+    };
+    let mut points: Vec<EncodedPoint> = Vec::new();
+    let mut groups: Vec<u32> = Vec::new();
+    let mut values: Vec<i64> = Vec::new();
+    let mut bad = 0u64;
+    let location = dataset.location();
+    let counts = dataset::pass_on_cluster(dataset, keys, filter, max_rows, sealed, |row, out| {
+        match out {
+            Outcome::Valued(point, group, row_values) if row_values.len() == sums => {
+                points.push(point);
+                groups.push(group);
+                values.extend_from_slice(&row_values);
+            }
+            Outcome::BadValue => bad += 1,
+            _ => {
+                return Err(dataset::DatasetError::Source(
+                    super::source::SourceError::Engine {
+                        dataset: dataset.name.clone(),
+                        location: location.clone(),
+                        message: format!(
+                            "row {row}: an executor returned no values where the pass asked \
+                             for them (are the executors running this node's version?)"
+                        ),
+                    },
+                ));
+            }
+        }
+        Ok(())
+    })
+    .map_err(|e| e.to_string())?;
+    let labels = shape.labels.len();
+    if groups.iter().any(|&g| g as usize >= labels) {
+        return Err(format!(
+            "{location}: an executor returned a group outside the job's {labels}"
+        ));
+    }
+    let combined = combine(
+        points.len(),
+        |i| points.get(i as usize).map_or(&[][..], |p| p.as_slice()),
+        &groups,
+        &values,
+        shape,
+        bounds,
+    )?;
+    let distinct: Vec<EncodedPoint> = combined
+        .firsts
+        .iter()
+        .filter_map(|&first| points.get(first as usize).copied())
+        .collect();
+    drop(points);
+    let counts = KeyedRowCounts::from(counts);
+    combined.into_input(
+        SumKeys::Blinded(key, distinct),
+        counts,
+        bad,
+        (shape, bounds),
+    )
+}
+
+/// The number of summed columns, if the shape has one column per bound besides the count.
+fn check_shape(shape: &SumShape, bounds: &[ColumnBound]) -> Result<usize, String> {
+    let sums = bounds.len();
+    if shape.columns.len() != 1 + sums {
+        return Err(format!(
+            "{} bounds for {} summed columns",
+            sums,
+            shape.columns.len().saturating_sub(1)
+        ));
+    }
+    Ok(sums)
+}
+
+/// Each identifier's rows combined: per distinct key, in key order, the index of its first
+/// row, and its row of cells.
+struct Combined {
+    /// For each distinct key, its first row (in read order).
+    firsts: Vec<u32>,
+    /// `firsts.len() × cells` values, row-major.
+    cells: Vec<u64>,
+    /// Identifiers whose rows carried more than one group label.
+    several: u64,
+}
+
+/// Combines the `rows` accepted rows (each with its key, its group in `groups` and its `sums`
+/// values in `values`): sorts them by key, sums each identifier's values exactly, clips the
+/// totals to `bounds`, and puts the identifier in the group of its first row.
+fn combine<'k>(
+    rows: usize,
+    key: impl Fn(u32) -> &'k [u8],
+    groups: &[u32],
+    values: &[i64],
+    shape: &SumShape,
+    bounds: &[ColumnBound],
+) -> Result<Combined, String> {
+    let sums = bounds.len();
+    let columns = 1 + sums;
+    // Fits: at most MAX_ROWS (< 2^32) rows are read.
+    let mut order: Vec<u32> = (0..rows as u32).collect();
+    // Stable, so the first row of each identifier (in read order) comes first in its run.
     order.sort_by(|&a, &b| key(a).cmp(key(b)));
     let cells = shape.cells();
-    let mut items = ItemSet::new();
+    let mut firsts = Vec::new();
     let mut out: Vec<u64> = Vec::new();
     let mut several = 0u64;
     // At most `max_rows` (≤ 2^27) rows of |v| ≤ 2^63 each: an i128 total never overflows.
@@ -191,7 +346,7 @@ pub fn load(
             }
         }
         several += u64::from(mixed);
-        items.push(key(first)).map_err(|e| e.to_string())?;
+        firsts.push(first);
         let base = out.len();
         out.resize(base + cells, 0);
         let cell = base + group * columns;
@@ -203,19 +358,39 @@ pub fn load(
         }
         start = end;
     }
-    let mut sensitivities = vec![1u64];
-    sensitivities.extend(bounds.iter().map(|b| b.max.max(1)));
-    let maxima: Vec<u64> = (0..cells).map(|c| sensitivities[c % columns]).collect();
-    let layout = SlotLayout::for_maxima(&maxima).map_err(|e| e.to_string())?;
-    Ok(SumInput {
-        items,
-        values: out,
-        layout,
-        sensitivities,
-        counts,
-        rows_bad_value: bad,
-        keys_with_several_groups: several,
+    Ok(Combined {
+        firsts,
+        cells: out,
+        several,
     })
+}
+
+impl Combined {
+    /// The input over `keys` (in the order of [`Combined::firsts`]).
+    fn into_input(
+        self,
+        keys: SumKeys,
+        counts: KeyedRowCounts,
+        rows_bad_value: u64,
+        (shape, bounds): (&SumShape, &[ColumnBound]),
+    ) -> Result<SumInput, String> {
+        let columns = 1 + bounds.len();
+        let mut sensitivities = vec![1u64];
+        sensitivities.extend(bounds.iter().map(|b| b.max.max(1)));
+        let maxima: Vec<u64> = (0..shape.cells())
+            .map(|c| sensitivities[c % columns])
+            .collect();
+        let layout = SlotLayout::for_maxima(&maxima).map_err(|e| e.to_string())?;
+        Ok(SumInput {
+            keys,
+            values: self.cells,
+            layout,
+            sensitivities,
+            counts,
+            rows_bad_value,
+            keys_with_several_groups: self.several,
+        })
+    }
 }
 
 #[cfg(test)]
@@ -223,6 +398,13 @@ mod tests {
     #![allow(clippy::unwrap_used)]
 
     use super::*;
+
+    fn items(input: &SumInput) -> &ItemSet {
+        match &input.keys {
+            SumKeys::Items(items) => items,
+            SumKeys::Blinded(..) => panic!("read in process: identifiers"),
+        }
+    }
 
     fn dataset(dir: &std::path::Path, csv: &str) -> DatasetConfig {
         std::fs::write(dir.join("cb.csv"), csv).unwrap();
@@ -299,13 +481,13 @@ path = "cb.csv"
         let input = load_by_email(&d, &spec, &[bound("amount", 0, 100)]).unwrap();
         // a (dispute, 30+40=70, second row labelled fraud), b (fraud, 50+70 clipped to 100),
         // c ((other), 900 clipped to 100), e (fraud, -5 clipped to 0); d's value is bad.
-        assert_eq!(input.items.len(), 4);
+        assert_eq!(items(&input).len(), 4);
         assert_eq!(input.rows_bad_value, 1);
         assert_eq!(input.keys_with_several_groups, 1);
         assert_eq!(input.sensitivities, [1, 100]);
         assert_eq!(input.layout.cells(), 6);
         let row = |k: &str| {
-            let i = input.items.position_sorted(k.as_bytes()).unwrap();
+            let i = items(&input).position_sorted(k.as_bytes()).unwrap();
             input.values[i * 6..(i + 1) * 6].to_vec()
         };
         assert_eq!(row("a@x.com"), [0, 0, 1, 70, 0, 0]);
@@ -342,9 +524,9 @@ path = "cb.csv"
         for (k, v) in rows {
             *truth.entry(k).or_default() += v;
         }
-        assert_eq!(input.items.len(), truth.len());
+        assert_eq!(items(&input).len(), truth.len());
         for (k, total) in truth {
-            let i = input.items.position_sorted(k.as_bytes()).unwrap();
+            let i = items(&input).position_sorted(k.as_bytes()).unwrap();
             assert_eq!(
                 input.values[i * 2..i * 2 + 2],
                 [1, total.clamp(min, max) as u64],
@@ -352,7 +534,7 @@ path = "cb.csv"
             );
         }
         // Clipping each row first would have given a 60 (80 → 60, −50 → 0), c 0, d 60 + 0 + 45.
-        let a = input.items.position_sorted(b"a@x.com").unwrap();
+        let a = items(&input).position_sorted(b"a@x.com").unwrap();
         assert_eq!(input.values[a * 2 + 1], 30);
     }
 

@@ -49,7 +49,7 @@ use cleanroom_proto::v1::{
 };
 
 use crate::data::dataset;
-use crate::data::sum_input::SumInput;
+use crate::data::sum_input::{SumInput, SumKeys};
 use crate::error::{JobError, Party, Violation};
 use crate::job::protocol::{NoiseRequest, Protocol, Step};
 use crate::job::psi::BATCH_POINTS;
@@ -684,16 +684,12 @@ impl std::fmt::Debug for ValueHolder {
 }
 
 impl ValueHolder {
-    /// Starts over our loaded input, with a fresh PSI key and this job's fresh Paillier key:
-    /// our hello is the first step.
-    pub fn start(
-        cfg: SumConfig,
-        key: JobKey,
-        input: SumInput,
-        paillier: SecretKey,
-    ) -> Result<Self, JobError> {
+    /// Starts over our loaded input and this job's fresh Paillier key: our hello is the first
+    /// step. Identifiers are blinded with a fresh PSI key; points blinded on the executors come
+    /// with theirs.
+    pub fn start(cfg: SumConfig, input: SumInput, paillier: SecretKey) -> Result<Self, JobError> {
         let SumInput {
-            items,
+            keys,
             values,
             layout,
             sensitivities,
@@ -701,9 +697,21 @@ impl ValueHolder {
         } = input;
         let mut own_terms = sum_policy::own_terms(&cfg.permit);
         own_terms.sensitivities = sensitivities;
-        let (hello, session) =
-            ValueHolderSession::start(cfg.params(), key, items, layout, values, paillier)
-                .map_err(|e| JobError::Refused(Veto(e.to_string())))?;
+        let params = cfg.params();
+        let (hello, session) = match keys {
+            SumKeys::Items(items) => ValueHolderSession::start(
+                params,
+                JobKey::generate(),
+                items,
+                layout,
+                values,
+                paillier,
+            ),
+            SumKeys::Blinded(key, points) => {
+                ValueHolderSession::start_blinded(params, key, points, layout, values, paillier)
+            }
+        }
+        .map_err(|e| JobError::Refused(Veto(e.to_string())))?;
         let own_size = hello.set_size;
         own_terms.widths = hello.widths;
         own_terms.public_key = hello.public_key;

@@ -93,7 +93,7 @@ fn input(from: u32, to: u32) -> SumInput {
     let sensitivities = vec![1, BOUND];
     let layout = ahe::SlotLayout::for_maxima(&sensitivities).expect("layout");
     SumInput {
-        items,
+        keys: SumKeys::Items(items),
         values,
         layout,
         sensitivities,
@@ -121,7 +121,6 @@ impl Pair {
             .expect("key holder starts");
         let globex = ValueHolder::start(
             config(1, globex_extra),
-            JobKey::generate(),
             input(10, 50),
             ahe::keygen().expect("paillier key"),
         )

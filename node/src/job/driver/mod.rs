@@ -323,17 +323,7 @@ pub(crate) async fn load_input(
     // overlap's points are then kept like a limited node's, in buckets; a match's in memory,
     // sorted, for the membership it learns, and so are those of a protocol with no spilled
     // form (an overlap-sum's key holder).
-    let sealing = match dataset
-        .engine
-        .cluster
-        .as_ref()
-        .and_then(|c| c.sealing_key.as_ref())
-    {
-        Some(path) => {
-            Some(SealingKey::read(path).map_err(|e| NodeError::from(JobError::Dataset(e)))?)
-        }
-        None => None,
-    };
+    let sealing = sealing_key(&dataset)?;
     let in_memory = !counts_only || spill == Spill::Never;
     let on_executors = sealing.is_some();
     let job_id = job.job_id.clone();
@@ -427,6 +417,24 @@ pub(crate) async fn load_input(
     );
     job.admit(key_columns(&job.permit), &loaded.counts(), 0, distinct)?;
     Ok((loaded, input))
+}
+
+/// The sealing key of the dataset's cluster, read from its file: with it, the dataset's pass
+/// runs on the executors. `None` in process, or on a cluster without one.
+pub(crate) fn sealing_key(
+    dataset: &crate::data::schema::DatasetConfig,
+) -> Result<Option<SealingKey>, NodeError> {
+    match dataset
+        .engine
+        .cluster
+        .as_ref()
+        .and_then(|c| c.sealing_key.as_ref())
+    {
+        Some(path) => Ok(Some(
+            SealingKey::read(path).map_err(|e| NodeError::from(JobError::Dataset(e)))?,
+        )),
+        None => Ok(None),
+    }
 }
 
 /// The symmetric part of the job, identical for both roles, over our loaded input: the

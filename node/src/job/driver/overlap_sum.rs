@@ -19,7 +19,7 @@ use tokio::sync::oneshot;
 
 use super::{
     JOB_TIMEOUT, JobContext, MAX_ROWS, PsiInput, Spill, accept, blocking, dial, finish_connection,
-    key_columns, load_input, run_exchange,
+    key_columns, load_input, run_exchange, sealing_key,
 };
 use crate::audit::AuditEvent;
 use crate::data::dataset::{self, RowFilter};
@@ -86,20 +86,34 @@ async fn load_values(job: &JobContext) -> Result<SumInput, NodeError> {
     let forgotten = job.forgotten()?;
     let group_by = (!sum.group_by.is_empty()).then(|| sum.group_by.clone());
     let read_bounds = bounds.clone();
+    // With a sealing key, the pass (values and groups included) runs on the executors.
+    let sealing = sealing_key(&dataset)?;
     let input = blocking(move || {
         let filter = RowFilter {
             consent_column: consent.as_deref(),
             forgotten: forgotten.as_ref(),
         };
-        sum_input::load(
-            &dataset,
-            &keys,
-            group_by.as_deref(),
-            &shape,
-            &read_bounds,
-            filter,
-            MAX_ROWS,
-        )
+        match &sealing {
+            Some(sealing) => sum_input::load_on_cluster(
+                &dataset,
+                &keys,
+                group_by.as_deref(),
+                &shape,
+                &read_bounds,
+                filter,
+                MAX_ROWS,
+                (JobKey::generate(), sealing),
+            ),
+            None => sum_input::load(
+                &dataset,
+                &keys,
+                group_by.as_deref(),
+                &shape,
+                &read_bounds,
+                filter,
+                MAX_ROWS,
+            ),
+        }
     })
     .await?
     .map_err(|e| NodeError::from(JobError::Dataset(e.to_string())))?;
@@ -107,7 +121,8 @@ async fn load_values(job: &JobContext) -> Result<SumInput, NodeError> {
         rows = input.counts.rows_read,
         rejected = input.counts.rows_rejected,
         bad_values = input.rows_bad_value,
-        distinct = input.items.len(),
+        distinct = input.keys.len(),
+        on_executors = matches!(input.keys, sum_input::SumKeys::Blinded(..)),
         "dataset loaded"
     );
     let mut columns = key_columns(&job.permit);
@@ -119,7 +134,7 @@ async fn load_values(job: &JobContext) -> Result<SumInput, NodeError> {
         columns,
         &input.counts,
         input.rows_bad_value,
-        input.items.len(),
+        input.keys.len(),
     )?;
     Ok(input)
 }
@@ -205,7 +220,7 @@ async fn value_holder(
             reason: e.to_string(),
         })
     })?;
-    let mut proto = ValueHolder::start(cfg, JobKey::generate(), input, paillier)?;
+    let mut proto = ValueHolder::start(cfg, input, paillier)?;
     let own_size = proto.own_size();
     let bytes = run_exchange(job, conn, send, Some((recv, first)), &mut proto, own_size).await?;
     let VhExchange {
