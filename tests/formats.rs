@@ -338,7 +338,9 @@ const SUM_TERMS: &str = "[[agreement.allow]]\ncomputation = \"overlap-sum\"\n\
 /// Then an overlap-sum, grouped and clipped, with both parties' passes on the executors.
 #[test]
 fn a_cluster_reads_malformed_csv_strictly() {
-    let (mut c, _) = Consortium::with_coordinator("acme,globex", 400, 0.5, 43);
+    // 3000 rows: acme's file (about 90 KiB) is read in 16 parts, which the cluster returns in
+    // the order they finish.
+    let (mut c, _) = Consortium::with_coordinator("acme,globex", 3000, 0.5, 43);
     let acme = rows_of(&c.path().join("data/acme.csv"));
     let globex: BTreeSet<String> = rows_of(&c.path().join("data/globex.csv"))
         .into_iter()
@@ -427,6 +429,9 @@ fn a_cluster_reads_malformed_csv_strictly() {
     for reason in ["field count", "quote in a field"] {
         assert!(text.contains(reason), "{reason}: {text}");
     }
+    // Read in parallel, the rejected rows have no place; it says how to get one.
+    assert!(text.contains("no line numbers"), "{text}");
+    assert!(!text.contains("  line "), "{text}");
 
     c.write_node_toml(
         "globex",
@@ -470,6 +475,33 @@ fn a_cluster_reads_malformed_csv_strictly() {
         log.contains("on_executors=true"),
         "acme's pass ran on the executors"
     );
+
+    // A match: acme's membership rows are its file's rows (read in file order for them).
+    let (job, code) = c.submit(&cleanroom_e2e::psi_job(
+        "match",
+        "acme,globex",
+        "email",
+        "fraud-detection",
+    ));
+    assert_eq!(code, Some(0), "{job}");
+    let job_id = job["job_id"].as_str().unwrap();
+    let membership: Vec<u64> = std::fs::read_to_string(
+        c.path()
+            .join(format!("state-acme/results/{job_id}-membership.csv")),
+    )
+    .unwrap()
+    .lines()
+    .skip(1)
+    .map(|l| l.parse().unwrap())
+    .collect();
+    let want_rows: Vec<u64> = acme
+        .iter()
+        .filter(|(row, email, _)| {
+            [17, 13, 11, 7].iter().all(|d| row % d != 0) && globex.contains(email)
+        })
+        .map(|(row, _, _)| *row)
+        .collect();
+    assert_eq!(membership, want_rows);
 
     // An overlap-sum, both passes on the executors: acme's keys as the key holder; globex's
     // keys, amounts and categories as the value holder. Each customer's amounts are summed,
@@ -523,7 +555,7 @@ fn a_cluster_reads_malformed_csv_strictly() {
         assert_eq!(g["values"]["amount_cents"], sum, "{label}: {job}");
     }
     assert!(shown >= 2, "{job}");
-    for (node, passes) in [("acme", 2), ("globex", 2)] {
+    for (node, passes) in [("acme", 3), ("globex", 3)] {
         let log = c.nodes.iter().find(|p| p.name == node).unwrap().log_text();
         assert_eq!(
             log.matches("on_executors=true").count(),

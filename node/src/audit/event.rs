@@ -52,7 +52,9 @@ impl Rejections {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RejectedRow {
-    /// 1-based line of the file where the row starts (the header is line 1).
+    /// 1-based line of the file where the row starts (the header is line 1); the 1-based row
+    /// for data read through DataFusion; 0 when not known (read in parallel on a cluster, where
+    /// the parts come back in the order they finish).
     pub line: u64,
     /// The column that rejected it, when one did.
     #[serde(default, skip_serializing_if = "Option::is_none")]

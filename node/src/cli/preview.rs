@@ -95,7 +95,13 @@ pub fn run(
         for (why, n) in &rejections.by_reason {
             crate::outln!("  {n:>10}  {why}");
         }
-        for row in &rejections.first {
+        if rejections.first.iter().any(|r| r.line == 0) {
+            crate::outln!(
+                "  (no line numbers: the cluster read the parts in parallel; set partitions = 1 \
+                 on the engine to see them)"
+            );
+        }
+        for row in rejections.first.iter().filter(|r| r.line > 0) {
             crate::outln!(
                 "  line {}{}: {}",
                 row.line,
@@ -116,6 +122,8 @@ pub fn run(
 /// Prints the first `n` accepted rows' normalised identifiers (to stdout only).
 fn show_first_normalised(d: &DatasetConfig, filter: RowFilter<'_>, n: usize) -> anyhow::Result<()> {
     crate::outln!("\nfirst {n} accepted rows, normalised (shown here only, never logged):");
+    // Row numbers need the rows in file order.
+    let d = &d.in_file_order();
     for id in &d.identifiers {
         let keys = KeySpec::new([id.name.as_str()]);
         let mut shown = Vec::new();

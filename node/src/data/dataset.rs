@@ -606,6 +606,9 @@ pub(crate) fn pass_on_cluster(
     frame.start_pass(&read, sealed)?;
 
     let mut counts = RowCounts::default();
+    // A rejected row's place: its row when the parts come in file order, else unknown (0).
+    let in_order = frame.in_file_order();
+    let placed = |row: u64| if in_order { row } else { 0 };
     while frame.advance()? {
         let row = counts.rows_read + 1;
         if row > max_rows {
@@ -626,12 +629,16 @@ pub(crate) fn pass_on_cluster(
         match outcome {
             Outcome::Malformed(place, why) => {
                 let column = place.and_then(column);
-                counts.rejections.record(&location, row, column, why.into());
+                counts
+                    .rejections
+                    .record(&location, placed(row), column, why.into());
             }
             Outcome::NoConsent => counts.rows_excluded_consent += 1,
             Outcome::Forgotten => counts.rows_excluded_deleted += 1,
             Outcome::Rejected(place, why) => {
-                counts.rejections.record(&location, row, column(place), why);
+                counts
+                    .rejections
+                    .record(&location, placed(row), column(place), why);
             }
             accepted_row => accepted(row, accepted_row)?,
         }

@@ -264,6 +264,26 @@ impl IdentifierConfig {
 }
 
 impl DatasetConfig {
+    /// The same dataset read in file order: on a Ballista cluster, in one part. A cluster
+    /// returns the parts of a read in the order they finish, so a pass that numbers rows (a
+    /// match's membership, a dry run's places, an overlap-sum's first row of each identifier)
+    /// reads this way. In process, every read is in file order already.
+    pub fn in_file_order(&self) -> DatasetConfig {
+        let mut d = self.clone();
+        if let Some(cluster) = &mut d.engine.cluster {
+            cluster.partitions = 1;
+        }
+        d
+    }
+
+    /// Whether a read of this dataset comes back in file order ([`Self::in_file_order`]).
+    pub fn reads_in_file_order(&self) -> bool {
+        self.engine
+            .cluster
+            .as_ref()
+            .is_none_or(|c| c.partitions <= 1)
+    }
+
     /// Dataset `name` in the CSV file `path`, keyed by `identifiers`, with no value or consent
     /// columns.
     pub fn new(name: &str, path: PathBuf, identifiers: Vec<IdentifierConfig>) -> Self {
@@ -374,5 +394,32 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("one ASCII character"), "{err}");
+    }
+}
+
+#[cfg(test)]
+mod order_tests {
+    use super::{Cluster, DatasetConfig};
+
+    /// A cluster returns a parallel read's parts in the order they finish: a pass that numbers
+    /// rows asks for one part, and a read in process is in file order already.
+    #[test]
+    fn a_read_in_file_order_is_one_part_on_a_cluster() {
+        let mut d = DatasetConfig::new("d", "d.csv".into(), Vec::new());
+        assert!(d.reads_in_file_order());
+        assert_eq!(d.in_file_order(), d);
+        d.engine.cluster = Some(Cluster {
+            url: "df://127.0.0.1:50050".into(),
+            partitions: 16,
+            sealing_key: None,
+        });
+        assert!(!d.reads_in_file_order());
+        let ordered = d.in_file_order();
+        assert!(ordered.reads_in_file_order());
+        assert_eq!(
+            ordered.engine.cluster.as_ref().map(|c| c.partitions),
+            Some(1)
+        );
+        assert_eq!(ordered.name, d.name);
     }
 }

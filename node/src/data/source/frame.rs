@@ -95,6 +95,8 @@ pub struct Frame {
     done: bool,
     /// CSV read line by line: the current line, split.
     lines: Option<Lines>,
+    /// Whether rows come in file order ([`DatasetConfig::reads_in_file_order`]).
+    in_file_order: bool,
 }
 
 /// A CSV dataset read line by line ([`super::csv_line`]): the one column is the line, split
@@ -192,6 +194,7 @@ impl Frame {
             rows: 0,
             done: false,
             lines,
+            in_file_order: dataset.reads_in_file_order(),
         })
     }
 
@@ -352,6 +355,11 @@ impl Frame {
             .map(|&i| (Some(i), Malformed::LineBreak))
     }
 
+    /// Whether the rows come in file order (not on a cluster reading parts in parallel).
+    pub fn in_file_order(&self) -> bool {
+        self.in_file_order
+    }
+
     /// The current row (1-based, over the whole dataset).
     pub fn row(&self) -> u64 {
         self.rows
@@ -440,9 +448,8 @@ impl Plan {
 
     /// A session on the partner's Ballista cluster: the plan is made here (a table's schema is
     /// read from its files), then runs on the executors in `partitions` parts. The parts'
-    /// outputs come back one after another in part order, and the parts are files (or their
-    /// row groups) in path order, so every pass sees the rows in the same order, as `match`
-    /// needs.
+    /// outputs come back one after another in the order the parts finished: only a read in one
+    /// part ([`DatasetConfig::in_file_order`]) gives the rows in file order.
     async fn remote(&self, cluster: &Cluster) -> Result<SessionContext, SourceError> {
         let mut config = SessionConfig::new()
             .with_target_partitions(cluster.partitions)

@@ -196,11 +196,13 @@ impl Source {
         }
     }
 
-    /// Where the current record is: its line in a CSV file, its 1-based row otherwise.
+    /// Where the current record is: its line in a CSV file, its 1-based row otherwise; 0 when
+    /// the rows do not come in file order ([`DatasetConfig::reads_in_file_order`]).
     pub fn location(&self) -> u64 {
         match self {
             Source::Csv(s) => s.line(),
-            Source::Frame(s) => s.row(),
+            Source::Frame(s) if s.in_file_order() => s.row(),
+            Source::Frame(_) => 0,
         }
     }
 

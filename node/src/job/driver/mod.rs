@@ -897,8 +897,9 @@ fn rows_on_executors(
             .ok_or_else(|| JobError::Internal("membership index out of range".into()))?;
         matched.insert(*point);
     }
+    // Row numbers need the rows in file order.
     let (rows, counts, found) = dataset::matching_rows_on_cluster(
-        dataset,
+        &dataset.in_file_order(),
         keys,
         filter,
         MAX_ROWS,
@@ -939,7 +940,8 @@ fn reread_rows(
             .map_err(|e| JobError::Internal(e.to_string()))?;
     }
     matched.dedup();
-    dataset::matching_rows_for(dataset, keys, filter, &matched)
+    // Row numbers need the rows in file order.
+    dataset::matching_rows_for(&dataset.in_file_order(), keys, filter, &matched)
         .map_err(|e| NodeError::from(JobError::Dataset(e.to_string())))
 }
 

@@ -80,7 +80,8 @@ async fn load_values(job: &JobContext) -> Result<SumInput, NodeError> {
     let bounds = sum_policy::column_bounds(&job.permit, &sum)
         .map_err(|v| NodeError::from(JobError::Refused(v)))?;
     let shape = SumShape::of(&sum);
-    let dataset = job.permit.dataset.clone();
+    // Each identifier counts in the group of its first row: the rows must come in file order.
+    let dataset = job.permit.dataset.in_file_order();
     let keys = job.permit.keys.clone();
     let consent = job.permit.consent_column.clone();
     let forgotten = job.forgotten()?;
