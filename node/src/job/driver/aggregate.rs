@@ -400,7 +400,12 @@ impl AggregateJob {
             .collect();
         let domain = self.terms.domain.clone();
         let person = self.terms.person.clone();
-        let ds = dataset.clone();
+        // Per person, a person counts in the group of its first row: the rows must come in
+        // file order (on a cluster, one part).
+        let ds = match person {
+            Some(_) => dataset.in_file_order(),
+            None => dataset.clone(),
+        };
         let loaded = blocking(move || {
             load_vector(
                 &ds,
