@@ -720,3 +720,46 @@ fn per_person_clipping_counts_people_and_clips_their_sums() {
         "{access}"
     );
 }
+
+/// With a sealing key, acme's pass runs on its Ballista executors and is grouped there: only a
+/// row per (outcome, group) comes back to its node. The totals equal the truth as in process.
+#[test]
+fn a_partners_pass_and_grouping_run_on_its_executors() {
+    let partners = ["acme", "globex", "initech"];
+    let mut c = Consortium::new();
+    let truth = c.synth(&partners.join(","), 100, 0.3, 11);
+    c.start_coordinator();
+    let cluster = cleanroom_e2e::ballista::Ballista::start(c.path(), 2, 600);
+    c.node_top.insert("acme".into(), cluster.engine_line(true));
+    c.ballista = Some(cluster);
+    for p in partners {
+        c.issue_node(p);
+        write_config(&c, p, &partners, &EXACT, None);
+        c.start_node(p);
+    }
+    c.wait_connected(&partners);
+    let (job, code) = submit(&c, &partners);
+    assert_eq!(job["state"], "succeeded", "{job}");
+    assert_eq!(code, Some(0));
+    let shown = groups(&job);
+    assert_eq!(shown.len(), 6, "{job}");
+    for g in shown {
+        let label = g["group"].as_str().unwrap();
+        if label == "luxury" {
+            continue;
+        }
+        let (count, amount) = truth_of(&truth, label);
+        assert_eq!(g["values"]["count"], count, "{label}: {job}");
+        assert_eq!(g["values"]["amount"], amount, "{label}: {job}");
+    }
+    let log = c
+        .nodes
+        .iter()
+        .find(|p| p.name == "acme")
+        .unwrap()
+        .log_text();
+    assert!(
+        log.contains("on_executors=true"),
+        "acme read on its executors"
+    );
+}

@@ -4,13 +4,15 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use crate::args::{ExecutorArgs, SchedulerArgs};
+use cleanroom_node::data::cluster_aggregate::AggregateUdf;
 use cleanroom_node::data::cluster_pass::{PassUdf, SealingKey};
 use cleanroom_scale::executor::{Counters, ExecutorOptions};
 
 /// Serves until a stop signal (or standard input's end, for supervisors).
 pub async fn scheduler(args: SchedulerArgs) -> anyhow::Result<ExitCode> {
     let keep = std::time::Duration::from_secs(args.keep_results_secs);
-    let functions = vec![Arc::new(PassUdf::planner())];
+    let mut functions = vec![Arc::new(PassUdf::planner())];
+    functions.extend(AggregateUdf::planners().map(Arc::new));
     let (addr, serve) = cleanroom_scale::scheduler::start(args.listen, keep, functions).await?;
     {
         // Supervisors (the demo, the tests) read this line to learn a port-0 address.
@@ -36,13 +38,21 @@ pub async fn executor(args: ExecutorArgs) -> anyhow::Result<ExitCode> {
             std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
         }),
         memory_pool: args.memory_pool.map(|b| b.as_u64()),
-        // Without a key the pass still decodes, and refuses to run with a message that says so.
-        functions: vec![Arc::new(match &args.sealing_key {
-            Some(path) => PassUdf::executor(Arc::new(
-                SealingKey::read(path).map_err(anyhow::Error::msg)?,
-            )),
-            None => PassUdf::planner(),
-        })],
+        // Without a key the functions still decode, and refuse to run with a message that says
+        // so.
+        functions: match &args.sealing_key {
+            Some(path) => {
+                let key = Arc::new(SealingKey::read(path).map_err(anyhow::Error::msg)?);
+                let mut functions = vec![Arc::new(PassUdf::executor(Arc::clone(&key)))];
+                functions.extend(AggregateUdf::executors(&key).map(Arc::new));
+                functions
+            }
+            None => {
+                let mut functions = vec![Arc::new(PassUdf::planner())];
+                functions.extend(AggregateUdf::planners().map(Arc::new));
+                functions
+            }
+        },
     };
     let counters = Arc::new(Counters::default());
     tokio::select! {

@@ -6,7 +6,10 @@ use std::collections::HashMap;
 use cleanroom_circuits::aggregate::{GroupDomain, GroupVector, clip, parse_group_integer};
 
 use super::DatasetConfig;
+use super::cluster_aggregate::Cell;
+use super::cluster_pass::SealingKey;
 use super::dataset::{self, DatasetError, MAX_ROWS, RowFilter};
+use super::source::frame::GroupedRow;
 
 /// Why a party's vector could not be built.
 #[derive(Debug, thiserror::Error)]
@@ -174,6 +177,83 @@ pub fn load_vector(
         counts,
         rows_other: in_other,
         persons,
+    })
+}
+
+/// [`load_vector`] on the partner's Ballista executors, without a `person` column: they read,
+/// filter, parse, clip and group ([`super::cluster_aggregate`]), and the node adds the groups'
+/// counts and sums into the vector. The same vector and counts as [`load_vector`] over the same
+/// rows; rejected rows have no place.
+pub fn load_vector_on_cluster(
+    dataset: &DatasetConfig,
+    group_by: &str,
+    domain: &GroupDomain,
+    bounds: &[(String, i64, i64)],
+    filter: RowFilter<'_>,
+    sealing: &SealingKey,
+) -> Result<Loaded, AggregateInputError> {
+    let mut columns: Vec<&str> = vec![group_by];
+    columns.extend(bounds.iter().map(|(c, _, _)| c.as_str()));
+    let clips: Vec<(i64, i64)> = bounds.iter().map(|(_, min, max)| (*min, *max)).collect();
+    let (counts, grouped) = dataset::aggregate_on_cluster(
+        dataset,
+        &columns,
+        (domain, &clips),
+        filter,
+        MAX_ROWS,
+        sealing,
+    )?;
+    from_groups(domain, bounds.len(), counts, grouped)
+}
+
+/// The vector of an aggregate grouped on the executors: each counted cell's rows and sums
+/// added into its group, and the rows left out counted.
+fn from_groups(
+    domain: &GroupDomain,
+    sums: usize,
+    counts: dataset::RowCounts,
+    grouped: Vec<(Cell, GroupedRow)>,
+) -> Result<Loaded, AggregateInputError> {
+    let mut vector = GroupVector::zeros(domain.groups(), 1 + sums)
+        .map_err(|e| AggregateInputError::Vector(e.to_string()))?;
+    let (mut used, mut rejected, mut in_other) = (0u64, 0u64, 0u64);
+    let out_of_shape = || {
+        AggregateInputError::Vector(
+            "an executor returned a group or a sum outside the job's vector".into(),
+        )
+    };
+    for (cell, row) in grouped {
+        let group = match cell {
+            Cell::Counted(group) => group as usize,
+            _ => {
+                rejected += row.rows;
+                continue;
+            }
+        };
+        if group == domain.other() {
+            in_other += row.rows;
+        }
+        used += row.rows;
+        // Cells are in Z_2^64: a count and each exact sum, reduced mod 2^64.
+        vector
+            .add(group, 0, row.rows as i64)
+            .map_err(|_| out_of_shape())?;
+        if row.sums.len() != sums {
+            return Err(out_of_shape());
+        }
+        for (i, total) in row.sums.iter().enumerate() {
+            vector
+                .add(group, i + 1, *total as u64 as i64)
+                .map_err(|_| out_of_shape())?;
+        }
+    }
+    Ok(Loaded {
+        vector,
+        rows_used: used,
+        rows_rejected: counts.rejections.total() + rejected,
+        counts,
+        rows_other: in_other,
+        persons: None,
     })
 }
 

@@ -91,8 +91,9 @@ impl SealingKey {
         Ok(Zeroizing::new(hex::encode(bytes.as_ref()) + "\n"))
     }
 
-    /// `nonce ‖ ciphertext ‖ tag` of `plain`, under a random nonce.
-    fn seal(&self, plain: &[u8]) -> Result<Vec<u8>, String> {
+    /// `nonce ‖ ciphertext ‖ tag` of `plain`, under a random nonce, bound to `aad` (what the
+    /// sealed bytes are for: a spec made for one function does not open in another).
+    pub(crate) fn seal(&self, aad: &'static [u8], plain: &[u8]) -> Result<Vec<u8>, String> {
         let mut nonce = [0u8; NONCE_LEN];
         SystemRandom::new()
             .fill(&mut nonce)
@@ -104,7 +105,7 @@ impl SealingKey {
         self.0
             .seal_in_place_append_tag(
                 Nonce::assume_unique_for_key(nonce),
-                Aad::from(AAD),
+                Aad::from(aad),
                 &mut body,
             )
             .map_err(|_| "cannot seal the job's pass".to_owned())?;
@@ -112,14 +113,14 @@ impl SealingKey {
         Ok(sealed)
     }
 
-    /// What [`seal`](Self::seal) sealed, or `None` if it was sealed under another key or
-    /// changed.
-    fn open(&self, sealed: &[u8]) -> Option<Zeroizing<Vec<u8>>> {
+    /// What [`seal`](Self::seal) sealed for `aad`, or `None` if it was sealed under another
+    /// key, for another use, or changed.
+    pub(crate) fn open(&self, aad: &'static [u8], sealed: &[u8]) -> Option<Zeroizing<Vec<u8>>> {
         let nonce = Nonce::try_assume_unique_for_key(sealed.get(..NONCE_LEN)?).ok()?;
         let mut body = Zeroizing::new(sealed.get(NONCE_LEN..)?.to_vec());
         let plain_len = self
             .0
-            .open_in_place(nonce, Aad::from(AAD), body.as_mut_slice())
+            .open_in_place(nonce, Aad::from(aad), body.as_mut_slice())
             .ok()?
             .len();
         body.truncate(plain_len);
@@ -236,7 +237,7 @@ impl PassSpec {
 
     /// The spec sealed under `key`: the plan's first argument.
     pub fn seal(&self, key: &SealingKey) -> Result<Vec<u8>, String> {
-        key.seal(&self.encode()?)
+        key.seal(AAD, &self.encode()?)
     }
 
     fn encode(&self) -> Result<Zeroizing<Vec<u8>>, String> {
@@ -249,34 +250,8 @@ impl PassSpec {
         out.extend_from_slice(name);
         encode_parts(&mut out, &self.parts)?;
         out.push(u8::from(self.consent));
-        match &self.forget {
-            None => out.push(0),
-            Some(forget) => {
-                out.push(1);
-                out.extend_from_slice(forget.secret.as_ref());
-                encode_parts(&mut out, &forget.parts)?;
-                let n = u32::try_from(forget.hashes.len()).map_err(|_| "too many forgotten")?;
-                out.extend_from_slice(&n.to_le_bytes());
-                for h in &forget.hashes {
-                    out.extend_from_slice(h);
-                }
-            }
-        }
-        match &self.lines {
-            None => out.push(0),
-            Some(layout) => {
-                out.push(1);
-                out.push(layout.delimiter);
-                let width = u32::try_from(layout.width).map_err(|_| "too many columns")?;
-                out.extend_from_slice(&width.to_le_bytes());
-                let n = u16::try_from(layout.columns.len()).map_err(|_| "too many columns")?;
-                out.extend_from_slice(&n.to_le_bytes());
-                for &c in &layout.columns {
-                    let c = u32::try_from(c).map_err(|_| "too many columns")?;
-                    out.extend_from_slice(&c.to_le_bytes());
-                }
-            }
-        }
+        encode_forget(&mut out, self.forget.as_ref())?;
+        encode_lines(&mut out, self.lines.as_ref())?;
         match &self.values {
             None => out.push(0),
             Some(values) => {
@@ -287,14 +262,7 @@ impl PassSpec {
                     None => out.push(0),
                     Some(groups) => {
                         out.push(1);
-                        let n = u16::try_from(groups.len()).map_err(|_| "too many groups")?;
-                        out.extend_from_slice(&n.to_le_bytes());
-                        for g in groups {
-                            let len =
-                                u16::try_from(g.len()).map_err(|_| "a group label is too long")?;
-                            out.extend_from_slice(&len.to_le_bytes());
-                            out.extend_from_slice(g.as_bytes());
-                        }
+                        encode_labels(&mut out, groups)?;
                     }
                 }
             }
@@ -311,69 +279,16 @@ impl PassSpec {
         let name_len = u16::from_le_bytes(r.array::<2>()?);
         let key_name = String::from_utf8(r.take(usize::from(name_len))?.to_vec()).ok()?;
         let parts = decode_parts(&mut r)?;
-        let consent = match r.byte()? {
-            0 => false,
-            1 => true,
-            _ => return None,
-        };
-        let forget = match r.byte()? {
-            0 => None,
-            1 => {
-                let secret = Zeroizing::new(r.array::<32>()?);
-                let parts = decode_parts(&mut r)?;
-                let n = u32::from_le_bytes(r.array()?);
-                // Bounded by the spec's own length before anything is reserved.
-                if r.0.len() / 32 < n as usize {
-                    return None;
-                }
-                let mut hashes = HashSet::with_capacity(n as usize);
-                for _ in 0..n {
-                    hashes.insert(r.array::<32>()?);
-                }
-                Some(ForgetSpec {
-                    secret,
-                    hashes,
-                    parts,
-                })
-            }
-            _ => return None,
-        };
-        let lines = match r.byte()? {
-            0 => None,
-            1 => {
-                let delimiter = r.byte()?;
-                let width = u32::from_le_bytes(r.array()?) as usize;
-                let n = u16::from_le_bytes(r.array()?);
-                let columns = (0..n)
-                    .map(|_| Some(u32::from_le_bytes(r.array()?) as usize))
-                    .collect::<Option<Vec<usize>>>()?;
-                if columns.iter().any(|&c| c >= width) {
-                    return None;
-                }
-                Some(LineLayout {
-                    delimiter,
-                    width,
-                    columns,
-                })
-            }
-            _ => return None,
-        };
+        let consent = r.flag()?;
+        let forget = decode_forget(&mut r)?;
+        let lines = decode_lines(&mut r)?;
         let values = match r.byte()? {
             0 => None,
             1 => {
                 let sums = usize::from(u16::from_le_bytes(r.array()?));
                 let groups = match r.byte()? {
                     0 => None,
-                    1 => {
-                        let n = u16::from_le_bytes(r.array()?);
-                        let groups = (0..n)
-                            .map(|_| {
-                                let len = u16::from_le_bytes(r.array()?);
-                                String::from_utf8(r.take(usize::from(len))?.to_vec()).ok()
-                            })
-                            .collect::<Option<Vec<String>>>()?;
-                        Some(groups)
-                    }
+                    1 => Some(decode_labels(&mut r)?),
                     _ => return None,
                 };
                 Some(ValuesSpec { sums, groups })
@@ -395,6 +310,110 @@ impl PassSpec {
             .is_none_or(|l| l.columns.len() == spec.reads());
         (r.0.is_empty() && layout_fits).then_some(spec)
     }
+}
+
+/// The deletion list, if any: a flag, then the secret, how each identifier is normalised, and
+/// the listed hashes.
+pub(crate) fn encode_forget(out: &mut Vec<u8>, forget: Option<&ForgetSpec>) -> Result<(), String> {
+    let Some(forget) = forget else {
+        out.push(0);
+        return Ok(());
+    };
+    out.push(1);
+    out.extend_from_slice(forget.secret.as_ref());
+    encode_parts(out, &forget.parts)?;
+    let n = u32::try_from(forget.hashes.len()).map_err(|_| "too many forgotten")?;
+    out.extend_from_slice(&n.to_le_bytes());
+    for h in &forget.hashes {
+        out.extend_from_slice(h);
+    }
+    Ok(())
+}
+
+/// What [`encode_forget`] wrote: `Some(None)` for no list, `None` if the bytes are not one.
+pub(crate) fn decode_forget(r: &mut Reader<'_>) -> Option<Option<ForgetSpec>> {
+    if !r.flag()? {
+        return Some(None);
+    }
+    let secret = Zeroizing::new(r.array::<32>()?);
+    let parts = decode_parts(r)?;
+    let n = u32::from_le_bytes(r.array()?);
+    // Bounded by the spec's own length before anything is reserved.
+    if r.0.len() / 32 < n as usize {
+        return None;
+    }
+    let mut hashes = HashSet::with_capacity(n as usize);
+    for _ in 0..n {
+        hashes.insert(r.array::<32>()?);
+    }
+    Some(Some(ForgetSpec {
+        secret,
+        hashes,
+        parts,
+    }))
+}
+
+/// How CSV lines are split, if the function takes lines.
+pub(crate) fn encode_lines(out: &mut Vec<u8>, lines: Option<&LineLayout>) -> Result<(), String> {
+    let Some(layout) = lines else {
+        out.push(0);
+        return Ok(());
+    };
+    out.push(1);
+    out.push(layout.delimiter);
+    let width = u32::try_from(layout.width).map_err(|_| "too many columns")?;
+    out.extend_from_slice(&width.to_le_bytes());
+    let n = u16::try_from(layout.columns.len()).map_err(|_| "too many columns")?;
+    out.extend_from_slice(&n.to_le_bytes());
+    for &c in &layout.columns {
+        let c = u32::try_from(c).map_err(|_| "too many columns")?;
+        out.extend_from_slice(&c.to_le_bytes());
+    }
+    Ok(())
+}
+
+/// What [`encode_lines`] wrote; a field past the header's width is refused.
+pub(crate) fn decode_lines(r: &mut Reader<'_>) -> Option<Option<LineLayout>> {
+    if !r.flag()? {
+        return Some(None);
+    }
+    let delimiter = r.byte()?;
+    let width = u32::from_le_bytes(r.array()?) as usize;
+    let n = u16::from_le_bytes(r.array()?);
+    let columns = (0..n)
+        .map(|_| Some(u32::from_le_bytes(r.array()?) as usize))
+        .collect::<Option<Vec<usize>>>()?;
+    if columns.iter().any(|&c| c >= width) {
+        return None;
+    }
+    Some(Some(LineLayout {
+        delimiter,
+        width,
+        columns,
+    }))
+}
+
+/// Group labels: a count, then each label's length and bytes.
+pub(crate) fn encode_labels(out: &mut Vec<u8>, labels: &[String]) -> Result<(), String> {
+    let n = u16::try_from(labels.len()).map_err(|_| "too many groups")?;
+    out.extend_from_slice(&n.to_le_bytes());
+    for g in labels {
+        let len = u16::try_from(g.len()).map_err(|_| "a group label is too long")?;
+        out.extend_from_slice(&len.to_le_bytes());
+        out.extend_from_slice(g.as_bytes());
+    }
+    Ok(())
+}
+
+/// What [`encode_labels`] wrote.
+pub(crate) fn decode_labels(r: &mut Reader<'_>) -> Option<Vec<String>> {
+    let n = u16::from_le_bytes(r.array()?);
+    (0..n)
+        .map(|_| {
+            let len = u16::from_le_bytes(r.array()?);
+            String::from_utf8(r.take(usize::from(len))?.to_vec()).ok()
+        })
+        .collect()
 }
 
 fn encode_parts(out: &mut Vec<u8>, parts: &[PartSpec]) -> Result<(), String> {
@@ -441,10 +460,10 @@ fn decode_parts(r: &mut Reader<'_>) -> Option<Vec<PartSpec>> {
 }
 
 /// Reads a byte string front to back; every read is bounds-checked.
-struct Reader<'a>(&'a [u8]);
+pub(crate) struct Reader<'a>(pub(crate) &'a [u8]);
 
 impl<'a> Reader<'a> {
-    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+    pub(crate) fn take(&mut self, n: usize) -> Option<&'a [u8]> {
         if self.0.len() < n {
             return None;
         }
@@ -453,11 +472,20 @@ impl<'a> Reader<'a> {
         Some(head)
     }
 
-    fn byte(&mut self) -> Option<u8> {
+    pub(crate) fn byte(&mut self) -> Option<u8> {
         self.take(1).map(|b| b[0])
     }
 
-    fn array<const N: usize>(&mut self) -> Option<[u8; N]> {
+    /// A byte that is 0 or 1.
+    pub(crate) fn flag(&mut self) -> Option<bool> {
+        match self.byte()? {
+            0 => Some(false),
+            1 => Some(true),
+            _ => None,
+        }
+    }
+
+    pub(crate) fn array<const N: usize>(&mut self) -> Option<[u8; N]> {
         self.take(N)?.try_into().ok()
     }
 }
@@ -621,7 +649,7 @@ impl ScalarUDFImpl for PassUdf {
         let ColumnarValue::Scalar(ScalarValue::Binary(Some(sealed))) = sealed else {
             return Err(fail("the first argument is not a sealed spec"));
         };
-        let plain = key.open(sealed).ok_or_else(|| {
+        let plain = key.open(AAD, sealed).ok_or_else(|| {
             fail("the spec does not open with this executor's sealing key (the node's engine.sealing_key and the executor's --sealing-key must be the same key)")
         })?;
         let spec = PassSpec::decode(&plain).ok_or_else(|| {
@@ -632,20 +660,9 @@ impl ScalarUDFImpl for PassUdf {
             return Err(fail("the plan's columns do not match its spec"));
         }
         let arrays = ColumnarValue::values_to_arrays(columns)?;
-        let text: Vec<&StringArray> = arrays
-            .iter()
-            .map(|a| a.as_any().downcast_ref::<StringArray>())
-            .collect::<Option<_>>()
-            .ok_or_else(|| fail("a column is not text"))?;
-        let rows = match (&spec.lines, text.as_slice()) {
-            (None, _) => Rows::Columns(text),
-            (Some(layout), [lines]) => Rows::Lines {
-                lines,
-                layout,
-                record: LineRecord::default(),
-            },
-            (Some(_), _) => return Err(fail("the plan's columns do not match its spec")),
-        };
+        let text = text_columns(&arrays).ok_or_else(|| fail("a column is not text"))?;
+        let rows = Rows::of(spec.lines.as_ref(), text)
+            .ok_or_else(|| fail("the plan's columns do not match its spec"))?;
         Ok(ColumnarValue::Array(run_pass(
             &spec,
             rows,
@@ -655,7 +672,7 @@ impl ScalarUDFImpl for PassUdf {
 }
 
 /// The rows of one batch as the pass reads them: its columns, or its CSV lines, split.
-enum Rows<'a> {
+pub(crate) enum Rows<'a> {
     Columns(Vec<&'a StringArray>),
     Lines {
         lines: &'a StringArray,
@@ -665,10 +682,49 @@ enum Rows<'a> {
     },
 }
 
+/// The function's columns as text; `None` if one is not.
+pub(crate) fn text_columns(arrays: &[ArrayRef]) -> Option<Vec<&StringArray>> {
+    arrays
+        .iter()
+        .map(|a| a.as_any().downcast_ref::<StringArray>())
+        .collect()
+}
+
+impl<'a> Rows<'a> {
+    /// The rows of `text`: its columns, or (with a `lines` layout) its one column of lines.
+    pub(crate) fn of(lines: Option<&'a LineLayout>, text: Vec<&'a StringArray>) -> Option<Self> {
+        match (lines, text.as_slice()) {
+            (None, _) => Some(Rows::Columns(text)),
+            (Some(layout), [lines]) => Some(Rows::Lines {
+                lines,
+                layout,
+                record: LineRecord::default(),
+            }),
+            (Some(_), _) => None,
+        }
+    }
+}
+
+/// Whether a row belongs to a forgotten subject: one of its identifiers (the function's columns
+/// from `at` on, one per `forget.parts`) normalises to a listed hash.
+pub(crate) fn is_forgotten<'f>(
+    forget: &ForgetSpec,
+    at: usize,
+    field: impl Fn(usize) -> Option<&'f [u8]>,
+) -> bool {
+    forget.parts.iter().enumerate().any(|(j, p)| {
+        normalise_field(field(at + j), p.normaliser, &p.options).is_ok_and(|v| {
+            forget
+                .hashes
+                .contains(&forget_hash(&forget.secret, v.as_bytes()))
+        })
+    })
+}
+
 impl Rows<'_> {
     /// Moves to `row`, and says why it must not be read, if it must not: the place among the
     /// function's columns of the column that says so, and why.
-    fn load(&mut self, row: usize) -> Option<(Option<usize>, Malformed)> {
+    pub(crate) fn load(&mut self, row: usize) -> Option<(Option<usize>, Malformed)> {
         match self {
             Rows::Columns(columns) => columns
                 .iter()
@@ -688,7 +744,7 @@ impl Rows<'_> {
     }
 
     /// Column `c` of the function (the spec's layout) in the row last loaded.
-    fn field(&self, row: usize, c: usize) -> Option<&[u8]> {
+    pub(crate) fn field(&self, row: usize, c: usize) -> Option<&[u8]> {
         match self {
             Rows::Columns(columns) => text_at(columns.get(c)?, row),
             Rows::Lines { layout, record, .. } => record.get(*layout.columns.get(c)?),
@@ -744,13 +800,7 @@ fn run_pass(spec: &PassSpec, mut rows: Rows<'_>, count: usize) -> ArrayRef {
             continue;
         }
         if let Some(forget) = &spec.forget
-            && forget.parts.iter().enumerate().any(|(j, p)| {
-                normalise_field(field(forget_at + j), p.normaliser, &p.options).is_ok_and(|v| {
-                    forget
-                        .hashes
-                        .contains(&forget_hash(&forget.secret, v.as_bytes()))
-                })
-            })
+            && is_forgotten(forget, forget_at, field)
         {
             out.push(FORGOTTEN);
             pending.push(out);

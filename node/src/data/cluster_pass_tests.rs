@@ -187,11 +187,11 @@ fn a_spec_opens_only_under_its_key_and_the_plan_carries_no_secret() {
     assert!(!sealed.windows(5).any(|w| w == b"email"));
     // Another key, or one changed byte, does not open it.
     let other = SealingKey::from_bytes(&[8; 32]).expect("key");
-    assert!(other.open(&sealed).is_none());
+    assert!(other.open(AAD, &sealed).is_none());
     let mut changed = sealed.clone();
     let last = changed.len() - 1;
     changed[last] ^= 1;
-    assert!(sealing().open(&changed).is_none());
+    assert!(sealing().open(AAD, &changed).is_none());
     // Sealing twice gives two ciphertexts (fresh nonces).
     assert_ne!(spec.seal(&sealing()).expect("seal"), sealed);
 

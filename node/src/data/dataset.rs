@@ -15,17 +15,19 @@
 
 use std::collections::HashSet;
 
+use cleanroom_circuits::aggregate::GroupDomain;
 use cleanroom_circuits::{EncodedPoint, ItemSet, JobKey};
 use zeroize::Zeroizing;
 
 pub use crate::audit::{RejectedRow, Rejections};
 
+use super::cluster_aggregate::{AggregateSpec, Cell, MalformedKind};
 use super::cluster_pass::{
     ForgetSpec, LineLayout, Outcome, PartSpec, PassSpec, SealingKey, ValuesSpec,
 };
 use super::normalise::{NormaliseError, NormaliseOptions, Normaliser};
 use super::schema::{DatasetConfig, IdentifierConfig};
-use super::source::frame::Frame;
+use super::source::frame::{Frame, GroupedRow};
 use super::source::{Malformed, Source, SourceError};
 
 /// Most rows a dataset may have for one job.
@@ -76,6 +78,11 @@ impl Rejections {
                 reason: why.to_string(),
             });
         }
+    }
+
+    /// Counts `n` rejected rows that have no place (grouped on a cluster).
+    fn count_unplaced(&mut self, why: Rejection, n: u64) {
+        *self.by_reason.entry(why.label()).or_default() += n;
     }
 
     /// Logs how many rejections went unlogged.
@@ -362,6 +369,22 @@ impl Rejection {
     }
 }
 
+/// A malformed row counted on the executors: its reason, without the row's figures (a field
+/// count's are not kept; the count goes under the same reason).
+impl From<MalformedKind> for Rejection {
+    fn from(m: MalformedKind) -> Rejection {
+        match m {
+            MalformedKind::FieldCount => Rejection::FieldCount {
+                expected: 0,
+                found: 0,
+            },
+            MalformedKind::LineBreak => Rejection::LineBreak,
+            MalformedKind::StrayQuote => Rejection::StrayQuote,
+            MalformedKind::OpenQuote => Rejection::OpenQuote,
+        }
+    }
+}
+
 impl From<Malformed> for Rejection {
     fn from(m: Malformed) -> Rejection {
         match m {
@@ -510,6 +533,79 @@ pub fn matching_rows_on_cluster(
         Ok(())
     })?;
     Ok((rows, counts, found.len()))
+}
+
+/// An aggregate's pass on the partner's Ballista executors, grouped there
+/// ([`super::cluster_aggregate`]): the rows read and left out (malformed, no consent,
+/// forgotten), counted as the node's own pass would but without places, and the rows the
+/// executors grouped by cell. `columns`: the group column, then the summed ones (`bounds`, in
+/// order). A dataset read in this process (no cluster) is refused.
+pub(crate) fn aggregate_on_cluster(
+    dataset: &DatasetConfig,
+    columns: &[&str],
+    (domain, bounds): (&GroupDomain, &[(i64, i64)]),
+    filter: RowFilter<'_>,
+    max_rows: u64,
+    sealing: &SealingKey,
+) -> Result<(RowCounts, Vec<(Cell, GroupedRow)>), DatasetError> {
+    let location = dataset.location();
+    let engine = |message: String| {
+        DatasetError::Source(SourceError::Engine {
+            dataset: dataset.name.clone(),
+            location: location.clone(),
+            message,
+        })
+    };
+    if dataset.engine.cluster.is_none() {
+        return Err(engine("an executor pass needs a Ballista cluster".into()));
+    }
+    let mut frame = Frame::open(dataset)?;
+    let headers = frame.headers().to_vec();
+    let mut read = columns
+        .iter()
+        .map(|c| locate_column(&headers, &location, c))
+        .collect::<Result<Vec<usize>, _>>()?;
+    let (consent, forgotten) = locate_filter(dataset, &headers, &location, filter, &mut read)?;
+    let spec = AggregateSpec {
+        domain: domain.clone(),
+        bounds: bounds.to_vec(),
+        consent: consent.is_some(),
+        forget: forgotten.map(|(fg, all)| ForgetSpec {
+            secret: Zeroizing::new(fg.secret),
+            hashes: fg.hashes.clone(),
+            parts: all.iter().map(Part::spec).collect(),
+        }),
+        lines: frame.line_delimiter().map(|delimiter| LineLayout {
+            delimiter,
+            width: headers.len(),
+            columns: read.clone(),
+        }),
+    };
+    let sealed = spec.seal(sealing).map_err(engine)?;
+    drop(spec);
+    let grouped = frame.grouped(&read, sealed, bounds.len())?;
+    let mut counts = RowCounts::default();
+    let mut kept = Vec::new();
+    for row in grouped {
+        let cell = Cell::decode(&row.cell).ok_or_else(|| {
+            engine(
+                "an executor returned a cell this node cannot read (are the executors running \
+                 this node's version?)"
+                    .into(),
+            )
+        })?;
+        counts.rows_read += row.rows;
+        match cell {
+            Cell::Malformed(kind) => counts.rejections.count_unplaced(kind.into(), row.rows),
+            Cell::NoConsent => counts.rows_excluded_consent += row.rows,
+            Cell::Forgotten => counts.rows_excluded_deleted += row.rows,
+            Cell::Rejected | Cell::Counted(_) => kept.push((cell, row)),
+        }
+    }
+    if counts.rows_read > max_rows {
+        return Err(DatasetError::TooManyRows { location, max_rows });
+    }
+    Ok((counts, kept))
 }
 
 /// What an executor pass is sealed with: the job key, the sealing key, and for an

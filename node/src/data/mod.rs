@@ -7,8 +7,9 @@
 //!   Parquet, JSON lines, remote files and SQL views;
 //! - [`dataset`]: streaming rows into join keys, through the consent and deletion filters
 //!   ([`RowFilter`]);
-//! - [`cluster_pass`]: that pass for an overlap on the partner's Ballista executors, blinding
-//!   included, its secrets sealed;
+//! - [`cluster_pass`]: that pass for an overlap, a match or an overlap-sum on the partner's
+//!   Ballista executors, blinding included, its secrets sealed;
+//! - [`cluster_aggregate`]: an aggregate's pass and grouping there, as plan operators;
 //! - [`sum_input`]: an `overlap-sum` value holder's rows, summed per identifier then clipped;
 //! - [`aggregate_input`]: an `aggregate` party's clipped per-group vector;
 //! - [`forget`]: the deletion list (keyed hashes of forgotten identifiers);
@@ -18,6 +19,7 @@
 //! and passes them in.
 
 pub mod aggregate_input;
+pub mod cluster_aggregate;
 pub mod cluster_pass;
 pub mod dataset;
 pub mod forget;

@@ -60,6 +60,21 @@ struct Request {
     read: Vec<usize>,
     /// The pass's sealed spec; `None` for columns as text.
     sealed: Option<Vec<u8>>,
+    /// An aggregate's pass, grouped on the executors, with this many summed columns
+    /// ([`Frame::grouped`]); `None` for one outcome a row.
+    grouped: Option<usize>,
+}
+
+/// One row of an aggregate's grouped pass: a cell ([`crate::data::cluster_aggregate`]), how
+/// many rows fell in it, and the sums of their clipped values.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupedRow {
+    /// The cell, encoded.
+    pub cell: Vec<u8>,
+    /// Rows in it.
+    pub rows: u64,
+    /// Per summed column, the exact sum of its clipped values.
+    pub sums: Vec<i128>,
 }
 
 /// What the reader thread sends.
@@ -67,6 +82,8 @@ enum Message {
     Batch(Vec<StringArray>),
     /// The outcomes of an executor pass ([`Frame::start_pass`]).
     Outcomes(BinaryArray),
+    /// The rows of a grouped pass ([`Frame::grouped`]).
+    Grouped(Vec<GroupedRow>),
     Done,
     Failed(SourceError),
 }
@@ -233,6 +250,7 @@ impl Frame {
             return self.request(Request {
                 read: vec![0],
                 sealed: None,
+                grouped: None,
             });
         }
         let mut wanted: Vec<usize> = read.to_vec();
@@ -246,6 +264,7 @@ impl Frame {
         self.request(Request {
             read: wanted,
             sealed: None,
+            grouped: None,
         })
     }
 
@@ -261,7 +280,41 @@ impl Frame {
         self.request(Request {
             read,
             sealed: Some(sealed),
+            grouped: None,
         })
+    }
+
+    /// An aggregate's pass on the cluster's executors, grouped there
+    /// ([`crate::data::cluster_aggregate`]): the cell and value functions over the columns at
+    /// `read` (a CSV dataset read line by line passes its line), their spec `sealed`, with
+    /// `sums` summed columns. Returns every row of the grouped result.
+    pub fn grouped(
+        &mut self,
+        read: &[usize],
+        sealed: Vec<u8>,
+        sums: usize,
+    ) -> Result<Vec<GroupedRow>, SourceError> {
+        let read = match self.lines {
+            Some(_) => vec![0],
+            None => read.to_vec(),
+        };
+        self.request(Request {
+            read,
+            sealed: Some(sealed),
+            grouped: Some(sums),
+        })?;
+        let mut rows = Vec::new();
+        loop {
+            match self.batches.recv() {
+                Ok(Message::Grouped(more)) => rows.extend(more),
+                Ok(Message::Done) => return Ok(rows),
+                Ok(Message::Failed(e)) => return Err(e),
+                Ok(Message::Batch(_) | Message::Outcomes(_)) => {
+                    return Err(self.failure("the reader sent rows to a grouped pass"));
+                }
+                Err(_) => return Err(self.failure("the reader thread stopped mid-way")),
+            }
+        }
     }
 
     fn request(&mut self, request: Request) -> Result<(), SourceError> {
@@ -295,6 +348,9 @@ impl Frame {
                     self.done = true;
                     self.columns.clear();
                     self.outcomes = None;
+                }
+                Ok(Message::Grouped(_)) => {
+                    return Err(self.failure("the reader sent groups to a row pass"));
                 }
                 Ok(Message::Failed(e)) => return Err(e),
                 // A reader that stops without saying `Done` must not pass for the end of the
@@ -716,9 +772,12 @@ fn serve(
         let Ok(request) = projection.await else {
             return;
         };
-        let result = match request.sealed {
-            None => stream(&plan, frame, &request.read, &out).await,
-            Some(sealed) => stream_pass(&plan, frame, &request.read, sealed, &out).await,
+        let result = match (request.sealed, request.grouped) {
+            (None, _) => stream(&plan, frame, &request.read, &out).await,
+            (Some(sealed), None) => stream_pass(&plan, frame, &request.read, sealed, &out).await,
+            (Some(sealed), Some(sums)) => {
+                stream_grouped(&plan, frame, &request.read, (sealed, sums), &out).await
+            }
         };
         let message = match result {
             Ok(()) => Message::Done,
@@ -820,6 +879,97 @@ async fn stream_pass(
         Ok(Message::Outcomes(outcomes.clone()))
     })
     .await
+}
+
+/// Runs an aggregate's grouped pass on the cluster's executors (`SELECT cell, count(*),
+/// sum(value…) GROUP BY cell` over the columns at `read`) and sends its rows into `out`.
+async fn stream_grouped(
+    plan: &Plan,
+    frame: DataFrame,
+    read: &[usize],
+    (sealed, sums): (Vec<u8>, usize),
+    out: &SyncSender<Message>,
+) -> Result<(), SourceError> {
+    use crate::data::cluster_aggregate::{AggregateUdf, Output};
+    use datafusion::functions_aggregate::expr_fn::{count, sum};
+    if plan.engine.cluster.is_none() {
+        return Err(plan.plan_error("an executor pass needs a Ballista cluster".into()));
+    }
+    let schema = frame.schema().clone();
+    let columns: Vec<Expr> = read
+        .iter()
+        .map(|&i| {
+            let (qualifier, field) = schema.qualified_field(i);
+            cast(
+                Expr::Column(Column::from((qualifier, field))),
+                DataType::Utf8,
+            )
+        })
+        .collect();
+    let call = |output: Output, lead: Vec<Expr>| {
+        let mut args = vec![lit(ScalarValue::Binary(Some(sealed.clone())))];
+        args.extend(lead);
+        args.extend(columns.iter().cloned());
+        Expr::ScalarFunction(ScalarFunction::new_udf(
+            Arc::new(AggregateUdf::planner(output)),
+            args,
+        ))
+    };
+    let cell = call(Output::Cell, Vec::new()).alias("cell");
+    let mut aggregates = vec![count(lit(1i64)).alias("rows")];
+    for i in 0..sums {
+        // Exact: up to 2^27 rows of 2^63 fit in 38 digits.
+        let value = cast(
+            call(Output::Value, vec![lit(i as i64)]),
+            DataType::Decimal128(38, 0),
+        );
+        aggregates.push(sum(value).alias(format!("sum{i}")));
+    }
+    let mut batches = frame
+        .aggregate(vec![cell], aggregates)
+        .map_err(|e| plan.error(e.to_string()))?
+        .execute_stream()
+        .await
+        .map_err(|e| plan.error(e.to_string()))?;
+    while let Some(batch) = batches.next().await {
+        let batch = batch.map_err(|e| plan.error(e.to_string()))?;
+        let rows = grouped_rows(&batch, sums)
+            .ok_or_else(|| plan.error("the executors' grouping returned another shape".into()))?;
+        if out.send(Message::Grouped(rows)).is_err() {
+            return Ok(());
+        }
+    }
+    Ok(())
+}
+
+/// The rows of one batch of a grouped pass: cell, row count, then each sum.
+fn grouped_rows(batch: &RecordBatch, sums: usize) -> Option<Vec<GroupedRow>> {
+    use datafusion::arrow::array::{Decimal128Array, Int64Array};
+    if batch.num_columns() != 2 + sums {
+        return None;
+    }
+    let cells = batch.column(0).as_any().downcast_ref::<BinaryArray>()?;
+    let counts = batch.column(1).as_any().downcast_ref::<Int64Array>()?;
+    let totals: Vec<&Decimal128Array> = (0..sums)
+        .map(|i| {
+            batch
+                .column(2 + i)
+                .as_any()
+                .downcast_ref::<Decimal128Array>()
+        })
+        .collect::<Option<_>>()?;
+    (0..batch.num_rows())
+        .map(|r| {
+            Some(GroupedRow {
+                cell: cells.value(r).to_vec(),
+                rows: u64::try_from(counts.value(r)).ok()?,
+                sums: totals
+                    .iter()
+                    .map(|t| if t.is_null(r) { 0 } else { t.value(r) })
+                    .collect(),
+            })
+        })
+        .collect()
 }
 
 /// The base-table columns (`base`: every column of the view's tables) that the plan's select

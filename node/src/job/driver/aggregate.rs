@@ -21,7 +21,7 @@ use super::{
 };
 use crate::audit::{AuditEvent, AuditHead};
 use crate::clock::now_ms;
-use crate::data::aggregate_input::{Loaded, load_vector};
+use crate::data::aggregate_input::{Loaded, load_vector, load_vector_on_cluster};
 use crate::data::dataset::RowFilter;
 use crate::data::forget::ForgetStore;
 use crate::dataplane::{Delivery, pending_key, refused};
@@ -406,18 +406,24 @@ impl AggregateJob {
             Some(_) => dataset.in_file_order(),
             None => dataset.clone(),
         };
+        // With a sealing key (and no per-person clipping, which needs file order) the pass and
+        // the grouping run on the executors.
+        let sealing = match person {
+            Some(_) => None,
+            None => super::sealing_key(&ds)?,
+        };
+        tracing::info!(on_executors = sealing.is_some(), "reading the dataset");
         let loaded = blocking(move || {
-            load_vector(
-                &ds,
-                &group_by,
-                &domain,
-                &bounds,
-                person.as_deref(),
-                RowFilter {
-                    consent_column: consent.as_deref(),
-                    forgotten: Some(&forgotten),
-                },
-            )
+            let filter = RowFilter {
+                consent_column: consent.as_deref(),
+                forgotten: Some(&forgotten),
+            };
+            match &sealing {
+                Some(sealing) => {
+                    load_vector_on_cluster(&ds, &group_by, &domain, &bounds, filter, sealing)
+                }
+                None => load_vector(&ds, &group_by, &domain, &bounds, person.as_deref(), filter),
+            }
         })
         .await?
         .map_err(|e| match e {
