@@ -549,18 +549,8 @@ pub(crate) fn aggregate_on_cluster(
     sealing: &SealingKey,
 ) -> Result<(RowCounts, Vec<(Cell, GroupedRow)>), DatasetError> {
     let location = dataset.location();
-    let engine = |message: String| {
-        DatasetError::Source(SourceError::Engine {
-            dataset: dataset.name.clone(),
-            location: location.clone(),
-            message,
-        })
-    };
-    if dataset.engine.cluster.is_none() {
-        return Err(engine("an executor pass needs a Ballista cluster".into()));
-    }
-    let mut frame = Frame::open(dataset)?;
-    let headers = frame.headers().to_vec();
+    let engine = |message: String| engine_error(dataset, message);
+    let (mut frame, headers) = open_on_cluster(dataset)?;
     let mut read = columns
         .iter()
         .map(|c| locate_column(&headers, &location, c))
@@ -570,16 +560,8 @@ pub(crate) fn aggregate_on_cluster(
         domain: domain.clone(),
         bounds: bounds.to_vec(),
         consent: consent.is_some(),
-        forget: forgotten.map(|(fg, all)| ForgetSpec {
-            secret: Zeroizing::new(fg.secret),
-            hashes: fg.hashes.clone(),
-            parts: all.iter().map(Part::spec).collect(),
-        }),
-        lines: frame.line_delimiter().map(|delimiter| LineLayout {
-            delimiter,
-            width: headers.len(),
-            columns: read.clone(),
-        }),
+        forget: forget_spec(forgotten),
+        lines: line_layout(&frame, headers.len(), &read),
     };
     let sealed = spec.seal(sealing).map_err(engine)?;
     drop(spec);
@@ -624,14 +606,56 @@ pub struct Sealed<'a> {
 fn accepted_point(dataset: &DatasetConfig, outcome: Outcome) -> Result<EncodedPoint, DatasetError> {
     match outcome {
         Outcome::Accepted(point) => Ok(point),
-        _ => Err(DatasetError::Source(SourceError::Engine {
-            dataset: dataset.name.clone(),
-            location: dataset.location(),
-            message: "an executor returned values this pass did not ask for (are the \
-                      executors running this node's version?)"
+        _ => Err(engine_error(
+            dataset,
+            "an executor returned values this pass did not ask for (are the executors running \
+             this node's version?)"
                 .into(),
-        })),
+        )),
     }
+}
+
+/// An error of a pass on the partner's cluster, about `dataset`.
+fn engine_error(dataset: &DatasetConfig, message: String) -> DatasetError {
+    DatasetError::Source(SourceError::Engine {
+        dataset: dataset.name.clone(),
+        location: dataset.location(),
+        message,
+    })
+}
+
+/// `dataset` opened for an executor pass (refused unless it is on a cluster), and its column
+/// names.
+fn open_on_cluster(dataset: &DatasetConfig) -> Result<(Frame, Vec<String>), DatasetError> {
+    if dataset.engine.cluster.is_none() {
+        return Err(engine_error(
+            dataset,
+            "an executor pass needs a Ballista cluster".into(),
+        ));
+    }
+    let frame = Frame::open(dataset)?;
+    let headers = frame.headers().to_vec();
+    Ok((frame, headers))
+}
+
+/// The deletion list as the executors get it: its secret, its hashes, and how each declared
+/// identifier is normalised.
+fn forget_spec(forgotten: Option<(&Forgotten, Vec<Part<'_>>)>) -> Option<ForgetSpec> {
+    forgotten.map(|(fg, all)| ForgetSpec {
+        secret: Zeroizing::new(fg.secret),
+        hashes: fg.hashes.clone(),
+        parts: all.iter().map(Part::spec).collect(),
+    })
+}
+
+/// How the executors split a CSV line into the columns at `read` (of a header `width` wide);
+/// `None` unless the dataset is read line by line.
+fn line_layout(frame: &Frame, width: usize, read: &[usize]) -> Option<LineLayout> {
+    frame.line_delimiter().map(|delimiter| LineLayout {
+        delimiter,
+        width,
+        columns: read.to_vec(),
+    })
 }
 
 /// The executors' pass over the dataset ([`super::cluster_pass`]): counts the outcomes as the
@@ -653,19 +677,9 @@ pub(crate) fn pass_on_cluster(
         values,
     } = sealed;
     let location = dataset.location();
-    let engine = |message: String| {
-        DatasetError::Source(SourceError::Engine {
-            dataset: dataset.name.clone(),
-            location: location.clone(),
-            message,
-        })
-    };
-    if dataset.engine.cluster.is_none() {
-        return Err(engine("an executor pass needs a Ballista cluster".into()));
-    }
+    let engine = |message: String| engine_error(dataset, message);
     let ids = resolve_identifiers(dataset, keys)?;
-    let mut frame = Frame::open(dataset)?;
-    let headers = frame.headers().to_vec();
+    let (mut frame, headers) = open_on_cluster(dataset)?;
     let parts = locate_columns(&headers, &location, &ids)?;
     let mut read: Vec<usize> = parts.iter().map(|p| p.index).collect();
     let (consent, forgotten) = locate_filter(dataset, &headers, &location, filter, &mut read)?;
@@ -678,11 +692,7 @@ pub(crate) fn pass_on_cluster(
         }
         None => None,
     };
-    let forget = forgotten.map(|(fg, all)| ForgetSpec {
-        secret: Zeroizing::new(fg.secret),
-        hashes: fg.hashes.clone(),
-        parts: all.iter().map(Part::spec).collect(),
-    });
+    let forget = forget_spec(forgotten);
     let spec = PassSpec {
         key: JobKey::from_secret_bytes(&key.to_secret_bytes())
             .ok_or_else(|| engine("the job key cannot be sealed".into()))?,
@@ -690,11 +700,7 @@ pub(crate) fn pass_on_cluster(
         parts: parts.iter().map(Part::spec).collect(),
         consent: consent.is_some(),
         forget,
-        lines: frame.line_delimiter().map(|delimiter| LineLayout {
-            delimiter,
-            width: headers.len(),
-            columns: read.clone(),
-        }),
+        lines: line_layout(&frame, headers.len(), &read),
         values,
     };
     let sealed = spec.seal(sealing).map_err(engine)?;
