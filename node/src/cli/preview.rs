@@ -101,9 +101,20 @@ pub fn run(
                  on the engine to see them)"
             );
         }
+        // A local CSV file's rows are placed by line; a view's by its tables' CSV lines or its
+        // own rows; other data (Parquet, JSON lines, CSV read by the engine) by row, header
+        // excluded.
+        let place = match (d.is_local_csv(), d.sql.is_some()) {
+            (true, _) => "line",
+            (false, true) => "at",
+            (false, false) => "row",
+        };
+        if place == "at" && rejections.first.iter().any(|r| r.line > 0) {
+            crate::outln!("  (a place is a line of a table's CSV file, or a row of the view)");
+        }
         for row in rejections.first.iter().filter(|r| r.line > 0) {
             crate::outln!(
-                "  line {}{}: {}",
+                "  {place} {}{}: {}",
                 row.line,
                 row.column
                     .as_deref()

@@ -276,6 +276,16 @@ impl DatasetConfig {
         d
     }
 
+    /// Whether this node reads the dataset with its strict CSV reader: CSV files (not a view)
+    /// on a local path, in process. Its rejected rows are placed by file line; any other
+    /// dataset's by row.
+    pub fn is_local_csv(&self) -> bool {
+        self.sql.is_none()
+            && self.engine.cluster.is_none()
+            && self.format() == Some(DataFormat::Csv)
+            && crate::data::source::local_path(&self.path).is_some()
+    }
+
     /// Whether a read of this dataset comes back in file order ([`Self::in_file_order`]).
     pub fn reads_in_file_order(&self) -> bool {
         self.engine
@@ -421,5 +431,27 @@ mod order_tests {
             Some(1)
         );
         assert_eq!(ordered.name, d.name);
+    }
+
+    /// Only CSV files on a local path, read in process, are read by the strict reader (and
+    /// placed by file line).
+    #[test]
+    fn local_csv_is_csv_files_in_process() {
+        let mut d = DatasetConfig::new("d", "d.csv".into(), Vec::new());
+        assert!(d.is_local_csv());
+        d.path = "s3://bucket/d.csv".into();
+        assert!(!d.is_local_csv());
+        d.path = "d.parquet".into();
+        assert!(!d.is_local_csv());
+        d.path = "d.csv".into();
+        d.sql = Some("SELECT * FROM t".into());
+        assert!(!d.is_local_csv());
+        d.sql = None;
+        d.engine.cluster = Some(Cluster {
+            url: "df://127.0.0.1:50050".into(),
+            partitions: 1,
+            sealing_key: None,
+        });
+        assert!(!d.is_local_csv());
     }
 }

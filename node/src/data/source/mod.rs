@@ -121,9 +121,7 @@ impl Source {
     pub fn open(dataset: &DatasetConfig) -> Result<Source, SourceError> {
         // On a Ballista cluster every read runs on the executors, CSV too: read line by line
         // and split strictly ([`csv_line`]), as CSV from object storage is.
-        if dataset.sql.is_none()
-            && dataset.engine.cluster.is_none()
-            && dataset.format() == Some(DataFormat::Csv)
+        if dataset.is_local_csv()
             && let Some(local) = local_path(&dataset.path)
         {
             return Ok(Source::Csv(csv::CsvFiles::open(&local, dataset.delimiter)?));
