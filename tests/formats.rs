@@ -338,7 +338,7 @@ const SUM_TERMS: &str = "[[agreement.allow]]\ncomputation = \"overlap-sum\"\n\
 /// Then an overlap-sum, grouped and clipped, with both parties' passes on the executors.
 #[test]
 fn a_cluster_reads_malformed_csv_strictly() {
-    // 3000 rows: acme's file (about 90 KiB) is read in 16 parts, which the cluster returns in
+    // 3000 rows: acme's file (over 64 KiB) is split into byte ranges, which the cluster returns in
     // the order they finish.
     let (mut c, _) = Consortium::with_coordinator("acme,globex", 3000, 0.5, 43);
     let acme = rows_of(&c.path().join("data/acme.csv"));
