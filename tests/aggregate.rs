@@ -722,12 +722,23 @@ fn per_person_clipping_counts_people_and_clips_their_sums() {
 }
 
 /// With a sealing key, acme's pass runs on its Ballista executors and is grouped there: only a
-/// row per (outcome, group) comes back to its node. The totals equal the truth as in process.
+/// row per (outcome, group) comes back to its node. acme's file has malformed lines besides
+/// the synthetic rows: they are rejected and counted, and the totals equal the truth.
 #[test]
 fn a_partners_pass_and_grouping_run_on_its_executors() {
     let partners = ["acme", "globex", "initech"];
     let mut c = Consortium::new();
     let truth = c.synth(&partners.join(","), 100, 0.3, 11);
+    // chargeback_id,category,amount,bucket: a short line, a long one, an open quote, a quote
+    // in the amount, and a bad amount.
+    let file = c.path().join("data/acme-chargebacks.csv");
+    let mut text = std::fs::read_to_string(&file).unwrap();
+    let rows = text.lines().count() as u64 - 1;
+    text.push_str(
+        "x1,electronics,5\nx2,electronics,5,1,extra\nx3,\"electronics,5,1\n\
+         x4,electronics,\"5\"\"\",1\nx5,electronics,lots,1\n",
+    );
+    std::fs::write(&file, text).unwrap();
     c.start_coordinator();
     let cluster = cleanroom_e2e::ballista::Ballista::start(c.path(), 2, 600);
     c.node_top.insert("acme".into(), cluster.engine_line(true));
@@ -752,6 +763,14 @@ fn a_partners_pass_and_grouping_run_on_its_executors() {
         assert_eq!(g["values"]["count"], count, "{label}: {job}");
         assert_eq!(g["values"]["amount"], amount, "{label}: {job}");
     }
+    let access = c.audited_access("acme", job["job_id"].as_str().unwrap());
+    assert_eq!(access["rows_read"], rows + 5, "{access}");
+    assert_eq!(access["rows_rejected"], 5, "{access}");
+    // By reason: the short, long and open-quote lines, and the quote in a read field; the bad
+    // amount is rejected by the job, not the reader.
+    let by_reason = &access["rejected"]["by_reason"];
+    assert_eq!(by_reason["field count"], 3, "{access}");
+    assert_eq!(by_reason["quote in a field"], 1, "{access}");
     let log = c
         .nodes
         .iter()
