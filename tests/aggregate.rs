@@ -771,12 +771,7 @@ fn a_partners_pass_and_grouping_run_on_its_executors() {
     let by_reason = &access["rejected"]["by_reason"];
     assert_eq!(by_reason["field count"], 3, "{access}");
     assert_eq!(by_reason["quote in a field"], 1, "{access}");
-    let log = c
-        .nodes
-        .iter()
-        .find(|p| p.name == "acme")
-        .unwrap()
-        .log_text();
+    let log = c.node_log("acme");
     assert!(
         log.contains("on_executors=true"),
         "acme read on its executors"

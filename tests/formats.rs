@@ -275,12 +275,7 @@ fn parquet_meets_a_view(rows: u64, executors: Option<usize>) -> Consortium {
     if executors.is_some() {
         // The match's keys were blinded on acme's executors too, and its membership found
         // there (a second pass with the same key): the rows above are theirs.
-        let acme = c
-            .nodes
-            .iter()
-            .find(|p| p.name == "acme")
-            .unwrap()
-            .log_text();
+        let acme = c.node_log("acme");
         assert_eq!(
             acme.matches("on_executors=true").count(),
             2,
@@ -468,12 +463,7 @@ fn a_cluster_reads_malformed_csv_strictly() {
         [acme.len() as u64, rejected, no_consent],
         "{access}"
     );
-    let log = c
-        .nodes
-        .iter()
-        .find(|p| p.name == "acme")
-        .unwrap()
-        .log_text();
+    let log = c.node_log("acme");
     assert!(
         log.contains("on_executors=true"),
         "acme's pass ran on the executors"
@@ -559,7 +549,7 @@ fn a_cluster_reads_malformed_csv_strictly() {
     }
     assert!(shown >= 2, "{job}");
     for (node, passes) in [("acme", 3), ("globex", 3)] {
-        let log = c.nodes.iter().find(|p| p.name == node).unwrap().log_text();
+        let log = c.node_log(node);
         assert_eq!(
             log.matches("on_executors=true").count(),
             passes,
@@ -664,12 +654,7 @@ fn messy_overlap(executors: Option<usize>) -> (u64, [u64; 4]) {
         "{access}"
     );
     if executors.is_some() {
-        let log = c
-            .nodes
-            .iter()
-            .find(|p| p.name == "acme")
-            .unwrap()
-            .log_text();
+        let log = c.node_log("acme");
         assert!(
             log.contains("on_executors=true"),
             "acme blinded on the executors"

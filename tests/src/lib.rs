@@ -647,6 +647,15 @@ impl Consortium {
         }
     }
 
+    /// What node `name` has logged so far.
+    pub fn node_log(&self, name: &str) -> String {
+        self.nodes
+            .iter()
+            .find(|p| p.name == name)
+            .unwrap_or_else(|| panic!("no node {name} was started"))
+            .log_text()
+    }
+
     /// Waits until every node of `names` is connected to the coordinator (at most 30 s).
     pub fn wait_connected(&self, names: &[&str]) {
         self.wait_connected_within(names, Duration::from_secs(30));

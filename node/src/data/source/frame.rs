@@ -794,17 +794,10 @@ async fn stream(
     read: &[usize],
     out: &SyncSender<Message>,
 ) -> Result<(), SourceError> {
-    let schema = frame.schema().clone();
-    let columns: Vec<Expr> = read
-        .iter()
-        .map(|&i| {
-            let (qualifier, field) = schema.qualified_field(i);
-            cast(
-                Expr::Column(Column::from((qualifier, field))),
-                DataType::Utf8,
-            )
-            .alias(format!("c{i}"))
-        })
+    let columns: Vec<Expr> = as_text(&frame, read)
+        .into_iter()
+        .zip(read)
+        .map(|(column, i)| column.alias(format!("c{i}")))
         .collect();
     send_batches(plan, frame, columns, out, |batch| {
         let mut text = Vec::with_capacity(batch.num_columns());
@@ -818,6 +811,20 @@ async fn stream(
         Ok(Message::Batch(text))
     })
     .await
+}
+
+/// The columns at `read` of `frame`, each cast to text.
+fn as_text(frame: &DataFrame, read: &[usize]) -> Vec<Expr> {
+    let schema = frame.schema();
+    read.iter()
+        .map(|&i| {
+            let (qualifier, field) = schema.qualified_field(i);
+            cast(
+                Expr::Column(Column::from((qualifier, field))),
+                DataType::Utf8,
+            )
+        })
+        .collect()
 }
 
 /// Runs `frame` projected to `exprs` and sends every batch with rows, as `message` makes it,
@@ -859,15 +866,8 @@ async fn stream_pass(
     if plan.engine.cluster.is_none() {
         return Err(plan.plan_error("an executor pass needs a Ballista cluster".into()));
     }
-    let schema = frame.schema().clone();
     let mut args = vec![lit(ScalarValue::Binary(Some(sealed)))];
-    args.extend(read.iter().map(|&i| {
-        let (qualifier, field) = schema.qualified_field(i);
-        cast(
-            Expr::Column(Column::from((qualifier, field))),
-            DataType::Utf8,
-        )
-    }));
+    args.extend(as_text(&frame, read));
     let pass = Expr::ScalarFunction(ScalarFunction::new_udf(Arc::new(PassUdf::planner()), args))
         .alias("outcome");
     send_batches(plan, frame, vec![pass], out, |batch| {
@@ -895,17 +895,7 @@ async fn stream_grouped(
     if plan.engine.cluster.is_none() {
         return Err(plan.plan_error("an executor pass needs a Ballista cluster".into()));
     }
-    let schema = frame.schema().clone();
-    let columns: Vec<Expr> = read
-        .iter()
-        .map(|&i| {
-            let (qualifier, field) = schema.qualified_field(i);
-            cast(
-                Expr::Column(Column::from((qualifier, field))),
-                DataType::Utf8,
-            )
-        })
-        .collect();
+    let columns = as_text(&frame, read);
     let call = |output: Output, lead: Vec<Expr>| {
         let mut args = vec![lit(ScalarValue::Binary(Some(sealed.clone())))];
         args.extend(lead);
