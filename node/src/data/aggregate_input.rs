@@ -226,14 +226,14 @@ fn from_groups(
         let group = match cell {
             Cell::Counted(group) => group as usize,
             _ => {
-                rejected += row.rows;
+                rejected = rejected.saturating_add(row.rows);
                 continue;
             }
         };
         if group == domain.other() {
-            in_other += row.rows;
+            in_other = in_other.saturating_add(row.rows);
         }
-        used += row.rows;
+        used = used.saturating_add(row.rows);
         // Cells are in Z_2^64: a count and each exact sum, reduced mod 2^64.
         vector
             .add(group, 0, row.rows as i64)

@@ -82,7 +82,8 @@ impl Rejections {
 
     /// Counts `n` rejected rows that have no place (grouped on a cluster).
     fn count_unplaced(&mut self, why: Rejection, n: u64) {
-        *self.by_reason.entry(why.label()).or_default() += n;
+        let count = self.by_reason.entry(why.label()).or_default();
+        *count = count.saturating_add(n);
     }
 
     /// Logs how many rejections went unlogged.
@@ -576,11 +577,18 @@ pub(crate) fn aggregate_on_cluster(
                     .into(),
             )
         })?;
-        counts.rows_read += row.rows;
+        // Saturating: the figures come from other processes; too many rows fails below.
+        counts.rows_read = counts.rows_read.saturating_add(row.rows);
         match cell {
             Cell::Malformed(kind) => counts.rejections.count_unplaced(kind.into(), row.rows),
-            Cell::NoConsent => counts.rows_excluded_consent += row.rows,
-            Cell::Forgotten => counts.rows_excluded_deleted += row.rows,
+            Cell::NoConsent => {
+                counts.rows_excluded_consent =
+                    counts.rows_excluded_consent.saturating_add(row.rows);
+            }
+            Cell::Forgotten => {
+                counts.rows_excluded_deleted =
+                    counts.rows_excluded_deleted.saturating_add(row.rows);
+            }
             Cell::Rejected | Cell::Counted(_) => kept.push((cell, row)),
         }
     }
