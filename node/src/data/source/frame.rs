@@ -273,15 +273,20 @@ impl Frame {
     /// (in that order, repeats kept), its spec `sealed`. Only a dataset on a cluster can. A CSV
     /// dataset read line by line passes its line, and the spec says which fields to take.
     pub fn start_pass(&mut self, read: &[usize], sealed: Vec<u8>) -> Result<(), SourceError> {
-        let read = match self.lines {
-            Some(_) => vec![0],
-            None => read.to_vec(),
-        };
         self.request(Request {
-            read,
+            read: self.function_columns(read),
             sealed: Some(sealed),
             grouped: None,
         })
+    }
+
+    /// The columns an executor function takes for the columns at `read`: those, or the line
+    /// of a CSV dataset read line by line (the function's spec says which fields to take).
+    fn function_columns(&self, read: &[usize]) -> Vec<usize> {
+        match self.lines {
+            Some(_) => vec![0],
+            None => read.to_vec(),
+        }
     }
 
     /// An aggregate's pass on the cluster's executors, grouped there
@@ -294,12 +299,8 @@ impl Frame {
         sealed: Vec<u8>,
         sums: usize,
     ) -> Result<Vec<GroupedRow>, SourceError> {
-        let read = match self.lines {
-            Some(_) => vec![0],
-            None => read.to_vec(),
-        };
         self.request(Request {
-            read,
+            read: self.function_columns(read),
             sealed: Some(sealed),
             grouped: Some(sums),
         })?;
