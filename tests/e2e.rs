@@ -20,6 +20,7 @@ mod partition;
 mod policy;
 mod psi;
 mod refusals;
+mod s3;
 mod schedule;
 mod views;
 mod web;

@@ -17,6 +17,7 @@ pub mod fake_node;
 pub mod operator;
 pub mod proxy;
 pub mod raw_coordinator;
+pub mod s3;
 pub mod web;
 
 /// Paths of the `cleanroom` and `cleanroom-node` binaries, built once per test process with
@@ -218,6 +219,9 @@ pub struct Consortium {
     /// Top-level keys written into node configs from now on, by node name (e.g.
     /// `memory_limit = "256MiB"`).
     pub node_top: std::collections::HashMap<String, String>,
+    /// Environment variables set on nodes started from now on, by node name (e.g. the `AWS_*`
+    /// variables of an S3 service, [`s3::S3::env`]).
+    pub node_env: std::collections::HashMap<String, Vec<(String, String)>>,
     /// The Ballista cluster the nodes read on, if one was started ([`ballista::Ballista`]).
     pub ballista: Option<ballista::Ballista>,
 }
@@ -256,6 +260,7 @@ impl Consortium {
             web: None,
             log_json: false,
             node_top: std::collections::HashMap::new(),
+            node_env: std::collections::HashMap::new(),
             ballista: None,
         }
     }
@@ -541,6 +546,9 @@ impl Consortium {
         }
         if let Some(t) = self.transcript_of(name) {
             cmd.env(TRANSCRIPT_ENV, t);
+        }
+        for (key, value) in self.node_env.get(name).into_iter().flatten() {
+            cmd.env(key, value);
         }
         let mut child = cmd.spawn().expect("starting a node");
         if let Some(mut stderr) = child.stderr.take() {

@@ -1,0 +1,229 @@
+//! End to end: datasets in an S3 bucket (`s3://` paths), read by real nodes through
+//! DataFusion's object store over HTTP from an S3 service on loopback (moto's server, installed
+//! and started by the test: [`cleanroom_e2e::s3`]). The credentials come from the nodes'
+//! environment and never reach a log or a file.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::BTreeSet;
+use std::path::Path;
+
+use cleanroom_e2e::s3::{S3, SECRET_KEY};
+use cleanroom_e2e::{Consortium, cleanroom_ok, open_agreement};
+
+/// `(row number from 1, email trimmed and lower-cased)` of a `synth` CSV.
+fn emails_of(csv: &Path) -> Vec<(u64, String)> {
+    let mut reader = csv::Reader::from_path(csv).unwrap();
+    let at = reader
+        .headers()
+        .unwrap()
+        .iter()
+        .position(|h| h == "email")
+        .unwrap();
+    reader
+        .records()
+        .enumerate()
+        .map(|(i, r)| (i as u64 + 1, r.unwrap()[at].trim().to_lowercase()))
+        .collect()
+}
+
+/// Every file under `dir` that holds `needle`.
+fn files_holding(dir: &Path, needle: &[u8]) -> Vec<String> {
+    let mut found = Vec::new();
+    let mut stack = vec![dir.to_owned()];
+    while let Some(d) = stack.pop() {
+        for entry in std::fs::read_dir(&d).unwrap().flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                stack.push(path);
+            } else if let Ok(bytes) = std::fs::read(&path)
+                && bytes.windows(needle.len()).any(|w| w == needle)
+            {
+                found.push(path.display().to_string());
+            }
+        }
+    }
+    found
+}
+
+/// acme's customers are Parquet under a prefix of its bucket (beside a `_SUCCESS` marker, as
+/// Spark writes them), globex's a CSV export in its bucket with malformed lines. A real
+/// overlap and match read both over S3: the count equals the truth counted here from the CSVs,
+/// the malformed lines are rejected and counted, acme's matched rows are its Parquet rows, and
+/// the secret access key is in no file of the consortium (logs, audit logs, state, results).
+#[test]
+fn nodes_read_their_datasets_from_s3() {
+    let (mut c, _) = Consortium::with_coordinator("acme,globex", 800, 0.5, 47);
+    cleanroom_ok(
+        c.path(),
+        &[
+            "synth",
+            "--out",
+            "data-pq",
+            "--partners",
+            "acme",
+            "--rows",
+            "800",
+            "--overlap",
+            "0.5",
+            "--seed",
+            "47",
+            "--format",
+            "parquet",
+        ],
+    );
+    let acme = emails_of(&c.path().join("data/acme.csv"));
+    let globex = emails_of(&c.path().join("data/globex.csv"));
+
+    // globex's export: the synth file with three malformed lines spliced in.
+    let text = std::fs::read_to_string(c.path().join("data/globex.csv")).unwrap();
+    let mut lines: Vec<String> = text.lines().map(str::to_owned).collect();
+    let fields = lines[0].split(',').count();
+    let email_at = lines[0].split(',').position(|h| h == "email").unwrap();
+    let bad = [
+        (10, "short@example.com,1".to_owned()),
+        (200, format!("{},x", lines[200])),
+        (400, {
+            // Eight fields, the last one's quote open at the line's end.
+            let mut f: Vec<String> = vec![String::new(); fields];
+            f[email_at] = "open@example.com".into();
+            f[fields - 1] = "\"a note over two lines".into();
+            f.join(",")
+        }),
+    ];
+    for (at, line) in bad.iter().rev() {
+        lines.insert(*at, line.clone());
+    }
+    let export = c.path().join("data/globex-export.csv");
+    std::fs::write(&export, lines.join("\n") + "\n").unwrap();
+    let globex_emails: BTreeSet<&str> = globex.iter().map(|(_, e)| e.as_str()).collect();
+    let acme_rows: Vec<u64> = acme
+        .iter()
+        .filter(|(_, e)| globex_emails.contains(e.as_str()))
+        .map(|(row, _)| *row)
+        .collect();
+    let truth = acme_rows.len() as u64;
+    assert!(truth > 100, "{truth}");
+
+    let s3 = S3::start(c.path());
+    s3.create_bucket("acme-lake");
+    s3.create_bucket("globex-lake");
+    s3.put(
+        "acme-lake",
+        "customers/part-0.parquet",
+        &c.path().join("data-pq/acme.parquet"),
+    );
+    std::fs::write(c.path().join("data/_SUCCESS"), "").unwrap();
+    s3.put(
+        "acme-lake",
+        "customers/_SUCCESS",
+        &c.path().join("data/_SUCCESS"),
+    );
+    s3.put("globex-lake", "exports/customers.csv", &export);
+    // The local copies go: the nodes can only have read S3.
+    std::fs::remove_dir_all(c.path().join("data-pq")).unwrap();
+    // (globex's export is kept outside the consortium's directory, to put back later.)
+    let spare = tempfile::tempdir().unwrap();
+    let saved = spare.path().join("customers.csv");
+    std::fs::rename(&export, &saved).unwrap();
+
+    for node in ["acme", "globex"] {
+        c.node_env.insert(node.into(), s3.env());
+        c.admit_node(node);
+    }
+    c.write_node_toml(
+        "acme",
+        &format!(
+            "[[dataset]]\nname = \"customers\"\npath = \"s3://acme-lake/customers/\"\n\
+             format = \"parquet\"\n\n\
+             [[dataset.identifier]]\nname = \"email\"\ncolumn = \"email\"\nnormaliser = \"email\"\n\n{}",
+            open_agreement("globex")
+        ),
+    );
+    c.write_node_toml(
+        "globex",
+        &format!(
+            "[[dataset]]\nname = \"customers\"\npath = \"s3://globex-lake/exports/customers.csv\"\n\n\
+             [[dataset.identifier]]\nname = \"email\"\ncolumn = \"email\"\nnormaliser = \"email\"\n\n{}",
+            open_agreement("acme")
+        ),
+    );
+    c.start_node("acme");
+    c.start_node("globex");
+    c.wait_connected(&["acme", "globex"]);
+
+    let (job, code) = c.submit(&cleanroom_e2e::overlap_between("acme,globex"));
+    assert_eq!(code, Some(0), "{job}");
+    assert_eq!(job["intersection"].as_u64(), Some(truth), "{job}");
+    let job_id = job["job_id"].as_str().unwrap();
+    let access = c.audited_access("acme", job_id);
+    assert_eq!(access["rows_read"], acme.len() as u64, "{access}");
+    assert_eq!(access["rows_rejected"], 0, "{access}");
+    let access = c.audited_access("globex", job_id);
+    assert_eq!(
+        [access["rows_read"].clone(), access["rows_rejected"].clone()],
+        [globex.len() as u64 + 3, 3].map(serde_json::Value::from),
+        "{access}"
+    );
+
+    let (job, code) = c.submit(&cleanroom_e2e::psi_job(
+        "match",
+        "acme,globex",
+        "email",
+        "fraud-detection",
+    ));
+    assert_eq!(code, Some(0), "{job}");
+    let job_id = job["job_id"].as_str().unwrap();
+    let membership: Vec<u64> = std::fs::read_to_string(
+        c.path()
+            .join(format!("state-acme/results/{job_id}-membership.csv")),
+    )
+    .unwrap()
+    .lines()
+    .skip(1)
+    .map(|l| l.parse().unwrap())
+    .collect();
+    assert_eq!(membership, acme_rows, "acme's matched rows of its Parquet");
+
+    // Counted by reason, and placed by data row (the read is in file order).
+    let rejected = &access["rejected"];
+    assert_eq!(
+        rejected["by_reason"],
+        serde_json::json!({"field count": 2, "quote left open": 1}),
+        "{access}"
+    );
+    let places: Vec<u64> = rejected["first"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["line"].as_u64().unwrap())
+        .collect();
+    // Each bad line went in before the ones after it: its row is its place plus those before.
+    let want: Vec<u64> = bad
+        .iter()
+        .enumerate()
+        .map(|(before, (at, _))| (at + before) as u64)
+        .collect();
+    assert_eq!(places, want, "{access}");
+
+    // The export is gone from the bucket: the next job fails alone, saying which dataset and
+    // which object, and globex's node keeps serving.
+    s3.delete("globex-lake", "exports/customers.csv");
+    let (job, code) = c.submit(&cleanroom_e2e::overlap_between("acme,globex"));
+    assert_ne!(code, Some(0), "{job}");
+    let reason = cleanroom_e2e::reason_of(&job, "failed");
+    assert!(
+        reason.contains("customers") && reason.contains("exports/customers.csv"),
+        "{reason}"
+    );
+    let error = c
+        .audited_error("globex", job["job_id"].as_str().unwrap())
+        .unwrap();
+    assert!(error.contains("exports/customers.csv"), "{error}");
+    s3.put("globex-lake", "exports/customers.csv", &saved);
+    let (job, code) = c.submit(&cleanroom_e2e::overlap_between("acme,globex"));
+    assert_eq!(code, Some(0), "{job}");
+    assert_eq!(job["intersection"].as_u64(), Some(truth), "{job}");
+
+    let holding = files_holding(c.path(), SECRET_KEY.as_bytes());
+    assert!(holding.is_empty(), "the secret key is in {holding:?}");
+}
