@@ -672,3 +672,113 @@ fn messy_overlap(executors: Option<usize>) -> (u64, [u64; 4]) {
     }
     (intersection, figures)
 }
+
+/// A match re-reads acme's dataset for its row numbers: the executors' pass again on a cluster,
+/// the node's strict reader in process. Rows appended to the file between the two reads make
+/// the job fail with "the dataset changed during the job": no membership file is written, the
+/// failure is audited, and the next match succeeds. To change the file at the right moment,
+/// globex sits behind a UDP proxy that the test cuts before the job starts: acme reads its
+/// rows, then cannot reach globex; the test appends rows and heals the proxy (a few seconds,
+/// which QUIC's retransmissions bridge).
+fn a_match_whose_dataset_changes_between_its_reads_fails(executors: Option<usize>) {
+    use cleanroom_e2e::proxy::UdpProxy;
+    use std::time::{Duration, Instant};
+
+    let (mut c, _) = Consortium::with_coordinator("acme,globex", 1000, 0.5, 53);
+    if let Some(executors) = executors {
+        let cluster = Ballista::start(c.path(), executors, 600);
+        c.node_top.insert("acme".into(), cluster.engine_line(true));
+        c.ballista = Some(cluster);
+    }
+    let proxy = UdpProxy::start();
+    for (me, other) in [("acme", "globex"), ("globex", "acme")] {
+        c.admit_node(me);
+        c.write_node_config(me, me, &open_agreement(other));
+    }
+    let cfg = c.path().join("globex.toml");
+    let text = std::fs::read_to_string(&cfg).unwrap().replacen(
+        "listen = \"127.0.0.1:0\"\n",
+        &format!(
+            "listen = \"127.0.0.1:0\"\nadvertise = \"{}\"\n",
+            proxy.addr()
+        ),
+        1,
+    );
+    std::fs::write(&cfg, text).unwrap();
+    c.start_node("globex");
+    proxy.set_upstream(crate::partition::bound_data_plane(&c, "globex"));
+    c.start_node("acme");
+    c.wait_connected(&["acme", "globex"]);
+    let match_job = cleanroom_e2e::psi_job("match", "acme,globex", "email", "fraud-detection");
+
+    proxy.cut();
+    let job_id = c.submit_nowait(&match_job);
+    let t0 = Instant::now();
+    while !c
+        .node_log("acme")
+        .lines()
+        .any(|l| l.contains(&job_id) && l.contains("dataset loaded"))
+    {
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "acme never read its rows: {}",
+            c.job_status(&job_id)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let csv = c.path().join("data/acme.csv");
+    let mut text = std::fs::read_to_string(&csv).unwrap();
+    let width = text.lines().next().unwrap().split(',').count();
+    let email_at = text
+        .lines()
+        .next()
+        .unwrap()
+        .split(',')
+        .position(|h| h == "email")
+        .unwrap();
+    for i in 0..5 {
+        let mut fields = vec![String::new(); width];
+        fields[email_at] = format!("appended-{i}@example.com");
+        text += &(fields.join(",") + "\n");
+    }
+    std::fs::write(&csv, text).unwrap();
+    proxy.heal();
+
+    let job = c.wait_job(&job_id, Duration::from_secs(120));
+    let reason = cleanroom_e2e::reason_of(&job, "failed");
+    assert!(
+        reason.contains("the dataset changed during the job"),
+        "{reason}"
+    );
+    let audited = c.audited_error("acme", &job_id).unwrap();
+    assert!(
+        audited.contains("the dataset changed during the job"),
+        "{audited}"
+    );
+    let membership = c
+        .path()
+        .join(format!("state-acme/results/{job_id}-membership.csv"));
+    assert!(!membership.exists(), "a membership file was written");
+    if executors.is_some() {
+        assert!(
+            c.node_log("acme")
+                .lines()
+                .any(|l| l.contains(&job_id) && l.contains("on_executors=true")),
+            "acme's first read ran on the executors"
+        );
+    }
+
+    // The file is read as it is now: the next match succeeds.
+    let (job, code) = c.submit(&match_job);
+    assert_eq!(code, Some(0), "{job}");
+}
+
+#[test]
+fn a_match_whose_dataset_changes_between_its_reads_fails_in_process() {
+    a_match_whose_dataset_changes_between_its_reads_fails(None);
+}
+
+#[test]
+fn a_match_whose_dataset_changes_between_its_reads_fails_on_a_cluster() {
+    a_match_whose_dataset_changes_between_its_reads_fails(Some(2));
+}

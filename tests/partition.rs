@@ -31,7 +31,7 @@ const ROWS: u64 = 20_000;
 const SHORT: Duration = Duration::from_secs(5);
 
 /// The data-plane address a node logged at start (`node listening … data_plane=ADDR`).
-fn bound_data_plane(c: &Consortium, name: &str) -> SocketAddr {
+pub(crate) fn bound_data_plane(c: &Consortium, name: &str) -> SocketAddr {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let log = c.node(name).log_text();
