@@ -674,13 +674,29 @@ fn messy_overlap(executors: Option<usize>) -> (u64, [u64; 4]) {
 }
 
 /// A match re-reads acme's dataset for its row numbers: the executors' pass again on a cluster,
-/// the node's strict reader in process. Rows appended to the file between the two reads make
-/// the job fail with "the dataset changed during the job": no membership file is written, the
-/// failure is audited, and the next match succeeds. To change the file at the right moment,
+/// the node's strict reader in process. Rows appended to the file between the two reads, or one
+/// shared record replaced by a new one (the same row count), make the job fail with "the
+/// dataset changed during the job": no membership file is written, the failure is audited, and
+/// the next match succeeds. (In process, the replaced record once went unseen: the indices the
+/// protocol returned then named other keys' rows.) To change the file at the right moment,
 /// globex sits behind a UDP proxy that the test cuts before the job starts: acme reads its
 /// rows, then cannot reach globex; the test appends rows and heals the proxy (a few seconds,
 /// which QUIC's retransmissions bridge).
 fn a_match_whose_dataset_changes_between_its_reads_fails(executors: Option<usize>) {
+    // Rows appended; then one shared customer's email replaced by a new one (the same number
+    // of rows and of distinct emails: only the set differs).
+    for change in [Change::Append, Change::Replace] {
+        match_with_a_change(executors, change);
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Change {
+    Append,
+    Replace,
+}
+
+fn match_with_a_change(executors: Option<usize>, change: Change) {
     use cleanroom_e2e::proxy::UdpProxy;
     use std::time::{Duration, Instant};
 
@@ -736,19 +752,43 @@ fn a_match_whose_dataset_changes_between_its_reads_fails(executors: Option<usize
         .split(',')
         .position(|h| h == "email")
         .unwrap();
-    for i in 0..5 {
-        let mut fields = vec![String::new(); width];
-        fields[email_at] = format!("appended-{i}@example.com");
-        text += &(fields.join(",") + "\n");
+    match change {
+        Change::Append => {
+            for i in 0..5 {
+                let mut fields = vec![String::new(); width];
+                fields[email_at] = format!("appended-{i}@example.com");
+                text += &(fields.join(",") + "\n");
+            }
+        }
+        Change::Replace => {
+            // The first data row whose email globex has too.
+            let globex: BTreeSet<String> = rows_of(&c.path().join("data/globex.csv"))
+                .into_iter()
+                .map(|(_, email, _)| email)
+                .collect();
+            let mut lines: Vec<String> = text.lines().map(str::to_owned).collect();
+            let line = lines
+                .iter_mut()
+                .skip(1)
+                .find(|l| {
+                    globex.contains(&l.split(',').nth(email_at).unwrap().trim().to_lowercase())
+                })
+                .unwrap();
+            let mut fields: Vec<String> = line.split(',').map(str::to_owned).collect();
+            fields[email_at] = "replaced@example.com".into();
+            *line = fields.join(",");
+            text = lines.join("\n") + "\n";
+        }
     }
     std::fs::write(&csv, text).unwrap();
     proxy.heal();
 
     let job = c.wait_job(&job_id, Duration::from_secs(120));
+    assert_eq!(job["state"], "failed", "{change:?}: {job}");
     let reason = cleanroom_e2e::reason_of(&job, "failed");
     assert!(
         reason.contains("the dataset changed during the job"),
-        "{reason}"
+        "{change:?}: {reason}"
     );
     let audited = c.audited_error("acme", &job_id).unwrap();
     assert!(

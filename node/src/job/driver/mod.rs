@@ -294,8 +294,12 @@ impl PsiInput {
 
 /// How a `match` finds the rows of its matched keys.
 enum MembershipPass {
-    /// Read the dataset again in this process (or through the cluster) and compare keys.
-    Reread,
+    /// Read the dataset again in this process (or through the cluster) and compare keys. The
+    /// digest of the first read's items ([`items_digest`]) tells whether the second read gives
+    /// the same set: the protocol's indices refer to its sorted order.
+    Reread(ItemsDigest),
+    /// A count-only job (its keys blinded as they were read): no membership to find.
+    CountOnly,
     /// Run the executors' pass again with the job's key and compare points.
     OnExecutors(Box<BlindedOnExecutors>),
 }
@@ -467,14 +471,17 @@ async fn exchange(
         noise,
     };
     let (mut proto, membership_pass) = match input {
-        PsiInput::Items(items) => (
-            PsiProtocol::start(cfg, JobKey::generate(), items),
-            MembershipPass::Reread,
-        ),
+        PsiInput::Items(items) => {
+            let digest = items_digest(&items);
+            (
+                PsiProtocol::start(cfg, JobKey::generate(), items),
+                MembershipPass::Reread(digest),
+            )
+        }
         PsiInput::Spilled(key, own) => (
             PsiProtocol::start_spilled(cfg, key, own)
                 .map_err(|e| JobError::Internal(e.to_string()))?,
-            MembershipPass::Reread,
+            MembershipPass::CountOnly,
         ),
         PsiInput::Blinded(own) => {
             // The session gets a copy of the key and points; the membership pass keeps these.
@@ -871,7 +878,12 @@ async fn write_membership(
             MembershipPass::OnExecutors(own) => {
                 rows_on_executors(&dataset, &keys, filter, indices, own)?
             }
-            MembershipPass::Reread => reread_rows(&dataset, &keys, filter, indices, own_size)?,
+            MembershipPass::Reread(digest) => {
+                reread_rows(&dataset, &keys, filter, indices, (own_size, digest))?
+            }
+            MembershipPass::CountOnly => {
+                return Err(JobError::Internal("a count-only job has no membership".into()).into());
+            }
         };
         write_rows(&dir, &out, &rows)?;
         Ok(rows.len() as u64)
@@ -914,19 +926,35 @@ fn rows_on_executors(
     Ok(rows)
 }
 
+/// A digest of a deduplicated, sorted item set: each item with its length, in order. Kept in
+/// memory for the job only (it is a function of raw identifiers).
+type ItemsDigest = [u8; 32];
+
+fn items_digest(items: &ItemSet) -> ItemsDigest {
+    use sha2::{Digest, Sha256};
+    let mut hash = Sha256::new();
+    hash.update((items.len() as u64).to_le_bytes());
+    for item in items.iter() {
+        hash.update((item.len() as u64).to_le_bytes());
+        hash.update(item);
+    }
+    hash.finalize().into()
+}
+
 /// The rows of the matched keys: the dataset read again. The same data dedups to the same
-/// sorted order, so the indices the protocol returned map to the same keys. A changed file is
-/// detected by its size.
+/// sorted order, so the indices the protocol returned map to the same keys. A changed dataset
+/// is detected by its set: its size, then its digest (`first`: both from the first read). A
+/// record replaced by another keeps the size but not the digest.
 fn reread_rows(
     dataset: &crate::data::schema::DatasetConfig,
     keys: &dataset::KeySpec,
     filter: RowFilter<'_>,
     indices: Vec<u32>,
-    own_size: u64,
+    first: (u64, ItemsDigest),
 ) -> Result<Vec<u64>, NodeError> {
     let loaded = dataset::load_keys_for(dataset, keys, filter, MAX_ROWS)
         .map_err(|e| NodeError::from(JobError::Dataset(e.to_string())))?;
-    if loaded.items.len() as u64 != own_size {
+    if (loaded.items.len() as u64, items_digest(&loaded.items)) != first {
         return Err(JobError::DatasetChanged.into());
     }
     let mut matched = cleanroom_circuits::ItemSet::new();
