@@ -6,6 +6,7 @@ use std::sync::Arc;
 use crate::args::{ExecutorArgs, SchedulerArgs};
 use cleanroom_node::data::cluster_aggregate::AggregateUdf;
 use cleanroom_node::data::cluster_pass::{PassUdf, SealingKey};
+use cleanroom_node::data::source::line_table;
 use cleanroom_scale::executor::{Counters, ExecutorOptions};
 
 /// Serves until a stop signal (or standard input's end, for supervisors).
@@ -13,6 +14,7 @@ pub async fn scheduler(args: SchedulerArgs) -> anyhow::Result<ExitCode> {
     let keep = std::time::Duration::from_secs(args.keep_results_secs);
     let mut functions = vec![Arc::new(PassUdf::planner())];
     functions.extend(AggregateUdf::planners().map(Arc::new));
+    functions.extend(line_table::functions().map(Arc::new));
     let (addr, serve) = cleanroom_scale::scheduler::start(args.listen, keep, functions).await?;
     {
         // Supervisors (the demo, the tests) read this line to learn a port-0 address.
@@ -40,18 +42,23 @@ pub async fn executor(args: ExecutorArgs) -> anyhow::Result<ExitCode> {
         memory_pool: args.memory_pool.map(|b| b.as_u64()),
         // Without a key the functions still decode, and refuse to run with a message that says
         // so.
-        functions: match &args.sealing_key {
-            Some(path) => {
-                let key = Arc::new(SealingKey::read(path).map_err(anyhow::Error::msg)?);
-                let mut functions = vec![Arc::new(PassUdf::executor(Arc::clone(&key)))];
-                functions.extend(AggregateUdf::executors(&key).map(Arc::new));
-                functions
-            }
-            None => {
-                let mut functions = vec![Arc::new(PassUdf::planner())];
-                functions.extend(AggregateUdf::planners().map(Arc::new));
-                functions
-            }
+        functions: {
+            let mut functions = match &args.sealing_key {
+                Some(path) => {
+                    let key = Arc::new(SealingKey::read(path).map_err(anyhow::Error::msg)?);
+                    let mut functions = vec![Arc::new(PassUdf::executor(Arc::clone(&key)))];
+                    functions.extend(AggregateUdf::executors(&key).map(Arc::new));
+                    functions
+                }
+                None => {
+                    let mut functions = vec![Arc::new(PassUdf::planner())];
+                    functions.extend(AggregateUdf::planners().map(Arc::new));
+                    functions
+                }
+            };
+            // A view's CSV tables read strictly (no key: they read only the line given).
+            functions.extend(line_table::functions().map(Arc::new));
+            functions
         },
     };
     let counters = Arc::new(Counters::default());

@@ -30,6 +30,7 @@ use datafusion::prelude::{DataFrame, Expr, SQLOptions, SessionConfig, SessionCon
 use futures::StreamExt;
 
 use super::csv_line::{LINE_DELIMITER, LINE_QUOTE, LineRecord, header_names};
+use super::line_table;
 use super::strict_table::{Rejected, StrictCsvTable, TableRejections};
 use super::{Malformed, SourceError};
 use crate::data::cluster_pass::PassUdf;
@@ -438,12 +439,16 @@ impl Plan {
                 .tables
                 .iter()
                 .filter_map(|t| {
+                    let format = t.format()?;
                     Some(Table {
                         name: t.name.clone(),
                         location: location_text(&t.path),
-                        format: t.format()?,
+                        format,
                         delimiter: t.delimiter,
-                        lines: false,
+                        // Read by the strict reader in process when local; otherwise line by
+                        // line, as strictly ([`super::line_table`]).
+                        lines: format == DataFormat::Csv
+                            && (d.engine.cluster.is_some() || super::local_path(&t.path).is_none()),
                     })
                 })
                 .collect(),
@@ -559,8 +564,9 @@ impl Plan {
     }
 
     /// Registers the tables and plans the dataset: the table itself, or the view's query; with
-    /// a view's [`select_reads`].
-    async fn frame(&self) -> Result<(DataFrame, Vec<String>), SourceError> {
+    /// a view's [`select_reads`], and the plans that count its line-read tables' rejected lines
+    /// by reason ([`super::line_table`]; run once the view has been read).
+    async fn frame(&self) -> Result<(DataFrame, Vec<String>, Vec<DataFrame>), SourceError> {
         let ctx = match &self.engine.cluster {
             None => {
                 let config = SessionConfig::new()
@@ -570,6 +576,7 @@ impl Plan {
             }
             Some(cluster) => self.remote(cluster).await?,
         };
+        let mut line_tables = Vec::new();
         for Table {
             name,
             location,
@@ -578,6 +585,14 @@ impl Plan {
             lines,
         } in &self.tables
         {
+            if *lines && self.sql.is_some() {
+                let table = self
+                    .register_view_lines(&ctx, name, location, *delimiter)
+                    .await
+                    .map_err(|e| self.error(format!("table '{name}' ({location}): {e}")))?;
+                line_tables.push(table);
+                continue;
+            }
             // In process, a view's local CSV tables are read strictly: a malformed row is
             // rejected, not a failed read. (On a cluster the executors read them.)
             if !*lines
@@ -598,7 +613,7 @@ impl Plan {
             None => ctx
                 .table(TableReference::bare("dataset"))
                 .await
-                .map(|frame| (frame, Vec::new()))
+                .map(|frame| (frame, Vec::new(), Vec::new()))
                 .map_err(|e| self.plan_error(e.to_string())),
             Some(sql) => {
                 // A view reads; it never writes, creates or changes settings.
@@ -620,10 +635,127 @@ impl Plan {
                 }
                 let reads = select_reads(frame.logical_plan(), &base)
                     .map_err(|e| self.error(format!("the sql view: {e}")))?;
-                Ok((frame, reads))
+                let (frame, problems) = self
+                    .read_lines_strictly(&ctx, frame, line_tables)
+                    .await
+                    .map_err(|e| self.plan_error(format!("the sql view: {e}")))?;
+                Ok((frame, reads, problems))
             }
         }
     }
+}
+
+/// A view's CSV table read line by line: its name, its lines' hidden name, its columns and
+/// their kinds, its delimiter.
+struct LineTable {
+    name: String,
+    hidden: String,
+    names: Vec<String>,
+    kinds: Vec<super::strict_table::Kind>,
+    delimiter: u8,
+}
+
+impl Plan {
+    /// Registers a view's CSV table as lines under a hidden name, and in its own name an empty
+    /// stand-in with its columns typed from its first well-formed lines, to plan the view's SQL
+    /// against.
+    async fn register_view_lines(
+        &self,
+        ctx: &SessionContext,
+        name: &str,
+        location: &str,
+        delimiter: Delimiter,
+    ) -> Result<LineTable, String> {
+        let hidden = line_table::hidden_name(name);
+        register(ctx, &hidden, location, DataFormat::Csv, delimiter, true).await?;
+        let lines = ctx
+            .table(TableReference::bare(hidden.as_str()))
+            .await
+            .map_err(|e| e.to_string())?;
+        let header = lines.schema().field(0).name().clone();
+        let names = header_names(&header, delimiter.byte());
+        // The kinds come from the first lines of the first file, read here in one part (on a
+        // cluster, a sample would come from whichever parts finish first).
+        let config = SessionConfig::new()
+            .with_target_partitions(1)
+            .with_batch_size(BATCH_ROWS);
+        let here =
+            SessionContext::new_with_config_rt(config, self.runtime().map_err(|e| e.to_string())?);
+        register(&here, &hidden, location, DataFormat::Csv, delimiter, true).await?;
+        let first = here
+            .table(TableReference::bare(hidden.as_str()))
+            .await
+            .map_err(|e| e.to_string())?;
+        let kinds = line_table::sample_kinds(first, delimiter.byte(), names.len())
+            .await
+            .map_err(|e| e.to_string())?;
+        let delimiter = delimiter.byte();
+        line_table::register_stand_in(ctx, name, &names, &kinds).map_err(|e| e.to_string())?;
+        Ok(LineTable {
+            name: name.to_owned(),
+            hidden,
+            names,
+            kinds,
+            delimiter,
+        })
+    }
+
+    /// The view's plan with each line-read table's stand-in replaced by the strict read of its
+    /// lines (only the columns the view reads are checked), and a plan per table counting its
+    /// rejected lines by reason.
+    async fn read_lines_strictly(
+        &self,
+        ctx: &SessionContext,
+        frame: DataFrame,
+        tables: Vec<LineTable>,
+    ) -> datafusion::error::Result<(DataFrame, Vec<DataFrame>)> {
+        if tables.is_empty() {
+            return Ok((frame, Vec::new()));
+        }
+        let state = ctx.state();
+        let optimized = state.optimize(frame.logical_plan())?;
+        let mut plan = frame.into_unoptimized_plan();
+        let mut problems = Vec::with_capacity(tables.len());
+        for table in tables {
+            let spec = line_table::LineSpec {
+                delimiter: table.delimiter,
+                read: line_table::reads_of(&optimized, &table.name, table.names.len()),
+                kinds: table.kinds,
+            };
+            let lines = ctx
+                .table(TableReference::bare(table.hidden.as_str()))
+                .await?;
+            let strict = line_table::table_plan(lines.clone(), &table.names, &spec)?;
+            plan = line_table::substitute(plan, &table.name, &strict)?;
+            problems.push(line_table::problems_plan(lines, &spec)?);
+        }
+        Ok((DataFrame::new(state, plan), problems))
+    }
+}
+
+/// Runs the plans that count a view's rejected lines by reason, into `rejected`.
+async fn count_line_problems(plan: &Plan, problems: Vec<DataFrame>) -> Result<(), SourceError> {
+    for counted in problems {
+        let batches = counted
+            .collect()
+            .await
+            .map_err(|e| plan.error(format!("counting the view's rejected lines: {e}")))?;
+        for batch in &batches {
+            let reasons = batch.column(0).as_any().downcast_ref::<StringArray>();
+            let lines = batch
+                .column(1)
+                .as_any()
+                .downcast_ref::<datafusion::arrow::array::Int64Array>();
+            let (Some(reasons), Some(lines)) = (reasons, lines) else {
+                return Err(plan.error("the count of rejected lines is not (text, integer)".into()));
+            };
+            for row in 0..batch.num_rows() {
+                let n = u64::try_from(lines.value(row)).unwrap_or_default();
+                plan.rejected.add(reasons.value(row), n);
+            }
+        }
+    }
+    Ok(())
 }
 
 /// A path as DataFusion takes it: a local directory ends with `/`.
@@ -750,7 +882,7 @@ fn serve(
         }
     };
     runtime.block_on(async move {
-        let (frame, reads) = match plan.frame().await {
+        let (frame, reads, problems) = match plan.frame().await {
             Ok(planned) => planned,
             Err(e) => {
                 let _ = ready.send(Err(e));
@@ -779,6 +911,10 @@ fn serve(
             (Some(sealed), Some(sums)) => {
                 stream_grouped(&plan, frame, &request.read, (sealed, sums), &out).await
             }
+        };
+        let result = match result {
+            Ok(()) => count_line_problems(&plan, problems).await,
+            failed => failed,
         };
         let message = match result {
             Ok(()) => Message::Done,

@@ -98,6 +98,11 @@ impl TableRejections {
         std::mem::take(&mut *self.0.lock().unwrap_or_else(PoisonError::into_inner))
     }
 
+    /// Counts `n` rows rejected for `reason` (a [`Rejection::label`]), with no place.
+    pub(super) fn add(&self, reason: &str, n: u64) {
+        self.with(|r| *r.more.entry(reason.to_owned()).or_default() += n);
+    }
+
     fn with<T>(&self, f: impl FnOnce(&mut Rejected) -> T) -> T {
         f(&mut self.0.lock().unwrap_or_else(PoisonError::into_inner))
     }
@@ -105,7 +110,7 @@ impl TableRejections {
 
 /// The column types the table reads its fields as.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Kind {
+pub(super) enum Kind {
     Text,
     Int,
     Float,
@@ -114,7 +119,29 @@ enum Kind {
 }
 
 impl Kind {
-    fn data_type(self) -> DataType {
+    /// The kind's byte in a [`super::line_table`] spec.
+    pub(super) fn code(self) -> u8 {
+        match self {
+            Kind::Text => 0,
+            Kind::Int => 1,
+            Kind::Float => 2,
+            Kind::Bool => 3,
+            Kind::Date => 4,
+        }
+    }
+
+    pub(super) fn from_code(code: u8) -> Option<Kind> {
+        Some(match code {
+            0 => Kind::Text,
+            1 => Kind::Int,
+            2 => Kind::Float,
+            3 => Kind::Bool,
+            4 => Kind::Date,
+            _ => return None,
+        })
+    }
+
+    pub(super) fn data_type(self) -> DataType {
         match self {
             Kind::Text => DataType::Utf8,
             Kind::Int => DataType::Int64,
@@ -175,23 +202,49 @@ impl StrictCsvTable {
 /// text for a column with no value there.
 fn infer_kinds(files: &mut CsvFiles) -> Result<Vec<Kind>, SourceError> {
     let width = files.headers().len();
-    // Per column: may it still be an integer, a number, a boolean, a date? A column with no
-    // value yet is none of them: it stays text.
-    let mut may = vec![(false, false, false, false); width];
-    let mut seen = vec![false; width];
     let all: Vec<usize> = (0..width).collect();
+    let mut inference = KindInference::new(width);
     let mut multi_line = 0;
-    let mut rows = 0;
-    while rows < INFER_ROWS && files.advance()? {
+    while inference.wants_more() && files.advance()? {
         if files.malformed(&all, &mut multi_line).is_some() {
             continue;
         }
-        rows += 1;
-        for (i, may) in may.iter_mut().enumerate() {
-            let Some(field) = files.field(i).filter(|f| !f.is_empty()) else {
+        inference.row(|i| files.field(i));
+    }
+    Ok(inference.kinds())
+}
+
+/// Infers the columns' kinds from well-formed rows, one at a time (see [`infer_kinds`]).
+pub(super) struct KindInference {
+    /// Per column: may it still be an integer, a number, a boolean, a date? A column with no
+    /// value yet is none of them: it stays text.
+    may: Vec<(bool, bool, bool, bool)>,
+    seen: Vec<bool>,
+    rows: usize,
+}
+
+impl KindInference {
+    pub(super) fn new(width: usize) -> Self {
+        KindInference {
+            may: vec![(false, false, false, false); width],
+            seen: vec![false; width],
+            rows: 0,
+        }
+    }
+
+    /// Whether fewer than [`INFER_ROWS`] rows have been seen.
+    pub(super) fn wants_more(&self) -> bool {
+        self.rows < INFER_ROWS
+    }
+
+    /// One well-formed row; `field(i)` is its `i`th field.
+    pub(super) fn row<'a>(&mut self, field: impl Fn(usize) -> Option<&'a [u8]>) {
+        self.rows += 1;
+        for (i, may) in self.may.iter_mut().enumerate() {
+            let Some(field) = field(i).filter(|f| !f.is_empty()) else {
                 continue;
             };
-            if !std::mem::replace(&mut seen[i], true) {
+            if !std::mem::replace(&mut self.seen[i], true) {
                 *may = (true, true, true, true);
             }
             let text = std::str::from_utf8(field).unwrap_or("\u{0}");
@@ -205,16 +258,19 @@ fn infer_kinds(files: &mut CsvFiles) -> Result<Vec<Kind>, SourceError> {
             may.3 &= parse_date(text).is_some();
         }
     }
-    Ok(may
-        .into_iter()
-        .map(|m| match m {
-            (true, ..) => Kind::Int,
-            (_, true, ..) => Kind::Float,
-            (_, _, true, _) => Kind::Bool,
-            (.., true) => Kind::Date,
-            _ => Kind::Text,
-        })
-        .collect())
+
+    pub(super) fn kinds(self) -> Vec<Kind> {
+        self.may
+            .into_iter()
+            .map(|m| match m {
+                (true, ..) => Kind::Int,
+                (_, true, ..) => Kind::Float,
+                (_, _, true, _) => Kind::Bool,
+                (.., true) => Kind::Date,
+                _ => Kind::Text,
+            })
+            .collect()
+    }
 }
 
 /// Whether a value's leading characters would be lost as a number (`0151…`, `+49…`).
@@ -363,7 +419,7 @@ enum Column {
 }
 
 /// A field read as its column's kind (`None`: null).
-enum Value<'a> {
+pub(super) enum Value<'a> {
     Text(Option<&'a str>),
     Int(Option<i64>),
     Float(Option<f64>),
@@ -406,7 +462,7 @@ impl Column {
 }
 
 /// A field as `kind`, or why it cannot be read as one.
-fn read_value(field: Option<&[u8]>, kind: Kind) -> Result<Value<'_>, Rejection> {
+pub(super) fn read_value(field: Option<&[u8]>, kind: Kind) -> Result<Value<'_>, Rejection> {
     let Some(field) = field.filter(|f| !f.is_empty()) else {
         return Ok(match kind {
             Kind::Text => Value::Text(None),
