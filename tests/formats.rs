@@ -10,7 +10,7 @@ use std::path::Path;
 use std::process::Command;
 
 use cleanroom_e2e::ballista::Ballista;
-use cleanroom_e2e::{Consortium, bins, cleanroom_node, cleanroom_ok, open_agreement};
+use cleanroom_e2e::{Consortium, bins, cleanroom_node, open_agreement};
 
 /// Runs `cleanroom demo ARGS --keep DIR/demo` and checks it exits 0 with no figure wrong (it
 /// checks each against the truth); returns its standard output.
@@ -147,26 +147,9 @@ fn a_ballista_cluster_reads_the_same_rows_and_every_executor_takes_a_share() {
 /// both nodes read on a Ballista cluster of that many executors.
 fn parquet_meets_a_view(rows: u64, executors: Option<usize>) -> Consortium {
     let (mut c, _) = Consortium::with_coordinator("acme,globex", rows, 0.5, 31);
-    let rows = rows.to_string();
     // The same customers again, as Parquet: acme's node reads those.
-    cleanroom_ok(
-        c.path(),
-        &[
-            "synth",
-            "--out",
-            "data-pq",
-            "--partners",
-            "acme,globex",
-            "--rows",
-            &rows,
-            "--overlap",
-            "0.5",
-            "--seed",
-            "31",
-            "--format",
-            "parquet",
-        ],
-    );
+    c.synth_as("data-pq", "parquet", "acme,globex", (rows, 0.5, 31));
+    let rows = rows.to_string();
     let acme = rows_of(&c.path().join("data/acme.csv"));
     let globex = rows_of(&c.path().join("data/globex.csv"));
     let globex_kept: BTreeSet<&str> = globex
@@ -210,9 +193,7 @@ fn parquet_meets_a_view(rows: u64, executors: Option<usize>) -> Consortium {
     c.start_node("globex");
     c.wait_connected(&["acme", "globex"]);
 
-    let (job, code) = c.submit(&cleanroom_e2e::overlap_between("acme,globex"));
-    assert_eq!(code, Some(0), "{job}");
-    assert_eq!(job["intersection"].as_u64(), Some(truth), "{job}");
+    let job = c.overlap_counts(truth);
     let access = c.audited_access("acme", job["job_id"].as_str().unwrap());
     assert_eq!(access["rows_read"].to_string(), rows, "{access}");
     assert_eq!(access["rows_rejected"], 0, "{access}");
@@ -242,17 +223,7 @@ fn parquet_meets_a_view(rows: u64, executors: Option<usize>) -> Consortium {
     ));
     assert_eq!(code, Some(0), "{job}");
     let job_id = job["job_id"].as_str().unwrap();
-    let membership = |node: &str| -> Vec<u64> {
-        let file = c
-            .path()
-            .join(format!("state-{node}/results/{job_id}-membership.csv"));
-        std::fs::read_to_string(&file)
-            .unwrap()
-            .lines()
-            .skip(1)
-            .map(|l| l.parse().unwrap())
-            .collect()
-    };
+    let membership = |node: &str| c.membership_rows(node, job_id);
     assert_eq!(
         membership("acme"),
         acme_rows,
@@ -445,9 +416,7 @@ fn a_cluster_reads_malformed_csv_strictly() {
     c.start_node("acme");
     c.start_node("globex");
     c.wait_connected(&["acme", "globex"]);
-    let (job, code) = c.submit(&cleanroom_e2e::overlap_between("acme,globex"));
-    assert_eq!(code, Some(0), "{job}");
-    assert_eq!(job["intersection"].as_u64(), Some(truth), "{job}");
+    let job = c.overlap_counts(truth);
     let access = c.audited_access("acme", job["job_id"].as_str().unwrap());
     let figure = |k: &str| {
         access[k]
@@ -477,16 +446,7 @@ fn a_cluster_reads_malformed_csv_strictly() {
         "fraud-detection",
     ));
     assert_eq!(code, Some(0), "{job}");
-    let job_id = job["job_id"].as_str().unwrap();
-    let membership: Vec<u64> = std::fs::read_to_string(
-        c.path()
-            .join(format!("state-acme/results/{job_id}-membership.csv")),
-    )
-    .unwrap()
-    .lines()
-    .skip(1)
-    .map(|l| l.parse().unwrap())
-    .collect();
+    let membership = c.membership_rows("acme", job["job_id"].as_str().unwrap());
     let want_rows: Vec<u64> = acme
         .iter()
         .filter(|(row, email, _)| {
@@ -711,16 +671,7 @@ fn match_with_a_change(executors: Option<usize>, change: Change) {
         c.admit_node(me);
         c.write_node_config(me, me, &open_agreement(other));
     }
-    let cfg = c.path().join("globex.toml");
-    let text = std::fs::read_to_string(&cfg).unwrap().replacen(
-        "listen = \"127.0.0.1:0\"\n",
-        &format!(
-            "listen = \"127.0.0.1:0\"\nadvertise = \"{}\"\n",
-            proxy.addr()
-        ),
-        1,
-    );
-    std::fs::write(&cfg, text).unwrap();
+    c.advertise("globex", proxy.addr());
     c.start_node("globex");
     proxy.set_upstream(crate::partition::bound_data_plane(&c, "globex"));
     c.start_node("acme");
@@ -908,9 +859,7 @@ fn a_view_on_a_cluster_reads_malformed_csv_strictly() {
     c.start_node("acme");
     c.start_node("globex");
     c.wait_connected(&["acme", "globex"]);
-    let (job, code) = c.submit(&cleanroom_e2e::overlap_between("acme,globex"));
-    assert_eq!(code, Some(0), "{job}");
-    assert_eq!(job["intersection"].as_u64(), Some(truth), "{job}");
+    let job = c.overlap_counts(truth);
     let access = c.audited_access("globex", job["job_id"].as_str().unwrap());
     let by_reason: BTreeMap<String, u64> =
         serde_json::from_value(access["rejected"]["by_reason"].clone()).unwrap();

@@ -105,16 +105,7 @@ fn a_partition_shorter_than_the_idle_timeout_is_survived_and_a_longer_one_fails_
     // globex advertises the proxy, so acme (the initiator) dials it; the proxy forwards to the
     // port globex actually bound, which is known once it has started.
     let proxy = UdpProxy::start();
-    let cfg = c.path().join("globex.toml");
-    let text = std::fs::read_to_string(&cfg).unwrap().replacen(
-        "listen = \"127.0.0.1:0\"\n",
-        &format!(
-            "listen = \"127.0.0.1:0\"\nadvertise = \"{}\"\n",
-            proxy.addr()
-        ),
-        1,
-    );
-    std::fs::write(&cfg, text).unwrap();
+    c.advertise("globex", proxy.addr());
     c.start_node("globex");
     proxy.set_upstream(bound_data_plane(&c, "globex"));
     c.start_node("acme");

@@ -8,7 +8,7 @@ use std::collections::BTreeSet;
 use std::path::Path;
 
 use cleanroom_e2e::s3::{S3, SECRET_KEY};
-use cleanroom_e2e::{Consortium, cleanroom_ok, open_agreement};
+use cleanroom_e2e::{Consortium, open_agreement};
 
 /// `(row number from 1, email trimmed and lower-cased)` of a `synth` CSV.
 fn emails_of(csv: &Path) -> Vec<(u64, String)> {
@@ -53,24 +53,7 @@ fn files_holding(dir: &Path, needle: &[u8]) -> Vec<String> {
 #[test]
 fn nodes_read_their_datasets_from_s3() {
     let (mut c, _) = Consortium::with_coordinator("acme,globex", 800, 0.5, 47);
-    cleanroom_ok(
-        c.path(),
-        &[
-            "synth",
-            "--out",
-            "data-pq",
-            "--partners",
-            "acme",
-            "--rows",
-            "800",
-            "--overlap",
-            "0.5",
-            "--seed",
-            "47",
-            "--format",
-            "parquet",
-        ],
-    );
+    c.synth_as("data-pq", "parquet", "acme", (800, 0.5, 47));
     let acme = emails_of(&c.path().join("data/acme.csv"));
     let globex = emails_of(&c.path().join("data/globex.csv"));
 
@@ -151,9 +134,7 @@ fn nodes_read_their_datasets_from_s3() {
     c.start_node("globex");
     c.wait_connected(&["acme", "globex"]);
 
-    let (job, code) = c.submit(&cleanroom_e2e::overlap_between("acme,globex"));
-    assert_eq!(code, Some(0), "{job}");
-    assert_eq!(job["intersection"].as_u64(), Some(truth), "{job}");
+    let job = c.overlap_counts(truth);
     let job_id = job["job_id"].as_str().unwrap();
     let access = c.audited_access("acme", job_id);
     assert_eq!(access["rows_read"], acme.len() as u64, "{access}");
@@ -172,16 +153,7 @@ fn nodes_read_their_datasets_from_s3() {
         "fraud-detection",
     ));
     assert_eq!(code, Some(0), "{job}");
-    let job_id = job["job_id"].as_str().unwrap();
-    let membership: Vec<u64> = std::fs::read_to_string(
-        c.path()
-            .join(format!("state-acme/results/{job_id}-membership.csv")),
-    )
-    .unwrap()
-    .lines()
-    .skip(1)
-    .map(|l| l.parse().unwrap())
-    .collect();
+    let membership = c.membership_rows("acme", job["job_id"].as_str().unwrap());
     assert_eq!(membership, acme_rows, "acme's matched rows of its Parquet");
 
     // Counted by reason, and placed by data row (the read is in file order).
@@ -220,9 +192,7 @@ fn nodes_read_their_datasets_from_s3() {
         .unwrap();
     assert!(error.contains("exports/customers.csv"), "{error}");
     s3.put("globex-lake", "exports/customers.csv", &saved);
-    let (job, code) = c.submit(&cleanroom_e2e::overlap_between("acme,globex"));
-    assert_eq!(code, Some(0), "{job}");
-    assert_eq!(job["intersection"].as_u64(), Some(truth), "{job}");
+    c.overlap_counts(truth);
 
     let holding = files_holding(c.path(), SECRET_KEY.as_bytes());
     assert!(holding.is_empty(), "the secret key is in {holding:?}");

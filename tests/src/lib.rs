@@ -347,12 +347,25 @@ impl Consortium {
 
     /// Writes synthetic data for `partners` and returns the ground truth.
     pub fn synth(&self, partners: &str, rows: u64, overlap: f64, seed: u64) -> Value {
+        self.synth_as("data", "csv", partners, (rows, overlap, seed))
+    }
+
+    /// Writes synthetic data for `partners` in `format` (`csv`, `parquet`, `jsonl`) into the
+    /// directory `out`; returns the ground truth. The same `(rows, overlap, seed)` give the same
+    /// customers in every format.
+    pub fn synth_as(
+        &self,
+        out: &str,
+        format: &str,
+        partners: &str,
+        (rows, overlap, seed): (u64, f64, u64),
+    ) -> Value {
         let out = cleanroom_ok(
             self.path(),
             &[
                 "synth",
                 "--out",
-                "data",
+                out,
                 "--partners",
                 partners,
                 "--rows",
@@ -361,6 +374,8 @@ impl Consortium {
                 &overlap.to_string(),
                 "--seed",
                 &seed.to_string(),
+                "--format",
+                format,
             ],
         );
         serde_json::from_str(&out).expect("synth prints the ground truth as JSON")
@@ -505,6 +520,40 @@ impl Consortium {
         } else {
             self.issue_node(name);
         }
+    }
+
+    /// Makes node `name` (its config written, not started) advertise `addr` as its data plane:
+    /// a proxy's, so that its partner dials the proxy ([`proxy::UdpProxy`]).
+    pub fn advertise(&self, name: &str, addr: SocketAddr) {
+        let cfg = self.path().join(format!("{name}.toml"));
+        let text = std::fs::read_to_string(&cfg).unwrap().replacen(
+            "listen = \"127.0.0.1:0\"\n",
+            &format!("listen = \"127.0.0.1:0\"\nadvertise = \"{addr}\"\n"),
+            1,
+        );
+        std::fs::write(&cfg, text).unwrap();
+    }
+
+    /// Runs an overlap between acme and globex on `customers` by email, and checks that it
+    /// succeeds with the count `expected`; returns the job as `job submit` printed it.
+    pub fn overlap_counts(&self, expected: u64) -> Value {
+        let (job, code) = self.submit(&overlap_between("acme,globex"));
+        assert_eq!(code, Some(0), "{job}");
+        assert_eq!(job["intersection"].as_u64(), Some(expected), "{job}");
+        job
+    }
+
+    /// The row numbers in node `name`'s membership file of `job_id`.
+    pub fn membership_rows(&self, name: &str, job_id: &str) -> Vec<u64> {
+        let file = self
+            .path()
+            .join(format!("state-{name}/results/{job_id}-membership.csv"));
+        std::fs::read_to_string(&file)
+            .unwrap_or_else(|e| panic!("{}: {e}", file.display()))
+            .lines()
+            .skip(1)
+            .map(|l| l.parse().unwrap())
+            .collect()
     }
 
     /// Starts `cleanroom-node run` with the config `<name>.toml`.

@@ -381,13 +381,25 @@ fn a_view_over_malformed_csv_rejects_rows_and_reads_the_rest() {
     );
 }
 
-/// A view's CSV columns are typed from the first rows: numbers compare as numbers, a column of
-/// phone numbers with a leading 0 stays text with its 0, and a later value that is not a number
-/// rejects its row instead of failing the read.
-#[test]
-fn a_view_types_csv_columns_keeps_leading_zeros_and_rejects_a_later_misfit() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("orders.csv");
+/// The typing tests' view, `SELECT email, phone FROM orders WHERE amount >= 500 AND day's day
+/// <= 14`, over [`write_typed_orders`] in `dir`; with `(rows, misfit)`.
+fn typed_orders_view(dir: &Path) -> (DatasetConfig, usize, usize) {
+    let path = dir.join("orders.csv");
+    let (rows, misfit) = write_typed_orders(&path);
+    let d = view_over(
+        "orders",
+        &path,
+        "SELECT email, phone FROM orders \
+         WHERE amount >= 500 AND extract(day FROM day) <= 14",
+        Delimiter::default(),
+    );
+    (d, rows, misfit)
+}
+
+/// `orders.csv` for the typing tests: an email, a phone with a leading 0, an amount and a day
+/// per row, and one amount (at `misfit`, past the rows the types come from) that is no number.
+/// Returns `(rows, misfit)`.
+fn write_typed_orders(path: &Path) -> (usize, usize) {
     let mut csv = String::from("email,phone,amount,day\n");
     let rows = super::strict_table::INFER_ROWS + 200;
     let misfit = super::strict_table::INFER_ROWS + 100;
@@ -402,14 +414,17 @@ fn a_view_types_csv_columns_keeps_leading_zeros_and_rejects_a_later_misfit() {
             "user{i}@example.com,0151{i:07},{amount},2026-02-{day:02}\n"
         ));
     }
-    std::fs::write(&path, csv).unwrap();
-    let d = view_over(
-        "orders",
-        &path,
-        "SELECT email, phone FROM orders \
-         WHERE amount >= 500 AND extract(day FROM day) <= 14",
-        Delimiter::default(),
-    );
+    std::fs::write(path, csv).unwrap();
+    (rows, misfit)
+}
+
+/// A view's CSV columns are typed from the first rows: numbers compare as numbers, a column of
+/// phone numbers with a leading 0 stays text with its 0, and a later value that is not a number
+/// rejects its row instead of failing the read.
+#[test]
+fn a_view_types_csv_columns_keeps_leading_zeros_and_rejects_a_later_misfit() {
+    let dir = tempfile::tempdir().unwrap();
+    let (d, rows, misfit) = typed_orders_view(dir.path());
     let mut phones = Vec::new();
     dataset::for_each_row_for(&d, &["phone"], RowFilter::default(), 10_000, |_, f| {
         phones.push(String::from_utf8(f[0].unwrap().to_vec()).unwrap());
@@ -702,29 +717,7 @@ fn a_view_over_csv_read_line_by_line_rejects_malformed_rows() {
 #[test]
 fn a_view_over_csv_read_line_by_line_types_its_columns() {
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("orders.csv");
-    let mut csv = String::from("email,phone,amount,day\n");
-    let rows = super::strict_table::INFER_ROWS + 200;
-    let misfit = super::strict_table::INFER_ROWS + 100;
-    for i in 0..rows {
-        let amount = if i == misfit {
-            "n/a".to_owned()
-        } else {
-            i.to_string()
-        };
-        let day = 1 + i % 28;
-        csv.push_str(&format!(
-            "user{i}@example.com,0151{i:07},{amount},2026-02-{day:02}\n"
-        ));
-    }
-    std::fs::write(&path, csv).unwrap();
-    let d = view_over(
-        "orders",
-        &path,
-        "SELECT email, phone FROM orders \
-         WHERE amount >= 500 AND extract(day FROM day) <= 14",
-        Delimiter::default(),
-    );
+    let (d, rows, misfit) = typed_orders_view(dir.path());
     let (phones, rejected) = view_by_lines(&d, "phone");
     let expected = (500..rows).filter(|&i| i != misfit && i % 28 < 14).count();
     assert_eq!(phones.len(), expected);
