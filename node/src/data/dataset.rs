@@ -592,6 +592,8 @@ pub(crate) fn aggregate_on_cluster(
             Cell::Rejected | Cell::Counted(_) => kept.push((cell, row)),
         }
     }
+    // A view's CSV tables: the lines they rejected never reached the grouping.
+    counts.add_table_rejections(frame.take_table_rejections());
     if counts.rows_read > max_rows {
         return Err(DatasetError::TooManyRows { location, max_rows });
     }
@@ -753,6 +755,11 @@ pub(crate) fn pass_on_cluster(
             accepted_row => accepted(row, accepted_row)?,
         }
     }
+    // A view's CSV tables: the lines they rejected never reached the pass.
+    counts.add_table_rejections(frame.take_table_rejections());
+    if counts.rows_read > max_rows {
+        return Err(DatasetError::TooManyRows { location, max_rows });
+    }
     counts.rejections.log_rest(&location);
     Ok(counts)
 }
@@ -796,6 +803,23 @@ pub struct RowCounts {
     pub rows_excluded_consent: u64,
     /// Rows excluded because one of their identifiers belongs to a forgotten subject.
     pub rows_excluded_deleted: u64,
+}
+
+impl RowCounts {
+    /// Counts the rows a view's CSV tables rejected (the view never saw them) as read and
+    /// rejected, with the file and line of the first when they have one.
+    fn add_table_rejections(&mut self, table: super::source::strict_table::Rejected) {
+        self.rows_read = self.rows_read.saturating_add(table.total());
+        self.rejections.multi_line_rows += table.multi_line_rows;
+        for r in table.placed {
+            self.rejections
+                .record(&r.origin, r.line, r.column.as_deref(), r.why);
+        }
+        for (reason, n) in table.more {
+            let count = self.rejections.by_reason.entry(reason).or_default();
+            *count = count.saturating_add(n);
+        }
+    }
 }
 
 /// One pass over the dataset: the records that are well formed ([`Source::malformed`]) and
@@ -891,21 +915,10 @@ impl<'a> Pass<'a> {
         }
     }
 
-    /// Counts the rows a view's CSV tables rejected (the view never saw them) as read and
-    /// rejected, with the file and line of the first.
+    /// Counts the rows a view's CSV tables rejected (the view never saw them).
     fn count_table_rejections(&mut self) {
         let table = self.source.take_table_rejections();
-        let counts = &mut self.counts;
-        counts.rows_read += table.total();
-        counts.rejections.multi_line_rows += table.multi_line_rows;
-        for r in table.placed {
-            counts
-                .rejections
-                .record(&r.origin, r.line, r.column.as_deref(), r.why);
-        }
-        for (reason, n) in table.more {
-            *counts.rejections.by_reason.entry(reason).or_default() += n;
-        }
+        self.counts.add_table_rejections(table);
     }
 
     /// Counts a row the caller rejected.
