@@ -832,6 +832,22 @@ pub fn open_agreement(partner: &str) -> String {
     )
 }
 
+/// Asserts that `dataset preview`'s output `text` has the row of `identifier` with these figures:
+/// rows read, rejected, without consent, forgotten, distinct keys; and names each of `reasons`.
+pub fn assert_preview(text: &str, identifier: &str, figures: [u64; 5], reasons: &[&str]) {
+    let want: Vec<String> = figures.iter().map(u64::to_string).collect();
+    assert!(
+        text.lines().any(|l| {
+            let words: Vec<&str> = l.split_whitespace().collect();
+            words.first() == Some(&identifier) && words[1..] == want
+        }),
+        "want {identifier} {want:?}:\n{text}"
+    );
+    for reason in reasons {
+        assert!(text.contains(reason), "{reason}: {text}");
+    }
+}
+
 /// Asserts that `job` (as `job submit` or `job status` print it) ended in `state`; returns the
 /// reason it gives.
 pub fn reason_of<'a>(job: &'a Value, state: &str) -> &'a str {
