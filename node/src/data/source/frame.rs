@@ -712,6 +712,11 @@ impl Plan {
         if tables.is_empty() {
             return Ok((frame, Vec::new()));
         }
+        if line_table::reads_hidden(frame.logical_plan()) {
+            return Err(datafusion::error::DataFusionError::Plan(
+                "it reads a table's raw lines: name the table the dataset declares".into(),
+            ));
+        }
         let state = ctx.state();
         let optimized = state.optimize(frame.logical_plan())?;
         let mut plan = frame.into_unoptimized_plan();

@@ -725,3 +725,24 @@ fn a_view_over_csv_read_line_by_line_types_its_columns() {
     assert_eq!(rejected.more.get("field type"), Some(&1), "{rejected:?}");
     assert_eq!(rejected.total(), 1);
 }
+
+/// A view cannot read a table's raw lines by their hidden name (every column at once, past the
+/// check on which columns it may read).
+#[test]
+fn a_view_cannot_read_a_tables_raw_lines() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("orders.csv");
+    std::fs::write(&path, "email,ssn\na@x.y,123\n").unwrap();
+    let line = super::line_table::hidden_name("orders");
+    let d = view_over(
+        "orders",
+        &path,
+        &format!("SELECT * FROM {line}"),
+        Delimiter::default(),
+    );
+    let err = match super::frame::Frame::open_lines(&d) {
+        Ok(_) => panic!("the view read the raw lines"),
+        Err(e) => e.to_string(),
+    };
+    assert!(err.contains("raw lines"), "{err}");
+}

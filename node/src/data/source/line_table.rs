@@ -212,9 +212,28 @@ fn call(output: Output, args: Vec<Expr>) -> Expr {
     ))
 }
 
+/// The prefix of the names tables' lines are registered under.
+const HIDDEN_PREFIX: &str = "__cleanroom_lines_";
+
 /// The name a table's lines are registered under; the view reads `name` itself.
 pub(super) fn hidden_name(name: &str) -> String {
-    format!("__cleanroom_lines_{name}")
+    format!("{HIDDEN_PREFIX}{name}")
+}
+
+/// Whether `plan` (a view's, before its stand-ins are replaced) reads a table's raw lines by
+/// their hidden name: every column at once, past the checks on which columns a view may read.
+pub(super) fn reads_hidden(plan: &LogicalPlan) -> bool {
+    let mut found = false;
+    let _ = plan.apply(|node| {
+        if let LogicalPlan::TableScan(scan) = node
+            && scan.table_name.table().starts_with(HIDDEN_PREFIX)
+        {
+            found = true;
+            return Ok(TreeNodeRecursion::Stop);
+        }
+        Ok(TreeNodeRecursion::Continue)
+    });
+    found
 }
 
 /// The lines' one column (named by the header line).
