@@ -176,6 +176,7 @@ fn kill_cases(seed: u64, cases: &[(When, &str)]) {
 
     let mut report = Vec::new();
     for &(when, victim) in cases {
+        let survivor = if victim == "acme" { "globex" } else { "acme" };
         // Where in the baseline's exchange to kill. The baseline may have run under more load
         // than this job (other tests share the cores), so a job that ended before the kill is
         // run again with the kill earlier: every case must kill a job still running.
@@ -184,7 +185,6 @@ fn kill_cases(seed: u64, cases: &[(When, &str)]) {
             _ => 0.5,
         };
         for attempt in 1..=KILL_ATTEMPTS {
-            let survivor = if victim == "acme" { "globex" } else { "acme" };
             let t0 = Instant::now();
             let job_id = submit_nowait(&c, &match_args("acme,globex"));
             // Wait for the moment.

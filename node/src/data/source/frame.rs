@@ -746,9 +746,12 @@ async fn count_line_problems(plan: &Plan, problems: Vec<DataFrame>) -> Result<()
             .await
             .map_err(|e| plan.error(format!("counting the view's rejected lines: {e}")))?;
         for batch in &batches {
-            let reasons = batch.column(0).as_any().downcast_ref::<StringArray>();
-            let lines = batch
-                .column(1)
+            // The batches come from the executors: their shape is checked, not assumed.
+            let [reasons, lines] = batch.columns() else {
+                return Err(plan.error("the count of rejected lines is not (text, integer)".into()));
+            };
+            let reasons = reasons.as_any().downcast_ref::<StringArray>();
+            let lines = lines
                 .as_any()
                 .downcast_ref::<datafusion::arrow::array::Int64Array>();
             let (Some(reasons), Some(lines)) = (reasons, lines) else {

@@ -94,11 +94,16 @@ impl LineSpec {
         })
     }
 
-    /// Why `line` is not read, if it is not: the local reader's checks, in its order.
-    fn problem(&self, record: &mut LineRecord, line: &[u8]) -> Option<Rejection> {
+    /// The columns the view reads, by index.
+    fn read_columns(&self) -> Vec<usize> {
+        (0..self.read.len()).filter(|&i| self.read[i]).collect()
+    }
+
+    /// Why `line` is not read, if it is not: the local reader's checks, in its order. `read`:
+    /// [`Self::read_columns`] (taken once, not for every line).
+    fn problem(&self, record: &mut LineRecord, line: &[u8], read: &[usize]) -> Option<Rejection> {
         record.split(line, self.delimiter);
-        let read: Vec<usize> = (0..self.read.len()).filter(|&i| self.read[i]).collect();
-        if let Some((_, why)) = record.malformed(self.kinds.len(), &read) {
+        if let Some((_, why)) = record.malformed(self.kinds.len(), read) {
             return Some(why.into());
         }
         read.iter()
@@ -134,18 +139,14 @@ impl LineUdf {
             signature: Signature::variadic_any(Volatility::Immutable),
         }
     }
-
-    fn name_of(output: Output) -> &'static str {
-        match output {
-            Output::Problem => PROBLEM_UDF,
-            Output::Field => FIELD_UDF,
-        }
-    }
 }
 
 impl ScalarUDFImpl for LineUdf {
     fn name(&self) -> &str {
-        Self::name_of(self.output)
+        match self.output {
+            Output::Problem => PROBLEM_UDF,
+            Output::Field => FIELD_UDF,
+        }
     }
 
     fn signature(&self) -> &Signature {
@@ -186,11 +187,15 @@ impl ScalarUDFImpl for LineUdf {
             .ok_or_else(|| fail("the line is not text"))?;
         let mut out = StringBuilder::with_capacity(lines.len(), 0);
         let mut record = LineRecord::default();
+        let read = spec.read_columns();
         for row in 0..lines.len() {
             let line = lines.is_valid(row).then(|| lines.value(row).as_bytes());
             let line = line.unwrap_or_default();
             match field {
-                None => out.append_option(spec.problem(&mut record, line).map(Rejection::label)),
+                None => {
+                    let problem = spec.problem(&mut record, line, &read);
+                    out.append_option(problem.map(Rejection::label));
+                }
                 Some(i) => {
                     record.split(line, spec.delimiter);
                     let text = record
@@ -258,6 +263,7 @@ pub(super) async fn sample_kinds(
         .await?;
     let mut inference = KindInference::new(width);
     let mut record = LineRecord::default();
+    let all: Vec<usize> = (0..width).collect();
     'batches: for batch in &batches {
         let Some(text) = batch.column(0).as_any().downcast_ref::<StringArray>() else {
             continue;
@@ -267,17 +273,14 @@ pub(super) async fn sample_kinds(
                 break 'batches;
             }
             record.split(text.value(row).as_bytes(), delimiter);
-            if record.problem(width).is_some() || (0..width).any(|i| has_quote(record.get(i))) {
+            // As the local inference: only lines with no problem in any column.
+            if record.malformed(width, &all).is_some() {
                 continue;
             }
             inference.row(|i| record.get(i));
         }
     }
     Ok(inference.kinds())
-}
-
-fn has_quote(field: Option<&[u8]>) -> bool {
-    field.is_some_and(|f| f.contains(&b'"'))
 }
 
 /// The table the view reads in place of the lines: the columns `names` as their kinds, from
@@ -423,7 +426,8 @@ mod tests {
         let mut r = LineRecord::default();
         let all = spec(&[true, true, true]);
         let label = |s: &LineSpec, r: &mut LineRecord, line: &str| {
-            s.problem(r, line.as_bytes()).map(Rejection::label)
+            s.problem(r, line.as_bytes(), &s.read_columns())
+                .map(Rejection::label)
         };
         assert_eq!(label(&all, &mut r, "a,1,c"), None);
         assert_eq!(label(&all, &mut r, "a,,c"), None, "an empty field is null");
