@@ -752,9 +752,41 @@ fn match_with_a_change(executors: Option<usize>, change: Change) {
         );
     }
 
-    // The file is read as it is now: the next match succeeds.
+    // The file is read as it is now: the next match succeeds and names acme's rows of the
+    // customers globex has. On a cluster, its membership pass reads the file in parts on both
+    // executors and takes them in part order, so the rows are numbered as in the file.
     let (job, code) = c.submit(&match_job);
     assert_eq!(code, Some(0), "{job}");
+    let globex: BTreeSet<String> = rows_of(&c.path().join("data/globex.csv"))
+        .into_iter()
+        .map(|(_, email, _)| email)
+        .collect();
+    let truth: Vec<u64> = rows_of(&csv)
+        .into_iter()
+        .filter(|(_, email, _)| globex.contains(email))
+        .map(|(row, _, _)| row)
+        .collect();
+    let job_id = job["job_id"].as_str().unwrap();
+    assert_eq!(c.membership_rows("acme", job_id), truth, "{change:?}");
+    if executors.is_some() {
+        let parts: Vec<u64> = c
+            .node_log("acme")
+            .lines()
+            .filter(|l| l.contains("taken in part order"))
+            .filter_map(|l| {
+                l.split("parts=")
+                    .nth(1)?
+                    .split_whitespace()
+                    .next()?
+                    .parse()
+                    .ok()
+            })
+            .collect();
+        assert!(
+            parts.iter().any(|&p| p > 1),
+            "acme's membership pass read in parts: {parts:?}"
+        );
+    }
 }
 
 #[test]

@@ -31,6 +31,9 @@ pub struct Cluster {
     /// The key file the node shares with its executors; with it, an overlap's blinding runs
     /// there too ([`super::cluster_pass`]).
     pub sealing_key: Option<PathBuf>,
+    /// Whether a read's parts are taken in part order, so its rows come in file order
+    /// ([`DatasetConfig::in_file_order`]); not a setting.
+    pub in_part_order: bool,
 }
 
 /// A dataset: a table of rows (files, or a SQL view), and its identifier columns.
@@ -264,14 +267,21 @@ impl IdentifierConfig {
 }
 
 impl DatasetConfig {
-    /// The same dataset read in file order: on a Ballista cluster, in one part. A cluster
-    /// returns the parts of a read in the order they finish, so a pass that numbers rows (a
-    /// match's membership, a dry run's places, an overlap-sum's first row of each identifier)
-    /// reads this way. In process, every read is in file order already.
+    /// The same dataset read in file order, for a pass that numbers rows (a match's
+    /// membership, a dry run's places, an overlap-sum's first row of each identifier). In
+    /// process, every read is in file order already. A cluster finishes a read's parts in any
+    /// order: files are read in as many parts as any other read, and the node takes the parts'
+    /// outputs in part order ([`crate::data::source::part_order`]). A view is read in one part:
+    /// its joins and aggregates may shuffle rows between parts, so part order is not its order.
     pub fn in_file_order(&self) -> DatasetConfig {
         let mut d = self.clone();
+        let view = d.sql.is_some();
         if let Some(cluster) = &mut d.engine.cluster {
-            cluster.partitions = 1;
+            if view {
+                cluster.partitions = 1;
+            } else {
+                cluster.in_part_order = true;
+            }
         }
         d
     }
@@ -291,7 +301,7 @@ impl DatasetConfig {
         self.engine
             .cluster
             .as_ref()
-            .is_none_or(|c| c.partitions <= 1)
+            .is_none_or(|c| c.partitions <= 1 || c.in_part_order)
     }
 
     /// Dataset `name` in the CSV file `path`, keyed by `identifiers`, with no value or consent
@@ -411,10 +421,11 @@ mod tests {
 mod order_tests {
     use super::{Cluster, DatasetConfig};
 
-    /// A cluster returns a parallel read's parts in the order they finish: a pass that numbers
-    /// rows asks for one part, and a read in process is in file order already.
+    /// A cluster finishes a parallel read's parts in any order: a pass that numbers rows takes
+    /// a file read's parts in part order, and reads a view in one part. A read in process is in
+    /// file order already.
     #[test]
-    fn a_read_in_file_order_is_one_part_on_a_cluster() {
+    fn a_read_in_file_order_takes_its_parts_in_order_on_a_cluster() {
         let mut d = DatasetConfig::new("d", "d.csv".into(), Vec::new());
         assert!(d.reads_in_file_order());
         assert_eq!(d.in_file_order(), d);
@@ -422,15 +433,20 @@ mod order_tests {
             url: "df://127.0.0.1:50050".into(),
             partitions: 16,
             sealing_key: None,
+            in_part_order: false,
         });
         assert!(!d.reads_in_file_order());
         let ordered = d.in_file_order();
         assert!(ordered.reads_in_file_order());
-        assert_eq!(
-            ordered.engine.cluster.as_ref().map(|c| c.partitions),
-            Some(1)
-        );
+        let cluster = ordered.engine.cluster.as_ref().unwrap();
+        assert_eq!((cluster.partitions, cluster.in_part_order), (16, true));
         assert_eq!(ordered.name, d.name);
+
+        d.sql = Some("SELECT email FROM crm".into());
+        let view = d.in_file_order();
+        assert!(view.reads_in_file_order());
+        let cluster = view.engine.cluster.as_ref().unwrap();
+        assert_eq!((cluster.partitions, cluster.in_part_order), (1, false));
     }
 
     /// Only CSV files on a local path, read in process, are read by the strict reader (and
@@ -451,6 +467,7 @@ mod order_tests {
             url: "df://127.0.0.1:50050".into(),
             partitions: 1,
             sealing_key: None,
+            in_part_order: false,
         });
         assert!(!d.is_local_csv());
     }

@@ -279,6 +279,7 @@ impl NodeConfig {
                     url,
                     partitions: self.engine.partitions.unwrap_or(DEFAULT_CLUSTER_PARTITIONS),
                     sealing_key: self.engine.sealing_key.clone(),
+                    in_part_order: false,
                 }),
             memory_limit: self.memory_limit.map(|b| b.as_u64()),
             spill_dir: self

@@ -5,9 +5,10 @@
 //! reader thread with its own single-threaded Tokio runtime. The thread plans the table (or the
 //! view), reports its column names, waits for the columns the pass reads, then streams record
 //! batches of just those columns, cast to text, through a channel of two batches: memory stays
-//! at a few batches whatever the dataset's size. The plan has one partition, so rows arrive in
-//! the same order on every pass (files in path order), which `match` relies on to map its
-//! second pass back to row numbers.
+//! at a few batches whatever the dataset's size. In process the plan has one partition, so rows
+//! arrive in the same order on every pass (files in path order), which `match` relies on to map
+//! its second pass back to row numbers. On a cluster a pass that numbers rows takes the parts in
+//! part order ([`super::part_order`]), or reads a view in one part.
 //!
 //! Engine messages from reading rows can quote data (a value that failed to parse), so they are
 //! passed through [`redact`] before they reach an error, a log or the audit log. Registering a
@@ -485,6 +486,15 @@ impl Plan {
         }
     }
 
+    /// The cluster's URL when this read takes its parts in part order: a file dataset (not a
+    /// view: see [`DatasetConfig::in_file_order`]) read in more than one part for a pass that
+    /// numbers rows.
+    fn part_order_cluster(&self) -> Option<&str> {
+        let cluster = self.engine.cluster.as_ref()?;
+        (cluster.in_part_order && cluster.partitions > 1 && self.sql.is_none())
+            .then_some(cluster.url.as_str())
+    }
+
     /// The engine's runtime: under a `memory_limit`, a memory pool of half of it (the rest is
     /// the job's: its points, buffers and the process) and spill files in the node's spill
     /// directory. A view whose sort or join needs more fails with the engine's "resources
@@ -509,9 +519,10 @@ impl Plan {
     }
 
     /// A session on the partner's Ballista cluster: the plan is made here (a table's schema is
-    /// read from its files), then runs on the executors in `partitions` parts. The parts'
-    /// outputs come back one after another in the order the parts finished: only a read in one
-    /// part ([`DatasetConfig::in_file_order`]) gives the rows in file order.
+    /// read from its files), then runs on the executors in `partitions` parts. Ballista's client
+    /// returns the parts' outputs in the order the parts finished; a read in file order
+    /// ([`DatasetConfig::in_file_order`]) takes them in part order instead
+    /// ([`super::part_order`]).
     async fn remote(&self, cluster: &Cluster) -> Result<SessionContext, SourceError> {
         let mut config = SessionConfig::new()
             .with_target_partitions(cluster.partitions)
@@ -519,6 +530,14 @@ impl Plan {
         // Split files from this size up (CSV and JSON lines by byte range, Parquet by row
         // group), not from DataFusion's 1 MiB: a cluster has executors to keep busy.
         config.options_mut().optimizer.repartition_file_min_size = CLUSTER_SPLIT_BYTES;
+        if cluster.in_part_order {
+            // Part `i` must hold the `i`-th byte range of the files: no batch may be dealt to
+            // another part on the way.
+            config
+                .options_mut()
+                .optimizer
+                .enable_round_robin_repartition = false;
+        }
         let state = SessionStateBuilder::new()
             .with_config(config)
             .with_default_features()
@@ -981,12 +1000,24 @@ async fn send_batches(
     out: &SyncSender<Message>,
     message: impl Fn(&RecordBatch) -> Result<Message, SourceError>,
 ) -> Result<(), SourceError> {
-    let mut batches = frame
-        .select(exprs)
-        .map_err(|e| plan.error(e.to_string()))?
-        .execute_stream()
-        .await
-        .map_err(|e| plan.error(e.to_string()))?;
+    let frame = frame.select(exprs).map_err(|e| plan.error(e.to_string()))?;
+    let mut batches = match plan.part_order_cluster() {
+        Some(url) => {
+            let (batches, parts) = super::part_order::read_in_part_order(frame, url)
+                .await
+                .map_err(|e| plan.error(e.to_string()))?;
+            tracing::info!(
+                dataset = %plan.dataset,
+                parts,
+                "read on the cluster in {parts} parts, taken in part order"
+            );
+            batches
+        }
+        None => frame
+            .execute_stream()
+            .await
+            .map_err(|e| plan.error(e.to_string()))?,
+    };
     while let Some(batch) = batches.next().await {
         let batch = batch.map_err(|e| plan.error(e.to_string()))?;
         if batch.num_rows() == 0 {
