@@ -747,6 +747,15 @@ pub enum EngineArg {
     Ballista,
 }
 
+/// Which PSI job `bench psi` runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum PsiKindArg {
+    /// The count only.
+    Overlap,
+    /// The count and each party's matched rows: a second pass over each dataset finds them.
+    Match,
+}
+
 /// A dataset file format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum FileFormat {
@@ -903,6 +912,10 @@ pub struct BenchPsiArgs {
     /// of two executors (on the same machine, so they share its cores with the nodes).
     #[arg(long, value_enum, default_value_t = EngineArg::InProcess)]
     pub engine: EngineArg,
+    /// The job: `overlap`, or `match` (which reads each dataset a second time, in file order,
+    /// to find the matched rows; on a cluster that pass runs on the executors too).
+    #[arg(long, value_enum, default_value_t = PsiKindArg::Overlap)]
+    pub kind: PsiKindArg,
     #[command(flatten)]
     pub each: BenchRunArgs,
 }

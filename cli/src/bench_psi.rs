@@ -12,7 +12,7 @@ use cleanroom_circuits::floor::{FloorCosts, measure_floor_with};
 use cleanroom_proto::v1::{JobKind, JobState};
 use serde_json::json;
 
-use crate::args::{BenchPsiArgs, EngineArg};
+use crate::args::{BenchPsiArgs, EngineArg, PsiKindArg};
 use crate::cluster::{Cluster, Partner};
 use crate::measure::{CpuMark, cores, median, rss_json, thread_cpu_time, verdict, warn_if_debug};
 use crate::synth::{GroundTruth, SynthSpec, write_synth};
@@ -138,7 +138,7 @@ pub async fn run(args: BenchPsiArgs) -> anyhow::Result<ExitCode> {
                 args.n,
                 args.n
             ));
-            one_job(&cluster, c, expected, run).await?;
+            one_job(&cluster, c, (args.kind, expected), run).await?;
             floors.push(measure_floor().await?);
         }
         c.keep_peak_rss(cluster.peak_rss(&PARTNERS));
@@ -163,7 +163,7 @@ pub async fn run(args: BenchPsiArgs) -> anyhow::Result<ExitCode> {
                     &args,
                 )
                 .await?;
-                one_job(&cluster, c, expected, run).await?;
+                one_job(&cluster, c, (args.kind, expected), run).await?;
                 c.keep_peak_rss(cluster.peak_rss(&PARTNERS));
                 c.keep_spilled(&cluster);
                 cluster.stop().await?;
@@ -213,10 +213,22 @@ pub(crate) fn node_pids(cluster: &Cluster) -> Vec<u32> {
         .collect()
 }
 
-/// Submits one overlap, waits for it, and records its wall time and CPU.
-async fn one_job(cluster: &Cluster, c: &mut Runs, expected: u64, run: u32) -> anyhow::Result<()> {
+/// Submits one overlap (or match), waits for it, and records its wall time and CPU.
+async fn one_job(
+    cluster: &Cluster,
+    c: &mut Runs,
+    (kind, expected): (PsiKindArg, u64),
+    run: u32,
+) -> anyhow::Result<()> {
     let client = cluster.client().await?;
-    let spec = crate::cluster::customers_spec(&PARTNERS, JobKind::Overlap, "overlap-reporting");
+    let spec = match kind {
+        PsiKindArg::Overlap => {
+            crate::cluster::customers_spec(&PARTNERS, JobKind::Overlap, "overlap-reporting")
+        }
+        PsiKindArg::Match => {
+            crate::cluster::customers_spec(&PARTNERS, JobKind::Match, "fraud-detection")
+        }
+    };
     let pids = node_pids(cluster);
     let cpu_start = CpuMark::now(&pids);
     let started = Instant::now();
@@ -267,11 +279,20 @@ fn report(
     let n = args.n;
     // Both parties' CPU at the floor: every item costs each party the per-item work.
     let floor_cpu = 2.0 * n as f64 * floor.per_item_ns() / 1e9;
+    let kind = match args.kind {
+        PsiKindArg::Overlap => "overlap",
+        PsiKindArg::Match => "match",
+    };
     cleanroom_node::outln!(
-        "bench psi: overlap of {n} × {n} items ({:.0}% shared), {cores} cores, {} run(s)",
+        "bench psi: {kind} of {n} × {n} items ({:.0}% shared), {cores} cores, {} run(s)",
         args.overlap * 100.0,
         args.each.runs.max(1)
     );
+    if args.kind == PsiKindArg::Match {
+        cleanroom_node::outln!(
+            "match:                    each node reads its dataset a second time for its matched rows; the floor is the overlap's"
+        );
+    }
     if let Some(limit) = args.memory_limit {
         cleanroom_node::outln!("memory_limit:             {limit} per node (sets spilled to disk)");
     }
@@ -392,7 +413,8 @@ fn report(
         cleanroom_node::outln!(
             "{}",
             json!({
-                "n": n, "overlap": args.overlap, "cores": cores, "runs": args.each.runs.max(1),
+                "n": n, "overlap": args.overlap, "kind": kind, "cores": cores,
+                "runs": args.each.runs.max(1),
                 "backend": floor.backend,
                 "engine": if args.engine == EngineArg::Ballista { "ballista" } else { "in-process" },
                 "wall_s": last["wall_s"], "floor_s": floor_secs, "ratio": last["ratio"],
