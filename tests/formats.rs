@@ -230,7 +230,8 @@ fn parquet_meets_a_view(rows: u64, executors: Option<usize>) -> Consortium {
         "acme's matched Parquet rows are the CSV's rows"
     );
     // globex's rows are numbered in the order its view produces them: the CSV's order with the
-    // travel rows left out (on a cluster, the parts of the file come back in order).
+    // travel rows left out. On a cluster the view (a filter over one table) is read in parts,
+    // taken in part order.
     let globex_rows: Vec<u64> = globex
         .iter()
         .filter(|(_, _, category)| category != "travel")
@@ -252,6 +253,32 @@ fn parquet_meets_a_view(rows: u64, executors: Option<usize>) -> Consortium {
             2,
             "acme blinded the overlap's and the match's keys on the executors"
         );
+        // globex's view filters a CSV over the split size: its membership pass read in parts.
+        // (acme's Parquet file, under 64 KiB, is one part.)
+        let parts = ordered_reads(&c, "globex");
+        assert!(
+            parts.iter().any(|&p| p > 1),
+            "globex's membership pass read in parts: {parts:?}"
+        );
+        // A view that may move rows between parts (here DISTINCT) is read in one part when its
+        // rows are numbered: a dry run's normalised rows.
+        let config = c.write_node_toml("globex", &globex_view("SELECT DISTINCT email FROM crm"));
+        let preview = cleanroom_node(
+            c.path(),
+            &[
+                "dataset",
+                "preview",
+                "--config",
+                config.to_str().unwrap(),
+                "--dataset",
+                "customers",
+                "--show-normalised",
+                "2",
+            ],
+        );
+        let log = String::from_utf8_lossy(&preview.stderr);
+        assert!(preview.status.success(), "{log}");
+        assert_eq!(parts_in(&log), [1], "{log}");
     }
     c
 }
@@ -769,24 +796,32 @@ fn match_with_a_change(executors: Option<usize>, change: Change) {
     let job_id = job["job_id"].as_str().unwrap();
     assert_eq!(c.membership_rows("acme", job_id), truth, "{change:?}");
     if executors.is_some() {
-        let parts: Vec<u64> = c
-            .node_log("acme")
-            .lines()
-            .filter(|l| l.contains("taken in part order"))
-            .filter_map(|l| {
-                l.split("parts=")
-                    .nth(1)?
-                    .split_whitespace()
-                    .next()?
-                    .parse()
-                    .ok()
-            })
-            .collect();
+        let parts = ordered_reads(&c, "acme");
         assert!(
             parts.iter().any(|&p| p > 1),
             "acme's membership pass read in parts: {parts:?}"
         );
     }
+}
+
+/// The number of parts of each read `node` took in part order on its cluster (from its log).
+fn ordered_reads(c: &Consortium, node: &str) -> Vec<u64> {
+    parts_in(&c.node_log(node))
+}
+
+/// The number of parts of each read taken in part order, from a node's `log`.
+fn parts_in(log: &str) -> Vec<u64> {
+    log.lines()
+        .filter(|l| l.contains("taken in part order"))
+        .filter_map(|l| {
+            l.split("parts=")
+                .nth(1)?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
+        .collect()
 }
 
 #[test]

@@ -270,18 +270,13 @@ impl DatasetConfig {
     /// The same dataset read in file order, for a pass that numbers rows (a match's
     /// membership, a dry run's places, an overlap-sum's first row of each identifier). In
     /// process, every read is in file order already. A cluster finishes a read's parts in any
-    /// order: files are read in as many parts as any other read, and the node takes the parts'
-    /// outputs in part order ([`crate::data::source::part_order`]). A view is read in one part:
-    /// its joins and aggregates may shuffle rows between parts, so part order is not its order.
+    /// order: the node takes the parts' outputs in part order
+    /// ([`crate::data::source::part_order`]), and runs a view that could move rows between parts
+    /// (a join, an aggregate, …) in one part.
     pub fn in_file_order(&self) -> DatasetConfig {
         let mut d = self.clone();
-        let view = d.sql.is_some();
         if let Some(cluster) = &mut d.engine.cluster {
-            if view {
-                cluster.partitions = 1;
-            } else {
-                cluster.in_part_order = true;
-            }
+            cluster.in_part_order = true;
         }
         d
     }
@@ -422,8 +417,7 @@ mod order_tests {
     use super::{Cluster, DatasetConfig};
 
     /// A cluster finishes a parallel read's parts in any order: a pass that numbers rows takes
-    /// a file read's parts in part order, and reads a view in one part. A read in process is in
-    /// file order already.
+    /// its parts in part order. A read in process is in file order already.
     #[test]
     fn a_read_in_file_order_takes_its_parts_in_order_on_a_cluster() {
         let mut d = DatasetConfig::new("d", "d.csv".into(), Vec::new());
@@ -441,12 +435,6 @@ mod order_tests {
         let cluster = ordered.engine.cluster.as_ref().unwrap();
         assert_eq!((cluster.partitions, cluster.in_part_order), (16, true));
         assert_eq!(ordered.name, d.name);
-
-        d.sql = Some("SELECT email FROM crm".into());
-        let view = d.in_file_order();
-        assert!(view.reads_in_file_order());
-        let cluster = view.engine.cluster.as_ref().unwrap();
-        assert_eq!((cluster.partitions, cluster.in_part_order), (1, false));
     }
 
     /// Only CSV files on a local path, read in process, are read by the strict reader (and

@@ -8,7 +8,7 @@
 //! at a few batches whatever the dataset's size. In process the plan has one partition, so rows
 //! arrive in the same order on every pass (files in path order), which `match` relies on to map
 //! its second pass back to row numbers. On a cluster a pass that numbers rows takes the parts in
-//! part order ([`super::part_order`]), or reads a view in one part.
+//! part order ([`super::part_order`]).
 //!
 //! Engine messages from reading rows can quote data (a value that failed to parse), so they are
 //! passed through [`redact`] before they reach an error, a log or the audit log. Registering a
@@ -486,13 +486,11 @@ impl Plan {
         }
     }
 
-    /// The cluster's URL when this read takes its parts in part order: a file dataset (not a
-    /// view: see [`DatasetConfig::in_file_order`]) read in more than one part for a pass that
-    /// numbers rows.
+    /// The cluster's URL when this read takes its parts in part order: a read in more than one
+    /// part for a pass that numbers rows ([`DatasetConfig::in_file_order`]).
     fn part_order_cluster(&self) -> Option<&str> {
         let cluster = self.engine.cluster.as_ref()?;
-        (cluster.in_part_order && cluster.partitions > 1 && self.sql.is_none())
-            .then_some(cluster.url.as_str())
+        (cluster.in_part_order && cluster.partitions > 1).then_some(cluster.url.as_str())
     }
 
     /// The engine's runtime: under a `memory_limit`, a memory pool of half of it (the rest is

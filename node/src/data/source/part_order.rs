@@ -9,9 +9,11 @@
 //! the files in path order, so the rows come in file order while the executors read all parts at
 //! once.
 //!
-//! That holds only when no operator moves rows between parts, so [`read_in_part_order`] is used
-//! for a file dataset's own plan (a projection over the scan, with the node's functions), never
-//! for a view, and the session turns off round-robin repartitioning.
+//! That holds only when no operator moves rows between parts: the session turns off round-robin
+//! repartitioning, and a plan that could move rows ([`moves_rows`]: a join, an aggregate, a
+//! sort, a limit, a union, …) runs in one part. A file dataset's own plan (a projection over the
+//! scan, with the node's functions) and a view that only filters and projects one table keep
+//! all their parts.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -24,7 +26,9 @@ use ballista_core::serde::protobuf::{
     scheduler_grpc_client::SchedulerGrpcClient,
 };
 use ballista_core::utils::{GrpcClientConfig, create_grpc_client_endpoint};
+use datafusion::common::tree_node::TreeNodeRecursion;
 use datafusion::error::DataFusionError;
+use datafusion::logical_expr::LogicalPlan;
 use datafusion::physical_plan::SendableRecordBatchStream;
 use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
 use datafusion::prelude::DataFrame;
@@ -52,14 +56,33 @@ fn scheduler_address(url: &str) -> Result<String, DataFusionError> {
     Ok(format!("http://{host}:{port}"))
 }
 
+/// Whether `plan` could put a row in another part than the one its file range was read in, or
+/// reads more than one table: anything but projections and filters over one table scan.
+pub(crate) fn moves_rows(plan: &LogicalPlan) -> bool {
+    let mut scans = 0;
+    let mut other = false;
+    // Subqueries too: an `IN (SELECT …)` not yet rewritten into a join reads another table.
+    let _ = plan.apply_with_subqueries(|node| {
+        match node {
+            LogicalPlan::TableScan(_) => scans += 1,
+            LogicalPlan::Projection(_) | LogicalPlan::Filter(_) | LogicalPlan::SubqueryAlias(_) => {
+            }
+            _ => other = true,
+        }
+        Ok(TreeNodeRecursion::Continue)
+    });
+    other || scans != 1
+}
+
 /// Runs `frame` on the cluster at `url` and streams its parts' rows in part order; also says
-/// how many parts the read had.
+/// how many parts the read had. A plan that [`moves_rows`] runs in one part.
 pub(crate) async fn read_in_part_order(
     frame: DataFrame,
     url: &str,
 ) -> Result<(SendableRecordBatchStream, usize), DataFusionError> {
     let (state, plan) = frame.into_parts();
     let plan = state.optimize(&plan)?;
+    let one_part = moves_rows(&plan);
     let schema = Arc::new(plan.schema().as_arrow().clone());
     let config = state.config();
     let ballista = config.ballista_config();
@@ -72,9 +95,16 @@ pub(crate) async fn read_in_part_order(
         .options()
         .entries()
         .into_iter()
-        .map(|entry| KeyValuePair {
-            key: entry.key,
-            value: entry.value,
+        .map(|entry| {
+            let value = if one_part && entry.key == "datafusion.execution.target_partitions" {
+                Some("1".to_owned())
+            } else {
+                entry.value
+            };
+            KeyValuePair {
+                key: entry.key,
+                value,
+            }
         })
         .collect();
     let query = ExecuteQueryParams {
@@ -216,6 +246,58 @@ mod tests {
         parts.sort_by_key(part_number);
         let order: Vec<u32> = parts.iter().map(|p| p.map_partition_id).collect();
         assert_eq!(order, [0, 1, 2, 3]);
+    }
+
+    /// Part order is file order only for filters and projections over one table.
+    #[tokio::test]
+    async fn only_filters_and_projections_over_one_table_keep_their_parts() {
+        use datafusion::arrow::array::{Int64Array, StringArray};
+        use datafusion::arrow::datatypes::{DataType, Field, Schema};
+        use datafusion::arrow::record_batch::RecordBatch;
+        use datafusion::datasource::MemTable;
+        use datafusion::prelude::SessionContext;
+
+        let ctx = SessionContext::new();
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("email", DataType::Utf8, true),
+            Field::new("amount", DataType::Int64, true),
+        ]));
+        let batch = RecordBatch::try_new(
+            Arc::clone(&schema),
+            vec![
+                Arc::new(StringArray::from(vec!["a@x.com", "b@x.com"])),
+                Arc::new(Int64Array::from(vec![5, 50])),
+            ],
+        )
+        .unwrap();
+        for name in ["crm", "orders"] {
+            let table = MemTable::try_new(Arc::clone(&schema), vec![vec![batch.clone()]]).unwrap();
+            ctx.register_table(name, Arc::new(table)).unwrap();
+        }
+        let moves = async |sql: &str| {
+            let frame = ctx.sql(sql).await.unwrap();
+            let (state, plan) = frame.into_parts();
+            moves_rows(&state.optimize(&plan).unwrap())
+        };
+        for sql in [
+            "SELECT email FROM crm",
+            "SELECT lower(email) AS email, amount FROM crm WHERE amount >= 10",
+            "SELECT e FROM (SELECT email AS e, amount FROM crm WHERE amount > 1) AS t WHERE e <> ''",
+        ] {
+            assert!(!moves(sql).await, "{sql}");
+        }
+        for sql in [
+            "SELECT c.email FROM crm c JOIN orders o ON c.email = o.email",
+            "SELECT email FROM crm WHERE email IN (SELECT email FROM orders)",
+            "SELECT email, sum(amount) FROM crm GROUP BY email",
+            "SELECT DISTINCT email FROM crm",
+            "SELECT email FROM crm ORDER BY amount",
+            "SELECT email FROM crm LIMIT 1",
+            "SELECT email FROM crm UNION ALL SELECT email FROM orders",
+            "SELECT email, row_number() OVER (ORDER BY amount) FROM crm",
+        ] {
+            assert!(moves(sql).await, "{sql}");
+        }
     }
 
     #[test]
