@@ -263,19 +263,7 @@ fn parquet_meets_a_view(rows: u64, executors: Option<usize>) -> Consortium {
         // A view that may move rows between parts (here DISTINCT) is read in one part when its
         // rows are numbered: a dry run's normalised rows.
         let config = c.write_node_toml("globex", &globex_view("SELECT DISTINCT email FROM crm"));
-        let preview = cleanroom_node(
-            c.path(),
-            &[
-                "dataset",
-                "preview",
-                "--config",
-                config.to_str().unwrap(),
-                "--dataset",
-                "customers",
-                "--show-normalised",
-                "2",
-            ],
-        );
+        let preview = preview_customers(&c, &config, &["--show-normalised", "2"]);
         let log = String::from_utf8_lossy(&preview.stderr);
         assert!(preview.status.success(), "{log}");
         assert_eq!(parts_in(&log), [1], "{log}");
@@ -383,19 +371,7 @@ fn a_cluster_reads_malformed_csv_strictly() {
             open_agreement("globex")
         ),
     );
-    let preview = cleanroom_node(
-        c.path(),
-        &[
-            "dataset",
-            "preview",
-            "--config",
-            config.to_str().unwrap(),
-            "--dataset",
-            "customers",
-            "--purpose",
-            "overlap-reporting",
-        ],
-    );
+    let preview = preview_customers(&c, &config, &["--purpose", "overlap-reporting"]);
     let text = String::from_utf8_lossy(&preview.stdout);
     assert!(
         preview.status.success(),
@@ -802,6 +778,15 @@ fn match_with_a_change(executors: Option<usize>, change: Change) {
             "acme's membership pass read in parts: {parts:?}"
         );
     }
+}
+
+/// `cleanroom-node dataset preview` of the dataset `customers` in `config`, with `extra`.
+fn preview_customers(c: &Consortium, config: &Path, extra: &[&str]) -> std::process::Output {
+    let config = config.to_str().unwrap();
+    let mut args = vec!["dataset", "preview", "--config", config];
+    args.extend(["--dataset", "customers"]);
+    args.extend(extra);
+    cleanroom_node(c.path(), &args)
 }
 
 /// The number of parts of each read `node` took in part order on its cluster (from its log).

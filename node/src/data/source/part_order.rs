@@ -62,7 +62,7 @@ pub(crate) fn moves_rows(plan: &LogicalPlan) -> bool {
     let mut scans = 0;
     let mut other = false;
     // Subqueries too: an `IN (SELECT …)` not yet rewritten into a join reads another table.
-    let _ = plan.apply_with_subqueries(|node| {
+    let walked = plan.apply_with_subqueries(|node| {
         match node {
             LogicalPlan::TableScan(_) => scans += 1,
             LogicalPlan::Projection(_) | LogicalPlan::Filter(_) | LogicalPlan::SubqueryAlias(_) => {
@@ -71,7 +71,8 @@ pub(crate) fn moves_rows(plan: &LogicalPlan) -> bool {
         }
         Ok(TreeNodeRecursion::Continue)
     });
-    other || scans != 1
+    // A walk that stopped early saw only part of the plan: assume the worst.
+    walked.is_err() || other || scans != 1
 }
 
 /// Runs `frame` on the cluster at `url` and streams its parts' rows in part order; also says
