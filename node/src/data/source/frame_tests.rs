@@ -734,15 +734,20 @@ fn a_view_cannot_read_a_tables_raw_lines() {
     let path = dir.path().join("orders.csv");
     std::fs::write(&path, "email,ssn\na@x.y,123\n").unwrap();
     let line = super::line_table::hidden_name("orders");
-    let d = view_over(
-        "orders",
-        &path,
-        &format!("SELECT * FROM {line}"),
-        Delimiter::default(),
-    );
-    let err = match super::frame::Frame::open_lines(&d) {
-        Ok(_) => panic!("the view read the raw lines"),
-        Err(e) => e.to_string(),
-    };
-    assert!(err.contains("raw lines"), "{err}");
+    // Named in the FROM clause, or in a subquery of the select list or of a condition.
+    for sql in [
+        format!("SELECT * FROM {line}"),
+        format!(
+            "SELECT (SELECT max(l.{c}) FROM {line} l) AS email FROM orders",
+            c = "\"email,ssn\""
+        ),
+        format!("SELECT email FROM orders WHERE EXISTS (SELECT 1 FROM {line})"),
+    ] {
+        let d = view_over("orders", &path, &sql, Delimiter::default());
+        let err = match super::frame::Frame::open_lines(&d) {
+            Ok(_) => panic!("the view read the raw lines: {sql}"),
+            Err(e) => e.to_string(),
+        };
+        assert!(err.contains("raw lines"), "{sql}: {err}");
+    }
 }

@@ -227,9 +227,10 @@ pub(super) fn hidden_name(name: &str) -> String {
 
 /// Whether `plan` (a view's, before its stand-ins are replaced) reads a table's raw lines by
 /// their hidden name: every column at once, past the checks on which columns a view may read.
+/// Subqueries count: one in the select list would put a whole line in a column.
 pub(super) fn reads_hidden(plan: &LogicalPlan) -> bool {
     let mut found = false;
-    let _ = plan.apply(|node| {
+    let walked = plan.apply_with_subqueries(|node| {
         if let LogicalPlan::TableScan(scan) = node
             && scan.table_name.table().starts_with(HIDDEN_PREFIX)
         {
@@ -238,7 +239,8 @@ pub(super) fn reads_hidden(plan: &LogicalPlan) -> bool {
         }
         Ok(TreeNodeRecursion::Continue)
     });
-    found
+    // A walk that failed saw only part of the plan: refuse rather than assume.
+    found || walked.is_err()
 }
 
 /// The lines' one column (named by the header line).
