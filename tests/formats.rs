@@ -253,6 +253,14 @@ fn parquet_meets_a_view(rows: u64, executors: Option<usize>) -> Consortium {
             2,
             "acme blinded the overlap's and the match's keys on the executors"
         );
+        // And it re-blinded globex's points there, all of them (globex's distinct keys), in
+        // both jobs; globex, without a sealing key, on its node.
+        assert_eq!(
+            reblinded_on_the_cluster(&acme),
+            [globex_kept.len() as u64; 2],
+            "{acme}"
+        );
+        assert!(reblinded_on_the_cluster(&c.node_log("globex")).is_empty());
         // globex's view filters a CSV over the split size: its membership pass read in parts.
         // (acme's Parquet file, under 64 KiB, is one part.)
         let parts = ordered_reads(&c, "globex");
@@ -792,6 +800,21 @@ fn preview_customers(c: &Consortium, config: &Path, extra: &[&str]) -> std::proc
 /// The number of parts of each read `node` took in part order on its cluster (from its log).
 fn ordered_reads(c: &Consortium, node: &str) -> Vec<u64> {
     parts_in(&c.node_log(node))
+}
+
+/// The partner's points each job re-blinded on the node's cluster, from the node's `log`.
+fn reblinded_on_the_cluster(log: &str) -> Vec<u64> {
+    log.lines()
+        .filter(|l| l.contains("re-blinded the partner's points on the cluster"))
+        .filter_map(|l| {
+            l.split("points=")
+                .nth(1)?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
+        .collect()
 }
 
 /// The number of parts of each read taken in part order, from a node's `log`.

@@ -133,3 +133,19 @@ pub enum PsiError {
         len: usize,
     },
 }
+
+impl PsiError {
+    /// The error of a slice of points that starts `offset` points into the peer's stream: a
+    /// point's index then names its place in the whole stream. Other errors are unchanged.
+    pub fn at_offset(self, offset: u64) -> PsiError {
+        match self {
+            PsiError::InvalidPoint { index } => PsiError::InvalidPoint {
+                index: index + offset,
+            },
+            PsiError::IdentityPoint { index } => PsiError::IdentityPoint {
+                index: index + offset,
+            },
+            other => other,
+        }
+    }
+}

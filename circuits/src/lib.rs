@@ -101,7 +101,7 @@ pub use key::JobKey;
 pub use psi::spill;
 pub use psi::{
     AwaitingPeerSize, AwaitingReturn, ExchangingPoints, Matching, PsiOutput, PsiParams, PsiSession,
-    ReadyToBlind, Streaming, blind_items, reblind_points,
+    ReadyToBlind, Streaming, blind_items, check_peer_batch, reblind_points,
 };
 
 /// Bytes in one compressed ristretto255 element.

@@ -6,13 +6,17 @@ use std::sync::Arc;
 use crate::args::{ExecutorArgs, SchedulerArgs};
 use cleanroom_node::data::cluster_aggregate::AggregateUdf;
 use cleanroom_node::data::cluster_pass::{PassUdf, SealingKey};
+use cleanroom_node::data::cluster_reblind::ReblindUdf;
 use cleanroom_node::data::source::line_table;
 use cleanroom_scale::executor::{Counters, ExecutorOptions};
 
 /// Serves until a stop signal (or standard input's end, for supervisors).
 pub async fn scheduler(args: SchedulerArgs) -> anyhow::Result<ExitCode> {
     let keep = std::time::Duration::from_secs(args.keep_results_secs);
-    let mut functions = vec![Arc::new(PassUdf::planner())];
+    let mut functions = vec![
+        Arc::new(PassUdf::planner()),
+        Arc::new(ReblindUdf::planner()),
+    ];
     functions.extend(AggregateUdf::planners().map(Arc::new));
     functions.extend(line_table::functions().map(Arc::new));
     let (addr, serve) = cleanroom_scale::scheduler::start(args.listen, keep, functions).await?;
@@ -46,12 +50,18 @@ pub async fn executor(args: ExecutorArgs) -> anyhow::Result<ExitCode> {
             let mut functions = match &args.sealing_key {
                 Some(path) => {
                     let key = Arc::new(SealingKey::read(path).map_err(anyhow::Error::msg)?);
-                    let mut functions = vec![Arc::new(PassUdf::executor(Arc::clone(&key)))];
+                    let mut functions = vec![
+                        Arc::new(PassUdf::executor(Arc::clone(&key))),
+                        Arc::new(ReblindUdf::executor(Arc::clone(&key))),
+                    ];
                     functions.extend(AggregateUdf::executors(&key).map(Arc::new));
                     functions
                 }
                 None => {
-                    let mut functions = vec![Arc::new(PassUdf::planner())];
+                    let mut functions = vec![
+                        Arc::new(PassUdf::planner()),
+                        Arc::new(ReblindUdf::planner()),
+                    ];
                     functions.extend(AggregateUdf::planners().map(Arc::new));
                     functions
                 }

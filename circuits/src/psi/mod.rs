@@ -195,23 +195,24 @@ pub(crate) fn reblind_checked(
     offset: u64,
     batch: &[u8],
 ) -> Result<Vec<EncodedPoint>, PsiError> {
+    check_peer_batch(declared, offset, batch)?;
+    reblind_points(key, batch).map_err(|e| e.at_offset(offset))
+}
+
+/// Checks one batch of the peer's points that follows `offset` earlier ones before anything is
+/// done with it: whole points, and not past the peer's `declared` size. Returns how many points
+/// it holds. A driver that has the points re-blinded elsewhere (on its own executors) checks
+/// them with this first, as [`Streaming::on_peer_batch`] does.
+pub fn check_peer_batch(declared: u64, offset: u64, batch: &[u8]) -> Result<u64, PsiError> {
     if !batch.len().is_multiple_of(POINT_LEN) {
         return Err(PsiError::BatchNotMultipleOfPointLen { len: batch.len() });
     }
-    let received = offset + (batch.len() / POINT_LEN) as u64;
+    let points = (batch.len() / POINT_LEN) as u64;
+    let received = offset + points;
     if received > declared {
         return Err(PsiError::TooManyPoints { declared, received });
     }
-    let reblinded = reblind_points(key, batch).map_err(|e| match e {
-        PsiError::InvalidPoint { index } => PsiError::InvalidPoint {
-            index: index + offset,
-        },
-        PsiError::IdentityPoint { index } => PsiError::IdentityPoint {
-            index: index + offset,
-        },
-        other => other,
-    })?;
-    Ok(reblinded)
+    Ok(points)
 }
 
 /// Re-blinds one batch of the peer's points into `peer_double` ([`reblind_into`]); returns it

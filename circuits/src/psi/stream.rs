@@ -200,6 +200,9 @@ impl OwnStream {
 /// returned points go to their own buckets as they arrive, and are counted at the end.
 #[derive(Debug, Default)]
 struct SpilledMatching {
+    /// The peer's stored points handed out to be re-blinded so far (here, or elsewhere through
+    /// [`Matching::take_reblind_piece`]).
+    taken: u64,
     /// The peer's points re-blinded so far.
     reblinded: u64,
     /// Per bucket, the peer's re-blinded points.
@@ -305,6 +308,44 @@ impl Streaming {
             .map_err(spill_error)?;
         self.peer_raw = Some(now);
         Ok((self, None))
+    }
+
+    /// Whether this session keeps the peer's points as they come and re-blinds them only after
+    /// the last one (a spilled session): its peer batches then go to
+    /// [`on_peer_batch`](Self::on_peer_batch), which only stores them, and the re-blinding is
+    /// [`Matching`]'s.
+    pub fn reblinds_after_peer_end(&self) -> bool {
+        self.peer_raw.is_some()
+    }
+
+    /// The peer's next points, re-blinded elsewhere (on this node's own executors) after
+    /// [`check_peer_batch`](super::check_peer_batch) passed the batch they came in: the same as
+    /// [`on_peer_batch`](Self::on_peer_batch) once its re-blinding is done. They must come in
+    /// the peer's stream order. A spilled session refuses them: its points come back through
+    /// [`Matching::on_reblinded_piece`].
+    pub fn on_peer_reblinded(
+        mut self,
+        reblinded: &[EncodedPoint],
+    ) -> Result<(Streaming, Option<Vec<u8>>), PsiError> {
+        if self.peer_raw.is_some() {
+            return Err(PsiError::Spill(
+                "a spilled session re-blinds the peer's points after its last one".into(),
+            ));
+        }
+        let received = self.peer_double.len() as u64 + reblinded.len() as u64;
+        if received > self.peer_size {
+            return Err(PsiError::TooManyPoints {
+                declared: self.peer_size,
+                received,
+            });
+        }
+        self.peer_double.extend_from_slice(reblinded);
+        let out = self
+            .common
+            .params
+            .return_in_order
+            .then(|| reblinded.as_flattened().to_vec());
+        Ok((self, out))
     }
 
     /// The peer says it sent `total` points: that must equal both its declared size and what
@@ -434,21 +475,14 @@ impl Matching {
             None => return Err(PsiError::Spill("the session has no store".into())),
         };
         if sp.reblinded < self.peer_size {
-            let raw = store
-                .read_at(
-                    PointSet::PeerRaw,
-                    0,
-                    sp.reblinded * POINT_LEN as u64,
-                    points.max(1) * POINT_LEN,
-                )
-                .map_err(spill_error)?;
-            if raw.is_empty() {
-                return Err(PsiError::Spill(format!(
-                    "the peer's stored points end after {} of {}",
-                    sp.reblinded, self.peer_size
-                )));
+            if sp.taken != sp.reblinded {
+                return Err(PsiError::Spill(
+                    "re-blinded here while pieces were out elsewhere".into(),
+                ));
             }
-            let reblinded = reblind_checked(&self.common.key, self.peer_size, sp.reblinded, &raw)?;
+            let raw = read_raw_piece(store, sp.taken, self.peer_size, points)?;
+            let reblinded = reblind_checked(&self.common.key, self.peer_size, sp.taken, &raw)?;
+            sp.taken += reblinded.len() as u64;
             sp.reblinded += reblinded.len() as u64;
             let cap = (bucket_cap(self.peer_size), "points");
             append_by_bucket(
@@ -473,6 +507,76 @@ impl Matching {
         store.put(PointSet::PeerRaw, 0, &[]).map_err(spill_error)?;
         sp.sorted = true;
         sp.return_reader = Some(BucketReader::new(PointSet::Peer));
+        Ok(())
+    }
+
+    /// Whether a spilled session still has stored points of the peer's to hand out through
+    /// [`take_reblind_piece`](Self::take_reblind_piece). Always `false` in memory.
+    pub fn reblind_pieces_left(&self) -> bool {
+        self.spilled
+            .as_ref()
+            .is_some_and(|sp| sp.taken < self.peer_size)
+    }
+
+    /// Whether every piece handed out by [`take_reblind_piece`](Self::take_reblind_piece) has
+    /// come back.
+    pub fn reblind_pieces_back(&self) -> bool {
+        self.spilled
+            .as_ref()
+            .is_none_or(|sp| sp.taken == sp.reblinded)
+    }
+
+    /// A spilled session whose re-blinding runs elsewhere (on this node's own executors): the
+    /// next piece of the peer's stored points as they came (at most `points`), and where it
+    /// starts in the peer's stream; `None` once all are out. Each piece comes back, re-blinded
+    /// and checked as [`reblind_points`](super::reblind_points) checks, through
+    /// [`on_reblinded_piece`](Self::on_reblinded_piece), in any order; then
+    /// [`reblind_next`](Self::reblind_next) sorts the buckets.
+    pub fn take_reblind_piece(
+        &mut self,
+        points: usize,
+    ) -> Result<Option<(u64, Vec<u8>)>, PsiError> {
+        let Some(sp) = self.spilled.as_mut() else {
+            return Ok(None);
+        };
+        if sp.taken >= self.peer_size {
+            return Ok(None);
+        }
+        let store = store(&mut self.common)?;
+        let raw = read_raw_piece(store, sp.taken, self.peer_size, points)?;
+        let offset = sp.taken;
+        sp.taken += (raw.len() / POINT_LEN) as u64;
+        Ok(Some((offset, raw)))
+    }
+
+    /// A piece from [`take_reblind_piece`](Self::take_reblind_piece), re-blinded: its points
+    /// go to their buckets. More points than were handed out are refused.
+    pub fn on_reblinded_piece(&mut self, reblinded: &[EncodedPoint]) -> Result<(), PsiError> {
+        let Some(sp) = self.spilled.as_mut() else {
+            return Err(PsiError::Spill(
+                "a piece came back to a session that holds the peer's points in memory".into(),
+            ));
+        };
+        let back = sp.reblinded + reblinded.len() as u64;
+        if back > sp.taken {
+            return Err(PsiError::Spill(format!(
+                "{back} of the peer's points came back re-blinded where {} went out",
+                sp.taken
+            )));
+        }
+        let store = match self.common.store.as_mut() {
+            Some(store) => store.as_mut(),
+            None => return Err(PsiError::Spill("the session has no store".into())),
+        };
+        let cap = (bucket_cap(self.peer_size), "points");
+        append_by_bucket(
+            store,
+            PointSet::Peer,
+            reblinded,
+            &mut sp.peer.counts,
+            Some(cap),
+        )?;
+        sp.reblinded = back;
         Ok(())
     }
 
@@ -613,6 +717,29 @@ impl Matching {
             spilled_bytes: 0,
         })
     }
+}
+
+/// At most `points` of the peer's stored points from `from` on (fewer at the end).
+fn read_raw_piece(
+    store: &mut dyn PointStore,
+    from: u64,
+    peer_size: u64,
+    points: usize,
+) -> Result<Vec<u8>, PsiError> {
+    let raw = store
+        .read_at(
+            PointSet::PeerRaw,
+            0,
+            from * POINT_LEN as u64,
+            points.max(1) * POINT_LEN,
+        )
+        .map_err(spill_error)?;
+    if raw.is_empty() {
+        return Err(PsiError::Spill(format!(
+            "the peer's stored points end after {from} of {peer_size}"
+        )));
+    }
+    Ok(raw)
 }
 
 #[cfg(test)]

@@ -33,6 +33,10 @@ struct Party {
     own_size: u64,
     end_sent: bool,
     held: Vec<Msg>,
+    /// A copy of the session's key when the peer's points are re-blinded off the session (as
+    /// a node's executors do), and how many of them have been.
+    elsewhere: Option<(JobKey, u64)>,
+    peer_size: u64,
 }
 
 impl Party {
@@ -47,6 +51,27 @@ impl Party {
         Party::with(PsiSession::start_spilled(p, key, own)?, peer_size)
     }
 
+    /// [`new`](Self::new) or [`spilled`](Self::spilled), re-blinding the peer's points off the
+    /// session: in memory as they come, spilled in pieces that come back in reverse order.
+    fn elsewhere(
+        p: PsiParams,
+        items: ItemSet,
+        peer_size: u64,
+        spilled: bool,
+    ) -> Result<Party, PsiError> {
+        let key = JobKey::generate();
+        let copy = copy_of(&key);
+        let start = if spilled {
+            let own = spill_with(&key, &items);
+            PsiSession::start_spilled(p, key, own)?
+        } else {
+            PsiSession::start(p, key, items)
+        };
+        let mut party = Party::with(start, peer_size)?;
+        party.elsewhere = Some((copy, 0));
+        Ok(party)
+    }
+
     fn with(
         (own_size, s): (u64, crate::AwaitingPeerSize),
         peer_size: u64,
@@ -56,7 +81,43 @@ impl Party {
             own_size,
             end_sent: false,
             held: Vec::new(),
+            elsewhere: None,
+            peer_size,
         })
+    }
+
+    /// The peer's batch re-blinded off the session, if this party does that in memory.
+    fn reblind_elsewhere(
+        &mut self,
+        s: Streaming,
+        batch: &[u8],
+    ) -> Result<(Streaming, Option<Vec<u8>>), PsiError> {
+        match &mut self.elsewhere {
+            Some((key, taken)) if !s.reblinds_after_peer_end() => {
+                let points = check_peer_batch(self.peer_size, *taken, batch)?;
+                let reblinded = reblind_points(key, batch).map_err(|e| e.at_offset(*taken))?;
+                *taken += points;
+                s.on_peer_reblinded(&reblinded)
+            }
+            _ => s.on_peer_batch(batch),
+        }
+    }
+
+    /// A spilled session's stored points, re-blinded off the session in pieces of 5 that come
+    /// back last first.
+    fn reblind_pieces_elsewhere(&self, m: &mut Matching) -> Result<(), PsiError> {
+        let Some((key, _)) = &self.elsewhere else {
+            return Ok(());
+        };
+        let mut pieces = Vec::new();
+        while let Some(piece) = m.take_reblind_piece(5)? {
+            pieces.push(piece);
+        }
+        for (offset, raw) in pieces.into_iter().rev() {
+            let reblinded = reblind_points(key, &raw).map_err(|e| e.at_offset(offset))?;
+            m.on_reblinded_piece(&reblinded)?;
+        }
+        Ok(())
     }
 
     fn own_done(&self) -> bool {
@@ -97,7 +158,7 @@ impl Party {
         let state = self.state.take().expect("a state");
         self.state = Some(match (state, msg) {
             (State::Streaming(s), Msg::Points(b)) => {
-                let (s, reply) = s.on_peer_batch(&b)?;
+                let (s, reply) = self.reblind_elsewhere(s, &b)?;
                 if let Some(r) = reply {
                     self.send_return(Msg::Returned(r), out);
                 }
@@ -105,6 +166,7 @@ impl Party {
             }
             (State::Streaming(s), Msg::End(total)) => {
                 let mut m = s.on_peer_end(total)?;
+                self.reblind_pieces_elsewhere(&mut m)?;
                 while m.reblind_pending() {
                     m.reblind_next(5)?;
                 }
@@ -567,6 +629,102 @@ fn spilled_sessions_count_like_in_memory_ones() {
             }
         }
     }
+}
+
+/// The peer's points re-blinded off the session (a node's executors) give what re-blinding
+/// them in it gives, in memory in every mode and spilled, against either kind of peer.
+#[test]
+fn reblinding_off_the_session_gives_the_same_results() {
+    for seed in 0..3 {
+        for (rio_a, lm_a, rio_b, lm_b) in modes() {
+            let (a, b) = (emails(0..40), emails(25..90));
+            let parties = [
+                Party::elsewhere(params(rio_a, lm_a, 7), a.clone(), 65, false).unwrap(),
+                Party::new(params(rio_b, lm_b, 7), b.clone(), 40).unwrap(),
+            ];
+            let out = drive(parties, schedule_from(seed)).unwrap();
+            check_outputs((&a, &b), (lm_a, lm_b), out);
+        }
+        for spill_b in [false, true] {
+            let (a, b) = (emails(0..300), emails(200..700));
+            let p = || params(false, false, 7);
+            let b_party = if spill_b {
+                Party::elsewhere(p(), b.clone(), 300, true).unwrap()
+            } else {
+                Party::new(p(), b.clone(), 300).unwrap()
+            };
+            let parties = [
+                Party::elsewhere(p(), a.clone(), 500, true).unwrap(),
+                b_party,
+            ];
+            let out = drive(parties, schedule_from(seed)).unwrap();
+            assert_eq!(out_count(&out), 100);
+            check_outputs((&a, &b), (false, false), out);
+        }
+    }
+}
+
+/// What comes back from off the session is checked like what is re-blinded in it.
+#[test]
+fn points_reblinded_off_the_session_are_checked() {
+    let good = one_valid_point();
+    // In memory: not past the declared size, and never into a spilled session.
+    let s = streaming(params(false, false, 4), emails(0..3), 2, 0);
+    assert!(!s.reblinds_after_peer_end());
+    assert_eq!(
+        s.on_peer_reblinded(&[good; 3]).unwrap_err(),
+        PsiError::TooManyPoints {
+            declared: 2,
+            received: 3
+        }
+    );
+    assert_eq!(
+        check_peer_batch(2, 1, &[good; 2].concat()).unwrap_err(),
+        PsiError::TooManyPoints {
+            declared: 2,
+            received: 3
+        }
+    );
+    assert_eq!(
+        check_peer_batch(2, 0, &[0u8; 33]).unwrap_err(),
+        PsiError::BatchNotMultipleOfPointLen { len: 33 }
+    );
+    let spilled = |peer: u64| {
+        let key = JobKey::generate();
+        let own = spill_with(&key, &emails(0..3));
+        let (_, s) = PsiSession::start_spilled(params(false, false, 4), key, own).unwrap();
+        s.on_peer_size(peer).unwrap().stream()
+    };
+    let s = spilled(3);
+    assert!(s.reblinds_after_peer_end());
+    assert!(matches!(
+        s.on_peer_reblinded(&[good]),
+        Err(PsiError::Spill(_))
+    ));
+    // Spilled: pieces cover the stored points once; no more may come back than went out, and
+    // the session does not re-blind or count while a piece is out.
+    let (s, _) = spilled(3).on_peer_batch(&[good; 3].concat()).unwrap();
+    let mut m = s.on_peer_end(3).unwrap();
+    assert!(m.reblind_pieces_left());
+    let (offset, raw) = m.take_reblind_piece(2).unwrap().unwrap();
+    assert_eq!((offset, raw.len()), (0, 64));
+    assert!(!m.reblind_pieces_back());
+    assert!(matches!(m.reblind_next(4), Err(PsiError::Spill(_))));
+    assert!(matches!(
+        m.on_reblinded_piece(&[good; 3]),
+        Err(PsiError::Spill(_))
+    ));
+    let (offset, raw) = m.take_reblind_piece(2).unwrap().unwrap();
+    assert_eq!((offset, raw.len()), (2, 32));
+    assert!(!m.reblind_pieces_left());
+    assert_eq!(m.take_reblind_piece(2).unwrap(), None);
+    // A point that is not one is named by its place in the peer's stream.
+    assert_eq!(
+        reblind_points(&JobKey::generate(), &[good, [0xff; 32]].concat())
+            .unwrap_err()
+            .at_offset(5),
+        PsiError::InvalidPoint { index: 6 }
+    );
 }
 
 fn out_count(out: &(PsiOutput, PsiOutput)) -> u64 {

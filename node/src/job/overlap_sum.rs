@@ -208,6 +208,7 @@ fn widen<W>(step: Step<Never>) -> Step<W> {
         Step::Audit(a) => Step::Audit(a),
         Step::Charge(c) => Step::Charge(c),
         Step::Finish => Step::Finish,
+        Step::Reblind(piece) => Step::Reblind(piece),
         Step::Compute(never) => match never {},
     }
 }

@@ -8,8 +8,12 @@ use std::time::Duration;
 
 use cleanroom_proto::v1::Envelope;
 
+use cleanroom_circuits::EncodedPoint;
+
 use crate::audit::AuditEvent;
+use crate::data::cluster_reblind::ReblindFailure;
 use crate::error::JobError;
+pub use crate::job::psi::ReblindPiece;
 use crate::ledger::Loss;
 
 /// What the driver does next for a protocol.
@@ -23,6 +27,9 @@ pub enum Step<W> {
     Audit(AuditEvent),
     /// Run this on the CPU pool and hand the result to [`Protocol::handle_done`].
     Compute(W),
+    /// Have these points of the partner's re-blinded on this node's cluster, alongside
+    /// everything else, and hand the result to [`Protocol::handle_reblinded`].
+    Reblind(ReblindPiece),
     /// Charge the ledger (if this node's entry sets ε) and draw this node's noise in the same
     /// transaction; hand the draw to [`Protocol::handle_noise`].
     Charge(NoiseRequest),
@@ -74,6 +81,17 @@ pub trait Protocol {
     fn handle_done(&mut self, done: Self::Done) -> Result<(), JobError>;
     /// Takes the noise drawn for the last [`Step::Charge`]; `charged`: the ledger was charged.
     fn handle_noise(&mut self, noise: Vec<i64>, charged: bool) -> Result<(), JobError>;
+    /// Takes a piece of a [`Step::Reblind`] back: the points of the piece that starts at
+    /// `offset`, re-blinded, or why not. Only PSI hands pieces out.
+    fn handle_reblinded(
+        &mut self,
+        _offset: u64,
+        _result: Result<Vec<EncodedPoint>, ReblindFailure>,
+    ) -> Result<(), JobError> {
+        Err(JobError::Internal(
+            "a re-blinded piece came back to a protocol that hands none out".into(),
+        ))
+    }
     /// Whether the exchange is complete.
     fn is_finished(&self) -> bool;
     /// How long the peer may stay silent now.
@@ -92,6 +110,7 @@ impl Protocol for crate::job::psi::PsiProtocol {
             Action::Recheck => Step::Recheck,
             Action::Audit(event) => Step::Audit(event),
             Action::Compute(work) => Step::Compute(*work),
+            Action::Reblind(piece) => Step::Reblind(piece),
             Action::Finish => Step::Finish,
         })
     }
@@ -113,6 +132,14 @@ impl Protocol for crate::job::psi::PsiProtocol {
         Err(JobError::Internal(
             "noise handed to the PSI protocol, which asks for none".into(),
         ))
+    }
+
+    fn handle_reblinded(
+        &mut self,
+        offset: u64,
+        result: Result<Vec<EncodedPoint>, ReblindFailure>,
+    ) -> Result<(), JobError> {
+        crate::job::psi::PsiProtocol::handle_reblinded(self, offset, result)
     }
 
     fn is_finished(&self) -> bool {

@@ -30,13 +30,13 @@
 //! until the session is free ([`PsiProtocol::handle`] takes them while CPU work is out). The
 //! order on the wire is unchanged: what we return waits until our own end marker is out.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::time::Duration;
 
 use cleanroom_circuits::spill::SpilledOwn;
 use cleanroom_circuits::{
-    AwaitingPeerSize, EncodedPoint, ItemSet, JobKey, Matching, PsiError, PsiOutput, PsiParams,
-    PsiSession, Streaming,
+    AwaitingPeerSize, EncodedPoint, ItemSet, JobKey, Matching, POINT_LEN, PsiError, PsiOutput,
+    PsiParams, PsiSession, Streaming, check_peer_batch,
 };
 use cleanroom_proto::v1::{
     Abort, BatchEnd, Envelope, JobKind, NoiseReveal, NoiseTerm, Phase, PointBatch, PsiHello,
@@ -44,6 +44,7 @@ use cleanroom_proto::v1::{
 };
 
 use crate::audit::AuditEvent;
+use crate::data::cluster_reblind::ReblindFailure;
 use crate::data::dataset;
 use crate::error::{JobError, Party, Violation};
 use crate::job::noise::{self, NONCE_LEN};
@@ -52,6 +53,23 @@ use crate::policy::{Permit, Recipient, Veto};
 
 /// Points per batch frame: 128 KiB, well under the frame cap.
 pub const BATCH_POINTS: usize = 4096;
+
+/// Points one piece re-blinded off the node holds at most: 1 MiB in its plan, well under the
+/// cluster's 16 MiB messages, and about a second of one core's curve work.
+pub const PIECE_POINTS: usize = 32_768;
+
+/// Where the partner's points are re-blinded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReblindPlace {
+    /// On this node's CPU pool, as the session's own work.
+    Node,
+    /// Off the node (on its own executors): in pieces handed out as [`Action::Reblind`], at
+    /// most `in_flight` out at once.
+    Elsewhere {
+        /// Pieces out at once at most.
+        in_flight: usize,
+    },
+}
 
 /// What a PSI job is, for the protocol: who, which kind, under which terms.
 #[derive(Debug, Clone)]
@@ -68,6 +86,8 @@ pub struct PsiConfig {
     pub digest: [u8; 32],
     /// This node's noise, if its allow entry sets ε (charged before the protocol starts).
     pub noise: Option<NoiseCommit>,
+    /// Where the partner's points are re-blinded.
+    pub reblind: ReblindPlace,
 }
 
 /// This node's noise for the job, committed to in its hello and opened after the count.
@@ -100,8 +120,29 @@ pub enum Action {
     Audit(AuditEvent),
     /// Run this on the CPU pool and hand the result to [`PsiProtocol::handle_done`].
     Compute(Box<Work>),
+    /// Have these points of the partner's re-blinded off the node and hand the result to
+    /// [`PsiProtocol::handle_reblinded`] (only under [`ReblindPlace::Elsewhere`]). Pieces may
+    /// come back in any order.
+    Reblind(ReblindPiece),
     /// Close our stream: everything has been written.
     Finish,
+}
+
+/// Points of the partner's to re-blind off the node.
+pub struct ReblindPiece {
+    /// Where they start in the partner's stream.
+    pub offset: u64,
+    /// The points as the partner sent them (concatenated encodings, whole points).
+    pub points: Vec<u8>,
+}
+
+impl std::fmt::Debug for ReblindPiece {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReblindPiece")
+            .field("offset", &self.offset)
+            .field("points", &(self.points.len() / POINT_LEN))
+            .finish()
+    }
 }
 
 /// Our session while the exchange runs: before the peer's points are all in, and after.
@@ -143,6 +184,13 @@ pub enum Work {
     ReturnedEnd(Matching, u64),
     /// A spilled session: re-blind the next piece of the peer's stored points.
     Reblind(Matching),
+    /// Re-blinding off the node, in memory: the peer's next points, re-blinded, in order.
+    PeerReblinded(Streaming, Vec<Vec<EncodedPoint>>),
+    /// Re-blinding off the node, spilled: take up to this many pieces of the peer's stored
+    /// points to hand out.
+    TakePieces(Matching, usize),
+    /// Re-blinding off the node, spilled: pieces back, into their buckets.
+    PiecesBack(Matching, Vec<Vec<EncodedPoint>>),
 }
 
 /// The result of a [`Work`].
@@ -158,8 +206,10 @@ pub enum Done {
     Returned(Result<Matching, PsiError>),
     /// The count.
     ReturnedEnd(Result<PsiOutput, PsiError>),
-    /// A piece of the peer's stored points re-blinded.
+    /// A piece of the peer's stored points re-blinded (here, or pieces back from elsewhere).
     Reblind(Result<Matching, PsiError>),
+    /// Pieces of the peer's stored points to hand out.
+    Pieces(Result<(Matching, Vec<ReblindPiece>), PsiError>),
 }
 
 impl Work {
@@ -207,6 +257,39 @@ impl Work {
             Work::Reblind(mut s) => {
                 Done::Reblind(s.reblind_next(BATCHES_PER_WORK * BATCH_POINTS).map(|()| s))
             }
+            Work::PeerReblinded(s, pieces) => {
+                let run = || {
+                    let mut s = s;
+                    let mut replies = Vec::new();
+                    for points in &pieces {
+                        let (next, reply) = s.on_peer_reblinded(points)?;
+                        s = next;
+                        replies.extend(reply);
+                    }
+                    Ok((s, replies))
+                };
+                Done::PeerBatches(run())
+            }
+            Work::TakePieces(mut s, count) => {
+                let mut run = || {
+                    let mut pieces = Vec::new();
+                    while pieces.len() < count {
+                        match s.take_reblind_piece(PIECE_POINTS)? {
+                            Some((offset, points)) => pieces.push(ReblindPiece { offset, points }),
+                            None => break,
+                        }
+                    }
+                    Ok(pieces)
+                };
+                let pieces = run();
+                Done::Pieces(pieces.map(|p| (s, p)))
+            }
+            Work::PiecesBack(mut s, pieces) => Done::Reblind(
+                pieces
+                    .iter()
+                    .try_for_each(|points| s.on_reblinded_piece(points))
+                    .map(|()| s),
+            ),
         }
     }
 }
@@ -318,10 +401,71 @@ struct Exchange {
     returns_closed: bool,
     /// Our own blinding takes the next turn when both it and the peer's work could.
     own_turn: bool,
+    /// Re-blinding off the node; `None` when the node re-blinds.
+    off_node: Option<OffNode>,
+}
+
+/// The pieces of the peer's points re-blinded off the node.
+#[derive(Debug)]
+struct OffNode {
+    /// Pieces out at once at most.
+    in_flight: usize,
+    /// The session re-blinds after the peer's last point (spilled): pieces come from its store
+    /// then. Otherwise they are the peer's batches as they arrive.
+    spilled: bool,
+    /// The peer's points that arrived and passed the wire checks (in memory).
+    arrived: u64,
+    /// The peer's points handed out (in memory).
+    taken: u64,
+    /// Pieces out that have not come back.
+    out: usize,
+    /// Pieces back, by where they start, until the session takes them.
+    back: BTreeMap<u64, Vec<EncodedPoint>>,
+    /// The peer's points the session has taken back (in memory, where order matters).
+    applied: u64,
+}
+
+impl OffNode {
+    /// Pieces back that the session can take now: in memory, those that continue its stream in
+    /// order; spilled, all of them (buckets do not care).
+    fn take_back(&mut self) -> Vec<Vec<EncodedPoint>> {
+        if self.spilled {
+            return std::mem::take(&mut self.back).into_values().collect();
+        }
+        let mut pieces = Vec::new();
+        while let Some(entry) = self.back.first_entry() {
+            if *entry.key() != self.applied {
+                break;
+            }
+            let points = entry.remove();
+            self.applied += points.len() as u64;
+            pieces.push(points);
+        }
+        pieces
+    }
+
+    fn ready(&self) -> bool {
+        match self.back.first_key_value() {
+            Some((&offset, _)) => self.spilled || offset == self.applied,
+            None => false,
+        }
+    }
 }
 
 impl Exchange {
-    fn new(session: Streaming) -> Exchange {
+    fn new(session: Streaming, reblind: ReblindPlace) -> Exchange {
+        let off_node = match reblind {
+            ReblindPlace::Node => None,
+            ReblindPlace::Elsewhere { in_flight } => Some(OffNode {
+                in_flight: in_flight.max(1),
+                spilled: session.reblinds_after_peer_end(),
+                arrived: 0,
+                taken: 0,
+                out: 0,
+                back: BTreeMap::new(),
+                applied: 0,
+            }),
+        };
         Exchange {
             session: Some(Session::Streaming(session)),
             inputs: VecDeque::new(),
@@ -333,13 +477,57 @@ impl Exchange {
             peer_total: None,
             returns_closed: false,
             own_turn: true,
+            off_node,
+        }
+    }
+
+    /// Whether the peer's batches go out as pieces as they arrive, not to the session.
+    fn pieces_as_they_arrive(&self) -> bool {
+        self.off_node.as_ref().is_some_and(|off| !off.spilled)
+    }
+
+    /// Whether a piece is out or back and not yet taken by the session.
+    fn pieces_pending(&self) -> bool {
+        self.off_node
+            .as_ref()
+            .is_some_and(|off| off.out > 0 || !off.back.is_empty())
+    }
+
+    /// In memory, off the node: the peer's batches that wait, handed out in pieces while
+    /// fewer than `in_flight` are out.
+    fn hand_out_pieces(&mut self, actions: &mut VecDeque<Action>) {
+        if !self.pieces_as_they_arrive() {
+            return;
+        }
+        let Some(off) = self.off_node.as_mut() else {
+            return;
+        };
+        while off.out < off.in_flight && matches!(self.inputs.front(), Some(Input::Points(_))) {
+            let mut points = Vec::new();
+            while let Some(Input::Points(next)) = self.inputs.front() {
+                if !points.is_empty() && points.len() + next.len() > PIECE_POINTS * POINT_LEN {
+                    break;
+                }
+                if let Some(Input::Points(next)) = self.inputs.pop_front() {
+                    points.extend_from_slice(&next);
+                }
+            }
+            let count = (points.len() / POINT_LEN) as u64;
+            actions.push_back(Action::Reblind(ReblindPiece {
+                offset: off.taken,
+                points,
+            }));
+            off.taken += count;
+            off.out += 1;
         }
     }
 
     /// Whether the next input can be worked on by `session` now.
     fn input_ready(&self, session: &Session) -> bool {
         match (self.inputs.front(), session) {
-            (Some(Input::Points(_) | Input::End(_)), Session::Streaming(_)) => true,
+            (Some(Input::Points(_)), Session::Streaming(_)) => !self.pieces_as_they_arrive(),
+            // The peer's end waits for every piece of its points to be back and taken.
+            (Some(Input::End(_)), Session::Streaming(_)) => !self.pieces_pending(),
             (Some(Input::Returned(_)), Session::Matching(_)) => true,
             (Some(Input::ReturnedEnd(_)), Session::Matching(_)) => self.returns_closed,
             _ => false,
@@ -569,6 +757,51 @@ impl PsiProtocol {
         result
     }
 
+    /// Takes a piece handed out by [`Action::Reblind`], re-blinded off the node (or why not):
+    /// a bad point of the partner's is its violation, named by its place in its stream.
+    pub fn handle_reblinded(
+        &mut self,
+        offset: u64,
+        result: Result<Vec<EncodedPoint>, ReblindFailure>,
+    ) -> Result<(), JobError> {
+        let taken = self.on_reblinded(offset, result);
+        if taken.is_err() {
+            self.stage = Stage::Over;
+            self.actions.clear();
+        }
+        taken
+    }
+
+    fn on_reblinded(
+        &mut self,
+        offset: u64,
+        result: Result<Vec<EncodedPoint>, ReblindFailure>,
+    ) -> Result<(), JobError> {
+        let points = match result {
+            Ok(points) => points,
+            Err(ReblindFailure::Peer(e)) => {
+                return Err(self.violation(Violation::Psi(e.at_offset(offset))));
+            }
+            Err(ReblindFailure::Cluster(reason)) => {
+                return Err(JobError::Compute {
+                    step: "re-blinding the partner's points on this node's cluster",
+                    reason,
+                });
+            }
+        };
+        let Stage::Exchange(x) = &mut self.stage else {
+            return Err(self.internal("a re-blinded piece came back outside the exchange"));
+        };
+        match x.off_node.as_mut() {
+            Some(off) if off.out > 0 && !off.back.contains_key(&offset) => {
+                off.out -= 1;
+                off.back.insert(offset, points);
+                Ok(())
+            }
+            _ => Err(self.internal("a re-blinded piece came back that was not out")),
+        }
+    }
+
     fn on_frame(&mut self, stage: Stage, env: Envelope) -> Result<(), JobError> {
         if let Some(Body::Abort(Abort { reason })) = &env.body {
             return Err(JobError::Aborted {
@@ -655,11 +888,22 @@ impl PsiProtocol {
         match env.body {
             Some(Body::Points(PointBatch { seq, points })) => {
                 wire::check_seq(seq, &mut x.seq_in).map_err(|v| self.violation(v))?;
-                x.inputs.push_back(if returned {
-                    Input::Returned(points)
+                if returned {
+                    x.inputs.push_back(Input::Returned(points));
+                } else if x.pieces_as_they_arrive() {
+                    // Checked now (the session would check them on the node): nothing that is
+                    // not whole points within the peer's declared size leaves the node.
+                    let declared = self.peer.as_ref().map_or(0, |p| p.size);
+                    if let Some(off) = x.off_node.as_mut() {
+                        off.arrived += check_peer_batch(declared, off.arrived, &points)
+                            .map_err(|e| self.violation(Violation::Psi(e)))?;
+                    }
+                    if !points.is_empty() {
+                        x.inputs.push_back(Input::Points(points));
+                    }
                 } else {
-                    Input::Points(points)
-                });
+                    x.inputs.push_back(Input::Points(points));
+                }
             }
             Some(Body::BatchEnd(BatchEnd { total })) => {
                 x.inputs.push_back(if returned {
@@ -686,6 +930,7 @@ impl PsiProtocol {
         let Stage::Exchange(x) = &mut self.stage else {
             return;
         };
+        x.hand_out_pieces(&mut self.actions);
         let Some(mut session) = x.session.take() else {
             return;
         };
@@ -715,7 +960,8 @@ impl PsiProtocol {
             return;
         }
         let own_left = !session.own_done();
-        let input_ready = x.input_ready(&session);
+        let pieces_ready = x.off_node.as_ref().is_some_and(OffNode::ready);
+        let input_ready = x.input_ready(&session) || pieces_ready;
         // A spilled session's heavy step, taken when nothing cheaper waits.
         let reblind =
             !input_ready && matches!(&session, Session::Matching(m) if m.reblind_pending());
@@ -723,12 +969,35 @@ impl PsiProtocol {
             x.own_turn = false;
             Work::BlindNext(session)
         } else if reblind {
-            match session {
-                Session::Matching(m) => Work::Reblind(m),
-                other => {
+            match (session, x.off_node.as_ref()) {
+                (Session::Matching(m), None) => Work::Reblind(m),
+                (Session::Matching(m), Some(off)) if m.reblind_pieces_left() => {
+                    if off.out < off.in_flight {
+                        Work::TakePieces(m, off.in_flight - off.out)
+                    } else {
+                        x.session = Some(Session::Matching(m));
+                        return;
+                    }
+                }
+                // Every piece is back and taken: sort the buckets.
+                (Session::Matching(m), Some(off)) if off.out == 0 && m.reblind_pieces_back() => {
+                    Work::Reblind(m)
+                }
+                (other, _) => {
                     x.session = Some(other);
                     return;
                 }
+            }
+        } else if pieces_ready {
+            x.own_turn = true;
+            let pieces = x
+                .off_node
+                .as_mut()
+                .map(OffNode::take_back)
+                .unwrap_or_default();
+            match session {
+                Session::Streaming(s) => Work::PeerReblinded(s, pieces),
+                Session::Matching(m) => Work::PiecesBack(m, pieces),
             }
         } else if input_ready {
             x.own_turn = true;
@@ -818,7 +1087,7 @@ impl PsiProtocol {
                 rho: None,
             }));
         }
-        self.stage = Stage::Exchange(Box::new(Exchange::new(ready.stream())));
+        self.stage = Stage::Exchange(Box::new(Exchange::new(ready.stream(), self.cfg.reblind)));
         Ok(())
     }
 
@@ -865,6 +1134,17 @@ impl PsiProtocol {
             }
             Done::Returned(r) => Session::Matching(r.map_err(|e| psi(self, e))?),
             Done::Reblind(r) => Session::Matching(r.map_err(|e| psi(self, e))?),
+            Done::Pieces(r) => {
+                let (next, pieces) = r.map_err(|e| psi(self, e))?;
+                let Stage::Exchange(x) = &mut self.stage else {
+                    return Err(self.internal("the exchange went away"));
+                };
+                if let Some(off) = x.off_node.as_mut() {
+                    off.out += pieces.len();
+                }
+                self.actions.extend(pieces.into_iter().map(Action::Reblind));
+                Session::Matching(next)
+            }
             Done::ReturnedEnd(r) => {
                 let output = r.map_err(|e| psi(self, e))?;
                 return self.counted(output);

@@ -62,6 +62,7 @@ fn config_up_to(me: usize, kind: JobKind, max_set: u64) -> PsiConfig {
         permit,
         digest: crate::spec::spec_digest("job-1", &spec),
         noise: None,
+        reblind: ReblindPlace::Node,
     }
 }
 
@@ -125,8 +126,9 @@ impl Pair {
             for env in from_globex {
                 self.acme.inbox.extend(tamper(env));
             }
-            let moved_a = self.acme.step();
-            let moved_g = self.globex.step();
+            // Pieces come back only when no frame waits, so that several are out at once.
+            let moved_a = self.acme.step() || self.acme.finish_pieces();
+            let moved_g = self.globex.step() || self.globex.finish_pieces();
             if !moved_a
                 && !moved_g
                 && self.acme.proto.poll_is_empty()
@@ -184,7 +186,8 @@ fn work_event(w: &Work) -> Event {
         Work::PeerEnd(..) => Event::PeerEnd,
         Work::Returned(..) => Event::Returned,
         Work::ReturnedEnd(..) => Event::ReturnedEnd,
-        Work::Reblind(..) => Event::Reblind,
+        Work::Reblind(..) | Work::TakePieces(..) | Work::PiecesBack(..) => Event::Reblind,
+        Work::PeerReblinded(..) => Event::PeerBatch,
     }
 }
 
@@ -292,6 +295,7 @@ fn act(side: &mut Side<PsiProtocol>, out: &mut Vec<Envelope>, events: &mut Vec<E
             }
             while side.error.is_none() && side.step() {}
         }
+        Some(Action::Reblind(piece)) => side.pieces.push(piece),
         Some(Action::Finish) => side.finished_stream = true,
         Some(Action::Recheck) => side.rechecks += 1,
         Some(Action::Audit(e)) => side.audited.push(e),
@@ -923,4 +927,161 @@ fn the_backlog_counts_frames_taken_and_not_yet_worked_on() {
     assert_eq!(pair.acme.proto.backlog(), batches + 1);
     pair.acme.drain();
     assert_eq!(pair.acme.proto.backlog(), 0);
+}
+
+fn copy_of(key: &JobKey) -> JobKey {
+    JobKey::from_secret_bytes(&key.to_secret_bytes()).expect("a key")
+}
+
+/// Acme re-blinds globex's points off the node, at most `in_flight` pieces out at once;
+/// globex on its node.
+fn pair_off_node(kind: JobKind, in_flight: usize) -> Pair {
+    let mut a = config_up_to(0, kind, 20_000);
+    a.reblind = ReblindPlace::Elsewhere { in_flight };
+    let key = JobKey::generate();
+    let copy = copy_of(&key);
+    Pair {
+        acme: Side::with_cluster(
+            PsiProtocol::start_batched(a, key, items(0, 9000), 256),
+            copy,
+        ),
+        globex: Side::new(PsiProtocol::start_batched(
+            config_up_to(1, kind, 20_000),
+            JobKey::generate(),
+            items(3000, 12000),
+            256,
+        )),
+    }
+}
+
+/// The partner's points re-blinded off the node (pieces back in any order) give the count and
+/// the membership that re-blinding them on the node gives, in memory and spilled.
+#[test]
+fn reblinding_off_the_node_gives_the_same_results() {
+    for kind in [JobKind::Overlap, JobKind::Match] {
+        for in_flight in [1, 3] {
+            let mut pair = pair_off_node(kind, in_flight);
+            pair.run_honest();
+            assert!(pair.acme.error.is_none(), "{:?}", pair.acme.error);
+            assert!(pair.globex.error.is_none(), "{:?}", pair.globex.error);
+            assert!(pair.acme.pieces_handed_out > 1, "{kind:?}");
+            assert!(pair.acme.pieces.is_empty());
+            let a = pair.acme.proto.into_exchange().expect("finished");
+            let g = pair.globex.proto.into_exchange().expect("finished");
+            assert_eq!((a.output.intersection, g.output.intersection), (6000, 6000));
+            if kind == JobKind::Match {
+                let mine = items(0, 9000);
+                let matched: Vec<&[u8]> = a
+                    .output
+                    .membership
+                    .expect("membership")
+                    .iter()
+                    .map(|&i| mine.get(i as usize).expect("index"))
+                    .collect();
+                assert_eq!(matched, items(3000, 9000).iter().collect::<Vec<_>>());
+                // globex learns which of its items matched from the order acme returns its
+                // points in: acme must return them in the order they came.
+                let theirs = items(3000, 12000);
+                let matched: Vec<&[u8]> = g
+                    .output
+                    .membership
+                    .expect("membership")
+                    .iter()
+                    .map(|&i| theirs.get(i as usize).expect("index"))
+                    .collect();
+                assert_eq!(matched, items(3000, 9000).iter().collect::<Vec<_>>());
+            }
+        }
+    }
+    // Spilled: the stored points go out in pieces once all are in.
+    use cleanroom_circuits::spill::{MemoryStore, OwnSetBuilder};
+    let kind = JobKind::Overlap;
+    let mut a = config_up_to(0, kind, 20_000);
+    a.reblind = ReblindPlace::Elsewhere { in_flight: 2 };
+    let key = JobKey::generate();
+    let copy = copy_of(&key);
+    let mut own = OwnSetBuilder::new(Box::new(MemoryStore::default()));
+    own.add(&key, &dataset::key_name(&a.permit.keys), &items(0, 9000))
+        .unwrap();
+    let acme = PsiProtocol::start_spilled_batched(a, key, own.finish().unwrap(), 256).unwrap();
+    let mut pair = Pair {
+        acme: Side::with_cluster(acme, copy),
+        globex: Side::new(PsiProtocol::start_batched(
+            config_up_to(1, kind, 20_000),
+            JobKey::generate(),
+            items(3000, 12000),
+            256,
+        )),
+    };
+    pair.run_honest();
+    assert!(pair.acme.error.is_none(), "{:?}", pair.acme.error);
+    assert!(pair.globex.error.is_none(), "{:?}", pair.globex.error);
+    // 9000 points in pieces of at most PIECE_POINTS.
+    assert_eq!(
+        pair.acme.pieces_handed_out,
+        9000_usize.div_ceil(PIECE_POINTS)
+    );
+    let a = pair.acme.proto.into_exchange().expect("finished");
+    let g = pair.globex.proto.into_exchange().expect("finished");
+    assert_eq!((a.output.intersection, g.output.intersection), (6000, 6000));
+}
+
+/// Off the node, the partner's bad points are its violations as on the node, named by their
+/// place in its whole stream; a batch past its declared size never leaves the node; a cluster
+/// failure is this node's, with the cluster's reason.
+#[test]
+fn bad_points_reblinded_off_the_node_are_the_partners_violations() {
+    // A point that is not one, in globex's second batch (256 points each): index 256 + 3.
+    let second = nth(2, |mut env| {
+        if let Some(Body::Points(b)) = &mut env.body {
+            b.points[3 * 32..4 * 32].fill(0xff);
+        }
+        vec![env]
+    });
+    let e = pair_off_node(JobKind::Overlap, 2).acme_error(second);
+    assert!(
+        matches!(
+            by_globex(&e),
+            Violation::Psi(PsiError::InvalidPoint { index: 259 })
+        ),
+        "{e}"
+    );
+    // The identity.
+    let e = pair_off_node(JobKind::Overlap, 2)
+        .acme_error(on_points(Phase::PsiBlinded, |p| p[32..64].fill(0)));
+    assert!(
+        matches!(
+            by_globex(&e),
+            Violation::Psi(PsiError::IdentityPoint { index: 1 })
+        ),
+        "{e}"
+    );
+    // Not whole points: refused when it arrives, before any piece holds it.
+    let mut pair = pair_off_node(JobKind::Overlap, 2);
+    let e = {
+        pair.run(on_points(Phase::PsiBlinded, |p| {
+            p.pop();
+        }));
+        pair.acme.error.take().expect("acme failed the job")
+    };
+    assert!(
+        matches!(
+            by_globex(&e),
+            Violation::Psi(PsiError::BatchNotMultipleOfPointLen { .. })
+        ),
+        "{e}"
+    );
+    assert_eq!(pair.acme.pieces_handed_out, 0);
+    // The cluster fails: this node's error, with the cluster's words.
+    let mut proto = pair_off_node(JobKind::Overlap, 2).acme.proto;
+    let e = proto
+        .handle_reblinded(0, Err(ReblindFailure::Cluster("executor lost".into())))
+        .expect_err("a failure");
+    assert!(e.to_string().contains("executor lost"), "{e}");
+    // A piece that was never handed out.
+    let mut proto = pair_off_node(JobKind::Overlap, 2).acme.proto;
+    let e = proto
+        .handle_reblinded(0, Ok(Vec::new()))
+        .expect_err("not out");
+    assert!(matches!(e, JobError::Internal(_)), "{e}");
 }

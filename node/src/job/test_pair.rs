@@ -9,9 +9,12 @@ use std::collections::VecDeque;
 use cleanroom_proto::v1::envelope::Body;
 use cleanroom_proto::v1::{Abort, Envelope, Phase, PsiHello};
 
+use cleanroom_circuits::{JobKey, reblind_points};
+
 use crate::audit::AuditEvent;
+use crate::data::cluster_reblind::ReblindFailure;
 use crate::error::JobError;
-use crate::job::protocol::{NoiseRequest, Protocol, Step};
+use crate::job::protocol::{NoiseRequest, Protocol, ReblindPiece, Step};
 use crate::ledger::Loss;
 
 /// One side: its protocol and what it did besides sending.
@@ -24,6 +27,11 @@ pub(super) struct Side<P: Protocol> {
     pub(super) charges: Vec<(Option<Loss>, Vec<i64>)>,
     pub(super) finished_stream: bool,
     pub(super) error: Option<JobError>,
+    /// A copy of the side's job key, when its protocol hands out pieces to re-blind (its
+    /// "cluster"); the pieces out, and how many were.
+    pub(super) cluster_key: Option<JobKey>,
+    pub(super) pieces: Vec<ReblindPiece>,
+    pub(super) pieces_handed_out: usize,
 }
 
 impl<P: Protocol> Side<P> {
@@ -36,7 +44,38 @@ impl<P: Protocol> Side<P> {
             charges: Vec::new(),
             finished_stream: false,
             error: None,
+            cluster_key: None,
+            pieces: Vec::new(),
+            pieces_handed_out: 0,
         }
+    }
+
+    /// A side whose protocol re-blinds the partner's points off the node with `key` (a copy of
+    /// its job key), as its executors would.
+    pub(super) fn with_cluster(proto: P, key: JobKey) -> Self {
+        let mut side = Side::new(proto);
+        side.cluster_key = Some(key);
+        side
+    }
+
+    /// Re-blinds the last piece handed out and hands it back (a cluster finishes pieces in any
+    /// order: here the latest first, so a later piece comes back before an earlier one
+    /// whenever two are out). Whether there was one.
+    pub(super) fn finish_pieces(&mut self) -> bool {
+        if self.error.is_some() {
+            return false;
+        }
+        let Some(piece) = self.pieces.pop() else {
+            return false;
+        };
+        let Some(key) = &self.cluster_key else {
+            panic!("a piece to re-blind from a side without a cluster");
+        };
+        let result = reblind_points(key, &piece.points).map_err(ReblindFailure::Peer);
+        if let Err(e) = self.proto.handle_reblinded(piece.offset, result) {
+            self.error = Some(e);
+        }
+        true
     }
 
     /// Does what the protocol asks until it waits for a frame; returns the frames it sent.
@@ -61,6 +100,11 @@ impl<P: Protocol> Side<P> {
                     Ok(())
                 }
                 Step::Compute(work) => self.proto.handle_done(P::run(work)),
+                Step::Reblind(piece) => {
+                    self.pieces.push(piece);
+                    self.pieces_handed_out += 1;
+                    Ok(())
+                }
                 Step::Charge(NoiseRequest { loss, draw }) => {
                     let noise = draw().expect("noise");
                     self.charges.push((loss, noise.clone()));

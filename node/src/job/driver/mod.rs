@@ -35,6 +35,7 @@ use tokio::sync::oneshot;
 use crate::audit::{AuditEvent, AuditHead};
 use crate::clock::now_ms;
 use crate::data::cluster_pass::SealingKey;
+use crate::data::cluster_reblind::ClusterReblinder;
 use crate::data::dataset::{self, KeyedRowCounts, RowFilter};
 use crate::data::forget::ForgetStore;
 use crate::dataplane::{Delivery, refused};
@@ -42,7 +43,7 @@ use crate::error::{JobError, NodeError, Timeout};
 use crate::job::frame_budget::FrameBudget;
 use crate::job::noise::{self as noised_release, OwnNoise};
 use crate::job::protocol::{NoiseRequest, Protocol, Step};
-use crate::job::psi::{NoiseCommit, PsiConfig, PsiExchange, PsiProtocol};
+use crate::job::psi::{NoiseCommit, PsiConfig, PsiExchange, PsiProtocol, ReblindPlace};
 use crate::job::spill::FileStore;
 use crate::job::wire::Outbox;
 use crate::policy::Permit;
@@ -52,8 +53,10 @@ use crate::state::NodeState;
 pub mod aggregate;
 pub mod overlap_sum;
 mod peer_stream;
+mod reblind;
 
 use peer_stream::{FRAMES_BETWEEN_WORK, PeerFrames, ReadAhead};
+use reblind::Reblinds;
 
 /// How long the responder waits for the initiator to connect. The initiator loads its dataset
 /// before it dials (up to [`MAX_ROWS`] rows; under a `memory_limit` it also blinds them then:
@@ -462,6 +465,7 @@ async fn exchange(
         None => None,
     };
     let kind = JobKind::try_from(job.spec.kind).unwrap_or(JobKind::Overlap);
+    let reblinds = reblinds_for(job, key_before_session(&input)?).await?;
     let cfg = PsiConfig {
         job_id: job.job_id.clone(),
         me: job.my_name.clone(),
@@ -469,6 +473,12 @@ async fn exchange(
         permit: job.permit.clone(),
         digest: spec_digest(&job.job_id, &job.spec),
         noise,
+        reblind: match &reblinds {
+            Some(r) => ReblindPlace::Elsewhere {
+                in_flight: r.in_flight(),
+            },
+            None => ReblindPlace::Node,
+        },
     };
     let (mut proto, membership_pass) = match input {
         PsiInput::Items(items) => {
@@ -492,7 +502,7 @@ async fn exchange(
         }
     };
     let own_size = proto.own_size();
-    let bytes = run_exchange(job, conn, send, first, &mut proto, own_size).await?;
+    let bytes = run_exchange(job, conn, send, first, &mut proto, own_size, reblinds).await?;
     let PsiExchange {
         output,
         peer_noise,
@@ -511,6 +521,41 @@ async fn exchange(
         bytes_to_peer: bytes,
     };
     release(job, output, inputs, membership_pass).await
+}
+
+/// With a sealing key on the dataset's cluster, the partner's points are re-blinded there too:
+/// the job key the executors blinded our set with goes to them sealed once more.
+async fn reblinds_for(
+    job: &JobContext,
+    key: Option<JobKey>,
+) -> Result<Option<Reblinds>, NodeError> {
+    let (Some(cluster), Some(key)) = (job.permit.dataset.engine.cluster.as_ref(), key) else {
+        return Ok(None);
+    };
+    let Some(sealing) = sealing_key(&job.permit.dataset)? else {
+        return Ok(None);
+    };
+    let reblinder = ClusterReblinder::new(cluster, &sealing, &key)
+        .await
+        .map_err(|reason| JobError::Compute {
+            step: "re-blinding the partner's points on this node's cluster",
+            reason,
+        })?;
+    Ok(Some(Reblinds::new(reblinder)))
+}
+
+/// A copy of the job key our points were blinded with before the session starts (on the
+/// executors, or as they were read under a `memory_limit`): the partner's points can be
+/// re-blinded off the node with it. `None` for identifiers the session blinds itself.
+fn key_before_session(input: &PsiInput) -> Result<Option<JobKey>, NodeError> {
+    let key = match input {
+        PsiInput::Blinded(own) => &own.key,
+        PsiInput::Spilled(key, _) => key,
+        PsiInput::Items(_) => return Ok(None),
+    };
+    JobKey::from_secret_bytes(&key.to_secret_bytes())
+        .map(Some)
+        .ok_or_else(|| JobError::Internal("the job key cannot be copied".into()).into())
 }
 
 /// What the release needs besides the protocol's output.
@@ -534,11 +579,12 @@ pub(crate) async fn run_exchange<P: Protocol>(
     first: Option<(FramedRecv, Envelope)>,
     proto: &mut P,
     own_size: u64,
+    mut reblinds: Option<Reblinds>,
 ) -> Result<u64, NodeError> {
     let partner = job.permit.partner.clone();
     let mut out = Outgoing::new(send, &job.job_id, Phase::PsiSize);
     let result = async {
-        do_steps(job, proto, &mut out, None).await?;
+        do_steps(job, proto, &mut out, None, reblinds.as_mut()).await?;
         let (recv, hello) = match first {
             Some((recv, hello)) => (recv, Some(hello)),
             None => {
@@ -568,7 +614,14 @@ pub(crate) async fn run_exchange<P: Protocol>(
             &partner,
             bound.as_ref().map(|(ahead, dir)| (*ahead, dir.as_path())),
         )?;
-        run_protocol(job, proto, &mut out, &mut incoming).await?;
+        run_protocol(job, proto, &mut out, &mut incoming, reblinds.as_mut()).await?;
+        if let Some((pieces, points)) = reblinds.as_ref().map(Reblinds::sent) {
+            tracing::info!(
+                pieces,
+                points,
+                "re-blinded the partner's points on the cluster, in pieces"
+            );
+        }
         if incoming.read_back() > 0 {
             tracing::info!(
                 read_ahead_bytes = incoming.read_back(),
@@ -601,10 +654,21 @@ async fn do_steps<P: Protocol>(
     proto: &mut P,
     out: &mut Outgoing,
     mut incoming: Option<&mut PeerFrames>,
+    mut reblinds: Option<&mut Reblinds>,
 ) -> Result<(), NodeError> {
     while let Some(step) = proto.next_step() {
         match step {
             Step::Send(env) => out.send_env(&env).await?,
+            Step::Reblind(piece) => match reblinds.as_deref_mut() {
+                Some(reblinds) => reblinds.start(piece),
+                None => {
+                    return Err(JobError::Internal(
+                        "the protocol handed out points to re-blind, and this job has no cluster"
+                            .into(),
+                    )
+                    .into());
+                }
+            },
             Step::Recheck => job.recheck()?,
             Step::Audit(event) => {
                 job.audit(event)?;
@@ -612,6 +676,13 @@ async fn do_steps<P: Protocol>(
             Step::Compute(work) => {
                 let done = blocking(move || P::run(work)).await?;
                 proto.handle_done(done)?;
+                // Pieces that came back from the cluster meanwhile.
+                if let Some(reblinds) = reblinds.as_deref_mut() {
+                    while let Some(back) = reblinds.try_next() {
+                        let (offset, result) = back?;
+                        proto.handle_reblinded(offset, result)?;
+                    }
+                }
                 // What arrived meanwhile, so a protocol that can choose its next work from it
                 // does (PSI's streaming exchange). Only up to a short backlog: the rest waits
                 // in the queue, whose memory is bounded.
@@ -651,14 +722,35 @@ async fn run_protocol<P: Protocol>(
     proto: &mut P,
     out: &mut Outgoing,
     incoming: &mut PeerFrames,
+    mut reblinds: Option<&mut Reblinds>,
 ) -> Result<(), NodeError> {
     loop {
-        do_steps(job, proto, out, Some(&mut *incoming)).await?;
+        do_steps(
+            job,
+            proto,
+            out,
+            Some(&mut *incoming),
+            reblinds.as_deref_mut(),
+        )
+        .await?;
         if proto.is_finished() {
             return Ok(());
         }
-        let env = incoming.next(proto.silence_allowed()).await?;
-        proto.handle(env)?;
+        let silence = proto.silence_allowed();
+        match reblinds.as_deref_mut().filter(|r| r.busy()) {
+            // The peer's next frame or a piece back from the cluster, whichever comes first.
+            Some(reblinds) => tokio::select! {
+                env = incoming.next(silence) => proto.handle(env?)?,
+                back = reblinds.next() => {
+                    let (offset, result) = back?;
+                    proto.handle_reblinded(offset, result)?;
+                }
+            },
+            None => {
+                let env = incoming.next(silence).await?;
+                proto.handle(env)?;
+            }
+        }
     }
 }
 

@@ -160,7 +160,7 @@ async fn key_holder(
         }
     };
     let own_size = proto.own_size();
-    let bytes = run_exchange(job, conn, send, None, &mut proto, own_size).await?;
+    let bytes = run_exchange(job, conn, send, None, &mut proto, own_size, None).await?;
     let KhExchange {
         sizes: (own, peer),
         release,
@@ -223,7 +223,16 @@ async fn value_holder(
     })?;
     let mut proto = ValueHolder::start(cfg, input, paillier)?;
     let own_size = proto.own_size();
-    let bytes = run_exchange(job, conn, send, Some((recv, first)), &mut proto, own_size).await?;
+    let bytes = run_exchange(
+        job,
+        conn,
+        send,
+        Some((recv, first)),
+        &mut proto,
+        own_size,
+        None,
+    )
+    .await?;
     let VhExchange {
         sizes: (_, peer_size),
         cells,
