@@ -321,12 +321,13 @@ impl Streaming {
     /// The peer's next points, re-blinded elsewhere (on this node's own executors) after
     /// [`check_peer_batch`](super::check_peer_batch) passed the batch they came in: the same as
     /// [`on_peer_batch`](Self::on_peer_batch) once its re-blinding is done. They must come in
-    /// the peer's stream order. A spilled session refuses them: its points come back through
-    /// [`Matching::on_reblinded_piece`].
+    /// the peer's stream order. Returns them to send at once when returning in order, in
+    /// batches of at most `batch_size` points (none otherwise). A spilled session refuses them:
+    /// its points come back through [`Matching::on_reblinded_piece`].
     pub fn on_peer_reblinded(
         mut self,
         reblinded: &[EncodedPoint],
-    ) -> Result<(Streaming, Option<Vec<u8>>), PsiError> {
+    ) -> Result<(Streaming, Vec<Vec<u8>>), PsiError> {
         if self.peer_raw.is_some() {
             return Err(PsiError::Spill(
                 "a spilled session re-blinds the peer's points after its last one".into(),
@@ -340,11 +341,15 @@ impl Streaming {
             });
         }
         self.peer_double.extend_from_slice(reblinded);
-        let out = self
-            .common
-            .params
-            .return_in_order
-            .then(|| reblinded.as_flattened().to_vec());
+        let out = if self.common.params.return_in_order {
+            let batch = self.common.params.batch_size.max(1);
+            reblinded
+                .chunks(batch)
+                .map(|c| c.as_flattened().to_vec())
+                .collect()
+        } else {
+            Vec::new()
+        };
         Ok((self, out))
     }
 

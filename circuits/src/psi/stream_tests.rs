@@ -86,12 +86,13 @@ impl Party {
         })
     }
 
-    /// The peer's batch re-blinded off the session, if this party does that in memory.
+    /// The peer's batch re-blinded off the session, if this party does that in memory; what
+    /// to return, in batches.
     fn reblind_elsewhere(
         &mut self,
         s: Streaming,
         batch: &[u8],
-    ) -> Result<(Streaming, Option<Vec<u8>>), PsiError> {
+    ) -> Result<(Streaming, Vec<Vec<u8>>), PsiError> {
         match &mut self.elsewhere {
             Some((key, taken)) if !s.reblinds_after_peer_end() => {
                 let points = check_peer_batch(self.peer_size, *taken, batch)?;
@@ -99,7 +100,9 @@ impl Party {
                 *taken += points;
                 s.on_peer_reblinded(&reblinded)
             }
-            _ => s.on_peer_batch(batch),
+            _ => s
+                .on_peer_batch(batch)
+                .map(|(s, out)| (s, out.into_iter().collect())),
         }
     }
 
@@ -158,8 +161,8 @@ impl Party {
         let state = self.state.take().expect("a state");
         self.state = Some(match (state, msg) {
             (State::Streaming(s), Msg::Points(b)) => {
-                let (s, reply) = self.reblind_elsewhere(s, &b)?;
-                if let Some(r) = reply {
+                let (s, replies) = self.reblind_elsewhere(s, &b)?;
+                for r in replies {
                     self.send_return(Msg::Returned(r), out);
                 }
                 State::Streaming(s)
@@ -695,6 +698,15 @@ fn points_reblinded_off_the_session_are_checked() {
         let (_, s) = PsiSession::start_spilled(params(false, false, 4), key, own).unwrap();
         s.on_peer_size(peer).unwrap().stream()
     };
+    // Returned in order: in batches of at most `batch_size`, however many come back at once.
+    let good9: Vec<EncodedPoint> = (0..9u8)
+        .map(|i| hash_to_group("email", &[i]).compress().to_bytes())
+        .collect();
+    let s = streaming(params(true, false, 4), emails(0..3), 9, 0);
+    let (_, out) = s.on_peer_reblinded(&good9).unwrap();
+    let sizes: Vec<usize> = out.iter().map(|b| b.len() / POINT_LEN).collect();
+    assert_eq!(sizes, [4, 4, 1]);
+    assert_eq!(out.concat(), good9.as_flattened());
     let s = spilled(3);
     assert!(s.reblinds_after_peer_end());
     assert!(matches!(

@@ -966,6 +966,8 @@ fn reblinding_off_the_node_gives_the_same_results() {
             assert!(pair.globex.error.is_none(), "{:?}", pair.globex.error);
             assert!(pair.acme.pieces_handed_out > 1, "{kind:?}");
             assert!(pair.acme.pieces.is_empty());
+            // Pieces gather batches; what acme returns still goes out in 256-point batches.
+            assert_eq!(pair.acme.most_points_in_a_frame, 256, "{kind:?}");
             let a = pair.acme.proto.into_exchange().expect("finished");
             let g = pair.globex.proto.into_exchange().expect("finished");
             assert_eq!((a.output.intersection, g.output.intersection), (6000, 6000));

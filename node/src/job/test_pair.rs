@@ -32,6 +32,8 @@ pub(super) struct Side<P: Protocol> {
     pub(super) cluster_key: Option<JobKey>,
     pub(super) pieces: Vec<ReblindPiece>,
     pub(super) pieces_handed_out: usize,
+    /// The most points one frame it sent held.
+    pub(super) most_points_in_a_frame: usize,
 }
 
 impl<P: Protocol> Side<P> {
@@ -47,6 +49,7 @@ impl<P: Protocol> Side<P> {
             cluster_key: None,
             pieces: Vec::new(),
             pieces_handed_out: 0,
+            most_points_in_a_frame: 0,
         }
     }
 
@@ -88,6 +91,10 @@ impl<P: Protocol> Side<P> {
                         !self.finished_stream,
                         "a frame after the stream was finished"
                     );
+                    if let Some(Body::Points(b)) = &env.body {
+                        self.most_points_in_a_frame =
+                            self.most_points_in_a_frame.max(b.points.len() / 32);
+                    }
                     sent.push(*env);
                     Ok(())
                 }

@@ -83,6 +83,16 @@ pub(crate) async fn read_in_part_order(
 ) -> Result<(SendableRecordBatchStream, usize), DataFusionError> {
     let (state, plan) = frame.into_parts();
     let plan = state.optimize(&plan)?;
+    read_as_built_in_part_order(DataFrame::new(state, plan), url).await
+}
+
+/// [`read_in_part_order`] without planning `frame` here first: the scheduler plans it in any
+/// case, and a plan that holds a large literal costs time at each planning.
+pub(crate) async fn read_as_built_in_part_order(
+    frame: DataFrame,
+    url: &str,
+) -> Result<(SendableRecordBatchStream, usize), DataFusionError> {
+    let (state, plan) = frame.into_parts();
     let one_part = moves_rows(&plan);
     let schema = Arc::new(plan.schema().as_arrow().clone());
     let config = state.config();
