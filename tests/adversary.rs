@@ -16,6 +16,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use cleanroom_circuits::{ItemSet, JobKey, blind_items};
+use cleanroom_e2e::ballista::Ballista;
 use cleanroom_e2e::fake_node::{self, BASEPOINT, FakeJob};
 use cleanroom_e2e::{Consortium, open_agreement, overlap_between, reason_of};
 use cleanroom_node::data::dataset::KeySpec;
@@ -415,17 +416,7 @@ fn peak_rss_kib(pid: u32) -> u64 {
 fn every_bad_message_at_every_phase_ends_the_job_with_a_named_error_and_the_node_keeps_serving() {
     let (mut c, _) = Consortium::with_coordinator("acme,globex", 300, 0.5, 5);
     let coordinator = c.addr.unwrap();
-    for name in ["acme", "globex", "mallory"] {
-        c.issue_node(name);
-    }
-    let acme_agreements = format!("{}{}", open_agreement("globex"), open_agreement("mallory"));
-    c.write_node_config("acme", "acme", &acme_agreements);
-    c.write_node_config("globex", "globex", &open_agreement("acme"));
-    // Only read by the fake node, for its honest run: acme's own data, so every item is shared.
-    c.write_node_config("mallory", "acme", &open_agreement("acme"));
-    c.start_node("acme");
-    c.start_node("globex");
-    c.wait_connected(&["acme", "globex"]);
+    acme_open_to_mallory(&mut c);
     let rt = tokio::runtime::Runtime::new().unwrap();
     let acme_pid = c.node("acme").pid();
 
@@ -474,47 +465,7 @@ fn every_bad_message_at_every_phase_ends_the_job_with_a_named_error_and_the_node
     ];
     let mut report = Vec::new();
     for attack in attacks {
-        let label = attack.label();
-        let expect = attack.expect();
-        let t0 = Instant::now();
-        let evil = rt.spawn(mallory(c.path().to_owned(), coordinator, attack));
-        c.wait_connected(&["mallory"]);
-        let (job, _) = c.submit(&overlap_between("mallory,acme"));
-        let took = t0.elapsed();
-        assert_eq!(job["state"], "failed", "{label}: {job}");
-        let reason = job["reason"].as_str().unwrap().to_lowercase();
-        assert!(
-            reason.contains("mallory") && reason.contains(&expect),
-            "{label}: the reason names the violation ({expect}): {reason}"
-        );
-        assert!(job["intersection"].is_null(), "{label}: {job}");
-        let job_id = job["job_id"].as_str().unwrap();
-        let audited = c
-            .audited_error("acme", job_id)
-            .unwrap_or_else(|| panic!("{label}: acme audited no JobError for {job_id}"));
-        assert!(
-            audited.to_lowercase().contains(&expect),
-            "{label}: the audited reason names the violation ({expect}): {audited}"
-        );
-        rt.block_on(async {
-            let _ = tokio::time::timeout(Duration::from_secs(30), evil).await;
-        });
-        // acme is still up and serves an honest job.
-        assert!(
-            c.nodes
-                .iter_mut()
-                .find(|p| p.name == "acme")
-                .unwrap()
-                .is_running(),
-            "{label}: acme died"
-        );
-        let (next, _) = c.submit(&overlap_between("globex,acme"));
-        assert_eq!(next["state"], "succeeded", "{label}: the next job: {next}");
-        let rss = peak_rss_kib(acme_pid);
-        report.push(format!(
-            "{label}: failed after {took:.1?} with \"{}\"; audited; next job succeeded; acme VmHWM {rss} KiB",
-            job["reason"].as_str().unwrap()
-        ));
+        report.push(refused(&mut c, &rt, coordinator, attack));
         eprintln!("{}", report.last().unwrap());
     }
     let rss = peak_rss_kib(acme_pid);
@@ -529,6 +480,101 @@ fn every_bad_message_at_every_phase_ends_the_job_with_a_named_error_and_the_node
         "acme's peak RSS grew {growth} KiB over the attacks, over {RSS_GROWTH_CAP_KIB} KiB"
     );
     let log = c.node("acme").log_text();
+    assert!(!log.contains("panicked"), "acme panicked:\n{log}");
+}
+
+/// acme (agreements with globex and mallory) and globex (with acme) running; mallory's
+/// certificate issued and its config written, for the fake node.
+fn acme_open_to_mallory(c: &mut Consortium) {
+    for name in ["acme", "globex", "mallory"] {
+        c.issue_node(name);
+    }
+    let acme_agreements = format!("{}{}", open_agreement("globex"), open_agreement("mallory"));
+    c.write_node_config("acme", "acme", &acme_agreements);
+    c.write_node_config("globex", "globex", &open_agreement("acme"));
+    // Only read by the fake node, for its honest run: acme's own data, so every item is shared.
+    c.write_node_config("mallory", "acme", &open_agreement("acme"));
+    c.start_node("acme");
+    c.start_node("globex");
+    c.wait_connected(&["acme", "globex"]);
+}
+
+/// Runs one attack by mallory on a job with acme: the job fails with a reason that names
+/// mallory and the violation, acme audits it, stays up and serves globex's honest job next.
+/// Returns the line for the report.
+fn refused(
+    c: &mut Consortium,
+    rt: &tokio::runtime::Runtime,
+    coordinator: SocketAddr,
+    attack: Attack,
+) -> String {
+    let label = attack.label();
+    let expect = attack.expect();
+    let t0 = Instant::now();
+    let evil = rt.spawn(mallory(c.path().to_owned(), coordinator, attack));
+    c.wait_connected(&["mallory"]);
+    let (job, _) = c.submit(&overlap_between("mallory,acme"));
+    let took = t0.elapsed();
+    assert_eq!(job["state"], "failed", "{label}: {job}");
+    let reason = job["reason"].as_str().unwrap().to_lowercase();
+    assert!(
+        reason.contains("mallory") && reason.contains(&expect),
+        "{label}: the reason names the violation ({expect}): {reason}"
+    );
+    assert!(job["intersection"].is_null(), "{label}: {job}");
+    let job_id = job["job_id"].as_str().unwrap();
+    let audited = c
+        .audited_error("acme", job_id)
+        .unwrap_or_else(|| panic!("{label}: acme audited no JobError for {job_id}"));
+    assert!(
+        audited.to_lowercase().contains(&expect),
+        "{label}: the audited reason names the violation ({expect}): {audited}"
+    );
+    rt.block_on(async {
+        let _ = tokio::time::timeout(Duration::from_secs(30), evil).await;
+    });
+    // acme is still up and serves an honest job.
+    assert!(
+        c.nodes
+            .iter_mut()
+            .find(|p| p.name == "acme")
+            .unwrap()
+            .is_running(),
+        "{label}: acme died"
+    );
+    let (next, _) = c.submit(&overlap_between("globex,acme"));
+    assert_eq!(next["state"], "succeeded", "{label}: the next job: {next}");
+    let rss = peak_rss_kib(c.node("acme").pid());
+    format!(
+        "{label}: failed after {took:.1?} with \"{}\"; audited; next job succeeded; acme VmHWM {rss} KiB",
+        job["reason"].as_str().unwrap()
+    )
+}
+
+/// acme re-blinds its partners' points on its own Ballista executors (its engine names their
+/// sealing key). A point that does not decode, or the identity, fails the job there with the
+/// words the node itself uses, audited; acme serves the next job, whose partner's points the
+/// cluster re-blinded (acme's log says how many).
+#[test]
+fn bad_points_reblinded_on_the_nodes_cluster_fail_the_job_with_the_same_words() {
+    let (mut c, _) = Consortium::with_coordinator("acme,globex", 300, 0.5, 5);
+    let coordinator = c.addr.unwrap();
+    let cluster = Ballista::start(c.path(), 2, 600);
+    c.node_top.insert("acme".into(), cluster.engine_line(true));
+    c.ballista = Some(cluster);
+    acme_open_to_mallory(&mut c);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    for attack in [Attack::UndecodablePoints, Attack::IdentityPoints] {
+        eprintln!("{}", refused(&mut c, &rt, coordinator, attack));
+    }
+    let log = c.node("acme").log_text();
+    // Each honest job after an attack had globex's points re-blinded on the cluster.
+    assert_eq!(
+        log.matches("re-blinded the partner's points on the cluster")
+            .count(),
+        2,
+        "{log}"
+    );
     assert!(!log.contains("panicked"), "acme panicked:\n{log}");
 }
 

@@ -804,25 +804,24 @@ fn ordered_reads(c: &Consortium, node: &str) -> Vec<u64> {
 
 /// The partner's points each job re-blinded on the node's cluster, from the node's `log`.
 fn reblinded_on_the_cluster(log: &str) -> Vec<u64> {
-    log.lines()
-        .filter(|l| l.contains("re-blinded the partner's points on the cluster"))
-        .filter_map(|l| {
-            l.split("points=")
-                .nth(1)?
-                .split_whitespace()
-                .next()?
-                .parse()
-                .ok()
-        })
-        .collect()
+    logged_numbers(
+        log,
+        "re-blinded the partner's points on the cluster",
+        "points=",
+    )
 }
 
 /// The number of parts of each read taken in part order, from a node's `log`.
 fn parts_in(log: &str) -> Vec<u64> {
+    logged_numbers(log, "taken in part order", "parts=")
+}
+
+/// The number after `field` on each line of `log` that says `what`.
+fn logged_numbers(log: &str, what: &str, field: &str) -> Vec<u64> {
     log.lines()
-        .filter(|l| l.contains("taken in part order"))
+        .filter(|l| l.contains(what))
         .filter_map(|l| {
-            l.split("parts=")
+            l.split(field)
                 .nth(1)?
                 .split_whitespace()
                 .next()?

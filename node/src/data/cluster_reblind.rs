@@ -6,8 +6,8 @@
 //! ([`ClusterReblinder::reblind`]). Each piece is one job whose plan is one row:
 //! `cleanroom_reblind(sealed key, points)` over `VALUES ('<points in hex>')`. The points travel
 //! in the plan (they are in no file the executors could read), as hex text: DataFusion names an
-//! expression by formatting it, several times while it plans, and text formats about fifteen
-//! times faster than a binary literal, whose bytes it writes out one by one in decimal. The job
+//! expression by formatting it, several times while it plans, and text formats much faster
+//! than a binary literal, whose bytes it writes out one by one in decimal. The job
 //! key travels sealed, as in the dataset pass, under its own associated data, so a spec sealed
 //! for one function does not open in the other.
 //!

@@ -54,8 +54,8 @@ use crate::policy::{Permit, Recipient, Veto};
 /// Points per batch frame: 128 KiB, well under the frame cap.
 pub const BATCH_POINTS: usize = 4096;
 
-/// Points one piece re-blinded off the node holds at most: 1 MiB in its plan, well under the
-/// cluster's 16 MiB messages, and about a second of one core's curve work.
+/// Points one piece re-blinded off the node holds at most: 1 MiB of points (2 MiB of hex in its
+/// plan), well under the cluster's 16 MiB messages, and about a second of one core's curve work.
 pub const PIECE_POINTS: usize = 32_768;
 
 /// Where the partner's points are re-blinded.
@@ -234,19 +234,14 @@ impl Work {
                 let batches = run();
                 Done::BlindNext(batches.map(|b| (s, b)))
             }
-            Work::PeerBatches(s, batches) => {
-                let run = || {
-                    let mut s = s;
-                    let mut replies = Vec::new();
-                    for points in &batches {
-                        let (next, reply) = s.on_peer_batch(points)?;
-                        s = next;
-                        replies.extend(reply);
-                    }
+            Work::PeerBatches(s, batches) => Done::PeerBatches(batches.iter().try_fold(
+                (s, Vec::new()),
+                |(s, mut replies), points| {
+                    let (s, reply) = s.on_peer_batch(points)?;
+                    replies.extend(reply);
                     Ok((s, replies))
-                };
-                Done::PeerBatches(run())
-            }
+                },
+            )),
             Work::PeerEnd(s, total) => Done::PeerEnd(total, s.on_peer_end(total)),
             Work::Returned(s, batches) => Done::Returned(
                 batches
@@ -257,19 +252,14 @@ impl Work {
             Work::Reblind(mut s) => {
                 Done::Reblind(s.reblind_next(BATCHES_PER_WORK * BATCH_POINTS).map(|()| s))
             }
-            Work::PeerReblinded(s, pieces) => {
-                let run = || {
-                    let mut s = s;
-                    let mut replies = Vec::new();
-                    for points in &pieces {
-                        let (next, reply) = s.on_peer_reblinded(points)?;
-                        s = next;
-                        replies.extend(reply);
-                    }
+            Work::PeerReblinded(s, pieces) => Done::PeerBatches(pieces.iter().try_fold(
+                (s, Vec::new()),
+                |(s, mut replies), points| {
+                    let (s, reply) = s.on_peer_reblinded(points)?;
+                    replies.extend(reply);
                     Ok((s, replies))
-                };
-                Done::PeerBatches(run())
-            }
+                },
+            )),
             Work::TakePieces(mut s, count) => {
                 let mut run = || {
                     let mut pieces = Vec::new();

@@ -263,17 +263,21 @@ fn points_go_out_as_they_are_blinded_and_the_peers_take_turns_with_ours() {
         let a = pair.acme.proto.into_exchange().expect("finished");
         assert_eq!(a.output.intersection, 6000, "{kind:?}");
         if kind == JobKind::Match {
-            let mine = items(0, 9000);
-            let matched: Vec<&[u8]> = a
-                .output
-                .membership
-                .expect("membership")
-                .iter()
-                .map(|&i| mine.get(i as usize).expect("index"))
-                .collect();
-            assert_eq!(matched, items(3000, 9000).iter().collect::<Vec<_>>());
+            assert_eq!(
+                matched(&items(0, 9000), a.output.membership),
+                items(3000, 9000).iter().collect::<Vec<_>>()
+            );
         }
     }
+}
+
+/// The items of `set` that `membership` (indices into it) names.
+fn matched(set: &ItemSet, membership: Option<Vec<u32>>) -> Vec<&[u8]> {
+    membership
+        .expect("membership")
+        .iter()
+        .map(|&i| set.get(i as usize).expect("index"))
+        .collect()
 }
 
 /// One action of `side`, as the node's driver takes it (after CPU work, every frame that has
@@ -383,16 +387,11 @@ fn a_match_gives_each_side_its_own_matched_rows_and_audits_the_partners() {
         ));
     }
     let a = pair.acme.proto.into_exchange().expect("finished");
-    let mine = items(0, 30);
-    let matched: Vec<&[u8]> = a
-        .output
-        .membership
-        .expect("acme learns membership")
-        .iter()
-        .map(|&i| mine.get(i as usize).expect("index"))
-        .collect();
     let shared = items(10, 30);
-    assert_eq!(matched, shared.iter().collect::<Vec<_>>());
+    assert_eq!(
+        matched(&items(0, 30), a.output.membership),
+        shared.iter().collect::<Vec<_>>()
+    );
 }
 
 #[test]
@@ -972,26 +971,17 @@ fn reblinding_off_the_node_gives_the_same_results() {
             let g = pair.globex.proto.into_exchange().expect("finished");
             assert_eq!((a.output.intersection, g.output.intersection), (6000, 6000));
             if kind == JobKind::Match {
-                let mine = items(0, 9000);
-                let matched: Vec<&[u8]> = a
-                    .output
-                    .membership
-                    .expect("membership")
-                    .iter()
-                    .map(|&i| mine.get(i as usize).expect("index"))
-                    .collect();
-                assert_eq!(matched, items(3000, 9000).iter().collect::<Vec<_>>());
+                let shared = items(3000, 9000);
+                assert_eq!(
+                    matched(&items(0, 9000), a.output.membership),
+                    shared.iter().collect::<Vec<_>>()
+                );
                 // globex learns which of its items matched from the order acme returns its
                 // points in: acme must return them in the order they came.
-                let theirs = items(3000, 12000);
-                let matched: Vec<&[u8]> = g
-                    .output
-                    .membership
-                    .expect("membership")
-                    .iter()
-                    .map(|&i| theirs.get(i as usize).expect("index"))
-                    .collect();
-                assert_eq!(matched, items(3000, 9000).iter().collect::<Vec<_>>());
+                assert_eq!(
+                    matched(&items(3000, 12000), g.output.membership),
+                    shared.iter().collect::<Vec<_>>()
+                );
             }
         }
     }
