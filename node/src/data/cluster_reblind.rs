@@ -467,6 +467,20 @@ mod tests {
             !bytes.windows(32).any(|w| w == secret.as_ref()),
             "the key in the plan's bytes"
         );
+        // The physical plan, as the scheduler logs each job's: no key, and no points (a piece
+        // would otherwise put 2 MiB of hex in its log).
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("a runtime");
+        let physical = runtime
+            .block_on(ctx.state().create_physical_plan(&plan))
+            .expect("a physical plan");
+        let logged = datafusion::physical_plan::displayable(physical.as_ref())
+            .indent(true)
+            .to_string();
+        assert!(logged.contains(UDF_NAME), "{logged}");
+        assert!(!logged.contains(&hex::encode(secret.as_ref())), "{logged}");
+        assert!(!logged.contains(&hex::encode(&points[..16])), "{logged}");
     }
 
     #[test]
