@@ -861,22 +861,8 @@ fn the_adversary_cases_fail_at_the_protocol_with_the_e2e_words() {
 #[test]
 fn a_spilled_side_and_an_in_memory_side_count_the_same() {
     use cleanroom_circuits::spill::{MemoryStore, OwnSetBuilder};
-    let kind = JobKind::Overlap;
-    let (a, g) = (config_up_to(0, kind, 20_000), config_up_to(1, kind, 20_000));
-    let key = JobKey::generate();
-    let mut own = OwnSetBuilder::new(Box::new(MemoryStore::default()));
-    own.add(&key, &dataset::key_name(&a.permit.keys), &items(0, 9000))
-        .unwrap();
-    let acme = PsiProtocol::start_spilled_batched(a, key, own.finish().unwrap(), 256).unwrap();
-    let mut pair = Pair {
-        acme: Side::new(acme),
-        globex: Side::new(PsiProtocol::start_batched(
-            g,
-            JobKey::generate(),
-            items(3000, 12000),
-            256,
-        )),
-    };
+    let a = config_up_to(0, JobKind::Overlap, 20_000);
+    let mut pair = spilled_acme_pair(a, JobKey::generate(), Side::new);
     pair.run_honest();
     assert!(pair.acme.error.is_none(), "{:?}", pair.acme.error);
     assert!(pair.globex.error.is_none(), "{:?}", pair.globex.error);
@@ -891,6 +877,36 @@ fn a_spilled_side_and_an_in_memory_side_count_the_same() {
     let key = JobKey::generate();
     let own = OwnSetBuilder::new(Box::new(MemoryStore::default()));
     assert!(PsiProtocol::start_spilled(m, key, own.finish().unwrap()).is_err());
+}
+
+/// acme spilled (items 0..9000, blinded with `key` as they were read, kept in a store) against
+/// globex in memory (items 3000..12000), both in batches of 256; `side` wraps acme's protocol.
+fn spilled_acme_pair(
+    a: PsiConfig,
+    key: JobKey,
+    side: impl FnOnce(PsiProtocol) -> Side<PsiProtocol>,
+) -> Pair {
+    use cleanroom_circuits::spill::{MemoryStore, OwnSetBuilder};
+    let kind = a.kind;
+    let mut own = OwnSetBuilder::new(Box::new(MemoryStore::default()));
+    own.add(&key, &dataset::key_name(&a.permit.keys), &items(0, 9000))
+        .unwrap();
+    let acme = PsiProtocol::start_spilled_batched(a, key, own.finish().unwrap(), 256).unwrap();
+    Pair {
+        acme: side(acme),
+        globex: batched_globex(kind),
+    }
+}
+
+/// globex in memory, items 3000..12000 in batches of 256 (acme's partner in the tests of
+/// spilling and of re-blinding off the node).
+fn batched_globex(kind: JobKind) -> Side<PsiProtocol> {
+    Side::new(PsiProtocol::start_batched(
+        config_up_to(1, kind, 20_000),
+        JobKey::generate(),
+        items(3000, 12000),
+        256,
+    ))
 }
 
 /// The peer's frames a protocol has taken and not worked on are its backlog, which the driver
@@ -944,12 +960,7 @@ fn pair_off_node(kind: JobKind, in_flight: usize) -> Pair {
             PsiProtocol::start_batched(a, key, items(0, 9000), 256),
             copy,
         ),
-        globex: Side::new(PsiProtocol::start_batched(
-            config_up_to(1, kind, 20_000),
-            JobKey::generate(),
-            items(3000, 12000),
-            256,
-        )),
+        globex: batched_globex(kind),
     }
 }
 
@@ -986,25 +997,11 @@ fn reblinding_off_the_node_gives_the_same_results() {
         }
     }
     // Spilled: the stored points go out in pieces once all are in.
-    use cleanroom_circuits::spill::{MemoryStore, OwnSetBuilder};
-    let kind = JobKind::Overlap;
-    let mut a = config_up_to(0, kind, 20_000);
+    let mut a = config_up_to(0, JobKind::Overlap, 20_000);
     a.reblind = ReblindPlace::Elsewhere { in_flight: 2 };
     let key = JobKey::generate();
     let copy = copy_of(&key);
-    let mut own = OwnSetBuilder::new(Box::new(MemoryStore::default()));
-    own.add(&key, &dataset::key_name(&a.permit.keys), &items(0, 9000))
-        .unwrap();
-    let acme = PsiProtocol::start_spilled_batched(a, key, own.finish().unwrap(), 256).unwrap();
-    let mut pair = Pair {
-        acme: Side::with_cluster(acme, copy),
-        globex: Side::new(PsiProtocol::start_batched(
-            config_up_to(1, kind, 20_000),
-            JobKey::generate(),
-            items(3000, 12000),
-            256,
-        )),
-    };
+    let mut pair = spilled_acme_pair(a, key, |acme| Side::with_cluster(acme, copy));
     pair.run_honest();
     assert!(pair.acme.error.is_none(), "{:?}", pair.acme.error);
     assert!(pair.globex.error.is_none(), "{:?}", pair.globex.error);
