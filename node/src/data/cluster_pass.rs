@@ -586,7 +586,7 @@ pub struct PassUdf {
 
 /// The executor's key, compared by identity (a UDF must be `Eq` and `Hash`).
 #[derive(Debug, Clone)]
-struct OpenerRef(Arc<SealingKey>);
+pub(crate) struct OpenerRef(pub(crate) Arc<SealingKey>);
 
 impl PartialEq for OpenerRef {
     fn eq(&self, other: &Self) -> bool {

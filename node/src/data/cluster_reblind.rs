@@ -33,7 +33,7 @@ use datafusion::prelude::{DataFrame, Expr, SessionConfig, SessionContext, col, l
 use futures::TryStreamExt;
 use zeroize::Zeroizing;
 
-use super::cluster_pass::SealingKey;
+use super::cluster_pass::{OpenerRef, SealingKey};
 use super::schema::Cluster;
 use super::source::frame::redact;
 use super::source::part_order;
@@ -203,26 +203,10 @@ fn encode_output(key: &JobKey, points: &[u8]) -> Result<Vec<u8>, String> {
 
 /// The re-blinding function. The node and the scheduler hold it without a key (to plan and to
 /// decode plans); an executor holds the [`SealingKey`] and runs it.
-#[derive(Debug)]
+#[derive(Debug, PartialEq, Eq, Hash)]
 pub struct ReblindUdf {
     signature: Signature,
-    key: Option<Arc<SealingKey>>,
-}
-
-impl PartialEq for ReblindUdf {
-    fn eq(&self, other: &Self) -> bool {
-        match (&self.key, &other.key) {
-            (Some(a), Some(b)) => Arc::ptr_eq(a, b),
-            (None, None) => true,
-            _ => false,
-        }
-    }
-}
-impl Eq for ReblindUdf {}
-impl std::hash::Hash for ReblindUdf {
-    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
-        self.key.as_ref().map(Arc::as_ptr).hash(state);
-    }
+    key: Option<OpenerRef>,
 }
 
 impl ReblindUdf {
@@ -241,7 +225,7 @@ impl ReblindUdf {
         // planned (the node and the scheduler hold no key).
         ScalarUDF::new_from_impl(ReblindUdf {
             signature: Signature::variadic_any(Volatility::Volatile),
-            key,
+            key: key.map(OpenerRef),
         })
     }
 }
@@ -264,7 +248,7 @@ impl ScalarUDFImpl for ReblindUdf {
         args: ScalarFunctionArgs,
     ) -> datafusion::error::Result<ColumnarValue> {
         let fail = |m: &str| DataFusionError::Execution(format!("{UDF_NAME}: {m}"));
-        let Some(sealing) = &self.key else {
+        let Some(OpenerRef(sealing)) = &self.key else {
             return Err(fail(
                 "this process holds no sealing key (run it on a `cleanroom executor` started \
                  with --sealing-key)",
