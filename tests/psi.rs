@@ -55,19 +55,9 @@ fn overlap_and_match_equal_the_plaintext_truth() {
     assert!(!file.contains('@'));
 
     // The same rows, checked against the data: every listed row's email is at globex too.
-    let norm = |s: &str| s.trim().to_lowercase();
-    let read_emails = |name: &str| -> Vec<String> {
-        let text = std::fs::read_to_string(c.path().join(format!("data/{name}.csv"))).unwrap();
-        let mut lines = text.lines();
-        let header: Vec<&str> = lines.next().unwrap().split(',').collect();
-        let col = header.iter().position(|h| *h == "email").unwrap();
-        lines
-            .map(|l| norm(l.split(',').nth(col).unwrap()))
-            .collect()
-    };
-    let acme_emails = read_emails("acme");
+    let acme_emails = read_emails(&c, "acme");
     let globex_emails: std::collections::HashSet<String> =
-        read_emails("globex").into_iter().collect();
+        read_emails(&c, "globex").into_iter().collect();
     for r in rows {
         let row: usize = r.parse().unwrap();
         assert!(
@@ -276,10 +266,28 @@ fn a_deviating_partner_learns_which_of_its_candidates_we_hold() {
     assert_ne!(job["state"], "succeeded", "{job}");
 }
 
+/// The emails of node `name`'s synthetic CSV, in row order, trimmed and lower-cased.
+fn read_emails(c: &Consortium, name: &str) -> Vec<String> {
+    let text = std::fs::read_to_string(c.path().join(format!("data/{name}.csv")))
+        .expect("the node's synthetic data");
+    let mut lines = text.lines();
+    let header: Vec<&str> = lines.next().expect("a header").split(',').collect();
+    let col = header
+        .iter()
+        .position(|h| *h == "email")
+        .expect("an email column");
+    lines
+        .map(|l| {
+            let email = l.split(',').nth(col).expect("an email field");
+            email.trim().to_lowercase()
+        })
+        .collect()
+}
+
 /// A node with a `memory_limit` runs count-only jobs over spilled sets. Against a node without
 /// one (the wire is the same), the overlap equals the truth; the node says what it spilled, and
-/// its job's spill directory is gone when the job ends; a `match` job (membership) runs in
-/// memory on the same node and is still right.
+/// its job's spill directory is gone when the job ends. A `match` spills too: the rows acme
+/// learns are exactly its rows whose email globex holds.
 #[test]
 fn a_memory_limited_node_spills_counts_right_and_cleans_up() {
     let (mut c, truth) = Consortium::with_coordinator("acme,globex", 3000, 0.4, 77);
@@ -315,7 +323,7 @@ fn a_memory_limited_node_spills_counts_right_and_cleans_up() {
     let left: Vec<_> = std::fs::read_dir(&spill_dir).unwrap().collect();
     assert!(left.is_empty(), "the job's spill files were left: {left:?}");
 
-    // Membership needs the in-memory exchange: the same node runs it there.
+    // A match spills as well, and finds its rows by the tags of what it matched.
     let (job, code) = c.submit(&cleanroom_e2e::psi_job(
         "match",
         "acme,globex",
@@ -324,4 +332,23 @@ fn a_memory_limited_node_spills_counts_right_and_cleans_up() {
     ));
     assert_eq!(code, Some(0), "{job}");
     assert_eq!(job["intersection"].as_u64(), Some(expected), "{job}");
+    let spills = c
+        .node("acme")
+        .log_text()
+        .matches("spill files written")
+        .count();
+    assert_eq!(spills, 2, "acme's match did not spill");
+    let job_id = job["job_id"].as_str().unwrap();
+    let globex: std::collections::HashSet<String> = read_emails(&c, "globex").into_iter().collect();
+    let shared: Vec<u64> = (1..)
+        .zip(read_emails(&c, "acme"))
+        .filter(|(_, email)| globex.contains(email))
+        .map(|(row, _)| row)
+        .collect();
+    assert_eq!(c.membership_rows("acme", job_id), shared);
+    let left: Vec<_> = std::fs::read_dir(&spill_dir).unwrap().collect();
+    assert!(
+        left.is_empty(),
+        "the match's spill files were left: {left:?}"
+    );
 }

@@ -329,6 +329,8 @@ struct Common {
     own_size: u64,
     /// Where a spilled session keeps its sets ([`PsiSession::start_spilled`]); `None` in memory.
     store: Option<Box<dyn PointStore>>,
+    /// The store holds our points' tags ([`spill::OwnSetBuilder::with_tags`]).
+    tagged: bool,
 }
 
 impl Common {
@@ -366,6 +368,7 @@ impl PsiSession {
                 key,
                 own_size,
                 store: None,
+                tagged: false,
             },
             items,
             blinded: Vec::new(),
@@ -392,6 +395,7 @@ impl PsiSession {
                 key,
                 own_size,
                 store: None,
+                tagged: false,
             },
             items: ItemSet::new(),
             blinded: points,
@@ -402,13 +406,16 @@ impl PsiSession {
 
     /// Begins a session over our own set already blinded with `key` and spilled
     /// ([`OwnSetBuilder`]): the session's memory then holds a bucket, not a set (see
-    /// `spill.rs`). Counts only: parameters that return or learn membership are refused.
+    /// `spill.rs`). Learning membership needs a set with tags
+    /// ([`OwnSetBuilder::with_tags`]); its indices are places in the order the set goes out
+    /// (bucket by bucket, each sorted), and the tags of the matched items come in
+    /// [`PsiOutput::matched_tags`].
     pub fn start_spilled(
         params: PsiParams,
         key: JobKey,
         own: SpilledOwn,
     ) -> Result<(u64, AwaitingPeerSize), PsiError> {
-        if params.return_in_order || params.learn_membership {
+        if params.learn_membership && !own.tagged {
             return Err(PsiError::SpilledMembership);
         }
         let own_size = own.size();
@@ -417,6 +424,7 @@ impl PsiSession {
                 params,
                 key,
                 own_size,
+                tagged: own.tagged,
                 store: Some(own.store),
             },
             items: ItemSet::new(),
@@ -525,6 +533,13 @@ impl ReadyToBlind {
                     common.params.batch_size,
                 );
                 (batches, perm)
+            }
+            // Its membership indices are places in the sorted set: only the stream keeps that order.
+            Some(_) if common.params.learn_membership => {
+                failed = Some(PsiError::Spill(
+                    "a spilled set that learns membership streams its points".into(),
+                ));
+                (Vec::new(), Vec::new())
             }
             // A spilled set is blinded already: read it whole (this path bounds nothing).
             Some(store) => match spill::read_all(store.as_mut(), PointSet::Own) {
@@ -731,6 +746,7 @@ impl AwaitingReturn {
             peer_set_size: peer_size,
             membership,
             spilled_bytes: 0,
+            matched_tags: None,
         })
     }
 }
@@ -745,8 +761,12 @@ pub struct PsiOutput {
     /// The peer's set size.
     pub peer_set_size: u64,
     /// Indices into the [`ItemSet`] given to [`PsiSession::start`] of our items in the
-    /// intersection, sorted, when `learn_membership`; `None` otherwise.
+    /// intersection, sorted, when `learn_membership`; `None` otherwise. A session begun
+    /// blinded or spilled gives places in its own order of points instead (see those).
     pub membership: Option<Vec<u32>>,
     /// Bytes a spilled session wrote to its store (0 in memory).
     pub spilled_bytes: u64,
+    /// A spilled session that learns membership: the tags of our matched items, sorted
+    /// ([`spill::TagKey`]); `None` otherwise.
+    pub matched_tags: Option<Vec<spill::ItemTag>>,
 }

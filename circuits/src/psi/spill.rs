@@ -64,6 +64,66 @@ pub enum PointSet {
     Returned,
     /// The peer's points as they came, `k_peer·H(y)`, in one bucket (0), until re-blinded.
     PeerRaw,
+    /// The peer's points re-blinded, in the order it sent them, in one bucket (0): what a
+    /// session that returns in order sends back once they are all checked.
+    PeerInOrder,
+    /// Our points with the tag of the identifier each came from ([`TagKey`]): 48-byte
+    /// records, point then tag, by the point's bucket. Written only when we learn membership.
+    OwnTags,
+    /// Our points as the peer returns them, each with its place in our stream: 36-byte
+    /// records, point then place (`u32`, little-endian), by the point's bucket. Used instead
+    /// of `Returned` when we learn membership.
+    ReturnedPlaced,
+}
+
+/// Bytes of an item tag.
+pub const TAG_LEN: usize = 16;
+
+/// A tag of one of our identifiers: the first [`TAG_LEN`] bytes of SHA-256 over a key drawn
+/// for the job and the identifier. A spilled session that learns membership keeps its points'
+/// tags beside them, so that the rows of its matched points can be found by reading the
+/// dataset again and tagging each key: a hash, not a second blinding. The key never leaves the
+/// node's memory, so a tag in a spill file says nothing about its identifier to whoever reads
+/// the file.
+pub type ItemTag = [u8; TAG_LEN];
+
+/// The key of a job's [`ItemTag`]s. Move-only, zeroized on drop, redacted in `Debug`.
+pub struct TagKey(zeroize::Zeroizing<[u8; 32]>);
+
+impl TagKey {
+    /// Draws a key from the operating system's CSPRNG.
+    ///
+    /// # Panics
+    ///
+    /// Only if the operating system cannot provide randomness at all (as [`JobKey::generate`]).
+    pub fn generate() -> TagKey {
+        use rand::TryRng;
+        let mut key = zeroize::Zeroizing::new([0u8; 32]);
+        rand::rngs::SysRng
+            .try_fill_bytes(key.as_mut())
+            .expect("the operating system gives randomness");
+        TagKey(key)
+    }
+
+    /// The tag of `item`.
+    pub fn tag(&self, item: &[u8]) -> ItemTag {
+        use sha2::{Digest, Sha256};
+        let mut hash = Sha256::new();
+        hash.update(b"cleanroom item tag v1");
+        hash.update(self.0.as_ref());
+        hash.update((item.len() as u64).to_le_bytes());
+        hash.update(item);
+        let digest = hash.finalize();
+        let mut tag = [0u8; TAG_LEN];
+        tag.copy_from_slice(&digest[..TAG_LEN]);
+        tag
+    }
+}
+
+impl std::fmt::Debug for TagKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TagKey(..)")
+    }
 }
 
 /// Where a spilled session's buckets live. Each bucket is appended to and read back whole.
@@ -153,10 +213,23 @@ pub(crate) fn append_by_bucket(
     counts: &mut [u64; BUCKETS],
     cap: Option<(u64, &'static str)>,
 ) -> Result<(), PsiError> {
+    append_records_by_bucket(store, set, points, counts, cap)
+}
+
+/// Splits records of `N` bytes, each beginning with a point, by the point's bucket
+/// ([`bucket_of`]) and appends each part; `counts[b]` tallies bucket `b`. With `cap`, a bucket
+/// over it ends the session ([`PsiError::UnevenPoints`] naming `what`).
+pub(crate) fn append_records_by_bucket<const N: usize>(
+    store: &mut dyn PointStore,
+    set: PointSet,
+    records: &[[u8; N]],
+    counts: &mut [u64; BUCKETS],
+    cap: Option<(u64, &'static str)>,
+) -> Result<(), PsiError> {
     let mut parts: Vec<Vec<u8>> = vec![Vec::new(); BUCKETS];
-    for p in points {
-        let b = bucket_of(p);
-        parts[b].extend_from_slice(p);
+    for record in records {
+        let b = usize::from(record[1]);
+        parts[b].extend_from_slice(record);
         counts[b] += 1;
         if let Some((cap, what)) = cap
             && counts[b] > cap
@@ -170,6 +243,25 @@ pub(crate) fn append_by_bucket(
         }
     }
     Ok(())
+}
+
+/// A bucket of records of `N` bytes read back, sorted by their bytes (so by point first).
+fn read_records_sorted<const N: usize>(
+    store: &mut dyn PointStore,
+    set: PointSet,
+    bucket: usize,
+) -> Result<Vec<[u8; N]>, PsiError> {
+    let bytes = store.read(set, bucket).map_err(spill_error)?;
+    let (records, rest) = bytes.as_chunks::<N>();
+    if !rest.is_empty() {
+        return Err(PsiError::Spill(format!(
+            "a {set:?} bucket holds {} bytes, not whole records",
+            bytes.len()
+        )));
+    }
+    let mut records = records.to_vec();
+    records.sort_unstable();
+    Ok(records)
 }
 
 /// A bucket read back as encodings (a torn tail cannot happen: only whole points are written).
@@ -208,6 +300,8 @@ pub(crate) fn read_all(
 pub struct OwnSetBuilder {
     store: Box<dyn PointStore>,
     counts: Box<[u64; BUCKETS]>,
+    /// When we learn membership: each point's tag goes beside it ([`PointSet::OwnTags`]).
+    tags: Option<TagKey>,
 }
 
 impl OwnSetBuilder {
@@ -216,6 +310,17 @@ impl OwnSetBuilder {
         OwnSetBuilder {
             store,
             counts: Box::new([0; BUCKETS]),
+            tags: None,
+        }
+    }
+
+    /// An empty set over `store` whose points keep their identifiers' tags under `tag_key`, so
+    /// that a session over it can tell which identifiers it matched
+    /// ([`PsiOutput::matched_tags`](crate::PsiOutput::matched_tags)).
+    pub fn with_tags(store: Box<dyn PointStore>, tag_key: TagKey) -> Self {
+        OwnSetBuilder {
+            tags: Some(tag_key),
+            ..OwnSetBuilder::new(store)
         }
     }
 
@@ -223,6 +328,26 @@ impl OwnSetBuilder {
     /// exchange, so either kind of session can face the other) and spills the points.
     pub fn add(&mut self, key: &JobKey, key_name: &str, items: &ItemSet) -> Result<(), PsiError> {
         let points = blind_items(key, key_name, items);
+        if let Some(tags) = &self.tags {
+            let records: Vec<[u8; POINT_LEN + TAG_LEN]> = points
+                .iter()
+                .zip(items.iter())
+                .map(|(point, item)| {
+                    let mut record = [0u8; POINT_LEN + TAG_LEN];
+                    record[..POINT_LEN].copy_from_slice(point);
+                    record[POINT_LEN..].copy_from_slice(&tags.tag(item));
+                    record
+                })
+                .collect();
+            let mut counts = [0u64; BUCKETS];
+            append_records_by_bucket(
+                self.store.as_mut(),
+                PointSet::OwnTags,
+                &records,
+                &mut counts,
+                None,
+            )?;
+        }
         append_by_bucket(
             self.store.as_mut(),
             PointSet::Own,
@@ -234,7 +359,13 @@ impl OwnSetBuilder {
 
     /// Spills points blinded elsewhere with this session's key (a partner's own executors,
     /// [`blind_items`]'s encoding): concatenated 32-byte encodings.
+    /// A set that keeps tags refuses them: they come without their identifiers.
     pub fn add_points(&mut self, points: &[EncodedPoint]) -> Result<(), PsiError> {
+        if self.tags.is_some() {
+            return Err(PsiError::Spill(
+                "points blinded elsewhere come without identifiers to tag".into(),
+            ));
+        }
         append_by_bucket(
             self.store.as_mut(),
             PointSet::Own,
@@ -263,6 +394,8 @@ impl OwnSetBuilder {
             store: self.store,
             size,
             duplicates,
+            tagged: self.tags.is_some(),
+            tag_key: self.tags,
         })
     }
 }
@@ -274,6 +407,10 @@ pub struct SpilledOwn {
     pub(crate) store: Box<dyn PointStore>,
     size: u64,
     duplicates: u64,
+    /// Our points' tags are in the store ([`OwnSetBuilder::with_tags`]).
+    pub(crate) tagged: bool,
+    /// Their key, until the caller takes it.
+    tag_key: Option<TagKey>,
 }
 
 impl SpilledOwn {
@@ -290,6 +427,13 @@ impl SpilledOwn {
     /// Bytes written to the store so far.
     pub fn bytes_written(&self) -> u64 {
         self.store.bytes_written()
+    }
+
+    /// The key of the set's tags, once (`None` for a set without them): the caller tags the
+    /// identifiers it reads again with it, to find those of
+    /// [`PsiOutput::matched_tags`](crate::PsiOutput::matched_tags).
+    pub fn take_tag_key(&mut self) -> Option<TagKey> {
+        self.tag_key.take()
     }
 }
 
@@ -384,6 +528,96 @@ pub(crate) fn count_matches(store: &mut dyn PointStore) -> Result<u64, PsiError>
         }
     }
     Ok(count)
+}
+
+/// A returned point with its place in our stream ([`PointSet::ReturnedPlaced`]).
+pub(crate) type PlacedPoint = [u8; POINT_LEN + 4];
+
+pub(crate) fn placed(point: &EncodedPoint, place: u32) -> PlacedPoint {
+    let mut record = [0u8; POINT_LEN + 4];
+    record[..POINT_LEN].copy_from_slice(point);
+    record[POINT_LEN..].copy_from_slice(&place.to_le_bytes());
+    record
+}
+
+/// The places in our stream of the returned points found among the peer's, sorted: the
+/// peer's buckets (sorted by [`sort_bucket_distinct`]) merged with ours, bucket by bucket.
+/// Fails on a point returned twice.
+pub(crate) fn matched_places(store: &mut dyn PointStore) -> Result<Vec<u32>, PsiError> {
+    let mut places = Vec::new();
+    for b in 0..BUCKETS {
+        let returned =
+            read_records_sorted::<{ POINT_LEN + 4 }>(store, PointSet::ReturnedPlaced, b)?;
+        if returned
+            .windows(2)
+            .any(|w| w[0][..POINT_LEN] == w[1][..POINT_LEN])
+        {
+            return Err(PsiError::DuplicateReturnedPoint);
+        }
+        let peer = read_bucket(store, PointSet::Peer, b)?;
+        let (mut i, mut j) = (0, 0);
+        while i < returned.len() && j < peer.len() {
+            match returned[i][..POINT_LEN].cmp(&peer[j][..]) {
+                std::cmp::Ordering::Less => i += 1,
+                std::cmp::Ordering::Greater => j += 1,
+                std::cmp::Ordering::Equal => {
+                    let mut place = [0u8; 4];
+                    place.copy_from_slice(&returned[i][POINT_LEN..]);
+                    places.push(u32::from_le_bytes(place));
+                    i += 1;
+                    j += 1;
+                }
+            }
+        }
+    }
+    places.sort_unstable();
+    Ok(places)
+}
+
+/// The tags of our points at `places` (sorted places in our stream: our buckets in order, each
+/// sorted), sorted. One bucket of points and of tags is in memory at a time.
+pub(crate) fn tags_at(
+    store: &mut dyn PointStore,
+    places: &[u32],
+) -> Result<Vec<ItemTag>, PsiError> {
+    let mut tags = Vec::with_capacity(places.len());
+    let (mut start, mut next) = (0u64, 0usize);
+    for b in 0..BUCKETS {
+        if next == places.len() {
+            break;
+        }
+        let own = read_bucket(store, PointSet::Own, b)?;
+        let end = start + own.len() as u64;
+        let mut wanted = Vec::new();
+        while let Some(&place) = places.get(next)
+            && u64::from(place) < end
+        {
+            // In this bucket: start <= place < end.
+            wanted.push(own[(u64::from(place) - start) as usize]);
+            next += 1;
+        }
+        if !wanted.is_empty() {
+            let records =
+                read_records_sorted::<{ POINT_LEN + TAG_LEN }>(store, PointSet::OwnTags, b)?;
+            for point in wanted {
+                let at = records.partition_point(|r| r[..POINT_LEN] < point[..]);
+                match records.get(at) {
+                    Some(r) if r[..POINT_LEN] == point[..] => {
+                        let mut tag = [0u8; TAG_LEN];
+                        tag.copy_from_slice(&r[POINT_LEN..]);
+                        tags.push(tag);
+                    }
+                    _ => return Err(PsiError::Spill("a matched point has no tag".into())),
+                }
+            }
+        }
+        start = end;
+    }
+    if next != places.len() {
+        return Err(PsiError::Spill("a matched place is past our set".into()));
+    }
+    tags.sort_unstable();
+    Ok(tags)
 }
 
 #[cfg(test)]

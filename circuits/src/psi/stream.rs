@@ -60,8 +60,8 @@ use rand::seq::SliceRandom;
 use rayon::prelude::*;
 
 use super::spill::{
-    BUCKETS, BucketReader, PointSet, PointStore, append_by_bucket, bucket_cap, count_matches,
-    sort_bucket_distinct, spill_error,
+    BUCKETS, BucketReader, PointSet, PointStore, append_by_bucket, append_records_by_bucket,
+    bucket_cap, count_matches, matched_places, placed, sort_bucket_distinct, spill_error, tags_at,
 };
 use super::{
     Common, ReadyToBlind, Stream, blind_into, check_total, reblind_checked, reblind_peer_batch,
@@ -219,6 +219,34 @@ struct SpilledMatching {
     deferred: Option<PsiError>,
 }
 
+impl SpilledMatching {
+    /// The peer's next points re-blinded: into their buckets, and when returning in order also
+    /// after the last ones in [`PointSet::PeerInOrder`].
+    fn store_reblinded(
+        &mut self,
+        store: &mut dyn PointStore,
+        peer_size: u64,
+        in_order: bool,
+        reblinded: &[EncodedPoint],
+    ) -> Result<(), PsiError> {
+        let cap = (bucket_cap(peer_size), "points");
+        append_by_bucket(
+            store,
+            PointSet::Peer,
+            reblinded,
+            &mut self.peer.counts,
+            Some(cap),
+        )?;
+        if in_order {
+            store
+                .append(PointSet::PeerInOrder, 0, reblinded.as_flattened())
+                .map_err(spill_error)?;
+        }
+        self.reblinded += reblinded.len() as u64;
+        Ok(())
+    }
+}
+
 /// How many points a spilled set has in each bucket, and in all.
 #[derive(Debug)]
 struct SpillTally {
@@ -273,6 +301,11 @@ impl Streaming {
     /// How many of our points have been handed out by [`blind_next`](Self::blind_next).
     pub fn own_sent(&self) -> u64 {
         self.own.sent as u64
+    }
+
+    /// The most points a batch holds.
+    pub fn batch_size(&self) -> usize {
+        self.own.batch_size
     }
 
     /// Whether every one of our points has been handed out.
@@ -488,16 +521,8 @@ impl Matching {
             let raw = read_raw_piece(store, sp.taken, self.peer_size, points)?;
             let reblinded = reblind_checked(&self.common.key, self.peer_size, sp.taken, &raw)?;
             sp.taken += reblinded.len() as u64;
-            sp.reblinded += reblinded.len() as u64;
-            let cap = (bucket_cap(self.peer_size), "points");
-            append_by_bucket(
-                store,
-                PointSet::Peer,
-                &reblinded,
-                &mut sp.peer.counts,
-                Some(cap),
-            )?;
-            return Ok(());
+            let in_order = self.common.params.return_in_order;
+            return sp.store_reblinded(store, self.peer_size, in_order, &reblinded);
         }
         if sp.buckets_sorted < BUCKETS {
             if !sort_bucket_distinct(store, PointSet::Peer, sp.buckets_sorted)? {
@@ -555,7 +580,8 @@ impl Matching {
     }
 
     /// A piece from [`take_reblind_piece`](Self::take_reblind_piece), re-blinded: its points
-    /// go to their buckets. More points than were handed out are refused.
+    /// go to their buckets. More points than were handed out are refused. A session that
+    /// returns in order must get its pieces back in the order they went out.
     pub fn on_reblinded_piece(&mut self, reblinded: &[EncodedPoint]) -> Result<(), PsiError> {
         let Some(sp) = self.spilled.as_mut() else {
             return Err(PsiError::Spill(
@@ -573,16 +599,8 @@ impl Matching {
             Some(store) => store.as_mut(),
             None => return Err(PsiError::Spill("the session has no store".into())),
         };
-        let cap = (bucket_cap(self.peer_size), "points");
-        append_by_bucket(
-            store,
-            PointSet::Peer,
-            reblinded,
-            &mut sp.peer.counts,
-            Some(cap),
-        )?;
-        sp.reblinded = back;
-        Ok(())
+        let in_order = self.common.params.return_in_order;
+        sp.store_reblinded(store, self.peer_size, in_order, reblinded)
     }
 
     /// When returning shuffled: the next batch of the peer's points, re-blinded, in a uniformly
@@ -593,8 +611,20 @@ impl Matching {
         if let Some(sp) = &mut self.spilled {
             // Nothing before every bucket is sorted (the driver waits for reblind_pending).
             let reader = sp.return_reader.as_mut()?;
+            let batch_size = self.own.batch_size;
+            let in_order = self.common.params.return_in_order;
             let batch = match store(&mut self.common) {
-                Ok(store) => reader.next(store, self.own.batch_size),
+                // In the peer's order: the points as they were re-blinded.
+                Ok(store) if in_order => store
+                    .read_at(
+                        PointSet::PeerInOrder,
+                        0,
+                        (self.returned_out * POINT_LEN) as u64,
+                        batch_size * POINT_LEN,
+                    )
+                    .map(|b| (!b.is_empty()).then_some(b))
+                    .map_err(spill_error),
+                Ok(store) => reader.next(store, batch_size),
                 Err(e) => Err(e),
             };
             return match batch {
@@ -637,6 +667,25 @@ impl Matching {
     fn compare(&mut self, points: &[EncodedPoint]) -> Result<(), PsiError> {
         if let Some(sp) = &mut self.spilled {
             let cap = (bucket_cap(self.common.own_size), "returned points");
+            if self.common.params.learn_membership {
+                // Each with its place in our stream: returned in order, the peer answers our
+                // `j`-th point `j`-th. Fits: our size is at most u32::MAX.
+                let records: Vec<_> = points
+                    .iter()
+                    .enumerate()
+                    .map(|(t, p)| placed(p, (self.received + t as u64) as u32))
+                    .collect();
+                append_records_by_bucket(
+                    store(&mut self.common)?,
+                    PointSet::ReturnedPlaced,
+                    &records,
+                    &mut sp.returned.counts,
+                    Some(cap),
+                )?;
+                sp.returned.total += points.len() as u64;
+                self.received += points.len() as u64;
+                return Ok(());
+            }
             append_by_bucket(
                 store(&mut self.common)?,
                 PointSet::Returned,
@@ -693,14 +742,27 @@ impl Matching {
                     "counted before the peer's points were all re-blinded".into(),
                 ));
             }
+            let tagged = self.common.tagged;
+            let learn_membership = self.common.params.learn_membership;
             let store = store(&mut self.common)?;
-            let intersection = count_matches(store)?;
+            let (intersection, membership, matched_tags) = if learn_membership {
+                let places = matched_places(store)?;
+                let tags = if tagged {
+                    Some(tags_at(store, &places)?)
+                } else {
+                    None
+                };
+                (places.len() as u64, Some(places), tags)
+            } else {
+                (count_matches(store)?, None, None)
+            };
             return Ok(PsiOutput {
                 intersection,
                 own_set_size: own,
                 peer_set_size: self.peer_size,
-                membership: None,
+                membership,
                 spilled_bytes: store.bytes_written(),
+                matched_tags,
             });
         }
         let mut fingerprints = self.fingerprints;
@@ -720,6 +782,7 @@ impl Matching {
             peer_set_size: self.peer_size,
             membership,
             spilled_bytes: 0,
+            matched_tags: None,
         })
     }
 }

@@ -7,7 +7,9 @@ use proptest::prelude::*;
 
 use super::{Matching, Streaming};
 use crate::pair::{check_outputs, emails, modes, one_valid_point, params};
-use crate::spill::{MemoryStore, OwnSetBuilder, SpilledOwn, bucket_cap, bucket_of};
+use crate::spill::{
+    ItemTag, MemoryStore, OwnSetBuilder, SpilledOwn, TagKey, bucket_cap, bucket_of,
+};
 use crate::*;
 
 /// What travels on one party's stream, in the order the wire allows: its own points and their
@@ -36,6 +38,9 @@ struct Party {
     /// A copy of the session's key when the peer's points are re-blinded off the session (as
     /// a node's executors do), and how many of them have been.
     elsewhere: Option<(JobKey, u64)>,
+    /// Spilled pieces re-blinded off the session come back in the order they went out (a
+    /// session that returns in order needs that); otherwise last first.
+    pieces_in_order: bool,
     peer_size: u64,
 }
 
@@ -82,6 +87,7 @@ impl Party {
             end_sent: false,
             held: Vec::new(),
             elsewhere: None,
+            pieces_in_order: false,
             peer_size,
         })
     }
@@ -116,7 +122,10 @@ impl Party {
         while let Some(piece) = m.take_reblind_piece(5)? {
             pieces.push(piece);
         }
-        for (offset, raw) in pieces.into_iter().rev() {
+        if !self.pieces_in_order {
+            pieces.reverse();
+        }
+        for (offset, raw) in pieces {
             let reblinded = reblind_points(key, &raw).map_err(|e| e.at_offset(offset))?;
             m.on_reblinded_piece(&reblinded)?;
         }
@@ -667,6 +676,98 @@ fn reblinding_off_the_session_gives_the_same_results() {
     }
 }
 
+/// Our set as [`OwnSetBuilder::with_tags`] makes it, and the key of its tags.
+fn spill_tagged(key: &JobKey, items: &ItemSet) -> (SpilledOwn, TagKey) {
+    let mut builder =
+        OwnSetBuilder::with_tags(Box::new(MemoryStore::default()), TagKey::generate());
+    let all: Vec<&[u8]> = items.iter().collect();
+    for chunk in all.chunks(17) {
+        builder
+            .add(key, "email", &chunk.iter().copied().collect())
+            .unwrap();
+    }
+    let mut own = builder.finish().unwrap();
+    let tags = own.take_tag_key().unwrap();
+    assert!(
+        own.take_tag_key().is_none(),
+        "the tag key is handed out once"
+    );
+    (own, tags)
+}
+
+/// A spilled party with tags over `items`, and what reading its output needs: a copy of its
+/// key and its tag key.
+fn tagged_party(
+    p: PsiParams,
+    items: &ItemSet,
+    peer_size: u64,
+    elsewhere: bool,
+) -> (Party, JobKey, TagKey) {
+    let key = JobKey::generate();
+    let copy = copy_of(&key);
+    let (own, tags) = spill_tagged(&key, items);
+    let in_order = p.return_in_order;
+    let mut party =
+        Party::with(PsiSession::start_spilled(p, key, own).unwrap(), peer_size).unwrap();
+    if elsewhere {
+        party.elsewhere = Some((copy_of(&copy), 0));
+        party.pieces_in_order = in_order;
+    }
+    (party, copy, tags)
+}
+
+/// A spilled output as an in-memory one reads: its places in the order the set went out as
+/// indices into `items`. Its tags must be those of the matched items.
+fn read_spilled(mut out: PsiOutput, key: &JobKey, tags: &TagKey, items: &ItemSet) -> PsiOutput {
+    // The order a spilled set goes out in: bucket by bucket, each sorted.
+    let mut sent = blind_items(key, "email", items);
+    sent.sort_unstable_by_key(|p| (bucket_of(p), *p));
+    out.membership = to_item_indices(out.membership, &sent, "email", key, items);
+    let expected: Option<Vec<ItemTag>> = out.membership.as_ref().map(|m| {
+        let mut t: Vec<ItemTag> = m
+            .iter()
+            .map(|&i| tags.tag(items.get(i as usize).unwrap()))
+            .collect();
+        t.sort_unstable();
+        t
+    });
+    assert_eq!(out.matched_tags, expected);
+    out.matched_tags = None;
+    out
+}
+
+/// Spilled sessions learn and give membership as in-memory ones do, in every mode, against
+/// either kind of peer, re-blinding in the session or off it (pieces back in order when the
+/// session returns in order, last first otherwise).
+#[test]
+fn spilled_sessions_learn_membership_like_in_memory_ones() {
+    for seed in 0..3 {
+        for (rio_a, lm_a, rio_b, lm_b) in modes() {
+            for (elsewhere, spill_b, bs) in
+                [(false, false, 7), (true, true, 1), (false, true, 4096)]
+            {
+                let (a, b) = (emails(0..300), emails(200..700));
+                let (pa, ka, ta) = tagged_party(params(rio_a, lm_a, bs), &a, 500, elsewhere);
+                let pb = params(rio_b, lm_b, bs);
+                let (pb, kb) = if spill_b {
+                    let (party, key, tags) = tagged_party(pb, &b, 300, !elsewhere);
+                    (party, Some((key, tags)))
+                } else {
+                    (Party::new(pb, b.clone(), 300).unwrap(), None)
+                };
+                let (oa, ob) = drive([pa, pb], schedule_from(seed)).unwrap();
+                let oa = read_spilled(oa, &ka, &ta, &a);
+                let ob = match &kb {
+                    Some((key, tags)) => read_spilled(ob, key, tags, &b),
+                    None => ob,
+                };
+                assert_eq!(oa.intersection, 100);
+                check_outputs((&a, &b), (lm_a, lm_b), (oa, ob));
+            }
+        }
+    }
+}
+
 /// What comes back from off the session is checked like what is re-blinded in it.
 #[test]
 fn points_reblinded_off_the_session_are_checked() {
@@ -770,19 +871,19 @@ fn a_spilled_set_is_deduplicated_and_goes_out_sorted() {
 }
 
 #[test]
-fn a_spilled_session_refuses_membership_and_duplicate_peer_points() {
+fn a_spilled_session_refuses_membership_without_tags_and_duplicate_peer_points() {
     let spilled = || {
         let key = JobKey::generate();
         let own = spill_with(&key, &emails(0..3));
         (key, own)
     };
-    for (rio, lm) in [(true, false), (false, true)] {
-        let (key, own) = spilled();
-        assert_eq!(
-            PsiSession::start_spilled(params(rio, lm, 4), key, own).unwrap_err(),
-            PsiError::SpilledMembership
-        );
-    }
+    let (key, own) = spilled();
+    assert_eq!(
+        PsiSession::start_spilled(params(false, true, 4), key, own).unwrap_err(),
+        PsiError::SpilledMembership
+    );
+    let (key, own) = spilled();
+    assert!(PsiSession::start_spilled(params(true, false, 4), key, own).is_ok());
     let (key, own) = spilled();
     let (_, s) = PsiSession::start_spilled(params(false, false, 4), key, own).unwrap();
     let s = s.on_peer_size(2).unwrap().stream();

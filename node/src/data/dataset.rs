@@ -782,14 +782,28 @@ pub fn matching_rows_for(
     filter: RowFilter<'_>,
     matched: &ItemSet,
 ) -> Result<Vec<u64>, DatasetError> {
+    matching_rows_where(dataset, keys, filter, |key| {
+        matched.position_sorted(key).is_some()
+    })
+    .map(|(rows, _)| rows)
+}
+
+/// [`matching_rows_for`] with a test of each key instead of a set of them (a spilled `match`
+/// tags each key and looks the tag up); also gives what the pass read.
+pub fn matching_rows_where(
+    dataset: &DatasetConfig,
+    keys: &KeySpec,
+    filter: RowFilter<'_>,
+    mut is_match: impl FnMut(&[u8]) -> bool,
+) -> Result<(Vec<u64>, RowCounts), DatasetError> {
     let mut rows = Vec::new();
-    for_each_key(dataset, keys, &[], filter, None, |row, key, _| {
-        if matched.position_sorted(key).is_some() {
+    let counts = for_each_key(dataset, keys, &[], filter, None, |row, key, _| {
+        if is_match(key) {
             rows.push(row);
         }
         Ok(())
     })?;
-    Ok(rows)
+    Ok((rows, counts))
 }
 
 /// Rows streamed by [`for_each_row_for`], and what filtering left out.

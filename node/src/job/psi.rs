@@ -54,9 +54,13 @@ use crate::policy::{Permit, Recipient, Veto};
 /// Points per batch frame: 128 KiB, well under the frame cap.
 pub const BATCH_POINTS: usize = 4096;
 
-/// Points one piece re-blinded off the node holds at most: 1 MiB of points (2 MiB of hex in its
-/// plan), well under the cluster's 16 MiB messages, and about a second of one core's curve work.
-pub const PIECE_POINTS: usize = 32_768;
+/// Batches one piece re-blinded off the node holds at most: 32 768 points of [`BATCH_POINTS`],
+/// 1 MiB of points (2 MiB of hex in its plan), well under the cluster's 16 MiB messages, and
+/// about a second of one core's curve work.
+pub const BATCHES_PER_PIECE: usize = 8;
+
+/// Points in a full piece at [`BATCH_POINTS`].
+pub const PIECE_POINTS: usize = BATCHES_PER_PIECE * BATCH_POINTS;
 
 /// Where the partner's points are re-blinded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -187,9 +191,10 @@ pub enum Work {
     /// Re-blinding off the node, in memory: the peer's next points, re-blinded, in order.
     PeerReblinded(Streaming, Vec<Vec<EncodedPoint>>),
     /// Re-blinding off the node, spilled: take up to this many pieces of the peer's stored
-    /// points to hand out.
-    TakePieces(Matching, usize),
-    /// Re-blinding off the node, spilled: pieces back, into their buckets.
+    /// points, of at most this many points each, to hand out.
+    TakePieces(Matching, usize, usize),
+    /// Re-blinding off the node, spilled: pieces back, into their buckets (in the order they
+    /// went out when the session returns in order).
     PiecesBack(Matching, Vec<Vec<EncodedPoint>>),
 }
 
@@ -260,11 +265,11 @@ impl Work {
                     Ok((s, replies))
                 },
             )),
-            Work::TakePieces(mut s, count) => {
+            Work::TakePieces(mut s, count, piece_points) => {
                 let mut run = || {
                     let mut pieces = Vec::new();
                     while pieces.len() < count {
-                        match s.take_reblind_piece(PIECE_POINTS)? {
+                        match s.take_reblind_piece(piece_points)? {
                             Some((offset, points)) => pieces.push(ReblindPiece { offset, points }),
                             None => break,
                         }
@@ -400,9 +405,14 @@ struct Exchange {
 struct OffNode {
     /// Pieces out at once at most.
     in_flight: usize,
+    /// Points a piece holds at most: [`BATCHES_PER_PIECE`] of the session's batches.
+    piece_points: usize,
     /// The session re-blinds after the peer's last point (spilled): pieces come from its store
     /// then. Otherwise they are the peer's batches as they arrive.
     spilled: bool,
+    /// The session takes pieces back in any order: spilled, and returning shuffled (its
+    /// buckets do not care). Otherwise in the order they went out.
+    any_order: bool,
     /// The peer's points that arrived and passed the wire checks (in memory).
     arrived: u64,
     /// The peer's points handed out (in memory).
@@ -411,15 +421,15 @@ struct OffNode {
     out: usize,
     /// Pieces back, by where they start, until the session takes them.
     back: BTreeMap<u64, Vec<EncodedPoint>>,
-    /// The peer's points the session has taken back (in memory, where order matters).
+    /// The peer's points the session has taken back (where order matters).
     applied: u64,
 }
 
 impl OffNode {
-    /// Pieces back that the session can take now: in memory, those that continue its stream in
-    /// order; spilled, all of them (buckets do not care).
+    /// Pieces back that the session can take now: all of them when it takes any order, else
+    /// those that continue its stream in order.
     fn take_back(&mut self) -> Vec<Vec<EncodedPoint>> {
-        if self.spilled {
+        if self.any_order {
             return std::mem::take(&mut self.back).into_values().collect();
         }
         let mut pieces = Vec::new();
@@ -436,19 +446,22 @@ impl OffNode {
 
     fn ready(&self) -> bool {
         match self.back.first_key_value() {
-            Some((&offset, _)) => self.spilled || offset == self.applied,
+            Some((&offset, _)) => self.any_order || offset == self.applied,
             None => false,
         }
     }
 }
 
 impl Exchange {
-    fn new(session: Streaming, reblind: ReblindPlace) -> Exchange {
+    fn new(session: Streaming, reblind: ReblindPlace, return_in_order: bool) -> Exchange {
+        let spilled = session.reblinds_after_peer_end();
         let off_node = match reblind {
             ReblindPlace::Node => None,
             ReblindPlace::Elsewhere { in_flight } => Some(OffNode {
                 in_flight: in_flight.max(1),
-                spilled: session.reblinds_after_peer_end(),
+                piece_points: BATCHES_PER_PIECE * session.batch_size(),
+                spilled,
+                any_order: spilled && !return_in_order,
                 arrived: 0,
                 taken: 0,
                 out: 0,
@@ -495,7 +508,7 @@ impl Exchange {
         while off.out < off.in_flight && matches!(self.inputs.front(), Some(Input::Points(_))) {
             let mut points = Vec::new();
             while let Some(Input::Points(next)) = self.inputs.front() {
-                if !points.is_empty() && points.len() + next.len() > PIECE_POINTS * POINT_LEN {
+                if !points.is_empty() && points.len() + next.len() > off.piece_points * POINT_LEN {
                     break;
                 }
                 if let Some(Input::Points(next)) = self.inputs.pop_front() {
@@ -607,7 +620,7 @@ impl PsiProtocol {
 
     /// Starts the protocol over our set blinded with `key` as it was read and spilled
     /// ([`cleanroom_circuits::spill`]): the same wire, with memory that does not grow with the
-    /// sets. A job that releases membership is refused ([`PsiError::SpilledMembership`]).
+    /// sets. Learning membership needs a set with tags ([`PsiError::SpilledMembership`]).
     pub fn start_spilled(
         cfg: PsiConfig,
         key: JobKey,
@@ -963,7 +976,7 @@ impl PsiProtocol {
                 (Session::Matching(m), None) => Work::Reblind(m),
                 (Session::Matching(m), Some(off)) if m.reblind_pieces_left() => {
                     if off.out < off.in_flight {
-                        Work::TakePieces(m, off.in_flight - off.out)
+                        Work::TakePieces(m, off.in_flight - off.out, off.piece_points)
                     } else {
                         x.session = Some(Session::Matching(m));
                         return;
@@ -1077,7 +1090,11 @@ impl PsiProtocol {
                 rho: None,
             }));
         }
-        self.stage = Stage::Exchange(Box::new(Exchange::new(ready.stream(), self.cfg.reblind)));
+        self.stage = Stage::Exchange(Box::new(Exchange::new(
+            ready.stream(),
+            self.cfg.reblind,
+            self.cfg.permit.partner_learns_membership,
+        )));
         Ok(())
     }
 

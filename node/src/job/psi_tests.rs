@@ -5,6 +5,7 @@
 
 use std::path::Path;
 
+use cleanroom_circuits::spill::TagKey;
 use cleanroom_circuits::{ItemSet, JobKey};
 use cleanroom_proto::v1::JobSpec;
 
@@ -856,13 +857,13 @@ fn the_adversary_cases_fail_at_the_protocol_with_the_e2e_words() {
 }
 
 /// A spilled side (its set blinded as it was read, kept in a store) runs the same wire as an
-/// in-memory side, in batches, and both count the same; a spilled side that would release
-/// membership is refused at start.
+/// in-memory side, in batches, and both count the same; a spilled side that would learn
+/// membership without its items' tags is refused at start.
 #[test]
 fn a_spilled_side_and_an_in_memory_side_count_the_same() {
     use cleanroom_circuits::spill::{MemoryStore, OwnSetBuilder};
     let a = config_up_to(0, JobKind::Overlap, 20_000);
-    let mut pair = spilled_acme_pair(a, JobKey::generate(), Side::new);
+    let (mut pair, _) = spilled_acme_pair(a, JobKey::generate(), Side::new);
     pair.run_honest();
     assert!(pair.acme.error.is_none(), "{:?}", pair.acme.error);
     assert!(pair.globex.error.is_none(), "{:?}", pair.globex.error);
@@ -881,20 +882,68 @@ fn a_spilled_side_and_an_in_memory_side_count_the_same() {
 
 /// acme spilled (items 0..9000, blinded with `key` as they were read, kept in a store) against
 /// globex in memory (items 3000..12000), both in batches of 256; `side` wraps acme's protocol.
+/// When acme learns membership its set keeps tags: their key comes back too.
 fn spilled_acme_pair(
     a: PsiConfig,
     key: JobKey,
     side: impl FnOnce(PsiProtocol) -> Side<PsiProtocol>,
-) -> Pair {
+) -> (Pair, Option<TagKey>) {
     use cleanroom_circuits::spill::{MemoryStore, OwnSetBuilder};
     let kind = a.kind;
-    let mut own = OwnSetBuilder::new(Box::new(MemoryStore::default()));
+    let store = Box::new(MemoryStore::default());
+    let mut own = if a.permit.i_learn_membership {
+        OwnSetBuilder::with_tags(store, TagKey::generate())
+    } else {
+        OwnSetBuilder::new(store)
+    };
     own.add(&key, &dataset::key_name(&a.permit.keys), &items(0, 9000))
         .unwrap();
-    let acme = PsiProtocol::start_spilled_batched(a, key, own.finish().unwrap(), 256).unwrap();
-    Pair {
+    let mut own = own.finish().unwrap();
+    let tags = own.take_tag_key();
+    let acme = PsiProtocol::start_spilled_batched(a, key, own, 256).unwrap();
+    let pair = Pair {
         acme: side(acme),
         globex: batched_globex(kind),
+    };
+    (pair, tags)
+}
+
+/// A spilled match (a node under a `memory_limit`) learns and gives the membership an
+/// in-memory one does, re-blinding on the node or off it. Off it, pieces come back last first
+/// and acme still returns globex's points in the order they came (globex reads its membership
+/// from that order). acme's matched tags are those of the shared items.
+#[test]
+fn a_spilled_match_learns_and_gives_the_same_membership() {
+    for in_flight in [None, Some(3)] {
+        let mut a = config_up_to(0, JobKind::Match, 20_000);
+        assert!(a.permit.i_learn_membership && a.permit.partner_learns_membership);
+        let key = JobKey::generate();
+        let (mut pair, tags) = match in_flight {
+            Some(in_flight) => {
+                a.reblind = ReblindPlace::Elsewhere { in_flight };
+                let copy = copy_of(&key);
+                spilled_acme_pair(a, key, |acme| Side::with_cluster(acme, copy))
+            }
+            None => spilled_acme_pair(a, key, Side::new),
+        };
+        let tags = tags.expect("a match that learns membership keeps tags");
+        pair.run_honest();
+        assert!(pair.acme.error.is_none(), "{:?}", pair.acme.error);
+        assert!(pair.globex.error.is_none(), "{:?}", pair.globex.error);
+        if in_flight.is_some() {
+            assert!(pair.acme.pieces_handed_out > 1);
+        }
+        let a = pair.acme.proto.into_exchange().expect("finished");
+        let g = pair.globex.proto.into_exchange().expect("finished");
+        assert_eq!((a.output.intersection, g.output.intersection), (6000, 6000));
+        let shared = items(3000, 9000);
+        let mut expected: Vec<_> = shared.iter().map(|x| tags.tag(x)).collect();
+        expected.sort_unstable();
+        assert_eq!(a.output.matched_tags, Some(expected));
+        assert_eq!(
+            matched(&items(3000, 12000), g.output.membership),
+            shared.iter().collect::<Vec<_>>()
+        );
     }
 }
 
@@ -1001,14 +1050,14 @@ fn reblinding_off_the_node_gives_the_same_results() {
     a.reblind = ReblindPlace::Elsewhere { in_flight: 2 };
     let key = JobKey::generate();
     let copy = copy_of(&key);
-    let mut pair = spilled_acme_pair(a, key, |acme| Side::with_cluster(acme, copy));
+    let (mut pair, _) = spilled_acme_pair(a, key, |acme| Side::with_cluster(acme, copy));
     pair.run_honest();
     assert!(pair.acme.error.is_none(), "{:?}", pair.acme.error);
     assert!(pair.globex.error.is_none(), "{:?}", pair.globex.error);
-    // 9000 points in pieces of at most PIECE_POINTS.
+    // 9000 points in pieces of at most 8 batches of 256.
     assert_eq!(
         pair.acme.pieces_handed_out,
-        9000_usize.div_ceil(PIECE_POINTS)
+        9000_usize.div_ceil(BATCHES_PER_PIECE * 256)
     );
     let a = pair.acme.proto.into_exchange().expect("finished");
     let g = pair.globex.proto.into_exchange().expect("finished");

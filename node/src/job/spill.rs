@@ -2,8 +2,11 @@
 //! a directory of their own under the node's spill directory, removed when the job ends (the
 //! store is dropped with the session, on success, failure or cancellation).
 //!
-//! What is in them: blinded points only (`k·H(x)`, `k_peer·H(y)` as the peer sent them,
-//! `k·k_peer·H(y)`, `k_peer·k·H(x)`), never an identifier. Without the job's key, which never leaves memory, they are uniform strings.
+//! What is in them: blinded points (`k·H(x)`, `k_peer·H(y)` as the peer sent them,
+//! `k·k_peer·H(y)`, `k_peer·k·H(x)`), never an identifier. A `match` that learns its
+//! membership also keeps each point's tag (16 bytes of SHA-256 over a key drawn for the job
+//! and the identifier) and the place of each returned point in our stream. Without the job's
+//! keys, which never leave memory, points and tags are uniform strings.
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
@@ -22,6 +25,9 @@ fn bucket_path(dir: &Path, set: PointSet, bucket: usize) -> PathBuf {
         PointSet::Peer => "peer",
         PointSet::Returned => "returned",
         PointSet::PeerRaw => "peer-raw",
+        PointSet::PeerInOrder => "peer-in-order",
+        PointSet::OwnTags => "own-tags",
+        PointSet::ReturnedPlaced => "returned-placed",
     };
     dir.join(format!("{set}-{bucket:03}"))
 }

@@ -22,7 +22,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use cleanroom_circuits::spill::{MemoryStore, OwnSetBuilder, PointStore, SpilledOwn};
+use cleanroom_circuits::spill::{
+    ItemTag, MemoryStore, OwnSetBuilder, PointStore, SpilledOwn, TagKey,
+};
 use cleanroom_circuits::{EncodedPoint, ItemSet, JobKey};
 use cleanroom_proto::v1::{
     Abort, Envelope, JobKind, JobSpec, NoiseTerm, Phase, PsiOutcome, ReleaseTerms, envelope::Body,
@@ -303,6 +305,10 @@ enum MembershipPass {
     Reread(ItemsDigest),
     /// A count-only job (its keys blinded as they were read): no membership to find.
     CountOnly,
+    /// A spilled set with tags (a `match` under a `memory_limit`): read the dataset again, tag
+    /// each key with this key and keep the rows whose tag the session matched. The first
+    /// read's row count tells a changed dataset, as a matched tag not found again does.
+    ByTags(TagKey, u64),
     /// Run the executors' pass again with the job's key and compare points.
     OnExecutors(Box<BlindedOnExecutors>),
 }
@@ -324,8 +330,6 @@ pub(crate) async fn load_input(
     let forgotten = job.forgotten()?;
     let cfg = job.state.cfg();
     let counts_only = !job.permit.i_learn_membership && !job.permit.partner_learns_membership;
-    let spilled_form = spill == Spill::WhenLimited && counts_only;
-    let spill_dir = (spilled_form && cfg.memory_limit.is_some()).then(|| cfg.spill_dir());
     // With a sealing key, the pass (blinding included) runs on the partner's executors. An
     // overlap's points are then kept like a limited node's, in buckets; a match's in memory,
     // sorted, for the membership it learns, and so are those of a protocol with no spilled
@@ -333,6 +337,11 @@ pub(crate) async fn load_input(
     let sealing = sealing_key(&dataset)?;
     let in_memory = !counts_only || spill == Spill::Never;
     let on_executors = sealing.is_some();
+    // In this process under a memory_limit, a match spills too: its points keep their
+    // identifiers' tags when it learns membership, to find the matched rows again.
+    let spilled_form = spill == Spill::WhenLimited && (counts_only || !on_executors);
+    let spill_dir = (spilled_form && cfg.memory_limit.is_some()).then(|| cfg.spill_dir());
+    let tagged = job.permit.i_learn_membership;
     let job_id = job.job_id.clone();
     let (loaded, input) = blocking(move || {
         let filter = RowFilter {
@@ -389,7 +398,11 @@ pub(crate) async fn load_input(
         };
         let key = JobKey::generate();
         let key_name = dataset::key_name(&keys);
-        let mut own = OwnSetBuilder::new(store);
+        let mut own = if tagged && sealing.is_none() {
+            OwnSetBuilder::with_tags(store, TagKey::generate())
+        } else {
+            OwnSetBuilder::new(store)
+        };
         let mut loaded = match &sealing {
             Some(sealing) => dataset::blind_keys_on_cluster(
                 &dataset,
@@ -451,7 +464,7 @@ async fn exchange(
     conn: &quinn::Connection,
     send: FramedSend,
     first: Option<(FramedRecv, Envelope)>,
-    (_, input): (dataset::LoadedKeys, PsiInput),
+    (loaded, input): (dataset::LoadedKeys, PsiInput),
 ) -> Result<PsiOutcome, NodeError> {
     // Charge the budget and draw our noise before anything is sent, so that the hello can
     // commit to it.
@@ -488,11 +501,15 @@ async fn exchange(
                 MembershipPass::Reread(digest),
             )
         }
-        PsiInput::Spilled(key, own) => (
-            PsiProtocol::start_spilled(cfg, key, own)
-                .map_err(|e| JobError::Internal(e.to_string()))?,
-            MembershipPass::CountOnly,
-        ),
+        PsiInput::Spilled(key, mut own) => {
+            let pass = match own.take_tag_key() {
+                Some(tag_key) => MembershipPass::ByTags(tag_key, loaded.rows_read),
+                None => MembershipPass::CountOnly,
+            };
+            let proto = PsiProtocol::start_spilled(cfg, key, own)
+                .map_err(|e| JobError::Internal(e.to_string()))?;
+            (proto, pass)
+        }
         PsiInput::Blinded(own) => {
             // The session gets a copy of the key and points; the membership pass keeps these.
             let key = JobKey::from_secret_bytes(&own.key.to_secret_bytes())
@@ -871,7 +888,11 @@ async fn release(
     // count gives the count away, so only a released count lets it be reported.
     if let (true, Some(indices)) = (job.spec.kind == JobKind::Match as i32, output.membership) {
         if output.intersection >= joint.min_result {
-            let (rows, path) = write_membership(job, indices, own_size, membership_pass).await?;
+            let matched = Matched {
+                indices,
+                tags: output.matched_tags,
+            };
+            let (rows, path) = write_membership(job, matched, own_size, membership_pass).await?;
             if released.is_some() {
                 outcome.learned_membership = true;
                 outcome.matched_rows = rows;
@@ -946,11 +967,17 @@ pub(crate) fn key_columns(permit: &Permit) -> Vec<String> {
         .collect()
 }
 
+/// What the session matched: its indices, and a spilled session's tags.
+struct Matched {
+    indices: Vec<u32>,
+    tags: Option<Vec<ItemTag>>,
+}
+
 /// Maps matched item indices back to row numbers and writes them to the node's state dir.
 /// Row numbers, never identifiers: the file is safe to hand to the partner's own systems.
 async fn write_membership(
     job: &JobContext,
-    indices: Vec<u32>,
+    Matched { indices, tags }: Matched,
     own_size: u64,
     pass: MembershipPass,
 ) -> Result<(u64, PathBuf), NodeError> {
@@ -972,6 +999,12 @@ async fn write_membership(
             }
             MembershipPass::Reread(digest) => {
                 reread_rows(&dataset, &keys, filter, indices, (own_size, digest))?
+            }
+            MembershipPass::ByTags(tag_key, rows_read) => {
+                let tags = tags.ok_or_else(|| {
+                    JobError::Internal("a spilled session gave no tags of its matches".into())
+                })?;
+                rows_by_tags(&dataset, &keys, filter, &tags, &tag_key, rows_read)?
             }
             MembershipPass::CountOnly => {
                 return Err(JobError::Internal("a count-only job has no membership".into()).into());
@@ -1013,6 +1046,34 @@ fn rows_on_executors(
     )
     .map_err(|e| NodeError::from(JobError::Dataset(e.to_string())))?;
     if counts.rows_read != own.rows_read || found != matched.len() {
+        return Err(JobError::DatasetChanged.into());
+    }
+    Ok(rows)
+}
+
+/// The rows of the matched tags: the dataset read again in file order, each key tagged. A
+/// dataset whose row count changed, or in which a matched tag is no longer found, changed.
+fn rows_by_tags(
+    dataset: &crate::data::schema::DatasetConfig,
+    keys: &dataset::KeySpec,
+    filter: RowFilter<'_>,
+    tags: &[ItemTag],
+    tag_key: &TagKey,
+    rows_read: u64,
+) -> Result<Vec<u64>, NodeError> {
+    let mut found = vec![false; tags.len()];
+    let (rows, counts) =
+        dataset::matching_rows_where(&dataset.in_file_order(), keys, filter, |key| {
+            match tags.binary_search(&tag_key.tag(key)) {
+                Ok(i) => {
+                    found[i] = true;
+                    true
+                }
+                Err(_) => false,
+            }
+        })
+        .map_err(|e| NodeError::from(JobError::Dataset(e.to_string())))?;
+    if counts.rows_read != rows_read || found.contains(&false) {
         return Err(JobError::DatasetChanged.into());
     }
     Ok(rows)
