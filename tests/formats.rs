@@ -646,11 +646,11 @@ fn messy_overlap(executors: Option<usize>) -> (u64, [u64; 4]) {
 /// globex sits behind a UDP proxy that the test cuts before the job starts: acme reads its
 /// rows, then cannot reach globex; the test appends rows and heals the proxy (a few seconds,
 /// which QUIC's retransmissions bridge).
-fn a_match_whose_dataset_changes_between_its_reads_fails(executors: Option<usize>) {
+fn a_match_whose_dataset_changes_between_its_reads_fails(acme: Acme) {
     // Rows appended; then one shared customer's email replaced by a new one (the same number
     // of rows and of distinct emails: only the set differs).
     for change in [Change::Append, Change::Replace] {
-        match_with_a_change(executors, change);
+        match_with_a_change(acme, change);
     }
 }
 
@@ -660,15 +660,22 @@ enum Change {
     Replace,
 }
 
-fn match_with_a_change(executors: Option<usize>, change: Change) {
+fn match_with_a_change(acme: Acme, change: Change) {
     use cleanroom_e2e::proxy::UdpProxy;
     use std::time::{Duration, Instant};
 
     let (mut c, _) = Consortium::with_coordinator("acme,globex", 1000, 0.5, 53);
-    if let Some(executors) = executors {
-        let cluster = Ballista::start(c.path(), executors, 600);
-        c.node_top.insert("acme".into(), cluster.engine_line(true));
-        c.ballista = Some(cluster);
+    match acme {
+        Acme::InProcess => {}
+        Acme::MemoryLimited => {
+            c.node_top
+                .insert("acme".into(), "memory_limit = \"256MiB\"\n".into());
+        }
+        Acme::OnExecutors(executors) => {
+            let cluster = Ballista::start(c.path(), executors, 600);
+            c.node_top.insert("acme".into(), cluster.engine_line(true));
+            c.ballista = Some(cluster);
+        }
     }
     let proxy = UdpProxy::start();
     for (me, other) in [("acme", "globex"), ("globex", "acme")] {
@@ -754,12 +761,17 @@ fn match_with_a_change(executors: Option<usize>, change: Change) {
         .path()
         .join(format!("state-acme/results/{job_id}-membership.csv"));
     assert!(!membership.exists(), "a membership file was written");
-    if executors.is_some() {
+    let how = match acme {
+        Acme::InProcess => None,
+        Acme::MemoryLimited => Some("spilled=true"),
+        Acme::OnExecutors(_) => Some("on_executors=true"),
+    };
+    if let Some(how) = how {
         assert!(
             c.node_log("acme")
                 .lines()
-                .any(|l| l.contains(&job_id) && l.contains("on_executors=true")),
-            "acme's first read ran on the executors"
+                .any(|l| l.contains(&job_id) && l.contains("dataset loaded") && l.contains(how)),
+            "acme's first read was not {how}"
         );
     }
 
@@ -779,7 +791,7 @@ fn match_with_a_change(executors: Option<usize>, change: Change) {
         .collect();
     let job_id = job["job_id"].as_str().unwrap();
     assert_eq!(c.membership_rows("acme", job_id), truth, "{change:?}");
-    if executors.is_some() {
+    if let Acme::OnExecutors(_) = acme {
         let parts = ordered_reads(&c, "acme");
         assert!(
             parts.iter().any(|&p| p > 1),
@@ -833,12 +845,28 @@ fn logged_numbers(log: &str, what: &str, field: &str) -> Vec<u64> {
 
 #[test]
 fn a_match_whose_dataset_changes_between_its_reads_fails_in_process() {
-    a_match_whose_dataset_changes_between_its_reads_fails(None);
+    a_match_whose_dataset_changes_between_its_reads_fails(Acme::InProcess);
+}
+
+/// Spilled, the second read looks for the tags of the matched keys.
+#[test]
+fn a_match_whose_dataset_changes_between_its_reads_fails_under_a_memory_limit() {
+    a_match_whose_dataset_changes_between_its_reads_fails(Acme::MemoryLimited);
 }
 
 #[test]
 fn a_match_whose_dataset_changes_between_its_reads_fails_on_a_cluster() {
-    a_match_whose_dataset_changes_between_its_reads_fails(Some(2));
+    a_match_whose_dataset_changes_between_its_reads_fails(Acme::OnExecutors(2));
+}
+
+/// Where acme's match runs.
+#[derive(Debug, Clone, Copy)]
+enum Acme {
+    InProcess,
+    /// In process under a `memory_limit`: its sets spilled.
+    MemoryLimited,
+    /// On a cluster of this many executors.
+    OnExecutors(usize),
 }
 
 /// A view on a cluster reads its CSV table as strictly as the node reads a local one: globex's

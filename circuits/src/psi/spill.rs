@@ -624,7 +624,8 @@ pub(crate) fn tags_at(
 mod tests {
     use super::*;
 
-    /// What reaches the store is points: no identifier, nor any part of one, is ever written.
+    /// What reaches the store is points, and with tags the tags: no identifier, nor any part
+    /// of one, is ever written.
     #[test]
     fn a_spilled_set_holds_no_identifier() {
         let key = JobKey::generate();
@@ -634,18 +635,31 @@ mod tests {
             .iter()
             .map(|s| s.as_bytes())
             .collect();
-        let mut builder = OwnSetBuilder::new(Box::new(MemoryStore::default()));
-        builder.add(&key, "email", &items).unwrap();
-        let own = builder.finish().unwrap();
-        assert_eq!(own.size(), 2000);
-        let mut all = Vec::new();
-        let mut store = own.store;
-        for b in 0..BUCKETS {
-            all.extend(store.read(PointSet::Own, b).unwrap());
-        }
-        assert_eq!(all.len(), 2000 * POINT_LEN);
-        for needle in [&b"@example.com"[..], b"customer"] {
-            assert!(!all.windows(needle.len()).any(|w| w == needle));
+        for tagged in [false, true] {
+            let store = Box::new(MemoryStore::default());
+            let mut builder = if tagged {
+                OwnSetBuilder::with_tags(store, TagKey::generate())
+            } else {
+                OwnSetBuilder::new(store)
+            };
+            builder.add(&key, "email", &items).unwrap();
+            let own = builder.finish().unwrap();
+            assert_eq!(own.size(), 2000);
+            let mut all = Vec::new();
+            let mut store = own.store;
+            for b in 0..BUCKETS {
+                all.extend(store.read(PointSet::Own, b).unwrap());
+                all.extend(store.read(PointSet::OwnTags, b).unwrap());
+            }
+            let per_item = if tagged {
+                2 * POINT_LEN + TAG_LEN
+            } else {
+                POINT_LEN
+            };
+            assert_eq!(all.len(), 2000 * per_item);
+            for needle in [&b"@example.com"[..], b"customer"] {
+                assert!(!all.windows(needle.len()).any(|w| w == needle));
+            }
         }
     }
 }
