@@ -668,12 +668,15 @@ fn match_with_a_change(acme: Acme, change: Change) {
     match acme {
         Acme::InProcess => {}
         Acme::MemoryLimited => {
-            c.node_top
-                .insert("acme".into(), "memory_limit = \"256MiB\"\n".into());
+            c.node_top.insert("acme".into(), MEMORY_LIMIT.into());
         }
-        Acme::OnExecutors(executors) => {
+        Acme::OnExecutors(executors, limited) => {
             let cluster = Ballista::start(c.path(), executors, 600);
-            c.node_top.insert("acme".into(), cluster.engine_line(true));
+            let mut top = cluster.engine_line(true);
+            if limited {
+                top = format!("{MEMORY_LIMIT}{top}");
+            }
+            c.node_top.insert("acme".into(), top);
             c.ballista = Some(cluster);
         }
     }
@@ -761,19 +764,18 @@ fn match_with_a_change(acme: Acme, change: Change) {
         .path()
         .join(format!("state-acme/results/{job_id}-membership.csv"));
     assert!(!membership.exists(), "a membership file was written");
-    let how = match acme {
-        Acme::InProcess => None,
-        Acme::MemoryLimited => Some("spilled=true"),
-        Acme::OnExecutors(_) => Some("on_executors=true"),
+    let how: &[&str] = match acme {
+        Acme::InProcess => &["spilled=false", "on_executors=false"],
+        Acme::MemoryLimited => &["spilled=true", "on_executors=false"],
+        Acme::OnExecutors(_, false) => &["spilled=false", "on_executors=true"],
+        Acme::OnExecutors(_, true) => &["spilled=true", "on_executors=true"],
     };
-    if let Some(how) = how {
-        assert!(
-            c.node_log("acme")
-                .lines()
-                .any(|l| l.contains(&job_id) && l.contains("dataset loaded") && l.contains(how)),
-            "acme's first read was not {how}"
-        );
-    }
+    assert!(
+        c.node_log("acme").lines().any(|l| l.contains(&job_id)
+            && l.contains("dataset loaded")
+            && how.iter().all(|h| l.contains(h))),
+        "acme's first read was not {how:?}"
+    );
 
     // The file is read as it is now: the next match succeeds and names acme's rows of the
     // customers globex has. On a cluster, its membership pass reads the file in parts on both
@@ -791,7 +793,7 @@ fn match_with_a_change(acme: Acme, change: Change) {
         .collect();
     let job_id = job["job_id"].as_str().unwrap();
     assert_eq!(c.membership_rows("acme", job_id), truth, "{change:?}");
-    if let Acme::OnExecutors(_) = acme {
+    if let Acme::OnExecutors(..) = acme {
         let parts = ordered_reads(&c, "acme");
         assert!(
             parts.iter().any(|&p| p > 1),
@@ -856,7 +858,14 @@ fn a_match_whose_dataset_changes_between_its_reads_fails_under_a_memory_limit() 
 
 #[test]
 fn a_match_whose_dataset_changes_between_its_reads_fails_on_a_cluster() {
-    a_match_whose_dataset_changes_between_its_reads_fails(Acme::OnExecutors(2));
+    a_match_whose_dataset_changes_between_its_reads_fails(Acme::OnExecutors(2, false));
+}
+
+/// On a cluster under a `memory_limit`: the session gives the matched points, and the second
+/// pass on the executors looks for them.
+#[test]
+fn a_match_whose_dataset_changes_between_its_reads_fails_on_a_cluster_under_a_memory_limit() {
+    a_match_whose_dataset_changes_between_its_reads_fails(Acme::OnExecutors(2, true));
 }
 
 /// Where acme's match runs.
@@ -865,9 +874,11 @@ enum Acme {
     InProcess,
     /// In process under a `memory_limit`: its sets spilled.
     MemoryLimited,
-    /// On a cluster of this many executors.
-    OnExecutors(usize),
+    /// On a cluster of this many executors; with a `memory_limit` when `true`.
+    OnExecutors(usize, bool),
 }
+
+const MEMORY_LIMIT: &str = "memory_limit = \"256MiB\"\n";
 
 /// A view on a cluster reads its CSV table as strictly as the node reads a local one: globex's
 /// view `SELECT email FROM crm WHERE amount_cents >= 1000` runs on the executors (its keys

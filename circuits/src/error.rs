@@ -102,9 +102,6 @@ pub enum PsiError {
     /// The session's spill files could not be written or read (this node's disk, not the peer).
     #[error("the job's spill files failed: {0}")]
     Spill(String),
-    /// A spilled set learns membership only with its items' tags ([`crate::spill::OwnSetBuilder::with_tags`]).
-    #[error("a spilled set without its items' tags cannot learn membership")]
-    SpilledMembership,
     /// Our own item set was not deduplicated (call [`ItemSet::dedup`](crate::ItemSet::dedup)).
     #[error("our own item set contains duplicates; deduplicate before starting")]
     DuplicateOwnItems,

@@ -406,18 +406,15 @@ impl PsiSession {
 
     /// Begins a session over our own set already blinded with `key` and spilled
     /// ([`OwnSetBuilder`]): the session's memory then holds a bucket, not a set (see
-    /// `spill.rs`). Learning membership needs a set with tags
-    /// ([`OwnSetBuilder::with_tags`]); its indices are places in the order the set goes out
-    /// (bucket by bucket, each sorted), and the tags of the matched items come in
-    /// [`PsiOutput::matched_tags`].
+    /// `spill.rs`). Learning membership, its indices are places in the order the set goes out
+    /// (bucket by bucket, each sorted), and what it matched comes in
+    /// [`PsiOutput::spilled_matches`]: tags for a set built
+    /// [`with_tags`](spill::OwnSetBuilder::with_tags), points otherwise.
     pub fn start_spilled(
         params: PsiParams,
         key: JobKey,
         own: SpilledOwn,
-    ) -> Result<(u64, AwaitingPeerSize), PsiError> {
-        if params.learn_membership && !own.tagged {
-            return Err(PsiError::SpilledMembership);
-        }
+    ) -> (u64, AwaitingPeerSize) {
         let own_size = own.size();
         let state = AwaitingPeerSize {
             common: Common {
@@ -431,7 +428,7 @@ impl PsiSession {
             blinded: Vec::new(),
             distinct: true,
         };
-        Ok((own_size, state))
+        (own_size, state)
     }
 }
 
@@ -746,7 +743,7 @@ impl AwaitingReturn {
             peer_set_size: peer_size,
             membership,
             spilled_bytes: 0,
-            matched_tags: None,
+            spilled_matches: None,
         })
     }
 }
@@ -766,7 +763,7 @@ pub struct PsiOutput {
     pub membership: Option<Vec<u32>>,
     /// Bytes a spilled session wrote to its store (0 in memory).
     pub spilled_bytes: u64,
-    /// A spilled session that learns membership: the tags of our matched items, sorted
-    /// ([`spill::TagKey`]); `None` otherwise.
-    pub matched_tags: Option<Vec<spill::ItemTag>>,
+    /// A spilled session that learns membership: the tags of our matched items, or their
+    /// points for a set without tags; `None` otherwise.
+    pub spilled_matches: Option<spill::SpilledMatches>,
 }

@@ -316,7 +316,7 @@ impl OwnSetBuilder {
 
     /// An empty set over `store` whose points keep their identifiers' tags under `tag_key`, so
     /// that a session over it can tell which identifiers it matched
-    /// ([`PsiOutput::matched_tags`](crate::PsiOutput::matched_tags)).
+    /// ([`PsiOutput::spilled_matches`](crate::PsiOutput::spilled_matches)).
     pub fn with_tags(store: Box<dyn PointStore>, tag_key: TagKey) -> Self {
         OwnSetBuilder {
             tags: Some(tag_key),
@@ -431,7 +431,7 @@ impl SpilledOwn {
 
     /// The key of the set's tags, once (`None` for a set without them): the caller tags the
     /// identifiers it reads again with it, to find those of
-    /// [`PsiOutput::matched_tags`](crate::PsiOutput::matched_tags).
+    /// [`PsiOutput::spilled_matches`](crate::PsiOutput::spilled_matches).
     pub fn take_tag_key(&mut self) -> Option<TagKey> {
         self.tag_key.take()
     }
@@ -574,13 +574,26 @@ pub(crate) fn matched_places(store: &mut dyn PointStore) -> Result<Vec<u32>, Psi
     Ok(places)
 }
 
-/// The tags of our points at `places` (sorted places in our stream: our buckets in order, each
-/// sorted), sorted. One bucket of points and of tags is in memory at a time.
-pub(crate) fn tags_at(
+/// What a spilled session that learns membership gives of its matched items, since it holds
+/// no identifiers to index: their tags when it has them, else their points.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SpilledMatches {
+    /// The tags of the matched items ([`OwnSetBuilder::with_tags`]), sorted.
+    Tags(Vec<ItemTag>),
+    /// Our points of the matched items, `k·H(x)`, sorted (a set blinded elsewhere).
+    Points(Vec<EncodedPoint>),
+}
+
+/// What we matched at `places` (sorted places in our stream: our buckets in order, each
+/// sorted): the tags of those points when the set has them, else the points. One bucket of
+/// points and of tags is in memory at a time.
+pub(crate) fn matches_at(
     store: &mut dyn PointStore,
     places: &[u32],
-) -> Result<Vec<ItemTag>, PsiError> {
-    let mut tags = Vec::with_capacity(places.len());
+    tagged: bool,
+) -> Result<SpilledMatches, PsiError> {
+    let mut tags = Vec::new();
+    let mut points = Vec::new();
     let (mut start, mut next) = (0u64, 0usize);
     for b in 0..BUCKETS {
         if next == places.len() {
@@ -596,10 +609,10 @@ pub(crate) fn tags_at(
             wanted.push(own[(u64::from(place) - start) as usize]);
             next += 1;
         }
-        if !wanted.is_empty() {
+        if tagged && !wanted.is_empty() {
             let records =
                 read_records_sorted::<{ POINT_LEN + TAG_LEN }>(store, PointSet::OwnTags, b)?;
-            for point in wanted {
+            for point in &wanted {
                 let at = records.partition_point(|r| r[..POINT_LEN] < point[..]);
                 match records.get(at) {
                     Some(r) if r[..POINT_LEN] == point[..] => {
@@ -610,14 +623,22 @@ pub(crate) fn tags_at(
                     _ => return Err(PsiError::Spill("a matched point has no tag".into())),
                 }
             }
+        } else {
+            points.extend(wanted);
         }
         start = end;
     }
     if next != places.len() {
         return Err(PsiError::Spill("a matched place is past our set".into()));
     }
-    tags.sort_unstable();
-    Ok(tags)
+    Ok(if tagged {
+        tags.sort_unstable();
+        SpilledMatches::Tags(tags)
+    } else {
+        // Buckets in order, each sorted: sorted by bucket, not by bytes.
+        points.sort_unstable();
+        SpilledMatches::Points(points)
+    })
 }
 
 #[cfg(test)]

@@ -61,7 +61,8 @@ use rayon::prelude::*;
 
 use super::spill::{
     BUCKETS, BucketReader, PointSet, PointStore, append_by_bucket, append_records_by_bucket,
-    bucket_cap, count_matches, matched_places, placed, sort_bucket_distinct, spill_error, tags_at,
+    bucket_cap, count_matches, matched_places, matches_at, placed, sort_bucket_distinct,
+    spill_error,
 };
 use super::{
     Common, ReadyToBlind, Stream, blind_into, check_total, reblind_checked, reblind_peer_batch,
@@ -745,14 +746,10 @@ impl Matching {
             let tagged = self.common.tagged;
             let learn_membership = self.common.params.learn_membership;
             let store = store(&mut self.common)?;
-            let (intersection, membership, matched_tags) = if learn_membership {
+            let (intersection, membership, spilled_matches) = if learn_membership {
                 let places = matched_places(store)?;
-                let tags = if tagged {
-                    Some(tags_at(store, &places)?)
-                } else {
-                    None
-                };
-                (places.len() as u64, Some(places), tags)
+                let matches = matches_at(store, &places, tagged)?;
+                (places.len() as u64, Some(places), Some(matches))
             } else {
                 (count_matches(store)?, None, None)
             };
@@ -762,7 +759,7 @@ impl Matching {
                 peer_set_size: self.peer_size,
                 membership,
                 spilled_bytes: store.bytes_written(),
-                matched_tags,
+                spilled_matches,
             });
         }
         let mut fingerprints = self.fingerprints;
@@ -782,7 +779,7 @@ impl Matching {
             peer_set_size: self.peer_size,
             membership,
             spilled_bytes: 0,
-            matched_tags: None,
+            spilled_matches: None,
         })
     }
 }

@@ -8,7 +8,7 @@ use proptest::prelude::*;
 use super::{Matching, Streaming};
 use crate::pair::{check_outputs, emails, modes, one_valid_point, params};
 use crate::spill::{
-    ItemTag, MemoryStore, OwnSetBuilder, SpilledOwn, TagKey, bucket_cap, bucket_of,
+    ItemTag, MemoryStore, OwnSetBuilder, SpilledMatches, SpilledOwn, TagKey, bucket_cap, bucket_of,
 };
 use crate::*;
 
@@ -53,7 +53,7 @@ impl Party {
     fn spilled(p: PsiParams, items: ItemSet, peer_size: u64) -> Result<Party, PsiError> {
         let key = JobKey::generate();
         let own = spill_with(&key, &items);
-        Party::with(PsiSession::start_spilled(p, key, own)?, peer_size)
+        Party::with(PsiSession::start_spilled(p, key, own), peer_size)
     }
 
     /// [`new`](Self::new) or [`spilled`](Self::spilled), re-blinding the peer's points off the
@@ -68,7 +68,7 @@ impl Party {
         let copy = copy_of(&key);
         let start = if spilled {
             let own = spill_with(&key, &items);
-            PsiSession::start_spilled(p, key, own)?
+            PsiSession::start_spilled(p, key, own)
         } else {
             PsiSession::start(p, key, items)
         };
@@ -695,20 +695,24 @@ fn spill_tagged(key: &JobKey, items: &ItemSet) -> (SpilledOwn, TagKey) {
     (own, tags)
 }
 
-/// A spilled party with tags over `items`, and what reading its output needs: a copy of its
-/// key and its tag key.
-fn tagged_party(
+/// A spilled party over `items`, with tags or without (as a set blinded on the executors),
+/// and what reading its output needs: a copy of its key and its tag key.
+fn spilled_party(
     p: PsiParams,
     items: &ItemSet,
     peer_size: u64,
-    elsewhere: bool,
-) -> (Party, JobKey, TagKey) {
+    (tagged, elsewhere): (bool, bool),
+) -> (Party, JobKey, Option<TagKey>) {
     let key = JobKey::generate();
     let copy = copy_of(&key);
-    let (own, tags) = spill_tagged(&key, items);
+    let (own, tags) = if tagged {
+        let (own, tags) = spill_tagged(&key, items);
+        (own, Some(tags))
+    } else {
+        (spill_with(&key, items), None)
+    };
     let in_order = p.return_in_order;
-    let mut party =
-        Party::with(PsiSession::start_spilled(p, key, own).unwrap(), peer_size).unwrap();
+    let mut party = Party::with(PsiSession::start_spilled(p, key, own), peer_size).unwrap();
     if elsewhere {
         party.elsewhere = Some((copy_of(&copy), 0));
         party.pieces_in_order = in_order;
@@ -717,28 +721,42 @@ fn tagged_party(
 }
 
 /// A spilled output as an in-memory one reads: its places in the order the set went out as
-/// indices into `items`. Its tags must be those of the matched items.
-fn read_spilled(mut out: PsiOutput, key: &JobKey, tags: &TagKey, items: &ItemSet) -> PsiOutput {
+/// indices into `items`. What it matched must be the tags (or, without tags, the points) of
+/// the matched items.
+fn read_spilled(
+    mut out: PsiOutput,
+    key: &JobKey,
+    tags: Option<&TagKey>,
+    items: &ItemSet,
+) -> PsiOutput {
+    let points = blind_items(key, "email", items);
     // The order a spilled set goes out in: bucket by bucket, each sorted.
-    let mut sent = blind_items(key, "email", items);
+    let mut sent = points.clone();
     sent.sort_unstable_by_key(|p| (bucket_of(p), *p));
     out.membership = to_item_indices(out.membership, &sent, "email", key, items);
-    let expected: Option<Vec<ItemTag>> = out.membership.as_ref().map(|m| {
-        let mut t: Vec<ItemTag> = m
-            .iter()
-            .map(|&i| tags.tag(items.get(i as usize).unwrap()))
-            .collect();
-        t.sort_unstable();
-        t
+    let expected = out.membership.as_ref().map(|m| match tags {
+        Some(tags) => {
+            let mut t: Vec<ItemTag> = m
+                .iter()
+                .map(|&i| tags.tag(items.get(i as usize).unwrap()))
+                .collect();
+            t.sort_unstable();
+            SpilledMatches::Tags(t)
+        }
+        None => {
+            let mut p: Vec<EncodedPoint> = m.iter().map(|&i| points[i as usize]).collect();
+            p.sort_unstable();
+            SpilledMatches::Points(p)
+        }
     });
-    assert_eq!(out.matched_tags, expected);
-    out.matched_tags = None;
+    assert_eq!(out.spilled_matches, expected);
+    out.spilled_matches = None;
     out
 }
 
 /// Spilled sessions learn and give membership as in-memory ones do, in every mode, against
-/// either kind of peer, re-blinding in the session or off it (pieces back in order when the
-/// session returns in order, last first otherwise).
+/// either kind of peer, with tags or without, re-blinding in the session or off it (pieces
+/// back in order when the session returns in order, last first otherwise).
 #[test]
 fn spilled_sessions_learn_membership_like_in_memory_ones() {
     for seed in 0..3 {
@@ -747,18 +765,21 @@ fn spilled_sessions_learn_membership_like_in_memory_ones() {
                 [(false, false, 7), (true, true, 1), (false, true, 4096)]
             {
                 let (a, b) = (emails(0..300), emails(200..700));
-                let (pa, ka, ta) = tagged_party(params(rio_a, lm_a, bs), &a, 500, elsewhere);
+                // Tags on every other seed, for A; B has them when A has not.
+                let tagged = seed % 2 == 0;
+                let pa = params(rio_a, lm_a, bs);
+                let (pa, ka, ta) = spilled_party(pa, &a, 500, (tagged, elsewhere));
                 let pb = params(rio_b, lm_b, bs);
                 let (pb, kb) = if spill_b {
-                    let (party, key, tags) = tagged_party(pb, &b, 300, !elsewhere);
+                    let (party, key, tags) = spilled_party(pb, &b, 300, (!tagged, !elsewhere));
                     (party, Some((key, tags)))
                 } else {
                     (Party::new(pb, b.clone(), 300).unwrap(), None)
                 };
                 let (oa, ob) = drive([pa, pb], schedule_from(seed)).unwrap();
-                let oa = read_spilled(oa, &ka, &ta, &a);
+                let oa = read_spilled(oa, &ka, ta.as_ref(), &a);
                 let ob = match &kb {
-                    Some((key, tags)) => read_spilled(ob, key, tags, &b),
+                    Some((key, tags)) => read_spilled(ob, key, tags.as_ref(), &b),
                     None => ob,
                 };
                 assert_eq!(oa.intersection, 100);
@@ -796,7 +817,7 @@ fn points_reblinded_off_the_session_are_checked() {
     let spilled = |peer: u64| {
         let key = JobKey::generate();
         let own = spill_with(&key, &emails(0..3));
-        let (_, s) = PsiSession::start_spilled(params(false, false, 4), key, own).unwrap();
+        let (_, s) = PsiSession::start_spilled(params(false, false, 4), key, own);
         s.on_peer_size(peer).unwrap().stream()
     };
     // Returned in order: in batches of at most `batch_size`, however many come back at once.
@@ -855,7 +876,7 @@ fn a_spilled_set_is_deduplicated_and_goes_out_sorted() {
     let own = builder.finish().unwrap();
     assert_eq!((own.size(), own.duplicates()), (500, 100));
     let expected = blind_items(&key, "email", &items);
-    let (n, s) = PsiSession::start_spilled(params(false, false, 64), key, own).unwrap();
+    let (n, s) = PsiSession::start_spilled(params(false, false, 64), key, own);
     assert_eq!(n, 500);
     let mut s = s.on_peer_size(1).unwrap().stream();
     let mut sent = Vec::new();
@@ -871,21 +892,10 @@ fn a_spilled_set_is_deduplicated_and_goes_out_sorted() {
 }
 
 #[test]
-fn a_spilled_session_refuses_membership_without_tags_and_duplicate_peer_points() {
-    let spilled = || {
-        let key = JobKey::generate();
-        let own = spill_with(&key, &emails(0..3));
-        (key, own)
-    };
-    let (key, own) = spilled();
-    assert_eq!(
-        PsiSession::start_spilled(params(false, true, 4), key, own).unwrap_err(),
-        PsiError::SpilledMembership
-    );
-    let (key, own) = spilled();
-    assert!(PsiSession::start_spilled(params(true, false, 4), key, own).is_ok());
-    let (key, own) = spilled();
-    let (_, s) = PsiSession::start_spilled(params(false, false, 4), key, own).unwrap();
+fn a_spilled_session_refuses_duplicate_peer_points() {
+    let key = JobKey::generate();
+    let own = spill_with(&key, &emails(0..3));
+    let (_, s) = PsiSession::start_spilled(params(false, false, 4), key, own);
     let s = s.on_peer_size(2).unwrap().stream();
     let good = one_valid_point();
     let (s, reply) = s.on_peer_batch(&[good; 2].concat()).unwrap();
@@ -909,7 +919,7 @@ fn a_spilled_session_cuts_off_returns_piled_into_one_bucket() {
     let n = 4200u32;
     let key = JobKey::generate();
     let own = spill_with(&key, &emails(0..n));
-    let (_, s) = PsiSession::start_spilled(params(false, false, 8192), key, own).unwrap();
+    let (_, s) = PsiSession::start_spilled(params(false, false, 8192), key, own);
     let mut s = s.on_peer_size(1).unwrap().stream();
     while s.blind_next().unwrap().is_some() {}
     let (s, _) = s.on_peer_batch(&one_valid_point()).unwrap();
@@ -938,7 +948,7 @@ fn a_spilled_session_checks_the_peers_points_when_it_reblinds_them() {
     let start = |peer: u64| {
         let key = JobKey::generate();
         let own = spill_with(&key, &emails(0..3));
-        let (_, s) = PsiSession::start_spilled(params(false, false, 4), key, own).unwrap();
+        let (_, s) = PsiSession::start_spilled(params(false, false, 4), key, own);
         s.on_peer_size(peer).unwrap().stream()
     };
     let good = one_valid_point();

@@ -506,9 +506,9 @@ pub fn blind_keys_on_cluster(
 }
 
 /// Second pass of a `match` whose points the executors computed: the same pass with the same
-/// `key`, returning the 1-based data-row numbers, ascending, whose point is in `matched`, the
-/// pass's counts, and how many of the matched points it found (the caller compares both with
-/// the first pass, to tell a dataset that changed in between).
+/// `key`, returning the 1-based data-row numbers, ascending, whose point is in `matched`
+/// (sorted), the pass's counts, and how many of the matched points it found (the caller
+/// compares both with the first pass, to tell a dataset that changed in between).
 pub fn matching_rows_on_cluster(
     dataset: &DatasetConfig,
     keys: &KeySpec,
@@ -516,10 +516,11 @@ pub fn matching_rows_on_cluster(
     max_rows: u64,
     key: &JobKey,
     sealing: &SealingKey,
-    matched: &HashSet<EncodedPoint>,
+    matched: &[EncodedPoint],
 ) -> Result<(Vec<u64>, RowCounts, usize), DatasetError> {
     let mut rows = Vec::new();
-    let mut found = HashSet::new();
+    // One flag per matched point: 1 bit's worth, not a second set of them.
+    let mut found = vec![false; matched.len()];
     let sealed = Sealed {
         key,
         sealing,
@@ -527,13 +528,13 @@ pub fn matching_rows_on_cluster(
     };
     let counts = pass_on_cluster(dataset, keys, filter, max_rows, sealed, |row, outcome| {
         let point = accepted_point(dataset, outcome)?;
-        if matched.contains(&point) {
+        if let Ok(i) = matched.binary_search(&point) {
             rows.push(row);
-            found.insert(point);
+            found[i] = true;
         }
         Ok(())
     })?;
-    Ok((rows, counts, found.len()))
+    Ok((rows, counts, found.iter().filter(|&&f| f).count()))
 }
 
 /// An aggregate's pass on the partner's Ballista executors, grouped there

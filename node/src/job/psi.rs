@@ -620,12 +620,8 @@ impl PsiProtocol {
 
     /// Starts the protocol over our set blinded with `key` as it was read and spilled
     /// ([`cleanroom_circuits::spill`]): the same wire, with memory that does not grow with the
-    /// sets. Learning membership needs a set with tags ([`PsiError::SpilledMembership`]).
-    pub fn start_spilled(
-        cfg: PsiConfig,
-        key: JobKey,
-        own: SpilledOwn,
-    ) -> Result<PsiProtocol, PsiError> {
+    /// sets. What it matched comes as tags or points (`PsiOutput::spilled_matches`).
+    pub fn start_spilled(cfg: PsiConfig, key: JobKey, own: SpilledOwn) -> PsiProtocol {
         Self::start_spilled_batched(cfg, key, own, BATCH_POINTS)
     }
 
@@ -635,12 +631,9 @@ impl PsiProtocol {
         key: JobKey,
         own: SpilledOwn,
         batch_points: usize,
-    ) -> Result<PsiProtocol, PsiError> {
+    ) -> PsiProtocol {
         let params = Self::params(&cfg.permit, batch_points);
-        Ok(Self::with_session(
-            cfg,
-            PsiSession::start_spilled(params, key, own)?,
-        ))
+        Self::with_session(cfg, PsiSession::start_spilled(params, key, own))
     }
 
     fn params(permit: &Permit, batch_points: usize) -> PsiParams {
@@ -1101,7 +1094,7 @@ impl PsiProtocol {
     fn on_done(&mut self, done: Done) -> Result<(), JobError> {
         // The session's errors are the peer's, except a failure of our own spill files.
         let psi = |p: &Self, e: PsiError| match e {
-            PsiError::Spill(_) | PsiError::SpilledMembership => p.internal(&e.to_string()),
+            PsiError::Spill(_) => p.internal(&e.to_string()),
             e => p.violation(Violation::Psi(e)),
         };
         let Stage::Exchange(x) = &mut self.stage else {

@@ -5,7 +5,7 @@
 
 use std::path::Path;
 
-use cleanroom_circuits::spill::TagKey;
+use cleanroom_circuits::spill::{SpilledMatches, TagKey};
 use cleanroom_circuits::{ItemSet, JobKey};
 use cleanroom_proto::v1::JobSpec;
 
@@ -857,11 +857,9 @@ fn the_adversary_cases_fail_at_the_protocol_with_the_e2e_words() {
 }
 
 /// A spilled side (its set blinded as it was read, kept in a store) runs the same wire as an
-/// in-memory side, in batches, and both count the same; a spilled side that would learn
-/// membership without its items' tags is refused at start.
+/// in-memory side, in batches, and both count the same.
 #[test]
 fn a_spilled_side_and_an_in_memory_side_count_the_same() {
-    use cleanroom_circuits::spill::{MemoryStore, OwnSetBuilder};
     let a = config_up_to(0, JobKind::Overlap, 20_000);
     let (mut pair, _) = spilled_acme_pair(a, JobKey::generate(), Side::new);
     pair.run_honest();
@@ -872,12 +870,6 @@ fn a_spilled_side_and_an_in_memory_side_count_the_same() {
     assert_eq!((a.output.intersection, g.output.intersection), (6000, 6000));
     assert!(a.output.spilled_bytes >= 3 * 9000 * 32);
     assert_eq!(g.output.spilled_bytes, 0);
-
-    let mut m = config(0, JobKind::Match);
-    m.permit.i_learn_membership = true;
-    let key = JobKey::generate();
-    let own = OwnSetBuilder::new(Box::new(MemoryStore::default()));
-    assert!(PsiProtocol::start_spilled(m, key, own.finish().unwrap()).is_err());
 }
 
 /// acme spilled (items 0..9000, blinded with `key` as they were read, kept in a store) against
@@ -900,7 +892,7 @@ fn spilled_acme_pair(
         .unwrap();
     let mut own = own.finish().unwrap();
     let tags = own.take_tag_key();
-    let acme = PsiProtocol::start_spilled_batched(a, key, own, 256).unwrap();
+    let acme = PsiProtocol::start_spilled_batched(a, key, own, 256);
     let pair = Pair {
         acme: side(acme),
         globex: batched_globex(kind),
@@ -939,7 +931,10 @@ fn a_spilled_match_learns_and_gives_the_same_membership() {
         let shared = items(3000, 9000);
         let mut expected: Vec<_> = shared.iter().map(|x| tags.tag(x)).collect();
         expected.sort_unstable();
-        assert_eq!(a.output.matched_tags, Some(expected));
+        assert_eq!(
+            a.output.spilled_matches,
+            Some(SpilledMatches::Tags(expected))
+        );
         assert_eq!(
             matched(&items(3000, 12000), g.output.membership),
             shared.iter().collect::<Vec<_>>()

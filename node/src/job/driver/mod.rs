@@ -23,7 +23,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use cleanroom_circuits::spill::{
-    ItemTag, MemoryStore, OwnSetBuilder, PointStore, SpilledOwn, TagKey,
+    ItemTag, MemoryStore, OwnSetBuilder, PointStore, SpilledMatches, SpilledOwn, TagKey,
 };
 use cleanroom_circuits::{EncodedPoint, ItemSet, JobKey};
 use cleanroom_proto::v1::{
@@ -311,6 +311,17 @@ enum MembershipPass {
     ByTags(TagKey, u64),
     /// Run the executors' pass again with the job's key and compare points.
     OnExecutors(Box<BlindedOnExecutors>),
+    /// A spilled set blinded on the executors (a `match` on a cluster, under a
+    /// `memory_limit`): the session gives the matched points; run the pass again as above.
+    PointsOnExecutors(Box<PassAgain>),
+}
+
+/// What running the executors' pass again needs: the job's key, the sealing key, and the first
+/// pass's row count to tell a changed dataset.
+struct PassAgain {
+    key: JobKey,
+    sealing: SealingKey,
+    rows_read: u64,
 }
 
 /// Loads our side of the job: it is ours, the agreement allows this job, and sizes must be
@@ -335,12 +346,14 @@ pub(crate) async fn load_input(
     // sorted, for the membership it learns, and so are those of a protocol with no spilled
     // form (an overlap-sum's key holder).
     let sealing = sealing_key(&dataset)?;
-    let in_memory = !counts_only || spill == Spill::Never;
     let on_executors = sealing.is_some();
-    // In this process under a memory_limit, a match spills too: its points keep their
-    // identifiers' tags when it learns membership, to find the matched rows again.
-    let spilled_form = spill == Spill::WhenLimited && (counts_only || !on_executors);
-    let spill_dir = (spilled_form && cfg.memory_limit.is_some()).then(|| cfg.spill_dir());
+    // Under a memory_limit a match spills too. In this process its points keep their
+    // identifiers' tags when it learns membership, to find the matched rows again; on the
+    // executors the session gives the matched points, and their pass runs again.
+    let limited = cfg.memory_limit.is_some();
+    let spilled_form = spill == Spill::WhenLimited && (counts_only || limited);
+    let spill_dir = (spilled_form && limited).then(|| cfg.spill_dir());
+    let in_memory = !spilled_form;
     let tagged = job.permit.i_learn_membership;
     let job_id = job.job_id.clone();
     let (loaded, input) = blocking(move || {
@@ -502,18 +515,22 @@ async fn exchange(
             )
         }
         PsiInput::Spilled(key, mut own) => {
-            let pass = match own.take_tag_key() {
-                Some(tag_key) => MembershipPass::ByTags(tag_key, loaded.rows_read),
-                None => MembershipPass::CountOnly,
+            let pass = match (own.take_tag_key(), sealing_key(&job.permit.dataset)?) {
+                (Some(tag_key), _) => MembershipPass::ByTags(tag_key, loaded.rows_read),
+                (None, Some(sealing)) if job.permit.i_learn_membership => {
+                    MembershipPass::PointsOnExecutors(Box::new(PassAgain {
+                        key: copy_key(&key)?,
+                        sealing,
+                        rows_read: loaded.rows_read,
+                    }))
+                }
+                (None, _) => MembershipPass::CountOnly,
             };
-            let proto = PsiProtocol::start_spilled(cfg, key, own)
-                .map_err(|e| JobError::Internal(e.to_string()))?;
-            (proto, pass)
+            (PsiProtocol::start_spilled(cfg, key, own), pass)
         }
         PsiInput::Blinded(own) => {
             // The session gets a copy of the key and points; the membership pass keeps these.
-            let key = JobKey::from_secret_bytes(&own.key.to_secret_bytes())
-                .ok_or_else(|| JobError::Internal("the job key cannot be copied".into()))?;
+            let key = copy_key(&own.key)?;
             let proto = PsiProtocol::start_blinded(cfg, key, own.points.clone());
             (proto, MembershipPass::OnExecutors(own))
         }
@@ -565,13 +582,16 @@ async fn reblinds_for(
 /// executors, or as they were read under a `memory_limit`): the partner's points can be
 /// re-blinded off the node with it. `None` for identifiers the session blinds itself.
 fn key_before_session(input: &PsiInput) -> Result<Option<JobKey>, NodeError> {
-    let key = match input {
-        PsiInput::Blinded(own) => &own.key,
-        PsiInput::Spilled(key, _) => key,
-        PsiInput::Items(_) => return Ok(None),
-    };
+    match input {
+        PsiInput::Blinded(own) => copy_key(&own.key).map(Some),
+        PsiInput::Spilled(key, _) => copy_key(key).map(Some),
+        PsiInput::Items(_) => Ok(None),
+    }
+}
+
+/// A copy of a job key, for a second holder (the session and a later pass).
+fn copy_key(key: &JobKey) -> Result<JobKey, NodeError> {
     JobKey::from_secret_bytes(&key.to_secret_bytes())
-        .map(Some)
         .ok_or_else(|| JobError::Internal("the job key cannot be copied".into()).into())
 }
 
@@ -890,7 +910,7 @@ async fn release(
         if output.intersection >= joint.min_result {
             let matched = Matched {
                 indices,
-                tags: output.matched_tags,
+                spilled: output.spilled_matches,
             };
             let (rows, path) = write_membership(job, matched, own_size, membership_pass).await?;
             if released.is_some() {
@@ -967,17 +987,17 @@ pub(crate) fn key_columns(permit: &Permit) -> Vec<String> {
         .collect()
 }
 
-/// What the session matched: its indices, and a spilled session's tags.
+/// What the session matched: its indices, and a spilled session's tags or points.
 struct Matched {
     indices: Vec<u32>,
-    tags: Option<Vec<ItemTag>>,
+    spilled: Option<SpilledMatches>,
 }
 
 /// Maps matched item indices back to row numbers and writes them to the node's state dir.
 /// Row numbers, never identifiers: the file is safe to hand to the partner's own systems.
 async fn write_membership(
     job: &JobContext,
-    Matched { indices, tags }: Matched,
+    Matched { indices, spilled }: Matched,
     own_size: u64,
     pass: MembershipPass,
 ) -> Result<(u64, PathBuf), NodeError> {
@@ -993,21 +1013,40 @@ async fn write_membership(
             consent_column: consent.as_deref(),
             forgotten: forgotten.as_ref(),
         };
-        let rows = match pass {
-            MembershipPass::OnExecutors(own) => {
-                rows_on_executors(&dataset, &keys, filter, indices, own)?
+        let rows = match (pass, spilled) {
+            (MembershipPass::OnExecutors(own), _) => {
+                let mut matched = Vec::with_capacity(indices.len());
+                for i in indices {
+                    let point = own.points.get(i as usize).ok_or_else(|| {
+                        JobError::Internal("membership index out of range".into())
+                    })?;
+                    matched.push(*point);
+                }
+                // Sorted already: sorted indices into sorted points.
+                let pass = PassAgain {
+                    key: own.key,
+                    sealing: own.sealing,
+                    rows_read: own.rows_read,
+                };
+                rows_on_executors(&dataset, &keys, filter, &matched, &pass)?
             }
-            MembershipPass::Reread(digest) => {
+            (MembershipPass::PointsOnExecutors(pass), Some(SpilledMatches::Points(matched))) => {
+                rows_on_executors(&dataset, &keys, filter, &matched, &pass)?
+            }
+            (MembershipPass::Reread(digest), _) => {
                 reread_rows(&dataset, &keys, filter, indices, (own_size, digest))?
             }
-            MembershipPass::ByTags(tag_key, rows_read) => {
-                let tags = tags.ok_or_else(|| {
-                    JobError::Internal("a spilled session gave no tags of its matches".into())
-                })?;
+            (MembershipPass::ByTags(tag_key, rows_read), Some(SpilledMatches::Tags(tags))) => {
                 rows_by_tags(&dataset, &keys, filter, &tags, &tag_key, rows_read)?
             }
-            MembershipPass::CountOnly => {
+            (MembershipPass::CountOnly, _) => {
                 return Err(JobError::Internal("a count-only job has no membership".into()).into());
+            }
+            (MembershipPass::ByTags(..) | MembershipPass::PointsOnExecutors(_), _) => {
+                return Err(JobError::Internal(
+                    "a spilled session gave no tags or points of its matches".into(),
+                )
+                .into());
             }
         };
         write_rows(&dir, &out, &rows)?;
@@ -1017,35 +1056,27 @@ async fn write_membership(
     .map(|rows| (rows, path))
 }
 
-/// The rows of the matched points: the executors' pass again, with the job's key. A dataset
-/// whose row count changed, or in which a matched point is no longer found, changed.
+/// The rows of the matched points (sorted): the executors' pass again, with the job's key. A
+/// dataset whose row count changed, or in which a matched point is no longer found, changed.
 fn rows_on_executors(
     dataset: &crate::data::schema::DatasetConfig,
     keys: &dataset::KeySpec,
     filter: RowFilter<'_>,
-    indices: Vec<u32>,
-    own: Box<BlindedOnExecutors>,
+    matched: &[EncodedPoint],
+    pass: &PassAgain,
 ) -> Result<Vec<u64>, NodeError> {
-    let mut matched = std::collections::HashSet::with_capacity(indices.len());
-    for i in indices {
-        let point = own
-            .points
-            .get(i as usize)
-            .ok_or_else(|| JobError::Internal("membership index out of range".into()))?;
-        matched.insert(*point);
-    }
     // Row numbers need the rows in file order.
     let (rows, counts, found) = dataset::matching_rows_on_cluster(
         &dataset.in_file_order(),
         keys,
         filter,
         MAX_ROWS,
-        &own.key,
-        &own.sealing,
-        &matched,
+        &pass.key,
+        &pass.sealing,
+        matched,
     )
     .map_err(|e| NodeError::from(JobError::Dataset(e.to_string())))?;
-    if counts.rows_read != own.rows_read || found != matched.len() {
+    if counts.rows_read != pass.rows_read || found != matched.len() {
         return Err(JobError::DatasetChanged.into());
     }
     Ok(rows)
