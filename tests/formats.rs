@@ -520,6 +520,14 @@ fn a_cluster_reads_malformed_csv_strictly() {
             "{node}'s passes ran on the executors"
         );
     }
+    // Each node re-blinded the other's points on its cluster, in every job: in the
+    // overlap-sum, acme (the key holder) globex's distinct keys, and globex acme's.
+    for (node, peer_keys) in [("acme", globex.len()), ("globex", kept.len())] {
+        let log = c.node_log(node);
+        let reblinded = reblinded_on_the_cluster(&log);
+        assert_eq!(reblinded.len(), 3, "{node}: {log}");
+        assert_eq!(reblinded.last(), Some(&(peer_keys as u64)), "{node}");
+    }
 }
 
 /// Runs the overlap of [`the_executors_pass_counts_what_the_node_counts`]: the intersection

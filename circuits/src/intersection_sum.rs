@@ -52,8 +52,8 @@ use crate::ahe::{
     encrypt_rows, sum_selected_rows,
 };
 use crate::psi::{
-    Stream, blind_items, blind_shuffled, check_total, items_distinct, points_distinct,
-    push_returned, reblind_into, shuffled, sort_and_check_distinct, to_batches,
+    Stream, append_reblinded, blind_items, blind_shuffled, check_total, items_distinct,
+    points_distinct, push_returned, reblind_into, shuffled, sort_and_check_distinct, to_batches,
 };
 use crate::{EncodedPoint, ItemSet, JobKey, PsiError};
 
@@ -439,6 +439,17 @@ impl VhExchanging {
         Ok(self)
     }
 
+    /// The key holder's next points, re-blinded elsewhere (this node's own executors) after
+    /// [`check_peer_batch`](crate::psi::check_peer_batch) passed their batch, in its order: the
+    /// same as [`on_peer_batch`](Self::on_peer_batch) once its re-blinding is done.
+    pub fn on_peer_reblinded(
+        mut self,
+        reblinded: &[EncodedPoint],
+    ) -> Result<VhExchanging, SumError> {
+        append_reblinded(self.peer_size, &mut self.peer_double, reblinded)?;
+        Ok(self)
+    }
+
     /// The key holder says it sent `total` points: checks it, and returns them reblinded and
     /// shuffled, in batches, with the encrypting state.
     pub fn on_peer_end(self, total: u64) -> Result<(Vec<Vec<u8>>, VhEncrypting), SumError> {
@@ -761,6 +772,17 @@ impl KhReceivingPoints {
             &mut self.peer_double,
             batch,
         )?;
+        Ok(self)
+    }
+
+    /// The value holder's next points, re-blinded elsewhere (this node's own executors) after
+    /// [`check_peer_batch`](crate::psi::check_peer_batch) passed their batch, in its order: the
+    /// same as [`on_peer_batch`](Self::on_peer_batch) once its re-blinding is done.
+    pub fn on_peer_reblinded(
+        mut self,
+        reblinded: &[EncodedPoint],
+    ) -> Result<KhReceivingPoints, SumError> {
+        append_reblinded(self.peer.size, &mut self.peer_double, reblinded)?;
         Ok(self)
     }
 

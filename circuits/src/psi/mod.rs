@@ -186,6 +186,22 @@ pub(crate) fn reblind_into(
     Ok(())
 }
 
+/// Appends the peer's next points, re-blinded elsewhere (a node's own executors) after
+/// [`check_peer_batch`] passed the batch they came in, in the peer's order: they must not take
+/// it past its `declared` size.
+pub(crate) fn append_reblinded(
+    declared: u64,
+    peer_double: &mut Vec<EncodedPoint>,
+    reblinded: &[EncodedPoint],
+) -> Result<(), PsiError> {
+    let received = peer_double.len() as u64 + reblinded.len() as u64;
+    if received > declared {
+        return Err(PsiError::TooManyPoints { declared, received });
+    }
+    peer_double.extend_from_slice(reblinded);
+    Ok(())
+}
+
 /// Re-blinds one batch of the peer's points that follows `offset` earlier ones, after checking
 /// that the batch is whole points and does not take the peer past its `declared` size. Point
 /// errors name the index in the peer's whole stream.

@@ -65,8 +65,8 @@ use super::spill::{
     spill_error,
 };
 use super::{
-    Common, ReadyToBlind, Stream, blind_into, check_total, reblind_checked, reblind_peer_batch,
-    returned_points, sort_and_check_distinct,
+    Common, ReadyToBlind, Stream, append_reblinded, blind_into, check_total, reblind_checked,
+    reblind_peer_batch, returned_points, sort_and_check_distinct,
 };
 use crate::{EncodedPoint, ItemSet, POINT_LEN, PsiError, PsiOutput};
 
@@ -367,14 +367,7 @@ impl Streaming {
                 "a spilled session re-blinds the peer's points after its last one".into(),
             ));
         }
-        let received = self.peer_double.len() as u64 + reblinded.len() as u64;
-        if received > self.peer_size {
-            return Err(PsiError::TooManyPoints {
-                declared: self.peer_size,
-                received,
-            });
-        }
-        self.peer_double.extend_from_slice(reblinded);
+        append_reblinded(self.peer_size, &mut self.peer_double, reblinded)?;
         let out = if self.common.params.return_in_order {
             let batch = self.common.params.batch_size.max(1);
             reblinded

@@ -459,6 +459,7 @@ fn execute(command: NodeCommand) -> anyhow::Result<ExitCode> {
         } => {
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
+                .thread_stack_size(THREAD_STACK)
                 .build()?;
             runtime.block_on(async move {
                 let (tx, rx) = watch::channel(false);
@@ -475,6 +476,13 @@ fn execute(command: NodeCommand) -> anyhow::Result<ExitCode> {
         }
     }
 }
+
+/// The stack of the node's runtime threads (workers and blocking pool). A job's state machine
+/// and the cluster client's futures are deep: a debug build of an overlap-sum's value holder
+/// that re-blinds on its cluster overflowed tokio's default 2 MiB (it passed with 16 MiB; the
+/// e2e test `formats::a_cluster_reads_malformed_csv_strictly` runs it). Only what is used is
+/// resident.
+const THREAD_STACK: usize = 8 << 20;
 
 /// `cfg`'s dataset `name`, or an error that lists the datasets it declares.
 fn declared_dataset<'a>(

@@ -7,6 +7,7 @@ pub mod noise;
 pub mod overlap_sum;
 pub mod protocol;
 pub mod psi;
+mod reblind_queue;
 pub mod spill;
 #[cfg(test)]
 mod test_pair;

@@ -36,23 +36,25 @@
 use std::collections::VecDeque;
 use std::time::Duration;
 
-use cleanroom_circuits::JobKey;
 use cleanroom_circuits::ahe::{SecretKey, SlotLayout};
 use cleanroom_circuits::intersection_sum::{
     KeyHolderSession, KhAwaitingHello, KhAwaitingReturn, KhReadyToBlind, KhReceivingPoints,
     KhSummed, KhSumming, SumError, SumParams, ValueHolderSession, VhAwaitingPeerSize,
     VhAwaitingSums, VhEncrypting, VhExchanging, VhReadyToBlind,
 };
+use cleanroom_circuits::{EncodedPoint, JobKey};
 use cleanroom_proto::v1::{
     Abort, BatchEnd, Envelope, NoiseTerm, Phase, PointBatch, PsiHello, SumRelease, SumTerms,
     envelope::Body,
 };
 
+use crate::data::cluster_reblind::ReblindFailure;
 use crate::data::dataset;
 use crate::data::sum_input::{SumInput, SumKeys};
 use crate::error::{JobError, Party, Violation};
 use crate::job::protocol::{NoiseRequest, Protocol, Step};
-use crate::job::psi::BATCH_POINTS;
+use crate::job::psi::{BATCHES_PER_PIECE, ReblindPlace};
+use crate::job::reblind_queue::{InOrderPoints, PeerNext, piece_points};
 use crate::job::wire::{self, Outbox, STALL_BASE, stall_deadline};
 use crate::ledger::Loss;
 use crate::policy::overlap_sum::{self as sum_policy, JointTerms, SumShape};
@@ -77,16 +79,31 @@ pub struct SumConfig {
     pub shape: SumShape,
     /// Whether the spec shows the count.
     pub show_count: bool,
+    /// Where the partner's points are re-blinded: here, or on this node's own executors.
+    pub reblind: ReblindPlace,
+    /// Points per batch frame ([`BATCH_POINTS`]; tests use small ones).
+    pub batch_points: usize,
 }
 
 impl SumConfig {
+    /// The partner's points while they are re-blinded off the node (`None` on the node).
+    fn off_node(&self) -> Option<InOrderPoints> {
+        match self.reblind {
+            ReblindPlace::Node => None,
+            ReblindPlace::Elsewhere { in_flight } => Some(InOrderPoints::new(
+                in_flight,
+                BATCHES_PER_PIECE * self.batch_points,
+            )),
+        }
+    }
+
     /// The session parameters of this job.
     pub fn params(&self) -> SumParams {
         SumParams {
             key_name: dataset::key_name(&self.permit.keys),
             min_peer_set: self.permit.min_peer_set,
             max_peer_set: self.permit.max_peer_set,
-            batch_size: BATCH_POINTS,
+            batch_size: self.batch_points,
             cells: self.shape.cells(),
         }
     }
@@ -246,6 +263,42 @@ fn batch(
     }
 }
 
+/// Off the node, a frame of the partner's points goes to the pieces (checked first: nothing
+/// that is not whole points within its `declared` size leaves the node) and its end marker
+/// waits for them.
+fn off_node_frame(
+    cfg: &SumConfig,
+    off: &mut InOrderPoints,
+    declared: u64,
+    b: Batch,
+) -> Result<(), JobError> {
+    match b {
+        Batch::Points(p) => off
+            .pieces
+            .arrive(declared, p)
+            .map_err(|e| cfg.violation(Violation::Psi(e))),
+        Batch::End(total) => {
+            off.ended(total);
+            Ok(())
+        }
+    }
+}
+
+/// A piece back from the cluster, for a protocol whose `off` is re-blinding off the node.
+fn piece_back(
+    cfg: &SumConfig,
+    off: Option<&mut InOrderPoints>,
+    offset: u64,
+    result: Result<Vec<EncodedPoint>, ReblindFailure>,
+) -> Result<(), JobError> {
+    let points = piece_points(cfg.partner(), offset, result)?;
+    if off.is_some_and(|off| off.pieces.came_back(offset, points)) {
+        Ok(())
+    } else {
+        Err(cfg.internal("a re-blinded piece came back that was not out"))
+    }
+}
+
 /// The peer's closing end marker.
 fn closing(cfg: &SumConfig, env: &Envelope) -> Result<(), JobError> {
     wire::expect_body(env, Phase::PsiDone, |b| match b {
@@ -272,6 +325,8 @@ pub enum KhWork {
     Blind(KhReadyToBlind),
     /// Re-blind one batch of the value holder's points.
     PeerBatch(KhReceivingPoints, Vec<u8>),
+    /// Take the value holder's next points, re-blinded off the node, in its order.
+    PeerReblinded(KhReceivingPoints, Vec<Vec<EncodedPoint>>),
     /// The value holder's points are all in.
     PeerEnd(KhReceivingPoints, u64),
     /// One batch of our points, returned.
@@ -340,6 +395,8 @@ pub struct KeyHolder {
     seq_in: u64,
     noise: Vec<i64>,
     release: Option<SumRelease>,
+    /// The value holder's points while they are re-blinded off the node.
+    off_node: Option<InOrderPoints>,
 }
 
 impl std::fmt::Debug for KeyHolder {
@@ -382,6 +439,7 @@ impl KeyHolder {
         let mut out = Outbox::new(&cfg.job_id, Phase::PsiSize);
         let hello = out.frame(Phase::PsiSize, cfg.hello(own_size, own_terms.clone()));
         Ok(KeyHolder {
+            off_node: cfg.off_node(),
             cfg,
             own_terms,
             out,
@@ -451,9 +509,16 @@ impl KeyHolder {
                 Ok(())
             }
             KhStage::PeerPoints(s) => {
-                match batch(&self.cfg, env, Phase::PsiBlinded, &mut self.seq_in)? {
-                    Batch::Points(p) => self.compute(KhWork::PeerBatch(s, p)),
-                    Batch::End(total) => self.compute(KhWork::PeerEnd(s, total)),
+                let b = batch(&self.cfg, env, Phase::PsiBlinded, &mut self.seq_in)?;
+                let declared = self.peer_size.unwrap_or(0);
+                match (self.off_node.as_mut(), b) {
+                    (Some(off), b) => {
+                        off_node_frame(&self.cfg, off, declared, b)?;
+                        self.stage = KhStage::PeerPoints(s);
+                        self.advance_off_node();
+                    }
+                    (None, Batch::Points(p)) => self.compute(KhWork::PeerBatch(s, p)),
+                    (None, Batch::End(total)) => self.compute(KhWork::PeerEnd(s, total)),
                 }
                 Ok(())
             }
@@ -484,6 +549,29 @@ impl KeyHolder {
         }
     }
 
+    /// Off the node: pieces of the value holder's points to hand out, and what the session
+    /// can take of them (while it waits for them and is free).
+    fn advance_off_node(&mut self) {
+        let Some(off) = self.off_node.as_mut() else {
+            return;
+        };
+        if !matches!(self.stage, KhStage::PeerPoints(_)) {
+            return;
+        }
+        let (pieces, next) = off.next();
+        self.steps.extend(pieces.into_iter().map(Step::Reblind));
+        let Some(next) = next else {
+            return;
+        };
+        match std::mem::replace(&mut self.stage, KhStage::Busy) {
+            KhStage::PeerPoints(s) => self.compute(match next {
+                PeerNext::Reblinded(pieces) => KhWork::PeerReblinded(s, pieces),
+                PeerNext::End(total) => KhWork::PeerEnd(s, total),
+            }),
+            other => self.stage = other,
+        }
+    }
+
     fn on_done(&mut self, done: KhDone) -> Result<(), JobError> {
         if !matches!(self.stage, KhStage::Busy) {
             return Err(self.cfg.internal("work came back that was not out"));
@@ -499,8 +587,12 @@ impl KeyHolder {
                 self.send(end);
                 self.seq_in = 0;
                 self.stage = KhStage::PeerPoints(next);
+                self.advance_off_node();
             }
-            KhDone::PeerBatch(r) => self.stage = KhStage::PeerPoints(r.map_err(v)?),
+            KhDone::PeerBatch(r) => {
+                self.stage = KhStage::PeerPoints(r.map_err(v)?);
+                self.advance_off_node();
+            }
             KhDone::PeerEnd(r) => {
                 // B's points, reblinded and kept in B's order; our own come back shuffled.
                 self.stage = KhStage::Returning(r.map_err(v)?);
@@ -552,6 +644,11 @@ impl Protocol for KeyHolder {
                 KhDone::Blinded(batches, next)
             }
             KhWork::PeerBatch(s, p) => KhDone::PeerBatch(s.on_peer_batch(&p)),
+            KhWork::PeerReblinded(s, pieces) => KhDone::PeerBatch(
+                pieces
+                    .iter()
+                    .try_fold(s, |s, points| s.on_peer_reblinded(points)),
+            ),
             KhWork::PeerEnd(s, t) => KhDone::PeerEnd(s.on_peer_end(t)),
             KhWork::Returned(s, p) => KhDone::Returned(s.on_returned_batch(&p)),
             KhWork::ReturnedEnd(s, t) => KhDone::ReturnedEnd(s.on_returned_end(t)),
@@ -573,6 +670,21 @@ impl Protocol for KeyHolder {
     fn handle_done(&mut self, done: KhDone) -> Result<(), JobError> {
         let r = self.on_done(done);
         self.fail(r)
+    }
+
+    fn waits_for_pieces(&self) -> bool {
+        self.off_node.as_ref().is_some_and(InOrderPoints::holds_end)
+    }
+
+    fn handle_reblinded(
+        &mut self,
+        offset: u64,
+        result: Result<Vec<EncodedPoint>, ReblindFailure>,
+    ) -> Result<(), JobError> {
+        let r = piece_back(&self.cfg, self.off_node.as_mut(), offset, result);
+        let r = self.fail(r);
+        self.advance_off_node();
+        r
     }
 
     fn handle_noise(&mut self, noise: Vec<i64>, _charged: bool) -> Result<(), JobError> {
@@ -613,6 +725,8 @@ pub enum VhWork {
     Blind(VhReadyToBlind),
     /// Re-blind one batch of the key holder's points.
     PeerBatch(VhExchanging, Vec<u8>),
+    /// Take the key holder's next points, re-blinded off the node, in its order.
+    PeerReblinded(VhExchanging, Vec<Vec<EncodedPoint>>),
     /// The key holder's points are all in: shuffle them for return.
     PeerEnd(VhExchanging, u64),
     /// Encrypt the next batch of our rows (the heavy step).
@@ -673,6 +787,8 @@ pub struct ValueHolder {
     noise: Vec<i64>,
     charged: bool,
     release: Option<SumRelease>,
+    /// The key holder's points while they are re-blinded off the node.
+    off_node: Option<InOrderPoints>,
 }
 
 impl std::fmt::Debug for ValueHolder {
@@ -719,6 +835,7 @@ impl ValueHolder {
         let mut out = Outbox::new(&cfg.job_id, Phase::PsiSize);
         let hello = out.frame(Phase::PsiSize, cfg.hello(own_size, own_terms.clone()));
         Ok(ValueHolder {
+            off_node: cfg.off_node(),
             cfg,
             own_terms,
             out,
@@ -794,9 +911,16 @@ impl ValueHolder {
                 Ok(())
             }
             VhStage::PeerPoints(s) => {
-                match batch(&self.cfg, env, Phase::PsiBlinded, &mut self.seq_in)? {
-                    Batch::Points(p) => self.compute(VhWork::PeerBatch(s, p)),
-                    Batch::End(total) => self.compute(VhWork::PeerEnd(s, total)),
+                let b = batch(&self.cfg, env, Phase::PsiBlinded, &mut self.seq_in)?;
+                let declared = self.peer_size.unwrap_or(0);
+                match (self.off_node.as_mut(), b) {
+                    (Some(off), b) => {
+                        off_node_frame(&self.cfg, off, declared, b)?;
+                        self.stage = VhStage::PeerPoints(s);
+                        self.advance_off_node();
+                    }
+                    (None, Batch::Points(p)) => self.compute(VhWork::PeerBatch(s, p)),
+                    (None, Batch::End(total)) => self.compute(VhWork::PeerEnd(s, total)),
                 }
                 Ok(())
             }
@@ -825,6 +949,29 @@ impl ValueHolder {
         }
     }
 
+    /// Off the node: pieces of the key holder's points to hand out, and what the session can
+    /// take of them (while it waits for them and is free).
+    fn advance_off_node(&mut self) {
+        let Some(off) = self.off_node.as_mut() else {
+            return;
+        };
+        if !matches!(self.stage, VhStage::PeerPoints(_)) {
+            return;
+        }
+        let (pieces, next) = off.next();
+        self.steps.extend(pieces.into_iter().map(Step::Reblind));
+        let Some(next) = next else {
+            return;
+        };
+        match std::mem::replace(&mut self.stage, VhStage::Busy) {
+            VhStage::PeerPoints(s) => self.compute(match next {
+                PeerNext::Reblinded(pieces) => VhWork::PeerReblinded(s, pieces),
+                PeerNext::End(total) => VhWork::PeerEnd(s, total),
+            }),
+            other => self.stage = other,
+        }
+    }
+
     fn on_done(&mut self, done: VhDone) -> Result<(), JobError> {
         if !matches!(self.stage, VhStage::Busy) {
             return Err(self.cfg.internal("work came back that was not out"));
@@ -840,8 +987,12 @@ impl ValueHolder {
                 self.send(end);
                 self.seq_in = 0;
                 self.stage = VhStage::PeerPoints(next);
+                self.advance_off_node();
             }
-            VhDone::PeerBatch(r) => self.stage = VhStage::PeerPoints(r.map_err(v)?),
+            VhDone::PeerBatch(r) => {
+                self.stage = VhStage::PeerPoints(r.map_err(v)?);
+                self.advance_off_node();
+            }
             VhDone::PeerEnd(total, r) => {
                 // The session checked that A's end total equals its declared size.
                 let (returned, encrypting) = r.map_err(v)?;
@@ -910,6 +1061,11 @@ impl Protocol for ValueHolder {
                 VhDone::Blinded(batches, next)
             }
             VhWork::PeerBatch(s, p) => VhDone::PeerBatch(s.on_peer_batch(&p)),
+            VhWork::PeerReblinded(s, pieces) => VhDone::PeerBatch(
+                pieces
+                    .iter()
+                    .try_fold(s, |s, points| s.on_peer_reblinded(points)),
+            ),
             VhWork::PeerEnd(s, total) => VhDone::PeerEnd(total, s.on_peer_end(total)),
             VhWork::Encrypt(mut s) => {
                 let batch = s.next_batch();
@@ -928,6 +1084,21 @@ impl Protocol for ValueHolder {
     fn handle_done(&mut self, done: VhDone) -> Result<(), JobError> {
         let r = self.on_done(done);
         self.fail(r)
+    }
+
+    fn waits_for_pieces(&self) -> bool {
+        self.off_node.as_ref().is_some_and(InOrderPoints::holds_end)
+    }
+
+    fn handle_reblinded(
+        &mut self,
+        offset: u64,
+        result: Result<Vec<EncodedPoint>, ReblindFailure>,
+    ) -> Result<(), JobError> {
+        let r = piece_back(&self.cfg, self.off_node.as_mut(), offset, result);
+        let r = self.fail(r);
+        self.advance_off_node();
+        r
     }
 
     fn handle_noise(&mut self, noise: Vec<i64>, charged: bool) -> Result<(), JobError> {

@@ -14,6 +14,7 @@ use cleanroom_proto::v1::{JobKind, JobSpec, OverlapSumSpec};
 
 use super::*;
 use crate::data::dataset::KeyedRowCounts;
+use crate::job::psi::{BATCH_POINTS, ReblindPlace};
 use crate::job::test_pair::{Side, abort_at, first_of, hello, is_points, nth, on_points};
 use crate::policy::NodeConfig;
 use crate::test_fixtures::{NOW, node_head, two_party_spec};
@@ -58,6 +59,8 @@ fn config(me: usize, extra: &str) -> SumConfig {
         digest: crate::spec::spec_digest("job-1", &spec),
         shape: SumShape::of(sum),
         show_count: sum.count,
+        reblind: ReblindPlace::Node,
+        batch_points: BATCH_POINTS,
     }
 }
 
@@ -147,7 +150,9 @@ impl Pair {
             }
             let moved_a = self.acme.step();
             let moved_g = self.globex.step();
-            if !moved_a && !moved_g {
+            // A cluster finishes pieces while frames wait: one piece each when nothing else
+            // moves (the last handed out first).
+            if !moved_a && !moved_g && !self.acme.finish_pieces() && !self.globex.finish_pieces() {
                 return;
             }
         }
@@ -222,6 +227,88 @@ fn an_honest_run_gives_the_value_holder_the_exact_sums_and_the_key_holder_nothin
     // Both describe the same release, so the coordinator can compare them.
     assert_eq!(kh.release, vh.release);
     assert!(kh.release.noise.is_empty());
+}
+
+/// Both parties re-blind the other's points off the node, as their executors do, in pieces of 8
+/// batches of 4 points that come back last first: the value holder gets the same exact sums.
+/// Each side takes the pieces back in the other's order (the key holder matches positions in
+/// the value holder's order; a piece taken out of order would sum other rows).
+#[test]
+fn reblinding_off_the_node_gives_the_same_sums() {
+    let copy = |key: &JobKey| JobKey::from_secret_bytes(&key.to_secret_bytes()).expect("a key");
+    let off_node = |me: usize, in_flight: usize| SumConfig {
+        reblind: ReblindPlace::Elsewhere { in_flight },
+        batch_points: 4,
+        ..config(me, "")
+    };
+    let (a, g) = (off_node(0, 2), off_node(1, 3));
+    let key_name = a.params().key_name;
+    let (acme_key, globex_key) = (JobKey::generate(), JobKey::generate());
+    let points = cleanroom_circuits::blind_items(&acme_key, &key_name, &items(0, 30));
+    let acme = KeyHolder::start_blinded(a, copy(&acme_key), points).expect("key holder starts");
+    let mut globex_input = input(10, 50);
+    let points = cleanroom_circuits::blind_items(&globex_key, &key_name, &items(10, 50));
+    globex_input.keys = SumKeys::Blinded(copy(&globex_key), points);
+    let globex = ValueHolder::start(g, globex_input, ahe::keygen().expect("paillier key"))
+        .expect("value holder starts");
+    let mut pair = Pair {
+        acme: Side::with_cluster(acme, acme_key),
+        globex: Side::with_cluster(globex, globex_key),
+    };
+    pair.run(honest(), honest());
+    assert!(pair.acme.error.is_none(), "{:?}", pair.acme.error);
+    assert!(pair.globex.error.is_none(), "{:?}", pair.globex.error);
+    // 40 of globex's points in pieces of at most 32 (as they wait), 30 of acme's.
+    assert!(pair.acme.pieces_handed_out > 1);
+    assert!(pair.globex.pieces_handed_out >= 1);
+    let vh = pair
+        .globex
+        .proto
+        .into_exchange()
+        .expect("value holder finished");
+    assert_eq!(vh.cells, truth());
+    assert!(pair.acme.proto.into_exchange().is_some());
+}
+
+/// Off the node, the partner's bad point is its violation, named by its place in its whole
+/// stream, as on the node; a failure of the cluster is this node's.
+#[test]
+fn bad_points_reblinded_off_the_node_are_the_partners_violations() {
+    let copy = |key: &JobKey| JobKey::from_secret_bytes(&key.to_secret_bytes()).expect("a key");
+    let a = SumConfig {
+        reblind: ReblindPlace::Elsewhere { in_flight: 2 },
+        batch_points: 4,
+        ..config(0, "")
+    };
+    let key_name = a.params().key_name;
+    let key = JobKey::generate();
+    let points = cleanroom_circuits::blind_items(&key, &key_name, &items(0, 30));
+    let acme = KeyHolder::start_blinded(a, copy(&key), points).expect("key holder starts");
+    let globex = ValueHolder::start(
+        SumConfig {
+            batch_points: 4,
+            ..config(1, "")
+        },
+        input(10, 50),
+        ahe::keygen().expect("paillier key"),
+    )
+    .expect("value holder starts");
+    let pair = Pair {
+        acme: Side::with_cluster(acme, key),
+        globex: Side::new(globex),
+    };
+    // globex's third batch of points (frame 3: hello, then batches of 4): its second point is
+    // not one.
+    let err = pair.acme_error(nth(3, |mut env| {
+        if let Some(Body::Points(b)) = &mut env.body {
+            b.points[32..64].copy_from_slice(&[0xff; 32]);
+        }
+        vec![env]
+    }));
+    assert_eq!(
+        by("globex", &err),
+        Violation::Psi(cleanroom_circuits::PsiError::InvalidPoint { index: 9 })
+    );
 }
 
 #[test]

@@ -81,8 +81,14 @@ pub trait Protocol {
     fn handle_done(&mut self, done: Self::Done) -> Result<(), JobError>;
     /// Takes the noise drawn for the last [`Step::Charge`]; `charged`: the ledger was charged.
     fn handle_noise(&mut self, noise: Vec<i64>, charged: bool) -> Result<(), JobError>;
+    /// Whether it takes only pieces back now, no frame: it holds the peer's end marker until
+    /// every piece of the points before it is back (an overlap-sum's sessions take the next
+    /// phase's frames only after that end).
+    fn waits_for_pieces(&self) -> bool {
+        false
+    }
     /// Takes a piece of a [`Step::Reblind`] back: the points of the piece that starts at
-    /// `offset`, re-blinded, or why not. Only PSI hands pieces out.
+    /// `offset`, re-blinded, or why not. Only PSI and overlap-sum hand pieces out.
     fn handle_reblinded(
         &mut self,
         _offset: u64,

@@ -30,13 +30,13 @@
 //! until the session is free ([`PsiProtocol::handle`] takes them while CPU work is out). The
 //! order on the wire is unchanged: what we return waits until our own end marker is out.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::VecDeque;
 use std::time::Duration;
 
 use cleanroom_circuits::spill::SpilledOwn;
 use cleanroom_circuits::{
     AwaitingPeerSize, EncodedPoint, ItemSet, JobKey, Matching, POINT_LEN, PsiError, PsiOutput,
-    PsiParams, PsiSession, Streaming, check_peer_batch,
+    PsiParams, PsiSession, Streaming,
 };
 use cleanroom_proto::v1::{
     Abort, BatchEnd, Envelope, JobKind, NoiseReveal, NoiseTerm, Phase, PointBatch, PsiHello,
@@ -48,6 +48,7 @@ use crate::data::cluster_reblind::ReblindFailure;
 use crate::data::dataset;
 use crate::error::{JobError, Party, Violation};
 use crate::job::noise::{self, NONCE_LEN};
+use crate::job::reblind_queue::{ReblindQueue, piece_points};
 use crate::job::wire::{self, Outbox, stall_deadline};
 use crate::policy::{Permit, Recipient, Veto};
 
@@ -400,56 +401,13 @@ struct Exchange {
     off_node: Option<OffNode>,
 }
 
-/// The pieces of the peer's points re-blinded off the node.
+/// The peer's points re-blinded off the node.
 #[derive(Debug)]
 struct OffNode {
-    /// Pieces out at once at most.
-    in_flight: usize,
-    /// Points a piece holds at most: [`BATCHES_PER_PIECE`] of the session's batches.
-    piece_points: usize,
     /// The session re-blinds after the peer's last point (spilled): pieces come from its store
     /// then. Otherwise they are the peer's batches as they arrive.
     spilled: bool,
-    /// The session takes pieces back in any order: spilled, and returning shuffled (its
-    /// buckets do not care). Otherwise in the order they went out.
-    any_order: bool,
-    /// The peer's points that arrived and passed the wire checks (in memory).
-    arrived: u64,
-    /// The peer's points handed out (in memory).
-    taken: u64,
-    /// Pieces out that have not come back.
-    out: usize,
-    /// Pieces back, by where they start, until the session takes them.
-    back: BTreeMap<u64, Vec<EncodedPoint>>,
-    /// The peer's points the session has taken back (where order matters).
-    applied: u64,
-}
-
-impl OffNode {
-    /// Pieces back that the session can take now: all of them when it takes any order, else
-    /// those that continue its stream in order.
-    fn take_back(&mut self) -> Vec<Vec<EncodedPoint>> {
-        if self.any_order {
-            return std::mem::take(&mut self.back).into_values().collect();
-        }
-        let mut pieces = Vec::new();
-        while let Some(entry) = self.back.first_entry() {
-            if *entry.key() != self.applied {
-                break;
-            }
-            let points = entry.remove();
-            self.applied += points.len() as u64;
-            pieces.push(points);
-        }
-        pieces
-    }
-
-    fn ready(&self) -> bool {
-        match self.back.first_key_value() {
-            Some((&offset, _)) => self.any_order || offset == self.applied,
-            None => false,
-        }
-    }
+    pieces: ReblindQueue,
 }
 
 impl Exchange {
@@ -458,15 +416,13 @@ impl Exchange {
         let off_node = match reblind {
             ReblindPlace::Node => None,
             ReblindPlace::Elsewhere { in_flight } => Some(OffNode {
-                in_flight: in_flight.max(1),
-                piece_points: BATCHES_PER_PIECE * session.batch_size(),
                 spilled,
-                any_order: spilled && !return_in_order,
-                arrived: 0,
-                taken: 0,
-                out: 0,
-                back: BTreeMap::new(),
-                applied: 0,
+                // Spilled and returning shuffled, the session buckets the pieces: any order.
+                pieces: ReblindQueue::new(
+                    in_flight,
+                    BATCHES_PER_PIECE * session.batch_size(),
+                    spilled && !return_in_order,
+                ),
             }),
         };
         Exchange {
@@ -484,51 +440,26 @@ impl Exchange {
         }
     }
 
-    /// Whether the peer's batches go out as pieces as they arrive, not to the session.
-    fn pieces_as_they_arrive(&self) -> bool {
-        self.off_node.as_ref().is_some_and(|off| !off.spilled)
-    }
-
-    /// Whether a piece is out or back and not yet taken by the session.
+    /// Whether the peer's points wait to go out, are out, or are back and not yet taken.
     fn pieces_pending(&self) -> bool {
         self.off_node
             .as_ref()
-            .is_some_and(|off| off.out > 0 || !off.back.is_empty())
+            .is_some_and(|off| off.pieces.pending())
     }
 
     /// In memory, off the node: the peer's batches that wait, handed out in pieces while
     /// fewer than `in_flight` are out.
     fn hand_out_pieces(&mut self, actions: &mut VecDeque<Action>) {
-        if !self.pieces_as_they_arrive() {
-            return;
-        }
-        let Some(off) = self.off_node.as_mut() else {
-            return;
-        };
-        while off.out < off.in_flight && matches!(self.inputs.front(), Some(Input::Points(_))) {
-            let mut points = Vec::new();
-            while let Some(Input::Points(next)) = self.inputs.front() {
-                if !points.is_empty() && points.len() + next.len() > off.piece_points * POINT_LEN {
-                    break;
-                }
-                if let Some(Input::Points(next)) = self.inputs.pop_front() {
-                    points.extend_from_slice(&next);
-                }
-            }
-            let count = (points.len() / POINT_LEN) as u64;
-            actions.push_back(Action::Reblind(ReblindPiece {
-                offset: off.taken,
-                points,
-            }));
-            off.taken += count;
-            off.out += 1;
+        if let Some(off) = self.off_node.as_mut().filter(|off| !off.spilled) {
+            actions.extend(off.pieces.hand_out().into_iter().map(Action::Reblind));
         }
     }
 
     /// Whether the next input can be worked on by `session` now.
     fn input_ready(&self, session: &Session) -> bool {
         match (self.inputs.front(), session) {
-            (Some(Input::Points(_)), Session::Streaming(_)) => !self.pieces_as_they_arrive(),
+            // Off the node, the peer's batches go to the pieces instead, never in here.
+            (Some(Input::Points(_)), Session::Streaming(_)) => true,
             // The peer's end waits for every piece of its points to be back and taken.
             (Some(Input::End(_)), Session::Streaming(_)) => !self.pieces_pending(),
             (Some(Input::Returned(_)), Session::Matching(_)) => true,
@@ -773,28 +704,18 @@ impl PsiProtocol {
         offset: u64,
         result: Result<Vec<EncodedPoint>, ReblindFailure>,
     ) -> Result<(), JobError> {
-        let points = match result {
-            Ok(points) => points,
-            Err(ReblindFailure::Peer(e)) => {
-                return Err(self.violation(Violation::Psi(e.at_offset(offset))));
-            }
-            Err(ReblindFailure::Cluster(reason)) => {
-                return Err(JobError::Compute {
-                    step: "re-blinding the partner's points on this node's cluster",
-                    reason,
-                });
-            }
-        };
+        let points = piece_points(&self.partner, offset, result)?;
         let Stage::Exchange(x) = &mut self.stage else {
             return Err(self.internal("a re-blinded piece came back outside the exchange"));
         };
-        match x.off_node.as_mut() {
-            Some(off) if off.out > 0 && !off.back.contains_key(&offset) => {
-                off.out -= 1;
-                off.back.insert(offset, points);
-                Ok(())
-            }
-            _ => Err(self.internal("a re-blinded piece came back that was not out")),
+        let taken = x
+            .off_node
+            .as_mut()
+            .is_some_and(|off| off.pieces.came_back(offset, points));
+        if taken {
+            Ok(())
+        } else {
+            Err(self.internal("a re-blinded piece came back that was not out"))
         }
     }
 
@@ -886,17 +807,14 @@ impl PsiProtocol {
                 wire::check_seq(seq, &mut x.seq_in).map_err(|v| self.violation(v))?;
                 if returned {
                     x.inputs.push_back(Input::Returned(points));
-                } else if x.pieces_as_they_arrive() {
-                    // Checked now (the session would check them on the node): nothing that is
-                    // not whole points within the peer's declared size leaves the node.
+                } else if let Some(off) = x.off_node.as_mut().filter(|off| !off.spilled) {
+                    // Checked now and handed out in pieces (the session would check them on
+                    // the node): nothing that is not whole points within the peer's declared
+                    // size leaves the node.
                     let declared = self.peer.as_ref().map_or(0, |p| p.size);
-                    if let Some(off) = x.off_node.as_mut() {
-                        off.arrived += check_peer_batch(declared, off.arrived, &points)
-                            .map_err(|e| self.violation(Violation::Psi(e)))?;
-                    }
-                    if !points.is_empty() {
-                        x.inputs.push_back(Input::Points(points));
-                    }
+                    off.pieces
+                        .arrive(declared, points)
+                        .map_err(|e| self.violation(Violation::Psi(e)))?;
                 } else {
                     x.inputs.push_back(Input::Points(points));
                 }
@@ -956,7 +874,7 @@ impl PsiProtocol {
             return;
         }
         let own_left = !session.own_done();
-        let pieces_ready = x.off_node.as_ref().is_some_and(OffNode::ready);
+        let pieces_ready = x.off_node.as_ref().is_some_and(|off| off.pieces.ready());
         let input_ready = x.input_ready(&session) || pieces_ready;
         // A spilled session's heavy step, taken when nothing cheaper waits.
         let reblind =
@@ -968,15 +886,17 @@ impl PsiProtocol {
             match (session, x.off_node.as_ref()) {
                 (Session::Matching(m), None) => Work::Reblind(m),
                 (Session::Matching(m), Some(off)) if m.reblind_pieces_left() => {
-                    if off.out < off.in_flight {
-                        Work::TakePieces(m, off.in_flight - off.out, off.piece_points)
+                    if off.pieces.room() > 0 {
+                        Work::TakePieces(m, off.pieces.room(), off.pieces.piece_points())
                     } else {
                         x.session = Some(Session::Matching(m));
                         return;
                     }
                 }
                 // Every piece is back and taken: sort the buckets.
-                (Session::Matching(m), Some(off)) if off.out == 0 && m.reblind_pieces_back() => {
+                (Session::Matching(m), Some(off))
+                    if !off.pieces.any_out() && m.reblind_pieces_back() =>
+                {
                     Work::Reblind(m)
                 }
                 (other, _) => {
@@ -989,7 +909,7 @@ impl PsiProtocol {
             let pieces = x
                 .off_node
                 .as_mut()
-                .map(OffNode::take_back)
+                .map(|off| off.pieces.take_back())
                 .unwrap_or_default();
             match session {
                 Session::Streaming(s) => Work::PeerReblinded(s, pieces),
@@ -1140,7 +1060,7 @@ impl PsiProtocol {
                     return Err(self.internal("the exchange went away"));
                 };
                 if let Some(off) = x.off_node.as_mut() {
-                    off.out += pieces.len();
+                    off.pieces.went_out(pieces.len());
                 }
                 self.actions.extend(pieces.into_iter().map(Action::Reblind));
                 Session::Matching(next)

@@ -132,7 +132,7 @@ impl<P: Protocol> Side<P> {
 
     /// Hands over one waiting frame, if the side is still going.
     pub(super) fn step(&mut self) -> bool {
-        if self.error.is_some() || self.proto.is_finished() {
+        if self.error.is_some() || self.proto.is_finished() || self.proto.waits_for_pieces() {
             return false;
         }
         let Some(env) = self.inbox.pop_front() else {

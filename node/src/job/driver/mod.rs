@@ -775,6 +775,10 @@ async fn run_protocol<P: Protocol>(
         }
         let silence = proto.silence_allowed();
         match reblinds.as_deref_mut().filter(|r| r.busy()) {
+            Some(reblinds) if proto.waits_for_pieces() => {
+                let (offset, result) = reblinds.next().await?;
+                proto.handle_reblinded(offset, result)?;
+            }
             // The peer's next frame or a piece back from the cluster, whichever comes first.
             Some(reblinds) => tokio::select! {
                 env = incoming.next(silence) => proto.handle(env?)?,

@@ -17,9 +17,10 @@ use cleanroom_proto::v1::{AggregateGroup, Envelope, NoiseTerm, PsiOutcome, SumRe
 use cleanroom_transport::{FramedRecv, FramedSend};
 use tokio::sync::oneshot;
 
+use super::reblind::Reblinds;
 use super::{
-    JOB_TIMEOUT, JobContext, MAX_ROWS, PsiInput, Spill, accept, blocking, dial, finish_connection,
-    key_columns, load_input, run_exchange, sealing_key,
+    JOB_TIMEOUT, JobContext, MAX_ROWS, PsiInput, Spill, accept, blocking, copy_key, dial,
+    finish_connection, key_columns, load_input, reblinds_for, run_exchange, sealing_key,
 };
 use crate::audit::AuditEvent;
 use crate::data::dataset::{self, RowFilter};
@@ -27,6 +28,7 @@ use crate::data::sum_input::{self, SumInput};
 use crate::dataplane::Delivery;
 use crate::error::{JobError, NodeError};
 use crate::job::overlap_sum::{KeyHolder, KhExchange, SumConfig, ValueHolder, VhExchange};
+use crate::job::psi::{BATCH_POINTS, ReblindPlace};
 use crate::policy::overlap_sum::{self as sum_policy, SumShape};
 use crate::spec::spec_digest;
 
@@ -68,7 +70,26 @@ fn config(job: &JobContext) -> Result<SumConfig, NodeError> {
         digest: spec_digest(&job.job_id, &job.spec),
         shape: SumShape::of(sum),
         show_count: sum.count,
+        reblind: ReblindPlace::Node,
+        batch_points: BATCH_POINTS,
     })
+}
+
+/// With a sealing key on the dataset's cluster, the partner's points are re-blinded there:
+/// `key` (a copy of the one the executors blinded our set with) goes to them sealed once more,
+/// and `cfg` says so.
+async fn reblinds_on_cluster(
+    job: &JobContext,
+    cfg: &mut SumConfig,
+    key: &JobKey,
+) -> Result<Option<Reblinds>, NodeError> {
+    let reblinds = reblinds_for(job, Some(copy_key(key)?)).await?;
+    if let Some(r) = &reblinds {
+        cfg.reblind = ReblindPlace::Elsewhere {
+            in_flight: r.in_flight(),
+        };
+    }
+    Ok(reblinds)
 }
 
 /// Loads the value holder's keys and clipped values; audits the access; checks the input size.
@@ -149,18 +170,20 @@ async fn key_holder(
     (_, input): (dataset::LoadedKeys, PsiInput),
 ) -> Result<PsiOutcome, NodeError> {
     let partner = job.permit.partner.clone();
-    let mut proto = match input {
-        PsiInput::Items(items) => KeyHolder::start(config(job)?, JobKey::generate(), items)?,
+    let mut cfg = config(job)?;
+    let (mut proto, reblinds) = match input {
+        PsiInput::Items(items) => (KeyHolder::start(cfg, JobKey::generate(), items)?, None),
         PsiInput::Blinded(own) => {
             let (key, points) = own.into_key_and_points();
-            KeyHolder::start_blinded(config(job)?, key, points)?
+            let reblinds = reblinds_on_cluster(job, &mut cfg, &key).await?;
+            (KeyHolder::start_blinded(cfg, key, points)?, reblinds)
         }
         PsiInput::Spilled(..) => {
             return Err(JobError::Internal("the key holder's keys were spilled".into()).into());
         }
     };
     let own_size = proto.own_size();
-    let bytes = run_exchange(job, conn, send, None, &mut proto, own_size, None).await?;
+    let bytes = run_exchange(job, conn, send, None, &mut proto, own_size, reblinds).await?;
     let KhExchange {
         sizes: (own, peer),
         release,
@@ -211,8 +234,12 @@ async fn value_holder(
     input: SumInput,
 ) -> Result<PsiOutcome, NodeError> {
     let partner = job.permit.partner.clone();
-    let cfg = config(job)?;
+    let mut cfg = config(job)?;
     let shape = cfg.shape.clone();
+    let reblinds = match &input.keys {
+        sum_input::SumKeys::Blinded(key, _) => reblinds_on_cluster(job, &mut cfg, key).await?,
+        sum_input::SumKeys::Items(_) => None,
+    };
     let keys_with_several_groups = input.keys_with_several_groups;
     // A fresh Paillier key for this job: two safe primes, about a second (off the runtime).
     let paillier = blocking(ahe::keygen).await?.map_err(|e| {
@@ -230,7 +257,7 @@ async fn value_holder(
         Some((recv, first)),
         &mut proto,
         own_size,
-        None,
+        reblinds,
     )
     .await?;
     let VhExchange {
