@@ -660,8 +660,10 @@ impl Matching {
     /// set, in parallel, and tallies them.
     fn compare(&mut self, points: &[EncodedPoint]) -> Result<(), PsiError> {
         if let Some(sp) = &mut self.spilled {
-            let cap = (bucket_cap(self.common.own_size), "returned points");
-            if self.common.params.learn_membership {
+            let cap = Some((bucket_cap(self.common.own_size), "returned points"));
+            let learn_membership = self.common.params.learn_membership;
+            let store = store(&mut self.common)?;
+            if learn_membership {
                 // Each with its place in our stream: returned in order, the peer answers our
                 // `j`-th point `j`-th. Fits: our size is at most u32::MAX.
                 let records: Vec<_> = points
@@ -669,24 +671,17 @@ impl Matching {
                     .enumerate()
                     .map(|(t, p)| placed(p, (self.received + t as u64) as u32))
                     .collect();
-                append_records_by_bucket(
-                    store(&mut self.common)?,
-                    PointSet::ReturnedPlaced,
-                    &records,
+                let set = PointSet::ReturnedPlaced;
+                append_records_by_bucket(store, set, &records, &mut sp.returned.counts, cap)?;
+            } else {
+                append_by_bucket(
+                    store,
+                    PointSet::Returned,
+                    points,
                     &mut sp.returned.counts,
-                    Some(cap),
+                    cap,
                 )?;
-                sp.returned.total += points.len() as u64;
-                self.received += points.len() as u64;
-                return Ok(());
             }
-            append_by_bucket(
-                store(&mut self.common)?,
-                PointSet::Returned,
-                points,
-                &mut sp.returned.counts,
-                Some(cap),
-            )?;
             sp.returned.total += points.len() as u64;
             self.received += points.len() as u64;
             return Ok(());

@@ -284,6 +284,17 @@ fn off_node_frame(
     }
 }
 
+/// Off the node: hands out the pieces that may go (as steps), and says what the session can
+/// take now.
+fn off_node_next<W>(
+    off: Option<&mut InOrderPoints>,
+    steps: &mut VecDeque<Step<W>>,
+) -> Option<PeerNext> {
+    let (pieces, next) = off?.next();
+    steps.extend(pieces.into_iter().map(Step::Reblind));
+    next
+}
+
 /// A piece back from the cluster, for a protocol whose `off` is re-blinding off the node.
 fn piece_back(
     cfg: &SumConfig,
@@ -552,15 +563,10 @@ impl KeyHolder {
     /// Off the node: pieces of the value holder's points to hand out, and what the session
     /// can take of them (while it waits for them and is free).
     fn advance_off_node(&mut self) {
-        let Some(off) = self.off_node.as_mut() else {
-            return;
-        };
         if !matches!(self.stage, KhStage::PeerPoints(_)) {
             return;
         }
-        let (pieces, next) = off.next();
-        self.steps.extend(pieces.into_iter().map(Step::Reblind));
-        let Some(next) = next else {
+        let Some(next) = off_node_next(self.off_node.as_mut(), &mut self.steps) else {
             return;
         };
         match std::mem::replace(&mut self.stage, KhStage::Busy) {
@@ -952,15 +958,10 @@ impl ValueHolder {
     /// Off the node: pieces of the key holder's points to hand out, and what the session can
     /// take of them (while it waits for them and is free).
     fn advance_off_node(&mut self) {
-        let Some(off) = self.off_node.as_mut() else {
-            return;
-        };
         if !matches!(self.stage, VhStage::PeerPoints(_)) {
             return;
         }
-        let (pieces, next) = off.next();
-        self.steps.extend(pieces.into_iter().map(Step::Reblind));
-        let Some(next) = next else {
+        let Some(next) = off_node_next(self.off_node.as_mut(), &mut self.steps) else {
             return;
         };
         match std::mem::replace(&mut self.stage, VhStage::Busy) {
