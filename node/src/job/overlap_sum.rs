@@ -81,7 +81,8 @@ pub struct SumConfig {
     pub show_count: bool,
     /// Where the partner's points are re-blinded: here, or on this node's own executors.
     pub reblind: ReblindPlace,
-    /// Points per batch frame ([`BATCH_POINTS`]; tests use small ones).
+    /// Points per batch frame ([`BATCH_POINTS`](crate::job::psi::BATCH_POINTS); tests use
+    /// small ones).
     pub batch_points: usize,
 }
 

@@ -250,7 +250,7 @@ pub(crate) fn finish_connection(
 /// Whether a job's keys may be spilled ([`load_input`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Spill {
-    /// When the node has a `memory_limit` and the job releases no membership.
+    /// When the node has a `memory_limit`, or (a count-only job) on a cluster.
     WhenLimited,
     /// Never: the protocol has no spilled form. Keys blinded on the executors are kept in
     /// memory ([`PsiInput::Blinded`]).
@@ -261,11 +261,12 @@ pub(crate) enum Spill {
 pub(crate) enum PsiInput {
     /// The distinct identifiers, in memory.
     Items(ItemSet),
-    /// Our points, blinded with the job's key as the dataset was read, in the job's spill files
-    /// (the node has a `memory_limit` and the job releases no membership).
+    /// Our points, blinded with the job's key as the dataset was read (here, with tags when we
+    /// learn membership, or on the executors), in the job's spill files under a `memory_limit`
+    /// (in a store in memory on a cluster without one).
     Spilled(JobKey, SpilledOwn),
-    /// Our points, blinded on the executors, in memory (a `match`, or an overlap-sum's key
-    /// holder, on a node whose cluster has a sealing key).
+    /// Our points, blinded on the executors, in memory (a `match` without a `memory_limit`, or
+    /// an overlap-sum's key holder, on a node whose cluster has a sealing key).
     Blinded(Box<BlindedOnExecutors>),
 }
 
@@ -328,8 +329,8 @@ struct PassAgain {
 /// declared. Rows without consent for the purpose and forgotten subjects never get in. The
 /// access is audited and our input size checked against the agreement before anything is sent.
 ///
-/// Under a `memory_limit`, a count-only job's keys are blinded as they are read and spilled
-/// ([`PsiInput::Spilled`]): the node then never holds its identifiers as a set.
+/// Under a `memory_limit`, an overlap's or a match's keys are blinded as they are read and
+/// spilled ([`PsiInput::Spilled`]): the node then never holds its identifiers as a set.
 pub(crate) async fn load_input(
     job: &JobContext,
     spill: Spill,
@@ -342,9 +343,9 @@ pub(crate) async fn load_input(
     let cfg = job.state.cfg();
     let counts_only = !job.permit.i_learn_membership && !job.permit.partner_learns_membership;
     // With a sealing key, the pass (blinding included) runs on the partner's executors. An
-    // overlap's points are then kept like a limited node's, in buckets; a match's in memory,
-    // sorted, for the membership it learns, and so are those of a protocol with no spilled
-    // form (an overlap-sum's key holder).
+    // overlap's points are then kept like a limited node's, in buckets; without a limit, a
+    // match's in memory, sorted, for the membership it learns, and so are those of a protocol
+    // with no spilled form (an overlap-sum's key holder).
     let sealing = sealing_key(&dataset)?;
     let on_executors = sealing.is_some();
     // Under a memory_limit a match spills too. In this process its points keep their
