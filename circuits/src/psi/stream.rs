@@ -599,8 +599,10 @@ impl Matching {
 
     /// When returning shuffled: the next batch of the peer's points, re-blinded, in a uniformly
     /// random order drawn at [`Streaming::on_peer_end`] (at most `batch_size` points); `None`
-    /// once all are out, and always when returning in order (those went out batch by batch
-    /// from [`Streaming::on_peer_batch`]). The total to announce after them is the peer's size.
+    /// once all are out. In memory, always `None` when returning in order (those went out batch
+    /// by batch from [`Streaming::on_peer_batch`]); a spilled session returns them here in the
+    /// peer's order, once its buckets are sorted. The total to announce after them is the
+    /// peer's size.
     pub fn next_return(&mut self) -> Option<Vec<u8>> {
         if let Some(sp) = &mut self.spilled {
             // Nothing before every bucket is sorted (the driver waits for reblind_pending).
