@@ -37,7 +37,19 @@ fn agreements(other: &str, extra: &str) -> String {
 
 /// acme and globex with 400 customers each, 150 shared, under the given extra terms.
 fn consortium(acme_extra: &str, globex_extra: &str) -> (Consortium, Value) {
+    consortium_with_acme_top("", acme_extra, globex_extra)
+}
+
+/// [`consortium`] with `acme_top` at the top of acme's config (a `memory_limit`, say).
+fn consortium_with_acme_top(
+    acme_top: &str,
+    acme_extra: &str,
+    globex_extra: &str,
+) -> (Consortium, Value) {
     let (mut c, truth) = Consortium::with_coordinator("acme,globex", 400, 0.375, 5);
+    if !acme_top.is_empty() {
+        c.node_top.insert("acme".into(), acme_top.into());
+    }
     for (name, other, extra) in [
         ("acme", "globex", acme_extra),
         ("globex", "acme", globex_extra),
@@ -206,6 +218,37 @@ fn exact_sums_equal_the_truth_with_clipping_and_suppression() {
             }
         }
     }
+}
+
+/// A key holder with a `memory_limit` keeps its points, the value holder's and its returned
+/// ones in spill files: the sums still equal the truth, and the files are gone when the job
+/// ends.
+#[test]
+fn a_memory_limited_key_holder_spills_and_sums_right() {
+    let (c, truth) = consortium_with_acme_top("memory_limit = \"256MiB\"\n", "", "");
+    let (job, code) = submit_json(&c);
+    assert_eq!(code, Some(0), "{job}");
+    assert_groups_exact(&job, &expected(&c, &truth));
+    let shared = truth["shared_by_all"].as_i64().unwrap();
+    assert_eq!(job["result"]["intersection"], shared, "{job}");
+
+    let acme_log = c.node("acme").log_text();
+    let spilled = acme_log
+        .lines()
+        .find(|l| l.contains("spill files written"))
+        .unwrap_or_else(|| panic!("acme did not spill:\n{acme_log}"));
+    // Own points (written, then sorted and rewritten), globex's with their places, and the
+    // returned ones: at least 32 + 36 + 32 bytes for each of 400 points.
+    let bytes: u64 = spilled
+        .split("spilled_bytes=")
+        .nth(1)
+        .and_then(|r| r.split(|ch: char| !ch.is_ascii_digit()).next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no byte count in: {spilled}"));
+    assert!(bytes >= 400 * (32 + 36 + 32), "{spilled}");
+    let spill_dir = c.path().join("state-acme/spill");
+    let left: Vec<_> = std::fs::read_dir(&spill_dir).unwrap().collect();
+    assert!(left.is_empty(), "the job's spill files were left: {left:?}");
 }
 
 #[test]

@@ -53,9 +53,15 @@ use crate::ahe::{
 };
 use crate::psi::{
     Stream, append_reblinded, blind_items, blind_shuffled, check_total, items_distinct,
-    points_distinct, push_returned, reblind_into, shuffled, sort_and_check_distinct, to_batches,
+    points_distinct, push_returned, reblind_checked, reblind_into, shuffled,
+    sort_and_check_distinct, to_batches,
 };
+use crate::spill::SpilledOwn;
 use crate::{EncodedPoint, ItemSet, JobKey, PsiError};
+
+mod spilled;
+
+use spilled::{KhSpill, MatchedRows};
 
 /// Most cells per row: one-hot group layouts multiply the encryption work by the cell count,
 /// so a layout wider than this is a configuration error, not a workload.
@@ -591,7 +597,7 @@ impl KeyHolderSession {
                     key,
                     own_size,
                 },
-                own: OwnKeys::Items(items),
+                own: KhOwn::InMemory(OwnKeys::Items(items)),
                 distinct,
             },
         ))
@@ -616,8 +622,35 @@ impl KeyHolderSession {
                     key,
                     own_size,
                 },
-                own: OwnKeys::Points(points),
+                own: KhOwn::InMemory(OwnKeys::Points(points)),
                 distinct,
+            },
+        ))
+    }
+
+    /// Begins a session over our own keys blinded with `key` as they were read and kept in
+    /// buckets outside memory ([`crate::spill::OwnSetBuilder`], under a node's
+    /// `memory_limit`). The value holder's points and our returned ones go to the same store
+    /// (see `spilled.rs`); our points go out from
+    /// [`KhReceivingPoints::next_own_batch`], bucket by bucket.
+    pub fn start_spilled(
+        params: SumParams,
+        key: JobKey,
+        own: SpilledOwn,
+    ) -> Result<(u64, KhAwaitingHello), SumError> {
+        params.check_cells()?;
+        let own_size = own.size();
+        Ok((
+            own_size,
+            KhAwaitingHello {
+                common: KhCommon {
+                    params,
+                    key,
+                    own_size,
+                },
+                own: KhOwn::Spilled(own),
+                // The builder deduplicated the set.
+                distinct: true,
             },
         ))
     }
@@ -638,10 +671,16 @@ impl OwnKeys {
     }
 }
 
+/// The key holder's own keys: in memory, or blinded already and spilled.
+enum KhOwn {
+    InMemory(OwnKeys),
+    Spilled(SpilledOwn),
+}
+
 /// Waiting for the value holder's size and public key.
 pub struct KhAwaitingHello {
     common: KhCommon,
-    own: OwnKeys,
+    own: KhOwn,
     distinct: bool,
 }
 
@@ -678,6 +717,14 @@ impl KhAwaitingHello {
             });
         }
         let pk = PublicKey::from_bytes(public_key)?;
+        // A spilled session names the value holder's rows by their place, a u32.
+        if matches!(self.own, KhOwn::Spilled(_)) && declared > u64::from(u32::MAX) {
+            return Err(PsiError::PeerSetTooLarge {
+                declared,
+                max: u64::from(u32::MAX),
+            }
+            .into());
+        }
         Ok(KhReadyToBlind {
             common: self.common,
             own: self.own,
@@ -691,7 +738,7 @@ impl KhAwaitingHello {
 /// Sizes, layout and key agreed.
 pub struct KhReadyToBlind {
     common: KhCommon,
-    own: OwnKeys,
+    own: KhOwn,
     peer_size: u64,
     layout: SlotLayout,
     pk: PublicKey,
@@ -715,7 +762,8 @@ struct KhPeer {
 impl KhReadyToBlind {
     /// Hashes, blinds and shuffles our items (or shuffles our points, blinded already);
     /// returns the batches to send. No permutation is kept: the key holder never learns which
-    /// of its own rows matched.
+    /// of its own rows matched. A spilled session returns no batch here: its points come from
+    /// [`KhReceivingPoints::next_own_batch`], which the caller sends before anything else.
     pub fn blind(self) -> (Vec<Vec<u8>>, KhReceivingPoints) {
         let Self {
             common,
@@ -724,6 +772,23 @@ impl KhReadyToBlind {
             layout,
             pk,
         } = self;
+        let peer = KhPeer {
+            size: peer_size,
+            layout,
+            pk,
+        };
+        let own = match own {
+            KhOwn::InMemory(own) => own,
+            KhOwn::Spilled(own) => {
+                let next = KhReceivingPoints {
+                    common,
+                    peer,
+                    peer_double: Vec::new(),
+                    spill: Some(Box::new(KhSpill::new(own))),
+                };
+                return (Vec::new(), next);
+            }
+        };
         let mut blinded = match own {
             OwnKeys::Items(items) => blind_items(&common.key, &common.params.key_name, &items),
             OwnKeys::Points(points) => points,
@@ -736,12 +801,9 @@ impl KhReadyToBlind {
             batches,
             KhReceivingPoints {
                 common,
-                peer: KhPeer {
-                    size: peer_size,
-                    layout,
-                    pk,
-                },
+                peer,
                 peer_double: Vec::with_capacity(reserve),
+                spill: None,
             },
         )
     }
@@ -751,27 +813,56 @@ impl KhReadyToBlind {
 pub struct KhReceivingPoints {
     common: KhCommon,
     peer: KhPeer,
+    /// In memory: the value holder's points re-blinded, in its order.
     peer_double: Vec<EncodedPoint>,
+    /// Spilled: our points still to send, and the value holder's re-blinded points.
+    spill: Option<Box<KhSpill>>,
 }
 
 impl std::fmt::Debug for KhReceivingPoints {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("KhReceivingPoints")
             .field("peer_size", &self.peer.size)
-            .field("received", &self.peer_double.len())
+            .field("received", &self.peer_received())
+            .field("spill", &self.spill)
             .finish_non_exhaustive()
     }
 }
 
 impl KhReceivingPoints {
+    fn peer_received(&self) -> u64 {
+        self.spill
+            .as_ref()
+            .map_or(self.peer_double.len() as u64, |s| s.peer_received())
+    }
+
+    /// A spilled session's next batch of our points to send (read from its buckets, each
+    /// bucket sorted: see `spilled.rs` for why that order is as good as a shuffle); `None` once
+    /// all are out, and always for a session in memory, whose points came from
+    /// [`KhReadyToBlind::blind`]. Send them all, then the end marker, before taking the value
+    /// holder's points.
+    pub fn next_own_batch(&mut self) -> Result<Option<Vec<u8>>, SumError> {
+        match &mut self.spill {
+            Some(spill) => Ok(spill.next_own(self.common.params.batch_size.max(1))?),
+            None => Ok(None),
+        }
+    }
+
     /// One batch of the value holder's blinded points.
     pub fn on_peer_batch(mut self, batch: &[u8]) -> Result<KhReceivingPoints, SumError> {
-        reblind_into(
-            &self.common.key,
-            self.peer.size,
-            &mut self.peer_double,
-            batch,
-        )?;
+        match &mut self.spill {
+            Some(spill) => {
+                let key = &self.common.key;
+                let reblinded = reblind_checked(key, self.peer.size, spill.peer_received(), batch)?;
+                spill.store_peer(self.peer.size, &reblinded)?;
+            }
+            None => reblind_into(
+                &self.common.key,
+                self.peer.size,
+                &mut self.peer_double,
+                batch,
+            )?,
+        }
         Ok(self)
     }
 
@@ -782,29 +873,37 @@ impl KhReceivingPoints {
         mut self,
         reblinded: &[EncodedPoint],
     ) -> Result<KhReceivingPoints, SumError> {
-        append_reblinded(self.peer.size, &mut self.peer_double, reblinded)?;
+        match &mut self.spill {
+            Some(spill) => spill.store_peer(self.peer.size, reblinded)?,
+            None => append_reblinded(self.peer.size, &mut self.peer_double, reblinded)?,
+        }
         Ok(self)
     }
 
     /// The value holder says it sent `total` points: must equal its declared size and what
-    /// came, with no point twice.
+    /// came, with no point twice (checked when its points are compared, for a spilled session).
     pub fn on_peer_end(self, total: u64) -> Result<KhAwaitingReturn, SumError> {
-        check_total(
-            Stream::Peer,
-            self.peer.size,
-            total,
-            self.peer_double.len() as u64,
-        )?;
-        let mut sorted = self.peer_double.clone();
-        if !sort_and_check_distinct(&mut sorted) {
-            return Err(PsiError::DuplicatePeerPoint.into());
+        check_total(Stream::Peer, self.peer.size, total, self.peer_received())?;
+        if let Some(spill) = &self.spill
+            && !spill.own_done()
+        {
+            return Err(PsiError::Spill(
+                "the value holder's points ended before all of ours were sent".into(),
+            )
+            .into());
         }
-        drop(sorted);
+        if self.spill.is_none() {
+            let mut sorted = self.peer_double.clone();
+            if !sort_and_check_distinct(&mut sorted) {
+                return Err(PsiError::DuplicatePeerPoint.into());
+            }
+        }
         Ok(KhAwaitingReturn {
             returned: Vec::new(),
             common: self.common,
             peer: self.peer,
             peer_double: self.peer_double,
+            spill: self.spill,
         })
     }
 }
@@ -815,12 +914,17 @@ pub struct KhAwaitingReturn {
     peer: KhPeer,
     peer_double: Vec<EncodedPoint>,
     returned: Vec<EncodedPoint>,
+    spill: Option<Box<KhSpill>>,
 }
 
 impl std::fmt::Debug for KhAwaitingReturn {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let returned = self
+            .spill
+            .as_ref()
+            .map_or(self.returned.len() as u64, |s| s.returned_received());
         f.debug_struct("KhAwaitingReturn")
-            .field("returned", &self.returned.len())
+            .field("returned", &returned)
             .finish_non_exhaustive()
     }
 }
@@ -828,7 +932,10 @@ impl std::fmt::Debug for KhAwaitingReturn {
 impl KhAwaitingReturn {
     /// A batch of our points coming back.
     pub fn on_returned_batch(mut self, batch: &[u8]) -> Result<KhAwaitingReturn, SumError> {
-        push_returned(&mut self.returned, batch, self.common.own_size)?;
+        match &mut self.spill {
+            Some(spill) => spill.store_returned(batch)?,
+            None => push_returned(&mut self.returned, batch, self.common.own_size)?,
+        }
         Ok(self)
     }
 
@@ -840,19 +947,33 @@ impl KhAwaitingReturn {
             peer,
             peer_double,
             mut returned,
+            spill,
         } = self;
         let own = common.own_size;
-        check_total(Stream::Returned, own, total, returned.len() as u64)?;
-        if !sort_and_check_distinct(&mut returned) {
-            return Err(PsiError::DuplicateReturnedPoint.into());
-        }
-        let matched: Vec<bool> = peer_double
-            .par_iter()
-            .map(|p| returned.binary_search(p).is_ok())
-            .collect();
-        drop(returned);
-        drop(peer_double);
-        let intersection = matched.iter().filter(|&&m| m).count() as u64;
+        let (matched, spilled_bytes) = match spill {
+            Some(spill) => {
+                check_total(Stream::Returned, own, total, spill.returned_received())?;
+                spill.matched()?
+            }
+            None => {
+                check_total(Stream::Returned, own, total, returned.len() as u64)?;
+                if !sort_and_check_distinct(&mut returned) {
+                    return Err(PsiError::DuplicateReturnedPoint.into());
+                }
+                let places: Vec<usize> = peer_double
+                    .par_iter()
+                    .enumerate()
+                    .filter(|(_, p)| returned.binary_search(p).is_ok())
+                    .map(|(place, _)| place)
+                    .collect();
+                let mut matched = MatchedRows::new(peer.size);
+                for place in places {
+                    matched.set(place as u64);
+                }
+                (matched, 0)
+            }
+        };
+        let intersection = matched.count();
         if intersection > MAX_SUMMANDS as u64 {
             return Err(SumError::IntersectionTooLarge {
                 count: intersection,
@@ -867,6 +988,7 @@ impl KhAwaitingReturn {
             intersection,
             rows_received: 0,
             sum,
+            spilled_bytes,
         })
     }
 }
@@ -875,11 +997,13 @@ impl KhAwaitingReturn {
 pub struct KhSumming {
     own_size: u64,
     peer: KhPeer,
-    /// `matched[j]`: the value holder's `j`-th row (in its sending order) is in the intersection.
-    matched: Vec<bool>,
+    /// The value holder's rows (in its sending order) that are in the intersection.
+    matched: MatchedRows,
     intersection: u64,
     rows_received: u64,
     sum: RowSum,
+    /// Bytes a spilled session wrote to its store (0 in memory).
+    spilled_bytes: u64,
 }
 
 impl std::fmt::Debug for KhSumming {
@@ -895,6 +1019,11 @@ impl KhSumming {
     /// `|A ∩ B|`, exact: the key holder learns it in this protocol.
     pub fn intersection(&self) -> u64 {
         self.intersection
+    }
+
+    /// Bytes a spilled session wrote to its store before the rows came (0 in memory).
+    pub fn spilled_bytes(&self) -> u64 {
+        self.spilled_bytes
     }
 
     /// One batch of ciphertext rows: the matched ones are decoded and added; the others are
@@ -918,7 +1047,7 @@ impl KhSumming {
         }
         let first = self.rows_received as usize;
         let matched_rows: Vec<u32> = (0..rows as u32)
-            .filter(|&r| self.matched[first + r as usize])
+            .filter(|&r| self.matched.contains(first as u64 + u64::from(r)))
             .collect();
         let part = sum_selected_rows(&self.peer.pk, &self.peer.layout, batch, &matched_rows)
             .map_err(|e| match e {

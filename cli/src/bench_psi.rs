@@ -187,7 +187,7 @@ async fn measure_floor() -> anyhow::Result<FloorCosts> {
     Ok(tokio::task::spawn_blocking(|| measure_floor_with(20_000, &thread_cpu_time)).await?)
 }
 
-async fn start(
+pub(crate) async fn start(
     dir: &std::path::Path,
     partners: &[Partner],
     threads: Option<usize>,

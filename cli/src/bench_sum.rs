@@ -10,9 +10,9 @@ use serde_json::json;
 
 use cleanroom_circuits::measure_sum_floor;
 
-use crate::args::BenchPsiArgs;
+use crate::args::{BenchPsiArgs, EngineArg};
 use crate::bench_psi::{PARTNERS, node_pids, write_bench_data};
-use crate::cluster::{Cluster, Partner};
+use crate::cluster::Partner;
 use crate::measure::{CpuMark, cores, median, rss_json, thread_cpu_time, verdict, warn_if_debug};
 use crate::synth::GroupTruth;
 use crate::ui::{WorkDir, spinner};
@@ -77,10 +77,6 @@ pub async fn run(args: BenchPsiArgs) -> anyhow::Result<ExitCode> {
         args.threads.is_empty(),
         "--threads is for bench psi; bench overlap-sum runs the nodes' default threads"
     );
-    anyhow::ensure!(
-        args.memory_limit.is_none(),
-        "--memory-limit is for bench psi; overlap-sum keeps its sets in memory"
-    );
     let cores = cores();
     let workdir = WorkDir::new(args.each.keep.as_deref(), "cleanroom-bench-")?;
     let dir = workdir.path().to_owned();
@@ -106,7 +102,10 @@ pub async fn run(args: BenchPsiArgs) -> anyhow::Result<ExitCode> {
     }
 
     progress.set_message("starting the coordinator and two nodes");
-    let cluster = Cluster::start(&dir, &Partner::all_in(&data_dir, &PARTNERS)).await?;
+    // Under --memory-limit the key holder spills its sets (and the overlaps spill theirs);
+    // with --engine ballista both nodes read, blind and re-blind on their executors.
+    let partners = Partner::all_in(&data_dir, &PARTNERS);
+    let cluster = crate::bench_psi::start(&dir, &partners, None, &args).await?;
     let client = cluster.client().await?;
 
     let (mut overlap_walls, mut sum_walls) = (Vec::new(), Vec::new());
@@ -166,6 +165,10 @@ pub async fn run(args: BenchPsiArgs) -> anyhow::Result<ExitCode> {
         }
     }
     let rss = cluster.peak_rss(&PARTNERS);
+    let spilled: Vec<(String, Option<u64>)> = PARTNERS
+        .iter()
+        .map(|n| (n.to_string(), cluster.spilled_bytes(n)))
+        .collect();
     client.close().await;
     cluster.stop().await?;
     progress.finish_and_clear();
@@ -222,6 +225,22 @@ pub async fn run(args: BenchPsiArgs) -> anyhow::Result<ExitCode> {
             );
         }
     }
+    if let Some(limit) = args.memory_limit {
+        cleanroom_node::outln!(
+            "memory_limit: {limit} per node (the key holder's sets and the overlaps' spilled)"
+        );
+        for (name, bytes) in &spilled {
+            cleanroom_node::outln!(
+                "spilled  {name:<8} {:.1} MiB (the most in one job)",
+                bytes.unwrap_or(0) as f64 / (1024.0 * 1024.0)
+            );
+        }
+    }
+    if args.engine == EngineArg::Ballista {
+        cleanroom_node::outln!(
+            "engine: Ballista, 2 executors on this machine (the dataset pass, blinding and re-blinding)"
+        );
+    }
     cleanroom_node::outln!(
         "result: {}",
         if correct {
@@ -250,6 +269,9 @@ pub async fn run(args: BenchPsiArgs) -> anyhow::Result<ExitCode> {
                 },
                 "overlap_bytes": ob, "overlap_sum_bytes": sb,
                 "peak_rss_bytes": rss_json(&rss),
+                "spilled_bytes": rss_json(&spilled),
+                "memory_limit_bytes": args.memory_limit.map(|m| m.as_u64()),
+                "engine": if args.engine == EngineArg::Ballista { "ballista" } else { "in-process" },
                 "correct": correct,
             })
         );

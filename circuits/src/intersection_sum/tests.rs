@@ -103,10 +103,14 @@ fn up_to_ciphertexts_from(
     (a_size, a): (u64, KhAwaitingHello),
     (hello, b): (ValueHolderHello, VhAwaitingPeerSize),
 ) -> (KhSumming, VhEncrypting) {
-    let (a_batches, a) = a
+    let (mut a_batches, mut a) = a
         .on_peer_hello(hello.set_size, &hello.widths, &hello.public_key)
         .unwrap()
         .blind();
+    // A spilled key holder hands its points out after blind.
+    while let Some(batch) = a.next_own_batch().unwrap() {
+        a_batches.push(batch);
+    }
     let (b_batches, mut b) = b.on_peer_size(a_size).unwrap().blind();
     for batch in &a_batches {
         b = b.on_peer_batch(batch).unwrap();
@@ -178,6 +182,127 @@ fn a_key_holder_started_from_its_points_sums_the_same() {
         a.on_peer_hello(hello.set_size, &hello.widths, &hello.public_key)
             .is_err()
     );
+}
+
+/// A key holder's own points spilled to buckets as they were read: `n` items `0..n`.
+fn spilled_key_holder(n: u32) -> (u64, KhAwaitingHello) {
+    use crate::spill::{MemoryStore, OwnSetBuilder};
+    let key = JobKey::generate();
+    let copy = JobKey::from_secret_bytes(&key.to_secret_bytes()).unwrap();
+    let mut own = OwnSetBuilder::new(Box::new(MemoryStore::default()));
+    own.add(&key, KEY, &items(0..n / 2)).unwrap();
+    own.add(&key, KEY, &items(n / 3..n)).unwrap();
+    KeyHolderSession::start_spilled(params(2), copy, own.finish().unwrap()).unwrap()
+}
+
+/// A key holder whose points were spilled as they were read sums the same as one in memory,
+/// whether it re-blinds the value holder's points itself or takes them re-blinded elsewhere.
+#[test]
+fn a_spilled_key_holder_sums_the_same() {
+    let b = items(200..500);
+    let values = values_for(&b);
+    let vh = || {
+        ValueHolderSession::start(
+            params(2),
+            JobKey::generate(),
+            b.clone(),
+            layout(2),
+            values.clone(),
+            paillier(),
+        )
+        .unwrap()
+    };
+    let a = spilled_key_holder(300);
+    assert_eq!(a.0, 300, "the overlapping chunks were deduplicated");
+    sum_to_the_end(a, vh(), 300, 200..300);
+
+    // Off the node: the value holder's points come back re-blinded, in its order.
+    let (a_size, a) = spilled_key_holder(300);
+    let (hello, b) = vh();
+    let a = a
+        .on_peer_hello(hello.set_size, &hello.widths, &hello.public_key)
+        .unwrap();
+    let key = JobKey::from_secret_bytes(&a.common.key.to_secret_bytes()).unwrap();
+    let (none, mut a) = a.blind();
+    assert!(none.is_empty(), "a spilled key holder's points come later");
+    let mut a_batches = Vec::new();
+    while let Some(batch) = a.next_own_batch().unwrap() {
+        a_batches.push(batch);
+    }
+    assert_eq!(a_batches.concat().len(), 300 * 32);
+    let (b_batches, mut b) = b.on_peer_size(a_size).unwrap().blind();
+    for batch in &a_batches {
+        b = b.on_peer_batch(batch).unwrap();
+    }
+    let (returned, mut encrypting) = b.on_peer_end(a_size).unwrap();
+    for batch in &b_batches {
+        let reblinded = crate::psi::reblind_points(&key, batch).unwrap();
+        a = a.on_peer_reblinded(&reblinded).unwrap();
+    }
+    let mut a = a.on_peer_end(hello.set_size).unwrap();
+    for batch in &returned {
+        a = a.on_returned_batch(batch).unwrap();
+    }
+    let mut summing = a.on_returned_end(a_size).unwrap();
+    assert_eq!(summing.intersection(), 100);
+    while let Some(batch) = encrypting.next_batch().unwrap() {
+        summing = summing.on_ciphertext_batch(&batch).unwrap();
+    }
+    let summed = summing.on_ciphertext_end(encrypting.rows_sent()).unwrap();
+    let totals = encrypting
+        .finish()
+        .on_sums(&summed.noised_sums(&[0, 0]).unwrap())
+        .unwrap();
+    let truth: u64 = (200..300).map(|i| cells_of(i)[0]).sum();
+    assert_eq!(totals, vec![i128::from(truth), 100]);
+}
+
+/// A spilled key holder refuses a value holder point sent twice and one of its own points
+/// returned twice, as one in memory does (when it compares them, after the last returned point).
+#[test]
+fn a_spilled_key_holder_refuses_points_twice() {
+    let (hello, _) = ValueHolderSession::start(
+        params(2),
+        JobKey::generate(),
+        items(0..4),
+        layout(2),
+        values_for(&items(0..4)),
+        paillier(),
+    )
+    .unwrap();
+    for twice in ["peer", "returned"] {
+        let (_, a) = spilled_key_holder(4);
+        let (_, mut a) = a
+            .on_peer_hello(hello.set_size, &hello.widths, &hello.public_key)
+            .unwrap()
+            .blind();
+        let mut own = Vec::new();
+        while let Some(batch) = a.next_own_batch().unwrap() {
+            own.extend(batch);
+        }
+        let other = blind_items(&JobKey::generate(), KEY, &items(10..14));
+        let mut peer = other.as_flattened().to_vec();
+        if twice == "peer" {
+            peer[32..64].copy_from_slice(&other[0]);
+        }
+        let mut a = a.on_peer_batch(&peer).unwrap().on_peer_end(4).unwrap();
+        let mut back = crate::psi::reblind_points(&JobKey::generate(), &own)
+            .unwrap()
+            .as_flattened()
+            .to_vec();
+        if twice == "returned" {
+            let first = back[..32].to_vec();
+            back[64..96].copy_from_slice(&first);
+        }
+        a = a.on_returned_batch(&back).unwrap();
+        let err = a.on_returned_end(4).unwrap_err();
+        let expected = if twice == "peer" {
+            PsiError::DuplicatePeerPoint
+        } else {
+            PsiError::DuplicateReturnedPoint
+        };
+        assert_eq!(err, SumError::Psi(expected), "{twice}");
+    }
 }
 
 /// The same for a value holder whose points were blinded elsewhere, its values in their order.
@@ -387,7 +512,7 @@ fn malformed_ciphertext_streams_are_named_errors() {
 fn an_invalid_ciphertext_in_a_matched_row_names_the_row() {
     let (a, mut b) = up_to_ciphertexts(1);
     let mut batch = b.next_batch().unwrap().unwrap();
-    let matched = a.matched.iter().position(|&m| m).unwrap();
+    let matched = (0..).find(|&r| a.matched.contains(r)).unwrap() as usize;
     // Every byte of that row 0xff: not below n².
     let row_len = a.peer.layout.ciphertext_len();
     batch[matched * row_len..(matched + 1) * row_len].fill(0xff);

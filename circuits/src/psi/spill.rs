@@ -74,6 +74,11 @@ pub enum PointSet {
     /// records, point then place (`u32`, little-endian), by the point's bucket. Used instead
     /// of `Returned` when we learn membership.
     ReturnedPlaced,
+    /// The peer's points re-blinded, each with its place in the peer's stream: 36-byte
+    /// records, point then place (`u32`, little-endian), by the point's bucket. An
+    /// overlap-sum's key holder keeps these instead of `Peer`: the value holder's rows follow
+    /// its stream's order.
+    PeerPlaced,
 }
 
 /// Bytes of an item tag.
@@ -572,6 +577,44 @@ pub(crate) fn matched_places(store: &mut dyn PointStore) -> Result<Vec<u32>, Psi
     }
     places.sort_unstable();
     Ok(places)
+}
+
+/// The places in the peer's stream of its points that match one of our returned points:
+/// `PeerPlaced` and `Returned` merged bucket by bucket, each sorted, `found` called once per
+/// match. Fails on a point the peer sent twice or returned twice. Holds one bucket of each.
+pub(crate) fn matched_peer_places(
+    store: &mut dyn PointStore,
+    mut found: impl FnMut(u32),
+) -> Result<(), PsiError> {
+    for b in 0..BUCKETS {
+        let peer = read_records_sorted::<{ POINT_LEN + 4 }>(store, PointSet::PeerPlaced, b)?;
+        if peer
+            .windows(2)
+            .any(|w| w[0][..POINT_LEN] == w[1][..POINT_LEN])
+        {
+            return Err(PsiError::DuplicatePeerPoint);
+        }
+        let mut returned = read_bucket(store, PointSet::Returned, b)?;
+        returned.sort_unstable();
+        if returned.windows(2).any(|w| w[0] == w[1]) {
+            return Err(PsiError::DuplicateReturnedPoint);
+        }
+        let (mut i, mut j) = (0, 0);
+        while i < peer.len() && j < returned.len() {
+            match peer[i][..POINT_LEN].cmp(&returned[j][..]) {
+                std::cmp::Ordering::Less => i += 1,
+                std::cmp::Ordering::Greater => j += 1,
+                std::cmp::Ordering::Equal => {
+                    let mut place = [0u8; 4];
+                    place.copy_from_slice(&peer[i][POINT_LEN..]);
+                    found(u32::from_le_bytes(place));
+                    i += 1;
+                    j += 1;
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 /// What a spilled session that learns membership gives of its matched items, since it holds

@@ -42,7 +42,7 @@ use cleanroom_circuits::intersection_sum::{
     KhSummed, KhSumming, SumError, SumParams, ValueHolderSession, VhAwaitingPeerSize,
     VhAwaitingSums, VhEncrypting, VhExchanging, VhReadyToBlind,
 };
-use cleanroom_circuits::{EncodedPoint, JobKey};
+use cleanroom_circuits::{EncodedPoint, JobKey, PsiError};
 use cleanroom_proto::v1::{
     Abort, BatchEnd, Envelope, NoiseTerm, Phase, PointBatch, PsiHello, SumRelease, SumTerms,
     envelope::Body,
@@ -335,6 +335,8 @@ fn aborted(cfg: &SumConfig, env: &Envelope) -> Result<(), JobError> {
 pub enum KhWork {
     /// Blind our items.
     Blind(KhReadyToBlind),
+    /// Read our next spilled batch (none in memory: [`KhWork::Blind`] gave them all).
+    OwnNext(KhReceivingPoints),
     /// Re-blind one batch of the value holder's points.
     PeerBatch(KhReceivingPoints, Vec<u8>),
     /// Take the value holder's next points, re-blinded off the node, in its order.
@@ -358,6 +360,8 @@ pub enum KhWork {
 pub enum KhDone {
     /// Our blinded batches.
     Blinded(Vec<Vec<u8>>, KhReceivingPoints),
+    /// Our next spilled batch, `None` once all are out.
+    OwnNext(Result<Option<Vec<u8>>, SumError>, KhReceivingPoints),
     /// A peer batch taken in.
     PeerBatch(Result<KhReceivingPoints, SumError>),
     /// The peer's points are in.
@@ -393,6 +397,8 @@ pub struct KhExchange {
     pub sizes: (u64, u64),
     /// The release both parties describe (the value holder fills in its figures).
     pub release: SumRelease,
+    /// Bytes a spilled session wrote to its spill files (0 in memory).
+    pub spilled_bytes: u64,
 }
 
 /// The key holder's protocol (party 0).
@@ -407,6 +413,8 @@ pub struct KeyHolder {
     seq_in: u64,
     noise: Vec<i64>,
     release: Option<SumRelease>,
+    /// Bytes our spilled session wrote, once our points are back.
+    spilled_bytes: u64,
     /// The value holder's points while they are re-blinded off the node.
     off_node: Option<InOrderPoints>,
 }
@@ -431,14 +439,15 @@ impl KeyHolder {
         KeyHolder::started(cfg, started)
     }
 
-    /// Starts over our keys blinded with `key` already (`k·H(x)`, by the partner's
-    /// executors), distinct: the same as [`KeyHolder::start`] without the blinding.
-    pub fn start_blinded(
+    /// Starts over our keys blinded with `key` as they were read and spilled (under a
+    /// `memory_limit`, or on the partner's executors): the same exchange, with its sets in
+    /// `own`'s store instead of memory.
+    pub fn start_spilled(
         cfg: SumConfig,
         key: JobKey,
-        points: Vec<cleanroom_circuits::EncodedPoint>,
+        own: cleanroom_circuits::spill::SpilledOwn,
     ) -> Result<Self, JobError> {
-        let started = KeyHolderSession::start_blinded(cfg.params(), key, points);
+        let started = KeyHolderSession::start_spilled(cfg.params(), key, own);
         KeyHolder::started(cfg, started)
     }
 
@@ -462,6 +471,7 @@ impl KeyHolder {
             seq_in: 0,
             noise: Vec::new(),
             release: None,
+            spilled_bytes: 0,
         })
     }
 
@@ -474,7 +484,11 @@ impl KeyHolder {
     pub fn into_exchange(self) -> Option<KhExchange> {
         match (self.stage, self.release) {
             (KhStage::Finished(sizes), Some(release)) if self.steps.is_empty() => {
-                Some(KhExchange { sizes, release })
+                Some(KhExchange {
+                    sizes,
+                    release,
+                    spilled_bytes: self.spilled_bytes,
+                })
             }
             _ => None,
         }
@@ -584,18 +598,34 @@ impl KeyHolder {
             return Err(self.cfg.internal("work came back that was not out"));
         }
         let cfg = &self.cfg;
-        let v = |e: SumError| cfg.violation(e);
+        // The session's errors are the partner's, except a failure of our own spill files.
+        let v = |e: SumError| match e {
+            SumError::Psi(PsiError::Spill(_)) => cfg.internal(&e.to_string()),
+            e => cfg.violation(e),
+        };
         match done {
             KhDone::Blinded(batches, next) => {
                 for env in self.out.points(Phase::PsiBlinded, batches) {
                     self.send(env);
                 }
-                let end = self.out.end(Phase::PsiBlinded, self.own_size);
-                self.send(end);
-                self.seq_in = 0;
-                self.stage = KhStage::PeerPoints(next);
-                self.advance_off_node();
+                // A spilled session's points come one batch at a time, before the end marker.
+                self.compute(KhWork::OwnNext(next));
             }
+            KhDone::OwnNext(r, next) => match r.map_err(v)? {
+                Some(batch) => {
+                    for env in self.out.points(Phase::PsiBlinded, vec![batch]) {
+                        self.send(env);
+                    }
+                    self.compute(KhWork::OwnNext(next));
+                }
+                None => {
+                    let end = self.out.end(Phase::PsiBlinded, self.own_size);
+                    self.send(end);
+                    self.seq_in = 0;
+                    self.stage = KhStage::PeerPoints(next);
+                    self.advance_off_node();
+                }
+            },
             KhDone::PeerBatch(r) => {
                 self.stage = KhStage::PeerPoints(r.map_err(v)?);
                 self.advance_off_node();
@@ -608,7 +638,9 @@ impl KeyHolder {
             KhDone::Returned(r) => self.stage = KhStage::Returning(r.map_err(v)?),
             KhDone::ReturnedEnd(r) => {
                 // B's encrypted rows: matched ones added as they arrive.
-                self.stage = KhStage::Summing(r.map_err(v)?);
+                let summing = r.map_err(v)?;
+                self.spilled_bytes = summing.spilled_bytes();
+                self.stage = KhStage::Summing(summing);
                 self.seq_in = 0;
             }
             KhDone::Rows(r) => self.stage = KhStage::Summing(r.map_err(v)?),
@@ -650,6 +682,7 @@ impl Protocol for KeyHolder {
                 let (batches, next) = s.blind();
                 KhDone::Blinded(batches, next)
             }
+            KhWork::OwnNext(mut s) => KhDone::OwnNext(s.next_own_batch(), s),
             KhWork::PeerBatch(s, p) => KhDone::PeerBatch(s.on_peer_batch(&p)),
             KhWork::PeerReblinded(s, pieces) => KhDone::PeerBatch(
                 pieces

@@ -9,6 +9,7 @@
 
 use std::path::Path;
 
+use cleanroom_circuits::spill::{MemoryStore, OwnSetBuilder, SpilledOwn};
 use cleanroom_circuits::{ItemSet, JobKey, ahe};
 use cleanroom_proto::v1::{JobKind, JobSpec, OverlapSumSpec};
 
@@ -191,6 +192,55 @@ fn sum_terms(mut f: impl FnMut(&mut SumTerms) + 'static) -> impl FnMut(Envelope)
 }
 
 /// The exact sums over the intersection (items 10..30): the count, then the amounts.
+/// A key holder's points as its executors blind them on a cluster: spilled to buckets (in
+/// memory here), as the driver keeps them.
+fn spilled(points: &[cleanroom_circuits::EncodedPoint]) -> SpilledOwn {
+    let mut own = OwnSetBuilder::new(Box::new(MemoryStore::default()));
+    own.add_points(points).expect("spilled");
+    own.finish().expect("sorted")
+}
+
+/// A key holder whose points were blinded and spilled as its dataset was read (a node under a
+/// `memory_limit`) sends them in batches, and the value holder gets the same exact sums.
+#[test]
+fn a_spilled_key_holder_gives_the_same_sums() {
+    let a = SumConfig {
+        batch_points: 4,
+        ..config(0, "")
+    };
+    let key = JobKey::generate();
+    let mut own = OwnSetBuilder::new(Box::new(MemoryStore::default()));
+    own.add(&key, &a.params().key_name, &items(0, 30))
+        .expect("spilled");
+    let acme =
+        KeyHolder::start_spilled(a, key, own.finish().expect("sorted")).expect("key holder starts");
+    let globex = ValueHolder::start(
+        config(1, ""),
+        input(10, 50),
+        ahe::keygen().expect("paillier key"),
+    )
+    .expect("value holder starts");
+    let mut pair = Pair {
+        acme: Side::new(acme),
+        globex: Side::new(globex),
+    };
+    pair.run(honest(), honest());
+    assert!(pair.acme.error.is_none(), "{:?}", pair.acme.error);
+    assert!(pair.globex.error.is_none(), "{:?}", pair.globex.error);
+    let vh = pair
+        .globex
+        .proto
+        .into_exchange()
+        .expect("value holder finished");
+    assert_eq!(vh.cells, truth());
+    let kh = pair
+        .acme
+        .proto
+        .into_exchange()
+        .expect("key holder finished");
+    assert_eq!(kh.sizes, (30, 40));
+}
+
 fn truth() -> [i128; 2] {
     [20, (10..30).map(|i| i128::from(amount(i))).sum()]
 }
@@ -245,7 +295,8 @@ fn reblinding_off_the_node_gives_the_same_sums() {
     let key_name = a.params().key_name;
     let (acme_key, globex_key) = (JobKey::generate(), JobKey::generate());
     let points = cleanroom_circuits::blind_items(&acme_key, &key_name, &items(0, 30));
-    let acme = KeyHolder::start_blinded(a, copy(&acme_key), points).expect("key holder starts");
+    let acme =
+        KeyHolder::start_spilled(a, copy(&acme_key), spilled(&points)).expect("key holder starts");
     let mut globex_input = input(10, 50);
     let points = cleanroom_circuits::blind_items(&globex_key, &key_name, &items(10, 50));
     globex_input.keys = SumKeys::Blinded(copy(&globex_key), points);
@@ -283,7 +334,8 @@ fn bad_points_reblinded_off_the_node_are_the_partners_violations() {
     let key_name = a.params().key_name;
     let key = JobKey::generate();
     let points = cleanroom_circuits::blind_items(&key, &key_name, &items(0, 30));
-    let acme = KeyHolder::start_blinded(a, copy(&key), points).expect("key holder starts");
+    let acme =
+        KeyHolder::start_spilled(a, copy(&key), spilled(&points)).expect("key holder starts");
     let globex = ValueHolder::start(
         SumConfig {
             batch_points: 4,

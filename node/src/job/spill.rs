@@ -28,6 +28,7 @@ fn bucket_path(dir: &Path, set: PointSet, bucket: usize) -> PathBuf {
         PointSet::PeerInOrder => "peer-in-order",
         PointSet::OwnTags => "own-tags",
         PointSet::ReturnedPlaced => "returned-placed",
+        PointSet::PeerPlaced => "peer-placed",
     };
     dir.join(format!("{set}-{bucket:03}"))
 }

@@ -160,7 +160,7 @@ pub async fn run_initiator(
 ) -> Result<PsiOutcome, NodeError> {
     // Load before dialing: the responder's data plane expects our hello soon after we connect,
     // and loading a large dataset takes longer than that.
-    let loaded = load_input(&job, Spill::WhenLimited).await?;
+    let loaded = load_input(&job).await?;
     let (conn, send) = dial(&job, endpoint, peer_addr).await?;
     let result = tokio::time::timeout(JOB_TIMEOUT, exchange(&job, &conn, send, None, loaded)).await;
     finish_connection(&conn, result)
@@ -174,7 +174,7 @@ pub async fn run_responder(
     incoming: oneshot::Receiver<Delivery>,
 ) -> Result<PsiOutcome, NodeError> {
     let ((conn, send, recv, hello), loaded) =
-        tokio::try_join!(accept(&job, incoming), load_input(&job, Spill::WhenLimited))?;
+        tokio::try_join!(accept(&job, incoming), load_input(&job))?;
     let result = tokio::time::timeout(
         JOB_TIMEOUT,
         exchange(&job, &conn, send, Some((recv, hello)), loaded),
@@ -247,16 +247,6 @@ pub(crate) fn finish_connection(
     result
 }
 
-/// Whether a job's keys may be spilled ([`load_input`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Spill {
-    /// When the node has a `memory_limit`, or (a count-only job) on a cluster.
-    WhenLimited,
-    /// Never: the protocol has no spilled form. Keys blinded on the executors are kept in
-    /// memory ([`PsiInput::Blinded`]).
-    Never,
-}
-
 /// Our input to a PSI exchange.
 pub(crate) enum PsiInput {
     /// The distinct identifiers, in memory.
@@ -265,8 +255,8 @@ pub(crate) enum PsiInput {
     /// learn membership, or on the executors), in the job's spill files under a `memory_limit`
     /// (in a store in memory on a cluster without one).
     Spilled(JobKey, SpilledOwn),
-    /// Our points, blinded on the executors, in memory (a `match` without a `memory_limit`, or
-    /// an overlap-sum's key holder, on a node whose cluster has a sealing key).
+    /// Our points, blinded on the executors, in memory (a `match` without a `memory_limit`, on
+    /// a node whose cluster has a sealing key).
     Blinded(Box<BlindedOnExecutors>),
 }
 
@@ -278,13 +268,6 @@ pub(crate) struct BlindedOnExecutors {
     points: Vec<EncodedPoint>,
     sealing: SealingKey,
     rows_read: u64,
-}
-
-impl BlindedOnExecutors {
-    /// The job key and the sorted, distinct points it blinded.
-    pub(crate) fn into_key_and_points(self) -> (JobKey, Vec<EncodedPoint>) {
-        (self.key, self.points)
-    }
 }
 
 impl PsiInput {
@@ -329,11 +312,11 @@ struct PassAgain {
 /// declared. Rows without consent for the purpose and forgotten subjects never get in. The
 /// access is audited and our input size checked against the agreement before anything is sent.
 ///
-/// Under a `memory_limit`, an overlap's or a match's keys are blinded as they are read and
-/// spilled ([`PsiInput::Spilled`]): the node then never holds its identifiers as a set.
+/// Under a `memory_limit`, the keys of an overlap, a match or an overlap-sum's key holder are
+/// blinded as they are read and spilled ([`PsiInput::Spilled`]): the node then never holds its
+/// identifiers as a set.
 pub(crate) async fn load_input(
     job: &JobContext,
-    spill: Spill,
 ) -> Result<(dataset::LoadedKeys, PsiInput), NodeError> {
     job.recheck()?;
     let dataset = job.permit.dataset.clone();
@@ -342,17 +325,17 @@ pub(crate) async fn load_input(
     let forgotten = job.forgotten()?;
     let cfg = job.state.cfg();
     let counts_only = !job.permit.i_learn_membership && !job.permit.partner_learns_membership;
-    // With a sealing key, the pass (blinding included) runs on the partner's executors. An
-    // overlap's points are then kept like a limited node's, in buckets; without a limit, a
-    // match's in memory, sorted, for the membership it learns, and so are those of a protocol
-    // with no spilled form (an overlap-sum's key holder).
+    // With a sealing key, the pass (blinding included) runs on the partner's executors. The
+    // points of a count-only job (an overlap, an overlap-sum's key holder) are then kept like
+    // a limited node's, in buckets; without a limit, a match's in memory, sorted, for the
+    // membership it learns.
     let sealing = sealing_key(&dataset)?;
     let on_executors = sealing.is_some();
     // Under a memory_limit a match spills too. In this process its points keep their
     // identifiers' tags when it learns membership, to find the matched rows again; on the
     // executors the session gives the matched points, and their pass runs again.
     let limited = cfg.memory_limit.is_some();
-    let spilled_form = spill == Spill::WhenLimited && (counts_only || limited);
+    let spilled_form = counts_only || limited;
     let spill_dir = (spilled_form && limited).then(|| cfg.spill_dir());
     let in_memory = !spilled_form;
     let tagged = job.permit.i_learn_membership;

@@ -19,7 +19,7 @@ use tokio::sync::oneshot;
 
 use super::reblind::Reblinds;
 use super::{
-    JOB_TIMEOUT, JobContext, MAX_ROWS, PsiInput, Spill, accept, blocking, copy_key, dial,
+    JOB_TIMEOUT, JobContext, MAX_ROWS, PsiInput, accept, blocking, copy_key, dial,
     finish_connection, key_columns, load_input, reblinds_for, run_exchange, sealing_key,
 };
 use crate::audit::AuditEvent;
@@ -38,9 +38,10 @@ pub async fn run_key_holder(
     endpoint: &quinn::Endpoint,
     peer_addr: SocketAddr,
 ) -> Result<PsiOutcome, NodeError> {
-    // The key holder's keys stay in memory: its exchange has no spilled form. With a sealing
-    // key they are blinded on the partner's executors.
-    let loaded = load_input(&job, Spill::Never).await?;
+    // Under a memory_limit the key holder's keys are blinded as they are read and spilled, as
+    // an overlap's are; with a sealing key they are blinded on the partner's executors and
+    // kept the same way.
+    let loaded = load_input(&job).await?;
     let (conn, send) = dial(&job, endpoint, peer_addr).await?;
     let result = tokio::time::timeout(JOB_TIMEOUT, key_holder(&job, &conn, send, loaded)).await;
     finish_connection(&conn, result)
@@ -173,13 +174,16 @@ async fn key_holder(
     let mut cfg = config(job)?;
     let (mut proto, reblinds) = match input {
         PsiInput::Items(items) => (KeyHolder::start(cfg, JobKey::generate(), items)?, None),
-        PsiInput::Blinded(own) => {
-            let (key, points) = own.into_key_and_points();
+        PsiInput::Spilled(key, own) => {
+            // On a cluster, the value holder's points are re-blinded there too.
             let reblinds = reblinds_on_cluster(job, &mut cfg, &key).await?;
-            (KeyHolder::start_blinded(cfg, key, points)?, reblinds)
+            (KeyHolder::start_spilled(cfg, key, own)?, reblinds)
         }
-        PsiInput::Spilled(..) => {
-            return Err(JobError::Internal("the key holder's keys were spilled".into()).into());
+        PsiInput::Blinded(_) => {
+            return Err(JobError::Internal(
+                "the key holder's keys were blinded on the executors but not spilled".into(),
+            )
+            .into());
         }
     };
     let own_size = proto.own_size();
@@ -187,9 +191,13 @@ async fn key_holder(
     let KhExchange {
         sizes: (own, peer),
         release,
+        spilled_bytes,
     } = proto
         .into_exchange()
         .ok_or_else(|| JobError::Internal("the protocol stopped early".into()))?;
+    if spilled_bytes > 0 {
+        tracing::info!(spilled_bytes, "spill files written");
+    }
     let head = job.audit(AuditEvent::Release {
         job_id: job.job_id.clone(),
         partner: partner.clone(),
