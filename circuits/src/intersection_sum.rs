@@ -27,6 +27,10 @@
 //! before the first ciphertext arrives and never buffers them (512 bytes a row would be 512 MiB
 //! at 2^20 rows).
 //!
+//! A key holder started with [`KeyHolderSession::start_spilled`] keeps its three point sets in
+//! buckets outside memory (a node's `memory_limit`): see `spilled.rs`. It sends its points
+//! bucket by bucket instead of shuffled, and holds one bit per value-holder row in the end.
+//!
 //! # What each party learns
 //!
 //! A learns `|A ∩ B|` exactly (from the matched positions) and B's set size; it sees only
