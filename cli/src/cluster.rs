@@ -168,9 +168,20 @@ impl Cluster {
 
     /// The largest `spilled_bytes` node `name` has logged ("spill files written"), if any.
     pub fn spilled_bytes(&self, name: &str) -> Option<u64> {
+        self.spilled_bytes_where(name, |_| true)
+    }
+
+    /// The `spilled_bytes` node `name` logged for job `job_id`, if it spilled.
+    pub fn spilled_bytes_of_job(&self, name: &str, job_id: &str) -> Option<u64> {
+        let tag = format!("job_id={job_id}");
+        self.spilled_bytes_where(name, |line| line.contains(&tag))
+    }
+
+    fn spilled_bytes_where(&self, name: &str, keep: impl Fn(&str) -> bool) -> Option<u64> {
         let log =
             std::fs::read_to_string(self.dir.join("logs").join(format!("{name}.log"))).ok()?;
         log.lines()
+            .filter(|l| keep(l))
             .filter_map(|l| l.split("spilled_bytes=").nth(1))
             .filter_map(|rest| {
                 let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
