@@ -232,20 +232,10 @@ fn a_memory_limited_key_holder_spills_and_sums_right() {
     let shared = truth["shared_by_all"].as_i64().unwrap();
     assert_eq!(job["result"]["intersection"], shared, "{job}");
 
-    let acme_log = c.node("acme").log_text();
-    let spilled = acme_log
-        .lines()
-        .find(|l| l.contains("spill files written"))
-        .unwrap_or_else(|| panic!("acme did not spill:\n{acme_log}"));
     // Own points (written, then sorted and rewritten), globex's with their places, and the
-    // returned ones: at least 32 + 36 + 32 bytes for each of 400 points.
-    let bytes: u64 = spilled
-        .split("spilled_bytes=")
-        .nth(1)
-        .and_then(|r| r.split(|ch: char| !ch.is_ascii_digit()).next())
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("no byte count in: {spilled}"));
-    assert!(bytes >= 400 * (32 + 36 + 32), "{spilled}");
+    // returned ones: 2 × 32 + 36 + 32 bytes for each of 400 points.
+    let spilled = c.node("acme").spilled_bytes();
+    assert_eq!(spilled, [400 * (2 * 32 + 36 + 32)], "acme's spills");
     let spill_dir = c.path().join("state-acme/spill");
     let left: Vec<_> = std::fs::read_dir(&spill_dir).unwrap().collect();
     assert!(left.is_empty(), "the job's spill files were left: {left:?}");

@@ -300,22 +300,15 @@ fn a_memory_limited_node_spills_counts_right_and_cleans_up() {
     assert_eq!(code, Some(0), "{job}");
     assert_eq!(job["intersection"].as_u64(), Some(expected), "{job}");
 
-    let acme_log = c.node("acme").log_text();
-    let spilled = acme_log
-        .lines()
-        .find(|l| l.contains("spill files written"))
-        .unwrap_or_else(|| panic!("acme did not spill:\n{acme_log}"));
     // Own points (written, then sorted and rewritten), the peer's, and the returned ones:
     // at least 32 bytes for each of 3000 + 3000 + 3000 points.
-    let bytes: u64 = spilled
-        .split("spilled_bytes=")
-        .nth(1)
-        .and_then(|r| r.split(|ch: char| !ch.is_ascii_digit()).next())
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("no byte count in: {spilled}"));
-    assert!(bytes >= 9000 * 32, "{spilled}");
+    let spilled = c.node("acme").spilled_bytes();
     assert!(
-        !c.node("globex").log_text().contains("spill files written"),
+        matches!(spilled[..], [bytes] if bytes >= 9000 * 32),
+        "acme's spills: {spilled:?}"
+    );
+    assert!(
+        c.node("globex").spilled_bytes().is_empty(),
         "globex has no memory_limit and must not spill"
     );
     let spill_dir = c.path().join("state-acme/spill");
@@ -332,12 +325,11 @@ fn a_memory_limited_node_spills_counts_right_and_cleans_up() {
     ));
     assert_eq!(code, Some(0), "{job}");
     assert_eq!(job["intersection"].as_u64(), Some(expected), "{job}");
-    let spills = c
-        .node("acme")
-        .log_text()
-        .matches("spill files written")
-        .count();
-    assert_eq!(spills, 2, "acme's match did not spill");
+    assert_eq!(
+        c.node("acme").spilled_bytes().len(),
+        2,
+        "acme's match did not spill"
+    );
     let job_id = job["job_id"].as_str().unwrap();
     let globex: std::collections::HashSet<String> = read_emails(&c, "globex").into_iter().collect();
     let shared: Vec<u64> = (1..)

@@ -140,6 +140,22 @@ impl Process {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// The bytes a node said it spilled, one figure per job that spilled ("spill files
+    /// written"), in log order.
+    pub fn spilled_bytes(&self) -> Vec<u64> {
+        self.log_text()
+            .lines()
+            .filter(|l| l.contains("spill files written"))
+            .map(|l| {
+                l.split("spilled_bytes=")
+                    .nth(1)
+                    .and_then(|r| r.split(|ch: char| !ch.is_ascii_digit()).next())
+                    .and_then(|n| n.parse().ok())
+                    .unwrap_or_else(|| panic!("no byte count in: {l}"))
+            })
+            .collect()
+    }
+
     /// Whether the process is still running.
     pub fn is_running(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))

@@ -17,7 +17,7 @@ use crate::spill::{
     BUCKETS, BucketReader, PointSet, PointStore, SpilledOwn, append_by_bucket,
     append_records_by_bucket, bucket_cap, matched_peer_places, placed,
 };
-use crate::{EncodedPoint, POINT_LEN, PsiError};
+use crate::{EncodedPoint, PsiError};
 
 /// Which of the value holder's rows (in its stream's order) are in the intersection: one bit a
 /// row (2 MiB at 2^24 rows).
@@ -102,20 +102,9 @@ impl KhSpill {
     /// Our next batch of at most `batch_size` points, read from our buckets; `None` once all
     /// are out. Fails if the buckets hold another number of points than the set counted.
     pub(super) fn next_own(&mut self, batch_size: usize) -> Result<Option<Vec<u8>>, PsiError> {
-        if self.own_done() {
-            return Ok(None);
-        }
-        let batch = self.own_reader.next(self.store.as_mut(), batch_size)?;
-        let got = batch.as_ref().map_or(0, |b| (b.len() / POINT_LEN) as u64);
-        if got == 0 || self.own_sent + got > self.own_size {
-            return Err(PsiError::Spill(format!(
-                "our spilled set holds {} points where {} were counted",
-                self.own_sent + got,
-                self.own_size
-            )));
-        }
-        self.own_sent += got;
-        Ok(batch)
+        let store = self.store.as_mut();
+        let (sent, total) = (&mut self.own_sent, self.own_size);
+        self.own_reader.next_counted(store, batch_size, sent, total)
     }
 
     /// Whether every one of our points has been handed out.

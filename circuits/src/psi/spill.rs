@@ -489,6 +489,30 @@ impl BucketReader {
         }
         Ok((!out.is_empty()).then_some(out))
     }
+
+    /// [`next`](Self::next) over a set counted at `total` points, `sent` of them out already
+    /// (moved on here): `None` once all are out; fails if the buckets hold another number.
+    pub(crate) fn next_counted(
+        &mut self,
+        store: &mut dyn PointStore,
+        batch_size: usize,
+        sent: &mut u64,
+        total: u64,
+    ) -> Result<Option<Vec<u8>>, PsiError> {
+        if *sent == total {
+            return Ok(None);
+        }
+        let batch = self.next(store, batch_size)?;
+        let got = batch.as_ref().map_or(0, |b| (b.len() / POINT_LEN) as u64);
+        if got == 0 || *sent + got > total {
+            return Err(PsiError::Spill(format!(
+                "our spilled set holds {} points where {total} were counted",
+                *sent + got
+            )));
+        }
+        *sent += got;
+        Ok(batch)
+    }
 }
 
 /// Sorts bucket `b` of `set` and checks that no point is there twice; `false` on a duplicate.
@@ -513,26 +537,59 @@ pub(crate) fn sort_bucket_distinct(
 pub(crate) fn count_matches(store: &mut dyn PointStore) -> Result<u64, PsiError> {
     let mut count = 0u64;
     for b in 0..BUCKETS {
-        let mut returned = read_bucket(store, PointSet::Returned, b)?;
-        returned.sort_unstable();
-        if returned.windows(2).any(|w| w[0] == w[1]) {
-            return Err(PsiError::DuplicateReturnedPoint);
-        }
+        let returned = read_returned_sorted(store, b)?;
         let peer = read_bucket(store, PointSet::Peer, b)?;
-        let (mut i, mut j) = (0, 0);
-        while i < returned.len() && j < peer.len() {
-            match returned[i].cmp(&peer[j]) {
-                std::cmp::Ordering::Less => i += 1,
-                std::cmp::Ordering::Greater => j += 1,
-                std::cmp::Ordering::Equal => {
-                    count += 1;
-                    i += 1;
-                    j += 1;
-                }
+        for_each_match(&returned, &peer, |_, _| count += 1);
+    }
+    Ok(count)
+}
+
+/// Bucket `b` of our returned points, sorted; fails on a point returned twice.
+fn read_returned_sorted(
+    store: &mut dyn PointStore,
+    b: usize,
+) -> Result<Vec<EncodedPoint>, PsiError> {
+    let mut returned = read_bucket(store, PointSet::Returned, b)?;
+    returned.sort_unstable();
+    if returned.windows(2).any(|w| w[0] == w[1]) {
+        return Err(PsiError::DuplicateReturnedPoint);
+    }
+    Ok(returned)
+}
+
+/// Whether two neighbours of records sorted by their point share the point.
+fn a_point_twice<const N: usize>(sorted: &[[u8; N]]) -> bool {
+    sorted
+        .windows(2)
+        .any(|w| w[0][..POINT_LEN] == w[1][..POINT_LEN])
+}
+
+/// Walks two lists of records sorted by their point (their first [`POINT_LEN`] bytes, each
+/// point once in a list) in step, and calls `found` with each pair that shares a point.
+fn for_each_match<const A: usize, const B: usize>(
+    a: &[[u8; A]],
+    b: &[[u8; B]],
+    mut found: impl FnMut(&[u8; A], &[u8; B]),
+) {
+    let (mut i, mut j) = (0, 0);
+    while i < a.len() && j < b.len() {
+        match a[i][..POINT_LEN].cmp(&b[j][..POINT_LEN]) {
+            std::cmp::Ordering::Less => i += 1,
+            std::cmp::Ordering::Greater => j += 1,
+            std::cmp::Ordering::Equal => {
+                found(&a[i], &b[j]);
+                i += 1;
+                j += 1;
             }
         }
     }
-    Ok(count)
+}
+
+/// The place a [`placed`] record carries.
+fn place_of(record: &PlacedPoint) -> u32 {
+    let mut place = [0u8; 4];
+    place.copy_from_slice(&record[POINT_LEN..]);
+    u32::from_le_bytes(place)
 }
 
 /// A returned point with its place in our stream ([`PointSet::ReturnedPlaced`]).
@@ -553,27 +610,11 @@ pub(crate) fn matched_places(store: &mut dyn PointStore) -> Result<Vec<u32>, Psi
     for b in 0..BUCKETS {
         let returned =
             read_records_sorted::<{ POINT_LEN + 4 }>(store, PointSet::ReturnedPlaced, b)?;
-        if returned
-            .windows(2)
-            .any(|w| w[0][..POINT_LEN] == w[1][..POINT_LEN])
-        {
+        if a_point_twice(&returned) {
             return Err(PsiError::DuplicateReturnedPoint);
         }
         let peer = read_bucket(store, PointSet::Peer, b)?;
-        let (mut i, mut j) = (0, 0);
-        while i < returned.len() && j < peer.len() {
-            match returned[i][..POINT_LEN].cmp(&peer[j][..]) {
-                std::cmp::Ordering::Less => i += 1,
-                std::cmp::Ordering::Greater => j += 1,
-                std::cmp::Ordering::Equal => {
-                    let mut place = [0u8; 4];
-                    place.copy_from_slice(&returned[i][POINT_LEN..]);
-                    places.push(u32::from_le_bytes(place));
-                    i += 1;
-                    j += 1;
-                }
-            }
-        }
+        for_each_match(&returned, &peer, |r, _| places.push(place_of(r)));
     }
     places.sort_unstable();
     Ok(places)
@@ -588,31 +629,11 @@ pub(crate) fn matched_peer_places(
 ) -> Result<(), PsiError> {
     for b in 0..BUCKETS {
         let peer = read_records_sorted::<{ POINT_LEN + 4 }>(store, PointSet::PeerPlaced, b)?;
-        if peer
-            .windows(2)
-            .any(|w| w[0][..POINT_LEN] == w[1][..POINT_LEN])
-        {
+        if a_point_twice(&peer) {
             return Err(PsiError::DuplicatePeerPoint);
         }
-        let mut returned = read_bucket(store, PointSet::Returned, b)?;
-        returned.sort_unstable();
-        if returned.windows(2).any(|w| w[0] == w[1]) {
-            return Err(PsiError::DuplicateReturnedPoint);
-        }
-        let (mut i, mut j) = (0, 0);
-        while i < peer.len() && j < returned.len() {
-            match peer[i][..POINT_LEN].cmp(&returned[j][..]) {
-                std::cmp::Ordering::Less => i += 1,
-                std::cmp::Ordering::Greater => j += 1,
-                std::cmp::Ordering::Equal => {
-                    let mut place = [0u8; 4];
-                    place.copy_from_slice(&peer[i][POINT_LEN..]);
-                    found(u32::from_le_bytes(place));
-                    i += 1;
-                    j += 1;
-                }
-            }
-        }
+        let returned = read_returned_sorted(store, b)?;
+        for_each_match(&peer, &returned, |p, _| found(place_of(p)));
     }
     Ok(())
 }

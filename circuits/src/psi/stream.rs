@@ -151,17 +151,15 @@ impl OwnStream {
             return Ok(None);
         }
         if let Some(reader) = &mut self.spilled {
-            let batch = reader.next(store(common)?, self.batch_size)?;
-            let got = batch.as_ref().map_or(0, |b| b.len() / POINT_LEN);
-            if got == 0 || self.sent + got > self.total {
-                return Err(PsiError::Spill(format!(
-                    "our spilled set holds {} points where {} were counted",
-                    self.sent + got,
-                    self.total
-                )));
-            }
-            self.sent += got;
-            return Ok(batch);
+            let mut sent = self.sent as u64;
+            let batch = reader.next_counted(
+                store(common)?,
+                self.batch_size,
+                &mut sent,
+                self.total as u64,
+            );
+            self.sent = sent as usize;
+            return batch;
         }
         let end = self.sent.saturating_add(self.batch_size).min(self.total);
         let order = &self.order[self.sent..end];
