@@ -305,6 +305,54 @@ fn a_spilled_key_holder_refuses_points_twice() {
     }
 }
 
+/// A value holder that returns one point 4200 times fills one bucket of a spilled key holder:
+/// the key holder stops at the bucket's cap, before the end of the returns, and a value holder
+/// whose points pile into one bucket is stopped the same way.
+#[test]
+fn a_spilled_key_holder_cuts_off_points_piled_into_one_bucket() {
+    let n = 4200u32;
+    let (hello, _) = ValueHolderSession::start(
+        params(2),
+        JobKey::generate(),
+        items(0..n),
+        layout(2),
+        values_for(&items(0..n)),
+        paillier(),
+    )
+    .unwrap();
+    let one = blind_items(&JobKey::generate(), KEY, &items(0..1))[0];
+    for piled in ["returned", "peer"] {
+        let (_, a) = spilled_key_holder(n);
+        let (_, mut a) = a
+            .on_peer_hello(hello.set_size, &hello.widths, &hello.public_key)
+            .unwrap()
+            .blind();
+        while a.next_own_batch().unwrap().is_some() {}
+        let cap = crate::spill::bucket_cap(u64::from(n));
+        if piled == "peer" {
+            // Re-blinded elsewhere, so the same point can arrive n times.
+            let err = a.on_peer_reblinded(&vec![one; n as usize]).unwrap_err();
+            let uneven = PsiError::UnevenPoints {
+                what: "points",
+                cap,
+            };
+            assert_eq!(err, SumError::Psi(uneven));
+            continue;
+        }
+        let peer = blind_items(&JobKey::generate(), KEY, &items(n..2 * n));
+        let a = a.on_peer_batch(peer.as_flattened()).unwrap();
+        let a = a.on_peer_end(u64::from(n)).unwrap();
+        let err = a
+            .on_returned_batch(&vec![one; n as usize].concat())
+            .unwrap_err();
+        let uneven = PsiError::UnevenPoints {
+            what: "returned points",
+            cap,
+        };
+        assert_eq!(err, SumError::Psi(uneven));
+    }
+}
+
 /// The same for a value holder whose points were blinded elsewhere, its values in their order.
 #[test]
 fn a_value_holder_started_from_its_points_sums_the_same() {
