@@ -590,21 +590,10 @@ impl KeyHolderSession {
         key: JobKey,
         items: ItemSet,
     ) -> Result<(u64, KhAwaitingHello), SumError> {
-        params.check_cells()?;
-        let own_size = items.len() as u64;
         let distinct = items_distinct(&items);
-        Ok((
-            own_size,
-            KhAwaitingHello {
-                common: KhCommon {
-                    params,
-                    key,
-                    own_size,
-                },
-                own: KhOwn::InMemory(OwnKeys::Items(items)),
-                distinct,
-            },
-        ))
+        let own_size = items.len() as u64;
+        let own = KhOwn::InMemory(OwnKeys::Items(items));
+        Self::begin(params, key, own, own_size, distinct)
     }
 
     /// Begins a session over our own keys already blinded with `key` (`k·H(x)` for each
@@ -615,21 +604,10 @@ impl KeyHolderSession {
         key: JobKey,
         mut points: Vec<EncodedPoint>,
     ) -> Result<(u64, KhAwaitingHello), SumError> {
-        params.check_cells()?;
-        let own_size = points.len() as u64;
         let distinct = sort_and_check_distinct(&mut points);
-        Ok((
-            own_size,
-            KhAwaitingHello {
-                common: KhCommon {
-                    params,
-                    key,
-                    own_size,
-                },
-                own: KhOwn::InMemory(OwnKeys::Points(points)),
-                distinct,
-            },
-        ))
+        let own_size = points.len() as u64;
+        let own = KhOwn::InMemory(OwnKeys::Points(points));
+        Self::begin(params, key, own, own_size, distinct)
     }
 
     /// Begins a session over our own keys blinded with `key` as they were read and kept in
@@ -642,19 +620,30 @@ impl KeyHolderSession {
         key: JobKey,
         own: SpilledOwn,
     ) -> Result<(u64, KhAwaitingHello), SumError> {
-        params.check_cells()?;
         let own_size = own.size();
+        // The builder deduplicated the set.
+        Self::begin(params, key, KhOwn::Spilled(own), own_size, true)
+    }
+
+    fn begin(
+        params: SumParams,
+        key: JobKey,
+        own: KhOwn,
+        own_size: u64,
+        distinct: bool,
+    ) -> Result<(u64, KhAwaitingHello), SumError> {
+        params.check_cells()?;
+        let common = KhCommon {
+            params,
+            key,
+            own_size,
+        };
         Ok((
             own_size,
             KhAwaitingHello {
-                common: KhCommon {
-                    params,
-                    key,
-                    own_size,
-                },
-                own: KhOwn::Spilled(own),
-                // The builder deduplicated the set.
-                distinct: true,
+                common,
+                own,
+                distinct,
             },
         ))
     }

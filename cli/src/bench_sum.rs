@@ -154,9 +154,6 @@ pub async fn run(args: BenchPsiArgs) -> anyhow::Result<ExitCode> {
                     job.reason
                 );
             }
-            if kind == JobKind::OverlapSum {
-                last_sum_job = Some(job.job_id.clone());
-            }
             if kind == JobKind::Overlap {
                 overlap_walls.push(wall);
                 overlap_others.extend(others);
@@ -165,6 +162,7 @@ pub async fn run(args: BenchPsiArgs) -> anyhow::Result<ExitCode> {
                 sum_walls.push(wall);
                 sum_others.extend(others);
                 sum_bytes.push(bytes(&job));
+                last_sum_job = Some(job.job_id.clone());
             }
         }
     }

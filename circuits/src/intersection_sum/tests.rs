@@ -230,6 +230,10 @@ fn a_spilled_key_holder_sums_the_same() {
         a_batches.push(batch);
     }
     assert_eq!(a_batches.concat().len(), 300 * 32);
+    // Bucket by bucket (the second byte), each bucket sorted by encoding.
+    let sent = a_batches.concat();
+    let (points, _) = sent.as_chunks::<32>();
+    assert!(points.windows(2).all(|w| (w[0][1], w[0]) < (w[1][1], w[1])));
     let (b_batches, mut b) = b.on_peer_size(a_size).unwrap().blind();
     for batch in &a_batches {
         b = b.on_peer_batch(batch).unwrap();

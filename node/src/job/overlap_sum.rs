@@ -117,6 +117,14 @@ impl SumConfig {
         JobError::violation(Party::Node(self.permit.partner.clone()), v)
     }
 
+    /// A session's error: the partner's violation, except a failure of our own spill files.
+    fn session_error(&self, e: SumError) -> JobError {
+        match e {
+            SumError::Psi(PsiError::Spill(_)) => self.internal(&e.to_string()),
+            e => self.violation(e),
+        }
+    }
+
     fn terms_violation(&self, what: impl Into<String>) -> JobError {
         self.violation(Violation::Terms(what.into()))
     }
@@ -598,11 +606,7 @@ impl KeyHolder {
             return Err(self.cfg.internal("work came back that was not out"));
         }
         let cfg = &self.cfg;
-        // The session's errors are the partner's, except a failure of our own spill files.
-        let v = |e: SumError| match e {
-            SumError::Psi(PsiError::Spill(_)) => cfg.internal(&e.to_string()),
-            e => cfg.violation(e),
-        };
+        let v = |e: SumError| cfg.session_error(e);
         match done {
             KhDone::Blinded(batches, next) => {
                 for env in self.out.points(Phase::PsiBlinded, batches) {
@@ -1012,7 +1016,7 @@ impl ValueHolder {
             return Err(self.cfg.internal("work came back that was not out"));
         }
         let cfg = &self.cfg;
-        let v = |e: SumError| cfg.violation(e);
+        let v = |e: SumError| cfg.session_error(e);
         match done {
             VhDone::Blinded(batches, next) => {
                 for env in self.out.points(Phase::PsiBlinded, batches) {

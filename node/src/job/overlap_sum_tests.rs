@@ -192,6 +192,11 @@ fn sum_terms(mut f: impl FnMut(&mut SumTerms) + 'static) -> impl FnMut(Envelope)
 }
 
 /// The exact sums over the intersection (items 10..30): the count, then the amounts.
+/// A second holder of `key` (the session, and the executors that re-blind with it).
+fn copy(key: &JobKey) -> JobKey {
+    JobKey::from_secret_bytes(&key.to_secret_bytes()).expect("a key")
+}
+
 /// A key holder's points as its executors blind them on a cluster: spilled to buckets (in
 /// memory here), as the driver keeps them.
 fn spilled(points: &[cleanroom_circuits::EncodedPoint]) -> SpilledOwn {
@@ -285,7 +290,6 @@ fn an_honest_run_gives_the_value_holder_the_exact_sums_and_the_key_holder_nothin
 /// the value holder's order; a piece taken out of order would sum other rows).
 #[test]
 fn reblinding_off_the_node_gives_the_same_sums() {
-    let copy = |key: &JobKey| JobKey::from_secret_bytes(&key.to_secret_bytes()).expect("a key");
     let off_node = |me: usize, in_flight: usize| SumConfig {
         reblind: ReblindPlace::Elsewhere { in_flight },
         batch_points: 4,
@@ -325,7 +329,6 @@ fn reblinding_off_the_node_gives_the_same_sums() {
 /// stream, as on the node; a failure of the cluster is this node's.
 #[test]
 fn bad_points_reblinded_off_the_node_are_the_partners_violations() {
-    let copy = |key: &JobKey| JobKey::from_secret_bytes(&key.to_secret_bytes()).expect("a key");
     let a = SumConfig {
         reblind: ReblindPlace::Elsewhere { in_flight: 2 },
         batch_points: 4,
