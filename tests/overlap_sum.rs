@@ -17,6 +17,7 @@
 
 use std::collections::BTreeMap;
 
+use cleanroom_e2e::ballista::Ballista;
 use cleanroom_e2e::{Consortium, overlap_sum_between};
 use serde_json::Value;
 
@@ -46,10 +47,28 @@ fn consortium_with_acme_top(
     acme_extra: &str,
     globex_extra: &str,
 ) -> (Consortium, Value) {
+    consortium_with_tops([acme_top, ""], acme_extra, globex_extra)
+}
+
+/// [`consortium`] with `tops` at the top of acme's and globex's configs.
+fn consortium_with_tops(
+    tops: [&str; 2],
+    acme_extra: &str,
+    globex_extra: &str,
+) -> (Consortium, Value) {
     let (mut c, truth) = Consortium::with_coordinator("acme,globex", 400, 0.375, 5);
-    if !acme_top.is_empty() {
-        c.node_top.insert("acme".into(), acme_top.into());
+    for (name, top) in ["acme", "globex"].into_iter().zip(tops) {
+        if !top.is_empty() {
+            c.node_top.insert(name.into(), top.into());
+        }
     }
+    start_pair(&mut c, acme_extra, globex_extra);
+    (c, truth)
+}
+
+/// Issues acme's and globex's certificates, writes their configs (each with `extra` in its
+/// agreement) and starts them.
+fn start_pair(c: &mut Consortium, acme_extra: &str, globex_extra: &str) {
     for (name, other, extra) in [
         ("acme", "globex", acme_extra),
         ("globex", "acme", globex_extra),
@@ -59,7 +78,6 @@ fn consortium_with_acme_top(
         c.start_node(name);
     }
     c.wait_connected(&["acme", "globex"]);
-    (c, truth)
 }
 
 /// Groups by the first three categories and a label no row has; the last two categories end
@@ -239,6 +257,59 @@ fn a_memory_limited_key_holder_spills_and_sums_right() {
     let spill_dir = c.path().join("state-acme/spill");
     let left: Vec<_> = std::fs::read_dir(&spill_dir).unwrap().collect();
     assert!(left.is_empty(), "the job's spill files were left: {left:?}");
+}
+
+/// Both nodes under a `memory_limit`: the value holder (globex) blinds its rows as they are
+/// read and combines them in spill files, and keeps acme's points there too; the sums still
+/// equal the truth, and both nodes' spill directories are empty when the job ends.
+#[test]
+fn memory_limited_nodes_both_spill_and_sum_right() {
+    let limit = "memory_limit = \"256MiB\"\n";
+    let (c, truth) = consortium_with_tops([limit, limit], "", "");
+    let (job, code) = submit_json(&c);
+    assert_eq!(code, Some(0), "{job}");
+    assert_groups_exact(&job, &expected(&c, &truth));
+
+    // acme as in the test above; globex: each of its 400 rows (point, group, amount: 44
+    // bytes), each customer's combined row (point and 5 groups × 2 cells: 112 bytes), and
+    // acme's 400 points, sorted and rewritten (2 × 32 bytes).
+    assert_eq!(c.node("acme").spilled_bytes(), [400 * (2 * 32 + 36 + 32)]);
+    assert_eq!(
+        c.node("globex").spilled_bytes(),
+        [400 * 44 + 400 * 112 + 400 * 2 * 32],
+        "globex's spills"
+    );
+    for name in ["acme", "globex"] {
+        let spill_dir = c.path().join(format!("state-{name}/spill"));
+        let left: Vec<_> = std::fs::read_dir(&spill_dir).unwrap().collect();
+        assert!(left.is_empty(), "{name}'s spill files were left: {left:?}");
+    }
+}
+
+/// The same on a Ballista cluster with a sealing key: both passes run on the executors, and
+/// each node keeps what they return in its spill files, byte for byte as in process.
+#[test]
+fn memory_limited_nodes_on_a_cluster_spill_and_sum_right() {
+    let (mut c, truth) = Consortium::with_coordinator("acme,globex", 400, 0.375, 5);
+    let cluster = Ballista::start(c.path(), 2, 600);
+    let top = format!("{}memory_limit = \"256MiB\"\n", cluster.engine_line(true));
+    for name in ["acme", "globex"] {
+        c.node_top.insert(name.into(), top.clone());
+    }
+    c.ballista = Some(cluster);
+    start_pair(&mut c, "", "");
+    let (job, code) = submit_json(&c);
+    assert_eq!(code, Some(0), "{job}");
+    assert_groups_exact(&job, &expected(&c, &truth));
+    for name in ["acme", "globex"] {
+        let log = c.node_log(name);
+        assert_eq!(log.matches("on_executors=true").count(), 1, "{name}: {log}");
+    }
+    assert_eq!(c.node("acme").spilled_bytes(), [400 * (2 * 32 + 36 + 32)]);
+    assert_eq!(
+        c.node("globex").spilled_bytes(),
+        [400 * 44 + 400 * 112 + 400 * 2 * 32]
+    );
 }
 
 #[test]

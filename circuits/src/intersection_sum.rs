@@ -30,6 +30,9 @@
 //! A key holder started with [`KeyHolderSession::start_spilled`] keeps its three point sets in
 //! buckets outside memory (a node's `memory_limit`): see `spilled.rs`. It sends its points
 //! bucket by bucket instead of shuffled, and holds one bit per value-holder row in the end.
+//! A value holder started with [`ValueHolderSession::start_spilled`] keeps its rows and the key
+//! holder's points the same way (see `spilled_values.rs`): its points and rows go out bucket by
+//! bucket, and the key holder's points go back sorted bucket by bucket.
 //!
 //! # What each party learns
 //!
@@ -64,8 +67,11 @@ use crate::spill::SpilledOwn;
 use crate::{EncodedPoint, ItemSet, JobKey, PsiError};
 
 mod spilled;
+mod spilled_values;
 
 use spilled::{KhSpill, MatchedRows};
+use spilled_values::VhSpill;
+pub use spilled_values::{SpilledValues, value_record_len};
 
 /// Most cells per row: one-hot group layouts multiply the encryption work by the cell count,
 /// so a layout wider than this is a configuration error, not a workload.
@@ -232,9 +238,11 @@ fn check_sizes(
 /// Entry point of the value holder's session.
 ///
 /// [`start`](Self::start) → send size and public key → [`VhAwaitingPeerSize::on_peer_size`] →
-/// [`VhReadyToBlind::blind`] → send the point batches → [`VhExchanging::on_peer_batch`] for each
-/// of A's batches → [`VhExchanging::on_peer_end`] (send the returned points) →
-/// [`VhEncrypting::next_batch`] until `None` (send each) → [`VhAwaitingSums::on_sums`].
+/// [`VhReadyToBlind::blind`] → send the point batches, then those of
+/// [`VhExchanging::next_own_batch`] until `None` → [`VhExchanging::on_peer_batch`] for each
+/// of A's batches → [`VhExchanging::on_peer_end`] (send the returned points, then those of
+/// [`VhEncrypting::next_returned_batch`] until `None`) → [`VhEncrypting::next_batch`] until
+/// `None` (send each) → [`VhAwaitingSums::on_sums`].
 #[derive(Debug)]
 pub struct ValueHolderSession;
 
@@ -257,6 +265,22 @@ struct VhCommon {
     sk: SecretKey,
 }
 
+/// The value holder's keys and rows: in memory, or blinded already and spilled.
+enum VhOwn {
+    /// Keys, and their rows' `cells` values each, row-major in the keys' order.
+    InMemory(OwnKeys, Vec<u64>),
+    Spilled(SpilledValues),
+}
+
+impl VhOwn {
+    fn len(&self) -> u64 {
+        match self {
+            VhOwn::InMemory(keys, _) => keys.len() as u64,
+            VhOwn::Spilled(own) => own.size(),
+        }
+    }
+}
+
 impl ValueHolderSession {
     /// Begins a session over distinct `items` with `values` laid out row-major, `cells` per item
     /// in the set's order, each within its cell of `layout`, under `paillier`, a fresh key pair
@@ -271,8 +295,8 @@ impl ValueHolderSession {
         paillier: SecretKey,
     ) -> Result<(ValueHolderHello, VhAwaitingPeerSize), SumError> {
         let distinct = items_distinct(&items);
-        let own = OwnKeys::Items(items);
-        Self::begin(params, key, own, distinct, layout, values, paillier)
+        let own = VhOwn::InMemory(OwnKeys::Items(items), values);
+        Self::begin(params, key, own, distinct, layout, paillier)
     }
 
     /// [`ValueHolderSession::start`] over our keys already blinded with `key` (`k·H(x)` for
@@ -287,17 +311,32 @@ impl ValueHolderSession {
         paillier: SecretKey,
     ) -> Result<(ValueHolderHello, VhAwaitingPeerSize), SumError> {
         let distinct = points_distinct(&points);
-        let own = OwnKeys::Points(points);
-        Self::begin(params, key, own, distinct, layout, values, paillier)
+        let own = VhOwn::InMemory(OwnKeys::Points(points), values);
+        Self::begin(params, key, own, distinct, layout, paillier)
+    }
+
+    /// [`ValueHolderSession::start`] over our rows blinded with `key` and combined outside
+    /// memory ([`SpilledValues`], under a node's `memory_limit`): our points and rows go out
+    /// bucket by bucket from [`VhExchanging::next_own_batch`] and
+    /// [`VhEncrypting::next_batch`], and the key holder's points wait in the same store (see
+    /// `spilled_values.rs`).
+    pub fn start_spilled(
+        params: SumParams,
+        key: JobKey,
+        own: SpilledValues,
+        layout: SlotLayout,
+        paillier: SecretKey,
+    ) -> Result<(ValueHolderHello, VhAwaitingPeerSize), SumError> {
+        // The reader checks, bucket by bucket, that no point is there twice.
+        Self::begin(params, key, VhOwn::Spilled(own), true, layout, paillier)
     }
 
     fn begin(
         params: SumParams,
         key: JobKey,
-        own: OwnKeys,
+        own: VhOwn,
         distinct: bool,
         layout: SlotLayout,
-        values: Vec<u64>,
         paillier: SecretKey,
     ) -> Result<(ValueHolderHello, VhAwaitingPeerSize), SumError> {
         params.check_cells()?;
@@ -307,15 +346,27 @@ impl ValueHolderSession {
                 expected: params.cells,
             });
         }
-        if Some(values.len()) != own.len().checked_mul(params.cells) {
-            return Err(SumError::ValuesNotAligned {
-                items: own.len(),
-                values: values.len(),
-                cells: params.cells,
-            });
+        match &own {
+            VhOwn::InMemory(keys, values) => {
+                if Some(values.len()) != keys.len().checked_mul(params.cells) {
+                    return Err(SumError::ValuesNotAligned {
+                        items: keys.len(),
+                        values: values.len(),
+                        cells: params.cells,
+                    });
+                }
+            }
+            VhOwn::Spilled(own) => {
+                if own.cells() != params.cells {
+                    return Err(SumError::LayoutMismatch {
+                        got: own.cells(),
+                        expected: params.cells,
+                    });
+                }
+            }
         }
         let sk = paillier;
-        let own_size = own.len() as u64;
+        let own_size = own.len();
         let hello = ValueHolderHello {
             set_size: own_size,
             widths: layout.widths().to_vec(),
@@ -330,7 +381,6 @@ impl ValueHolderSession {
                 sk,
             },
             own,
-            values,
             distinct,
         };
         Ok((hello, state))
@@ -340,8 +390,7 @@ impl ValueHolderSession {
 /// Waiting for the key holder's declared size.
 pub struct VhAwaitingPeerSize {
     common: VhCommon,
-    own: OwnKeys,
-    values: Vec<u64>,
+    own: VhOwn,
     distinct: bool,
 }
 
@@ -366,7 +415,6 @@ impl VhAwaitingPeerSize {
         Ok(VhReadyToBlind {
             common: self.common,
             own: self.own,
-            values: self.values,
             peer_size: declared,
         })
     }
@@ -375,8 +423,7 @@ impl VhAwaitingPeerSize {
 /// Sizes agreed.
 pub struct VhReadyToBlind {
     common: VhCommon,
-    own: OwnKeys,
-    values: Vec<u64>,
+    own: VhOwn,
     peer_size: u64,
 }
 
@@ -388,31 +435,59 @@ impl std::fmt::Debug for VhReadyToBlind {
     }
 }
 
+/// The value holder's rows, and where the key holder's points go.
+enum VhRows {
+    /// Our values (row-major in our keys' order), the order our points went out in, and the
+    /// key holder's points re-blinded.
+    InMemory {
+        values: Vec<u64>,
+        perm: Vec<u32>,
+        peer_double: Vec<EncodedPoint>,
+    },
+    /// All of it in buckets.
+    Spilled(Box<VhSpill>),
+}
+
 impl VhReadyToBlind {
     /// Hashes, blinds and shuffles our items (or shuffles our points, blinded already);
     /// returns the point batches to send and keeps the shuffle, so the ciphertexts can later
-    /// follow the same order. The item bytes are dropped.
+    /// follow the same order. The item bytes are dropped. A spilled session returns no batch
+    /// here: its points come from [`VhExchanging::next_own_batch`].
     pub fn blind(self) -> (Vec<Vec<u8>>, VhExchanging) {
         let Self {
             common,
             own,
-            values,
             peer_size,
         } = self;
+        let (keys, values) = match own {
+            VhOwn::InMemory(keys, values) => (keys, values),
+            VhOwn::Spilled(own) => {
+                let rows = VhRows::Spilled(Box::new(VhSpill::new(own)));
+                let next = VhExchanging {
+                    common,
+                    rows,
+                    peer_size,
+                };
+                return (Vec::new(), next);
+            }
+        };
         let batch_size = common.params.batch_size;
-        let (batches, perm) = match own {
+        let (batches, perm) = match keys {
             OwnKeys::Items(items) => {
                 blind_shuffled(&common.key, &common.params.key_name, items, batch_size)
             }
             OwnKeys::Points(points) => shuffled(&points, batch_size),
         };
         let reserve = peer_size.min(1 << 20) as usize;
-        let next = VhExchanging {
-            common,
+        let rows = VhRows::InMemory {
             values,
             perm,
-            peer_size,
             peer_double: Vec::with_capacity(reserve),
+        };
+        let next = VhExchanging {
+            common,
+            rows,
+            peer_size,
         };
         (batches, next)
     }
@@ -421,31 +496,50 @@ impl VhReadyToBlind {
 /// Our points are out; reblinding the key holder's.
 pub struct VhExchanging {
     common: VhCommon,
-    values: Vec<u64>,
-    perm: Vec<u32>,
+    rows: VhRows,
     peer_size: u64,
-    peer_double: Vec<EncodedPoint>,
 }
 
 impl std::fmt::Debug for VhExchanging {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("VhExchanging")
             .field("peer_size", &self.peer_size)
-            .field("received", &self.peer_double.len())
+            .field("received", &self.peer_received())
             .finish_non_exhaustive()
     }
 }
 
 impl VhExchanging {
+    fn peer_received(&self) -> u64 {
+        match &self.rows {
+            VhRows::InMemory { peer_double, .. } => peer_double.len() as u64,
+            VhRows::Spilled(spill) => spill.peer_received(),
+        }
+    }
+
+    /// A spilled session's next batch of our points to send (bucket by bucket, each sorted);
+    /// `None` once all are out, and always for a session in memory, whose points came from
+    /// [`VhReadyToBlind::blind`]. Send them all, then the end marker.
+    pub fn next_own_batch(&mut self) -> Result<Option<Vec<u8>>, SumError> {
+        match &mut self.rows {
+            VhRows::Spilled(spill) => Ok(spill.next_own(self.common.params.batch_size.max(1))?),
+            VhRows::InMemory { .. } => Ok(None),
+        }
+    }
+
     /// One batch of the key holder's blinded points: reblinded and kept (they go back shuffled,
     /// all at once, so the key holder learns only which of them match, not which of its rows).
     pub fn on_peer_batch(mut self, batch: &[u8]) -> Result<VhExchanging, SumError> {
-        reblind_into(
-            &self.common.key,
-            self.peer_size,
-            &mut self.peer_double,
-            batch,
-        )?;
+        let (key, declared) = (&self.common.key, self.peer_size);
+        match &mut self.rows {
+            VhRows::InMemory { peer_double, .. } => {
+                reblind_into(key, declared, peer_double, batch)?;
+            }
+            VhRows::Spilled(spill) => {
+                let reblinded = reblind_checked(key, declared, spill.peer_received(), batch)?;
+                spill.store_peer(declared, &reblinded)?;
+            }
+        }
         Ok(self)
     }
 
@@ -456,33 +550,61 @@ impl VhExchanging {
         mut self,
         reblinded: &[EncodedPoint],
     ) -> Result<VhExchanging, SumError> {
-        append_reblinded(self.peer_size, &mut self.peer_double, reblinded)?;
+        match &mut self.rows {
+            VhRows::InMemory { peer_double, .. } => {
+                append_reblinded(self.peer_size, peer_double, reblinded)?;
+            }
+            VhRows::Spilled(spill) => spill.store_peer(self.peer_size, reblinded)?,
+        }
         Ok(self)
     }
 
-    /// The key holder says it sent `total` points: checks it, and returns them reblinded and
-    /// shuffled, in batches, with the encrypting state.
+    /// The key holder says it sent `total` points: checks it (and that no point came twice),
+    /// and returns them reblinded and shuffled, in batches, with the encrypting state. A
+    /// spilled session returns no batch here: they come from
+    /// [`VhEncrypting::next_returned_batch`], sorted bucket by bucket.
     pub fn on_peer_end(self, total: u64) -> Result<(Vec<Vec<u8>>, VhEncrypting), SumError> {
+        check_total(Stream::Peer, self.peer_size, total, self.peer_received())?;
         let Self {
             common,
-            values,
-            perm,
+            rows,
             peer_size,
-            mut peer_double,
         } = self;
-        check_total(Stream::Peer, peer_size, total, peer_double.len() as u64)?;
-        peer_double.shuffle(&mut rand::rng());
-        let outgoing = to_batches(peer_double.iter(), common.params.batch_size);
-        if !sort_and_check_distinct(&mut peer_double) {
-            return Err(PsiError::DuplicatePeerPoint.into());
-        }
-        drop(peer_double);
+        let (outgoing, rows) = match rows {
+            VhRows::InMemory {
+                values,
+                perm,
+                mut peer_double,
+            } => {
+                peer_double.shuffle(&mut rand::rng());
+                let outgoing = to_batches(peer_double.iter(), common.params.batch_size);
+                if !sort_and_check_distinct(&mut peer_double) {
+                    return Err(PsiError::DuplicatePeerPoint.into());
+                }
+                let rows = VhRows::InMemory {
+                    values,
+                    perm,
+                    peer_double: Vec::new(),
+                };
+                (outgoing, rows)
+            }
+            VhRows::Spilled(mut spill) => {
+                if !spill.own_done() {
+                    return Err(PsiError::Spill(
+                        "the key holder's points ended before all of ours were sent".into(),
+                    )
+                    .into());
+                }
+                spill.sort_peer()?;
+                (Vec::new(), VhRows::Spilled(spill))
+            }
+        };
         Ok((
             outgoing,
             VhEncrypting {
                 common,
-                values,
-                perm,
+                rows,
+                peer_size,
                 next_row: 0,
             },
         ))
@@ -492,47 +614,89 @@ impl VhExchanging {
 /// Sending our rows' ciphertexts, in the order our points went out.
 pub struct VhEncrypting {
     common: VhCommon,
-    values: Vec<u64>,
-    perm: Vec<u32>,
-    next_row: usize,
+    rows: VhRows,
+    peer_size: u64,
+    next_row: u64,
 }
 
 impl std::fmt::Debug for VhEncrypting {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("VhEncrypting")
-            .field("next_row", &self.next_row)
-            .field("rows", &self.perm.len())
+            .field("next_row", &self.rows_sent())
+            .field("rows", &self.common.own_size)
+            .field("peer_size", &self.peer_size)
             .finish_non_exhaustive()
     }
 }
 
 impl VhEncrypting {
+    /// A spilled session's next batch of the key holder's points to return (bucket by bucket,
+    /// each sorted); `None` once all are out, and always in memory, where
+    /// [`VhExchanging::on_peer_end`] gave them all. Send them all, then the end marker, before
+    /// the first row.
+    pub fn next_returned_batch(&mut self) -> Result<Option<Vec<u8>>, SumError> {
+        match &mut self.rows {
+            VhRows::Spilled(spill) => {
+                Ok(spill.next_returned(self.common.params.batch_size.max(1))?)
+            }
+            VhRows::InMemory { .. } => Ok(None),
+        }
+    }
+
     /// Encrypts and returns the next batch of rows (at most [`rows_per_ciphertext_batch`]), or
     /// `None` when every row has been sent. Encryption is the value holder's heavy step: it
     /// runs on rayon inside. A value wider than its cell is an error (clip first).
     pub fn next_batch(&mut self) -> Result<Option<Vec<u8>>, SumError> {
-        let rows = self.perm.len();
-        if self.next_row >= rows {
-            return Ok(None);
-        }
         let cells = self.common.params.cells;
-        let end = (self.next_row + rows_per_ciphertext_batch(&self.common.layout)).min(rows);
-        let mut plain = Vec::with_capacity((end - self.next_row) * cells);
-        for &item in &self.perm[self.next_row..end] {
-            let start = item as usize * cells;
-            plain.extend_from_slice(&self.values[start..start + cells]);
-        }
+        let per_batch = rows_per_ciphertext_batch(&self.common.layout);
+        let plain = match &mut self.rows {
+            VhRows::InMemory { values, perm, .. } => {
+                let rows = perm.len();
+                let first = self.next_row as usize;
+                if first >= rows {
+                    return Ok(None);
+                }
+                let end = (first + per_batch).min(rows);
+                let mut plain = Vec::with_capacity((end - first) * cells);
+                for &item in &perm[first..end] {
+                    let start = item as usize * cells;
+                    plain.extend_from_slice(&values[start..start + cells]);
+                }
+                plain
+            }
+            VhRows::Spilled(spill) => {
+                if !spill.returned_done() {
+                    return Err(PsiError::Spill(
+                        "rows were asked for before every returned point went out".into(),
+                    )
+                    .into());
+                }
+                match spill.next_rows(per_batch)? {
+                    Some(plain) => plain,
+                    None => return Ok(None),
+                }
+            }
+        };
         let batch = encrypt_rows(&self.common.sk, &self.common.layout, &plain)?;
-        self.next_row = end;
+        self.next_row += (plain.len() / cells) as u64;
         Ok(Some(batch))
     }
 
     /// Rows sent so far (the total to announce once [`next_batch`](Self::next_batch) is `None`).
     pub fn rows_sent(&self) -> u64 {
-        self.next_row as u64
+        self.next_row
     }
 
-    /// Every row is out: wait for the noised sums. The values are dropped here.
+    /// Bytes a spilled session wrote to its store (0 in memory), its own rows included.
+    pub fn spilled_bytes(&self) -> u64 {
+        match &self.rows {
+            VhRows::Spilled(spill) => spill.bytes_written(),
+            VhRows::InMemory { .. } => 0,
+        }
+    }
+
+    /// Every row is out: wait for the noised sums. The values (and a spilled session's store)
+    /// are dropped here.
     pub fn finish(self) -> VhAwaitingSums {
         VhAwaitingSums {
             layout: self.common.layout,

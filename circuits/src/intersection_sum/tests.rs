@@ -111,11 +111,18 @@ fn up_to_ciphertexts_from(
     while let Some(batch) = a.next_own_batch().unwrap() {
         a_batches.push(batch);
     }
-    let (b_batches, mut b) = b.on_peer_size(a_size).unwrap().blind();
+    let (mut b_batches, mut b) = b.on_peer_size(a_size).unwrap().blind();
+    // So does a spilled value holder, and its returned points after the key holder's end.
+    while let Some(batch) = b.next_own_batch().unwrap() {
+        b_batches.push(batch);
+    }
     for batch in &a_batches {
         b = b.on_peer_batch(batch).unwrap();
     }
-    let (returned, encrypting) = b.on_peer_end(a_size).unwrap();
+    let (mut returned, mut encrypting) = b.on_peer_end(a_size).unwrap();
+    while let Some(batch) = encrypting.next_returned_batch().unwrap() {
+        returned.push(batch);
+    }
     let mut a = a;
     for batch in &b_batches {
         a = a.on_peer_batch(batch).unwrap();
@@ -259,6 +266,189 @@ fn a_spilled_key_holder_sums_the_same() {
         .unwrap();
     let truth: u64 = (200..300).map(|i| cells_of(i)[0]).sum();
     assert_eq!(totals, vec![i128::from(truth), 100]);
+}
+
+/// A value holder over `b` (items made by [`items`]) whose rows were blinded with `key` and
+/// combined outside memory, as a node's data side puts them: one record per point, by bucket,
+/// each bucket sorted.
+fn spilled_value_holder(b: &ItemSet, key: JobKey) -> (ValueHolderHello, VhAwaitingPeerSize) {
+    use crate::spill::{BUCKETS, MemoryStore, PointSet, PointStore, bucket_of};
+    let points = crate::blind_items(&key, KEY, b);
+    let values = values_for(b);
+    let mut buckets = vec![Vec::<Vec<u8>>::new(); BUCKETS];
+    for (point, cells) in points.iter().zip(values.chunks(2)) {
+        let mut record = point.to_vec();
+        for cell in cells {
+            record.extend_from_slice(&cell.to_le_bytes());
+        }
+        buckets[bucket_of(point)].push(record);
+    }
+    let mut store = MemoryStore::default();
+    for (bucket, mut records) in buckets.into_iter().enumerate() {
+        records.sort();
+        store
+            .put(PointSet::ValueCells, bucket, &records.concat())
+            .unwrap();
+    }
+    let own = SpilledValues::new(Box::new(store), b.len() as u64, 2);
+    ValueHolderSession::start_spilled(params(2), key, own, layout(2), paillier()).unwrap()
+}
+
+/// A value holder whose rows were spilled sums the same as one in memory, against a key holder
+/// in memory and a spilled one; its points and the returned ones go out bucket by bucket, each
+/// bucket sorted, and its rows follow its points' order.
+#[test]
+fn a_spilled_value_holder_sums_the_same() {
+    let b = items(200..500);
+    sum_to_the_end(
+        KeyHolderSession::start(params(2), JobKey::generate(), items(0..300)).unwrap(),
+        spilled_value_holder(&b, JobKey::generate()),
+        300,
+        200..300,
+    );
+    sum_to_the_end(
+        spilled_key_holder(300),
+        spilled_value_holder(&b, JobKey::generate()),
+        300,
+        200..300,
+    );
+
+    // Step by step: what goes out, and in which order.
+    let (a_size, a) =
+        KeyHolderSession::start(params(2), JobKey::generate(), items(0..300)).unwrap();
+    let (hello, b) = spilled_value_holder(&b, JobKey::generate());
+    assert_eq!(hello.set_size, 300);
+    let (a_batches, a) = a
+        .on_peer_hello(hello.set_size, &hello.widths, &hello.public_key)
+        .unwrap()
+        .blind();
+    let (none, mut b) = b.on_peer_size(a_size).unwrap().blind();
+    assert!(
+        none.is_empty(),
+        "a spilled value holder's points come later"
+    );
+    let mut b_batches = Vec::new();
+    while let Some(batch) = b.next_own_batch().unwrap() {
+        b_batches.push(batch);
+    }
+    let sorted_by_bucket = |sent: &[u8]| {
+        let (points, rest) = sent.as_chunks::<32>();
+        assert!(rest.is_empty());
+        points.windows(2).all(|w| (w[0][1], w[0]) < (w[1][1], w[1]))
+    };
+    assert_eq!(b_batches.concat().len(), 300 * 32);
+    assert!(sorted_by_bucket(&b_batches.concat()));
+    for batch in &a_batches {
+        b = b.on_peer_batch(batch).unwrap();
+    }
+    let (none, mut encrypting) = b.on_peer_end(a_size).unwrap();
+    assert!(
+        none.is_empty(),
+        "a spilled value holder returns points later"
+    );
+    // No row goes out before every returned point.
+    assert!(matches!(
+        encrypting.next_batch(),
+        Err(SumError::Psi(PsiError::Spill(_)))
+    ));
+    let mut returned = Vec::new();
+    while let Some(batch) = encrypting.next_returned_batch().unwrap() {
+        returned.push(batch);
+    }
+    assert_eq!(returned.concat().len(), 300 * 32);
+    assert!(sorted_by_bucket(&returned.concat()));
+    let mut a = a;
+    for batch in &b_batches {
+        a = a.on_peer_batch(batch).unwrap();
+    }
+    let mut a = a.on_peer_end(hello.set_size).unwrap();
+    for batch in &returned {
+        a = a.on_returned_batch(batch).unwrap();
+    }
+    let mut summing = a.on_returned_end(a_size).unwrap();
+    assert_eq!(summing.intersection(), 100);
+    while let Some(batch) = encrypting.next_batch().unwrap() {
+        summing = summing.on_ciphertext_batch(&batch).unwrap();
+    }
+    assert_eq!(encrypting.rows_sent(), 300);
+    // Its rows (a point and two cells: 48 bytes each) and the key holder's points, sorted
+    // and rewritten.
+    assert_eq!(encrypting.spilled_bytes(), 300 * 48 + 2 * 300 * 32);
+    let summed = summing.on_ciphertext_end(300).unwrap();
+    let totals = encrypting
+        .finish()
+        .on_sums(&summed.noised_sums(&[0, 0]).unwrap())
+        .unwrap();
+    let truth: u64 = (200..300).map(|i| cells_of(i)[0]).sum();
+    assert_eq!(totals, vec![i128::from(truth), 100]);
+}
+
+/// A spilled value holder refuses a key holder point sent twice before any point goes back,
+/// and cuts off points piled into one bucket (the same point, over and over) at the cap.
+#[test]
+fn a_spilled_value_holder_refuses_points_twice_and_piled_up() {
+    let mut twice = items(0..10);
+    twice.push(b"user000003@example.com").unwrap();
+    let a_key = JobKey::generate();
+    let a_points = crate::blind_items(&a_key, KEY, &twice);
+    let (_, b) = spilled_value_holder(&items(0..10), JobKey::generate());
+    let (_, mut b) = b.on_peer_size(11).unwrap().blind();
+    while b.next_own_batch().unwrap().is_some() {}
+    let b = b.on_peer_batch(a_points.as_flattened()).unwrap();
+    assert_eq!(
+        b.on_peer_end(11).map(|_| ()),
+        Err(SumError::Psi(PsiError::DuplicatePeerPoint))
+    );
+
+    // 10 000 declared: a bucket may hold 2 × 39 + 4096 points.
+    let one = a_points[0];
+    let piled: Vec<u8> = std::iter::repeat_n(one, 4_300).flatten().collect();
+    let (_, b) = spilled_value_holder(&items(0..10), JobKey::generate());
+    let (_, b) = b.on_peer_size(10_000).unwrap().blind();
+    assert!(matches!(
+        b.on_peer_batch(&piled),
+        Err(SumError::Psi(PsiError::UnevenPoints { .. }))
+    ));
+}
+
+/// A spilled value holder checks its own buckets as it reads them: a point in another bucket,
+/// points out of order, or another number of rows than it counted fail the job.
+#[test]
+fn a_spilled_value_holder_checks_its_own_buckets() {
+    use crate::spill::{MemoryStore, PointSet, PointStore};
+    let record = |second: u8, first: u8| {
+        let mut r = vec![0u8; 32 + 16];
+        (r[0], r[1]) = (first, second);
+        r
+    };
+    // What, which bucket, what it holds, how many rows were counted.
+    let cases = [
+        ("wrong bucket", 3, record(4, 0), 1),
+        ("out of order", 3, [record(3, 2), record(3, 0)].concat(), 2),
+        ("miscounted", 3, record(3, 0), 2),
+    ];
+    for (what, b, bytes, size) in cases {
+        let mut store = MemoryStore::default();
+        store.put(PointSet::ValueCells, b, &bytes).unwrap();
+        let own = SpilledValues::new(Box::new(store), size, 2);
+        let (_, b) = ValueHolderSession::start_spilled(
+            params(2),
+            JobKey::generate(),
+            own,
+            layout(2),
+            paillier(),
+        )
+        .unwrap();
+        let (_, mut b) = b.on_peer_size(1).unwrap().blind();
+        let mut result = Ok(Some(Vec::new()));
+        while let Ok(Some(_)) = result {
+            result = b.next_own_batch();
+        }
+        assert!(
+            matches!(result, Err(SumError::Psi(PsiError::Spill(_)))),
+            "{what}: {result:?}"
+        );
+    }
 }
 
 /// A spilled key holder refuses a value holder point sent twice and one of its own points

@@ -79,6 +79,13 @@ pub enum PointSet {
     /// overlap-sum's key holder keeps these instead of `Peer`: the value holder's rows follow
     /// its stream's order.
     PeerPlaced,
+    /// An overlap-sum value holder's accepted rows as they are read, each with its key blinded:
+    /// records of the caller's layout, each beginning with the point, by the point's bucket.
+    ValueRows,
+    /// An overlap-sum value holder's rows combined per identifier: one record per distinct
+    /// point, the point then its cells (`u64`, little-endian), each bucket sorted by point
+    /// ([`SpilledValues`](crate::intersection_sum::SpilledValues)).
+    ValueCells,
 }
 
 /// Bytes of an item tag.

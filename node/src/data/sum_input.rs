@@ -13,7 +13,9 @@
 use std::collections::HashMap;
 
 use cleanroom_circuits::ahe::SlotLayout;
-use cleanroom_circuits::{EncodedPoint, ItemSet, JobKey};
+use cleanroom_circuits::intersection_sum::{SpilledValues, value_record_len};
+use cleanroom_circuits::spill::{BUCKETS, PointSet, PointStore, bucket_of};
+use cleanroom_circuits::{EncodedPoint, ItemSet, JobKey, POINT_LEN, blind_items};
 
 use cleanroom_proto::v1::OverlapSumSpec;
 
@@ -76,6 +78,9 @@ pub enum SumKeys {
     Items(ItemSet),
     /// `k·H(x)` for each distinct join key, sorted, and the job key `k` ([`load_on_cluster`]).
     Blinded(JobKey, Vec<EncodedPoint>),
+    /// `k·H(x)` for each distinct join key with its row of cells, in spill files, and the job
+    /// key `k` ([`load_spilled`]); [`SumInput::values`] is empty.
+    Spilled(JobKey, SpilledValues),
 }
 
 impl SumKeys {
@@ -84,6 +89,8 @@ impl SumKeys {
         match self {
             SumKeys::Items(items) => items.len(),
             SumKeys::Blinded(_, points) => points.len(),
+            // At most MAX_ROWS (< 2^32) rows were read.
+            SumKeys::Spilled(_, own) => own.size() as usize,
         }
     }
 
@@ -125,22 +132,7 @@ pub fn load(
     max_rows: u64,
 ) -> Result<SumInput, String> {
     let sums = check_shape(shape, bounds)?;
-    // Listed labels map to their index; anything else goes to the last group ("(other)"), and
-    // an ungrouped job has one group.
-    let other = shape.labels.len() - 1;
-    let index: HashMap<&[u8], usize> = match group_by {
-        Some(_) => shape.labels[..other]
-            .iter()
-            .enumerate()
-            .map(|(i, l)| (l.as_bytes(), i))
-            .collect(),
-        None => HashMap::new(),
-    };
-    let mut read: Vec<&str> = Vec::with_capacity(1 + sums);
-    read.extend(bounds.iter().map(|b| b.column.as_str()));
-    if let Some(g) = group_by {
-        read.push(g);
-    }
+    let parser = RowParser::new(group_by, shape, bounds);
 
     // Every accepted row, in file order: its key (in an arena), its group and its signed
     // values, unclipped (clipping applies to each identifier's total below).
@@ -150,34 +142,27 @@ pub fn load(
     let mut bad = 0u64;
     let mut row_values = vec![0i64; sums];
     let location = dataset.location();
-    let counts =
-        dataset::for_each_keyed_row_for(dataset, keys, &read, filter, max_rows, |row, key, f| {
-            for (i, slot) in row_values.iter_mut().enumerate() {
-                let parsed = f[i]
-                    .and_then(|v| std::str::from_utf8(v).ok())
-                    .and_then(|s| s.trim().parse::<i64>().ok());
-                let Some(v) = parsed else {
-                    bad += 1;
-                    return Ok(());
-                };
-                *slot = v;
-            }
-            let group = match group_by {
-                Some(_) => {
-                    let label = f[sums].map(<[u8]>::trim_ascii).unwrap_or_default();
-                    index.get(label).copied().unwrap_or(other)
-                }
-                None => 0,
+    let counts = dataset::for_each_keyed_row_for(
+        dataset,
+        keys,
+        &parser.columns(),
+        filter,
+        max_rows,
+        |row, key, f| {
+            let Some(group) = parser.parse(f, &mut row_values) else {
+                bad += 1;
+                return Ok(());
             };
             all.push(key).map_err(|_| dataset::DatasetError::TooLarge {
                 location: location.clone(),
                 row,
             })?;
-            groups.push(group as u32);
+            groups.push(group);
             values.extend_from_slice(&row_values);
             Ok(())
-        })
-        .map_err(|e| e.to_string())?;
+        },
+    )
+    .map_err(|e| e.to_string())?;
 
     let combined = combine(
         all.len(),
@@ -196,10 +181,312 @@ pub fn load(
     combined.into_input(SumKeys::Items(items), counts, bad, (shape, bounds))
 }
 
+/// Reads one accepted row's values and group label for [`load`] and [`load_spilled`].
+struct RowParser<'a> {
+    group_by: Option<&'a str>,
+    bounds: &'a [ColumnBound],
+    /// Listed labels to their index; anything else goes to `other` ("(other)"), and an
+    /// ungrouped job has one group.
+    index: HashMap<&'a [u8], usize>,
+    other: usize,
+}
+
+impl<'a> RowParser<'a> {
+    fn new(group_by: Option<&'a str>, shape: &'a SumShape, bounds: &'a [ColumnBound]) -> Self {
+        let other = shape.labels.len() - 1;
+        let index = match group_by {
+            Some(_) => shape.labels[..other]
+                .iter()
+                .enumerate()
+                .map(|(i, l)| (l.as_bytes(), i))
+                .collect(),
+            None => HashMap::new(),
+        };
+        RowParser {
+            group_by,
+            bounds,
+            index,
+            other,
+        }
+    }
+
+    /// The columns to read besides the keys: the summed ones, then the group's.
+    fn columns(&self) -> Vec<&'a str> {
+        let mut read: Vec<&str> = self.bounds.iter().map(|b| b.column.as_str()).collect();
+        read.extend(self.group_by);
+        read
+    }
+
+    /// The row's values into `values` and its group; `None` if a value is missing or not an
+    /// integer.
+    fn parse(&self, f: &[Option<&[u8]>], values: &mut [i64]) -> Option<u32> {
+        for (i, slot) in values.iter_mut().enumerate() {
+            *slot = f[i]
+                .and_then(|v| std::str::from_utf8(v).ok())
+                .and_then(|s| s.trim().parse::<i64>().ok())?;
+        }
+        let group = match self.group_by {
+            Some(_) => {
+                let label = f[self.bounds.len()]
+                    .map(<[u8]>::trim_ascii)
+                    .unwrap_or_default();
+                self.index.get(label).copied().unwrap_or(self.other)
+            }
+            None => 0,
+        };
+        // At most MAX_CELLS groups.
+        Some(group as u32)
+    }
+}
+
+/// Rows blinded (or, from the executors, buffered) per chunk while a spilled input is read.
+const SPILL_CHUNK: usize = 4096;
+
+/// [`load`] under a `memory_limit`: each accepted row's key is blinded with `key` as it is read
+/// (a chunk at a time) and the row goes to `store`'s buckets; then each bucket is combined as
+/// [`load`] combines the whole set ([`RowSpill`]). Memory holds a chunk, then a bucket; no
+/// identifier reaches the store. Every row is blinded, not every distinct key: equal keys in
+/// one chunk are blinded once.
+#[allow(clippy::too_many_arguments)]
+pub fn load_spilled(
+    dataset: &DatasetConfig,
+    keys: &KeySpec,
+    group_by: Option<&str>,
+    shape: &SumShape,
+    bounds: &[ColumnBound],
+    filter: RowFilter<'_>,
+    max_rows: u64,
+    (key, store): (JobKey, Box<dyn PointStore>),
+) -> Result<SumInput, String> {
+    let sums = check_shape(shape, bounds)?;
+    let parser = RowParser::new(group_by, shape, bounds);
+    let key_name = dataset::key_name(keys);
+    let mut rows = RowSpill::new(store, sums);
+    let mut bad = 0u64;
+    let mut row_values = vec![0i64; sums];
+    let counts = dataset::for_each_keyed_row_for(
+        dataset,
+        keys,
+        &parser.columns(),
+        filter,
+        max_rows,
+        |_, row_key, f| {
+            let Some(group) = parser.parse(f, &mut row_values) else {
+                bad += 1;
+                return Ok(());
+            };
+            rows.push_key(row_key, group, &row_values, (&key, &key_name))
+                .map_err(|e| spill_failed(&e))
+        },
+    )
+    .map_err(|e| e.to_string())?;
+    rows.flush_keys(&key, &key_name)
+        .map_err(|e| spill_failed(&e).to_string())?;
+    let spilled = rows.combine(shape, bounds)?;
+    spilled_input(key, spilled, counts, bad, (shape, bounds))
+}
+
+/// The input over a spilled set's combined rows and its count of identifiers with several
+/// group labels ([`RowSpill::combine`]).
+fn spilled_input(
+    key: JobKey,
+    (own, several): (SpilledValues, u64),
+    counts: KeyedRowCounts,
+    rows_bad_value: u64,
+    shape_bounds: (&SumShape, &[ColumnBound]),
+) -> Result<SumInput, String> {
+    let combined = Combined {
+        firsts: Vec::new(),
+        cells: Vec::new(),
+        several,
+    };
+    let keys = SumKeys::Spilled(key, own);
+    combined.into_input(keys, counts, rows_bad_value, shape_bounds)
+}
+
+fn spill_failed(e: &dyn std::fmt::Display) -> dataset::DatasetError {
+    dataset::DatasetError::Spill(e.to_string())
+}
+
+/// A spilled input's rows on their way to its store: a chunk at a time to
+/// [`PointSet::ValueRows`] (each row's point, group and values, by the point's bucket, in read
+/// order), then combined one bucket at a time into [`PointSet::ValueCells`] (one record per
+/// point). An identifier's rows share its point, so they share a bucket, and the first of them
+/// in the bucket is its first row.
+struct RowSpill {
+    store: Box<dyn PointStore>,
+    sums: usize,
+    /// Rows read in process whose keys are still to blind, and their records' tails (group,
+    /// values) in the same order.
+    keys: ItemSet,
+    tails: Vec<u8>,
+    /// Whole records waiting for their bucket, and how many.
+    parts: Vec<Vec<u8>>,
+    pending: usize,
+}
+
+impl RowSpill {
+    fn new(store: Box<dyn PointStore>, sums: usize) -> RowSpill {
+        RowSpill {
+            store,
+            sums,
+            keys: ItemSet::new(),
+            tails: Vec::new(),
+            parts: vec![Vec::new(); BUCKETS],
+            pending: 0,
+        }
+    }
+
+    /// Bytes of a [`PointSet::ValueRows`] record after its point: the group, the values.
+    fn tail_len(&self) -> usize {
+        4 + 8 * self.sums
+    }
+
+    /// A row read in process: its key is blinded with the chunk's.
+    fn push_key(
+        &mut self,
+        row_key: &[u8],
+        group: u32,
+        values: &[i64],
+        (key, key_name): (&JobKey, &str),
+    ) -> std::io::Result<()> {
+        self.keys.push(row_key).map_err(std::io::Error::other)?;
+        push_tail(&mut self.tails, group, values);
+        if self.keys.len() == SPILL_CHUNK {
+            self.flush_keys(key, key_name)?;
+        }
+        Ok(())
+    }
+
+    /// Blinds the chunk's keys (equal ones once) and writes its rows, in read order.
+    fn flush_keys(&mut self, key: &JobKey, key_name: &str) -> std::io::Result<()> {
+        if self.keys.is_empty() {
+            return Ok(());
+        }
+        let mut distinct = self.keys.clone();
+        distinct.dedup();
+        let points = blind_items(key, key_name, &distinct);
+        let keys = std::mem::take(&mut self.keys);
+        let tails = std::mem::take(&mut self.tails);
+        for (row_key, tail) in keys.iter().zip(tails.chunks_exact(self.tail_len())) {
+            let at = distinct
+                .position_sorted(row_key)
+                .ok_or_else(|| std::io::Error::other("a chunk's key went missing"))?;
+            self.push_record(&points[at], tail);
+        }
+        self.write_parts()
+    }
+
+    /// A row blinded on the executors.
+    fn push_point(
+        &mut self,
+        point: &EncodedPoint,
+        group: u32,
+        values: &[i64],
+    ) -> std::io::Result<()> {
+        let mut tail = Vec::with_capacity(self.tail_len());
+        push_tail(&mut tail, group, values);
+        self.push_record(point, &tail);
+        if self.pending >= SPILL_CHUNK {
+            self.write_parts()?;
+        }
+        Ok(())
+    }
+
+    fn push_record(&mut self, point: &EncodedPoint, tail: &[u8]) {
+        let part = &mut self.parts[bucket_of(point)];
+        part.extend_from_slice(point);
+        part.extend_from_slice(tail);
+        self.pending += 1;
+    }
+
+    fn write_parts(&mut self) -> std::io::Result<()> {
+        for (b, part) in self.parts.iter_mut().enumerate() {
+            if !part.is_empty() {
+                self.store.append(PointSet::ValueRows, b, part)?;
+                part.clear();
+            }
+        }
+        self.pending = 0;
+        Ok(())
+    }
+
+    /// Writes what is pending, then combines each bucket's rows as [`load`] combines the whole
+    /// set, one bucket in memory at a time; returns the rows and the number of identifiers
+    /// whose rows carried more than one group label.
+    fn combine(
+        mut self,
+        shape: &SumShape,
+        bounds: &[ColumnBound],
+    ) -> Result<(SpilledValues, u64), String> {
+        let failed = |e: std::io::Error| spill_failed(&e).to_string();
+        self.write_parts().map_err(failed)?;
+        let (labels, cells, sums) = (shape.labels.len(), shape.cells(), self.sums);
+        let width = POINT_LEN + self.tail_len();
+        let (mut size, mut several) = (0u64, 0u64);
+        for b in 0..BUCKETS {
+            let bytes = self.store.read(PointSet::ValueRows, b).map_err(failed)?;
+            let rows = bytes.len() / width;
+            let mut points: Vec<&[u8]> = Vec::with_capacity(rows);
+            let mut groups = Vec::with_capacity(rows);
+            let mut values = Vec::with_capacity(rows * sums);
+            for record in bytes.chunks_exact(width) {
+                let (point, tail) = record.split_at(POINT_LEN);
+                let (group, tail) = tail.split_at(4);
+                let group = u32::from_le_bytes(group.try_into().map_err(|_| "a torn row")?);
+                if group as usize >= labels {
+                    return Err(format!("a spilled row names group {group} of {labels}"));
+                }
+                points.push(point);
+                groups.push(group);
+                values.extend(tail.chunks_exact(8).map(|v| {
+                    let mut le = [0u8; 8];
+                    le.copy_from_slice(v);
+                    i64::from_le_bytes(le)
+                }));
+            }
+            let combined = combine(
+                rows,
+                |i| points[i as usize],
+                &groups,
+                &values,
+                shape,
+                bounds,
+            )?;
+            let mut out = Vec::with_capacity(combined.firsts.len() * value_record_len(cells));
+            for (first, row) in combined.firsts.iter().zip(combined.cells.chunks(cells)) {
+                out.extend_from_slice(points[*first as usize]);
+                for cell in row {
+                    out.extend_from_slice(&cell.to_le_bytes());
+                }
+            }
+            self.store
+                .put(PointSet::ValueCells, b, &out)
+                .map_err(failed)?;
+            self.store
+                .put(PointSet::ValueRows, b, &[])
+                .map_err(failed)?;
+            size += combined.firsts.len() as u64;
+            several += combined.several;
+        }
+        Ok((SpilledValues::new(self.store, size, cells), several))
+    }
+}
+
+/// A [`PointSet::ValueRows`] record's tail: the group, then the values (little-endian).
+fn push_tail(out: &mut Vec<u8>, group: u32, values: &[i64]) {
+    out.extend_from_slice(&group.to_le_bytes());
+    for v in values {
+        out.extend_from_slice(&v.to_le_bytes());
+    }
+}
+
 /// [`load`] with the pass on the partner's Ballista executors ([`super::cluster_pass`]): they
 /// read, filter, normalise and blind each row's key with `key`, and parse its values and group;
 /// the node combines each identifier's rows by its point as [`load`] does by its key. The
-/// result holds points ([`SumKeys::Blinded`]), never identifiers.
+/// result holds points ([`SumKeys::Blinded`]), never identifiers. With `spill` (a
+/// `memory_limit`) the rows go to its buckets as they come and are combined there, as
+/// [`load_spilled`] does ([`SumKeys::Spilled`]).
 #[allow(clippy::too_many_arguments)]
 pub fn load_on_cluster(
     dataset: &DatasetConfig,
@@ -210,6 +497,7 @@ pub fn load_on_cluster(
     filter: RowFilter<'_>,
     max_rows: u64,
     (key, sealing): (JobKey, &SealingKey),
+    spill: Option<Box<dyn PointStore>>,
 ) -> Result<SumInput, String> {
     let sums = check_shape(shape, bounds)?;
     let mut columns: Vec<&str> = bounds.iter().map(|b| b.column.as_str()).collect();
@@ -228,12 +516,32 @@ pub fn load_on_cluster(
     let mut values: Vec<i64> = Vec::new();
     let mut bad = 0u64;
     let location = dataset.location();
+    let labels = shape.labels.len();
+    let mut spill = spill.map(|store| RowSpill::new(store, sums));
     let counts = dataset::pass_on_cluster(dataset, keys, filter, max_rows, sealed, |row, out| {
         match out {
+            Outcome::Valued(_, group, _) if group as usize >= labels => {
+                return Err(dataset::DatasetError::Source(
+                    super::source::SourceError::Engine {
+                        dataset: dataset.name.clone(),
+                        location: location.clone(),
+                        message: format!(
+                            "row {row}: an executor returned a group outside the job's {labels}"
+                        ),
+                    },
+                ));
+            }
             Outcome::Valued(point, group, row_values) if row_values.len() == sums => {
-                points.push(point);
-                groups.push(group);
-                values.extend_from_slice(&row_values);
+                match &mut spill {
+                    Some(spill) => spill
+                        .push_point(&point, group, &row_values)
+                        .map_err(|e| spill_failed(&e))?,
+                    None => {
+                        points.push(point);
+                        groups.push(group);
+                        values.extend_from_slice(&row_values);
+                    }
+                }
             }
             Outcome::BadValue => bad += 1,
             _ => {
@@ -252,11 +560,10 @@ pub fn load_on_cluster(
         Ok(())
     })
     .map_err(|e| e.to_string())?;
-    let labels = shape.labels.len();
-    if groups.iter().any(|&g| g as usize >= labels) {
-        return Err(format!(
-            "{location}: an executor returned a group outside the job's {labels}"
-        ));
+    let counts = KeyedRowCounts::from(counts);
+    if let Some(spill) = spill {
+        let spilled = spill.combine(shape, bounds)?;
+        return spilled_input(key, spilled, counts, bad, (shape, bounds));
     }
     let combined = combine(
         points.len(),
@@ -272,7 +579,6 @@ pub fn load_on_cluster(
         .filter_map(|&first| points.get(first as usize).copied())
         .collect();
     drop(points);
-    let counts = KeyedRowCounts::from(counts);
     combined.into_input(
         SumKeys::Blinded(key, distinct),
         counts,
@@ -402,7 +708,9 @@ mod tests {
     fn items(input: &SumInput) -> &ItemSet {
         match &input.keys {
             SumKeys::Items(items) => items,
-            SumKeys::Blinded(..) => panic!("read in process: identifiers"),
+            SumKeys::Blinded(..) | SumKeys::Spilled(..) => {
+                panic!("read in process: identifiers")
+            }
         }
     }
 
@@ -544,6 +852,88 @@ path = "cb.csv"
         let d = dataset(dir.path(), "email,amount\na@x.com,1\nb@x.com,20\n");
         let input = load_by_email(&d, &ungrouped("amount"), &[bound("amount", 5, 10)]).unwrap();
         assert_eq!(input.values, [1, 5, 1, 10]);
+    }
+
+    /// Under a `memory_limit` the rows are blinded as they are read and combined bucket by
+    /// bucket: each identifier's row of cells is the one [`load`] gives it, over several chunks,
+    /// with one identifier's rows in several chunks; no identifier reaches the store.
+    #[test]
+    fn a_spilled_load_combines_the_rows_as_load_does() {
+        use cleanroom_circuits::spill::MemoryStore;
+        let dir = tempfile::tempdir().unwrap();
+        let mut csv = String::from("email,amount,reason\n");
+        // Each identifier has 4 or 5 rows, 3000 apart: some in one chunk, some in others.
+        for r in 0..3 * SPILL_CHUNK as u32 {
+            let id = (r * 7919) % 3000;
+            let value = match r {
+                r if r % 13 == 0 => "x".to_owned(),
+                r if r % 11 == 0 => format!("-{}", r % 50),
+                r => (r % 97).to_string(),
+            };
+            let reason = ["fraud", "dispute", "weird"][(r % 7 % 3) as usize];
+            csv.push_str(&format!("User{id}@x.com,{value},{reason}\n"));
+        }
+        let d = dataset(dir.path(), &csv);
+        let spec = OverlapSumSpec {
+            sums: vec!["amount".into()],
+            group_by: "reason".into(),
+            groups: vec!["fraud".into(), "dispute".into()],
+            count: true,
+        };
+        let bounds = [bound("amount", 0, 150)];
+        let (keys, shape) = (KeySpec::new(["email"]), SumShape::of(&spec));
+        let read = |spill: Option<(JobKey, Box<dyn PointStore>)>| {
+            let (d, keys, shape, f) = (&d, &keys, &shape, RowFilter::default());
+            let g = Some("reason");
+            match spill {
+                None => load(d, keys, g, shape, &bounds, f, 1 << 20),
+                Some(spill) => load_spilled(d, keys, g, shape, &bounds, f, 1 << 20, spill),
+            }
+            .unwrap()
+        };
+        let in_memory = read(None);
+        let key = JobKey::generate();
+        let copy = JobKey::from_secret_bytes(&key.to_secret_bytes()).unwrap();
+        let spilled = read(Some((key, Box::new(MemoryStore::default()))));
+
+        assert_eq!(spilled.keys.len(), in_memory.keys.len());
+        assert_eq!(spilled.rows_bad_value, in_memory.rows_bad_value);
+        assert_eq!(spilled.counts.rows_read, in_memory.counts.rows_read);
+        assert!(in_memory.keys_with_several_groups > 0);
+        assert_eq!(
+            spilled.keys_with_several_groups,
+            in_memory.keys_with_several_groups
+        );
+        assert_eq!(spilled.layout, in_memory.layout);
+        assert_eq!(spilled.sensitivities, in_memory.sensitivities);
+        assert!(spilled.values.is_empty());
+
+        // Each identifier's row, by its point.
+        let cells = shape.cells();
+        let points = blind_items(&copy, &dataset::key_name(&keys), items(&in_memory));
+        let want: std::collections::BTreeMap<Vec<u8>, Vec<u64>> = points
+            .iter()
+            .zip(in_memory.values.chunks(cells))
+            .map(|(p, row)| (p.to_vec(), row.to_vec()))
+            .collect();
+        let SumKeys::Spilled(_, own) = spilled.keys else {
+            panic!("a spilled input");
+        };
+        let mut store = own.into_store();
+        let mut got = std::collections::BTreeMap::new();
+        for b in 0..BUCKETS {
+            assert!(store.read(PointSet::ValueRows, b).unwrap().is_empty());
+            let bytes = store.read(PointSet::ValueCells, b).unwrap();
+            assert!(!bytes.windows(6).any(|w| w == b"@x.com"), "an identifier");
+            for record in bytes.chunks_exact(value_record_len(cells)) {
+                let row = record[POINT_LEN..]
+                    .chunks_exact(8)
+                    .map(|c| u64::from_le_bytes(c.try_into().unwrap()))
+                    .collect::<Vec<_>>();
+                got.insert(record[..POINT_LEN].to_vec(), row);
+            }
+        }
+        assert_eq!(got, want);
     }
 
     #[test]

@@ -767,12 +767,17 @@ impl Protocol for KeyHolder {
 pub enum VhWork {
     /// Blind our items.
     Blind(VhReadyToBlind),
+    /// Read our next spilled batch (none in memory: [`VhWork::Blind`] gave them all).
+    OwnNext(VhExchanging),
     /// Re-blind one batch of the key holder's points.
     PeerBatch(VhExchanging, Vec<u8>),
     /// Take the key holder's next points, re-blinded off the node, in its order.
     PeerReblinded(VhExchanging, Vec<Vec<EncodedPoint>>),
     /// The key holder's points are all in: shuffle them for return.
     PeerEnd(VhExchanging, u64),
+    /// Read the next spilled batch of the key holder's points to return (none in memory:
+    /// [`VhWork::PeerEnd`] gave them all); the total to announce after them.
+    ReturnNext(VhEncrypting, u64),
     /// Encrypt the next batch of our rows (the heavy step).
     Encrypt(VhEncrypting),
     /// Decrypt the key holder's noised sums.
@@ -784,10 +789,15 @@ pub enum VhWork {
 pub enum VhDone {
     /// Our blinded batches.
     Blinded(Vec<Vec<u8>>, VhExchanging),
+    /// Our next spilled batch, `None` once all are out.
+    OwnNext(Result<Option<Vec<u8>>, SumError>, VhExchanging),
     /// A peer batch taken in.
     PeerBatch(Result<VhExchanging, SumError>),
     /// The key holder's points to return, and the encryption to run.
     PeerEnd(u64, Result<(Vec<Vec<u8>>, VhEncrypting), SumError>),
+    /// The next spilled batch of the key holder's points to return, `None` once all are out,
+    /// and the total to announce after them.
+    ReturnNext(u64, Result<Option<Vec<u8>>, SumError>, VhEncrypting),
     /// The next batch of encrypted rows (`None`: all sent).
     Encrypted(VhEncrypting, Result<Option<Vec<u8>>, SumError>),
     /// The decrypted cells.
@@ -816,6 +826,8 @@ pub struct VhExchange {
     pub release: SumRelease,
     /// Whether this node's ledger was charged.
     pub charged: bool,
+    /// Bytes a spilled session wrote to its spill files (0 in memory).
+    pub spilled_bytes: u64,
 }
 
 /// The value holder's protocol (party 1).
@@ -833,6 +845,8 @@ pub struct ValueHolder {
     release: Option<SumRelease>,
     /// The key holder's points while they are re-blinded off the node.
     off_node: Option<InOrderPoints>,
+    /// Bytes a spilled session wrote to its spill files (0 in memory).
+    spilled_bytes: u64,
 }
 
 impl std::fmt::Debug for ValueHolder {
@@ -871,6 +885,9 @@ impl ValueHolder {
             SumKeys::Blinded(key, points) => {
                 ValueHolderSession::start_blinded(params, key, points, layout, values, paillier)
             }
+            SumKeys::Spilled(key, own) => {
+                ValueHolderSession::start_spilled(params, key, own, layout, paillier)
+            }
         }
         .map_err(|e| JobError::Refused(Veto(e.to_string())))?;
         let own_size = hello.set_size;
@@ -891,6 +908,7 @@ impl ValueHolder {
             noise: Vec::new(),
             charged: false,
             release: None,
+            spilled_bytes: 0,
         })
     }
 
@@ -908,6 +926,7 @@ impl ValueHolder {
                     cells,
                     release,
                     charged: self.charged,
+                    spilled_bytes: self.spilled_bytes,
                 })
             }
             _ => None,
@@ -1022,12 +1041,24 @@ impl ValueHolder {
                 for env in self.out.points(Phase::PsiBlinded, batches) {
                     self.send(env);
                 }
-                let end = self.out.end(Phase::PsiBlinded, self.own_size);
-                self.send(end);
-                self.seq_in = 0;
-                self.stage = VhStage::PeerPoints(next);
-                self.advance_off_node();
+                // A spilled session's points come one batch at a time, before the end marker.
+                self.compute(VhWork::OwnNext(next));
             }
+            VhDone::OwnNext(r, next) => match r.map_err(v)? {
+                Some(batch) => {
+                    for env in self.out.points(Phase::PsiBlinded, vec![batch]) {
+                        self.send(env);
+                    }
+                    self.compute(VhWork::OwnNext(next));
+                }
+                None => {
+                    let end = self.out.end(Phase::PsiBlinded, self.own_size);
+                    self.send(end);
+                    self.seq_in = 0;
+                    self.stage = VhStage::PeerPoints(next);
+                    self.advance_off_node();
+                }
+            },
             VhDone::PeerBatch(r) => {
                 self.stage = VhStage::PeerPoints(r.map_err(v)?);
                 self.advance_off_node();
@@ -1038,11 +1069,23 @@ impl ValueHolder {
                 for env in self.out.points(Phase::PsiDoubleBlinded, returned) {
                     self.send(env);
                 }
-                let end = self.out.end(Phase::PsiDoubleBlinded, total);
-                self.send(end);
-                // Our rows, encrypted batch by batch, in the order our points went.
-                self.compute(VhWork::Encrypt(encrypting));
+                // A spilled session returns them one batch at a time, before the end marker.
+                self.compute(VhWork::ReturnNext(encrypting, total));
             }
+            VhDone::ReturnNext(total, r, encrypting) => match r.map_err(v)? {
+                Some(batch) => {
+                    for env in self.out.points(Phase::PsiDoubleBlinded, vec![batch]) {
+                        self.send(env);
+                    }
+                    self.compute(VhWork::ReturnNext(encrypting, total));
+                }
+                None => {
+                    let end = self.out.end(Phase::PsiDoubleBlinded, total);
+                    self.send(end);
+                    // Our rows, encrypted batch by batch, in the order our points went.
+                    self.compute(VhWork::Encrypt(encrypting));
+                }
+            },
             VhDone::Encrypted(encrypting, r) => {
                 let batch = r.map_err(|e| JobError::Compute {
                     step: "encrypting our rows",
@@ -1058,6 +1101,7 @@ impl ValueHolder {
                     None => {
                         let end = self.out.end(Phase::SumRows, encrypting.rows_sent());
                         self.send(end);
+                        self.spilled_bytes = encrypting.spilled_bytes();
                         self.stage = VhStage::Sums(encrypting.finish());
                     }
                 }
@@ -1099,6 +1143,7 @@ impl Protocol for ValueHolder {
                 let (batches, next) = s.blind();
                 VhDone::Blinded(batches, next)
             }
+            VhWork::OwnNext(mut s) => VhDone::OwnNext(s.next_own_batch(), s),
             VhWork::PeerBatch(s, p) => VhDone::PeerBatch(s.on_peer_batch(&p)),
             VhWork::PeerReblinded(s, pieces) => VhDone::PeerBatch(
                 pieces
@@ -1106,6 +1151,9 @@ impl Protocol for ValueHolder {
                     .try_fold(s, |s, points| s.on_peer_reblinded(points)),
             ),
             VhWork::PeerEnd(s, total) => VhDone::PeerEnd(total, s.on_peer_end(total)),
+            VhWork::ReturnNext(mut s, total) => {
+                VhDone::ReturnNext(total, s.next_returned_batch(), s)
+            }
             VhWork::Encrypt(mut s) => {
                 let batch = s.next_batch();
                 VhDone::Encrypted(s, batch)

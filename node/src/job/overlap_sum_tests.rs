@@ -246,6 +246,95 @@ fn a_spilled_key_holder_gives_the_same_sums() {
     assert_eq!(kh.sizes, (30, 40));
 }
 
+/// [`input`] as a value holder under a `memory_limit` holds it: its rows blinded with a fresh
+/// key and put, one record per point, in buckets (in memory here), each bucket sorted.
+fn spilled_input(from: u32, to: u32) -> SumInput {
+    use cleanroom_circuits::intersection_sum::SpilledValues;
+    use cleanroom_circuits::spill::{BUCKETS, PointSet, PointStore, bucket_of};
+    let SumInput {
+        keys: SumKeys::Items(items),
+        values,
+        layout,
+        sensitivities,
+        ..
+    } = input(from, to)
+    else {
+        panic!("identifiers in memory");
+    };
+    let key = JobKey::generate();
+    let points = cleanroom_circuits::blind_items(&key, "email", &items);
+    let mut buckets = vec![Vec::<Vec<u8>>::new(); BUCKETS];
+    for (point, cells) in points.iter().zip(values.chunks(2)) {
+        let mut record = point.to_vec();
+        for cell in cells {
+            record.extend_from_slice(&cell.to_le_bytes());
+        }
+        buckets[bucket_of(point)].push(record);
+    }
+    let mut store = MemoryStore::default();
+    for (b, mut records) in buckets.into_iter().enumerate() {
+        records.sort();
+        store
+            .put(PointSet::ValueCells, b, &records.concat())
+            .expect("in memory");
+    }
+    let own = SpilledValues::new(Box::new(store), points.len() as u64, 2);
+    SumInput {
+        keys: SumKeys::Spilled(key, own),
+        values: Vec::new(),
+        layout,
+        sensitivities,
+        counts: KeyedRowCounts::default(),
+        rows_bad_value: 0,
+        keys_with_several_groups: 0,
+    }
+}
+
+/// A value holder whose rows were spilled as its dataset was read sends its points and returns
+/// the key holder's in batches (after the key holder's last point), and gets the same exact
+/// sums, facing a key holder in memory or a spilled one.
+#[test]
+fn a_spilled_value_holder_gives_the_same_sums() {
+    for spilled_key_holder in [false, true] {
+        let a = SumConfig {
+            batch_points: 4,
+            ..config(0, "")
+        };
+        let acme = if spilled_key_holder {
+            let key = JobKey::generate();
+            let mut own = OwnSetBuilder::new(Box::new(MemoryStore::default()));
+            own.add(&key, &a.params().key_name, &items(0, 30))
+                .expect("spilled");
+            KeyHolder::start_spilled(a, key, own.finish().expect("sorted"))
+        } else {
+            KeyHolder::start(a, JobKey::generate(), items(0, 30))
+        }
+        .expect("key holder starts");
+        let b = SumConfig {
+            batch_points: 4,
+            ..config(1, "")
+        };
+        let globex = ValueHolder::start(b, spilled_input(10, 50), ahe::keygen().expect("key"))
+            .expect("value holder starts");
+        let mut pair = Pair {
+            acme: Side::new(acme),
+            globex: Side::new(globex),
+        };
+        pair.run(honest(), honest());
+        assert!(pair.acme.error.is_none(), "{:?}", pair.acme.error);
+        assert!(pair.globex.error.is_none(), "{:?}", pair.globex.error);
+        let vh = pair
+            .globex
+            .proto
+            .into_exchange()
+            .expect("value holder finished");
+        assert_eq!(vh.cells, truth());
+        assert_eq!(vh.sizes, (40, 30));
+        // Its rows as put (48 bytes each), and the key holder's points twice (32 bytes each).
+        assert_eq!(vh.spilled_bytes, 40 * 48 + 2 * 30 * 32);
+    }
+}
+
 fn truth() -> [i128; 2] {
     [20, (10..30).map(|i| i128::from(amount(i))).sum()]
 }

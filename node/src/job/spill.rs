@@ -29,6 +29,8 @@ fn bucket_path(dir: &Path, set: PointSet, bucket: usize) -> PathBuf {
         PointSet::OwnTags => "own-tags",
         PointSet::ReturnedPlaced => "returned-placed",
         PointSet::PeerPlaced => "peer-placed",
+        PointSet::ValueRows => "value-rows",
+        PointSet::ValueCells => "value-cells",
     };
     dir.join(format!("{set}-{bucket:03}"))
 }

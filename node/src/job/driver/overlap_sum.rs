@@ -29,8 +29,10 @@ use crate::dataplane::Delivery;
 use crate::error::{JobError, NodeError};
 use crate::job::overlap_sum::{KeyHolder, KhExchange, SumConfig, ValueHolder, VhExchange};
 use crate::job::psi::{BATCH_POINTS, ReblindPlace};
+use crate::job::spill::FileStore;
 use crate::policy::overlap_sum::{self as sum_policy, SumShape};
 use crate::spec::spec_digest;
+use cleanroom_circuits::spill::PointStore;
 
 /// Key holder: load, dial the value holder, run the exchange.
 pub async fn run_key_holder(
@@ -109,28 +111,62 @@ async fn load_values(job: &JobContext) -> Result<SumInput, NodeError> {
     let forgotten = job.forgotten()?;
     let group_by = (!sum.group_by.is_empty()).then(|| sum.group_by.clone());
     let read_bounds = bounds.clone();
-    // With a sealing key, the pass (values and groups included) runs on the executors.
+    // With a sealing key, the pass (values and groups included) runs on the executors. Under a
+    // memory_limit the rows are blinded (here or there) as they are read, and combined in
+    // spill files.
     let sealing = sealing_key(&dataset)?;
+    let on_executors = sealing.is_some();
+    let spill_dir = job
+        .state
+        .cfg()
+        .memory_limit
+        .map(|_| job.state.cfg().spill_dir());
+    let job_id = job.job_id.clone();
     let input = blocking(move || {
         let filter = RowFilter {
             consent_column: consent.as_deref(),
             forgotten: forgotten.as_ref(),
         };
-        match &sealing {
-            Some(sealing) => sum_input::load_on_cluster(
+        let store = match spill_dir {
+            Some(spill_dir) => {
+                let store = FileStore::create(&spill_dir, &job_id).map_err(|e| {
+                    dataset::DatasetError::Spill(format!(
+                        "cannot create them in {}: {e}",
+                        spill_dir.display()
+                    ))
+                    .to_string()
+                })?;
+                Some(Box::new(store) as Box<dyn PointStore>)
+            }
+            None => None,
+        };
+        let group_by = group_by.as_deref();
+        match (&sealing, store) {
+            (Some(sealing), store) => sum_input::load_on_cluster(
                 &dataset,
                 &keys,
-                group_by.as_deref(),
+                group_by,
                 &shape,
                 &read_bounds,
                 filter,
                 MAX_ROWS,
                 (JobKey::generate(), sealing),
+                store,
             ),
-            None => sum_input::load(
+            (None, Some(store)) => sum_input::load_spilled(
                 &dataset,
                 &keys,
-                group_by.as_deref(),
+                group_by,
+                &shape,
+                &read_bounds,
+                filter,
+                MAX_ROWS,
+                (JobKey::generate(), store),
+            ),
+            (None, None) => sum_input::load(
+                &dataset,
+                &keys,
+                group_by,
                 &shape,
                 &read_bounds,
                 filter,
@@ -145,7 +181,8 @@ async fn load_values(job: &JobContext) -> Result<SumInput, NodeError> {
         rejected = input.counts.rows_rejected,
         bad_values = input.rows_bad_value,
         distinct = input.keys.len(),
-        on_executors = matches!(input.keys, sum_input::SumKeys::Blinded(..)),
+        on_executors,
+        spilled = matches!(input.keys, sum_input::SumKeys::Spilled(..)),
         "dataset loaded"
     );
     let mut columns = key_columns(&job.permit);
@@ -245,7 +282,10 @@ async fn value_holder(
     let mut cfg = config(job)?;
     let shape = cfg.shape.clone();
     let reblinds = match &input.keys {
-        sum_input::SumKeys::Blinded(key, _) => reblinds_on_cluster(job, &mut cfg, key).await?,
+        // On a cluster (none without one), the key holder's points are re-blinded there too.
+        sum_input::SumKeys::Blinded(key, _) | sum_input::SumKeys::Spilled(key, _) => {
+            reblinds_on_cluster(job, &mut cfg, key).await?
+        }
         sum_input::SumKeys::Items(_) => None,
     };
     let keys_with_several_groups = input.keys_with_several_groups;
@@ -273,9 +313,13 @@ async fn value_holder(
         cells,
         mut release,
         charged,
+        spilled_bytes,
     } = proto
         .into_exchange()
         .ok_or_else(|| JobError::Internal("the protocol stopped early".into()))?;
+    if spilled_bytes > 0 {
+        tracing::info!(spilled_bytes, "spill files written");
+    }
 
     // Threshold each group on its noised count; the total count covers released groups only
     // (a total over every group minus the shown ones would give a suppressed group away).
