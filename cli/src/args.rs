@@ -904,9 +904,9 @@ pub struct BenchPsiArgs {
     /// and report the speed-up of the last count over the one before. Default: one per core.
     #[arg(long, value_delimiter = ',')]
     pub threads: Vec<usize>,
-    /// Run both nodes under this `memory_limit` (e.g. `1GiB`): the overlap, the match and an
-    /// overlap-sum's key holder then keep their point sets in spill files, and the bytes each
-    /// node spilled are reported.
+    /// Run both nodes under this `memory_limit` (e.g. `1GiB`): the overlap, the match and both
+    /// roles of an overlap-sum then keep their sets in spill files, and the bytes each node
+    /// spilled are reported.
     #[arg(long)]
     pub memory_limit: Option<bytesize::ByteSize>,
     /// Where the nodes' dataset reads run: in their processes, or on a local Ballista cluster

@@ -102,7 +102,7 @@ pub async fn run(args: BenchPsiArgs) -> anyhow::Result<ExitCode> {
     }
 
     progress.set_message("starting the coordinator and two nodes");
-    // Under --memory-limit the key holder spills its sets (and the overlaps spill theirs);
+    // Under --memory-limit both roles of the overlap-sum spill their sets, as the overlaps do;
     // with --engine ballista both nodes read, blind and re-blind on their executors.
     let partners = Partner::all_in(&data_dir, &PARTNERS);
     let cluster = crate::bench_psi::start(&dir, &partners, None, &args).await?;
@@ -167,7 +167,7 @@ pub async fn run(args: BenchPsiArgs) -> anyhow::Result<ExitCode> {
         }
     }
     let rss = cluster.peak_rss(&PARTNERS);
-    // What each node spilled in the last overlap-sum (the key holder under a limit).
+    // What each node spilled in the last overlap-sum (both roles spill under a limit).
     let spilled: Vec<(String, Option<u64>)> = PARTNERS
         .iter()
         .map(|n| {
@@ -235,7 +235,7 @@ pub async fn run(args: BenchPsiArgs) -> anyhow::Result<ExitCode> {
     }
     if let Some(limit) = args.memory_limit {
         cleanroom_node::outln!(
-            "memory_limit: {limit} per node (the key holder's sets and the overlaps' spilled)"
+            "memory_limit: {limit} per node (both roles of the overlap-sum and the overlaps spill)"
         );
         for (name, bytes) in &spilled {
             cleanroom_node::outln!(

@@ -13,6 +13,7 @@
 //! permutation of our items, independent of them, since the encodings of `k·H(x)` under a
 //! secret uniform `k` are indistinguishable from uniform strings.
 
+use crate::psi::received_within;
 use crate::spill::{
     BUCKETS, BucketReader, PointSet, PointStore, SpilledOwn, append_by_bucket,
     append_records_by_bucket, bucket_cap, matched_peer_places, placed,
@@ -125,13 +126,7 @@ impl KhSpill {
         peer_size: u64,
         reblinded: &[EncodedPoint],
     ) -> Result<(), PsiError> {
-        let received = self.peer_received + reblinded.len() as u64;
-        if received > peer_size {
-            return Err(PsiError::TooManyPoints {
-                declared: peer_size,
-                received,
-            });
-        }
+        let received = received_within(peer_size, self.peer_received, reblinded.len())?;
         let records: Vec<_> = reblinded
             .iter()
             .zip(self.peer_received..)

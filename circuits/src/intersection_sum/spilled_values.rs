@@ -15,6 +15,7 @@
 //! points are `k·k_A·H(y)`, whose sorted order the key holder cannot link to the order it sent
 //! without our `k`.
 
+use crate::psi::received_within;
 use crate::spill::{
     BUCKETS, BucketReader, PointSet, PointStore, append_by_bucket, bucket_cap,
     sort_bucket_distinct, spill_error,
@@ -227,13 +228,7 @@ impl VhSpill {
         peer_size: u64,
         reblinded: &[EncodedPoint],
     ) -> Result<(), PsiError> {
-        let received = self.peer_received + reblinded.len() as u64;
-        if received > peer_size {
-            return Err(PsiError::TooManyPoints {
-                declared: peer_size,
-                received,
-            });
-        }
+        let received = received_within(peer_size, self.peer_received, reblinded.len())?;
         append_by_bucket(
             self.store.as_mut(),
             PointSet::Peer,

@@ -194,12 +194,19 @@ pub(crate) fn append_reblinded(
     peer_double: &mut Vec<EncodedPoint>,
     reblinded: &[EncodedPoint],
 ) -> Result<(), PsiError> {
-    let received = peer_double.len() as u64 + reblinded.len() as u64;
+    received_within(declared, peer_double.len() as u64, reblinded.len())?;
+    peer_double.extend_from_slice(reblinded);
+    Ok(())
+}
+
+/// How many of the peer's points have come once `more` follow the `before` it sent already;
+/// fails if that takes it past its `declared` size.
+pub(crate) fn received_within(declared: u64, before: u64, more: usize) -> Result<u64, PsiError> {
+    let received = before + more as u64;
     if received > declared {
         return Err(PsiError::TooManyPoints { declared, received });
     }
-    peer_double.extend_from_slice(reblinded);
-    Ok(())
+    Ok(received)
 }
 
 /// Re-blinds one batch of the peer's points that follows `offset` earlier ones, after checking

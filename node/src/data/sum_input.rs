@@ -131,7 +131,7 @@ pub fn load(
     filter: RowFilter<'_>,
     max_rows: u64,
 ) -> Result<SumInput, String> {
-    let sums = check_shape(shape, bounds)?;
+    check_shape(shape, bounds)?;
     let parser = RowParser::new(group_by, shape, bounds);
 
     // Every accepted row, in file order: its key (in an arena), its group and its signed
@@ -139,30 +139,19 @@ pub fn load(
     let mut all = ItemSet::new();
     let mut groups: Vec<u32> = Vec::new();
     let mut values: Vec<i64> = Vec::new();
-    let mut bad = 0u64;
-    let mut row_values = vec![0i64; sums];
     let location = dataset.location();
-    let counts = dataset::for_each_keyed_row_for(
-        dataset,
-        keys,
-        &parser.columns(),
-        filter,
-        max_rows,
-        |row, key, f| {
-            let Some(group) = parser.parse(f, &mut row_values) else {
-                bad += 1;
-                return Ok(());
-            };
+    let (counts, bad) = parser.for_each_row(
+        (dataset, keys, filter, max_rows),
+        |row, key, group, row_values| {
             all.push(key).map_err(|_| dataset::DatasetError::TooLarge {
                 location: location.clone(),
                 row,
             })?;
             groups.push(group);
-            values.extend_from_slice(&row_values);
+            values.extend_from_slice(row_values);
             Ok(())
         },
-    )
-    .map_err(|e| e.to_string())?;
+    )?;
 
     let combined = combine(
         all.len(),
@@ -217,6 +206,31 @@ impl<'a> RowParser<'a> {
         read
     }
 
+    /// Reads the dataset's accepted rows: each one's number, key, group and values go to `row`.
+    /// Returns the row counts and how many rows were skipped for a value missing or not an
+    /// integer.
+    fn for_each_row(
+        &self,
+        (dataset, keys, filter, max_rows): (&DatasetConfig, &KeySpec, RowFilter<'_>, u64),
+        mut row: impl FnMut(u64, &[u8], u32, &[i64]) -> Result<(), dataset::DatasetError>,
+    ) -> Result<(KeyedRowCounts, u64), String> {
+        let mut bad = 0u64;
+        let mut values = vec![0i64; self.bounds.len()];
+        let read = self.columns();
+        let counts =
+            dataset::for_each_keyed_row_for(dataset, keys, &read, filter, max_rows, |n, key, f| {
+                match self.parse(f, &mut values) {
+                    Some(group) => row(n, key, group, &values),
+                    None => {
+                        bad += 1;
+                        Ok(())
+                    }
+                }
+            })
+            .map_err(|e| e.to_string())?;
+        Ok((counts, bad))
+    }
+
     /// The row's values into `values` and its group; `None` if a value is missing or not an
     /// integer.
     fn parse(&self, f: &[Option<&[u8]>], values: &mut [i64]) -> Option<u32> {
@@ -262,24 +276,13 @@ pub fn load_spilled(
     let parser = RowParser::new(group_by, shape, bounds);
     let key_name = dataset::key_name(keys);
     let mut rows = RowSpill::new(store, sums);
-    let mut bad = 0u64;
-    let mut row_values = vec![0i64; sums];
-    let counts = dataset::for_each_keyed_row_for(
-        dataset,
-        keys,
-        &parser.columns(),
-        filter,
-        max_rows,
-        |_, row_key, f| {
-            let Some(group) = parser.parse(f, &mut row_values) else {
-                bad += 1;
-                return Ok(());
-            };
-            rows.push_key(row_key, group, &row_values, (&key, &key_name))
+    let (counts, bad) = parser.for_each_row(
+        (dataset, keys, filter, max_rows),
+        |_, row_key, group, row_values| {
+            rows.push_key(row_key, group, row_values, (&key, &key_name))
                 .map_err(|e| spill_failed(&e))
         },
-    )
-    .map_err(|e| e.to_string())?;
+    )?;
     rows.flush_keys(&key, &key_name)
         .map_err(|e| spill_failed(&e).to_string())?;
     let spilled = rows.combine(shape, bounds)?;
@@ -426,6 +429,9 @@ impl RowSpill {
         let (mut size, mut several) = (0u64, 0u64);
         for b in 0..BUCKETS {
             let bytes = self.store.read(PointSet::ValueRows, b).map_err(failed)?;
+            if !bytes.len().is_multiple_of(width) {
+                return Err(spill_failed(&"a row bucket holds a torn record").to_string());
+            }
             let rows = bytes.len() / width;
             let mut points: Vec<&[u8]> = Vec::with_capacity(rows);
             let mut groups = Vec::with_capacity(rows);

@@ -205,10 +205,9 @@ fn spilled(points: &[cleanroom_circuits::EncodedPoint]) -> SpilledOwn {
     own.finish().expect("sorted")
 }
 
-/// A key holder whose points were blinded and spilled as its dataset was read (a node under a
-/// `memory_limit`) sends them in batches, and the value holder gets the same exact sums.
-#[test]
-fn a_spilled_key_holder_gives_the_same_sums() {
+/// A key holder over items 0..30 whose points were blinded and spilled as its dataset was read
+/// (a node under a `memory_limit`), sending batches of 4.
+fn spilled_key_holder() -> KeyHolder {
     let a = SumConfig {
         batch_points: 4,
         ..config(0, "")
@@ -217,8 +216,14 @@ fn a_spilled_key_holder_gives_the_same_sums() {
     let mut own = OwnSetBuilder::new(Box::new(MemoryStore::default()));
     own.add(&key, &a.params().key_name, &items(0, 30))
         .expect("spilled");
-    let acme =
-        KeyHolder::start_spilled(a, key, own.finish().expect("sorted")).expect("key holder starts");
+    KeyHolder::start_spilled(a, key, own.finish().expect("sorted")).expect("key holder starts")
+}
+
+/// A key holder whose points were blinded and spilled as its dataset was read sends them in
+/// batches, and the value holder gets the same exact sums.
+#[test]
+fn a_spilled_key_holder_gives_the_same_sums() {
+    let acme = spilled_key_holder();
     let globex = ValueHolder::start(
         config(1, ""),
         input(10, 50),
@@ -295,21 +300,13 @@ fn spilled_input(from: u32, to: u32) -> SumInput {
 /// sums, facing a key holder in memory or a spilled one.
 #[test]
 fn a_spilled_value_holder_gives_the_same_sums() {
-    for spilled_key_holder in [false, true] {
-        let a = SumConfig {
-            batch_points: 4,
-            ..config(0, "")
-        };
-        let acme = if spilled_key_holder {
-            let key = JobKey::generate();
-            let mut own = OwnSetBuilder::new(Box::new(MemoryStore::default()));
-            own.add(&key, &a.params().key_name, &items(0, 30))
-                .expect("spilled");
-            KeyHolder::start_spilled(a, key, own.finish().expect("sorted"))
+    for spilled in [false, true] {
+        let acme = if spilled {
+            spilled_key_holder()
         } else {
-            KeyHolder::start(a, JobKey::generate(), items(0, 30))
-        }
-        .expect("key holder starts");
+            KeyHolder::start(config(0, ""), JobKey::generate(), items(0, 30))
+                .expect("key holder starts")
+        };
         let b = SumConfig {
             batch_points: 4,
             ..config(1, "")

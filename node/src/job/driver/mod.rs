@@ -383,14 +383,7 @@ pub(crate) async fn load_input(
                 let items = std::mem::take(&mut loaded.items);
                 return Ok((loaded, PsiInput::Items(items)));
             }
-            (Some(spill_dir), _) => {
-                Box::new(FileStore::create(&spill_dir, &job_id).map_err(|e| {
-                    spill_failed(&format!(
-                        "cannot create them in {}: {e}",
-                        spill_dir.display()
-                    ))
-                })?)
-            }
+            (Some(spill_dir), _) => spill_store(&spill_dir, &job_id)?,
             (None, Some(_)) => Box::new(MemoryStore::default()),
         };
         let key = JobKey::generate();
@@ -434,6 +427,20 @@ pub(crate) async fn load_input(
     );
     job.admit(key_columns(&job.permit), &loaded.counts(), 0, distinct)?;
     Ok((loaded, input))
+}
+
+/// A job's spill files in a fresh directory of its own under `spill_dir`.
+pub(crate) fn spill_store(
+    spill_dir: &std::path::Path,
+    job_id: &str,
+) -> Result<Box<dyn PointStore>, dataset::DatasetError> {
+    let store = FileStore::create(spill_dir, job_id).map_err(|e| {
+        dataset::DatasetError::Spill(format!(
+            "cannot create them in {}: {e}",
+            spill_dir.display()
+        ))
+    })?;
+    Ok(Box::new(store))
 }
 
 /// The sealing key of the dataset's cluster, read from its file: with it, the dataset's pass

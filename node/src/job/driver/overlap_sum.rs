@@ -21,6 +21,7 @@ use super::reblind::Reblinds;
 use super::{
     JOB_TIMEOUT, JobContext, MAX_ROWS, PsiInput, accept, blocking, copy_key, dial,
     finish_connection, key_columns, load_input, reblinds_for, run_exchange, sealing_key,
+    spill_store,
 };
 use crate::audit::AuditEvent;
 use crate::data::dataset::{self, RowFilter};
@@ -29,10 +30,8 @@ use crate::dataplane::Delivery;
 use crate::error::{JobError, NodeError};
 use crate::job::overlap_sum::{KeyHolder, KhExchange, SumConfig, ValueHolder, VhExchange};
 use crate::job::psi::{BATCH_POINTS, ReblindPlace};
-use crate::job::spill::FileStore;
 use crate::policy::overlap_sum::{self as sum_policy, SumShape};
 use crate::spec::spec_digest;
-use cleanroom_circuits::spill::PointStore;
 
 /// Key holder: load, dial the value holder, run the exchange.
 pub async fn run_key_holder(
@@ -116,30 +115,18 @@ async fn load_values(job: &JobContext) -> Result<SumInput, NodeError> {
     // spill files.
     let sealing = sealing_key(&dataset)?;
     let on_executors = sealing.is_some();
-    let spill_dir = job
-        .state
-        .cfg()
-        .memory_limit
-        .map(|_| job.state.cfg().spill_dir());
+    let cfg = job.state.cfg();
+    let spill_dir = cfg.memory_limit.map(|_| cfg.spill_dir());
     let job_id = job.job_id.clone();
     let input = blocking(move || {
         let filter = RowFilter {
             consent_column: consent.as_deref(),
             forgotten: forgotten.as_ref(),
         };
-        let store = match spill_dir {
-            Some(spill_dir) => {
-                let store = FileStore::create(&spill_dir, &job_id).map_err(|e| {
-                    dataset::DatasetError::Spill(format!(
-                        "cannot create them in {}: {e}",
-                        spill_dir.display()
-                    ))
-                    .to_string()
-                })?;
-                Some(Box::new(store) as Box<dyn PointStore>)
-            }
-            None => None,
-        };
+        let store = spill_dir
+            .map(|dir| spill_store(&dir, &job_id))
+            .transpose()
+            .map_err(|e| e.to_string())?;
         let group_by = group_by.as_deref();
         match (&sealing, store) {
             (Some(sealing), store) => sum_input::load_on_cluster(
