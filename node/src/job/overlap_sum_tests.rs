@@ -230,6 +230,13 @@ fn a_spilled_key_holder_gives_the_same_sums() {
         ahe::keygen().expect("paillier key"),
     )
     .expect("value holder starts");
+    let (kh, vh) = run_honestly(acme, globex);
+    assert_eq!(vh.cells, truth());
+    assert_eq!(kh.sizes, (30, 40));
+}
+
+/// Runs both sides honestly to the end: neither may fail.
+fn run_honestly(acme: KeyHolder, globex: ValueHolder) -> (KhExchange, VhExchange) {
     let mut pair = Pair {
         acme: Side::new(acme),
         globex: Side::new(globex),
@@ -237,18 +244,12 @@ fn a_spilled_key_holder_gives_the_same_sums() {
     pair.run(honest(), honest());
     assert!(pair.acme.error.is_none(), "{:?}", pair.acme.error);
     assert!(pair.globex.error.is_none(), "{:?}", pair.globex.error);
-    let vh = pair
-        .globex
-        .proto
-        .into_exchange()
-        .expect("value holder finished");
-    assert_eq!(vh.cells, truth());
-    let kh = pair
-        .acme
-        .proto
-        .into_exchange()
-        .expect("key holder finished");
-    assert_eq!(kh.sizes, (30, 40));
+    let kh = pair.acme.proto.into_exchange();
+    let vh = pair.globex.proto.into_exchange();
+    (
+        kh.expect("key holder finished"),
+        vh.expect("value holder finished"),
+    )
 }
 
 /// [`input`] as a value holder under a `memory_limit` holds it: its rows blinded with a fresh
@@ -313,18 +314,7 @@ fn a_spilled_value_holder_gives_the_same_sums() {
         };
         let globex = ValueHolder::start(b, spilled_input(10, 50), ahe::keygen().expect("key"))
             .expect("value holder starts");
-        let mut pair = Pair {
-            acme: Side::new(acme),
-            globex: Side::new(globex),
-        };
-        pair.run(honest(), honest());
-        assert!(pair.acme.error.is_none(), "{:?}", pair.acme.error);
-        assert!(pair.globex.error.is_none(), "{:?}", pair.globex.error);
-        let vh = pair
-            .globex
-            .proto
-            .into_exchange()
-            .expect("value holder finished");
+        let (_, vh) = run_honestly(acme, globex);
         assert_eq!(vh.cells, truth());
         assert_eq!(vh.sizes, (40, 30));
         // Its rows as put (48 bytes each), and the key holder's points twice (32 bytes each).
