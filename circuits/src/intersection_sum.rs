@@ -565,11 +565,7 @@ impl VhExchanging {
     /// [`VhEncrypting::next_returned_batch`], sorted bucket by bucket.
     pub fn on_peer_end(self, total: u64) -> Result<(Vec<Vec<u8>>, VhEncrypting), SumError> {
         check_total(Stream::Peer, self.peer_size, total, self.peer_received())?;
-        let Self {
-            common,
-            rows,
-            peer_size,
-        } = self;
+        let Self { common, rows, .. } = self;
         let (outgoing, rows) = match rows {
             VhRows::InMemory {
                 values,
@@ -604,7 +600,6 @@ impl VhExchanging {
             VhEncrypting {
                 common,
                 rows,
-                peer_size,
                 next_row: 0,
             },
         ))
@@ -615,7 +610,6 @@ impl VhExchanging {
 pub struct VhEncrypting {
     common: VhCommon,
     rows: VhRows,
-    peer_size: u64,
     next_row: u64,
 }
 
@@ -624,7 +618,6 @@ impl std::fmt::Debug for VhEncrypting {
         f.debug_struct("VhEncrypting")
             .field("next_row", &self.rows_sent())
             .field("rows", &self.common.own_size)
-            .field("peer_size", &self.peer_size)
             .finish_non_exhaustive()
     }
 }

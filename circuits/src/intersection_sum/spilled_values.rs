@@ -55,11 +55,6 @@ impl SpilledValues {
         self.cells
     }
 
-    /// Bytes written to the store so far.
-    pub fn bytes_written(&self) -> u64 {
-        self.store.bytes_written()
-    }
-
     /// The store back, its rows unread (to check what a loader put there).
     pub fn into_store(self) -> Box<dyn PointStore> {
         self.store
