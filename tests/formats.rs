@@ -307,7 +307,8 @@ fn check_refuses_a_view_that_reads_what_no_agreement_permits() {
 /// The same overlap with acme's pass in its node and on its executors (sealed): the same
 /// figures, and each equal to the truth counted here. acme's JSON lines exercise every outcome
 /// the pass gives: rows without consent, a forgotten subject, emails that do not normalise,
-/// null emails, a line break in an email, and duplicates.
+/// null emails, a line break in an email, and duplicates. Its email and consent sit in nested
+/// objects (`customer.email`, `flags.consent_marketing`), some customers null.
 #[test]
 fn the_executors_pass_counts_what_the_node_counts() {
     let in_process = messy_overlap(None);
@@ -558,7 +559,16 @@ fn messy_overlap(executors: Option<usize>) -> (u64, [u64; 4]) {
             r if r % 11 == 0 => serde_json::Value::from("not-an-email"),
             _ => serde_json::Value::from(format!(" {} ", email.to_uppercase())),
         };
-        lines += &serde_json::json!({"email": email, "consent_marketing": consent}).to_string();
+        // Nested objects: the email in `customer` (every other null one as a null customer),
+        // the consent in `flags`.
+        let customer = if email.is_null() && row % 26 == 0 {
+            serde_json::Value::Null
+        } else {
+            serde_json::json!({"email": email, "since": 2019})
+        };
+        let line =
+            serde_json::json!({"customer": customer, "flags": {"consent_marketing": consent}});
+        lines += &line.to_string();
         lines.push('\n');
         if row % 17 == 0 {
             rejected += 1;
@@ -587,8 +597,8 @@ fn messy_overlap(executors: Option<usize>) -> (u64, [u64; 4]) {
         "acme",
         &format!(
             "[[dataset]]\nname = \"customers\"\npath = \"data-j/acme.jsonl\"\n\
-             consent = {{ \"overlap-reporting\" = \"consent_marketing\" }}\n\n\
-             [[dataset.identifier]]\nname = \"email\"\ncolumn = \"email\"\nnormaliser = \"email\"\n\n{}",
+             consent = {{ \"overlap-reporting\" = \"flags.consent_marketing\" }}\n\n\
+             [[dataset.identifier]]\nname = \"email\"\ncolumn = \"customer.email\"\nnormaliser = \"email\"\n\n{}",
             open_agreement("globex")
         ),
     );

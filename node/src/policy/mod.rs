@@ -140,7 +140,7 @@ fn check_headers(cfg: &NodeConfig) -> Result<(), String> {
             if let Some(extra) = source
                 .view_reads()
                 .iter()
-                .find(|c| !permitted.contains(c.as_str()))
+                .find(|read| !view_may_read(read, &permitted))
             {
                 return Err(format!(
                     "dataset '{}': the sql view reads column '{extra}' into its output, which \
@@ -153,6 +153,16 @@ fn check_headers(cfg: &NodeConfig) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// Whether a view's select list may read `read`, a column or a struct field's path
+/// (`contact.email`): it is permitted, or it is a field whose own name is (`contact.email`
+/// where `email` is). A whole struct (`contact`) must be permitted itself.
+fn view_may_read(read: &str, permitted: &std::collections::BTreeSet<&str>) -> bool {
+    permitted.contains(read)
+        || read
+            .rsplit_once('.')
+            .is_some_and(|(_, field)| permitted.contains(field))
 }
 
 /// The columns of `d` some allow entry lets a job read: the columns of the identifiers its keys
@@ -610,6 +620,70 @@ budget_per_purpose = { epsilon_per_period = 2.0, period = "week" }
         // A view that writes is refused.
         let (_dir, file) = view_setup("email FROM orders; DROP TABLE orders; SELECT email");
         assert!(check_file(&file).is_err());
+    }
+
+    /// [`view_setup`] with the table `orders` as JSON lines whose customer is a nested object:
+    /// `{"customer": {"email", "ssn", "address": {"city"}}, "amount_cents", "consent_fraud",
+    /// "category"}`.
+    fn nested_view_setup(select: &str) -> (tempfile::TempDir, PathBuf) {
+        let (dir, file) = view_setup(select);
+        let line = r#"{"customer": {"email": "a@b.c", "ssn": "123-45-6789", "address": {"city": "Berlin"}}, "amount_cents": 1, "consent_fraud": true, "category": "home"}"#;
+        std::fs::write(dir.path().join("acme.jsonl"), format!("{line}\n")).unwrap();
+        let text = std::fs::read_to_string(&file)
+            .unwrap()
+            .replace("path = \"acme.csv\"", "path = \"acme.jsonl\"");
+        std::fs::write(&file, text).unwrap();
+        (dir, file)
+    }
+
+    #[test]
+    fn a_view_may_take_a_permitted_field_of_a_struct_and_no_other() {
+        // The field under its own name, in either syntax: it reads `customer.email`.
+        for email in ["customer['email']", "customer.email"] {
+            let (_dir, file) =
+                nested_view_setup(&format!("{email} AS email, amount_cents, consent_fraud"));
+            check_file(&file).unwrap();
+        }
+        // Another field of the same struct under a permitted name is refused by its path.
+        let (_dir, file) =
+            nested_view_setup("customer['ssn'] AS email, amount_cents, consent_fraud");
+        let msg = check_file(&file).unwrap_err().to_string();
+        assert!(msg.contains("reads column 'customer.ssn'"), "{msg}");
+        // A field deeper down, and the whole struct, likewise.
+        let (_dir, file) = nested_view_setup(
+            "concat(customer['email'], customer['address']['city']) AS email, amount_cents, \
+             consent_fraud",
+        );
+        let msg = check_file(&file).unwrap_err().to_string();
+        assert!(
+            msg.contains("reads column 'customer.address.city'"),
+            "{msg}"
+        );
+        let (_dir, file) = nested_view_setup("customer AS email, amount_cents, consent_fraud");
+        let msg = check_file(&file).unwrap_err().to_string();
+        assert!(msg.contains("reads column 'customer'"), "{msg}");
+    }
+
+    #[test]
+    fn a_dataset_names_a_struct_field_by_its_path() {
+        let (dir, file) = nested_view_setup("email");
+        let text = config_text()
+            .replace("path = \"acme.csv\"", "path = \"acme.jsonl\"")
+            .replace("column = \"email\"", "column = \"customer.email\"");
+        std::fs::write(&file, &text).unwrap();
+        check_file(&file).unwrap();
+        // The struct itself is no column: its fields are, and the message lists them.
+        std::fs::write(
+            &file,
+            text.replace("column = \"customer.email\"", "column = \"customer\""),
+        )
+        .unwrap();
+        let msg = check_file(&file).unwrap_err().to_string();
+        assert!(
+            msg.contains("customer.address.city") && msg.contains("customer.ssn"),
+            "{msg}"
+        );
+        drop(dir);
     }
 
     #[test]

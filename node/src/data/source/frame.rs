@@ -228,7 +228,8 @@ impl Frame {
     }
 
     /// For a SQL view: the columns of its tables that its select lists (subqueries included)
-    /// read, sorted; empty for files. Conditions (`WHERE`, `JOIN … ON`, `HAVING`) may read
+    /// read, or the paths of the struct fields they take (`contact.email`), sorted; empty for
+    /// files. Conditions (`WHERE`, `JOIN … ON`, `HAVING`) may read
     /// other columns: they decide which rows, not what a row says.
     pub fn view_reads(&self) -> &[String] {
         &self.reads
@@ -627,9 +628,11 @@ impl Plan {
                 .map_err(|e| self.error(format!("table '{name}' ({location}): {e}")))?;
         }
         match &self.sql {
+            // A struct's fields are columns named by their path ([`super::nested`]).
             None => ctx
                 .table(TableReference::bare("dataset"))
                 .await
+                .and_then(super::nested::flatten_structs)
                 .map(|frame| (frame, Vec::new(), Vec::new()))
                 .map_err(|e| self.plan_error(e.to_string())),
             Some(sql) => {
@@ -956,7 +959,7 @@ async fn stream(
     read: &[usize],
     out: &SyncSender<Message>,
 ) -> Result<(), SourceError> {
-    let columns: Vec<Expr> = as_text(&frame, read)
+    let columns: Vec<Expr> = as_text(plan, &frame, read)?
         .into_iter()
         .zip(read)
         .map(|(column, i)| column.alias(format!("c{i}")))
@@ -975,16 +978,25 @@ async fn stream(
     .await
 }
 
-/// The columns at `read` of `frame`, each cast to text.
-fn as_text(frame: &DataFrame, read: &[usize]) -> Vec<Expr> {
+/// The columns at `read` of `frame`, each cast to text. A column of many values (a list, a
+/// map) would read as one text of them all, so it is refused, saying what to do instead.
+fn as_text(plan: &Plan, frame: &DataFrame, read: &[usize]) -> Result<Vec<Expr>, SourceError> {
     let schema = frame.schema();
     read.iter()
         .map(|&i| {
             let (qualifier, field) = schema.qualified_field(i);
-            cast(
+            if let Some(kind) = super::nested::many_values(field.data_type()) {
+                return Err(plan.plan_error(format!(
+                    "column '{name}' holds a {kind}, not one value per row: make the dataset a \
+                     sql view that takes one element (`{name}[1] AS {name}`) or one row per \
+                     element (`unnest({name}) AS {name}`)",
+                    name = field.name()
+                )));
+            }
+            Ok(cast(
                 Expr::Column(Column::from((qualifier, field))),
                 DataType::Utf8,
-            )
+            ))
         })
         .collect()
 }
@@ -1041,7 +1053,7 @@ async fn stream_pass(
         return Err(plan.plan_error("an executor pass needs a Ballista cluster".into()));
     }
     let mut args = vec![lit(ScalarValue::Binary(Some(sealed)))];
-    args.extend(as_text(&frame, read));
+    args.extend(as_text(plan, &frame, read)?);
     let pass = Expr::ScalarFunction(ScalarFunction::new_udf(Arc::new(PassUdf::planner()), args))
         .alias("outcome");
     send_batches(plan, frame, vec![pass], out, |batch| {
@@ -1069,7 +1081,7 @@ async fn stream_grouped(
     if plan.engine.cluster.is_none() {
         return Err(plan.plan_error("an executor pass needs a Ballista cluster".into()));
     }
-    let columns = as_text(&frame, read);
+    let columns = as_text(plan, &frame, read)?;
     let call = |output: Output, lead: Vec<Expr>| {
         let mut args = vec![lit(ScalarValue::Binary(Some(sealed.clone())))];
         args.extend(lead);
@@ -1137,8 +1149,9 @@ fn grouped_rows(batch: &RecordBatch, sums: usize) -> Option<Vec<GroupedRow>> {
 }
 
 /// The base-table columns (`base`: every column of the view's tables) that the plan's select
-/// lists read: the expressions of its projections, aggregates and windows, in subqueries too.
-/// Sorted and deduplicated.
+/// lists read, or the paths of the struct fields they take ([`super::nested::reads_of`]): the
+/// expressions of its projections, aggregates and windows, in subqueries too. Sorted and
+/// deduplicated.
 fn select_reads(
     plan: &LogicalPlan,
     base: &std::collections::BTreeSet<String>,
@@ -1152,11 +1165,7 @@ fn select_reads(
             _ => Vec::new(),
         };
         for e in expressions {
-            for column in e.column_refs() {
-                if base.contains(&column.name) {
-                    reads.insert(column.name.clone());
-                }
-            }
+            super::nested::reads_of(e, base, &mut reads)?;
         }
         Ok(TreeNodeRecursion::Continue)
     })?;

@@ -251,8 +251,164 @@ fn a_sql_view_filters_renames_and_reaches_into_structs() {
     })
     .unwrap();
     assert_eq!(phones, 7);
+    // The view reads the struct's field, not the struct.
     let source = super::Source::open(&d).unwrap();
-    assert_eq!(source.view_reads(), ["consent_fraud", "contact", "email"]);
+    assert_eq!(
+        source.view_reads(),
+        ["consent_fraud", "contact.phone", "email"]
+    );
+    let d = view(
+        dir.path(),
+        "SELECT email, contact.phone AS phone, contact AS whole FROM orders",
+    );
+    let source = super::Source::open(&d).unwrap();
+    assert_eq!(source.view_reads(), ["contact", "contact.phone", "email"]);
+}
+
+/// Five customers whose `customer` is a struct: an email, and an address struct with a city.
+/// Row 2's email is null, row 4's whole struct is null; a flat `amount_cents` and a list.
+fn nested_customers() -> RecordBatch {
+    use datafusion::arrow::array::Array;
+    use datafusion::arrow::buffer::NullBuffer;
+    use datafusion::arrow::datatypes::Fields;
+    let email = StringArray::from(vec![
+        Some("Alice@Example.com"),
+        None,
+        Some("carol@example.com"),
+        Some("ghost@example.com"),
+        Some("erin@example.com"),
+    ]);
+    let city = StringArray::from(vec!["Berlin", "Paris", "Rome", "Oslo", "Lyon"]);
+    let address = StructArray::from(vec![(
+        Arc::new(Field::new("city", DataType::Utf8, true)),
+        Arc::new(city) as ArrayRef,
+    )]);
+    let fields = Fields::from(vec![
+        Field::new("email", DataType::Utf8, true),
+        Field::new("address", address.data_type().clone(), true),
+    ]);
+    let customer = StructArray::try_new(
+        fields,
+        vec![Arc::new(email) as ArrayRef, Arc::new(address) as ArrayRef],
+        Some(NullBuffer::from(vec![true, true, true, false, true])),
+    )
+    .unwrap();
+    let amount = Int64Array::from(vec![10, 20, 30, 40, 50]);
+    let mut tags = ListBuilder::new(StringBuilder::new());
+    for i in 0..5 {
+        tags.values().append_value(format!("t{i}a"));
+        tags.values().append_value(format!("t{i}b"));
+        tags.append(true);
+    }
+    RecordBatch::try_from_iter(vec![
+        ("customer", Arc::new(customer) as ArrayRef),
+        ("amount_cents", Arc::new(amount) as ArrayRef),
+        ("tags", Arc::new(tags.finish()) as ArrayRef),
+    ])
+    .unwrap()
+}
+
+#[test]
+fn a_struct_field_is_a_column_named_by_its_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("customers.parquet");
+    write_parquet(&path, &nested_customers());
+    let d = DatasetConfig::new(
+        "customers",
+        path,
+        vec![IdentifierConfig::new(
+            "email",
+            "customer.email",
+            Normaliser::Email,
+        )],
+    );
+    let source = super::Source::open(&d).unwrap();
+    assert_eq!(
+        source.headers(),
+        [
+            "customer.email",
+            "customer.address.city",
+            "amount_cents",
+            "tags"
+        ]
+    );
+    drop(source);
+    let (items, loaded) = keys_of(&d, None);
+    assert_eq!(
+        items,
+        ["alice@example.com", "carol@example.com", "erin@example.com"]
+    );
+    // A null email and a null struct are both a null identifier, placed by row.
+    assert_eq!(loaded.rows_read, 5);
+    assert_eq!(
+        loaded
+            .rejections
+            .by_reason
+            .get("the field is null or missing"),
+        Some(&2)
+    );
+    let rows: Vec<u64> = loaded.rejections.first.iter().map(|r| r.line).collect();
+    assert_eq!(rows, [2, 4]);
+    // A deeper field and a flat column read side by side.
+    let mut seen = Vec::new();
+    dataset::for_each_row_for(
+        &d,
+        &["customer.address.city", "amount_cents"],
+        RowFilter::default(),
+        100,
+        |_, f| {
+            let text = |v: Option<&[u8]>| v.map(|b| String::from_utf8(b.to_vec()).unwrap());
+            seen.push((text(f[0]), text(f[1])));
+            Ok(())
+        },
+    )
+    .unwrap();
+    assert_eq!(seen[0], (Some("Berlin".into()), Some("10".into())));
+    assert_eq!(
+        seen[3],
+        (None, Some("40".into())),
+        "a null struct's field is null"
+    );
+    assert_eq!(seen.len(), 5);
+}
+
+/// Reading a list column as one value is refused with what to do; a view that unnests it reads
+/// one row per element.
+#[test]
+fn a_list_column_is_refused_and_a_view_unnests_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("customers.parquet");
+    write_parquet(&path, &nested_customers());
+    let d = DatasetConfig::new(
+        "customers",
+        path.clone(),
+        vec![IdentifierConfig::new(
+            "email",
+            "customer.email",
+            Normaliser::Email,
+        )],
+    );
+    let err = dataset::for_each_row_for(&d, &["tags"], RowFilter::default(), 100, |_, _| Ok(()))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("column 'tags' holds a list") && err.contains("unnest(tags) AS tags"),
+        "{err}"
+    );
+    let d = view_over(
+        "orders",
+        &path,
+        "SELECT unnest(tags) AS tags FROM orders",
+        Delimiter::default(),
+    );
+    let mut tags = Vec::new();
+    dataset::for_each_row_for(&d, &["tags"], RowFilter::default(), 100, |_, f| {
+        tags.push(String::from_utf8(f[0].unwrap().to_vec()).unwrap());
+        Ok(())
+    })
+    .unwrap();
+    assert_eq!(tags.len(), 10);
+    assert_eq!(tags[..3], ["t0a", "t0b", "t1a"]);
 }
 
 #[test]

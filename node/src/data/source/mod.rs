@@ -16,6 +16,7 @@ pub mod csv;
 pub mod csv_line;
 pub mod frame;
 pub mod line_table;
+mod nested;
 pub mod part_order;
 pub mod strict_table;
 
