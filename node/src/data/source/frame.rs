@@ -547,9 +547,19 @@ impl Plan {
     }
 
     /// An error of reading data (registering a table infers its schema from rows; streaming
-    /// reads them): its message is [`redact`]ed.
+    /// reads them), after `context` (the config's words, kept whole).
+    fn error_in(&self, context: &str, e: impl std::fmt::Display) -> SourceError {
+        self.plan_error(format!("{context}: {}", self.explained(&e.to_string())))
+    }
+
+    /// An error of reading data.
     fn error(&self, message: String) -> SourceError {
-        let mut message = redact(&message);
+        self.plan_error(self.explained(&message))
+    }
+
+    /// An engine's message from reading data, [`redact`]ed, with what to do where we know.
+    fn explained(&self, message: &str) -> String {
+        let mut message = redact(message);
         if self.line_delimiter().is_some()
             && (message.contains("unequal lengths") || message.contains("number of fields"))
         {
@@ -568,7 +578,14 @@ impl Plan {
                  view to read such values as null, or clean the file)",
             );
         }
-        self.plan_error(message)
+        if message.contains("Json error") && message.contains("expected") {
+            message.push_str(
+                " (a JSON field held a value of another type than the lines its column was \
+                 typed from, such as a number where text was: make its values one type in the \
+                 file)",
+            );
+        }
+        message
     }
 
     /// An error of planning the view's SQL against the tables' schemas: no row has been read,
@@ -607,7 +624,7 @@ impl Plan {
                 let table = self
                     .register_view_lines(&ctx, name, location, *delimiter)
                     .await
-                    .map_err(|e| self.error(format!("table '{name}' ({location}): {e}")))?;
+                    .map_err(|e| self.error_in(&format!("table '{name}' ({location})"), e))?;
                 line_tables.push(table);
                 continue;
             }
@@ -620,12 +637,12 @@ impl Plan {
             {
                 let table = StrictCsvTable::open(path, *delimiter, self.rejected.clone())?;
                 ctx.register_table(TableReference::bare(name.as_str()), Arc::new(table))
-                    .map_err(|e| self.error(format!("table '{name}' ({location}): {e}")))?;
+                    .map_err(|e| self.error_in(&format!("table '{name}' ({location})"), e))?;
                 continue;
             }
             register(&ctx, name, location, *format, *delimiter, *lines)
                 .await
-                .map_err(|e| self.error(format!("table '{name}' ({location}): {e}")))?;
+                .map_err(|e| self.error_in(&format!("table '{name}' ({location})"), e))?;
         }
         match &self.sql {
             // A struct's fields are columns named by their path ([`super::nested`]).
@@ -654,7 +671,7 @@ impl Plan {
                     base.extend(table.schema().fields().iter().map(|f| f.name().clone()));
                 }
                 let reads = select_reads(frame.logical_plan(), &base)
-                    .map_err(|e| self.error(format!("the sql view: {e}")))?;
+                    .map_err(|e| self.error_in("the sql view", e))?;
                 let (frame, problems) = self
                     .read_lines_strictly(&ctx, frame, line_tables)
                     .await
@@ -764,7 +781,7 @@ async fn count_line_problems(plan: &Plan, problems: Vec<DataFrame>) -> Result<()
         let batches = counted
             .collect()
             .await
-            .map_err(|e| plan.error(format!("counting the view's rejected lines: {e}")))?;
+            .map_err(|e| plan.error_in("counting the view's rejected lines", e))?;
         for batch in &batches {
             // The batches come from the executors: their shape is checked, not assumed.
             let [reasons, lines] = batch.columns() else {
@@ -1172,26 +1189,87 @@ fn select_reads(
     Ok(reads.into_iter().collect())
 }
 
-/// An engine message without what it quotes: text between single quotes (how DataFusion and
-/// Arrow quote a value that failed) becomes `'…'`, and the message is cut to [`MAX_MESSAGE`].
+/// An engine message without any value it may quote, cut to [`MAX_MESSAGE`]. Engines quote
+/// a value that failed in single quotes (DataFusion, Arrow's CSV) or double quotes (Arrow's
+/// JSON), write a number bare (`failed to parse 4155550100 as Int64`), and end a JSON error
+/// with the element they met (`expected string got …`). So quoted text becomes `'…'`, a word
+/// with a digit or an `@` becomes `…` (unless it is a type name such as `Int64`, or a number
+/// after `line`, `row` or `column`), and the rest of the message after `got` is dropped. What
+/// is left names the error, the types, the JSON field (Arrow quotes its name after `field`)
+/// and the place.
 pub fn redact(message: &str) -> String {
     let mut out = String::with_capacity(message.len().min(MAX_MESSAGE));
-    let mut quoted = false;
-    for c in message.chars() {
-        if c == '\'' {
-            if !quoted {
-                out.push_str("'…'");
-            }
-            quoted = !quoted;
-        } else if !quoted {
-            out.push(c);
-        }
-        if out.len() >= MAX_MESSAGE {
-            out.push_str(" …");
+    let mut chars = message.chars().peekable();
+    while let Some(c) = chars.next() {
+        if out.len() > MAX_MESSAGE {
             break;
         }
+        if c == '\'' || c == '"' {
+            // Up to the closing quote, or the end. Arrow names a JSON field so (`whilst
+            // decoding field 'email'`): a name from the schema, not a value.
+            let mut quoted = String::new();
+            for q in chars.by_ref() {
+                if q == c {
+                    break;
+                }
+                quoted.push(q);
+            }
+            let field_name = out.ends_with("field ") && quoted.chars().all(is_word);
+            out.push(c);
+            if field_name && may_show(&quoted) {
+                out.push_str(&quoted);
+            } else {
+                out.push('…');
+            }
+            out.push(c);
+        } else if is_word(c) {
+            let mut word = String::from(c);
+            while let Some(&next) = chars.peek().filter(|n| is_word(**n)) {
+                word.push(next);
+                chars.next();
+            }
+            if word == "got" {
+                out.push_str("got …");
+                break;
+            }
+            // A number after `line`, `row` or `column` is a place, not a value.
+            let place = ["line ", "row ", "column "]
+                .iter()
+                .any(|w| out.ends_with(w))
+                && word.chars().all(|c| c.is_ascii_digit());
+            if place || may_show(&word) {
+                out.push_str(&word);
+            } else {
+                out.push('…');
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    if out.len() > MAX_MESSAGE {
+        let mut end = MAX_MESSAGE;
+        while !out.is_char_boundary(end) {
+            end -= 1;
+        }
+        out.truncate(end);
+        out.push_str(" …");
     }
     out
+}
+
+/// Whether `c` can be part of a value written bare: a number, an email, a phone number.
+fn is_word(c: char) -> bool {
+    c.is_alphanumeric() || matches!(c, '_' | '@' | '.' | '+' | '-')
+}
+
+/// Whether a bare word may stay in a message: no digit and no `@`, or letters then digits (a
+/// type such as `Int64`, `Utf8`, `Decimal128`).
+fn may_show(word: &str) -> bool {
+    if !word.chars().any(|c| c.is_ascii_digit() || c == '@') {
+        return true;
+    }
+    let letters = word.trim_end_matches(|c: char| c.is_ascii_digit());
+    !letters.is_empty() && letters.chars().all(|c| c.is_ascii_alphabetic())
 }
 
 #[cfg(test)]
@@ -1206,5 +1284,42 @@ mod tests {
         );
         assert_eq!(redact("unterminated 'quote"), "unterminated '…'");
         assert!(redact(&"x".repeat(1000)).len() < MAX_MESSAGE + 10);
+    }
+
+    /// The messages Arrow's JSON and CSV readers give for a value of another type: each value
+    /// goes, whether quoted, bare or the element a JSON error ends with; types and words stay.
+    #[test]
+    fn redact_drops_bare_values_and_what_a_json_error_met() {
+        let cases = [
+            (
+                "Arrow error: Json error: whilst decoding field 'customer': whilst decoding \
+                 field 'email': expected string got 4155550100",
+                "Arrow error: Json error: whilst decoding field 'customer': whilst decoding field \
+                 'email': expected string got …",
+            ),
+            (
+                "Json error: expected { got \"alice@example.com\"",
+                "Json error: expected { got …",
+            ),
+            (
+                "Json error: failed to parse 4155550100 as Int64",
+                "Json error: failed to parse … as Int64",
+            ),
+            (
+                "Json error: failed to parse \"+1 415 555 0100\" as Float64",
+                "Json error: failed to parse \"…\" as Float64",
+            ),
+            (
+                "Parser error: Error while parsing value alice@example.com as type Decimal128(38, 2) for column 3 at line 12",
+                "Parser error: Error while parsing value … as type Decimal128(…, …) for column 3 at line 12",
+            ),
+        ];
+        assert_eq!(
+            redact("whilst decoding field 'a@b.c': x"),
+            "whilst decoding field '…': x"
+        );
+        for (message, redacted) in cases {
+            assert_eq!(redact(message), redacted);
+        }
     }
 }

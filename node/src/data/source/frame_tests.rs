@@ -430,6 +430,41 @@ fn engine_errors_name_no_value() {
     assert!(super::Source::open(&d).is_err());
 }
 
+/// JSON lines whose email is text in the first lines and a bare number later: the engine types
+/// the column as text and cannot read the number. The read fails naming the field and what to
+/// do, and the number (a phone number here) is in no part of the message.
+#[test]
+fn a_json_value_of_another_type_fails_the_read_naming_no_value() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("customers.jsonl");
+    std::fs::write(
+        &path,
+        "{\"customer\": {\"email\": \"a@example.com\"}}\n\
+         {\"customer\": {\"email\": 4155550100}}\n",
+    )
+    .unwrap();
+    let d = DatasetConfig::new(
+        "customers",
+        path,
+        vec![IdentifierConfig::new(
+            "email",
+            "customer.email",
+            Normaliser::Email,
+        )],
+    );
+    let err = dataset::load_keys_for(&d, &KeySpec::new(["email"]), RowFilter::default(), 100)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("field 'email'") && err.contains("make its values one type"),
+        "{err}"
+    );
+    assert!(
+        !err.contains("4155550100") && !err.contains("a@example"),
+        "{err}"
+    );
+}
+
 /// A view's sort runs in the engine's memory pool, half the node's `memory_limit`: with a pool
 /// too small for one batch it fails with the engine's "resources exhausted" (so the pool is in
 /// force), and with one of 32 MiB it sorts 20 000 rows right; the spill directory it may spill
