@@ -531,6 +531,112 @@ fn a_cluster_reads_malformed_csv_strictly() {
     }
 }
 
+/// Local JSON lines are read one line a record, as local CSV is: a line cut off (not JSON), an
+/// email given as a list, and a number where the other lines have text are rejected rows,
+/// counted by reason and placed by their line; blank lines and CRLF endings are nothing. Every
+/// other row counts: the overlap equals the truth counted here, and no rejected value reaches
+/// the node's log or audit log. (DataFusion's reader failed the whole read on the first such
+/// line.)
+#[test]
+fn json_lines_with_bad_lines_are_read_one_line_a_record() {
+    let (mut c, _) = Consortium::with_coordinator("acme,globex", 300, 0.5, 43);
+    let acme = rows_of(&c.path().join("data/acme.csv"));
+    let globex: BTreeSet<String> = rows_of(&c.path().join("data/globex.csv"))
+        .into_iter()
+        .map(|(_, email, _)| email)
+        .collect();
+    let (mut text, mut line) = (String::new(), 0u64);
+    let (mut kept, mut placed) = (BTreeSet::new(), Vec::new());
+    let mut want: BTreeMap<String, u64> = BTreeMap::new();
+    // Counted under a label, placed with the whole reason.
+    let mut reject = |line: u64, (label, why): (&str, &str), placed: &mut Vec<(u64, String)>| {
+        *want.entry(label.to_owned()).or_default() += 1;
+        placed.push((line, why.to_owned()));
+    };
+    let not_json = ("not a JSON object", "the line is not a JSON object");
+    let a_list = (
+        "list or object in a field",
+        "the field holds a list or an object, not one value",
+    );
+    let no_at = ("email without '@'", "email without '@'");
+    for (row, email, category) in &acme {
+        line += 1;
+        let record = match row % 10 {
+            3 => {
+                reject(line, not_json, &mut placed);
+                format!("{{\"customer\": {{\"email\": \"{email}\"")
+            }
+            5 => {
+                reject(line, a_list, &mut placed);
+                serde_json::json!({"customer": {"email": [email]}}).to_string()
+            }
+            7 => {
+                reject(line, no_at, &mut placed);
+                serde_json::json!({"customer": {"email": 4_155_550_000u64 + row}}).to_string()
+            }
+            _ => {
+                kept.insert(email.clone());
+                serde_json::json!({"customer": {"email": email}, "category": category}).to_string()
+            }
+        };
+        text += &record;
+        text += "\r\n";
+        if row % 50 == 0 {
+            text += "\r\n";
+            line += 1;
+        }
+    }
+    std::fs::create_dir_all(c.path().join("data-j")).unwrap();
+    std::fs::write(c.path().join("data-j/acme.jsonl"), text).unwrap();
+    let truth = kept.intersection(&globex).count() as u64;
+    assert!(truth > 50, "{truth}");
+
+    c.admit_node("acme");
+    c.admit_node("globex");
+    c.write_node_toml(
+        "acme",
+        &format!(
+            "[[dataset]]\nname = \"customers\"\npath = \"data-j/acme.jsonl\"\n\n\
+             [[dataset.identifier]]\nname = \"email\"\ncolumn = \"customer.email\"\n\
+             normaliser = \"email\"\n\n{}",
+            open_agreement("globex")
+        ),
+    );
+    c.write_node_config("globex", "globex", &open_agreement("acme"));
+    c.start_node("acme");
+    c.start_node("globex");
+    c.wait_connected(&["acme", "globex"]);
+    let job = c.overlap_counts(truth);
+    let access = c.audited_access("acme", job["job_id"].as_str().unwrap());
+    assert_eq!(
+        access["rows_read"].as_u64(),
+        Some(acme.len() as u64),
+        "{access}"
+    );
+    let by_reason: BTreeMap<String, u64> =
+        serde_json::from_value(access["rejected"]["by_reason"].clone()).unwrap();
+    assert_eq!(by_reason, want, "{access}");
+    let first: Vec<(u64, String)> = access["rejected"]["first"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            let line = r["line"].as_u64().unwrap();
+            (line, r["reason"].as_str().unwrap().to_owned())
+        })
+        .collect();
+    assert_eq!(first, placed[..first.len()], "{access}");
+    assert_eq!(first.len(), 10, "{access}");
+    // The numbers given as emails (ten digits each) are in neither log.
+    let audit = std::fs::read_to_string(c.path().join("state-acme/audit.log")).unwrap();
+    for text in [c.node_log("acme"), audit] {
+        for (row, _, _) in acme.iter().filter(|(row, _, _)| row % 10 == 7) {
+            let number = (4_155_550_000u64 + row).to_string();
+            assert!(!text.contains(&number), "a rejected value reached a log");
+        }
+    }
+}
+
 /// Runs the overlap of [`the_executors_pass_counts_what_the_node_counts`]: the intersection
 /// and acme's audited rows read, rejected, without consent and forgotten.
 fn messy_overlap(executors: Option<usize>) -> (u64, [u64; 4]) {

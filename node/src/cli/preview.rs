@@ -101,10 +101,10 @@ pub fn run(
                  on the engine to see them)"
             );
         }
-        // A local CSV file's rows are placed by line; a view's by its tables' CSV lines or its
-        // own rows; other data (Parquet, JSON lines, CSV read by the engine) by row, header
+        // A local CSV or JSON lines file's rows are placed by line; a view's by its tables' CSV
+        // lines or its own rows; other data (Parquet, data read by the engine) by row, header
         // excluded.
-        let place = match (d.is_local_csv(), d.sql.is_some()) {
+        let place = match (d.is_local_csv() || d.is_local_jsonl(), d.sql.is_some()) {
             (true, _) => "line",
             (false, true) => "at",
             (false, false) => "row",

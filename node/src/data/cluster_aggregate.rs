@@ -169,6 +169,9 @@ pub(crate) enum MalformedKind {
     LineBreak,
     StrayQuote,
     OpenQuote,
+    NotJsonObject,
+    NotOneValue,
+    LineTooLong,
 }
 
 impl From<Malformed> for MalformedKind {
@@ -178,6 +181,9 @@ impl From<Malformed> for MalformedKind {
             Malformed::LineBreak => MalformedKind::LineBreak,
             Malformed::StrayQuote => MalformedKind::StrayQuote,
             Malformed::OpenQuote => MalformedKind::OpenQuote,
+            Malformed::NotJsonObject => MalformedKind::NotJsonObject,
+            Malformed::NotOneValue => MalformedKind::NotOneValue,
+            Malformed::LineTooLong => MalformedKind::LineTooLong,
         }
     }
 }
@@ -192,6 +198,9 @@ impl Cell {
                     MalformedKind::LineBreak => 2,
                     MalformedKind::StrayQuote => 3,
                     MalformedKind::OpenQuote => 4,
+                    MalformedKind::NotJsonObject => 5,
+                    MalformedKind::NotOneValue => 6,
+                    MalformedKind::LineTooLong => 7,
                 },
             ],
             Cell::NoConsent => vec![2],
@@ -214,6 +223,9 @@ impl Cell {
                 2 => MalformedKind::LineBreak,
                 3 => MalformedKind::StrayQuote,
                 4 => MalformedKind::OpenQuote,
+                5 => MalformedKind::NotJsonObject,
+                6 => MalformedKind::NotOneValue,
+                7 => MalformedKind::LineTooLong,
                 _ => return None,
             }),
             2 => Cell::NoConsent,

@@ -496,6 +496,9 @@ const LINE_BREAK: u8 = 1;
 const STRAY_QUOTE: u8 = 2;
 const OPEN_QUOTE: u8 = 3;
 const FIELD_COUNT: u8 = 4;
+const NOT_JSON_OBJECT: u8 = 5;
+const NOT_ONE_VALUE: u8 = 6;
+const LINE_TOO_LONG: u8 = 7;
 /// The place of a malformed row that no one column made so (its field count).
 const NO_PLACE: u16 = u16::MAX;
 const NO_CONSENT: u8 = 2;
@@ -541,6 +544,9 @@ impl Outcome {
                     LINE_BREAK => Malformed::LineBreak,
                     STRAY_QUOTE => Malformed::StrayQuote,
                     OPEN_QUOTE => Malformed::OpenQuote,
+                    NOT_JSON_OBJECT => Malformed::NotJsonObject,
+                    NOT_ONE_VALUE => Malformed::NotOneValue,
+                    LINE_TOO_LONG => Malformed::LineTooLong,
                     FIELD_COUNT => Malformed::FieldCount {
                         expected: u32::from_le_bytes(r.array()?) as usize,
                         found: u32::from_le_bytes(r.array()?) as usize,
@@ -765,6 +771,9 @@ fn malformed_outcome(out: &mut Vec<u8>, place: Option<usize>, why: Malformed) {
         Malformed::LineBreak => out.push(LINE_BREAK),
         Malformed::StrayQuote => out.push(STRAY_QUOTE),
         Malformed::OpenQuote => out.push(OPEN_QUOTE),
+        Malformed::NotJsonObject => out.push(NOT_JSON_OBJECT),
+        Malformed::NotOneValue => out.push(NOT_ONE_VALUE),
+        Malformed::LineTooLong => out.push(LINE_TOO_LONG),
         Malformed::FieldCount { expected, found } => {
             out.push(FIELD_COUNT);
             for n in [expected, found] {

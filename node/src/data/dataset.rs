@@ -273,6 +273,15 @@ pub(crate) enum Rejection {
     StrayQuote,
     #[error("a quote is still open at the end of the line (a record over two lines)")]
     OpenQuote,
+    #[error("the line is not a JSON object")]
+    NotJsonObject,
+    #[error("the field holds a list or an object, not one value")]
+    NotOneValue,
+    #[error(
+        "the line is longer than {} bytes",
+        super::source::json::MAX_LINE_BYTES
+    )]
+    LineTooLong,
     #[error("the field is null or missing")]
     Missing,
     #[error("the field is empty")]
@@ -298,6 +307,9 @@ impl Rejection {
             Rejection::LineBreak => "line break in a field".to_owned(),
             Rejection::StrayQuote => "quote in a field".to_owned(),
             Rejection::OpenQuote => "quote left open".to_owned(),
+            Rejection::NotJsonObject => "not a JSON object".to_owned(),
+            Rejection::NotOneValue => "list or object in a field".to_owned(),
+            Rejection::LineTooLong => "line too long".to_owned(),
             other => other.to_string(),
         }
     }
@@ -309,7 +321,12 @@ impl Rejection {
     pub(crate) fn to_code(self) -> Option<[u8; 3]> {
         use NormaliseError as N;
         let (kind, n) = match self {
-            Rejection::FieldCount { .. } | Rejection::ColumnType { .. } => return None,
+            // Whole-line reasons, sent as a malformed outcome, not as a key part's rejection.
+            Rejection::FieldCount { .. }
+            | Rejection::ColumnType { .. }
+            | Rejection::NotJsonObject
+            | Rejection::NotOneValue
+            | Rejection::LineTooLong => return None,
             Rejection::LineBreak => (1, 0),
             Rejection::Missing => (2, 0),
             Rejection::Empty => (3, 0),
@@ -382,6 +399,9 @@ impl From<MalformedKind> for Rejection {
             MalformedKind::LineBreak => Rejection::LineBreak,
             MalformedKind::StrayQuote => Rejection::StrayQuote,
             MalformedKind::OpenQuote => Rejection::OpenQuote,
+            MalformedKind::NotJsonObject => Rejection::NotJsonObject,
+            MalformedKind::NotOneValue => Rejection::NotOneValue,
+            MalformedKind::LineTooLong => Rejection::LineTooLong,
         }
     }
 }
@@ -393,6 +413,9 @@ impl From<Malformed> for Rejection {
             Malformed::LineBreak => Rejection::LineBreak,
             Malformed::StrayQuote => Rejection::StrayQuote,
             Malformed::OpenQuote => Rejection::OpenQuote,
+            Malformed::NotJsonObject => Rejection::NotJsonObject,
+            Malformed::NotOneValue => Rejection::NotOneValue,
+            Malformed::LineTooLong => Rejection::LineTooLong,
         }
     }
 }

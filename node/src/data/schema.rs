@@ -291,6 +291,14 @@ impl DatasetConfig {
             && crate::data::source::local_path(&self.path).is_some()
     }
 
+    /// Whether the dataset is local JSON lines read in process (by [`crate::data::source::json`]).
+    pub fn is_local_jsonl(&self) -> bool {
+        self.sql.is_none()
+            && self.engine.cluster.is_none()
+            && self.format() == Some(DataFormat::Jsonl)
+            && crate::data::source::local_path(&self.path).is_some()
+    }
+
     /// Whether a read of this dataset comes back in file order ([`Self::in_file_order`]).
     pub fn reads_in_file_order(&self) -> bool {
         self.engine

@@ -34,7 +34,7 @@ impl CsvFiles {
     /// Lists the files at `location` and reads the first one's header; fields are separated by
     /// `delimiter`.
     pub fn open(location: &Path, delimiter: Delimiter) -> Result<CsvFiles, SourceError> {
-        let mut pending = list_files(location)?;
+        let mut pending = list_files(location, DataFormat::Csv)?;
         pending.reverse();
         let first = pending.pop().ok_or_else(|| SourceError::NoFiles {
             location: location.display().to_string(),
@@ -206,9 +206,9 @@ impl CsvFiles {
     }
 }
 
-/// The files a local location names: the file itself, the `.csv` files of a directory, or the
-/// files a glob matches; sorted by path.
-fn list_files(location: &Path) -> Result<Vec<PathBuf>, SourceError> {
+/// The files a local location names: the file itself, the files of `format` in a directory (by
+/// their extension), or the files a glob matches; sorted by path.
+pub(super) fn list_files(location: &Path, format: DataFormat) -> Result<Vec<PathBuf>, SourceError> {
     let text = location.to_string_lossy();
     if text.contains(['*', '?', '[']) {
         let paths = glob::glob(&text).map_err(|e| SourceError::Glob {
@@ -241,10 +241,8 @@ fn list_files(location: &Path) -> Result<Vec<PathBuf>, SourceError> {
                     source,
                 })?
                 .path();
-            let is_csv = path
-                .extension()
-                .is_some_and(|e| e.eq_ignore_ascii_case("csv"));
-            if is_csv && path.is_file() {
+            let of_format = DataFormat::from_extension(&path.to_string_lossy()) == Some(format);
+            if of_format && path.is_file() {
                 files.push(path);
             }
         }

@@ -1,11 +1,13 @@
 //! Where a dataset's rows come from, read one record at a time as raw fields.
 //!
-//! Two readers, one interface ([`Source`]):
+//! Three readers, one interface ([`Source`]):
 //! - [`csv::CsvFiles`]: local CSV (a file, a directory or a glob), read strictly: a row whose
 //!   field count differs from the header's, or with a line break in a field the job reads, is
 //!   reported as [`Malformed`] rather than read by position;
+//! - [`json::JsonFiles`]: local JSON lines, read strictly, one line a record: a line that is
+//!   not a JSON object is [`Malformed`], and any scalar reads as its text;
 //! - [`frame::Frame`]: everything else, through Apache DataFusion: Parquet and JSON lines
-//!   (local or `s3://`), remote CSV, and SQL views over such tables. Only the columns a job reads
+//!   (`s3://`; local JSON on a cluster), remote CSV, and SQL views over such tables. Only the columns a job reads
 //!   are selected, so the engine reads no other column (Parquet projection pushdown).
 //!
 //! A field is raw bytes: `None` for a null (or a missing field), text otherwise. DataFusion
@@ -15,6 +17,7 @@
 pub mod csv;
 pub mod csv_line;
 pub mod frame;
+pub mod json;
 pub mod line_table;
 mod nested;
 pub mod part_order;
@@ -79,6 +82,20 @@ pub enum SourceError {
         /// The CSV error (it carries positions, not field values).
         source: ::csv::Error,
     },
+    /// A column a job reads holds lists or objects, not one value a row.
+    #[error(
+        "{location}: column '{column}' holds a {kind}, not one value per row: make the dataset \
+         a sql view that takes one element (`{column}[1] AS {column}`) or one row per element \
+         (`unnest({column}) AS {column}`)"
+    )]
+    ManyValues {
+        /// The file.
+        location: String,
+        /// The column.
+        column: String,
+        /// "list" or "object".
+        kind: &'static str,
+    },
     /// DataFusion could not plan or read the dataset.
     #[error("dataset '{dataset}' ({location}): {message}")]
     Engine {
@@ -91,7 +108,7 @@ pub enum SourceError {
     },
 }
 
-/// Why a CSV record is not read at all.
+/// Why a record is not read at all.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Malformed {
     /// The record has another number of fields than the header.
@@ -108,6 +125,12 @@ pub enum Malformed {
     StrayQuote,
     /// A quote still open at the end of a line that is read on its own ([`csv_line`]).
     OpenQuote,
+    /// A JSON line that is not a JSON object ([`json`]).
+    NotJsonObject,
+    /// A field the job reads holds a list or an object, not one value ([`json`]).
+    NotOneValue,
+    /// A line longer than [`json::MAX_LINE_BYTES`], not held ([`json`]).
+    LineTooLong,
 }
 
 /// A dataset's rows, one record at a time.
@@ -115,6 +138,8 @@ pub enum Malformed {
 pub enum Source {
     /// Local CSV, read strictly.
     Csv(csv::CsvFiles),
+    /// Local JSON lines, read strictly.
+    Json(json::JsonFiles),
     /// DataFusion: Parquet, JSON lines, remote CSV, SQL views.
     Frame(frame::Frame),
 }
@@ -129,6 +154,11 @@ impl Source {
         {
             return Ok(Source::Csv(csv::CsvFiles::open(&local, dataset.delimiter)?));
         }
+        if dataset.is_local_jsonl()
+            && let Some(local) = local_path(&dataset.path)
+        {
+            return Ok(Source::Json(json::JsonFiles::open(&local)?));
+        }
         Ok(Source::Frame(frame::Frame::open(dataset)?))
     }
 
@@ -136,6 +166,7 @@ impl Source {
     pub fn headers(&self) -> &[String] {
         match self {
             Source::Csv(s) => s.headers(),
+            Source::Json(s) => s.headers(),
             Source::Frame(s) => s.headers(),
         }
     }
@@ -144,7 +175,7 @@ impl Source {
     /// [`frame::Frame::view_reads`]); empty otherwise.
     pub fn view_reads(&self) -> &[String] {
         match self {
-            Source::Csv(_) => &[],
+            Source::Csv(_) | Source::Json(_) => &[],
             Source::Frame(s) => s.view_reads(),
         }
     }
@@ -154,6 +185,7 @@ impl Source {
     pub fn start(&mut self, read: &[usize]) -> Result<(), SourceError> {
         match self {
             Source::Csv(_) => Ok(()),
+            Source::Json(s) => s.start(read),
             Source::Frame(s) => s.start(read),
         }
     }
@@ -162,6 +194,7 @@ impl Source {
     pub fn advance(&mut self) -> Result<bool, SourceError> {
         match self {
             Source::Csv(s) => s.advance(),
+            Source::Json(s) => s.advance(),
             Source::Frame(s) => s.advance(),
         }
     }
@@ -170,6 +203,7 @@ impl Source {
     pub fn field(&self, i: usize) -> Option<&[u8]> {
         match self {
             Source::Csv(s) => s.field(i),
+            Source::Json(s) => s.field(i),
             Source::Frame(s) => s.field(i),
         }
     }
@@ -184,6 +218,7 @@ impl Source {
     ) -> Option<(Option<usize>, Malformed)> {
         match self {
             Source::Csv(s) => s.malformed(read, multi_line),
+            Source::Json(s) => s.malformed(read),
             Source::Frame(s) => s.malformed(read),
         }
     }
@@ -192,16 +227,18 @@ impl Source {
     /// anything but a view). Complete once [`Source::advance`] has returned `false`.
     pub fn take_table_rejections(&self) -> strict_table::Rejected {
         match self {
-            Source::Csv(_) => strict_table::Rejected::default(),
+            Source::Csv(_) | Source::Json(_) => strict_table::Rejected::default(),
             Source::Frame(s) => s.take_table_rejections(),
         }
     }
 
-    /// Where the current record is: its line in a CSV file, its 1-based row otherwise; 0 when
-    /// the rows do not come in file order ([`DatasetConfig::reads_in_file_order`]).
+    /// Where the current record is: its line in a CSV or JSON lines file, its 1-based row
+    /// otherwise; 0 when the rows do not come in file order
+    /// ([`DatasetConfig::reads_in_file_order`]).
     pub fn location(&self) -> u64 {
         match self {
             Source::Csv(s) => s.line(),
+            Source::Json(s) => s.line(),
             Source::Frame(s) if s.in_file_order() => s.row(),
             Source::Frame(_) => 0,
         }
@@ -211,6 +248,7 @@ impl Source {
     pub fn origin(&self) -> String {
         match self {
             Source::Csv(s) => s.path().display().to_string(),
+            Source::Json(s) => s.path().display().to_string(),
             Source::Frame(s) => s.location().to_owned(),
         }
     }
