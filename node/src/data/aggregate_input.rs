@@ -90,9 +90,7 @@ pub fn load_vector(
     let mut outside_group = 0u64;
     let counts = dataset::for_each_row_for(dataset, &columns, filter, MAX_ROWS, |_, fields| {
         for (i, (_, min, max)) in bounds.iter().enumerate() {
-            let parsed = fields[i + 1]
-                .and_then(|f| std::str::from_utf8(f).ok())
-                .and_then(|s| s.trim().parse::<i64>().ok());
+            let parsed = fields[i + 1].and_then(super::value::parse_value);
             let Some(v) = parsed else {
                 rejected += 1;
                 return Ok(());

@@ -257,9 +257,7 @@ fn classify(spec: &AggregateSpec, rows: &mut Rows<'_>, row: usize, values: &mut 
         return Cell::Forgotten;
     }
     for (i, (min, max)) in spec.bounds.iter().enumerate() {
-        let parsed = field(1 + i)
-            .and_then(|f| std::str::from_utf8(f).ok())
-            .and_then(|s| s.trim().parse::<i64>().ok());
+        let parsed = field(1 + i).and_then(super::value::parse_value);
         let Some(v) = parsed else {
             return Cell::Rejected;
         };

@@ -897,9 +897,7 @@ fn values_of<'a>(
     });
     tail.extend_from_slice(&group.to_le_bytes());
     for i in 0..spec.sums {
-        let value = field(at + i)
-            .and_then(|v| std::str::from_utf8(v).ok())
-            .and_then(|v| v.trim().parse::<i64>().ok())?;
+        let value = field(at + i).and_then(super::value::parse_value)?;
         tail.extend_from_slice(&value.to_le_bytes());
     }
     Some(tail)

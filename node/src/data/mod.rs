@@ -30,6 +30,7 @@ pub mod retention;
 pub mod schema;
 pub mod source;
 pub mod sum_input;
+pub mod value;
 
 pub use dataset::{
     Forgotten, KeySpec, LoadedKeys, RejectedRow, Rejections, RowCounts, RowFilter, key_name,

@@ -235,9 +235,7 @@ impl<'a> RowParser<'a> {
     /// integer.
     fn parse(&self, f: &[Option<&[u8]>], values: &mut [i64]) -> Option<u32> {
         for (i, slot) in values.iter_mut().enumerate() {
-            *slot = f[i]
-                .and_then(|v| std::str::from_utf8(v).ok())
-                .and_then(|s| s.trim().parse::<i64>().ok())?;
+            *slot = f[i].and_then(super::value::parse_value)?;
         }
         let group = match self.group_by {
             Some(_) => {

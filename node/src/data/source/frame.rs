@@ -846,8 +846,32 @@ async fn register(
     let table = TableReference::bare(name.to_owned());
     let result = match format {
         DataFormat::Parquet => {
-            let options = ParquetReadOptions::default().file_extension(extension);
-            ctx.register_parquet(table, location, options).await
+            let options = || ParquetReadOptions::default().file_extension(extension);
+            ctx.register_parquet(table.clone(), location, options())
+                .await
+                .map_err(|e| e.to_string())?;
+            // Files written over time add columns. A column that a later file declares
+            // required is null in the files before it, so the table takes every column as
+            // nullable (else the engine fails the read on the first older file).
+            let schema = ctx
+                .table_provider(table.clone())
+                .await
+                .map_err(|e| e.to_string())?
+                .schema();
+            if schema.fields().iter().all(|f| f.is_nullable()) {
+                return Ok(());
+            }
+            let nullable = datafusion::arrow::datatypes::Schema::new(
+                schema
+                    .fields()
+                    .iter()
+                    .map(|f| f.as_ref().clone().with_nullable(true))
+                    .collect::<Vec<_>>(),
+            );
+            ctx.deregister_table(table.clone())
+                .map_err(|e| e.to_string())?;
+            ctx.register_parquet(table, location, options().schema(&nullable))
+                .await
         }
         DataFormat::Jsonl => {
             let mut options = JsonReadOptions::default().file_extension(extension);

@@ -169,6 +169,50 @@ fn value_columns_read_as_decimal_text_and_match_maps_back_to_rows() {
     assert_eq!(loaded.items.len(), 4);
 }
 
+/// A Parquet `DOUBLE` amount (what pandas writes for a nullable integer column): whole
+/// numbers read as the integers they are, a fraction and a null as no value.
+#[test]
+fn a_double_value_column_reads_its_whole_numbers_as_integers() {
+    use datafusion::arrow::array::Float64Array;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("orders.parquet");
+    let amount = Float64Array::from(vec![
+        Some(1200.0),
+        Some(-35.0),
+        Some(12.99),
+        None,
+        Some(1e15),
+    ]);
+    let email = StringArray::from(vec!["a@x.com"; 5]);
+    let batch = RecordBatch::try_from_iter(vec![
+        ("email", Arc::new(email) as ArrayRef),
+        ("amount", Arc::new(amount) as ArrayRef),
+    ])
+    .unwrap();
+    write_parquet(&path, &batch);
+    let d = DatasetConfig::new(
+        "orders",
+        path,
+        vec![IdentifierConfig::new("email", "email", Normaliser::Email)],
+    );
+    let mut values = Vec::new();
+    dataset::for_each_row_for(&d, &["amount"], RowFilter::default(), 100, |_, f| {
+        values.push(f[0].and_then(crate::data::value::parse_value));
+        Ok(())
+    })
+    .unwrap();
+    assert_eq!(
+        values,
+        [
+            Some(1200),
+            Some(-35),
+            None,
+            None,
+            Some(1_000_000_000_000_000)
+        ]
+    );
+}
+
 #[test]
 fn json_lines_a_directory_and_a_glob_read_every_file_in_order() {
     let dir = tempfile::tempdir().unwrap();
@@ -939,4 +983,74 @@ fn a_view_cannot_read_a_tables_raw_lines() {
         };
         assert!(err.contains("raw lines"), "{sql}: {err}");
     }
+}
+
+/// Shapes of real lakes a view meets: a Parquet table joined to a CSV table, dictionary and
+/// large strings, a directory of Parquet files whose later file adds a column, a timestamp,
+/// and a column name with a space and capitals. Each reads what plain SQL says it holds.
+#[test]
+fn views_over_real_lake_shapes_read_what_sql_says() {
+    use datafusion::arrow::array::{DictionaryArray, LargeStringArray, TimestampMillisecondArray};
+    use datafusion::arrow::datatypes::Int32Type;
+    let dir = tempfile::tempdir().unwrap();
+    let lake = dir.path().join("orders");
+    std::fs::create_dir(&lake).unwrap();
+    // Two files; the second adds `country` (a dictionary column).
+    let first = RecordBatch::try_from_iter(vec![
+        (
+            "Customer Email",
+            Arc::new(LargeStringArray::from(vec!["A@x.com", "b@x.com"])) as ArrayRef,
+        ),
+        (
+            "placed",
+            Arc::new(TimestampMillisecondArray::from(vec![0, 86_400_000])) as ArrayRef,
+        ),
+    ])
+    .unwrap();
+    let country: DictionaryArray<Int32Type> = vec!["DE", "FR"].into_iter().collect();
+    let second = RecordBatch::try_from_iter(vec![
+        (
+            "Customer Email",
+            Arc::new(LargeStringArray::from(vec!["c@x.com", "d@x.com"])) as ArrayRef,
+        ),
+        (
+            "placed",
+            Arc::new(TimestampMillisecondArray::from(vec![0, 0])) as ArrayRef,
+        ),
+        ("country", Arc::new(country) as ArrayRef),
+    ])
+    .unwrap();
+    write_parquet(&lake.join("part-0.parquet"), &first);
+    write_parquet(&lake.join("part-1.parquet"), &second);
+    let vip = dir.path().join("vip.csv");
+    std::fs::write(
+        &vip,
+        "email,tier\nb@x.com,gold\nd@x.com,gold\nc@x.com,none\n",
+    )
+    .unwrap();
+    let view = |sql: &str| {
+        let mut d = view_over("orders", &lake, sql, Delimiter::default());
+        d.tables[0].format = Some(DataFormat::Parquet);
+        d.tables.push(TableConfig {
+            name: "vip".into(),
+            path: vip.clone(),
+            format: None,
+            delimiter: Delimiter::default(),
+        });
+        d
+    };
+    let emails = |d: &DatasetConfig| keys_of(d, None).0;
+    // A join, a filter on the added column (null in the first file), a date.
+    let d = view(
+        "SELECT lower(o.\"Customer Email\") AS email FROM orders o \
+         JOIN vip v ON lower(o.\"Customer Email\") = v.email WHERE v.tier = 'gold'",
+    );
+    assert_eq!(emails(&d), ["b@x.com", "d@x.com"]);
+    let d = view("SELECT \"Customer Email\" AS email FROM orders WHERE country = 'DE'");
+    assert_eq!(emails(&d), ["c@x.com"]);
+    let d = view(
+        "SELECT DISTINCT \"Customer Email\" AS email FROM orders \
+         WHERE placed >= TIMESTAMP '1970-01-02 00:00:00'",
+    );
+    assert_eq!(emails(&d), ["b@x.com"]);
 }
