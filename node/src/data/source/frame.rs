@@ -27,7 +27,9 @@ use datafusion::execution::options::{CsvReadOptions, JsonReadOptions, ParquetRea
 use datafusion::execution::runtime_env::{RuntimeEnv, RuntimeEnvBuilder};
 use datafusion::logical_expr::LogicalPlan;
 use datafusion::logical_expr::expr::ScalarFunction;
-use datafusion::prelude::{DataFrame, Expr, SQLOptions, SessionConfig, SessionContext, cast, lit};
+use datafusion::prelude::{
+    DataFrame, Expr, SQLOptions, SessionConfig, SessionContext, cast, lit, try_cast,
+};
 use futures::StreamExt;
 
 use super::csv_line::{LINE_DELIMITER, LINE_QUOTE, LineRecord, header_names};
@@ -1034,10 +1036,16 @@ fn as_text(plan: &Plan, frame: &DataFrame, read: &[usize]) -> Result<Vec<Expr>, 
                     name = field.name()
                 )));
             }
-            Ok(cast(
-                Expr::Column(Column::from((qualifier, field))),
-                DataType::Utf8,
-            ))
+            let column = Expr::Column(Column::from((qualifier, field)));
+            Ok(match field.data_type() {
+                // Bytes (text a writer did not mark as UTF-8): a value that is not UTF-8 reads
+                // as null and rejects its row alone, where a cast would fail the read.
+                DataType::Binary
+                | DataType::LargeBinary
+                | DataType::BinaryView
+                | DataType::FixedSizeBinary(_) => try_cast(column, DataType::Utf8),
+                _ => cast(column, DataType::Utf8),
+            })
         })
         .collect()
 }
@@ -1286,14 +1294,31 @@ fn is_word(c: char) -> bool {
     c.is_alphanumeric() || matches!(c, '_' | '@' | '.' | '+' | '-')
 }
 
-/// Whether a bare word may stay in a message: no digit and no `@`, or letters then digits (a
-/// type such as `Int64`, `Utf8`, `Decimal128`).
+/// Whether a bare word may stay in a message: no digit and no `@`, or a type or an encoding
+/// (`Int64`, `Decimal128`, `UTF-8`). A word like `C0001234` could be a customer number.
 fn may_show(word: &str) -> bool {
     if !word.chars().any(|c| c.is_ascii_digit() || c == '@') {
         return true;
     }
-    let letters = word.trim_end_matches(|c: char| c.is_ascii_digit());
-    !letters.is_empty() && letters.chars().all(|c| c.is_ascii_alphabetic())
+    const TYPES: [&str; 15] = [
+        "Int",
+        "UInt",
+        "Float",
+        "Utf",
+        "LargeUtf",
+        "Decimal",
+        "Date",
+        "Time",
+        "Timestamp",
+        "Binary",
+        "Interval",
+        "Duration",
+        "UTF-",
+        "utf-",
+        "non-UTF-",
+    ];
+    let name = word.trim_end_matches(|c: char| c.is_ascii_digit());
+    TYPES.contains(&name)
 }
 
 #[cfg(test)]
@@ -1341,6 +1366,10 @@ mod tests {
         assert_eq!(
             redact("whilst decoding field 'a@b.c': x"),
             "whilst decoding field '…': x"
+        );
+        assert_eq!(
+            redact("non-UTF-8 data in Utf8 for C0001234"),
+            "non-UTF-8 data in Utf8 for …"
         );
         for (message, redacted) in cases {
             assert_eq!(redact(message), redacted);

@@ -1054,3 +1054,38 @@ fn views_over_real_lake_shapes_read_what_sql_says() {
     );
     assert_eq!(emails(&d), ["b@x.com"]);
 }
+
+/// Text a writer stored as bytes (a Parquet `BINARY` without the UTF-8 mark) and a
+/// `DECIMAL(10, 2)` amount: a value that is not UTF-8 rejects its row alone (the engine's cast
+/// would fail the read), and the decimal's whole numbers sum as integers.
+#[test]
+fn a_binary_identifier_and_a_decimal_amount_read_row_by_row() {
+    use datafusion::arrow::array::{BinaryArray, Decimal128Array};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("orders.parquet");
+    let email = BinaryArray::from(vec![&b"a@x.com"[..], b"b@x.com", b"\xff\xfe@x.com"]);
+    let amount = Decimal128Array::from(vec![120_000i128, 1299, 5])
+        .with_precision_and_scale(10, 2)
+        .unwrap();
+    let batch = RecordBatch::try_from_iter(vec![
+        ("email", Arc::new(email) as ArrayRef),
+        ("amount", Arc::new(amount) as ArrayRef),
+    ])
+    .unwrap();
+    write_parquet(&path, &batch);
+    let d = DatasetConfig::new(
+        "orders",
+        path,
+        vec![IdentifierConfig::new("email", "email", Normaliser::Email)],
+    );
+    let (items, loaded) = keys_of(&d, None);
+    assert_eq!(items, ["a@x.com", "b@x.com"]);
+    assert_eq!(loaded.rows_rejected, 1);
+    let mut values = Vec::new();
+    dataset::for_each_row_for(&d, &["amount"], RowFilter::default(), 100, |_, f| {
+        values.push(f[0].and_then(crate::data::value::parse_value));
+        Ok(())
+    })
+    .unwrap();
+    assert_eq!(values, [Some(1200), None, None]);
+}
