@@ -580,12 +580,16 @@ impl Plan {
                  view to read such values as null, or clean the file)",
             );
         }
-        if message.contains("Json error") && message.contains("expected") {
-            message.push_str(
+        if message.contains("Json error") {
+            message.push_str(if message.contains(" got ") {
                 " (a JSON field held a value of another type than the lines its column was \
                  typed from, such as a number where text was: make its values one type in the \
-                 file)",
-            );
+                 file)"
+            } else {
+                " (a line is not valid JSON: the engine, which reads a view's tables, s3:// and \
+                 a cluster's data, fails on it; fix the line, or name the local file as the \
+                 dataset, which is read one line a record)"
+            });
         }
         message
     }
@@ -855,11 +859,7 @@ async fn register(
             // Files written over time add columns. A column that a later file declares
             // required is null in the files before it, so the table takes every column as
             // nullable (else the engine fails the read on the first older file).
-            let schema = ctx
-                .table_provider(table.clone())
-                .await
-                .map_err(|e| e.to_string())?
-                .schema();
+            let schema = table_schema(ctx, &table).await?;
             if schema.fields().iter().all(|f| f.is_nullable()) {
                 return Ok(());
             }
@@ -894,6 +894,17 @@ async fn register(
     result.map_err(|e| e.to_string())
 }
 
+/// The columns of the registered `table`.
+async fn table_schema(
+    ctx: &SessionContext,
+    table: &TableReference,
+) -> Result<datafusion::arrow::datatypes::SchemaRef, String> {
+    ctx.table_provider(table.clone())
+        .await
+        .map(|t| t.schema())
+        .map_err(|e| e.to_string())
+}
+
 /// Registers CSV as one text column per line ([`super::csv_line`]), named by the header line.
 async fn register_lines(
     ctx: &SessionContext,
@@ -911,11 +922,7 @@ async fn register_lines(
     ctx.register_csv(table.clone(), location, options())
         .await
         .map_err(|e| e.to_string())?;
-    let schema = ctx
-        .table_provider(table.clone())
-        .await
-        .map_err(|e| e.to_string())?
-        .schema();
+    let schema = table_schema(ctx, &table).await?;
     match schema.fields().iter().as_slice() {
         [line] if line.data_type() == &DataType::Utf8 => Ok(()),
         // Lines that all read as numbers (a one-column file): text all the same, or a phone

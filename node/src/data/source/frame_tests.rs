@@ -169,40 +169,43 @@ fn value_columns_read_as_decimal_text_and_match_maps_back_to_rows() {
     assert_eq!(loaded.items.len(), 4);
 }
 
+/// Orders keyed by email in one Parquet file: the columns `email` and `amount`.
+fn orders(dir: &Path, email: ArrayRef, amount: ArrayRef) -> DatasetConfig {
+    let path = dir.join("orders.parquet");
+    let batch = RecordBatch::try_from_iter(vec![("email", email), ("amount", amount)]).unwrap();
+    write_parquet(&path, &batch);
+    DatasetConfig::new(
+        "orders",
+        path,
+        vec![IdentifierConfig::new("email", "email", Normaliser::Email)],
+    )
+}
+
+/// Each row's `amount` as a summed value reads it.
+fn amounts(d: &DatasetConfig) -> Vec<Option<i64>> {
+    let mut values = Vec::new();
+    dataset::for_each_row_for(d, &["amount"], RowFilter::default(), 100, |_, f| {
+        values.push(f[0].and_then(crate::data::value::parse_value));
+        Ok(())
+    })
+    .unwrap();
+    values
+}
+
 /// A Parquet `DOUBLE` amount (what pandas writes for a nullable integer column): whole
 /// numbers read as the integers they are, a fraction and a null as no value.
 #[test]
 fn a_double_value_column_reads_its_whole_numbers_as_integers() {
     use datafusion::arrow::array::Float64Array;
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("orders.parquet");
-    let amount = Float64Array::from(vec![
-        Some(1200.0),
-        Some(-35.0),
-        Some(12.99),
-        None,
-        Some(1e15),
-    ]);
-    let email = StringArray::from(vec!["a@x.com"; 5]);
-    let batch = RecordBatch::try_from_iter(vec![
-        ("email", Arc::new(email) as ArrayRef),
-        ("amount", Arc::new(amount) as ArrayRef),
-    ])
-    .unwrap();
-    write_parquet(&path, &batch);
-    let d = DatasetConfig::new(
-        "orders",
-        path,
-        vec![IdentifierConfig::new("email", "email", Normaliser::Email)],
+    let amount = [Some(1200.0), Some(-35.0), Some(12.99), None, Some(1e15)];
+    let d = orders(
+        dir.path(),
+        Arc::new(StringArray::from(vec!["a@x.com"; 5])),
+        Arc::new(Float64Array::from(amount.to_vec())),
     );
-    let mut values = Vec::new();
-    dataset::for_each_row_for(&d, &["amount"], RowFilter::default(), 100, |_, f| {
-        values.push(f[0].and_then(crate::data::value::parse_value));
-        Ok(())
-    })
-    .unwrap();
     assert_eq!(
-        values,
+        amounts(&d),
         [
             Some(1200),
             Some(-35),
@@ -1062,30 +1065,40 @@ fn views_over_real_lake_shapes_read_what_sql_says() {
 fn a_binary_identifier_and_a_decimal_amount_read_row_by_row() {
     use datafusion::arrow::array::{BinaryArray, Decimal128Array};
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("orders.parquet");
     let email = BinaryArray::from(vec![&b"a@x.com"[..], b"b@x.com", b"\xff\xfe@x.com"]);
     let amount = Decimal128Array::from(vec![120_000i128, 1299, 5])
         .with_precision_and_scale(10, 2)
         .unwrap();
-    let batch = RecordBatch::try_from_iter(vec![
-        ("email", Arc::new(email) as ArrayRef),
-        ("amount", Arc::new(amount) as ArrayRef),
-    ])
-    .unwrap();
-    write_parquet(&path, &batch);
-    let d = DatasetConfig::new(
-        "orders",
-        path,
-        vec![IdentifierConfig::new("email", "email", Normaliser::Email)],
-    );
+    let d = orders(dir.path(), Arc::new(email), Arc::new(amount));
     let (items, loaded) = keys_of(&d, None);
     assert_eq!(items, ["a@x.com", "b@x.com"]);
     assert_eq!(loaded.rows_rejected, 1);
-    let mut values = Vec::new();
-    dataset::for_each_row_for(&d, &["amount"], RowFilter::default(), 100, |_, f| {
-        values.push(f[0].and_then(crate::data::value::parse_value));
-        Ok(())
-    })
+    assert_eq!(amounts(&d), [Some(1200), None, None]);
+}
+
+/// A view over JSON lines with a line cut off: the engine fails the read, and the message says
+/// the line is not valid JSON and what to do (not that a value changed type).
+#[test]
+fn a_view_over_a_cut_off_json_line_fails_saying_what_to_do() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("customers.jsonl");
+    std::fs::write(
+        &path,
+        "{\"email\": \"a@example.com\"}\n{\"email\": \"cut@off.test\", \"phone\": \"1\n",
+    )
     .unwrap();
-    assert_eq!(values, [Some(1200), None, None]);
+    let d = view_over(
+        "orders",
+        &path,
+        "SELECT email FROM orders",
+        Delimiter::default(),
+    );
+    let err = dataset::load_keys_for(&d, &KeySpec::new(["email"]), RowFilter::default(), 100)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("not valid JSON") && err.contains("read one line a record"),
+        "{err}"
+    );
+    assert!(!err.contains("cut@off"), "{err}");
 }
