@@ -637,6 +637,59 @@ fn json_lines_with_bad_lines_are_read_one_line_a_record() {
     }
 }
 
+/// The README's kind of view, over nested data: acme's dataset is a view that takes the email
+/// out of a struct (`customer['email'] AS email`) and filters on another field of it. The node
+/// starts (its check lets the view read `customer.email` for an agreement on `email`, and not
+/// the struct's `ssn`), and the overlap equals the truth counted here.
+#[test]
+fn a_view_takes_an_email_out_of_a_struct_in_a_real_overlap() {
+    let (mut c, _) = Consortium::with_coordinator("acme,globex", 200, 0.5, 47);
+    let acme = rows_of(&c.path().join("data/acme.csv"));
+    let globex: BTreeSet<String> = rows_of(&c.path().join("data/globex.csv"))
+        .into_iter()
+        .map(|(_, email, _)| email)
+        .collect();
+    let mut text = String::new();
+    let mut kept = BTreeSet::new();
+    for (row, email, category) in &acme {
+        let country = if row % 3 == 0 { "FR" } else { "DE" };
+        if country == "DE" {
+            kept.insert(email.clone());
+        }
+        let customer =
+            serde_json::json!({"email": email, "ssn": format!("{row:09}"), "country": country});
+        text += &serde_json::json!({"customer": customer, "category": category}).to_string();
+        text.push('\n');
+    }
+    std::fs::create_dir_all(c.path().join("data-n")).unwrap();
+    std::fs::write(c.path().join("data-n/orders.jsonl"), text).unwrap();
+    let truth = kept.intersection(&globex).count() as u64;
+    assert!(truth > 20, "{truth}");
+    let view = |select: &str| {
+        format!(
+            "[[dataset]]\nname = \"customers\"\n\
+             sql = \"SELECT {select} AS email FROM orders WHERE customer['country'] = 'DE'\"\n\
+             [[dataset.table]]\nname = \"orders\"\npath = \"data-n/orders.jsonl\"\n\n\
+             [[dataset.identifier]]\nname = \"email\"\ncolumn = \"email\"\nnormaliser = \"email\"\n\n{}",
+            open_agreement("globex")
+        )
+    };
+    c.admit_node("acme");
+    c.admit_node("globex");
+    // Another field of the struct under the email's name is refused before the node starts.
+    let config = c.write_node_toml("acme", &view("customer['ssn']"));
+    let out = cleanroom_node(c.path(), &["policy", "check", config.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("reads column 'customer.ssn'"), "{stderr}");
+    c.write_node_toml("acme", &view("customer['email']"));
+    c.write_node_config("globex", "globex", &open_agreement("acme"));
+    c.start_node("acme");
+    c.start_node("globex");
+    c.wait_connected(&["acme", "globex"]);
+    c.overlap_counts(truth);
+}
+
 /// Runs the overlap of [`the_executors_pass_counts_what_the_node_counts`]: the intersection
 /// and acme's audited rows read, rejected, without consent and forgotten.
 fn messy_overlap(executors: Option<usize>) -> (u64, [u64; 4]) {
