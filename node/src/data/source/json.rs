@@ -11,7 +11,8 @@
 //! Parquet ([`super::nested`]). The columns are the paths seen in the first [`INFER_LINES`]
 //! records (a record's keys in sorted order); a path first seen later is not a column, and a
 //! path that was only ever null where an object was seen too is the object's, not a column.
-//! Blank lines are skipped and are not records.
+//! Blank lines are skipped and are not records. A record's fields that no job reads are
+//! skipped as it is parsed ([`super::json_record`]).
 
 use std::fs::File;
 use std::io::{BufRead, BufReader};
@@ -19,6 +20,7 @@ use std::path::{Path, PathBuf};
 
 use serde_json::{Map, Value};
 
+use super::json_record::{Fields, Wanted, read_record};
 use super::{Malformed, SourceError};
 use crate::data::schema::DataFormat;
 
@@ -30,22 +32,6 @@ pub const MAX_LINE_BYTES: usize = 1 << 20;
 
 /// Deepest object whose fields become columns; one deeper is a single value.
 const MAX_DEPTH: usize = 8;
-
-/// The current record.
-#[derive(Debug, Default)]
-enum Record {
-    /// Before the first record.
-    #[default]
-    None,
-    /// A JSON object: the text of each column the pass reads (`None`: null or missing), and
-    /// which of them held a list or an object instead.
-    Object {
-        fields: Vec<Option<Vec<u8>>>,
-        many: Vec<bool>,
-    },
-    /// A line that cannot be a record.
-    Bad(Malformed),
-}
 
 /// A column: its path of keys, and whether the first records held one value or many there.
 #[derive(Debug)]
@@ -70,7 +56,12 @@ pub struct JsonFiles {
     /// The next line's number.
     next_line: u64,
     buf: Vec<u8>,
-    record: Record,
+    /// The fields the pass reads, as a tree of keys.
+    wanted: Wanted,
+    /// The current record's fields (when it is not `bad`).
+    fields: Fields,
+    /// Why the current line is no record.
+    bad: Option<Malformed>,
 }
 
 impl JsonFiles {
@@ -84,7 +75,9 @@ impl JsonFiles {
         })?;
         let columns = infer_columns(&first, &pending)?;
         let headers = columns.iter().map(|c| c.keys.join(".")).collect();
-        let read = (0..columns.len()).collect();
+        let read: Vec<usize> = (0..columns.len()).collect();
+        let wanted = wanted(&columns, &read);
+        let fields = Fields::new(columns.len());
         Ok(JsonFiles {
             pending,
             reader: open(&first)?,
@@ -95,7 +88,9 @@ impl JsonFiles {
             line: 0,
             next_line: 1,
             buf: Vec::new(),
-            record: Record::None,
+            wanted,
+            fields,
+            bad: None,
         })
     }
 
@@ -125,6 +120,7 @@ impl JsonFiles {
             }
         }
         self.read = read.to_vec();
+        self.wanted = wanted(&self.columns, read);
         Ok(())
     }
 
@@ -144,7 +140,7 @@ impl JsonFiles {
                 Line::TooLong => {
                     self.next_line += 1;
                     self.line = line;
-                    self.record = Record::Bad(Malformed::LineTooLong);
+                    self.bad = Some(Malformed::LineTooLong);
                     return Ok(true);
                 }
                 Line::Read => {
@@ -154,42 +150,20 @@ impl JsonFiles {
                         continue;
                     }
                     self.line = line;
-                    self.record = match serde_json::from_slice::<Value>(text) {
-                        Ok(Value::Object(object)) => self.fields_of(&object),
-                        _ => Record::Bad(Malformed::NotJsonObject),
-                    };
+                    let object = read_record(text, &self.wanted, &mut self.fields);
+                    self.bad = (!object).then_some(Malformed::NotJsonObject);
                     return Ok(true);
                 }
             }
         }
     }
 
-    /// The text of each column the pass reads.
-    fn fields_of(&self, object: &Map<String, Value>) -> Record {
-        let width = self.columns.len();
-        let mut fields = vec![None; width];
-        let mut many = vec![false; width];
-        for &i in &self.read {
-            let Some(column) = self.columns.get(i) else {
-                continue;
-            };
-            match value_at(object, &column.keys) {
-                None | Some(Value::Null) => {}
-                Some(Value::String(s)) => fields[i] = Some(s.as_bytes().to_vec()),
-                Some(Value::Number(n)) => fields[i] = Some(n.to_string().into_bytes()),
-                Some(Value::Bool(b)) => fields[i] = Some(b.to_string().into_bytes()),
-                Some(Value::Array(_) | Value::Object(_)) => many[i] = true,
-            }
-        }
-        Record::Object { fields, many }
-    }
-
     /// The current record's field `i`.
     pub fn field(&self, i: usize) -> Option<&[u8]> {
-        match &self.record {
-            Record::Object { fields, .. } => fields.get(i)?.as_deref(),
-            _ => None,
+        if self.bad.is_some() {
+            return None;
         }
+        self.fields.get(i)
     }
 
     /// The line the current record is on (1-based).
@@ -201,23 +175,15 @@ impl JsonFiles {
     /// column the pass reads (`read`) holding a list or an object, or a line break (what a
     /// value pasted from elsewhere brings; the CSV readers reject it too).
     pub fn malformed(&self, read: &[usize]) -> Option<(Option<usize>, Malformed)> {
-        match &self.record {
-            Record::Bad(why) => Some((None, *why)),
-            Record::None => None,
-            Record::Object { fields, many } => {
-                if let Some(&i) = read.iter().find(|&&i| many.get(i) == Some(&true)) {
-                    return Some((Some(i), Malformed::NotOneValue));
-                }
-                read.iter()
-                    .find(|&&i| {
-                        fields
-                            .get(i)
-                            .and_then(Option::as_deref)
-                            .is_some_and(super::has_line_break)
-                    })
-                    .map(|&i| (Some(i), Malformed::LineBreak))
-            }
+        if let Some(why) = self.bad {
+            return Some((None, why));
         }
+        if let Some(&i) = read.iter().find(|&&i| self.fields.many(i)) {
+            return Some((Some(i), Malformed::NotOneValue));
+        }
+        read.iter()
+            .find(|&&i| self.fields.get(i).is_some_and(super::has_line_break))
+            .map(|&i| (Some(i), Malformed::LineBreak))
     }
 
     fn io(&self, source: std::io::Error) -> SourceError {
@@ -288,14 +254,12 @@ fn trim(line: &[u8], first: bool) -> &[u8] {
     }
 }
 
-/// The value at `keys` in `object`; `None` if a key is missing or a step is not an object.
-fn value_at<'a>(object: &'a Map<String, Value>, keys: &[String]) -> Option<&'a Value> {
-    let (last, steps) = keys.split_last()?;
-    let mut at = object;
-    for key in steps {
-        at = at.get(key)?.as_object()?;
-    }
-    at.get(last)
+/// The tree of the columns at `read`.
+fn wanted(columns: &[Column], read: &[usize]) -> Wanted {
+    Wanted::new(
+        read.iter()
+            .filter_map(|&i| columns.get(i).map(|c| (i, c.keys.as_slice()))),
+    )
 }
 
 /// The columns of the first [`INFER_LINES`] records of `first` and then `rest`: every path to a

@@ -18,6 +18,7 @@ pub mod csv;
 pub mod csv_line;
 pub mod frame;
 pub mod json;
+mod json_record;
 pub mod line_table;
 mod nested;
 pub mod part_order;
