@@ -9,8 +9,9 @@
 //!
 //! A nested object's fields are columns named by their path (`customer.email`), as for
 //! Parquet ([`super::nested`]). The columns are the paths seen in the first [`INFER_LINES`]
-//! records (a record's keys in sorted order); a path first seen later is not a column, and a
-//! path that was only ever null where an object was seen too is the object's, not a column.
+//! records, at most [`MAX_COLUMNS`] (a record's keys in sorted order); a path first seen later
+//! is not a column, and a path that was only ever null where an object was seen too is the
+//! object's, not a column.
 //! Blank lines are skipped and are not records. A record's fields that no job reads are
 //! skipped as it is parsed ([`super::json_record`]).
 
@@ -32,6 +33,9 @@ pub const MAX_LINE_BYTES: usize = 1 << 20;
 
 /// Deepest object whose fields become columns; one deeper is a single value.
 const MAX_DEPTH: usize = 8;
+
+/// Most columns a dataset's first records make; a path first seen after them is not a column.
+pub const MAX_COLUMNS: usize = 10_000;
 
 /// A column: its path of keys, and whether the first records held one value or many there.
 #[derive(Debug)]
@@ -326,14 +330,23 @@ fn collect(
                 collect(inner, keys, columns, index);
             }
             _ => {
-                let at = *index.entry(keys.clone()).or_insert_with(|| {
-                    columns.push(Column {
-                        keys: keys.clone(),
-                        seen_value: false,
-                        seen_many: None,
-                    });
-                    columns.len() - 1
-                });
+                let at = match index.get(keys.as_slice()) {
+                    Some(&at) => at,
+                    // A file with ever new keys cannot make the column list grow without end.
+                    None if columns.len() >= MAX_COLUMNS => {
+                        keys.pop();
+                        continue;
+                    }
+                    None => {
+                        index.insert(keys.clone(), columns.len());
+                        columns.push(Column {
+                            keys: keys.clone(),
+                            seen_value: false,
+                            seen_many: None,
+                        });
+                        columns.len() - 1
+                    }
+                };
                 let column = &mut columns[at];
                 match value {
                     Value::Array(_) => column.seen_many = Some("list"),
@@ -424,6 +437,20 @@ mod tests {
         assert_eq!(rows.len(), 3);
         assert_eq!(rows[1], (2, Err(Malformed::LineTooLong)));
         assert_eq!(rows[2], (3, Ok(vec![Some("b@x.com".into())])));
+    }
+
+    #[test]
+    fn a_file_of_ever_new_keys_makes_at_most_the_column_cap() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("d.jsonl");
+        let mut text = String::new();
+        for i in 0..(MAX_COLUMNS + 50) {
+            text += &format!("{{\"k{i}\": 1, \"email\": \"a@x.com\"}}\n");
+        }
+        std::fs::write(&path, text).unwrap();
+        let files = JsonFiles::open(&path).unwrap();
+        assert_eq!(files.headers().len(), MAX_COLUMNS);
+        assert!(files.headers().iter().any(|h| h == "email"));
     }
 
     #[test]
