@@ -483,23 +483,12 @@ fn engine_errors_name_no_value() {
 /// lines dataset that is no view is read by [`super::json`], which reads the number as text.)
 #[test]
 fn a_json_value_of_another_type_fails_the_read_naming_no_value() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("customers.jsonl");
-    std::fs::write(
-        &path,
+    let err = view_error(
+        "customers.jsonl",
         "{\"customer\": {\"email\": \"a@example.com\"}}\n\
          {\"customer\": {\"email\": 4155550100}}\n",
-    )
-    .unwrap();
-    let d = view_over(
-        "orders",
-        &path,
         "SELECT customer['email'] AS email FROM orders",
-        Delimiter::default(),
     );
-    let err = dataset::load_keys_for(&d, &KeySpec::new(["email"]), RowFilter::default(), 100)
-        .unwrap_err()
-        .to_string();
     assert!(
         err.contains("field 'email'") && err.contains("make its values one type"),
         "{err}"
@@ -713,6 +702,18 @@ fn a_semicolon_file_with_a_byte_order_mark_reads_with_its_delimiter() {
     );
     let (items, _) = keys_of(&v, None);
     assert_eq!(items, ["bob@example.com"]);
+}
+
+/// The error of loading the keys of a view `sql` over one table `orders`, the file `name`
+/// holding `text`.
+fn view_error(name: &str, text: &str, sql: &str) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join(name);
+    std::fs::write(&path, text).unwrap();
+    let d = view_over("orders", &path, sql, Delimiter::default());
+    dataset::load_keys_for(&d, &KeySpec::new(["email"]), RowFilter::default(), 100)
+        .unwrap_err()
+        .to_string()
 }
 
 /// A CSV column with `n/a` among its first rows is text; a view that compares it with a number
@@ -1080,22 +1081,11 @@ fn a_binary_identifier_and_a_decimal_amount_read_row_by_row() {
 /// the line is not valid JSON and what to do (not that a value changed type).
 #[test]
 fn a_view_over_a_cut_off_json_line_fails_saying_what_to_do() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("customers.jsonl");
-    std::fs::write(
-        &path,
+    let err = view_error(
+        "customers.jsonl",
         "{\"email\": \"a@example.com\"}\n{\"email\": \"cut@off.test\", \"phone\": \"1\n",
-    )
-    .unwrap();
-    let d = view_over(
-        "orders",
-        &path,
         "SELECT email FROM orders",
-        Delimiter::default(),
     );
-    let err = dataset::load_keys_for(&d, &KeySpec::new(["email"]), RowFilter::default(), 100)
-        .unwrap_err()
-        .to_string();
     assert!(
         err.contains("not valid JSON") && err.contains("read one line a record"),
         "{err}"
