@@ -53,8 +53,6 @@ pub struct JsonFiles {
     reader: BufReader<File>,
     headers: Vec<String>,
     columns: Vec<Column>,
-    /// The columns the pass reads (all until [`JsonFiles::start`]).
-    read: Vec<usize>,
     /// The current record's line in its file (1-based).
     line: u64,
     /// The next line's number.
@@ -79,8 +77,9 @@ impl JsonFiles {
         })?;
         let columns = infer_columns(&first, &pending)?;
         let headers = columns.iter().map(|c| c.keys.join(".")).collect();
-        let read: Vec<usize> = (0..columns.len()).collect();
-        let wanted = wanted(&columns, &read);
+        // Every column until the pass says which it reads.
+        let all: Vec<usize> = (0..columns.len()).collect();
+        let wanted = wanted(&columns, &all);
         let fields = Fields::new(columns.len());
         Ok(JsonFiles {
             pending,
@@ -88,7 +87,6 @@ impl JsonFiles {
             path: first,
             headers,
             columns,
-            read,
             line: 0,
             next_line: 1,
             buf: Vec::new(),
@@ -123,7 +121,6 @@ impl JsonFiles {
                 });
             }
         }
-        self.read = read.to_vec();
         self.wanted = wanted(&self.columns, read);
         Ok(())
     }
