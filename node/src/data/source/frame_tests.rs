@@ -355,20 +355,21 @@ fn nested_customers() -> RecordBatch {
     .unwrap()
 }
 
+/// [`nested_customers`] written to `dir`, and the dataset keyed by `customer.email` over it.
+fn nested_dataset(dir: &Path) -> (std::path::PathBuf, DatasetConfig) {
+    let path = dir.join("customers.parquet");
+    write_parquet(&path, &nested_customers());
+    let id = IdentifierConfig::new("email", "customer.email", Normaliser::Email);
+    (
+        path.clone(),
+        DatasetConfig::new("customers", path, vec![id]),
+    )
+}
+
 #[test]
 fn a_struct_field_is_a_column_named_by_its_path() {
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("customers.parquet");
-    write_parquet(&path, &nested_customers());
-    let d = DatasetConfig::new(
-        "customers",
-        path,
-        vec![IdentifierConfig::new(
-            "email",
-            "customer.email",
-            Normaliser::Email,
-        )],
-    );
+    let (_, d) = nested_dataset(dir.path());
     let source = super::Source::open(&d).unwrap();
     assert_eq!(
         source.headers(),
@@ -424,17 +425,7 @@ fn a_struct_field_is_a_column_named_by_its_path() {
 #[test]
 fn a_list_column_is_refused_and_a_view_unnests_it() {
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("customers.parquet");
-    write_parquet(&path, &nested_customers());
-    let d = DatasetConfig::new(
-        "customers",
-        path.clone(),
-        vec![IdentifierConfig::new(
-            "email",
-            "customer.email",
-            Normaliser::Email,
-        )],
-    );
+    let (path, d) = nested_dataset(dir.path());
     let err = dataset::for_each_row_for(&d, &["tags"], RowFilter::default(), 100, |_, _| Ok(()))
         .unwrap_err()
         .to_string();
