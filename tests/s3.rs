@@ -245,6 +245,58 @@ fn nodes_read_their_datasets_from_s3() {
     let figures = [big.len() + 3, 3, 0, 0, distinct].map(|n| n as u64);
     cleanroom_e2e::assert_preview(&text, "email", figures, &["field count", "quote left open"]);
 
+    // acme's customers as nested JSON lines in S3, with a cut-off line, a bare list, a number
+    // for an email and blank lines: handed over line by line and read one line a record, as a
+    // local file is (the engine's JSON reader would fail the read on the first bad line).
+    let mut jsonl = String::new();
+    for (row, email) in &acme {
+        jsonl += &serde_json::json!({"customer": {"email": email}, "row": row}).to_string();
+        jsonl.push('\n');
+        if row % 100 == 0 {
+            jsonl += "{\"customer\": {\"email\": \"cut@example.com\"\n\n  \n[1, 2]\n";
+            jsonl += "{\"customer\": {\"email\": 4155550100}}\n";
+        }
+    }
+    let bad_groups = acme.iter().filter(|(row, _)| row % 100 == 0).count() as u64;
+    let events = spare.path().join("customers.jsonl");
+    std::fs::write(&events, jsonl).unwrap();
+    s3.put("acme-lake", "events/customers.jsonl", &events);
+    std::fs::remove_file(&events).unwrap();
+    let json = c.path().join("acme-json.toml");
+    let config = std::fs::read_to_string(c.path().join("acme.toml"))
+        .unwrap()
+        .replacen(
+            "path = \"s3://acme-lake/customers/\"\nformat = \"parquet\"\n",
+            "path = \"s3://acme-lake/events/customers.jsonl\"\n",
+            1,
+        )
+        .replacen("column = \"email\"", "column = \"customer.email\"", 1);
+    std::fs::write(&json, config).unwrap();
+    let out = std::process::Command::new(&cleanroom_e2e::bins().1)
+        .args(["dataset", "preview", "--config"])
+        .arg(&json)
+        .args(["--dataset", "customers"])
+        .current_dir(c.path())
+        .envs(s3.env())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let distinct = acme.iter().map(|(_, e)| e).collect::<BTreeSet<_>>().len() as u64;
+    let figures = [
+        acme.len() as u64 + 3 * bad_groups,
+        3 * bad_groups,
+        0,
+        0,
+        distinct,
+    ];
+    cleanroom_e2e::assert_preview(&text, "email", figures, &["not a JSON object"]);
+    assert!(!text.contains("4155550100"), "{text}");
+
     let holding = files_holding(c.path(), SECRET_KEY.as_bytes());
     assert!(holding.is_empty(), "the secret key is in {holding:?}");
 }

@@ -26,9 +26,10 @@ use datafusion::logical_expr::{
 };
 use zeroize::Zeroizing;
 
+use super::cluster_lines::{LineLayout, decode_lines, encode_lines};
 use super::cluster_pass::{
-    ForgetSpec, LineLayout, Reader, Rows, SealingKey, decode_forget, decode_labels, decode_lines,
-    encode_forget, encode_labels, encode_lines, is_forgotten, text_columns,
+    ForgetSpec, Reader, Rows, SealingKey, decode_forget, decode_labels, encode_forget,
+    encode_labels, is_forgotten, text_columns,
 };
 use super::dataset::is_consent;
 use super::source::Malformed;
@@ -142,7 +143,7 @@ impl AggregateSpec {
         let layout_fits = spec
             .lines
             .as_ref()
-            .is_none_or(|l| l.columns.len() == spec.reads());
+            .is_none_or(|l| l.columns() == spec.reads());
         (r.0.is_empty() && layout_fits).then_some(spec)
     }
 }

@@ -1,4 +1,5 @@
 use super::*;
+use crate::data::cluster_lines::CsvLayout;
 use crate::data::cluster_pass::{PartSpec, PassSpec};
 use crate::data::normalise::{NormaliseOptions, Normaliser};
 use datafusion::arrow::array::{Array, BinaryArray, Int64Array, StringArray};
@@ -161,11 +162,11 @@ fn integer_groups_lines_and_forgotten_subjects() {
             hashes: [forgotten].into_iter().collect(),
             parts: vec![email],
         }),
-        lines: Some(LineLayout {
+        lines: Some(LineLayout::Csv(CsvLayout {
             delimiter: b',',
             width: 3,
             columns: vec![0, 1, 2],
-        }),
+        })),
     };
     let out = run(
         &spec,
@@ -201,11 +202,11 @@ fn a_spec_round_trips_and_opens_only_for_its_use() {
         bounds: vec![(-5, 10), (0, i64::MAX)],
         consent: true,
         forget: None,
-        lines: Some(LineLayout {
+        lines: Some(LineLayout::Csv(CsvLayout {
             delimiter: b';',
             width: 9,
             columns: vec![3, 1, 4, 8],
-        }),
+        })),
     };
     let decoded = AggregateSpec::decode(&spec.encode().expect("encode")).expect("decodes");
     assert_eq!(decoded.domain, spec.domain);
@@ -215,11 +216,11 @@ fn a_spec_round_trips_and_opens_only_for_its_use() {
     assert!(AggregateSpec::decode(&[SPEC_VERSION; 40]).is_none());
     // A layout that does not give every column the functions read is refused.
     let mut short = spec;
-    short.lines = Some(LineLayout {
+    short.lines = Some(LineLayout::Csv(CsvLayout {
         delimiter: b';',
         width: 9,
         columns: vec![3, 1],
-    });
+    }));
     assert!(AggregateSpec::decode(&short.encode().expect("encode")).is_none());
 
     // An overlap's sealed spec does not open as an aggregate's, under the same key.

@@ -31,9 +31,10 @@ use ring::aead::{Aad, CHACHA20_POLY1305, LessSafeKey, NONCE_LEN, Nonce, UnboundK
 use ring::rand::{SecureRandom, SystemRandom};
 use zeroize::Zeroizing;
 
+pub use super::cluster_lines::{CsvLayout, JsonLayout, LineLayout};
+use super::cluster_lines::{LineReader, decode_lines, encode_lines, line_at};
 use super::dataset::{KEY_PART_SEPARATOR, Rejection, forget_hash, is_consent, normalise_field};
 use super::normalise::{NormaliseOptions, Normaliser, parse_region};
-use super::source::csv_line::LineRecord;
 use super::source::{Malformed, has_line_break};
 
 /// The function's name in plans (the executors' and the scheduler's registries).
@@ -171,7 +172,7 @@ pub struct PassSpec {
     pub consent: bool,
     /// When subjects are forgotten: the deletion list and every declared identifier.
     pub forget: Option<ForgetSpec>,
-    /// CSV read line by line: the function takes the line and splits it.
+    /// CSV or JSON lines read line by line: the function takes the line and reads it.
     pub lines: Option<LineLayout>,
     /// An overlap-sum's value holder: each accepted row's values and group come back too.
     pub values: Option<ValuesSpec>,
@@ -204,18 +205,6 @@ impl ValuesSpec {
         // Fits: a spec holds at most u16::MAX labels.
         at.unwrap_or(groups.len()) as u32
     }
-}
-
-/// How the executors split a CSV line ([`super::source::csv_line`]) into the function's
-/// columns.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct LineLayout {
-    /// The dataset's delimiter.
-    pub delimiter: u8,
-    /// The header's number of fields.
-    pub width: usize,
-    /// For each of the function's columns, its field in the line.
-    pub columns: Vec<usize>,
 }
 
 impl PassSpec {
@@ -307,7 +296,7 @@ impl PassSpec {
         let layout_fits = spec
             .lines
             .as_ref()
-            .is_none_or(|l| l.columns.len() == spec.reads());
+            .is_none_or(|l| l.columns() == spec.reads());
         (r.0.is_empty() && layout_fits).then_some(spec)
     }
 }
@@ -350,46 +339,6 @@ pub(crate) fn decode_forget(r: &mut Reader<'_>) -> Option<Option<ForgetSpec>> {
         secret,
         hashes,
         parts,
-    }))
-}
-
-/// How CSV lines are split, if the function takes lines.
-pub(crate) fn encode_lines(out: &mut Vec<u8>, lines: Option<&LineLayout>) -> Result<(), String> {
-    let Some(layout) = lines else {
-        out.push(0);
-        return Ok(());
-    };
-    out.push(1);
-    out.push(layout.delimiter);
-    let width = u32::try_from(layout.width).map_err(|_| "too many columns")?;
-    out.extend_from_slice(&width.to_le_bytes());
-    let n = u16::try_from(layout.columns.len()).map_err(|_| "too many columns")?;
-    out.extend_from_slice(&n.to_le_bytes());
-    for &c in &layout.columns {
-        let c = u32::try_from(c).map_err(|_| "too many columns")?;
-        out.extend_from_slice(&c.to_le_bytes());
-    }
-    Ok(())
-}
-
-/// What [`encode_lines`] wrote; a field past the header's width is refused.
-pub(crate) fn decode_lines(r: &mut Reader<'_>) -> Option<Option<LineLayout>> {
-    if !r.flag()? {
-        return Some(None);
-    }
-    let delimiter = r.byte()?;
-    let width = u32::from_le_bytes(r.array()?) as usize;
-    let n = u16::from_le_bytes(r.array()?);
-    let columns = (0..n)
-        .map(|_| Some(u32::from_le_bytes(r.array()?) as usize))
-        .collect::<Option<Vec<usize>>>()?;
-    if columns.iter().any(|&c| c >= width) {
-        return None;
-    }
-    Some(Some(LineLayout {
-        delimiter,
-        width,
-        columns,
     }))
 }
 
@@ -677,14 +626,15 @@ impl ScalarUDFImpl for PassUdf {
     }
 }
 
-/// The rows of one batch as the pass reads them: its columns, or its CSV lines, split.
+/// The rows of one batch as the pass reads them: its columns, or its lines, read as the
+/// layout says.
 pub(crate) enum Rows<'a> {
     Columns(Vec<&'a StringArray>),
     Lines {
         lines: &'a StringArray,
-        layout: &'a LineLayout,
-        /// The current line, split.
-        record: LineRecord,
+        /// The current line, read (boxed: a JSON record's fields are large beside a list
+        /// of columns).
+        reader: Box<LineReader<'a>>,
     },
 }
 
@@ -703,8 +653,7 @@ impl<'a> Rows<'a> {
             (None, _) => Some(Rows::Columns(text)),
             (Some(layout), [lines]) => Some(Rows::Lines {
                 lines,
-                layout,
-                record: LineRecord::default(),
+                reader: Box::new(LineReader::new(layout)),
             }),
             (Some(_), _) => None,
         }
@@ -736,16 +685,7 @@ impl Rows<'_> {
                 .iter()
                 .position(|c| text_at(c, row).is_some_and(has_line_break))
                 .map(|place| (Some(place), Malformed::LineBreak)),
-            Rows::Lines {
-                lines,
-                layout,
-                record,
-            } => {
-                record.split(text_at(lines, row).unwrap_or_default(), layout.delimiter);
-                let (field, why) = record.malformed(layout.width, &layout.columns)?;
-                let place = field.and_then(|f| layout.columns.iter().position(|&c| c == f));
-                Some((place, why))
-            }
+            Rows::Lines { lines, reader } => reader.load(line_at(lines, row)),
         }
     }
 
@@ -753,7 +693,7 @@ impl Rows<'_> {
     pub(crate) fn field(&self, row: usize, c: usize) -> Option<&[u8]> {
         match self {
             Rows::Columns(columns) => text_at(columns.get(c)?, row),
-            Rows::Lines { layout, record, .. } => record.get(*layout.columns.get(c)?),
+            Rows::Lines { reader, .. } => reader.field(c),
         }
     }
 }

@@ -336,11 +336,11 @@ fn a_csv_line_is_split_and_checked_as_the_node_reads_one() {
         consent: true,
         forget: None,
         values: None,
-        lines: Some(LineLayout {
+        lines: Some(LineLayout::Csv(CsvLayout {
             delimiter: b';',
             width: 4,
             columns: vec![2, 3],
-        }),
+        })),
     };
     let lines = vec![
         Some("1;plain;Alice@Example.com;yes"),
@@ -370,6 +370,51 @@ fn a_csv_line_is_split_and_checked_as_the_node_reads_one() {
             Outcome::Malformed(Some(0), Malformed::StrayQuote),
             Outcome::Malformed(None, Malformed::OpenQuote),
             Outcome::NoConsent,
+        ]
+    );
+}
+
+#[test]
+fn a_json_line_is_read_and_checked_as_the_node_reads_one() {
+    let key = JobKey::generate();
+    let copy = JobKey::from_secret_bytes(&key.to_secret_bytes()).expect("key");
+    // The function reads customer.email, then consent.
+    let spec = PassSpec {
+        key: copy,
+        key_name: "email".into(),
+        parts: vec![email()],
+        consent: true,
+        forget: None,
+        values: None,
+        lines: Some(LineLayout::Json(JsonLayout {
+            paths: vec![
+                vec!["customer".into(), "email".into()],
+                vec!["consent".into()],
+            ],
+        })),
+    };
+    let lines = vec![
+        Some(r#"{"customer": {"email": "Alice@Example.com"}, "consent": "yes", "n": [1]}"#),
+        Some(r#"{"consent": true, "customer": {"email": "bob@example.com"}}"#),
+        Some(r#"{"customer": {"email": "carol@example.com"}, "consent": "yes""#),
+        Some(r#"["dave@example.com"]"#),
+        Some(r#"{"customer": {"email": ["erin@example.com"]}, "consent": "yes"}"#),
+        Some(r#"{"customer": {"email": "frank@example.com"}, "consent": {"v": 1}}"#),
+        Some(r#"{"customer": {"email": "gina@example.com"}, "consent": "no"}"#),
+        Some(r#"{"customer": null, "consent": "yes"}"#),
+    ];
+    let out = decoded(&run(&spec, &sealing(), &[lines]));
+    assert_eq!(
+        out,
+        vec![
+            Outcome::Accepted(point_of(&key, "email", "alice@example.com")),
+            Outcome::Accepted(point_of(&key, "email", "bob@example.com")),
+            Outcome::Malformed(None, Malformed::NotJsonObject),
+            Outcome::Malformed(None, Malformed::NotJsonObject),
+            Outcome::Malformed(Some(0), Malformed::NotOneValue),
+            Outcome::Malformed(Some(1), Malformed::NotOneValue),
+            Outcome::NoConsent,
+            Outcome::Rejected(0, Rejection::Missing),
         ]
     );
 }
@@ -405,21 +450,21 @@ fn a_line_layout_that_does_not_fit_is_refused() {
         consent: true,
         forget: None,
         values: None,
-        lines: Some(LineLayout {
+        lines: Some(LineLayout::Csv(CsvLayout {
             delimiter: b',',
             width: 3,
             columns,
-        }),
+        })),
     };
     let decodes = |s: PassSpec| PassSpec::decode(&s.encode().expect("encode")).is_some();
     assert!(decodes(spec(vec![0, 2])));
     assert_eq!(
         PassSpec::decode(&spec(vec![0, 2]).encode().expect("encode")).and_then(|s| s.lines),
-        Some(LineLayout {
+        Some(LineLayout::Csv(CsvLayout {
             delimiter: b',',
             width: 3,
             columns: vec![0, 2]
-        })
+        }))
     );
     // A field past the header's width, or another number of columns than the spec reads.
     assert!(!decodes(spec(vec![0, 3])));
@@ -480,11 +525,11 @@ fn a_value_holders_pass_returns_each_rows_group_and_values() {
             sums: 1,
             groups: None,
         }),
-        lines: Some(LineLayout {
+        lines: Some(LineLayout::Csv(CsvLayout {
             delimiter: b',',
             width: 3,
             columns: vec![0, 2],
-        }),
+        })),
     };
     let lines = vec![Some("a@x.com,note,12"), Some("b@x.com,note,")];
     let out = decoded(&run(&spec, &sealing(), &[lines]));

@@ -22,9 +22,7 @@ use zeroize::Zeroizing;
 pub use crate::audit::{RejectedRow, Rejections};
 
 use super::cluster_aggregate::{AggregateSpec, Cell, MalformedKind};
-use super::cluster_pass::{
-    ForgetSpec, LineLayout, Outcome, PartSpec, PassSpec, SealingKey, ValuesSpec,
-};
+use super::cluster_pass::{ForgetSpec, Outcome, PartSpec, PassSpec, SealingKey, ValuesSpec};
 use super::normalise::{NormaliseError, NormaliseOptions, Normaliser};
 use super::schema::{DatasetConfig, IdentifierConfig};
 use super::source::frame::{Frame, GroupedRow};
@@ -279,7 +277,7 @@ pub(crate) enum Rejection {
     NotOneValue,
     #[error(
         "the line is longer than {} bytes",
-        super::source::json::MAX_LINE_BYTES
+        super::source::json_line::MAX_LINE_BYTES
     )]
     LineTooLong,
     #[error("the field is null or missing")]
@@ -586,7 +584,7 @@ pub(crate) fn aggregate_on_cluster(
         bounds: bounds.to_vec(),
         consent: consent.is_some(),
         forget: forget_spec(forgotten),
-        lines: line_layout(&frame, headers.len(), &read),
+        lines: frame.line_layout(&read),
     };
     let sealed = spec.seal(sealing).map_err(engine)?;
     drop(spec);
@@ -682,16 +680,6 @@ fn forget_spec(forgotten: Option<(&Forgotten, Vec<Part<'_>>)>) -> Option<ForgetS
     })
 }
 
-/// How the executors split a CSV line into the columns at `read` (of a header `width` wide);
-/// `None` unless the dataset is read line by line.
-fn line_layout(frame: &Frame, width: usize, read: &[usize]) -> Option<LineLayout> {
-    frame.line_delimiter().map(|delimiter| LineLayout {
-        delimiter,
-        width,
-        columns: read.to_vec(),
-    })
-}
-
 /// The executors' pass over the dataset ([`super::cluster_pass`]): counts the outcomes as the
 /// node's own pass would, and hands each row accepted by its key to `accepted` with its number
 /// (its point: [`Outcome::Accepted`]; with values: [`Outcome::Valued`] or
@@ -734,7 +722,7 @@ pub(crate) fn pass_on_cluster(
         parts: parts.iter().map(Part::spec).collect(),
         consent: consent.is_some(),
         forget,
-        lines: line_layout(&frame, headers.len(), &read),
+        lines: frame.line_layout(&read),
         values,
     };
     let sealed = spec.seal(sealing).map_err(engine)?;

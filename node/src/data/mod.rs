@@ -21,6 +21,7 @@
 
 pub mod aggregate_input;
 pub mod cluster_aggregate;
+pub mod cluster_lines;
 pub mod cluster_pass;
 pub mod cluster_reblind;
 pub mod dataset;

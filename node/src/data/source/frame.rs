@@ -1,5 +1,6 @@
-//! Datasets read through Apache DataFusion: Parquet and JSON lines (a file, a directory or a
-//! glob; local or `s3://`), remote CSV, and SQL views over such tables.
+//! Datasets read through Apache DataFusion: Parquet (a file, a directory or a glob; local or
+//! `s3://`), CSV and JSON lines on a cluster or in `s3://` (handed over line by line and read
+//! strictly: [`super::csv_line`], [`super::json_line`]), and SQL views over such tables.
 //!
 //! DataFusion is async and the node's dataset passes are not, so each open dataset gets a
 //! reader thread with its own single-threaded Tokio runtime. The thread plans the table (or the
@@ -33,9 +34,11 @@ use datafusion::prelude::{
 use futures::StreamExt;
 
 use super::csv_line::{LINE_DELIMITER, LINE_QUOTE, LineRecord, header_names};
+use super::json_line::{ColumnFinder, JsonColumns, JsonLine};
 use super::line_table;
 use super::strict_table::{Rejected, StrictCsvTable, TableRejections};
 use super::{Malformed, SourceError};
+use crate::data::cluster_lines::{CsvLayout, JsonLayout, LineLayout};
 use crate::data::cluster_pass::PassUdf;
 use crate::data::schema::{Cluster, DataFormat, DatasetConfig, Delimiter, EngineLimits};
 use ballista::prelude::SessionContextExt;
@@ -56,8 +59,18 @@ const JSON_INFER_ROWS: usize = 100_000;
 /// Longest engine message kept (after [`redact`]).
 const MAX_MESSAGE: usize = 400;
 
-/// What the reader thread reports once planned: the column names, and a view's select reads.
-type Schema = (Vec<String>, Vec<String>);
+/// What the reader thread reports once planned.
+struct Schema {
+    /// The column names.
+    names: Vec<String>,
+    /// A view's select reads ([`select_reads`]).
+    reads: Vec<String>,
+    /// A JSON lines dataset read line by line: its columns, found from its first records.
+    json: Option<JsonColumns>,
+}
+
+/// The one column of a JSON lines table read line by line.
+const LINE_COLUMN: &str = "line";
 
 /// What the pass asks the reader thread for: columns, or an executor pass over them.
 struct Request {
@@ -114,18 +127,29 @@ pub struct Frame {
     /// Rows handed out so far (the current one is `rows`).
     rows: u64,
     done: bool,
-    /// CSV read line by line: the current line, split.
+    /// CSV or JSON lines read line by line: the current line, read.
     lines: Option<Lines>,
     /// Whether rows come in file order ([`DatasetConfig::reads_in_file_order`]).
     in_file_order: bool,
 }
 
-/// A CSV dataset read line by line ([`super::csv_line`]): the one column is the line, split
-/// here (or, in an executor pass, on the executors).
-#[derive(Default)]
-struct Lines {
-    delimiter: u8,
-    record: LineRecord,
+/// A dataset read line by line: the one column is the line, read here (or, in an executor
+/// pass, on the executors).
+enum Lines {
+    /// CSV ([`super::csv_line`]), split by its delimiter.
+    Csv { delimiter: u8, record: LineRecord },
+    /// JSON lines ([`super::json_line`]), one record a line.
+    Json {
+        columns: JsonColumns,
+        record: JsonLine,
+    },
+}
+
+/// How a dataset's lines are read, when it is read line by line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum LineFormat {
+    Csv(u8),
+    Json,
 }
 
 impl std::fmt::Debug for Frame {
@@ -146,7 +170,8 @@ struct Table {
     location: String,
     format: DataFormat,
     delimiter: Delimiter,
-    /// CSV that DataFusion reads as one text column per line, split by [`super::csv_line`].
+    /// CSV or JSON lines that DataFusion reads as one text column per line, read by
+    /// [`super::csv_line`] or [`super::json_line`].
     lines: bool,
 }
 
@@ -168,8 +193,8 @@ impl Frame {
         Frame::open_plan(dataset, Plan::of(dataset))
     }
 
-    /// A CSV dataset read line by line in process, as it is on a cluster (for tests: in
-    /// process, a local CSV file is read by the strict reader).
+    /// A CSV or JSON lines dataset read line by line in process, as it is on a cluster (for
+    /// tests: in process, a local file is read by the strict readers).
     #[cfg(test)]
     pub(crate) fn open_lines(dataset: &DatasetConfig) -> Result<Frame, SourceError> {
         let mut plan = Plan::of(dataset);
@@ -181,10 +206,7 @@ impl Frame {
 
     fn open_plan(dataset: &DatasetConfig, plan: Plan) -> Result<Frame, SourceError> {
         let rejected = plan.rejected.clone();
-        let lines = plan.line_delimiter().map(|delimiter| Lines {
-            delimiter,
-            record: LineRecord::default(),
-        });
+        let format = plan.line_format();
         let engine = |message: String| SourceError::Engine {
             dataset: dataset.name.clone(),
             location: dataset.location(),
@@ -197,9 +219,30 @@ impl Frame {
             .name("dataset-reader".into())
             .spawn(move || serve(plan, ready_tx, projection_rx, batch_tx))
             .map_err(|e| engine(format!("cannot start the reader thread: {e}")))?;
-        let (headers, reads) = ready_rx
+        let Schema {
+            names: headers,
+            reads,
+            json,
+        } = ready_rx
             .recv()
             .map_err(|_| engine("the reader thread stopped before reading the schema".into()))??;
+        let lines = match (format, json) {
+            (Some(LineFormat::Csv(delimiter)), _) => Some(Lines::Csv {
+                delimiter,
+                record: LineRecord::default(),
+            }),
+            (Some(LineFormat::Json), Some(columns)) => {
+                let all: Vec<usize> = (0..headers.len()).collect();
+                Some(Lines::Json {
+                    record: JsonLine::new(columns.paths(&all)),
+                    columns,
+                })
+            }
+            (Some(LineFormat::Json), None) => {
+                return Err(engine("the reader thread found no JSON columns".into()));
+            }
+            (None, _) => None,
+        };
         Ok(Frame {
             dataset: dataset.name.clone(),
             location: dataset.location(),
@@ -242,18 +285,31 @@ impl Frame {
         &self.location
     }
 
-    /// The delimiter of a CSV dataset read line by line (on a cluster or from object storage),
-    /// whose lines an executor pass must split ([`super::csv_line`]); `None` otherwise.
-    pub fn line_delimiter(&self) -> Option<u8> {
-        self.lines.as_ref().map(|l| l.delimiter)
+    /// How an executor pass takes the columns at `read` (of [`Frame::headers`]) out of a
+    /// line, for a dataset read line by line (CSV or JSON lines on a cluster); `None` otherwise.
+    pub fn line_layout(&self, read: &[usize]) -> Option<LineLayout> {
+        Some(match self.lines.as_ref()? {
+            Lines::Csv { delimiter, .. } => LineLayout::Csv(CsvLayout {
+                delimiter: *delimiter,
+                width: self.headers.len(),
+                columns: read.to_vec(),
+            }),
+            Lines::Json { columns, .. } => LineLayout::Json(JsonLayout {
+                paths: columns.paths(read),
+            }),
+        })
     }
 
     /// Asks the reader thread for the columns at `read`, and nothing else.
     pub fn start(&mut self, read: &[usize]) -> Result<(), SourceError> {
         if self.lines.is_some() {
-            // The line is the one column; fields are split from it.
+            // The line is the one column; fields are read from it.
+            let line = self.function_columns(read)?;
+            if let Some(Lines::Json { record, .. }) = &mut self.lines {
+                record.want(read);
+            }
             return self.request(Request {
-                read: vec![0],
+                read: line,
                 sealed: None,
                 grouped: None,
             });
@@ -279,18 +335,28 @@ impl Frame {
     /// dataset read line by line passes its line, and the spec says which fields to take.
     pub fn start_pass(&mut self, read: &[usize], sealed: Vec<u8>) -> Result<(), SourceError> {
         self.request(Request {
-            read: self.function_columns(read),
+            read: self.function_columns(read)?,
             sealed: Some(sealed),
             grouped: None,
         })
     }
 
     /// The columns an executor function takes for the columns at `read`: those, or the line
-    /// of a CSV dataset read line by line (the function's spec says which fields to take).
-    fn function_columns(&self, read: &[usize]) -> Vec<usize> {
-        match self.lines {
-            Some(_) => vec![0],
-            None => read.to_vec(),
+    /// of a dataset read line by line (the function's spec says which fields to take). A JSON
+    /// column that held only lists or objects in the first records is refused, saying what to
+    /// do, as the local reader refuses it.
+    fn function_columns(&self, read: &[usize]) -> Result<Vec<usize>, SourceError> {
+        match &self.lines {
+            Some(Lines::Json { columns, .. }) => match columns.many_values(read) {
+                Some((i, kind)) => Err(SourceError::ManyValues {
+                    location: self.location.clone(),
+                    column: self.headers[i].clone(),
+                    kind,
+                }),
+                None => Ok(vec![0]),
+            },
+            Some(Lines::Csv { .. }) => Ok(vec![0]),
+            None => Ok(read.to_vec()),
         }
     }
 
@@ -305,7 +371,7 @@ impl Frame {
         sums: usize,
     ) -> Result<Vec<GroupedRow>, SourceError> {
         self.request(Request {
-            read: self.function_columns(read),
+            read: self.function_columns(read)?,
             sealed: Some(sealed),
             grouped: Some(sums),
         })?;
@@ -374,7 +440,10 @@ impl Frame {
                 .first()
                 .filter(|c| !c.is_null(self.next - 1))
                 .map_or(&b""[..], |c| c.value(self.next - 1).as_bytes());
-            lines.record.split(line, lines.delimiter);
+            match lines {
+                Lines::Csv { delimiter, record } => record.split(line, *delimiter),
+                Lines::Json { record, .. } => record.load(line),
+            }
         }
         Ok(true)
     }
@@ -396,8 +465,10 @@ impl Frame {
 
     /// The current row's field `i`; `None` if it is null or the column was not asked for.
     pub fn field(&self, i: usize) -> Option<&[u8]> {
-        if let Some(lines) = &self.lines {
-            return lines.record.get(i);
+        match &self.lines {
+            Some(Lines::Csv { record, .. }) => return record.get(i),
+            Some(Lines::Json { record, .. }) => return record.get(i),
+            None => {}
         }
         let column = self.columns.get((*self.slot.get(i)?)?)?;
         let row = self.next.checked_sub(1)?;
@@ -409,8 +480,10 @@ impl Frame {
     /// says; other rows only for a line break in a read field, which is what an unterminated
     /// quote leaves in CSV read by the engine (a view's table on a cluster).
     pub fn malformed(&self, read: &[usize]) -> Option<(Option<usize>, Malformed)> {
-        if let Some(lines) = &self.lines {
-            return lines.record.malformed(self.headers.len(), read);
+        match &self.lines {
+            Some(Lines::Csv { record, .. }) => return record.malformed(self.headers.len(), read),
+            Some(Lines::Json { record, .. }) => return record.malformed(read),
+            None => {}
         }
         read.iter()
             .find(|&&i| self.field(i).is_some_and(super::has_line_break))
@@ -463,9 +536,9 @@ impl Plan {
                     location: location_text(&d.path),
                     format,
                     delimiter: d.delimiter,
-                    // In process, local CSV is read by the strict reader (not here); CSV on a
-                    // cluster or from object storage is read line by line.
-                    lines: format == DataFormat::Csv
+                    // In process, local CSV and JSON lines are read by the strict readers (not
+                    // here); on a cluster or from object storage they are read line by line.
+                    lines: matches!(format, DataFormat::Csv | DataFormat::Jsonl)
                         && (d.engine.cluster.is_some() || super::local_path(&d.path).is_none()),
                 })
                 .into_iter()
@@ -481,10 +554,13 @@ impl Plan {
         }
     }
 
-    /// The delimiter of a dataset that is one CSV table read line by line.
-    fn line_delimiter(&self) -> Option<u8> {
+    /// How the lines of a dataset that is one table read line by line are read.
+    fn line_format(&self) -> Option<LineFormat> {
         match (self.sql.as_ref(), self.tables.as_slice()) {
-            (None, [table]) if table.lines => Some(table.delimiter.byte()),
+            (None, [table]) if table.lines => Some(match table.format {
+                DataFormat::Jsonl => LineFormat::Json,
+                _ => LineFormat::Csv(table.delimiter.byte()),
+            }),
             _ => None,
         }
     }
@@ -548,6 +624,53 @@ impl Plan {
             .map_err(|e| self.plan_error(format!("the Ballista cluster at {}: {e}", cluster.url)))
     }
 
+    /// The columns of a JSON lines dataset read line by line, from its first records
+    /// ([`ColumnFinder`]). They are read here, in one part (files in path order), so that the
+    /// same files give the same columns on every run, on a cluster too.
+    async fn json_columns(&self) -> Result<JsonColumns, SourceError> {
+        let context = |e: String| self.error_in(&format!("dataset ({})", self.location), e);
+        let ctx = SessionContext::new_with_config(
+            SessionConfig::new()
+                .with_target_partitions(1)
+                .with_batch_size(BATCH_ROWS),
+        );
+        let table = self
+            .tables
+            .first()
+            .ok_or_else(|| self.plan_error("no table to read".into()))?;
+        register(
+            &ctx,
+            "dataset",
+            &table.location,
+            DataFormat::Jsonl,
+            table.delimiter,
+            true,
+        )
+        .await
+        .map_err(context)?;
+        let first = ctx
+            .table(TableReference::bare("dataset"))
+            .await
+            .and_then(json_records)
+            .and_then(|frame| frame.limit(0, Some(super::json_line::INFER_LINES)))
+            .map_err(|e| context(e.to_string()))?;
+        let mut batches = first
+            .execute_stream()
+            .await
+            .map_err(|e| context(e.to_string()))?;
+        let mut finder = ColumnFinder::default();
+        while let Some(batch) = batches.next().await {
+            let batch = batch.map_err(|e| context(e.to_string()))?;
+            let Some(lines) = batch.column(0).as_any().downcast_ref::<StringArray>() else {
+                return Err(self.plan_error("the lines did not read as text".into()));
+            };
+            for line in lines.iter().flatten() {
+                finder.add(line.as_bytes());
+            }
+        }
+        Ok(finder.finish())
+    }
+
     /// An error of reading data (registering a table infers its schema from rows; streaming
     /// reads them), after `context` (the config's words, kept whole).
     fn error_in(&self, context: &str, e: impl std::fmt::Display) -> SourceError {
@@ -562,13 +685,13 @@ impl Plan {
     /// An engine's message from reading data, [`redact`]ed, with what to do where we know.
     fn explained(&self, message: &str) -> String {
         let mut message = redact(message);
-        if self.line_delimiter().is_some()
+        if self.line_format().is_some()
             && (message.contains("unequal lengths") || message.contains("number of fields"))
         {
             message.push_str(
-                " (CSV on a cluster or from object storage is read line by line, and this line \
-                 holds the control byte 0x1E, which that read cannot take: remove it from the \
-                 file)",
+                " (CSV and JSON lines on a cluster or from object storage are read line by \
+                 line, and this line holds the control byte 0x1E, which that read cannot take: \
+                 remove it from the file)",
             );
         }
         if self.sql.is_some() && message.contains("Cast error") {
@@ -586,9 +709,9 @@ impl Plan {
                  typed from, such as a number where text was: make its values one type in the \
                  file)"
             } else {
-                " (a line is not valid JSON: the engine, which reads a view's tables, s3:// and \
-                 a cluster's data, fails on it; fix the line, or name the local file as the \
-                 dataset, which is read one line a record)"
+                " (a line is not valid JSON: the engine, which reads a view's JSON tables, fails \
+                 on it; fix the line, or name the file as the dataset, which is read one line a \
+                 record)"
             });
         }
         message
@@ -652,6 +775,12 @@ impl Plan {
         }
         match &self.sql {
             // A struct's fields are columns named by their path ([`super::nested`]).
+            None if self.line_format() == Some(LineFormat::Json) => ctx
+                .table(TableReference::bare("dataset"))
+                .await
+                .and_then(json_records)
+                .map(|frame| (frame, Vec::new(), Vec::new()))
+                .map_err(|e| self.plan_error(e.to_string())),
             None => ctx
                 .table(TableReference::bare("dataset"))
                 .await
@@ -875,6 +1004,9 @@ async fn register(
             ctx.register_parquet(table, location, options().schema(&nullable))
                 .await
         }
+        DataFormat::Jsonl if lines => {
+            return register_json_lines(ctx, table, location, extension).await;
+        }
         DataFormat::Jsonl => {
             let mut options = JsonReadOptions::default().file_extension(extension);
             options.schema_infer_max_records = JSON_INFER_ROWS;
@@ -941,6 +1073,43 @@ async fn register_lines(
     }
 }
 
+/// Registers JSON lines as one text column, [`LINE_COLUMN`], a line a row (read by
+/// [`super::json_line`]): every byte but the line break is the line's (no header, no quote, a
+/// delimiter no JSON line holds).
+async fn register_json_lines(
+    ctx: &SessionContext,
+    table: TableReference,
+    location: &str,
+    extension: &str,
+) -> Result<(), String> {
+    let schema =
+        datafusion::arrow::datatypes::Schema::new(vec![datafusion::arrow::datatypes::Field::new(
+            LINE_COLUMN,
+            DataType::Utf8,
+            true,
+        )]);
+    let options = CsvReadOptions::new()
+        .has_header(false)
+        .delimiter(LINE_DELIMITER)
+        .quote(LINE_QUOTE)
+        .file_extension(extension)
+        .schema(&schema);
+    ctx.register_csv(table, location, options)
+        .await
+        .map_err(|e| e.to_string())
+}
+
+/// The lines of a JSON lines table read line by line that are records: not blank.
+fn json_records(frame: DataFrame) -> datafusion::error::Result<DataFrame> {
+    use datafusion::functions::string::expr_fn::btrim;
+    let line = datafusion::prelude::col(LINE_COLUMN);
+    frame.filter(
+        line.clone()
+            .is_not_null()
+            .and(btrim(vec![line, lit(" \t\r")]).not_eq(lit(""))),
+    )
+}
+
 /// The reader thread: plans the dataset, reports its columns, waits for the projection, then
 /// streams the projected columns as text.
 fn serve(
@@ -973,10 +1142,22 @@ fn serve(
             .iter()
             .map(|f| f.name().clone())
             .collect();
-        if let (Some(delimiter), [line]) = (plan.line_delimiter(), names.as_slice()) {
-            names = header_names(line, delimiter);
+        let mut json = None;
+        match (plan.line_format(), names.as_slice()) {
+            (Some(LineFormat::Csv(delimiter)), [line]) => names = header_names(line, delimiter),
+            (Some(LineFormat::Json), _) => match plan.json_columns().await {
+                Ok(columns) => {
+                    names = columns.headers();
+                    json = Some(columns);
+                }
+                Err(e) => {
+                    let _ = ready.send(Err(e));
+                    return;
+                }
+            },
+            _ => {}
         }
-        if ready.send(Ok((names, reads))).is_err() {
+        if ready.send(Ok(Schema { names, reads, json })).is_err() {
             return;
         }
         // The pass may end here (a header check): then the sender is dropped and we stop.

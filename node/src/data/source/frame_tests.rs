@@ -813,6 +813,88 @@ fn csv_read_line_by_line_agrees_with_the_local_reader() {
     assert_eq!(local[0].1[1].as_deref(), Some("01512345"));
 }
 
+/// JSON lines read line by line (on a cluster, from object storage) are read as the local
+/// reader reads them: the same columns, every line rejected or read alike, with the same
+/// fields; and a column of lists is refused alike.
+#[test]
+fn json_lines_read_line_by_line_agree_with_the_local_reader() {
+    let long = format!(
+        "{{\"customer\": {{\"email\": \"{}\"}}}}",
+        "a".repeat(1 << 20)
+    );
+    let text = format!(
+        "\u{feff}{{\"id\": 1, \"customer\": {{\"email\": \"a@x.com\"}}, \"tags\": [1]}}\r\n\
+         {{\"id\": 2, \"customer\": {{\"email\": 4155550100}}}}\n\
+         \n   \t\n\
+         {{\"id\": 3, \"customer\": {{\"email\": \"b@x.com\"\n\
+         [1, 2]\n\
+         {{\"id\": 5, \"customer\": null, \"late\": true}}\n\
+         {long}\n\
+         {{\"id\": 6, \"customer\": {{\"email\": [\"c@x.com\"]}}}}\n\
+         {{\"id\": 7.5, \"customer\": {{\"email\": \"x\\ny@x.com\"}}}}\n\
+         {{\"id\": 8, \"customer\": {{\"email\": \"d@x.com\"}}}}"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("customers.jsonl");
+    std::fs::write(&path, text).unwrap();
+    let mut d = email_dataset(&path);
+    d.format = Some(DataFormat::Jsonl);
+    let local = super::Source::open(&d).unwrap();
+    assert!(matches!(local, super::Source::Json(_)));
+    let lines = super::Source::Frame(super::frame::Frame::open_lines(&d).unwrap());
+    let [local, lines] = [local, lines].map(|mut source| {
+        assert_eq!(
+            source.headers(),
+            ["customer.email", "id", "tags", "late"],
+            "the same columns"
+        );
+        let read = [0, 1];
+        source.start(&read).unwrap();
+        let mut rows = Vec::new();
+        while source.advance().unwrap() {
+            let malformed = source.malformed(&read, &mut 0);
+            let fields: Vec<Option<String>> = read
+                .iter()
+                .map(|&i| {
+                    source
+                        .field(i)
+                        .map(|f| String::from_utf8_lossy(f).into_owned())
+                })
+                .collect();
+            rows.push((malformed, fields));
+        }
+        rows
+    });
+    assert_eq!(lines, local);
+    let why: Vec<_> = local.iter().map(|(m, _)| m.map(|(_, why)| why)).collect();
+    use super::Malformed::*;
+    assert_eq!(
+        why,
+        [
+            None,
+            None,
+            Some(NotJsonObject),
+            Some(NotJsonObject),
+            None,
+            Some(LineTooLong),
+            Some(NotOneValue),
+            Some(LineBreak),
+            None
+        ]
+    );
+    assert_eq!(local[1].1, [Some("4155550100".into()), Some("2".into())]);
+    assert_eq!(local[8].1, [Some("d@x.com".into()), Some("8".into())]);
+
+    // A column that held only lists is refused, saying what to do, both ways.
+    for mut source in [
+        super::Source::open(&d).unwrap(),
+        super::Source::Frame(super::frame::Frame::open_lines(&d).unwrap()),
+    ] {
+        let err = source.start(&[2]).unwrap_err().to_string();
+        assert!(err.contains("'tags' holds a list"), "{err}");
+    }
+}
+
 /// What the line-by-line read cannot follow: a quote left open. The local reader rejects the
 /// line it opens on and reads the next as a record; line by line, the open quote's line is
 /// rejected for it, and the next line is read on its own as well.

@@ -1,49 +1,19 @@
-//! Local JSON lines (a file, a directory or a glob), read strictly, one line a record.
+//! Local JSON lines (a file, a directory or a glob), read strictly, one line a record
+//! ([`super::json_line`]).
 //!
 //! DataFusion's JSON reader fails the whole read on one line that is not JSON, or on a value
 //! of another type than its column's first lines (a number where text was), so one bad line
-//! would fail every job over the dataset. Here a line is a record: one that is not a JSON
-//! object, or longer than [`MAX_LINE_BYTES`], is rejected and placed by its line; any scalar
-//! reads as its text (a number as its digits, a boolean as `true`/`false`); a field that holds
-//! a list or an object where the job reads one value rejects its row.
-//!
-//! A nested object's fields are columns named by their path (`customer.email`), as for
-//! Parquet ([`super::nested`]). The columns are the paths seen in the first [`INFER_LINES`]
-//! records, at most [`MAX_COLUMNS`] (a record's keys in sorted order); a path first seen later
-//! is not a column, and a path that was only ever null where an object was seen too is the
-//! object's, not a column.
-//! Blank lines are skipped and are not records. A record's fields that no job reads are
-//! skipped as it is parsed ([`super::json_record`]).
+//! would fail every job over the dataset. Here a bad line costs only itself, and is placed by
+//! its line. A line longer than [`MAX_LINE_BYTES`] is rejected without being held. Blank lines
+//! are skipped and are not records.
 
 use std::fs::File;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 
-use serde_json::{Map, Value};
-
-use super::json_record::{Fields, Wanted, read_record};
+use super::json_line::{ColumnFinder, JsonColumns, JsonLine, MAX_LINE_BYTES, is_blank};
 use super::{Malformed, SourceError};
 use crate::data::schema::DataFormat;
-
-/// Records read to find the columns.
-pub const INFER_LINES: usize = 100_000;
-
-/// Longest line read; a longer one is rejected without being held.
-pub const MAX_LINE_BYTES: usize = 1 << 20;
-
-/// Deepest object whose fields become columns; one deeper is a single value.
-const MAX_DEPTH: usize = 8;
-
-/// Most columns a dataset's first records make; a path first seen after them is not a column.
-pub const MAX_COLUMNS: usize = 10_000;
-
-/// A column: its path of keys, and whether the first records held one value or many there.
-#[derive(Debug)]
-struct Column {
-    keys: Vec<String>,
-    seen_value: bool,
-    seen_many: Option<&'static str>,
-}
 
 /// The files of a local JSON lines dataset, read in path order.
 #[derive(Debug)]
@@ -52,18 +22,14 @@ pub struct JsonFiles {
     path: PathBuf,
     reader: BufReader<File>,
     headers: Vec<String>,
-    columns: Vec<Column>,
+    columns: JsonColumns,
     /// The current record's line in its file (1-based).
     line: u64,
     /// The next line's number.
     next_line: u64,
     buf: Vec<u8>,
-    /// The fields the pass reads, as a tree of keys.
-    wanted: Wanted,
-    /// The current record's fields (when it is not `bad`).
-    fields: Fields,
-    /// Why the current line is no record.
-    bad: Option<Malformed>,
+    /// The current record.
+    record: JsonLine,
 }
 
 impl JsonFiles {
@@ -75,24 +41,19 @@ impl JsonFiles {
             location: location.display().to_string(),
             format: DataFormat::Jsonl,
         })?;
-        let columns = infer_columns(&first, &pending)?;
-        let headers = columns.iter().map(|c| c.keys.join(".")).collect();
-        // Every column until the pass says which it reads.
-        let all: Vec<usize> = (0..columns.len()).collect();
-        let wanted = wanted(&columns, &all);
-        let fields = Fields::new(columns.len());
+        let columns = find_columns(&first, &pending)?;
+        let headers = columns.headers();
+        let all: Vec<usize> = (0..headers.len()).collect();
         Ok(JsonFiles {
             pending,
             reader: open(&first)?,
             path: first,
+            record: JsonLine::new(columns.paths(&all)),
             headers,
             columns,
             line: 0,
             next_line: 1,
             buf: Vec::new(),
-            wanted,
-            fields,
-            bad: None,
         })
     }
 
@@ -109,19 +70,14 @@ impl JsonFiles {
     /// Reads only the columns at `read` from now on. A column that held only lists or objects
     /// in the first records is refused, saying what to do, as the engine's reader refuses it.
     pub fn start(&mut self, read: &[usize]) -> Result<(), SourceError> {
-        for &i in read {
-            let Some(column) = self.columns.get(i) else {
-                continue;
-            };
-            if let (false, Some(kind)) = (column.seen_value, column.seen_many) {
-                return Err(SourceError::ManyValues {
-                    location: self.path.display().to_string(),
-                    column: self.headers[i].clone(),
-                    kind,
-                });
-            }
+        if let Some((i, kind)) = self.columns.many_values(read) {
+            return Err(SourceError::ManyValues {
+                location: self.path.display().to_string(),
+                column: self.headers[i].clone(),
+                kind,
+            });
         }
-        self.wanted = wanted(&self.columns, read);
+        self.record.want(read);
         Ok(())
     }
 
@@ -141,18 +97,16 @@ impl JsonFiles {
                 Line::TooLong => {
                     self.next_line += 1;
                     self.line = line;
-                    self.bad = Some(Malformed::LineTooLong);
+                    self.record.too_long();
                     return Ok(true);
                 }
                 Line::Read => {
                     self.next_line += 1;
-                    let text = trim(&self.buf, line == 1);
-                    if text.iter().all(u8::is_ascii_whitespace) {
+                    if is_blank(&self.buf) {
                         continue;
                     }
                     self.line = line;
-                    let object = read_record(text, &self.wanted, &mut self.fields);
-                    self.bad = (!object).then_some(Malformed::NotJsonObject);
+                    self.record.load(&self.buf);
                     return Ok(true);
                 }
             }
@@ -161,10 +115,7 @@ impl JsonFiles {
 
     /// The current record's field `i`.
     pub fn field(&self, i: usize) -> Option<&[u8]> {
-        if self.bad.is_some() {
-            return None;
-        }
-        self.fields.get(i)
+        self.record.get(i)
     }
 
     /// The line the current record is on (1-based).
@@ -172,19 +123,9 @@ impl JsonFiles {
         self.line
     }
 
-    /// Whether the record must not be read: a line that is no JSON object or too long; a
-    /// column the pass reads (`read`) holding a list or an object, or a line break (what a
-    /// value pasted from elsewhere brings; the CSV readers reject it too).
+    /// Whether the record must not be read ([`JsonLine::malformed`]).
     pub fn malformed(&self, read: &[usize]) -> Option<(Option<usize>, Malformed)> {
-        if let Some(why) = self.bad {
-            return Some((None, why));
-        }
-        if let Some(&i) = read.iter().find(|&&i| self.fields.many(i)) {
-            return Some((Some(i), Malformed::NotOneValue));
-        }
-        read.iter()
-            .find(|&&i| self.fields.get(i).is_some_and(super::has_line_break))
-            .map(|&i| (Some(i), Malformed::LineBreak))
+        self.record.malformed(read)
     }
 
     fn io(&self, source: std::io::Error) -> SourceError {
@@ -245,121 +186,32 @@ fn read_line(reader: &mut impl BufRead, buf: &mut Vec<u8>) -> std::io::Result<Li
     }
 }
 
-/// A line without its `\r`, and without a byte-order mark on a file's first line.
-fn trim(line: &[u8], first: bool) -> &[u8] {
-    let line = line.strip_suffix(b"\r").unwrap_or(line);
-    if first {
-        line.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(line)
-    } else {
-        line
-    }
-}
-
-/// The tree of the columns at `read`.
-fn wanted(columns: &[Column], read: &[usize]) -> Wanted {
-    Wanted::new(
-        read.iter()
-            .filter_map(|&i| columns.get(i).map(|c| (i, c.keys.as_slice()))),
-    )
-}
-
-/// The columns of the first [`INFER_LINES`] records of `first` and then `rest`: every path to a
-/// value, in the order first seen, without a path only ever null that leads to an object.
-fn infer_columns(first: &Path, rest: &[PathBuf]) -> Result<Vec<Column>, SourceError> {
-    let mut columns = paths_seen(first, rest)?;
-    let objects: std::collections::HashSet<Vec<String>> = columns
-        .iter()
-        .flat_map(|c| (1..c.keys.len()).map(|n| c.keys[..n].to_vec()))
-        .collect();
-    columns.retain(|c| c.seen_value || c.seen_many.is_some() || !objects.contains(&c.keys));
-    Ok(columns)
-}
-
-/// Every path to a value (or a null, or a list) in the first [`INFER_LINES`] records.
-fn paths_seen(first: &Path, rest: &[PathBuf]) -> Result<Vec<Column>, SourceError> {
-    let mut columns: Vec<Column> = Vec::new();
-    let mut index = std::collections::HashMap::new();
-    let mut records = 0;
-    // `rest` is reversed (the next file last).
+/// The columns of the first records of `first` and then `rest` (reversed: the next file last).
+fn find_columns(first: &Path, rest: &[PathBuf]) -> Result<JsonColumns, SourceError> {
+    let mut finder = ColumnFinder::default();
     for path in std::iter::once(first).chain(rest.iter().rev().map(PathBuf::as_path)) {
         let mut reader = open(path)?;
         let mut buf = Vec::new();
-        let mut number = 0u64;
-        loop {
-            let io = |source| SourceError::Open {
-                path: path.to_owned(),
-                source,
-            };
+        let io = |source| SourceError::Open {
+            path: path.to_owned(),
+            source,
+        };
+        while finder.wants_more() {
             match read_line(&mut reader, &mut buf).map_err(io)? {
                 Line::End => break,
                 Line::TooLong => {}
-                Line::Read => {
-                    number += 1;
-                    let Ok(Value::Object(object)) =
-                        serde_json::from_slice::<Value>(trim(&buf, number == 1))
-                    else {
-                        continue;
-                    };
-                    let mut keys = Vec::new();
-                    collect(&object, &mut keys, &mut columns, &mut index);
-                    records += 1;
-                    if records >= INFER_LINES {
-                        return Ok(columns);
-                    }
-                }
+                Line::Read if is_blank(&buf) => {}
+                Line::Read => finder.add(&buf),
             }
         }
     }
-    Ok(columns)
-}
-
-/// Adds the paths of `object` (under `keys`) to `columns`.
-fn collect(
-    object: &Map<String, Value>,
-    keys: &mut Vec<String>,
-    columns: &mut Vec<Column>,
-    index: &mut std::collections::HashMap<Vec<String>, usize>,
-) {
-    for (key, value) in object {
-        keys.push(key.clone());
-        match value {
-            Value::Object(inner) if keys.len() < MAX_DEPTH => {
-                collect(inner, keys, columns, index);
-            }
-            _ => {
-                let at = match index.get(keys.as_slice()) {
-                    Some(&at) => at,
-                    // A file with ever new keys cannot make the column list grow without end.
-                    None if columns.len() >= MAX_COLUMNS => {
-                        keys.pop();
-                        continue;
-                    }
-                    None => {
-                        index.insert(keys.clone(), columns.len());
-                        columns.push(Column {
-                            keys: keys.clone(),
-                            seen_value: false,
-                            seen_many: None,
-                        });
-                        columns.len() - 1
-                    }
-                };
-                let column = &mut columns[at];
-                match value {
-                    Value::Array(_) => column.seen_many = Some("list"),
-                    Value::Object(_) => column.seen_many = Some("object"),
-                    Value::Null => {}
-                    _ => column.seen_value = true,
-                }
-            }
-        }
-        keys.pop();
-    }
+    Ok(finder.finish())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::data::source::json_line::MAX_COLUMNS;
 
     /// Each record's line, and its fields at `read` or why it is malformed.
     type Rows = Vec<(u64, Result<Vec<Option<String>>, Malformed>)>;

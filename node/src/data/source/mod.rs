@@ -18,6 +18,7 @@ pub mod csv;
 pub mod csv_line;
 pub mod frame;
 pub mod json;
+pub mod json_line;
 mod json_record;
 pub mod line_table;
 mod nested;
@@ -130,7 +131,7 @@ pub enum Malformed {
     NotJsonObject,
     /// A field the job reads holds a list or an object, not one value ([`json`]).
     NotOneValue,
-    /// A line longer than [`json::MAX_LINE_BYTES`], not held ([`json`]).
+    /// A line longer than [`json_line::MAX_LINE_BYTES`], not held ([`json`]).
     LineTooLong,
 }
 
