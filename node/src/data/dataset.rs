@@ -192,10 +192,32 @@ pub fn forget_hash(secret: &[u8; 32], normalised_key: &[u8]) -> [u8; 32] {
     out
 }
 
-/// Whether a consent field says yes (`true`, `1`, `yes`, any case, trimmed).
+/// The message of [`DatasetError::MissingColumn`]: the dataset's columns, and the one the
+/// config meant when only its case differs (names match exactly).
+fn missing_column(location: &str, column: &str, headers: &[String]) -> String {
+    if headers.iter().all(String::is_empty) {
+        return format!(
+            "dataset {location} has no column '{column}': it has no header line (is the file \
+             empty?)"
+        );
+    }
+    let mut message = format!(
+        "dataset {location} has no column '{column}' (its columns: {})",
+        headers.join(", ")
+    );
+    if let Some(near) = headers.iter().find(|h| h.eq_ignore_ascii_case(column)) {
+        message.push_str(&format!("; names match exactly: did you mean '{near}'?"));
+    }
+    message
+}
+
+/// Whether a consent field says yes: `true`, `t`, `yes`, `y` or `1`, any case, trimmed
+/// (`t` is how PostgreSQL exports a true boolean; `Y` is a common flag). Anything else, empty
+/// and null included, is no consent.
 pub fn is_consent(field: &[u8]) -> bool {
+    const YES: [&[u8]; 5] = [b"true", b"t", b"yes", b"y", b"1"];
     let f = field.trim_ascii();
-    f.eq_ignore_ascii_case(b"true") || f == b"1" || f.eq_ignore_ascii_case(b"yes")
+    YES.iter().any(|yes| f.eq_ignore_ascii_case(yes))
 }
 
 /// Why a dataset could not be read.
@@ -225,7 +247,7 @@ pub enum DatasetError {
     #[error(transparent)]
     Source(#[from] SourceError),
     /// A column the config names is not in the dataset.
-    #[error("dataset {location} has no column '{column}' (its columns: {})", headers.join(", "))]
+    #[error("{}", missing_column(location, column, headers))]
     MissingColumn {
         /// The dataset's path, URL or view.
         location: String,
@@ -1392,6 +1414,25 @@ customer_id,email,phone,amount_cents
         let d = dataset(dir.path(), b"email,email\na@b.c,a@b.c\n");
         let e = load_keys(&d, &KeySpec::new(["email"]), 100).unwrap_err();
         assert!(matches!(e, DatasetError::AmbiguousColumn { .. }));
+        // Only the case differs: the message names the column meant.
+        let d = dataset(dir.path(), b"Email,Phone\na@b.c,1\n");
+        let e = load_keys(&d, &KeySpec::new(["email"]), 100).unwrap_err();
+        assert!(e.to_string().ends_with("did you mean 'Email'?"), "{e}");
+        // An empty file has no header line.
+        let d = dataset(dir.path(), b"");
+        let e = load_keys(&d, &KeySpec::new(["email"]), 100).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("no header line (is the file empty?)"),
+            "{e}"
+        );
+        // A file saved as UTF-16 says so, and how to fix it.
+        let mut utf16 = vec![0xFF, 0xFE];
+        utf16.extend("email\na@b.c\n".encode_utf16().flat_map(u16::to_le_bytes));
+        let d = dataset(dir.path(), &utf16);
+        let e = load_keys(&d, &KeySpec::new(["email"]), 100).unwrap_err();
+        assert!(e.to_string().contains("UTF-16 byte-order mark"), "{e}");
+        assert!(e.to_string().contains("save it as CSV in UTF-8"), "{e}");
     }
 
     #[test]
@@ -1422,9 +1463,13 @@ customer_id,email,phone,amount_cents
         let d = dataset(dir.path(), b"id,e\xffmail\n1,secret@example.com\n");
         let e = load_keys(&d, &KeySpec::new(["email"]), 100).unwrap_err();
         assert!(
-            matches!(e, DatasetError::Source(SourceError::Header { .. })),
+            matches!(
+                e,
+                DatasetError::Source(SourceError::HeaderNotUtf8 { utf16: false, .. })
+            ),
             "{e}"
         );
+        assert!(e.to_string().contains("save the file in UTF-8"), "{e}");
         assert!(!e.to_string().contains("secret"));
     }
 
@@ -1457,6 +1502,21 @@ customer_id,email,phone,consent_fraud
 6,not-an-email,+14155550105,true
 7,frank@example.com,+14155550106,false
 ";
+
+    #[test]
+    fn consent_is_the_usual_ways_of_saying_yes_and_nothing_else() {
+        for yes in [
+            "true", "TRUE", " True ", "t", "T", "yes", "YES", "y", "Y", "1", "\t1",
+        ] {
+            assert!(is_consent(yes.as_bytes()), "{yes:?}");
+        }
+        for no in [
+            "false", "f", "no", "n", "0", "", " ", "2", "yes!", "ja", "oui", "1.0", "-1", "on",
+            "tru", "yess",
+        ] {
+            assert!(!is_consent(no.as_bytes()), "{no:?}");
+        }
+    }
 
     #[test]
     fn consent_excludes_and_counts() {

@@ -25,8 +25,10 @@ pub type Region = rlibphonenumber::Region;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Deserialize, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Normaliser {
-    /// Email addresses: trim, Unicode lowercase (then NFC); exactly one `@` with a non-empty
-    /// local part and domain and no whitespace inside. Option: the Gmail rule.
+    /// Email addresses: the address of `Name <address>` or `mailto:address`; trim, Unicode
+    /// lowercase (then NFC), a Unicode domain in its ASCII form, no trailing dot; exactly one
+    /// `@` with a non-empty local part and domain and no whitespace inside. Option: the Gmail
+    /// rule.
     Email,
     /// Phone numbers, to E.164 with the `rlibphonenumber` crate (a port of libphonenumber and
     /// its metadata), a number without a country code being read in the default region.
@@ -139,8 +141,10 @@ impl Normaliser {
 
     /// Normalises one raw value.
     ///
-    /// - **Email**: trim, Unicode lowercase, then NFC (so precomposed and decomposed accents
-    ///   agree); must contain exactly one `@` with non-empty local part and domain, and no
+    /// - **Email**: trim; `Name <address>` gives its address and a `mailto:` is dropped;
+    ///   Unicode lowercase, then NFC (so precomposed and decomposed accents agree); a domain
+    ///   in Unicode becomes its ASCII form (`bücher.de` is `xn--bcher-kva.de`) and trailing
+    ///   dots go; must contain exactly one `@` with non-empty local part and domain, and no
     ///   whitespace inside. With `gmail_rule`, a `gmail.com`/`googlemail.com` address loses the
     ///   dots and the `+tag` of its local part and gets the domain `gmail.com`.
     /// - **Phone**: libphonenumber's parser (the `rlibphonenumber` port) reads the value in
@@ -196,7 +200,7 @@ impl std::str::FromStr for Normaliser {
 const GMAIL_DOMAINS: [&str; 2] = ["gmail.com", "googlemail.com"];
 
 fn normalise_email(raw: &str, gmail_rule: bool) -> Result<String, NormaliseError> {
-    let trimmed = raw.trim();
+    let trimmed = without_mailto(address_of(raw.trim()));
     if trimmed.is_empty() {
         return Err(NormaliseError::EmailEmpty);
     }
@@ -212,26 +216,61 @@ fn normalise_email(raw: &str, gmail_rule: bool) -> Result<String, NormaliseError
     if local.is_empty() {
         return Err(NormaliseError::EmailEmptyLocal);
     }
+    // Lowercasing can decompose (e.g. 'İ' becomes 'i' + U+0307), so compose afterwards.
+    let local: String = local.to_lowercase().nfc().collect();
+    let domain: String = domain.to_lowercase().nfc().collect();
+    // A domain in Unicode and its ASCII (punycode) form are one domain; the ASCII form is
+    // kept. One the IDNA rules refuse, or map to other than a host name's characters (a
+    // full-width `＠` becomes `@`), stays as it is written.
+    let domain = match domain.is_ascii() {
+        true => domain,
+        false => idna::domain_to_ascii(&domain)
+            .ok()
+            .filter(|ascii| {
+                ascii
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-._".contains(&b))
+            })
+            .unwrap_or(domain),
+    };
+    // `example.com.` (the root's dot written out) is `example.com`.
+    let domain = domain.trim_end_matches('.');
     if domain.is_empty() {
         return Err(NormaliseError::EmailEmptyDomain);
     }
-    // Lowercasing can decompose (e.g. 'İ' becomes 'i' + U+0307), so compose afterwards.
-    let lower: String = trimmed.to_lowercase().nfc().collect();
-    if !gmail_rule {
-        return Ok(lower);
+    if !gmail_rule || !GMAIL_DOMAINS.contains(&domain) {
+        return Ok(format!("{local}@{domain}"));
     }
-    let Some((local, domain)) = lower.split_once('@') else {
-        return Ok(lower);
-    };
-    if !GMAIL_DOMAINS.contains(&domain) {
-        return Ok(lower);
-    }
-    let base = local.split_once('+').map_or(local, |(b, _)| b);
+    let base = local.split_once('+').map_or(local.as_str(), |(b, _)| b);
     let base: String = base.chars().filter(|&c| c != '.').collect();
     if base.is_empty() {
         return Err(NormaliseError::EmailEmptyLocal);
     }
     Ok(format!("{base}@gmail.com"))
+}
+
+/// The address of a name and address (`Alice Smith <alice@example.com>`), as mail headers and
+/// address-book exports write them: what the last `<…>` at the end holds. Anything else is
+/// returned as it is.
+fn address_of(text: &str) -> &str {
+    let Some(inner) = text.strip_suffix('>') else {
+        return text;
+    };
+    match inner.rfind('<') {
+        Some(at) if !inner[at + 1..].contains(['<', '>']) => inner[at + 1..].trim(),
+        _ => text,
+    }
+}
+
+/// An address without the `mailto:` of a link (any case, however many times).
+fn without_mailto(mut text: &str) -> &str {
+    const MAILTO: &str = "mailto:";
+    while let Some(head) = text.get(..MAILTO.len())
+        && head.eq_ignore_ascii_case(MAILTO)
+    {
+        text = &text[MAILTO.len()..];
+    }
+    text
 }
 
 fn normalise_phone(raw: &str, region: Region) -> Result<String, NormaliseError> {
@@ -345,6 +384,15 @@ mod tests {
                 assert!(got.is_err(), "line {line}: expected an error, got {got:?}");
             } else {
                 assert_eq!(got.as_deref(), Ok(v.expected.as_str()), "line {line}");
+                // A normalised value is a fixed point: normalising it again changes nothing.
+                let again = v
+                    .normaliser
+                    .normalise_with(&v.expected, &options(&v.options));
+                assert_eq!(
+                    again.as_deref(),
+                    Ok(v.expected.as_str()),
+                    "line {line} again"
+                );
             }
             n += 1;
         }

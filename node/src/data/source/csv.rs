@@ -270,14 +270,29 @@ fn open_csv(
         .from_reader(file);
     let headers = reader
         .headers()
-        .map_err(|source| SourceError::Header {
-            path: path.to_owned(),
-            source,
+        .map_err(|source| match source.kind() {
+            ::csv::ErrorKind::Utf8 { .. } => SourceError::HeaderNotUtf8 {
+                path: path.to_owned(),
+                utf16: starts_with_utf16_mark(path),
+            },
+            _ => SourceError::Header {
+                path: path.to_owned(),
+                source,
+            },
         })?
         .iter()
         .map(|h| h.trim().to_owned())
         .collect();
     Ok((reader, headers))
+}
+
+/// Whether the file at `path` starts with a UTF-16 byte-order mark (either byte order).
+fn starts_with_utf16_mark(path: &Path) -> bool {
+    use std::io::Read;
+    let mut mark = [0u8; 2];
+    File::open(path)
+        .and_then(|mut f| f.read_exact(&mut mark))
+        .is_ok_and(|()| mark == [0xFF, 0xFE] || mark == [0xFE, 0xFF])
 }
 
 #[cfg(test)]

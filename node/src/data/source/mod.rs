@@ -58,6 +58,23 @@ pub enum SourceError {
         /// What is wrong with it.
         problem: String,
     },
+    /// A CSV header row is not UTF-8: the file is in another encoding.
+    #[error(
+        "dataset file {}: the header row is not UTF-8 ({})",
+        path.display(),
+        if *utf16 {
+            "the file starts with a UTF-16 byte-order mark, as spreadsheet programs write \
+             \"Unicode text\": save it as CSV in UTF-8"
+        } else {
+            "save the file in UTF-8"
+        }
+    )]
+    HeaderNotUtf8 {
+        /// The CSV file.
+        path: PathBuf,
+        /// Whether the file starts with a UTF-16 byte-order mark.
+        utf16: bool,
+    },
     /// A CSV header row could not be read.
     #[error("dataset file {}: cannot read the header row: {source}", path.display())]
     Header {
