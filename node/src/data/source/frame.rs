@@ -982,26 +982,38 @@ async fn register(
     let result = match format {
         DataFormat::Parquet => {
             let options = || ParquetReadOptions::default().file_extension(extension);
-            ctx.register_parquet(table.clone(), location, options())
+            let schema = match ctx
+                .register_parquet(table.clone(), location, options())
                 .await
-                .map_err(|e| e.to_string())?;
-            // Files written over time add columns. A column that a later file declares
-            // required is null in the files before it, so the table takes every column as
-            // nullable (else the engine fails the read on the first older file).
-            let schema = table_schema(ctx, &table).await?;
-            if schema.fields().iter().all(|f| f.is_nullable()) {
-                return Ok(());
-            }
-            let nullable = datafusion::arrow::datatypes::Schema::new(
-                schema
-                    .fields()
-                    .iter()
-                    .map(|f| f.as_ref().clone().with_nullable(true))
-                    .collect::<Vec<_>>(),
-            );
-            ctx.deregister_table(table.clone())
-                .map_err(|e| e.to_string())?;
-            ctx.register_parquet(table, location, options().schema(&nullable))
+            {
+                Ok(()) => {
+                    // Files written over time add columns. A column that a later file
+                    // declares required is null in the files before it, so the table takes
+                    // every column as nullable (else the engine fails the read on the first
+                    // older file).
+                    let schema = table_schema(ctx, &table).await?;
+                    if schema.fields().iter().all(|f| f.is_nullable()) {
+                        return Ok(());
+                    }
+                    ctx.deregister_table(table.clone())
+                        .map_err(|e| e.to_string())?;
+                    datafusion::arrow::datatypes::Schema::new(
+                        schema
+                            .fields()
+                            .iter()
+                            .map(|f| f.as_ref().clone().with_nullable(true))
+                            .collect::<Vec<_>>(),
+                    )
+                }
+                // Files written by different tools or versions: one column in two types.
+                Err(e) if e.to_string().contains("Fail to merge schema") => {
+                    super::parquet_schema::unified_schema(ctx, location, extension)
+                        .await
+                        .map_err(|u| format!("{e} (reading each file's schema: {u})"))?
+                }
+                Err(e) => return Err(e.to_string()),
+            };
+            ctx.register_parquet(table, location, options().schema(&schema))
                 .await
         }
         DataFormat::Jsonl if lines => {
@@ -1488,8 +1500,9 @@ fn may_show(word: &str) -> bool {
     if !word.chars().any(|c| c.is_ascii_digit() || c == '@') {
         return true;
     }
-    const TYPES: [&str; 15] = [
+    const TYPES: [&str; 16] = [
         "Int",
+        "Utf8View",
         "UInt",
         "Float",
         "Utf",

@@ -1165,3 +1165,131 @@ fn a_view_over_a_cut_off_json_line_fails_saying_what_to_do() {
     );
     assert!(!err.contains("cut@off"), "{err}");
 }
+
+/// Each of `columns` of every row of `d`, as the node reads them (text; `None` for null).
+fn read_columns(d: &DatasetConfig, columns: &[&str]) -> Vec<Vec<Option<String>>> {
+    let mut source = super::Source::open(d).unwrap();
+    let at: Vec<usize> = columns
+        .iter()
+        .map(|c| source.headers().iter().position(|h| h == c).unwrap())
+        .collect();
+    source.start(&at).unwrap();
+    let mut rows = Vec::new();
+    while source.advance().unwrap() {
+        rows.push(
+            at.iter()
+                .map(|&i| {
+                    source
+                        .field(i)
+                        .map(|f| String::from_utf8_lossy(f).into_owned())
+                })
+                .collect(),
+        );
+    }
+    rows
+}
+
+/// A lake fed by several writers: an amount written as `INT32` by one and `INT64` by the
+/// next, consent as text then as an integer, the email as a string then as a string view,
+/// and a struct that gains a field. The engine's own schema merge fails on such files; each
+/// column is read as one type that all its values convert to.
+#[test]
+fn parquet_files_whose_column_types_drift_read_as_one_table() {
+    use datafusion::arrow::array::{Int32Array, Int64Array, StringViewArray, StructArray};
+    let dir = tempfile::tempdir().unwrap();
+    let lake = dir.path().join("orders");
+    std::fs::create_dir(&lake).unwrap();
+    let customer = |fields: Vec<(&str, Vec<&str>)>| -> ArrayRef {
+        Arc::new(StructArray::from(
+            fields
+                .into_iter()
+                .map(|(name, values)| {
+                    (
+                        Arc::new(Field::new(name, DataType::Utf8, true)),
+                        Arc::new(StringArray::from(values)) as ArrayRef,
+                    )
+                })
+                .collect::<Vec<_>>(),
+        ))
+    };
+    let old = RecordBatch::try_from_iter(vec![
+        (
+            "email",
+            Arc::new(StringArray::from(vec!["a@x.com", "b@x.com"])) as ArrayRef,
+        ),
+        (
+            "amount",
+            Arc::new(Int32Array::from(vec![100, 200])) as ArrayRef,
+        ),
+        (
+            "consent_fraud",
+            Arc::new(StringArray::from(vec!["yes", "no"])) as ArrayRef,
+        ),
+        ("customer", customer(vec![("id", vec!["c1", "c2"])])),
+    ])
+    .unwrap();
+    let new = RecordBatch::try_from_iter(vec![
+        (
+            "email",
+            Arc::new(StringViewArray::from(vec!["c@x.com", "d@x.com"])) as ArrayRef,
+        ),
+        (
+            "amount",
+            Arc::new(Int64Array::from(vec![3_000_000_000, 400])) as ArrayRef,
+        ),
+        (
+            "consent_fraud",
+            Arc::new(Int64Array::from(vec![1, 0])) as ArrayRef,
+        ),
+        (
+            "customer",
+            customer(vec![
+                ("id", vec!["c3", "c4"]),
+                ("phone", vec!["+491", "+492"]),
+            ]),
+        ),
+    ])
+    .unwrap();
+    write_parquet(&lake.join("part-0.parquet"), &old);
+    write_parquet(&lake.join("part-1.parquet"), &new);
+    let mut d = email_dataset(&lake);
+    d.format = Some(DataFormat::Parquet);
+    let some = |v: &[&str]| v.iter().map(|s| Some((*s).to_owned())).collect::<Vec<_>>();
+    assert_eq!(
+        read_columns(&d, &["email", "amount", "consent_fraud", "customer.id"]),
+        [
+            some(&["a@x.com", "100", "yes", "c1"]),
+            some(&["b@x.com", "200", "no", "c2"]),
+            some(&["c@x.com", "3000000000", "1", "c3"]),
+            some(&["d@x.com", "400", "0", "c4"]),
+        ]
+    );
+    // The field the old file lacks is null there.
+    assert_eq!(
+        read_columns(&d, &["customer.phone"]),
+        [vec![None], vec![None], some(&["+491"]), some(&["+492"])]
+    );
+    let (items, loaded) = keys_of(&d, Some("consent_fraud"));
+    assert_eq!(items, ["a@x.com", "c@x.com"]);
+    assert_eq!(loaded.rows_excluded_consent, 2);
+
+    // Only the struct gains a field: the engine's merge takes it; the old file reads it null.
+    let lake = dir.path().join("customers");
+    std::fs::create_dir(&lake).unwrap();
+    for (file, batch) in [("part-0.parquet", &old), ("part-1.parquet", &new)] {
+        let only = batch.project(&[3]).unwrap();
+        write_parquet(&lake.join(file), &only);
+    }
+    let mut d = email_dataset(&lake);
+    d.format = Some(DataFormat::Parquet);
+    d.consent.clear();
+    assert_eq!(
+        read_columns(&d, &["customer.id", "customer.phone"]),
+        [
+            vec![Some("c1".into()), None],
+            vec![Some("c2".into()), None],
+            some(&["c3", "+491"]),
+            some(&["c4", "+492"]),
+        ]
+    );
+}

@@ -22,6 +22,7 @@ pub mod json_line;
 mod json_record;
 pub mod line_table;
 mod nested;
+mod parquet_schema;
 pub mod part_order;
 pub mod strict_table;
 
