@@ -69,6 +69,26 @@ fn files_holding(dir: &Path, needle: &[u8]) -> Vec<String> {
 /// deleted object fails a job alone. A SQL view over the export reads it as strictly (a dry
 /// run). The secret access key is in no file of the consortium (logs, audit logs, state,
 /// results).
+/// What `cleanroom-node dataset preview` prints for the dataset `customers` of `config`, run
+/// in `dir` with the store's credentials; it must succeed.
+fn preview_from_s3(dir: &Path, s3: &S3, config: &Path) -> String {
+    let out = std::process::Command::new(&cleanroom_e2e::bins().1)
+        .args(["dataset", "preview", "--config"])
+        .arg(config)
+        .args(["--dataset", "customers"])
+        .current_dir(dir)
+        .envs(s3.env())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    text
+}
+
 #[test]
 fn nodes_read_their_datasets_from_s3() {
     let (mut c, _) = Consortium::with_coordinator("acme,globex", 800, 0.5, 47);
@@ -226,20 +246,7 @@ fn nodes_read_their_datasets_from_s3() {
             1,
         );
     std::fs::write(&view, config).unwrap();
-    let out = std::process::Command::new(&cleanroom_e2e::bins().1)
-        .args(["dataset", "preview", "--config"])
-        .arg(&view)
-        .args(["--dataset", "customers"])
-        .current_dir(c.path())
-        .envs(s3.env())
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{text}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let text = preview_from_s3(c.path(), &s3, &view);
     let big: Vec<String> = big_spenders(&saved, 100_000);
     let distinct = big.iter().collect::<BTreeSet<_>>().len();
     let figures = [big.len() + 3, 3, 0, 0, distinct].map(|n| n as u64);
@@ -272,20 +279,7 @@ fn nodes_read_their_datasets_from_s3() {
         )
         .replacen("column = \"email\"", "column = \"customer.email\"", 1);
     std::fs::write(&json, config).unwrap();
-    let out = std::process::Command::new(&cleanroom_e2e::bins().1)
-        .args(["dataset", "preview", "--config"])
-        .arg(&json)
-        .args(["--dataset", "customers"])
-        .current_dir(c.path())
-        .envs(s3.env())
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{text}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let text = preview_from_s3(c.path(), &s3, &json);
     let distinct = acme.iter().map(|(_, e)| e).collect::<BTreeSet<_>>().len() as u64;
     let figures = [
         acme.len() as u64 + 3 * bad_groups,

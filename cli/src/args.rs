@@ -812,8 +812,8 @@ pub struct DemoArgs {
     /// Random seed for the synthetic data.
     #[arg(long, default_value_t = 7)]
     pub seed: u64,
-    /// File format of the partners' datasets: each node reads Parquet and JSON lines through
-    /// DataFusion, and CSV through the strict reader.
+    /// File format of the partners' datasets: each node reads Parquet through DataFusion, and
+    /// CSV and JSON lines through its strict readers (on a cluster, line by line there).
     #[arg(long, value_enum, default_value_t = FileFormat::Csv)]
     pub format: FileFormat,
     /// Where each node's dataset reads run: in its own process, or on a local Ballista cluster

@@ -324,11 +324,10 @@ fn a_sealing_key_file_is_read_and_bad_ones_are_named_not_quoted() {
     assert!(e.contains("cannot read"), "{e}");
 }
 
-#[test]
-fn a_csv_line_is_split_and_checked_as_the_node_reads_one() {
+/// An overlap's spec over lines laid out as `layout` (an email, then consent), and its key.
+fn lines_spec(layout: LineLayout) -> (JobKey, PassSpec) {
     let key = JobKey::generate();
     let copy = JobKey::from_secret_bytes(&key.to_secret_bytes()).expect("key");
-    // Header: id;note;email;consent. The function reads email (2), then consent (3).
     let spec = PassSpec {
         key: copy,
         key_name: "email".into(),
@@ -336,12 +335,19 @@ fn a_csv_line_is_split_and_checked_as_the_node_reads_one() {
         consent: true,
         forget: None,
         values: None,
-        lines: Some(LineLayout::Csv(CsvLayout {
-            delimiter: b';',
-            width: 4,
-            columns: vec![2, 3],
-        })),
+        lines: Some(layout),
     };
+    (key, spec)
+}
+
+#[test]
+fn a_csv_line_is_split_and_checked_as_the_node_reads_one() {
+    // Header: id;note;email;consent. The function reads email (2), then consent (3).
+    let (key, spec) = lines_spec(LineLayout::Csv(CsvLayout {
+        delimiter: b';',
+        width: 4,
+        columns: vec![2, 3],
+    }));
     let lines = vec![
         Some("1;plain;Alice@Example.com;yes"),
         // A quote in a field not read is text, as in the local reader.
@@ -376,23 +382,13 @@ fn a_csv_line_is_split_and_checked_as_the_node_reads_one() {
 
 #[test]
 fn a_json_line_is_read_and_checked_as_the_node_reads_one() {
-    let key = JobKey::generate();
-    let copy = JobKey::from_secret_bytes(&key.to_secret_bytes()).expect("key");
     // The function reads customer.email, then consent.
-    let spec = PassSpec {
-        key: copy,
-        key_name: "email".into(),
-        parts: vec![email()],
-        consent: true,
-        forget: None,
-        values: None,
-        lines: Some(LineLayout::Json(JsonLayout {
-            paths: vec![
-                vec!["customer".into(), "email".into()],
-                vec!["consent".into()],
-            ],
-        })),
-    };
+    let (key, spec) = lines_spec(LineLayout::Json(JsonLayout {
+        paths: vec![
+            vec!["customer".into(), "email".into()],
+            vec!["consent".into()],
+        ],
+    }));
     let lines = vec![
         Some(r#"{"customer": {"email": "Alice@Example.com"}, "consent": "yes", "n": [1]}"#),
         Some(r#"{"consent": true, "customer": {"email": "bob@example.com"}}"#),

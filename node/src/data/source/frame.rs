@@ -774,13 +774,14 @@ impl Plan {
                 .map_err(|e| self.error_in(&format!("table '{name}' ({location})"), e))?;
         }
         match &self.sql {
-            // A struct's fields are columns named by their path ([`super::nested`]).
+            // JSON lines read line by line: the lines that are records.
             None if self.line_format() == Some(LineFormat::Json) => ctx
                 .table(TableReference::bare("dataset"))
                 .await
                 .and_then(json_records)
                 .map(|frame| (frame, Vec::new(), Vec::new()))
                 .map_err(|e| self.plan_error(e.to_string())),
+            // A struct's fields are columns named by their path ([`super::nested`]).
             None => ctx
                 .table(TableReference::bare("dataset"))
                 .await
