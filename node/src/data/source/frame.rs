@@ -145,6 +145,32 @@ enum Lines {
     },
 }
 
+impl Lines {
+    /// Reads the next line.
+    fn load(&mut self, line: &[u8]) {
+        match self {
+            Lines::Csv { delimiter, record } => record.split(line, *delimiter),
+            Lines::Json { record, .. } => record.load(line),
+        }
+    }
+
+    /// The current line's field `i`.
+    fn get(&self, i: usize) -> Option<&[u8]> {
+        match self {
+            Lines::Csv { record, .. } => record.get(i),
+            Lines::Json { record, .. } => record.get(i),
+        }
+    }
+
+    /// Why the current line must not be read, if it must not (`width`: the header's).
+    fn malformed(&self, width: usize, read: &[usize]) -> Option<(Option<usize>, Malformed)> {
+        match self {
+            Lines::Csv { record, .. } => record.malformed(width, read),
+            Lines::Json { record, .. } => record.malformed(read),
+        }
+    }
+}
+
 /// How a dataset's lines are read, when it is read line by line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum LineFormat {
@@ -440,10 +466,7 @@ impl Frame {
                 .first()
                 .filter(|c| !c.is_null(self.next - 1))
                 .map_or(&b""[..], |c| c.value(self.next - 1).as_bytes());
-            match lines {
-                Lines::Csv { delimiter, record } => record.split(line, *delimiter),
-                Lines::Json { record, .. } => record.load(line),
-            }
+            lines.load(line);
         }
         Ok(true)
     }
@@ -465,10 +488,8 @@ impl Frame {
 
     /// The current row's field `i`; `None` if it is null or the column was not asked for.
     pub fn field(&self, i: usize) -> Option<&[u8]> {
-        match &self.lines {
-            Some(Lines::Csv { record, .. }) => return record.get(i),
-            Some(Lines::Json { record, .. }) => return record.get(i),
-            None => {}
+        if let Some(lines) = &self.lines {
+            return lines.get(i);
         }
         let column = self.columns.get((*self.slot.get(i)?)?)?;
         let row = self.next.checked_sub(1)?;
@@ -480,10 +501,8 @@ impl Frame {
     /// says; other rows only for a line break in a read field, which is what an unterminated
     /// quote leaves in CSV read by the engine (a view's table on a cluster).
     pub fn malformed(&self, read: &[usize]) -> Option<(Option<usize>, Malformed)> {
-        match &self.lines {
-            Some(Lines::Csv { record, .. }) => return record.malformed(self.headers.len(), read),
-            Some(Lines::Json { record, .. }) => return record.malformed(read),
-            None => {}
+        if let Some(lines) = &self.lines {
+            return lines.malformed(self.headers.len(), read);
         }
         read.iter()
             .find(|&&i| self.field(i).is_some_and(super::has_line_break))
