@@ -15,6 +15,7 @@ mod formats;
 mod identity;
 mod leaks;
 mod matrix;
+mod nested_parquet;
 mod overlap_sum;
 mod partition;
 mod policy;

@@ -65,7 +65,7 @@ fn the_demo_runs_on_a_ballista_cluster() {
 }
 
 /// `(row number from 1, email trimmed and lower-cased, category)` of a `synth` CSV.
-fn rows_of(csv: &Path) -> Vec<(u64, String, String)> {
+pub(crate) fn rows_of(csv: &Path) -> Vec<(u64, String, String)> {
     let mut reader = csv::Reader::from_path(csv).unwrap();
     let headers = reader.headers().unwrap().clone();
     let at = |name: &str| headers.iter().position(|h| h == name).unwrap();

@@ -1007,12 +1007,12 @@ async fn register(
                 .await
             {
                 Ok(()) => {
-                    // Files written over time add columns. A column that a later file
-                    // declares required is null in the files before it, so the table takes
-                    // every column as nullable (else the engine fails the read on the first
-                    // older file).
+                    // Files written over time add columns, and fields to structs. One that a
+                    // later file declares required is null in the files before it, so the
+                    // table takes every column and struct field as nullable (else the engine
+                    // fails the read on the first older file).
                     let schema = table_schema(ctx, &table).await?;
-                    if schema.fields().iter().all(|f| f.is_nullable()) {
+                    if super::parquet_schema::all_nullable(schema.fields()) {
                         return Ok(());
                     }
                     ctx.deregister_table(table.clone())
@@ -1021,7 +1021,7 @@ async fn register(
                         schema
                             .fields()
                             .iter()
-                            .map(|f| f.as_ref().clone().with_nullable(true))
+                            .map(|f| super::parquet_schema::nullable(f))
                             .collect::<Vec<_>>(),
                     )
                 }

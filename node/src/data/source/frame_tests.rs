@@ -1292,4 +1292,36 @@ fn parquet_files_whose_column_types_drift_read_as_one_table() {
             some(&["c4", "+492"]),
         ]
     );
+
+    // A field the later writer declares required (not nullable) is null in the old file: the
+    // table takes it as nullable, as it takes a required top-level column.
+    let required = StructArray::try_new(
+        vec![
+            Field::new("id", DataType::Utf8, true),
+            Field::new("phone", DataType::Utf8, false),
+        ]
+        .into(),
+        vec![
+            Arc::new(StringArray::from(vec!["c3"])) as ArrayRef,
+            Arc::new(StringArray::from(vec!["+493"])) as ArrayRef,
+        ],
+        None,
+    )
+    .unwrap();
+    let lake = dir.path().join("required");
+    std::fs::create_dir(&lake).unwrap();
+    write_parquet(&lake.join("part-0.parquet"), &old.project(&[3]).unwrap());
+    let later = RecordBatch::try_from_iter(vec![("customer", Arc::new(required) as ArrayRef)]);
+    write_parquet(&lake.join("part-1.parquet"), &later.unwrap());
+    let mut d = email_dataset(&lake);
+    d.format = Some(DataFormat::Parquet);
+    d.consent.clear();
+    assert_eq!(
+        read_columns(&d, &["customer.id", "customer.phone"]),
+        [
+            vec![Some("c1".into()), None],
+            vec![Some("c2".into()), None],
+            some(&["c3", "+493"]),
+        ]
+    );
 }

@@ -9,7 +9,7 @@
 
 use std::sync::Arc;
 
-use datafusion::arrow::datatypes::{DataType, Field, Schema};
+use datafusion::arrow::datatypes::{DataType, Field, Fields, Schema};
 use datafusion::datasource::file_format::FileFormat;
 use datafusion::datasource::file_format::parquet::ParquetFormat;
 use datafusion::datasource::listing::ListingTableUrl;
@@ -69,8 +69,10 @@ pub(super) async fn unified_schema(
 
 /// A type the values of every one of `types` convert to without loss where one exists:
 /// the type itself when all agree; `Int64` for integers (`UInt64` aside); `Float64` for
-/// integers and floats; the merged struct when structs only add fields; else text, which any
-/// value converts to, and which is how the node reads every column anyway.
+/// integers and floats; for structs, a struct of every field any of them has, each field of its
+/// own common type (a field whose type drifts does not make the whole struct text, so its other
+/// fields stay columns of their own); else text, which any value converts to, and which is how
+/// the node reads every column anyway.
 pub(super) fn common_type(types: &[DataType]) -> DataType {
     let Some(first) = types.first() else {
         return DataType::Utf8View;
@@ -85,16 +87,54 @@ pub(super) fn common_type(types: &[DataType]) -> DataType {
         return DataType::Float64;
     }
     if types.iter().all(|t| matches!(t, DataType::Struct(_))) {
-        let mut merged = Field::new("merged", first.clone(), true);
-        if types[1..].iter().all(|t| {
-            merged
-                .try_merge(&Field::new("merged", t.clone(), true))
-                .is_ok()
-        }) {
-            return merged.data_type().clone();
-        }
+        return merged_struct(types);
     }
     DataType::Utf8View
+}
+
+/// The struct of every field of `structs` (each a `DataType::Struct`), in the order first
+/// seen, each of the common type of its types, nullable (a struct may lack it).
+fn merged_struct(structs: &[DataType]) -> DataType {
+    let mut fields: Vec<(String, Vec<DataType>)> = Vec::new();
+    for t in structs {
+        let DataType::Struct(children) = t else {
+            continue;
+        };
+        for child in children {
+            match fields.iter_mut().find(|(name, _)| name == child.name()) {
+                Some((_, types)) => types.push(child.data_type().clone()),
+                None => fields.push((child.name().clone(), vec![child.data_type().clone()])),
+            }
+        }
+    }
+    DataType::Struct(
+        fields
+            .into_iter()
+            .map(|(name, types)| Field::new(name, common_type(&types), true))
+            .collect(),
+    )
+}
+
+/// Whether `fields` and the fields of every struct among them, however deep, are nullable.
+pub(super) fn all_nullable(fields: &Fields) -> bool {
+    fields.iter().all(|f| {
+        f.is_nullable()
+            && match f.data_type() {
+                DataType::Struct(children) => all_nullable(children),
+                _ => true,
+            }
+    })
+}
+
+/// `field` nullable, and the fields of its structs, however deep.
+pub(super) fn nullable(field: &Field) -> Field {
+    let kind = match field.data_type() {
+        DataType::Struct(children) => {
+            DataType::Struct(children.iter().map(|c| nullable(c)).collect())
+        }
+        other => other.clone(),
+    };
+    field.clone().with_data_type(kind).with_nullable(true)
 }
 
 /// Whether every value of `t` is an `Int64`.
@@ -114,7 +154,6 @@ fn fits_int64(t: &DataType) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use datafusion::arrow::datatypes::Fields;
 
     #[test]
     fn each_column_gets_a_type_all_its_values_convert_to() {
@@ -131,7 +170,23 @@ mod tests {
             Field::new("phone", Utf8View, true),
         ]));
         assert_eq!(common_type(&[old.clone(), new.clone()]), new);
-        let clash = Struct(Fields::from(vec![Field::new("email", Int64, true)]));
-        assert_eq!(common_type(&[old, clash]), Utf8View);
+        // A field whose type drifts takes its own common type; the struct stays a struct.
+        let clash = Struct(Fields::from(vec![
+            Field::new("email", Int64, true),
+            Field::new("since", Int32, false),
+        ]));
+        let later = Struct(Fields::from(vec![
+            Field::new("email", Utf8View, true),
+            Field::new("since", Int64, false),
+            Field::new("country", Utf8View, false),
+        ]));
+        assert_eq!(
+            common_type(&[old, clash, later]),
+            Struct(Fields::from(vec![
+                Field::new("email", Utf8View, true),
+                Field::new("since", Int64, true),
+                Field::new("country", Utf8View, true),
+            ]))
+        );
     }
 }
