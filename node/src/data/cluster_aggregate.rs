@@ -403,8 +403,7 @@ impl ScalarUDFImpl for AggregateUdf {
         }
         let arrays = ColumnarValue::values_to_arrays(columns)?;
         let text = text_columns(&arrays).ok_or_else(|| fail("a column is not text"))?;
-        let mut rows = Rows::of(spec.lines.as_ref(), text)
-            .ok_or_else(|| fail("the plan's columns do not match its spec"))?;
+        let mut rows = Rows::of(spec.lines.as_ref(), text).map_err(fail)?;
         let mut values = vec![0i64; spec.bounds.len()];
         let out: ArrayRef = match index {
             None => {

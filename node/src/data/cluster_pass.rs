@@ -35,6 +35,7 @@ pub use super::cluster_lines::{CsvLayout, JsonLayout, LineLayout};
 use super::cluster_lines::{LineReader, decode_lines, encode_lines, line_at};
 use super::dataset::{KEY_PART_SEPARATOR, Rejection, forget_hash, is_consent, normalise_field};
 use super::normalise::{NormaliseOptions, Normaliser, parse_region};
+use super::source::csv_line::{SPANNED_LINES, spans_lines};
 use super::source::{Malformed, has_line_break};
 
 /// The function's name in plans (the executors' and the scheduler's registries).
@@ -616,8 +617,7 @@ impl ScalarUDFImpl for PassUdf {
         }
         let arrays = ColumnarValue::values_to_arrays(columns)?;
         let text = text_columns(&arrays).ok_or_else(|| fail("a column is not text"))?;
-        let rows = Rows::of(spec.lines.as_ref(), text)
-            .ok_or_else(|| fail("the plan's columns do not match its spec"))?;
+        let rows = Rows::of(spec.lines.as_ref(), text).map_err(fail)?;
         Ok(ColumnarValue::Array(run_pass(
             &spec,
             rows,
@@ -648,14 +648,24 @@ pub(crate) fn text_columns(arrays: &[ArrayRef]) -> Option<Vec<&StringArray>> {
 
 impl<'a> Rows<'a> {
     /// The rows of `text`: its columns, or (with a `lines` layout) its one column of lines.
-    pub(crate) fn of(lines: Option<&'a LineLayout>, text: Vec<&'a StringArray>) -> Option<Self> {
+    /// Fails, saying why, if the columns are not what the spec reads, or if a line holds a line
+    /// break ([`SPANNED_LINES`]: lines were lost in it).
+    pub(crate) fn of(
+        lines: Option<&'a LineLayout>,
+        text: Vec<&'a StringArray>,
+    ) -> Result<Self, &'static str> {
         match (lines, text.as_slice()) {
-            (None, _) => Some(Rows::Columns(text)),
-            (Some(layout), [lines]) => Some(Rows::Lines {
-                lines,
-                reader: Box::new(LineReader::new(layout)),
-            }),
-            (Some(_), _) => None,
+            (None, _) => Ok(Rows::Columns(text)),
+            (Some(layout), [lines]) => {
+                if lines.iter().flatten().any(|l| spans_lines(l.as_bytes())) {
+                    return Err(SPANNED_LINES);
+                }
+                Ok(Rows::Lines {
+                    lines,
+                    reader: Box::new(LineReader::new(layout)),
+                })
+            }
+            (Some(_), _) => Err("the plan's columns do not match its spec"),
         }
     }
 }

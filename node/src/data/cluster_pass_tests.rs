@@ -26,6 +26,14 @@ fn sealing() -> Arc<SealingKey> {
 
 /// Runs the executor's function over `columns` (text, `None` = null) with `spec` sealed.
 fn run(spec: &PassSpec, key: &Arc<SealingKey>, columns: &[Vec<Option<&str>>]) -> Vec<Vec<u8>> {
+    try_run(spec, key, columns).expect("the pass runs")
+}
+
+fn try_run(
+    spec: &PassSpec,
+    key: &Arc<SealingKey>,
+    columns: &[Vec<Option<&str>>],
+) -> datafusion::error::Result<Vec<Vec<u8>>> {
     let udf = PassUdf::executor(Arc::clone(key));
     let rows = columns[0].len();
     let mut args = vec![ColumnarValue::Scalar(ScalarValue::Binary(Some(
@@ -39,20 +47,18 @@ fn run(spec: &PassSpec, key: &Arc<SealingKey>, columns: &[Vec<Option<&str>>]) ->
     let arg_fields = (0..args.len())
         .map(|i| Arc::new(Field::new(format!("a{i}"), DataType::Utf8, true)))
         .collect();
-    let out = udf
-        .invoke_with_args(ScalarFunctionArgs {
-            args,
-            arg_fields,
-            number_rows: rows,
-            return_field: Arc::new(Field::new("outcome", DataType::Binary, false)),
-            config_options: Arc::new(ConfigOptions::default()),
-        })
-        .expect("the pass runs");
+    let out = udf.invoke_with_args(ScalarFunctionArgs {
+        args,
+        arg_fields,
+        number_rows: rows,
+        return_field: Arc::new(Field::new("outcome", DataType::Binary, false)),
+        config_options: Arc::new(ConfigOptions::default()),
+    })?;
     let ColumnarValue::Array(out) = out else {
         panic!("an array")
     };
     let out = out.as_any().downcast_ref::<BinaryArray>().expect("binary");
-    (0..rows).map(|r| out.value(r).to_vec()).collect()
+    Ok((0..rows).map(|r| out.value(r).to_vec()).collect())
 }
 
 fn decoded(outcomes: &[Vec<u8>]) -> Vec<Outcome> {
@@ -378,6 +384,31 @@ fn a_csv_line_is_split_and_checked_as_the_node_reads_one() {
             Outcome::NoConsent,
         ]
     );
+}
+
+/// A line that holds a line break came from a field the engine's reader took as quoted (it
+/// started with the byte 0x1D): the lines in it cannot be counted one by one, so the pass fails,
+/// saying so, rather than count them as one rejected row.
+#[test]
+fn a_line_that_swallowed_lines_fails_the_pass() {
+    for layout in [
+        LineLayout::Csv(CsvLayout {
+            delimiter: b',',
+            width: 2,
+            columns: vec![0, 1],
+        }),
+        LineLayout::Json(JsonLayout {
+            paths: vec![vec!["email".into()], vec!["consent".into()]],
+        }),
+    ] {
+        let (_, spec) = lines_spec(layout);
+        let lines = vec![
+            Some("a@x.com,yes"),
+            Some("b@x.com,yes\nc@x.com,yes\r\nd@x.com"),
+        ];
+        let err = try_run(&spec, &sealing(), &[lines]).expect_err("the pass fails");
+        assert!(err.to_string().contains(SPANNED_LINES), "{err}");
+    }
 }
 
 #[test]

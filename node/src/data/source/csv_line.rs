@@ -27,6 +27,19 @@ pub const LINE_DELIMITER: u8 = 0x1E;
 /// The quote DataFusion is given for line-by-line CSV: the ASCII group separator.
 pub const LINE_QUOTE: u8 = 0x1D;
 
+/// Why a read line by line fails when a "line" holds a line break: the engine's reader took a
+/// field that starts with [`LINE_QUOTE`] as quoted, and the lines up to the next such byte
+/// came as one. Their rows cannot be counted one by one, so the read fails rather than count
+/// them as one rejected row.
+pub const SPANNED_LINES: &str = "a line holds the byte 0x1D (the ASCII group separator), so the \
+    engine read the lines after it as one and their rows cannot be counted: no text file holds \
+    that byte; remove it (for example with `tr -d '\\035'`) and run the job again";
+
+/// Whether a line handed over by the engine holds a line break (see [`SPANNED_LINES`]).
+pub fn spans_lines(line: &[u8]) -> bool {
+    line.iter().any(|&b| b == b'\n' || b == b'\r')
+}
+
 const QUOTE: u8 = b'"';
 
 /// Why a line is not read, before the columns a job reads are looked at.

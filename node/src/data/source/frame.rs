@@ -466,6 +466,13 @@ impl Frame {
                 .first()
                 .filter(|c| !c.is_null(self.next - 1))
                 .map_or(&b""[..], |c| c.value(self.next - 1).as_bytes());
+            if super::csv_line::spans_lines(line) {
+                return Err(SourceError::Engine {
+                    dataset: self.dataset.clone(),
+                    location: self.location.clone(),
+                    message: format!("row {}: {}", self.rows, super::csv_line::SPANNED_LINES),
+                });
+            }
             lines.load(line);
         }
         Ok(true)

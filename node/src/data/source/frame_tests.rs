@@ -1325,3 +1325,42 @@ fn parquet_files_whose_column_types_drift_read_as_one_table() {
         ]
     );
 }
+
+/// Read line by line (as in `s3://` and on a cluster), a line that starts with the byte 0x1D
+/// (the quote the engine is given) makes the engine take the lines up to the next such byte as
+/// one. The read fails, saying what to do, instead of counting them as one rejected row.
+#[test]
+fn a_line_that_starts_with_the_engines_quote_fails_the_read() {
+    let dir = tempfile::tempdir().unwrap();
+    for (name, format, text) in [
+        (
+            "customers.csv",
+            DataFormat::Csv,
+            "email\na@x.com\n\u{1d}b@x.com\nc@x.com\n\u{1d}d@x.com\ne@x.com\n",
+        ),
+        (
+            "customers.jsonl",
+            DataFormat::Jsonl,
+            "{\"email\": \"a@x.com\"}\n\u{1d}{\"email\": \"b@x.com\"}\n\
+             {\"email\": \"c@x.com\"}\n\u{1d}\n{\"email\": \"e@x.com\"}\n",
+        ),
+    ] {
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        let mut d = email_dataset(&path);
+        d.format = Some(format);
+        d.consent.clear();
+        let mut lines = super::Source::Frame(super::frame::Frame::open_lines(&d).unwrap());
+        let at = lines.headers().iter().position(|h| h == "email").unwrap();
+        lines.start(&[at]).unwrap();
+        let failed = loop {
+            match lines.advance() {
+                Ok(true) => {}
+                Ok(false) => break None,
+                Err(e) => break Some(e.to_string()),
+            }
+        };
+        let failed = failed.unwrap_or_else(|| panic!("{name}: the read ended as if whole"));
+        assert!(failed.contains("0x1D"), "{name}: {failed}");
+    }
+}

@@ -35,7 +35,7 @@ use datafusion::logical_expr::{
 };
 use datafusion::prelude::{DataFrame, Expr, SessionContext, col, lit, try_cast};
 
-use super::csv_line::LineRecord;
+use super::csv_line::{LineRecord, SPANNED_LINES, spans_lines};
 use super::strict_table::{INFER_ROWS, Kind, KindInference, read_value};
 use crate::data::dataset::Rejection;
 
@@ -185,6 +185,9 @@ impl ScalarUDFImpl for LineUdf {
             .as_any()
             .downcast_ref::<StringArray>()
             .ok_or_else(|| fail("the line is not text"))?;
+        if lines.iter().flatten().any(|l| spans_lines(l.as_bytes())) {
+            return Err(fail(SPANNED_LINES));
+        }
         let mut out = StringBuilder::with_capacity(lines.len(), 0);
         let mut record = LineRecord::default();
         let read = spec.read_columns();
@@ -404,6 +407,40 @@ mod tests {
             delimiter: b',',
             kinds: vec![Kind::Text, Kind::Int, Kind::Text],
             read: read.to_vec(),
+        }
+    }
+
+    /// A view's CSV table read line by line: a "line" holding a line break swallowed lines
+    /// (a field that started with the engine's quote byte), so both functions fail, saying so.
+    #[test]
+    fn a_line_that_swallowed_lines_fails_the_read() {
+        use datafusion::arrow::datatypes::Field;
+        let lines: ArrayRef = Arc::new(StringArray::from(vec!["a,1,b", "c,2,d\ne,3,f"]));
+        for (output, lead) in [
+            (Output::Problem, vec![]),
+            (
+                Output::Field,
+                vec![ColumnarValue::Scalar(ScalarValue::Int64(Some(0)))],
+            ),
+        ] {
+            let mut args = vec![ColumnarValue::Scalar(ScalarValue::Binary(Some(
+                spec(&[true, true, true]).encode(),
+            )))];
+            args.extend(lead);
+            args.push(ColumnarValue::Array(Arc::clone(&lines)));
+            let arg_fields = (0..args.len())
+                .map(|i| Arc::new(Field::new(format!("a{i}"), DataType::Utf8, true)))
+                .collect();
+            let err = LineUdf::new(output)
+                .invoke_with_args(ScalarFunctionArgs {
+                    args,
+                    arg_fields,
+                    number_rows: 2,
+                    return_field: Arc::new(Field::new("out", DataType::Utf8, true)),
+                    config_options: Arc::new(datafusion::config::ConfigOptions::default()),
+                })
+                .expect_err("the read fails");
+            assert!(err.to_string().contains(SPANNED_LINES), "{err}");
         }
     }
 
