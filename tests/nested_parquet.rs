@@ -46,6 +46,8 @@ struct Truth {
     rejected: u64,
     no_consent: u64,
     groups: BTreeMap<String, (u64, u64)>,
+    /// Customers with a row the overlap-sum reads (consent, an email, a whole amount).
+    distinct_valued: u64,
 }
 
 #[test]
@@ -76,7 +78,8 @@ fn lake_jobs(
         .map(|(_, email, _)| email)
         .collect();
     // Every customer once, then the first 30 again under other segments: their amounts add
-    // up, and each counts in the group of its first row with a whole amount.
+    // up, and each counts in the first listed segment among its rows with a whole amount
+    // ("(other)" last), whichever file or part holds them.
     let emails: Vec<&str> = acme
         .iter()
         .map(|(_, e, _)| e.as_str())
@@ -85,7 +88,7 @@ fn lake_jobs(
     let lake: Vec<LakeRow> = emails
         .iter()
         .enumerate()
-        .map(|(i, email)| lake_row(i as u64 + 1, email))
+        .map(|(i, email)| lake_row(i as u64 + 1, email, i >= acme.len()))
         .collect();
     let read: Vec<&LakeRow> = lake
         .iter()
@@ -217,13 +220,30 @@ fn lake_jobs(
             2,
             "acme's passes ran on the executors: {log}"
         );
+        // The executors grouped the value holder's rows: one row a customer came back.
+        let line = log
+            .lines()
+            .find(|l| l.contains("the executors grouped the rows by point"))
+            .unwrap_or_else(|| panic!("no grouping on the executors: {log}"));
+        let figure = |name: &str| -> u64 {
+            let at = line.find(&format!(" {name}=")).unwrap() + name.len() + 2;
+            line[at..]
+                .split(|c: char| !c.is_ascii_digit())
+                .next()
+                .unwrap()
+                .parse()
+                .unwrap()
+        };
+        assert_eq!(figure("points"), truth.distinct_valued, "{line}");
+        assert!(figure("rows") > figure("points"), "{line}");
     }
     (truth.overlap, figures, shown)
 }
 
 /// Row `row` of the lake, for `email`: some emails, customers and consents null, some emails
-/// not emails, some amounts null or with cents.
-fn lake_row(row: u64, email: &str) -> LakeRow {
+/// not emails, some amounts null or with cents. A `repeat` of a customer has the segment after
+/// its first row's.
+fn lake_row(row: u64, email: &str, repeat: bool) -> LakeRow {
     let customer = match row {
         r if r % 26 == 0 => None,
         r if r % 13 == 0 => Some(None),
@@ -244,7 +264,7 @@ fn lake_row(row: u64, email: &str) -> LakeRow {
         customer,
         consent,
         amount,
-        segment: ["retail", "travel", "online"][(row % 3) as usize],
+        segment: ["retail", "travel", "online"][((row + u64::from(repeat)) % 3) as usize],
     }
 }
 
@@ -256,9 +276,11 @@ fn truth_of(lake: &[&LakeRow], globex: &BTreeSet<String>) -> Truth {
         rejected: 0,
         no_consent: 0,
         groups: BTreeMap::new(),
+        distinct_valued: 0,
     };
     let mut kept = BTreeSet::new();
-    // Per customer: the group of its first row with a whole amount, and the amounts' total.
+    // Per customer: the first listed group among its rows with a whole amount, and the
+    // amounts' total.
     let mut valued: BTreeMap<String, (String, u64)> = BTreeMap::new();
     for row in lake {
         if row.consent != Some(true) {
@@ -282,10 +304,15 @@ fn truth_of(lake: &[&LakeRow], globex: &BTreeSet<String>) -> Truth {
         } else {
             "(other)".to_owned()
         };
-        let entry = valued.entry(email).or_insert((group, 0));
+        let rank = |g: &str| LISTED.iter().position(|l| *l == g).unwrap_or(LISTED.len());
+        let entry = valued.entry(email).or_insert((group.clone(), 0));
+        if rank(&group) < rank(&entry.0) {
+            entry.0 = group;
+        }
         entry.1 += u64::try_from(amount / 100).unwrap();
     }
     t.overlap = kept.intersection(globex).count() as u64;
+    t.distinct_valued = valued.len() as u64;
     for (email, (group, total)) in valued {
         if globex.contains(&email) {
             let g = t.groups.entry(group).or_default();

@@ -415,7 +415,8 @@ fn refunds_are_summed_per_customer_before_clipping() {
     }
     std::fs::write(&path, format!("{text}{extra}")).unwrap();
 
-    // The truth: per customer the signed total of its rows, clipped, in its first row's group.
+    // The truth: per customer the signed total of its rows, clipped, in its group (each
+    // customer's rows here carry one label).
     let mut totals: BTreeMap<u64, (String, i64)> = BTreeMap::new();
     let written = std::fs::read_to_string(&path).unwrap();
     for line in written.lines().skip(1) {

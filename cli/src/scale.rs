@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use crate::args::{ExecutorArgs, SchedulerArgs};
 use cleanroom_node::data::cluster_aggregate::AggregateUdf;
+use cleanroom_node::data::cluster_outcome;
 use cleanroom_node::data::cluster_pass::{PassUdf, SealingKey};
 use cleanroom_node::data::cluster_reblind::ReblindUdf;
 use cleanroom_node::data::source::line_table;
@@ -19,6 +20,7 @@ pub async fn scheduler(args: SchedulerArgs) -> anyhow::Result<ExitCode> {
     ];
     functions.extend(AggregateUdf::planners().map(Arc::new));
     functions.extend(line_table::functions().map(Arc::new));
+    functions.extend(cluster_outcome::functions().map(Arc::new));
     let (addr, serve) = cleanroom_scale::scheduler::start(args.listen, keep, functions).await?;
     {
         // Supervisors (the demo, the tests) read this line to learn a port-0 address.
@@ -66,8 +68,10 @@ pub async fn executor(args: ExecutorArgs) -> anyhow::Result<ExitCode> {
                     functions
                 }
             };
-            // A view's CSV tables read strictly (no key: they read only the line given).
+            // A view's CSV tables read strictly, and an overlap-sum's outcomes grouped by point
+            // (no key: they read only the line or the outcome given).
             functions.extend(line_table::functions().map(Arc::new));
+            functions.extend(cluster_outcome::functions().map(Arc::new));
             functions
         },
     };

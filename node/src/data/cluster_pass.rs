@@ -531,6 +531,36 @@ impl Outcome {
     }
 }
 
+/// What the grouped pass of an overlap-sum's value holder groups a row's outcome by
+/// ([`super::cluster_outcome`]): a valued row's point, written as an accepted row's outcome
+/// (its group and values left out), or any other outcome as it is.
+pub(crate) fn grouping_key(outcome: &[u8], out: &mut Vec<u8>) {
+    out.clear();
+    match outcome.split_first() {
+        Some((&VALUED, rest)) if rest.len() >= POINT_LEN => {
+            out.push(ACCEPTED);
+            out.extend_from_slice(&rest[..POINT_LEN]);
+        }
+        _ => out.extend_from_slice(outcome),
+    }
+}
+
+/// Field `field` of a valued row's outcome: 0 its group, `i ≥ 1` its value `i − 1`. `None` for
+/// any other outcome, or a field it does not have.
+pub(crate) fn valued_field(outcome: &[u8], field: usize) -> Option<i64> {
+    let (&VALUED, rest) = outcome.split_first()? else {
+        return None;
+    };
+    let tail = rest.get(POINT_LEN..)?;
+    if field == 0 {
+        return Some(i64::from(u32::from_le_bytes(
+            tail.get(..4)?.try_into().ok()?,
+        )));
+    }
+    let at = 4 + 8 * (field - 1);
+    Some(i64::from_le_bytes(tail.get(at..at + 8)?.try_into().ok()?))
+}
+
 /// The pass function. The node and the scheduler hold it without a key (to plan and to
 /// decode plans); an executor holds the [`SealingKey`] and runs it.
 #[derive(Debug, PartialEq, Eq, Hash)]

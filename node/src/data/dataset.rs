@@ -25,7 +25,7 @@ use super::cluster_aggregate::{AggregateSpec, Cell, MalformedKind};
 use super::cluster_pass::{ForgetSpec, Outcome, PartSpec, PassSpec, SealingKey, ValuesSpec};
 use super::normalise::{NormaliseError, NormaliseOptions, Normaliser};
 use super::schema::{DatasetConfig, IdentifierConfig};
-use super::source::frame::{Frame, GroupedRow};
+use super::source::frame::{Frame, GroupedRow, Grouping};
 use super::source::{Malformed, Source, SourceError};
 
 /// Most rows a dataset may have for one job.
@@ -201,14 +201,28 @@ fn missing_column(location: &str, column: &str, headers: &[String]) -> String {
              empty?)"
         );
     }
-    let mut message = format!(
-        "dataset {location} has no column '{column}' (its columns: {})",
-        headers.join(", ")
-    );
-    if let Some(near) = headers.iter().find(|h| h.eq_ignore_ascii_case(column)) {
-        message.push_str(&format!("; names match exactly: did you mean '{near}'?"));
+    format!(
+        "dataset {location} has no column '{column}' (its columns: {}){}",
+        headers.join(", "),
+        header_hint(column, headers)
+    )
+}
+
+/// What to do when `column` is not among `headers`, if the headers tell: Excel's `sep=;` line
+/// read as the header, or a name whose case differs. Empty if they do not.
+pub fn header_hint(column: &str, headers: &[String]) -> String {
+    if headers
+        .first()
+        .is_some_and(|h| h.trim_start_matches('\u{feff}').starts_with("sep="))
+    {
+        return "; the first line is Excel's `sep=` line, not the header: delete that line (the \
+                dataset's `delimiter` says the separator)"
+            .to_owned();
     }
-    message
+    match headers.iter().find(|h| h.eq_ignore_ascii_case(column)) {
+        Some(near) => format!("; names match exactly: did you mean '{near}'?"),
+        None => String::new(),
+    }
 }
 
 /// Whether a consent field says yes: `true`, `t`, `yes`, `y` or `1`, any case, trimmed
@@ -580,6 +594,164 @@ pub fn matching_rows_on_cluster(
     Ok((rows, counts, found.iter().filter(|&&f| f).count()))
 }
 
+/// A dataset opened for an executor pass: its frame, its columns, the columns the pass reads
+/// (key parts, the filters', then any values'), and the pass's spec, sealed.
+struct OpenPass {
+    frame: Frame,
+    headers: Vec<String>,
+    read: Vec<usize>,
+    sealed: Vec<u8>,
+}
+
+/// Opens `dataset` for an executor pass over `keys` (and the values `sealed` asks for) and
+/// seals its spec. A dataset read in this process (no cluster) is refused.
+fn open_pass(
+    dataset: &DatasetConfig,
+    keys: &KeySpec,
+    filter: RowFilter<'_>,
+    sealed: Sealed<'_>,
+) -> Result<OpenPass, DatasetError> {
+    let Sealed {
+        key,
+        sealing,
+        values,
+    } = sealed;
+    let location = dataset.location();
+    let engine = |message: String| engine_error(dataset, message);
+    let ids = resolve_identifiers(dataset, keys)?;
+    let (frame, headers) = open_on_cluster(dataset)?;
+    let parts = locate_columns(&headers, &location, &ids)?;
+    let mut read: Vec<usize> = parts.iter().map(|p| p.index).collect();
+    let (consent, forgotten) = locate_filter(dataset, &headers, &location, filter, &mut read)?;
+    let values = match values {
+        Some((columns, spec)) => {
+            for column in columns {
+                read.push(locate_column(&headers, &location, column)?);
+            }
+            Some(spec)
+        }
+        None => None,
+    };
+    let forget = forget_spec(forgotten);
+    let spec = PassSpec {
+        key: JobKey::from_secret_bytes(&key.to_secret_bytes())
+            .ok_or_else(|| engine("the job key cannot be sealed".into()))?,
+        key_name: key_name(keys),
+        parts: parts.iter().map(Part::spec).collect(),
+        consent: consent.is_some(),
+        forget,
+        lines: frame.line_layout(&read),
+        values,
+    };
+    let sealed = spec.seal(sealing).map_err(engine)?;
+    drop(spec);
+    Ok(OpenPass {
+        frame,
+        headers,
+        read,
+        sealed,
+    })
+}
+
+/// One distinct point of an overlap-sum value holder's rows, as its executors grouped them
+/// ([`grouped_points_on_cluster`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct PointRows {
+    /// `k·H(key)`.
+    pub point: EncodedPoint,
+    /// How many rows have it.
+    pub rows: u64,
+    /// The lowest and the highest group of its rows.
+    pub groups: (i128, i128),
+    /// Each value's exact sum over its rows.
+    pub sums: Vec<i128>,
+}
+
+/// An overlap-sum value holder's pass on the partner's executors, grouped there by point
+/// ([`super::cluster_outcome`]): counts the rows read and left out as the node's own pass would
+/// but without places, and hands each distinct point to `point`. Returns the counts and the
+/// rows skipped for a value that is missing or not an integer. `sealed` must ask for values.
+pub(crate) fn grouped_points_on_cluster(
+    dataset: &DatasetConfig,
+    keys: &KeySpec,
+    filter: RowFilter<'_>,
+    max_rows: u64,
+    sealed: Sealed<'_>,
+    mut point: impl FnMut(PointRows) -> Result<(), DatasetError>,
+) -> Result<(RowCounts, u64), DatasetError> {
+    let location = dataset.location();
+    let engine = |message: String| engine_error(dataset, message);
+    let sums = match &sealed.values {
+        Some((_, spec)) => spec.sums,
+        None => return Err(engine("a pass grouped by point needs values".into())),
+    };
+    let OpenPass {
+        mut frame,
+        read,
+        sealed,
+        ..
+    } = open_pass(dataset, keys, filter, sealed)?;
+    let mut counts = RowCounts::default();
+    let mut bad_values = 0u64;
+    frame.grouped(&read, sealed, Grouping::Points(sums), |rows| {
+        for row in rows {
+            let outcome = Outcome::decode(&row.cell).ok_or_else(|| {
+                engine(
+                    "an executor returned an outcome this node cannot read (are the executors \
+                     running this node's version?)"
+                        .into(),
+                )
+            })?;
+            // Saturating: the figures come from other processes; too many rows fails below.
+            counts.rows_read = counts.rows_read.saturating_add(row.rows);
+            if counts.rows_read > max_rows {
+                return Err(DatasetError::TooManyRows {
+                    location: location.clone(),
+                    max_rows,
+                });
+            }
+            match outcome {
+                Outcome::Malformed(_, why) => {
+                    counts.rejections.count_unplaced(why.into(), row.rows)
+                }
+                Outcome::Rejected(_, why) => counts.rejections.count_unplaced(why, row.rows),
+                Outcome::NoConsent => {
+                    counts.rows_excluded_consent =
+                        counts.rows_excluded_consent.saturating_add(row.rows);
+                }
+                Outcome::Forgotten => {
+                    counts.rows_excluded_deleted =
+                        counts.rows_excluded_deleted.saturating_add(row.rows);
+                }
+                Outcome::BadValue => bad_values = bad_values.saturating_add(row.rows),
+                Outcome::Accepted(p) => match row.sums.as_slice() {
+                    [lowest, highest, values @ ..] if values.len() == sums => point(PointRows {
+                        point: p,
+                        rows: row.rows,
+                        groups: (*lowest, *highest),
+                        sums: values.to_vec(),
+                    })?,
+                    _ => {
+                        return Err(engine(
+                            "the executors' grouping returned another shape".into(),
+                        ));
+                    }
+                },
+                Outcome::Valued(..) => {
+                    return Err(engine(
+                        "an executor returned a row where the pass grouped by point".into(),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    })?;
+    // A view's CSV tables: the lines they rejected never reached the grouping.
+    counts.add_table_rejections(frame.take_table_rejections());
+    counts.rejections.log_rest(&location);
+    Ok((counts, bad_values))
+}
+
 /// An aggregate's pass on the partner's Ballista executors, grouped there
 /// ([`super::cluster_aggregate`]): the rows read and left out (malformed, no consent,
 /// forgotten), counted as the node's own pass would but without places, and the rows the
@@ -610,7 +782,11 @@ pub(crate) fn aggregate_on_cluster(
     };
     let sealed = spec.seal(sealing).map_err(engine)?;
     drop(spec);
-    let grouped = frame.grouped(&read, sealed, bounds.len())?;
+    let mut grouped = Vec::new();
+    frame.grouped(&read, sealed, Grouping::Cells(bounds.len()), |rows| {
+        grouped.extend(rows);
+        Ok::<_, DatasetError>(())
+    })?;
     let mut counts = RowCounts::default();
     let mut kept = Vec::new();
     for row in grouped {
@@ -715,40 +891,14 @@ pub(crate) fn pass_on_cluster(
     sealed: Sealed<'_>,
     mut accepted: impl FnMut(u64, Outcome) -> Result<(), DatasetError>,
 ) -> Result<RowCounts, DatasetError> {
-    let Sealed {
-        key,
-        sealing,
-        values,
-    } = sealed;
     let location = dataset.location();
     let engine = |message: String| engine_error(dataset, message);
-    let ids = resolve_identifiers(dataset, keys)?;
-    let (mut frame, headers) = open_on_cluster(dataset)?;
-    let parts = locate_columns(&headers, &location, &ids)?;
-    let mut read: Vec<usize> = parts.iter().map(|p| p.index).collect();
-    let (consent, forgotten) = locate_filter(dataset, &headers, &location, filter, &mut read)?;
-    let values = match values {
-        Some((columns, spec)) => {
-            for column in columns {
-                read.push(locate_column(&headers, &location, column)?);
-            }
-            Some(spec)
-        }
-        None => None,
-    };
-    let forget = forget_spec(forgotten);
-    let spec = PassSpec {
-        key: JobKey::from_secret_bytes(&key.to_secret_bytes())
-            .ok_or_else(|| engine("the job key cannot be sealed".into()))?,
-        key_name: key_name(keys),
-        parts: parts.iter().map(Part::spec).collect(),
-        consent: consent.is_some(),
-        forget,
-        lines: frame.line_layout(&read),
-        values,
-    };
-    let sealed = spec.seal(sealing).map_err(engine)?;
-    drop(spec);
+    let OpenPass {
+        mut frame,
+        headers,
+        read,
+        sealed,
+    } = open_pass(dataset, keys, filter, sealed)?;
     frame.start_pass(&read, sealed)?;
 
     let mut counts = RowCounts::default();
@@ -1418,6 +1568,10 @@ customer_id,email,phone,amount_cents
         let d = dataset(dir.path(), b"Email,Phone\na@b.c,1\n");
         let e = load_keys(&d, &KeySpec::new(["email"]), 100).unwrap_err();
         assert!(e.to_string().ends_with("did you mean 'Email'?"), "{e}");
+        // Excel's `sep=;` line read as the header: the message says to delete it.
+        let d = dataset(dir.path(), b"sep=;\nemail;phone\na@b.c;1\n");
+        let e = load_keys(&d, &KeySpec::new(["email"]), 100).unwrap_err();
+        assert!(e.to_string().contains("Excel's `sep=` line"), "{e}");
         // An empty file has no header line.
         let d = dataset(dir.path(), b"");
         let e = load_keys(&d, &KeySpec::new(["email"]), 100).unwrap_err();

@@ -9,6 +9,7 @@
 //!   ([`RowFilter`]);
 //! - [`cluster_pass`]: that pass for an overlap, a match or an overlap-sum on the partner's
 //!   Ballista executors, blinding included, its secrets sealed;
+//! - [`cluster_outcome`]: an overlap-sum value holder's rows grouped by point there;
 //! - [`cluster_reblind`]: re-blinding the partner's points there, in pieces, the key sealed;
 //! - [`cluster_aggregate`]: an aggregate's pass and grouping there, as plan operators;
 //! - [`sum_input`]: an `overlap-sum` value holder's rows, summed per identifier then clipped;
@@ -22,6 +23,7 @@
 pub mod aggregate_input;
 pub mod cluster_aggregate;
 pub mod cluster_lines;
+pub mod cluster_outcome;
 pub mod cluster_pass;
 pub mod cluster_reblind;
 pub mod dataset;

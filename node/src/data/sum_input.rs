@@ -6,9 +6,12 @@
 //! first** over the identifier's rows, signed and exactly (in `i128`), and only the total is
 //! clipped to the policy's bounds, so a refund offsets the charge it refunds and one identifier
 //! adds at most the bound to a column — the sensitivity the noise is scaled to. The identifier
-//! belongs to the group of its first row (rows of the same identifier with another label are
-//! counted in `keys_with_several_groups`, a figure for this node's audit log only). A row whose
-//! value field is missing or not an integer is skipped and counted.
+//! belongs to the first of the job's groups that its rows carry, in the order the job lists
+//! them, "(other)" last (identifiers whose rows carry more than one label are counted in
+//! `keys_with_several_groups`, a figure for this node's audit log only). The rule does not
+//! depend on the order of the rows, so a file, a directory of parts and a cluster's parallel
+//! read give the same. A row whose value field is missing or not an integer is skipped and
+//! counted.
 
 use std::collections::HashMap;
 
@@ -20,7 +23,7 @@ use cleanroom_circuits::{EncodedPoint, ItemSet, JobKey, POINT_LEN, blind_items};
 use cleanroom_proto::v1::OverlapSumSpec;
 
 use super::DatasetConfig;
-use super::cluster_pass::{Outcome, SealingKey, ValuesSpec};
+use super::cluster_pass::{SealingKey, ValuesSpec};
 use super::dataset::{self, KeySpec, KeyedRowCounts, RowFilter, Sealed};
 
 /// The label of the one group of an ungrouped job.
@@ -312,8 +315,7 @@ fn spill_failed(e: &dyn std::fmt::Display) -> dataset::DatasetError {
 /// A spilled input's rows on their way to its store: a chunk at a time to
 /// [`PointSet::ValueRows`] (each row's point, group and values, by the point's bucket, in read
 /// order), then combined one bucket at a time into [`PointSet::ValueCells`] (one record per
-/// point). An identifier's rows share its point, so they share a bucket, and the first of them
-/// in the bucket is its first row.
+/// point). An identifier's rows share its point, so they share a bucket.
 struct RowSpill {
     store: Box<dyn PointStore>,
     sums: usize,
@@ -324,6 +326,8 @@ struct RowSpill {
     /// Whole records waiting for their bucket, and how many.
     parts: Vec<Vec<u8>>,
     pending: usize,
+    /// Records pushed in all.
+    pushed: u64,
 }
 
 impl RowSpill {
@@ -335,6 +339,7 @@ impl RowSpill {
             tails: Vec::new(),
             parts: vec![Vec::new(); BUCKETS],
             pending: 0,
+            pushed: 0,
         }
     }
 
@@ -399,6 +404,7 @@ impl RowSpill {
         part.extend_from_slice(point);
         part.extend_from_slice(tail);
         self.pending += 1;
+        self.pushed += 1;
     }
 
     fn write_parts(&mut self) -> std::io::Result<()> {
@@ -485,12 +491,13 @@ fn push_tail(out: &mut Vec<u8>, group: u32, values: &[i64]) {
     }
 }
 
-/// [`load`] with the pass on the partner's Ballista executors ([`super::cluster_pass`]): they
-/// read, filter, normalise and blind each row's key with `key`, and parse its values and group;
-/// the node combines each identifier's rows by its point as [`load`] does by its key. The
-/// result holds points ([`SumKeys::Blinded`]), never identifiers. With `spill` (a
-/// `memory_limit`) the rows go to its buckets as they come and are combined there, as
-/// [`load_spilled`] does ([`SumKeys::Spilled`]).
+/// [`load`] with the pass on the partner's Ballista executors ([`super::cluster_pass`]), grouped
+/// there by point ([`super::cluster_outcome`]): they read, filter, normalise and blind each
+/// row's key with `key`, parse its values and group, and combine each identifier's rows; one
+/// row per distinct point comes back, with its rows' lowest and highest group and its values'
+/// exact sums, which the node clips as [`load`] does. The result holds points
+/// ([`SumKeys::Blinded`]), never identifiers. With `spill` (a `memory_limit`) the points go to
+/// its buckets as they come ([`SumKeys::Spilled`]).
 #[allow(clippy::too_many_arguments)]
 pub fn load_on_cluster(
     dataset: &DatasetConfig,
@@ -518,58 +525,64 @@ pub fn load_on_cluster(
     let mut points: Vec<EncodedPoint> = Vec::new();
     let mut groups: Vec<u32> = Vec::new();
     let mut values: Vec<i64> = Vec::new();
-    let mut bad = 0u64;
-    let location = dataset.location();
-    let labels = shape.labels.len();
+    let (mut rows, mut several) = (0u64, 0u64);
+    let labels = shape.labels.len() as i128;
     let mut spill = spill.map(|store| RowSpill::new(store, sums));
-    let counts = dataset::pass_on_cluster(dataset, keys, filter, max_rows, sealed, |row, out| {
-        match out {
-            Outcome::Valued(_, group, _) if group as usize >= labels => {
-                return Err(dataset::DatasetError::Source(
-                    super::source::SourceError::Engine {
-                        dataset: dataset.name.clone(),
-                        location: location.clone(),
-                        message: format!(
-                            "row {row}: an executor returned a group outside the job's {labels}"
-                        ),
-                    },
-                ));
+    let mut clipped = vec![0i64; sums];
+    let engine = |message: String| {
+        dataset::DatasetError::Source(super::source::SourceError::Engine {
+            dataset: dataset.name.clone(),
+            location: dataset.location(),
+            message,
+        })
+    };
+    let (counts, bad) =
+        dataset::grouped_points_on_cluster(dataset, keys, filter, max_rows, sealed, |p| {
+            let (lowest, highest) = p.groups;
+            if !(0 <= lowest && lowest <= highest && highest < labels) {
+                return Err(engine(format!(
+                    "an executor returned a group outside the job's {labels}"
+                )));
             }
-            Outcome::Valued(point, group, row_values) if row_values.len() == sums => {
-                match &mut spill {
-                    Some(spill) => spill
-                        .push_point(&point, group, &row_values)
-                        .map_err(|e| spill_failed(&e))?,
-                    None => {
-                        points.push(point);
-                        groups.push(group);
-                        values.extend_from_slice(&row_values);
-                    }
+            // The first of the job's groups among the identifier's rows, as [`combine`] takes.
+            let group = lowest as u32;
+            several += u64::from(lowest != highest);
+            rows = rows.saturating_add(p.rows);
+            for ((c, total), b) in clipped.iter_mut().zip(&p.sums).zip(bounds) {
+                // Within [min, max], which an i64 holds: the conversion cannot fail.
+                let within = (*total).clamp(i128::from(b.min), i128::from(b.max));
+                *c = i64::try_from(within).unwrap_or(i64::MAX);
+            }
+            match &mut spill {
+                Some(spill) => spill
+                    .push_point(&p.point, group, &clipped)
+                    .map_err(|e| spill_failed(&e)),
+                None => {
+                    points.push(p.point);
+                    groups.push(group);
+                    values.extend_from_slice(&clipped);
+                    Ok(())
                 }
             }
-            Outcome::BadValue => bad += 1,
-            _ => {
-                return Err(dataset::DatasetError::Source(
-                    super::source::SourceError::Engine {
-                        dataset: dataset.name.clone(),
-                        location: location.clone(),
-                        message: format!(
-                            "row {row}: an executor returned no values where the pass asked \
-                             for them (are the executors running this node's version?)"
-                        ),
-                    },
-                ));
-            }
-        }
-        Ok(())
-    })
-    .map_err(|e| e.to_string())?;
+        })
+        .map_err(|e| e.to_string())?;
+    tracing::info!(
+        rows,
+        points = spill.as_ref().map_or(points.len() as u64, |s| s.pushed),
+        "the executors grouped the rows by point"
+    );
     let counts = KeyedRowCounts::from(counts);
     if let Some(spill) = spill {
-        let spilled = spill.combine(shape, bounds)?;
-        return spilled_input(key, spilled, counts, bad, (shape, bounds));
+        let (spilled, combined_several) = spill.combine(shape, bounds)?;
+        return spilled_input(
+            key,
+            (spilled, several + combined_several),
+            counts,
+            bad,
+            (shape, bounds),
+        );
     }
-    let combined = combine(
+    let mut combined = combine(
         points.len(),
         |i| points.get(i as usize).map_or(&[][..], |p| p.as_slice()),
         &groups,
@@ -577,6 +590,7 @@ pub fn load_on_cluster(
         shape,
         bounds,
     )?;
+    combined.several += several;
     let distinct: Vec<EncodedPoint> = combined
         .firsts
         .iter()
@@ -604,10 +618,10 @@ fn check_shape(shape: &SumShape, bounds: &[ColumnBound]) -> Result<usize, String
     Ok(sums)
 }
 
-/// Each identifier's rows combined: per distinct key, in key order, the index of its first
-/// row, and its row of cells.
+/// Each identifier's rows combined: per distinct key, in key order, the index of one of its
+/// rows, and its row of cells.
 struct Combined {
-    /// For each distinct key, its first row (in read order).
+    /// For each distinct key, one of its rows.
     firsts: Vec<u32>,
     /// `firsts.len() × cells` values, row-major.
     cells: Vec<u64>,
@@ -617,7 +631,7 @@ struct Combined {
 
 /// Combines the `rows` accepted rows (each with its key, its group in `groups` and its `sums`
 /// values in `values`): sorts them by key, sums each identifier's values exactly, clips the
-/// totals to `bounds`, and puts the identifier in the group of its first row.
+/// totals to `bounds`, and puts the identifier in the first of the job's groups among its rows'.
 fn combine<'k>(
     rows: usize,
     key: impl Fn(u32) -> &'k [u8],
@@ -630,8 +644,8 @@ fn combine<'k>(
     let columns = 1 + sums;
     // Fits: at most MAX_ROWS (< 2^32) rows are read.
     let mut order: Vec<u32> = (0..rows as u32).collect();
-    // Stable, so the first row of each identifier (in read order) comes first in its run.
-    order.sort_by(|&a, &b| key(a).cmp(key(b)));
+    // Any row of an identifier stands for its key.
+    order.sort_unstable_by(|&a, &b| key(a).cmp(key(b)));
     let cells = shape.cells();
     let mut firsts = Vec::new();
     let mut out: Vec<u64> = Vec::new();
@@ -645,10 +659,14 @@ fn combine<'k>(
         while end < order.len() && key(order[end]) == key(first) {
             end += 1;
         }
-        let group = groups[first as usize] as usize;
+        // The first of the job's groups among the identifier's rows ("(other)" is last): an
+        // order the analyst sets, not the file's, so every engine and every split of the data
+        // gives the same.
+        let run = &order[start..end];
+        let group = run.iter().map(|&r| groups[r as usize]).min().unwrap_or(0) as usize;
         totals.iter_mut().for_each(|t| *t = 0);
         let mut mixed = false;
-        for &r in &order[start..end] {
+        for &r in run {
             mixed |= groups[r as usize] as usize != group;
             let row = &values[r as usize * sums..(r as usize + 1) * sums];
             for (t, v) in totals.iter_mut().zip(row) {
@@ -771,7 +789,7 @@ path = "cb.csv"
     }
 
     #[test]
-    fn rows_of_one_identifier_are_summed_clipped_and_grouped_by_the_first() {
+    fn rows_of_one_identifier_are_summed_clipped_and_grouped_by_the_first_listed() {
         let dir = tempfile::tempdir().unwrap();
         let d = dataset(
             dir.path(),
@@ -791,7 +809,8 @@ path = "cb.csv"
             count: true,
         };
         let input = load_by_email(&d, &spec, &[bound("amount", 0, 100)]).unwrap();
-        // a (dispute, 30+40=70, second row labelled fraud), b (fraud, 50+70 clipped to 100),
+        // a (fraud, 30+40=70: its rows are dispute then fraud, and the job lists fraud first),
+        // b (fraud, 50+70 clipped to 100),
         // c ((other), 900 clipped to 100), e (fraud, -5 clipped to 0); d's value is bad.
         assert_eq!(items(&input).len(), 4);
         assert_eq!(input.rows_bad_value, 1);
@@ -802,7 +821,7 @@ path = "cb.csv"
             let i = items(&input).position_sorted(k.as_bytes()).unwrap();
             input.values[i * 6..(i + 1) * 6].to_vec()
         };
-        assert_eq!(row("a@x.com"), [0, 0, 1, 70, 0, 0]);
+        assert_eq!(row("a@x.com"), [1, 70, 0, 0, 0, 0]);
         assert_eq!(row("b@x.com"), [1, 100, 0, 0, 0, 0]);
         assert_eq!(row("c@x.com"), [0, 0, 0, 0, 1, 100]);
         assert_eq!(row("e@x.com"), [1, 0, 0, 0, 0, 0]);

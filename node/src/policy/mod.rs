@@ -105,9 +105,10 @@ fn check_headers(cfg: &NodeConfig) -> Result<(), String> {
                 0 => {
                     return Err(format!(
                         "dataset '{}': {kind} column '{column}' is not in {file} \
-                         (its columns: {})",
+                         (its columns: {}){}",
                         d.name,
-                        headers.join(", ")
+                        headers.join(", "),
+                        crate::data::dataset::header_hint(column, headers)
                     ));
                 }
                 _ => {

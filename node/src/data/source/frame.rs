@@ -77,20 +77,32 @@ struct Request {
     read: Vec<usize>,
     /// The pass's sealed spec; `None` for columns as text.
     sealed: Option<Vec<u8>>,
-    /// An aggregate's pass, grouped on the executors, with this many summed columns
-    /// ([`Frame::grouped`]); `None` for one outcome a row.
-    grouped: Option<usize>,
+    /// A pass grouped on the executors ([`Frame::grouped`]); `None` for one outcome a row.
+    grouped: Option<Grouping>,
 }
 
-/// One row of an aggregate's grouped pass: a cell ([`crate::data::cluster_aggregate`]), how
-/// many rows fell in it, and the sums of their clipped values.
+/// How a pass is grouped on the executors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Grouping {
+    /// An aggregate's, by cell, with this many summed columns
+    /// ([`crate::data::cluster_aggregate`]).
+    Cells(usize),
+    /// An overlap-sum value holder's, by point, with this many summed columns
+    /// ([`crate::data::cluster_outcome`]): each row's sums are its group's lowest and highest,
+    /// then the values'.
+    Points(usize),
+}
+
+/// One row of a grouped pass ([`Grouping`]): a cell or a point's key, how many rows fell in
+/// it, and its figures (the sums of an aggregate's clipped values; a point's lowest and
+/// highest group, then its values' sums).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GroupedRow {
     /// The cell, encoded.
     pub cell: Vec<u8>,
     /// Rows in it.
     pub rows: u64,
-    /// Per summed column, the exact sum of its clipped values.
+    /// The figures, exact.
     pub sums: Vec<i128>,
 }
 
@@ -386,31 +398,32 @@ impl Frame {
         }
     }
 
-    /// An aggregate's pass on the cluster's executors, grouped there
-    /// ([`crate::data::cluster_aggregate`]): the cell and value functions over the columns at
-    /// `read` (a CSV dataset read line by line passes its line), their spec `sealed`, with
-    /// `sums` summed columns. Returns every row of the grouped result.
-    pub fn grouped(
+    /// A pass on the cluster's executors, grouped there as `grouping` says: the functions
+    /// over the columns at `read` (a dataset read line by line passes its line), their spec
+    /// `sealed`. Hands each batch of the grouped result to `each`, as it comes.
+    pub fn grouped<E: From<SourceError>>(
         &mut self,
         read: &[usize],
         sealed: Vec<u8>,
-        sums: usize,
-    ) -> Result<Vec<GroupedRow>, SourceError> {
+        grouping: Grouping,
+        mut each: impl FnMut(Vec<GroupedRow>) -> Result<(), E>,
+    ) -> Result<(), E> {
         self.request(Request {
             read: self.function_columns(read)?,
             sealed: Some(sealed),
-            grouped: Some(sums),
+            grouped: Some(grouping),
         })?;
-        let mut rows = Vec::new();
         loop {
             match self.batches.recv() {
-                Ok(Message::Grouped(more)) => rows.extend(more),
-                Ok(Message::Done) => return Ok(rows),
-                Ok(Message::Failed(e)) => return Err(e),
+                Ok(Message::Grouped(more)) => each(more)?,
+                Ok(Message::Done) => return Ok(()),
+                Ok(Message::Failed(e)) => return Err(e.into()),
                 Ok(Message::Batch(_) | Message::Outcomes(_)) => {
-                    return Err(self.failure("the reader sent rows to a grouped pass"));
+                    return Err(self
+                        .failure("the reader sent rows to a grouped pass")
+                        .into());
                 }
-                Err(_) => return Err(self.failure("the reader thread stopped mid-way")),
+                Err(_) => return Err(self.failure("the reader thread stopped mid-way").into()),
             }
         }
     }
@@ -1206,8 +1219,11 @@ fn serve(
         let result = match (request.sealed, request.grouped) {
             (None, _) => stream(&plan, frame, &request.read, &out).await,
             (Some(sealed), None) => stream_pass(&plan, frame, &request.read, sealed, &out).await,
-            (Some(sealed), Some(sums)) => {
+            (Some(sealed), Some(Grouping::Cells(sums))) => {
                 stream_grouped(&plan, frame, &request.read, (sealed, sums), &out).await
+            }
+            (Some(sealed), Some(Grouping::Points(sums))) => {
+                stream_grouped_points(&plan, frame, &request.read, (sealed, sums), &out).await
             }
         };
         let result = match result {
@@ -1392,6 +1408,73 @@ async fn stream_grouped(
         }
     }
     Ok(())
+}
+
+/// Runs an overlap-sum value holder's pass on the cluster's executors, grouped there by point
+/// ([`crate::data::cluster_outcome`]), and sends its rows into `out`: per point (or outcome of
+/// a row left out), the row count, the lowest and highest group, and each value's exact sum.
+async fn stream_grouped_points(
+    plan: &Plan,
+    frame: DataFrame,
+    read: &[usize],
+    (sealed, sums): (Vec<u8>, usize),
+    out: &SyncSender<Message>,
+) -> Result<(), SourceError> {
+    if plan.engine.cluster.is_none() {
+        return Err(plan.plan_error("an executor pass needs a Ballista cluster".into()));
+    }
+    let mut args = vec![lit(ScalarValue::Binary(Some(sealed)))];
+    args.extend(as_text(plan, &frame, read)?);
+    let frame = grouped_by_point(frame, args, sums).map_err(|e| plan.error(e.to_string()))?;
+    let mut batches = frame
+        .execute_stream()
+        .await
+        .map_err(|e| plan.error(e.to_string()))?;
+    while let Some(batch) = batches.next().await {
+        let batch = batch.map_err(|e| plan.error(e.to_string()))?;
+        let rows = grouped_rows(&batch, 2 + sums)
+            .ok_or_else(|| plan.error("the executors' grouping returned another shape".into()))?;
+        if out.send(Message::Grouped(rows)).is_err() {
+            return Ok(());
+        }
+    }
+    Ok(())
+}
+
+/// `frame` passed through the pass function (over `args`: the sealed spec, then the columns)
+/// once a row, then grouped by point: `key, rows, lowest group, highest group, sum0, …`, every
+/// figure a `Decimal128(38, 0)` (exact: up to 2^27 rows of 2^63 fit in 38 digits).
+pub(crate) fn grouped_by_point(
+    frame: DataFrame,
+    args: Vec<Expr>,
+    sums: usize,
+) -> datafusion::error::Result<DataFrame> {
+    use crate::data::cluster_outcome;
+    use datafusion::functions_aggregate::expr_fn::{count, max, min, sum};
+    let pass = Expr::ScalarFunction(ScalarFunction::new_udf(Arc::new(PassUdf::planner()), args));
+    // The pass in a projection of its own, so it runs once a row, whatever reads its outcome.
+    let frame = frame.select(vec![pass.alias("outcome")])?;
+    let [key, field] = cluster_outcome::functions().map(Arc::new);
+    let outcome = datafusion::prelude::col("outcome");
+    let field = |i: i64| {
+        cast(
+            Expr::ScalarFunction(ScalarFunction::new_udf(
+                Arc::clone(&field),
+                vec![outcome.clone(), lit(i)],
+            )),
+            DataType::Decimal128(38, 0),
+        )
+    };
+    let key = Expr::ScalarFunction(ScalarFunction::new_udf(key, vec![outcome.clone()]));
+    let mut figures = vec![
+        count(lit(1i64)).alias("rows"),
+        min(field(0)).alias("lowest_group"),
+        max(field(0)).alias("highest_group"),
+    ];
+    for i in 0..sums {
+        figures.push(sum(field(1 + i as i64)).alias(format!("sum{i}")));
+    }
+    frame.aggregate(vec![key.alias("key")], figures)
 }
 
 /// The rows of one batch of a grouped pass: cell, row count, then each sum.

@@ -103,16 +103,17 @@ async fn load_values(job: &JobContext) -> Result<SumInput, NodeError> {
     let bounds = sum_policy::column_bounds(&job.permit, &sum)
         .map_err(|v| NodeError::from(JobError::Refused(v)))?;
     let shape = SumShape::of(&sum);
-    // Each identifier counts in the group of its first row: the rows must come in file order.
-    let dataset = job.permit.dataset.in_file_order();
+    // Each identifier counts in the first of the job's groups its rows carry, whatever their
+    // order: the rows may come in any order, grouped on the executors or not.
+    let dataset = job.permit.dataset.clone();
     let keys = job.permit.keys.clone();
     let consent = job.permit.consent_column.clone();
     let forgotten = job.forgotten()?;
     let group_by = (!sum.group_by.is_empty()).then(|| sum.group_by.clone());
     let read_bounds = bounds.clone();
-    // With a sealing key, the pass (values and groups included) runs on the executors. Under a
-    // memory_limit the rows are blinded (here or there) as they are read, and combined in
-    // spill files.
+    // With a sealing key, the pass (values and groups included) runs on the executors, and
+    // the rows are combined there by point. Under a memory_limit the rows (or, from the
+    // executors, the points) go to spill files as they are read, and are combined there.
     let sealing = sealing_key(&dataset)?;
     let on_executors = sealing.is_some();
     let cfg = job.state.cfg();
@@ -356,7 +357,8 @@ async fn value_holder(
             )
         } + &format!(
             "; {keys_with_several_groups} identifiers had rows under several group labels (each \
-             counted in its first row's group; this node's own figure, not released)"
+             counted in the first of the job's groups among them; this node's own figure, not \
+             released)"
         ),
         to: vec!["coordinator".into()],
         value: (!release.withheld).then(|| u64::try_from(release.intersection).unwrap_or(0)),
