@@ -661,12 +661,23 @@ fn a_node_killed_mid_job_fails_the_job_without_result() {
 }
 
 /// Per-person clipping: with a person column named by every agreement and by the job, each
-/// party sums a person's rows in the group of its first row, clips the sum and counts the
-/// person once, so the noise (here: none, to check the totals exactly) protects a person. A
-/// job that does not clip per person, where the agreements require it, is vetoed with what to
-/// submit.
+/// party sums a person's rows in the first of the job's groups its rows carry, clips the sum
+/// and counts the person once, so the noise (here: none, to check the totals exactly) protects
+/// a person. A job that does not clip per person, where the agreements require it, is vetoed
+/// with what to submit.
 #[test]
 fn per_person_clipping_counts_people_and_clips_their_sums() {
+    per_person_clipping(false);
+}
+
+/// The same with acme's pass on its Ballista executors: the grouping per person runs there too,
+/// and the figures are the same.
+#[test]
+fn per_person_clipping_runs_on_a_partners_executors() {
+    per_person_clipping(true);
+}
+
+fn per_person_clipping(on_cluster: bool) {
     let partners = ["acme", "globex", "initech"];
     let per_person = Terms {
         extra: "min_result = 1\nperson = \"customer\"\n",
@@ -676,9 +687,10 @@ fn per_person_clipping_counts_people_and_clips_their_sums() {
         (
             "acme",
             // c1: two rows of 150 000 in electronics (300 000, clipped to 200 000) and one in
-            // home, left out (outside the group of its first row).
+            // home, left out (outside its group). c4: home first, then electronics, which the
+            // job lists first: c4 counts there with 20, its home row left out.
             "customer,category,amount\nc1,electronics,150000\nc1,electronics,150000\nc1,home,5000\n\
-             c2,home,100\nc3,home,7\n",
+             c2,home,100\nc3,home,7\nc4,home,10\nc4,electronics,20\n",
         ),
         (
             "globex",
@@ -691,6 +703,11 @@ fn per_person_clipping_counts_people_and_clips_their_sums() {
     ];
     let mut c = Consortium::new();
     c.start_coordinator();
+    if on_cluster {
+        let cluster = cleanroom_e2e::ballista::Ballista::start(c.path(), 2, 600);
+        c.node_top.insert("acme".into(), cluster.engine_line(true));
+        c.ballista = Some(cluster);
+    }
     for (p, csv) in files {
         std::fs::write(c.path().join(format!("{p}-people.csv")), csv).unwrap();
         c.issue_node(p);
@@ -724,9 +741,9 @@ fn per_person_clipping_counts_people_and_clips_their_sums() {
         .into_iter()
         .map(|g| (g["group"].as_str().unwrap().to_owned(), g))
         .collect();
-    // Per row these would be 5 rows and 500 030 in electronics, 5 rows in home.
+    // Per row these would be 6 rows and 500 050 in electronics, 6 rows in home.
     for (label, count, amount) in [
-        ("electronics", 3, 400_030),
+        ("electronics", 4, 400_050),
         ("fashion", 1, 200_000),
         ("home", 3, 110),
     ] {
@@ -738,8 +755,9 @@ fn per_person_clipping_counts_people_and_clips_their_sums() {
     assert_eq!(job["per_person"], "customer", "{job}");
     // acme audited its persons and the row it left out.
     let access = c.audited_access("acme", job["job_id"].as_str().unwrap());
-    assert_eq!(access["persons"]["persons"], 3, "{access}");
-    assert_eq!(access["persons"]["rows_outside_group"], 1, "{access}");
+    assert_eq!(access["persons"]["persons"], 4, "{access}");
+    assert_eq!(access["persons"]["rows_outside_group"], 2, "{access}");
+    assert_eq!(access["rows_read"], 7, "{access}");
     assert!(
         access["columns"]
             .as_array()
@@ -747,6 +765,11 @@ fn per_person_clipping_counts_people_and_clips_their_sums() {
             .iter()
             .any(|c| c == "customer"),
         "{access}"
+    );
+    let log = c.node_log("acme");
+    assert!(
+        log.contains(&format!("on_executors={on_cluster}")),
+        "acme read on its executors: {on_cluster}"
     );
 }
 

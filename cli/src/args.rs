@@ -731,8 +731,9 @@ pub struct AggregateArgs {
     pub count: bool,
     /// For `aggregate`: clip per person rather than per row. COLUMN (a CSV header at every
     /// partner) names the person a row belongs to; each partner sums a person's rows in the
-    /// group of its first row, clips that sum to the bounds and counts the person once (its
-    /// rows in other groups are left out), so the noise protects a person. Required when a
+    /// first of the job's groups they carry (in --groups order), clips that sum to the bounds
+    /// and counts the person once (its rows in other groups are left out), so the noise
+    /// protects a person. Required when a
     /// partner's agreement names a `person` column, and must be that column.
     #[arg(long, value_name = "COLUMN")]
     pub per_person: Option<String>,

@@ -12,7 +12,7 @@ use super::AuditError;
 pub struct PersonCounts {
     /// Distinct persons counted.
     pub persons: u64,
-    /// Rows of a person outside the group of its first row (left out).
+    /// Rows of a person outside its group (the first listed among its rows'; left out).
     pub rows_outside_group: u64,
 }
 
@@ -117,7 +117,7 @@ pub enum AuditEvent {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         rows_other: Option<u64>,
         /// Aggregate with per-person clipping: the persons counted, and the rows left out
-        /// because they lie outside the group of their person's first row.
+        /// because they lie outside their person's group (the first listed among its rows').
         #[serde(default, skip_serializing_if = "Option::is_none")]
         persons: Option<PersonCounts>,
         /// The rejected rows by reason, and where the first were (absent when none was, and in

@@ -42,11 +42,13 @@ pub struct Loaded {
     pub persons: Option<crate::audit::PersonCounts>,
 }
 
-/// One person's contribution while its rows are read: the group of its first row and the sums
-/// of its rows in that group (saturating; clipped once all rows are read).
+/// One person's contribution while its rows are read: the first of the job's groups among its
+/// rows so far (the lowest index), the sums of its rows in that group (saturating; clipped once
+/// all rows are read) and how many they are.
 struct PersonSum {
     group: usize,
     sums: Vec<i64>,
+    rows: u64,
 }
 
 /// Builds the clipped per-group vector of a dataset: one row per group of `domain` plus
@@ -55,11 +57,12 @@ struct PersonSum {
 /// is, for an integer domain, a row whose group field is not an integer. An integer outside the
 /// range, like an unlisted label, goes to "(other)".
 ///
-/// With a `person` column, contributions are per person instead: a person's rows in the group of
-/// its first (accepted) row are summed, each sum clipped once to its bounds, and the person
-/// counted once in that group; its rows in other groups are left out (counted in
-/// [`Loaded::persons`]), so one person moves one group's cells by at most the bounds, whatever
-/// number of rows it has. A row whose person field is empty is rejected.
+/// With a `person` column, contributions are per person instead: a person's rows in the first of
+/// the job's groups its (accepted) rows carry — in the domain's order, "(other)" last — are
+/// summed, each sum clipped once to its bounds, and the person counted once in that group; its
+/// rows in other groups are left out (counted in [`Loaded::persons`]), so one person moves one
+/// group's cells by at most the bounds, whatever number of rows it has. The order of the rows
+/// does not matter. A row whose person field is empty is rejected.
 pub fn load_vector(
     dataset: &DatasetConfig,
     group_by: &str,
@@ -129,6 +132,7 @@ pub fn load_vector(
                         PersonSum {
                             group,
                             sums: values.clone(),
+                            rows: 1,
                         },
                     );
                 }
@@ -136,6 +140,14 @@ pub fn load_vector(
                     for (s, v) in p.sums.iter_mut().zip(&values) {
                         *s = s.saturating_add(*v);
                     }
+                    p.rows += 1;
+                }
+                // A group listed earlier: the rows so far are outside the person's group.
+                Some(p) if group < p.group => {
+                    outside_group += p.rows;
+                    p.group = group;
+                    p.sums.clone_from(&values);
+                    p.rows = 1;
                 }
                 Some(_) => outside_group += 1,
             }
@@ -178,30 +190,43 @@ pub fn load_vector(
     })
 }
 
-/// [`load_vector`] on the partner's Ballista executors, without a `person` column: they read,
-/// filter, parse, clip and group ([`super::cluster_aggregate`]), and the node adds the groups'
-/// counts and sums into the vector. The same vector and counts as [`load_vector`] over the same
-/// rows; rejected rows have no place.
+/// [`load_vector`] on the partner's Ballista executors: they read, filter, parse and group
+/// ([`super::cluster_aggregate`]): a row's values clipped, or with a `person` column each
+/// person's sums in its first group clipped. The node adds the groups' counts and sums into
+/// the vector. The same vector and counts as [`load_vector`] over the same rows; rejected rows
+/// have no place.
 pub fn load_vector_on_cluster(
     dataset: &DatasetConfig,
     group_by: &str,
     domain: &GroupDomain,
     bounds: &[(String, i64, i64)],
+    person: Option<&str>,
     filter: RowFilter<'_>,
     sealing: &SealingKey,
 ) -> Result<Loaded, AggregateInputError> {
     let mut columns: Vec<&str> = vec![group_by];
     columns.extend(bounds.iter().map(|(c, _, _)| c.as_str()));
+    columns.extend(person);
     let clips: Vec<(i64, i64)> = bounds.iter().map(|(_, min, max)| (*min, *max)).collect();
     let (counts, grouped) = dataset::aggregate_on_cluster(
         dataset,
         &columns,
-        (domain, &clips),
+        (domain, &clips, person.is_some()),
         filter,
         MAX_ROWS,
         sealing,
     )?;
-    from_groups(domain, bounds.len(), counts, grouped)
+    match person {
+        None => from_groups(domain, bounds.len(), counts, grouped),
+        Some(_) => from_person_groups(domain, bounds.len(), counts, grouped),
+    }
+}
+
+/// The figures of the executors' groups that do not fit the job's vector.
+fn out_of_shape() -> AggregateInputError {
+    AggregateInputError::Vector(
+        "an executor returned a group or a sum outside the job's vector".into(),
+    )
 }
 
 /// The vector of an aggregate grouped on the executors: each counted cell's rows and sums
@@ -215,11 +240,6 @@ fn from_groups(
     let mut vector = GroupVector::zeros(domain.groups(), 1 + sums)
         .map_err(|e| AggregateInputError::Vector(e.to_string()))?;
     let (mut used, mut rejected, mut in_other) = (0u64, 0u64, 0u64);
-    let out_of_shape = || {
-        AggregateInputError::Vector(
-            "an executor returned a group or a sum outside the job's vector".into(),
-        )
-    };
     for (cell, row) in grouped {
         let group = match cell {
             Cell::Counted(group) => group as usize,
@@ -232,18 +252,7 @@ fn from_groups(
             in_other = in_other.saturating_add(row.rows);
         }
         used = used.saturating_add(row.rows);
-        // Cells are in Z_2^64: a count and each exact sum, reduced mod 2^64.
-        vector
-            .add(group, 0, row.rows as i64)
-            .map_err(|_| out_of_shape())?;
-        if row.sums.len() != sums {
-            return Err(out_of_shape());
-        }
-        for (i, total) in row.sums.iter().enumerate() {
-            vector
-                .add(group, i + 1, *total as u64 as i64)
-                .map_err(|_| out_of_shape())?;
-        }
+        add_cell(&mut vector, group, row.rows, &row.sums, sums)?;
     }
     Ok(Loaded {
         vector,
@@ -253,6 +262,75 @@ fn from_groups(
         rows_other: in_other,
         persons: None,
     })
+}
+
+/// The vector of an aggregate with per-person clipping grouped on the executors: each counted
+/// cell's persons and clipped sums added into its group, the rows left out and the rows
+/// outside its persons' groups counted. A row's figures are its rows, the rows its persons
+/// left out, then its clipped sums ([`super::source::frame::Grouping::Persons`]).
+fn from_person_groups(
+    domain: &GroupDomain,
+    sums: usize,
+    counts: dataset::RowCounts,
+    grouped: Vec<(Cell, GroupedRow)>,
+) -> Result<Loaded, AggregateInputError> {
+    let mut vector = GroupVector::zeros(domain.groups(), 1 + sums)
+        .map_err(|e| AggregateInputError::Vector(e.to_string()))?;
+    let (mut used, mut rejected, mut in_other) = (0u64, 0u64, 0u64);
+    let mut outside = 0u64;
+    let figure = |v: &i128| u64::try_from(*v).map_err(|_| out_of_shape());
+    for (cell, row) in grouped {
+        let [rows, left_out, clipped @ ..] = row.sums.as_slice() else {
+            return Err(out_of_shape());
+        };
+        let group = match cell {
+            Cell::Counted(group) => group as usize,
+            _ => {
+                rejected = rejected.saturating_add(figure(rows)?);
+                continue;
+            }
+        };
+        if group == domain.other() {
+            in_other = in_other.saturating_add(row.rows);
+        }
+        used = used.saturating_add(row.rows);
+        outside = outside.saturating_add(figure(left_out)?);
+        add_cell(&mut vector, group, row.rows, clipped, sums)?;
+    }
+    Ok(Loaded {
+        vector,
+        rows_used: used,
+        rows_rejected: counts.rejections.total() + rejected,
+        counts,
+        rows_other: in_other,
+        persons: Some(crate::audit::PersonCounts {
+            persons: used,
+            rows_outside_group: outside,
+        }),
+    })
+}
+
+/// Adds a cell's count and its `sums` exact sums into `group` of `vector` (cells are in
+/// Z_2^64: each reduced mod 2^64).
+fn add_cell(
+    vector: &mut GroupVector,
+    group: usize,
+    count: u64,
+    totals: &[i128],
+    sums: usize,
+) -> Result<(), AggregateInputError> {
+    if totals.len() != sums {
+        return Err(out_of_shape());
+    }
+    vector
+        .add(group, 0, count as i64)
+        .map_err(|_| out_of_shape())?;
+    for (i, total) in totals.iter().enumerate() {
+        vector
+            .add(group, i + 1, *total as u64 as i64)
+            .map_err(|_| out_of_shape())?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -338,14 +416,17 @@ p3,b,5000
 ,a,1
 p4,zzz,3
 p4,zzz,4
+p5,b,9
+p5,a,8
+p5,b,1
 ",
         );
         let labels = GroupDomain::Labels(vec!["a".to_owned(), "b".to_owned()]);
         let bounds = vec![("amount".to_owned(), 0, 1000)];
         let per_row =
             load_vector(&d, "category", &labels, &bounds, None, RowFilter::default()).unwrap();
-        // a: 600 + 700 + 10 + 20 + 1 (5 rows); b: 50 + 1000 (clipped); other: 3 + 4.
-        assert_eq!(per_row.vector.cells(), &[5, 1331, 2, 1050, 2, 7]);
+        // a: 600 + 700 + 10 + 20 + 1 + 8 (6 rows); b: 50 + 1000 (clipped) + 9 + 1; other: 3 + 4.
+        assert_eq!(per_row.vector.cells(), &[6, 1339, 4, 1060, 2, 7]);
         assert_eq!(per_row.persons, None);
         let l = load_vector(
             &d,
@@ -356,15 +437,16 @@ p4,zzz,4
             RowFilter::default(),
         )
         .unwrap();
-        // a: p1 (600 + 700 = 1300, clipped to 1000) and p2 (30); b: p3 (5000 → 1000), p1's b
-        // row left out; other: p4 (7); the row without a person is rejected.
-        assert_eq!(l.vector.cells(), &[2, 1030, 1, 1000, 1, 7]);
-        assert_eq!((l.rows_used, l.rows_rejected, l.rows_other), (4, 1, 1));
+        // a: p1 (600 + 700 = 1300, clipped to 1000), p2 (30) and p5 (8: its rows are b, a, b,
+        // and the job lists a first); b: p3 (5000 → 1000), p1's b row and p5's two left out;
+        // other: p4 (7); the row without a person is rejected.
+        assert_eq!(l.vector.cells(), &[3, 1038, 1, 1000, 1, 7]);
+        assert_eq!((l.rows_used, l.rows_rejected, l.rows_other), (5, 1, 1));
         assert_eq!(
             l.persons,
             Some(crate::audit::PersonCounts {
-                persons: 4,
-                rows_outside_group: 1
+                persons: 5,
+                rows_outside_group: 3
             })
         );
         // A person column that is not in the file fails the job.

@@ -13,7 +13,13 @@
 //!
 //! What the node gets is what its own pass adds up: rows read, rejected by reason, excluded,
 //! and per group the row count and the sums. Rows are not placed (the grouping has no order).
-//! Per-person clipping is not done here: it needs each person's first row, in file order.
+//!
+//! With per-person clipping ([`AggregateSpec::person`]) values are not clipped a row; two more
+//! functions give each counted row's person ([`PERSON_UDF`]) and group ([`GROUP_UDF`]), and the
+//! plan sums each person's rows per group, keeps each person's first group (the first of the
+//! job's groups its rows carry: the lowest index), clips that group's sums, and adds them up per
+//! group with the persons counted and the rows left out ([`crate::data::source::frame`]). No
+//! person's identifier comes back to the node.
 
 use std::sync::Arc;
 
@@ -38,20 +44,28 @@ use super::source::Malformed;
 pub const CELL_UDF: &str = "cleanroom_aggregate_cell";
 /// The value function's name in plans.
 pub const VALUE_UDF: &str = "cleanroom_aggregate_value";
+/// The person function's name in plans (per-person clipping).
+pub const PERSON_UDF: &str = "cleanroom_aggregate_person";
+/// The group function's name in plans (per-person clipping).
+pub const GROUP_UDF: &str = "cleanroom_aggregate_group";
 
 /// Binds a sealed spec to its use.
 const AAD: &[u8] = b"cleanroom executor aggregate v1";
 
 /// The spec's encoding version.
-const SPEC_VERSION: u8 = 1;
+const SPEC_VERSION: u8 = 2;
 
 /// What the executors need for one aggregate's pass.
 #[derive(Debug)]
 pub struct AggregateSpec {
     /// The groups: listed labels or an integer range; anything else is "(other)".
     pub domain: GroupDomain,
-    /// Each summed column's bounds; a row's value is clipped to them.
+    /// Each summed column's bounds; a row's value is clipped to them (per person: each
+    /// person's sum, in the plan).
     pub bounds: Vec<(i64, i64)>,
+    /// Per-person clipping: a person column follows the summed columns; a row without a
+    /// person is rejected, and values are not clipped a row.
+    pub person: bool,
     /// Whether a consent column follows the summed columns.
     pub consent: bool,
     /// When subjects are forgotten: the deletion list and every declared identifier.
@@ -61,9 +75,11 @@ pub struct AggregateSpec {
 }
 
 impl AggregateSpec {
-    /// How many columns the functions read: the group, the summed columns, the filters'.
+    /// How many columns the functions read: the group, the summed columns, the person's, the
+    /// filters'.
     fn reads(&self) -> usize {
         1 + self.bounds.len()
+            + usize::from(self.person)
             + usize::from(self.consent)
             + self.forget.as_ref().map_or(0, |f| f.parts.len())
     }
@@ -101,6 +117,7 @@ impl AggregateSpec {
             out.extend_from_slice(&min.to_le_bytes());
             out.extend_from_slice(&max.to_le_bytes());
         }
+        out.push(u8::from(self.person));
         out.push(u8::from(self.consent));
         encode_forget(&mut out, self.forget.as_ref())?;
         encode_lines(&mut out, self.lines.as_ref())?;
@@ -130,12 +147,14 @@ impl AggregateSpec {
                 ))
             })
             .collect::<Option<Vec<_>>>()?;
+        let person = r.flag()?;
         let consent = r.flag()?;
         let forget = decode_forget(&mut r)?;
         let lines = decode_lines(&mut r)?;
         let spec = AggregateSpec {
             domain,
             bounds,
+            person,
             consent,
             forget,
             lines,
@@ -239,15 +258,16 @@ impl Cell {
     }
 }
 
-/// The row's cell, and its clipped values in `values` when it is counted: the node's own
-/// checks, in its order (malformed, consent, forgotten, then values and group).
+/// The row's cell, and its clipped values in `values` when it is counted (per person: its
+/// values as they are): the node's own checks, in its order (malformed, consent, forgotten,
+/// then values, group and person).
 fn classify(spec: &AggregateSpec, rows: &mut Rows<'_>, row: usize, values: &mut [i64]) -> Cell {
     if let Some((_, why)) = rows.load(row) {
         return Cell::Malformed(why.into());
     }
     let field = |c: usize| rows.field(row, c);
     let sums = spec.bounds.len();
-    let consent_at = 1 + sums;
+    let consent_at = 1 + sums + usize::from(spec.person);
     let forget_at = consent_at + usize::from(spec.consent);
     if spec.consent && !field(consent_at).is_some_and(is_consent) {
         return Cell::NoConsent;
@@ -262,7 +282,7 @@ fn classify(spec: &AggregateSpec, rows: &mut Rows<'_>, row: usize, values: &mut 
         let Some(v) = parsed else {
             return Cell::Rejected;
         };
-        values[i] = clip(v, *min, *max);
+        values[i] = if spec.person { v } else { clip(v, *min, *max) };
     }
     let group = match &spec.domain {
         GroupDomain::Range { .. } => match field(0).and_then(parse_group_integer) {
@@ -277,8 +297,20 @@ fn classify(spec: &AggregateSpec, rows: &mut Rows<'_>, row: usize, values: &mut 
                 .unwrap_or(spec.domain.other())
         }
     };
+    if spec.person && person_of(spec, rows, row).is_none() {
+        return Cell::Rejected;
+    }
     // Fits: a domain has at most a few thousand groups.
     Cell::Counted(group as u32)
+}
+
+/// The row's person, trimmed; `None` if the spec has none or the field is empty.
+fn person_of<'a>(spec: &AggregateSpec, rows: &'a Rows<'_>, row: usize) -> Option<&'a [u8]> {
+    if !spec.person {
+        return None;
+    }
+    let person = rows.field(row, 1 + spec.bounds.len())?.trim_ascii();
+    (!person.is_empty()).then_some(person)
 }
 
 /// Which of the two functions.
@@ -286,9 +318,18 @@ fn classify(spec: &AggregateSpec, rows: &mut Rows<'_>, row: usize, values: &mut 
 pub enum Output {
     /// Each row's [`Cell`], encoded.
     Cell,
-    /// One summed column's clipped value (its index the second argument).
+    /// One summed column's clipped value (its index the second argument); per person, its
+    /// value as it is.
     Value,
+    /// Per person: what a row is summed under: a counted row's person (`1` then the person),
+    /// any other row's cell (`0` then the cell), so rows left out count by reason.
+    Person,
+    /// Per person: a counted row's group index (0 for any other row).
+    Group,
 }
+
+/// Every output, in the order [`AggregateUdf::planners`] gives them.
+const OUTPUTS: [Output; 4] = [Output::Cell, Output::Value, Output::Person, Output::Group];
 
 /// The aggregate's functions. The node and the scheduler hold them without a key (to plan and
 /// to decode plans); an executor holds the [`SealingKey`] and runs them.
@@ -318,14 +359,14 @@ impl std::hash::Hash for AggregateUdf {
 }
 
 impl AggregateUdf {
-    /// Both functions as the node and the scheduler hold them: they plan, they never run.
-    pub fn planners() -> [ScalarUDF; 2] {
-        [Output::Cell, Output::Value].map(|output| Self::with(output, None))
+    /// The functions as the node and the scheduler hold them: they plan, they never run.
+    pub fn planners() -> [ScalarUDF; 4] {
+        OUTPUTS.map(|output| Self::with(output, None))
     }
 
-    /// Both functions as an executor holds them, with the key it opens specs with.
-    pub fn executors(key: &Arc<SealingKey>) -> [ScalarUDF; 2] {
-        [Output::Cell, Output::Value].map(|output| Self::with(output, Some(Arc::clone(key))))
+    /// The functions as an executor holds them, with the key it opens specs with.
+    pub fn executors(key: &Arc<SealingKey>) -> [ScalarUDF; 4] {
+        OUTPUTS.map(|output| Self::with(output, Some(Arc::clone(key))))
     }
 
     /// One function, as the node plans with it.
@@ -347,6 +388,8 @@ impl ScalarUDFImpl for AggregateUdf {
         match self.output {
             Output::Cell => CELL_UDF,
             Output::Value => VALUE_UDF,
+            Output::Person => PERSON_UDF,
+            Output::Group => GROUP_UDF,
         }
     }
 
@@ -356,8 +399,8 @@ impl ScalarUDFImpl for AggregateUdf {
 
     fn return_type(&self, _: &[DataType]) -> datafusion::error::Result<DataType> {
         Ok(match self.output {
-            Output::Cell => DataType::Binary,
-            Output::Value => DataType::Int64,
+            Output::Cell | Output::Person => DataType::Binary,
+            Output::Value | Output::Group => DataType::Int64,
         })
     }
 
@@ -381,7 +424,7 @@ impl ScalarUDFImpl for AggregateUdf {
             return Err(fail("the first argument is not a sealed spec"));
         };
         let (index, columns) = match self.output {
-            Output::Cell => (None, rest),
+            Output::Cell | Output::Person | Output::Group => (None, rest),
             Output::Value => match rest.split_first() {
                 Some((ColumnarValue::Scalar(ScalarValue::Int64(Some(i))), columns)) => {
                     let i = usize::try_from(*i)
@@ -405,15 +448,47 @@ impl ScalarUDFImpl for AggregateUdf {
         let text = text_columns(&arrays).ok_or_else(|| fail("a column is not text"))?;
         let mut rows = Rows::of(spec.lines.as_ref(), text).map_err(fail)?;
         let mut values = vec![0i64; spec.bounds.len()];
-        let out: ArrayRef = match index {
-            None => {
+        let out: ArrayRef = match (self.output, index) {
+            (Output::Cell, _) => {
                 let mut out = BinaryBuilder::with_capacity(args.number_rows, 5 * args.number_rows);
                 for row in 0..args.number_rows {
                     out.append_value(classify(&spec, &mut rows, row, &mut values).encode());
                 }
                 Arc::new(out.finish())
             }
-            Some(i) if i < values.len() => {
+            (Output::Person, _) => {
+                if !spec.person {
+                    return Err(fail("the spec has no person column"));
+                }
+                let mut out = BinaryBuilder::with_capacity(args.number_rows, 9 * args.number_rows);
+                let mut key = Vec::new();
+                for row in 0..args.number_rows {
+                    key.clear();
+                    match classify(&spec, &mut rows, row, &mut values) {
+                        Cell::Counted(_) => {
+                            key.push(1);
+                            key.extend_from_slice(person_of(&spec, &rows, row).unwrap_or_default());
+                        }
+                        cell => {
+                            key.push(0);
+                            key.extend_from_slice(&cell.encode());
+                        }
+                    }
+                    out.append_value(&key);
+                }
+                Arc::new(out.finish())
+            }
+            (Output::Group, _) => {
+                let mut out = Int64Builder::with_capacity(args.number_rows);
+                for row in 0..args.number_rows {
+                    out.append_value(match classify(&spec, &mut rows, row, &mut values) {
+                        Cell::Counted(group) => i64::from(group),
+                        _ => 0,
+                    });
+                }
+                Arc::new(out.finish())
+            }
+            (Output::Value, Some(i)) if i < values.len() => {
                 let mut out = Int64Builder::with_capacity(args.number_rows);
                 for row in 0..args.number_rows {
                     out.append_value(match classify(&spec, &mut rows, row, &mut values) {
@@ -423,7 +498,9 @@ impl ScalarUDFImpl for AggregateUdf {
                 }
                 Arc::new(out.finish())
             }
-            Some(_) => return Err(fail("the column index is past the spec's summed columns")),
+            (Output::Value, _) => {
+                return Err(fail("the column index is past the spec's summed columns"));
+            }
         };
         Ok(ColumnarValue::Array(out))
     }

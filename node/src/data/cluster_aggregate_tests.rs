@@ -23,10 +23,12 @@ fn invoke(
     lead: Option<i64>,
     columns: &[Vec<Option<&str>>],
 ) -> datafusion::error::Result<ColumnarValue> {
-    let [cell, value] = AggregateUdf::executors(key);
+    let [cell, value, person, group] = AggregateUdf::executors(key);
     let udf = match output {
         Output::Cell => cell,
         Output::Value => value,
+        Output::Person => person,
+        Output::Group => group,
     };
     let rows = columns[0].len();
     let mut args = vec![ColumnarValue::Scalar(ScalarValue::Binary(Some(sealed)))];
@@ -40,8 +42,8 @@ fn invoke(
         .map(|i| Arc::new(Field::new(format!("a{i}"), DataType::Utf8, true)))
         .collect();
     let returns = match output {
-        Output::Cell => DataType::Binary,
-        Output::Value => DataType::Int64,
+        Output::Cell | Output::Person => DataType::Binary,
+        Output::Value | Output::Group => DataType::Int64,
     };
     udf.invoke_with_args(ScalarFunctionArgs {
         args,
@@ -96,6 +98,7 @@ fn the_executors_classify_rows_as_the_node_does() {
     let spec = AggregateSpec {
         domain: labels(&["a", "b"]),
         bounds: vec![(0, 1000)],
+        person: false,
         consent: true,
         forget: None,
         lines: None,
@@ -156,6 +159,7 @@ fn integer_groups_lines_and_forgotten_subjects() {
     let spec = AggregateSpec {
         domain: GroupDomain::range(10, 13).expect("range"),
         bounds: vec![(0, 1000)],
+        person: false,
         consent: false,
         forget: Some(ForgetSpec {
             secret: Zeroizing::new(secret),
@@ -200,6 +204,7 @@ fn a_spec_round_trips_and_opens_only_for_its_use() {
     let spec = AggregateSpec {
         domain: labels(&["fraud", "dispute"]),
         bounds: vec![(-5, 10), (0, i64::MAX)],
+        person: false,
         consent: true,
         forget: None,
         lines: Some(LineLayout::Csv(CsvLayout {
@@ -244,7 +249,7 @@ fn a_spec_round_trips_and_opens_only_for_its_use() {
     .expect_err("refused");
     assert!(err.to_string().contains("does not open"), "{err}");
     // Without a key, the functions refuse to run and say why.
-    let [planner, _] = AggregateUdf::planners();
+    let [planner, ..] = AggregateUdf::planners();
     let err = planner
         .invoke_with_args(ScalarFunctionArgs {
             args: vec![],
@@ -271,4 +276,101 @@ fn hostile_cells_are_refused() {
     for bytes in [&[][..], &[9], &[1, 9], &[2, 0], &[5, 1, 2]] {
         assert_eq!(Cell::decode(bytes), None, "{bytes:?}");
     }
+}
+
+/// Per-person clipping as plan operators, run here over the executors' functions: each
+/// person's rows summed per group, the person kept in the first of the job's groups its rows
+/// carry, that sum clipped, and per cell the persons, their rows and the rows they left out.
+/// The figures are the node's own pass's (`aggregate_input` tests, the same rows).
+#[tokio::test]
+async fn per_person_grouping_keeps_each_persons_first_listed_group_and_clips_it() {
+    use datafusion::arrow::array::{Decimal128Array, RecordBatch};
+    use datafusion::prelude::{SessionContext, col};
+    let rows = [
+        ("a", "600", "p1"),
+        ("a", "700", "p1"),
+        ("b", "50", "p1"),
+        ("a", "10", "p2"),
+        ("a", "20", "p2"),
+        ("b", "5000", "p3"),
+        ("a", "1", " "),
+        ("zzz", "3", "p4"),
+        ("zzz", "4", "p4"),
+        ("b", "9", "p5"),
+        ("a", "8", "p5"),
+        ("b", "1", "p5"),
+        ("a", "lots", "p6"),
+    ];
+    let text = |i: usize| -> ArrayRef {
+        Arc::new(StringArray::from(
+            rows.iter().map(|r| [r.0, r.1, r.2][i]).collect::<Vec<_>>(),
+        ))
+    };
+    let batch = RecordBatch::try_from_iter(vec![
+        ("category", text(0)),
+        ("amount", text(1)),
+        ("customer", text(2)),
+    ])
+    .expect("batch");
+    let spec = AggregateSpec {
+        domain: labels(&["a", "b"]),
+        bounds: vec![(0, 1000)],
+        person: true,
+        consent: false,
+        forget: None,
+        lines: None,
+    };
+    let key = sealing();
+    let sealed = spec.seal(&key).expect("seal");
+    let udfs = AggregateUdf::executors(&key).map(Arc::new);
+    let udf = |output: Output| {
+        Arc::clone(match output {
+            Output::Cell => &udfs[0],
+            Output::Value => &udfs[1],
+            Output::Person => &udfs[2],
+            Output::Group => &udfs[3],
+        })
+    };
+    let ctx = SessionContext::new();
+    let frame = ctx.read_batch(batch).expect("frame");
+    let columns = vec![col("category"), col("amount"), col("customer")];
+    let grouped =
+        crate::data::source::frame::grouped_by_person(frame, (&sealed, udf), columns, &spec.bounds)
+            .expect("plan");
+    let mut got = std::collections::BTreeMap::new();
+    for batch in grouped.collect().await.expect("run") {
+        let cells = batch
+            .column(0)
+            .as_any()
+            .downcast_ref::<BinaryArray>()
+            .expect("cells");
+        let persons = batch
+            .column(1)
+            .as_any()
+            .downcast_ref::<Int64Array>()
+            .expect("count");
+        let figure = |c: usize, r: usize| {
+            let a = batch.column(c).as_any().downcast_ref::<Decimal128Array>();
+            a.expect("a decimal").value(r)
+        };
+        for r in 0..batch.num_rows() {
+            let cell = Cell::decode(cells.value(r)).expect("a cell");
+            got.insert(
+                cell,
+                (persons.value(r), figure(2, r), figure(3, r), figure(4, r)),
+            );
+        }
+    }
+    // (persons, rows, rows left out, clipped sum)
+    let want = std::collections::BTreeMap::from([
+        // p1 (1300 → 1000, its b row left out), p2 (30), p5 (8, its two b rows left out).
+        (Cell::Counted(0), (3, 5, 3, 1038)),
+        // p3 (5000 → 1000).
+        (Cell::Counted(1), (1, 1, 0, 1000)),
+        // "(other)": p4 (7).
+        (Cell::Counted(2), (1, 2, 0, 7)),
+        // The row without a person and the row without a number: one cell, two rows.
+        (Cell::Rejected, (1, 2, 0, 0)),
+    ]);
+    assert_eq!(got, want);
 }

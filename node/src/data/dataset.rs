@@ -756,11 +756,12 @@ pub(crate) fn grouped_points_on_cluster(
 /// ([`super::cluster_aggregate`]): the rows read and left out (malformed, no consent,
 /// forgotten), counted as the node's own pass would but without places, and the rows the
 /// executors grouped by cell. `columns`: the group column, then the summed ones (`bounds`, in
-/// order). A dataset read in this process (no cluster) is refused.
+/// order), then with `person` the person column: the executors then clip each person's sums
+/// ([`Grouping::Persons`]). A dataset read in this process (no cluster) is refused.
 pub(crate) fn aggregate_on_cluster(
     dataset: &DatasetConfig,
     columns: &[&str],
-    (domain, bounds): (&GroupDomain, &[(i64, i64)]),
+    (domain, bounds, person): (&GroupDomain, &[(i64, i64)], bool),
     filter: RowFilter<'_>,
     max_rows: u64,
     sealing: &SealingKey,
@@ -776,14 +777,19 @@ pub(crate) fn aggregate_on_cluster(
     let spec = AggregateSpec {
         domain: domain.clone(),
         bounds: bounds.to_vec(),
+        person,
         consent: consent.is_some(),
         forget: forget_spec(forgotten),
         lines: frame.line_layout(&read),
     };
     let sealed = spec.seal(sealing).map_err(engine)?;
     drop(spec);
+    let grouping = match person {
+        true => Grouping::Persons(bounds.to_vec()),
+        false => Grouping::Cells(bounds.len()),
+    };
     let mut grouped = Vec::new();
-    frame.grouped(&read, sealed, Grouping::Cells(bounds.len()), |rows| {
+    frame.grouped(&read, sealed, grouping, |rows| {
         grouped.extend(rows);
         Ok::<_, DatasetError>(())
     })?;
@@ -797,17 +803,28 @@ pub(crate) fn aggregate_on_cluster(
                     .into(),
             )
         })?;
+        // Per person, a cell's rows are its persons' rows in it and those they left out in
+        // other groups, its first two figures (its count is its persons).
+        let rows = match (person, row.sums.as_slice()) {
+            (false, _) => row.rows,
+            (true, [rows, left_out, ..]) => {
+                u64::try_from(rows.saturating_add(*left_out)).unwrap_or(u64::MAX)
+            }
+            (true, _) => {
+                return Err(engine(
+                    "the executors' grouping returned another shape".into(),
+                ));
+            }
+        };
         // Saturating: the figures come from other processes; too many rows fails below.
-        counts.rows_read = counts.rows_read.saturating_add(row.rows);
+        counts.rows_read = counts.rows_read.saturating_add(rows);
         match cell {
-            Cell::Malformed(kind) => counts.rejections.count_unplaced(kind.into(), row.rows),
+            Cell::Malformed(kind) => counts.rejections.count_unplaced(kind.into(), rows),
             Cell::NoConsent => {
-                counts.rows_excluded_consent =
-                    counts.rows_excluded_consent.saturating_add(row.rows);
+                counts.rows_excluded_consent = counts.rows_excluded_consent.saturating_add(rows);
             }
             Cell::Forgotten => {
-                counts.rows_excluded_deleted =
-                    counts.rows_excluded_deleted.saturating_add(row.rows);
+                counts.rows_excluded_deleted = counts.rows_excluded_deleted.saturating_add(rows);
             }
             Cell::Rejected | Cell::Counted(_) => kept.push((cell, row)),
         }

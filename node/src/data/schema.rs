@@ -268,7 +268,7 @@ impl IdentifierConfig {
 
 impl DatasetConfig {
     /// The same dataset read in file order, for a pass that numbers rows (a match's
-    /// membership, a dry run's places, an overlap-sum's first row of each identifier). In
+    /// membership, a dry run's places). In
     /// process, every read is in file order already. A cluster finishes a read's parts in any
     /// order: the node takes the parts' outputs in part order
     /// ([`crate::data::source::part_order`]), and runs a view that could move rows between parts

@@ -20,8 +20,8 @@
 //! 4. **Load** the dataset's group and value columns (consent and deletion filters apply), clip
 //!    each value to the agreements' bounds and build the `groups × (1 + sums)` vector (count
 //!    first); audited as an Access. With per-person clipping (the spec names a person column,
-//!    as every agreement requires), a person's rows in the group of its first row are summed,
-//!    then clipped, and the person counted once. Our kept share is the vector minus the peers'
+//!    as every agreement requires), a person's rows in the first of the job's groups they
+//!    carry are summed, then clipped, and the person counted once. Our kept share is the vector minus the peers'
 //!    expanded seeds.
 //! 5. **Partial.** Apply the strictest terms of all parties (smallest ε, most colluders, largest
 //!    k-threshold, largest sensitivities), add our kept share, the peers' expanded seeds and our

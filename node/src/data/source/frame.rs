@@ -26,8 +26,8 @@ use datafusion::common::{Column, ScalarValue, TableReference};
 use datafusion::execution::memory_pool::FairSpillPool;
 use datafusion::execution::options::{CsvReadOptions, JsonReadOptions, ParquetReadOptions};
 use datafusion::execution::runtime_env::{RuntimeEnv, RuntimeEnvBuilder};
-use datafusion::logical_expr::LogicalPlan;
 use datafusion::logical_expr::expr::ScalarFunction;
+use datafusion::logical_expr::{LogicalPlan, ScalarUDF};
 use datafusion::prelude::{
     DataFrame, Expr, SQLOptions, SessionConfig, SessionContext, cast, lit, try_cast,
 };
@@ -82,11 +82,15 @@ struct Request {
 }
 
 /// How a pass is grouped on the executors.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Grouping {
     /// An aggregate's, by cell, with this many summed columns
     /// ([`crate::data::cluster_aggregate`]).
     Cells(usize),
+    /// An aggregate's with per-person clipping, by cell, each person's sums in its first group
+    /// clipped to these bounds: each row's figures are its rows, the rows its persons left out,
+    /// then the clipped sums; its count is its persons.
+    Persons(Vec<(i64, i64)>),
     /// An overlap-sum value holder's, by point, with this many summed columns
     /// ([`crate::data::cluster_outcome`]): each row's sums are its group's lowest and highest,
     /// then the values'.
@@ -1222,6 +1226,9 @@ fn serve(
             (Some(sealed), Some(Grouping::Cells(sums))) => {
                 stream_grouped(&plan, frame, &request.read, (sealed, sums), &out).await
             }
+            (Some(sealed), Some(Grouping::Persons(bounds))) => {
+                stream_grouped_persons(&plan, frame, &request.read, (sealed, &bounds), &out).await
+            }
             (Some(sealed), Some(Grouping::Points(sums))) => {
                 stream_grouped_points(&plan, frame, &request.read, (sealed, sums), &out).await
             }
@@ -1408,6 +1415,113 @@ async fn stream_grouped(
         }
     }
     Ok(())
+}
+
+/// Runs an aggregate's pass with per-person clipping on the cluster's executors, grouped there
+/// ([`crate::data::cluster_aggregate`]), and sends its rows into `out`: per cell, its persons,
+/// its rows, the rows its persons left out, and each clipped sum.
+async fn stream_grouped_persons(
+    plan: &Plan,
+    frame: DataFrame,
+    read: &[usize],
+    (sealed, bounds): (Vec<u8>, &[(i64, i64)]),
+    out: &SyncSender<Message>,
+) -> Result<(), SourceError> {
+    if plan.engine.cluster.is_none() {
+        return Err(plan.plan_error("an executor pass needs a Ballista cluster".into()));
+    }
+    let columns = as_text(plan, &frame, read)?;
+    let planner = |output| {
+        Arc::new(crate::data::cluster_aggregate::AggregateUdf::planner(
+            output,
+        ))
+    };
+    let frame = grouped_by_person(frame, (&sealed, planner), columns, bounds)
+        .map_err(|e| plan.error(e.to_string()))?;
+    let mut batches = frame
+        .execute_stream()
+        .await
+        .map_err(|e| plan.error(e.to_string()))?;
+    while let Some(batch) = batches.next().await {
+        let batch = batch.map_err(|e| plan.error(e.to_string()))?;
+        let rows = grouped_rows(&batch, 2 + bounds.len())
+            .ok_or_else(|| plan.error("the executors' grouping returned another shape".into()))?;
+        if out.send(Message::Grouped(rows)).is_err() {
+            return Ok(());
+        }
+    }
+    Ok(())
+}
+
+/// `frame` through the aggregate's functions (their spec `sealed`, over `columns`), grouped per
+/// person: each person's rows summed per group; each person's first group (the lowest index)
+/// kept, its sums clipped to `bounds`; then per cell `count(*)` (persons), its rows, the rows
+/// its persons have in other groups, and each clipped sum. Rows left out count under their
+/// cell as one "person" each cell. Every figure but the count is a `Decimal128(38, 0)`.
+/// `udf` gives each function (the node's planners; a test's executors).
+pub(crate) fn grouped_by_person(
+    frame: DataFrame,
+    (sealed, udf): (
+        &[u8],
+        impl Fn(crate::data::cluster_aggregate::Output) -> Arc<ScalarUDF>,
+    ),
+    columns: Vec<Expr>,
+    bounds: &[(i64, i64)],
+) -> datafusion::error::Result<DataFrame> {
+    use crate::data::cluster_aggregate::Output;
+    use datafusion::functions_aggregate::expr_fn::{count, first_value, min, sum};
+    use datafusion::prelude::{col, when};
+    let decimal = |e: Expr| cast(e, DataType::Decimal128(38, 0));
+    let call = |output: Output, lead: Vec<Expr>| {
+        let mut args = vec![lit(ScalarValue::Binary(Some(sealed.to_vec())))];
+        args.extend(lead);
+        args.extend(columns.iter().cloned());
+        Expr::ScalarFunction(ScalarFunction::new_udf(udf(output), args))
+    };
+    let mut row = vec![
+        call(Output::Cell, Vec::new()).alias("cell"),
+        call(Output::Person, Vec::new()).alias("person"),
+        call(Output::Group, Vec::new()).alias("grp"),
+    ];
+    for i in 0..bounds.len() {
+        row.push(call(Output::Value, vec![lit(i as i64)]).alias(format!("v{i}")));
+    }
+    // Each person's rows, per group (a person's cell follows from its group).
+    let mut per_group = vec![count(lit(1i64)).alias("rows")];
+    for i in 0..bounds.len() {
+        per_group.push(sum(decimal(col(format!("v{i}")))).alias(format!("s{i}")));
+    }
+    let by_group = frame
+        .select(row)?
+        .aggregate(vec![col("person"), col("grp"), col("cell")], per_group)?;
+    // Each person's first group, and that group's figures.
+    let first = |name: &str| {
+        first_value(col(name), vec![col("grp").sort(true, false)]).alias(format!("first_{name}"))
+    };
+    let mut per_person = vec![
+        min(col("grp")).alias("first_grp"),
+        sum(col("rows")).alias("all_rows"),
+        first("cell"),
+        first("rows"),
+    ];
+    for i in 0..bounds.len() {
+        per_person.push(first(&format!("s{i}")));
+    }
+    let by_person = by_group.aggregate(vec![col("person")], per_person)?;
+    let mut figures = vec![
+        count(lit(1i64)).alias("persons"),
+        sum(decimal(col("first_rows"))).alias("rows"),
+        sum(decimal(col("all_rows")) - decimal(col("first_rows"))).alias("outside"),
+    ];
+    for (i, (lo, hi)) in bounds.iter().enumerate() {
+        let s = col(format!("first_s{i}"));
+        let (lo, hi) = (decimal(lit(*lo)), decimal(lit(*hi)));
+        let clipped = when(s.clone().lt(lo.clone()), lo)
+            .when(s.clone().gt(hi.clone()), hi)
+            .otherwise(s)?;
+        figures.push(sum(clipped).alias(format!("clipped{i}")));
+    }
+    by_person.aggregate(vec![col("first_cell").alias("cell")], figures)
 }
 
 /// Runs an overlap-sum value holder's pass on the cluster's executors, grouped there by point

@@ -2,8 +2,7 @@
 //!
 //! Ballista's own client (`DistributedQueryExec`) hands back a job's result parts in the order
 //! the executors finished them, so a read split into parts does not come back in file order.
-//! A pass that numbers rows (a match's membership, an overlap-sum's first row of each
-//! identifier, an aggregate per person, a dry run's places) needs file order. This client
+//! A pass that numbers rows (a match's membership, a dry run's places) needs file order. This client
 //! submits the same plan the same way, waits for the job as Ballista's does, then fetches the
 //! parts by their number: part `i` of a file read is the `i`-th byte range (or row groups) of
 //! the files in path order, so the rows come in file order while the executors read all parts at

@@ -400,18 +400,11 @@ impl AggregateJob {
             .collect();
         let domain = self.terms.domain.clone();
         let person = self.terms.person.clone();
-        // Per person, a person counts in the group of its first row: the rows must come in
-        // file order (on a cluster, one part).
-        let ds = match person {
-            Some(_) => dataset.in_file_order(),
-            None => dataset.clone(),
-        };
-        // With a sealing key (and no per-person clipping, which needs file order) the pass and
-        // the grouping run on the executors.
-        let sealing = match person {
-            Some(_) => None,
-            None => super::sealing_key(&ds)?,
-        };
+        // Per person, a person counts in the first of the job's groups its rows carry, whatever
+        // their order. With a sealing key the pass and the grouping (per person too) run on
+        // the executors.
+        let ds = dataset.clone();
+        let sealing = super::sealing_key(&ds)?;
         tracing::info!(on_executors = sealing.is_some(), "reading the dataset");
         let loaded = blocking(move || {
             let filter = RowFilter {
@@ -419,9 +412,15 @@ impl AggregateJob {
                 forgotten: Some(&forgotten),
             };
             match &sealing {
-                Some(sealing) => {
-                    load_vector_on_cluster(&ds, &group_by, &domain, &bounds, filter, sealing)
-                }
+                Some(sealing) => load_vector_on_cluster(
+                    &ds,
+                    &group_by,
+                    &domain,
+                    &bounds,
+                    person.as_deref(),
+                    filter,
+                    sealing,
+                ),
                 None => load_vector(&ds, &group_by, &domain, &bounds, person.as_deref(), filter),
             }
         })
