@@ -216,10 +216,7 @@ pub fn load_vector_on_cluster(
         MAX_ROWS,
         sealing,
     )?;
-    match person {
-        None => from_groups(domain, bounds.len(), counts, grouped),
-        Some(_) => from_person_groups(domain, bounds.len(), counts, grouped),
-    }
+    from_groups(domain, (bounds.len(), person.is_some()), counts, grouped)
 }
 
 /// The figures of the executors' groups that do not fit the job's vector.
@@ -229,64 +226,31 @@ fn out_of_shape() -> AggregateInputError {
     )
 }
 
-/// The vector of an aggregate grouped on the executors: each counted cell's rows and sums
-/// added into its group, and the rows left out counted.
+/// The vector of an aggregate grouped on the executors: each counted cell's count and sums
+/// added into its group, and the rows left out counted. Per row, a cell's count is its rows
+/// and its figures its clipped values' sums; per `person`, its count is its persons and its
+/// figures its rows, the rows its persons left out in other groups, then its persons' clipped
+/// sums ([`super::source::frame::Grouping::Persons`]).
 fn from_groups(
     domain: &GroupDomain,
-    sums: usize,
+    (sums, person): (usize, bool),
     counts: dataset::RowCounts,
     grouped: Vec<(Cell, GroupedRow)>,
 ) -> Result<Loaded, AggregateInputError> {
     let mut vector = GroupVector::zeros(domain.groups(), 1 + sums)
         .map_err(|e| AggregateInputError::Vector(e.to_string()))?;
-    let (mut used, mut rejected, mut in_other) = (0u64, 0u64, 0u64);
-    for (cell, row) in grouped {
-        let group = match cell {
-            Cell::Counted(group) => group as usize,
-            _ => {
-                rejected = rejected.saturating_add(row.rows);
-                continue;
-            }
-        };
-        if group == domain.other() {
-            in_other = in_other.saturating_add(row.rows);
-        }
-        used = used.saturating_add(row.rows);
-        add_cell(&mut vector, group, row.rows, &row.sums, sums)?;
-    }
-    Ok(Loaded {
-        vector,
-        rows_used: used,
-        rows_rejected: counts.rejections.total() + rejected,
-        counts,
-        rows_other: in_other,
-        persons: None,
-    })
-}
-
-/// The vector of an aggregate with per-person clipping grouped on the executors: each counted
-/// cell's persons and clipped sums added into its group, the rows left out and the rows
-/// outside its persons' groups counted. A row's figures are its rows, the rows its persons
-/// left out, then its clipped sums ([`super::source::frame::Grouping::Persons`]).
-fn from_person_groups(
-    domain: &GroupDomain,
-    sums: usize,
-    counts: dataset::RowCounts,
-    grouped: Vec<(Cell, GroupedRow)>,
-) -> Result<Loaded, AggregateInputError> {
-    let mut vector = GroupVector::zeros(domain.groups(), 1 + sums)
-        .map_err(|e| AggregateInputError::Vector(e.to_string()))?;
-    let (mut used, mut rejected, mut in_other) = (0u64, 0u64, 0u64);
-    let mut outside = 0u64;
+    let (mut used, mut rejected, mut in_other, mut outside) = (0u64, 0u64, 0u64, 0u64);
     let figure = |v: &i128| u64::try_from(*v).map_err(|_| out_of_shape());
     for (cell, row) in grouped {
-        let [rows, left_out, clipped @ ..] = row.sums.as_slice() else {
-            return Err(out_of_shape());
+        let (rows, left_out, totals) = match (person, row.sums.as_slice()) {
+            (false, totals) => (row.rows, 0, totals),
+            (true, [rows, left_out, totals @ ..]) => (figure(rows)?, figure(left_out)?, totals),
+            (true, _) => return Err(out_of_shape()),
         };
         let group = match cell {
             Cell::Counted(group) => group as usize,
             _ => {
-                rejected = rejected.saturating_add(figure(rows)?);
+                rejected = rejected.saturating_add(rows);
                 continue;
             }
         };
@@ -294,8 +258,8 @@ fn from_person_groups(
             in_other = in_other.saturating_add(row.rows);
         }
         used = used.saturating_add(row.rows);
-        outside = outside.saturating_add(figure(left_out)?);
-        add_cell(&mut vector, group, row.rows, clipped, sums)?;
+        outside = outside.saturating_add(left_out);
+        add_cell(&mut vector, group, row.rows, totals, sums)?;
     }
     Ok(Loaded {
         vector,
@@ -303,7 +267,7 @@ fn from_person_groups(
         rows_rejected: counts.rejections.total() + rejected,
         counts,
         rows_other: in_other,
-        persons: Some(crate::audit::PersonCounts {
+        persons: person.then_some(crate::audit::PersonCounts {
             persons: used,
             rows_outside_group: outside,
         }),

@@ -1400,15 +1400,27 @@ async fn stream_grouped(
         );
         aggregates.push(sum(value).alias(format!("sum{i}")));
     }
-    let mut batches = frame
+    let frame = frame
         .aggregate(vec![cell], aggregates)
-        .map_err(|e| plan.error(e.to_string()))?
+        .map_err(|e| plan.error(e.to_string()))?;
+    send_grouped(plan, frame, sums, out).await
+}
+
+/// Runs a grouped plan (`frame`: key, count, then `figures` Decimal128 columns) and sends its
+/// rows into `out`, a batch at a time, until the end or until the pass hangs up.
+async fn send_grouped(
+    plan: &Plan,
+    frame: DataFrame,
+    figures: usize,
+    out: &SyncSender<Message>,
+) -> Result<(), SourceError> {
+    let mut batches = frame
         .execute_stream()
         .await
         .map_err(|e| plan.error(e.to_string()))?;
     while let Some(batch) = batches.next().await {
         let batch = batch.map_err(|e| plan.error(e.to_string()))?;
-        let rows = grouped_rows(&batch, sums)
+        let rows = grouped_rows(&batch, figures)
             .ok_or_else(|| plan.error("the executors' grouping returned another shape".into()))?;
         if out.send(Message::Grouped(rows)).is_err() {
             return Ok(());
@@ -1438,19 +1450,7 @@ async fn stream_grouped_persons(
     };
     let frame = grouped_by_person(frame, (&sealed, planner), columns, bounds)
         .map_err(|e| plan.error(e.to_string()))?;
-    let mut batches = frame
-        .execute_stream()
-        .await
-        .map_err(|e| plan.error(e.to_string()))?;
-    while let Some(batch) = batches.next().await {
-        let batch = batch.map_err(|e| plan.error(e.to_string()))?;
-        let rows = grouped_rows(&batch, 2 + bounds.len())
-            .ok_or_else(|| plan.error("the executors' grouping returned another shape".into()))?;
-        if out.send(Message::Grouped(rows)).is_err() {
-            return Ok(());
-        }
-    }
-    Ok(())
+    send_grouped(plan, frame, 2 + bounds.len(), out).await
 }
 
 /// `frame` through the aggregate's functions (their spec `sealed`, over `columns`), grouped per
@@ -1540,19 +1540,7 @@ async fn stream_grouped_points(
     let mut args = vec![lit(ScalarValue::Binary(Some(sealed)))];
     args.extend(as_text(plan, &frame, read)?);
     let frame = grouped_by_point(frame, args, sums).map_err(|e| plan.error(e.to_string()))?;
-    let mut batches = frame
-        .execute_stream()
-        .await
-        .map_err(|e| plan.error(e.to_string()))?;
-    while let Some(batch) = batches.next().await {
-        let batch = batch.map_err(|e| plan.error(e.to_string()))?;
-        let rows = grouped_rows(&batch, 2 + sums)
-            .ok_or_else(|| plan.error("the executors' grouping returned another shape".into()))?;
-        if out.send(Message::Grouped(rows)).is_err() {
-            return Ok(());
-        }
-    }
-    Ok(())
+    send_grouped(plan, frame, 2 + sums, out).await
 }
 
 /// `frame` passed through the pass function (over `args`: the sealed spec, then the columns)
