@@ -863,7 +863,7 @@ fn accepted_point(dataset: &DatasetConfig, outcome: Outcome) -> Result<EncodedPo
 }
 
 /// An error of a pass on the partner's cluster, about `dataset`.
-fn engine_error(dataset: &DatasetConfig, message: String) -> DatasetError {
+pub(crate) fn engine_error(dataset: &DatasetConfig, message: String) -> DatasetError {
     DatasetError::Source(SourceError::Engine {
         dataset: dataset.name.clone(),
         location: dataset.location(),
@@ -897,9 +897,9 @@ fn forget_spec(forgotten: Option<(&Forgotten, Vec<Part<'_>>)>) -> Option<ForgetS
 
 /// The executors' pass over the dataset ([`super::cluster_pass`]): counts the outcomes as the
 /// node's own pass would, and hands each row accepted by its key to `accepted` with its number
-/// (its point: [`Outcome::Accepted`]; with values: [`Outcome::Valued`] or
-/// [`Outcome::BadValue`]), in the order the plan returns the rows (the parts of the data in
-/// order).
+/// and its point ([`Outcome::Accepted`]), in the order the plan returns the rows (the parts of
+/// the data in order). An overlap-sum's value holder, whose rows carry values, is grouped
+/// instead ([`grouped_points_on_cluster`]).
 pub(crate) fn pass_on_cluster(
     dataset: &DatasetConfig,
     keys: &KeySpec,

@@ -529,13 +529,7 @@ pub fn load_on_cluster(
     let labels = shape.labels.len() as i128;
     let mut spill = spill.map(|store| RowSpill::new(store, sums));
     let mut clipped = vec![0i64; sums];
-    let engine = |message: String| {
-        dataset::DatasetError::Source(super::source::SourceError::Engine {
-            dataset: dataset.name.clone(),
-            location: dataset.location(),
-            message,
-        })
-    };
+    let engine = |message: String| dataset::engine_error(dataset, message);
     let (counts, bad) =
         dataset::grouped_points_on_cluster(dataset, keys, filter, max_rows, sealed, |p| {
             let (lowest, highest) = p.groups;
