@@ -640,8 +640,25 @@ impl VhEncrypting {
     /// `None` when every row has been sent. Encryption is the value holder's heavy step: it
     /// runs on rayon inside. A value wider than its cell is an error (clip first).
     pub fn next_batch(&mut self) -> Result<Option<Vec<u8>>, SumError> {
-        let cells = self.common.params.cells;
         let per_batch = rows_per_ciphertext_batch(&self.common.layout);
+        let Some(plain) = self.next_rows(per_batch)? else {
+            return Ok(None);
+        };
+        Ok(Some(encrypt_rows(
+            &self.common.sk,
+            &self.common.layout,
+            &plain,
+        )?))
+    }
+
+    /// The next `max_rows` rows (at least one) in the clear, [`cells`](SumParams::cells) values
+    /// each, in the order our points went out, for encryption elsewhere (this node's own
+    /// executors, under this job's key): send their ciphertexts in the same order, cut in
+    /// batches of at most [`rows_per_ciphertext_batch`] rows. `None` when every row has been
+    /// handed out.
+    pub fn next_rows(&mut self, max_rows: usize) -> Result<Option<Vec<u64>>, SumError> {
+        let cells = self.common.params.cells;
+        let max_rows = max_rows.max(1);
         let plain = match &mut self.rows {
             VhRows::InMemory { values, perm, .. } => {
                 let rows = perm.len();
@@ -649,7 +666,7 @@ impl VhEncrypting {
                 if first >= rows {
                     return Ok(None);
                 }
-                let end = (first + per_batch).min(rows);
+                let end = (first + max_rows).min(rows);
                 let mut plain = Vec::with_capacity((end - first) * cells);
                 for &item in &perm[first..end] {
                     let start = item as usize * cells;
@@ -664,15 +681,19 @@ impl VhEncrypting {
                     )
                     .into());
                 }
-                match spill.next_rows(per_batch)? {
+                match spill.next_rows(max_rows)? {
                     Some(plain) => plain,
                     None => return Ok(None),
                 }
             }
         };
-        let batch = encrypt_rows(&self.common.sk, &self.common.layout, &plain)?;
         self.next_row += (plain.len() / cells) as u64;
-        Ok(Some(batch))
+        Ok(Some(plain))
+    }
+
+    /// The slots our rows are packed in, each cell's width.
+    pub fn layout(&self) -> &SlotLayout {
+        &self.common.layout
     }
 
     /// Rows sent so far (the total to announce once [`next_batch`](Self::next_batch) is `None`).

@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use crate::args::{ExecutorArgs, SchedulerArgs};
 use cleanroom_node::data::cluster_aggregate::AggregateUdf;
+use cleanroom_node::data::cluster_encrypt::EncryptUdf;
 use cleanroom_node::data::cluster_outcome;
 use cleanroom_node::data::cluster_pass::{PassUdf, SealingKey};
 use cleanroom_node::data::cluster_reblind::ReblindUdf;
@@ -17,6 +18,7 @@ pub async fn scheduler(args: SchedulerArgs) -> anyhow::Result<ExitCode> {
     let mut functions = vec![
         Arc::new(PassUdf::planner()),
         Arc::new(ReblindUdf::planner()),
+        Arc::new(EncryptUdf::planner()),
     ];
     functions.extend(AggregateUdf::planners().map(Arc::new));
     functions.extend(line_table::functions().map(Arc::new));
@@ -55,6 +57,7 @@ pub async fn executor(args: ExecutorArgs) -> anyhow::Result<ExitCode> {
                     let mut functions = vec![
                         Arc::new(PassUdf::executor(Arc::clone(&key))),
                         Arc::new(ReblindUdf::executor(Arc::clone(&key))),
+                        Arc::new(EncryptUdf::executor(Arc::clone(&key))),
                     ];
                     functions.extend(AggregateUdf::executors(&key).map(Arc::new));
                     functions
@@ -63,6 +66,7 @@ pub async fn executor(args: ExecutorArgs) -> anyhow::Result<ExitCode> {
                     let mut functions = vec![
                         Arc::new(PassUdf::planner()),
                         Arc::new(ReblindUdf::planner()),
+                        Arc::new(EncryptUdf::planner()),
                     ];
                     functions.extend(AggregateUdf::planners().map(Arc::new));
                     functions

@@ -24,7 +24,8 @@ pub use packed::{
     encrypt_rows, sum_selected_rows,
 };
 pub use paillier::{
-    CIPHERTEXT_LEN, Ciphertext, MODULUS_BITS, PUBLIC_KEY_LEN, PublicKey, SecretKey, keygen,
+    CIPHERTEXT_LEN, Ciphertext, MODULUS_BITS, PRIME_BYTES_LEN, PUBLIC_KEY_LEN, PublicKey,
+    SecretKey, keygen,
 };
 
 /// Why an encoding was rejected, a key could not be made or a decryption failed. Carries only

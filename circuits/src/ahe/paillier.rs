@@ -423,6 +423,17 @@ pub fn keygen() -> Result<SecretKey, AheError> {
         if p == q {
             continue;
         }
+        return SecretKey::from_primes(p, q);
+    }
+}
+
+/// Bytes of [`SecretKey::prime_bytes`]: both primes, big-endian.
+pub const PRIME_BYTES_LEN: usize = 2 * (PRIME_BITS / 8) as usize;
+
+impl SecretKey {
+    /// The key of two distinct safe primes of [`PRIME_BITS`] bits each, their two top bits set,
+    /// with its fixed-base tables (built in parallel).
+    fn from_primes(p: U1024, q: U1024) -> Result<SecretKey, AheError> {
         let n: U2048 = p.concatenating_mul(&q);
         let public = PublicKey::from_modulus(n)?;
         let (pp, qp) = rayon::join(|| PrimePart::new(p, &q, &n), || PrimePart::new(q, &p, &n));
@@ -436,13 +447,48 @@ pub fn keygen() -> Result<SecretKey, AheError> {
         let q_inv_mod_p = pp.other.invert();
         let q_inv_mod_p = Option::<FixedMontyForm<16>>::from(q_inv_mod_p)
             .ok_or(AheError::KeyGeneration("q is not invertible modulo p"))?;
-        return Ok(SecretKey {
+        Ok(SecretKey {
             public,
             p: pp,
             q: qp,
             q2_inv_mod_p2,
             q_inv_mod_p,
-        });
+        })
+    }
+
+    /// Both primes, big-endian ([`PRIME_BYTES_LEN`] bytes), zeroized when dropped: for a
+    /// process of the key owner's own that encrypts for it (its executors), sealed on the way.
+    pub fn prime_bytes(&self) -> zeroize::Zeroizing<Vec<u8>> {
+        let mut out = zeroize::Zeroizing::new(Vec::with_capacity(PRIME_BYTES_LEN));
+        out.extend_from_slice(self.p.p.to_be_bytes().as_ref());
+        out.extend_from_slice(self.q.p.to_be_bytes().as_ref());
+        out
+    }
+
+    /// The key [`prime_bytes`](Self::prime_bytes) came from, its tables built again (tens of
+    /// milliseconds). Checks the shape (length, two distinct odd primes of the right size; a
+    /// generator is found only for a safe prime) but not primality: the bytes come from the
+    /// key owner, authenticated on the way. Never panics.
+    pub fn from_prime_bytes(bytes: &[u8]) -> Result<SecretKey, AheError> {
+        if bytes.len() != PRIME_BYTES_LEN {
+            return Err(AheError::WrongLength {
+                len: bytes.len(),
+                expected: PRIME_BYTES_LEN,
+            });
+        }
+        let (p, q) = bytes.split_at(PRIME_BYTES_LEN / 2);
+        let (mut p, mut q) = (U1024::from_be_slice(p), U1024::from_be_slice(q));
+        let shaped = |x: &U1024| x.bit_width() == PRIME_BITS && x.is_odd().into();
+        let key = if p == q || !shaped(&p) || !shaped(&q) {
+            Err(AheError::KeyGeneration(
+                "the primes are not two distinct primes of the key's size",
+            ))
+        } else {
+            SecretKey::from_primes(p, q)
+        };
+        p.zeroize();
+        q.zeroize();
+        key
     }
 }
 
@@ -502,6 +548,41 @@ pub(super) mod tests {
     pub(crate) fn key() -> &'static SecretKey {
         static KEY: OnceLock<SecretKey> = OnceLock::new();
         KEY.get_or_init(|| keygen().unwrap())
+    }
+
+    #[test]
+    fn a_key_rebuilt_from_its_primes_encrypts_for_the_original() {
+        let sk = key();
+        let bytes = sk.prime_bytes();
+        assert_eq!(bytes.len(), PRIME_BYTES_LEN);
+        let copy = SecretKey::from_prime_bytes(&bytes).expect("the same key");
+        assert_eq!(copy.public(), sk.public());
+        let mut rng = rand::rng();
+        let m = U2048::from_u64(987_654_321);
+        assert_eq!(sk.decrypt(&copy.encrypt(&m, &mut rng)), m);
+        assert_eq!(copy.decrypt(&sk.encrypt(&m, &mut rng)), m);
+        // Wrong shapes are errors, never a panic or a weak key.
+        let half = PRIME_BYTES_LEN / 2;
+        let twice = [&bytes[..half], &bytes[..half]].concat();
+        let even = {
+            let mut b = bytes.to_vec();
+            b[half - 1] &= 0xfe;
+            b
+        };
+        let short = {
+            let mut b = bytes.to_vec();
+            b[0] = 0;
+            b
+        };
+        for bad in [
+            &bytes[1..],
+            &twice[..],
+            &even[..],
+            &short[..],
+            &[0u8; PRIME_BYTES_LEN][..],
+        ] {
+            assert!(SecretKey::from_prime_bytes(bad).is_err());
+        }
     }
 
     #[test]

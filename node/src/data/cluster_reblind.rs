@@ -281,13 +281,13 @@ impl ScalarUDFImpl for ReblindUdf {
 }
 
 /// The function's column of points in hex, as either string array DataFusion may hand over.
-enum HexRows<'a> {
+pub(crate) enum HexRows<'a> {
     Plain(&'a StringArray),
     View(&'a StringViewArray),
 }
 
 impl<'a> HexRows<'a> {
-    fn of(array: &'a dyn Array) -> Option<HexRows<'a>> {
+    pub(crate) fn of(array: &'a dyn Array) -> Option<HexRows<'a>> {
         let any = array.as_any();
         any.downcast_ref::<StringArray>()
             .map(HexRows::Plain)
@@ -295,7 +295,7 @@ impl<'a> HexRows<'a> {
     }
 
     /// Row `i`'s text; `None` past the end or for a null.
-    fn get(&self, i: usize) -> Option<&'a str> {
+    pub(crate) fn get(&self, i: usize) -> Option<&'a str> {
         match self {
             HexRows::Plain(a) => (i < a.len() && !a.is_null(i)).then(|| a.value(i)),
             HexRows::View(a) => (i < a.len() && !a.is_null(i)).then(|| a.value(i)),

@@ -33,13 +33,15 @@
 //! key already charged is refused (the data under a repeated offer may have changed), and no
 //! noise draw is ever stored.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::time::Duration;
+
+use zeroize::Zeroizing;
 
 use cleanroom_circuits::ahe::{SecretKey, SlotLayout};
 use cleanroom_circuits::intersection_sum::{
     KeyHolderSession, KhAwaitingHello, KhAwaitingReturn, KhReadyToBlind, KhReceivingPoints,
-    KhSummed, KhSumming, SumError, SumParams, ValueHolderSession, VhAwaitingPeerSize,
+    KhSummed, KhSumming, MAX_CIPHERTEXT_BATCH_BYTES, SumError, SumParams, ValueHolderSession, VhAwaitingPeerSize,
     VhAwaitingSums, VhEncrypting, VhExchanging, VhReadyToBlind,
 };
 use cleanroom_circuits::{EncodedPoint, JobKey, PsiError};
@@ -64,6 +66,41 @@ use crate::policy::{Permit, Veto};
 /// loaded core), on top of the PSI allowance.
 const STALL_PER_ROW: Duration = Duration::from_micros(2000);
 
+/// Where a value holder encrypts its rows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EncryptPlace {
+    /// On this node's CPU pool, as the session's own work.
+    Node,
+    /// Off the node (on its own executors): in pieces of `piece_rows` rows handed out as
+    /// [`Step::Encrypt`], at most `in_flight` out at once; their ciphertexts go to the key
+    /// holder in our order, whatever order they come back in.
+    Elsewhere {
+        /// Pieces out at once at most.
+        in_flight: usize,
+        /// Rows in a piece at most.
+        piece_rows: usize,
+    },
+}
+
+/// Rows of ours to encrypt off the node (on this node's own executors).
+pub struct EncryptPiece {
+    /// The first row's place among ours, in the order our points went out.
+    pub offset: u64,
+    /// Rows in the piece.
+    pub row_count: u64,
+    /// Their values, row-major, the job's cells to a row (zeroized when dropped).
+    pub rows: Zeroizing<Vec<u64>>,
+}
+
+impl std::fmt::Debug for EncryptPiece {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EncryptPiece")
+            .field("offset", &self.offset)
+            .field("row_count", &self.row_count)
+            .finish_non_exhaustive()
+    }
+}
+
 /// What an overlap-sum job is, for the protocol: who, under which terms, of which shape.
 #[derive(Debug, Clone)]
 pub struct SumConfig {
@@ -81,6 +118,8 @@ pub struct SumConfig {
     pub show_count: bool,
     /// Where the partner's points are re-blinded: here, or on this node's own executors.
     pub reblind: ReblindPlace,
+    /// Where a value holder's rows are encrypted: here, or on this node's own executors.
+    pub encrypt: EncryptPlace,
     /// Points per batch frame ([`BATCH_POINTS`](crate::job::psi::BATCH_POINTS); tests use
     /// small ones).
     pub batch_points: usize,
@@ -235,6 +274,7 @@ fn widen<W>(step: Step<Never>) -> Step<W> {
         Step::Charge(c) => Step::Charge(c),
         Step::Finish => Step::Finish,
         Step::Reblind(piece) => Step::Reblind(piece),
+        Step::Encrypt(piece) => Step::Encrypt(piece),
         Step::Compute(never) => match never {},
     }
 }
@@ -780,6 +820,8 @@ pub enum VhWork {
     ReturnNext(VhEncrypting, u64),
     /// Encrypt the next batch of our rows (the heavy step).
     Encrypt(VhEncrypting),
+    /// Read our next rows in the clear, at most this many, to encrypt off the node.
+    Rows(VhEncrypting, usize),
     /// Decrypt the key holder's noised sums.
     Decrypt(VhAwaitingSums, Vec<u8>),
 }
@@ -800,6 +842,8 @@ pub enum VhDone {
     ReturnNext(u64, Result<Option<Vec<u8>>, SumError>, VhEncrypting),
     /// The next batch of encrypted rows (`None`: all sent).
     Encrypted(VhEncrypting, Result<Option<Vec<u8>>, SumError>),
+    /// Our next rows in the clear (`None`: all handed out).
+    Rows(VhEncrypting, Result<Option<Vec<u64>>, SumError>),
     /// The decrypted cells.
     Decrypted(Result<Vec<i128>, SumError>),
 }
@@ -809,6 +853,8 @@ enum VhStage {
     Charging(VhAwaitingPeerSize, u64),
     Busy,
     PeerPoints(VhExchanging),
+    /// Waiting for pieces of our rows encrypted off the node.
+    Encrypting(VhEncrypting),
     Sums(VhAwaitingSums),
     Closing(Vec<i128>),
     Finished(Vec<i128>),
@@ -845,6 +891,8 @@ pub struct ValueHolder {
     release: Option<SumRelease>,
     /// The key holder's points while they are re-blinded off the node.
     off_node: Option<InOrderPoints>,
+    /// Our rows while they are encrypted off the node.
+    encrypt_off_node: Option<OffNodeRows>,
     /// Bytes a spilled session wrote to its spill files (0 in memory).
     spilled_bytes: u64,
 }
@@ -897,6 +945,13 @@ impl ValueHolder {
         let hello = out.frame(Phase::PsiSize, cfg.hello(own_size, own_terms.clone()));
         Ok(ValueHolder {
             off_node: cfg.off_node(),
+            encrypt_off_node: match cfg.encrypt {
+                EncryptPlace::Node => None,
+                EncryptPlace::Elsewhere {
+                    in_flight,
+                    piece_rows,
+                } => Some(OffNodeRows::new(in_flight, piece_rows)),
+            },
             cfg,
             own_terms,
             out,
@@ -1004,7 +1059,11 @@ impl ValueHolder {
                 self.stage = VhStage::Finished(cells);
                 Ok(())
             }
-            VhStage::Charging(..) | VhStage::Busy | VhStage::Finished(_) | VhStage::Over => {
+            VhStage::Charging(..)
+            | VhStage::Busy
+            | VhStage::Encrypting(_)
+            | VhStage::Finished(_)
+            | VhStage::Over => {
                 Err(self
                     .cfg
                     .internal("a frame was handed over while the protocol takes none"))
@@ -1082,8 +1141,13 @@ impl ValueHolder {
                 None => {
                     let end = self.out.end(Phase::PsiDoubleBlinded, total);
                     self.send(end);
-                    // Our rows, encrypted batch by batch, in the order our points went.
-                    self.compute(VhWork::Encrypt(encrypting));
+                    // Our rows, encrypted batch by batch, in the order our points went: here,
+                    // or in pieces off the node.
+                    if self.encrypt_off_node.is_some() {
+                        self.hand_out_rows(encrypting)?;
+                    } else {
+                        self.compute(VhWork::Encrypt(encrypting));
+                    }
                 }
             },
             VhDone::Encrypted(encrypting, r) => {
@@ -1098,13 +1162,25 @@ impl ValueHolder {
                         }
                         self.compute(VhWork::Encrypt(encrypting));
                     }
-                    None => {
-                        let end = self.out.end(Phase::SumRows, encrypting.rows_sent());
-                        self.send(end);
-                        self.spilled_bytes = encrypting.spilled_bytes();
-                        self.stage = VhStage::Sums(encrypting.finish());
-                    }
+                    None => self.rows_sent(encrypting),
                 }
+            }
+            VhDone::Rows(encrypting, r) => {
+                let rows = r.map_err(|e| JobError::Compute {
+                    step: "reading our rows to encrypt",
+                    reason: e.to_string(),
+                })?;
+                let Some(off) = self.encrypt_off_node.as_mut() else {
+                    return Err(self.cfg.internal("rows read to encrypt off a node that does not"));
+                };
+                match rows {
+                    Some(rows) => {
+                        let piece = off.hand_out(rows, self.cfg.shape.cells())?;
+                        self.steps.push_back(Step::Encrypt(piece));
+                    }
+                    None => off.all_handed_out = true,
+                }
+                self.hand_out_rows(encrypting)?;
             }
             VhDone::Decrypted(r) => {
                 let mut cells = r.map_err(v)?;
@@ -1126,6 +1202,151 @@ impl ValueHolder {
             }
         }
         Ok(())
+    }
+}
+
+impl ValueHolder {
+    /// Every row's ciphertexts are out: the end marker, then the noised sums to wait for.
+    fn rows_sent(&mut self, encrypting: VhEncrypting) {
+        let end = self.out.end(Phase::SumRows, encrypting.rows_sent());
+        self.send(end);
+        self.spilled_bytes = encrypting.spilled_bytes();
+        self.stage = VhStage::Sums(encrypting.finish());
+    }
+
+    /// Off the node: reads the next piece of rows while fewer than the cluster takes are out,
+    /// waits for pieces when that many are, and ends once every piece is back and sent.
+    fn hand_out_rows(&mut self, encrypting: VhEncrypting) -> Result<(), JobError> {
+        let Some(off) = self.encrypt_off_node.as_mut() else {
+            return Err(self.cfg.internal("rows to encrypt off a node that does not"));
+        };
+        off.row_bytes = encrypting.layout().ciphertext_len();
+        if !off.all_handed_out && off.pending.len() < off.in_flight {
+            let piece_rows = off.piece_rows;
+            self.compute(VhWork::Rows(encrypting, piece_rows));
+        } else if off.all_handed_out && off.pending.is_empty() {
+            self.rows_sent(encrypting);
+        } else {
+            self.stage = VhStage::Encrypting(encrypting);
+        }
+        Ok(())
+    }
+
+    /// A piece's ciphertexts back: kept until every piece before it is back, then sent in
+    /// our order, cut in the batches the key holder takes.
+    fn on_encrypted(&mut self, offset: u64, result: Result<Vec<u8>, String>) -> Result<(), JobError> {
+        let ciphertexts = result.map_err(|reason| JobError::Compute {
+            step: "encrypting our rows on this node's cluster",
+            reason,
+        })?;
+        let Some(off) = self.encrypt_off_node.as_mut() else {
+            return Err(self.cfg.internal("an encrypted piece came back to a node that sent none"));
+        };
+        off.take_back(offset, ciphertexts)?;
+        let ready = off.ready();
+        for batch in ready {
+            for env in self.out.points(Phase::SumRows, vec![batch]) {
+                self.send(env);
+            }
+        }
+        // Waiting for pieces: go on. Still reading the next piece: its result goes on.
+        match std::mem::replace(&mut self.stage, VhStage::Busy) {
+            VhStage::Encrypting(encrypting) => self.hand_out_rows(encrypting)?,
+            other => self.stage = other,
+        }
+        Ok(())
+    }
+}
+
+/// Our rows while they are encrypted off the node: the pieces out, and the ciphertexts back
+/// before an earlier piece.
+#[derive(Debug)]
+struct OffNodeRows {
+    in_flight: usize,
+    piece_rows: usize,
+    /// Rows handed out so far: the next piece's offset.
+    handed_out: u64,
+    all_handed_out: bool,
+    /// Each piece out or back but not sent, by offset: its rows and, once back, its
+    /// ciphertexts.
+    pending: BTreeMap<u64, (u64, Option<Vec<u8>>)>,
+    /// Bytes of one row's ciphertexts (the layout's).
+    row_bytes: usize,
+}
+
+impl OffNodeRows {
+    fn new(in_flight: usize, piece_rows: usize) -> OffNodeRows {
+        OffNodeRows {
+            in_flight: in_flight.max(1),
+            piece_rows: piece_rows.max(1),
+            handed_out: 0,
+            all_handed_out: false,
+            pending: BTreeMap::new(),
+            row_bytes: 0,
+        }
+    }
+
+    /// The next piece, of `rows` read in our order, `cells` values a row.
+    fn hand_out(&mut self, rows: Vec<u64>, cells: usize) -> Result<EncryptPiece, JobError> {
+        let row_count = (rows.len() / cells.max(1)) as u64;
+        if row_count == 0 || row_count * cells as u64 != rows.len() as u64 {
+            return Err(JobError::Internal(format!(
+                "{} values read for rows of {cells} cells",
+                rows.len()
+            )));
+        }
+        let offset = self.handed_out;
+        self.handed_out += row_count;
+        self.pending.insert(offset, (row_count, None));
+        Ok(EncryptPiece {
+            offset,
+            row_count,
+            rows: Zeroizing::new(rows),
+        })
+    }
+
+    /// A piece back: it must be one out, not back before, with whole rows' ciphertexts.
+    fn take_back(&mut self, offset: u64, ciphertexts: Vec<u8>) -> Result<(), JobError> {
+        let bad = |what: String| JobError::Compute {
+            step: "encrypting our rows on this node's cluster",
+            reason: what,
+        };
+        let Some((rows, slot @ None)) = self.pending.get_mut(&offset) else {
+            return Err(bad(format!("a piece at row {offset} came back that was not out")));
+        };
+        let expected = usize::try_from(*rows)
+            .ok()
+            .and_then(|rows| rows.checked_mul(self.row_bytes));
+        if expected != Some(ciphertexts.len()) || self.row_bytes == 0 {
+            return Err(bad(format!(
+                "{} bytes came back for {rows} rows of {} bytes",
+                ciphertexts.len(),
+                self.row_bytes
+            )));
+        }
+        *slot = Some(ciphertexts);
+        Ok(())
+    }
+
+    /// The batches to send now: those of every piece back in a row from the first.
+    fn ready(&mut self) -> Vec<Vec<u8>> {
+        let row_bytes = self.row_bytes.max(1);
+        let batch_bytes = (MAX_CIPHERTEXT_BATCH_BYTES / row_bytes).max(1) * row_bytes;
+        let mut batches = Vec::new();
+        while let Some(entry) = self.pending.first_entry() {
+            if entry.get().1.is_none() {
+                break;
+            }
+            let (_, (_, ciphertexts)) = entry.remove_entry();
+            let ciphertexts = ciphertexts.unwrap_or_default();
+            batches.extend(ciphertexts.chunks(batch_bytes).map(<[u8]>::to_vec));
+        }
+        batches
+    }
+
+    /// Whether a piece is out on the cluster.
+    fn waiting(&self) -> bool {
+        self.pending.values().any(|(_, back)| back.is_none())
     }
 }
 
@@ -1158,6 +1379,10 @@ impl Protocol for ValueHolder {
                 let batch = s.next_batch();
                 VhDone::Encrypted(s, batch)
             }
+            VhWork::Rows(mut s, max_rows) => {
+                let rows = s.next_rows(max_rows);
+                VhDone::Rows(s, rows)
+            }
             VhWork::Decrypt(s, sums) => VhDone::Decrypted(s.on_sums(&sums)),
         }
     }
@@ -1175,6 +1400,7 @@ impl Protocol for ValueHolder {
 
     fn waits_for_pieces(&self) -> bool {
         self.off_node.as_ref().is_some_and(InOrderPoints::holds_end)
+            || self.encrypt_off_node.as_ref().is_some_and(OffNodeRows::waiting)
     }
 
     fn handle_reblinded(
@@ -1186,6 +1412,15 @@ impl Protocol for ValueHolder {
         let r = self.fail(r);
         self.advance_off_node();
         r
+    }
+
+    fn handle_encrypted(
+        &mut self,
+        offset: u64,
+        result: Result<Vec<u8>, String>,
+    ) -> Result<(), JobError> {
+        let r = self.on_encrypted(offset, result);
+        self.fail(r)
     }
 
     fn handle_noise(&mut self, noise: Vec<i64>, charged: bool) -> Result<(), JobError> {

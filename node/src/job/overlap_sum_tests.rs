@@ -61,6 +61,7 @@ fn config(me: usize, extra: &str) -> SumConfig {
         shape: SumShape::of(sum),
         show_count: sum.count,
         reblind: ReblindPlace::Node,
+        encrypt: EncryptPlace::Node,
         batch_points: BATCH_POINTS,
     }
 }
@@ -399,6 +400,77 @@ fn reblinding_off_the_node_gives_the_same_sums() {
         .expect("value holder finished");
     assert_eq!(vh.cells, truth());
     assert!(pair.acme.proto.into_exchange().is_some());
+}
+
+/// The value holder's rows encrypted off the node, as its executors do, in pieces of 7 rows, 3
+/// out at once, that come back last first: the sums are the same, so the ciphertexts went out
+/// in the order the points did (the key holder sums by position).
+#[test]
+fn encrypting_off_the_node_gives_the_same_sums() {
+    let g = SumConfig {
+        reblind: ReblindPlace::Elsewhere { in_flight: 2 },
+        encrypt: EncryptPlace::Elsewhere {
+            in_flight: 3,
+            piece_rows: 7,
+        },
+        batch_points: 4,
+        ..config(1, "")
+    };
+    let key_name = g.params().key_name;
+    let acme = KeyHolder::start(config(0, ""), JobKey::generate(), items(0, 30))
+        .expect("key holder starts");
+    let globex_key = JobKey::generate();
+    let mut globex_input = input(10, 50);
+    let points = cleanroom_circuits::blind_items(&globex_key, &key_name, &items(10, 50));
+    globex_input.keys = SumKeys::Blinded(copy(&globex_key), points);
+    let layout = globex_input.layout.clone();
+    let paillier = ahe::keygen().expect("paillier key");
+    let copy_of_paillier =
+        ahe::SecretKey::from_prime_bytes(&paillier.prime_bytes()).expect("a copy");
+    let globex = ValueHolder::start(g, globex_input, paillier).expect("value holder starts");
+    let mut globex = Side::with_cluster(globex, globex_key);
+    globex.cluster_paillier = Some((copy_of_paillier, layout));
+    let mut pair = Pair {
+        acme: Side::new(acme),
+        globex,
+    };
+    pair.run(honest(), honest());
+    assert!(pair.acme.error.is_none(), "{:?}", pair.acme.error);
+    assert!(pair.globex.error.is_none(), "{:?}", pair.globex.error);
+    // 40 rows in pieces of 7.
+    assert_eq!(pair.globex.encrypt_pieces_handed_out, 6);
+    let vh = pair
+        .globex
+        .proto
+        .into_exchange()
+        .expect("value holder finished");
+    assert_eq!(vh.cells, truth());
+}
+
+/// Pieces of rows back from the cluster go out in the order they were handed out, whole, cut
+/// in the key holder's batches; a piece that was not out, came back twice or holds the wrong
+/// number of bytes fails the job as this node's own error.
+#[test]
+fn encrypted_pieces_go_out_in_order_and_only_whole() {
+    let mut rows = OffNodeRows::new(2, 3);
+    rows.row_bytes = 10;
+    let first = rows.hand_out(vec![1, 2, 3], 1).expect("a piece");
+    let second = rows.hand_out(vec![4, 5], 1).expect("a piece");
+    assert_eq!((first.offset, first.row_count), (0, 3));
+    assert_eq!((second.offset, second.row_count), (3, 2));
+    assert!(rows.hand_out(vec![1, 2, 3], 2).is_err(), "not whole rows");
+    rows.take_back(3, vec![2; 20]).expect("taken");
+    assert!(rows.ready().is_empty(), "waits for the first piece");
+    assert!(rows.waiting());
+    for bad in [(3, vec![2; 20]), (9, vec![0; 10]), (0, vec![1; 29])] {
+        let err = rows.take_back(bad.0, bad.1).expect_err("refused");
+        assert!(matches!(err, JobError::Compute { .. }), "{err:?}");
+    }
+    rows.take_back(0, vec![1; 30]).expect("taken");
+    assert!(!rows.waiting());
+    let sent: Vec<u8> = rows.ready().concat();
+    assert_eq!(sent, [vec![1; 30], vec![2; 20]].concat());
+    assert!(rows.pending.is_empty());
 }
 
 /// Off the node, the partner's bad point is its violation, named by its place in its whole

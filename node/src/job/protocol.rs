@@ -13,6 +13,7 @@ use cleanroom_circuits::EncodedPoint;
 use crate::audit::AuditEvent;
 use crate::data::cluster_reblind::ReblindFailure;
 use crate::error::JobError;
+pub use crate::job::overlap_sum::EncryptPiece;
 pub use crate::job::psi::ReblindPiece;
 use crate::ledger::Loss;
 
@@ -30,6 +31,9 @@ pub enum Step<W> {
     /// Have these points of the partner's re-blinded on this node's cluster, alongside
     /// everything else, and hand the result to [`Protocol::handle_reblinded`].
     Reblind(ReblindPiece),
+    /// Have these rows of ours encrypted on this node's cluster, alongside everything else, and
+    /// hand the result to [`Protocol::handle_encrypted`].
+    Encrypt(EncryptPiece),
     /// Charge the ledger (if this node's entry sets ε) and draw this node's noise in the same
     /// transaction; hand the draw to [`Protocol::handle_noise`].
     Charge(NoiseRequest),
@@ -96,6 +100,17 @@ pub trait Protocol {
     ) -> Result<(), JobError> {
         Err(JobError::Internal(
             "a re-blinded piece came back to a protocol that hands none out".into(),
+        ))
+    }
+    /// Takes a piece of a [`Step::Encrypt`] back: the ciphertexts of the rows that start at
+    /// `offset`, or the cluster's reason. Only an overlap-sum's value holder hands rows out.
+    fn handle_encrypted(
+        &mut self,
+        _offset: u64,
+        _result: Result<Vec<u8>, String>,
+    ) -> Result<(), JobError> {
+        Err(JobError::Internal(
+            "an encrypted piece came back to a protocol that hands none out".into(),
         ))
     }
     /// Whether the exchange is complete.

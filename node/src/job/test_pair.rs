@@ -9,12 +9,13 @@ use std::collections::VecDeque;
 use cleanroom_proto::v1::envelope::Body;
 use cleanroom_proto::v1::{Abort, Envelope, Phase, PsiHello};
 
+use cleanroom_circuits::ahe::{SecretKey, SlotLayout, encrypt_rows};
 use cleanroom_circuits::{JobKey, reblind_points};
 
 use crate::audit::AuditEvent;
 use crate::data::cluster_reblind::ReblindFailure;
 use crate::error::JobError;
-use crate::job::protocol::{NoiseRequest, Protocol, ReblindPiece, Step};
+use crate::job::protocol::{EncryptPiece, NoiseRequest, Protocol, ReblindPiece, Step};
 use crate::ledger::Loss;
 
 /// One side: its protocol and what it did besides sending.
@@ -32,6 +33,11 @@ pub(super) struct Side<P: Protocol> {
     pub(super) cluster_key: Option<JobKey>,
     pub(super) pieces: Vec<ReblindPiece>,
     pub(super) pieces_handed_out: usize,
+    /// A copy of a value holder's Paillier key and its layout, when its protocol hands out rows
+    /// to encrypt; the pieces out, and how many were.
+    pub(super) cluster_paillier: Option<(SecretKey, SlotLayout)>,
+    pub(super) rows_to_encrypt: Vec<EncryptPiece>,
+    pub(super) encrypt_pieces_handed_out: usize,
     /// The most points one frame it sent held.
     pub(super) most_points_in_a_frame: usize,
 }
@@ -49,6 +55,9 @@ impl<P: Protocol> Side<P> {
             cluster_key: None,
             pieces: Vec::new(),
             pieces_handed_out: 0,
+            cluster_paillier: None,
+            rows_to_encrypt: Vec::new(),
+            encrypt_pieces_handed_out: 0,
             most_points_in_a_frame: 0,
         }
     }
@@ -67,6 +76,16 @@ impl<P: Protocol> Side<P> {
     pub(super) fn finish_pieces(&mut self) -> bool {
         if self.error.is_some() {
             return false;
+        }
+        if let Some(piece) = self.rows_to_encrypt.pop() {
+            let Some((key, layout)) = &self.cluster_paillier else {
+                panic!("rows to encrypt from a side without a cluster");
+            };
+            let result = encrypt_rows(key, layout, &piece.rows).map_err(|e| e.to_string());
+            if let Err(e) = self.proto.handle_encrypted(piece.offset, result) {
+                self.error = Some(e);
+            }
+            return true;
         }
         let Some(piece) = self.pieces.pop() else {
             return false;
@@ -110,6 +129,11 @@ impl<P: Protocol> Side<P> {
                 Step::Reblind(piece) => {
                     self.pieces.push(piece);
                     self.pieces_handed_out += 1;
+                    Ok(())
+                }
+                Step::Encrypt(piece) => {
+                    self.rows_to_encrypt.push(piece);
+                    self.encrypt_pieces_handed_out += 1;
                     Ok(())
                 }
                 Step::Charge(NoiseRequest { loss, draw }) => {

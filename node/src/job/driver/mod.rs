@@ -55,10 +55,10 @@ use crate::state::NodeState;
 pub mod aggregate;
 pub mod overlap_sum;
 mod peer_stream;
-mod reblind;
+mod pieces;
 
 use peer_stream::{FRAMES_BETWEEN_WORK, PeerFrames, ReadAhead};
-use reblind::Reblinds;
+use pieces::{ClusterPieces, PieceBack};
 
 /// How long the responder waits for the initiator to connect. The initiator loads its dataset
 /// before it dials (up to [`MAX_ROWS`] rows; under a `memory_limit` it also blinds them then:
@@ -553,7 +553,7 @@ async fn exchange(
 async fn reblinds_for(
     job: &JobContext,
     key: Option<JobKey>,
-) -> Result<Option<Reblinds>, NodeError> {
+) -> Result<Option<ClusterPieces>, NodeError> {
     let (Some(cluster), Some(key)) = (job.permit.dataset.engine.cluster.as_ref(), key) else {
         return Ok(None);
     };
@@ -566,7 +566,7 @@ async fn reblinds_for(
             step: "re-blinding the partner's points on this node's cluster",
             reason,
         })?;
-    Ok(Some(Reblinds::new(reblinder)))
+    Ok(Some(ClusterPieces::new(reblinder)))
 }
 
 /// A copy of the job key our points were blinded with before the session starts (on the
@@ -607,7 +607,7 @@ pub(crate) async fn run_exchange<P: Protocol>(
     first: Option<(FramedRecv, Envelope)>,
     proto: &mut P,
     own_size: u64,
-    mut reblinds: Option<Reblinds>,
+    mut reblinds: Option<ClusterPieces>,
 ) -> Result<u64, NodeError> {
     let partner = job.permit.partner.clone();
     let mut out = Outgoing::new(send, &job.job_id, Phase::PsiSize);
@@ -643,12 +643,17 @@ pub(crate) async fn run_exchange<P: Protocol>(
             bound.as_ref().map(|(ahead, dir)| (*ahead, dir.as_path())),
         )?;
         run_protocol(job, proto, &mut out, &mut incoming, reblinds.as_mut()).await?;
-        if let Some((pieces, points)) = reblinds.as_ref().map(Reblinds::sent) {
+        if let Some((pieces, points)) = reblinds.as_ref().map(ClusterPieces::sent) {
             tracing::info!(
                 pieces,
                 points,
                 "re-blinded the partner's points on the cluster, in pieces"
             );
+        }
+        if let Some((pieces, rows)) = reblinds.as_ref().map(ClusterPieces::encrypted)
+            && pieces > 0
+        {
+            tracing::info!(pieces, rows, "encrypted our rows on the cluster, in pieces");
         }
         if incoming.read_back() > 0 {
             tracing::info!(
@@ -682,7 +687,7 @@ async fn do_steps<P: Protocol>(
     proto: &mut P,
     out: &mut Outgoing,
     mut incoming: Option<&mut PeerFrames>,
-    mut reblinds: Option<&mut Reblinds>,
+    mut reblinds: Option<&mut ClusterPieces>,
 ) -> Result<(), NodeError> {
     while let Some(step) = proto.next_step() {
         match step {
@@ -692,6 +697,16 @@ async fn do_steps<P: Protocol>(
                 None => {
                     return Err(JobError::Internal(
                         "the protocol handed out points to re-blind, and this job has no cluster"
+                            .into(),
+                    )
+                    .into());
+                }
+            },
+            Step::Encrypt(piece) => match reblinds.as_deref_mut() {
+                Some(pieces) => pieces.start_encrypt(piece)?,
+                None => {
+                    return Err(JobError::Internal(
+                        "the protocol handed out rows to encrypt, and this job has no cluster"
                             .into(),
                     )
                     .into());
@@ -707,8 +722,7 @@ async fn do_steps<P: Protocol>(
                 // Pieces that came back from the cluster meanwhile.
                 if let Some(reblinds) = reblinds.as_deref_mut() {
                     while let Some(back) = reblinds.try_next() {
-                        let (offset, result) = back?;
-                        proto.handle_reblinded(offset, result)?;
+                        take_back(proto, back?)?;
                     }
                 }
                 // What arrived meanwhile, so a protocol that can choose its next work from it
@@ -750,7 +764,7 @@ async fn run_protocol<P: Protocol>(
     proto: &mut P,
     out: &mut Outgoing,
     incoming: &mut PeerFrames,
-    mut reblinds: Option<&mut Reblinds>,
+    mut reblinds: Option<&mut ClusterPieces>,
 ) -> Result<(), NodeError> {
     loop {
         do_steps(
@@ -766,23 +780,25 @@ async fn run_protocol<P: Protocol>(
         }
         let silence = proto.silence_allowed();
         match reblinds.as_deref_mut().filter(|r| r.busy()) {
-            Some(reblinds) if proto.waits_for_pieces() => {
-                let (offset, result) = reblinds.next().await?;
-                proto.handle_reblinded(offset, result)?;
-            }
+            Some(reblinds) if proto.waits_for_pieces() => take_back(proto, reblinds.next().await?)?,
             // The peer's next frame or a piece back from the cluster, whichever comes first.
             Some(reblinds) => tokio::select! {
                 env = incoming.next(silence) => proto.handle(env?)?,
-                back = reblinds.next() => {
-                    let (offset, result) = back?;
-                    proto.handle_reblinded(offset, result)?;
-                }
+                back = reblinds.next() => take_back(proto, back?)?,
             },
             None => {
                 let env = incoming.next(silence).await?;
                 proto.handle(env)?;
             }
         }
+    }
+}
+
+/// Hands a piece back from the cluster to the protocol that handed it out.
+fn take_back<P: Protocol>(proto: &mut P, back: PieceBack) -> Result<(), JobError> {
+    match back {
+        PieceBack::Reblinded(offset, result) => proto.handle_reblinded(offset, result),
+        PieceBack::Encrypted(offset, result) => proto.handle_encrypted(offset, result),
     }
 }
 

@@ -12,12 +12,13 @@
 use std::net::SocketAddr;
 
 use cleanroom_circuits::JobKey;
-use cleanroom_circuits::ahe;
+use cleanroom_circuits::ahe::{self, SlotLayout};
 use cleanroom_proto::v1::{AggregateGroup, Envelope, NoiseTerm, PsiOutcome, SumRelease};
 use cleanroom_transport::{FramedRecv, FramedSend};
 use tokio::sync::oneshot;
 
-use super::reblind::Reblinds;
+use super::pieces::ClusterPieces;
+use crate::data::cluster_encrypt::{ClusterEncryptor, piece_rows};
 use super::{
     JOB_TIMEOUT, JobContext, MAX_ROWS, PsiInput, accept, blocking, copy_key, dial,
     finish_connection, key_columns, load_input, reblinds_for, run_exchange, sealing_key,
@@ -28,7 +29,9 @@ use crate::data::dataset::{self, RowFilter};
 use crate::data::sum_input::{self, SumInput};
 use crate::dataplane::Delivery;
 use crate::error::{JobError, NodeError};
-use crate::job::overlap_sum::{KeyHolder, KhExchange, SumConfig, ValueHolder, VhExchange};
+use crate::job::overlap_sum::{
+    EncryptPlace, KeyHolder, KhExchange, SumConfig, ValueHolder, VhExchange,
+};
 use crate::job::psi::{BATCH_POINTS, ReblindPlace};
 use crate::policy::overlap_sum::{self as sum_policy, SumShape};
 use crate::spec::spec_digest;
@@ -73,6 +76,7 @@ fn config(job: &JobContext) -> Result<SumConfig, NodeError> {
         shape: SumShape::of(sum),
         show_count: sum.count,
         reblind: ReblindPlace::Node,
+        encrypt: EncryptPlace::Node,
         batch_points: BATCH_POINTS,
     })
 }
@@ -84,7 +88,7 @@ async fn reblinds_on_cluster(
     job: &JobContext,
     cfg: &mut SumConfig,
     key: &JobKey,
-) -> Result<Option<Reblinds>, NodeError> {
+) -> Result<Option<ClusterPieces>, NodeError> {
     let reblinds = reblinds_for(job, Some(copy_key(key)?)).await?;
     if let Some(r) = &reblinds {
         cfg.reblind = ReblindPlace::Elsewhere {
@@ -92,6 +96,36 @@ async fn reblinds_on_cluster(
         };
     }
     Ok(reblinds)
+}
+
+/// With a sealing key on the dataset's cluster (the one its pieces go to), the value holder's
+/// rows are encrypted there: the job's Paillier key goes to the executors sealed, and `cfg`
+/// says so.
+async fn encrypt_on_cluster(
+    job: &JobContext,
+    cfg: &mut SumConfig,
+    pieces: ClusterPieces,
+    paillier: &ahe::SecretKey,
+    layout: &SlotLayout,
+) -> Result<ClusterPieces, NodeError> {
+    let (Some(cluster), Some(sealing)) = (
+        job.permit.dataset.engine.cluster.as_ref(),
+        sealing_key(&job.permit.dataset)?,
+    ) else {
+        return Ok(pieces);
+    };
+    let encryptor =
+        ClusterEncryptor::new(cluster, std::sync::Arc::new(sealing), paillier, layout)
+            .await
+            .map_err(|reason| JobError::Compute {
+                step: "encrypting our rows on this node's cluster",
+                reason,
+            })?;
+    cfg.encrypt = EncryptPlace::Elsewhere {
+        in_flight: encryptor.pieces_in_flight,
+        piece_rows: piece_rows(layout),
+    };
+    Ok(pieces.with_encryptor(encryptor))
 }
 
 /// Loads the value holder's keys and clipped values; audits the access; checks the input size.
@@ -284,6 +318,14 @@ async fn value_holder(
             reason: e.to_string(),
         })
     })?;
+    // On a cluster, our rows are encrypted there too.
+    let reblinds = match reblinds {
+        Some(pieces) => {
+            let layout = input.layout.clone();
+            Some(encrypt_on_cluster(job, &mut cfg, pieces, &paillier, &layout).await?)
+        }
+        None => None,
+    };
     let mut proto = ValueHolder::start(cfg, input, paillier)?;
     let own_size = proto.own_size();
     let bytes = run_exchange(
