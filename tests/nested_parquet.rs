@@ -225,19 +225,28 @@ fn lake_jobs(
             .lines()
             .find(|l| l.contains("the executors grouped the rows by point"))
             .unwrap_or_else(|| panic!("no grouping on the executors: {log}"));
-        let figure = |name: &str| -> u64 {
-            let at = line.find(&format!(" {name}=")).unwrap() + name.len() + 2;
-            line[at..]
-                .split(|c: char| !c.is_ascii_digit())
-                .next()
-                .unwrap()
-                .parse()
-                .unwrap()
-        };
+        let figure = |name: &str| figure_in(line, name);
         assert_eq!(figure("points"), truth.distinct_valued, "{line}");
         assert!(figure("rows") > figure("points"), "{line}");
+        // And encrypted them there: one row a point.
+        let line = log
+            .lines()
+            .find(|l| l.contains("encrypted our rows on the cluster"))
+            .unwrap_or_else(|| panic!("no encryption on the executors: {log}"));
+        assert_eq!(figure_in(line, "rows"), truth.distinct_valued, "{line}");
     }
     (truth.overlap, figures, shown)
+}
+
+/// The number after ` name=` in a log `line`.
+fn figure_in(line: &str, name: &str) -> u64 {
+    let at = line.find(&format!(" {name}=")).unwrap() + name.len() + 2;
+    line[at..]
+        .split(|c: char| !c.is_ascii_digit())
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap()
 }
 
 /// Row `row` of the lake, for `email`: some emails, customers and consents null, some emails

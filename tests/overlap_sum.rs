@@ -273,6 +273,13 @@ fn memory_limited_nodes_both_spill_and_sum_right() {
     // acme as in the test above; globex: each of its 400 rows (point, group, amount: 44
     // bytes), each customer's combined row (point and 5 groups × 2 cells: 112 bytes), and
     // acme's 400 points, sorted and rewritten (2 × 32 bytes).
+    // The value holder's 400 rows were encrypted on the executors, in one piece.
+    assert_eq!(
+        encrypted_on_the_cluster(&c.node_log("globex")),
+        [(1, 400)],
+        "{}",
+        c.node_log("globex")
+    );
     assert_eq!(c.node("acme").spilled_bytes(), [400 * (2 * 32 + 36 + 32)]);
     assert_eq!(
         c.node("globex").spilled_bytes(),
@@ -305,11 +312,34 @@ fn memory_limited_nodes_on_a_cluster_spill_and_sum_right() {
         let log = c.node_log(name);
         assert_eq!(log.matches("on_executors=true").count(), 1, "{name}: {log}");
     }
+    // The value holder's 400 rows were encrypted on the executors, in one piece.
+    assert_eq!(
+        encrypted_on_the_cluster(&c.node_log("globex")),
+        [(1, 400)],
+        "{}",
+        c.node_log("globex")
+    );
     assert_eq!(c.node("acme").spilled_bytes(), [400 * (2 * 32 + 36 + 32)]);
     assert_eq!(
         c.node("globex").spilled_bytes(),
         [400 * 44 + 400 * 112 + 400 * 2 * 32]
     );
+}
+
+/// `(pieces, rows)` of each job's rows a value holder encrypted on its cluster, from its `log`.
+fn encrypted_on_the_cluster(log: &str) -> Vec<(u64, u64)> {
+    let figure = |line: &str, name: &str| -> Option<u64> {
+        line.split(&format!(" {name}="))
+            .nth(1)?
+            .split_whitespace()
+            .next()?
+            .parse()
+            .ok()
+    };
+    log.lines()
+        .filter(|l| l.contains("encrypted our rows on the cluster"))
+        .filter_map(|l| Some((figure(l, "pieces")?, figure(l, "rows")?)))
+        .collect()
 }
 
 #[test]

@@ -56,6 +56,14 @@ pub fn piece_rows(layout: &SlotLayout) -> usize {
     (PIECE_OUTPUT_BYTES / layout.ciphertext_len().max(1)).max(1)
 }
 
+/// Pieces out at once within a node's `memory_limit` (bytes): their ciphertexts wait on the
+/// node until every piece before them is back, so they take at most a sixteenth of it.
+pub fn pieces_within(memory_limit: u64) -> usize {
+    usize::try_from(memory_limit / 16 / PIECE_OUTPUT_BYTES as u64)
+        .unwrap_or(usize::MAX)
+        .max(1)
+}
+
 /// One job's encryption on the cluster: its scheduler, its sealed key and its layout.
 pub struct ClusterEncryptor {
     url: String,

@@ -181,3 +181,10 @@ fn a_piece_holds_at_most_four_mebibytes_of_ciphertexts() {
     assert!(rows * layout.ciphertext_len() <= PIECE_OUTPUT_BYTES);
     assert!((rows + 1) * layout.ciphertext_len() > PIECE_OUTPUT_BYTES);
 }
+
+#[test]
+fn pieces_out_take_a_sixteenth_of_a_memory_limit() {
+    assert_eq!(pieces_within(1 << 30), 16);
+    assert_eq!(pieces_within(256 << 20), 4);
+    assert_eq!(pieces_within(1 << 20), 1, "always one");
+}

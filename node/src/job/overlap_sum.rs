@@ -41,8 +41,8 @@ use zeroize::Zeroizing;
 use cleanroom_circuits::ahe::{SecretKey, SlotLayout};
 use cleanroom_circuits::intersection_sum::{
     KeyHolderSession, KhAwaitingHello, KhAwaitingReturn, KhReadyToBlind, KhReceivingPoints,
-    KhSummed, KhSumming, MAX_CIPHERTEXT_BATCH_BYTES, SumError, SumParams, ValueHolderSession, VhAwaitingPeerSize,
-    VhAwaitingSums, VhEncrypting, VhExchanging, VhReadyToBlind,
+    KhSummed, KhSumming, MAX_CIPHERTEXT_BATCH_BYTES, SumError, SumParams, ValueHolderSession,
+    VhAwaitingPeerSize, VhAwaitingSums, VhEncrypting, VhExchanging, VhReadyToBlind,
 };
 use cleanroom_circuits::{EncodedPoint, JobKey, PsiError};
 use cleanroom_proto::v1::{
@@ -1063,11 +1063,9 @@ impl ValueHolder {
             | VhStage::Busy
             | VhStage::Encrypting(_)
             | VhStage::Finished(_)
-            | VhStage::Over => {
-                Err(self
-                    .cfg
-                    .internal("a frame was handed over while the protocol takes none"))
-            }
+            | VhStage::Over => Err(self
+                .cfg
+                .internal("a frame was handed over while the protocol takes none")),
         }
     }
 
@@ -1171,7 +1169,9 @@ impl ValueHolder {
                     reason: e.to_string(),
                 })?;
                 let Some(off) = self.encrypt_off_node.as_mut() else {
-                    return Err(self.cfg.internal("rows read to encrypt off a node that does not"));
+                    return Err(self
+                        .cfg
+                        .internal("rows read to encrypt off a node that does not"));
                 };
                 match rows {
                     Some(rows) => {
@@ -1218,7 +1218,9 @@ impl ValueHolder {
     /// waits for pieces when that many are, and ends once every piece is back and sent.
     fn hand_out_rows(&mut self, encrypting: VhEncrypting) -> Result<(), JobError> {
         let Some(off) = self.encrypt_off_node.as_mut() else {
-            return Err(self.cfg.internal("rows to encrypt off a node that does not"));
+            return Err(self
+                .cfg
+                .internal("rows to encrypt off a node that does not"));
         };
         off.row_bytes = encrypting.layout().ciphertext_len();
         if !off.all_handed_out && off.pending.len() < off.in_flight {
@@ -1234,13 +1236,19 @@ impl ValueHolder {
 
     /// A piece's ciphertexts back: kept until every piece before it is back, then sent in
     /// our order, cut in the batches the key holder takes.
-    fn on_encrypted(&mut self, offset: u64, result: Result<Vec<u8>, String>) -> Result<(), JobError> {
+    fn on_encrypted(
+        &mut self,
+        offset: u64,
+        result: Result<Vec<u8>, String>,
+    ) -> Result<(), JobError> {
         let ciphertexts = result.map_err(|reason| JobError::Compute {
             step: "encrypting our rows on this node's cluster",
             reason,
         })?;
         let Some(off) = self.encrypt_off_node.as_mut() else {
-            return Err(self.cfg.internal("an encrypted piece came back to a node that sent none"));
+            return Err(self
+                .cfg
+                .internal("an encrypted piece came back to a node that sent none"));
         };
         off.take_back(offset, ciphertexts)?;
         let ready = off.ready();
@@ -1312,7 +1320,9 @@ impl OffNodeRows {
             reason: what,
         };
         let Some((rows, slot @ None)) = self.pending.get_mut(&offset) else {
-            return Err(bad(format!("a piece at row {offset} came back that was not out")));
+            return Err(bad(format!(
+                "a piece at row {offset} came back that was not out"
+            )));
         };
         let expected = usize::try_from(*rows)
             .ok()
@@ -1400,7 +1410,10 @@ impl Protocol for ValueHolder {
 
     fn waits_for_pieces(&self) -> bool {
         self.off_node.as_ref().is_some_and(InOrderPoints::holds_end)
-            || self.encrypt_off_node.as_ref().is_some_and(OffNodeRows::waiting)
+            || self
+                .encrypt_off_node
+                .as_ref()
+                .is_some_and(OffNodeRows::waiting)
     }
 
     fn handle_reblinded(

@@ -18,13 +18,13 @@ use cleanroom_transport::{FramedRecv, FramedSend};
 use tokio::sync::oneshot;
 
 use super::pieces::ClusterPieces;
-use crate::data::cluster_encrypt::{ClusterEncryptor, piece_rows};
 use super::{
     JOB_TIMEOUT, JobContext, MAX_ROWS, PsiInput, accept, blocking, copy_key, dial,
     finish_connection, key_columns, load_input, reblinds_for, run_exchange, sealing_key,
     spill_store,
 };
 use crate::audit::AuditEvent;
+use crate::data::cluster_encrypt::{ClusterEncryptor, piece_rows, pieces_within};
 use crate::data::dataset::{self, RowFilter};
 use crate::data::sum_input::{self, SumInput};
 use crate::dataplane::Delivery;
@@ -114,15 +114,18 @@ async fn encrypt_on_cluster(
     ) else {
         return Ok(pieces);
     };
-    let encryptor =
-        ClusterEncryptor::new(cluster, std::sync::Arc::new(sealing), paillier, layout)
-            .await
-            .map_err(|reason| JobError::Compute {
-                step: "encrypting our rows on this node's cluster",
-                reason,
-            })?;
+    let encryptor = ClusterEncryptor::new(cluster, std::sync::Arc::new(sealing), paillier, layout)
+        .await
+        .map_err(|reason| JobError::Compute {
+            step: "encrypting our rows on this node's cluster",
+            reason,
+        })?;
+    let in_flight = match job.state.cfg().memory_limit_bytes() {
+        Some(limit) => encryptor.pieces_in_flight.min(pieces_within(limit)),
+        None => encryptor.pieces_in_flight,
+    };
     cfg.encrypt = EncryptPlace::Elsewhere {
-        in_flight: encryptor.pieces_in_flight,
+        in_flight,
         piece_rows: piece_rows(layout),
     };
     Ok(pieces.with_encryptor(encryptor))

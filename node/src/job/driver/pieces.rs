@@ -89,7 +89,6 @@ impl ClusterPieces {
         Ok(())
     }
 
-
     /// Pieces the protocol may have out at once: the cluster's `partitions`.
     pub(crate) fn in_flight(&self) -> usize {
         self.reblinder.pieces_in_flight
