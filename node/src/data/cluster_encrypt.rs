@@ -17,25 +17,22 @@
 use std::sync::Arc;
 
 use cleanroom_circuits::ahe::{SecretKey, SlotLayout, encrypt_rows};
-use datafusion::arrow::array::{Array, BinaryArray, BinaryBuilder};
+use datafusion::arrow::array::BinaryBuilder;
 use datafusion::arrow::datatypes::DataType;
 use datafusion::common::{DataFusionError, ScalarValue};
-use datafusion::execution::session_state::SessionStateBuilder;
 use datafusion::logical_expr::expr::ScalarFunction;
 use datafusion::logical_expr::{
     ColumnarValue, ScalarFunctionArgs, ScalarUDF, ScalarUDFImpl, Signature, Volatility,
 };
 use datafusion::logical_expr::{LogicalPlan, LogicalPlanBuilder};
-use datafusion::prelude::{DataFrame, Expr, SessionConfig, SessionContext, col, lit};
-use futures::TryStreamExt;
+use datafusion::prelude::{Expr, SessionContext, col, lit};
 use zeroize::Zeroizing;
 
+use super::cluster_job;
 use super::cluster_pass::{OpenerRef, SealingKey};
 use super::cluster_reblind::HexRows;
 use super::schema::Cluster;
 use super::source::frame::redact;
-use super::source::part_order;
-use ballista::prelude::SessionContextExt;
 
 /// The function's name in plans (the executors' and the scheduler's registries).
 pub const UDF_NAME: &str = "cleanroom_encrypt";
@@ -95,19 +92,7 @@ impl ClusterEncryptor {
         layout: &SlotLayout,
     ) -> Result<ClusterEncryptor, String> {
         let sealed_key = seal_key(&sealing, key, layout)?;
-        let state = SessionStateBuilder::new()
-            .with_config(SessionConfig::new().with_target_partitions(1))
-            .with_default_features()
-            .build();
-        let ctx = SessionContext::remote_with_state(&cluster.url, state)
-            .await
-            .map_err(|e| {
-                format!(
-                    "the Ballista cluster at {}: {}",
-                    cluster.url,
-                    redact(&e.to_string())
-                )
-            })?;
+        let ctx = cluster_job::session(cluster).await?;
         Ok(ClusterEncryptor {
             url: cluster.url.clone(),
             ctx,
@@ -135,20 +120,10 @@ impl ClusterEncryptor {
         let cluster = |e: DataFusionError| redact(&e.to_string());
         let plan = piece_plan(self.sealed_key.clone(), &sealed_rows).map_err(cluster)?;
         drop(sealed_rows);
-        // Submitted as built: the scheduler plans it anyway.
-        let frame = DataFrame::new(self.ctx.state(), plan);
-        let (stream, _) = part_order::read_as_built_in_part_order(frame, &self.url)
+        let Some(output) = cluster_job::one_value(&self.ctx, &self.url, plan)
             .await
-            .map_err(cluster)?;
-        let batches: Vec<_> = stream.try_collect().await.map_err(cluster)?;
-        let mut outputs = batches.iter().flat_map(|b| {
-            b.column(0)
-                .as_any()
-                .downcast_ref::<BinaryArray>()
-                .into_iter()
-                .flat_map(|a| (0..a.len()).map(move |i| (!a.is_null(i)).then(|| a.value(i))))
-        });
-        let (Some(Some(output)), None) = (outputs.next(), outputs.next()) else {
+            .map_err(cluster)?
+        else {
             return Err("the cluster did not answer one encrypted piece".into());
         };
         if output.len() != count * self.ciphertext_len {
@@ -158,7 +133,7 @@ impl ClusterEncryptor {
                 self.ciphertext_len
             ));
         }
-        Ok(output.to_vec())
+        Ok(output)
     }
 }
 

@@ -1,5 +1,6 @@
 use super::*;
 use cleanroom_circuits::ahe::{NOISE_BIAS, RowCiphertext, decrypt_cells, keygen};
+use datafusion::arrow::array::{Array, BinaryArray};
 use std::sync::OnceLock;
 
 fn sealing() -> Arc<SealingKey> {
@@ -178,6 +179,8 @@ fn only_the_executors_key_opens_it_and_never_for_another_use() {
 fn a_piece_holds_at_most_four_mebibytes_of_ciphertexts() {
     let layout = layout();
     let rows = piece_rows(&layout);
+    // Two cells in one Paillier plaintext: 512 bytes a row, 8 192 rows a piece.
+    assert_eq!((layout.ciphertext_len(), rows), (512, 8192));
     assert!(rows * layout.ciphertext_len() <= PIECE_OUTPUT_BYTES);
     assert!((rows + 1) * layout.ciphertext_len() > PIECE_OUTPUT_BYTES);
 }

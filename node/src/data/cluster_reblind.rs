@@ -20,24 +20,21 @@
 use std::sync::Arc;
 
 use cleanroom_circuits::{EncodedPoint, JobKey, POINT_LEN, PsiError, reblind_points};
-use datafusion::arrow::array::{Array, BinaryArray, BinaryBuilder, StringArray, StringViewArray};
+use datafusion::arrow::array::{Array, BinaryBuilder, StringArray, StringViewArray};
 use datafusion::arrow::datatypes::DataType;
 use datafusion::common::{DataFusionError, ScalarValue};
-use datafusion::execution::session_state::SessionStateBuilder;
 use datafusion::logical_expr::expr::ScalarFunction;
 use datafusion::logical_expr::{
     ColumnarValue, ScalarFunctionArgs, ScalarUDF, ScalarUDFImpl, Signature, Volatility,
 };
 use datafusion::logical_expr::{LogicalPlan, LogicalPlanBuilder};
-use datafusion::prelude::{DataFrame, Expr, SessionConfig, SessionContext, col, lit};
-use futures::TryStreamExt;
+use datafusion::prelude::{Expr, SessionContext, col, lit};
 use zeroize::Zeroizing;
 
+use super::cluster_job;
 use super::cluster_pass::{OpenerRef, SealingKey};
 use super::schema::Cluster;
 use super::source::frame::redact;
-use super::source::part_order;
-use ballista::prelude::SessionContextExt;
 
 /// The function's name in plans (the executors' and the scheduler's registries).
 pub const UDF_NAME: &str = "cleanroom_reblind";
@@ -92,19 +89,7 @@ impl ClusterReblinder {
         plain.push(SPEC_VERSION);
         plain.extend_from_slice(key.to_secret_bytes().as_ref());
         let sealed = sealing.seal(AAD, &plain)?;
-        let state = SessionStateBuilder::new()
-            .with_config(SessionConfig::new().with_target_partitions(1))
-            .with_default_features()
-            .build();
-        let ctx = SessionContext::remote_with_state(&cluster.url, state)
-            .await
-            .map_err(|e| {
-                format!(
-                    "the Ballista cluster at {}: {}",
-                    cluster.url,
-                    redact(&e.to_string())
-                )
-            })?;
+        let ctx = cluster_job::session(cluster).await?;
         Ok(ClusterReblinder {
             url: cluster.url.clone(),
             ctx,
@@ -120,25 +105,15 @@ impl ClusterReblinder {
         let cluster = |e: DataFusionError| ReblindFailure::Cluster(redact(&e.to_string()));
         let plan = piece_plan(self.sealed.clone(), &points).map_err(cluster)?;
         drop(points);
-        // Submitted as built: the scheduler plans it anyway.
-        let frame = DataFrame::new(self.ctx.state(), plan);
-        let (stream, _) = part_order::read_as_built_in_part_order(frame, &self.url)
+        let Some(output) = cluster_job::one_value(&self.ctx, &self.url, plan)
             .await
-            .map_err(cluster)?;
-        let batches: Vec<_> = stream.try_collect().await.map_err(cluster)?;
-        let mut outputs = batches.iter().flat_map(|b| {
-            b.column(0)
-                .as_any()
-                .downcast_ref::<BinaryArray>()
-                .into_iter()
-                .flat_map(|a| (0..a.len()).map(move |i| (!a.is_null(i)).then(|| a.value(i))))
-        });
-        let (Some(Some(output)), None) = (outputs.next(), outputs.next()) else {
+            .map_err(cluster)?
+        else {
             return Err(ReblindFailure::Cluster(
                 "the cluster did not answer one re-blinded piece".into(),
             ));
         };
-        decode_output(output, expected)
+        decode_output(&output, expected)
     }
 }
 
@@ -327,6 +302,7 @@ fn open_key(sealing: &SealingKey, sealed: &[u8]) -> Result<JobKey, String> {
 mod tests {
     use super::*;
     use cleanroom_circuits::hash_to_group;
+    use datafusion::arrow::array::BinaryArray;
 
     fn sealing() -> Arc<SealingKey> {
         Arc::new(SealingKey::from_bytes(&[7; 32]).expect("a key"))
