@@ -112,7 +112,8 @@ pub enum Command {
     Executor(ExecutorArgs),
     /// Write a new key a node shares with its Ballista executors: give the file to
     /// `cleanroom executor --sealing-key` and to the node's `engine.sealing_key`. The node seals
-    /// each overlap's job key under it, so the plans the scheduler sees carry a ciphertext.
+    /// each job's secrets under it (the job key; an overlap-sum's Paillier key and rows; an
+    /// aggregate's spec), so the plans the scheduler sees carry ciphertexts.
     SealingKey(SealingKeyArgs),
     /// Benchmarks that report throughput against the cryptographic cost floor.
     Bench {
@@ -305,8 +306,10 @@ pub struct ExecutorArgs {
     #[arg(long)]
     pub memory_pool: Option<bytesize::ByteSize>,
     /// The key file the partner's node names as `engine.sealing_key` (64 hex digits; make one
-    /// with `cleanroom sealing-key --out FILE`). With it, this executor runs an overlap's
-    /// normalising, filtering and blinding; without it, only reads.
+    /// with `cleanroom sealing-key --out FILE`). With it, this executor also filters,
+    /// normalises and blinds for an overlap, a match or an overlap-sum, re-blinds the partner's
+    /// points, encrypts an overlap-sum value holder's rows and groups an aggregate's; without
+    /// it, it only reads.
     #[arg(long)]
     pub sealing_key: Option<PathBuf>,
     /// Also shut down when standard input closes (for supervisors and tests).

@@ -49,7 +49,7 @@ const SPEC_VERSION: u8 = 1;
 /// A piece's ciphertexts at most: one Flight message, well under its 16 MiB cap.
 const PIECE_OUTPUT_BYTES: usize = 4 << 20;
 
-/// Rows in one piece under `layout`: as many as fit [`PIECE_OUTPUT_BYTES`] of ciphertexts.
+/// Rows in one piece under `layout`: as many as fit 4 MiB of ciphertexts.
 pub fn piece_rows(layout: &SlotLayout) -> usize {
     (PIECE_OUTPUT_BYTES / layout.ciphertext_len().max(1)).max(1)
 }

@@ -28,8 +28,10 @@ pub struct Cluster {
     pub url: String,
     /// Parts each read is split into.
     pub partitions: usize,
-    /// The key file the node shares with its executors; with it, an overlap's blinding runs
-    /// there too ([`super::cluster_pass`]).
+    /// The key file the node shares with its executors; with it, a job's blinding,
+    /// re-blinding, an overlap-sum's encryption and an aggregate's grouping run there too
+    /// ([`super::cluster_pass`], [`super::cluster_reblind`], [`super::cluster_encrypt`],
+    /// [`super::cluster_aggregate`]).
     pub sealing_key: Option<PathBuf>,
     /// Whether a read's parts are taken in part order, so its rows come in file order
     /// ([`DatasetConfig::in_file_order`]); not a setting.
