@@ -18,7 +18,6 @@
 use std::sync::Arc;
 
 use cleanroom_circuits::ahe::{SecretKey, SlotLayout, encrypt_rows};
-use datafusion::arrow::array::BinaryBuilder;
 use datafusion::arrow::datatypes::DataType;
 use datafusion::common::{DataFusionError, ScalarValue};
 use datafusion::logical_expr::expr::ScalarFunction;
@@ -31,7 +30,6 @@ use zeroize::Zeroizing;
 
 use super::cluster_job;
 use super::cluster_pass::{OpenerRef, SealingKey};
-use super::cluster_reblind::HexRows;
 use super::schema::Cluster;
 use super::source::frame::redact;
 
@@ -274,25 +272,10 @@ impl ScalarUDFImpl for EncryptUdf {
             return Err(fail("the first argument is not a sealed key"));
         };
         let (key, layout) = open_key(sealing, sealed).map_err(|m| fail(&m))?;
-        let arrays = ColumnarValue::values_to_arrays(std::slice::from_ref(rows))?;
-        let texts = arrays
-            .first()
-            .and_then(|a| HexRows::of(a.as_ref()))
-            .ok_or_else(|| fail("the rows are not text"))?;
-        let mut out = BinaryBuilder::new();
-        for row in 0..args.number_rows {
-            let Some(text) = texts.get(row) else {
-                out.append_null();
-                continue;
-            };
-            let sealed_rows =
-                hex::decode(text).map_err(|_| fail("the rows are not hex (a node's defect)"))?;
-            let values = open_rows(sealing, &sealed_rows, layout.cells()).map_err(|m| fail(&m))?;
-            let ciphertexts =
-                encrypt_rows(&key, &layout, &values).map_err(|e| fail(&e.to_string()))?;
-            out.append_value(ciphertexts);
-        }
-        Ok(ColumnarValue::Array(Arc::new(out.finish())))
+        cluster_job::map_hex_rows(rows, args.number_rows, "rows", fail, |sealed_rows| {
+            let values = open_rows(sealing, sealed_rows, layout.cells()).map_err(|m| fail(&m))?;
+            encrypt_rows(&key, &layout, &values).map_err(|e| fail(&e.to_string()))
+        })
     }
 }
 

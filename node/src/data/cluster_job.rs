@@ -1,9 +1,13 @@
 //! A one-row job on this node's own cluster, as re-blinding and encrypting send their pieces:
-//! a session with the scheduler, and the one binary value a piece's plan answers.
+//! a session with the scheduler, the one binary value a piece's plan answers, and, on an
+//! executor, the piece's column of hex text read row by row.
 
-use datafusion::arrow::array::{Array, BinaryArray};
+use std::sync::Arc;
+
+use datafusion::arrow::array::{Array, BinaryArray, BinaryBuilder, StringArray, StringViewArray};
 use datafusion::common::DataFusionError;
 use datafusion::execution::session_state::SessionStateBuilder;
+use datafusion::logical_expr::ColumnarValue;
 use datafusion::logical_expr::LogicalPlan;
 use datafusion::prelude::{DataFrame, SessionConfig, SessionContext};
 use futures::TryStreamExt;
@@ -52,4 +56,55 @@ pub(crate) async fn one_value(
         (Some(Some(output)), None) => Some(output.to_vec()),
         _ => None,
     })
+}
+
+/// Applies `each` to the bytes of every row of a piece function's `column` of hex text
+/// (`noun`: what it holds, for the errors `fail` makes): a null stays null, the output is
+/// binary.
+pub(crate) fn map_hex_rows(
+    column: &ColumnarValue,
+    number_rows: usize,
+    noun: &str,
+    fail: impl Fn(&str) -> DataFusionError,
+    mut each: impl FnMut(&[u8]) -> Result<Vec<u8>, DataFusionError>,
+) -> datafusion::error::Result<ColumnarValue> {
+    let arrays = ColumnarValue::values_to_arrays(std::slice::from_ref(column))?;
+    let texts = arrays
+        .first()
+        .and_then(|a| HexRows::of(a.as_ref()))
+        .ok_or_else(|| fail(&format!("the {noun} are not text")))?;
+    let mut out = BinaryBuilder::new();
+    for row in 0..number_rows {
+        let Some(text) = texts.get(row) else {
+            out.append_null();
+            continue;
+        };
+        let bytes = hex::decode(text)
+            .map_err(|_| fail(&format!("the {noun} are not hex (a node's defect)")))?;
+        out.append_value(each(&bytes)?);
+    }
+    Ok(ColumnarValue::Array(Arc::new(out.finish())))
+}
+
+/// A piece's column of hex text, as either string array DataFusion may hand over.
+enum HexRows<'a> {
+    Plain(&'a StringArray),
+    View(&'a StringViewArray),
+}
+
+impl<'a> HexRows<'a> {
+    fn of(array: &'a dyn Array) -> Option<HexRows<'a>> {
+        let any = array.as_any();
+        any.downcast_ref::<StringArray>()
+            .map(HexRows::Plain)
+            .or_else(|| any.downcast_ref::<StringViewArray>().map(HexRows::View))
+    }
+
+    /// Row `i`'s text; `None` past the end or for a null.
+    fn get(&self, i: usize) -> Option<&'a str> {
+        match self {
+            HexRows::Plain(a) => (i < a.len() && !a.is_null(i)).then(|| a.value(i)),
+            HexRows::View(a) => (i < a.len() && !a.is_null(i)).then(|| a.value(i)),
+        }
+    }
 }

@@ -20,7 +20,6 @@
 use std::sync::Arc;
 
 use cleanroom_circuits::{EncodedPoint, JobKey, POINT_LEN, PsiError, reblind_points};
-use datafusion::arrow::array::{Array, BinaryBuilder, StringArray, StringViewArray};
 use datafusion::arrow::datatypes::DataType;
 use datafusion::common::{DataFusionError, ScalarValue};
 use datafusion::logical_expr::expr::ScalarFunction;
@@ -236,45 +235,9 @@ impl ScalarUDFImpl for ReblindUdf {
             return Err(fail("the first argument is not a sealed key"));
         };
         let key = open_key(sealing, sealed).map_err(|m| fail(&m))?;
-        let arrays = ColumnarValue::values_to_arrays(std::slice::from_ref(points))?;
-        let rows = arrays
-            .first()
-            .and_then(|a| HexRows::of(a.as_ref()))
-            .ok_or_else(|| fail("the points are not text"))?;
-        let mut out = BinaryBuilder::new();
-        for row in 0..args.number_rows {
-            let Some(text) = rows.get(row) else {
-                out.append_null();
-                continue;
-            };
-            let points =
-                hex::decode(text).map_err(|_| fail("the points are not hex (a node's defect)"))?;
-            out.append_value(encode_output(&key, &points).map_err(|m| fail(&m))?);
-        }
-        Ok(ColumnarValue::Array(Arc::new(out.finish())))
-    }
-}
-
-/// The function's column of points in hex, as either string array DataFusion may hand over.
-pub(crate) enum HexRows<'a> {
-    Plain(&'a StringArray),
-    View(&'a StringViewArray),
-}
-
-impl<'a> HexRows<'a> {
-    pub(crate) fn of(array: &'a dyn Array) -> Option<HexRows<'a>> {
-        let any = array.as_any();
-        any.downcast_ref::<StringArray>()
-            .map(HexRows::Plain)
-            .or_else(|| any.downcast_ref::<StringViewArray>().map(HexRows::View))
-    }
-
-    /// Row `i`'s text; `None` past the end or for a null.
-    pub(crate) fn get(&self, i: usize) -> Option<&'a str> {
-        match self {
-            HexRows::Plain(a) => (i < a.len() && !a.is_null(i)).then(|| a.value(i)),
-            HexRows::View(a) => (i < a.len() && !a.is_null(i)).then(|| a.value(i)),
-        }
+        cluster_job::map_hex_rows(points, args.number_rows, "points", fail, |points| {
+            encode_output(&key, points).map_err(|m| fail(&m))
+        })
     }
 }
 

@@ -482,7 +482,7 @@ async fn exchange(
         None => None,
     };
     let kind = JobKind::try_from(job.spec.kind).unwrap_or(JobKind::Overlap);
-    let reblinds = reblinds_for(job, key_before_session(&input)?).await?;
+    let on_cluster = reblinds_for(job, key_before_session(&input)?).await?;
     let cfg = PsiConfig {
         job_id: job.job_id.clone(),
         me: job.my_name.clone(),
@@ -490,7 +490,7 @@ async fn exchange(
         permit: job.permit.clone(),
         digest: spec_digest(&job.job_id, &job.spec),
         noise,
-        reblind: match &reblinds {
+        reblind: match &on_cluster {
             Some(r) => ReblindPlace::Elsewhere {
                 in_flight: r.in_flight(),
             },
@@ -527,7 +527,7 @@ async fn exchange(
         }
     };
     let own_size = proto.own_size();
-    let bytes = run_exchange(job, conn, send, first, &mut proto, own_size, reblinds).await?;
+    let bytes = run_exchange(job, conn, send, first, &mut proto, own_size, on_cluster).await?;
     let PsiExchange {
         output,
         peer_noise,
@@ -607,12 +607,12 @@ pub(crate) async fn run_exchange<P: Protocol>(
     first: Option<(FramedRecv, Envelope)>,
     proto: &mut P,
     own_size: u64,
-    mut reblinds: Option<ClusterPieces>,
+    mut on_cluster: Option<ClusterPieces>,
 ) -> Result<u64, NodeError> {
     let partner = job.permit.partner.clone();
     let mut out = Outgoing::new(send, &job.job_id, Phase::PsiSize);
     let result = async {
-        do_steps(job, proto, &mut out, None, reblinds.as_mut()).await?;
+        do_steps(job, proto, &mut out, None, on_cluster.as_mut()).await?;
         let (recv, hello) = match first {
             Some((recv, hello)) => (recv, Some(hello)),
             None => {
@@ -642,15 +642,15 @@ pub(crate) async fn run_exchange<P: Protocol>(
             &partner,
             bound.as_ref().map(|(ahead, dir)| (*ahead, dir.as_path())),
         )?;
-        run_protocol(job, proto, &mut out, &mut incoming, reblinds.as_mut()).await?;
-        if let Some((pieces, points)) = reblinds.as_ref().map(ClusterPieces::sent) {
+        run_protocol(job, proto, &mut out, &mut incoming, on_cluster.as_mut()).await?;
+        if let Some((pieces, points)) = on_cluster.as_ref().map(ClusterPieces::sent) {
             tracing::info!(
                 pieces,
                 points,
                 "re-blinded the partner's points on the cluster, in pieces"
             );
         }
-        if let Some((pieces, rows)) = reblinds.as_ref().map(ClusterPieces::encrypted)
+        if let Some((pieces, rows)) = on_cluster.as_ref().map(ClusterPieces::encrypted)
             && pieces > 0
         {
             tracing::info!(pieces, rows, "encrypted our rows on the cluster, in pieces");
@@ -687,13 +687,13 @@ async fn do_steps<P: Protocol>(
     proto: &mut P,
     out: &mut Outgoing,
     mut incoming: Option<&mut PeerFrames>,
-    mut reblinds: Option<&mut ClusterPieces>,
+    mut on_cluster: Option<&mut ClusterPieces>,
 ) -> Result<(), NodeError> {
     while let Some(step) = proto.next_step() {
         match step {
             Step::Send(env) => out.send_env(&env).await?,
-            Step::Reblind(piece) => match reblinds.as_deref_mut() {
-                Some(reblinds) => reblinds.start(piece),
+            Step::Reblind(piece) => match on_cluster.as_deref_mut() {
+                Some(on_cluster) => on_cluster.start(piece),
                 None => {
                     return Err(JobError::Internal(
                         "the protocol handed out points to re-blind, and this job has no cluster"
@@ -702,7 +702,7 @@ async fn do_steps<P: Protocol>(
                     .into());
                 }
             },
-            Step::Encrypt(piece) => match reblinds.as_deref_mut() {
+            Step::Encrypt(piece) => match on_cluster.as_deref_mut() {
                 Some(pieces) => pieces.start_encrypt(piece)?,
                 None => {
                     return Err(JobError::Internal(
@@ -720,8 +720,8 @@ async fn do_steps<P: Protocol>(
                 let done = blocking(move || P::run(work)).await?;
                 proto.handle_done(done)?;
                 // Pieces that came back from the cluster meanwhile.
-                if let Some(reblinds) = reblinds.as_deref_mut() {
-                    while let Some(back) = reblinds.try_next() {
+                if let Some(on_cluster) = on_cluster.as_deref_mut() {
+                    while let Some(back) = on_cluster.try_next() {
                         take_back(proto, back?)?;
                     }
                 }
@@ -764,7 +764,7 @@ async fn run_protocol<P: Protocol>(
     proto: &mut P,
     out: &mut Outgoing,
     incoming: &mut PeerFrames,
-    mut reblinds: Option<&mut ClusterPieces>,
+    mut on_cluster: Option<&mut ClusterPieces>,
 ) -> Result<(), NodeError> {
     loop {
         do_steps(
@@ -772,19 +772,21 @@ async fn run_protocol<P: Protocol>(
             proto,
             out,
             Some(&mut *incoming),
-            reblinds.as_deref_mut(),
+            on_cluster.as_deref_mut(),
         )
         .await?;
         if proto.is_finished() {
             return Ok(());
         }
         let silence = proto.silence_allowed();
-        match reblinds.as_deref_mut().filter(|r| r.busy()) {
-            Some(reblinds) if proto.waits_for_pieces() => take_back(proto, reblinds.next().await?)?,
+        match on_cluster.as_deref_mut().filter(|r| r.busy()) {
+            Some(on_cluster) if proto.waits_for_pieces() => {
+                take_back(proto, on_cluster.next().await?)?
+            }
             // The peer's next frame or a piece back from the cluster, whichever comes first.
-            Some(reblinds) => tokio::select! {
+            Some(on_cluster) => tokio::select! {
                 env = incoming.next(silence) => proto.handle(env?)?,
-                back = reblinds.next() => take_back(proto, back?)?,
+                back = on_cluster.next() => take_back(proto, back?)?,
             },
             None => {
                 let env = incoming.next(silence).await?;

@@ -89,13 +89,13 @@ async fn reblinds_on_cluster(
     cfg: &mut SumConfig,
     key: &JobKey,
 ) -> Result<Option<ClusterPieces>, NodeError> {
-    let reblinds = reblinds_for(job, Some(copy_key(key)?)).await?;
-    if let Some(r) = &reblinds {
+    let on_cluster = reblinds_for(job, Some(copy_key(key)?)).await?;
+    if let Some(r) = &on_cluster {
         cfg.reblind = ReblindPlace::Elsewhere {
             in_flight: r.in_flight(),
         };
     }
-    Ok(reblinds)
+    Ok(on_cluster)
 }
 
 /// With a sealing key on the dataset's cluster (the one its pieces go to), the value holder's
@@ -234,12 +234,12 @@ async fn key_holder(
 ) -> Result<PsiOutcome, NodeError> {
     let partner = job.permit.partner.clone();
     let mut cfg = config(job)?;
-    let (mut proto, reblinds) = match input {
+    let (mut proto, on_cluster) = match input {
         PsiInput::Items(items) => (KeyHolder::start(cfg, JobKey::generate(), items)?, None),
         PsiInput::Spilled(key, own) => {
             // On a cluster, the value holder's points are re-blinded there too.
-            let reblinds = reblinds_on_cluster(job, &mut cfg, &key).await?;
-            (KeyHolder::start_spilled(cfg, key, own)?, reblinds)
+            let on_cluster = reblinds_on_cluster(job, &mut cfg, &key).await?;
+            (KeyHolder::start_spilled(cfg, key, own)?, on_cluster)
         }
         PsiInput::Blinded(_) => {
             return Err(JobError::Internal(
@@ -249,7 +249,7 @@ async fn key_holder(
         }
     };
     let own_size = proto.own_size();
-    let bytes = run_exchange(job, conn, send, None, &mut proto, own_size, reblinds).await?;
+    let bytes = run_exchange(job, conn, send, None, &mut proto, own_size, on_cluster).await?;
     let KhExchange {
         sizes: (own, peer),
         release,
@@ -306,7 +306,7 @@ async fn value_holder(
     let partner = job.permit.partner.clone();
     let mut cfg = config(job)?;
     let shape = cfg.shape.clone();
-    let reblinds = match &input.keys {
+    let on_cluster = match &input.keys {
         // On a cluster (none without one), the key holder's points are re-blinded there too.
         sum_input::SumKeys::Blinded(key, _) | sum_input::SumKeys::Spilled(key, _) => {
             reblinds_on_cluster(job, &mut cfg, key).await?
@@ -322,7 +322,7 @@ async fn value_holder(
         })
     })?;
     // On a cluster, our rows are encrypted there too.
-    let reblinds = match reblinds {
+    let on_cluster = match on_cluster {
         Some(pieces) => {
             let layout = input.layout.clone();
             Some(encrypt_on_cluster(job, &mut cfg, pieces, &paillier, &layout).await?)
@@ -338,7 +338,7 @@ async fn value_holder(
         Some((recv, first)),
         &mut proto,
         own_size,
-        reblinds,
+        on_cluster,
     )
     .await?;
     let VhExchange {
