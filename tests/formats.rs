@@ -103,7 +103,8 @@ fn parquet_meets_a_sql_view_in_a_real_overlap_and_match() {
 /// The same jobs with both nodes' reads on a Ballista cluster (a scheduler and two executors,
 /// real processes): the same count and the same matched rows as the truth, which the node's
 /// own engine gives above. Every executor ran a share of the reads (its own counters), and no
-/// identifier reached the cluster's logs.
+/// identifier reached the cluster's logs. acme shares a directory with its executors: its
+/// final comparisons ran there, and left no bucket file behind.
 #[test]
 fn a_ballista_cluster_reads_the_same_rows_and_every_executor_takes_a_share() {
     let c = parquet_meets_a_view(3000, Some(2));
@@ -132,6 +133,11 @@ fn a_ballista_cluster_reads_the_same_rows_and_every_executor_takes_a_share() {
             panic!("{} logged the identifier {e}", process.name);
         }
     }
+    // acme's buckets were in the shared directory for the jobs only.
+    let shared: Vec<_> = std::fs::read_dir(c.path().join("shared"))
+        .unwrap()
+        .collect();
+    assert!(shared.is_empty(), "acme left {shared:?}");
     // The executors' outputs are rows of the datasets: gone once they stop.
     let mut c = c;
     drop(c.ballista.take());
@@ -171,9 +177,12 @@ fn parquet_meets_a_view(rows: u64, executors: Option<usize>) -> Consortium {
 
     if let Some(executors) = executors {
         let cluster = Ballista::start(c.path(), executors, 600);
-        // acme's overlap blinding runs on the executors too (it names their sealing key);
-        // globex's reads only.
-        c.node_top.insert("acme".into(), cluster.engine_line(true));
+        // acme's overlap blinding runs on the executors too (it names their sealing key), and
+        // its final comparison (it shares a directory with them); globex's reads only.
+        let shared = c.path().join("shared");
+        std::fs::create_dir_all(&shared).unwrap();
+        c.node_top
+            .insert("acme".into(), cluster.engine_line_shared(&shared));
         c.node_top
             .insert("globex".into(), cluster.engine_line(false));
         c.ballista = Some(cluster);
@@ -261,6 +270,11 @@ fn parquet_meets_a_view(rows: u64, executors: Option<usize>) -> Consortium {
             "{acme}"
         );
         assert!(reblinded_on_the_cluster(&c.node_log("globex")).is_empty());
+        // Both jobs' final comparisons ran on acme's executors (its buckets are in the shared
+        // directory); globex, without one, compared on its node.
+        let compared = "compared the points on the cluster";
+        assert_eq!(acme.matches(compared).count(), 2, "{acme}");
+        assert!(!c.node_log("globex").contains(compared));
         // globex's view filters a CSV over the split size: its membership pass read in parts.
         // (acme's Parquet file, under 64 KiB, is one part.)
         let parts = ordered_reads(&c, "globex");

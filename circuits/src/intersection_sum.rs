@@ -1144,23 +1144,7 @@ impl KhAwaitingReturn {
                 (matched, 0)
             }
         };
-        let intersection = matched.count();
-        if intersection > MAX_SUMMANDS as u64 {
-            return Err(SumError::IntersectionTooLarge {
-                count: intersection,
-                max: MAX_SUMMANDS,
-            });
-        }
-        let sum = RowSum::empty(&peer.layout);
-        Ok(KhSumming {
-            own_size: common.own_size,
-            peer,
-            matched,
-            intersection,
-            rows_received: 0,
-            sum,
-            spilled_bytes,
-        })
+        KhSumming::start(common.own_size, peer, matched, spilled_bytes)
     }
 }
 
@@ -1187,6 +1171,32 @@ impl std::fmt::Debug for KhSumming {
 }
 
 impl KhSumming {
+    /// Summing the value holder's rows at the `matched` positions.
+    fn start(
+        own_size: u64,
+        peer: KhPeer,
+        matched: MatchedRows,
+        spilled_bytes: u64,
+    ) -> Result<KhSumming, SumError> {
+        let intersection = matched.count();
+        if intersection > MAX_SUMMANDS as u64 {
+            return Err(SumError::IntersectionTooLarge {
+                count: intersection,
+                max: MAX_SUMMANDS,
+            });
+        }
+        let sum = RowSum::empty(&peer.layout);
+        Ok(KhSumming {
+            own_size,
+            peer,
+            matched,
+            intersection,
+            rows_received: 0,
+            sum,
+            spilled_bytes,
+        })
+    }
+
     /// `|A ∩ B|`, exact: the key holder learns it in this protocol.
     pub fn intersection(&self) -> u64 {
         self.intersection

@@ -100,8 +100,8 @@ pub use items::ItemSet;
 pub use key::JobKey;
 pub use psi::spill;
 pub use psi::{
-    AwaitingPeerSize, AwaitingReturn, ExchangingPoints, Matching, PsiOutput, PsiParams, PsiSession,
-    ReadyToBlind, Streaming, blind_items, check_peer_batch, reblind_points,
+    AwaitingMerge, AwaitingPeerSize, AwaitingReturn, ExchangingPoints, Matching, PsiOutput,
+    PsiParams, PsiSession, ReadyToBlind, Streaming, blind_items, check_peer_batch, reblind_points,
 };
 
 /// Bytes in one compressed ristretto255 element.

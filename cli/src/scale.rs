@@ -6,6 +6,7 @@ use std::sync::Arc;
 use crate::args::{ExecutorArgs, SchedulerArgs};
 use cleanroom_node::data::cluster_aggregate::AggregateUdf;
 use cleanroom_node::data::cluster_encrypt::EncryptUdf;
+use cleanroom_node::data::cluster_merge::MergeUdf;
 use cleanroom_node::data::cluster_outcome;
 use cleanroom_node::data::cluster_pass::{PassUdf, SealingKey};
 use cleanroom_node::data::cluster_reblind::ReblindUdf;
@@ -19,6 +20,7 @@ pub async fn scheduler(args: SchedulerArgs) -> anyhow::Result<ExitCode> {
         Arc::new(PassUdf::planner()),
         Arc::new(ReblindUdf::planner()),
         Arc::new(EncryptUdf::planner()),
+        Arc::new(MergeUdf::planner()),
     ];
     functions.extend(AggregateUdf::planners().map(Arc::new));
     functions.extend(line_table::functions().map(Arc::new));
@@ -58,6 +60,7 @@ pub async fn executor(args: ExecutorArgs) -> anyhow::Result<ExitCode> {
                         Arc::new(PassUdf::executor(Arc::clone(&key))),
                         Arc::new(ReblindUdf::executor(Arc::clone(&key))),
                         Arc::new(EncryptUdf::executor(Arc::clone(&key))),
+                        Arc::new(MergeUdf::executor(Arc::clone(&key))),
                     ];
                     functions.extend(AggregateUdf::executors(&key).map(Arc::new));
                     functions
@@ -67,6 +70,7 @@ pub async fn executor(args: ExecutorArgs) -> anyhow::Result<ExitCode> {
                         Arc::new(PassUdf::planner()),
                         Arc::new(ReblindUdf::planner()),
                         Arc::new(EncryptUdf::planner()),
+                        Arc::new(MergeUdf::planner()),
                     ];
                     functions.extend(AggregateUdf::planners().map(Arc::new));
                     functions

@@ -94,13 +94,21 @@ async fn serve(
     // coordinator's registration. Held until this function returns.
     let _lock = lock_state_dir(&cfg.state_dir)?;
     // A node killed during a job left its blinded points on disk: nobody will read them.
-    match crate::job::spill::sweep(&cfg.spill_dir()) {
-        Ok(0) => {}
-        Ok(n) => tracing::info!(
-            removed = n,
-            "removed spill directories left by an earlier run"
-        ),
-        Err(e) => tracing::warn!(error = %e, "could not sweep the spill directory"),
+    let shared = cfg.engine.shared_dir.clone();
+    for dir in std::iter::once(cfg.spill_dir()).chain(shared) {
+        match crate::job::spill::sweep(&dir) {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(
+                removed = n,
+                dir = %dir.display(),
+                "removed spill directories left by an earlier run"
+            ),
+            Err(e) => tracing::warn!(
+                error = %e,
+                dir = %dir.display(),
+                "could not sweep a spill directory"
+            ),
+        }
     }
     // No audit log, no node: every access must be recorded.
     let audit = AuditLog::open(&cfg.audit_path()).map_err(|e| NodeError::Config(e.to_string()))?;

@@ -122,6 +122,21 @@ impl Ballista {
         cleanroom_scale::scheduler::engine_line(self.addr, key)
     }
 
+    /// [`engine_line`](Self::engine_line) sealed, with `shared` as the directory the node and
+    /// the executors share: the node keeps a job's point buckets there and its final
+    /// comparison runs on the executors.
+    pub fn engine_line_shared(&self, shared: &Path) -> String {
+        let sealed = self.engine_line(true);
+        let line = sealed
+            .trim_end()
+            .strip_suffix('}')
+            .expect("an inline table");
+        format!(
+            "{line}, shared_dir = {:?} }}\n",
+            shared.display().to_string()
+        )
+    }
+
     /// Each executor's `(tasks, rows)`, from the last count it logged.
     pub fn shares(&self) -> Vec<(u64, u64)> {
         self.executors

@@ -13,10 +13,11 @@
 //! permutation of our items, independent of them, since the encodings of `k·H(x)` under a
 //! secret uniform `k` are indistinguishable from uniform strings.
 
+use crate::psi::merge::{MergeResult, combine, merge_buckets};
 use crate::psi::received_within;
 use crate::spill::{
-    BUCKETS, BucketReader, PointSet, PointStore, SpilledOwn, append_by_bucket,
-    append_records_by_bucket, bucket_cap, matched_peer_places, placed,
+    BUCKETS, BucketMatches, BucketReader, Merge, PointSet, PointStore, SpilledOwn,
+    append_by_bucket, append_records_by_bucket, bucket_cap, placed,
 };
 use crate::{EncodedPoint, PsiError};
 
@@ -167,8 +168,23 @@ impl KhSpill {
     /// the store in all. The store is dropped here (a node's spill files with it), before the
     /// rows arrive.
     pub(super) fn matched(mut self) -> Result<(MatchedRows, u64), PsiError> {
+        let mut answers = Vec::with_capacity(BUCKETS);
+        merge_buckets(self.store.as_mut(), Merge::PeerPlaces, |a| answers.push(a))?;
+        self.matched_from(answers)
+    }
+
+    /// Which rows matched, from every bucket's answer to [`Merge::PeerPlaces`] in bucket order.
+    fn matched_from(self, answers: Vec<BucketMatches>) -> Result<(MatchedRows, u64), PsiError> {
+        let MergeResult::Places(places) = combine(Merge::PeerPlaces, answers, self.peer_received)?
+        else {
+            return Err(PsiError::Spill(
+                "the merge counted where places were due".into(),
+            ));
+        };
         let mut matched = MatchedRows::new(self.peer_received);
-        matched_peer_places(self.store.as_mut(), |place| matched.set(u64::from(place)))?;
+        for place in places {
+            matched.set(u64::from(place));
+        }
         Ok((matched, self.store.bytes_written()))
     }
 }

@@ -8,11 +8,12 @@ use rayon::prelude::*;
 
 use crate::{EncodedPoint, ItemSet, JobKey, POINT_LEN, PsiError, hash_to_group};
 
+pub(crate) mod merge;
 pub mod spill;
 mod stream;
 
 use spill::{PointSet, PointStore, SpilledOwn};
-pub use stream::{Matching, Streaming};
+pub use stream::{AwaitingMerge, Matching, Streaming};
 
 /// Points per rayon task: large enough to amortise the batch inversion of
 /// `double_and_compress_batch`, small enough to balance across cores.

@@ -36,6 +36,8 @@ use std::collections::HashMap;
 
 use crate::{EncodedPoint, ItemSet, JobKey, POINT_LEN, PsiError, blind_items};
 
+pub use super::merge::{BucketMatches, Merge, merge_bucket};
+
 /// Buckets per set.
 pub const BUCKETS: usize = 256;
 
@@ -156,6 +158,11 @@ pub trait PointStore: Send + std::fmt::Debug {
     fn put(&mut self, set: PointSet, bucket: usize, points: &[u8]) -> std::io::Result<()>;
     /// Bytes written so far, appended or put.
     fn bytes_written(&self) -> u64;
+    /// Writes out whatever is buffered, so that another process reading the buckets' files
+    /// (a node's executors merging them) sees every point appended so far.
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 /// A [`PointStore`] in memory, for tests (it bounds nothing).
@@ -539,66 +546,6 @@ pub(crate) fn sort_bucket_distinct(
     Ok(true)
 }
 
-/// Counts the returned points found among the peer's, bucket by bucket (both sets sorted by
-/// [`sort_buckets_distinct`]); fails on a point returned twice.
-pub(crate) fn count_matches(store: &mut dyn PointStore) -> Result<u64, PsiError> {
-    let mut count = 0u64;
-    for b in 0..BUCKETS {
-        let returned = read_returned_sorted(store, b)?;
-        let peer = read_bucket(store, PointSet::Peer, b)?;
-        for_each_match(&returned, &peer, |_, _| count += 1);
-    }
-    Ok(count)
-}
-
-/// Bucket `b` of our returned points, sorted; fails on a point returned twice.
-fn read_returned_sorted(
-    store: &mut dyn PointStore,
-    b: usize,
-) -> Result<Vec<EncodedPoint>, PsiError> {
-    let mut returned = read_bucket(store, PointSet::Returned, b)?;
-    returned.sort_unstable();
-    if returned.windows(2).any(|w| w[0] == w[1]) {
-        return Err(PsiError::DuplicateReturnedPoint);
-    }
-    Ok(returned)
-}
-
-/// Whether two neighbours of records sorted by their point share the point.
-fn a_point_twice<const N: usize>(sorted: &[[u8; N]]) -> bool {
-    sorted
-        .windows(2)
-        .any(|w| w[0][..POINT_LEN] == w[1][..POINT_LEN])
-}
-
-/// Walks two lists of records sorted by their point (their first [`POINT_LEN`] bytes, each
-/// point once in a list) in step, and calls `found` with each pair that shares a point.
-fn for_each_match<const A: usize, const B: usize>(
-    a: &[[u8; A]],
-    b: &[[u8; B]],
-    mut found: impl FnMut(&[u8; A], &[u8; B]),
-) {
-    let (mut i, mut j) = (0, 0);
-    while i < a.len() && j < b.len() {
-        match a[i][..POINT_LEN].cmp(&b[j][..POINT_LEN]) {
-            std::cmp::Ordering::Less => i += 1,
-            std::cmp::Ordering::Greater => j += 1,
-            std::cmp::Ordering::Equal => {
-                found(&a[i], &b[j]);
-                i += 1;
-                j += 1;
-            }
-        }
-    }
-}
-
-/// The place a [`placed`] record carries.
-fn place_of(record: &PlacedPoint) -> u32 {
-    let mut place = [0u8; 4];
-    place.copy_from_slice(&record[POINT_LEN..]);
-    u32::from_le_bytes(place)
-}
-
 /// A returned point with its place in our stream ([`PointSet::ReturnedPlaced`]).
 pub(crate) type PlacedPoint = [u8; POINT_LEN + 4];
 
@@ -607,42 +554,6 @@ pub(crate) fn placed(point: &EncodedPoint, place: u32) -> PlacedPoint {
     record[..POINT_LEN].copy_from_slice(point);
     record[POINT_LEN..].copy_from_slice(&place.to_le_bytes());
     record
-}
-
-/// The places in our stream of the returned points found among the peer's, sorted: the
-/// peer's buckets (sorted by [`sort_bucket_distinct`]) merged with ours, bucket by bucket.
-/// Fails on a point returned twice.
-pub(crate) fn matched_places(store: &mut dyn PointStore) -> Result<Vec<u32>, PsiError> {
-    let mut places = Vec::new();
-    for b in 0..BUCKETS {
-        let returned =
-            read_records_sorted::<{ POINT_LEN + 4 }>(store, PointSet::ReturnedPlaced, b)?;
-        if a_point_twice(&returned) {
-            return Err(PsiError::DuplicateReturnedPoint);
-        }
-        let peer = read_bucket(store, PointSet::Peer, b)?;
-        for_each_match(&returned, &peer, |r, _| places.push(place_of(r)));
-    }
-    places.sort_unstable();
-    Ok(places)
-}
-
-/// The places in the peer's stream of its points that match one of our returned points:
-/// `PeerPlaced` and `Returned` merged bucket by bucket, each sorted, `found` called once per
-/// match. Fails on a point the peer sent twice or returned twice. Holds one bucket of each.
-pub(crate) fn matched_peer_places(
-    store: &mut dyn PointStore,
-    mut found: impl FnMut(u32),
-) -> Result<(), PsiError> {
-    for b in 0..BUCKETS {
-        let peer = read_records_sorted::<{ POINT_LEN + 4 }>(store, PointSet::PeerPlaced, b)?;
-        if a_point_twice(&peer) {
-            return Err(PsiError::DuplicatePeerPoint);
-        }
-        let returned = read_returned_sorted(store, b)?;
-        for_each_match(&peer, &returned, |p, _| found(place_of(p)));
-    }
-    Ok(())
 }
 
 /// What a spilled session that learns membership gives of its matched items, since it holds

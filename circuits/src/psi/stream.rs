@@ -59,10 +59,10 @@
 use rand::seq::SliceRandom;
 use rayon::prelude::*;
 
+use super::merge::{BucketMatches, Merge, MergeResult, combine, merge_buckets};
 use super::spill::{
     BUCKETS, BucketReader, PointSet, PointStore, append_by_bucket, append_records_by_bucket,
-    bucket_cap, count_matches, matched_places, matches_at, placed, sort_bucket_distinct,
-    spill_error,
+    bucket_cap, matches_at, placed, sort_bucket_distinct, spill_error,
 };
 use super::{
     Common, ReadyToBlind, Stream, append_reblinded, blind_into, check_total, reblind_checked,
@@ -717,39 +717,65 @@ impl Matching {
         Ok(self)
     }
 
-    /// The peer says it returned `total` points: that must equal our size and what arrived, and
-    /// no point may have come back twice. Returns the result.
-    pub fn on_returned_end(mut self, total: u64) -> Result<PsiOutput, PsiError> {
-        if let Some(e) = self.spilled.as_mut().and_then(|sp| sp.deferred.take()) {
+    /// A spilled session whose store's files another process can read (a node's executors):
+    /// the peer says it returned `total` points, checked as [`on_returned_end`] checks it, and
+    /// the store is flushed. The buckets are then merged elsewhere, one
+    /// [`merge_bucket`](super::spill::merge_bucket) per bucket, and
+    /// [`AwaitingMerge::finish`] takes their answers. An in-memory session has no buckets.
+    ///
+    /// [`on_returned_end`]: Self::on_returned_end
+    pub fn merged_elsewhere(mut self, total: u64) -> Result<AwaitingMerge, PsiError> {
+        if self.spilled.is_none() {
+            return Err(PsiError::Spill(
+                "a session in memory has no buckets to merge elsewhere".into(),
+            ));
+        }
+        let merge = self.spilled_end(total)?;
+        store(&mut self.common)?.flush().map_err(spill_error)?;
+        Ok(AwaitingMerge {
+            matching: self,
+            merge,
+        })
+    }
+
+    /// A spilled session's end checks, and the merge it needs.
+    fn spilled_end(&mut self, total: u64) -> Result<Merge, PsiError> {
+        let sp = self
+            .spilled
+            .as_mut()
+            .ok_or_else(|| PsiError::Spill("the session is not spilled".into()))?;
+        if let Some(e) = sp.deferred.take() {
             return Err(e);
+        }
+        check_total(Stream::Returned, self.common.own_size, total, self.received)?;
+        if !sp.sorted {
+            return Err(PsiError::Spill(
+                "counted before the peer's points were all re-blinded".into(),
+            ));
+        }
+        Ok(if self.common.params.learn_membership {
+            Merge::OurPlaces
+        } else {
+            Merge::Count
+        })
+    }
+
+    /// The peer says it returned `total` points: that must equal our size and what arrived, and
+    /// no point may have come back twice. Returns the result (a spilled session merges its
+    /// buckets here, one at a time).
+    pub fn on_returned_end(mut self, total: u64) -> Result<PsiOutput, PsiError> {
+        if self.spilled.is_some() {
+            let merge = self.spilled_end(total)?;
+            let mut answers = Vec::with_capacity(BUCKETS);
+            merge_buckets(store(&mut self.common)?, merge, |a| answers.push(a))?;
+            return AwaitingMerge {
+                matching: self,
+                merge,
+            }
+            .finish(answers);
         }
         let own = self.common.own_size;
         check_total(Stream::Returned, own, total, self.received)?;
-        if let Some(sp) = &self.spilled {
-            if !sp.sorted {
-                return Err(PsiError::Spill(
-                    "counted before the peer's points were all re-blinded".into(),
-                ));
-            }
-            let tagged = self.common.tagged;
-            let learn_membership = self.common.params.learn_membership;
-            let store = store(&mut self.common)?;
-            let (intersection, membership, spilled_matches) = if learn_membership {
-                let places = matched_places(store)?;
-                let matches = matches_at(store, &places, tagged)?;
-                (places.len() as u64, Some(places), Some(matches))
-            } else {
-                (count_matches(store)?, None, None)
-            };
-            return Ok(PsiOutput {
-                intersection,
-                own_set_size: own,
-                peer_set_size: self.peer_size,
-                membership,
-                spilled_bytes: store.bytes_written(),
-                spilled_matches,
-            });
-        }
         let mut fingerprints = self.fingerprints;
         fingerprints.par_sort_unstable();
         if fingerprints.par_windows(2).any(|w| w[0] == w[1]) {
@@ -768,6 +794,57 @@ impl Matching {
             membership,
             spilled_bytes: 0,
             spilled_matches: None,
+        })
+    }
+}
+
+/// A spilled session whose every point is in, waiting for its buckets' merge
+/// ([`Matching::merged_elsewhere`]).
+pub struct AwaitingMerge {
+    matching: Matching,
+    merge: Merge,
+}
+
+impl std::fmt::Debug for AwaitingMerge {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AwaitingMerge")
+            .field("merge", &self.merge)
+            .field("matching", &self.matching)
+            .finish()
+    }
+}
+
+impl AwaitingMerge {
+    /// Which merge each bucket needs.
+    pub fn merge(&self) -> Merge {
+        self.merge
+    }
+
+    /// The result, from every bucket's answer in bucket order: the count, or the places of
+    /// our matched points and what they are (their tags, or the points). Answers that could
+    /// not be one merge per bucket of this session are refused.
+    pub fn finish(self, answers: Vec<BucketMatches>) -> Result<PsiOutput, PsiError> {
+        let AwaitingMerge {
+            mut matching,
+            merge,
+        } = self;
+        let own = matching.common.own_size;
+        let tagged = matching.common.tagged;
+        let store = store(&mut matching.common)?;
+        let (intersection, membership, spilled_matches) = match combine(merge, answers, own)? {
+            MergeResult::Places(places) => {
+                let matches = matches_at(store, &places, tagged)?;
+                (places.len() as u64, Some(places), Some(matches))
+            }
+            MergeResult::Count(count) => (count, None, None),
+        };
+        Ok(PsiOutput {
+            intersection,
+            own_set_size: own,
+            peer_set_size: matching.peer_size,
+            membership,
+            spilled_bytes: store.bytes_written(),
+            spilled_matches,
         })
     }
 }

@@ -2,13 +2,15 @@
 //! its rejections.
 
 use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
 
 use proptest::prelude::*;
 
 use super::{Matching, Streaming};
 use crate::pair::{check_outputs, emails, modes, one_valid_point, params};
 use crate::spill::{
-    ItemTag, MemoryStore, OwnSetBuilder, SpilledMatches, SpilledOwn, TagKey, bucket_cap, bucket_of,
+    BUCKETS, ItemTag, MemoryStore, OwnSetBuilder, PointSet, PointStore, SpilledMatches, SpilledOwn,
+    TagKey, bucket_cap, bucket_of, merge_bucket,
 };
 use crate::*;
 
@@ -42,6 +44,9 @@ struct Party {
     /// session that returns in order needs that); otherwise last first.
     pieces_in_order: bool,
     peer_size: u64,
+    /// The session's store, when its buckets are merged outside the session (as a node's
+    /// executors merge its bucket files).
+    merged_outside: Option<SharedStore>,
 }
 
 impl Party {
@@ -89,6 +94,7 @@ impl Party {
             elsewhere: None,
             pieces_in_order: false,
             peer_size,
+            merged_outside: None,
         })
     }
 
@@ -191,7 +197,22 @@ impl Party {
             (State::Matching(m), Msg::Returned(b)) => State::Matching(m.on_returned_batch(&b)?),
             (State::Matching(m), Msg::ReturnedEnd(total)) => {
                 assert!(m.own_done(), "all returned before we sent all");
-                State::Done(m.on_returned_end(total)?)
+                match &self.merged_outside {
+                    Some(store) => {
+                        let waiting = m.merged_elsewhere(total)?;
+                        let merge = waiting.merge();
+                        let (first, second) = merge.sets();
+                        let answers = (0..BUCKETS)
+                            .map(|b| {
+                                let (mut x, mut y) =
+                                    (store.outside(first, b), store.outside(second, b));
+                                merge_bucket(merge, &mut x, &mut y)
+                            })
+                            .collect::<Result<Vec<_>, _>>()?;
+                        State::Done(waiting.finish(answers)?)
+                    }
+                    None => State::Done(m.on_returned_end(total)?),
+                }
             }
             (_, msg) => panic!("the wire order was broken: {msg:?}"),
         });
@@ -266,6 +287,79 @@ fn spill_with(key: &JobKey, items: &ItemSet) -> SpilledOwn {
             .unwrap();
     }
     builder.finish().unwrap()
+}
+
+/// A store that something outside the session reads too (as a node's executors read its bucket
+/// files). Like a file behind a write buffer, what is appended shows outside only once flushed;
+/// the session itself reads its own appends.
+#[derive(Debug, Clone, Default)]
+struct SharedStore(Arc<Mutex<SharedBuckets>>);
+
+#[derive(Debug, Default)]
+struct SharedBuckets {
+    visible: MemoryStore,
+    buffered: Vec<(PointSet, usize, Vec<u8>)>,
+}
+
+impl SharedBuckets {
+    fn flush(&mut self) -> std::io::Result<()> {
+        for (set, b, bytes) in std::mem::take(&mut self.buffered) {
+            self.visible.append(set, b, &bytes)?;
+        }
+        Ok(())
+    }
+}
+
+impl SharedStore {
+    /// A bucket as the outside reads it.
+    fn outside(&self, set: PointSet, bucket: usize) -> Vec<u8> {
+        self.0.lock().unwrap().visible.read(set, bucket).unwrap()
+    }
+}
+
+impl PointStore for SharedStore {
+    fn append(&mut self, set: PointSet, bucket: usize, points: &[u8]) -> std::io::Result<()> {
+        let mut b = self.0.lock().unwrap();
+        b.buffered.push((set, bucket, points.to_vec()));
+        Ok(())
+    }
+
+    fn read(&mut self, set: PointSet, bucket: usize) -> std::io::Result<Vec<u8>> {
+        let mut b = self.0.lock().unwrap();
+        b.flush()?;
+        b.visible.read(set, bucket)
+    }
+
+    fn read_at(
+        &mut self,
+        set: PointSet,
+        bucket: usize,
+        offset: u64,
+        len: usize,
+    ) -> std::io::Result<Vec<u8>> {
+        let mut b = self.0.lock().unwrap();
+        b.flush()?;
+        b.visible.read_at(set, bucket, offset, len)
+    }
+
+    fn put(&mut self, set: PointSet, bucket: usize, points: &[u8]) -> std::io::Result<()> {
+        let mut b = self.0.lock().unwrap();
+        b.flush()?;
+        b.visible.put(set, bucket, points)
+    }
+
+    fn bytes_written(&self) -> u64 {
+        let b = self.0.lock().unwrap();
+        b.visible.bytes_written()
+            + b.buffered
+                .iter()
+                .map(|(_, _, p)| p.len() as u64)
+                .sum::<u64>()
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.0.lock().unwrap().flush()
+    }
 }
 
 /// A small xorshift generator for schedules.
@@ -778,6 +872,50 @@ fn spilled_sessions_learn_membership_like_in_memory_ones() {
                 };
                 let (oa, ob) = drive([pa, pb], schedule_from(seed)).unwrap();
                 let oa = read_spilled(oa, &ka, ta.as_ref(), &a);
+                let ob = match &kb {
+                    Some((key, tags)) => read_spilled(ob, key, tags.as_ref(), &b),
+                    None => ob,
+                };
+                assert_eq!(oa.intersection, 100);
+                check_outputs((&a, &b), (lm_a, lm_b), (oa, ob));
+            }
+        }
+    }
+}
+
+/// A spilled session whose buckets are merged outside it, one bucket at a time from what it
+/// flushed, counts and learns membership as one that merges them itself, in every mode and
+/// against either kind of peer.
+#[test]
+fn buckets_merged_outside_the_session_give_what_merging_them_inside_gives() {
+    for seed in 0..3 {
+        for (rio_a, lm_a, rio_b, lm_b) in modes() {
+            for (spill_b, bs) in [(false, 7), (true, 4096)] {
+                let (a, b) = (emails(0..300), emails(200..700));
+                let key = JobKey::generate();
+                let copy = copy_of(&key);
+                let store = SharedStore::default();
+                let mut builder = OwnSetBuilder::new(Box::new(store.clone()));
+                let all: Vec<&[u8]> = a.iter().collect();
+                for chunk in all.chunks(17) {
+                    builder
+                        .add(&key, "email", &chunk.iter().copied().collect())
+                        .unwrap();
+                }
+                let own = builder.finish().unwrap();
+                let pa = params(rio_a, lm_a, bs);
+                let mut party_a =
+                    Party::with(PsiSession::start_spilled(pa, key, own), 500).unwrap();
+                party_a.merged_outside = Some(store);
+                let pb = params(rio_b, lm_b, bs);
+                let (party_b, kb) = if spill_b {
+                    let (party, key, tags) = spilled_party(pb, &b, 300, (false, false));
+                    (party, Some((key, tags)))
+                } else {
+                    (Party::new(pb, b.clone(), 300).unwrap(), None)
+                };
+                let (oa, ob) = drive([party_a, party_b], schedule_from(seed)).unwrap();
+                let oa = read_spilled(oa, &copy, None, &a);
                 let ob = match &kb {
                     Some((key, tags)) => read_spilled(ob, key, tags.as_ref(), &b),
                     None => ob,

@@ -1,5 +1,5 @@
-//! A one-row job on this node's own cluster, as re-blinding and encrypting send their pieces:
-//! a session with the scheduler, the one binary value a piece's plan answers, and, on an
+//! A small job on this node's own cluster, as re-blinding, encrypting and merging send their
+//! pieces: a session with the scheduler, the binary values a piece's plan answers, and, on an
 //! executor, the piece's column of hex text read row by row.
 
 use std::sync::Arc;
@@ -41,21 +41,34 @@ pub(crate) async fn one_value(
     url: &str,
     plan: LogicalPlan,
 ) -> Result<Option<Vec<u8>>, DataFusionError> {
+    let mut outputs = values(ctx, url, plan).await?.into_iter();
+    Ok(match (outputs.next(), outputs.next()) {
+        (Some(Some(output)), None) => Some(output),
+        _ => None,
+    })
+}
+
+/// Runs `plan` on the cluster at `url` and returns the binary values of its first column, in
+/// order (`None` for a null, or for a column that is not binary).
+pub(crate) async fn values(
+    ctx: &SessionContext,
+    url: &str,
+    plan: LogicalPlan,
+) -> Result<Vec<Option<Vec<u8>>>, DataFusionError> {
     // Submitted as built: the scheduler plans it anyway.
     let frame = DataFrame::new(ctx.state(), plan);
     let (stream, _) = part_order::read_as_built_in_part_order(frame, url).await?;
     let batches: Vec<_> = stream.try_collect().await?;
-    let mut outputs = batches.iter().flat_map(|b| {
-        b.column(0)
-            .as_any()
-            .downcast_ref::<BinaryArray>()
-            .into_iter()
-            .flat_map(|a| (0..a.len()).map(move |i| (!a.is_null(i)).then(|| a.value(i))))
-    });
-    Ok(match (outputs.next(), outputs.next()) {
-        (Some(Some(output)), None) => Some(output.to_vec()),
-        _ => None,
-    })
+    let mut out = Vec::new();
+    for batch in &batches {
+        match batch.column(0).as_any().downcast_ref::<BinaryArray>() {
+            Some(a) => {
+                out.extend((0..a.len()).map(|i| (!a.is_null(i)).then(|| a.value(i).to_vec())))
+            }
+            None => out.extend(std::iter::repeat_n(None, batch.num_rows())),
+        }
+    }
+    Ok(out)
 }
 
 /// Applies `each` to the bytes of every row of a piece function's `column` of hex text

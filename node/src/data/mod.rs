@@ -11,7 +11,9 @@
 //!   Ballista executors, blinding included, its secrets sealed;
 //! - [`cluster_outcome`]: an overlap-sum value holder's rows grouped by point there;
 //! - [`cluster_reblind`]: re-blinding the partner's points there, in pieces, the key sealed;
-//! - `cluster_job`: the one-row job each of those pieces is;
+//! - [`cluster_merge`]: a spilled session's final comparison there, bucket by bucket, over
+//!   bucket files in a directory the executors share;
+//! - `cluster_job`: the small job each of those pieces is;
 //! - [`cluster_encrypt`]: an overlap-sum value holder's rows encrypted there, in pieces, its
 //!   Paillier key and rows sealed;
 //! - [`cluster_aggregate`]: an aggregate's pass and grouping there, as plan operators;
@@ -28,6 +30,7 @@ pub mod cluster_aggregate;
 pub mod cluster_encrypt;
 mod cluster_job;
 pub mod cluster_lines;
+pub mod cluster_merge;
 pub mod cluster_outcome;
 pub mod cluster_pass;
 pub mod cluster_reblind;

@@ -33,6 +33,10 @@ pub struct Cluster {
     /// ([`super::cluster_pass`], [`super::cluster_reblind`], [`super::cluster_encrypt`],
     /// [`super::cluster_aggregate`]).
     pub sealing_key: Option<PathBuf>,
+    /// A directory the node and every executor see at the same path (a shared mount): with
+    /// it and the sealing key, a job's point buckets are kept there and the final comparison
+    /// runs on the executors ([`super::cluster_merge`]).
+    pub shared_dir: Option<PathBuf>,
     /// Whether a read's parts are taken in part order, so its rows come in file order
     /// ([`DatasetConfig::in_file_order`]); not a setting.
     pub in_part_order: bool,
@@ -437,6 +441,7 @@ mod order_tests {
             url: "df://127.0.0.1:50050".into(),
             partitions: 16,
             sealing_key: None,
+            shared_dir: None,
             in_part_order: false,
         });
         assert!(!d.reads_in_file_order());
@@ -465,6 +470,7 @@ mod order_tests {
             url: "df://127.0.0.1:50050".into(),
             partitions: 1,
             sealing_key: None,
+            shared_dir: None,
             in_part_order: false,
         });
         assert!(!d.is_local_csv());

@@ -275,6 +275,7 @@ fn widen<W>(step: Step<Never>) -> Step<W> {
         Step::Finish => Step::Finish,
         Step::Reblind(piece) => Step::Reblind(piece),
         Step::Encrypt(piece) => Step::Encrypt(piece),
+        Step::Merge(request) => Step::Merge(request),
         Step::Compute(never) => match never {},
     }
 }

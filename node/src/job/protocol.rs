@@ -9,12 +9,14 @@ use std::time::Duration;
 use cleanroom_proto::v1::Envelope;
 
 use cleanroom_circuits::EncodedPoint;
+use cleanroom_circuits::spill::BucketMatches;
 
 use crate::audit::AuditEvent;
+use crate::data::cluster_merge::MergeFailure;
 use crate::data::cluster_reblind::ReblindFailure;
 use crate::error::JobError;
 pub use crate::job::overlap_sum::EncryptPiece;
-pub use crate::job::psi::ReblindPiece;
+pub use crate::job::psi::{MergeRequest, ReblindPiece};
 use crate::ledger::Loss;
 
 /// What the driver does next for a protocol.
@@ -34,6 +36,9 @@ pub enum Step<W> {
     /// Have these rows of ours encrypted on this node's cluster, alongside everything else, and
     /// hand the result to [`Protocol::handle_encrypted`].
     Encrypt(EncryptPiece),
+    /// Have a spilled session's buckets merged on this node's cluster (the final comparison)
+    /// and hand the answers to [`Protocol::handle_merged`].
+    Merge(MergeRequest),
     /// Charge the ledger (if this node's entry sets ε) and draw this node's noise in the same
     /// transaction; hand the draw to [`Protocol::handle_noise`].
     Charge(NoiseRequest),
@@ -113,6 +118,16 @@ pub trait Protocol {
             "an encrypted piece came back to a protocol that hands none out".into(),
         ))
     }
+    /// Takes the answers of a [`Step::Merge`]: every bucket's, in bucket order, or why there
+    /// are none. Only a spilled PSI session or key holder hands its buckets out.
+    fn handle_merged(
+        &mut self,
+        _answers: Result<Vec<BucketMatches>, MergeFailure>,
+    ) -> Result<(), JobError> {
+        Err(JobError::Internal(
+            "a merge came back to a protocol that hands none out".into(),
+        ))
+    }
     /// Whether the exchange is complete.
     fn is_finished(&self) -> bool;
     /// How long the peer may stay silent now.
@@ -132,6 +147,7 @@ impl Protocol for crate::job::psi::PsiProtocol {
             Action::Audit(event) => Step::Audit(event),
             Action::Compute(work) => Step::Compute(*work),
             Action::Reblind(piece) => Step::Reblind(piece),
+            Action::Merge(request) => Step::Merge(request),
             Action::Finish => Step::Finish,
         })
     }
@@ -163,12 +179,23 @@ impl Protocol for crate::job::psi::PsiProtocol {
         crate::job::psi::PsiProtocol::handle_reblinded(self, offset, result)
     }
 
+    fn handle_merged(
+        &mut self,
+        answers: Result<Vec<BucketMatches>, MergeFailure>,
+    ) -> Result<(), JobError> {
+        crate::job::psi::PsiProtocol::handle_merged(self, answers)
+    }
+
     fn is_finished(&self) -> bool {
         crate::job::psi::PsiProtocol::is_finished(self)
     }
 
     fn backlog(&self) -> usize {
         crate::job::psi::PsiProtocol::backlog(self)
+    }
+
+    fn waits_for_pieces(&self) -> bool {
+        self.waits_for_merge()
     }
 
     fn silence_allowed(&self) -> Duration {

@@ -33,10 +33,10 @@
 use std::collections::VecDeque;
 use std::time::Duration;
 
-use cleanroom_circuits::spill::SpilledOwn;
+use cleanroom_circuits::spill::{BucketMatches, Merge, SpilledOwn};
 use cleanroom_circuits::{
-    AwaitingPeerSize, EncodedPoint, ItemSet, JobKey, Matching, POINT_LEN, PsiError, PsiOutput,
-    PsiParams, PsiSession, Streaming,
+    AwaitingMerge, AwaitingPeerSize, EncodedPoint, ItemSet, JobKey, Matching, POINT_LEN, PsiError,
+    PsiOutput, PsiParams, PsiSession, Streaming,
 };
 use cleanroom_proto::v1::{
     Abort, BatchEnd, Envelope, JobKind, NoiseReveal, NoiseTerm, Phase, PointBatch, PsiHello,
@@ -44,6 +44,7 @@ use cleanroom_proto::v1::{
 };
 
 use crate::audit::AuditEvent;
+use crate::data::cluster_merge::MergeFailure;
 use crate::data::cluster_reblind::ReblindFailure;
 use crate::data::dataset;
 use crate::error::{JobError, Party, Violation};
@@ -76,6 +77,16 @@ pub enum ReblindPlace {
     },
 }
 
+/// Where a spilled session's final comparison (its buckets' merge) runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MergePlace {
+    /// On this node's CPU pool, as the session's own work.
+    Node,
+    /// Off the node (on its own executors, which read the job's bucket files): handed out as
+    /// [`Action::Merge`]. Only a spilled session's buckets can be.
+    Elsewhere,
+}
+
 /// What a PSI job is, for the protocol: who, which kind, under which terms.
 #[derive(Debug, Clone)]
 pub struct PsiConfig {
@@ -93,6 +104,8 @@ pub struct PsiConfig {
     pub noise: Option<NoiseCommit>,
     /// Where the partner's points are re-blinded.
     pub reblind: ReblindPlace,
+    /// Where a spilled session's buckets are merged.
+    pub merge: MergePlace,
 }
 
 /// This node's noise for the job, committed to in its hello and opened after the count.
@@ -129,8 +142,21 @@ pub enum Action {
     /// [`PsiProtocol::handle_reblinded`] (only under [`ReblindPlace::Elsewhere`]). Pieces may
     /// come back in any order.
     Reblind(ReblindPiece),
+    /// Have every bucket of the session merged off the node and hand the answers to
+    /// [`PsiProtocol::handle_merged`] (only under [`MergePlace::Elsewhere`]).
+    Merge(MergeRequest),
     /// Close our stream: everything has been written.
     Finish,
+}
+
+/// A spilled session's buckets, to merge off the node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MergeRequest {
+    /// Which merge each bucket needs.
+    pub merge: Merge,
+    /// How many records the merge's first set may hold (its stream's size): it bounds a
+    /// bucket's answer.
+    pub first_size: u64,
 }
 
 /// Points of the partner's to re-blind off the node.
@@ -187,6 +213,9 @@ pub enum Work {
     Returned(Matching, Vec<Vec<u8>>),
     /// All of our items are back: count.
     ReturnedEnd(Matching, u64),
+    /// All of our items are back: check the total, and ready the buckets to be merged off the
+    /// node.
+    MergeElsewhere(Matching, u64),
     /// A spilled session: re-blind the next piece of the peer's stored points.
     Reblind(Matching),
     /// Re-blinding off the node, in memory: the peer's next points, re-blinded, in order.
@@ -212,6 +241,8 @@ pub enum Done {
     Returned(Result<Matching, PsiError>),
     /// The count.
     ReturnedEnd(Result<PsiOutput, PsiError>),
+    /// The session, its buckets ready to be merged off the node.
+    MergeElsewhere(Result<AwaitingMerge, PsiError>),
     /// A piece of the peer's stored points re-blinded (here, or pieces back from elsewhere).
     Reblind(Result<Matching, PsiError>),
     /// Pieces of the peer's stored points to hand out.
@@ -255,6 +286,7 @@ impl Work {
                     .try_fold(s, |s, points| s.on_returned_batch(points)),
             ),
             Work::ReturnedEnd(s, total) => Done::ReturnedEnd(s.on_returned_end(total)),
+            Work::MergeElsewhere(s, total) => Done::MergeElsewhere(s.merged_elsewhere(total)),
             Work::Reblind(mut s) => {
                 Done::Reblind(s.reblind_next(BATCHES_PER_WORK * BATCH_POINTS).map(|()| s))
             }
@@ -308,6 +340,9 @@ enum Stage {
     Hello(AwaitingPeerSize),
     /// Points travel both ways.
     Exchange(Box<Exchange>),
+    /// Our points are all back; the buckets are merged off the node. The peer's final frames
+    /// that come meanwhile wait.
+    Merging(Box<(AwaitingMerge, VecDeque<Envelope>)>),
     /// Our count is out; the peer's is due.
     Count(PsiOutput),
     /// The counts agree; the peer's noise reveal is due.
@@ -629,6 +664,13 @@ impl PsiProtocol {
         matches!(self.stage, Stage::Finished(_)) && self.actions.is_empty()
     }
 
+    /// Whether it waits for its buckets' merge and takes no frame meanwhile: the peer's final
+    /// frames, and the end of its stream after them, stay with the driver until our count is
+    /// out.
+    pub fn waits_for_merge(&self) -> bool {
+        matches!(self.stage, Stage::Merging(_))
+    }
+
     /// The peer's frames taken and not yet worked on.
     pub fn backlog(&self) -> usize {
         match &self.stage {
@@ -699,6 +741,42 @@ impl PsiProtocol {
         taken
     }
 
+    /// Takes the answers of an [`Action::Merge`], every bucket in order (or why there are
+    /// none): a point twice in a bucket is the partner's violation.
+    pub fn handle_merged(
+        &mut self,
+        answers: Result<Vec<BucketMatches>, MergeFailure>,
+    ) -> Result<(), JobError> {
+        let taken = self.on_merged(answers);
+        if taken.is_err() {
+            self.stage = Stage::Over;
+            self.actions.clear();
+        }
+        taken
+    }
+
+    fn on_merged(
+        &mut self,
+        answers: Result<Vec<BucketMatches>, MergeFailure>,
+    ) -> Result<(), JobError> {
+        let Stage::Merging(merging) = std::mem::replace(&mut self.stage, Stage::Over) else {
+            return Err(self.internal("the buckets' merge came back while none was out"));
+        };
+        let (waiting, later) = *merging;
+        let answers = answers.map_err(|e| match e {
+            MergeFailure::Peer(e) => self.violation(Violation::Psi(e)),
+            MergeFailure::Cluster(reason) => JobError::Compute {
+                step: "comparing the points on this node's cluster",
+                reason,
+            },
+        })?;
+        let output = waiting.finish(answers).map_err(|e| match e {
+            PsiError::Spill(_) => self.internal(&e.to_string()),
+            e => self.violation(Violation::Psi(e)),
+        })?;
+        self.counted(output, later)
+    }
+
     fn on_reblinded(
         &mut self,
         offset: u64,
@@ -732,6 +810,12 @@ impl PsiProtocol {
                 let taken = self.on_exchange_frame(&mut x, env);
                 self.stage = Stage::Exchange(x);
                 taken
+            }
+            Stage::Merging(mut merging) => {
+                wire::check_phase(&env, Phase::PsiDone).map_err(|v| self.violation(v))?;
+                merging.1.push_back(env);
+                self.stage = Stage::Merging(merging);
+                Ok(())
             }
             Stage::Count(output) => {
                 let peer_count = wire::expect_body(&env, Phase::PsiDone, |b| match b {
@@ -925,9 +1009,10 @@ impl PsiProtocol {
                 (Some(Input::Returned(p)), Session::Matching(m)) => {
                     Work::Returned(m, gather(p, &mut x.inputs, Input::into_returned))
                 }
-                (Some(Input::ReturnedEnd(total)), Session::Matching(m)) => {
-                    Work::ReturnedEnd(m, total)
-                }
+                (Some(Input::ReturnedEnd(total)), Session::Matching(m)) => match self.cfg.merge {
+                    MergePlace::Node => Work::ReturnedEnd(m, total),
+                    MergePlace::Elsewhere => Work::MergeElsewhere(m, total),
+                },
                 // input_ready said otherwise.
                 (_, session) => {
                     x.session = Some(session);
@@ -1067,7 +1152,24 @@ impl PsiProtocol {
             }
             Done::ReturnedEnd(r) => {
                 let output = r.map_err(|e| psi(self, e))?;
-                return self.counted(output);
+                let later = match std::mem::replace(&mut self.stage, Stage::Over) {
+                    Stage::Exchange(x) => x.later,
+                    _ => return Err(self.internal("counted outside the exchange")),
+                };
+                return self.counted(output, later);
+            }
+            Done::MergeElsewhere(r) => {
+                let waiting = r.map_err(|e| psi(self, e))?;
+                let later = match std::mem::replace(&mut self.stage, Stage::Over) {
+                    Stage::Exchange(x) => x.later,
+                    _ => return Err(self.internal("merged outside the exchange")),
+                };
+                self.actions.push_back(Action::Merge(MergeRequest {
+                    merge: waiting.merge(),
+                    first_size: self.own_size,
+                }));
+                self.stage = Stage::Merging(Box::new((waiting, later)));
+                return Ok(());
             }
         };
         match &mut self.stage {
@@ -1082,11 +1184,7 @@ impl PsiProtocol {
     /// Our points are all back and counted (our returns are out: see [`Exchange::input_ready`]):
     /// the count and our noise reveal go out, our stream ends, and the peer's final frames that
     /// came early are taken in order.
-    fn counted(&mut self, output: PsiOutput) -> Result<(), JobError> {
-        let later = match std::mem::replace(&mut self.stage, Stage::Over) {
-            Stage::Exchange(x) => x.later,
-            _ => return Err(self.internal("counted outside the exchange")),
-        };
+    fn counted(&mut self, output: PsiOutput, later: VecDeque<Envelope>) -> Result<(), JobError> {
         let count = self.out.end(Phase::PsiDone, output.intersection);
         self.send(count);
         if let Some(n) = &self.cfg.noise {

@@ -10,6 +10,8 @@ use cleanroom_circuits::{ItemSet, JobKey};
 use cleanroom_proto::v1::JobSpec;
 
 use super::*;
+use crate::data::cluster_merge::merge_in_process;
+use crate::data::cluster_pass::SealingKey;
 use crate::job::test_pair::{Side, abort_at, first_of, hello, is_end, is_points, nth, on_points};
 use crate::policy::NodeConfig;
 use crate::test_fixtures::{NOW, node_head, two_party_spec};
@@ -64,6 +66,7 @@ fn config_up_to(me: usize, kind: JobKind, max_set: u64) -> PsiConfig {
         digest: crate::spec::spec_digest("job-1", &spec),
         noise: None,
         reblind: ReblindPlace::Node,
+        merge: MergePlace::Node,
     }
 }
 
@@ -189,6 +192,7 @@ fn work_event(w: &Work) -> Event {
         Work::ReturnedEnd(..) => Event::ReturnedEnd,
         Work::Reblind(..) | Work::TakePieces(..) | Work::PiecesBack(..) => Event::Reblind,
         Work::PeerReblinded(..) => Event::PeerBatch,
+        Work::MergeElsewhere(..) => Event::ReturnedEnd,
     }
 }
 
@@ -301,6 +305,13 @@ fn act(side: &mut Side<PsiProtocol>, out: &mut Vec<Envelope>, events: &mut Vec<E
             while side.error.is_none() && side.step() {}
         }
         Some(Action::Reblind(piece)) => side.pieces.push(piece),
+        Some(Action::Merge(request)) => {
+            let (sealing, dir) = side.merge_dir.as_ref().expect("a shared directory");
+            let answers = merge_in_process(sealing, dir, request.merge);
+            if let Err(e) = side.proto.handle_merged(answers) {
+                side.error = Some(e);
+            }
+        }
         Some(Action::Finish) => side.finished_stream = true,
         Some(Action::Recheck) => side.rechecks += 1,
         Some(Action::Audit(e)) => side.audited.push(e),
@@ -870,6 +881,80 @@ fn a_spilled_side_and_an_in_memory_side_count_the_same() {
     assert_eq!((a.output.intersection, g.output.intersection), (6000, 6000));
     assert!(a.output.spilled_bytes >= 3 * 9000 * 32);
     assert_eq!(g.output.spilled_bytes, 0);
+}
+
+/// acme spilled into a job directory its "executors" read, merging its buckets there: the same
+/// count, the same membership, both ways, as merging them itself. Each run hands out one merge.
+#[test]
+fn buckets_merged_off_the_node_count_and_match_as_on_it() {
+    for kind in [JobKind::Overlap, JobKind::Match] {
+        let root = tempfile::tempdir().expect("a directory");
+        let mut a = config_up_to(0, kind, 20_000);
+        a.merge = MergePlace::Elsewhere;
+        let (mut pair, dir) = shared_acme_pair(a, root.path());
+        pair.run_honest();
+        assert!(pair.acme.error.is_none(), "{:?}", pair.acme.error);
+        assert!(pair.globex.error.is_none(), "{:?}", pair.globex.error);
+        assert_eq!(pair.acme.merges_handed_out, 1);
+        let a = pair.acme.proto.into_exchange().expect("finished");
+        let g = pair.globex.proto.into_exchange().expect("finished");
+        assert_eq!((a.output.intersection, g.output.intersection), (6000, 6000));
+        if kind == JobKind::Match {
+            assert_eq!(
+                matched(&items(3000, 12000), g.output.membership),
+                items(3000, 9000).iter().collect::<Vec<_>>()
+            );
+            let Some(SpilledMatches::Points(points)) = a.output.spilled_matches else {
+                panic!("acme's matched points");
+            };
+            assert_eq!(points.len(), 6000);
+        }
+        assert!(!dir.exists(), "the job's directory goes with its session");
+    }
+}
+
+/// A point globex returns twice is found by the merge off the node, and is globex's violation,
+/// as on the node.
+#[test]
+fn a_point_returned_twice_is_the_partners_fault_when_merged_off_the_node() {
+    let root = tempfile::tempdir().expect("a directory");
+    let mut a = config_up_to(0, JobKind::Overlap, 20_000);
+    a.merge = MergePlace::Elsewhere;
+    let (pair, _) = shared_acme_pair(a, root.path());
+    let e = pair.acme_error(on_points(Phase::PsiDoubleBlinded, |points| {
+        let first: Vec<u8> = points[..32].to_vec();
+        points[32..64].copy_from_slice(&first);
+    }));
+    assert!(
+        matches!(
+            by_globex(&e),
+            Violation::Psi(PsiError::DuplicateReturnedPoint)
+        ),
+        "{e:?}"
+    );
+}
+
+/// acme spilled into a [`FileStore`](crate::job::spill::FileStore) under `root` (items 0..9000,
+/// untagged: its matched points come out), its buckets merged by "executors" that read that
+/// directory, against globex in memory; and the job's directory.
+fn shared_acme_pair(a: PsiConfig, root: &std::path::Path) -> (Pair, std::path::PathBuf) {
+    use cleanroom_circuits::spill::OwnSetBuilder;
+    let kind = a.kind;
+    let key = JobKey::generate();
+    let store = crate::job::spill::FileStore::create(root, "job-shared").expect("a store");
+    let dir = store.dir().to_path_buf();
+    let mut own = OwnSetBuilder::new(Box::new(store));
+    own.add(&key, &dataset::key_name(&a.permit.keys), &items(0, 9000))
+        .unwrap();
+    let own = own.finish().unwrap();
+    let mut acme = Side::new(PsiProtocol::start_spilled_batched(a, key, own, 256));
+    let sealing = SealingKey::from_bytes(&[4; 32]).expect("a key");
+    acme.merge_dir = Some((sealing, dir.clone()));
+    let pair = Pair {
+        acme,
+        globex: batched_globex(kind),
+    };
+    (pair, dir)
 }
 
 /// acme spilled (items 0..9000, blinded with `key` as they were read, kept in a store) against

@@ -19,7 +19,7 @@ use cleanroom_circuits::spill::{PointSet, PointStore};
 const WRITE_BUFFER: usize = 8 << 10;
 
 /// `<dir>/<set>-<bucket>`.
-fn bucket_path(dir: &Path, set: PointSet, bucket: usize) -> PathBuf {
+pub(crate) fn bucket_path(dir: &Path, set: PointSet, bucket: usize) -> PathBuf {
     let set = match set {
         PointSet::Own => "own",
         PointSet::Peer => "peer",
@@ -179,6 +179,18 @@ impl PointStore for FileStore {
     fn bytes_written(&self) -> u64 {
         self.written
     }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.writers.values_mut().try_for_each(|w| w.flush())
+    }
+}
+
+/// Whether `dir` is named as a job's spill directory is (`psi-…`): the only directories an
+/// executor reads buckets from.
+pub(crate) fn is_job_dir(dir: &Path) -> bool {
+    dir.file_name()
+        .and_then(|n| n.to_str())
+        .is_some_and(|n| n.starts_with(JOB_DIR_PREFIX))
 }
 
 #[cfg(test)]

@@ -13,6 +13,8 @@ use cleanroom_circuits::ahe::{SecretKey, SlotLayout, encrypt_rows};
 use cleanroom_circuits::{JobKey, reblind_points};
 
 use crate::audit::AuditEvent;
+use crate::data::cluster_merge::merge_in_process;
+use crate::data::cluster_pass::SealingKey;
 use crate::data::cluster_reblind::ReblindFailure;
 use crate::error::JobError;
 use crate::job::protocol::{EncryptPiece, NoiseRequest, Protocol, ReblindPiece, Step};
@@ -40,6 +42,10 @@ pub(super) struct Side<P: Protocol> {
     pub(super) encrypt_pieces_handed_out: usize,
     /// The most points one frame it sent held.
     pub(super) most_points_in_a_frame: usize,
+    /// When its protocol hands its buckets out to merge: the sealing key and the job's bucket
+    /// directory its "executors" read; and how many merges it handed out.
+    pub(super) merge_dir: Option<(SealingKey, std::path::PathBuf)>,
+    pub(super) merges_handed_out: usize,
 }
 
 impl<P: Protocol> Side<P> {
@@ -59,6 +65,8 @@ impl<P: Protocol> Side<P> {
             rows_to_encrypt: Vec::new(),
             encrypt_pieces_handed_out: 0,
             most_points_in_a_frame: 0,
+            merge_dir: None,
+            merges_handed_out: 0,
         }
     }
 
@@ -135,6 +143,14 @@ impl<P: Protocol> Side<P> {
                     self.rows_to_encrypt.push(piece);
                     self.encrypt_pieces_handed_out += 1;
                     Ok(())
+                }
+                Step::Merge(request) => {
+                    let Some((sealing, dir)) = &self.merge_dir else {
+                        panic!("buckets to merge from a side without a shared directory");
+                    };
+                    self.merges_handed_out += 1;
+                    let answers = merge_in_process(sealing, dir, request.merge);
+                    self.proto.handle_merged(answers)
                 }
                 Step::Charge(NoiseRequest { loss, draw }) => {
                     let noise = draw().expect("noise");

@@ -532,6 +532,16 @@ budget_per_purpose = { epsilon_per_period = 2.0, period = "week" }
             "a relative key path is read beside the config"
         );
         let cfg = NodeConfig::parse(
+            &top("engine = { ballista = \"df://h:1\", sealing_key = \"k\", shared_dir = \"shared\" }"),
+            Path::new("/etc/cleanroom/n.toml"),
+        )
+        .unwrap();
+        assert_eq!(
+            cfg.datasets[0].engine.cluster.as_ref().unwrap().shared_dir,
+            Some(Path::new("/etc/cleanroom/shared").to_path_buf()),
+            "a relative shared directory is read beside the config"
+        );
+        let cfg = NodeConfig::parse(
             &top("engine = { ballista = \"df://10.0.0.5:50050\" }"),
             Path::new("n.toml"),
         )
@@ -555,6 +565,14 @@ budget_per_purpose = { epsilon_per_period = 2.0, period = "week" }
                 "only read with ballista",
             ),
             ("engine = { spark = \"x\" }", "spark"),
+            (
+                "engine = { ballista = \"df://h:1\", shared_dir = \"/mnt/s\" }",
+                "only read with a sealing_key",
+            ),
+            (
+                "engine = { ballista = \"df://h:1\", sealing_key = \"k\", shared_dir = \"\" }",
+                "shared_dir is an empty path",
+            ),
         ] {
             let err = NodeConfig::parse(&top(line), Path::new("n.toml"))
                 .unwrap_err()

@@ -111,6 +111,21 @@ impl NodeConfig<AllowEntry> {
                 "engine: sealing_key is only read with ballista = \"df://HOST:PORT\"".into(),
             );
         }
+        if file.engine.shared_dir.is_some() && file.engine.sealing_key.is_none() {
+            return Err(
+                "engine: shared_dir is only read with a sealing_key (the executors open \
+                 what the node asks them to compare there with it)"
+                    .into(),
+            );
+        }
+        if file
+            .engine
+            .shared_dir
+            .as_ref()
+            .is_some_and(|p| p.as_os_str().is_empty())
+        {
+            return Err("engine: shared_dir is an empty path".into());
+        }
         if file.engine.partitions.is_some() && file.engine.ballista.is_none() {
             return Err(
                 "engine: partitions is only read with ballista = \"df://HOST:PORT\"".into(),

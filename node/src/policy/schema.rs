@@ -83,7 +83,8 @@ pub struct NodeConfig<A = Allow> {
     pub engine: EngineConfig,
 }
 
-/// `engine = { ballista = "df://HOST:PORT", partitions = 16, sealing_key = "executors.key" }`.
+/// `engine = { ballista = "df://HOST:PORT", partitions = 16, sealing_key = "executors.key",
+/// shared_dir = "/mnt/cleanroom" }`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EngineConfig {
@@ -99,6 +100,11 @@ pub struct EngineConfig {
     /// job key sealed under it.
     #[serde(default)]
     pub sealing_key: Option<PathBuf>,
+    /// A directory the node and every executor see at the same path (a shared mount). With it
+    /// (and `sealing_key`), a job's point buckets are written there instead of the spill
+    /// directory or memory, and the final comparison runs on the executors.
+    #[serde(default)]
+    pub shared_dir: Option<PathBuf>,
 }
 
 /// Parts a dataset read is split into on a Ballista cluster, unless `partitions` says.
@@ -264,6 +270,9 @@ impl NodeConfig {
         if let Some(key) = &mut self.engine.sealing_key {
             resolve(key);
         }
+        if let Some(shared) = &mut self.engine.shared_dir {
+            resolve(shared);
+        }
         resolve(&mut self.tls.ca);
         resolve(&mut self.tls.cert);
         resolve(&mut self.tls.key);
@@ -279,6 +288,7 @@ impl NodeConfig {
                     url,
                     partitions: self.engine.partitions.unwrap_or(DEFAULT_CLUSTER_PARTITIONS),
                     sealing_key: self.engine.sealing_key.clone(),
+                    shared_dir: self.engine.shared_dir.clone(),
                     in_part_order: false,
                 }),
             memory_limit: self.memory_limit.map(|b| b.as_u64()),

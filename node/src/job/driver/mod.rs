@@ -36,6 +36,7 @@ use tokio::sync::oneshot;
 
 use crate::audit::{AuditEvent, AuditHead};
 use crate::clock::now_ms;
+use crate::data::cluster_merge::ClusterMerger;
 use crate::data::cluster_pass::SealingKey;
 use crate::data::cluster_reblind::ClusterReblinder;
 use crate::data::dataset::{self, KeyedRowCounts, RowFilter};
@@ -45,7 +46,7 @@ use crate::error::{JobError, NodeError, Timeout};
 use crate::job::frame_budget::FrameBudget;
 use crate::job::noise::{self as noised_release, OwnNoise};
 use crate::job::protocol::{NoiseRequest, Protocol, Step};
-use crate::job::psi::{NoiseCommit, PsiConfig, PsiExchange, PsiProtocol, ReblindPlace};
+use crate::job::psi::{MergePlace, NoiseCommit, PsiConfig, PsiExchange, PsiProtocol, ReblindPlace};
 use crate::job::spill::FileStore;
 use crate::job::wire::Outbox;
 use crate::policy::Permit;
@@ -253,8 +254,9 @@ pub(crate) enum PsiInput {
     Items(ItemSet),
     /// Our points, blinded with the job's key as the dataset was read (here, with tags when we
     /// learn membership, or on the executors), in the job's spill files under a `memory_limit`
-    /// (in a store in memory on a cluster without one).
-    Spilled(JobKey, SpilledOwn),
+    /// (in a store in memory on a cluster without one). Third: the job's bucket directory when
+    /// it is under the cluster's `shared_dir` (the executors can merge its buckets).
+    Spilled(JobKey, SpilledOwn, Option<PathBuf>),
     /// Our points, blinded on the executors, in memory (a `match` without a `memory_limit`, on
     /// a node whose cluster has a sealing key).
     Blinded(Box<BlindedOnExecutors>),
@@ -275,7 +277,7 @@ impl PsiInput {
         match self {
             PsiInput::Items(items) => items.len(),
             // Fits: a spilled set comes from at most MAX_ROWS rows.
-            PsiInput::Spilled(_, own) => own.size() as usize,
+            PsiInput::Spilled(_, own, _) => own.size() as usize,
             PsiInput::Blinded(own) => own.points.len(),
         }
     }
@@ -335,9 +337,16 @@ pub(crate) async fn load_input(
     // identifiers' tags when it learns membership, to find the matched rows again; on the
     // executors the session gives the matched points, and their pass runs again.
     let limited = cfg.memory_limit.is_some();
-    let spilled_form = counts_only || limited;
-    let spill_dir = (spilled_form && limited).then(|| cfg.spill_dir());
+    // With a shared directory on its cluster, every session keeps its buckets there, so that
+    // the executors can merge them: the final comparison runs there too.
+    let shared_dir = shared_dir(&dataset, sealing.as_ref());
+    let spilled_form = counts_only || limited || shared_dir.is_some();
+    let spill_dir = match &shared_dir {
+        Some(shared) => Some(shared.clone()),
+        None => (spilled_form && limited).then(|| cfg.spill_dir()),
+    };
     let in_memory = !spilled_form;
+    let shared = shared_dir.is_some();
     let tagged = job.permit.i_learn_membership;
     let job_id = job.job_id.clone();
     let (loaded, input) = blocking(move || {
@@ -377,15 +386,19 @@ pub(crate) async fn load_input(
             }
             other => other,
         };
-        let store: Box<dyn PointStore> = match (spill_dir, &sealing) {
+        let (store, job_dir): (Box<dyn PointStore>, _) = match (spill_dir, &sealing) {
             (None, None) => {
                 let mut loaded = dataset::load_keys_for(&dataset, &keys, filter, MAX_ROWS)?;
                 let items = std::mem::take(&mut loaded.items);
                 return Ok((loaded, PsiInput::Items(items)));
             }
-            (Some(spill_dir), _) => spill_store(&spill_dir, &job_id)?,
-            (None, Some(_)) => Box::new(MemoryStore::default()),
+            (Some(spill_dir), _) => {
+                let (store, dir) = spill_store(&spill_dir, &job_id)?;
+                (store, Some(dir))
+            }
+            (None, Some(_)) => (Box::new(MemoryStore::default()), None),
         };
+        let shared_buckets = job_dir.filter(|_| shared);
         let key = JobKey::generate();
         let key_name = dataset::key_name(&keys);
         let mut own = if tagged && sealing.is_none() {
@@ -410,7 +423,7 @@ pub(crate) async fn load_input(
         };
         let own = own.finish().map_err(|e| spill_failed(&e))?;
         loaded.duplicate_rows = own.duplicates();
-        Ok((loaded, PsiInput::Spilled(key, own)))
+        Ok((loaded, PsiInput::Spilled(key, own, shared_buckets)))
     })
     .await?
     .map_err(|e: dataset::DatasetError| NodeError::from(JobError::Dataset(e.to_string())))?;
@@ -429,18 +442,29 @@ pub(crate) async fn load_input(
     Ok((loaded, input))
 }
 
-/// A job's spill files in a fresh directory of its own under `spill_dir`.
+/// A job's spill files in a fresh directory of its own under `spill_dir`, and that directory.
 pub(crate) fn spill_store(
     spill_dir: &std::path::Path,
     job_id: &str,
-) -> Result<Box<dyn PointStore>, dataset::DatasetError> {
+) -> Result<(Box<dyn PointStore>, PathBuf), dataset::DatasetError> {
     let store = FileStore::create(spill_dir, job_id).map_err(|e| {
         dataset::DatasetError::Spill(format!(
             "cannot create them in {}: {e}",
             spill_dir.display()
         ))
     })?;
-    Ok(Box::new(store))
+    let dir = store.dir().to_path_buf();
+    Ok((Box::new(store), dir))
+}
+
+/// The directory the dataset's cluster shares with its executors, if it has one and the
+/// sealing key that lets the executors work there.
+fn shared_dir(
+    dataset: &crate::data::schema::DatasetConfig,
+    sealing: Option<&SealingKey>,
+) -> Option<PathBuf> {
+    sealing?;
+    dataset.engine.cluster.as_ref()?.shared_dir.clone()
 }
 
 /// The sealing key of the dataset's cluster, read from its file: with it, the dataset's pass
@@ -483,6 +507,14 @@ async fn exchange(
     };
     let kind = JobKind::try_from(job.spec.kind).unwrap_or(JobKind::Overlap);
     let on_cluster = reblinds_for(job, key_before_session(&input)?).await?;
+    let shared_buckets = match &input {
+        PsiInput::Spilled(_, _, dir) => dir.clone(),
+        _ => None,
+    };
+    let on_cluster = match (on_cluster, shared_buckets) {
+        (Some(pieces), Some(dir)) => Some(merges_on(job, pieces, dir).await?),
+        (other, _) => other,
+    };
     let cfg = PsiConfig {
         job_id: job.job_id.clone(),
         me: job.my_name.clone(),
@@ -496,6 +528,11 @@ async fn exchange(
             },
             None => ReblindPlace::Node,
         },
+        merge: if on_cluster.as_ref().is_some_and(ClusterPieces::merges) {
+            MergePlace::Elsewhere
+        } else {
+            MergePlace::Node
+        },
     };
     let (mut proto, membership_pass) = match input {
         PsiInput::Items(items) => {
@@ -505,7 +542,7 @@ async fn exchange(
                 MembershipPass::Reread(digest),
             )
         }
-        PsiInput::Spilled(key, mut own) => {
+        PsiInput::Spilled(key, mut own, _) => {
             let pass = match (own.take_tag_key(), sealing_key(&job.permit.dataset)?) {
                 (Some(tag_key), _) => MembershipPass::ByTags(tag_key, loaded.rows_read),
                 (None, Some(sealing)) if job.permit.i_learn_membership => {
@@ -569,13 +606,35 @@ async fn reblinds_for(
     Ok(Some(ClusterPieces::new(reblinder)))
 }
 
+/// With the job's buckets in the cluster's `shared_dir` (at `dir`), the final comparison runs
+/// on the executors too.
+pub(crate) async fn merges_on(
+    job: &JobContext,
+    pieces: ClusterPieces,
+    dir: PathBuf,
+) -> Result<ClusterPieces, NodeError> {
+    let (Some(cluster), Some(sealing)) = (
+        job.permit.dataset.engine.cluster.as_ref(),
+        sealing_key(&job.permit.dataset)?,
+    ) else {
+        return Ok(pieces);
+    };
+    let merger = ClusterMerger::new(cluster, Arc::new(sealing), dir)
+        .await
+        .map_err(|reason| JobError::Compute {
+            step: "comparing the points on this node's cluster",
+            reason,
+        })?;
+    Ok(pieces.with_merger(merger))
+}
+
 /// A copy of the job key our points were blinded with before the session starts (on the
 /// executors, or as they were read under a `memory_limit`): the partner's points can be
 /// re-blinded off the node with it. `None` for identifiers the session blinds itself.
 fn key_before_session(input: &PsiInput) -> Result<Option<JobKey>, NodeError> {
     match input {
         PsiInput::Blinded(own) => copy_key(&own.key).map(Some),
-        PsiInput::Spilled(key, _) => copy_key(key).map(Some),
+        PsiInput::Spilled(key, _, _) => copy_key(key).map(Some),
         PsiInput::Items(_) => Ok(None),
     }
 }
@@ -655,6 +714,9 @@ pub(crate) async fn run_exchange<P: Protocol>(
         {
             tracing::info!(pieces, rows, "encrypted our rows on the cluster, in pieces");
         }
+        if on_cluster.as_ref().is_some_and(ClusterPieces::merged) {
+            tracing::info!("compared the points on the cluster, bucket by bucket");
+        }
         if incoming.read_back() > 0 {
             tracing::info!(
                 read_ahead_bytes = incoming.read_back(),
@@ -707,6 +769,17 @@ async fn do_steps<P: Protocol>(
                 None => {
                     return Err(JobError::Internal(
                         "the protocol handed out rows to encrypt, and this job has no cluster"
+                            .into(),
+                    )
+                    .into());
+                }
+            },
+            Step::Merge(request) => match on_cluster.as_deref_mut() {
+                Some(pieces) => pieces.start_merge(request)?,
+                None => {
+                    return Err(JobError::Internal(
+                        "the protocol handed out its buckets to merge, and this job has no \
+                         cluster"
                             .into(),
                     )
                     .into());
@@ -801,6 +874,7 @@ fn take_back<P: Protocol>(proto: &mut P, back: PieceBack) -> Result<(), JobError
     match back {
         PieceBack::Reblinded(offset, result) => proto.handle_reblinded(offset, result),
         PieceBack::Encrypted(offset, result) => proto.handle_encrypted(offset, result),
+        PieceBack::Merged(answers) => proto.handle_merged(answers),
     }
 }
 

@@ -162,7 +162,7 @@ async fn load_values(job: &JobContext) -> Result<SumInput, NodeError> {
             forgotten: forgotten.as_ref(),
         };
         let store = spill_dir
-            .map(|dir| spill_store(&dir, &job_id))
+            .map(|dir| spill_store(&dir, &job_id).map(|(store, _)| store))
             .transpose()
             .map_err(|e| e.to_string())?;
         let group_by = group_by.as_deref();
@@ -236,7 +236,7 @@ async fn key_holder(
     let mut cfg = config(job)?;
     let (mut proto, on_cluster) = match input {
         PsiInput::Items(items) => (KeyHolder::start(cfg, JobKey::generate(), items)?, None),
-        PsiInput::Spilled(key, own) => {
+        PsiInput::Spilled(key, own, _) => {
             // On a cluster, the value holder's points are re-blinded there too.
             let on_cluster = reblinds_on_cluster(job, &mut cfg, &key).await?;
             (KeyHolder::start_spilled(cfg, key, own)?, on_cluster)

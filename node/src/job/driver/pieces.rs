@@ -1,21 +1,25 @@
 //! A job's work on this node's own cluster, in pieces, while the exchange goes on: the
 //! partner's points to re-blind ([`Step::Reblind`](crate::job::protocol::Step), from PSI and
 //! overlap-sum, [`ClusterReblinder::reblind`]) and an overlap-sum value holder's rows to encrypt
-//! ([`Step::Encrypt`](crate::job::protocol::Step), [`ClusterEncryptor::encrypt`]). Each piece
-//! runs as its own cluster job, and they come back in the order they finish. Dropping
-//! [`ClusterPieces`] stops those still running (a failed job leaves none).
+//! ([`Step::Encrypt`](crate::job::protocol::Step), [`ClusterEncryptor::encrypt`]); and, at the
+//! end, a spilled session's final comparison ([`Step::Merge`](crate::job::protocol::Step),
+//! [`ClusterMerger::merge`], itself in pieces of buckets). Each piece runs as its own cluster
+//! job, and they come back in the order they finish. Dropping [`ClusterPieces`] stops those
+//! still running (a failed job leaves none).
 
 use std::sync::Arc;
 
+use cleanroom_circuits::spill::BucketMatches;
 use cleanroom_circuits::{EncodedPoint, POINT_LEN};
 use tokio::task::JoinSet;
 use tracing::Instrument;
 
 use crate::data::cluster_encrypt::ClusterEncryptor;
+use crate::data::cluster_merge::{ClusterMerger, MergeFailure};
 use crate::data::cluster_reblind::{ClusterReblinder, ReblindFailure};
 use crate::error::{JobError, NodeError};
 use crate::job::overlap_sum::EncryptPiece;
-use crate::job::psi::ReblindPiece;
+use crate::job::psi::{MergeRequest, ReblindPiece};
 
 /// A piece back from the cluster.
 pub(crate) enum PieceBack {
@@ -23,6 +27,8 @@ pub(crate) enum PieceBack {
     Reblinded(u64, Result<Vec<EncodedPoint>, ReblindFailure>),
     /// Its first row among ours, and its rows' ciphertexts (or the cluster's error).
     Encrypted(u64, Result<Vec<u8>, String>),
+    /// Every bucket's answer to the final comparison, in bucket order.
+    Merged(Result<Vec<BucketMatches>, MergeFailure>),
 }
 
 /// The job's pieces on the cluster.
@@ -30,6 +36,10 @@ pub(crate) struct ClusterPieces {
     reblinder: Arc<ClusterReblinder>,
     /// Only for an overlap-sum's value holder.
     encryptor: Option<Arc<ClusterEncryptor>>,
+    /// Only for a spilled session whose bucket files are in the cluster's `shared_dir`.
+    merger: Option<Arc<ClusterMerger>>,
+    /// Whether the final comparison ran on the cluster, for the log.
+    merged: bool,
     running: JoinSet<PieceBack>,
     /// Pieces and points handed to the cluster to re-blind, for the log.
     pieces: u64,
@@ -44,6 +54,8 @@ impl ClusterPieces {
         ClusterPieces {
             reblinder: Arc::new(reblinder),
             encryptor: None,
+            merger: None,
+            merged: false,
             running: JoinSet::new(),
             pieces: 0,
             points: 0,
@@ -56,6 +68,40 @@ impl ClusterPieces {
     pub(crate) fn with_encryptor(mut self, encryptor: ClusterEncryptor) -> ClusterPieces {
         self.encryptor = Some(Arc::new(encryptor));
         self
+    }
+
+    /// The final comparison may run on the cluster too.
+    pub(crate) fn with_merger(mut self, merger: ClusterMerger) -> ClusterPieces {
+        self.merger = Some(Arc::new(merger));
+        self
+    }
+
+    /// Whether this job's final comparison can run on the cluster.
+    pub(crate) fn merges(&self) -> bool {
+        self.merger.is_some()
+    }
+
+    /// Sends the final comparison to the cluster; an error if this job has no merger there.
+    pub(crate) fn start_merge(&mut self, request: MergeRequest) -> Result<(), JobError> {
+        let merger = self.merger.as_ref().map(Arc::clone).ok_or_else(|| {
+            JobError::Internal(
+                "the protocol handed out its buckets to merge, and this job merges none off the \
+                 node"
+                    .into(),
+            )
+        })?;
+        self.merged = true;
+        let MergeRequest { merge, first_size } = request;
+        self.running.spawn(
+            async move { PieceBack::Merged(merger.merge(merge, first_size).await) }
+                .instrument(tracing::Span::current()),
+        );
+        Ok(())
+    }
+
+    /// Whether the final comparison was handed to the cluster.
+    pub(crate) fn merged(&self) -> bool {
+        self.merged
     }
 
     /// Sends `piece` to the cluster (its job's log lines keep the job's span).
