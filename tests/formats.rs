@@ -50,7 +50,8 @@ fn the_demo_runs_over_parquet() {
 
 /// `cleanroom demo --engine ballista`: both nodes read on a local Ballista cluster (a scheduler
 /// and two executors the demo starts and stops); every figure equals the truth, and each
-/// executor ran a share of the reads.
+/// executor ran a share of the reads. Each node keeps its buckets in a directory of its own
+/// that the executors read, and its final comparisons ran there; nothing is left in it.
 #[test]
 fn the_demo_runs_on_a_ballista_cluster() {
     let dir = tempfile::tempdir().unwrap();
@@ -61,6 +62,22 @@ fn the_demo_runs_on_a_ballista_cluster() {
             .find(|l| l.starts_with(&format!("Ballista executor {i}:")))
             .unwrap_or_else(|| panic!("no share for executor {i}: {stdout}"));
         assert!(!line.contains(": 0 tasks"), "{line}");
+    }
+    let demo = dir.path().join("demo");
+    let shared: Vec<_> = std::fs::read_dir(demo.join("shared"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert!(shared.len() >= 2, "{shared:?}");
+    for node_dir in shared {
+        let node = node_dir.file_name().unwrap().to_string_lossy().into_owned();
+        let log = std::fs::read_to_string(demo.join(format!("logs/{node}.log"))).unwrap();
+        assert!(
+            log.contains("compared the points on the cluster"),
+            "{node} compared on its node"
+        );
+        let left: Vec<_> = std::fs::read_dir(&node_dir).unwrap().collect();
+        assert!(left.is_empty(), "{node} left {left:?}");
     }
 }
 

@@ -289,14 +289,21 @@ fn memory_limited_nodes_both_spill_and_sum_right() {
 }
 
 /// The same on a Ballista cluster with a sealing key: both passes run on the executors, and
-/// each node keeps what they return in its spill files, byte for byte as in process.
+/// each node keeps what they return in its spill files, byte for byte as in process. acme, the
+/// key holder, keeps them in a directory it shares with the executors, which find the matched
+/// rows there.
 #[test]
 fn memory_limited_nodes_on_a_cluster_spill_and_sum_right() {
     let (mut c, truth) = Consortium::with_coordinator("acme,globex", 400, 0.375, 5);
     let cluster = Ballista::start(c.path(), 2, 600);
-    let top = format!("{}memory_limit = \"256MiB\"\n", cluster.engine_line(true));
-    for name in ["acme", "globex"] {
-        c.node_top.insert(name.into(), top.clone());
+    let limit = "memory_limit = \"256MiB\"\n";
+    let shared = c.path().join("shared");
+    let tops = [
+        ("acme", cluster.engine_line_shared(&shared)),
+        ("globex", cluster.engine_line(true)),
+    ];
+    for (name, engine) in tops {
+        c.node_top.insert(name.into(), format!("{engine}{limit}"));
     }
     c.ballista = Some(cluster);
     start_pair(&mut c, "", "");
@@ -319,6 +326,12 @@ fn memory_limited_nodes_on_a_cluster_spill_and_sum_right() {
         c.node("globex").spilled_bytes(),
         [400 * 44 + 400 * 112 + 400 * 2 * 32]
     );
+    // acme's final comparison ran on its executors; globex has nothing to compare.
+    let compared = "compared the points on the cluster";
+    assert_eq!(c.node_log("acme").matches(compared).count(), 1);
+    assert!(!c.node_log("globex").contains(compared));
+    let left: Vec<_> = std::fs::read_dir(&shared).unwrap().collect();
+    assert!(left.is_empty(), "acme left {left:?}");
 }
 
 /// `(pieces, rows)` of each job's rows a value holder encrypted on its cluster, from its `log`.

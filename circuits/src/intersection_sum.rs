@@ -63,7 +63,7 @@ use crate::psi::{
     points_distinct, push_returned, reblind_checked, reblind_into, shuffled,
     sort_and_check_distinct, to_batches,
 };
-use crate::spill::SpilledOwn;
+use crate::spill::{BucketMatches, Merge, SpilledOwn};
 use crate::{EncodedPoint, ItemSet, JobKey, PsiError};
 
 mod spilled;
@@ -1145,6 +1145,64 @@ impl KhAwaitingReturn {
             }
         };
         KhSumming::start(common.own_size, peer, matched, spilled_bytes)
+    }
+
+    /// A spilled session whose store's files another process can read (a node's executors):
+    /// the value holder says it returned `total` points, checked as
+    /// [`on_returned_end`](Self::on_returned_end) checks it, and the store is flushed. The
+    /// buckets are then merged elsewhere ([`Merge::PeerPlaces`], one
+    /// [`merge_bucket`](crate::spill::merge_bucket) per bucket) and [`KhAwaitingMerge::finish`]
+    /// takes their answers. An in-memory session has no buckets.
+    pub fn merged_elsewhere(self, total: u64) -> Result<KhAwaitingMerge, SumError> {
+        let Some(mut spill) = self.spill else {
+            return Err(PsiError::Spill(
+                "a session in memory has no buckets to merge elsewhere".into(),
+            )
+            .into());
+        };
+        check_total(
+            Stream::Returned,
+            self.common.own_size,
+            total,
+            spill.returned_received(),
+        )?;
+        spill.flush()?;
+        Ok(KhAwaitingMerge {
+            own_size: self.common.own_size,
+            peer: self.peer,
+            spill,
+        })
+    }
+}
+
+/// A spilled key holder whose every point is in, waiting for its buckets' merge
+/// ([`KhAwaitingReturn::merged_elsewhere`]).
+pub struct KhAwaitingMerge {
+    own_size: u64,
+    peer: KhPeer,
+    spill: Box<KhSpill>,
+}
+
+impl std::fmt::Debug for KhAwaitingMerge {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KhAwaitingMerge")
+            .field("own_size", &self.own_size)
+            .field("peer_size", &self.peer.size)
+            .finish_non_exhaustive()
+    }
+}
+
+impl KhAwaitingMerge {
+    /// Which merge each bucket needs: the value holder's places.
+    pub fn merge(&self) -> Merge {
+        Merge::PeerPlaces
+    }
+
+    /// Every bucket's answer, in bucket order: which of the value holder's positions match,
+    /// then summing, as [`KhAwaitingReturn::on_returned_end`] goes on.
+    pub fn finish(self, answers: Vec<BucketMatches>) -> Result<KhSumming, SumError> {
+        let (matched, spilled_bytes) = self.spill.matched_from(answers)?;
+        KhSumming::start(self.own_size, self.peer, matched, spilled_bytes)
     }
 }
 

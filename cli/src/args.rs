@@ -821,7 +821,9 @@ pub struct DemoArgs {
     #[arg(long, value_enum, default_value_t = FileFormat::Csv)]
     pub format: FileFormat,
     /// Where each node's dataset reads run: in its own process, or on a local Ballista cluster
-    /// (a scheduler and two executors) that the demo starts first and stops last.
+    /// (a scheduler and two executors) that the demo starts first and stops last. On the
+    /// cluster each node also blinds, re-blinds and compares there (its `sealing_key`, and a
+    /// `shared_dir` of its own under the working directory).
     #[arg(long, value_enum, default_value_t = EngineArg::InProcess)]
     pub engine: EngineArg,
     /// Keep the working directory (PKI, data, configs, logs, databases) here instead of a
@@ -914,7 +916,8 @@ pub struct BenchPsiArgs {
     #[arg(long)]
     pub memory_limit: Option<bytesize::ByteSize>,
     /// Where the nodes' dataset reads run: in their processes, or on a local Ballista cluster
-    /// of two executors (on the same machine, so they share its cores with the nodes).
+    /// of two executors (on the same machine, so they share its cores with the nodes), which
+    /// also blind, re-blind and compare for them.
     #[arg(long, value_enum, default_value_t = EngineArg::InProcess)]
     pub engine: EngineArg,
     /// The job: `overlap`, or `match` (which reads each dataset a second time, in file order,

@@ -298,7 +298,7 @@ fn report(
     }
     if args.engine == EngineArg::Ballista {
         cleanroom_node::outln!(
-            "engine:                   Ballista, 2 executors on this machine (the dataset pass and own-set blinding)"
+            "engine:                   Ballista, 2 executors on this machine (the dataset pass, blinding, re-blinding, the final comparison)"
         );
     }
     cleanroom_node::outln!(

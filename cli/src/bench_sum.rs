@@ -246,7 +246,7 @@ pub async fn run(args: BenchPsiArgs) -> anyhow::Result<ExitCode> {
     }
     if args.engine == EngineArg::Ballista {
         cleanroom_node::outln!(
-            "engine: Ballista, 2 executors on this machine (the dataset pass, blinding, re-blinding and the value holder's encryption)"
+            "engine: Ballista, 2 executors on this machine (the dataset pass, blinding, re-blinding, the value holder's encryption, the key holder's comparison)"
         );
     }
     cleanroom_node::outln!(

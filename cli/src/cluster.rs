@@ -92,11 +92,6 @@ impl Cluster {
             EngineArg::InProcess => None,
             EngineArg::Ballista => Some(crate::scale::LocalCluster::start(dir, 2).await?),
         };
-        let node_top = match &engine {
-            Some(engine) => format!("{node_top}{}", engine.engine_line()),
-            None => node_top.to_owned(),
-        };
-        let node_top = node_top.as_str();
         let pki_dir = dir.join("pki");
         pki::init_ca(&pki_dir, "cleanroom demo consortium")?;
         pki::issue(&pki_dir, &Identity::coordinator(), &pki_dir)?;
@@ -135,7 +130,11 @@ impl Cluster {
         let mut dashboards = BTreeMap::new();
         for p in partners {
             let cfg_path = dir.join(format!("{}.toml", p.name));
-            let mut cfg = node_config(&p.name, addr, &p.csv, partners, node_top);
+            let top = match &engine {
+                Some(engine) => format!("{node_top}{}", engine.engine_line(&p.name)),
+                None => node_top.to_owned(),
+            };
+            let mut cfg = node_config(&p.name, addr, &p.csv, partners, &top);
             if web.is_some() {
                 // A free loopback port, found by binding and releasing it: the node binds it a
                 // moment later (and fails to start, with the reason in its log, if taken).

@@ -127,6 +127,9 @@ pub struct LocalCluster {
     pub addr: std::net::SocketAddr,
     /// The key file the executors and the nodes share.
     sealing_key: std::path::PathBuf,
+    /// Where each node keeps its jobs' point buckets for the executors to merge:
+    /// `shared/<node>` (one machine here; a shared mount in a deployment).
+    shared: std::path::PathBuf,
 }
 
 impl LocalCluster {
@@ -176,6 +179,7 @@ impl LocalCluster {
             executors: started,
             addr,
             sealing_key,
+            shared: dir.join("shared"),
         };
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
         for (log, _) in &cluster.executors {
@@ -194,9 +198,15 @@ impl LocalCluster {
         Ok(cluster)
     }
 
-    /// The node config line that sends its reads, and its overlaps' blinding, here.
-    pub fn engine_line(&self) -> String {
-        cleanroom_scale::scheduler::engine_line(self.addr, Some(&self.sealing_key))
+    /// The config line that sends `node`'s reads here, its blinding, re-blinding and
+    /// encrypting (the sealing key), and its final comparisons (a directory of its own that the
+    /// executors read).
+    pub fn engine_line(&self, node: &str) -> String {
+        cleanroom_scale::scheduler::engine_line(
+            self.addr,
+            Some(&self.sealing_key),
+            Some(&self.shared.join(node)),
+        )
     }
 
     /// Each executor's tasks and rows so far, from the last count it logged.

@@ -67,13 +67,19 @@ pub async fn start(
 }
 
 /// The node config line that sends a node's reads to the scheduler at `addr`; with the
-/// executors' `sealing_key` file, its overlaps' blinding too.
-pub fn engine_line(addr: SocketAddr, sealing_key: Option<&std::path::Path>) -> String {
-    match sealing_key {
-        None => format!("engine = {{ ballista = \"df://{addr}\" }}\n"),
-        Some(key) => format!(
-            "engine = {{ ballista = \"df://{addr}\", sealing_key = {:?} }}\n",
-            key.display().to_string()
-        ),
+/// executors' `sealing_key` file, its overlaps' blinding too; with a `shared_dir` as well (a
+/// directory the executors read), its final comparisons.
+pub fn engine_line(
+    addr: SocketAddr,
+    sealing_key: Option<&std::path::Path>,
+    shared_dir: Option<&std::path::Path>,
+) -> String {
+    let mut line = format!("engine = {{ ballista = \"df://{addr}\"");
+    for (name, path) in [("sealing_key", sealing_key), ("shared_dir", shared_dir)] {
+        if let Some(path) = path {
+            line.push_str(&format!(", {name} = {:?}", path.display().to_string()));
+        }
     }
+    line.push_str(" }\n");
+    line
 }

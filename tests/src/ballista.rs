@@ -119,22 +119,15 @@ impl Ballista {
     /// overlaps' blinding too.
     pub fn engine_line(&self, sealed: bool) -> String {
         let key = sealed.then_some(self.sealing_key.as_path());
-        cleanroom_scale::scheduler::engine_line(self.addr, key)
+        cleanroom_scale::scheduler::engine_line(self.addr, key, None)
     }
 
     /// [`engine_line`](Self::engine_line) sealed, with `shared` as the directory the node and
     /// the executors share: the node keeps a job's point buckets there and its final
     /// comparison runs on the executors.
     pub fn engine_line_shared(&self, shared: &Path) -> String {
-        let sealed = self.engine_line(true);
-        let line = sealed
-            .trim_end()
-            .strip_suffix('}')
-            .expect("an inline table");
-        format!(
-            "{line}, shared_dir = {:?} }}\n",
-            shared.display().to_string()
-        )
+        let key = Some(self.sealing_key.as_path());
+        cleanroom_scale::scheduler::engine_line(self.addr, key, Some(shared))
     }
 
     /// Each executor's `(tasks, rows)`, from the last count it logged.

@@ -17,7 +17,7 @@ use crate::psi::merge::{MergeResult, combine, merge_buckets};
 use crate::psi::received_within;
 use crate::spill::{
     BUCKETS, BucketMatches, BucketReader, Merge, PointSet, PointStore, SpilledOwn,
-    append_by_bucket, append_records_by_bucket, bucket_cap, placed,
+    append_by_bucket, append_records_by_bucket, bucket_cap, placed, spill_error,
 };
 use crate::{EncodedPoint, PsiError};
 
@@ -173,8 +173,17 @@ impl KhSpill {
         self.matched_from(answers)
     }
 
-    /// Which rows matched, from every bucket's answer to [`Merge::PeerPlaces`] in bucket order.
-    fn matched_from(self, answers: Vec<BucketMatches>) -> Result<(MatchedRows, u64), PsiError> {
+    /// Writes out what the store buffers, for its buckets to be merged elsewhere.
+    pub(super) fn flush(&mut self) -> Result<(), PsiError> {
+        self.store.flush().map_err(spill_error)
+    }
+
+    /// Which rows matched, from every bucket's answer to [`Merge::PeerPlaces`] in bucket order
+    /// (merged here or elsewhere), and the bytes written to the store.
+    pub(super) fn matched_from(
+        self,
+        answers: Vec<BucketMatches>,
+    ) -> Result<(MatchedRows, u64), PsiError> {
         let MergeResult::Places(places) = combine(Merge::PeerPlaces, answers, self.peer_received)?
         else {
             return Err(PsiError::Spill(

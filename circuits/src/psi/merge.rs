@@ -4,8 +4,9 @@
 //! byte of each point, so a point can only match inside its own bucket. The comparison is one
 //! [`merge_bucket`] per bucket, each independent of the others: the node runs them in turn
 //! ([`merge_buckets`]), or, when its buckets are files its executors can read, hands them to the
-//! executors and finishes the session with their answers ([`super::Matching::merged_elsewhere`];
-//! an overlap-sum's key holder merges its own, here).
+//! executors and finishes the session with their answers ([`super::Matching::merged_elsewhere`],
+//! and an overlap-sum key holder's
+//! [`merged_elsewhere`](crate::intersection_sum::KhAwaitingReturn::merged_elsewhere)).
 //!
 //! Each merge sorts both buckets itself (a bucket sorted already costs one pass) and checks that
 //! no point is in either twice, so its answer depends only on the two buckets' contents.

@@ -40,22 +40,25 @@ use zeroize::Zeroizing;
 
 use cleanroom_circuits::ahe::{SecretKey, SlotLayout};
 use cleanroom_circuits::intersection_sum::{
-    KeyHolderSession, KhAwaitingHello, KhAwaitingReturn, KhReadyToBlind, KhReceivingPoints,
-    KhSummed, KhSumming, MAX_CIPHERTEXT_BATCH_BYTES, SumError, SumParams, ValueHolderSession,
-    VhAwaitingPeerSize, VhAwaitingSums, VhEncrypting, VhExchanging, VhReadyToBlind,
+    KeyHolderSession, KhAwaitingHello, KhAwaitingMerge, KhAwaitingReturn, KhReadyToBlind,
+    KhReceivingPoints, KhSummed, KhSumming, MAX_CIPHERTEXT_BATCH_BYTES, SumError, SumParams,
+    ValueHolderSession, VhAwaitingPeerSize, VhAwaitingSums, VhEncrypting, VhExchanging,
+    VhReadyToBlind,
 };
+use cleanroom_circuits::spill::BucketMatches;
 use cleanroom_circuits::{EncodedPoint, JobKey, PsiError};
 use cleanroom_proto::v1::{
     Abort, BatchEnd, Envelope, NoiseTerm, Phase, PointBatch, PsiHello, SumRelease, SumTerms,
     envelope::Body,
 };
 
+use crate::data::cluster_merge::MergeFailure;
 use crate::data::cluster_reblind::ReblindFailure;
 use crate::data::dataset;
 use crate::data::sum_input::{SumInput, SumKeys};
 use crate::error::{JobError, Party, Violation};
 use crate::job::protocol::{NoiseRequest, Protocol, Step};
-use crate::job::psi::{BATCHES_PER_PIECE, ReblindPlace};
+use crate::job::psi::{BATCHES_PER_PIECE, MergePlace, MergeRequest, ReblindPlace};
 use crate::job::reblind_queue::{InOrderPoints, PeerNext, piece_points};
 use crate::job::wire::{self, Outbox, STALL_BASE, stall_deadline};
 use crate::ledger::Loss;
@@ -120,6 +123,9 @@ pub struct SumConfig {
     pub reblind: ReblindPlace,
     /// Where a value holder's rows are encrypted: here, or on this node's own executors.
     pub encrypt: EncryptPlace,
+    /// Where a spilled key holder merges its buckets (which of the value holder's rows
+    /// matched): here, or on this node's own executors.
+    pub merge: MergePlace,
     /// Points per batch frame ([`BATCH_POINTS`](crate::job::psi::BATCH_POINTS); tests use
     /// small ones).
     pub batch_points: usize,
@@ -396,6 +402,9 @@ pub enum KhWork {
     Returned(KhAwaitingReturn, Vec<u8>),
     /// All our points are back.
     ReturnedEnd(KhAwaitingReturn, u64),
+    /// All our points are back: check the total, and ready the buckets to be merged off the
+    /// node.
+    MergeElsewhere(KhAwaitingReturn, u64),
     /// One batch of encrypted rows.
     Rows(KhSumming, Vec<u8>),
     /// All rows are in.
@@ -419,6 +428,8 @@ pub enum KhDone {
     Returned(Result<KhAwaitingReturn, SumError>),
     /// Our points are back.
     ReturnedEnd(Result<KhSumming, SumError>),
+    /// Our points are back, the buckets ready to be merged off the node.
+    MergeElsewhere(Result<KhAwaitingMerge, SumError>),
     /// A batch of rows added.
     Rows(Result<KhSumming, SumError>),
     /// The rows are summed.
@@ -433,6 +444,8 @@ enum KhStage {
     Busy,
     PeerPoints(KhReceivingPoints),
     Returning(KhAwaitingReturn),
+    /// The buckets are merged off the node; no frame is taken meanwhile.
+    Merging(KhAwaitingMerge),
     Summing(KhSumming),
     Closing((u64, u64)),
     Finished((u64, u64)),
@@ -600,7 +613,10 @@ impl KeyHolder {
             KhStage::Returning(s) => {
                 match batch(&self.cfg, env, Phase::PsiDoubleBlinded, &mut self.seq_in)? {
                     Batch::Points(p) => self.compute(KhWork::Returned(s, p)),
-                    Batch::End(total) => self.compute(KhWork::ReturnedEnd(s, total)),
+                    Batch::End(total) => self.compute(match self.cfg.merge {
+                        MergePlace::Node => KhWork::ReturnedEnd(s, total),
+                        MergePlace::Elsewhere => KhWork::MergeElsewhere(s, total),
+                    }),
                 }
                 Ok(())
             }
@@ -616,11 +632,13 @@ impl KeyHolder {
                 self.stage = KhStage::Finished(sizes);
                 Ok(())
             }
-            KhStage::Charging(..) | KhStage::Busy | KhStage::Finished(_) | KhStage::Over => {
-                Err(self
-                    .cfg
-                    .internal("a frame was handed over while the protocol takes none"))
-            }
+            KhStage::Charging(..)
+            | KhStage::Busy
+            | KhStage::Merging(_)
+            | KhStage::Finished(_)
+            | KhStage::Over => Err(self
+                .cfg
+                .internal("a frame was handed over while the protocol takes none")),
         }
     }
 
@@ -640,6 +658,33 @@ impl KeyHolder {
             }),
             other => self.stage = other,
         }
+    }
+
+    /// The buckets' answers from off the node: which of the value holder's rows matched, then
+    /// summing, as after [`KhWork::ReturnedEnd`].
+    fn on_merged(
+        &mut self,
+        answers: Result<Vec<BucketMatches>, MergeFailure>,
+    ) -> Result<(), JobError> {
+        let KhStage::Merging(waiting) = std::mem::replace(&mut self.stage, KhStage::Over) else {
+            return Err(self
+                .cfg
+                .internal("the buckets' merge came back while none was out"));
+        };
+        let answers = answers.map_err(|e| match e {
+            MergeFailure::Peer(e) => self.cfg.violation(SumError::from(e)),
+            MergeFailure::Cluster(reason) => JobError::Compute {
+                step: "comparing the points on this node's cluster",
+                reason,
+            },
+        })?;
+        let summing = waiting
+            .finish(answers)
+            .map_err(|e| self.cfg.session_error(e))?;
+        self.spilled_bytes = summing.spilled_bytes();
+        self.stage = KhStage::Summing(summing);
+        self.seq_in = 0;
+        Ok(())
     }
 
     fn on_done(&mut self, done: KhDone) -> Result<(), JobError> {
@@ -687,6 +732,14 @@ impl KeyHolder {
                 self.spilled_bytes = summing.spilled_bytes();
                 self.stage = KhStage::Summing(summing);
                 self.seq_in = 0;
+            }
+            KhDone::MergeElsewhere(r) => {
+                let waiting = r.map_err(v)?;
+                self.steps.push_back(Step::Merge(MergeRequest {
+                    merge: waiting.merge(),
+                    first_size: self.peer_size.unwrap_or(0),
+                }));
+                self.stage = KhStage::Merging(waiting);
             }
             KhDone::Rows(r) => self.stage = KhStage::Summing(r.map_err(v)?),
             KhDone::RowsEnd(r) => {
@@ -737,6 +790,7 @@ impl Protocol for KeyHolder {
             KhWork::PeerEnd(s, t) => KhDone::PeerEnd(s.on_peer_end(t)),
             KhWork::Returned(s, p) => KhDone::Returned(s.on_returned_batch(&p)),
             KhWork::ReturnedEnd(s, t) => KhDone::ReturnedEnd(s.on_returned_end(t)),
+            KhWork::MergeElsewhere(s, t) => KhDone::MergeElsewhere(s.merged_elsewhere(t)),
             KhWork::Rows(s, p) => KhDone::Rows(s.on_ciphertext_batch(&p)),
             KhWork::RowsEnd(s, t) => KhDone::RowsEnd(s.on_ciphertext_end(t)),
             KhWork::Noise(s, noise) => {
@@ -758,7 +812,16 @@ impl Protocol for KeyHolder {
     }
 
     fn waits_for_pieces(&self) -> bool {
-        self.off_node.as_ref().is_some_and(InOrderPoints::holds_end)
+        matches!(self.stage, KhStage::Merging(_))
+            || self.off_node.as_ref().is_some_and(InOrderPoints::holds_end)
+    }
+
+    fn handle_merged(
+        &mut self,
+        answers: Result<Vec<BucketMatches>, MergeFailure>,
+    ) -> Result<(), JobError> {
+        let r = self.on_merged(answers);
+        self.fail(r)
     }
 
     fn handle_reblinded(

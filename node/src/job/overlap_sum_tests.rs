@@ -15,7 +15,7 @@ use cleanroom_proto::v1::{JobKind, JobSpec, OverlapSumSpec};
 
 use super::*;
 use crate::data::dataset::KeyedRowCounts;
-use crate::job::psi::{BATCH_POINTS, ReblindPlace};
+use crate::job::psi::{BATCH_POINTS, MergePlace, ReblindPlace};
 use crate::job::test_pair::{Side, abort_at, first_of, hello, is_points, nth, on_points};
 use crate::policy::NodeConfig;
 use crate::test_fixtures::{NOW, node_head, two_party_spec};
@@ -62,6 +62,7 @@ fn config(me: usize, extra: &str) -> SumConfig {
         show_count: sum.count,
         reblind: ReblindPlace::Node,
         encrypt: EncryptPlace::Node,
+        merge: MergePlace::Node,
         batch_points: BATCH_POINTS,
     }
 }
@@ -232,6 +233,56 @@ fn a_spilled_key_holder_gives_the_same_sums() {
     )
     .expect("value holder starts");
     let (kh, vh) = run_honestly(acme, globex);
+    assert_eq!(vh.cells, truth());
+    assert_eq!(kh.sizes, (30, 40));
+}
+
+/// A spilled key holder whose buckets are merged off the node (by "executors" reading its job
+/// directory) finds the same rows matched: the value holder gets the same exact sums, and one
+/// merge was handed out.
+#[test]
+fn a_key_holder_merging_off_the_node_gives_the_same_sums() {
+    let root = tempfile::tempdir().expect("a directory");
+    let a = SumConfig {
+        batch_points: 4,
+        merge: MergePlace::Elsewhere,
+        ..config(0, "")
+    };
+    let key = JobKey::generate();
+    let store = crate::job::spill::FileStore::create(root.path(), "job-kh").expect("a store");
+    let dir = store.dir().to_path_buf();
+    let mut own = OwnSetBuilder::new(Box::new(store));
+    own.add(&key, &a.params().key_name, &items(0, 30))
+        .expect("spilled");
+    let acme =
+        KeyHolder::start_spilled(a, key, own.finish().expect("sorted")).expect("key holder starts");
+    let globex = ValueHolder::start(
+        config(1, ""),
+        input(10, 50),
+        ahe::keygen().expect("paillier key"),
+    )
+    .expect("value holder starts");
+    let mut acme = Side::new(acme);
+    let sealing = crate::data::cluster_pass::SealingKey::from_bytes(&[5; 32]).expect("a key");
+    acme.merge_dir = Some((sealing, dir));
+    let mut pair = Pair {
+        acme,
+        globex: Side::new(globex),
+    };
+    pair.run(honest(), honest());
+    assert!(pair.acme.error.is_none(), "{:?}", pair.acme.error);
+    assert!(pair.globex.error.is_none(), "{:?}", pair.globex.error);
+    assert_eq!(pair.acme.merges_handed_out, 1);
+    let kh = pair
+        .acme
+        .proto
+        .into_exchange()
+        .expect("key holder finished");
+    let vh = pair
+        .globex
+        .proto
+        .into_exchange()
+        .expect("value holder finished");
     assert_eq!(vh.cells, truth());
     assert_eq!(kh.sizes, (30, 40));
 }

@@ -20,7 +20,7 @@ use tokio::sync::oneshot;
 use super::pieces::ClusterPieces;
 use super::{
     JOB_TIMEOUT, JobContext, MAX_ROWS, PsiInput, accept, blocking, copy_key, dial,
-    finish_connection, key_columns, load_input, reblinds_for, run_exchange, sealing_key,
+    finish_connection, key_columns, load_input, merges_on, reblinds_for, run_exchange, sealing_key,
     spill_store,
 };
 use crate::audit::AuditEvent;
@@ -32,7 +32,7 @@ use crate::error::{JobError, NodeError};
 use crate::job::overlap_sum::{
     EncryptPlace, KeyHolder, KhExchange, SumConfig, ValueHolder, VhExchange,
 };
-use crate::job::psi::{BATCH_POINTS, ReblindPlace};
+use crate::job::psi::{BATCH_POINTS, MergePlace, ReblindPlace};
 use crate::policy::overlap_sum::{self as sum_policy, SumShape};
 use crate::spec::spec_digest;
 
@@ -77,6 +77,7 @@ fn config(job: &JobContext) -> Result<SumConfig, NodeError> {
         show_count: sum.count,
         reblind: ReblindPlace::Node,
         encrypt: EncryptPlace::Node,
+        merge: MergePlace::Node,
         batch_points: BATCH_POINTS,
     })
 }
@@ -236,9 +237,20 @@ async fn key_holder(
     let mut cfg = config(job)?;
     let (mut proto, on_cluster) = match input {
         PsiInput::Items(items) => (KeyHolder::start(cfg, JobKey::generate(), items)?, None),
-        PsiInput::Spilled(key, own, _) => {
-            // On a cluster, the value holder's points are re-blinded there too.
+        PsiInput::Spilled(key, own, shared_buckets) => {
+            // On a cluster, the value holder's points are re-blinded there too; with a shared
+            // directory, our buckets are merged there.
             let on_cluster = reblinds_on_cluster(job, &mut cfg, &key).await?;
+            let on_cluster = match (on_cluster, shared_buckets) {
+                (Some(pieces), Some(dir)) => {
+                    let pieces = merges_on(job, pieces, dir).await?;
+                    if pieces.merges() {
+                        cfg.merge = MergePlace::Elsewhere;
+                    }
+                    Some(pieces)
+                }
+                (other, _) => other,
+            };
             (KeyHolder::start_spilled(cfg, key, own)?, on_cluster)
         }
         PsiInput::Blinded(_) => {
