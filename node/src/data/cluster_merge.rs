@@ -10,9 +10,11 @@
 //! from the job's directory, merges them and answers the bucket's count or the places of its
 //! matches (4 bytes a match).
 //!
-//! What travels: the job directory's path, the merge's kind and the bucket, sealed (only a
-//! holder of the sealing key makes an executor read a job's files, and only a job's: a
-//! directory not named like one is refused). The files hold blinded points and places, never an
+//! What travels: the job directory's path, the merge's kind, the bucket and the sizes of its
+//! two files as the node sees them, sealed (only a holder of the sealing key makes an executor
+//! read a job's files, and only a job's: a directory not named like one is refused). An
+//! executor that reads other sizes (another directory at that path, or writes not yet visible
+//! there) fails the piece rather than answer wrong. The files hold blinded points and places, never an
 //! identifier or a key (see [`crate::job::spill`]).
 
 use std::path::{Path, PathBuf};
@@ -133,7 +135,7 @@ impl ClusterMerger {
         let cluster = |e: DataFusionError| MergeFailure::Cluster(redact(&e.to_string()));
         let specs = buckets
             .clone()
-            .map(|b| seal_spec(&self.sealing, merge, b, &self.dir))
+            .map(|b| BucketSpec::of(merge, b, &self.dir)?.seal(&self.sealing))
             .collect::<Result<Vec<_>, _>>()
             .map_err(MergeFailure::Cluster)?;
         let plan = piece_plan(&specs).map_err(cluster)?;
@@ -159,87 +161,163 @@ impl ClusterMerger {
     }
 }
 
-/// Buckets in one piece: all of them spread over the pieces out at once, and for places no
-/// more than the buckets' caps let fit in [`PIECE_OUTPUT_BYTES`].
+/// Records a piece merges at least, when the set has that many: a cluster job costs a fixed
+/// part of a second, so a small set is merged in one piece.
+const PIECE_RECORDS: u64 = 1 << 20;
+
+/// Buckets in one piece: enough for [`PIECE_RECORDS`] records, or all of them spread over the
+/// pieces out at once if that is more; and for places no more than the buckets' caps let fit
+/// in [`PIECE_OUTPUT_BYTES`].
 fn buckets_per_piece(merge: Merge, first_size: u64, in_flight: usize) -> usize {
     let spread = BUCKETS.div_ceil(in_flight.max(1));
+    let enough = PIECE_RECORDS
+        .saturating_mul(BUCKETS as u64)
+        .div_ceil(first_size.max(1));
+    let enough = usize::try_from(enough).unwrap_or(BUCKETS).min(BUCKETS);
     let fit = match merge {
         Merge::Count => BUCKETS,
+        // Every place of the set fits at once.
+        Merge::OurPlaces | Merge::PeerPlaces
+            if first_size.saturating_mul(4) <= PIECE_OUTPUT_BYTES =>
+        {
+            BUCKETS
+        }
         Merge::OurPlaces | Merge::PeerPlaces => {
             let bucket_bytes = bucket_cap(first_size).saturating_mul(4).max(1);
             usize::try_from(PIECE_OUTPUT_BYTES / bucket_bytes).unwrap_or(BUCKETS)
         }
     };
-    spread.min(fit).max(1)
+    spread.max(enough).min(fit).max(1)
 }
 
-/// `version ‖ merge ‖ bucket (u16) ‖ directory`, sealed.
-fn seal_spec(
-    sealing: &SealingKey,
+/// What an executor merges: one bucket of one job, and how many bytes the node wrote to each
+/// of its two files.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct BucketSpec {
     merge: Merge,
     bucket: usize,
-    dir: &Path,
-) -> Result<Vec<u8>, String> {
-    let dir = dir
-        .to_str()
-        .ok_or_else(|| format!("{} is not UTF-8", dir.display()))?;
-    let bucket = u16::try_from(bucket).map_err(|_| "a bucket past the sets".to_owned())?;
-    let mut plain = Vec::with_capacity(4 + dir.len());
-    plain.push(SPEC_VERSION);
-    plain.push(merge.code());
-    plain.extend_from_slice(&bucket.to_le_bytes());
-    plain.extend_from_slice(dir.as_bytes());
-    sealing.seal(AAD, &plain)
+    /// The bytes of the bucket's files of [`Merge::sets`], in that order, as the node sees them.
+    sizes: [u64; 2],
+    dir: PathBuf,
 }
 
-/// The merge, bucket and directory sealed in `sealed`. Errors say what to fix.
-fn open_spec(sealing: &SealingKey, sealed: &[u8]) -> Result<(Merge, usize, PathBuf), String> {
-    let plain = sealing.open(AAD, sealed).ok_or(
-        "the spec does not open with this executor's sealing key (the node's \
-         engine.sealing_key and the executor's --sealing-key must be the same key)",
-    )?;
-    let [version, code, b0, b1, dir @ ..] = plain.as_slice() else {
-        return Err("the spec is too short".into());
-    };
-    if *version != SPEC_VERSION {
-        return Err("the spec is not one this executor reads (a node of another version?)".into());
+impl BucketSpec {
+    /// Bucket `bucket` of the job whose files are in `dir`, the files' sizes read here.
+    fn of(merge: Merge, bucket: usize, dir: &Path) -> Result<BucketSpec, String> {
+        let (first, second) = merge.sets();
+        let size = |set| match std::fs::metadata(bucket_path(dir, set, bucket)) {
+            Ok(m) => Ok(m.len()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(0),
+            Err(e) => Err(format!("cannot read the size of a bucket file: {e}")),
+        };
+        Ok(BucketSpec {
+            merge,
+            bucket,
+            sizes: [size(first)?, size(second)?],
+            dir: dir.to_path_buf(),
+        })
     }
-    let merge = Merge::from_code(*code).ok_or("the spec names no merge this executor knows")?;
-    let bucket = usize::from(u16::from_le_bytes([*b0, *b1]));
-    if bucket >= BUCKETS {
-        return Err("the spec names a bucket past the sets".into());
-    }
-    let dir =
-        PathBuf::from(std::str::from_utf8(dir).map_err(|_| "the spec's directory is not UTF-8")?);
-    if !dir.is_absolute() || !is_job_dir(&dir) {
-        return Err(format!(
-            "{} is not a job's bucket directory (is the node's engine.shared_dir mounted at the \
-             same path here?)",
-            dir.display()
-        ));
-    }
-    Ok((merge, bucket, dir))
-}
 
-/// A bucket file's bytes; a file never written is an empty bucket.
-fn read_bucket(dir: &Path, set: PointSet, bucket: usize) -> Result<Vec<u8>, String> {
-    let path = bucket_path(dir, set, bucket);
-    match std::fs::read(&path) {
-        Ok(bytes) => Ok(bytes),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
-        Err(e) => Err(format!(
-            "cannot read {} (is the node's engine.shared_dir mounted at the same path here?): {e}",
-            path.display()
-        )),
+    /// `version ‖ merge ‖ bucket (u16) ‖ sizes (2 × u64) ‖ directory`, sealed.
+    fn seal(&self, sealing: &SealingKey) -> Result<Vec<u8>, String> {
+        let dir = self
+            .dir
+            .to_str()
+            .ok_or_else(|| format!("{} is not UTF-8", self.dir.display()))?;
+        let bucket = u16::try_from(self.bucket).map_err(|_| "a bucket past the sets".to_owned())?;
+        let mut plain = Vec::with_capacity(20 + dir.len());
+        plain.push(SPEC_VERSION);
+        plain.push(self.merge.code());
+        plain.extend_from_slice(&bucket.to_le_bytes());
+        for size in self.sizes {
+            plain.extend_from_slice(&size.to_le_bytes());
+        }
+        plain.extend_from_slice(dir.as_bytes());
+        sealing.seal(AAD, &plain)
+    }
+
+    /// The spec sealed in `sealed`. Errors say what to fix.
+    fn open(sealing: &SealingKey, sealed: &[u8]) -> Result<BucketSpec, String> {
+        let plain = sealing.open(AAD, sealed).ok_or(
+            "the spec does not open with this executor's sealing key (the node's \
+             engine.sealing_key and the executor's --sealing-key must be the same key)",
+        )?;
+        let [version, code, rest @ ..] = plain.as_slice() else {
+            return Err("the spec is too short".into());
+        };
+        if *version != SPEC_VERSION {
+            return Err(
+                "the spec is not one this executor reads (a node of another version?)".into(),
+            );
+        }
+        let merge = Merge::from_code(*code).ok_or("the spec names no merge this executor knows")?;
+        let (bucket, rest) = rest
+            .split_first_chunk::<2>()
+            .ok_or("the spec is too short")?;
+        let bucket = usize::from(u16::from_le_bytes(*bucket));
+        if bucket >= BUCKETS {
+            return Err("the spec names a bucket past the sets".into());
+        }
+        let (first, rest) = rest
+            .split_first_chunk::<8>()
+            .ok_or("the spec is too short")?;
+        let (second, dir) = rest
+            .split_first_chunk::<8>()
+            .ok_or("the spec is too short")?;
+        let dir = PathBuf::from(
+            std::str::from_utf8(dir).map_err(|_| "the spec's directory is not UTF-8")?,
+        );
+        if !dir.is_absolute() || !is_job_dir(&dir) {
+            return Err(format!(
+                "{} is not a job's bucket directory (is the node's engine.shared_dir mounted at \
+                 the same path here?)",
+                dir.display()
+            ));
+        }
+        Ok(BucketSpec {
+            merge,
+            bucket,
+            sizes: [u64::from_le_bytes(*first), u64::from_le_bytes(*second)],
+            dir,
+        })
+    }
+
+    /// The bytes of the bucket's file of `set`, which must be as many as the node wrote: fewer
+    /// or more would mean this executor sees another directory, or not all of the node's
+    /// writes, and would give a wrong answer.
+    fn read(&self, set: PointSet, expected: u64) -> Result<Vec<u8>, String> {
+        let path = bucket_path(&self.dir, set, self.bucket);
+        let bytes = match std::fs::read(&path) {
+            Ok(bytes) => bytes,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+            Err(e) => {
+                return Err(format!(
+                    "cannot read {} (is the node's engine.shared_dir mounted at the same path \
+                     here?): {e}",
+                    path.display()
+                ));
+            }
+        };
+        if bytes.len() as u64 != expected {
+            return Err(format!(
+                "{} holds {} bytes here where the node wrote {expected} (is the node's \
+                 engine.shared_dir the same directory on this executor, and are the node's \
+                 writes visible here?)",
+                path.display(),
+                bytes.len()
+            ));
+        }
+        Ok(bytes)
     }
 }
 
 /// An executor's answer for one sealed spec: `bucket (u16) ‖ status ‖ payload`.
 fn merge_row(sealing: &SealingKey, sealed: &[u8]) -> Result<Vec<u8>, String> {
-    let (merge, bucket, dir) = open_spec(sealing, sealed)?;
+    let spec = BucketSpec::open(sealing, sealed)?;
+    let (merge, bucket) = (spec.merge, spec.bucket);
     let (first_set, second_set) = merge.sets();
-    let mut first = read_bucket(&dir, first_set, bucket)?;
-    let mut second = read_bucket(&dir, second_set, bucket)?;
+    let mut first = spec.read(first_set, spec.sizes[0])?;
+    let mut second = spec.read(second_set, spec.sizes[1])?;
     // Fits: checked under BUCKETS.
     let mut out = (bucket as u16).to_le_bytes().to_vec();
     match merge_bucket(merge, &mut first, &mut second) {
@@ -379,7 +457,9 @@ pub(crate) fn merge_in_process(
 ) -> Result<Vec<BucketMatches>, MergeFailure> {
     (0..BUCKETS)
         .map(|b| {
-            let spec = seal_spec(sealing, merge, b, dir).map_err(MergeFailure::Cluster)?;
+            let spec = BucketSpec::of(merge, b, dir)
+                .and_then(|spec| spec.seal(sealing))
+                .map_err(MergeFailure::Cluster)?;
             let answer = merge_row(sealing, &spec).map_err(MergeFailure::Cluster)?;
             decode_answer(merge, b, &answer)
         })

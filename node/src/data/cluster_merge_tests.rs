@@ -3,6 +3,16 @@ use crate::job::spill::FileStore;
 use cleanroom_circuits::spill::PointStore;
 use datafusion::arrow::array::{Array, BinaryArray};
 
+/// Bucket `bucket`'s spec for the job in `dir`, sealed as the node seals it.
+fn seal_spec(
+    sealing: &SealingKey,
+    merge: Merge,
+    bucket: usize,
+    dir: &Path,
+) -> Result<Vec<u8>, String> {
+    BucketSpec::of(merge, bucket, dir)?.seal(sealing)
+}
+
 fn sealing() -> Arc<SealingKey> {
     Arc::new(SealingKey::from_bytes(&[9; 32]).expect("a key"))
 }
@@ -97,14 +107,16 @@ fn an_executor_merges_a_jobs_bucket_files_as_the_node_would() {
     }
 }
 
+/// What a store buffers is not on disk: a spec made before the flush sees none of it (and
+/// fails once the files grow past the sizes it carries); one made after sees everything.
 #[test]
 fn an_executor_reads_what_the_store_flushed_not_what_it_buffers() {
     let root = tempfile::tempdir().expect("a directory");
     let sealing = sealing();
     let store = filled_store(root.path(), false);
-    let spec = seal_spec(&sealing, Merge::Count, 7, store.dir()).expect("sealed");
+    let early = seal_spec(&sealing, Merge::Count, 7, store.dir()).expect("sealed");
     let udf = MergeUdf::executor(Arc::clone(&sealing));
-    let before = run(&udf, std::slice::from_ref(&spec)).expect("runs");
+    let before = run(&udf, std::slice::from_ref(&early)).expect("runs");
     // Not flushed: the returned points' writes are still buffered.
     assert_eq!(
         decode_answer(Merge::Count, 7, &before[0]).expect("an answer"),
@@ -112,6 +124,9 @@ fn an_executor_reads_what_the_store_flushed_not_what_it_buffers() {
     );
     let mut store = store;
     store.flush().expect("flushed");
+    let err = run(&udf, &[early]).unwrap_err().to_string();
+    assert!(err.contains("where the node wrote"), "{err}");
+    let spec = seal_spec(&sealing, Merge::Count, 7, store.dir()).expect("sealed");
     let after = run(&udf, &[spec]).expect("runs");
     assert_eq!(
         decode_answer(Merge::Count, 7, &after[0]).expect("an answer"),
@@ -147,6 +162,7 @@ fn a_spec_opens_only_with_the_executors_key_for_a_jobs_directory() {
     assert!(run(&udf, &[foreign]).is_err());
     // A bucket past the sets, or an unknown merge: refused before any file is read.
     let mut plain = vec![SPEC_VERSION, Merge::Count.code(), 0, 1];
+    plain.extend_from_slice(&[0; 16]);
     plain.extend_from_slice(store.dir().to_str().expect("UTF-8").as_bytes());
     let past = sealing.seal(AAD, &plain).expect("sealed");
     let err = run(&udf, &[past]).unwrap_err();
@@ -156,6 +172,43 @@ fn a_spec_opens_only_with_the_executors_key_for_a_jobs_directory() {
     let unknown = sealing.seal(AAD, &plain).expect("sealed");
     let err = run(&udf, &[unknown]).unwrap_err();
     assert!(err.to_string().contains("no merge"), "{err}");
+}
+
+/// An executor that sees other bytes than the node wrote (another directory mounted at that
+/// path, or writes not visible there yet) fails the piece instead of answering from them.
+#[test]
+fn an_executor_that_sees_other_files_than_the_node_fails_the_piece() {
+    let root = tempfile::tempdir().expect("a directory");
+    let sealing = sealing();
+    let mut store = filled_store(root.path(), false);
+    store.flush().expect("flushed");
+    let spec = seal_spec(&sealing, Merge::Count, 7, store.dir()).expect("sealed");
+    let udf = MergeUdf::executor(Arc::clone(&sealing));
+    assert!(run(&udf, std::slice::from_ref(&spec)).is_ok());
+    // The file grows (or another one stands there) after the node read its size.
+    let path = bucket_path(store.dir(), PointSet::Returned, 7);
+    let mut bytes = std::fs::read(&path).expect("read");
+    bytes.extend_from_slice(&point(7, 999));
+    std::fs::write(&path, &bytes).expect("written");
+    let err = run(&udf, std::slice::from_ref(&spec))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("where the node wrote"), "{err}");
+    assert!(err.contains("shared_dir"), "{err}");
+    // The executor sees an empty directory at the job's path (nothing mounted there): the node
+    // wrote bytes it does not find.
+    let node_sees = BucketSpec::of(Merge::Count, 0, store.dir()).expect("sizes");
+    assert!(node_sees.sizes.iter().all(|&n| n > 0), "{node_sees:?}");
+    let elsewhere = root.path().join("elsewhere/psi-job-merge-x");
+    std::fs::create_dir_all(&elsewhere).expect("a directory");
+    let unmounted = BucketSpec {
+        dir: elsewhere,
+        ..node_sees
+    };
+    let err = run(&udf, &[unmounted.seal(&sealing).expect("sealed")])
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("where the node wrote"), "{err}");
 }
 
 #[test]
@@ -215,11 +268,15 @@ fn a_plan_names_no_directory_and_pieces_fit_their_answers() {
     assert!(shown.contains(UDF_NAME));
     assert!(!shown.contains("secretive"), "{shown}");
 
-    // Counts: every bucket, spread over the pieces out at once.
+    // A small set: one piece (a cluster job costs a fixed part of a second).
+    assert_eq!(buckets_per_piece(Merge::Count, 10, 16), 256);
+    assert_eq!(buckets_per_piece(Merge::Count, 1 << 18, 16), 256);
+    assert_eq!(buckets_per_piece(Merge::OurPlaces, 1_000, 2), 256);
+    // A large one: spread over the pieces out at once, each of 2^20 records at least.
+    assert_eq!(buckets_per_piece(Merge::Count, 1 << 24, 16), 16);
     assert_eq!(buckets_per_piece(Merge::Count, 1 << 30, 2), 128);
-    assert_eq!(buckets_per_piece(Merge::Count, 10, 16), 16);
+    assert_eq!(buckets_per_piece(Merge::Count, 1 << 30, 64), 4);
     // Places: no more buckets than their caps fit in a piece's answer.
-    assert_eq!(buckets_per_piece(Merge::OurPlaces, 1_000, 2), 128);
     assert_eq!(buckets_per_piece(Merge::OurPlaces, 10_000_000, 2), 12);
     let at_limit = buckets_per_piece(Merge::PeerPlaces, 100_000_000, 16);
     assert_eq!(at_limit, 1);

@@ -181,7 +181,12 @@ impl PointStore for FileStore {
     }
 
     fn flush(&mut self) -> std::io::Result<()> {
-        self.writers.values_mut().try_for_each(|w| w.flush())
+        // Written through to the file system, so that another host reading a shared mount
+        // sees them when it opens the files.
+        self.writers.values_mut().try_for_each(|w| {
+            w.flush()?;
+            w.get_ref().sync_data()
+        })
     }
 }
 

@@ -453,7 +453,11 @@ pub(crate) fn spill_store(
             spill_dir.display()
         ))
     })?;
-    let dir = store.dir().to_path_buf();
+    // Absolute (a relative spill_dir is read from the node's working directory): the
+    // executors are told this path.
+    let dir = std::path::absolute(store.dir()).map_err(|e| {
+        dataset::DatasetError::Spill(format!("cannot name {}: {e}", store.dir().display()))
+    })?;
     Ok((Box::new(store), dir))
 }
 
@@ -802,6 +806,7 @@ async fn do_steps<P: Protocol>(
                 // does (PSI's streaming exchange). Only up to a short backlog: the rest waits
                 // in the queue, whose memory is bounded.
                 if P::TAKES_FRAMES_BETWEEN_WORK
+                    && !proto.waits_for_pieces()
                     && let Some(incoming) = incoming.as_deref_mut()
                 {
                     while proto.backlog() < FRAMES_BETWEEN_WORK {
