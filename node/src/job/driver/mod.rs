@@ -471,6 +471,17 @@ fn shared_dir(
     dataset.engine.cluster.as_ref()?.shared_dir.clone()
 }
 
+/// The dataset's cluster and its sealing key, when it has both: what a job's sealed pieces
+/// (merging, encrypting) go to.
+pub(crate) fn sealed_cluster(
+    job: &JobContext,
+) -> Result<Option<(&crate::data::schema::Cluster, SealingKey)>, NodeError> {
+    let Some(cluster) = job.permit.dataset.engine.cluster.as_ref() else {
+        return Ok(None);
+    };
+    Ok(sealing_key(&job.permit.dataset)?.map(|sealing| (cluster, sealing)))
+}
+
 /// The sealing key of the dataset's cluster, read from its file: with it, the dataset's pass
 /// runs on the executors. `None` in process, or on a cluster without one.
 pub(crate) fn sealing_key(
@@ -617,10 +628,7 @@ pub(crate) async fn merges_on(
     pieces: ClusterPieces,
     dir: PathBuf,
 ) -> Result<ClusterPieces, NodeError> {
-    let (Some(cluster), Some(sealing)) = (
-        job.permit.dataset.engine.cluster.as_ref(),
-        sealing_key(&job.permit.dataset)?,
-    ) else {
+    let Some((cluster, sealing)) = sealed_cluster(job)? else {
         return Ok(pieces);
     };
     let merger = ClusterMerger::new(cluster, Arc::new(sealing), dir)

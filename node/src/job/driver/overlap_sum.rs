@@ -20,8 +20,8 @@ use tokio::sync::oneshot;
 use super::pieces::ClusterPieces;
 use super::{
     JOB_TIMEOUT, JobContext, MAX_ROWS, PsiInput, accept, blocking, copy_key, dial,
-    finish_connection, key_columns, load_input, merges_on, reblinds_for, run_exchange, sealing_key,
-    spill_store,
+    finish_connection, key_columns, load_input, merges_on, reblinds_for, run_exchange,
+    sealed_cluster, sealing_key, spill_store,
 };
 use crate::audit::AuditEvent;
 use crate::data::cluster_encrypt::{ClusterEncryptor, piece_rows, pieces_within};
@@ -109,10 +109,7 @@ async fn encrypt_on_cluster(
     paillier: &ahe::SecretKey,
     layout: &SlotLayout,
 ) -> Result<ClusterPieces, NodeError> {
-    let (Some(cluster), Some(sealing)) = (
-        job.permit.dataset.engine.cluster.as_ref(),
-        sealing_key(&job.permit.dataset)?,
-    ) else {
+    let Some((cluster, sealing)) = sealed_cluster(job)? else {
         return Ok(pieces);
     };
     let encryptor = ClusterEncryptor::new(cluster, std::sync::Arc::new(sealing), paillier, layout)
